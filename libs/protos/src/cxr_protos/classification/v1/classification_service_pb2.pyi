@@ -1,0 +1,112 @@
+from cxr_protos.common.v1 import common_pb2 as _common_pb2
+from google.api import annotations_pb2 as _annotations_pb2
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ClassifyImageRequest(_message.Message):
+    __slots__ = ("image", "model_names")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    image: _common_pb2.Image
+    model_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Finding(_message.Message):
+    __slots__ = ("label", "probability", "threshold", "positive")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., positive: _Optional[bool] = ...) -> None: ...
+
+class ModelPrediction(_message.Message):
+    __slots__ = ("model", "findings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    findings: _containers.RepeatedCompositeFieldContainer[Finding]
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ...) -> None: ...
+
+class ClassifyImageResponse(_message.Message):
+    __slots__ = ("predictions", "image", "untrained")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[ModelPrediction]
+    image: _common_pb2.ImageMetadata
+    untrained: bool
+    def __init__(self, predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+
+class ClassifyImagesRequest(_message.Message):
+    __slots__ = ("images", "model_names")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    model_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ImageClassification(_message.Message):
+    __slots__ = ("index", "predictions", "image", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    predictions: _containers.RepeatedCompositeFieldContainer[ModelPrediction]
+    image: _common_pb2.ImageMetadata
+    error: _status_pb2.Status
+    def __init__(self, index: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+
+class ClassifyImagesResponse(_message.Message):
+    __slots__ = ("results", "untrained")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ImageClassification]
+    untrained: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[ImageClassification, _Mapping]]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model_name", "checkpoint_path")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    checkpoint_path: str
+    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,176 @@
+"""Dynamic batcher: coalesce concurrent requests into one forward pass (LitServe/Triton style).
+
+Callers `await batcher.submit(item)`. A single worker task takes the first waiting item,
+then keeps collecting until `max_batch_size` items or `max_batch_delay_ms` has passed since
+that first item, and runs `run_batch(items)` on the model's own thread (one thread per
+model keeps a GPU stream serial and the event loop free). Each caller gets its own result.
+
+- A full queue raises `OverloadedError` at once (RESOURCE_EXHAUSTED) instead of growing.
+- A caller that is cancelled while waiting is dropped before the batch runs; one cancelled
+  after its batch started simply never reads its result. Neither affects the others.
+- If `run_batch` raises, every caller of that batch gets the exception.
+- `run_batch` may return an Exception instance in place of an item's result to fail only
+  that caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from cxr_serving.errors import ModelNotReadyError, OverloadedError
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Out]
+    enqueued: float
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_queue_depth(self, model: str, depth: int) -> None: ...
+
+    def on_batch(self, model: str, size: int, seconds: float, ok: bool) -> None: ...
+
+    def on_shed(self, model: str) -> None: ...
+
+
+class DynamicBatcher(Generic[In, Out]):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[In]], Sequence[Out | BaseException]],
+        *,
+        max_batch_size: int = 8,
+        max_batch_delay_ms: float = 5.0,
+        max_queue_size: int = 256,
+        observer: BatchObserver | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_batch_delay_ms >= 0")
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay = max_batch_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._observer = observer or BatchObserver()
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"batch-{name}"
+        )
+        self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+            self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def submit(self, item: In) -> Out:
+        if self._closed:
+            raise ModelNotReadyError(f"model '{self.name}' is shutting down")
+        self.start()
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        pending: _Pending[In, Out] = _Pending(item, loop.create_future(), time.perf_counter())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            self._observer.on_shed(self.name)
+            raise OverloadedError(
+                f"model '{self.name}' has {self.max_queue_size} requests waiting; retry with backoff",
+                metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
+            ) from None
+        self._observer.on_queue_depth(self.name, self._queue.qsize())
+        return await pending.future  # cancellation of the caller cancels only its own future
+
+    async def _collect(self) -> list[_Pending[In, Out]]:
+        assert self._queue is not None
+        first = await self._queue.get()
+        batch = [first]
+        deadline = first.enqueued + self.max_batch_delay
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [p for p in batch if not p.future.done()]  # drop callers that gave up
+            self._observer.on_queue_depth(self.name, self._queue.qsize())
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
+            except asyncio.CancelledError:
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(ModelNotReadyError(f"model '{self.name}' stopped"))
+                raise
+            except BaseException as exc:  # fan the failure out to every caller of the batch
+                self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self._observer.on_batch(self.name, len(live), time.perf_counter() - started, True)
+            for p, result in zip(live, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
+
+    async def close(self) -> None:
+        """Stop taking work, fail whatever still waits, stop the worker."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                p = self._queue.get_nowait()
+                if not p.future.done():
+                    p.future.set_exception(ModelNotReadyError(f"model '{self.name}' was unloaded"))
+        if self._own_executor:
+            self._executor.shutdown(wait=False)

@@ -1,0 +1,41 @@
+"""`python -m cxr_<service> --config FILE`: the shared entry point of every service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from cxr_serving.errors import ConfigError
+from cxr_serving.logging_setup import setup_logging
+from cxr_serving.server import ServiceBinding, create_server, serve
+from cxr_serving.settings import Settings, load_settings
+from cxr_serving.tracing import setup_tracing
+
+
+def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m cxr_{service}", description=f"cxr {service} gRPC service")
+    ap.add_argument("--config", help="JSON config file (default: $CXR_CONFIG_PATH; env CXR_* overrides it)")
+    ap.add_argument("--host", help="listen address (default: services.<name>.host)")
+    ap.add_argument("--port", type=int, help="gRPC port, 0 for any free port (default: services.<name>.port)")
+    ap.add_argument("--metrics-port", type=int, help="Prometheus port (default: services.<name>.metrics_port)")
+    args = ap.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"cxr-{service}: {exc}", file=sys.stderr)
+        return 2
+    mon = settings.monitoring
+    setup_logging(service, settings.server_config.log_level, mon.log_json, mon.log_file)
+    setup_tracing(service, mon)
+    try:
+        binding = build(settings)
+        server = create_server(settings, binding, host=args.host, port=args.port, metrics_port=args.metrics_port)
+    except ConfigError as exc:
+        logging.getLogger(service).error("%s", exc)
+        print(f"cxr-{service}: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(server))
+    return 0

@@ -1,0 +1,81 @@
+"""Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark,
+channels_last, AMP and optional torch.compile on GPU; a clean CPU fallback.
+Imports torch lazily so services without torch (none today) need not install it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from cxr_serving.settings import PerformanceConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceDevice:
+    """Resolved device and the GPU paths that apply to it."""
+
+    device: str
+    use_amp: bool
+    amp_dtype: str
+    channels_last: bool
+    compile: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @classmethod
+    def resolve(cls, requested: str, perf: PerformanceConfig) -> InferenceDevice:
+        import torch
+
+        device = requested
+        if requested == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif requested.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %s requested but CUDA is not available: falling back to CPU", requested)
+            device = "cpu"
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = perf.tf32
+            torch.backends.cudnn.allow_tf32 = perf.tf32
+            torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+        return cls(
+            device, perf.use_amp and cuda, perf.amp_dtype, perf.channels_last and cuda, perf.compile_models and cuda
+        )
+
+    def prepare(self, model: Any) -> Any:
+        """Move an eval-mode module to the device with the configured memory format; compile if asked."""
+        import torch
+
+        model = model.eval().to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=True)
+        return model
+
+    def batch_to_device(self, batch: Any) -> Any:
+        import torch
+
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """inference_mode, plus autocast on GPU when AMP is on."""
+        import torch
+
+        with torch.inference_mode():
+            if self.use_amp:
+                dtype = torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
+                with torch.autocast("cuda", dtype=dtype):
+                    yield
+            else:
+                yield

@@ -1,0 +1,286 @@
+"""One decoder for PNG (8/16-bit), JPEG and DICOM, with validation before any decode.
+
+Order of checks (each refusal is an `ImageRejectedError` with an actionable message):
+byte size -> magic bytes -> declared content type -> allowed formats -> declared pixel
+count (read from the header, before pixels are decoded) -> decode -> grayscale.
+
+The result is a float32 grayscale array in [0, 1] where 1 is white as a radiologist sees
+it: DICOM goes through the modality LUT (rescale slope/intercept), then the VOI LUT or
+window, then MONOCHROME1 inversion. Model preprocessing starts from this array.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from cxr_serving.errors import ImageRejectedError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
+
+CONTENT_TYPES: dict[str, str] = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "application/dicom": "dcm",
+    "image/dicom": "dcm",
+}
+# Config spells formats as file extensions ("jpg", "jpeg", "png", "dcm").
+_FORMAT_ALIASES = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "dcm": "dcm", "dicom": "dcm"}
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What the decoder accepts; built from `security` settings."""
+
+    allowed_formats: frozenset[str] = frozenset({"png", "jpeg", "dcm"})
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    min_side: int = 8
+
+    @classmethod
+    def from_settings(
+        cls, allowed_image_formats: Sequence[str], max_image_size_mb: float, max_image_pixels: int
+    ) -> DecodeLimits:
+        return cls(
+            allowed_formats=frozenset(_FORMAT_ALIASES[f.lower()] for f in allowed_image_formats),
+            max_bytes=int(max_image_size_mb * 1024 * 1024),
+            max_pixels=max_image_pixels,
+        )
+
+
+@dataclass
+class DecodedImage:
+    """Grayscale pixels in [0, 1] (float32, H x W) and what we learned on the way."""
+
+    pixels: np.ndarray
+    format: str
+    bits_stored: int
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column)
+    photometric_interpretation: str = ""
+    dataset: Any = field(default=None, repr=False)  # pydicom Dataset for DICOM input (for DICOM-SEG export)
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'png', 'jpeg', 'dcm' from the magic bytes, or None."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC:
+        return "dcm"
+    return None
+
+
+def validate_image_bytes(data: bytes, content_type: str, limits: DecodeLimits) -> str:
+    """Cheap checks before decoding; returns the detected format."""
+    if not data:
+        raise ImageRejectedError("image is empty: send the encoded file bytes in image.data", reason="IMAGE_EMPTY")
+    if len(data) > limits.max_bytes:
+        raise ImageRejectedError(
+            f"image is {len(data) / 1048576:.1f} MB; the limit is {limits.max_bytes / 1048576:.1f} MB "
+            "(security.max_image_size_mb)",
+            reason="IMAGE_TOO_LARGE",
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRejectedError(
+            "unrecognised image format: expected PNG, JPEG or DICOM Part 10 (with the 128-byte preamble and 'DICM')",
+            reason="IMAGE_FORMAT_UNKNOWN",
+        )
+    ctype = content_type.strip().lower().split(";")[0]
+    if ctype:
+        declared = CONTENT_TYPES.get(ctype)
+        if declared is None:
+            raise ImageRejectedError(
+                f"content type '{content_type}' is not supported; use one of {sorted(CONTENT_TYPES)} or leave it empty",
+                reason="CONTENT_TYPE_UNSUPPORTED",
+            )
+        if declared != fmt:
+            raise ImageRejectedError(
+                f"content type '{content_type}' does not match the bytes, which are {fmt.upper()}",
+                reason="CONTENT_TYPE_MISMATCH",
+            )
+    if fmt not in limits.allowed_formats:
+        raise ImageRejectedError(
+            f"{fmt.upper()} images are not allowed here "
+            f"(security.allowed_image_formats: {sorted(limits.allowed_formats)})",
+            reason="IMAGE_FORMAT_NOT_ALLOWED",
+        )
+    return fmt
+
+
+def _check_dimensions(width: int, height: int, frames: int, limits: DecodeLimits) -> None:
+    if width < limits.min_side or height < limits.min_side:
+        raise ImageRejectedError(
+            f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels", reason="IMAGE_TOO_SMALL"
+        )
+    if width * height * max(frames, 1) > limits.max_pixels:
+        raise ImageRejectedError(
+            f"image declares {width}x{height}x{max(frames, 1)} pixels, over the cap of {limits.max_pixels} "
+            "(security.max_image_pixels)",
+            reason="IMAGE_TOO_MANY_PIXELS",
+        )
+
+
+def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | None = None) -> DecodedImage:
+    """Validate and decode one image. Raises ImageRejectedError for anything unusable."""
+    limits = limits or DecodeLimits()
+    fmt = validate_image_bytes(data, content_type, limits)
+    try:
+        if fmt == "dcm":
+            return _decode_dicom(data, limits)
+        return _decode_raster(data, fmt, limits)
+    except ImageRejectedError:
+        raise
+    except (MemoryError, PILImage.DecompressionBombError):
+        raise ImageRejectedError("image is too large to decode", reason="IMAGE_TOO_MANY_PIXELS") from None
+    except Exception as exc:  # any decoder failure on hostile bytes is the caller's input problem
+        raise ImageRejectedError(
+            f"{fmt.upper()} could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", reason="IMAGE_CORRUPT"
+        ) from None
+
+
+def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        img = PILImage.open(io.BytesIO(data))
+        _check_dimensions(img.width, img.height, getattr(img, "n_frames", 1), limits)
+        if (fmt == "png" and img.format != "PNG") or (fmt == "jpeg" and img.format != "JPEG"):
+            raise ImageRejectedError(
+                f"bytes look like {fmt.upper()} but decode as {img.format}", reason="IMAGE_CORRUPT"
+            )
+        img.load()
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img)
+        if mode == "I" and arr.max(initial=0) <= 255 and img.info.get("bitdepth", 16) == 8:
+            bits = 8
+        else:
+            bits = 16
+        pixels = arr.astype(np.float32) / float(2**bits - 1)
+        return DecodedImage(np.clip(pixels, 0.0, 1.0), fmt, bits)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return DecodedImage((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), fmt, 32)
+    converted: PILImage.Image = img
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        converted = img.convert("RGBA").convert("RGB")
+    gray = converted.convert("L") if converted.mode != "L" else converted
+    pixels = np.asarray(gray, dtype=np.float32) * (1.0 / 255.0)
+    return DecodedImage(pixels, fmt, 8)
+
+
+def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            row, col = float(value[0]), float(value[1])
+            if row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col):
+                return (row, col)
+    return None
+
+
+def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing, to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((arr - (center - width / 2.0)) / width, 0.0, 1.0)
+    if width < 1:
+        raise ImageRejectedError("DICOM WindowWidth must be >= 1", reason="DICOM_INVALID_WINDOW")
+    return np.clip((arr - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _first(value: Any) -> float:
+    if hasattr(value, "__len__") and not isinstance(value, str | bytes):
+        return float(value[0])
+    return float(value)
+
+
+def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageRejectedError(
+            "DICOM has no pixel data (is it a structured report or a presentation state?)", reason="DICOM_NO_PIXELS"
+        )
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_dimensions(cols, rows, frames, limits)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    arr = ds.pixel_array
+    if frames > 1:
+        arr = arr[0]
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB by default) -> luma
+            arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        pixels = arr.astype(np.float32) / float(2**bits_stored - 1)
+        return DecodedImage(np.clip(pixels, 0, 1), "dcm", bits_stored, _dicom_spacing(ds), photometric, ds)
+    if arr.ndim != 2:
+        raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or bits_stored
+        pixels = np.asarray(lut_out, dtype=np.float64) / float(2**lut_bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        pixels = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    elif int(ds.get("PixelRepresentation", 0)) == 0 and "RescaleSlope" not in ds:
+        pixels = values / float(2**bits_stored - 1)
+    else:  # signed or rescaled without a window: use the data's own range
+        lo, hi = float(values.min()), float(values.max())
+        pixels = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    pixels = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return DecodedImage(pixels, "dcm", bits_stored, _dicom_spacing(ds), photometric, ds)
+
+
+class DecodePool:
+    """Decodes and preprocesses off the event loop on `server_config.num_workers` threads."""
+
+    def __init__(self, limits: DecodeLimits, workers: int = 4) -> None:
+        import concurrent.futures
+
+        self.limits = limits
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+
+    async def decode(self, data: bytes, content_type: str = "") -> DecodedImage:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, decode_image, data, content_type, self.limits
+        )
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run any CPU-bound step (preprocessing, mask encoding) on the same pool."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,227 @@
+"""Model lifecycle (KServe/Triton style): load -> ready -> predict(batch) -> unload.
+
+A service implements `ServedModel` for each of its models; `ModelRepository` owns them,
+loads them off the event loop, puts a `DynamicBatcher` in front of each, and tells the
+server when every enabled model is ready. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cxr_serving.batcher import DynamicBatcher
+from cxr_serving.errors import CxrError, ModelNotFoundError, ModelNotReadyError
+from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelStatus:
+    """What ListModels reports about a model."""
+
+    name: str
+    state: ModelState = ModelState.UNLOADED
+    version: str = ""
+    untrained: bool = False
+    architecture: str = ""
+    labels: list[str] = field(default_factory=list)
+    device: str = ""
+    error: str = ""
+    load_seconds: float = 0.0
+
+
+def checkpoint_version(path: Path, length: int = 12) -> str:
+    """Short SHA-256 of the checkpoint file: the model version in every response."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+class ServedModel(ABC):
+    """One model as the runtime sees it. Implementations do the heavy work synchronously;
+    the repository calls them on worker threads."""
+
+    name: str
+    architecture: str = ""
+    labels: Sequence[str] = ()
+
+    @abstractmethod
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        """Build the network, load weights (or refuse), move to device, warm up."""
+
+    @abstractmethod
+    def predict(self, batch: list[Any]) -> Sequence[Any]:
+        """Run one forward pass over preprocessed inputs; one output per input."""
+
+    def unload(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release memory. Default: nothing to do."""
+
+    @property
+    @abstractmethod
+    def version(self) -> str:
+        """Checkpoint hash, or 'untrained'."""
+
+    @property
+    def untrained(self) -> bool:
+        return self.version == UNTRAINED
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+
+@dataclass
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 5.0
+    max_queue_size: int = 256
+
+
+class ModelRepository:
+    """Owns a service's models, their batchers and their states."""
+
+    def __init__(self, batching: BatchingConfig, on_ready_change: Callable[[bool], None] | None = None) -> None:
+        self._batching = batching
+        self._models: dict[str, ServedModel] = {}
+        self._required: set[str] = set()
+        self._status: dict[str, ModelStatus] = {}
+        self._batchers: dict[str, DynamicBatcher[Any, Any]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.on_ready_change = on_ready_change
+        self._observer = MetricsObserver()
+
+    def add(self, model: ServedModel, *, required: bool = True) -> None:
+        """Register a model; `required` ones gate readiness (the enabled models of the config)."""
+        self._models[model.name] = model
+        self._status[model.name] = ModelStatus(model.name, architecture=model.architecture, labels=list(model.labels))
+        if required:
+            self._required.add(model.name)
+        MODEL_LOADED.labels(model.name).set(0)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def model(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"unknown model '{name}'; known: {sorted(self._models)}") from None
+
+    def status(self, name: str) -> ModelStatus:
+        self.model(name)
+        return self._status[name]
+
+    def statuses(self) -> list[ModelStatus]:
+        return [self._status[n] for n in self._models]
+
+    @property
+    def ready(self) -> bool:
+        return all(self._status[n].state is ModelState.READY for n in self._required)
+
+    def is_ready(self, name: str) -> bool:
+        return self.status(name).state is ModelState.READY
+
+    def _notify(self) -> None:
+        if self.on_ready_change is not None:
+            self.on_ready_change(self.ready)
+
+    async def load(self, name: str, checkpoint_path: Path | None = None) -> ModelStatus:
+        model = self.model(name)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            st = self._status[name]
+            old = self._batchers.pop(name, None)
+            if old is not None:
+                await old.close()
+            st.state, st.error = ModelState.LOADING, ""
+            MODEL_LOADED.labels(name).set(0)
+            self._notify()
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(model.load, checkpoint_path)
+            except Exception as exc:
+                st.state = ModelState.FAILED
+                st.error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
+                log.error("model %s failed to load: %s", name, st.error)
+                self._notify()
+                raise
+            st.load_seconds = time.perf_counter() - started
+            st.state, st.version, st.untrained = ModelState.READY, model.version, model.untrained
+            st.device, st.architecture, st.labels = model.device, model.architecture, list(model.labels)
+            self._batchers[name] = DynamicBatcher(
+                name,
+                model.predict,
+                max_batch_size=self._batching.max_batch_size,
+                max_batch_delay_ms=self._batching.max_batch_delay_ms,
+                max_queue_size=self._batching.max_queue_size,
+                observer=self._observer,
+            )
+            MODEL_LOADED.labels(name).set(1)
+            log.info(
+                "model %s ready: version=%s device=%s in %.1fs%s",
+                name,
+                st.version,
+                st.device,
+                st.load_seconds,
+                " (UNTRAINED: random weights)" if st.untrained else "",
+            )
+            self._notify()
+            return st
+
+    async def load_all(self) -> None:
+        """Load every required model; failures are logged and leave the service NOT_SERVING."""
+        results = await asyncio.gather(
+            *(self.load(n) for n in self._models if n in self._required), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r
+
+    async def unload(self, name: str) -> ModelStatus:
+        model = self.model(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            batcher = self._batchers.pop(name, None)
+            if batcher is not None:
+                await batcher.close()
+            await asyncio.to_thread(model.unload)
+            st = self._status[name]
+            st.state, st.error = ModelState.UNLOADED, ""
+            MODEL_LOADED.labels(name).set(0)
+            self._notify()
+            return st
+
+    async def predict(self, name: str, item: Any) -> Any:
+        """Queue one preprocessed input for the model's next batch."""
+        self.model(name)
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            st = self._status[name]
+            detail = f": {st.error}" if st.error else ""
+            raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
+        return await batcher.submit(item)
+
+    async def close(self) -> None:
+        for name in list(self._batchers):
+            await self._batchers.pop(name).close()

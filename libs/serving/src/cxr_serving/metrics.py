@@ -1,0 +1,84 @@
+"""Prometheus metrics with the seed's names, registered once per process.
+
+Seed names: cxr_inference_total{model}, cxr_inference_duration_seconds{model},
+cxr_model_loaded{model}, cxr_gpu_memory_used_bytes. Added: request latency and count by
+method and status code, batch size histogram, queue depth, shed requests.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cxr_serving.batcher import BatchObserver
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+INFERENCE_TOTAL = Counter("cxr_inference_total", "Images (or questions) run through a model", ["model"])
+INFERENCE_DURATION = Histogram(
+    "cxr_inference_duration_seconds", "Forward-pass time of one batch", ["model"], buckets=_LATENCY_BUCKETS
+)
+MODEL_LOADED = Gauge("cxr_model_loaded", "1 when the model is loaded and ready", ["model"])
+GPU_MEMORY = Gauge("cxr_gpu_memory_used_bytes", "GPU memory allocated by this process (0 without a GPU)")
+BATCH_SIZE = Histogram(
+    "cxr_batch_size", "Requests per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+QUEUE_DEPTH = Gauge("cxr_queue_depth", "Requests waiting for a batch", ["model"])
+SHED_TOTAL = Counter("cxr_requests_shed_total", "Requests refused with RESOURCE_EXHAUSTED", ["model"])
+BATCH_ERRORS = Counter("cxr_batch_errors_total", "Forward passes that raised", ["model"])
+REQUESTS_TOTAL = Counter("cxr_grpc_requests_total", "gRPC requests by method and status", ["method", "code"])
+REQUEST_DURATION = Histogram(
+    "cxr_grpc_request_duration_seconds",
+    "gRPC request latency by method and status",
+    ["method", "code"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+def _gpu_memory_bytes() -> float:
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just to report 0
+    if torch is None or not torch.cuda.is_available():
+        return 0.0
+    return float(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
+
+
+GPU_MEMORY.set_function(_gpu_memory_bytes)
+
+
+class MetricsObserver(BatchObserver):
+    """Feeds batcher events into the metrics above."""
+
+    def on_queue_depth(self, model: str, depth: int) -> None:
+        QUEUE_DEPTH.labels(model).set(depth)
+
+    def on_batch(self, model: str, size: int, seconds: float, ok: bool) -> None:
+        BATCH_SIZE.labels(model).observe(size)
+        INFERENCE_DURATION.labels(model).observe(seconds)
+        if ok:
+            INFERENCE_TOTAL.labels(model).inc(size)
+        else:
+            BATCH_ERRORS.labels(model).inc()
+
+    def on_shed(self, model: str) -> None:
+        SHED_TOTAL.labels(model).inc()
+
+
+class MetricsServer:
+    """The /metrics HTTP endpoint on its own port (port 0 picks a free one)."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry = REGISTRY) -> None:
+        self._httpd: WSGIServer
+        self._thread: threading.Thread
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

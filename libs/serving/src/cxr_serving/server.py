@@ -1,0 +1,240 @@
+"""grpc.aio server factory: health (NOT_SERVING until ready), reflection, message size,
+keepalive, interceptors, Prometheus endpoint, graceful SIGTERM drain.
+
+A service describes itself with a `ServiceBinding` (its gRPC servicers, its model
+repository, start/stop hooks); `create_server(settings, binding)` does the rest and works
+on port 0 in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from cxr_serving.interceptors import ApiKeyInterceptor, ApiKeyStore, ObservabilityInterceptor
+from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.metrics import MetricsServer
+from cxr_serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServiceBinding:
+    """What a service plugs into the shared server."""
+
+    name: str  # "classification", ... (picks `services.<name>` in the config)
+    full_service_names: Sequence[str]  # e.g. ["cxr.classification.v1.ClassificationService"]
+    register: Callable[[grpc.aio.Server], None]  # adds servicers
+    repository: ModelRepository | None = None  # None: ready as soon as started
+    on_start: Callable[[], Awaitable[None]] | None = None  # runs before models load (e.g. open the store)
+    on_stop: Callable[[], Awaitable[None]] | None = None
+    readiness: Callable[[], bool] | None = None  # extra readiness condition
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CxrServer:
+    def __init__(
+        self,
+        settings: Settings,
+        binding: ServiceBinding,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.binding = binding
+        ep = settings.endpoint(binding.name)
+        self.host = host if host is not None else ep.host
+        self._requested_port = ep.port if port is None else port
+        self._metrics_port = ep.metrics_port if metrics_port is None else metrics_port
+        self.port = 0
+        self.metrics: MetricsServer | None = None
+        self.health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._serving = False
+        self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _build(self) -> grpc.aio.Server:
+        sc, sec = self.settings.server_config, self.settings.security
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        if sec.enable_authentication:
+            store = ApiKeyStore(sec.api_keys, sec.api_key_file)
+            if not store.keys():
+                log.warning(
+                    "authentication is enabled but no API key is configured: every call will be refused "
+                    "(set CXR_API_KEY or security.api_key_file)"
+                )
+            interceptors.append(ApiKeyInterceptor(store, sec.unauthenticated_methods))
+        interceptors.append(ObservabilityInterceptor(self.binding.name))
+        max_bytes = int(sc.max_message_mb * 1024 * 1024)
+        options = [
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.keepalive_time_ms", int(sc.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(sc.keepalive_timeout_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=interceptors, options=options, maximum_concurrent_rpcs=sc.max_concurrent_rpcs
+        )
+        self.binding.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            *self.binding.full_service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        tls = self.settings.security.tls
+        if not tls.enabled:
+            return None
+        if tls.cert_file is None or tls.key_file is None:
+            raise ValueError("security.tls.enabled needs cert_file and key_file")
+        ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+    async def _set_health(self, serving: bool) -> None:
+        status = SERVING if serving and not self._stopping else NOT_SERVING
+        if (status == SERVING) != self._serving or not serving:
+            self._serving = status == SERVING
+            await self.health.set("", status)
+            for name in self.binding.full_service_names:
+                await self.health.set(name, status)
+            log.info("health: %s", "SERVING" if self._serving else "NOT_SERVING")
+
+    def _is_ready(self) -> bool:
+        repo_ok = self.binding.repository is None or self.binding.repository.ready
+        extra_ok = self.binding.readiness is None or self.binding.readiness()
+        return repo_ok and extra_ok
+
+    def refresh_health(self) -> None:
+        """Re-evaluate readiness (called when a model changes state)."""
+        self.background(self._set_health(self._is_ready()))
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a coroutine in the background, keeping a reference until it finishes."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        self._server = self._build()
+        creds = self._credentials()
+        address = f"{self.host}:{self._requested_port}"
+        self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self._set_health(False)
+        await self._server.start()
+        if self.settings.monitoring.enable_metrics:
+            self.metrics = MetricsServer(self.host, self._metrics_port)
+        log.info(
+            "%s listening on %s:%d (metrics on :%s)",
+            self.binding.name,
+            self.host,
+            self.port,
+            self.metrics.port if self.metrics else "off",
+        )
+        self._loader = asyncio.get_running_loop().create_task(self._become_ready())
+
+    async def _become_ready(self) -> None:
+        try:
+            if self.binding.on_start is not None:
+                await self.binding.on_start()
+            repo = self.binding.repository
+            if repo is not None:
+                await repo.load_all()
+        except Exception:
+            log.exception("%s failed to start; staying NOT_SERVING", self.binding.name)
+        await self._set_health(self._is_ready())
+        if not self._is_ready():
+            log.error(
+                "%s is NOT_SERVING: a required model or dependency is not ready (see errors above)", self.binding.name
+            )
+
+    async def wait_until_ready(self, timeout: float = 60.0) -> None:
+        if self._loader is not None:
+            await asyncio.wait_for(asyncio.shield(self._loader), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health -> NOT_SERVING, stop accepting, drain in-flight calls for `grace` seconds, close."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.server_config.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        delay = self.settings.server_config.shutdown_delay_s
+        log.info("health: NOT_SERVING (shutting down); still accepting calls for %.1fs so load balancers notice", delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        log.info("draining in-flight calls for up to %.1fs", grace)
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.binding.repository is not None:
+            await self.binding.repository.close()
+        if self.binding.on_stop is not None:
+            await self.binding.on_stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        self._stopped.set()
+        log.info("%s stopped", self.binding.name)
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+def create_server(
+    settings: Settings,
+    binding: ServiceBinding,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    metrics_port: int | None = None,
+) -> CxrServer:
+    server = CxrServer(settings, binding, host=host, port=port, metrics_port=metrics_port)
+    if binding.repository is not None:
+        binding.repository.on_ready_change = lambda _ready: server.refresh_health()
+    return server
+
+
+async def serve(server: CxrServer) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s", sig.name)
+        server.background(server.stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
+    await server.wait_for_termination()

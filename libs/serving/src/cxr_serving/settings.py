@@ -1,0 +1,284 @@
+"""Typed settings: the seed's JSON config shape plus `CXR_*` environment overrides.
+
+Precedence (lowest to highest): model defaults < JSON file (`--config` or `CXR_CONFIG_PATH`)
+< environment. Nested keys are reached with a double underscore, values parse as JSON when
+they can (so `CXR_SERVER_CONFIG__MAX_BATCH_SIZE=16`, `CXR_SECURITY__ALLOWED_IMAGE_FORMATS='["png"]'`).
+The seed's flat variables are honoured too: `CXR_LOG_LEVEL`, `CXR_API_KEY`, `CXR_MODELS_PATH`,
+`CXR_DATA_PATH`, `VECTOR_DB_HOST`, `VECTOR_DB_PORT`.
+
+The `models` section stays a mapping of raw dicts here: each service validates its own
+section with its own pydantic model through `model_section()`, so a service never depends
+on another service's schema, while all of them share one config file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cxr_serving.errors import ConfigError
+
+ImageFormat = Literal["png", "jpg", "jpeg", "dcm"]
+M = TypeVar("M", bound=BaseModel)
+DEFAULT_IMAGE_FORMATS: tuple[ImageFormat, ...] = ("jpg", "jpeg", "png", "dcm")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Strict):
+    """`server_config` of the seed plus runtime knobs of the shared server."""
+
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
+    cache_models: bool = True
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED")
+    num_workers: int = Field(4, ge=1, le=256, description="threads that decode and preprocess images")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    max_message_mb: float = Field(64, gt=0, le=2047)
+    keepalive_time_s: float = Field(30, gt=0)
+    keepalive_timeout_s: float = Field(10, gt=0)
+    shutdown_grace_s: float = Field(30, ge=0, description="in-flight requests get this long on SIGTERM")
+    shutdown_delay_s: float = Field(0, ge=0, description="on SIGTERM, keep serving this long after NOT_SERVING")
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be 'cpu', 'cuda', 'cuda:N' or 'auto'")
+
+
+class PerformanceConfig(_Strict):
+    """`performance` of the seed: GPU paths; all of them are no-ops on CPU."""
+
+    use_amp: bool = False
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    optimize_memory: bool = True
+    compile_models: bool = False
+    channels_last: bool = True
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    warmup_batches: int = Field(1, ge=0, le=100)
+
+
+class RateLimitConfig(_Strict):
+    enabled: bool = True
+    requests_per_minute: int = Field(100, ge=1)
+
+
+class TlsConfig(_Strict):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = Field(None, description="set to require client certificates (mutual TLS)")
+
+
+class SecurityConfig(_Strict):
+    enable_authentication: bool = True
+    api_keys: list[str] = Field(default_factory=list, description="prefer api_key_file or CXR_API_KEY")
+    api_key_file: Path | None = Field(None, description="one key per line; re-read when it changes")
+    unauthenticated_methods: list[str] = Field(
+        default_factory=lambda: ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"],
+        description="full method names reachable without a key (probes cannot send one)",
+    )
+    allowed_image_formats: list[ImageFormat] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
+    max_image_size_mb: float = Field(50, gt=0)
+    max_image_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap (width*height*frames)")
+    allowed_ips: list[str] = Field(default_factory=list)
+    rate_limiting: RateLimitConfig = Field(default_factory=RateLimitConfig)  # type: ignore[arg-type]
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+
+    @field_validator("allowed_image_formats", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return [s.lower() for s in v] if isinstance(v, list) else v
+
+    @field_validator("allowed_ips", "api_keys", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+class MonitoringConfig(_Strict):
+    enable_metrics: bool = True
+    metrics_file: Path | None = None
+    enable_timing: bool = True
+    log_json: bool = True
+    log_file: Path | None = Field(None, description="rotating file handler (100 MB x 10), as in the seed")
+    tracing_enabled: bool = False
+    otlp_endpoint: str | None = Field(None, description="e.g. http://otel-collector:4317")
+    service_name_prefix: str = "cxr"
+
+
+class ServiceEndpoint(_Strict):
+    """Where one service listens."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(..., ge=0, le=65535)
+    metrics_port: int = Field(..., ge=0, le=65535)
+
+
+def _default_services() -> dict[str, ServiceEndpoint]:
+    return {
+        "classification": ServiceEndpoint(port=50051, metrics_port=9101),
+        "segmentation": ServiceEndpoint(port=50052, metrics_port=9102),
+        "rag": ServiceEndpoint(port=50053, metrics_port=9103),
+    }
+
+
+class Settings(_Strict):
+    """The whole config file."""
+
+    environment: str = "development"
+    models_path: Path | None = Field(None, description="base for relative checkpoint paths (CXR_MODELS_PATH)")
+    data_path: Path | None = Field(None, description="base for relative data paths (CXR_DATA_PATH)")
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    server_config: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)  # type: ignore[arg-type]
+    security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)  # type: ignore[arg-type]
+    services: dict[str, ServiceEndpoint] = Field(default_factory=_default_services)
+
+    def endpoint(self, service: str) -> ServiceEndpoint:
+        try:
+            return self.services[service]
+        except KeyError:
+            raise ConfigError(f"services.{service}: no endpoint configured for service '{service}'") from None
+
+    def model_section(self, name: str, schema: type[M]) -> M | None:
+        """Validate `models.<name>` with the service's own schema; None when absent."""
+        raw = self.models.get(name)
+        if raw is None:
+            return None
+        try:
+            return schema.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, prefix=f"models.{name}")) from None
+
+    def resolve_model_path(self, path: str | Path | None) -> Path | None:
+        if path is None or str(path) == "":
+            return None
+        p = Path(path)
+        if not p.is_absolute() and self.models_path is not None:
+            p = self.models_path / p
+        return p
+
+    def resolve_data_path(self, path: str | Path) -> Path:
+        p = Path(path)
+        if not p.is_absolute() and self.data_path is not None:
+            p = self.data_path / p
+        return p
+
+
+# Seed variables that are not of the CXR_<SECTION>__<FIELD> form.
+_FLAT_ENV: dict[str, tuple[str, ...]] = {
+    "CXR_ENV": ("environment",),
+    "CXR_LOG_LEVEL": ("server_config", "log_level"),
+    "CXR_API_KEY": ("security", "api_keys"),
+    "CXR_API_KEY_FILE": ("security", "api_key_file"),
+    "CXR_ALLOWED_IPS": ("security", "allowed_ips"),
+    "CXR_MODELS_PATH": ("models_path",),
+    "CXR_DATA_PATH": ("data_path",),
+    "CXR_DEVICE": ("server_config", "device"),
+}
+_IGNORED_ENV = {"CXR_CONFIG_PATH", "CXR_ENDPOINT"}
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Translate `CXR_*` variables into a nested dict to merge over the file."""
+    tree: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if name in _FLAT_ENV:
+            path = _FLAT_ENV[name]
+            value: Any = raw if path[-1] in ("api_keys", "allowed_ips") else _parse_env_value(raw)
+            if path[-1] == "api_keys":
+                value = [k.strip() for k in raw.split(",") if k.strip()]
+            _set_path(tree, path, value)
+        elif name.startswith("CXR_") and "__" in name and name not in _IGNORED_ENV:
+            parts = tuple(p.lower() for p in name[4:].split("__"))
+            if all(parts):
+                _set_path(tree, parts, _parse_env_value(raw))
+    host, port = environ.get("VECTOR_DB_HOST"), environ.get("VECTOR_DB_PORT")
+    if host:
+        _set_path(tree, ("models", "rag", "vector_db_host"), host)
+    if port:
+        _set_path(tree, ("models", "rag", "vector_db_port"), _parse_env_value(port))
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        lines.append(f"{field}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the JSON file (if any), apply env overrides, validate. Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("CXR_CONFIG_PATH") or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read ({exc.strerror})") from None
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"config file {p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a JSON object")
+        data = loaded
+    data = _deep_merge(data, env_overrides(env))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

@@ -1,0 +1,223 @@
+"""The shared runtime end to end: a real grpc.aio server on port 0 with a trivial model."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_protos.common.v1 import common_pb2
+from cxr_serving.grpc_errors import error_info
+from tests.conftest import REPO
+from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
+from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
+
+
+def channel(server):
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+
+
+async def health_status(ch, service=""):
+    stub = health_pb2_grpc.HealthStub(ch)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+
+async def test_health_not_serving_until_model_loaded():
+    s = make_settings()
+    binding = build_toy(s, BrightnessModel(load_delay_s=1.0))
+    async with running_server(s, binding, wait_ready=False) as server, channel(server) as ch:
+        assert await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await health_status(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ClassifyImage(pb.ClassifyImageRequest(image=common_pb2.Image(data=b"x" * 10)), metadata=auth())
+        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)
+        await server.wait_until_ready(10)
+        await asyncio.sleep(0.05)
+        assert await health_status(ch) == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_failed_load_stays_not_serving_and_reports_why():
+    s = make_settings()
+    async with running_server(s, build_toy(s, BrightnessModel(fail_load=True))) as server, channel(server) as ch:
+        assert await health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
+        models = await pb_grpc.ClassificationServiceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth())
+        assert models.models[0].state == common_pb2.MODEL_STATE_FAILED
+        assert "checkpoint corrupt" in models.models[0].error
+
+
+async def test_classify_and_metrics_scrape(sample_png):
+    s = make_settings()
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        call = stub.ClassifyImage(
+            pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png")),
+            metadata=(*auth(), ("x-correlation-id", "abc-123")),
+        )
+        resp = await call
+        md = dict(await call.initial_metadata())
+        assert md["x-correlation-id"] == "abc-123"
+        assert resp.untrained and resp.predictions[0].model.version == "untrained"
+        assert 0 < resp.predictions[0].findings[0].probability < 1
+        assert resp.image.width == 512
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=5).read().decode()
+        for needle in (
+            'cxr_inference_total{model="toy"}',
+            'cxr_model_loaded{model="toy"} 1.0',
+            "cxr_gpu_memory_used_bytes",
+            "cxr_inference_duration_seconds_bucket",
+            "cxr_batch_size_bucket",
+            "cxr_queue_depth",
+            'cxr_grpc_requests_total{code="OK",method="/cxr.classification.v1.ClassificationService/ClassifyImage"}',
+        ):
+            assert needle in body, needle
+
+
+async def test_api_key_required_everywhere_but_health(sample_png):
+    s = make_settings()
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png))
+        for md, reason in ((None, "API_KEY_MISSING"), (auth("wrong-key"), "API_KEY_INVALID")):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ClassifyImage(req, metadata=md)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            st = rpc_status.from_call(err.value)
+            assert error_info(st).reason == reason
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListModels(pb.ListModelsRequest())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # reflection is not exempt
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+                pass
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # health is exempt so that kubelet gRPC probes work
+        assert await health_status(ch) == health_pb2.HealthCheckResponse.SERVING
+        await stub.ClassifyImage(req, metadata=(("apikey", TEST_KEY),))  # Kong's header name works too
+
+
+async def test_reflection_lists_services():
+    s = make_settings()
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        names = []
+        async for resp in refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=auth()
+        ):
+            names = [svc.name for svc in resp.list_services_response.service]
+        assert SERVICE in names and "grpc.health.v1.Health" in names
+
+
+async def test_error_map(sample_png):
+    s = make_settings()
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        cases = [
+            (
+                pb.ClassifyImageRequest(image=common_pb2.Image(data=b"not an image")),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "IMAGE_FORMAT_UNKNOWN",
+            ),
+            (
+                pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png), model_names=["bad"]),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_INPUT",
+            ),
+            (
+                pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png), model_names=["explode"]),
+                grpc.StatusCode.INTERNAL,
+                "INTERNAL",
+            ),
+        ]
+        for req, code, reason in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ClassifyImage(req, metadata=auth())
+            assert err.value.code() == code
+            assert error_info(rpc_status.from_call(err.value)).reason == reason
+            assert "secret internal detail" not in (err.value.details() or "")
+        # still serving afterwards
+        await stub.ClassifyImage(pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png)), metadata=auth())
+
+
+async def test_api_key_rotation_from_file_without_restart(tmp_path, sample_png):
+    key_file = tmp_path / "keys"
+    key_file.write_text("old-key\n")
+    s = make_settings(security__api_keys=[], security__api_key_file=str(key_file))
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        await stub.ListModels(pb.ListModelsRequest(), metadata=auth("old-key"))
+        key_file.write_text("new-key\n")
+        os.utime(key_file, (time.time() + 5, time.time() + 5))
+        await asyncio.sleep(1.1)
+        await stub.ListModels(pb.ListModelsRequest(), metadata=auth("new-key"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListModels(pb.ListModelsRequest(), metadata=auth("old-key"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _wait_serving(port: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("toy server did not become SERVING")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests(sample_png):
+    port = free_port()
+    env = {
+        **os.environ,
+        "TOY_DELAY_S": "1.0",
+        "CXR_API_KEY": TEST_KEY,
+        "CXR_SERVICES__CLASSIFICATION__PORT": str(port),
+        "CXR_SERVICES__CLASSIFICATION__HOST": "127.0.0.1",
+        "CXR_SERVICES__CLASSIFICATION__METRICS_PORT": "0",
+        "CXR_SERVER_CONFIG__MAX_BATCH_SIZE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.toy_service"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_serving(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png))
+            futures = [stub.ClassifyImage.future(req, metadata=auth(), timeout=30) for _ in range(3)]
+            time.sleep(0.5)  # all three in flight (the model takes 1 s each, serially)
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]  # none fails
+            assert all(r.predictions for r in results)
+            with pytest.raises(grpc.RpcError):  # after the drain nothing new is accepted
+                stub.ClassifyImage(req, metadata=auth(), timeout=5)
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read()
+        order = [out.index(s) for s in ("NOT_SERVING (shutting down)", "draining", "classification stopped")]
+        assert order == sorted(order), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

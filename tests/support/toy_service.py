@@ -1,0 +1,114 @@
+"""A trivial model behind the real classification contract, to test the runtime before
+any real model exists: probability = mean brightness of the decoded image."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_serving.errors import InvalidInputError
+from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.lifecycle import UNTRAINED, BatchingConfig, ModelRepository, ServedModel
+from cxr_serving.proto_convert import image_metadata, model_info
+from cxr_serving.server import ServiceBinding
+from cxr_serving.settings import Settings
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ClassificationService"].full_name
+
+
+class BrightnessModel(ServedModel):
+    name = "toy"
+    architecture = "mean-brightness"
+    labels = ("bright",)
+
+    def __init__(self, delay_s: float = 0.0, load_delay_s: float = 0.0, fail_load: bool = False) -> None:
+        self.delay_s = delay_s
+        self.load_delay_s = load_delay_s
+        self.fail_load = fail_load
+        self.batches: list[int] = []
+        self._loaded = False
+
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        time.sleep(self.load_delay_s)
+        if self.fail_load:
+            raise RuntimeError("checkpoint corrupt")
+        self._loaded = True
+
+    def predict(self, batch: list[Any]) -> Sequence[Any]:
+        self.batches.append(len(batch))
+        time.sleep(self.delay_s)
+        return [float(np.mean(x)) for x in batch]
+
+    @property
+    def version(self) -> str:
+        return UNTRAINED
+
+
+class ToyServicer(pb_grpc.ClassificationServiceServicer):
+    def __init__(self, repo: ModelRepository, pool: DecodePool) -> None:
+        self.repo = repo
+        self.pool = pool
+
+    async def ClassifyImage(
+        self, request: pb.ClassifyImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyImageResponse:
+        if request.model_names and request.model_names[0] == "explode":
+            raise RuntimeError("secret internal detail")
+        if request.model_names and request.model_names[0] == "bad":
+            raise InvalidInputError("model_names: 'bad' is not allowed")
+        img = await self.pool.decode(request.image.data, request.image.content_type)
+        p = await self.repo.predict("toy", img.pixels)
+        st = self.repo.status("toy")
+        pred = pb.ModelPrediction(
+            model=model_info(st), findings=[pb.Finding(label="bright", probability=p, threshold=0.5, positive=p >= 0.5)]
+        )
+        return pb.ClassifyImageResponse(predictions=[pred], image=image_metadata(img), untrained=st.untrained)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
+
+
+def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
+    sc = settings.server_config
+    repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
+    repo.add(model or BrightnessModel())
+    sec = settings.security
+    pool = DecodePool(
+        DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels),
+        sc.num_workers,
+    )
+    servicer = ToyServicer(repo, pool)
+
+    async def stop() -> None:
+        pool.close()
+
+    return ServiceBinding(
+        name="classification",
+        full_service_names=[SERVICE],
+        register=lambda server: pb_grpc.add_ClassificationServiceServicer_to_server(servicer, server),
+        repository=repo,
+        on_stop=stop,
+    )
+
+
+def main() -> None:
+    """Run the toy service as a process (for SIGTERM tests): env TOY_DELAY_S sets the forward time."""
+    import os
+
+    from cxr_serving.cli import run_service
+
+    delay = float(os.environ.get("TOY_DELAY_S", "0"))
+    raise SystemExit(run_service("classification", lambda s: build_toy(s, BrightnessModel(delay_s=delay))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cxr_serving.batcher import DynamicBatcher
+from cxr_serving.errors import OverloadedError
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0, fail_on: object = None):
+        self.batches: list[list[int]] = []
+        self.delay = delay
+        self.fail_on = fail_on
+        self.started = threading.Event()
+
+    def __call__(self, items):
+        self.started.set()
+        self.batches.append(list(items))
+        time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError("boom")
+        return [i * 10 for i in items]
+
+
+async def test_concurrent_requests_coalesce_into_one_batch():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=50)
+    results = await asyncio.gather(*(b.submit(i) for i in range(8)))
+    assert results == [i * 10 for i in range(8)]
+    assert rec.batches == [list(range(8))]
+    await b.close()
+
+
+async def test_batch_never_exceeds_max_size():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=3, max_batch_delay_ms=20)
+    results = await asyncio.gather(*(b.submit(i) for i in range(10)))
+    assert results == [i * 10 for i in range(10)]
+    assert all(len(x) <= 3 for x in rec.batches)
+    assert sum(len(x) for x in rec.batches) == 10
+    await b.close()
+
+
+async def test_lone_request_waits_at_most_max_delay():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=64, max_batch_delay_ms=30)
+    t0 = time.perf_counter()
+    assert await b.submit(1) == 10
+    elapsed = time.perf_counter() - t0
+    assert 0.025 <= elapsed < 0.5
+    await b.close()
+
+
+async def test_zero_delay_runs_immediately():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=64, max_batch_delay_ms=0)
+    t0 = time.perf_counter()
+    await b.submit(1)
+    assert time.perf_counter() - t0 < 0.02
+    await b.close()
+
+
+async def test_full_queue_sheds_with_overloaded():
+    rec = Recorder(delay=0.3)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_queue_size=2)
+    first = asyncio.ensure_future(b.submit(0))
+    await asyncio.to_thread(rec.started.wait, 2)  # worker busy with item 0
+    queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    with pytest.raises(OverloadedError) as err:
+        await b.submit(3)
+    assert time.perf_counter() - t0 < 0.05  # shed at once, not after waiting
+    assert err.value.reason == "QUEUE_FULL"
+    assert await first == 0 and [await q for q in queued] == [10, 20]
+    await b.close()
+
+
+async def test_error_reaches_every_caller_of_the_batch():
+    rec = Recorder(fail_on=2)
+    b = DynamicBatcher("m", rec, max_batch_size=4, max_batch_delay_ms=50)
+    results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+    assert all(isinstance(r, ValueError) for r in results)
+    assert await b.submit(7) == 70  # worker survives
+    await b.close()
+
+
+async def test_per_item_exception_fails_only_that_caller():
+    def run(items):
+        return [ValueError("bad item") if i == 1 else i for i in items]
+
+    b = DynamicBatcher("m", run, max_batch_size=4, max_batch_delay_ms=30)
+    results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+    assert results[0] == 0 and results[2] == 2 and isinstance(results[1], ValueError)
+    await b.close()
+
+
+async def test_cancelled_caller_is_dropped_and_does_not_poison_batch():
+    rec = Recorder(delay=0.2)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0)
+    blocker = asyncio.ensure_future(b.submit(0))
+    await asyncio.to_thread(rec.started.wait, 2)
+    doomed = asyncio.ensure_future(b.submit(1))
+    survivor = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0.01)
+    doomed.cancel()
+    assert await blocker == 0
+    assert await survivor == 20
+    assert doomed.cancelled()
+    assert [1] not in rec.batches  # never ran
+    await b.close()
+
+
+async def test_close_fails_waiting_callers():
+    rec = Recorder(delay=0.2)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0)
+    running = asyncio.ensure_future(b.submit(0))
+    await asyncio.to_thread(rec.started.wait, 2)
+    waiting = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0)
+    await b.close()
+    with pytest.raises(Exception, match=r"unloaded|stopped"):
+        await waiting
+    running.cancel()

@@ -1,0 +1,205 @@
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from cxr_serving.errors import ImageRejectedError
+from cxr_serving.images import DecodeLimits, decode_image, sniff_format
+from tests.conftest import DICOM_DIR, cxr14_images, dicom_files
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("path", dicom_files(), ids=lambda p: p.name)
+def test_every_shared_dicom_decodes(path: Path):
+    img = decode_image(path.read_bytes(), "application/dicom")
+    assert img.format == "dcm"
+    assert img.pixels.dtype == np.float32 and img.pixels.ndim == 2
+    assert 0.0 <= img.pixels.min() and img.pixels.max() <= 1.0
+    assert img.pixels.std() > 0.05  # a real radiograph, not a flat image
+    assert img.pixel_spacing_mm is not None
+
+
+def test_monochrome1_is_inverted_against_pydicoms_own_array():
+    path = DICOM_DIR / "nih-dx-mono1-8bit.dcm"
+    raw = pydicom.dcmread(path).pixel_array.astype(np.float32) / 255.0
+    img = decode_image(path.read_bytes())
+    assert img.photometric_interpretation == "MONOCHROME1"
+    np.testing.assert_allclose(img.pixels, 1.0 - raw, atol=1e-6)
+    mono2 = decode_image((DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes())
+    np.testing.assert_allclose(img.pixels, mono2.pixels, atol=1e-6)
+
+
+def test_jpeg_monochrome1_relabelled_is_inverse_of_original():
+    a = decode_image((DICOM_DIR / "siim-cxr-mono2-jpeg-baseline.dcm").read_bytes()).pixels
+    b = decode_image((DICOM_DIR / "siim-cxr-relabelled-mono1.dcm").read_bytes()).pixels
+    np.testing.assert_allclose(a, 1.0 - b, atol=1e-6)
+
+
+def test_12bit_window_and_rle_match_the_8bit_source():
+    src = decode_image((DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes()).pixels
+    win = decode_image((DICOM_DIR / "nih-dx-mono2-12bit-window.dcm").read_bytes())
+    rle = decode_image((DICOM_DIR / "nih-dx-mono2-12bit-rle.dcm").read_bytes())
+    assert win.bits_stored == 12
+    np.testing.assert_allclose(win.pixels, src, atol=1.0 / 255)
+    np.testing.assert_array_equal(rle.pixels, win.pixels)
+
+
+def test_rescale_and_window_are_applied(tmp_path):
+    ds = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-12bit-window.dcm")
+    ds.WindowCenter, ds.WindowWidth = 1024, 512  # narrow window: most pixels clip
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = decode_image(buf.getvalue())
+    raw = ds.pixel_array.astype(np.float64)
+    expected = np.clip((raw - (1024 - 0.5)) / (512 - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-5)
+
+
+def test_pydicom_data_compressed_radiographs():
+    from pydicom.data import get_testdata_file
+
+    for name in ("RG1_J2KI.dcm", "JPEG-LL.dcm", "MR_small_RLE.dcm"):
+        path = get_testdata_file(name)
+        if path is None:
+            continue
+        img = decode_image(Path(path).read_bytes())
+        assert img.pixels.shape == pydicom.dcmread(path).pixel_array.shape[-2:]
+
+
+@pytest.mark.parametrize("path", cxr14_images()[:20], ids=lambda p: p.name)
+def test_nih_sample_pngs(path: Path):
+    img = decode_image(path.read_bytes(), "image/png")
+    ref = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255
+    np.testing.assert_allclose(img.pixels, ref, atol=1e-6)
+    assert (img.width, img.height) == (512, 512)
+
+
+def test_16bit_png_uses_full_range():
+    arr = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    img = decode_image(png_bytes(arr))
+    assert img.bits_stored == 16
+    assert img.pixels.min() == 0.0 and img.pixels.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(img.pixels, arr / 65535.0, atol=1e-6)
+
+
+def test_rgb_and_rgba_become_grayscale():
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 1] = 200
+    img = decode_image(png_bytes(rgb))
+    assert img.pixels.shape == (32, 32)
+    assert img.pixels.mean() == pytest.approx(round(200 * 0.587) / 255, abs=2 / 255)
+    rgba = np.dstack([rgb, np.full((32, 32), 255, np.uint8)])
+    assert decode_image(png_bytes(rgba)).pixels.shape == (32, 32)
+
+
+def test_jpeg_decodes(sample_png):
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(sample_png)).save(buf, format="JPEG", quality=95)
+    img = decode_image(buf.getvalue(), "image/jpeg")
+    assert img.format == "jpeg" and img.pixels.shape == (512, 512)
+
+
+@pytest.mark.parametrize(
+    ("data", "ctype", "reason"),
+    [
+        (b"", "", "IMAGE_EMPTY"),
+        (b"hello world, not an image at all", "", "IMAGE_FORMAT_UNKNOWN"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "", "IMAGE_CORRUPT"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "", "IMAGE_CORRUPT"),
+        (b"\x00" * 128 + b"DICM" + b"\x02\x00" * 20, "", "DICOM_NO_PIXELS"),
+    ],
+)
+def test_garbage_is_rejected_with_reason(data, ctype, reason):
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(data, ctype)
+    assert err.value.reason == reason
+
+
+def test_truncated_files_are_rejected(sample_png):
+    for cut in (20, 100, len(sample_png) // 2):
+        with pytest.raises(ImageRejectedError):
+            decode_image(sample_png[:cut])
+    dcm = (DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes()
+    with pytest.raises(ImageRejectedError):
+        decode_image(dcm[: len(dcm) // 2])
+
+
+def test_content_type_must_match_bytes(sample_png):
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(sample_png, "application/dicom")
+    assert err.value.reason == "CONTENT_TYPE_MISMATCH"
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(sample_png, "image/gif")
+    assert err.value.reason == "CONTENT_TYPE_UNSUPPORTED"
+
+
+def test_format_not_allowed(sample_png):
+    limits = DecodeLimits.from_settings(["dcm"], 50, 10**8)
+    with pytest.raises(ImageRejectedError, match="allowed_image_formats") as err:
+        decode_image(sample_png, limits=limits)
+    assert err.value.reason == "IMAGE_FORMAT_NOT_ALLOWED"
+
+
+def test_byte_size_cap(sample_png):
+    limits = DecodeLimits(max_bytes=1000)
+    with pytest.raises(ImageRejectedError, match="max_image_size_mb") as err:
+        decode_image(sample_png, limits=limits)
+    assert err.value.reason == "IMAGE_TOO_LARGE"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_refused_before_decode():
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(_png_header_only(100_000, 100_000))
+    assert err.value.reason == "IMAGE_TOO_MANY_PIXELS"
+
+
+def test_dicom_huge_declared_dimensions_refused():
+    ds = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-8bit.dcm")
+    ds.Rows, ds.Columns = 60000, 60000
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(buf.getvalue())
+    assert err.value.reason == "IMAGE_TOO_MANY_PIXELS"
+
+
+def test_dicom_without_pixel_data():
+    ds = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-8bit.dcm")
+    del ds.PixelData
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(buf.getvalue())
+    assert err.value.reason == "DICOM_NO_PIXELS"
+
+
+def test_zero_size_image_refused():
+    with pytest.raises(ImageRejectedError):
+        decode_image(_png_header_only(0, 0))
+
+
+def test_sniff():
+    assert sniff_format(b"\x89PNG\r\n\x1a\nxx") == "png"
+    assert sniff_format(b"\xff\xd8\xff\xdb") == "jpeg"
+    assert sniff_format(b"\x00" * 128 + b"DICM") == "dcm"
+    assert sniff_format(b"GIF89a") is None
