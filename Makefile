@@ -88,6 +88,9 @@ run: $(VENV)/.installed ## Start every service (and the local gateway) on CPU wi
 bench: $(VENV)/.installed ## Run every benchmark in bench/ and write bench/results/*.json
 	$(PY) bench/run_all.py
 
+bench-%: $(VENV)/.installed ## Run one benchmark, e.g. make bench-classification (bench/classification.py)
+	$(PY) bench/$*.py
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist
