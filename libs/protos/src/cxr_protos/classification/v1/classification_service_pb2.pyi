@@ -10,62 +10,86 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyImageRequest(_message.Message):
-    __slots__ = ("image", "model_names")
+    __slots__ = ("image", "model_names", "heatmap_labels")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     model_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Finding(_message.Message):
-    __slots__ = ("label", "probability", "threshold", "positive")
+    __slots__ = ("label", "probability", "threshold", "positive", "heatmap_png")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
     label: str
     probability: float
     threshold: float
     positive: bool
-    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., positive: _Optional[bool] = ...) -> None: ...
+    heatmap_png: bytes
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., positive: _Optional[bool] = ..., heatmap_png: _Optional[bytes] = ...) -> None: ...
 
 class ModelPrediction(_message.Message):
-    __slots__ = ("model", "findings")
+    __slots__ = ("model", "findings", "inference_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     findings: _containers.RepeatedCompositeFieldContainer[Finding]
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ...) -> None: ...
+    inference_ms: float
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., inference_ms: _Optional[float] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("decode_ms", "preprocess_ms", "inference_ms", "total_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    total_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class ClassifyImageResponse(_message.Message):
-    __slots__ = ("predictions", "image", "untrained")
+    __slots__ = ("predictions", "image", "untrained", "timing")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[ModelPrediction]
     image: _common_pb2.ImageMetadata
     untrained: bool
-    def __init__(self, predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    timing: Timing
+    def __init__(self, predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ClassifyImagesRequest(_message.Message):
-    __slots__ = ("images", "model_names")
+    __slots__ = ("images", "model_names", "heatmap_labels")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ImageClassification(_message.Message):
-    __slots__ = ("index", "predictions", "image", "error")
+    __slots__ = ("index", "predictions", "image", "error", "timing")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
     index: int
     predictions: _containers.RepeatedCompositeFieldContainer[ModelPrediction]
     image: _common_pb2.ImageMetadata
     error: _status_pb2.Status
-    def __init__(self, index: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    timing: Timing
+    def __init__(self, index: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ClassifyImagesResponse(_message.Message):
     __slots__ = ("results", "untrained")
@@ -74,6 +98,24 @@ class ClassifyImagesResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[ImageClassification]
     untrained: bool
     def __init__(self, results: _Optional[_Iterable[_Union[ImageClassification, _Mapping]]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+
+class StreamClassifyImagesRequest(_message.Message):
+    __slots__ = ("images", "model_names", "heatmap_labels")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
+    model_names: _containers.RepeatedScalarFieldContainer[str]
+    heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StreamClassifyImagesResponse(_message.Message):
+    __slots__ = ("result", "untrained")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    result: ImageClassification
+    untrained: bool
+    def __init__(self, result: _Optional[_Union[ImageClassification, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -45,6 +45,11 @@ class ClassificationServiceStub:
                 request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesRequest.SerializeToString,
                 response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesResponse.FromString,
                 _registered_method=True)
+        self.StreamClassifyImages = channel.unary_stream(
+                '/cxr.classification.v1.ClassificationService/StreamClassifyImages',
+                request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesRequest.SerializeToString,
+                response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cxr.classification.v1.ClassificationService/ListModels',
                 request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.ListModelsRequest.SerializeToString,
@@ -75,6 +80,14 @@ class ClassificationServiceServicer:
 
     def ClassifyImages(self, request, context):
         """Classify several images in one call; each image succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamClassifyImages(self, request, context):
+        """As ClassifyImages, but each image's result is streamed as soon as it is ready, in completion
+        order (use ImageClassification.index). gRPC only: REST clients use ClassifyImages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +126,11 @@ def add_ClassificationServiceServicer_to_server(servicer, server):
                     servicer.ClassifyImages,
                     request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesRequest.FromString,
                     response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesResponse.SerializeToString,
+            ),
+            'StreamClassifyImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamClassifyImages,
+                    request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesRequest.FromString,
+                    response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -185,6 +203,33 @@ class ClassificationService:
             '/cxr.classification.v1.ClassificationService/ClassifyImages',
             cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesRequest.SerializeToString,
             cxr_dot_classification_dot_v1_dot_classification__service__pb2.ClassifyImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamClassifyImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cxr.classification.v1.ClassificationService/StreamClassifyImages',
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesRequest.SerializeToString,
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.StreamClassifyImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
