@@ -60,7 +60,7 @@ class Citation(_message.Message):
     def __init__(self, number: _Optional[int] = ..., passage_id: _Optional[str] = ..., title: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class AnswerQuestionRequest(_message.Message):
-    __slots__ = ("question", "top_k", "filters", "mode", "max_tokens", "temperature")
+    __slots__ = ("question", "top_k", "filters", "mode", "max_tokens", "temperature", "include_reasoning")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,30 +74,36 @@ class AnswerQuestionRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REASONING_FIELD_NUMBER: _ClassVar[int]
     question: str
     top_k: int
     filters: _containers.ScalarMap[str, str]
     mode: RetrievalMode
     max_tokens: int
     temperature: float
-    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    include_reasoning: bool
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., include_reasoning: _Optional[bool] = ...) -> None: ...
 
 class AnswerQuestionResponse(_message.Message):
-    __slots__ = ("answer", "citations", "passages", "llm", "finish_reason")
+    __slots__ = ("answer", "citations", "passages", "llm", "finish_reason", "reasoning", "extractive")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
     answer: str
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     passages: _containers.RepeatedCompositeFieldContainer[RetrievedPassage]
     llm: _common_pb2.ModelInfo
     finish_reason: str
-    def __init__(self, answer: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., passages: _Optional[_Iterable[_Union[RetrievedPassage, _Mapping]]] = ..., llm: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    reasoning: str
+    extractive: bool
+    def __init__(self, answer: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., passages: _Optional[_Iterable[_Union[RetrievedPassage, _Mapping]]] = ..., llm: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., finish_reason: _Optional[str] = ..., reasoning: _Optional[str] = ..., extractive: _Optional[bool] = ...) -> None: ...
 
 class StreamAnswerRequest(_message.Message):
-    __slots__ = ("question", "top_k", "filters", "mode", "max_tokens", "temperature")
+    __slots__ = ("question", "top_k", "filters", "mode", "max_tokens", "temperature", "include_reasoning")
     class FiltersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -111,27 +117,33 @@ class StreamAnswerRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REASONING_FIELD_NUMBER: _ClassVar[int]
     question: str
     top_k: int
     filters: _containers.ScalarMap[str, str]
     mode: RetrievalMode
     max_tokens: int
     temperature: float
-    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    include_reasoning: bool
+    def __init__(self, question: _Optional[str] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[RetrievalMode, str]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., include_reasoning: _Optional[bool] = ...) -> None: ...
 
 class StreamAnswerResponse(_message.Message):
-    __slots__ = ("passages", "text_delta", "citations", "finish_reason", "llm")
+    __slots__ = ("passages", "text_delta", "citations", "finish_reason", "llm", "reasoning_delta", "extractive")
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
+    REASONING_DELTA_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTIVE_FIELD_NUMBER: _ClassVar[int]
     passages: _containers.RepeatedCompositeFieldContainer[RetrievedPassage]
     text_delta: str
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     finish_reason: str
     llm: _common_pb2.ModelInfo
-    def __init__(self, passages: _Optional[_Iterable[_Union[RetrievedPassage, _Mapping]]] = ..., text_delta: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., llm: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    reasoning_delta: str
+    extractive: bool
+    def __init__(self, passages: _Optional[_Iterable[_Union[RetrievedPassage, _Mapping]]] = ..., text_delta: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., llm: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., reasoning_delta: _Optional[str] = ..., extractive: _Optional[bool] = ...) -> None: ...
 
 class SearchLiteratureRequest(_message.Message):
     __slots__ = ("query", "top_k", "filters", "mode")
