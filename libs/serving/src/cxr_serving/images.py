@@ -146,9 +146,21 @@ def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | Non
     limits = limits or DecodeLimits()
     fmt = validate_image_bytes(data, content_type, limits)
     try:
-        if fmt == "dcm":
-            return _decode_dicom(data, limits)
-        return _decode_raster(data, fmt, limits)
+        decoded = _decode_dicom(data, limits) if fmt == "dcm" else _decode_raster(data, fmt, limits)
+        shape = decoded.pixels.shape
+        if len(shape) != 2 or min(shape) < limits.min_side:  # header and pixel data disagree
+            raise ImageRejectedError(
+                f"{fmt.upper()} pixel data has shape {shape}, not a single grayscale frame of at least "
+                f"{limits.min_side}x{limits.min_side} (check Rows/Columns/SamplesPerPixel/BitsAllocated)",
+                reason="IMAGE_CORRUPT",
+            )
+        if not np.isfinite(decoded.pixels).all():  # e.g. DICOM WindowWidth or RescaleSlope of NaN
+            raise ImageRejectedError(
+                f"{fmt.upper()} decodes to non-finite pixel values: check RescaleSlope/RescaleIntercept and "
+                "WindowCenter/WindowWidth",
+                reason="IMAGE_CORRUPT",
+            )
+        return decoded
     except ImageRejectedError:
         raise
     except (MemoryError, PILImage.DecompressionBombError):
@@ -232,7 +244,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
     arr = ds.pixel_array
-    if frames > 1:
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if arr.ndim == (4 if samples > 1 else 3):  # several frames (declared, or extra bytes pydicom read as frames)
         arr = arr[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB by default) -> luma
@@ -242,6 +255,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     if arr.ndim != 2:
         raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
     values = apply_modality_lut(arr, ds).astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ImageRejectedError("DICOM RescaleSlope/RescaleIntercept give non-finite values", reason="IMAGE_CORRUPT")
     if "VOILUTSequence" in ds:
         lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
         lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or bits_stored
