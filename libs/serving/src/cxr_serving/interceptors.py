@@ -161,7 +161,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             code, status = status_for_exception(exc, cid)
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("unhandled error in %s", method)
-            await context.abort(code, status.message, trailing_metadata=trailing_metadata(status))
+            md = (*trailing_metadata(status), (CORRELATION_HEADER, cid))
+            await context.abort(code, status.message, trailing_metadata=md)
 
         def finish(context: Ctx, span: Any, started: float, code: str) -> None:
             elapsed = time.perf_counter() - started
@@ -196,12 +197,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 started = time.perf_counter()
                 code = "OK"
                 try:
-                    await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
                     with trace.use_span(span, end_on_exit=False):
                         result = behaviour(request, context)
                         if inspect.isawaitable(result):
                             result = await result
-                        return result
+                    # Headers only with a response: an error stays trailers-only, which is what
+                    # lets clients' gRPC retry policy replay it (a call is committed on headers).
+                    await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+                    return result
                 except asyncio.CancelledError:
                     code = "CANCELLED"
                     raise
@@ -222,9 +225,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 started = time.perf_counter()
                 code = "OK"
                 try:
-                    await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+                    headers_sent = False
                     with trace.use_span(span, end_on_exit=False):
                         async for item in behaviour(request, context):
+                            if not headers_sent:  # as unary: an error before the first message stays retryable
+                                await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+                                headers_sent = True
                             yield item
                 except asyncio.CancelledError:
                     code = "CANCELLED"
