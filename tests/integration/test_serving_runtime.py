@@ -221,3 +221,29 @@ def test_sigterm_drains_in_flight_requests(sample_png):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_grpcurl_lists_services_through_reflection():
+    grpcurl = os.path.join(os.path.dirname(sys.executable), "grpcurl")
+    s = make_settings()
+    async with running_server(s, build_toy(s)) as server:
+        addr = f"127.0.0.1:{server.port}"
+        proc = await asyncio.create_subprocess_exec(
+            grpcurl,
+            "-plaintext",
+            "-H",
+            f"x-api-key: {TEST_KEY}",
+            addr,
+            "list",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        listed = out.decode().split()
+        assert SERVICE in listed and "grpc.health.v1.Health" in listed
+        proc = await asyncio.create_subprocess_exec(
+            grpcurl, "-plaintext", addr, "list", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode != 0 and b"Unauthenticated" in err
