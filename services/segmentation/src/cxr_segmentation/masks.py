@@ -1,0 +1,101 @@
+"""From logits to per-class binary masks at the original size, and their encodings.
+
+`logits_to_masks` upsamples the logits (bilinear) to the original image size and only then
+thresholds them: thresholding first and resizing a binary mask gives blocky, shifted edges.
+`sigmoid(z) >= t` is evaluated as `z >= log(t / (1 - t))`, so no probabilities are materialised.
+
+Encodings: an 8-bit PNG (0/255) per class, and COCO-style uncompressed RLE (column-major
+counts, starting with the count of zeros), which `decode_rle` inverts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image as PILImage
+
+
+def logit_threshold(threshold: float) -> float:
+    return math.log(threshold / (1.0 - threshold))
+
+
+def logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
+    """C x h x w logits -> C x H x W bool masks at `size` = (H, W)."""
+    z = logits.float()[None]
+    if tuple(z.shape[-2:]) != tuple(size):
+        z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+    return (z[0] >= logit_threshold(threshold)).numpy()
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    """One 8-bit grayscale PNG, 255 inside the mask."""
+    buf = io.BytesIO()
+    PILImage.fromarray(mask.astype(np.uint8) * np.uint8(255), mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(data))) > 127
+
+
+def encode_rle(mask: np.ndarray) -> tuple[list[int], list[int]]:
+    """COCO uncompressed RLE: ([height, width], counts) in column-major order, starting with zeros."""
+    h, w = mask.shape
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return [h, w], []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    counts = np.diff(bounds).tolist()
+    if flat[0]:
+        counts = [0, *counts]
+    return [h, w], counts
+
+
+def decode_rle(size: Sequence[int], counts: Sequence[int]) -> np.ndarray:
+    h, w = int(size[0]), int(size[1])
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, np.asarray(counts, dtype=np.int64))
+    if flat.size != h * w:
+        raise ValueError(f"RLE counts sum to {flat.size}, expected {h}x{w}={h * w}")
+    return flat.reshape((h, w), order="F")
+
+
+@dataclass(frozen=True)
+class BoundingBox:
+    """Inclusive pixel coordinates."""
+
+    x_min: int
+    y_min: int
+    x_max: int
+    y_max: int
+
+    @property
+    def width(self) -> int:
+        return self.x_max - self.x_min + 1
+
+    @property
+    def height(self) -> int:
+        return self.y_max - self.y_min + 1
+
+
+def bounding_box(mask: np.ndarray) -> BoundingBox | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return BoundingBox(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))
+
+
+def area_mm2(area_pixels: int, pixel_spacing_mm: tuple[float, float] | None) -> float:
+    """Pixel count times the area of one pixel (row spacing x column spacing); 0 without spacing."""
+    if not pixel_spacing_mm:
+        return 0.0
+    return float(area_pixels) * pixel_spacing_mm[0] * pixel_spacing_mm[1]

@@ -1,0 +1,61 @@
+"""Measurements derived from the masks: the cardiothoracic ratio (CTR).
+
+CTR = maximal transverse heart diameter / maximal internal thoracic diameter, as read on a PA
+chest film. From masks: the heart width is the horizontal extent of the heart mask (its
+rightmost minus leftmost pixel, + 1); the thorax width is the horizontal extent of the two
+lungs together (outer edge of one lung to the outer edge of the other). Both lungs and the
+heart must be present; otherwise the ratio is 0 and `unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from cxr_segmentation.masks import bounding_box
+
+HEART = "heart"
+LUNGS = ("left_lung", "right_lung")
+
+
+@dataclass(frozen=True)
+class CardiothoracicRatio:
+    ratio: float = 0.0
+    unavailable_reason: str = ""
+    heart_width_px: float = 0.0
+    thorax_width_px: float = 0.0
+    heart_width_mm: float = 0.0
+    thorax_width_mm: float = 0.0
+
+    @property
+    def computable(self) -> bool:
+        return not self.unavailable_reason
+
+
+def cardiothoracic_ratio(
+    masks: Mapping[str, np.ndarray], pixel_spacing_mm: tuple[float, float] | None = None
+) -> CardiothoracicRatio:
+    """`masks` maps class names to H x W bool masks; spacing is (row, column) in mm."""
+    absent = [name for name in (HEART, *LUNGS) if name not in masks]
+    if absent:
+        return CardiothoracicRatio(
+            unavailable_reason=f"the model has no {', '.join(absent)} class: the ratio needs heart, left_lung and "
+            "right_lung masks"
+        )
+    empty = [name for name in (HEART, *LUNGS) if bounding_box(masks[name]) is None]
+    if empty:
+        return CardiothoracicRatio(unavailable_reason=f"no {' / '.join(empty)} found in the image (empty mask)")
+    heart = bounding_box(masks[HEART])
+    lungs = bounding_box(np.logical_or(masks[LUNGS[0]], masks[LUNGS[1]]))
+    assert heart is not None and lungs is not None
+    heart_w, thorax_w = float(heart.width), float(lungs.width)
+    col_mm = pixel_spacing_mm[1] if pixel_spacing_mm else 0.0
+    return CardiothoracicRatio(
+        ratio=heart_w / thorax_w,
+        heart_width_px=heart_w,
+        thorax_width_px=thorax_w,
+        heart_width_mm=heart_w * col_mm,
+        thorax_width_mm=thorax_w * col_mm,
+    )

@@ -1,0 +1,123 @@
+"""The segmentation network as a `ServedModel`: load (checkpoint or refuse), batched forward, unload.
+
+`predict` takes preprocessed C x S x S tensors and returns C x S x S logits on the CPU; upsampling
+to the original size, thresholding and encoding happen per request outside the batch worker
+(see `postprocess.py`), so the device only does the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxr_segmentation.checkpoints import load_checkpoint
+from cxr_segmentation.config import SegmentationConfig
+from cxr_segmentation.networks import build_network, output_logits
+from cxr_segmentation.preprocessing import Preprocess
+from cxr_serving.device import InferenceDevice
+from cxr_serving.errors import CheckpointError, ModelNotReadyError
+from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationModel(ServedModel):
+    def __init__(
+        self,
+        cfg: SegmentationConfig,
+        device: InferenceDevice,
+        default_checkpoint: Path | None = None,
+        warmup_batches: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.labels = tuple(cfg.classes)
+        self.architecture = (
+            "xrv:chestx_det.PSPNet"
+            if cfg.checkpoint_format == "xrv_pspnet"
+            else f"smp:{cfg.architecture}/{cfg.encoder}"
+        )
+        self.preprocess = Preprocess.from_config(cfg)
+        self._device = device
+        self._default_checkpoint = default_checkpoint
+        self._warmup_batches = warmup_batches
+        self._net: nn.Module | None = None
+        self._version = ""
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def build(self, checkpoint_path: Path | None) -> tuple[nn.Module, str]:
+        """A CPU network with its weights and version; raises CheckpointError (never half-loads)."""
+        path = checkpoint_path or self._default_checkpoint
+        if path is None:
+            if not self.cfg.allow_untrained:
+                raise CheckpointError(
+                    f"model '{self.name}' has no checkpoint: set models.segmentation.checkpoint_path "
+                    "(or allow_untrained=true for development: random weights, every response says untrained)",
+                    reason="CHECKPOINT_NOT_CONFIGURED",
+                )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                net = build_network(self.cfg)
+            return net, UNTRAINED
+        net = build_network(self.cfg)
+        load_checkpoint(net, path)
+        return net, checkpoint_version(path)
+
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        net, version = self.build(checkpoint_path)
+        net = self._device.prepare(net)
+        self._warmup(net)
+        with self._lock:
+            self._net, self._version = net, version
+        if version == UNTRAINED:
+            log.warning(
+                "segmentation model %s serves RANDOM weights (allow_untrained): masks are meaningless", self.name
+            )
+
+    def check_checkpoint(self, checkpoint_path: Path | None) -> None:
+        """Validate a checkpoint on the CPU without touching the served network."""
+        self.build(checkpoint_path)
+
+    def _warmup(self, net: nn.Module) -> None:
+        s = self.cfg.input_size
+        x = torch.zeros(1, self.cfg.in_channels, s, s)
+        for _ in range(self._warmup_batches):
+            self._forward(net, x)
+
+    def unload(self) -> None:
+        with self._lock:
+            self._net, self._version = None, ""
+        if self._device.is_cuda:
+            torch.cuda.empty_cache()
+
+    # --- inference -------------------------------------------------------------------------
+    def _forward(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with self._device.inference():
+            logits = output_logits(net, self._device.batch_to_device(batch))
+        return logits.float().cpu()
+
+    def predict(self, batch: list[Any]) -> Sequence[Any]:
+        net = self._net
+        if net is None:
+            raise ModelNotReadyError(f"model '{self.name}' is not loaded")
+        logits = self._forward(net, torch.stack(batch))
+        return list(logits.unbind(0))
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def untrained(self) -> bool:
+        return self._version == UNTRAINED
+
+    @property
+    def device(self) -> str:
+        return self._device.device

@@ -1,0 +1,143 @@
+"""gRPC adapter: request validation, decode -> preprocess -> batched forward -> postprocess -> proto.
+
+Thin by design (as a KServe predictor): every step lives in its own module; errors are domain
+errors from cxr_serving.errors, mapped to gRPC status codes by the shared interceptor.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grpc
+
+from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
+from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from cxr_segmentation.model import SegmentationModel
+from cxr_segmentation.postprocess import Encoding, PostprocessOptions, SegmentationResult, postprocess
+from cxr_serving.errors import InvalidInputError
+from cxr_serving.images import DecodePool
+from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.proto_convert import image_metadata, model_info
+from cxr_serving.settings import Settings
+
+_ENCODINGS: dict[int, Encoding] = {
+    pb.MASK_ENCODING_UNSPECIFIED: "png",
+    pb.MASK_ENCODING_PNG: "png",
+    pb.MASK_ENCODING_RLE: "rle",
+    pb.MASK_ENCODING_NONE: "none",
+}
+
+
+class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+    def __init__(self, settings: Settings, repo: ModelRepository, pool: DecodePool, default_model: str) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.pool = pool
+        self.default_model = default_model
+
+    def _model(self, name: str) -> SegmentationModel:
+        model = self.repo.model(name or self.default_model)
+        assert isinstance(model, SegmentationModel)
+        return model
+
+    @staticmethod
+    def _options(request: pb.SegmentImageRequest, model: SegmentationModel) -> PostprocessOptions:
+        encoding = _ENCODINGS.get(request.mask_encoding)
+        if encoding is None:
+            raise InvalidInputError(f"mask_encoding: unknown value {request.mask_encoding}; use PNG, RLE or NONE")
+        threshold = float(request.threshold)
+        if not math.isfinite(threshold) or threshold < 0.0 or threshold >= 1.0:
+            raise InvalidInputError(f"threshold must be in (0, 1), or 0 for the model's default; got {threshold}")
+        unknown = [c for c in request.classes if c not in model.labels]
+        if unknown:
+            raise InvalidInputError(f"classes: unknown {unknown}; model '{model.name}' has {list(model.labels)}")
+        wanted = set(request.classes)
+        return PostprocessOptions(
+            threshold=threshold or model.cfg.threshold,
+            classes=[c for c in model.labels if not wanted or c in wanted],
+            encoding=encoding,
+            overlay=request.include_overlay,
+            dicom_seg=request.include_dicom_seg,
+            overlay_max_side=model.cfg.overlay_max_side,
+            algorithm_name=f"{model.name} {model.architecture}",
+            algorithm_version=model.version,
+        )
+
+    async def SegmentImage(
+        self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SegmentImageResponse:
+        model = self._model(request.model_name)
+        opts = self._options(request, model)
+        image = await self.pool.decode(request.image.data, request.image.content_type)
+        if opts.dicom_seg and image.dataset is None:
+            raise InvalidInputError(
+                f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
+                reason="DICOM_SEG_NEEDS_DICOM",
+            )
+        tensor = await self.pool.run(model.preprocess, image.pixels)
+        logits = await self.repo.predict(model.name, tensor)
+        status = self.repo.status(model.name)
+        result: SegmentationResult = await self.pool.run(postprocess, image, logits, model.labels, opts)
+        return to_response(result, status_info=model_info(status), image=image_metadata(image))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        model = self._model(request.model_name)
+        path: Path | None = None
+        if request.checkpoint_path:
+            path = self.settings.resolve_model_path(request.checkpoint_path)
+        # Validate first on the CPU: a bad checkpoint is refused while the served model keeps serving.
+        await self.pool.run(model.check_checkpoint, path)
+        status = await self.repo.load(model.name, path)
+        return pb.LoadModelResponse(model=model_info(status))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        model = self._model(request.model_name)
+        status = await self.repo.unload(model.name)
+        return pb.UnloadModelResponse(model=model_info(status))
+
+
+def to_response(result: SegmentationResult, *, status_info: object, image: object) -> pb.SegmentImageResponse:
+    masks = []
+    for m in result.masks:
+        msg = pb.AnatomyMask(
+            label=m.label,
+            width=m.width,
+            height=m.height,
+            png=m.png,
+            area_pixels=m.area_pixels,
+            area_mm2=m.area_mm2,
+        )
+        if m.rle_size:
+            msg.rle.size.extend(m.rle_size)
+            msg.rle.counts.extend(m.rle_counts)
+        if m.bounding_box is not None:
+            b = m.bounding_box
+            msg.bounding_box.CopyFrom(pb.BoundingBox(x_min=b.x_min, y_min=b.y_min, x_max=b.x_max, y_max=b.y_max))
+        masks.append(msg)
+    c = result.ctr
+    measurements = pb.Measurements(
+        cardiothoracic_ratio=c.ratio,
+        cardiothoracic_ratio_unavailable_reason=c.unavailable_reason,
+        heart_width_px=c.heart_width_px,
+        thorax_width_px=c.thorax_width_px,
+        heart_width_mm=c.heart_width_mm,
+        thorax_width_mm=c.thorax_width_mm,
+    )
+    info = status_info
+    return pb.SegmentImageResponse(
+        model=info,  # type: ignore[arg-type]
+        masks=masks,
+        measurements=measurements,
+        overlay_png=result.overlay_png,
+        dicom_seg=result.dicom_seg,
+        image=image,  # type: ignore[arg-type]
+        untrained=bool(getattr(info, "untrained", False)),
+    )
