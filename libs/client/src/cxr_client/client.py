@@ -1,0 +1,370 @@
+"""Typed clients of the three cxr services: `AsyncCxrClient` (grpc.aio) and `CxrClient` (blocking).
+
+Both take a `ClientConfig` (default: `ClientConfig.from_env()`), open one channel per distinct
+endpoint (so a gateway endpoint carries every service on one connection), send the API key as
+`x-api-key`, put a deadline on every call, apply the published retry policy
+(`cxr_client.retry_policy`) and raise `cxr_client.errors.CxrClientError` subclasses instead of
+`grpc.RpcError`. Responses are the generated protobuf messages (`cxr_protos`), fully typed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cxr_client.config import SERVICES, ClientConfig, ServiceName
+from cxr_client.errors import CxrClientError, from_rpc_error
+from cxr_client.images import ImageInput, to_image
+from cxr_client.retry_policy import channel_options
+from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_grpc
+from cxr_protos.common.v1 import common_pb2
+from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
+from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
+from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
+
+T = TypeVar("T")
+
+MaskEncoding = Literal["png", "rle", "none"]
+RetrievalMode = Literal["hybrid", "dense", "lexical"]
+
+_MASK_ENCODINGS = {
+    "png": seg_pb.MASK_ENCODING_PNG,
+    "rle": seg_pb.MASK_ENCODING_RLE,
+    "none": seg_pb.MASK_ENCODING_NONE,
+}
+_RETRIEVAL_MODES = {
+    "hybrid": rag_pb.RETRIEVAL_MODE_HYBRID,
+    "dense": rag_pb.RETRIEVAL_MODE_DENSE,
+    "lexical": rag_pb.RETRIEVAL_MODE_LEXICAL,
+}
+_HEALTH_NAMES = {
+    health_pb2.HealthCheckResponse.SERVING: "SERVING",
+    health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+    health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
+}
+
+
+def _read(path: Any) -> bytes | None:
+    return None if path is None else path.expanduser().read_bytes()
+
+
+def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
+    tls = config.tls
+    if (tls.client_cert_file is None) != (tls.client_key_file is None):
+        raise ValueError("mutual TLS needs both client_cert_file and client_key_file")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.root_certs_file),
+        private_key=_read(tls.client_key_file),
+        certificate_chain=_read(tls.client_cert_file),
+    )
+
+
+def _options(config: ClientConfig) -> list[tuple[str, Any]]:
+    options = channel_options(config.max_message_mb, retries=config.retries)
+    if config.tls.server_name_override:
+        options.append(("grpc.ssl_target_name_override", config.tls.server_name_override))
+    return options
+
+
+class AsyncCxrClient:
+    """Async client of classification, segmentation and rag. Use `async with AsyncCxrClient() as c:`."""
+
+    def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
+        self.config = config or ClientConfig.from_env(**overrides)
+        if config is not None and overrides:
+            self.config = config.model_copy(update=overrides)
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def channel(self, service: ServiceName) -> grpc.aio.Channel:
+        key = self.config.target_for(service)
+        if key not in self._channels:
+            target, tls = key
+            options = _options(self.config)
+            self._channels[key] = (
+                grpc.aio.secure_channel(target, channel_credentials(self.config), options=options)
+                if tls
+                else grpc.aio.insecure_channel(target, options=options)
+            )
+        return self._channels[key]
+
+    def metadata(self, extra: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+        md: list[tuple[str, str]] = []
+        if self.config.api_key:
+            md.append(("x-api-key", self.config.api_key))
+        md.extend((extra or {}).items())
+        return tuple(md)
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+        try:
+            return await method(
+                request, metadata=self.metadata(), timeout=timeout if timeout is not None else self.config.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _classification(self) -> cls_grpc.ClassificationServiceStub:
+        return cls_grpc.ClassificationServiceStub(self.channel("classification"))
+
+    def _segmentation(self) -> seg_grpc.SegmentationServiceStub:
+        return seg_grpc.SegmentationServiceStub(self.channel("segmentation"))
+
+    def _rag(self) -> rag_grpc.RagServiceStub:
+        return rag_grpc.RagServiceStub(self.channel("rag"))
+
+    def _model_stub(self, service: ServiceName) -> Any:
+        if service == "classification":
+            return self._classification()
+        if service == "segmentation":
+            return self._segmentation()
+        raise ValueError(f"service {service!r} has no models to manage; use classification or segmentation")
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+    async def __aenter__(self) -> AsyncCxrClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- classification -------------------------------------------------------------------------
+    async def classify(
+        self,
+        image: ImageInput,
+        *,
+        model_names: Sequence[str] = (),
+        heatmap_labels: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> cls_pb.ClassifyImageResponse:
+        """Classify one image with every ready model, or with `model_names`."""
+        req = cls_pb.ClassifyImageRequest(
+            image=to_image(image), model_names=list(model_names), heatmap_labels=list(heatmap_labels)
+        )
+        return await self._call(self._classification().ClassifyImage, req, timeout)
+
+    async def classify_images(
+        self, images: Iterable[ImageInput], *, model_names: Sequence[str] = (), timeout: float | None = None
+    ) -> cls_pb.ClassifyImagesResponse:
+        """Several images in one call; each result has either predictions or an `error` status."""
+        req = cls_pb.ClassifyImagesRequest(images=[to_image(i) for i in images], model_names=list(model_names))
+        return await self._call(self._classification().ClassifyImages, req, timeout)
+
+    # -- segmentation ---------------------------------------------------------------------------
+    async def segment(
+        self,
+        image: ImageInput,
+        *,
+        model_name: str = "",
+        classes: Sequence[str] = (),
+        threshold: float = 0.0,
+        mask_encoding: MaskEncoding = "png",
+        include_overlay: bool = False,
+        include_dicom_seg: bool = False,
+        timeout: float | None = None,
+    ) -> seg_pb.SegmentImageResponse:
+        """Anatomy masks and measurements (cardiothoracic ratio) of one image."""
+        req = seg_pb.SegmentImageRequest(
+            image=to_image(image),
+            model_name=model_name,
+            classes=list(classes),
+            threshold=threshold,
+            mask_encoding=_MASK_ENCODINGS[mask_encoding],
+            include_overlay=include_overlay,
+            include_dicom_seg=include_dicom_seg,
+        )
+        return await self._call(self._segmentation().SegmentImage, req, timeout)
+
+    # -- rag ------------------------------------------------------------------------------------
+    async def search_literature(
+        self,
+        query: str,
+        *,
+        top_k: int = 0,
+        filters: Mapping[str, str] | None = None,
+        mode: RetrievalMode = "hybrid",
+        timeout: float | None = None,
+    ) -> rag_pb.SearchLiteratureResponse:
+        """Passages from the literature store, without the LLM."""
+        req = rag_pb.SearchLiteratureRequest(
+            query=query, top_k=top_k, filters=dict(filters or {}), mode=_RETRIEVAL_MODES[mode]
+        )
+        return await self._call(self._rag().SearchLiterature, req, timeout)
+
+    async def answer_question(
+        self,
+        question: str,
+        *,
+        top_k: int = 0,
+        filters: Mapping[str, str] | None = None,
+        mode: RetrievalMode = "hybrid",
+        max_tokens: int = 0,
+        temperature: float = 0.0,
+        include_reasoning: bool = False,
+        timeout: float | None = None,
+    ) -> rag_pb.AnswerQuestionResponse:
+        """An answer grounded in retrieved passages, with [n] citations."""
+        req = rag_pb.AnswerQuestionRequest(
+            question=question,
+            top_k=top_k,
+            filters=dict(filters or {}),
+            mode=_RETRIEVAL_MODES[mode],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            include_reasoning=include_reasoning,
+        )
+        return await self._call(self._rag().AnswerQuestion, req, timeout)
+
+    async def stream_answer(
+        self,
+        question: str,
+        *,
+        top_k: int = 0,
+        filters: Mapping[str, str] | None = None,
+        mode: RetrievalMode = "hybrid",
+        max_tokens: int = 0,
+        temperature: float = 0.0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[rag_pb.StreamAnswerResponse]:
+        """The answer as a stream: passages first, then text deltas, then citations."""
+        req = rag_pb.StreamAnswerRequest(
+            question=question,
+            top_k=top_k,
+            filters=dict(filters or {}),
+            mode=_RETRIEVAL_MODES[mode],
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+        call = self._rag().StreamAnswer(
+            req, metadata=self.metadata(), timeout=timeout if timeout is not None else self.config.timeout_s
+        )
+        try:
+            async for msg in call:
+                yield msg
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    async def ingest_documents(
+        self, documents: Iterable[rag_pb.Document | Mapping[str, Any]], *, timeout: float | None = None
+    ) -> rag_pb.IngestDocumentsResponse:
+        docs = [d if isinstance(d, rag_pb.Document) else rag_pb.Document(**d) for d in documents]
+        return await self._call(self._rag().IngestDocuments, rag_pb.IngestDocumentsRequest(documents=docs), timeout)
+
+    # -- models ---------------------------------------------------------------------------------
+    async def list_models(self, service: ServiceName, *, timeout: float | None = None) -> list[common_pb2.ModelInfo]:
+        stub = self._model_stub(service)
+        pb = cls_pb if service == "classification" else seg_pb
+        return list((await self._call(stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+
+    async def load_model(
+        self, service: ServiceName, model_name: str, *, checkpoint_path: str = "", timeout: float | None = None
+    ) -> common_pb2.ModelInfo:
+        stub = self._model_stub(service)
+        pb = cls_pb if service == "classification" else seg_pb
+        req = pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
+        return (await self._call(stub.LoadModel, req, timeout)).model
+
+    async def unload_model(
+        self, service: ServiceName, model_name: str, *, timeout: float | None = None
+    ) -> common_pb2.ModelInfo:
+        stub = self._model_stub(service)
+        pb = cls_pb if service == "classification" else seg_pb
+        return (await self._call(stub.UnloadModel, pb.UnloadModelRequest(model_name=model_name), timeout)).model
+
+    # -- health ---------------------------------------------------------------------------------
+    async def health(self, service: ServiceName, *, timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE."""
+        stub = health_pb2_grpc.HealthStub(self.channel(service))
+        try:
+            resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout)
+        except CxrClientError as err:
+            return (
+                "UNREACHABLE"
+                if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                else (err.code.name)
+            )
+        return _HEALTH_NAMES.get(resp.status, str(resp.status))
+
+    async def health_all(self, *, timeout: float | None = 5.0) -> dict[str, str]:
+        results = await asyncio.gather(*(self.health(s, timeout=timeout) for s in SERVICES))
+        return dict(zip(SERVICES, results, strict=True))
+
+
+class CxrClient:
+    """Blocking client: the same API as `AsyncCxrClient`, run on a private event-loop thread.
+
+    Safe to call from several threads at once; use as a context manager or call `close()`.
+    """
+
+    def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cxr-client", daemon=True)
+        self._thread.start()
+        self._async = AsyncCxrClient(config, **overrides)
+        self.config = self._async.config
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> CxrClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def classify(self, image: ImageInput, **kwargs: Any) -> cls_pb.ClassifyImageResponse:
+        return self._run(self._async.classify(image, **kwargs))
+
+    def classify_images(self, images: Iterable[ImageInput], **kwargs: Any) -> cls_pb.ClassifyImagesResponse:
+        return self._run(self._async.classify_images(list(images), **kwargs))
+
+    def segment(self, image: ImageInput, **kwargs: Any) -> seg_pb.SegmentImageResponse:
+        return self._run(self._async.segment(image, **kwargs))
+
+    def search_literature(self, query: str, **kwargs: Any) -> rag_pb.SearchLiteratureResponse:
+        return self._run(self._async.search_literature(query, **kwargs))
+
+    def answer_question(self, question: str, **kwargs: Any) -> rag_pb.AnswerQuestionResponse:
+        return self._run(self._async.answer_question(question, **kwargs))
+
+    def stream_answer(self, question: str, **kwargs: Any) -> list[rag_pb.StreamAnswerResponse]:
+        async def collect() -> list[rag_pb.StreamAnswerResponse]:
+            return [m async for m in self._async.stream_answer(question, **kwargs)]
+
+        return self._run(collect())
+
+    def ingest_documents(self, documents: Iterable[Any], **kwargs: Any) -> rag_pb.IngestDocumentsResponse:
+        return self._run(self._async.ingest_documents(list(documents), **kwargs))
+
+    def list_models(self, service: ServiceName, **kwargs: Any) -> list[common_pb2.ModelInfo]:
+        return self._run(self._async.list_models(service, **kwargs))
+
+    def load_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
+        return self._run(self._async.load_model(service, model_name, **kwargs))
+
+    def unload_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
+        return self._run(self._async.unload_model(service, model_name, **kwargs))
+
+    def health(self, service: ServiceName, **kwargs: Any) -> str:
+        return self._run(self._async.health(service, **kwargs))
+
+    def health_all(self, **kwargs: Any) -> dict[str, str]:
+        return self._run(self._async.health_all(**kwargs))

@@ -1,0 +1,92 @@
+"""Where the services are and how to reach them: endpoints, API key, TLS, deadlines.
+
+One endpoint for everything (a gateway's gRPC port: `CXR_ENDPOINT`) or one per service
+(`CXR_CLASSIFICATION_ENDPOINT`, `CXR_SEGMENTATION_ENDPOINT`, `CXR_RAG_ENDPOINT`, which win over
+`CXR_ENDPOINT`). Without either, the local stack of `make run` (ports 50051-50053).
+An endpoint may carry a scheme: `grpcs://host:443` turns TLS on, `grpc://host:port` or a bare
+`host:port` is plaintext unless `tls` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ServiceName = Literal["classification", "segmentation", "rag"]
+SERVICES: tuple[ServiceName, ...] = ("classification", "segmentation", "rag")
+
+LOCAL_ENDPOINTS: dict[ServiceName, str] = {
+    "classification": "127.0.0.1:50051",
+    "segmentation": "127.0.0.1:50052",
+    "rag": "127.0.0.1:50053",
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class TlsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    root_certs_file: Path | None = Field(None, description="PEM CA bundle; None: the system roots")
+    client_cert_file: Path | None = Field(None, description="PEM client certificate for mutual TLS")
+    client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file")
+    server_name_override: str | None = Field(None, description="expected server name (tests, IP endpoints)")
+
+
+class ClientConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint: str | None = Field(None, description="one gRPC endpoint for every service (e.g. the gateway)")
+    endpoints: dict[str, str] = Field(default_factory=dict, description="per-service overrides")
+    api_key: str | None = Field(None, description="sent as x-api-key metadata on every call")
+    tls: TlsOptions = Field(default_factory=TlsOptions)
+    timeout_s: float = Field(30.0, gt=0, description="default deadline of one call")
+    max_message_mb: int = Field(64, gt=0)
+    retries: bool = Field(True, description="apply cxr_client.retry_policy.SERVICE_CONFIG")
+
+    def endpoint_for(self, service: ServiceName) -> str:
+        return self.endpoints.get(service) or self.endpoint or LOCAL_ENDPOINTS[service]
+
+    def target_for(self, service: ServiceName) -> tuple[str, bool]:
+        """The gRPC target without scheme, and whether TLS is on for it."""
+        return split_scheme(self.endpoint_for(service), self.tls.enabled)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ClientConfig:
+        env = os.environ if environ is None else environ
+        endpoints = {s: env[f"CXR_{s.upper()}_ENDPOINT"] for s in SERVICES if env.get(f"CXR_{s.upper()}_ENDPOINT")}
+
+        def path(name: str) -> Path | None:
+            return Path(env[name]) if env.get(name) else None
+
+        root = path("CXR_TLS_ROOT_CERTS")
+        tls = TlsOptions(
+            enabled=env.get("CXR_TLS", "").lower() in _TRUE or root is not None,
+            root_certs_file=root,
+            client_cert_file=path("CXR_TLS_CLIENT_CERT"),
+            client_key_file=path("CXR_TLS_CLIENT_KEY"),
+            server_name_override=env.get("CXR_TLS_SERVER_NAME") or None,
+        )
+        key = env.get("CXR_API_KEY", "").split(",")[0].strip() or None
+        data: dict[str, object] = {
+            "endpoint": env.get("CXR_ENDPOINT") or None,
+            "endpoints": endpoints,
+            "api_key": key,
+            "tls": tls,
+        }
+        if env.get("CXR_TIMEOUT_S"):
+            data["timeout_s"] = float(env["CXR_TIMEOUT_S"])
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
+
+
+def split_scheme(endpoint: str, tls_default: bool) -> tuple[str, bool]:
+    for scheme, tls in (("grpcs://", True), ("https://", True), ("grpc://", tls_default), ("http://", tls_default)):
+        if endpoint.startswith(scheme):
+            return endpoint[len(scheme) :].rstrip("/"), tls
+    return endpoint, tls_default

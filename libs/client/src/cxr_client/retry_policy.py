@@ -1,0 +1,64 @@
+"""The published retry policy of the cxr API, as a gRPC service config.
+
+Every cxr service (and the gRPC health service) is retried on UNAVAILABLE only, with exponential
+backoff: 0.1 s, 0.2 s, 0.4 s (+ jitter, capped at 2 s), at most 4 attempts in all. UNAVAILABLE is
+what a restarting pod, a draining server, a refused connection or a model that is still loading
+returns; every other code (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) is final
+and goes straight back to the caller. All cxr RPCs are idempotent (inference and model
+load/unload), so replaying one is safe. The channel's deadline bounds the whole sequence.
+
+`SERVICE_CONFIG` is the dict, `SERVICE_CONFIG_JSON` the string gRPC takes
+(`grpc.service_config` channel option); `channel_options()` adds it to the usual options.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+RETRYABLE_STATUS_CODES = ("UNAVAILABLE",)
+MAX_ATTEMPTS = 4
+INITIAL_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 2.0
+BACKOFF_MULTIPLIER = 2.0
+
+SERVICE_NAMES = (
+    "cxr.classification.v1.ClassificationService",
+    "cxr.segmentation.v1.SegmentationService",
+    "cxr.rag.v1.RagService",
+    "grpc.health.v1.Health",
+)
+
+SERVICE_CONFIG: dict[str, Any] = {
+    "methodConfig": [
+        {
+            "name": [{"service": name} for name in SERVICE_NAMES],
+            "retryPolicy": {
+                "maxAttempts": MAX_ATTEMPTS,
+                "initialBackoff": f"{INITIAL_BACKOFF_S}s",
+                "maxBackoff": f"{MAX_BACKOFF_S}s",
+                "backoffMultiplier": BACKOFF_MULTIPLIER,
+                "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
+            },
+        }
+    ],
+    # Stop retrying when more than half the recent calls failed (token bucket of gRFC A6).
+    "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.5},
+}
+
+SERVICE_CONFIG_JSON = json.dumps(SERVICE_CONFIG)
+
+
+def channel_options(max_message_mb: int = 64, *, retries: bool = True) -> list[tuple[str, Any]]:
+    """Channel options every cxr client uses: message size limits, keepalive and the retry policy."""
+    size = max_message_mb * 1024 * 1024
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.enable_retries", 1 if retries else 0),
+    ]
+    if retries:
+        options.append(("grpc.service_config", SERVICE_CONFIG_JSON))
+    return options
