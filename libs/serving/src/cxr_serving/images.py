@@ -165,7 +165,10 @@ def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | Non
         raise
     except (MemoryError, PILImage.DecompressionBombError):
         raise ImageRejectedError("image is too large to decode", reason="IMAGE_TOO_MANY_PIXELS") from None
-    except Exception as exc:  # any decoder failure on hostile bytes is the caller's input problem
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # any decoder failure on hostile bytes is the caller's input problem; Rust
+        # decoders (pylibjpeg-rle, via pyo3) raise PanicException, a BaseException, on some corrupt frames
         raise ImageRejectedError(
             f"{fmt.upper()} could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", reason="IMAGE_CORRUPT"
         ) from None
