@@ -1,0 +1,64 @@
+"""Coverage-guided fuzzer (atheris/libFuzzer) for `cxr_serving.images.decode_image`.
+
+Contract under test: for ANY bytes and content type, the decoder either raises
+`ImageRejectedError` (the caller gets INVALID_ARGUMENT) or returns one finite float32
+grayscale frame in [0, 1] within the pixel cap. Anything else is a finding: libFuzzer stops,
+prints the traceback and writes the input to `<artifact_prefix>crash-<sha1>`.
+
+Run it directly with libFuzzer flags (`python fuzz/fuzz_decode_image.py -max_total_time=60 CORPUS_DIR`)
+or through `python -m fuzz.run`, which seeds the corpus and writes a JSON summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import atheris
+
+with atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"]):
+    import numpy as np
+
+    from cxr_serving.errors import ImageRejectedError
+    from cxr_serving.images import DecodeLimits, decode_image
+
+# A 5 MP cap (a large radiograph is ~3000x3000/9 MP... the seeds stay under it) keeps each input
+# fast and the fuzzer's memory flat; the code paths are the same as with the production cap.
+LIMITS = DecodeLimits(max_pixels=5_000_000)
+CONTENT_TYPES = ("", "image/png", "image/jpeg", "application/dicom", "text/plain", "image/jpg; q=1")
+
+
+def check(data: bytes) -> None:
+    # Most inputs go without a content type (so mutations reach the decoders); every 16th
+    # length picks one, mismatched or not, to exercise the content-type checks too.
+    ctype = CONTENT_TYPES[(len(data) // 16) % len(CONTENT_TYPES)] if len(data) % 16 == 0 else ""
+    try:
+        img = decode_image(data, ctype, LIMITS)
+    except ImageRejectedError as exc:
+        if not exc.message or not exc.reason:
+            raise AssertionError("refusal without a message or reason") from None
+        return
+    p = img.pixels
+    if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.ndim == 2):
+        raise AssertionError(
+            f"decoded pixels are {type(p).__name__} {getattr(p, 'dtype', '')} {getattr(p, 'shape', '')}"
+        )
+    if min(p.shape) < LIMITS.min_side or p.size > LIMITS.max_pixels:
+        raise AssertionError(f"decoded shape {p.shape} outside the limits")
+    if not np.isfinite(p).all():
+        raise AssertionError("decoded pixels are not finite")
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise AssertionError(f"decoded pixels outside [0, 1]: {p.min()}..{p.max()}")
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    import logging
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    atheris.Setup(sys.argv, check)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Run a fuzz harness for a bounded time, seeded from ../shared/data, and record the result.
+
+    python -m fuzz.run --seconds 300 --out fuzz/results/decode_image.json
+
+The JSON says how many inputs ran, the coverage reached, and every finding (libFuzzer stops
+at the first one; its input is kept under the work directory as crash-*/timeout-*/oom-*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fuzz.seeds import REPO, write_corpus
+
+HARNESSES = {"decode_image": REPO / "fuzz" / "fuzz_decode_image.py"}
+
+
+def _last_int(pattern: str, text: str) -> int | None:
+    found = re.findall(pattern, text)
+    return int(found[-1]) if found else None
+
+
+def run_fuzzer(
+    name: str = "decode_image",
+    *,
+    seconds: int = 30,
+    runs: int = -1,
+    workdir: Path | None = None,
+    small_seeds: bool = False,
+    rss_limit_mb: int = 2048,
+    timeout_s: int = 10,
+) -> dict[str, Any]:
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
+    corpus, seeds, artifacts = workdir / "corpus", workdir / "seeds", workdir / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    corpus.mkdir(parents=True, exist_ok=True)
+    n_seeds = write_corpus(seeds, small_only=small_seeds)
+    cmd = [
+        sys.executable,
+        str(HARNESSES[name]),
+        f"-max_total_time={seconds}",
+        f"-runs={runs}",
+        f"-rss_limit_mb={rss_limit_mb}",
+        f"-timeout={timeout_s}",
+        "-print_final_stats=1",
+        f"-artifact_prefix={artifacts}/",
+        str(corpus),
+        str(seeds),
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=seconds + 300, check=False)
+    elapsed = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    findings = []
+    for path in sorted(artifacts.iterdir()):
+        kind = path.name.split("-", 1)[0]
+        findings.append({"kind": kind, "input": str(path), "size": path.stat().st_size})
+    tracebacks = re.findall(r"=== Uncaught Python exception: ===\n(.*?)(?:\n\n|==\d+==)", out, flags=re.S)
+    for finding, tb in zip(findings, tracebacks, strict=False):
+        finding["traceback"] = tb.strip()[-2000:]
+    executions = _last_int(r"stat::number_of_executed_units: (\d+)", out)
+    if executions is None:
+        executions = _last_int(r"#(\d+)\s", out)
+    return {
+        "harness": name,
+        "target": "cxr_serving.images.decode_image",
+        "contract": "only ImageRejectedError, or one finite float32 frame in [0, 1]",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}",
+        "seconds": round(elapsed, 1),
+        "max_total_time": seconds,
+        "executions": executions,
+        "exec_per_s": round((executions or 0) / elapsed, 1),
+        "coverage_edges": _last_int(r"cov: (\d+)", out),
+        "features": _last_int(r"ft: (\d+)", out),
+        "corpus_inputs": _last_int(r"corp: (\d+)", out),
+        "seed_inputs": n_seeds,
+        "peak_rss_mb": _last_int(r"stat::peak_rss_mb: (\d+)", out),
+        "exit_code": proc.returncode,
+        "findings": findings,
+        "log_tail": out[-3000:] if proc.returncode != 0 else "",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--harness", default="decode_image", choices=sorted(HARNESSES))
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--runs", type=int, default=-1)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--out", type=Path, help="write the JSON summary here")
+    args = ap.parse_args()
+    result = run_fuzzer(args.harness, seconds=args.seconds, runs=args.runs, workdir=args.workdir)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    raise SystemExit(1 if result["findings"] or result["exit_code"] else 0)
+
+
+if __name__ == "__main__":
+    main()

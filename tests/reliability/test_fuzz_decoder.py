@@ -1,0 +1,38 @@
+"""The atheris fuzzer on the decoder, bounded for CI, plus a replay of every input it ever
+found (fuzz/regressions/) so that a fixed crash stays fixed."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fuzz.run import run_fuzzer
+from tests.conftest import REPO
+from tests.reliability.invariants import decode_outcome
+
+REGRESSIONS = sorted((REPO / "fuzz" / "regressions").iterdir())
+FUZZ_SECONDS = int(os.environ.get("CXR_FUZZ_SECONDS", "30"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.name)
+def test_past_findings_are_refused_cleanly(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert decode_outcome(path.read_bytes()) != "ok"
+
+
+@pytest.mark.slow
+def test_fuzz_decode_image_finds_nothing(tmp_path):
+    result = run_fuzzer("decode_image", seconds=FUZZ_SECONDS, workdir=tmp_path)
+    (tmp_path / "decode_image.json").write_text(json.dumps(result, indent=2))
+    out_dir = os.environ.get("CXR_FUZZ_RESULTS_DIR")  # CI can keep the summary as an artifact
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "decode_image.json").write_text(json.dumps(result, indent=2))
+    assert result["findings"] == [], json.dumps(result["findings"], indent=2)
+    assert result["exit_code"] == 0, result["log_tail"]
+    assert result["executions"] and result["executions"] > 1000, result
