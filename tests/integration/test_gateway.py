@@ -1,0 +1,336 @@
+"""The Kong stand-in end to end: real backends (the toy classification service, a small streaming
+RagService) and the gateway on 127.0.0.1 port 0; REST with aiohttp, gRPC with the real stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+
+import aiohttp
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from cxr_gateway import kong_model
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_protos.common.v1 import common_pb2
+from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
+from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
+from cxr_serving.grpc_errors import error_info
+from cxr_serving.server import ServiceBinding, create_server
+from tests.integration.gateway_helpers import global_plugin, running_gateway
+from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
+from tests.support.toy_service import BrightnessModel, build_toy
+
+KEY = {"apikey": TEST_KEY}
+RAG_SERVICE = rag_pb.DESCRIPTOR.services_by_name["RagService"].full_name
+
+
+class StreamingRag(rag_grpc.RagServiceServicer):
+    """Just enough of the RagService contract to exercise server streaming through the gateway."""
+
+    async def StreamAnswer(self, request, context):
+        yield rag_pb.StreamAnswerResponse(passages=[rag_pb.RetrievedPassage(id="p1", text="lungs", score=0.5)])
+        for word in request.question.split():
+            yield rag_pb.StreamAnswerResponse(text_delta=word)
+        if request.question == "fail midway":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "llm went away")
+        yield rag_pb.StreamAnswerResponse(finish_reason="stop")
+
+
+def rag_binding() -> ServiceBinding:
+    servicer = StreamingRag()
+    return ServiceBinding(
+        name="rag",
+        full_service_names=[RAG_SERVICE],
+        register=lambda server: rag_grpc.add_RagServiceServicer_to_server(servicer, server),
+    )
+
+
+@contextlib.asynccontextmanager
+async def toy_backend(model: BrightnessModel | None = None, port: int = 0):
+    s = make_settings()
+    server = create_server(s, build_toy(s, model), host="127.0.0.1", port=port, metrics_port=0)
+    await server.start()
+    try:
+        await server.wait_until_ready(30)
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+def rest(gw) -> str:
+    return f"http://127.0.0.1:{gw.ports.rest}"
+
+
+def classify_body(png: bytes, **extra) -> dict:
+    return {"image": {"data": base64.b64encode(png).decode(), "contentType": "image/png"}, **extra}
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_rest_classify_transcodes_json_and_echoes_correlation_id(sample_png, http):
+    async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+        async with http.post(
+            f"{rest(gw)}/v1/classification:classifyImage", json=classify_body(sample_png), headers=KEY
+        ) as r:
+            assert r.status == 200, await r.text()
+            body = await r.json()
+            cid = r.headers["X-Correlation-ID"]
+            assert len(cid) == 36  # generated uuid
+            assert r.headers["RateLimit-Limit"] == "100"
+        finding = body["predictions"][0]["findings"][0]
+        assert finding["label"] == "bright" and 0 <= finding["probability"] <= 1
+        assert body["untrained"] is True and body["image"]["width"] > 0  # camelCase + unpopulated emitted
+        assert "photometricInterpretation" in body["image"]
+        # a client-chosen id is kept and echoed; GET with no body
+        async with http.get(
+            f"{rest(gw)}/v1/classification/models", headers={**KEY, "X-Correlation-ID": "abc-123"}
+        ) as r:
+            assert r.status == 200
+            assert r.headers["X-Correlation-ID"] == "abc-123"
+            assert (await r.json())["models"][0]["name"] == "toy"
+
+
+async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http):
+    async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+        url = f"{rest(gw)}/v1/classification:classifyImage"
+        async with http.post(url, json=classify_body(sample_png, modelNames=["bad"]), headers=KEY) as r:
+            assert r.status == 400
+            body = await r.json()
+            assert body["code"] == 3 and "not allowed" in body["message"]
+            assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+            assert body["details"][0]["domain"] == "cxr.platform"
+        async with http.post(url, json=classify_body(sample_png, model_names=["explode"]), headers=KEY) as r:
+            assert r.status == 500 and (await r.json())["code"] == 13
+        async with http.post(url, data=b"{not json", headers=KEY) as r:
+            assert r.status == 400 and (await r.json())["code"] == 3
+        # the toy does not implement LoadModel (the runtime answers INTERNAL): the route reached the RPC
+        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json={}, headers=KEY) as r:
+            assert r.status == 500 and (await r.json())["code"] == 13
+        async with http.get(f"{rest(gw)}/v1/nothing-here", headers=KEY) as r:
+            assert r.status == 404 and (await r.json()) == {"message": "no Route matched with those values"}
+        async with http.get(url, headers=KEY) as r:  # wrong method: no route either
+            assert r.status == 404
+
+
+async def test_auth_failures_rest_and_grpc(http):
+    async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+        url = f"{rest(gw)}/v1/classification/models"
+        async with http.get(url) as r:
+            assert r.status == 401
+            assert (await r.json()) == {"message": "No API key found in request"}
+            assert r.headers["WWW-Authenticate"].startswith("Key realm=")
+            assert "RateLimit-Limit" not in r.headers
+        async with http.get(url, headers={"apikey": "wrong"}) as r:
+            assert r.status == 401 and (await r.json()) == {"message": "Invalid authentication credentials"}
+        async with http.get(url, headers={"x-api-key": TEST_KEY}) as r:
+            assert r.status == 200
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListModels(pb.ListModelsRequest())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert err.value.details() == "No API key found in request"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListModels(pb.ListModelsRequest(), metadata=auth("wrong"))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models[0].name == "toy"
+
+
+async def test_rate_limit_429_with_kong_headers(http):
+    def three_per_minute(kong: kong_model.KongConfig) -> None:
+        global_plugin(kong, "rate-limiting").config.minute = 3
+
+    async with toy_backend() as be, running_gateway({"classification": be.port}, three_per_minute) as gw:
+        url = f"{rest(gw)}/v1/classification/models"
+        remaining = []
+        for _ in range(3):
+            async with http.get(url, headers=KEY) as r:
+                assert r.status == 200
+                assert r.headers["RateLimit-Limit"] == "3" and r.headers["X-RateLimit-Limit-Minute"] == "3"
+                assert 1 <= int(r.headers["RateLimit-Reset"]) <= 60
+                remaining.append(r.headers["RateLimit-Remaining"])
+        assert remaining == ["2", "1", "0"]
+        async with http.get(url, headers=KEY) as r:
+            assert r.status == 429
+            assert (await r.json()) == {"message": "API rate limit exceeded"}
+            assert r.headers["RateLimit-Remaining"] == "0"
+            assert 1 <= int(r.headers["Retry-After"]) <= 60
+            assert r.headers["Retry-After"] == r.headers["RateLimit-Reset"]
+        # the limit is per consumer, so the gRPC proxy shares the counter
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.ClassificationServiceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(err.value.trailing_metadata())["retry-after"]
+
+
+async def test_request_size_limit_413(sample_png, http):
+    def one_megabyte(kong: kong_model.KongConfig) -> None:
+        global_plugin(kong, "request-size-limiting").config.allowed_payload_size = 1
+
+    async with toy_backend() as be, running_gateway({"classification": be.port}, one_megabyte) as gw:
+        url = f"{rest(gw)}/v1/classification:classifyImage"
+        big = classify_body(b"\x89PNG" + b"0" * 1_200_000)
+        async with http.post(url, json=big, headers=KEY) as r:
+            assert r.status == 413 and (await r.json()) == {"message": "Request size limit exceeded"}
+
+        async def chunks():  # no Content-Length: the body is counted as it arrives
+            for _ in range(20):
+                yield b"x" * 100_000
+
+        async with http.post(url, data=chunks(), headers=KEY) as r:
+            assert r.status == 413
+        async with http.post(url, json=classify_body(sample_png), headers=KEY) as r:
+            assert r.status == 200  # under the limit still passes
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            request = pb.ClassifyImageRequest(image=common_pb2.Image(data=b"0" * 1_200_000))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.ClassificationServiceStub(ch).ClassifyImage(request, metadata=auth())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_grpc_proxy_forwards_status_details_metadata_and_deadline(sample_png):
+    async with toy_backend(BrightnessModel(delay_s=1.0)) as be, running_gateway({"classification": be.port}) as gw:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            call = stub.ListModels(pb.ListModelsRequest(), metadata=(*auth(), ("x-correlation-id", "grpc-cid-1")))
+            assert (await call).models[0].name == "toy"
+            initial = dict(await call.initial_metadata())
+            assert initial["x-correlation-id"] == "grpc-cid-1"
+            assert initial["ratelimit-limit"] == "100"
+            bad = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png"))
+            bad.model_names.append("bad")
+            call = stub.ClassifyImage(bad, metadata=auth())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            status = rpc_status.from_call(err.value)
+            assert status is not None and error_info(status).domain == "cxr.platform"
+            # the client's deadline reaches the backend (whose model takes 1 s)
+            t0 = time.perf_counter()
+            req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ClassifyImage(req, metadata=auth(), timeout=0.3)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.perf_counter() - t0 < 0.9
+
+
+async def test_grpc_bidi_stream_through_proxy():
+    """Reflection's ServerReflectionInfo is a bidi stream: several requests, one answer each."""
+
+    def reflection_route(kong: kong_model.KongConfig) -> None:
+        svc = kong.service("classification")
+        svc.routes.append(
+            kong_model.Route(
+                name="classification-reflection",
+                protocols=["grpc"],
+                paths=["/grpc.reflection.v1alpha.ServerReflection/"],
+                strip_path=False,
+            )
+        )
+
+    async with toy_backend() as be, running_gateway({"classification": be.port}, reflection_route) as gw:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+            async def requests():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+                yield reflection_pb2.ServerReflectionRequest(file_containing_symbol=pb.DESCRIPTOR.package + ".Finding")
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            answers = [r async for r in stub.ServerReflectionInfo(requests(), metadata=auth())]
+        assert len(answers) == 3
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "cxr.classification.v1.ClassificationService" in names
+        assert answers[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_server_streaming_rest_ndjson_and_grpc(http):
+    s = make_settings()
+    async with running_server(s, rag_binding()) as be, running_gateway({"rag": be.port}) as gw:
+        async with http.post(
+            f"{rest(gw)}/v1/rag:streamAnswer", json={"question": "heart is enlarged"}, headers=KEY
+        ) as r:
+            assert r.status == 200
+            lines = [ln for ln in (await r.read()).decode().splitlines() if ln]
+        import json
+
+        msgs = [json.loads(ln) for ln in lines]
+        assert msgs[0]["result"]["passages"][0]["id"] == "p1"
+        assert "".join(m["result"]["textDelta"] for m in msgs[1:-1]) == "heartisenlarged"
+        assert msgs[-1]["result"]["finishReason"] == "stop"
+        async with http.post(f"{rest(gw)}/v1/rag:streamAnswer", json={"question": "fail midway"}, headers=KEY) as r:
+            msgs = [json.loads(ln) for ln in (await r.read()).decode().splitlines() if ln]
+        assert msgs[-1]["error"]["code"] == 14 and "llm went away" in msgs[-1]["error"]["message"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stream = rag_grpc.RagServiceStub(ch).StreamAnswer(
+                rag_pb.StreamAnswerRequest(question="a b c"), metadata=auth()
+            )
+            got = [m async for m in stream]
+        assert [m.text_delta for m in got[1:-1]] == ["a", "b", "c"] and got[-1].finish_reason == "stop"
+
+
+async def test_backend_down_503_then_recovery(http):
+    def fast_checks(kong: kong_model.KongConfig) -> None:
+        hc = kong.upstream("classification.upstream").healthchecks
+        hc.active.healthy.interval = 0.2
+        hc.active.unhealthy.interval = 0.2
+        hc.active.unhealthy.tcp_failures = 1
+        hc.active.healthy.successes = 1
+        hc.active.timeout = 0.5
+
+    port = free_port()
+    async with running_gateway({"classification": port}, fast_checks) as gw:
+        url = f"{rest(gw)}/v1/classification/models"
+        async with toy_backend(port=port):
+            async with http.get(url, headers=KEY) as r:
+                assert r.status == 200
+        async with http.get(url, headers=KEY) as r:
+            assert r.status == 503
+            body = await r.json()
+        assert body["code"] == 14 and "classification" in body["message"] and "unavailable" in body["message"]
+        await asyncio.sleep(0.6)  # active checks mark the target unhealthy: fail fast, same clear body
+        async with http.get(url, headers=KEY) as r:
+            assert r.status == 503
+            assert "no healthy target" in (await r.json())["message"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.ClassificationServiceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        async with toy_backend(port=port):
+            deadline = time.monotonic() + 10
+            status = 0
+            while time.monotonic() < deadline:
+                async with http.get(url, headers=KEY) as r:
+                    status = r.status
+                if status == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 200
+
+
+async def test_openapi_and_metrics_endpoints(http):
+    async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+        async with http.get(f"{rest(gw)}/openapi.json") as r:
+            assert r.status == 200
+            doc = await r.json()
+        assert doc["openapi"].startswith("3.")
+        assert "post" in doc["paths"]["/v1/classification/models/{model_name}:load"]
+        async with http.get(f"{rest(gw)}/v1/classification/models", headers=KEY) as r:
+            assert r.status == 200
+        async with http.get(f"http://127.0.0.1:{gw.ports.status}/metrics") as r:
+            text = await r.text()
+        wanted = ('service="classification"', 'route="classification-rest-list-models"', 'code="200"')
+        lines = [ln for ln in text.splitlines() if ln.startswith("kong_http_requests_total{")]
+        assert any(all(w in ln for w in wanted) and 'consumer="cxr-client"' in ln for ln in lines), lines
+        assert "kong_upstream_target_health" in text
