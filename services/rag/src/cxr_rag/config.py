@@ -1,0 +1,147 @@
+"""`models.rag`: the RAG service's own config schema, validated through `Settings.model_section`.
+
+The seed's keys (`enabled`, `model_name`, `vector_db_path`, `documents_path`, and
+`vector_db_host`/`vector_db_port` from `VECTOR_DB_HOST`/`VECTOR_DB_PORT`) plus the knobs of
+the store, chunking, retrieval and the LLM client. Short environment variables for the LLM
+(`CXR_LLM_BASE_URL`, `CXR_LLM_MODEL`, `CXR_LLM_API_KEY`, `CXR_LLM_MODE`) are applied by
+`rag_config()`; every key is also reachable as `CXR_MODELS__RAG__<KEY>` /
+`CXR_MODELS__RAG__LLM__<KEY>`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cxr_serving.errors import ConfigError
+from cxr_serving.settings import Settings
+
+DEFAULT_LLM = "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LlmConfig(_Strict):
+    """The generator: vLLM's OpenAI-compatible API, or extractive answers without any LLM."""
+
+    mode: Literal["extractive", "openai"] = Field(
+        "extractive", description="'openai': call base_url; 'extractive': answer from retrieved sentences, no LLM"
+    )
+    base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1 (CXR_LLM_BASE_URL)")
+    model: str | None = Field(None, description="served model name; default: models.rag.model_name (CXR_LLM_MODEL)")
+    api_key: str | None = Field(None, description="bearer token for the endpoint (CXR_LLM_API_KEY)")
+    max_tokens: int = Field(512, ge=1, le=32768)
+    temperature: float = Field(0.2, ge=0, le=2)
+    timeout_s: float = Field(120, gt=0, description="per request: read/write/pool timeout")
+    connect_timeout_s: float = Field(5, gt=0)
+    max_retries: int = Field(2, ge=0, le=10, description="retries on connection errors, 429 and 5xx")
+    backoff_initial_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(8, ge=0)
+    max_concurrency: int = Field(8, ge=1, description="requests in flight to the LLM at once")
+    think_open_in_prompt: bool | None = Field(
+        None,
+        description="the chat template opens <think> itself (DeepSeek-R1 on vLLM); None: guess from the model name",
+    )
+    system_prompt: str | None = None
+    extractive_sentences: int = Field(3, ge=1, le=20, description="sentences in an extractive answer")
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> LlmConfig:
+        if self.mode == "openai" and not self.base_url:
+            raise ValueError("llm.mode 'openai' needs llm.base_url (or CXR_LLM_BASE_URL)")
+        return self
+
+
+class RagConfig(_Strict):
+    enabled: bool = True
+    model_name: str = Field(DEFAULT_LLM, description="the LLM served by vLLM (seed key)")
+    vector_db_path: Path = Field(Path("var/data/chroma_db"), description="embedded ChromaDB directory")
+    vector_db_host: str | None = Field(None, description="Chroma server host: HttpClient mode (VECTOR_DB_HOST)")
+    vector_db_port: int = Field(8000, ge=1, le=65535)
+    vector_db_ssl: bool = False
+    vector_db_auth_token: str | None = Field(None, description="Chroma server token (Authorization: Bearer)")
+    documents_path: Path | None = Field(None, description="ingested on first start when the collection is empty")
+    ingest_on_empty: bool = True
+    collection: str = Field("medical_literature", min_length=3, max_length=512)
+    embedding_model_path: Path | None = Field(
+        None, description="sentence-transformers dir; default: the bundled MiniLM"
+    )
+    embedding_model_name: str | None = Field(None, description="recorded in the collection; default from the path")
+    embedding_batch_size: int = Field(32, ge=1, le=4096)
+    embedding_device: str = "cpu"
+    chunk_tokens: int = Field(200, ge=16, le=8192, description="chunk length in embedding-tokenizer tokens")
+    chunk_overlap_tokens: int = Field(40, ge=0)
+    top_k: int = Field(5, ge=1)
+    max_top_k: int = Field(50, ge=1)
+    candidates: int = Field(50, ge=1, description="hits taken from each retriever before fusion")
+    rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
+    min_relevance: float = Field(
+        0.3, ge=-1, le=1, description="best dense cosine similarity below this: 'nothing relevant found'"
+    )
+    context_token_budget: int = Field(2500, ge=64, description="tokens of passages put into the prompt")
+    max_documents_per_request: int = Field(1000, ge=1)
+    llm: LlmConfig = Field(default_factory=LlmConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check(self) -> RagConfig:
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("chunk_overlap_tokens must be smaller than chunk_tokens")
+        if self.top_k > self.max_top_k:
+            raise ValueError("top_k must not exceed max_top_k")
+        return self
+
+    @property
+    def llm_model(self) -> str:
+        return self.llm.model or self.model_name
+
+    @property
+    def embedding_name(self) -> str:
+        if self.embedding_model_name:
+            return self.embedding_model_name
+        if self.embedding_model_path is None:
+            return DEFAULT_EMBEDDING_MODEL
+        return self.embedding_model_path.name
+
+    @property
+    def think_open_in_prompt(self) -> bool:
+        if self.llm.think_open_in_prompt is not None:
+            return self.llm.think_open_in_prompt
+        name = self.llm_model.lower()
+        return "deepseek-r1" in name or "r1-distill" in name
+
+
+_SHORT_ENV = {
+    "CXR_LLM_BASE_URL": "base_url",
+    "CXR_LLM_MODEL": "model",
+    "CXR_LLM_API_KEY": "api_key",
+    "CXR_LLM_MODE": "mode",
+}
+
+
+def rag_config(settings: Settings, environ: Mapping[str, str] | None = None) -> RagConfig:
+    """`models.rag` validated, with the short CXR_LLM_* variables applied.
+
+    `CXR_LLM_BASE_URL` also switches `llm.mode` to 'openai' (unless `CXR_LLM_MODE` says otherwise):
+    setting it is an explicit request to use that endpoint.
+    """
+    env = os.environ if environ is None else environ
+    raw = dict(settings.models.get("rag") or {})
+    llm = dict(raw.get("llm") or {})
+    for var, key in _SHORT_ENV.items():
+        if env.get(var):
+            llm[key] = env[var]
+    if env.get("CXR_LLM_BASE_URL") and not env.get("CXR_LLM_MODE"):
+        llm["mode"] = "openai"
+    raw["llm"] = llm
+    patched = settings.model_copy(update={"models": {**settings.models, "rag": raw}})
+    cfg = patched.model_section("rag", RagConfig)
+    if cfg is None:  # pragma: no cover - raw is never None here
+        raise ConfigError("models.rag: missing")
+    return cfg

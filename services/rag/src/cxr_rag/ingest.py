@@ -1,0 +1,209 @@
+"""Ingestion: JSONL / text / Markdown / PDF -> token chunks -> embeddings -> upserts.
+
+Idempotent and resumable: chunk ids are content hashes, ids already in the store are
+skipped *before* embedding, and every batch is written as soon as it is embedded, so an
+interrupted run loses at most one batch and the next run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cxr_rag.chunking import Chunk, Document, chunk_document, content_hash
+from cxr_rag.embeddings import Embedder
+from cxr_rag.store import VectorStore
+from cxr_serving.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".text"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+PDF_SUFFIXES = {".pdf"}
+SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | JSONL_SUFFIXES | PDF_SUFFIXES
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.MULTILINE)
+
+
+@dataclass
+class IngestStats:
+    documents: int = 0
+    chunks_added: int = 0
+    chunks_skipped: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "documents": self.documents,
+            "chunks_added": self.chunks_added,
+            "chunks_skipped": self.chunks_skipped,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _meta_value(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "; ".join(str(x) for x in v)
+    return "" if v is None else str(v)
+
+
+def jsonl_documents(path: Path, limit: int | None = None) -> Iterator[Document]:
+    """Records like ../shared/data/pubmedqa/corpus.jsonl: id, text, title, anything else is metadata."""
+    with path.open(encoding="utf-8") as f:
+        n = 0
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise InvalidInputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+            text = rec.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInputError(f"{path}:{lineno}: record has no 'text'")
+            key = str(rec.get("id") or content_hash(text))
+            meta = {k: _meta_value(v) for k, v in rec.items() if k not in ("id", "text", "title", "source")}
+            pmid = meta.get("pmid")
+            source = str(rec.get("source") or (f"PMID:{pmid}" if pmid else path.name))
+            yield Document(key=key, text=text, title=str(rec.get("title") or ""), source=source, metadata=meta)
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def markdown_documents(path: Path) -> Iterator[Document]:
+    """One document per heading section; the heading becomes `section`, the first H1 the title."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    heads = list(_HEADING.finditer(text))
+    title = next((m.group(2) for m in heads if m.group(1) == "#"), path.stem)
+    spans = [("", 0, heads[0].start() if heads else len(text))]
+    spans += [
+        (m.group(2), m.end(), heads[i + 1].start() if i + 1 < len(heads) else len(text)) for i, m in enumerate(heads)
+    ]
+    for section, start, end in spans:
+        body = text[start:end].strip()
+        if body:
+            yield Document(
+                key=f"{path.name}#{section or 'preamble'}",
+                text=body,
+                title=title,
+                source=str(path),
+                metadata={"section": section, "format": "markdown"},
+            )
+
+
+def text_documents(path: Path) -> Iterator[Document]:
+    body = path.read_text(encoding="utf-8", errors="replace")
+    if body.strip():
+        yield Document(key=path.name, text=body, title=path.stem, source=str(path), metadata={"format": "text"})
+
+
+def pdf_documents(path: Path) -> Iterator[Document]:
+    """One document per page (pypdf text extraction); `page` is 1-based."""
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(str(path))
+        meta_title = reader.metadata.title if reader.metadata and reader.metadata.title else None
+        title = str(meta_title or path.stem)
+        for i, page in enumerate(reader.pages, 1):
+            body = page.extract_text() or ""
+            if body.strip():
+                yield Document(
+                    key=f"{path.name}#page={i}",
+                    text=body,
+                    title=title,
+                    source=str(path),
+                    metadata={"page": str(i), "pages": str(len(reader.pages)), "format": "pdf"},
+                )
+    except PdfReadError as exc:
+        raise InvalidInputError(f"{path}: cannot read PDF ({exc})") from None
+
+
+def read_documents(path: Path, limit: int | None = None) -> Iterator[Document]:
+    """Documents from a file or (recursively, sorted) a directory of supported files."""
+    path = Path(path)
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in SUPPORTED):
+            yield from read_documents(p)
+        return
+    if not path.is_file():
+        raise InvalidInputError(f"{path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        yield from jsonl_documents(path, limit)
+    elif suffix in MARKDOWN_SUFFIXES:
+        yield from markdown_documents(path)
+    elif suffix in TEXT_SUFFIXES:
+        yield from text_documents(path)
+    elif suffix in PDF_SUFFIXES:
+        yield from pdf_documents(path)
+    else:
+        raise InvalidInputError(f"{path}: unsupported file type (use {', '.join(sorted(SUPPORTED))})")
+
+
+class Ingestor:
+    def __init__(
+        self,
+        store: VectorStore,
+        embedder: Embedder,
+        tokenizer: Any,
+        chunk_tokens: int,
+        overlap_tokens: int,
+        batch_size: int = 32,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        self.overlap_tokens = overlap_tokens
+        self.batch_size = batch_size
+
+    def chunk(self, documents: Iterable[Document]) -> tuple[int, list[Chunk]]:
+        n_docs, chunks, seen = 0, [], set()
+        for doc in documents:
+            n_docs += 1
+            for c in chunk_document(doc, self.tokenizer, self.chunk_tokens, self.overlap_tokens):
+                if c.id not in seen:
+                    seen.add(c.id)
+                    chunks.append(c)
+        return n_docs, chunks
+
+    def ingest(self, documents: Iterable[Document], *, progress: bool = True, write_batch: int = 256) -> IngestStats:
+        started = time.perf_counter()
+        n_docs, chunks = self.chunk(documents)
+        stats = IngestStats(documents=n_docs)
+        bar = tqdm(total=len(chunks), desc="ingest", unit="chunk", disable=not progress, mininterval=1.0)
+        try:
+            for s in range(0, len(chunks), write_batch):
+                part = chunks[s : s + write_batch]
+                present = self.store.existing_ids([c.id for c in part])
+                new = [c for c in part if c.id not in present]
+                stats.chunks_skipped += len(part) - len(new)
+                bar.update(len(part) - len(new))
+                for b in range(0, len(new), self.batch_size * 4):
+                    sub = new[b : b + self.batch_size * 4]
+                    vecs = self.embedder.encode([c.text for c in sub], batch_size=self.batch_size)
+                    self.store.upsert(sub, vecs)
+                    stats.chunks_added += len(sub)
+                    bar.update(len(sub))
+        finally:
+            bar.close()
+        stats.seconds = time.perf_counter() - started
+        log.info(
+            "ingested %d documents: %d chunks added, %d already present (%.1fs)",
+            stats.documents,
+            stats.chunks_added,
+            stats.chunks_skipped,
+            stats.seconds,
+        )
+        return stats

@@ -1,0 +1,143 @@
+"""Dense (Chroma), lexical (BM25) and hybrid retrieval fused by reciprocal-rank fusion.
+
+Scores: dense = cosine similarity; lexical = BM25; hybrid = sum over lists of 1/(rrf_k + rank)
+(Cormack et al. 2009). Every passage carries its 1-based rank in each list (0: absent) and,
+when the dense search saw it, its cosine similarity, which the answer pipeline compares
+against the relevance threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from cxr_rag.embeddings import Embedder
+from cxr_rag.lexical import LexicalIndex
+from cxr_rag.store import VectorStore
+from cxr_serving.errors import InvalidInputError, ModelNotReadyError
+
+log = logging.getLogger(__name__)
+
+
+class Mode(StrEnum):
+    DENSE = "dense"
+    LEXICAL = "lexical"
+    HYBRID = "hybrid"
+
+
+@dataclass
+class Passage:
+    id: str
+    text: str
+    metadata: dict[str, str]
+    score: float = 0.0
+    dense_rank: int = 0
+    lexical_rank: int = 0
+    similarity: float | None = None
+
+    @property
+    def title(self) -> str:
+        return self.metadata.get("title", "")
+
+    @property
+    def source(self) -> str:
+        return self.metadata.get("source", "")
+
+
+@dataclass
+class RetrievalResult:
+    passages: list[Passage]
+    best_similarity: float | None = None  # best dense cosine similarity seen (None: dense not run)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def rrf_fuse(lists: list[list[Passage]], k: int, rrf_k: int) -> list[Passage]:
+    fused: dict[str, Passage] = {}
+    for ranked in lists:
+        for rank, p in enumerate(ranked, 1):
+            cur = fused.get(p.id)
+            if cur is None:
+                cur = Passage(p.id, p.text, p.metadata)
+                fused[p.id] = cur
+            cur.score += 1.0 / (rrf_k + rank)
+            cur.dense_rank = cur.dense_rank or p.dense_rank
+            cur.lexical_rank = cur.lexical_rank or p.lexical_rank
+            cur.similarity = cur.similarity if cur.similarity is not None else p.similarity
+    return sorted(fused.values(), key=lambda p: (-p.score, p.dense_rank or 10**9, p.id))[:k]
+
+
+class Retriever:
+    def __init__(self, store: VectorStore, embedder: Embedder, candidates: int = 50, rrf_k: int = 60) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.candidates = candidates
+        self.rrf_k = rrf_k
+        self._index: LexicalIndex | None = None
+        self._rebuild_lock = threading.Lock()
+
+    @property
+    def index_ready(self) -> bool:
+        return self._index is not None
+
+    def rebuild_index(self) -> LexicalIndex:
+        """Re-read every chunk from the store and swap in a fresh BM25 index."""
+        with self._rebuild_lock:
+            index = LexicalIndex(self.store.all_chunks())
+            self._index = index
+            return index
+
+    def dense(self, query: str, n: int, filters: dict[str, str] | None) -> list[Passage]:
+        hits = self.store.query(self.embedder.encode([query])[0], n, filters)
+        return [
+            Passage(h.id, h.text, h.metadata, score=h.similarity, dense_rank=r, similarity=h.similarity)
+            for r, h in enumerate(hits, 1)
+        ]
+
+    def lexical(self, query: str, n: int, filters: dict[str, str] | None) -> list[Passage]:
+        if self._index is None:
+            raise ModelNotReadyError("the BM25 index is still being built", reason="INDEX_NOT_READY")
+        return [
+            Passage(h.chunk.id, h.chunk.text, h.chunk.metadata, score=h.score, lexical_rank=r)
+            for r, h in enumerate(self._index.search(query, n, filters), 1)
+        ]
+
+    def search(
+        self,
+        query: str,
+        k: int,
+        mode: Mode = Mode.HYBRID,
+        filters: dict[str, str] | None = None,
+        *,
+        need_similarity: bool = False,
+    ) -> RetrievalResult:
+        query = query.strip()
+        if not query:
+            raise InvalidInputError("query: must not be empty")
+        if k < 1:
+            raise InvalidInputError("top_k: must be at least 1")
+        n = max(k, self.candidates)
+        timings: dict[str, float] = {}
+        dense: list[Passage] = []
+        lexical: list[Passage] = []
+        if mode in (Mode.DENSE, Mode.HYBRID) or need_similarity:
+            t = time.perf_counter()
+            dense = self.dense(query, n, filters)
+            timings["dense_ms"] = (time.perf_counter() - t) * 1000
+        if mode in (Mode.LEXICAL, Mode.HYBRID):
+            t = time.perf_counter()
+            lexical = self.lexical(query, n, filters)
+            timings["lexical_ms"] = (time.perf_counter() - t) * 1000
+        if mode == Mode.DENSE:
+            passages = dense[:k]
+        elif mode == Mode.LEXICAL:
+            passages = lexical[:k]
+            sims = {p.id: p.similarity for p in dense}
+            for p in passages:
+                p.similarity = sims.get(p.id)
+        else:
+            passages = rrf_fuse([dense, lexical], k, self.rrf_k)
+        best = max((p.similarity for p in dense if p.similarity is not None), default=None) if dense else None
+        return RetrievalResult(passages, best, timings)

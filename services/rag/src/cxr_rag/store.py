@@ -1,0 +1,285 @@
+"""One small interface over ChromaDB: embedded `PersistentClient` or `HttpClient` to a server.
+
+The collection records the embedding model and dimension in its metadata; opening it with a
+different model is a `StoreMismatchError`, never silently mixed vectors. Embeddings are
+always computed by us (no Chroma embedding function), so the store never downloads a model.
+
+Backups are logical snapshots through the client API (works for both modes and while the
+service is serving): every record with its embedding, a manifest with counts and checksums;
+the export is repeated if the collection changed while it was read, so the snapshot is
+consistent (ingestion only adds records, so an unchanged count means an unchanged set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_rag.chunking import Chunk
+from cxr_rag.config import RagConfig
+from cxr_serving.errors import CheckpointError, DependencyUnavailableError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+BACKUP_FORMAT = "cxr-rag-backup/1"
+
+
+class StoreMismatchError(CheckpointError):
+    """The collection was built with another embedding model (or dimension)."""
+
+    reason = "COLLECTION_EMBEDDING_MISMATCH"
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    id: str
+    text: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DenseHit:
+    id: str
+    text: str
+    metadata: dict[str, str]
+    similarity: float  # cosine similarity, higher is better
+
+
+def _chroma_settings() -> Any:
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    from chromadb.config import Settings as ChromaSettings
+
+    return ChromaSettings(anonymized_telemetry=False, allow_reset=False)
+
+
+def _client(cfg: RagConfig) -> tuple[Any, str, str]:
+    import chromadb
+
+    if cfg.vector_db_host:
+        headers = {"Authorization": f"Bearer {cfg.vector_db_auth_token}"} if cfg.vector_db_auth_token else None
+        where = f"{'https' if cfg.vector_db_ssl else 'http'}://{cfg.vector_db_host}:{cfg.vector_db_port}"
+        try:
+            client = chromadb.HttpClient(
+                host=cfg.vector_db_host,
+                port=cfg.vector_db_port,
+                ssl=cfg.vector_db_ssl,
+                headers=headers,
+                settings=_chroma_settings(),
+            )
+            client.heartbeat()
+        except Exception as exc:
+            raise DependencyUnavailableError(
+                f"Chroma server at {where} is unreachable: {exc}", reason="VECTOR_DB_UNAVAILABLE"
+            ) from exc
+        return client, "http", where
+    path = Path(cfg.vector_db_path)
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=_chroma_settings()), "embedded", str(path.resolve())
+
+
+def _str_meta(meta: dict[str, Any] | None) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else str(v) for k, v in (meta or {}).items()}
+
+
+def where_clause(filters: dict[str, str] | None) -> dict[str, Any] | None:
+    """Exact-match metadata filters as a Chroma `where`."""
+    if not filters:
+        return None
+    items = [{k: v} for k, v in sorted(filters.items())]
+    return items[0] if len(items) == 1 else {"$and": items}
+
+
+class VectorStore:
+    def __init__(self, client: Any, collection: Any, mode: str, location: str, embedding_model: str, dim: int) -> None:
+        self._client = client
+        self._col = collection
+        self.mode = mode
+        self.location = location
+        self.embedding_model = embedding_model
+        self.dimension = dim
+
+    @classmethod
+    def open(cls, cfg: RagConfig, embedding_model: str, dimension: int) -> VectorStore:
+        client, mode, location = _client(cfg)
+        wanted = {
+            "embedding_model": embedding_model,
+            "embedding_dim": dimension,
+            "hnsw:space": "cosine",
+            "cxr_schema": SCHEMA_VERSION,
+        }
+        col = client.get_or_create_collection(cfg.collection, embedding_function=None, metadata=wanted)
+        have = dict(col.metadata or {})
+        if have.get("embedding_model") != embedding_model or int(have.get("embedding_dim", -1)) != dimension:
+            raise StoreMismatchError(
+                f"collection '{cfg.collection}' at {location} holds vectors of embedding model "
+                f"'{have.get('embedding_model', '<unknown>')}' (dim {have.get('embedding_dim', '?')}), but the "
+                f"service is configured with '{embedding_model}' (dim {dimension}); use another "
+                "models.rag.collection or re-ingest into a fresh store",
+                metadata={"collection": cfg.collection},
+            )
+        log.info("vector store: %s collection '%s' at %s (%d chunks)", mode, cfg.collection, location, col.count())
+        return cls(client, col, mode, location, embedding_model, dimension)
+
+    @property
+    def collection_name(self) -> str:
+        return str(self._col.name)
+
+    def count(self) -> int:
+        return int(self._col.count())
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        return set(self._col.get(ids=list(ids), include=[])["ids"])
+
+    def upsert(self, chunks: Sequence[Chunk], embeddings: np.ndarray) -> None:
+        if not chunks:
+            return
+        self._col.upsert(
+            ids=[c.id for c in chunks],
+            embeddings=np.asarray(embeddings, dtype=np.float32),
+            documents=[c.text for c in chunks],
+            metadatas=[c.metadata for c in chunks],
+        )
+
+    def query(self, embedding: np.ndarray, n: int, filters: dict[str, str] | None = None) -> list[DenseHit]:
+        n = min(n, self.count())
+        if n <= 0:
+            return []
+        res = self._col.query(
+            query_embeddings=[np.asarray(embedding, dtype=np.float32)],
+            n_results=n,
+            where=where_clause(filters),
+            include=["documents", "metadatas", "distances"],
+        )
+        return [
+            DenseHit(id=i, text=d or "", metadata=_str_meta(m), similarity=1.0 - float(dist))
+            for i, d, m, dist in zip(
+                res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0], strict=True
+            )
+        ]
+
+    def iter_all(self, page: int = 1000, embeddings: bool = False) -> Iterator[tuple[list[str], list[Any], ...]]:
+        include = ["documents", "metadatas", *(["embeddings"] if embeddings else [])]
+        offset = 0
+        while True:
+            res = self._col.get(limit=page, offset=offset, include=include)
+            ids = res["ids"]
+            if not ids:
+                return
+            yield (
+                ids,
+                res["documents"],
+                [_str_meta(m) for m in res["metadatas"]],
+                *((res["embeddings"],) if embeddings else ()),
+            )
+            offset += len(ids)
+
+    def all_chunks(self) -> list[StoredChunk]:
+        out: list[StoredChunk] = []
+        for ids, docs, metas in self.iter_all():
+            out.extend(StoredChunk(i, d or "", m) for i, d, m in zip(ids, docs, metas, strict=True))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "location": self.location,
+            "collection": self.collection_name,
+            "embedding_model": self.embedding_model,
+            "embedding_dim": self.dimension,
+            "chunks": self.count(),
+        }
+
+    # -- backup / restore -------------------------------------------------------------
+
+    def backup(self, dest: Path, attempts: int = 5) -> dict[str, Any]:
+        """Write a consistent snapshot to the new directory `dest` (written beside it, then renamed)."""
+        dest = Path(dest)
+        if dest.exists():
+            raise InvalidInputError(f"backup destination {dest} already exists")
+        for attempt in range(1, attempts + 1):
+            before = self.count()
+            ids: list[str] = []
+            docs: list[str] = []
+            metas: list[dict[str, str]] = []
+            vecs: list[np.ndarray] = []
+            for i, d, m, e in self.iter_all(embeddings=True):
+                ids += i
+                docs += [x or "" for x in d]
+                metas += m
+                vecs.append(np.asarray(e, dtype=np.float32))
+            if self.count() == before == len(ids):
+                break
+            log.warning("collection changed during backup (attempt %d/%d), reading again", attempt, attempts)
+            time.sleep(0.2 * attempt)
+        else:
+            raise DependencyUnavailableError("collection kept changing during backup; retry when ingestion is idle")
+        tmp = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        matrix = np.concatenate(vecs) if vecs else np.zeros((0, self.dimension), np.float32)
+        np.save(tmp / "embeddings.npy", matrix)
+        with (tmp / "records.jsonl").open("w", encoding="utf-8") as f:
+            for i, d, m in zip(ids, docs, metas, strict=True):
+                f.write(json.dumps({"id": i, "text": d, "metadata": m}, ensure_ascii=False) + "\n")
+        manifest = {
+            "format": BACKUP_FORMAT,
+            "collection": self.collection_name,
+            "embedding_model": self.embedding_model,
+            "embedding_dim": self.dimension,
+            "count": len(ids),
+            "created_unix": time.time(),
+            "sha256": {name: _sha256(tmp / name) for name in ("embeddings.npy", "records.jsonl")},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        tmp.rename(dest)
+        log.info("backup of %d chunks written to %s", len(ids), dest)
+        return manifest
+
+    def restore(self, src: Path, batch: int = 500) -> dict[str, Any]:
+        """Load a snapshot made by `backup` (verified by checksum) into this collection (upserts)."""
+        src = Path(src)
+        try:
+            manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{src}: not a cxr-rag backup ({exc})") from None
+        if manifest.get("format") != BACKUP_FORMAT:
+            raise InvalidInputError(f"{src}: unknown backup format {manifest.get('format')!r}")
+        for name, digest in manifest["sha256"].items():
+            if _sha256(src / name) != digest:
+                raise InvalidInputError(f"{src}/{name}: checksum mismatch, the backup is corrupt")
+        if manifest["embedding_model"] != self.embedding_model or manifest["embedding_dim"] != self.dimension:
+            raise StoreMismatchError(
+                f"backup {src} holds vectors of '{manifest['embedding_model']}' (dim {manifest['embedding_dim']}), "
+                f"this store uses '{self.embedding_model}' (dim {self.dimension})"
+            )
+        matrix = np.load(src / "embeddings.npy")
+        with (src / "records.jsonl").open(encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        if len(records) != manifest["count"] or matrix.shape[0] != len(records):
+            raise InvalidInputError(f"{src}: record count does not match the manifest")
+        for s in range(0, len(records), batch):
+            part = records[s : s + batch]
+            self.upsert([Chunk(r["id"], r["text"], r["metadata"]) for r in part], matrix[s : s + batch])
+        log.info("restored %d chunks from %s into '%s'", len(records), src, self.collection_name)
+        return {**manifest, "restored": len(records), "count_after": self.count()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
