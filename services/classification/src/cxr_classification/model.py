@@ -1,0 +1,157 @@
+"""`ChestXrayClassifier`: one configured classifier as the serving runtime's `ServedModel`.
+
+load: build the network -> load the checkpoint (or refuse unless allow_untrained) -> move to
+the device (channels_last / compile on GPU) -> warm up. predict: stack a batch, one forward
+pass under inference_mode (+ AMP on GPU), probabilities in label order; Grad-CAM for the
+items that asked for it. The batcher calls predict on the model's own thread. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxr_classification.checkpoints import load_checkpoint
+from cxr_classification.config import ClassifierConfig
+from cxr_classification.gradcam import grad_cam, heatmap_png
+from cxr_classification.networks import ClassifierNetwork, build_network
+from cxr_serving.device import InferenceDevice
+from cxr_serving.errors import CheckpointError, ModelNotReadyError
+from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifierInput:
+    """One preprocessed image (C x S x S) and the labels to explain with Grad-CAM."""
+
+    image: torch.Tensor
+    heatmap_labels: tuple[str, ...] = ()
+
+
+@dataclass
+class ClassifierOutput:
+    """Probabilities in label order, and PNG heatmaps by label when asked."""
+
+    probabilities: np.ndarray
+    heatmaps: dict[str, bytes] = field(default_factory=dict)
+
+
+def output_index(cfg: ClassifierConfig) -> list[int]:
+    """Which head outputs are the configured labels, in label order."""
+    labels = cfg.output_labels
+    if cfg.checkpoint_labels is not None:
+        return [cfg.checkpoint_labels.index(label) for label in labels]
+    if cfg.activation == "softmax" and cfg.head_size == 2 and len(labels) == 1:
+        return [1]  # binary softmax head: [normal, abnormal]
+    return list(range(len(labels)))
+
+
+class ChestXrayClassifier(ServedModel):
+    def __init__(
+        self,
+        name: str,
+        cfg: ClassifierConfig,
+        device: InferenceDevice,
+        *,
+        checkpoint_path: Path | None = None,
+        warmup_batches: int = 1,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.architecture = cfg.architecture
+        self.labels = tuple(cfg.output_labels)
+        self.thresholds = np.array([cfg.threshold(label) for label in self.labels], dtype=np.float32)
+        self._device = device
+        self._configured_checkpoint = checkpoint_path
+        self._warmup_batches = warmup_batches
+        self._version = ""
+        self._network: ClassifierNetwork | None = None  # eager module (Grad-CAM)
+        self._runner: torch.nn.Module | None = None  # what predict calls (compiled on GPU when configured)
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def device(self) -> str:
+        return self._device.device
+
+    @property
+    def loaded(self) -> bool:
+        return self._runner is not None
+
+    def build(self, checkpoint_path: Path | None) -> tuple[ClassifierNetwork, str]:
+        """The network with its weights, and its version; raises CheckpointError."""
+        cfg = self.cfg
+        net = build_network(cfg)
+        op_threshs = None
+        if checkpoint_path is not None:
+            ckpt = load_checkpoint(net, checkpoint_path, cfg.checkpoint_format, cfg.allow_pickle)
+            op_threshs = ckpt.op_threshs
+            version = checkpoint_version(checkpoint_path)
+        elif cfg.allow_untrained:
+            version = UNTRAINED
+        else:
+            raise CheckpointError(
+                f"models.{self.name}.checkpoint_path is not set; configure a checkpoint "
+                "or set allow_untrained: true to serve random weights (every response then says 'untrained')",
+                reason="CHECKPOINT_NOT_CONFIGURED",
+            )
+        if op_threshs is not None and op_threshs.numel() != cfg.head_size:
+            raise CheckpointError(f"op_threshs has {op_threshs.numel()} values for a head of {cfg.head_size}")
+        index = output_index(cfg)
+        network = ClassifierNetwork(net, activation=cfg.activation, output_index=index, op_threshs=op_threshs)
+        return network.eval(), version
+
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        path = checkpoint_path or self._configured_checkpoint
+        network, version = self.build(path)
+        network = network.to(self._device.device)
+        runner = self._device.prepare(network)
+        self._warm_up(runner)
+        with self._lock:
+            self._network, self._runner, self._version = network, runner, version
+
+    def _warm_up(self, runner: torch.nn.Module) -> None:
+        c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
+        x = self._device.batch_to_device(torch.zeros(1, c, s, s))
+        for _ in range(self._warmup_batches):
+            with self._device.inference():
+                runner(x)
+
+    def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
+        with self._lock:
+            network, runner = self._network, self._runner
+        if network is None or runner is None:
+            raise ModelNotReadyError(f"model '{self.name}' is not loaded")
+        x = self._device.batch_to_device(torch.stack([item.image for item in batch]))
+        with self._device.inference():
+            probs = runner(x).float().cpu().numpy()
+        outputs = [ClassifierOutput(probs[i]) for i in range(len(batch))]
+        for i, item in enumerate(batch):
+            if item.heatmap_labels:
+                positions = [self.labels.index(label) for label in item.heatmap_labels]
+                heads = [int(network.output_index[p]) for p in positions]
+                maps = grad_cam(network, x[i], heads)
+                outputs[i].heatmaps = {
+                    label: heatmap_png(m) for label, m in zip(item.heatmap_labels, maps, strict=True)
+                }
+        return outputs
+
+    def unload(self) -> None:
+        with self._lock:
+            self._network = self._runner = None
+            self._version = ""
+        gc.collect()
+        if self._device.is_cuda:
+            torch.cuda.empty_cache()

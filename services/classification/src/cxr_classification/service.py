@@ -1,0 +1,62 @@
+"""Wire the classification service into the shared runtime: config -> models -> repository -> binding."""
+
+from __future__ import annotations
+
+from cxr_classification.config import classifier_configs
+from cxr_classification.model import ChestXrayClassifier
+from cxr_classification.servicer import ClassificationServicer
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_serving.device import InferenceDevice
+from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.lifecycle import BatchingConfig, ModelRepository
+from cxr_serving.server import ServiceBinding
+from cxr_serving.settings import Settings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClassificationService"].full_name
+
+
+def build_models(settings: Settings, device: InferenceDevice) -> dict[str, ChestXrayClassifier]:
+    return {
+        name: ChestXrayClassifier(
+            name,
+            cfg,
+            device,
+            checkpoint_path=settings.resolve_model_path(cfg.checkpoint_path),
+            warmup_batches=settings.performance.warmup_batches,
+        )
+        for name, cfg in classifier_configs(settings).items()
+    }
+
+
+def build_binding(settings: Settings) -> ServiceBinding:
+    """Everything the shared server needs; raises ConfigError for a bad `models.*` section."""
+    sc, sec = settings.server_config, settings.security
+    device = InferenceDevice.resolve(sc.device, settings.performance)
+    models = build_models(settings, device)
+    repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
+    for model in models.values():
+        repo.add(model, required=model.cfg.enabled)  # disabled models are listed and can be loaded on demand
+    limits = DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels)
+    pool = DecodePool(limits, sc.num_workers)
+    servicer = ClassificationServicer(
+        repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size
+    )
+
+    async def stop() -> None:
+        pool.close()
+
+    return ServiceBinding(
+        name="classification",
+        full_service_names=[SERVICE_NAME],
+        register=lambda server: pb_grpc.add_ClassificationServiceServicer_to_server(servicer, server),
+        repository=repo,
+        on_stop=stop,
+        extra={"servicer": servicer, "models": models},
+    )
+
+
+def main() -> None:
+    from cxr_serving.cli import run_service
+
+    raise SystemExit(run_service("classification", build_binding))

@@ -1,0 +1,221 @@
+"""gRPC adapter of the classification service: protos in, domain calls, protos out.
+
+Per image: decode (worker pool) -> preprocess once per distinct preprocessing spec (worker
+pool) -> every selected model through its dynamic batcher concurrently -> findings with the
+per-label thresholds. Errors are domain errors; the runtime's interceptor maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from cxr_classification.model import ChestXrayClassifier, ClassifierInput, ClassifierOutput
+from cxr_classification.preprocessing import PreprocessSpec, preprocess
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_protos.common.v1 import common_pb2
+from cxr_serving.errors import InvalidInputError, ModelNotReadyError
+from cxr_serving.grpc_errors import rpc_status_from_error
+from cxr_serving.images import DecodePool
+from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.proto_convert import image_metadata, model_info
+
+MAX_IMAGES_PER_REQUEST = 128
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+@dataclass
+class ImageResult:
+    predictions: list[pb.ModelPrediction]
+    metadata: common_pb2.ImageMetadata
+    timing: pb.Timing
+    untrained: bool
+
+
+class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
+    def __init__(
+        self,
+        repo: ModelRepository,
+        models: dict[str, ChestXrayClassifier],
+        pool: DecodePool,
+        *,
+        models_path: Path | None = None,
+        max_in_flight_per_request: int = 16,
+    ) -> None:
+        self.repo = repo
+        self.models = models
+        self.pool = pool
+        self.specs = {name: PreprocessSpec.from_config(m.cfg) for name, m in models.items()}
+        self.models_path = models_path
+        self.max_in_flight = max_in_flight_per_request
+
+    # -- selection and validation -------------------------------------------------------------
+    def select_models(self, requested: Sequence[str]) -> list[str]:
+        if requested:
+            names = list(dict.fromkeys(requested))
+            for name in names:
+                self.repo.model(name)  # NOT_FOUND for unknown names
+            return names
+        ready = [n for n in self.repo.names if self.repo.is_ready(n)]
+        if not ready:
+            raise ModelNotReadyError("no classification model is loaded; see ListModels")
+        return ready
+
+    def heatmaps_by_model(self, names: list[str], labels: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        wanted = list(dict.fromkeys(labels))
+        known = {label for n in names for label in self.models[n].labels}
+        unknown = [label for label in wanted if label not in known]
+        if unknown:
+            raise InvalidInputError(
+                f"heatmap_labels {unknown} are not outputs of the selected models; known labels: {sorted(known)}",
+                reason="UNKNOWN_LABEL",
+            )
+        return {n: tuple(label for label in wanted if label in self.models[n].labels) for n in names}
+
+    # -- the pipeline for one image -------------------------------------------------------------
+    def _preprocess_all(self, pixels: np.ndarray, names: list[str]) -> dict[PreprocessSpec, torch.Tensor]:
+        out: dict[PreprocessSpec, torch.Tensor] = {}
+        for name in names:
+            spec = self.specs[name]
+            if spec not in out:
+                out[spec] = preprocess(pixels, spec)
+        return out
+
+    async def _predict(self, name: str, item: ClassifierInput) -> tuple[ClassifierOutput, float]:
+        started = time.perf_counter()
+        out: ClassifierOutput = await self.repo.predict(name, item)
+        return out, time.perf_counter() - started
+
+    def _prediction(self, name: str, out: ClassifierOutput, seconds: float) -> pb.ModelPrediction:
+        model = self.models[name]
+        findings = [
+            pb.Finding(
+                label=label,
+                probability=float(p),
+                threshold=float(t),
+                positive=bool(p >= t),
+                heatmap_png=out.heatmaps.get(label, b""),
+            )
+            for label, p, t in zip(model.labels, out.probabilities, model.thresholds, strict=True)
+        ]
+        return pb.ModelPrediction(
+            model=model_info(self.repo.status(name)), findings=findings, inference_ms=_ms(seconds)
+        )
+
+    async def classify(
+        self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
+    ) -> ImageResult:
+        t0 = time.perf_counter()
+        decoded = await self.pool.decode(image.data, image.content_type)
+        t1 = time.perf_counter()
+        tensors = await self.pool.run(self._preprocess_all, decoded.pixels, names)
+        t2 = time.perf_counter()
+        outs = await asyncio.gather(
+            *(self._predict(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names)
+        )
+        t3 = time.perf_counter()
+        predictions = [self._prediction(n, out, secs) for n, (out, secs) in zip(names, outs, strict=True)]
+        timing = pb.Timing(
+            decode_ms=_ms(t1 - t0), preprocess_ms=_ms(t2 - t1), inference_ms=_ms(t3 - t2), total_ms=_ms(t3 - t0)
+        )
+        untrained = any(p.model.untrained for p in predictions)
+        return ImageResult(predictions, image_metadata(decoded), timing, untrained)
+
+    async def _classify_many(
+        self, images: Sequence[common_pb2.Image], model_names: Sequence[str], heatmap_labels: Sequence[str]
+    ) -> AsyncIterator[pb.ImageClassification]:
+        """Classify every image (bounded concurrency) and yield results as they finish."""
+        if not images:
+            raise InvalidInputError("images is empty: send at least one image", reason="NO_IMAGES")
+        if len(images) > MAX_IMAGES_PER_REQUEST:
+            raise InvalidInputError(
+                f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}: split the request",
+                reason="TOO_MANY_IMAGES",
+            )
+        names = self.select_models(model_names)
+        heatmaps = self.heatmaps_by_model(names, heatmap_labels)
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
+            async with gate:
+                try:
+                    r = await self.classify(image, names, heatmaps)
+                except Exception as exc:  # each image fails on its own
+                    return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
+            return pb.ImageClassification(index=index, predictions=r.predictions, image=r.metadata, timing=r.timing)
+
+        tasks = [asyncio.ensure_future(one(i, img)) for i, img in enumerate(images)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                yield await next_done
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    async def ClassifyImage(
+        self, request: pb.ClassifyImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyImageResponse:
+        names = self.select_models(request.model_names)
+        heatmaps = self.heatmaps_by_model(names, request.heatmap_labels)
+        r = await self.classify(request.image, names, heatmaps)
+        return pb.ClassifyImageResponse(
+            predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
+        )
+
+    async def ClassifyImages(
+        self, request: pb.ClassifyImagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyImagesResponse:
+        results = [r async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels)]
+        results.sort(key=lambda r: r.index)
+        untrained = any(p.model.untrained for r in results for p in r.predictions)
+        return pb.ClassifyImagesResponse(results=results, untrained=untrained)
+
+    async def StreamClassifyImages(
+        self, request: pb.StreamClassifyImagesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
+        async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
+            untrained = any(p.model.untrained for p in r.predictions)
+            yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
+
+    def checkpoint_override(self, raw: str) -> Path | None:
+        """A client-supplied checkpoint path: relative to models_path, and never outside it."""
+        if not raw:
+            return None
+        path = Path(raw)
+        if self.models_path is None:
+            return path
+        base = self.models_path.resolve()
+        resolved = (path if path.is_absolute() else base / path).resolve()
+        if not resolved.is_relative_to(base):
+            raise InvalidInputError(
+                f"checkpoint_path must be inside models_path ({self.models_path})", reason="CHECKPOINT_PATH_OUTSIDE"
+            )
+        return resolved
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        self.repo.model(request.model_name)
+        status = await self.repo.load(request.model_name, self.checkpoint_override(request.checkpoint_path))
+        return pb.LoadModelResponse(model=model_info(status))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        status = await self.repo.unload(request.model_name)
+        return pb.UnloadModelResponse(model=model_info(status))
