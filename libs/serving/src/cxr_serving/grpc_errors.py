@@ -26,11 +26,24 @@ STATUS_BY_KIND: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
+# Status text travels in HTTP/2 trailers (grpc-message, grpc-status-details-bin); clients refuse
+# metadata over 16 KiB, so an error echoing a giant request field would reach them as an opaque
+# RESOURCE_EXHAUSTED. Messages and ErrorInfo values are clipped to stay far below that.
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_VALUE_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def to_status(
     code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str] | None = None
 ) -> status_pb2.Status:
-    """A google.rpc.Status carrying one ErrorInfo."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
+    """A google.rpc.Status carrying one ErrorInfo (message and metadata values clipped)."""
+    message = _clip(message, MAX_MESSAGE_CHARS)
+    metadata = {k[:64]: _clip(v, MAX_METADATA_VALUE_CHARS) for k, v in (metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
