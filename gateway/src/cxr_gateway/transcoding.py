@@ -145,10 +145,28 @@ def _nest(desc: Descriptor, items: Iterable[tuple[str, str]]) -> dict[str, Any]:
                 node = node.setdefault(f.name, {})
                 d = f.message_type
             elif is_repeated(f):
-                node.setdefault(f.name, []).append(value)
+                node.setdefault(f.name, []).append(_scalar(f, value, dotted))
             else:
-                node[f.name] = value
+                node[f.name] = _scalar(f, value, dotted)
     return out
+
+
+def _scalar(f: FieldDescriptor, value: str, name: str) -> Any:
+    """URL strings to the JSON types json_format expects (integers may stay strings: proto3 JSON allows it)."""
+    if f.type == FieldDescriptor.TYPE_BOOL:
+        if value.lower() in ("true", "1"):
+            return True
+        if value.lower() in ("false", "0"):
+            return False
+        raise TranscodeError(f"field {name!r}: {value!r} is not a boolean")
+    if f.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        try:
+            return float(value)
+        except ValueError:
+            raise TranscodeError(f"field {name!r}: {value!r} is not a number") from None
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        raise TranscodeError(f"field {name!r} is a message: set its fields with {name}.<field>")
+    return value
 
 
 def is_repeated(f: FieldDescriptor) -> bool:

@@ -1,0 +1,367 @@
+"""gateway/kong.yml against its typed model and against the protos' google.api.http annotations;
+the gateway's pure parts (path templates, transcoding, status map, rate limiter, OpenAPI)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+
+import grpc
+import pytest
+import yaml
+
+from cxr_gateway import kong_model
+from cxr_gateway.kong_model import KongConfigError
+from cxr_gateway.limits import CorrelationId, KeyAuth, RateLimiter, SizeLimit
+from cxr_gateway.openapi import build_openapi
+from cxr_gateway.policies import Policies
+from cxr_gateway.routes import PathTemplate, ProtoCatalog, match_rest
+from cxr_gateway.transcoding import (
+    HTTP_STATUS_BY_CODE,
+    TranscodeError,
+    error_from_rpc,
+    request_message,
+    response_json,
+)
+from cxr_serving.errors import InvalidInputError
+from cxr_serving.grpc_errors import status_for_exception, trailing_metadata
+from tests.conftest import REPO
+from tests.integration.gateway_helpers import DESCRIPTOR, KONG_YML, load_kong
+
+ENV = {
+    "DECK_BACKEND_PROTOCOL": "grpc",
+    "DECK_CLASSIFICATION_HOST": "classification.cxr.svc",
+    "DECK_CLASSIFICATION_PORT": "50051",
+    "DECK_SEGMENTATION_HOST": "segmentation.cxr.svc",
+    "DECK_SEGMENTATION_PORT": "50052",
+    "DECK_RAG_HOST": "rag.cxr.svc",
+    "DECK_RAG_PORT": "50053",
+    "DECK_CXR_API_KEY": "k-123",
+    "DECK_OTEL_TRACES_ENDPOINT": "http://otel-collector:4318/v1/traces",
+}
+
+
+@pytest.fixture(scope="module")
+def catalog() -> ProtoCatalog:
+    return ProtoCatalog.load(DESCRIPTOR)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load(kong_model.render(KONG_YML.read_text(), ENV))
+
+
+def validate(data: dict) -> kong_model.KongConfig:
+    return kong_model.parse(yaml.safe_dump(data))
+
+
+# ------------------------------------------------------------------ kong.yml validates
+def test_kong_yml_validates_with_every_required_plugin(raw):
+    kong = validate(raw)
+    assert {p.name for p in kong.plugins} >= {
+        "key-auth",
+        "rate-limiting",
+        "request-size-limiting",
+        "correlation-id",
+        "prometheus",
+        "opentelemetry",
+    }
+    rl = kong.global_plugin("rate-limiting").config
+    assert (rl.minute, rl.limit_by, rl.policy) == (100, "consumer", "local")
+    assert kong.global_plugin("request-size-limiting").config.limit_bytes == 50 * 1024 * 1024
+    assert set(kong.global_plugin("key-auth").config.key_names) == {"apikey", "x-api-key"}
+    for svc in kong.services:
+        assert svc.protocol == "grpc" and svc.retries >= 1
+        up = kong.upstream(svc.host)
+        assert up is not None and up.targets[0].target == f"{svc.name}.cxr.svc:{svc.port}"
+        assert up.healthchecks.active.type == "grpc" and up.healthchecks.active.unhealthy.tcp_failures > 0
+        assert up.healthchecks.passive.unhealthy.tcp_failures > 0
+
+
+def test_tls_to_backends_is_one_variable(raw):
+    kong = kong_model.parse(KONG_YML.read_text(), {**ENV, "DECK_BACKEND_PROTOCOL": "grpcs"})
+    assert {s.protocol for s in kong.services} == {"grpcs"}
+    assert {u.healthchecks.active.type for u in kong.upstreams} == {"grpcs"}
+
+
+def test_no_secret_committed_and_missing_variable_named():
+    text = KONG_YML.read_text()
+    assert "dev-key-change-me" not in text and "test-key" not in text
+    with pytest.raises(KongConfigError, match="DECK_CXR_API_KEY"):
+        kong_model.parse(text, {k: v for k, v in ENV.items() if k != "DECK_CXR_API_KEY"})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["plugins"][3]["config"].update(minutes=100), "minutes"),  # typo'd rate-limiting field
+        (lambda d: d["plugins"][3]["config"].update(policy="memcached"), "policy"),
+        (lambda d: d["plugins"][2]["config"].update(allowed_payload_size="big"), "allowed_payload_size"),
+        (lambda d: d["plugins"][1]["config"].update(key_names="apikey"), "key_names"),
+        (lambda d: d["plugins"].append({"name": "acme-auth"}), "acme-auth"),
+        (lambda d: d["plugins"][3]["config"].pop("minute"), "at least one of second, minute"),
+        (lambda d: d["services"][0]["routes"][0].update(strip_path=True), "strip_path"),
+        (lambda d: d["services"][0]["routes"][0].update(methods=["POST"]), "methods"),
+        (lambda d: d["services"][0].update(port=70000), "port"),
+        (lambda d: d["services"][0].update(colour="blue"), "colour"),
+        (lambda d: d.update(_format_version="2.1"), "_format_version"),
+        (lambda d: d["upstreams"][0]["targets"][0].update(target="no-port"), "target"),
+        (lambda d: d["upstreams"][0]["healthchecks"]["active"].update(type="smtp"), "type"),
+        (lambda d: d["consumers"].append(copy.deepcopy(d["consumers"][0])), "duplicate"),
+        (lambda d: d["services"][0]["routes"][1]["plugins"][0]["config"].update(proto=""), "proto"),
+    ],
+)
+def test_bad_kong_yml_fails_naming_the_field(raw, mutate, message):
+    data = copy.deepcopy(raw)
+    mutate(data)
+    with pytest.raises(KongConfigError, match=message):
+        validate(data)
+
+
+# ------------------------------------------------------------------ contract: kong.yml == annotations
+def _rest_routes(kong):
+    for svc in kong.services:
+        for r in svc.routes:
+            if "http" in r.protocols:
+                yield svc, r
+
+
+def test_every_http_annotation_has_a_rest_route_in_kong_yml(raw, catalog):
+    kong = validate(raw)
+    policies = Policies(kong)
+    annotated = catalog.annotated()
+    assert len(annotated) >= 13
+    for rpc in annotated:
+        for b in rpc.bindings:
+            path = b.template.example()
+            hit = policies.match_http(b.method, path)
+            assert hit is not None, f"{rpc.full_method}: no kong.yml route for {b.method} {b.template.template}"
+            proto = policies.grpc_gateway_proto(hit)
+            assert proto is not None, f"route {hit.route.name} has no grpc-gateway plugin"
+            m = match_rest(catalog.for_proto_file(proto), b.method, path)
+            assert m is not None and m.rpc is rpc, f"route {hit.route.name} does not reach {rpc.full_method}"
+            assert hit.service.name == rpc.service.split(".")[1]
+
+
+def test_every_rest_route_resolves_to_exactly_one_real_rpc(raw, catalog):
+    kong = validate(raw)
+    for svc, route in _rest_routes(kong):
+        proto = kong.plugin_for("grpc-gateway", svc, route).config.proto
+        assert proto.endswith(".proto")
+        rpcs = catalog.for_proto_file(proto)
+        assert all(r.service.startswith(f"cxr.{svc.name}.") for r in rpcs)
+        reached = []
+        for rpc in rpcs:
+            for b in rpc.bindings:
+                path = b.template.example()
+                if b.method in route.methods and any(re.match(p[1:], path) for p in route.paths):
+                    reached.append(rpc.full_method)
+        assert len(reached) == 1, f"route {route.name} reaches {reached}"
+
+
+def test_every_grpc_service_has_a_grpc_route(raw, catalog):
+    kong = validate(raw)
+    policies = Policies(kong)
+    services = {r.service for r in catalog.rpcs.values() if r.service.startswith("cxr.")}
+    assert services == {
+        "cxr.classification.v1.ClassificationService",
+        "cxr.segmentation.v1.SegmentationService",
+        "cxr.rag.v1.RagService",
+    }
+    for rpc in catalog.rpcs.values():
+        if rpc.service in services:
+            hit = policies.match_grpc(rpc.full_method)
+            assert hit is not None and hit.service.name == rpc.service.split(".")[1]
+    for svc in kong.services:
+        for r in svc.routes:
+            if "grpc" in r.protocols:
+                assert any(m.startswith(p) for p in r.paths for m in catalog.rpcs), f"{r.name} reaches no RPC"
+
+
+def test_helm_chart_ships_this_kong_yml():
+    chart_copy = REPO / "deploy" / "helm" / "cxr" / "files" / "kong.yml"
+    if not chart_copy.exists():
+        pytest.skip("no Helm chart copy of kong.yml")
+    assert chart_copy.read_text() == KONG_YML.read_text()
+
+
+# ------------------------------------------------------------------ path templates and transcoding
+def test_path_templates():
+    t = PathTemplate.parse("/v1/classification/models/{model_name}:load")
+    assert t.match("/v1/classification/models/densenet121:load") == {"model_name": "densenet121"}
+    assert t.match("/v1/classification/models/a%2Fb:load") == {"model_name": "a/b"}
+    assert t.match("/v1/classification/models/x:unload") is None
+    assert t.match("/v1/classification/models/a/b:load") is None
+    assert PathTemplate.parse("/v1/rag:answerQuestion").match("/v1/rag:answerQuestion") == {}
+    assert PathTemplate.parse("/v1/rag:answerQuestion").match("/v1/rag") is None
+    deep = PathTemplate.parse("/v1/{name=projects/*/docs/**}")
+    assert deep.match("/v1/projects/p1/docs/a/b") == {"name": "projects/p1/docs/a/b"}
+
+
+def test_request_message_body_path_and_query(catalog):
+    load = catalog.rpcs["/cxr.classification.v1.ClassificationService/LoadModel"]
+    m = match_rest([load], "POST", "/v1/classification/models/dn:load")
+    msg = request_message(load, m.binding, m.path_params, [], b'{"modelName": "ignored", "checkpointPath": "/c.pt"}')
+    assert (msg.model_name, msg.checkpoint_path) == ("dn", "/c.pt")  # path variable wins over the body
+    search = catalog.rpcs["/cxr.rag.v1.RagService/SearchLiterature"]
+    b = search.bindings[0]
+    msg = request_message(search, b, {}, [], b'{"query": "q", "topK": 3, "mode": "RETRIEVAL_MODE_HYBRID", "x": 1}')
+    assert (msg.query, msg.top_k, msg.mode) == ("q", 3, 3)  # unknown field discarded
+    with pytest.raises(TranscodeError):
+        request_message(search, b, {}, [], b'{"topK": "many"}')
+    with pytest.raises(TranscodeError):
+        request_message(search, b, {}, [], b"[1, 2]")
+    classify = catalog.rpcs["/cxr.classification.v1.ClassificationService/ClassifyImage"]
+    msg = request_message(classify, classify.bindings[0], {}, [], b'{"image": {"data": "iVBORw=="}}')
+    assert msg.image.data == b"\x89PNG"
+    out = response_json(msg)
+    assert out["image"]["data"] == "iVBORw==" and out["modelNames"] == []
+
+
+def test_query_parameters_for_get_bindings():
+    from google.protobuf import descriptor_pb2
+
+    fdp = descriptor_pb2.FileDescriptorProto(name="q.proto", package="q", syntax="proto3")
+    inner = fdp.message_type.add(name="Inner")
+    inner.field.add(name="flag", number=1, type=8, label=1)
+    req = fdp.message_type.add(name="Req")
+    req.field.add(name="name", number=1, type=9, label=1)
+    req.field.add(name="tags", number=2, type=9, label=3)
+    req.field.add(name="inner", number=3, type=11, label=1, type_name=".q.Inner")
+    svc = fdp.service.add(name="S")
+    method = svc.method.add(name="Get", input_type=".q.Req", output_type=".q.Req")
+    from google.api import annotations_pb2, http_pb2
+
+    method.options.Extensions[annotations_pb2.http].CopyFrom(http_pb2.HttpRule(get="/v1/things/{name}"))
+    fds = descriptor_pb2.FileDescriptorSet(file=[fdp])
+    cat = ProtoCatalog.from_bytes(fds.SerializeToString())
+    rpc = cat.rpcs["/q.S/Get"]
+    m = match_rest([rpc], "GET", "/v1/things/x1")
+    msg = request_message(rpc, m.binding, m.path_params, [("tags", "a"), ("tags", "b"), ("inner.flag", "true")], b"")
+    assert (msg.name, list(msg.tags), msg.inner.flag) == ("x1", ["a", "b"], True)
+    with pytest.raises(TranscodeError, match="unknown field"):
+        request_message(rpc, m.binding, m.path_params, [("nope", "1")], b"")
+
+
+def test_status_mapping_matches_grpc_gateway():
+    expected = {
+        "OK": 200,
+        "CANCELLED": 499,
+        "UNKNOWN": 500,
+        "INVALID_ARGUMENT": 400,
+        "DEADLINE_EXCEEDED": 504,
+        "NOT_FOUND": 404,
+        "ALREADY_EXISTS": 409,
+        "PERMISSION_DENIED": 403,
+        "UNAUTHENTICATED": 401,
+        "RESOURCE_EXHAUSTED": 429,
+        "FAILED_PRECONDITION": 400,
+        "ABORTED": 409,
+        "OUT_OF_RANGE": 400,
+        "UNIMPLEMENTED": 501,
+        "INTERNAL": 500,
+        "UNAVAILABLE": 503,
+        "DATA_LOSS": 500,
+    }
+    assert {c.name: s for c, s in HTTP_STATUS_BY_CODE.items()} == expected
+    assert set(HTTP_STATUS_BY_CODE) == set(grpc.StatusCode)
+
+
+def test_error_body_carries_error_info():
+    code, status = status_for_exception(InvalidInputError("image: empty", reason="IMAGE_EMPTY"))
+    body = error_from_rpc(code, "image: empty", trailing_metadata(status))
+    assert body["code"] == 3 and body["message"] == "image: empty"
+    detail = body["details"][0]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert (detail["reason"], detail["domain"]) == ("IMAGE_EMPTY", "cxr.platform")
+    assert error_from_rpc(grpc.StatusCode.UNAVAILABLE, "down", None) == {"code": 14, "message": "down", "details": []}
+
+
+# ------------------------------------------------------------------ plugins in isolation
+def test_rate_limiter_windows_headers_and_reset():
+    now = [1020.0]  # the start of a minute
+    cfg = kong_model.RateLimitingConfig(second=2, minute=3)
+    rl = RateLimiter(cfg, clock=lambda: now[0])
+    d1 = rl.hit("c")
+    assert d1.allowed and d1.headers["X-RateLimit-Remaining-Second"] == "1"
+    assert d1.headers["X-RateLimit-Remaining-Minute"] == "2"
+    assert d1.headers["RateLimit-Remaining"] == "1" and d1.headers["RateLimit-Limit"] == "2"
+    assert rl.hit("c").allowed
+    d3 = rl.hit("c")  # third in the same second
+    assert not d3.allowed and d3.denial.http_status == 429 and d3.headers["Retry-After"] == "1"
+    assert rl.hit("other").allowed  # counters are per identifier
+    now[0] += 1.0
+    d4 = rl.hit("c")  # new second; minute has one left
+    assert d4.allowed and d4.headers["X-RateLimit-Remaining-Minute"] == "0"
+    d5 = rl.hit("c")
+    assert not d5.allowed and int(d5.headers["Retry-After"]) == 59
+    now[0] += 60
+    assert rl.hit("c").allowed
+
+
+def test_key_auth_size_limit_and_correlation_id(raw):
+    kong = validate(raw)
+    ka = KeyAuth(kong.global_plugin("key-auth").config, kong.consumers)
+    assert ka.authenticate({}).message == "No API key found in request"
+    assert ka.authenticate({"apikey": "nope"}).message == "Invalid authentication credentials"
+    assert ka.authenticate({"x-api-key": "k-123"}).name == "cxr-client"
+    assert ka.authenticate({}, {"apikey": "k-123"}).name == "cxr-client"  # key_in_query (Kong's default)
+    size = SizeLimit(kong.global_plugin("request-size-limiting").config)
+    assert size.check_declared(50 * 1024 * 1024) is None
+    assert size.check_declared(50 * 1024 * 1024 + 1).http_status == 413
+    corr = CorrelationId(kong.global_plugin("correlation-id").config)
+    assert corr.get_or_create({"x-correlation-id": "given"}) == "given"
+    assert corr.get_or_create({}) != corr.get_or_create({})
+
+
+def test_openapi_covers_every_annotation(catalog):
+    doc = build_openapi(catalog)
+    ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    for rpc in catalog.annotated():
+        for b in rpc.bindings:
+            assert (b.method, b.template.template) in ops
+    schemas = doc["components"]["schemas"]
+    req = schemas["cxr.classification.v1.ClassifyImageRequest"]["properties"]
+    assert req["modelNames"] == {"type": "array", "items": {"type": "string"}}
+    assert schemas["cxr.common.v1.Image"]["properties"]["data"]["format"] == "byte"
+    assert schemas["cxr.rag.v1.AnswerQuestionRequest"]["properties"]["filters"]["type"] == "object"
+    assert "RETRIEVAL_MODE_HYBRID" in schemas["cxr.rag.v1.RetrievalMode"]["enum"]
+    json.dumps(doc)  # serialisable
+
+
+def test_cli_check_render_and_local_defaults(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "cxr_gateway", "--kong", str(KONG_YML), "--config", "config/local.json", "--render"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "DECK_RAG_PORT": "6000"},
+    )
+    assert out.returncode == 0, out.stderr
+    rendered = yaml.safe_load(out.stdout)
+    targets = {u["name"]: u["targets"][0]["target"] for u in rendered["upstreams"]}
+    assert targets == {
+        "classification.upstream": "127.0.0.1:50051",
+        "segmentation.upstream": "127.0.0.1:50052",
+        "rag.upstream": "127.0.0.1:6000",  # the environment wins over config/local.json
+    }
+    assert rendered["consumers"][0]["keyauth_credentials"][0]["key"] == "dev-key-change-me"
+    bad = tmp_path / "kong.yml"
+    bad.write_text(KONG_YML.read_text().replace("minute: 100", "minutes: 100"))
+    out = subprocess.run(
+        [sys.executable, "-m", "cxr_gateway", "--kong", str(bad), "--config", "config/local.json", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "minutes" in out.stderr
+
+
+def test_load_kong_helper_points_at_given_ports():
+    kong = load_kong({"classification": 1234})
+    assert kong.upstream("classification.upstream").targets[0].target == "127.0.0.1:1234"
