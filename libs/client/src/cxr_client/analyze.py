@@ -1,0 +1,261 @@
+"""The analyze-study workflow: classification + segmentation of one study, literature for the
+positive findings, one structured report.
+
+It lives in the client (not in a service) on purpose: it only composes public RPCs of the three
+services, so it works the same against the local stack, one gateway endpoint, or per-service
+endpoints; it adds no new server to deploy, scale or secure; and an agent (through `cxr-mcp`)
+and a person (through `cxr analyze`) get the same report. Classification and segmentation run
+concurrently, then one literature search per positive finding (concurrently too).
+
+A failure of one service does not lose the others' results: the report records it under
+`errors` and in `warnings`. An image the services refuse (INVALID_ARGUMENT) is raised as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cxr_client.client import AsyncCxrClient
+from cxr_client.errors import CxrClientError, InvalidArgumentError
+from cxr_client.images import ImageInput, to_image
+from cxr_protos.common.v1 import common_pb2
+
+DISCLAIMER = (
+    "Not for diagnosis. This report is produced by research software for engineering and evaluation "
+    "purposes. It is not a medical device, has not been clinically validated, and must not be used to "
+    "make clinical decisions; every finding needs review by a qualified radiologist."
+)
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: at least one model ran without a trained checkpoint (random weights); its "
+    "probabilities, masks and measurements are meaningless."
+)
+NEGATIVE_LABELS = frozenset({"normal", "no finding", "no_finding", "nofinding"})
+CTR_CARDIOMEGALY = 0.5
+
+
+class ModelVersion(BaseModel):
+    service: str
+    name: str
+    version: str
+    architecture: str = ""
+    untrained: bool = False
+    device: str = ""
+
+
+class ReportFinding(BaseModel):
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    model: str
+
+
+class Measurements(BaseModel):
+    cardiothoracic_ratio: float | None = None
+    cardiothoracic_ratio_unavailable_reason: str = ""
+    heart_width_px: float = 0.0
+    thorax_width_px: float = 0.0
+    heart_width_mm: float = 0.0
+    thorax_width_mm: float = 0.0
+    note: str = ""
+
+
+class AnatomyStructure(BaseModel):
+    label: str
+    area_pixels: int
+    area_mm2: float = 0.0
+
+
+class LiteratureReference(BaseModel):
+    number: int
+    finding: str
+    title: str
+    source: str
+    passage_id: str
+    score: float
+    excerpt: str
+
+
+class StudyReport(BaseModel):
+    study: str
+    generated_at: str
+    image: dict[str, Any] = Field(default_factory=dict)
+    findings: list[ReportFinding] = Field(default_factory=list)
+    positive_findings: list[str] = Field(default_factory=list)
+    measurements: Measurements | None = None
+    anatomy: list[AnatomyStructure] = Field(default_factory=list)
+    literature: list[LiteratureReference] = Field(default_factory=list)
+    models: list[ModelVersion] = Field(default_factory=list)
+    untrained: bool = False
+    warnings: list[str] = Field(default_factory=list)
+    errors: dict[str, str] = Field(default_factory=dict)
+    disclaimer: str = DISCLAIMER
+    overlay_png: bytes | None = Field(None, exclude=True, repr=False)
+
+
+def _model_version(service: str, info: common_pb2.ModelInfo) -> ModelVersion:
+    return ModelVersion(
+        service=service,
+        name=info.name,
+        version=info.version,
+        architecture=info.architecture,
+        untrained=info.untrained,
+        device=info.device,
+    )
+
+
+def literature_query(label: str) -> str:
+    return f"{label.replace('_', ' ')} chest radiograph"
+
+
+def _is_reportable(f: ReportFinding) -> bool:
+    return f.positive and f.label.strip().lower() not in NEGATIVE_LABELS
+
+
+async def analyze_study(
+    client: AsyncCxrClient,
+    image: ImageInput,
+    *,
+    study: str | None = None,
+    top_k: int = 3,
+    max_findings_searched: int = 5,
+    include_overlay: bool = True,
+    literature: bool = True,
+    timeout: float | None = None,
+) -> StudyReport:
+    """Classify and segment one image, search the literature for its positive findings, report."""
+    img = to_image(image)
+    name = study or (Path(image).name if isinstance(image, str | Path) else "study")
+    report = StudyReport(study=name, generated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    cls_res, seg_res = await asyncio.gather(
+        client.classify(img, timeout=timeout),
+        client.segment(img, mask_encoding="none", include_overlay=include_overlay, timeout=timeout),
+        return_exceptions=True,
+    )
+    for res in (cls_res, seg_res):
+        if isinstance(res, InvalidArgumentError):
+            raise res
+        if isinstance(res, BaseException) and not isinstance(res, CxrClientError):
+            raise res
+    if isinstance(cls_res, CxrClientError) and isinstance(seg_res, CxrClientError):
+        raise cls_res
+
+    if isinstance(cls_res, CxrClientError):
+        report.errors["classification"] = str(cls_res)
+    else:
+        report.image = _image_dict(cls_res.image)
+        for pred in cls_res.predictions:
+            report.models.append(_model_version("classification", pred.model))
+            report.findings.extend(
+                ReportFinding(
+                    label=f.label,
+                    probability=round(float(f.probability), 4),
+                    threshold=round(float(f.threshold), 4),
+                    positive=f.positive,
+                    model=pred.model.name,
+                )
+                for f in pred.findings
+            )
+        report.findings.sort(key=lambda f: f.probability, reverse=True)
+        report.positive_findings = [f.label for f in report.findings if _is_reportable(f)]
+
+    if isinstance(seg_res, CxrClientError):
+        report.errors["segmentation"] = str(seg_res)
+    else:
+        report.models.append(_model_version("segmentation", seg_res.model))
+        report.image = report.image or _image_dict(seg_res.image)
+        report.measurements = _measurements(seg_res.measurements)
+        report.anatomy = [
+            AnatomyStructure(label=m.label, area_pixels=m.area_pixels, area_mm2=round(m.area_mm2, 1))
+            for m in seg_res.masks
+        ]
+        report.overlay_png = seg_res.overlay_png or None
+
+    if literature and report.positive_findings:
+        await _add_literature(client, report, top_k, max_findings_searched, timeout)
+
+    report.untrained = any(m.untrained for m in report.models)
+    if report.untrained:
+        report.warnings.insert(0, UNTRAINED_WARNING)
+    for service, message in report.errors.items():
+        report.warnings.append(f"{service} failed, its part of the report is missing: {message}")
+    return report
+
+
+async def _add_literature(
+    client: AsyncCxrClient, report: StudyReport, top_k: int, max_findings: int, timeout: float | None
+) -> None:
+    labels = report.positive_findings[:max_findings]
+    results = await asyncio.gather(
+        *(client.search_literature(literature_query(label), top_k=top_k, timeout=timeout) for label in labels),
+        return_exceptions=True,
+    )
+    number = 0
+    seen: set[str] = set()
+    for label, res in zip(labels, results, strict=True):
+        if isinstance(res, CxrClientError):
+            report.errors["rag"] = str(res)
+            continue
+        if isinstance(res, BaseException):
+            raise res
+        for p in res.passages:
+            if p.id in seen:
+                continue
+            seen.add(p.id)
+            number += 1
+            report.literature.append(
+                LiteratureReference(
+                    number=number,
+                    finding=label,
+                    title=p.title,
+                    source=p.source,
+                    passage_id=p.id,
+                    score=round(p.score, 4),
+                    excerpt=_excerpt(p.text),
+                )
+            )
+    if len(report.positive_findings) > max_findings:
+        report.warnings.append(
+            f"literature searched for the {max_findings} most probable positive findings only "
+            f"(of {len(report.positive_findings)})"
+        )
+
+
+def _excerpt(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def _image_dict(meta: common_pb2.ImageMetadata) -> dict[str, Any]:
+    out: dict[str, Any] = {"width": meta.width, "height": meta.height, "format": meta.format}
+    if meta.pixel_spacing_row_mm:
+        out["pixel_spacing_mm"] = [meta.pixel_spacing_row_mm, meta.pixel_spacing_column_mm]
+    if meta.photometric_interpretation:
+        out["photometric_interpretation"] = meta.photometric_interpretation
+    return out
+
+
+def _measurements(m: Any) -> Measurements:
+    ctr = float(m.cardiothoracic_ratio) if m.cardiothoracic_ratio > 0 else None
+    note = ""
+    if ctr is not None:
+        note = (
+            f"CTR {ctr:.2f} is above {CTR_CARDIOMEGALY}, the usual cardiomegaly cut-off on PA radiographs"
+            if ctr > CTR_CARDIOMEGALY
+            else f"CTR {ctr:.2f} is within the usual range (<= {CTR_CARDIOMEGALY} on PA radiographs)"
+        )
+    return Measurements(
+        cardiothoracic_ratio=round(ctr, 4) if ctr is not None else None,
+        cardiothoracic_ratio_unavailable_reason=m.cardiothoracic_ratio_unavailable_reason,
+        heart_width_px=round(m.heart_width_px, 1),
+        thorax_width_px=round(m.thorax_width_px, 1),
+        heart_width_mm=round(m.heart_width_mm, 1),
+        thorax_width_mm=round(m.thorax_width_mm, 1),
+        note=note,
+    )

@@ -1,0 +1,319 @@
+"""`cxr`: the command line of the platform, on top of `cxr_client`.
+
+    cxr classify IMG... [--models M,...] [--concurrency N]
+    cxr segment IMG --out masks/ [--classes C,...] [--overlay]
+    cxr ask "question" [--top-k K] [--search-only]
+    cxr analyze IMG [--out DIR] [--format markdown|html|json]
+    cxr models list [--service S] | load SERVICE MODEL [--checkpoint P] | unload SERVICE MODEL
+    cxr health
+
+Global options (before the command): --endpoint, --api-key, --timeout, --tls, --ca, --cert,
+--key, --json. Environment: CXR_ENDPOINT, CXR_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*.
+Exit status: 0 ok, 1 a call or an image failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from cxr_client.analyze import analyze_study
+from cxr_client.batch import batch_process_images
+from cxr_client.client import AsyncCxrClient
+from cxr_client.config import SERVICES, ClientConfig, ServiceName, TlsOptions
+from cxr_client.errors import CxrClientError
+from cxr_client.report import to_html, to_json, to_markdown, write_report
+
+MODEL_SERVICES = ("classification", "segmentation")
+STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
+
+
+def to_dict(msg: Message, *, drop_bytes: bool = True) -> dict[str, Any]:
+    """A protobuf message as JSON-ready dict (proto field names); bulky bytes fields summarised."""
+    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
+    if drop_bytes:
+        _drop_bytes(d)
+    return d
+
+
+def _drop_bytes(node: Any) -> None:
+    if isinstance(node, dict):
+        for key in list(node):
+            if key in ("png", "overlay_png", "dicom_seg", "heatmap_png") and isinstance(node[key], str):
+                node[key] = f"<{len(node[key]) * 3 // 4} bytes>"
+            else:
+                _drop_bytes(node[key])
+    elif isinstance(node, list):
+        for item in node:
+            _drop_bytes(item)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*cells[0]), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in cells[1:]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray platform client (not for diagnosis).")
+    p.add_argument("--endpoint", help="gRPC endpoint of every service, e.g. a gateway (env CXR_ENDPOINT)")
+    p.add_argument("--api-key", help="API key (env CXR_API_KEY)")
+    p.add_argument("--timeout", type=float, help="deadline per call in seconds (default 30)")
+    p.add_argument("--tls", action="store_true", help="use TLS (also: a grpcs:// endpoint)")
+    p.add_argument("--ca", type=Path, help="PEM CA bundle to trust (turns TLS on)")
+    p.add_argument("--cert", type=Path, help="client certificate for mutual TLS")
+    p.add_argument("--key", type=Path, help="client key for mutual TLS")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("classify", help="classify images (files or folders)")
+    c.add_argument("images", nargs="+", type=Path)
+    c.add_argument("--models", help="comma-separated model names (default: every ready model)")
+    c.add_argument("--concurrency", type=int, default=4)
+    c.add_argument("--all-findings", action="store_true", help="show negative findings too")
+
+    s = sub.add_parser("segment", help="segment one image, write masks")
+    s.add_argument("image", type=Path)
+    s.add_argument("--out", type=Path, help="folder for <image>_<label>.png masks (and the overlay)")
+    s.add_argument("--classes", help="comma-separated classes (default: all)")
+    s.add_argument("--threshold", type=float, default=0.0)
+    s.add_argument("--overlay", action="store_true", help="also write the colour overlay PNG")
+
+    a = sub.add_parser("ask", help="ask the literature a question")
+    a.add_argument("question")
+    a.add_argument("--top-k", type=int, default=0)
+    a.add_argument("--search-only", action="store_true", help="retrieve passages, no LLM answer")
+
+    z = sub.add_parser("analyze", help="full study report: findings, CTR, literature")
+    z.add_argument("image", type=Path)
+    z.add_argument("--out", type=Path, help="folder for report.json, report.md, report.html, overlay.png")
+    z.add_argument("--format", choices=("markdown", "html", "json"), default="markdown", help="what to print")
+    z.add_argument("--top-k", type=int, default=3, help="passages per positive finding")
+    z.add_argument("--no-literature", action="store_true")
+
+    m = sub.add_parser("models", help="list, load or unload models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list")
+    ml.add_argument("--service", choices=MODEL_SERVICES)
+    mload = msub.add_parser("load")
+    mload.add_argument("service", choices=MODEL_SERVICES)
+    mload.add_argument("model")
+    mload.add_argument("--checkpoint", default="")
+    mun = msub.add_parser("unload")
+    mun.add_argument("service", choices=MODEL_SERVICES)
+    mun.add_argument("model")
+
+    sub.add_parser("health", help="health of every service")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ClientConfig:
+    base = ClientConfig.from_env()
+    update: dict[str, Any] = {}
+    if args.endpoint:
+        update["endpoint"] = args.endpoint
+        update["endpoints"] = {}
+    if args.api_key:
+        update["api_key"] = args.api_key
+    if args.timeout:
+        update["timeout_s"] = args.timeout
+    if args.tls or args.ca or args.cert or args.key:
+        update["tls"] = TlsOptions(
+            enabled=True,
+            root_certs_file=args.ca or base.tls.root_certs_file,
+            client_cert_file=args.cert or base.tls.client_cert_file,
+            client_key_file=args.key or base.tls.client_key_file,
+            server_name_override=base.tls.server_name_override,
+        )
+    return ClientConfig.model_validate({**base.model_dump(), **update})
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text)
+
+
+async def cmd_classify(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    summary = await batch_process_images(
+        client,
+        args.images,
+        concurrency=args.concurrency,
+        progress=sys.stderr.isatty(),
+        model_names=_csv(args.models),
+    )
+    rows, data = [], []
+    for r in summary.results:
+        if r.error is not None:
+            data.append({"file": str(r.path), "error": r.error.to_dict()})
+            rows.append([r.path.name, "-", "ERROR", "-", "-", str(r.error)])
+            continue
+        data.append({"file": str(r.path), **to_dict(r.response)})
+        for pred in r.response.predictions:
+            tag = " (untrained)" if pred.model.untrained else ""
+            for f in pred.findings:
+                if args.all_findings or f.positive or len(pred.findings) <= 2:
+                    rows.append(
+                        [
+                            r.path.name,
+                            pred.model.name + tag,
+                            f.label,
+                            f"{f.probability:.3f}",
+                            f"{f.threshold:.3f}",
+                            "yes" if f.positive else "no",
+                        ]
+                    )
+    _emit(args, data, table(rows, ["image", "model", "label", "prob", "thresh", "positive"]))
+    return 1 if summary.failed else 0
+
+
+async def cmd_segment(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    resp = await client.segment(
+        args.image,
+        classes=_csv(args.classes),
+        threshold=args.threshold,
+        mask_encoding="png" if args.out else "none",
+        include_overlay=bool(args.out and args.overlay),
+    )
+    written: list[str] = []
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for mask in resp.masks:
+            path = args.out / f"{args.image.stem}_{mask.label}.png"
+            path.write_bytes(mask.png)
+            written.append(str(path))
+        if resp.overlay_png:
+            path = args.out / f"{args.image.stem}_overlay.png"
+            path.write_bytes(resp.overlay_png)
+            written.append(str(path))
+    m = resp.measurements
+    rows = [[mk.label, mk.area_pixels, f"{mk.area_mm2:.0f}" if mk.area_mm2 else "-"] for mk in resp.masks]
+    ctr = (
+        f"{m.cardiothoracic_ratio:.3f}"
+        if m.cardiothoracic_ratio
+        else f"n/a ({m.cardiothoracic_ratio_unavailable_reason})"
+    )
+    warn = "\nWARNING: untrained model, masks are meaningless" if resp.untrained else ""
+    text = (
+        f"model {resp.model.name} {resp.model.version}{warn}\n"
+        + table(rows, ["structure", "area_px", "area_mm2"])
+        + f"\ncardiothoracic ratio: {ctr}"
+        + "".join(f"\nwrote {w}" for w in written)
+    )
+    _emit(args, {**to_dict(resp), "written": written}, text)
+    return 0
+
+
+async def cmd_ask(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    if args.search_only:
+        res = await client.search_literature(args.question, top_k=args.top_k)
+        rows = [[i + 1, f"{p.score:.3f}", p.title[:60], p.source] for i, p in enumerate(res.passages)]
+        _emit(args, to_dict(res), table(rows, ["#", "score", "title", "source"]))
+        return 0
+    ans = await client.answer_question(args.question, top_k=args.top_k)
+    cites = "\n".join(f"[{c.number}] {c.title} {c.source}".rstrip() for c in ans.citations)
+    model = f"\n({ans.llm.name} {ans.llm.version}{', extractive' if ans.extractive else ''})" if ans.llm.name else ""
+    _emit(args, to_dict(ans), f"{ans.answer}\n\n{cites}{model}".rstrip())
+    return 0
+
+
+async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    report = await analyze_study(client, args.image, top_k=args.top_k, literature=not args.no_literature)
+    if args.out:
+        paths = write_report(report, args.out)
+        print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
+    if args.json or args.format == "json":
+        print(to_json(report))
+    elif args.format == "html":
+        print(to_html(report))
+    else:
+        print(to_markdown(report, overlay_path="overlay.png" if args.out and report.overlay_png else None))
+    return 0
+
+
+async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    if args.models_command == "list":
+        services: list[ServiceName] = [args.service] if args.service else list(MODEL_SERVICES)  # type: ignore[list-item]
+        infos, rc = [], 0
+        for svc in services:
+            try:
+                infos += [(svc, m) for m in await client.list_models(svc)]
+            except CxrClientError as err:
+                print(f"{svc}: {err}", file=sys.stderr)
+                rc = 1
+        rows = [
+            [
+                svc,
+                m.name,
+                STATE_NAMES.get(m.state, m.state),
+                m.version,
+                m.architecture,
+                m.device,
+                "yes" if m.untrained else "no",
+            ]
+            for svc, m in infos
+        ]
+        data = [{"service": svc, **to_dict(m)} for svc, m in infos]
+        _emit(args, data, table(rows, ["service", "model", "state", "version", "architecture", "device", "untrained"]))
+        return rc
+    if args.models_command == "load":
+        info = await client.load_model(args.service, args.model, checkpoint_path=args.checkpoint)
+    else:
+        info = await client.unload_model(args.service, args.model)
+    state = STATE_NAMES.get(info.state, info.state)
+    _emit(args, to_dict(info), f"{args.service}/{info.name}: {state} {info.version}".rstrip())
+    return 0
+
+
+async def cmd_health(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    status = await client.health_all()
+    rows = [[svc, client.config.endpoint_for(svc), status[svc]] for svc in SERVICES]
+    data = {svc: {"endpoint": client.config.endpoint_for(svc), "status": status[svc]} for svc in SERVICES}
+    _emit(args, data, table(rows, ["service", "endpoint", "status"]))
+    return 0 if all(v == "SERVING" for v in status.values()) else 1
+
+
+COMMANDS = {
+    "classify": cmd_classify,
+    "segment": cmd_segment,
+    "ask": cmd_ask,
+    "analyze": cmd_analyze,
+    "models": cmd_models,
+    "health": cmd_health,
+}
+
+
+async def run(args: argparse.Namespace) -> int:
+    async with AsyncCxrClient(config_from_args(args)) as client:
+        return await COMMANDS[args.command](client, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except CxrClientError as err:
+        if args.json:
+            print(json.dumps({"error": err.to_dict()}, indent=2))
+        print(f"cxr: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"cxr: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

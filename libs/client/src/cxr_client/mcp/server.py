@@ -1,0 +1,229 @@
+"""`cxr-mcp`: the platform as MCP tools for agents (the seed's "CXR Agent MCP Server").
+
+Built on the MCP Python SDK v2 (`mcp.server.mcpserver.MCPServer`, v1's FastMCP). Every tool calls
+the services through `cxr_client.AsyncCxrClient`, so the server is configured like the CLI
+(CXR_ENDPOINT, CXR_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*). Images come as a file path
+readable by this server or as base64 text. Service errors come back as tool errors
+(`is_error`) with the gRPC code and ErrorInfo reason, so an agent can correct itself.
+
+    cxr-mcp                                    # stdio (desktop agents)
+    cxr-mcp --transport streamable-http --port 8765   # http://127.0.0.1:8765/mcp
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from cxr_client.analyze import analyze_study as run_analysis
+from cxr_client.cli import to_dict
+from cxr_client.client import AsyncCxrClient
+from cxr_client.config import ClientConfig
+from cxr_client.errors import CxrClientError
+from cxr_client.images import decode_base64_image
+from cxr_client.report import to_markdown
+
+INSTRUCTIONS = (
+    "Chest X-ray analysis tools (classification, anatomy segmentation with the cardiothoracic ratio, "
+    "literature retrieval). Pass an image as image_path (a file readable by this server) or image_base64. "
+    "Results are NOT for diagnosis; say so when you report them, and warn when a result says untrained."
+)
+BINARY_MODEL = "binary_classifier"
+FINDINGS_MODEL = "multiclass_classifier"
+ModelService = Literal["classification", "segmentation"]
+
+
+def _image_bytes(image_path: str | None, image_base64: str | None) -> bytes:
+    if bool(image_path) == bool(image_base64):
+        raise ToolError("give exactly one of image_path or image_base64")
+    if image_base64:
+        try:
+            return decode_base64_image(image_base64)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
+    path = Path(str(image_path)).expanduser()
+    if not path.is_file():
+        raise ToolError(f"image_path {str(path)!r} is not a readable file on the MCP server's machine")
+    return path.read_bytes()
+
+
+def _tool_error(err: CxrClientError) -> ToolError:
+    return ToolError(str(err))
+
+
+def _predictions(resp: Any, *, positives_only: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"untrained": resp.untrained, "models": []}
+    for pred in resp.predictions:
+        findings = [
+            {
+                "label": f.label,
+                "probability": round(float(f.probability), 4),
+                "threshold": round(float(f.threshold), 4),
+                "positive": f.positive,
+            }
+            for f in sorted(pred.findings, key=lambda f: -f.probability)
+            if f.positive or not positives_only
+        ]
+        out["models"].append(
+            {
+                "model": pred.model.name,
+                "version": pred.model.version,
+                "untrained": pred.model.untrained,
+                "findings": findings,
+            }
+        )
+    if resp.untrained:
+        out["warning"] = "untrained model: outputs are meaningless"
+    out["disclaimer"] = "not for diagnosis"
+    return out
+
+
+def build_server(config: ClientConfig | None = None, *, name: str = "cxr") -> MCPServer:
+    """The MCP server with its eight tools; `config` defaults to ClientConfig.from_env()."""
+    cfg = config or ClientConfig.from_env()
+    binary_model = os.environ.get("CXR_MCP_BINARY_MODEL", BINARY_MODEL)
+    findings_model = os.environ.get("CXR_MCP_FINDINGS_MODEL", FINDINGS_MODEL)
+    holder: dict[str, AsyncCxrClient] = {}
+
+    def client() -> AsyncCxrClient:
+        # created on first use, inside the event loop that serves the tools
+        if "c" not in holder:
+            holder["c"] = AsyncCxrClient(cfg)
+        return holder["c"]
+
+    server = MCPServer(name, instructions=INSTRUCTIONS, version="0.1.0")
+
+    @server.tool()
+    async def classify_binary(image_path: str | None = None, image_base64: str | None = None) -> dict[str, Any]:
+        """Normal vs abnormal probability of a chest X-ray (PNG, JPEG or DICOM)."""
+        try:
+            resp = await client().classify(_image_bytes(image_path, image_base64), model_names=[binary_model])
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        return _predictions(resp)
+
+    @server.tool()
+    async def classify_findings(
+        image_path: str | None = None, image_base64: str | None = None, positives_only: bool = False
+    ) -> dict[str, Any]:
+        """Probabilities of the 14 NIH ChestX-ray14 findings (Atelectasis ... Hernia), with thresholds."""
+        try:
+            resp = await client().classify(_image_bytes(image_path, image_base64), model_names=[findings_model])
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        return _predictions(resp, positives_only=positives_only)
+
+    @server.tool()
+    async def segment_anatomy(
+        image_path: str | None = None,
+        image_base64: str | None = None,
+        classes: list[str] | None = None,
+        include_overlay: bool = False,
+    ) -> dict[str, Any]:
+        """Anatomy masks (lungs, heart, clavicles): areas, bounding boxes and the cardiothoracic ratio.
+        With include_overlay, `overlay_png_base64` holds a colour overlay image."""
+        try:
+            resp = await client().segment(
+                _image_bytes(image_path, image_base64),
+                classes=classes or (),
+                mask_encoding="none",
+                include_overlay=include_overlay,
+            )
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        out = to_dict(resp)
+        out.pop("overlay_png", None)
+        if include_overlay and resp.overlay_png:
+            out["overlay_png_base64"] = base64.b64encode(resp.overlay_png).decode()
+        out["untrained"] = resp.untrained
+        out["disclaimer"] = "not for diagnosis"
+        return out
+
+    @server.tool()
+    async def search_literature(query: str, top_k: int = 5) -> dict[str, Any]:
+        """Medical literature passages for a query (hybrid dense + BM25 retrieval), without an LLM."""
+        try:
+            resp = await client().search_literature(query, top_k=top_k)
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        return {
+            "passages": [
+                {"id": p.id, "title": p.title, "source": p.source, "score": round(p.score, 4), "text": p.text}
+                for p in resp.passages
+            ]
+        }
+
+    @server.tool()
+    async def answer_question(question: str, top_k: int = 0) -> dict[str, Any]:
+        """An answer grounded in retrieved literature, with numbered citations."""
+        try:
+            resp = await client().answer_question(question, top_k=top_k)
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        return {
+            "answer": resp.answer,
+            "citations": [{"number": c.number, "title": c.title, "source": c.source} for c in resp.citations],
+            "model": resp.llm.name,
+            "extractive": resp.extractive,
+            "finish_reason": resp.finish_reason,
+        }
+
+    @server.tool()
+    async def analyze_study(
+        image_path: str | None = None, image_base64: str | None = None, top_k: int = 3
+    ) -> dict[str, Any]:
+        """Full study: findings with probabilities and thresholds, CTR, literature for positive findings,
+        model versions, warnings and a disclaimer. `markdown` is a readable version of the report."""
+        data = _image_bytes(image_path, image_base64)
+        study = Path(image_path).name if image_path else "study"
+        try:
+            report = await run_analysis(client(), data, study=study, top_k=top_k, include_overlay=False)
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        return {"report": report.model_dump(mode="json"), "markdown": to_markdown(report)}
+
+    @server.tool()
+    async def list_models(service: ModelService | None = None) -> dict[str, Any]:
+        """Models of the classification and segmentation services with state, version, device."""
+        services: list[ModelService] = [service] if service else ["classification", "segmentation"]
+        out: dict[str, Any] = {}
+        for svc in services:
+            try:
+                out[svc] = [to_dict(m) for m in await client().list_models(svc)]
+            except CxrClientError as err:
+                out[svc] = {"error": err.to_dict()}
+        return out
+
+    @server.tool()
+    async def unload_model(service: ModelService, model_name: str) -> dict[str, Any]:
+        """Unload a model to free its memory (it answers UNAVAILABLE until loaded again)."""
+        try:
+            return to_dict(await client().unload_model(service, model_name))
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="cxr-mcp", description="MCP server for the cxr platform (not for diagnosis).")
+    p.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--path", default="/mcp", help="streamable-HTTP path")
+    args = p.parse_args(argv)
+    server = build_server()
+    if args.transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=args.host, port=args.port, streamable_http_path=args.path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The three real services, in-process on 127.0.0.1 ephemeral ports, for client/CLI/MCP tests.
+
+Started once per test process in a background thread with its own event loop (so sync tests,
+the CLI's asyncio.run and async tests can all use it), stopped at exit. Small and fast: an
+untrained DenseNet-121 at 64 px and a Swin-T, a U-Net at 64 px, and the RAG service in
+extractive mode (no LLM) over ~80 PubMedQA passages about the chest.
+
+Thresholds are set so that exactly one finding is positive ("Effusion", threshold 0) and the
+binary model is negative (threshold 1): the analyze workflow then has a known positive finding
+to search the literature for, whatever the random weights say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cxr_client import ClientConfig
+from cxr_client.config import SERVICES
+from cxr_serving.server import ServiceBinding
+from cxr_serving.settings import Settings
+from tests.conftest import PUBMEDQA
+from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
+
+POSITIVE = "Effusion"
+NIH = (
+    "Atelectasis Cardiomegaly Effusion Infiltration Mass Nodule Pneumonia Pneumothorax Consolidation Edema "
+    "Emphysema Fibrosis Pleural_Thickening Hernia"
+).split()
+CHEST = re.compile(r"effusion|pneumothorax|chest|pleura|lung|cardiac|heart", re.IGNORECASE)
+
+
+def _corpus(dest: Path, limit: int = 80) -> Path:
+    out = dest / "corpus.jsonl"
+    with (PUBMEDQA / "corpus.jsonl").open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
+        n = 0
+        for line in src:
+            if CHEST.search(json.loads(line)["text"]):
+                dst.write(line)
+                n += 1
+                if n >= limit:
+                    break
+    return out
+
+
+def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
+    thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 0.0}
+    return make_settings(
+        models__binary_classifier={"enabled": True, "allow_untrained": True, "thresholds": 1.0},
+        models__multiclass_classifier={
+            "enabled": True,
+            "allow_untrained": True,
+            "input_size": 64,
+            "thresholds": thresholds,
+        },
+        models__segmentation={"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"},
+        models__rag={
+            "enabled": with_rag,
+            "vector_db_path": str(workdir / "chroma"),
+            "documents_path": str(_corpus(workdir)) if with_rag else None,
+        },
+        server_config__max_batch_delay_ms=2,
+    )
+
+
+def real_builders() -> dict[str, Callable[[Settings], ServiceBinding]]:
+    from cxr_classification.service import build_binding as classification
+    from cxr_rag.service import build_binding as rag
+    from cxr_segmentation.service import build_binding as segmentation
+
+    return {"classification": classification, "segmentation": segmentation, "rag": rag}
+
+
+class Stack:
+    """`builders` (service name -> build_binding) started with one Settings; default: the real three."""
+
+    def __init__(self, builders: dict[str, Callable[[Settings], ServiceBinding]] | None = None) -> None:
+        self.builders = builders
+        self.tmp = tempfile.TemporaryDirectory(prefix="cxr-client-stack-")
+        self.ports: dict[str, int] = {}
+        self.closed_port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="cxr-stack", daemon=True)
+
+    def _main(self) -> None:
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            builders = self.builders or real_builders()
+            s = stack_settings(Path(self.tmp.name), with_rag="rag" in builders)
+            async with contextlib.AsyncExitStack() as stack:
+                for name, build in builders.items():
+                    server = await stack.enter_async_context(running_server(s, build(s)))
+                    self.ports[name] = server.port
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def start(self, timeout: float = 240) -> Stack:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("services did not become ready")
+        if self._error is not None:
+            raise RuntimeError(f"stack failed to start: {self._error!r}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+        self.tmp.cleanup()
+
+    def endpoints(self) -> dict[str, str]:
+        """Every service; one that is not running points at a closed port (UNAVAILABLE)."""
+        closed = f"127.0.0.1:{self.closed_port}"
+        return {name: f"127.0.0.1:{self.ports[name]}" if name in self.ports else closed for name in SERVICES}
+
+    def config(self, **overrides: object) -> ClientConfig:
+        return ClientConfig.model_validate(
+            {"endpoints": self.endpoints(), "api_key": TEST_KEY, "timeout_s": 60} | overrides
+        )
+
+    def env(self) -> dict[str, str]:
+        env = {f"CXR_{name.upper()}_ENDPOINT": ep for name, ep in self.endpoints().items()}
+        return env | {"CXR_API_KEY": TEST_KEY, "CXR_TIMEOUT_S": "60"}
+
+
+_STACKS: dict[str, Stack] = {}
+
+
+def get_stack(kind: str = "real") -> Stack:
+    """One running stack per kind per test process: "real" (the three services) or
+    "partial" (toy classification + real segmentation, no rag)."""
+    if kind not in _STACKS:
+        if kind == "real":
+            stack = Stack()
+        else:
+            from cxr_segmentation.service import build_binding as segmentation
+            from tests.support.toy_service import build_toy
+
+            stack = Stack({"classification": build_toy, "segmentation": segmentation})
+        _STACKS[kind] = stack.start()
+        atexit.register(stack.stop)
+    return _STACKS[kind]
