@@ -1,0 +1,215 @@
+"""Images and the single-host compose file, checked statically (docker cannot run here), plus
+the images' HEALTHCHECK command run for real against a live service on the shared runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.chart import ROOT, SERVICES
+from tests.support.servers import free_port, make_settings, running_server
+from tests.support.toy_service import BrightnessModel, build_toy
+
+DOCKER = ROOT / "deploy" / "docker"
+CONFIG = json.loads((ROOT / "config" / "production.json").read_text())
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _stages(ins: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for i in ins:
+        if i[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(i)
+    return stages
+
+
+def _healthcheck_code(cmd: str) -> str:
+    exec_form = json.loads(cmd[cmd.index("CMD") + 3 :].strip())
+    assert exec_form[:2] == ["python", "-c"]
+    return exec_form[2]
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_dockerfile_is_multistage_cuda_nonroot_and_installs_only_its_service(svc: str) -> None:
+    ins = instructions(DOCKER / f"{svc}.Dockerfile")
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    assert args["CUDA_RUNTIME_IMAGE"].startswith("nvidia/cuda:") and "-runtime-" in args["CUDA_RUNTIME_IMAGE"]
+    stages = _stages(ins)
+    assert len(stages) >= 3
+    final = stages[-1]
+    assert final[0][1].startswith("${CUDA_RUNTIME_IMAGE}")
+    copies = [a for k, a in ins if k == "COPY" and not a.startswith("--from")]
+    sources = {a.split()[0] for a in copies}
+    assert sources == {"requirements/constraints.txt", "libs/protos", "libs/serving", f"services/{svc}"}
+    for src in sources:
+        assert (ROOT / src).exists(), src
+    text = (DOCKER / f"{svc}.Dockerfile").read_text()
+    for other in set(SERVICES) - {svc}:
+        assert f"services/{other}" not in text and f"cxr_{other}" not in text, other
+    pip = [a for k, a in ins if k == "RUN" and "pip install" in a]
+    assert len(pip) == 1
+    assert f"pip install -c requirements/constraints.txt ./libs/protos ./libs/serving ./services/{svc}" in pip[0]
+    # the final stage takes only the built interpreter and venv from the build stage
+    assert {a for k, a in final if k == "COPY"} == {
+        "--from=build /opt/python /opt/python",
+        "--from=build /opt/venv /opt/venv",
+    }
+    user = [a for k, a in final if k == "USER"]
+    assert user and user[-1].split(":")[0].isdigit() and int(user[-1].split(":")[0]) >= 1000
+    entry = json.loads(next(a for k, a in final if k == "ENTRYPOINT"))
+    assert entry == ["python", "-m", f"cxr_{svc}"]
+    assert (ROOT / "services" / svc / "src" / f"cxr_{svc}" / "__main__.py").exists()
+    exposed = {int(p) for k, a in final if k == "EXPOSE" for p in a.split()}
+    assert {CONFIG["services"][svc]["port"], CONFIG["services"][svc]["metrics_port"]} <= exposed
+    health = next(a for k, a in final if k == "HEALTHCHECK")
+    assert "grpc_health" in health and "--start-period=" in health
+    env = " ".join(a for k, a in final if k == "ENV")
+    assert f"CXR_HEALTH_ADDR=127.0.0.1:{CONFIG['services'][svc]['port']}" in env
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_service_package_does_not_depend_on_another_service(svc: str) -> None:
+    pyproject = (ROOT / "services" / svc / "pyproject.toml").read_text()
+    deps = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M)
+    assert deps
+    for other in set(SERVICES) - {svc}:
+        assert f"cxr-{other}" not in deps.group(1)
+    if svc != "rag":
+        assert "chromadb" not in deps.group(1) and "openai" not in deps.group(1)
+
+
+def test_dockerignore_is_an_allowlist_of_what_images_copy() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("#")]
+    assert lines[0] == "*"
+    allowed = {ln[1:] for ln in lines if ln.startswith("!")}
+    for svc in SERVICES:
+        for k, a in instructions(DOCKER / f"{svc}.Dockerfile"):
+            if k == "COPY" and not a.startswith("--from"):
+                assert a.split()[0] in allowed
+    assert "**/tests" in lines and "**/__pycache__" in lines
+
+
+async def _run_check(code: str, addr: str) -> int:
+    """Run the check in a child process without blocking the event loop the server runs on."""
+    env = {**os.environ, "CXR_HEALTH_ADDR": addr}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    return await asyncio.wait_for(proc.wait(), 30)
+
+
+async def test_image_healthcheck_command_against_a_live_service() -> None:
+    code = _healthcheck_code(
+        next(a for k, a in instructions(DOCKER / "classification.Dockerfile") if k == "HEALTHCHECK")
+    )
+    compose_code = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["classification"]["healthcheck"][
+        "test"
+    ][3]
+    settings = make_settings()  # authentication on: the health service needs no key
+    async with running_server(settings, build_toy(settings)) as server:
+        assert await _run_check(code, f"127.0.0.1:{server.port}") == 0
+        assert await _run_check(compose_code, f"127.0.0.1:{server.port}") == 0
+    async with running_server(settings, build_toy(settings, BrightnessModel(fail_load=True)), wait_ready=False) as bad:
+        assert await _run_check(code, f"127.0.0.1:{bad.port}") == 1  # up but NOT_SERVING
+    assert await _run_check(code, f"127.0.0.1:{free_port()}") != 0  # nothing listening
+
+
+# ---------------------------------------------------------------- compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_has_the_whole_single_host_suite(compose: dict) -> None:
+    assert set(compose["services"]) == {
+        *SERVICES,
+        "chroma",
+        "vllm",
+        "kong-config",
+        "kong",
+        "prometheus",
+        "grafana",
+    }
+    for svc in SERVICES:
+        s = compose["services"][svc]
+        assert s["build"]["dockerfile"] == f"deploy/docker/{svc}.Dockerfile"
+        assert (DOCKER / s["build"]["context"] / s["build"]["dockerfile"]).exists()
+        assert "grpc_health" in " ".join(s["healthcheck"]["test"])
+
+
+def test_compose_containers_are_locked_down(compose: dict) -> None:
+    for name, s in compose["services"].items():
+        assert s.get("cap_drop") == ["ALL"], name
+        if name == "vllm":
+            continue  # the vLLM image runs as root and writes caches (documented)
+        uid = int(str(s["user"]).split(":")[0])
+        assert uid != 0, name
+        if name not in ("chroma",):
+            assert s.get("read_only") is True, name
+
+
+def test_compose_gpus_and_isolation(compose: dict) -> None:
+    services = compose["services"]
+
+    def gpus(name: str) -> int:
+        devices = services[name].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        return sum(d["count"] for d in devices if "gpu" in d["capabilities"])
+
+    assert {n: gpus(n) for n in (*SERVICES, "vllm")} == {"classification": 1, "segmentation": 1, "rag": 0, "vllm": 1}
+    assert compose["networks"]["backend"]["internal"] and compose["networks"]["llm"]["internal"]
+    reach_llm = {n for n, s in services.items() if "llm" in s.get("networks", [])}
+    assert reach_llm == {"rag", "vllm", "chroma", "prometheus"}  # only rag (and the scraper) reach vLLM/Chroma
+    public = {n for n, s in services.items() if s.get("ports")}
+    assert public == {"kong", "prometheus", "grafana"}
+    assert all(p.startswith("127.0.0.1:") for n in ("prometheus", "grafana") for p in services[n]["ports"])
+    for svc in SERVICES:
+        assert "frontend" not in services[svc]["networks"]
+
+
+def test_compose_mounts_existing_repo_files_and_renders_every_kong_placeholder(compose: dict) -> None:
+    for name, s in compose["services"].items():
+        for vol in s.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("../"):
+                assert (DOCKER / src).exists(), (name, src)
+    kong_yml = (ROOT / "gateway" / "kong.yml").read_text()
+    placeholders = set(re.findall(r'\$\{\{\s*env\s+"(DECK_[A-Z0-9_]+)"\s*\}\}', kong_yml))
+    env = set(compose["services"]["kong-config"]["environment"]) | {"DECK_CXR_API_KEY"}
+    assert placeholders <= env, placeholders - env
+    assert "DECK_CXR_API_KEY" in compose["services"]["kong-config"]["command"][0]
+    for svc in SERVICES:
+        port = CONFIG["services"][svc]["port"]
+        assert compose["services"]["kong-config"]["environment"][f"DECK_{svc.upper()}_PORT"] == str(port)
+    prom = yaml.safe_load((ROOT / "deploy" / "monitoring" / "prometheus.yml").read_text())
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    for svc in SERVICES:
+        assert f"{svc}:{CONFIG['services'][svc]['metrics_port']}" in targets
