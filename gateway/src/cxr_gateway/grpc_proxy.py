@@ -1,8 +1,9 @@
 """Generic gRPC proxy for gRPC clients: one handler for every method and all four RPC shapes.
 
 Unary and streaming calls look the same on the wire (HTTP/2 frames of length-prefixed
-messages), so the proxy registers every method as stream-stream with no (de)serializers and
-forwards raw message bytes both ways. It forwards request metadata (minus hop-by-hop keys),
+messages), so the proxy registers any method as stream-stream with no (de)serializers and
+forwards raw message bytes both ways (methods the descriptor set knows to be unary take a
+unary fast path). It forwards request metadata (minus hop-by-hop keys),
 the client's deadline, the backend's initial and trailing metadata and its final status
 (including `grpc-status-details-bin`), and cancels the backend call when the client goes away.
 Before proxying it applies the same Kong plugins as the REST front: key-auth, rate-limiting,
@@ -14,12 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from cxr_gateway.limits import Denial
-from cxr_gateway.upstreams import BackendUnavailable, is_connect_failure
+from cxr_gateway.transcoding import http_status
+from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, is_connect_failure
 
 if TYPE_CHECKING:
     from cxr_gateway.app import Gateway
@@ -42,16 +45,22 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
+        rpc = self.gw.catalog.rpcs.get(method)
+        if rpc is not None and not rpc.client_streaming and not rpc.server_streaming:
+            # fast path for methods the descriptor set knows are unary (fewer tasks than a stream)
+            async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+                return await self._unary(method, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
 
         async def behavior(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async for resp in self._proxy(method, request_iterator, context):
+            async for resp in self._stream(method, request_iterator, context):
                 yield resp
 
         return grpc.stream_stream_rpc_method_handler(behavior)
 
-    async def _proxy(
-        self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Admitted:
+        """Route, key-auth, rate limit, correlation id; aborts the call when a plugin refuses it."""
         gw = self.gw
         started = time.perf_counter()
         md = _forwardable(context.invocation_metadata())
@@ -87,8 +96,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 decision = limiter.hit(limiter.identifier(consumer, peer.rsplit(":", 1)[0], svc, method))
                 extra_initial += [(k.lower(), v) for k, v in decision.headers.items()]
                 denial = decision.denial
+        who = consumer.name if consumer else ""
         if denial is not None:
-            gw.metrics.request(svc, route, denial.http_status, "kong", consumer.name if consumer else "", started)
+            gw.metrics.request(svc, route, denial.http_status, "kong", who, started)
             context.set_trailing_metadata(tuple((k.lower(), v) for k, v in denial.headers.items()))
             if extra_initial:
                 await context.send_initial_metadata(tuple(extra_initial))
@@ -98,16 +108,51 @@ class ProxyHandler(grpc.GenericRpcHandler):
         try:
             target = backend.pick()
         except BackendUnavailable as exc:
-            gw.metrics.request(svc, route, 503, "kong", consumer.name if consumer else "", started)
+            gw.metrics.request(svc, route, 503, "kong", who, started)
             await context.send_initial_metadata(tuple(extra_initial))
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None and remaining < 1e8 else hit.service.read_timeout / 1000
-        call = target.channel.stream_stream(method)(requests, metadata=tuple(md), timeout=timeout)
+        return _Admitted(svc, route, who, backend, target, tuple(md), tuple(extra_initial), timeout, started)
+
+    async def _failed(self, a: _Admitted, err: grpc.aio.AioRpcError, context: Any) -> None:
+        if is_connect_failure(err):
+            a.backend.record_failure(a.target, "tcp", err.details() or "connection failed")
+            msg = f"backend '{a.service}' ({a.target.address}) is unavailable: {err.details()}"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, msg)
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            a.backend.record_failure(a.target, "timeout", "deadline exceeded")
+        context.set_trailing_metadata(tuple(_forwardable(err.trailing_metadata())))
+        await context.abort(err.code(), err.details() or "")
+
+    async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        a = await self._admit(method, context)
+        call = a.target.channel.unary_unary(method)(request, metadata=a.metadata, timeout=a.timeout)
+        code = grpc.StatusCode.OK
+        try:
+            resp: bytes = await call
+            await context.send_initial_metadata(tuple(_forwardable(await call.initial_metadata())) + a.extra_initial)
+            context.set_trailing_metadata(tuple(_forwardable(await call.trailing_metadata())))
+            a.backend.record_success(a.target)
+            return resp
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            await self._failed(a, err, context)
+            raise AssertionError("unreachable") from None
+        finally:
+            if not call.done():
+                call.cancel()
+            self.gw.metrics.request(a.service, a.route, http_status(code), "upstream", a.consumer, a.started)
+
+    async def _stream(
+        self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        a = await self._admit(method, context)
+        call = a.target.channel.stream_stream(method)(requests, metadata=a.metadata, timeout=a.timeout)
         code = grpc.StatusCode.OK
         try:
             initial = await call.initial_metadata()
-            await context.send_initial_metadata(tuple(_forwardable(initial)) + tuple(extra_initial))
+            await context.send_initial_metadata(tuple(_forwardable(initial)) + a.extra_initial)
             async for resp in call:
                 yield resp
             code = await call.code()
@@ -115,24 +160,24 @@ class ProxyHandler(grpc.GenericRpcHandler):
             if code != grpc.StatusCode.OK:
                 details = await call.details()
                 await context.abort(code, details or "")
-            backend.record_success(target)
+            a.backend.record_success(a.target)
         except grpc.aio.AioRpcError as err:
             code = err.code()
-            if is_connect_failure(err):
-                backend.record_failure(target, "tcp", err.details() or "connection failed")
-                msg = f"backend '{svc}' ({target.address}) is unavailable: {err.details()}"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, msg)
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                backend.record_failure(target, "timeout", "deadline exceeded")
-            context.set_trailing_metadata(tuple(_forwardable(err.trailing_metadata())))
-            await context.abort(code, err.details() or "")
+            await self._failed(a, err, context)
         finally:
             if not call.done():
                 call.cancel()
-            gw.metrics.request(svc, route, _http_like(code), "upstream", consumer.name if consumer else "", started)
+            self.gw.metrics.request(a.service, a.route, http_status(code), "upstream", a.consumer, a.started)
 
 
-def _http_like(code: grpc.StatusCode) -> int:
-    from cxr_gateway.transcoding import http_status
-
-    return http_status(code)
+@dataclass(frozen=True)
+class _Admitted:
+    service: str
+    route: str
+    consumer: str
+    backend: Backend
+    target: TargetState
+    metadata: tuple[tuple[str, Any], ...]
+    extra_initial: tuple[tuple[str, str], ...]
+    timeout: float
+    started: float

@@ -15,10 +15,9 @@ def local_defaults(settings: Settings) -> dict[str, str]:
         "DECK_BACKEND_PROTOCOL": "grpcs" if settings.security.tls.enabled else "grpc",
         "DECK_OTEL_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces",
     }
+    fallback = Settings().services  # the built-in ports (50051-50053) for services the config omits
     for name in SERVICES:
-        ep = settings.services.get(name)
-        if ep is None:
-            continue
+        ep = settings.services.get(name) or fallback[name]
         host = "127.0.0.1" if ep.host in ("0.0.0.0", "::", "") else ep.host
         out[f"DECK_{name.upper()}_HOST"] = host
         out[f"DECK_{name.upper()}_PORT"] = str(ep.port)
