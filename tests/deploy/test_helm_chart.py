@@ -362,12 +362,24 @@ def test_kong_ships_gateway_kong_yml_unchanged_and_renders_every_placeholder(def
     mounted = {f"{mount}/{i['path']}" for i in items}
     wanted = set(re.findall(r"proto:\s*(\S+\.proto)", kong_yml))
     assert wanted and wanted <= mounted, wanted - mounted
+    # Kong's protoc searches /usr/local/kong/include and the .proto's own directory for imports
+    include = "/usr/local/kong/include"
+    visible = set(mounted)
+    for m in spec["containers"][0]["volumeMounts"]:
+        if m["name"] == "protos" and m["mountPath"].startswith(include + "/"):
+            visible |= {
+                f"{m['mountPath']}/{i['path'][len(m['subPath']) + 1 :]}"
+                for i in items
+                if i["path"].startswith(m["subPath"] + "/")
+            }
     data = default_render.get("ConfigMap", "cxr-kong-protos")["data"]
     for i in items:
         text = data[i["key"]]
         assert text == (ROOT / "protos" / i["path"]).read_text()
+        here = f"{mount}/{i['path']}".rsplit("/", 1)[0]
         for imp in re.findall(r'^import "([^"]+)";', text, re.M):
-            assert imp.startswith("google/protobuf/") or f"{mount}/{imp}" in mounted, imp
+            found = imp.startswith("google/protobuf/") or {f"{include}/{imp}", f"{here}/{imp}"} & visible
+            assert found, f"{i['path']} imports {imp}: not on Kong's include path"
 
 
 # ---------------------------------------------------------------- values: schema, docs, guards
