@@ -458,3 +458,40 @@ def test_schema_forbids_unknown_keys_at_every_documented_level() -> None:
         chart.validate_schema({})
         for f in sorted(EXAMPLES.glob("*.yaml")):
             chart.validate_schema(load_values(f))
+
+
+def _service_validator(svc: str):
+    """The service's own start-up validation of its `models.*` section (None if it moved)."""
+    try:
+        if svc == "classification":
+            from cxr_classification.config import classifier_configs
+
+            return lambda settings, env: classifier_configs(settings)
+        if svc == "segmentation":
+            from cxr_segmentation.service import segmentation_config
+
+            return lambda settings, env: segmentation_config(settings)
+        from cxr_rag.config import rag_config
+
+        return rag_config
+    except ImportError:
+        return None
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_each_pod_starts_with_a_config_its_service_accepts(any_render: Rendered, svc: str, tmp_path) -> None:
+    """What the pod does at start: the mounted JSON + its container env, validated by the service."""
+    validate = _service_validator(svc)
+    if validate is None:
+        pytest.skip(f"cxr_{svc} config validator not importable")
+    path = tmp_path / "config.json"
+    path.write_text(any_render.get("ConfigMap", "cxr-config")["data"]["config.json"])
+    container = pod_spec(any_render.get("Deployment", f"cxr-{svc}"))["containers"][0]
+    env = {k: v for k, v in _env(container).items() if isinstance(v, str)}
+    settings = load_settings(path, environ=env)
+    validate(settings, env)
+    assert settings.server_config.device == env["CXR_DEVICE"]
+    if svc == "rag" and "CXR_LLM_BASE_URL" in env:
+        cfg = validate(settings, env)
+        assert cfg.llm.mode == "openai" and cfg.llm.base_url == env["CXR_LLM_BASE_URL"]
+        assert cfg.vector_db_host == env["VECTOR_DB_HOST"]
