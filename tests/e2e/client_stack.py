@@ -3,7 +3,7 @@
 Started once per test process in a background thread with its own event loop (so sync tests,
 the CLI's asyncio.run and async tests can all use it), stopped at exit. Small and fast: an
 untrained DenseNet-121 at 64 px and a Swin-T, a U-Net at 64 px, and the RAG service in
-extractive mode (no LLM) over ~80 PubMedQA passages about the chest.
+extractive mode (no LLM) over 20 PubMedQA passages about the chest.
 
 Thresholds are set so that exactly one finding is positive ("Effusion", threshold 0) and the
 binary model is negative (threshold 1): the analyze workflow then has a known positive finding
@@ -37,7 +37,7 @@ NIH = (
 CHEST = re.compile(r"effusion|pneumothorax|chest|pleura|lung|cardiac|heart", re.IGNORECASE)
 
 
-def _corpus(dest: Path, limit: int = 80) -> Path:
+def _corpus(dest: Path, limit: int = 20) -> Path:
     out = dest / "corpus.jsonl"
     with (PUBMEDQA / "corpus.jsonl").open(encoding="utf-8") as src, out.open("w", encoding="utf-8") as dst:
         n = 0

@@ -1,0 +1,88 @@
+"""The `cxr` CLI, the analyze workflow and the clients against the three real services."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cxr_client import AsyncCxrClient, CxrClient, InvalidImageError
+from cxr_client.analyze import analyze_study, literature_query
+from cxr_client.cli import main
+from cxr_client.errors import from_status
+from tests.conftest import cxr14_images, dicom_files
+from tests.e2e.client_stack import POSITIVE, get_stack
+
+# One stack of the three real services for the process (~25-35 s to start on 2 busy cores).
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return get_stack("real")
+
+
+@pytest.fixture
+def env(stack, monkeypatch):
+    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in stack.env().items():
+        monkeypatch.setenv(k, v)
+    return stack
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+async def test_analyze_study_full_report(stack):
+    async with AsyncCxrClient(stack.config()) as client:
+        report = await analyze_study(client, dicom_files()[0], top_k=2)
+    assert report.positive_findings == [POSITIVE]
+    assert len(report.findings) == 15  # abnormal + 14 NIH findings, with thresholds
+    assert {m.name for m in report.models} == {"binary_classifier", "multiclass_classifier", "segmentation"}
+    assert all(m.version == "untrained" and m.untrained for m in report.models)
+    assert report.untrained and "UNTRAINED" in report.warnings[0]
+    assert report.errors == {}
+    assert 1 <= len(report.literature) <= 2
+    assert all(ref.finding == POSITIVE and ref.excerpt for ref in report.literature)
+    assert [ref.number for ref in report.literature] == list(range(1, len(report.literature) + 1))
+    assert report.image["format"] == "dcm"
+    assert report.measurements is not None and report.overlay_png
+    assert literature_query("Pleural_Thickening") == "Pleural Thickening chest radiograph"
+
+
+def test_cli_health_all_serving(env, capsys):
+    rc, out, _ = run_cli(capsys, "health")
+    assert rc == 0 and out.count("SERVING") == 3
+
+
+def test_cli_ask_answer_and_search(env, capsys):
+    rc, out, _ = run_cli(capsys, "ask", "Is routine chest radiography useful after bronchoscopy?")
+    assert rc == 0 and "[1]" in out and "extractive" in out
+    rc, out, _ = run_cli(capsys, "--json", "ask", "pleural effusion", "--search-only", "--top-k", "2")
+    assert rc == 0 and len(json.loads(out)["passages"]) == 2
+
+
+def test_cli_analyze_json_and_models(env, capsys):
+    rc, out, _ = run_cli(capsys, "analyze", str(cxr14_images(1)[0]), "--format", "json", "--top-k", "1")
+    data = json.loads(out)
+    assert rc == 0 and data["positive_findings"] == [POSITIVE] and data["literature"]
+    assert data["disclaimer"].startswith("Not for diagnosis")
+    rc, out, _ = run_cli(capsys, "models", "list", "--service", "classification")
+    assert rc == 0 and "binary_classifier" in out and "multiclass_classifier" in out and "densenet121" in out
+
+
+def test_sync_client_batch_with_per_item_errors(stack):
+    with CxrClient(stack.config()) as client:
+        resp = client.classify_images([cxr14_images(1)[0], b"junk"], model_names=["multiclass_classifier"])
+        ok, bad = sorted(resp.results, key=lambda r: r.index)
+        assert ok.predictions[0].model.name == "multiclass_classifier"
+        err = from_status(bad.error)
+        assert isinstance(err, InvalidImageError) and err.reason == "IMAGE_FORMAT_UNKNOWN"
+        passages = client.search_literature("chest radiograph", top_k=2).passages
+        assert len(passages) == 2
+        chunks = client.stream_answer("pneumothorax after biopsy")
+        assert chunks[0].passages and "".join(c.text_delta for c in chunks)
