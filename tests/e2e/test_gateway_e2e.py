@@ -102,7 +102,7 @@ async def test_rest_rag_search_answer_and_stream(gw, http):
         assert r.status == 200
         lines = [json.loads(ln) for ln in (await r.read()).decode().splitlines() if ln.strip()]
     assert lines and all("result" in ln for ln in lines)
-    assert any(ln["result"].get("finishReason") for ln in lines)
+    assert any(ln["result"].get("finish_reason") for ln in lines)
 
 
 async def test_grpc_through_proxy_to_each_service(gw):

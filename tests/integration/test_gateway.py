@@ -94,8 +94,8 @@ async def test_rest_classify_transcodes_json_and_echoes_correlation_id(sample_pn
             assert r.headers["RateLimit-Limit"] == "100"
         finding = body["predictions"][0]["findings"][0]
         assert finding["label"] == "bright" and 0 <= finding["probability"] <= 1
-        assert body["untrained"] is True and body["image"]["width"] > 0  # camelCase + unpopulated emitted
-        assert "photometricInterpretation" in body["image"]
+        assert body["untrained"] is True and body["image"]["width"] > 0  # unpopulated fields emitted
+        assert "photometric_interpretation" in body["image"]  # .proto names, as Kong emits them
         # a client-chosen id is kept and echoed; GET with no body
         async with http.get(
             f"{rest(gw)}/v1/classification/models", headers={**KEY, "X-Correlation-ID": "abc-123"}
@@ -270,8 +270,8 @@ async def test_server_streaming_rest_ndjson_and_grpc(http):
             lines = [ln for ln in (await r.read()).decode().splitlines() if ln]
         msgs = [json.loads(ln) for ln in lines]
         assert msgs[0]["result"]["passages"][0]["id"] == "p1"
-        assert "".join(m["result"]["textDelta"] for m in msgs[1:-1]) == "heartisenlarged"
-        assert msgs[-1]["result"]["finishReason"] == "stop"
+        assert "".join(m["result"]["text_delta"] for m in msgs[1:-1]) == "heartisenlarged"
+        assert msgs[-1]["result"]["finish_reason"] == "stop"
         async with http.post(f"{rest(gw)}/v1/rag:streamAnswer", json={"question": "fail midway"}, headers=KEY) as r:
             msgs = [json.loads(ln) for ln in (await r.read()).decode().splitlines() if ln]
         assert msgs[-1]["error"]["code"] == 14 and "llm went away" in msgs[-1]["error"]["message"]
@@ -366,7 +366,7 @@ async def test_headers_forwarded_to_backend_as_metadata(http):
             f"{rest(gw)}/v1/rag:streamAnswer", json={"question": "echo metadata"}, headers=headers
         ) as r:
             got = dict(
-                json.loads(ln)["result"]["textDelta"].split("=", 1) for ln in (await r.read()).decode().splitlines()
+                json.loads(ln)["result"]["text_delta"].split("=", 1) for ln in (await r.read()).decode().splitlines()
             )
         assert got["traceparent"] == trace and got["x-correlation-id"] == "cid-42"
         assert got["apikey"] == TEST_KEY  # hide_credentials: false, the service checks the key too

@@ -218,7 +218,7 @@ def test_request_message_body_path_and_query(catalog):
     msg = request_message(classify, classify.bindings[0], {}, [], b'{"image": {"data": "iVBORw=="}}')
     assert msg.image.data == b"\x89PNG"
     out = response_json(msg)
-    assert out["image"]["data"] == "iVBORw==" and out["modelNames"] == []
+    assert out["image"]["data"] == "iVBORw==" and out["model_names"] == []
 
 
 def test_query_parameters_for_get_bindings():
@@ -325,7 +325,7 @@ def test_openapi_covers_every_annotation(catalog):
             assert (b.method, b.template.template) in ops
     schemas = doc["components"]["schemas"]
     req = schemas["cxr.classification.v1.ClassifyImageRequest"]["properties"]
-    assert req["modelNames"] == {"type": "array", "items": {"type": "string"}}
+    assert req["model_names"] == {"type": "array", "items": {"type": "string"}}
     assert schemas["cxr.common.v1.Image"]["properties"]["data"]["format"] == "byte"
     assert schemas["cxr.rag.v1.AnswerQuestionRequest"]["properties"]["filters"]["type"] == "object"
     assert "RETRIEVAL_MODE_HYBRID" in schemas["cxr.rag.v1.RetrievalMode"]["enum"]

@@ -2,7 +2,7 @@
 
 One operation per `google.api.http` binding (path variables become path parameters, GET
 fields query parameters, `body: "*"` the request body); schemas follow the proto3 JSON
-mapping that the gateway speaks (lowerCamelCase names, 64-bit integers as strings, bytes as
+mapping that the gateway speaks (.proto field names, 64-bit integers as strings, bytes as
 base64, enums as names, maps as objects). Errors are google.rpc.Status. Server-streaming
 RPCs answer newline-delimited JSON, one `{"result": ...}` per message.
 """
@@ -64,7 +64,7 @@ class _Schemas:
             return _ref(name)
         if name not in self.schemas:
             self.schemas[name] = {}  # placeholder: recursion-safe
-            props = {f.json_name: self.field(f) for f in d.fields}
+            props = {f.name: self.field(f) for f in d.fields}
             self.schemas[name] = {"type": "object", "properties": props}
         return _ref(name)
 
@@ -98,7 +98,7 @@ def _operation(rpc: RpcInfo, method: str, template: str, body: str, s: _Schemas)
         for f in rpc.input.fields:
             if f.name in path_vars or f.type == F.TYPE_MESSAGE:
                 continue
-            params.append({"name": f.json_name, "in": "query", "required": False, "schema": s.field(f)})
+            params.append({"name": f.name, "in": "query", "required": False, "schema": s.field(f)})
     op: dict[str, Any] = {
         "operationId": f"{rpc.service.rsplit('.', 1)[-1]}_{rpc.name}",
         "tags": [rpc.service],

@@ -3,8 +3,9 @@
 Request: the body (`body: "*"` → the whole message, `body: "field"` → that field), then path
 variables, then (for fields not bound by body or path) query parameters — grpc-gateway's
 order; unknown JSON fields are discarded, as grpc-gateway's default unmarshaler does.
-Response: protojson with lowerCamelCase names and unpopulated fields emitted (grpc-gateway
-v2's default marshaler). Errors: `{"code", "message", "details"}` — a google.rpc.Status as
+Response: protojson with the .proto field names (snake_case, as Kong's grpc-gateway plugin and
+grpc-gateway's `UseProtoNames` emit them) and unpopulated fields emitted; requests accept both
+the .proto names and lowerCamelCase JSON names. Errors: `{"code", "message", "details"}` — a google.rpc.Status as
 JSON, with `details` from the backend's `grpc-status-details-bin` trailer.
 """
 
@@ -99,9 +100,9 @@ def request_message(
 
 
 def response_json(msg: Message, response_body: str = "") -> Any:
-    d = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True)
+    d = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
     if response_body:
-        return d.get(_json_name(msg.DESCRIPTOR, response_body), None)
+        return d.get(response_body, None)
     return d
 
 
@@ -121,11 +122,6 @@ def _parse_into(data: Any, msg: Message) -> None:
         json_format.ParseDict(data, msg, ignore_unknown_fields=True)
     except json_format.ParseError as exc:
         raise TranscodeError(str(exc)) from None
-
-
-def _json_name(desc: Descriptor, name: str) -> str:
-    f = desc.fields_by_name.get(name)
-    return f.json_name if f is not None else name
 
 
 def _nest(desc: Descriptor, items: Iterable[tuple[str, str]]) -> dict[str, Any]:
