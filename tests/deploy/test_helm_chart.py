@@ -495,3 +495,15 @@ def test_each_pod_starts_with_a_config_its_service_accepts(any_render: Rendered,
         cfg = validate(settings, env)
         assert cfg.llm.mode == "openai" and cfg.llm.base_url == env["CXR_LLM_BASE_URL"]
         assert cfg.vector_db_host == env["VECTOR_DB_HOST"]
+
+
+def test_config_is_production_json_with_value_overrides(default_render: Rendered) -> None:
+    production = json.loads((ROOT / "config" / "production.json").read_text())
+    expected = json.loads(json.dumps(production))
+    expected["server_config"]["shutdown_delay_s"] = 5
+    assert _config(default_render) == expected
+    # false/0 overrides survive the merge (sprig's mergeOverwrite would drop them)
+    r = render({"config": {"security": {"enable_authentication": False}, "performance": {"use_amp": False}}})
+    cfg = _config(r)
+    assert cfg["security"]["enable_authentication"] is False and cfg["performance"]["use_amp"] is False
+    assert cfg["security"]["max_image_size_mb"] == production["security"]["max_image_size_mb"]

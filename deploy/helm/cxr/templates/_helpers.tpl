@@ -140,3 +140,28 @@ storageClassName: {{ $sc | quote }}
 
 {{/* The three gRPC services, in a fixed order. */}}
 {{- define "cxr.serviceNames" -}}classification segmentation rag{{- end -}}
+
+{{/*
+  The services' JSON config: config/production.json (files/config.json links to it) with
+  `.Values.config` deep-merged over it. A hand-written merge, because sprig's mergeOverwrite
+  ignores false/0/"" overrides (enable_authentication: false would be lost). Returns JSON.
+*/}}
+{{- define "cxr.deepMerge" -}}
+{{- $out := deepCopy .base -}}
+{{- range $k, $v := .over -}}
+{{- if and (kindIs "map" $v) (kindIs "map" (get $out $k)) -}}
+{{- $_ := set $out $k (include "cxr.deepMerge" (dict "base" (get $out $k) "over" $v) | fromJson) -}}
+{{- else -}}
+{{- $_ := set $out $k $v -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "cxr.configJson" -}}
+{{- $base := .Files.Get "files/config.json" | fromJson -}}
+{{- if not $base.services -}}
+{{- fail "files/config.json (link to config/production.json) is missing or has no services section" -}}
+{{- end -}}
+{{- include "cxr.deepMerge" (dict "base" $base "over" (default dict .Values.config)) -}}
+{{- end -}}
