@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -507,3 +508,20 @@ def test_config_is_production_json_with_value_overrides(default_render: Rendered
     cfg = _config(r)
     assert cfg["security"]["enable_authentication"] is False and cfg["performance"]["use_amp"] is False
     assert cfg["security"]["max_image_size_mb"] == production["security"]["max_image_size_mb"]
+
+
+def test_packaged_chart_carries_the_linked_files_and_renders(tmp_path, default_render: Rendered) -> None:
+    """`helm package` resolves the links (kong.yml, protos, config, alerts): the archive stands alone."""
+    import tarfile
+
+    archive = helm.package(CHART, destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        kong = tar.extractfile("cxr/files/kong.yml")
+        assert kong is not None and kong.read().decode() == (ROOT / "gateway" / "kong.yml").read_text()
+    assert {"cxr/files/config.json", "cxr/files/alerts.yml", "cxr/values.schema.json"} <= names
+    assert not any("/examples/" in n for n in names)
+    with helm.Chart.load_archive(Path(archive).read_bytes()) as chart:
+        manifests = chart.render({}, name="cxr", namespace="cxr")
+    objects = [d for p, t in manifests.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
+    assert len(objects) == len(default_render.objects)
