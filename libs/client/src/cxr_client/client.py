@@ -74,6 +74,12 @@ def _options(config: ClientConfig) -> list[tuple[str, Any]]:
     return options
 
 
+def _unhealthy(err: CxrClientError) -> str:
+    if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return "UNREACHABLE"
+    return err.code.name
+
+
 class AsyncCxrClient:
     """Async client of classification, segmentation and rag. Use `async with AsyncCxrClient() as c:`."""
 
@@ -283,17 +289,29 @@ class AsyncCxrClient:
 
     # -- health ---------------------------------------------------------------------------------
     async def health(self, service: ServiceName, *, timeout: float | None = 5.0) -> str:
-        """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE."""
+        """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE.
+
+        Through a gateway that does not route grpc.health.v1, a ListModels (any model ready) or a
+        one-passage SearchLiterature (rag) stands in for the health check."""
         stub = health_pb2_grpc.HealthStub(self.channel(service))
         try:
             resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout)
         except CxrClientError as err:
-            return (
-                "UNREACHABLE"
-                if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                else (err.code.name)
-            )
+            if err.code is grpc.StatusCode.UNIMPLEMENTED:
+                return await self._probe(service, timeout)
+            return _unhealthy(err)
         return _HEALTH_NAMES.get(resp.status, str(resp.status))
+
+    async def _probe(self, service: ServiceName, timeout: float | None) -> str:
+        try:
+            if service == "rag":
+                await self.search_literature("chest radiograph", top_k=1, timeout=timeout)
+                return "SERVING"
+            models = await self.list_models(service, timeout=timeout)
+        except CxrClientError as err:
+            return _unhealthy(err)
+        ready = [m for m in models if m.state == common_pb2.MODEL_STATE_READY]
+        return "SERVING" if ready else "NOT_SERVING"
 
     async def health_all(self, *, timeout: float | None = 5.0) -> dict[str, str]:
         results = await asyncio.gather(*(self.health(s, timeout=timeout) for s in SERVICES))
