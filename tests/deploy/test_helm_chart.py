@@ -525,3 +525,13 @@ def test_packaged_chart_carries_the_linked_files_and_renders(tmp_path, default_r
         manifests = chart.render({}, name="cxr", namespace="cxr")
     objects = [d for p, t in manifests.items() if not p.endswith("NOTES.txt") for d in yaml.safe_load_all(t) if d]
     assert len(objects) == len(default_render.objects)
+
+
+def test_external_gateway_peers_replace_kong(tmp_path) -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+    r = render({"kong": {"enabled": False}, "networkPolicy": {"extraGatewayPeers": [peer]}})
+    assert not r.has("Deployment", "cxr-kong")
+    grpc_rule = r.get("NetworkPolicy", "cxr-classification")["spec"]["ingress"][0]
+    assert grpc_rule["from"] == [peer]
+    with pytest.raises(helm.HelmError, match="leaves no gateway allowed"):
+        render({"kong": {"enabled": False}})

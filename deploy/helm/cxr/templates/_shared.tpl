@@ -79,11 +79,19 @@ spec:
       scrapeTimeout: {{ .values.serviceMonitor.scrapeTimeout }}
 {{- end -}}
 
-{{/* NetworkPolicy peer: the chart's Kong pods. */}}
+{{/* NetworkPolicy peers of the services' gRPC ports: the chart's Kong pods (+ extraGatewayPeers). */}}
 {{- define "cxr.gatewayPeer" -}}
+{{- if .Values.kong.enabled }}
 - podSelector:
     matchLabels:
       {{- include "cxr.selectorLabels" (dict "root" . "component" "kong") | nindent 6 }}
+{{- end }}
+{{- with .Values.networkPolicy.extraGatewayPeers }}
+{{ toYaml . }}
+{{- end }}
+{{- if and (not .Values.kong.enabled) (not .Values.networkPolicy.extraGatewayPeers) }}
+{{- fail "networkPolicy: kong.enabled=false leaves no gateway allowed to reach the services; set networkPolicy.extraGatewayPeers or disable the services' networkPolicy" }}
+{{- end }}
 {{- end -}}
 
 {{/* NetworkPolicy peer: the chart's rag pods. */}}
