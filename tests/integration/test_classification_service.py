@@ -206,6 +206,10 @@ async def test_classify_images_isolates_bad_images_and_streams():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ClassifyImages(pb.ClassifyImagesRequest(), metadata=auth())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err.value) == "NO_IMAGES"
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # 2 images x 9 Grad-CAMs is over the cap of 16
+            req = pb.ClassifyImagesRequest(images=images[:1] * 2, heatmap_labels=list(NIH_LABELS[:9]))
+            await stub.ClassifyImages(req, metadata=auth())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err.value) == "TOO_MANY_HEATMAPS"
 
 
 BAD_INPUTS = [

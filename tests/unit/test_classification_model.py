@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cxr_classification.config import BinaryClassifierConfig, MultiLabelClassifierConfig
@@ -63,6 +64,29 @@ def test_grad_cam_on_swin_channels_last_features():
     out = model.predict([ClassifierInput(item.image, ("abnormal",))])[0]
     heat = np.asarray(Image.open(io.BytesIO(out.heatmaps["abnormal"])))
     assert heat.shape == (64, 64) and heat.max() == 255  # normalised to its peak
+
+
+def test_warm_up_sizes():
+    cfg = MultiLabelClassifierConfig(allow_untrained=True, input_size=64)
+    assert ChestXrayClassifier("m", cfg, CPU, max_batch_size=8).warmup_batch_sizes() == [1]
+    assert ChestXrayClassifier("m", cfg, CPU, warmup_batches=0).warmup_batch_sizes() == []
+    gpu = InferenceDevice("cuda", use_amp=True, amp_dtype="bfloat16", channels_last=True, compile=False)
+    assert ChestXrayClassifier("m", cfg, gpu, max_batch_size=4).warmup_batch_sizes() == [1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_amp_channels_last_matches_cpu(densenet):
+    perf = PerformanceConfig(use_amp=True, amp_dtype="bfloat16")
+    gpu = ChestXrayClassifier("multi", densenet.cfg, InferenceDevice.resolve("cuda", perf), max_batch_size=4)
+    gpu.load()
+    gpu._network.load_state_dict(densenet._network.state_dict())  # same random weights as the CPU model
+    items = inputs(densenet, 4)
+    cpu_out = densenet.predict(items)
+    gpu_out = gpu.predict(items)
+    for a, b in zip(cpu_out, gpu_out, strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-2)
+    assert gpu.device.startswith("cuda")
 
 
 def test_unload_frees_and_refuses():

@@ -64,6 +64,7 @@ class ChestXrayClassifier(ServedModel):
         *,
         checkpoint_path: Path | None = None,
         warmup_batches: int = 1,
+        max_batch_size: int = 1,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -73,6 +74,7 @@ class ChestXrayClassifier(ServedModel):
         self._device = device
         self._configured_checkpoint = checkpoint_path
         self._warmup_batches = warmup_batches
+        self._max_batch_size = max_batch_size
         self._version = ""
         self._network: ClassifierNetwork | None = None  # eager module (Grad-CAM)
         self._runner: torch.nn.Module | None = None  # what predict calls (compiled on GPU when configured)
@@ -122,12 +124,19 @@ class ChestXrayClassifier(ServedModel):
         with self._lock:
             self._network, self._runner, self._version = network, runner, version
 
+    def warmup_batch_sizes(self) -> list[int]:
+        """Batch 1 on CPU; on GPU every size the batcher can form (cuDNN autotunes per shape)."""
+        if self._warmup_batches == 0:
+            return []
+        return list(range(1, self._max_batch_size + 1)) if self._device.is_cuda else [1]
+
     def _warm_up(self, runner: torch.nn.Module) -> None:
         c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
-        x = self._device.batch_to_device(torch.zeros(1, c, s, s))
-        for _ in range(self._warmup_batches):
-            with self._device.inference():
-                runner(x)
+        for size in self.warmup_batch_sizes():
+            x = self._device.batch_to_device(torch.zeros(size, c, s, s))
+            for _ in range(self._warmup_batches):
+                with self._device.inference():
+                    runner(x)
 
     def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
         with self._lock:

@@ -24,6 +24,7 @@ def build_models(settings: Settings, device: InferenceDevice) -> dict[str, Chest
             device,
             checkpoint_path=settings.resolve_model_path(cfg.checkpoint_path),
             warmup_batches=settings.performance.warmup_batches,
+            max_batch_size=settings.server_config.max_batch_size,
         )
         for name, cfg in classifier_configs(settings).items()
     }

@@ -29,6 +29,7 @@ from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.proto_convert import image_metadata, model_info
 
 MAX_IMAGES_PER_REQUEST = 128
+MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
 
 
 def _ms(seconds: float) -> float:
@@ -72,8 +73,14 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
             raise ModelNotReadyError("no classification model is loaded; see ListModels")
         return ready
 
-    def heatmaps_by_model(self, names: list[str], labels: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    def heatmaps_by_model(self, names: list[str], labels: Sequence[str], images: int = 1) -> dict[str, tuple[str, ...]]:
         wanted = list(dict.fromkeys(labels))
+        if len(wanted) * images > MAX_HEATMAPS_PER_REQUEST:
+            raise InvalidInputError(
+                f"{len(wanted)} heatmap labels x {images} images is over the limit of {MAX_HEATMAPS_PER_REQUEST} "
+                "heatmaps per request: ask for fewer labels or send fewer images per call",
+                reason="TOO_MANY_HEATMAPS",
+            )
         known = {label for n in names for label in self.models[n].labels}
         unknown = [label for label in wanted if label not in known]
         if unknown:
@@ -144,7 +151,7 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
                 reason="TOO_MANY_IMAGES",
             )
         names = self.select_models(model_names)
-        heatmaps = self.heatmaps_by_model(names, heatmap_labels)
+        heatmaps = self.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
