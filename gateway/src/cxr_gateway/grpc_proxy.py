@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -113,7 +113,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None and remaining < 1e8 else hit.service.read_timeout / 1000
-        return _Admitted(svc, route, who, backend, target, tuple(md), tuple(extra_initial), timeout, started)
+        return _Admitted(
+            svc, route, who, backend, target, tuple(md), tuple(extra_initial), timeout, started, hit.service.retries
+        )
 
     async def _failed(self, a: _Admitted, err: grpc.aio.AioRpcError, context: Any) -> None:
         if is_connect_failure(err):
@@ -127,21 +129,32 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
     async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         a = await self._admit(method, context)
-        call = a.target.channel.unary_unary(method)(request, metadata=a.metadata, timeout=a.timeout)
         code = grpc.StatusCode.OK
+        target = a.target
         try:
-            resp: bytes = await call
-            await context.send_initial_metadata(tuple(_forwardable(await call.initial_metadata())) + a.extra_initial)
-            context.set_trailing_metadata(tuple(_forwardable(await call.trailing_metadata())))
-            a.backend.record_success(a.target)
-            return resp
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            await self._failed(a, err, context)
-            raise AssertionError("unreachable") from None
+            for attempt in range(a.retries + 1):
+                call = target.channel.unary_unary(method)(request, metadata=a.metadata, timeout=a.timeout)
+                try:
+                    resp: bytes = await call
+                except grpc.aio.AioRpcError as err:
+                    code = err.code()
+                    if is_connect_failure(err) and attempt < a.retries:
+                        # like Kong: a connection failure is retried on the next healthy target
+                        a.backend.record_failure(target, "tcp", err.details() or "connection failed")
+                        try:
+                            target = a.backend.pick()
+                        except BackendUnavailable:
+                            pass
+                        continue
+                    await self._failed(replace(a, target=target), err, context)
+                initial = tuple(_forwardable(await call.initial_metadata()))
+                await context.send_initial_metadata(initial + a.extra_initial)
+                context.set_trailing_metadata(tuple(_forwardable(await call.trailing_metadata())))
+                a.backend.record_success(target)
+                code = grpc.StatusCode.OK
+                return resp
+            raise AssertionError("unreachable")
         finally:
-            if not call.done():
-                call.cancel()
             self.gw.metrics.request(a.service, a.route, http_status(code), "upstream", a.consumer, a.started)
 
     async def _stream(
@@ -181,3 +194,4 @@ class _Admitted:
     extra_initial: tuple[tuple[str, str], ...]
     timeout: float
     started: float
+    retries: int
