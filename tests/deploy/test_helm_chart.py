@@ -535,3 +535,28 @@ def test_external_gateway_peers_replace_kong(tmp_path) -> None:
     assert grpc_rule["from"] == [peer]
     with pytest.raises(helm.HelmError, match="leaves no gateway allowed"):
         render({"kong": {"enabled": False}})
+
+
+@pytest.mark.parametrize("which", ["chart", "compose"])
+def test_kong_config_rendered_with_the_deployment_env_validates(
+    which: str, dev_render: Rendered, dev_values: dict
+) -> None:
+    """What `deck file render` produces from the chart's (or compose's) DECK_* variables is a
+    valid Kong config (checked with the gateway's typed model of Kong's schema), with the
+    backends where the deployment put them."""
+    kong_model = pytest.importorskip("cxr_gateway.kong_model")
+    kong_yml = (ROOT / "gateway" / "kong.yml").read_text()
+    if which == "chart":
+        env = {k: v for k, v in _env(pod_spec(dev_render.get("Deployment", "cxr-kong"))["initContainers"][0]).items()}
+        hosts = {svc: f"cxr-{svc}.cxr.svc" for svc in SERVICES}
+    else:
+        compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
+        env = dict(compose["services"]["kong-config"]["environment"])
+        env["DECK_OTEL_TRACES_ENDPOINT"] = "http://otel-collector:4318/v1/traces"  # the ${VAR:-default}
+        hosts = {svc: svc for svc in SERVICES}
+    env["DECK_CXR_API_KEY"] = dev_values["apiKeys"]["keys"][0]  # from the Secret at run time
+    config = kong_model.parse(kong_yml, env)
+    targets = {t.target for u in config.upstreams for t in u.targets}
+    ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
+    assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in SERVICES}
+    assert [k.key for c in config.consumers for k in c.keyauth_credentials] == [env["DECK_CXR_API_KEY"]]
