@@ -560,3 +560,18 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
     ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
     assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in SERVICES}
     assert [k.key for c in config.consumers for k in c.keyauth_credentials] == [env["DECK_CXR_API_KEY"]]
+
+
+def test_chart_readme_parameter_tables_are_current() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_chart_readme.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    readme = (CHART / "README.md").read_text()
+    assert "| `vllm.tensorParallelSize` |" in readme and "| `chroma.backup.retentionDays` |" in readme
