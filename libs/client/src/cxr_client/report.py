@@ -70,8 +70,8 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None) -> str:
     lines += ["## Literature", ""]
     if report.literature:
         for ref in report.literature:
-            title = ref.title or ref.passage_id
-            src = f" ({ref.source})" if ref.source else ""
+            title = ref.title or ref.source or ref.passage_id
+            src = f" ({ref.source})" if ref.source and ref.title else ""
             lines.append(f"[{ref.number}] **{_md_cell(title)}**{src} — for *{ref.finding}*: {ref.excerpt}")
             lines.append("")
     else:
@@ -142,7 +142,8 @@ def to_html(report: StudyReport) -> str:
         parts.append("<ol>")
         for ref in report.literature:
             parts.append(
-                f"<li value='{ref.number}'><b>{e(ref.title or ref.passage_id)}</b> {e(ref.source)} "
+                f"<li value='{ref.number}'><b>{e(ref.title or ref.source or ref.passage_id)}</b> "
+                f"{e(ref.source if ref.title else '')} "
                 f"— for <i>{e(ref.finding)}</i>: {e(ref.excerpt)}</li>"
             )
         parts.append("</ol>")
