@@ -562,16 +562,17 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
     assert [k.key for c in config.consumers for k in c.keyauth_credentials] == [env["DECK_CXR_API_KEY"]]
 
 
-def test_chart_readme_parameter_tables_are_current() -> None:
+@pytest.mark.parametrize("generator", ["gen_chart_readme.py", "gen_chart_schema.py"])
+def test_generated_chart_files_are_current(generator: str) -> None:
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gen_chart_readme.py"), "--check"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, str(ROOT / "scripts" / generator), "--check"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_chart_readme_lists_the_parameters() -> None:
     readme = (CHART / "README.md").read_text()
     assert "| `vllm.tensorParallelSize` |" in readme and "| `chroma.backup.retentionDays` |" in readme
