@@ -153,3 +153,8 @@ def test_base_url_normalised():
     assert normalise_base_url("http://h:8000") == "http://h:8000/v1"
     assert normalise_base_url("http://h:8000/v1/") == "http://h:8000/v1"
     assert RagConfig().embedding_name == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_template_opened_think_drops_a_repeated_open_tag():
+    assert split_reasoning("<think>why</think>\nanswer [1]", think_open=True) == ("why", "answer [1]")
+    assert split_reasoning("why</think>answer", think_open=True) == ("why", "answer")

@@ -160,6 +160,7 @@ class Ingestor:
         chunk_tokens: int,
         overlap_tokens: int,
         batch_size: int = 32,
+        write_batch: int = 256,
     ) -> None:
         self.store = store
         self.embedder = embedder
@@ -167,6 +168,7 @@ class Ingestor:
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
         self.batch_size = batch_size
+        self.write_batch = write_batch
 
     def chunk(self, documents: Iterable[Document]) -> tuple[int, list[Chunk]]:
         n_docs, chunks, seen = 0, [], set()
@@ -178,14 +180,14 @@ class Ingestor:
                     chunks.append(c)
         return n_docs, chunks
 
-    def ingest(self, documents: Iterable[Document], *, progress: bool = True, write_batch: int = 256) -> IngestStats:
+    def ingest(self, documents: Iterable[Document], *, progress: bool = True) -> IngestStats:
         started = time.perf_counter()
         n_docs, chunks = self.chunk(documents)
         stats = IngestStats(documents=n_docs)
         bar = tqdm(total=len(chunks), desc="ingest", unit="chunk", disable=not progress, mininterval=1.0)
         try:
-            for s in range(0, len(chunks), write_batch):
-                part = chunks[s : s + write_batch]
+            for s in range(0, len(chunks), self.write_batch):
+                part = chunks[s : s + self.write_batch]
                 present = self.store.existing_ids([c.id for c in part])
                 new = [c for c in part if c.id not in present]
                 stats.chunks_skipped += len(part) - len(new)

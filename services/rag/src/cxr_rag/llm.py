@@ -57,13 +57,14 @@ class ThinkSplitter:
     """Streaming separation of `<think>…</think>` reasoning from the answer.
 
     `think_open=True` means the prompt already opened the think block (DeepSeek-R1 template):
-    text is reasoning until `</think>`. Otherwise reasoning starts only with a leading `<think>`.
+    text is reasoning until `</think>` (a leading `<think>` the model repeats anyway is dropped).
+    Otherwise reasoning starts only with a leading `<think>`.
     Tags split across chunks are handled by holding back a possible partial tag.
     """
 
     def __init__(self, think_open: bool = False) -> None:
         self._in_think = think_open
-        self._started = think_open  # past the point where a leading <think> may appear
+        self._started = False  # past the point where a leading <think> may appear (dropped in both modes)
         self._buf = ""
         self._strip_leading = False  # drop whitespace right after </think>
 

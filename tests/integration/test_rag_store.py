@@ -1,0 +1,225 @@
+"""Store and ingestion on real embedded ChromaDB: idempotency, resumption, file formats,
+embedding-model mismatch, backup/restore, filters, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_rag import cli
+from cxr_rag.embeddings import default_model_path, get_embedder, load_tokenizer
+from cxr_rag.ingest import Ingestor, read_documents
+from cxr_rag.retrieval import Mode, Retriever
+from cxr_rag.runtime import RagRuntime
+from cxr_rag.store import StoreMismatchError, VectorStore
+from cxr_serving.errors import InvalidInputError
+from tests.support.rag import rag_cfg, shared_store, subset_corpus
+
+
+@pytest.fixture(scope="module")
+def store() -> VectorStore:
+    d = shared_store()
+    emb = get_embedder(default_model_path())
+    return VectorStore.open(rag_cfg(d), "sentence-transformers/all-MiniLM-L6-v2", emb.dimension)
+
+
+def ingestor(store: VectorStore, embedder=None, **kw) -> Ingestor:
+    return Ingestor(
+        store, embedder or get_embedder(default_model_path()), load_tokenizer(default_model_path()), 200, 40, **kw
+    )
+
+
+def test_subset_ingested_with_metadata(store):
+    n_passages = len(subset_corpus().read_text().splitlines())
+    assert store.count() >= n_passages  # a few long passages make two chunks
+    chunk = next(c for c in store.all_chunks() if c.metadata.get("doc_id") == "10135926-0")
+    assert chunk.metadata["pmid"] == "10135926" and chunk.metadata["section"] == "INTRODUCTION"
+    assert chunk.metadata["source"] == "PMID:10135926" and chunk.metadata["year"] == "1994"
+    assert "Intubation, Intratracheal" in chunk.metadata["meshes"]
+
+
+def test_reingest_adds_nothing(store):
+    before = store.count()
+    stats = ingestor(store).ingest(read_documents(subset_corpus()), progress=False)
+    assert stats.chunks_added == 0 and stats.chunks_skipped >= before - 5
+    assert store.count() == before
+
+
+class CountingEmbedder:
+    """The real embedder, interrupted after `fail_after` calls (like a crash or Ctrl-C)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.inner = get_embedder(default_model_path())
+        self.dimension = self.inner.dimension
+        self.fail_after = fail_after
+        self.texts = 0
+        self.calls = 0
+
+    def encode(self, texts, batch_size=32):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        self.texts += len(texts)
+        return self.inner.encode(texts, batch_size)
+
+
+def test_ingestion_resumes_after_interruption(tmp_path):
+    docs = list(read_documents(subset_corpus(), limit=24))
+    st = VectorStore.open(rag_cfg(tmp_path / "db"), "sentence-transformers/all-MiniLM-L6-v2", 384)
+    crashing = CountingEmbedder(fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        ingestor(st, crashing, batch_size=4, write_batch=8).ingest(docs, progress=False)
+    done = st.count()
+    assert done == 2 * 8 or done == crashing.texts  # two batches were written before the crash
+    resumed = CountingEmbedder()
+    stats = ingestor(st, resumed, batch_size=4, write_batch=8).ingest(docs, progress=False)
+    assert stats.chunks_skipped == done and stats.chunks_added == st.count() - done
+    assert resumed.texts == stats.chunks_added  # nothing embedded twice
+
+
+def _minimal_pdf(pages: list[str]) -> bytes:
+    objs = ["<< /Type /Catalog /Pages 2 0 R >>", ""]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+        objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream.decode()}\nendstream")
+        content_id = len(objs)
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_id} 0 R "
+            "/Resources << /Font << /F1 << /Type /Font /Subtype /Type1 /BaseFont /Helvetica >> >> >> >>"
+        )
+        kids.append(f"{len(objs)} 0 R")
+    objs[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for i, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode()
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    out += f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def test_text_markdown_and_pdf(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "guide.md").write_text(
+        "# Pleural effusion guide\n\nIntro text about effusions.\n\n## Imaging\n\nBlunting of the "
+        "costophrenic angle on chest radiographs.\n\n## Treatment\n\nThoracentesis drains fluid.\n"
+    )
+    (docs / "note.txt").write_text("Pneumothorax is air in the pleural space.")
+    (docs / "paper.pdf").write_bytes(_minimal_pdf(["Cardiomegaly enlarges the heart shadow", "Page two on edema"]))
+    (docs / "ignored.bin").write_bytes(b"\x00")
+    found = list(read_documents(docs))
+    by_key = {d.key: d for d in found}
+    assert set(by_key) == {
+        "guide.md#preamble",
+        "guide.md#Pleural effusion guide",
+        "guide.md#Imaging",
+        "guide.md#Treatment",
+        "note.txt",
+        "paper.pdf#page=1",
+        "paper.pdf#page=2",
+    } - {"guide.md#preamble"}
+    assert by_key["guide.md#Imaging"].metadata["section"] == "Imaging"
+    assert by_key["guide.md#Imaging"].title == "Pleural effusion guide"
+    assert by_key["paper.pdf#page=2"].metadata["page"] == "2"
+    assert "Cardiomegaly" in by_key["paper.pdf#page=1"].text
+    st = VectorStore.open(rag_cfg(tmp_path / "db"), "sentence-transformers/all-MiniLM-L6-v2", 384)
+    stats = ingestor(st).ingest(found, progress=False)
+    assert stats.chunks_added == 6
+    r = Retriever(st, get_embedder(default_model_path()), candidates=10)
+    r.rebuild_index()
+    top = r.search("enlarged heart silhouette", 1, Mode.HYBRID).passages[0]
+    assert top.metadata["page"] == "1" and top.source.endswith("paper.pdf")
+    with pytest.raises(InvalidInputError, match="unsupported file type"):
+        list(read_documents(docs / "ignored.bin"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "ok"}\n{"id": "b"}\n')
+    with pytest.raises(InvalidInputError, match=r"bad.jsonl:2: record has no 'text'"):
+        list(read_documents(bad))
+
+
+def test_embedding_model_mismatch_is_a_clear_error(store):
+    with pytest.raises(StoreMismatchError, match=r"embedding model 'sentence-transformers/all-MiniLM-L6-v2'.*'other'"):
+        VectorStore.open(rag_cfg(Path(store.location)), "other", 384)
+    with pytest.raises(StoreMismatchError, match="dim 768"):
+        VectorStore.open(rag_cfg(Path(store.location)), "sentence-transformers/all-MiniLM-L6-v2", 768)
+
+
+def test_backup_restore_round_trip(store, tmp_path):
+    manifest = store.backup(tmp_path / "snap")
+    assert manifest["count"] == store.count()
+    with pytest.raises(InvalidInputError, match="already exists"):
+        store.backup(tmp_path / "snap")
+    fresh = VectorStore.open(rag_cfg(tmp_path / "restored"), store.embedding_model, store.dimension)
+    result = fresh.restore(tmp_path / "snap")
+    assert result["count_after"] == store.count()
+
+    def dump(s: VectorStore):
+        rows = {}
+        for ids, docs, metas, embs in s.iter_all(embeddings=True):
+            for i, d, m, e in zip(ids, docs, metas, embs, strict=True):
+                rows[i] = (d, m, np.asarray(e))
+        return rows
+
+    a, b = dump(store), dump(fresh)
+    assert a.keys() == b.keys()
+    some = next(iter(a))
+    assert a[some][:2] == b[some][:2] and np.allclose(a[some][2], b[some][2])
+    # restoring twice is idempotent
+    assert fresh.restore(tmp_path / "snap")["count_after"] == store.count()
+    # a corrupted snapshot is refused
+    rec = tmp_path / "snap" / "records.jsonl"
+    rec.write_text(rec.read_text().replace("the", "teh", 1))
+    with pytest.raises(InvalidInputError, match="checksum mismatch"):
+        fresh.restore(tmp_path / "snap")
+
+
+def test_metadata_filters(store):
+    r = Retriever(store, get_embedder(default_model_path()), candidates=20)
+    r.rebuild_index()
+    for mode in Mode:
+        res = r.search("outcome of surgery", 5, mode, {"section": "RESULTS"})
+        assert res.passages and all(p.metadata["section"] == "RESULTS" for p in res.passages), mode
+        none = r.search("outcome of surgery", 5, mode, {"section": "NO-SUCH-SECTION"})
+        assert none.passages == [], mode
+
+
+def test_cli_ingest_stats_backup_restore(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"models": {"rag": {"vector_db_path": str(tmp_path / "db")}}}))
+    doc = tmp_path / "a.md"
+    doc.write_text("# Title\n\nAtelectasis is a collapse of lung tissue.\n")
+    monkeypatch.delenv("CXR_CONFIG_PATH", raising=False)
+
+    def run(*argv: str) -> dict:
+        capsys.readouterr()
+        assert cli.main(["--config", str(cfg), "-q", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run("ingest", str(doc))["chunks_added"] == 1
+    assert run("ingest", str(doc))["chunks_skipped"] == 1
+    stats = run("stats")
+    assert stats["chunks"] == 1 and stats["mode"] == "embedded"
+    assert run("backup", str(tmp_path / "bak"))["count"] == 1
+    cfg.write_text(json.dumps({"models": {"rag": {"vector_db_path": str(tmp_path / "db2")}}}))
+    assert run("restore", str(tmp_path / "bak"))["count_after"] == 1
+    assert cli.main(["--config", str(cfg), "-q", "ingest", str(tmp_path / "missing.md")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_runtime_ingests_documents_path_on_first_start_only(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(subset_corpus().read_text().splitlines()[:5]) + "\n")
+    rt = RagRuntime(rag_cfg(tmp_path / "db", documents_path=str(corpus)))
+    rt.open(progress=False)
+    assert rt.ready and rt.last_ingest is not None and rt.last_ingest.chunks_added == 5
+    rt2 = RagRuntime(rag_cfg(tmp_path / "db", documents_path=str(corpus)))
+    rt2.open(progress=False)
+    assert rt2.last_ingest is None  # not empty: nothing re-read
