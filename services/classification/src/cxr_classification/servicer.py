@@ -24,7 +24,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.grpc_errors import rpc_status_from_error
-from cxr_serving.images import DecodePool
+from cxr_serving.images import DecodedImage, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.proto_convert import image_metadata, model_info
 
@@ -99,6 +99,16 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
                 out[spec] = preprocess(pixels, spec)
         return out
 
+    def _decode_and_preprocess(
+        self, data: bytes, content_type: str, names: list[str]
+    ) -> tuple[DecodedImage, dict[PreprocessSpec, torch.Tensor], float, float]:
+        """One job on the worker pool: validate + decode, then every distinct preprocessing."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, content_type, self.pool.limits)
+        t1 = time.perf_counter()
+        tensors = self._preprocess_all(decoded.pixels, names)
+        return decoded, tensors, t1 - t0, time.perf_counter() - t1
+
     async def _predict(self, name: str, item: ClassifierInput) -> tuple[ClassifierOutput, float]:
         started = time.perf_counter()
         out: ClassifierOutput = await self.repo.predict(name, item)
@@ -124,17 +134,19 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
         self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
     ) -> ImageResult:
         t0 = time.perf_counter()
-        decoded = await self.pool.decode(image.data, image.content_type)
-        t1 = time.perf_counter()
-        tensors = await self.pool.run(self._preprocess_all, decoded.pixels, names)
-        t2 = time.perf_counter()
-        outs = await asyncio.gather(
-            *(self._predict(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names)
+        decoded, tensors, decode_s, preprocess_s = await self.pool.run(
+            self._decode_and_preprocess, image.data, image.content_type, names
         )
-        t3 = time.perf_counter()
+        t1 = time.perf_counter()
+        items = [(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names]
+        if len(items) == 1:
+            outs = [await self._predict(*items[0])]
+        else:
+            outs = list(await asyncio.gather(*(self._predict(n, item) for n, item in items)))
+        t2 = time.perf_counter()
         predictions = [self._prediction(n, out, secs) for n, (out, secs) in zip(names, outs, strict=True)]
         timing = pb.Timing(
-            decode_ms=_ms(t1 - t0), preprocess_ms=_ms(t2 - t1), inference_ms=_ms(t3 - t2), total_ms=_ms(t3 - t0)
+            decode_ms=_ms(decode_s), preprocess_ms=_ms(preprocess_s), inference_ms=_ms(t2 - t1), total_ms=_ms(t2 - t0)
         )
         untrained = any(p.model.untrained for p in predictions)
         return ImageResult(predictions, image_metadata(decoded), timing, untrained)
