@@ -105,6 +105,7 @@ def test_no_secret_committed_and_missing_variable_named():
         (lambda d: d["plugins"][3]["config"].pop("minute"), "at least one of second, minute"),
         (lambda d: d["services"][0]["routes"][0].update(strip_path=True), "strip_path"),
         (lambda d: d["services"][0]["routes"][0].update(methods=["POST"]), "methods"),
+        (lambda d: d["services"][0]["routes"][0].update(protocols=["grpc", "http"]), "mutually exclusive"),
         (lambda d: d["services"][0].update(port=70000), "port"),
         (lambda d: d["services"][0].update(colour="blue"), "colour"),
         (lambda d: d.update(_format_version="2.1"), "_format_version"),

@@ -263,10 +263,12 @@ class Route(_Kong):
     @model_validator(mode="after")
     def _kong_route_rules(self) -> Route:
         grpc = any(p in ("grpc", "grpcs") for p in self.protocols)
-        if grpc and self.strip_path:
-            raise ValueError("'strip_path' cannot be set when 'protocols' is 'grpc' or 'grpcs'")
+        if grpc and any(p in ("http", "https") for p in self.protocols):
+            raise ValueError("protocols: 'grpc'/'grpcs' and 'http'/'https' are mutually exclusive")
+        if grpc and self.strip_path:  # Kong's grpc route subschema
+            raise ValueError("cannot set 'strip_path' when 'protocols' is 'grpc' or 'grpcs'")
         if grpc and self.methods:
-            raise ValueError("'methods' cannot be set when 'protocols' is 'grpc' or 'grpcs'")
+            raise ValueError("cannot set 'methods' when 'protocols' is 'grpc' or 'grpcs'")
         if not (self.paths or self.methods or self.hosts or self.headers):
             raise ValueError("must set one of 'methods', 'hosts', 'headers', 'paths'")
         return self
