@@ -92,6 +92,7 @@ async def test_rest_classify_transcodes_json_and_echoes_correlation_id(sample_pn
             cid = r.headers["X-Correlation-ID"]
             assert len(cid) == 36  # generated uuid
             assert r.headers["RateLimit-Limit"] == "100"
+            assert int(r.headers["X-Kong-Upstream-Latency"]) >= 0
         finding = body["predictions"][0]["findings"][0]
         assert finding["label"] == "bright" and 0 <= finding["probability"] <= 1
         assert body["untrained"] is True and body["image"]["width"] > 0  # unpopulated fields emitted
@@ -337,6 +338,12 @@ async def test_openapi_and_metrics_endpoints(http):
         lines = [ln for ln in text.splitlines() if ln.startswith("kong_http_requests_total{")]
         assert any(all(w in ln for w in wanted) and 'consumer="cxr-client"' in ln for ln in lines), lines
         assert "kong_upstream_target_health" in text
+        async with http.get(f"http://127.0.0.1:{gw.ports.status}/status") as r:
+            status = await r.json()
+        assert "stand-in" in status["server"]
+        assert status["backends"]["classification"] == [
+            {"target": f"127.0.0.1:{be.port}", "healthy": True, "error": ""}
+        ]
 
 
 async def test_tls_to_backend_with_grpcs(tmp_path, monkeypatch, sample_png, http):
