@@ -366,3 +366,43 @@ def test_cli_check_render_and_local_defaults(tmp_path):
 def test_load_kong_helper_points_at_given_ports():
     kong = load_kong({"classification": 1234})
     assert kong.upstream("classification.upstream").targets[0].target == "127.0.0.1:1234"
+
+
+def test_plugin_options_hide_credentials_identifiers_411_and_counter():
+    ka = KeyAuth(kong_model.KeyAuthConfig(key_names=["apikey"], hide_credentials=True), [])
+    headers = {"apikey": "k", "other": "v"}
+    ka.strip(headers)
+    assert headers == {"other": "v"}
+    rl = RateLimiter(kong_model.RateLimitingConfig(minute=1))
+    consumer = kong_model.Consumer(username="alice")
+    assert rl.identifier(consumer, "10.0.0.1", "rag", "/p") == "consumer:alice"
+    assert rl.identifier(None, "10.0.0.1", "rag", "/p") == "ip:10.0.0.1"  # Kong's fallback without a consumer
+    by_service = RateLimiter(kong_model.RateLimitingConfig(minute=1, limit_by="service"))
+    assert by_service.identifier(consumer, "10.0.0.1", "rag", "/p") == "service:rag"
+    strict = SizeLimit(kong_model.RequestSizeLimitingConfig(allowed_payload_size=1, require_content_length=True))
+    assert strict.check_declared(None).http_status == 411
+    assert SizeLimit(kong_model.RequestSizeLimitingConfig(allowed_payload_size=2, size_unit="kilobytes")).limit == 2048
+    counter = CorrelationId(kong_model.CorrelationIdConfig(generator="uuid#counter"))
+    a, b = counter.get_or_create({}), counter.get_or_create({})
+    assert a.endswith("#1") and b.endswith("#2") and a.split("#")[0] == b.split("#")[0]
+
+
+def test_passive_health_marks_target_down_after_threshold():
+    from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState
+
+    checks = kong_model.Healthchecks.model_validate({"passive": {"unhealthy": {"tcp_failures": 2, "timeouts": 1}}})
+    svc = kong_model.Service(name="rag", protocol="grpc", host="rag.upstream", port=1)
+    target = TargetState("127.0.0.1:1", channel=None)
+    backend = Backend(svc, [target], checks, "rag.upstream")
+    backend.record_failure(target, "tcp", "refused")
+    assert backend.pick() is target  # one failure is under the threshold
+    backend.record_success(target)  # a success resets the count
+    backend.record_failure(target, "tcp", "refused")
+    assert target.healthy
+    backend.record_failure(target, "tcp", "refused")
+    assert not target.healthy
+    with pytest.raises(BackendUnavailable, match="backend 'rag' is unavailable: no healthy target"):
+        backend.pick()
+    other = TargetState("127.0.0.1:2", channel=None)
+    Backend(svc, [other], checks, "rag.upstream").record_failure(other, "timeout", "deadline")
+    assert not other.healthy
