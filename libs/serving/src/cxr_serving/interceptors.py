@@ -219,7 +219,34 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
             return wrapped
 
+        def wrap_writer(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            """A streaming handler that sends with `context.write()` (grpc_health's Watch), not `yield`."""
+
+            async def wrapped(request: Any, context: Ctx) -> None:
+                cid, span = begin(context)
+                started = time.perf_counter()
+                code = "OK"
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        await behaviour(request, context)
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:
+                    code = "ERROR"
+                    await fail(context, exc, cid)
+                finally:
+                    finish(context, span, started, code_of(context, code))
+
+            return wrapped
+
         def wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.iscoroutinefunction(behaviour):
+                return wrap_writer(behaviour)
+
             async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 cid, span = begin(context)
                 started = time.perf_counter()
