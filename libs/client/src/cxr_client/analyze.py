@@ -95,7 +95,7 @@ class StudyReport(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     errors: dict[str, str] = Field(default_factory=dict)
     disclaimer: str = DISCLAIMER
-    overlay_png: bytes | None = Field(None, exclude=True, repr=False)
+    overlay_png: bytes | None = Field(default=None, exclude=True, repr=False)
 
 
 def _model_version(service: str, info: common_pb2.ModelInfo) -> ModelVersion:
@@ -146,7 +146,7 @@ async def analyze_study(
     if isinstance(cls_res, CxrClientError) and isinstance(seg_res, CxrClientError):
         raise cls_res
 
-    if isinstance(cls_res, CxrClientError):
+    if isinstance(cls_res, BaseException):
         report.errors["classification"] = str(cls_res)
     else:
         report.image = _image_dict(cls_res.image)
@@ -165,7 +165,7 @@ async def analyze_study(
         report.findings.sort(key=lambda f: f.probability, reverse=True)
         report.positive_findings = [f.label for f in report.findings if _is_reportable(f)]
 
-    if isinstance(seg_res, CxrClientError):
+    if isinstance(seg_res, BaseException):
         report.errors["segmentation"] = str(seg_res)
     else:
         report.models.append(_model_version("segmentation", seg_res.model))

@@ -246,7 +246,7 @@ async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     if args.models_command == "list":
-        services: list[ServiceName] = [args.service] if args.service else list(MODEL_SERVICES)  # type: ignore[list-item]
+        services: list[ServiceName] = [args.service] if args.service else ["classification", "segmentation"]
         infos, rc = [], 0
         for svc in services:
             try:

@@ -136,7 +136,7 @@ class AsyncCxrClient:
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
-            await ch.close()
+            await ch.close(grace=None)
 
     async def __aenter__(self) -> AsyncCxrClient:
         return self
@@ -278,14 +278,17 @@ class AsyncCxrClient:
         stub = self._model_stub(service)
         pb = cls_pb if service == "classification" else seg_pb
         req = pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
-        return (await self._call(stub.LoadModel, req, timeout)).model
+        info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout)).model
+        return info
 
     async def unload_model(
         self, service: ServiceName, model_name: str, *, timeout: float | None = None
     ) -> common_pb2.ModelInfo:
         stub = self._model_stub(service)
         pb = cls_pb if service == "classification" else seg_pb
-        return (await self._call(stub.UnloadModel, pb.UnloadModelRequest(model_name=model_name), timeout)).model
+        req = pb.UnloadModelRequest(model_name=model_name)
+        info: common_pb2.ModelInfo = (await self._call(stub.UnloadModel, req, timeout)).model
+        return info
 
     # -- health ---------------------------------------------------------------------------------
     async def health(self, service: ServiceName, *, timeout: float | None = 5.0) -> str:

@@ -32,19 +32,19 @@ class TlsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = False
-    root_certs_file: Path | None = Field(None, description="PEM CA bundle; None: the system roots")
-    client_cert_file: Path | None = Field(None, description="PEM client certificate for mutual TLS")
-    client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file")
-    server_name_override: str | None = Field(None, description="expected server name (tests, IP endpoints)")
+    root_certs_file: Path | None = Field(default=None, description="PEM CA bundle; None: the system roots")
+    client_cert_file: Path | None = Field(default=None, description="PEM client certificate for mutual TLS")
+    client_key_file: Path | None = Field(default=None, description="PEM private key of client_cert_file")
+    server_name_override: str | None = Field(default=None, description="expected server name (tests, IP endpoints)")
 
 
 class ClientConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    endpoint: str | None = Field(None, description="one gRPC endpoint for every service (e.g. the gateway)")
+    endpoint: str | None = Field(default=None, description="one gRPC endpoint for every service (e.g. the gateway)")
     endpoints: dict[str, str] = Field(default_factory=dict, description="per-service overrides")
-    api_key: str | None = Field(None, description="sent as x-api-key metadata on every call")
-    tls: TlsOptions = Field(default_factory=TlsOptions)
+    api_key: str | None = Field(default=None, description="sent as x-api-key metadata on every call")
+    tls: TlsOptions = Field(default_factory=lambda: TlsOptions())
     timeout_s: float = Field(30.0, gt=0, description="default deadline of one call")
     max_message_mb: int = Field(64, gt=0)
     retries: bool = Field(True, description="apply cxr_client.retry_policy.SERVICE_CONFIG")

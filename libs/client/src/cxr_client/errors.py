@@ -157,8 +157,8 @@ def _correlation_id(err: grpc.RpcError) -> str:
 
 def from_rpc_error(err: grpc.RpcError) -> CxrClientError:
     """The typed exception for a failed call (grpc.RpcError or grpc.aio.AioRpcError)."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    message: str = err.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or code.name
     try:
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
     except Exception:  # a malformed grpc-status-details-bin must not hide the original error
