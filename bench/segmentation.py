@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = nih_images(args.images)
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     print(
         f"segmentation bench: device={args.device} input={args.input_size} encoder={args.encoder} "
         f"batch={args.batch_size} levels={args.levels} (<= {args.requests} requests / {args.seconds:.0f} s each)",
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
+        # other processes on the host skew CPU numbers: the 1-minute load average before and after
+        "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "torch": torch.__version__,
         "model": {"architecture": "Unet", "encoder": args.encoder, "input_size": args.input_size, "untrained": True},
         "images": len(images),

@@ -256,3 +256,19 @@ def test_main_serves_local_config_on_cpu_untrained():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def test_disabled_model_is_not_loaded_at_start_but_can_be_loaded():
+    s = settings(enabled=False)
+    image = png_request(cxr14_images(1)[0]).image
+    async with running_server(s, build_binding(s)) as server:  # ready: nothing required
+        ch, stub = stub_for(server)
+        async with ch:
+            models = await stub.ListModels(pb.ListModelsRequest(), metadata=auth())
+            assert models.models[0].state == common_pb2.MODEL_STATE_UNLOADED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SegmentImage(pb.SegmentImageRequest(image=image), metadata=auth())
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            loaded = await stub.LoadModel(pb.LoadModelRequest(model_name="segmentation"), metadata=auth())
+            assert loaded.model.state == common_pb2.MODEL_STATE_READY
+            assert len((await stub.SegmentImage(pb.SegmentImageRequest(image=image), metadata=auth())).masks) == 5

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from cxr_segmentation.model import SegmentationModel
@@ -104,7 +105,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         return pb.UnloadModelResponse(model=model_info(status))
 
 
-def to_response(result: SegmentationResult, *, status_info: object, image: object) -> pb.SegmentImageResponse:
+def to_response(
+    result: SegmentationResult, *, status_info: common_pb2.ModelInfo, image: common_pb2.ImageMetadata
+) -> pb.SegmentImageResponse:
     masks = []
     for m in result.masks:
         msg = pb.AnatomyMask(
@@ -131,13 +134,12 @@ def to_response(result: SegmentationResult, *, status_info: object, image: objec
         heart_width_mm=c.heart_width_mm,
         thorax_width_mm=c.thorax_width_mm,
     )
-    info = status_info
     return pb.SegmentImageResponse(
-        model=info,  # type: ignore[arg-type]
+        model=status_info,
         masks=masks,
         measurements=measurements,
         overlay_png=result.overlay_png,
         dicom_seg=result.dicom_seg,
-        image=image,  # type: ignore[arg-type]
-        untrained=bool(getattr(info, "untrained", False)),
+        image=image,
+        untrained=status_info.untrained,
     )
