@@ -1,0 +1,84 @@
+"""Overload: at ~3x saturation the service sheds with RESOURCE_EXHAUSTED at once (the batcher's
+bounded queue), keeps serving what it can, its memory stays flat, and it recovers fully when
+the load drops. The server is a real process (the toy model: 50 ms per batch of 2, so about
+40 requests/s; queue of 8); every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_protos.common.v1 import common_pb2
+from tests.reliability.load import closed_loop, open_loop
+from tests.reliability.procs import service_process
+from tests.reliability.results import report
+from tests.reliability.targets import IMG
+from tests.support.servers import auth
+
+ENV = {
+    "TOY_DELAY_S": "0.05",
+    "CXR_SERVER_CONFIG__MAX_BATCH_SIZE": "2",
+    "CXR_SERVER_CONFIG__MAX_QUEUE_SIZE": "8",
+    "CXR_SERVER_CONFIG__MAX_BATCH_DELAY_MS": "1",
+    "CXR_LOG_LEVEL": "WARNING",
+}
+REQUEST = pb.ClassifyImageRequest(image=common_pb2.Image(data=IMG, content_type="image/png"))
+
+
+@pytest.mark.slow
+async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
+    with service_process(tmp_path, env=ENV) as svc:
+        rss_idle = svc.rss_bytes()
+        with grpc.insecure_channel(svc.target) as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            calibration = closed_loop(lambda: stub.ClassifyImage(REQUEST, metadata=auth(), timeout=10), 4, 2.0, 400)
+        capacity = calibration.codes["OK"] / 2.0
+        assert calibration.failed() == 0, calibration.errors
+        rate = 3 * capacity
+
+        async with grpc.aio.insecure_channel(svc.target) as ach:
+            astub = pb_grpc.ClassificationServiceStub(ach)
+            peak_rss = 0
+
+            async def sample_rss() -> None:
+                nonlocal peak_rss
+                while True:
+                    peak_rss = max(peak_rss, svc.rss_bytes())
+                    await asyncio.sleep(0.1)
+
+            sampler = asyncio.ensure_future(sample_rss())
+            overload = await open_loop(lambda: astub.ClassifyImage(REQUEST, metadata=auth(), timeout=20), rate, 4.0)
+            sampler.cancel()
+            await asyncio.sleep(0.5)  # the queue drains
+            recovery = await open_loop(
+                lambda: astub.ClassifyImage(REQUEST, metadata=auth(), timeout=20), capacity / 2, 3.0
+            )
+        rss_after = svc.rss_bytes()
+
+    shed = overload.codes["RESOURCE_EXHAUSTED"]
+    numbers = {
+        "capacity_rps": round(capacity, 1),
+        "offered_rps": round(rate, 1),
+        "overload_outcomes": dict(overload.codes),
+        "served_rps_under_overload": round(overload.codes["OK"] / 4.0, 1),
+        "shed_fraction": round(shed / max(overload.total, 1), 3),
+        "shed_latency_ms": {"p50": overload.percentile_ms("RESOURCE_EXHAUSTED", 0.5),
+                            "p99": overload.percentile_ms("RESOURCE_EXHAUSTED", 0.99)},
+        "served_latency_ms_under_overload": {"p50": overload.percentile_ms("OK", 0.5),
+                                             "p99": overload.percentile_ms("OK", 0.99)},
+        "recovery_outcomes": dict(recovery.codes),
+        "recovery_latency_ms": {"p50": recovery.percentile_ms("OK", 0.5), "p99": recovery.percentile_ms("OK", 0.99)},
+        "rss_mb": {"idle": rss_idle >> 20, "peak_under_overload": peak_rss >> 20, "after": rss_after >> 20},
+    }  # fmt: skip
+    report("overload", numbers)
+    assert shed > 0, numbers  # it did shed
+    assert overload.failed(("OK", "RESOURCE_EXHAUSTED")) == 0, overload.errors  # and nothing else went wrong
+    assert overload.percentile_ms("RESOURCE_EXHAUSTED", 0.5) < 50, numbers  # refusals are immediate
+    assert overload.codes["OK"] / 4.0 >= 0.5 * capacity, numbers  # still serving near capacity
+    assert peak_rss - rss_idle < 150 * 2**20, numbers  # memory bounded (queue, not backlog)
+    assert recovery.failed() == 0, recovery.errors  # full recovery
+    assert recovery.percentile_ms("OK", 0.5) < 500, numbers
