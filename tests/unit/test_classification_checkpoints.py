@@ -200,3 +200,21 @@ def test_checkpoint_without_weights_is_refused(tmp_path):
     torch.save({"epoch": 1, "note": "no weights here"}, path)
     with pytest.raises(CheckpointError, match="without a state dict"):
         served(MultiLabelClassifierConfig(input_size=64), path)
+
+
+def test_checkpoint_directory_names_its_one_weights_file(tmp_path):
+    """The seed configures `/mnt/models/fourteen_class_classifier`, a directory."""
+    ref = randomize_(torchvision.models.densenet121(weights=None, num_classes=14), seed=8)
+    folder = tmp_path / "fourteen_class_classifier"
+    folder.mkdir()
+    (folder / "README.txt").write_text("trained on NIH")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "weights.safetensors"))
+    cfg = MultiLabelClassifierConfig(input_size=64)
+    x = nih_batch(cfg, 1)
+    model = served(cfg, folder)
+    with torch.no_grad():
+        np.testing.assert_allclose(probabilities(model, x), torch.sigmoid(ref(x)).numpy(), atol=TOL, rtol=0)
+    assert model.version == checkpoint_version(folder / "weights.safetensors")
+    (folder / "other.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"exactly one weights file.*other.pt.*weights.safetensors"):
+        served(cfg, folder)

@@ -34,6 +34,10 @@ STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.", "densenet121.", "net."
 _OLD_DENSENET_NAME = re.compile(r"\.(norm|relu|conv)\.([12])\.")
 SAFETENSORS_SUFFIX = ".safetensors"
 MAX_LISTED = 8
+# A checkpoint_path that is a directory (e.g. the seed's `/mnt/models/fourteen_class_classifier`)
+# names the one weights file inside it: these names first, else the only file with a weights suffix.
+DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.pth.tar", "model.ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".tar", ".ckpt")
 
 
 @dataclass
@@ -42,6 +46,26 @@ class Checkpoint:
 
     state_dict: dict[str, torch.Tensor]
     op_threshs: torch.Tensor | None = None  # torchxrayvision operating points
+
+
+def resolve_checkpoint_file(path: Path) -> Path:
+    """The weights file itself: `path`, or the one weights file in the directory `path`."""
+    if not path.is_dir():
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist or is not a file", reason="CHECKPOINT_NOT_FOUND")
+        return path
+    for name in DIRECTORY_FILES:
+        if (path / name).is_file():
+            return path / name
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if len(files) == 1:
+        return files[0]
+    found = [p.name for p in files][:MAX_LISTED]
+    raise CheckpointError(
+        f"checkpoint directory {path} must hold one of {list(DIRECTORY_FILES)} or exactly one weights file "
+        f"({', '.join(WEIGHT_SUFFIXES)}); found {found or 'none'}",
+        reason="CHECKPOINT_NOT_FOUND",
+    )
 
 
 def _is_safetensors(path: Path, fmt: str) -> bool:
@@ -55,8 +79,7 @@ def _is_safetensors(path: Path, fmt: str) -> bool:
 
 def read_tensors(path: Path, fmt: str = "auto", allow_pickle: bool = False) -> Mapping[str, Any]:
     """The raw object of a checkpoint file, as a mapping of names to tensors (maybe nested)."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file", reason="CHECKPOINT_NOT_FOUND")
+    path = resolve_checkpoint_file(path)
     if _is_safetensors(path, fmt):
         from safetensors.torch import load_file
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_classification.checkpoints import load_checkpoint
+from cxr_classification.checkpoints import load_checkpoint, resolve_checkpoint_file
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
@@ -98,6 +98,7 @@ class ChestXrayClassifier(ServedModel):
         net = build_network(cfg)
         op_threshs = None
         if checkpoint_path is not None:
+            checkpoint_path = resolve_checkpoint_file(checkpoint_path)
             ckpt = load_checkpoint(net, checkpoint_path, cfg.checkpoint_format, cfg.allow_pickle)
             op_threshs = ckpt.op_threshs
             version = checkpoint_version(checkpoint_path)
