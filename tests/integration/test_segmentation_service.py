@@ -89,6 +89,7 @@ async def test_dicom_samples_report_area_in_mm2_from_pixel_spacing():
     async with running_server(s, build_binding(s)) as server:
         ch, stub = stub_for(server)
         async with ch:
+            areas = {}
             for path in dicom_files():
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 row, col = (float(v) for v in ds.PixelSpacing)
@@ -101,12 +102,16 @@ async def test_dicom_samples_report_area_in_mm2_from_pixel_spacing():
                 for m in resp.masks:
                     assert (m.height, m.width) == (ds.Rows, ds.Columns)
                     assert m.area_mm2 == pytest.approx(m.area_pixels * row * col)
+                areas[path.name] = [m.area_pixels for m in resp.masks]
                 meas = resp.measurements
                 if meas.cardiothoracic_ratio:
                     assert meas.heart_width_mm == pytest.approx(meas.heart_width_px * col)
                     assert meas.cardiothoracic_ratio == pytest.approx(meas.heart_width_px / meas.thorax_width_px)
                 else:
                     assert meas.cardiothoracic_ratio_unavailable_reason
+            # MONOCHROME1 stored inverted decodes to the same picture (up to float rounding): the same masks
+            mono1, mono2 = areas["nih-dx-mono1-8bit.dcm"], areas["nih-dx-mono2-8bit.dcm"]
+            assert mono1 == pytest.approx(mono2, rel=1e-3, abs=64)
 
 
 async def test_dicom_seg_and_overlay_round_trip():
