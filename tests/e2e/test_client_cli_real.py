@@ -82,6 +82,11 @@ def test_sync_client_batch_with_per_item_errors(stack):
         assert ok.predictions[0].model.name == "multiclass_classifier"
         err = from_status(bad.error)
         assert isinstance(err, InvalidImageError) and err.reason == "IMAGE_FORMAT_UNKNOWN"
+        streamed = client.stream_classify_images([b"junk", *cxr14_images(2)], model_names=["binary_classifier"])
+        assert sorted(m.result.index for m in streamed) == [0, 1, 2]
+        by_index = {m.result.index: m.result for m in streamed}
+        assert from_status(by_index[0].error).reason == "IMAGE_FORMAT_UNKNOWN"
+        assert by_index[2].predictions[0].model.name == "binary_classifier"
         passages = client.search_literature("chest radiograph", top_k=2).passages
         assert len(passages) == 2
         chunks = client.stream_answer("pneumothorax after biopsy")

@@ -79,7 +79,8 @@ async def batch_process_images(
                 return
             started = time.perf_counter()
             try:
-                item.response = await call(item.path, **call_kwargs)
+                data = await asyncio.to_thread(item.path.read_bytes)  # file I/O off the event loop
+                item.response = await call(data, **call_kwargs)
             except CxrClientError as err:
                 item.error = err
             except OSError as err:

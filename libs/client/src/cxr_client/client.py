@@ -166,6 +166,27 @@ class AsyncCxrClient:
         req = cls_pb.ClassifyImagesRequest(images=[to_image(i) for i in images], model_names=list(model_names))
         return await self._call(self._classification().ClassifyImages, req, timeout)
 
+    async def stream_classify_images(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model_names: Sequence[str] = (),
+        heatmap_labels: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> AsyncIterator[cls_pb.StreamClassifyImagesResponse]:
+        """Like classify_images, but each image's result arrives as soon as it is ready (use `.result.index`)."""
+        req = cls_pb.StreamClassifyImagesRequest(
+            images=[to_image(i) for i in images], model_names=list(model_names), heatmap_labels=list(heatmap_labels)
+        )
+        call = self._classification().StreamClassifyImages(
+            req, metadata=self.metadata(), timeout=timeout if timeout is not None else self.config.timeout_s
+        )
+        try:
+            async for msg in call:
+                yield msg
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
     # -- segmentation ---------------------------------------------------------------------------
     async def segment(
         self,
@@ -356,6 +377,16 @@ class CxrClient:
 
     def classify_images(self, images: Iterable[ImageInput], **kwargs: Any) -> cls_pb.ClassifyImagesResponse:
         return self._run(self._async.classify_images(list(images), **kwargs))
+
+    def stream_classify_images(
+        self, images: Iterable[ImageInput], **kwargs: Any
+    ) -> list[cls_pb.StreamClassifyImagesResponse]:
+        """All streamed results, in completion order."""
+
+        async def collect() -> list[cls_pb.StreamClassifyImagesResponse]:
+            return [m async for m in self._async.stream_classify_images(list(images), **kwargs)]
+
+        return self._run(collect())
 
     def segment(self, image: ImageInput, **kwargs: Any) -> seg_pb.SegmentImageResponse:
         return self._run(self._async.segment(image, **kwargs))
