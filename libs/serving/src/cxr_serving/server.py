@@ -31,6 +31,27 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _HealthServicer(HealthServicer):  # type: ignore[misc]
+    """grpc_health's servicer, except that Watch streams end when the server drains: a connected
+    watcher (client-side health checking, a dashboard) would otherwise hold `stop(grace)` for the
+    whole grace period. Watchers see NOT_SERVING first, then the stream ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and not watch.cancelled():
+                watch.result()  # re-raise what the stream raised
+        finally:
+            watch.cancel()
+            closing.cancel()
+
+
 @dataclass
 class ServiceBinding:
     """What a service plugs into the shared server."""
@@ -63,7 +84,7 @@ class CxrServer:
         self._metrics_port = ep.metrics_port if metrics_port is None else metrics_port
         self.port = 0
         self.metrics: MetricsServer | None = None
-        self.health = HealthServicer()
+        self.health = _HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task[None] | None = None
         self._stopping = False
@@ -197,6 +218,7 @@ class CxrServer:
         log.info("draining in-flight calls for up to %.1fs", grace)
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
+        self.health.closing.set()  # end Watch streams: they would hold the drain for the whole grace
         if self._server is not None:
             await self._server.stop(grace)
         if self.binding.repository is not None:
