@@ -191,3 +191,18 @@ async def test_batch_process_folder_bounded_and_ordered(tmp_path):
     assert all(r.response.predictions for r in summary.results if r.ok)
     assert max(model.batches) <= 2 and sum(model.batches) == 5  # never more than `concurrency` in flight
     assert summary.images_per_second > 0
+
+
+async def test_retry_policy_works_through_the_gateway():
+    from tests.integration.gateway_helpers import running_gateway
+
+    s = make_settings()
+    servicer = FlakyServicer(failures=2)
+    async with (
+        running_server(s, flaky_binding(servicer)) as server,
+        running_gateway({"classification": server.port}) as gw,
+    ):
+        cfg = ClientConfig(endpoint=f"127.0.0.1:{gw.ports.grpc}", api_key=TEST_KEY)
+        async with AsyncCxrClient(cfg) as client:
+            assert await client.list_models("classification") == []
+    assert servicer.calls == 3  # the gateway passes UNAVAILABLE through trailers-only: the client replays it
