@@ -3,15 +3,15 @@
   make bench-segmentation                 # bench/results/segmentation.json
   .venv/bin/python bench/segmentation.py --quick
 
-Phases (every loop is bounded by a request count AND a time limit):
-  1. raw ceiling: preprocessed tensors, batched forward passes of `max_batch_size`, no gRPC, no
-     decode; then the same forward plus per-image mask work (upsample logits to the original size,
-     threshold, encode) to show what mask encoding costs; per-encoding cost in ms/image.
-  2. service: `python -m cxr_segmentation` in its own process (dynamic batcher on), gRPC clients
-     at concurrency 1/8/32 sending real NIH PNGs, PNG masks; at the highest concurrency also RLE and
-     NONE encodings.
-  3. naive: the same service with max_batch_size=1 (one forward pass per request, no batching).
-Ratios printed and stored: service / raw ceiling, service / naive, per concurrency.
+Measured (every loop is bounded by a request count AND a time limit):
+  - mask work per image: upsample logits to the original size + threshold, then encode (none/rle/png);
+    raw forward + PNG masks in one thread.
+  - per client concurrency level (1/8/32), back to back so a busy host skews all three alike:
+      raw ceiling: the model in this process, preprocessed tensors, full batches of max_batch_size;
+      service: `python -m cxr_segmentation` in its own process (dynamic batcher), real NIH PNGs, PNG masks;
+      naive: the same service with max_batch_size=1 (one forward pass per request, no batching).
+  - the service at the highest concurrency with RLE and NONE encodings.
+Ratios printed and stored: service / raw ceiling and service / naive, per concurrency.
 """
 
 from __future__ import annotations
@@ -97,75 +97,62 @@ def config(args: argparse.Namespace, batch_size: int, delay_ms: float) -> dict[s
     }
 
 
-# --- phase 1: raw ceiling -----------------------------------------------------------------------
-def raw_ceiling(args: argparse.Namespace, images: list[bytes]) -> dict[str, Any]:
-    import torch
+# --- raw ceiling: in-process, no gRPC --------------------------------------------------------
+class RawRunner:
+    """The served model in this process, fed preprocessed tensors in full batches."""
 
-    from cxr_segmentation.masks import encode_png, encode_rle, logits_to_masks
-    from cxr_segmentation.service import build_model
-    from cxr_serving.images import decode_image
-    from cxr_serving.settings import Settings
+    def __init__(self, args: argparse.Namespace, images: list[bytes]) -> None:
+        from cxr_segmentation.service import build_model
+        from cxr_serving.images import decode_image
+        from cxr_serving.settings import Settings
 
-    settings = Settings.model_validate(config(args, args.batch_size, 0))
-    model = build_model(settings)
-    model.load()
-    decoded = [decode_image(b) for b in images]
-    tensors = [model.preprocess(d.pixels) for d in decoded]
-    bs = args.batch_size
+        self.args = args
+        self.model = build_model(Settings.model_validate(config(args, args.batch_size, 0)))
+        self.model.load()
+        self.decoded = [decode_image(b) for b in images]
+        self.tensors = [self.model.preprocess(d.pixels) for d in self.decoded]
+        self.model.predict(self.tensors[:1] * args.batch_size)  # warm the full batch shape
 
-    def batches() -> Any:
-        i = 0
-        while True:
-            yield [tensors[(i + k) % len(tensors)] for k in range(bs)]
-            i += bs
+    def rate(self, mask_encoding: str | None = None) -> dict[str, Any]:
+        """Images/s of batched forward passes (+ mask work for every image when mask_encoding is set)."""
+        import torch
 
-    def run(with_masks: str | None) -> tuple[float, int]:
-        done, started, it = 0, time.perf_counter(), batches()
-        while done < args.requests and time.perf_counter() - started < args.seconds:
-            batch = next(it)
-            out = model.predict(batch)
-            if args.device == "cuda":
+        from cxr_segmentation.masks import encode_png, encode_rle, logits_to_masks
+
+        bs, done, started = self.args.batch_size, 0, time.perf_counter()
+        while done < self.args.requests and time.perf_counter() - started < self.args.seconds:
+            batch = [self.tensors[(done + k) % len(self.tensors)] for k in range(bs)]
+            out = self.model.predict(batch)
+            if self.args.device == "cuda":
                 torch.cuda.synchronize()
-            if with_masks is not None:
-                for j, logits in enumerate(out):
-                    img = decoded[(done + j) % len(decoded)]
-                    masks = logits_to_masks(logits, (img.height, img.width), 0.5)
-                    for m in masks:
-                        if with_masks == "png":
-                            encode_png(m)
-                        elif with_masks == "rle":
-                            encode_rle(m)
-            done += len(batch)
-        return done / (time.perf_counter() - started), done
+            for j, logits in enumerate(out if mask_encoding else ()):
+                img = self.decoded[(done + j) % len(self.decoded)]
+                for m in logits_to_masks(logits, (img.height, img.width), 0.5):
+                    if mask_encoding == "png":
+                        encode_png(m)
+                    elif mask_encoding == "rle":
+                        encode_rle(m)
+            done += bs
+        elapsed = time.perf_counter() - started
+        return {"images_per_s": done / elapsed, "images": done, "seconds": elapsed}
 
-    model.predict(tensors[:1] * bs)  # warm the full batch shape (allocator, cuDNN autotune)
-    forward_ips, n1 = run(None)
-    with_png_ips, n2 = run("png")
-    # per-image cost of the mask work alone, by encoding
-    logits = model.predict(tensors[:1])[0]
-    img = decoded[0]
-    encoding_ms: dict[str, float] = {}
-    for enc in ("none", "rle", "png"):
-        reps, t0 = 0, time.perf_counter()
-        while reps < 50 and time.perf_counter() - t0 < min(args.seconds, 5):
-            masks = logits_to_masks(logits, (img.height, img.width), 0.5)
-            for m in masks:
-                if enc == "png":
-                    encode_png(m)
-                elif enc == "rle":
-                    encode_rle(m)
-            reps += 1
-        encoding_ms[enc] = (time.perf_counter() - t0) / reps * 1000
-    model.unload()
-    return {
-        "batch_size": bs,
-        "forward_images_per_s": forward_ips,
-        "forward_images": n1,
-        "forward_plus_png_masks_images_per_s": with_png_ips,
-        "forward_plus_png_masks_images": n2,
-        "mask_work_ms_per_image": encoding_ms,
-        "image_size": [img.height, img.width],
-    }
+    def mask_work_ms(self) -> dict[str, float]:
+        """Per image: upsample logits to the original size + threshold, then encode (none/rle/png)."""
+        from cxr_segmentation.masks import encode_png, encode_rle, logits_to_masks
+
+        logits, img = self.model.predict(self.tensors[:1])[0], self.decoded[0]
+        out: dict[str, float] = {}
+        for enc in ("none", "rle", "png"):
+            reps, t0 = 0, time.perf_counter()
+            while reps < 50 and time.perf_counter() - t0 < min(self.args.seconds, 5):
+                for m in logits_to_masks(logits, (img.height, img.width), 0.5):
+                    if enc == "png":
+                        encode_png(m)
+                    elif enc == "rle":
+                        encode_rle(m)
+                reps += 1
+            out[enc] = (time.perf_counter() - t0) / reps * 1000
+        return out
 
 
 # --- phases 2 and 3: gRPC service in its own process --------------------------------------------
@@ -267,23 +254,62 @@ async def load(
     }
 
 
-async def service_phase(
-    args: argparse.Namespace, images: list[bytes], batch_size: int, delay_ms: float, encodings: bool
-) -> dict[str, Any]:
-    with ServerProcess(config(args, batch_size, delay_ms)) as server:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as ch:
-            stub = pb_grpc.SegmentationServiceStub(ch)
-            await server.wait_ready(stub, images[0])
-            for _ in range(2):  # warm the path end to end
-                await stub.SegmentImage(request(images[0], "png"), metadata=(("x-api-key", KEY),))
-            levels = [await load(stub, images, c, "png", args) for c in args.levels]
-            by_encoding = {}
-            if encodings:
-                top = max(args.levels)
-                by_encoding = {e: await load(stub, images, top, e, args) for e in ("rle", "none")}
-                by_encoding["png"] = levels[args.levels.index(top)]
-    return {"max_batch_size": batch_size, "max_batch_delay_ms": delay_ms, "levels": levels, "encodings": by_encoding}
+async def measure_all(args: argparse.Namespace, images: list[bytes], raw: RawRunner) -> dict[str, Any]:
+    """Both servers run side by side (idle when not measured); per concurrency level the raw ceiling,
+    the service and the naive server are measured back to back, so a busy host skews all three alike."""
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with (
+        ServerProcess(config(args, args.batch_size, 5.0)) as svc,
+        ServerProcess(config(args, 1, 0.0)) as naive,
+    ):
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}", options=options) as svc_ch,
+            grpc.aio.insecure_channel(f"127.0.0.1:{naive.port}", options=options) as naive_ch,
+        ):
+            svc_stub, naive_stub = pb_grpc.SegmentationServiceStub(svc_ch), pb_grpc.SegmentationServiceStub(naive_ch)
+            for server, stub in ((svc, svc_stub), (naive, naive_stub)):
+                await server.wait_ready(stub, images[0])
+                for _ in range(2):  # warm the path end to end
+                    await stub.SegmentImage(request(images[0], "png"), metadata=(("x-api-key", KEY),))
+            levels = []
+            for c in args.levels:
+                row = {
+                    "concurrency": c,
+                    "raw": raw.rate(),
+                    "service": await load(svc_stub, images, c, "png", args),
+                    "naive": await load(naive_stub, images, c, "png", args),
+                }
+                levels.append(row)
+                print(format_row(row), flush=True)
+            top = max(args.levels)
+            encodings = {e: await load(svc_stub, images, top, e, args) for e in ("rle", "none")}
+            encodings["png"] = next(r["service"] for r in levels if r["concurrency"] == top)
+    return {"levels": levels, "encodings": encodings}
+
+
+HEAD = ("conc", "raw img/s", "service img/s", "p50 ms", "p95 ms", "naive img/s", "vs raw", "vs naive")
+WIDTHS = (5, 10, 14, 9, 9, 12, 7, 9)
+
+
+def ratios(row: dict[str, Any]) -> tuple[float, float]:
+    s, r, n = row["service"]["images_per_s"], row["raw"]["images_per_s"], row["naive"]["images_per_s"]
+    return (s / r if r else 0.0, s / n if n else 0.0)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    s = row["service"]
+    vs_raw, vs_naive = ratios(row)
+    values = (
+        row["concurrency"],
+        f"{row['raw']['images_per_s']:.2f}",
+        f"{s['images_per_s']:.2f}",
+        f"{s['p50_ms'] or 0:.0f}",
+        f"{s['p95_ms'] or 0:.0f}",
+        f"{row['naive']['images_per_s']:.2f}",
+        f"{vs_raw:.2f}",
+        f"{vs_naive:.2f}",
+    )
+    return " ".join(f"{v:>{w}}" for v, w in zip(values, WIDTHS, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,31 +322,21 @@ def main(argv: list[str] | None = None) -> int:
         f"batch={args.batch_size} levels={args.levels} (<= {args.requests} requests / {args.seconds:.0f} s each)",
         flush=True,
     )
-    raw = raw_ceiling(args, images)
+    raw = RawRunner(args, images)
+    mask_ms = raw.mask_work_ms()
+    with_png = raw.rate("png")
     print(
-        f"raw ceiling: forward {raw['forward_images_per_s']:.1f} img/s, forward+PNG masks "
-        f"{raw['forward_plus_png_masks_images_per_s']:.1f} img/s; mask work ms/img "
-        + ", ".join(f"{k}={v:.1f}" for k, v in raw["mask_work_ms_per_image"].items()),
-        flush=True,
+        "mask work ms/img (upsample+threshold, then encode): " + ", ".join(f"{k}={v:.1f}" for k, v in mask_ms.items())
     )
-    service = asyncio.run(service_phase(args, images, args.batch_size, 5.0, encodings=True))
-    naive = asyncio.run(service_phase(args, images, 1, 0.0, encodings=False))
-    ratios: dict[str, dict[str, float]] = {"service_vs_raw_forward": {}, "service_vs_naive": {}}
-    head = ("conc", "service img/s", "p50 ms", "p95 ms", "naive img/s", "vs raw", "vs naive")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (5, 14, 8, 8, 12, 7, 9), strict=True)))
-    for s, n in zip(service["levels"], naive["levels"], strict=True):
-        c = str(s["concurrency"])
-        ratios["service_vs_raw_forward"][c] = s["images_per_s"] / raw["forward_images_per_s"]
-        ratios["service_vs_naive"][c] = s["images_per_s"] / n["images_per_s"] if n["images_per_s"] else 0.0
-        print(
-            f"{c:>5} {s['images_per_s']:>14.1f} {s['p50_ms'] or 0:>8.1f} {s['p95_ms'] or 0:>8.1f} "
-            f"{n['images_per_s']:>12.1f} {ratios['service_vs_raw_forward'][c]:>7.2f} "
-            f"{ratios['service_vs_naive'][c]:>9.2f}"
-        )
-    enc = service["encodings"]
-    if enc:
-        print("service at concurrency", max(args.levels), "by mask encoding (img/s): "
-              + ", ".join(f"{k}={v['images_per_s']:.1f}" for k, v in enc.items()))  # fmt: skip
+    print(" ".join(f"{h:>{w}}" for h, w in zip(HEAD, WIDTHS, strict=True)), flush=True)
+    measured = asyncio.run(measure_all(args, images, raw))
+    raw.model.unload()
+    enc = measured["encodings"]
+    print(
+        f"service at concurrency {max(args.levels)} by mask encoding (img/s): "
+        + ", ".join(f"{k}={v['images_per_s']:.2f}" for k, v in enc.items())
+        + f"; raw forward+PNG masks {with_png['images_per_s']:.2f} img/s"
+    )
     import torch
 
     result = {
@@ -335,10 +351,18 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"architecture": "Unet", "encoder": args.encoder, "input_size": args.input_size, "untrained": True},
         "images": len(images),
         "limits": {"requests": args.requests, "seconds": args.seconds},
-        "raw": raw,
-        "service": service,
-        "naive": naive,
-        "ratios": ratios,
+        "batching": {
+            "service": {"max_batch_size": args.batch_size, "max_batch_delay_ms": 5.0},
+            "naive": {"max_batch_size": 1, "max_batch_delay_ms": 0.0},
+        },
+        "raw_mask_work_ms_per_image": mask_ms,
+        "raw_forward_plus_png_masks": with_png,
+        "levels": measured["levels"],
+        "service_by_encoding": measured["encodings"],
+        "ratios": {
+            "service_vs_raw_forward": {str(r["concurrency"]): ratios(r)[0] for r in measured["levels"]},
+            "service_vs_naive": {str(r["concurrency"]): ratios(r)[1] for r in measured["levels"]},
+        },
         "wall_seconds": time.perf_counter() - t0,
     }
     out = Path(args.out)
