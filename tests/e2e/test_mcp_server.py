@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import sys
 
 import pytest
@@ -136,3 +137,35 @@ async def test_stdio_transport(stack):
         data = structured(res)
         assert data["models"][0]["model"] == "binary_classifier"
         assert json.loads(res.content[0].text)["models"][0]["model"] == "binary_classifier"
+
+
+async def test_streamable_http_console_script(stack):
+    """`cxr-mcp --transport streamable-http` as its own process."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cxr_client.mcp.server",
+        "--transport",
+        "streamable-http",
+        "--port",
+        str(port),
+        env={**os.environ, **stack.env()},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        for _ in range(150):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        async with Client(url) as client:
+            res = structured(await client.call_tool("list_models", {"service": "segmentation"}))
+            assert res["segmentation"][0]["name"] == "segmentation"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
