@@ -91,3 +91,14 @@ def test_sync_client_batch_with_per_item_errors(stack):
         assert len(passages) == 2
         chunks = client.stream_answer("pneumothorax after biopsy")
         assert chunks[0].passages and "".join(c.text_delta for c in chunks)
+
+
+def test_cli_analyze_with_heatmaps(env, capsys, tmp_path):
+    out = tmp_path / "rep"
+    rc, _, err = run_cli(capsys, "analyze", str(cxr14_images(2)[1]), "--out", str(out), "--heatmaps", "--top-k", "1")
+    assert rc == 0, err
+    heatmap = out / f"heatmap_{POSITIVE}.png"
+    assert heatmap.read_bytes().startswith(b"\x89PNG")
+    assert f"![Grad-CAM {POSITIVE}](heatmap_{POSITIVE}.png)" in (out / "report.md").read_text()
+    assert f"Grad-CAM: {POSITIVE}" in (out / "report.html").read_text()
+    assert "heatmaps" not in json.loads((out / "report.json").read_text())

@@ -96,6 +96,7 @@ class StudyReport(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
     disclaimer: str = DISCLAIMER
     overlay_png: bytes | None = Field(default=None, exclude=True, repr=False)
+    heatmaps: dict[str, bytes] = Field(default_factory=dict, exclude=True, repr=False)
 
 
 def _model_version(service: str, info: common_pb2.ModelInfo) -> ModelVersion:
@@ -126,9 +127,13 @@ async def analyze_study(
     max_findings_searched: int = 5,
     include_overlay: bool = True,
     literature: bool = True,
+    heatmaps: bool = False,
     timeout: float | None = None,
 ) -> StudyReport:
-    """Classify and segment one image, search the literature for its positive findings, report."""
+    """Classify and segment one image, search the literature for its positive findings, report.
+
+    With `heatmaps`, a second classification call asks for Grad-CAM heatmaps of the positive
+    findings searched (one backward pass each); they go to `report.heatmaps` (label -> PNG)."""
     img = to_image(image)
     name = study or (Path(image).name if isinstance(image, str | Path) else "study")
     report = StudyReport(study=name, generated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
@@ -177,8 +182,12 @@ async def analyze_study(
         ]
         report.overlay_png = seg_res.overlay_png or None
 
+    jobs = []
     if literature and report.positive_findings:
-        await _add_literature(client, report, top_k, max_findings_searched, timeout)
+        jobs.append(_add_literature(client, report, top_k, max_findings_searched, timeout))
+    if heatmaps and report.positive_findings:
+        jobs.append(_add_heatmaps(client, img, report, max_findings_searched, timeout))
+    await asyncio.gather(*jobs)
 
     report.untrained = any(m.untrained for m in report.models)
     if report.untrained:
@@ -225,6 +234,22 @@ async def _add_literature(
             f"literature searched for the {max_findings} most probable positive findings only "
             f"(of {len(report.positive_findings)})"
         )
+
+
+async def _add_heatmaps(
+    client: AsyncCxrClient, img: common_pb2.Image, report: StudyReport, max_findings: int, timeout: float | None
+) -> None:
+    labels = report.positive_findings[:max_findings]
+    models = sorted({f.model for f in report.findings if f.label in labels})
+    try:
+        resp = await client.classify(img, model_names=models, heatmap_labels=labels, timeout=timeout)
+    except CxrClientError as err:
+        report.warnings.append(f"heatmaps unavailable: {err}")
+        return
+    for pred in resp.predictions:
+        for f in pred.findings:
+            if f.heatmap_png and f.label in labels:
+                report.heatmaps[f.label] = f.heatmap_png
 
 
 def _excerpt(text: str, limit: int = 300) -> str:

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--format", choices=("markdown", "html", "json"), default="markdown", help="what to print")
     z.add_argument("--top-k", type=int, default=3, help="passages per positive finding")
     z.add_argument("--no-literature", action="store_true")
+    z.add_argument("--heatmaps", action="store_true", help="Grad-CAM heatmaps of the positive findings")
 
     m = sub.add_parser("models", help="list, load or unload models")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -231,7 +232,9 @@ async def cmd_ask(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
-    report = await analyze_study(client, args.image, top_k=args.top_k, literature=not args.no_literature)
+    report = await analyze_study(
+        client, args.image, top_k=args.top_k, literature=not args.no_literature, heatmaps=args.heatmaps
+    )
     if args.out:
         paths = write_report(report, args.out)
         print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)

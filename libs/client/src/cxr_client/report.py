@@ -20,8 +20,13 @@ def _md_cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(report: StudyReport, *, overlay_path: str | None = None) -> str:
-    """Markdown; `overlay_path` (relative to the .md file) links the overlay image when given."""
+def heatmap_file(label: str) -> str:
+    return "heatmap_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in label) + ".png"
+
+
+def to_markdown(report: StudyReport, *, overlay_path: str | None = None, heatmap_links: bool = False) -> str:
+    """Markdown; `overlay_path` (relative to the .md file) links the overlay image when given, and
+    `heatmap_links` the heatmap_<label>.png files that `write_report` writes next to it."""
     lines = [f"# Chest X-ray study report: {report.study}", "", f"> **{report.disclaimer}**", ""]
     for w in report.warnings:
         lines.append(f"> ⚠️ {w}")
@@ -43,6 +48,9 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None) -> str:
         ]
         positives = ", ".join(report.positive_findings) or "none"
         lines += ["", f"Positive at the model thresholds: **{positives}**", ""]
+        if heatmap_links:
+            lines += [f"![Grad-CAM {label}]({heatmap_file(label)})" for label in report.heatmaps]
+            lines += [""] if report.heatmaps else []
     else:
         lines += ["No classification results.", ""]
     lines += ["## Measurements", ""]
@@ -121,6 +129,12 @@ def to_html(report: StudyReport) -> str:
         parts.append("</table>")
     else:
         parts.append("<p>No classification results.</p>")
+    for label, png in report.heatmaps.items():
+        b64 = base64.b64encode(png).decode()
+        parts.append(
+            f"<figure style='display:inline-block'><img class='heatmap' width='192' alt='Grad-CAM {e(label)}' "
+            f"src='data:image/png;base64,{b64}'><figcaption>Grad-CAM: {e(label)}</figcaption></figure>"
+        )
     parts.append("<h2>Measurements</h2>")
     m = report.measurements
     if m is None:
@@ -169,7 +183,10 @@ def write_report(report: StudyReport, out_dir: str | Path) -> dict[str, Path]:
         paths["overlay"] = out / OVERLAY_FILE
         paths["overlay"].write_bytes(report.overlay_png)
         overlay = OVERLAY_FILE
+    for label, png in report.heatmaps.items():
+        paths[f"heatmap:{label}"] = out / heatmap_file(label)
+        paths[f"heatmap:{label}"].write_bytes(png)
     paths["json"].write_text(to_json(report), encoding="utf-8")
-    paths["markdown"].write_text(to_markdown(report, overlay_path=overlay), encoding="utf-8")
+    paths["markdown"].write_text(to_markdown(report, overlay_path=overlay, heatmap_links=True), encoding="utf-8")
     paths["html"].write_text(to_html(report), encoding="utf-8")
     return paths
