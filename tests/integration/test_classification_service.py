@@ -82,7 +82,7 @@ def channel(server):
 
 
 async def test_classify_png_with_both_models_says_untrained():
-    s = settings()
+    s = settings(models=models_config(thresholds={"Cardiomegaly": 0.0, "Hernia": 1.0}))
     async with running_server(s, build_binding(s)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)
         assert await health(ch) == SERVING
@@ -97,6 +97,10 @@ async def test_classify_png_with_both_models_says_untrained():
         assert abnormal.positive == (abnormal.probability >= 0.5)
         assert preds[BINARY].model.architecture == "swin_tiny_patch4_window7_224"
         assert [f.label for f in preds[MULTI].findings] == list(NIH_LABELS)
+        findings = {f.label: f for f in preds[MULTI].findings}
+        assert findings["Cardiomegaly"].threshold == 0.0 and findings["Cardiomegaly"].positive
+        assert findings["Hernia"].threshold == 1.0 and not findings["Hernia"].positive
+        assert findings["Mass"].threshold == 0.5
         assert preds[MULTI].model.architecture == "densenet121"
         assert resp.image.width == 512 and resp.image.format == "png" and resp.image.bits_stored == 8
         t = resp.timing
@@ -206,6 +210,11 @@ async def test_classify_images_isolates_bad_images_and_streams():
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ClassifyImages(pb.ClassifyImagesRequest(), metadata=auth())
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err.value) == "NO_IMAGES"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ClassifyImages(
+                pb.ClassifyImagesRequest(images=[common_pb2.Image(data=b"x")] * 129), metadata=auth()
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err.value) == "TOO_MANY_IMAGES"
         with pytest.raises(grpc.aio.AioRpcError) as err:  # 2 images x 9 Grad-CAMs is over the cap of 16
             req = pb.ClassifyImagesRequest(images=images[:1] * 2, heatmap_labels=list(NIH_LABELS[:9]))
             await stub.ClassifyImages(req, metadata=auth())

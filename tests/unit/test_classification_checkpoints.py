@@ -14,6 +14,7 @@ import torchvision
 import torchxrayvision as xrv
 from safetensors.torch import save_file
 
+from cxr_classification.checkpoints import normalize_keys
 from cxr_classification.config import NIH_LABELS, XRV_TARGETS, BinaryClassifierConfig, MultiLabelClassifierConfig
 from cxr_classification.model import ChestXrayClassifier, ClassifierInput
 from cxr_classification.preprocessing import PreprocessSpec, preprocess
@@ -218,3 +219,18 @@ def test_checkpoint_directory_names_its_one_weights_file(tmp_path):
     (folder / "other.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"exactly one weights file.*other.pt.*weights.safetensors"):
         served(cfg, folder)
+
+
+def test_key_normalisation_strips_wrapper_prefixes_only_when_needed():
+    expected = {"features.conv0.weight", "classifier.weight"}
+    t = torch.zeros(1)
+    lightning = normalize_keys({"model.features.conv0.weight": t, "model.classifier.weight": t}, expected)
+    assert set(lightning.state_dict) == expected
+    compiled_ddp = normalize_keys(
+        {"module._orig_mod.features.conv0.weight": t, "module._orig_mod.classifier.weight": t}, expected
+    )
+    assert set(compiled_ddp.state_dict) == expected
+    timm_like = {"model.weight": t, "head.weight": t}  # a network whose own keys start with "model."
+    assert set(normalize_keys(timm_like, {"model.weight", "head.weight"}).state_dict) == set(timm_like)
+    with pytest.raises(CheckpointError, match="op_threshs"):
+        normalize_keys({"op_threshs": t, "classifier.weight": t}, expected, "state_dict")

@@ -67,3 +67,13 @@ def test_non_chest_shapes_are_refused(shape, reason):
         check_chest_shape(np.zeros(shape, np.float32), PreprocessSpec(224, "center_crop", "imagenet", 3))
     assert err.value.reason == reason
     check_chest_shape(np.zeros((2000, 2500), np.float32), PreprocessSpec(224, "center_crop", "imagenet", 3))
+
+
+def test_resize_modes_on_a_landscape_image():
+    img = np.zeros((300, 400), np.float32)
+    img[:, :50] = 1.0  # a bright band at the left edge
+    crop = preprocess(img, PreprocessSpec(64, "center_crop", "xrv", 1))
+    squash = preprocess(img, PreprocessSpec(64, "squash", "xrv", 1))
+    assert crop.shape == squash.shape == (1, 64, 64)
+    assert float(crop[0, :, :4].max()) == -1024.0  # the crop cut the band off
+    assert float(squash[0, :, :4].min()) > 1000.0  # squashing keeps it
