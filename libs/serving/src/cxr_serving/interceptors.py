@@ -120,6 +120,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def deny(request: Any, context: Ctx) -> Any:
             REQUESTS_TOTAL.labels(details.method, "UNAUTHENTICATED").inc()  # type: ignore[attr-defined]
+            # refused calls never reach the access log of ObservabilityInterceptor: log them here (never the key)
+            method: str = details.method  # type: ignore[attr-defined]
+            fields = {"method": method, "code": "UNAUTHENTICATED", "reason": err.reason, "peer": context.peer()}
+            log.info("rpc", extra={"fields": fields})
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, status.message, trailing_metadata=trailing_metadata(status)
             )
