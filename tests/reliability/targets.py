@@ -5,6 +5,7 @@ request and a set of malformed ones (NaN thresholds, empty lists, giant strings.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ class Target:
     stub: Callable[[Any], Any]
     valid: Callable[[bytes, str], Call]  # a good call around image bytes + content type
     malformed: list[Call] = field(default_factory=list)
-    image_input: bool = True
+    process_env: dict[str, str] = field(default_factory=dict)  # the same small config for `python -m`
 
 
 def _available(module: str) -> bool:
@@ -105,6 +106,8 @@ def classification() -> Target:
             Call("UnloadModel", pb.UnloadModelRequest(model_name=GIANT)),
             Call("ListModels", pb.ListModelsRequest()),
         ],
+        {f"CXR_MODELS__{k.upper()}": json.dumps(v) for k, v in models.items()}
+        | {"CXR_PERFORMANCE__WARMUP_BATCHES": "0"},
     )
 
 
@@ -146,6 +149,7 @@ def segmentation() -> Target:
             Call("UnloadModel", pb.UnloadModelRequest(model_name=GIANT)),
             Call("ListModels", pb.ListModelsRequest()),
         ],
+        {"CXR_MODELS__SEGMENTATION": json.dumps(seg), "CXR_PERFORMANCE__WARMUP_BATCHES": "0"},
     )
 
 
