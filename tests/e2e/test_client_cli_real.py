@@ -62,6 +62,8 @@ def test_cli_health_all_serving(env, capsys):
 def test_cli_ask_answer_and_search(env, capsys):
     rc, out, _ = run_cli(capsys, "ask", "Is routine chest radiography useful after bronchoscopy?")
     assert rc == 0 and "[1]" in out and "extractive" in out
+    rc, streamed, _ = run_cli(capsys, "ask", "Is routine chest radiography useful after bronchoscopy?", "--stream")
+    assert rc == 0 and "[1]" in streamed and len(streamed.split("\n\n")[0]) > 20
     rc, out, _ = run_cli(capsys, "--json", "ask", "pleural effusion", "--search-only", "--top-k", "2")
     assert rc == 0 and len(json.loads(out)["passages"]) == 2
 

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("question")
     a.add_argument("--top-k", type=int, default=0)
     a.add_argument("--search-only", action="store_true", help="retrieve passages, no LLM answer")
+    a.add_argument("--stream", action="store_true", help="print the answer as it is generated (StreamAnswer)")
 
     z = sub.add_parser("analyze", help="full study report: findings, CTR, literature")
     z.add_argument("image", type=Path)
@@ -223,6 +224,14 @@ async def cmd_ask(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         res = await client.search_literature(args.question, top_k=args.top_k)
         rows = [[i + 1, f"{p.score:.3f}", p.title[:60], p.source] for i, p in enumerate(res.passages)]
         _emit(args, to_dict(res), table(rows, ["#", "score", "title", "source"]))
+        return 0
+    if args.stream and not args.json:
+        citations: list[Any] = []
+        async for msg in client.stream_answer(args.question, top_k=args.top_k):
+            if msg.text_delta:
+                print(msg.text_delta, end="", flush=True)
+            citations.extend(msg.citations)
+        print("\n\n" + "\n".join(f"[{c.number}] {c.title} {c.source}".rstrip() for c in citations))
         return 0
     ans = await client.answer_question(args.question, top_k=args.top_k)
     cites = "\n".join(f"[{c.number}] {c.title} {c.source}".rstrip() for c in ans.citations)
