@@ -42,6 +42,7 @@ class Target:
     valid: Callable[[bytes, str], Call]  # a good call around image bytes + content type
     malformed: list[Call] = field(default_factory=list)
     process_env: dict[str, str] = field(default_factory=dict)  # the same small config for `python -m`
+    image_input: bool = True  # False: `valid` ignores the bytes (rag)
 
 
 def _available(module: str) -> bool:
@@ -153,23 +154,76 @@ def segmentation() -> Target:
     )
 
 
+def rag() -> Target:
+    from cxr_protos.rag.v1 import rag_service_pb2 as pb
+    from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
+    from cxr_rag.config import rag_config
+    from cxr_rag.service import build_binding
+    from tests.support.rag import shared_store
+
+    def settings() -> Settings:  # extractive answers (no LLM configured) over the PubMedQA subset store
+        return make_settings(models={"rag": {"vector_db_path": str(shared_store()), "documents_path": None}})
+
+    def valid(data: bytes, ctype: str) -> Call:
+        return Call("SearchLiterature", pb.SearchLiteratureRequest(query="pneumothorax after chest tube removal"))
+
+    nan, inf = float("nan"), float("inf")
+    q = "Is chest radiography useful after chest tube removal?"
+    return Target(
+        "rag",
+        "cxr_rag",
+        "rag",
+        settings,
+        lambda s: build_binding(s, rag_config(s, environ={})),
+        pb_grpc.RagServiceStub,
+        valid,
+        [
+            Call("AnswerQuestion", pb.AnswerQuestionRequest()),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=GIANT)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, temperature=nan)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, temperature=inf)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, temperature=-1.0)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, top_k=-1)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, top_k=2**31 - 1)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, max_tokens=-5)),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, mode=99)),  # type: ignore[arg-type]
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, filters={GIANT[:10000]: GIANT[:10000]})),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question=q, filters={"": ""})),
+            Call("AnswerQuestion", pb.AnswerQuestionRequest(question="\x00\ud7ff" * 100)),
+            Call("StreamAnswer", pb.StreamAnswerRequest(), streaming=True),
+            Call("StreamAnswer", pb.StreamAnswerRequest(question=q, temperature=nan, top_k=-3), streaming=True),
+            Call("SearchLiterature", pb.SearchLiteratureRequest()),
+            Call("SearchLiterature", pb.SearchLiteratureRequest(query=GIANT)),
+            Call("SearchLiterature", pb.SearchLiteratureRequest(query=q, top_k=10**6)),
+            Call("IngestDocuments", pb.IngestDocumentsRequest()),
+            Call("IngestDocuments", pb.IngestDocumentsRequest(documents=[pb.Document()])),
+            Call("IngestDocuments", pb.IngestDocumentsRequest(documents=[pb.Document(id=GIANT[:5000], text="")])),
+        ],
+        {},
+        image_input=False,
+    )
+
+
 FACTORIES: dict[str, tuple[str | None, Callable[[], Target]]] = {
     "toy": (None, toy),
     "classification": ("cxr_classification.service", classification),
     "segmentation": ("cxr_segmentation.service", segmentation),
+    "rag": ("cxr_rag.service", rag),
 }
 
 
-def available_targets(*, include_toy: bool = True) -> list[Target]:
+def available_targets(*, include_toy: bool = True, images_only: bool = False) -> list[Target]:
     out = []
     for name, (module, factory) in FACTORIES.items():
         if name == "toy" and not include_toy:
             continue
         if module is None or _available(module.split(".")[0]):
             try:
-                out.append(factory())
+                target = factory()
             except ImportError:  # package present but not complete yet
                 continue
+            if target.image_input or not images_only:
+                out.append(target)
     return out
 
 

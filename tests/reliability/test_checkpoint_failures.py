@@ -18,7 +18,7 @@ from tests.reliability.threaded import server_in_thread
 from tests.support.servers import auth, make_settings
 from tests.support.toy_service import BrightnessModel, build_toy
 
-TARGETS = {t.name: t for t in available_targets(include_toy=False)}
+TARGETS = {t.name: t for t in available_targets(include_toy=False, images_only=True)}
 
 
 def with_checkpoint(name: str, path: str) -> Settings:

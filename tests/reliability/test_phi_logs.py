@@ -105,7 +105,7 @@ def exercise(target: Target, port: int, blobs: list[bytes]) -> dict[str, int]:
 def test_logs_carry_no_phi_pixels_or_keys(tmp_path):
     blobs, secrets = planted_dicoms()
     fragments = [f for blob in blobs for f in pixel_fragments(blob)]
-    targets = available_targets()
+    targets = available_targets(images_only=True)
     env_common = {"CXR_LOG_LEVEL": "DEBUG", "CXR_API_KEY": PLANTED_KEY, "PYTHONWARNINGS": "always"}
     results = {}
     for target in targets:
