@@ -1,0 +1,313 @@
+"""Pieces every whole-stack benchmark shares: images, load drivers, server processes, results.
+
+- `closed_loop`: N concurrent callers back to back (throughput and latency at a concurrency);
+- `open_loop`: a fixed arrival rate whatever the answers (latency under load, shedding);
+- `ServerProcess`: a server in its own process, time to READY, RSS of its process tree;
+- `summarize`: img/s, p50/p99 and the outcome of every call by status code.
+Every loop is bounded by a call count AND a time budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared"))
+IMAGES = SHARED / "data" / "cxr14-sample" / "images"
+RESULTS = REPO / "bench" / "results"
+API_KEY = "bench-key-0123456789"
+
+Call = Callable[[int], Awaitable[object]]
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def nih_pngs(n: int) -> list[bytes]:
+    paths = sorted(IMAGES.glob("*.png"))[:n]
+    if not paths:
+        raise SystemExit(f"no NIH PNGs under {IMAGES} (set CXR_SHARED_DIR)")
+    return [p.read_bytes() for p in paths]
+
+
+def resized_png(data: bytes, side: int) -> bytes:
+    """The same radiograph re-encoded as a side x side PNG (cost growth with input size)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        out = io.BytesIO()
+        im.convert("L").resize((side, side), Image.Resampling.BILINEAR).save(out, format="PNG")
+    return out.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+class HttpStatusError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def outcome(exc: BaseException) -> str:
+    """One name per failure kind: the gRPC code, HTTP_<status>, or TIMEOUT."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        return str(code().name)
+    if isinstance(exc, HttpStatusError):
+        return f"HTTP_{exc.status}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "TIMEOUT"
+    return type(exc).__name__
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(values), q)), 3) if values else None
+
+
+@dataclass
+class Recorder:
+    """Latency (ms) of every call, by outcome ('OK' or a failure name)."""
+
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, ms: float) -> None:
+        self.latencies.setdefault(name, []).append(ms)
+
+    @property
+    def ok(self) -> list[float]:
+        return self.latencies.get("OK", [])
+
+    def codes(self) -> dict[str, int]:
+        return dict(Counter({k: len(v) for k, v in self.latencies.items()}))
+
+    async def timed(self, call: Call, i: int, timeout: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(call(i), timeout)
+            name = "OK"
+        except Exception as exc:  # every failure is an outcome to count, not a crash
+            name = outcome(exc)
+        self.add(name, (time.perf_counter() - t0) * 1000)
+
+
+def summarize(rec: Recorder, wall_s: float, **extra: Any) -> dict[str, Any]:
+    ok = rec.ok
+    return {
+        **extra,
+        "requests": len(ok),
+        "codes": rec.codes(),
+        "seconds": round(wall_s, 3),
+        "img_per_s": round(len(ok) / wall_s, 3) if wall_s > 0 else 0.0,
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+    }
+
+
+# -- load drivers ------------------------------------------------------------------------------
+async def closed_loop(
+    call: Call, concurrency: int, *, max_requests: int, max_seconds: float, warmup: int = 0, timeout: float = 120
+) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next request when the previous one is answered."""
+    for i in range(warmup):
+        await asyncio.gather(*(call(i * concurrency + k) for k in range(concurrency)))
+    rec = Recorder()
+    budget = iter(range(max(max_requests, concurrency)))
+    started = time.perf_counter()
+    stop_at = started + max_seconds
+
+    async def caller() -> None:
+        for i in budget:
+            if time.perf_counter() > stop_at:
+                return
+            await rec.timed(call, i, timeout)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return summarize(rec, time.perf_counter() - started, concurrency=concurrency)
+
+
+async def open_loop(
+    call: Call, rate_per_s: float, *, max_requests: int, max_seconds: float, timeout: float
+) -> dict[str, Any]:
+    """Send at a fixed arrival rate for `max_seconds` (at most `max_requests`), whatever the answers.
+
+    The latency of failures is kept by outcome: shed calls (RESOURCE_EXHAUSTED, HTTP 429/503)
+    should come back fast; TIMEOUT counts calls still unanswered after `timeout` seconds.
+    """
+    rec = Recorder()
+    n = max(1, min(max_requests, int(rate_per_s * max_seconds)))
+    interval = 1.0 / rate_per_s
+    started = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(rec.timed(call, i, timeout)))
+    sent_s = time.perf_counter() - started
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - started
+    result = summarize(rec, wall, offered_per_s=round(rate_per_s, 3), sent=n, achieved_send_per_s=round(n / sent_s, 3))
+    shed = [ms for name, v in rec.latencies.items() if name in SHED_CODES for ms in v]
+    result["shed"] = len(shed)
+    result["time_to_shed_p50_ms"] = percentile(shed, 50)
+    result["time_to_shed_p99_ms"] = percentile(shed, 99)
+    result["ok_per_s"] = round(len(rec.ok) / wall, 3)
+    return result
+
+
+SHED_CODES = ("RESOURCE_EXHAUSTED", "HTTP_429", "HTTP_503")
+
+
+# -- server processes --------------------------------------------------------------------------
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (LitServe runs several), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total_kb, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+    return round(total_kb / 1024, 1)
+
+
+class ServerProcess:
+    """`cmd` in its own process; `await wait_ready(probe)` returns the seconds to READY."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None, name: str = "") -> None:
+        self.cmd = cmd
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.name = name or cmd[-1]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.peak_rss_mb = 0.0
+
+    def start(self) -> ServerProcess:
+        self.started = time.perf_counter()
+        self.log = tempfile.TemporaryFile()  # a pipe nobody reads would block a chatty server
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    async def wait_ready(self, probe: Callable[[], Awaitable[bool]], timeout: float = 240) -> float:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if await probe():
+                    return round(time.perf_counter() - self.started, 3)
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:]
+
+    def rss_mb(self) -> float:
+        return tree_rss_mb(self.proc.pid) if self.proc is not None else 0.0
+
+    @contextlib.asynccontextmanager
+    async def sampling_rss(self, every_s: float = 0.25) -> Any:
+        """Track the peak RSS of the process tree while the body runs; yields a dict filled at exit."""
+        peak = {"rss_peak_mb": self.rss_mb()}
+
+        async def sample() -> None:
+            while True:
+                peak["rss_peak_mb"] = max(peak["rss_peak_mb"], self.rss_mb())
+                await asyncio.sleep(every_s)
+
+        task = asyncio.ensure_future(sample())
+        try:
+            yield peak
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            peak["rss_peak_mb"] = max(peak["rss_peak_mb"], self.rss_mb())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def grpc_serving(port: int) -> bool:
+    """gRPC health (service '') reports SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def http_ok(url: str) -> bool:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+        return r.status == 200
+
+
+# -- results -----------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def write_result(name: str, data: dict[str, Any], out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
+    return path
+
+
+@contextlib.contextmanager
+def stage(title: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    print(f"-- {title}", flush=True)
+    yield
+    print(f"   ({time.perf_counter() - t0:.0f} s)", file=sys.stdout, flush=True)

@@ -1,0 +1,388 @@
+"""The same model behind every peer: our service, the gateway, a naive gRPC server, LitServe.
+
+A `Task` (classification or segmentation) knows, for one settings JSON (the file the real
+service reads), how to build and load the service's own model, how to turn PNG bytes into a
+model input (`prepare`: the service's decode + preprocessing) and a model output into the
+service's response (`finish`). The naive server and the LitServe API are thin shells around
+those three steps, so every peer does the same work on the same weights.
+
+    python bench/_peers.py naive --task classification --config cfg.json --port 50100
+    python bench/_peers.py litserve --task segmentation --config cfg.json --port 8123
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from _common import (  # bench/ is on sys.path: scripts run from it, tests add it
+    API_KEY,
+    REPO,
+    HttpStatusError,
+    ServerProcess,
+    free_port,
+)
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """Model and serving knobs shared by every peer in one run."""
+
+    device: str = "cpu"
+    input_size: int = 224
+    seg_input_size: int = 256
+    encoder: str = "resnet34"
+    max_batch_size: int = 8
+    batch_delay_ms: float = 5.0
+    max_queue_size: int = 1024
+    num_workers: int = 2
+    mask_encoding: str = "png"
+
+
+def server_section(o: StackOptions) -> dict[str, Any]:
+    return {
+        "server_config": {
+            "device": o.device,
+            "max_batch_size": o.max_batch_size,
+            "max_batch_delay_ms": o.batch_delay_ms,
+            "max_queue_size": o.max_queue_size,
+            "num_workers": o.num_workers,
+            "log_level": "WARNING",
+            "shutdown_grace_s": 2,
+        },
+        "performance": {"use_amp": o.device.startswith("cuda"), "warmup_batches": 2},
+        "security": {"enable_authentication": True, "api_keys": [API_KEY]},
+        "monitoring": {"enable_metrics": False, "log_json": True},
+    }
+
+
+class Task:
+    name: str
+    module: str  # python -m <module> starts the real service
+    grpc_method: str
+    rest_path: str
+
+    def settings(self, o: StackOptions) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load(self, settings: Any) -> Any:
+        raise NotImplementedError
+
+    def request(self, png: bytes) -> Any:
+        raise NotImplementedError
+
+    def rest_body(self, png: bytes) -> dict[str, Any]:
+        return {"image": {"data": base64.b64encode(png).decode(), "contentType": "image/png"}}
+
+    def prepare(self, model: Any, png: bytes) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def finish(self, model: Any, ctx: Any, output: Any) -> Any:
+        raise NotImplementedError
+
+    def response_cls(self) -> Any:
+        raise NotImplementedError
+
+    def model_info(self, model: Any) -> Any:
+        from cxr_protos.common.v1 import common_pb2
+
+        return common_pb2.ModelInfo(name=model.name, version=model.version, untrained=model.untrained)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    module = "cxr_classification"
+    grpc_method = "/cxr.classification.v1.ClassificationService/ClassifyImage"
+    rest_path = "/v1/classification:classifyImage"
+    model_key = "multiclass_classifier"
+
+    def settings(self, o: StackOptions) -> dict[str, Any]:
+        section = {"model_type": "densenet121", "allow_untrained": True, "input_size": o.input_size}
+        return {"models": {self.model_key: section}, **server_section(o)}
+
+    def load(self, settings: Any) -> Any:
+        from cxr_classification.service import build_models
+        from cxr_serving.device import InferenceDevice
+
+        device = InferenceDevice.resolve(settings.server_config.device, settings.performance)
+        model = build_models(settings, device)[self.model_key]
+        model.load()
+        return model
+
+    def request(self, png: bytes) -> Any:
+        from cxr_protos.classification.v1 import classification_service_pb2 as pb
+        from cxr_protos.common.v1 import common_pb2
+
+        return pb.ClassifyImageRequest(image=common_pb2.Image(data=png, content_type="image/png"))
+
+    def prepare(self, model: Any, png: bytes) -> tuple[Any, Any]:
+        from cxr_classification.model import ClassifierInput
+        from cxr_classification.preprocessing import PreprocessSpec, preprocess
+        from cxr_serving.images import decode_image
+
+        pixels = decode_image(png, "image/png").pixels
+        return None, ClassifierInput(preprocess(pixels, PreprocessSpec.from_config(model.cfg)))
+
+    def finish(self, model: Any, ctx: Any, output: Any) -> Any:
+        from cxr_protos.classification.v1 import classification_service_pb2 as pb
+
+        rows = zip(model.labels, output.probabilities, model.thresholds, strict=True)
+        findings = [pb.Finding(label=k, probability=float(p), threshold=t, positive=bool(p >= t)) for k, p, t in rows]
+        prediction = pb.ModelPrediction(model=self.model_info(model), findings=findings)
+        return pb.ClassifyImageResponse(predictions=[prediction], untrained=model.untrained)
+
+    def response_cls(self) -> Any:
+        from cxr_protos.classification.v1 import classification_service_pb2 as pb
+
+        return pb.ClassifyImageResponse
+
+
+class SegmentationTask(Task):
+    name = "segmentation"
+    module = "cxr_segmentation"
+    grpc_method = "/cxr.segmentation.v1.SegmentationService/SegmentImage"
+    rest_path = "/v1/segmentation:segmentImage"
+
+    def __init__(self, mask_encoding: str = "png") -> None:
+        self.mask_encoding = mask_encoding
+
+    def settings(self, o: StackOptions) -> dict[str, Any]:
+        section = {"enabled": True, "allow_untrained": True, "input_size": o.seg_input_size, "encoder": o.encoder}
+        return {"models": {"segmentation": section}, **server_section(o)}
+
+    def load(self, settings: Any) -> Any:
+        from cxr_segmentation.service import build_model
+
+        model = build_model(settings)
+        model.load()
+        return model
+
+    def _encoding(self) -> int:
+        from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
+
+        return int(pb.MaskEncoding.Value(f"MASK_ENCODING_{self.mask_encoding.upper()}"))
+
+    def request(self, png: bytes) -> Any:
+        from cxr_protos.common.v1 import common_pb2
+        from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
+
+        image = common_pb2.Image(data=png, content_type="image/png")
+        return pb.SegmentImageRequest(image=image, mask_encoding=self._encoding())  # type: ignore[arg-type]
+
+    def rest_body(self, png: bytes) -> dict[str, Any]:
+        return {**super().rest_body(png), "maskEncoding": f"MASK_ENCODING_{self.mask_encoding.upper()}"}
+
+    def prepare(self, model: Any, png: bytes) -> tuple[Any, Any]:
+        from cxr_serving.images import decode_image
+
+        image = decode_image(png, "image/png")
+        return image, model.preprocess(image.pixels)
+
+    def finish(self, model: Any, ctx: Any, output: Any) -> Any:
+        from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
+        from cxr_segmentation.postprocess import postprocess
+        from cxr_segmentation.servicer import SegmentationServicer, to_response
+        from cxr_serving.proto_convert import image_metadata
+
+        opts = SegmentationServicer._options(pb.SegmentImageRequest(mask_encoding=self._encoding()), model)  # type: ignore[arg-type]
+        result = postprocess(ctx, output, model.labels, opts)
+        return to_response(result, status_info=self.model_info(model), image=image_metadata(ctx))
+
+    def response_cls(self) -> Any:
+        from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
+
+        return pb.SegmentImageResponse
+
+
+def task_named(name: str, mask_encoding: str = "png") -> Task:
+    return ClassificationTask() if name == "classification" else SegmentationTask(mask_encoding)
+
+
+def load_settings_file(path: str) -> Any:
+    from cxr_serving.settings import Settings
+
+    return Settings.model_validate(json.loads(Path(path).read_text()))
+
+
+# -- clients: one `call(i)` per peer ---------------------------------------------------------------
+GrpcCall = Callable[[int], Awaitable[object]]
+
+
+def grpc_call(channel: Any, task: Task, pngs: Sequence[bytes], timeout: float = 120) -> GrpcCall:
+    """Unary call of the task's RPC on `channel` with image i % len(pngs); the bytes are serialised once."""
+    method = channel.unary_unary(
+        task.grpc_method, request_serializer=lambda b: b, response_deserializer=task.response_cls().FromString
+    )
+    bodies = [task.request(p).SerializeToString() for p in pngs]
+    metadata = (("x-api-key", API_KEY),)
+
+    async def call(i: int) -> object:
+        return await method(bodies[i % len(bodies)], metadata=metadata, timeout=timeout)
+
+    return call
+
+
+def http_call(session: Any, url: str, bodies: Sequence[bytes], headers: dict[str, str] | None = None) -> GrpcCall:
+    """POST JSON body i % len(bodies); non-2xx raises HttpStatusError (429 = shed)."""
+    hdrs = {"Content-Type": "application/json", "apikey": API_KEY, **(headers or {})}
+
+    async def call(i: int) -> object:
+        async with session.post(url, data=bodies[i % len(bodies)], headers=hdrs) as r:
+            payload = await r.read()
+            if r.status >= 300:
+                raise HttpStatusError(r.status)
+            return payload
+
+    return call
+
+
+# -- launching every peer as its own process --------------------------------------------------------
+def write_settings(task: Task, o: StackOptions, directory: Path) -> Path:
+    path = directory / f"{task.name}.json"
+    path.write_text(json.dumps(task.settings(o)))
+    return path
+
+
+def service_process(task: Task, config: Path, port: int) -> ServerProcess:
+    """The real service: `python -m cxr_<task> --config ... --port ...`."""
+    cmd = [sys.executable, "-m", task.module, "--config", str(config), "--port", str(port), "--metrics-port", "0"]
+    return ServerProcess(cmd, name=f"{task.name} service").start()
+
+
+def peer_process(kind: str, task: Task, config: Path, port: int, mask_encoding: str = "png") -> ServerProcess:
+    """`naive` (gRPC, one forward per request) or `litserve` (HTTP, LitServe's batching)."""
+    cmd = [sys.executable, __file__, kind, "--task", task.name, "--config", str(config), "--port", str(port)]
+    return ServerProcess([*cmd, "--mask-encoding", mask_encoding], name=f"{task.name} {kind}").start()
+
+
+@dataclass
+class GatewayPorts:
+    rest: int
+    grpc: int
+    status: int
+
+
+def gateway_process(backends: dict[str, int], directory: Path) -> tuple[ServerProcess, GatewayPorts]:
+    """The Kong stand-in on gateway/kong.yml; only the per-minute rate limit is lifted (a benchmark is not a client)."""
+    kong = (REPO / "gateway" / "kong.yml").read_text()
+    if "minute: 100," not in kong:
+        raise RuntimeError("gateway/kong.yml: the rate-limiting plugin changed; update bench/_peers.py")
+    path = directory / "kong.yml"
+    path.write_text(kong.replace("minute: 100,", "minute: 100000000,"))
+    ports = GatewayPorts(free_port(), free_port(), free_port())
+    env = {"DECK_CXR_API_KEY": API_KEY, "DECK_BACKEND_PROTOCOL": "grpc"}
+    for name in ("classification", "segmentation", "rag"):
+        env[f"DECK_{name.upper()}_HOST"] = "127.0.0.1"
+        env[f"DECK_{name.upper()}_PORT"] = str(backends.get(name, 1))
+    cmd = [
+        sys.executable, "-m", "cxr_gateway", "--kong", str(path), "--descriptor", str(REPO / "gateway" / "protos.pb"),
+        "--rest-port", str(ports.rest), "--grpc-port", str(ports.grpc), "--status-port", str(ports.status),
+    ]  # fmt: skip
+    return ServerProcess(cmd, env=env, name="gateway").start(), ports
+
+
+# -- (d) the naive gRPC server ---------------------------------------------------------------------
+def serve_naive(task: Task, settings: Any, port: int, threads: int) -> None:
+    """What one writes first (grpc examples' style): a thread pool, one forward pass per request."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    model = task.load(settings)
+
+    def handle(request: Any, context: Any) -> Any:
+        ctx, item = task.prepare(model, request.image.data)
+        (out,) = model.predict([item])
+        return task.finish(model, ctx, out)
+
+    service, method = task.grpc_method.rsplit("/", 1)
+    handler = grpc.unary_unary_rpc_method_handler(
+        handle,
+        request_deserializer=type(task.request(b"")).FromString,
+        response_serializer=lambda m: m.SerializeToString(),
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads), options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service.lstrip("/"), {method: handler})])
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+# -- (e) LitServe with its dynamic batching ----------------------------------------------------------
+class PeerAPI(ls.LitAPI):  # type: ignore[misc]
+    """decode_request = the service's decode + preprocess; predict = one batched forward; LitServe batches."""
+
+    def __init__(self, task_name: str, mask_encoding: str, config: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task_name, self.mask_encoding, self.config = task_name, mask_encoding, config
+
+    def setup(self, device: str) -> None:
+        self.task = task_named(self.task_name, self.mask_encoding)
+        self.model = self.task.load(load_settings_file(self.config))
+
+    def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe then passes the JSON
+        return self.task.prepare(self.model, base64.b64decode(request["image"]["data"]))
+
+    def batch(self, inputs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        return inputs
+
+    def predict(self, x: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        outs = self.model.predict([item for _, item in x])
+        return [(ctx, out) for (ctx, _), out in zip(x, outs, strict=True)]
+
+    def unbatch(self, output: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        return output
+
+    def encode_response(self, output: tuple[Any, Any]) -> dict[str, Any]:
+        from google.protobuf import json_format
+
+        return dict(json_format.MessageToDict(self.task.finish(self.model, *output)))
+
+
+def serve_litserve(args: argparse.Namespace, settings: Any) -> None:
+    sc = settings.server_config
+    api = PeerAPI(
+        args.task, args.mask_encoding, args.config, max_batch_size=sc.max_batch_size,
+        batch_timeout=sc.max_batch_delay_ms / 1000,
+    )  # fmt: skip
+    # litserve 0.2.19 turns its MCP endpoint on when `mcp` is installed but imports it only with
+    # `fastmcp`, then fails with NameError: MCPServer; the benchmark needs no MCP endpoint.
+    import litserve.server
+
+    litserve.server._MCP_AVAILABLE = False
+    accelerator = "cuda" if str(sc.device).startswith("cuda") else "cpu"
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=120)
+    server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["naive", "litserve"])
+    ap.add_argument("--task", choices=["classification", "segmentation"], required=True)
+    ap.add_argument("--config", required=True, help="the settings JSON the real service reads")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--mask-encoding", default="png")
+    ap.add_argument("--threads", type=int, default=10, help="naive: gRPC thread pool size")
+    args = ap.parse_args(argv)
+    settings = load_settings_file(args.config)
+    if args.kind == "naive":
+        serve_naive(task_named(args.task, args.mask_encoding), settings, args.port, args.threads)
+    else:
+        serve_litserve(args, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Whole stack against its peers, side by side in ONE run (`make bench-stack`).
+
+Same model, weights, settings JSON and real NIH PNGs for every peer; the same asyncio client:
+  (a) ceiling   raw in-process batched forward on preprocessed tensors (no decode, no RPC);
+                also the in-process cost of one image's decode+preprocess and postprocess+response
+  (b) service   our service (`python -m cxr_<task>`), gRPC direct
+  (c) gateway   the same service through the local gateway (Kong stand-in): REST and gRPC proxy
+  (d) naive     a plain gRPC server (thread pool, one forward per request)
+  (e) litserve  LitServe serving the same model with its dynamic batching (max_batch_size,
+                batch_timeout = our max_batch_size, max_batch_delay_ms), JSON over HTTP
+at concurrency 1/8/32: img/s, p50/p99, peak RSS of the server's process tree, time to READY;
+ratios service/ceiling, service/LitServe, service/naive and the p50 the service and the gateway
+add at concurrency 1. Segmentation: (a), (b), (d), (e) (and (c) with --seg-gateway).
+Every measurement is bounded by a request count AND seconds; the ceiling is measured before and
+after the servers and the better run is kept (foreign load on a shared host would flatter ratios).
+
+    .venv/bin/python bench/stack.py             # densenet121 @224, U-Net resnet34 @256: ~10 min on 2 cores
+    .venv/bin/python bench/stack.py --quick     # smaller and shorter, ~3 min
+    .venv/bin/python bench/stack.py --device cuda --max-batch-size 32 --input-size 224   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    API_KEY,
+    ServerProcess,
+    closed_loop,
+    free_port,
+    grpc_serving,
+    http_ok,
+    machine,
+    nih_pngs,
+    stage,
+    write_result,
+)
+from _peers import (
+    StackOptions,
+    Task,
+    gateway_process,
+    grpc_call,
+    http_call,
+    load_settings_file,
+    peer_process,
+    service_process,
+    task_named,
+    write_settings,
+)
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small inputs, short phases (a smoke run)")
+    ap.add_argument("--tasks", default="classification,segmentation")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--input-size", type=int, help="classifier input (224; quick 128)")
+    ap.add_argument("--seg-input-size", type=int, help="U-Net input (256; quick 128)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-delay-ms", type=float, default=2.0, help="our max_batch_delay_ms = LitServe batch_timeout")
+    ap.add_argument("--num-workers", type=int, default=2, help="service decode/preprocess threads")
+    ap.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="intra-op threads of every peer and the ceiling (OMP_NUM_THREADS); 1 leaves a core for decoding",
+    )  # fmt: skip
+    ap.add_argument("--mask-encoding", default="png", choices=["png", "rle", "none"])
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests", type=int, help="max requests per measurement (400; quick 48)")
+    ap.add_argument("--seconds", type=float, help="max seconds per measurement (15; quick 4)")
+    ap.add_argument("--images", type=int, default=16, help="distinct NIH PNGs cycled through")
+    ap.add_argument("--peers", default="service,gateway_rest,gateway_grpc,naive,litserve")
+    ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
+    ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.input_size = args.input_size or (128 if q else 224)
+    args.seg_input_size = args.seg_input_size or (128 if q else 256)
+    args.requests = args.requests or (48 if q else 400)
+    args.seconds = args.seconds or (4.0 if q else 15.0)
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.tasks = args.tasks.split(",")
+    args.peers = args.peers.split(",")
+    return args
+
+
+def set_torch_threads(n: int) -> None:
+    """The same intra-op thread count in this process (ceiling) and every server it starts (env)."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+
+
+def options(args: argparse.Namespace) -> StackOptions:
+    return StackOptions(
+        device=args.device,
+        input_size=args.input_size,
+        seg_input_size=args.seg_input_size,
+        max_batch_size=args.max_batch_size,
+        batch_delay_ms=args.batch_delay_ms,
+        num_workers=args.num_workers,
+        mask_encoding=args.mask_encoding,
+    )
+
+
+# -- (a) ceiling ---------------------------------------------------------------------------------
+def _ms_p50(fn: Any, n: int, budget_s: float) -> float:
+    times: list[float] = []
+    stop_at = time.perf_counter() + budget_s
+    while len(times) < n and time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        fn(len(times))
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """Batched forward passes on prepared inputs; and the per-image CPU work around the forward."""
+    import torch
+
+    model = task.load(load_settings_file(str(config)))
+    prepared = [task.prepare(model, p) for p in pngs]
+    bs = args.max_batch_size
+    batch = [prepared[i % len(prepared)][1] for i in range(bs)]
+    model.predict(batch)  # warm the full batch shape
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    images, started = 0, time.perf_counter()
+    while images < args.requests and time.perf_counter() - started < args.seconds:
+        model.predict(batch)
+        sync()
+        images += bs
+    ips = images / (time.perf_counter() - started)
+    outs = model.predict(batch)
+    n = 20 if not args.quick else 5
+    result = {
+        "batch_size": bs,
+        "img_per_s": round(ips, 3),
+        "images": images,
+        "forward_b1_p50_ms": _ms_p50(lambda i: model.predict([batch[i % bs]]), n, args.seconds),
+        "prepare_p50_ms": _ms_p50(lambda i: task.prepare(model, pngs[i % len(pngs)]), n, args.seconds),
+        "finish_p50_ms": _ms_p50(lambda i: task.finish(model, prepared[i % bs][0], outs[i % bs]), n, args.seconds),
+    }
+    # one image end to end in process: what a client could get with no server at all (concurrency 1)
+    result["pipeline_b1_p50_ms"] = round(
+        result["forward_b1_p50_ms"] + result["prepare_p50_ms"] + result["finish_p50_ms"], 3
+    )
+    model.unload()
+    return result
+
+
+# -- (b)-(e) peers -----------------------------------------------------------------------------------
+async def measure(name: str, server: ServerProcess, call: Any, args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for c in args.levels:
+        async with server.sampling_rss() as rss:
+            row = await closed_loop(call, c, max_requests=args.requests, max_seconds=args.seconds, warmup=1)
+        row.update(rss)
+        rows.append(row)
+        p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
+        print(
+            f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
+            f"  rss {row['rss_peak_mb']:7.0f} MB  {row['codes']}",
+            flush=True,
+        )
+    return {"levels": rows}
+
+
+async def grpc_peer(
+    name: str, server: ServerProcess, port: int, task: Task, pngs: list[bytes], args: Any, ready_url: str = ""
+) -> dict[str, Any]:
+    import grpc
+
+    startup = await server.wait_ready(lambda: http_ok(ready_url) if ready_url else grpc_serving(port))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        out = await measure(name, server, grpc_call(ch, task, pngs), args)
+    return {"startup_s": startup, **out}
+
+
+async def http_peer(
+    name: str, server: ServerProcess, url: str, ready_url: str, bodies: list[bytes], args: Any
+) -> dict[str, Any]:
+    import aiohttp
+
+    startup = await server.wait_ready(lambda: http_ok(ready_url))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        out = await measure(name, server, http_call(session, url, bodies), args)
+    return {"startup_s": startup, **out}
+
+
+async def run_peers(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    peers: dict[str, Any] = {}
+    bodies = [json.dumps(task.rest_body(p)).encode() for p in pngs]
+    gateway = "gateway_rest" in args.peers or "gateway_grpc" in args.peers
+    if task.name == "segmentation" and not args.seg_gateway:
+        gateway = False
+    if "service" in args.peers or gateway:
+        port = free_port()
+        svc = service_process(task, config, port)
+        try:
+            peers["service"] = await grpc_peer("service", svc, port, task, pngs, args)
+            if gateway:
+                with tempfile.TemporaryDirectory() as tmp:
+                    gw, gp = gateway_process({task.name: port}, Path(tmp))
+                    try:
+                        status = f"http://127.0.0.1:{gp.status}/status"
+                        if "gateway_rest" in args.peers:
+                            url = f"http://127.0.0.1:{gp.rest}{task.rest_path}"
+                            peers["gateway_rest"] = await http_peer("gateway REST", gw, url, status, bodies, args)
+                        if "gateway_grpc" in args.peers:
+                            peers["gateway_grpc"] = await grpc_peer(
+                                "gateway gRPC", gw, gp.grpc, task, pngs, args, ready_url=status
+                            )
+                    finally:
+                        gw.stop()
+        finally:
+            svc.stop()
+    if "naive" in args.peers:
+        port = free_port()
+        naive = peer_process("naive", task, config, port, args.mask_encoding)
+        try:
+            peers["naive"] = await grpc_peer("naive", naive, port, task, pngs, args)
+        finally:
+            naive.stop()
+    if "litserve" in args.peers:
+        port = free_port()
+        lit = peer_process("litserve", task, config, port, args.mask_encoding)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            peers["litserve"] = await http_peer("litserve", lit, f"{base}/predict", f"{base}/health", bodies, args)
+        finally:
+            lit.stop()
+    return peers
+
+
+def _level(peer: dict[str, Any] | None, c: int) -> dict[str, Any] | None:
+    if peer is None:
+        return None
+    return next((r for r in peer["levels"] if r["concurrency"] == c), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def ratios(ceil: dict[str, Any], peers: dict[str, Any], levels: list[int]) -> dict[str, Any]:
+    """service/ceiling, service/LitServe, service/naive by concurrency; p50 added at concurrency 1."""
+    out: dict[str, Any] = {}
+    svc = peers.get("service")
+    for c in levels:
+        s = _level(svc, c)
+        if s is None:
+            continue
+        row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], ceil["img_per_s"])}
+        for peer in ("litserve", "naive", "gateway_rest", "gateway_grpc"):
+            p = _level(peers.get(peer), c)
+            if p is not None:
+                row[f"service_over_{peer}"] = _ratio(s["img_per_s"], p["img_per_s"])
+        out[f"c{c}"] = row
+    s1 = _level(svc, 1)
+    if s1 is not None and s1["p50_ms"] is not None:
+        out["service_added_p50_ms_c1"] = {
+            "over_in_process_pipeline": round(s1["p50_ms"] - ceil["pipeline_b1_p50_ms"], 3),
+            "over_forward_only": round(s1["p50_ms"] - ceil["forward_b1_p50_ms"], 3),
+        }
+        for gw in ("gateway_rest", "gateway_grpc"):
+            g1 = _level(peers.get(gw), 1)
+            if g1 is not None and g1["p50_ms"] is not None:
+                out[f"{gw}_added_p50_ms_c1"] = round(g1["p50_ms"] - s1["p50_ms"], 3)
+    return out
+
+
+TARGETS = {
+    "service_over_ceiling_c32": ">= 0.9",
+    "service_added_p50_ms_c1": "<= 5 (CPU)",
+    "service_over_litserve": "> 1 at every concurrency >= 8",
+    "gateway_added_p50_ms_c1": "<= 3",
+}
+
+
+def print_table(task: str, ceil: dict[str, Any], peers: dict[str, Any], levels: list[int]) -> None:
+    print(f"\n{task}: ceiling {ceil['img_per_s']:.2f} img/s at batch {ceil['batch_size']}")
+    print(f"{'peer':<14}" + "".join(f"{'c=' + str(c):>28}" for c in levels))
+    for name, peer in peers.items():
+        cells = []
+        for c in levels:
+            r = _level(peer, c)
+            cells.append(f"{r['img_per_s']:7.2f}/s {r['p50_ms'] or 0:7.1f}/{r['p99_ms'] or 0:7.1f}ms" if r else "")
+        print(f"{name:<14}" + "".join(f"{cell:>28}" for cell in cells))
+
+
+async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    config = write_settings(task, options(args), tmp)
+    with stage(f"{task.name}: (a) ceiling, before"):
+        ceilings = [ceiling(task, config, pngs, args)]
+        print(f"   {json.dumps(ceilings[0])}", flush=True)
+    peers = await run_peers(task, config, pngs, args)
+    with stage(f"{task.name}: (a) ceiling, after"):
+        ceilings.append(ceiling(task, config, pngs, args))
+        print(f"   {json.dumps(ceilings[1])}", flush=True)
+    best = dict(max(ceilings, key=lambda c: c["img_per_s"]))
+    for key in ("forward_b1_p50_ms", "prepare_p50_ms", "finish_p50_ms", "pipeline_b1_p50_ms"):
+        best[key] = min(c[key] for c in ceilings)
+    best["runs"] = ceilings
+    print_table(task.name, best, peers, args.levels)
+    r = ratios(best, peers, args.levels)
+    print("ratios:", json.dumps(r), flush=True)
+    return {"settings": json.loads(config.read_text()), "ceiling": best, "peers": peers, "ratios": r}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_torch_threads(args.torch_threads)
+    pngs = nih_pngs(args.images)
+    started = time.perf_counter()
+    info = machine()
+    print(f"stack bench on {info['gpu'] or info['platform']}: levels {args.levels}, "
+          f"<= {args.requests} requests / {args.seconds:.0f} s per measurement", flush=True)  # fmt: skip
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks:
+            results[name] = asyncio.run(run_task(task_named(name, args.mask_encoding), pngs, args, Path(tmp)))
+    data = {
+        "quick": args.quick,
+        "machine": info,
+        "load_average_1m_after": machine()["load_average_1m"],
+        "api_key_header": bool(API_KEY),
+        "options": {k: v for k, v in vars(args).items() if k not in {"out"}},
+        "targets": TARGETS,
+        "tasks": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_result("stack-quick" if args.quick else "stack", data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
