@@ -83,7 +83,7 @@ class RagConfig(_Strict):
     candidates: int = Field(50, ge=1, description="hits taken from each retriever before fusion")
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
     min_relevance: float = Field(
-        0.3, ge=-1, le=1, description="best dense cosine similarity below this: 'nothing relevant found'"
+        0.4, ge=-1, le=1, description="best dense cosine similarity below this: 'nothing relevant found'"
     )
     context_token_budget: int = Field(2500, ge=64, description="tokens of passages put into the prompt")
     max_documents_per_request: int = Field(1000, ge=1)
