@@ -277,3 +277,18 @@ async def test_disabled_model_is_not_loaded_at_start_but_can_be_loaded():
             loaded = await stub.LoadModel(pb.LoadModelRequest(model_name="segmentation"), metadata=auth())
             assert loaded.model.state == common_pb2.MODEL_STATE_READY
             assert len((await stub.SegmentImage(pb.SegmentImageRequest(image=image), metadata=auth())).masks) == 5
+
+
+async def test_masks_made_in_the_batch_are_served_identically():
+    """The GPU path (masks made in the batch worker, forced here on the CPU) answers like the pool path."""
+    path = cxr14_images(1)[0]
+    responses = []
+    for on_device in (False, True):
+        s = settings(masks_on_device=on_device)
+        async with running_server(s, build_binding(s)) as server:
+            ch, stub = stub_for(server)
+            async with ch:
+                responses.append(await stub.SegmentImage(png_request(path, threshold=0.45), metadata=auth()))
+    pool, device = responses
+    assert [m.png for m in pool.masks] == [m.png for m in device.masks]
+    assert pool.measurements == device.measurements

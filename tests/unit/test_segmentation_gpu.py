@@ -32,3 +32,18 @@ def test_gpu_masks_agree_with_cpu(amp):
         if not amp:
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-2)
     gpu.unload()
+
+
+def test_masks_on_device_by_default_on_cuda():
+    from cxr_segmentation.model import SegmentationInput
+
+    cfg = SegmentationConfig(input_size=256, allow_untrained=True)
+    gpu = SegmentationModel(cfg, InferenceDevice.resolve("cuda", PerformanceConfig()), warmup_batches=1)
+    gpu.load()
+    assert gpu.masks_on_device
+    img = decode_image(cxr14_images(1)[0].read_bytes())
+    t = gpu.preprocess(img.pixels)
+    masks, logits = gpu.predict([SegmentationInput(t, (img.height, img.width), 0.5), t])
+    assert masks.shape == (5, img.height, img.width) and masks.dtype == np.bool_
+    np.testing.assert_array_equal(masks, logits_to_masks(logits, (img.height, img.width), 0.5))
+    gpu.unload()

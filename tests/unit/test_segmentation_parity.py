@@ -90,3 +90,23 @@ def test_torchxrayvision_pspnet_parity(tmp_path):
     assert ours.shape == expected.shape == (14, 512, 512)
     torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-3)
     assert np.isfinite(ours.numpy()).all()
+
+
+def test_masks_made_in_the_batch_equal_masks_made_from_logits():
+    """`masks_on_device` (the GPU path, forced here on the CPU) gives the same masks as the pool path."""
+    from cxr_segmentation.masks import logits_to_masks
+    from cxr_segmentation.model import SegmentationInput
+
+    cfg = SegmentationConfig(encoder="resnet18", input_size=64, allow_untrained=True, masks_on_device=True)
+    model = SegmentationModel(cfg, CPU, warmup_batches=0)
+    model.load()
+    assert model.masks_on_device
+    a, b = nih_pixels(), nih_pixels(300)[:, :200]
+    ta, tb = model.preprocess(a), model.preprocess(b)
+    masks_a, logits_b, masks_b = model.predict(
+        [SegmentationInput(ta, a.shape, 0.5), tb, SegmentationInput(tb, b.shape, 0.3)]
+    )
+    assert masks_a.shape == (5, *a.shape) and masks_b.shape == (5, 300, 200) and masks_a.dtype == bool
+    np.testing.assert_array_equal(masks_a, logits_to_masks(model.predict([ta])[0], a.shape, 0.5))
+    np.testing.assert_array_equal(masks_b, logits_to_masks(logits_b, b.shape, 0.3))
+    assert not SegmentationModel(cfg.model_copy(update={"masks_on_device": None}), CPU).masks_on_device

@@ -57,6 +57,11 @@ class SegmentationConfig(BaseModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     normalization: Normalization = "imagenet"
     overlay_max_side: int = Field(1024, ge=64, le=8192, description="overlay PNGs are scaled down to this side")
+    masks_on_device: bool | None = Field(
+        None,
+        description="upsample + threshold inside the batch on the inference device (default: on for CUDA, off on "
+        "CPU, where the decode pool parallelises it across requests)",
+    )
     seed: int = Field(0, description="seed of the random weights of an untrained model")
 
     @field_validator("input_size")

@@ -26,14 +26,14 @@ def logit_threshold(threshold: float) -> float:
 
 
 def logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """C x h x w logits -> C x H x W bool masks at `size` = (H, W)."""
+    """C x h x w logits (on any device) -> C x H x W bool masks at `size` = (H, W), on the CPU."""
     cut = logit_threshold(threshold)
     out = np.empty((logits.shape[0], *size), dtype=bool)
     for c in range(logits.shape[0]):  # one class at a time: peak memory of one float plane at full size
         z = logits[c].float()[None, None]
         if tuple(z.shape[-2:]) != tuple(size):
             z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
-        out[c] = (z[0, 0] >= cut).numpy()
+        out[c] = (z[0, 0] >= cut).cpu().numpy()
     return out
 
 

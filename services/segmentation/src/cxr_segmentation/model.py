@@ -1,8 +1,10 @@
 """The segmentation network as a `ServedModel`: load (checkpoint or refuse), batched forward, unload.
 
 `predict` takes preprocessed C x S x S tensors and returns C x S x S logits on the CPU; upsampling
-to the original size, thresholding and encoding happen per request outside the batch worker
-(see `postprocess.py`), so the device only does the forward pass.
+to the original size, thresholding and encoding then happen per request on the decode pool (see
+`postprocess.py`). On a GPU (`masks_on_device`), items are `SegmentationInput`s carrying the original
+size and threshold: masks are made on the device right after the forward pass, so only 1-byte masks
+cross to the host and the CPU is left with encoding.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from cxr_segmentation.checkpoints import load_checkpoint
 from cxr_segmentation.config import SegmentationConfig
+from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
 from cxr_segmentation.preprocessing import Preprocess
 from cxr_serving.device import InferenceDevice
@@ -25,6 +29,15 @@ from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentationInput:
+    """One batch item that asks for masks (C x H x W bool) instead of logits."""
+
+    tensor: torch.Tensor
+    size: tuple[int, int]  # original (H, W)
+    threshold: float
 
 
 class SegmentationModel(ServedModel):
@@ -100,15 +113,28 @@ class SegmentationModel(ServedModel):
     # --- inference -------------------------------------------------------------------------
     def _forward(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with self._device.inference():
-            logits = output_logits(net, self._device.batch_to_device(batch))
-        return logits.float().cpu()
+            return output_logits(net, self._device.batch_to_device(batch))
+
+    @property
+    def masks_on_device(self) -> bool:
+        flag = self.cfg.masks_on_device
+        return self._device.is_cuda if flag is None else flag
 
     def predict(self, batch: list[Any]) -> Sequence[Any]:
+        """Tensors -> CPU float32 logits; `SegmentationInput`s -> bool masks at their original size."""
         net = self._net
         if net is None:
             raise ModelNotReadyError(f"model '{self.name}' is not loaded")
-        logits = self._forward(net, torch.stack(batch))
-        return list(logits.unbind(0))
+        tensors = [b.tensor if isinstance(b, SegmentationInput) else b for b in batch]
+        logits = self._forward(net, torch.stack(tensors))
+        out: list[Any] = []
+        with torch.inference_mode():
+            for item, z in zip(batch, logits.unbind(0), strict=True):
+                if isinstance(item, SegmentationInput):
+                    out.append(logits_to_masks(z, item.size, item.threshold))
+                else:
+                    out.append(z.float().cpu())
+        return out
 
     @property
     def version(self) -> str:

@@ -53,9 +53,13 @@ class PostprocessOptions:
 
 
 def postprocess(
-    image: DecodedImage, logits: torch.Tensor, labels: Sequence[str], opts: PostprocessOptions
+    image: DecodedImage, output: torch.Tensor | np.ndarray, labels: Sequence[str], opts: PostprocessOptions
 ) -> SegmentationResult:
-    masks = logits_to_masks(logits, (image.height, image.width), opts.threshold)
+    """`output`: the model's logits (C x h x w), or masks already made on the device (C x H x W bool)."""
+    if isinstance(output, np.ndarray):
+        masks = output
+    else:
+        masks = logits_to_masks(output, (image.height, image.width), opts.threshold)
     by_label = dict(zip(labels, masks, strict=True))
     ctr = cardiothoracic_ratio(by_label, image.pixel_spacing_mm)
     out: list[ClassMask] = []

@@ -14,7 +14,7 @@ import grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
-from cxr_segmentation.model import SegmentationModel
+from cxr_segmentation.model import SegmentationInput, SegmentationModel
 from cxr_segmentation.postprocess import Encoding, PostprocessOptions, SegmentationResult, postprocess
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
@@ -77,9 +77,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 reason="DICOM_SEG_NEEDS_DICOM",
             )
         tensor = await self.pool.run(model.preprocess, image.pixels)
-        logits = await self.repo.predict(model.name, tensor)
+        item = (
+            SegmentationInput(tensor, (image.height, image.width), opts.threshold) if model.masks_on_device else tensor
+        )
+        output = await self.repo.predict(model.name, item)
         status = self.repo.status(model.name)
-        result: SegmentationResult = await self.pool.run(postprocess, image, logits, model.labels, opts)
+        result: SegmentationResult = await self.pool.run(postprocess, image, output, model.labels, opts)
         return to_response(result, status_info=model_info(status), image=image_metadata(image))
 
     async def ListModels(
