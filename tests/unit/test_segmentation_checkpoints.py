@@ -124,3 +124,13 @@ def test_unknown_encoder_is_a_clear_error():
     cfg = SegmentationConfig(encoder="resnet9000", allow_untrained=True, input_size=64)
     with pytest.raises(CheckpointError, match="resnet9000"):
         SegmentationModel(cfg, CPU, warmup_batches=0).load()
+
+
+@pytest.mark.parametrize("name", ["local.json", "production.json"])
+def test_shipped_configs_validate(name):
+    from cxr_serving.settings import load_settings
+    from tests.conftest import REPO
+
+    cfg = segmentation_config(load_settings(REPO / "config" / name, environ={}))
+    assert cfg.enabled and cfg.classes == list(DEFAULT_CLASSES)
+    assert cfg.allow_untrained == (name == "local.json")
