@@ -30,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "cxr14-sample" / "images"
+PUBMEDQA = SHARED / "data" / "pubmedqa"
 RESULTS = REPO / "bench" / "results"
 API_KEY = "bench-key-0123456789"
 

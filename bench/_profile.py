@@ -1,0 +1,100 @@
+"""Profile a service under load with py-spy: where the service path spends its time.
+
+    .venv/bin/python bench/_profile.py --task segmentation --concurrency 8 --seconds 20
+    .venv/bin/python bench/_profile.py --task classification --format speedscope   # open in speedscope.app
+
+Starts the real service (the settings bench/stack.py uses), drives it closed-loop at the given
+concurrency while `py-spy record` samples every thread (GIL idle samples dropped), then prints the
+functions with the most samples, own time and with callees, so decode, copies, serialisation
+and hand-offs show. The raw profile goes to bench/results/profile-<task>.<ext> (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from _common import RESULTS, closed_loop, free_port, grpc_serving, nih_pngs
+from _peers import StackOptions, grpc_call, service_process, task_named, write_settings
+from stack import GRPC_OPTIONS, set_torch_threads
+
+
+def top_functions(collapsed: Path, n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
+    """(own samples, inclusive samples, total) per function from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        k = int(count)
+        total += k
+        own[frames[-1]] += k
+        for f in set(frames[1:]):  # frames[0] is the thread
+            inclusive[f] += k
+    return own.most_common(n), inclusive.most_common(n), total
+
+
+async def drive(task_name: str, config: Path, port: int, concurrency: int, seconds: float, fmt: str) -> Path:
+    import grpc
+
+    task = task_named(task_name)
+    svc = service_process(task, config, port)
+    ext = {"raw": "txt", "speedscope": "json", "flamegraph": "svg"}[fmt]
+    out = RESULTS / f"profile-{task_name}.{ext}"
+    try:
+        await svc.wait_ready(lambda: grpc_serving(port))
+        assert svc.proc is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+            call = grpc_call(ch, task, nih_pngs(8))
+            await closed_loop(call, concurrency, max_requests=2 * concurrency, max_seconds=seconds)  # warm-up
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(svc.proc.pid), "--duration", str(int(seconds)), "--threads",
+                 "--idle", "--rate", "200", "--format", fmt, "--output", str(out)],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            row = await closed_loop(call, concurrency, max_requests=100000, max_seconds=seconds + 1)
+            spy.wait(timeout=seconds + 60)
+        print(f"under profile: {row['img_per_s']} img/s, p50 {row['p50_ms']} ms at concurrency {concurrency}")
+    finally:
+        svc.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["classification", "segmentation"], default="classification")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--input-size", type=int, default=128)
+    ap.add_argument("--format", choices=["raw", "speedscope", "flamegraph"], default="raw")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
+        return 2
+    set_torch_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = StackOptions(input_size=args.input_size, seg_input_size=args.input_size)
+        config = write_settings(task_named(args.task), opts, Path(tmp))
+        out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format))
+    print(f"wrote {out}")
+    if args.format == "raw":
+        own, inclusive, total = top_functions(out, args.top)
+        print(f"\nown time (of {total} samples):")
+        for name, k in own:
+            print(f"  {100 * k / total:5.1f}%  {name}")
+        print("\nwith callees:")
+        for name, k in inclusive:
+            print(f"  {100 * k / total:5.1f}%  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Plots of the latest results (`make bench` runs this last): bench/results/<name>.png.
+
+  stack.png     throughput and p99 latency vs concurrency, one column per service (task), one line
+                per peer (ceiling as a dashed line);
+  openloop.png  answered/s and p99 vs offered rate, shed calls marked.
+Reads bench/results/stack.json and openloop.json (or the -quick variants with --quick); a missing
+file is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS
+
+STYLE = {
+    "service": ("tab:blue", "o"),
+    "gateway_rest": ("tab:cyan", "s"),
+    "gateway_grpc": ("tab:purple", "^"),
+    "naive": ("tab:gray", "x"),
+    "litserve": ("tab:orange", "D"),
+}
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_stack(data: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = data["tasks"]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
+    for col, (task, res) in enumerate(tasks.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        for peer, values in res["peers"].items():
+            color, marker = STYLE.get(peer, ("black", "."))
+            levels = values["levels"]
+            xs = [r["concurrency"] for r in levels]
+            top.plot(xs, [r["img_per_s"] for r in levels], marker=marker, color=color, label=peer)
+            bottom.plot(xs, [r["p99_ms"] or float("nan") for r in levels], marker=marker, color=color, label=peer)
+        top.axhline(res["ceiling"]["img_per_s"], linestyle="--", color="black", label="ceiling (batched forward)")
+        top.set_title(f"{task}: throughput")
+        top.set_ylabel("images / s")
+        bottom.set_title(f"{task}: p99 latency")
+        bottom.set_ylabel("ms")
+        bottom.set_yscale("log")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent requests")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    machine = data.get("machine", {})
+    device = f"{machine.get('gpu') or 'CPU'}, {machine.get('cpu_count')} cores"
+    fig.suptitle(f"cxr stack vs peers — {device}, {data['when']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_openloop(data: dict[str, Any], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for path, color in (("grpc", "tab:blue"), ("rest", "tab:cyan")):
+        rows = data.get(path, {}).get("rates", [])
+        xs = [r["offered_per_s"] for r in rows]
+        left.plot(xs, [r["ok_per_s"] for r in rows], marker="o", color=color, label=f"{path}: answered OK/s")
+        left.plot(xs, [r["shed"] / r["seconds"] for r in rows], marker="x", linestyle=":", color=color,
+                  label=f"{path}: shed/s")  # fmt: skip
+        right.plot(xs, [r["p99_ms"] or float("nan") for r in rows], marker="o", color=color, label=f"{path}: OK p99")
+        right.plot(xs, [r["time_to_shed_p99_ms"] or float("nan") for r in rows], marker="x", linestyle=":",
+                   color=color, label=f"{path}: time-to-shed p99")  # fmt: skip
+    left.set_xlabel("offered requests / s")
+    left.set_ylabel("per second")
+    right.set_xlabel("offered requests / s")
+    right.set_ylabel("ms")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("classification service, open loop (fixed arrival rate), bounded queue")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The README table: img/s and p50/p99 per peer and concurrency, then the ratios."""
+    lines = []
+    for task, res in data["tasks"].items():
+        levels = [r["concurrency"] for r in res["peers"]["service"]["levels"]] if "service" in res["peers"] else []
+        c = res["ceiling"]
+        lines += [
+            f"**{task}** — ceiling (in-process batched forward, batch {c['batch_size']}): {c['img_per_s']:.1f} img/s; "
+            f"one image in process: forward {c['forward_b1_p50_ms']:.0f} ms + decode/preprocess "
+            f"{c['prepare_p50_ms']:.0f} ms + postprocess/response {c['finish_p50_ms']:.1f} ms",
+            "",
+            "| peer | start-up s | " + " | ".join(f"c={n}: img/s, p50/p99 ms, RSS MB" for n in levels) + " |",
+            "|---|---:|" + "---:|" * len(levels),
+        ]
+        for peer, values in res["peers"].items():
+            cells = [
+                f"{r['img_per_s']:.1f}, {r['p50_ms'] or 0:.0f}/{r['p99_ms'] or 0:.0f}, {r['rss_peak_mb']:.0f}"
+                for r in values["levels"]
+            ]
+            lines.append(f"| {peer} | {values.get('startup_s', 0):.1f} | " + " | ".join(cells) + " |")
+        ratios = res["ratios"]
+        lines += ["", "| ratio | " + " | ".join(f"c={n}" for n in levels) + " |", "|---|" + "---:|" * len(levels)]
+        names = sorted({k for n in levels for k in ratios.get(f"c{n}", {})})
+        for name in names:
+            vals = [ratios.get(f"c{n}", {}).get(name) for n in levels]
+            lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+        added = ratios.get("service_added_p50_ms_c1", {})
+        extra = [f"{k} {v:+.1f} ms" for k, v in added.items()]
+        extra += [f"{k} {ratios[k]:+.1f} ms" for k in ("gateway_rest_added_p50_ms_c1", "gateway_grpc_added_p50_ms_c1")
+                  if k in ratios]  # fmt: skip
+        lines += ["", "p50 added at c=1: service " + ", ".join(extra), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="plot the -quick results")
+    ap.add_argument("--markdown", action="store_true", help="print the stack table as markdown (bench/README.md)")
+    args = ap.parse_args(argv)
+    suffix = "-quick" if args.quick else ""
+    if args.markdown:
+        data = _load("stack" + suffix)
+        print(markdown(data) if data else "no stack results")
+        return 0
+    made = []
+    for name, fn in (("stack", plot_stack), ("openloop", plot_openloop)):
+        data = _load(name + suffix)
+        if data is not None:
+            made.append(fn(data, RESULTS / f"{name}{suffix}.png"))
+    for path in made:
+        print(f"wrote {path}")
+    if not made:
+        print("nothing to plot: run bench/stack.py or bench/openloop.py first")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
