@@ -17,7 +17,15 @@ import warnings
 import atheris
 
 with atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"]):
+    # what decode_image imports lazily, imported here so that it is instrumented too
     import numpy as np
+    import PIL.Image
+    import PIL.JpegImagePlugin
+    import PIL.PngImagePlugin  # noqa: F401
+    import pydicom
+    import pydicom.pixels
+    import pydicom.pixels.decoders.pylibjpeg
+    import pydicom.pixels.decoders.rle  # noqa: F401
 
     from cxr_serving.errors import ImageRejectedError
     from cxr_serving.images import DecodeLimits, decode_image
