@@ -89,7 +89,7 @@ def test_random_bytes_and_content_types(served, data, ctype):
     target, ch = served
     if not target.image_input:
         pytest.skip(f"{target.name} takes no image")
-    assert invoke(ch, target, target.valid(data, ctype)) == grpc.StatusCode.INVALID_ARGUMENT or data
+    assert invoke(ch, target, target.valid(data, ctype)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_zero_size_and_oversized_messages(served):
