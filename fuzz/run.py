@@ -97,9 +97,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--runs", type=int, default=-1)
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take (instrumented: ~50x slower)")
     ap.add_argument("--out", type=Path, help="write the JSON summary here")
     args = ap.parse_args()
-    result = run_fuzzer(args.harness, seconds=args.seconds, runs=args.runs, workdir=args.workdir)
+    result = run_fuzzer(
+        args.harness, seconds=args.seconds, runs=args.runs, workdir=args.workdir, timeout_s=args.timeout
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
