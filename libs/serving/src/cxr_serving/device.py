@@ -1,5 +1,6 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark,
-channels_last, AMP and optional torch.compile on GPU; a clean CPU fallback.
+AMP and optional torch.compile on GPU; channels_last on both (on CPU oneDNN runs NHWC
+convolutions faster: bench/README.md); a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferenceDevice:
-    """Resolved device and the GPU paths that apply to it."""
+    """Resolved device and the paths that apply to it."""
 
     device: str
     use_amp: bool
@@ -44,9 +45,7 @@ class InferenceDevice:
             torch.backends.cuda.matmul.allow_tf32 = perf.tf32
             torch.backends.cudnn.allow_tf32 = perf.tf32
             torch.backends.cudnn.benchmark = perf.cudnn_benchmark
-        return cls(
-            device, perf.use_amp and cuda, perf.amp_dtype, perf.channels_last and cuda, perf.compile_models and cuda
-        )
+        return cls(device, perf.use_amp and cuda, perf.amp_dtype, perf.channels_last, perf.compile_models and cuda)
 
     def prepare(self, model: Any) -> Any:
         """Move an eval-mode module to the device with the configured memory format; compile if asked."""
