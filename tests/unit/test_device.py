@@ -1,7 +1,8 @@
-"""InferenceDevice on CPU: channels_last applies (oneDNN NHWC convolutions)."""
+"""InferenceDevice on CPU: channels_last applies (oneDNN NHWC convolutions), the thread count is configurable."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cxr_serving.device import InferenceDevice
@@ -25,3 +26,26 @@ def test_channels_last_can_be_turned_off() -> None:
     dev = InferenceDevice.resolve("cpu", PerformanceConfig(channels_last=False))
     assert not dev.channels_last
     assert dev.batch_to_device(torch.rand(2, 3, 8, 8)).is_contiguous()
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_sets_torch_intra_op_threads(restore_threads) -> None:
+    InferenceDevice.resolve("cpu", PerformanceConfig(cpu_threads=1))
+    assert torch.get_num_threads() == 1
+
+
+def test_cpu_threads_default_leaves_torch_alone(restore_threads) -> None:
+    torch.set_num_threads(2)
+    InferenceDevice.resolve("cpu", PerformanceConfig())
+    assert torch.get_num_threads() == 2
+
+
+def test_cpu_threads_is_validated() -> None:
+    with pytest.raises(ValueError, match="cpu_threads"):
+        PerformanceConfig(cpu_threads=0)

@@ -1,6 +1,6 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark,
 AMP and optional torch.compile on GPU; channels_last on both (on CPU oneDNN runs NHWC
-convolutions faster: bench/README.md); a clean CPU fallback.
+convolutions faster: bench/README.md); the CPU thread count; a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class InferenceDevice:
             log.warning("device %s requested but CUDA is not available: falling back to CPU", requested)
             device = "cpu"
         cuda = device.startswith("cuda")
+        if not cuda and perf.cpu_threads is not None and torch.get_num_threads() != perf.cpu_threads:
+            torch.set_num_threads(perf.cpu_threads)  # process-wide, as torch allows
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = perf.tf32
             torch.backends.cudnn.allow_tf32 = perf.tf32

@@ -63,13 +63,16 @@ class ServerConfig(_Strict):
 
 
 class PerformanceConfig(_Strict):
-    """`performance` of the seed: GPU paths (no-ops on CPU), plus channels_last, which applies on CPU too."""
+    """`performance` of the seed: GPU paths (no-ops on CPU), plus channels_last and cpu_threads, which apply on CPU."""
 
     use_amp: bool = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     optimize_memory: bool = True
     compile_models: bool = False
     channels_last: bool = Field(True, description="NHWC convolutions, on GPU and on CPU (oneDNN: faster U-Net)")
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch intra-op threads on CPU; None: torch's default (one per core)"
+    )
     tf32: bool = True
     cudnn_benchmark: bool = True
     warmup_batches: int = Field(1, ge=0, le=100)
