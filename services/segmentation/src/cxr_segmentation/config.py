@@ -88,7 +88,7 @@ class SegmentationConfig(BaseModel):
         archs = {a.__name__.lower(): a.__name__ for a in smp.__dict__.values() if _is_smp_arch(a)}
         if v.lower() not in archs:
             raise ValueError(f"unknown smp architecture '{v}'; known: {sorted(archs.values())}")
-        return archs[v.lower()]
+        return str(archs[v.lower()])
 
     @model_validator(mode="after")
     def _xrv_layout(self) -> SegmentationConfig:

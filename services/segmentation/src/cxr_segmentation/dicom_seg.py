@@ -42,11 +42,11 @@ _TYPE2 = (
 
 def _source_header(source: Any) -> Any:
     """The source's header without pixel data, with missing type 2 attributes added empty."""
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.tag import Tag
 
     header = Dataset()
-    header.file_meta = getattr(source, "file_meta", Dataset())
+    header.file_meta = getattr(source, "file_meta", None) or FileMetaDataset()
     pixel_tags = {Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
     for elem in source:
         if elem.tag not in pixel_tags:

@@ -54,7 +54,7 @@ def build_xrv_pspnet(n_classes: int = 14) -> nn.Module:
 
 def output_logits(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Forward pass returning N x C x H x W logits (unwraps dict/tuple outputs)."""
-    out = net(batch)
+    out: torch.Tensor = net(batch)
     if isinstance(out, dict):
         out = out.get("out", next(iter(out.values())))
     if isinstance(out, tuple | list):

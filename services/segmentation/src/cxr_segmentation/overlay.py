@@ -30,7 +30,9 @@ def colour_for(index: int) -> tuple[int, int, int]:
     return PALETTE[index % len(PALETTE)]
 
 
-def render_overlay(pixels: np.ndarray, masks: Sequence[np.ndarray], alpha: float = 0.4, max_side: int = 1024) -> bytes:
+def render_overlay(
+    pixels: np.ndarray, masks: np.ndarray | Sequence[np.ndarray], alpha: float = 0.4, max_side: int = 1024
+) -> bytes:
     """`pixels` H x W in [0, 1]; `masks` C x H x W bool. Scaled down so the longer side <= max_side."""
     h, w = pixels.shape
     scale = min(1.0, max_side / max(h, w))
