@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -211,7 +212,9 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.started = time.perf_counter()
         self.log = tempfile.TemporaryFile()  # a pipe nobody reads would block a chatty server
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: stop() ends the workers a server forks (LitServe) with it
         return self
 
     async def wait_ready(self, probe: Callable[[], Awaitable[bool]], timeout: float = 240) -> float:
@@ -253,14 +256,35 @@ class ServerProcess:
             peak["rss_peak_mb"] = max(peak["rss_peak_mb"], self.rss_mb())
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM to the server's process group (graceful drain), SIGKILL to whatever is left after 30 s."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self.log.close()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a benchmark like Ctrl-C: the `finally` blocks stop the servers it started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def grpc_serving(port: int) -> bool:

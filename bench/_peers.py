@@ -45,6 +45,7 @@ class StackOptions:
     max_queue_size: int = 1024
     num_workers: int = 2
     mask_encoding: str = "png"
+    cpu_threads: int | None = 1  # torch intra-op threads (performance.cpu_threads); None: torch's default
 
 
 def server_section(o: StackOptions) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "log_level": "WARNING",
             "shutdown_grace_s": 2,
         },
-        "performance": {"use_amp": o.device.startswith("cuda"), "warmup_batches": 2},
+        "performance": {"use_amp": o.device.startswith("cuda"), "warmup_batches": 2, "cpu_threads": o.cpu_threads},
         "security": {"enable_authentication": True, "api_keys": [API_KEY]},
         "monitoring": {"enable_metrics": False, "log_json": True},
     }

@@ -36,6 +36,7 @@ from _common import (
     nih_pngs,
     resized_png,
     stage,
+    stop_on_sigterm,
     write_result,
 )
 from _peers import (
@@ -72,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def options(args: argparse.Namespace) -> StackOptions:
-    return StackOptions(input_size=128 if args.quick else 224, seg_input_size=128 if args.quick else 256)
+    q = args.quick
+    return StackOptions(input_size=128 if q else 224, seg_input_size=128 if q else 256, cpu_threads=args.torch_threads)
 
 
 # -- 1. batch size -------------------------------------------------------------------------------
@@ -193,6 +195,7 @@ async def startup_others(tmp: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     set_torch_threads(args.torch_threads)
     started = time.perf_counter()
     pngs = nih_pngs(8)

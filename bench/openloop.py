@@ -24,7 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import closed_loop, free_port, grpc_serving, http_ok, machine, nih_pngs, open_loop, stage, write_result
+from _common import (
+    closed_loop,
+    free_port,
+    grpc_serving,
+    http_ok,
+    machine,
+    nih_pngs,
+    open_loop,
+    stage,
+    stop_on_sigterm,
+    write_result,
+)
 from _peers import (
     ClassificationTask,
     StackOptions,
@@ -94,7 +105,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     task = ClassificationTask()
     opts = StackOptions(input_size=args.input_size, max_batch_size=args.max_batch_size,
-                        max_queue_size=args.max_queue_size)  # fmt: skip
+                        max_queue_size=args.max_queue_size, cpu_threads=args.torch_threads)  # fmt: skip
     config = write_settings(task, opts, tmp)
     pngs = nih_pngs(8)
     bodies = [json.dumps(task.rest_body(p)).encode() for p in pngs]
@@ -150,6 +161,7 @@ async def litserve_overload(task: Any, config: Path, bodies: list[bytes], capaci
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     set_torch_threads(args.torch_threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

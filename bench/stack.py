@@ -42,6 +42,7 @@ from _common import (
     machine,
     nih_pngs,
     stage,
+    stop_on_sigterm,
     write_result,
 )
 from _peers import (
@@ -112,6 +113,7 @@ def options(args: argparse.Namespace) -> StackOptions:
         batch_delay_ms=args.batch_delay_ms,
         num_workers=args.num_workers,
         mask_encoding=args.mask_encoding,
+        cpu_threads=args.torch_threads,
     )
 
 
@@ -321,6 +323,7 @@ async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     set_torch_threads(args.torch_threads)
     pngs = nih_pngs(args.images)
     started = time.perf_counter()
