@@ -67,7 +67,7 @@ def run_fuzzer(
     tracebacks = re.findall(r"=== Uncaught Python exception: ===\n(.*?)(?:\n\n|==\d+==)", out, flags=re.S)
     for finding, tb in zip(findings, tracebacks, strict=False):
         finding["traceback"] = tb.strip()[-2000:]
-    executions = _last_int(r"stat::number_of_executed_units: (\d+)", out)
+    executions = _last_int(r"stat::number_of_executed_units:\s+(\d+)", out)
     if executions is None:
         executions = _last_int(r"#(\d+)\s", out)
     return {
@@ -84,7 +84,7 @@ def run_fuzzer(
         "features": _last_int(r"ft: (\d+)", out),
         "corpus_inputs": _last_int(r"corp: (\d+)", out),
         "seed_inputs": n_seeds,
-        "peak_rss_mb": _last_int(r"stat::peak_rss_mb: (\d+)", out),
+        "peak_rss_mb": _last_int(r"stat::peak_rss_mb:\s+(\d+)", out),
         "exit_code": proc.returncode,
         "findings": findings,
         "log_tail": out[-3000:] if proc.returncode != 0 else "",
