@@ -1,8 +1,9 @@
 """gRPC adapter of the classification service: protos in, domain calls, protos out.
 
-Per image: decode (worker pool) -> preprocess once per distinct preprocessing spec (worker
-pool) -> every selected model through its dynamic batcher concurrently -> findings with the
-per-label thresholds. Errors are domain errors; the runtime's interceptor maps them.
+Per image: decode + preprocess once per distinct preprocessing spec (one job on the bounded
+worker pool, off the event loop) -> every selected model through its dynamic batcher
+concurrently -> findings with the per-label thresholds. Errors are domain errors; the
+runtime's interceptor maps them (per-image errors of batch calls become google.rpc.Status).
 """
 
 from __future__ import annotations
