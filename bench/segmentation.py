@@ -1,4 +1,4 @@
-"""Segmentation benchmark: raw in-process ceiling vs the gRPC service vs a naive server.
+"""Segmentation benchmark: raw batched ceiling (no gRPC) vs the gRPC service vs a naive server.
 
   make bench-segmentation                 # bench/results/segmentation.json
   .venv/bin/python bench/segmentation.py --quick
@@ -7,7 +7,7 @@ Measured (every loop is bounded by a request count AND a time limit):
   - mask work per image: upsample logits to the original size + threshold, then encode (none/rle/png);
     raw forward + PNG masks in one thread.
   - per client concurrency level (1/8/32), back to back so a busy host skews all three alike:
-      raw ceiling: the model in this process, preprocessed tensors, full batches of max_batch_size;
+      raw ceiling: the model in a worker process, preprocessed tensors, full batches of max_batch_size;
       service: `python -m cxr_segmentation` in its own process (dynamic batcher), real NIH PNGs, PNG masks;
       naive: the same service with max_batch_size=1 (one forward pass per request, no batching).
   - the service at the highest concurrency with RLE and NONE encodings.
@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="max seconds per measurement (default 20, quick 3)")
     ap.add_argument("--images", type=int, default=8, help="distinct NIH images to cycle through")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "segmentation.json"))
+    ap.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the raw-ceiling process
     args = ap.parse_args(argv)
     import torch
 
@@ -97,9 +98,9 @@ def config(args: argparse.Namespace, batch_size: int, delay_ms: float) -> dict[s
     }
 
 
-# --- raw ceiling: in-process, no gRPC --------------------------------------------------------
+# --- raw ceiling: no gRPC, in its own process like the servers ------------------------------------
 class RawRunner:
-    """The served model in this process, fed preprocessed tensors in full batches."""
+    """The served model, fed preprocessed tensors in full batches (runs inside `--raw-worker`)."""
 
     def __init__(self, args: argparse.Namespace, images: list[bytes]) -> None:
         from cxr_segmentation.service import build_model
@@ -254,7 +255,52 @@ async def load(
     }
 
 
-async def measure_all(args: argparse.Namespace, images: list[bytes], raw: RawRunner) -> dict[str, Any]:
+def raw_worker(args: argparse.Namespace, images: list[bytes]) -> int:
+    """Line protocol on stdin/stdout: 'forward' | 'png' | 'rle' | 'mask_ms' -> one JSON line each."""
+    runner = RawRunner(args, images)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "mask_ms":
+            out: Any = runner.mask_work_ms()
+        elif cmd in ("forward", "png", "rle"):
+            out = runner.rate(None if cmd == "forward" else cmd)
+        else:
+            out = {"error": f"unknown command {cmd!r}"}
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+class RawProcess:
+    """The raw ceiling in a separate process, so that it, the service and the naive server are all
+    measured as processes alike (none shares an interpreter with the benchmark's gRPC clients)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--raw-worker", "--device", args.device,
+               "--input-size", str(args.input_size), "--encoder", args.encoder, "--batch-size", str(args.batch_size),
+               "--requests", str(args.requests), "--seconds", str(args.seconds),
+               "--images", str(args.images)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("raw-ceiling worker failed to start")
+
+    def call(self, cmd: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def measure_all(args: argparse.Namespace, images: list[bytes], raw: RawProcess) -> dict[str, Any]:
     """Both servers run side by side (idle when not measured); per concurrency level the raw ceiling,
     the service and the naive server are measured back to back, so a busy host skews all three alike."""
     options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -275,7 +321,7 @@ async def measure_all(args: argparse.Namespace, images: list[bytes], raw: RawRun
             for c in args.levels:
                 row = {
                     "concurrency": c,
-                    "raw": raw.rate(),
+                    "raw": raw.call("forward"),
                     "service": await load(svc_stub, images, c, "png", args),
                     "naive": await load(naive_stub, images, c, "png", args),
                 }
@@ -315,6 +361,8 @@ def format_row(row: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     images = nih_images(args.images)
+    if args.raw_worker:
+        return raw_worker(args, images)
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     print(
@@ -322,15 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         f"batch={args.batch_size} levels={args.levels} (<= {args.requests} requests / {args.seconds:.0f} s each)",
         flush=True,
     )
-    raw = RawRunner(args, images)
-    mask_ms = raw.mask_work_ms()
-    with_png = raw.rate("png")
+    raw = RawProcess(args)
+    mask_ms = raw.call("mask_ms")
+    with_png = raw.call("png")
     print(
         "mask work ms/img (upsample+threshold, then encode): " + ", ".join(f"{k}={v:.1f}" for k, v in mask_ms.items())
     )
     print(" ".join(f"{h:>{w}}" for h, w in zip(HEAD, WIDTHS, strict=True)), flush=True)
     measured = asyncio.run(measure_all(args, images, raw))
-    raw.model.unload()
+    raw.close()
     enc = measured["encodings"]
     print(
         f"service at concurrency {max(args.levels)} by mask encoding (img/s): "
