@@ -179,6 +179,22 @@ async def open_loop(
 SHED_CODES = ("RESOURCE_EXHAUSTED", "HTTP_429", "HTTP_503")
 
 
+async def interleaved(calls: dict[str, Call], *, rounds: int, max_seconds: float, warmup: int = 3) -> dict[str, Any]:
+    """Concurrency 1, the paths taken in turn call by call: host noise hits every path alike, so
+    differences of a few ms (what a proxy adds) survive a busy machine."""
+    recs = {name: Recorder() for name in calls}
+    for i in range(warmup):
+        for call in calls.values():
+            await call(i)
+    stop_at = time.perf_counter() + max_seconds
+    for i in range(rounds):
+        if time.perf_counter() > stop_at:
+            break
+        for name, call in calls.items():
+            await recs[name].timed(call, i, 120)
+    return {name: summarize(rec, sum(rec.ok) / 1000 or 1.0, concurrency=1) for name, rec in recs.items()}
+
+
 # -- server processes --------------------------------------------------------------------------
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (LitServe runs several), from /proc."""
