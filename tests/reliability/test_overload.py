@@ -6,6 +6,7 @@ the load drops. The server is a real process (the toy model: 50 ms per batch of 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import grpc
 import pytest
@@ -13,10 +14,12 @@ import pytest
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
+from cxr_serving.settings import Settings
 from tests.reliability.load import closed_loop, open_loop
 from tests.reliability.procs import service_process
 from tests.reliability.results import report
-from tests.reliability.targets import IMG
+from tests.reliability.targets import IMG, available_targets
+from tests.reliability.threaded import server_in_thread
 from tests.support.servers import auth
 
 ENV = {
@@ -82,3 +85,33 @@ async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
     assert peak_rss - rss_idle < 150 * 2**20, numbers  # memory bounded (queue, not backlog)
     assert recovery.failed() == 0, recovery.errors  # full recovery
     assert recovery.percentile_ms("OK", 0.5) < 500, numbers
+
+
+REAL = {t.name: t for t in available_targets(include_toy=False)}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+async def test_each_real_service_sheds_a_burst_and_keeps_serving(name):
+    """A burst far above what a small queue holds: RESOURCE_EXHAUSTED for the excess, OK for the
+    rest, nothing else; then the service answers normally. Image services shed at the batcher queue
+    (max_queue_size 2, batch 1); rag has no batcher, so it is bounded by server_config.max_concurrent_rpcs."""
+    target = REAL[name]
+    data = target.settings().model_dump()
+    data["server_config"].update(max_queue_size=2, max_batch_size=1, max_concurrent_rpcs=4 if name == "rag" else None)
+    settings = Settings.model_validate(data)
+    call = target.valid(IMG, "image/png")
+    with server_in_thread(settings, target.build) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            fn = getattr(target.stub(ch), call.method)
+
+            async def one() -> str:
+                try:
+                    await fn(call.request, metadata=auth(), timeout=60)
+                    return "OK"
+                except grpc.aio.AioRpcError as err:
+                    return err.code().name
+
+            codes = Counter(await asyncio.gather(*(one() for _ in range(40))))
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+            assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0, codes
+            assert await one() == "OK"  # recovered
