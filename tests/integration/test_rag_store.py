@@ -32,6 +32,10 @@ def ingestor(store: VectorStore, embedder=None, **kw) -> Ingestor:
     )
 
 
+def test_embedder_is_loaded_once_per_process():
+    assert get_embedder(default_model_path()) is get_embedder(default_model_path())
+
+
 def test_subset_ingested_with_metadata(store):
     n_passages = len(subset_corpus().read_text().splitlines())
     assert store.count() >= n_passages  # a few long passages make two chunks
