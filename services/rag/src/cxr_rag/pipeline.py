@@ -169,7 +169,8 @@ class AnswerPipeline:
         return result, fit_budget(result.passages, self.tokenizer, self.cfg.context_token_budget)
 
     def relevant(self, result: RetrievalResult) -> bool:
-        return bool(result.passages) and (result.best_similarity or -1.0) >= self.cfg.min_relevance
+        best = result.best_similarity
+        return bool(result.passages) and best is not None and best >= self.cfg.min_relevance
 
     def refusal(self, result: RetrievalResult) -> str:
         best = "none" if result.best_similarity is None else f"{result.best_similarity:.2f}"
