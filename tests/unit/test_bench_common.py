@@ -1,0 +1,111 @@
+"""The load drivers and process handling the benchmarks rely on (bench/_common.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import grpc
+import pytest
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import (
+    HttpStatusError,
+    ServerProcess,
+    closed_loop,
+    interleaved,
+    open_loop,
+    outcome,
+    tree_rss_mb,
+)
+
+
+class Shed(Exception):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_outcome_names() -> None:
+    assert outcome(Shed()) == "RESOURCE_EXHAUSTED"
+    assert outcome(HttpStatusError(429)) == "HTTP_429"
+    assert outcome(TimeoutError()) == "TIMEOUT"
+    assert outcome(ValueError()) == "ValueError"
+
+
+async def test_closed_loop_is_bounded_by_count_and_time() -> None:
+    async def call(i: int) -> None:
+        await asyncio.sleep(0.01)
+
+    by_count = await closed_loop(call, 4, max_requests=20, max_seconds=30)
+    assert by_count["requests"] == 20 and by_count["codes"] == {"OK": 20}
+    started = time.perf_counter()
+    by_time = await closed_loop(call, 2, max_requests=10**6, max_seconds=0.3)
+    assert time.perf_counter() - started < 2
+    assert 0 < by_time["requests"] < 10**6
+
+
+async def test_open_loop_keeps_its_rate_whatever_the_answers_and_times_shedding() -> None:
+    async def call(i: int) -> None:
+        if i % 2:
+            raise Shed()  # answered at once
+        await asyncio.sleep(0.2)  # slower than the arrival interval: an open loop does not wait
+
+    r = await open_loop(call, 50, max_requests=1000, max_seconds=0.4, timeout=5)
+    assert r["sent"] == 20
+    assert r["achieved_send_per_s"] > 30
+    assert r["codes"] == {"OK": 10, "RESOURCE_EXHAUSTED": 10}
+    assert r["shed"] == 10 and r["time_to_shed_p50_ms"] < 100 <= r["p50_ms"]
+
+
+async def test_open_loop_counts_timeouts() -> None:
+    async def call(i: int) -> None:
+        await asyncio.sleep(10)
+
+    r = await open_loop(call, 20, max_requests=4, max_seconds=1, timeout=0.1)
+    assert r["codes"] == {"TIMEOUT": 4} and r["requests"] == 0
+
+
+async def test_interleaved_measures_every_path() -> None:
+    async def fast(i: int) -> None:
+        await asyncio.sleep(0)
+
+    async def slow(i: int) -> None:
+        await asyncio.sleep(0.02)
+
+    out = await interleaved({"fast": fast, "slow": slow}, rounds=5, max_seconds=10, warmup=1)
+    assert out["fast"]["requests"] == out["slow"]["requests"] == 5
+    assert out["slow"]["p50_ms"] > out["fast"]["p50_ms"]
+
+
+def test_tree_rss_counts_this_process() -> None:
+    assert tree_rss_mb(os.getpid()) > 10
+
+
+async def test_server_process_stop_ends_forked_workers_too() -> None:
+    """LitServe forks its workers: stopping the server must not leave them running."""
+    code = "import os, sys, time\nif os.fork() == 0:\n    time.sleep(120)\nelse:\n    time.sleep(120)\n"
+    proc = ServerProcess([sys.executable, "-c", code], name="forking").start()
+    assert proc.proc is not None
+    pgid = proc.proc.pid
+    await asyncio.sleep(0.5)
+    proc.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+
+
+async def test_wait_ready_reports_a_crashed_server() -> None:
+    proc = ServerProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], name="crash").start()
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+
+            async def never() -> bool:
+                return False
+
+            await proc.wait_ready(never, timeout=20)
+    finally:
+        proc.stop()
