@@ -132,6 +132,60 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_openloop(data: dict[str, Any]) -> str:
+    cap = data["capacity"]
+    lines = [
+        f"Classification service, `max_queue_size` {data['settings']['server_config']['max_queue_size']}, "
+        f"client deadline {data['timeout_s']:.0f} s; closed-loop capacity (c=16) {cap['img_per_s']:.1f} img/s.",
+        "",
+        "| path | offered/s | answered OK/s | OK p50/p99 ms | shed | time-to-shed p50/p99 ms | timeouts |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [(p, r) for p in ("grpc", "rest") for r in data.get(p, {}).get("rates", [])]
+    if "litserve_overload" in data:
+        rows.append(("litserve", data["litserve_overload"]))
+    for path, r in rows:
+        shed = f"{r['time_to_shed_p50_ms'] or 0:.0f}/{r['time_to_shed_p99_ms'] or 0:.0f}" if r["shed"] else "-"
+        lines.append(
+            f"| {path} | {r['offered_per_s']:.1f} | {r['ok_per_s']:.1f} | {r['p50_ms'] or 0:.0f}/{r['p99_ms'] or 0:.0f}"
+            f" | {r['shed']} | {shed} | {r['codes'].get('TIMEOUT', 0)} |"
+        )
+    sat = {p: data.get(p, {}).get("saturation_per_s") for p in ("grpc", "rest")}
+    lines += [
+        "",
+        f"Saturation (highest offered rate answered in full): gRPC {sat['grpc']} req/s, REST {sat['rest']} req/s.",
+    ]
+    return "\n".join(lines)
+
+
+def markdown_growth(data: dict[str, Any]) -> str:
+    lines = ["| batch size | " + " | ".join(["classification img/s", "segmentation img/s"]) + " |", "|---:|---:|---:|"]
+    seg = {r["batch_size"]: r for r in data["segmentation"]["by_batch_size"]}
+    for r in data["classification"]["by_batch_size"]:
+        s = seg.get(r["batch_size"])
+        lines.append(f"| {r['batch_size']} | {r['img_per_s']:.2f} | {s['img_per_s'] if s else 0:.2f} |")
+    lines += [
+        "",
+        "| input PNG | PNG KB | decode+preprocess ms | service img/s (c=8) | p50 ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["classification"].get("by_image_size", []):
+        lines.append(
+            f"| {r['image_px']} px | {r['png_kb']:.0f} | {r['decode_preprocess_ms']:.1f} | {r['img_per_s']:.2f} "
+            f"| {r['p50_ms'] or 0:.0f} |"
+        )
+    lines += ["", "| service | idle RSS MB | " + " | ".join(
+        f"c={r['concurrency']}" for r in data["classification"]["rss_by_concurrency"]) + " |"]  # fmt: skip
+    lines.append("|---|---:|" + "---:|" * len(data["classification"]["rss_by_concurrency"]))
+    for name in ("classification", "segmentation"):
+        d = data[name]
+        lines.append(f"| {name} | {d['idle_rss_mb']:.0f} | " + " | ".join(
+            f"{r['rss_peak_mb']:.0f}" for r in d["rss_by_concurrency"]) + " |")  # fmt: skip
+    starts = ", ".join(f"{k} {v:.1f} s" for k, v in data["startup_s"].items() if v is not None)
+    lines += ["", f"Start-up to READY (process start to health SERVING / gateway /status): {starts}."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="plot the -quick results")
@@ -139,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     suffix = "-quick" if args.quick else ""
     if args.markdown:
-        data = _load("stack" + suffix)
-        print(markdown(data) if data else "no stack results")
+        for name, fn in (("stack", markdown), ("openloop", markdown_openloop), ("growth", markdown_growth)):
+            data = _load(name + suffix)
+            print(f"<!-- {name}{suffix}.json -->")
+            print(fn(data) if data else f"no {name} results", end="\n\n")
         return 0
     made = []
     for name, fn in (("stack", plot_stack), ("openloop", plot_openloop)):
