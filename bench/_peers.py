@@ -185,7 +185,12 @@ class SegmentationTask(Task):
         from cxr_serving.images import decode_image
 
         image = decode_image(png, "image/png")
-        return image, model.preprocess(image.pixels)
+        tensor = model.preprocess(image.pixels)
+        if getattr(model, "masks_on_device", False):  # as the servicer: masks made in the batch (GPU)
+            from cxr_segmentation.model import SegmentationInput
+
+            return image, SegmentationInput(tensor, (image.height, image.width), model.cfg.threshold)
+        return image, tensor
 
     def finish(self, model: Any, ctx: Any, output: Any) -> Any:
         from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb

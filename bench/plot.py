@@ -53,8 +53,10 @@ def plot_stack(data: dict[str, Any], out: Path) -> Path:
         bottom.set_title(f"{task}: p99 latency")
         bottom.set_ylabel("ms")
         bottom.set_yscale("log")
+        levels = sorted({r["concurrency"] for v in res["peers"].values() for r in v["levels"]})
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(n) for n in levels])
             ax.set_xlabel("concurrent requests")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
