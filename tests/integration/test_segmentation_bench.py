@@ -20,7 +20,7 @@ def test_quick_benchmark_writes_ratios(tmp_path):
     assert set(result["raw_mask_work_ms_per_image"]) == {"none", "rle", "png"}
     assert [lv["concurrency"] for lv in result["levels"]] == [1, 4]
     for lv in result["levels"]:
-        assert lv["raw"]["images_per_s"] > 0
+        assert lv["raw"]["images_per_s"] > 0 and lv["raw_batch1"]["batch_size"] == 1
         assert lv["service"]["requests"] > 0 and not lv["service"]["errors"]
         assert lv["naive"]["requests"] > 0 and not lv["naive"]["errors"]
     assert result["batching"]["naive"]["max_batch_size"] == 1
