@@ -320,7 +320,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=32, help="distinct NIH PNGs to send")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads everywhere (OMP_NUM_THREADS)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in every process (OMP_NUM_THREADS); default 1 on CPU, where a shared "
+        "machine made multi-threaded OpenMP forwards erratic (10x swings), torch's own default on GPU",
+    )
     ap.add_argument("--serve-naive", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -341,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is None and not args.device.startswith(("cuda", "auto")):
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.serve_naive:
