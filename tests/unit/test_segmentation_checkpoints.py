@@ -134,3 +134,17 @@ def test_shipped_configs_validate(name):
     cfg = segmentation_config(load_settings(REPO / "config" / name, environ={}))
     assert cfg.enabled and cfg.classes == list(DEFAULT_CLASSES)
     assert cfg.allow_untrained == (name == "local.json")
+
+
+def test_segmentation_batching_overrides_server_config():
+    from cxr_segmentation.service import build_binding
+
+    base = {"allow_untrained": True, "encoder": "resnet18", "input_size": 64}
+    s = make_settings(models__segmentation=base, server_config__max_batch_size=8, server_config__max_batch_delay_ms=5)
+    b = build_binding(s)
+    assert (b.extra["batching"].max_batch_size, b.extra["batching"].max_batch_delay_ms) == (8, 5)
+    s = make_settings(
+        models__segmentation={**base, "max_batch_size": 1, "max_batch_delay_ms": 0}, server_config__max_batch_size=8
+    )
+    b = build_binding(s)
+    assert (b.extra["batching"].max_batch_size, b.extra["batching"].max_batch_delay_ms) == (1, 0)

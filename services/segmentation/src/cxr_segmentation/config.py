@@ -57,6 +57,10 @@ class SegmentationConfig(BaseModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     normalization: Normalization = "imagenet"
     overlay_max_side: int = Field(1024, ge=64, le=8192, description="overlay PNGs are scaled down to this side")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="this model's batch limit (default: server_config.max_batch_size)"
+    )
+    max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000, description="default: server_config's")
     masks_on_device: bool | None = Field(
         None,
         description="upsample + threshold inside the batch on the inference device (default: on for CUDA, off on "

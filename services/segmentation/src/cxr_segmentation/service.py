@@ -36,7 +36,12 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
 def build_binding(settings: Settings) -> ServiceBinding:
     cfg = segmentation_config(settings)
     sc, sec = settings.server_config, settings.security
-    repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
+    batching = BatchingConfig(
+        cfg.max_batch_size or sc.max_batch_size,
+        sc.max_batch_delay_ms if cfg.max_batch_delay_ms is None else cfg.max_batch_delay_ms,
+        sc.max_queue_size,
+    )
+    repo = ModelRepository(batching)
     repo.add(build_model(settings, cfg), required=cfg.enabled)
     pool = DecodePool(
         DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels),
@@ -53,5 +58,5 @@ def build_binding(settings: Settings) -> ServiceBinding:
         register=lambda server: pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server),
         repository=repo,
         on_stop=stop,
-        extra={"servicer": servicer, "config": cfg},
+        extra={"servicer": servicer, "config": cfg, "batching": batching},
     )
