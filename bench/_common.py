@@ -132,6 +132,16 @@ async def closed_loop(
     for i in range(warmup):
         await asyncio.gather(*(call(i * concurrency + k) for k in range(concurrency)))
     rec = Recorder()
+    wall = await drive_closed(
+        call, concurrency, rec, max_requests=max_requests, max_seconds=max_seconds, timeout=timeout
+    )
+    return summarize(rec, wall, concurrency=concurrency)
+
+
+async def drive_closed(
+    call: Call, concurrency: int, rec: Recorder, *, max_requests: int, max_seconds: float, timeout: float = 120
+) -> float:
+    """The closed loop itself, recording into `rec` (cells of one measurement may add up); returns the wall time."""
     budget = iter(range(max(max_requests, concurrency)))
     started = time.perf_counter()
     stop_at = started + max_seconds
@@ -143,7 +153,7 @@ async def closed_loop(
             await rec.timed(call, i, timeout)
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return summarize(rec, time.perf_counter() - started, concurrency=concurrency)
+    return time.perf_counter() - started
 
 
 async def open_loop(

@@ -23,19 +23,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from _common import (
     API_KEY,
+    Call,
+    Recorder,
     ServerProcess,
-    closed_loop,
+    drive_closed,
     free_port,
     grpc_serving,
     http_ok,
@@ -44,6 +48,7 @@ from _common import (
     nih_pngs,
     stage,
     stop_on_sigterm,
+    summarize,
     write_result,
 )
 from _peers import (
@@ -81,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, help="max requests per measurement (400; quick 48)")
     ap.add_argument("--seconds", type=float, help="max seconds per measurement (15; quick 4)")
     ap.add_argument("--images", type=int, default=16, help="distinct NIH PNGs cycled through")
+    ap.add_argument("--rounds", type=int, help="cells per peer and concurrency, taken in turn (3; quick 2)")
     ap.add_argument("--peers", default="service,gateway_rest,gateway_grpc,naive,litserve")
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
@@ -90,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seg_input_size = args.seg_input_size or (128 if q else 256)
     args.requests = args.requests or (48 if q else 400)
     args.seconds = args.seconds or (4.0 if q else 15.0)
+    args.rounds = args.rounds or (2 if q else 3)
     args.levels = [int(c) for c in args.concurrency.split(",")]
     args.tasks = args.tasks.split(",")
     args.peers = args.peers.split(",")
@@ -163,43 +170,77 @@ def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespac
     return result
 
 
-# -- (b)-(e) peers -----------------------------------------------------------------------------------
-async def measure(name: str, server: ServerProcess, call: Any, args: argparse.Namespace) -> dict[str, Any]:
-    rows = []
+# -- (b)-(e) peers, measured in turn ------------------------------------------------------------------
+@dataclass
+class Target:
+    server: ServerProcess
+    call: Call
+
+
+class CeilingCell:
+    """The in-process batched forward as one more 'peer' in the rotation."""
+
+    def __init__(self, task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> None:
+        import torch
+
+        self.model = task.load(load_settings_file(str(config)))
+        prepared = [task.prepare(self.model, p)[1] for p in pngs]
+        self.batch = [prepared[i % len(prepared)] for i in range(args.max_batch_size)]
+        self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        self.model.predict(self.batch)
+
+    def run(self, max_images: int, max_seconds: float) -> tuple[int, float]:
+        images, started = 0, time.perf_counter()
+        while images < max_images and time.perf_counter() - started < max_seconds:
+            self.model.predict(self.batch)
+            self.sync()
+            images += len(self.batch)
+        return images, time.perf_counter() - started
+
+
+async def measure_in_turn(
+    targets: dict[str, Target], ceiling_cell: CeilingCell, args: argparse.Namespace
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every concurrency level: `rounds` rounds, each giving every peer (and the ceiling) one cell of
+    requests/rounds calls or seconds/rounds seconds, in a rotating order: load from other processes on
+    the host then hits every peer alike instead of whichever ran at the wrong moment."""
+    rounds = args.rounds
+    peers: dict[str, Any] = {name: {"levels": []} for name in targets}
+    ceilings = []
+    names = [*targets, "ceiling"]
     for c in args.levels:
-        async with server.sampling_rss() as rss:
-            row = await closed_loop(call, c, max_requests=args.requests, max_seconds=args.seconds, warmup=1)
-        row.update(rss)
-        rows.append(row)
-        p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
-        print(
-            f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
-            f"  rss {row['rss_peak_mb']:7.0f} MB  {row['codes']}",
-            flush=True,
-        )
-    return {"levels": rows}
-
-
-async def grpc_peer(
-    name: str, server: ServerProcess, port: int, task: Task, pngs: list[bytes], args: Any, ready_url: str = ""
-) -> dict[str, Any]:
-    import grpc
-
-    startup = await server.wait_ready(lambda: http_ok(ready_url) if ready_url else grpc_serving(port))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
-        out = await measure(name, server, grpc_call(ch, task, pngs), args)
-    return {"startup_s": startup, **out}
-
-
-async def http_peer(
-    name: str, server: ServerProcess, url: str, ready_url: str, bodies: list[bytes], args: Any
-) -> dict[str, Any]:
-    import aiohttp
-
-    startup = await server.wait_ready(lambda: http_ok(ready_url))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        out = await measure(name, server, http_call(session, url, bodies), args)
-    return {"startup_s": startup, **out}
+        recs = {name: Recorder() for name in targets}
+        walls = dict.fromkeys(names, 0.0)
+        rss = dict.fromkeys(targets, 0.0)
+        ceiling_images = 0
+        for t in targets.values():  # warm-up: one call per caller
+            await asyncio.gather(*(t.call(k) for k in range(c)))
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                if name == "ceiling":
+                    images, wall = ceiling_cell.run(max(args.max_batch_size, args.requests // rounds),
+                                                    args.seconds / rounds)  # fmt: skip
+                    ceiling_images += images
+                    walls[name] += wall
+                    continue
+                async with targets[name].server.sampling_rss() as peak:
+                    walls[name] += await drive_closed(targets[name].call, c, recs[name],
+                                                      max_requests=max(c, args.requests // rounds),
+                                                      max_seconds=args.seconds / rounds)  # fmt: skip
+                rss[name] = max(rss[name], peak["rss_peak_mb"])
+        ceilings.append({"concurrency": c, "img_per_s": round(ceiling_images / walls["ceiling"], 3),
+                         "images": ceiling_images})  # fmt: skip
+        print(f"   ceiling       c={c:<3} {ceilings[-1]['img_per_s']:8.2f} img/s (in the same rounds)", flush=True)
+        for name in targets:
+            row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds)
+            peers[name]["levels"].append(row)
+            p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
+            print(
+                f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
+                f"  rss {row['rss_peak_mb']:7.0f} MB  {row['codes']}",
+                flush=True,
+            )
+    return peers, ceilings
 
 
 async def gateway_interleaved(
@@ -229,48 +270,72 @@ async def gateway_interleaved(
 async def run_peers(
     task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    peers: dict[str, Any] = {}
+    """Start every peer (all at once, each in its own process), measure them in turn, stop them."""
+    import aiohttp
+    import grpc
+
     bodies = [json.dumps(task.rest_body(p)).encode() for p in pngs]
-    gateway = "gateway_rest" in args.peers or "gateway_grpc" in args.peers
+    want = set(args.peers)
     if task.name == "segmentation" and not args.seg_gateway:
-        gateway = False
-    if "service" in args.peers or gateway:
-        port = free_port()
-        svc = service_process(task, config, port)
-        try:
-            peers["service"] = await grpc_peer("service", svc, port, task, pngs, args)
-            if gateway:
-                with tempfile.TemporaryDirectory() as tmp:
-                    gw, gp = gateway_process({task.name: port}, Path(tmp))
-                    try:
-                        status = f"http://127.0.0.1:{gp.status}/status"
-                        if "gateway_rest" in args.peers:
-                            url = f"http://127.0.0.1:{gp.rest}{task.rest_path}"
-                            peers["gateway_rest"] = await http_peer("gateway REST", gw, url, status, bodies, args)
-                        if "gateway_grpc" in args.peers:
-                            peers["gateway_grpc"] = await grpc_peer(
-                                "gateway gRPC", gw, gp.grpc, task, pngs, args, ready_url=status
-                            )
-                        extra["gateway_interleaved_c1"] = await gateway_interleaved(task, port, gp, pngs, bodies, args)
-                    finally:
-                        gw.stop()
-        finally:
-            svc.stop()
-    if "naive" in args.peers:
-        port = free_port()
-        naive = peer_process("naive", task, config, port, args.mask_encoding)
-        try:
-            peers["naive"] = await grpc_peer("naive", naive, port, task, pngs, args)
-        finally:
-            naive.stop()
-    if "litserve" in args.peers:
-        port = free_port()
-        lit = peer_process("litserve", task, config, port, args.mask_encoding)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            peers["litserve"] = await http_peer("litserve", lit, f"{base}/predict", f"{base}/health", bodies, args)
-        finally:
-            lit.stop()
+        want -= {"gateway_rest", "gateway_grpc"}
+    gateway = bool(want & {"gateway_rest", "gateway_grpc"})
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        http = await stack.enter_async_context(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+
+        async def channel(port: int) -> Any:
+            return await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS))
+
+        def started(proc: ServerProcess) -> ServerProcess:
+            stack.callback(proc.stop)
+            return proc
+
+        ports = {name: free_port() for name in ("service", "naive", "litserve")}
+        svc = started(service_process(task, config, ports["service"])) if "service" in want or gateway else None
+        naive = (
+            started(peer_process("naive", task, config, ports["naive"], args.mask_encoding))
+            if "naive" in want
+            else None
+        )
+        lit = (
+            started(peer_process("litserve", task, config, ports["litserve"], args.mask_encoding))
+            if "litserve" in want
+            else None
+        )
+        targets: dict[str, Target] = {}
+        startup: dict[str, float] = {}
+        if svc is not None:
+            startup["service"] = await svc.wait_ready(lambda: grpc_serving(ports["service"]))
+            targets["service"] = Target(svc, grpc_call(await channel(ports["service"]), task, pngs))
+        if gateway and svc is not None:
+            gw, gp = gateway_process({task.name: ports["service"]}, tmp)
+            started(gw)
+            startup["gateway_rest"] = startup["gateway_grpc"] = await gw.wait_ready(
+                lambda: http_ok(f"http://127.0.0.1:{gp.status}/status")
+            )
+            if "gateway_rest" in want:
+                targets["gateway_rest"] = Target(
+                    gw, http_call(http, f"http://127.0.0.1:{gp.rest}{task.rest_path}", bodies)
+                )
+            if "gateway_grpc" in want:
+                targets["gateway_grpc"] = Target(gw, grpc_call(await channel(gp.grpc), task, pngs))
+        if naive is not None:
+            startup["naive"] = await naive.wait_ready(lambda: grpc_serving(ports["naive"]))
+            targets["naive"] = Target(naive, grpc_call(await channel(ports["naive"]), task, pngs))
+        if lit is not None:
+            base = f"http://127.0.0.1:{ports['litserve']}"
+            startup["litserve"] = await lit.wait_ready(lambda: http_ok(f"{base}/health"))
+            targets["litserve"] = Target(lit, http_call(http, f"{base}/predict", bodies))
+        print(f"   start-up to READY (s): {startup}", flush=True)
+        cell = CeilingCell(task, config, pngs, args)
+        stack.callback(cell.model.unload)
+        peers, ceilings = await measure_in_turn(targets, cell, args)
+        for name, s in startup.items():
+            if name in peers:
+                peers[name]["startup_s"] = s
+        extra["ceiling_in_turn"] = ceilings
+        if gateway and svc is not None:
+            extra["gateway_interleaved_c1"] = await gateway_interleaved(task, ports["service"], gp, pngs, bodies, args)
     return peers
 
 
@@ -285,16 +350,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(
-    ceil: dict[str, Any], peers: dict[str, Any], levels: list[int], inter: dict[str, Any] | None = None
+    ceil: dict[str, Any],
+    peers: dict[str, Any],
+    levels: list[int],
+    inter: dict[str, Any] | None = None,
+    ceiling_in_turn: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """service/ceiling, service/LitServe, service/naive by concurrency; p50 added at concurrency 1."""
+    """service/ceiling (the ceiling measured in the same rounds), service/LitServe, service/naive by
+    concurrency; p50 added at concurrency 1."""
     out: dict[str, Any] = {}
     svc = peers.get("service")
+    by_level = {r["concurrency"]: r["img_per_s"] for r in ceiling_in_turn or []}
     for c in levels:
         s = _level(svc, c)
         if s is None:
             continue
-        row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], ceil["img_per_s"])}
+        row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], by_level.get(c, ceil["img_per_s"]))}
         for peer in ("litserve", "naive", "gateway_rest", "gateway_grpc"):
             p = _level(peers.get(peer), c)
             if p is not None:
@@ -333,22 +404,20 @@ def print_table(task: str, ceil: dict[str, Any], peers: dict[str, Any], levels: 
 
 async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     config = write_settings(task, options(args), tmp)
-    with stage(f"{task.name}: (a) ceiling, before"):
-        ceilings = [ceiling(task, config, pngs, args)]
-        print(f"   {json.dumps(ceilings[0])}", flush=True)
+    with stage(f"{task.name}: (a) ceiling and the in-process cost of one image"):
+        ceil = ceiling(task, config, pngs, args)
+        print(f"   {json.dumps(ceil)}", flush=True)
     extra: dict[str, Any] = {}
-    peers = await run_peers(task, config, pngs, args, extra)
-    with stage(f"{task.name}: (a) ceiling, after"):
-        ceilings.append(ceiling(task, config, pngs, args))
-        print(f"   {json.dumps(ceilings[1])}", flush=True)
-    best = dict(max(ceilings, key=lambda c: c["img_per_s"]))
-    for key in ("forward_b1_p50_ms", "prepare_p50_ms", "finish_p50_ms", "pipeline_b1_p50_ms"):
-        best[key] = min(c[key] for c in ceilings)
-    best["runs"] = ceilings
-    print_table(task.name, best, peers, args.levels)
-    r = ratios(best, peers, args.levels, extra.get("gateway_interleaved_c1"))
+    with stage(f"{task.name}: peers in turn, {args.rounds} rounds per concurrency"):
+        peers = await run_peers(task, config, pngs, args, extra)
+    in_turn = extra.get("ceiling_in_turn", [])
+    if in_turn:  # the ceiling's throughput from the same rounds as the peers
+        ceil["img_per_s_before"] = ceil["img_per_s"]
+        ceil["img_per_s"] = round(statistics.mean(r["img_per_s"] for r in in_turn), 3)
+    print_table(task.name, ceil, peers, args.levels)
+    r = ratios(ceil, peers, args.levels, extra.get("gateway_interleaved_c1"), in_turn)
     print("ratios:", json.dumps(r), flush=True)
-    return {"settings": json.loads(config.read_text()), "ceiling": best, "peers": peers, "ratios": r, **extra}
+    return {"settings": json.loads(config.read_text()), "ceiling": ceil, "peers": peers, "ratios": r, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
