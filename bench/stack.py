@@ -11,8 +11,9 @@ Same model, weights, settings JSON and real NIH PNGs for every peer; the same as
 at concurrency 1/8/32: img/s, p50/p99, peak RSS of the server's process tree, time to READY;
 ratios service/ceiling, service/LitServe, service/naive and the p50 the service and the gateway
 add at concurrency 1. Segmentation: (a), (b), (d), (e) (and (c) with --seg-gateway).
-Every measurement is bounded by a request count AND seconds; the ceiling is measured before and
-after the servers and the better run is kept (foreign load on a shared host would flatter ratios).
+Every measurement is bounded by a request count AND seconds. All peers run at once and are measured
+in turn (rotating rounds per concurrency, the ceiling in the same rounds): load from other processes
+on a shared host then hits every peer alike.
 
     .venv/bin/python bench/stack.py             # densenet121 @224, U-Net resnet34 @256: ~10 min on 2 cores
     .venv/bin/python bench/stack.py --quick     # smaller and shorter, ~3 min
