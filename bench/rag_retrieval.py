@@ -72,15 +72,12 @@ OFF_TOPIC = [
 ]
 
 
-def relevance(retriever, questions) -> dict:
+def relevance(retriever, on_topic: list[float]) -> dict:
     """Best dense cosine similarity for real questions vs off-topic ones: sets models.rag.min_relevance."""
     from cxr_rag.retrieval import Mode
 
-    def best(q: str) -> float:
-        return float(retriever.search(q, 1, Mode.DENSE).best_similarity or 0.0)
-
-    on = np.array([best(q["question"]) for q in questions])
-    off = np.array([best(q) for q in OFF_TOPIC])
+    on = np.array(on_topic)
+    off = np.array([float(retriever.search(q, 1, Mode.DENSE).best_similarity or 0.0) for q in OFF_TOPIC])
     return {
         "on_topic_best_similarity": {p: round(float(np.percentile(on, int(p[1:]))), 3) for p in ("p1", "p5", "p50")},
         "off_topic_best_similarity_max": round(float(off.max()), 3),
@@ -89,7 +86,7 @@ def relevance(retriever, questions) -> dict:
     }
 
 
-def evaluate(retriever, questions, qrels, mode, k_max: int = 10) -> dict:
+def evaluate(retriever, questions, qrels, mode, best_sims: list[float], k_max: int = 10) -> dict:
     hits = {k: 0 for k in KS}
     precall = {k: 0.0 for k in KS}
     rr, lat = 0.0, []
@@ -97,6 +94,8 @@ def evaluate(retriever, questions, qrels, mode, k_max: int = 10) -> dict:
         t = time.perf_counter()
         res = retriever.search(q["question"], k_max * 2, mode)
         lat.append((time.perf_counter() - t) * 1000)
+        if res.best_similarity is not None:
+            best_sims.append(res.best_similarity)
         ranked: list[str] = []
         for p in res.passages:
             pid = p.metadata.get("doc_id", p.id)
@@ -147,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     rt.retriever.search("warm up the embedding model", 5, Mode.HYBRID)
 
     results = {}
+    best_sims: list[float] = []
     for mode in (Mode.DENSE, Mode.LEXICAL, Mode.HYBRID):
         t = time.perf_counter()
-        results[mode.value] = evaluate(rt.retriever, questions, qrels, mode)
+        results[mode.value] = evaluate(rt.retriever, questions, qrels, mode, best_sims if mode == Mode.DENSE else [])
         print(f"{mode.value}: {len(questions)} questions in {time.perf_counter() - t:.1f}s", flush=True)
     report = {
         "benchmark": "rag_retrieval",
@@ -165,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         "candidates_per_retriever": cfg.candidates,
         "ingest": {**stats.as_dict(), "setup_seconds_incl_model_load": round(setup_s, 1)},
         "bm25_build_seconds": round(index.build_seconds, 3),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
         "modes": results,
-        "relevance": relevance(rt.retriever, questions),
+        "relevance": relevance(rt.retriever, best_sims),
         "min_relevance_configured": cfg.min_relevance,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

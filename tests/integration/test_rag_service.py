@@ -17,7 +17,7 @@ from cxr_rag.service import build_binding
 from tests.support.rag import openai_stub, shared_store, subset_corpus
 from tests.support.servers import auth, make_settings, running_server
 
-OFF_TOPIC = "What is the orbital period of Jupiter's moon Europa in days?"
+OFF_TOPIC = "What is the best recipe for sourdough bread?"
 
 
 def settings_for(**rag):
