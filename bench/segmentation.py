@@ -112,8 +112,9 @@ class RawRunner:
         self.model.load()
         self.decoded = [decode_image(b) for b in images]
         self.tensors = [self.model.preprocess(d.pixels) for d in self.decoded]
-        self.model.predict(self.tensors[:1] * args.batch_size)  # warm the full batch shape
-        self.model.predict(self.tensors[:1])
+        for _ in range(3):  # warm both batch shapes (allocator, oneDNN/cuDNN kernels)
+            self.model.predict(self.tensors[:1] * args.batch_size)
+            self.model.predict(self.tensors[:1])
 
     def rate(self, mask_encoding: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
         """Images/s of batched forward passes (+ mask work for every image when mask_encoding is set)."""
@@ -258,19 +259,24 @@ async def load(
 
 def raw_worker(args: argparse.Namespace, images: list[bytes]) -> int:
     """Line protocol on stdin/stdout: 'forward' | 'forward1' | 'png' | 'rle' | 'mask_ms' -> one JSON line each."""
-    runner = RawRunner(args, images)
+    import concurrent.futures
+
+    # forward passes run on one worker thread, as the service's batcher runs them
+    worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raw")
+    runner = worker.submit(RawRunner, args, images).result()
     print("ready", flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "mask_ms":
-            out: Any = runner.mask_work_ms()
+            out: Any = worker.submit(runner.mask_work_ms).result()
         elif cmd == "forward1":
-            out = runner.rate(None, batch_size=1)
+            out = worker.submit(runner.rate, None, 1).result()
         elif cmd in ("forward", "png", "rle"):
-            out = runner.rate(None if cmd == "forward" else cmd)
+            out = worker.submit(runner.rate, None if cmd == "forward" else cmd).result()
         else:
             out = {"error": f"unknown command {cmd!r}"}
         print(json.dumps(out), flush=True)
+    worker.shutdown()
     return 0
 
 
