@@ -7,7 +7,8 @@ with the server and hide queueing). On the classification service with a bounded
   2. offered rates 0.25C .. 3C, each for a fixed time (bounded in count): achieved OK/s, p50/p99 of
      the answered calls, how many were shed (RESOURCE_EXHAUSTED / HTTP 429) and how fast
      (time-to-shed p50/p99), how many hit the client deadline;
-  3. saturation = the highest offered rate answered in full (>= 95 % OK, none shed or timed out);
+  3. saturation = the highest offered rate served in full (all OK, none shed or timed out, answers
+     keeping pace with arrivals);
   4. the same 3C overload against LitServe (no queue bound: it queues until the deadline).
 
     .venv/bin/python bench/openloop.py [--quick]
@@ -69,10 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def saturation(rows: list[dict[str, Any]]) -> float | None:
+    """The highest offered rate served in full: every call answered OK (none shed or timed out) and
+    the answers keep pace with the arrivals (>= 95 % of the offered rate, so no queue builds up)."""
     full = [
         r["offered_per_s"]
         for r in rows
-        if r["requests"] >= 0.95 * r["sent"] and not r["shed"] and not r["codes"].get("TIMEOUT")
+        if r["requests"] >= 0.95 * r["sent"]
+        and r["ok_per_s"] >= 0.95 * r["offered_per_s"]
+        and not r["shed"]
+        and not r["codes"].get("TIMEOUT")
     ]
     return max(full) if full else None
 

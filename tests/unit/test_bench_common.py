@@ -109,3 +109,14 @@ async def test_wait_ready_reports_a_crashed_server() -> None:
             await proc.wait_ready(never, timeout=20)
     finally:
         proc.stop()
+
+
+def test_saturation_needs_answers_to_keep_pace() -> None:
+    from openloop import saturation
+
+    def row(offered: float, ok_per_s: float, shed: int = 0) -> dict:
+        return {"offered_per_s": offered, "ok_per_s": ok_per_s, "requests": 10, "sent": 10, "shed": shed, "codes": {}}
+
+    rows = [row(1, 1), row(2, 2), row(4, 3), row(8, 3, shed=5)]  # at 4/s all answered, but late: a queue grows
+    assert saturation(rows) == 2
+    assert saturation([row(8, 3, shed=5)]) is None
