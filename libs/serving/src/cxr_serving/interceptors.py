@@ -18,6 +18,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 
+from cxr_serving.audit import audit, caller, models_in
 from cxr_serving.errors import UnauthenticatedError
 from cxr_serving.grpc_errors import status_for_exception, trailing_metadata
 from cxr_serving.logging_setup import correlation_id_var
@@ -124,6 +125,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             method: str = details.method  # type: ignore[attr-defined]
             fields = {"method": method, "code": "UNAUTHENTICATED", "reason": err.reason, "peer": context.peer()}
             log.info("rpc", extra={"fields": fields})
+            audit(method, "UNAUTHENTICATED", caller(md), (), fields["peer"], 0.0)
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, status.message, trailing_metadata=trailing_metadata(status)
             )
@@ -168,8 +170,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             md = (*trailing_metadata(status), (CORRELATION_HEADER, cid))
             await context.abort(code, status.message, trailing_metadata=md)
 
-        def finish(context: Ctx, span: Any, started: float, code: str) -> None:
+        who = caller(md)
+
+        def finish(context: Ctx, span: Any, started: float, code: str, models: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - started
+            audit(method, code, who, models or (), context.peer(), elapsed * 1000)
             REQUESTS_TOTAL.labels(method, code).inc()
             REQUEST_DURATION.labels(method, code).observe(elapsed)
             span.set_attribute("rpc.grpc.status_code", code)
@@ -200,11 +205,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 cid, span = begin(context)
                 started = time.perf_counter()
                 code = "OK"
+                models: list[str] = []
                 try:
                     with trace.use_span(span, end_on_exit=False):
                         result = behaviour(request, context)
                         if inspect.isawaitable(result):
                             result = await result
+                    models = models_in(result)
                     # Headers only with a response: an error stays trailers-only, which is what
                     # lets clients' gRPC retry policy replay it (a call is committed on headers).
                     await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
@@ -219,7 +226,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                     code = "ERROR"
                     await fail(context, exc, cid)
                 finally:
-                    finish(context, span, started, code_of(context, code) if code != "OK" else code_of(context, "OK"))
+                    final = code_of(context, code) if code != "OK" else code_of(context, "OK")
+                    finish(context, span, started, final, models)
 
             return wrapped
 
@@ -255,6 +263,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 cid, span = begin(context)
                 started = time.perf_counter()
                 code = "OK"
+                models: set[str] = set()
                 try:
                     headers_sent = False
                     with trace.use_span(span, end_on_exit=False):
@@ -262,6 +271,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                             if not headers_sent:  # as unary: an error before the first message stays retryable
                                 await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
                                 headers_sent = True
+                            models.update(models_in(item))
                             yield item
                 except asyncio.CancelledError:
                     code = "CANCELLED"
@@ -273,7 +283,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                     code = "ERROR"
                     await fail(context, exc, cid)
                 finally:
-                    finish(context, span, started, code_of(context, code))
+                    finish(context, span, started, code_of(context, code), sorted(models))
 
             return wrapped
 

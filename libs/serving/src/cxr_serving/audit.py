@@ -1,0 +1,71 @@
+"""Audit trail: one JSON line per request on the `cxr.audit` logger, for HIPAA-style access
+records (45 CFR 164.312(b)): who (the gateway's consumer and a fingerprint of the API key,
+never the key), what (method, models and versions that answered), when (the line's `ts`),
+outcome (gRPC code), correlation id (added by the JSON formatter) and peer.
+
+No request content, image bytes or DICOM tags are ever put in the line. Health probes are not
+audited (they touch no data). Route or ship the `cxr.audit` logger like any other logger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+AUDIT = logging.getLogger("cxr.audit")
+
+CONSUMER_HEADERS = ("x-consumer-username", "x-consumer-id")  # set by Kong's key-auth for the upstream
+KEY_HEADERS = ("x-api-key", "apikey")
+MODEL_INFO = "cxr.common.v1.ModelInfo"
+UNAUDITED_PREFIX = "/grpc.health.v1.Health/"
+
+
+def key_fingerprint(key: str) -> str:
+    """A stable, non-reversible id of an API key (12 hex of its SHA-256)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12] if key else ""
+
+
+def caller(metadata: Mapping[str, str]) -> dict[str, str]:
+    consumer = next((metadata[h][:128] for h in CONSUMER_HEADERS if metadata.get(h)), "")
+    key = next((metadata[h] for h in KEY_HEADERS if metadata.get(h)), "")
+    return {"consumer": consumer, "key_id": key_fingerprint(key)}
+
+
+def models_in(message: Any) -> list[str]:
+    """`name@version` of every ModelInfo in a response (two levels deep), sorted, unique.
+    Never raises: auditing must not fail a request."""
+    try:
+        return sorted(_models(message, 0))
+    except Exception:  # pragma: no cover - defensive
+        logging.getLogger(__name__).debug("could not read models from %s", type(message).__name__, exc_info=True)
+        return []
+
+
+def _models(message: Any, depth: int) -> set[str]:
+    found: set[str] = set()
+    list_fields = getattr(message, "ListFields", None)
+    if list_fields is None:
+        return found
+    for field, value in list_fields():
+        kind = field.message_type
+        if kind is None or kind.GetOptions().map_entry:
+            continue
+        repeated = getattr(field, "is_repeated", None)  # protobuf >= 6; `label` before
+        if repeated is None:
+            repeated = field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if kind.full_name == MODEL_INFO:
+            found.update(f"{v.name}@{v.version or 'unversioned'}" for v in values)
+        elif depth < 2:
+            for v in list(values)[:64]:
+                found |= _models(v, depth + 1)
+    return found
+
+
+def audit(method: str, code: str, who: Mapping[str, str], models: Sequence[str], peer: str, ms: float) -> None:
+    if method.startswith(UNAUDITED_PREFIX) or not AUDIT.isEnabledFor(logging.INFO):
+        return
+    fields = {"audit": True, "method": method, "code": code, **who, "models": list(models), "peer": peer}
+    AUDIT.info("audit", extra={"fields": {**fields, "ms": round(ms, 2)}})
