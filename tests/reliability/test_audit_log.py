@@ -1,0 +1,68 @@
+"""Audit trail: one `cxr.audit` line per request with who (gateway consumer, API-key fingerprint,
+never the key), which models and versions answered, outcome and correlation id; refused calls
+are audited too; health probes are not; no request content."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grpc
+import pytest
+
+from cxr_serving.audit import key_fingerprint
+from cxr_serving.logging_setup import JsonFormatter
+from tests.reliability.targets import IMG, available_targets
+from tests.reliability.threaded import server_in_thread
+from tests.support.servers import TEST_KEY, auth
+
+TARGETS = {t.name: t for t in available_targets()}
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(JsonFormatter("test"))
+        self.lines: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TARGETS if n in ("toy", "classification")))
+def test_one_audit_line_per_request(name):
+    target = TARGETS[name]
+    capture = Capture()
+    audit_logger = logging.getLogger("cxr.audit")
+    audit_logger.addHandler(capture)
+    old_level = audit_logger.level
+    audit_logger.setLevel(logging.INFO)
+    try:
+        with server_in_thread(target.settings(), target.build) as server:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                call = target.valid(IMG, "image/png")
+                fn = getattr(target.stub(ch), call.method)
+                md = (*auth(), ("x-correlation-id", "cid-audit-1"), ("x-consumer-username", "radiology-pacs"))
+                fn(call.request, metadata=md, timeout=30)
+                with pytest.raises(grpc.RpcError):
+                    fn(target.valid(b"not an image", "").request, metadata=auth(), timeout=30)
+                with pytest.raises(grpc.RpcError):
+                    fn(call.request, metadata=auth("sk-not-a-valid-key"), timeout=30)
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        audit_logger.removeHandler(capture)
+        audit_logger.setLevel(old_level)
+
+    lines = [ln for ln in capture.lines if ln.get("audit")]
+    assert len(lines) == 3, lines  # health is not audited
+    ok, bad_image, refused = lines
+    assert ok["code"] == "OK" and ok["consumer"] == "radiology-pacs"
+    assert ok["key_id"] == key_fingerprint(TEST_KEY) and ok["correlation_id"] == "cid-audit-1"
+    assert ok["models"] and all("@" in m for m in ok["models"]), ok  # name@version of each model that answered
+    assert ok["method"].endswith("/" + call.method) and ok["ts"] and ok["peer"]
+    assert bad_image["code"] == "INVALID_ARGUMENT" and bad_image["models"] == []
+    assert refused["code"] == "UNAUTHENTICATED" and refused["key_id"] == key_fingerprint("sk-not-a-valid-key")
+    text = json.dumps(capture.lines)
+    assert TEST_KEY not in text and "sk-not-a-valid-key" not in text
