@@ -155,7 +155,8 @@ def markdown_openloop(data: dict[str, Any]) -> str:
     sat = {p: data.get(p, {}).get("saturation_per_s") for p in ("grpc", "rest")}
     lines += [
         "",
-        f"Saturation (highest offered rate answered in full): gRPC {sat['grpc']} req/s, REST {sat['rest']} req/s.",
+        "Saturation (highest offered rate served in full, answers keeping pace): "
+        f"gRPC {sat['grpc']} req/s, REST {sat['rest']} req/s.",
     ]
     return "\n".join(lines)
 
