@@ -50,6 +50,16 @@ def _corpus(dest: Path, limit: int = 20) -> Path:
     return out
 
 
+def stack_question(words: int = 16) -> str:
+    """A question certain to be relevant to the stack's small store: the opening words of its first passage."""
+    with (PUBMEDQA / "corpus.jsonl").open(encoding="utf-8") as src:
+        for line in src:
+            text = json.loads(line)["text"]
+            if CHEST.search(text):
+                return " ".join(text.split()[:words])
+    raise AssertionError("no chest-related passage in the corpus")
+
+
 def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
     thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 0.0}
     return make_settings(

@@ -18,7 +18,7 @@ from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 from tests.conftest import cxr14_images, dicom_files
-from tests.e2e.client_stack import POSITIVE, get_stack
+from tests.e2e.client_stack import POSITIVE, get_stack, stack_question
 from tests.integration.gateway_helpers import running_gateway
 from tests.support.servers import TEST_KEY, auth
 
@@ -91,13 +91,13 @@ async def test_rest_rag_search_answer_and_stream(gw, http):
         assert r.status == 200, await r.text()
         assert len((await r.json())["passages"]) == 2
     async with http.post(
-        f"{base}/v1/rag:answerQuestion", json={"question": "What causes pleural effusion?", "topK": 2}, headers=KEY
+        f"{base}/v1/rag:answerQuestion", json={"question": stack_question(), "topK": 2}, headers=KEY
     ) as r:
         assert r.status == 200, await r.text()
         answer = await r.json()
     assert answer["answer"] and answer["citations"]
     async with http.post(
-        f"{base}/v1/rag:streamAnswer", json={"question": "What causes pleural effusion?", "topK": 2}, headers=KEY
+        f"{base}/v1/rag:streamAnswer", json={"question": stack_question(), "topK": 2}, headers=KEY
     ) as r:
         assert r.status == 200
         lines = [json.loads(ln) for ln in (await r.read()).decode().splitlines() if ln.strip()]
@@ -119,7 +119,7 @@ async def test_grpc_through_proxy_to_each_service(gw):
         got = [m async for m in cls_grpc.ClassificationServiceStub(ch).StreamClassifyImages(req, metadata=auth())]
         assert sorted(m.result.index for m in got) == [0, 1]
         stream = rag_grpc.RagServiceStub(ch).StreamAnswer(
-            rag_pb.StreamAnswerRequest(question="pleural effusion on chest radiograph", top_k=2), metadata=auth()
+            rag_pb.StreamAnswerRequest(question=stack_question(), top_k=2), metadata=auth()
         )
         parts = [m async for m in stream]
         assert parts and any(p.finish_reason for p in parts)
