@@ -8,6 +8,7 @@ import json
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from cxr_protos.rag.v1 import rag_service_pb2 as pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
@@ -18,6 +19,10 @@ from tests.support.rag import openai_stub, shared_store, subset_corpus
 from tests.support.servers import auth, make_settings, running_server
 
 OFF_TOPIC = "What is the best recipe for sourdough bread?"
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def settings_for(**rag):
@@ -73,7 +78,13 @@ async def test_answer_and_stream_extractive(question):
     s = settings_for()
     async with running_server(s, binding_for(s)) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         stub = pb_grpc.RagServiceStub(ch)
+        assert metric("cxr_model_loaded", model="rag") == 1 and metric("cxr_rag_chunks") >= 300
+        retrievals, refusals = (
+            metric("cxr_inference_total", model="retrieval:hybrid"),
+            metric("cxr_rag_no_relevant_total"),
+        )
         r = await stub.AnswerQuestion(pb.AnswerQuestionRequest(question=question["question"]), metadata=auth())
+        assert metric("cxr_inference_total", model="retrieval:hybrid") == retrievals + 1
         assert r.extractive and r.llm.name == "extractive" and r.finish_reason == "stop"
         assert r.answer.startswith(EXTRACTIVE_PREFIX)
         assert r.citations and r.passages
@@ -94,6 +105,7 @@ async def test_answer_and_stream_extractive(question):
         off = await stub.AnswerQuestion(pb.AnswerQuestionRequest(question=OFF_TOPIC), metadata=auth())
         assert off.finish_reason == "no_relevant_passages" and not off.citations
         assert "No relevant passages were found" in off.answer
+        assert metric("cxr_rag_no_relevant_total") == refusals + 1
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await stub.AnswerQuestion(pb.AnswerQuestionRequest(question=""), metadata=auth())
         assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -167,6 +179,8 @@ async def test_answers_through_an_openai_compatible_server(question):
         assert "".join(m.reasoning_delta for m in stream) == "Let me think about it."
         assert "".join(m.text_delta for m in stream) == "Yes, it helps [1]."
 
+        assert metric("cxr_inference_total", model="llm:deepseek-r1-stub") >= 3
+        errors = metric("cxr_rag_llm_errors_total", reason="LLM_SERVER_ERROR")
         for model, llm, code, text in (
             ("error500", {}, grpc.StatusCode.UNAVAILABLE, "answered HTTP 500 after 2 attempts"),
             ("slow", {"timeout_s": 0.5}, grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within 0.5s"),
@@ -175,3 +189,4 @@ async def test_answers_through_an_openai_compatible_server(question):
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call(model, **llm)
             assert ei.value.code() == code and text in ei.value.details(), model
+        assert metric("cxr_rag_llm_errors_total", reason="LLM_SERVER_ERROR") == errors + 1

@@ -218,12 +218,18 @@ def test_cli_ingest_stats_backup_restore(tmp_path, capsys, monkeypatch):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_runtime_ingests_documents_path_on_first_start_only(tmp_path):
+def test_runtime_startup_ingestion_completes_once_and_resumes_after_interruption(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(subset_corpus().read_text().splitlines()[:5]) + "\n")
-    rt = RagRuntime(rag_cfg(tmp_path / "db", documents_path=str(corpus)))
+    cfg = rag_cfg(tmp_path / "db", documents_path=str(corpus))
+    # an interrupted first start: two of the five passages stored, no completion marker
+    partial = VectorStore.open(cfg, cfg.embedding_name, 384)
+    ingestor(partial).ingest(list(read_documents(corpus))[:2], progress=False)
+    rt = RagRuntime(cfg)
     rt.open(progress=False)
-    assert rt.ready and rt.last_ingest is not None and rt.last_ingest.chunks_added == 5
-    rt2 = RagRuntime(rag_cfg(tmp_path / "db", documents_path=str(corpus)))
+    assert rt.ready and rt.last_ingest is not None
+    assert (rt.last_ingest.chunks_skipped, rt.last_ingest.chunks_added) == (2, 3)  # resumed
+    rt2 = RagRuntime(cfg)
     rt2.open(progress=False)
-    assert rt2.last_ingest is None  # not empty: nothing re-read
+    assert rt2.last_ingest is None  # completed before: the documents are not read again
+    assert rt2.store is not None and rt2.store.count() == 5

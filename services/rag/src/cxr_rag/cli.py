@@ -28,7 +28,7 @@ from cxr_serving.settings import load_settings
 
 def _runtime(config: str | None) -> RagRuntime:
     settings = load_settings(config)
-    cfg = rag_config(settings).model_copy(update={"ingest_on_empty": False})
+    cfg = rag_config(settings).model_copy(update={"ingest_on_start": False})
     return RagRuntime(cfg)
 
 

@@ -67,8 +67,8 @@ class RagConfig(_Strict):
     vector_db_port: int = Field(8000, ge=1, le=65535)
     vector_db_ssl: bool = False
     vector_db_auth_token: str | None = Field(None, description="Chroma server token (Authorization: Bearer)")
-    documents_path: Path | None = Field(None, description="ingested on first start when the collection is empty")
-    ingest_on_empty: bool = True
+    documents_path: Path | None = Field(None, description="ingested at start until one ingestion of it has completed")
+    ingest_on_start: bool = True
     collection: str = Field("medical_literature", min_length=3, max_length=512)
     embedding_model_path: Path | None = Field(
         None, description="sentence-transformers dir; default: the bundled MiniLM"

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from cxr_rag import metrics
 from cxr_rag.config import RagConfig
 from cxr_rag.embeddings import Embedder
 from cxr_rag.llm import Delta, Finish, LlmClient
 from cxr_rag.retrieval import Mode, Passage, RetrievalResult, Retriever
-from cxr_serving.errors import InvalidInputError
+from cxr_serving.errors import CxrError, InvalidInputError
 
 NO_RELEVANT = "no_relevant_passages"
 EXTRACTIVE_MODEL = "extractive"
@@ -163,9 +165,13 @@ class AnswerPipeline:
 
     async def retrieve(self, req: AnswerRequest) -> tuple[RetrievalResult, list[Passage]]:
         k = self._validate(req)
+        started = time.perf_counter()
         result = await asyncio.to_thread(
             self.retriever.search, req.question, k, req.mode, req.filters or None, need_similarity=True
         )
+        metrics.observe(f"retrieval:{req.mode.value}", time.perf_counter() - started)
+        if not self.relevant(result):
+            metrics.REFUSALS.inc()
         return result, fit_budget(result.passages, self.tokenizer, self.cfg.context_token_budget)
 
     def relevant(self, result: RetrievalResult) -> bool:
@@ -202,7 +208,13 @@ class AnswerPipeline:
             text, cites = await asyncio.to_thread(self.extract, req.question, used)
             return Answer(text, cites, used, EXTRACTIVE_MODEL, "stop", "", True)
         messages = build_messages(req.question, used, self.cfg.llm.system_prompt)
-        comp = await self.llm.complete(messages, req.max_tokens or None, self._temperature(req))
+        started = time.perf_counter()
+        try:
+            comp = await self.llm.complete(messages, req.max_tokens or None, self._temperature(req))
+        except CxrError as exc:
+            metrics.LLM_ERRORS.labels(exc.reason).inc()
+            raise
+        metrics.observe(f"llm:{self.llm.model}", time.perf_counter() - started)
         return Answer(
             comp.text,
             parse_citations(comp.text, used),
@@ -229,12 +241,18 @@ class AnswerPipeline:
         messages = build_messages(req.question, used, self.cfg.llm.system_prompt)
         answer: list[str] = []
         finish = "stop"
-        async for item in self.llm.stream(messages, req.max_tokens or None, self._temperature(req)):
-            if isinstance(item, Finish):
-                finish = item.reason
-            elif isinstance(item, Delta) and item.kind == "answer":
-                answer.append(item.text)
-                yield TextEvent(item.text)
-            elif isinstance(item, Delta) and req.include_reasoning:
-                yield ReasoningEvent(item.text)
+        started = time.perf_counter()
+        try:
+            async for item in self.llm.stream(messages, req.max_tokens or None, self._temperature(req)):
+                if isinstance(item, Finish):
+                    finish = item.reason
+                elif isinstance(item, Delta) and item.kind == "answer":
+                    answer.append(item.text)
+                    yield TextEvent(item.text)
+                elif isinstance(item, Delta) and req.include_reasoning:
+                    yield ReasoningEvent(item.text)
+        except CxrError as exc:
+            metrics.LLM_ERRORS.labels(exc.reason).inc()
+            raise
+        metrics.observe(f"llm:{self.llm.model}", time.perf_counter() - started)
         yield DoneEvent(parse_citations("".join(answer), used), finish, self.llm.model, False)

@@ -2,7 +2,8 @@
 
 `open()` (blocking; the server runs it in a thread while health says NOT_SERVING) loads the
 embedding model, opens the store (checking the collection's embedding model), ingests
-`documents_path` when the collection is empty, and builds the BM25 index. Ingestion is
+`documents_path` until one start-up ingestion of it has completed (so an interrupted first
+start resumes on the next), and builds the BM25 index. Ingestion is
 serialised by one lock; after new chunks arrive the BM25 index is rebuilt and swapped in.
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxr_rag.chunking import Document
+from cxr_rag import metrics
+from cxr_rag.chunking import Document, content_hash
 from cxr_rag.config import RagConfig
 from cxr_rag.embeddings import Embedder, get_embedder, load_tokenizer, resolve_model_path
 from cxr_rag.ingest import Ingestor, IngestStats, read_documents
@@ -25,6 +27,8 @@ from cxr_rag.store import VectorStore
 from cxr_serving.errors import ModelNotReadyError
 
 log = logging.getLogger(__name__)
+
+STARTUP_MARKER = "startup_ingest"
 
 
 class RagRuntime:
@@ -47,16 +51,29 @@ class RagRuntime:
         self.embedder = get_embedder(self.model_path, self.cfg.embedding_device)
         self.store = VectorStore.open(self.cfg, self.cfg.embedding_name, self.embedder.dimension)
         self.retriever = Retriever(self.store, self.embedder, self.cfg.candidates, self.cfg.rrf_k)
-        docs = self.cfg.documents_path
-        if self.cfg.ingest_on_empty and docs is not None and self.store.count() == 0:
-            if Path(docs).exists():
-                log.info("collection '%s' is empty: ingesting %s", self.cfg.collection, docs)
-                self.ingest(read_documents(Path(docs)), progress=progress, rebuild=False)
-            else:
-                log.warning("models.rag.documents_path %s does not exist: starting with an empty store", docs)
+        if self.cfg.ingest_on_start and self.cfg.documents_path is not None:
+            self._startup_ingest(Path(self.cfg.documents_path), progress)
         if build_index:
             self.retriever.rebuild_index()
         self.pipeline = AnswerPipeline(self.cfg, self.retriever, self.embedder, self.tokenizer, self.llm)
+        metrics.set_ready(self.ready, self.store.count())
+
+    def _startup_ingest(self, docs: Path, progress: bool) -> None:
+        """Ingest `documents_path` unless a previous start completed it (marker in the collection).
+
+        An interrupted first start leaves no marker: the next start ingests again, skipping every
+        chunk already stored, i.e. it resumes."""
+        assert self.store is not None
+        if not docs.exists():
+            log.warning("models.rag.documents_path %s does not exist: nothing ingested at start", docs)
+            return
+        marker = content_hash(str(docs.resolve()), self.cfg.embedding_name, str(self.cfg.chunk_tokens))
+        if self.store.marker(STARTUP_MARKER) == marker:
+            log.info("%s was ingested by an earlier start (%d chunks): skipping", docs, self.store.count())
+            return
+        log.info("ingesting %s into '%s' (%d chunks present)", docs, self.cfg.collection, self.store.count())
+        self.ingest(read_documents(docs), progress=progress, rebuild=False)
+        self.store.set_marker(STARTUP_MARKER, marker)
 
     @property
     def ready(self) -> bool:
@@ -86,6 +103,8 @@ class RagRuntime:
             self.last_ingest = stats
             if rebuild and stats.chunks_added and self.retriever is not None:
                 self.retriever.rebuild_index()
+            if self.store is not None:
+                metrics.CHUNKS.set(self.store.count())
             return stats
 
     async def aclose(self) -> None:

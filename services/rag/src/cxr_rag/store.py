@@ -138,6 +138,16 @@ class VectorStore:
     def count(self) -> int:
         return int(self._col.count())
 
+    def marker(self, key: str) -> str | None:
+        """A bookkeeping value kept in the collection's metadata (e.g. a completed start-up ingestion)."""
+        value = (self._col.metadata or {}).get(key)
+        return None if value is None else str(value)
+
+    def set_marker(self, key: str, value: str) -> None:
+        # hnsw:* keys must not be sent again (Chroma refuses to "change" the distance function)
+        keep = {k: v for k, v in (self._col.metadata or {}).items() if not k.startswith("hnsw:")}
+        self._col.modify(metadata={**keep, key: value})
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         if not ids:
             return set()
