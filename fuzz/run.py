@@ -29,6 +29,47 @@ def _last_int(pattern: str, text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+_REPLAY = """
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")
+limit = int(sys.argv[2]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from cxr_serving.errors import ImageRejectedError
+from cxr_serving.images import DecodeLimits, decode_image
+data = open(sys.argv[1], "rb").read()
+started = time.perf_counter()
+try:
+    decode_image(data, "", DecodeLimits(max_pixels=5_000_000))
+    outcome = "ok"
+except ImageRejectedError as exc:
+    outcome = exc.reason
+seconds = time.perf_counter() - started
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+print(json.dumps({"outcome": outcome, "seconds": round(seconds, 3), "peak_rss_mb": rss}))
+"""
+
+
+def replay(path: Path, *, rss_limit_mb: int = 2048, timeout_s: int = 10) -> dict[str, Any]:
+    """Decode one input in a fresh, uninstrumented process under the same memory and time limits.
+    Instrumented decoders are far slower and bigger, so resource findings are confirmed here."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _REPLAY, str(path), str(rss_limit_mb + 1024)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s + 30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "why": f"still decoding after {timeout_s + 30} s"}
+    if proc.returncode != 0:
+        return {"ok": False, "why": f"exit {proc.returncode}: {proc.stderr[-1000:]}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    ok = result["seconds"] < timeout_s and result["peak_rss_mb"] < rss_limit_mb
+    return {"ok": ok, **result}
+
+
 def run_fuzzer(
     name: str = "decode_image",
     *,
@@ -67,6 +108,17 @@ def run_fuzzer(
     tracebacks = re.findall(r"=== Uncaught Python exception: ===\n(.*?)(?:\n\n|==\d+==)", out, flags=re.S)
     for finding, tb in zip(findings, tracebacks, strict=False):
         finding["traceback"] = tb.strip()[-2000:]
+    for finding in findings:
+        if finding["kind"] in ("oom", "timeout", "slow"):  # resource findings: check them without instrumentation
+            finding["replay"] = replay(Path(finding["input"]), rss_limit_mb=rss_limit_mb, timeout_s=timeout_s)
+            finding["confirmed"] = not finding["replay"]["ok"]
+        else:
+            finding["confirmed"] = True
+    oom_detail = re.findall(r"==\d+== ERROR: libFuzzer: out-of-memory \(([^)]*)\)", out)
+    if oom_detail:
+        for finding in findings:
+            if finding["kind"] == "oom":
+                finding["libfuzzer"] = oom_detail[-1]
     executions = _last_int(r"stat::number_of_executed_units:\s+(\d+)", out)
     if executions is None:
         executions = _last_int(r"#(\d+)\s", out)
