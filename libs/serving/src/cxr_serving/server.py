@@ -88,7 +88,7 @@ class CxrServer:
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task[None] | None = None
         self._stopping = False
-        self._serving = False
+        self._serving: bool | None = None  # last status published on the health service
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -142,7 +142,7 @@ class CxrServer:
 
     async def _set_health(self, serving: bool) -> None:
         status = SERVING if serving and not self._stopping else NOT_SERVING
-        if (status == SERVING) != self._serving or not serving:
+        if (status == SERVING) != self._serving:  # publish and log changes only
             self._serving = status == SERVING
             await self.health.set("", status)
             for name in self.binding.full_service_names:
