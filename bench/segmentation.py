@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, help="max requests per measurement (default 256, quick 16)")
     ap.add_argument("--seconds", type=float, help="max seconds per measurement (default 20, quick 3)")
     ap.add_argument("--images", type=int, default=8, help="distinct NIH images to cycle through")
+    ap.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="performance.cpu_threads of every process; default 1 on CPU (three processes share the cores, and "
+        "OpenMP teams on a busy host are many times slower), 0: torch's default",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "segmentation.json"))
     ap.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)  # internal: the raw-ceiling process
     args = ap.parse_args(argv)
@@ -66,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.requests = args.requests or (16 if args.quick else 256)
     args.seconds = args.seconds or (3.0 if args.quick else 20.0)
     args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.cpu_threads is None and not cuda:
+        args.cpu_threads = 1
     return args
 
 
@@ -92,7 +100,8 @@ def config(args: argparse.Namespace, batch_size: int, delay_ms: float) -> dict[s
             "num_workers": max(2, min(8, os.cpu_count() or 2)),
             "log_level": "WARNING",
         },
-        "performance": {"use_amp": args.device == "cuda", "warmup_batches": 2},
+        "performance": {"use_amp": args.device == "cuda", "warmup_batches": 2}
+        | ({"cpu_threads": args.cpu_threads} if args.cpu_threads else {}),
         "security": {"enable_authentication": True, "api_keys": [KEY]},
         "monitoring": {"enable_metrics": False, "log_json": True},
     }
@@ -289,6 +298,8 @@ class RawProcess:
                "--input-size", str(args.input_size), "--encoder", args.encoder, "--batch-size", str(args.batch_size),
                "--requests", str(args.requests), "--seconds", str(args.seconds),
                "--images", str(args.images)]  # fmt: skip
+        if args.cpu_threads:
+            cmd += ["--cpu-threads", str(args.cpu_threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdin is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -412,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"architecture": "Unet", "encoder": args.encoder, "input_size": args.input_size, "untrained": True},
         "images": len(images),
         "limits": {"requests": args.requests, "seconds": args.seconds},
+        "cpu_threads": args.cpu_threads,
         "batching": {
             "service": {"max_batch_size": args.batch_size, "max_batch_delay_ms": 5.0},
             "naive": {"max_batch_size": 1, "max_batch_delay_ms": 0.0},
