@@ -4,7 +4,7 @@
     .venv/bin/python bench/_profile.py --task classification --format speedscope   # open in speedscope.app
 
 Starts the real service (the settings bench/stack.py uses), drives it closed-loop at the given
-concurrency while `py-spy record` samples every thread (GIL idle samples dropped), then prints the
+concurrency while `py-spy record` samples every thread (on CPU only; --idle adds waiting), then prints the
 functions with the most samples, own time and with callees, so decode, copies, serialisation
 and hand-offs show. The raw profile goes to bench/results/profile-<task>.<ext> (not committed).
 """
@@ -41,7 +41,9 @@ def top_functions(collapsed: Path, n: int) -> tuple[list[tuple[str, int]], list[
     return own.most_common(n), inclusive.most_common(n), total
 
 
-async def drive(task_name: str, config: Path, port: int, concurrency: int, seconds: float, fmt: str) -> Path:
+async def drive(
+    task_name: str, config: Path, port: int, concurrency: int, seconds: float, fmt: str, idle: bool
+) -> Path:
     import grpc
 
     task = task_named(task_name)
@@ -56,7 +58,7 @@ async def drive(task_name: str, config: Path, port: int, concurrency: int, secon
             await closed_loop(call, concurrency, max_requests=2 * concurrency, max_seconds=seconds)  # warm-up
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(svc.proc.pid), "--duration", str(int(seconds)), "--threads",
-                 "--idle", "--rate", "200", "--format", fmt, "--output", str(out)],
+                 *(["--idle"] if idle else []), "--rate", "200", "--format", fmt, "--output", str(out)],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
             row = await closed_loop(call, concurrency, max_requests=100000, max_seconds=seconds + 1)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--format", choices=["raw", "speedscope", "flamegraph"], default="raw")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--idle", action="store_true", help="also sample waiting threads (wall-clock view)")
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         opts = StackOptions(input_size=args.input_size, seg_input_size=args.input_size)
         config = write_settings(task_named(args.task), opts, Path(tmp))
-        out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format))
+        out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle))
     print(f"wrote {out}")
     if args.format == "raw":
         own, inclusive, total = top_functions(out, args.top)
