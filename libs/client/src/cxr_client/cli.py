@@ -235,7 +235,10 @@ async def cmd_ask(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         return 0
     ans = await client.answer_question(args.question, top_k=args.top_k)
     cites = "\n".join(f"[{c.number}] {c.title} {c.source}".rstrip() for c in ans.citations)
-    model = f"\n({ans.llm.name} {ans.llm.version}{', extractive' if ans.extractive else ''})" if ans.llm.name else ""
+    if ans.extractive:
+        model = "\n(extractive answer: retrieved sentences, no language model)"
+    else:
+        model = f"\n({ans.llm.name} {ans.llm.version})" if ans.llm.name else ""
     _emit(args, to_dict(ans), f"{ans.answer}\n\n{cites}{model}".rstrip())
     return 0
 
