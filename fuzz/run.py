@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -20,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from fuzz.seeds import REPO, write_corpus
+
+# A Rust panic (pylibjpeg-rle on corrupt RLE) symbolises a backtrace when RUST_BACKTRACE is set,
+# which inside the instrumented fuzzer costs enough memory to trip libFuzzer's OOM limit. Production
+# images do not set it either.
+_ENV = {**os.environ, "RUST_BACKTRACE": "0"}
 
 HARNESSES = {"decode_image": REPO / "fuzz" / "fuzz_decode_image.py"}
 
@@ -56,6 +62,7 @@ def replay(path: Path, *, rss_limit_mb: int = 2048, timeout_s: int = 10) -> dict
         proc = subprocess.run(
             [sys.executable, "-c", _REPLAY, str(path), str(rss_limit_mb + 1024)],
             cwd=REPO,
+            env=_ENV,
             capture_output=True,
             text=True,
             timeout=timeout_s + 30,
@@ -98,7 +105,7 @@ def run_fuzzer(
         str(seeds),
     ]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=seconds + 300, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=seconds + 300, check=False)
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     findings = []

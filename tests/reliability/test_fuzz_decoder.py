@@ -48,4 +48,4 @@ def test_fuzz_decode_image_finds_nothing(tmp_path):
     assert result["exit_code"] == 0 or result["findings"], result["log_tail"]
     if not result["findings"]:  # a replayed resource finding ends the run early
         assert result["executions"] and result["executions"] > 200, result  # ~40/s instrumented on 2 busy cores
-    assert result["coverage_edges"] and result["coverage_edges"] > 1000, result  # pydicom and PIL are instrumented
+        assert result["coverage_edges"] and result["coverage_edges"] > 1000, result  # pydicom, PIL instrumented
