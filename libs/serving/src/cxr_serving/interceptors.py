@@ -4,6 +4,7 @@ access log + metrics around every handler (one wrapper for all four RPC shapes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
@@ -11,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +139,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return _rebuild(handler, lambda _b: deny, lambda _b: deny_stream)
 
 
+@dataclass
+class _Call:
+    """What the wrappers learn about one call while it runs."""
+
+    correlation_id: str
+    models: set[str] = field(default_factory=set)
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Correlation id, tracing span, the error map, access log and request metrics."""
 
@@ -200,34 +210,39 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 return default
             return c.name if isinstance(c, grpc.StatusCode) else str(c)
 
+        @contextlib.asynccontextmanager
+        async def observed(context: Ctx) -> AsyncIterator[_Call]:
+            """One call's span, error map, metrics and access log, whatever the RPC shape."""
+            cid, span = begin(context)
+            call = _Call(cid)
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    yield call
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = "ABORTED_BY_HANDLER"
+                raise
+            except Exception as exc:
+                code = "ERROR"
+                await fail(context, exc, cid)
+            finally:
+                finish(context, span, started, code_of(context, code), sorted(call.models))
+
         def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def wrapped(request: Any, context: Ctx) -> Any:
-                cid, span = begin(context)
-                started = time.perf_counter()
-                code = "OK"
-                models: list[str] = []
-                try:
-                    with trace.use_span(span, end_on_exit=False):
-                        result = behaviour(request, context)
-                        if inspect.isawaitable(result):
-                            result = await result
-                    models = models_in(result)
+                async with observed(context) as call:
+                    result = behaviour(request, context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    call.models.update(models_in(result))
                     # Headers only with a response: an error stays trailers-only, which is what
                     # lets clients' gRPC retry policy replay it (a call is committed on headers).
-                    await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+                    await context.send_initial_metadata(((CORRELATION_HEADER, call.correlation_id),))
                     return result
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:
-                    code = "ERROR"
-                    await fail(context, exc, cid)
-                finally:
-                    final = code_of(context, code) if code != "OK" else code_of(context, "OK")
-                    finish(context, span, started, final, models)
 
             return wrapped
 
@@ -235,23 +250,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             """A streaming handler that sends with `context.write()` (grpc_health's Watch), not `yield`."""
 
             async def wrapped(request: Any, context: Ctx) -> None:
-                cid, span = begin(context)
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    with trace.use_span(span, end_on_exit=False):
-                        await behaviour(request, context)
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:
-                    code = "ERROR"
-                    await fail(context, exc, cid)
-                finally:
-                    finish(context, span, started, code_of(context, code))
+                async with observed(context):
+                    await behaviour(request, context)
 
             return wrapped
 
@@ -260,30 +260,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 return wrap_writer(behaviour)
 
             async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
-                cid, span = begin(context)
-                started = time.perf_counter()
-                code = "OK"
-                models: set[str] = set()
-                try:
+                async with observed(context) as call:
                     headers_sent = False
-                    with trace.use_span(span, end_on_exit=False):
-                        async for item in behaviour(request, context):
-                            if not headers_sent:  # as unary: an error before the first message stays retryable
-                                await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
-                                headers_sent = True
-                            models.update(models_in(item))
-                            yield item
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = "ABORTED_BY_HANDLER"
-                    raise
-                except Exception as exc:
-                    code = "ERROR"
-                    await fail(context, exc, cid)
-                finally:
-                    finish(context, span, started, code_of(context, code), sorted(models))
+                    async for item in behaviour(request, context):
+                        if not headers_sent:  # as unary: an error before the first message stays retryable
+                            await context.send_initial_metadata(((CORRELATION_HEADER, call.correlation_id),))
+                            headers_sent = True
+                        call.models.update(models_in(item))
+                        yield item
 
             return wrapped
 
