@@ -47,16 +47,65 @@ class DecodeLimits:
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 50_000_000
     min_side: int = 8
+    anonymize_dicom: bool = False  # strip identifying DICOM attributes right after reading
 
     @classmethod
     def from_settings(
-        cls, allowed_image_formats: Sequence[str], max_image_size_mb: float, max_image_pixels: int
+        cls,
+        allowed_image_formats: Sequence[str],
+        max_image_size_mb: float,
+        max_image_pixels: int,
+        *,
+        anonymize_dicom: bool = False,
     ) -> DecodeLimits:
         return cls(
             allowed_formats=frozenset(_FORMAT_ALIASES[f.lower()] for f in allowed_image_formats),
             max_bytes=int(max_image_size_mb * 1024 * 1024),
             max_pixels=max_image_pixels,
+            anonymize_dicom=anonymize_dicom,
         )
+
+
+# Attributes that identify the patient, the people involved or the institution (removed when
+# `security.anonymize_dicom` is on); sex and age are kept (not identifying on their own, and
+# clinically relevant). PatientName/PatientID are replaced rather than removed: DICOM-SEG needs them.
+IDENTIFYING_DICOM_KEYWORDS: tuple[str, ...] = (
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "MedicalRecordLocator",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "OperatorsName",
+    "RequestingPhysician",
+    "AccessionNumber",
+    "StudyID",
+    "StationName",
+    "DeviceSerialNumber",
+)
+ANONYMIZED = "ANONYMIZED"
+
+
+def anonymize_dataset(ds: Any) -> None:
+    """Remove identifying attributes and all private tags from a pydicom Dataset, in place."""
+    for keyword in IDENTIFYING_DICOM_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.remove_private_tags()
+    ds.PatientName = ANONYMIZED
+    ds.PatientID = ANONYMIZED
 
 
 @dataclass
@@ -237,6 +286,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
 
     ds = pydicom.dcmread(io.BytesIO(data))
+    if limits.anonymize_dicom:
+        anonymize_dataset(ds)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageRejectedError(
             "DICOM has no pixel data (is it a structured report or a presentation state?)", reason="DICOM_NO_PIXELS"

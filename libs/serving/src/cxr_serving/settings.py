@@ -104,6 +104,11 @@ class SecurityConfig(_Strict):
     allowed_ips: list[str] = Field(default_factory=list)
     rate_limiting: RateLimitConfig = Field(default_factory=RateLimitConfig)  # type: ignore[arg-type]
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+    anonymize_dicom: bool = Field(
+        False,
+        description="strip patient/institution identifiers and private tags from DICOM input right after "
+        "reading (PatientName/PatientID become ANONYMIZED), so nothing downstream (DICOM-SEG, logs) carries them",
+    )
 
     @field_validator("allowed_image_formats", mode="before")
     @classmethod

@@ -38,7 +38,9 @@ def build_binding(settings: Settings) -> ServiceBinding:
     repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
     for model in models.values():
         repo.add(model, required=model.cfg.enabled)  # disabled models are listed and can be loaded on demand
-    limits = DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels)
+    limits = DecodeLimits.from_settings(
+        sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
+    )
     pool = DecodePool(limits, sc.num_workers)
     servicer = ClassificationServicer(
         repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size

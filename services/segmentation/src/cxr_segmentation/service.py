@@ -44,7 +44,9 @@ def build_binding(settings: Settings) -> ServiceBinding:
     repo = ModelRepository(batching)
     repo.add(build_model(settings, cfg), required=cfg.enabled)
     pool = DecodePool(
-        DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels),
+        DecodeLimits.from_settings(
+            sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
+        ),
         sc.num_workers,
     )
     servicer = SegmentationServicer(settings, repo, pool, default_model=cfg.name)
