@@ -325,6 +325,15 @@ SCHEMA: dict[str, Any] = {
                 "mountPath": {"type": "string", "pattern": "^/"},
             }
         ),
+        "backendTls": obj(
+            {
+                "enabled": B,
+                "secretName": {"type": "string", "minLength": 1},
+                "mountPath": {"type": "string", "pattern": "^/"},
+                "mutual": B,
+            },
+            required=["enabled", "secretName", "mountPath", "mutual"],
+        ),
         "weights": obj(
             {
                 "source": {"enum": ["pvc", "initContainer", "none"]},
