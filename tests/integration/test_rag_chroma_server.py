@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -72,3 +73,80 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     cfg = rag_cfg(tmp_path, vector_db_host="127.0.0.1", vector_db_port=port)
     with pytest.raises(DependencyUnavailableError, match=rf"Chroma server at http://127.0.0.1:{port} is unreachable"):
         VectorStore.open(cfg, MODEL, 384)
+
+
+def _start_chroma(port: int, data: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [_chroma_cli(), "run", "--path", str(data), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"ANONYMIZED_TELEMETRY": "False", "PATH": "/usr/bin:/bin"},
+    )
+    wait_http(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=60, proc=proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_rag_service_reports_chroma_down_and_recovers(tmp_path):
+    """gRPC SearchLiterature in HttpClient mode: OK; Chroma stopped -> UNAVAILABLE/DEADLINE_EXCEEDED
+    quickly with a clear message (never hangs); Chroma back on the same port and path -> OK again."""
+    import time
+
+    import grpc
+
+    from cxr_protos.rag.v1 import rag_service_pb2 as pb
+    from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
+    from cxr_rag.config import rag_config
+    from cxr_rag.service import build_binding
+    from tests.support.servers import auth, make_settings, running_server
+
+    port, data = free_port(), tmp_path / "chroma"
+    proc = _start_chroma(port, data)
+    try:
+        section = {
+            "vector_db_path": str(tmp_path / "unused"),
+            "vector_db_host": "127.0.0.1",
+            "vector_db_port": port,
+            "documents_path": str(subset_corpus(20)),
+        }
+        settings = make_settings(models={"rag": section})
+        binding = build_binding(settings, rag_config(settings, environ={}))
+        request = pb.SearchLiteratureRequest(query="Is intubation impaired in the helicopter?", top_k=2)
+        async with (
+            running_server(settings, binding) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            stub = pb_grpc.RagServiceStub(ch)
+            assert (await stub.SearchLiterature(request, metadata=auth(), timeout=20)).passages
+
+            _stop(proc)
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SearchLiterature(request, metadata=auth(), timeout=20)
+            took = time.monotonic() - t0
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert f"Chroma server at http://127.0.0.1:{port} is unreachable" in (err.value.details() or "")
+            assert took < 10, took  # the service answers, the client deadline is not what ends the call
+
+            proc = _start_chroma(port, data)
+            deadline, last = time.monotonic() + 30, None
+            while time.monotonic() < deadline:
+                try:
+                    reply = await stub.SearchLiterature(request, metadata=auth(), timeout=20)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    last = exc
+                    await asyncio.sleep(0.5)
+            else:
+                pytest.fail(f"no recovery after Chroma came back: {last}")
+            assert reply.passages
+    finally:
+        _stop(proc)

@@ -27,7 +27,12 @@ import numpy as np
 
 from cxr_rag.chunking import Chunk
 from cxr_rag.config import RagConfig
-from cxr_serving.errors import CheckpointError, DependencyUnavailableError, InvalidInputError
+from cxr_serving.errors import (
+    CheckpointError,
+    DependencyTimeoutError,
+    DependencyUnavailableError,
+    InvalidInputError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,36 @@ def _client(cfg: RagConfig) -> tuple[Any, str, str]:
     return chromadb.PersistentClient(path=str(path), settings=_chroma_settings()), "embedded", str(path.resolve())
 
 
+class _GuardedCollection:
+    """A Chroma server collection whose transport failures are `DependencyUnavailableError`
+    (UNAVAILABLE) or `DependencyTimeoutError` (DEADLINE_EXCEEDED) naming the server, not INTERNAL."""
+
+    def __init__(self, collection: Any, where: str) -> None:
+        self._col = collection
+        self._where = where
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._col, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import httpx
+
+            try:
+                return attr(*args, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise DependencyTimeoutError(
+                    f"Chroma server at {self._where} timed out: {exc}", reason="VECTOR_DB_TIMEOUT"
+                ) from exc
+            except (httpx.TransportError, ConnectionError) as exc:
+                raise DependencyUnavailableError(
+                    f"Chroma server at {self._where} is unreachable: {exc}", reason="VECTOR_DB_UNAVAILABLE"
+                ) from exc
+
+        return call
+
+
 def _str_meta(meta: dict[str, Any] | None) -> dict[str, str]:
     return {k: v if isinstance(v, str) else str(v) for k, v in (meta or {}).items()}
 
@@ -129,6 +164,8 @@ class VectorStore:
                 metadata={"collection": cfg.collection},
             )
         log.info("vector store: %s collection '%s' at %s (%d chunks)", mode, cfg.collection, location, col.count())
+        if mode == "http":
+            col = _GuardedCollection(col, location)
         return cls(client, col, mode, location, embedding_model, dimension)
 
     @property
