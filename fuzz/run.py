@@ -27,6 +27,16 @@ from fuzz.seeds import REPO, write_corpus
 # images do not set it either.
 _ENV = {**os.environ, "RUST_BACKTRACE": "0"}
 
+# getrusage's peak RSS (what libFuzzer's -rss_limit_mb and our replay read) survives fork+exec: a fuzzer
+# started straight from a test process that holds torch would "start" at gigabytes and report an OOM on
+# its first input. A tiny trampoline process forks the real one, which then starts from a clean peak.
+_TRAMPOLINE = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
+def _fresh_peak(cmd: list[str]) -> list[str]:
+    return [sys.executable, "-c", _TRAMPOLINE, *cmd]
+
+
 HARNESSES = {"decode_image": REPO / "fuzz" / "fuzz_decode_image.py"}
 
 
@@ -60,7 +70,7 @@ def replay(path: Path, *, rss_limit_mb: int = 2048, timeout_s: int = 10) -> dict
     Instrumented decoders are far slower and bigger, so resource findings are confirmed here."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _REPLAY, str(path), str(rss_limit_mb + 1024)],
+            _fresh_peak([sys.executable, "-c", _REPLAY, str(path), str(rss_limit_mb + 1024)]),
             cwd=REPO,
             env=_ENV,
             capture_output=True,
@@ -105,7 +115,9 @@ def run_fuzzer(
         str(seeds),
     ]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=seconds + 300, check=False)
+    proc = subprocess.run(
+        _fresh_peak(cmd), cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=seconds + 300, check=False
+    )
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
     findings = []

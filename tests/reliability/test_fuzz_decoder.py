@@ -49,3 +49,16 @@ def test_fuzz_decode_image_finds_nothing(tmp_path):
     if not result["findings"]:  # a replayed resource finding ends the run early
         assert result["executions"] and result["executions"] > 200, result  # ~40/s instrumented on 2 busy cores
         assert result["coverage_edges"] and result["coverage_edges"] > 1000, result  # pydicom, PIL instrumented
+
+
+def test_replay_peak_rss_is_the_decoders_not_the_test_process():
+    """getrusage's peak survives fork+exec; a big parent must not turn a small decode into an OOM."""
+    import numpy as np
+
+    from fuzz.run import replay
+
+    ballast = np.ones((400, 1024, 1024), dtype=np.uint8)  # ~400 MB resident in this process
+    result = replay(sorted(REGRESSIONS)[0], rss_limit_mb=300)
+    assert ballast[0, 0, 0] == 1
+    assert result["ok"], result
+    assert result["peak_rss_mb"] < 300
