@@ -71,9 +71,11 @@ def test_alerts_cover_the_operational_signals() -> None:
 
 @pytest.fixture
 async def exported_metrics(sample_png: bytes) -> set[str]:
-    """Names a real service exposes on its metrics port (families and their sample names)."""
+    """Names a real service exposes on its metrics port (families and their sample names). The rag
+    service's own families are registered on the shared registry when it is imported, as in its process."""
     import grpc
 
+    import cxr_rag.metrics  # noqa: F401
     from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 
     settings = make_settings()
