@@ -1,5 +1,5 @@
 """Soak: every real service as its own process under a steady mixed load (real NIH PNGs and
-DICOMs, some invalid inputs; rag searches and extractive answers) for CXR_SOAK_SECONDS (CI: 20 s;
+DICOMs, some invalid inputs; rag searches and extractive answers) for CXR_SOAK_SECONDS (CI: 60 s;
 the release check runs 600). Promise: no unexpected error (only OK, and INVALID_ARGUMENT for the
 inputs that are invalid on purpose) and RSS growth after warm-up under 64 MB per service."""
 
@@ -21,7 +21,7 @@ from tests.reliability.results import report
 from tests.reliability.targets import Call, Target, available_targets
 from tests.support.servers import auth
 
-SOAK_SECONDS = float(os.environ.get("CXR_SOAK_SECONDS", "20"))
+SOAK_SECONDS = float(os.environ.get("CXR_SOAK_SECONDS", "60"))
 RSS_GROWTH_BOUND_MB = 64
 
 
