@@ -1,6 +1,6 @@
 """Authentication and transport security of the runtime.
 
-Policy (enforced by `ApiKeyInterceptor`, documented in tests/reliability/README.md):
+Policy (enforced by `ApiKeyInterceptor`, documented in docs/reliability.md):
 every method of every service, server reflection included, needs a valid `x-api-key`
 (or Kong's `apikey`) header; only `grpc.health.v1.Health/Check` and `/Watch` are exempt,
 because kubelet gRPC probes and client-side health checking cannot send a key and health
