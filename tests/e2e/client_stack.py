@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from cxr_client import ClientConfig
 from cxr_client.config import SERVICES
 from cxr_serving.server import ServiceBinding
@@ -48,6 +50,15 @@ def _corpus(dest: Path, limit: int = 20) -> Path:
                 if n >= limit:
                     break
     return out
+
+
+def use_stack_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """Point the client's environment (CXR_* endpoints and key) at `stack`, dropping any TLS settings."""
+    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in stack.env().items():
+        monkeypatch.setenv(k, v)
+    return stack
 
 
 def stack_question(words: int = 16) -> str:

@@ -16,7 +16,7 @@ from cxr_client.analyze import DISCLAIMER, UNTRAINED_WARNING, analyze_study
 from cxr_client.cli import main
 from cxr_client.report import to_html, to_markdown, write_report
 from tests.conftest import cxr14_images
-from tests.e2e.client_stack import get_stack
+from tests.e2e.client_stack import get_stack, use_stack_env
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,7 @@ def stack():
 
 @pytest.fixture
 def env(stack, monkeypatch):
-    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in stack.env().items():
-        monkeypatch.setenv(k, v)
-    return stack
+    return use_stack_env(stack, monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from cxr_client.analyze import analyze_study, literature_query
 from cxr_client.cli import main
 from cxr_client.errors import from_status
 from tests.conftest import cxr14_images, dicom_files
-from tests.e2e.client_stack import POSITIVE, get_stack
+from tests.e2e.client_stack import POSITIVE, get_stack, use_stack_env
 
 # One stack of the three real services for the process (~25-35 s to start on 2 busy cores).
 pytestmark = pytest.mark.slow
@@ -24,11 +24,7 @@ def stack():
 
 @pytest.fixture
 def env(stack, monkeypatch):
-    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in stack.env().items():
-        monkeypatch.setenv(k, v)
-    return stack
+    return use_stack_env(stack, monkeypatch)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
