@@ -66,3 +66,32 @@ def test_one_audit_line_per_request(name):
     assert refused["code"] == "UNAUTHENTICATED" and refused["key_id"] == key_fingerprint("sk-not-a-valid-key")
     text = json.dumps(capture.lines)
     assert TEST_KEY not in text and "sk-not-a-valid-key" not in text
+
+
+def test_a_call_cut_off_by_its_deadline_is_audited_with_its_peer():
+    """The peer is read while the call is alive: after the client's deadline grpc.aio's
+    context.peer() reads a finished call (it returned '' here, and crashed the process once in CI)."""
+    from tests.support.toy_service import BrightnessModel, build_toy
+
+    target = TARGETS["toy"]
+    capture = Capture()
+    audit_logger = logging.getLogger("cxr.audit")
+    audit_logger.addHandler(capture)
+    old_level = audit_logger.level
+    audit_logger.setLevel(logging.INFO)
+    try:
+        with server_in_thread(target.settings(), lambda s: build_toy(s, BrightnessModel(delay_s=0.3))) as server:
+            for _ in range(3):
+                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                    fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
+                    with pytest.raises(grpc.RpcError) as err:
+                        fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=0.1)
+                    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        audit_logger.removeHandler(capture)
+        audit_logger.setLevel(old_level)
+    lines = [ln for ln in capture.lines if ln.get("audit")]
+    assert len(lines) == 3, lines
+    for line in lines:
+        assert line["code"] == "CANCELLED", line
+        assert line["peer"].startswith("ipv4:127.0.0.1:"), line

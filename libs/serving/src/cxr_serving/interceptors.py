@@ -164,14 +164,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         method: str = details.method  # type: ignore[attr-defined]
         md = _metadata(details)
 
-        def begin(context: Ctx) -> tuple[str, Any]:
+        def begin(context: Ctx) -> tuple[str, Any, str]:
+            # The peer is read here, while the call is alive: grpc.aio's context.peer() after the
+            # call has ended (client gone, handler cancelled) reads freed memory and can segfault.
+            peer = context.peer() or ""
             cid = next((md[h] for h in CORRELATION_HEADERS if md.get(h)), "") or uuid.uuid4().hex
             correlation_id_var.set(cid[:128])
             span = self._tracer.start_span(method, context=extract(md), kind=trace.SpanKind.SERVER)
             span.set_attribute("rpc.system", "grpc")
             span.set_attribute("rpc.method", method)
             span.set_attribute("cxr.correlation_id", cid)
-            return cid, span
+            return cid, span, peer
 
         async def fail(context: Ctx, exc: Exception, cid: str) -> None:
             code, status = status_for_exception(exc, cid)
@@ -182,9 +185,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
         who = caller(md)
 
-        def finish(context: Ctx, span: Any, started: float, code: str, models: list[str] | None = None) -> None:
+        def finish(span: Any, started: float, code: str, peer: str, models: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - started
-            audit(method, code, who, models or (), context.peer(), elapsed * 1000)
+            audit(method, code, who, models or (), peer, elapsed * 1000)
             REQUESTS_TOTAL.labels(method, code).inc()
             REQUEST_DURATION.labels(method, code).observe(elapsed)
             span.set_attribute("rpc.grpc.status_code", code)
@@ -199,7 +202,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                             "method": method,
                             "code": code,
                             "ms": round(elapsed * 1000, 2),
-                            "peer": context.peer(),
+                            "peer": peer,
                         }
                     },
                 )
@@ -213,7 +216,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         @contextlib.asynccontextmanager
         async def observed(context: Ctx) -> AsyncIterator[_Call]:
             """One call's span, error map, metrics and access log, whatever the RPC shape."""
-            cid, span = begin(context)
+            cid, span, peer = begin(context)
             call = _Call(cid)
             started = time.perf_counter()
             code = "OK"
@@ -230,7 +233,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 code = "ERROR"
                 await fail(context, exc, cid)
             finally:
-                finish(context, span, started, code_of(context, code), sorted(call.models))
+                finish(span, started, code_of(context, code), peer, sorted(call.models))
 
         def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def wrapped(request: Any, context: Ctx) -> Any:
