@@ -247,3 +247,45 @@ async def test_grpcurl_lists_services_through_reflection():
         )
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode != 0 and b"Unauthenticated" in err
+
+
+class OverlapModel(BrightnessModel):
+    """Counts forwards running at the same time."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s=delay_s)
+        import threading
+
+        self._guard = threading.Lock()
+        self.now = self.peak = 0
+
+    def predict(self, batch):
+        with self._guard:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            return super().predict(batch)
+        finally:
+            with self._guard:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_model_instances_setting_runs_that_many_batches_at_once(sample_png, instances):
+    from cxr_serving.settings import load_settings
+
+    s = load_settings(
+        None,
+        environ={
+            "CXR_API_KEY": TEST_KEY,
+            "CXR_SERVER_CONFIG__MODEL_INSTANCES": str(instances),
+            "CXR_SERVER_CONFIG__MAX_BATCH_SIZE": "1",
+        },
+    )
+    model = OverlapModel(delay_s=0.15)
+    async with running_server(s, build_toy(s, model)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png"))
+        replies = await asyncio.gather(*(stub.ClassifyImage(req, metadata=auth(), timeout=30) for _ in range(6)))
+    assert len(replies) == 6 and model.batches == [1] * 6
+    assert model.peak == instances

@@ -14,7 +14,7 @@ import numpy as np
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_serving.errors import InvalidInputError
-from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import UNTRAINED, BatchingConfig, ModelRepository, ServedModel
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.server import ServiceBinding
@@ -78,14 +78,9 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
 
 
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
-    sc = settings.server_config
-    repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
+    repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
     repo.add(model or BrightnessModel())
-    sec = settings.security
-    pool = DecodePool(
-        DecodeLimits.from_settings(sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels),
-        sc.num_workers,
-    )
+    pool = DecodePool.from_settings(settings)
     servicer = ToyServicer(repo, pool)
 
     async def stop() -> None:

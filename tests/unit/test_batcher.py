@@ -124,3 +124,64 @@ async def test_close_fails_waiting_callers():
     with pytest.raises(Exception, match=r"unloaded|stopped"):
         await waiting
     running.cancel()
+
+
+class Overlap(Recorder):
+    """Records how many batches ran at the same time."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def __call__(self, items):
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            return super().__call__(items)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+async def test_at_most_max_concurrent_batches_run_at_once(instances):
+    rec = Overlap(delay=0.1)
+    b = DynamicBatcher("m", rec, max_batch_size=2, max_batch_delay_ms=0, max_concurrent_batches=instances)
+    results = await asyncio.gather(*(b.submit(i) for i in range(12)))
+    assert results == [i * 10 for i in range(12)]
+    assert rec.peak == instances
+    await b.close()
+
+
+async def test_while_every_instance_is_busy_the_queue_fills_the_next_batch():
+    rec = Overlap(delay=0.2)
+    b = DynamicBatcher("m", rec, max_batch_size=4, max_batch_delay_ms=0, max_concurrent_batches=2)
+    first = [asyncio.ensure_future(b.submit(0))]
+    await asyncio.to_thread(rec.started.wait, 2)  # 0 runs alone on one instance
+    first.append(asyncio.ensure_future(b.submit(1)))
+    while rec.peak < 2:  # 1 runs alone on the other
+        await asyncio.sleep(0.005)
+    rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
+    assert await asyncio.gather(*first, *rest) == [i * 10 for i in range(6)]
+    assert sorted(map(sorted, rec.batches)) == [[0], [1], [2, 3, 4, 5]]
+    await b.close()
+
+
+async def test_close_fails_callers_of_batches_in_flight_on_every_instance():
+    rec = Overlap(delay=0.3)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_concurrent_batches=2)
+    calls = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
+    while rec.peak < 2:
+        await asyncio.sleep(0.01)
+    await b.close()
+    for c in calls:
+        with pytest.raises(Exception, match="stopped"):
+            await c
+
+
+def test_max_concurrent_batches_must_be_positive():
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        DynamicBatcher("m", Recorder(), max_concurrent_batches=0)

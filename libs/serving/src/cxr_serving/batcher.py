@@ -1,9 +1,15 @@
 """Dynamic batcher: coalesce concurrent requests into one forward pass (LitServe/Triton style).
 
-Callers `await batcher.submit(item)`. A single worker task takes the first waiting item,
+Callers `await batcher.submit(item)`. A single collector task takes the first waiting item,
 then keeps collecting until `max_batch_size` items or `max_batch_delay_ms` has passed since
-that first item, and runs `run_batch(items)` on the model's own thread (one thread per
-model keeps a GPU stream serial and the event loop free). Each caller gets its own result.
+that first item, and runs `run_batch(items)` on one of the model's own threads. Each caller
+gets its own result.
+
+- `max_concurrent_batches` (Triton's instance count) batches run at once, each on its own
+  thread: 1 keeps a GPU stream serial; on CPU, cores / torch threads lets every core run a
+  forward (one 2-thread forward is slower than two 1-thread forwards side by side). A batch
+  is collected only when a slot is free, so while every slot is busy the queue grows into
+  the next, fuller batch.
 
 - A full queue raises `OverloadedError` at once (RESOURCE_EXHAUSTED) instead of growing.
 - A caller that is cancelled while waiting is dropped before the batch runs; one cancelled
@@ -59,21 +65,26 @@ class DynamicBatcher(Generic[In, Out]):
         max_queue_size: int = 256,
         observer: BatchObserver | None = None,
         executor: concurrent.futures.Executor | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_batch_delay_ms >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0 or max_concurrent_batches < 1:
+            raise ValueError(
+                "max_batch_size, max_queue_size and max_concurrent_batches must be >= 1, max_batch_delay_ms >= 0"
+            )
         self.name = name
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
         self._observer = observer or BatchObserver()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"batch-{name}"
+            max_workers=max_concurrent_batches, thread_name_prefix=f"batch-{name}"
         )
         self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -126,36 +137,54 @@ class DynamicBatcher(Generic[In, Out]):
     async def _loop(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.max_concurrent_batches)
         while True:
-            batch = await self._collect()
+            await slots.acquire()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                slots.release()
+                raise
             live = [p for p in batch if not p.future.done()]  # drop callers that gave up
             self._observer.on_queue_depth(self.name, self._queue.qsize())
             if not live:
+                slots.release()
                 continue
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
-            except asyncio.CancelledError:
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(ModelNotReadyError(f"model '{self.name}' stopped"))
-                raise
-            except BaseException as exc:  # fan the failure out to every caller of the batch
-                self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
+            task = loop.create_task(self._run(live), name=f"batch-{self.name}")
+            self._running.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                self._running.discard(t)
+                slots.release()
+
+            task.add_done_callback(done)
+
+    async def _run(self, live: list[_Pending[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
+        except asyncio.CancelledError:
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(ModelNotReadyError(f"model '{self.name}' stopped"))
+            raise
+        except BaseException as exc:  # fan the failure out to every caller of the batch
+            self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        self._observer.on_batch(self.name, len(live), time.perf_counter() - started, True)
+        for p, result in zip(live, results, strict=True):
+            if p.future.done():
                 continue
-            self._observer.on_batch(self.name, len(live), time.perf_counter() - started, True)
-            for p, result in zip(live, results, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    p.future.set_exception(result)
-                else:
-                    p.future.set_result(result)
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
 
     async def close(self) -> None:
         """Stop taking work, fail whatever still waits, stop the worker."""
@@ -167,6 +196,10 @@ class DynamicBatcher(Generic[In, Out]):
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        for task in list(self._running):  # batches on their way: their callers get ModelNotReadyError
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         if self._queue is not None:
             while not self._queue.empty():
                 p = self._queue.get_nowait()

@@ -16,12 +16,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
 
 from cxr_serving.errors import ImageRejectedError
+
+if TYPE_CHECKING:
+    from cxr_serving.settings import Settings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -357,6 +360,15 @@ class DecodePool:
 
         self.limits = limits
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodePool:
+        """`security`'s image limits, `server_config.num_workers` threads."""
+        sec = settings.security
+        limits = DecodeLimits.from_settings(
+            sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
+        )
+        return cls(limits, settings.server_config.num_workers)
 
     async def decode(self, data: bytes, content_type: str = "") -> DecodedImage:
         import asyncio

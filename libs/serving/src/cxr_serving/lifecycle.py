@@ -21,6 +21,7 @@ from typing import Any
 from cxr_serving.batcher import DynamicBatcher
 from cxr_serving.errors import CxrError, ModelNotFoundError, ModelNotReadyError
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
+from cxr_serving.settings import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,19 @@ class BatchingConfig:
     max_batch_size: int = 8
     max_batch_delay_ms: float = 5.0
     max_queue_size: int = 256
+    model_instances: int = 1  # batches of one model running at once
+
+    @classmethod
+    def from_settings(
+        cls, sc: ServerConfig, *, max_batch_size: int | None = None, max_batch_delay_ms: float | None = None
+    ) -> BatchingConfig:
+        """`server_config`'s batching; a model section may override the batch size and delay."""
+        return cls(
+            max_batch_size or sc.max_batch_size,
+            sc.max_batch_delay_ms if max_batch_delay_ms is None else max_batch_delay_ms,
+            sc.max_queue_size,
+            sc.model_instances,
+        )
 
 
 class ModelRepository:
@@ -177,6 +191,7 @@ class ModelRepository:
                 max_batch_delay_ms=self._batching.max_batch_delay_ms,
                 max_queue_size=self._batching.max_queue_size,
                 observer=self._observer,
+                max_concurrent_batches=self._batching.model_instances,
             )
             MODEL_LOADED.labels(name).set(1)
             log.info(

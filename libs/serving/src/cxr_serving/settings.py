@@ -41,6 +41,13 @@ class ServerConfig(_Strict):
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED")
     num_workers: int = Field(4, ge=1, le=256, description="threads that decode and preprocess images")
+    model_instances: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches each model runs at once (Triton's instance count): 1 on GPU; on CPU, "
+        "cores / performance.cpu_threads so every core runs a forward",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_message_mb: float = Field(64, gt=0, le=2047)
     keepalive_time_s: float = Field(30, gt=0)

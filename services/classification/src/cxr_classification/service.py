@@ -8,7 +8,7 @@ from cxr_classification.servicer import ClassificationServicer
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_serving.device import InferenceDevice
-from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -32,16 +32,13 @@ def build_models(settings: Settings, device: InferenceDevice) -> dict[str, Chest
 
 def build_binding(settings: Settings) -> ServiceBinding:
     """Everything the shared server needs; raises ConfigError for a bad `models.*` section."""
-    sc, sec = settings.server_config, settings.security
+    sc = settings.server_config
     device = InferenceDevice.resolve(sc.device, settings.performance)
     models = build_models(settings, device)
-    repo = ModelRepository(BatchingConfig(sc.max_batch_size, sc.max_batch_delay_ms, sc.max_queue_size))
+    repo = ModelRepository(BatchingConfig.from_settings(sc))
     for model in models.values():
         repo.add(model, required=model.cfg.enabled)  # disabled models are listed and can be loaded on demand
-    limits = DecodeLimits.from_settings(
-        sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
-    )
-    pool = DecodePool(limits, sc.num_workers)
+    pool = DecodePool.from_settings(settings)
     servicer = ClassificationServicer(
         repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size
     )

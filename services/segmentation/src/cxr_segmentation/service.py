@@ -8,7 +8,7 @@ from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.model import SegmentationModel
 from cxr_segmentation.servicer import SegmentationServicer
 from cxr_serving.device import InferenceDevice
-from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -35,20 +35,12 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
 
 def build_binding(settings: Settings) -> ServiceBinding:
     cfg = segmentation_config(settings)
-    sc, sec = settings.server_config, settings.security
-    batching = BatchingConfig(
-        cfg.max_batch_size or sc.max_batch_size,
-        sc.max_batch_delay_ms if cfg.max_batch_delay_ms is None else cfg.max_batch_delay_ms,
-        sc.max_queue_size,
+    batching = BatchingConfig.from_settings(
+        settings.server_config, max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms
     )
     repo = ModelRepository(batching)
     repo.add(build_model(settings, cfg), required=cfg.enabled)
-    pool = DecodePool(
-        DecodeLimits.from_settings(
-            sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
-        ),
-        sc.num_workers,
-    )
+    pool = DecodePool.from_settings(settings)
     servicer = SegmentationServicer(settings, repo, pool, default_model=cfg.name)
 
     async def stop() -> None:
