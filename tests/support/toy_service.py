@@ -63,8 +63,9 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
             raise RuntimeError("secret internal detail")
         if request.model_names and request.model_names[0] == "bad":
             raise InvalidInputError("model_names: 'bad' is not allowed")
-        img = await self.pool.decode(request.image.data, request.image.content_type)
-        p = await self.repo.predict("toy", img.pixels)
+        with self.repo.expect(["toy"]) as arrivals:
+            img = await self.pool.decode(request.image.data, request.image.content_type)
+            p = await self.repo.predict("toy", img.pixels, arrivals.get("toy"))
         st = self.repo.status("toy")
         pred = pb.ModelPrediction(
             model=model_info(st), findings=[pb.Finding(label="bright", probability=p, threshold=0.5, positive=p >= 0.5)]

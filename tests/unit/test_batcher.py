@@ -185,3 +185,52 @@ async def test_close_fails_callers_of_batches_in_flight_on_every_instance():
 def test_max_concurrent_batches_must_be_positive():
     with pytest.raises(ValueError, match="max_concurrent_batches"):
         DynamicBatcher("m", Recorder(), max_concurrent_batches=0)
+
+
+async def test_announced_lone_request_does_not_wait_for_requests_that_do_not_exist():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=400, announced_arrivals=True)
+    arrival = b.expect()
+    t0 = time.perf_counter()
+    assert await b.submit(7, arrival) == 70
+    assert time.perf_counter() - t0 < 0.2  # not the 400 ms delay
+    await b.close()
+
+
+async def test_a_batch_waits_for_announced_requests_still_decoding():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=400, announced_arrivals=True)
+    first, second = b.expect(), b.expect()
+
+    async def late() -> int:
+        await asyncio.sleep(0.1)  # "decoding"
+        return await b.submit(2, second)
+
+    assert await asyncio.gather(b.submit(1, first), late()) == [10, 20]
+    assert rec.batches == [[1, 2]]
+    await b.close()
+
+
+async def test_a_withdrawn_announcement_releases_the_waiting_batch():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=2000, announced_arrivals=True)
+    first, doomed = b.expect(), b.expect()
+
+    async def fails_to_decode() -> None:
+        with doomed:  # leaving the block withdraws it, as a decode error would
+            await asyncio.sleep(0.05)
+
+    t0 = time.perf_counter()
+    result, _ = await asyncio.gather(b.submit(1, first), fails_to_decode())
+    assert result == 10 and rec.batches == [[1]]
+    assert time.perf_counter() - t0 < 1.0  # released when the announcement went, not after 2 s
+    await b.close()
+
+
+async def test_announcements_are_withdrawn_when_submit_fails():
+    b = DynamicBatcher("m", Recorder(), max_batch_size=1, max_batch_delay_ms=0, announced_arrivals=True)
+    await b.close()
+    arrival = b.expect()
+    with pytest.raises(Exception, match="shutting down"):
+        await b.submit(1, arrival)
+    assert b._upcoming == 0

@@ -11,6 +11,11 @@ gets its own result.
   is collected only when a slot is free, so while every slot is busy the queue grows into
   the next, fuller batch.
 
+- With `announced_arrivals`, callers announce a request with `expect()` as it arrives (before
+  decoding) and hand the `Arrival` to `submit`. A batch then waits (up to the delay) only while
+  announced requests are still on their way: a lone request runs at once instead of waiting
+  `max_batch_delay_ms` for requests that do not exist, and under load, when requests are
+  decoding, batches still fill.
 - A full queue raises `OverloadedError` at once (RESOURCE_EXHAUSTED) instead of growing.
 - A caller that is cancelled while waiting is dropped before the batch runs; one cancelled
   after its batch started simply never reads its result. Neither affects the others.
@@ -27,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cxr_serving.errors import ModelNotReadyError, OverloadedError
 
@@ -54,6 +59,27 @@ class BatchObserver:
     def on_shed(self, model: str) -> None: ...
 
 
+class Arrival:
+    """A request announced to a batcher and not yet submitted; `done()` (idempotent) withdraws it."""
+
+    __slots__ = ("_batcher", "_open")
+
+    def __init__(self, batcher: DynamicBatcher[Any, Any]) -> None:
+        self._batcher = batcher
+        self._open = True
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._arrived()
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+
+
 class DynamicBatcher(Generic[In, Out]):
     def __init__(
         self,
@@ -66,6 +92,7 @@ class DynamicBatcher(Generic[In, Out]):
         observer: BatchObserver | None = None,
         executor: concurrent.futures.Executor | None = None,
         max_concurrent_batches: int = 1,
+        announced_arrivals: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0 or max_concurrent_batches < 1:
             raise ValueError(
@@ -77,6 +104,9 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_batch_delay = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self.max_concurrent_batches = max_concurrent_batches
+        self.announced_arrivals = announced_arrivals
+        self._upcoming = 0  # announced, not yet submitted
+        self._changed: asyncio.Event | None = None  # set on every submit and withdrawn announcement
         self._observer = observer or BatchObserver()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -94,42 +124,62 @@ class DynamicBatcher(Generic[In, Out]):
     def start(self) -> None:
         if self._worker is None:
             self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+            self._changed = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    async def submit(self, item: In) -> Out:
-        if self._closed:
-            raise ModelNotReadyError(f"model '{self.name}' is shutting down")
-        self.start()
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        pending: _Pending[In, Out] = _Pending(item, loop.create_future(), time.perf_counter())
+    def expect(self) -> Arrival:
+        """Announce a request that will `submit` soon (call it when the request arrives)."""
+        self._upcoming += 1
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        self._upcoming -= 1
+        if self._changed is not None:
+            self._changed.set()
+
+    async def submit(self, item: In, arrival: Arrival | None = None) -> Out:
         try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            self._observer.on_shed(self.name)
-            raise OverloadedError(
-                f"model '{self.name}' has {self.max_queue_size} requests waiting; retry with backoff",
-                metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
-            ) from None
+            if self._closed:
+                raise ModelNotReadyError(f"model '{self.name}' is shutting down")
+            self.start()
+            assert self._queue is not None and self._changed is not None
+            loop = asyncio.get_running_loop()
+            pending: _Pending[In, Out] = _Pending(item, loop.create_future(), time.perf_counter())
+            try:
+                self._queue.put_nowait(pending)
+            except asyncio.QueueFull:
+                self._observer.on_shed(self.name)
+                raise OverloadedError(
+                    f"model '{self.name}' has {self.max_queue_size} requests waiting; retry with backoff",
+                    metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
+                ) from None
+            self._changed.set()
+        finally:
+            if arrival is not None:
+                arrival.done()
         self._observer.on_queue_depth(self.name, self._queue.qsize())
         return await pending.future  # cancellation of the caller cancels only its own future
 
+    def _nothing_on_its_way(self) -> bool:
+        return self.announced_arrivals and self._upcoming <= 0
+
     async def _collect(self) -> list[_Pending[In, Out]]:
-        assert self._queue is not None
+        assert self._queue is not None and self._changed is not None
         first = await self._queue.get()
         batch = [first]
         deadline = first.enqueued + self.max_batch_delay
         while len(batch) < self.max_batch_size:
+            self._changed.clear()
             try:
                 batch.append(self._queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
             remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+            if remaining <= 0 or self._nothing_on_its_way():
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            try:  # woken by a submit or a withdrawn announcement, whichever comes first
+                await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
                 break
         return batch

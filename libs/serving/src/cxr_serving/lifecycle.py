@@ -8,17 +8,18 @@ server when every enabled model is ready. No gRPC here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cxr_serving.batcher import DynamicBatcher
+from cxr_serving.batcher import Arrival, DynamicBatcher
 from cxr_serving.errors import CxrError, ModelNotFoundError, ModelNotReadyError
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
 from cxr_serving.settings import ServerConfig
@@ -192,6 +193,7 @@ class ModelRepository:
                 max_queue_size=self._batching.max_queue_size,
                 observer=self._observer,
                 max_concurrent_batches=self._batching.model_instances,
+                announced_arrivals=True,
             )
             MODEL_LOADED.labels(name).set(1)
             log.info(
@@ -227,15 +229,31 @@ class ModelRepository:
             self._notify()
             return st
 
-    async def predict(self, name: str, item: Any) -> Any:
+    @contextlib.contextmanager
+    def expect(self, names: Sequence[str]) -> Iterator[dict[str, Arrival]]:
+        """Announce a request for these models as it arrives, before decoding; pass each model's
+        Arrival to `predict`. A batch then waits only for requests that exist (batcher.py)."""
+        arrivals = {n: b.expect() for n in names if (b := self._batchers.get(n)) is not None}
+        try:
+            yield arrivals
+        finally:
+            for a in arrivals.values():
+                a.done()
+
+    async def predict(self, name: str, item: Any, arrival: Arrival | None = None) -> Any:
         """Queue one preprocessed input for the model's next batch."""
-        self.model(name)
-        batcher = self._batchers.get(name)
-        if batcher is None:
-            st = self._status[name]
-            detail = f": {st.error}" if st.error else ""
-            raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
-        return await batcher.submit(item)
+        try:
+            self.model(name)
+            batcher = self._batchers.get(name)
+            if batcher is None:
+                st = self._status[name]
+                detail = f": {st.error}" if st.error else ""
+                raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
+        except BaseException:
+            if arrival is not None:
+                arrival.done()
+            raise
+        return await batcher.submit(item, arrival)
 
     async def close(self) -> None:
         for name in list(self._batchers):

@@ -23,6 +23,7 @@ from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
+from cxr_serving.batcher import Arrival
 from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodedImage, DecodePool, decode_image
@@ -110,9 +111,11 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
         tensors = self._preprocess_all(decoded.pixels, names)
         return decoded, tensors, t1 - t0, time.perf_counter() - t1
 
-    async def _predict(self, name: str, item: ClassifierInput) -> tuple[ClassifierOutput, float]:
+    async def _predict(
+        self, name: str, item: ClassifierInput, arrival: Arrival | None = None
+    ) -> tuple[ClassifierOutput, float]:
         started = time.perf_counter()
-        out: ClassifierOutput = await self.repo.predict(name, item)
+        out: ClassifierOutput = await self.repo.predict(name, item, arrival)
         return out, time.perf_counter() - started
 
     def _prediction(self, name: str, out: ClassifierOutput, seconds: float) -> pb.ModelPrediction:
@@ -135,15 +138,16 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
         self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
     ) -> ImageResult:
         t0 = time.perf_counter()
-        decoded, tensors, decode_s, preprocess_s = await self.pool.run(
-            self._decode_and_preprocess, image.data, image.content_type, names
-        )
-        t1 = time.perf_counter()
-        items = [(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names]
-        if len(items) == 1:
-            outs = [await self._predict(*items[0])]
-        else:
-            outs = list(await asyncio.gather(*(self._predict(n, item) for n, item in items)))
+        with self.repo.expect(names) as arrivals:  # each model's batcher waits for this one while it decodes
+            decoded, tensors, decode_s, preprocess_s = await self.pool.run(
+                self._decode_and_preprocess, image.data, image.content_type, names
+            )
+            t1 = time.perf_counter()
+            items = [(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names]
+            if len(items) == 1:
+                outs = [await self._predict(*items[0], arrivals.get(items[0][0]))]
+            else:
+                outs = list(await asyncio.gather(*(self._predict(n, item, arrivals.get(n)) for n, item in items)))
         t2 = time.perf_counter()
         predictions = [self._prediction(n, out, secs) for n, (out, secs) in zip(names, outs, strict=True)]
         timing = pb.Timing(

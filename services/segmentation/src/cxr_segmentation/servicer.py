@@ -71,19 +71,22 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     ) -> pb.SegmentImageResponse:
         model = self._model(request.model_name)
         opts = self._options(request, model)
-        # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
-        image, tensor = await self.pool.run(
-            _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model
-        )
-        if opts.dicom_seg and image.dataset is None:
-            raise InvalidInputError(
-                f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
-                reason="DICOM_SEG_NEEDS_DICOM",
+        with self.repo.expect([model.name]) as arrivals:  # the batcher waits for this one while it decodes
+            # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
+            image, tensor = await self.pool.run(
+                _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model
             )
-        item = (
-            SegmentationInput(tensor, (image.height, image.width), opts.threshold) if model.masks_on_device else tensor
-        )
-        output = await self.repo.predict(model.name, item)
+            if opts.dicom_seg and image.dataset is None:
+                raise InvalidInputError(
+                    f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
+                    reason="DICOM_SEG_NEEDS_DICOM",
+                )
+            item = (
+                SegmentationInput(tensor, (image.height, image.width), opts.threshold)
+                if model.masks_on_device
+                else tensor
+            )
+            output = await self.repo.predict(model.name, item, arrivals.get(model.name))
         status = self.repo.status(model.name)
         result: SegmentationResult = await self.pool.run(postprocess, image, output, model.labels, opts)
         return to_response(result, status_info=model_info(status), image=image_metadata(image))
