@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,10 +281,23 @@ class ServerProcess:
                 await task
             peak["rss_peak_mb"] = max(peak["rss_peak_mb"], self.rss_mb())
 
+    def pause(self) -> None:
+        """SIGSTOP the whole process group: an idle server that polls (LitServe's workers spin at ~0.1
+        core each) then takes no CPU from the one being measured. Connections stay open."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM to the server's process group (graceful drain), SIGKILL to whatever is left after 30 s."""
         if self.proc is None:
             return
+        self.resume()  # a stopped group would not act on SIGTERM
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -298,6 +311,22 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def only_running(servers: Iterable[ServerProcess], wanted: Iterable[ServerProcess]) -> Iterator[None]:
+    """Pause every server but `wanted` for the body (one peer measured at a time), resume them after."""
+    keep = {id(s) for s in wanted}
+    paused = [s for s in servers if id(s) not in keep]
+    for s in wanted:
+        s.resume()
+    for s in paused:
+        s.pause()
+    try:
+        yield
+    finally:
+        for s in paused:
+            s.resume()
 
 
 def stop_on_sigterm() -> None:

@@ -46,6 +46,7 @@ class StackOptions:
     num_workers: int = 2
     mask_encoding: str = "png"
     cpu_threads: int | None = 1  # torch intra-op threads (performance.cpu_threads); None: torch's default
+    model_instances: int = 1  # batches of the model at once (server_config.model_instances; LitServe workers)
 
 
 def server_section(o: StackOptions) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "max_batch_delay_ms": o.batch_delay_ms,
             "max_queue_size": o.max_queue_size,
             "num_workers": o.num_workers,
+            "model_instances": o.model_instances,
             "log_level": "WARNING",
             "shutdown_grace_s": 2,
         },
@@ -369,7 +371,8 @@ def serve_litserve(args: argparse.Namespace, settings: Any) -> None:
 
     litserve.server._MCP_AVAILABLE = False
     accelerator = "cuda" if str(sc.device).startswith("cuda") else "cpu"
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=120)
+    # The same parallelism as our service: model_instances workers (LitServe's are processes, one model each).
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, workers_per_device=sc.model_instances, timeout=120)
     server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
 
 

@@ -78,13 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=["raw", "speedscope", "flamegraph"], default="raw")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--idle", action="store_true", help="also sample waiting threads (wall-clock view)")
+    ap.add_argument("--model-instances", type=int, default=1, help="server_config.model_instances")
+    ap.add_argument("--batch-delay-ms", type=float, default=2.0, help="server_config.max_batch_delay_ms")
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
         return 2
     set_torch_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = StackOptions(input_size=args.input_size, seg_input_size=args.input_size)
+        opts = StackOptions(
+            input_size=args.input_size,
+            seg_input_size=args.input_size,
+            model_instances=args.model_instances,
+            batch_delay_ms=args.batch_delay_ms,
+        )
         config = write_settings(task_named(args.task), opts, Path(tmp))
         out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle))
     print(f"wrote {out}")

@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from _common import (
     interleaved,
     machine,
     nih_pngs,
+    only_running,
     stage,
     stop_on_sigterm,
     summarize,
@@ -82,6 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--torch-threads", type=int, default=1,
         help="intra-op threads of every peer and the ceiling (OMP_NUM_THREADS); 1 leaves a core for decoding",
     )  # fmt: skip
+    ap.add_argument(
+        "--model-instances", type=int,
+        help="batches at once: our server_config.model_instances, LitServe's workers_per_device and the "
+        "ceiling's forward threads (CPU default: cores / torch threads; GPU: 1)",
+    )  # fmt: skip
     ap.add_argument("--mask-encoding", default="png", choices=["png", "rle", "none"])
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, help="max requests per measurement (400; quick 48)")
@@ -98,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.requests = args.requests or (48 if q else 400)
     args.seconds = args.seconds or (4.0 if q else 15.0)
     args.rounds = args.rounds or (2 if q else 3)
+    if args.model_instances is None:
+        cpu = not args.device.startswith("cuda")
+        args.model_instances = max(1, (os.cpu_count() or 1) // args.torch_threads) if cpu else 1
     args.levels = [int(c) for c in args.concurrency.split(",")]
     args.tasks = args.tasks.split(",")
     args.peers = args.peers.split(",")
@@ -123,10 +133,36 @@ def options(args: argparse.Namespace) -> StackOptions:
         num_workers=args.num_workers,
         mask_encoding=args.mask_encoding,
         cpu_threads=args.torch_threads,
+        model_instances=args.model_instances,
     )
 
 
 # -- (a) ceiling ---------------------------------------------------------------------------------
+def parallel_forwards(model: Any, batch: list[Any], instances: int, max_images: int, max_seconds: float,
+                      sync: Any) -> tuple[int, float]:  # fmt: skip
+    """`instances` threads each running batched forwards back to back (the service's model_instances):
+    images done and wall seconds, bounded by both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    done = [0]
+    started = time.perf_counter()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if done[0] >= max_images or time.perf_counter() - started >= max_seconds:
+                    return
+                done[0] += len(batch)
+            model.predict(batch)
+            sync()
+
+    with ThreadPoolExecutor(instances) as pool:
+        for f in [pool.submit(worker) for _ in range(instances)]:
+            f.result()
+    return done[0], time.perf_counter() - started
+
+
 def _ms_p50(fn: Any, n: int, budget_s: float) -> float:
     times: list[float] = []
     stop_at = time.perf_counter() + budget_s
@@ -147,16 +183,13 @@ def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespac
     batch = [prepared[i % len(prepared)][1] for i in range(bs)]
     model.predict(batch)  # warm the full batch shape
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    images, started = 0, time.perf_counter()
-    while images < args.requests and time.perf_counter() - started < args.seconds:
-        model.predict(batch)
-        sync()
-        images += bs
-    ips = images / (time.perf_counter() - started)
+    images, wall = parallel_forwards(model, batch, args.model_instances, args.requests, args.seconds, sync)
+    ips = images / wall
     outs = model.predict(batch)
     n = 20 if not args.quick else 5
     result = {
         "batch_size": bs,
+        "forward_threads": args.model_instances,
         "img_per_s": round(ips, 3),
         "images": images,
         "forward_b1_p50_ms": _ms_p50(lambda i: model.predict([batch[i % bs]]), n, args.seconds),
@@ -176,6 +209,11 @@ def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespac
 class Target:
     server: ServerProcess
     call: Call
+    behind: ServerProcess | None = None  # the service a gateway row needs running too
+
+    @property
+    def processes(self) -> list[ServerProcess]:
+        return [self.server] + ([self.behind] if self.behind is not None else [])
 
 
 class CeilingCell:
@@ -188,15 +226,11 @@ class CeilingCell:
         prepared = [task.prepare(self.model, p)[1] for p in pngs]
         self.batch = [prepared[i % len(prepared)] for i in range(args.max_batch_size)]
         self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        self.instances = args.model_instances
         self.model.predict(self.batch)
 
     def run(self, max_images: int, max_seconds: float) -> tuple[int, float]:
-        images, started = 0, time.perf_counter()
-        while images < max_images and time.perf_counter() - started < max_seconds:
-            self.model.predict(self.batch)
-            self.sync()
-            images += len(self.batch)
-        return images, time.perf_counter() - started
+        return parallel_forwards(self.model, self.batch, self.instances, max_images, max_seconds, self.sync)
 
 
 async def measure_in_turn(
@@ -204,8 +238,10 @@ async def measure_in_turn(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Every concurrency level: `rounds` rounds, each giving every peer (and the ceiling) one cell of
     requests/rounds calls or seconds/rounds seconds, in a rotating order: load from other processes on
-    the host then hits every peer alike instead of whichever ran at the wrong moment."""
+    the host then hits every peer alike instead of whichever ran at the wrong moment. The servers a cell
+    does not use are paused (SIGSTOP) during it, so an idle peer's polling costs the measured one nothing."""
     rounds = args.rounds
+    servers = list({id(p): p for t in targets.values() for p in t.processes}.values())
     peers: dict[str, Any] = {name: {"levels": []} for name in targets}
     ceilings = []
     names = [*targets, "ceiling"]
@@ -219,15 +255,17 @@ async def measure_in_turn(
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 if name == "ceiling":
-                    images, wall = ceiling_cell.run(max(args.max_batch_size, args.requests // rounds),
-                                                    args.seconds / rounds)  # fmt: skip
+                    with only_running(servers, []):
+                        images, wall = ceiling_cell.run(max(args.max_batch_size, args.requests // rounds),
+                                                        args.seconds / rounds)  # fmt: skip
                     ceiling_images += images
                     walls[name] += wall
                     continue
-                async with targets[name].server.sampling_rss() as peak:
-                    walls[name] += await drive_closed(targets[name].call, c, recs[name],
-                                                      max_requests=max(c, args.requests // rounds),
-                                                      max_seconds=args.seconds / rounds)  # fmt: skip
+                with only_running(servers, targets[name].processes):
+                    async with targets[name].server.sampling_rss() as peak:
+                        walls[name] += await drive_closed(targets[name].call, c, recs[name],
+                                                          max_requests=max(c, args.requests // rounds),
+                                                          max_seconds=args.seconds / rounds)  # fmt: skip
                 rss[name] = max(rss[name], peak["rss_peak_mb"])
         ceilings.append({"concurrency": c, "img_per_s": round(ceiling_images / walls["ceiling"], 3),
                          "images": ceiling_images})  # fmt: skip
@@ -316,10 +354,10 @@ async def run_peers(
             )
             if "gateway_rest" in want:
                 targets["gateway_rest"] = Target(
-                    gw, http_call(http, f"http://127.0.0.1:{gp.rest}{task.rest_path}", bodies)
+                    gw, http_call(http, f"http://127.0.0.1:{gp.rest}{task.rest_path}", bodies), behind=svc
                 )
             if "gateway_grpc" in want:
-                targets["gateway_grpc"] = Target(gw, grpc_call(await channel(gp.grpc), task, pngs))
+                targets["gateway_grpc"] = Target(gw, grpc_call(await channel(gp.grpc), task, pngs), behind=svc)
         if naive is not None:
             startup["naive"] = await naive.wait_ready(lambda: grpc_serving(ports["naive"]))
             targets["naive"] = Target(naive, grpc_call(await channel(ports["naive"]), task, pngs))

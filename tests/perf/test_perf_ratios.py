@@ -99,7 +99,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_service_keeps_up_with_the_in_process_ceiling(stack: Stack) -> None:
-    args = argparse.Namespace(max_batch_size=8, requests=64, seconds=6.0, device="cpu", quick=True)
+    args = argparse.Namespace(max_batch_size=8, requests=64, seconds=6.0, device="cpu", quick=True, model_instances=1)
     ceil = ceiling(TASK, stack.config, stack.pngs, args)
     row = asyncio.run(stack.grpc(lambda call: closed_loop(call, 8, max_requests=96, max_seconds=8.0, warmup=1)))
     ratio = row["img_per_s"] / ceil["img_per_s"]
