@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent import futures
@@ -47,6 +48,14 @@ class StackOptions:
     mask_encoding: str = "png"
     cpu_threads: int | None = 1  # torch intra-op threads (performance.cpu_threads); None: torch's default
     model_instances: int = 1  # batches of the model at once (server_config.model_instances; LitServe workers)
+
+
+def default_model_instances(device: str, torch_threads: int | None) -> int:
+    """One batch per core on CPU (cores / torch threads), one on a GPU: the service's model_instances,
+    LitServe's workers_per_device and the ceiling's forward threads in every benchmark."""
+    if device.startswith("cuda"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // (torch_threads or 1))
 
 
 def server_section(o: StackOptions) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from _common import (
 from _peers import (
     ClassificationTask,
     StackOptions,
+    default_model_instances,
     gateway_process,
     grpc_call,
     http_call,
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="seconds per offered rate (10; quick 4)")
     ap.add_argument("--timeout", type=float, default=10.0, help="client deadline per call")
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--model-instances", type=int, help="model_instances (default: cores / torch threads)")
     ap.add_argument("--skip-litserve", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -110,8 +112,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import grpc
 
     task = ClassificationTask()
+    instances = args.model_instances or default_model_instances("cpu", args.torch_threads)
     opts = StackOptions(input_size=args.input_size, max_batch_size=args.max_batch_size,
-                        max_queue_size=args.max_queue_size, cpu_threads=args.torch_threads)  # fmt: skip
+                        max_queue_size=args.max_queue_size, cpu_threads=args.torch_threads,
+                        model_instances=instances)  # fmt: skip
     config = write_settings(task, opts, tmp)
     pngs = nih_pngs(8)
     bodies = [json.dumps(task.rest_body(p)).encode() for p in pngs]

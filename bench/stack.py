@@ -57,6 +57,7 @@ from _common import (
 from _peers import (
     StackOptions,
     Task,
+    default_model_instances,
     gateway_process,
     grpc_call,
     http_call,
@@ -106,8 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seconds = args.seconds or (4.0 if q else 15.0)
     args.rounds = args.rounds or (2 if q else 3)
     if args.model_instances is None:
-        cpu = not args.device.startswith("cuda")
-        args.model_instances = max(1, (os.cpu_count() or 1) // args.torch_threads) if cpu else 1
+        args.model_instances = default_model_instances(args.device, args.torch_threads)
     args.levels = [int(c) for c in args.concurrency.split(",")]
     args.tasks = args.tasks.split(",")
     args.peers = args.peers.split(",")
@@ -282,6 +282,24 @@ async def measure_in_turn(
     return peers, ceilings
 
 
+async def service_interleaved(task: Task, model: Any, service: Call, pngs: list[bytes],
+                              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """p50 the service adds at concurrency 1: one image through the service, then the same image in
+    process (decode+preprocess, forward at batch 1, postprocess+response), call by call in turn."""
+
+    async def in_process(i: int) -> object:
+        ctx, item = task.prepare(model, pngs[i % len(pngs)])
+        (out,) = model.predict([item])
+        return task.finish(model, ctx, out)
+
+    out = await interleaved({"in_process": in_process, "service": service},
+                            rounds=args.requests // 4, max_seconds=2 * args.seconds)  # fmt: skip
+    out["added_p50_ms"] = round(out["service"]["p50_ms"] - out["in_process"]["p50_ms"], 3)
+    print(f"   service interleaved c=1: in-process p50 {out['in_process']['p50_ms']:.1f} ms, "
+          f"service adds {out['added_p50_ms']:+.1f} ms", flush=True)  # fmt: skip
+    return out
+
+
 async def gateway_interleaved(
     task: Task, port: int, gp: Any, pngs: list[bytes], bodies: list[bytes], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -369,6 +387,12 @@ async def run_peers(
         cell = CeilingCell(task, config, pngs, args)
         stack.callback(cell.model.unload)
         peers, ceilings = await measure_in_turn(targets, cell, args)
+        if "service" in targets:
+            servers = list({id(p): p for t in targets.values() for p in t.processes}.values())
+            with only_running(servers, [targets["service"].server]):
+                extra["service_interleaved_c1"] = await service_interleaved(
+                    task, cell.model, targets["service"].call, pngs, args
+                )
         for name, s in startup.items():
             if name in peers:
                 peers[name]["startup_s"] = s
@@ -394,6 +418,7 @@ def ratios(
     levels: list[int],
     inter: dict[str, Any] | None = None,
     ceiling_in_turn: list[dict[str, Any]] | None = None,
+    service_inter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """service/ceiling (the ceiling measured in the same rounds), service/LitServe, service/naive by
     concurrency; p50 added at concurrency 1."""
@@ -416,6 +441,8 @@ def ratios(
             "over_in_process_pipeline": round(s1["p50_ms"] - ceil["pipeline_b1_p50_ms"], 3),
             "over_forward_only": round(s1["p50_ms"] - ceil["forward_b1_p50_ms"], 3),
         }
+    if service_inter is not None:  # measured call by call in turn with the in-process pipeline
+        out.setdefault("service_added_p50_ms_c1", {})["interleaved"] = service_inter["added_p50_ms"]
     if inter is not None:  # measured call by call in turn with direct gRPC: the noise cancels
         for gw, added in inter["added_p50_ms"].items():
             out[f"{gw}_added_p50_ms_c1"] = added
@@ -454,7 +481,8 @@ async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp:
         ceil["img_per_s_before"] = ceil["img_per_s"]
         ceil["img_per_s"] = round(statistics.mean(r["img_per_s"] for r in in_turn), 3)
     print_table(task.name, ceil, peers, args.levels)
-    r = ratios(ceil, peers, args.levels, extra.get("gateway_interleaved_c1"), in_turn)
+    r = ratios(ceil, peers, args.levels, extra.get("gateway_interleaved_c1"), in_turn,
+               extra.get("service_interleaved_c1"))  # fmt: skip
     print("ratios:", json.dumps(r), flush=True)
     return {"settings": json.loads(config.read_text()), "ceiling": ceil, "peers": peers, "ratios": r, **extra}
 
