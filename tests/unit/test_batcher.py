@@ -228,9 +228,39 @@ async def test_a_withdrawn_announcement_releases_the_waiting_batch():
 
 
 async def test_announcements_are_withdrawn_when_submit_fails():
-    b = DynamicBatcher("m", Recorder(), max_batch_size=1, max_batch_delay_ms=0, announced_arrivals=True)
-    await b.close()
-    arrival = b.expect()
-    with pytest.raises(Exception, match="shutting down"):
-        await b.submit(1, arrival)
+    rec = Recorder(delay=0.3)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_queue_size=2, announced_arrivals=True)
+    running = asyncio.ensure_future(b.submit(0))
+    await asyncio.to_thread(rec.started.wait, 2)
+    arrival = b.expect()  # announced while the queue still had room ...
+    fillers = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]  # ... then filled by unannounced callers
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError):
+        await b.submit(3, arrival)
     assert b._upcoming == 0
+    assert await asyncio.gather(running, *fillers) == [0, 10, 20]
+    await b.close()
+
+
+async def test_a_closed_batcher_refuses_announcements():
+    b = DynamicBatcher("m", Recorder(), announced_arrivals=True)
+    await b.close()
+    with pytest.raises(Exception, match="shutting down"):
+        b.expect()
+    assert b._upcoming == 0
+
+
+async def test_admission_counts_requests_still_decoding_and_sheds_before_the_decode():
+    rec = Recorder(delay=0.2)
+    b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_queue_size=3, announced_arrivals=True)
+    running = asyncio.ensure_future(b.submit(0, b.expect()))
+    await asyncio.to_thread(rec.started.wait, 2)  # 0 runs; the queue is empty again
+    queued = asyncio.ensure_future(b.submit(1, b.expect()))
+    await asyncio.sleep(0)
+    decoding = [b.expect(), b.expect()]  # two more on their way: 1 queued + 2 announced = 3
+    with pytest.raises(OverloadedError, match="3 requests waiting"):
+        b.expect()
+    decoding[0].done()  # one failed to decode: room for one more
+    late = b.expect()
+    assert await asyncio.gather(running, queued, b.submit(2, decoding[1]), b.submit(3, late)) == [0, 10, 20, 30]
+    await b.close()

@@ -128,9 +128,24 @@ class DynamicBatcher(Generic[In, Out]):
             self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
     def expect(self) -> Arrival:
-        """Announce a request that will `submit` soon (call it when the request arrives)."""
+        """Announce a request that will `submit` soon (call it when the request arrives).
+
+        Admission control: announced requests count against `max_queue_size` with the queued
+        ones, so an overloaded model refuses a request here, before its image is decoded,
+        instead of after spending the decode on it."""
+        if self._closed:
+            raise ModelNotReadyError(f"model '{self.name}' is shutting down")
+        if self.queue_depth + self._upcoming >= self.max_queue_size:
+            self._shed()
         self._upcoming += 1
         return Arrival(self)
+
+    def _shed(self) -> None:
+        self._observer.on_shed(self.name)
+        raise OverloadedError(
+            f"model '{self.name}' has {self.max_queue_size} requests waiting; retry with backoff",
+            metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
+        )
 
     def _arrived(self) -> None:
         self._upcoming -= 1
@@ -148,11 +163,7 @@ class DynamicBatcher(Generic[In, Out]):
             try:
                 self._queue.put_nowait(pending)
             except asyncio.QueueFull:
-                self._observer.on_shed(self.name)
-                raise OverloadedError(
-                    f"model '{self.name}' has {self.max_queue_size} requests waiting; retry with backoff",
-                    metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
-                ) from None
+                self._shed()
             self._changed.set()
         finally:
             if arrival is not None:

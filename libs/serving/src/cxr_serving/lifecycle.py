@@ -232,9 +232,14 @@ class ModelRepository:
     @contextlib.contextmanager
     def expect(self, names: Sequence[str]) -> Iterator[dict[str, Arrival]]:
         """Announce a request for these models as it arrives, before decoding; pass each model's
-        Arrival to `predict`. A batch then waits only for requests that exist (batcher.py)."""
-        arrivals = {n: b.expect() for n in names if (b := self._batchers.get(n)) is not None}
+        Arrival to `predict`. A batch then waits only for requests that exist, and an overloaded
+        model refuses the request here, before the decode (batcher.py)."""
+        arrivals: dict[str, Arrival] = {}
         try:
+            for n in names:  # a model that sheds here withdraws the announcements made before it
+                batcher = self._batchers.get(n)
+                if batcher is not None:
+                    arrivals[n] = batcher.expect()
             yield arrivals
         finally:
             for a in arrivals.values():
