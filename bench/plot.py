@@ -113,7 +113,8 @@ def markdown(data: dict[str, Any]) -> str:
         levels = [r["concurrency"] for r in res["peers"]["service"]["levels"]] if "service" in res["peers"] else []
         c = res["ceiling"]
         lines += [
-            f"**{task}** — ceiling (in-process batched forward, batch {c['batch_size']}): {c['img_per_s']:.1f} img/s; "
+            f"**{task}** — ceiling (in-process batched forward, batch {c['batch_size']}, "
+            f"{c.get('forward_threads', 1)} forward thread(s)): {c['img_per_s']:.1f} img/s; "
             f"one image in process: forward {c['forward_b1_p50_ms']:.0f} ms + decode/preprocess "
             f"{c['prepare_p50_ms']:.0f} ms + postprocess/response {c['finish_p50_ms']:.1f} ms",
             "",
