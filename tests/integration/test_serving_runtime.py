@@ -19,6 +19,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from tests.conftest import REPO
+from tests.support.concurrency import PeakGauge
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
 from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
 
@@ -254,20 +255,11 @@ class OverlapModel(BrightnessModel):
 
     def __init__(self, delay_s: float) -> None:
         super().__init__(delay_s=delay_s)
-        import threading
-
-        self._guard = threading.Lock()
-        self.now = self.peak = 0
+        self.gauge = PeakGauge()
 
     def predict(self, batch):
-        with self._guard:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-        try:
+        with self.gauge.running():
             return super().predict(batch)
-        finally:
-            with self._guard:
-                self.now -= 1
 
 
 @pytest.mark.parametrize("instances", [1, 2])
@@ -288,7 +280,7 @@ async def test_model_instances_setting_runs_that_many_batches_at_once(sample_png
         req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png"))
         replies = await asyncio.gather(*(stub.ClassifyImage(req, metadata=auth(), timeout=30) for _ in range(6)))
     assert len(replies) == 6 and model.batches == [1] * 6
-    assert model.peak == instances
+    assert model.gauge.peak == instances
 
 
 async def test_a_lone_request_does_not_wait_out_the_batch_delay(sample_png):

@@ -4,8 +4,10 @@ are audited too; health probes are not; no request content."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -17,6 +19,21 @@ from tests.reliability.threaded import server_in_thread
 from tests.support.servers import TEST_KEY, auth
 
 TARGETS = {t.name: t for t in available_targets()}
+
+
+@contextlib.contextmanager
+def audit_lines() -> Iterator[list[dict]]:
+    """The `cxr.audit` lines logged in the body (JSON-formatted, as in production)."""
+    capture = Capture()
+    audit_logger = logging.getLogger("cxr.audit")
+    audit_logger.addHandler(capture)
+    old_level = audit_logger.level
+    audit_logger.setLevel(logging.INFO)
+    try:
+        yield capture.lines
+    finally:
+        audit_logger.removeHandler(capture)
+        audit_logger.setLevel(old_level)
 
 
 class Capture(logging.Handler):
@@ -32,30 +49,21 @@ class Capture(logging.Handler):
 @pytest.mark.parametrize("name", sorted(n for n in TARGETS if n in ("toy", "classification")))
 def test_one_audit_line_per_request(name):
     target = TARGETS[name]
-    capture = Capture()
-    audit_logger = logging.getLogger("cxr.audit")
-    audit_logger.addHandler(capture)
-    old_level = audit_logger.level
-    audit_logger.setLevel(logging.INFO)
-    try:
-        with server_in_thread(target.settings(), target.build) as server:
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                call = target.valid(IMG, "image/png")
-                fn = getattr(target.stub(ch), call.method)
-                md = (*auth(), ("x-correlation-id", "cid-audit-1"), ("x-consumer-username", "radiology-pacs"))
-                fn(call.request, metadata=md, timeout=30)
-                with pytest.raises(grpc.RpcError):
-                    fn(target.valid(b"not an image", "").request, metadata=auth(), timeout=30)
-                with pytest.raises(grpc.RpcError):
-                    fn(call.request, metadata=auth("sk-not-a-valid-key"), timeout=30)
-                from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with audit_lines() as logged, server_in_thread(target.settings(), target.build) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            call = target.valid(IMG, "image/png")
+            fn = getattr(target.stub(ch), call.method)
+            md = (*auth(), ("x-correlation-id", "cid-audit-1"), ("x-consumer-username", "radiology-pacs"))
+            fn(call.request, metadata=md, timeout=30)
+            with pytest.raises(grpc.RpcError):
+                fn(target.valid(b"not an image", "").request, metadata=auth(), timeout=30)
+            with pytest.raises(grpc.RpcError):
+                fn(call.request, metadata=auth("sk-not-a-valid-key"), timeout=30)
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    finally:
-        audit_logger.removeHandler(capture)
-        audit_logger.setLevel(old_level)
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
-    lines = [ln for ln in capture.lines if ln.get("audit")]
+    lines = [ln for ln in logged if ln.get("audit")]
     assert len(lines) == 3, lines  # health is not audited
     ok, bad_image, refused = lines
     assert ok["code"] == "OK" and ok["consumer"] == "radiology-pacs"
@@ -64,7 +72,7 @@ def test_one_audit_line_per_request(name):
     assert ok["method"].endswith("/" + call.method) and ok["ts"] and ok["peer"]
     assert bad_image["code"] == "INVALID_ARGUMENT" and bad_image["models"] == []
     assert refused["code"] == "UNAUTHENTICATED" and refused["key_id"] == key_fingerprint("sk-not-a-valid-key")
-    text = json.dumps(capture.lines)
+    text = json.dumps(logged)
     assert TEST_KEY not in text and "sk-not-a-valid-key" not in text
 
 
@@ -74,23 +82,15 @@ def test_a_call_cut_off_by_its_deadline_is_audited_with_its_peer():
     from tests.support.toy_service import BrightnessModel, build_toy
 
     target = TARGETS["toy"]
-    capture = Capture()
-    audit_logger = logging.getLogger("cxr.audit")
-    audit_logger.addHandler(capture)
-    old_level = audit_logger.level
-    audit_logger.setLevel(logging.INFO)
-    try:
-        with server_in_thread(target.settings(), lambda s: build_toy(s, BrightnessModel(delay_s=0.3))) as server:
-            for _ in range(3):
-                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                    fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
-                    with pytest.raises(grpc.RpcError) as err:
-                        fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=0.1)
-                    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        audit_logger.removeHandler(capture)
-        audit_logger.setLevel(old_level)
-    lines = [ln for ln in capture.lines if ln.get("audit")]
+    slow = lambda s: build_toy(s, BrightnessModel(delay_s=0.3))  # noqa: E731
+    with audit_lines() as logged, server_in_thread(target.settings(), slow) as server:
+        for _ in range(3):
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
+                with pytest.raises(grpc.RpcError) as err:
+                    fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=0.1)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    lines = [ln for ln in logged if ln.get("audit")]
     assert len(lines) == 3, lines
     for line in lines:
         assert line["code"] == "CANCELLED", line

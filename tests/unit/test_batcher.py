@@ -6,6 +6,7 @@ import pytest
 
 from cxr_serving.batcher import DynamicBatcher
 from cxr_serving.errors import OverloadedError
+from tests.support.concurrency import PeakGauge
 
 
 class Recorder:
@@ -131,19 +132,15 @@ class Overlap(Recorder):
 
     def __init__(self, delay: float) -> None:
         super().__init__(delay)
-        self._lock = threading.Lock()
-        self.now = 0
-        self.peak = 0
+        self.gauge = PeakGauge()
+
+    @property
+    def peak(self) -> int:
+        return self.gauge.peak
 
     def __call__(self, items):
-        with self._lock:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-        try:
+        with self.gauge.running():
             return super().__call__(items)
-        finally:
-            with self._lock:
-                self.now -= 1
 
 
 @pytest.mark.parametrize("instances", [1, 2, 3])
