@@ -120,3 +120,46 @@ def test_saturation_needs_answers_to_keep_pace() -> None:
     rows = [row(1, 1), row(2, 2), row(4, 3), row(8, 3, shed=5)]  # at 4/s all answered, but late: a queue grows
     assert saturation(rows) == 2
     assert saturation([row(8, 3, shed=5)]) is None
+
+
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+def test_only_running_pauses_the_other_servers_and_resumes_them():
+    from _common import only_running
+
+    a = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], name="a").start()
+    b = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], name="b").start()
+    try:
+        with only_running([a, b], [a]):
+            time.sleep(0.2)
+            assert _state(b.proc.pid) == "T" and _state(a.proc.pid) != "T"
+        time.sleep(0.2)
+        assert _state(b.proc.pid) != "T"
+        b.pause()  # stop() must still end a paused server
+    finally:
+        a.stop()
+        b.stop()
+    assert a.proc.poll() is not None and b.proc.poll() is not None
+
+
+def test_latency_c1_reads_the_server_time_from_the_real_access_log_format():
+    import logging
+
+    from latency_c1 import server_ms
+
+    from cxr_serving.logging_setup import JsonFormatter
+
+    fmt = JsonFormatter("segmentation")
+
+    def line(method: str, code: str, ms: float) -> str:
+        rec = logging.LogRecord("cxr_serving.interceptors", logging.DEBUG, __file__, 1, "rpc", None, None)
+        rec.fields = {"method": f"/cxr.segmentation.v1.SegmentationService/{method}", "code": code, "ms": ms}
+        return fmt.format(rec)
+
+    log = "\n".join(
+        [line("SegmentImage", "OK", 12.5), "not json", line("ListModels", "OK", 1.0), line("SegmentImage", "OK", 7.25),
+         line("SegmentImage", "INVALID_ARGUMENT", 3.0)]
+    )  # fmt: skip
+    assert server_ms(log, "SegmentImage") == [12.5, 7.25]

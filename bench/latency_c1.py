@@ -1,0 +1,145 @@
+"""What the service adds at concurrency 1, split (`make bench-latency_c1`).
+
+For each task, one request at a time, in turn call by call:
+  service      the real service (`python -m cxr_<task>`), client-measured latency;
+  in_process   the same image through the same code in this process: decode + preprocess,
+               forward at batch 1, postprocess + response (the work with no server at all);
+and, from the service's own access log (DEBUG), the time each call spent inside the server
+(interceptor to interceptor). So:
+  service - in_process   what serving adds end to end (the <= 5 ms target);
+  service - server       gRPC transport, (de)serialisation, the client: outside the handler.
+A 200 ms forward varies by more than the few ms being measured, hence many rounds and p50s.
+
+    .venv/bin/python bench/latency_c1.py               # both tasks, 80 rounds each (~3 min)
+    .venv/bin/python bench/latency_c1.py --quick       # 128 px, 20 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import free_port, grpc_serving, machine, nih_pngs, stage, stop_on_sigterm, write_result
+from _peers import (
+    StackOptions,
+    Task,
+    default_model_instances,
+    grpc_call,
+    load_settings_file,
+    service_process,
+    task_named,
+    write_settings,
+)
+from stack import GRPC_OPTIONS, set_torch_threads
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tasks", default="classification,segmentation")
+    ap.add_argument("--rounds", type=int, help="calls per path (80; quick 20)")
+    ap.add_argument("--seconds", type=float, default=120.0, help="time budget per task")
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    args.rounds = args.rounds or (20 if args.quick else 80)
+    args.size = 128 if args.quick else None
+    return args
+
+
+def server_ms(log: str, method: str) -> list[float]:
+    """Per-call server time from the service's JSON access log lines for `method`."""
+    out = []
+    for line in log.splitlines():
+        if line.startswith("{") and f"/{method}" in line:
+            rec = json.loads(line)
+            if rec.get("msg") == "rpc" and rec.get("code") == "OK" and "ms" in rec:
+                out.append(float(rec["ms"]))
+    return out
+
+
+def p50(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 3) if xs else None
+
+
+async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import grpc
+
+    opts = StackOptions(model_instances=default_model_instances("cpu", args.torch_threads))
+    if args.size:
+        opts = StackOptions(input_size=args.size, seg_input_size=args.size, model_instances=opts.model_instances)
+    config = write_settings(task, opts, tmp)
+    settings = json.loads(config.read_text())
+    settings["server_config"]["log_level"] = "DEBUG"  # one access-log line per call, with its ms
+    config.write_text(json.dumps(settings))
+    pngs = nih_pngs(8)
+    model = task.load(load_settings_file(str(config)))
+    port = free_port()
+    svc = service_process(task, config, port)
+    warmup = 5
+    client, local = [], []
+    try:
+        await svc.wait_ready(lambda: grpc_serving(port))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+            call = grpc_call(ch, task, pngs)
+            for i in range(warmup):
+                await call(i)
+                ctx, item = task.prepare(model, pngs[i % len(pngs)])
+                model.predict([item])
+            stop_at = time.perf_counter() + args.seconds
+            for i in range(args.rounds):
+                if time.perf_counter() > stop_at:
+                    break
+                t0 = time.perf_counter()
+                await call(i)
+                client.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                ctx, item = task.prepare(model, pngs[i % len(pngs)])
+                (out,) = model.predict([item])
+                task.finish(model, ctx, out)
+                local.append((time.perf_counter() - t0) * 1000)
+    finally:
+        log = svc.log_tail(1 << 30)
+        svc.stop()
+        model.unload()
+    method = task.grpc_method.rsplit("/", 1)[-1]
+    inside = server_ms(log, method)[warmup:]
+    row = {
+        "rounds": len(client),
+        "service_p50_ms": p50(client),
+        "in_process_p50_ms": p50(local),
+        "server_p50_ms": p50(inside),
+        "server_calls_logged": len(inside),
+    }
+    if row["service_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
+        row["added_p50_ms"] = round(row["service_p50_ms"] - row["in_process_p50_ms"], 3)
+        row["service_over_in_process"] = round(row["service_p50_ms"] / row["in_process_p50_ms"], 4)
+    if row["service_p50_ms"] is not None and row["server_p50_ms"] is not None:
+        row["outside_handler_p50_ms"] = round(row["service_p50_ms"] - row["server_p50_ms"], 3)
+    print(f"   {json.dumps(row)}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop_on_sigterm()
+    set_torch_threads(args.torch_threads)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.tasks.split(","):
+            with stage(f"{name}: service vs in process, concurrency 1, {args.rounds} rounds in turn"):
+                results[name] = asyncio.run(measure(task_named(name), args, Path(tmp)))
+    data = {"quick": args.quick, "machine": machine(), "target": "added_p50_ms <= 5 (CPU)", "tasks": results}
+    write_result("latency_c1-quick" if args.quick else "latency_c1", data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
