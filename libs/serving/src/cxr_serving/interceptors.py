@@ -165,8 +165,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         md = _metadata(details)
 
         def begin(context: Ctx) -> tuple[str, Any, str]:
-            # The peer is read here, while the call is alive: grpc.aio's context.peer() after the
-            # call has ended (client gone, handler cancelled) reads freed memory and can segfault.
+            # The peer is read here, while the call is alive: grpc.aio's context.peer() after the call
+            # has ended (deadline, client gone) reads a finished call: '' here, and a CI crash once.
             peer = context.peer() or ""
             cid = next((md[h] for h in CORRELATION_HEADERS if md.get(h)), "") or uuid.uuid4().hex
             correlation_id_var.set(cid[:128])
