@@ -402,3 +402,28 @@ def test_module_entry_point_serves_local_config_on_cpu():
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+
+
+async def test_two_model_instances_give_the_same_answers_and_heatmaps_as_one_at_a_time():
+    """model_instances runs forwards (and Grad-CAM) of the real networks on two threads at once:
+    every concurrent answer equals the one computed alone."""
+    s = settings(server_config__model_instances=2, server_config__max_batch_size=1, server_config__max_batch_delay_ms=0)
+    labels = ["Cardiomegaly", "abnormal"]
+    async with running_server(s, build_binding(s)) as server, channel(server) as ch:
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        reqs = [pb.ClassifyImageRequest(image=png(i), heatmap_labels=labels) for i in range(4)]
+        alone = [by_model(await stub.ClassifyImage(r, metadata=auth(), timeout=120)) for r in reqs]
+        together = await asyncio.gather(*(stub.ClassifyImage(r, metadata=auth(), timeout=120) for r in reqs * 2))
+    for i, resp in enumerate(together):
+        got, want = by_model(resp), alone[i % 4]
+        for name in (BINARY, MULTI):
+            np.testing.assert_allclose(probs(got[name]), probs(want[name]), atol=1e-5, rtol=0)
+            maps = {f.label: _gray(f.heatmap_png) for f in got[name].findings if f.heatmap_png}
+            expected = {f.label: _gray(f.heatmap_png) for f in want[name].findings if f.heatmap_png}
+            assert maps.keys() == expected.keys() and maps  # each model drew its requested heatmap
+            for label, heat in maps.items():
+                np.testing.assert_allclose(heat, expected[label], atol=1, rtol=0)  # one gray level
+
+
+def _gray(png_data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png_data)), dtype=np.int16)
