@@ -72,9 +72,8 @@ def p50(xs: list[float]) -> float | None:
 async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import grpc
 
-    opts = StackOptions(model_instances=default_model_instances("cpu", args.torch_threads))
-    if args.size:
-        opts = StackOptions(input_size=args.size, seg_input_size=args.size, model_instances=opts.model_instances)
+    sizes = {"input_size": args.size, "seg_input_size": args.size} if args.size else {}
+    opts = StackOptions(model_instances=default_model_instances("cpu", args.torch_threads), **sizes)
     config = write_settings(task, opts, tmp)
     settings = json.loads(config.read_text())
     settings["server_config"]["log_level"] = "DEBUG"  # one access-log line per call, with its ms

@@ -233,6 +233,11 @@ class CeilingCell:
         return parallel_forwards(self.model, self.batch, self.instances, max_images, max_seconds, self.sync)
 
 
+def server_processes(targets: dict[str, Target]) -> list[ServerProcess]:
+    """Every server process behind the targets, once each (gateway rows share the service's)."""
+    return list({id(p): p for t in targets.values() for p in t.processes}.values())
+
+
 async def measure_in_turn(
     targets: dict[str, Target], ceiling_cell: CeilingCell, args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -241,7 +246,7 @@ async def measure_in_turn(
     the host then hits every peer alike instead of whichever ran at the wrong moment. The servers a cell
     does not use are paused (SIGSTOP) during it, so an idle peer's polling costs the measured one nothing."""
     rounds = args.rounds
-    servers = list({id(p): p for t in targets.values() for p in t.processes}.values())
+    servers = server_processes(targets)
     peers: dict[str, Any] = {name: {"levels": []} for name in targets}
     ceilings = []
     names = [*targets, "ceiling"]
@@ -388,7 +393,7 @@ async def run_peers(
         stack.callback(cell.model.unload)
         peers, ceilings = await measure_in_turn(targets, cell, args)
         if "service" in targets:
-            servers = list({id(p): p for t in targets.values() for p in t.processes}.values())
+            servers = server_processes(targets)
             with only_running(servers, [targets["service"].server]):
                 extra["service_interleaved_c1"] = await service_interleaved(
                     task, cell.model, targets["service"].call, pngs, args

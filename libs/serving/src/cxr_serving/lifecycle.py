@@ -246,18 +246,14 @@ class ModelRepository:
                 a.done()
 
     async def predict(self, name: str, item: Any, arrival: Arrival | None = None) -> Any:
-        """Queue one preprocessed input for the model's next batch."""
-        try:
-            self.model(name)
-            batcher = self._batchers.get(name)
-            if batcher is None:
-                st = self._status[name]
-                detail = f": {st.error}" if st.error else ""
-                raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
-        except BaseException:
-            if arrival is not None:
-                arrival.done()
-            raise
+        """Queue one preprocessed input for the model's next batch (`arrival`: from `expect`, which
+        withdraws it if this raises before submitting)."""
+        self.model(name)
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            st = self._status[name]
+            detail = f": {st.error}" if st.error else ""
+            raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
         return await batcher.submit(item, arrival)
 
     async def close(self) -> None:
