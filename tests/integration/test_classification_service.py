@@ -404,10 +404,17 @@ def test_module_entry_point_serves_local_config_on_cpu():
     assert proc.returncode == 0
 
 
-async def test_two_model_instances_give_the_same_answers_and_heatmaps_as_one_at_a_time():
-    """model_instances runs forwards (and Grad-CAM) of the real networks on two threads at once:
-    every concurrent answer equals the one computed alone."""
-    s = settings(server_config__model_instances=2, server_config__max_batch_size=1, server_config__max_batch_delay_ms=0)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+async def test_two_model_instances_give_the_same_answers_and_heatmaps_as_one_at_a_time(mode):
+    """model_instances runs forwards (and Grad-CAM) of the real networks two at once, on two threads
+    or in two instance processes (each with its own copy of the untrained weights, drawn from the
+    same seed): every concurrent answer equals the one computed alone."""
+    s = settings(
+        server_config__model_instances=2,
+        server_config__model_instance_mode=mode,
+        server_config__max_batch_size=1,
+        server_config__max_batch_delay_ms=0,
+    )
     labels = ["Cardiomegaly", "abnormal"]
     async with running_server(s, build_binding(s)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)

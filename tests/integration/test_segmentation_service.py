@@ -292,3 +292,43 @@ async def test_masks_made_in_the_batch_are_served_identically():
     pool, device = responses
     assert [m.png for m in pool.masks] == [m.png for m in device.masks]
     assert pool.measurements == device.measurements
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+async def test_instance_processes_answer_like_the_server_process(tmp_path, on_device):
+    """model_instance_mode: process serves the same masks (logits or, on the device path, masks
+    cross the instance socket), loads checkpoints in every instance, and the DICOM SEG names the
+    loaded version although the server process itself never loads the model."""
+    path = next(p for p in dicom_files() if p.name == "nih-dx-mono2-8bit.dcm")
+    request = dicom_request(path, threshold=0.45, include_dicom_seg=True)
+    thread_s = settings(masks_on_device=on_device)
+    async with running_server(thread_s, build_binding(thread_s)) as server:
+        ch, stub = stub_for(server)
+        async with ch:
+            want = await stub.SegmentImage(request, metadata=auth())
+    net, _ = build_model(thread_s).build(None)
+    torch.nn.init.constant_(net.segmentation_head[0].bias, 5.0)
+    ckpt = tmp_path / "seg.pt"
+    torch.save(net.state_dict(), ckpt)
+    s = make_settings(
+        models__segmentation={**SEG, "masks_on_device": on_device},
+        server_config__max_batch_delay_ms=2,
+        server_config__model_instances=2,
+        server_config__model_instance_mode="process",
+    )
+    async with running_server(s, build_binding(s)) as server:
+        ch, stub = stub_for(server)
+        async with ch:
+            got = await asyncio.gather(*(stub.SegmentImage(request, metadata=auth()) for _ in range(4)))
+            loaded = await stub.LoadModel(pb.LoadModelRequest(checkpoint_path=str(ckpt)), metadata=auth())
+            after = await asyncio.gather(*(stub.SegmentImage(request, metadata=auth()) for _ in range(4)))
+    for resp in got:
+        assert [m.png for m in resp.masks] == [m.png for m in want.masks]
+        assert resp.measurements == want.measurements and resp.model.version == "untrained"
+    assert loaded.model.version == checkpoint_version(ckpt)
+    for resp in after:  # both instances run the new weights
+        assert all(m.area_pixels == m.width * m.height for m in resp.masks)
+        seg = pydicom.dcmread(io.BytesIO(resp.dicom_seg))
+        assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == (
+            checkpoint_version(ckpt)
+        )

@@ -3,6 +3,7 @@ any real model exists: probability = mean brightness of the decoded image."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,7 +81,8 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
 
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
     repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
-    repo.add(model or BrightnessModel())
+    model = model or BrightnessModel()
+    repo.add(model, factory=functools.partial(BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load))
     pool = DecodePool.from_settings(settings)
     servicer = ToyServicer(repo, pool)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cxr_serving.batcher import Arrival, DynamicBatcher
-from cxr_serving.errors import CxrError, ModelNotFoundError, ModelNotReadyError
+from cxr_serving.errors import ConfigError, CxrError, ModelNotFoundError, ModelNotReadyError
+from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
 from cxr_serving.settings import ServerConfig
 
@@ -99,6 +100,7 @@ class BatchingConfig:
     max_batch_delay_ms: float = 5.0
     max_queue_size: int = 256
     model_instances: int = 1  # batches of one model running at once
+    instance_mode: str = "thread"  # or "process": each instance a worker process (instances.py)
 
     @classmethod
     def from_settings(
@@ -110,6 +112,7 @@ class BatchingConfig:
             sc.max_batch_delay_ms if max_batch_delay_ms is None else max_batch_delay_ms,
             sc.max_queue_size,
             sc.model_instances,
+            sc.model_instance_mode,
         )
 
 
@@ -122,13 +125,26 @@ class ModelRepository:
         self._required: set[str] = set()
         self._status: dict[str, ModelStatus] = {}
         self._batchers: dict[str, DynamicBatcher[Any, Any]] = {}
+        self._factories: dict[str, ModelFactory] = {}
+        self._processes: dict[str, ProcessInstances] = {}  # model_instance_mode: process
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_ready_change = on_ready_change
         self._observer = MetricsObserver()
 
-    def add(self, model: ServedModel, *, required: bool = True) -> None:
-        """Register a model; `required` ones gate readiness (the enabled models of the config)."""
+    def add(self, model: ServedModel, *, required: bool = True, factory: ModelFactory | None = None) -> None:
+        """Register a model; `required` ones gate readiness (the enabled models of the config).
+
+        `factory` (picklable, no arguments) builds the same model, unloaded, in another process:
+        with `model_instance_mode: process` each instance process calls it, and `model` itself
+        stays unloaded here (its config, labels and preprocessing still serve the servicer)."""
+        if self._batching.instance_mode == "process" and factory is None:
+            raise ConfigError(
+                f"model '{model.name}' cannot run in instance processes: its service passes no factory; "
+                "set server_config.model_instance_mode: thread"
+            )
         self._models[model.name] = model
+        if factory is not None:
+            self._factories[model.name] = factory
         self._status[model.name] = ModelStatus(model.name, architecture=model.architecture, labels=list(model.labels))
         if required:
             self._required.add(model.name)
@@ -167,15 +183,13 @@ class ModelRepository:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             st = self._status[name]
-            old = self._batchers.pop(name, None)
-            if old is not None:
-                await old.close()
+            await self._stop_serving(name)
             st.state, st.error = ModelState.LOADING, ""
             MODEL_LOADED.labels(name).set(0)
             self._notify()
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(model.load, checkpoint_path)
+                loaded, run_batch = await self._load_instances(model, checkpoint_path)
             except Exception as exc:
                 st.state = ModelState.FAILED
                 st.error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
@@ -183,11 +197,11 @@ class ModelRepository:
                 self._notify()
                 raise
             st.load_seconds = time.perf_counter() - started
-            st.state, st.version, st.untrained = ModelState.READY, model.version, model.untrained
-            st.device, st.architecture, st.labels = model.device, model.architecture, list(model.labels)
+            st.state, st.version, st.untrained = ModelState.READY, loaded.version, loaded.untrained
+            st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
             self._batchers[name] = DynamicBatcher(
                 name,
-                model.predict,
+                run_batch,
                 max_batch_size=self._batching.max_batch_size,
                 max_batch_delay_ms=self._batching.max_batch_delay_ms,
                 max_queue_size=self._batching.max_queue_size,
@@ -219,9 +233,7 @@ class ModelRepository:
     async def unload(self, name: str) -> ModelStatus:
         model = self.model(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            batcher = self._batchers.pop(name, None)
-            if batcher is not None:
-                await batcher.close()
+            await self._stop_serving(name)
             await asyncio.to_thread(model.unload)
             st = self._status[name]
             st.state, st.error = ModelState.UNLOADED, ""
@@ -256,6 +268,27 @@ class ModelRepository:
             raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
         return await batcher.submit(item, arrival)
 
+    async def _load_instances(
+        self, model: ServedModel, checkpoint_path: Path | None
+    ) -> tuple[LoadedModel, Callable[[list[Any]], Sequence[Any]]]:
+        """Load the model here (thread instances) or in `model_instances` worker processes."""
+        if self._batching.instance_mode == "process":
+            processes = ProcessInstances(model.name, self._factories[model.name], self._batching.model_instances)
+            loaded = await asyncio.to_thread(processes.start, checkpoint_path)
+            self._processes[model.name] = processes
+            return loaded, processes.predict
+        await asyncio.to_thread(model.load, checkpoint_path)
+        return LoadedModel.of(model), model.predict
+
+    async def _stop_serving(self, name: str) -> None:
+        """Close the model's batcher (its waiting callers get ModelNotReadyError), then its processes."""
+        batcher = self._batchers.pop(name, None)
+        if batcher is not None:
+            await batcher.close()
+        processes = self._processes.pop(name, None)
+        if processes is not None:
+            await asyncio.to_thread(processes.close)
+
     async def close(self) -> None:
-        for name in list(self._batchers):
-            await self._batchers.pop(name).close()
+        for name in set(self._batchers) | set(self._processes):
+            await self._stop_serving(name)

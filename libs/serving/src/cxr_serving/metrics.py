@@ -2,7 +2,7 @@
 
 Seed names: cxr_inference_total{model}, cxr_inference_duration_seconds{model},
 cxr_model_loaded{model}, cxr_gpu_memory_used_bytes. Added: request latency and count by
-method and status code, batch size histogram, queue depth, shed requests.
+method and status code, batch size histogram, queue depth, shed requests, instance restarts.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("cxr_queue_depth", "Requests waiting for a batch", ["model"])
 SHED_TOTAL = Counter("cxr_requests_shed_total", "Requests refused with RESOURCE_EXHAUSTED", ["model"])
 BATCH_ERRORS = Counter("cxr_batch_errors_total", "Forward passes that raised", ["model"])
+MODEL_INSTANCE_RESTARTS = Counter(
+    "cxr_model_instance_restarts_total", "Model instance processes that died and were restarted", ["model"]
+)
 REQUESTS_TOTAL = Counter("cxr_grpc_requests_total", "gRPC requests by method and status", ["method", "code"])
 REQUEST_DURATION = Histogram(
     "cxr_grpc_request_duration_seconds",

@@ -48,6 +48,12 @@ class ServerConfig(_Strict):
         description="batches each model runs at once (Triton's instance count): 1 on GPU; on CPU, "
         "cores / performance.cpu_threads so every core runs a forward",
     )
+    model_instance_mode: Literal["thread", "process"] = Field(
+        "thread",
+        description="'thread': the model_instances share one copy of the model in the server process; "
+        "'process': each instance is a worker process with its own copy (Triton's Python backend, "
+        "LitServe's workers): on CPU the forwards then do not share the server's GIL",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     max_message_mb: float = Field(64, gt=0, le=2047)
     keepalive_time_s: float = Field(30, gt=0)

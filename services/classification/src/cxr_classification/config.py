@@ -78,6 +78,7 @@ class ClassifierConfig(BaseModel):
     num_classes: int | None = Field(None, ge=1, le=1000)
     labels: list[str] | None = Field(None, description="output labels in order; defaults per model")
     allow_untrained: bool = Field(False, description="start with random weights when no checkpoint is set")
+    seed: int = Field(0, description="seed of the random weights of an untrained model: every instance draws the same")
     checkpoint_format: CheckpointFormat = "auto"
     checkpoint_labels: list[str] | None = Field(
         None, description="output order of the checkpoint when it differs from `labels` (xrv: its 18 targets)"

@@ -95,7 +95,9 @@ class ChestXrayClassifier(ServedModel):
     def build(self, checkpoint_path: Path | None) -> tuple[ClassifierNetwork, str]:
         """The network with its weights, and its version; raises CheckpointError."""
         cfg = self.cfg
-        net = build_network(cfg)
+        with torch.random.fork_rng(devices=[]):  # untrained: the same random weights in every instance process
+            torch.manual_seed(cfg.seed)
+            net = build_network(cfg)
         op_threshs = None
         if checkpoint_path is not None:
             checkpoint_path = resolve_checkpoint_file(checkpoint_path)

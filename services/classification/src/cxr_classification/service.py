@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from cxr_classification.config import classifier_configs
 from cxr_classification.model import ChestXrayClassifier
 from cxr_classification.servicer import ClassificationServicer
@@ -30,14 +32,20 @@ def build_models(settings: Settings, device: InferenceDevice) -> dict[str, Chest
     }
 
 
+def build_model(settings: Settings, name: str) -> ChestXrayClassifier:
+    """One classifier, unloaded: what each instance process builds (model_instance_mode: process)."""
+    device = InferenceDevice.resolve(settings.server_config.device, settings.performance)
+    return build_models(settings, device)[name]
+
+
 def build_binding(settings: Settings) -> ServiceBinding:
     """Everything the shared server needs; raises ConfigError for a bad `models.*` section."""
     sc = settings.server_config
     device = InferenceDevice.resolve(sc.device, settings.performance)
     models = build_models(settings, device)
     repo = ModelRepository(BatchingConfig.from_settings(sc))
-    for model in models.values():
-        repo.add(model, required=model.cfg.enabled)  # disabled models are listed and can be loaded on demand
+    for name, model in models.items():  # disabled models are listed and can be loaded on demand
+        repo.add(model, required=model.cfg.enabled, factory=functools.partial(build_model, settings, name))
     pool = DecodePool.from_settings(settings)
     servicer = ClassificationServicer(
         repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size

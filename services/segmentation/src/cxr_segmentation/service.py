@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from cxr_segmentation.config import SegmentationConfig
@@ -39,7 +41,8 @@ def build_binding(settings: Settings) -> ServiceBinding:
         settings.server_config, max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms
     )
     repo = ModelRepository(batching)
-    repo.add(build_model(settings, cfg), required=cfg.enabled)
+    # In instance processes (model_instance_mode: process) each one builds the model with build_model.
+    repo.add(build_model(settings, cfg), required=cfg.enabled, factory=functools.partial(build_model, settings, cfg))
     pool = DecodePool.from_settings(settings)
     servicer = SegmentationServicer(settings, repo, pool, default_model=cfg.name)
 

@@ -43,8 +43,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         assert isinstance(model, SegmentationModel)
         return model
 
-    @staticmethod
-    def _options(request: pb.SegmentImageRequest, model: SegmentationModel) -> PostprocessOptions:
+    def _options(self, request: pb.SegmentImageRequest, model: SegmentationModel) -> PostprocessOptions:
         encoding = _ENCODINGS.get(request.mask_encoding)
         if encoding is None:
             raise InvalidInputError(f"mask_encoding: unknown value {request.mask_encoding}; use PNG, RLE or NONE")
@@ -63,7 +62,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             dicom_seg=request.include_dicom_seg,
             overlay_max_side=model.cfg.overlay_max_side,
             algorithm_name=f"{model.name} {model.architecture}",
-            algorithm_version=model.version,
+            algorithm_version=self.repo.status(model.name).version,  # also when loaded in instance processes
         )
 
     async def SegmentImage(
