@@ -14,7 +14,7 @@ from cxr_serving.lifecycle import checkpoint_version
 from cxr_serving.settings import PerformanceConfig
 from tests.support.servers import make_settings
 
-CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
+CPU = InferenceDevice.resolve("cpu", PerformanceConfig(fold_batchnorm=False))  # the served network is the loaded one
 CFG = SegmentationConfig(encoder="resnet18", input_size=64)
 
 

@@ -1,5 +1,5 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark,
-AMP and optional torch.compile on GPU; channels_last on both (on CPU oneDNN runs NHWC
+AMP and optional torch.compile on GPU; BatchNorm folding (fold.py) and channels_last on both (on CPU oneDNN runs NHWC
 convolutions faster: bench/README.md); the CPU thread count; a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_serving.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class InferenceDevice:
     amp_dtype: str
     channels_last: bool
     compile: bool
+    fold_batchnorm: bool = False
 
     @property
     def is_cuda(self) -> bool:
@@ -47,15 +49,28 @@ class InferenceDevice:
             torch.backends.cuda.matmul.allow_tf32 = perf.tf32
             torch.backends.cudnn.allow_tf32 = perf.tf32
             torch.backends.cudnn.benchmark = perf.cudnn_benchmark
-        return cls(device, perf.use_amp and cuda, perf.amp_dtype, perf.channels_last, perf.compile_models and cuda)
+        return cls(
+            device,
+            perf.use_amp and cuda,
+            perf.amp_dtype,
+            perf.channels_last,
+            perf.compile_models and cuda,
+            perf.fold_batchnorm,
+        )
 
     def prepare(self, model: Any) -> Any:
-        """Move an eval-mode module to the device with the configured memory format; compile if asked."""
+        """Move an eval-mode module to the device with the configured memory format, fold its
+        BatchNorms (a new module when any were folded: `model` itself is moved but not rewritten),
+        compile if asked."""
         import torch
 
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.fold_batchnorm:
+            model, folded = fold_batchnorm(model)
+            if folded:
+                log.info("folded %d BatchNorm layers into their convolutions", folded)
         if self.compile:
             model = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=True)
         return model
