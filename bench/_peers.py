@@ -8,6 +8,7 @@ those three steps, so every peer does the same work on the same weights.
 
     python bench/_peers.py naive --task classification --config cfg.json --port 50100
     python bench/_peers.py litserve --task segmentation --config cfg.json --port 8123
+    python bench/_peers.py ceiling --task classification --config cfg.json --images 16   # stdin-driven
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class StackOptions:
     mask_encoding: str = "png"
     cpu_threads: int | None = 1  # torch intra-op threads (performance.cpu_threads); None: torch's default
     model_instances: int = 1  # batches of the model at once (server_config.model_instances; LitServe workers)
+    instance_mode: str = "thread"  # server_config.model_instance_mode: "thread" or "process"
+    fold_batchnorm: bool = True  # performance.fold_batchnorm (the peers a user would write run without it)
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -67,10 +70,16 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "max_queue_size": o.max_queue_size,
             "num_workers": o.num_workers,
             "model_instances": o.model_instances,
+            "model_instance_mode": o.instance_mode,
             "log_level": "WARNING",
             "shutdown_grace_s": 2,
         },
-        "performance": {"use_amp": o.device.startswith("cuda"), "warmup_batches": 2, "cpu_threads": o.cpu_threads},
+        "performance": {
+            "use_amp": o.device.startswith("cuda"),
+            "warmup_batches": 2,
+            "cpu_threads": o.cpu_threads,
+            "fold_batchnorm": o.fold_batchnorm,
+        },
         "security": {"enable_authentication": True, "api_keys": [API_KEY]},
         "monitoring": {"enable_metrics": False, "log_json": True},
     }
@@ -385,17 +394,54 @@ def serve_litserve(args: argparse.Namespace, settings: Any) -> None:
     server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
 
 
+# -- ceiling worker: batched forwards in a process of its own (the ceiling of process instances) ----
+def ceiling_worker(task: Task, settings: Any, images: int) -> None:
+    """Load the model, build one full batch of prepared inputs, print `ready`; then for each stdin line
+    `MAX_IMAGES MAX_SECONDS` run that batch back to back until either bound and print `IMAGES WALL_S`."""
+    import time
+
+    from _common import nih_pngs
+
+    model = task.load(settings)
+    pngs = nih_pngs(images)
+    prepared = [task.prepare(model, p)[1] for p in pngs]
+    bs = settings.server_config.max_batch_size
+    batch = [prepared[i % len(prepared)] for i in range(bs)]
+    model.predict(batch)  # warm the full batch shape
+    sync = _device_sync(settings.server_config.device)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        max_images, max_seconds = int(line.split()[0]), float(line.split()[1])
+        done, started = 0, time.perf_counter()
+        while done < max_images and time.perf_counter() - started < max_seconds:
+            model.predict(batch)
+            sync()
+            done += len(batch)
+        print(done, time.perf_counter() - started, flush=True)
+
+
+def _device_sync(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["naive", "litserve"])
+    ap.add_argument("kind", choices=["naive", "litserve", "ceiling"])
     ap.add_argument("--task", choices=["classification", "segmentation"], required=True)
     ap.add_argument("--config", required=True, help="the settings JSON the real service reads")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--mask-encoding", default="png")
     ap.add_argument("--threads", type=int, default=10, help="naive: gRPC thread pool size")
+    ap.add_argument("--images", type=int, default=16, help="ceiling: distinct NIH PNGs in its batch")
     args = ap.parse_args(argv)
     settings = load_settings_file(args.config)
-    if args.kind == "naive":
+    if args.kind == "ceiling":
+        ceiling_worker(task_named(args.task, args.mask_encoding), settings, args.images)
+    elif args.kind == "naive":
         serve_naive(task_named(args.task, args.mask_encoding), settings, args.port, args.threads)
     else:
         serve_litserve(args, settings)

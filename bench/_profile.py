@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", action="store_true", help="also sample waiting threads (wall-clock view)")
     ap.add_argument("--model-instances", type=int, default=1, help="server_config.model_instances")
     ap.add_argument("--batch-delay-ms", type=float, default=2.0, help="server_config.max_batch_delay_ms")
+    ap.add_argument("--instance-mode", choices=["thread", "process"], default="thread",
+                    help="server_config.model_instance_mode (py-spy follows the instance processes too)")  # fmt: skip
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             seg_input_size=args.input_size,
             model_instances=args.model_instances,
             batch_delay_ms=args.batch_delay_ms,
+            instance_mode=args.instance_mode,
         )
         config = write_settings(task_named(args.task), opts, Path(tmp))
         out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle))

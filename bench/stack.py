@@ -28,11 +28,12 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batches at once: our server_config.model_instances, LitServe's workers_per_device and the "
         "ceiling's forward threads (CPU default: cores / torch threads; GPU: 1)",
     )  # fmt: skip
+    ap.add_argument(
+        "--instance-mode", choices=["thread", "process"], default="thread",
+        help="our server_config.model_instance_mode, and how the ceiling runs its forwards (threads or processes)",
+    )  # fmt: skip
     ap.add_argument("--mask-encoding", default="png", choices=["png", "rle", "none"])
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, help="max requests per measurement (400; quick 48)")
     ap.add_argument("--seconds", type=float, help="max seconds per measurement (15; quick 4)")
     ap.add_argument("--images", type=int, default=16, help="distinct NIH PNGs cycled through")
     ap.add_argument("--rounds", type=int, help="cells per peer and concurrency, taken in turn (3; quick 2)")
-    ap.add_argument("--peers", default="service,gateway_rest,gateway_grpc,naive,litserve")
+    ap.add_argument(
+        "--peers", default="service,gateway_rest,gateway_grpc,naive,litserve,litserve_folded",
+        help="also: service_other_mode (our service with the other --instance-mode)",
+    )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
     args = ap.parse_args(argv)
@@ -123,6 +131,13 @@ def set_torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def variant(task: Task, args: argparse.Namespace, tmp: Path, **changes: Any) -> Path:
+    """The settings JSON of the run with some StackOptions changed, in its own folder."""
+    folder = tmp / "-".join(f"{k}={v}" for k, v in sorted(changes.items()))
+    folder.mkdir(exist_ok=True)
+    return write_settings(task, replace(options(args), **changes), folder)
+
+
 def options(args: argparse.Namespace) -> StackOptions:
     return StackOptions(
         device=args.device,
@@ -134,6 +149,7 @@ def options(args: argparse.Namespace) -> StackOptions:
         mask_encoding=args.mask_encoding,
         cpu_threads=args.torch_threads,
         model_instances=args.model_instances,
+        instance_mode=args.instance_mode,
     )
 
 
@@ -217,7 +233,9 @@ class Target:
 
 
 class CeilingCell:
-    """The in-process batched forward as one more 'peer' in the rotation."""
+    """The batched forward, with no decode and no RPC, as one more 'peer' in the rotation: on as many
+    threads of this process (instance mode thread) or processes (`_peers.py ceiling`, instance mode
+    process) as the service has model instances. `model` also serves the in-process pipeline."""
 
     def __init__(self, task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> None:
         import torch
@@ -228,9 +246,36 @@ class CeilingCell:
         self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         self.instances = args.model_instances
         self.model.predict(self.batch)
+        self.workers: list[subprocess.Popen[str]] = []
+        if args.instance_mode == "process":
+            cmd = [sys.executable, str(Path(__file__).with_name("_peers.py")), "ceiling", "--task", task.name,
+                   "--config", str(config), "--images", str(len(pngs))]  # fmt: skip
+            self.workers = [
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(self.instances)
+            ]
+            for w in self.workers:
+                assert w.stdout is not None
+                if w.stdout.readline().strip() != "ready":
+                    self.close()
+                    raise RuntimeError("a ceiling worker did not start (see its stderr)")
 
     def run(self, max_images: int, max_seconds: float) -> tuple[int, float]:
-        return parallel_forwards(self.model, self.batch, self.instances, max_images, max_seconds, self.sync)
+        if not self.workers:
+            return parallel_forwards(self.model, self.batch, self.instances, max_images, max_seconds, self.sync)
+        share = max(1, max_images // len(self.workers))
+        for w in self.workers:
+            assert w.stdin is not None
+            w.stdin.write(f"{share} {max_seconds}\n")
+            w.stdin.flush()
+        replies = [w.stdout.readline().split() for w in self.workers if w.stdout is not None]
+        return sum(int(r[0]) for r in replies), max(float(r[1]) for r in replies)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.kill()
+            w.wait()
+        self.model.unload()
 
 
 def server_processes(targets: dict[str, Target]) -> list[ServerProcess]:
@@ -352,23 +397,35 @@ async def run_peers(
             stack.callback(proc.stop)
             return proc
 
-        ports = {name: free_port() for name in ("service", "naive", "litserve")}
+        ports = {
+            name: free_port() for name in ("service", "service_other_mode", "naive", "litserve", "litserve_folded")
+        }
         svc = started(service_process(task, config, ports["service"])) if "service" in want or gateway else None
+        other = None
+        if "service_other_mode" in want:  # the same service with the other model_instance_mode
+            mode = "process" if args.instance_mode == "thread" else "thread"
+            other = started(
+                service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
+            )
+        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py).
+        plain = variant(task, args, tmp, fold_batchnorm=False)
         naive = (
-            started(peer_process("naive", task, config, ports["naive"], args.mask_encoding))
-            if "naive" in want
-            else None
+            started(peer_process("naive", task, plain, ports["naive"], args.mask_encoding)) if "naive" in want else None
         )
-        lit = (
-            started(peer_process("litserve", task, config, ports["litserve"], args.mask_encoding))
-            if "litserve" in want
-            else None
-        )
+        lits = {
+            name: started(peer_process("litserve", task, cfg, ports[name], args.mask_encoding))
+            for name, cfg in (("litserve", plain), ("litserve_folded", config))
+            if name in want
+        }
         targets: dict[str, Target] = {}
         startup: dict[str, float] = {}
         if svc is not None:
             startup["service"] = await svc.wait_ready(lambda: grpc_serving(ports["service"]))
             targets["service"] = Target(svc, grpc_call(await channel(ports["service"]), task, pngs))
+        if other is not None:
+            port = ports["service_other_mode"]
+            startup["service_other_mode"] = await other.wait_ready(lambda: grpc_serving(port))
+            targets["service_other_mode"] = Target(other, grpc_call(await channel(port), task, pngs))
         if gateway and svc is not None:
             gw, gp = gateway_process({task.name: ports["service"]}, tmp)
             started(gw)
@@ -384,13 +441,13 @@ async def run_peers(
         if naive is not None:
             startup["naive"] = await naive.wait_ready(lambda: grpc_serving(ports["naive"]))
             targets["naive"] = Target(naive, grpc_call(await channel(ports["naive"]), task, pngs))
-        if lit is not None:
-            base = f"http://127.0.0.1:{ports['litserve']}"
-            startup["litserve"] = await lit.wait_ready(lambda: http_ok(f"{base}/health"))
-            targets["litserve"] = Target(lit, http_call(http, f"{base}/predict", bodies))
+        for name, lit in lits.items():
+            base = f"http://127.0.0.1:{ports[name]}"
+            startup[name] = await lit.wait_ready(lambda base=base: http_ok(f"{base}/health"))
+            targets[name] = Target(lit, http_call(http, f"{base}/predict", bodies))
         print(f"   start-up to READY (s): {startup}", flush=True)
         cell = CeilingCell(task, config, pngs, args)
-        stack.callback(cell.model.unload)
+        stack.callback(cell.close)
         peers, ceilings = await measure_in_turn(targets, cell, args)
         if "service" in targets:
             servers = server_processes(targets)
@@ -435,7 +492,7 @@ def ratios(
         if s is None:
             continue
         row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], by_level.get(c, ceil["img_per_s"]))}
-        for peer in ("litserve", "naive", "gateway_rest", "gateway_grpc"):
+        for peer in ("litserve", "litserve_folded", "naive", "service_other_mode", "gateway_rest", "gateway_grpc"):
             p = _level(peers.get(peer), c)
             if p is not None:
                 row[f"service_over_{peer}"] = _ratio(s["img_per_s"], p["img_per_s"])
@@ -464,13 +521,13 @@ TARGETS = {
 
 def print_table(task: str, ceil: dict[str, Any], peers: dict[str, Any], levels: list[int]) -> None:
     print(f"\n{task}: ceiling {ceil['img_per_s']:.2f} img/s at batch {ceil['batch_size']}")
-    print(f"{'peer':<14}" + "".join(f"{'c=' + str(c):>28}" for c in levels))
+    print(f"{'peer':<20}" + "".join(f"{'c=' + str(c):>28}" for c in levels))
     for name, peer in peers.items():
         cells = []
         for c in levels:
             r = _level(peer, c)
             cells.append(f"{r['img_per_s']:7.2f}/s {r['p50_ms'] or 0:7.1f}/{r['p99_ms'] or 0:7.1f}ms" if r else "")
-        print(f"{name:<14}" + "".join(f"{cell:>28}" for cell in cells))
+        print(f"{name:<20}" + "".join(f"{cell:>28}" for cell in cells))
 
 
 async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
