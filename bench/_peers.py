@@ -218,7 +218,8 @@ class SegmentationTask(Task):
         from cxr_segmentation.servicer import SegmentationServicer, to_response
         from cxr_serving.proto_convert import image_metadata
 
-        opts = SegmentationServicer._options(pb.SegmentImageRequest(mask_encoding=self._encoding()), model)  # type: ignore[arg-type]
+        request = pb.SegmentImageRequest(mask_encoding=self._encoding())
+        opts = SegmentationServicer._options(request, model, model.version)  # type: ignore[arg-type]
         result = postprocess(ctx, output, model.labels, opts)
         return to_response(result, status_info=self.model_info(model), image=image_metadata(ctx))
 

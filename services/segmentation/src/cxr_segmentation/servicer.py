@@ -43,7 +43,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         assert isinstance(model, SegmentationModel)
         return model
 
-    def _options(self, request: pb.SegmentImageRequest, model: SegmentationModel) -> PostprocessOptions:
+    @staticmethod
+    def _options(request: pb.SegmentImageRequest, model: SegmentationModel, version: str) -> PostprocessOptions:
         encoding = _ENCODINGS.get(request.mask_encoding)
         if encoding is None:
             raise InvalidInputError(f"mask_encoding: unknown value {request.mask_encoding}; use PNG, RLE or NONE")
@@ -62,14 +63,15 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             dicom_seg=request.include_dicom_seg,
             overlay_max_side=model.cfg.overlay_max_side,
             algorithm_name=f"{model.name} {model.architecture}",
-            algorithm_version=self.repo.status(model.name).version,  # also when loaded in instance processes
+            algorithm_version=version,
         )
 
     async def SegmentImage(
         self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext
     ) -> pb.SegmentImageResponse:
         model = self._model(request.model_name)
-        opts = self._options(request, model)
+        # the loaded version from the repository: with instance processes `model` itself is never loaded
+        opts = self._options(request, model, self.repo.status(model.name).version)
         with self.repo.expect([model.name]) as arrivals:  # the batcher waits for this one while it decodes
             # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
             image, tensor = await self.pool.run(
