@@ -23,6 +23,8 @@ STYLE = {
     "gateway_grpc": ("tab:purple", "^"),
     "naive": ("tab:gray", "x"),
     "litserve": ("tab:orange", "D"),
+    "litserve_folded": ("tab:red", "d"),
+    "service_other_mode": ("tab:green", "v"),
 }
 
 
@@ -129,10 +131,17 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(f"| {peer} | {values.get('startup_s', 0):.1f} | " + " | ".join(cells) + " |")
         ratios = res["ratios"]
         lines += ["", "| ratio | " + " | ".join(f"c={n}" for n in levels) + " |", "|---|" + "---:|" * len(levels)]
-        names = sorted({k for n in levels for k in ratios.get(f"c{n}", {})})
+        names = sorted({k for n in levels for k, v in ratios.get(f"c{n}", {}).items() if isinstance(v, float | int)})
         for name in names:
             vals = [ratios.get(f"c{n}", {}).get(name) for n in levels]
             lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+            won = [ratios.get(f"c{n}", {}).get(f"{name}_won_rounds") for n in levels]
+            by_round = [ratios.get(f"c{n}", {}).get(f"{name}_by_round") for n in levels]
+            if any(won):  # the same ratio within each round: how often the service was ahead, and the spread
+                cells = [
+                    f"{w} ({min(r):.2f}-{max(r):.2f})" if w and r else "" for w, r in zip(won, by_round, strict=True)
+                ]
+                lines.append(f"| {name}: rounds ahead (range) | " + " | ".join(cells) + " |")
         added = ratios.get("service_added_p50_ms_c1", {})
         extra = [f"{k} {v:+.1f} ms" for k, v in added.items()]
         extra += [f"{k} {ratios[k]:+.1f} ms" for k in ("gateway_rest_added_p50_ms_c1", "gateway_grpc_added_p50_ms_c1")
@@ -203,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     suffix = "-quick" if args.quick else ""
     if args.markdown:
-        for name, fn in (("stack", markdown), ("openloop", markdown_openloop), ("growth", markdown_growth)):
+        tables = (
+            ("stack", markdown),
+            ("head_to_head", markdown),
+            ("openloop", markdown_openloop),
+            ("growth", markdown_growth),
+        )
+        for name, fn in tables:
             data = _load(name + suffix)
             print(f"<!-- {name}{suffix}.json -->")
             print(fn(data) if data else f"no {name} results", end="\n\n")

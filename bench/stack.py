@@ -299,6 +299,7 @@ async def measure_in_turn(
         recs = {name: Recorder() for name in targets}
         walls = dict.fromkeys(names, 0.0)
         rss = dict.fromkeys(targets, 0.0)
+        by_round: dict[str, list[float]] = {name: [] for name in names}  # img/s of each cell, round by round
         ceiling_images = 0
         for t in targets.values():  # warm-up: one call per caller
             await asyncio.gather(*(t.call(k) for k in range(c)))
@@ -310,18 +311,23 @@ async def measure_in_turn(
                                                         args.seconds / rounds)  # fmt: skip
                     ceiling_images += images
                     walls[name] += wall
+                    by_round[name].append(round(images / wall, 3))
                     continue
+                done_before = len(recs[name].ok)
                 with only_running(servers, targets[name].processes):
                     async with targets[name].server.sampling_rss() as peak:
-                        walls[name] += await drive_closed(targets[name].call, c, recs[name],
-                                                          max_requests=max(c, args.requests // rounds),
-                                                          max_seconds=args.seconds / rounds)  # fmt: skip
+                        wall = await drive_closed(targets[name].call, c, recs[name],
+                                                  max_requests=max(c, args.requests // rounds),
+                                                  max_seconds=args.seconds / rounds)  # fmt: skip
+                walls[name] += wall
+                by_round[name].append(round((len(recs[name].ok) - done_before) / wall, 3))
                 rss[name] = max(rss[name], peak["rss_peak_mb"])
         ceilings.append({"concurrency": c, "img_per_s": round(ceiling_images / walls["ceiling"], 3),
-                         "images": ceiling_images})  # fmt: skip
+                         "images": ceiling_images, "img_per_s_by_round": by_round["ceiling"]})  # fmt: skip
         print(f"   ceiling       c={c:<3} {ceilings[-1]['img_per_s']:8.2f} img/s (in the same rounds)", flush=True)
         for name in targets:
-            row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds)
+            row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds,
+                            img_per_s_by_round=by_round[name])  # fmt: skip
             peers[name]["levels"].append(row)
             p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
             print(
@@ -474,6 +480,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """a's img/s over b's, round by round (each pair measured within one rotation)."""
+    pairs = zip(a.get("img_per_s_by_round", []), b.get("img_per_s_by_round", []), strict=False)
+    return [round(x / y, 3) for x, y in pairs if y]
+
+
 def ratios(
     ceil: dict[str, Any],
     peers: dict[str, Any],
@@ -496,6 +508,10 @@ def ratios(
             p = _level(peers.get(peer), c)
             if p is not None:
                 row[f"service_over_{peer}"] = _ratio(s["img_per_s"], p["img_per_s"])
+                paired = round_ratios(s, p)
+                if paired:  # the same ratio cell by cell in each round (measured minutes apart at most)
+                    row[f"service_over_{peer}_by_round"] = paired
+                    row[f"service_over_{peer}_won_rounds"] = f"{sum(x > 1 for x in paired)}/{len(paired)}"
         out[f"c{c}"] = row
     s1 = _level(svc, 1)
     if s1 is not None and s1["p50_ms"] is not None:

@@ -163,3 +163,27 @@ def test_latency_c1_reads_the_server_time_from_the_real_access_log_format():
          line("SegmentImage", "INVALID_ARGUMENT", 3.0)]
     )  # fmt: skip
     assert server_ms(log, "SegmentImage") == [12.5, 7.25]
+
+
+def test_ratios_pair_the_cells_of_each_round_and_the_table_shows_them():
+    """service/LitServe round by round (each pair measured within one rotation) next to the totals."""
+    from plot import markdown
+    from stack import ratios, round_ratios
+
+    def level(c: int, by_round: list[float]) -> dict:
+        ips = sum(by_round) / len(by_round)
+        return {"concurrency": c, "img_per_s": ips, "img_per_s_by_round": by_round, "p50_ms": 1.0, "p99_ms": 2.0,
+                "rss_peak_mb": 1.0}  # fmt: skip
+
+    svc = {"levels": [level(8, [10.0, 12.0, 9.0])]}
+    lit = {"levels": [level(8, [9.0, 12.5, 8.0])]}
+    assert round_ratios(svc["levels"][0], lit["levels"][0]) == [1.111, 0.96, 1.125]
+    ceil = {"img_per_s": 12.0, "batch_size": 8, "forward_b1_p50_ms": 1.0, "prepare_p50_ms": 1.0,
+            "finish_p50_ms": 1.0, "pipeline_b1_p50_ms": 3.0}  # fmt: skip
+    r = ratios(ceil, {"service": svc, "litserve": lit}, [8])
+    assert r["c8"]["service_over_litserve_won_rounds"] == "2/3"
+    assert r["c8"]["service_over_litserve_by_round"] == [1.111, 0.96, 1.125]
+    table = markdown({"tasks": {"classification": {"ceiling": ceil, "peers": {"service": svc, "litserve": lit},
+                                                   "ratios": r}}})  # fmt: skip
+    assert "| service_over_litserve | 1.05 |" in table  # 31 / 29.5
+    assert "| service_over_litserve: rounds ahead (range) | 2/3 (0.96-1.12) |" in table
