@@ -1,5 +1,5 @@
 """BatchNorm folding at load (cxr_serving.fold): same outputs, fewer layers, the original untouched,
-and only the pairs it is safe to fold."""
+only the pairs it is safe to fold, and no effect on forwards running on other threads."""
 
 from __future__ import annotations
 
@@ -49,11 +49,14 @@ class Block(nn.Module):
 
 
 def test_folds_conv_then_batchnorm_and_answers_the_same():
+    """bn1 folds; bn2's conv output also feeds the residual sum (found by checking the answer) and
+    `pre` follows a ReLU: neither folds."""
     block = _randomize_bn(Block())
     original = copy.deepcopy(block.state_dict())
     x = torch.randn(2, 3, 16, 16)
-    folded, n = fold_batchnorm(block)
+    folded, n = fold_batchnorm(block, torch.randn(1, 3, 16, 16))
     assert n == 1 and _bns(folded) == 2  # only bn1
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.BatchNorm2d)
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), block(x), rtol=1e-5, atol=1e-5)
     for k, v in block.state_dict().items():  # the original (Grad-CAM's network) is untouched
@@ -72,11 +75,11 @@ def test_a_conv_called_twice_is_not_folded():
             return self.bn(self.conv(x)) + self.conv(x)
 
     m = _randomize_bn(Shared())
-    folded, n = fold_batchnorm(m)
+    folded, n = fold_batchnorm(m, torch.randn(1, 3, 8, 8))
     assert n == 0 and folded is m
 
 
-def test_an_untraceable_module_is_served_as_it_is():
+def test_data_dependent_control_flow_is_fine_and_a_failing_forward_skips_the_fold():
     class DataDependent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -84,17 +87,62 @@ def test_an_untraceable_module_is_served_as_it_is():
             self.bn = nn.BatchNorm2d(3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.sum() > 0:  # fx cannot trace a branch on a tensor value
+            if x.sum() > 0:  # a branch on a tensor value (torch.fx could not trace this)
                 return self.bn(self.conv(x))
             return x
 
     m = _randomize_bn(DataDependent())
-    assert fold_batchnorm(m) == (m, 0)
+    folded, n = fold_batchnorm(m, torch.rand(1, 3, 8, 8))
+    assert n == 1 and isinstance(folded.bn, nn.Identity)
+    assert fold_batchnorm(m, torch.rand(1, 5, 8, 8)) == (m, 0)  # wrong channel count: served as it is
 
 
 def test_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval mode"):
-        fold_batchnorm(Block().train())
+        fold_batchnorm(Block().train(), torch.rand(1, 3, 8, 8))
+
+
+def test_folding_leaves_forwards_on_other_threads_alone():
+    """Two models load (and fold) while a third serves on other threads: every forward answers.
+    (torch.fx's tracer patched nn.Module.__call__ process-wide and failed exactly this.)"""
+    import threading
+
+    from torchvision.models import resnet18
+
+    serving = _randomize_bn(Block())
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        want = serving(x)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    torch.testing.assert_close(serving(x), want)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    def load() -> None:
+        try:
+            net = _randomize_bn(resnet18(num_classes=3))
+            _, n = fold_batchnorm(net, torch.rand(1, 3, 64, 64))
+            assert n == 20, n  # stem + 2 per basic block + 3 downsample convs
+        except BaseException as exc:
+            errors.append(exc)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    stop.set()
+    server.join()
+    assert errors == []
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -103,8 +151,9 @@ def test_the_device_folds_when_configured_and_keeps_channels_last(fold):
     device = InferenceDevice.resolve("cpu", perf)
     block = _randomize_bn(Block())
     reference = copy.deepcopy(block)
-    runner = device.prepare(block)
+    runner = device.prepare(block, example=torch.randn(1, 3, 16, 16))
     assert _bns(runner) == (2 if fold else 3)
+    assert device.prepare(reference) is reference  # no example: nothing to check a fold against
     x = device.batch_to_device(torch.randn(2, 3, 16, 16))
     with torch.inference_mode():
         torch.testing.assert_close(runner(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -58,17 +58,17 @@ class InferenceDevice:
             perf.fold_batchnorm,
         )
 
-    def prepare(self, model: Any) -> Any:
+    def prepare(self, model: Any, example: Any = None) -> Any:
         """Move an eval-mode module to the device with the configured memory format, fold its
-        BatchNorms (a new module when any were folded: `model` itself is moved but not rewritten),
-        compile if asked."""
+        BatchNorms when `example` (one CPU input batch, small is fine) is given (a copy when any were
+        folded: `model` itself is moved but not rewritten), compile if asked."""
         import torch
 
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.fold_batchnorm:
-            model, folded = fold_batchnorm(model)
+        if self.fold_batchnorm and example is not None:
+            model, folded = fold_batchnorm(model, self.batch_to_device(example))
             if folded:
                 log.info("folded %d BatchNorm layers into their convolutions", folded)
         if self.compile:

@@ -1,4 +1,4 @@
-"""Load-time graph rewrite for inference: fold each BatchNorm into the convolution that feeds it.
+"""Load-time rewrite for inference: fold each BatchNorm into the convolution that feeds it.
 
 In eval mode a BatchNorm after a convolution is a per-channel affine map, so it can be merged into
 that convolution's weight and bias: one pass over the activations instead of two, the same function
@@ -6,65 +6,145 @@ up to float rounding (TensorRT, ONNX Runtime and OpenVINO do this when they buil
 on CPU (1 thread, batch 8, bench/README.md): densenet121 @224 4-9 % and U-Net/resnet34 @256 ~6 %
 faster per forward.
 
-`fold_batchnorm(module)` traces the module with torch.fx, and folds a `BatchNorm1d/2d/3d` call
-whose only input is a `Conv1d/2d/3d` call when that convolution's output feeds nothing else and the
-convolution module is called only there. It returns a new module (a GraphModule whose folded
-convolutions are copies) and leaves the original untouched, so code that needs the unfolded network
-(Grad-CAM hooks) keeps it. A module fx cannot trace (data-dependent control flow) or with nothing
-to fold is returned as it is.
+`fold_batchnorm(module, example)` finds the pairs by running `example` once with forward hooks on the
+module's own convolutions and BatchNorms: a BatchNorm whose input is the very tensor a convolution
+returned, each called once. It folds them in a copy (the convolution gets the folded weights, the
+BatchNorm becomes an Identity) and keeps the copy only if it answers `example` like the original;
+otherwise it keeps the pairs that pass one by one (a convolution output that also feeds something
+else, e.g. a residual sum, must not be folded). The original module is untouched, so code that
+needs the unfolded network (Grad-CAM hooks) keeps it.
+
+Why hooks and not torch.fx: fx's tracer patches `torch.nn.Module.__call__` for the whole process
+while it traces, so a forward of another model on another thread (serving traffic during a reload,
+or two models loading at once) failed with `NameError: module is not installed as a submodule`.
+Hooks live on this module only.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Folded outputs must match the original to this fraction of the output's scale; a wrong fold is off by O(1).
+_TOLERANCE = 1e-3
 
-def fold_batchnorm(module: Any) -> tuple[Any, int]:
-    """(the module with Conv->BatchNorm pairs folded, how many were folded); `module` must be in eval mode."""
+
+def fold_batchnorm(module: Any, example: Any) -> tuple[Any, int]:
+    """(a copy of `module` with Conv->BatchNorm pairs folded, how many), or (`module`, 0) when nothing folds.
+
+    `module` must be in eval mode and on `example`'s device; `example` is one input batch (small is fine)."""
     import torch
-    from torch import fx, nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (running statistics)")
     try:
-        graph_module = fx.symbolic_trace(module)
-    except Exception as exc:  # data-dependent control flow and the like: serve it unfolded
-        log.info("%s cannot be traced for BatchNorm folding (%s): served as it is", type(module).__name__, exc)
+        pairs = _conv_bn_pairs(module, example)
+        if not pairs:
+            return module, 0
+        with torch.inference_mode():
+            reference = _tensors(module(example))
+        folded = _folded(module, pairs)
+        if not _same(folded, example, reference):  # some pair's conv output is used elsewhere too
+            pairs = [p for p in pairs if _same(_folded(module, [p]), example, reference)]
+            folded = _folded(module, pairs)
+            if not pairs or not _same(folded, example, reference):
+                return module, 0
+        return folded, len(pairs)
+    except Exception as exc:  # a folding problem must never fail a model load
+        log.warning("BatchNorm folding skipped for %s: %s: %s", type(module).__name__, type(exc).__name__, exc)
         return module, 0
-    modules = dict(graph_module.named_modules())
-    calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
+
+
+def _conv_bn_pairs(module: Any, example: Any) -> list[tuple[str, str]]:
+    """(conv, batchnorm) names where the BatchNorm's input is the conv's output, each called once."""
+    import torch
+    from torch import nn
+
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    folded = 0
-    for node in list(graph_module.graph.nodes):
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, norms) or bn.running_mean is None or bn.running_var is None or len(node.args) != 1:
-            continue
-        src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if not isinstance(conv, convs) or len(src.users) != 1 or calls[src.target] != 1:
-            continue
-        with torch.no_grad():
-            fused = fuse_conv_bn_eval(conv, bn)  # a copy: the original conv keeps its weights
-        _replace_submodule(graph_module, str(src.target), fused)
-        node.replace_all_uses_with(src)
-        graph_module.graph.erase_node(node)
-        folded += 1
-    if folded == 0:
-        return module, 0
-    graph_module.graph.eliminate_dead_code()
-    graph_module.graph.lint()
-    graph_module.recompile()
-    graph_module.delete_all_unused_submodules()  # the folded BatchNorms
-    return graph_module.eval(), folded
+    produced: dict[int, tuple[str, Any]] = {}  # id(output) -> (conv, output): holding it keeps the id unique
+    calls: Counter[str] = Counter()
+    found: list[tuple[str, str]] = []
+
+    def after_conv(name: str) -> Any:
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            calls[name] += 1
+            produced[id(out)] = (name, out)
+
+        return hook
+
+    def before_norm(name: str) -> Any:
+        def hook(_m: Any, args: Any) -> None:
+            calls[name] += 1
+            hit = produced.get(id(args[0])) if len(args) == 1 else None
+            if hit is not None and hit[1] is args[0]:
+                found.append((hit[0], name))
+
+        return hook
+
+    handles = []
+    try:
+        for name, m in module.named_modules():
+            if isinstance(m, convs):
+                handles.append(m.register_forward_hook(after_conv(name)))
+            elif isinstance(m, norms) and m.running_mean is not None and m.running_var is not None:
+                handles.append(m.register_forward_pre_hook(before_norm(name)))
+        with torch.inference_mode():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    uses = Counter(conv for conv, _ in found)
+    return [(c, b) for c, b in found if calls[c] == 1 and calls[b] == 1 and uses[c] == 1]
 
 
-def _replace_submodule(root: Any, target: str, new: Any) -> None:
+def _folded(module: Any, pairs: list[tuple[str, str]]) -> Any:
+    import torch
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for conv, bn in pairs:
+            _set(out, conv, fuse_conv_bn_eval(out.get_submodule(conv), out.get_submodule(bn)))
+            _set(out, bn, nn.Identity())
+    return out.eval()
+
+
+def _same(module: Any, example: Any, reference: list[Any]) -> bool:
+    import torch
+
+    with torch.inference_mode():
+        got = _tensors(module(example))
+    if len(got) != len(reference):
+        return False
+    for g, r in zip(got, reference, strict=True):
+        scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
+        if g.shape != r.shape:
+            return False
+        if g.numel() and float((g.float() - r.float()).abs().max()) > _TOLERANCE * scale:
+            return False
+    return True
+
+
+def _tensors(out: Any) -> list[Any]:
+    """The tensors of a forward's output (a tensor, or a dict/tuple/list of them), in order."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, tuple | list):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _set(root: Any, target: str, new: Any) -> None:
     parent_name, _, name = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, name, new)

@@ -122,7 +122,9 @@ class ChestXrayClassifier(ServedModel):
         path = checkpoint_path or self._configured_checkpoint
         network, version = self.build(path)
         network = network.to(self._device.device)
-        runner = self._device.prepare(network)
+        c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
+        example = torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(0))
+        runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
         self._warm_up(runner)
         with self._lock:
             self._network, self._runner, self._version = network, runner, version

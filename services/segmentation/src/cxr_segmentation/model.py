@@ -85,7 +85,9 @@ class SegmentationModel(ServedModel):
 
     def load(self, checkpoint_path: Path | None = None) -> None:
         net, version = self.build(checkpoint_path)
-        net = self._device.prepare(net)
+        s = self.cfg.input_size
+        example = torch.rand(1, self.cfg.in_channels, s, s, generator=torch.Generator().manual_seed(0))
+        net = self._device.prepare(net, example=example)
         self._warmup(net)
         with self._lock:
             self._net, self._version = net, version
