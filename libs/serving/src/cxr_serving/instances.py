@@ -257,7 +257,23 @@ class ProcessInstances:
         """Send one request and wait for its reply; raises the model's error or InstanceDiedError."""
         try:
             send(inst.conn, (op, arg))
-            status, value = recv(inst.conn)  # a dead worker reads as EOF: only it held the other end
+        except OSError:
+            pass  # a dead worker: the reply below reads as EOF and says so
+        return self._reply(inst, op)
+
+    def _reply(self, inst: _Instance, op: str, timeout_s: float | None = None) -> Any:
+        """The worker's answer to `op`: its value, or its error raised here; InstanceDiedError when it
+        died (EOF: only it held the other end of the socket) or gave no answer in `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while deadline is not None and not inst.conn.poll(1.0):
+                if not inst.is_alive():
+                    raise EOFError
+                if time.monotonic() > deadline:
+                    raise InstanceDiedError(
+                        f"model '{self.name}' instance {inst.index} gave no answer to {op} in {timeout_s:.0f}s"
+                    )
+            status, value = recv(inst.conn)
         except (EOFError, OSError):
             inst.join(2)
             raise InstanceDiedError(
@@ -289,23 +305,7 @@ class ProcessInstances:
         return infos[0]
 
     def _wait_loaded(self, inst: _Instance) -> LoadedModel:
-        deadline = time.monotonic() + self._load_timeout_s
-        try:
-            while not inst.conn.poll(1.0):
-                if not inst.is_alive():
-                    raise EOFError
-                if time.monotonic() > deadline:
-                    raise InstanceDiedError(
-                        f"model '{self.name}' instance {inst.index} did not load in {self._load_timeout_s:.0f}s"
-                    )
-            status, value = recv(inst.conn)
-        except (EOFError, OSError):
-            inst.join(2)
-            raise InstanceDiedError(
-                f"model '{self.name}' instance {inst.index} died while loading (exit code {inst.exitcode})"
-            ) from None
-        if status == "error":
-            raise value
+        value = self._reply(inst, "load", self._load_timeout_s)
         assert isinstance(value, LoadedModel)
         return value
 
