@@ -409,7 +409,7 @@ def ceiling_worker(task: Task, settings: Any, images: int) -> None:
     bs = settings.server_config.max_batch_size
     batch = [prepared[i % len(prepared)] for i in range(bs)]
     model.predict(batch)  # warm the full batch shape
-    sync = _device_sync(settings.server_config.device)
+    sync = device_sync(settings.server_config.device)
     print("ready", flush=True)
     for line in sys.stdin:
         max_images, max_seconds = int(line.split()[0]), float(line.split()[1])
@@ -421,7 +421,7 @@ def ceiling_worker(task: Task, settings: Any, images: int) -> None:
         print(done, time.perf_counter() - started, flush=True)
 
 
-def _device_sync(device: str) -> Callable[[], None]:
+def device_sync(device: str) -> Callable[[], None]:
     if device.startswith("cuda"):
         import torch
 

@@ -59,6 +59,7 @@ from _peers import (
     StackOptions,
     Task,
     default_model_instances,
+    device_sync,
     gateway_process,
     grpc_call,
     http_call,
@@ -191,14 +192,13 @@ def _ms_p50(fn: Any, n: int, budget_s: float) -> float:
 
 def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     """Batched forward passes on prepared inputs; and the per-image CPU work around the forward."""
-    import torch
 
     model = task.load(load_settings_file(str(config)))
     prepared = [task.prepare(model, p) for p in pngs]
     bs = args.max_batch_size
     batch = [prepared[i % len(prepared)][1] for i in range(bs)]
     model.predict(batch)  # warm the full batch shape
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = device_sync(args.device)
     images, wall = parallel_forwards(model, batch, args.model_instances, args.requests, args.seconds, sync)
     ips = images / wall
     outs = model.predict(batch)
@@ -238,12 +238,10 @@ class CeilingCell:
     process) as the service has model instances. `model` also serves the in-process pipeline."""
 
     def __init__(self, task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> None:
-        import torch
-
         self.model = task.load(load_settings_file(str(config)))
         prepared = [task.prepare(self.model, p)[1] for p in pngs]
         self.batch = [prepared[i % len(prepared)] for i in range(args.max_batch_size)]
-        self.sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        self.sync = device_sync(args.device)
         self.instances = args.model_instances
         self.model.predict(self.batch)
         self.workers: list[subprocess.Popen[str]] = []

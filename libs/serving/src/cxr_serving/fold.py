@@ -37,16 +37,12 @@ def fold_batchnorm(module: Any, example: Any) -> tuple[Any, int]:
     """(a copy of `module` with Conv->BatchNorm pairs folded, how many), or (`module`, 0) when nothing folds.
 
     `module` must be in eval mode and on `example`'s device; `example` is one input batch (small is fine)."""
-    import torch
-
     if module.training:
         raise ValueError("fold_batchnorm needs a module in eval mode (running statistics)")
     try:
-        pairs = _conv_bn_pairs(module, example)
+        pairs, reference = _conv_bn_pairs(module, example)
         if not pairs:
             return module, 0
-        with torch.inference_mode():
-            reference = _tensors(module(example))
         folded = _folded(module, pairs)
         if not _same(folded, example, reference):  # some pair's conv output is used elsewhere too
             pairs = [p for p in pairs if _same(_folded(module, [p]), example, reference)]
@@ -59,8 +55,9 @@ def fold_batchnorm(module: Any, example: Any) -> tuple[Any, int]:
         return module, 0
 
 
-def _conv_bn_pairs(module: Any, example: Any) -> list[tuple[str, str]]:
-    """(conv, batchnorm) names where the BatchNorm's input is the conv's output, each called once."""
+def _conv_bn_pairs(module: Any, example: Any) -> tuple[list[tuple[str, str]], list[Any]]:
+    """(conv, batchnorm) names where the BatchNorm's input is the conv's output, each called once; and
+    the output tensors of that forward (the reference a folded copy must match)."""
     import torch
     from torch import nn
 
@@ -94,12 +91,12 @@ def _conv_bn_pairs(module: Any, example: Any) -> list[tuple[str, str]]:
             elif isinstance(m, norms) and m.running_mean is not None and m.running_var is not None:
                 handles.append(m.register_forward_pre_hook(before_norm(name)))
         with torch.inference_mode():
-            module(example)
+            output = _tensors(module(example))
     finally:
         for h in handles:
             h.remove()
     uses = Counter(conv for conv, _ in found)
-    return [(c, b) for c, b in found if calls[c] == 1 and calls[b] == 1 and uses[c] == 1]
+    return [(c, b) for c, b in found if calls[c] == 1 and calls[b] == 1 and uses[c] == 1], output
 
 
 def _folded(module: Any, pairs: list[tuple[str, str]]) -> Any:
