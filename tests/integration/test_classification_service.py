@@ -28,6 +28,7 @@ from cxr_classification.service import SERVICE_NAME, build_binding
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
+from cxr_serving.amp import cpu_has_native_bf16
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.lifecycle import checkpoint_version
 from tests.conftest import DICOM_DIR, REPO, cxr14_images
@@ -91,6 +92,7 @@ async def test_classify_png_with_both_models_says_untrained():
         assert set(preds) == {BINARY, MULTI} and resp.untrained
         for p in preds.values():
             assert p.model.untrained and p.model.version == "untrained" and p.model.device == "cpu"
+            assert p.model.precision == "float32"  # use_amp is off unless configured
             assert p.model.state == common_pb2.MODEL_STATE_READY and p.inference_ms > 0
         (abnormal,) = preds[BINARY].findings
         assert abnormal.label == "abnormal" and 0 < abnormal.probability < 1 and abnormal.threshold == 0.5
@@ -430,6 +432,28 @@ async def test_two_model_instances_give_the_same_answers_and_heatmaps_as_one_at_
             assert maps.keys() == expected.keys() and maps  # each model drew its requested heatmap
             for label, heat in maps.items():
                 np.testing.assert_allclose(heat, expected[label], atol=1, rtol=0)  # one gray level
+
+
+async def test_use_amp_on_cpu_reports_its_precision_and_stays_close_to_float32():
+    """performance.use_amp on CPU, with the model in an instance process: every prediction names the
+    precision it ran in (bfloat16 where the CPU computes it natively, else float32), and the
+    probabilities stay within 0.02 of the float32 service's."""
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    answers = {}
+    for use_amp in (False, True):
+        s = settings(performance__use_amp=use_amp, server_config__model_instance_mode="process")
+        async with running_server(s, build_binding(s)) as server, channel(server) as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            answers[use_amp] = [
+                by_model(await stub.ClassifyImage(pb.ClassifyImageRequest(image=png(i)), metadata=auth(), timeout=120))
+                for i in range(3)
+            ]
+            listed = await stub.ListModels(pb.ListModelsRequest(), metadata=auth())
+            assert {m.precision for m in listed.models} == {expected if use_amp else "float32"}
+    for fp32, amp in zip(answers[False], answers[True], strict=True):
+        for name in (BINARY, MULTI):
+            assert amp[name].model.precision == expected and fp32[name].model.precision == "float32"
+            np.testing.assert_allclose(probs(amp[name]), probs(fp32[name]), atol=0.02, rtol=0)
 
 
 def _gray(png_data: bytes) -> np.ndarray:

@@ -45,6 +45,7 @@ class ModelVersion(BaseModel):
     architecture: str = ""
     untrained: bool = False
     device: str = ""
+    precision: str = ""  # float32, or bfloat16/float16 under AMP
 
 
 class ReportFinding(BaseModel):
@@ -107,6 +108,7 @@ def _model_version(service: str, info: common_pb2.ModelInfo) -> ModelVersion:
         architecture=info.architecture,
         untrained=info.untrained,
         device=info.device,
+        precision=info.precision,
     )
 
 

@@ -277,12 +277,17 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
                 m.version,
                 m.architecture,
                 m.device,
+                m.precision,
                 "yes" if m.untrained else "no",
             ]
             for svc, m in infos
         ]
         data = [{"service": svc, **to_dict(m)} for svc, m in infos]
-        _emit(args, data, table(rows, ["service", "model", "state", "version", "architecture", "device", "untrained"]))
+        _emit(
+            args,
+            data,
+            table(rows, ["service", "model", "state", "version", "architecture", "device", "precision", "untrained"]),
+        )
         return rc
     if args.models_command == "load":
         info = await client.load_model(args.service, args.model, checkpoint_path=args.checkpoint)

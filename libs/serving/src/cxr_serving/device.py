@@ -1,6 +1,7 @@
-"""Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark,
-AMP and optional torch.compile on GPU; BatchNorm folding (fold.py) and channels_last on both (on CPU oneDNN runs NHWC
-convolutions faster: bench/README.md); the CPU thread count; a clean CPU fallback.
+"""Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark and optional
+torch.compile on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py); BatchNorm folding
+(fold.py) and channels_last on both (on CPU oneDNN runs NHWC convolutions faster: bench/README.md);
+the CPU thread count; a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_serving.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
 from cxr_serving.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
 
@@ -27,6 +29,7 @@ class InferenceDevice:
     channels_last: bool
     compile: bool
     fold_batchnorm: bool = False
+    amp_tolerance: float = DEFAULT_TOLERANCE
 
     @property
     def is_cuda(self) -> bool:
@@ -49,19 +52,30 @@ class InferenceDevice:
             torch.backends.cuda.matmul.allow_tf32 = perf.tf32
             torch.backends.cudnn.allow_tf32 = perf.tf32
             torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+        use_amp, amp_dtype = perf.use_amp, perf.amp_dtype
+        if use_amp and not cuda:
+            if not cpu_has_native_bf16():
+                log.warning("use_amp ignored on this CPU: no native bfloat16 (AVX512-BF16/AMX), float32 is faster")
+                use_amp = False
+            elif amp_dtype != "bfloat16":
+                log.info("use_amp on CPU runs bfloat16 (amp_dtype %s is a GPU setting)", amp_dtype)
+                amp_dtype = "bfloat16"
         return cls(
             device,
-            perf.use_amp and cuda,
-            perf.amp_dtype,
+            use_amp,
+            amp_dtype,
             perf.channels_last,
             perf.compile_models and cuda,
             perf.fold_batchnorm,
+            perf.amp_tolerance,
         )
 
     def prepare(self, model: Any, example: Any = None) -> Any:
         """Move an eval-mode module to the device with the configured memory format, fold its
         BatchNorms when `example` (one CPU input batch, small is fine) is given (a copy when any were
-        folded: `model` itself is moved but not rewritten), compile if asked."""
+        folded: `model` itself is moved but not rewritten), wrap it in autocast when AMP is on (kept
+        only if its output on `example` stays within amp_tolerance of float32: amp.py), compile if asked.
+        `amp.precision_of(result)` says which precision it serves."""
         import torch
 
         model = model.eval().to(self.device)
@@ -71,6 +85,11 @@ class InferenceDevice:
             model, folded = fold_batchnorm(model, self.batch_to_device(example))
             if folded:
                 log.info("folded %d BatchNorm layers into their convolutions", folded)
+        if self.use_amp:
+            example = None if example is None else self.batch_to_device(example)
+            model, deviation = with_autocast(model, self.device_type, self.autocast_dtype, example, self.amp_tolerance)
+            if deviation is not None:
+                log.info("%s autocast: output within %.2g of float32 on the load example", self.amp_dtype, deviation)
         if self.compile:
             model = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=True)
         return model
@@ -83,15 +102,20 @@ class InferenceDevice:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.is_cuda else "cpu"
+
+    @property
+    def autocast_dtype(self) -> Any:
+        import torch
+
+        return torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
+
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
-        """inference_mode, plus autocast on GPU when AMP is on."""
+        """inference_mode (autocast, when AMP is on, lives in the network `prepare` returned)."""
         import torch
 
         with torch.inference_mode():
-            if self.use_amp:
-                dtype = torch.bfloat16 if self.amp_dtype == "bfloat16" else torch.float16
-                with torch.autocast("cuda", dtype=dtype):
-                    yield
-            else:
-                yield
+            yield

@@ -91,7 +91,7 @@ def _conv_bn_pairs(module: Any, example: Any) -> tuple[list[tuple[str, str]], li
             elif isinstance(m, norms) and m.running_mean is not None and m.running_var is not None:
                 handles.append(m.register_forward_pre_hook(before_norm(name)))
         with torch.inference_mode():
-            output = _tensors(module(example))
+            output = output_tensors(module(example))
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +116,7 @@ def _same(module: Any, example: Any, reference: list[Any]) -> bool:
     import torch
 
     with torch.inference_mode():
-        got = _tensors(module(example))
+        got = output_tensors(module(example))
     if len(got) != len(reference):
         return False
     for g, r in zip(got, reference, strict=True):
@@ -128,16 +128,16 @@ def _same(module: Any, example: Any, reference: list[Any]) -> bool:
     return True
 
 
-def _tensors(out: Any) -> list[Any]:
+def output_tensors(out: Any) -> list[Any]:
     """The tensors of a forward's output (a tensor, or a dict/tuple/list of them), in order."""
     import torch
 
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
+        return [t for v in out.values() for t in output_tensors(v)]
     if isinstance(out, tuple | list):
-        return [t for v in out for t in _tensors(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []
 
 

@@ -61,10 +61,12 @@ class LoadedModel:
     device: str
     architecture: str
     labels: tuple[str, ...]
+    precision: str = "float32"
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
-        return cls(model.version, model.untrained, model.device, model.architecture, tuple(model.labels))
+        labels = tuple(model.labels)
+        return cls(model.version, model.untrained, model.device, model.architecture, labels, model.precision)
 
 
 # --- wire ------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class ModelStatus:
     architecture: str = ""
     labels: list[str] = field(default_factory=list)
     device: str = ""
+    precision: str = ""
     error: str = ""
     load_seconds: float = 0.0
 
@@ -92,6 +93,11 @@ class ServedModel(ABC):
     @property
     def device(self) -> str:
         return "cpu"
+
+    @property
+    def precision(self) -> str:
+        """Arithmetic the forward runs in: 'float32', or 'bfloat16'/'float16' under AMP."""
+        return "float32"
 
 
 @dataclass
@@ -199,6 +205,7 @@ class ModelRepository:
             st.load_seconds = time.perf_counter() - started
             st.state, st.version, st.untrained = ModelState.READY, loaded.version, loaded.untrained
             st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
+            st.precision = loaded.precision
             self._batchers[name] = DynamicBatcher(
                 name,
                 run_batch,
@@ -211,10 +218,11 @@ class ModelRepository:
             )
             MODEL_LOADED.labels(name).set(1)
             log.info(
-                "model %s ready: version=%s device=%s in %.1fs%s",
+                "model %s ready: version=%s device=%s precision=%s in %.1fs%s",
                 name,
                 st.version,
                 st.device,
+                st.precision,
                 st.load_seconds,
                 " (UNTRAINED: random weights)" if st.untrained else "",
             )

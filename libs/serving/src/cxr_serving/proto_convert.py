@@ -24,6 +24,7 @@ def model_info(status: ModelStatus) -> common_pb2.ModelInfo:
         labels=status.labels,
         error=status.error,
         device=status.device,
+        precision=status.precision,
     )
 
 

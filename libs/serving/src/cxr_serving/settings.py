@@ -76,10 +76,24 @@ class ServerConfig(_Strict):
 
 
 class PerformanceConfig(_Strict):
-    """`performance` of the seed: GPU paths (no-ops on CPU), plus channels_last and cpu_threads, which apply on CPU."""
+    """`performance` of the seed: GPU paths (no-ops on CPU), plus use_amp, channels_last, fold_batchnorm and
+    cpu_threads, which apply on CPU too."""
 
-    use_amp: bool = False
+    use_amp: bool = Field(
+        False,
+        description="mixed precision: autocast to amp_dtype on GPU; bfloat16 on CPUs with AVX512-BF16/AMX "
+        "(~2x faster forwards there, bench/README.md; ignored on other CPUs). Each model reports its "
+        "precision in ListModels",
+    )
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    amp_tolerance: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="a model keeps AMP only if its output on a test input at load stays within this fraction "
+        "of its float32 output's scale; otherwise it serves float32 (a guard against networks that break "
+        "in reduced precision)",
+    )
     optimize_memory: bool = True
     compile_models: bool = False
     channels_last: bool = Field(True, description="NHWC convolutions, on GPU and on CPU (oneDNN: faster U-Net)")

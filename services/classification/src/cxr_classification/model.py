@@ -22,6 +22,7 @@ from cxr_classification.checkpoints import load_checkpoint, resolve_checkpoint_f
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
+from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
@@ -87,6 +88,10 @@ class ChestXrayClassifier(ServedModel):
     @property
     def device(self) -> str:
         return self._device.device
+
+    @property
+    def precision(self) -> str:
+        return precision_of(self._runner)
 
     @property
     def loaded(self) -> bool:

@@ -24,6 +24,7 @@ from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
 from cxr_segmentation.preprocessing import Preprocess
+from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
@@ -149,3 +150,7 @@ class SegmentationModel(ServedModel):
     @property
     def device(self) -> str:
         return self._device.device
+
+    @property
+    def precision(self) -> str:
+        return precision_of(self._net)

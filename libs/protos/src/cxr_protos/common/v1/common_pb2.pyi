@@ -47,7 +47,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class ModelInfo(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -64,4 +65,5 @@ class ModelInfo(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     error: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...

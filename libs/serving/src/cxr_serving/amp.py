@@ -1,0 +1,126 @@
+"""Mixed precision for inference (`performance.use_amp`), on GPU and on CPUs that compute bfloat16 natively.
+
+`with_autocast(module, ...)` wraps a prepared network so that its forward runs under `torch.autocast`
+and hands back float32 tensors: callers (probabilities, mask thresholds, Grad-CAM on the unwrapped
+network) never see a half-precision tensor. When a load has an example input, the wrapped network is
+kept only if it answers that input like float32 does: within `tolerance` of the output's scale
+(max |amp - float32| <= tolerance * max(1, max |float32|)) and finite everywhere. That is a guard against
+networks that break in reduced precision (overflow, NaN, a layer that loses everything), not a claim
+about clinical accuracy: bench/README.md has the measured differences on real radiographs.
+
+On CPU, autocast uses bfloat16 through oneDNN. Where the CPU has AVX512-BF16 or AMX it halves the
+forward time of the convolutional networks served here (densenet121 @224 and U-Net/resnet34 @256,
+batch 8, one thread: 2.0x and 2.1x, bench/README.md); without them bfloat16 is emulated and slower than
+float32, so `cpu_has_native_bf16()` decides whether the CPU path applies at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# A network whose reduced-precision output is further than this from float32 (as a fraction of the
+# output's scale) serves float32. Measured on the served architectures: <= 0.035 (bench/README.md).
+DEFAULT_TOLERANCE = 0.05
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an old or stripped build: no oneDNN bf16 query
+        return False
+
+
+def _float32(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(v) for v in out)
+    return out
+
+
+@functools.cache
+def _autocast_module() -> Any:
+    import torch
+    from torch import nn
+
+    class Autocast(nn.Module):
+        """`inner` under torch.autocast; floating outputs come back as float32."""
+
+        def __init__(self, inner: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.inner, self.device_type, self.dtype = inner, device_type, dtype
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                out = self.inner(*args, **kwargs)
+            return _float32(out)
+
+    return Autocast
+
+
+def precision_of(module: Any) -> str:
+    """'bfloat16' / 'float16' for a network wrapped by `with_autocast`, else 'float32'."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
+    return str(module.dtype).removeprefix("torch.") if isinstance(module, _autocast_module()) else "float32"
+
+
+def output_deviation(reference: Any, got: Any) -> float:
+    """max |got - reference| / max(1, max |reference|) over the output tensors; inf if any is not finite
+    or the structure differs."""
+    import torch
+
+    from cxr_serving.fold import output_tensors
+
+    ref, out = output_tensors(reference), output_tensors(got)
+    if len(ref) != len(out):
+        return float("inf")
+    worst = 0.0
+    for r, g in zip(ref, out, strict=True):
+        if r.shape != g.shape:
+            return float("inf")
+        if not g.numel():
+            continue
+        g, r = g.float(), r.float()
+        if not bool(torch.isfinite(g).all()):
+            return float("inf")
+        scale = max(1.0, float(r.abs().max()))
+        worst = max(worst, float((g - r).abs().max()) / scale)
+    return worst
+
+
+def with_autocast(
+    module: Any, device_type: str, dtype: Any, example: Any = None, tolerance: float = DEFAULT_TOLERANCE
+) -> tuple[Any, float | None]:
+    """(`module` wrapped to run under autocast, its deviation from float32 on `example`), or
+    (`module`, deviation) unchanged when the deviation exceeds `tolerance`. Without an example the
+    module is wrapped unchecked (deviation None)."""
+    import torch
+
+    wrapped = _autocast_module()(module, device_type, dtype)
+    if example is None:
+        return wrapped, None
+    with torch.inference_mode():
+        reference = module(example)
+        got = wrapped(example)
+    deviation = output_deviation(reference, got)
+    if deviation > tolerance:
+        log.warning(
+            "%s autocast changes this network's output by %.3g of its scale (tolerance %.3g): serving float32",
+            str(dtype).removeprefix("torch."),
+            deviation,
+            tolerance,
+        )
+        return module, deviation
+    return wrapped, deviation
