@@ -51,6 +51,7 @@ class StackOptions:
     model_instances: int = 1  # batches of the model at once (server_config.model_instances; LitServe workers)
     instance_mode: str = "thread"  # server_config.model_instance_mode: "thread" or "process"
     fold_batchnorm: bool = True  # performance.fold_batchnorm (the peers a user would write run without it)
+    use_amp: bool | None = None  # performance.use_amp; None: on a GPU only (bfloat16 on CPU needs --amp)
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -75,7 +76,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "shutdown_grace_s": 2,
         },
         "performance": {
-            "use_amp": o.device.startswith("cuda"),
+            "use_amp": o.device.startswith("cuda") if o.use_amp is None else o.use_amp,
             "warmup_batches": 2,
             "cpu_threads": o.cpu_threads,
             "fold_batchnorm": o.fold_batchnorm,

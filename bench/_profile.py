@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-delay-ms", type=float, default=2.0, help="server_config.max_batch_delay_ms")
     ap.add_argument("--instance-mode", choices=["thread", "process"], default="thread",
                     help="server_config.model_instance_mode (py-spy follows the instance processes too)")  # fmt: skip
+    ap.add_argument("--amp", action="store_true", help="performance.use_amp (bfloat16 on CPUs with native bf16)")
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             model_instances=args.model_instances,
             batch_delay_ms=args.batch_delay_ms,
             instance_mode=args.instance_mode,
+            use_amp=True if args.amp else None,
         )
         config = write_settings(task_named(args.task), opts, Path(tmp))
         out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle))

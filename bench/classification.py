@@ -314,7 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-delay-ms", type=float, default=2.0)
     ap.add_argument("--num-workers", type=int, default=2, help="decode/preprocess threads of the service")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast (GPU only)")
+    ap.add_argument("--amp", action="store_true", help="performance.use_amp (bfloat16 on CPUs with native bf16)")
     ap.add_argument("--compile", action="store_true", help="torch.compile (GPU only)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     ap.add_argument("--images", type=int, default=32, help="distinct NIH PNGs to send")

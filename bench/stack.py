@@ -96,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--instance-mode", choices=["thread", "process"], default="thread",
         help="our server_config.model_instance_mode, and how the ceiling runs its forwards (threads or processes)",
     )  # fmt: skip
+    ap.add_argument(
+        "--amp", action="store_true",
+        help="performance.use_amp for the service, the ceiling and litserve_folded also on CPU (bfloat16 where the "
+        "CPU has it natively); litserve and naive, as a user writes them, stay float32 on CPU",
+    )  # fmt: skip
     ap.add_argument("--mask-encoding", default="png", choices=["png", "rle", "none"])
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, help="max requests per measurement (400; quick 48)")
@@ -151,6 +156,7 @@ def options(args: argparse.Namespace) -> StackOptions:
         cpu_threads=args.torch_threads,
         model_instances=args.model_instances,
         instance_mode=args.instance_mode,
+        use_amp=True if args.amp else None,
     )
 
 
@@ -411,8 +417,9 @@ async def run_peers(
             other = started(
                 service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
             )
-        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py).
-        plain = variant(task, args, tmp, fold_batchnorm=False)
+        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), and
+        # on CPU no autocast (amp.py).
+        plain = variant(task, args, tmp, fold_batchnorm=False, use_amp=args.device.startswith("cuda"))
         naive = (
             started(peer_process("naive", task, plain, ports["naive"], args.mask_encoding)) if "naive" in want else None
         )
