@@ -38,7 +38,7 @@ def test_autocast_wrapper_runs_bf16_and_returns_float32() -> None:
     assert wrapped is not net and precision_of(wrapped) == "bfloat16" and precision_of(net) == "float32"
     assert deviation is not None and 0 < deviation < 0.05  # bfloat16 really ran: the output moved, a little
     seen: list[torch.dtype] = []
-    net[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    wrapped.inner[2].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     with torch.inference_mode():
         out = wrapped(x)
     assert seen == [torch.bfloat16] and out.dtype == torch.float32
@@ -115,3 +115,29 @@ def test_segmentation_bf16_masks_agree_on_real_radiographs() -> None:
     assert b.dtype == torch.float32
     agree = ((a > 0) == (b > 0)).float().mean().item()  # masks at the default threshold 0.5
     assert 0.99 < agree < 1.0, agree
+
+
+def test_weights_are_cast_at_load_when_that_changes_nothing() -> None:
+    net, x = small_cnn(), torch.rand(2, 3, 16, 16)
+    wrapped, _ = with_autocast(net, "cpu", torch.bfloat16, example=x)
+    assert wrapped.inner is not net and wrapped.inner[0].weight.dtype == torch.bfloat16
+    assert net[0].weight.dtype == torch.float32  # the caller's network is untouched
+    per_forward, _ = with_autocast(net, "cpu", torch.bfloat16)  # no example: autocast casts each forward
+    assert per_forward.inner is net
+    with torch.inference_mode():
+        assert torch.equal(wrapped(x), per_forward(x))
+
+
+class WeightStandardizedConv(nn.Conv2d):
+    """Uses its weight outside the convolution (as timm's StdConv2d): not cast at load."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_subclassed_layers_keep_float32_weights() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(WeightStandardizedConv(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    wrapped, _ = with_autocast(net, "cpu", torch.bfloat16, example=torch.rand(1, 3, 8, 8))
+    assert wrapped.inner[0].weight.dtype == torch.float32 and wrapped.inner[2].weight.dtype == torch.bfloat16

@@ -8,6 +8,11 @@ kept only if it answers that input like float32 does: within `tolerance` of the 
 networks that break in reduced precision (overflow, NaN, a layer that loses everything), not a claim
 about clinical accuracy: bench/README.md has the measured differences on real radiographs.
 
+Autocast casts every convolution's and linear layer's float32 weights to the lower precision on every
+forward. With an example the wrapper instead holds a copy whose plain Conv/Linear layers store their
+weights cast already (the same rounding autocast applies, so the same numbers: kept only if its output
+on the example is bit-identical): no cast per forward, and half the weight memory.
+
 On CPU, autocast uses bfloat16 through oneDNN. Where the CPU has AVX512-BF16 or AMX it halves the
 forward time of the convolutional networks served here (densenet121 @224 and U-Net/resnet34 @256,
 batch 8, one thread: 2.0x and 2.1x, bench/README.md); without them bfloat16 is emulated and slower than
@@ -16,6 +21,7 @@ float32, so `cpu_has_native_bf16()` decides whether the CPU path applies at all.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from typing import Any
@@ -100,15 +106,39 @@ def output_deviation(reference: Any, got: Any) -> float:
     return worst
 
 
+def _weights_cast(module: Any, dtype: Any) -> Any:
+    """A copy of `module` whose plain Conv/Linear layers (exact types: a subclass may use its weight
+    some other way, e.g. weight standardisation) hold their parameters in `dtype`."""
+    from torch import nn
+
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if type(m) in kinds:
+            m.to(dtype)
+    return out
+
+
+def _identical(a: Any, b: Any) -> bool:
+    import torch
+
+    from cxr_serving.fold import output_tensors
+
+    ta, tb = output_tensors(a), output_tensors(b)
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
 def with_autocast(
     module: Any, device_type: str, dtype: Any, example: Any = None, tolerance: float = DEFAULT_TOLERANCE
 ) -> tuple[Any, float | None]:
     """(`module` wrapped to run under autocast, its deviation from float32 on `example`), or
     (`module`, deviation) unchanged when the deviation exceeds `tolerance`. Without an example the
-    module is wrapped unchecked (deviation None)."""
+    module is wrapped unchecked (deviation None). With an example the wrapper holds weights cast at load
+    when that gives the very same output."""
     import torch
 
-    wrapped = _autocast_module()(module, device_type, dtype)
+    autocast = _autocast_module()
+    wrapped = autocast(module, device_type, dtype)
     if example is None:
         return wrapped, None
     with torch.inference_mode():
@@ -123,4 +153,10 @@ def with_autocast(
             tolerance,
         )
         return module, deviation
-    return wrapped, deviation
+    with torch.no_grad():  # not inference_mode: the copy's parameters stay ordinary tensors
+        cast = autocast(_weights_cast(module, dtype), device_type, dtype)
+    with torch.inference_mode():
+        same = _identical(cast(example), got)
+    if not same:
+        log.info("weights cast at load change this network's output: autocast casts them per forward")
+    return (cast if same else wrapped), deviation
