@@ -6,12 +6,19 @@ thresholds them: thresholding first and resizing a binary mask gives blocky, shi
 
 Encodings: an 8-bit PNG (0/255) per class, and COCO-style uncompressed RLE (column-major
 counts, starting with the count of zeros), which `decode_rle` inverts.
+
+`encode_png` writes the PNG itself (signature, IHDR, one IDAT, IEND): every row with filter type 0
+and zlib level 1. Pillow tries its row filters on every row; for a two-valued mask that buys nothing
+(the same size within a few %) and made the encoding 2-3.5x slower: 5.4 -> 1.5 ms for one 1024 x 1024
+mask, three masks per response (bench/README.md).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,11 +44,29 @@ def logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: floa
     return out
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(mask: np.ndarray) -> bytes:
-    """One 8-bit grayscale PNG, 255 inside the mask."""
-    buf = io.BytesIO()
-    PILImage.fromarray(mask.astype(np.uint8) * np.uint8(255), mode="L").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """One 8-bit grayscale PNG, 255 inside the mask (H x W bool)."""
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"expected a non-empty H x W mask, got shape {mask.shape}")
+    h, w = mask.shape
+    rows = np.zeros((h, w + 1), dtype=np.uint8)  # a leading filter-type byte (0: none) per row
+    np.multiply(mask, np.uint8(255), out=rows[:, 1:], casting="unsafe")
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, deflate, no interlace
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def decode_png(data: bytes) -> np.ndarray:
