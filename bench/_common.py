@@ -206,22 +206,42 @@ async def interleaved(calls: dict[str, Call], *, rounds: int, max_seconds: float
 
 
 # -- server processes --------------------------------------------------------------------------
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (LitServe runs several), from /proc."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its live descendants (LitServe and instance processes run several), from /proc."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total_kb, todo = 0, [pid]
+    tree, todo = [], [pid]
     while todo:
         p = todo.pop()
+        tree.append(p)
         todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants."""
+    total_kb = 0
+    for p in process_tree(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
     return round(total_kb / 1024, 1)
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system, every thread, and the children already reaped) of these processes
+    and all their descendants: what a cell cost each side, read before and after it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in {q for pid in pids for q in process_tree(pid)}:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / tick
 
 
 class ServerProcess:

@@ -53,6 +53,7 @@ from _common import (
     stage,
     stop_on_sigterm,
     summarize,
+    tree_cpu_s,
     write_result,
 )
 from _peers import (
@@ -275,11 +276,27 @@ class CeilingCell:
         replies = [w.stdout.readline().split() for w in self.workers if w.stdout is not None]
         return sum(int(r[0]) for r in replies), max(float(r[1]) for r in replies)
 
+    def cpu_s(self) -> float:
+        """CPU seconds of the ceiling's forwards so far: this process (threads), or its worker processes."""
+        if self.workers:
+            return tree_cpu_s([w.pid for w in self.workers])
+        return own_cpu_s()
+
     def close(self) -> None:
         for w in self.workers:
             w.kill()
             w.wait()
         self.model.unload()
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process alone (the load generator during a peer's cell; not its servers)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def per_image_ms(cpu_s: float, images: int) -> float | None:
+    return round(1000 * cpu_s / images, 2) if images else None
 
 
 def server_processes(targets: dict[str, Target]) -> list[ServerProcess]:
@@ -304,6 +321,7 @@ async def measure_in_turn(
         walls = dict.fromkeys(names, 0.0)
         rss = dict.fromkeys(targets, 0.0)
         by_round: dict[str, list[float]] = {name: [] for name in names}  # img/s of each cell, round by round
+        cpu = {name: {"server": 0.0, "client": 0.0} for name in names}  # CPU seconds spent in each one's cells
         ceiling_images = 0
         for t in targets.values():  # warm-up: one call per caller
             await asyncio.gather(*(t.call(k) for k in range(c)))
@@ -311,32 +329,44 @@ async def measure_in_turn(
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 if name == "ceiling":
                     with only_running(servers, []):
+                        before = ceiling_cell.cpu_s()
                         images, wall = ceiling_cell.run(max(args.max_batch_size, args.requests // rounds),
                                                         args.seconds / rounds)  # fmt: skip
+                        cpu[name]["server"] += ceiling_cell.cpu_s() - before
                     ceiling_images += images
                     walls[name] += wall
                     by_round[name].append(round(images / wall, 3))
                     continue
                 done_before = len(recs[name].ok)
+                pids = [p.proc.pid for p in targets[name].processes if p.proc is not None]
                 with only_running(servers, targets[name].processes):
                     async with targets[name].server.sampling_rss() as peak:
+                        server_before, client_before = tree_cpu_s(pids), own_cpu_s()
                         wall = await drive_closed(targets[name].call, c, recs[name],
                                                   max_requests=max(c, args.requests // rounds),
                                                   max_seconds=args.seconds / rounds)  # fmt: skip
+                        cpu[name]["server"] += tree_cpu_s(pids) - server_before
+                        cpu[name]["client"] += own_cpu_s() - client_before
                 walls[name] += wall
                 by_round[name].append(round((len(recs[name].ok) - done_before) / wall, 3))
                 rss[name] = max(rss[name], peak["rss_peak_mb"])
         ceilings.append({"concurrency": c, "img_per_s": round(ceiling_images / walls["ceiling"], 3),
-                         "images": ceiling_images, "img_per_s_by_round": by_round["ceiling"]})  # fmt: skip
-        print(f"   ceiling       c={c:<3} {ceilings[-1]['img_per_s']:8.2f} img/s (in the same rounds)", flush=True)
+                         "images": ceiling_images, "img_per_s_by_round": by_round["ceiling"],
+                         "cpu_ms_per_img": per_image_ms(cpu["ceiling"]["server"], ceiling_images)})  # fmt: skip
+        print(f"   ceiling       c={c:<3} {ceilings[-1]['img_per_s']:8.2f} img/s (in the same rounds)"
+              f"  cpu {ceilings[-1]['cpu_ms_per_img']} ms/img", flush=True)  # fmt: skip
         for name in targets:
+            done = len(recs[name].ok)
             row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds,
-                            img_per_s_by_round=by_round[name])  # fmt: skip
+                            img_per_s_by_round=by_round[name],
+                            server_cpu_ms_per_img=per_image_ms(cpu[name]["server"], done),
+                            client_cpu_ms_per_img=per_image_ms(cpu[name]["client"], done))  # fmt: skip
             peers[name]["levels"].append(row)
             p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
             print(
                 f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
-                f"  rss {row['rss_peak_mb']:7.0f} MB  {row['codes']}",
+                f"  rss {row['rss_peak_mb']:7.0f} MB  cpu/img server {row['server_cpu_ms_per_img']} ms"
+                f" client {row['client_cpu_ms_per_img']} ms  {row['codes']}",
                 flush=True,
             )
     return peers, ceilings

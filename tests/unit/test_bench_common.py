@@ -21,6 +21,8 @@ from _common import (
     interleaved,
     open_loop,
     outcome,
+    process_tree,
+    tree_cpu_s,
     tree_rss_mb,
 )
 
@@ -84,6 +86,31 @@ async def test_interleaved_measures_every_path() -> None:
 
 def test_tree_rss_counts_this_process() -> None:
     assert tree_rss_mb(os.getpid()) > 10
+
+
+def test_tree_cpu_counts_a_busy_grandchild() -> None:
+    """The CPU a server's worker process burns is charged to the server (LitServe's workers,
+    instance processes): 0.6 s of spinning in a grandchild shows up under the child's pid."""
+    import signal
+    import subprocess
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(60)\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {spin!r}])"],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(process_tree(child.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        before = tree_cpu_s([child.pid])
+        while tree_cpu_s([child.pid]) - before < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tree_cpu_s([child.pid]) - before >= 0.3
+        assert tree_cpu_s([child.pid]) < 30  # seconds, not clock ticks
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
 
 
 async def test_server_process_stop_ends_forked_workers_too() -> None:
