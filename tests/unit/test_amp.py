@@ -4,6 +4,7 @@ CPUs get it, the precision each model reports, and how far bfloat16 moves output
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,8 +76,12 @@ def test_resolve_turns_amp_on_only_where_the_cpu_has_native_bf16(monkeypatch, ca
     assert not InferenceDevice.resolve("cpu", PerformanceConfig()).use_amp  # off unless asked
 
 
-def test_native_bf16_query_answers() -> None:
-    assert isinstance(amp.cpu_has_native_bf16(), bool)
+def test_native_bf16_query_agrees_with_the_cpu_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "").split())
+    assert amp.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_amp_tolerance_is_validated() -> None:

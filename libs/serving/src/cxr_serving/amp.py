@@ -34,13 +34,16 @@ DEFAULT_TOLERANCE = 0.05
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX) and torch has oneDNN.
+    Not oneDNN's own `_is_mkldnn_bf16_supported`: that also says yes on plain AVX512 cores, where
+    bf16 is emulated and no faster than float32."""
     import torch
 
     try:
-        available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # an old or stripped build: no oneDNN bf16 query
+        if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]
+            return False
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # an old or stripped build: no such query
         return False
 
 

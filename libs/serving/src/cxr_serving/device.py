@@ -81,12 +81,13 @@ class InferenceDevice:
         model = model.eval().to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if example is not None:
+            example = self.batch_to_device(example)
         if self.fold_batchnorm and example is not None:
-            model, folded = fold_batchnorm(model, self.batch_to_device(example))
+            model, folded = fold_batchnorm(model, example)
             if folded:
                 log.info("folded %d BatchNorm layers into their convolutions", folded)
         if self.use_amp:
-            example = None if example is None else self.batch_to_device(example)
             model, deviation = with_autocast(model, self.device_type, self.autocast_dtype, example, self.amp_tolerance)
             if deviation is not None:
                 log.info("%s autocast: output within %.2g of float32 on the load example", self.amp_dtype, deviation)
