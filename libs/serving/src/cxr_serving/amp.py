@@ -122,15 +122,6 @@ def _weights_cast(module: Any, dtype: Any) -> Any:
     return out
 
 
-def _identical(a: Any, b: Any) -> bool:
-    import torch
-
-    from cxr_serving.fold import output_tensors
-
-    ta, tb = output_tensors(a), output_tensors(b)
-    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
-
-
 def with_autocast(
     module: Any, device_type: str, dtype: Any, example: Any = None, tolerance: float = DEFAULT_TOLERANCE
 ) -> tuple[Any, float | None]:
@@ -159,7 +150,7 @@ def with_autocast(
     with torch.no_grad():  # not inference_mode: the copy's parameters stay ordinary tensors
         cast = autocast(_weights_cast(module, dtype), device_type, dtype)
     with torch.inference_mode():
-        same = _identical(cast(example), got)
+        same = output_deviation(got, cast(example)) == 0.0  # bit-identical (finite, same structure)
     if not same:
         log.info("weights cast at load change this network's output: autocast casts them per forward")
     return (cast if same else wrapped), deviation
