@@ -447,9 +447,11 @@ async def run_peers(
             other = started(
                 service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
             )
-        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), and
-        # on CPU no autocast (amp.py).
-        plain = variant(task, args, tmp, fold_batchnorm=False, use_amp=args.device.startswith("cuda"))
+        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), on
+        # CPU no autocast (amp.py), and glibc's malloc as it comes (allocator.py).
+        plain = variant(
+            task, args, tmp, fold_batchnorm=False, use_amp=args.device.startswith("cuda"), cpu_heap_pad_mb=0
+        )
         naive = (
             started(peer_process("naive", task, plain, ports["naive"], args.mask_encoding)) if "naive" in want else None
         )

@@ -1,7 +1,7 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark and optional
 torch.compile on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py); BatchNorm folding
 (fold.py) and channels_last on both (on CPU oneDNN runs NHWC convolutions faster: bench/README.md);
-the CPU thread count; a clean CPU fallback.
+the CPU thread count and heap (allocator.py); a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cxr_serving.allocator import keep_freed_memory
 from cxr_serving.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
 from cxr_serving.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
@@ -48,6 +49,7 @@ class InferenceDevice:
         cuda = device.startswith("cuda")
         if not cuda and perf.cpu_threads is not None and torch.get_num_threads() != perf.cpu_threads:
             torch.set_num_threads(perf.cpu_threads)  # process-wide, as torch allows
+        keep_freed_memory(perf.cpu_heap_pad_mb)  # process-wide too; before the first forward allocates
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = perf.tf32
             torch.backends.cudnn.allow_tf32 = perf.tf32
