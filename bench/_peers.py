@@ -53,6 +53,7 @@ class StackOptions:
     fold_batchnorm: bool = True  # performance.fold_batchnorm (the peers a user would write run without it)
     use_amp: bool | None = None  # performance.use_amp; None: on a GPU only (bfloat16 on CPU needs --amp)
     cpu_heap_pad_mb: int | None = None  # performance.cpu_heap_pad_mb; None: the platform's default
+    trace_models: bool | None = None  # performance.trace_models; None: the platform's default
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -82,6 +83,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "cpu_threads": o.cpu_threads,
             "fold_batchnorm": o.fold_batchnorm,
             **({} if o.cpu_heap_pad_mb is None else {"cpu_heap_pad_mb": o.cpu_heap_pad_mb}),
+            **({} if o.trace_models is None else {"trace_models": o.trace_models}),
         },
         "security": {"enable_authentication": True, "api_keys": [API_KEY]},
         "monitoring": {"enable_metrics": False, "log_json": True},

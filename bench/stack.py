@@ -448,9 +448,15 @@ async def run_peers(
                 service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
             )
         # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), on
-        # CPU no autocast (amp.py), and glibc's malloc as it comes (allocator.py).
+        # CPU no autocast (amp.py), glibc's malloc as it comes (allocator.py) and the eager network (trace.py).
         plain = variant(
-            task, args, tmp, fold_batchnorm=False, use_amp=args.device.startswith("cuda"), cpu_heap_pad_mb=0
+            task,
+            args,
+            tmp,
+            fold_batchnorm=False,
+            use_amp=args.device.startswith("cuda"),
+            cpu_heap_pad_mb=0,
+            trace_models=False,
         )
         naive = (
             started(peer_process("naive", task, plain, ports["naive"], args.mask_encoding)) if "naive" in want else None

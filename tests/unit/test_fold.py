@@ -147,7 +147,7 @@ def test_folding_leaves_forwards_on_other_threads_alone():
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_the_device_folds_when_configured_and_keeps_channels_last(fold):
-    perf = PerformanceConfig(fold_batchnorm=fold, channels_last=True)
+    perf = PerformanceConfig(fold_batchnorm=fold, channels_last=True, trace_models=False)  # inspects the folded modules
     device = InferenceDevice.resolve("cpu", perf)
     block = _randomize_bn(Block())
     reference = copy.deepcopy(block)
@@ -172,7 +172,7 @@ def test_the_served_classifier_and_segmenter_are_folded_and_answer_as_unfolded()
     x = torch.rand(2, 3, 64, 64)
     answers = {}
     for fold in (True, False):
-        device = InferenceDevice.resolve("cpu", PerformanceConfig(fold_batchnorm=fold))
+        device = InferenceDevice.resolve("cpu", PerformanceConfig(fold_batchnorm=fold, trace_models=False))
         cls = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=64), device)
         cls.load()
         seg = SegmentationModel(

@@ -14,7 +14,9 @@ from cxr_serving.lifecycle import checkpoint_version
 from cxr_serving.settings import PerformanceConfig
 from tests.support.servers import make_settings
 
-CPU = InferenceDevice.resolve("cpu", PerformanceConfig(fold_batchnorm=False))  # the served network is the loaded one
+CPU = InferenceDevice.resolve(
+    "cpu", PerformanceConfig(fold_batchnorm=False, trace_models=False)
+)  # the served network is the loaded one, eager
 CFG = SegmentationConfig(encoder="resnet18", input_size=64)
 
 

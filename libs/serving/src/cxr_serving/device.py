@@ -1,6 +1,7 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark and optional
 torch.compile on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py); BatchNorm folding
-(fold.py) and channels_last on both (on CPU oneDNN runs NHWC convolutions faster: bench/README.md);
+(fold.py), channels_last on both (on CPU oneDNN runs NHWC convolutions faster: bench/README.md) and a frozen
+TorchScript trace on CPU (trace.py);
 the CPU thread count and heap (allocator.py); a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
@@ -16,6 +17,7 @@ from cxr_serving.allocator import keep_freed_memory
 from cxr_serving.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
 from cxr_serving.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
+from cxr_serving.trace import traced
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ class InferenceDevice:
     compile: bool
     fold_batchnorm: bool = False
     amp_tolerance: float = DEFAULT_TOLERANCE
+    trace: bool = False  # TorchScript trace + freeze at load (trace.py): CPU, float32
 
     @property
     def is_cuda(self) -> bool:
@@ -70,12 +73,14 @@ class InferenceDevice:
             perf.compile_models and cuda,
             perf.fold_batchnorm,
             perf.amp_tolerance,
+            perf.trace_models and not cuda and not use_amp,
         )
 
     def prepare(self, model: Any, example: Any = None) -> Any:
         """Move an eval-mode module to the device with the configured memory format, fold its
         BatchNorms when `example` (one CPU input batch, small is fine) is given (a copy when any were
-        folded: `model` itself is moved but not rewritten), wrap it in autocast when AMP is on (kept
+        folded: `model` itself is moved but not rewritten), trace and freeze it (CPU, float32: trace.py),
+        wrap it in autocast when AMP is on (kept
         only if its output on `example` stays within amp_tolerance of float32: amp.py), compile if asked.
         `amp.precision_of(result)` says which precision it serves."""
         import torch
@@ -89,6 +94,12 @@ class InferenceDevice:
             model, folded = fold_batchnorm(model, example)
             if folded:
                 log.info("folded %d BatchNorm layers into their convolutions", folded)
+        if self.trace and example is not None:
+            model, why_not = traced(model, example)
+            if why_not:
+                log.warning("serving the network eagerly: %s", why_not)
+            else:
+                log.info("serving a TorchScript trace of the network, frozen at load")
         if self.use_amp:
             model, deviation = with_autocast(model, self.device_type, self.autocast_dtype, example, self.amp_tolerance)
             if deviation is not None:
