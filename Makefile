@@ -88,6 +88,10 @@ run: $(VENV)/.installed ## Start every service (and the local gateway) on CPU wi
 bench: $(VENV)/.installed ## Run every benchmark in bench/ and write bench/results/*.json
 	$(PY) bench/run_all.py
 
+.PHONY: bench-gpu
+bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_paths, each time-boxed (bench/gpu_session.sh)
+	OUT=bench/results/gpu PY=$(PY) WHEELS=none bash bench/gpu_session.sh
+
 bench-%: $(VENV)/.installed ## Run one benchmark, e.g. make bench-classification (bench/classification.py)
 	$(PY) bench/$*.py
 

@@ -232,6 +232,30 @@ def tree_rss_mb(pid: int) -> float:
     return round(total_kb / 1024, 1)
 
 
+def gpu_mib_by_pid() -> dict[int, float]:
+    """GPU memory each process holds, from `nvidia-smi` ({} without NVIDIA's tool or a GPU)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=15, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    table: dict[int, float] = {}
+    for line in out.splitlines():
+        with contextlib.suppress(ValueError):
+            pid, mib = (f.strip() for f in line.split(","))
+            table[int(pid)] = table.get(int(pid), 0.0) + float(mib)
+    return table
+
+
+def tree_gpu_mib(pid: int, table: dict[int, float]) -> float | None:
+    """GPU memory of a process and its descendants (None when `table` is empty: nothing to read)."""
+    if not table:
+        return None
+    return round(sum(table.get(p, 0.0) for p in process_tree(pid)), 1)
+
+
 def tree_cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system, every thread, and the children already reaped) of these processes
     and all their descendants: what a cell cost each side, read before and after it."""

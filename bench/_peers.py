@@ -54,6 +54,7 @@ class StackOptions:
     use_amp: bool | None = None  # performance.use_amp; None: on a GPU only (bfloat16 on CPU needs --amp)
     cpu_heap_pad_mb: int | None = None  # performance.cpu_heap_pad_mb; None: the platform's default
     trace_models: bool | None = None  # performance.trace_models; None: the platform's default
+    cudnn_benchmark: bool = True  # performance.cudnn_benchmark (GPU)
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -82,6 +83,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "warmup_batches": 2,
             "cpu_threads": o.cpu_threads,
             "fold_batchnorm": o.fold_batchnorm,
+            "cudnn_benchmark": o.cudnn_benchmark,
             **({} if o.cpu_heap_pad_mb is None else {"cpu_heap_pad_mb": o.cpu_heap_pad_mb}),
             **({} if o.trace_models is None else {"trace_models": o.trace_models}),
         },

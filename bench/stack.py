@@ -44,6 +44,7 @@ from _common import (
     ServerProcess,
     drive_closed,
     free_port,
+    gpu_mib_by_pid,
     grpc_serving,
     http_ok,
     interleaved,
@@ -54,6 +55,7 @@ from _common import (
     stop_on_sigterm,
     summarize,
     tree_cpu_s,
+    tree_gpu_mib,
     write_result,
 )
 from _peers import (
@@ -101,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--amp", action="store_true",
         help="performance.use_amp for the service, the ceiling and litserve_folded also on CPU (bfloat16 where the "
         "CPU has it natively); litserve and naive, as a user writes them, stay float32 on CPU",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cudnn-benchmark", choices=["on", "off"], default="on",
+        help="performance.cudnn_benchmark of every peer (GPU): autotuning each shape the batcher forms makes "
+        "a GPU start-up of every batch size slow (bench/README.md)",
     )  # fmt: skip
     ap.add_argument("--mask-encoding", default="png", choices=["png", "rle", "none"])
     ap.add_argument("--concurrency", default="1,8,32")
@@ -158,6 +165,7 @@ def options(args: argparse.Namespace) -> StackOptions:
         model_instances=args.model_instances,
         instance_mode=args.instance_mode,
         use_amp=True if args.amp else None,
+        cudnn_benchmark=args.cudnn_benchmark == "on",
     )
 
 
@@ -217,7 +225,10 @@ def ceiling(task: Task, config: Path, pngs: list[bytes], args: argparse.Namespac
         "images": images,
         "forward_b1_p50_ms": _ms_p50(lambda i: model.predict([batch[i % bs]]), n, args.seconds),
         "prepare_p50_ms": _ms_p50(lambda i: task.prepare(model, pngs[i % len(pngs)]), n, args.seconds),
-        "finish_p50_ms": _ms_p50(lambda i: task.finish(model, prepared[i % bs][0], outs[i % bs]), n, args.seconds),
+        # batch item j is prepared[j % len(prepared)] (the batch can be larger than the image set)
+        "finish_p50_ms": _ms_p50(
+            lambda i: task.finish(model, prepared[(i % bs) % len(prepared)][0], outs[i % bs]), n, args.seconds
+        ),
     }
     # one image end to end in process: what a client could get with no server at all (concurrency 1)
     result["pipeline_b1_p50_ms"] = round(
@@ -350,7 +361,9 @@ async def measure_in_turn(
                 walls[name] += wall
                 by_round[name].append(round((len(recs[name].ok) - done_before) / wall, 3))
                 rss[name] = max(rss[name], peak["rss_peak_mb"])
+        gpu_table = gpu_mib_by_pid() if args.device.startswith("cuda") else {}  # after the level: its peak cache
         ceilings.append({"concurrency": c, "img_per_s": round(ceiling_images / walls["ceiling"], 3),
+                         "gpu_mib": tree_gpu_mib(os.getpid(), gpu_table),
                          "images": ceiling_images, "img_per_s_by_round": by_round["ceiling"],
                          "cpu_ms_per_img": per_image_ms(cpu["ceiling"]["server"], ceiling_images)})  # fmt: skip
         print(f"   ceiling       c={c:<3} {ceilings[-1]['img_per_s']:8.2f} img/s (in the same rounds)"
@@ -360,7 +373,8 @@ async def measure_in_turn(
             row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds,
                             img_per_s_by_round=by_round[name],
                             server_cpu_ms_per_img=per_image_ms(cpu[name]["server"], done),
-                            client_cpu_ms_per_img=per_image_ms(cpu[name]["client"], done))  # fmt: skip
+                            client_cpu_ms_per_img=per_image_ms(cpu[name]["client"], done),
+                            gpu_mib=sum_gpu_mib(targets[name], gpu_table))  # fmt: skip
             peers[name]["levels"].append(row)
             p50, p99 = row["p50_ms"] or float("nan"), row["p99_ms"] or float("nan")
             print(
@@ -370,6 +384,12 @@ async def measure_in_turn(
                 flush=True,
             )
     return peers, ceilings
+
+
+def sum_gpu_mib(target: Target, table: dict[int, float]) -> float | None:
+    """GPU memory of every process behind a peer (None on CPU)."""
+    parts = [tree_gpu_mib(p.proc.pid, table) for p in target.processes if p.proc is not None]
+    return None if not table else round(sum(x or 0.0 for x in parts), 1)
 
 
 async def service_interleaved(task: Task, model: Any, service: Call, pngs: list[bytes],

@@ -18,11 +18,13 @@ from _common import (
     HttpStatusError,
     ServerProcess,
     closed_loop,
+    gpu_mib_by_pid,
     interleaved,
     open_loop,
     outcome,
     process_tree,
     tree_cpu_s,
+    tree_gpu_mib,
     tree_rss_mb,
 )
 
@@ -214,3 +216,25 @@ def test_ratios_pair_the_cells_of_each_round_and_the_table_shows_them():
                                                    "ratios": r}}})  # fmt: skip
     assert "| service_over_litserve | 1.05 |" in table  # 31 / 29.5
     assert "| service_over_litserve: rounds ahead (range) | 2/3 (0.96-1.12) |" in table
+
+
+def test_gpu_memory_per_process_tree_from_nvidia_smi(tmp_path, monkeypatch) -> None:
+    """The stack's GPU column: nvidia-smi's per-process CSV summed over a server's process tree."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        fake = tmp_path / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\necho '{os.getpid()}, 1200'\necho '{proc.pid}, 300'\necho '1, 77'\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+        table = gpu_mib_by_pid()
+        assert table[os.getpid()] == 1200 and table[proc.pid] == 300
+        assert tree_gpu_mib(os.getpid(), table) == 1500  # this process and its child, not pid 1
+        assert tree_gpu_mib(proc.pid, table) == 300
+    finally:
+        proc.kill()
+        proc.wait()
+    assert tree_gpu_mib(os.getpid(), {}) is None  # nothing read: no GPU column, not zero
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpu_mib_by_pid() == {}  # no nvidia-smi on this machine

@@ -15,11 +15,20 @@ from tests.conftest import cxr14_images
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_gpu_masks_agree_with_cpu(amp):
+# (use_amp, tf32, least mask agreement, largest relative logit error ||gpu - cpu|| / ||cpu||).
+# TF32 (the GPU default) rounds convolution inputs to 10 mantissa bits: seen on an H200, logits moved by
+# up to 0.13 on values of 2-10 (relative error ~1e-3) while 99.9 % of mask pixels agreed; float32 (TF32
+# off) stays near 1e-5; bfloat16 (8 bits) near 1e-2.
+@pytest.mark.parametrize(
+    ("amp", "tf32", "agreement", "rel_err"),
+    [(False, False, 0.9999, 1e-4), (False, True, 0.999, 5e-3), (True, True, 0.99, 5e-2)],
+    ids=["float32", "tf32", "bf16"],
+)
+def test_gpu_masks_agree_with_cpu(amp, tf32, agreement, rel_err):
     cfg = SegmentationConfig(input_size=256, allow_untrained=True)
     cpu = SegmentationModel(cfg, InferenceDevice.resolve("cpu", PerformanceConfig()), warmup_batches=0)
-    gpu = SegmentationModel(cfg, InferenceDevice.resolve("cuda", PerformanceConfig(use_amp=amp)), warmup_batches=2)
+    perf = PerformanceConfig(use_amp=amp, tf32=tf32)
+    gpu = SegmentationModel(cfg, InferenceDevice.resolve("cuda", perf), warmup_batches=0)
     cpu.load()
     gpu.load()
     assert gpu.device == "cuda"
@@ -28,9 +37,9 @@ def test_gpu_masks_agree_with_cpu(amp):
     for img, a, b in zip(images, cpu.predict(batch), gpu.predict(batch), strict=True):
         size = (img.height, img.width)
         agree = (logits_to_masks(a, size, 0.5) == logits_to_masks(b, size, 0.5)).mean()
-        assert agree > (0.99 if amp else 0.999)
-        if not amp:
-            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-2)
+        assert agree > agreement
+        err = float(np.linalg.norm(b.numpy() - a.numpy()) / np.linalg.norm(a.numpy()))
+        assert np.isfinite(err) and err < rel_err, err
     gpu.unload()
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in ONE call on a lent GPU machine (bench/README.md, "On a GPU machine").
+# Each step has its own time limit and writes its log and JSON under $OUT (default bench/results/gpu),
+# so a step that fails or runs out of time costs only itself. Without our virtualenv (a bare machine
+# with CUDA torch): wheels in .whl/ are installed to /tmp/site and the repo's sources go on PYTHONPATH.
+#   bash bench/gpu_session.sh                 # on the GPU machine, from the repo root
+#   DEVICE=cpu QUICK=1 bash bench/gpu_session.sh   # the same plumbing on CPU, small (a dry run)
+set -u
+OUTDIR=${OUT:-bench/results/gpu}
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-python3}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+WHEELS=${WHEELS:-.whl}  # WHEELS=none: use the Python environment as it is
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+src="libs/serving/src:libs/protos/src:libs/client/src:services/classification/src:services/segmentation/src:gateway/src"
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$src
+[ -d .gpudata ] && export CXR_SHARED_DIR=$PWD/.gpudata
+
+LOG=$OUTDIR/session.log  # every step's whole output, one file (the device tool brings back 8 files at most)
+: > "$LOG"
+DEADLINE=$(( $(date +%s) + ${SESSION_S:-3600} ))  # SESSION_S: the whole call's budget; steps stop 10 s short
+step() {  # step NAME LIMIT_S CMD...: runs CMD with a time limit; prints the end of its output
+  local name=$1 limit=$2 start rc part left
+  shift 2
+  left=$(( DEADLINE - $(date +%s) - 10 ))
+  if [ "$left" -lt 15 ]; then echo "== $name skipped: the session's time is spent"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  part=$(mktemp)
+  echo "== $name (limit ${limit}s)"
+  start=$(date +%s)
+  timeout -k 5 "$limit" "$@" > "$part" 2>&1
+  rc=$?
+  echo "   rc=$rc after $(( $(date +%s) - start ))s"
+  grep -v -e '^{"' -e '^ratios: ' "$part" | tail -n "${TAIL:-14}"
+  { echo "== $name rc=$rc"; cat "$part"; } >> "$LOG"
+  rm -f "$part"
+}
+
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+  $PY -c 'import torch, timm, grpc, google.protobuf as pb; print("torch", torch.__version__, "timm", timm.__version__, "grpc", grpc.__version__, "protobuf", pb.__version__)'
+  # cuDNN autotuning of every batch size the batcher can form made each GPU peer's start-up take
+  # 30-90 s (densenet121, batch 32): the stack runs with cuDNN's heuristics; gpu_paths measures both
+  STACK=(--device cuda --max-batch-size 32 --num-workers 8 --torch-threads 4 --seg-input-size 512
+         --requests 192 --seconds 3 --rounds 2 --cudnn-benchmark off)
+  PATHS=(--device cuda --seconds 1.0 --variants fp32,tf32,amp,amp_cl,amp_cl_nobench)
+  TESTS=(tests/unit/test_segmentation_gpu.py tests/unit/test_classification_model.py)
+else
+  STACK=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4)
+  PATHS=(--device cpu --quick --seconds 1.5 --variants eager,default)
+  TESTS=()
+fi
+step stack_classification 130 $PY bench/stack.py "${STACK[@]}" --tasks classification \
+  --out "$OUTDIR/stack-classification.json"
+step stack_segmentation 100 $PY bench/stack.py "${STACK[@]}" --tasks segmentation \
+  --out "$OUTDIR/stack-segmentation.json"
+step gpu_paths 85 $PY bench/gpu_paths.py "${PATHS[@]}" --out "$OUTDIR/gpu_paths.json"
+if [ "$DEVICE" = cuda ]; then
+  step gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
+  # last: how long compilation takes is the unknown
+  step gpu_compile 300 $PY bench/gpu_paths.py --device cuda --seconds 1.5 --variants amp_cl,amp_cl_compile \
+    --models densenet121 --out "$OUTDIR/gpu_paths-compile.json"
+fi
+ls -la "$OUTDIR"
