@@ -38,8 +38,13 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
     "tf32": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": False},
     "amp": {"use_amp": True, "tf32": True, "channels_last": False, "compile_models": False},
     "amp_cl": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": False},
-    "amp_cl_nobench": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": False,
-                       "cudnn_benchmark": False},
+    "amp_cl_nobench": {
+        "use_amp": True,
+        "tf32": True,
+        "channels_last": True,
+        "compile_models": False,
+        "cudnn_benchmark": False,
+    },
     "amp_cl_compile": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": True},
 }
 CPU_VARIANTS: dict[str, dict[str, Any]] = {
