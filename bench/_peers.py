@@ -54,7 +54,7 @@ class StackOptions:
     use_amp: bool | None = None  # performance.use_amp; None: on a GPU only (bfloat16 on CPU needs --amp)
     cpu_heap_pad_mb: int | None = None  # performance.cpu_heap_pad_mb; None: the platform's default
     trace_models: bool | None = None  # performance.trace_models; None: the platform's default
-    cudnn_benchmark: bool = True  # performance.cudnn_benchmark (GPU)
+    cudnn_benchmark: bool = False  # performance.cudnn_benchmark (GPU; the platform's default)
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:

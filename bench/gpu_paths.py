@@ -10,7 +10,7 @@ segmentation: the share of mask pixels that differ). Ratios are to the first var
 same run.
 
 GPU variants: fp32 (TF32 off), tf32, amp (bfloat16 autocast), amp_cl (+ channels_last: the platform's
-GPU default), amp_cl_nobench (cuDNN's heuristics instead of autotuning each shape), amp_cl_compile
+GPU default), amp_cl_bench (+ cudnn_benchmark: cuDNN times its algorithms for each shape), amp_cl_compile
 (+ performance.compile_models). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
 load itself, and the first batch of each shape, untimed, pays the autotuning. CPU variants: eager (no fold, no trace),
 default (fold + channels_last + TorchScript trace), amp (bfloat16, on CPUs with native bf16).
@@ -38,12 +38,12 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
     "tf32": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": False},
     "amp": {"use_amp": True, "tf32": True, "channels_last": False, "compile_models": False},
     "amp_cl": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": False},
-    "amp_cl_nobench": {
+    "amp_cl_bench": {
         "use_amp": True,
         "tf32": True,
         "channels_last": True,
         "compile_models": False,
-        "cudnn_benchmark": False,
+        "cudnn_benchmark": True,
     },
     "amp_cl_compile": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": True},
 }

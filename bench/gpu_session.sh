@@ -44,11 +44,11 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD with a time limit; prints the end
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
   $PY -c 'import torch, timm, grpc, google.protobuf as pb; print("torch", torch.__version__, "timm", timm.__version__, "grpc", grpc.__version__, "protobuf", pb.__version__)'
-  # cuDNN autotuning of every batch size the batcher can form made each GPU peer's start-up take
-  # 30-90 s (densenet121, batch 32): the stack runs with cuDNN's heuristics; gpu_paths measures both
+  # the stack runs the platform's default, cuDNN's heuristics: autotuning every batch size the GPU
+  # warm-up runs took 30-90 s per peer (densenet121, batch 32); gpu_paths measures both
   STACK=(--device cuda --max-batch-size 32 --num-workers 8 --torch-threads 4 --seg-input-size 512
          --requests 192 --seconds 3 --rounds 2 --cudnn-benchmark off)
-  PATHS=(--device cuda --seconds 1.0 --variants fp32,tf32,amp,amp_cl,amp_cl_nobench)
+  PATHS=(--device cuda --seconds 1.0 --variants fp32,tf32,amp,amp_cl,amp_cl_bench)
   TESTS=(tests/unit/test_segmentation_gpu.py tests/unit/test_classification_model.py)
 else
   STACK=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4)

@@ -120,7 +120,13 @@ class PerformanceConfig(_Strict):
         "CPU forward: bench/README.md); 0 leaves glibc's defaults. Applies for the life of the process",
     )
     tf32: bool = True
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = Field(
+        False,
+        description="GPU: let cuDNN time every convolution algorithm for each new input shape. The batcher forms "
+        "every batch size up to max_batch_size and the GPU warm-up runs each, so start-up grows by 20-60 s per "
+        "convolutional model (densenet121, batch 32, H200) for no measured throughput gain (bench/README.md, GPU); "
+        "off uses cuDNN's heuristics",
+    )
     warmup_batches: int = Field(1, ge=0, le=100)
 
 
