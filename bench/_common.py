@@ -202,7 +202,17 @@ async def interleaved(calls: dict[str, Call], *, rounds: int, max_seconds: float
             break
         for name, call in calls.items():
             await recs[name].timed(call, i, 120)
-    return {name: summarize(rec, sum(rec.ok) / 1000 or 1.0, concurrency=1) for name, rec in recs.items()}
+    out = {name: summarize(rec, sum(rec.ok) / 1000 or 1.0, concurrency=1) for name, rec in recs.items()}
+    out["calls_ms"] = {name: [round(x, 3) for x in rec.ok] for name, rec in recs.items()}  # in call order
+    return out
+
+
+def paired_p50(first: list[float], second: list[float]) -> float | None:
+    """Median of second[i] - first[i] over interleaved rounds (None unless every call of both answered):
+    what the second path adds, with the variation between images and rounds cancelled."""
+    if not first or len(first) != len(second):  # a failed call would pair the wrong rounds
+        return None
+    return round(float(np.median([b - a for a, b in zip(first, second, strict=True)])), 3)
 
 
 # -- server processes --------------------------------------------------------------------------

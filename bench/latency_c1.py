@@ -9,6 +9,9 @@ and, from the service's own access log (DEBUG), the time each call spent inside 
   service - in_process   what serving adds end to end (the <= 5 ms target);
   service - server       gRPC transport, (de)serialisation, the client: outside the handler.
 A 200 ms forward varies by more than the few ms being measured, hence many rounds and p50s.
+Then both sides are loaded as bench/stack.py loads them before its own c=1 calls (this process runs
+batched forwards, the service serves concurrency 8) and the rounds run again ("after_load"): the two
+benchmarks' c=1 numbers then come from one process.
 
     .venv/bin/python bench/latency_c1.py               # both tasks, 80 rounds each (~3 min)
     .venv/bin/python bench/latency_c1.py --quick       # 128 px, 20 rounds
@@ -26,7 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, grpc_serving, machine, nih_pngs, stage, stop_on_sigterm, write_result
+from _common import (
+    Recorder,
+    drive_closed,
+    free_port,
+    grpc_serving,
+    machine,
+    nih_pngs,
+    stage,
+    stop_on_sigterm,
+    write_result,
+)
 from _peers import (
     StackOptions,
     Task,
@@ -47,9 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="calls per path (80; quick 20)")
     ap.add_argument("--seconds", type=float, default=120.0, help="time budget per task")
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument(
+        "--load-seconds", type=float,
+        help="then load both sides as bench/stack.py does before its c=1 calls (in-process batched forwards, "
+        "the service at c=8), this long each, and measure again (20; quick 3; 0 skips)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (20 if args.quick else 80)
+    args.load_seconds = args.load_seconds if args.load_seconds is not None else (3.0 if args.quick else 20.0)
     args.size = 128 if args.quick else None
     return args
 
@@ -69,6 +88,56 @@ def p50(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
+def summarise(client: list[float], local: list[float], inside: list[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "rounds": len(client),
+        "service_p50_ms": p50(client),
+        "in_process_p50_ms": p50(local),
+        "server_p50_ms": p50(inside),
+        "server_calls_logged": len(inside),
+    }
+    if row["service_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
+        row["added_p50_ms"] = round(row["service_p50_ms"] - row["in_process_p50_ms"], 3)
+        row["service_over_in_process"] = round(row["service_p50_ms"] / row["in_process_p50_ms"], 4)
+        # each round's two calls carry the same image back to back: the median of their differences
+        # cancels what varies between images and rounds, which the difference of two p50s keeps
+        row["added_paired_p50_ms"] = p50([c - loc for c, loc in zip(client, local, strict=True)])
+    if row["service_p50_ms"] is not None and row["server_p50_ms"] is not None:
+        row["outside_handler_p50_ms"] = round(row["service_p50_ms"] - row["server_p50_ms"], 3)
+    if row["server_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
+        row["inside_over_in_process_p50_ms"] = round(row["server_p50_ms"] - row["in_process_p50_ms"], 3)
+    return row
+
+
+async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], rounds: int,
+                         seconds: float) -> tuple[list[float], list[float]]:  # fmt: skip
+    """`rounds` times: one call to the service, then the same image in process (client ms each)."""
+    client, local = [], []
+    stop_at = time.perf_counter() + seconds
+    for i in range(rounds):
+        if time.perf_counter() > stop_at:
+            break
+        t0 = time.perf_counter()
+        await call(i)
+        client.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        ctx, item = task.prepare(model, pngs[i % len(pngs)])
+        (out,) = model.predict([item])
+        task.finish(model, ctx, out)
+        local.append((time.perf_counter() - t0) * 1000)
+    return client, local
+
+
+def load_both(call: Any, task: Task, model: Any, pngs: list[bytes], instances: int, seconds: float) -> Any:
+    """What bench/stack.py does before its c=1 interleaved calls: batched forwards of this process's model
+    on `instances` threads (its ceiling cells) and the service driven at concurrency 8 (its peer cells)."""
+    from stack import parallel_forwards
+
+    batch = [task.prepare(model, p)[1] for p in pngs]
+    parallel_forwards(model, batch, instances, 10_000, seconds, lambda: None)
+    return drive_closed(call, 8, Recorder(), max_requests=10_000, max_seconds=seconds)
+
+
 async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import grpc
 
@@ -83,45 +152,33 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
     port = free_port()
     svc = service_process(task, config, port)
     warmup = 5
-    client, local = [], []
+    phases: dict[str, tuple[list[float], list[float]]] = {}
+    calls_before_load = 0
     try:
         await svc.wait_ready(lambda: grpc_serving(port))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
             call = grpc_call(ch, task, pngs)
             for i in range(warmup):
                 await call(i)
-                ctx, item = task.prepare(model, pngs[i % len(pngs)])
+                _ctx, item = task.prepare(model, pngs[i % len(pngs)])
                 model.predict([item])
-            stop_at = time.perf_counter() + args.seconds
-            for i in range(args.rounds):
-                if time.perf_counter() > stop_at:
-                    break
-                t0 = time.perf_counter()
-                await call(i)
-                client.append((time.perf_counter() - t0) * 1000)
-                t0 = time.perf_counter()
-                ctx, item = task.prepare(model, pngs[i % len(pngs)])
-                (out,) = model.predict([item])
-                task.finish(model, ctx, out)
-                local.append((time.perf_counter() - t0) * 1000)
+            phases["fresh"] = await rounds_in_turn(call, task, model, pngs, args.rounds, args.seconds / 2)
+            if args.load_seconds > 0:
+                calls_before_load = warmup + len(phases["fresh"][0])
+                await load_both(call, task, model, pngs, opts.model_instances, args.load_seconds)
+                phases["after_load"] = await rounds_in_turn(call, task, model, pngs, args.rounds, args.seconds / 2)
     finally:
         log = svc.log_tail(1 << 30)
         svc.stop()
         model.unload()
     method = task.grpc_method.rsplit("/", 1)[-1]
-    inside = server_ms(log, method)[warmup:]
-    row = {
-        "rounds": len(client),
-        "service_p50_ms": p50(client),
-        "in_process_p50_ms": p50(local),
-        "server_p50_ms": p50(inside),
-        "server_calls_logged": len(inside),
-    }
-    if row["service_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
-        row["added_p50_ms"] = round(row["service_p50_ms"] - row["in_process_p50_ms"], 3)
-        row["service_over_in_process"] = round(row["service_p50_ms"] / row["in_process_p50_ms"], 4)
-    if row["service_p50_ms"] is not None and row["server_p50_ms"] is not None:
-        row["outside_handler_p50_ms"] = round(row["service_p50_ms"] - row["server_p50_ms"], 3)
+    logged = server_ms(log, method)
+    row = summarise(*phases["fresh"], logged[warmup : warmup + len(phases["fresh"][0])])
+    if "after_load" in phases:
+        n = len(phases["after_load"][0])
+        row["after_load"] = summarise(*phases["after_load"], logged[len(logged) - n :] if n else [])
+        row["after_load"]["load_seconds"] = args.load_seconds
+        row["after_load"]["calls_logged_before_load"] = calls_before_load
     print(f"   {json.dumps(row)}", flush=True)
     return row
 

@@ -51,6 +51,7 @@ from _common import (
     machine,
     nih_pngs,
     only_running,
+    paired_p50,
     stage,
     stop_on_sigterm,
     summarize,
@@ -406,8 +407,9 @@ async def service_interleaved(task: Task, model: Any, service: Call, pngs: list[
     out = await interleaved({"in_process": in_process, "service": service},
                             rounds=args.requests // 4, max_seconds=2 * args.seconds)  # fmt: skip
     out["added_p50_ms"] = round(out["service"]["p50_ms"] - out["in_process"]["p50_ms"], 3)
+    out["added_paired_p50_ms"] = paired_p50(out["calls_ms"]["in_process"], out["calls_ms"]["service"])
     print(f"   service interleaved c=1: in-process p50 {out['in_process']['p50_ms']:.1f} ms, "
-          f"service adds {out['added_p50_ms']:+.1f} ms", flush=True)  # fmt: skip
+          f"service adds {out['added_p50_ms']:+.1f} ms (paired {out['added_paired_p50_ms']})", flush=True)  # fmt: skip
     return out
 
 
@@ -431,6 +433,9 @@ async def gateway_interleaved(
         out = await interleaved(calls, rounds=args.requests // 2, max_seconds=2 * args.seconds)
     d = out["direct_grpc"]["p50_ms"]
     out["added_p50_ms"] = {k: round(out[k]["p50_ms"] - d, 3) for k in ("gateway_rest", "gateway_grpc")}
+    calls = out["calls_ms"]
+    gateways = ("gateway_rest", "gateway_grpc")
+    out["added_paired_p50_ms"] = {k: paired_p50(calls["direct_grpc"], calls[k]) for k in gateways}
     print(f"   gateway interleaved c=1: direct p50 {d:.1f} ms, added {out['added_p50_ms']}", flush=True)
     return out
 
@@ -584,10 +589,13 @@ def ratios(
             "over_forward_only": round(s1["p50_ms"] - ceil["forward_b1_p50_ms"], 3),
         }
     if service_inter is not None:  # measured call by call in turn with the in-process pipeline
-        out.setdefault("service_added_p50_ms_c1", {})["interleaved"] = service_inter["added_p50_ms"]
+        added = out.setdefault("service_added_p50_ms_c1", {})
+        added["interleaved"] = service_inter["added_p50_ms"]
+        added["interleaved_paired"] = service_inter.get("added_paired_p50_ms")
     if inter is not None:  # measured call by call in turn with direct gRPC: the noise cancels
-        for gw, added in inter["added_p50_ms"].items():
-            out[f"{gw}_added_p50_ms_c1"] = added
+        for gw, added_ms in inter["added_p50_ms"].items():
+            out[f"{gw}_added_p50_ms_c1"] = added_ms
+            out[f"{gw}_added_paired_p50_ms_c1"] = inter.get("added_paired_p50_ms", {}).get(gw)
     return out
 
 

@@ -22,6 +22,7 @@ from _common import (
     interleaved,
     open_loop,
     outcome,
+    paired_p50,
     process_tree,
     tree_cpu_s,
     tree_gpu_mib,
@@ -84,6 +85,16 @@ async def test_interleaved_measures_every_path() -> None:
     out = await interleaved({"fast": fast, "slow": slow}, rounds=5, max_seconds=10, warmup=1)
     assert out["fast"]["requests"] == out["slow"]["requests"] == 5
     assert out["slow"]["p50_ms"] > out["fast"]["p50_ms"]
+    assert len(out["calls_ms"]["fast"]) == len(out["calls_ms"]["slow"]) == 5
+    assert 15 < paired_p50(out["calls_ms"]["fast"], out["calls_ms"]["slow"]) < 200
+
+
+def test_paired_p50_cancels_what_varies_between_rounds() -> None:
+    base = [10.0, 200.0, 30.0, 400.0, 50.0]  # images of very different cost
+    plus = [b + d for b, d in zip(base, [3.0, 2.5, 3.5, 3.0, 2.0], strict=True)]  # each round adds ~3 ms
+    assert paired_p50(base, plus) == 3.0  # the difference of the two p50s would say 3.5 only by luck
+    assert paired_p50(base, plus[:4]) is None  # a failed call: the rounds cannot be paired
+    assert paired_p50([], []) is None
 
 
 def test_tree_rss_counts_this_process() -> None:
