@@ -534,8 +534,12 @@ async def run_peers(
             if name in peers:
                 peers[name]["startup_s"] = s
         extra["ceiling_in_turn"] = ceilings
-        if gateway and svc is not None:
-            extra["gateway_interleaved_c1"] = await gateway_interleaved(task, ports["service"], gp, pngs, bodies, args)
+        if gateway and svc is not None:  # the other peers paused, as for every other cell (LitServe's idle
+            # workers poll: left running they added ~1-2 ms to these c=1 calls on 2 cores)
+            with only_running(server_processes(targets), [svc, gw]):
+                extra["gateway_interleaved_c1"] = await gateway_interleaved(
+                    task, ports["service"], gp, pngs, bodies, args
+                )
     return peers
 
 

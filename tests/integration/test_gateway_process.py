@@ -12,6 +12,11 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
+import pytest
+
+from cxr_protos.classification.v1 import classification_service_pb2 as pb
+from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO
 from tests.support.servers import TEST_KEY, free_port
 
@@ -34,7 +39,8 @@ def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> tu
     raise AssertionError(f"{pattern!r} not printed within {timeout}s:\n{''.join(seen)}")
 
 
-def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path):
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])  # auto: uvloop, installed with the gateway
+def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path, event_loop):
     port = free_port()
     cfg = tmp_path / "config.json"
     cfg.write_text(
@@ -55,7 +61,18 @@ def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "cxr_gateway", "--kong", "gateway/kong.yml", "--config", str(cfg), *PORTS_ANY],
+        [
+            sys.executable,
+            "-m",
+            "cxr_gateway",
+            "--kong",
+            "gateway/kong.yml",
+            "--config",
+            str(cfg),
+            *PORTS_ANY,
+            "--event-loop",
+            event_loop,
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -66,6 +83,8 @@ def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path):
         m, out = _read_until(gateway, r"REST\s+(http://127\.0\.0\.1:\d+)", 60)
         base = m.group(1)
         assert "DEVELOPMENT STAND-IN for Kong" in out
+        assert f"event loop: {'uvloop' if event_loop == 'auto' else 'asyncio'}" in out
+        grpc_port = int(_read_until(gateway, r"gRPC\s+127\.0\.0\.1:(\d+)", 10)[0].group(1))
         m2, _ = _read_until(gateway, r"try:\s+curl .*", 10)
         assert f"{base}/v1/classification/models" in m2.group(0)
         deadline, status, body = time.monotonic() + 60, 0, b""
@@ -82,6 +101,12 @@ def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path):
             time.sleep(0.2)
         assert status == 200, body
         assert json.loads(body)["models"][0]["name"] == "toy"
+        # the gRPC proxy on the same loop
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            reply = pb_grpc.ClassificationServiceStub(ch).ListModels(
+                pb.ListModelsRequest(), metadata=(("apikey", TEST_KEY),), timeout=20
+            )
+        assert reply.models[0].name == "toy"
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=20) == 0
     finally:

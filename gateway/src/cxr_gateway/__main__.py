@@ -16,8 +16,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from cxr_gateway import kong_model
 from cxr_gateway.local import local_defaults
@@ -38,6 +39,12 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rest-port", type=int, default=int(os.environ.get("CXR_GATEWAY_REST_PORT", 8000)))
     ap.add_argument("--grpc-port", type=int, default=int(os.environ.get("CXR_GATEWAY_GRPC_PORT", 8001)))
     ap.add_argument("--status-port", type=int, default=int(os.environ.get("CXR_GATEWAY_STATUS_PORT", 8100)))
+    ap.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default=os.environ.get("CXR_GATEWAY_EVENT_LOOP", "auto"),
+        help="auto: uvloop when installed (0.3-0.6 ms less per proxied call at concurrency 1, bench/README.md)",
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="validate kong.yml and the routes, then exit")
     mode.add_argument("--render", action="store_true", help="print kong.yml with placeholders filled")
@@ -67,7 +74,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(f"{args.kong}: valid ({len(kong.services)} services, {sum(len(s.routes) for s in kong.services)} routes)")
         return 0
-    return asyncio.run(_serve(kong, catalog, args))
+    run, name = event_loop_runner(args.event_loop)
+    log.info("event loop: %s", name)
+    return run(_serve(kong, catalog, args))
+
+
+def event_loop_runner(choice: str) -> tuple[Callable[[Coroutine[Any, Any, int]], int], str]:
+    """How to run the gateway's loop: uvloop (libuv) for "auto" when it is installed and for "uvloop",
+    else asyncio's own. Raises SystemExit when "uvloop" is asked for and missing."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("cxr_gateway: --event-loop uvloop, but uvloop is not installed") from None
+        else:
+            return uvloop.run, "uvloop"
+    return asyncio.run, "asyncio"
 
 
 async def _serve(kong: kong_model.KongConfig, catalog: ProtoCatalog, args: argparse.Namespace) -> int:
