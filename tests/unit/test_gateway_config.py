@@ -408,35 +408,8 @@ def test_passive_health_marks_target_down_after_threshold():
     assert not other.healthy
 
 
-def test_event_loop_choice():
-    import asyncio
+def test_event_loop_flag():
+    from cxr_gateway.__main__ import _args
 
-    import uvloop
-
-    from cxr_gateway.__main__ import _args, event_loop_runner
-
-    assert event_loop_runner("auto") == (uvloop.run, "uvloop")  # installed with the gateway
-    assert event_loop_runner("uvloop") == (uvloop.run, "uvloop")
-    assert event_loop_runner("asyncio") == (asyncio.run, "asyncio")
     assert _args([]).event_loop == "auto"
     assert _args(["--event-loop", "asyncio"]).event_loop == "asyncio"
-
-
-def test_event_loop_uvloop_missing(monkeypatch):
-    import builtins
-
-    import pytest
-
-    from cxr_gateway.__main__ import event_loop_runner
-
-    real_import = builtins.__import__
-
-    def no_uvloop(name, *args, **kwargs):
-        if name == "uvloop":
-            raise ImportError("no uvloop here")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_uvloop)
-    assert event_loop_runner("auto")[1] == "asyncio"  # falls back quietly
-    with pytest.raises(SystemExit, match="uvloop is not installed"):
-        event_loop_runner("uvloop")  # asked for explicitly: say so

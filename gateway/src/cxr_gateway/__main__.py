@@ -16,15 +16,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from cxr_gateway import kong_model
 from cxr_gateway.local import local_defaults
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.routes import ProtoCatalog
 from cxr_serving.errors import ConfigError
+from cxr_serving.event_loop import runner
 from cxr_serving.settings import load_settings
 
 log = logging.getLogger("cxr.gateway")
@@ -74,23 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(f"{args.kong}: valid ({len(kong.services)} services, {sum(len(s.routes) for s in kong.services)} routes)")
         return 0
-    run, name = event_loop_runner(args.event_loop)
+    try:
+        run, name = runner(args.event_loop)
+    except ConfigError as exc:
+        print(f"cxr_gateway: {exc}", file=sys.stderr)
+        return 2
     log.info("event loop: %s", name)
-    return run(_serve(kong, catalog, args))
-
-
-def event_loop_runner(choice: str) -> tuple[Callable[[Coroutine[Any, Any, int]], int], str]:
-    """How to run the gateway's loop: uvloop (libuv) for "auto" when it is installed and for "uvloop",
-    else asyncio's own. Raises SystemExit when "uvloop" is asked for and missing."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit("cxr_gateway: --event-loop uvloop, but uvloop is not installed") from None
-        else:
-            return uvloop.run, "uvloop"
-    return asyncio.run, "asyncio"
+    result: int = run(_serve(kong, catalog, args))
+    return result
 
 
 async def _serve(kong: kong_model.KongConfig, catalog: ProtoCatalog, args: argparse.Namespace) -> int:

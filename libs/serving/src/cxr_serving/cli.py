@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from cxr_serving.errors import ConfigError
+from cxr_serving.event_loop import runner
 from cxr_serving.logging_setup import setup_logging
 from cxr_serving.server import ServiceBinding, create_server, serve
 from cxr_serving.settings import Settings, load_settings
@@ -37,5 +37,7 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
         logging.getLogger(service).error("%s", exc)
         print(f"cxr-{service}: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(server))
+    run, loop_name = runner(settings.server_config.event_loop)  # validated by Settings: no ConfigError here
+    logging.getLogger(service).info("event loop: %s", loop_name)
+    run(serve(server))
     return 0
