@@ -12,12 +12,10 @@ import time
 import urllib.error
 import urllib.request
 
-import grpc
 import pytest
 
-from cxr_protos.classification.v1 import classification_service_pb2 as pb
-from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO
+from tests.support.processes import first_model_name
 from tests.support.servers import TEST_KEY, free_port
 
 PORTS_ANY = ("--rest-port", "0", "--grpc-port", "0", "--status-port", "0")
@@ -102,11 +100,7 @@ def test_gateway_process_logs_stand_in_prints_url_and_proxies(tmp_path, event_lo
         assert status == 200, body
         assert json.loads(body)["models"][0]["name"] == "toy"
         # the gRPC proxy on the same loop
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
-            reply = pb_grpc.ClassificationServiceStub(ch).ListModels(
-                pb.ListModelsRequest(), metadata=(("apikey", TEST_KEY),), timeout=20
-            )
-        assert reply.models[0].name == "toy"
+        assert first_model_name(grpc_port, (("apikey", TEST_KEY),)) == "toy"
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=20) == 0
     finally:

@@ -4,19 +4,16 @@ answers on it and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 
-from cxr_protos.classification.v1 import classification_service_pb2 as pb
-from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO
+from tests.support.processes import first_model_name, python_module
 from tests.support.servers import TEST_KEY, free_port
 
 
@@ -34,15 +31,7 @@ def test_service_process_runs_the_configured_loop(tmp_path, choice, expected):
             }
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CXR_", "DECK_"))}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.toy_service", "--config", str(cfg)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = python_module("tests.support.toy_service", "--config", str(cfg))
     try:
         seen, loop_name = [], None
         deadline = time.monotonic() + 60
@@ -54,12 +43,7 @@ def test_service_process_runs_the_configured_loop(tmp_path, choice, expected):
             m = re.search(r"event loop: (\w+)", line)
             loop_name = m.group(1) if m else None
         assert loop_name == expected, "".join(seen)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            grpc.channel_ready_future(ch).result(timeout=30)
-            reply = pb_grpc.ClassificationServiceStub(ch).ListModels(
-                pb.ListModelsRequest(), metadata=(("x-api-key", TEST_KEY),), timeout=20
-            )
-        assert reply.models[0].name == "toy"
+        assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
