@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from _common import machine, nih_pngs, stage, write_result
-from _peers import ClassificationTask, SegmentationTask, StackOptions, server_section
+from _peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
 
 GPU_VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"use_amp": False, "tf32": False, "channels_last": False, "compile_models": False},
@@ -118,12 +118,6 @@ def task_for(model: str) -> Any:
     return task
 
 
-def sync_fn(device: str) -> Any:
-    import torch
-
-    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
 def as_array(output: Any) -> np.ndarray:
     """One image's output as numbers: classifier probabilities, a mask stack, or sigmoid of logits."""
     import torch
@@ -181,7 +175,7 @@ def measure(model_name: str, variant_name: str, variant: dict[str, Any], pngs: l
     task = task_for(model_name)
     task_name = MODELS[model_name][0]
     gpu = args.device.startswith("cuda")
-    sync = sync_fn(args.device)
+    sync = device_sync(args.device)
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -36,6 +36,7 @@ from _common import (
     grpc_serving,
     machine,
     nih_pngs,
+    paired_p50,
     stage,
     stop_on_sigterm,
     write_result,
@@ -101,7 +102,7 @@ def summarise(client: list[float], local: list[float], inside: list[float]) -> d
         row["service_over_in_process"] = round(row["service_p50_ms"] / row["in_process_p50_ms"], 4)
         # each round's two calls carry the same image back to back: the median of their differences
         # cancels what varies between images and rounds, which the difference of two p50s keeps
-        row["added_paired_p50_ms"] = p50([c - loc for c, loc in zip(client, local, strict=True)])
+        row["added_paired_p50_ms"] = paired_p50(local, client)
     if row["service_p50_ms"] is not None and row["server_p50_ms"] is not None:
         row["outside_handler_p50_ms"] = round(row["service_p50_ms"] - row["server_p50_ms"], 3)
     if row["server_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
@@ -128,14 +129,14 @@ async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], r
     return client, local
 
 
-def load_both(call: Any, task: Task, model: Any, pngs: list[bytes], instances: int, seconds: float) -> Any:
+async def load_both(call: Any, task: Task, model: Any, pngs: list[bytes], instances: int, seconds: float) -> None:
     """What bench/stack.py does before its c=1 interleaved calls: batched forwards of this process's model
     on `instances` threads (its ceiling cells) and the service driven at concurrency 8 (its peer cells)."""
     from stack import parallel_forwards
 
     batch = [task.prepare(model, p)[1] for p in pngs]
     parallel_forwards(model, batch, instances, 10_000, seconds, lambda: None)
-    return drive_closed(call, 8, Recorder(), max_requests=10_000, max_seconds=seconds)
+    await drive_closed(call, 8, Recorder(), max_requests=10_000, max_seconds=seconds)
 
 
 async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -390,8 +390,9 @@ async def measure_in_turn(
 
 def sum_gpu_mib(target: Target, table: dict[int, float]) -> float | None:
     """GPU memory of every process behind a peer (None on CPU)."""
-    parts = [tree_gpu_mib(p.proc.pid, table) for p in target.processes if p.proc is not None]
-    return None if not table else round(sum(x or 0.0 for x in parts), 1)
+    if not table:
+        return None
+    return round(sum(tree_gpu_mib(p.proc.pid, table) or 0.0 for p in target.processes if p.proc is not None), 1)
 
 
 async def service_interleaved(task: Task, model: Any, service: Call, pngs: list[bytes],

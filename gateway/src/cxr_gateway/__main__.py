@@ -24,7 +24,7 @@ from cxr_gateway.local import local_defaults
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.routes import ProtoCatalog
 from cxr_serving.errors import ConfigError
-from cxr_serving.event_loop import runner
+from cxr_serving.event_loop import CHOICES, runner
 from cxr_serving.settings import load_settings
 
 log = logging.getLogger("cxr.gateway")
@@ -41,7 +41,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--status-port", type=int, default=int(os.environ.get("CXR_GATEWAY_STATUS_PORT", 8100)))
     ap.add_argument(
         "--event-loop",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=CHOICES,
         default=os.environ.get("CXR_GATEWAY_EVENT_LOOP", "auto"),
         help="auto: uvloop when installed (0.3-0.6 ms less per proxied call at concurrency 1, bench/README.md)",
     )

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from cxr_serving.errors import ConfigError
 
 T = TypeVar("T")
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
+CHOICES: tuple[str, ...] = get_args(EventLoopChoice)
 Runner = Callable[[Coroutine[Any, Any, T]], T]
 
 
 def runner(choice: str = "auto") -> tuple[Runner[Any], str]:
     """(run function, its name): uvloop.run for "auto" when uvloop imports and for "uvloop", else
     asyncio.run. Raises ConfigError when "uvloop" is asked for and is not installed."""
-    if choice not in ("auto", "uvloop", "asyncio"):
+    if choice not in CHOICES:
         raise ConfigError(f"event loop must be 'auto', 'uvloop' or 'asyncio', not {choice!r}")
     if choice != "asyncio":
         try:
