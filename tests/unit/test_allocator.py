@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,10 @@ pytestmark = pytest.mark.skipif(not allocator.libc_is_glibc(), reason="the heap 
 
 # Forwards of a small CNN at batch 8 on one of the model's threads, as the service runs them (its
 # activations are 9-38 MB each). Page faults are counted per forward after two warm-up forwards.
+# The steady state is the median forward: in about 1 run in 10 the first measured forward still
+# grows the heap by one activation (9 216 pages, once; kept like the rest from then on), so the
+# warm-up is not always complete after two forwards. glibc's defaults fault every forward's
+# activations in again (~37 000 pages each).
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys, threading
@@ -32,7 +37,7 @@ _CHILD = textwrap.dedent(
 
     def forwards():
         with torch.inference_mode():
-            for i in range(8):
+            for i in range(12):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 net(x)
                 if i >= 2:
@@ -47,19 +52,20 @@ _CHILD = textwrap.dedent(
 PAGES_PER_FORWARD = (8 * 8 * 384 * 384 * 4 * 2) // 4096  # the two full-size activations, in 4 KiB pages
 
 
-def _faults_per_forward(pad_mb: int) -> int:
+def _faults_per_forward(pad_mb: int) -> list[int]:
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(pad_mb)], capture_output=True, text=True, timeout=120, check=True
     )
-    faults = json.loads(out.stdout.strip().splitlines()[-1])
-    return max(faults)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_forward_memory_is_reused_instead_of_faulted_back() -> None:
     untouched = _faults_per_forward(0)
     kept = _faults_per_forward(256)
-    assert untouched > PAGES_PER_FORWARD // 2, f"glibc's defaults should fault them back: {untouched}"
-    assert kept < PAGES_PER_FORWARD // 100, f"with the heap kept, {kept} faults per forward"
+    assert statistics.median(untouched) > PAGES_PER_FORWARD // 2, f"glibc's defaults should fault them back: {untouched}"
+    assert statistics.median(kept) < PAGES_PER_FORWARD // 100, f"with the heap kept, faults per forward: {kept}"
+    # at most one activation's worth grown across the ten forwards, against ~2 forwards' worth every forward
+    assert sum(kept) < PAGES_PER_FORWARD, f"with the heap kept, faults per forward: {kept}"
 
 
 def test_zero_leaves_glibc_alone(monkeypatch: pytest.MonkeyPatch) -> None:
