@@ -11,7 +11,8 @@ same run.
 
 GPU variants: fp32 (TF32 off), tf32, amp (bfloat16 autocast), amp_cl (+ channels_last: the platform's
 GPU default), amp_cl_bench (+ cudnn_benchmark: cuDNN times its algorithms for each shape), amp_cl_compile
-(+ performance.compile_models). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
+(+ performance.compile_models, compile_mode default), amp_cl_compile_ro (compile_mode reduce-overhead:
+CUDA graphs), tf32_compile (float32 with TF32, compiled). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
 load itself, and the first batch of each shape, untimed, pays the autotuning. CPU variants: eager (no fold, no trace),
 default (fold + channels_last + TorchScript trace), amp (bfloat16, on CPUs with native bf16).
 
@@ -46,6 +47,14 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
         "cudnn_benchmark": True,
     },
     "amp_cl_compile": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": True},
+    "amp_cl_compile_ro": {
+        "use_amp": True,
+        "tf32": True,
+        "channels_last": True,
+        "compile_models": True,
+        "compile_mode": "reduce-overhead",
+    },
+    "tf32_compile": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": True},
 }
 CPU_VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {"use_amp": False, "fold_batchnorm": False, "trace_models": False, "channels_last": False},

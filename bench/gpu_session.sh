@@ -46,24 +46,32 @@ if [ "$DEVICE" = cuda ]; then
   $PY -c 'import torch, timm, grpc, google.protobuf as pb; print("torch", torch.__version__, "timm", timm.__version__, "grpc", grpc.__version__, "protobuf", pb.__version__)'
   # the stack runs the platform's default, cuDNN's heuristics: autotuning every batch size the GPU
   # warm-up runs took 30-90 s per peer (densenet121, batch 32); gpu_paths measures both
+  # c=8 and 32 only, cells up to 2 000 requests or 5 s: the c=1 numbers come from the paired
+  # interleaved calls the stack always makes; short cells (session 17: 192 requests) could not show
+  # the ceiling
   STACK=(--device cuda --max-batch-size 32 --num-workers 8 --torch-threads 4 --seg-input-size 512
-         --requests 192 --seconds 3 --rounds 2 --cudnn-benchmark off)
-  PATHS=(--device cuda --seconds 1.0 --variants fp32,tf32,amp,amp_cl,amp_cl_bench)
-  TESTS=(tests/unit/test_segmentation_gpu.py tests/unit/test_classification_model.py)
+         --concurrency 8,32 --requests 2000 --seconds 5 --rounds 2 --cudnn-benchmark off)
+  CLS_PEERS=(--peers service,gateway_grpc,naive,litserve)
+  SEG_PEERS=(--peers service,naive,litserve)
+  PATHS=(--device cuda --seconds 1.0 --models unet_resnet34 --variants tf32,amp,amp_cl)
+  TESTS=(tests/unit/test_device.py tests/unit/test_segmentation_gpu.py tests/unit/test_classification_model.py)
 else
   STACK=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4)
+  CLS_PEERS=() SEG_PEERS=()
   PATHS=(--device cpu --quick --seconds 1.5 --variants eager,default)
   TESTS=()
 fi
-step stack_classification 130 $PY bench/stack.py "${STACK[@]}" --tasks classification \
-  --out "$OUTDIR/stack-classification.json"
-step stack_segmentation 100 $PY bench/stack.py "${STACK[@]}" --tasks segmentation \
-  --out "$OUTDIR/stack-segmentation.json"
-step gpu_paths 85 $PY bench/gpu_paths.py "${PATHS[@]}" --out "$OUTDIR/gpu_paths.json"
 if [ "$DEVICE" = cuda ]; then
-  step gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
-  # last: how long compilation takes is the unknown
-  step gpu_compile 300 $PY bench/gpu_paths.py --device cuda --seconds 1.5 --variants amp_cl,amp_cl_compile \
-    --models densenet121 --out "$OUTDIR/gpu_paths-compile.json"
+  step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
+fi
+step stack_classification 170 $PY bench/stack.py "${STACK[@]}" "${CLS_PEERS[@]}" --tasks classification \
+  --out "$OUTDIR/stack-classification.json"
+step stack_segmentation 130 $PY bench/stack.py "${STACK[@]}" "${SEG_PEERS[@]}" --tasks segmentation \
+  --out "$OUTDIR/stack-segmentation.json"
+step gpu_paths 45 $PY bench/gpu_paths.py "${PATHS[@]}" --out "$OUTDIR/gpu_paths-unet.json"
+if [ "$DEVICE" = cuda ]; then
+  # last: how long compilation takes is the unknown; each variant's row is written when it finishes
+  step gpu_compile 240 $PY bench/gpu_paths.py --device cuda --seconds 1.0 --models densenet121 \
+    --variants amp_cl,amp_cl_compile,amp_cl_compile_ro,tf32_compile --out "$OUTDIR/gpu_paths-compile.json"
 fi
 ls -la "$OUTDIR"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -49,3 +51,55 @@ def test_cpu_threads_default_leaves_torch_alone(restore_threads) -> None:
 def test_cpu_threads_is_validated() -> None:
     with pytest.raises(ValueError, match="cpu_threads"):
         PerformanceConfig(cpu_threads=0)
+
+
+def test_compile_mode_is_typed_and_resolved() -> None:
+    from pydantic import ValidationError
+
+    assert PerformanceConfig().compile_mode == "default"
+    with pytest.raises(ValidationError):
+        PerformanceConfig(compile_mode="fastest")
+    perf = PerformanceConfig(compile_models=True, compile_mode="reduce-overhead")
+    assert InferenceDevice.resolve("cpu", perf).compile is False  # a GPU path
+    assert InferenceDevice.resolve("cpu", perf).compile_mode == "reduce-overhead"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor's CPU code needs a C++ compiler")
+def test_compiled_network_serves_every_batch_size_from_one_graph() -> None:
+    """The batcher forms every size up to max_batch_size: a graph per size would recompile on each new
+    size and fall back to eager after dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    dev = InferenceDevice("cpu", use_amp=False, amp_dtype="bfloat16", channels_last=True, compile=True)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    model = dev.prepare(net)
+    assert model is not net and getattr(model, "_orig_mod", None) is net
+    with torch.inference_mode():
+        for size in (2, 3, 5, 9):
+            x = torch.rand(size, 3, 16, 16)
+            assert torch.allclose(model(dev.batch_to_device(x)), net(x), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_modes_on_gpu_answer_like_eager(mode: str) -> None:
+    dev = InferenceDevice.resolve(
+        "cuda", PerformanceConfig(compile_models=True, compile_mode=mode, tf32=False, use_amp=False)
+    )
+    assert dev.compile and dev.compile_mode == mode
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    eager = torch.nn.Sequential(*[m for m in net]).cuda()  # the same parameters, moved once
+    model = dev.prepare(net)
+    with dev.inference():
+        for size in (1, 2, 5, 2):  # CUDA graphs replay per size; results are read before the next call
+            x = torch.rand(size, 3, 32, 32, device="cuda")
+            assert torch.allclose(model(dev.batch_to_device(x)).float().cpu(), eager(x).cpu(), atol=1e-4)

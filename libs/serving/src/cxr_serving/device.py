@@ -34,6 +34,7 @@ class InferenceDevice:
     fold_batchnorm: bool = False
     amp_tolerance: float = DEFAULT_TOLERANCE
     trace: bool = False  # TorchScript trace + freeze at load (trace.py): CPU, float32
+    compile_mode: str = "default"  # torch.compile's mode, when compile is on
 
     @property
     def is_cuda(self) -> bool:
@@ -74,6 +75,7 @@ class InferenceDevice:
             perf.fold_batchnorm,
             perf.amp_tolerance,
             perf.trace_models and not cuda and not use_amp,
+            perf.compile_mode,
         )
 
     def prepare(self, model: Any, example: Any = None) -> Any:
@@ -105,7 +107,9 @@ class InferenceDevice:
             if deviation is not None:
                 log.info("%s autocast: output within %.2g of float32 on the load example", self.amp_dtype, deviation)
         if self.compile:
-            model = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=True)
+            # dynamic: the batcher forms every batch size up to max_batch_size; specialising on each
+            # would recompile per size and fall back to eager past dynamo's recompile limit (8)
+            model = torch.compile(model, mode=self.compile_mode, dynamic=True)
         return model
 
     def batch_to_device(self, batch: Any) -> Any:

@@ -101,7 +101,13 @@ class PerformanceConfig(_Strict):
         "in reduced precision)",
     )
     optimize_memory: bool = True
-    compile_models: bool = False
+    compile_models: bool = Field(False, description="GPU: serve each network through torch.compile (inductor)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode when compile_models is on. The max-autotune modes time Triton kernels "
+        "for every shape at start-up (over a minute per model on an H200, bench/README.md); reduce-overhead "
+        "records CUDA graphs (one per batch size the warm-up runs)",
+    )
     channels_last: bool = Field(True, description="NHWC convolutions, on GPU and on CPU (oneDNN: faster U-Net)")
     fold_batchnorm: bool = Field(
         True,
