@@ -55,6 +55,7 @@ class StackOptions:
     cpu_heap_pad_mb: int | None = None  # performance.cpu_heap_pad_mb; None: the platform's default
     trace_models: bool | None = None  # performance.trace_models; None: the platform's default
     cudnn_benchmark: bool = False  # performance.cudnn_benchmark (GPU; the platform's default)
+    cuda_graphs: bool | None = None  # performance.cuda_graphs (GPU); None: the platform's default
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -86,6 +87,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "cudnn_benchmark": o.cudnn_benchmark,
             **({} if o.cpu_heap_pad_mb is None else {"cpu_heap_pad_mb": o.cpu_heap_pad_mb}),
             **({} if o.trace_models is None else {"trace_models": o.trace_models}),
+            **({} if o.cuda_graphs is None else {"cuda_graphs": o.cuda_graphs}),
         },
         "security": {"enable_authentication": True, "api_keys": [API_KEY]},
         "monitoring": {"enable_metrics": False, "log_json": True},

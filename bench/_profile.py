@@ -7,6 +7,13 @@ Starts the real service (the settings bench/stack.py uses), drives it closed-loo
 concurrency while `py-spy record` samples every thread (on CPU only; --idle adds waiting), then prints the
 functions with the most samples, own time and with callees, so decode, copies, serialisation
 and hand-offs show. The raw profile goes to bench/results/profile-<task>.<ext> (not committed).
+
+`--gil` samples only the thread holding the GIL. One process can run at most 1 000 / (GIL ms per
+image) images per second whatever its cores, so the GIL ms per image it prints is the ceiling of one
+service process on a GPU node, where the forward no longer dominates (bench/README.md, "GPU").
+
+    .venv/bin/python bench/_profile.py --task classification --concurrency 32 --gil --max-batch-size 32
+    python bench/_profile.py --device cuda --gil --concurrency 32 --max-batch-size 32 --num-workers 8
 """
 
 from __future__ import annotations
@@ -19,10 +26,19 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from _common import RESULTS, closed_loop, free_port, grpc_serving, nih_pngs
 from _peers import StackOptions, grpc_call, service_process, task_named, write_settings
 from stack import GRPC_OPTIONS, set_torch_threads
+
+RATE_HZ = 200  # py-spy samples per second
+
+
+def gil_ms_per_image(samples: int, seconds: float, img_per_s: float) -> float:
+    """With --gil every sample is one moment some thread held the GIL: held ms per image served."""
+    held_s = samples / RATE_HZ
+    return round(1000 * held_s / (img_per_s * seconds), 3)
 
 
 def top_functions(collapsed: Path, n: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]], int]:
@@ -42,8 +58,8 @@ def top_functions(collapsed: Path, n: int) -> tuple[list[tuple[str, int]], list[
 
 
 async def drive(
-    task_name: str, config: Path, port: int, concurrency: int, seconds: float, fmt: str, idle: bool
-) -> Path:
+    task_name: str, config: Path, port: int, concurrency: int, seconds: float, fmt: str, idle: bool, gil: bool = False
+) -> tuple[Path, dict[str, Any]]:
     import grpc
 
     task = task_named(task_name)
@@ -58,7 +74,8 @@ async def drive(
             await closed_loop(call, concurrency, max_requests=2 * concurrency, max_seconds=seconds)  # warm-up
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(svc.proc.pid), "--duration", str(int(seconds)), "--threads",
-                 *(["--idle"] if idle else []), "--rate", "200", "--format", fmt, "--output", str(out)],
+                 *(["--idle"] if idle else []), *(["--gil"] if gil else []), "--rate", str(RATE_HZ),
+                 "--format", fmt, "--output", str(out)],
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
             row = await closed_loop(call, concurrency, max_requests=100000, max_seconds=seconds + 1)
@@ -66,7 +83,7 @@ async def drive(
         print(f"under profile: {row['img_per_s']} img/s, p50 {row['p50_ms']} ms at concurrency {concurrency}")
     finally:
         svc.stop()
-    return out
+    return out, row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance-mode", choices=["thread", "process"], default="thread",
                     help="server_config.model_instance_mode (py-spy follows the instance processes too)")  # fmt: skip
     ap.add_argument("--amp", action="store_true", help="performance.use_amp (bfloat16 on CPUs with native bf16)")
+    ap.add_argument("--gil", action="store_true", help="only the thread holding the GIL: GIL ms per image")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--num-workers", type=int, default=2, help="server_config.num_workers (decode threads)")
+    ap.add_argument("--torch-threads", type=int, default=1)
     args = ap.parse_args(argv)
     if shutil.which("py-spy") is None:
         print("py-spy is not installed: pip install -r requirements/dev.txt", file=sys.stderr)
         return 2
-    set_torch_threads(1)
+    set_torch_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         opts = StackOptions(
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            num_workers=args.num_workers,
+            cpu_threads=args.torch_threads,
             input_size=args.input_size,
             seg_input_size=args.input_size,
             model_instances=args.model_instances,
@@ -98,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             use_amp=True if args.amp else None,
         )
         config = write_settings(task_named(args.task), opts, Path(tmp))
-        out = asyncio.run(drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle))
+        out, row = asyncio.run(
+            drive(args.task, config, free_port(), args.concurrency, args.seconds, args.format, args.idle, args.gil)
+        )
     print(f"wrote {out}")
     if args.format == "raw":
         own, inclusive, total = top_functions(out, args.top)
+        if args.gil:
+            per_image = gil_ms_per_image(total, int(args.seconds), row["img_per_s"])
+            print(f"GIL held {per_image} ms per image: one process tops out near {1000 / per_image:.0f} img/s")
         print(f"\nown time (of {total} samples):")
         for name, k in own:
             print(f"  {100 * k / total:5.1f}%  {name}")

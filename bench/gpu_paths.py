@@ -12,7 +12,9 @@ same run.
 GPU variants: fp32 (TF32 off), tf32, amp (bfloat16 autocast), amp_cl (+ channels_last: the platform's
 GPU default), amp_cl_bench (+ cudnn_benchmark: cuDNN times its algorithms for each shape), amp_cl_compile
 (+ performance.compile_models, compile_mode default), amp_cl_compile_ro (compile_mode reduce-overhead:
-CUDA graphs), tf32_compile (float32 with TF32, compiled). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
+CUDA graphs), tf32_compile (float32 with TF32, compiled); tf32_graphs and amp_cl_graphs
+(performance.cuda_graphs: our own CUDA graph per batch size, the GPU default; every other variant runs
+eagerly). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
 load itself, and the first batch of each shape, untimed, pays the autotuning. CPU variants: eager (no fold, no trace),
 default (fold + channels_last + TorchScript trace), amp (bfloat16, on CPUs with native bf16).
 
@@ -34,17 +36,26 @@ import numpy as np
 from _common import machine, nih_pngs, stage, write_result
 from _peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
 
+_EAGER = {"compile_models": False, "cuda_graphs": False}
 GPU_VARIANTS: dict[str, dict[str, Any]] = {
-    "fp32": {"use_amp": False, "tf32": False, "channels_last": False, "compile_models": False},
-    "tf32": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": False},
-    "amp": {"use_amp": True, "tf32": True, "channels_last": False, "compile_models": False},
-    "amp_cl": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": False},
-    "amp_cl_bench": {
+    "fp32": {"use_amp": False, "tf32": False, "channels_last": False, **_EAGER},
+    "tf32": {"use_amp": False, "tf32": True, "channels_last": False, **_EAGER},
+    "amp": {"use_amp": True, "tf32": True, "channels_last": False, **_EAGER},
+    "amp_cl": {"use_amp": True, "tf32": True, "channels_last": True, **_EAGER},
+    "amp_cl_bench": {"use_amp": True, "tf32": True, "channels_last": True, "cudnn_benchmark": True, **_EAGER},
+    "tf32_graphs": {
+        "use_amp": False,
+        "tf32": True,
+        "channels_last": False,
+        "compile_models": False,
+        "cuda_graphs": True,
+    },
+    "amp_cl_graphs": {
         "use_amp": True,
         "tf32": True,
         "channels_last": True,
         "compile_models": False,
-        "cudnn_benchmark": True,
+        "cuda_graphs": True,
     },
     "amp_cl_compile": {"use_amp": True, "tf32": True, "channels_last": True, "compile_models": True},
     "amp_cl_compile_ro": {

@@ -25,6 +25,7 @@ STYLE = {
     "litserve": ("tab:orange", "D"),
     "litserve_folded": ("tab:red", "d"),
     "service_other_mode": ("tab:green", "v"),
+    "service_eager": ("tab:olive", "^"),
 }
 
 

@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="cells per peer and concurrency, taken in turn (3; quick 2)")
     ap.add_argument(
         "--peers", default="service,gateway_rest,gateway_grpc,naive,litserve,litserve_folded",
-        help="also: service_other_mode (our service with the other --instance-mode)",
+        help="also: service_other_mode (our service with the other --instance-mode), service_eager (our service "
+        "without performance.cuda_graphs: GPU)",
     )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
@@ -465,7 +466,8 @@ async def run_peers(
             return proc
 
         ports = {
-            name: free_port() for name in ("service", "service_other_mode", "naive", "litserve", "litserve_folded")
+            name: free_port()
+            for name in ("service", "service_other_mode", "service_eager", "naive", "litserve", "litserve_folded")
         }
         svc = started(service_process(task, config, ports["service"])) if "service" in want or gateway else None
         other = None
@@ -474,8 +476,12 @@ async def run_peers(
             other = started(
                 service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
             )
+        eager = None
+        if "service_eager" in want:  # the same service launching every kernel from Python (no CUDA graphs)
+            eager = started(service_process(task, variant(task, args, tmp, cuda_graphs=False), ports["service_eager"]))
         # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), on
-        # CPU no autocast (amp.py), glibc's malloc as it comes (allocator.py) and the eager network (trace.py).
+        # CPU no autocast (amp.py), glibc's malloc as it comes (allocator.py), the eager network (trace.py)
+        # and on a GPU no CUDA graphs (cuda_graphs.py).
         plain = variant(
             task,
             args,
@@ -484,6 +490,7 @@ async def run_peers(
             use_amp=args.device.startswith("cuda"),
             cpu_heap_pad_mb=0,
             trace_models=False,
+            cuda_graphs=False,
         )
         naive = (
             started(peer_process("naive", task, plain, ports["naive"], args.mask_encoding)) if "naive" in want else None
@@ -502,6 +509,10 @@ async def run_peers(
             port = ports["service_other_mode"]
             startup["service_other_mode"] = await other.wait_ready(lambda: grpc_serving(port))
             targets["service_other_mode"] = Target(other, grpc_call(await channel(port), task, pngs))
+        if eager is not None:
+            port = ports["service_eager"]
+            startup["service_eager"] = await eager.wait_ready(lambda: grpc_serving(port))
+            targets["service_eager"] = Target(eager, grpc_call(await channel(port), task, pngs))
         if gateway and svc is not None:
             gw, gp = gateway_process({task.name: ports["service"]}, tmp)
             started(gw)
@@ -578,7 +589,15 @@ def ratios(
         if s is None:
             continue
         row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], by_level.get(c, ceil["img_per_s"]))}
-        for peer in ("litserve", "litserve_folded", "naive", "service_other_mode", "gateway_rest", "gateway_grpc"):
+        for peer in (
+            "litserve",
+            "litserve_folded",
+            "naive",
+            "service_other_mode",
+            "service_eager",
+            "gateway_rest",
+            "gateway_grpc",
+        ):
             p = _level(peers.get(peer), c)
             if p is not None:
                 row[f"service_over_{peer}"] = _ratio(s["img_per_s"], p["img_per_s"])

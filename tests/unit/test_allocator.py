@@ -62,7 +62,7 @@ def _faults_per_forward(pad_mb: int) -> list[int]:
 def test_forward_memory_is_reused_instead_of_faulted_back() -> None:
     untouched = _faults_per_forward(0)
     kept = _faults_per_forward(256)
-    assert statistics.median(untouched) > PAGES_PER_FORWARD // 2, f"glibc's defaults should fault them back: {untouched}"
+    assert statistics.median(untouched) > PAGES_PER_FORWARD // 2, f"glibc's defaults fault them back: {untouched}"
     assert statistics.median(kept) < PAGES_PER_FORWARD // 100, f"with the heap kept, faults per forward: {kept}"
     # at most one activation's worth grown across the ten forwards, against ~2 forwards' worth every forward
     assert sum(kept) < PAGES_PER_FORWARD, f"with the heap kept, faults per forward: {kept}"

@@ -54,5 +54,9 @@ def test_masks_on_device_by_default_on_cuda():
     t = gpu.preprocess(img.pixels)
     masks, logits = gpu.predict([SegmentationInput(t, (img.height, img.width), 0.5), t])
     assert masks.shape == (5, img.height, img.width) and masks.dtype == np.bool_
-    np.testing.assert_array_equal(masks, logits_to_masks(logits, (img.height, img.width), 0.5))
+    size = (img.height, img.width)
+    # the same arithmetic on the same device: identical; on the CPU, bilinear resizing rounds differently
+    # and a pixel whose logit sits at the threshold can flip (an H200: 22 of 1.3 million)
+    np.testing.assert_array_equal(masks, logits_to_masks(logits.to("cuda"), size, 0.5))
+    assert (masks == logits_to_masks(logits, size, 0.5)).mean() > 0.9999
     gpu.unload()

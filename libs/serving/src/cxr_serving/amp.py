@@ -72,7 +72,9 @@ def _autocast_module() -> Any:
             self.inner, self.device_type, self.dtype = inner, device_type, dtype
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            with torch.autocast(self.device_type, dtype=self.dtype):
+            # no cast cache: each weight is used once per forward (the cache lives for one context),
+            # and a cached cast made outside a CUDA graph recording must not be read inside it
+            with torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=False):
                 out = self.inner(*args, **kwargs)
             return _float32(out)
 
@@ -81,7 +83,9 @@ def _autocast_module() -> Any:
 
 def precision_of(module: Any) -> str:
     """'bfloat16' / 'float16' for a network wrapped by `with_autocast`, else 'float32'."""
-    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
+    from cxr_serving.cuda_graphs import unwrapped
+
+    module = unwrapped(getattr(module, "_orig_mod", module))  # torch.compile's or the CUDA graphs' wrapper
     return str(module.dtype).removeprefix("torch.") if isinstance(module, _autocast_module()) else "float32"
 
 

@@ -1,8 +1,8 @@
 """Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark and optional
-torch.compile on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py); BatchNorm folding
-(fold.py), channels_last on both (on CPU oneDNN runs NHWC convolutions faster: bench/README.md) and a frozen
-TorchScript trace on CPU (trace.py);
-the CPU thread count and heap (allocator.py); a clean CPU fallback.
+torch.compile or CUDA graphs (cuda_graphs.py) on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py);
+BatchNorm folding (fold.py), channels_last on both (on CPU oneDNN runs NHWC convolutions faster:
+bench/README.md) and a frozen TorchScript trace on CPU (trace.py); the CPU thread count and heap
+(allocator.py); a clean CPU fallback.
 Imports torch lazily so services without torch (none today) need not install it."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from cxr_serving.allocator import keep_freed_memory
 from cxr_serving.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
+from cxr_serving.cuda_graphs import with_cuda_graphs
 from cxr_serving.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
 from cxr_serving.trace import traced
@@ -35,6 +36,7 @@ class InferenceDevice:
     amp_tolerance: float = DEFAULT_TOLERANCE
     trace: bool = False  # TorchScript trace + freeze at load (trace.py): CPU, float32
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
+    cuda_graphs: bool = False  # replay CUDA graphs (cuda_graphs.py): GPU, without compile
 
     @property
     def is_cuda(self) -> bool:
@@ -76,6 +78,7 @@ class InferenceDevice:
             perf.amp_tolerance,
             perf.trace_models and not cuda and not use_amp,
             perf.compile_mode,
+            perf.cuda_graphs and cuda and not perf.compile_models,
         )
 
     def prepare(self, model: Any, example: Any = None) -> Any:
@@ -83,7 +86,8 @@ class InferenceDevice:
         BatchNorms when `example` (one CPU input batch, small is fine) is given (a copy when any were
         folded: `model` itself is moved but not rewritten), trace and freeze it (CPU, float32: trace.py),
         wrap it in autocast when AMP is on (kept
-        only if its output on `example` stays within amp_tolerance of float32: amp.py), compile if asked.
+        only if its output on `example` stays within amp_tolerance of float32: amp.py), compile if asked,
+        else record CUDA graphs if asked (cuda_graphs.py).
         `amp.precision_of(result)` says which precision it serves."""
         import torch
 
@@ -110,7 +114,16 @@ class InferenceDevice:
             # dynamic: the batcher forms every batch size up to max_batch_size; specialising on each
             # would recompile per size and fall back to eager past dynamo's recompile limit (8)
             model = torch.compile(model, mode=self.compile_mode, dynamic=True)
+        elif self.cuda_graphs:
+            model = with_cuda_graphs(model)
         return model
+
+    def warmup_batch_sizes(self, max_batch_size: int, warmup_batches: int) -> list[int]:
+        """Batch 1 on CPU; on a GPU every size the batcher can form (cuDNN picks, and CUDA graphs are
+        recorded, per shape), so no request pays for it."""
+        if warmup_batches <= 0:
+            return []
+        return list(range(1, max_batch_size + 1)) if self.is_cuda else [1]
 
     def batch_to_device(self, batch: Any) -> Any:
         import torch

@@ -108,6 +108,12 @@ class PerformanceConfig(_Strict):
         "for every shape at start-up (over a minute per model on an H200, bench/README.md); reduce-overhead "
         "records CUDA graphs (one per batch size the warm-up runs)",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="GPU: record each forward once per batch size as a CUDA graph and replay it (one launch "
+        "instead of ~1 000 from Python: bench/README.md, GPU); checked against the eager network at load, "
+        "which serves instead if recording fails. Not combined with compile_models",
+    )
     channels_last: bool = Field(True, description="NHWC convolutions, on GPU and on CPU (oneDNN: faster U-Net)")
     fold_batchnorm: bool = Field(
         True,

@@ -135,10 +135,7 @@ class ChestXrayClassifier(ServedModel):
             self._network, self._runner, self._version = network, runner, version
 
     def warmup_batch_sizes(self) -> list[int]:
-        """Batch 1 on CPU; on GPU every size the batcher can form (cuDNN autotunes per shape)."""
-        if self._warmup_batches == 0:
-            return []
-        return list(range(1, self._max_batch_size + 1)) if self._device.is_cuda else [1]
+        return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
 
     def _warm_up(self, runner: torch.nn.Module) -> None:
         c, s = int(self.cfg.in_chans or 3), self.cfg.input_size

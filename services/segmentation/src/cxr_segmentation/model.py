@@ -48,6 +48,7 @@ class SegmentationModel(ServedModel):
         device: InferenceDevice,
         default_checkpoint: Path | None = None,
         warmup_batches: int = 1,
+        max_batch_size: int = 1,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -61,6 +62,7 @@ class SegmentationModel(ServedModel):
         self._device = device
         self._default_checkpoint = default_checkpoint
         self._warmup_batches = warmup_batches
+        self._max_batch_size = max_batch_size
         self._net: nn.Module | None = None
         self._version = ""
         self._lock = threading.Lock()
@@ -103,9 +105,10 @@ class SegmentationModel(ServedModel):
 
     def _warmup(self, net: nn.Module) -> None:
         s = self.cfg.input_size
-        x = torch.zeros(1, self.cfg.in_channels, s, s)
-        for _ in range(self._warmup_batches):
-            self._forward(net, x)
+        for size in self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches):
+            x = torch.zeros(size, self.cfg.in_channels, s, s)
+            for _ in range(self._warmup_batches):
+                self._forward(net, x)
 
     def unload(self) -> None:
         with self._lock:
