@@ -5,6 +5,9 @@ bench/gpu_session.sh on a lent GPU) record, replay and fall back for real."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -89,19 +92,49 @@ class _Pair(nn.Module):
         return x + 1, x - 1
 
 
-@pytest.mark.parametrize(("net", "why"), [(_HostSync(), "recording failed"), (_Pair(), "not one tensor")])
 @gpu_only
-def test_networks_that_cannot_be_recorded_are_served_eagerly(net: nn.Module, why: str, caplog) -> None:
+def test_network_returning_a_tuple_is_served_eagerly(caplog) -> None:
+    net = _Pair()
     model = with_cuda_graphs(net)
-    x = torch.rand(2, 3, device="cuda")
+    x = torch.rand(2, 3).cuda()
     with torch.inference_mode():
         first, again = model(x), model(x)
-    assert why in (model.disabled_reason or "") and why in caplog.text
+    assert "not one tensor" in (model.disabled_reason or "") and "not one tensor" in caplog.text
     assert model.graph_count == 0
-    expected = net(x)
     for got in (first, again):
-        got, want = (got, expected) if isinstance(got, torch.Tensor) else (got[0], expected[0])
-        assert torch.equal(got, want)
+        assert torch.equal(got[0], x + 1) and torch.equal(got[1], x - 1)
+
+
+# A recording that fails inside the capture leaves PyTorch's CUDA generator marked as capturing (every
+# later torch.rand on the GPU raises "Offset increment outside graph capture": seen on an H200), so
+# this case runs in a process of its own.
+_HOST_SYNC_CHILD = """
+import json, logging, torch
+from torch import nn
+from cxr_serving.cuda_graphs import with_cuda_graphs
+
+class HostSync(nn.Module):
+    def forward(self, x):
+        return x * 2 if bool(x.sum() > 0) else x  # reads a value back to the host: cannot be recorded
+
+logging.basicConfig(level=logging.WARNING)
+model = with_cuda_graphs(HostSync())
+x = torch.rand(2, 3).cuda() + 0.1
+with torch.inference_mode():
+    outs = [model(x), model(x)]
+print(json.dumps({"reason": model.disabled_reason, "graphs": model.graph_count,
+                  "correct": all(torch.equal(o, x * 2) for o in outs)}))
+"""
+
+
+@gpu_only
+def test_network_that_syncs_with_the_host_is_served_eagerly() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _HOST_SYNC_CHILD], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "recording failed" in (result["reason"] or "") and "without CUDA graphs" in out.stderr
+    assert result["graphs"] == 0 and result["correct"] is True
 
 
 @gpu_only
@@ -109,7 +142,7 @@ def test_replay_is_faster_than_launching_from_python() -> None:
     """A launch-bound network (200 tiny kernels): side by side, the replay beats eager by far."""
     net = nn.Sequential(*[nn.Linear(64, 64) for _ in range(200)]).cuda().eval()
     model = with_cuda_graphs(net)
-    x = torch.rand(4, 64, device="cuda")
+    x = torch.rand(4, 64).cuda()
 
     def per_call(fn) -> float:
         fn(x)

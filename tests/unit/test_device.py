@@ -101,5 +101,5 @@ def test_compile_modes_on_gpu_answer_like_eager(mode: str) -> None:
     model = dev.prepare(net)
     with dev.inference():
         for size in (1, 2, 5, 2):  # CUDA graphs replay per size; results are read before the next call
-            x = torch.rand(size, 3, 32, 32, device="cuda")
+            x = torch.rand(size, 3, 32, 32).cuda()
             assert torch.allclose(model(dev.batch_to_device(x)).float().cpu(), eager(x).cpu(), atol=1e-4)

@@ -12,6 +12,12 @@ return a copy of the output. The first graph is checked against the eager networ
 network that cannot be recorded (host syncs, data-dependent control flow) or answers differently is
 served eagerly from then on, and the reason is logged. Every graph shares one memory pool, and replays
 take a lock, so two model instances never replay into the same memory at once.
+
+A recording that fails inside the capture (a host sync such as `.item()`) leaves PyTorch's CUDA random
+number generator marked as capturing: later random draws on the GPU in that process raise (seen with
+torch 2.11 on an H200). Serving is unaffected, since the networks draw no random numbers at inference;
+set `performance.cuda_graphs: false` for a network that needs them. Every network the services build
+records (bench/README.md, "GPU").
 """
 
 from __future__ import annotations
@@ -89,7 +95,10 @@ def _graph_module() -> Any:
                         return self._give_up(f"its replay differs from the eager network by {deviation:.3g}")
             except Exception as exc:  # a network that cannot be recorded is served eagerly, not refused
                 torch.cuda.synchronize(x.device)
-                return self._give_up(f"recording failed: {type(exc).__name__}: {exc}")
+                return self._give_up(
+                    f"recording failed ({type(exc).__name__}: {exc}); the process's CUDA random number "
+                    "generator may be left unusable"
+                )
             if self._pool is None:
                 self._pool = graph.pool()
             self._graphs[key] = (static_in, static_out, graph)
