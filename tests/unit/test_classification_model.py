@@ -72,7 +72,7 @@ def test_warm_up_sizes():
     assert ChestXrayClassifier("m", cfg, CPU, max_batch_size=8).warmup_batch_sizes() == [1]
     assert ChestXrayClassifier("m", cfg, CPU, warmup_batches=0).warmup_batch_sizes() == []
     gpu = InferenceDevice("cuda", use_amp=True, amp_dtype="bfloat16", channels_last=True, compile=False)
-    assert ChestXrayClassifier("m", cfg, gpu, max_batch_size=4).warmup_batch_sizes() == [1, 2, 3, 4]
+    assert ChestXrayClassifier("m", cfg, gpu, max_batch_size=4).warmup_batch_sizes() == [4, 3, 2, 1]
 
 
 @pytest.mark.gpu

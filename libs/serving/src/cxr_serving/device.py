@@ -120,10 +120,19 @@ class InferenceDevice:
 
     def warmup_batch_sizes(self, max_batch_size: int, warmup_batches: int) -> list[int]:
         """Batch 1 on CPU; on a GPU every size the batcher can form (cuDNN picks, and CUDA graphs are
-        recorded, per shape), so no request pays for it."""
+        recorded, per shape), so no request pays for it. Largest first: the graphs share one memory pool,
+        and each smaller one then fits in what the larger ones left (vLLM records in this order too)."""
         if warmup_batches <= 0:
             return []
-        return list(range(1, max_batch_size + 1)) if self.is_cuda else [1]
+        return list(range(max_batch_size, 0, -1)) if self.is_cuda else [1]
+
+    def release_cached_memory(self) -> None:
+        """After warm-up on a GPU: hand the blocks the warm-up's many shapes left in PyTorch's cache back
+        to the driver (a recorded graph keeps its own pool)."""
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
 
     def batch_to_device(self, batch: Any) -> Any:
         import torch

@@ -144,6 +144,7 @@ class ChestXrayClassifier(ServedModel):
             for _ in range(self._warmup_batches):
                 with self._device.inference():
                     runner(x)
+        self._device.release_cached_memory()
 
     def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
         with self._lock:

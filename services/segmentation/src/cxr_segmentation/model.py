@@ -109,6 +109,7 @@ class SegmentationModel(ServedModel):
             x = torch.zeros(size, self.cfg.in_channels, s, s)
             for _ in range(self._warmup_batches):
                 self._forward(net, x)
+        self._device.release_cached_memory()
 
     def unload(self) -> None:
         with self._lock:
