@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cxr_serving.errors import ModelNotReadyError, OverloadedError
+from cxr_serving.handoff import run_on
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -221,10 +222,9 @@ class DynamicBatcher(Generic[In, Out]):
             task.add_done_callback(done)
 
     async def _run(self, live: list[_Pending[In, Out]]) -> None:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in live])
+            results = await run_on(self._executor, self._run_batch, [p.item for p in live])
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
         except asyncio.CancelledError:

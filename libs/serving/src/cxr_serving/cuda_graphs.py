@@ -55,7 +55,7 @@ def _graph_module() -> Any:
         def graph_count(self) -> int:
             return len(self._graphs)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor) -> Any:
             if self.disabled_reason is not None or not x.is_cuda:
                 return self.inner(x)
             key = (tuple(x.shape), x.dtype, x.stride(), x.device)
@@ -76,7 +76,7 @@ def _graph_module() -> Any:
             static_in = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
             static_in.copy_(x)
             try:
-                side = torch.cuda.Stream(device=x.device)
+                side = torch.cuda.Stream(device=x.device)  # type: ignore[no-untyped-call]
                 side.wait_stream(torch.cuda.current_stream(x.device))
                 with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, workspaces) happens here
                     for _ in range(2):
@@ -104,7 +104,8 @@ def _graph_module() -> Any:
             self._graphs[key] = (static_in, static_out, graph)
             return self._graphs[key]
 
-        def _give_up(self, why: str) -> None:  # returns None for _record
+        def _give_up(self, why: str) -> tuple[Any, Any, Any] | None:
+            """No graphs from now on: None, for `_record` to return."""
             self.disabled_reason = why
             self._graphs.clear()
             log.warning("serving the network without CUDA graphs: %s", why)

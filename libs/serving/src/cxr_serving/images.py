@@ -371,17 +371,15 @@ class DecodePool:
         return cls(limits, settings.server_config.num_workers)
 
     async def decode(self, data: bytes, content_type: str = "") -> DecodedImage:
-        import asyncio
+        from cxr_serving.handoff import run_on
 
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, decode_image, data, content_type, self.limits
-        )
+        return await run_on(self._pool, decode_image, data, content_type, self.limits)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run any CPU-bound step (preprocessing, mask encoding) on the same pool."""
-        import asyncio
+        from cxr_serving.handoff import run_on
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await run_on(self._pool, fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
