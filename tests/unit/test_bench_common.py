@@ -89,6 +89,20 @@ async def test_interleaved_measures_every_path() -> None:
     assert 15 < paired_p50(out["calls_ms"]["fast"], out["calls_ms"]["slow"]) < 200
 
 
+async def test_interleaved_rotates_the_order_every_round() -> None:
+    """A path always taken first (or last) would carry the position's own cost or gain."""
+    seen: list[str] = []
+
+    def path(name: str):
+        async def call(i: int) -> None:
+            seen.append(name)
+
+        return call
+
+    await interleaved({n: path(n) for n in "abc"}, rounds=3, max_seconds=10, warmup=0)
+    assert seen == list("abcbcacab")
+
+
 def test_paired_p50_cancels_what_varies_between_rounds() -> None:
     base = [10.0, 200.0, 30.0, 400.0, 50.0]  # images of very different cost
     plus = [b + d for b, d in zip(base, [3.0, 2.5, 3.5, 3.0, 2.0], strict=True)]  # each round adds ~3 ms
