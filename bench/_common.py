@@ -193,7 +193,8 @@ async def interleaved(calls: dict[str, Call], *, rounds: int, max_seconds: float
     """Concurrency 1, the paths taken in turn call by call: host noise hits every path alike, so
     differences of a few ms (what a proxy adds) survive a busy machine. The order rotates every round
     (round i starts with path i mod n): in a fixed order, the path that always ran second was 0.6-0.9 ms
-    faster than an identical service run first (bench/README.md, "GC")."""
+    faster than an identical service run first (bench/README.md, "What the service adds at
+    concurrency 1")."""
     recs = {name: Recorder() for name in calls}
     names = list(calls)
     for i in range(warmup):

@@ -114,7 +114,7 @@ async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], r
                          seconds: float) -> tuple[list[float], list[float]]:  # fmt: skip
     """`rounds` times: one call to the service and the same image in process (client ms each), the
     service first in even rounds and second in odd ones (a fixed order carries a position effect of
-    0.6-0.9 ms: bench/README.md, "GC")."""
+    0.6-0.9 ms: bench/README.md, "What the service adds at concurrency 1")."""
     client, local = [], []
     stop_at = time.perf_counter() + seconds
 
