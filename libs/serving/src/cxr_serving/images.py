@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from cxr_serving.errors import ImageRejectedError
+from cxr_serving.handoff import run_on
 
 if TYPE_CHECKING:
     from cxr_serving.settings import Settings
@@ -371,14 +372,10 @@ class DecodePool:
         return cls(limits, settings.server_config.num_workers)
 
     async def decode(self, data: bytes, content_type: str = "") -> DecodedImage:
-        from cxr_serving.handoff import run_on
-
         return await run_on(self._pool, decode_image, data, content_type, self.limits)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run any CPU-bound step (preprocessing, mask encoding) on the same pool."""
-        from cxr_serving.handoff import run_on
-
         return await run_on(self._pool, fn, *args)
 
     def close(self) -> None:
