@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-import time
 
 import pytest
 
-from cxr_serving.event_loop import runner
+from cxr_serving.batcher import DynamicBatcher
 from cxr_serving.handoff import run_on
+from cxr_serving.images import DecodeLimits, DecodePool
 
 
 @pytest.fixture
@@ -64,32 +64,21 @@ async def test_result_of_a_cancelled_running_job_is_dropped(pool) -> None:
     assert await run_on(pool, lambda: "next") == "next"  # settling the cancelled future raised nothing
 
 
-@pytest.mark.slow
-def test_event_loop_spends_less_cpu_per_handoff_than_run_in_executor() -> None:
-    """Side by side, same pool and loop (uvloop, as the services run): the loop thread's CPU per hand-off
-    (no chaining callbacks). On asyncio's own loop the two are within ~5 %."""
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-
-    async def measure() -> dict[str, float]:
-        loop = asyncio.get_running_loop()
-        ways = {
-            "run_in_executor": lambda k: loop.run_in_executor(pool, abs, k),
-            "run_on": lambda k: run_on(pool, abs, k),
-        }
-        best = {name: float("inf") for name in ways}
-        for _ in range(3):
-            for name, call in ways.items():
-                t0 = time.thread_time()
-                for _ in range(100):
-                    await asyncio.gather(*(call(k) for k in range(16)))
-                best[name] = min(best[name], time.thread_time() - t0)
-        return best
-
-    run, name = runner("auto")
-    if name != "uvloop":
-        pytest.skip("uvloop is not installed")
+async def test_decode_pool_and_batcher_hand_off_without_chaining_a_concurrent_future(monkeypatch) -> None:
+    """`run_in_executor` chains a concurrent.futures.Future to the asyncio one (the loop then copies its
+    state under the future's Condition lock); the services' pools settle their future directly."""
+    chained: list[object] = []
+    chain = asyncio.futures._chain_future  # type: ignore[attr-defined]
+    monkeypatch.setattr(asyncio.futures, "_chain_future", lambda *a: (chained.append(a), chain(*a))[1])
+    pool = DecodePool(DecodeLimits(), workers=1)
+    batcher = DynamicBatcher("m", lambda items: [i * 2 for i in items], max_batch_size=4, max_batch_delay_ms=1)
+    batcher.start()
     try:
-        best = run(measure())
+        assert await pool.run(abs, -3) == 3
+        assert await batcher.submit(21) == 42
+        assert chained == []
+        await asyncio.get_running_loop().run_in_executor(None, abs, -1)  # the probe does see chaining
+        assert len(chained) == 1
     finally:
-        pool.shutdown()
-    assert best["run_on"] < 0.85 * best["run_in_executor"], best
+        await batcher.close()
+        pool.close()
