@@ -126,12 +126,18 @@ class InferenceDevice:
             return []
         return list(range(max_batch_size, 0, -1)) if self.is_cuda else [1]
 
-    def release_cached_memory(self) -> None:
-        """After warm-up on a GPU: hand the blocks the warm-up's many shapes left in PyTorch's cache back
-        to the driver (a recorded graph keeps its own pool)."""
-        if self.is_cuda:
-            import torch
+    def warm_up(self, forward: Any, item_shape: tuple[int, ...], max_batch_size: int, warmup_batches: int) -> None:
+        """`forward` (a prepared network, or a call around one) on zero batches of each of
+        `warmup_batch_sizes`, `warmup_batches` times each. Then, on a GPU, hand the blocks the many shapes
+        left in PyTorch's cache back to the driver (a recorded graph keeps its own pool)."""
+        import torch
 
+        for size in self.warmup_batch_sizes(max_batch_size, warmup_batches):
+            x = self.batch_to_device(torch.zeros(size, *item_shape))
+            for _ in range(warmup_batches):
+                with self.inference():
+                    forward(x)
+        if self.is_cuda:
             torch.cuda.empty_cache()
 
     def batch_to_device(self, batch: Any) -> Any:

@@ -138,13 +138,8 @@ class ChestXrayClassifier(ServedModel):
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
 
     def _warm_up(self, runner: torch.nn.Module) -> None:
-        c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
-        for size in self.warmup_batch_sizes():
-            x = self._device.batch_to_device(torch.zeros(size, c, s, s))
-            for _ in range(self._warmup_batches):
-                with self._device.inference():
-                    runner(x)
-        self._device.release_cached_memory()
+        shape = (int(self.cfg.in_chans or 3), self.cfg.input_size, self.cfg.input_size)
+        self._device.warm_up(runner, shape, self._max_batch_size, self._warmup_batches)
 
     def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
         with self._lock:

@@ -105,11 +105,9 @@ class SegmentationModel(ServedModel):
 
     def _warmup(self, net: nn.Module) -> None:
         s = self.cfg.input_size
-        for size in self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches):
-            x = torch.zeros(size, self.cfg.in_channels, s, s)
-            for _ in range(self._warmup_batches):
-                self._forward(net, x)
-        self._device.release_cached_memory()
+        self._device.warm_up(
+            lambda x: output_logits(net, x), (self.cfg.in_channels, s, s), self._max_batch_size, self._warmup_batches
+        )
 
     def unload(self) -> None:
         with self._lock:
