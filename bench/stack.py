@@ -470,15 +470,17 @@ async def run_peers(
             for name in ("service", "service_other_mode", "service_eager", "naive", "litserve", "litserve_folded")
         }
         svc = started(service_process(task, config, ports["service"])) if "service" in want or gateway else None
-        other = None
-        if "service_other_mode" in want:  # the same service with the other model_instance_mode
-            mode = "process" if args.instance_mode == "thread" else "thread"
-            other = started(
-                service_process(task, variant(task, args, tmp, instance_mode=mode), ports["service_other_mode"])
-            )
-        eager = None
-        if "service_eager" in want:  # the same service launching every kernel from Python (no CUDA graphs)
-            eager = started(service_process(task, variant(task, args, tmp, cuda_graphs=False), ports["service_eager"]))
+        # the same service with one setting changed: the other model_instance_mode; every kernel
+        # launched from Python (no CUDA graphs)
+        service_variants = {
+            "service_other_mode": {"instance_mode": "process" if args.instance_mode == "thread" else "thread"},
+            "service_eager": {"cuda_graphs": False},
+        }
+        variant_services = {
+            name: started(service_process(task, variant(task, args, tmp, **changes), ports[name]))
+            for name, changes in service_variants.items()
+            if name in want
+        }
         # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), on
         # CPU no autocast (amp.py), glibc's malloc as it comes (allocator.py), the eager network (trace.py)
         # and on a GPU no CUDA graphs (cuda_graphs.py).
@@ -505,14 +507,10 @@ async def run_peers(
         if svc is not None:
             startup["service"] = await svc.wait_ready(lambda: grpc_serving(ports["service"]))
             targets["service"] = Target(svc, grpc_call(await channel(ports["service"]), task, pngs))
-        if other is not None:
-            port = ports["service_other_mode"]
-            startup["service_other_mode"] = await other.wait_ready(lambda: grpc_serving(port))
-            targets["service_other_mode"] = Target(other, grpc_call(await channel(port), task, pngs))
-        if eager is not None:
-            port = ports["service_eager"]
-            startup["service_eager"] = await eager.wait_ready(lambda: grpc_serving(port))
-            targets["service_eager"] = Target(eager, grpc_call(await channel(port), task, pngs))
+        for name, proc in variant_services.items():
+            port = ports[name]
+            startup[name] = await proc.wait_ready(lambda port=port: grpc_serving(port))
+            targets[name] = Target(proc, grpc_call(await channel(port), task, pngs))
         if gateway and svc is not None:
             gw, gp = gateway_process({task.name: ports["service"]}, tmp)
             started(gw)
