@@ -50,12 +50,10 @@ check-generated: $(VENV)/.installed ## Fail if committed stubs or the descriptor
 	$(PY) scripts/generate_protos.py --check
 
 .PHONY: buf
-buf: node_modules/.installed ## buf lint (STANDARD), buf format check, buf breaking against main
+buf: node_modules/.installed ## buf lint (STANDARD), buf format check, buf breaking against the last landed commit
 	$(BUF) lint protos
 	$(BUF) format --diff --exit-code protos
-	@if git rev-parse --verify --quiet main:protos/buf.yaml >/dev/null; then \
-		$(BUF) breaking protos --against '.git#branch=main,subdir=protos'; \
-	else echo "buf breaking: main has no protos yet, skipped"; fi
+	BUF=$(BUF) scripts/buf_breaking.sh
 
 .PHONY: fmt
 fmt: $(VENV)/.installed node_modules/.installed ## Format Python (ruff) and protos (buf)

@@ -3,7 +3,6 @@ typed errors, sync and async clients, batch helper."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -26,6 +25,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_serving.errors import ModelNotReadyError
 from cxr_serving.server import ServiceBinding
 from tests.conftest import cxr14_images
+from tests.reliability.procs import service_process
 from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
 from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
 
@@ -144,34 +144,17 @@ async def test_unreachable_server_is_a_typed_unavailable_error(sample_png):
         assert await client.health("classification") == "UNREACHABLE"
 
 
-def test_sync_client_matches_async(sample_png):
-    s = make_settings()
-
-    async def serve(ready: asyncio.Event, done: asyncio.Event, box: dict) -> None:
-        async with running_server(s, build_toy(s)) as server:
-            box["port"] = server.port
-            ready.set()
-            await done.wait()
-
-    loop = asyncio.new_event_loop()
-    ready, done, box = asyncio.Event(), asyncio.Event(), {}
-    import threading
-
-    t = threading.Thread(target=loop.run_until_complete, args=(serve(ready, done, box),), daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while "port" not in box and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        with CxrClient(ClientConfig(endpoint=f"127.0.0.1:{box['port']}", api_key=TEST_KEY)) as client:
-            resp = client.classify(sample_png)
-            assert resp.predictions[0].model.name == "toy"
-            assert client.health_all()["classification"] == "SERVING"
-            with pytest.raises(InvalidImageError):
-                client.classify(b"garbage")
-    finally:
-        loop.call_soon_threadsafe(done.set)
-        t.join(10)
+def test_sync_client_matches_async(sample_png, tmp_path):
+    """The sync client talks to the toy service in its own process (never to a server on a thread of this one)."""
+    with (
+        service_process(tmp_path) as svc,
+        CxrClient(ClientConfig(endpoint=svc.target, api_key=TEST_KEY)) as client,
+    ):
+        resp = client.classify(sample_png)
+        assert resp.predictions[0].model.name == "toy"
+        assert client.health_all()["classification"] == "SERVING"
+        with pytest.raises(InvalidImageError):
+            client.classify(b"garbage")
 
 
 async def test_batch_process_folder_bounded_and_ordered(tmp_path):

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_serving.audit import key_fingerprint
 from cxr_serving.logging_setup import JsonFormatter
 from tests.reliability.targets import IMG, available_targets
-from tests.reliability.threaded import server_in_thread
-from tests.support.servers import TEST_KEY, auth
+from tests.support.servers import TEST_KEY, auth, running_server
 
 TARGETS = {t.name: t for t in available_targets()}
 
@@ -47,21 +47,23 @@ class Capture(logging.Handler):
 
 
 @pytest.mark.parametrize("name", sorted(n for n in TARGETS if n in ("toy", "classification")))
-def test_one_audit_line_per_request(name):
+async def test_one_audit_line_per_request(name):
     target = TARGETS[name]
-    with audit_lines() as logged, server_in_thread(target.settings(), target.build) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+    settings = target.settings()
+    with audit_lines() as logged:
+        async with (
+            running_server(settings, target.build(settings)) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
             call = target.valid(IMG, "image/png")
             fn = getattr(target.stub(ch), call.method)
             md = (*auth(), ("x-correlation-id", "cid-audit-1"), ("x-consumer-username", "radiology-pacs"))
-            fn(call.request, metadata=md, timeout=30)
-            with pytest.raises(grpc.RpcError):
-                fn(target.valid(b"not an image", "").request, metadata=auth(), timeout=30)
-            with pytest.raises(grpc.RpcError):
-                fn(call.request, metadata=auth("sk-not-a-valid-key"), timeout=30)
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            await fn(call.request, metadata=md, timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await fn(target.valid(b"not an image", "").request, metadata=auth(), timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await fn(call.request, metadata=auth("sk-not-a-valid-key"), timeout=30)
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
     lines = [ln for ln in logged if ln.get("audit")]
     assert len(lines) == 3, lines  # health is not audited
@@ -76,20 +78,21 @@ def test_one_audit_line_per_request(name):
     assert TEST_KEY not in text and "sk-not-a-valid-key" not in text
 
 
-def test_a_call_cut_off_by_its_deadline_is_audited_with_its_peer():
+async def test_a_call_cut_off_by_its_deadline_is_audited_with_its_peer():
     """The peer is read while the call is alive: after the client's deadline grpc.aio's
     context.peer() reads a finished call (it returned '' here, and crashed the process once in CI)."""
     from tests.support.toy_service import BrightnessModel, build_toy
 
     target = TARGETS["toy"]
-    slow = lambda s: build_toy(s, BrightnessModel(delay_s=0.3))  # noqa: E731
-    with audit_lines() as logged, server_in_thread(target.settings(), slow) as server:
-        for _ in range(3):
-            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
-                with pytest.raises(grpc.RpcError) as err:
-                    fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=0.1)
-                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    settings = target.settings()
+    with audit_lines() as logged:
+        async with running_server(settings, build_toy(settings, BrightnessModel(delay_s=0.3))) as server:
+            for _ in range(3):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                    fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=0.1)
+                    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     lines = [ln for ln in logged if ln.get("audit")]
     assert len(lines) == 3, lines
     for line in lines:

@@ -10,9 +10,9 @@ required over mTLS (defence in depth)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -31,8 +31,7 @@ from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 from tests.reliability.pki import Pki, make_pki
 from tests.reliability.targets import IMG, Target, available_targets
-from tests.reliability.threaded import server_in_thread
-from tests.support.servers import auth, make_settings
+from tests.support.servers import auth, make_settings, running_server
 
 CONTRACT_SERVICES: list[ServiceDescriptor] = [
     cls_pb.DESCRIPTOR.services_by_name["ClassificationService"],
@@ -49,25 +48,27 @@ def path_of(method: MethodDescriptor) -> str:
     return f"/{method.containing_service.full_name}/{method.name}"
 
 
-def call_any(ch: grpc.Channel, method: MethodDescriptor, metadata, timeout: float = 20) -> grpc.StatusCode:
+async def call_any(ch: grpc.aio.Channel, method: MethodDescriptor, metadata, timeout: float = 20) -> grpc.StatusCode:
     """Call a method with its empty request, whatever its shape; the status code (first message for streams)."""
     request = message_factory.GetMessageClass(method.input_type)()
     response = message_factory.GetMessageClass(method.output_type)
     kw = {"request_serializer": lambda m: m.SerializeToString(), "response_deserializer": response.FromString}
     path = path_of(method)
     try:
-        if method.client_streaming and method.server_streaming:
-            it: Iterator = ch.stream_stream(path, **kw)(iter([request]), metadata=metadata, timeout=timeout)
-            next(it, None)
-        elif method.server_streaming:
-            stream = ch.unary_stream(path, **kw)(request, metadata=metadata, timeout=timeout)
-            next(stream, None)
-            stream.cancel()
+        if method.server_streaming:
+            if method.client_streaming:
+                stream = ch.stream_stream(path, **kw)(iter([request]), metadata=metadata, timeout=timeout)
+            else:
+                stream = ch.unary_stream(path, **kw)(request, metadata=metadata, timeout=timeout)
+            try:
+                await stream.read()  # the first message, or EOF
+            finally:
+                stream.cancel()
         elif method.client_streaming:
-            ch.stream_unary(path, **kw)(iter([request]), metadata=metadata, timeout=timeout)
+            await ch.stream_unary(path, **kw)(iter([request]), metadata=metadata, timeout=timeout)
         else:
-            ch.unary_unary(path, **kw)(request, metadata=metadata, timeout=timeout)
-    except grpc.RpcError as err:
+            await ch.unary_unary(path, **kw)(request, metadata=metadata, timeout=timeout)
+    except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK
 
@@ -87,51 +88,52 @@ def _all_methods(services) -> list[MethodDescriptor]:
     return [m for s in [*services, REFLECTION, HEALTH] for m in s.methods]
 
 
-def _assert_policy(ch: grpc.Channel, methods: list[MethodDescriptor]) -> dict[str, str]:
+async def _assert_policy(ch: grpc.aio.Channel, methods: list[MethodDescriptor]) -> dict[str, str]:
     seen = {}
     for method in methods:
         path = path_of(method)
         for name, md in (("no key", None), ("wrong key", auth("wrong")), ("empty key", auth(""))):
-            code = call_any(ch, method, md)
+            code = await call_any(ch, method, md)
             if path in EXEMPT:
                 assert code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED), (path, name, code)
             else:
                 assert code == grpc.StatusCode.UNAUTHENTICATED, (path, name, code)
-        code = call_any(ch, method, auth())
+        code = await call_any(ch, method, auth())
         assert code != grpc.StatusCode.UNAUTHENTICATED, path
         seen[path] = code.name
     return seen
 
 
-def test_every_contract_method_and_reflection_needs_a_key():
+async def test_every_contract_method_and_reflection_needs_a_key():
     methods = _all_methods(CONTRACT_SERVICES)
     assert len(methods) >= 18  # every RPC of the contract, reflection, health
-    with server_in_thread(make_settings(), _contract_binding) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            seen = _assert_policy(ch, methods)
+    settings = make_settings()
+    async with running_server(settings, _contract_binding(settings)) as server, _plain(server.port) as ch:
+        seen = await _assert_policy(ch, methods)
     assert seen["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"] == "OK"
 
 
 @pytest.mark.parametrize("name", sorted(REAL_TARGETS))
-def test_every_method_of_the_real_service_needs_a_key(name):
+async def test_every_method_of_the_real_service_needs_a_key(name):
     target: Target = REAL_TARGETS[name]
-    with server_in_thread(target.settings(), target.build) as server:
+    settings = target.settings()
+    async with running_server(settings, target.build(settings)) as server:
         services = [s for s in CONTRACT_SERVICES if s.full_name in server.binding.full_service_names]
         assert services
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            _assert_policy(ch, _all_methods(services))
+        async with _plain(server.port) as ch:
+            await _assert_policy(ch, _all_methods(services))
 
 
-def test_unknown_methods_do_not_reveal_anything_without_a_key():
-    with server_in_thread(make_settings(), _contract_binding) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            fn = ch.unary_unary("/cxr.admin.v1.Admin/DropEverything")
-            with pytest.raises(grpc.RpcError) as err:
-                fn(b"", timeout=5)
-            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+async def test_unknown_methods_do_not_reveal_anything_without_a_key():
+    settings = make_settings()
+    async with running_server(settings, _contract_binding(settings)) as server, _plain(server.port) as ch:
+        fn = ch.unary_unary("/cxr.admin.v1.Admin/DropEverything")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fn(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_key_rotation_with_overlap_without_restart(tmp_path):
+async def test_key_rotation_with_overlap_without_restart(tmp_path):
     target = available_targets()[-1]  # a real service when one is importable (the runtime's code either way)
     key_file = tmp_path / "api-keys"
     key_file.write_text("# rotated by the secret manager\nkey-2025\n")
@@ -139,8 +141,8 @@ def test_key_rotation_with_overlap_without_restart(tmp_path):
     data["security"].update(api_keys=[], api_key_file=str(key_file))
     settings = Settings.model_validate(data)
 
-    def ok(ch, key) -> bool:
-        return _classify(ch, target, auth(key)) != grpc.StatusCode.UNAUTHENTICATED
+    async def ok(ch, key) -> bool:
+        return await _classify(ch, target, auth(key)) != grpc.StatusCode.UNAUTHENTICATED
 
     def touch():
         stamp = time.time() + 10 * (1 + touch.n)
@@ -148,20 +150,19 @@ def test_key_rotation_with_overlap_without_restart(tmp_path):
         os.utime(key_file, (stamp, stamp))
 
     touch.n = 0
-    with server_in_thread(settings, target.build) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            assert ok(ch, "key-2025") and not ok(ch, "key-2026")
-            key_file.write_text("key-2025\nkey-2026\n")  # overlap: both valid while clients move
-            touch()
-            time.sleep(1.2)
-            assert ok(ch, "key-2025") and ok(ch, "key-2026")
-            key_file.write_text("key-2026\n")
-            touch()
-            time.sleep(1.2)
-            assert ok(ch, "key-2026") and not ok(ch, "key-2025")
-            key_file.unlink()  # a secret briefly missing (remount) keeps the last keys
-            time.sleep(1.2)
-            assert ok(ch, "key-2026")
+    async with running_server(settings, target.build(settings)) as server, _plain(server.port) as ch:
+        assert await ok(ch, "key-2025") and not await ok(ch, "key-2026")
+        key_file.write_text("key-2025\nkey-2026\n")  # overlap: both valid while clients move
+        touch()
+        await asyncio.sleep(1.2)
+        assert await ok(ch, "key-2025") and await ok(ch, "key-2026")
+        key_file.write_text("key-2026\n")
+        touch()
+        await asyncio.sleep(1.2)
+        assert await ok(ch, "key-2026") and not await ok(ch, "key-2025")
+        key_file.unlink()  # a secret briefly missing (remount) keeps the last keys
+        await asyncio.sleep(1.2)
+        assert await ok(ch, "key-2026")
 
 
 @pytest.fixture(scope="module")
@@ -180,20 +181,24 @@ def _tls_settings(target: Target, pki: Pki, mutual: bool) -> Settings:
     return Settings.model_validate(data)
 
 
-def _secure(port: int, pki: Pki, *, root: str = "ca", client: str | None = None) -> grpc.Channel:
+def _plain(port: int) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
+def _secure(port: int, pki: Pki, *, root: str = "ca", client: str | None = None) -> grpc.aio.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=pki.read(root),
         private_key=pki.read(f"{client}_key") if client else None,
         certificate_chain=pki.read(f"{client}_crt") if client else None,
     )
-    return grpc.secure_channel(f"localhost:{port}", creds)
+    return grpc.aio.secure_channel(f"localhost:{port}", creds)
 
 
-def _classify(ch: grpc.Channel, target: Target, metadata=None) -> grpc.StatusCode:
+async def _classify(ch: grpc.aio.Channel, target: Target, metadata=None) -> grpc.StatusCode:
     call = target.valid(IMG, "image/png")
     try:
-        getattr(target.stub(ch), call.method)(call.request, metadata=metadata or auth(), timeout=10)
-    except grpc.RpcError as err:
+        await getattr(target.stub(ch), call.method)(call.request, metadata=metadata or auth(), timeout=10)
+    except grpc.aio.AioRpcError as err:
         return err.code()
     return grpc.StatusCode.OK
 
@@ -202,20 +207,22 @@ TLS_TARGETS = sorted({"toy", *REAL_TARGETS})
 
 
 @pytest.mark.parametrize("name", TLS_TARGETS)
-def test_tls_and_mutual_tls(pki, name):
+async def test_tls_and_mutual_tls(pki, name):
     target = REAL_TARGETS.get(name) or available_targets()[0]
-    with server_in_thread(_tls_settings(target, pki, mutual=False), target.build) as server:
-        with _secure(server.port, pki) as ch:
-            assert _classify(ch, target) == grpc.StatusCode.OK
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # plaintext to a TLS port
-            assert _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
-        with _secure(server.port, pki, root="rogue_ca") as ch:  # client does not trust the server
-            assert _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
-    with server_in_thread(_tls_settings(target, pki, mutual=True), target.build) as server:
-        with _secure(server.port, pki, client="client") as ch:
-            assert _classify(ch, target) == grpc.StatusCode.OK
-            assert _classify(ch, target, auth("wrong")) == grpc.StatusCode.UNAUTHENTICATED  # mTLS + key
-        with _secure(server.port, pki) as ch:  # no client certificate
-            assert _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
-        with _secure(server.port, pki, client="rogue_client") as ch:  # certificate from another CA
-            assert _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
+    settings = _tls_settings(target, pki, mutual=False)
+    async with running_server(settings, target.build(settings)) as server:
+        async with _secure(server.port, pki) as ch:
+            assert await _classify(ch, target) == grpc.StatusCode.OK
+        async with _plain(server.port) as ch:  # plaintext to a TLS port
+            assert await _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
+        async with _secure(server.port, pki, root="rogue_ca") as ch:  # client does not trust the server
+            assert await _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
+    settings = _tls_settings(target, pki, mutual=True)
+    async with running_server(settings, target.build(settings)) as server:
+        async with _secure(server.port, pki, client="client") as ch:
+            assert await _classify(ch, target) == grpc.StatusCode.OK
+            assert await _classify(ch, target, auth("wrong")) == grpc.StatusCode.UNAUTHENTICATED  # mTLS + key
+        async with _secure(server.port, pki) as ch:  # no client certificate
+            assert await _classify(ch, target) == grpc.StatusCode.UNAVAILABLE
+        async with _secure(server.port, pki, client="rogue_client") as ch:  # certificate from another CA
+            assert await _classify(ch, target) == grpc.StatusCode.UNAVAILABLE

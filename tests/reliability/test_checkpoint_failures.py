@@ -14,8 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_serving.settings import Settings
 from tests.reliability.targets import IMG, available_targets
-from tests.reliability.threaded import server_in_thread
-from tests.support.servers import auth, make_settings
+from tests.support.servers import auth, make_settings, running_server
 from tests.support.toy_service import BrightnessModel, build_toy
 
 TARGETS = {t.name: t for t in available_targets(include_toy=False, images_only=True)}
@@ -43,35 +42,40 @@ def bad_checkpoint(kind: str, tmp_path) -> str:
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "wrong_architecture"])
 @pytest.mark.parametrize("name", sorted(TARGETS))
-def test_bad_checkpoint_keeps_the_service_up_and_not_serving(name, kind, tmp_path, caplog):
+async def test_bad_checkpoint_keeps_the_service_up_and_not_serving(name, kind, tmp_path, caplog):
     target = TARGETS[name]
     path = bad_checkpoint(kind, tmp_path)
     caplog.set_level(logging.INFO)
-    with server_in_thread(with_checkpoint(name, path), target.build) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            stub = target.stub(ch)
-            models = stub.ListModels(target.malformed[-1].request, metadata=auth(), timeout=10).models
-            failed = [m for m in models if m.error]
-            assert failed and all(m.state == 4 for m in failed), models  # MODEL_STATE_FAILED
-            call = target.valid(IMG, "image/png")
-            with pytest.raises(grpc.RpcError) as err:
-                getattr(stub, call.method)(call.request, metadata=auth(), timeout=10)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
-            assert failed[0].name in err.value.details() or "ListModels" in err.value.details()
+    settings = with_checkpoint(name, path)
+    async with (
+        running_server(settings, target.build(settings)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = target.stub(ch)
+        models = (await stub.ListModels(target.malformed[-1].request, metadata=auth(), timeout=10)).models
+        failed = [m for m in models if m.error]
+        assert failed and all(m.state == 4 for m in failed), models  # MODEL_STATE_FAILED
+        call = target.valid(IMG, "image/png")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await getattr(stub, call.method)(call.request, metadata=auth(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert failed[0].name in err.value.details() or "ListModels" in err.value.details()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(failed[0].name in m and "failed to load" in m and path in m for m in errors), errors
     assert any("NOT_SERVING" in m for m in errors), errors
 
 
-def test_toy_failed_load_is_logged_and_not_serving(caplog):
+async def test_toy_failed_load_is_logged_and_not_serving(caplog):
     """The runtime's side alone (no real service needed): a model whose load() raises."""
     caplog.set_level(logging.INFO)
     settings = make_settings()
-    with server_in_thread(settings, lambda s: build_toy(s, BrightnessModel(fail_load=True))) as server:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    async with (
+        running_server(settings, build_toy(settings, BrightnessModel(fail_load=True))) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("toy failed to load: RuntimeError: checkpoint corrupt" in m for m in errors), errors

@@ -19,8 +19,7 @@ from tests.reliability.load import closed_loop, open_loop
 from tests.reliability.procs import service_process
 from tests.reliability.results import report
 from tests.reliability.targets import IMG, available_targets
-from tests.reliability.threaded import server_in_thread
-from tests.support.servers import auth
+from tests.support.servers import auth, running_server
 
 ENV = {
     "TOY_DELAY_S": "0.05",
@@ -100,18 +99,20 @@ async def test_each_real_service_sheds_a_burst_and_keeps_serving(name):
     data["server_config"].update(max_queue_size=2, max_batch_size=1, max_concurrent_rpcs=4 if name == "rag" else None)
     settings = Settings.model_validate(data)
     call = target.valid(IMG, "image/png")
-    with server_in_thread(settings, target.build) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            fn = getattr(target.stub(ch), call.method)
+    async with (
+        running_server(settings, target.build(settings)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        fn = getattr(target.stub(ch), call.method)
 
-            async def one() -> str:
-                try:
-                    await fn(call.request, metadata=auth(), timeout=60)
-                    return "OK"
-                except grpc.aio.AioRpcError as err:
-                    return err.code().name
+        async def one() -> str:
+            try:
+                await fn(call.request, metadata=auth(), timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as err:
+                return err.code().name
 
-            codes = Counter(await asyncio.gather(*(one() for _ in range(40))))
-            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
-            assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0, codes
-            assert await one() == "OK"  # recovered
+        codes = Counter(await asyncio.gather(*(one() for _ in range(40))))
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0, codes
+        assert await one() == "OK"  # recovered

@@ -2,7 +2,8 @@
 is importable: mutated image bytes (truncated, bit-flipped, random, wrong content type) and
 malformed protobuf fields (NaN thresholds, empty lists, giant strings, unknown enum values).
 Promise: image problems are INVALID_ARGUMENT, never INTERNAL/UNKNOWN, and the server keeps
-serving (health SERVING, a valid request still succeeds)."""
+serving (health SERVING, a valid request still succeeds). One server per target for the whole
+module, on the module's event loop, called by grpc.aio clients on that same loop."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import warnings
 
 import grpc
 import pytest
+import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,10 +19,10 @@ from hypothesis import strategies as st
 from cxr_serving.images import CONTENT_TYPES
 from fuzz.seeds import seed_inputs
 from tests.reliability.targets import IMG, Call, Target, available_targets
-from tests.reliability.threaded import server_in_thread
-from tests.support.servers import auth
+from tests.support.servers import auth, running_server
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 TARGETS = {t.name: t for t in available_targets()}
 SEEDS = {k: v for k, v in seed_inputs(small_only=True).items() if len(v) < 50_000}
@@ -33,34 +35,36 @@ EXAMPLES = settings(
 )
 
 
-@pytest.fixture(scope="module", params=sorted(TARGETS))
-def served(request):
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=sorted(TARGETS))
+async def served(request):
     target: Target = TARGETS[request.param]
-    with (
-        server_in_thread(target.settings(), target.build) as server,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 1 << 27)]) as ch,
+    settings_ = target.settings()
+    options = [("grpc.max_send_message_length", 1 << 27)]
+    async with (
+        running_server(settings_, target.build(settings_)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as ch,
     ):
         yield target, ch
 
 
-def invoke(ch: grpc.Channel, target: Target, call: Call, timeout: float = 60) -> grpc.StatusCode:
+async def invoke(ch: grpc.aio.Channel, target: Target, call: Call, timeout: float = 60) -> grpc.StatusCode:
     fn = getattr(target.stub(ch), call.method)
     try:
         if call.streaming:
-            for _ in fn(call.request, metadata=auth(), timeout=timeout):
+            async for _ in fn(call.request, metadata=auth(), timeout=timeout):
                 pass
         else:
-            fn(call.request, metadata=auth(), timeout=timeout)
-    except grpc.RpcError as err:
+            await fn(call.request, metadata=auth(), timeout=timeout)
+    except grpc.aio.AioRpcError as err:
         assert err.code() not in NEVER, f"{call.method}: {err.code()} {err.details()}"
         return err.code()
     return grpc.StatusCode.OK
 
 
-def assert_still_serving(ch: grpc.Channel, target: Target) -> None:
-    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+async def assert_still_serving(ch: grpc.aio.Channel, target: Target) -> None:
+    health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert invoke(ch, target, target.valid(IMG, "image/png")) == grpc.StatusCode.OK
+    assert await invoke(ch, target, target.valid(IMG, "image/png")) == grpc.StatusCode.OK
 
 
 IMAGE_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
@@ -73,37 +77,37 @@ IMAGE_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
     flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), max_size=6),
     ctype=st.sampled_from(["", *CONTENT_TYPES]),
 )
-def test_mutated_images_are_invalid_argument(served, name, cut, flips, ctype):
+async def test_mutated_images_are_invalid_argument(served, name, cut, flips, ctype):
     target, ch = served
     if not target.image_input:
         pytest.skip(f"{target.name} takes no image")
     data = bytearray(SEEDS[name][: max(1, int(len(SEEDS[name]) * cut))])
     for pos, bit in flips:
         data[min(int(pos * len(data)), len(data) - 1)] ^= 1 << bit
-    assert invoke(ch, target, target.valid(bytes(data), ctype)) in IMAGE_OK
+    assert await invoke(ch, target, target.valid(bytes(data), ctype)) in IMAGE_OK
 
 
 @EXAMPLES
 @given(data=st.binary(max_size=4096), ctype=st.one_of(st.sampled_from(list(CONTENT_TYPES)), st.text(max_size=64)))
-def test_random_bytes_and_content_types(served, data, ctype):
+async def test_random_bytes_and_content_types(served, data, ctype):
     target, ch = served
     if not target.image_input:
         pytest.skip(f"{target.name} takes no image")
-    assert invoke(ch, target, target.valid(data, ctype)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await invoke(ch, target, target.valid(data, ctype)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_zero_size_and_oversized_messages(served):
+async def test_zero_size_and_oversized_messages(served):
     target, ch = served
     if not target.image_input:
         pytest.skip(f"{target.name} takes no image")
-    assert invoke(ch, target, target.valid(b"", "")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert await invoke(ch, target, target.valid(b"", "")) == grpc.StatusCode.INVALID_ARGUMENT
     # over max_message_mb (64): gRPC itself refuses the message before any handler runs
-    code = invoke(ch, target, target.valid(b"\x89PNG\r\n\x1a\n" + bytes(65 * 1024 * 1024), "image/png"))
+    code = await invoke(ch, target, target.valid(b"\x89PNG\r\n\x1a\n" + bytes(65 * 1024 * 1024), "image/png"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert_still_serving(ch, target)
+    await assert_still_serving(ch, target)
 
 
-def test_malformed_fields_never_internal(served):
+async def test_malformed_fields_never_internal(served):
     target, ch = served
     allowed = {
         grpc.StatusCode.OK,
@@ -113,12 +117,12 @@ def test_malformed_fields_never_internal(served):
     }
     seen = {}
     for call in target.malformed:
-        code = invoke(ch, target, call)
+        code = await invoke(ch, target, call)
         seen[f"{call.method}:{str(call.request)[:60]}"] = code
         assert code in allowed, (call.method, code)
-    assert_still_serving(ch, target)
+    await assert_still_serving(ch, target)
 
 
-def test_still_serving_after_everything(served):
+async def test_still_serving_after_everything(served):
     target, ch = served
-    assert_still_serving(ch, target)
+    await assert_still_serving(ch, target)
