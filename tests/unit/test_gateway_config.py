@@ -19,7 +19,7 @@ from cxr_gateway.kong_model import KongConfigError
 from cxr_gateway.limits import Acl, CorrelationId, KeyAuth, RateLimiter, SizeLimit
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.policies import Policies, RouteHit
-from cxr_gateway.roles import ADMIN_GROUP, INFERENCE_GROUP, admin_methods
+from cxr_gateway.roles import ADMIN_GROUP, INFERENCE_GROUP, admin_methods, unprotected_admin_routes
 from cxr_gateway.routes import PathTemplate, ProtoCatalog, match_rest
 from cxr_gateway.transcoding import (
     HTTP_STATUS_BY_CODE,
@@ -239,9 +239,86 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
                         reached.add(method)
             if reached & admin:
                 assert reached <= admin and _allowed_groups(policies, hit) == {ADMIN_GROUP}, r.name
+    assert unprotected_admin_routes(kong, catalog) == []
     groups = {c.name: c.groups for c in kong.consumers}
     assert groups == {"cxr-client": [INFERENCE_GROUP], "cxr-admin": [ADMIN_GROUP]}
     assert all(p.config.hide_groups_header is False for p in kong.all_plugins() if p.name == "acl")
+
+
+def test_an_open_admin_route_is_found_and_refused_by_check(raw, catalog, tmp_path):
+    data = copy.deepcopy(raw)
+    cls = data["services"][0]
+    cls["routes"] = [r for r in cls["routes"] if r["name"] != "classification-grpc-admin"]
+    for r in data["services"][2]["routes"]:
+        if r["name"] == "rag-rest-ingest-documents":
+            r["plugins"] = [p for p in r["plugins"] if p["name"] != "acl"]
+    assert unprotected_admin_routes(validate(data), catalog) == [
+        "/cxr.classification.v1.ClassificationService/LoadModel via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/UnloadModel via route classification-grpc",
+        "/cxr.rag.v1.RagService/IngestDocuments via route rag-rest-ingest-documents",
+    ]
+    text = KONG_YML.read_text()  # without the rag-grpc-admin route (the last route of rag)
+    bad = tmp_path / "kong.yml"
+    bad.write_text(text[: text.index("      - name: rag-grpc-admin")] + text[text.index("\nupstreams:") :])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_gateway",
+            "--kong",
+            str(bad),
+            "--config",
+            "config/local.json",
+            "--check",
+            "--descriptor",
+            str(DESCRIPTOR),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "/cxr.rag.v1.RagService/IngestDocuments via route rag-grpc" in out.stderr
+
+
+def test_admin_methods_follow_the_access_option_when_the_protos_declare_it():
+    """A descriptor set with `(cxr.common.v1.access)`: the option decides, not the method name."""
+    from google.protobuf import descriptor_pb2
+
+    access = descriptor_pb2.FileDescriptorProto(
+        name="cxr/common/v1/access.proto",
+        package="cxr.common.v1",
+        syntax="proto3",
+        dependency=["google/protobuf/descriptor.proto"],
+    )
+    enum = access.enum_type.add(name="Access")
+    for i, n in enumerate(("ACCESS_UNSPECIFIED", "ACCESS_INFERENCE", "ACCESS_ADMIN")):
+        enum.value.add(name=n, number=i)
+    access.extension.add(
+        name="access",
+        number=50001,
+        label=1,
+        type=14,
+        type_name=".cxr.common.v1.Access",
+        extendee=".google.protobuf.MethodOptions",
+    )
+    svc_file = descriptor_pb2.FileDescriptorProto(
+        name="cxr/x/v1/x.proto", package="cxr.x.v1", syntax="proto3", dependency=[access.name]
+    )
+    svc_file.message_type.add(name="M")
+    svc = svc_file.service.add(name="XService")
+    for name, value in (("LoadModel", None), ("Wipe", 2), ("Peek", 1)):
+        m = svc.method.add(name=name, input_type=".cxr.x.v1.M", output_type=".cxr.x.v1.M")
+        if value is not None:
+            m.options.MergeFromString(bytes([0x88, 0xB5, 0x18, value]))  # field 50001, varint
+    fds = descriptor_pb2.FileDescriptorSet(
+        file=[descriptor_pb2.FileDescriptorProto.FromString(descriptor_pb2.DESCRIPTOR.serialized_pb), access, svc_file]
+    )
+    assert admin_methods(ProtoCatalog.from_bytes(fds.SerializeToString())) == {"/cxr.x.v1.XService/Wipe"}
+    # without the option declared, the names decide
+    fds = descriptor_pb2.FileDescriptorSet(file=[svc_file])
+    del fds.file[0].dependency[:]
+    assert admin_methods(ProtoCatalog.from_bytes(fds.SerializeToString())) == {"/cxr.x.v1.XService/LoadModel"}
 
 
 def test_acl_decisions_and_refusal_status():
