@@ -89,6 +89,15 @@ async def toy_backend(model: BrightnessModel | None = None, port: int = 0):
         await server.stop(grace=0.5)
 
 
+def admin_settings():
+    """The service accepts ADMIN_KEY as its admin key (as one more key where it has no admin role)."""
+    from cxr_serving.settings import SecurityConfig
+
+    if "admin_api_keys" in SecurityConfig.model_fields:
+        return make_settings(security__admin_api_keys=[ADMIN_KEY])
+    return make_settings(security__api_keys=[TEST_KEY, ADMIN_KEY])
+
+
 @contextlib.asynccontextmanager
 async def toy_backend_with(settings):
     server = create_server(settings, build_toy(settings), host="127.0.0.1", port=0, metrics_port=0)
@@ -140,7 +149,7 @@ async def test_rest_classify_transcodes_json_and_echoes_correlation_id(sample_pn
 
 async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http, caplog):
     caplog.set_level(logging.INFO, logger="cxr.audit")
-    s = make_settings(security__api_keys=[TEST_KEY, ADMIN_KEY])
+    s = admin_settings()
     async with toy_backend_with(s) as be, running_gateway({"classification": be.port}) as gw:
         url = f"{rest(gw)}/v1/classification:classifyImage"
         async with http.post(url, json=classify_body(sample_png, modelNames=["bad"]), headers=KEY) as r:
@@ -218,7 +227,7 @@ async def test_admin_rpcs_need_the_admin_key_rest_and_grpc(http, caplog):
     """An inference key gets 403 / PERMISSION_DENIED (ErrorInfo ADMIN_REQUIRED) on every admin route and
     never reaches the service; the admin key passes the gateway to the real service, which audits the call."""
     caplog.set_level(logging.INFO, logger="cxr.audit")
-    s = make_settings(security__api_keys=[TEST_KEY, ADMIN_KEY])
+    s = admin_settings()
     load = "/cxr.classification.v1.ClassificationService/LoadModel"
     unload = "/cxr.classification.v1.ClassificationService/UnloadModel"
     async with (
