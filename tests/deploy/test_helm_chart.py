@@ -559,8 +559,7 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
     targets = {t.target for u in config.upstreams for t in u.targets}
     ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
     assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in SERVICES}
-    keys = [k.key for c in config.consumers for k in c.keyauth_credentials]
-    assert keys == [env["DECK_CXR_API_KEY"], env["DECK_CXR_ADMIN_API_KEY"]]  # cxr-client, cxr-admin
+    assert [k.key for c in config.consumers for k in c.keyauth_credentials] == [env["DECK_CXR_API_KEY"]]
 
 
 @pytest.mark.parametrize("generator", ["gen_chart_readme.py", "gen_chart_schema.py"])
