@@ -203,9 +203,12 @@ def test_compose_mounts_existing_repo_files_and_renders_every_kong_placeholder(c
                 assert (DOCKER / src).exists(), (name, src)
     kong_yml = (ROOT / "gateway" / "kong.yml").read_text()
     placeholders = set(re.findall(r'\$\{\{\s*env\s+"(DECK_[A-Z0-9_]+)"\s*\}\}', kong_yml))
-    env = set(compose["services"]["kong-config"]["environment"]) | {"DECK_CXR_API_KEY"}
+    from_secrets = {"DECK_CXR_API_KEY": "api-keys", "DECK_CXR_ADMIN_API_KEY": "admin-api-keys"}
+    env = set(compose["services"]["kong-config"]["environment"]) | set(from_secrets)
     assert placeholders <= env, placeholders - env
-    assert "DECK_CXR_API_KEY" in compose["services"]["kong-config"]["command"][0]
+    for var, secret in from_secrets.items():  # read from the secret file when kong-config runs
+        assert f'{var}="$$(head -n 1 /run/secrets/{secret})"' in compose["services"]["kong-config"]["command"][0]
+        assert secret in compose["services"]["kong-config"]["secrets"] and secret in compose["secrets"]
     for svc in SERVICES:
         port = CONFIG["services"][svc]["port"]
         assert compose["services"]["kong-config"]["environment"][f"DECK_{svc.upper()}_PORT"] == str(port)

@@ -15,10 +15,11 @@ from tests.support.servers import TEST_KEY, make_settings
 KONG_YML = REPO / "gateway" / "kong.yml"
 DESCRIPTOR = REPO / "gateway" / "protos.pb"
 UNUSED_PORT = "1"  # services without a backend in a test: nothing listens there
+ADMIN_KEY = "test-admin-key-9876543210"  # the cxr-admin consumer's key (acl group `admin`)
 
 
 def load_kong(ports: dict[str, int], key: str = TEST_KEY, protocol: str = "grpc") -> kong_model.KongConfig:
-    env = {"DECK_CXR_API_KEY": key, "DECK_BACKEND_PROTOCOL": protocol}
+    env = {"DECK_CXR_API_KEY": key, "DECK_CXR_ADMIN_API_KEY": ADMIN_KEY, "DECK_BACKEND_PROTOCOL": protocol}
     for name in ("classification", "segmentation", "rag"):
         env[f"DECK_{name.upper()}_HOST"] = "127.0.0.1"
         env[f"DECK_{name.upper()}_PORT"] = str(ports.get(name, UNUSED_PORT))

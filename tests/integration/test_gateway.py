@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import time
 
 import aiohttp
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from cxr_gateway import kong_model
+from cxr_gateway.reasons import RATE_LIMIT_EXCEEDED, REQUEST_TOO_LARGE
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
@@ -23,12 +25,31 @@ from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.server import ServiceBinding, create_server
-from tests.integration.gateway_helpers import global_plugin, running_gateway, self_signed_ca_and_server
+from tests.integration.gateway_helpers import ADMIN_KEY, global_plugin, running_gateway, self_signed_ca_and_server
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
 from tests.support.toy_service import BrightnessModel, build_toy
 
 KEY = {"apikey": TEST_KEY}
+ADMIN = {"apikey": ADMIN_KEY}
 RAG_SERVICE = rag_pb.DESCRIPTOR.services_by_name["RagService"].full_name
+ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def rest_error_info(body: dict) -> dict:
+    """The ErrorInfo of a google.rpc.Status JSON body (exactly one)."""
+    infos = [d for d in body["details"] if d["@type"] == ERROR_INFO]
+    assert len(infos) == 1, body
+    return infos[0]
+
+
+def grpc_error_info(err: grpc.aio.AioRpcError):
+    """The ErrorInfo of the google.rpc.Status in `grpc-status-details-bin` (code and message must match)."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no grpc-status-details-bin in {err.trailing_metadata()}"
+    info = error_info(status)
+    assert info is not None
+    return info
 
 
 class StreamingRag(rag_grpc.RagServiceServicer):
@@ -60,6 +81,26 @@ def rag_binding() -> ServiceBinding:
 async def toy_backend(model: BrightnessModel | None = None, port: int = 0):
     s = make_settings()
     server = create_server(s, build_toy(s, model), host="127.0.0.1", port=port, metrics_port=0)
+    await server.start()
+    try:
+        await server.wait_until_ready(30)
+        yield server
+    finally:
+        await server.stop(grace=0.5)
+
+
+def admin_settings():
+    """The service accepts ADMIN_KEY as its admin key (as one more key where it has no admin role)."""
+    from cxr_serving.settings import SecurityConfig
+
+    if "admin_api_keys" in SecurityConfig.model_fields:
+        return make_settings(security__admin_api_keys=[ADMIN_KEY])
+    return make_settings(security__api_keys=[TEST_KEY, ADMIN_KEY])
+
+
+@contextlib.asynccontextmanager
+async def toy_backend_with(settings):
+    server = create_server(settings, build_toy(settings), host="127.0.0.1", port=0, metrics_port=0)
     await server.start()
     try:
         await server.wait_until_ready(30)
@@ -106,8 +147,10 @@ async def test_rest_classify_transcodes_json_and_echoes_correlation_id(sample_pn
             assert (await r.json())["models"][0]["name"] == "toy"
 
 
-async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http):
-    async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http, caplog):
+    caplog.set_level(logging.INFO, logger="cxr.audit")
+    s = admin_settings()
+    async with toy_backend_with(s) as be, running_gateway({"classification": be.port}) as gw:
         url = f"{rest(gw)}/v1/classification:classifyImage"
         async with http.post(url, json=classify_body(sample_png, modelNames=["bad"]), headers=KEY) as r:
             assert r.status == 400
@@ -119,25 +162,43 @@ async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http):
             assert r.status == 500 and (await r.json())["code"] == 13
         async with http.post(url, data=b"{not json", headers=KEY) as r:
             assert r.status == 400 and (await r.json())["code"] == 3
-        # the toy does not implement LoadModel (the runtime answers INTERNAL): the route reached the RPC
-        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json={}, headers=KEY) as r:
-            assert r.status == 500 and (await r.json())["code"] == 13
+        # the load route reaches the LoadModel RPC (the service audits it), whatever the toy answers
+        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json={}, headers=ADMIN) as r:
+            assert r.status != 404 and "code" in (await r.json())
+        assert len(audited(caplog, "/cxr.classification.v1.ClassificationService/LoadModel")) == 1
         async with http.get(f"{rest(gw)}/v1/nothing-here", headers=KEY) as r:
             assert r.status == 404 and (await r.json()) == {"message": "no Route matched with those values"}
         async with http.get(url, headers=KEY) as r:  # wrong method: no route either
             assert r.status == 404
 
 
+async def service_refusal(port: int, metadata: tuple) -> tuple[str, str]:
+    """(reason, domain) of the ErrorInfo that the service itself sends for ListModels with `metadata`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.ClassificationServiceStub(ch).ListModels(pb.ListModelsRequest(), metadata=metadata)
+    info = grpc_error_info(err.value)
+    return info.reason, info.domain
+
+
 async def test_auth_failures_rest_and_grpc(http):
+    """401 from the gateway carries the ErrorInfo reason and domain that the service sends for the same key."""
     async with toy_backend() as be, running_gateway({"classification": be.port}) as gw:
+        missing = await service_refusal(be.port, ())
+        invalid = await service_refusal(be.port, auth("wrong"))
+        assert missing == ("API_KEY_MISSING", "cxr.platform") and invalid == ("API_KEY_INVALID", "cxr.platform")
         url = f"{rest(gw)}/v1/classification/models"
         async with http.get(url) as r:
             assert r.status == 401
-            assert (await r.json()) == {"message": "No API key found in request"}
+            body = await r.json()
+            assert (body["code"], body["message"]) == (16, "No API key found in request")
+            assert (rest_error_info(body)["reason"], rest_error_info(body)["domain"]) == missing
             assert r.headers["WWW-Authenticate"].startswith("Key realm=")
             assert "RateLimit-Limit" not in r.headers
         async with http.get(url, headers={"apikey": "wrong"}) as r:
-            assert r.status == 401 and (await r.json()) == {"message": "Invalid authentication credentials"}
+            body = await r.json()
+            assert r.status == 401 and body["message"] == "Invalid authentication credentials"
+            assert (rest_error_info(body)["reason"], rest_error_info(body)["domain"]) == invalid
         async with http.get(url, headers={"x-api-key": TEST_KEY}) as r:
             assert r.status == 200
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
@@ -146,10 +207,82 @@ async def test_auth_failures_rest_and_grpc(http):
                 await stub.ListModels(pb.ListModelsRequest())
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert err.value.details() == "No API key found in request"
+            info = grpc_error_info(err.value)
+            assert (info.reason, info.domain) == missing
+            assert dict(err.value.trailing_metadata())["www-authenticate"].startswith("Key realm=")
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.ListModels(pb.ListModelsRequest(), metadata=auth("wrong"))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            info = grpc_error_info(err.value)
+            assert (info.reason, info.domain) == invalid
             assert (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models[0].name == "toy"
+
+
+def audited(caplog, method: str) -> list[dict]:
+    """The audit lines (cxr.audit) the service wrote for `method`: proof that a call reached it."""
+    return [r.fields for r in caplog.records if r.name == "cxr.audit" and r.fields["method"] == method]
+
+
+async def test_admin_rpcs_need_the_admin_key_rest_and_grpc(http, caplog):
+    """An inference key gets 403 / PERMISSION_DENIED (ErrorInfo ADMIN_REQUIRED) on every admin route and
+    never reaches the service; the admin key passes the gateway to the real service, which audits the call."""
+    caplog.set_level(logging.INFO, logger="cxr.audit")
+    s = admin_settings()
+    load = "/cxr.classification.v1.ClassificationService/LoadModel"
+    unload = "/cxr.classification.v1.ClassificationService/UnloadModel"
+    async with (
+        toy_backend_with(s) as be,
+        running_server(make_settings(), rag_binding()) as rag,
+        running_gateway({"classification": be.port, "rag": rag.port}) as gw,
+    ):
+        admin_urls = [
+            f"{rest(gw)}/v1/classification/models/toy:load",
+            f"{rest(gw)}/v1/classification/models/toy:unload",
+            f"{rest(gw)}/v1/segmentation/models/unet:load",
+            f"{rest(gw)}/v1/segmentation/models/unet:unload",
+            f"{rest(gw)}/v1/rag/documents:ingest",
+        ]
+        for url in admin_urls:
+            async with http.post(url, json={}, headers=KEY) as r:
+                assert r.status == 403, url
+                body = await r.json()
+                assert (body["code"], body["message"]) == (7, "You cannot consume this service")
+                info = rest_error_info(body)
+                assert (info["reason"], info["domain"]) == ("ADMIN_REQUIRED", "cxr.platform")
+                assert info["metadata"]["consumer"] == "cxr-client"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stub = pb_grpc.ClassificationServiceStub(ch)
+            calls = [
+                stub.LoadModel(pb.LoadModelRequest(model_name="toy"), metadata=auth()),
+                stub.UnloadModel(pb.UnloadModelRequest(model_name="toy"), metadata=auth()),
+                rag_grpc.RagServiceStub(ch).IngestDocuments(rag_pb.IngestDocumentsRequest(), metadata=auth()),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                info = grpc_error_info(err.value)
+                assert (info.reason, info.domain) == ("ADMIN_REQUIRED", "cxr.platform")
+            # a client cannot claim the admin group itself
+            spoofed = (*auth(), ("x-consumer-groups", "admin"), ("x-consumer-username", "cxr-admin"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.LoadModel(pb.LoadModelRequest(model_name="toy"), metadata=spoofed)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert not audited(caplog, load) and not audited(caplog, unload)  # refused at the gateway
+            # inference RPCs still pass with the inference key, and with the admin key (both groups)
+            assert (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models[0].name == "toy"
+            assert (await stub.ListModels(pb.ListModelsRequest(), metadata=auth(ADMIN_KEY))).models
+            # the admin key reaches the service on the admin RPC (what the toy answers is its own business)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.LoadModel(pb.LoadModelRequest(model_name="toy"), metadata=auth(ADMIN_KEY))
+        grpc_lines = audited(caplog, load)
+        assert len(grpc_lines) == 1 and grpc_lines[0]["consumer"] == "cxr-admin"
+        async with http.post(admin_urls[1], json={}, headers=ADMIN) as r:
+            await r.read()
+        rest_lines = audited(caplog, unload)
+        assert len(rest_lines) == 1 and rest_lines[0]["consumer"] == "cxr-admin"
+        async with http.get(f"{rest(gw)}/v1/classification/models", headers=ADMIN) as r:
+            assert r.status == 200
 
 
 async def test_rate_limit_429_with_kong_headers(http):
@@ -168,7 +301,13 @@ async def test_rate_limit_429_with_kong_headers(http):
         assert remaining == ["2", "1", "0"]
         async with http.get(url, headers=KEY) as r:
             assert r.status == 429
-            assert (await r.json()) == {"message": "API rate limit exceeded"}
+            body = await r.json()
+            assert (body["code"], body["message"]) == (8, "API rate limit exceeded")
+            info = rest_error_info(body)
+            assert (info["reason"], info["domain"]) == (RATE_LIMIT_EXCEEDED, "cxr.platform")
+            assert info["metadata"] == {"limit": "3", "window": "minute", "limit_by": "consumer"}
+            retry = [d for d in body["details"] if d["@type"] == RETRY_INFO]
+            assert retry == [{"@type": RETRY_INFO, "retryDelay": f"{r.headers['Retry-After']}s"}]
             assert r.headers["RateLimit-Remaining"] == "0"
             assert 1 <= int(r.headers["Retry-After"]) <= 60
             assert r.headers["Retry-After"] == r.headers["RateLimit-Reset"]
@@ -178,6 +317,8 @@ async def test_rate_limit_429_with_kong_headers(http):
                 await pb_grpc.ClassificationServiceStub(ch).ListModels(pb.ListModelsRequest(), metadata=auth())
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(err.value.trailing_metadata())["retry-after"]
+            info = grpc_error_info(err.value)
+            assert (info.reason, info.domain) == (RATE_LIMIT_EXCEEDED, "cxr.platform")
 
 
 async def test_request_size_limit_413(sample_png, http):
@@ -188,7 +329,12 @@ async def test_request_size_limit_413(sample_png, http):
         url = f"{rest(gw)}/v1/classification:classifyImage"
         big = classify_body(b"\x89PNG" + b"0" * 1_200_000)
         async with http.post(url, json=big, headers=KEY) as r:
-            assert r.status == 413 and (await r.json()) == {"message": "Request size limit exceeded"}
+            assert r.status == 413
+            body = await r.json()
+            assert (body["code"], body["message"]) == (8, "Request size limit exceeded")
+            info = rest_error_info(body)
+            assert (info["reason"], info["domain"]) == (REQUEST_TOO_LARGE, "cxr.platform")
+            assert info["metadata"] == {"limit_bytes": str(1024 * 1024)}
 
         async def chunks():  # no Content-Length: the body is counted as it arrives
             for _ in range(20):
@@ -196,6 +342,7 @@ async def test_request_size_limit_413(sample_png, http):
 
         async with http.post(url, data=chunks(), headers=KEY) as r:
             assert r.status == 413
+            assert rest_error_info(await r.json())["reason"] == REQUEST_TOO_LARGE
         async with http.post(url, json=classify_body(sample_png), headers=KEY) as r:
             assert r.status == 200  # under the limit still passes
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
@@ -203,6 +350,28 @@ async def test_request_size_limit_413(sample_png, http):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await pb_grpc.ClassificationServiceStub(ch).ClassifyImage(request, metadata=auth())
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            info = grpc_error_info(err.value)
+            assert (info.reason, info.domain) == (REQUEST_TOO_LARGE, "cxr.platform")
+
+
+async def test_request_size_limit_on_grpc_streams():
+    """A server-streaming call goes through the proxy's stream path: its request bytes are limited too."""
+
+    def one_megabyte(kong: kong_model.KongConfig) -> None:
+        global_plugin(kong, "request-size-limiting").config.allowed_payload_size = 1
+
+    s = make_settings()
+    async with running_server(s, rag_binding()) as be, running_gateway({"rag": be.port}, one_megabyte) as gw:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
+            stub = rag_grpc.RagServiceStub(ch)
+            big = rag_pb.StreamAnswerRequest(question="x " * 600_000)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [m async for m in stub.StreamAnswer(big, metadata=auth())]
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            info = grpc_error_info(err.value)
+            assert (info.reason, info.domain) == (REQUEST_TOO_LARGE, "cxr.platform")
+            small = [m async for m in stub.StreamAnswer(rag_pb.StreamAnswerRequest(question="a b"), metadata=auth())]
+            assert small[-1].finish_reason == "stop"  # under the limit still passes
 
 
 async def test_grpc_proxy_forwards_status_details_metadata_and_deadline(sample_png):
@@ -378,13 +547,18 @@ async def test_headers_forwarded_to_backend_as_metadata(http):
         assert got["traceparent"] == trace and got["x-correlation-id"] == "cid-42"
         assert got["apikey"] == TEST_KEY  # hide_credentials: false, the service checks the key too
         assert "cookie" not in got
+        assert (got["x-consumer-username"], got["x-consumer-groups"]) == ("cxr-client", "inference")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gw.ports.grpc}") as ch:
-            md = (*auth(), ("traceparent", trace), ("custom-header", "v"))
+            md = (*auth(), ("traceparent", trace), ("custom-header", "v"), ("x-consumer-groups", "admin"))
             stream = rag_grpc.RagServiceStub(ch).StreamAnswer(
                 rag_pb.StreamAnswerRequest(question="echo metadata"), metadata=md
             )
-            got = dict([m.text_delta.split("=", 1) async for m in stream])
+            pairs = [tuple(m.text_delta.split("=", 1)) async for m in stream]
+        got = dict(pairs)
         assert got["traceparent"] == trace and got["custom-header"] == "v" and got["x-api-key"] == TEST_KEY
+        # Kong's identity headers: set by the gateway, a client's own value never passes
+        assert [v for k, v in pairs if k == "x-consumer-groups"] == ["inference"]
+        assert [v for k, v in pairs if k == "x-consumer-username"] == ["cxr-client"]
         assert len(got["x-correlation-id"]) == 36  # generated by the gateway
 
 

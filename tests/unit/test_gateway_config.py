@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,10 @@ import yaml
 
 from cxr_gateway import kong_model
 from cxr_gateway.kong_model import KongConfigError
-from cxr_gateway.limits import CorrelationId, KeyAuth, RateLimiter, SizeLimit
+from cxr_gateway.limits import Acl, CorrelationId, KeyAuth, RateLimiter, SizeLimit
 from cxr_gateway.openapi import build_openapi
-from cxr_gateway.policies import Policies
+from cxr_gateway.policies import Policies, RouteHit
+from cxr_gateway.roles import ADMIN_GROUP, INFERENCE_GROUP, admin_methods, unprotected_admin_routes
 from cxr_gateway.routes import PathTemplate, ProtoCatalog, match_rest
 from cxr_gateway.transcoding import (
     HTTP_STATUS_BY_CODE,
@@ -27,7 +29,7 @@ from cxr_gateway.transcoding import (
     response_json,
 )
 from cxr_serving.errors import InvalidInputError
-from cxr_serving.grpc_errors import status_for_exception, trailing_metadata
+from cxr_serving.grpc_errors import error_info, status_for_exception, trailing_metadata
 from tests.conftest import REPO
 from tests.integration.gateway_helpers import DESCRIPTOR, KONG_YML, load_kong
 
@@ -40,8 +42,12 @@ ENV = {
     "DECK_RAG_HOST": "rag.cxr.svc",
     "DECK_RAG_PORT": "50053",
     "DECK_CXR_API_KEY": "k-123",
+    "DECK_CXR_ADMIN_API_KEY": "adm-456",
     "DECK_OTEL_TRACES_ENDPOINT": "http://otel-collector:4318/v1/traces",
 }
+
+
+ACL_ADMIN = {"allow": ["admin"]}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,12 @@ def test_no_secret_committed_and_missing_variable_named():
         (lambda d: d["upstreams"][0]["healthchecks"]["active"].update(type="smtp"), "type"),
         (lambda d: d["consumers"].append(copy.deepcopy(d["consumers"][0])), "duplicate"),
         (lambda d: d["services"][0]["routes"][1]["plugins"][0]["config"].update(proto=""), "proto"),
+        (lambda d: d["services"][0]["plugins"][0]["config"].update(deny=["x"]), "exactly one of 'allow' or 'deny'"),
+        (lambda d: d["services"][0]["plugins"][0]["config"].pop("allow"), "exactly one of 'allow' or 'deny'"),
+        (lambda d: d["services"][0]["plugins"][0]["config"].update(allow=["admni"]), "admni"),  # no such group
+        (lambda d: d["services"][0]["plugins"][0]["config"].update(hide_group_header=True), "hide_group_header"),
+        (lambda d: d["consumers"][1]["acls"][0].update(group=""), "group"),
+        (lambda d: d["plugins"].append({"name": "acl", "consumer": "cxr-admin", "config": ACL_ADMIN}), "consumer"),
     ],
 )
 def test_bad_kong_yml_fails_naming_the_field(raw, mutate, message):
@@ -180,6 +192,169 @@ def test_every_grpc_service_has_a_grpc_route(raw, catalog):
         for r in svc.routes:
             if "grpc" in r.protocols:
                 assert any(m.startswith(p) for p in r.paths for m in catalog.rpcs), f"{r.name} reaches no RPC"
+
+
+def _allowed_groups(policies: Policies, hit) -> set[str]:
+    acl = policies.acl(hit)
+    assert acl is not None and acl.config.allow is not None, f"route {hit.route.name} has no acl allow list"
+    return set(acl.config.allow)
+
+
+def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
+    """Every route (REST and gRPC) that reaches an admin RPC allows the admin group only; every other
+    cxr RPC allows both groups. The admin set comes from the descriptor set by RPC name."""
+    kong = validate(raw)
+    policies = Policies(kong)
+    admin = admin_methods(catalog)
+    assert admin == {
+        "/cxr.classification.v1.ClassificationService/LoadModel",
+        "/cxr.classification.v1.ClassificationService/UnloadModel",
+        "/cxr.segmentation.v1.SegmentationService/LoadModel",
+        "/cxr.segmentation.v1.SegmentationService/UnloadModel",
+        "/cxr.rag.v1.RagService/IngestDocuments",
+    }
+    checked = 0
+    for method, rpc in catalog.rpcs.items():
+        if not rpc.service.startswith("cxr."):
+            continue
+        want = {ADMIN_GROUP} if method in admin else {INFERENCE_GROUP, ADMIN_GROUP}
+        hits = [policies.match_grpc(method)]
+        hits += [policies.match_http(b.method, b.template.example()) for b in rpc.bindings]
+        for hit in hits:
+            assert hit is not None
+            assert _allowed_groups(policies, hit) == want, f"{method} via route {hit.route.name}"
+            checked += 1
+    assert checked == 27  # 14 RPCs over gRPC + 13 REST bindings
+    # every route whose path reaches an admin RPC, by Kong's own matching of that route alone
+    for svc in kong.services:
+        for r in svc.routes:
+            hit = RouteHit(svc, r)
+            reached = set()
+            for method, rpc in catalog.rpcs.items():
+                if "grpc" in r.protocols and any(method == p or method.startswith(p) for p in r.paths or []):
+                    if policies.match_grpc(method) == hit:  # a longer route wins in Kong's router
+                        reached.add(method)
+                for b in rpc.bindings if "http" in r.protocols else []:
+                    if b.method in (r.methods or []) and any(re.match(p[1:], b.template.example()) for p in r.paths):
+                        reached.add(method)
+            if reached & admin:
+                assert reached <= admin and _allowed_groups(policies, hit) == {ADMIN_GROUP}, r.name
+    assert unprotected_admin_routes(kong, catalog) == []
+    groups = {c.name: c.groups for c in kong.consumers}
+    assert groups == {"cxr-client": [INFERENCE_GROUP], "cxr-admin": [ADMIN_GROUP]}
+    assert all(p.config.hide_groups_header is False for p in kong.all_plugins() if p.name == "acl")
+
+
+def test_an_open_admin_route_is_found_and_refused_by_check(raw, catalog, tmp_path):
+    data = copy.deepcopy(raw)
+    cls = data["services"][0]
+    cls["routes"] = [r for r in cls["routes"] if r["name"] != "classification-grpc-admin"]
+    for r in data["services"][2]["routes"]:
+        if r["name"] == "rag-rest-ingest-documents":
+            r["plugins"] = [p for p in r["plugins"] if p["name"] != "acl"]
+    assert unprotected_admin_routes(validate(data), catalog) == [
+        "/cxr.classification.v1.ClassificationService/LoadModel via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/UnloadModel via route classification-grpc",
+        "/cxr.rag.v1.RagService/IngestDocuments via route rag-rest-ingest-documents",
+    ]
+    text = KONG_YML.read_text()  # without the rag-grpc-admin route (the last route of rag)
+    bad = tmp_path / "kong.yml"
+    bad.write_text(text[: text.index("      - name: rag-grpc-admin")] + text[text.index("\nupstreams:") :])
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr_gateway",
+            "--kong",
+            str(bad),
+            "--config",
+            "config/local.json",
+            "--check",
+            "--descriptor",
+            str(DESCRIPTOR),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "/cxr.rag.v1.RagService/IngestDocuments via route rag-grpc" in out.stderr
+
+
+def test_admin_methods_follow_the_access_option_when_the_protos_declare_it():
+    """A descriptor set with `(cxr.common.v1.access)`: the option decides, not the method name."""
+    from google.protobuf import descriptor_pb2
+
+    access = descriptor_pb2.FileDescriptorProto(
+        name="cxr/common/v1/access.proto",
+        package="cxr.common.v1",
+        syntax="proto3",
+        dependency=["google/protobuf/descriptor.proto"],
+    )
+    enum = access.enum_type.add(name="Access")
+    for i, n in enumerate(("ACCESS_UNSPECIFIED", "ACCESS_INFERENCE", "ACCESS_ADMIN")):
+        enum.value.add(name=n, number=i)
+    access.extension.add(
+        name="access",
+        number=50001,
+        label=1,
+        type=14,
+        type_name=".cxr.common.v1.Access",
+        extendee=".google.protobuf.MethodOptions",
+    )
+    svc_file = descriptor_pb2.FileDescriptorProto(
+        name="cxr/x/v1/x.proto", package="cxr.x.v1", syntax="proto3", dependency=[access.name]
+    )
+    svc_file.message_type.add(name="M")
+    svc = svc_file.service.add(name="XService")
+    for name, value in (("LoadModel", None), ("Wipe", 2), ("Peek", 1)):
+        m = svc.method.add(name=name, input_type=".cxr.x.v1.M", output_type=".cxr.x.v1.M")
+        if value is not None:
+            m.options.MergeFromString(bytes([0x88, 0xB5, 0x18, value]))  # field 50001, varint
+    fds = descriptor_pb2.FileDescriptorSet(
+        file=[descriptor_pb2.FileDescriptorProto.FromString(descriptor_pb2.DESCRIPTOR.serialized_pb), access, svc_file]
+    )
+    assert admin_methods(ProtoCatalog.from_bytes(fds.SerializeToString())) == {"/cxr.x.v1.XService/Wipe"}
+    # without the option declared, the names decide
+    fds = descriptor_pb2.FileDescriptorSet(file=[svc_file])
+    del fds.file[0].dependency[:]
+    assert admin_methods(ProtoCatalog.from_bytes(fds.SerializeToString())) == {"/cxr.x.v1.XService/LoadModel"}
+
+
+def test_acl_decisions_and_refusal_status():
+    inference = kong_model.Consumer(username="c", acls=[{"group": "inference"}])
+    admin = kong_model.Consumer(username="a", acls=[{"group": "admin"}])
+    admin_only = Acl(kong_model.AclConfig(allow=["admin"]))
+    denial = admin_only.check(inference, "classification-grpc-admin")
+    assert (denial.http_status, denial.grpc_code, denial.message) == (
+        403,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "You cannot consume this service",
+    )
+    st = denial.status()
+    info = error_info(st)
+    assert (info.reason, info.domain) == ("ADMIN_REQUIRED", "cxr.platform")
+    assert info.metadata["route"] == "classification-grpc-admin" and info.metadata["consumer"] == "c"
+    assert st.code == 7 and denial.body()["details"][0]["reason"] == "ADMIN_REQUIRED"
+    assert dict(denial.trailers())["grpc-status-details-bin"] == st.SerializeToString()
+    assert admin_only.check(admin) == "admin"  # X-Consumer-Groups
+    assert Acl(kong_model.AclConfig(allow=["admin"], hide_groups_header=True)).check(admin) == ""
+    both = Acl(kong_model.AclConfig(allow=["inference", "admin"]))
+    assert both.check(inference) == "inference"
+    nobody = kong_model.Consumer(username="n")
+    assert error_info(both.check(nobody).status()).reason == "GROUP_NOT_ALLOWED"
+    assert Acl(kong_model.AclConfig(deny=["inference"])).check(inference).http_status == 403
+    assert Acl(kong_model.AclConfig(deny=["inference"])).check(admin) == "admin"
+    assert both.check(None).http_status == 401  # no authenticated consumer
+
+
+def test_local_defaults_admin_key_or_a_locked_one():
+    from cxr_gateway.local import LOCKED_PREFIX, local_defaults
+    from cxr_serving.settings import Settings
+
+    a, b = local_defaults(Settings()), local_defaults(Settings())
+    assert a["DECK_CXR_ADMIN_API_KEY"].startswith(LOCKED_PREFIX)
+    assert a["DECK_CXR_ADMIN_API_KEY"] != b["DECK_CXR_ADMIN_API_KEY"]  # random: nobody can use it
 
 
 def test_helm_chart_ships_this_kong_yml():
@@ -340,7 +515,7 @@ def test_cli_check_render_and_local_defaults(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "DECK_RAG_PORT": "6000"},
+        env={"PATH": "/usr/bin:/bin", "DECK_RAG_PORT": "6000", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
     assert out.returncode == 0, out.stderr
     rendered = yaml.safe_load(out.stdout)

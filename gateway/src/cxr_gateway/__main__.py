@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxr_gateway import kong_model
-from cxr_gateway.local import local_defaults
+from cxr_gateway.local import LOCKED_PREFIX, local_defaults
 from cxr_gateway.openapi import build_openapi
+from cxr_gateway.roles import unprotected_admin_routes
 from cxr_gateway.routes import ProtoCatalog
 from cxr_serving.errors import ConfigError
 from cxr_serving.event_loop import CHOICES, runner
@@ -68,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, kong_model.KongConfigError, OSError) as exc:
         print(f"cxr_gateway: {exc}", file=sys.stderr)
         return 2
+    open_admin = unprotected_admin_routes(kong, catalog)
+    if open_admin:
+        print(
+            f"cxr_gateway: {args.kong}: admin RPCs open to non-admin consumers: {'; '.join(open_admin)}",
+            file=sys.stderr,
+        )
+        return 2
+    if "DECK_CXR_ADMIN_API_KEY" not in os.environ and defaults["DECK_CXR_ADMIN_API_KEY"].startswith(LOCKED_PREFIX):
+        log.warning("no admin key (DECK_CXR_ADMIN_API_KEY or the config's admin key): admin routes refuse every key")
     if args.openapi:
         print(json.dumps(build_openapi(catalog), indent=2))
         return 0

@@ -2,7 +2,7 @@
 
 REST request pipeline, in Kong's plugin order:
   correlation-id → route match (404 "no Route matched") → key-auth (401) →
-  request-size-limiting (413) → rate-limiting (429) → grpc-gateway transcoding → backend
+  request-size-limiting (413) → acl (403) → rate-limiting (429) → grpc-gateway transcoding → backend
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from cxr_gateway.grpc_proxy import ProxyHandler
 from cxr_gateway.kong_model import KongConfig
-from cxr_gateway.limits import Denial
+from cxr_gateway.limits import Denial, identity_metadata
 from cxr_gateway.metrics import GatewayMetrics
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.policies import Policies, RouteHit
@@ -101,8 +101,11 @@ class Gateway:
         return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
     def _grpc_message_limit(self) -> int:
+        """The transport's cap on one message: twice the size limit, so that a request a little over
+        the limit reaches the proxy, which refuses it with the ErrorInfo; far larger ones the
+        transport refuses itself (RESOURCE_EXHAUSTED without details) before buffering them."""
         g = self.kong.global_plugin("request-size-limiting")
-        return int(g.config.limit_bytes) if g else 256 * 1024 * 1024
+        return min(2 * int(g.config.limit_bytes), 2**31 - 1) if g else 256 * 1024 * 1024
 
     async def stop(self) -> None:
         if self._grpc_server is not None:
@@ -170,6 +173,13 @@ class Gateway:
         if body is None:
             assert size is not None
             return deny(size.too_large())
+        groups = ""
+        acl = self.policies.acl(hit)
+        if acl is not None:
+            allowed = acl.check(consumer, route)
+            if isinstance(allowed, Denial):
+                return deny(allowed)
+            groups = allowed
         limiter = self.policies.rate_limiter(hit)
         if limiter is not None:
             peer = request.remote or ""
@@ -192,6 +202,7 @@ class Gateway:
         md = [(k.lower(), v) for k, v in md]
         if corr is not None:
             md.append((corr.header.lower(), cid))
+        md += identity_metadata(consumer, groups)
         resp = await self._call(request, hit, match, body, md, out_headers)
         self.metrics.request(svc, route, resp.status, "upstream", consumer.name if consumer else "", started)
         return resp

@@ -6,12 +6,15 @@ forwards raw message bytes both ways (methods the descriptor set knows to be una
 unary fast path). It forwards request metadata (minus hop-by-hop keys),
 the client's deadline, the backend's initial and trailing metadata and its final status
 (including `grpc-status-details-bin`), and cancels the backend call when the client goes away.
-Before proxying it applies the same Kong plugins as the REST front: key-auth, rate-limiting,
-correlation-id; request-size-limiting is the server's max receive message size.
+Before proxying it applies the same Kong plugins as the REST front: key-auth,
+request-size-limiting (on the request messages' bytes), acl, rate-limiting, correlation-id.
+A refusal ends the call with the plugin's gRPC code and the same google.rpc.Status (ErrorInfo
+reason and domain) that the REST front returns as JSON, in `grpc-status-details-bin`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cxr_gateway.limits import Denial
+from cxr_gateway.limits import Denial, SizeLimit, identity_metadata, is_identity_header
 from cxr_gateway.transcoding import http_status
 from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, is_connect_failure
 
@@ -37,6 +40,10 @@ HOP_BY_HOP = frozenset(
 
 def _forwardable(md: Any) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in (md or ()) if k.lower() not in HOP_BY_HOP and not k.startswith(":")]
+
+
+async def _deny(context: grpc.aio.ServicerContext[Any, Any], denial: Denial) -> None:
+    await context.abort(denial.grpc_code, denial.message, trailing_metadata=denial.trailers())
 
 
 class ProxyHandler(grpc.GenericRpcHandler):
@@ -59,11 +66,14 @@ class ProxyHandler(grpc.GenericRpcHandler):
 
         return grpc.stream_stream_rpc_method_handler(behavior)
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Admitted:
-        """Route, key-auth, rate limit, correlation id; aborts the call when a plugin refuses it."""
+    async def _admit(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], request_size: int | None = None
+    ) -> _Admitted:
+        """Route, key-auth, size limit (`request_size`: a unary request's bytes), acl, rate limit,
+        correlation id; aborts the call when a plugin refuses it."""
         gw = self.gw
         started = time.perf_counter()
-        md = _forwardable(context.invocation_metadata())
+        md = [(k, v) for k, v in _forwardable(context.invocation_metadata()) if not is_identity_header(k)]
         headers = {k.lower(): v for k, v in md if isinstance(v, str)}
         corr = gw.policies.correlation
         cid = corr.get_or_create(headers) if corr else ""
@@ -89,6 +99,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
             else:
                 consumer = res
                 md = [(k, v) for k, v in md if not (auth.config.hide_credentials and k in auth.config.key_names)]
+        size = gw.policies.size_limit(hit)
+        if denial is None and size is not None and request_size is not None and request_size > size.limit:
+            denial = size.too_large()
+        groups = ""
+        acl = gw.policies.acl(hit)
+        if denial is None and acl is not None:
+            allowed = acl.check(consumer, route)
+            if isinstance(allowed, Denial):
+                denial = allowed
+            else:
+                groups = allowed
         if denial is None:
             limiter = gw.policies.rate_limiter(hit)
             if limiter is not None:
@@ -99,10 +120,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
         who = consumer.name if consumer else ""
         if denial is not None:
             gw.metrics.request(svc, route, denial.http_status, "kong", who, started)
-            context.set_trailing_metadata(tuple((k.lower(), v) for k, v in denial.headers.items()))
             if extra_initial:
                 await context.send_initial_metadata(tuple(extra_initial))
-            await context.abort(denial.grpc_code, denial.message)
+            await _deny(context, denial)
+        md += identity_metadata(consumer, groups)
 
         backend = gw.backends[svc]
         try:
@@ -114,7 +135,17 @@ class ProxyHandler(grpc.GenericRpcHandler):
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None and remaining < 1e8 else hit.service.read_timeout / 1000
         return _Admitted(
-            svc, route, who, backend, target, tuple(md), tuple(extra_initial), timeout, started, hit.service.retries
+            svc,
+            route,
+            who,
+            backend,
+            target,
+            tuple(md),
+            tuple(extra_initial),
+            timeout,
+            started,
+            hit.service.retries,
+            size,
         )
 
     async def _failed(self, a: _Admitted, err: grpc.aio.AioRpcError, context: Any) -> None:
@@ -128,7 +159,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
         await context.abort(err.code(), err.details() or "")
 
     async def _unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        a = await self._admit(method, context)
+        a = await self._admit(method, context, len(request))
         code = grpc.StatusCode.OK
         target = a.target
         try:
@@ -161,13 +192,34 @@ class ProxyHandler(grpc.GenericRpcHandler):
         self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         a = await self._admit(method, context)
-        call = a.target.channel.stream_stream(method)(requests, metadata=a.metadata, timeout=a.timeout)
+        over: list[Denial] = []
+        limit = a.size.limit if a.size is not None else None
+
+        async def limited() -> AsyncIterator[bytes]:
+            # Kong limits the request body: here the bytes of every request message together
+            total = 0
+            async for message in requests:
+                total += len(message)
+                if limit is not None and total > limit:
+                    assert a.size is not None
+                    over.append(a.size.too_large())
+                    call.cancel()
+                    return
+                yield message
+
+        call = a.target.channel.stream_stream(method)(limited(), metadata=a.metadata, timeout=a.timeout)
         code = grpc.StatusCode.OK
         try:
-            initial = await call.initial_metadata()
-            await context.send_initial_metadata(tuple(_forwardable(initial)) + a.extra_initial)
-            async for resp in call:
-                yield resp
+            try:
+                initial = await call.initial_metadata()
+                await context.send_initial_metadata(tuple(_forwardable(initial)) + a.extra_initial)
+                async for resp in call:
+                    yield resp
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                if not over:
+                    raise
+            if over:
+                await _deny(context, over[0])
             code = await call.code()
             context.set_trailing_metadata(tuple(_forwardable(await call.trailing_metadata())))
             if code != grpc.StatusCode.OK:
@@ -180,7 +232,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
         finally:
             if not call.done():
                 call.cancel()
-            self.gw.metrics.request(a.service, a.route, http_status(code), "upstream", a.consumer, a.started)
+            status, source = (over[0].http_status, "kong") if over else (http_status(code), "upstream")
+            self.gw.metrics.request(a.service, a.route, status, source, a.consumer, a.started)
 
 
 @dataclass(frozen=True)
@@ -195,3 +248,4 @@ class _Admitted:
     timeout: float
     started: float
     retries: int
+    size: SizeLimit | None

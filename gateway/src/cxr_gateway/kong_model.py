@@ -154,6 +154,20 @@ class OpenTelemetryConfig(_Kong):
         return self
 
 
+class AclConfig(_Kong):
+    """acl: which consumer groups (a consumer's `acls` entries) may use a route or service."""
+
+    allow: list[str] | None = None
+    deny: list[str] | None = None
+    hide_groups_header: bool = False
+
+    @model_validator(mode="after")
+    def _one_list(self) -> AclConfig:
+        if (self.allow is None) == (self.deny is None):  # Kong: only_one_of + at_least_one_of
+            raise ValueError("exactly one of 'allow' or 'deny' must be set")
+        return self
+
+
 class GrpcGatewayConfig(_Kong):
     proto: str = Field(..., min_length=1, description="path of the .proto file on the Kong node")
 
@@ -199,6 +213,17 @@ class OpenTelemetryPlugin(_PluginBase):
     config: OpenTelemetryConfig
 
 
+class AclPlugin(_PluginBase):
+    name: Literal["acl"]
+    config: AclConfig
+
+    @model_validator(mode="after")
+    def _no_consumer(self) -> AclPlugin:
+        if self.consumer:  # Kong's acl schema: typedefs.no_consumer
+            raise ValueError("the acl plugin cannot be scoped to a consumer")
+        return self
+
+
 class GrpcGatewayPlugin(_PluginBase):
     name: Literal["grpc-gateway"]
     config: GrpcGatewayConfig
@@ -211,7 +236,8 @@ Plugin = Annotated[
     | CorrelationIdPlugin
     | PrometheusPlugin
     | OpenTelemetryPlugin
-    | GrpcGatewayPlugin,
+    | GrpcGatewayPlugin
+    | AclPlugin,
     Field(discriminator="name"),
 ]
 PLUGIN_NAMES = (
@@ -222,6 +248,7 @@ PLUGIN_NAMES = (
     "prometheus",
     "opentelemetry",
     "grpc-gateway",
+    "acl",
 )
 
 
@@ -380,11 +407,19 @@ class KeyAuthCredential(_Kong):
     tags: list[str] | None = None
 
 
+class AclGroup(_Kong):
+    """One `acls` entry of a consumer: a group name the acl plugin's allow/deny lists refer to."""
+
+    group: str = Field(..., min_length=1)
+    tags: list[str] | None = None
+
+
 class Consumer(_Kong):
     username: str | None = None
     custom_id: str | None = None
     tags: list[str] | None = None
     keyauth_credentials: list[KeyAuthCredential] = Field(default_factory=list)
+    acls: list[AclGroup] = Field(default_factory=list)
     plugins: list[Plugin] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -396,6 +431,10 @@ class Consumer(_Kong):
     @property
     def name(self) -> str:
         return self.username or self.custom_id or ""
+
+    @property
+    def groups(self) -> list[str]:
+        return [a.group for a in self.acls]
 
 
 class KongConfig(_Kong):
@@ -423,7 +462,25 @@ class KongConfig(_Kong):
                 raise ValueError(f"plugin {p.name}: unknown route {p.route!r}")
             if p.consumer and p.consumer not in consumers:
                 raise ValueError(f"plugin {p.name}: unknown consumer {p.consumer!r}")
+        # stricter than Kong: an acl group that no consumer has is a typo that would lock a route
+        groups = {g for c in self.consumers for g in c.groups}
+        for p in self.all_plugins():
+            if isinstance(p, AclPlugin):
+                unknown = sorted(set(p.config.allow or p.config.deny or []) - groups)
+                if unknown:
+                    raise ValueError(f"plugin acl: group(s) {unknown} are in no consumer's acls")
         return self
+
+    def all_plugins(self) -> list[Any]:
+        """Every plugin instance: global, per service, per route and per consumer."""
+        out: list[Any] = list(self.plugins)
+        for s in self.services:
+            out += s.plugins
+            for r in s.routes:
+                out += r.plugins
+        for c in self.consumers:
+            out += c.plugins
+        return out
 
     # ---- lookups used by the stand-in
     def upstream(self, name: str) -> Upstream | None:

@@ -1,11 +1,14 @@
 """The request policies of kong.yml, as Kong's plugins apply them (framework-free, so the REST
-front and the gRPC proxy share them): key-auth, rate-limiting (policy `local`, fixed
+front and the gRPC proxy share them): key-auth, acl, rate-limiting (policy `local`, fixed
 windows), request-size-limiting and correlation-id.
 
 Kong runs plugins by priority: correlation-id (100001) → key-auth (1250) →
-request-size-limiting (951) → rate-limiting (910) → grpc-gateway. The stand-in keeps that order.
-Response bodies and headers are Kong's: `{"message": "No API key found in request"}`,
-`RateLimit-Limit` / `RateLimit-Remaining` / `RateLimit-Reset`, `Retry-After`, ...
+request-size-limiting (951) → acl (950) → rate-limiting (910) → grpc-gateway. The stand-in
+keeps that order. Messages and headers are Kong's (`No API key found in request`,
+`RateLimit-Limit` / `RateLimit-Remaining` / `RateLimit-Reset`, `Retry-After`, ...); a refusal's
+body is a google.rpc.Status as JSON whose `message` is Kong's and whose ErrorInfo carries the
+reason the services use (`reasons`), and the gRPC proxy sends the same Status in
+`grpc-status-details-bin`.
 """
 
 from __future__ import annotations
@@ -17,30 +20,56 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2, json_format
+from google.rpc import error_details_pb2, status_pb2
 
+from cxr_gateway import reasons
 from cxr_gateway.kong_model import (
     WINDOWS,
+    AclConfig,
     Consumer,
     CorrelationIdConfig,
     KeyAuthConfig,
     RateLimitingConfig,
     RequestSizeLimitingConfig,
 )
+from cxr_gateway.roles import ADMIN_GROUP
+from cxr_serving.grpc_errors import to_status, trailing_metadata
 
 
 @dataclass(frozen=True)
 class Denial:
-    """A request refused by a plugin: HTTP form for REST, gRPC form for the proxy."""
+    """A request refused by a plugin: HTTP form for REST, gRPC form for the proxy, one google.rpc.Status."""
 
     http_status: int
     grpc_code: grpc.StatusCode
     message: str
+    reason: str
     headers: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: int | None = None
 
-    def body(self) -> dict[str, str]:
-        return {"message": self.message}
+    def status(self) -> status_pb2.Status:
+        """ErrorInfo (reason, domain, metadata) built as the services build it, plus RetryInfo on 429."""
+        st = to_status(self.grpc_code, self.message, self.reason, self.metadata)
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=self.retry_after_s))
+            detail = any_pb2.Any()
+            detail.Pack(retry)
+            st.details.append(detail)
+        return st
+
+    def body(self) -> dict[str, Any]:
+        """`{"code", "message", "details"}`: the Status as JSON, as grpc-gateway renders backend errors."""
+        d = json_format.MessageToDict(self.status())
+        return {"code": d.get("code", 0), "message": d.get("message", ""), "details": d.get("details", [])}
+
+    def trailers(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The plugin's headers (lower-case) and `grpc-status-details-bin` for the gRPC proxy."""
+        return tuple((k.lower(), v) for k, v in self.headers.items()) + trailing_metadata(self.status())
 
 
 class KeyAuth:
@@ -63,7 +92,13 @@ class KeyAuth:
                 key = query[name]
                 break
         if not key:
-            return Denial(401, grpc.StatusCode.UNAUTHENTICATED, "No API key found in request", dict(self._challenge))
+            return Denial(
+                401,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "No API key found in request",
+                reasons.API_KEY_MISSING,
+                dict(self._challenge),
+            )
         found: Consumer | None = None
         cand = key.encode()
         for consumer, valid in self._keys:  # compare against every key: timing does not reveal which
@@ -71,7 +106,11 @@ class KeyAuth:
                 found = consumer
         if found is None:
             return Denial(
-                401, grpc.StatusCode.UNAUTHENTICATED, "Invalid authentication credentials", dict(self._challenge)
+                401,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "Invalid authentication credentials",
+                reasons.API_KEY_INVALID,
+                dict(self._challenge),
             )
         return found
 
@@ -137,8 +176,15 @@ class RateLimiter:
             return RateDecision(True, headers)
         retry_after = max(u[5] for u in exceeded)
         headers["Retry-After"] = str(retry_after)
+        window = max(exceeded, key=lambda u: u[5])
         denial = Denial(
-            self.config.error_code, grpc.StatusCode.RESOURCE_EXHAUSTED, self.config.error_message, dict(headers)
+            self.config.error_code,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            self.config.error_message,
+            reasons.RATE_LIMIT_EXCEEDED,
+            dict(headers),
+            {"limit": str(int(window[2])), "window": window[0], "limit_by": self.config.limit_by},
+            retry_after,
         )
         return RateDecision(False, headers, denial)
 
@@ -168,14 +214,58 @@ class SizeLimit:
         self.limit = config.limit_bytes
 
     def too_large(self) -> Denial:
-        return Denial(413, grpc.StatusCode.RESOURCE_EXHAUSTED, "Request size limit exceeded")
+        return Denial(
+            413,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Request size limit exceeded",
+            reasons.REQUEST_TOO_LARGE,
+            metadata={"limit_bytes": str(self.limit)},
+        )
 
     def check_declared(self, content_length: int | None) -> Denial | None:
         if content_length is None:
             if self.config.require_content_length:
-                return Denial(411, grpc.StatusCode.INVALID_ARGUMENT, "A valid Content-Length header is required")
+                return Denial(
+                    411,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "A valid Content-Length header is required",
+                    reasons.CONTENT_LENGTH_REQUIRED,
+                )
             return None
         return self.too_large() if content_length > self.limit else None
+
+
+class Acl:
+    """acl: the consumer's groups (its `acls`) against the route's allow or deny list.
+
+    Like Kong: 403 "You cannot consume this service" when refused, 401 without an authenticated
+    consumer; when allowed, the groups go upstream in X-Consumer-Groups unless hide_groups_header.
+    """
+
+    HEADER = "x-consumer-groups"
+
+    def __init__(self, config: AclConfig) -> None:
+        self.config = config
+        self._allow = set(config.allow) if config.allow is not None else None
+        self._deny = set(config.deny or ())
+
+    def check(self, consumer: Consumer | None, route: str = "") -> Denial | str:
+        """The X-Consumer-Groups value ('' when hidden) for an allowed consumer, else a Denial."""
+        if consumer is None:
+            return Denial(401, grpc.StatusCode.UNAUTHENTICATED, "Unauthorized", reasons.API_KEY_MISSING)
+        groups = consumer.groups
+        if self._allow is not None:
+            allowed = bool(self._allow.intersection(groups))
+        else:
+            allowed = not self._deny.intersection(groups)
+        if not allowed:
+            admin_only = self._allow == {ADMIN_GROUP}
+            reason = reasons.ADMIN_REQUIRED if admin_only else reasons.GROUP_NOT_ALLOWED
+            meta = {"consumer": consumer.name, "groups": ",".join(groups)}
+            if route:
+                meta["route"] = route
+            return Denial(403, grpc.StatusCode.PERMISSION_DENIED, "You cannot consume this service", reason, {}, meta)
+        return "" if self.config.hide_groups_header else ", ".join(groups)
 
 
 class CorrelationId:
@@ -194,3 +284,21 @@ class CorrelationId:
         if self.config.generator == "uuid#counter":
             return f"{self._base}#{next(self._counter)}"
         return str(uuid.uuid4())
+
+
+# set by Kong for the upstream after authentication; a client's own values are never forwarded
+IDENTITY_PREFIXES = ("x-consumer-", "x-credential-", "x-anonymous-")
+
+
+def is_identity_header(name: str) -> bool:
+    return name.lower().startswith(IDENTITY_PREFIXES)
+
+
+def identity_metadata(consumer: Consumer | None, groups: str) -> list[tuple[str, str]]:
+    """X-Consumer-Username (key-auth) and X-Consumer-Groups (acl) as Kong sends them upstream."""
+    out: list[tuple[str, str]] = []
+    if consumer is not None:
+        out.append(("x-consumer-username", consumer.name))
+    if groups:
+        out.append((Acl.HEADER, groups))
+    return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxr_gateway.kong_model import KongConfig, Route, Service
-from cxr_gateway.limits import CorrelationId, KeyAuth, RateLimiter, SizeLimit
+from cxr_gateway.limits import Acl, CorrelationId, KeyAuth, RateLimiter, SizeLimit
 
 HTTP_PROTOCOLS = ("http", "https")
 GRPC_PROTOCOLS = ("grpc", "grpcs")
@@ -77,6 +77,9 @@ class Policies:
 
     def key_auth(self, hit: RouteHit) -> KeyAuth | None:
         return self._instance("key-auth", hit, lambda p: KeyAuth(p.config, self.kong.consumers))  # type: ignore[no-any-return]
+
+    def acl(self, hit: RouteHit) -> Acl | None:
+        return self._instance("acl", hit, lambda p: Acl(p.config))  # type: ignore[no-any-return]
 
     def size_limit(self, hit: RouteHit) -> SizeLimit | None:
         return self._instance("request-size-limiting", hit, lambda p: SizeLimit(p.config))  # type: ignore[no-any-return]
