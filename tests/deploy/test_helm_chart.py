@@ -555,6 +555,7 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
         env["DECK_OTEL_TRACES_ENDPOINT"] = "http://otel-collector:4318/v1/traces"  # the ${VAR:-default}
         hosts = {svc: svc for svc in SERVICES}
     env["DECK_CXR_API_KEY"] = dev_values["apiKeys"]["keys"][0]  # from the Secret at run time
+    env["DECK_CXR_ADMIN_API_KEY"] = dev_values["adminApiKeys"]["keys"][0]  # from the admin Secret
     config = kong_model.parse(kong_yml, env)
     targets = {t.target for u in config.upstreams for t in u.targets}
     ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
