@@ -189,3 +189,11 @@ def test_an_empty_monitoring_selector_is_refused(selector: dict) -> None:
     """An empty namespaceSelector matches every namespace: the metrics ports would be open cluster-wide."""
     with pytest.raises(helm.HelmError, match=re.escape("networkPolicy.monitoringNamespaceSelector: name at least")):
         render({"networkPolicy": {"monitoringNamespaceSelector": selector}})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_loopback_bind_address_is_refused(host: str) -> None:
+    """In a pod, Prometheus (and the kubelet, and Kong) reach the pod IP: a loopback bind would make the
+    metrics port unreachable while the NetworkPolicy looks right."""
+    with pytest.raises(helm.HelmError, match=re.escape(f"config.services.rag.host: {host} is the pod's loopback")):
+        render({"config": {"services": {"rag": {"host": host}}}})
