@@ -295,6 +295,11 @@ config = obj(
                     "description": "must stay empty: keys belong in apiKeys (a Secret)",
                 },
                 "api_key_file": {"type": "string", "pattern": "^/"},
+                "admin_api_keys": {
+                    "type": "array",
+                    "maxItems": 0,
+                    "description": "must stay empty: admin keys belong in adminApiKeys (a Secret of their own)",
+                },
             },
         },
         "monitoring": {"type": "object"},
@@ -324,6 +329,16 @@ SCHEMA: dict[str, Any] = {
                 "keys": {"type": "array", "items": {"type": "string", "minLength": 16}},
                 "mountPath": {"type": "string", "pattern": "^/"},
             }
+        ),
+        "adminApiKeys": obj(
+            {
+                "existingSecret": S,
+                "secretKey": {"type": "string", "minLength": 1},
+                "gatewayKeySecretKey": {"type": "string", "minLength": 1},
+                "keys": {"type": "array", "items": {"type": "string", "minLength": 16}},
+                "mountPath": {"type": "string", "pattern": "^/"},
+            },
+            desc="admin keys (LoadModel, UnloadModel, IngestDocuments), in a Secret apart from apiKeys",
         ),
         "backendTls": obj(
             {
@@ -375,7 +390,10 @@ SCHEMA: dict[str, Any] = {
         "kong": kong,
         "networkPolicy": obj(
             {
-                "monitoringNamespaceSelector": FREE,
+                "monitoringNamespaceSelector": obj(
+                    {"matchLabels": STRMAP, "matchExpressions": {"type": "array", "items": FREE}},
+                    desc="label selector of the monitoring namespaces; the chart refuses an empty one",
+                ),
                 "monitoringPodSelector": FREE,
                 "extraGatewayPeers": {"type": "array", "items": FREE},
             }

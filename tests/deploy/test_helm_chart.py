@@ -555,11 +555,16 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
         env["DECK_OTEL_TRACES_ENDPOINT"] = "http://otel-collector:4318/v1/traces"  # the ${VAR:-default}
         hosts = {svc: svc for svc in SERVICES}
     env["DECK_CXR_API_KEY"] = dev_values["apiKeys"]["keys"][0]  # from the Secret at run time
+    env["DECK_CXR_ADMIN_API_KEY"] = dev_values["adminApiKeys"]["keys"][0]  # from the admin Secret
     config = kong_model.parse(kong_yml, env)
     targets = {t.target for u in config.upstreams for t in u.targets}
     ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
     assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in SERVICES}
-    assert [k.key for c in config.consumers for k in c.keyauth_credentials] == [env["DECK_CXR_API_KEY"]]
+    keys = {c.username: [k.key for k in c.keyauth_credentials] for c in config.consumers}
+    assert keys["cxr-client"] == [env["DECK_CXR_API_KEY"]]
+    # the admin consumer (where kong.yml has the admin group) takes its key from the admin Secret
+    assert set(keys) <= {"cxr-client", "cxr-admin"}
+    assert keys.get("cxr-admin", [env["DECK_CXR_ADMIN_API_KEY"]]) == [env["DECK_CXR_ADMIN_API_KEY"]]
 
 
 @pytest.mark.parametrize("generator", ["gen_chart_readme.py", "gen_chart_schema.py"])

@@ -32,6 +32,8 @@ from tests.conftest import PUBMEDQA
 from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
 
 POSITIVE = "Effusion"
+# The admin key of the stack (LoadModel, UnloadModel, IngestDocuments), distinct from TEST_KEY.
+ADMIN_KEY = "test-admin-key-0123456789"
 NIH = (
     "Atelectasis Cardiomegaly Effusion Infiltration Mass Nodule Pneumonia Pneumothorax Consolidation Edema "
     "Emphysema Fibrosis Pleural_Thickening Hernia"
@@ -54,7 +56,7 @@ def _corpus(dest: Path, limit: int = 20) -> Path:
 
 def use_stack_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     """Point the client's environment (CXR_* endpoints and key) at `stack`, dropping any TLS settings."""
-    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS"):
+    for k in ("CXR_ENDPOINT", "CXR_TLS", "CXR_TLS_ROOT_CERTS", "CXR_ADMIN_API_KEY"):
         monkeypatch.delenv(k, raising=False)
     for k, v in stack.env().items():
         monkeypatch.setenv(k, v)
@@ -71,9 +73,19 @@ def stack_question(words: int = 16) -> str:
     raise AssertionError("no chest-related passage in the corpus")
 
 
+def _admin_key_settings() -> dict[str, object]:
+    """ADMIN_KEY as the services' admin key; where the runtime has no admin role yet, as one more key."""
+    from cxr_serving.settings import SecurityConfig
+
+    if "admin_api_keys" in SecurityConfig.model_fields:
+        return {"security__admin_api_keys": [ADMIN_KEY]}
+    return {"security__api_keys": [TEST_KEY, ADMIN_KEY]}
+
+
 def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
     thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 0.0}
     return make_settings(
+        **_admin_key_settings(),
         models__binary_classifier={"enabled": True, "allow_untrained": True, "thresholds": 1.0},
         models__multiclass_classifier={
             "enabled": True,
@@ -152,12 +164,13 @@ class Stack:
 
     def config(self, **overrides: object) -> ClientConfig:
         return ClientConfig.model_validate(
-            {"endpoints": self.endpoints(), "api_key": TEST_KEY, "timeout_s": 60} | overrides
+            {"endpoints": self.endpoints(), "api_key": TEST_KEY, "admin_api_key": ADMIN_KEY, "timeout_s": 60}
+            | overrides
         )
 
     def env(self) -> dict[str, str]:
         env = {f"CXR_{name.upper()}_ENDPOINT": ep for name, ep in self.endpoints().items()}
-        return env | {"CXR_API_KEY": TEST_KEY, "CXR_TIMEOUT_S": "60"}
+        return env | {"CXR_API_KEY": TEST_KEY, "CXR_ADMIN_API_KEY": ADMIN_KEY, "CXR_TIMEOUT_S": "60"}
 
 
 _STACKS: dict[str, Stack] = {}

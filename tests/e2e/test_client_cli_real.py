@@ -100,3 +100,37 @@ def test_cli_analyze_with_heatmaps(env, capsys, tmp_path):
     assert f"![Grad-CAM {POSITIVE}](heatmap_{POSITIVE}.png)" in (out / "report.md").read_text()
     assert f"Grad-CAM: {POSITIVE}" in (out / "report.html").read_text()
     assert "heatmaps" not in json.loads((out / "report.json").read_text())
+
+
+def test_cli_admin_commands_send_the_admin_key(env, capsys, monkeypatch, tmp_path):
+    """models unload/load and ingest on the real services, with the stack's admin key (distinct from
+    the inference key); without an admin key they stop before calling and the model stays READY."""
+    rc, out, err = run_cli(capsys, "--json", "models", "unload", "segmentation", "segmentation")
+    assert rc == 0, err
+    assert json.loads(out)["state"] == "MODEL_STATE_UNLOADED"
+    rc, out, err = run_cli(capsys, "--json", "models", "load", "segmentation", "segmentation")
+    assert rc == 0, err
+    assert json.loads(out)["state"] == "MODEL_STATE_READY"
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "admin-key-e2e", "title": "t", "text": "Zygomycosis quokka marker."}) + "\n")
+    rc, out, err = run_cli(capsys, "--json", "ingest", str(docs))
+    assert rc == 0, err
+    assert json.loads(out)["documents_received"] == 1
+    monkeypatch.delenv("CXR_ADMIN_API_KEY")
+    rc, _, err = run_cli(capsys, "models", "unload", "segmentation", "segmentation")
+    assert rc == 2 and "UnloadModel is an admin call" in err
+    rc, out, _ = run_cli(capsys, "--json", "models", "list", "--service", "segmentation")
+    assert rc == 0 and [m["state"] for m in json.loads(out)] == ["MODEL_STATE_READY"]
+
+
+def test_cli_admin_command_with_an_inference_key_is_refused_by_the_service(env, capsys, monkeypatch):
+    """The services' admin role: the inference key, configured as the admin key, gets ADMIN_REQUIRED."""
+    from cxr_serving.settings import SecurityConfig
+
+    if "admin_api_keys" not in SecurityConfig.model_fields:
+        pytest.skip("the services' admin role (security.admin_api_keys) is not on this branch")
+    monkeypatch.setenv("CXR_ADMIN_API_KEY", env.env()["CXR_API_KEY"])
+    rc, _, err = run_cli(capsys, "models", "unload", "segmentation", "segmentation")
+    assert rc == 1 and "PERMISSION_DENIED" in err and "ADMIN_REQUIRED" in err
+    rc, out, _ = run_cli(capsys, "--json", "models", "list", "--service", "segmentation")
+    assert rc == 0 and [m["state"] for m in json.loads(out)] == ["MODEL_STATE_READY"]

@@ -134,6 +134,10 @@ storageClassName: {{ $sc | quote }}
 {{- default (printf "%s-api-keys" (include "cxr.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
+{{- define "cxr.adminApiKeySecretName" -}}
+{{- default (printf "%s-admin-api-keys" (include "cxr.fullname" .)) .Values.adminApiKeys.existingSecret -}}
+{{- end -}}
+
 {{- define "cxr.weightsClaimName" -}}
 {{- default (printf "%s-model-weights" (include "cxr.fullname" .)) .Values.weights.pvc.existingClaim -}}
 {{- end -}}

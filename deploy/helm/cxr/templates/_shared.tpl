@@ -101,8 +101,13 @@ spec:
       {{- include "cxr.selectorLabels" (dict "root" . "component" "rag") | nindent 6 }}
 {{- end -}}
 
-{{/* NetworkPolicy peer: Prometheus (namespace + optional pod selector). */}}
+{{/* NetworkPolicy peer: Prometheus (namespace + optional pod selector). An empty namespace
+     selector matches every namespace, so it is refused rather than opening the metrics ports. */}}
 {{- define "cxr.monitoringPeer" -}}
+{{- $sel := .Values.networkPolicy.monitoringNamespaceSelector -}}
+{{- if not (or $sel.matchLabels $sel.matchExpressions) -}}
+{{- fail "networkPolicy.monitoringNamespaceSelector: name at least one label (matchLabels) or expression (matchExpressions); an empty selector matches every namespace and would open the metrics ports to all of them" -}}
+{{- end }}
 - namespaceSelector:
     {{- toYaml .Values.networkPolicy.monitoringNamespaceSelector | nindent 4 }}
   {{- with .Values.networkPolicy.monitoringPodSelector }}

@@ -5,6 +5,7 @@ from cxr_client.batch import BatchResult, BatchSummary, batch_process_images
 from cxr_client.client import AsyncCxrClient, CxrClient
 from cxr_client.config import ClientConfig, TlsOptions
 from cxr_client.errors import (
+    AdminKeyNotConfiguredError,
     AuthenticationError,
     CxrClientError,
     DeadlineExceededError,
@@ -12,6 +13,7 @@ from cxr_client.errors import (
     InvalidImageError,
     NotFoundError,
     OverloadedError,
+    PermissionDeniedError,
     ServerError,
     UnavailableError,
 )
@@ -19,6 +21,7 @@ from cxr_client.retry_policy import SERVICE_CONFIG
 
 __all__ = [
     "SERVICE_CONFIG",
+    "AdminKeyNotConfiguredError",
     "AsyncCxrClient",
     "AuthenticationError",
     "BatchResult",
@@ -31,6 +34,7 @@ __all__ = [
     "InvalidImageError",
     "NotFoundError",
     "OverloadedError",
+    "PermissionDeniedError",
     "ServerError",
     "TlsOptions",
     "UnavailableError",

@@ -5,11 +5,15 @@
     cxr ask "question" [--top-k K] [--search-only]
     cxr analyze IMG [--out DIR] [--format markdown|html|json]
     cxr models list [--service S] | load SERVICE MODEL [--checkpoint P] | unload SERVICE MODEL
+    cxr ingest DOCS.jsonl
     cxr health
 
-Global options (before the command): --endpoint, --api-key, --timeout, --tls, --ca, --cert,
---key, --json. Environment: CXR_ENDPOINT, CXR_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*.
-Exit status: 0 ok, 1 a call or an image failed, 2 usage error.
+Global options (before the command): --endpoint, --api-key, --admin-api-key, --timeout, --tls,
+--ca, --cert, --key, --json. Environment: CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY,
+CXR_<SERVICE>_ENDPOINT, CXR_TLS_*. `models load`, `models unload` and `ingest` are admin commands:
+they send the admin key (never the inference key); every other command sends the inference key only.
+Exit status: 0 ok, 1 a call or an image failed, 2 usage error (including an admin command without an
+admin key).
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.message import Message
 
 from cxr_client.analyze import analyze_study
 from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import SERVICES, ClientConfig, ServiceName, TlsOptions
-from cxr_client.errors import CxrClientError
+from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError
 from cxr_client.report import to_html, to_json, to_markdown, write_report
+from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
 MODEL_SERVICES = ("classification", "segmentation")
 STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
@@ -72,7 +77,10 @@ def _csv(value: str | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray platform client (not for diagnosis).")
     p.add_argument("--endpoint", help="gRPC endpoint of every service, e.g. a gateway (env CXR_ENDPOINT)")
-    p.add_argument("--api-key", help="API key (env CXR_API_KEY)")
+    p.add_argument("--api-key", help="API key of inference commands (env CXR_API_KEY)")
+    p.add_argument(
+        "--admin-api-key", help="admin key, sent only by models load/unload and ingest (env CXR_ADMIN_API_KEY)"
+    )
     p.add_argument("--timeout", type=float, help="deadline per call in seconds (default 30)")
     p.add_argument("--tls", action="store_true", help="use TLS (also: a grpcs:// endpoint)")
     p.add_argument("--ca", type=Path, help="PEM CA bundle to trust (turns TLS on)")
@@ -120,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     mun.add_argument("service", choices=MODEL_SERVICES)
     mun.add_argument("model")
 
+    g = sub.add_parser("ingest", help="add documents to the literature store (admin key)")
+    g.add_argument("documents", type=Path, help="JSON lines, one cxr.rag.v1.Document each: id, text, title, source")
+
     sub.add_parser("health", help="health of every service")
     return p
 
@@ -132,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> ClientConfig:
         update["endpoints"] = {}
     if args.api_key:
         update["api_key"] = args.api_key
+    if args.admin_api_key:
+        update["admin_api_key"] = args.admin_api_key
     if args.timeout:
         update["timeout_s"] = args.timeout
     if args.tls or args.ca or args.cert or args.key:
@@ -298,6 +311,30 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def read_documents(path: Path) -> list[rag_pb.Document]:
+    """The documents of a JSON-lines file; a bad line is a usage error naming the line."""
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(ParseDict(json.loads(line), rag_pb.Document()))
+            except (ValueError, ParseError) as exc:
+                raise ValueError(f"{path}:{n}: not a cxr.rag.v1.Document: {exc}") from None
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    return docs
+
+
+async def cmd_ingest(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    resp = await client.ingest_documents(read_documents(args.documents))
+    added, present = resp.chunks_added, resp.chunks_skipped
+    text = f"{resp.documents_received} documents: {added} chunks added, {present} already present"
+    _emit(args, to_dict(resp), text)
+    return 0
+
+
 async def cmd_health(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     status = await client.health_all()
     rows = [[svc, client.config.endpoint_for(svc), status[svc]] for svc in SERVICES]
@@ -312,6 +349,7 @@ COMMANDS = {
     "ask": cmd_ask,
     "analyze": cmd_analyze,
     "models": cmd_models,
+    "ingest": cmd_ingest,
     "health": cmd_health,
 }
 
@@ -325,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args))
+    except AdminKeyNotConfiguredError as err:
+        if args.json:
+            print(json.dumps({"error": err.to_dict()}, indent=2))
+        print(f"cxr: {err.message}", file=sys.stderr)
+        return 2
     except CxrClientError as err:
         if args.json:
             print(json.dumps({"error": err.to_dict()}, indent=2))

@@ -2,7 +2,8 @@
 
 Both take a `ClientConfig` (default: `ClientConfig.from_env()`), open one channel per distinct
 endpoint (so a gateway endpoint carries every service on one connection), send the API key as
-`x-api-key`, put a deadline on every call, apply the published retry policy
+`x-api-key` (the admin key instead, and only, on LoadModel, UnloadModel and IngestDocuments), put a
+deadline on every call, apply the published retry policy
 (`cxr_client.retry_policy`) and raise `cxr_client.errors.CxrClientError` subclasses instead of
 `grpc.RpcError`. Responses are the generated protobuf messages (`cxr_protos`), fully typed.
 """
@@ -18,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_client.config import SERVICES, ClientConfig, ServiceName
-from cxr_client.errors import CxrClientError, from_rpc_error
+from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, from_rpc_error
 from cxr_client.images import ImageInput, to_image
 from cxr_client.retry_policy import channel_options
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
@@ -102,17 +103,32 @@ class AsyncCxrClient:
             )
         return self._channels[key]
 
-    def metadata(self, extra: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    def metadata(
+        self, extra: Mapping[str, str] | None = None, *, admin_method: str | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """Call metadata: the inference key, or for an admin call (`admin_method`) the admin key alone."""
         md: list[tuple[str, str]] = []
-        if self.config.api_key:
+        if admin_method is not None:
+            if not self.config.admin_api_key:
+                raise AdminKeyNotConfiguredError(admin_method)
+            md.append(("x-api-key", self.config.admin_api_key))
+        elif self.config.api_key:
             md.append(("x-api-key", self.config.api_key))
         md.extend((extra or {}).items())
         return tuple(md)
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: float | None,
+        *,
+        admin_method: str | None = None,
+    ) -> T:
+        metadata = self.metadata(admin_method=admin_method)
         try:
             return await method(
-                request, metadata=self.metadata(), timeout=timeout if timeout is not None else self.config.timeout_s
+                request, metadata=metadata, timeout=timeout if timeout is not None else self.config.timeout_s
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -285,7 +301,12 @@ class AsyncCxrClient:
         self, documents: Iterable[rag_pb.Document | Mapping[str, Any]], *, timeout: float | None = None
     ) -> rag_pb.IngestDocumentsResponse:
         docs = [d if isinstance(d, rag_pb.Document) else rag_pb.Document(**d) for d in documents]
-        return await self._call(self._rag().IngestDocuments, rag_pb.IngestDocumentsRequest(documents=docs), timeout)
+        return await self._call(
+            self._rag().IngestDocuments,
+            rag_pb.IngestDocumentsRequest(documents=docs),
+            timeout,
+            admin_method="IngestDocuments",
+        )
 
     # -- models ---------------------------------------------------------------------------------
     async def list_models(self, service: ServiceName, *, timeout: float | None = None) -> list[common_pb2.ModelInfo]:
@@ -299,7 +320,7 @@ class AsyncCxrClient:
         stub = self._model_stub(service)
         pb = cls_pb if service == "classification" else seg_pb
         req = pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
-        info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout)).model
+        info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout, admin_method="LoadModel")).model
         return info
 
     async def unload_model(
@@ -308,7 +329,9 @@ class AsyncCxrClient:
         stub = self._model_stub(service)
         pb = cls_pb if service == "classification" else seg_pb
         req = pb.UnloadModelRequest(model_name=model_name)
-        info: common_pb2.ModelInfo = (await self._call(stub.UnloadModel, req, timeout)).model
+        info: common_pb2.ModelInfo = (
+            await self._call(stub.UnloadModel, req, timeout, admin_method="UnloadModel")
+        ).model
         return info
 
     # -- health ---------------------------------------------------------------------------------

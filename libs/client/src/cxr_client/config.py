@@ -1,10 +1,13 @@
-"""Where the services are and how to reach them: endpoints, API key, TLS, deadlines.
+"""Where the services are and how to reach them: endpoints, API keys, TLS, deadlines.
 
 One endpoint for everything (a gateway's gRPC port: `CXR_ENDPOINT`) or one per service
 (`CXR_CLASSIFICATION_ENDPOINT`, `CXR_SEGMENTATION_ENDPOINT`, `CXR_RAG_ENDPOINT`, which win over
 `CXR_ENDPOINT`). Without either, the local stack of `make run` (ports 50051-50053).
 An endpoint may carry a scheme: `grpcs://host:443` turns TLS on, `grpc://host:port` or a bare
 `host:port` is plaintext unless `tls` is set.
+
+Two keys: `api_key` (`CXR_API_KEY`) for inference calls and `admin_api_key` (`CXR_ADMIN_API_KEY`)
+for the admin calls (LoadModel, UnloadModel, IngestDocuments). Each call sends exactly one of them.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ class ClientConfig(BaseModel):
 
     endpoint: str | None = Field(default=None, description="one gRPC endpoint for every service (e.g. the gateway)")
     endpoints: dict[str, str] = Field(default_factory=dict, description="per-service overrides")
-    api_key: str | None = Field(default=None, description="sent as x-api-key metadata on every call")
+    api_key: str | None = Field(default=None, description="sent as x-api-key metadata on every inference call")
+    admin_api_key: str | None = Field(
+        default=None,
+        description="sent as x-api-key instead of api_key, and only, on admin calls (LoadModel, UnloadModel, "
+        "IngestDocuments)",
+    )
     tls: TlsOptions = Field(default_factory=lambda: TlsOptions())
     timeout_s: float = Field(30.0, gt=0, description="default deadline of one call")
     max_message_mb: int = Field(64, gt=0)
@@ -73,10 +81,12 @@ class ClientConfig(BaseModel):
             server_name_override=env.get("CXR_TLS_SERVER_NAME") or None,
         )
         key = env.get("CXR_API_KEY", "").split(",")[0].strip() or None
+        admin_key = env.get("CXR_ADMIN_API_KEY", "").split(",")[0].strip() or None
         data: dict[str, object] = {
             "endpoint": env.get("CXR_ENDPOINT") or None,
             "endpoints": endpoints,
             "api_key": key,
+            "admin_api_key": admin_key,
             "tls": tls,
         }
         if env.get("CXR_TIMEOUT_S"):

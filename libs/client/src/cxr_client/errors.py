@@ -96,6 +96,18 @@ class PermissionDeniedError(CxrClientError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class AdminKeyNotConfiguredError(PermissionDeniedError):
+    """An admin call with no admin key configured, raised before anything is sent (the inference key is never
+    used in its place)."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(
+            f"{method} is an admin call and no admin key is configured: set CXR_ADMIN_API_KEY, --admin-api-key "
+            "or ClientConfig.admin_api_key (the inference key is not sent for admin calls)",
+            reason="ADMIN_KEY_NOT_CONFIGURED",
+        )
+
+
 class FailedPreconditionError(CxrClientError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -186,6 +198,7 @@ def from_status(status: status_pb2.Status) -> CxrClientError:
 
 
 __all__ = [
+    "AdminKeyNotConfiguredError",
     "AuthenticationError",
     "CancelledError",
     "CxrClientError",

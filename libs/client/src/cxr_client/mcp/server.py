@@ -2,7 +2,8 @@
 
 Built on the MCP Python SDK v2 (`mcp.server.mcpserver.MCPServer`, v1's FastMCP). Every tool calls
 the services through `cxr_client.AsyncCxrClient`, so the server is configured like the CLI
-(CXR_ENDPOINT, CXR_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*). Images come as a file path
+(CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*); only the admin
+tool `unload_model` sends the admin key, and it refuses to run without one. Images come as a file path
 readable by this server or as base64 text. Service errors come back as tool errors
 (`is_error`) with the gRPC code and ErrorInfo reason, so an agent can correct itself.
 
@@ -202,7 +203,8 @@ def build_server(config: ClientConfig | None = None, *, name: str = "cxr") -> MC
 
     @server.tool()
     async def unload_model(service: ModelService, model_name: str) -> dict[str, Any]:
-        """Unload a model to free its memory (it answers UNAVAILABLE until loaded again)."""
+        """Unload a model to free its memory (it answers UNAVAILABLE until loaded again). Admin: needs the
+        server's CXR_ADMIN_API_KEY."""
         try:
             return to_dict(await client().unload_model(service, model_name))
         except CxrClientError as err:
