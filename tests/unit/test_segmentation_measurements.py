@@ -8,6 +8,8 @@ import io
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from cxr_client.analyze import UNTRAINED_MEASUREMENT, _measurements
 from cxr_client.report import to_html, to_markdown
@@ -26,12 +28,15 @@ ROW, COL = 0.835, 0.684
 
 
 def dicom(**changes: object) -> bytes:
-    """The shared NIH DX file with attributes set (a value of None deletes the attribute)."""
+    """The shared NIH DX file with attributes set (None deletes one; bytes are written raw, unvalidated)."""
     ds = pydicom.dcmread(SOURCE)
     for keyword, value in changes.items():
         if value is None:
             if keyword in ds:
                 delattr(ds, keyword)
+        elif isinstance(value, bytes):
+            tag = Tag(keyword)
+            ds[tag] = RawDataElement(tag, "DS", len(value), value, 0, False, True)
         else:
             setattr(ds, keyword, value)
     buf = io.BytesIO()
@@ -71,6 +76,18 @@ SPACING_CASES = {
         images.SPACING_IMAGER_UNCORRECTED,
         (ROW, COL),
         0.0,
+    ),
+    "unparsable_pixel_spacing_and_factor": (
+        {"PixelSpacing": b"abc\\def ", "EstimatedRadiographicMagnificationFactor": b"x1.1"},
+        images.SPACING_IMAGER_UNCORRECTED,
+        (ROW, COL),
+        0.0,
+    ),
+    "nan_pixel_spacing_imager_factor_1.1": (
+        {"PixelSpacing": b"nan\\nan ", "EstimatedRadiographicMagnificationFactor": b"1.1 "},
+        images.SPACING_IMAGER_CORRECTED,
+        (ROW / 1.1, COL / 1.1),
+        1.1,
     ),
     "zero_pixel_spacing_no_imager": (
         {"PixelSpacing": [0, 0], "ImagerPixelSpacing": None},

@@ -267,9 +267,10 @@ def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(pixels, fmt, 8)
 
 
-def _positive(value: Any, count: int) -> tuple[float, ...] | None:
-    """`count` finite positive numbers from a DICOM DS value, or None (absent, `0\\0`, malformed)."""
+def _positive(ds: Any, keyword: str, count: int) -> tuple[float, ...] | None:
+    """`count` finite positive numbers from a DICOM DS attribute, or None (absent, `0\\0`, malformed)."""
     try:
+        value = ds.get(keyword)  # pydicom converts on access: an unparsable DS raises here
         values = list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value]
         numbers = tuple(float(v) for v in values)
     except (TypeError, ValueError):
@@ -284,13 +285,13 @@ def _dicom_spacing(ds: Any) -> tuple[tuple[float, float] | None, str, float]:
 
     PixelSpacing is in the patient; ImagerPixelSpacing is at the detector, where the patient is magnified
     by EstimatedRadiographicMagnificationFactor, so it is divided by that factor when the file has one."""
-    pixel = _positive(ds.get("PixelSpacing"), 2)
+    pixel = _positive(ds, "PixelSpacing", 2)
     if pixel is not None:
         return (pixel[0], pixel[1]), SPACING_PIXEL, 0.0
-    imager = _positive(ds.get("ImagerPixelSpacing"), 2)
+    imager = _positive(ds, "ImagerPixelSpacing", 2)
     if imager is None:
         return None, SPACING_NONE, 0.0
-    factor = _positive(ds.get("EstimatedRadiographicMagnificationFactor"), 1)
+    factor = _positive(ds, "EstimatedRadiographicMagnificationFactor", 1)
     if factor is None:
         return (imager[0], imager[1]), SPACING_IMAGER_UNCORRECTED, 0.0
     return (imager[0] / factor[0], imager[1] / factor[0]), SPACING_IMAGER_CORRECTED, factor[0]

@@ -45,8 +45,9 @@ _TYPE2 = (
 _PIXEL_MEASURES = ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")
 
 
-def _positive_spacing(value: Any) -> bool:
+def _positive_spacing(source: Any) -> bool:
     try:
+        value = source.get("PixelSpacing")  # pydicom converts on access: an unparsable DS raises here
         return len(value) == 2 and all(math.isfinite(float(v)) and float(v) > 0 for v in value)
     except (TypeError, ValueError):
         return False
@@ -63,10 +64,10 @@ def _source_header(source: Any) -> Any:
     from pydicom.tag import Tag
 
     patient_coordinates = "FrameOfReferenceUID" in source and "ImagePositionPatient" in source
-    if patient_coordinates and not _positive_spacing(source.get("PixelSpacing")):
+    if patient_coordinates and not _positive_spacing(source):
         raise InvalidInputError(
-            "a DICOM Segmentation in the patient coordinate system needs a positive PixelSpacing; this DICOM has "
-            f"{source.get('PixelSpacing')!s:.40}",
+            "a DICOM Segmentation in the patient coordinate system needs a positive PixelSpacing, and this "
+            "DICOM's is missing, malformed or not positive",
             reason="DICOM_SEG_UNSUPPORTED",
         )
     header = Dataset()
