@@ -24,6 +24,7 @@ from cxr_client.client import AsyncCxrClient
 from cxr_client.errors import CxrClientError, InvalidArgumentError
 from cxr_client.images import ImageInput, to_image
 from cxr_protos.common.v1 import common_pb2
+from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 
 DISCLAIMER = (
     "Not for diagnosis. This report is produced by research software for engineering and evaluation "
@@ -36,6 +37,17 @@ UNTRAINED_WARNING = (
 )
 NEGATIVE_LABELS = frozenset({"normal", "no finding", "no_finding", "nofinding"})
 CTR_CARDIOMEGALY = 0.5
+UNTRAINED_MEASUREMENT = "measured on the masks of an untrained model (random weights): not interpretable"
+# SegmentImageResponse.spacing_source -> where the mm values come from, in words.
+_SPACING_SOURCE = {
+    "SPACING_SOURCE_PIXEL_SPACING": "DICOM PixelSpacing (in the patient)",
+    "SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED": (
+        "DICOM ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    ),
+    "SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED": (
+        "DICOM ImagerPixelSpacing, at the detector (no magnification factor in the file: larger than in the patient)"
+    ),
+}
 
 
 class ModelVersion(BaseModel):
@@ -59,10 +71,12 @@ class ReportFinding(BaseModel):
 class Measurements(BaseModel):
     cardiothoracic_ratio: float | None = None
     cardiothoracic_ratio_unavailable_reason: str = ""
+    cardiothoracic_ratio_implausible: bool = False
     heart_width_px: float = 0.0
     thorax_width_px: float = 0.0
     heart_width_mm: float = 0.0
     thorax_width_mm: float = 0.0
+    spacing_source: str = ""  # where the mm values come from; empty: no mm values
     note: str = ""
 
 
@@ -177,7 +191,12 @@ async def analyze_study(
     else:
         report.models.append(_model_version("segmentation", seg_res.model))
         report.image = report.image or _image_dict(seg_res.image)
-        report.measurements = _measurements(seg_res.measurements)
+        report.measurements = _measurements(
+            seg_res.measurements,
+            untrained=seg_res.untrained or seg_res.model.untrained,
+            spacing_source=seg_pb.SpacingSource.Name(seg_res.spacing_source),
+            magnification_factor=seg_res.magnification_factor,
+        )
         report.anatomy = [
             AnatomyStructure(label=m.label, area_pixels=m.area_pixels, area_mm2=round(m.area_mm2, 1))
             for m in seg_res.masks
@@ -268,21 +287,36 @@ def _image_dict(meta: common_pb2.ImageMetadata) -> dict[str, Any]:
     return out
 
 
-def _measurements(m: Any) -> Measurements:
-    ctr = float(m.cardiothoracic_ratio) if m.cardiothoracic_ratio > 0 else None
+def _measurements(
+    m: Any, *, untrained: bool = False, spacing_source: str = "", magnification_factor: float = 0.0
+) -> Measurements:
+    """The segmentation measurements for the report: a ratio outside (0, 1) is never reported as a value, and
+    an untrained model's ratio is never read against the cardiomegaly cut-off."""
+    ratio = float(m.cardiothoracic_ratio)
+    implausible = bool(m.cardiothoracic_ratio_implausible) or not (ratio == 0.0 or 0.0 < ratio < 1.0)
+    reason = m.cardiothoracic_ratio_unavailable_reason
+    if implausible and not m.cardiothoracic_ratio_implausible:  # a server that does not check it
+        reason = f"implausible: a ratio of {ratio:.3f} is outside (0, 1); the masks are wrong"
+    ctr = ratio if 0.0 < ratio < 1.0 and not implausible else None
     note = ""
     if ctr is not None:
-        note = (
-            f"CTR {ctr:.2f} is above {CTR_CARDIOMEGALY}, the usual cardiomegaly cut-off on PA radiographs"
-            if ctr > CTR_CARDIOMEGALY
-            else f"CTR {ctr:.2f} is within the usual range (<= {CTR_CARDIOMEGALY} on PA radiographs)"
-        )
+        if untrained:
+            note = UNTRAINED_MEASUREMENT
+        elif ctr > CTR_CARDIOMEGALY:
+            note = f"CTR {ctr:.2f} is above {CTR_CARDIOMEGALY}, the usual cardiomegaly cut-off on PA radiographs"
+        else:
+            note = f"CTR {ctr:.2f} is within the usual range (<= {CTR_CARDIOMEGALY} on PA radiographs)"
+    source = _SPACING_SOURCE.get(spacing_source, "")
+    if source and magnification_factor:
+        source += f" {magnification_factor:g}"
     return Measurements(
         cardiothoracic_ratio=round(ctr, 4) if ctr is not None else None,
-        cardiothoracic_ratio_unavailable_reason=m.cardiothoracic_ratio_unavailable_reason,
+        cardiothoracic_ratio_unavailable_reason=reason,
+        cardiothoracic_ratio_implausible=implausible,
         heart_width_px=round(m.heart_width_px, 1),
         thorax_width_px=round(m.thorax_width_px, 1),
         heart_width_mm=round(m.heart_width_mm, 1),
         thorax_width_mm=round(m.thorax_width_mm, 1),
+        spacing_source=source,
         note=note,
     )

@@ -60,6 +60,10 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None, heatmap
     else:
         if m.cardiothoracic_ratio is not None:
             lines.append(f"- Cardiothoracic ratio: **{m.cardiothoracic_ratio:.3f}** — {m.note}")
+        elif m.cardiothoracic_ratio_implausible:
+            lines.append(
+                f"- Cardiothoracic ratio: implausible, not reported ({m.cardiothoracic_ratio_unavailable_reason})"
+            )
         else:
             lines.append(f"- Cardiothoracic ratio: not computable ({m.cardiothoracic_ratio_unavailable_reason or '-'})")
         lines.append(
@@ -69,6 +73,8 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None, heatmap
             f"- Thorax width: {m.thorax_width_px:.0f} px"
             + (f" ({m.thorax_width_mm:.0f} mm)" if m.thorax_width_mm else "")
         )
+        if m.spacing_source:
+            lines.append(f"- Sizes in mm from {m.spacing_source}")
         for a in report.anatomy:
             area = f"{a.area_pixels} px" + (f", {a.area_mm2:.0f} mm²" if a.area_mm2 else "")
             lines.append(f"- {a.label.replace('_', ' ')}: {area}")
@@ -140,13 +146,16 @@ def to_html(report: StudyReport) -> str:
     if m is None:
         parts.append("<p>No segmentation results.</p>")
     else:
-        ctr = (
-            f"<b>{m.cardiothoracic_ratio:.3f}</b> — {e(m.note)}"
-            if m.cardiothoracic_ratio is not None
-            else f"not computable ({e(m.cardiothoracic_ratio_unavailable_reason or '-')})"
-        )
+        if m.cardiothoracic_ratio is not None:
+            ctr = f"<b>{m.cardiothoracic_ratio:.3f}</b> — {e(m.note)}"
+        elif m.cardiothoracic_ratio_implausible:
+            ctr = f"implausible, not reported ({e(m.cardiothoracic_ratio_unavailable_reason)})"
+        else:
+            ctr = f"not computable ({e(m.cardiothoracic_ratio_unavailable_reason or '-')})"
         parts.append(f"<ul><li>Cardiothoracic ratio: {ctr}</li>")
         parts += [f"<li>{e(a.label.replace('_', ' '))}: {a.area_pixels} px</li>" for a in report.anatomy]
+        if m.spacing_source:
+            parts.append(f"<li>Sizes in mm from {e(m.spacing_source)}</li>")
         parts.append("</ul>")
     if report.overlay_png:
         b64 = base64.b64encode(report.overlay_png).decode()

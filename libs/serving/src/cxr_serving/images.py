@@ -112,6 +112,13 @@ def anonymize_dataset(ds: Any) -> None:
     ds.PatientID = ANONYMIZED
 
 
+# Where DecodedImage.pixel_spacing_mm comes from (the SpacingSource enum of the API, lower case, no prefix).
+SPACING_NONE = "none"
+SPACING_PIXEL = "pixel_spacing"  # PixelSpacing: in the patient
+SPACING_IMAGER_CORRECTED = "imager_pixel_spacing_corrected"  # ImagerPixelSpacing / magnification factor
+SPACING_IMAGER_UNCORRECTED = "imager_pixel_spacing_uncorrected"  # ImagerPixelSpacing: at the detector
+
+
 @dataclass
 class DecodedImage:
     """Grayscale pixels in [0, 1] (float32, H x W) and what we learned on the way."""
@@ -119,9 +126,11 @@ class DecodedImage:
     pixels: np.ndarray
     format: str
     bits_stored: int
-    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column)
+    pixel_spacing_mm: tuple[float, float] | None = None  # (row, column), in the patient when the source allows
     photometric_interpretation: str = ""
     dataset: Any = field(default=None, repr=False)  # pydicom Dataset for DICOM input (for DICOM-SEG export)
+    pixel_spacing_source: str = SPACING_NONE  # which attribute pixel_spacing_mm comes from (SPACING_*)
+    magnification_factor: float = 0.0  # the EstimatedRadiographicMagnificationFactor applied, else 0
 
     @property
     def height(self) -> int:
@@ -258,14 +267,34 @@ def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(pixels, fmt, 8)
 
 
-def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is not None and len(value) == 2:
-            row, col = float(value[0]), float(value[1])
-            if row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col):
-                return (row, col)
-    return None
+def _positive(ds: Any, keyword: str, count: int) -> tuple[float, ...] | None:
+    """`count` finite positive numbers from a DICOM DS attribute, or None (absent, `0\\0`, malformed)."""
+    try:
+        value = ds.get(keyword)  # pydicom converts on access: an unparsable DS raises here
+        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str | bytes) else [value]
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != count or not all(math.isfinite(v) and v > 0 for v in numbers):
+        return None
+    return numbers
+
+
+def _dicom_spacing(ds: Any) -> tuple[tuple[float, float] | None, str, float]:
+    """(row, column) spacing in mm, its source (SPACING_*) and the magnification factor applied.
+
+    PixelSpacing is in the patient; ImagerPixelSpacing is at the detector, where the patient is magnified
+    by EstimatedRadiographicMagnificationFactor, so it is divided by that factor when the file has one."""
+    pixel = _positive(ds, "PixelSpacing", 2)
+    if pixel is not None:
+        return (pixel[0], pixel[1]), SPACING_PIXEL, 0.0
+    imager = _positive(ds, "ImagerPixelSpacing", 2)
+    if imager is None:
+        return None, SPACING_NONE, 0.0
+    factor = _positive(ds, "EstimatedRadiographicMagnificationFactor", 1)
+    if factor is None:
+        return (imager[0], imager[1]), SPACING_IMAGER_UNCORRECTED, 0.0
+    return (imager[0] / factor[0], imager[1] / factor[0]), SPACING_IMAGER_CORRECTED, factor[0]
 
 
 def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -321,7 +350,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB by default) -> luma
             arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         pixels = arr.astype(np.float32) / float(2**bits_stored - 1)
-        return DecodedImage(np.clip(pixels, 0, 1), "dcm", bits_stored, _dicom_spacing(ds), photometric, ds)
+        spacing, source, factor = _dicom_spacing(ds)
+        return DecodedImage(np.clip(pixels, 0, 1), "dcm", bits_stored, spacing, photometric, ds, source, factor)
     if arr.ndim != 2:
         raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
     values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
@@ -350,7 +380,8 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     np.clip(pixels, 0.0, 1.0, out=pixels)
     if photometric == "MONOCHROME1":
         np.subtract(1.0, pixels, out=pixels)
-    return DecodedImage(pixels, "dcm", bits_stored, _dicom_spacing(ds), photometric, ds)
+    spacing, source, factor = _dicom_spacing(ds)
+    return DecodedImage(pixels, "dcm", bits_stored, spacing, photometric, ds, source, factor)
 
 
 class DecodePool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -40,16 +41,42 @@ _TYPE2 = (
 )
 
 
+# What highdicom copies into the SEG's Pixel Measures functional group.
+_PIXEL_MEASURES = ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices")
+
+
+def _positive_spacing(source: Any) -> bool:
+    try:
+        value = source.get("PixelSpacing")  # pydicom converts on access: an unparsable DS raises here
+        return len(value) == 2 and all(math.isfinite(float(v)) and float(v) > 0 for v in value)
+    except (TypeError, ValueError):
+        return False
+
+
 def _source_header(source: Any) -> Any:
-    """The source's header without pixel data, with missing type 2 attributes added empty."""
+    """The source's header without pixel data, with missing type 2 attributes added empty.
+
+    Without a patient coordinate system (Frame of Reference and Image Position; a projection radiograph has
+    neither) the Pixel Measures attributes are left out: PS3.3 A.51.5 then ties each SEG pixel to the
+    referenced source pixel (Derivation Image), the macro is not allowed, and highdicom's reader refuses the
+    one it would write (no SliceThickness). With one, PixelSpacing must be positive: `0\\0` is never copied."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.tag import Tag
 
+    patient_coordinates = "FrameOfReferenceUID" in source and "ImagePositionPatient" in source
+    if patient_coordinates and not _positive_spacing(source):
+        raise InvalidInputError(
+            "a DICOM Segmentation in the patient coordinate system needs a positive PixelSpacing, and this "
+            "DICOM's is missing, malformed or not positive",
+            reason="DICOM_SEG_UNSUPPORTED",
+        )
     header = Dataset()
     header.file_meta = getattr(source, "file_meta", None) or FileMetaDataset()
-    pixel_tags = {Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
+    skipped = {Tag("PixelData"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
+    if not patient_coordinates:
+        skipped |= {Tag(keyword) for keyword in _PIXEL_MEASURES}
     for elem in source:
-        if elem.tag not in pixel_tags:
+        if elem.tag not in skipped:
             header.add(elem)
     for keyword in _TYPE2:
         if keyword not in header:

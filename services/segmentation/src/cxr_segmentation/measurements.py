@@ -4,11 +4,14 @@ CTR = maximal transverse heart diameter / maximal internal thoracic diameter, as
 chest film. From masks: the heart width is the horizontal extent of the heart mask (its
 rightmost minus leftmost pixel, + 1); the thorax width is the horizontal extent of the two
 lungs together (outer edge of one lung to the outer edge of the other). Both lungs and the
-heart must be present; otherwise the ratio is 0 and `unavailable_reason` says why.
+heart must be present; otherwise the ratio is 0 and `unavailable_reason` says why. A heart as wide as
+or wider than the thorax (a ratio outside (0, 1)) is anatomically impossible on a PA film: the
+masks are wrong, so the ratio is withheld (0), `implausible` is set and `unavailable_reason` says why.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ class CardiothoracicRatio:
     thorax_width_px: float = 0.0
     heart_width_mm: float = 0.0
     thorax_width_mm: float = 0.0
+    implausible: bool = False
 
     @property
     def computable(self) -> bool:
@@ -52,10 +56,19 @@ def cardiothoracic_ratio(
     assert heart is not None and lungs is not None
     heart_w, thorax_w = float(heart.width), float(lungs.width)
     col_mm = pixel_spacing_mm[1] if pixel_spacing_mm else 0.0
-    return CardiothoracicRatio(
-        ratio=heart_w / thorax_w,
-        heart_width_px=heart_w,
-        thorax_width_px=thorax_w,
-        heart_width_mm=heart_w * col_mm,
-        thorax_width_mm=thorax_w * col_mm,
-    )
+    widths = {
+        "heart_width_px": heart_w,
+        "thorax_width_px": thorax_w,
+        "heart_width_mm": heart_w * col_mm,
+        "thorax_width_mm": thorax_w * col_mm,
+    }
+    ratio = heart_w / thorax_w
+    if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
+        relation = "wider than" if heart_w > thorax_w else "as wide as"
+        return CardiothoracicRatio(
+            unavailable_reason=f"implausible: the heart mask ({heart_w:.0f} px wide) is {relation} the thorax "
+            f"({thorax_w:.0f} px across both lungs), a ratio of {ratio:.3f} outside (0, 1); the masks are wrong",
+            implausible=True,
+            **widths,
+        )
+    return CardiothoracicRatio(ratio=ratio, **widths)

@@ -14,7 +14,7 @@ from cxr_segmentation.dicom_seg import build_dicom_seg
 from cxr_segmentation.masks import BoundingBox, area_mm2, bounding_box, encode_png, encode_rle, logits_to_masks
 from cxr_segmentation.measurements import CardiothoracicRatio, cardiothoracic_ratio
 from cxr_segmentation.overlay import render_overlay
-from cxr_serving.images import DecodedImage
+from cxr_serving.images import SPACING_NONE, DecodedImage
 
 Encoding = Literal["png", "rle", "none"]
 
@@ -38,6 +38,8 @@ class SegmentationResult:
     ctr: CardiothoracicRatio
     overlay_png: bytes = b""
     dicom_seg: bytes = b""
+    spacing_source: str = SPACING_NONE  # where the mm values come from (cxr_serving.images.SPACING_*)
+    magnification_factor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,4 +87,4 @@ def postprocess(
         if opts.dicom_seg
         else b""
     )
-    return SegmentationResult(out, ctr, overlay, seg)
+    return SegmentationResult(out, ctr, overlay, seg, image.pixel_spacing_source, image.magnification_factor)

@@ -150,6 +150,7 @@ def to_response(
         thorax_width_px=c.thorax_width_px,
         heart_width_mm=c.heart_width_mm,
         thorax_width_mm=c.thorax_width_mm,
+        cardiothoracic_ratio_implausible=c.implausible,
     )
     return pb.SegmentImageResponse(
         model=status_info,
@@ -159,4 +160,7 @@ def to_response(
         dicom_seg=result.dicom_seg,
         image=image,
         untrained=status_info.untrained,
+        # cxr_serving.images.SPACING_* values are the enum's names without the prefix
+        spacing_source=pb.SpacingSource.Value(f"SPACING_SOURCE_{result.spacing_source.upper()}"),
+        magnification_factor=result.magnification_factor,
     )

@@ -15,10 +15,23 @@ class MaskEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MASK_ENCODING_PNG: _ClassVar[MaskEncoding]
     MASK_ENCODING_RLE: _ClassVar[MaskEncoding]
     MASK_ENCODING_NONE: _ClassVar[MaskEncoding]
+
+class SpacingSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPACING_SOURCE_UNSPECIFIED: _ClassVar[SpacingSource]
+    SPACING_SOURCE_NONE: _ClassVar[SpacingSource]
+    SPACING_SOURCE_PIXEL_SPACING: _ClassVar[SpacingSource]
+    SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED: _ClassVar[SpacingSource]
+    SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED: _ClassVar[SpacingSource]
 MASK_ENCODING_UNSPECIFIED: MaskEncoding
 MASK_ENCODING_PNG: MaskEncoding
 MASK_ENCODING_RLE: MaskEncoding
 MASK_ENCODING_NONE: MaskEncoding
+SPACING_SOURCE_UNSPECIFIED: SpacingSource
+SPACING_SOURCE_NONE: SpacingSource
+SPACING_SOURCE_PIXEL_SPACING: SpacingSource
+SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED: SpacingSource
+SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED: SpacingSource
 
 class SegmentImageRequest(_message.Message):
     __slots__ = ("image", "model_name", "mask_encoding", "classes", "threshold", "include_overlay", "include_dicom_seg")
@@ -79,23 +92,25 @@ class AnatomyMask(_message.Message):
     def __init__(self, label: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., png: _Optional[bytes] = ..., rle: _Optional[_Union[RunLengthMask, _Mapping]] = ..., area_pixels: _Optional[int] = ..., area_mm2: _Optional[float] = ..., bounding_box: _Optional[_Union[BoundingBox, _Mapping]] = ...) -> None: ...
 
 class Measurements(_message.Message):
-    __slots__ = ("cardiothoracic_ratio", "cardiothoracic_ratio_unavailable_reason", "heart_width_px", "thorax_width_px", "heart_width_mm", "thorax_width_mm")
+    __slots__ = ("cardiothoracic_ratio", "cardiothoracic_ratio_unavailable_reason", "heart_width_px", "thorax_width_px", "heart_width_mm", "thorax_width_mm", "cardiothoracic_ratio_implausible")
     CARDIOTHORACIC_RATIO_FIELD_NUMBER: _ClassVar[int]
     CARDIOTHORACIC_RATIO_UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     HEART_WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     THORAX_WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     HEART_WIDTH_MM_FIELD_NUMBER: _ClassVar[int]
     THORAX_WIDTH_MM_FIELD_NUMBER: _ClassVar[int]
+    CARDIOTHORACIC_RATIO_IMPLAUSIBLE_FIELD_NUMBER: _ClassVar[int]
     cardiothoracic_ratio: float
     cardiothoracic_ratio_unavailable_reason: str
     heart_width_px: float
     thorax_width_px: float
     heart_width_mm: float
     thorax_width_mm: float
-    def __init__(self, cardiothoracic_ratio: _Optional[float] = ..., cardiothoracic_ratio_unavailable_reason: _Optional[str] = ..., heart_width_px: _Optional[float] = ..., thorax_width_px: _Optional[float] = ..., heart_width_mm: _Optional[float] = ..., thorax_width_mm: _Optional[float] = ...) -> None: ...
+    cardiothoracic_ratio_implausible: bool
+    def __init__(self, cardiothoracic_ratio: _Optional[float] = ..., cardiothoracic_ratio_unavailable_reason: _Optional[str] = ..., heart_width_px: _Optional[float] = ..., thorax_width_px: _Optional[float] = ..., heart_width_mm: _Optional[float] = ..., thorax_width_mm: _Optional[float] = ..., cardiothoracic_ratio_implausible: _Optional[bool] = ...) -> None: ...
 
 class SegmentImageResponse(_message.Message):
-    __slots__ = ("model", "masks", "measurements", "overlay_png", "dicom_seg", "image", "untrained")
+    __slots__ = ("model", "masks", "measurements", "overlay_png", "dicom_seg", "image", "untrained", "spacing_source", "magnification_factor")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +118,8 @@ class SegmentImageResponse(_message.Message):
     DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    SPACING_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MAGNIFICATION_FACTOR_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     masks: _containers.RepeatedCompositeFieldContainer[AnatomyMask]
     measurements: Measurements
@@ -110,7 +127,9 @@ class SegmentImageResponse(_message.Message):
     dicom_seg: bytes
     image: _common_pb2.ImageMetadata
     untrained: bool
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., masks: _Optional[_Iterable[_Union[AnatomyMask, _Mapping]]] = ..., measurements: _Optional[_Union[Measurements, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., dicom_seg: _Optional[bytes] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ...) -> None: ...
+    spacing_source: SpacingSource
+    magnification_factor: float
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., masks: _Optional[_Iterable[_Union[AnatomyMask, _Mapping]]] = ..., measurements: _Optional[_Union[Measurements, _Mapping]] = ..., overlay_png: _Optional[bytes] = ..., dicom_seg: _Optional[bytes] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ..., spacing_source: _Optional[_Union[SpacingSource, str]] = ..., magnification_factor: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
