@@ -76,6 +76,7 @@ def service_env(port: int, service: str = "classification", extra: Mapping[str, 
     env = {
         **os.environ,
         "CXR_API_KEY": TEST_KEY,
+        "CXR_ADMIN_API_KEY": TEST_KEY,  # also an admin key: these tests are not about roles
         f"{prefix}PORT": str(port),
         f"{prefix}HOST": "127.0.0.1",
         f"{prefix}METRICS_PORT": "0",

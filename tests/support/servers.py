@@ -14,8 +14,10 @@ TEST_KEY = "test-key-0123456789"
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Defaults for tests: loopback, ephemeral ports, auth on with TEST_KEY."""
-    env = {"CXR_API_KEY": TEST_KEY}
+    """Defaults for tests: loopback, ephemeral ports, auth on with TEST_KEY. Tests that are not about roles
+    use one key holding both roles (TEST_KEY is also an admin key); tests/reliability/test_admin_role.py
+    configures separate inference and admin keys."""
+    env = {"CXR_API_KEY": TEST_KEY, "CXR_ADMIN_API_KEY": TEST_KEY}
     s = load_settings(None, environ=env)
     data = s.model_dump()
     for dotted, value in overrides.items():

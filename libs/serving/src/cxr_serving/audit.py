@@ -1,7 +1,8 @@
 """Audit trail: one JSON line per request on the `cxr.audit` logger, for HIPAA-style access
-records (45 CFR 164.312(b)): who (the gateway's consumer and a fingerprint of the API key,
-never the key), what (method, models and versions that answered), when (the line's `ts`),
-outcome (gRPC code), correlation id (added by the JSON formatter) and peer.
+records (45 CFR 164.312(b)): who (the gateway's consumer, a fingerprint of the API key, never
+the key, and the role that key holds: admin, inference or none), what (method, models and
+versions that answered), when (the line's `ts`), outcome (gRPC code), correlation id (added by
+the JSON formatter) and peer.
 
 No request content, image bytes or DICOM tags are ever put in the line. Health probes are not
 audited (they touch no data). Route or ship the `cxr.audit` logger like any other logger.
@@ -27,10 +28,10 @@ def key_fingerprint(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12] if key else ""
 
 
-def caller(metadata: Mapping[str, str]) -> dict[str, str]:
+def caller(metadata: Mapping[str, str], role: str = "none") -> dict[str, str]:
     consumer = next((metadata[h][:128] for h in CONSUMER_HEADERS if metadata.get(h)), "")
     key = next((metadata[h] for h in KEY_HEADERS if metadata.get(h)), "")
-    return {"consumer": consumer, "key_id": key_fingerprint(key)}
+    return {"consumer": consumer, "key_id": key_fingerprint(key), "role": str(role)}
 
 
 def models_in(message: Any) -> list[str]:

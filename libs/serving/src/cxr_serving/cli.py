@@ -29,7 +29,7 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
         return 2
     mon = settings.monitoring
     setup_logging(service, settings.server_config.log_level, mon.log_json, mon.log_file)
-    setup_tracing(service, mon)
+    setup_tracing(service, mon, environment=settings.environment)
     try:
         binding = build(settings)
         server = create_server(settings, binding, host=args.host, port=args.port, metrics_port=args.metrics_port)

@@ -1,5 +1,5 @@
-"""gRPC server interceptors: API key, then correlation id + tracing + error mapping +
-access log + metrics around every handler (one wrapper for all four RPC shapes)."""
+"""gRPC server interceptors: peer address allow-list, API key and role, then correlation id + tracing +
+error mapping + access log + metrics around every handler (one wrapper for all four RPC shapes)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import ipaddress
 import logging
 import os
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,16 +23,18 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 from cxr_serving.audit import audit, caller, models_in
-from cxr_serving.errors import UnauthenticatedError
+from cxr_serving.errors import CxrError, ErrorKind, UnauthenticatedError
 from cxr_serving.grpc_errors import status_for_exception, trailing_metadata
 from cxr_serving.logging_setup import correlation_id_var
 from cxr_serving.metrics import REQUEST_DURATION, REQUESTS_TOTAL
+from cxr_serving.roles import Role, is_admin_method
 
 log = logging.getLogger("cxr.access")
 
 API_KEY_HEADERS = ("x-api-key", "apikey")
 CORRELATION_HEADERS = ("x-correlation-id", "x-request-id", "kong-request-id")
 CORRELATION_HEADER = "x-correlation-id"
+FORWARDED_FOR_HEADER = "x-forwarded-for"
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -79,6 +83,32 @@ class ApiKeyStore:
         return ok
 
 
+class KeyRoles:
+    """The role an API key holds: an admin key (which may call every RPC) or an inference key."""
+
+    def __init__(self, inference: ApiKeyStore, admin: ApiKeyStore | None = None) -> None:
+        self.inference = inference
+        self.admin = admin if admin is not None else ApiKeyStore()
+
+    def role(self, key: str) -> Role:
+        if not key:
+            return Role.NONE
+        # both stores are always compared, so the time taken does not tell which role a key holds
+        is_admin, is_inference = self.admin.is_valid(key), self.inference.is_valid(key)
+        return Role.ADMIN if is_admin else Role.INFERENCE if is_inference else Role.NONE
+
+
+class AccessDeniedError(CxrError):
+    """A caller authenticated (or not needing to) but not allowed this call: PERMISSION_DENIED."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+def _key(md: dict[str, str]) -> str:
+    return next((md[h] for h in API_KEY_HEADERS if h in md), "")
+
+
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
@@ -98,45 +128,177 @@ def _rebuild(handler: Handler, wrap_unary: Callable[..., Any], wrap_stream: Call
     return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses calls without a valid `x-api-key` (or `apikey`) with UNAUTHENTICATED."""
+async def _refuse(context: Ctx, method: str, md: dict[str, str], err: CxrError, role: Role) -> None:
+    """Abort a refused call. Refused calls never reach the access log of ObservabilityInterceptor: log and
+    audit them here (never the key)."""
+    code, status = status_for_exception(err)
+    REQUESTS_TOTAL.labels(method, code.name).inc()
+    fields = {"method": method, "code": code.name, "reason": err.reason, "peer": context.peer()}
+    log.info("rpc", extra={"fields": fields})
+    audit(method, code.name, caller(md, role), (), fields["peer"], 0.0)
+    await context.abort(code, status.message, trailing_metadata=trailing_metadata(status))
 
-    def __init__(self, store: ApiKeyStore, exempt_methods: Iterable[str] = ()) -> None:
-        self._store = store
+
+def _refusal(handler: Handler, method: str, md: dict[str, str], err: CxrError, role: Role) -> Handler:
+    async def deny(request: Any, context: Ctx) -> Any:
+        await _refuse(context, method, md, err, role)
+
+    async def deny_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
+        await deny(request, context)
+        yield  # pragma: no cover - abort raises
+
+    return _rebuild(handler, lambda _b: deny, lambda _b: deny_stream)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuses calls without a valid `x-api-key` (or `apikey`) with UNAUTHENTICATED, and admin RPCs
+    (`roles.is_admin_method`) called with an inference key with PERMISSION_DENIED `ADMIN_REQUIRED`."""
+
+    def __init__(
+        self,
+        store: ApiKeyStore,
+        exempt_methods: Iterable[str] = (),
+        admin_store: ApiKeyStore | None = None,
+        admin_method: Callable[[str], bool] = is_admin_method,
+    ) -> None:
+        self._roles = KeyRoles(store, admin_store)
         self._exempt = frozenset(exempt_methods)
+        self._admin_method = admin_method
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]], details: grpc.HandlerCallDetails
     ) -> Handler:
         handler = await continuation(details)
-        if handler is None or details.method in self._exempt:  # type: ignore[attr-defined]
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method in self._exempt:
             return handler
         md = _metadata(details)
-        key = next((md[h] for h in API_KEY_HEADERS if h in md), "")
-        if key and self._store.is_valid(key):
+        key = _key(md)
+        role = self._roles.role(key)
+        if role is Role.ADMIN or (role is Role.INFERENCE and not self._admin_method(method)):
             return handler
-        err = UnauthenticatedError(
-            "missing API key: send it in the x-api-key header" if not key else "invalid API key",
-            reason="API_KEY_MISSING" if not key else "API_KEY_INVALID",
-        )
-        _, status = status_for_exception(err)
-
-        async def deny(request: Any, context: Ctx) -> Any:
-            REQUESTS_TOTAL.labels(details.method, "UNAUTHENTICATED").inc()  # type: ignore[attr-defined]
-            # refused calls never reach the access log of ObservabilityInterceptor: log them here (never the key)
-            method: str = details.method  # type: ignore[attr-defined]
-            fields = {"method": method, "code": "UNAUTHENTICATED", "reason": err.reason, "peer": context.peer()}
-            log.info("rpc", extra={"fields": fields})
-            audit(method, "UNAUTHENTICATED", caller(md), (), fields["peer"], 0.0)
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, status.message, trailing_metadata=trailing_metadata(status)
+        err: CxrError
+        if role is Role.INFERENCE:
+            err = AccessDeniedError(
+                f"{method} is an admin RPC: call it with an admin API key (security.admin_api_keys)",
+                reason="ADMIN_REQUIRED",
             )
+        else:
+            err = UnauthenticatedError(
+                "missing API key: send it in the x-api-key header" if not key else "invalid API key",
+                reason="API_KEY_MISSING" if not key else "API_KEY_INVALID",
+            )
+        return _refusal(handler, method, md, err, role)
 
-        async def deny_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            await deny(request, context)
-            yield  # pragma: no cover - abort raises
 
-        return _rebuild(handler, lambda _b: deny, lambda _b: deny_stream)
+def peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a gRPC peer string (`ipv4:10.0.0.1:5000`, `ipv6:[::1]:5000`); None for other transports.
+    An IPv4-mapped IPv6 address (a dual-stack listener) reads as its IPv4 address."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
+    return _ip(host)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Iterable[Network]) -> bool:
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuses calls from addresses outside `allowed` (CIDR blocks) with PERMISSION_DENIED `IP_NOT_ALLOWED`.
+    The address is the connection's peer; only when that peer is one of `trusted_proxies` (the gateways)
+    is `X-Forwarded-For` read: from its right, the first address that is not a trusted proxy is the client."""
+
+    def __init__(
+        self,
+        allowed: Iterable[str],
+        trusted_proxies: Iterable[str] = (),
+        exempt_methods: Iterable[str] = (),
+        key_roles: KeyRoles | None = None,
+    ) -> None:
+        self._allowed = [ipaddress.ip_network(n, strict=False) for n in allowed]
+        self._proxies = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+        self._exempt = frozenset(exempt_methods)
+        self._roles = key_roles
+
+    def client_address(
+        self, peer: str, forwarded_for: Iterable[str] = ()
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The caller's address, or None when it cannot be told (then the call is refused)."""
+        ip = peer_address(peer)
+        if ip is None or not _within(ip, self._proxies):
+            return ip
+        hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
+        for hop in reversed(hops):
+            ip = _ip(hop)
+            if ip is None or not _within(ip, self._proxies):
+                return ip
+        return ip
+
+    def allows(self, peer: str, forwarded_for: Iterable[str] = ()) -> bool:
+        ip = self.client_address(peer, forwarded_for)
+        return ip is not None and _within(ip, self._allowed)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]], details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method in self._exempt:
+            return handler
+        md = _metadata(details)
+        forwarded = [
+            v
+            for k, v in details.invocation_metadata or ()  # type: ignore[attr-defined]
+            if k.lower() == FORWARDED_FOR_HEADER and isinstance(v, str)
+        ]
+        role = self._roles.role(_key(md)) if self._roles is not None else Role.NONE
+
+        async def check(context: Ctx) -> None:
+            peer = context.peer() or ""
+            if not self.allows(peer, forwarded):
+                client = self.client_address(peer, forwarded)
+                err = AccessDeniedError(
+                    f"calls from {client or peer or 'this address'} are not allowed (security.allowed_ips)",
+                    reason="IP_NOT_ALLOWED",
+                )
+                await _refuse(context, method, md, err, role)
+
+        def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            async def checked(request: Any, context: Ctx) -> Any:
+                await check(context)
+                result = behaviour(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+            return checked
+
+        def wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            async def checked(request: Any, context: Ctx) -> AsyncIterator[Any]:
+                await check(context)
+                result = behaviour(request, context)
+                if inspect.isawaitable(result):
+                    await result
+                    return
+                async for item in result:
+                    yield item
+
+            return checked
+
+        return _rebuild(handler, wrap_unary, wrap_stream)
 
 
 @dataclass
@@ -150,8 +312,9 @@ class _Call:
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Correlation id, tracing span, the error map, access log and request metrics."""
 
-    def __init__(self, service: str, slow_log_ms: float = 1000.0) -> None:
+    def __init__(self, service: str, slow_log_ms: float = 1000.0, key_roles: KeyRoles | None = None) -> None:
         self._service = service
+        self._roles = key_roles
         self._tracer = trace.get_tracer("cxr_serving.grpc")
         self._slow_s = slow_log_ms / 1000.0
 
@@ -183,7 +346,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
             md = (*trailing_metadata(status), (CORRELATION_HEADER, cid))
             await context.abort(code, status.message, trailing_metadata=md)
 
-        who = caller(md)
+        who = caller(md, self._roles.role(_key(md)) if self._roles is not None else Role.NONE)
 
         def finish(span: Any, started: float, code: str, peer: str, models: list[str] | None = None) -> None:
             elapsed = time.perf_counter() - started

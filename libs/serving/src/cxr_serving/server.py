@@ -20,7 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cxr_serving.interceptors import ApiKeyInterceptor, ApiKeyStore, ObservabilityInterceptor
+from cxr_serving.interceptors import (
+    ApiKeyInterceptor,
+    ApiKeyStore,
+    KeyRoles,
+    ObservabilityInterceptor,
+    PeerAllowListInterceptor,
+)
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.metrics import MetricsServer
 from cxr_serving.settings import Settings
@@ -95,15 +101,28 @@ class CxrServer:
     def _build(self) -> grpc.aio.Server:
         sc, sec = self.settings.server_config, self.settings.security
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        roles: KeyRoles | None = None
         if sec.enable_authentication:
             store = ApiKeyStore(sec.api_keys, sec.api_key_file)
-            if not store.keys():
+            admin_store = ApiKeyStore(sec.admin_api_keys, sec.admin_api_key_file)
+            roles = KeyRoles(store, admin_store)
+            if not store.keys() and not admin_store.keys():
                 log.warning(
                     "authentication is enabled but no API key is configured: every call will be refused "
                     "(set CXR_API_KEY or security.api_key_file)"
                 )
-            interceptors.append(ApiKeyInterceptor(store, sec.unauthenticated_methods))
-        interceptors.append(ObservabilityInterceptor(self.binding.name))
+            elif not admin_store.keys():
+                log.warning(
+                    "no admin API key is configured: admin RPCs (load, unload, ingest) will be refused "
+                    "(set CXR_ADMIN_API_KEY or security.admin_api_key_file)"
+                )
+        if sec.allowed_ips:
+            interceptors.append(
+                PeerAllowListInterceptor(sec.allowed_ips, sec.trusted_proxies, sec.unauthenticated_methods, roles)
+            )
+        if roles is not None:
+            interceptors.append(ApiKeyInterceptor(roles.inference, sec.unauthenticated_methods, roles.admin))
+        interceptors.append(ObservabilityInterceptor(self.binding.name, key_roles=roles))
         max_bytes = int(sc.max_message_mb * 1024 * 1024)
         options = [
             ("grpc.max_receive_message_length", max_bytes),

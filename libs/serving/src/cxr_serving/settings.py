@@ -4,7 +4,8 @@ Precedence (lowest to highest): model defaults < JSON file (`--config` or `CXR_C
 < environment. Nested keys are reached with a double underscore, values parse as JSON when
 they can (so `CXR_SERVER_CONFIG__MAX_BATCH_SIZE=16`, `CXR_SECURITY__ALLOWED_IMAGE_FORMATS='["png"]'`).
 The seed's flat variables are honoured too: `CXR_LOG_LEVEL`, `CXR_API_KEY`, `CXR_MODELS_PATH`,
-`CXR_DATA_PATH`, `VECTOR_DB_HOST`, `VECTOR_DB_PORT`.
+`CXR_DATA_PATH`, `VECTOR_DB_HOST`, `VECTOR_DB_PORT`; and `CXR_ADMIN_API_KEY` (comma list, as
+`CXR_API_KEY`), `CXR_ADMIN_API_KEY_FILE`, `CXR_ALLOWED_IPS` (comma list of CIDR blocks).
 
 The `models` section stays a mapping of raw dicts here: each service validates its own
 section with its own pydantic model through `model_section()`, so a service never depends
@@ -13,13 +14,14 @@ on another service's schema, while all of them share one config file.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr_serving.errors import ConfigError
 from cxr_serving.event_loop import EventLoopChoice
@@ -33,11 +35,70 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_ABSENT = object()
+
+# Keys of the seed's production.json that the services have no use for. Each is accepted only with the
+# value that describes what the services do anyway (and then dropped), and refused with its reason
+# otherwise: no key is accepted and then ignored.
+_SEED_ONLY_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("server_config", "cache_models"): (
+        True,
+        "a model stays loaded in memory from its load to UnloadModel; the services cannot serve a model "
+        "they do not keep loaded, so only true is accepted",
+    ),
+    ("performance", "optimize_memory"): (
+        True,
+        "memory is always handed back after warm-up and on unload (the GPU allocator's cache is emptied); "
+        "tune performance.cpu_heap_pad_mb instead. Only true is accepted",
+    ),
+    ("monitoring", "enable_timing"): (
+        True,
+        "latency is always measured (cxr_grpc_request_duration_seconds, cxr_inference_duration_seconds and "
+        "the access log's ms); only true is accepted",
+    ),
+    ("monitoring", "metrics_file"): (
+        None,
+        "metrics are served on the Prometheus endpoint (services.<name>.metrics_port) for scraping; no "
+        "metrics file is written, so only null is accepted",
+    ),
+    ("security", "rate_limiting"): (
+        _ABSENT,
+        "rate limiting is the gateway's job (Kong's rate-limiting plugin in gateway/kong.yml: per consumer, "
+        "across every replica); a bucket in each service replica would allow replicas x the limit. Remove "
+        "the key",
+    ),
+}
+
+
+def _drop_seed_only_keys(section: str, data: Any) -> Any:
+    """Accept a seed-only key with its harmless value (dropped), refuse any other value with the reason."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for (sec, key), (harmless, why) in _SEED_ONLY_KEYS.items():
+        if sec != section or key not in out:
+            continue
+        value = out.pop(key)
+        if harmless is _ABSENT or value != harmless or type(value) is not type(harmless):
+            raise ValueError(f"{sec}.{key} is not supported: {why}")
+    return out
+
+
+def _cidrs(values: list[str]) -> list[str]:
+    """Each entry an IPv4/IPv6 address or CIDR block (host bits allowed), normalised."""
+    out = []
+    for v in values:
+        try:
+            out.append(str(ipaddress.ip_network(v, strict=False)))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or CIDR block (e.g. 10.0.0.0/8)") from None
+    return out
+
+
 class ServerConfig(_Strict):
     """`server_config` of the seed plus runtime knobs of the shared server."""
 
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
-    cache_models: bool = True
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED")
@@ -67,6 +128,11 @@ class ServerConfig(_Strict):
     shutdown_grace_s: float = Field(30, ge=0, description="in-flight requests get this long on SIGTERM")
     shutdown_delay_s: float = Field(0, ge=0, description="on SIGTERM, keep serving this long after NOT_SERVING")
     max_concurrent_rpcs: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_only(cls, data: Any) -> Any:
+        return _drop_seed_only_keys("server_config", data)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -100,7 +166,6 @@ class PerformanceConfig(_Strict):
         "of its float32 output's scale; otherwise it serves float32 (a guard against networks that break "
         "in reduced precision)",
     )
-    optimize_memory: bool = True
     compile_models: bool = Field(False, description="GPU: serve each network through torch.compile (inductor)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default",
@@ -147,10 +212,10 @@ class PerformanceConfig(_Strict):
     )
     warmup_batches: int = Field(1, ge=0, le=100)
 
-
-class RateLimitConfig(_Strict):
-    enabled: bool = True
-    requests_per_minute: int = Field(100, ge=1)
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_only(cls, data: Any) -> Any:
+        return _drop_seed_only_keys("performance", data)
 
 
 class TlsConfig(_Strict):
@@ -164,6 +229,13 @@ class SecurityConfig(_Strict):
     enable_authentication: bool = True
     api_keys: list[str] = Field(default_factory=list, description="prefer api_key_file or CXR_API_KEY")
     api_key_file: Path | None = Field(None, description="one key per line; re-read when it changes")
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="keys that may also call admin RPCs (LoadModel, UnloadModel, IngestDocuments: the "
+        "`(cxr.common.v1.access) = ACCESS_ADMIN` option in the protos); prefer admin_api_key_file or "
+        "CXR_ADMIN_API_KEY",
+    )
+    admin_api_key_file: Path | None = Field(None, description="one admin key per line; re-read when it changes")
     unauthenticated_methods: list[str] = Field(
         default_factory=lambda: ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"],
         description="full method names reachable without a key (probes cannot send one)",
@@ -171,8 +243,16 @@ class SecurityConfig(_Strict):
     allowed_image_formats: list[ImageFormat] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
     max_image_size_mb: float = Field(50, gt=0)
     max_image_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap (width*height*frames)")
-    allowed_ips: list[str] = Field(default_factory=list)
-    rate_limiting: RateLimitConfig = Field(default_factory=RateLimitConfig)  # type: ignore[arg-type]
+    allowed_ips: list[str] = Field(
+        default_factory=list,
+        description="CIDR blocks callers may connect from (empty: any); others get PERMISSION_DENIED "
+        "IP_NOT_ALLOWED. Health probes (unauthenticated_methods) are exempt",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="CIDR blocks of the gateways: only a call from one of them has its X-Forwarded-For "
+        "read to find the client address that allowed_ips checks",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     anonymize_dicom: bool = Field(
         False,
@@ -185,21 +265,34 @@ class SecurityConfig(_Strict):
     def _lower(cls, v: Any) -> Any:
         return [s.lower() for s in v] if isinstance(v, list) else v
 
-    @field_validator("allowed_ips", "api_keys", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_only(cls, data: Any) -> Any:
+        return _drop_seed_only_keys("security", data)
+
+    @field_validator("allowed_ips", "trusted_proxies", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
 
+    @field_validator("allowed_ips", "trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        return _cidrs(v)
+
 
 class MonitoringConfig(_Strict):
     enable_metrics: bool = True
-    metrics_file: Path | None = None
-    enable_timing: bool = True
     log_json: bool = True
     log_file: Path | None = Field(None, description="rotating file handler (100 MB x 10), as in the seed")
     tracing_enabled: bool = False
     otlp_endpoint: str | None = Field(None, description="e.g. http://otel-collector:4317")
     service_name_prefix: str = "cxr"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_only(cls, data: Any) -> Any:
+        return _drop_seed_only_keys("monitoring", data)
 
 
 class ServiceEndpoint(_Strict):
@@ -221,9 +314,13 @@ def _default_services() -> dict[str, ServiceEndpoint]:
 class Settings(_Strict):
     """The whole config file."""
 
-    environment: str = "development"
+    environment: str = Field(
+        "development", description="CXR_ENV; traces carry it as the deployment.environment resource attribute"
+    )
     models_path: Path | None = Field(None, description="base for relative checkpoint paths (CXR_MODELS_PATH)")
-    data_path: Path | None = Field(None, description="base for relative data paths (CXR_DATA_PATH)")
+    data_path: Path | None = Field(
+        None, description="base for relative data paths: models.rag.vector_db_path, documents_path (CXR_DATA_PATH)"
+    )
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
     server_config: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)  # type: ignore[arg-type]
@@ -268,6 +365,8 @@ _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_LOG_LEVEL": ("server_config", "log_level"),
     "CXR_API_KEY": ("security", "api_keys"),
     "CXR_API_KEY_FILE": ("security", "api_key_file"),
+    "CXR_ADMIN_API_KEY": ("security", "admin_api_keys"),
+    "CXR_ADMIN_API_KEY_FILE": ("security", "admin_api_key_file"),
     "CXR_ALLOWED_IPS": ("security", "allowed_ips"),
     "CXR_MODELS_PATH": ("models_path",),
     "CXR_DATA_PATH": ("data_path",),
@@ -300,8 +399,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in sorted(environ.items()):
         if name in _FLAT_ENV:
             path = _FLAT_ENV[name]
-            value: Any = raw if path[-1] in ("api_keys", "allowed_ips") else _parse_env_value(raw)
-            if path[-1] == "api_keys":
+            value: Any = raw if path[-1] in ("api_keys", "admin_api_keys", "allowed_ips") else _parse_env_value(raw)
+            if path[-1] in ("api_keys", "admin_api_keys"):
                 value = [k.strip() for k in raw.split(",") if k.strip()]
             _set_path(tree, path, value)
         elif name.startswith("CXR_") and "__" in name and name not in _IGNORED_ENV:

@@ -12,12 +12,18 @@ from cxr_serving.settings import MonitoringConfig
 _installed = False
 
 
-def setup_tracing(service: str, cfg: MonitoringConfig, exporter: SpanExporter | None = None) -> TracerProvider | None:
-    """Install a global tracer provider once per process; returns it, or None when disabled."""
+def setup_tracing(
+    service: str, cfg: MonitoringConfig, exporter: SpanExporter | None = None, environment: str = ""
+) -> TracerProvider | None:
+    """Install a global tracer provider once per process; returns it, or None when disabled. Spans carry
+    the top-level `environment` setting as `deployment.environment` (to tell staging from production)."""
     global _installed
     if not cfg.tracing_enabled and exporter is None:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": f"{cfg.service_name_prefix}-{service}"}))
+    attributes = {"service.name": f"{cfg.service_name_prefix}-{service}"}
+    if environment:
+        attributes["deployment.environment"] = environment
+    provider = TracerProvider(resource=Resource.create(attributes))
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

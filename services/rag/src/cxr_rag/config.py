@@ -144,4 +144,11 @@ def rag_config(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     cfg = patched.model_section("rag", RagConfig)
     if cfg is None:  # pragma: no cover - raw is never None here
         raise ConfigError("models.rag: missing")
-    return cfg
+    # relative data paths are under the top-level data_path (CXR_DATA_PATH), as checkpoints are under models_path
+    docs = cfg.documents_path
+    return cfg.model_copy(
+        update={
+            "vector_db_path": settings.resolve_data_path(cfg.vector_db_path),
+            "documents_path": None if docs is None else settings.resolve_data_path(docs),
+        }
+    )

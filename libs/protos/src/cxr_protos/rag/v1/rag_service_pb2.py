@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cxr_protos.common.v1 import access_pb2 as cxr_dot_common_dot_v1_dot_access__pb2
 from cxr_protos.common.v1 import common_pb2 as cxr_dot_common_dot_v1_dot_common__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63xr/rag/v1/rag_service.proto\x12\ncxr.rag.v1\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xf3\x01\n\x10RetrievedPassage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12<\n\x08metadata\x18\x06 \x03(\x0b\x32*.cxr.rag.v1.RetrievedPassage.MetadataEntry\x12\x12\n\ndense_rank\x18\x07 \x01(\x05\x12\x14\n\x0clexical_rank\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x12\n\npassage_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x96\x02\n\x15\x41nswerQuestionRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12?\n\x07\x66ilters\x18\x03 \x03(\x0b\x32..cxr.rag.v1.AnswerQuestionRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x19\n\x11include_reasoning\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x16\x41nswerQuestionResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\'\n\tcitations\x18\x02 \x03(\x0b\x32\x14.cxr.rag.v1.Citation\x12.\n\x08passages\x18\x03 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\x12%\n\x03llm\x18\x04 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\x12\n\nextractive\x18\x07 \x01(\x08\"\x92\x02\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12=\n\x07\x66ilters\x18\x03 \x03(\x0b\x32,.cxr.rag.v1.StreamAnswerRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x19\n\x11include_reasoning\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x14StreamAnswerResponse\x12.\n\x08passages\x18\x01 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\'\n\tcitations\x18\x03 \x03(\x0b\x32\x14.cxr.rag.v1.Citation\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x03llm\x18\x05 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x17\n\x0freasoning_delta\x18\x06 \x01(\t\x12\x12\n\nextractive\x18\x07 \x01(\x08\"\xd3\x01\n\x17SearchLiteratureRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x41\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x30.cxr.rag.v1.SearchLiteratureRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x18SearchLiteratureResponse\x12.\n\x08passages\x18\x01 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\"\xaa\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".cxr.rag.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x16IngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.cxr.rag.v1.Document\"c\n\x17IngestDocumentsResponse\x12\x1a\n\x12\x64ocuments_received\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunks_added\x18\x02 \x01(\x05\x12\x16\n\x0e\x63hunks_skipped\x18\x03 \x01(\x05*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x32\x84\x04\n\nRagService\x12z\n\x0e\x41nswerQuestion\x12!.cxr.rag.v1.AnswerQuestionRequest\x1a\".cxr.rag.v1.AnswerQuestionResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/rag:answerQuestion:\x01*\x12t\n\x0cStreamAnswer\x12\x1f.cxr.rag.v1.StreamAnswerRequest\x1a .cxr.rag.v1.StreamAnswerResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/rag:streamAnswer:\x01*0\x01\x12\x82\x01\n\x10SearchLiterature\x12#.cxr.rag.v1.SearchLiteratureRequest\x1a$.cxr.rag.v1.SearchLiteratureResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/rag:searchLiterature:\x01*\x12\x7f\n\x0fIngestDocuments\x12\".cxr.rag.v1.IngestDocumentsRequest\x1a#.cxr.rag.v1.IngestDocumentsResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/rag/documents:ingest:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63xr/rag/v1/rag_service.proto\x12\ncxr.rag.v1\x1a\x1a\x63xr/common/v1/access.proto\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xf3\x01\n\x10RetrievedPassage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12<\n\x08metadata\x18\x06 \x03(\x0b\x32*.cxr.rag.v1.RetrievedPassage.MetadataEntry\x12\x12\n\ndense_rank\x18\x07 \x01(\x05\x12\x14\n\x0clexical_rank\x18\x08 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12\x12\n\npassage_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x96\x02\n\x15\x41nswerQuestionRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12?\n\x07\x66ilters\x18\x03 \x03(\x0b\x32..cxr.rag.v1.AnswerQuestionRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x19\n\x11include_reasoning\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x16\x41nswerQuestionResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\'\n\tcitations\x18\x02 \x03(\x0b\x32\x14.cxr.rag.v1.Citation\x12.\n\x08passages\x18\x03 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\x12%\n\x03llm\x18\x04 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x11\n\treasoning\x18\x06 \x01(\t\x12\x12\n\nextractive\x18\x07 \x01(\x08\"\x92\x02\n\x13StreamAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12=\n\x07\x66ilters\x18\x03 \x03(\x0b\x32,.cxr.rag.v1.StreamAnswerRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x19\n\x11include_reasoning\x18\x07 \x01(\x08\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x14StreamAnswerResponse\x12.\n\x08passages\x18\x01 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\'\n\tcitations\x18\x03 \x03(\x0b\x32\x14.cxr.rag.v1.Citation\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12%\n\x03llm\x18\x05 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x17\n\x0freasoning_delta\x18\x06 \x01(\t\x12\x12\n\nextractive\x18\x07 \x01(\x08\"\xd3\x01\n\x17SearchLiteratureRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x41\n\x07\x66ilters\x18\x03 \x03(\x0b\x32\x30.cxr.rag.v1.SearchLiteratureRequest.FiltersEntry\x12\'\n\x04mode\x18\x04 \x01(\x0e\x32\x19.cxr.rag.v1.RetrievalMode\x1a.\n\x0c\x46iltersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x18SearchLiteratureResponse\x12.\n\x08passages\x18\x01 \x03(\x0b\x32\x1c.cxr.rag.v1.RetrievedPassage\"\xaa\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".cxr.rag.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x16IngestDocumentsRequest\x12\'\n\tdocuments\x18\x01 \x03(\x0b\x32\x14.cxr.rag.v1.Document\"c\n\x17IngestDocumentsResponse\x12\x1a\n\x12\x64ocuments_received\x18\x01 \x01(\x05\x12\x14\n\x0c\x63hunks_added\x18\x02 \x01(\x05\x12\x16\n\x0e\x63hunks_skipped\x18\x03 \x01(\x05*\x80\x01\n\rRetrievalMode\x12\x1e\n\x1aRETRIEVAL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14RETRIEVAL_MODE_DENSE\x10\x01\x12\x1a\n\x16RETRIEVAL_MODE_LEXICAL\x10\x02\x12\x19\n\x15RETRIEVAL_MODE_HYBRID\x10\x03\x32\x89\x04\n\nRagService\x12z\n\x0e\x41nswerQuestion\x12!.cxr.rag.v1.AnswerQuestionRequest\x1a\".cxr.rag.v1.AnswerQuestionResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/rag:answerQuestion:\x01*\x12t\n\x0cStreamAnswer\x12\x1f.cxr.rag.v1.StreamAnswerRequest\x1a .cxr.rag.v1.StreamAnswerResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/rag:streamAnswer:\x01*0\x01\x12\x82\x01\n\x10SearchLiterature\x12#.cxr.rag.v1.SearchLiteratureRequest\x1a$.cxr.rag.v1.SearchLiteratureResponse\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/rag:searchLiterature:\x01*\x12\x83\x01\n\x0fIngestDocuments\x12\".cxr.rag.v1.IngestDocumentsRequest\x1a#.cxr.rag.v1.IngestDocumentsResponse\"\'\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/rag/documents:ingest:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,41 +51,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAGSERVICE'].methods_by_name['SearchLiterature']._loaded_options = None
   _globals['_RAGSERVICE'].methods_by_name['SearchLiterature']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/rag:searchLiterature:\001*'
   _globals['_RAGSERVICE'].methods_by_name['IngestDocuments']._loaded_options = None
-  _globals['_RAGSERVICE'].methods_by_name['IngestDocuments']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/rag/documents:ingest:\001*'
-  _globals['_RETRIEVALMODE']._serialized_start=2091
-  _globals['_RETRIEVALMODE']._serialized_end=2219
-  _globals['_RETRIEVEDPASSAGE']._serialized_start=103
-  _globals['_RETRIEVEDPASSAGE']._serialized_end=346
-  _globals['_RETRIEVEDPASSAGE_METADATAENTRY']._serialized_start=299
-  _globals['_RETRIEVEDPASSAGE_METADATAENTRY']._serialized_end=346
-  _globals['_CITATION']._serialized_start=348
-  _globals['_CITATION']._serialized_end=425
-  _globals['_ANSWERQUESTIONREQUEST']._serialized_start=428
-  _globals['_ANSWERQUESTIONREQUEST']._serialized_end=706
-  _globals['_ANSWERQUESTIONREQUEST_FILTERSENTRY']._serialized_start=660
-  _globals['_ANSWERQUESTIONREQUEST_FILTERSENTRY']._serialized_end=706
-  _globals['_ANSWERQUESTIONRESPONSE']._serialized_start=709
-  _globals['_ANSWERQUESTIONRESPONSE']._serialized_end=939
-  _globals['_STREAMANSWERREQUEST']._serialized_start=942
-  _globals['_STREAMANSWERREQUEST']._serialized_end=1216
-  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_start=660
-  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_end=706
-  _globals['_STREAMANSWERRESPONSE']._serialized_start=1219
-  _globals['_STREAMANSWERRESPONSE']._serialized_end=1457
-  _globals['_SEARCHLITERATUREREQUEST']._serialized_start=1460
-  _globals['_SEARCHLITERATUREREQUEST']._serialized_end=1671
-  _globals['_SEARCHLITERATUREREQUEST_FILTERSENTRY']._serialized_start=660
-  _globals['_SEARCHLITERATUREREQUEST_FILTERSENTRY']._serialized_end=706
-  _globals['_SEARCHLITERATURERESPONSE']._serialized_start=1673
-  _globals['_SEARCHLITERATURERESPONSE']._serialized_end=1747
-  _globals['_DOCUMENT']._serialized_start=1750
-  _globals['_DOCUMENT']._serialized_end=1920
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=299
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=346
-  _globals['_INGESTDOCUMENTSREQUEST']._serialized_start=1922
-  _globals['_INGESTDOCUMENTSREQUEST']._serialized_end=1987
-  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_start=1989
-  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_end=2088
-  _globals['_RAGSERVICE']._serialized_start=2222
-  _globals['_RAGSERVICE']._serialized_end=2738
+  _globals['_RAGSERVICE'].methods_by_name['IngestDocuments']._serialized_options = b'\210\265\030\002\202\323\344\223\002\035\"\030/v1/rag/documents:ingest:\001*'
+  _globals['_RETRIEVALMODE']._serialized_start=2119
+  _globals['_RETRIEVALMODE']._serialized_end=2247
+  _globals['_RETRIEVEDPASSAGE']._serialized_start=131
+  _globals['_RETRIEVEDPASSAGE']._serialized_end=374
+  _globals['_RETRIEVEDPASSAGE_METADATAENTRY']._serialized_start=327
+  _globals['_RETRIEVEDPASSAGE_METADATAENTRY']._serialized_end=374
+  _globals['_CITATION']._serialized_start=376
+  _globals['_CITATION']._serialized_end=453
+  _globals['_ANSWERQUESTIONREQUEST']._serialized_start=456
+  _globals['_ANSWERQUESTIONREQUEST']._serialized_end=734
+  _globals['_ANSWERQUESTIONREQUEST_FILTERSENTRY']._serialized_start=688
+  _globals['_ANSWERQUESTIONREQUEST_FILTERSENTRY']._serialized_end=734
+  _globals['_ANSWERQUESTIONRESPONSE']._serialized_start=737
+  _globals['_ANSWERQUESTIONRESPONSE']._serialized_end=967
+  _globals['_STREAMANSWERREQUEST']._serialized_start=970
+  _globals['_STREAMANSWERREQUEST']._serialized_end=1244
+  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_start=688
+  _globals['_STREAMANSWERREQUEST_FILTERSENTRY']._serialized_end=734
+  _globals['_STREAMANSWERRESPONSE']._serialized_start=1247
+  _globals['_STREAMANSWERRESPONSE']._serialized_end=1485
+  _globals['_SEARCHLITERATUREREQUEST']._serialized_start=1488
+  _globals['_SEARCHLITERATUREREQUEST']._serialized_end=1699
+  _globals['_SEARCHLITERATUREREQUEST_FILTERSENTRY']._serialized_start=688
+  _globals['_SEARCHLITERATUREREQUEST_FILTERSENTRY']._serialized_end=734
+  _globals['_SEARCHLITERATURERESPONSE']._serialized_start=1701
+  _globals['_SEARCHLITERATURERESPONSE']._serialized_end=1775
+  _globals['_DOCUMENT']._serialized_start=1778
+  _globals['_DOCUMENT']._serialized_end=1948
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=327
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=374
+  _globals['_INGESTDOCUMENTSREQUEST']._serialized_start=1950
+  _globals['_INGESTDOCUMENTSREQUEST']._serialized_end=2015
+  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_start=2017
+  _globals['_INGESTDOCUMENTSRESPONSE']._serialized_end=2116
+  _globals['_RAGSERVICE']._serialized_start=2250
+  _globals['_RAGSERVICE']._serialized_end=2771
 # @@protoc_insertion_point(module_scope)

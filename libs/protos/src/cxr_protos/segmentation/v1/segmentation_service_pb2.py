@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cxr_protos.common.v1 import access_pb2 as cxr_dot_common_dot_v1_dot_access__pb2
 from cxr_protos.common.v1 import common_pb2 as cxr_dot_common_dot_v1_dot_common__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.cxr/segmentation/v1/segmentation_service.proto\x12\x13\x63xr.segmentation.v1\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xe0\x01\n\x13SegmentImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x38\n\rmask_encoding\x18\x03 \x01(\x0e\x32!.cxr.segmentation.v1.MaskEncoding\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x17\n\x0finclude_overlay\x18\x06 \x01(\x08\x12\x19\n\x11include_dicom_seg\x18\x07 \x01(\x08\"-\n\rRunLengthMask\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\r\"I\n\x0b\x42oundingBox\x12\r\n\x05x_min\x18\x01 \x01(\x05\x12\r\n\x05y_min\x18\x02 \x01(\x05\x12\r\n\x05x_max\x18\x03 \x01(\x05\x12\r\n\x05y_max\x18\x04 \x01(\x05\"\xd8\x01\n\x0b\x41natomyMask\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12/\n\x03rle\x18\x05 \x01(\x0b\x32\".cxr.segmentation.v1.RunLengthMask\x12\x13\n\x0b\x61rea_pixels\x18\x06 \x01(\x03\x12\x10\n\x08\x61rea_mm2\x18\x07 \x01(\x01\x12\x36\n\x0c\x62ounding_box\x18\x08 \x01(\x0b\x32 .cxr.segmentation.v1.BoundingBox\"\xe9\x01\n\x0cMeasurements\x12\x1c\n\x14\x63\x61rdiothoracic_ratio\x18\x01 \x01(\x01\x12/\n\'cardiothoracic_ratio_unavailable_reason\x18\x02 \x01(\t\x12\x16\n\x0eheart_width_px\x18\x03 \x01(\x01\x12\x17\n\x0fthorax_width_px\x18\x04 \x01(\x01\x12\x16\n\x0eheart_width_mm\x18\x05 \x01(\x01\x12\x17\n\x0fthorax_width_mm\x18\x06 \x01(\x01\x12(\n cardiothoracic_ratio_implausible\x18\x07 \x01(\x08\"\xeb\x02\n\x14SegmentImageResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12/\n\x05masks\x18\x02 \x03(\x0b\x32 .cxr.segmentation.v1.AnatomyMask\x12\x37\n\x0cmeasurements\x18\x03 \x01(\x0b\x32!.cxr.segmentation.v1.Measurements\x12\x13\n\x0boverlay_png\x18\x04 \x01(\x0c\x12\x11\n\tdicom_seg\x18\x05 \x01(\x0c\x12+\n\x05image\x18\x06 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x07 \x01(\x08\x12:\n\x0espacing_source\x18\x08 \x01(\x0e\x32\".cxr.segmentation.v1.SpacingSource\x12\x1c\n\x14magnification_factor\x18\t \x01(\x01\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo*s\n\x0cMaskEncoding\x12\x1d\n\x19MASK_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11MASK_ENCODING_PNG\x10\x01\x12\x15\n\x11MASK_ENCODING_RLE\x10\x02\x12\x16\n\x12MASK_ENCODING_NONE\x10\x03*\xd2\x01\n\rSpacingSource\x12\x1e\n\x1aSPACING_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13SPACING_SOURCE_NONE\x10\x01\x12 \n\x1cSPACING_SOURCE_PIXEL_SPACING\x10\x02\x12\x31\n-SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED\x10\x03\x12\x33\n/SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED\x10\x04\x32\xd3\x04\n\x13SegmentationService\x12\x8d\x01\n\x0cSegmentImage\x12(.cxr.segmentation.v1.SegmentImageRequest\x1a).cxr.segmentation.v1.SegmentImageResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/segmentation:segmentImage:\x01*\x12~\n\nListModels\x12&.cxr.segmentation.v1.ListModelsRequest\x1a\'.cxr.segmentation.v1.ListModelsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/segmentation/models\x12\x90\x01\n\tLoadModel\x12%.cxr.segmentation.v1.LoadModelRequest\x1a&.cxr.segmentation.v1.LoadModelResponse\"4\x82\xd3\xe4\x93\x02.\")/v1/segmentation/models/{model_name}:load:\x01*\x12\x98\x01\n\x0bUnloadModel\x12\'.cxr.segmentation.v1.UnloadModelRequest\x1a(.cxr.segmentation.v1.UnloadModelResponse\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/segmentation/models/{model_name}:unload:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.cxr/segmentation/v1/segmentation_service.proto\x12\x13\x63xr.segmentation.v1\x1a\x1a\x63xr/common/v1/access.proto\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\"\xe0\x01\n\x13SegmentImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x38\n\rmask_encoding\x18\x03 \x01(\x0e\x32!.cxr.segmentation.v1.MaskEncoding\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12\x17\n\x0finclude_overlay\x18\x06 \x01(\x08\x12\x19\n\x11include_dicom_seg\x18\x07 \x01(\x08\"-\n\rRunLengthMask\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\r\"I\n\x0b\x42oundingBox\x12\r\n\x05x_min\x18\x01 \x01(\x05\x12\r\n\x05y_min\x18\x02 \x01(\x05\x12\r\n\x05x_max\x18\x03 \x01(\x05\x12\r\n\x05y_max\x18\x04 \x01(\x05\"\xd8\x01\n\x0b\x41natomyMask\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0b\n\x03png\x18\x04 \x01(\x0c\x12/\n\x03rle\x18\x05 \x01(\x0b\x32\".cxr.segmentation.v1.RunLengthMask\x12\x13\n\x0b\x61rea_pixels\x18\x06 \x01(\x03\x12\x10\n\x08\x61rea_mm2\x18\x07 \x01(\x01\x12\x36\n\x0c\x62ounding_box\x18\x08 \x01(\x0b\x32 .cxr.segmentation.v1.BoundingBox\"\xe9\x01\n\x0cMeasurements\x12\x1c\n\x14\x63\x61rdiothoracic_ratio\x18\x01 \x01(\x01\x12/\n\'cardiothoracic_ratio_unavailable_reason\x18\x02 \x01(\t\x12\x16\n\x0eheart_width_px\x18\x03 \x01(\x01\x12\x17\n\x0fthorax_width_px\x18\x04 \x01(\x01\x12\x16\n\x0eheart_width_mm\x18\x05 \x01(\x01\x12\x17\n\x0fthorax_width_mm\x18\x06 \x01(\x01\x12(\n cardiothoracic_ratio_implausible\x18\x07 \x01(\x08\"\xeb\x02\n\x14SegmentImageResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12/\n\x05masks\x18\x02 \x03(\x0b\x32 .cxr.segmentation.v1.AnatomyMask\x12\x37\n\x0cmeasurements\x18\x03 \x01(\x0b\x32!.cxr.segmentation.v1.Measurements\x12\x13\n\x0boverlay_png\x18\x04 \x01(\x0c\x12\x11\n\tdicom_seg\x18\x05 \x01(\x0c\x12+\n\x05image\x18\x06 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x07 \x01(\x08\x12:\n\x0espacing_source\x18\x08 \x01(\x0e\x32\".cxr.segmentation.v1.SpacingSource\x12\x1c\n\x14magnification_factor\x18\t \x01(\x01\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo*s\n\x0cMaskEncoding\x12\x1d\n\x19MASK_ENCODING_UNSPECIFIED\x10\x00\x12\x15\n\x11MASK_ENCODING_PNG\x10\x01\x12\x15\n\x11MASK_ENCODING_RLE\x10\x02\x12\x16\n\x12MASK_ENCODING_NONE\x10\x03*\xd2\x01\n\rSpacingSource\x12\x1e\n\x1aSPACING_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13SPACING_SOURCE_NONE\x10\x01\x12 \n\x1cSPACING_SOURCE_PIXEL_SPACING\x10\x02\x12\x31\n-SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED\x10\x03\x12\x33\n/SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED\x10\x04\x32\xdb\x04\n\x13SegmentationService\x12\x8d\x01\n\x0cSegmentImage\x12(.cxr.segmentation.v1.SegmentImageRequest\x1a).cxr.segmentation.v1.SegmentImageResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/segmentation:segmentImage:\x01*\x12~\n\nListModels\x12&.cxr.segmentation.v1.ListModelsRequest\x1a\'.cxr.segmentation.v1.ListModelsResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/segmentation/models\x12\x94\x01\n\tLoadModel\x12%.cxr.segmentation.v1.LoadModelRequest\x1a&.cxr.segmentation.v1.LoadModelResponse\"8\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02.\")/v1/segmentation/models/{model_name}:load:\x01*\x12\x9c\x01\n\x0bUnloadModel\x12\'.cxr.segmentation.v1.UnloadModelRequest\x1a(.cxr.segmentation.v1.UnloadModelResponse\":\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x30\"+/v1/segmentation/models/{model_name}:unload:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +39,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTATIONSERVICE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_SEGMENTATIONSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/segmentation/models'
   _globals['_SEGMENTATIONSERVICE'].methods_by_name['LoadModel']._loaded_options = None
-  _globals['_SEGMENTATIONSERVICE'].methods_by_name['LoadModel']._serialized_options = b'\202\323\344\223\002.\")/v1/segmentation/models/{model_name}:load:\001*'
+  _globals['_SEGMENTATIONSERVICE'].methods_by_name['LoadModel']._serialized_options = b'\210\265\030\002\202\323\344\223\002.\")/v1/segmentation/models/{model_name}:load:\001*'
   _globals['_SEGMENTATIONSERVICE'].methods_by_name['UnloadModel']._loaded_options = None
-  _globals['_SEGMENTATIONSERVICE'].methods_by_name['UnloadModel']._serialized_options = b'\202\323\344\223\0020\"+/v1/segmentation/models/{model_name}:unload:\001*'
-  _globals['_MASKENCODING']._serialized_start=1617
-  _globals['_MASKENCODING']._serialized_end=1732
-  _globals['_SPACINGSOURCE']._serialized_start=1735
-  _globals['_SPACINGSOURCE']._serialized_end=1945
-  _globals['_SEGMENTIMAGEREQUEST']._serialized_start=130
-  _globals['_SEGMENTIMAGEREQUEST']._serialized_end=354
-  _globals['_RUNLENGTHMASK']._serialized_start=356
-  _globals['_RUNLENGTHMASK']._serialized_end=401
-  _globals['_BOUNDINGBOX']._serialized_start=403
-  _globals['_BOUNDINGBOX']._serialized_end=476
-  _globals['_ANATOMYMASK']._serialized_start=479
-  _globals['_ANATOMYMASK']._serialized_end=695
-  _globals['_MEASUREMENTS']._serialized_start=698
-  _globals['_MEASUREMENTS']._serialized_end=931
-  _globals['_SEGMENTIMAGERESPONSE']._serialized_start=934
-  _globals['_SEGMENTIMAGERESPONSE']._serialized_end=1297
-  _globals['_LISTMODELSREQUEST']._serialized_start=1299
-  _globals['_LISTMODELSREQUEST']._serialized_end=1318
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1320
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1382
-  _globals['_LOADMODELREQUEST']._serialized_start=1384
-  _globals['_LOADMODELREQUEST']._serialized_end=1447
-  _globals['_LOADMODELRESPONSE']._serialized_start=1449
-  _globals['_LOADMODELRESPONSE']._serialized_end=1509
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1511
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1551
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1553
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1615
-  _globals['_SEGMENTATIONSERVICE']._serialized_start=1948
-  _globals['_SEGMENTATIONSERVICE']._serialized_end=2543
+  _globals['_SEGMENTATIONSERVICE'].methods_by_name['UnloadModel']._serialized_options = b'\210\265\030\002\202\323\344\223\0020\"+/v1/segmentation/models/{model_name}:unload:\001*'
+  _globals['_MASKENCODING']._serialized_start=1645
+  _globals['_MASKENCODING']._serialized_end=1760
+  _globals['_SPACINGSOURCE']._serialized_start=1763
+  _globals['_SPACINGSOURCE']._serialized_end=1973
+  _globals['_SEGMENTIMAGEREQUEST']._serialized_start=158
+  _globals['_SEGMENTIMAGEREQUEST']._serialized_end=382
+  _globals['_RUNLENGTHMASK']._serialized_start=384
+  _globals['_RUNLENGTHMASK']._serialized_end=429
+  _globals['_BOUNDINGBOX']._serialized_start=431
+  _globals['_BOUNDINGBOX']._serialized_end=504
+  _globals['_ANATOMYMASK']._serialized_start=507
+  _globals['_ANATOMYMASK']._serialized_end=723
+  _globals['_MEASUREMENTS']._serialized_start=726
+  _globals['_MEASUREMENTS']._serialized_end=959
+  _globals['_SEGMENTIMAGERESPONSE']._serialized_start=962
+  _globals['_SEGMENTIMAGERESPONSE']._serialized_end=1325
+  _globals['_LISTMODELSREQUEST']._serialized_start=1327
+  _globals['_LISTMODELSREQUEST']._serialized_end=1346
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1348
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1410
+  _globals['_LOADMODELREQUEST']._serialized_start=1412
+  _globals['_LOADMODELREQUEST']._serialized_end=1475
+  _globals['_LOADMODELRESPONSE']._serialized_start=1477
+  _globals['_LOADMODELRESPONSE']._serialized_end=1537
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1539
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1579
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1581
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1643
+  _globals['_SEGMENTATIONSERVICE']._serialized_start=1976
+  _globals['_SEGMENTATIONSERVICE']._serialized_end=2579
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from cxr_protos.common.v1 import access_pb2 as _access_pb2
 from cxr_protos.common.v1 import common_pb2 as _common_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf.internal import containers as _containers
