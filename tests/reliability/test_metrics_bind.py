@@ -17,8 +17,10 @@ def _connects(host: str, port: int) -> bool:
 
 
 async def test_metrics_listen_on_the_service_host_only() -> None:
-    s = make_settings(services__classification={"host": "127.0.0.1", "port": 0, "metrics_port": 0})
-    server = create_server(s, build_toy(s))  # no host argument: the endpoint's host is the default
+    """No host anywhere in the config: the default endpoint host is loopback, not 0.0.0.0."""
+    s = make_settings(services__classification={"port": 0, "metrics_port": 0})
+    assert s.services["classification"].host == "127.0.0.1"
+    server = create_server(s, build_toy(s))  # no host argument: the endpoint's host applies
     await server.start()
     try:
         assert server.metrics is not None

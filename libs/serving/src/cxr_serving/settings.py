@@ -298,7 +298,11 @@ class MonitoringConfig(_Strict):
 class ServiceEndpoint(_Strict):
     """Where one service listens."""
 
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1",
+        description="address the gRPC and metrics ports bind to; loopback unless a deployment opens it "
+        "(the chart and config/production.json set 0.0.0.0 behind a NetworkPolicy)",
+    )
     port: int = Field(..., ge=0, le=65535)
     metrics_port: int = Field(..., ge=0, le=65535)
 
