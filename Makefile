@@ -82,16 +82,26 @@ all: test ## Everything CI runs
 run: $(VENV)/.installed ## Start every service (and the local gateway) on CPU with config/local.json
 	$(PY) scripts/run_local.py --config $(CONFIG)
 
+BENCH_ARGS ?=
+# head to head: stack.py with only the peers of the "ahead of LitServe at every concurrency >= 8" target, long cells
+HEAD_TO_HEAD = $(PY) -m bench.stack --peers service,litserve,litserve_folded --concurrency 8,32 \
+	$(if $(filter --quick,$(BENCH_ARGS)),--out bench/results/head_to_head-quick.json,\
+	--rounds 6 --seconds 45 --requests 1200 --out bench/results/head_to_head.json) $(BENCH_ARGS)
+
 .PHONY: bench
-bench: $(VENV)/.installed ## Run every benchmark in bench/ and write bench/results/*.json
-	$(PY) bench/run_all.py
+bench: $(VENV)/.installed ## Every benchmark (bench/run_all.py, then bench-head_to_head): bench/results/*.json
+	$(PY) -m bench.run_all; rc=$$?; $(HEAD_TO_HEAD) && exit $$rc
+
+.PHONY: bench-head_to_head
+bench-head_to_head: $(VENV)/.installed ## Service vs LitServe at c=8/32, 6 rounds of 45 s (~25 min; BENCH_ARGS=--quick ~5 min)
+	$(HEAD_TO_HEAD)
 
 .PHONY: bench-gpu
-bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_paths, each time-boxed (bench/gpu_session.sh)
-	OUT=bench/results/gpu PY=$(PY) WHEELS=none bash bench/gpu_session.sh
+bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_paths, each time-boxed (bench/gpu/gpu_session.sh)
+	OUT=bench/gpu/results PY=$(PY) WHEELS=none bash bench/gpu/gpu_session.sh
 
-bench-%: $(VENV)/.installed ## Run one benchmark, e.g. make bench-classification (bench/classification.py)
-	$(PY) bench/$*.py
+bench-%: $(VENV)/.installed ## One benchmark, e.g. make bench-stack = python -m bench.stack (bench/gpu/ too; BENCH_ARGS=--quick)
+	$(PY) -m $(if $(wildcard bench/$*.py),bench.$*,bench.gpu.$*) $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove caches (keeps .venv)

@@ -33,6 +33,7 @@ SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "cxr14-sample" / "images"
 PUBMEDQA = SHARED / "data" / "pubmedqa"
 RESULTS = REPO / "bench" / "results"
+GPU_RESULTS = REPO / "bench" / "gpu" / "results"
 API_KEY = "bench-key-0123456789"
 
 Call = Callable[[int], Awaitable[object]]

@@ -6,9 +6,9 @@ model input (`prepare`: the service's decode + preprocessing) and a model output
 service's response (`finish`). The naive server and the LitServe API are thin shells around
 those three steps, so every peer does the same work on the same weights.
 
-    python bench/_peers.py naive --task classification --config cfg.json --port 50100
-    python bench/_peers.py litserve --task segmentation --config cfg.json --port 8123
-    python bench/_peers.py ceiling --task classification --config cfg.json --images 16   # stdin-driven
+    python -m bench._peers naive --task classification --config cfg.json --port 50100
+    python -m bench._peers litserve --task segmentation --config cfg.json --port 8123
+    python -m bench._peers ceiling --task classification --config cfg.json --images 16   # stdin-driven
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from _common import (  # bench/ is on sys.path: scripts run from it, tests add it
+
+from bench._common import (
     API_KEY,
     REPO,
     HttpStatusError,
@@ -295,8 +296,9 @@ def service_process(task: Task, config: Path, port: int) -> ServerProcess:
 
 def peer_process(kind: str, task: Task, config: Path, port: int, mask_encoding: str = "png") -> ServerProcess:
     """`naive` (gRPC, one forward per request) or `litserve` (HTTP, LitServe's batching)."""
-    cmd = [sys.executable, __file__, kind, "--task", task.name, "--config", str(config), "--port", str(port)]
-    return ServerProcess([*cmd, "--mask-encoding", mask_encoding], name=f"{task.name} {kind}").start()
+    cmd = [sys.executable, "-m", "bench._peers", kind, "--task", task.name, "--config", str(config),
+           "--port", str(port), "--mask-encoding", mask_encoding]  # fmt: skip
+    return ServerProcess(cmd, name=f"{task.name} {kind}").start()
 
 
 @dataclass
@@ -410,7 +412,7 @@ def ceiling_worker(task: Task, settings: Any, images: int) -> None:
     `MAX_IMAGES MAX_SECONDS` run that batch back to back until either bound and print `IMAGES WALL_S`."""
     import time
 
-    from _common import nih_pngs
+    from bench._common import nih_pngs
 
     model = task.load(settings)
     pngs = nih_pngs(images)

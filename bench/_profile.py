@@ -1,7 +1,7 @@
 """Profile a service under load with py-spy: where the service path spends its time.
 
-    .venv/bin/python bench/_profile.py --task segmentation --concurrency 8 --seconds 20
-    .venv/bin/python bench/_profile.py --task classification --format speedscope   # open in speedscope.app
+    .venv/bin/python -m bench._profile --task segmentation --concurrency 8 --seconds 20
+    .venv/bin/python -m bench._profile --task classification --format speedscope   # open in speedscope.app
 
 Starts the real service (the settings bench/stack.py uses), drives it closed-loop at the given
 concurrency while `py-spy record` samples every thread (on CPU only; --idle adds waiting), then prints the
@@ -12,8 +12,8 @@ and hand-offs show. The raw profile goes to bench/results/profile-<task>.<ext> (
 image) images per second whatever its cores, so the GIL ms per image it prints is the ceiling of one
 service process on a GPU node, where the forward no longer dominates (bench/README.md, "GPU").
 
-    .venv/bin/python bench/_profile.py --task classification --concurrency 32 --gil --max-batch-size 32
-    python bench/_profile.py --device cuda --gil --concurrency 32 --max-batch-size 32 --num-workers 8
+    .venv/bin/python -m bench._profile --task classification --concurrency 32 --gil --max-batch-size 32
+    python -m bench._profile --device cuda --gil --concurrency 32 --max-batch-size 32 --num-workers 8
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, closed_loop, free_port, grpc_serving, nih_pngs
-from _peers import StackOptions, grpc_call, service_process, task_named, write_settings
-from stack import GRPC_OPTIONS, set_torch_threads
+from bench._common import RESULTS, closed_loop, free_port, grpc_serving, nih_pngs
+from bench._peers import StackOptions, grpc_call, service_process, task_named, write_settings
+from bench.stack import GRPC_OPTIONS, set_torch_threads
 
 RATE_HZ = 200  # py-spy samples per second
 

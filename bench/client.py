@@ -1,7 +1,7 @@
 """Client benchmark: what cxr_client adds on top of raw gRPC stubs, and analyze-study latency.
 
   make bench-client                      # bench/results/client.json
-  .venv/bin/python bench/client.py --quick
+  .venv/bin/python -m bench.client --quick
 
 Phases (every loop is bounded by a request count AND a time limit):
   1. overhead: the toy classification service (no model time) in-process on 127.0.0.1; the same
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpc  # noqa: E402

@@ -1,7 +1,7 @@
 """Gateway overhead: the latency the Kong stand-in adds over calling the backend directly.
 
   make bench-gateway                  # bench/results/gateway.json
-  .venv/bin/python bench/gateway.py --requests 300
+  .venv/bin/python -m bench.gateway --requests 300
 
 One process: the toy classification service (tests/support/toy_service.py, a trivial model,
 so the backend time is small and the gateway's share shows) and the stand-in, both in-process
@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import aiohttp  # noqa: E402
 import grpc  # noqa: E402
-from _common import paired_p50  # noqa: E402 - bench/ is on sys.path when this script runs
 
+from bench._common import paired_p50  # noqa: E402
 from cxr_protos.classification.v1 import classification_service_pb2 as pb  # noqa: E402
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc  # noqa: E402
 from cxr_protos.common.v1 import common_pb2  # noqa: E402

@@ -11,7 +11,7 @@
      the gateway, from process start.
 Every measurement is bounded by a request count and seconds.
 
-    .venv/bin/python bench/growth.py [--quick]
+    .venv/bin/python -m bench.growth [--quick]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     PUBMEDQA,
     ServerProcess,
     closed_loop,
@@ -39,7 +39,7 @@ from _common import (
     stop_on_sigterm,
     write_result,
 )
-from _peers import (
+from bench._peers import (
     StackOptions,
     Task,
     gateway_process,
@@ -50,7 +50,7 @@ from _peers import (
     task_named,
     write_settings,
 )
-from stack import GRPC_OPTIONS, set_torch_threads
+from bench.stack import GRPC_OPTIONS, set_torch_threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

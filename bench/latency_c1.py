@@ -13,8 +13,8 @@ Then both sides are loaded as bench/stack.py loads them before its own c=1 calls
 batched forwards, the service serves concurrency 8) and the rounds run again ("after_load"): the two
 benchmarks' c=1 numbers then come from one process.
 
-    .venv/bin/python bench/latency_c1.py               # both tasks, 80 rounds each (~3 min)
-    .venv/bin/python bench/latency_c1.py --quick       # 128 px, 20 rounds
+    .venv/bin/python -m bench.latency_c1               # both tasks, 80 rounds each (~3 min)
+    .venv/bin/python -m bench.latency_c1 --quick       # 128 px, 20 rounds
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     Recorder,
     drive_closed,
     free_port,
@@ -41,7 +41,7 @@ from _common import (
     stop_on_sigterm,
     write_result,
 )
-from _peers import (
+from bench._peers import (
     StackOptions,
     Task,
     default_model_instances,
@@ -51,7 +51,7 @@ from _peers import (
     task_named,
     write_settings,
 )
-from stack import GRPC_OPTIONS, set_torch_threads
+from bench.stack import GRPC_OPTIONS, set_torch_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +145,7 @@ async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], r
 async def load_both(call: Any, task: Task, model: Any, pngs: list[bytes], instances: int, seconds: float) -> None:
     """What bench/stack.py does before its c=1 interleaved calls: batched forwards of this process's model
     on `instances` threads (its ceiling cells) and the service driven at concurrency 8 (its peer cells)."""
-    from stack import parallel_forwards
+    from bench.stack import parallel_forwards
 
     batch = [task.prepare(model, p)[1] for p in pngs]
     parallel_forwards(model, batch, instances, 10_000, seconds, lambda: None)

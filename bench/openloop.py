@@ -11,7 +11,7 @@ with the server and hide queueing). On the classification service with a bounded
      keeping pace with arrivals);
   4. the same 3C overload against LitServe (no queue bound: it queues until the deadline).
 
-    .venv/bin/python bench/openloop.py [--quick]
+    .venv/bin/python -m bench.openloop [--quick]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     closed_loop,
     free_port,
     grpc_serving,
@@ -37,7 +37,7 @@ from _common import (
     stop_on_sigterm,
     write_result,
 )
-from _peers import (
+from bench._peers import (
     ClassificationTask,
     StackOptions,
     default_model_instances,
@@ -48,7 +48,7 @@ from _peers import (
     service_process,
     write_settings,
 )
-from stack import GRPC_OPTIONS, set_torch_threads
+from bench.stack import GRPC_OPTIONS, set_torch_threads
 
 FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 3.0)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS
+from bench._common import RESULTS
 
 STYLE = {
     "service": ("tab:blue", "o"),

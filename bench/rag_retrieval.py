@@ -1,7 +1,7 @@
 """Retrieval quality and latency on PubMedQA: dense vs BM25 vs hybrid (RRF), side by side.
 
     make bench-rag_retrieval                 # all 800 questions over the whole corpus (3,358 passages)
-    .venv/bin/python bench/rag_retrieval.py --quick   # 100 questions over the first 1,000 passages
+    .venv/bin/python -m bench.rag_retrieval --quick   # 100 questions over the first 1,000 passages
 
 Data: ../shared/data/pubmedqa (corpus.jsonl, questions.jsonl, qrels.tsv). The store is built
 once under var/data/bench_chroma[_quick] (ingestion is idempotent: later runs reuse it).

@@ -1,4 +1,5 @@
-"""`make bench`: run every bench/*.py that defines main(), in one process each; bench/plot.py last."""
+"""`make bench`: run every benchmark module (bench/*.py and bench/gpu/*.py that are not helpers), one process each,
+as `python -m bench.<name>` from the repository root; bench/plot.py last."""
 
 from __future__ import annotations
 
@@ -7,22 +8,26 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SKIP = {"run_all", "__init__", "plot"}
+
+
+def modules() -> list[str]:
+    """Dotted names of the benchmarks: modules whose names start with "_" are helpers, not benchmarks."""
+    found = [*HERE.glob("*.py"), *HERE.glob("gpu/*.py")]
+    names = [p.relative_to(HERE.parent).with_suffix("") for p in found if p.stem not in SKIP]
+    return sorted(".".join(n.parts) for n in names if not n.name.startswith("_"))
 
 
 def main() -> int:
-    skip = {"run_all.py", "__init__.py", "plot.py"}
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in skip and not p.name.startswith("_"))
-    if not scripts:
+    benches = modules()
+    if not benches:
         print("no benchmarks yet")
         return 0
     failed = []
-    for script in scripts:
-        print(f"== {script.name}", flush=True)
-        if subprocess.call([sys.executable, str(script)], cwd=HERE.parent) != 0:
-            failed.append(script.name)
-    print("== plot.py", flush=True)
-    if subprocess.call([sys.executable, str(HERE / "plot.py")], cwd=HERE.parent) != 0:
-        failed.append("plot.py")
+    for module in [*benches, "bench.plot"]:
+        print(f"== {module}", flush=True)
+        if subprocess.call([sys.executable, "-m", module], cwd=HERE.parent) != 0:
+            failed.append(module)
     if failed:
         print("failed:", ", ".join(failed))
     return 1 if failed else 0

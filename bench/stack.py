@@ -15,9 +15,9 @@ Every measurement is bounded by a request count AND seconds. All peers run at on
 in turn (rotating rounds per concurrency, the ceiling in the same rounds): load from other processes
 on a shared host then hits every peer alike.
 
-    .venv/bin/python bench/stack.py             # densenet121 @224, U-Net resnet34 @256: ~10 min on 2 cores
-    .venv/bin/python bench/stack.py --quick     # smaller and shorter, ~3 min
-    .venv/bin/python bench/stack.py --device cuda --max-batch-size 32 --input-size 224   # GPU
+    .venv/bin/python -m bench.stack             # densenet121 @224, U-Net resnet34 @256: ~10 min on 2 cores
+    .venv/bin/python -m bench.stack --quick     # smaller and shorter, ~3 min
+    .venv/bin/python -m bench.stack --device cuda --max-batch-size 32 --input-size 224   # GPU
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from _common import (
+from bench._common import (
     API_KEY,
+    REPO,
     Call,
     Recorder,
     ServerProcess,
@@ -59,7 +60,7 @@ from _common import (
     tree_gpu_mib,
     write_result,
 )
-from _peers import (
+from bench._peers import (
     StackOptions,
     Task,
     default_model_instances,
@@ -255,7 +256,7 @@ class Target:
 
 class CeilingCell:
     """The batched forward, with no decode and no RPC, as one more 'peer' in the rotation: on as many
-    threads of this process (instance mode thread) or processes (`_peers.py ceiling`, instance mode
+    threads of this process (instance mode thread) or processes (`bench._peers ceiling`, instance mode
     process) as the service has model instances. `model` also serves the in-process pipeline."""
 
     def __init__(self, task: Task, config: Path, pngs: list[bytes], args: argparse.Namespace) -> None:
@@ -267,10 +268,10 @@ class CeilingCell:
         self.model.predict(self.batch)
         self.workers: list[subprocess.Popen[str]] = []
         if args.instance_mode == "process":
-            cmd = [sys.executable, str(Path(__file__).with_name("_peers.py")), "ceiling", "--task", task.name,
+            cmd = [sys.executable, "-m", "bench._peers", "ceiling", "--task", task.name,
                    "--config", str(config), "--images", str(len(pngs))]  # fmt: skip
             self.workers = [
-                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
                 for _ in range(self.instances)
             ]
             for w in self.workers:

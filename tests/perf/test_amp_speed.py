@@ -1,6 +1,6 @@
 """performance.use_amp on CPU pays where it applies: bfloat16 forwards of the served networks against
 float32 forwards of the same network, timed in turn in one process (a ratio, never an absolute time).
-bench/README.md has the full numbers (2.0x densenet121, 2.1x U-Net on an AVX512-BF16 host)."""
+docs/performance-history.md has the full numbers (2.0x densenet121, 2.1x U-Net on an AVX512-BF16 host)."""
 
 from __future__ import annotations
 

@@ -12,18 +12,13 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-
-from _common import (
+from bench._common import (
     ServerProcess,
     closed_loop,
     free_port,
@@ -32,7 +27,7 @@ from _common import (
     nih_pngs,
     open_loop,
 )
-from _peers import (
+from bench._peers import (
     ClassificationTask,
     StackOptions,
     gateway_process,
@@ -41,7 +36,7 @@ from _peers import (
     service_process,
     write_settings,
 )
-from stack import GRPC_OPTIONS, ceiling, set_torch_threads
+from bench.stack import GRPC_OPTIONS, ceiling, set_torch_threads
 
 pytestmark = pytest.mark.slow
 

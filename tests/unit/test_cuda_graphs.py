@@ -1,7 +1,7 @@
 """performance.cuda_graphs: forwards replayed as CUDA graphs, one per input shape, with an eager fallback.
 
 The CPU tests cover the settings and the wrapper's pass-through; the GPU tests (skipped without CUDA, run by
-bench/gpu_session.sh on a lent GPU) record, replay and fall back for real."""
+bench/gpu/gpu_session.sh on a lent GPU) record, replay and fall back for real."""
 
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ eagerly). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
 load itself, and the first batch of each shape, untimed, pays the autotuning. CPU variants: eager (no fold, no trace),
 default (fold + channels_last + TorchScript trace), amp (bfloat16, on CPUs with native bf16).
 
-    .venv/bin/python bench/gpu_paths.py                  # CUDA if present, else CPU
-    .venv/bin/python bench/gpu_paths.py --quick          # small inputs, a few batches (smoke run)
-    .venv/bin/python bench/gpu_paths.py --variants fp32,amp_cl --models densenet121
+    .venv/bin/python -m bench.gpu.gpu_paths                  # CUDA if present, else CPU
+    .venv/bin/python -m bench.gpu.gpu_paths --quick          # small inputs, a few batches (smoke run)
+    .venv/bin/python -m bench.gpu.gpu_paths --variants fp32,amp_cl --models densenet121
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import machine, nih_pngs, stage, write_result
-from _peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
+
+from bench._common import GPU_RESULTS, machine, nih_pngs, stage, write_result
+from bench._peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
 
 _EAGER = {"compile_models": False, "cuda_graphs": False}
 GPU_VARIANTS: dict[str, dict[str, Any]] = {
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seg-input-size", type=int, help="U-Net input (512 on a GPU, 256 on CPU; quick 128)")
     ap.add_argument("--seconds", type=float, help="timed seconds per variant and batch size (3; quick 1)")
     ap.add_argument("--images", type=int, default=16, help="distinct NIH PNGs in the batch")
-    ap.add_argument("--out", type=Path, help="default bench/results/gpu_paths[-cpu][-quick].json")
+    ap.add_argument("--out", type=Path, help="default bench/gpu/results/gpu_paths[-cpu][-quick].json")
     args = ap.parse_args(argv)
     if args.device == "auto":
         import torch
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     suffix = ("" if args.device.startswith("cuda") else "-cpu") + ("-quick" if args.quick else "")
+    out = args.out or GPU_RESULTS / f"gpu_paths{suffix}.json"
     for model_name in args.model_names:
         rows: dict[str, Any] = {}
         reference: dict[str, list[Any]] = {}
@@ -255,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["img_per_s_vs_first"] = round(row["img_per_s"] / first["img_per_s"], 3)
                     row["batch1_p50_vs_first"] = round(row["batch1_p50_ms"] / first["batch1_p50_ms"], 3)
             results[model_name] = rows
-            write_result(f"gpu_paths{suffix}", data, args.out)  # after every variant: a cut-off run keeps its rows
+            write_result(f"gpu_paths{suffix}", data, out)  # after every variant: a cut-off run keeps its rows
     print_table(results)
-    write_result(f"gpu_paths{suffix}", data, args.out)
+    write_result(f"gpu_paths{suffix}", data, out)
     return 0
 
 

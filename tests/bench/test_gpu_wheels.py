@@ -1,12 +1,6 @@
-"""bench/_gpu_wheels.py: which of our installed requirements a bare CUDA machine needs carried."""
+"""bench/gpu/_gpu_wheels.py: which of our installed requirements a bare CUDA machine needs carried."""
 
-import sys
-
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-
-from _gpu_wheels import needed
+from bench.gpu._gpu_wheels import needed
 
 
 def names(pins: list[str]) -> set[str]:

@@ -10,11 +10,7 @@ import time
 import grpc
 import pytest
 
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-
-from _common import (
+from bench._common import (
     HttpStatusError,
     ServerProcess,
     closed_loop,
@@ -166,7 +162,7 @@ async def test_wait_ready_reports_a_crashed_server() -> None:
 
 
 def test_saturation_needs_answers_to_keep_pace() -> None:
-    from openloop import saturation
+    from bench.openloop import saturation
 
     def row(offered: float, ok_per_s: float, shed: int = 0) -> dict:
         return {"offered_per_s": offered, "ok_per_s": ok_per_s, "requests": 10, "sent": 10, "shed": shed, "codes": {}}
@@ -181,7 +177,7 @@ def _state(pid: int) -> str:
 
 
 def test_only_running_pauses_the_other_servers_and_resumes_them():
-    from _common import only_running
+    from bench._common import only_running
 
     a = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], name="a").start()
     b = ServerProcess([sys.executable, "-c", "import time; time.sleep(60)"], name="b").start()
@@ -201,8 +197,7 @@ def test_only_running_pauses_the_other_servers_and_resumes_them():
 def test_latency_c1_reads_the_server_time_from_the_real_access_log_format():
     import logging
 
-    from latency_c1 import server_ms
-
+    from bench.latency_c1 import server_ms
     from cxr_serving.logging_setup import JsonFormatter
 
     fmt = JsonFormatter("segmentation")
@@ -221,8 +216,8 @@ def test_latency_c1_reads_the_server_time_from_the_real_access_log_format():
 
 def test_ratios_pair_the_cells_of_each_round_and_the_table_shows_them():
     """service/LitServe round by round (each pair measured within one rotation) next to the totals."""
-    from plot import markdown
-    from stack import ratios, round_ratios
+    from bench.plot import markdown
+    from bench.stack import ratios, round_ratios
 
     def level(c: int, by_round: list[float]) -> dict:
         ips = sum(by_round) / len(by_round)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in ONE call on a lent GPU machine (bench/README.md, "On a GPU machine").
-# Each step has its own time limit and writes its log and JSON under $OUT (default bench/results/gpu),
+# Each step has its own time limit and writes its log and JSON under $OUT (default bench/gpu/results),
 # so a step that fails or runs out of time costs only itself. Without our virtualenv (a bare machine
 # with CUDA torch): wheels in .whl/ are installed to /tmp/site and the repo's sources go on PYTHONPATH.
-#   bash bench/gpu_session.sh                 # on the GPU machine, from the repo root
-#   DEVICE=cpu QUICK=1 bash bench/gpu_session.sh   # the same plumbing on CPU, small (a dry run)
+#   bash bench/gpu/gpu_session.sh                 # on the GPU machine, from the repo root
+#   DEVICE=cpu QUICK=1 bash bench/gpu/gpu_session.sh   # the same plumbing on CPU, small (a dry run)
 set -u
-OUTDIR=${OUT:-bench/results/gpu}
+OUTDIR=${OUT:-bench/gpu/results}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 mkdir -p "$OUTDIR"
@@ -66,15 +66,15 @@ fi
 if [ "$DEVICE" = cuda ]; then
   step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"
 fi
-step stack_classification 170 $PY bench/stack.py "${STACK[@]}" "${CLS_PEERS[@]}" --tasks classification \
+step stack_classification 170 $PY -m bench.stack "${STACK[@]}" "${CLS_PEERS[@]}" --tasks classification \
   --out "$OUTDIR/stack-classification.json"
-step gpu_paths 60 $PY bench/gpu_paths.py "${PATHS[@]}" --out "$OUTDIR/gpu_paths.json"
-step stack_segmentation 130 $PY bench/stack.py "${STACK[@]}" "${SEG_PEERS[@]}" --tasks segmentation \
+step gpu_paths 60 $PY -m bench.gpu.gpu_paths "${PATHS[@]}" --out "$OUTDIR/gpu_paths.json"
+step stack_segmentation 130 $PY -m bench.stack "${STACK[@]}" "${SEG_PEERS[@]}" --tasks segmentation \
   --out "$OUTDIR/stack-segmentation.json"
 if [ "$DEVICE" = cuda ]; then
   # last: how long compilation takes is the unknown; each variant's row is written when it finishes
   # session 18: mode default took 123 s to compile densenet121 (then 2 580 img/s at batch 32)
-  step gpu_compile 240 $PY bench/gpu_paths.py --device cuda --seconds 1.0 --models densenet121 \
+  step gpu_compile 240 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
     --variants amp_cl,amp_cl_compile_ro,tf32_compile --out "$OUTDIR/gpu_paths-compile.json"
 fi
 ls -la "$OUTDIR"

@@ -1,4 +1,4 @@
-"""Wheels for a bare GPU machine that has CUDA torch but not our other dependencies (bench/gpu_session.sh).
+"""Wheels for a bare GPU machine that has CUDA torch but not our other dependencies (bench/gpu/gpu_session.sh).
 
 Walks the requirements of our packages and LitServe as installed in this virtualenv, skips what the
 target already has (`--present`: a file of package names, one per line or space-separated; torch,
@@ -7,7 +7,7 @@ downloads the rest for the target's Python into .whl/. `--force` downloads some 
 whose version must match ours: grpcio and protobuf for the generated code, timm for the models).
 Then copies a few NIH PNGs into .gpudata/ for the benchmarks.
 
-    .venv/bin/python bench/_gpu_wheels.py --present target-packages.txt --python-version 3.12
+    .venv/bin/python -m bench.gpu._gpu_wheels --present target-packages.txt --python-version 3.12
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import IMAGES, REPO
+from bench._common import IMAGES, REPO
 
 ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve"]
 ALWAYS_PRESENT = {"torch", "torchvision", "triton", "numpy", "pillow"}

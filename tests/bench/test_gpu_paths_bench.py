@@ -1,4 +1,4 @@
-"""bench/gpu_paths.py: every variant loads through the services' own code and is compared with the first,
+"""bench/gpu/gpu_paths.py: every variant loads through the services' own code and is compared with the first,
 in one process (on CPU here: the same script runs the GPU variants on a GPU machine)."""
 
 import json
@@ -13,9 +13,9 @@ from tests.conftest import REPO
 @pytest.mark.slow  # two small networks, two variants each: ~15 s on 2 cores
 def test_variants_side_by_side_with_ratios_and_deviation(tmp_path):
     out = tmp_path / "gpu_paths.json"
-    cmd = [sys.executable, "bench/gpu_paths.py", "--device", "cpu", "--quick", "--models", "densenet121,unet_resnet34",
-           "--variants", "eager,default", "--images", "2", "--input-size", "64", "--seg-input-size", "64",
-           "--seconds", "0.2", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.gpu.gpu_paths", "--device", "cpu", "--quick", "--models",
+           "densenet121,unet_resnet34", "--variants", "eager,default", "--images", "2", "--input-size", "64",
+           "--seg-input-size", "64", "--seconds", "0.2", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -31,6 +31,6 @@ def test_variants_side_by_side_with_ratios_and_deviation(tmp_path):
 
 
 def test_unknown_variant_is_refused_with_the_choices():
-    proc = subprocess.run([sys.executable, "bench/gpu_paths.py", "--device", "cpu", "--variants", "amp_cl"],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu.gpu_paths", "--device", "cpu", "--variants", "amp_cl"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 2 and "unknown variants for cpu: ['amp_cl']" in proc.stderr

@@ -1,4 +1,4 @@
-"""bench/client.py --quick runs end to end (toy service in-process) and writes its JSON."""
+"""python -m bench.client --quick runs end to end (toy service in-process) and writes its JSON."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 def test_quick_client_benchmark(tmp_path):
     out = tmp_path / "client.json"
-    cmd = [sys.executable, "bench/client.py", "--quick", "--requests", "8", "--seconds", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.client", "--quick", "--requests", "8", "--seconds", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

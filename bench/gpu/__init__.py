@@ -1,0 +1,1 @@
+"""The prepared, time-boxed GPU session (gpu_session.sh), its model-path benchmark and what a bare GPU machine needs."""

@@ -1,0 +1,35 @@
+"""python -m bench.stack on segmentation end to end (real server processes): the service, the naive server
+and the ceiling measured in turn, in a non-default mask encoding, with the ratios written to its JSON.
+It replaced bench/segmentation.py, whose smoke test this was."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.slow  # starts two server processes: ~30-60 s on 2 shared CPU cores
+def test_quick_segmentation_stack_writes_ratios(tmp_path):
+    out = tmp_path / "stack.json"
+    cmd = [sys.executable, "-m", "bench.stack", "--quick", "--tasks", "segmentation", "--peers", "service,naive",
+           "--mask-encoding", "rle", "--seg-input-size", "32", "--max-batch-size", "4", "--requests", "4",
+           "--seconds", "1", "--rounds", "1", "--concurrency", "1,4", "--images", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert list(result["tasks"]) == ["segmentation"] and result["options"]["mask_encoding"] == "rle"
+    seg = result["tasks"]["segmentation"]
+    assert seg["settings"]["server_config"]["max_batch_size"] == 4
+    ceiling = seg["ceiling"]
+    assert ceiling["img_per_s"] > 0 and ceiling["finish_p50_ms"] > 0 and ceiling["batch_size"] == 4
+    assert set(seg["peers"]) == {"service", "naive"}
+    for name, peer in seg["peers"].items():
+        assert [lv["concurrency"] for lv in peer["levels"]] == [1, 4], name
+        for lv in peer["levels"]:
+            assert lv["requests"] > 0 and lv["codes"] == {"OK": lv["requests"]}, (name, lv)
+            assert lv["img_per_s"] > 0 and lv["p50_ms"] > 0, (name, lv)
+    for level in ("c1", "c4"):
+        assert seg["ratios"][level]["service_over_naive"] > 0 and seg["ratios"][level]["service_over_ceiling"] > 0
