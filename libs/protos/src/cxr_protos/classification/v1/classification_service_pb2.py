@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cxr/classification/v1/classification_service.proto\x12\x15\x63xr.classification.v1\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"h\n\x14\x43lassifyImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"g\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08positive\x18\x04 \x01(\x08\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x0c\"\x82\x01\n\x0fModelPrediction\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x30\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x1e.cxr.classification.v1.Finding\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"Z\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xc3\x01\n\x15\x43lassifyImageResponse\x12;\n\x0bpredictions\x18\x01 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12-\n\x06timing\x18\x04 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"j\n\x15\x43lassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xe0\x01\n\x13ImageClassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12;\n\x0bpredictions\x18\x02 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x03 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"h\n\x16\x43lassifyImagesResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"p\n\x1bStreamClassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"m\n\x1cStreamClassifyImagesResponse\x12:\n\x06result\x18\x01 \x01(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo2\x94\x07\n\x15\x43lassificationService\x12\x97\x01\n\rClassifyImage\x12+.cxr.classification.v1.ClassifyImageRequest\x1a,.cxr.classification.v1.ClassifyImageResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/classification:classifyImage:\x01*\x12\x9b\x01\n\x0e\x43lassifyImages\x12,.cxr.classification.v1.ClassifyImagesRequest\x1a-.cxr.classification.v1.ClassifyImagesResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/classification:classifyImages:\x01*\x12\x81\x01\n\x14StreamClassifyImages\x12\x32.cxr.classification.v1.StreamClassifyImagesRequest\x1a\x33.cxr.classification.v1.StreamClassifyImagesResponse0\x01\x12\x84\x01\n\nListModels\x12(.cxr.classification.v1.ListModelsRequest\x1a).cxr.classification.v1.ListModelsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/classification/models\x12\x96\x01\n\tLoadModel\x12\'.cxr.classification.v1.LoadModelRequest\x1a(.cxr.classification.v1.LoadModelResponse\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/classification/models/{model_name}:load:\x01*\x12\x9e\x01\n\x0bUnloadModel\x12).cxr.classification.v1.UnloadModelRequest\x1a*.cxr.classification.v1.UnloadModelResponse\"8\x82\xd3\xe4\x93\x02\x32\"-/v1/classification/models/{model_name}:unload:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cxr/classification/v1/classification_service.proto\x12\x15\x63xr.classification.v1\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"h\n\x14\x43lassifyImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xa0\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08positive\x18\x04 \x01(\x08\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x0c\x12\x37\n\x0b\x63\x61libration\x18\x06 \x01(\x0e\x32\".cxr.classification.v1.Calibration\"\x82\x01\n\x0fModelPrediction\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x30\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x1e.cxr.classification.v1.Finding\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"Z\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xc3\x01\n\x15\x43lassifyImageResponse\x12;\n\x0bpredictions\x18\x01 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12-\n\x06timing\x18\x04 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"j\n\x15\x43lassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xe0\x01\n\x13ImageClassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12;\n\x0bpredictions\x18\x02 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x03 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"h\n\x16\x43lassifyImagesResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"p\n\x1bStreamClassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"m\n\x1cStreamClassifyImagesResponse\x12:\n\x06result\x18\x01 \x01(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo*\x84\x01\n\x0b\x43\x61libration\x12\x1b\n\x17\x43\x41LIBRATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41LIBRATION_RAW\x10\x01\x12\x1f\n\x1b\x43\x41LIBRATION_OPERATING_POINT\x10\x02\x12\"\n\x1e\x43\x41LIBRATION_NO_OPERATING_POINT\x10\x03\x32\x94\x07\n\x15\x43lassificationService\x12\x97\x01\n\rClassifyImage\x12+.cxr.classification.v1.ClassifyImageRequest\x1a,.cxr.classification.v1.ClassifyImageResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/classification:classifyImage:\x01*\x12\x9b\x01\n\x0e\x43lassifyImages\x12,.cxr.classification.v1.ClassifyImagesRequest\x1a-.cxr.classification.v1.ClassifyImagesResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/classification:classifyImages:\x01*\x12\x81\x01\n\x14StreamClassifyImages\x12\x32.cxr.classification.v1.StreamClassifyImagesRequest\x1a\x33.cxr.classification.v1.StreamClassifyImagesResponse0\x01\x12\x84\x01\n\nListModels\x12(.cxr.classification.v1.ListModelsRequest\x1a).cxr.classification.v1.ListModelsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/classification/models\x12\x96\x01\n\tLoadModel\x12\'.cxr.classification.v1.LoadModelRequest\x1a(.cxr.classification.v1.LoadModelResponse\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/classification/models/{model_name}:load:\x01*\x12\x9e\x01\n\x0bUnloadModel\x12).cxr.classification.v1.UnloadModelRequest\x1a*.cxr.classification.v1.UnloadModelResponse\"8\x82\xd3\xe4\x93\x02\x32\"-/v1/classification/models/{model_name}:unload:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,38 +44,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['LoadModel']._serialized_options = b'\202\323\344\223\0020\"+/v1/classification/models/{model_name}:load:\001*'
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['UnloadModel']._loaded_options = None
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['UnloadModel']._serialized_options = b'\202\323\344\223\0022\"-/v1/classification/models/{model_name}:unload:\001*'
+  _globals['_CALIBRATION']._serialized_start=1837
+  _globals['_CALIBRATION']._serialized_end=1969
   _globals['_CLASSIFYIMAGEREQUEST']._serialized_start=160
   _globals['_CLASSIFYIMAGEREQUEST']._serialized_end=264
-  _globals['_FINDING']._serialized_start=266
-  _globals['_FINDING']._serialized_end=369
-  _globals['_MODELPREDICTION']._serialized_start=372
-  _globals['_MODELPREDICTION']._serialized_end=502
-  _globals['_TIMING']._serialized_start=504
-  _globals['_TIMING']._serialized_end=594
-  _globals['_CLASSIFYIMAGERESPONSE']._serialized_start=597
-  _globals['_CLASSIFYIMAGERESPONSE']._serialized_end=792
-  _globals['_CLASSIFYIMAGESREQUEST']._serialized_start=794
-  _globals['_CLASSIFYIMAGESREQUEST']._serialized_end=900
-  _globals['_IMAGECLASSIFICATION']._serialized_start=903
-  _globals['_IMAGECLASSIFICATION']._serialized_end=1127
-  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_start=1129
-  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_end=1233
-  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_start=1235
-  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_end=1347
-  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_start=1349
-  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_end=1458
-  _globals['_LISTMODELSREQUEST']._serialized_start=1460
-  _globals['_LISTMODELSREQUEST']._serialized_end=1479
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1481
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1543
-  _globals['_LOADMODELREQUEST']._serialized_start=1545
-  _globals['_LOADMODELREQUEST']._serialized_end=1608
-  _globals['_LOADMODELRESPONSE']._serialized_start=1610
-  _globals['_LOADMODELRESPONSE']._serialized_end=1670
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1672
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1712
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1714
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1776
-  _globals['_CLASSIFICATIONSERVICE']._serialized_start=1779
-  _globals['_CLASSIFICATIONSERVICE']._serialized_end=2695
+  _globals['_FINDING']._serialized_start=267
+  _globals['_FINDING']._serialized_end=427
+  _globals['_MODELPREDICTION']._serialized_start=430
+  _globals['_MODELPREDICTION']._serialized_end=560
+  _globals['_TIMING']._serialized_start=562
+  _globals['_TIMING']._serialized_end=652
+  _globals['_CLASSIFYIMAGERESPONSE']._serialized_start=655
+  _globals['_CLASSIFYIMAGERESPONSE']._serialized_end=850
+  _globals['_CLASSIFYIMAGESREQUEST']._serialized_start=852
+  _globals['_CLASSIFYIMAGESREQUEST']._serialized_end=958
+  _globals['_IMAGECLASSIFICATION']._serialized_start=961
+  _globals['_IMAGECLASSIFICATION']._serialized_end=1185
+  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_start=1187
+  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_end=1291
+  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_start=1293
+  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_end=1405
+  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_start=1407
+  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_end=1516
+  _globals['_LISTMODELSREQUEST']._serialized_start=1518
+  _globals['_LISTMODELSREQUEST']._serialized_end=1537
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1539
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1601
+  _globals['_LOADMODELREQUEST']._serialized_start=1603
+  _globals['_LOADMODELREQUEST']._serialized_end=1666
+  _globals['_LOADMODELRESPONSE']._serialized_start=1668
+  _globals['_LOADMODELRESPONSE']._serialized_end=1728
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1730
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1770
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1772
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1834
+  _globals['_CLASSIFICATIONSERVICE']._serialized_start=1972
+  _globals['_CLASSIFICATIONSERVICE']._serialized_end=2888
 # @@protoc_insertion_point(module_scope)
