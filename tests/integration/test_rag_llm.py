@@ -6,11 +6,13 @@ from __future__ import annotations
 import socket
 import time
 
+import grpc
 import pytest
 
 from cxr_rag.config import LlmConfig
 from cxr_rag.llm import Delta, Finish, LlmClient
 from cxr_serving.errors import DependencyTimeoutError, DependencyUnavailableError
+from cxr_serving.grpc_errors import STATUS_BY_KIND
 from tests.support.rag import openai_stub, stub_counts
 
 MSGS = [{"role": "user", "content": "Does it help?"}]
@@ -128,4 +130,65 @@ async def test_concurrency_cap(stub_url):
     await asyncio.gather(*(c.complete(MSGS) for _ in range(4)))
     # 4 calls of 3 s, two at a time: two rounds
     assert time.perf_counter() - t >= 5.5
+    await c.aclose()
+
+
+BUDGET_S = 1.0
+MARGIN_S = 0.5  # scheduling slack on a loaded machine; the trickle would go on for 30 s
+GUARD_S = 10.0  # fails the test instead of hanging when the budget is not enforced
+
+
+async def test_timeout_is_a_total_budget_against_a_trickling_server(stub_url):
+    """One SSE token (or one byte of JSON whitespace) every 0.2 s: each read is quick, the call is not."""
+    import asyncio
+
+    c = client(stub_url, "trickle", timeout_s=BUDGET_S, max_retries=3)
+    t = time.perf_counter()
+    with pytest.raises(DependencyTimeoutError, match=r"no answer within 1s") as ei:
+        async with asyncio.timeout(GUARD_S):
+            await c.complete(MSGS)
+    elapsed = time.perf_counter() - t
+    assert ei.value.reason == "LLM_TIMEOUT" and STATUS_BY_KIND[ei.value.kind] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert BUDGET_S - 0.05 <= elapsed <= BUDGET_S + MARGIN_S, elapsed
+
+    tokens = 0
+    t = time.perf_counter()
+    with pytest.raises(DependencyTimeoutError, match=r"no answer within 1s") as ei:
+        async with asyncio.timeout(GUARD_S):
+            async for item in c.stream(MSGS):
+                assert isinstance(item, Delta) and item.text == "tok "
+                tokens += 1
+    elapsed = time.perf_counter() - t
+    assert ei.value.reason == "LLM_TIMEOUT"
+    assert BUDGET_S - 0.05 <= elapsed <= BUDGET_S + MARGIN_S, elapsed
+    assert 2 <= tokens <= 6  # it was streaming (one token per 0.2 s) until the budget ran out
+    await c.aclose()
+
+
+async def test_retries_stay_within_the_budget(stub_url):
+    """HTTP 500 every time. A retry is made only when its backoff ends before the call's deadline:
+    with a first backoff (2 s + jitter) longer than the budget there is no retry, and the call ends
+    with the server's own error at once instead of sleeping through ten backoffs; with short
+    backoffs that fit, every retry is made."""
+    import asyncio
+
+    c = client(stub_url, "error500", timeout_s=BUDGET_S, max_retries=10, backoff_initial_s=2.0)
+    before = stub_counts(stub_url).get("error500", 0)
+    t = time.perf_counter()
+    with pytest.raises(DependencyUnavailableError, match=r"HTTP 500 after 1 attempt \(no time left") as ei:
+        async with asyncio.timeout(GUARD_S):
+            await c.complete(MSGS)
+    assert time.perf_counter() - t <= BUDGET_S, time.perf_counter() - t
+    assert ei.value.reason == "LLM_SERVER_ERROR"
+    assert stub_counts(stub_url)["error500"] - before == 1
+    with pytest.raises(DependencyUnavailableError, match=r"HTTP 500 after 1 attempt \(no time left"):
+        async with asyncio.timeout(GUARD_S):
+            await collect(c)
+    await c.aclose()
+
+    c = client(stub_url, "error500", timeout_s=10, max_retries=4, backoff_initial_s=0.05, backoff_max_s=0.05)
+    before = stub_counts(stub_url)["error500"]
+    with pytest.raises(DependencyUnavailableError, match=r"HTTP 500 after 5 attempts: "):
+        await c.complete(MSGS)
+    assert stub_counts(stub_url)["error500"] - before == 5
     await c.aclose()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cxr_rag import cli
+from cxr_rag.chunking import Document, chunk_document
 from cxr_rag.embeddings import default_model_path, get_embedder, load_tokenizer
 from cxr_rag.ingest import Ingestor, read_documents
 from cxr_rag.retrieval import Mode, Retriever
@@ -233,3 +234,61 @@ def test_runtime_startup_ingestion_completes_once_and_resumes_after_interruption
     rt2.open(progress=False)
     assert rt2.last_ingest is None  # completed before: the documents are not read again
     assert rt2.store is not None and rt2.store.count() == 5
+
+
+PHRASE = "quokka tracheostomy xylograph"  # three words found in no PubMedQA passage, only in text A
+
+
+def test_reingesting_a_document_id_replaces_its_old_chunks(tmp_path):
+    """Document X with a long text A (many chunks), then X again with a short text B: A's chunks are
+    gone from the store, from BM25 and from every search mode; X has exactly B's chunks."""
+    passages = [json.loads(line) for line in subset_corpus().read_text().splitlines()[:60]]
+    others = [Document(key=p["id"], text=p["text"], source="pubmedqa") for p in passages[:20]]
+    body = [p["text"] for p in passages[20:]]
+    text_a = " ".join([*body[:20], f"The {PHRASE} finding was reported.", *body[20:]])
+    text_b = "Atelectasis is a partial collapse of the lung."
+    tokenizer = load_tokenizer(default_model_path())
+    rt = RagRuntime(rag_cfg(tmp_path / "db"))
+    rt.open(progress=False)
+    assert rt.store is not None and rt.retriever is not None
+    rt.ingest(others, progress=False)
+
+    first = rt.ingest([Document(key="X", text=text_a, title="A", source="a")], progress=False)
+    a_chunks = {c.id for c in chunk_document(Document(key="X", text=text_a), tokenizer, 200, 40)}
+    assert first.chunks_added == len(a_chunks) >= 10
+    top = rt.retriever.search(PHRASE, 5, Mode.LEXICAL).passages
+    assert top and top[0].metadata["doc_id"] == "X" and PHRASE in top[0].text  # findable before
+
+    second = rt.ingest([Document(key="X", text=text_b, title="B", source="b")], progress=False)
+    b_chunks = [c.id for c in chunk_document(Document(key="X", text=text_b), tokenizer, 200, 40)]
+
+    stored_x = [c for c in rt.store.all_chunks() if c.metadata.get("doc_id") == "X"]
+    assert [c.id for c in stored_x] == b_chunks and stored_x[0].metadata["title"] == "B"
+    assert rt.store.count() == len(others) + len(b_chunks)
+    everything = rt.store.count()
+    for mode in Mode:
+        for k in (5, everything):  # the top hits, and the whole store
+            hits = rt.retriever.search(PHRASE, k, mode).passages
+            assert not [p.id for p in hits if p.id in a_chunks], (mode, k)
+            assert not [p for p in hits if PHRASE in p.text], (mode, k)
+            x_hits = {p.id for p in hits if p.metadata.get("doc_id") == "X"}
+            assert x_hits <= set(b_chunks), (mode, k)  # dense ranks every chunk; B's is the only one of X
+            if mode is Mode.LEXICAL:
+                assert not x_hits  # B has none of the phrase's words
+    assert len(b_chunks) == 1 and second.chunks_added == 1 and second.chunks_removed == len(a_chunks)
+
+
+def test_reingesting_the_same_chunk_text_refreshes_its_metadata(tmp_path):
+    """Text B equal to A's first chunk keeps that chunk (same id, not embedded again) but it now says
+    it is chunk 0 of 1 of title B, not chunk 0 of A's many."""
+    passages = [json.loads(line) for line in subset_corpus().read_text().splitlines()[:12]]
+    text_a = " ".join(p["text"] for p in passages)
+    tokenizer = load_tokenizer(default_model_path())
+    a = chunk_document(Document(key="Y", text=text_a, title="A"), tokenizer, 200, 40)
+    assert len(a) >= 3
+    st = VectorStore.open(rag_cfg(tmp_path / "db"), "sentence-transformers/all-MiniLM-L6-v2", 384)
+    ingestor(st).ingest([Document(key="Y", text=text_a, title="A")], progress=False)
+    stats = ingestor(st).ingest([Document(key="Y", text=a[0].text, title="B")], progress=False)
+    (only,) = st.all_chunks()
+    assert only.id == a[0].id and only.metadata["chunks"] == "1" and only.metadata["title"] == "B"
+    assert (stats.chunks_added, stats.chunks_skipped, stats.chunks_removed) == (0, 1, len(a) - 1)

@@ -12,6 +12,8 @@ loopback, but its "model" is scripted: behaviour is chosen by the requested mode
     flaky                   HTTP 503 on the first request, then an answer
     garbage                 HTTP 200 with a body that is not a chat completion
     midstream-error         a valid first event, then an error event
+    trickle                 one piece every TRICKLE_INTERVAL_S for TRICKLE_FOR_S: an SSE token when
+                            streaming, else a byte of leading JSON whitespace, then the answer
 
 GET /stats returns the number of requests per model (to check retries).
 Run: `python -m tests.support.openai_stub` prints `PORT <n>` on stdout once listening.
@@ -27,6 +29,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ANSWER = "The passages report a benefit [1]. A second study agrees [2]. Unsupported claim [99]."
+TRICKLE_INTERVAL_S = 0.2
+TRICKLE_FOR_S = 30.0
 COUNTS: Counter[str] = Counter()
 LOCK = threading.Lock()
 
@@ -82,6 +86,12 @@ class Handler(BaseHTTPRequestHandler):
             n = COUNTS[model]
         if model == "slow":
             time.sleep(3)
+        if model == "trickle":
+            try:
+                self._trickle(bool(req.get("stream")))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up: what the trickle tests expect
+            return
         status, pieces, raw = script(model, n)
         if raw is not None:
             self._send(status, raw)
@@ -125,6 +135,33 @@ class Handler(BaseHTTPRequestHandler):
                 )
             )
             event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _trickle(self, stream: bool) -> None:
+        """Keep every read short but never finish within TRICKLE_FOR_S (bounded: it then answers)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        end = time.monotonic() + TRICKLE_FOR_S
+        while time.monotonic() < end:
+            if stream:
+                delta = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "tok "}}]}
+                chunk(f"data: {json.dumps(delta)}\n\n".encode())
+            else:
+                chunk(b" ")  # JSON allows leading whitespace
+            time.sleep(TRICKLE_INTERVAL_S)
+        if stream:
+            chunk(b"data: [DONE]\n\n")
+        else:
+            message = {"role": "assistant", "content": "late [1]"}
+            chunk(json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode())
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 

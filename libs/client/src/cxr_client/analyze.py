@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, Field
 from cxr_client.client import AsyncCxrClient
 from cxr_client.errors import CxrClientError, InvalidArgumentError
 from cxr_client.images import ImageInput, to_image
+from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 
@@ -60,12 +62,29 @@ class ModelVersion(BaseModel):
     precision: str = ""  # float32, or bfloat16/float16 under AMP
 
 
+NO_OPERATING_POINT = "no_operating_point"
+
+
 class ReportFinding(BaseModel):
     label: str
     probability: float
-    threshold: float
+    threshold: float | None  # None: no threshold applies (a label without an operating point)
     positive: bool
     model: str
+    calibration: str = ""  # raw, operating_point, no_operating_point; "" from servers that do not say
+
+
+def finding_threshold(f: cls_pb.Finding) -> float | None:
+    """The finding's threshold, or None where the server sent NaN (no threshold applies)."""
+    t = float(f.threshold)
+    return None if math.isnan(t) else round(t, 4)
+
+
+def finding_calibration(f: cls_pb.Finding) -> str:
+    """`Finding.calibration` as a short name ("" when unspecified)."""
+    if f.calibration == cls_pb.CALIBRATION_UNSPECIFIED:
+        return ""
+    return cls_pb.Calibration.Name(f.calibration).removeprefix("CALIBRATION_").lower()
 
 
 class Measurements(BaseModel):
@@ -177,9 +196,10 @@ async def analyze_study(
                 ReportFinding(
                     label=f.label,
                     probability=round(float(f.probability), 4),
-                    threshold=round(float(f.threshold), 4),
+                    threshold=finding_threshold(f),
                     positive=f.positive,
                     model=pred.model.name,
+                    calibration=finding_calibration(f),
                 )
                 for f in pred.findings
             )

@@ -29,7 +29,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.message import Message
 
-from cxr_client.analyze import analyze_study
+from cxr_client.analyze import analyze_study, finding_threshold
 from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import SERVICES, ClientConfig, ServiceName, TlsOptions
@@ -187,7 +187,7 @@ async def cmd_classify(client: AsyncCxrClient, args: argparse.Namespace) -> int:
                             pred.model.name + tag,
                             f.label,
                             f"{f.probability:.3f}",
-                            f"{f.threshold:.3f}",
+                            "none" if (t := finding_threshold(f)) is None else f"{t:.3f}",
                             "yes" if f.positive else "no",
                         ]
                     )

@@ -7,9 +7,13 @@ import html
 import json
 from pathlib import Path
 
-from cxr_client.analyze import StudyReport
+from cxr_client.analyze import NO_OPERATING_POINT, ReportFinding, StudyReport
 
 OVERLAY_FILE = "overlay.png"
+NO_OPERATING_POINT_NOTE = (
+    "Findings with threshold 'none (no operating point)': the checkpoint has no operating point for them; "
+    "their probabilities are raw model outputs, not comparable with the calibrated ones, and never called positive."
+)
 
 
 def to_json(report: StudyReport, *, indent: int | None = 2) -> str:
@@ -18,6 +22,13 @@ def to_json(report: StudyReport, *, indent: int | None = 2) -> str:
 
 def _md_cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def threshold_text(f: ReportFinding) -> str:
+    """The threshold cell: the number, or why there is none."""
+    if f.threshold is not None:
+        return f"{f.threshold:.3f}"
+    return "none (no operating point)" if f.calibration == NO_OPERATING_POINT else "none"
 
 
 def heatmap_file(label: str) -> str:
@@ -42,12 +53,14 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None, heatmap
     if report.findings:
         lines += ["| finding | probability | threshold | positive | model |", "|---|---:|---:|:---:|---|"]
         lines += [
-            f"| {_md_cell(f.label)} | {f.probability:.3f} | {f.threshold:.3f} | {'**yes**' if f.positive else 'no'} "
+            f"| {_md_cell(f.label)} | {f.probability:.3f} | {threshold_text(f)} | {'**yes**' if f.positive else 'no'} "
             f"| {_md_cell(f.model)} |"
             for f in report.findings
         ]
         positives = ", ".join(report.positive_findings) or "none"
         lines += ["", f"Positive at the model thresholds: **{positives}**", ""]
+        if any(f.calibration == NO_OPERATING_POINT for f in report.findings):
+            lines += [NO_OPERATING_POINT_NOTE, ""]
         if heatmap_links:
             lines += [f"![Grad-CAM {label}]({heatmap_file(label)})" for label in report.heatmaps]
             lines += [""] if report.heatmaps else []
@@ -129,7 +142,7 @@ def to_html(report: StudyReport) -> str:
             cls = " class='pos'" if f.positive else ""
             parts.append(
                 f"<tr{cls}><td>{e(f.label)}</td><td class='num'>{f.probability:.3f}</td>"
-                f"<td class='num'>{f.threshold:.3f}</td><td>{'yes' if f.positive else 'no'}</td>"
+                f"<td class='num'>{e(threshold_text(f))}</td><td>{'yes' if f.positive else 'no'}</td>"
                 f"<td>{e(f.model)}</td></tr>"
             )
         parts.append("</table>")

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,35 @@ class ClassifierInput:
     heatmap_labels: tuple[str, ...] = ()
 
 
+class Calibration(StrEnum):
+    """What a label's probability is, which decides whether a threshold applies to it."""
+
+    RAW = "raw"  # the model's own sigmoid/softmax output
+    OPERATING_POINT = "operating_point"  # normalised so that the checkpoint's operating point is 0.5
+    NO_OPERATING_POINT = "no_operating_point"  # raw sigmoid of a label the checkpoint has no operating point for
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the loaded checkpoint's outputs are read: per label, the calibration and the threshold (NaN: none)."""
+
+    calibration: tuple[Calibration, ...]
+    thresholds: np.ndarray
+
+
 @dataclass
 class ClassifierOutput:
-    """Probabilities in label order, and PNG heatmaps by label when asked."""
+    """Probabilities in label order, how to read them, and PNG heatmaps by label when asked."""
 
     probabilities: np.ndarray
+    decision: Decision
     heatmaps: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def positive(self) -> np.ndarray:
+        """Per label, probability >= threshold; never for a NaN threshold."""
+        with np.errstate(invalid="ignore"):
+            return self.probabilities >= self.decision.thresholds
 
 
 def output_index(cfg: ClassifierConfig) -> list[int]:
@@ -72,6 +96,8 @@ class ChestXrayClassifier(ServedModel):
         self.architecture = cfg.architecture
         self.labels = tuple(cfg.output_labels)
         self.thresholds = np.array([cfg.threshold(label) for label in self.labels], dtype=np.float32)
+        named = cfg.thresholds if isinstance(cfg.thresholds, dict) else {}
+        self._threshold_named = [label in named for label in self.labels]
         self._device = device
         self._configured_checkpoint = checkpoint_path
         self._warmup_batches = warmup_batches
@@ -79,6 +105,7 @@ class ChestXrayClassifier(ServedModel):
         self._version = ""
         self._network: ClassifierNetwork | None = None  # eager module (Grad-CAM)
         self._runner: torch.nn.Module | None = None  # what predict calls (compiled on GPU when configured)
+        self._decision = self.decision(None)
         self._lock = threading.Lock()
 
     @property
@@ -123,16 +150,51 @@ class ChestXrayClassifier(ServedModel):
         network = ClassifierNetwork(net, activation=cfg.activation, output_index=index, op_threshs=op_threshs)
         return network.eval(), version
 
+    def decision(self, has_operating_point: Sequence[bool] | None) -> Decision:
+        """Calibration and threshold per label for a checkpoint with these operating points (None: none at all).
+
+        Without operating points every label is compared with its configured threshold. A label
+        without an operating point in a checkpoint that calibrates the others is a raw sigmoid on
+        another scale: it gets no threshold (never positive) unless `thresholds` names it.
+        """
+        if has_operating_point is None:
+            return Decision((Calibration.RAW,) * len(self.labels), self.thresholds)
+        calibration = tuple(
+            Calibration.OPERATING_POINT if has else Calibration.NO_OPERATING_POINT for has in has_operating_point
+        )
+        thresholds = np.array(
+            [
+                t if c is Calibration.OPERATING_POINT or named else np.nan
+                for t, c, named in zip(self.thresholds, calibration, self._threshold_named, strict=True)
+            ],
+            dtype=np.float32,
+        )
+        return Decision(calibration, thresholds)
+
     def load(self, checkpoint_path: Path | None = None) -> None:
         path = checkpoint_path or self._configured_checkpoint
         network, version = self.build(path)
+        decision = self.decision(network.has_operating_point())
+        missing = [
+            label
+            for label, c in zip(self.labels, decision.calibration, strict=True)
+            if c is Calibration.NO_OPERATING_POINT
+        ]
+        if missing:
+            log.warning(
+                "model '%s': checkpoint has no operating point for %s: raw probabilities, never positive "
+                "unless models.%s.thresholds names the label",
+                self.name,
+                missing,
+                self.name,
+            )
         network = network.to(self._device.device)
         c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
         example = torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(0))
         runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
         self._warm_up(runner)
         with self._lock:
-            self._network, self._runner, self._version = network, runner, version
+            self._network, self._runner, self._version, self._decision = network, runner, version, decision
 
     def warmup_batch_sizes(self) -> list[int]:
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
@@ -143,13 +205,13 @@ class ChestXrayClassifier(ServedModel):
 
     def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
         with self._lock:
-            network, runner = self._network, self._runner
+            network, runner, decision = self._network, self._runner, self._decision
         if network is None or runner is None:
             raise ModelNotReadyError(f"model '{self.name}' is not loaded")
         x = self._device.batch_to_device(torch.stack([item.image for item in batch]))
         with self._device.inference():
             probs = runner(x).float().cpu().numpy()
-        outputs = [ClassifierOutput(probs[i]) for i in range(len(batch))]
+        outputs = [ClassifierOutput(probs[i], decision) for i in range(len(batch))]
         for i, item in enumerate(batch):
             if item.heatmap_labels:
                 positions = [self.labels.index(label) for label in item.heatmap_labels]

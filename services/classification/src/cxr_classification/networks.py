@@ -39,12 +39,16 @@ def build_network(cfg: ClassifierConfig) -> nn.Module:
 
 
 def op_norm(probs: torch.Tensor, op_threshs: torch.Tensor) -> torch.Tensor:
-    """torchxrayvision's operating-point normalisation: each threshold maps to 0.5 (NaN: left at 0.5)."""
+    """torchxrayvision's operating-point normalisation: each threshold maps to 0.5.
+
+    An output without an operating point (NaN) keeps its raw probability: a constant 0.5 would
+    read as positive at every threshold up to 0.5, whatever the image.
+    """
     th = op_threshs.expand_as(probs)
     valid = ~torch.isnan(th)
     below = (probs < th) & valid
     above = ~(probs < th) & valid
-    out = torch.full_like(probs, 0.5)
+    out = probs.clone()
     out[below] = probs[below] / (th[below] * 2)
     out[above] = 1.0 - (1.0 - probs[above]) / ((1.0 - th[above]) * 2)
     return out
@@ -99,6 +103,13 @@ class ClassifierNetwork(nn.Module):
             if self.op_threshs is not None:
                 probs = op_norm(probs, self.op_threshs)
         return probs.index_select(1, self.output_index)
+
+    def has_operating_point(self) -> list[bool] | None:
+        """Per configured label, whether the checkpoint has an operating point for it; None: no operating points."""
+        if self.op_threshs is None or self.activation == "softmax":
+            return None
+        valid = ~torch.isnan(self.op_threshs.reshape(-1).index_select(0, self.output_index.to(self.op_threshs.device)))
+        return [bool(v) for v in valid.tolist()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(self.head(self.features(x)))

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import torch
 
-from cxr_classification.model import ChestXrayClassifier, ClassifierInput, ClassifierOutput
+from cxr_classification.model import Calibration, ChestXrayClassifier, ClassifierInput, ClassifierOutput
 from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
@@ -32,6 +32,11 @@ from cxr_serving.proto_convert import image_metadata, model_info
 
 MAX_IMAGES_PER_REQUEST = 128
 MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
+CALIBRATION = {
+    Calibration.RAW: pb.CALIBRATION_RAW,
+    Calibration.OPERATING_POINT: pb.CALIBRATION_OPERATING_POINT,
+    Calibration.NO_OPERATING_POINT: pb.CALIBRATION_NO_OPERATING_POINT,
+}
 
 
 def _ms(seconds: float) -> float:
@@ -120,15 +125,19 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
 
     def _prediction(self, name: str, out: ClassifierOutput, seconds: float) -> pb.ModelPrediction:
         model = self.models[name]
+        decision = out.decision
         findings = [
             pb.Finding(
                 label=label,
                 probability=float(p),
                 threshold=float(t),
-                positive=bool(p >= t),
+                positive=bool(positive),
                 heatmap_png=out.heatmaps.get(label, b""),
+                calibration=CALIBRATION[c],
             )
-            for label, p, t in zip(model.labels, out.probabilities, model.thresholds, strict=True)
+            for label, p, t, c, positive in zip(
+                model.labels, out.probabilities, decision.thresholds, decision.calibration, out.positive, strict=True
+            )
         ]
         return pb.ModelPrediction(
             model=model_info(self.repo.status(name)), findings=findings, inference_ms=_ms(seconds)

@@ -39,9 +39,13 @@ class LlmConfig(_Strict):
     api_key: str | None = Field(None, description="bearer token for the endpoint (CXR_LLM_API_KEY)")
     max_tokens: int = Field(512, ge=1, le=32768)
     temperature: float = Field(0.2, ge=0, le=2)
-    timeout_s: float = Field(120, gt=0, description="per request: read/write/pool timeout")
+    timeout_s: float = Field(
+        120, gt=0, description="budget of one whole call: queueing, every attempt and backoff, the whole stream"
+    )
     connect_timeout_s: float = Field(5, gt=0)
-    max_retries: int = Field(2, ge=0, le=10, description="retries on connection errors, 429 and 5xx")
+    max_retries: int = Field(
+        2, ge=0, le=10, description="retries on connection errors, 429 and 5xx, each only if its backoff ends in time"
+    )
     backoff_initial_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(8, ge=0)
     max_concurrency: int = Field(8, ge=1, description="requests in flight to the LLM at once")

@@ -3,6 +3,9 @@
 Idempotent and resumable: chunk ids are content hashes, ids already in the store are
 skipped *before* embedding, and every batch is written as soon as it is embedded, so an
 interrupted run loses at most one batch and the next run continues where it stopped.
+A document id ingested again replaces its old text: once the new chunks are written, the
+stored chunks of that id that the new text no longer has are deleted (an interrupted run
+deletes them on the next).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class IngestStats:
     documents: int = 0
     chunks_added: int = 0
     chunks_skipped: int = 0
+    chunks_removed: int = 0  # stale chunks of re-ingested document ids
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -45,6 +49,7 @@ class IngestStats:
             "documents": self.documents,
             "chunks_added": self.chunks_added,
             "chunks_skipped": self.chunks_skipped,
+            "chunks_removed": self.chunks_removed,
             "seconds": round(self.seconds, 2),
         }
 
@@ -170,26 +175,31 @@ class Ingestor:
         self.batch_size = batch_size
         self.write_batch = write_batch
 
-    def chunk(self, documents: Iterable[Document]) -> tuple[int, list[Chunk]]:
-        n_docs, chunks, seen = 0, [], set()
+    def chunk(self, documents: Iterable[Document]) -> tuple[int, set[str], list[Chunk]]:
+        """How many documents, their ids, and every distinct chunk (documents sharing an id add up)."""
+        n_docs, keys = 0, set()
+        chunks, seen = [], set()
         for doc in documents:
             n_docs += 1
+            keys.add(doc.key)
             for c in chunk_document(doc, self.tokenizer, self.chunk_tokens, self.overlap_tokens):
                 if c.id not in seen:
                     seen.add(c.id)
                     chunks.append(c)
-        return n_docs, chunks
+        return n_docs, keys, chunks
 
     def ingest(self, documents: Iterable[Document], *, progress: bool = True) -> IngestStats:
         started = time.perf_counter()
-        n_docs, chunks = self.chunk(documents)
+        n_docs, keys, chunks = self.chunk(documents)
         stats = IngestStats(documents=n_docs)
         bar = tqdm(total=len(chunks), desc="ingest", unit="chunk", disable=not progress, mininterval=1.0)
         try:
             for s in range(0, len(chunks), self.write_batch):
                 part = chunks[s : s + self.write_batch]
-                present = self.store.existing_ids([c.id for c in part])
+                present = self.store.existing_metadata([c.id for c in part])
                 new = [c for c in part if c.id not in present]
+                # the same text under a re-ingested id: keep the embedding, refresh its place and title
+                self.store.update_metadata([c for c in part if c.id in present and present[c.id] != c.metadata])
                 stats.chunks_skipped += len(part) - len(new)
                 bar.update(len(part) - len(new))
                 for b in range(0, len(new), self.batch_size * 4):
@@ -200,12 +210,16 @@ class Ingestor:
                     bar.update(len(sub))
         finally:
             bar.close()
+        stale = sorted(self.store.document_chunk_ids(sorted(keys)) - {c.id for c in chunks})
+        self.store.delete(stale)
+        stats.chunks_removed = len(stale)
         stats.seconds = time.perf_counter() - started
         log.info(
-            "ingested %d documents: %d chunks added, %d already present (%.1fs)",
+            "ingested %d documents: %d chunks added, %d already present, %d stale removed (%.1fs)",
             stats.documents,
             stats.chunks_added,
             stats.chunks_skipped,
+            stats.chunks_removed,
             stats.seconds,
         )
         return stats

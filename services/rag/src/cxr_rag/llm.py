@@ -1,7 +1,11 @@
 """Client for an OpenAI-compatible chat API (vLLM's `/v1/chat/completions`), plain and streaming.
 
-- timeouts (connect / read), retries with exponential backoff and jitter (tenacity) on
-  connection errors, HTTP 429 and 5xx — before the first token only, never mid-stream;
+- `timeout_s` is the budget of a whole call: queueing for the concurrency cap, every attempt,
+  the backoff between them and, when streaming, the last token; a trickling server cannot stretch
+  it (a per-read timeout alone would let one token per read keep a call alive for ever);
+- retries with exponential backoff and jitter (tenacity) on connection errors, HTTP 429 and
+  5xx — before the first token only, never mid-stream, and only when the backoff ends before the
+  call's deadline (otherwise the last error is raised at once);
 - a concurrency cap (requests in flight to the LLM at once);
 - DeepSeek-R1 reasoning separated from the answer: `reasoning_content` deltas (vLLM's
   reasoning parser) or `<think>…</think>` in the text, including the R1 chat template that
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from cxr_rag.config import LlmConfig
 from cxr_serving.errors import CxrError, DependencyTimeoutError, DependencyUnavailableError
@@ -145,6 +149,15 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.RemoteProtocolError)
 
 
+@dataclass
+class _Call:
+    """One call's budget: its deadline (loop time, llm.timeout_s after the call starts) and its attempts."""
+
+    deadline: float
+    attempts: int = 0
+    out_of_time: bool = False  # a retry was not made: its backoff would have ended past the deadline
+
+
 def normalise_base_url(url: str) -> str:
     url = url.rstrip("/")
     return url if url.endswith("/v1") else url + "/v1"
@@ -187,25 +200,48 @@ class LlmClient:
             "stream": stream,
         }
 
-    def _retrying(self) -> AsyncRetrying:
+    def _call(self) -> _Call:
+        return _Call(asyncio.get_running_loop().time() + self.cfg.timeout_s)
+
+    def _retrying(self, call: _Call) -> AsyncRetrying:
+        loop = asyncio.get_running_loop()
+
+        def within_budget(state: RetryCallState) -> None:
+            """Raise the last error now when the backoff before the next attempt would end past the deadline."""
+            sleep = state.next_action.sleep if state.next_action is not None else 0.0
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if exc is not None and loop.time() + sleep >= call.deadline:
+                call.out_of_time = True
+                raise exc
+
         return AsyncRetrying(
             stop=stop_after_attempt(self.cfg.max_retries + 1),
             wait=wait_exponential_jitter(initial=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s),
             retry=retry_if_exception(_retryable),
+            before_sleep=within_budget,
             reraise=True,
         )
 
-    def _domain_error(self, exc: BaseException) -> CxrError:
+    def _timeout_error(self) -> DependencyTimeoutError:
+        return DependencyTimeoutError(
+            f"LLM endpoint {self.base_url}: no answer within {self.cfg.timeout_s:g}s "
+            "(llm.timeout_s, the budget of the whole call: retries and streaming included)",
+            reason="LLM_TIMEOUT",
+        )
+
+    def _domain_error(self, exc: BaseException, call: _Call) -> CxrError:
         where = f"LLM endpoint {self.base_url}"
-        attempts = f" after {self.cfg.max_retries + 1} attempts" if _retryable(exc) else ""
+        attempts = ""
+        if _retryable(exc):
+            attempts = f" after {call.attempts} attempt{'s' if call.attempts != 1 else ''}"
+            if call.out_of_time:
+                attempts += f" (no time left in llm.timeout_s={self.cfg.timeout_s:g}s for another)"
         if isinstance(exc, httpx.ConnectTimeout):
             return DependencyTimeoutError(
                 f"{where}: no connection within {self.cfg.connect_timeout_s:g}s{attempts}", reason="LLM_TIMEOUT"
             )
         if isinstance(exc, httpx.TimeoutException):
-            return DependencyTimeoutError(
-                f"{where}: no answer within {self.cfg.timeout_s:g}s (llm.timeout_s)", reason="LLM_TIMEOUT"
-            )
+            return self._timeout_error()
         if isinstance(exc, httpx.ConnectError):
             return DependencyUnavailableError(f"{where} is unreachable ({exc}){attempts}", reason="LLM_UNAVAILABLE")
         if isinstance(exc, _HttpStatus):
@@ -229,6 +265,7 @@ class LlmClient:
         self, messages: list[dict[str, str]], max_tokens: int | None = None, temperature: float | None = None
     ) -> Completion:
         """One non-streaming chat completion, reasoning separated."""
+        call = self._call()  # the budget starts with the call (the first one also builds the HTTP client)
         client = self._http()
         payload = self._payload(
             messages,
@@ -237,15 +274,18 @@ class LlmClient:
             False,
         )
         assert self._sem is not None
-        async with self._sem:
-            try:
-                async for attempt in self._retrying():
+        try:
+            async with asyncio.timeout_at(call.deadline), self._sem:
+                async for attempt in self._retrying(call):
                     with attempt:
+                        call.attempts = attempt.retry_state.attempt_number
                         resp = await client.post("/chat/completions", json=payload)
                         if resp.status_code >= 400:
                             raise _HttpStatus(resp.status_code, resp.text)
-            except (httpx.HTTPError, _HttpStatus) as exc:
-                raise self._domain_error(exc) from exc
+        except TimeoutError:
+            raise self._timeout_error() from None
+        except (httpx.HTTPError, _HttpStatus) as exc:
+            raise self._domain_error(exc, call) from exc
         try:
             body = resp.json()
             choice = body["choices"][0]
@@ -265,6 +305,7 @@ class LlmClient:
         self, messages: list[dict[str, str]], max_tokens: int | None = None, temperature: float | None = None
     ) -> AsyncIterator[Delta | Finish]:
         """Stream deltas (answer/reasoning), then one Finish."""
+        call = self._call()  # the budget starts with the call (the first one also builds the HTTP client)
         client = self._http()
         payload = self._payload(
             messages,
@@ -273,27 +314,49 @@ class LlmClient:
             True,
         )
         assert self._sem is not None
-        async with self._sem:
+        try:
+            async with asyncio.timeout_at(call.deadline):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise self._timeout_error() from None
+        try:
             resp: httpx.Response | None = None
             try:
-                async for attempt in self._retrying():
-                    with attempt:
-                        req = client.build_request("POST", "/chat/completions", json=payload)
-                        resp = await client.send(req, stream=True)
-                        if resp.status_code >= 400:
-                            body = (await resp.aread()).decode("utf-8", "replace")
-                            await resp.aclose()
-                            raise _HttpStatus(resp.status_code, body)
+                async with asyncio.timeout_at(call.deadline):
+                    async for attempt in self._retrying(call):
+                        with attempt:
+                            call.attempts = attempt.retry_state.attempt_number
+                            req = client.build_request("POST", "/chat/completions", json=payload)
+                            resp = await client.send(req, stream=True)
+                            if resp.status_code >= 400:
+                                body = (await resp.aread()).decode("utf-8", "replace")
+                                await resp.aclose()
+                                raise _HttpStatus(resp.status_code, body)
+            except TimeoutError:
+                if resp is not None:
+                    await resp.aclose()
+                raise self._timeout_error() from None
             except (httpx.HTTPError, _HttpStatus) as exc:
-                raise self._domain_error(exc) from exc
+                raise self._domain_error(exc, call) from exc
             assert resp is not None
+            events = self._parse_sse(resp)
             try:
-                async for item in self._parse_sse(resp):
+                while True:
+                    try:  # each read under the call's deadline; never across a yield (the consumer's own time)
+                        async with asyncio.timeout_at(call.deadline):
+                            item = await anext(events)
+                    except StopAsyncIteration:
+                        break
                     yield item
+            except TimeoutError:
+                raise self._timeout_error() from None
             except httpx.HTTPError as exc:
-                raise self._domain_error(exc) from exc
+                raise self._domain_error(exc, call) from exc
             finally:
+                await events.aclose()
                 await resp.aclose()
+        finally:
+            self._sem.release()
 
     async def _parse_sse(self, resp: httpx.Response) -> AsyncIterator[Delta | Finish]:
         splitter = ThinkSplitter(self.think_open)

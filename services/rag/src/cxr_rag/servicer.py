@@ -163,5 +163,8 @@ class RagServicer(pb_grpc.RagServiceServicer):
             )
         stats = await asyncio.to_thread(self.runtime.ingest, docs, progress=False)
         return pb.IngestDocumentsResponse(
-            documents_received=len(docs), chunks_added=stats.chunks_added, chunks_skipped=stats.chunks_skipped
+            documents_received=len(docs),
+            chunks_added=stats.chunks_added,
+            chunks_skipped=stats.chunks_skipped,
+            chunks_removed=stats.chunks_removed,
         )

@@ -6,8 +6,8 @@ always computed by us (no Chroma embedding function), so the store never downloa
 
 Backups are logical snapshots through the client API (works for both modes and while the
 service is serving): every record with its embedding, a manifest with counts and checksums;
-the export is repeated if the collection changed while it was read, so the snapshot is
-consistent (ingestion only adds records, so an unchanged count means an unchanged set).
+the export is repeated if the collection changed while it was read (its ids before and after
+differ: re-ingesting a document also deletes records), so the snapshot is consistent.
 """
 
 from __future__ import annotations
@@ -185,10 +185,34 @@ class VectorStore:
         keep = {k: v for k, v in (self._col.metadata or {}).items() if not k.startswith("hnsw:")}
         self._col.modify(metadata={**keep, key: value})
 
-    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+    def existing_metadata(self, ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The stored metadata of those of `ids` that are in the store."""
         if not ids:
-            return set()
-        return set(self._col.get(ids=list(ids), include=[])["ids"])
+            return {}
+        res = self._col.get(ids=list(ids), include=["metadatas"])
+        return {i: _str_meta(m) for i, m in zip(res["ids"], res["metadatas"], strict=True)}
+
+    def update_metadata(self, chunks: Sequence[Chunk]) -> None:
+        """New metadata for stored chunks (same id, so the same text and embedding)."""
+        if chunks:
+            self._col.update(ids=[c.id for c in chunks], metadatas=[c.metadata for c in chunks])
+
+    def document_chunk_ids(self, doc_ids: Sequence[str], batch: int = 256) -> set[str]:
+        """Ids of every stored chunk of these documents (metadata `doc_id`)."""
+        out: set[str] = set()
+        keys = sorted(set(doc_ids))
+        for s in range(0, len(keys), batch):
+            part = keys[s : s + batch]
+            where = {"doc_id": part[0]} if len(part) == 1 else {"doc_id": {"$in": part}}
+            out.update(self._col.get(where=where, include=[])["ids"])
+        return out
+
+    def delete(self, ids: Sequence[str], batch: int = 1000) -> None:
+        for s in range(0, len(ids), batch):
+            self._col.delete(ids=list(ids[s : s + batch]))
+
+    def all_ids(self) -> set[str]:
+        return set(self._col.get(include=[])["ids"])
 
     def upsert(self, chunks: Sequence[Chunk], embeddings: np.ndarray) -> None:
         if not chunks:
@@ -257,7 +281,7 @@ class VectorStore:
         if dest.exists():
             raise InvalidInputError(f"backup destination {dest} already exists")
         for attempt in range(1, attempts + 1):
-            before = self.count()
+            before = self.all_ids()
             ids: list[str] = []
             docs: list[str] = []
             metas: list[dict[str, str]] = []
@@ -267,7 +291,7 @@ class VectorStore:
                 docs += [x or "" for x in d]
                 metas += m
                 vecs.append(np.asarray(e, dtype=np.float32))
-            if self.count() == before == len(ids):
+            if self.all_ids() == before == set(ids) and len(ids) == len(before):
                 break
             log.warning("collection changed during backup (attempt %d/%d), reading again", attempt, attempts)
             time.sleep(0.2 * attempt)

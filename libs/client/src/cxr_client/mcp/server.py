@@ -23,6 +23,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from cxr_client.analyze import analyze_study as run_analysis
+from cxr_client.analyze import finding_calibration, finding_threshold
 from cxr_client.cli import to_dict
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
@@ -65,8 +66,9 @@ def _predictions(resp: Any, *, positives_only: bool = False) -> dict[str, Any]:
             {
                 "label": f.label,
                 "probability": round(float(f.probability), 4),
-                "threshold": round(float(f.threshold), 4),
+                "threshold": finding_threshold(f),
                 "positive": f.positive,
+                "calibration": finding_calibration(f),
             }
             for f in sorted(pred.findings, key=lambda f: -f.probability)
             if f.positive or not positives_only

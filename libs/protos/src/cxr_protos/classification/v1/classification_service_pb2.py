@@ -28,7 +28,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cxr/classification/v1/classification_service.proto\x12\x15\x63xr.classification.v1\x1a\x1a\x63xr/common/v1/access.proto\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"h\n\x14\x43lassifyImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"g\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08positive\x18\x04 \x01(\x08\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x0c\"\x82\x01\n\x0fModelPrediction\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x30\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x1e.cxr.classification.v1.Finding\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"Z\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xc3\x01\n\x15\x43lassifyImageResponse\x12;\n\x0bpredictions\x18\x01 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12-\n\x06timing\x18\x04 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"j\n\x15\x43lassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xe0\x01\n\x13ImageClassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12;\n\x0bpredictions\x18\x02 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x03 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"h\n\x16\x43lassifyImagesResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"p\n\x1bStreamClassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"m\n\x1cStreamClassifyImagesResponse\x12:\n\x06result\x18\x01 \x01(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo2\x9c\x07\n\x15\x43lassificationService\x12\x97\x01\n\rClassifyImage\x12+.cxr.classification.v1.ClassifyImageRequest\x1a,.cxr.classification.v1.ClassifyImageResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/classification:classifyImage:\x01*\x12\x9b\x01\n\x0e\x43lassifyImages\x12,.cxr.classification.v1.ClassifyImagesRequest\x1a-.cxr.classification.v1.ClassifyImagesResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/classification:classifyImages:\x01*\x12\x81\x01\n\x14StreamClassifyImages\x12\x32.cxr.classification.v1.StreamClassifyImagesRequest\x1a\x33.cxr.classification.v1.StreamClassifyImagesResponse0\x01\x12\x84\x01\n\nListModels\x12(.cxr.classification.v1.ListModelsRequest\x1a).cxr.classification.v1.ListModelsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/classification/models\x12\x9a\x01\n\tLoadModel\x12\'.cxr.classification.v1.LoadModelRequest\x1a(.cxr.classification.v1.LoadModelResponse\":\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x30\"+/v1/classification/models/{model_name}:load:\x01*\x12\xa2\x01\n\x0bUnloadModel\x12).cxr.classification.v1.UnloadModelRequest\x1a*.cxr.classification.v1.UnloadModelResponse\"<\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x32\"-/v1/classification/models/{model_name}:unload:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2cxr/classification/v1/classification_service.proto\x12\x15\x63xr.classification.v1\x1a\x1a\x63xr/common/v1/access.proto\x1a\x1a\x63xr/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\"h\n\x14\x43lassifyImageRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xa0\x01\n\x07\x46inding\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x10\n\x08positive\x18\x04 \x01(\x08\x12\x13\n\x0bheatmap_png\x18\x05 \x01(\x0c\x12\x37\n\x0b\x63\x61libration\x18\x06 \x01(\x0e\x32\".cxr.classification.v1.Calibration\"\x82\x01\n\x0fModelPrediction\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\x12\x30\n\x08\x66indings\x18\x02 \x03(\x0b\x32\x1e.cxr.classification.v1.Finding\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\"Z\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xc3\x01\n\x15\x43lassifyImageResponse\x12;\n\x0bpredictions\x18\x01 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12-\n\x06timing\x18\x04 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"j\n\x15\x43lassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"\xe0\x01\n\x13ImageClassification\x12\r\n\x05index\x18\x01 \x01(\x05\x12;\n\x0bpredictions\x18\x02 \x03(\x0b\x32&.cxr.classification.v1.ModelPrediction\x12+\n\x05image\x18\x03 \x01(\x0b\x32\x1c.cxr.common.v1.ImageMetadata\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x06timing\x18\x05 \x01(\x0b\x32\x1d.cxr.classification.v1.Timing\"h\n\x16\x43lassifyImagesResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"p\n\x1bStreamClassifyImagesRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.cxr.common.v1.Image\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\x12\x16\n\x0eheatmap_labels\x18\x03 \x03(\t\"m\n\x1cStreamClassifyImagesResponse\x12:\n\x06result\x18\x01 \x01(\x0b\x32*.cxr.classification.v1.ImageClassification\x12\x11\n\tuntrained\x18\x02 \x01(\x08\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.cxr.common.v1.ModelInfo\"?\n\x10LoadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63heckpoint_path\x18\x02 \x01(\t\"<\n\x11LoadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo\"(\n\x12UnloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\">\n\x13UnloadModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.cxr.common.v1.ModelInfo*\x84\x01\n\x0b\x43\x61libration\x12\x1b\n\x17\x43\x41LIBRATION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43\x41LIBRATION_RAW\x10\x01\x12\x1f\n\x1b\x43\x41LIBRATION_OPERATING_POINT\x10\x02\x12\"\n\x1e\x43\x41LIBRATION_NO_OPERATING_POINT\x10\x03\x32\x9c\x07\n\x15\x43lassificationService\x12\x97\x01\n\rClassifyImage\x12+.cxr.classification.v1.ClassifyImageRequest\x1a,.cxr.classification.v1.ClassifyImageResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/classification:classifyImage:\x01*\x12\x9b\x01\n\x0e\x43lassifyImages\x12,.cxr.classification.v1.ClassifyImagesRequest\x1a-.cxr.classification.v1.ClassifyImagesResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/classification:classifyImages:\x01*\x12\x81\x01\n\x14StreamClassifyImages\x12\x32.cxr.classification.v1.StreamClassifyImagesRequest\x1a\x33.cxr.classification.v1.StreamClassifyImagesResponse0\x01\x12\x84\x01\n\nListModels\x12(.cxr.classification.v1.ListModelsRequest\x1a).cxr.classification.v1.ListModelsResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/classification/models\x12\x9a\x01\n\tLoadModel\x12\'.cxr.classification.v1.LoadModelRequest\x1a(.cxr.classification.v1.LoadModelResponse\":\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x30\"+/v1/classification/models/{model_name}:load:\x01*\x12\xa2\x01\n\x0bUnloadModel\x12).cxr.classification.v1.UnloadModelRequest\x1a*.cxr.classification.v1.UnloadModelResponse\"<\x88\xb5\x18\x02\x82\xd3\xe4\x93\x02\x32\"-/v1/classification/models/{model_name}:unload:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,38 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['LoadModel']._serialized_options = b'\210\265\030\002\202\323\344\223\0020\"+/v1/classification/models/{model_name}:load:\001*'
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['UnloadModel']._loaded_options = None
   _globals['_CLASSIFICATIONSERVICE'].methods_by_name['UnloadModel']._serialized_options = b'\210\265\030\002\202\323\344\223\0022\"-/v1/classification/models/{model_name}:unload:\001*'
+  _globals['_CALIBRATION']._serialized_start=1865
+  _globals['_CALIBRATION']._serialized_end=1997
   _globals['_CLASSIFYIMAGEREQUEST']._serialized_start=188
   _globals['_CLASSIFYIMAGEREQUEST']._serialized_end=292
-  _globals['_FINDING']._serialized_start=294
-  _globals['_FINDING']._serialized_end=397
-  _globals['_MODELPREDICTION']._serialized_start=400
-  _globals['_MODELPREDICTION']._serialized_end=530
-  _globals['_TIMING']._serialized_start=532
-  _globals['_TIMING']._serialized_end=622
-  _globals['_CLASSIFYIMAGERESPONSE']._serialized_start=625
-  _globals['_CLASSIFYIMAGERESPONSE']._serialized_end=820
-  _globals['_CLASSIFYIMAGESREQUEST']._serialized_start=822
-  _globals['_CLASSIFYIMAGESREQUEST']._serialized_end=928
-  _globals['_IMAGECLASSIFICATION']._serialized_start=931
-  _globals['_IMAGECLASSIFICATION']._serialized_end=1155
-  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_start=1157
-  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_end=1261
-  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_start=1263
-  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_end=1375
-  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_start=1377
-  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_end=1486
-  _globals['_LISTMODELSREQUEST']._serialized_start=1488
-  _globals['_LISTMODELSREQUEST']._serialized_end=1507
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1509
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1571
-  _globals['_LOADMODELREQUEST']._serialized_start=1573
-  _globals['_LOADMODELREQUEST']._serialized_end=1636
-  _globals['_LOADMODELRESPONSE']._serialized_start=1638
-  _globals['_LOADMODELRESPONSE']._serialized_end=1698
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1700
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1740
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1742
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1804
-  _globals['_CLASSIFICATIONSERVICE']._serialized_start=1807
-  _globals['_CLASSIFICATIONSERVICE']._serialized_end=2731
+  _globals['_FINDING']._serialized_start=295
+  _globals['_FINDING']._serialized_end=455
+  _globals['_MODELPREDICTION']._serialized_start=458
+  _globals['_MODELPREDICTION']._serialized_end=588
+  _globals['_TIMING']._serialized_start=590
+  _globals['_TIMING']._serialized_end=680
+  _globals['_CLASSIFYIMAGERESPONSE']._serialized_start=683
+  _globals['_CLASSIFYIMAGERESPONSE']._serialized_end=878
+  _globals['_CLASSIFYIMAGESREQUEST']._serialized_start=880
+  _globals['_CLASSIFYIMAGESREQUEST']._serialized_end=986
+  _globals['_IMAGECLASSIFICATION']._serialized_start=989
+  _globals['_IMAGECLASSIFICATION']._serialized_end=1213
+  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_start=1215
+  _globals['_CLASSIFYIMAGESRESPONSE']._serialized_end=1319
+  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_start=1321
+  _globals['_STREAMCLASSIFYIMAGESREQUEST']._serialized_end=1433
+  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_start=1435
+  _globals['_STREAMCLASSIFYIMAGESRESPONSE']._serialized_end=1544
+  _globals['_LISTMODELSREQUEST']._serialized_start=1546
+  _globals['_LISTMODELSREQUEST']._serialized_end=1565
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1567
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1629
+  _globals['_LOADMODELREQUEST']._serialized_start=1631
+  _globals['_LOADMODELREQUEST']._serialized_end=1694
+  _globals['_LOADMODELRESPONSE']._serialized_start=1696
+  _globals['_LOADMODELRESPONSE']._serialized_end=1756
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1758
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1798
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1800
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1862
+  _globals['_CLASSIFICATIONSERVICE']._serialized_start=2000
+  _globals['_CLASSIFICATIONSERVICE']._serialized_end=2924
 # @@protoc_insertion_point(module_scope)

@@ -3,12 +3,24 @@ from cxr_protos.common.v1 import common_pb2 as _common_pb2
 from google.api import annotations_pb2 as _annotations_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Calibration(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CALIBRATION_UNSPECIFIED: _ClassVar[Calibration]
+    CALIBRATION_RAW: _ClassVar[Calibration]
+    CALIBRATION_OPERATING_POINT: _ClassVar[Calibration]
+    CALIBRATION_NO_OPERATING_POINT: _ClassVar[Calibration]
+CALIBRATION_UNSPECIFIED: Calibration
+CALIBRATION_RAW: Calibration
+CALIBRATION_OPERATING_POINT: Calibration
+CALIBRATION_NO_OPERATING_POINT: Calibration
 
 class ClassifyImageRequest(_message.Message):
     __slots__ = ("image", "model_names", "heatmap_labels")
@@ -21,18 +33,20 @@ class ClassifyImageRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Finding(_message.Message):
-    __slots__ = ("label", "probability", "threshold", "positive", "heatmap_png")
+    __slots__ = ("label", "probability", "threshold", "positive", "heatmap_png", "calibration")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     label: str
     probability: float
     threshold: float
     positive: bool
     heatmap_png: bytes
-    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., positive: _Optional[bool] = ..., heatmap_png: _Optional[bytes] = ...) -> None: ...
+    calibration: Calibration
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ..., threshold: _Optional[float] = ..., positive: _Optional[bool] = ..., heatmap_png: _Optional[bytes] = ..., calibration: _Optional[_Union[Calibration, str]] = ...) -> None: ...
 
 class ModelPrediction(_message.Message):
     __slots__ = ("model", "findings", "inference_ms")

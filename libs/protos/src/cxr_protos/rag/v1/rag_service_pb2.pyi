@@ -199,11 +199,13 @@ class IngestDocumentsRequest(_message.Message):
     def __init__(self, documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
 
 class IngestDocumentsResponse(_message.Message):
-    __slots__ = ("documents_received", "chunks_added", "chunks_skipped")
+    __slots__ = ("documents_received", "chunks_added", "chunks_skipped", "chunks_removed")
     DOCUMENTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_ADDED_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     documents_received: int
     chunks_added: int
     chunks_skipped: int
-    def __init__(self, documents_received: _Optional[int] = ..., chunks_added: _Optional[int] = ..., chunks_skipped: _Optional[int] = ...) -> None: ...
+    chunks_removed: int
+    def __init__(self, documents_received: _Optional[int] = ..., chunks_added: _Optional[int] = ..., chunks_skipped: _Optional[int] = ..., chunks_removed: _Optional[int] = ...) -> None: ...

@@ -83,7 +83,8 @@ class RagServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IngestDocuments(self, request, context):
-        """Add documents to the literature store (idempotent by content hash).
+        """Add documents to the literature store (idempotent by content hash). A document id ingested
+        again replaces that document: its chunks the new text no longer has are deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
