@@ -299,7 +299,7 @@ class ServiceEndpoint(_Strict):
     """Where one service listens."""
 
     host: str = Field(
-        "127.0.0.1",
+        default="127.0.0.1",
         description="address the gRPC and metrics ports bind to; loopback unless a deployment opens it "
         "(the chart and config/production.json set 0.0.0.0 behind a NetworkPolicy)",
     )
