@@ -119,9 +119,10 @@ async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http):
             assert r.status == 500 and (await r.json())["code"] == 13
         async with http.post(url, data=b"{not json", headers=KEY) as r:
             assert r.status == 400 and (await r.json())["code"] == 3
-        # the toy does not implement LoadModel (the runtime answers INTERNAL): the route reached the RPC
-        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json={}, headers=KEY) as r:
-            assert r.status == 500 and (await r.json())["code"] == 13
+        # the route reaches the RPC: an explicit checkpoint path with no models_path is refused (403)
+        body = {"checkpointPath": "/etc/passwd"}
+        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json=body, headers=KEY) as r:
+            assert r.status == 403 and (await r.json())["details"][0]["reason"] == "CHECKPOINT_PATH_OUTSIDE"
         async with http.get(f"{rest(gw)}/v1/nothing-here", headers=KEY) as r:
             assert r.status == 404 and (await r.json()) == {"message": "no Route matched with those values"}
         async with http.get(url, headers=KEY) as r:  # wrong method: no route either
