@@ -23,7 +23,6 @@ from grpc_status import rpc_status
 
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
-from tests.conftest import cxr14_images
 from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import auth, make_settings, running_server
 from tests.support.toy_service import build_toy
@@ -34,7 +33,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def reason(err: grpc.aio.AioRpcError) -> str:
-    info = error_info(rpc_status.from_call(err))
+    status = rpc_status.from_call(err)  # None when the status carries no details (e.g. a deadline)
+    info = error_info(status) if status is not None else None
     return info.reason if info is not None else ""
 
 
@@ -73,55 +73,75 @@ def admin_requests(service: str):
 
 
 async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
-    """6 callers loop on ClassifyImage (NIH PNGs: decoding keeps announced requests on their way, so
-    the collector is usually holding callers while it waits, with a 300 ms batch delay); meanwhile
-    UnloadModel, LoadModel (load in place) and LoadModel (swap while serving)."""
+    """With a 5 s batch delay, the test itself announces one request "still decoding" (as a slow
+    decode would), then sends 6 ClassifyImage calls: they are decoded and taken off the queue by the
+    collector, which waits for the announced one. Then UnloadModel; LoadModel (in place); the same
+    again with a LoadModel that swaps versions, with 6 more callers streaming meanwhile. Every caller
+    that started before an admin call returned has its answer (OK or UNAVAILABLE MODEL_NOT_READY)
+    within 1 s of that return."""
     from cxr_classification.service import build_binding
     from cxr_protos.classification.v1 import classification_service_pb2 as pb
     from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 
-    s = classification_settings(server_config__max_batch_delay_ms=300, server_config__max_batch_size=8)
-    images = [common_pb2.Image(data=p.read_bytes(), content_type="image/png") for p in cxr14_images(4)]
+    s = classification_settings(server_config__max_batch_delay_ms=5000, server_config__max_batch_size=32)
+    image = common_pb2.Image(data=IMG, content_type="image/png")
     calls: list[tuple[float, float, str]] = []  # (start, end, outcome)
-    stop = asyncio.Event()
+    admin_done: list[tuple[str, float]] = []
     async with running_server(s, build_binding(s)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)
+        repo = server.binding.repository
+        assert repo is not None
 
-        async def caller(i: int) -> None:
-            for n in range(400):  # bounded; stops when the admin sequence is done
+        async def classify() -> str:
+            t0 = time.monotonic()
+            try:
+                req = pb.ClassifyImageRequest(image=image, model_names=[MULTI])
+                await stub.ClassifyImage(req, metadata=auth(), timeout=20)
+                outcome = "OK"
+            except grpc.aio.AioRpcError as err:
+                outcome = f"{err.code().name}:{reason(err)}"
+            calls.append((t0, time.monotonic(), outcome))
+            return outcome
+
+        async def held_then(what: str, admin) -> list[str]:
+            with repo.expect([MULTI]):  # one request on its way: the collector waits for it
+                batcher = repo._batchers[MULTI]
+                burst = [asyncio.ensure_future(classify()) for _ in range(6)]
+                seen, deadline = 1, time.monotonic() + 20
+                while time.monotonic() < deadline and not (seen > 1 and batcher._upcoming == 1):
+                    seen = max(seen, batcher._upcoming)  # the 6 arrive (announced), then submit
+                    await asyncio.sleep(0.002)
+                await asyncio.sleep(0.1)
+                assert batcher.queue_depth == 0  # the collector holds them
+                await admin()  # a grpc.aio call starts when it is created: create it only now
+                admin_done.append((what, time.monotonic()))
+                return await asyncio.wait_for(asyncio.gather(*burst), 30)
+
+        assert await classify() == "OK"
+        unload = pb.UnloadModelRequest(model_name=MULTI)
+        outcomes = await held_then("unload", lambda: stub.UnloadModel(unload, metadata=auth()))
+        assert "UNAVAILABLE:MODEL_NOT_READY" in outcomes  # the unload hit the held callers
+        await stub.LoadModel(pb.LoadModelRequest(model_name=MULTI), metadata=auth(), timeout=120)
+        assert await classify() == "OK"
+
+        stop = asyncio.Event()
+
+        async def stream() -> None:
+            for _ in range(200):  # bounded; ends with the swap
                 if stop.is_set():
                     return
-                req = pb.ClassifyImageRequest(image=images[(i + n) % len(images)], model_names=[MULTI])
-                t0 = time.monotonic()
-                try:
-                    await stub.ClassifyImage(req, metadata=auth(), timeout=20)
-                    outcome = "OK"
-                except grpc.aio.AioRpcError as err:
-                    outcome = f"{err.code().name}:{reason(err)}"
-                    if err.code() == grpc.StatusCode.UNAVAILABLE:
-                        await asyncio.sleep(0.5)  # a client backs off before it retries
-                calls.append((t0, time.monotonic(), outcome))
+                await classify()
 
-        workers = [asyncio.ensure_future(caller(i)) for i in range(6)]
-        admin_done: list[tuple[str, float]] = []
+        streams = [asyncio.ensure_future(stream()) for _ in range(6)]
         try:
-            await asyncio.sleep(1.0)
-            await stub.UnloadModel(pb.UnloadModelRequest(model_name=MULTI), metadata=auth(), timeout=120)
-            admin_done.append(("unload", time.monotonic()))
-            await asyncio.sleep(0.3)
-            await stub.LoadModel(pb.LoadModelRequest(model_name=MULTI), metadata=auth(), timeout=120)
-            admin_done.append(("load", time.monotonic()))
-            await asyncio.sleep(1.0)
-            swapped = await stub.LoadModel(pb.LoadModelRequest(model_name=MULTI), metadata=auth(), timeout=120)
-            admin_done.append(("reload", time.monotonic()))
-            assert swapped.model.state == common_pb2.MODEL_STATE_READY
-            await asyncio.sleep(1.0)
+            load = pb.LoadModelRequest(model_name=MULTI)
+            await held_then("reload", lambda: stub.LoadModel(load, metadata=auth(), timeout=120))
         finally:
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*workers), 30)
-    outcomes = {o for _, _, o in calls}
-    assert outcomes <= {"OK", "UNAVAILABLE:MODEL_NOT_READY"}, outcomes
-    assert "OK" in outcomes and "UNAVAILABLE:MODEL_NOT_READY" in outcomes  # served, and saw the unload
+            await asyncio.wait_for(asyncio.gather(*streams), 60)
+        assert await classify() == "OK"
+    outcomes_seen = {o for _, _, o in calls}
+    assert outcomes_seen <= {"OK", "UNAVAILABLE:MODEL_NOT_READY"}, outcomes_seen
     for what, done in admin_done:
         late = [(round(end - done, 2), o) for start, end, o in calls if start < done and end > done + 1.0]
         assert not late, f"{len(late)} caller(s) in flight at {what} answered more than 1 s after it: {late[:5]}"
