@@ -311,13 +311,18 @@ async def test_unload_and_load_models_drive_health(tmp_path):
             await stub.LoadModel(
                 pb.LoadModelRequest(model_name=MULTI, checkpoint_path="../../etc/passwd"), metadata=auth()
             )
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason(err.value) == "CHECKPOINT_PATH_OUTSIDE"
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and reason(err.value) == "CHECKPOINT_PATH_OUTSIDE"
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.LoadModel(pb.LoadModelRequest(model_name=MULTI, checkpoint_path="broken.pt"), metadata=auth())
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "broken.pt" in err.value.details()
+        # validate, then swap: the refused checkpoint did not take the served version down
         listed = await stub.ListModels(pb.ListModelsRequest(), metadata=auth())
         multi = next(m for m in listed.models if m.name == MULTI)
-        assert multi.state == common_pb2.MODEL_STATE_FAILED and "broken.pt" in multi.error
+        assert multi.state == common_pb2.MODEL_STATE_READY and multi.version == loaded.model.version
+        assert await health(ch) == SERVING
+        again = await stub.ClassifyImage(pb.ClassifyImageRequest(image=png(), model_names=[MULTI]), metadata=auth())
+        assert again.predictions[0].model.version == loaded.model.version
+        np.testing.assert_array_equal(probs(again.predictions[0]), probs(resp.predictions[0]))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.LoadModel(pb.LoadModelRequest(model_name="nope"), metadata=auth())
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

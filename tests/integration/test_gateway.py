@@ -162,9 +162,11 @@ async def test_rest_errors_follow_grpc_gateway_mapping(sample_png, http, caplog)
             assert r.status == 500 and (await r.json())["code"] == 13
         async with http.post(url, data=b"{not json", headers=KEY) as r:
             assert r.status == 400 and (await r.json())["code"] == 3
-        # the load route reaches the LoadModel RPC (the service audits it), whatever the toy answers
-        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json={}, headers=ADMIN) as r:
-            assert r.status != 404 and "code" in (await r.json())
+        # the load route reaches the LoadModel RPC (the service audits it): an explicit checkpoint path with
+        # no models_path is refused there (403 CHECKPOINT_PATH_OUTSIDE)
+        body = {"checkpointPath": "/etc/passwd"}
+        async with http.post(f"{rest(gw)}/v1/classification/models/toy:load", json=body, headers=ADMIN) as r:
+            assert r.status == 403 and (await r.json())["details"][0]["reason"] == "CHECKPOINT_PATH_OUTSIDE"
         assert len(audited(caplog, "/cxr.classification.v1.ClassificationService/LoadModel")) == 1
         async with http.get(f"{rest(gw)}/v1/nothing-here", headers=KEY) as r:
             assert r.status == 404 and (await r.json()) == {"message": "no Route matched with those values"}

@@ -166,7 +166,7 @@ async def test_bad_inputs_are_invalid_argument_and_the_server_keeps_serving():
 
 
 async def test_load_unload_and_checkpoint_versions(tmp_path):
-    s = settings()
+    s = make_settings(models__segmentation=SEG, server_config__max_batch_delay_ms=2, models_path=str(tmp_path))
     trained = build_model(s)
     net, _ = trained.build(None)
     torch.nn.init.constant_(net.segmentation_head[0].bias, 5.0)  # every pixel positive: a visible change
@@ -315,6 +315,7 @@ async def test_instance_processes_answer_like_the_server_process(tmp_path, on_de
         server_config__max_batch_delay_ms=2,
         server_config__model_instances=2,
         server_config__model_instance_mode="process",
+        models_path=str(tmp_path),
     )
     async with running_server(s, build_binding(s)) as server:
         ch, stub = stub_for(server)

@@ -34,7 +34,7 @@ class PidModel(ServedModel):
         self._version = ""
 
     def load(self, checkpoint_path: Path | None = None) -> None:
-        if self.fail_load:
+        if self.fail_load or (checkpoint_path is not None and checkpoint_path.name.startswith("corrupt")):
             raise CheckpointError(f"checkpoint {checkpoint_path} is corrupt", reason="CHECKPOINT_CORRUPT")
         self._version = checkpoint_path.name if checkpoint_path else "untrained"
 

@@ -17,6 +17,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import UNTRAINED, BatchingConfig, ModelRepository, ServedModel
+from cxr_serving.model_admin import ModelAdmin
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -53,9 +54,10 @@ class BrightnessModel(ServedModel):
 
 
 class ToyServicer(pb_grpc.ClassificationServiceServicer):
-    def __init__(self, repo: ModelRepository, pool: DecodePool) -> None:
+    def __init__(self, repo: ModelRepository, pool: DecodePool, models_path: Path | None = None) -> None:
         self.repo = repo
         self.pool = pool
+        self.admin = ModelAdmin(repo, models_path, default_model="toy")
 
     async def ClassifyImage(
         self, request: pb.ClassifyImageRequest, context: grpc.aio.ServicerContext
@@ -76,7 +78,15 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
+        return pb.ListModelsResponse(models=self.admin.list_models())
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
 
 
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
@@ -84,7 +94,7 @@ def build_toy(settings: Settings, model: BrightnessModel | None = None) -> Servi
     model = model or BrightnessModel()
     repo.add(model, factory=functools.partial(BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load))
     pool = DecodePool.from_settings(settings)
-    servicer = ToyServicer(repo, pool)
+    servicer = ToyServicer(repo, pool, settings.models_path)
 
     async def stop() -> None:
         pool.close()

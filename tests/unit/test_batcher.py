@@ -1,11 +1,12 @@
 import asyncio
+import concurrent.futures
 import threading
 import time
 
 import pytest
 
 from cxr_serving.batcher import DynamicBatcher
-from cxr_serving.errors import OverloadedError
+from cxr_serving.errors import ModelNotReadyError, OverloadedError
 from tests.support.concurrency import PeakGauge
 
 
@@ -167,16 +168,71 @@ async def test_while_every_instance_is_busy_the_queue_fills_the_next_batch():
     await b.close()
 
 
-async def test_close_fails_callers_of_batches_in_flight_on_every_instance():
-    rec = Overlap(delay=0.3)
+async def test_close_gives_up_on_running_batches_after_the_grace():
+    rec = Overlap(delay=0.5)
     b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_concurrent_batches=2)
     calls = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
     while rec.peak < 2:
         await asyncio.sleep(0.01)
-    await b.close()
+    t0 = time.perf_counter()
+    assert await b.close(grace_s=0.05) is False  # both forwards still run
+    assert time.perf_counter() - t0 < 0.4
     for c in calls:
-        with pytest.raises(Exception, match="stopped"):
+        with pytest.raises(ModelNotReadyError, match="stopped"):
             await c
+
+
+@pytest.mark.parametrize("announced", [False, True])
+async def test_close_answers_the_callers_the_collector_already_took_off_the_queue(announced):
+    """The collector holds 3 callers while it waits (for the delay, or for a request still decoding):
+    close() must answer them, not drop them with the cancelled collector."""
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=5000, announced_arrivals=announced)
+    decoding = b.expect() if announced else None  # keeps an announced batch waiting
+    calls = [asyncio.ensure_future(b.submit(i, b.expect() if announced else None)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert b.queue_depth == 0  # all three are in the collector's batch
+    t0 = time.perf_counter()
+    await b.close()
+    done, _ = await asyncio.wait(calls, timeout=1.0)
+    assert len(done) == 3, "callers held by the collector were stranded by close()"
+    assert time.perf_counter() - t0 < 1.0
+    for c in calls:
+        with pytest.raises(ModelNotReadyError):
+            c.result()
+    assert rec.batches == []
+    if decoding is not None:
+        decoding.done()
+
+
+async def test_close_waits_for_the_running_forward_and_its_caller_gets_the_result():
+    release = threading.Event()
+    started = threading.Event()
+
+    def forward(items):
+        started.set()
+        release.wait(10)
+        return [i * 10 for i in items]
+
+    b = DynamicBatcher("m", forward, max_batch_size=4, max_batch_delay_ms=0)
+    call = asyncio.ensure_future(b.submit(4))
+    await asyncio.to_thread(started.wait, 2)
+    closing = asyncio.ensure_future(b.close())  # no grace: as long as the forward takes
+    await asyncio.sleep(0.3)
+    assert not closing.done(), "close() returned while a forward was still running on the model"
+    assert not call.done()
+    release.set()
+    assert await asyncio.wait_for(closing, 5) is True
+    assert await call == 40  # the batch that had started finished and answered
+
+
+async def test_a_batch_that_reaches_a_shut_down_pool_is_model_not_ready_not_internal():
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.shutdown()
+    b = DynamicBatcher("m", Recorder(), max_batch_size=1, max_batch_delay_ms=0, executor=pool)
+    with pytest.raises(ModelNotReadyError, match="shutting down"):
+        await asyncio.wait_for(b.submit(1), 2)
+    await b.close()
 
 
 def test_max_concurrent_batches_must_be_positive():

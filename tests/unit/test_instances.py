@@ -217,3 +217,27 @@ async def test_the_repository_serves_a_model_from_instance_processes():
             await repo.predict("pid", 1)
     finally:
         await repo.close()
+
+
+async def test_a_refused_checkpoint_keeps_the_instance_processes_serving():
+    """Validate, then swap, in process mode: the new version loads in new processes; when it is
+    refused the old processes keep answering, and when it loads they are replaced."""
+    repo = ModelRepository(
+        BatchingConfig(max_batch_size=4, max_batch_delay_ms=1, model_instances=2, instance_mode="process")
+    )
+    repo.add(PidModel(), factory=PidModel)
+    try:
+        await repo.load("pid", Path("a.pt"))
+        before = {r[0] for r in await asyncio.gather(*(repo.predict("pid", i) for i in range(8)))}
+        with pytest.raises(CheckpointError, match=r"corrupt\.pt"):
+            await repo.load("pid", Path("corrupt.pt"))
+        st = repo.status("pid")
+        assert st.state is ModelState.READY and st.version == "a.pt" and repo.ready
+        results = await asyncio.gather(*(repo.predict("pid", i) for i in range(8)))
+        assert [r[1] for r in results] == [2 * i for i in range(8)]
+        assert {r[0] for r in results} <= before  # the same processes answer
+        assert (await repo.load("pid", Path("b.pt"))).version == "b.pt"
+        after = {r[0] for r in await asyncio.gather(*(repo.predict("pid", i) for i in range(8)))}
+        assert after.isdisjoint(before) and _wait_gone(sorted(before)) == []  # swapped, old ones stopped
+    finally:
+        await repo.close()

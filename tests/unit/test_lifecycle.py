@@ -1,9 +1,15 @@
-"""ModelRepository's admission: announcing a request for several models is all-or-nothing."""
+"""ModelRepository: admission (announcing a request for several models is all-or-nothing), and
+unload/reload (drain running forwards before freeing weights; validate a new version, then swap)."""
+
+import asyncio
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from cxr_serving.errors import OverloadedError
-from cxr_serving.lifecycle import BatchingConfig, ModelRepository
+from cxr_serving.errors import CheckpointError, ModelNotReadyError, OverloadedError
+from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ModelState, ServedModel
 from tests.support.toy_service import BrightnessModel
 
 
@@ -29,4 +35,131 @@ async def test_a_model_that_sheds_withdraws_the_announcements_made_before_it():
         with repo.expect(["a", "b"]) as arrivals:  # room again for both
             assert sorted(arrivals) == ["a", "b"]
     finally:
+        await repo.close()
+
+
+class Gated(ServedModel):
+    """A model whose forward blocks until `release` is set; it records what unload() saw."""
+
+    name = "gated"
+
+    def __init__(self, released: bool = False) -> None:
+        self.release = threading.Event()
+        if released:
+            self.release.set()
+        self.started = threading.Event()
+        self.running = 0
+        self.forwards_running_at_unload: list[int] = []
+        self._version = ""
+
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        if checkpoint_path is not None and checkpoint_path.name == "corrupt.pt":
+            raise CheckpointError(f"checkpoint {checkpoint_path} is corrupt", reason="CHECKPOINT_UNREADABLE")
+        self._version = checkpoint_path.name if checkpoint_path else "untrained"
+
+    def predict(self, batch):
+        version = self._version
+        self.running += 1
+        self.started.set()
+        try:
+            self.release.wait(10)
+            return [(version, x) for x in batch]
+        finally:
+            self.running -= 1
+
+    def unload(self) -> None:
+        self.forwards_running_at_unload.append(self.running)
+        self._version = ""
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+
+def gated_repo(**batching) -> tuple[ModelRepository, Gated, list[Gated]]:
+    """A repository with one Gated model; the factory's fresh instances (released) land in the list."""
+    repo = ModelRepository(BatchingConfig(max_batch_size=4, max_batch_delay_ms=0, **batching))
+    model, fresh = Gated(), []
+
+    def factory() -> Gated:
+        fresh.append(Gated(released=True))
+        return fresh[-1]
+
+    repo.add(model, factory=factory)
+    return repo, model, fresh
+
+
+async def test_unload_waits_for_the_running_forward_before_it_frees_the_weights():
+    repo, model, _ = gated_repo()
+    await repo.load("gated")
+    try:
+        call = asyncio.ensure_future(repo.predict("gated", 1))
+        await asyncio.to_thread(model.started.wait, 2)
+        unloading = asyncio.ensure_future(repo.unload("gated"))
+        await asyncio.sleep(0.3)
+        assert model.forwards_running_at_unload == [], "unload() freed the weights under a running forward"
+        assert not unloading.done()
+        with pytest.raises(ModelNotReadyError):  # new work is refused at once meanwhile
+            await repo.predict("gated", 2)
+        model.release.set()
+        st = await asyncio.wait_for(unloading, 5)
+        assert st.state is ModelState.UNLOADED
+        assert model.forwards_running_at_unload == [0]  # unloaded once, after the forward ended
+        assert await call == ("untrained", 1)  # the forward that had started answered
+    finally:
+        model.release.set()
+        await repo.close()
+
+
+async def test_unload_waits_no_longer_than_the_drain_grace():
+    repo, model, _ = gated_repo(drain_grace_s=0.2)
+    await repo.load("gated")
+    try:
+        call = asyncio.ensure_future(repo.predict("gated", 1))
+        await asyncio.to_thread(model.started.wait, 2)
+        t0 = time.perf_counter()
+        await repo.unload("gated")
+        assert time.perf_counter() - t0 < 1.5
+        with pytest.raises(ModelNotReadyError):  # its caller is answered, not stranded
+            await asyncio.wait_for(call, 1)
+    finally:
+        model.release.set()
+        await repo.close()
+
+
+async def test_a_refused_checkpoint_leaves_the_served_version_serving():
+    repo, model, fresh = gated_repo()
+    model.release.set()
+    await repo.load("gated", Path("a.pt"))
+    try:
+        with pytest.raises(CheckpointError, match=r"corrupt\.pt"):
+            await repo.load("gated", Path("corrupt.pt"))
+        st = repo.status("gated")
+        assert st.state is ModelState.READY and st.version == "a.pt" and st.error == ""
+        assert repo.ready
+        assert await repo.predict("gated", 1) == ("a.pt", 1)  # answering as before
+        assert model.forwards_running_at_unload == []  # the served instance was never touched
+        assert len(fresh) == 1 and fresh[0].version == ""  # the refused version loaded into a fresh one
+    finally:
+        await repo.close()
+
+
+async def test_a_reload_swaps_in_the_new_version_and_drains_the_old_one():
+    repo, model, fresh = gated_repo()
+    await repo.load("gated", Path("a.pt"))
+    try:
+        old_call = asyncio.ensure_future(repo.predict("gated", 1))
+        await asyncio.to_thread(model.started.wait, 2)
+        reload = asyncio.ensure_future(repo.load("gated", Path("b.pt")))
+        deadline = time.monotonic() + 5
+        while repo.status("gated").version != "b.pt" and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert await repo.predict("gated", 2) == ("b.pt", 2)  # new requests reach the new version at once
+        assert not reload.done() and model.forwards_running_at_unload == []  # the old one still drains
+        model.release.set()
+        assert (await asyncio.wait_for(reload, 5)).version == "b.pt"
+        assert await old_call == ("a.pt", 1)
+        assert model.forwards_running_at_unload == [0] and fresh[0].forwards_running_at_unload == []
+    finally:
+        model.release.set()
         await repo.close()

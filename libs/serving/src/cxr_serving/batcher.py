@@ -19,6 +19,10 @@ gets its own result.
 - A full queue raises `OverloadedError` at once (RESOURCE_EXHAUSTED) instead of growing.
 - A caller that is cancelled while waiting is dropped before the batch runs; one cancelled
   after its batch started simply never reads its result. Neither affects the others.
+- `close(grace_s)` answers every caller: the queued ones, and those the collector already took
+  off the queue, get ModelNotReadyError at once; a batch already running finishes (its callers
+  get their results) and close waits for it, up to the grace, so the caller may then free the
+  weights that its thread still uses.
 - If `run_batch` raises, every caller of that batch gets the exception.
 - `run_batch` may return an Exception instance in place of an item's result to fail only
   that caller.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cxr_serving.errors import ModelNotReadyError, OverloadedError
-from cxr_serving.handoff import run_on
+from cxr_serving.handoff import PoolClosedError, run_on
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -115,7 +120,7 @@ class DynamicBatcher(Generic[In, Out]):
         )
         self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers
         self._closed = False
 
     @property
@@ -179,21 +184,25 @@ class DynamicBatcher(Generic[In, Out]):
         assert self._queue is not None and self._changed is not None
         first = await self._queue.get()
         batch = [first]
-        deadline = first.enqueued + self.max_batch_delay
-        while len(batch) < self.max_batch_size:
-            self._changed.clear()
-            try:
-                batch.append(self._queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0 or self._nothing_on_its_way():
-                break
-            try:  # woken by a submit or a withdrawn announcement, whichever comes first
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
+        try:
+            deadline = first.enqueued + self.max_batch_delay
+            while len(batch) < self.max_batch_size:
+                self._changed.clear()
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._nothing_on_its_way():
+                    break
+                try:  # woken by a submit or a withdrawn announcement, whichever comes first
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    break
+        except BaseException:  # close() cancelled us: these callers are off the queue, so answer them here
+            self._fail(batch, "was unloaded")
+            raise
         return batch
 
     async def _loop(self) -> None:
@@ -213,25 +222,34 @@ class DynamicBatcher(Generic[In, Out]):
                 slots.release()
                 continue
             task = loop.create_task(self._run(live), name=f"batch-{self.name}")
-            self._running.add(task)
+            self._running[task] = live
 
             def done(t: asyncio.Task[None]) -> None:
-                self._running.discard(t)
+                self._running.pop(t, None)
                 slots.release()
 
             task.add_done_callback(done)
 
+    def _fail(self, pending: list[_Pending[In, Out]], what: str) -> None:
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(ModelNotReadyError(f"model '{self.name}' {what}", metadata={"model": self.name}))
+
     async def _run(self, live: list[_Pending[In, Out]]) -> None:
+        if self._closed:  # closed before this batch reached a thread: its pool may be shut down
+            self._fail(live, "was unloaded")
+            return
         started = time.perf_counter()
         try:
             results = await run_on(self._executor, self._run_batch, [p.item for p in live])
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
-        except asyncio.CancelledError:
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(ModelNotReadyError(f"model '{self.name}' stopped"))
+        except asyncio.CancelledError:  # close() stopped waiting for this batch (its grace ran out)
+            self._fail(live, "stopped")
             raise
+        except PoolClosedError:  # a shared pool shut down under us: the model is going away, not broken
+            self._fail(live, "is shutting down")
+            return
         except BaseException as exc:  # fan the failure out to every caller of the batch
             self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
             for p in live:
@@ -247,24 +265,34 @@ class DynamicBatcher(Generic[In, Out]):
             else:
                 p.future.set_result(result)
 
-    async def close(self) -> None:
-        """Stop taking work, fail whatever still waits, stop the worker."""
+    async def close(self, grace_s: float | None = None) -> bool:
+        """Stop taking work and answer every caller; wait (up to `grace_s`, None: no limit) for the
+        batches already running, so that the weights their threads use can be freed after.
+
+        Returns False when a forward was still running as the grace ran out: its callers then got
+        ModelNotReadyError, and its thread still holds the model."""
         self._closed = True
         if self._worker is not None:
-            self._worker.cancel()
-            try:
+            self._worker.cancel()  # _collect answers the callers it holds
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
-        for task in list(self._running):  # batches on their way: their callers get ModelNotReadyError
-            task.cancel()
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
         if self._queue is not None:
             while not self._queue.empty():
-                p = self._queue.get_nowait()
-                if not p.future.done():
-                    p.future.set_exception(ModelNotReadyError(f"model '{self.name}' was unloaded"))
+                self._fail([self._queue.get_nowait()], "was unloaded")
+        drained = True
+        if self._running:
+            _, late = await asyncio.wait(list(self._running), timeout=grace_s)
+            if late:
+                drained = False
+                log.warning(
+                    "model %s: %d batch(es) still running after %.1fs; not waiting", self.name, len(late), grace_s
+                )
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        for live in list(self._running.values()):  # tasks cancelled before their first step never ran
+            self._fail(live, "stopped")
         if self._own_executor:
             self._executor.shutdown(wait=False)
+        return drained

@@ -87,5 +87,12 @@ class CheckpointError(CxrError):
     reason = "CHECKPOINT_INVALID"
 
 
+class CheckpointPathError(CxrError):
+    """A client-supplied checkpoint path that lies outside `models_path` (or no `models_path` is set)."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "CHECKPOINT_PATH_OUTSIDE"
+
+
 class ConfigError(ValueError):
     """Bad configuration: raised at start-up, names the offending field."""

@@ -24,6 +24,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class PoolClosedError(RuntimeError):
+    """The pool was shut down before the job could start: its owner is stopping."""
+
+
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if future.done():  # the caller was cancelled meanwhile
         return
@@ -51,5 +55,8 @@ async def run_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args:
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    pool.submit(job)
+    try:
+        pool.submit(job)
+    except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+        raise PoolClosedError(str(exc)) from exc
     return await future

@@ -3,6 +3,12 @@
 A service implements `ServedModel` for each of its models; `ModelRepository` owns them,
 loads them off the event loop, puts a `DynamicBatcher` in front of each, and tells the
 server when every enabled model is ready. No gRPC here.
+
+Reloading a model that serves is validate-then-swap (Triton's model control does the same): the
+new version loads into a fresh instance (built by the model's factory) or fresh instance
+processes while the old one keeps answering; only a load that succeeded replaces it, and the old
+one is drained (its running forwards finish, up to `shutdown_grace_s`) before it is unloaded. A
+refused checkpoint leaves the served version as it was. Unload drains the same way.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ class BatchingConfig:
     max_queue_size: int = 256
     model_instances: int = 1  # batches of one model running at once
     instance_mode: str = "thread"  # or "process": each instance a worker process (instances.py)
+    drain_grace_s: float = 30.0  # unload/reload waits this long for forwards already running
 
     @classmethod
     def from_settings(
@@ -119,6 +126,7 @@ class BatchingConfig:
             sc.max_queue_size,
             sc.model_instances,
             sc.model_instance_mode,
+            sc.shutdown_grace_s,
         )
 
 
@@ -133,6 +141,7 @@ class ModelRepository:
         self._batchers: dict[str, DynamicBatcher[Any, Any]] = {}
         self._factories: dict[str, ModelFactory] = {}
         self._processes: dict[str, ProcessInstances] = {}  # model_instance_mode: process
+        self._serving: dict[str, ServedModel] = {}  # thread mode: the loaded instance behind each batcher
         self._locks: dict[str, asyncio.Lock] = {}
         self.on_ready_change = on_ready_change
         self._observer = MetricsObserver()
@@ -185,25 +194,41 @@ class ModelRepository:
             self.on_ready_change(self.ready)
 
     async def load(self, name: str, checkpoint_path: Path | None = None) -> ModelStatus:
+        """Load (or reload) a model. While a version serves, a new one that fails to load is
+        refused and the served one keeps answering; one that loads replaces it (module docstring)."""
         model = self.model(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             st = self._status[name]
-            await self._stop_serving(name)
-            st.state, st.error = ModelState.LOADING, ""
-            MODEL_LOADED.labels(name).set(0)
-            self._notify()
+            swap = name in self._batchers and (self._batching.instance_mode == "process" or name in self._factories)
+            if not swap:  # nothing serves (or no factory to build a second instance): load in place
+                await self._stop_serving(name)
+                st.state, st.error = ModelState.LOADING, ""
+                MODEL_LOADED.labels(name).set(0)
+                self._notify()
             started = time.perf_counter()
             try:
-                loaded, run_batch = await self._load_instances(model, checkpoint_path)
+                instance, loaded, run_batch = await self._load_instances(model, checkpoint_path, fresh=swap)
             except Exception as exc:
-                st.state = ModelState.FAILED
-                st.error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
+                error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
+                if swap:
+                    log.error(
+                        "model %s: refused the new version, version %s keeps serving: %s", name, st.version, error
+                    )
+                    raise
+                st.state, st.error = ModelState.FAILED, error
                 log.error("model %s failed to load: %s", name, st.error)
                 self._notify()
                 raise
+            old_batcher = self._batchers.get(name)
+            old_instance = self._serving.pop(name, None)
+            old_processes = self._processes.pop(name, None)
+            if isinstance(instance, ProcessInstances):
+                self._processes[name] = instance
+            else:
+                self._serving[name] = instance
             st.load_seconds = time.perf_counter() - started
-            st.state, st.version, st.untrained = ModelState.READY, loaded.version, loaded.untrained
+            st.state, st.error, st.version, st.untrained = ModelState.READY, "", loaded.version, loaded.untrained
             st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
             st.precision = loaded.precision
             self._batchers[name] = DynamicBatcher(
@@ -227,6 +252,10 @@ class ModelRepository:
                 " (UNTRAINED: random weights)" if st.untrained else "",
             )
             self._notify()
+            if old_batcher is not None:  # the swap: new requests already go to the new version
+                await self._retire(name, old_batcher, old_instance if old_instance is not instance else None)
+            if old_processes is not None:
+                await asyncio.to_thread(old_processes.close)
             return st
 
     async def load_all(self) -> None:
@@ -239,14 +268,18 @@ class ModelRepository:
                 raise r
 
     async def unload(self, name: str) -> ModelStatus:
+        """Stop serving: new requests are refused at once, running forwards finish (up to the drain
+        grace), and only then are the weights freed."""
         model = self.model(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            await self._stop_serving(name)
-            await asyncio.to_thread(model.unload)
             st = self._status[name]
             st.state, st.error = ModelState.UNLOADED, ""
             MODEL_LOADED.labels(name).set(0)
             self._notify()
+            serving = self._serving.get(name)
+            await self._stop_serving(name)
+            if serving is not model:  # the registered instance too (a no-op when it never loaded)
+                await asyncio.to_thread(model.unload)
             return st
 
     @contextlib.contextmanager
@@ -277,22 +310,36 @@ class ModelRepository:
         return await batcher.submit(item, arrival)
 
     async def _load_instances(
-        self, model: ServedModel, checkpoint_path: Path | None
-    ) -> tuple[LoadedModel, Callable[[list[Any]], Sequence[Any]]]:
-        """Load the model here (thread instances) or in `model_instances` worker processes."""
+        self, model: ServedModel, checkpoint_path: Path | None, *, fresh: bool
+    ) -> tuple[ServedModel | ProcessInstances, LoadedModel, Callable[[list[Any]], Sequence[Any]]]:
+        """Load the model here (thread instances) or in `model_instances` new worker processes;
+        `fresh`: into a new instance from the factory, leaving the one that serves untouched."""
         if self._batching.instance_mode == "process":
             processes = ProcessInstances(model.name, self._factories[model.name], self._batching.model_instances)
             loaded = await asyncio.to_thread(processes.start, checkpoint_path)
-            self._processes[model.name] = processes
-            return loaded, processes.predict
-        await asyncio.to_thread(model.load, checkpoint_path)
-        return LoadedModel.of(model), model.predict
+            return processes, loaded, processes.predict
+        instance = model
+        if fresh:
+            instance = await asyncio.to_thread(self._factories[model.name])
+        await asyncio.to_thread(instance.load, checkpoint_path)
+        return instance, LoadedModel.of(instance), instance.predict
+
+    async def _retire(self, name: str, batcher: DynamicBatcher[Any, Any], instance: ServedModel | None) -> None:
+        """Drain a batcher (waiting callers answered, running forwards finished), then free its weights."""
+        grace = self._batching.drain_grace_s
+        if not await batcher.close(grace):
+            log.warning("model %s: a forward still runs after the %.0fs drain grace; freeing anyway", name, grace)
+        if instance is not None:
+            await asyncio.to_thread(instance.unload)
 
     async def _stop_serving(self, name: str) -> None:
-        """Close the model's batcher (its waiting callers get ModelNotReadyError), then its processes."""
+        """Drain and close the model's batcher and free its instance, then stop its processes."""
         batcher = self._batchers.pop(name, None)
+        instance = self._serving.pop(name, None)
         if batcher is not None:
-            await batcher.close()
+            await self._retire(name, batcher, instance)
+        elif instance is not None:
+            await asyncio.to_thread(instance.unload)
         processes = self._processes.pop(name, None)
         if processes is not None:
             await asyncio.to_thread(processes.close)

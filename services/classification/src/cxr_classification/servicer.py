@@ -28,6 +28,7 @@ from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodedImage, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.model_admin import ModelAdmin
 from cxr_serving.proto_convert import image_metadata, model_info
 
 MAX_IMAGES_PER_REQUEST = 128
@@ -65,7 +66,7 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
         self.models = models
         self.pool = pool
         self.specs = {name: PreprocessSpec.from_config(m.cfg) for name, m in models.items()}
-        self.models_path = models_path
+        self.admin = ModelAdmin(repo, models_path)
         self.max_in_flight = max_in_flight_per_request
 
     # -- selection and validation -------------------------------------------------------------
@@ -225,30 +226,12 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
-
-    def checkpoint_override(self, raw: str) -> Path | None:
-        """A client-supplied checkpoint path: relative to models_path, and never outside it."""
-        if not raw:
-            return None
-        path = Path(raw)
-        if self.models_path is None:
-            return path
-        base = self.models_path.resolve()
-        resolved = (path if path.is_absolute() else base / path).resolve()
-        if not resolved.is_relative_to(base):
-            raise InvalidInputError(
-                f"checkpoint_path must be inside models_path ({self.models_path})", reason="CHECKPOINT_PATH_OUTSIDE"
-            )
-        return resolved
+        return pb.ListModelsResponse(models=self.admin.list_models())
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        self.repo.model(request.model_name)
-        status = await self.repo.load(request.model_name, self.checkpoint_override(request.checkpoint_path))
-        return pb.LoadModelResponse(model=model_info(status))
+        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        status = await self.repo.unload(request.model_name)
-        return pb.UnloadModelResponse(model=model_info(status))
+        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))

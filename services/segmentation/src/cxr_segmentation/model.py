@@ -99,10 +99,6 @@ class SegmentationModel(ServedModel):
                 "segmentation model %s serves RANDOM weights (allow_untrained): masks are meaningless", self.name
             )
 
-    def check_checkpoint(self, checkpoint_path: Path | None) -> None:
-        """Validate a checkpoint on the CPU without touching the served network."""
-        self.build(checkpoint_path)
-
     def _warmup(self, net: nn.Module) -> None:
         s = self.cfg.input_size
         self._device.warm_up(

@@ -7,7 +7,6 @@ errors from cxr_serving.errors, mapped to gRPC status codes by the shared interc
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +19,7 @@ from cxr_segmentation.postprocess import Encoding, PostprocessOptions, Segmentat
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.model_admin import ModelAdmin
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.settings import Settings
 
@@ -37,6 +37,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self.repo = repo
         self.pool = pool
         self.default_model = default_model
+        self.admin = ModelAdmin(repo, settings.models_path, default_model=default_model)
 
     def _model(self, name: str) -> SegmentationModel:
         model = self.repo.model(name or self.default_model)
@@ -95,24 +96,15 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(s) for s in self.repo.statuses()])
+        return pb.ListModelsResponse(models=self.admin.list_models())
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        model = self._model(request.model_name)
-        path: Path | None = None
-        if request.checkpoint_path:
-            path = self.settings.resolve_model_path(request.checkpoint_path)
-        # Validate first on the CPU: a bad checkpoint is refused while the served model keeps serving.
-        await self.pool.run(model.check_checkpoint, path)
-        status = await self.repo.load(model.name, path)
-        return pb.LoadModelResponse(model=model_info(status))
+        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        model = self._model(request.model_name)
-        status = await self.repo.unload(model.name)
-        return pb.UnloadModelResponse(model=model_info(status))
+        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
 
 
 def _decode_and_preprocess(
