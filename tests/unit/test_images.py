@@ -93,13 +93,13 @@ def test_16bit_png_uses_full_range():
 
 
 def test_rgb_and_rgba_become_grayscale():
-    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb = np.zeros((64, 64, 3), np.uint8)
     rgb[..., 1] = 200
     img = decode_image(png_bytes(rgb))
-    assert img.pixels.shape == (32, 32)
+    assert img.pixels.shape == (64, 64)
     assert img.pixels.mean() == pytest.approx(round(200 * 0.587) / 255, abs=2 / 255)
-    rgba = np.dstack([rgb, np.full((32, 32), 255, np.uint8)])
-    assert decode_image(png_bytes(rgba)).pixels.shape == (32, 32)
+    rgba = np.dstack([rgb, np.full((64, 64), 255, np.uint8)])
+    assert decode_image(png_bytes(rgba)).pixels.shape == (64, 64)
 
 
 def test_jpeg_decodes(sample_png):
@@ -203,3 +203,95 @@ def test_sniff():
     assert sniff_format(b"\xff\xd8\xff\xdb") == "jpeg"
     assert sniff_format(b"\x00" * 128 + b"DICM") == "dcm"
     assert sniff_format(b"GIF89a") is None
+
+
+# -- the input policy (security.min_image_side / max_image_aspect_ratio / max_image_pixels) ----------
+
+
+def test_input_policy_defaults_are_the_settings_defaults():
+    from cxr_serving.settings import SecurityConfig
+
+    sec = SecurityConfig()
+    limits = DecodeLimits()
+    assert (limits.min_side, limits.max_aspect_ratio, limits.max_pixels) == (
+        sec.min_image_side,
+        sec.max_image_aspect_ratio,
+        sec.max_image_pixels,
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "reason"),
+    [
+        (16, 16, "IMAGE_TOO_SMALL"),
+        (63, 200, "IMAGE_TOO_SMALL"),
+        (2000, 100, "IMAGE_ASPECT_RATIO"),
+        (100, 401, "IMAGE_ASPECT_RATIO"),
+    ],
+)
+def test_input_policy_refuses_from_the_header(width, height, reason):
+    """The header alone decides: the IDAT holds far too little data, so a decode would fail otherwise."""
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(_png_header_only(width, height))
+    assert err.value.reason == reason
+
+
+def test_input_policy_boundaries_pass():
+    for shape in ((64, 64), (100, 400), (400, 100)):
+        assert decode_image(png_bytes(np.full(shape, 90, np.uint8))).pixels.shape == shape
+
+
+def test_input_policy_comes_from_security_settings():
+    from cxr_serving.images import DecodePool
+    from cxr_serving.settings import Settings
+
+    settings = Settings.model_validate({"security": {"min_image_side": 16, "max_image_aspect_ratio": 25}})
+    pool = DecodePool.from_settings(settings)
+    try:
+        assert (pool.limits.min_side, pool.limits.max_aspect_ratio) == (16, 25.0)
+        assert decode_image(png_bytes(np.zeros((100, 2000), np.uint8)), limits=pool.limits).pixels.shape == (100, 2000)
+        assert decode_image(png_bytes(np.zeros((16, 16), np.uint8)), limits=pool.limits).pixels.shape == (16, 16)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    ("security", "field"),
+    [
+        ({"min_image_side": 4}, "min_image_side"),
+        ({"max_image_aspect_ratio": 0.5}, "max_image_aspect_ratio"),
+        ({"max_image_aspect_ratio": float("nan")}, "max_image_aspect_ratio"),
+    ],
+)
+def test_input_policy_settings_are_validated(security, field):
+    from pydantic import ValidationError
+
+    from cxr_serving.settings import Settings
+
+    with pytest.raises(ValidationError, match=field):
+        Settings.model_validate({"security": security})
+
+
+# -- known bad data is IMAGE_CORRUPT; anything else is a defect that propagates ----------------------
+
+
+def test_a_defect_inside_the_decoder_propagates(monkeypatch, sample_png):
+    def broken(*args, **kwargs):
+        raise KeyError("injected")
+
+    monkeypatch.setattr("cxr_serving.images._dicom_spacing", broken)
+    with pytest.raises(KeyError):
+        decode_image((DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes())
+    monkeypatch.setattr("PIL.Image.open", broken)
+    with pytest.raises(KeyError):
+        decode_image(sample_png)
+
+
+def test_dicom_without_required_pixel_elements_is_corrupt():
+    ds = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-8bit.dcm")
+    del ds.BitsStored  # pydicom itself would raise AttributeError, which is not mapped
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageRejectedError, match="BitsStored") as err:
+        decode_image(buf.getvalue())
+    assert err.value.reason == "IMAGE_CORRUPT"

@@ -92,8 +92,6 @@ class ClassifierConfig(BaseModel):
         None, description="default: softmax for a 2-output binary head, else sigmoid"
     )
     thresholds: float | dict[str, float] = Field(0.5, description="one threshold, or one per label")
-    min_image_side: int = Field(64, ge=8, description="smaller images are refused (not a chest radiograph)")
-    max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer/shorter side above this is refused")
 
     @field_validator("thresholds")
     @classmethod
