@@ -207,7 +207,7 @@ def _check_dimensions(width: int, height: int, frames: int, limits: DecodeLimits
             "(security.min_image_side)",
             reason="IMAGE_TOO_SMALL",
         )
-    ratio = max(width, height) / min(width, height)
+    ratio = max(width, height) / max(min(width, height), 1)
     if ratio > limits.max_aspect_ratio:
         raise ImageRejectedError(
             f"image is {width}x{height} (aspect ratio {ratio:.1f}); chest radiographs are at most "
