@@ -65,15 +65,113 @@ def test_rescale_and_window_are_applied(tmp_path):
     np.testing.assert_allclose(img.pixels, expected, atol=1e-5)
 
 
-def test_pydicom_data_compressed_radiographs():
+def reference_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """What the decoder must return, from pydicom's own pixel array of the same file: pydicom's
+    modality LUT, then the DICOM PS3.3 C.11.2.1.2 LINEAR window in float64 (or the stored range
+    without one), then MONOCHROME1 inversion; written here independently of cxr_serving.images."""
+    from pydicom.pixels import apply_modality_lut
+
+    arr = ds.pixel_array
+    if arr.ndim == 3:  # multi-frame: the decoder takes the first frame
+        arr = arr[0]
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        first = lambda v: float(v[0]) if isinstance(v, pydicom.multival.MultiValue) else float(v)  # noqa: E731
+        c, w = first(ds.WindowCenter), first(ds.WindowWidth)
+        out = np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+    elif ds.PixelRepresentation == 0 and "RescaleSlope" not in ds:
+        out = values / (2**ds.BitsStored - 1)
+    else:
+        out = (values - values.min()) / (values.max() - values.min())
+    return 1.0 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
+
+
+# pydicom-data's compressed files, by transfer syntax: a missing one fails the test (no silent skip).
+COMPRESSED = {
+    "RG1_J2KR.dcm": "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless, 15-bit MONOCHROME1 radiograph, windowed
+    "RG1_J2KI.dcm": "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy), the same radiograph
+    "JPEG2000.dcm": "1.2.840.10008.1.2.4.91",  # JPEG 2000, 16-bit signed
+    "JPEG-LL.dcm": "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1, 16-bit signed
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1, 8-bit, windowed
+    "emri_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless, 12-bit, multi-frame
+    "MR_small_jpeg_ls_lossless.dcm": "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless, 16-bit signed, windowed
+    "MR_small_RLE.dcm": "1.2.840.10008.1.2.5",  # RLE lossless
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_compressed_dicoms_match_pydicoms_own_pixel_array(name):
     from pydicom.data import get_testdata_file
 
-    for name in ("RG1_J2KI.dcm", "JPEG-LL.dcm", "MR_small_RLE.dcm"):
-        path = get_testdata_file(name)
-        if path is None:
-            continue
-        img = decode_image(Path(path).read_bytes())
-        assert img.pixels.shape == pydicom.dcmread(path).pixel_array.shape[-2:]
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.fail(f"pydicom test file {name} is missing: install pydicom-data (it is a test dependency)")
+    data = Path(path).read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.file_meta.TransferSyntaxUID == COMPRESSED[name]
+    img = decode_image(data)
+    expected = reference_pixels(ds)
+    assert img.pixels.shape == expected.shape
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-5)
+    assert float(expected.std()) > 0.01  # a real image, not a flat one that any decode would match
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    ["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"],
+    ids=["jpeg2000-lossless", "jpeg-ls-lossless", "rle"],
+)
+def test_lossless_transcodes_decode_to_the_same_pixels(syntax):
+    """The shared 12-bit windowed radiograph, compressed here with pydicom's encoders."""
+    src = (DICOM_DIR / "nih-dx-mono2-12bit-window.dcm").read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(src))
+    ds.compress(syntax)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    compressed = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    assert compressed.file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(compressed.pixel_array, pydicom.dcmread(io.BytesIO(src)).pixel_array)
+    img = decode_image(buf.getvalue())
+    np.testing.assert_allclose(img.pixels, reference_pixels(compressed), atol=1e-5)
+    np.testing.assert_array_equal(img.pixels, decode_image(src).pixels)
+
+
+def _with_voi_lut(first_mapped: int, bits: int, photometric: str = "MONOCHROME2") -> bytes:
+    """The 12-bit radiograph with a VOI LUT Sequence (a gamma curve) and no window."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-12bit-window.dcm")
+    del ds.WindowCenter, ds.WindowWidth
+    entries = 4096 - first_mapped
+    lut = np.round((np.linspace(0, 1, entries) ** 0.5) * (2**bits - 1)).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [entries, first_mapped, bits]
+    item.LUTData = lut.tolist()
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = Sequence([item])
+    ds.PhotometricInterpretation = photometric
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("first_mapped", "bits", "photometric"),
+    [(0, 8, "MONOCHROME2"), (0, 16, "MONOCHROME2"), (1000, 10, "MONOCHROME2"), (0, 12, "MONOCHROME1")],
+)
+def test_voi_lut_sequence_matches_pydicoms_apply_voi(first_mapped, bits, photometric):
+    from pydicom.pixels import apply_voi
+
+    data = _with_voi_lut(first_mapped, bits, photometric)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert "VOILUTSequence" in ds and "WindowCenter" not in ds
+    expected = np.asarray(apply_voi(ds.pixel_array, ds, index=0), dtype=np.float64) / (2**bits - 1)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    img = decode_image(data)
+    np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+    assert float(expected.std()) > 0.05
 
 
 @pytest.mark.parametrize("path", cxr14_images()[:20], ids=lambda p: p.name)
