@@ -39,6 +39,8 @@ EXPECTED = {
     "dicom-pixeldata-vr-sq-attributeerror.dcm": ("IMAGE_CORRUPT", "PixelData has VR SQ"),
     # encapsulated pixel data with no frame: pydicom's frame reader raised StopIteration
     "dicom-encapsulated-no-frames-stopiteration.dcm": ("IMAGE_CORRUPT", "StopIteration"),
+    # NumberOfFrames (IS) with several values: our int() of a MultiValue raised TypeError
+    "dicom-multivalued-numberofframes-typeerror.dcm": ("IMAGE_CORRUPT", "NumberOfFrames has 3 values"),
 }
 
 

@@ -384,6 +384,30 @@ _REQUIRED_PIXEL_ELEMENTS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel
 _REQUIRED_INTEGER_PIXEL_ELEMENTS = ("BitsStored", "PixelRepresentation")
 
 
+def _is_multi(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _header_int(ds: Any, keyword: str, default: int) -> int:
+    """A single-valued integer element (US/IS); absent or empty gives `default`, several values are corrupt."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if _is_multi(value):
+        raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
+    return int(value)
+
+
+def _header_str(ds: Any, keyword: str, default: str) -> str:
+    """A single-valued code string (CS); several values are corrupt."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if _is_multi(value):
+        raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
+    return str(value)
+
+
 def _check_required_elements(ds: Any) -> None:
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
@@ -395,7 +419,7 @@ def _check_required_elements(ds: Any) -> None:
     required = list(_REQUIRED_PIXEL_ELEMENTS)
     if "PixelData" in ds:
         required += _REQUIRED_INTEGER_PIXEL_ELEMENTS
-    if "SamplesPerPixel" in ds and ds.SamplesPerPixel is not None and int(ds.SamplesPerPixel) > 1:
+    if _header_int(ds, "SamplesPerPixel", 1) > 1:
         required.append("PlanarConfiguration")
     missing = [kw for kw in required if ds.get(kw) is None]
     if missing:
@@ -418,13 +442,13 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
                 "DICOM has no pixel data (is it a structured report or a presentation state?)",
                 reason="DICOM_NO_PIXELS",
             )
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+        frames = _header_int(ds, "NumberOfFrames", 1)
         _check_dimensions(cols, rows, frames, limits)
         _check_required_elements(ds)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-        bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        photometric = _header_str(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
+        bits_stored = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 8) or 8
+        samples = _header_int(ds, "SamplesPerPixel", 1)
         spacing = _dicom_spacing(ds)
     # pydicom's encapsulated-frame reader calls next() on its frame generator, so encapsulated pixel
     # data with fewer frames (fragments) than declared surfaces as StopIteration, from this call only.
@@ -449,11 +473,18 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         voi_lut = "VOILUTSequence" in ds
         if voi_lut:
             lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
-            lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or bits_stored
+            descriptor = ds.VOILUTSequence[0].get("LUTDescriptor")
+            if not _is_multi(descriptor) or len(descriptor) != 3:
+                raise ImageRejectedError("DICOM VOI LUT Descriptor must have 3 values", reason="IMAGE_CORRUPT")
+            lut_bits = int(descriptor[2]) or bits_stored
         window = None
         if not voi_lut and "WindowCenter" in ds and "WindowWidth" in ds:
-            window = _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        unsigned_raw = int(ds.get("PixelRepresentation", 0)) == 0 and "RescaleSlope" not in ds
+            window = (
+                _first(ds.WindowCenter),
+                _first(ds.WindowWidth),
+                _header_str(ds, "VOILUTFunction", "LINEAR").upper(),
+            )
+        unsigned_raw = _header_int(ds, "PixelRepresentation", 0) == 0 and "RescaleSlope" not in ds
     if voi_lut:
         pixels = np.asarray(lut_out, dtype=np.float32) / float(2**lut_bits - 1)
     elif window is not None:
