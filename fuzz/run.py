@@ -38,6 +38,8 @@ def _fresh_peak(cmd: list[str]) -> list[str]:
 
 
 HARNESSES = {"decode_image": REPO / "fuzz" / "fuzz_decode_image.py"}
+# Minimized inputs (<= 2 kB) of past campaigns' merged corpora, kept in git; full corpora stay under var/fuzz.
+KEPT_CORPUS = REPO / "fuzz" / "corpus" / "decode_image"
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -122,6 +124,7 @@ def run_fuzzer(
         f"-artifact_prefix={artifacts}/",
         str(corpus),
         str(seeds),
+        *([str(KEPT_CORPUS)] if KEPT_CORPUS.is_dir() else []),
     ]
     started = time.monotonic()
     proc = subprocess.run(
