@@ -10,14 +10,11 @@ or through `python -m fuzz.run`, which seeds the corpus and writes a JSON summar
 
 Long campaigns set CXR_FUZZ_FINDINGS_DIR: each distinct failure (exception type and the line that
 raised it) is written there as `<Type>-<sha1>.bin` plus a `.txt` traceback, and fuzzing goes on
-instead of stopping at the first one. CXR_FUZZ_INSTRUMENT=0 skips the coverage instrumentation
-(several times the executions per second; mutation without coverage feedback, e.g. over a corpus
-an instrumented run built).
+instead of stopping at the first one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -27,12 +24,7 @@ from pathlib import Path
 
 import atheris
 
-_instrument = (
-    atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"])
-    if os.environ.get("CXR_FUZZ_INSTRUMENT", "1") != "0"
-    else contextlib.nullcontext()
-)
-with _instrument:
+with atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"]):
     # what decode_image imports lazily, imported here so that it is instrumented too
     import numpy as np
     import PIL.Image

@@ -100,17 +100,15 @@ def run_fuzzer(
     timeout_s: int = 10,
     max_seed_bytes: int | None = None,
     keep_going: bool = False,
-    instrument: bool = True,
 ) -> dict[str, Any]:
-    """`keep_going`: record every distinct exception (findings/) and go on, for long campaigns;
-    `instrument=False`: no coverage feedback, several times faster (mutates the existing corpus)."""
+    """`keep_going`: record every distinct exception (findings/) and go on, for long campaigns."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
     corpus, seeds, artifacts = workdir / "corpus", workdir / "seeds", workdir / "artifacts"
     found = workdir / "findings"
     artifacts.mkdir(parents=True, exist_ok=True)
     corpus.mkdir(parents=True, exist_ok=True)
     n_seeds = write_corpus(seeds, small_only=small_seeds, max_bytes=max_seed_bytes)
-    env = {**_ENV, "CXR_FUZZ_INSTRUMENT": "1" if instrument else "0"}
+    env = dict(_ENV)
     if keep_going:
         env["CXR_FUZZ_FINDINGS_DIR"] = str(found)
     cmd = [
@@ -178,7 +176,6 @@ def run_fuzzer(
         "features": _last_int(r"ft: (\d+)", out),
         "corpus_inputs": _last_int(r"corp: (\d+)", out),
         "seed_inputs": n_seeds,
-        "instrumented": instrument,
         "corpus_dir": str(corpus),
         "peak_rss_mb": _last_int(r"stat::peak_rss_mb:\s+(\d+)", out),
         "exit_code": proc.returncode,
@@ -197,7 +194,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the JSON summary here")
     ap.add_argument("--max-seed-bytes", type=int, help="leave out seed files larger than this")
     ap.add_argument("--keep-going", action="store_true", help="record every distinct exception and go on")
-    ap.add_argument("--no-instrument", action="store_true", help="no coverage feedback (faster; reuse a corpus)")
     args = ap.parse_args()
     result = run_fuzzer(
         args.harness,
@@ -207,7 +203,6 @@ def main() -> None:
         timeout_s=args.timeout,
         max_seed_bytes=args.max_seed_bytes,
         keep_going=args.keep_going,
-        instrument=not args.no_instrument,
     )
     text = json.dumps(result, indent=2)
     if args.out:
