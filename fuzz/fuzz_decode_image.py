@@ -7,12 +7,20 @@ prints the traceback and writes the input to `<artifact_prefix>crash-<sha1>`.
 
 Run it directly with libFuzzer flags (`python fuzz/fuzz_decode_image.py -max_total_time=60 CORPUS_DIR`)
 or through `python -m fuzz.run`, which seeds the corpus and writes a JSON summary.
+
+Long campaigns set CXR_FUZZ_FINDINGS_DIR: each distinct failure (exception type and the line that
+raised it) is written there as `<Type>-<sha1>.bin` plus a `.txt` traceback, and fuzzing goes on
+instead of stopping at the first one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
+import traceback
 import warnings
+from pathlib import Path
 
 import atheris
 
@@ -29,6 +37,9 @@ with atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"]):
 
     from cxr_serving.errors import ImageRejectedError
     from cxr_serving.images import DecodeLimits, decode_image
+
+FINDINGS_DIR = os.environ.get("CXR_FUZZ_FINDINGS_DIR")
+_seen: set[tuple[str, str, int]] = set()
 
 # A 5 MP cap (a large radiograph is ~3000x3000/9 MP... the seeds stay under it) keeps each input
 # fast and the fuzzer's memory flat; the code paths are the same as with the production cap.
@@ -59,12 +70,31 @@ def check(data: bytes) -> None:
         raise AssertionError(f"decoded pixels outside [0, 1]: {p.min()}..{p.max()}")
 
 
+def keep_going(data: bytes) -> None:
+    """`check`, recording each distinct failure under FINDINGS_DIR instead of stopping."""
+    try:
+        check(data)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a finding: any failure of the contract, whatever its type
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        key = (type(exc).__name__, last.filename, last.lineno or 0)
+        if key in _seen:
+            return
+        _seen.add(key)
+        out = Path(FINDINGS_DIR or ".")
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{key[0]}-{hashlib.sha256(data).hexdigest()[:40]}"
+        (out / f"{stem}.bin").write_bytes(data)
+        (out / f"{stem}.txt").write_text("".join(traceback.format_exception(exc)))
+
+
 def main() -> None:
     warnings.simplefilter("ignore")
     import logging
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    atheris.Setup(sys.argv, check)
+    atheris.Setup(sys.argv, keep_going if FINDINGS_DIR else check)
     atheris.Fuzz()
 
 

@@ -38,6 +38,8 @@ def _fresh_peak(cmd: list[str]) -> list[str]:
 
 
 HARNESSES = {"decode_image": REPO / "fuzz" / "fuzz_decode_image.py"}
+# Minimized inputs (<= 2 kB) of past campaigns' merged corpora, kept in git; full corpora stay under var/fuzz.
+KEPT_CORPUS = REPO / "fuzz" / "corpus" / "decode_image"
 
 
 def _last_int(pattern: str, text: str) -> int | None:
@@ -96,12 +98,19 @@ def run_fuzzer(
     small_seeds: bool = False,
     rss_limit_mb: int = 2048,
     timeout_s: int = 10,
+    max_seed_bytes: int | None = None,
+    keep_going: bool = False,
 ) -> dict[str, Any]:
+    """`keep_going`: record every distinct exception (findings/) and go on, for long campaigns."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
     corpus, seeds, artifacts = workdir / "corpus", workdir / "seeds", workdir / "artifacts"
+    found = workdir / "findings"
     artifacts.mkdir(parents=True, exist_ok=True)
     corpus.mkdir(parents=True, exist_ok=True)
-    n_seeds = write_corpus(seeds, small_only=small_seeds)
+    n_seeds = write_corpus(seeds, small_only=small_seeds, max_bytes=max_seed_bytes)
+    env = dict(_ENV)
+    if keep_going:
+        env["CXR_FUZZ_FINDINGS_DIR"] = str(found)
     cmd = [
         sys.executable,
         str(HARNESSES[name]),
@@ -113,10 +122,11 @@ def run_fuzzer(
         f"-artifact_prefix={artifacts}/",
         str(corpus),
         str(seeds),
+        *([str(KEPT_CORPUS)] if KEPT_CORPUS.is_dir() else []),
     ]
     started = time.monotonic()
     proc = subprocess.run(
-        _fresh_peak(cmd), cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=seconds + 300, check=False
+        _fresh_peak(cmd), cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 300, check=False
     )
     elapsed = time.monotonic() - started
     out = proc.stdout + proc.stderr
@@ -133,6 +143,17 @@ def run_fuzzer(
             finding["confirmed"] = not finding["replay"]["ok"]
         else:
             finding["confirmed"] = True
+    for path in sorted(found.glob("*.bin")) if found.is_dir() else []:  # keep_going's findings
+        tb = path.with_suffix(".txt")
+        findings.append(
+            {
+                "kind": "exception",
+                "input": str(path),
+                "size": path.stat().st_size,
+                "traceback": tb.read_text()[-2000:] if tb.exists() else "",
+                "confirmed": True,
+            }
+        )
     oom_detail = re.findall(r"==\d+== ERROR: libFuzzer: out-of-memory \(([^)]*)\)", out)
     if oom_detail:
         for finding in findings:
@@ -155,6 +176,7 @@ def run_fuzzer(
         "features": _last_int(r"ft: (\d+)", out),
         "corpus_inputs": _last_int(r"corp: (\d+)", out),
         "seed_inputs": n_seeds,
+        "corpus_dir": str(corpus),
         "peak_rss_mb": _last_int(r"stat::peak_rss_mb:\s+(\d+)", out),
         "exit_code": proc.returncode,
         "findings": findings,
@@ -170,9 +192,17 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take (instrumented: ~50x slower)")
     ap.add_argument("--out", type=Path, help="write the JSON summary here")
+    ap.add_argument("--max-seed-bytes", type=int, help="leave out seed files larger than this")
+    ap.add_argument("--keep-going", action="store_true", help="record every distinct exception and go on")
     args = ap.parse_args()
     result = run_fuzzer(
-        args.harness, seconds=args.seconds, runs=args.runs, workdir=args.workdir, timeout_s=args.timeout
+        args.harness,
+        seconds=args.seconds,
+        runs=args.runs,
+        workdir=args.workdir,
+        timeout_s=args.timeout,
+        max_seed_bytes=args.max_seed_bytes,
+        keep_going=args.keep_going,
     )
     text = json.dumps(result, indent=2)
     if args.out:

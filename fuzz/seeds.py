@@ -74,19 +74,20 @@ def raster_variants(side: int = 64) -> dict[str, bytes]:
     }
 
 
-def seed_inputs(small_only: bool = False) -> dict[str, bytes]:
-    """name -> bytes. `small_only` leaves out files over 300 kB (faster fuzzing)."""
+def seed_inputs(small_only: bool = False, max_bytes: int | None = None) -> dict[str, bytes]:
+    """name -> bytes. `small_only` leaves out files over 300 kB (faster fuzzing), `max_bytes` over that."""
+    limit = max_bytes if max_bytes is not None else 300_000 if small_only else None
     seeds = dict(raster_variants())
     for path in [*shared_pngs(), *shared_dicoms(), *pydicom_files()]:
-        if small_only and path.stat().st_size > 300_000:
+        if limit is not None and path.stat().st_size > limit:
             continue
         seeds[path.name] = path.read_bytes()
     return seeds
 
 
-def write_corpus(directory: Path, small_only: bool = False) -> int:
+def write_corpus(directory: Path, small_only: bool = False, max_bytes: int | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
-    seeds = seed_inputs(small_only)
+    seeds = seed_inputs(small_only, max_bytes)
     for name, data in seeds.items():
         (directory / name).write_bytes(data)
     return len(seeds)

@@ -17,6 +17,7 @@ DECODER_REASONS = frozenset(
         "CONTENT_TYPE_MISMATCH",
         "IMAGE_FORMAT_NOT_ALLOWED",
         "IMAGE_TOO_SMALL",
+        "IMAGE_ASPECT_RATIO",
         "IMAGE_TOO_MANY_PIXELS",
         "IMAGE_CORRUPT",
         "DICOM_NO_PIXELS",

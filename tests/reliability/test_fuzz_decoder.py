@@ -30,6 +30,36 @@ def test_past_findings_are_refused_cleanly(path: Path):
         assert time.perf_counter() - started < 5
 
 
+# What each finding must decode to now: (reason, a fragment of the message that shows the cause was
+# recognised, not swallowed). Every file in fuzz/regressions/ has an entry.
+EXPECTED = {
+    "dicom-rle-rust-panic.dcm": ("IMAGE_CORRUPT", "PanicException"),
+    "dicom-rle-panic-backtrace-oom.dcm": ("IMAGE_CORRUPT", "PanicException"),
+    # pydicom read PixelData with a mutated VR of SQ and failed with AttributeError inside pixel_array
+    "dicom-pixeldata-vr-sq-attributeerror.dcm": ("IMAGE_CORRUPT", "PixelData has VR SQ"),
+    # encapsulated pixel data with no frame: pydicom's frame reader raised StopIteration
+    "dicom-encapsulated-no-frames-stopiteration.dcm": ("IMAGE_CORRUPT", "StopIteration"),
+    # NumberOfFrames (IS) with several values: our int() of a MultiValue raised TypeError
+    "dicom-multivalued-numberofframes-typeerror.dcm": ("IMAGE_CORRUPT", "NumberOfFrames has 3 values"),
+}
+
+
+def test_every_regression_has_an_expected_outcome():
+    assert sorted(EXPECTED) == sorted(p.name for p in REGRESSIONS)
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.name)
+def test_past_findings_are_refused_for_their_cause(path: Path):
+    from cxr_serving.errors import ImageRejectedError
+    from cxr_serving.images import decode_image
+
+    reason, fragment = EXPECTED[path.name]
+    with warnings.catch_warnings(), pytest.raises(ImageRejectedError) as err:
+        warnings.simplefilter("ignore")
+        decode_image(path.read_bytes())
+    assert (err.value.reason, fragment in err.value.message) == (reason, True), err.value.message
+
+
 @pytest.mark.slow
 def test_fuzz_decode_image_finds_nothing(tmp_path):
     result = run_fuzzer("decode_image", seconds=FUZZ_SECONDS, workdir=tmp_path, small_seeds=True)

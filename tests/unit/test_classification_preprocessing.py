@@ -13,11 +13,9 @@ from cxr_classification.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessSpec,
-    check_chest_shape,
     crop_center_square,
     preprocess,
 )
-from cxr_serving.errors import ImageRejectedError
 from cxr_serving.images import decode_image
 from tests.conftest import cxr14_images
 
@@ -59,14 +57,6 @@ def test_grayscale_single_channel_imagenet():
     out = preprocess(np.full((100, 100), 0.5, np.float32), PreprocessSpec(64, "squash", "imagenet", 1))
     assert out.shape == (1, 64, 64)
     assert float(out.mean()) == pytest.approx((0.5 - sum(IMAGENET_MEAN) / 3) / (sum(IMAGENET_STD) / 3), abs=1e-5)
-
-
-@pytest.mark.parametrize(("shape", "reason"), [((40, 400), "IMAGE_TOO_SMALL"), ((100, 500), "IMAGE_ASPECT_RATIO")])
-def test_non_chest_shapes_are_refused(shape, reason):
-    with pytest.raises(ImageRejectedError) as err:
-        check_chest_shape(np.zeros(shape, np.float32), PreprocessSpec(224, "center_crop", "imagenet", 3))
-    assert err.value.reason == reason
-    check_chest_shape(np.zeros((2000, 2500), np.float32), PreprocessSpec(224, "center_crop", "imagenet", 3))
 
 
 def test_resize_modes_on_a_landscape_image():

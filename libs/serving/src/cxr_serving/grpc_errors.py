@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from cxr_serving.errors import CxrError, ErrorKind
+from cxr_serving.logging_setup import correlation_id_var
+
+log = logging.getLogger("cxr.errors")
 
 ERROR_DOMAIN = "cxr.platform"
 
@@ -64,8 +69,12 @@ def status_for_exception(exc: BaseException, correlation_id: str = "") -> tuple[
 
 
 def rpc_status_from_error(exc: BaseException) -> status_pb2.Status:
-    """For per-item errors inside a batch response (google.rpc.Status field)."""
-    return status_for_exception(exc)[1]
+    """For per-item errors inside a batch response (google.rpc.Status field). An unknown exception is
+    logged at ERROR with the call's correlation id, as the interceptor does for a failed call."""
+    cid = correlation_id_var.get()
+    if not isinstance(exc, CxrError):
+        log.error("unhandled error in a batch item (correlation id %s)", cid, exc_info=exc)
+    return status_for_exception(exc, cid)[1]
 
 
 def trailing_metadata(status: status_pb2.Status) -> tuple[tuple[str, bytes | str], ...]:

@@ -1,8 +1,12 @@
 """One decoder for PNG (8/16-bit), JPEG and DICOM, with validation before any decode.
 
 Order of checks (each refusal is an `ImageRejectedError` with an actionable message):
-byte size -> magic bytes -> declared content type -> allowed formats -> declared pixel
-count (read from the header, before pixels are decoded) -> decode -> grayscale.
+byte size -> magic bytes -> declared content type -> allowed formats -> the input policy on the
+declared dimensions (minimum side, aspect ratio, pixel count; read from the header, before pixels
+are decoded) -> decode -> grayscale. Every image service applies this one policy.
+
+Only the exceptions each library documents for bad data become IMAGE_CORRUPT; anything else is a
+bug and propagates, so the caller sees INTERNAL (with a correlation id) and the fuzzer sees a crash.
 
 The result is a float32 grayscale array in [0, 1] where 1 is white as a radiologist sees
 it: DICOM goes through the modality LUT (rescale slope/intercept), then the VOI LUT or
@@ -13,8 +17,11 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,14 +50,21 @@ CONTENT_TYPES: dict[str, str] = {
 _FORMAT_ALIASES = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "dcm": "dcm", "dicom": "dcm"}
 
 
+# The input policy's defaults (security.min_image_side / max_image_aspect_ratio): no chest
+# radiograph is smaller than this on a side, or longer than this on one side than on the other.
+DEFAULT_MIN_IMAGE_SIDE = 64
+DEFAULT_MAX_ASPECT_RATIO = 4.0
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What the decoder accepts; built from `security` settings."""
+    """The input policy every image service applies; built from `security` settings."""
 
     allowed_formats: frozenset[str] = frozenset({"png", "jpeg", "dcm"})
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 50_000_000
-    min_side: int = 8
+    min_side: int = DEFAULT_MIN_IMAGE_SIDE
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
     anonymize_dicom: bool = False  # strip identifying DICOM attributes right after reading
 
     @classmethod
@@ -60,12 +74,16 @@ class DecodeLimits:
         max_image_size_mb: float,
         max_image_pixels: int,
         *,
+        min_image_side: int = DEFAULT_MIN_IMAGE_SIDE,
+        max_image_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
         anonymize_dicom: bool = False,
     ) -> DecodeLimits:
         return cls(
             allowed_formats=frozenset(_FORMAT_ALIASES[f.lower()] for f in allowed_image_formats),
             max_bytes=int(max_image_size_mb * 1024 * 1024),
             max_pixels=max_image_pixels,
+            min_side=min_image_side,
+            max_aspect_ratio=max_image_aspect_ratio,
             anonymize_dicom=anonymize_dicom,
         )
 
@@ -191,9 +209,19 @@ def validate_image_bytes(data: bytes, content_type: str, limits: DecodeLimits) -
 
 
 def _check_dimensions(width: int, height: int, frames: int, limits: DecodeLimits) -> None:
+    """The input policy on the declared size: minimum side, aspect ratio, pixel cap."""
     if width < limits.min_side or height < limits.min_side:
         raise ImageRejectedError(
-            f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels", reason="IMAGE_TOO_SMALL"
+            f"image is {width}x{height}; a chest radiograph needs at least {limits.min_side} pixels on each side "
+            "(security.min_image_side)",
+            reason="IMAGE_TOO_SMALL",
+        )
+    ratio = max(width, height) / max(min(width, height), 1)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageRejectedError(
+            f"image is {width}x{height} (aspect ratio {ratio:.1f}); chest radiographs are at most "
+            f"{limits.max_aspect_ratio:g}:1 (security.max_image_aspect_ratio)",
+            reason="IMAGE_ASPECT_RATIO",
         )
     if width * height * max(frames, 1) > limits.max_pixels:
         raise ImageRejectedError(
@@ -203,41 +231,94 @@ def _check_dimensions(width: int, height: int, frames: int, limits: DecodeLimits
         )
 
 
+# What Pillow raises for bad data, and only that: UnidentifiedImageError (an OSError) when no
+# plugin accepts the bytes; OSError for truncated or undecodable pixel data ("image file is
+# truncated", "broken data stream", a codec's error code); SyntaxError when a plugin meets a broken
+# chunk or marker (PNG CRC, bad JPEG marker) while loading; EOFError when a PNG's chunks end early;
+# ValueError for PNG text/profile chunks that decompress too large and for out-of-range tile extents.
+_PIL_DATA_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, EOFError, ValueError)
+
+
+def _dicom_data_errors() -> tuple[type[Exception], ...]:
+    """What pydicom and its pixel plugins raise for bad data, and only that:
+    - InvalidDicomError: no DICM, a broken preamble or file meta group;
+    - EOFError, OSError ("No tag to read at file position"), struct.error: an element runs past the end;
+    - BytesLengthException: a binary value's length is not a multiple of its VR's size;
+    - ValueError: value conversion (IS/DS/UI text, binary values of the wrong length) and the pixel
+      handlers (pixel data length not matching Rows x Columns x frames, BitsAllocated or
+      PixelRepresentation out of range, a LUT that does not fit);
+    - NotImplementedError: a transfer syntax or photometric interpretation no installed plugin decodes;
+    - RuntimeError: every plugin failed on a compressed frame (openjpeg/libjpeg/RLE codec errors);
+    - zlib.error: deflated transfer syntaxes."""
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    return (
+        InvalidDicomError,
+        BytesLengthException,
+        EOFError,
+        OSError,
+        struct.error,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+        zlib.error,
+    )
+
+
+def _corrupt(fmt: str, exc: BaseException) -> ImageRejectedError:
+    return ImageRejectedError(
+        f"{fmt.upper()} could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", reason="IMAGE_CORRUPT"
+    )
+
+
+def _is_rust_panic(exc: BaseException) -> bool:
+    """pyo3 decoders (pylibjpeg-rle) raise pyo3_runtime.PanicException, a BaseException, on some corrupt frames."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+@contextmanager
+def _bad_data(fmt: str, errors: tuple[type[Exception], ...]) -> Iterator[None]:
+    """Inside: the library's own bad-data exceptions become IMAGE_CORRUPT; anything else propagates."""
+    try:
+        yield
+    except ImageRejectedError:
+        raise
+    except errors as exc:
+        raise _corrupt(fmt, exc) from None
+    except BaseException as exc:
+        if _is_rust_panic(exc):
+            raise _corrupt(fmt, exc) from None
+        raise
+
+
 def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | None = None) -> DecodedImage:
-    """Validate and decode one image. Raises ImageRejectedError for anything unusable."""
+    """Validate and decode one image. Raises ImageRejectedError for anything unusable; any other
+    exception is a defect (ours, or a library failing in an undocumented way) and propagates."""
     limits = limits or DecodeLimits()
     fmt = validate_image_bytes(data, content_type, limits)
     try:
         decoded = _decode_dicom(data, limits) if fmt == "dcm" else _decode_raster(data, fmt, limits)
-        shape = decoded.pixels.shape
-        if len(shape) != 2 or min(shape) < limits.min_side:  # header and pixel data disagree
-            raise ImageRejectedError(
-                f"{fmt.upper()} pixel data has shape {shape}, not a single grayscale frame of at least "
-                f"{limits.min_side}x{limits.min_side} (check Rows/Columns/SamplesPerPixel/BitsAllocated)",
-                reason="IMAGE_CORRUPT",
-            )
-        if not np.isfinite(decoded.pixels).all():  # e.g. DICOM WindowWidth or RescaleSlope of NaN
-            raise ImageRejectedError(
-                f"{fmt.upper()} decodes to non-finite pixel values: check RescaleSlope/RescaleIntercept and "
-                "WindowCenter/WindowWidth",
-                reason="IMAGE_CORRUPT",
-            )
-        return decoded
-    except ImageRejectedError:
-        raise
-    except (MemoryError, PILImage.DecompressionBombError):
+    except (MemoryError, PILImage.DecompressionBombError):  # a hostile header the pixel cap did not catch
         raise ImageRejectedError("image is too large to decode", reason="IMAGE_TOO_MANY_PIXELS") from None
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # any decoder failure on hostile bytes is the caller's input problem; Rust
-        # decoders (pylibjpeg-rle, via pyo3) raise PanicException, a BaseException, on some corrupt frames
+    shape = decoded.pixels.shape
+    if len(shape) != 2 or min(shape) < limits.min_side:  # header and pixel data disagree
         raise ImageRejectedError(
-            f"{fmt.upper()} could not be decoded ({type(exc).__name__}: {str(exc)[:200]})", reason="IMAGE_CORRUPT"
-        ) from None
+            f"{fmt.upper()} pixel data has shape {shape}, not a single grayscale frame of at least "
+            f"{limits.min_side}x{limits.min_side} (check Rows/Columns/SamplesPerPixel/BitsAllocated)",
+            reason="IMAGE_CORRUPT",
+        )
+    _check_dimensions(shape[1], shape[0], 1, limits)
+    if not np.isfinite(decoded.pixels).all():  # e.g. DICOM WindowWidth or RescaleSlope of NaN
+        raise ImageRejectedError(
+            f"{fmt.upper()} decodes to non-finite pixel values: check RescaleSlope/RescaleIntercept and "
+            "WindowCenter/WindowWidth",
+            reason="IMAGE_CORRUPT",
+        )
+    return decoded
 
 
 def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _bad_data(fmt, _PIL_DATA_ERRORS):
         warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
         img = PILImage.open(io.BytesIO(data))
         _check_dimensions(img.width, img.height, getattr(img, "n_frames", 1), limits)
@@ -326,47 +407,118 @@ def _first(value: Any) -> float:
     return float(value)
 
 
+# Elements pydicom's pixel decoding needs; it raises AttributeError when one is absent, which we do
+# not catch (an AttributeError is far more often a bug), so their presence is checked first.
+_REQUIRED_PIXEL_ELEMENTS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+_REQUIRED_INTEGER_PIXEL_ELEMENTS = ("BitsStored", "PixelRepresentation")
+
+
+def _is_multi(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _header_int(ds: Any, keyword: str, default: int) -> int:
+    """A single-valued integer element (US/IS); absent or empty gives `default`, several values are corrupt."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if _is_multi(value):
+        raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
+    return int(value)
+
+
+def _header_str(ds: Any, keyword: str, default: str) -> str:
+    """A single-valued code string (CS); several values are corrupt."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if _is_multi(value):
+        raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
+    return str(value)
+
+
+def _check_required_elements(ds: Any) -> None:
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
+            raise ImageRejectedError(
+                f"DICOM {keyword} has VR {ds[keyword].VR}, not binary pixel data", reason="IMAGE_CORRUPT"
+            )
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        raise ImageRejectedError("DICOM file meta has no TransferSyntaxUID (0002,0010)", reason="IMAGE_CORRUPT")
+    required = list(_REQUIRED_PIXEL_ELEMENTS)
+    if "PixelData" in ds:
+        required += _REQUIRED_INTEGER_PIXEL_ELEMENTS
+    if _header_int(ds, "SamplesPerPixel", 1) > 1:
+        required.append("PlanarConfiguration")
+    missing = [kw for kw in required if ds.get(kw) is None]
+    if missing:
+        raise ImageRejectedError(
+            f"DICOM lacks the image pixel element(s) {missing} needed to decode its pixel data", reason="IMAGE_CORRUPT"
+        )
+
+
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
 
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if limits.anonymize_dicom:
-        anonymize_dataset(ds)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ImageRejectedError(
-            "DICOM has no pixel data (is it a structured report or a presentation state?)", reason="DICOM_NO_PIXELS"
-        )
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_dimensions(cols, rows, frames, limits)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
-    arr = ds.pixel_array
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    data_errors = _dicom_data_errors()
+    with _bad_data("dcm", data_errors):  # reading, header values, pixel decoding and LUTs: pydicom's work
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if limits.anonymize_dicom:
+            anonymize_dataset(ds)
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise ImageRejectedError(
+                "DICOM has no pixel data (is it a structured report or a presentation state?)",
+                reason="DICOM_NO_PIXELS",
+            )
+        rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+        frames = _header_int(ds, "NumberOfFrames", 1)
+        _check_dimensions(cols, rows, frames, limits)
+        _check_required_elements(ds)
+        photometric = _header_str(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
+        bits_stored = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 8) or 8
+        samples = _header_int(ds, "SamplesPerPixel", 1)
+        spacing, source, factor = _dicom_spacing(ds)
+    # pydicom's encapsulated-frame reader calls next() on its frame generator, so encapsulated pixel
+    # data with fewer frames (fragments) than declared surfaces as StopIteration, from this call only.
+    with _bad_data("dcm", (*data_errors, StopIteration)):
+        arr = ds.pixel_array
     if arr.ndim == (4 if samples > 1 else 3):  # several frames (declared, or extra bytes pydicom read as frames)
         arr = arr[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if arr.ndim == 3:  # RGB / YBR (pydicom converts YBR to RGB by default) -> luma
             arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         pixels = arr.astype(np.float32) / float(2**bits_stored - 1)
-        spacing, source, factor = _dicom_spacing(ds)
         return DecodedImage(np.clip(pixels, 0, 1), "dcm", bits_stored, spacing, photometric, ds, source, factor)
     if arr.ndim != 2:
         raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
-    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    with _bad_data("dcm", data_errors):
+        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     if values is arr or np.shares_memory(values, arr):
         values = values.copy()  # the steps below work in place
     if not np.isfinite(values.min()) or not np.isfinite(values.max()):
         raise ImageRejectedError("DICOM RescaleSlope/RescaleIntercept give non-finite values", reason="IMAGE_CORRUPT")
-    if "VOILUTSequence" in ds:
-        lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
-        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or bits_stored
+    with _bad_data("dcm", data_errors):  # the VOI attributes, as pydicom converts them
+        voi_lut = "VOILUTSequence" in ds
+        if voi_lut:
+            lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
+            descriptor = ds.VOILUTSequence[0].get("LUTDescriptor")
+            if not _is_multi(descriptor) or len(descriptor) != 3:
+                raise ImageRejectedError("DICOM VOI LUT Descriptor must have 3 values", reason="IMAGE_CORRUPT")
+            lut_bits = int(descriptor[2]) or bits_stored
+        window = None
+        if not voi_lut and "WindowCenter" in ds and "WindowWidth" in ds:
+            window = (
+                _first(ds.WindowCenter),
+                _first(ds.WindowWidth),
+                _header_str(ds, "VOILUTFunction", "LINEAR").upper(),
+            )
+        unsigned_raw = _header_int(ds, "PixelRepresentation", 0) == 0 and "RescaleSlope" not in ds
+    if voi_lut:
         pixels = np.asarray(lut_out, dtype=np.float32) / float(2**lut_bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        pixels = _window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
-    elif int(ds.get("PixelRepresentation", 0)) == 0 and "RescaleSlope" not in ds:
+    elif window is not None:
+        pixels = _window(values, *window)
+    elif unsigned_raw:
         pixels = values
         pixels /= float(2**bits_stored - 1)
     else:  # signed or rescaled without a window: use the data's own range
@@ -380,7 +532,6 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     np.clip(pixels, 0.0, 1.0, out=pixels)
     if photometric == "MONOCHROME1":
         np.subtract(1.0, pixels, out=pixels)
-    spacing, source, factor = _dicom_spacing(ds)
     return DecodedImage(pixels, "dcm", bits_stored, spacing, photometric, ds, source, factor)
 
 
@@ -395,10 +546,15 @@ class DecodePool:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodePool:
-        """`security`'s image limits, `server_config.num_workers` threads."""
+        """`security`'s input policy, `server_config.num_workers` threads."""
         sec = settings.security
         limits = DecodeLimits.from_settings(
-            sec.allowed_image_formats, sec.max_image_size_mb, sec.max_image_pixels, anonymize_dicom=sec.anonymize_dicom
+            sec.allowed_image_formats,
+            sec.max_image_size_mb,
+            sec.max_image_pixels,
+            min_image_side=sec.min_image_side,
+            max_image_aspect_ratio=sec.max_image_aspect_ratio,
+            anonymize_dicom=sec.anonymize_dicom,
         )
         return cls(limits, settings.server_config.num_workers)
 

@@ -341,8 +341,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
         async def fail(context: Ctx, exc: Exception, cid: str) -> None:
             code, status = status_for_exception(exc, cid)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("unhandled error in %s", method)
+            if code is grpc.StatusCode.INTERNAL:  # the id in the line itself, whatever the log format
+                log.exception("unhandled error in %s (correlation id %s)", method, cid)
             md = (*trailing_metadata(status), (CORRELATION_HEADER, cid))
             await context.abort(code, status.message, trailing_metadata=md)
 

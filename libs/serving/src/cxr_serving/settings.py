@@ -243,6 +243,10 @@ class SecurityConfig(_Strict):
     allowed_image_formats: list[ImageFormat] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
     max_image_size_mb: float = Field(50, gt=0)
     max_image_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap (width*height*frames)")
+    min_image_side: int = Field(64, ge=8, description="smaller images are refused (IMAGE_TOO_SMALL) by every service")
+    max_image_aspect_ratio: float = Field(
+        4.0, ge=1.0, allow_inf_nan=False, description="longer/shorter side above this is refused (IMAGE_ASPECT_RATIO)"
+    )
     allowed_ips: list[str] = Field(
         default_factory=list,
         description="CIDR blocks callers may connect from (empty: any); others get PERMISSION_DENIED "

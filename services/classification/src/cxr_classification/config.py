@@ -96,8 +96,6 @@ class ClassifierConfig(BaseModel):
         description="one threshold, or one per label; a label without an operating point in a checkpoint that "
         "has them (xrv) is never positive unless named here",
     )
-    min_image_side: int = Field(64, ge=8, description="smaller images are refused (not a chest radiograph)")
-    max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer/shorter side above this is refused")
 
     @field_validator("thresholds")
     @classmethod

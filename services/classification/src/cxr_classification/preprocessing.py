@@ -1,10 +1,11 @@
 """From a decoded radiograph to a model input tensor, in named steps:
 
-    decoded grayscale [0, 1] -> check_chest_shape -> crop_center_square (or not)
+    decoded grayscale [0, 1] -> crop_center_square (or not)
     -> resize_bilinear -> normalize_imagenet | normalize_xrv -> C x S x S float32 tensor
 
 The decoder (cxr_serving.images) already did bytes -> grayscale in [0, 1] with DICOM
-LUTs and MONOCHROME1 inversion. Conventions per checkpoint family:
+LUTs and MONOCHROME1 inversion, and applied the input policy (minimum side, aspect ratio).
+Conventions per checkpoint family:
 - ImageNet (CheXNet, timm): 3 identical channels, each normalised with ImageNet mean/std;
 - torchxrayvision: 1 channel scaled to [-1024, 1024] (`xrv.utils.normalize(img, 255)`),
   centre-cropped to a square (`XRayCenterCrop`) and resized.
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 
 from cxr_classification.config import ClassifierConfig
-from cxr_serving.errors import ImageRejectedError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,8 +33,6 @@ class PreprocessSpec:
     resize: str  # "center_crop" | "squash"
     normalization: str  # "imagenet" | "xrv"
     in_chans: int
-    min_image_side: int = 64
-    max_aspect_ratio: float = 4.0
 
     @classmethod
     def from_config(cls, cfg: ClassifierConfig) -> PreprocessSpec:
@@ -43,24 +41,6 @@ class PreprocessSpec:
             cfg.resize,
             str(cfg.normalization),
             int(cfg.in_chans or 3),
-            cfg.min_image_side,
-            cfg.max_aspect_ratio,
-        )
-
-
-def check_chest_shape(pixels: np.ndarray, spec: PreprocessSpec) -> None:
-    """Refuse images no chest radiograph has: tiny, or a strip."""
-    h, w = pixels.shape[:2]
-    if min(h, w) < spec.min_image_side:
-        raise ImageRejectedError(
-            f"image is {w}x{h}; a chest radiograph needs at least {spec.min_image_side} pixels on each side",
-            reason="IMAGE_TOO_SMALL",
-        )
-    ratio = max(h, w) / min(h, w)
-    if ratio > spec.max_aspect_ratio:
-        raise ImageRejectedError(
-            f"image is {w}x{h} (aspect ratio {ratio:.1f}); chest radiographs are at most {spec.max_aspect_ratio:g}:1",
-            reason="IMAGE_ASPECT_RATIO",
         )
 
 
@@ -99,7 +79,6 @@ def normalize_xrv(image: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """Decoded grayscale pixels in [0, 1] (H x W) -> the model's C x S x S float32 input."""
-    check_chest_shape(pixels, spec)
     if spec.resize == "center_crop":
         pixels = crop_center_square(pixels)
     image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
