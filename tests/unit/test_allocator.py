@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not allocator.libc_is_glibc(), reason="the heap 
 # activations are 9-38 MB each). Page faults are counted per forward after two warm-up forwards.
 # The steady state is the median forward: in about 1 run in 10 the first measured forward still
 # grows the heap by one activation (9 216 pages, once; kept like the rest from then on), so the
-# warm-up is not always complete after two forwards. glibc's defaults fault every forward's
-# activations in again (~37 000 pages each).
+# warm-up is not always complete after two forwards. glibc's defaults fault the activations in again,
+# every forward on some hosts and in bursts on others.
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys, threading
@@ -62,7 +62,9 @@ def _faults_per_forward(pad_mb: int) -> list[int]:
 def test_forward_memory_is_reused_instead_of_faulted_back() -> None:
     untouched = _faults_per_forward(0)
     kept = _faults_per_forward(256)
-    assert statistics.median(untouched) > PAGES_PER_FORWARD // 2, f"glibc's defaults fault them back: {untouched}"
+    # glibc's defaults fault activations back in again and again: on some hosts every forward, on others
+    # (a dynamic mmap threshold) in bursts; either way more than two forwards' worth over the ten
+    assert sum(untouched) > 2 * PAGES_PER_FORWARD, f"glibc's defaults fault them back: {untouched}"
     assert statistics.median(kept) < PAGES_PER_FORWARD // 100, f"with the heap kept, faults per forward: {kept}"
     # at most one activation's worth grown across the ten forwards, against ~2 forwards' worth every forward
     assert sum(kept) < PAGES_PER_FORWARD, f"with the heap kept, faults per forward: {kept}"
