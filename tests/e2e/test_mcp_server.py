@@ -31,7 +31,6 @@ TOOLS = {
     "answer_question",
     "analyze_study",
     "list_models",
-    "unload_model",
 }
 
 
@@ -44,7 +43,7 @@ def stack():
 async def http_mcp(stack):
     """Our MCP server on streamable HTTP (uvicorn, real socket), yields its URL."""
     port = free_port()
-    app = build_server(stack.config()).streamable_http_app()
+    app = build_server(stack.config(), admin_tools=True).streamable_http_app()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:
@@ -129,10 +128,14 @@ async def test_unload_model_then_reload(stack):
 
 async def test_stdio_transport(stack):
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "cxr_client.mcp.server"], env=stack.env() | {"PYTHONUNBUFFERED": "1"}
+        command=sys.executable,
+        args=["-m", "cxr_client.mcp.server"],
+        # PYTHONPATH passes through so the subprocess imports the code under test, as the tests' own import does
+        env=stack.env() | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     )
     async with Client(params) as client:
-        assert {t.name for t in (await client.list_tools()).tools} >= TOOLS
+        tools = {t.name for t in (await client.list_tools()).tools}
+        assert tools >= TOOLS and "unload_model" not in tools  # admin tools are opt-in, admin key or not
         res = await client.call_tool("classify_binary", {"image_path": str(cxr14_images(1)[0])})
         data = structured(res)
         assert data["models"][0]["model"] == "binary_classifier"
@@ -150,6 +153,7 @@ async def test_streamable_http_console_script(stack):
         "streamable-http",
         "--port",
         str(port),
+        "--enable-admin-tools",
         env={**os.environ, **stack.env()},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
@@ -164,6 +168,7 @@ async def test_streamable_http_console_script(stack):
             except OSError:
                 await asyncio.sleep(0.1)
         async with Client(url) as client:
+            assert "unload_model" in {t.name for t in (await client.list_tools()).tools}
             res = structured(await client.call_tool("list_models", {"service": "segmentation"}))
             assert res["segmentation"][0]["name"] == "segmentation"
     finally:

@@ -259,7 +259,7 @@ async def test_mcp_tools_send_the_right_key():
     img = str(cxr14_images(1)[0])
     async with recording_server() as (target, rec):
         cfg = ClientConfig(endpoint=target, api_key=INFERENCE_KEY, admin_api_key=ADMIN_KEY, retries=False)
-        async with Client(build_server(cfg)) as mcp:
+        async with Client(build_server(cfg, admin_tools=True)) as mcp:
             tools = {t.name for t in (await mcp.list_tools()).tools}
             assert tools >= set(MCP_INFERENCE) | {"unload_model"}
             for tool, args in MCP_INFERENCE.items():
@@ -275,9 +275,47 @@ async def test_mcp_tools_send_the_right_key():
 async def test_mcp_admin_tool_without_admin_key_says_so_and_sends_nothing():
     async with recording_server() as (target, rec):
         cfg = ClientConfig(endpoint=target, api_key=INFERENCE_KEY, retries=False)
-        async with Client(build_server(cfg)) as mcp:
+        async with Client(build_server(cfg, admin_tools=True)) as mcp:
             res = await mcp.call_tool("unload_model", {"service": "segmentation", "model_name": "segmentation"})
         assert res.is_error
         text = res.content[0].text
         assert "ADMIN_KEY_NOT_CONFIGURED" in text and "UnloadModel is an admin call" in text
         assert rec.take() == []
+
+
+async def test_mcp_admin_tools_are_opt_in_even_with_an_admin_key(monkeypatch):
+    """An agent can be prompt-injected through the text it reads: without the opt-in, unload_model is not
+    listed and cannot be called, even though the MCP server holds an admin key."""
+    async with recording_server() as (target, rec):
+        cfg = ClientConfig(endpoint=target, api_key=INFERENCE_KEY, admin_api_key=ADMIN_KEY, retries=False)
+        for env, expect in ((None, False), ("0", False), ("1", True), ("true", True)):
+            if env is None:
+                monkeypatch.delenv("CXR_MCP_ADMIN_TOOLS", raising=False)
+            else:
+                monkeypatch.setenv("CXR_MCP_ADMIN_TOOLS", env)
+            async with Client(build_server(cfg)) as mcp:
+                tools = {t.name for t in (await mcp.list_tools()).tools}
+                assert tools >= set(MCP_INFERENCE), env
+                assert ("unload_model" in tools) is expect, env
+                res = await mcp.call_tool("unload_model", {"service": "segmentation", "model_name": "segmentation"})
+                assert res.is_error
+                if expect:
+                    assert "UNIMPLEMENTED" in res.content[0].text  # reached the server with the admin key
+                    assert_keys(rec.take(), admin=True, what=f"unload_model CXR_MCP_ADMIN_TOOLS={env}")
+                else:
+                    assert "unload_model" in res.content[0].text and rec.take() == []  # unknown tool, nothing sent
+        monkeypatch.setenv("CXR_MCP_ADMIN_TOOLS", "1")
+        async with Client(build_server(cfg, admin_tools=False)) as mcp:  # the explicit argument wins
+            assert "unload_model" not in {t.name for t in (await mcp.list_tools()).tools}
+        monkeypatch.setenv("CXR_MCP_ADMIN_TOOLS", "maybe")
+        with pytest.raises(ValueError, match="CXR_MCP_ADMIN_TOOLS='maybe'"):
+            build_server(cfg)
+
+
+def test_mcp_console_script_refuses_an_unknown_admin_tools_value(monkeypatch, capsys):
+    from cxr_client.mcp.server import main as mcp_main
+
+    monkeypatch.setenv("CXR_MCP_ADMIN_TOOLS", "enabled")
+    with pytest.raises(SystemExit) as exc:
+        mcp_main([])
+    assert exc.value.code == 2 and "CXR_MCP_ADMIN_TOOLS='enabled'" in capsys.readouterr().err

@@ -3,92 +3,143 @@ accepted and then ignored)."""
 
 from __future__ import annotations
 
-import ast
 import json
-import re
-import typing
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from cxr_serving.errors import ConfigError
 from cxr_serving.settings import Settings, load_settings
+from tests.support.settings_reads import Schema, schema_keys, unread_keys
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE_DIRS = [REPO / "libs", REPO / "services", REPO / "gateway"]
-SETTINGS_PY = REPO / "libs/serving/src/cxr_serving/settings.py"
 
 
-def _models_in(annotation: typing.Any) -> Iterator[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    for arg in typing.get_args(annotation):
-        yield from _models_in(arg)
+SERVING = REPO / "libs/serving/src/cxr_serving"
+CLS = REPO / "services/classification/src/cxr_classification"
+SEG = REPO / "services/segmentation/src/cxr_segmentation"
+RAG = REPO / "services/rag/src/cxr_rag"
+# The code that runs the services: the client (libs/client) reads its own config, never these settings.
+SERVER_SCOPE = (REPO / "libs/serving/src", REPO / "services", REPO / "gateway/src")
 
 
-def settings_keys(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted path, field name) of every field of every nested model, recursively."""
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
-        yield path, name
-        for sub in _models_in(field.annotation):
-            yield from settings_keys(sub, f"{path}.")
+def all_schemas() -> list[Schema]:
+    """Settings, and each service's schema of its `models.<name>` section (validated by model_section)."""
+    from cxr_classification.config import BinaryClassifierConfig, ClassifierConfig, MultiLabelClassifierConfig
+    from cxr_rag.config import RagConfig
+    from cxr_segmentation.config import SegmentationConfig
 
-
-def _source_text() -> str:
-    files = [
-        p
-        for d in SOURCE_DIRS
-        for p in d.rglob("*.py")
-        if p != SETTINGS_PY and "_pb2" not in p.name and "/tests/" not in str(p)
+    cls = [
+        Schema(m, "models.<classifier>.", (CLS,))
+        for m in (ClassifierConfig, BinaryClassifierConfig, MultiLabelClassifierConfig)
     ]
-    assert len(files) > 50, "source tree not found"
-    return "\n".join(p.read_text(encoding="utf-8") for p in files)
+    return [
+        Schema(Settings, "", SERVER_SCOPE),
+        *cls,
+        Schema(SegmentationConfig, "models.segmentation.", (SEG,)),
+        Schema(RagConfig, "models.rag.", (RAG,)),
+    ]
 
 
-def _read_through_methods(source: str) -> set[str]:
-    """Fields read by a settings method (`self.<field>`) that code outside settings.py calls."""
-    read: set[str] = set()
-    for node in ast.walk(ast.parse(SETTINGS_PY.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.FunctionDef) and re.search(rf"\.{node.name}\(", source):
-            read |= {
-                n.attr
-                for n in ast.walk(node)
-                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
-            }
-    return read
+# Names that unrelated objects share: each such key counts as read only on the receiver named here, in the
+# file named here (the code that consumes that section), never on any same-named attribute elsewhere.
+GENERIC = {
+    *("enabled", "device", "host", "port", "name", "model", "mode", "labels", "classes", "threshold", "seed"),
+    *("models", "services"),
+}
+READERS: dict[str, list[tuple[Path, str, str]]] = {
+    "models": [(SERVING / "settings.py", "self", "model_section")],  # each service's section, by its schema
+    "services": [(SERVING / "settings.py", "self", "endpoint")],  # the server's own endpoint
+    "services.host": [(SERVING / "server.py", "ep", "")],  # ep = settings.endpoint(binding.name)
+    "services.port": [(SERVING / "server.py", "ep", "")],
+    "server_config.device": [
+        (CLS / "service.py", "settings.server_config", ""),
+        (SEG / "service.py", "settings.server_config", ""),
+    ],
+    "security.tls.enabled": [(SERVING / "server.py", "tls", "")],  # tls = settings.security.tls
+    "models.<classifier>.enabled": [(CLS / "service.py", "model.cfg", "")],  # required at start or not
+    "models.<classifier>.labels": [(CLS / "config.py", "self", "output_labels")],  # the model's output labels
+    "models.<classifier>.seed": [(CLS / "model.py", "cfg", "")],  # cfg = self.cfg, the ClassifierConfig
+    "models.segmentation.enabled": [(SEG / "service.py", "cfg", "")],  # cfg = the SegmentationConfig
+    "models.segmentation.name": [(SEG / "service.py", "cfg", "")],
+    "models.segmentation.classes": [(SEG / "model.py", "cfg", "")],
+    "models.segmentation.seed": [(SEG / "model.py", "self.cfg", "")],
+    "models.segmentation.threshold": [(SEG / "servicer.py", "model.cfg", "")],
+    "models.rag.enabled": [(RAG / "service.py", "cfg", "")],  # cfg = rag_config(settings)
+    "models.rag.llm.mode": [(RAG / "runtime.py", "cfg.llm", "")],
+    "models.rag.llm.model": [(RAG / "config.py", "self.llm", "llm_model")],
+}
 
 
 def test_every_settings_key_is_read_by_some_code() -> None:
-    source = _source_text()
-    via_methods = _read_through_methods(source)
-    keys = list(settings_keys())
-    assert len(keys) > 60 and ("security.tls.cert_file", "cert_file") in keys  # the walk reached nested models
-    unread = [
-        path
-        for path, name in keys
-        if name not in via_methods and not re.search(rf"\.{name}\b|[\"']{name}[\"']", source)
-    ]
-    assert unread == [], f"settings keys no code reads (give each an effect or refuse it in settings.py): {unread}"
+    schemas = all_schemas()
+    paths = [p for s in schemas for p, _, _ in schema_keys(s.model, s.prefix)]
+    assert len(paths) > 120 and "security.tls.cert_file" in paths and "models.rag.llm.base_url" in paths
+    unread = sorted(set(unread_keys(schemas, READERS, GENERIC)))
+    assert unread == [], f"settings keys no code reads (give each an effect or refuse it at validation): {unread}"
+
+
+def test_the_key_checker_reports_keys_read_only_in_docstrings_comments_or_on_other_receivers(tmp_path: Path) -> None:
+    """The checker itself can fail: synthetic schema and code, one key per way of seeming read."""
+    from pydantic import BaseModel
+
+    class Inner(BaseModel):
+        port: int = 0  # generic: read only on some other object
+        retries: int = 0  # read for real through a subscript key
+
+    class Toy(BaseModel):
+        never_read: int = 0
+        docstring_only: int = 0
+        comment_only: int = 0
+        string_only: int = 0
+        read: int = 0
+        via_get: int = 0
+        inner: Inner = Inner()
+
+    pkg = tmp_path / "toy"
+    pkg.mkdir()
+    (pkg / "app.py").write_text(
+        '''"""Uses cfg.docstring_only and cfg.never_read, but only in this docstring."""
+
+
+def run(cfg, raw, other):
+    """Reads .docstring_only? No: a docstring."""
+    # cfg.comment_only would go here
+    label = "string_only"
+    return cfg.read, raw.get("via_get"), raw["retries"], other.port, label
+''',
+        encoding="utf-8",
+    )
+    schema = Schema(Toy, "toy.", (pkg,))
+    unread = unread_keys([schema], {}, {"port"})
+    expected = ["comment_only", "docstring_only", "inner", "inner.port", "never_read", "string_only"]
+    assert sorted(unread) == [f"toy.{k}" for k in expected]  # read, via_get and inner.retries are read
+    (pkg / "server.py").write_text("def serve(settings):\n    return settings.inner.port\n", encoding="utf-8")
+    readers = {"toy.inner.port": [(pkg / "server.py", "settings.inner", "")]}
+    assert "toy.inner.port" not in unread_keys([schema], readers, {"port"})  # read on the named receiver
+    assert "toy.inner.port" in unread_keys([schema], {"toy.inner.port": [(pkg / "server.py", "other", "")]}, {"port"})
 
 
 @pytest.mark.parametrize(
-    ("section", "key", "harmless", "refused", "why"),
+    ("section", "key", "why"),
     [
-        ("server_config", "cache_models", True, False, "stays loaded"),
-        ("performance", "optimize_memory", True, False, "handed back"),
-        ("monitoring", "enable_timing", True, False, "always measured"),
-        ("monitoring", "metrics_file", None, "/var/log/cxr-agent/metrics.json", "Prometheus endpoint"),
+        ("server_config", "cache_models", "stays loaded"),
+        ("performance", "optimize_memory", "handed back"),
+        ("monitoring", "enable_timing", "always measured"),
+        ("monitoring", "metrics_file", "Prometheus endpoint"),
     ],
 )
-def test_seed_keys_without_use_accept_only_their_harmless_value(section, key, harmless, refused, why) -> None:
-    accepted = Settings.model_validate({section: {key: harmless}})
-    assert key not in accepted.model_dump()[section]  # dropped: nothing pretends to act on it
-    with pytest.raises(ConfigError) as err:
-        load_settings(None, environ={f"CXR_{section.upper()}__{key.upper()}": str(refused).lower()})
-    assert f"{section}.{key} is not supported" in str(err.value) and why in str(err.value)
+def test_seed_keys_without_use_are_refused_whatever_their_value(section, key, why) -> None:
+    for value in (True, False, None, "/var/log/cxr-agent/metrics.json"):
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, environ={f"CXR_{section.upper()}__{key.upper()}": json.dumps(value)})
+        assert f"{section}.{key} is not supported" in str(err.value) and why in str(err.value)
+        assert "Remove the key" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["local.json", "production.json"])
+def test_shipped_configs_load(name: str) -> None:
+    load_settings(REPO / "config" / name, environ={})
 
 
 def test_service_side_rate_limiting_is_refused_as_the_gateways_job() -> None:

@@ -35,53 +35,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-_ABSENT = object()
-
-# Keys of the seed's production.json that the services have no use for. Each is accepted only with the
-# value that describes what the services do anyway (and then dropped), and refused with its reason
-# otherwise: no key is accepted and then ignored.
-_SEED_ONLY_KEYS: dict[tuple[str, str], tuple[Any, str]] = {
+# Keys of the seed's production.json that the services have no use for: each is refused, whatever its
+# value, with the reason, so no key is accepted and then ignored.
+_SEED_ONLY_KEYS: dict[tuple[str, str], str] = {
     ("server_config", "cache_models"): (
-        True,
-        "a model stays loaded in memory from its load to UnloadModel; the services cannot serve a model "
-        "they do not keep loaded, so only true is accepted",
+        "a model always stays loaded in memory from its load to UnloadModel (the services cannot serve a "
+        "model they do not keep loaded). Remove the key"
     ),
     ("performance", "optimize_memory"): (
-        True,
         "memory is always handed back after warm-up and on unload (the GPU allocator's cache is emptied); "
-        "tune performance.cpu_heap_pad_mb instead. Only true is accepted",
+        "tune performance.cpu_heap_pad_mb instead. Remove the key"
     ),
     ("monitoring", "enable_timing"): (
-        True,
         "latency is always measured (cxr_grpc_request_duration_seconds, cxr_inference_duration_seconds and "
-        "the access log's ms); only true is accepted",
+        "the access log's ms). Remove the key"
     ),
     ("monitoring", "metrics_file"): (
-        None,
         "metrics are served on the Prometheus endpoint (services.<name>.metrics_port) for scraping; no "
-        "metrics file is written, so only null is accepted",
+        "metrics file is written. Remove the key"
     ),
     ("security", "rate_limiting"): (
-        _ABSENT,
         "rate limiting is the gateway's job (Kong's rate-limiting plugin in gateway/kong.yml: per consumer, "
         "across every replica); a bucket in each service replica would allow replicas x the limit. Remove "
-        "the key",
+        "the key"
     ),
 }
 
 
 def _drop_seed_only_keys(section: str, data: Any) -> Any:
-    """Accept a seed-only key with its harmless value (dropped), refuse any other value with the reason."""
+    """Refuse a seed-only key, whatever its value, with the reason the services have no use for it."""
     if not isinstance(data, dict):
         return data
-    out = dict(data)
-    for (sec, key), (harmless, why) in _SEED_ONLY_KEYS.items():
-        if sec != section or key not in out:
-            continue
-        value = out.pop(key)
-        if harmless is _ABSENT or value != harmless or type(value) is not type(harmless):
+    for (sec, key), why in _SEED_ONLY_KEYS.items():
+        if sec == section and key in data:
             raise ValueError(f"{sec}.{key} is not supported: {why}")
-    return out
+    return data
 
 
 def _cidrs(values: list[str]) -> list[str]:

@@ -2,8 +2,10 @@
 
 Built on the MCP Python SDK v2 (`mcp.server.mcpserver.MCPServer`, v1's FastMCP). Every tool calls
 the services through `cxr_client.AsyncCxrClient`, so the server is configured like the CLI
-(CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*); only the admin
-tool `unload_model` sends the admin key, and it refuses to run without one. Images come as a file path
+(CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*). The admin tool
+`unload_model` exists only when opted in (`--enable-admin-tools` or CXR_MCP_ADMIN_TOOLS=1), because an
+agent reads untrusted text (RAG passages) that could talk it into admin actions; it alone sends the
+admin key, and refuses to run without one. Images come as a file path
 readable by this server or as base64 text. Service errors come back as tool errors
 (`is_error`) with the gRPC code and ErrorInfo reason, so an agent can correct itself.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +42,16 @@ INSTRUCTIONS = (
 BINARY_MODEL = "binary_classifier"
 FINDINGS_MODEL = "multiclass_classifier"
 ModelService = Literal["classification", "segmentation"]
+ADMIN_TOOLS_ENV = "CXR_MCP_ADMIN_TOOLS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def admin_tools_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """CXR_MCP_ADMIN_TOOLS as a boolean; any other value is refused rather than read as off."""
+    value = (os.environ if environ is None else environ).get(ADMIN_TOOLS_ENV, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{ADMIN_TOOLS_ENV}={value!r}: expected one of 1/true/yes/on or 0/false/no/off")
+    return value in _TRUE
 
 
 def _image_bytes(image_path: str | None, image_base64: str | None) -> bytes:
@@ -87,9 +100,14 @@ def _predictions(resp: Any, *, positives_only: bool = False) -> dict[str, Any]:
     return out
 
 
-def build_server(config: ClientConfig | None = None, *, name: str = "cxr") -> MCPServer:
-    """The MCP server with its eight tools; `config` defaults to ClientConfig.from_env()."""
+def build_server(
+    config: ClientConfig | None = None, *, name: str = "cxr", admin_tools: bool | None = None
+) -> MCPServer:
+    """The MCP server with its seven inference tools, plus `unload_model` when `admin_tools` (default:
+    CXR_MCP_ADMIN_TOOLS) opts in; `config` defaults to ClientConfig.from_env()."""
     cfg = config or ClientConfig.from_env()
+    if admin_tools is None:
+        admin_tools = admin_tools_from_env()
     binary_model = os.environ.get("CXR_MCP_BINARY_MODEL", BINARY_MODEL)
     findings_model = os.environ.get("CXR_MCP_FINDINGS_MODEL", FINDINGS_MODEL)
     holder: dict[str, AsyncCxrClient] = {}
@@ -203,6 +221,9 @@ def build_server(config: ClientConfig | None = None, *, name: str = "cxr") -> MC
                 out[svc] = {"error": err.to_dict()}
         return out
 
+    if not admin_tools:
+        return server
+
     @server.tool()
     async def unload_model(service: ModelService, model_name: str) -> dict[str, Any]:
         """Unload a model to free its memory (it answers UNAVAILABLE until loaded again). Admin: needs the
@@ -221,8 +242,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--path", default="/mcp", help="streamable-HTTP path")
+    p.add_argument(
+        "--enable-admin-tools",
+        action="store_true",
+        help=f"register the admin tool unload_model (also {ADMIN_TOOLS_ENV}=1); off by default because an "
+        "agent can be talked into calls by the text it reads",
+    )
     args = p.parse_args(argv)
-    server = build_server()
+    try:
+        admin_tools = args.enable_admin_tools or admin_tools_from_env()
+    except ValueError as exc:
+        p.error(str(exc))
+    server = build_server(admin_tools=admin_tools)
     if args.transport == "stdio":
         server.run("stdio")
     else:
