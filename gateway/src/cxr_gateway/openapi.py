@@ -3,8 +3,9 @@
 One operation per `google.api.http` binding (path variables become path parameters, GET
 fields query parameters, `body: "*"` the request body); schemas follow the proto3 JSON
 mapping that the gateway speaks (.proto field names, 64-bit integers as strings, bytes as
-base64, enums as names, maps as objects, non-finite floats as "NaN"/"Infinity"/"-Infinity"). Errors are google.rpc.Status. Server-streaming
-RPCs answer newline-delimited JSON, one `{"result": ...}` per message.
+base64, enums as names, maps as objects, non-finite floats as "NaN"/"Infinity"/"-Infinity").
+Errors are google.rpc.Status. Server-streaming RPCs answer newline-delimited JSON, one
+`{"result": ...}` per message.
 """
 
 from __future__ import annotations

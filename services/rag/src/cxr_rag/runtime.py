@@ -102,7 +102,8 @@ class RagRuntime:
         with self._ingest_lock:
             stats = self.ingestor().ingest(documents, progress=progress)
             self.last_ingest = stats
-            if rebuild and (stats.chunks_added or stats.chunks_removed or stats.chunks_updated) and self.retriever is not None:
+            changed = stats.chunks_added or stats.chunks_removed or stats.chunks_updated
+            if rebuild and changed and self.retriever is not None:
                 self.retriever.rebuild_index()
             if self.store is not None:
                 metrics.CHUNKS.set(self.store.count())
