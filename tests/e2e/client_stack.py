@@ -5,9 +5,10 @@ the CLI's asyncio.run and async tests can all use it), stopped at exit. Small an
 untrained DenseNet-121 at 64 px and a Swin-T, a U-Net at 64 px, and the RAG service in
 extractive mode (no LLM) over 20 PubMedQA passages about the chest.
 
-Thresholds are set so that exactly one finding is positive ("Effusion", threshold 0) and the
-binary model is negative (threshold 1): the analyze workflow then has a known positive finding
-to search the literature for, whatever the random weights say.
+Thresholds are set so that exactly one finding is positive ("Effusion", threshold 2**-20, the
+smallest kind of value allowed: 0 is refused) and the binary model is negative (threshold 1): the
+analyze workflow then has a known positive finding to search the literature for, whatever the
+random weights say.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _admin_key_settings() -> dict[str, object]:
 
 
 def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
-    thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 0.0}
+    thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 2**-20}
     return make_settings(
         **_admin_key_settings(),
         models__binary_classifier={"enabled": True, "allow_untrained": True, "thresholds": 1.0},

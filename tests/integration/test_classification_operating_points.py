@@ -9,11 +9,15 @@ configuration names a threshold for it; labels with an operating point behave as
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
+import aiohttp
 import grpc
+import jsonschema
 import numpy as np
+import pytest
 import torch
 import torchxrayvision as xrv
 
@@ -27,7 +31,8 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.images import decode_image
 from tests.conftest import cxr14_images
-from tests.support.servers import auth, make_settings, running_server
+from tests.integration.gateway_helpers import running_gateway
+from tests.support.servers import TEST_KEY, auth, make_settings, running_server
 from tests.unit.test_classification_checkpoints import nih_batch, randomize_
 
 MULTI = "multiclass_classifier"
@@ -159,3 +164,44 @@ async def test_labels_without_operating_point_are_raw_flagged_and_never_positive
     assert f"| {HIGH} | {finding.probability:.3f} | none (no operating point) | no |" in md
     assert "no operating point" in to_html(report) and "nan" not in md.lower()
     assert json.loads(report.model_dump_json())["findings"][0]["threshold"] is None
+
+
+async def test_rest_clients_get_a_nan_threshold_as_the_string_the_openapi_schema_admits(tmp_path):
+    """Through the gateway's REST route, a label without an operating point has threshold "NaN" (proto3
+    JSON's spelling of a non-finite float), and the response validates against the gateway's OpenAPI."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    op = torch.full((len(XRV_TARGETS),), 0.3)
+    op[XRV_TARGETS.index(HIGH)] = float("nan")
+    torch.save(xrv.models.DenseNet(weights=None, op_threshs=op).state_dict(), models_dir / "xrv-nan.pt")
+    multi = {"model_type": "densenet121", "checkpoint_format": "xrv", "checkpoint_path": "xrv-nan.pt"}
+    s = make_settings(
+        models_path=str(models_dir), models={MULTI: multi | {"input_size": INPUT_SIZE}}, performance__warmup_batches=0
+    )
+    png = cxr14_images(1)[0].read_bytes()
+    body = {"image": {"data": base64.b64encode(png).decode(), "content_type": "image/png"}, "model_names": [MULTI]}
+    async with (
+        running_server(s, build_binding(s)) as server,
+        running_gateway({"classification": server.port}) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        rest = f"http://127.0.0.1:{gw.ports.rest}"
+        async with http.post(f"{rest}/v1/classification:classifyImage", json=body, headers={"apikey": TEST_KEY}) as r:
+            assert r.status == 200, await r.text()
+            payload = await r.json()
+        async with http.get(f"{rest}/openapi.json") as r:
+            doc = await r.json()
+    (pred,) = payload["predictions"]
+    finding = next(f for f in pred["findings"] if f["label"] == HIGH)
+    assert finding["threshold"] == "NaN" and finding["positive"] is False
+    assert finding["calibration"] == "CALIBRATION_NO_OPERATING_POINT"
+    others = [f for f in pred["findings"] if f["label"] != HIGH]
+    assert others and all(f["threshold"] == 0.5 for f in others)  # calibrated labels: plain JSON numbers
+
+    schema = doc["paths"]["/v1/classification:classifyImage"]["post"]["responses"]["200"]["content"]
+    response_schema = {**schema["application/json"]["schema"], "components": doc["components"]}
+    jsonschema.validate(payload, response_schema)  # the whole body, the "NaN" threshold included
+    finding_schema = {"$ref": "#/components/schemas/cxr.classification.v1.Finding", "components": doc["components"]}
+    jsonschema.validate(finding, finding_schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema still says what a threshold is
+        jsonschema.validate({**finding, "threshold": "high"}, finding_schema)

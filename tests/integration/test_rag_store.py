@@ -292,3 +292,29 @@ def test_reingesting_the_same_chunk_text_refreshes_its_metadata(tmp_path):
     (only,) = st.all_chunks()
     assert only.id == a[0].id and only.metadata["chunks"] == "1" and only.metadata["title"] == "B"
     assert (stats.chunks_added, stats.chunks_skipped, stats.chunks_removed) == (0, 1, len(a) - 1)
+
+
+def test_reingesting_identical_text_with_a_new_title_refreshes_the_lexical_index(tmp_path):
+    """Document Z re-ingested with the same text (same chunk id: nothing added or removed) but title B:
+    lexical and hybrid hits for Z say title B, and a filter on the old title A finds nothing in any mode."""
+    passages = [json.loads(line) for line in subset_corpus().read_text().splitlines()[:20]]
+    others = [Document(key=p["id"], text=p["text"], source="pubmedqa") for p in passages[:19]]
+    text = f"The {PHRASE} finding was reported."
+    rt = RagRuntime(rag_cfg(tmp_path / "db"))
+    rt.open(progress=False)
+    assert rt.store is not None and rt.retriever is not None
+    rt.ingest(others, progress=False)
+    rt.ingest([Document(key="Z", text=text, title="A")], progress=False)
+    before = rt.retriever.search(PHRASE, 5, Mode.LEXICAL).passages
+    assert before and before[0].metadata["doc_id"] == "Z" and before[0].title == "A"
+
+    again = rt.ingest([Document(key="Z", text=text, title="B")], progress=False)
+    assert (again.chunks_added, again.chunks_removed, again.chunks_updated) == (0, 0, 1)
+    (stored,) = [c for c in rt.store.all_chunks() if c.metadata.get("doc_id") == "Z"]
+    assert stored.metadata["title"] == "B"
+    for mode in (Mode.LEXICAL, Mode.HYBRID):
+        z_hits = [p for p in rt.retriever.search(PHRASE, 5, mode).passages if p.metadata.get("doc_id") == "Z"]
+        assert [p.title for p in z_hits] == ["B"], mode
+        assert [p.id for p in rt.retriever.search(PHRASE, 5, mode, {"title": "B"}).passages] == [stored.id], mode
+    for mode in Mode:
+        assert rt.retriever.search(PHRASE, 5, mode, {"title": "A"}).passages == [], mode

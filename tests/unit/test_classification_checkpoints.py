@@ -159,6 +159,20 @@ def test_torchxrayvision_operating_points_are_applied(tmp_path):
     np.testing.assert_allclose(probabilities(served(cfg, path, contiguous), x), expected, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("bad", [0.0, -0.2, 1.0, float("inf"), float("-inf")])
+def test_operating_points_outside_0_1_are_refused_naming_file_and_label(tmp_path, bad):
+    """An operating point <= 0 would make its label positive on every image, >= 1 never: refused at load."""
+    state = xrv.models.DenseNet(weights=None, op_threshs=torch.full((18,), 0.3)).state_dict()
+    state["op_threshs"][XRV_TARGETS.index("Effusion")] = bad
+    state["op_threshs"][XRV_TARGETS.index("Hernia")] = float("nan")  # no operating point: allowed
+    path = tmp_path / "xrv-bad-op.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        served(MultiLabelClassifierConfig(checkpoint_format="xrv", input_size=64), path)
+    assert str(path) in err.value.message and f"Effusion={bad!r}" in err.value.message
+    assert "Hernia" not in err.value.message and "(0, 1)" in err.value.message
+
+
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     path = tmp_path / "wrong-head.pt"
     torch.save(torchvision.models.densenet121(weights=None, num_classes=18).state_dict(), path)

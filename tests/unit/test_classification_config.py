@@ -63,6 +63,14 @@ def test_xrv_format_selects_xrv_preprocessing_and_its_18_outputs():
         BinaryClassifierConfig(checkpoint_format="xrv")
 
 
+@pytest.mark.parametrize("thresholds", [0.0, -0.1, {"Effusion": 0.0}, {"Hernia": 1.01}])
+def test_thresholds_must_be_above_0_and_at_most_1(thresholds):
+    """A threshold of 0 makes its label positive on every image: refused like one above 1."""
+    with pytest.raises(ValueError, match=r"thresholds must be within \(0, 1\]"):
+        MultiLabelClassifierConfig(thresholds=thresholds)
+    assert MultiLabelClassifierConfig(thresholds={"Effusion": 2**-20, "Hernia": 1.0}).threshold("Effusion") == 2**-20
+
+
 def test_thresholds_per_label():
     cfg = MultiLabelClassifierConfig(thresholds={"Cardiomegaly": 0.3, "Hernia": 0.9})
     assert cfg.threshold("Cardiomegaly") == 0.3 and cfg.threshold("Hernia") == 0.9 and cfg.threshold("Mass") == 0.5

@@ -3,8 +3,9 @@
 One operation per `google.api.http` binding (path variables become path parameters, GET
 fields query parameters, `body: "*"` the request body); schemas follow the proto3 JSON
 mapping that the gateway speaks (.proto field names, 64-bit integers as strings, bytes as
-base64, enums as names, maps as objects). Errors are google.rpc.Status. Server-streaming
-RPCs answer newline-delimited JSON, one `{"result": ...}` per message.
+base64, enums as names, maps as objects, non-finite floats as "NaN"/"Infinity"/"-Infinity").
+Errors are google.rpc.Status. Server-streaming RPCs answer newline-delimited JSON, one
+`{"result": ...}` per message.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from cxr_gateway.transcoding import is_repeated
 
 _VAR_RE = re.compile(r"\{([a-zA-Z_][\w.]*)(?:=[^}]*)?\}")
 F = FieldDescriptor
+# proto3 JSON writes a non-finite float or double as one of these strings (e.g. a NaN threshold: no operating point)
+_NON_FINITE: dict[str, Any] = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
 _SCALARS: dict[int, dict[str, Any]] = {
-    F.TYPE_DOUBLE: {"type": "number", "format": "double"},
-    F.TYPE_FLOAT: {"type": "number", "format": "float"},
+    F.TYPE_DOUBLE: {"oneOf": [{"type": "number", "format": "double"}, _NON_FINITE]},
+    F.TYPE_FLOAT: {"oneOf": [{"type": "number", "format": "float"}, _NON_FINITE]},
     F.TYPE_INT32: {"type": "integer", "format": "int32"},
     F.TYPE_SINT32: {"type": "integer", "format": "int32"},
     F.TYPE_SFIXED32: {"type": "integer", "format": "int32"},

@@ -101,8 +101,10 @@ class ClassifierConfig(BaseModel):
     @classmethod
     def _threshold_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
         values = v.values() if isinstance(v, dict) else [v]
-        if any(not 0.0 <= t <= 1.0 for t in values):
-            raise ValueError("thresholds must be within [0, 1]")
+        if any(not 0.0 < t <= 1.0 for t in values):  # 0 (or below) would make a label positive on every image
+            raise ValueError(
+                "thresholds must be within (0, 1]: a threshold of 0 makes the label positive on every image"
+            )
         return v
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,22 @@ def output_index(cfg: ClassifierConfig) -> list[int]:
     return list(range(len(labels)))
 
 
+def check_operating_points(op_threshs: torch.Tensor, cfg: ClassifierConfig, path: Path | None) -> None:
+    """Refuse operating points outside (0, 1): one <= 0 maps every probability to >= 0.5 (that label
+    positive on every image), one >= 1 or inf maps them below it; NaN means none and is allowed."""
+    names = cfg.checkpoint_labels or []
+    bad = [
+        f"{names[i] if i < len(names) else f'output {i}'}={v!r}"
+        for i, v in enumerate(op_threshs.reshape(-1).tolist())
+        if not math.isnan(v) and not 0.0 < v < 1.0
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} has operating points (op_threshs) outside (0, 1): {', '.join(bad)}; "
+            "each must be a probability strictly between 0 and 1, or NaN for a label without one"
+        )
+
+
 class ChestXrayClassifier(ServedModel):
     def __init__(
         self,
@@ -146,6 +163,8 @@ class ChestXrayClassifier(ServedModel):
             )
         if op_threshs is not None and op_threshs.numel() != cfg.head_size:
             raise CheckpointError(f"op_threshs has {op_threshs.numel()} values for a head of {cfg.head_size}")
+        if op_threshs is not None:
+            check_operating_points(op_threshs, cfg, checkpoint_path)
         index = output_index(cfg)
         network = ClassifierNetwork(net, activation=cfg.activation, output_index=index, op_threshs=op_threshs)
         return network.eval(), version

@@ -42,6 +42,7 @@ class IngestStats:
     chunks_added: int = 0
     chunks_skipped: int = 0
     chunks_removed: int = 0  # stale chunks of re-ingested document ids
+    chunks_updated: int = 0  # stored chunks whose text is unchanged but whose metadata (title, place) is new
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,6 +51,7 @@ class IngestStats:
             "chunks_added": self.chunks_added,
             "chunks_skipped": self.chunks_skipped,
             "chunks_removed": self.chunks_removed,
+            "chunks_updated": self.chunks_updated,
             "seconds": round(self.seconds, 2),
         }
 
@@ -199,7 +201,9 @@ class Ingestor:
                 present = self.store.existing_metadata([c.id for c in part])
                 new = [c for c in part if c.id not in present]
                 # the same text under a re-ingested id: keep the embedding, refresh its place and title
-                self.store.update_metadata([c for c in part if c.id in present and present[c.id] != c.metadata])
+                changed = [c for c in part if c.id in present and present[c.id] != c.metadata]
+                self.store.update_metadata(changed)
+                stats.chunks_updated += len(changed)
                 stats.chunks_skipped += len(part) - len(new)
                 bar.update(len(part) - len(new))
                 for b in range(0, len(new), self.batch_size * 4):

@@ -4,7 +4,8 @@
 embedding model, opens the store (checking the collection's embedding model), ingests
 `documents_path` until one start-up ingestion of it has completed (so an interrupted first
 start resumes on the next), and builds the BM25 index. Ingestion is
-serialised by one lock; after chunks are added or removed the BM25 index is rebuilt and swapped in.
+serialised by one lock; after chunks are added, removed or given new metadata the BM25 index is
+rebuilt and swapped in.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class RagRuntime:
         with self._ingest_lock:
             stats = self.ingestor().ingest(documents, progress=progress)
             self.last_ingest = stats
-            if rebuild and (stats.chunks_added or stats.chunks_removed) and self.retriever is not None:
+            changed = stats.chunks_added or stats.chunks_removed or stats.chunks_updated
+            if rebuild and changed and self.retriever is not None:
                 self.retriever.rebuild_index()
             if self.store is not None:
                 metrics.CHUNKS.set(self.store.count())
