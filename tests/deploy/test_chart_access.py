@@ -103,6 +103,21 @@ def test_the_service_settings_take_the_admin_key_file_from_the_pod_env(dev_rende
     assert settings.security.admin_api_key_file != settings.security.api_key_file
 
 
+def test_with_authentication_off_the_pods_start_without_an_admin_key_file(tmp_path) -> None:
+    """The service refuses admin keys when authentication is off, so the chart must not hand it one."""
+    from cxr_serving.settings import load_settings
+
+    r = render({"config": {"security": {"enable_authentication": False}}})
+    path = tmp_path / "config.json"
+    path.write_text(r.get("ConfigMap", "cxr-config")["data"]["config.json"])
+    for svc in SERVICES:
+        container = pod_spec(r.get("Deployment", f"cxr-{svc}"))["containers"][0]
+        env = {k: v for k, v in _env(container).items() if isinstance(v, str)}
+        assert "CXR_ADMIN_API_KEY_FILE" not in env, svc
+        settings = load_settings(path, environ=env)
+        assert settings.security.enable_authentication is False and settings.security.admin_api_key_file is None
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

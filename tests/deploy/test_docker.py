@@ -195,6 +195,23 @@ def test_compose_gpus_and_isolation(compose: dict) -> None:
         assert "frontend" not in services[svc]["networks"]
 
 
+@pytest.mark.parametrize("svc", SERVICES)
+def test_compose_services_get_their_admin_key_file(compose: dict, svc: str) -> None:
+    """Kong's cxr-admin consumer forwards the admin key: each service must read the same secret as its
+    admin keys, or every admin RPC is refused at the service (API_KEY_INVALID)."""
+    from cxr_serving.settings import load_settings
+
+    s = compose["services"][svc]
+    admin_file = s["environment"]["CXR_ADMIN_API_KEY_FILE"]
+    mounted = {m["target"]: m["source"] for m in s["secrets"]}
+    api_key_file = CONFIG["security"]["api_key_file"]
+    assert mounted[admin_file] == "admin-api-keys" and mounted[api_key_file] == "api-keys"
+    assert compose["secrets"]["admin-api-keys"]["file"] != compose["secrets"]["api-keys"]["file"]
+    settings = load_settings(ROOT / "config" / "production.json", environ={"CXR_ADMIN_API_KEY_FILE": admin_file})
+    assert settings.security.admin_api_key_file == Path(admin_file)
+    assert settings.security.api_key_file == Path(api_key_file) != Path(admin_file)
+
+
 def test_compose_mounts_existing_repo_files_and_renders_every_kong_placeholder(compose: dict) -> None:
     for name, s in compose["services"].items():
         for vol in s.get("volumes", []):

@@ -74,19 +74,10 @@ def stack_question(words: int = 16) -> str:
     raise AssertionError("no chest-related passage in the corpus")
 
 
-def _admin_key_settings() -> dict[str, object]:
-    """ADMIN_KEY as the services' admin key; where the runtime has no admin role yet, as one more key."""
-    from cxr_serving.settings import SecurityConfig
-
-    if "admin_api_keys" in SecurityConfig.model_fields:
-        return {"security__admin_api_keys": [ADMIN_KEY]}
-    return {"security__api_keys": [TEST_KEY, ADMIN_KEY]}
-
-
 def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
     thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 2**-20}
     return make_settings(
-        **_admin_key_settings(),
+        security__admin_api_keys=[ADMIN_KEY],
         models__binary_classifier={"enabled": True, "allow_untrained": True, "thresholds": 1.0},
         models__multiclass_classifier={
             "enabled": True,

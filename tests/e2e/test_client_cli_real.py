@@ -125,10 +125,6 @@ def test_cli_admin_commands_send_the_admin_key(env, capsys, monkeypatch, tmp_pat
 
 def test_cli_admin_command_with_an_inference_key_is_refused_by_the_service(env, capsys, monkeypatch):
     """The services' admin role: the inference key, configured as the admin key, gets ADMIN_REQUIRED."""
-    from cxr_serving.settings import SecurityConfig
-
-    if "admin_api_keys" not in SecurityConfig.model_fields:
-        pytest.skip("the services' admin role (security.admin_api_keys) is not on this branch")
     monkeypatch.setenv("CXR_ADMIN_API_KEY", env.env()["CXR_API_KEY"])
     rc, _, err = run_cli(capsys, "models", "unload", "segmentation", "segmentation")
     assert rc == 1 and "PERMISSION_DENIED" in err and "ADMIN_REQUIRED" in err

@@ -90,12 +90,8 @@ async def toy_backend(model: BrightnessModel | None = None, port: int = 0):
 
 
 def admin_settings():
-    """The service accepts ADMIN_KEY as its admin key (as one more key where it has no admin role)."""
-    from cxr_serving.settings import SecurityConfig
-
-    if "admin_api_keys" in SecurityConfig.model_fields:
-        return make_settings(security__admin_api_keys=[ADMIN_KEY])
-    return make_settings(security__api_keys=[TEST_KEY, ADMIN_KEY])
+    """The service accepts ADMIN_KEY as its admin key."""
+    return make_settings(security__admin_api_keys=[ADMIN_KEY])
 
 
 @contextlib.asynccontextmanager
@@ -606,3 +602,70 @@ async def test_retries_move_to_the_next_target_on_connection_failure(http):
                 except grpc.aio.AioRpcError as err:
                     codes.append(err.code())
             assert codes.count(grpc.StatusCode.UNAVAILABLE) == 2
+
+
+CLIENT_HOST = "127.0.0.2"  # the caller's own address: loopback, but not the gateway's (trusted) 127.0.0.1
+
+
+@contextlib.asynccontextmanager
+async def relay_from(source: str, port: int):
+    """A TCP relay on 127.0.0.1 that connects to `port` from `source`, so a gRPC client (which cannot
+    choose its source address) reaches the gateway as a caller on `source`."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def list_models_via_gateway(gw, relay_port: int, headers: dict) -> tuple[int, dict, grpc.aio.AioRpcError | None]:
+    """ListModels from CLIENT_HOST through the REST front and through the gRPC proxy: (HTTP status, JSON body,
+    the gRPC error or None)."""
+    connector = aiohttp.TCPConnector(local_addr=(CLIENT_HOST, 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get(f"{rest(gw)}/v1/classification/models", headers={**KEY, **headers}) as r:
+            status, body = r.status, await r.json()
+    metadata = (*auth(), *((k.lower(), v) for k, v in headers.items()))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}") as ch:
+        try:
+            await pb_grpc.ClassificationServiceStub(ch).ListModels(
+                pb.ListModelsRequest(), metadata=metadata, timeout=10
+            )
+            err = None
+        except grpc.aio.AioRpcError as e:
+            err = e
+    return status, body, err
+
+
+async def test_forwarded_for_cannot_spoof_the_allow_list():
+    """A service behind the gateway (trusted_proxies = the gateway) judges the caller's real address, which the
+    gateway appends to X-Forwarded-For as Kong does, not the address the caller claims in its own header."""
+    spoof = {"X-Forwarded-For": "203.0.113.7"}
+    denied = make_settings(security__allowed_ips=["203.0.113.0/24"], security__trusted_proxies=["127.0.0.1/32"])
+    async with toy_backend_with(denied) as be, running_gateway({"classification": be.port}) as gw:
+        async with relay_from(CLIENT_HOST, gw.ports.grpc) as relay:
+            status, body, err = await list_models_via_gateway(gw, relay, spoof)
+    assert status == 403 and rest_error_info(body)["reason"] == "IP_NOT_ALLOWED", body
+    assert CLIENT_HOST in body["message"], body
+    assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    assert grpc_error_info(err).reason == "IP_NOT_ALLOWED" and CLIENT_HOST in (err.details() or "")
+
+    allowed = make_settings(security__allowed_ips=[f"{CLIENT_HOST}/32"], security__trusted_proxies=["127.0.0.1/32"])
+    async with toy_backend_with(allowed) as be, running_gateway({"classification": be.port}) as gw:
+        async with relay_from(CLIENT_HOST, gw.ports.grpc) as relay:
+            for headers in ({}, spoof):
+                status, body, err = await list_models_via_gateway(gw, relay, headers)
+                assert status == 200 and body["models"][0]["name"] == "toy", (headers, body)
+                assert err is None, (headers, err)

@@ -189,9 +189,8 @@ async def test_toy_admin_keys_from_a_file_that_rotates(tmp_path: Path) -> None:
     ):
         stub = cpb_grpc.ClassificationServiceStub(ch)
         await _refused(stub.UnloadModel, cpb.UnloadModelRequest(model_name="toy"))
-        with pytest.raises(grpc.aio.AioRpcError) as err:  # past the role check: the toy has no UnloadModel
-            await stub.UnloadModel(cpb.UnloadModelRequest(model_name="toy"), metadata=md(ADMIN_KEY), timeout=30)
-        assert err.value.code() != grpc.StatusCode.PERMISSION_DENIED
+        unloaded = await stub.UnloadModel(cpb.UnloadModelRequest(model_name="toy"), metadata=md(ADMIN_KEY), timeout=30)
+        assert unloaded.model.state == common_pb2.MODEL_STATE_UNLOADED
         new_key = "rotated-admin-key-9876543210"
         key_file.write_text(new_key + "\n")
         os.utime(key_file, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -199,7 +198,33 @@ async def test_toy_admin_keys_from_a_file_that_rotates(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.UnloadModel(cpb.UnloadModelRequest(model_name="toy"), metadata=md(ADMIN_KEY), timeout=30)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the old admin key is gone
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.UnloadModel(cpb.UnloadModelRequest(model_name="toy"), metadata=md(new_key), timeout=30)
-        assert err.value.code() != grpc.StatusCode.PERMISSION_DENIED
+        loaded = await stub.LoadModel(cpb.LoadModelRequest(model_name="toy"), metadata=md(new_key), timeout=60)
+        assert loaded.model.state == common_pb2.MODEL_STATE_READY
         assert (await stub.ListModels(cpb.ListModelsRequest(), metadata=md(new_key), timeout=30)).models
+
+
+async def test_admin_rpcs_are_refused_when_authentication_is_off() -> None:
+    """enable_authentication false: no caller can prove the admin role, so admin RPCs are refused
+    (PERMISSION_DENIED ADMIN_REQUIRED, with or without a key) while inference RPCs need no key."""
+    target = TARGETS["toy"]
+    data = target.settings().model_dump()
+    data["security"].update(enable_authentication=False, api_keys=[], admin_api_keys=[], admin_api_key_file=None)
+    s = Settings.model_validate(data)
+    with audit_lines() as lines:
+        async with (
+            running_server(s, target.build(s)) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            stub = cpb_grpc.ClassificationServiceStub(ch)
+            assert (await stub.ListModels(cpb.ListModelsRequest(), timeout=30)).models[0].name == "toy"
+            for metadata in ((), md(ADMIN_KEY)):
+                for call, request in (
+                    (stub.UnloadModel, cpb.UnloadModelRequest(model_name="toy")),
+                    (stub.LoadModel, cpb.LoadModelRequest(model_name="toy")),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await call(request, metadata=metadata, timeout=30)
+                    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+                    assert reason(err.value) == "ADMIN_REQUIRED" and "enable_authentication" in err.value.details()
+    assert _roles(lines, "UnloadModel") == [("none", "PERMISSION_DENIED")] * 2
+    assert _roles(lines, "LoadModel") == [("none", "PERMISSION_DENIED")] * 2

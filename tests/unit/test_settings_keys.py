@@ -170,6 +170,40 @@ def test_admin_keys_from_settings_and_environment(tmp_path: Path) -> None:
     assert Settings.model_validate({"security": {"admin_api_keys": ["x"]}}).security.admin_api_keys == ["x"]
 
 
+def test_admin_keys_are_refused_when_authentication_is_off(tmp_path: Path) -> None:
+    """With authentication off no key is checked, so admin keys would be accepted and ignored."""
+    off = {"CXR_SECURITY__ENABLE_AUTHENTICATION": "false"}
+    for admin in ({"CXR_ADMIN_API_KEY": "a1"}, {"CXR_ADMIN_API_KEY_FILE": str(tmp_path / "admin-keys")}):
+        with pytest.raises(ConfigError, match=r"security: .*enable_authentication is false") as err:
+            load_settings(None, environ={**off, **admin})
+        assert "admin RPCs are refused" in str(err.value)
+        assert load_settings(None, environ=admin).security.enable_authentication is True
+    assert load_settings(None, environ=off).security.enable_authentication is False
+
+
+def test_no_admin_rpc_can_be_an_unauthenticated_method() -> None:
+    from cxr_serving.roles import platform_admin_methods
+
+    health = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+    admin = sorted(platform_admin_methods())
+    assert len(admin) == 5 and "/cxr.rag.v1.RagService/IngestDocuments" in admin
+    for method in admin:
+        env = {"CXR_SECURITY__UNAUTHENTICATED_METHODS": json.dumps([*health, method])}
+        with pytest.raises(ConfigError, match="unauthenticated_methods lists admin RPCs") as err:
+            load_settings(None, environ=env)
+        assert method in str(err.value)
+    env = {"CXR_SECURITY__UNAUTHENTICATED_METHODS": json.dumps([*health, "/cxr.rag.v1.RagService/SearchLiterature"])}
+    assert load_settings(None, environ=env).security.unauthenticated_methods[-1].endswith("/SearchLiterature")
+
+
+def test_trusted_proxies_without_allowed_ips_is_refused() -> None:
+    """X-Forwarded-For is read only to check allowed_ips: trusted proxies alone would be ignored."""
+    with pytest.raises(ConfigError, match="trusted_proxies is set without allowed_ips"):
+        load_settings(None, environ={"CXR_SECURITY__TRUSTED_PROXIES": "10.1.0.0/16"})
+    env = {"CXR_SECURITY__TRUSTED_PROXIES": "10.1.0.0/16", "CXR_ALLOWED_IPS": "10.0.0.0/8"}
+    assert load_settings(None, environ=env).security.trusted_proxies == ["10.1.0.0/16"]
+
+
 def test_data_path_is_the_base_of_relative_rag_data_paths(tmp_path: Path) -> None:
     from cxr_rag.config import rag_config
 

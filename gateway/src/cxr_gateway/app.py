@@ -20,7 +20,7 @@ from aiohttp import web
 
 from cxr_gateway.grpc_proxy import ProxyHandler
 from cxr_gateway.kong_model import KongConfig
-from cxr_gateway.limits import Denial, identity_metadata
+from cxr_gateway.limits import FORWARDED_FOR, Denial, forwarded_for, identity_metadata
 from cxr_gateway.metrics import GatewayMetrics
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.policies import Policies, RouteHit
@@ -202,6 +202,10 @@ class Gateway:
         md = [(k.lower(), v) for k, v in md]
         if corr is not None:
             md.append((corr.header.lower(), cid))
+        # like Kong: the client's X-Forwarded-For plus the peer this gateway saw, so allowed_ips judges the caller
+        xff = forwarded_for(request.headers.getall(FORWARDED_FOR, []), request.remote or "")
+        if xff:
+            md.append((FORWARDED_FOR, xff))
         md += identity_metadata(consumer, groups)
         resp = await self._call(request, hit, match, body, md, out_headers)
         self.metrics.request(svc, route, resp.status, "upstream", consumer.name if consumer else "", started)

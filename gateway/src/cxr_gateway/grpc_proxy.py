@@ -23,9 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cxr_gateway.limits import Denial, SizeLimit, identity_metadata, is_identity_header
+from cxr_gateway.limits import (
+    FORWARDED_FOR,
+    Denial,
+    SizeLimit,
+    forwarded_for,
+    identity_metadata,
+    is_identity_header,
+)
 from cxr_gateway.transcoding import http_status
 from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, is_connect_failure
+from cxr_serving.interceptors import peer_address
 
 if TYPE_CHECKING:
     from cxr_gateway.app import Gateway
@@ -74,6 +82,10 @@ class ProxyHandler(grpc.GenericRpcHandler):
         gw = self.gw
         started = time.perf_counter()
         md = [(k, v) for k, v in _forwardable(context.invocation_metadata()) if not is_identity_header(k)]
+        # like Kong: the client's X-Forwarded-For plus the peer this proxy saw, never the client's claim alone
+        peer_ip = peer_address(context.peer() or "")
+        xff = forwarded_for([v for k, v in md if k.lower() == FORWARDED_FOR and isinstance(v, str)], str(peer_ip or ""))
+        md = [(k, v) for k, v in md if k.lower() != FORWARDED_FOR] + ([(FORWARDED_FOR, xff)] if xff else [])
         headers = {k.lower(): v for k, v in md if isinstance(v, str)}
         corr = gw.policies.correlation
         cid = corr.get_or_create(headers) if corr else ""

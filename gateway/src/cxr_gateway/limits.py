@@ -302,3 +302,15 @@ def identity_metadata(consumer: Consumer | None, groups: str) -> list[tuple[str,
     if groups:
         out.append((Acl.HEADER, groups))
     return out
+
+
+FORWARDED_FOR = "x-forwarded-for"
+
+
+def forwarded_for(existing: list[str], peer: str) -> str:
+    """X-Forwarded-For as Kong sends it upstream (`$proxy_add_x_forwarded_for`): the client's own hops, then
+    the address the gateway saw, so a service that trusts the gateway judges the real peer, not a claim."""
+    hops = ", ".join(v.strip() for v in existing if v.strip())
+    if not peer:
+        return hops
+    return f"{hops}, {peer}" if hops else peer

@@ -191,6 +191,28 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return _refusal(handler, method, md, err, role)
 
 
+class AdminClosedInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """With security.enable_authentication false no caller can prove the admin role, so admin RPCs are refused
+    with PERMISSION_DENIED `ADMIN_REQUIRED` rather than left open to whoever can connect."""
+
+    def __init__(self, admin_method: Callable[[str], bool] = is_admin_method) -> None:
+        self._admin_method = admin_method
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]], details: grpc.HandlerCallDetails
+    ) -> Handler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not self._admin_method(method):
+            return handler
+        err = AccessDeniedError(
+            f"{method} is an admin RPC and security.enable_authentication is false: admin RPCs need "
+            "authentication on and an admin API key",
+            reason="ADMIN_REQUIRED",
+        )
+        return _refusal(handler, method, _metadata(details), err, Role.NONE)
+
+
 def peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP of a gRPC peer string (`ipv4:10.0.0.1:5000`, `ipv6:[::1]:5000`); None for other transports.
     An IPv4-mapped IPv6 address (a dual-stack listener) reads as its IPv4 address."""

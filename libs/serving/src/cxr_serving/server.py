@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from cxr_serving.interceptors import (
+    AdminClosedInterceptor,
     ApiKeyInterceptor,
     ApiKeyStore,
     KeyRoles,
@@ -122,6 +123,8 @@ class CxrServer:
             )
         if roles is not None:
             interceptors.append(ApiKeyInterceptor(roles.inference, sec.unauthenticated_methods, roles.admin))
+        else:
+            interceptors.append(AdminClosedInterceptor())
         interceptors.append(ObservabilityInterceptor(self.binding.name, key_roles=roles))
         max_bytes = int(sc.max_message_mb * 1024 * 1024)
         options = [

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cxr_serving.errors import ConfigError
 from cxr_serving.event_loop import EventLoopChoice
+from cxr_serving.roles import platform_admin_methods
 
 ImageFormat = Literal["png", "jpg", "jpeg", "dcm"]
 M = TypeVar("M", bound=BaseModel)
@@ -271,6 +272,24 @@ class SecurityConfig(_Strict):
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
         return _cidrs(v)
+
+    @model_validator(mode="after")
+    def _no_ignored_security(self) -> SecurityConfig:
+        """Refuse settings that would be accepted and then ignored, or that would open an admin RPC."""
+        if not self.enable_authentication and (self.admin_api_keys or self.admin_api_key_file):
+            raise ValueError(
+                "admin_api_keys/admin_api_key_file are set but enable_authentication is false: no key is checked "
+                "then and admin RPCs are refused (ADMIN_REQUIRED); turn authentication on or remove the admin keys"
+            )
+        admin = sorted(set(self.unauthenticated_methods) & platform_admin_methods())
+        if admin:
+            raise ValueError(f"unauthenticated_methods lists admin RPCs {admin}: admin RPCs always need an admin key")
+        if self.trusted_proxies and not self.allowed_ips:
+            raise ValueError(
+                "trusted_proxies is set without allowed_ips: X-Forwarded-For is read only to find the address "
+                "that allowed_ips checks, so it would be ignored; set allowed_ips or remove trusted_proxies"
+            )
+        return self
 
 
 class MonitoringConfig(_Strict):
