@@ -5,12 +5,16 @@
 - LoadModel with a bad checkpoint (missing, corrupt, wrong architecture) leaves the served version
   SERVING and answering exactly as before; the error names the file and the reason.
 - One checkpoint-path rule for every service: a path that resolves (symlinks followed) outside
-  `models_path`, or any explicit path without `models_path`, is PERMISSION_DENIED.
+  `models_path`, or any explicit path without `models_path`, is PERMISSION_DENIED; so is a
+  directory under `models_path` whose weights file is a link to a file outside it.
+- LoadModel with a path that is no path (a NUL byte) is INVALID_ARGUMENT; a loader that runs out
+  of memory is RESOURCE_EXHAUSTED; any other loader exception is INTERNAL (a bug, not the file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import auth, make_settings, running_server
-from tests.support.toy_service import build_toy
+from tests.support.toy_service import BrightnessModel, build_toy
 
 TARGETS = {t.name: t for t in available_targets(include_toy=False, images_only=True)}
 MULTI = "multiclass_classifier"
@@ -208,6 +212,14 @@ async def test_checkpoint_paths_outside_models_path_are_permission_denied(name, 
     outside.write_bytes(b"weights someone else put there")
     (models_dir / "link.pth").symlink_to(outside)
     (models_dir / "sub").mkdir()
+    # directories under models_path whose weights file (by name, or the only one) links outside
+    (models_dir / "dir").mkdir()
+    (models_dir / "dir" / "model.pth").symlink_to(outside)
+    (models_dir / "only").mkdir()
+    (models_dir / "only" / "weights.pt").symlink_to(outside)
+    (models_dir / "inside.pth").write_bytes(b"a file under models_path")
+    (models_dir / "indir").mkdir()
+    (models_dir / "indir" / "model.pth").symlink_to(models_dir / "inside.pth")  # a link that stays inside
     build = build_toy if name == "toy" else TARGETS[name].build
     pb = admin_requests(name)
     settings = SETTINGS.get(name, lambda **kw: make_settings(**kw))
@@ -217,6 +229,7 @@ async def test_checkpoint_paths_outside_models_path_are_permission_denied(name, 
         async with running_server(s, build(s)) as server, channel(server) as ch:
             stub = (TARGETS[name].stub if name != "toy" else _toy_stub)(ch)
             paths = ["link.pth", "../outside.pth", "sub/../../outside.pth", str(outside), "/etc/passwd"]
+            paths += ["dir", "dir/", str(models_dir / "dir"), "only", "sub/../dir"]
             for raw in paths if configured else [*paths, "inside.pth"]:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.LoadModel(
@@ -228,9 +241,89 @@ async def test_checkpoint_paths_outside_models_path_are_permission_denied(name, 
                     assert "models_path" in err.value.details()
             listed = (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models
             assert next(m for m in listed if m.name == MODEL[name]).state == common_pb2.MODEL_STATE_READY
+            if name == "toy" and configured:  # the rule refuses what leaves models_path, not directories or links
+                for raw in ("indir", "inside.pth"):
+                    loaded = await stub.LoadModel(
+                        pb.LoadModelRequest(model_name="toy", checkpoint_path=raw), metadata=auth(), timeout=30
+                    )
+                    assert loaded.model.state == common_pb2.MODEL_STATE_READY, raw
 
 
 def _toy_stub(ch):
     from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 
     return pb_grpc.ClassificationServiceStub(ch)
+
+
+# -- what a LoadModel failure is -------------------------------------------------------------------
+
+
+async def test_a_checkpoint_path_that_is_no_path_is_invalid_argument(tmp_path):
+    """A NUL byte cannot name a file: INVALID_ARGUMENT `CHECKPOINT_PATH_INVALID`, not INTERNAL."""
+    s = make_settings(models_path=str(tmp_path))
+    async with running_server(s, build_toy(s)) as server, channel(server) as ch:
+        stub = _toy_stub(ch)
+        from cxr_protos.classification.v1 import classification_service_pb2 as pb
+
+        for raw in ("a\x00b", f"{tmp_path}/x\x00.pth", "\x00"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.LoadModel(
+                    pb.LoadModelRequest(model_name="toy", checkpoint_path=raw), metadata=auth(), timeout=30
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (raw, err.value.details())
+            assert reason(err.value) == "CHECKPOINT_PATH_INVALID", raw
+            assert "is not a usable file path" in err.value.details(), err.value.details()
+        listed = (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models
+        assert listed[0].state == common_pb2.MODEL_STATE_READY
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "why"),
+    [
+        (KeyError("state_dict"), grpc.StatusCode.INTERNAL, "INTERNAL"),
+        (RuntimeError("a bug in the loader"), grpc.StatusCode.INTERNAL, "INTERNAL"),
+        (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_LOAD_OUT_OF_MEMORY"),
+        (
+            torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "MODEL_LOAD_OUT_OF_MEMORY",
+        ),
+    ],
+    ids=["KeyError", "RuntimeError", "MemoryError", "CudaOutOfMemory"],
+)
+async def test_a_loader_exception_is_internal_and_out_of_memory_is_resource_exhausted(
+    error, code, why, tmp_path, caplog
+):
+    """The toy model's load raises `error` for an explicit checkpoint. Out of memory is
+    RESOURCE_EXHAUSTED naming the file; anything else is our bug: INTERNAL with the correlation id
+    in the details and in an ERROR log line, the exception's text not leaked; never
+    FAILED_PRECONDITION (that is for a bad file, which the real loaders report as CheckpointError).
+    The served version stays READY either way."""
+    (tmp_path / "weights.pth").write_bytes(b"whatever")
+    s = make_settings(models_path=str(tmp_path))
+    async with (
+        running_server(s, build_toy(s, BrightnessModel(checkpoint_error=error))) as server,
+        channel(server) as ch,
+    ):
+        from cxr_protos.classification.v1 import classification_service_pb2 as pb
+
+        stub = _toy_stub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.LoadModel(
+                pb.LoadModelRequest(model_name="toy", checkpoint_path="weights.pth"),
+                metadata=(*auth(), ("x-correlation-id", "load-err-1")),
+                timeout=30,
+            )
+        details = err.value.details()
+        assert err.value.code() == code, details
+        assert reason(err.value) == why, details
+        if code == grpc.StatusCode.INTERNAL:
+            assert "load-err-1" in details and "a bug in the loader" not in details and "state_dict" not in details
+            logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert any("load-err-1" in m for m in logged), logged
+        else:
+            assert str(tmp_path.resolve() / "weights.pth") in details, details
+        listed = (await stub.ListModels(pb.ListModelsRequest(), metadata=auth())).models
+        assert listed[0].state == common_pb2.MODEL_STATE_READY
+        health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert health.status == SERVING

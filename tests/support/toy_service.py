@@ -30,10 +30,17 @@ class BrightnessModel(ServedModel):
     architecture = "mean-brightness"
     labels = ("bright",)
 
-    def __init__(self, delay_s: float = 0.0, load_delay_s: float = 0.0, fail_load: bool = False) -> None:
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        load_delay_s: float = 0.0,
+        fail_load: bool = False,
+        checkpoint_error: BaseException | None = None,
+    ) -> None:
         self.delay_s = delay_s
         self.load_delay_s = load_delay_s
         self.fail_load = fail_load
+        self.checkpoint_error = checkpoint_error  # raised by a load of an explicit checkpoint (LoadModel)
         self.batches: list[int] = []
         self._loaded = False
 
@@ -41,6 +48,8 @@ class BrightnessModel(ServedModel):
         time.sleep(self.load_delay_s)
         if self.fail_load:
             raise RuntimeError("checkpoint corrupt")
+        if checkpoint_path is not None and self.checkpoint_error is not None:
+            raise self.checkpoint_error
         self._loaded = True
 
     def predict(self, batch: list[Any]) -> Sequence[Any]:
@@ -92,7 +101,10 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
     repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
     model = model or BrightnessModel()
-    repo.add(model, factory=functools.partial(BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load))
+    factory = functools.partial(
+        BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load, model.checkpoint_error
+    )
+    repo.add(model, factory=factory)
     pool = DecodePool.from_settings(settings)
     servicer = ToyServicer(repo, pool, settings.models_path)
 

@@ -2,9 +2,13 @@
 
 A client names a checkpoint by a path on the server, so the path is the attack surface: it is
 resolved with symlinks followed (relative paths start at `models_path`) and must lie under
-`models_path`; anything else, or any explicit path while no `models_path` is configured, is
-refused with PERMISSION_DENIED (`CHECKPOINT_PATH_OUTSIDE`). Servicers map protos to these calls
-and nothing more; the repository does the validate-then-swap (lifecycle.py).
+`models_path`, and so must the weights file a directory expands to (checkpoint_files.py);
+anything else, or any explicit path while no `models_path` is configured, is refused with
+PERMISSION_DENIED (`CHECKPOINT_PATH_OUTSIDE`), and a string that is no path (a NUL byte) with
+INVALID_ARGUMENT (`CHECKPOINT_PATH_INVALID`). A loader reports a bad file as a CheckpointError
+(FAILED_PRECONDITION); running out of memory is RESOURCE_EXHAUSTED; any other exception is a bug
+and reaches the caller as INTERNAL. Servicers map protos to these calls and nothing more; the
+repository does the validate-then-swap (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -12,30 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cxr_protos.common.v1 import common_pb2
-from cxr_serving.errors import CheckpointError, CheckpointPathError, CxrError
+from cxr_serving.checkpoint_files import client_checkpoint, out_of_memory
+from cxr_serving.errors import CheckpointError, CxrError, OverloadedError
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.proto_convert import model_info
-
-
-def checkpoint_under(models_path: Path | None, raw: str) -> Path | None:
-    """The checkpoint a client asked for, resolved; None for "the configured one" (empty `raw`)."""
-    if not raw:
-        return None
-    if models_path is None:
-        raise CheckpointPathError(
-            "LoadModel with a checkpoint_path needs models_path (CXR_MODELS_PATH) to be set on the server: "
-            "only checkpoints under it may be loaded; leave checkpoint_path empty to reload the configured one"
-        )
-    base = models_path.resolve()
-    path = Path(raw)
-    resolved = (path if path.is_absolute() else base / path).resolve()
-    if not resolved.is_relative_to(base):
-        raise CheckpointPathError(
-            f"checkpoint_path {raw!r} resolves to a file outside models_path ({models_path}); "
-            "put the checkpoint under models_path and name it relative to it",
-            metadata={"checkpoint_path": raw},
-        )
-    return resolved
 
 
 class ModelAdmin:
@@ -58,7 +42,7 @@ class ModelAdmin:
         """Load or reload; a refused checkpoint leaves a serving version serving, and the error names
         the file and the reason."""
         name = self._name(name)
-        path = checkpoint_under(self.models_path, checkpoint_path)
+        path = client_checkpoint(self.models_path, checkpoint_path)
         shown = str(path) if path is not None else "the configured checkpoint"
         try:
             status = await self.repo.load(name, path)
@@ -66,11 +50,13 @@ class ModelAdmin:
             if path is not None and str(path) not in exc.message:
                 raise CheckpointError(f"{shown}: {exc.message}", reason=exc.reason, metadata=exc.metadata) from exc
             raise
-        except CxrError:
-            raise
-        except Exception as exc:  # the model's own loader failed: still the caller's checkpoint, not our bug
-            raise CheckpointError(
-                f"model '{name}' could not load {shown}: {type(exc).__name__}: {exc}", reason="MODEL_LOAD_FAILED"
+        except Exception as exc:  # a bad file is already a CheckpointError (loaders); anything else is INTERNAL
+            if isinstance(exc, CxrError) or not out_of_memory(exc):
+                raise
+            raise OverloadedError(
+                f"model '{name}' ran out of memory loading {shown} ({type(exc).__name__}); "
+                "the served version, if any, keeps serving",
+                reason="MODEL_LOAD_OUT_OF_MEMORY",
             ) from exc
         return model_info(status)
 

@@ -18,6 +18,7 @@ torchxrayvision release files) need `allow_pickle: true` because unpickling runs
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxr_serving.checkpoint_files import CHECKPOINT_DATA_ERRORS, CheckpointBytes, out_of_memory, read_checkpoint
 from cxr_serving.errors import CheckpointError
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "state_dict_ema", "model_ema")
@@ -34,10 +36,6 @@ STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "model.", "densenet121.", "net."
 _OLD_DENSENET_NAME = re.compile(r"\.(norm|relu|conv)\.([12])\.")
 SAFETENSORS_SUFFIX = ".safetensors"
 MAX_LISTED = 8
-# A checkpoint_path that is a directory (e.g. the seed's `/mnt/models/fourteen_class_classifier`)
-# names the one weights file inside it: these names first, else the only file with a weights suffix.
-DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.pth.tar", "model.ckpt")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".tar", ".ckpt")
 
 
 @dataclass
@@ -46,59 +44,48 @@ class Checkpoint:
 
     state_dict: dict[str, torch.Tensor]
     op_threshs: torch.Tensor | None = None  # torchxrayvision operating points
+    version: str = ""  # short SHA-256 of the bytes these tensors were read from
 
 
-def resolve_checkpoint_file(path: Path) -> Path:
-    """The weights file itself: `path`, or the one weights file in the directory `path`."""
-    if not path.is_dir():
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist or is not a file", reason="CHECKPOINT_NOT_FOUND")
-        return path
-    for name in DIRECTORY_FILES:
-        if (path / name).is_file():
-            return path / name
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-    if len(files) == 1:
-        return files[0]
-    found = [p.name for p in files][:MAX_LISTED]
-    raise CheckpointError(
-        f"checkpoint directory {path} must hold one of {list(DIRECTORY_FILES)} or exactly one weights file "
-        f"({', '.join(WEIGHT_SUFFIXES)}); found {found or 'none'}",
-        reason="CHECKPOINT_NOT_FOUND",
-    )
-
-
-def _is_safetensors(path: Path, fmt: str) -> bool:
-    if fmt == "safetensors" or path.suffix == SAFETENSORS_SUFFIX:
+def _is_safetensors(ckpt: CheckpointBytes, fmt: str) -> bool:
+    if fmt == "safetensors" or ckpt.path.suffix == SAFETENSORS_SUFFIX:
         return True
-    with path.open("rb") as f:
-        head = f.read(9)
+    head = ckpt.data[:9]
     # safetensors: 8-byte little-endian header length, then a JSON object.
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
-def read_tensors(path: Path, fmt: str = "auto", allow_pickle: bool = False) -> Mapping[str, Any]:
-    """The raw object of a checkpoint file, as a mapping of names to tensors (maybe nested)."""
-    path = resolve_checkpoint_file(path)
-    if _is_safetensors(path, fmt):
-        from safetensors.torch import load_file
+def _reraise_out_of_memory(exc: Exception) -> None:
+    if out_of_memory(exc):
+        raise exc
+
+
+def read_tensors(ckpt: CheckpointBytes, fmt: str = "auto", allow_pickle: bool = False) -> Mapping[str, Any]:
+    """The raw object of a checkpoint read once (`read_checkpoint`), as a mapping of names to tensors (maybe nested)."""
+    path = ckpt.path
+    if _is_safetensors(ckpt, fmt):
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
         try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
+            return load(ckpt.data)
+        except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:
+            _reraise_out_of_memory(exc)
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        obj = torch.load(io.BytesIO(ckpt.data), map_location="cpu", weights_only=True)
+    except CHECKPOINT_DATA_ERRORS as exc:
+        _reraise_out_of_memory(exc)
         if not allow_pickle:
             raise CheckpointError(
                 f"checkpoint {path} could not be read as weights only ({type(exc).__name__}: {str(exc)[:300]}). "
                 "If it is a whole pickled model from a source you trust, set allow_pickle: true, or convert it once: "
                 "torch.save(torch.load(path, weights_only=False).state_dict(), 'weights.pt')"
             ) from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc2:
+        try:  # unpickling runs the file's own code (trusted by allow_pickle): a missing class is a bad file too
+            obj = torch.load(io.BytesIO(ckpt.data), map_location="cpu", weights_only=False)
+        except (*CHECKPOINT_DATA_ERRORS, AttributeError, ImportError, TypeError) as exc2:
+            _reraise_out_of_memory(exc2)
             raise CheckpointError(f"checkpoint {path} could not be read: {type(exc2).__name__}: {exc2}") from None
     return unwrap(obj, path)
 
@@ -185,9 +172,12 @@ def check_compatible(net: nn.Module, tensors: Mapping[str, torch.Tensor], path: 
 
 
 def load_checkpoint(net: nn.Module, path: Path, fmt: str = "auto", allow_pickle: bool = False) -> Checkpoint:
-    """Read `path`, rename its keys for `net`, check them, load them. Returns what was loaded."""
-    raw = read_tensors(path, fmt, allow_pickle)
-    ckpt = normalize_keys(raw, set(net.state_dict()), fmt)
+    """Read `path` (a file, or a directory's one weights file) once, rename its keys for `net`, check
+    them, load them. Returns what was loaded, with the hash of the bytes it came from."""
+    data = read_checkpoint(path)
+    path = data.path
+    ckpt = normalize_keys(read_tensors(data, fmt, allow_pickle), set(net.state_dict()), fmt)
+    ckpt.version = data.version
     if ckpt.op_threshs is not None:
         ckpt.op_threshs = ckpt.op_threshs.float()
     check_compatible(net, ckpt.state_dict, path)

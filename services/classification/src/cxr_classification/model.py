@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_classification.checkpoints import load_checkpoint, resolve_checkpoint_file
+from cxr_classification.checkpoints import load_checkpoint
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
 from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
-from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
+from cxr_serving.lifecycle import UNTRAINED, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,8 @@ class ChestXrayClassifier(ServedModel):
             net = build_network(cfg)
         op_threshs = None
         if checkpoint_path is not None:
-            checkpoint_path = resolve_checkpoint_file(checkpoint_path)
             ckpt = load_checkpoint(net, checkpoint_path, cfg.checkpoint_format, cfg.allow_pickle)
-            op_threshs = ckpt.op_threshs
-            version = checkpoint_version(checkpoint_path)
+            op_threshs, version = ckpt.op_threshs, ckpt.version
         elif cfg.allow_untrained:
             version = UNTRAINED
         else:

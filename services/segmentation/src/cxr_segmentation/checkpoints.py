@@ -7,6 +7,7 @@ Accepted layouts: a plain state_dict; a training dict holding it under `state_di
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxr_serving.checkpoint_files import CHECKPOINT_DATA_ERRORS, CheckpointBytes, out_of_memory, read_checkpoint
 from cxr_serving.errors import CheckpointError
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -23,21 +25,28 @@ MAX_LISTED = 8
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load `path` and return a flat {name: tensor} mapping with wrapper keys and prefixes removed."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file", reason="CHECKPOINT_NOT_FOUND")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    return _state_dict_of(read_checkpoint(path))
 
-            raw: Any = load_file(str(path), device="cpu")
+
+def _state_dict_of(ckpt: CheckpointBytes) -> dict[str, torch.Tensor]:
+    """Deserialize bytes read once; only what a bad file makes torch/safetensors raise is a CheckpointError."""
+    from safetensors import SafetensorError
+
+    try:
+        if ckpt.path.suffix == ".safetensors":
+            from safetensors.torch import load
+
+            raw: Any = load(ckpt.data)
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+            raw = torch.load(io.BytesIO(ckpt.data), map_location="cpu", weights_only=True)
+    except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:
+        if out_of_memory(exc):
+            raise
         raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(exc).__name__}: {str(exc)[:300]})",
+            f"checkpoint {ckpt.path} could not be read ({type(exc).__name__}: {str(exc)[:300]})",
             reason="CHECKPOINT_UNREADABLE",
         ) from None
-    return normalize_state_dict(raw, source=str(path))
+    return normalize_state_dict(raw, source=str(ckpt.path))
 
 
 def normalize_state_dict(raw: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -104,5 +113,9 @@ def _few(items: list[str]) -> str:
     return shown + (", ..." if len(items) > MAX_LISTED else "")
 
 
-def load_checkpoint(net: nn.Module, path: Path) -> None:
-    apply_state_dict(net, read_state_dict(path), source=f"checkpoint {path}")
+def load_checkpoint(net: nn.Module, path: Path) -> str:
+    """Read `path` (a file, or a directory's one weights file) once and load it; returns the version
+    (short SHA-256) of exactly the bytes loaded."""
+    ckpt = read_checkpoint(path)
+    apply_state_dict(net, _state_dict_of(ckpt), source=f"checkpoint {ckpt.path}")
+    return ckpt.version

@@ -27,7 +27,7 @@ from cxr_segmentation.preprocessing import Preprocess
 from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
-from cxr_serving.lifecycle import UNTRAINED, ServedModel, checkpoint_version
+from cxr_serving.lifecycle import UNTRAINED, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class SegmentationModel(ServedModel):
                 net = build_network(self.cfg)
             return net, UNTRAINED
         net = build_network(self.cfg)
-        load_checkpoint(net, path)
-        return net, checkpoint_version(path)
+        return net, load_checkpoint(net, path)
 
     def load(self, checkpoint_path: Path | None = None) -> None:
         net, version = self.build(checkpoint_path)
