@@ -5,8 +5,9 @@ level on the toy service (aio clients on the server's own loop), and shutdown dr
   the model is READY and health SERVING within 15 s (not stuck LOADING / NOT_SERVING);
 - UnloadModel with a deadline shorter than the drain of a running forward (process instances): the
   model ends UNLOADED, health NOT_SERVING, and its worker process is gone within 15 s;
-- three swapping LoadModels cut off by their deadline (process instances, model_instances=2): once
-  a LoadModel without deadline returns, exactly 2 instance processes exist, and they answer;
+- three swapping LoadModels cut off by their deadline (process instances, model_instances=2): they
+  run one after another (never more than 4 instance processes), and once a LoadModel without
+  deadline returns, exactly 2 instance processes exist, and they answer;
 - `ModelRepository.close` with two models each in a blocked forward returns after ~1 drain grace.
 """
 
@@ -112,6 +113,14 @@ async def test_cancelled_swaps_leave_exactly_model_instances_processes():
             stub = pb_grpc.ClassificationServiceStub(ch)
             assert await until(lambda: _is(stub, common_pb2.MODEL_STATE_READY), 30)
             assert instance_processes() == 2
+            peak, stop = [0], asyncio.Event()
+
+            async def sample() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], instance_processes())
+                    await asyncio.sleep(0.05)
+
+            sampler = asyncio.ensure_future(sample())
             for _ in range(3):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.LoadModel(pb.LoadModelRequest(model_name="toy"), metadata=auth(), timeout=0.5)
@@ -119,7 +128,10 @@ async def test_cancelled_swaps_leave_exactly_model_instances_processes():
             # queued behind the three on the model's lock: when it returns, they have finished
             await stub.LoadModel(pb.LoadModelRequest(model_name="toy"), metadata=auth(), timeout=60)
             await asyncio.sleep(1.0)  # a leaked start would still be spawning
+            stop.set()
+            await sampler
             assert instance_processes() == 2
+            assert peak[0] <= 4, peak[0]  # one swap at a time: the 2 serving + the 2 loading
             assert await toy_state(stub) == common_pb2.MODEL_STATE_READY and await health(ch) == SERVING
             req = pb.ClassifyImageRequest(image=common_pb2.Image(data=IMG, content_type="image/png"))
             assert (await stub.ClassifyImage(req, metadata=auth(), timeout=15)).predictions
