@@ -1,7 +1,8 @@
 """Model admin on real services, at the RPC level (aio clients on the server's own loop):
 
 - UnloadModel / LoadModel under load, with `max_batch_delay_ms` > 0: every caller gets an answer
-  (OK, or UNAVAILABLE with MODEL_NOT_READY) within 1 s of the admin call's return; none is stranded.
+  (OK, or UNAVAILABLE with MODEL_NOT_READY) within 1 s of the admin call's return, and callers held
+  in a batch within 1 s of the start of their batcher's close; none is stranded.
 - LoadModel with a bad checkpoint (missing, corrupt, wrong architecture) leaves the served version
   SERVING and answering exactly as before; the error names the file and the reason.
 - One checkpoint-path rule for every service: a path that resolves (symlinks followed) outside
@@ -80,9 +81,11 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
     """With a 5 s batch delay, the test itself announces one request "still decoding" (as a slow
     decode would), then sends 6 ClassifyImage calls: they are decoded and taken off the queue by the
     collector, which waits for the announced one. Then UnloadModel; LoadModel (in place); the same
-    again with a LoadModel that swaps versions, with 6 more callers streaming meanwhile. Every caller
-    that started before an admin call returned has its answer (OK or UNAVAILABLE MODEL_NOT_READY)
-    within 1 s of that return."""
+    again with a LoadModel that swaps versions, with 6 more callers streaming meanwhile. The 6 held
+    callers have their answer (OK or UNAVAILABLE MODEL_NOT_READY) within 1 s of the START of the
+    unload, and within 1 s of the moment the reload swapped versions (the old batcher's close: before
+    that the old version serves, by design), so an answer that waited for a drain fails; every other
+    caller that started before an admin call returned has its answer within 1 s of that return."""
     from cxr_classification.service import build_binding
     from cxr_protos.classification.v1 import classification_service_pb2 as pb
     from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
@@ -91,12 +94,16 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
     image = common_pb2.Image(data=IMG, content_type="image/png")
     calls: list[tuple[float, float, str]] = []  # (start, end, outcome)
     admin_done: list[tuple[str, float]] = []
+    held_late: list[tuple[str, float]] = []  # (admin call, seconds from its close's start to the answer)
     async with running_server(s, build_binding(s)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)
         repo = server.binding.repository
         assert repo is not None
 
         async def classify() -> str:
+            return (await timed_classify())[0]
+
+        async def timed_classify() -> tuple[str, float]:
             t0 = time.monotonic()
             try:
                 req = pb.ClassifyImageRequest(image=image, model_names=[MULTI])
@@ -105,21 +112,34 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
             except grpc.aio.AioRpcError as err:
                 outcome = f"{err.code().name}:{reason(err)}"
             calls.append((t0, time.monotonic(), outcome))
-            return outcome
+            return outcome, calls[-1][1]
 
         async def held_then(what: str, admin) -> list[str]:
             with repo.expect([MULTI]):  # one request on its way: the collector waits for it
                 batcher = repo._batchers[MULTI]
-                burst = [asyncio.ensure_future(classify()) for _ in range(6)]
+                burst = [asyncio.ensure_future(timed_classify()) for _ in range(6)]
                 seen, deadline = 1, time.monotonic() + 20
                 while time.monotonic() < deadline and not (seen > 1 and batcher._upcoming == 1):
                     seen = max(seen, batcher._upcoming)  # the 6 arrive (announced), then submit
                     await asyncio.sleep(0.002)
                 await asyncio.sleep(0.1)
                 assert batcher.queue_depth == 0  # the collector holds them
+                closing: list[float] = []
+
+                async def watch() -> None:  # the held batcher leaves the repository as its close starts
+                    while repo._batchers.get(MULTI) is batcher:
+                        await asyncio.sleep(0.002)
+                    closing.append(time.monotonic())
+
+                watcher = asyncio.ensure_future(watch())
+                started = time.monotonic()
                 await admin()  # a grpc.aio call starts when it is created: create it only now
                 admin_done.append((what, time.monotonic()))
-                return await asyncio.wait_for(asyncio.gather(*burst), 30)
+                outcomes = await asyncio.wait_for(asyncio.gather(*burst), 30)
+                await asyncio.wait_for(watcher, 5)
+                since = started if what == "unload" else closing[0]
+                held_late.extend((what, round(t.result()[1] - since, 2)) for t in burst if t.result()[1] > since + 1.0)
+                return [o for o, _ in outcomes]
 
         assert await classify() == "OK"
         unload = pb.UnloadModelRequest(model_name=MULTI)
@@ -146,6 +166,7 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
         assert await classify() == "OK"
     outcomes_seen = {o for _, _, o in calls}
     assert outcomes_seen <= {"OK", "UNAVAILABLE:MODEL_NOT_READY"}, outcomes_seen
+    assert not held_late, f"held callers answered more than 1 s after the close started: {held_late}"
     for what, done in admin_done:
         late = [(round(end - done, 2), o) for start, end, o in calls if start < done and end > done + 1.0]
         assert not late, f"{len(late)} caller(s) in flight at {what} answered more than 1 s after it: {late[:5]}"

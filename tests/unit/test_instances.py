@@ -241,3 +241,54 @@ async def test_a_refused_checkpoint_keeps_the_instance_processes_serving():
         assert after.isdisjoint(before) and _wait_gone(sorted(before)) == []  # swapped, old ones stopped
     finally:
         await repo.close()
+
+
+_SPAWN_FAILS = textwrap.dedent(
+    """
+    import functools, os, resource, sys, time
+    import psutil
+    from cxr_serving.instances import ProcessInstances
+    from tests.support.instance_models import PidModel
+
+    p = ProcessInstances("pid", functools.partial(PidModel), 4, load_timeout_s=60)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:  # use up every descriptor, then give back a few: a later spawn runs out (EMFILE)
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    for fd in held[: int(sys.argv[1])]:
+        os.close(fd)
+    spawned = []
+    spawn = p._spawn
+    p._spawn = lambda i: spawned.append(i) or spawn(i)  # counts the spawns; each is real
+    try:
+        p.start()
+        outcome = "started"
+    except OSError as exc:
+        outcome = f"errno{exc.errno}"
+    time.sleep(0.5)
+    alive = [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+    print(outcome, len(spawned), len(alive))
+    """
+)
+
+
+def test_a_spawn_that_fails_stops_the_instances_spawned_before_it():
+    """Out of file descriptors at the 2nd-4th spawn (a real EMFILE), start raises and no worker
+    process it spawned before is left alive."""
+    failed_late = []
+    for free in range(3, 9):
+        out = subprocess.run(
+            [sys.executable, "-c", _SPAWN_FAILS, str(free)], capture_output=True, text=True, timeout=120, cwd=REPO
+        )
+        outcome, spawned, alive = out.stdout.split()[-3:]
+        if outcome == "started":
+            assert alive == "4"
+            continue
+        assert outcome == "errno24", out.stderr[-2000:]
+        assert alive == "0", f"{alive} worker(s) left alive after a failed start ({free} free fds)"
+        if int(spawned) > 1:
+            failed_late.append(free)
+    assert failed_late, "no fd budget made a later spawn fail: the test did not exercise the fix"

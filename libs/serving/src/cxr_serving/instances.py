@@ -290,8 +290,10 @@ class ProcessInstances:
     def start(self, checkpoint_path: Path | None = None) -> LoadedModel:
         """Start every instance and load the model in each (in parallel); all or nothing."""
         self._checkpoint = checkpoint_path
-        started = [self._spawn(i) for i in range(self.count)]
-        try:
+        started: list[_Instance] = []
+        try:  # a spawn that fails (fork, fds) stops the processes spawned before it
+            for i in range(self.count):
+                started.append(self._spawn(i))
             for inst in started:
                 send(inst.conn, ("load", checkpoint_path))
             infos = [self._wait_loaded(inst) for inst in started]

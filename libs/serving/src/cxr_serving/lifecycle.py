@@ -19,11 +19,11 @@ import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cxr_serving.batcher import Arrival, DynamicBatcher
 from cxr_serving.errors import ConfigError, CxrError, ModelNotFoundError, ModelNotReadyError
@@ -34,6 +34,7 @@ from cxr_serving.settings import ServerConfig
 log = logging.getLogger(__name__)
 
 UNTRAINED = "untrained"
+_T = TypeVar("_T")
 
 
 class ModelState(StrEnum):
@@ -143,6 +144,7 @@ class ModelRepository:
         self._processes: dict[str, ProcessInstances] = {}  # model_instance_mode: process
         self._serving: dict[str, ServedModel] = {}  # thread mode: the loaded instance behind each batcher
         self._locks: dict[str, asyncio.Lock] = {}
+        self._admin_tasks: set[asyncio.Task[ModelStatus]] = set()  # loads/unloads, shielded from their callers
         self.on_ready_change = on_ready_change
         self._observer = MetricsObserver()
 
@@ -193,10 +195,26 @@ class ModelRepository:
         if self.on_ready_change is not None:
             self.on_ready_change(self.ready)
 
+    async def _admin(self, body: Coroutine[Any, Any, ModelStatus]) -> ModelStatus:
+        """Run a load/unload as its own task, shielded: a caller that goes away (an RPC deadline
+        cancels its handler) must not leave the model half loaded or half freed."""
+        task = asyncio.ensure_future(body)
+        self._admin_tasks.add(task)
+        task.add_done_callback(self._admin_tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():  # the caller left: the operation completes on its own; log its failure
+                task.add_done_callback(_log_orphan_failure)
+            raise
+
     async def load(self, name: str, checkpoint_path: Path | None = None) -> ModelStatus:
         """Load (or reload) a model. While a version serves, a new one that fails to load is
         refused and the served one keeps answering; one that loads replaces it (module docstring)."""
         model = self.model(name)
+        return await self._admin(self._load(name, model, checkpoint_path))
+
+    async def _load(self, name: str, model: ServedModel, checkpoint_path: Path | None) -> ModelStatus:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             st = self._status[name]
@@ -209,8 +227,10 @@ class ModelRepository:
             started = time.perf_counter()
             try:
                 instance, loaded, run_batch = await self._load_instances(model, checkpoint_path, fresh=swap)
-            except Exception as exc:
+            except BaseException as exc:
                 error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, Exception):  # cancelled (shutdown): nothing half-loaded serves
+                    error = f"load interrupted ({type(exc).__name__})"
                 if swap:
                     log.error(
                         "model %s: refused the new version, version %s keeps serving: %s", name, st.version, error
@@ -252,10 +272,12 @@ class ModelRepository:
                 " (UNTRAINED: random weights)" if st.untrained else "",
             )
             self._notify()
-            if old_batcher is not None:  # the swap: new requests already go to the new version
-                await self._retire(name, old_batcher, old_instance if old_instance is not instance else None)
-            if old_processes is not None:
-                await asyncio.to_thread(old_processes.close)
+            try:
+                if old_batcher is not None:  # the swap: new requests already go to the new version
+                    await self._retire(name, old_batcher, old_instance if old_instance is not instance else None)
+            finally:  # even when the drain is cancelled (shutdown), the old processes stop
+                if old_processes is not None:
+                    await asyncio.to_thread(old_processes.close)
             return st
 
     async def load_all(self) -> None:
@@ -271,6 +293,9 @@ class ModelRepository:
         """Stop serving: new requests are refused at once, running forwards finish (up to the drain
         grace), and only then are the weights freed."""
         model = self.model(name)
+        return await self._admin(self._unload(name, model))
+
+    async def _unload(self, name: str, model: ServedModel) -> ModelStatus:
         async with self._locks.setdefault(name, asyncio.Lock()):
             st = self._status[name]
             st.state, st.error = ModelState.UNLOADED, ""
@@ -316,12 +341,20 @@ class ModelRepository:
         `fresh`: into a new instance from the factory, leaving the one that serves untouched."""
         if self._batching.instance_mode == "process":
             processes = ProcessInstances(model.name, self._factories[model.name], self._batching.model_instances)
-            loaded = await asyncio.to_thread(processes.start, checkpoint_path)
+            try:
+                loaded = await _in_thread(processes.start, checkpoint_path)
+            except BaseException:  # a failed start killed its processes; a cancelled one may have them all
+                await asyncio.to_thread(processes.close)
+                raise
             return processes, loaded, processes.predict
         instance = model
         if fresh:
-            instance = await asyncio.to_thread(self._factories[model.name])
-        await asyncio.to_thread(instance.load, checkpoint_path)
+            instance = await _in_thread(self._factories[model.name])
+        try:
+            await _in_thread(instance.load, checkpoint_path)
+        except BaseException:  # free what the load built: weights nobody serves
+            await asyncio.to_thread(instance.unload)
+            raise
         return instance, LoadedModel.of(instance), instance.predict
 
     async def _retire(self, name: str, batcher: DynamicBatcher[Any, Any], instance: ServedModel | None) -> None:
@@ -336,14 +369,39 @@ class ModelRepository:
         """Drain and close the model's batcher and free its instance, then stop its processes."""
         batcher = self._batchers.pop(name, None)
         instance = self._serving.pop(name, None)
-        if batcher is not None:
-            await self._retire(name, batcher, instance)
-        elif instance is not None:
-            await asyncio.to_thread(instance.unload)
         processes = self._processes.pop(name, None)
-        if processes is not None:
-            await asyncio.to_thread(processes.close)
+        try:
+            if batcher is not None:
+                await self._retire(name, batcher, instance)
+            elif instance is not None:
+                await asyncio.to_thread(instance.unload)
+        finally:  # even when the drain is cancelled, the processes stop
+            if processes is not None:
+                await asyncio.to_thread(processes.close)
 
     async def close(self) -> None:
-        for name in set(self._batchers) | set(self._processes):
-            await self._stop_serving(name)
+        """Stop every model at once (one drain grace for all, not one each); a load or unload still
+        running is cancelled first and releases what it built."""
+        for task in list(self._admin_tasks):
+            task.cancel()
+        await asyncio.gather(*self._admin_tasks, return_exceptions=True)
+        names = set(self._batchers) | set(self._processes)
+        await asyncio.gather(*(self._stop_serving(n) for n in names))
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """`asyncio.to_thread`, but a cancellation first waits for the thread (which cannot be stopped), so
+    the caller's cleanup sees everything it built."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: its own outcome is superseded by the cancellation
+        raise
+
+
+def _log_orphan_failure(task: asyncio.Task[ModelStatus]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("a model load/unload whose caller left failed: %s", exc)
