@@ -78,13 +78,13 @@ def admin_requests(service: str):
 
 
 async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
-    """With a 10 s batch delay (the longest allowed: under CPU contention the six decodes must not outlast it), the test itself announces one request "still decoding" (as a slow
-    decode would), then sends 6 ClassifyImage calls: they are decoded and taken off the queue by the
-    collector, which waits for the announced one. Then UnloadModel; LoadModel (in place); the same
-    again with a LoadModel that swaps versions, with 6 more callers streaming meanwhile. The 6 held
-    callers have their answer (OK or UNAVAILABLE MODEL_NOT_READY) within 1 s of the START of the
-    unload, and within 1 s of the moment the reload swapped versions (the old batcher's close: before
-    that the old version serves, by design), so an answer that waited for a drain fails; every other
+    """With a 10 s batch delay (the longest allowed, so six decodes on a busy CPU cannot outlast it), the test
+    itself announces one request "still decoding" (as a slow decode would), then sends 6 ClassifyImage calls:
+    they are decoded and taken off the queue by the collector, which waits for the announced one. Then
+    UnloadModel; LoadModel (in place); the same again with a LoadModel that swaps versions, with 6 more callers
+    streaming meanwhile. The 6 held callers have their answer (OK or UNAVAILABLE MODEL_NOT_READY) within 1 s of
+    the START of the unload, and within 1 s of the moment the reload swapped versions (the old batcher's close:
+    before that the old version serves, by design), so an answer that waited for a drain fails; every other
     caller that started before an admin call returned has its answer within 1 s of that return."""
     from cxr_classification.service import build_binding
     from cxr_protos.classification.v1 import classification_service_pb2 as pb
