@@ -17,7 +17,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import UNTRAINED, BatchingConfig, ModelRepository, ServedModel
-from cxr_serving.model_admin import ModelAdmin
+from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -62,7 +62,9 @@ class BrightnessModel(ServedModel):
         return UNTRAINED
 
 
-class ToyServicer(pb_grpc.ClassificationServiceServicer):
+class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
+    admin_messages = pb
+
     def __init__(self, repo: ModelRepository, pool: DecodePool, models_path: Path | None = None) -> None:
         self.repo = repo
         self.pool = pool
@@ -83,19 +85,6 @@ class ToyServicer(pb_grpc.ClassificationServiceServicer):
             model=model_info(st), findings=[pb.Finding(label="bright", probability=p, threshold=0.5, positive=p >= 0.5)]
         )
         return pb.ClassifyImageResponse(predictions=[pred], image=image_metadata(img), untrained=st.untrained)
-
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.admin.list_models())
-
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
-
-    async def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
 
 
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:

@@ -14,6 +14,7 @@ repository does the validate-then-swap (lifecycle.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.checkpoint_files import client_checkpoint, out_of_memory
@@ -62,3 +63,21 @@ class ModelAdmin:
 
     async def unload_model(self, name: str) -> common_pb2.ModelInfo:
         return model_info(await self.repo.unload(self._name(name)))
+
+
+class ModelAdminRpcs:
+    """The three admin RPCs as servicer methods, mixed in before a service's generated base class, so
+    no service writes them again; the servicer sets `admin` and `admin_messages` (its `_pb2` module)."""
+
+    admin: ModelAdmin
+    admin_messages: Any
+
+    async def ListModels(self, request: Any, context: Any) -> Any:
+        return self.admin_messages.ListModelsResponse(models=self.admin.list_models())
+
+    async def LoadModel(self, request: Any, context: Any) -> Any:
+        model = await self.admin.load_model(request.model_name, request.checkpoint_path)
+        return self.admin_messages.LoadModelResponse(model=model)
+
+    async def UnloadModel(self, request: Any, context: Any) -> Any:
+        return self.admin_messages.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))

@@ -28,7 +28,7 @@ from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodedImage, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
-from cxr_serving.model_admin import ModelAdmin
+from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 
 MAX_IMAGES_PER_REQUEST = 128
@@ -52,7 +52,9 @@ class ImageResult:
     untrained: bool
 
 
-class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
+class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
+    admin_messages = pb
+
     def __init__(
         self,
         repo: ModelRepository,
@@ -222,16 +224,3 @@ class ClassificationServicer(pb_grpc.ClassificationServiceServicer):
         async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
             untrained = any(p.model.untrained for p in r.predictions)
             yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)
-
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.admin.list_models())
-
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
-
-    async def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))

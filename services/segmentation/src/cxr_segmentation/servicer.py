@@ -19,7 +19,7 @@ from cxr_segmentation.postprocess import Encoding, PostprocessOptions, Segmentat
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
-from cxr_serving.model_admin import ModelAdmin
+from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.settings import Settings
 
@@ -31,7 +31,9 @@ _ENCODINGS: dict[int, Encoding] = {
 }
 
 
-class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
+class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
+    admin_messages = pb
+
     def __init__(self, settings: Settings, repo: ModelRepository, pool: DecodePool, default_model: str) -> None:
         self.settings = settings
         self.repo = repo
@@ -92,19 +94,6 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         status = self.repo.status(model.name)
         result: SegmentationResult = await self.pool.run(postprocess, image, output, model.labels, opts)
         return to_response(result, status_info=model_info(status), image=image_metadata(image))
-
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.admin.list_models())
-
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        return pb.LoadModelResponse(model=await self.admin.load_model(request.model_name, request.checkpoint_path))
-
-    async def UnloadModel(
-        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
 
 
 def _decode_and_preprocess(
