@@ -445,6 +445,12 @@ def _check_required_elements(ds: Any) -> None:
             )
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise ImageRejectedError("DICOM file meta has no TransferSyntaxUID (0002,0010)", reason="IMAGE_CORRUPT")
+    if not isinstance(ds.file_meta.TransferSyntaxUID, str):  # several values: pydicom's UID() raises TypeError
+        raise ImageRejectedError("DICOM TransferSyntaxUID (0002,0010) must have one value", reason="IMAGE_CORRUPT")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):  # pydicom's modality LUT multiplies/adds them as they are
+        value = ds.get(keyword)
+        if value is not None and value != "" and (_is_multi(value) or not isinstance(value, int | float)):
+            raise ImageRejectedError(f"DICOM {keyword} {str(value)[:40]!r} is not one number", reason="IMAGE_CORRUPT")
     required = list(_REQUIRED_PIXEL_ELEMENTS)
     if "PixelData" in ds:
         required += _REQUIRED_INTEGER_PIXEL_ELEMENTS
