@@ -355,7 +355,7 @@ def main() -> None:
             {k: stats[k] for k in ("executions", "seconds", "exec_per_s", "past_sniffing_total", "decoded_total")}
         )
     )
-    raise SystemExit(1 if stats["findings"] else 0)
+    raise SystemExit(3 if stats["findings"] else 0)  # 1 is the hang watchdog's (faulthandler) exit
 
 
 if __name__ == "__main__":

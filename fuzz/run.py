@@ -202,9 +202,13 @@ def run_mutational(
         cmd = [sys.executable, "-m", "fuzz.mutate", f"--seed={first_seed + i}", f"--executions={share}"]
         cmd += [f"--seconds={seconds}", f"--out={workdir / f'w{first_seed + i}'}"]
         procs.append(subprocess.Popen(["nice", "-n", str(nice), *cmd], cwd=REPO, env=_ENV))
-    for proc in procs:
-        proc.wait()
-    return summarize_mutational(workdir)
+    codes = [proc.wait() for proc in procs]
+    summary = summarize_mutational(workdir)
+    for i, code in enumerate(codes):
+        if code not in (0, 3):  # 3: findings, recorded in stats.json; else a hang (watchdog), crash or kill
+            died = workdir / f"w{first_seed + i}" / "current.bin"
+            summary["findings"].append({"key": f"worker exit {code}", "input": str(died), "hits": 1})
+    return summary
 
 
 def summarize_mutational(workdir: Path) -> dict[str, Any]:
