@@ -232,9 +232,11 @@ def summarize_mutational(workdir: Path) -> dict[str, Any]:
         "target": "cxr_serving.images.decode_image, default DecodeLimits",
         "contract": "ImageRejectedError, or one finite float32 frame in [0, 1]; else a finding",
         "executions": total,
-        "workers": [{k: w[k] for k in ("seed", "executions", "seconds", "exec_per_s", "peak_rss_mb")} for w in workers],
+        "workers": [
+            {k: w[k] for k in ("seed", "executions", "seconds", "exec_per_s", "peak_rss_mb", "seed_files_by_source")}
+            for w in workers
+        ],
         "exec_per_s_all_workers": round(sum(w["exec_per_s"] for w in workers), 1),
-        "seed_files_by_source": workers[0]["seed_files_by_source"] if workers else {},
         "executions_by_seed_source": count("executions_by_seed_source"),
         "sniffed_fraction": fraction("sniffed_fraction"),
         "past_sniffing_fraction": fraction("past_sniffing_fraction"),
