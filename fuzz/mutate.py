@@ -331,6 +331,8 @@ def run_worker(
             if time.monotonic() - last_save > 30:
                 last_save = time.monotonic()
                 save()
+    except KeyboardInterrupt:  # SIGINT stops a campaign early; what ran is still recorded
+        pass
     finally:
         faulthandler.cancel_dump_traceback_later()
         signal.setitimer(signal.ITIMER_REAL, 0)
