@@ -44,11 +44,19 @@ EXPECTED = {
     # mutational campaign: TransferSyntaxUID with two values; pydicom's UID() raised TypeError
     "dicom-multivalued-transfersyntaxuid-typeerror.dcm": (
         "IMAGE_CORRUPT",
-        "TransferSyntaxUID (0002,0010) must have one",
+        "TransferSyntaxUID (0002,0010) must be one UID",
     ),
     # mutational campaign (pixel data cut from 512x512 to 128x128): RescaleIntercept "0\0\x7f", which
     # pydicom keeps as text; its modality LUT added the text to the pixels (UFuncTypeError)
     "dicom-rescaleintercept-text-ufunctypeerror.dcm": ("IMAGE_CORRUPT", "RescaleIntercept '0"),
+    # mutational campaign: TransferSyntaxUID with VR SH; pydicom's "not supported" message read .name of a str
+    "dicom-transfersyntaxuid-not-ui-attributeerror.dcm": (
+        "IMAGE_CORRUPT",
+        "TransferSyntaxUID (0002,0010) must be one UID",
+    ),
+    # mutational campaign: implicit-VR PixelData (OB or OW) without BitsAllocated; reading it to check its VR
+    # made pydicom resolve the ambiguous VR, which raised AttributeError
+    "dicom-ambiguous-pixeldata-vr-no-bitsallocated-attributeerror.dcm": ("IMAGE_CORRUPT", "['BitsAllocated']"),
 }
 
 

@@ -438,15 +438,12 @@ def _header_str(ds: Any, keyword: str, default: str) -> str:
 
 
 def _check_required_elements(ds: Any) -> None:
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
-            raise ImageRejectedError(
-                f"DICOM {keyword} has VR {ds[keyword].VR}, not binary pixel data", reason="IMAGE_CORRUPT"
-            )
+    from pydicom.uid import UID
+
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise ImageRejectedError("DICOM file meta has no TransferSyntaxUID (0002,0010)", reason="IMAGE_CORRUPT")
-    if not isinstance(ds.file_meta.TransferSyntaxUID, str):  # several values: pydicom's UID() raises TypeError
-        raise ImageRejectedError("DICOM TransferSyntaxUID (0002,0010) must have one value", reason="IMAGE_CORRUPT")
+    if not isinstance(ds.file_meta.TransferSyntaxUID, UID):  # several values, or not VR UI: pydicom fails on it
+        raise ImageRejectedError("DICOM TransferSyntaxUID (0002,0010) must be one UID (VR UI)", reason="IMAGE_CORRUPT")
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # pydicom's modality LUT multiplies/adds them as they are
         value = ds.get(keyword)
         if value is not None and value != "" and (_is_multi(value) or not isinstance(value, int | float)):
@@ -461,6 +458,12 @@ def _check_required_elements(ds: Any) -> None:
         raise ImageRejectedError(
             f"DICOM lacks the image pixel element(s) {missing} needed to decode its pixel data", reason="IMAGE_CORRUPT"
         )
+    # after the check above: reading PixelData resolves its ambiguous VR (OB/OW) from BitsAllocated
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
+            raise ImageRejectedError(
+                f"DICOM {keyword} has VR {ds[keyword].VR}, not binary pixel data", reason="IMAGE_CORRUPT"
+            )
 
 
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
