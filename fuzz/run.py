@@ -259,11 +259,16 @@ def main() -> None:
     ap.add_argument("--mutational", action="store_true", help="the uninstrumented mutational campaign instead")
     ap.add_argument("--workers", type=int, default=1, help="--mutational: worker processes (nice 10)")
     ap.add_argument("--executions", type=int, default=1_000_000, help="--mutational: executions in all")
+    ap.add_argument("--first-seed", type=int, default=1, help="--mutational: worker i uses seed first_seed + i")
     args = ap.parse_args()
     if args.mutational:
         workdir = args.workdir or REPO / "var" / "fuzz" / "mutational"
         summary = run_mutational(
-            workers=args.workers, executions=args.executions, seconds=args.seconds, workdir=workdir
+            workers=args.workers,
+            executions=args.executions,
+            seconds=args.seconds,
+            workdir=workdir,
+            first_seed=args.first_seed,
         )
         if args.out:
             args.out.write_text(json.dumps(summary, indent=2) + "\n")
