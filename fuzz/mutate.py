@@ -252,7 +252,7 @@ def run_worker(
     outcomes: Counter[str] = Counter()
     findings: dict[str, dict[str, Any]] = {}
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    current = os.open(out / "current.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # what a hard crash was eating
+    current = os.open(out / "current.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # what a hard crash was eating
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     started = last_save = time.monotonic()
 

@@ -57,6 +57,12 @@ EXPECTED = {
     # mutational campaign: implicit-VR PixelData (OB or OW) without BitsAllocated; reading it to check its VR
     # made pydicom resolve the ambiguous VR, which raised AttributeError
     "dicom-ambiguous-pixeldata-vr-no-bitsallocated-attributeerror.dcm": ("IMAGE_CORRUPT", "['BitsAllocated']"),
+    # mutational campaign (the worker's hang watchdog fired): a 1024x1024 JPEG-baseline DICOM whose JPEG SOF says
+    # 65535x65535; libjpeg went on decoding 4 gigapixels (> 120 s, unbounded memory)
+    "dicom-jpeg-sof-65535x65535-hang.dcm": (
+        "IMAGE_CORRUPT",
+        "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
+    ),
 }
 
 

@@ -466,6 +466,42 @@ def _check_required_elements(ds: Any) -> None:
             )
 
 
+# Start-of-frame markers of JPEG (SOF0-SOF15 less DHT/JPG/DAC) and JPEG-LS (SOF55): they carry the frame size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG/JPEG-LS or JPEG 2000 codestream declares in its header, or None if not found."""
+    soc = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (Xsiz, Ysiz, XOsiz, YOsiz after Lsiz, Rsiz)
+    soi = frame.find(b"\xff\xd8")
+    if soc >= 0 and (soi < 0 or soc < soi) and soc + 24 <= len(frame):
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", frame, soc + 8)
+        return xsiz - xo, ysiz - yo
+    i = soi + 2 if soi >= 0 else len(frame)
+    while i + 9 <= len(frame) and frame[i] == 0xFF:  # JPEG: walk the marker segments up to the frame header
+        if frame[i + 1] == 0xFF:
+            i += 1
+        elif frame[i + 1] in _JPEG_SOF:
+            height, width = struct.unpack_from(">HH", frame, i + 5)
+            return width, height
+        else:
+            i += 2 + struct.unpack_from(">H", frame, i + 2)[0]
+    return None
+
+
+def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
+    """A compressed frame is decoded at the size its own header declares, not Rows x Columns: a mutated
+    JPEG header of 65535x65535 made libjpeg decode 4 gigapixels for a 1024x1024 DICOM."""
+    if "PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    size = _codestream_size(ds.PixelData[:65536])
+    if size is not None and size != (cols, rows):
+        raise ImageRejectedError(
+            f"DICOM compressed frame declares {size[0]}x{size[1]} pixels but Rows/Columns say {cols}x{rows}",
+            reason="IMAGE_CORRUPT",
+        )
+
+
 def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
@@ -484,6 +520,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         frames = _header_int(ds, "NumberOfFrames", 1)
         _check_dimensions(cols, rows, frames, limits)
         _check_required_elements(ds)
+        _check_codestream_size(ds, rows, cols)
         photometric = _header_str(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
         bits_stored = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 8) or 8
         samples = _header_int(ds, "SamplesPerPixel", 1)
