@@ -59,6 +59,10 @@ EXPECTED = {
     "dicom-ambiguous-pixeldata-vr-no-bitsallocated-attributeerror.dcm": ("IMAGE_CORRUPT", "['BitsAllocated']"),
     # mutational campaign (the worker's hang watchdog fired): a 1024x1024 JPEG-baseline DICOM whose JPEG SOF says
     # 65535x65535; libjpeg went on decoding 4 gigapixels (> 120 s, unbounded memory)
+    # mutational campaign: an empty RescaleSlope; pydicom's modality LUT multiplied the pixels by "" (UFuncTypeError)
+    "dicom-rescaleslope-empty-ufunctypeerror.dcm": ("IMAGE_CORRUPT", "RescaleSlope '' is not one number"),
+    # mutational campaign: BitsAllocated with VR LO ("US"); pydicom compared 1 <= "US" (TypeError)
+    "dicom-bitsallocated-vr-lo-typeerror.dcm": ("IMAGE_CORRUPT", "BitsAllocated 'US' is not one integer"),
     "dicom-jpeg-sof-65535x65535-hang.dcm": (
         "IMAGE_CORRUPT",
         "declares 65535x65535 pixels but Rows/Columns say 1024x1024",

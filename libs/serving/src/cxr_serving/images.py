@@ -446,7 +446,7 @@ def _check_required_elements(ds: Any) -> None:
         raise ImageRejectedError("DICOM TransferSyntaxUID (0002,0010) must be one UID (VR UI)", reason="IMAGE_CORRUPT")
     for keyword in ("RescaleSlope", "RescaleIntercept"):  # pydicom's modality LUT multiplies/adds them as they are
         value = ds.get(keyword)
-        if value is not None and value != "" and (_is_multi(value) or not isinstance(value, int | float)):
+        if value is not None and (_is_multi(value) or not isinstance(value, int | float)):  # "" too
             raise ImageRejectedError(f"DICOM {keyword} {str(value)[:40]!r} is not one number", reason="IMAGE_CORRUPT")
     required = list(_REQUIRED_PIXEL_ELEMENTS)
     if "PixelData" in ds:
@@ -458,7 +458,11 @@ def _check_required_elements(ds: Any) -> None:
         raise ImageRejectedError(
             f"DICOM lacks the image pixel element(s) {missing} needed to decode its pixel data", reason="IMAGE_CORRUPT"
         )
-    # after the check above: reading PixelData resolves its ambiguous VR (OB/OW) from BitsAllocated
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel", "PixelRepresentation"):
+        value = ds.get(keyword)  # pydicom's pixel code compares these as they are (a string VR gives a str)
+        if value is not None and (_is_multi(value) or not isinstance(value, int)):
+            raise ImageRejectedError(f"DICOM {keyword} {str(value)[:40]!r} is not one integer", reason="IMAGE_CORRUPT")
+    # after the checks above: reading PixelData resolves its ambiguous VR (OB/OW) from BitsAllocated
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
             raise ImageRejectedError(
