@@ -1,6 +1,7 @@
 """Run a fuzz harness for a bounded time, seeded from ../shared/data, and record the result.
 
     python -m fuzz.run --seconds 300 --out fuzz/results/decode_image.json
+    python -m fuzz.run --mutational --executions 1000000 --seconds 3000 --out fuzz/results/decode_image_mutational.json
 
 The JSON says how many inputs ran, the coverage reached, and every finding (libFuzzer stops
 at the first one; its input is kept under the work directory as crash-*/timeout-*/oom-*).
@@ -184,6 +185,67 @@ def run_fuzzer(
     }
 
 
+def run_mutational(
+    *,
+    workers: int = 1,
+    executions: int = 1_000_000,
+    seconds: int = 3600,
+    workdir: Path,
+    nice: int = 10,
+    first_seed: int = 1,
+) -> dict[str, Any]:
+    """The uninstrumented mutational campaign (fuzz/mutate.py): `workers` processes, seed first_seed + i,
+    `executions` in all; then `summarize_mutational`."""
+    procs = []
+    for i in range(workers):
+        share = executions // workers + (1 if i < executions % workers else 0)
+        cmd = [sys.executable, "-m", "fuzz.mutate", f"--seed={first_seed + i}", f"--executions={share}"]
+        cmd += [f"--seconds={seconds}", f"--out={workdir / f'w{first_seed + i}'}"]
+        procs.append(subprocess.Popen(["nice", "-n", str(nice), *cmd], cwd=REPO, env=_ENV))
+    codes = [proc.wait() for proc in procs]
+    summary = summarize_mutational(workdir)
+    for i, code in enumerate(codes):
+        if code not in (0, 3):  # 3: findings, recorded in stats.json; else a hang (watchdog), crash or kill
+            died = workdir / f"w{first_seed + i}" / "current.bin"
+            summary["findings"].append({"key": f"worker exit {code}", "input": str(died), "hits": 1})
+    return summary
+
+
+def summarize_mutational(workdir: Path) -> dict[str, Any]:
+    """Sum every worker's stats.json under `workdir` (fractions are of all executions)."""
+    workers = [json.loads(p.read_text()) for p in sorted(workdir.glob("w*/stats.json"))]
+    total = sum(w["executions"] for w in workers)
+
+    def fraction(field: str) -> dict[str, float]:
+        keys = {k for w in workers for k in w[field]}
+        return {
+            k: round(sum(w[field].get(k, 0) * w["executions"] for w in workers) / max(total, 1), 4)
+            for k in sorted(keys)
+        }
+
+    def count(field: str) -> dict[str, int]:
+        keys = {k for w in workers for k in w[field]}
+        return {k: sum(w[field].get(k, 0) for w in workers) for k in sorted(keys)}
+
+    return {
+        "mode": "mutational (fuzz/mutate.py), uninstrumented",
+        "target": "cxr_serving.images.decode_image, default DecodeLimits",
+        "contract": "ImageRejectedError, or one finite float32 frame in [0, 1]; else a finding",
+        "executions": total,
+        "workers": [
+            {k: w[k] for k in ("seed", "executions", "seconds", "exec_per_s", "peak_rss_mb", "seed_files_by_source")}
+            for w in workers
+        ],
+        "exec_per_s_all_workers": round(sum(w["exec_per_s"] for w in workers), 1),
+        "executions_by_seed_source": count("executions_by_seed_source"),
+        "sniffed_fraction": fraction("sniffed_fraction"),
+        "past_sniffing_fraction": fraction("past_sniffing_fraction"),
+        "decoded_fraction": fraction("decoded_fraction"),
+        "outcomes": count("outcomes"),
+        "findings": [f for w in workers for f in w["findings"]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--harness", default="decode_image", choices=sorted(HARNESSES))
@@ -194,7 +256,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the JSON summary here")
     ap.add_argument("--max-seed-bytes", type=int, help="leave out seed files larger than this")
     ap.add_argument("--keep-going", action="store_true", help="record every distinct exception and go on")
+    ap.add_argument("--mutational", action="store_true", help="the uninstrumented mutational campaign instead")
+    ap.add_argument("--workers", type=int, default=1, help="--mutational: worker processes (nice 10)")
+    ap.add_argument("--executions", type=int, default=1_000_000, help="--mutational: executions in all")
+    ap.add_argument("--first-seed", type=int, default=1, help="--mutational: worker i uses seed first_seed + i")
     args = ap.parse_args()
+    if args.mutational:
+        workdir = args.workdir or REPO / "var" / "fuzz" / "mutational"
+        summary = run_mutational(
+            workers=args.workers,
+            executions=args.executions,
+            seconds=args.seconds,
+            workdir=workdir,
+            first_seed=args.first_seed,
+        )
+        if args.out:
+            args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
+        raise SystemExit(1 if summary["findings"] else 0)
     result = run_fuzzer(
         args.harness,
         seconds=args.seconds,

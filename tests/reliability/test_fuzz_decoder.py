@@ -41,6 +41,32 @@ EXPECTED = {
     "dicom-encapsulated-no-frames-stopiteration.dcm": ("IMAGE_CORRUPT", "StopIteration"),
     # NumberOfFrames (IS) with several values: our int() of a MultiValue raised TypeError
     "dicom-multivalued-numberofframes-typeerror.dcm": ("IMAGE_CORRUPT", "NumberOfFrames has 3 values"),
+    # mutational campaign: TransferSyntaxUID with two values; pydicom's UID() raised TypeError
+    "dicom-multivalued-transfersyntaxuid-typeerror.dcm": (
+        "IMAGE_CORRUPT",
+        "TransferSyntaxUID (0002,0010) must be one UID",
+    ),
+    # mutational campaign (pixel data cut from 512x512 to 128x128): RescaleIntercept "0\0\x7f", which
+    # pydicom keeps as text; its modality LUT added the text to the pixels (UFuncTypeError)
+    "dicom-rescaleintercept-text-ufunctypeerror.dcm": ("IMAGE_CORRUPT", "RescaleIntercept '0"),
+    # mutational campaign: TransferSyntaxUID with VR SH; pydicom's "not supported" message read .name of a str
+    "dicom-transfersyntaxuid-not-ui-attributeerror.dcm": (
+        "IMAGE_CORRUPT",
+        "TransferSyntaxUID (0002,0010) must be one UID",
+    ),
+    # mutational campaign: implicit-VR PixelData (OB or OW) without BitsAllocated; reading it to check its VR
+    # made pydicom resolve the ambiguous VR, which raised AttributeError
+    "dicom-ambiguous-pixeldata-vr-no-bitsallocated-attributeerror.dcm": ("IMAGE_CORRUPT", "['BitsAllocated']"),
+    # mutational campaign (the worker's hang watchdog fired): a 1024x1024 JPEG-baseline DICOM whose JPEG SOF says
+    # 65535x65535; libjpeg went on decoding 4 gigapixels (> 120 s, unbounded memory)
+    # mutational campaign: an empty RescaleSlope; pydicom's modality LUT multiplied the pixels by "" (UFuncTypeError)
+    "dicom-rescaleslope-empty-ufunctypeerror.dcm": ("IMAGE_CORRUPT", "RescaleSlope '' is not one number"),
+    # mutational campaign: BitsAllocated with VR LO ("US"); pydicom compared 1 <= "US" (TypeError)
+    "dicom-bitsallocated-vr-lo-typeerror.dcm": ("IMAGE_CORRUPT", "BitsAllocated 'US' is not one integer"),
+    "dicom-jpeg-sof-65535x65535-hang.dcm": (
+        "IMAGE_CORRUPT",
+        "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
+    ),
 }
 
 
@@ -92,3 +118,21 @@ def test_replay_peak_rss_is_the_decoders_not_the_test_process():
     assert ballast[0, 0, 0] == 1
     assert result["ok"], result
     assert result["peak_rss_mb"] < 300
+
+
+def test_mutational_fuzzing_reaches_the_decoders_and_finds_nothing(tmp_path):
+    """The uninstrumented mutational mode (fuzz/mutate.py), bounded: 2,000 executions or 20 s. Its
+    inputs must get past format sniffing into the decoders, or its execution count means nothing."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fuzz.mutate", "--seed=7", "--executions=2000", "--seconds=20", f"--out={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["findings"] == [], json.dumps(stats["findings"], indent=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert stats["executions"] == 2000 or stats["seconds"] >= 20, stats
+    assert stats["executions"] >= 300, stats  # ~500/s on one idle core; 20 s bounds a busy one
+    assert stats["past_sniffing_total"] >= 0.30, stats["past_sniffing_fraction"]
+    assert set(stats["past_sniffing_fraction"]) == {"png", "jpeg", "dcm"}, stats["past_sniffing_fraction"]
+    assert stats["decoded_total"] > 0.01, stats["decoded_fraction"]  # mutants still decode, not all refused

@@ -438,13 +438,16 @@ def _header_str(ds: Any, keyword: str, default: str) -> str:
 
 
 def _check_required_elements(ds: Any) -> None:
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
-            raise ImageRejectedError(
-                f"DICOM {keyword} has VR {ds[keyword].VR}, not binary pixel data", reason="IMAGE_CORRUPT"
-            )
+    from pydicom.uid import UID
+
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise ImageRejectedError("DICOM file meta has no TransferSyntaxUID (0002,0010)", reason="IMAGE_CORRUPT")
+    if not isinstance(ds.file_meta.TransferSyntaxUID, UID):  # several values, or not VR UI: pydicom fails on it
+        raise ImageRejectedError("DICOM TransferSyntaxUID (0002,0010) must be one UID (VR UI)", reason="IMAGE_CORRUPT")
+    for keyword in ("RescaleSlope", "RescaleIntercept"):  # pydicom's modality LUT multiplies/adds them as they are
+        value = ds.get(keyword)
+        if value is not None and (_is_multi(value) or not isinstance(value, int | float)):  # "" too
+            raise ImageRejectedError(f"DICOM {keyword} {str(value)[:40]!r} is not one number", reason="IMAGE_CORRUPT")
     required = list(_REQUIRED_PIXEL_ELEMENTS)
     if "PixelData" in ds:
         required += _REQUIRED_INTEGER_PIXEL_ELEMENTS
@@ -454,6 +457,52 @@ def _check_required_elements(ds: Any) -> None:
     if missing:
         raise ImageRejectedError(
             f"DICOM lacks the image pixel element(s) {missing} needed to decode its pixel data", reason="IMAGE_CORRUPT"
+        )
+    for keyword in ("Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel", "PixelRepresentation"):
+        value = ds.get(keyword)  # pydicom's pixel code compares these as they are (a string VR gives a str)
+        if value is not None and (_is_multi(value) or not isinstance(value, int)):
+            raise ImageRejectedError(f"DICOM {keyword} {str(value)[:40]!r} is not one integer", reason="IMAGE_CORRUPT")
+    # after the checks above: reading PixelData resolves its ambiguous VR (OB/OW) from BitsAllocated
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds and not isinstance(ds[keyword].value, bytes):  # e.g. a VR of SQ: pydicom would fail
+            raise ImageRejectedError(
+                f"DICOM {keyword} has VR {ds[keyword].VR}, not binary pixel data", reason="IMAGE_CORRUPT"
+            )
+
+
+# Start-of-frame markers of JPEG (SOF0-SOF15 less DHT/JPG/DAC) and JPEG-LS (SOF55): they carry the frame size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG/JPEG-LS or JPEG 2000 codestream declares in its header, or None if not found."""
+    soc = frame.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (Xsiz, Ysiz, XOsiz, YOsiz after Lsiz, Rsiz)
+    soi = frame.find(b"\xff\xd8")
+    if soc >= 0 and (soi < 0 or soc < soi) and soc + 24 <= len(frame):
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", frame, soc + 8)
+        return xsiz - xo, ysiz - yo
+    i = soi + 2 if soi >= 0 else len(frame)
+    while i + 9 <= len(frame) and frame[i] == 0xFF:  # JPEG: walk the marker segments up to the frame header
+        if frame[i + 1] == 0xFF:
+            i += 1
+        elif frame[i + 1] in _JPEG_SOF:
+            height, width = struct.unpack_from(">HH", frame, i + 5)
+            return width, height
+        else:
+            i += 2 + struct.unpack_from(">H", frame, i + 2)[0]
+    return None
+
+
+def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
+    """A compressed frame is decoded at the size its own header declares, not Rows x Columns: a mutated
+    JPEG header of 65535x65535 made libjpeg decode 4 gigapixels for a 1024x1024 DICOM."""
+    if "PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    size = _codestream_size(ds.PixelData[:65536])
+    if size is not None and size != (cols, rows):
+        raise ImageRejectedError(
+            f"DICOM compressed frame declares {size[0]}x{size[1]} pixels but Rows/Columns say {cols}x{rows}",
+            reason="IMAGE_CORRUPT",
         )
 
 
@@ -475,6 +524,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         frames = _header_int(ds, "NumberOfFrames", 1)
         _check_dimensions(cols, rows, frames, limits)
         _check_required_elements(ds)
+        _check_codestream_size(ds, rows, cols)
         photometric = _header_str(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
         bits_stored = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 8) or 8
         samples = _header_int(ds, "SamplesPerPixel", 1)
