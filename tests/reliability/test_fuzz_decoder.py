@@ -57,13 +57,19 @@ EXPECTED = {
     # mutational campaign: implicit-VR PixelData (OB or OW) without BitsAllocated; reading it to check its VR
     # made pydicom resolve the ambiguous VR, which raised AttributeError
     "dicom-ambiguous-pixeldata-vr-no-bitsallocated-attributeerror.dcm": ("IMAGE_CORRUPT", "['BitsAllocated']"),
-    # mutational campaign (the worker's hang watchdog fired): a 1024x1024 JPEG-baseline DICOM whose JPEG SOF says
-    # 65535x65535; libjpeg went on decoding 4 gigapixels (> 120 s, unbounded memory)
     # mutational campaign: an empty RescaleSlope; pydicom's modality LUT multiplied the pixels by "" (UFuncTypeError)
     "dicom-rescaleslope-empty-ufunctypeerror.dcm": ("IMAGE_CORRUPT", "RescaleSlope '' is not one number"),
     # mutational campaign: BitsAllocated with VR LO ("US"); pydicom compared 1 <= "US" (TypeError)
     "dicom-bitsallocated-vr-lo-typeerror.dcm": ("IMAGE_CORRUPT", "BitsAllocated 'US' is not one integer"),
+    # mutational campaign (the worker's hang watchdog fired): a 1024x1024 JPEG-baseline DICOM whose JPEG SOF says
+    # 65535x65535; libjpeg went on decoding 4 gigapixels (> 120 s, unbounded memory)
     "dicom-jpeg-sof-65535x65535-hang.dcm": (
+        "IMAGE_CORRUPT",
+        "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
+    ),
+    # mutational campaign (hang watchdog): a corrupt segment length after the quantization tables ended our
+    # header walk, and libjpeg resynchronised on a later frame header of 65535x65535 (> 25 s)
+    "dicom-jpeg-corrupt-segment-length-hang.dcm": (
         "IMAGE_CORRUPT",
         "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
     ),

@@ -471,6 +471,7 @@ def _check_required_elements(ds: Any) -> None:
 
 
 # Start-of-frame markers of JPEG (SOF0-SOF15 less DHT/JPG/DAC) and JPEG-LS (SOF55): they carry the frame size.
+_JPEG_FAMILY_SYNTAXES = "1.2.840.10008.1.2.4."  # JPEG, JPEG-LS, JPEG 2000 (and HTJ2K) transfer syntaxes
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 
 
@@ -490,14 +491,22 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
             return width, height
         else:
             i += 2 + struct.unpack_from(">H", frame, i + 2)[0]
+    # a corrupt segment length ends the walk, but libjpeg resynchronises on the next marker: find the
+    # frame header it would find
+    start = soi if soi >= 0 else len(frame)
+    while (j := frame.find(b"\xff", start)) >= 0 and j + 9 <= len(frame):
+        if frame[j + 1] in _JPEG_SOF:
+            height, width = struct.unpack_from(">HH", frame, j + 5)
+            return width, height
+        start = j + 1
     return None
 
 
 def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
     """A compressed frame is decoded at the size its own header declares, not Rows x Columns: a mutated
     JPEG header of 65535x65535 made libjpeg decode 4 gigapixels for a 1024x1024 DICOM."""
-    if "PixelData" not in ds or not ds.file_meta.TransferSyntaxUID.is_compressed:
-        return
+    if "PixelData" not in ds or not str(ds.file_meta.TransferSyntaxUID).startswith(_JPEG_FAMILY_SYNTAXES):
+        return  # RLE and deflate frames carry no size of their own (and may hold any bytes)
     size = _codestream_size(ds.PixelData[:65536])
     if size is not None and size != (cols, rows):
         raise ImageRejectedError(
