@@ -203,7 +203,7 @@ def test_latency_c1_reads_the_server_time_from_the_real_access_log_format():
     fmt = JsonFormatter("segmentation")
 
     def line(method: str, code: str, ms: float) -> str:
-        rec = logging.LogRecord("cxr_serving.interceptors", logging.DEBUG, __file__, 1, "rpc", None, None)
+        rec = logging.LogRecord("cxr_serving.auth", logging.DEBUG, __file__, 1, "rpc", None, None)
         rec.fields = {"method": f"/cxr.segmentation.v1.SegmentationService/{method}", "code": code, "ms": ms}
         return fmt.format(rec)
 

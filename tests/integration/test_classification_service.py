@@ -28,9 +28,9 @@ from cxr_classification.service import SERVICE_NAME, build_binding
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
-from cxr_serving.amp import cpu_has_native_bf16
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.lifecycle import checkpoint_version
+from cxr_serving.optimize.amp import cpu_has_native_bf16
 from tests.conftest import DICOM_DIR, REPO, cxr14_images
 from tests.support.servers import auth, make_settings, running_server
 

@@ -7,8 +7,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
+from cxr_serving.otel import setup_tracing
 from cxr_serving.settings import MonitoringConfig
-from cxr_serving.tracing import setup_tracing
 from tests.support.servers import auth, make_settings, running_server
 from tests.support.toy_service import build_toy
 

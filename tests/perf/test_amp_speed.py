@@ -13,8 +13,8 @@ from cxr_classification.config import MultiLabelClassifierConfig
 from cxr_classification.model import ChestXrayClassifier
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.model import SegmentationModel
-from cxr_serving.amp import cpu_has_native_bf16
 from cxr_serving.device import InferenceDevice
+from cxr_serving.optimize.amp import cpu_has_native_bf16
 from cxr_serving.settings import PerformanceConfig
 
 pytestmark = [

@@ -93,7 +93,7 @@ async def test_known_corrupt_image_is_image_corrupt(served):
     ("where", "exc", "image"),
     [
         ("PIL.Image.open", KeyError, "png"),  # inside the Pillow call: not one of Pillow's bad-data errors
-        ("cxr_serving.images._dicom_spacing", AssertionError, "dcm"),  # our own step inside the DICOM path
+        ("cxr_serving.dicom._dicom_spacing", AssertionError, "dcm"),  # our own step inside the DICOM path
     ],
 )
 async def test_a_decoder_defect_is_internal_with_a_logged_correlation_id(
@@ -131,7 +131,7 @@ async def test_a_decoder_defect_in_a_batch_item_is_logged_with_the_correlation_i
         running_server(settings, target.build(settings)) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
     ):
-        monkeypatch.setattr("cxr_serving.images._dicom_spacing", broken)
+        monkeypatch.setattr("cxr_serving.dicom._dicom_spacing", broken)
         dcm = (DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes()
         req = cls_pb.ClassifyImagesRequest(images=[common_pb2.Image(data=good), common_pb2.Image(data=dcm)])
         cid = "decoder-defect-batch"

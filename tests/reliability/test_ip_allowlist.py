@@ -107,13 +107,13 @@ async def test_forwarded_for_counts_only_from_a_trusted_proxy() -> None:
     ],
 )
 def test_peer_address_forms(peer: str, ip: str | None) -> None:
-    from cxr_serving.interceptors import peer_address
+    from cxr_serving.auth import peer_address
 
     assert peer_address(peer) == (None if ip is None else ipaddress.ip_address(ip))
 
 
 def test_the_client_address_walks_forwarded_for_from_the_right_past_trusted_proxies() -> None:
-    from cxr_serving.interceptors import PeerAllowListInterceptor
+    from cxr_serving.auth import PeerAllowListInterceptor
 
     check = PeerAllowListInterceptor(["192.0.2.0/24"], trusted_proxies=["10.0.0.0/8"])
     assert str(check.client_address("ipv4:10.0.0.5:1", ["192.0.2.9, 10.0.0.7"])) == "192.0.2.9"

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cxr_serving import allocator
+from cxr_serving.optimize import allocator
 
 pytestmark = pytest.mark.skipif(not allocator.libc_is_glibc(), reason="the heap settings are glibc's")
 

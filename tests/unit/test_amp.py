@@ -15,10 +15,11 @@ from cxr_classification.config import BinaryClassifierConfig, MultiLabelClassifi
 from cxr_classification.model import ChestXrayClassifier
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.model import SegmentationModel
-from cxr_serving import amp, device
-from cxr_serving.amp import output_deviation, precision_of, with_autocast
+from cxr_serving import device
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
+from cxr_serving.optimize import amp
+from cxr_serving.optimize.amp import output_deviation, precision_of, with_autocast
 from cxr_serving.settings import PerformanceConfig
 from tests.conftest import cxr14_images
 from tests.unit.test_classification_model import inputs as classifier_inputs
@@ -50,7 +51,7 @@ def test_network_that_breaks_in_bf16_keeps_float32(caplog) -> None:
     net = nn.Linear(2, 1, bias=False).eval()
     with torch.no_grad():
         net.weight.copy_(torch.tensor([[1.0, -1.0]]))
-    with caplog.at_level(logging.WARNING, logger="cxr_serving.amp"):
+    with caplog.at_level(logging.WARNING, logger="cxr_serving.optimize.amp"):
         kept, deviation = with_autocast(net, "cpu", torch.bfloat16, example=torch.tensor([[1000.0, 999.0]]))
     assert kept is net and precision_of(kept) == "float32" and deviation == pytest.approx(1.0)
     assert "serving float32" in caplog.text

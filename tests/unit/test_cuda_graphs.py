@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_serving.amp import precision_of, with_autocast
-from cxr_serving.cuda_graphs import graph_class, unwrapped, with_cuda_graphs
 from cxr_serving.device import InferenceDevice
+from cxr_serving.optimize.amp import precision_of, with_autocast
+from cxr_serving.optimize.cuda_graphs import graph_class, unwrapped, with_cuda_graphs
 from cxr_serving.settings import PerformanceConfig
 
 
@@ -111,7 +111,7 @@ def test_network_returning_a_tuple_is_served_eagerly(caplog) -> None:
 _HOST_SYNC_CHILD = """
 import json, logging, torch
 from torch import nn
-from cxr_serving.cuda_graphs import with_cuda_graphs
+from cxr_serving.optimize.cuda_graphs import with_cuda_graphs
 
 class HostSync(nn.Module):
     def forward(self, x):

@@ -7,7 +7,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxr_serving.images import ANONYMIZED, IDENTIFYING_DICOM_KEYWORDS, DecodeLimits, decode_image
+from cxr_serving.dicom import ANONYMIZED, IDENTIFYING_DICOM_KEYWORDS
+from cxr_serving.images import DecodeLimits, decode_image
 from cxr_serving.settings import load_settings
 from tests.conftest import dicom_files
 

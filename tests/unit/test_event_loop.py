@@ -1,4 +1,4 @@
-"""cxr_serving.event_loop: the loop every server process (services, gateway) runs."""
+"""cxr_serving.optimize.event_loop: the loop every server process (services, gateway) runs."""
 
 import asyncio
 import builtins
@@ -7,7 +7,7 @@ import pytest
 import uvloop
 
 from cxr_serving.errors import ConfigError
-from cxr_serving.event_loop import runner
+from cxr_serving.optimize.event_loop import runner
 from cxr_serving.settings import load_settings
 
 

@@ -1,4 +1,4 @@
-"""BatchNorm folding at load (cxr_serving.fold): same outputs, fewer layers, the original untouched,
+"""BatchNorm folding at load (cxr_serving.optimize.fold): same outputs, fewer layers, the original untouched,
 only the pairs it is safe to fold, and no effect on forwards running on other threads."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cxr_serving.device import InferenceDevice
-from cxr_serving.fold import fold_batchnorm
+from cxr_serving.optimize.fold import fold_batchnorm
 from cxr_serving.settings import PerformanceConfig
 
 

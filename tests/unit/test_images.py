@@ -377,7 +377,7 @@ def test_a_defect_inside_the_decoder_propagates(monkeypatch, sample_png):
     def broken(*args, **kwargs):
         raise KeyError("injected")
 
-    monkeypatch.setattr("cxr_serving.images._dicom_spacing", broken)
+    monkeypatch.setattr("cxr_serving.dicom._dicom_spacing", broken)
     with pytest.raises(KeyError):
         decode_image((DICOM_DIR / "nih-dx-mono2-8bit.dcm").read_bytes())
     monkeypatch.setattr("PIL.Image.open", broken)

@@ -218,10 +218,10 @@ def test_data_path_is_the_base_of_relative_rag_data_paths(tmp_path: Path) -> Non
 def test_environment_is_the_deployment_environment_of_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from cxr_serving import tracing
+    from cxr_serving import otel
     from cxr_serving.settings import MonitoringConfig
 
-    monkeypatch.setattr(tracing, "_installed", True)  # leave the process-wide provider to the tracing tests
+    monkeypatch.setattr(otel, "_installed", True)  # leave the process-wide provider to the tracing tests
     cfg = MonitoringConfig(tracing_enabled=True)
-    provider = tracing.setup_tracing("rag", cfg, exporter=InMemorySpanExporter(), environment="staging")
+    provider = otel.setup_tracing("rag", cfg, exporter=InMemorySpanExporter(), environment="staging")
     assert provider is not None and provider.resource.attributes["deployment.environment"] == "staging"

@@ -25,7 +25,7 @@ from cxr_gateway.openapi import build_openapi
 from cxr_gateway.roles import unprotected_admin_routes
 from cxr_gateway.routes import ProtoCatalog
 from cxr_serving.errors import ConfigError
-from cxr_serving.event_loop import CHOICES, runner
+from cxr_serving.optimize.event_loop import CHOICES, runner
 from cxr_serving.settings import load_settings
 
 log = logging.getLogger("cxr.gateway")

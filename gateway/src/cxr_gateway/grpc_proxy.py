@@ -33,7 +33,7 @@ from cxr_gateway.limits import (
 )
 from cxr_gateway.transcoding import http_status
 from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, is_connect_failure
-from cxr_serving.interceptors import peer_address
+from cxr_serving.auth import peer_address
 
 if TYPE_CHECKING:
     from cxr_gateway.app import Gateway

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cxr_serving.errors import ConfigError
-from cxr_serving.event_loop import runner
 from cxr_serving.logging_setup import setup_logging
+from cxr_serving.optimize.event_loop import runner
+from cxr_serving.otel import setup_tracing
 from cxr_serving.server import ServiceBinding, create_server, serve
 from cxr_serving.settings import Settings, load_settings
-from cxr_serving.tracing import setup_tracing
 
 
 def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv: Sequence[str] | None = None) -> int:

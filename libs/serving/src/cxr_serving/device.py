@@ -1,9 +1,6 @@
-"""Inference device settings (DESIGN.md §3): device choice, TF32, cuDNN benchmark and optional
-torch.compile or CUDA graphs (cuda_graphs.py) on GPU; AMP on GPU and on CPUs with native bfloat16 (amp.py);
-BatchNorm folding (fold.py), channels_last on both (on CPU oneDNN runs NHWC convolutions faster:
-bench/README.md) and a frozen TorchScript trace on CPU (trace.py); the CPU thread count and heap
-(allocator.py); a clean CPU fallback.
-Imports torch lazily so services without torch (none today) need not install it."""
+"""Where and how a model runs: the device, its backend flags and the speed options of `optimize/`,
+each kept only if the model still answers like float32, with a clean CPU fallback. Imports torch
+lazily so a service without torch need not install it."""
 
 from __future__ import annotations
 
@@ -13,12 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cxr_serving.allocator import keep_freed_memory
-from cxr_serving.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
-from cxr_serving.cuda_graphs import with_cuda_graphs
-from cxr_serving.fold import fold_batchnorm
+from cxr_serving.optimize.allocator import keep_freed_memory
+from cxr_serving.optimize.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
+from cxr_serving.optimize.cuda_graphs import with_cuda_graphs
+from cxr_serving.optimize.fold import fold_batchnorm
+from cxr_serving.optimize.torchscript import traced
 from cxr_serving.settings import PerformanceConfig
-from cxr_serving.trace import traced
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +31,9 @@ class InferenceDevice:
     compile: bool
     fold_batchnorm: bool = False
     amp_tolerance: float = DEFAULT_TOLERANCE
-    trace: bool = False  # TorchScript trace + freeze at load (trace.py): CPU, float32
+    trace: bool = False  # TorchScript trace + freeze at load (optimize/torchscript.py): CPU, float32
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
-    cuda_graphs: bool = False  # replay CUDA graphs (cuda_graphs.py): GPU, without compile
+    cuda_graphs: bool = False  # replay CUDA graphs (optimize/cuda_graphs.py): GPU, without compile
 
     @property
     def is_cuda(self) -> bool:
@@ -84,10 +81,10 @@ class InferenceDevice:
     def prepare(self, model: Any, example: Any = None) -> Any:
         """Move an eval-mode module to the device with the configured memory format, fold its
         BatchNorms when `example` (one CPU input batch, small is fine) is given (a copy when any were
-        folded: `model` itself is moved but not rewritten), trace and freeze it (CPU, float32: trace.py),
+        folded: `model` itself is moved but not rewritten), trace and freeze it (CPU, float32: optimize/torchscript.py),
         wrap it in autocast when AMP is on (kept
-        only if its output on `example` stays within amp_tolerance of float32: amp.py), compile if asked,
-        else record CUDA graphs if asked (cuda_graphs.py).
+        only if its output on `example` stays within amp_tolerance of float32: optimize/amp.py), compile if asked,
+        else record CUDA graphs if asked (optimize/cuda_graphs.py).
         `amp.precision_of(result)` says which precision it serves."""
         import torch
 

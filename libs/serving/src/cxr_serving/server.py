@@ -20,16 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from cxr_serving.interceptors import (
+from cxr_serving.auth import (
     AdminClosedInterceptor,
     ApiKeyInterceptor,
     ApiKeyStore,
     KeyRoles,
-    ObservabilityInterceptor,
     PeerAllowListInterceptor,
 )
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.metrics import MetricsServer
+from cxr_serving.observability import ObservabilityInterceptor
 from cxr_serving.settings import Settings
 
 log = logging.getLogger(__name__)

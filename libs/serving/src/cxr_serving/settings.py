@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cxr_serving.errors import ConfigError
-from cxr_serving.event_loop import EventLoopChoice
+from cxr_serving.optimize.event_loop import EventLoopChoice
 from cxr_serving.roles import platform_admin_methods
 
 ImageFormat = Literal["png", "jpg", "jpeg", "dcm"]

@@ -24,10 +24,10 @@ from cxr_classification.checkpoints import load_checkpoint
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
-from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
+from cxr_serving.optimize.amp import precision_of
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
 from cxr_segmentation.preprocessing import Preprocess
-from cxr_serving.amp import precision_of
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
+from cxr_serving.optimize.amp import precision_of
 
 log = logging.getLogger(__name__)
 

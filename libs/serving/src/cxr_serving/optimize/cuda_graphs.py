@@ -37,7 +37,7 @@ def _graph_module() -> Any:
     import torch
     from torch import nn
 
-    from cxr_serving.amp import output_deviation
+    from cxr_serving.optimize.amp import output_deviation
 
     class CudaGraphs(nn.Module):
         """`inner` replayed as one CUDA graph per input shape; eager for CPU inputs and after a failure."""

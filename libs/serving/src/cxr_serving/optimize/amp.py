@@ -83,7 +83,7 @@ def _autocast_module() -> Any:
 
 def precision_of(module: Any) -> str:
     """'bfloat16' / 'float16' for a network wrapped by `with_autocast`, else 'float32'."""
-    from cxr_serving.cuda_graphs import unwrapped
+    from cxr_serving.optimize.cuda_graphs import unwrapped
 
     module = unwrapped(getattr(module, "_orig_mod", module))  # torch.compile's or the CUDA graphs' wrapper
     return str(module.dtype).removeprefix("torch.") if isinstance(module, _autocast_module()) else "float32"
@@ -94,7 +94,7 @@ def output_deviation(reference: Any, got: Any) -> float:
     or the structure differs."""
     import torch
 
-    from cxr_serving.fold import output_tensors
+    from cxr_serving.optimize.fold import output_tensors
 
     ref, out = output_tensors(reference), output_tensors(got)
     if len(ref) != len(out):

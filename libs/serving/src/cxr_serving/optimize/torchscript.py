@@ -19,7 +19,7 @@ import logging
 import warnings
 from typing import Any
 
-from cxr_serving.amp import output_deviation
+from cxr_serving.optimize.amp import output_deviation
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cxr_serving.device import InferenceDevice
+from cxr_serving.optimize.torchscript import is_traced, traced
 from cxr_serving.settings import PerformanceConfig
-from cxr_serving.trace import is_traced, traced
 
 
 class SmallCnn(nn.Module):

@@ -1,44 +1,35 @@
-"""gRPC server interceptors: peer address allow-list, API key and role, then correlation id + tracing +
-error mapping + access log + metrics around every handler (one wrapper for all four RPC shapes)."""
+"""Who may call: the peer address allow-list, then the API key and the role it holds (admin RPCs are
+declared in the protos, read by `roles.is_admin_method`). Refusals are logged by `observability.refuse`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hmac
 import inspect
 import ipaddress
-import logging
 import os
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry import trace
-from opentelemetry.propagate import extract
 
-from cxr_serving.audit import audit, caller, models_in
 from cxr_serving.errors import CxrError, ErrorKind, UnauthenticatedError
-from cxr_serving.grpc_errors import status_for_exception, trailing_metadata
-from cxr_serving.logging_setup import correlation_id_var
-from cxr_serving.metrics import REQUEST_DURATION, REQUESTS_TOTAL
+from cxr_serving.observability import log, rebuild_handler, refusal, refuse, request_metadata
 from cxr_serving.roles import Role, is_admin_method
-
-log = logging.getLogger("cxr.access")
-
-API_KEY_HEADERS = ("x-api-key", "apikey")
-CORRELATION_HEADERS = ("x-correlation-id", "x-request-id", "kong-request-id")
-CORRELATION_HEADER = "x-correlation-id"
-FORWARDED_FOR_HEADER = "x-forwarded-for"
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
     Ctx = grpc.aio.ServicerContext[Any, Any]
+
+API_KEY_HEADERS = ("x-api-key", "apikey")
+FORWARDED_FOR_HEADER = "x-forwarded-for"
+
+
+def api_key(md: dict[str, str]) -> str:
+    """The key a caller sent, from either header Kong's key-auth plugin accepts."""
+    return next((md[h] for h in API_KEY_HEADERS if h in md), "")
 
 
 class ApiKeyStore:
@@ -97,57 +88,16 @@ class KeyRoles:
         is_admin, is_inference = self.admin.is_valid(key), self.inference.is_valid(key)
         return Role.ADMIN if is_admin else Role.INFERENCE if is_inference else Role.NONE
 
+    def role_of(self, md: dict[str, str]) -> Role:
+        """The role of the key in a call's metadata."""
+        return self.role(api_key(md))
+
 
 class AccessDeniedError(CxrError):
     """A caller authenticated (or not needing to) but not allowed this call: PERMISSION_DENIED."""
 
     kind = ErrorKind.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
-
-
-def _key(md: dict[str, str]) -> str:
-    return next((md[h] for h in API_KEY_HEADERS if h in md), "")
-
-
-def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
-        if isinstance(value, str):
-            out[key.lower()] = value
-    return out
-
-
-def _rebuild(handler: Handler, wrap_unary: Callable[..., Any], wrap_stream: Callable[..., Any]) -> Handler:
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
-    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
-
-
-async def _refuse(context: Ctx, method: str, md: dict[str, str], err: CxrError, role: Role) -> None:
-    """Abort a refused call. Refused calls never reach the access log of ObservabilityInterceptor: log and
-    audit them here (never the key)."""
-    code, status = status_for_exception(err)
-    REQUESTS_TOTAL.labels(method, code.name).inc()
-    fields = {"method": method, "code": code.name, "reason": err.reason, "peer": context.peer()}
-    log.info("rpc", extra={"fields": fields})
-    audit(method, code.name, caller(md, role), (), fields["peer"], 0.0)
-    await context.abort(code, status.message, trailing_metadata=trailing_metadata(status))
-
-
-def _refusal(handler: Handler, method: str, md: dict[str, str], err: CxrError, role: Role) -> Handler:
-    async def deny(request: Any, context: Ctx) -> Any:
-        await _refuse(context, method, md, err, role)
-
-    async def deny_stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-        await deny(request, context)
-        yield  # pragma: no cover - abort raises
-
-    return _rebuild(handler, lambda _b: deny, lambda _b: deny_stream)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -172,8 +122,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method in self._exempt:
             return handler
-        md = _metadata(details)
-        key = _key(md)
+        md = request_metadata(details)
+        key = api_key(md)
         role = self._roles.role(key)
         if role is Role.ADMIN or (role is Role.INFERENCE and not self._admin_method(method)):
             return handler
@@ -188,7 +138,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 "missing API key: send it in the x-api-key header" if not key else "invalid API key",
                 reason="API_KEY_MISSING" if not key else "API_KEY_INVALID",
             )
-        return _refusal(handler, method, md, err, role)
+        return refusal(handler, method, md, err, role)
 
 
 class AdminClosedInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -210,7 +160,7 @@ class AdminClosedInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
             "authentication on and an admin API key",
             reason="ADMIN_REQUIRED",
         )
-        return _refusal(handler, method, _metadata(details), err, Role.NONE)
+        return refusal(handler, method, request_metadata(details), err, Role.NONE)
 
 
 def peer_address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -282,13 +232,13 @@ class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method in self._exempt:
             return handler
-        md = _metadata(details)
+        md = request_metadata(details)
         forwarded = [
             v
             for k, v in details.invocation_metadata or ()  # type: ignore[attr-defined]
             if k.lower() == FORWARDED_FOR_HEADER and isinstance(v, str)
         ]
-        role = self._roles.role(_key(md)) if self._roles is not None else Role.NONE
+        role = self._roles.role_of(md) if self._roles is not None else Role.NONE
 
         async def check(context: Ctx) -> None:
             peer = context.peer() or ""
@@ -298,7 +248,7 @@ class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                     f"calls from {client or peer or 'this address'} are not allowed (security.allowed_ips)",
                     reason="IP_NOT_ALLOWED",
                 )
-                await _refuse(context, method, md, err, role)
+                await refuse(context, method, md, err, role)
 
         def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def checked(request: Any, context: Ctx) -> Any:
@@ -320,143 +270,4 @@ class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
             return checked
 
-        return _rebuild(handler, wrap_unary, wrap_stream)
-
-
-@dataclass
-class _Call:
-    """What the wrappers learn about one call while it runs."""
-
-    correlation_id: str
-    models: set[str] = field(default_factory=set)
-
-
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Correlation id, tracing span, the error map, access log and request metrics."""
-
-    def __init__(self, service: str, slow_log_ms: float = 1000.0, key_roles: KeyRoles | None = None) -> None:
-        self._service = service
-        self._roles = key_roles
-        self._tracer = trace.get_tracer("cxr_serving.grpc")
-        self._slow_s = slow_log_ms / 1000.0
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]], details: grpc.HandlerCallDetails
-    ) -> Handler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method: str = details.method  # type: ignore[attr-defined]
-        md = _metadata(details)
-
-        def begin(context: Ctx) -> tuple[str, Any, str]:
-            # The peer is read here, while the call is alive: grpc.aio's context.peer() after the call
-            # has ended (deadline, client gone) reads a finished call: '' here, and a CI crash once.
-            peer = context.peer() or ""
-            cid = next((md[h] for h in CORRELATION_HEADERS if md.get(h)), "") or uuid.uuid4().hex
-            correlation_id_var.set(cid[:128])
-            span = self._tracer.start_span(method, context=extract(md), kind=trace.SpanKind.SERVER)
-            span.set_attribute("rpc.system", "grpc")
-            span.set_attribute("rpc.method", method)
-            span.set_attribute("cxr.correlation_id", cid)
-            return cid, span, peer
-
-        async def fail(context: Ctx, exc: Exception, cid: str) -> None:
-            code, status = status_for_exception(exc, cid)
-            if code is grpc.StatusCode.INTERNAL:  # the id in the line itself, whatever the log format
-                log.exception("unhandled error in %s (correlation id %s)", method, cid)
-            md = (*trailing_metadata(status), (CORRELATION_HEADER, cid))
-            await context.abort(code, status.message, trailing_metadata=md)
-
-        who = caller(md, self._roles.role(_key(md)) if self._roles is not None else Role.NONE)
-
-        def finish(span: Any, started: float, code: str, peer: str, models: list[str] | None = None) -> None:
-            elapsed = time.perf_counter() - started
-            audit(method, code, who, models or (), peer, elapsed * 1000)
-            REQUESTS_TOTAL.labels(method, code).inc()
-            REQUEST_DURATION.labels(method, code).observe(elapsed)
-            span.set_attribute("rpc.grpc.status_code", code)
-            span.end()
-            level = logging.INFO if code != "OK" or elapsed >= self._slow_s else logging.DEBUG
-            if log.isEnabledFor(level):
-                log.log(
-                    level,
-                    "rpc",
-                    extra={
-                        "fields": {
-                            "method": method,
-                            "code": code,
-                            "ms": round(elapsed * 1000, 2),
-                            "peer": peer,
-                        }
-                    },
-                )
-
-        def code_of(context: Ctx, default: str) -> str:
-            c = context.code()
-            if c is None:
-                return default
-            return c.name if isinstance(c, grpc.StatusCode) else str(c)
-
-        @contextlib.asynccontextmanager
-        async def observed(context: Ctx) -> AsyncIterator[_Call]:
-            """One call's span, error map, metrics and access log, whatever the RPC shape."""
-            cid, span, peer = begin(context)
-            call = _Call(cid)
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                with trace.use_span(span, end_on_exit=False):
-                    yield call
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
-                raise
-            except Exception as exc:
-                code = "ERROR"
-                await fail(context, exc, cid)
-            finally:
-                finish(span, started, code_of(context, code), peer, sorted(call.models))
-
-        def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapped(request: Any, context: Ctx) -> Any:
-                async with observed(context) as call:
-                    result = behaviour(request, context)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    call.models.update(models_in(result))
-                    # Headers only with a response: an error stays trailers-only, which is what
-                    # lets clients' gRPC retry policy replay it (a call is committed on headers).
-                    await context.send_initial_metadata(((CORRELATION_HEADER, call.correlation_id),))
-                    return result
-
-            return wrapped
-
-        def wrap_writer(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            """A streaming handler that sends with `context.write()` (grpc_health's Watch), not `yield`."""
-
-            async def wrapped(request: Any, context: Ctx) -> None:
-                async with observed(context):
-                    await behaviour(request, context)
-
-            return wrapped
-
-        def wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-            if inspect.iscoroutinefunction(behaviour):
-                return wrap_writer(behaviour)
-
-            async def wrapped(request: Any, context: Ctx) -> AsyncIterator[Any]:
-                async with observed(context) as call:
-                    headers_sent = False
-                    async for item in behaviour(request, context):
-                        if not headers_sent:  # as unary: an error before the first message stays retryable
-                            await context.send_initial_metadata(((CORRELATION_HEADER, call.correlation_id),))
-                            headers_sent = True
-                        call.models.update(models_in(item))
-                        yield item
-
-            return wrapped
-
-        return _rebuild(handler, wrap_unary, wrap_stream)
+        return rebuild_handler(handler, wrap_unary, wrap_stream)
