@@ -64,6 +64,8 @@ class LlmConfig(_Strict):
 
 
 class RagConfig(_Strict):
+    """`models.rag`: the document store, chunking, hybrid retrieval and the LLM client of the RAG service."""
+
     enabled: bool = True
     model_name: str = Field(DEFAULT_LLM, description="the LLM served by vLLM (seed key)")
     vector_db_path: Path = Field(Path("var/data/chroma_db"), description="embedded ChromaDB directory")
