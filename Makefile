@@ -61,8 +61,13 @@ fmt: $(VENV)/.installed node_modules/.installed ## Format Python (ruff) and prot
 	$(VENV)/bin/ruff check --fix .
 	$(BUF) format -w protos
 
+.PHONY: config-reference
+config-reference: $(VENV)/.installed ## Regenerate docs/configuration.md from the settings and model schemas
+	$(PY) scripts/gen_config_reference.py
+
 .PHONY: lint
-lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, ruff, mypy (strict on libs/serving)
+lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, stale docs/configuration.md, ruff, mypy (strict on libs/serving)
+	$(PY) scripts/gen_config_reference.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

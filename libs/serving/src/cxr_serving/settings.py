@@ -88,8 +88,15 @@ class ServerConfig(_Strict):
     """`server_config` of the seed plus runtime knobs of the shared server."""
 
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
+    max_batch_size: int = Field(
+        8, ge=1, le=1024, description="most requests the batcher puts into one forward (a model may set its own)"
+    )
+    max_batch_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=10_000,
+        description="how long the batcher waits for more requests to fill a batch after the first arrives",
+    )
     max_queue_size: int = Field(256, ge=1, description="requests waiting per model before RESOURCE_EXHAUSTED")
     num_workers: int = Field(4, ge=1, le=256, description="threads that decode and preprocess images")
     model_instances: int = Field(
@@ -105,18 +112,26 @@ class ServerConfig(_Strict):
         "'process': each instance is a worker process with its own copy (Triton's Python backend, "
         "LitServe's workers): on CPU the forwards then do not share the server's GIL",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="level of the service's logs (case-insensitive)"
+    )
     event_loop: EventLoopChoice = Field(
         "auto",
         description="the server's asyncio loop: 'auto' runs uvloop when installed (0.6-0.9 ms less per call at "
         "concurrency 1, bench/README.md), else asyncio's own",
     )
-    max_message_mb: float = Field(64, gt=0, le=2047)
-    keepalive_time_s: float = Field(30, gt=0)
-    keepalive_timeout_s: float = Field(10, gt=0)
+    max_message_mb: float = Field(
+        64, gt=0, le=2047, description="largest gRPC message received or sent, so a whole image fits in one request"
+    )
+    keepalive_time_s: float = Field(30, gt=0, description="interval of the server's HTTP/2 keepalive pings")
+    keepalive_timeout_s: float = Field(
+        10, gt=0, description="a connection whose keepalive ping is not answered within this is closed"
+    )
     shutdown_grace_s: float = Field(30, ge=0, description="in-flight requests get this long on SIGTERM")
     shutdown_delay_s: float = Field(0, ge=0, description="on SIGTERM, keep serving this long after NOT_SERVING")
-    max_concurrent_rpcs: int | None = Field(None, ge=1)
+    max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="gRPC's cap on RPCs in progress at once (others get RESOURCE_EXHAUSTED); None: no cap"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,7 +161,9 @@ class PerformanceConfig(_Strict):
         "(~2x faster forwards there, bench/README.md; ignored on other CPUs). Each model reports its "
         "precision in ListModels",
     )
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    amp_dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16", description="GPU: the autocast dtype of use_amp (CPUs always use bfloat16)"
+    )
     amp_tolerance: float = Field(
         0.05,
         gt=0,
@@ -191,7 +208,7 @@ class PerformanceConfig(_Strict):
         "frees, so forwards reuse their activation memory instead of page-faulting it back in (7-12 % of a "
         "CPU forward: bench/README.md); 0 leaves glibc's defaults. Applies for the life of the process",
     )
-    tf32: bool = True
+    tf32: bool = Field(True, description="GPU: let matmuls and convolutions use TensorFloat-32 (faster float32)")
     cudnn_benchmark: bool = Field(
         False,
         description="GPU: let cuDNN time every convolution algorithm for each new input shape. The batcher forms "
@@ -199,7 +216,13 @@ class PerformanceConfig(_Strict):
         "convolutional model (densenet121, batch 32, H200) for no measured throughput gain (bench/README.md, GPU); "
         "off uses cuDNN's heuristics",
     )
-    warmup_batches: int = Field(1, ge=0, le=100)
+    warmup_batches: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description="forwards per warmed batch size at load (batch 1 on CPU, every size up to max_batch_size on "
+        "GPU), so no request pays for first-call set-up; 0: no warm-up",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -208,14 +231,17 @@ class PerformanceConfig(_Strict):
 
 
 class TlsConfig(_Strict):
-    enabled: bool = False
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    enabled: bool = Field(False, description="serve gRPC over TLS; needs cert_file and key_file")
+    cert_file: Path | None = Field(None, description="PEM server certificate (chain)")
+    key_file: Path | None = Field(None, description="PEM private key of cert_file")
     client_ca_file: Path | None = Field(None, description="set to require client certificates (mutual TLS)")
 
 
 class SecurityConfig(_Strict):
-    enable_authentication: bool = True
+    enable_authentication: bool = Field(
+        True,
+        description="require an API key on every RPC except unauthenticated_methods; false also refuses admin RPCs",
+    )
     api_keys: list[str] = Field(default_factory=list, description="prefer api_key_file or CXR_API_KEY")
     api_key_file: Path | None = Field(None, description="one key per line; re-read when it changes")
     admin_api_keys: list[str] = Field(
@@ -229,8 +255,11 @@ class SecurityConfig(_Strict):
         default_factory=lambda: ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"],
         description="full method names reachable without a key (probes cannot send one)",
     )
-    allowed_image_formats: list[ImageFormat] = Field(default_factory=lambda: list(DEFAULT_IMAGE_FORMATS))
-    max_image_size_mb: float = Field(50, gt=0)
+    allowed_image_formats: list[ImageFormat] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_FORMATS),
+        description="image formats accepted, recognised from the bytes (others: IMAGE_FORMAT_UNKNOWN)",
+    )
+    max_image_size_mb: float = Field(50, gt=0, description="larger encoded images are refused (IMAGE_TOO_LARGE)")
     max_image_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb cap (width*height*frames)")
     min_image_side: int = Field(64, ge=8, description="smaller images are refused (IMAGE_TOO_SMALL) by every service")
     max_image_aspect_ratio: float = Field(
@@ -246,7 +275,7 @@ class SecurityConfig(_Strict):
         description="CIDR blocks of the gateways: only a call from one of them has its X-Forwarded-For "
         "read to find the client address that allowed_ips checks",
     )
-    tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="server TLS")  # type: ignore[arg-type]
     anonymize_dicom: bool = Field(
         False,
         description="strip patient/institution identifiers and private tags from DICOM input right after "
@@ -293,12 +322,14 @@ class SecurityConfig(_Strict):
 
 
 class MonitoringConfig(_Strict):
-    enable_metrics: bool = True
-    log_json: bool = True
+    enable_metrics: bool = Field(
+        True, description="serve Prometheus metrics on the service's metrics_port; false opens no metrics port"
+    )
+    log_json: bool = Field(True, description="JSON-lines logs (one object per line) instead of plain text")
     log_file: Path | None = Field(None, description="rotating file handler (100 MB x 10), as in the seed")
-    tracing_enabled: bool = False
+    tracing_enabled: bool = Field(False, description="export OpenTelemetry traces over OTLP/gRPC to otlp_endpoint")
     otlp_endpoint: str | None = Field(None, description="e.g. http://otel-collector:4317")
-    service_name_prefix: str = "cxr"
+    service_name_prefix: str = Field("cxr", description="traces name each service <prefix>-<service>")
 
     @model_validator(mode="before")
     @classmethod
@@ -336,11 +367,26 @@ class Settings(_Strict):
     data_path: Path | None = Field(
         None, description="base for relative data paths: models.rag.vector_db_path, documents_path (CXR_DATA_PATH)"
     )
-    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    server_config: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
-    performance: PerformanceConfig = Field(default_factory=PerformanceConfig)  # type: ignore[arg-type]
-    security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)  # type: ignore[arg-type]
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="one entry per model, each validated by its service's own schema (see the model sections)",
+    )
+    server_config: ServerConfig = Field(
+        default_factory=ServerConfig,  # type: ignore[arg-type]
+        description="the shared gRPC server, batcher and decode pool",
+    )
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig,  # type: ignore[arg-type]
+        description="how models run: precision, compilation and the CPU/GPU speed paths",
+    )
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig,  # type: ignore[arg-type]
+        description="API keys, address allow-list, TLS and the checks every image passes before decoding",
+    )
+    monitoring: MonitoringConfig = Field(
+        default_factory=MonitoringConfig,  # type: ignore[arg-type]
+        description="logs, Prometheus metrics and OpenTelemetry tracing",
+    )
     services: dict[str, ServiceEndpoint] = Field(default_factory=_default_services)
 
     def endpoint(self, service: str) -> ServiceEndpoint:
@@ -388,6 +434,11 @@ _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_DEVICE": ("server_config", "device"),
 }
 _IGNORED_ENV = {"CXR_CONFIG_PATH", "CXR_ENDPOINT"}
+# The seed's Chroma variables: the host is taken as is, the port parses as JSON.
+_VECTOR_DB_ENV: dict[str, tuple[str, ...]] = {
+    "VECTOR_DB_HOST": ("models", "rag", "vector_db_host"),
+    "VECTOR_DB_PORT": ("models", "rag", "vector_db_port"),
+}
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -422,11 +473,10 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             parts = tuple(p.lower() for p in name[4:].split("__"))
             if all(parts):
                 _set_path(tree, parts, _parse_env_value(raw))
-    host, port = environ.get("VECTOR_DB_HOST"), environ.get("VECTOR_DB_PORT")
-    if host:
-        _set_path(tree, ("models", "rag", "vector_db_host"), host)
-    if port:
-        _set_path(tree, ("models", "rag", "vector_db_port"), _parse_env_value(port))
+    for name, path in _VECTOR_DB_ENV.items():
+        seed_value = environ.get(name)
+        if seed_value:
+            _set_path(tree, path, seed_value if name == "VECTOR_DB_HOST" else _parse_env_value(seed_value))
     return tree
 
 

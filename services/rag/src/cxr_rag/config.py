@@ -37,23 +37,26 @@ class LlmConfig(_Strict):
     base_url: str | None = Field(None, description="e.g. http://vllm:8000/v1 (CXR_LLM_BASE_URL)")
     model: str | None = Field(None, description="served model name; default: models.rag.model_name (CXR_LLM_MODEL)")
     api_key: str | None = Field(None, description="bearer token for the endpoint (CXR_LLM_API_KEY)")
-    max_tokens: int = Field(512, ge=1, le=32768)
-    temperature: float = Field(0.2, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1, le=32768, description="answer length limit; a request may ask for another")
+    temperature: float = Field(0.2, ge=0, le=2, description="sampling temperature; a request may ask for another")
     timeout_s: float = Field(
         120, gt=0, description="budget of one whole call: queueing, every attempt and backoff, the whole stream"
     )
-    connect_timeout_s: float = Field(5, gt=0)
+    connect_timeout_s: float = Field(5, gt=0, description="time to open a connection to the endpoint")
     max_retries: int = Field(
         2, ge=0, le=10, description="retries on connection errors, 429 and 5xx, each only if its backoff ends in time"
     )
-    backoff_initial_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(8, ge=0)
+    backoff_initial_s: float = Field(0.5, ge=0, description="first retry delay (exponential, with jitter)")
+    backoff_max_s: float = Field(8, ge=0, description="longest retry delay")
     max_concurrency: int = Field(8, ge=1, description="requests in flight to the LLM at once")
     think_open_in_prompt: bool | None = Field(
         None,
         description="the chat template opens <think> itself (DeepSeek-R1 on vLLM); None: guess from the model name",
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        None,
+        description="replaces the built-in system prompt (answer only from the numbered passages, cite them as [n])",
+    )
     extractive_sentences: int = Field(3, ge=1, le=20, description="sentences in an extractive answer")
 
     @model_validator(mode="after")
@@ -64,34 +67,38 @@ class LlmConfig(_Strict):
 
 
 class RagConfig(_Strict):
-    enabled: bool = True
+    """`models.rag`: the document store, chunking, hybrid retrieval and the LLM client of the RAG service."""
+
+    enabled: bool = Field(True, description="false is refused at start: the rag service has nothing else to serve")
     model_name: str = Field(DEFAULT_LLM, description="the LLM served by vLLM (seed key)")
     vector_db_path: Path = Field(Path("var/data/chroma_db"), description="embedded ChromaDB directory")
     vector_db_host: str | None = Field(None, description="Chroma server host: HttpClient mode (VECTOR_DB_HOST)")
-    vector_db_port: int = Field(8000, ge=1, le=65535)
-    vector_db_ssl: bool = False
+    vector_db_port: int = Field(8000, ge=1, le=65535, description="Chroma server port (VECTOR_DB_PORT)")
+    vector_db_ssl: bool = Field(False, description="https to the Chroma server")
     vector_db_auth_token: str | None = Field(None, description="Chroma server token (Authorization: Bearer)")
     documents_path: Path | None = Field(None, description="ingested at start until one ingestion of it has completed")
-    ingest_on_start: bool = True
-    collection: str = Field("medical_literature", min_length=3, max_length=512)
+    ingest_on_start: bool = Field(
+        True, description="ingest documents_path at start (false: only IngestDocuments / cxr-rag ingest)"
+    )
+    collection: str = Field("medical_literature", min_length=3, max_length=512, description="Chroma collection name")
     embedding_model_path: Path | None = Field(
         None, description="sentence-transformers dir; default: the bundled MiniLM"
     )
     embedding_model_name: str | None = Field(None, description="recorded in the collection; default from the path")
-    embedding_batch_size: int = Field(32, ge=1, le=4096)
-    embedding_device: str = "cpu"
+    embedding_batch_size: int = Field(32, ge=1, le=4096, description="chunks embedded per batch while ingesting")
+    embedding_device: str = Field("cpu", description="device of the embedding model (cpu, cuda, ...)")
     chunk_tokens: int = Field(200, ge=16, le=8192, description="chunk length in embedding-tokenizer tokens")
-    chunk_overlap_tokens: int = Field(40, ge=0)
-    top_k: int = Field(5, ge=1)
-    max_top_k: int = Field(50, ge=1)
+    chunk_overlap_tokens: int = Field(40, ge=0, description="tokens shared by consecutive chunks; below chunk_tokens")
+    top_k: int = Field(5, ge=1, description="passages returned when a request does not say")
+    max_top_k: int = Field(50, ge=1, description="largest top_k a request may ask for")
     candidates: int = Field(50, ge=1, description="hits taken from each retriever before fusion")
     rrf_k: int = Field(60, ge=1, description="reciprocal-rank fusion constant")
     min_relevance: float = Field(
         0.4, ge=-1, le=1, description="best dense cosine similarity below this: 'nothing relevant found'"
     )
     context_token_budget: int = Field(2500, ge=64, description="tokens of passages put into the prompt")
-    max_documents_per_request: int = Field(1000, ge=1)
-    llm: LlmConfig = Field(default_factory=LlmConfig)  # type: ignore[arg-type]
+    max_documents_per_request: int = Field(1000, ge=1, description="IngestDocuments refuses larger requests")
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="the answer generator")  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _check(self) -> RagConfig:
