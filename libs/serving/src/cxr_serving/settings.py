@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cxr_serving.catalog import Catalog, load_catalog
 from cxr_serving.errors import ConfigError
 from cxr_serving.optimize.event_loop import EventLoopChoice
 from cxr_serving.roles import platform_admin_methods
@@ -318,12 +319,9 @@ class ServiceEndpoint(_Strict):
     metrics_port: int = Field(..., ge=0, le=65535)
 
 
-def _default_services() -> dict[str, ServiceEndpoint]:
-    return {
-        "classification": ServiceEndpoint(port=50051, metrics_port=9101),
-        "segmentation": ServiceEndpoint(port=50052, metrics_port=9102),
-        "rag": ServiceEndpoint(port=50053, metrics_port=9103),
-    }
+def _paths(v: Any) -> Any:
+    """A string is a list of paths separated by os.pathsep (the CXR_SERVICE_CATALOG form)."""
+    return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
 
 
 class Settings(_Strict):
@@ -341,7 +339,43 @@ class Settings(_Strict):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)  # type: ignore[arg-type]
     security: SecurityConfig = Field(default_factory=SecurityConfig)  # type: ignore[arg-type]
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)  # type: ignore[arg-type]
-    services: dict[str, ServiceEndpoint] = Field(default_factory=_default_services)
+    service_catalog: list[Path] = Field(
+        default_factory=list,
+        description="extra service catalog files (CXR_SERVICE_CATALOG, separated by os.pathsep) added to "
+        "cxr_serving/services.json: how a service is registered without a code change (docs/adding-a-service.md)",
+    )
+    services: dict[str, ServiceEndpoint] = Field(
+        default_factory=dict,
+        description="where each service listens; a catalog service's port and metrics_port default to its "
+        "catalog entry's",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog_endpoints(cls, data: Any) -> Any:
+        """Give every catalog service (built-in and extra) an endpoint; the config's own entries win."""
+        if not isinstance(data, dict) or not isinstance(data.get("services", {}), dict):
+            return data
+        extra = _paths(data.get("service_catalog") or [])
+        if not isinstance(extra, list):
+            return data  # the field's own validation reports the wrong type
+        defaults = {
+            name: {"port": spec.port, "metrics_port": spec.metrics_port} for name, spec in load_catalog(extra).items()
+        }
+        services = dict(data.get("services", {}))
+        for name, ports in defaults.items():
+            given = services.get(name, {})
+            services[name] = {**ports, **given} if isinstance(given, dict) else given
+        return {**data, "services": services}
+
+    @field_validator("service_catalog", mode="before")
+    @classmethod
+    def _split_catalog(cls, v: Any) -> Any:
+        return _paths(v)
+
+    def catalog(self) -> Catalog:
+        """The service catalog these settings run with: built-in services plus `service_catalog` files."""
+        return load_catalog(self.service_catalog)
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         try:
@@ -386,6 +420,7 @@ _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_MODELS_PATH": ("models_path",),
     "CXR_DATA_PATH": ("data_path",),
     "CXR_DEVICE": ("server_config", "device"),
+    "CXR_SERVICE_CATALOG": ("service_catalog",),
 }
 _IGNORED_ENV = {"CXR_CONFIG_PATH", "CXR_ENDPOINT"}
 
