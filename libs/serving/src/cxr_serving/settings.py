@@ -480,7 +480,7 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        lines.append(f"{field}: {err['msg']}")
+        lines.append(f"{field}: {err['msg']}" if field else err["msg"])
     return "invalid configuration: " + "; ".join(lines)
 
 
