@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cxr_serving.errors import ConfigError
 from cxr_serving.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,11 @@ def main() -> int:
     settings = load_settings(args.config)
     env = {**os.environ, "CXR_CONFIG_PATH": str(Path(args.config).resolve()), "HF_HUB_OFFLINE": "1"}
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    for name, cmd in service_commands(settings, args.config, args.only):
+    try:
+        commands = service_commands(settings, args.config, args.only)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    for name, cmd in commands:
         print(f"- starting {name} ...", flush=True)
         procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env)))
     ok = True
