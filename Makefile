@@ -46,8 +46,9 @@ generate: $(VENV)/.installed ## Regenerate Python stubs (cxr_protos) and gateway
 	$(PY) scripts/generate_protos.py
 
 .PHONY: check-generated
-check-generated: $(VENV)/.installed ## Fail if committed stubs or the descriptor set are stale
+check-generated: $(VENV)/.installed ## Fail if committed stubs, the descriptor set or the catalog's copies are stale
 	$(PY) scripts/generate_protos.py --check
+	$(PY) scripts/gen_catalog.py --check
 
 .PHONY: buf
 buf: node_modules/.installed ## buf lint (STANDARD), buf format check, buf breaking against the last landed commit

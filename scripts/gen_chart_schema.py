@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cxr_serving.catalog import load_catalog
+
+# One values block and one `config.services` endpoint per service of the catalog (the chart reads the same file).
+SERVICE_NAMES = list(load_catalog())
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "cxr" / "values.schema.json"
 
 
@@ -303,7 +307,7 @@ config = obj(
             },
         },
         "monitoring": {"type": "object"},
-        "services": obj({"classification": endpoint, "segmentation": endpoint, "rag": endpoint}),
+        "services": obj(dict.fromkeys(SERVICE_NAMES, endpoint)),
     },
     desc="overrides of config/production.json (same shape)",
 )
@@ -382,9 +386,7 @@ SCHEMA: dict[str, Any] = {
                 "containerSecurityContext": ref("containerSecurityContext"),
             }
         ),
-        "classification": ref("serviceBlock"),
-        "segmentation": ref("serviceBlock"),
-        "rag": ref("serviceBlock"),
+        **{name: ref("serviceBlock") for name in SERVICE_NAMES},
         "vllm": vllm,
         "chroma": chroma,
         "kong": kong,

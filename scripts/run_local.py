@@ -1,7 +1,8 @@
-"""`make run`: start every service that exists (and the local gateway) on this machine.
+"""`make run`: start every catalog service that is installed (and the local gateway) on this machine.
 
-Each service runs as its own process (`python -m cxr_<name> --config ...`), exactly as in
-production; this script waits until each reports SERVING on gRPC health, prints where
+The services are those of the service catalog (cxr_serving/services.json plus the config's
+`service_catalog` files). Each runs as its own process (`python -m cxr_serving <name> --config ...`);
+this script waits until each reports SERVING on gRPC health, prints where
 everything listens, and stops them all (SIGTERM, graceful drain) on Ctrl-C.
 """
 
@@ -19,10 +20,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cxr_serving.settings import load_settings
+from cxr_serving.errors import ConfigError
+from cxr_serving.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ("classification", "segmentation", "rag")
 
 
 def wait_serving(name: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -47,24 +48,34 @@ def wait_serving(name: str, port: int, proc: subprocess.Popen[bytes], timeout: f
     return False
 
 
+def service_commands(settings: Settings, config: str, only: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The command of each installed catalog service (or of `only`); raises ConfigError for an unknown name."""
+    catalog = settings.catalog()
+    out = []
+    for name in only or catalog:
+        if not catalog[name].installed():
+            print(f"- {name}: not built yet, skipped")
+            continue
+        out.append((name, [sys.executable, "-m", "cxr_serving", name, "--config", config]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/local.json")
-    ap.add_argument("--only", nargs="*", choices=SERVICES, help="start only these services")
+    ap.add_argument("--only", nargs="*", help="start only these catalog services")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for each service")
     args = ap.parse_args()
     settings = load_settings(args.config)
     env = {**os.environ, "CXR_CONFIG_PATH": str(Path(args.config).resolve()), "HF_HUB_OFFLINE": "1"}
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    wanted = args.only or SERVICES
-    for name in wanted:
-        if importlib.util.find_spec(f"cxr_{name}") is None:
-            print(f"- {name}: not built yet, skipped")
-            continue
+    try:
+        commands = service_commands(settings, args.config, args.only)
+    except ConfigError as exc:
+        ap.error(str(exc))
+    for name, cmd in commands:
         print(f"- starting {name} ...", flush=True)
-        procs.append(
-            (name, subprocess.Popen([sys.executable, "-m", f"cxr_{name}", "--config", args.config], cwd=ROOT, env=env))
-        )
+        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env)))
     ok = True
     for name, proc in procs:
         ep = settings.endpoint(name)

@@ -82,8 +82,7 @@ def test_every_model_schema_key_has_a_row() -> None:
 
 
 def test_settings_keys_carry_a_description() -> None:
-    # services.<name> (ServiceEndpoint) is excluded: its code belongs to the service-catalog change (issue 21 item 1)
-    undocumented = [k for k, f in settings_tree() if not f.description and k.split(".")[0] != "services"]
+    undocumented = [k for k, f in settings_tree() if not f.description]
     assert not undocumented, f"Field(description=...) missing for {undocumented}"
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from cxr_serving.settings import Settings
 
-SERVICES = ("classification", "segmentation", "rag")
-
 
 def _keys(inline: list[str], key_file: Path | None) -> list[str]:
     keys = [k for k in inline if k]
@@ -19,16 +17,15 @@ def _keys(inline: list[str], key_file: Path | None) -> list[str]:
 
 
 def local_defaults(settings: Settings) -> dict[str, str]:
-    """Backends at the config's `services` endpoints, the config's first API key as the consumer key,
+    """Backends at the `services` endpoints of every catalog service, the config's first API key as the consumer key,
     its first admin key as the admin consumer's key. Without an admin key the admin consumer gets a
     random key nobody knows: admin routes stay closed instead of open."""
     out = {
         "DECK_BACKEND_PROTOCOL": "grpcs" if settings.security.tls.enabled else "grpc",
         "DECK_OTEL_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces",
     }
-    fallback = Settings().services  # the built-in ports (50051-50053) for services the config omits
-    for name in SERVICES:
-        ep = settings.services.get(name) or fallback[name]
+    for name in settings.catalog():  # every catalog service has an endpoint (its catalog ports by default)
+        ep = settings.endpoint(name)
         host = "127.0.0.1" if ep.host in ("0.0.0.0", "::", "") else ep.host
         out[f"DECK_{name.upper()}_HOST"] = host
         out[f"DECK_{name.upper()}_PORT"] = str(ep.port)

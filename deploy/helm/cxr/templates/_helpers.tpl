@@ -142,8 +142,23 @@ storageClassName: {{ $sc | quote }}
 {{- default (printf "%s-model-weights" (include "cxr.fullname" .)) .Values.weights.pvc.existingClaim -}}
 {{- end -}}
 
-{{/* The three gRPC services, in a fixed order. */}}
-{{- define "cxr.serviceNames" -}}classification segmentation rag{{- end -}}
+{{/* The service catalog (files/services.json links to libs/serving/src/cxr_serving/services.json) as JSON: name -> entry. */}}
+{{- define "cxr.catalog" -}}
+{{- $catalog := .Files.Get "files/services.json" | fromJson -}}
+{{- if not $catalog.services -}}
+{{- fail "files/services.json (link to libs/serving/src/cxr_serving/services.json) is missing or lists no services" -}}
+{{- end -}}
+{{- $out := dict -}}
+{{- range $catalog.services }}{{- $_ := set $out .name . -}}{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The gRPC services of the catalog, in its order. */}}
+{{- define "cxr.serviceNames" -}}
+{{- $names := list -}}
+{{- range (.Files.Get "files/services.json" | fromJson).services }}{{- $names = append $names .name -}}{{- end -}}
+{{- join " " $names -}}
+{{- end -}}
 
 {{/*
   The services' JSON config: config/production.json (files/config.json links to it) with

@@ -29,15 +29,16 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.message import Message
 
+from cxr_client import catalog
 from cxr_client.analyze import analyze_study, finding_threshold
 from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
-from cxr_client.config import SERVICES, ClientConfig, ServiceName, TlsOptions
+from cxr_client.config import ClientConfig, ServiceName, TlsOptions
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError
 from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
-MODEL_SERVICES = ("classification", "segmentation")
+MODEL_SERVICES = tuple(name for name, entry in catalog.load().items() if entry.model_admin)
 STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
 
 
@@ -274,7 +275,7 @@ async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     if args.models_command == "list":
-        services: list[ServiceName] = [args.service] if args.service else ["classification", "segmentation"]
+        services: list[ServiceName] = [args.service] if args.service else list(MODEL_SERVICES)
         infos, rc = [], 0
         for svc in services:
             try:
@@ -337,8 +338,8 @@ async def cmd_ingest(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 async def cmd_health(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     status = await client.health_all()
-    rows = [[svc, client.config.endpoint_for(svc), status[svc]] for svc in SERVICES]
-    data = {svc: {"endpoint": client.config.endpoint_for(svc), "status": status[svc]} for svc in SERVICES}
+    rows = [[svc, client.config.endpoint_for(svc), status[svc]] for svc in status]
+    data = {svc: {"endpoint": client.config.endpoint_for(svc), "status": status[svc]} for svc in status}
     _emit(args, data, table(rows, ["service", "endpoint", "status"]))
     return 0 if all(v == "SERVING" for v in status.values()) else 1
 

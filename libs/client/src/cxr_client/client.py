@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cxr_client.config import SERVICES, ClientConfig, ServiceName
+from cxr_client.config import ClientConfig, ServiceName
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, from_rpc_error
 from cxr_client.images import ImageInput, to_image
 from cxr_client.retry_policy import channel_options
@@ -69,7 +69,8 @@ def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
 
 
 def _options(config: ClientConfig) -> list[tuple[str, Any]]:
-    options = channel_options(config.max_message_mb, retries=config.retries)
+    grpc_services = [g for entry in config.services.values() for g in entry.grpc_services]
+    options = channel_options(config.max_message_mb, retries=config.retries, grpc_services=grpc_services)
     if config.tls.server_name_override:
         options.append(("grpc.ssl_target_name_override", config.tls.server_name_override))
     return options
@@ -361,8 +362,9 @@ class AsyncCxrClient:
         return "SERVING" if ready else "NOT_SERVING"
 
     async def health_all(self, *, timeout: float | None = 5.0) -> dict[str, str]:
-        results = await asyncio.gather(*(self.health(s, timeout=timeout) for s in SERVICES))
-        return dict(zip(SERVICES, results, strict=True))
+        names = list(self.config.services)
+        results = await asyncio.gather(*(self.health(s, timeout=timeout) for s in names))
+        return dict(zip(names, results, strict=True))
 
 
 class CxrClient:

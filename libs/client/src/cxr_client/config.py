@@ -1,8 +1,9 @@
 """Where the services are and how to reach them: endpoints, API keys, TLS, deadlines.
 
 One endpoint for everything (a gateway's gRPC port: `CXR_ENDPOINT`) or one per service
-(`CXR_CLASSIFICATION_ENDPOINT`, `CXR_SEGMENTATION_ENDPOINT`, `CXR_RAG_ENDPOINT`, which win over
-`CXR_ENDPOINT`). Without either, the local stack of `make run` (ports 50051-50053).
+(`CXR_CLASSIFICATION_ENDPOINT`, `CXR_SEGMENTATION_ENDPOINT`, `CXR_RAG_ENDPOINT`, `CXR_<NAME>_ENDPOINT`
+of any catalog service, which win over `CXR_ENDPOINT`). Without either, the local stack of `make run`
+(127.0.0.1 and each service's catalog port: 50051-50053; `CXR_SERVICE_CATALOG` adds services).
 An endpoint may carry a scheme: `grpcs://host:443` turns TLS on, `grpc://host:port` or a bare
 `host:port` is plaintext unless `tls` is set.
 
@@ -15,18 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ServiceName = Literal["classification", "segmentation", "rag"]
-SERVICES: tuple[ServiceName, ...] = ("classification", "segmentation", "rag")
+from cxr_client import catalog
+from cxr_client.catalog import ServiceEntry
 
-LOCAL_ENDPOINTS: dict[ServiceName, str] = {
-    "classification": "127.0.0.1:50051",
-    "segmentation": "127.0.0.1:50052",
-    "rag": "127.0.0.1:50053",
-}
+ServiceName = str  # a service of the catalog: "classification", "segmentation", "rag" or an extra one
+SERVICES: tuple[ServiceName, ...] = tuple(catalog.load())  # the platform's own services
+
+LOCAL_ENDPOINTS: dict[ServiceName, str] = {name: f"127.0.0.1:{e.port}" for name, e in catalog.load().items()}
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -55,10 +54,23 @@ class ClientConfig(BaseModel):
     tls: TlsOptions = Field(default_factory=lambda: TlsOptions())
     timeout_s: float = Field(30.0, gt=0, description="default deadline of one call")
     max_message_mb: int = Field(64, gt=0)
-    retries: bool = Field(True, description="apply cxr_client.retry_policy.SERVICE_CONFIG")
+    retries: bool = Field(True, description="apply cxr_client.retry_policy's service config")
+    service_catalog: tuple[Path, ...] = Field(
+        default=(), description="extra service catalog files (CXR_SERVICE_CATALOG): their services' ports and names"
+    )
+
+    @property
+    def services(self) -> dict[ServiceName, ServiceEntry]:
+        """Every service this client can reach by name: the platform's and the extra catalogs'."""
+        return catalog.load(self.service_catalog)
 
     def endpoint_for(self, service: ServiceName) -> str:
-        return self.endpoints.get(service) or self.endpoint or LOCAL_ENDPOINTS[service]
+        if self.endpoints.get(service):
+            return self.endpoints[service]
+        entry = self.services.get(service)
+        if entry is None:
+            raise ValueError(f"unknown service {service!r}: the service catalog has {sorted(self.services)}")
+        return self.endpoint or f"127.0.0.1:{entry.port}"
 
     def target_for(self, service: ServiceName) -> tuple[str, bool]:
         """The gRPC target without scheme, and whether TLS is on for it."""
@@ -67,7 +79,9 @@ class ClientConfig(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ClientConfig:
         env = os.environ if environ is None else environ
-        endpoints = {s: env[f"CXR_{s.upper()}_ENDPOINT"] for s in SERVICES if env.get(f"CXR_{s.upper()}_ENDPOINT")}
+        extra = catalog.paths_from_env(env)
+        names = catalog.load(extra)
+        endpoints = {s: env[f"CXR_{s.upper()}_ENDPOINT"] for s in names if env.get(f"CXR_{s.upper()}_ENDPOINT")}
 
         def path(name: str) -> Path | None:
             return Path(env[name]) if env.get(name) else None
@@ -88,6 +102,7 @@ class ClientConfig(BaseModel):
             "api_key": key,
             "admin_api_key": admin_key,
             "tls": tls,
+            "service_catalog": extra,
         }
         if env.get("CXR_TIMEOUT_S"):
             data["timeout_s"] = float(env["CXR_TIMEOUT_S"])

@@ -7,14 +7,19 @@ returns; every other code (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEED
 and goes straight back to the caller. All cxr RPCs are idempotent (inference and model
 load/unload), so replaying one is safe. The channel's deadline bounds the whole sequence.
 
-`SERVICE_CONFIG` is the dict, `SERVICE_CONFIG_JSON` the string gRPC takes
-(`grpc.service_config` channel option); `channel_options()` adds it to the usual options.
+`SERVICE_CONFIG` is the dict for the catalog's services (cxr_client/services.json),
+`SERVICE_CONFIG_JSON` the string gRPC takes (`grpc.service_config` channel option);
+`channel_options()` adds it to the usual options, or `service_config()` of the gRPC services it is
+given (a client whose config adds services through CXR_SERVICE_CATALOG).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
+
+from cxr_client import catalog
 
 RETRYABLE_STATUS_CODES = ("UNAVAILABLE",)
 MAX_ATTEMPTS = 4
@@ -22,35 +27,43 @@ INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 2.0
 BACKOFF_MULTIPLIER = 2.0
 
-SERVICE_NAMES = (
-    "cxr.classification.v1.ClassificationService",
-    "cxr.segmentation.v1.SegmentationService",
-    "cxr.rag.v1.RagService",
-    "grpc.health.v1.Health",
-)
+HEALTH_SERVICE = "grpc.health.v1.Health"
+SERVICE_NAMES = (*(g for e in catalog.load().values() for g in e.grpc_services), HEALTH_SERVICE)
 
-SERVICE_CONFIG: dict[str, Any] = {
-    "methodConfig": [
-        {
-            "name": [{"service": name} for name in SERVICE_NAMES],
-            "retryPolicy": {
-                "maxAttempts": MAX_ATTEMPTS,
-                "initialBackoff": f"{INITIAL_BACKOFF_S}s",
-                "maxBackoff": f"{MAX_BACKOFF_S}s",
-                "backoffMultiplier": BACKOFF_MULTIPLIER,
-                "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
-            },
-        }
-    ],
-    # Stop retrying when more than half the recent calls failed (token bucket of gRFC A6).
-    "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.5},
-}
+
+def service_config(grpc_services: Iterable[str]) -> dict[str, Any]:
+    """The retry policy for these gRPC services and the health service."""
+    names = [*dict.fromkeys(grpc_services)]
+    if HEALTH_SERVICE not in names:
+        names.append(HEALTH_SERVICE)
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": name} for name in names],
+                "retryPolicy": {
+                    "maxAttempts": MAX_ATTEMPTS,
+                    "initialBackoff": f"{INITIAL_BACKOFF_S}s",
+                    "maxBackoff": f"{MAX_BACKOFF_S}s",
+                    "backoffMultiplier": BACKOFF_MULTIPLIER,
+                    "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
+                },
+            }
+        ],
+        # Stop retrying when more than half the recent calls failed (token bucket of gRFC A6).
+        "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.5},
+    }
+
+
+SERVICE_CONFIG: dict[str, Any] = service_config(SERVICE_NAMES)
 
 SERVICE_CONFIG_JSON = json.dumps(SERVICE_CONFIG)
 
 
-def channel_options(max_message_mb: int = 64, *, retries: bool = True) -> list[tuple[str, Any]]:
-    """Channel options every cxr client uses: message size limits, keepalive and the retry policy."""
+def channel_options(
+    max_message_mb: int = 64, *, retries: bool = True, grpc_services: Iterable[str] | None = None
+) -> list[tuple[str, Any]]:
+    """Channel options every cxr client uses: message size limits, keepalive and the retry policy (for
+    `grpc_services`, or the catalog's)."""
     size = max_message_mb * 1024 * 1024
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", size),
@@ -60,5 +73,6 @@ def channel_options(max_message_mb: int = 64, *, retries: bool = True) -> list[t
         ("grpc.enable_retries", 1 if retries else 0),
     ]
     if retries:
-        options.append(("grpc.service_config", SERVICE_CONFIG_JSON))
+        config = SERVICE_CONFIG_JSON if grpc_services is None else json.dumps(service_config(grpc_services))
+        options.append(("grpc.service_config", config))
     return options

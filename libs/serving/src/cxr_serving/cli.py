@@ -41,3 +41,17 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     logging.getLogger(service).info("event loop: %s", loop_name)
     run(serve(server))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cxr_serving <service> [--config FILE] ...`: run any service of the catalog by name."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-"):
+        print("usage: python -m cxr_serving <service> [--config FILE] [--host H] [--port P] [--metrics-port M]")
+        return 2
+    name, rest = args[0], args[1:]
+
+    def build(settings: Settings) -> ServiceBinding:
+        return settings.catalog()[name].load_binding()(settings)
+
+    return run_service(name, build, rest)

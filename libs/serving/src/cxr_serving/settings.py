@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cxr_serving.catalog import Catalog, load_catalog
 from cxr_serving.errors import ConfigError
 from cxr_serving.optimize.event_loop import EventLoopChoice
 from cxr_serving.roles import platform_admin_methods
@@ -345,16 +346,15 @@ class ServiceEndpoint(_Strict):
         description="address the gRPC and metrics ports bind to; loopback unless a deployment opens it "
         "(the chart and config/production.json set 0.0.0.0 behind a NetworkPolicy)",
     )
-    port: int = Field(..., ge=0, le=65535)
-    metrics_port: int = Field(..., ge=0, le=65535)
+    port: int = Field(..., ge=0, le=65535, description="the gRPC port; 0 picks a free one (tests)")
+    metrics_port: int = Field(
+        ..., ge=0, le=65535, description="the Prometheus /metrics port; 0 picks a free one (tests)"
+    )
 
 
-def _default_services() -> dict[str, ServiceEndpoint]:
-    return {
-        "classification": ServiceEndpoint(port=50051, metrics_port=9101),
-        "segmentation": ServiceEndpoint(port=50052, metrics_port=9102),
-        "rag": ServiceEndpoint(port=50053, metrics_port=9103),
-    }
+def _paths(v: Any) -> Any:
+    """A string is a list of paths separated by os.pathsep (the CXR_SERVICE_CATALOG form)."""
+    return [p for p in v.split(os.pathsep) if p.strip()] if isinstance(v, str) else v
 
 
 class Settings(_Strict):
@@ -387,7 +387,43 @@ class Settings(_Strict):
         default_factory=MonitoringConfig,  # type: ignore[arg-type]
         description="logs, Prometheus metrics and OpenTelemetry tracing",
     )
-    services: dict[str, ServiceEndpoint] = Field(default_factory=_default_services)
+    service_catalog: list[Path] = Field(
+        default_factory=list,
+        description="extra service catalog files (CXR_SERVICE_CATALOG, separated by os.pathsep) added to "
+        "cxr_serving/services.json: how a service is registered without a code change (docs/adding-a-service.md)",
+    )
+    services: dict[str, ServiceEndpoint] = Field(
+        default_factory=dict,
+        description="where each service listens; a catalog service's port and metrics_port default to its "
+        "catalog entry's",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _catalog_endpoints(cls, data: Any) -> Any:
+        """Give every catalog service (built-in and extra) an endpoint; the config's own entries win."""
+        if not isinstance(data, dict) or not isinstance(data.get("services", {}), dict):
+            return data
+        extra = _paths(data.get("service_catalog") or [])
+        if not isinstance(extra, list):
+            return data  # the field's own validation reports the wrong type
+        defaults = {
+            name: {"port": spec.port, "metrics_port": spec.metrics_port} for name, spec in load_catalog(extra).items()
+        }
+        services = dict(data.get("services", {}))
+        for name, ports in defaults.items():
+            given = services.get(name, {})
+            services[name] = {**ports, **given} if isinstance(given, dict) else given
+        return {**data, "services": services}
+
+    @field_validator("service_catalog", mode="before")
+    @classmethod
+    def _split_catalog(cls, v: Any) -> Any:
+        return _paths(v)
+
+    def catalog(self) -> Catalog:
+        """The service catalog these settings run with: built-in services plus `service_catalog` files."""
+        return load_catalog(self.service_catalog)
 
     def endpoint(self, service: str) -> ServiceEndpoint:
         try:
@@ -432,6 +468,7 @@ _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_MODELS_PATH": ("models_path",),
     "CXR_DATA_PATH": ("data_path",),
     "CXR_DEVICE": ("server_config", "device"),
+    "CXR_SERVICE_CATALOG": ("service_catalog",),
 }
 _IGNORED_ENV = {"CXR_CONFIG_PATH", "CXR_ENDPOINT"}
 # The seed's Chroma variables: the host is taken as is, the port parses as JSON.
@@ -495,7 +532,7 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        lines.append(f"{field}: {err['msg']}")
+        lines.append(f"{field}: {err['msg']}" if field else err["msg"])
     return "invalid configuration: " + "; ".join(lines)
 
 
