@@ -191,7 +191,9 @@ def test_contributing_equipment_added_to_the_segmentation_services_seg(source):
     out = add_contributing_equipment_to_bytes(seg_bytes, results)
     again = add_contributing_equipment_to_bytes(out, results)  # idempotent: one item per device
     seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(again))
-    ours = {i.ManufacturerModelName: i for i in seg.ContributingEquipmentSequence if "DeviceUID" in i}
+    with_device = [i for i in seg.ContributingEquipmentSequence if "DeviceUID" in i]
+    assert len(with_device) == 2  # added twice, one item per device
+    ours = {i.ManufacturerModelName: i for i in with_device}
     assert set(ours) == {SEGMENTER.name, CLASSIFIER.name}
     assert ours[SEGMENTER.name].DeviceUID == device_uid(SEGMENTER)
     assert ours[SEGMENTER.name].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
