@@ -241,3 +241,22 @@ def test_priority_rule_on_tag_value_and_calling_ae():
 def test_priority_config_errors_are_refused(rule):
     with pytest.raises(ValueError):
         PriorityPolicy.from_config([rule])
+
+
+def test_purge_forgets_old_finished_items_but_keeps_dead_letters(queue, clock):
+    for i in range(3):
+        queue.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+    done = queue.claim("w")
+    assert done is not None and queue.complete(done)
+    dead = queue.claim("w")
+    assert dead is not None
+    for _ in range(2):
+        assert queue.fail(dead, "boom") == QUEUED
+        dead = queue.claim("w")
+        assert dead is not None and dead.sop_uid == sop(1)
+    assert queue.fail(dead, "boom") == DEAD
+    clock.now += 100.0
+    assert queue.purge_finished(older_than_s=200.0) == 0  # not old enough
+    assert queue.purge_finished(older_than_s=50.0) == 1
+    assert queue.get(sop(0)) is None and queue.get(sop(1)).state == DEAD and queue.get(sop(2)).state == QUEUED
+    assert queue.enqueue(sop(0), STUDY, "s", Priority.ROUTINE).created  # past retention: analysed again

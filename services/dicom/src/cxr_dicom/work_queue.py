@@ -8,7 +8,8 @@ Properties (each tested in tests/unit/test_dicom_work_queue.py and tests/integra
 - Idempotent by SOP Instance UID: enqueueing an instance already known returns the existing item
   (``created=False``) in whatever state it is in. A re-send of a finished instance (``done``) returns
   ``done`` and is not analysed again; a dead-lettered one stays ``dead`` until an operator calls
-  `WorkQueue.retry_dead`.
+  `WorkQueue.retry_dead`. Finished rows are kept until `WorkQueue.purge_finished` removes them, so its
+  retention is the window in which a re-send is recognised.
 - Priority: STAT items are claimed before routine ones; within a priority, first in first out.
 - Bounded: at most ``max_pending`` unfinished (queued or claimed) items; beyond that `enqueue` raises
   `QueueFullError`, which the intakes turn into a "try later" status (backpressure to the sender).
@@ -258,6 +259,17 @@ class WorkQueue:
                 (QUEUED, sop_uid, DEAD),
             )
             return cur.rowcount == 1
+
+    def purge_finished(self, older_than_s: float) -> int:
+        """Forget ``done`` items finished more than ``older_than_s`` ago (dead letters stay for an operator).
+
+        The retention is also the idempotency window: an instance re-sent after its row is purged is
+        analysed again."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM items WHERE state = ? AND finished_at < ?", (DONE, self._clock() - older_than_s)
+            )
+            return int(cur.rowcount)
 
     def get(self, sop_uid: str) -> Item | None:
         with self._lock:
