@@ -73,8 +73,20 @@ lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+.PHONY: dicom-tools
+dicom-tools: ## Install Orthanc, its DICOMweb plugin and DCMTK with apt when missing (the DICOM tests run them)
+	@if [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v storescu >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "dicom-tools: Orthanc/DCMTK missing and not root: the Orthanc tests will skip (sudo apt-get install -y orthanc orthanc-dicomweb dcmtk)"; \
+	  else \
+	    echo "dicom-tools: apt-get install orthanc orthanc-dicomweb dcmtk"; \
+	    { apt-get update -qq || true; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk >/dev/null; } \
+	      || { echo "dicom-tools: apt-get install -y orthanc orthanc-dicomweb dcmtk FAILED: the DICOM node tests need a real Orthanc and storescu" >&2; exit 1; }; \
+	  fi; \
+	fi
+
 .PHONY: test
-test: lint ## Install on first use, then lint + the whole test suite (what CI runs)
+test: lint dicom-tools ## Install on first use, then lint + the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-fast

@@ -1,0 +1,262 @@
+"""cxr_dicom.work_queue and cxr_dicom.priority: each promise of the durable queue, on a real SQLite file."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom import Dataset
+
+from cxr_dicom.priority import PriorityPolicy, PriorityRule
+from cxr_dicom.work_queue import (
+    CLAIMED,
+    DEAD,
+    DONE,
+    QUEUED,
+    Priority,
+    QueueFullError,
+    WorkQueue,
+)
+
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+
+
+class Clock:
+    """A settable wall clock, so lease expiry is tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sop(i: int) -> str:
+    return f"{STUDY}.{i}"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(tmp_path, clock):
+    with WorkQueue(tmp_path, max_pending=50, max_attempts=3, lease_s=10.0, clock=clock) as q:
+        yield q
+
+
+def test_sqlite_file_is_wal_with_full_sync(tmp_path, queue):
+    assert queue.path == tmp_path / "work_queue.sqlite3" and queue.path.exists()
+    assert queue._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert queue._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_enqueue_is_idempotent_by_sop_instance_uid(queue):
+    first = queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE, "a")
+    again = queue.enqueue(sop(1), STUDY, "s", Priority.STAT, "b")
+    assert first.created and first.state == QUEUED
+    assert not again.created and again.state == QUEUED and again.priority is Priority.ROUTINE
+    item = queue.claim("w")
+    assert item is not None and item.payload == "a"
+    assert queue.claim("w") is None  # the duplicate added nothing
+    # re-sent while being worked on, then after it is done: still one item, reported in its state
+    assert queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE).state == CLAIMED
+    assert queue.complete(item)
+    resend = queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    assert not resend.created and resend.state == DONE
+    assert queue.claim("w") is None
+    assert queue.study_status(STUDY) == {QUEUED: 0, CLAIMED: 0, DONE: 1, DEAD: 0}
+
+
+def test_stat_behind_twenty_routine_is_claimed_first_and_fifo_within_priority(queue):
+    for i in range(20):
+        queue.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+    queue.enqueue(sop(100), STUDY, "s", Priority.STAT)
+    queue.enqueue(sop(101), STUDY, "s", Priority.STAT)
+    assert queue.depth() == {"stat": 2, "routine": 20}
+    order = []
+    while (item := queue.claim("w")) is not None:
+        order.append(item.sop_uid)
+        assert queue.complete(item)
+        assert len(order) <= 22
+    assert order == [sop(100), sop(101), *(sop(i) for i in range(20))]
+    assert queue.depth() == {"stat": 0, "routine": 0}
+
+
+def test_bounded_size_raises_queue_full_but_duplicates_and_finished_do_not_count(tmp_path, clock):
+    with WorkQueue(tmp_path, max_pending=3, clock=clock) as q:
+        for i in range(3):
+            q.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+        with pytest.raises(QueueFullError) as info:
+            q.enqueue(sop(3), STUDY, "s", Priority.STAT)
+        assert info.value.pending == 3 and info.value.max_pending == 3
+        assert not q.enqueue(sop(0), STUDY, "s", Priority.ROUTINE).created  # a duplicate is not refused
+        item = q.claim("w")
+        assert item is not None
+        with pytest.raises(QueueFullError):  # claimed items still count: they are not finished
+            q.enqueue(sop(3), STUDY, "s", Priority.ROUTINE)
+        assert q.complete(item)
+        assert q.enqueue(sop(3), STUDY, "s", Priority.ROUTINE).created
+        assert q.get(sop(3)) is not None
+
+
+def test_expired_lease_is_claimable_again_and_stale_completion_is_refused(queue, clock):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    first = queue.claim("dead-worker")
+    assert first is not None and first.attempts == 1
+    assert queue.claim("other") is None  # the lease is live
+    assert queue.in_flight() == 1 and queue.depth() == {"stat": 0, "routine": 0}
+    clock.now += 10.0  # lease_s
+    assert queue.depth() == {"stat": 0, "routine": 1}
+    second = queue.claim("other")
+    assert second is not None and second.sop_uid == sop(1) and second.attempts == 2
+    assert second.claim_token != first.claim_token
+    assert not queue.complete(first)  # the worker that lost its lease cannot complete it
+    assert queue.fail(first, "late") is None
+    assert queue.complete(second)
+    assert not queue.complete(second)  # completes once
+    assert queue.study_status(STUDY)[DONE] == 1
+
+
+def test_failures_count_attempts_then_dead_letter_with_reason(queue):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    for attempt in (1, 2):
+        item = queue.claim("w")
+        assert item is not None and item.attempts == attempt
+        assert queue.fail(item, f"classification unavailable #{attempt}") == QUEUED
+    item = queue.claim("w")
+    assert item is not None and item.attempts == 3 and item.last_error == "classification unavailable #2"
+    assert queue.fail(item, "classification unavailable #3") == DEAD
+    assert queue.claim("w") is None
+    assert queue.dead_letters(STUDY) == [(sop(1), "classification unavailable #3")]
+    assert queue.study_status(STUDY) == {QUEUED: 0, CLAIMED: 0, DONE: 0, DEAD: 1}
+    # a re-send does not revive it; an operator's retry does
+    assert queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE).state == DEAD
+    assert queue.retry_dead(sop(1))
+    again = queue.claim("w")
+    assert again is not None and again.attempts == 1
+
+
+def test_worker_dying_on_every_attempt_reaches_the_dead_letter(queue, clock):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    for _ in range(3):
+        assert queue.claim("w") is not None
+        clock.now += 11.0
+    assert queue.claim("w") is None
+    [(uid, reason)] = queue.dead_letters()
+    assert uid == sop(1) and "lease expired 3 times" in reason
+
+
+def test_release_returns_item_without_spending_an_attempt(queue):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    item = queue.claim("w")
+    assert item is not None and queue.release(item)
+    again = queue.claim("w")
+    assert again is not None and again.attempts == 1
+
+
+def test_per_study_state_counts(queue):
+    other = "1.2.3.4"
+    for i in range(4):
+        queue.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+    queue.enqueue("1.2.3.4.1", other, "s", Priority.ROUTINE)
+    done = queue.claim("w")
+    assert done is not None and queue.complete(done)
+    assert queue.claim("w") is not None
+    assert queue.study_status(STUDY) == {QUEUED: 2, CLAIMED: 1, DONE: 1, DEAD: 0}
+    assert queue.study_status(other) == {QUEUED: 1, CLAIMED: 0, DONE: 0, DEAD: 0}
+    assert queue.study_status("9.9") == {QUEUED: 0, CLAIMED: 0, DONE: 0, DEAD: 0}
+
+
+def test_reopened_queue_keeps_every_item(tmp_path, clock):
+    with WorkQueue(tmp_path, clock=clock) as q:
+        q.enqueue(sop(1), STUDY, "s", Priority.ROUTINE, "p1")
+        q.enqueue(sop(2), STUDY, "s", Priority.STAT, "p2")
+    with WorkQueue(tmp_path, clock=clock) as q:
+        assert [q.claim("w").payload, q.claim("w").payload] == ["p2", "p1"]
+
+
+def test_two_connections_never_claim_the_same_item(tmp_path):
+    with WorkQueue(tmp_path) as a, WorkQueue(tmp_path) as b:
+        for i in range(10):
+            a.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+        claimed = []
+        for _ in range(6):
+            for q in (a, b):
+                item = q.claim("w")
+                if item is not None:
+                    claimed.append(item.sop_uid)
+        assert sorted(claimed) == sorted(sop(i) for i in range(10))
+
+
+def test_bad_construction_and_items_are_refused(tmp_path):
+    with pytest.raises(ValueError):
+        WorkQueue(tmp_path, max_pending=0)
+    with WorkQueue(tmp_path) as q, pytest.raises(ValueError):
+        q.enqueue("", STUDY, "s", Priority.ROUTINE)
+
+
+def _ds(**attrs: object) -> Dataset:
+    ds = Dataset()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_priority_rule_on_tag_value_and_calling_ae():
+    policy = PriorityPolicy.from_config(
+        [
+            {"keyword": "RequestedProcedurePriority", "values": ["STAT", "high"], "priority": "stat"},
+            {"calling_ae_titles": ["ER_CR1"], "priority": "stat"},
+        ]
+    )
+    assert policy.decide(_ds(RequestedProcedurePriority="STAT ")) is Priority.STAT
+    assert policy.decide(_ds(RequestedProcedurePriority="HIGH")) is Priority.STAT
+    assert policy.decide(_ds(RequestedProcedurePriority="ROUTINE")) is Priority.ROUTINE
+    assert policy.decide(_ds(), calling_ae="er_cr1") is Priority.STAT
+    assert policy.decide(_ds(), calling_ae="WARD_DX") is Priority.ROUTINE
+    assert policy.decide(_ds()) is Priority.ROUTINE
+    # a multi-valued attribute matches when any value does
+    assert (
+        PriorityPolicy((PriorityRule(Priority.STAT, keyword="ImageType", values=("URGENT",)),)).decide(
+            _ds(ImageType=["ORIGINAL", "PRIMARY", "URGENT"])
+        )
+        is Priority.STAT
+    )
+    # the default can be STAT with a rule that demotes
+    demote = PriorityPolicy.from_config([{"calling_ae_titles": ["RESEARCH"], "priority": "routine"}], default="stat")
+    assert demote.decide(_ds(), "RESEARCH") is Priority.ROUTINE and demote.decide(_ds(), "ER") is Priority.STAT
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"keyword": "NotADicomKeyword", "values": ["X"]},
+        {"keyword": "StudyDescription", "values": []},
+        {"keyword": "StudyDescription", "values": ["X"], "calling_ae_titles": ["A"]},
+        {"values": ["X"]},
+        {"calling_ae_titles": ["A"], "priority": "urgent"},
+        {"calling_ae_titles": ["A"], "colour": "red"},
+    ],
+)
+def test_priority_config_errors_are_refused(rule):
+    with pytest.raises(ValueError):
+        PriorityPolicy.from_config([rule])
+
+
+def test_purge_forgets_old_finished_items_but_keeps_dead_letters(queue, clock):
+    for i in range(3):
+        queue.enqueue(sop(i), STUDY, "s", Priority.ROUTINE)
+    done = queue.claim("w")
+    assert done is not None and queue.complete(done)
+    dead = queue.claim("w")
+    assert dead is not None
+    for _ in range(2):
+        assert queue.fail(dead, "boom") == QUEUED
+        dead = queue.claim("w")
+        assert dead is not None and dead.sop_uid == sop(1)
+    assert queue.fail(dead, "boom") == DEAD
+    clock.now += 100.0
+    assert queue.purge_finished(older_than_s=200.0) == 0  # not old enough
+    assert queue.purge_finished(older_than_s=50.0) == 1
+    assert queue.get(sop(0)) is None and queue.get(sop(1)).state == DEAD and queue.get(sop(2)).state == QUEUED
+    assert queue.enqueue(sop(0), STUDY, "s", Priority.ROUTINE).created  # past retention: analysed again
