@@ -2,8 +2,8 @@
 
 Triton's Python backend runs each model instance in its own stub process and LitServe runs one
 model per worker process; we do the same when asked, because on CPU two forward threads in one
-process ran 5-8 % slower than two processes (bench/README.md): each thread's Python-side op
-dispatch waits for the GIL that the other forward, the decode pool and gRPC also want.
+process are slower than two processes: each thread's Python-side op dispatch waits for the GIL
+that the other forward, the decode pool and gRPC also want.
 
 `ProcessInstances` starts `count` processes, each `python -m cxr_serving.instances FD` (a fresh
 interpreter: no inherited gRPC or CUDA state, and unlike multiprocessing's spawn it never re-runs

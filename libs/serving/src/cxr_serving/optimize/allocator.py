@@ -4,9 +4,9 @@ A CPU forward allocates its activations (tens of MB each at batch 8: a U-Net dec
 256 px is 64 MB) and frees them when it returns. With glibc's defaults the next forward gets
 them back from the kernel: allocations over the mmap threshold (at most 32 MB) are fresh
 mappings, and a thread's own arena (every forward thread gets one) trims its heap after frees.
-Each page then faults in and is zeroed again: 5-20 ms of system time per image here, 7-12 % of
-the CPU of a forward (bench/README.md, "CPU heap"). This is why Intel's and TorchServe's CPU
-guides swap in jemalloc/tcmalloc; we keep glibc and change three of its settings in-process:
+Each page then faults in and is zeroed again, system time that a CPU forward pays on every batch.
+This is why Intel's and TorchServe's CPU guides swap in jemalloc/tcmalloc; we keep glibc and
+change three of its settings in-process:
 
 - M_ARENA_MAX 1: one heap for every thread (forwards take a lock a few hundred times per
   batch; small allocations still come from per-thread caches);

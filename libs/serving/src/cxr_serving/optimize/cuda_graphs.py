@@ -1,8 +1,8 @@
 """Replay each forward as a CUDA graph (`performance.cuda_graphs`, GPU only).
 
-Our networks are small for a GPU: an eager densenet121 forward launches ~1 000 kernels from Python,
-and on an H200 a batch of 1 takes 9 ms whatever the batch size: the GPU waits for the CPU. That CPU
-time also holds the GIL that the server's event loop and decode threads need (bench/README.md, "GPU").
+Our networks are small for a GPU: an eager forward launches every kernel from Python, so a small
+batch takes as long as a large one while the GPU waits for the CPU. That CPU time also holds the GIL
+that the server's event loop and decode threads need.
 A CUDA graph records the kernels of one forward once and replays them with one call.
 
 `CudaGraphs` wraps the prepared network. The first call with a new input shape (one per batch size:
@@ -14,10 +14,9 @@ served eagerly from then on, and the reason is logged. Every graph shares one me
 take a lock, so two model instances never replay into the same memory at once.
 
 A recording that fails inside the capture (a host sync such as `.item()`) leaves PyTorch's CUDA random
-number generator marked as capturing: later random draws on the GPU in that process raise (seen with
-torch 2.11 on an H200). Serving is unaffected, since the networks draw no random numbers at inference;
-set `performance.cuda_graphs: false` for a network that needs them. Every network the services build
-records (bench/README.md, "GPU").
+number generator marked as capturing: later random draws on the GPU in that process raise. Serving is
+unaffected, since the networks draw no random numbers at inference; set `performance.cuda_graphs: false`
+for a network that needs them.
 """
 
 from __future__ import annotations

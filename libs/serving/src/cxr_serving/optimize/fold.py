@@ -2,9 +2,8 @@
 
 In eval mode a BatchNorm after a convolution is a per-channel affine map, so it can be merged into
 that convolution's weight and bias: one pass over the activations instead of two, the same function
-up to float rounding (TensorRT, ONNX Runtime and OpenVINO do this when they build an engine). Measured
-on CPU (1 thread, batch 8, bench/README.md): densenet121 @224 4-9 % and U-Net/resnet34 @256 ~6 %
-faster per forward.
+up to float rounding (TensorRT, ONNX Runtime and OpenVINO do this when they build an engine), so
+every forward is cheaper.
 
 `fold_batchnorm(module, example)` finds the pairs by running `example` once with forward hooks on the
 module's own convolutions and BatchNorms: a BatchNorm whose input is the very tensor a convolution
@@ -16,7 +15,7 @@ needs the unfolded network (Grad-CAM hooks) keeps it.
 
 Why hooks and not torch.fx: fx's tracer patches `torch.nn.Module.__call__` for the whole process
 while it traces, so a forward of another model on another thread (serving traffic during a reload,
-or two models loading at once) failed with `NameError: module is not installed as a submodule`.
+or two models loading at once) fails with `NameError: module is not installed as a submodule`.
 Hooks live on this module only.
 """
 
