@@ -1,4 +1,4 @@
-"""`cxr-mcp`: the platform as MCP tools for agents (the seed's "CXR Agent MCP Server").
+"""`cxr-mcp`: the platform as MCP tools for agents (the deployment guide's "CXR Agent MCP Server").
 
 Built on the MCP Python SDK v2 (`mcp.server.mcpserver.MCPServer`, v1's FastMCP). Every tool calls
 the services through `cxr_client.AsyncCxrClient`, so the server is configured like the CLI
