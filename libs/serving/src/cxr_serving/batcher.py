@@ -64,6 +64,10 @@ class Arrival:
 
 
 class DynamicBatcher(Generic[In, Out]):
+    """Callers share forwards but never each other's failures: an exception from `run_batch` reaches
+    every caller of that batch, an Exception in place of one item's result fails only that caller, a
+    cancelled caller is dropped, and a full queue raises `OverloadedError` instead of growing."""
+
     def __init__(
         self,
         name: str,
