@@ -221,7 +221,7 @@ def test_checkpoint_without_weights_is_refused(tmp_path):
 
 
 def test_checkpoint_directory_names_its_one_weights_file(tmp_path):
-    """The seed configures `/mnt/models/fourteen_class_classifier`, a directory."""
+    """The deployment guide configures `/mnt/models/fourteen_class_classifier`, a directory."""
     ref = randomize_(torchvision.models.densenet121(weights=None, num_classes=14), seed=8)
     folder = tmp_path / "fourteen_class_classifier"
     folder.mkdir()
