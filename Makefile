@@ -62,7 +62,7 @@ fmt: $(VENV)/.installed node_modules/.installed ## Format Python (ruff) and prot
 	$(BUF) format -w protos
 
 .PHONY: lint
-lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, ruff, mypy (strict on libs/serving)
+lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, ruff, mypy (strict on libs, services and gateway)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
