@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.deploy.chart import ROOT, Rendered, pod_spec
 from tests.deploy.test_docker import DOCKER, _healthcheck_code, instructions
+from tests.support.chart import ROOT, Rendered, pod_spec
 from tests.support.servers import free_port
 
 HEALTH = _healthcheck_code(next(a for k, a in instructions(DOCKER / "classification.Dockerfile") if k == "HEALTHCHECK"))

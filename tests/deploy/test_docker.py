@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.chart import ROOT, SERVICES
+from tests.support.chart import ROOT, SERVICES
 from tests.support.servers import free_port, make_settings, running_server
 from tests.support.toy_service import BrightnessModel, build_toy
 

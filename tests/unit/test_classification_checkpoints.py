@@ -23,7 +23,7 @@ from cxr_serving.errors import CheckpointError
 from cxr_serving.images import decode_image
 from cxr_serving.lifecycle import UNTRAINED, checkpoint_version
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 
 TOL = 1e-5
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())

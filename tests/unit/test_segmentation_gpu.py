@@ -10,7 +10,7 @@ from cxr_segmentation.model import SegmentationModel
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

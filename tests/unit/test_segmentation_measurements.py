@@ -20,7 +20,7 @@ from cxr_segmentation.postprocess import PostprocessOptions, postprocess
 from cxr_segmentation.servicer import to_response
 from cxr_serving import images
 from cxr_serving.images import decode_image
-from tests.conftest import DICOM_DIR, cxr14_images
+from tests.support.paths import DICOM_DIR, cxr14_images
 from tests.unit.test_client_report import report
 
 SOURCE = DICOM_DIR / "nih-dx-mono2-8bit.dcm"  # PixelSpacing = ImagerPixelSpacing = 0.835\0.684
