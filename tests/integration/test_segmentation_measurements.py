@@ -17,7 +17,7 @@ from cxr_segmentation.service import build_binding
 from cxr_serving import images
 from tests.support.paths import cxr14_images
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
-from tests.unit.test_segmentation_measurements import COL, SPACING_CASES, dicom
+from tests.support.spacing import COL, SPACING_CASES, dicom
 
 SEG = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
 ENUM = {
