@@ -1,9 +1,10 @@
-"""gRPC adapter of the classification service: protos in, domain calls, protos out.
+"""gRPC adapter of the classification service: protos in, the models' hooks, protos out.
 
-Per image: decode + preprocess once per distinct preprocessing spec (one job on the bounded
-worker pool, off the event loop) -> every selected model through its dynamic batcher
-concurrently -> findings with the per-label thresholds. Errors are domain errors; the
-runtime's interceptor maps them (per-image errors of batch calls become google.rpc.Status).
+Per image: decode + each model's `preprocess`, once per distinct preprocessing spec (one job on
+the bounded worker pool, off the event loop) -> every selected model through its dynamic batcher
+concurrently -> each model's `postprocess` (findings with their thresholds) -> protos. Errors are
+domain errors; the runtime's interceptor maps them (per-image errors of batch calls become
+google.rpc.Status).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
-import numpy as np
 import torch
 
 from cxr_classification.model import Calibration, ChestXrayClassifier, ClassifierInput, ClassifierOutput
-from cxr_classification.preprocessing import PreprocessSpec, preprocess
+from cxr_classification.preprocessing import PreprocessSpec
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
@@ -31,6 +32,7 @@ from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 
+Context = grpc.aio.ServicerContext[Any, Any]
 MAX_IMAGES_PER_REQUEST = 128
 MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
 CALIBRATION = {
@@ -52,7 +54,7 @@ class ImageResult:
     untrained: bool
 
 
-class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
+class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):  # type: ignore[misc]
     admin_messages = pb
 
     def __init__(
@@ -67,7 +69,6 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         self.repo = repo
         self.models = models
         self.pool = pool
-        self.specs = {name: PreprocessSpec.from_config(m.cfg) for name, m in models.items()}
         self.admin = ModelAdmin(repo, models_path)
         self.max_in_flight = max_in_flight_per_request
 
@@ -101,12 +102,12 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return {n: tuple(label for label in wanted if label in self.models[n].labels) for n in names}
 
     # -- the pipeline for one image -------------------------------------------------------------
-    def _preprocess_all(self, pixels: np.ndarray, names: list[str]) -> dict[PreprocessSpec, torch.Tensor]:
+    def _preprocess_all(self, decoded: DecodedImage, names: list[str]) -> dict[PreprocessSpec, torch.Tensor]:
         out: dict[PreprocessSpec, torch.Tensor] = {}
         for name in names:
-            spec = self.specs[name]
-            if spec not in out:
-                out[spec] = preprocess(pixels, spec)
+            model = self.models[name]
+            if model.spec not in out:
+                out[model.spec] = model.preprocess(decoded)
         return out
 
     def _decode_and_preprocess(
@@ -116,7 +117,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         t0 = time.perf_counter()
         decoded = decode_image(data, content_type, self.pool.limits)
         t1 = time.perf_counter()
-        tensors = self._preprocess_all(decoded.pixels, names)
+        tensors = self._preprocess_all(decoded, names)
         return decoded, tensors, t1 - t0, time.perf_counter() - t1
 
     async def _predict(
@@ -127,20 +128,16 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return out, time.perf_counter() - started
 
     def _prediction(self, name: str, out: ClassifierOutput, seconds: float) -> pb.ModelPrediction:
-        model = self.models[name]
-        decision = out.decision
         findings = [
             pb.Finding(
-                label=label,
-                probability=float(p),
-                threshold=float(t),
-                positive=bool(positive),
-                heatmap_png=out.heatmaps.get(label, b""),
-                calibration=CALIBRATION[c],
+                label=f.label,
+                probability=f.probability,
+                threshold=f.threshold,
+                positive=f.positive,
+                heatmap_png=f.heatmap_png,
+                calibration=CALIBRATION[f.calibration],
             )
-            for label, p, t, c, positive in zip(
-                model.labels, out.probabilities, decision.thresholds, decision.calibration, out.positive, strict=True
-            )
+            for f in self.models[name].postprocess(out)
         ]
         return pb.ModelPrediction(
             model=model_info(self.repo.status(name)), findings=findings, inference_ms=_ms(seconds)
@@ -155,7 +152,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 self._decode_and_preprocess, image.data, image.content_type, names
             )
             t1 = time.perf_counter()
-            items = [(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names]
+            items = [(n, ClassifierInput(tensors[self.models[n].spec], heatmaps.get(n, ()))) for n in names]
             if len(items) == 1:
                 outs = [await self._predict(*items[0], arrivals.get(items[0][0]))]
             else:
@@ -200,9 +197,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 t.cancel()
 
     # -- RPCs ------------------------------------------------------------------------------------
-    async def ClassifyImage(
-        self, request: pb.ClassifyImageRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyImageResponse:
+    async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
         names = self.select_models(request.model_names)
         heatmaps = self.heatmaps_by_model(names, request.heatmap_labels)
         r = await self.classify(request.image, names, heatmaps)
@@ -210,16 +205,14 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
         )
 
-    async def ClassifyImages(
-        self, request: pb.ClassifyImagesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyImagesResponse:
+    async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
         results = [r async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels)]
         results.sort(key=lambda r: r.index)
         untrained = any(p.model.untrained for r in results for p in r.predictions)
         return pb.ClassifyImagesResponse(results=results, untrained=untrained)
 
     async def StreamClassifyImages(
-        self, request: pb.StreamClassifyImagesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
         async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
             untrained = any(p.model.untrained for p in r.predictions)
