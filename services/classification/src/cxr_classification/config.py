@@ -130,9 +130,9 @@ class ClassifierConfig(BaseModel):
         if self.model_type == "swin_transformer" and self.timm_name is None:
             self.timm_name = DEFAULT_SWIN
         if self.checkpoint_format == "xrv" and self.model_type != "densenet121":
-            raise ValueError("checkpoint_format 'xrv' needs architecture 'densenet121'")
+            raise ValueError("checkpoint_format 'xrv' needs model_type 'densenet121' (config key `architecture`)")
         if self.checkpoint_format == "chexnet" and self.model_type != "densenet121":
-            raise ValueError("checkpoint_format 'chexnet' needs architecture 'densenet121'")
+            raise ValueError("checkpoint_format 'chexnet' needs model_type 'densenet121' (config key `architecture`)")
         if self.normalization is None:
             self.normalization = "xrv" if self.checkpoint_format == "xrv" else "imagenet"
         if self.in_chans is None:
