@@ -14,9 +14,10 @@ import numpy as np
 
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_serving.binding import ModelEntry, bind_models
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
-from cxr_serving.lifecycle import UNTRAINED, BatchingConfig, ModelRepository, ServedModel
+from cxr_serving.lifecycle import UNTRAINED, ModelRepository, ServedModel
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 from cxr_serving.server import ServiceBinding
@@ -88,24 +89,17 @@ class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
 
 
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
-    repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
     model = model or BrightnessModel()
     factory = functools.partial(
         BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load, model.checkpoint_error
     )
-    repo.add(model, factory=factory)
-    pool = DecodePool.from_settings(settings)
-    servicer = ToyServicer(repo, pool, settings.models_path)
-
-    async def stop() -> None:
-        pool.close()
-
-    return ServiceBinding(
+    return bind_models(
+        settings,
         name="classification",
         full_service_names=[SERVICE],
-        register=lambda server: pb_grpc.add_ClassificationServiceServicer_to_server(servicer, server),
-        repository=repo,
-        on_stop=stop,
+        models=[ModelEntry(model, factory=factory)],
+        servicer=lambda repo, pool: ToyServicer(repo, pool, settings.models_path),
+        register=pb_grpc.add_ClassificationServiceServicer_to_server,
     )
 
 

@@ -23,13 +23,16 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cxr_serving.batcher import Arrival, DynamicBatcher
 from cxr_serving.errors import ConfigError, CxrError, ModelNotFoundError, ModelNotReadyError
 from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
 from cxr_serving.settings import ServerConfig
+
+if TYPE_CHECKING:
+    from cxr_serving.images import DecodedImage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class ModelStatus:
     labels: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    task: str = ""  # the config entry's task (model_tasks.py)
     error: str = ""
     load_seconds: float = 0.0
 
@@ -75,15 +79,28 @@ class ServedModel(ABC):
 
     name: str
     architecture: str = ""
+    task: str = ""  # e.g. "binary_classification" (model_tasks.py); ListModels reports it
     labels: Sequence[str] = ()
 
     @abstractmethod
     def load(self, checkpoint_path: Path | None = None) -> None:
         """Build the network, load weights (or refuse), move to device, warm up."""
 
+    def preprocess(self, decoded: DecodedImage) -> Any:
+        """One request's decoded image -> one input of `predict` (KServe's `preprocess`, LitServe's
+        `decode_request`); runs per request on the decode pool, so batches hold only the forward pass.
+        Default: the grayscale pixels."""
+        return decoded.pixels
+
     @abstractmethod
     def predict(self, batch: list[Any]) -> Sequence[Any]:
         """Run one forward pass over preprocessed inputs; one output per input."""
+
+    def postprocess(self, output: Any, options: Any = None) -> Any:
+        """One output of `predict` -> the service's domain result, with the request's `options`
+        (KServe's `postprocess`, LitServe's `encode_response`); runs per request, off the batch.
+        Default: the output unchanged."""
+        return output
 
     def unload(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release memory. Default: nothing to do."""
@@ -136,6 +153,7 @@ class ModelRepository:
 
     def __init__(self, batching: BatchingConfig, on_ready_change: Callable[[bool], None] | None = None) -> None:
         self._batching = batching
+        self._model_batching: dict[str, BatchingConfig] = {}  # per-model batch size/delay overrides
         self._models: dict[str, ServedModel] = {}
         self._required: set[str] = set()
         self._status: dict[str, ModelStatus] = {}
@@ -148,8 +166,16 @@ class ModelRepository:
         self.on_ready_change = on_ready_change
         self._observer = MetricsObserver()
 
-    def add(self, model: ServedModel, *, required: bool = True, factory: ModelFactory | None = None) -> None:
+    def add(
+        self,
+        model: ServedModel,
+        *,
+        required: bool = True,
+        factory: ModelFactory | None = None,
+        batching: BatchingConfig | None = None,
+    ) -> None:
         """Register a model; `required` ones gate readiness (the enabled models of the config).
+        `batching` gives this model its own batch size and delay (default: the repository's).
 
         `factory` (picklable, no arguments) builds the same model, unloaded, in another process:
         with `model_instance_mode: process` each instance process calls it, and `model` itself
@@ -160,9 +186,13 @@ class ModelRepository:
                 "set server_config.model_instance_mode: thread"
             )
         self._models[model.name] = model
+        if batching is not None:
+            self._model_batching[model.name] = batching
         if factory is not None:
             self._factories[model.name] = factory
-        self._status[model.name] = ModelStatus(model.name, architecture=model.architecture, labels=list(model.labels))
+        self._status[model.name] = ModelStatus(
+            model.name, architecture=model.architecture, task=model.task, labels=list(model.labels)
+        )
         if required:
             self._required.add(model.name)
         MODEL_LOADED.labels(model.name).set(0)
@@ -251,11 +281,12 @@ class ModelRepository:
             st.state, st.error, st.version, st.untrained = ModelState.READY, "", loaded.version, loaded.untrained
             st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
             st.precision = loaded.precision
+            batching = self._model_batching.get(name, self._batching)
             self._batchers[name] = DynamicBatcher(
                 name,
                 run_batch,
-                max_batch_size=self._batching.max_batch_size,
-                max_batch_delay_ms=self._batching.max_batch_delay_ms,
+                max_batch_size=batching.max_batch_size,
+                max_batch_delay_ms=batching.max_batch_delay_ms,
                 max_queue_size=self._batching.max_queue_size,
                 observer=self._observer,
                 max_concurrent_batches=self._batching.model_instances,

@@ -25,6 +25,7 @@ def model_info(status: ModelStatus) -> common_pb2.ModelInfo:
         error=status.error,
         device=status.device,
         precision=status.precision,
+        task=status.task,
     )
 
 

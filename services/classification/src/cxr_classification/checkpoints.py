@@ -69,7 +69,7 @@ def read_tensors(ckpt: CheckpointBytes, fmt: str = "auto", allow_pickle: bool = 
 
         try:
             return load(ckpt.data)
-        except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:
+        except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:  # type: ignore[misc]
             _reraise_out_of_memory(exc)
             raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from None
     try:
@@ -84,7 +84,7 @@ def read_tensors(ckpt: CheckpointBytes, fmt: str = "auto", allow_pickle: bool = 
             ) from None
         try:  # unpickling runs the file's own code (trusted by allow_pickle): a missing class is a bad file too
             obj = torch.load(io.BytesIO(ckpt.data), map_location="cpu", weights_only=False)
-        except (*CHECKPOINT_DATA_ERRORS, AttributeError, ImportError, TypeError) as exc2:
+        except (*CHECKPOINT_DATA_ERRORS, AttributeError, ImportError, TypeError) as exc2:  # type: ignore[misc]
             _reraise_out_of_memory(exc2)
             raise CheckpointError(f"checkpoint {path} could not be read: {type(exc2).__name__}: {exc2}") from None
     return unwrap(obj, path)

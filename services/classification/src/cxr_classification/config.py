@@ -1,6 +1,9 @@
-"""Configuration of the two classifiers: `models.binary_classifier` and `models.multiclass_classifier`.
+"""Configuration of the classifiers: every `models.<name>` entry whose `task` is a classification task.
 
-Each section is validated by this service's own schema through `Settings.model_section`, so a
+`task` picks the schema (binary_classification: one positive label; multilabel_classification: one
+sigmoid per label) and `architecture` the network; the legacy names `binary_classifier` and
+`multiclass_classifier` default both (binary swin_transformer, multilabel densenet121), any other
+entry declares them. Each section is validated by its schema through `Settings.model_section`, so a
 typo or a bad value stops the service at start with a message naming the field.
 Preprocessing (input size, resize, normalisation) is chosen here, by config, never guessed
 from the image: CheXNet and timm checkpoints expect ImageNet mean/std on 3 channels,
@@ -9,11 +12,12 @@ torchxrayvision expects one channel scaled to [-1024, 1024].
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxr_serving.errors import ConfigError
+from cxr_serving.model_tasks import BINARY_CLASSIFICATION, CLASSIFICATION_TASKS, MULTILABEL_CLASSIFICATION, model_tasks
 from cxr_serving.settings import Settings
 
 BINARY_MODEL = "binary_classifier"
@@ -61,20 +65,25 @@ ABNORMAL = "abnormal"
 DEFAULT_SWIN = "swin_tiny_patch4_window7_224"
 
 ModelType = Literal["swin_transformer", "densenet121", "timm"]
+ClassificationTask = Literal["binary_classification", "multilabel_classification"]
 CheckpointFormat = Literal["auto", "state_dict", "training", "chexnet", "xrv", "timm", "safetensors"]
 Normalization = Literal["imagenet", "xrv"]
 ResizeMode = Literal["center_crop", "squash"]
 
 
 class ClassifierConfig(BaseModel):
-    """Fields shared by both classifiers (the seed's four plus serving and preprocessing)."""
+    """Fields shared by every classifier (weights, labels, serving and preprocessing)."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
+    task: ClassificationTask
     checkpoint_path: str | None = Field(None, description="relative paths resolve against models_path")
-    model_type: ModelType
-    timm_name: str | None = Field(None, description="timm architecture; required for model_type 'timm'")
+    model_type: ModelType = Field(
+        validation_alias=AliasChoices("architecture", "model_type"),
+        description="the network (config key `architecture`; `model_type` is its deprecated spelling)",
+    )
+    timm_name: str | None = Field(None, description="timm architecture; required for architecture 'timm'")
     num_classes: int | None = Field(None, ge=1, le=1000)
     labels: list[str] | None = Field(None, description="output labels in order; defaults per model")
     allow_untrained: bool = Field(False, description="start with random weights when no checkpoint is set")
@@ -97,6 +106,13 @@ class ClassifierConfig(BaseModel):
         "has them (xrv) is never positive unless named here",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_architecture_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "architecture" in data and "model_type" in data:
+            raise ValueError("set `architecture` only: `model_type` is its deprecated spelling, not a second setting")
+        return data
+
     @field_validator("thresholds")
     @classmethod
     def _threshold_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
@@ -110,13 +126,13 @@ class ClassifierConfig(BaseModel):
     @model_validator(mode="after")
     def _defaults(self) -> ClassifierConfig:
         if self.model_type == "timm" and not self.timm_name:
-            raise ValueError("timm_name is required when model_type is 'timm'")
+            raise ValueError("timm_name is required when architecture is 'timm'")
         if self.model_type == "swin_transformer" and self.timm_name is None:
             self.timm_name = DEFAULT_SWIN
         if self.checkpoint_format == "xrv" and self.model_type != "densenet121":
-            raise ValueError("checkpoint_format 'xrv' needs model_type 'densenet121'")
+            raise ValueError("checkpoint_format 'xrv' needs model_type 'densenet121' (config key `architecture`)")
         if self.checkpoint_format == "chexnet" and self.model_type != "densenet121":
-            raise ValueError("checkpoint_format 'chexnet' needs model_type 'densenet121'")
+            raise ValueError("checkpoint_format 'chexnet' needs model_type 'densenet121' (config key `architecture`)")
         if self.normalization is None:
             self.normalization = "xrv" if self.checkpoint_format == "xrv" else "imagenet"
         if self.in_chans is None:
@@ -164,23 +180,30 @@ class ClassifierConfig(BaseModel):
 
     @property
     def architecture(self) -> str:
+        """The concrete network served (ListModels): densenet121, or the timm model name."""
         return "densenet121" if self.model_type == "densenet121" else str(self.timm_name)
 
 
 class BinaryClassifierConfig(ClassifierConfig):
-    """`models.binary_classifier`: normal/abnormal. One output (sigmoid) or two (softmax, index 1 = abnormal)."""
+    """Task binary_classification (`models.binary_classifier`: normal/abnormal): one positive label, one
+    output (sigmoid) or two (softmax, index 1 = the positive label)."""
 
-    model_type: ModelType = "swin_transformer"
+    task: Literal["binary_classification"] = BINARY_CLASSIFICATION
+    model_type: ModelType = Field(
+        "swin_transformer",
+        validation_alias=AliasChoices("architecture", "model_type"),
+        description="the network (config key `architecture`; `model_type` is its deprecated spelling)",
+    )
 
     def _apply_label_defaults(self) -> None:
         if self.num_classes is None:
             self.num_classes = 1
         if self.num_classes not in (1, 2):
-            raise ValueError("num_classes must be 1 (sigmoid) or 2 (softmax: [normal, abnormal]) for the binary model")
+            raise ValueError("num_classes must be 1 (sigmoid) or 2 (softmax: [negative, positive]) for a binary model")
         if self.labels is None:
             self.labels = [ABNORMAL]
         if len(self.labels) != 1:
-            raise ValueError("labels of the binary model is one label (the positive class), e.g. ['abnormal']")
+            raise ValueError("labels of a binary model is one label (the positive class), e.g. ['abnormal']")
 
     @property
     def head_size(self) -> int:
@@ -195,9 +218,15 @@ class BinaryClassifierConfig(ClassifierConfig):
 
 
 class MultiLabelClassifierConfig(ClassifierConfig):
-    """`models.multiclass_classifier`: the 14 NIH findings, one sigmoid each."""
+    """Task multilabel_classification (`models.multiclass_classifier`: the 14 NIH findings): one sigmoid
+    per label; `labels` default to the NIH findings."""
 
-    model_type: ModelType = "densenet121"
+    task: Literal["multilabel_classification"] = MULTILABEL_CLASSIFICATION
+    model_type: ModelType = Field(
+        "densenet121",
+        validation_alias=AliasChoices("architecture", "model_type"),
+        description="the network (config key `architecture`; `model_type` is its deprecated spelling)",
+    )
 
     def _apply_label_defaults(self) -> None:
         if self.labels is None:
@@ -212,19 +241,22 @@ class MultiLabelClassifierConfig(ClassifierConfig):
             raise ValueError("labels must be unique")
 
 
-SCHEMAS: dict[str, type[ClassifierConfig]] = {
-    BINARY_MODEL: BinaryClassifierConfig,
-    MULTILABEL_MODEL: MultiLabelClassifierConfig,
+TASK_SCHEMAS: dict[str, type[ClassifierConfig]] = {
+    BINARY_CLASSIFICATION: BinaryClassifierConfig,
+    MULTILABEL_CLASSIFICATION: MultiLabelClassifierConfig,
 }
 
 
 def classifier_configs(settings: Settings) -> dict[str, ClassifierConfig]:
-    """The configured classifiers, validated; raises ConfigError naming the field."""
+    """Every `models.*` entry with a classification task, validated; raises ConfigError naming the field."""
     configs: dict[str, ClassifierConfig] = {}
-    for name, schema in SCHEMAS.items():
-        section = settings.model_section(name, schema)
+    for name, task in model_tasks(settings, CLASSIFICATION_TASKS).items():
+        section = settings.model_section(name, TASK_SCHEMAS[task])
         if section is not None:
             configs[name] = section
     if not configs:
-        raise ConfigError(f"models: configure at least one of {sorted(SCHEMAS)} for the classification service")
+        raise ConfigError(
+            f"models: declare at least one classifier for the classification service: an entry with task "
+            f"{' or '.join(CLASSIFICATION_TASKS)} (e.g. models.{BINARY_MODEL} or models.{MULTILABEL_MODEL})"
+        )
     return configs

@@ -1,9 +1,11 @@
 """`ChestXrayClassifier`: one configured classifier as the serving runtime's `ServedModel`.
 
 load: build the network -> load the checkpoint (or refuse unless allow_untrained) -> move to
-the device (channels_last / compile on GPU) -> warm up. predict: stack a batch, one forward
-pass under inference_mode (+ AMP on GPU), probabilities in label order; Grad-CAM for the
-items that asked for it. The batcher calls predict on the model's own thread. No gRPC here.
+the device (channels_last / compile on GPU) -> warm up. preprocess: decoded image -> input
+tensor (per request, on the decode pool). predict: stack a batch, one forward pass under
+inference_mode (+ AMP on GPU), probabilities in label order; Grad-CAM for the items that asked
+for it (the batcher calls it on the model's own thread). postprocess: one output -> findings
+with their thresholds and decisions. No gRPC here.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from cxr_classification.checkpoints import load_checkpoint
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
+from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
+from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
 from cxr_serving.optimize.amp import precision_of
 
@@ -71,6 +75,18 @@ class ClassifierOutput:
             return self.probabilities >= self.decision.thresholds
 
 
+@dataclass(frozen=True)
+class FindingResult:
+    """One label of one image: probability, the threshold it was compared with (NaN: none), the decision."""
+
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    calibration: Calibration
+    heatmap_png: bytes = b""
+
+
 def output_index(cfg: ClassifierConfig) -> list[int]:
     """Which head outputs are the configured labels, in label order."""
     labels = cfg.output_labels
@@ -111,6 +127,8 @@ class ChestXrayClassifier(ServedModel):
         self.name = name
         self.cfg = cfg
         self.architecture = cfg.architecture
+        self.task = cfg.task
+        self.spec = PreprocessSpec.from_config(cfg)  # models with equal specs share one preprocessed tensor
         self.labels = tuple(cfg.output_labels)
         self.thresholds = np.array([cfg.threshold(label) for label in self.labels], dtype=np.float32)
         named = cfg.thresholds if isinstance(cfg.thresholds, dict) else {}
@@ -219,6 +237,25 @@ class ChestXrayClassifier(ServedModel):
     def _warm_up(self, runner: torch.nn.Module) -> None:
         shape = (int(self.cfg.in_chans or 3), self.cfg.input_size, self.cfg.input_size)
         self._device.warm_up(runner, shape, self._max_batch_size, self._warmup_batches)
+
+    def preprocess(self, decoded: DecodedImage) -> torch.Tensor:
+        """The decoded grayscale image as this network's C x S x S input (crop/resize/normalise by config)."""
+        return preprocess(decoded.pixels, self.spec)
+
+    def postprocess(self, output: ClassifierOutput, options: object = None) -> list[FindingResult]:
+        """One image's output as findings in label order; a label without a threshold is never positive."""
+        decision = output.decision
+        return [
+            FindingResult(label, float(p), float(t), bool(positive), c, output.heatmaps.get(label, b""))
+            for label, p, t, c, positive in zip(
+                self.labels,
+                output.probabilities,
+                decision.thresholds,
+                decision.calibration,
+                output.positive,
+                strict=True,
+            )
+        ]
 
     def predict(self, batch: list[ClassifierInput]) -> Sequence[ClassifierOutput]:
         with self._lock:

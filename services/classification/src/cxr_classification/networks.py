@@ -9,6 +9,8 @@ Grad-CAM needs. No gRPC here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import nn
@@ -20,14 +22,15 @@ def build_network(cfg: ClassifierConfig) -> nn.Module:
     """The architecture of `cfg` with random weights and `cfg.head_size` outputs."""
     in_chans = cfg.in_chans or 3
     if cfg.model_type == "densenet121":
-        net = torchvision.models.densenet121(weights=None, num_classes=cfg.head_size)
+        net: nn.Module = torchvision.models.densenet121(weights=None, num_classes=cfg.head_size)
         if in_chans != 3:  # torchxrayvision: the same network with a 1-channel stem
-            net.features.conv0 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            stem = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            net.get_submodule("features").conv0 = stem
         return net
     import timm
 
     assert cfg.timm_name is not None
-    kwargs: dict[str, object] = {"pretrained": False, "num_classes": cfg.head_size, "in_chans": in_chans}
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": cfg.head_size, "in_chans": in_chans}
     default = timm.get_pretrained_cfg(cfg.timm_name)
     default_size = default.input_size[-1] if default is not None and default.input_size else None
     if default_size != cfg.input_size:
@@ -74,6 +77,7 @@ class ClassifierNetwork(nn.Module):
         super().__init__()
         self.net = net
         self.activation = activation
+        self.output_index: torch.Tensor
         self.register_buffer("output_index", torch.tensor(output_index, dtype=torch.long), persistent=False)
         self.op_threshs: torch.Tensor | None
         self.register_buffer("op_threshs", op_threshs, persistent=False)

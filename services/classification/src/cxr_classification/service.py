@@ -1,4 +1,4 @@
-"""Wire the classification service into the shared runtime: config -> models -> repository -> binding."""
+"""Wire the classification service into the shared runtime: every classifier entry of `models.*` -> binding."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from cxr_classification.model import ChestXrayClassifier
 from cxr_classification.servicer import ClassificationServicer
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from cxr_serving.binding import ModelEntry, bind_models
 from cxr_serving.device import InferenceDevice
-from cxr_serving.images import DecodePool
-from cxr_serving.lifecycle import BatchingConfig, ModelRepository
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -39,28 +38,24 @@ def build_model(settings: Settings, name: str) -> ChestXrayClassifier:
 
 
 def build_binding(settings: Settings) -> ServiceBinding:
-    """Everything the shared server needs; raises ConfigError for a bad `models.*` section."""
+    """Every configured classifier, served; raises ConfigError for a bad `models.*` entry."""
     sc = settings.server_config
     device = InferenceDevice.resolve(sc.device, settings.performance)
     models = build_models(settings, device)
-    repo = ModelRepository(BatchingConfig.from_settings(sc))
-    for name, model in models.items():  # disabled models are listed and can be loaded on demand
-        repo.add(model, required=model.cfg.enabled, factory=functools.partial(build_model, settings, name))
-    pool = DecodePool.from_settings(settings)
-    servicer = ClassificationServicer(
-        repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size
-    )
-
-    async def stop() -> None:
-        pool.close()
-
-    return ServiceBinding(
+    entries = [  # disabled models are listed and can be loaded on demand
+        ModelEntry(model, required=model.cfg.enabled, factory=functools.partial(build_model, settings, name))
+        for name, model in models.items()
+    ]
+    return bind_models(
+        settings,
         name="classification",
         full_service_names=[SERVICE_NAME],
-        register=lambda server: pb_grpc.add_ClassificationServiceServicer_to_server(servicer, server),
-        repository=repo,
-        on_stop=stop,
-        extra={"servicer": servicer, "models": models},
+        models=entries,
+        servicer=lambda repo, pool: ClassificationServicer(
+            repo, models, pool, models_path=settings.models_path, max_in_flight_per_request=2 * sc.max_batch_size
+        ),
+        register=pb_grpc.add_ClassificationServiceServicer_to_server,
+        extra={"models": models},
     )
 
 

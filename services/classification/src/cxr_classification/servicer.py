@@ -1,38 +1,33 @@
-"""gRPC adapter of the classification service: protos in, domain calls, protos out.
+"""gRPC adapter of the classification service: protos in, the classifiers (pipeline.py), protos out.
 
-Per image: decode + preprocess once per distinct preprocessing spec (one job on the bounded
-worker pool, off the event loop) -> every selected model through its dynamic batcher
-concurrently -> findings with the per-label thresholds. Errors are domain errors; the
-runtime's interceptor maps them (per-image errors of batch calls become google.rpc.Status).
+Errors are domain errors; the runtime's interceptor maps them (per-image errors of batch calls
+become google.rpc.Status).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
-import numpy as np
-import torch
 
-from cxr_classification.model import Calibration, ChestXrayClassifier, ClassifierInput, ClassifierOutput
-from cxr_classification.preprocessing import PreprocessSpec, preprocess
+from cxr_classification.model import Calibration, ChestXrayClassifier
+from cxr_classification.pipeline import Classifiers, ModelResult
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
-from cxr_serving.batcher import Arrival
-from cxr_serving.errors import InvalidInputError, ModelNotReadyError
+from cxr_serving.errors import InvalidInputError
 from cxr_serving.grpc_errors import rpc_status_from_error
-from cxr_serving.images import DecodedImage, DecodePool, decode_image
+from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, model_info
 
+Context = grpc.aio.ServicerContext[Any, Any]
 MAX_IMAGES_PER_REQUEST = 128
-MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
 CALIBRATION = {
     Calibration.RAW: pb.CALIBRATION_RAW,
     Calibration.OPERATING_POINT: pb.CALIBRATION_OPERATING_POINT,
@@ -52,7 +47,7 @@ class ImageResult:
     untrained: bool
 
 
-class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
+class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):  # type: ignore[misc]
     admin_messages = pb
 
     def __init__(
@@ -65,108 +60,38 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         max_in_flight_per_request: int = 16,
     ) -> None:
         self.repo = repo
-        self.models = models
-        self.pool = pool
-        self.specs = {name: PreprocessSpec.from_config(m.cfg) for name, m in models.items()}
+        self.classifiers = Classifiers(repo, models, pool)
         self.admin = ModelAdmin(repo, models_path)
         self.max_in_flight = max_in_flight_per_request
 
-    # -- selection and validation -------------------------------------------------------------
-    def select_models(self, requested: Sequence[str]) -> list[str]:
-        if requested:
-            names = list(dict.fromkeys(requested))
-            for name in names:
-                self.repo.model(name)  # NOT_FOUND for unknown names
-            return names
-        ready = [n for n in self.repo.names if self.repo.is_ready(n)]
-        if not ready:
-            raise ModelNotReadyError("no classification model is loaded; see ListModels")
-        return ready
-
-    def heatmaps_by_model(self, names: list[str], labels: Sequence[str], images: int = 1) -> dict[str, tuple[str, ...]]:
-        wanted = list(dict.fromkeys(labels))
-        if len(wanted) * images > MAX_HEATMAPS_PER_REQUEST:
-            raise InvalidInputError(
-                f"{len(wanted)} heatmap labels x {images} images is over the limit of {MAX_HEATMAPS_PER_REQUEST} "
-                "heatmaps per request: ask for fewer labels or send fewer images per call",
-                reason="TOO_MANY_HEATMAPS",
-            )
-        known = {label for n in names for label in self.models[n].labels}
-        unknown = [label for label in wanted if label not in known]
-        if unknown:
-            raise InvalidInputError(
-                f"heatmap_labels {unknown} are not outputs of the selected models; known labels: {sorted(known)}",
-                reason="UNKNOWN_LABEL",
-            )
-        return {n: tuple(label for label in wanted if label in self.models[n].labels) for n in names}
-
-    # -- the pipeline for one image -------------------------------------------------------------
-    def _preprocess_all(self, pixels: np.ndarray, names: list[str]) -> dict[PreprocessSpec, torch.Tensor]:
-        out: dict[PreprocessSpec, torch.Tensor] = {}
-        for name in names:
-            spec = self.specs[name]
-            if spec not in out:
-                out[spec] = preprocess(pixels, spec)
-        return out
-
-    def _decode_and_preprocess(
-        self, data: bytes, content_type: str, names: list[str]
-    ) -> tuple[DecodedImage, dict[PreprocessSpec, torch.Tensor], float, float]:
-        """One job on the worker pool: validate + decode, then every distinct preprocessing."""
-        t0 = time.perf_counter()
-        decoded = decode_image(data, content_type, self.pool.limits)
-        t1 = time.perf_counter()
-        tensors = self._preprocess_all(decoded.pixels, names)
-        return decoded, tensors, t1 - t0, time.perf_counter() - t1
-
-    async def _predict(
-        self, name: str, item: ClassifierInput, arrival: Arrival | None = None
-    ) -> tuple[ClassifierOutput, float]:
-        started = time.perf_counter()
-        out: ClassifierOutput = await self.repo.predict(name, item, arrival)
-        return out, time.perf_counter() - started
-
-    def _prediction(self, name: str, out: ClassifierOutput, seconds: float) -> pb.ModelPrediction:
-        model = self.models[name]
-        decision = out.decision
+    def _prediction(self, result: ModelResult) -> pb.ModelPrediction:
         findings = [
             pb.Finding(
-                label=label,
-                probability=float(p),
-                threshold=float(t),
-                positive=bool(positive),
-                heatmap_png=out.heatmaps.get(label, b""),
-                calibration=CALIBRATION[c],
+                label=f.label,
+                probability=f.probability,
+                threshold=f.threshold,
+                positive=f.positive,
+                heatmap_png=f.heatmap_png,
+                calibration=CALIBRATION[f.calibration],
             )
-            for label, p, t, c, positive in zip(
-                model.labels, out.probabilities, decision.thresholds, decision.calibration, out.positive, strict=True
-            )
+            for f in result.findings
         ]
-        return pb.ModelPrediction(
-            model=model_info(self.repo.status(name)), findings=findings, inference_ms=_ms(seconds)
-        )
+        status = model_info(self.repo.status(result.name))
+        return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
 
     async def classify(
         self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
     ) -> ImageResult:
-        t0 = time.perf_counter()
-        with self.repo.expect(names) as arrivals:  # each model's batcher waits for this one while it decodes
-            decoded, tensors, decode_s, preprocess_s = await self.pool.run(
-                self._decode_and_preprocess, image.data, image.content_type, names
-            )
-            t1 = time.perf_counter()
-            items = [(n, ClassifierInput(tensors[self.specs[n]], heatmaps.get(n, ()))) for n in names]
-            if len(items) == 1:
-                outs = [await self._predict(*items[0], arrivals.get(items[0][0]))]
-            else:
-                outs = list(await asyncio.gather(*(self._predict(n, item, arrivals.get(n)) for n, item in items)))
-        t2 = time.perf_counter()
-        predictions = [self._prediction(n, out, secs) for n, (out, secs) in zip(names, outs, strict=True)]
+        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps)
+        predictions = [self._prediction(r) for r in c.results]
         timing = pb.Timing(
-            decode_ms=_ms(decode_s), preprocess_ms=_ms(preprocess_s), inference_ms=_ms(t2 - t1), total_ms=_ms(t2 - t0)
+            decode_ms=_ms(c.decode_s),
+            preprocess_ms=_ms(c.preprocess_s),
+            inference_ms=_ms(c.inference_s),
+            total_ms=_ms(c.total_s),
         )
         untrained = any(p.model.untrained for p in predictions)
-        return ImageResult(predictions, image_metadata(decoded), timing, untrained)
+        return ImageResult(predictions, image_metadata(c.image), timing, untrained)
 
     async def _classify_many(
         self, images: Sequence[common_pb2.Image], model_names: Sequence[str], heatmap_labels: Sequence[str]
@@ -179,8 +104,8 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}: split the request",
                 reason="TOO_MANY_IMAGES",
             )
-        names = self.select_models(model_names)
-        heatmaps = self.heatmaps_by_model(names, heatmap_labels, len(images))
+        names = self.classifiers.select(model_names)
+        heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
@@ -200,26 +125,22 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 t.cancel()
 
     # -- RPCs ------------------------------------------------------------------------------------
-    async def ClassifyImage(
-        self, request: pb.ClassifyImageRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyImageResponse:
-        names = self.select_models(request.model_names)
-        heatmaps = self.heatmaps_by_model(names, request.heatmap_labels)
+    async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
+        names = self.classifiers.select(request.model_names)
+        heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels)
         r = await self.classify(request.image, names, heatmaps)
         return pb.ClassifyImageResponse(
             predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
         )
 
-    async def ClassifyImages(
-        self, request: pb.ClassifyImagesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyImagesResponse:
+    async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
         results = [r async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels)]
         results.sort(key=lambda r: r.index)
         untrained = any(p.model.untrained for r in results for p in r.predictions)
         return pb.ClassifyImagesResponse(results=results, untrained=untrained)
 
     async def StreamClassifyImages(
-        self, request: pb.StreamClassifyImagesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
         async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
             untrained = any(p.model.untrained for p in r.predictions)

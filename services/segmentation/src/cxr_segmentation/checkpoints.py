@@ -39,7 +39,7 @@ def _state_dict_of(ckpt: CheckpointBytes) -> dict[str, torch.Tensor]:
             raw: Any = load(ckpt.data)
         else:
             raw = torch.load(io.BytesIO(ckpt.data), map_location="cpu", weights_only=True)
-    except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:
+    except (SafetensorError, *CHECKPOINT_DATA_ERRORS) as exc:  # type: ignore[misc]
         if out_of_memory(exc):
             raise
         raise CheckpointError(

@@ -1,4 +1,5 @@
-"""`models.segmentation`: the service's own schema, validated through `Settings.model_section`."""
+"""The segmentation models: every `models.<name>` entry whose `task` is segmentation (the legacy
+`models.segmentation` needs no `task`), each validated by this schema through `Settings.model_section`."""
 
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ class SegmentationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    name: str = Field("segmentation", min_length=1, description="model name in ListModels and requests")
+    task: Literal["segmentation"] = "segmentation"
+    name: str = Field(
+        "segmentation", min_length=1, description="model name in ListModels and requests (default: the entry's key)"
+    )
     checkpoint_path: str | None = Field(None, description="relative paths start at models_path")
     allow_untrained: bool = Field(False, description="serve random weights when no checkpoint (dev only)")
     checkpoint_format: CheckpointFormat = "auto"

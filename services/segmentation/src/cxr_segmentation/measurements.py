@@ -11,6 +11,7 @@ masks are wrong, so the ratio is withheld (0), `implausible` is set and `unavail
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,19 +57,19 @@ def cardiothoracic_ratio(
     assert heart is not None and lungs is not None
     heart_w, thorax_w = float(heart.width), float(lungs.width)
     col_mm = pixel_spacing_mm[1] if pixel_spacing_mm else 0.0
-    widths = {
-        "heart_width_px": heart_w,
-        "thorax_width_px": thorax_w,
-        "heart_width_mm": heart_w * col_mm,
-        "thorax_width_mm": thorax_w * col_mm,
-    }
+    widths = CardiothoracicRatio(
+        heart_width_px=heart_w,
+        thorax_width_px=thorax_w,
+        heart_width_mm=heart_w * col_mm,
+        thorax_width_mm=thorax_w * col_mm,
+    )
     ratio = heart_w / thorax_w
     if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
         relation = "wider than" if heart_w > thorax_w else "as wide as"
-        return CardiothoracicRatio(
+        return dataclasses.replace(
+            widths,
             unavailable_reason=f"implausible: the heart mask ({heart_w:.0f} px wide) is {relation} the thorax "
             f"({thorax_w:.0f} px across both lungs), a ratio of {ratio:.3f} outside (0, 1); the masks are wrong",
             implausible=True,
-            **widths,
         )
-    return CardiothoracicRatio(ratio=ratio, **widths)
+    return dataclasses.replace(widths, ratio=ratio)

@@ -1,10 +1,11 @@
 """The segmentation network as a `ServedModel`: load (checkpoint or refuse), batched forward, unload.
 
-`predict` takes preprocessed C x S x S tensors and returns C x S x S logits on the CPU; upsampling
-to the original size, thresholding and encoding then happen per request on the decode pool (see
-`postprocess.py`). On a GPU (`masks_on_device`), items are `SegmentationInput`s carrying the original
-size and threshold: masks are made on the device right after the forward pass, so only 1-byte masks
-cross to the host and the CPU is left with encoding.
+`preprocess` turns a decoded image into a C x S x S tensor; `predict` takes those and returns
+C x S x S logits on the CPU; `postprocess` (upsampling to the original size, thresholding,
+encoding) then runs per request on the decode pool (see `postprocess.py`). On a GPU
+(`masks_on_device`), items are `SegmentationInput`s carrying the original size and threshold:
+masks are made on the device right after the forward pass, so only 1-byte masks cross to the
+host and the CPU is left with encoding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,9 +25,11 @@ from cxr_segmentation.checkpoints import load_checkpoint
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
+from cxr_segmentation.postprocess import PostprocessOptions, SegmentationResult, postprocess
 from cxr_segmentation.preprocessing import Preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
+from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
 from cxr_serving.optimize.amp import precision_of
 
@@ -52,13 +56,14 @@ class SegmentationModel(ServedModel):
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.task = cfg.task
         self.labels = tuple(cfg.classes)
         self.architecture = (
             "xrv:chestx_det.PSPNet"
             if cfg.checkpoint_format == "xrv_pspnet"
             else f"smp:{cfg.architecture}/{cfg.encoder}"
         )
-        self.preprocess = Preprocess.from_config(cfg)
+        self.transform = Preprocess.from_config(cfg)
         self._device = device
         self._default_checkpoint = default_checkpoint
         self._warmup_batches = warmup_batches
@@ -74,7 +79,7 @@ class SegmentationModel(ServedModel):
         if path is None:
             if not self.cfg.allow_untrained:
                 raise CheckpointError(
-                    f"model '{self.name}' has no checkpoint: set models.segmentation.checkpoint_path "
+                    f"model '{self.name}' has no checkpoint: set models.{self.name}.checkpoint_path "
                     "(or allow_untrained=true for development: random weights, every response says untrained)",
                     reason="CHECKPOINT_NOT_CONFIGURED",
                 )
@@ -111,6 +116,24 @@ class SegmentationModel(ServedModel):
             torch.cuda.empty_cache()
 
     # --- inference -------------------------------------------------------------------------
+    def preprocess(
+        self, decoded: DecodedImage | np.ndarray, options: PostprocessOptions | None = None
+    ) -> torch.Tensor | SegmentationInput:
+        """A decoded image (or its grayscale pixels) -> the network input; with the request's `options`
+        and `masks_on_device`, an item that asks `predict` for masks at the original size."""
+        pixels = decoded.pixels if isinstance(decoded, DecodedImage) else decoded
+        tensor = self.transform(pixels)
+        if options is not None and isinstance(decoded, DecodedImage) and self.masks_on_device:
+            return SegmentationInput(tensor, (decoded.height, decoded.width), options.threshold)
+        return tensor
+
+    def postprocess(self, output: Any, options: Any = None) -> SegmentationResult:
+        """Logits (or device-made masks) of one image -> masks at its size, encodings, measurements, overlay,
+        DICOM-SEG; `options` are the request's PostprocessOptions, carrying its decoded image."""
+        if not isinstance(options, PostprocessOptions) or options.image is None:
+            raise TypeError("postprocess needs the request's PostprocessOptions with its decoded image")
+        return postprocess(options.image, output, self.labels, options)
+
     def _forward(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with self._device.inference():
             return output_logits(net, self._device.batch_to_device(batch))

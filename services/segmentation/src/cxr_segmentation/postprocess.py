@@ -52,6 +52,7 @@ class PostprocessOptions:
     overlay_max_side: int = 1024
     algorithm_name: str = "cxr-segmentation"
     algorithm_version: str = ""
+    image: DecodedImage | None = None  # the request's decoded image, set once decoded
 
 
 def postprocess(

@@ -1,4 +1,4 @@
-"""Wire the segmentation service into the shared runtime: config -> model -> repository -> binding."""
+"""Wire the segmentation service into the shared runtime: every segmentation entry of `models.*` -> binding."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.model import SegmentationModel
 from cxr_segmentation.servicer import SegmentationServicer
+from cxr_serving.binding import ModelEntry, bind_models
 from cxr_serving.device import InferenceDevice
-from cxr_serving.images import DecodePool
-from cxr_serving.lifecycle import BatchingConfig, ModelRepository
+from cxr_serving.errors import ConfigError
+from cxr_serving.lifecycle import BatchingConfig
+from cxr_serving.model_tasks import SEGMENTATION_TASKS, model_tasks
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -19,9 +21,27 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 SECTION = "segmentation"
 
 
+def segmentation_configs(settings: Settings) -> list[SegmentationConfig]:
+    """Every `models.*` entry with task segmentation, validated (ConfigError names the field), each named
+    by its key unless it sets `name`; the defaults of `models.segmentation` when there is none."""
+    configs: list[SegmentationConfig] = []
+    for key in model_tasks(settings, SEGMENTATION_TASKS):
+        cfg = settings.model_section(key, SegmentationConfig)
+        if cfg is None:
+            continue
+        if "name" not in cfg.model_fields_set:
+            cfg = cfg.model_copy(update={"name": key})
+        configs.append(cfg)
+    names = [cfg.name for cfg in configs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"models.*.name: two segmentation models are named {duplicates}; names must be unique")
+    return configs or [SegmentationConfig()]  # type: ignore[call-arg]
+
+
 def segmentation_config(settings: Settings) -> SegmentationConfig:
-    """`models.segmentation`, validated (ConfigError names the field); defaults when absent."""
-    return settings.model_section(SECTION, SegmentationConfig) or SegmentationConfig()  # type: ignore[call-arg]
+    """The default segmentation model's config (the first entry): what a request without model_name gets."""
+    return segmentation_configs(settings)[0]
 
 
 def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> SegmentationModel:
@@ -37,24 +57,30 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
 
 
 def build_binding(settings: Settings) -> ServiceBinding:
-    cfg = segmentation_config(settings)
-    batching = BatchingConfig.from_settings(
-        settings.server_config, max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms
-    )
-    repo = ModelRepository(batching)
-    # In instance processes (model_instance_mode: process) each one builds the model with build_model.
-    repo.add(build_model(settings, cfg), required=cfg.enabled, factory=functools.partial(build_model, settings, cfg))
-    pool = DecodePool.from_settings(settings)
-    servicer = SegmentationServicer(settings, repo, pool, default_model=cfg.name)
-
-    async def stop() -> None:
-        pool.close()
-
-    return ServiceBinding(
+    configs = segmentation_configs(settings)
+    batching = {
+        cfg.name: BatchingConfig.from_settings(
+            settings.server_config, max_batch_size=cfg.max_batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms
+        )
+        for cfg in configs
+    }
+    # In instance processes (model_instance_mode: process) each one builds its model with build_model.
+    entries = [
+        ModelEntry(
+            build_model(settings, cfg),
+            required=cfg.enabled,
+            factory=functools.partial(build_model, settings, cfg),
+            batching=batching[cfg.name],
+        )
+        for cfg in configs
+    ]
+    default = configs[0]
+    return bind_models(
+        settings,
         name=SECTION,
         full_service_names=[SERVICE_NAME],
-        register=lambda server: pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server),
-        repository=repo,
-        on_stop=stop,
-        extra={"servicer": servicer, "config": cfg, "batching": batching},
+        models=entries,
+        servicer=lambda repo, pool: SegmentationServicer(settings, repo, pool, default_model=default.name),
+        register=pb_grpc.add_SegmentationServiceServicer_to_server,
+        extra={"config": default, "batching": batching[default.name], "configs": configs},
     )

@@ -1,11 +1,13 @@
-"""gRPC adapter: request validation, decode -> preprocess -> batched forward -> postprocess -> proto.
+"""gRPC adapter: request -> options, decode -> the model's preprocess -> batched forward -> the
+model's postprocess -> proto. The model is named by the request (default: the first configured).
 
-Thin by design (as a KServe predictor): every step lives in its own module; errors are domain
-errors from cxr_serving.errors, mapped to gRPC status codes by the shared interceptor.
+Thin by design (as a KServe predictor): every step lives on the model or in its own module; errors
+are domain errors from cxr_serving.errors, mapped to gRPC status codes by the shared interceptor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,8 +16,8 @@ import grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
-from cxr_segmentation.model import SegmentationInput, SegmentationModel
-from cxr_segmentation.postprocess import Encoding, PostprocessOptions, SegmentationResult, postprocess
+from cxr_segmentation.model import SegmentationModel
+from cxr_segmentation.postprocess import Encoding, PostprocessOptions, SegmentationResult
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
@@ -31,7 +33,7 @@ _ENCODINGS: dict[int, Encoding] = {
 }
 
 
-class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
+class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):  # type: ignore[misc]
     admin_messages = pb
 
     def __init__(self, settings: Settings, repo: ModelRepository, pool: DecodePool, default_model: str) -> None:
@@ -70,37 +72,34 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         )
 
     async def SegmentImage(
-        self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext
+        self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SegmentImageResponse:
         model = self._model(request.model_name)
         # the loaded version from the repository: with instance processes `model` itself is never loaded
         opts = self._options(request, model, self.repo.status(model.name).version)
         with self.repo.expect([model.name]) as arrivals:  # the batcher waits for this one while it decodes
             # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
-            image, tensor = await self.pool.run(
-                _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model
+            image, item = await self.pool.run(
+                _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model, opts
             )
             if opts.dicom_seg and image.dataset is None:
                 raise InvalidInputError(
                     f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
                     reason="DICOM_SEG_NEEDS_DICOM",
                 )
-            item = (
-                SegmentationInput(tensor, (image.height, image.width), opts.threshold)
-                if model.masks_on_device
-                else tensor
-            )
             output = await self.repo.predict(model.name, item, arrivals.get(model.name))
         status = self.repo.status(model.name)
-        result: SegmentationResult = await self.pool.run(postprocess, image, output, model.labels, opts)
+        result: SegmentationResult = await self.pool.run(
+            model.postprocess, output, dataclasses.replace(opts, image=image)
+        )
         return to_response(result, status_info=model_info(status), image=image_metadata(image))
 
 
 def _decode_and_preprocess(
-    data: bytes, content_type: str, limits: DecodeLimits, model: SegmentationModel
+    data: bytes, content_type: str, limits: DecodeLimits, model: SegmentationModel, opts: PostprocessOptions
 ) -> tuple[DecodedImage, Any]:
     image = decode_image(data, content_type, limits)
-    return image, model.preprocess(image.pixels)
+    return image, model.preprocess(image, opts)
 
 
 def to_response(
@@ -142,6 +141,6 @@ def to_response(
         image=image,
         untrained=status_info.untrained,
         # cxr_serving.images.SPACING_* values are the enum's names without the prefix
-        spacing_source=pb.SpacingSource.Value(f"SPACING_SOURCE_{result.spacing_source.upper()}"),
+        spacing_source=f"SPACING_SOURCE_{result.spacing_source.upper()}",
         magnification_factor=result.magnification_factor,
     )

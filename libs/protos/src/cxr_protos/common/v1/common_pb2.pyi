@@ -47,7 +47,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ModelInfo(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -66,4 +67,5 @@ class ModelInfo(_message.Message):
     error: str
     device: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,61 @@
+"""One way to plug a model-serving gRPC service into the shared server: models -> repository, a
+decode pool, the servicer built on both, and the pool closed at stop (what every service repeated)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from cxr_serving.images import DecodePool
+from cxr_serving.instances import ModelFactory
+from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ServedModel
+from cxr_serving.server import ServiceBinding
+from cxr_serving.settings import Settings
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the service: `required` ones gate readiness (disabled ones are listed and can be
+    loaded on demand); `factory` builds it again in instance processes; `batching` overrides the
+    server's batch size and delay for this model."""
+
+    model: ServedModel
+    required: bool = True
+    factory: ModelFactory | None = None
+    batching: BatchingConfig | None = None
+
+
+def bind_models(
+    settings: Settings,
+    *,
+    name: str,
+    full_service_names: Sequence[str],
+    models: Iterable[ModelEntry],
+    servicer: Callable[[ModelRepository, DecodePool], S],
+    register: Callable[[S, grpc.aio.Server], None],
+    extra: dict[str, Any] | None = None,
+) -> ServiceBinding:
+    """The `ServiceBinding` of a service whose servicer needs only its repository and decode pool;
+    `register` is the generated `add_<Service>Servicer_to_server`. `extra` carries the servicer too."""
+    repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
+    for entry in models:
+        repo.add(entry.model, required=entry.required, factory=entry.factory, batching=entry.batching)
+    pool = DecodePool.from_settings(settings)
+    built = servicer(repo, pool)
+
+    async def stop() -> None:
+        pool.close()
+
+    return ServiceBinding(
+        name=name,
+        full_service_names=list(full_service_names),
+        register=lambda server: register(built, server),
+        repository=repo,
+        on_stop=stop,
+        extra={"servicer": built, **(extra or {})},
+    )

@@ -1,0 +1,128 @@
+"""One image through the selected classifiers, with no gRPC: the domain half of the servicer.
+
+Decode + each model's `preprocess`, once per distinct preprocessing spec (one job on the bounded
+worker pool, off the event loop) -> every selected model through its dynamic batcher concurrently
+-> each model's `postprocess` (findings with their thresholds), with the time of each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cxr_classification.model import ChestXrayClassifier, ClassifierInput, ClassifierOutput, FindingResult
+from cxr_classification.preprocessing import PreprocessSpec
+from cxr_serving.batcher import Arrival
+from cxr_serving.errors import InvalidInputError, ModelNotReadyError
+from cxr_serving.images import DecodedImage, DecodePool, decode_image
+from cxr_serving.lifecycle import ModelRepository
+
+MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model's findings for one image and the time it took (its batch wait plus the forward)."""
+
+    name: str
+    findings: list[FindingResult]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Every selected model's result for one image, the decoded image, and the time of each step."""
+
+    image: DecodedImage
+    results: list[ModelResult]
+    decode_s: float
+    preprocess_s: float
+    inference_s: float
+    total_s: float
+
+
+class Classifiers:
+    """The configured classifiers of one service, on its repository and decode pool."""
+
+    def __init__(self, repo: ModelRepository, models: dict[str, ChestXrayClassifier], pool: DecodePool) -> None:
+        self.repo = repo
+        self.models = models
+        self.pool = pool
+
+    def select(self, requested: Sequence[str]) -> list[str]:
+        """The models named (NOT_FOUND for an unknown one), or every ready model."""
+        if requested:
+            names = list(dict.fromkeys(requested))
+            for name in names:
+                self.repo.model(name)
+            return names
+        ready = [n for n in self.repo.names if self.repo.is_ready(n)]
+        if not ready:
+            raise ModelNotReadyError("no classification model is loaded; see ListModels")
+        return ready
+
+    def heatmaps_by_model(self, names: list[str], labels: Sequence[str], images: int = 1) -> dict[str, tuple[str, ...]]:
+        wanted = list(dict.fromkeys(labels))
+        if len(wanted) * images > MAX_HEATMAPS_PER_REQUEST:
+            raise InvalidInputError(
+                f"{len(wanted)} heatmap labels x {images} images is over the limit of {MAX_HEATMAPS_PER_REQUEST} "
+                "heatmaps per request: ask for fewer labels or send fewer images per call",
+                reason="TOO_MANY_HEATMAPS",
+            )
+        known = {label for n in names for label in self.models[n].labels}
+        unknown = [label for label in wanted if label not in known]
+        if unknown:
+            raise InvalidInputError(
+                f"heatmap_labels {unknown} are not outputs of the selected models; known labels: {sorted(known)}",
+                reason="UNKNOWN_LABEL",
+            )
+        return {n: tuple(label for label in wanted if label in self.models[n].labels) for n in names}
+
+    def _preprocess_all(self, decoded: DecodedImage, names: list[str]) -> dict[PreprocessSpec, torch.Tensor]:
+        out: dict[PreprocessSpec, torch.Tensor] = {}
+        for name in names:
+            model = self.models[name]
+            if model.spec not in out:
+                out[model.spec] = model.preprocess(decoded)
+        return out
+
+    def _decode_and_preprocess(
+        self, data: bytes, content_type: str, names: list[str]
+    ) -> tuple[DecodedImage, dict[PreprocessSpec, torch.Tensor], float, float]:
+        """One job on the worker pool: validate + decode, then every distinct preprocessing."""
+        t0 = time.perf_counter()
+        decoded = decode_image(data, content_type, self.pool.limits)
+        t1 = time.perf_counter()
+        tensors = self._preprocess_all(decoded, names)
+        return decoded, tensors, t1 - t0, time.perf_counter() - t1
+
+    async def _predict(
+        self, name: str, item: ClassifierInput, arrival: Arrival | None = None
+    ) -> tuple[ClassifierOutput, float]:
+        started = time.perf_counter()
+        out: ClassifierOutput = await self.repo.predict(name, item, arrival)
+        return out, time.perf_counter() - started
+
+    async def classify(
+        self, data: bytes, content_type: str, names: list[str], heatmaps: dict[str, tuple[str, ...]]
+    ) -> Classification:
+        t0 = time.perf_counter()
+        with self.repo.expect(names) as arrivals:  # each model's batcher waits for this one while it decodes
+            decoded, tensors, decode_s, preprocess_s = await self.pool.run(
+                self._decode_and_preprocess, data, content_type, names
+            )
+            t1 = time.perf_counter()
+            items = [(n, ClassifierInput(tensors[self.models[n].spec], heatmaps.get(n, ()))) for n in names]
+            if len(items) == 1:
+                outs = [await self._predict(*items[0], arrivals.get(items[0][0]))]
+            else:
+                outs = list(await asyncio.gather(*(self._predict(n, item, arrivals.get(n)) for n, item in items)))
+        t2 = time.perf_counter()
+        results = [
+            ModelResult(n, self.models[n].postprocess(out), secs) for n, (out, secs) in zip(names, outs, strict=True)
+        ]
+        return Classification(decoded, results, decode_s, preprocess_s, t2 - t1, t2 - t0)

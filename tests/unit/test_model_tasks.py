@@ -1,0 +1,106 @@
+"""`models.*` as data: each entry's `task` picks the service and schema, `architecture` the network; a bad
+entry stops the service at start with a ConfigError naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cxr_classification.config import BinaryClassifierConfig, MultiLabelClassifierConfig, classifier_configs
+from cxr_segmentation.service import segmentation_configs
+from cxr_serving.errors import ConfigError
+from cxr_serving.model_tasks import model_tasks
+from cxr_serving.settings import load_settings
+from tests.support.servers import make_settings
+
+REPO = Path(__file__).resolve().parents[2]
+SCREEN = {"task": "binary_classification", "architecture": "densenet121", "labels": ["Effusion"]}
+
+
+def test_any_named_entry_is_served_by_the_service_of_its_task():
+    s = make_settings(
+        models={
+            "effusion_screen": SCREEN,
+            "findings_small": {
+                "task": "multilabel_classification",
+                "architecture": "timm",
+                "timm_name": "resnet18",
+                "labels": ["Effusion", "Mass"],
+            },
+            "lungs": {"task": "segmentation", "architecture": "FPN", "classes": ["left_lung", "right_lung"]},
+            "rag": {"collection": "medical_literature"},  # a service's own section: no task, not a model
+        }
+    )
+    configs = classifier_configs(s)
+    assert list(configs) == ["effusion_screen", "findings_small"]
+    screen, small = configs["effusion_screen"], configs["findings_small"]
+    assert isinstance(screen, BinaryClassifierConfig) and screen.output_labels == ["Effusion"]
+    assert screen.architecture == "densenet121" and screen.task == "binary_classification"
+    assert isinstance(small, MultiLabelClassifierConfig) and small.architecture == "resnet18" and small.head_size == 2
+    (lungs,) = segmentation_configs(s)
+    assert (lungs.name, lungs.architecture, lungs.classes) == ("lungs", "FPN", ["left_lung", "right_lung"])
+    assert model_tasks(s, ("segmentation",)) == {"lungs": "segmentation"}
+
+
+def test_shipped_configs_declare_task_and_architecture_explicitly():
+    for name in ("local.json", "production.json"):
+        s = load_settings(REPO / "config" / name, environ={})
+        for key in ("binary_classifier", "multiclass_classifier", "segmentation"):
+            assert {"task", "architecture"} <= set(s.models[key]), (name, key)
+            assert "model_type" not in s.models[key]
+        configs = classifier_configs(s)
+        assert configs["binary_classifier"].task == "binary_classification"
+        assert configs["binary_classifier"].model_type == "swin_transformer"
+        assert configs["multiclass_classifier"].task == "multilabel_classification"
+        assert [c.name for c in segmentation_configs(s)] == ["segmentation"]
+
+
+def test_legacy_names_keep_their_defaults_and_model_type_still_reads_as_architecture():
+    s = make_settings(models={"binary_classifier": {"model_type": "densenet121"}, "multiclass_classifier": {}})
+    configs = classifier_configs(s)
+    assert configs["binary_classifier"].task == "binary_classification"
+    assert configs["binary_classifier"].architecture == "densenet121"  # model_type: the deprecated spelling
+    assert configs["multiclass_classifier"].task == "multilabel_classification"
+    assert configs["multiclass_classifier"].architecture == "densenet121"
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "why"),
+    [
+        ({"task": "classify", "architecture": "densenet121"}, "models.x.task", "unknown task 'classify'"),
+        ({"architecture": "densenet121", "labels": ["a"]}, "models.x.task", "is missing"),
+        ({"checkpoint_path": "x.pt"}, "models.x.task", "is missing"),
+        ({"task": "binary_classification"}, "models.x.architecture", "is missing"),
+        ({"task": "segmentation", "classes": ["heart"]}, "models.x.architecture", "is missing"),
+        ({"task": "binary_classification", "architecture": "resnet50"}, "models.x.architecture", "Input should be"),
+        (
+            {"task": "binary_classification", "architecture": "densenet121", "model_type": "densenet121"},
+            "models.x",
+            "set `architecture` only",
+        ),
+        ({"task": "segmentation", "architecture": "NotANet"}, "models.x.architecture", "unknown smp architecture"),
+        (
+            {"task": "multilabel_classification", "architecture": "densenet121", "num_classes": 3},
+            "models.x",
+            "set `labels`",
+        ),
+    ],
+)
+def test_a_bad_entry_is_a_config_error_naming_the_field(entry, field, why):
+    s = make_settings(models={"binary_classifier": {"allow_untrained": True}, "x": entry})
+    by_task = {"segmentation": [segmentation_configs], "binary_classification": [classifier_configs]}
+    by_task["multilabel_classification"] = [classifier_configs]
+    # a known task: the service of that task validates the entry; a missing or unknown one: every service refuses
+    for load in by_task.get(entry.get("task"), [classifier_configs, segmentation_configs]):
+        with pytest.raises(ConfigError) as err:
+            load(s)
+        assert field in str(err.value) and why in str(err.value), str(err.value)
+
+
+def test_two_segmenters_cannot_share_a_name():
+    s = make_settings(
+        models={"segmentation": {}, "lungs": {"task": "segmentation", "architecture": "Unet", "name": "segmentation"}}
+    )
+    with pytest.raises(ConfigError, match=r"models\.\*\.name: two segmentation models are named \['segmentation'\]"):
+        segmentation_configs(s)
