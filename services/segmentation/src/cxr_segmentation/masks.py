@@ -8,9 +8,8 @@ Encodings: an 8-bit PNG (0/255) per class, and COCO-style uncompressed RLE (colu
 counts, starting with the count of zeros), which `decode_rle` inverts.
 
 `encode_png` writes the PNG itself (signature, IHDR, one IDAT, IEND): every row with filter type 0
-and zlib level 1. Pillow tries its row filters on every row; for a two-valued mask that buys nothing
-(the same size within a few %) and made the encoding 2-3.5x slower: 5.4 -> 1.5 ms for one 1024 x 1024
-mask, three masks per response (bench/README.md).
+and zlib level 1, because Pillow's per-row filter search buys a two-valued mask nothing but time
+(docs/performance-history.md has the reading).
 """
 
 from __future__ import annotations
