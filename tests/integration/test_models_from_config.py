@@ -17,7 +17,7 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 from cxr_segmentation.config import DEFAULT_CLASSES
 from cxr_segmentation.service import build_binding as segmentation_binding
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 from tests.support.servers import auth, make_settings, running_server
 
 SCREEN = "effusion_screen"
