@@ -482,9 +482,9 @@ async def run_peers(
             for name, changes in service_variants.items()
             if name in want
         }
-        # The peers a user would write serve the network as it loads: no BatchNorm folding (fold.py), on
-        # CPU no autocast (amp.py), glibc's malloc as it comes (allocator.py), the eager network (trace.py)
-        # and on a GPU no CUDA graphs (cuda_graphs.py).
+        # The peers a user would write serve the network as it loads: no BatchNorm folding (optimize/fold.py),
+        # on CPU no autocast (optimize/amp.py), glibc's malloc as it comes (optimize/allocator.py), the eager
+        # network (optimize/torchscript.py) and on a GPU no CUDA graphs (optimize/cuda_graphs.py).
         plain = variant(
             task,
             args,
