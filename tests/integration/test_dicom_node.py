@@ -217,8 +217,17 @@ def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and
     for path, ds in copies:
         propose = STORESCU_PROPOSE.get(str(ds.file_meta.TransferSyntaxUID), "--propose-uncompr")
         run = subprocess.run(
-            ["storescu", propose, "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(stack.node.dimse_port)]
-            + [str(path)],
+            [
+                "storescu",
+                propose,
+                "-aet",
+                "STORESCU",
+                "-aec",
+                NODE_AE,
+                "127.0.0.1",
+                str(stack.node.dimse_port),
+                str(path),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -321,7 +330,7 @@ def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
         server = loop.run(_start(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
         try:
-            first, ds1 = copy_with_new_uids(dicom_files()[0], tmp_path / "a")
+            _, ds1 = copy_with_new_uids(dicom_files()[0], tmp_path / "a")
             _, ds2 = copy_with_new_uids(dicom_files()[1], tmp_path / "b")
             assert c_store(node.dimse_port, ds1) == 0x0000
             assert c_store(node.dimse_port, ds2) == 0xA700  # out of resources: the sender keeps it
