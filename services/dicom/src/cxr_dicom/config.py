@@ -37,7 +37,8 @@ class AnalysisConfig(_Strict):
     segmentation_endpoint: str | None = Field(
         None, description="segmentation gRPC endpoint; None: the client's (CXR_SEGMENTATION_ENDPOINT)"
     )
-    api_key: str | None = Field(None, description="key sent to those services; None: CXR_API_KEY")
+    api_key: str | None = Field(None, description="key sent to those services; None: api_key_file, then CXR_API_KEY")
+    api_key_file: Path | None = Field(None, description="file whose first line is that key (a mounted secret)")
     timeout_s: float = Field(120, gt=0, description="deadline of one classification or segmentation call")
     classification_models: list[str] = Field(
         default_factory=list, description="classifiers to run; empty: every ready classifier"

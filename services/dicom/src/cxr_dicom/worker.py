@@ -44,10 +44,13 @@ def client_config(cfg: DicomConfig) -> ClientConfig:
         if ep
     }
     base = ClientConfig.from_env()
+    key = a.api_key
+    if key is None and a.api_key_file is not None:
+        key = next((ln.strip() for ln in a.api_key_file.read_text().splitlines() if ln.strip()), None)
     return base.model_copy(
         update={
             "endpoints": {**base.endpoints, **endpoints},
-            "api_key": a.api_key or base.api_key,
+            "api_key": key or base.api_key,
             "timeout_s": a.timeout_s,
         }
     )
