@@ -40,7 +40,7 @@ def test_accepted_instance_is_on_disk_and_queued_with_its_priority(tmp_path):
 
 
 def test_anonymize_dicom_strips_patient_data_but_keeps_the_uids(tmp_path):
-    intake, queue = make_intake(tmp_path, anonymize=True)
+    intake, _ = make_intake(tmp_path, anonymize=True)
     data = dicom_files()[0].read_bytes()
     original = pydicom.dcmread(io.BytesIO(data))
     received = intake.receive(data)
@@ -53,7 +53,7 @@ def test_anonymize_dicom_strips_patient_data_but_keeps_the_uids(tmp_path):
 
 
 def test_refused_and_backpressured_instances_leave_nothing_behind(tmp_path):
-    intake, queue = make_intake(tmp_path, max_pending=1)
+    intake, _ = make_intake(tmp_path, max_pending=1)
     files = dicom_files()
     with pytest.raises(Refusal) as refusal:
         intake.receive(b"not a dicom file")
