@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_segmentation.service import build_binding as segmentation_binding
 from cxr_serving.server import create_server
-from tests.conftest import dicom_files
+from tests.conftest import REPO, dicom_files
 from tests.support.orthanc import Orthanc, require, run_orthanc
 from tests.support.servers import TEST_KEY, auth, make_settings
 
@@ -103,12 +104,16 @@ class Stack:
         self.orthanc = orthanc
         self.server = node_server
         self.node = node_server.binding.extra["node"]
+        self.analysis_ports = (0, 0)
         self.data = data
         self.channel = grpc.insecure_channel(f"127.0.0.1:{node_server.port}")
         self.stub = pb_grpc.DicomServiceStub(self.channel)
 
     def status(self, study: str) -> pb.GetStudyStatusResponse:
         return self.stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=study), metadata=auth(), timeout=10)
+
+    def orthanc_sr_count(self, study: str) -> int:
+        return sum(1 for ds in orthanc_instances(self.orthanc, study) if ds.Modality == "SR")
 
     def wait_finished(self, studies: list[str], timeout: float = WAIT_S) -> dict[str, pb.GetStudyStatusResponse]:
         deadline = time.monotonic() + timeout
@@ -139,6 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             node_s = node_settings(root, orthanc, servers[0].port, servers[1].port)
             servers.append(loop.run(_start(node_s, dicom_binding(node_s))))
             stack = Stack(loop, orthanc, servers[-1], root)
+            stack.analysis_ports = (servers[0].port, servers[1].port)
             try:
                 yield stack
             finally:
@@ -356,3 +362,121 @@ def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
             loop.run(server.stop(grace=1), timeout=60)
     finally:
         loop.close()
+
+
+def _wait_serving(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"the node did not serve in {timeout}s: {log.read_text()[-3000:]}")
+
+
+def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack, tmp_path):
+    """A node process (one worker) finds 20 routine studies and then one STAT study in its queue, accepted by the
+    same intake code the SCP runs; the STAT one is done before any routine one. Killed with SIGKILL mid-queue,
+    the restarted process finishes every study, each SR stored once."""
+    import os
+    import signal
+
+    from cxr_dicom.config import dicom_config
+    from cxr_dicom.intake import Intake
+    from cxr_dicom.work_queue import WorkQueue
+    from tests.support.processes import clean_env
+    from tests.support.servers import free_port
+
+    grpc_port, dimse_port = free_port(), free_port()
+    settings = node_settings(
+        tmp_path, stack.orthanc, *stack.analysis_ports, workers=1, dimse_port=dimse_port, lease_s=8
+    )
+    data = settings.model_dump(mode="json")
+    data["services"]["dicom"] = {"host": "127.0.0.1", "port": grpc_port, "metrics_port": 0}
+    config = tmp_path / "node.json"
+    config.write_text(json.dumps(data))
+    cfg = dicom_config(settings)
+    sources = [copy_with_new_uids(dicom_files()[0], tmp_path / f"r{i}")[0] for i in range(20)]
+    stat_path, stat_ds = copy_with_new_uids(dicom_files()[0], tmp_path / "stat")
+    with WorkQueue(cfg.data_path, max_pending=cfg.max_queue_size) as queue:
+        intake = Intake(cfg.data_path, queue, cfg.priority_policy(), anonymize=False)
+        routine = [intake.receive(p.read_bytes(), calling_ae="MODALITY").accepted.study_instance_uid for p in sources]
+        assert intake.receive(stat_path.read_bytes(), calling_ae="ER_DX").enqueued.priority.name == "STAT"
+    studies = [*routine, stat_ds.StudyInstanceUID]
+    env = clean_env()
+    log = tmp_path / "node.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cxr_serving", "dicom", "--config", str(config)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_serving(grpc_port, process, log)
+        return process
+
+    process = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+
+            def done() -> dict[str, bool]:
+                return {
+                    s: stub.GetStudyStatus(
+                        pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10
+                    ).done
+                    == 1
+                    for s in studies
+                }
+
+            deadline = time.monotonic() + WAIT_S
+            while not done()[stat_ds.StudyInstanceUID]:
+                assert time.monotonic() < deadline, "the STAT study did not finish"
+                time.sleep(0.1)
+            first = done()
+            assert not any(first[s] for s in routine)  # one worker: STAT was claimed first
+            while sum(done().values()) < 4:
+                assert time.monotonic() < deadline, "the node stopped making progress"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(30)
+    remaining = [s for s in studies if stack.orthanc_sr_count(s) == 0]
+    assert remaining, "every study finished before the kill: nothing was left mid-queue"
+    process = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                answers = [
+                    stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10)
+                    for s in studies
+                ]
+                if all(a.finished for a in answers):
+                    break
+                assert time.monotonic() < deadline, "the restarted node did not finish every study"
+                time.sleep(0.25)
+        assert all(a.done == 1 for a in answers)
+        for study in studies:
+            assert stack.orthanc_sr_count(study) == 1, study
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
