@@ -14,10 +14,13 @@ from tests.support.servers import make_settings
 STOW = {"stow_url": "http://pacs:8042/dicom-web"}
 
 
-def test_production_config_gives_the_node_its_paths_and_destinations():
-    settings = load_settings(REPO / "config" / "production.json", environ={})
+@pytest.mark.parametrize(
+    ("name", "data_path"), [("production.json", "/mnt/data/dicom"), ("local.json", "var/data/dicom")]
+)
+def test_shipped_configs_give_the_node_its_paths_and_destinations(name, data_path):
+    settings = load_settings(REPO / "config" / name, environ={})
     cfg = dicom_config(settings)
-    assert str(cfg.data_path) == "/mnt/data/dicom" and cfg.destinations.stow_url
+    assert str(cfg.data_path) == data_path and cfg.destinations.stow_url
     assert settings.endpoint("dicom").port == 50055
 
 
