@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from pathlib import Path
@@ -69,3 +70,31 @@ def test_instance_path_accepts_only_uids():
     for bad in ("../../etc/passwd", "1.2/3", "", "1..2", "1" * 65):
         with pytest.raises(ValueError):
             instance_path(Path("/data"), bad)
+
+
+async def test_the_worker_forgets_finished_instances_after_done_retention_s(tmp_path):
+    from cxr_client.client import AsyncCxrClient
+    from cxr_client.config import ClientConfig
+    from cxr_dicom.config import DicomConfig
+    from cxr_dicom.worker import Worker
+
+    cfg = DicomConfig.model_validate(
+        {"data_path": str(tmp_path), "done_retention_s": 0, "destinations": {"stow_url": "http://127.0.0.1:9/"}}
+    )
+    intake, queue = make_intake(tmp_path)
+    received = intake.receive(dicom_files()[0].read_bytes())
+    sop = received.accepted.sop_instance_uid
+    item = queue.claim("test")
+    assert item is not None and queue.complete(item)
+    await asyncio.sleep(0.01)  # finished strictly before the purge looks
+    async with AsyncCxrClient(ClientConfig()) as client:
+        worker = Worker(cfg, queue, client)
+        worker.start()
+        try:
+            for _ in range(100):
+                if queue.get(sop) is None:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await worker.stop()
+    assert queue.get(sop) is None  # a re-send now would be analysed again

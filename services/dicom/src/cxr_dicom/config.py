@@ -96,6 +96,11 @@ class DicomConfig(_Strict):
     max_attempts: int = Field(5, ge=1, description="failed attempts before an instance goes to the dead letter")
     lease_s: float = Field(600, gt=0, description="time a worker holds an instance before another may take it")
     workers: int = Field(2, ge=1, le=64, description="instances analysed and sent at once")
+    done_retention_s: float = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="finished instances are forgotten after this; a re-send within it is not analysed again",
+    )
     retry_backoff_initial_s: float = Field(5, ge=0, description="delay before the first retry (doubles each time)")
     retry_backoff_max_s: float = Field(600, ge=0, description="longest delay between retries")
     busy_retry_after_s: int = Field(30, ge=1, description="Retry-After of a STOW-RS 503 while the queue is full")

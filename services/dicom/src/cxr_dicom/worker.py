@@ -33,6 +33,7 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 log = logging.getLogger("cxr.dicom.worker")
 
 IDLE_POLL_S = 0.2
+PURGE_EVERY_S = 600.0
 
 
 def client_config(cfg: DicomConfig) -> ClientConfig:
@@ -182,6 +183,18 @@ class Worker:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(self.cfg.workers)]
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="dicom-purge"))
+
+    async def _purge_loop(self) -> None:
+        """Forget finished rows older than ``done_retention_s`` (the idempotency window), so the queue stays small."""
+        while not self._stopping.is_set():
+            removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
+            if removed:
+                log.info("forgot finished instances", extra={"removed": removed})
+            try:
+                await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
+            except TimeoutError:
+                pass
 
     async def stop(self) -> None:
         self._stopping.set()
