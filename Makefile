@@ -67,7 +67,7 @@ config-reference: $(VENV)/.installed ## Regenerate docs/configuration.md from th
 	$(PY) scripts/gen_config_reference.py
 
 .PHONY: lint
-lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, stale docs/configuration.md, ruff, mypy (strict on libs/serving)
+lint: $(VENV)/.installed node_modules/.installed buf check-generated ## buf lint/format/breaking, stale docs/configuration.md, ruff, mypy (strict on libs, services and gateway)
 	$(PY) scripts/gen_config_reference.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

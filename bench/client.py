@@ -10,7 +10,7 @@ Phases (every loop is bounded by a request count AND a time limit):
      batch_process_images (folder expansion, bounded concurrency, progress bar off). Images/s each,
      at concurrency 1 and 8.
   2. analyze (skipped with --quick): the three real services (untrained, CPU, small inputs, see
-     tests/e2e/client_stack.py); analyze_study latency p50/p95 over N studies, and its parts
+     tests/support/client_stack.py); analyze_study latency p50/p95 over N studies, and its parts
      (classify, segment, one literature search) for comparison.
 """
 
@@ -124,7 +124,7 @@ async def phase_overhead(args: argparse.Namespace, folder: Path) -> dict[str, An
 
 
 async def phase_analyze(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.e2e.client_stack import get_stack
+    from tests.support.client_stack import get_stack
 
     t0 = time.perf_counter()
     stack = get_stack("real")

@@ -41,7 +41,7 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb  # noq
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc  # noqa: E402
 from cxr_protos.common.v1 import common_pb2  # noqa: E402
 from tests.conftest import cxr14_images  # noqa: E402
-from tests.integration.gateway_helpers import running_gateway  # noqa: E402
+from tests.support.gateway_helpers import running_gateway  # noqa: E402
 from tests.support.servers import TEST_KEY, auth, make_settings, running_server  # noqa: E402
 from tests.support.toy_service import build_toy  # noqa: E402
 

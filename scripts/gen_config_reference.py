@@ -258,10 +258,10 @@ def _refused_keys() -> list[str]:
         "",
         "### Refused keys",
         "",
-        "Keys of the seed's config that the services refuse at start, whatever their value:",
+        "Keys of the deployment guide's config that the services refuse at start, whatever their value:",
         "",
     ]
-    for (section, key), why in settings_module._SEED_ONLY_KEYS.items():
+    for (section, key), why in settings_module._GUIDE_ONLY_KEYS.items():
         out.append(f"- `{section}.{key}`: {_cell(why)}.")
     return out
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared/data, settings builders, ports."""
+"""Session-wide settings and fixtures; the paths and data helpers live in tests/support/paths.py."""
 
 from __future__ import annotations
 
@@ -7,28 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO, cxr14_images
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared"))
-DATA = SHARED / "data"
-CXR14 = DATA / "cxr14-sample"
-DICOM_DIR = DATA / "dicom"
-PUBMEDQA = DATA / "pubmedqa"
-
-
-def cxr14_images(n: int | None = None) -> list[Path]:
-    images = sorted((CXR14 / "images").glob("*.png"))
-    assert images, f"no NIH sample images under {CXR14} (is ../shared beside the repo?)"
-    return images if n is None else images[:n]
-
-
-def dicom_files() -> list[Path]:
-    files = sorted(DICOM_DIR.glob("*.dcm"))
-    assert files, f"no DICOM files under {DICOM_DIR}"
-    return files
 
 
 @pytest.fixture(scope="session")

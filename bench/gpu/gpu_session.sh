@@ -55,8 +55,7 @@ if [ "$DEVICE" = cuda ]; then
   CLS_PEERS=(--peers service,service_eager,litserve)
   SEG_PEERS=(--peers service,service_eager,litserve)
   PATHS=(--device cuda --seconds 1.0 --variants amp_cl,amp_cl_graphs)
-  TESTS=(tests/unit/test_cuda_graphs.py tests/unit/test_device.py tests/unit/test_segmentation_gpu.py
-         tests/unit/test_classification_model.py)
+  TESTS=(tests/gpu)
 else
   STACK=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4)
   CLS_PEERS=() SEG_PEERS=()

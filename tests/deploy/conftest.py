@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deploy.chart import EXAMPLES, Rendered, load_values, render
+from tests.support.chart import EXAMPLES, Rendered, load_values, render
 
 
 @pytest.fixture(scope="session")

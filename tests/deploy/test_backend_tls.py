@@ -14,8 +14,8 @@ import pytest
 
 from cxr_serving.server import create_server
 from cxr_serving.settings import load_settings
-from tests.deploy.chart import KUBE_VERSION, SERVICES, Rendered, pod_spec, render
-from tests.reliability.pki import make_pki
+from tests.support.chart import KUBE_VERSION, SERVICES, Rendered, pod_spec, render
+from tests.support.pki import make_pki
 from tests.support.servers import free_port, make_settings
 from tests.support.toy_service import build_toy
 

@@ -12,7 +12,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 
-from tests.deploy.chart import KUBE_VERSION, SERVICES, Rendered, pod_spec, render
+from tests.support.chart import KUBE_VERSION, SERVICES, Rendered, pod_spec, render
 
 MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
@@ -139,7 +139,7 @@ def test_admin_key_guards(values: dict, message: str) -> None:
 
 
 def test_schema_keeps_admin_keys_out_of_the_config_map() -> None:
-    from tests.deploy.chart import CHART
+    from tests.support.chart import CHART
 
     with helm.Chart.load(CHART) as chart:
         with pytest.raises(helm.HelmValuesError, match=re.escape("/config/security/admin_api_keys")):

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.deploy.chart import CHART
+from tests.support.chart import CHART
 
 SCRIPT = CHART / "files" / "chroma_backup.py"
 

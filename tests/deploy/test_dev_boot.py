@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.deploy.chart import ROOT, Rendered, pod_spec
-from tests.deploy.test_docker import DOCKER, _healthcheck_code, instructions
+from tests.support.chart import ROOT, Rendered, pod_spec
+from tests.support.docker import DOCKER, healthcheck_code, instructions
 from tests.support.servers import free_port
 
-HEALTH = _healthcheck_code(next(a for k, a in instructions(DOCKER / "classification.Dockerfile") if k == "HEALTHCHECK"))
+HEALTH = healthcheck_code(next(a for k, a in instructions(DOCKER / "classification.Dockerfile") if k == "HEALTHCHECK"))
 
 
 @pytest.mark.slow

@@ -13,30 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.chart import ROOT, SERVICES
+from tests.support.chart import ROOT, SERVICES
+from tests.support.docker import DOCKER, healthcheck_code, instructions
 from tests.support.servers import free_port, make_settings, running_server
 from tests.support.toy_service import BrightnessModel, build_toy
 
-DOCKER = ROOT / "deploy" / "docker"
 CONFIG = json.loads((ROOT / "config" / "production.json").read_text())
-
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in dockerfile.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = pending + line
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
 
 
 def _stages(ins: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
@@ -47,12 +29,6 @@ def _stages(ins: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
         if stages:
             stages[-1].append(i)
     return stages
-
-
-def _healthcheck_code(cmd: str) -> str:
-    exec_form = json.loads(cmd[cmd.index("CMD") + 3 :].strip())
-    assert exec_form[:2] == ["python", "-c"]
-    return exec_form[2]
 
 
 @pytest.mark.parametrize("svc", SERVICES)
@@ -126,7 +102,7 @@ async def _run_check(code: str, addr: str) -> int:
 
 
 async def test_image_healthcheck_command_against_a_live_service() -> None:
-    code = _healthcheck_code(
+    code = healthcheck_code(
         next(a for k, a in instructions(DOCKER / "classification.Dockerfile") if k == "HEALTHCHECK")
     )
     compose_code = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["classification"]["healthcheck"][

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cxr_serving.settings import load_settings
-from tests.deploy.chart import (
+from tests.support.chart import (
     CHART,
     CRD_KINDS,
     EXAMPLES,

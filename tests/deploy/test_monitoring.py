@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.common.v1 import common_pb2
-from tests.deploy.chart import ROOT
+from tests.support.chart import ROOT
 from tests.support.servers import auth, make_settings, running_server
 from tests.support.toy_service import build_toy
 

@@ -15,8 +15,8 @@ from cxr_client import AsyncCxrClient, InvalidImageError
 from cxr_client.analyze import DISCLAIMER, UNTRAINED_WARNING, analyze_study
 from cxr_client.cli import main
 from cxr_client.report import to_html, to_markdown, write_report
-from tests.conftest import cxr14_images
-from tests.e2e.client_stack import get_stack, use_stack_env
+from tests.support.client_stack import get_stack, use_stack_env
+from tests.support.paths import cxr14_images
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from cxr_client import AsyncCxrClient, CxrClient, InvalidImageError
 from cxr_client.analyze import analyze_study, literature_query
 from cxr_client.cli import main
 from cxr_client.errors import from_status
-from tests.conftest import cxr14_images, dicom_files
-from tests.e2e.client_stack import POSITIVE, get_stack, use_stack_env
+from tests.support.client_stack import POSITIVE, get_stack, use_stack_env
+from tests.support.paths import cxr14_images, dicom_files
 
 # One stack of the three real services for the process (~25-35 s to start on 2 busy cores).
 pytestmark = pytest.mark.slow

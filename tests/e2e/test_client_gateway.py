@@ -7,9 +7,9 @@ import pytest
 
 from cxr_client import AsyncCxrClient, AuthenticationError, ClientConfig
 from cxr_client.analyze import analyze_study
-from tests.conftest import cxr14_images
-from tests.e2e.client_stack import POSITIVE, get_stack
-from tests.integration.gateway_helpers import running_gateway
+from tests.support.client_stack import POSITIVE, get_stack
+from tests.support.gateway_helpers import running_gateway
+from tests.support.paths import cxr14_images
 from tests.support.servers import TEST_KEY
 
 pytestmark = pytest.mark.slow  # shares the real-services stack (see client_stack.py)

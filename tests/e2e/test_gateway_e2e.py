@@ -1,5 +1,5 @@
 """REST and gRPC through the Kong stand-in to the three real services (classification,
-segmentation, rag in extractive mode), started once per test process by tests/e2e/client_stack.py."""
+segmentation, rag in extractive mode), started once per test process by tests/support/client_stack.py."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
-from tests.conftest import cxr14_images, dicom_files
-from tests.e2e.client_stack import POSITIVE, get_stack, stack_question
-from tests.integration.gateway_helpers import running_gateway
+from tests.support.client_stack import POSITIVE, get_stack, stack_question
+from tests.support.gateway_helpers import running_gateway
+from tests.support.paths import cxr14_images, dicom_files
 from tests.support.servers import TEST_KEY, auth
 
 KEY = {"apikey": TEST_KEY}

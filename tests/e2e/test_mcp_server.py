@@ -16,8 +16,8 @@ from mcp import Client, StdioServerParameters
 
 from cxr_client import AsyncCxrClient
 from cxr_client.mcp.server import build_server
-from tests.conftest import cxr14_images, dicom_files
-from tests.e2e.client_stack import POSITIVE, get_stack
+from tests.support.client_stack import POSITIVE, get_stack
+from tests.support.paths import cxr14_images, dicom_files
 from tests.support.servers import free_port
 
 # One stack of the three real services for the process (~25-35 s to start on 2 busy cores).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 SCRIPT = REPO / "scripts" / "buf_breaking.sh"
 BUF = REPO / "node_modules" / ".bin" / "buf"

@@ -30,10 +30,10 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.images import decode_image
-from tests.conftest import cxr14_images
-from tests.integration.gateway_helpers import running_gateway
+from tests.support.classifiers import nih_batch, randomize_
+from tests.support.gateway_helpers import running_gateway
+from tests.support.paths import cxr14_images
 from tests.support.servers import TEST_KEY, auth, make_settings, running_server
-from tests.unit.test_classification_checkpoints import nih_batch, randomize_
 
 MULTI = "multiclass_classifier"
 # NIH labels that CheXpert (and so torchxrayvision's chex/mimic checkpoints) has no operating point for.

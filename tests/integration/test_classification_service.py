@@ -31,7 +31,7 @@ from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.lifecycle import checkpoint_version
 from cxr_serving.optimize.amp import cpu_has_native_bf16
-from tests.conftest import DICOM_DIR, REPO, cxr14_images
+from tests.support.paths import DICOM_DIR, REPO, cxr14_images
 from tests.support.servers import auth, make_settings, running_server
 
 BINARY, MULTI = "binary_classifier", "multiclass_classifier"

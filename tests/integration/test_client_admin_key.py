@@ -25,7 +25,7 @@ from cxr_client.mcp.server import build_server
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_grpc
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 from tests.support.servers import free_port
 
 INFERENCE_KEY = "inference-key-0123456789"

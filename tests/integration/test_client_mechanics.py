@@ -24,9 +24,9 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_serving.errors import ModelNotReadyError
 from cxr_serving.server import ServiceBinding
-from tests.conftest import cxr14_images
-from tests.reliability.procs import service_process
+from tests.support.paths import cxr14_images
 from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
+from tests.support.service_process import service_process
 from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
 
 
@@ -177,7 +177,7 @@ async def test_batch_process_folder_bounded_and_ordered(tmp_path):
 
 
 async def test_retry_policy_works_through_the_gateway():
-    from tests.integration.gateway_helpers import running_gateway
+    from tests.support.gateway_helpers import running_gateway
 
     s = make_settings()
     servicer = FlakyServicer(failures=2)

@@ -19,7 +19,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 
 from cxr_dicom.acceptance import Refusal, check_part10
-from tests.conftest import DICOM_DIR
+from tests.support.paths import DICOM_DIR
 
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEGBaseline8Bit]
 SOP_CLASSES = [DigitalXRayImageStorageForPresentation, SecondaryCaptureImageStorage, CTImageStorage]

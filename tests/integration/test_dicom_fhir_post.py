@@ -11,7 +11,7 @@ import pytest
 
 from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, validate_bundle
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding
-from tests.conftest import DICOM_DIR
+from tests.support.paths import DICOM_DIR
 
 RESULTS = (AlgorithmResult(Algorithm("densenet121-res224-nih", "1", "ab" * 32), (Finding("Mass", 0.7, 0.5, True),)),)
 

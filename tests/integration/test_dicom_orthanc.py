@@ -15,8 +15,8 @@ from pynetdicom import AE
 
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import build_sr, device_uid
-from tests.conftest import DICOM_DIR, dicom_files
 from tests.support.orthanc import require, run_orthanc
+from tests.support.paths import DICOM_DIR, dicom_files
 
 CLASSIFIER = Algorithm("densenet121-res224-nih", "1.2.0", "9f2c" * 16, untrained=True)
 SEGMENTER = Algorithm("cxr-unet-anatomy", "0.3.1", "a1b2" * 16)

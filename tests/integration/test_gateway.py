@@ -25,7 +25,7 @@ from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.server import ServiceBinding, create_server
-from tests.integration.gateway_helpers import ADMIN_KEY, global_plugin, running_gateway, self_signed_ca_and_server
+from tests.support.gateway_helpers import ADMIN_KEY, global_plugin, running_gateway, self_signed_ca_and_server
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
 from tests.support.toy_service import BrightnessModel, build_toy
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.processes import first_model_name
 from tests.support.servers import TEST_KEY, free_port
 

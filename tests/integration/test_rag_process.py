@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_protos.rag.v1 import rag_service_pb2 as pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.rag import subset_corpus
 from tests.support.servers import TEST_KEY, auth, free_port
 

@@ -16,7 +16,7 @@ from cxr_rag.config import RagConfig
 from cxr_rag.embeddings import default_model_path, get_embedder
 from cxr_rag.retrieval import Mode, Retriever
 from cxr_rag.store import VectorStore
-from tests.conftest import PUBMEDQA
+from tests.support.paths import PUBMEDQA
 from tests.support.rag import rag_cfg, shared_store, subset_corpus
 
 # measured on the subset (65 questions): recall@5 0.969 in all three modes; MRR dense 0.972, lexical 0.961, hybrid 0.971

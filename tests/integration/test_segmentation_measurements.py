@@ -15,9 +15,9 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from cxr_segmentation.service import build_binding
 from cxr_serving import images
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
-from tests.unit.test_segmentation_measurements import COL, SPACING_CASES, dicom
+from tests.support.spacing import COL, SPACING_CASES, dicom
 
 SEG = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
 ENUM = {

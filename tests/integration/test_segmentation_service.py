@@ -21,7 +21,7 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from cxr_segmentation.masks import decode_png, decode_rle
 from cxr_segmentation.service import build_binding, build_model
 from cxr_serving.lifecycle import checkpoint_version
-from tests.conftest import REPO, cxr14_images, dicom_files
+from tests.support.paths import REPO, cxr14_images, dicom_files
 from tests.support.servers import auth, free_port, make_settings, running_server
 
 SEG = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}

@@ -21,8 +21,8 @@ from cxr_gateway.routes import ProtoCatalog
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.settings import load_settings
-from tests.conftest import REPO
 from tests.support.brightness_service import METHOD
+from tests.support.paths import REPO
 from tests.support.processes import clean_env, python_module
 from tests.support.servers import TEST_KEY, free_port
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.processes import first_model_name, python_module
 from tests.support.servers import TEST_KEY, free_port
 

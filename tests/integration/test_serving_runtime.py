@@ -18,8 +18,8 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
-from tests.conftest import REPO
 from tests.support.concurrency import PeakGauge
+from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
 from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
 

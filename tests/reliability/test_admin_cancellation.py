@@ -26,8 +26,8 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository
-from tests.reliability.targets import IMG
 from tests.support.servers import auth, make_settings, running_server
+from tests.support.targets import IMG
 from tests.support.toy_service import BrightnessModel, build_toy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -27,8 +27,8 @@ from cxr_serving.audit import key_fingerprint
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.logging_setup import JsonFormatter
 from cxr_serving.settings import Settings
-from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import running_server
+from tests.support.targets import IMG, available_targets
 
 INFERENCE_KEY = "inference-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789abcd"

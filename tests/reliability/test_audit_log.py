@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_serving.audit import key_fingerprint
 from cxr_serving.logging_setup import JsonFormatter
-from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import TEST_KEY, auth, running_server
+from tests.support.targets import IMG, available_targets
 
 TARGETS = {t.name: t for t in available_targets()}
 

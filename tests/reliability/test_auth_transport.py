@@ -29,9 +29,9 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
-from tests.reliability.pki import Pki, make_pki
-from tests.reliability.targets import IMG, Target, available_targets
+from tests.support.pki import Pki, make_pki
 from tests.support.servers import auth, make_settings, running_server
+from tests.support.targets import IMG, Target, available_targets
 
 CONTRACT_SERVICES: list[ServiceDescriptor] = [
     cls_pb.DESCRIPTOR.services_by_name["ClassificationService"],

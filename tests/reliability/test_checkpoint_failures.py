@@ -13,8 +13,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_serving.settings import Settings
-from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import auth, make_settings, running_server
+from tests.support.targets import IMG, available_targets
 from tests.support.toy_service import BrightnessModel, build_toy
 
 TARGETS = {t.name: t for t in available_targets(include_toy=False, images_only=True)}

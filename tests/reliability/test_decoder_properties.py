@@ -20,8 +20,8 @@ from PIL import Image
 
 from cxr_serving.images import CONTENT_TYPES, DecodeLimits
 from fuzz.seeds import raster_variants, seed_inputs
-from tests.conftest import DICOM_DIR
-from tests.reliability.invariants import decode_outcome
+from tests.support.invariants import decode_outcome
+from tests.support.paths import DICOM_DIR
 
 warnings.filterwarnings("ignore")
 

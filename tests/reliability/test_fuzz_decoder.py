@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from fuzz.run import run_fuzzer
-from tests.conftest import REPO
-from tests.reliability.invariants import decode_outcome
+from tests.support.invariants import decode_outcome
+from tests.support.paths import REPO
 
 REGRESSIONS = sorted((REPO / "fuzz" / "regressions").iterdir())
 FUZZ_SECONDS = int(os.environ.get("CXR_FUZZ_SECONDS", "20"))

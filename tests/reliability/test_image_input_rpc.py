@@ -23,9 +23,9 @@ from PIL import Image
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
-from tests.conftest import DICOM_DIR, cxr14_images
-from tests.reliability.targets import Target, classification, segmentation
+from tests.support.paths import DICOM_DIR, cxr14_images
 from tests.support.servers import auth, running_server
+from tests.support.targets import Target, classification, segmentation
 
 TARGETS = {"classification": classification, "segmentation": segmentation}
 

@@ -17,8 +17,8 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from cxr_serving.settings import Settings
-from tests.reliability.targets import IMG
 from tests.support.servers import auth, make_settings, running_server
+from tests.support.targets import IMG
 from tests.support.toy_service import build_toy
 
 REQUEST = pb.ClassifyImageRequest(image=common_pb2.Image(data=IMG, content_type="image/png"))

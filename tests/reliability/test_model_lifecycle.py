@@ -28,8 +28,8 @@ from grpc_status import rpc_status
 
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
-from tests.reliability.targets import IMG, available_targets
 from tests.support.servers import auth, make_settings, running_server
+from tests.support.targets import IMG, available_targets
 from tests.support.toy_service import BrightnessModel, build_toy
 
 TARGETS = {t.name: t for t in available_targets(include_toy=False, images_only=True)}

@@ -15,11 +15,11 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.settings import Settings
-from tests.reliability.load import closed_loop, open_loop
-from tests.reliability.procs import service_process
-from tests.reliability.results import report
-from tests.reliability.targets import IMG, available_targets
+from tests.support.load import closed_loop, open_loop
+from tests.support.results import report
 from tests.support.servers import auth, running_server
+from tests.support.service_process import service_process
+from tests.support.targets import IMG, available_targets
 
 ENV = {
     "TOY_DELAY_S": "0.05",

@@ -17,9 +17,9 @@ import grpc
 import pydicom
 import pytest
 
-from tests.conftest import dicom_files
-from tests.reliability.procs import service_process
-from tests.reliability.targets import Target, available_targets
+from tests.support.paths import dicom_files
+from tests.support.service_process import service_process
+from tests.support.targets import Target, available_targets
 
 warnings.filterwarnings("ignore")
 
@@ -82,7 +82,7 @@ def exercise(target: Target, port: int, blobs: list[bytes]) -> dict[str, int]:
         if target.name == "segmentation":
             from cxr_protos.common.v1 import common_pb2
             from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
-            from tests.reliability.targets import Call
+            from tests.support.targets import Call
 
             for blob in blobs[:2]:
                 request = pb.SegmentImageRequest(
@@ -94,7 +94,7 @@ def exercise(target: Target, port: int, blobs: list[bytes]) -> dict[str, int]:
         if target.name == "toy":
             from cxr_protos.classification.v1 import classification_service_pb2 as pb
             from cxr_protos.common.v1 import common_pb2
-            from tests.reliability.targets import Call
+            from tests.support.targets import Call
 
             image = common_pb2.Image(data=blobs[0], content_type="application/dicom")
             send(Call("ClassifyImage", pb.ClassifyImageRequest(image=image, model_names=["explode"])))  # INTERNAL

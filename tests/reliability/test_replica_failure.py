@@ -23,13 +23,13 @@ from cxr_client.retry_policy import channel_options
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
-from tests.reliability.load import Outcomes
-from tests.reliability.procs import service_process
-from tests.reliability.results import report
-from tests.reliability.targets import IMG
+from tests.support.load import Outcomes
+from tests.support.results import report
 from tests.support.servers import auth, free_port
+from tests.support.service_process import service_process
+from tests.support.targets import IMG
 
-gateway_helpers = pytest.importorskip("tests.integration.gateway_helpers")
+gateway_helpers = pytest.importorskip("tests.support.gateway_helpers")
 kong_model = pytest.importorskip("cxr_gateway.kong_model")
 
 ENV = {"TOY_DELAY_S": "0.02", "CXR_LOG_LEVEL": "WARNING"}

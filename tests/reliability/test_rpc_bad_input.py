@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from cxr_serving.images import CONTENT_TYPES
 from fuzz.seeds import seed_inputs
-from tests.reliability.targets import IMG, Call, Target, available_targets
 from tests.support.servers import auth, running_server
+from tests.support.targets import IMG, Call, Target, available_targets
 
 warnings.filterwarnings("ignore")
 pytestmark = pytest.mark.asyncio(loop_scope="module")

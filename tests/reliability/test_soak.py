@@ -14,12 +14,12 @@ from contextlib import ExitStack
 import grpc
 import pytest
 
-from tests.conftest import cxr14_images, dicom_files
-from tests.reliability.load import Outcomes
-from tests.reliability.procs import service_process
-from tests.reliability.results import report
-from tests.reliability.targets import Call, Target, available_targets
+from tests.support.load import Outcomes
+from tests.support.paths import cxr14_images, dicom_files
+from tests.support.results import report
 from tests.support.servers import auth
+from tests.support.service_process import service_process
+from tests.support.targets import Call, Target, available_targets
 
 SOAK_SECONDS = float(os.environ.get("CXR_SOAK_SECONDS", "60"))
 RSS_GROWTH_BOUND_MB = 64

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from cxr_rag.config import RagConfig
-from tests.conftest import PUBMEDQA, REPO
+from tests.support.paths import PUBMEDQA, REPO
 
 SUBSET_PASSAGES = 300
 _LOCK = threading.Lock()

@@ -21,8 +21,8 @@ from cxr_serving.images import decode_image
 from cxr_serving.optimize import amp
 from cxr_serving.optimize.amp import output_deviation, precision_of, with_autocast
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
-from tests.unit.test_classification_model import inputs as classifier_inputs
+from tests.support.classifiers import inputs as classifier_inputs
+from tests.support.paths import cxr14_images
 
 FP32 = InferenceDevice("cpu", use_amp=False, amp_dtype="bfloat16", channels_last=True, compile=False)
 # Built directly (not resolve()): autocast gives the same numbers where bfloat16 is emulated, only slower.

@@ -17,38 +17,14 @@ from safetensors.torch import save_file
 from cxr_classification.checkpoints import normalize_keys
 from cxr_classification.config import NIH_LABELS, XRV_TARGETS, BinaryClassifierConfig, MultiLabelClassifierConfig
 from cxr_classification.model import ChestXrayClassifier, ClassifierInput
-from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError
-from cxr_serving.images import decode_image
 from cxr_serving.lifecycle import UNTRAINED, checkpoint_version
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.classifiers import nih_batch, randomize_
 
 TOL = 1e-5
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm statistics and affine terms, so a mis-mapped BN key cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            elif isinstance(m, torch.nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return module.eval()
-
-
-def nih_batch(cfg, n: int = 2) -> torch.Tensor:
-    spec = PreprocessSpec.from_config(cfg)
-    return torch.stack([preprocess(decode_image(p.read_bytes()).pixels, spec) for p in cxr14_images(n)])
 
 
 def served(cfg, path: Path | None, device: InferenceDevice = CPU) -> ChestXrayClassifier:
@@ -221,7 +197,7 @@ def test_checkpoint_without_weights_is_refused(tmp_path):
 
 
 def test_checkpoint_directory_names_its_one_weights_file(tmp_path):
-    """The seed configures `/mnt/models/fourteen_class_classifier`, a directory."""
+    """The deployment guide configures `/mnt/models/fourteen_class_classifier`, a directory."""
     ref = randomize_(torchvision.models.densenet121(weights=None, num_classes=14), seed=8)
     folder = tmp_path / "fourteen_class_classifier"
     folder.mkdir()

@@ -17,7 +17,7 @@ from cxr_classification.config import (
 from cxr_classification.model import output_index
 from cxr_serving.errors import ConfigError
 from cxr_serving.settings import load_settings
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.servers import make_settings
 
 

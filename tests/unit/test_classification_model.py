@@ -11,12 +11,10 @@ from PIL import Image
 
 from cxr_classification.config import BinaryClassifierConfig, MultiLabelClassifierConfig
 from cxr_classification.model import ChestXrayClassifier, ClassifierInput
-from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import ModelNotReadyError
-from cxr_serving.images import decode_image
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.classifiers import inputs
 
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
 
@@ -26,11 +24,6 @@ def densenet():
     model = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=64), CPU)
     model.load()
     return model
-
-
-def inputs(model: ChestXrayClassifier, n: int) -> list[ClassifierInput]:
-    spec = PreprocessSpec.from_config(model.cfg)
-    return [ClassifierInput(preprocess(decode_image(p.read_bytes()).pixels, spec)) for p in cxr14_images(n)]
 
 
 def test_batched_forward_equals_single_forwards(densenet):
@@ -73,21 +66,6 @@ def test_warm_up_sizes():
     assert ChestXrayClassifier("m", cfg, CPU, warmup_batches=0).warmup_batch_sizes() == []
     gpu = InferenceDevice("cuda", use_amp=True, amp_dtype="bfloat16", channels_last=True, compile=False)
     assert ChestXrayClassifier("m", cfg, gpu, max_batch_size=4).warmup_batch_sizes() == [4, 3, 2, 1]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_amp_channels_last_matches_cpu(densenet):
-    perf = PerformanceConfig(use_amp=True, amp_dtype="bfloat16")
-    gpu = ChestXrayClassifier("multi", densenet.cfg, InferenceDevice.resolve("cuda", perf), max_batch_size=4)
-    gpu.load()
-    gpu._network.load_state_dict(densenet._network.state_dict())  # same random weights as the CPU model
-    items = inputs(densenet, 4)
-    cpu_out = densenet.predict(items)
-    gpu_out = gpu.predict(items)
-    for a, b in zip(cpu_out, gpu_out, strict=True):
-        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-2)
-    assert gpu.device.startswith("cuda")
 
 
 def test_unload_frees_and_refuses():

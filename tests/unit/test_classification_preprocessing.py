@@ -17,7 +17,7 @@ from cxr_classification.preprocessing import (
     preprocess,
 )
 from cxr_serving.images import decode_image
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 
 
 @pytest.fixture(scope="module")

@@ -7,35 +7,13 @@ import json
 from cxr_client.analyze import (
     DISCLAIMER,
     LiteratureReference,
-    ModelVersion,
     ReportFinding,
-    StudyReport,
     _is_reportable,
     _measurements,
 )
 from cxr_client.report import to_html, to_json, to_markdown
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
-
-
-def report(**kw) -> StudyReport:
-    base = StudyReport(
-        study="s1.png",
-        generated_at="2026-01-01T00:00:00+00:00",
-        image={"width": 10, "height": 20, "format": "png"},
-        findings=[
-            ReportFinding(label="Cardiomegaly", probability=0.91, threshold=0.5, positive=True, model="m"),
-            ReportFinding(label="Mass", probability=0.1, threshold=0.5, positive=False, model="m"),
-        ],
-        positive_findings=["Cardiomegaly"],
-        literature=[
-            LiteratureReference(
-                number=1, finding="Cardiomegaly", title="", source="PMID:1", passage_id="p1", score=0.5, excerpt="x"
-            )
-        ],
-        models=[ModelVersion(service="classification", name="m", version="abc123", untrained=False)],
-        overlay_png=b"\x89PNG fake",
-    )
-    return base.model_copy(update=kw)
+from tests.support.reports import report
 
 
 def test_markdown_has_every_section():

@@ -18,7 +18,7 @@ from pydicom.uid import (
 )
 
 from cxr_dicom.acceptance import Refusal, RefusalKind, check_dataset, check_part10, refusal_log_fields
-from tests.conftest import DICOM_DIR, cxr14_images, dicom_files
+from tests.support.paths import DICOM_DIR, cxr14_images, dicom_files
 
 DX_8BIT = DICOM_DIR / "nih-dx-mono2-8bit.dcm"
 SIIM_JPEG = DICOM_DIR / "siim-cxr-mono2-jpeg-baseline.dcm"

@@ -10,7 +10,7 @@ import pytest
 from cxr_serving.dicom import ANONYMIZED, IDENTIFYING_DICOM_KEYWORDS
 from cxr_serving.images import DecodeLimits, decode_image
 from cxr_serving.settings import load_settings
-from tests.conftest import dicom_files
+from tests.support.paths import dicom_files
 
 PLANTED = {
     "PatientName": "Doe^Jane",

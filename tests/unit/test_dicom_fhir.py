@@ -21,7 +21,7 @@ from cxr_dicom.fhir import (
 )
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import device_uid
-from tests.conftest import DICOM_DIR
+from tests.support.paths import DICOM_DIR
 
 SOURCE = DICOM_DIR / "siim-cxr-mono2-jpeg-baseline.dcm"
 CLASSIFIER = Algorithm("densenet121-res224-nih", "1.2.0", "9f2c" * 16, untrained=True)

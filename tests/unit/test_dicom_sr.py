@@ -10,7 +10,7 @@ from pydicom.uid import UID, ComprehensiveSRStorage
 
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import add_contributing_equipment_to_bytes, build_sr, device_uid, read_sr, sr_bytes
-from tests.conftest import DICOM_DIR
+from tests.support.paths import DICOM_DIR
 
 SOURCE = DICOM_DIR / "nih-dx-mono2-8bit.dcm"
 CLASSIFIER = Algorithm("densenet121-res224-nih", "1.2.0", "9f2c" * 16, untrained=True)

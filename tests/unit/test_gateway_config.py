@@ -30,8 +30,8 @@ from cxr_gateway.transcoding import (
 )
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.grpc_errors import error_info, status_for_exception, trailing_metadata
-from tests.conftest import REPO
-from tests.integration.gateway_helpers import DESCRIPTOR, KONG_YML, load_kong
+from tests.support.gateway_helpers import DESCRIPTOR, KONG_YML, load_kong
+from tests.support.paths import REPO
 
 ENV = {
     "DECK_BACKEND_PROTOCOL": "grpc",

@@ -1,4 +1,7 @@
-"""handoff.run_on: a thread pool job awaited from the event loop with one wake-up."""
+"""handoff.run_on: a thread pool job awaited from the event loop with one wake-up.
+
+These tests check the mechanism (no chained future), not the saving: inside a full test run the
+saving per hand-off is within the noise."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cxr_serving.errors import ImageRejectedError
 from cxr_serving.images import DecodeLimits, decode_image, sniff_format
-from tests.conftest import DICOM_DIR, cxr14_images, dicom_files
+from tests.support.paths import DICOM_DIR, cxr14_images, dicom_files
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

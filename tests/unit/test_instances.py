@@ -22,8 +22,8 @@ from cxr_serving.errors import CheckpointError, ConfigError, InvalidInputError, 
 from cxr_serving.instances import InstanceDiedError, LoadedModel, ProcessInstances, recv, send
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ModelState
 from cxr_serving.metrics import MODEL_INSTANCE_RESTARTS
-from tests.conftest import REPO
 from tests.support.instance_models import BAD, CRASH, PidModel
+from tests.support.paths import REPO
 
 
 def _alive(pid: int) -> bool:

@@ -111,7 +111,7 @@ def test_sentences():
     assert split_sentences("First one. Second (n=3) here! Third? Ok.") == ["First one.", "Second (n=3) here!", "Third?"]
 
 
-def test_config_seed_keys_and_env_short_names():
+def test_config_guide_keys_and_env_short_names():
     s = make_settings(
         models={
             "rag": {

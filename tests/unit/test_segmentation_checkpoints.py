@@ -131,7 +131,7 @@ def test_unknown_encoder_is_a_clear_error():
 @pytest.mark.parametrize("name", ["local.json", "production.json"])
 def test_shipped_configs_validate(name):
     from cxr_serving.settings import load_settings
-    from tests.conftest import REPO
+    from tests.support.paths import REPO
 
     cfg = segmentation_config(load_settings(REPO / "config" / name, environ={}))
     assert cfg.enabled and cfg.classes == list(DEFAULT_CLASSES)

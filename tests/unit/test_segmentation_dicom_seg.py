@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 
 from cxr_segmentation.dicom_seg import build_dicom_seg
 from cxr_serving.errors import InvalidInputError
-from tests.conftest import DICOM_DIR
+from tests.support.paths import DICOM_DIR
 
 LABELS = ["left_lung", "right_lung", "heart"]
 # Every file of ../shared/data/dicom (its README lists these; any other .dcm there is added), and the

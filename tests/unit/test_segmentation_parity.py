@@ -12,7 +12,7 @@ from cxr_segmentation.model import SegmentationModel
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.paths import cxr14_images
 
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
 

@@ -17,7 +17,7 @@ from cxr_serving.catalog import load_catalog
 from cxr_serving.cli import main as serving_main
 from cxr_serving.errors import ConfigError
 from cxr_serving.settings import load_settings
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import gen_catalog

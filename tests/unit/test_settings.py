@@ -28,7 +28,7 @@ def test_defaults_without_file():
     assert s.server_config.max_batch_size == 8
     assert s.security.allowed_image_formats == ["jpg", "jpeg", "png", "dcm"]
     assert s.endpoint("classification").port == 50051
-    # cuDNN autotuning of every warmed batch size cost 20-60 s of GPU start-up per model (bench/README.md)
+    # cuDNN autotuning of every warmed batch size costs GPU start-up per model (docs/performance-history.md)
     assert s.performance.cudnn_benchmark is False
     assert load_settings(None, environ={"CXR_PERFORMANCE__CUDNN_BENCHMARK": "true"}).performance.cudnn_benchmark
 

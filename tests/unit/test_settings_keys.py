@@ -134,7 +134,7 @@ def run(cfg, raw, other):
         ("monitoring", "metrics_file", "Prometheus endpoint"),
     ],
 )
-def test_seed_keys_without_use_are_refused_whatever_their_value(section, key, why) -> None:
+def test_guide_keys_without_use_are_refused_whatever_their_value(section, key, why) -> None:
     for value in (True, False, None, "/var/log/cxr-agent/metrics.json"):
         with pytest.raises(ConfigError) as err:
             load_settings(None, environ={f"CXR_{section.upper()}__{key.upper()}": json.dumps(value)})

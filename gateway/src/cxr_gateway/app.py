@@ -33,7 +33,7 @@ from cxr_gateway.transcoding import (
     request_message,
     response_json,
 )
-from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, build_backends, is_connect_failure
+from cxr_gateway.upstreams import Backend, BackendUnavailable, TargetState, build_backends, is_connect_failure, trailers
 
 log = logging.getLogger("cxr.gateway")
 
@@ -244,7 +244,9 @@ class Gateway:
             try:
                 if match.rpc.server_streaming:
                     return await self._stream(request, target, backend, match, payload, md, timeout, out_headers)
-                raw = await target.channel.unary_unary(match.rpc.full_method)(payload, metadata=md, timeout=timeout)
+                raw = await target.channel.unary_unary(
+                    match.rpc.full_method, request_serializer=None, response_deserializer=None
+                )(payload, metadata=md, timeout=timeout)
             except grpc.aio.AioRpcError as err:
                 if is_connect_failure(err):
                     backend.record_failure(target, "tcp", err.details() or "connection failed")
@@ -255,7 +257,7 @@ class Gateway:
                 if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     backend.record_failure(target, "timeout", "deadline exceeded")
                 backend.record_success(target)
-                body_json = error_from_rpc(err.code(), err.details() or "", err.trailing_metadata())
+                body_json = error_from_rpc(err.code(), err.details() or "", trailers(err))
                 return _json(http_status(err.code()), body_json, out_headers)
             backend.record_success(target)
             out_headers["X-Kong-Upstream-Latency"] = str(int((time.perf_counter() - up_started) * 1000))
@@ -275,7 +277,9 @@ class Gateway:
         out_headers: dict[str, str],
     ) -> web.StreamResponse:
         """Server streaming as grpc-gateway does it: one JSON object per line, `{"result": ...}` or `{"error": ...}`."""
-        call = target.channel.unary_stream(match.rpc.full_method)(payload, metadata=md, timeout=timeout)
+        call = target.channel.unary_stream(match.rpc.full_method, request_serializer=None, response_deserializer=None)(
+            payload, metadata=md, timeout=timeout
+        )
         resp_cls = match.rpc.response_class()
         resp: web.StreamResponse | None = None
         try:
@@ -288,7 +292,7 @@ class Gateway:
         except grpc.aio.AioRpcError as err:
             if resp is None:
                 raise  # nothing sent yet: the caller maps it to a plain HTTP error
-            line = {"error": error_from_rpc(err.code(), err.details() or "", err.trailing_metadata())}
+            line = {"error": error_from_rpc(err.code(), err.details() or "", trailers(err))}
             await resp.write(json.dumps(line).encode() + b"\n")
         finally:
             if not call.done():

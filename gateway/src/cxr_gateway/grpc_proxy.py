@@ -54,7 +54,7 @@ async def _deny(context: grpc.aio.ServicerContext[Any, Any], denial: Denial) -> 
     await context.abort(denial.grpc_code, denial.message, trailing_metadata=denial.trailers())
 
 
-class ProxyHandler(grpc.GenericRpcHandler):
+class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic only in grpc-stubs, not at runtime
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
@@ -176,7 +176,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
         target = a.target
         try:
             for attempt in range(a.retries + 1):
-                call = target.channel.unary_unary(method)(request, metadata=a.metadata, timeout=a.timeout)
+                call = target.channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
+                    request, metadata=a.metadata, timeout=a.timeout
+                )
                 try:
                     resp: bytes = await call
                 except grpc.aio.AioRpcError as err:
@@ -219,7 +221,9 @@ class ProxyHandler(grpc.GenericRpcHandler):
                     return
                 yield message
 
-        call = a.target.channel.stream_stream(method)(limited(), metadata=a.metadata, timeout=a.timeout)
+        call = a.target.channel.stream_stream(method, request_serializer=None, response_deserializer=None)(
+            limited(), metadata=a.metadata, timeout=a.timeout
+        )
         code = grpc.StatusCode.OK
         try:
             try:

@@ -257,9 +257,14 @@ Protocol = Literal["grpc", "grpcs", "http", "https"]
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
+def _default_protocols() -> list[Protocol]:
+    """Kong's route default, typed so the list is one of Protocol, not of str."""
+    return ["http", "https"]
+
+
 class Route(_Kong):
     name: str = Field(..., min_length=1)
-    protocols: list[Protocol] = Field(default_factory=lambda: ["http", "https"], min_length=1)
+    protocols: list[Protocol] = Field(default_factory=_default_protocols, min_length=1)
     paths: list[str] | None = None
     methods: list[HttpMethod] | None = None
     hosts: list[str] | None = None

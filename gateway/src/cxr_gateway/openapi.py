@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from cxr_gateway.routes import ProtoCatalog, RpcInfo
-from cxr_gateway.transcoding import is_repeated
+from cxr_gateway.transcoding import is_repeated, message_type
 
 _VAR_RE = re.compile(r"\{([a-zA-Z_][\w.]*)(?:=[^}]*)?\}")
 F = FieldDescriptor
@@ -78,14 +78,14 @@ class _Schemas:
 
     def single(self, f: FieldDescriptor) -> dict[str, Any]:
         if f.type == F.TYPE_MESSAGE:
-            return self.message(f.message_type)
-        if f.type == F.TYPE_ENUM:
+            return self.message(message_type(f))
+        if f.type == F.TYPE_ENUM and f.enum_type is not None:
             return self.enum(f.enum_type)
         return dict(_SCALARS[f.type])
 
     def field(self, f: FieldDescriptor) -> dict[str, Any]:
-        if f.type == F.TYPE_MESSAGE and f.message_type.GetOptions().map_entry:
-            value = f.message_type.fields_by_name["value"]
+        if f.type == F.TYPE_MESSAGE and message_type(f).GetOptions().map_entry:
+            value = message_type(f).fields_by_name["value"]
             return {"type": "object", "additionalProperties": self.single(value)}
         if is_repeated(f):
             return {"type": "array", "items": self.single(f)}

@@ -31,7 +31,8 @@ def _option_value(options: Any, number: int) -> int | None:
     for fd, value in options.ListFields():
         if fd.is_extension and fd.number == number:
             return int(value)
-    for f in UnknownFieldSet(options):
+    unknown = UnknownFieldSet(options)
+    for f in (unknown[i] for i in range(len(unknown))):
         if f.field_number == number and f.wire_type == 0:
             return int(f.data)
     return None

@@ -91,11 +91,11 @@ def request_message(
             _parse_into({binding.body: data}, msg)
             bound.add(binding.body)
     if path_params:
-        _parse_into(_nest(msg.DESCRIPTOR, path_params.items()), msg)
+        _parse_into(_nest(rpc.input, path_params.items()), msg)
     if binding.body != "*":
         items = [(k, v) for k, v in query if k.split(".")[0] not in bound]
         if items:
-            _parse_into(_nest(msg.DESCRIPTOR, items), msg)
+            _parse_into(_nest(rpc.input, items), msg)
     return msg
 
 
@@ -139,7 +139,7 @@ def _nest(desc: Descriptor, items: Iterable[tuple[str, str]]) -> dict[str, Any]:
                 if f.type != FieldDescriptor.TYPE_MESSAGE:
                     raise TranscodeError(f"field {dotted!r}: {part} is not a message")
                 node = node.setdefault(f.name, {})
-                d = f.message_type
+                d = message_type(f)
             elif is_repeated(f):
                 node.setdefault(f.name, []).append(_scalar(f, value, dotted))
             else:
@@ -168,4 +168,12 @@ def _scalar(f: FieldDescriptor, value: str, name: str) -> Any:
 def is_repeated(f: FieldDescriptor) -> bool:
     if hasattr(f, "is_repeated"):  # protobuf >= 6
         return bool(f.is_repeated)
-    return bool(f.label == FieldDescriptor.LABEL_REPEATED)
+    legacy: Any = f  # protobuf 5 has `label` instead, which the protobuf >= 6 stubs no longer declare
+    return bool(legacy.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def message_type(f: FieldDescriptor) -> Descriptor:
+    """The message type of a message field (the stubs allow None, which only other fields have)."""
+    if f.message_type is None:
+        raise TranscodeError(f"field {f.full_name} is not a message")
+    return f.message_type

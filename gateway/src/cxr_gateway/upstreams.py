@@ -20,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,11 +44,16 @@ class BackendUnavailable(Exception):
     """No healthy target, or the target refused the connection."""
 
 
+def trailers(err: grpc.aio.AioRpcError) -> grpc.aio.Metadata | None:
+    """The error's trailing metadata as grpc.aio returns it (grpc-stubs types it as the sync RpcError's tuple)."""
+    return cast("grpc.aio.Metadata | None", err.trailing_metadata())
+
+
 def is_connect_failure(err: grpc.aio.AioRpcError) -> bool:
     """UNAVAILABLE raised by the channel itself (no server answered): no status-details trailer."""
     if err.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    trailing = err.trailing_metadata() or ()
+    trailing = trailers(err) or ()
     return not any(k == STATUS_DETAILS_KEY for k, _ in trailing)
 
 
@@ -167,7 +173,7 @@ class Backend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for t in self.targets:
-            await t.channel.close()
+            await t.channel.close(grace=None)
 
 
 def _credentials() -> grpc.ChannelCredentials:

@@ -1,4 +1,4 @@
-"""Folders of images: bounded concurrency and a progress bar (the seed's `batch_process_images`)."""
+"""Folders of images: bounded concurrency and a progress bar (the deployment guide's `batch_process_images`)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,9 @@
-"""`cxr`: the command line of the platform, on top of `cxr_client`.
+"""`cxr`: the command line of the platform, on top of `cxr_client`, so a shell script or an operator
+needs no Python to classify, segment, ask, analyze and manage models.
 
-    cxr classify IMG... [--models M,...] [--concurrency N]
-    cxr segment IMG --out masks/ [--classes C,...] [--overlay]
-    cxr ask "question" [--top-k K] [--search-only]
-    cxr analyze IMG [--out DIR] [--format markdown|html|json]
-    cxr models list [--service S] | load SERVICE MODEL [--checkpoint P] | unload SERVICE MODEL
-    cxr ingest DOCS.jsonl
-    cxr health
-
-Global options (before the command): --endpoint, --api-key, --admin-api-key, --timeout, --tls,
---ca, --cert, --key, --json. Environment: CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY,
-CXR_<SERVICE>_ENDPOINT, CXR_TLS_*. `models load`, `models unload` and `ingest` are admin commands:
-they send the admin key (never the inference key); every other command sends the inference key only.
-Exit status: 0 ok, 1 a call or an image failed, 2 usage error (including an admin command without an
-admin key).
+Admin commands (`models load`, `models unload`, `ingest`) send only the admin key and every other
+command only the inference key, so an inference key never reaches an admin RPC. Commands, options and
+exit status: libs/client/README.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,8 @@
 """Dynamic batcher: coalesce concurrent requests into one forward pass (LitServe/Triton style).
 
-Callers `await batcher.submit(item)`. A single collector task takes the first waiting item,
-then keeps collecting until `max_batch_size` items or `max_batch_delay_ms` has passed since
-that first item, and runs `run_batch(items)` on one of the model's own threads. Each caller
-gets its own result.
-
-- `max_concurrent_batches` (Triton's instance count) batches run at once, each on its own
-  thread: 1 keeps a GPU stream serial; on CPU, cores / torch threads lets every core run a
-  forward (one 2-thread forward is slower than two 1-thread forwards side by side). A batch
-  is collected only when a slot is free, so while every slot is busy the queue grows into
-  the next, fuller batch.
-
-- With `announced_arrivals`, callers announce a request with `expect()` as it arrives (before
-  decoding) and hand the `Arrival` to `submit`. A batch then waits (up to the delay) only while
-  announced requests are still on their way: a lone request runs at once instead of waiting
-  `max_batch_delay_ms` for requests that do not exist, and under load, when requests are
-  decoding, batches still fill.
-- A full queue raises `OverloadedError` at once (RESOURCE_EXHAUSTED) instead of growing.
-- A caller that is cancelled while waiting is dropped before the batch runs; one cancelled
-  after its batch started simply never reads its result. Neither affects the others.
-- `close(grace_s)` answers every caller: the queued ones, and those the collector already took
-  off the queue, get ModelNotReadyError at once; a batch already running finishes (its callers
-  get their results) and close waits for it, up to the grace, so the caller may then free the
-  weights that its thread still uses.
-- If `run_batch` raises, every caller of that batch gets the exception.
-- `run_batch` may return an Exception instance in place of an item's result to fail only
-  that caller.
+One forward over a batch costs far less per image than one forward per request, so callers
+`await batcher.submit(item)` and a collector runs `run_batch(items)` on whatever arrived within
+`max_batch_delay_ms`. How it collects, sheds, cancels and closes: docs/serving-runtime.md.
 """
 
 from __future__ import annotations
@@ -87,6 +64,10 @@ class Arrival:
 
 
 class DynamicBatcher(Generic[In, Out]):
+    """Callers share forwards but never each other's failures: an exception from `run_batch` reaches
+    every caller of that batch, an Exception in place of one item's result fails only that caller, a
+    cancelled caller is dropped, and a full queue raises `OverloadedError` instead of growing."""
+
     def __init__(
         self,
         name: str,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cxr_serving.errors import CheckpointError, CheckpointPathError, InvalidInputError
 
-# A directory (e.g. the seed's `/mnt/models/fourteen_class_classifier`) names the one weights file
+# A directory (e.g. the deployment guide's `/mnt/models/fourteen_class_classifier`) names the one weights file
 # inside it: these names first, else the only file with a weights suffix.
 DIRECTORY_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth", "model.pth.tar", "model.ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".tar", ".ckpt")
@@ -25,7 +25,7 @@ MAX_LISTED = 8
 VERSION_LENGTH = 12
 
 
-# What torch.load raises for bytes that are not a (weights-only) checkpoint: measured on empty,
+# What torch.load raises for bytes that are not a (weights-only) checkpoint, as seen with empty,
 # truncated, zip-junk, text and pickled-object files (safetensors raises its own SafetensorError,
 # which its loaders add: the runtime does not depend on safetensors). Only the deserializing call is
 # wrapped with these, and out-of-memory is excluded (`out_of_memory`): anything else is a bug.

@@ -1,26 +1,8 @@
 """Model instances in worker processes (`server_config.model_instance_mode: process`).
 
-Triton's Python backend runs each model instance in its own stub process and LitServe runs one
-model per worker process; we do the same when asked, because on CPU two forward threads in one
-process ran 5-8 % slower than two processes (bench/README.md): each thread's Python-side op
-dispatch waits for the GIL that the other forward, the decode pool and gRPC also want.
-
-`ProcessInstances` starts `count` processes, each `python -m cxr_serving.instances FD` (a fresh
-interpreter: no inherited gRPC or CUDA state, and unlike multiprocessing's spawn it never re-runs
-the parent's `__main__`). Each builds its own `ServedModel` from a picklable `factory` (sent over
-its socket with the parent's sys.path), loads it (checkpoint, warm-up) and then runs `predict` on
-the batches it is sent. The parent's batcher threads each borrow an idle instance
-for one batch.
-
-- Wire format: one socketpair per instance; pickle protocol 5 with numpy arrays (and CPU torch
-  tensors, through numpy) sent out of band as raw buffers: no per-element pickling, one copy in
-  and one out.
-- Errors raised by the model (CheckpointError, ...) come back as themselves; a per-item
-  Exception in predict's result stays per-item.
-- An instance that dies (OOM kill, segfault) fails only its batch (ModelNotReadyError:
-  UNAVAILABLE, retryable) and is restarted in the background with the same checkpoint
-  (`cxr_model_instance_restarts_total`).
-- A worker exits on "stop", and on its own when its socket closes (the parent died).
+On CPU, forward threads in one process wait for each other's GIL, so each instance may run in its own
+process instead, as Triton's Python backend and LitServe's workers do. Wire format, errors and
+restarts: docs/serving-runtime.md.
 """
 
 from __future__ import annotations

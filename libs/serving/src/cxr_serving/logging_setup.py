@@ -1,4 +1,4 @@
-"""JSON-lines logging to stdout (plus the seed's optional rotating file), with the
+"""JSON-lines logging to stdout (plus the deployment guide's optional rotating file), with the
 correlation id of the current request. Never log pixel data, image bytes or PHI."""
 
 from __future__ import annotations

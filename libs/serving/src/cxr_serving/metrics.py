@@ -1,6 +1,7 @@
-"""Prometheus metrics with the seed's names, registered once per process.
+"""Prometheus metrics with the deployment guide's names, registered once per process, so dashboards
+built on the guide keep working.
 
-Seed names: cxr_inference_total{model}, cxr_inference_duration_seconds{model},
+The guide's names: cxr_inference_total{model}, cxr_inference_duration_seconds{model},
 cxr_model_loaded{model}, cxr_gpu_memory_used_bytes. Added: request latency and count by
 method and status code, batch size histogram, queue depth, shed requests, instance restarts.
 """

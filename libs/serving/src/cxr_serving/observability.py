@@ -105,7 +105,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
         def begin(context: Ctx) -> tuple[str, Any, str]:
             # The peer is read here, while the call is alive: grpc.aio's context.peer() after the call
-            # has ended (deadline, client gone) reads a finished call: '' here, and a CI crash once.
+            # has ended (deadline, client gone) reads a finished call, which may give '' or raise.
             peer = context.peer() or ""
             cid = next((md[h] for h in CORRELATION_HEADERS if md.get(h)), "") or uuid.uuid4().hex
             correlation_id_var.set(cid[:128])

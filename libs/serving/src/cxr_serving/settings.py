@@ -1,9 +1,9 @@
-"""Typed settings: the seed's JSON config shape plus `CXR_*` environment overrides.
+"""Typed settings: the deployment guide's JSON config shape plus `CXR_*` environment overrides.
 
 Precedence (lowest to highest): model defaults < JSON file (`--config` or `CXR_CONFIG_PATH`)
 < environment. Nested keys are reached with a double underscore, values parse as JSON when
 they can (so `CXR_SERVER_CONFIG__MAX_BATCH_SIZE=16`, `CXR_SECURITY__ALLOWED_IMAGE_FORMATS='["png"]'`).
-The seed's flat variables are honoured too: `CXR_LOG_LEVEL`, `CXR_API_KEY`, `CXR_MODELS_PATH`,
+The guide's flat variables are honoured too: `CXR_LOG_LEVEL`, `CXR_API_KEY`, `CXR_MODELS_PATH`,
 `CXR_DATA_PATH`, `VECTOR_DB_HOST`, `VECTOR_DB_PORT`; and `CXR_ADMIN_API_KEY` (comma list, as
 `CXR_API_KEY`), `CXR_ADMIN_API_KEY_FILE`, `CXR_ALLOWED_IPS` (comma list of CIDR blocks).
 
@@ -37,9 +37,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# Keys of the seed's production.json that the services have no use for: each is refused, whatever its
+# Keys of the deployment guide's production.json that the services have no use for: each is refused, whatever its
 # value, with the reason, so no key is accepted and then ignored.
-_SEED_ONLY_KEYS: dict[tuple[str, str], str] = {
+_GUIDE_ONLY_KEYS: dict[tuple[str, str], str] = {
     ("server_config", "cache_models"): (
         "a model always stays loaded in memory from its load to UnloadModel (the services cannot serve a "
         "model they do not keep loaded). Remove the key"
@@ -64,11 +64,11 @@ _SEED_ONLY_KEYS: dict[tuple[str, str], str] = {
 }
 
 
-def _drop_seed_only_keys(section: str, data: Any) -> Any:
-    """Refuse a seed-only key, whatever its value, with the reason the services have no use for it."""
+def _refuse_guide_only_keys(section: str, data: Any) -> Any:
+    """Refuse a key only the guide has, whatever its value, with the reason the services have no use for it."""
     if not isinstance(data, dict):
         return data
-    for (sec, key), why in _SEED_ONLY_KEYS.items():
+    for (sec, key), why in _GUIDE_ONLY_KEYS.items():
         if sec == section and key in data:
             raise ValueError(f"{sec}.{key} is not supported: {why}")
     return data
@@ -86,7 +86,7 @@ def _cidrs(values: list[str]) -> list[str]:
 
 
 class ServerConfig(_Strict):
-    """`server_config` of the seed plus runtime knobs of the shared server."""
+    """The guide's `server_config` plus runtime knobs of the shared server."""
 
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
     max_batch_size: int = Field(
@@ -118,8 +118,8 @@ class ServerConfig(_Strict):
     )
     event_loop: EventLoopChoice = Field(
         "auto",
-        description="the server's asyncio loop: 'auto' runs uvloop when installed (0.6-0.9 ms less per call at "
-        "concurrency 1, bench/README.md), else asyncio's own",
+        description="the server's asyncio loop: 'auto' runs uvloop when installed (cheaper wake-ups from the "
+        "decode and model threads), else asyncio's own",
     )
     max_message_mb: float = Field(
         64, gt=0, le=2047, description="largest gRPC message received or sent, so a whole image fits in one request"
@@ -136,8 +136,8 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_only(cls, data: Any) -> Any:
-        return _drop_seed_only_keys("server_config", data)
+    def _guide_only(cls, data: Any) -> Any:
+        return _refuse_guide_only_keys("server_config", data)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -153,14 +153,14 @@ class ServerConfig(_Strict):
 
 
 class PerformanceConfig(_Strict):
-    """`performance` of the seed: GPU paths (no-ops on CPU), plus use_amp, channels_last, fold_batchnorm,
+    """The guide's `performance`: GPU paths (no-ops on CPU), plus use_amp, channels_last, fold_batchnorm,
     cpu_threads, cpu_heap_pad_mb and trace_models, which apply on CPU too."""
 
     use_amp: bool = Field(
         False,
         description="mixed precision: autocast to amp_dtype on GPU; bfloat16 on CPUs with AVX512-BF16/AMX "
-        "(~2x faster forwards there, bench/README.md; ignored on other CPUs). Each model reports its "
-        "precision in ListModels",
+        "(ignored on other CPUs, where bfloat16 is emulated and slower). Each model reports its precision in "
+        "ListModels",
     )
     amp_dtype: Literal["bfloat16", "float16"] = Field(
         "bfloat16", description="GPU: the autocast dtype of use_amp (CPUs always use bfloat16)"
@@ -177,20 +177,20 @@ class PerformanceConfig(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default",
         description="torch.compile's mode when compile_models is on. The max-autotune modes time Triton kernels "
-        "for every shape at start-up (over a minute per model on an H200, bench/README.md); reduce-overhead "
+        "for every shape at start-up, which makes start-up much longer; reduce-overhead "
         "records CUDA graphs (one per batch size the warm-up runs)",
     )
     cuda_graphs: bool = Field(
         True,
         description="GPU: record each forward once per batch size as a CUDA graph and replay it (one launch "
-        "instead of ~1 000 from Python: bench/README.md, GPU); checked against the eager network at load, "
+        "instead of one per kernel from Python); checked against the eager network at load, "
         "which serves instead if recording fails. Not combined with compile_models",
     )
     channels_last: bool = Field(True, description="NHWC convolutions, on GPU and on CPU (oneDNN: faster U-Net)")
     fold_batchnorm: bool = Field(
         True,
         description="fold each BatchNorm into the convolution before it when a model loads (same outputs "
-        "up to float rounding, 4-9 % faster forwards on CPU: bench/README.md)",
+        "up to float rounding, one pass over the activations instead of two)",
     )
     cpu_threads: int | None = Field(
         None, ge=1, le=1024, description="torch intra-op threads on CPU; None: torch's default (one per core)"
@@ -198,7 +198,7 @@ class PerformanceConfig(_Strict):
     trace_models: bool = Field(
         True,
         description="on CPU in float32, run each network as a TorchScript trace frozen at load (no Python per "
-        "module per forward: 4-9 % faster densenet121 forwards, bench/README.md); kept only if it answers like "
+        "module per forward); kept only if it answers like "
         "the eager network on two test batches, else eager (the load logs why). Not combined with use_amp",
     )
     cpu_heap_pad_mb: int = Field(
@@ -206,16 +206,15 @@ class PerformanceConfig(_Strict):
         ge=0,
         le=2047,
         description="glibc: one heap for all threads, no per-allocation mmap, and this many MiB kept after "
-        "frees, so forwards reuse their activation memory instead of page-faulting it back in (7-12 % of a "
-        "CPU forward: bench/README.md); 0 leaves glibc's defaults. Applies for the life of the process",
+        "frees, so forwards reuse their activation memory instead of page-faulting it back in; 0 leaves "
+        "glibc's defaults. Applies for the life of the process",
     )
     tf32: bool = Field(True, description="GPU: let matmuls and convolutions use TensorFloat-32 (faster float32)")
     cudnn_benchmark: bool = Field(
         False,
         description="GPU: let cuDNN time every convolution algorithm for each new input shape. The batcher forms "
-        "every batch size up to max_batch_size and the GPU warm-up runs each, so start-up grows by 20-60 s per "
-        "convolutional model (densenet121, batch 32, H200) for no measured throughput gain (bench/README.md, GPU); "
-        "off uses cuDNN's heuristics",
+        "every batch size up to max_batch_size and the GPU warm-up runs each, so start-up grows per "
+        "convolutional model with no throughput gain in return; off uses cuDNN's heuristics",
     )
     warmup_batches: int = Field(
         1,
@@ -227,8 +226,8 @@ class PerformanceConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_only(cls, data: Any) -> Any:
-        return _drop_seed_only_keys("performance", data)
+    def _guide_only(cls, data: Any) -> Any:
+        return _refuse_guide_only_keys("performance", data)
 
 
 class TlsConfig(_Strict):
@@ -290,8 +289,8 @@ class SecurityConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_only(cls, data: Any) -> Any:
-        return _drop_seed_only_keys("security", data)
+    def _guide_only(cls, data: Any) -> Any:
+        return _refuse_guide_only_keys("security", data)
 
     @field_validator("allowed_ips", "trusted_proxies", "api_keys", "admin_api_keys", mode="before")
     @classmethod
@@ -327,15 +326,15 @@ class MonitoringConfig(_Strict):
         True, description="serve Prometheus metrics on the service's metrics_port; false opens no metrics port"
     )
     log_json: bool = Field(True, description="JSON-lines logs (one object per line) instead of plain text")
-    log_file: Path | None = Field(None, description="rotating file handler (100 MB x 10), as in the seed")
+    log_file: Path | None = Field(None, description="rotating file handler (100 MB x 10), as in the deployment guide")
     tracing_enabled: bool = Field(False, description="export OpenTelemetry traces over OTLP/gRPC to otlp_endpoint")
     otlp_endpoint: str | None = Field(None, description="e.g. http://otel-collector:4317")
     service_name_prefix: str = Field("cxr", description="traces name each service <prefix>-<service>")
 
     @model_validator(mode="before")
     @classmethod
-    def _seed_only(cls, data: Any) -> Any:
-        return _drop_seed_only_keys("monitoring", data)
+    def _guide_only(cls, data: Any) -> Any:
+        return _refuse_guide_only_keys("monitoring", data)
 
 
 class ServiceEndpoint(_Strict):
@@ -456,7 +455,7 @@ class Settings(_Strict):
         return p
 
 
-# Seed variables that are not of the CXR_<SECTION>__<FIELD> form.
+# The guide's variables that are not of the CXR_<SECTION>__<FIELD> form.
 _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_ENV": ("environment",),
     "CXR_LOG_LEVEL": ("server_config", "log_level"),
@@ -471,7 +470,7 @@ _FLAT_ENV: dict[str, tuple[str, ...]] = {
     "CXR_SERVICE_CATALOG": ("service_catalog",),
 }
 _IGNORED_ENV = {"CXR_CONFIG_PATH", "CXR_ENDPOINT"}
-# The seed's Chroma variables: the host is taken as is, the port parses as JSON.
+# The deployment guide's Chroma variables: the host is taken as is, the port parses as JSON.
 _VECTOR_DB_ENV: dict[str, tuple[str, ...]] = {
     "VECTOR_DB_HOST": ("models", "rag", "vector_db_host"),
     "VECTOR_DB_PORT": ("models", "rag", "vector_db_port"),
@@ -511,9 +510,9 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             if all(parts):
                 _set_path(tree, parts, _parse_env_value(raw))
     for name, path in _VECTOR_DB_ENV.items():
-        seed_value = environ.get(name)
-        if seed_value:
-            _set_path(tree, path, seed_value if name == "VECTOR_DB_HOST" else _parse_env_value(seed_value))
+        guide_value = environ.get(name)
+        if guide_value:
+            _set_path(tree, path, guide_value if name == "VECTOR_DB_HOST" else _parse_env_value(guide_value))
     return tree
 
 

@@ -1,6 +1,6 @@
 """`models.rag`: the RAG service's own config schema, validated through `Settings.model_section`.
 
-The seed's keys (`enabled`, `model_name`, `vector_db_path`, `documents_path`, and
+The deployment guide's keys (`enabled`, `model_name`, `vector_db_path`, `documents_path`, and
 `vector_db_host`/`vector_db_port` from `VECTOR_DB_HOST`/`VECTOR_DB_PORT`) plus the knobs of
 the store, chunking, retrieval and the LLM client. Short environment variables for the LLM
 (`CXR_LLM_BASE_URL`, `CXR_LLM_MODEL`, `CXR_LLM_API_KEY`, `CXR_LLM_MODE`) are applied by
@@ -70,7 +70,7 @@ class RagConfig(_Strict):
     """`models.rag`: the document store, chunking, hybrid retrieval and the LLM client of the RAG service."""
 
     enabled: bool = Field(True, description="false is refused at start: the rag service has nothing else to serve")
-    model_name: str = Field(DEFAULT_LLM, description="the LLM served by vLLM (seed key)")
+    model_name: str = Field(DEFAULT_LLM, description="the LLM served by vLLM (the deployment guide's key)")
     vector_db_path: Path = Field(Path("var/data/chroma_db"), description="embedded ChromaDB directory")
     vector_db_host: str | None = Field(None, description="Chroma server host: HttpClient mode (VECTOR_DB_HOST)")
     vector_db_port: int = Field(8000, ge=1, le=65535, description="Chroma server port (VECTOR_DB_PORT)")

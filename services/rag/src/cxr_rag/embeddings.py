@@ -63,7 +63,10 @@ class Embedder:
         self._model = SentenceTransformer(str(model_path), device=device, local_files_only=True)
         dim_fn = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dimension = int(dim_fn() or 0)
-        self.max_seq_length = int(self._model.max_seq_length)
+        max_len = self._model.max_seq_length
+        if max_len is None:
+            raise ValueError(f"embedding model {model_path} declares no max_seq_length")
+        self.max_seq_length = int(max_len)
         self._encode_lock = threading.Lock()
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

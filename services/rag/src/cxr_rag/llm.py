@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,7 +358,7 @@ class LlmClient:
         finally:
             self._sem.release()
 
-    async def _parse_sse(self, resp: httpx.Response) -> AsyncIterator[Delta | Finish]:
+    async def _parse_sse(self, resp: httpx.Response) -> AsyncGenerator[Delta | Finish, None]:
         splitter = ThinkSplitter(self.think_open)
         finish = ""
         got_any = False

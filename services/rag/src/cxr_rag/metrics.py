@@ -1,4 +1,4 @@
-"""RAG metrics on the shared registry: the seed's cxr_inference_* names with model labels
+"""RAG metrics on the shared registry: the deployment guide's cxr_inference_* names with model labels
 `retrieval:<mode>` and `llm:<model>`, plus store size and LLM failures by reason."""
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ StreamEvent = PassagesEvent | TextEvent | ReasoningEvent | DoneEvent
 
 def fit_budget(passages: list[Passage], tokenizer: Any, budget: int) -> list[Passage]:
     """The leading passages whose token count fits in `budget` (always at least one)."""
-    out, used = [], 0
+    out: list[Passage] = []
+    used = 0
     for p in passages:
         n = len(tokenizer.encode(p.text, add_special_tokens=False).ids)
         if out and used + n > budget:

@@ -25,7 +25,7 @@ from cxr_rag.retrieval import Mode, Passage
 from cxr_rag.runtime import RagRuntime
 from cxr_serving.errors import InvalidInputError
 
-_MODES = {
+_MODES: dict[int, Mode] = {
     pb.RETRIEVAL_MODE_UNSPECIFIED: Mode.HYBRID,
     pb.RETRIEVAL_MODE_HYBRID: Mode.HYBRID,
     pb.RETRIEVAL_MODE_DENSE: Mode.DENSE,
@@ -57,7 +57,7 @@ def citation_pb(c: Citation) -> pb.Citation:
     return pb.Citation(number=c.number, passage_id=c.passage.id, title=c.passage.title, source=c.passage.source)
 
 
-class RagServicer(pb_grpc.RagServiceServicer):
+class RagServicer(pb_grpc.RagServiceServicer):  # type: ignore[misc]  # generated *_pb2_grpc has no stub: its base is Any
     def __init__(self, runtime: RagRuntime, cfg: RagConfig) -> None:
         self.runtime = runtime
         self.cfg = cfg
@@ -91,7 +91,9 @@ class RagServicer(pb_grpc.RagServiceServicer):
         )
 
     async def AnswerQuestion(
-        self, request: pb.AnswerQuestionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.AnswerQuestionRequest,
+        context: grpc.aio.ServicerContext[pb.AnswerQuestionRequest, pb.AnswerQuestionResponse],
     ) -> pb.AnswerQuestionResponse:
         pipeline = self.runtime.require_ready()
         ans = await pipeline.answer(self._request(request))
@@ -106,7 +108,9 @@ class RagServicer(pb_grpc.RagServiceServicer):
         )
 
     async def StreamAnswer(
-        self, request: pb.StreamAnswerRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.StreamAnswerRequest,
+        context: grpc.aio.ServicerContext[pb.StreamAnswerRequest, pb.StreamAnswerResponse],
     ) -> AsyncIterator[pb.StreamAnswerResponse]:
         pipeline = self.runtime.require_ready()
         async for ev in pipeline.stream(self._request(request)):
@@ -125,7 +129,9 @@ class RagServicer(pb_grpc.RagServiceServicer):
                 )
 
     async def SearchLiterature(
-        self, request: pb.SearchLiteratureRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.SearchLiteratureRequest,
+        context: grpc.aio.ServicerContext[pb.SearchLiteratureRequest, pb.SearchLiteratureResponse],
     ) -> pb.SearchLiteratureResponse:
         self.runtime.require_ready()
         retriever = self.runtime.retriever
@@ -139,7 +145,9 @@ class RagServicer(pb_grpc.RagServiceServicer):
         return pb.SearchLiteratureResponse(passages=[passage_pb(p) for p in result.passages])
 
     async def IngestDocuments(
-        self, request: pb.IngestDocumentsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.IngestDocumentsRequest,
+        context: grpc.aio.ServicerContext[pb.IngestDocumentsRequest, pb.IngestDocumentsResponse],
     ) -> pb.IngestDocumentsResponse:
         self.runtime.require_ready()
         if not request.documents:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -121,6 +121,15 @@ class _GuardedCollection:
                 ) from exc
 
         return call
+
+
+class Page(NamedTuple):
+    """One page of `VectorStore.iter_all`: the embeddings are read only when asked for."""
+
+    ids: list[str]
+    documents: list[str | None]
+    metadatas: list[dict[str, str]]
+    embeddings: Any | None
 
 
 def _str_meta(meta: dict[str, Any] | None) -> dict[str, str]:
@@ -241,7 +250,7 @@ class VectorStore:
             )
         ]
 
-    def iter_all(self, page: int = 1000, embeddings: bool = False) -> Iterator[tuple[list[str], list[Any], ...]]:
+    def iter_all(self, page: int = 1000, embeddings: bool = False) -> Iterator[Page]:
         include = ["documents", "metadatas", *(["embeddings"] if embeddings else [])]
         offset = 0
         while True:
@@ -249,17 +258,17 @@ class VectorStore:
             ids = res["ids"]
             if not ids:
                 return
-            yield (
+            yield Page(
                 ids,
                 res["documents"],
                 [_str_meta(m) for m in res["metadatas"]],
-                *((res["embeddings"],) if embeddings else ()),
+                res["embeddings"] if embeddings else None,
             )
             offset += len(ids)
 
     def all_chunks(self) -> list[StoredChunk]:
         out: list[StoredChunk] = []
-        for ids, docs, metas in self.iter_all():
+        for ids, docs, metas, _ in self.iter_all():
             out.extend(StoredChunk(i, d or "", m) for i, d, m in zip(ids, docs, metas, strict=True))
         return out
 
@@ -286,11 +295,11 @@ class VectorStore:
             docs: list[str] = []
             metas: list[dict[str, str]] = []
             vecs: list[np.ndarray] = []
-            for i, d, m, e in self.iter_all(embeddings=True):
-                ids += i
-                docs += [x or "" for x in d]
-                metas += m
-                vecs.append(np.asarray(e, dtype=np.float32))
+            for page in self.iter_all(embeddings=True):
+                ids += page.ids
+                docs += [x or "" for x in page.documents]
+                metas += page.metadatas
+                vecs.append(np.asarray(page.embeddings, dtype=np.float32))
             if self.all_ids() == before == set(ids) and len(ids) == len(before):
                 break
             log.warning("collection changed during backup (attempt %d/%d), reading again", attempt, attempts)

@@ -1,16 +1,8 @@
-"""`cxr-mcp`: the platform as MCP tools for agents (the seed's "CXR Agent MCP Server").
+"""`cxr-mcp`: the platform as MCP tools for agents (the deployment guide's "CXR Agent MCP Server").
 
-Built on the MCP Python SDK v2 (`mcp.server.mcpserver.MCPServer`, v1's FastMCP). Every tool calls
-the services through `cxr_client.AsyncCxrClient`, so the server is configured like the CLI
-(CXR_ENDPOINT, CXR_API_KEY, CXR_ADMIN_API_KEY, CXR_<SERVICE>_ENDPOINT, CXR_TLS_*). The admin tool
-`unload_model` exists only when opted in (`--enable-admin-tools` or CXR_MCP_ADMIN_TOOLS=1), because an
-agent reads untrusted text (RAG passages) that could talk it into admin actions; it alone sends the
-admin key, and refuses to run without one. Images come as a file path
-readable by this server or as base64 text. Service errors come back as tool errors
-(`is_error`) with the gRPC code and ErrorInfo reason, so an agent can correct itself.
-
-    cxr-mcp                                    # stdio (desktop agents)
-    cxr-mcp --transport streamable-http --port 8765   # http://127.0.0.1:8765/mcp
+Every tool calls the services through `cxr_client.AsyncCxrClient`, so the server is configured like the
+CLI. The admin tool `unload_model` exists only when opted in, because an agent reads untrusted text
+(RAG passages) that could talk it into admin actions. Transports and configuration: libs/client/README.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """Keep the CPU memory a forward frees for the next forward (glibc malloc settings, via mallopt).
 
-A CPU forward allocates its activations (tens of MB each at batch 8: a U-Net decoder stage at
-256 px is 64 MB) and frees them when it returns. With glibc's defaults the next forward gets
-them back from the kernel: allocations over the mmap threshold (at most 32 MB) are fresh
-mappings, and a thread's own arena (every forward thread gets one) trims its heap after frees.
-Each page then faults in and is zeroed again: 5-20 ms of system time per image here, 7-12 % of
-the CPU of a forward (bench/README.md, "CPU heap"). This is why Intel's and TorchServe's CPU
-guides swap in jemalloc/tcmalloc; we keep glibc and change three of its settings in-process:
-
-- M_ARENA_MAX 1: one heap for every thread (forwards take a lock a few hundred times per
-  batch; small allocations still come from per-thread caches);
-- M_MMAP_MAX 0: no allocation is its own mapping, so large ones come from that heap too;
-- M_TOP_PAD pad: after a free, up to `pad` bytes stay at the top of the heap instead of going
-  back to the kernel.
-
-The process keeps up to `pad` MiB of freed memory (RSS), and memory freed under a live
-allocation stays in the heap for reuse rather than returning to the kernel. The settings hold
-for the life of the process; `performance.cpu_heap_pad_mb: 0` leaves glibc's defaults. On a
-C library other than glibc (musl, macOS) nothing changes and the reason is logged.
+With glibc's defaults every CPU forward gets its activations back from the kernel and pays to fault
+in and zero each page again; three mallopt settings keep that memory in the heap instead (which ones,
+and what they cost: docs/serving-runtime.md).
 """
 
 from __future__ import annotations

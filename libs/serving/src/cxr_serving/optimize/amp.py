@@ -1,22 +1,8 @@
 """Mixed precision for inference (`performance.use_amp`), on GPU and on CPUs that compute bfloat16 natively.
 
-`with_autocast(module, ...)` wraps a prepared network so that its forward runs under `torch.autocast`
-and hands back float32 tensors: callers (probabilities, mask thresholds, Grad-CAM on the unwrapped
-network) never see a half-precision tensor. When a load has an example input, the wrapped network is
-kept only if it answers that input like float32 does: within `tolerance` of the output's scale
-(max |amp - float32| <= tolerance * max(1, max |float32|)) and finite everywhere. That is a guard against
-networks that break in reduced precision (overflow, NaN, a layer that loses everything), not a claim
-about clinical accuracy: bench/README.md has the measured differences on real radiographs.
-
-Autocast casts every convolution's and linear layer's float32 weights to the lower precision on every
-forward. With an example the wrapper instead holds a copy whose plain Conv/Linear layers store their
-weights cast already (the same rounding autocast applies, so the same numbers: kept only if its output
-on the example is bit-identical): no cast per forward, and half the weight memory.
-
-On CPU, autocast uses bfloat16 through oneDNN. Where the CPU has AVX512-BF16 or AMX it halves the
-forward time of the convolutional networks served here (densenet121 @224 and U-Net/resnet34 @256,
-batch 8, one thread: 2.0x and 2.1x, bench/README.md); without them bfloat16 is emulated and slower than
-float32, so `cpu_has_native_bf16()` decides whether the CPU path applies at all.
+Reduced precision makes forwards faster where the hardware computes it natively, so a network runs
+under autocast and is kept only if it answers a test input like float32 does: a guard against networks
+that break in reduced precision, not a claim about clinical accuracy. How: docs/serving-runtime.md.
 """
 
 from __future__ import annotations
@@ -29,7 +15,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # A network whose reduced-precision output is further than this from float32 (as a fraction of the
-# output's scale) serves float32. Measured on the served architectures: <= 0.035 (bench/README.md).
+# output's scale) serves float32: above what the served architectures show, below a broken layer's O(1).
 DEFAULT_TOLERANCE = 0.05
 
 

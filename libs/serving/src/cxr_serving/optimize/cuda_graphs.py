@@ -1,23 +1,8 @@
 """Replay each forward as a CUDA graph (`performance.cuda_graphs`, GPU only).
 
-Our networks are small for a GPU: an eager densenet121 forward launches ~1 000 kernels from Python,
-and on an H200 a batch of 1 takes 9 ms whatever the batch size: the GPU waits for the CPU. That CPU
-time also holds the GIL that the server's event loop and decode threads need (bench/README.md, "GPU").
-A CUDA graph records the kernels of one forward once and replays them with one call.
-
-`CudaGraphs` wraps the prepared network. The first call with a new input shape (one per batch size:
-the GPU warm-up runs every size the batcher can form) runs the network twice on a side stream, then
-records it into a graph with a static input and output; later calls copy the input in, replay, and
-return a copy of the output. The first graph is checked against the eager network on that input; a
-network that cannot be recorded (host syncs, data-dependent control flow) or answers differently is
-served eagerly from then on, and the reason is logged. Every graph shares one memory pool, and replays
-take a lock, so two model instances never replay into the same memory at once.
-
-A recording that fails inside the capture (a host sync such as `.item()`) leaves PyTorch's CUDA random
-number generator marked as capturing: later random draws on the GPU in that process raise (seen with
-torch 2.11 on an H200). Serving is unaffected, since the networks draw no random numbers at inference;
-set `performance.cuda_graphs: false` for a network that needs them. Every network the services build
-records (bench/README.md, "GPU").
+Our networks are small for a GPU: an eager forward launches every kernel from Python, so the GPU waits
+for the CPU, and that CPU time holds the GIL the event loop and decode threads need; a graph replays a
+whole forward with one call. How graphs are recorded, checked and shared: docs/serving-runtime.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Which asyncio event loop a server process runs (`server_config.event_loop`, the gateway's
 `--event-loop`): uvloop (libuv) when it is installed, else asyncio's own.
 
-At concurrency 1 on a 2-core host uvloop took 0.6-0.9 ms off each call to the real classification and
-segmentation services (the hand-offs between the gRPC loop, the decode pool and the model threads
-wake the loop from other threads) and 0.3-0.6 ms off each call through the gateway (bench/README.md).
+uvloop is the default because every request wakes the loop from other threads (the decode pool, the
+model threads) and libuv's wake-ups are cheaper, which shortens each call at low concurrency.
 """
 
 from __future__ import annotations

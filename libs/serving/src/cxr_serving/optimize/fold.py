@@ -1,23 +1,11 @@
 """Load-time rewrite for inference: fold each BatchNorm into the convolution that feeds it.
 
-In eval mode a BatchNorm after a convolution is a per-channel affine map, so it can be merged into
-that convolution's weight and bias: one pass over the activations instead of two, the same function
-up to float rounding (TensorRT, ONNX Runtime and OpenVINO do this when they build an engine). Measured
-on CPU (1 thread, batch 8, bench/README.md): densenet121 @224 4-9 % and U-Net/resnet34 @256 ~6 %
-faster per forward.
+In eval mode a BatchNorm after a convolution is a per-channel affine map, so merging it into that
+convolution's weight and bias gives the same function (up to float rounding) with one pass over the
+activations instead of two. How the pairs are found and checked: docs/serving-runtime.md.
 
-`fold_batchnorm(module, example)` finds the pairs by running `example` once with forward hooks on the
-module's own convolutions and BatchNorms: a BatchNorm whose input is the very tensor a convolution
-returned, each called once. It folds them in a copy (the convolution gets the folded weights, the
-BatchNorm becomes an Identity) and keeps the copy only if it answers `example` like the original;
-otherwise it keeps the pairs that pass one by one (a convolution output that also feeds something
-else, e.g. a residual sum, must not be folded). The original module is untouched, so code that
-needs the unfolded network (Grad-CAM hooks) keeps it.
-
-Why hooks and not torch.fx: fx's tracer patches `torch.nn.Module.__call__` for the whole process
-while it traces, so a forward of another model on another thread (serving traffic during a reload,
-or two models loading at once) failed with `NameError: module is not installed as a submodule`.
-Hooks live on this module only.
+Pairs are found with forward hooks, not torch.fx, because fx's tracer patches `torch.nn.Module.__call__`
+for the whole process while it traces, which breaks a forward of another model on another thread.
 """
 
 from __future__ import annotations

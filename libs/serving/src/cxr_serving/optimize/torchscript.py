@@ -3,8 +3,8 @@
 An eager forward walks the network's Python modules on every call: for densenet121 (~430 modules,
 a `torch.cat` per dense layer) that is a fixed cost per forward, a few ms, which a batch of 2-3
 pays per 2-3 images. A traced, frozen graph runs the same aten ops from C++ with the weights as
-constants: 4-9 % less time per image for densenet121 at batch 1-8 on this host, ~2 % for the U-Net
-(bench/README.md, "TorchScript"). torch.compile on CPU gave 1.02x here, after a 14 s compile.
+constants, without that cost; torch.compile is not used on CPU because its long compile bought
+almost nothing there.
 
 The traced graph is kept only if it answers like the eager network: on the load example and on a
 batch of two (so a batch size baked into the trace shows), within `tolerance` of the eager output's

@@ -29,7 +29,7 @@ from cxr_client import ClientConfig
 from cxr_client.config import SERVICES
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
-from tests.conftest import PUBMEDQA
+from tests.support.paths import PUBMEDQA
 from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
 
 POSITIVE = "Effusion"

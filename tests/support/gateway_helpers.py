@@ -9,7 +9,7 @@ from cxr_gateway import kong_model
 from cxr_gateway.app import Gateway
 from cxr_gateway.local import local_defaults
 from cxr_gateway.routes import ProtoCatalog
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, make_settings
 
 KONG_YML = REPO / "gateway" / "kong.yml"

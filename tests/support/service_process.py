@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, free_port
 
 TOY_MODULE = "tests.support.toy_service"

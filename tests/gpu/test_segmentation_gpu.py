@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
@@ -10,9 +9,10 @@ from cxr_segmentation.model import SegmentationModel
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
 from cxr_serving.settings import PerformanceConfig
-from tests.conftest import cxr14_images
+from tests.support.cuda import NEEDS_CUDA
+from tests.support.paths import cxr14_images
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = NEEDS_CUDA
 
 
 # (use_amp, tf32, least mask agreement, largest relative logit error ||gpu - cpu|| / ||cpu||).
