@@ -32,8 +32,8 @@ from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_segmentation.service import build_binding as segmentation_binding
 from cxr_serving.server import create_server
-from tests.conftest import REPO, dicom_files
 from tests.support.orthanc import Orthanc, require, run_orthanc
+from tests.support.paths import REPO, dicom_files
 from tests.support.servers import TEST_KEY, auth, make_settings
 
 NODE_AE = "CXRNODE"

@@ -8,7 +8,7 @@ from cxr_dicom.config import dicom_config
 from cxr_serving.errors import ConfigError
 from cxr_serving.roles import platform_admin_methods
 from cxr_serving.settings import load_settings
-from tests.conftest import REPO
+from tests.support.paths import REPO
 from tests.support.servers import make_settings
 
 STOW = {"stow_url": "http://pacs:8042/dicom-web"}

@@ -14,7 +14,7 @@ from cxr_dicom.acceptance import Refusal
 from cxr_dicom.intake import Intake, instance_path
 from cxr_dicom.priority import PriorityPolicy
 from cxr_dicom.work_queue import QUEUED, Priority, QueueFullError, WorkQueue
-from tests.conftest import dicom_files
+from tests.support.paths import dicom_files
 
 
 def make_intake(tmp_path, *, anonymize=False, max_pending=10):

@@ -69,19 +69,19 @@ class Intake:
         """Accept one Part 10 instance or raise `Refusal` (not analysable) / `QueueFullError` (try later)."""
         try:
             accepted = check_part10(data, declared_sop_class)
-        except Refusal as refusal:
-            log.warning("refused an instance", extra={"dicom": refusal_log_fields(refusal), "calling_ae": calling_ae})
+        except Refusal as refused:
+            log.warning("refused an instance", extra={"dicom": refusal_log_fields(refused), "calling_ae": calling_ae})
             raise
         try:
             path = instance_path(self.data_path, accepted.sop_instance_uid)
         except ValueError:
-            refusal = Refusal(
+            bad_uid = Refusal(
                 RefusalKind.DOES_NOT_MATCH_SOP_CLASS,
                 "the SOP Instance UID is not a valid UID",
                 sop_class_uid=accepted.sop_class_uid,
             )
-            log.warning("refused an instance", extra={"dicom": refusal_log_fields(refusal), "calling_ae": calling_ae})
-            raise refusal from None
+            log.warning("refused an instance", extra={"dicom": refusal_log_fields(bad_uid), "calling_ae": calling_ae})
+            raise bad_uid from None
         known = self.queue.get(accepted.sop_instance_uid)
         if known is not None:  # a re-send: nothing to write, the queue answers with its state
             again = self.queue.enqueue(

@@ -43,7 +43,8 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
     if cfg.accepted_calling_ae_titles:
         ae.require_calling_aet = list(cfg.accepted_calling_ae_titles)
     for context in StoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
 
     def on_store(event: Any) -> int:

@@ -31,7 +31,7 @@ def _status(item: Item) -> pb.InstanceStatus:
     )
 
 
-class DicomServicer(pb_grpc.DicomServiceServicer):
+class DicomServicer(pb_grpc.DicomServiceServicer):  # type: ignore[misc]  # generated *_pb2_grpc has no stub: its base is Any
     def __init__(self, queue: WorkQueue) -> None:
         self.queue = queue
 
