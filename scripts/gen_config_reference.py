@@ -33,7 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
 # The modules holding each service's `models.*` schemas: every pydantic model defined in one is documented.
-MODEL_SCHEMA_MODULES = ("cxr_classification.config", "cxr_segmentation.config", "cxr_rag.config")
+MODEL_SCHEMA_MODULES = (
+    "cxr_classification.config",
+    "cxr_segmentation.config",
+    "cxr_rag.config",
+    "cxr_dicom.config",
+)
 PLACEHOLDER = "<name>"
 
 

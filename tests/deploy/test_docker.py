@@ -128,6 +128,7 @@ def compose() -> dict:
 def test_compose_has_the_whole_single_host_suite(compose: dict) -> None:
     assert set(compose["services"]) == {
         *SERVICES,
+        "dicom",  # the DICOM node (issue 22): its own checks are in test_compose_runs_the_dicom_node
         "chroma",
         "vllm",
         "kong-config",
@@ -140,6 +141,22 @@ def test_compose_has_the_whole_single_host_suite(compose: dict) -> None:
         assert s["build"]["dockerfile"] == f"deploy/docker/{svc}.Dockerfile"
         assert (DOCKER / s["build"]["context"] / s["build"]["dockerfile"]).exists()
         assert "grpc_health" in " ".join(s["healthcheck"]["test"])
+
+
+def test_compose_runs_the_dicom_node(compose: dict) -> None:
+    node = compose["services"]["dicom"]
+    assert node["build"]["dockerfile"] == "deploy/docker/dicom.Dockerfile"
+    assert (DOCKER / node["build"]["context"] / node["build"]["dockerfile"]).exists()
+    assert "grpc_health" in " ".join(node["healthcheck"]["test"])
+    assert any(v.startswith("dicom-data:") for v in node["volumes"]) and "dicom-data" in compose["volumes"]
+    assert {node["environment"][f"CXR_{s.upper()}_ENDPOINT"] for s in ("classification", "segmentation")} == {
+        f"{s}:{CONFIG['services'][s]['port']}" for s in ("classification", "segmentation")
+    }
+    ins = instructions(DOCKER / "dicom.Dockerfile")
+    assert json.loads(next(a for k, a in ins if k == "ENTRYPOINT")) == ["python", "-m", "cxr_serving", "dicom"]
+    assert f"CXR_HEALTH_ADDR=127.0.0.1:{CONFIG['services']['dicom']['port']}" in " ".join(
+        a for k, a in ins if k == "ENV"
+    )
 
 
 def test_compose_containers_are_locked_down(compose: dict) -> None:

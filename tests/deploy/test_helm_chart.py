@@ -546,20 +546,21 @@ def test_kong_config_rendered_with_the_deployment_env_validates(
     backends where the deployment put them."""
     kong_model = pytest.importorskip("cxr_gateway.kong_model")
     kong_yml = (ROOT / "gateway" / "kong.yml").read_text()
+    backends = (*SERVICES, "dicom")  # the DICOM node's gRPC API is routed like the others
     if which == "chart":
         env = {k: v for k, v in _env(pod_spec(dev_render.get("Deployment", "cxr-kong"))["initContainers"][0]).items()}
-        hosts = {svc: f"cxr-{svc}.cxr.svc" for svc in SERVICES}
+        hosts = {svc: f"cxr-{svc}.cxr.svc" for svc in backends}
     else:
         compose = yaml.safe_load((ROOT / "deploy" / "docker" / "compose.yaml").read_text())
         env = dict(compose["services"]["kong-config"]["environment"])
         env["DECK_OTEL_TRACES_ENDPOINT"] = "http://otel-collector:4318/v1/traces"  # the ${VAR:-default}
-        hosts = {svc: svc for svc in SERVICES}
+        hosts = {svc: svc for svc in backends}
     env["DECK_CXR_API_KEY"] = dev_values["apiKeys"]["keys"][0]  # from the Secret at run time
     env["DECK_CXR_ADMIN_API_KEY"] = dev_values["adminApiKeys"]["keys"][0]  # from the admin Secret
     config = kong_model.parse(kong_yml, env)
     targets = {t.target for u in config.upstreams for t in u.targets}
     ports = json.loads((ROOT / "config" / "production.json").read_text())["services"]
-    assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in SERVICES}
+    assert targets == {f"{hosts[s]}:{ports[s]['port']}" for s in backends}
     keys = {c.username: [k.key for k in c.keyauth_credentials] for c in config.consumers}
     assert keys["cxr-client"] == [env["DECK_CXR_API_KEY"]]
     # the admin consumer (where kong.yml has the admin group) takes its key from the admin Secret

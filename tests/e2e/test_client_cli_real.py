@@ -52,7 +52,7 @@ async def test_analyze_study_full_report(stack):
 
 def test_cli_health_all_serving(env, capsys):
     rc, out, _ = run_cli(capsys, "health")
-    assert rc == 0 and out.count("SERVING") == 3
+    assert rc == 0 and out.count("SERVING") == 4  # classification, segmentation, rag, dicom
 
 
 def test_cli_ask_answer_and_search(env, capsys):

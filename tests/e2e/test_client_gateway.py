@@ -30,8 +30,10 @@ async def test_analyze_through_one_gateway_endpoint(stack):
             assert report.errors == {} and report.positive_findings == [POSITIVE] and report.literature
             models = await client.list_models("segmentation")
             assert models[0].name == "segmentation"
-            # the gateway routes only the cxr APIs: health falls back to ListModels / SearchLiterature
-            assert await client.health_all() == dict.fromkeys(("classification", "segmentation", "rag"), "SERVING")
+            # the gateway routes only the cxr APIs: health falls back to ListModels / SearchLiterature / ListDeadLetters
+            assert await client.health_all() == dict.fromkeys(
+                ("classification", "segmentation", "rag", "dicom"), "SERVING"
+            )
         async with AsyncCxrClient(cfg.model_copy(update={"api_key": "wrong"})) as client:
             with pytest.raises(AuthenticationError):
                 await client.list_models("classification")

@@ -44,7 +44,7 @@ def test_catalog_file_registers_the_service_everywhere() -> None:
     env = {"CXR_SERVICE_CATALOG": str(CATALOG), "CXR_API_KEY": TEST_KEY}
     settings = load_settings(None, environ=env)
     # settings: the catalog's default ports, next to the three platform services
-    assert list(settings.catalog()) == ["classification", "segmentation", "rag", "brightness"]
+    assert list(settings.catalog()) == ["classification", "segmentation", "rag", "dicom", "brightness"]
     ep = settings.endpoint("brightness")
     assert (ep.host, ep.port, ep.metrics_port) == ("127.0.0.1", 50054, 9104)
     # the local runner starts it like any other service

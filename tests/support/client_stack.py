@@ -91,16 +91,24 @@ def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
             "vector_db_path": str(workdir / "chroma"),
             "documents_path": str(_corpus(workdir)) if with_rag else None,
         },
+        # the DICOM node serves its gRPC API; nothing is sent to it here, so its destination may be closed
+        models__dicom={
+            "dimse_port": 0,
+            "stow_port": 0,
+            "data_path": str(workdir / "dicom"),
+            "destinations": {"stow_url": "http://127.0.0.1:9/dicom-web"},
+        },
         server_config__max_batch_delay_ms=2,
     )
 
 
 def real_builders() -> dict[str, Callable[[Settings], ServiceBinding]]:
     from cxr_classification.service import build_binding as classification
+    from cxr_dicom.service import build_binding as dicom
     from cxr_rag.service import build_binding as rag
     from cxr_segmentation.service import build_binding as segmentation
 
-    return {"classification": classification, "segmentation": segmentation, "rag": rag}
+    return {"classification": classification, "segmentation": segmentation, "rag": rag, "dicom": dicom}
 
 
 class Stack:

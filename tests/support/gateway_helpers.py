@@ -20,7 +20,7 @@ ADMIN_KEY = "test-admin-key-9876543210"  # the cxr-admin consumer's key (acl gro
 
 def load_kong(ports: dict[str, int], key: str = TEST_KEY, protocol: str = "grpc") -> kong_model.KongConfig:
     env = {"DECK_CXR_API_KEY": key, "DECK_CXR_ADMIN_API_KEY": ADMIN_KEY, "DECK_BACKEND_PROTOCOL": protocol}
-    for name in ("classification", "segmentation", "rag"):
+    for name in ("classification", "segmentation", "rag", "dicom"):
         env[f"DECK_{name.upper()}_HOST"] = "127.0.0.1"
         env[f"DECK_{name.upper()}_PORT"] = str(ports.get(name, UNUSED_PORT))
     return kong_model.load(KONG_YML, env, local_defaults(make_settings()))

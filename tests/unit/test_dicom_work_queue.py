@@ -146,6 +146,24 @@ def test_worker_dying_on_every_attempt_reaches_the_dead_letter(queue, clock):
     assert uid == sop(1) and "lease expired 3 times" in reason
 
 
+def test_fail_with_retry_after_backs_off_until_then_and_retry_dead_clears_it(queue, clock):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    queue.enqueue(sop(2), STUDY, "s", Priority.ROUTINE)
+    first = queue.claim("w")
+    assert first is not None and first.sop_uid == sop(1)
+    assert queue.fail(first, "PACS down", retry_after_s=30.0) == QUEUED
+    second = queue.claim("w")  # the backed-off item is skipped, the next one is served
+    assert second is not None and second.sop_uid == sop(2)
+    assert queue.claim("w") is None
+    assert queue.complete(second)
+    clock.now += 29.9
+    assert queue.claim("w") is None
+    clock.now += 0.2
+    again = queue.claim("w")
+    assert again is not None and again.sop_uid == sop(1) and again.attempts == 2
+    assert [i.sop_uid for i in queue.study_items(STUDY)] == [sop(1), sop(2)]
+
+
 def test_release_returns_item_without_spending_an_attempt(queue):
     queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
     item = queue.claim("w")

@@ -41,6 +41,8 @@ ENV = {
     "DECK_SEGMENTATION_PORT": "50052",
     "DECK_RAG_HOST": "rag.cxr.svc",
     "DECK_RAG_PORT": "50053",
+    "DECK_DICOM_HOST": "dicom.cxr.svc",
+    "DECK_DICOM_PORT": "50055",
     "DECK_CXR_API_KEY": "k-123",
     "DECK_CXR_ADMIN_API_KEY": "adm-456",
     "DECK_OTEL_TRACES_ENDPOINT": "http://otel-collector:4318/v1/traces",
@@ -183,6 +185,7 @@ def test_every_grpc_service_has_a_grpc_route(raw, catalog):
         "cxr.classification.v1.ClassificationService",
         "cxr.segmentation.v1.SegmentationService",
         "cxr.rag.v1.RagService",
+        "cxr.dicom.v1.DicomService",
     }
     for rpc in catalog.rpcs.values():
         if rpc.service in services:
@@ -212,6 +215,7 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
         "/cxr.segmentation.v1.SegmentationService/LoadModel",
         "/cxr.segmentation.v1.SegmentationService/UnloadModel",
         "/cxr.rag.v1.RagService/IngestDocuments",
+        "/cxr.dicom.v1.DicomService/RetryDeadLetter",
     }
     checked = 0
     for method, rpc in catalog.rpcs.items():
@@ -224,7 +228,7 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
             assert hit is not None
             assert _allowed_groups(policies, hit) == want, f"{method} via route {hit.route.name}"
             checked += 1
-    assert checked == 27  # 14 RPCs over gRPC + 13 REST bindings
+    assert checked == 33  # 17 RPCs over gRPC + 16 REST bindings
     # every route whose path reaches an admin RPC, by Kong's own matching of that route alone
     for svc in kong.services:
         for r in svc.routes:
@@ -524,6 +528,7 @@ def test_cli_check_render_and_local_defaults(tmp_path):
         "classification.upstream": "127.0.0.1:50051",
         "segmentation.upstream": "127.0.0.1:50052",
         "rag.upstream": "127.0.0.1:6000",  # the environment wins over config/local.json
+        "dicom.upstream": "127.0.0.1:50055",
     }
     assert rendered["consumers"][0]["keyauth_credentials"][0]["key"] == "dev-key-change-me"
     bad = tmp_path / "kong.yml"

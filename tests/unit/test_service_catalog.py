@@ -45,6 +45,7 @@ def test_builtin_catalog_is_the_platform() -> None:
         ("classification", 50051, 9101, True),
         ("segmentation", 50052, 9102, True),
         ("rag", 50053, 9103, False),
+        ("dicom", 50055, 9105, False),
     ]
     assert cat["rag"].grpc_services == ("cxr.rag.v1.RagService",)
     # every binding of the platform imports and is what `python -m cxr_serving <name>` runs
@@ -145,5 +146,5 @@ def test_generated_files_are_current_and_stale_ones_are_caught(tmp_path: Path) -
     bigger = load_catalog([write(tmp_path, ENTRY)])
     fresh = gen_catalog.stale(bigger, client, alerts)
     assert set(fresh) == {client, alerts}
-    assert '".*(classification|segmentation|rag|echo).*"' in fresh[alerts]
+    assert '".*(classification|segmentation|rag|dicom|echo).*"' in fresh[alerts]
     assert [s["name"] for s in json.loads(fresh[client])["services"]][-1] == "echo"

@@ -20,7 +20,7 @@ def test_example_configs_load(repo_root):
     assert prod.server_config.device == "cuda"
     assert prod.performance.use_amp is True
     assert prod.security.max_image_size_mb == 50
-    assert set(prod.models) == {"binary_classifier", "multiclass_classifier", "segmentation", "rag"}
+    assert set(prod.models) == {"binary_classifier", "multiclass_classifier", "segmentation", "rag", "dicom"}
 
 
 def test_defaults_without_file():

@@ -19,6 +19,7 @@ SERVING = REPO / "libs/serving/src/cxr_serving"
 CLS = REPO / "services/classification/src/cxr_classification"
 SEG = REPO / "services/segmentation/src/cxr_segmentation"
 RAG = REPO / "services/rag/src/cxr_rag"
+DICOM = REPO / "services/dicom/src/cxr_dicom"
 # The code that runs the services: the client (libs/client) reads its own config, never these settings.
 SERVER_SCOPE = (REPO / "libs/serving/src", REPO / "services", REPO / "gateway/src")
 
@@ -26,6 +27,7 @@ SERVER_SCOPE = (REPO / "libs/serving/src", REPO / "services", REPO / "gateway/sr
 def all_schemas() -> list[Schema]:
     """Settings, and each service's schema of its `models.<name>` section (validated by model_section)."""
     from cxr_classification.config import BinaryClassifierConfig, ClassifierConfig, MultiLabelClassifierConfig
+    from cxr_dicom.config import DicomConfig
     from cxr_rag.config import RagConfig
     from cxr_segmentation.config import SegmentationConfig
 
@@ -38,6 +40,7 @@ def all_schemas() -> list[Schema]:
         *cls,
         Schema(SegmentationConfig, "models.segmentation.", (SEG,)),
         Schema(RagConfig, "models.rag.", (RAG,)),
+        Schema(DicomConfig, "models.dicom.", (DICOM,)),
     ]
 
 
@@ -68,6 +71,8 @@ READERS: dict[str, list[tuple[Path, str, str]]] = {
     "models.rag.enabled": [(RAG / "service.py", "cfg", "")],  # cfg = rag_config(settings)
     "models.rag.llm.mode": [(RAG / "runtime.py", "cfg.llm", "")],
     "models.rag.llm.model": [(RAG / "config.py", "self.llm", "llm_model")],
+    "models.dicom.destinations.cstore.host": [(DICOM / "worker.py", "peer", "")],  # peer = the CStorePeer
+    "models.dicom.destinations.cstore.port": [(DICOM / "worker.py", "peer", "")],
 }
 
 
@@ -186,7 +191,8 @@ def test_no_admin_rpc_can_be_an_unauthenticated_method() -> None:
 
     health = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
     admin = sorted(platform_admin_methods())
-    assert len(admin) == 5 and "/cxr.rag.v1.RagService/IngestDocuments" in admin
+    assert len(admin) == 6 and "/cxr.rag.v1.RagService/IngestDocuments" in admin
+    assert "/cxr.dicom.v1.DicomService/RetryDeadLetter" in admin
     for method in admin:
         env = {"CXR_SECURITY__UNAUTHENTICATED_METHODS": json.dumps([*health, method])}
         with pytest.raises(ConfigError, match="unauthenticated_methods lists admin RPCs") as err:

@@ -25,6 +25,8 @@ from cxr_client.retry_policy import channel_options
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_grpc
 from cxr_protos.common.v1 import common_pb2
+from cxr_protos.dicom.v1 import dicom_service_pb2 as dicom_pb
+from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as dicom_grpc
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as rag_grpc
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
@@ -339,8 +341,8 @@ class AsyncCxrClient:
     async def health(self, service: ServiceName, *, timeout: float | None = 5.0) -> str:
         """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE.
 
-        Through a gateway that does not route grpc.health.v1, a ListModels (any model ready) or a
-        one-passage SearchLiterature (rag) stands in for the health check."""
+        Through a gateway that does not route grpc.health.v1, a ListModels (any model ready), a
+        one-passage SearchLiterature (rag) or a ListDeadLetters (dicom) stands in for the health check."""
         stub = health_pb2_grpc.HealthStub(self.channel(service))
         try:
             resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout)
@@ -354,6 +356,10 @@ class AsyncCxrClient:
         try:
             if service == "rag":
                 await self.search_literature("chest radiograph", top_k=1, timeout=timeout)
+                return "SERVING"
+            if service == "dicom":
+                stub = dicom_grpc.DicomServiceStub(self.channel("dicom"))
+                await self._call(stub.ListDeadLetters, dicom_pb.ListDeadLettersRequest(), timeout)
                 return "SERVING"
             models = await self.list_models(service, timeout=timeout)
         except CxrClientError as err:

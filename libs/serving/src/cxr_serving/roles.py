@@ -54,8 +54,9 @@ def platform_admin_methods() -> frozenset[str]:
     """The admin methods of every cxr service; importing their generated modules registers them in the
     default pool, so settings can be checked before any servicer is loaded."""
     from cxr_protos.classification.v1 import classification_service_pb2
+    from cxr_protos.dicom.v1 import dicom_service_pb2
     from cxr_protos.rag.v1 import rag_service_pb2
     from cxr_protos.segmentation.v1 import segmentation_service_pb2
 
-    modules = (classification_service_pb2, segmentation_service_pb2, rag_service_pb2)
+    modules = (classification_service_pb2, segmentation_service_pb2, rag_service_pb2, dicom_service_pb2)
     return admin_methods(s for m in modules for s in m.DESCRIPTOR.services_by_name.values())

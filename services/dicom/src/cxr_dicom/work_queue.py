@@ -16,6 +16,8 @@ Properties (each tested in tests/unit/test_dicom_work_queue.py and tests/integra
 - Leases: `claim` hands out an item for ``lease_s`` seconds. A worker that dies (kill -9) never
   completes it; once the lease expires, the item is claimable again. A completion from a worker whose
   lease expired and was taken over is refused (`complete` returns False), so an item completes once.
+- Backoff: `fail` with ``retry_after_s`` keeps a re-queued item unclaimable until then, so retries of a
+  failing destination back off instead of spinning.
 - Attempts: every claim counts as an attempt (a poison image that kills its worker still reaches the
   dead letter); `fail` after the ``max_attempts``-th attempt, or an expired lease with no attempts left,
   moves the item to ``dead`` with its reason.
@@ -56,7 +58,8 @@ CREATE TABLE IF NOT EXISTS items (
     lease_until REAL,
     last_error TEXT,
     enqueued_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    not_before REAL
 );
 CREATE INDEX IF NOT EXISTS items_ready ON items (state, priority, id);
 CREATE INDEX IF NOT EXISTS items_study ON items (study_uid);
@@ -181,9 +184,9 @@ class WorkQueue:
         with self._write() as db:
             while True:
                 row = db.execute(
-                    "SELECT * FROM items WHERE state = ? OR (state = ? AND lease_until <= ?)"
-                    " ORDER BY priority, id LIMIT 1",
-                    (QUEUED, CLAIMED, now),
+                    "SELECT * FROM items WHERE (state = ? AND (not_before IS NULL OR not_before <= ?))"
+                    " OR (state = ? AND lease_until <= ?) ORDER BY priority, id LIMIT 1",
+                    (QUEUED, now, CLAIMED, now),
                 ).fetchone()
                 if row is None:
                     return None
@@ -222,8 +225,9 @@ class WorkQueue:
             )
             return cur.rowcount == 1
 
-    def fail(self, item: Item, reason: str) -> str | None:
-        """Record a failed attempt: back to ``queued``, or ``dead`` with ``reason`` after ``max_attempts``.
+    def fail(self, item: Item, reason: str, retry_after_s: float = 0.0) -> str | None:
+        """Record a failed attempt: back to ``queued`` (claimable again ``retry_after_s`` from now), or ``dead``
+        with ``reason`` after ``max_attempts``.
 
         Returns the new state, or None when this claim is no longer the current one."""
         with self._write() as db:
@@ -234,10 +238,17 @@ class WorkQueue:
             if row is None:
                 return None
             state = DEAD if row["attempts"] >= self.max_attempts else QUEUED
+            now = self._clock()
             db.execute(
                 "UPDATE items SET state = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                " finished_at = ? WHERE sop_uid = ?",
-                (state, reason[:2000], self._clock() if state == DEAD else None, item.sop_uid),
+                " finished_at = ?, not_before = ? WHERE sop_uid = ?",
+                (
+                    state,
+                    reason[:2000],
+                    now if state == DEAD else None,
+                    now + retry_after_s if state == QUEUED and retry_after_s > 0 else None,
+                    item.sop_uid,
+                ),
             )
             return state
 
@@ -255,7 +266,8 @@ class WorkQueue:
         """An operator's second chance for a dead-lettered item: queued again with its attempts reset."""
         with self._write() as db:
             cur = db.execute(
-                "UPDATE items SET state = ?, attempts = 0, finished_at = NULL WHERE sop_uid = ? AND state = ?",
+                "UPDATE items SET state = ?, attempts = 0, finished_at = NULL, not_before = NULL"
+                " WHERE sop_uid = ? AND state = ?",
                 (QUEUED, sop_uid, DEAD),
             )
             return cur.rowcount == 1
@@ -274,19 +286,7 @@ class WorkQueue:
     def get(self, sop_uid: str) -> Item | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM items WHERE sop_uid = ?", (sop_uid,)).fetchone()
-        if row is None:
-            return None
-        return Item(
-            sop_uid=row["sop_uid"],
-            study_uid=row["study_uid"],
-            series_uid=row["series_uid"],
-            priority=Priority(row["priority"]),
-            state=row["state"],
-            payload=row["payload"],
-            attempts=row["attempts"],
-            claim_token=row["claim_token"],
-            last_error=row["last_error"],
-        )
+        return None if row is None else _item(row)
 
     def study_status(self, study_uid: str) -> dict[str, int]:
         """How many of the study's instances are in each state (every state present, 0 when none)."""
@@ -297,6 +297,12 @@ class WorkQueue:
         counts = dict.fromkeys(STATES, 0)
         counts.update({r["state"]: r["n"] for r in rows})
         return counts
+
+    def study_items(self, study_uid: str) -> list[Item]:
+        """Every known instance of the study, in arrival order."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM items WHERE study_uid = ? ORDER BY id", (study_uid,)).fetchall()
+        return [_item(r) for r in rows]
 
     def dead_letters(self, study_uid: str | None = None) -> list[tuple[str, str]]:
         """(SOP Instance UID, reason) of the dead-lettered items, oldest first."""
@@ -329,3 +335,17 @@ class WorkQueue:
                     "SELECT COUNT(*) FROM items WHERE state = ? AND lease_until > ?", (CLAIMED, self._clock())
                 ).fetchone()[0]
             )
+
+
+def _item(row: sqlite3.Row) -> Item:
+    return Item(
+        sop_uid=row["sop_uid"],
+        study_uid=row["study_uid"],
+        series_uid=row["series_uid"],
+        priority=Priority(row["priority"]),
+        state=row["state"],
+        payload=row["payload"],
+        attempts=row["attempts"],
+        claim_token=row["claim_token"],
+        last_error=row["last_error"],
+    )

@@ -1,0 +1,81 @@
+"""The DICOM node on the shared runtime: `build_binding(settings)` starts the C-STORE SCP, the STOW-RS route and
+the workers with the gRPC API, and stops them in the reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cxr_client.client import AsyncCxrClient
+from cxr_dicom.config import DicomConfig, dicom_config
+from cxr_dicom.intake import Intake
+from cxr_dicom.intakes import StowServer, start_scp
+from cxr_dicom.servicer import DicomServicer
+from cxr_dicom.work_queue import WorkQueue
+from cxr_dicom.worker import Worker, client_config
+from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
+from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
+from cxr_serving.auth import ApiKeyStore
+from cxr_serving.server import ServiceBinding
+from cxr_serving.settings import Settings
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DicomService"].full_name
+
+
+class DicomNode:
+    """The node's moving parts; `dimse_port` and `stow_port` are the bound ports once started."""
+
+    def __init__(self, settings: Settings, cfg: DicomConfig) -> None:
+        self.cfg = cfg
+        self.host = settings.endpoint("dicom").host
+        sec = settings.security
+        self.queue = WorkQueue(
+            cfg.data_path, max_pending=cfg.max_queue_size, max_attempts=cfg.max_attempts, lease_s=cfg.lease_s
+        )
+        self.intake = Intake(cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom)
+        keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
+        self.stow = StowServer(cfg, self.intake, keys, self.host)
+        self.client: AsyncCxrClient | None = None
+        self.worker: Worker | None = None
+        self.scp: Any = None
+        self.dimse_port = 0
+        self.ready = False
+
+    @property
+    def stow_port(self) -> int:
+        return self.stow.port
+
+    async def start(self) -> None:
+        self.client = AsyncCxrClient(client_config(self.cfg))
+        self.worker = Worker(self.cfg, self.queue, self.client)
+        self.worker.start()
+        await self.stow.start()
+        self.scp = await asyncio.to_thread(start_scp, self.cfg, self.intake, self.host)
+        self.dimse_port = int(self.scp.server_address[1])
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.scp is not None:
+            await asyncio.to_thread(self.scp.shutdown)
+        await self.stow.stop()
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.client is not None:
+            await self.client.close()
+        self.queue.close()
+
+
+def build_binding(settings: Settings, cfg: DicomConfig | None = None) -> ServiceBinding:
+    cfg = cfg or dicom_config(settings)
+    node = DicomNode(settings, cfg)
+    servicer = DicomServicer(node.queue)
+    return ServiceBinding(
+        name="dicom",
+        full_service_names=[SERVICE],
+        register=lambda server: pb_grpc.add_DicomServiceServicer_to_server(servicer, server),
+        on_start=node.start,
+        on_stop=node.stop,
+        readiness=lambda: node.ready,
+        extra={"node": node},
+    )

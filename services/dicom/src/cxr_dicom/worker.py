@@ -1,0 +1,256 @@
+"""The worker: claim an accepted instance, analyse it through the platform's public gRPC APIs, build the SR,
+the SEG and the FHIR bundle, send them, and complete or fail the queue item (retries back off; the queue
+dead-letters after ``max_attempts``)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import math
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom import Dataset, dcmread
+
+from cxr_client.client import AsyncCxrClient
+from cxr_client.config import ClientConfig
+from cxr_dicom.codes import measurement_concept
+from cxr_dicom.config import DestinationsConfig, DicomConfig
+from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
+from cxr_dicom.intake import instance_path
+from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
+from cxr_dicom.sr import add_contributing_equipment, build_sr, device_uid
+from cxr_dicom.work_queue import Item, WorkQueue
+from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
+from cxr_protos.common.v1 import common_pb2
+from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
+
+log = logging.getLogger("cxr.dicom.worker")
+
+IDLE_POLL_S = 0.2
+PURGE_EVERY_S = 600.0
+
+
+def client_config(cfg: DicomConfig) -> ClientConfig:
+    """The `cxr_client` config of the node: the environment's, with `models.dicom.analysis` on top."""
+    a = cfg.analysis
+    endpoints = {
+        name: ep
+        for name, ep in (("classification", a.classification_endpoint), ("segmentation", a.segmentation_endpoint))
+        if ep
+    }
+    base = ClientConfig.from_env()
+    key = a.api_key
+    if key is None and a.api_key_file is not None:
+        key = next((ln.strip() for ln in a.api_key_file.read_text().splitlines() if ln.strip()), None)
+    return base.model_copy(
+        update={
+            "endpoints": {**base.endpoints, **endpoints},
+            "api_key": key or base.api_key,
+            "timeout_s": a.timeout_s,
+        }
+    )
+
+
+def _algorithm(model: common_pb2.ModelInfo, untrained: bool) -> Algorithm:
+    return Algorithm(
+        name=model.name or "unknown",
+        version=model.version or "unknown",
+        checkpoint_hash=model.version or "untrained",
+        untrained=untrained or model.untrained,
+    )
+
+
+def classification_results(reply: cls_pb.ClassifyImageResponse) -> list[AlgorithmResult]:
+    """One result per classifier; a finding without a threshold (no operating point) has no decision to report."""
+    out = []
+    for prediction in reply.predictions:
+        findings = [
+            Finding(label=f.label, probability=float(f.probability), threshold=float(f.threshold), positive=f.positive)
+            for f in prediction.findings
+            if math.isfinite(f.threshold) and math.isfinite(f.probability)
+        ]
+        out.append(AlgorithmResult(_algorithm(prediction.model, False), findings=findings))
+    return out
+
+
+def _known(name: str) -> bool:
+    try:
+        measurement_concept(name)
+    except ValueError:
+        return False
+    return True
+
+
+def segmentation_result(reply: seg_pb.SegmentImageResponse) -> AlgorithmResult:
+    """The CTR and the anatomy areas and widths (mm when the image has a pixel spacing, pixels otherwise)."""
+    m = reply.measurements
+    values: list[Measurement] = []
+    if not m.cardiothoracic_ratio_unavailable_reason and m.cardiothoracic_ratio > 0:
+        values.append(Measurement("cardiothoracic_ratio", float(m.cardiothoracic_ratio), "1"))
+    widths = (("heart", m.heart_width_mm, m.heart_width_px), ("thorax", m.thorax_width_mm, m.thorax_width_px))
+    for part, mm, px in widths:
+        if mm > 0:
+            values.append(Measurement(f"{part}_width", float(mm), "mm"))
+        elif px > 0:
+            values.append(Measurement(f"{part}_width", float(px), "px"))
+    for mask in reply.masks:
+        name = f"{mask.label}_area"
+        if not _known(name):
+            continue
+        if mask.area_mm2 > 0:
+            values.append(Measurement(name, float(mask.area_mm2), "mm2"))
+        elif mask.area_pixels > 0:
+            values.append(Measurement(name, float(mask.area_pixels), "px2"))
+    return AlgorithmResult(_algorithm(reply.model, reply.untrained), measurements=values)
+
+
+def result_uid(*parts: str) -> str:
+    """A UID fixed by its parts: a retry sends the same SR, which a PACS then stores once."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:cxr:dicom:' + '/'.join(parts)).int}"
+
+
+class Senders:
+    """The configured result destinations."""
+
+    def __init__(self, dest: DestinationsConfig, calling_ae: str) -> None:
+        self.dest = dest
+        self.calling_ae = calling_ae
+
+    def stow(self, datasets: Sequence[Dataset]) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        assert self.dest.stow_url is not None
+        client = DICOMwebClient(
+            url=self.dest.stow_url, headers=dict(self.dest.stow_headers), timeout=self.dest.timeout_s
+        )
+        answer = client.store_instances(list(datasets))
+        failed = answer.get("FailedSOPSequence") if answer is not None else None
+        if failed:
+            raise RuntimeError(f"STOW-RS refused {len(failed)} result instance(s)")
+
+    def cstore(self, datasets: Sequence[Dataset]) -> None:
+        from pynetdicom import AE
+
+        peer = self.dest.cstore
+        assert peer is not None
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout_s
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        if not assoc.is_established:
+            raise ConnectionError(f"C-STORE: no association with {peer.ae_title}@{peer.host}:{peer.port}")
+        try:
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if "Status" in status else -1
+                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                    raise RuntimeError(f"C-STORE of a {ds.Modality} result: status 0x{code & 0xFFFF:04X}")
+        finally:
+            assoc.release()
+
+    def fhir(self, bundle: dict[str, Any]) -> None:
+        if self.dest.fhir_folder is not None:
+            write_bundle(bundle, self.dest.fhir_folder)
+        if self.dest.fhir_url is not None:
+            post_bundle(bundle, self.dest.fhir_url, timeout_s=self.dest.timeout_s)
+
+    def send(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+        if self.dest.stow_url is not None:
+            self.stow(datasets)
+        if self.dest.cstore is not None:
+            self.cstore(datasets)
+        self.fhir(bundle)
+
+
+class Worker:
+    """``cfg.workers`` claim loops on the event loop; decoding, building and sending run in threads."""
+
+    def __init__(self, cfg: DicomConfig, queue: WorkQueue, client: AsyncCxrClient) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.client = client
+        self.senders = Senders(cfg.destinations, cfg.ae_title)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(self.cfg.workers)]
+        self._tasks.append(asyncio.create_task(self._purge_loop(), name="dicom-purge"))
+
+    async def _purge_loop(self) -> None:
+        """Forget finished rows older than ``done_retention_s`` (the idempotency window), so the queue stays small."""
+        while not self._stopping.is_set():
+            removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
+            if removed:
+                log.info("forgot finished instances", extra={"removed": removed})
+            try:
+                await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _loop(self, index: int) -> None:
+        while not self._stopping.is_set():
+            item = await asyncio.to_thread(self.queue.claim, f"{self.name}/{index}")
+            if item is None:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                await self.process(item)
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
+                raise
+            except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                state = await asyncio.to_thread(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+                log.warning("an instance failed", extra={"attempt": item.attempts, "state": state, "reason": reason})
+            else:
+                if await asyncio.to_thread(self.queue.complete, item):
+                    path = instance_path(self.cfg.data_path, item.sop_uid)
+                    path.unlink(missing_ok=True)
+                    log.info("results sent", extra={"attempts": item.attempts, "priority": item.priority.name.lower()})
+
+    async def process(self, item: Item) -> None:
+        payload = json.loads(item.payload)
+        data = (self.cfg.data_path / payload["file"]).read_bytes()
+        image = common_pb2.Image(data=data, content_type="application/dicom")
+        cls_reply, seg_reply = await asyncio.gather(
+            self.client.classify(image, model_names=self.cfg.analysis.classification_models),
+            self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+        )
+        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+        datasets, bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+        await asyncio.to_thread(self.senders.send, datasets, bundle)
+
+    def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
+        """The SR (UIDs fixed by the source and the algorithms), the SEG with Contributing Equipment, the bundle."""
+        source = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        devices = [device_uid(r.algorithm) for r in results]
+        sr = build_sr(
+            source,
+            results,
+            series_instance_uid=result_uid(str(source.StudyInstanceUID), "sr-series", *devices),
+            sop_instance_uid=result_uid(str(source.SOPInstanceUID), "sr", *devices),
+        )
+        out: list[Dataset] = [sr]
+        if seg:
+            seg_ds = dcmread(io.BytesIO(seg))
+            out.append(add_contributing_equipment(seg_ds, results[-1:]))
+        bundle = build_bundle(source, results)
+        return out, bundle

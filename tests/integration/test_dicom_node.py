@@ -1,0 +1,482 @@
+"""The DICOM node end to end: real classification and segmentation services (small untrained CPU models), the node
+(C-STORE SCP, STOW-RS, workers, gRPC API) and a real Orthanc receiving the SR and SEG by STOW-RS and C-STORE.
+
+One Orthanc and one set of services per module; every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import highdicom as hd
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from cxr_classification.service import build_binding as classification_binding
+from cxr_dicom.fhir import validate_bundle
+from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE
+from cxr_dicom.service import build_binding as dicom_binding
+from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
+from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
+from cxr_segmentation.service import build_binding as segmentation_binding
+from cxr_serving.server import create_server
+from tests.support.orthanc import Orthanc, require, run_orthanc
+from tests.support.paths import REPO, dicom_files
+from tests.support.servers import TEST_KEY, auth, make_settings
+
+NODE_AE = "CXRNODE"
+STORESCU_PROPOSE = {"1.2.840.10008.1.2.5": "--propose-rle", "1.2.840.10008.1.2.4.50": "--propose-jpeg8"}
+WAIT_S = 240.0
+CLASSIFIERS = {
+    "binary_classifier": {"model_type": "swin_transformer", "allow_untrained": True, "input_size": 64},
+    "multiclass_classifier": {"model_type": "densenet121", "allow_untrained": True, "input_size": 64},
+}
+SEGMENTATION = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
+
+
+class LoopThread:
+    """An event loop in a thread, so servers live for the whole module while the tests stay synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 180) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def _start(settings: Any, binding: Any) -> Any:
+    server = create_server(settings, binding, host="127.0.0.1", port=0, metrics_port=0)
+    await server.start()
+    await server.wait_until_ready(150)
+    return server
+
+
+def node_settings(data: Path, orthanc: Orthanc | None, cls_port: int, seg_port: int, **dicom: Any) -> Any:
+    destinations: dict[str, Any] = {"fhir_folder": str(data / "fhir"), "timeout_s": 30}
+    if orthanc is not None:
+        destinations["stow_url"] = orthanc.dicomweb_url
+        destinations["cstore"] = {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.ae_title}
+    else:
+        destinations["stow_url"] = "http://127.0.0.1:9/dicom-web"  # discard port: nothing listens
+    cfg = {
+        "ae_title": NODE_AE,
+        "dimse_port": 0,
+        "stow_port": 0,
+        "data_path": str(data / "node"),
+        "accepted_calling_ae_titles": ["MODALITY", "STORESCU", "ER_DX"],
+        "priority_rules": [{"calling_ae_titles": ["ER_DX"], "priority": "stat"}],
+        "workers": 2,
+        "retry_backoff_initial_s": 0.2,
+        "retry_backoff_max_s": 1.0,
+        "analysis": {
+            "classification_endpoint": f"127.0.0.1:{cls_port}",
+            "segmentation_endpoint": f"127.0.0.1:{seg_port}",
+            "api_key": TEST_KEY,
+            "timeout_s": 60,
+        },
+        "destinations": destinations,
+        **dicom,
+    }
+    return make_settings(models={"dicom": cfg})
+
+
+class Stack:
+    def __init__(self, loop: LoopThread, orthanc: Orthanc, node_server: Any, data: Path) -> None:
+        self.loop = loop
+        self.orthanc = orthanc
+        self.server = node_server
+        self.node = node_server.binding.extra["node"]
+        self.analysis_ports = (0, 0)
+        self.data = data
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{node_server.port}")
+        self.stub = pb_grpc.DicomServiceStub(self.channel)
+
+    def status(self, study: str) -> pb.GetStudyStatusResponse:
+        return self.stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=study), metadata=auth(), timeout=10)
+
+    def orthanc_sr_count(self, study: str) -> int:
+        return sum(1 for ds in orthanc_instances(self.orthanc, study) if ds.Modality == "SR")
+
+    def wait_finished(self, studies: list[str], timeout: float = WAIT_S) -> dict[str, pb.GetStudyStatusResponse]:
+        deadline = time.monotonic() + timeout
+        while True:
+            answers = {s: self.status(s) for s in studies}
+            if all(a.finished for a in answers.values()):
+                return answers
+            if time.monotonic() > deadline:
+                pending = {s: (a.queued, a.in_progress) for s, a in answers.items() if not a.finished}
+                raise AssertionError(f"studies not finished in {timeout}s: {pending}")
+            time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require("storescu")
+    root = tmp_path_factory.mktemp("dicom-node")
+    loop = LoopThread()
+    servers: list[Any] = []
+    try:
+        with run_orthanc(root / "orthanc") as orthanc:
+            cls_s = make_settings(
+                models=CLASSIFIERS, server_config__max_batch_delay_ms=2, performance__warmup_batches=0
+            )
+            seg_s = make_settings(models__segmentation=SEGMENTATION, server_config__max_batch_delay_ms=2)
+            servers.append(loop.run(_start(cls_s, classification_binding(cls_s))))
+            servers.append(loop.run(_start(seg_s, segmentation_binding(seg_s))))
+            node_s = node_settings(root, orthanc, servers[0].port, servers[1].port)
+            servers.append(loop.run(_start(node_s, dicom_binding(node_s))))
+            stack = Stack(loop, orthanc, servers[-1], root)
+            stack.analysis_ports = (servers[0].port, servers[1].port)
+            try:
+                yield stack
+            finally:
+                stack.channel.close()
+                for server in reversed(servers):  # the node stops while Orthanc still runs
+                    loop.run(server.stop(grace=1), timeout=60)
+                servers.clear()
+    finally:
+        for server in reversed(servers):
+            loop.run(server.stop(grace=1), timeout=60)
+        loop.close()
+
+
+def copy_with_new_uids(path: Path, out_dir: Path) -> tuple[Path, pydicom.Dataset]:
+    """The shared file as a new study (new Study/Series/SOP UIDs), so each intake route analyses its own copy."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / path.name
+    ds.save_as(target, enforce_file_format=True)
+    return target, ds
+
+
+def c_store(port: int, ds: pydicom.Dataset, calling: str = "MODALITY") -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def stow(port: int, parts: list[tuple[str, bytes]], key: str | None = TEST_KEY) -> httpx.Response:
+    boundary = "cxr-test-boundary-8c1f"
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: " + ct.encode() + b"\r\n\r\n" + data + b"\r\n"
+        for ct, data in parts
+    )
+    body += b"--" + boundary.encode() + b"--\r\n"
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    if key is not None:
+        headers["x-api-key"] = key
+    return httpx.post(f"http://127.0.0.1:{port}/dicom-web/studies", content=body, headers=headers, timeout=120)
+
+
+def orthanc_instances(orthanc: Orthanc, study: str) -> list[pydicom.Dataset]:
+    found = httpx.post(
+        orthanc.url + "/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study}},
+        timeout=30,
+    ).json()
+    out = []
+    for orthanc_id in found:
+        data = httpx.get(f"{orthanc.url}/instances/{orthanc_id}/file", timeout=30).content
+        out.append(pydicom.dcmread(io.BytesIO(data)))
+    return out
+
+
+def fhir_bundles(stack: Stack) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((stack.data / "fhir").glob("*.json"))]
+
+
+def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and_fhir(stack, tmp_path):
+    sources: dict[str, pydicom.Dataset] = {}
+    # pynetdicom SCU
+    for path in dicom_files():
+        _, ds = copy_with_new_uids(path, tmp_path / "scu")
+        assert c_store(stack.node.dimse_port, ds) == 0x0000
+        sources[ds.StudyInstanceUID] = ds
+    # DCMTK storescu, offering each file's own transfer syntax (it cannot transcode RLE itself)
+    copies = [copy_with_new_uids(p, tmp_path / "storescu") for p in dicom_files()]
+    for path, ds in copies:
+        propose = STORESCU_PROPOSE.get(str(ds.file_meta.TransferSyntaxUID), "--propose-uncompr")
+        run = subprocess.run(
+            [
+                "storescu",
+                propose,
+                "-aet",
+                "STORESCU",
+                "-aec",
+                NODE_AE,
+                "127.0.0.1",
+                str(stack.node.dimse_port),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0 and "Store Failed" not in run.stderr, run.stderr
+    sources.update({ds.StudyInstanceUID: ds for _, ds in copies})
+    # STOW-RS, every file in one request
+    copies = [copy_with_new_uids(p, tmp_path / "stow") for p in dicom_files()]
+    answer = stow(stack.node.stow_port, [("application/dicom", p.read_bytes()) for p, _ in copies])
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("application/dicom+json")
+    referenced = pydicom.Dataset.from_json(answer.json()).ReferencedSOPSequence
+    assert {str(i.ReferencedSOPInstanceUID) for i in referenced} == {ds.SOPInstanceUID for _, ds in copies}
+    sources.update({ds.StudyInstanceUID: ds for _, ds in copies})
+    assert len(sources) == 3 * len(dicom_files())
+
+    answers = stack.wait_finished(list(sources))
+    for study, status in answers.items():
+        assert (status.done, status.dead, len(status.instances)) == (1, 0, 1), status
+        assert status.instances[0].state == pb.INSTANCE_STATE_DONE
+        assert status.instances[0].sop_instance_uid == sources[study].SOPInstanceUID
+
+    bundles = {b["entry"][-1]["resource"]["imagingStudy"][0]["identifier"]["value"]: b for b in fhir_bundles(stack)}
+    for study, source in sources.items():
+        stored = orthanc_instances(stack.orthanc, study)
+        by_modality = {str(ds.Modality): ds for ds in stored}
+        assert sorted(by_modality) == ["SEG", "SR"] and len(stored) == 2, [ds.Modality for ds in stored]
+        sr = hd.sr.srread(io.BytesIO(_encode(by_modality["SR"])))
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+        assert evidence.StudyInstanceUID == study
+        series = evidence.ReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == source.SeriesInstanceUID
+        assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert NOT_FOR_DIAGNOSTIC_USE in sr.SeriesDescription
+        models = {str(e.get("ManufacturerModelName", "")) for e in sr.ContributingEquipmentSequence}
+        assert {"binary_classifier", "multiclass_classifier", "segmentation"} <= models, models
+        seg = hd.seg.segread(io.BytesIO(_encode(by_modality["SEG"])))
+        refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
+        assert refs == [source.SOPInstanceUID]
+        assert NOT_FOR_DIAGNOSTIC_USE in seg.SeriesDescription
+        assert [str(e.ManufacturerModelName) for e in seg.ContributingEquipmentSequence][-1] == "segmentation"
+        bundle = bundles[f"urn:oid:{study}"]
+        validate_bundle(bundle)
+        assert NOT_FOR_DIAGNOSTIC_USE in bundle["entry"][-1]["resource"]["conclusion"]
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_duplicate_send_is_analysed_once(stack, tmp_path):
+    path, ds = copy_with_new_uids(dicom_files()[0], tmp_path)
+    assert c_store(stack.node.dimse_port, ds) == 0x0000
+    stack.wait_finished([ds.StudyInstanceUID])
+    assert c_store(stack.node.dimse_port, ds) == 0x0000  # a re-send is acknowledged...
+    answer = stow(stack.node.stow_port, [("application/dicom", path.read_bytes())])
+    assert answer.status_code == 200
+    time.sleep(1.0)  # ...and would be claimed within this time if it had been queued again
+    status = stack.wait_finished([ds.StudyInstanceUID])[ds.StudyInstanceUID]
+    assert (status.done, len(status.instances), status.instances[0].attempts) == (1, 1, 1)
+    assert sorted(str(d.Modality) for d in orthanc_instances(stack.orthanc, ds.StudyInstanceUID)) == ["SEG", "SR"]
+
+
+def test_non_images_and_corrupt_files_are_refused_with_their_status(stack, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert c_store(stack.node.dimse_port, ct) == 0x0122
+    good = dicom_files()[0].read_bytes()
+    truncated = good[: len(good) // 2]
+    answer = stow(stack.node.stow_port, [("application/dicom", truncated), ("application/dicom", b"not dicom")])
+    assert answer.status_code == 409, answer.text
+    failed = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence
+    assert [int(i.FailureReason) for i in failed] == [0xC000, 0xC000]
+    # nothing refused was queued
+    assert not list((stack.data / "node" / "instances").glob(f"{ct.SOPInstanceUID}*"))
+
+
+def test_stow_needs_the_api_key_and_dimse_the_accepted_calling_ae(stack, tmp_path):
+    _, ds = copy_with_new_uids(dicom_files()[0], tmp_path)
+    assert stow(stack.node.stow_port, [("application/dicom", _encode(ds))], key=None).status_code == 401
+    assert stow(stack.node.stow_port, [("application/dicom", _encode(ds))], key="wrong").status_code == 401
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", stack.node.dimse_port, ae_title=NODE_AE)
+    assert assoc.is_rejected
+    with pytest.raises(grpc.RpcError) as err:
+        stack.status(ds.StudyInstanceUID)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # nothing of the refused sends was accepted
+
+
+def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
+    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2."""
+    loop = LoopThread()
+    settings = node_settings(tmp_path, None, 9, 9, max_queue_size=1, max_attempts=2, workers=1)
+    try:
+        server = loop.run(_start(settings, dicom_binding(settings)))
+        node = server.binding.extra["node"]
+        try:
+            _, ds1 = copy_with_new_uids(dicom_files()[0], tmp_path / "a")
+            _, ds2 = copy_with_new_uids(dicom_files()[1], tmp_path / "b")
+            assert c_store(node.dimse_port, ds1) == 0x0000
+            assert c_store(node.dimse_port, ds2) == 0xA700  # out of resources: the sender keeps it
+            answer = stow(node.stow_port, [("application/dicom", _encode(ds2))])
+            assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = pb_grpc.DicomServiceStub(ch)
+                deadline = time.monotonic() + 60
+                while True:
+                    dead = stub.ListDeadLetters(pb.ListDeadLettersRequest(), metadata=auth(), timeout=10)
+                    if dead.instances or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
+                assert [i.sop_instance_uid for i in dead.instances] == [ds1.SOPInstanceUID]
+                assert dead.instances[0].attempts == 2 and dead.instances[0].last_error
+                # the queue has room again: the second instance is accepted now
+                assert c_store(node.dimse_port, ds2) == 0x0000
+                retried = stub.RetryDeadLetter(
+                    pb.RetryDeadLetterRequest(sop_instance_uid=ds1.SOPInstanceUID), metadata=auth(), timeout=10
+                )
+                assert retried.requeued
+        finally:
+            loop.run(server.stop(grace=1), timeout=60)
+    finally:
+        loop.close()
+
+
+def _wait_serving(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"the node did not serve in {timeout}s: {log.read_text()[-3000:]}")
+
+
+def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack, tmp_path):
+    """A node process (one worker) finds 20 routine studies and then one STAT study in its queue, accepted by the
+    same intake code the SCP runs; the STAT one is done before any routine one. Killed with SIGKILL mid-queue,
+    the restarted process finishes every study, each SR stored once."""
+    import os
+    import signal
+
+    from cxr_dicom.config import dicom_config
+    from cxr_dicom.intake import Intake
+    from cxr_dicom.work_queue import WorkQueue
+    from tests.support.processes import clean_env
+    from tests.support.servers import free_port
+
+    grpc_port, dimse_port = free_port(), free_port()
+    settings = node_settings(
+        tmp_path, stack.orthanc, *stack.analysis_ports, workers=1, dimse_port=dimse_port, lease_s=8
+    )
+    data = settings.model_dump(mode="json")
+    data["services"]["dicom"] = {"host": "127.0.0.1", "port": grpc_port, "metrics_port": 0}
+    config = tmp_path / "node.json"
+    config.write_text(json.dumps(data))
+    cfg = dicom_config(settings)
+    sources = [copy_with_new_uids(dicom_files()[0], tmp_path / f"r{i}")[0] for i in range(20)]
+    stat_path, stat_ds = copy_with_new_uids(dicom_files()[0], tmp_path / "stat")
+    with WorkQueue(cfg.data_path, max_pending=cfg.max_queue_size) as queue:
+        intake = Intake(cfg.data_path, queue, cfg.priority_policy(), anonymize=False)
+        routine = [intake.receive(p.read_bytes(), calling_ae="MODALITY").accepted.study_instance_uid for p in sources]
+        assert intake.receive(stat_path.read_bytes(), calling_ae="ER_DX").enqueued.priority.name == "STAT"
+    studies = [*routine, stat_ds.StudyInstanceUID]
+    env = clean_env()
+    log = tmp_path / "node.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cxr_serving", "dicom", "--config", str(config)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_serving(grpc_port, process, log)
+        return process
+
+    process = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+
+            def done() -> dict[str, bool]:
+                return {
+                    s: stub.GetStudyStatus(
+                        pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10
+                    ).done
+                    == 1
+                    for s in studies
+                }
+
+            deadline = time.monotonic() + WAIT_S
+            while not done()[stat_ds.StudyInstanceUID]:
+                assert time.monotonic() < deadline, "the STAT study did not finish"
+                time.sleep(0.1)
+            first = done()
+            assert not any(first[s] for s in routine)  # one worker: STAT was claimed first
+            while sum(done().values()) < 4:
+                assert time.monotonic() < deadline, "the node stopped making progress"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(30)
+    remaining = [s for s in studies if stack.orthanc_sr_count(s) == 0]
+    assert remaining, "every study finished before the kill: nothing was left mid-queue"
+    process = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                answers = [
+                    stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10)
+                    for s in studies
+                ]
+                if all(a.finished for a in answers):
+                    break
+                assert time.monotonic() < deadline, "the restarted node did not finish every study"
+                time.sleep(0.25)
+        assert all(a.done == 1 for a in answers)
+        for study in studies:
+            assert stack.orthanc_sr_count(study) == 1, study
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
