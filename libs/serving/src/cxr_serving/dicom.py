@@ -70,6 +70,28 @@ def anonymize_dataset(ds: Any) -> None:
     ds.PatientID = ANONYMIZED
 
 
+# Type 2 attributes of the Patient and General Study modules that a derived object (SEG, SR) copies from
+# its source and highdicom requires to exist, if empty: an anonymised source lacks some of them.
+DERIVED_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def fill_type2(header: Any) -> None:
+    """Add the Type 2 attributes a derived object copies from its source, empty where the source lacks them."""
+    for keyword in DERIVED_TYPE2_KEYWORDS:
+        if keyword not in header:
+            setattr(header, keyword, "")
+
+
 def _dicom_data_errors() -> tuple[type[Exception], ...]:
     """What pydicom and its pixel plugins raise for bad data, and only that:
     - InvalidDicomError: no DICM, a broken preamble or file meta group;

@@ -50,6 +50,7 @@ from cxr_dicom.codes import (
     unit_concept,
 )
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, any_untrained, untrained_notice
+from cxr_serving.dicom import fill_type2
 
 SERIES_NUMBER = 9902
 SERIES_DESCRIPTION = "cxr AI results"
@@ -92,21 +93,6 @@ def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
     return item
 
 
-# Type 2 attributes of the Patient and General Study modules the SR copies from its evidence: an anonymised
-# source lacks some (cxr_serving.dicom removes birth date, accession number, study ID), so they go in empty.
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
 def _source_header(source: Dataset) -> Dataset:
     """The source's header without pixel data (evidence needs identifiers, not pixels), type 2 gaps filled."""
     header = Dataset()
@@ -115,9 +101,7 @@ def _source_header(source: Dataset) -> Dataset:
             header.add(element)
     if hasattr(source, "file_meta"):
         header.file_meta = source.file_meta
-    for keyword in _TYPE2:
-        if keyword not in header:
-            setattr(header, keyword, "")
+    fill_type2(header)
     return header
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_serving.dicom import fill_type2
 from cxr_serving.errors import InvalidInputError
 
 # SNOMED CT property types; laterality stays in the segment label.
@@ -24,21 +25,6 @@ _SCT_KEYWORD = {
     "weasand": "Esophagus",
     "diaphragmatica": "Diaphragm",
 }
-
-
-# Type 2 attributes of the Patient/Study modules that highdicom copies from the source and
-# requires to exist (they may be empty); anonymised files often drop them.
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 
 # What highdicom copies into the SEG's Pixel Measures functional group.
@@ -78,9 +64,7 @@ def _source_header(source: Any) -> Any:
     for elem in source:
         if elem.tag not in skipped:
             header.add(elem)
-    for keyword in _TYPE2:
-        if keyword not in header:
-            setattr(header, keyword, "")
+    fill_type2(header)
     return header
 
 
