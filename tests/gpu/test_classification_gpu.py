@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_classification.config import MultiLabelClassifierConfig
 from cxr_classification.model import ChestXrayClassifier
 from cxr_serving.device import InferenceDevice
 from cxr_serving.settings import PerformanceConfig
-from tests.support.classifiers import inputs
+from tests.support.classifiers import inputs, small_densenet
 from tests.support.cuda import NEEDS_CUDA
 
 pytestmark = NEEDS_CUDA
@@ -19,9 +18,7 @@ CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
 
 @pytest.fixture(scope="module")
 def densenet():
-    model = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=64), CPU)
-    model.load()
-    return model
+    return small_densenet()
 
 
 def test_gpu_amp_channels_last_matches_cpu(densenet):

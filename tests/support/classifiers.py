@@ -39,3 +39,15 @@ def nih_batch(cfg: Any, n: int = 2) -> torch.Tensor:
     """The first `n` NIH images preprocessed for `cfg`, as one batch."""
     spec = PreprocessSpec.from_config(cfg)
     return torch.stack([preprocess(decode_image(p.read_bytes()).pixels, spec) for p in cxr14_images(n)])
+
+
+def small_densenet() -> ChestXrayClassifier:
+    """An untrained 64 px multi-label densenet121 on the CPU, loaded: the classifier tests' common model."""
+    from cxr_classification.config import MultiLabelClassifierConfig
+    from cxr_serving.device import InferenceDevice
+    from cxr_serving.settings import PerformanceConfig
+
+    cpu = InferenceDevice.resolve("cpu", PerformanceConfig())
+    model = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=64), cpu)
+    model.load()
+    return model

@@ -14,16 +14,14 @@ from cxr_classification.model import ChestXrayClassifier, ClassifierInput
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import ModelNotReadyError
 from cxr_serving.settings import PerformanceConfig
-from tests.support.classifiers import inputs
+from tests.support.classifiers import inputs, small_densenet
 
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
 
 
 @pytest.fixture(scope="module")
 def densenet():
-    model = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=64), CPU)
-    model.load()
-    return model
+    return small_densenet()
 
 
 def test_batched_forward_equals_single_forwards(densenet):
