@@ -29,6 +29,7 @@ class ServiceEntry:
     grpc_services: tuple[str, ...]
     port: int
     model_admin: bool
+    idempotent: bool  # every RPC may be replayed: the retry policy covers it
 
 
 def paths_from_env(environ: Mapping[str, str]) -> tuple[Path, ...]:
@@ -43,6 +44,7 @@ def _entries(data: Any, source: str) -> list[ServiceEntry]:
                 grpc_services=tuple(str(g) for g in e["grpc_services"]),
                 port=int(e["port"]),
                 model_admin=bool(e["model_admin"]),
+                idempotent=bool(e["idempotent"]),
             )
             for e in data["services"]
         ]

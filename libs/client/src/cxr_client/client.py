@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cxr_client.config import ClientConfig, ServiceName
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, from_rpc_error
 from cxr_client.images import ImageInput, to_image
-from cxr_client.retry_policy import channel_options
+from cxr_client.retry_policy import channel_options, retried_grpc_services
 from cxr_protos.classification.v1 import classification_service_pb2 as admin_pb
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_grpc
@@ -70,7 +70,7 @@ def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
 
 
 def _options(config: ClientConfig) -> list[tuple[str, Any]]:
-    grpc_services = [g for entry in config.services.values() for g in entry.grpc_services]
+    grpc_services = retried_grpc_services(config.services.values())
     options = channel_options(config.max_message_mb, retries=config.retries, grpc_services=grpc_services)
     if config.tls.server_name_override:
         options.append(("grpc.ssl_target_name_override", config.tls.server_name_override))
