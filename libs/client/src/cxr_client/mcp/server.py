@@ -19,6 +19,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from cxr_client.analyze import analyze_study as run_analysis
 from cxr_client.analyze import finding_calibration, finding_threshold
+from cxr_client.catalog import CatalogError
 from cxr_client.cli import to_dict
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
@@ -250,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         admin_tools = args.enable_admin_tools or admin_tools_from_env()
     except ValueError as exc:
         p.error(str(exc))
-    server = build_server(admin_tools=admin_tools)
+    try:
+        server = build_server(admin_tools=admin_tools)
+    except CatalogError as exc:
+        p.error(str(exc))
     if args.transport == "stdio":
         server.run("stdio")
     else:
