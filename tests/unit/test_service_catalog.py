@@ -30,6 +30,7 @@ ENTRY = {
     "port": 50060,
     "metrics_port": 9160,
     "model_admin": False,
+    "idempotent": True,
 }
 
 
@@ -48,6 +49,7 @@ def test_builtin_catalog_is_the_platform() -> None:
         ("dicom", 50055, 9105, False),
     ]
     assert cat["rag"].grpc_services == ("cxr.rag.v1.RagService",)
+    assert all(s.idempotent for s in cat.values())  # every platform RPC may be replayed (retry policy)
     # every binding of the platform imports and is what `python -m cxr_serving <name>` runs
     for spec in cat.values():
         assert callable(spec.load_binding())
@@ -66,6 +68,7 @@ def test_builtin_catalog_is_the_platform() -> None:
         ({"port": 70000}, r"services\[0\].port: 70000 is not a port"),
         ({"port": "50060"}, r"services\[0\].port: must be a int"),
         ({"model_admin": 1}, r"model_admin: must be a bool"),
+        ({"idempotent": "yes"}, r"idempotent: must be a bool"),
         ({"name": "Echo-Svc"}, "must be lower-case letters"),
         ({"binding": "json.loads"}, "must be 'package.module:function'"),
         ({"grpc_services": []}, "must list full service names"),

@@ -28,7 +28,7 @@ from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError
 from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
-MODEL_SERVICES = tuple(name for name, entry in catalog.load().items() if entry.model_admin)
+MODEL_SERVICES = tuple(name for name, entry in catalog.load().items() if entry.model_admin)  # the built-in ones
 STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
 
 
@@ -110,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list, load or unload models")
     msub = m.add_subparsers(dest="models_command", required=True)
     ml = msub.add_parser("list")
-    ml.add_argument("--service", choices=MODEL_SERVICES)
+    any_model_service = f"a service with model admin: {', '.join(MODEL_SERVICES)} or one of CXR_SERVICE_CATALOG"
+    ml.add_argument("--service", help=f"{any_model_service}; default: all of them")
     mload = msub.add_parser("load")
-    mload.add_argument("service", choices=MODEL_SERVICES)
+    mload.add_argument("service", help=any_model_service)
     mload.add_argument("model")
     mload.add_argument("--checkpoint", default="")
     mun = msub.add_parser("unload")
-    mun.add_argument("service", choices=MODEL_SERVICES)
+    mun.add_argument("service", help=any_model_service)
     mun.add_argument("model")
 
     g = sub.add_parser("ingest", help="add documents to the literature store (admin key)")
@@ -265,7 +266,8 @@ async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     if args.models_command == "list":
-        services: list[ServiceName] = [args.service] if args.service else list(MODEL_SERVICES)
+        every = [name for name, entry in client.config.services.items() if entry.model_admin]
+        services: list[ServiceName] = [args.service] if args.service else every
         infos, rc = [], 0
         for svc in services:
             try:

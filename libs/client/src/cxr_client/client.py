@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cxr_client.config import ClientConfig, ServiceName
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, from_rpc_error
 from cxr_client.images import ImageInput, to_image
-from cxr_client.retry_policy import channel_options
+from cxr_client.retry_policy import channel_options, retried_grpc_services
+from cxr_protos.classification.v1 import classification_service_pb2 as admin_pb
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_grpc
 from cxr_protos.common.v1 import common_pb2
@@ -71,11 +72,29 @@ def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
 
 
 def _options(config: ClientConfig) -> list[tuple[str, Any]]:
-    grpc_services = [g for entry in config.services.values() for g in entry.grpc_services]
+    grpc_services = retried_grpc_services(config.services.values())
     options = channel_options(config.max_message_mb, retries=config.retries, grpc_services=grpc_services)
     if config.tls.server_name_override:
         options.append(("grpc.ssl_target_name_override", config.tls.server_name_override))
     return options
+
+
+class ModelAdminStub:
+    """ListModels/LoadModel/UnloadModel of any catalog service with `model_admin`, at
+    `/<grpc_service>/<Method>`: every cxr service declares these three with the same messages on the
+    wire (cxr_serving.model_admin serves them all), so classification's messages stand for all."""
+
+    def __init__(self, channel: grpc.aio.Channel, grpc_service: str) -> None:
+        def method(name: str, request: Any, response: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+            return channel.unary_unary(
+                f"/{grpc_service}/{name}",
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
+            )
+
+        self.ListModels = method("ListModels", admin_pb.ListModelsRequest, admin_pb.ListModelsResponse)
+        self.LoadModel = method("LoadModel", admin_pb.LoadModelRequest, admin_pb.LoadModelResponse)
+        self.UnloadModel = method("UnloadModel", admin_pb.UnloadModelRequest, admin_pb.UnloadModelResponse)
 
 
 def _unhealthy(err: CxrClientError) -> str:
@@ -145,12 +164,12 @@ class AsyncCxrClient:
     def _rag(self) -> rag_grpc.RagServiceStub:
         return rag_grpc.RagServiceStub(self.channel("rag"))
 
-    def _model_stub(self, service: ServiceName) -> Any:
-        if service == "classification":
-            return self._classification()
-        if service == "segmentation":
-            return self._segmentation()
-        raise ValueError(f"service {service!r} has no models to manage; use classification or segmentation")
+    def _model_stub(self, service: ServiceName) -> ModelAdminStub:
+        entry = self.config.services.get(service)
+        if entry is None or not entry.model_admin:
+            admin = sorted(n for n, e in self.config.services.items() if e.model_admin)
+            raise ValueError(f"service {service!r} has no models to manage; the catalog's model services: {admin}")
+        return ModelAdminStub(self.channel(service), entry.grpc_services[0])
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -314,15 +333,13 @@ class AsyncCxrClient:
     # -- models ---------------------------------------------------------------------------------
     async def list_models(self, service: ServiceName, *, timeout: float | None = None) -> list[common_pb2.ModelInfo]:
         stub = self._model_stub(service)
-        pb = cls_pb if service == "classification" else seg_pb
-        return list((await self._call(stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+        return list((await self._call(stub.ListModels, admin_pb.ListModelsRequest(), timeout)).models)
 
     async def load_model(
         self, service: ServiceName, model_name: str, *, checkpoint_path: str = "", timeout: float | None = None
     ) -> common_pb2.ModelInfo:
         stub = self._model_stub(service)
-        pb = cls_pb if service == "classification" else seg_pb
-        req = pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
+        req = admin_pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
         info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout, admin_method="LoadModel")).model
         return info
 
@@ -330,8 +347,7 @@ class AsyncCxrClient:
         self, service: ServiceName, model_name: str, *, timeout: float | None = None
     ) -> common_pb2.ModelInfo:
         stub = self._model_stub(service)
-        pb = cls_pb if service == "classification" else seg_pb
-        req = pb.UnloadModelRequest(model_name=model_name)
+        req = admin_pb.UnloadModelRequest(model_name=model_name)
         info: common_pb2.ModelInfo = (
             await self._call(stub.UnloadModel, req, timeout, admin_method="UnloadModel")
         ).model

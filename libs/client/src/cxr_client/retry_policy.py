@@ -1,11 +1,12 @@
 """The published retry policy of the cxr API, as a gRPC service config.
 
-Every cxr service (and the gRPC health service) is retried on UNAVAILABLE only, with exponential
-backoff: 0.1 s, 0.2 s, 0.4 s (+ jitter, capped at 2 s), at most 4 attempts in all. UNAVAILABLE is
+Every idempotent catalog service (and the gRPC health service) is retried on UNAVAILABLE only, with
+exponential backoff: 0.1 s, 0.2 s, 0.4 s (+ jitter, capped at 2 s), at most 4 attempts in all. UNAVAILABLE is
 what a restarting pod, a draining server, a refused connection or a model that is still loading
 returns; every other code (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) is final
-and goes straight back to the caller. All cxr RPCs are idempotent (inference and model
-load/unload), so replaying one is safe. The channel's deadline bounds the whole sequence.
+and goes straight back to the caller. The platform's RPCs are idempotent (inference and model
+load/unload), so replaying one is safe; a catalog entry with `"idempotent": false` is never retried
+automatically. The channel's deadline bounds the whole sequence.
 
 `SERVICE_CONFIG` is the dict for the catalog's services (cxr_client/services.json),
 `SERVICE_CONFIG_JSON` the string gRPC takes (`grpc.service_config` channel option);
@@ -28,7 +29,11 @@ MAX_BACKOFF_S = 2.0
 BACKOFF_MULTIPLIER = 2.0
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
-SERVICE_NAMES = (*(g for e in catalog.load().values() for g in e.grpc_services), HEALTH_SERVICE)
+
+
+def retried_grpc_services(entries: Iterable[catalog.ServiceEntry]) -> list[str]:
+    """The gRPC services of the idempotent catalog entries: the only ones a replay is safe for."""
+    return [g for e in entries if e.idempotent for g in e.grpc_services]
 
 
 def service_config(grpc_services: Iterable[str]) -> dict[str, Any]:
@@ -53,6 +58,8 @@ def service_config(grpc_services: Iterable[str]) -> dict[str, Any]:
         "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.5},
     }
 
+
+SERVICE_NAMES = (*retried_grpc_services(catalog.load().values()), HEALTH_SERVICE)
 
 SERVICE_CONFIG: dict[str, Any] = service_config(SERVICE_NAMES)
 

@@ -10,8 +10,9 @@ changes. The client reads a generated copy (`cxr_client/services.json`, kept in 
 Each entry: `name` (lower-case, picks `services.<name>` in the config and `DECK_<NAME>_*` in
 kong.yml), `package` (the import package, whose absence means "not installed"), `binding`
 (`module:function` taking Settings and returning a ServiceBinding), `grpc_services` (full names),
-`port` and `metrics_port` (defaults of `services.<name>`) and `model_admin` (serves
-ListModels/LoadModel/UnloadModel from checkpoints, so it gets the model weights volume).
+`port` and `metrics_port` (defaults of `services.<name>`), `model_admin` (serves
+ListModels/LoadModel/UnloadModel from checkpoints, so it gets the model weights volume) and
+`idempotent` (every RPC is safe to replay, so the client retries it on UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _FIELDS = {
     "port": int,
     "metrics_port": int,
     "model_admin": bool,
+    "idempotent": bool,
 }
 
 
@@ -58,6 +60,7 @@ class ServiceSpec:
     port: int
     metrics_port: int
     model_admin: bool
+    idempotent: bool
     source: str  # the catalog file it came from, for error messages
 
     def installed(self) -> bool:
@@ -130,6 +133,7 @@ def _entry_json(s: ServiceSpec) -> dict[str, Any]:
         "port": s.port,
         "metrics_port": s.metrics_port,
         "model_admin": s.model_admin,
+        "idempotent": s.idempotent,
     }
 
 
@@ -174,6 +178,7 @@ def parse(data: Any, source: str) -> list[ServiceSpec]:
                 port=entry["port"],
                 metrics_port=entry["metrics_port"],
                 model_admin=entry["model_admin"],
+                idempotent=entry["idempotent"],
                 source=source,
             )
         )

@@ -12,13 +12,14 @@ import base64
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from cxr_client.analyze import analyze_study as run_analysis
 from cxr_client.analyze import finding_calibration, finding_threshold
+from cxr_client.catalog import CatalogError
 from cxr_client.cli import to_dict
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
@@ -33,7 +34,6 @@ INSTRUCTIONS = (
 )
 BINARY_MODEL = "binary_classifier"
 FINDINGS_MODEL = "multiclass_classifier"
-ModelService = Literal["classification", "segmentation"]
 ADMIN_TOOLS_ENV = "CXR_MCP_ADMIN_TOOLS"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
@@ -201,10 +201,16 @@ def build_server(
             raise _tool_error(err) from None
         return {"report": report.model_dump(mode="json"), "markdown": to_markdown(report)}
 
-    @server.tool()
-    async def list_models(service: ModelService | None = None) -> dict[str, Any]:
-        """Models of the classification and segmentation services with state, version, device."""
-        services: list[ModelService] = [service] if service else ["classification", "segmentation"]
+    model_services = [name for name, entry in cfg.services.items() if entry.model_admin]
+
+    def model_service(service: str) -> str:
+        if service not in model_services:
+            raise ToolError(f"service {service!r} has no models to manage; use one of {model_services}")
+        return service
+
+    @server.tool(description=f"Models of the services {', '.join(model_services)}, with state, version, device.")
+    async def list_models(service: str | None = None) -> dict[str, Any]:
+        services = [model_service(service)] if service else model_services
         out: dict[str, Any] = {}
         for svc in services:
             try:
@@ -217,11 +223,11 @@ def build_server(
         return server
 
     @server.tool()
-    async def unload_model(service: ModelService, model_name: str) -> dict[str, Any]:
-        """Unload a model to free its memory (it answers UNAVAILABLE until loaded again). Admin: needs the
-        server's CXR_ADMIN_API_KEY."""
+    async def unload_model(service: str, model_name: str) -> dict[str, Any]:
+        """Unload a model of a service that lists models (list_models) to free its memory (it answers
+        UNAVAILABLE until loaded again). Admin: needs the server's CXR_ADMIN_API_KEY."""
         try:
-            return to_dict(await client().unload_model(service, model_name))
+            return to_dict(await client().unload_model(model_service(service), model_name))
         except CxrClientError as err:
             raise _tool_error(err) from None
 
@@ -245,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         admin_tools = args.enable_admin_tools or admin_tools_from_env()
     except ValueError as exc:
         p.error(str(exc))
-    server = build_server(admin_tools=admin_tools)
+    try:
+        server = build_server(admin_tools=admin_tools)
+    except CatalogError as exc:
+        p.error(str(exc))
     if args.transport == "stdio":
         server.run("stdio")
     else:
