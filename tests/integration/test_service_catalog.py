@@ -137,6 +137,11 @@ async def test_brightness_service_answers_through_client_and_gateway(tmp_path: P
                 with pytest.raises(grpc.aio.AioRpcError) as denied:
                     await via_gw(request, timeout=10)  # no key: the gateway's key-auth covers the new route
                 assert denied.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            # the gateway routes no grpc.health.v1 and the service has no model admin to stand in for it
+            gw_env = {"CXR_SERVICE_CATALOG": str(CATALOG), "CXR_API_KEY": TEST_KEY}
+            gw_env["CXR_BRIGHTNESS_ENDPOINT"] = f"127.0.0.1:{gw.ports.grpc}"
+            async with AsyncCxrClient(ClientConfig.from_env(gw_env)) as via_gateway:
+                assert await via_gateway.health("brightness", timeout=5) == "UNKNOWN"
         finally:
             await gw.stop()
     finally:

@@ -358,7 +358,8 @@ class AsyncCxrClient:
         """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE.
 
         Through a gateway that does not route grpc.health.v1, a ListModels (any model ready), a
-        one-passage SearchLiterature (rag) or a ListDeadLetters (dicom) stands in for the health check."""
+        one-passage SearchLiterature (rag) or a ListDeadLetters (dicom) stands in for the health check;
+        for another service without model admin the answer is UNKNOWN."""
         stub = health_pb2_grpc.HealthStub(self.channel(service))
         try:
             resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=""), timeout)
@@ -377,6 +378,9 @@ class AsyncCxrClient:
                 stub = dicom_grpc.DicomServiceStub(self.channel("dicom"))
                 await self._call(stub.ListDeadLetters, dicom_pb.ListDeadLettersRequest(), timeout)
                 return "SERVING"
+            entry = self.config.services.get(service)
+            if entry is None or not entry.model_admin:
+                return "UNKNOWN"  # no health route and no read-only RPC known to stand in for it
             models = await self.list_models(service, timeout=timeout)
         except CxrClientError as err:
             return _unhealthy(err)
