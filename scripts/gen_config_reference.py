@@ -179,7 +179,7 @@ def model_schema_modules() -> tuple[str, ...]:
     modules = []
     for spec in load_catalog().values():
         if not spec.installed():
-            raise SystemExit(f"service '{spec.name}': package {spec.package} is not installed (its config is documented)")
+            raise SystemExit(f"service '{spec.name}': {spec.package} is not installed, so its config cannot be read")
         name = f"{spec.package}.{CONFIG_MODULE}"
         if importlib.util.find_spec(name) is not None:
             modules.append(name)
