@@ -3,6 +3,7 @@ validate what comes out with kubernetes-validate."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ CHART = ROOT / "deploy" / "helm" / "cxr"
 EXAMPLES = CHART / "examples"
 # The Kubernetes version the chart claims (Chart.yaml annotation cxr.ai/tested-kubernetes-version).
 KUBE_VERSION = "1.30.0"
-SERVICES = ("classification", "segmentation", "rag")
+# The services the chart renders: its catalog, files/services.json (a link to cxr_serving's).
+SERVICES = tuple(e["name"] for e in json.loads((CHART / "files" / "services.json").read_text())["services"])
 # Custom resources kubernetes-validate has no schema for: checked structurally in the tests.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
