@@ -59,10 +59,12 @@ class Rendered:
         return name in self.names(kind)
 
 
-def render(values: dict[str, Any] | None = None, release: str = "cxr", namespace: str = "cxr") -> Rendered:
+def render(
+    values: dict[str, Any] | None = None, release: str = "cxr", namespace: str = "cxr", chart_dir: Path = CHART
+) -> Rendered:
     import helm_python as helm
 
-    with helm.Chart.load(CHART) as chart:
+    with helm.Chart.load(chart_dir) as chart:
         manifests = chart.render(values or {}, name=release, namespace=namespace)
     out = Rendered()
     for path, text in sorted(manifests.items()):
