@@ -46,9 +46,11 @@ generate: $(VENV)/.installed ## Regenerate Python stubs (cxr_protos) and gateway
 	$(PY) scripts/generate_protos.py
 
 .PHONY: check-generated
-check-generated: $(VENV)/.installed ## Fail if committed stubs, the descriptor set or the catalog's copies are stale
+check-generated: $(VENV)/.installed ## Fail if committed stubs, the descriptor set, the catalog's copies or the chart's schema/README are stale
 	$(PY) scripts/generate_protos.py --check
 	$(PY) scripts/gen_catalog.py --check
+	$(PY) scripts/gen_chart_schema.py --check
+	$(PY) scripts/gen_chart_readme.py --check
 
 .PHONY: buf
 buf: node_modules/.installed ## buf lint (STANDARD), buf format check, buf breaking against the last landed commit

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import json
 import sys
@@ -28,17 +29,14 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from cxr_serving import settings as settings_module
+from cxr_serving.catalog import load_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
 START, END = "<!-- reference:start -->", "<!-- reference:end -->"
-# The modules holding each service's `models.*` schemas: every pydantic model defined in one is documented.
-MODEL_SCHEMA_MODULES = (
-    "cxr_classification.config",
-    "cxr_segmentation.config",
-    "cxr_rag.config",
-    "cxr_dicom.config",
-)
+# Each catalog service's `models.*` schemas live in `<package>.config` (a service without models has none):
+# every pydantic model defined there is documented.
+CONFIG_MODULE = "config"
 PLACEHOLDER = "<name>"
 
 
@@ -175,10 +173,24 @@ def _settings_sections() -> list[str]:
     return out
 
 
+def model_schema_modules() -> tuple[str, ...]:
+    """`<package>.config` of every service in the catalog, in catalog order, so a new service's schemas are
+    documented without editing this script; a catalog service that is not installed is an error, not a gap."""
+    modules = []
+    for spec in load_catalog().values():
+        if not spec.installed():
+            raise SystemExit(f"service '{spec.name}': {spec.package} is not installed, so its config cannot be read")
+        name = f"{spec.package}.{CONFIG_MODULE}"
+        if importlib.util.find_spec(name) is not None:
+            modules.append(name)
+    return tuple(modules)
+
+
 def model_schemas() -> list[tuple[str, type[BaseModel]]]:
     """(module, model) for every pydantic model with fields defined in a service's config module, in source order."""
     found: list[tuple[str, int, type[BaseModel]]] = []
-    for name in MODEL_SCHEMA_MODULES:
+    schema_modules = model_schema_modules()
+    for name in schema_modules:
         module = importlib.import_module(name)
         for obj in vars(module).values():
             if (
@@ -189,7 +201,7 @@ def model_schemas() -> list[tuple[str, type[BaseModel]]]:
                 and not obj.__name__.startswith("_")
             ):
                 found.append((name, inspect.getsourcelines(obj)[1], obj))
-    order = {name: i for i, name in enumerate(MODEL_SCHEMA_MODULES)}
+    order = {name: i for i, name in enumerate(schema_modules)}
     found.sort(key=lambda t: (order[t[0]], t[1]))
     return [(module, model) for module, _, model in found]
 

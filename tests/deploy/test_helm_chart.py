@@ -510,6 +510,66 @@ def test_config_is_production_json_with_value_overrides(default_render: Rendered
     assert cfg["security"]["max_image_size_mb"] == production["security"]["max_image_size_mb"]
 
 
+def test_a_fourth_catalog_service_is_rendered_from_the_catalog_alone(tmp_path: Path) -> None:
+    """docs/adding-a-service.md's chart steps on a copy of the chart: a 4th catalog entry in files/services.json,
+    its `config.services.<name>` endpoint and its `<name>:` values block (and the schema regenerated for them)
+    give it every object the built-in services get, its address in Kong, and the weights when model_admin."""
+    import shutil
+
+    chart = tmp_path / "cxr"
+    shutil.copytree(CHART, chart, symlinks=False)  # the links (catalog, config, kong.yml) become real files
+    catalog = json.loads((CHART / "files" / "services.json").read_text())
+    catalog["services"].append(
+        {
+            "name": "echo",
+            "package": "cxr_echo",
+            "binding": "cxr_echo.service:build_binding",
+            "grpc_services": ["cxr.echo.v1.EchoService"],
+            "port": 50054,
+            "metrics_port": 9104,
+            "model_admin": True,
+        }
+    )
+    (chart / "files" / "services.json").unlink()
+    (chart / "files" / "services.json").write_text(json.dumps(catalog))
+    config = json.loads((chart / "files" / "config.json").read_text())
+    config["services"]["echo"] = {"host": "0.0.0.0", "port": 50054, "metrics_port": 9104}
+    (chart / "files" / "config.json").unlink()
+    (chart / "files" / "config.json").write_text(json.dumps(config))
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    values["echo"] = {**values["rag"], "image": {**values["rag"]["image"], "repository": "cxr/echo"}}
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    schema = json.loads((chart / "values.schema.json").read_text())
+    schema["properties"]["echo"] = schema["properties"]["rag"]
+    endpoints = schema["properties"]["config"]["properties"]["services"]["properties"]
+    endpoints["echo"] = endpoints["rag"]
+    (chart / "values.schema.json").write_text(json.dumps(schema))
+
+    r = render(chart_dir=chart)
+    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"):
+        obj = r.get(kind, "cxr-echo")
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    assert r.has("ServiceMonitor", "cxr-echo")
+    container = pod_spec(r.get("Deployment", "cxr-echo"))["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "cxr_echo"]
+    assert container["image"].split("@")[0].rsplit(":", 1)[0].endswith("cxr/echo")
+    assert {p["containerPort"] for p in container["ports"]} == {50054, 9104}
+    # model_admin: the weights volume is mounted read-only, as for classification
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "weights")
+    assert mount["readOnly"] is True
+    assert "CXR_LLM_BASE_URL" not in _env(container)  # rag's vLLM/Chroma wiring is rag's alone
+    # only the gateway reaches it, and Kong is given its address
+    peers = _peers_by_port(r, _policy(r, "cxr-echo"))
+    assert peers[50054] == [frozenset({"cxr-kong"})]
+    kong_env = _env(pod_spec(r.get("Deployment", "cxr-kong"))["initContainers"][0])
+    assert kong_env["DECK_ECHO_HOST"] == "cxr-echo.cxr.svc" and kong_env["DECK_ECHO_PORT"] == "50054"
+    # without model_admin there is no weights volume
+    catalog["services"][-1]["model_admin"] = False
+    (chart / "files" / "services.json").write_text(json.dumps(catalog))
+    container = pod_spec(render(chart_dir=chart).get("Deployment", "cxr-echo"))["containers"][0]
+    assert not any(m["name"] == "weights" for m in container.get("volumeMounts", []))
+
+
 def test_packaged_chart_carries_the_linked_files_and_renders(tmp_path, default_render: Rendered) -> None:
     """`helm package` resolves the links (kong.yml, protos, config, alerts): the archive stands alone."""
     import tarfile

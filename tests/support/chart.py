@@ -3,6 +3,7 @@ validate what comes out with kubernetes-validate."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ CHART = ROOT / "deploy" / "helm" / "cxr"
 EXAMPLES = CHART / "examples"
 # The Kubernetes version the chart claims (Chart.yaml annotation cxr.ai/tested-kubernetes-version).
 KUBE_VERSION = "1.30.0"
-SERVICES = ("classification", "segmentation", "rag")
+# The services the chart renders: its catalog, files/services.json (a link to cxr_serving's).
+SERVICES = tuple(e["name"] for e in json.loads((CHART / "files" / "services.json").read_text())["services"])
 # Custom resources kubernetes-validate has no schema for: checked structurally in the tests.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
@@ -57,10 +59,12 @@ class Rendered:
         return name in self.names(kind)
 
 
-def render(values: dict[str, Any] | None = None, release: str = "cxr", namespace: str = "cxr") -> Rendered:
+def render(
+    values: dict[str, Any] | None = None, release: str = "cxr", namespace: str = "cxr", chart_dir: Path = CHART
+) -> Rendered:
     import helm_python as helm
 
-    with helm.Chart.load(CHART) as chart:
+    with helm.Chart.load(chart_dir) as chart:
         manifests = chart.render(values or {}, name=release, namespace=namespace)
     out = Rendered()
     for path, text in sorted(manifests.items()):

@@ -4,6 +4,7 @@ variables really set that key, and `--check` (run by `make lint`) fails when the
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import typing
@@ -79,6 +80,56 @@ def test_every_model_schema_key_has_a_row() -> None:
         assert base is not None or not inherited
         for name in names:
             assert f"| `{name}` |" in section, f"{model.__name__}.{name}"
+
+
+def test_a_catalog_services_config_module_is_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The schema modules come from the catalog (`<package>.config`), so a 4th service's models are documented
+    without editing the generator, and the committed reference is stale until it is regenerated."""
+    from cxr_serving.catalog import load_catalog
+
+    pkg = tmp_path / "cxr_echotest"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text(
+        "from pydantic import BaseModel, Field\n\n\n"
+        "class EchoModelConfig(BaseModel):\n"
+        '    """An echo model."""\n\n'
+        '    repeat: int = Field(2, description="how many times the echo repeats")\n'
+    )
+    entry = {
+        "name": "echotest",
+        "package": "cxr_echotest",
+        "binding": "cxr_echotest:build",
+        "grpc_services": ["cxr.echotest.v1.EchoService"],
+        "port": 50070,
+        "metrics_port": 9170,
+        "model_admin": False,
+    }
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps({"services": [entry]}))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gen, "load_catalog", lambda: load_catalog([catalog]))
+    assert gen.model_schema_modules()[-1] == "cxr_echotest.config"
+    assert gen.model_schema_modules()[:3] == ("cxr_classification.config", "cxr_segmentation.config", "cxr_rag.config")
+    doc = tmp_path / "configuration.md"
+    doc.write_text(DOC.read_text())
+    assert gen.main(["--check", "--path", str(doc)]) == 1
+    assert gen.main(["--path", str(doc)]) == 0
+    text = doc.read_text()
+    assert "### `EchoModelConfig` (cxr_echotest.config)" in text
+    assert "| `repeat` | int | `2` | how many times the echo repeats |" in text
+    # a catalog service whose package is not installed stops the generator instead of leaving a gap
+    monkeypatch.setattr(gen, "load_catalog", lambda: _missing(tmp_path, entry))
+    with pytest.raises(SystemExit, match="cxr_nowhere is not installed"):
+        gen.model_schema_modules()
+
+
+def _missing(tmp_path: Path, entry: dict[str, typing.Any]) -> typing.Any:
+    from cxr_serving.catalog import load_catalog
+
+    path = tmp_path / "missing.json"
+    path.write_text(json.dumps({"services": [{**entry, "package": "cxr_nowhere"}]}))
+    return load_catalog([path])
 
 
 def test_settings_keys_carry_a_description() -> None:

@@ -25,9 +25,8 @@ SCOPE = (
     "libs/client/src",
     "libs/protos/src",
     "protos/cxr",
-    "services/rag/src",
-    "services/classification/src",
-    "services/segmentation/src",
+    # every service, so a new one is covered without editing this list
+    *sorted(str(p.relative_to(REPO)) for p in REPO.glob("services/*/src")),
     "gateway/src",
     "gateway/kong.yml",
     "scripts",

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cxr_client.config import ClientConfig
 from cxr_client.retry_policy import SERVICE_NAMES
-from cxr_serving.catalog import load_catalog
+from cxr_serving.catalog import RESERVED_NAMES, load_catalog
 from cxr_serving.cli import main as serving_main
 from cxr_serving.errors import ConfigError
 from cxr_serving.settings import load_settings
@@ -70,6 +71,16 @@ def test_builtin_catalog_is_the_platform() -> None:
         ({"model_admin": 1}, r"model_admin: must be a bool"),
         ({"idempotent": "yes"}, r"idempotent: must be a bool"),
         ({"name": "Echo-Svc"}, "must be lower-case letters"),
+        # `cxr-chest_ct` is not a valid Kubernetes object name, nor is a name past 63 characters
+        ({"name": "chest_ct"}, r"services\[0\].name: 'chest_ct' must be lower-case letters and digits"),
+        ({"name": "chest-ct"}, "must be lower-case letters and digits"),
+        ({"name": "2d"}, "starting with a letter"),
+        ({"name": "a" * 32}, "at most 31 characters"),
+        # the chart reads `.Values.<name>`: these would read another component's block
+        ({"name": "kong"}, r"services\[0\].name: 'kong' is reserved"),
+        ({"name": "vllm"}, "'vllm' is reserved"),
+        ({"name": "global"}, "'global' is reserved"),
+        ({"name": "weights"}, "'weights' is reserved"),
         ({"binding": "json.loads"}, "must be 'package.module:function'"),
         ({"grpc_services": []}, "must list full service names"),
         ({"colour": "blue"}, r"unknown keys \['colour'\]"),
@@ -83,6 +94,16 @@ def test_bad_catalog_entries_are_refused_naming_file_and_field(tmp_path: Path, c
     # the same error stops a service at start: the setting is read, not ignored
     with pytest.raises(ConfigError, match=message):
         load_settings(None, environ={"CXR_SERVICE_CATALOG": str(path)})
+
+
+def test_reserved_names_are_the_charts_other_values_keys(tmp_path: Path) -> None:
+    """Every top-level key of the chart's values that is not a catalog service is a reserved name, so a
+    key added to values.yaml without reserving it here fails this test."""
+    values = yaml.safe_load((REPO / "deploy/helm/cxr/values.yaml").read_text())
+    assert RESERVED_NAMES == set(values) - set(load_catalog())
+    assert set(load_catalog()) <= set(values)
+    # the longest name allowed still leaves a release prefix room within a 63-character object name
+    assert load_catalog([write(tmp_path, {**ENTRY, "name": "a" * 31})])["a" * 31]
 
 
 def test_missing_keys_unreadable_and_non_json_files(tmp_path: Path) -> None:

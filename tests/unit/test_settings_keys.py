@@ -3,6 +3,7 @@ accepted and then ignored)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -200,6 +201,31 @@ def test_no_admin_rpc_can_be_an_unauthenticated_method() -> None:
         assert method in str(err.value)
     env = {"CXR_SECURITY__UNAUTHENTICATED_METHODS": json.dumps([*health, "/cxr.rag.v1.RagService/SearchLiterature"])}
     assert load_settings(None, environ=env).security.unauthenticated_methods[-1].endswith("/SearchLiterature")
+
+
+def test_platform_admin_methods_follow_the_catalog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin set is the admin RPCs of the catalog's gRPC services, found in every generated cxr_protos
+    module (no module named in code), so a new catalog service's admin RPCs are refused there too."""
+    from cxr_serving import roles
+    from cxr_serving.catalog import Catalog, load_catalog
+
+    full = load_catalog()
+    without_rag = Catalog(s for s in full.values() if s.name != "rag")
+    monkeypatch.setattr(roles, "load_catalog", lambda: without_rag)
+    roles.platform_admin_methods.cache_clear()
+    try:
+        admin = roles.platform_admin_methods()
+        assert admin and not any(m.startswith("/cxr.rag.v1.") for m in admin)
+        assert "/cxr.segmentation.v1.SegmentationService/LoadModel" in admin
+        # a catalog gRPC service that no generated module defines is a configuration error, not a silent gap
+        typo = next(iter(full.values()))
+        bad = Catalog([dataclasses.replace(typo, grpc_services=("cxr.nowhere.v1.NoService",))])
+        monkeypatch.setattr(roles, "load_catalog", lambda: bad)
+        roles.platform_admin_methods.cache_clear()
+        with pytest.raises(ConfigError, match=r"grpc_services: cxr.nowhere.v1.NoService is not defined"):
+            roles.platform_admin_methods()
+    finally:
+        roles.platform_admin_methods.cache_clear()
 
 
 def test_trusted_proxies_without_allowed_ips_is_refused() -> None:

@@ -35,7 +35,31 @@ if TYPE_CHECKING:
 
 ENV_VAR = "CXR_SERVICE_CATALOG"
 BUILTIN = "services.json"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# A name becomes part of Kubernetes object names (`<release>-cxr-<name>`, a DNS label) and an env var
+# prefix, so letters and digits only; 31 characters leave room for the release prefix within 63.
+_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,30}$")
+# The chart reads each service's values from the top-level `<name>:` block, so a service may not take
+# the name of another top-level key of deploy/helm/cxr/values.yaml (tests/unit keeps this list in step).
+RESERVED_NAMES = frozenset(
+    {
+        "global",
+        "nameOverride",
+        "fullnameOverride",
+        "commonLabels",
+        "commonAnnotations",
+        "config",
+        "apiKeys",
+        "adminApiKeys",
+        "backendTls",
+        "weights",
+        "serviceDefaults",
+        "vllm",
+        "chroma",
+        "kong",
+        "networkPolicy",
+        "prometheusRule",
+    }
+)
 _DOTTED_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _FIELDS = {
     "name": str,
@@ -155,7 +179,15 @@ def parse(data: Any, source: str) -> list[ServiceSpec]:
                 raise ConfigError(f"{where}.{key}: must be a {typ.__name__}, got {value!r}")
         name = entry["name"]
         if not _NAME_RE.match(name):
-            raise ConfigError(f"{where}.name: {name!r} must be lower-case letters, digits and '_' (it names env vars)")
+            raise ConfigError(
+                f"{where}.name: {name!r} must be lower-case letters and digits, starting with a letter, at most "
+                "31 characters (it is part of Kubernetes object names and env var names)"
+            )
+        if name in RESERVED_NAMES:
+            raise ConfigError(
+                f"{where}.name: {name!r} is reserved: the Helm chart's values already use the top-level key "
+                f"'{name}' for something else"
+            )
         module, sep, attr = entry["binding"].partition(":")
         if not sep or not _DOTTED_RE.match(module) or not attr.isidentifier():
             raise ConfigError(f"{where}.binding: {entry['binding']!r} must be 'package.module:function'")

@@ -4,6 +4,8 @@ the one declaration of the admin surface (services here, the gateway from its de
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from collections.abc import Iterable
 from enum import StrEnum
 
@@ -11,6 +13,8 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from cxr_protos.common.v1 import access_pb2
+from cxr_serving.catalog import load_catalog
+from cxr_serving.errors import ConfigError
 
 
 class Role(StrEnum):
@@ -49,14 +53,29 @@ def is_admin_method(path: str) -> bool:
     return is_admin(method)
 
 
+def import_generated_modules() -> None:
+    """Import every generated `*_pb2` module of cxr_protos, which registers its services in the default pool."""
+    import cxr_protos
+
+    for info in pkgutil.walk_packages(cxr_protos.__path__, "cxr_protos."):
+        if info.name.endswith("_pb2"):
+            importlib.import_module(info.name)
+
+
 @functools.cache
 def platform_admin_methods() -> frozenset[str]:
-    """The admin methods of every cxr service; importing their generated modules registers them in the
-    default pool, so settings can be checked before any servicer is loaded."""
-    from cxr_protos.classification.v1 import classification_service_pb2
-    from cxr_protos.dicom.v1 import dicom_service_pb2
-    from cxr_protos.rag.v1 import rag_service_pb2
-    from cxr_protos.segmentation.v1 import segmentation_service_pb2
-
-    modules = (classification_service_pb2, segmentation_service_pb2, rag_service_pb2, dicom_service_pb2)
-    return admin_methods(s for m in modules for s in m.DESCRIPTOR.services_by_name.values())
+    """The admin methods of every service in the built-in catalog, so settings can be checked before any
+    servicer is loaded; the services' descriptors come from cxr_protos, whose modules are all imported."""
+    import_generated_modules()
+    pool = descriptor_pool.Default()
+    services = []
+    for spec in load_catalog().values():
+        for name in spec.grpc_services:
+            try:
+                services.append(pool.FindServiceByName(name))
+            except KeyError:
+                raise ConfigError(
+                    f"service catalog {spec.source}: {spec.name}.grpc_services: {name} is not defined by any "
+                    "cxr_protos module (run scripts/generate_protos.py)"
+                ) from None
+    return admin_methods(services)

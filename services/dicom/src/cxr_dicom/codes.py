@@ -121,7 +121,7 @@ def finding_concept(label: str) -> Concept:
 
 @dataclass(frozen=True)
 class MeasurementConcept:
-    """What a measurement name means: the quantity, and the anatomy (with laterality) it is measured on."""
+    """What a measurement name means: the quantity, and the anatomy (with laterality) it refers to."""
 
     quantity: Concept
     site: Concept | None = None
