@@ -528,6 +528,7 @@ def test_a_fourth_catalog_service_is_rendered_from_the_catalog_alone(tmp_path: P
             "port": 50054,
             "metrics_port": 9104,
             "model_admin": True,
+            "idempotent": True,
         }
     )
     (chart / "files" / "services.json").unlink()

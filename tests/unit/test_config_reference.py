@@ -104,6 +104,7 @@ def test_a_catalog_services_config_module_is_documented(monkeypatch: pytest.Monk
         "port": 50070,
         "metrics_port": 9170,
         "model_admin": False,
+        "idempotent": True,
     }
     catalog = tmp_path / "catalog.json"
     catalog.write_text(json.dumps({"services": [entry]}))
