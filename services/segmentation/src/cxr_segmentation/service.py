@@ -52,7 +52,7 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
         device,
         default_checkpoint=settings.resolve_model_path(cfg.checkpoint_path),
         warmup_batches=settings.performance.warmup_batches,
-        max_batch_size=settings.server_config.max_batch_size,
+        max_batch_size=cfg.max_batch_size or settings.server_config.max_batch_size,  # warm-up / graph sizes
     )
 
 
