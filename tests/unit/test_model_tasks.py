@@ -146,3 +146,30 @@ def test_a_services_entry_outside_the_catalog_is_a_config_error_naming_it(tmp_pa
     path.write_text(json.dumps({"services": {typo: {"port": 50071}}}))
     with pytest.raises(ConfigError, match=rf"services\.{typo}: no such service in the service catalog"):
         load_settings(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("segmentation", "binary_classification"),
+        ("binary_classifier", "segmentation"),
+        ("multiclass_classifier", "binary_classification"),
+    ],
+)
+def test_a_legacy_name_cannot_declare_another_task(name, task):
+    s = make_settings(models={name: {"task": task, "architecture": "densenet121"}})
+    for load in (classifier_configs, segmentation_configs):
+        with pytest.raises(ConfigError, match=rf"models\.{name}\.task: '{task}' contradicts the legacy name"):
+            load(s)
+
+
+def test_a_service_with_no_model_of_its_task_refuses_to_start():
+    from cxr_classification.service import build_binding as classification_binding
+    from cxr_segmentation.service import build_binding as segmentation_binding
+
+    only_classifiers = make_settings(models={"binary_classifier": {"allow_untrained": True}})
+    with pytest.raises(ConfigError, match=r"models: declare at least one segmentation model"):
+        segmentation_binding(only_classifiers)
+    only_segmenter = make_settings(models={"segmentation": {"allow_untrained": True}})
+    with pytest.raises(ConfigError, match=r"models: declare at least one classifier"):
+        classification_binding(only_segmenter)
