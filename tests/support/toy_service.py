@@ -14,7 +14,7 @@ import numpy as np
 
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
-from cxr_serving.binding import ModelEntry, bind_models
+from cxr_serving.binding import ModelEntry, bind_models, infer
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import UNTRAINED, ModelRepository, ServedModel
@@ -79,8 +79,9 @@ class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
         if request.model_names and request.model_names[0] == "bad":
             raise InvalidInputError("model_names: 'bad' is not allowed")
         with self.repo.expect(["toy"]) as arrivals:
-            img = await self.pool.decode(request.image.data, request.image.content_type)
-            p = await self.repo.predict("toy", img.pixels, arrivals.get("toy"))
+            img, p = await infer(
+                self.repo, self.pool, "toy", request.image.data, request.image.content_type, arrivals.get("toy")
+            )
         st = self.repo.status("toy")
         pred = pb.ModelPrediction(
             model=model_info(st), findings=[pb.Finding(label="bright", probability=p, threshold=0.5, positive=p >= 0.5)]

@@ -3,6 +3,7 @@ entry stops the service at start with a ConfigError naming the field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,71 @@ def test_two_segmenters_cannot_share_a_name():
     )
     with pytest.raises(ConfigError, match=r"models\.\*\.name: two segmentation models are named \['segmentation'\]"):
         segmentation_configs(s)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"archtecture": "densenet121", "labels": ["Effusion"]},  # a mistyped key: no task, no known model key
+        {"type": "binary_classification", "architecture_": "densenet121"},  # `task` mistyped as `type`
+        {},
+    ],
+)
+def test_an_entry_without_a_task_that_is_no_service_section_is_refused(entry):
+    s = make_settings(models={"binary_classifier": {"allow_untrained": True}, "screen": entry})
+    for load in (classifier_configs, segmentation_configs):
+        with pytest.raises(ConfigError, match=r"models\.screen\.task is missing.*\['classification', 'rag'"):
+            load(s)
+
+
+def test_a_catalog_service_name_is_its_own_section_and_nothing_else_is():
+    s = make_settings(models={"rag": {"collection": "c"}, "classification": {"anything": 1}, "lungs": SCREEN})
+    assert model_tasks(s, ("binary_classification", "segmentation")) == {"lungs": "binary_classification"}
+    # a service's section that declares a model key is a model without a task, not a section
+    s = make_settings(models={"rag": {"checkpoint_path": "x.pt"}})
+    with pytest.raises(ConfigError, match=r"models\.rag\.task is missing"):
+        model_tasks(s, ("segmentation",))
+
+
+def test_an_extra_catalog_service_claims_its_own_models_section():
+    catalog = REPO / "tests" / "support" / "brightness_catalog.json"
+    s = make_settings(models={"brightness": {"gain": 2}}, service_catalog=[str(catalog)])
+    assert model_tasks(s, ("segmentation",)) == {}
+    with pytest.raises(ConfigError, match=r"models\.brightness\.task is missing"):
+        model_tasks(make_settings(models={"brightness": {"gain": 2}}), ("segmentation",))
+
+
+@pytest.mark.parametrize("typo", ["clasification", "brightness"])
+def test_a_services_entry_outside_the_catalog_is_a_config_error_naming_it(tmp_path, typo):
+    # "brightness" is a service only with its extra catalog file (tests/integration/test_service_catalog.py)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"services": {typo: {"port": 50071}}}))
+    with pytest.raises(ConfigError, match=rf"services\.{typo}: no such service in the service catalog"):
+        load_settings(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("segmentation", "binary_classification"),
+        ("binary_classifier", "segmentation"),
+        ("multiclass_classifier", "binary_classification"),
+    ],
+)
+def test_a_legacy_name_cannot_declare_another_task(name, task):
+    s = make_settings(models={name: {"task": task, "architecture": "densenet121"}})
+    for load in (classifier_configs, segmentation_configs):
+        with pytest.raises(ConfigError, match=rf"models\.{name}\.task: '{task}' contradicts the legacy name"):
+            load(s)
+
+
+def test_a_service_with_no_model_of_its_task_refuses_to_start():
+    from cxr_classification.service import build_binding as classification_binding
+    from cxr_segmentation.service import build_binding as segmentation_binding
+
+    only_classifiers = make_settings(models={"binary_classifier": {"allow_untrained": True}})
+    with pytest.raises(ConfigError, match=r"models: declare at least one segmentation model"):
+        segmentation_binding(only_classifiers)
+    only_segmenter = make_settings(models={"segmentation": {"allow_untrained": True}})
+    with pytest.raises(ConfigError, match=r"models: declare at least one classifier"):
+        classification_binding(only_segmenter)

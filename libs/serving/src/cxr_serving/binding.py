@@ -1,5 +1,6 @@
 """One way to plug a model-serving gRPC service into the shared server: models -> repository, a
-decode pool, the servicer built on both, and the pool closed at stop (what every service repeated)."""
+decode pool, the servicer built on both, and the pool closed at stop (what every service repeated);
+`infer` is the one-model request path that calls the model's preprocess/postprocess hooks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cxr_serving.images import DecodePool
+from cxr_serving.batcher import Arrival
+from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.instances import ModelFactory
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ServedModel
 from cxr_serving.server import ServiceBinding
@@ -59,3 +61,28 @@ def bind_models(
         on_stop=stop,
         extra={"servicer": built, **(extra or {})},
     )
+
+
+async def infer(
+    repo: ModelRepository,
+    pool: DecodePool,
+    name: str,
+    data: bytes,
+    content_type: str,
+    arrival: Arrival | None = None,
+    options: Any = None,
+) -> tuple[DecodedImage, Any]:
+    """One image through one model: decode and the model's `preprocess` as one job on the decode pool,
+    its batched `predict`, then its `postprocess(output, options)` on the pool; returns the decoded image
+    and the postprocessed result. `arrival` is the model's entry of `repo.expect`."""
+    model = repo.model(name)
+    decoded, item = await pool.run(_decode_and_preprocess, data, content_type, pool.limits, model)
+    output = await repo.predict(name, item, arrival)
+    return decoded, await pool.run(model.postprocess, output, options)
+
+
+def _decode_and_preprocess(
+    data: bytes, content_type: str, limits: DecodeLimits, model: ServedModel
+) -> tuple[DecodedImage, Any]:
+    decoded = decode_image(data, content_type, limits)
+    return decoded, model.preprocess(decoded)

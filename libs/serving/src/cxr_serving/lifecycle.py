@@ -88,8 +88,9 @@ class ServedModel(ABC):
 
     def preprocess(self, decoded: DecodedImage) -> Any:
         """One request's decoded image -> one input of `predict` (KServe's `preprocess`, LitServe's
-        `decode_request`); runs per request on the decode pool, so batches hold only the forward pass.
-        Default: the grayscale pixels."""
+        `decode_request`). The runtime does not call it on its own: the service's request path does, per
+        request on the decode pool (`binding.infer`; classification's pipeline.py and segmentation's
+        servicer.py call it themselves), so batches hold only the forward pass. Default: the grayscale pixels."""
         return decoded.pixels
 
     @abstractmethod
@@ -98,8 +99,8 @@ class ServedModel(ABC):
 
     def postprocess(self, output: Any, options: Any = None) -> Any:
         """One output of `predict` -> the service's domain result, with the request's `options`
-        (KServe's `postprocess`, LitServe's `encode_response`); runs per request, off the batch.
-        Default: the output unchanged."""
+        (KServe's `postprocess`, LitServe's `encode_response`). Called per request, off the batch, by the
+        same request paths as `preprocess`. Default: the output unchanged."""
         return output
 
     def unload(self) -> None:  # noqa: B027 - optional hook, not abstract

@@ -2,9 +2,9 @@
 serves all the entries of its tasks, so a new model is a config entry, never a code edit.
 
 An entry without `task` is a model only under one of the legacy names (`binary_classifier`,
-`multiclass_classifier`, `segmentation`), which keep their documented defaults; any other entry
-without `task` is a service's own section (`models.rag`), unless it declares a model key
-(`architecture`, `model_type`, `checkpoint_path`), which is then refused as a model without a task.
+`multiclass_classifier`, `segmentation`), which keep their documented defaults and cannot declare another
+task; an entry named after a catalog service (`models.rag`) is that service's own section; any other
+entry without `task` is refused, so a mistyped key never leaves a model silently unserved.
 """
 
 from __future__ import annotations
@@ -37,14 +37,24 @@ def model_tasks(settings: Settings, tasks: tuple[str, ...]) -> dict[str, str]:
     Raises ConfigError naming the field: `models.<name>.task` when it is missing from a model entry
     or unknown, `models.<name>.architecture` when an entry outside the legacy names omits it."""
     found: dict[str, str] = {}
+    sections: set[str] | None = None  # the catalog's service names, read only when an entry has no task
     for name, raw in settings.models.items():
-        task = raw.get("task", LEGACY_TASKS.get(name))
+        legacy = LEGACY_TASKS.get(name)
+        task = raw.get("task", legacy)
         if task is None:
-            if any(key in raw for key in _MODEL_KEYS):
-                raise ConfigError(
-                    f"models.{name}.task is missing: a model entry says what it does, one of {list(TASKS)}"
-                )
-            continue  # a service's own section, e.g. models.rag
+            if sections is None:
+                sections = set(settings.catalog())
+            if name in sections and not any(key in raw for key in _MODEL_KEYS):
+                continue  # the service's own section, e.g. models.rag
+            raise ConfigError(
+                f"models.{name}.task is missing: a model entry says what it does, one of {list(TASKS)} "
+                f"(an entry without a task is only a service's own section: {sorted(sections)})"
+            )
+        if legacy is not None and task != legacy:
+            raise ConfigError(
+                f"models.{name}.task: {task!r} contradicts the legacy name {name!r}, which is a {legacy} "
+                "model; give this model another name"
+            )
         if task not in TASKS:
             raise ConfigError(f"models.{name}.task: unknown task {task!r}; known tasks: {list(TASKS)}")
         if name not in LEGACY_TASKS and not any(key in raw for key in ARCHITECTURE_KEYS):

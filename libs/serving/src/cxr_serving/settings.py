@@ -400,7 +400,8 @@ class Settings(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _catalog_endpoints(cls, data: Any) -> Any:
-        """Give every catalog service (built-in and extra) an endpoint; the config's own entries win."""
+        """Give every catalog service (built-in and extra) an endpoint; the config's own entries win, and an
+        entry for a service the catalog lacks (a typo) is refused rather than ignored."""
         if not isinstance(data, dict) or not isinstance(data.get("services", {}), dict):
             return data
         extra = _paths(data.get("service_catalog") or [])
@@ -410,6 +411,12 @@ class Settings(_Strict):
             name: {"port": spec.port, "metrics_port": spec.metrics_port} for name, spec in load_catalog(extra).items()
         }
         services = dict(data.get("services", {}))
+        unknown = sorted(set(services) - set(defaults))
+        if unknown:
+            raise ConfigError(
+                f"services.{unknown[0]}: no such service in the service catalog {sorted(defaults)} "
+                "(add one with an extra catalog file in service_catalog / CXR_SERVICE_CATALOG)"
+            )
         for name, ports in defaults.items():
             given = services.get(name, {})
             services[name] = {**ports, **given} if isinstance(given, dict) else given

@@ -100,6 +100,10 @@ class ClassifierConfig(BaseModel):
     output_activation: Literal["sigmoid", "softmax"] | None = Field(
         None, description="default: softmax for a 2-output binary head, else sigmoid"
     )
+    max_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="this model's batch limit (default: server_config.max_batch_size)"
+    )
+    max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000, description="default: server_config's")
     thresholds: float | dict[str, float] = Field(
         0.5,
         description="one threshold, or one per label; a label without an operating point in a checkpoint that "

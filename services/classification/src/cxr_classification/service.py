@@ -11,6 +11,7 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_serving.binding import ModelEntry, bind_models
 from cxr_serving.device import InferenceDevice
+from cxr_serving.lifecycle import BatchingConfig
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -25,7 +26,7 @@ def build_models(settings: Settings, device: InferenceDevice) -> dict[str, Chest
             device,
             checkpoint_path=settings.resolve_model_path(cfg.checkpoint_path),
             warmup_batches=settings.performance.warmup_batches,
-            max_batch_size=settings.server_config.max_batch_size,
+            max_batch_size=cfg.max_batch_size or settings.server_config.max_batch_size,  # warm-up sizes
         )
         for name, cfg in classifier_configs(settings).items()
     }
@@ -43,7 +44,14 @@ def build_binding(settings: Settings) -> ServiceBinding:
     device = InferenceDevice.resolve(sc.device, settings.performance)
     models = build_models(settings, device)
     entries = [  # disabled models are listed and can be loaded on demand
-        ModelEntry(model, required=model.cfg.enabled, factory=functools.partial(build_model, settings, name))
+        ModelEntry(
+            model,
+            required=model.cfg.enabled,
+            factory=functools.partial(build_model, settings, name),
+            batching=BatchingConfig.from_settings(
+                sc, max_batch_size=model.cfg.max_batch_size, max_batch_delay_ms=model.cfg.max_batch_delay_ms
+            ),
+        )
         for name, model in models.items()
     ]
     return bind_models(

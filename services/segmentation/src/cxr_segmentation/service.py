@@ -23,7 +23,7 @@ SECTION = "segmentation"
 
 def segmentation_configs(settings: Settings) -> list[SegmentationConfig]:
     """Every `models.*` entry with task segmentation, validated (ConfigError names the field), each named
-    by its key unless it sets `name`; the defaults of `models.segmentation` when there is none."""
+    by its key unless it sets `name`; none is a ConfigError, as a service with nothing to serve must not start."""
     configs: list[SegmentationConfig] = []
     for key in model_tasks(settings, SEGMENTATION_TASKS):
         cfg = settings.model_section(key, SegmentationConfig)
@@ -36,7 +36,12 @@ def segmentation_configs(settings: Settings) -> list[SegmentationConfig]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"models.*.name: two segmentation models are named {duplicates}; names must be unique")
-    return configs or [SegmentationConfig()]  # type: ignore[call-arg]
+    if not configs:
+        raise ConfigError(
+            f"models: declare at least one segmentation model for the segmentation service: an entry with task "
+            f"{' or '.join(SEGMENTATION_TASKS)} (e.g. models.{SECTION})"
+        )
+    return configs
 
 
 def segmentation_config(settings: Settings) -> SegmentationConfig:
@@ -52,7 +57,7 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
         device,
         default_checkpoint=settings.resolve_model_path(cfg.checkpoint_path),
         warmup_batches=settings.performance.warmup_batches,
-        max_batch_size=settings.server_config.max_batch_size,
+        max_batch_size=cfg.max_batch_size or settings.server_config.max_batch_size,  # warm-up / graph sizes
     )
 
 
