@@ -118,7 +118,7 @@ def test_two_segmenters_cannot_share_a_name():
 def test_an_entry_without_a_task_that_is_no_service_section_is_refused(entry):
     s = make_settings(models={"binary_classifier": {"allow_untrained": True}, "screen": entry})
     for load in (classifier_configs, segmentation_configs):
-        with pytest.raises(ConfigError, match=r"models\.screen\.task is missing.*\['classification', 'rag'"):
+        with pytest.raises(ConfigError, match=r"models\.screen\.task is missing.*\['classification', 'dicom', 'rag'"):
             load(s)
 
 
