@@ -70,10 +70,15 @@ def test_every_rendered_object_is_valid_kubernetes(any_render: Rendered) -> None
 
 
 def test_default_render_has_the_whole_suite(default_render: Rendered) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
     for svc in SERVICES:
-        for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"):
+        for kind in ("Deployment", "Service", "NetworkPolicy", "ServiceMonitor"):
             assert default_render.has(kind, f"cxr-{svc}"), (kind, svc)
-        assert default_render.has("ServiceMonitor", f"cxr-{svc}")
+        # the DICOM node is one replica writing its queue: no autoscaler, no disruption budget by default
+        scaled = values[svc]["autoscaling"]["enabled"]
+        assert default_render.has("HorizontalPodAutoscaler", f"cxr-{svc}") == scaled, svc
+        assert default_render.has("PodDisruptionBudget", f"cxr-{svc}") == values[svc]["pdb"]["enabled"], svc
+    assert {s for s in SERVICES if values[s]["autoscaling"]["enabled"]} == {"classification", "segmentation", "rag"}
     assert default_render.has("Deployment", "cxr-vllm") and default_render.has("StatefulSet", "cxr-chroma")
     assert default_render.has("CronJob", "cxr-chroma-backup") and default_render.has("Deployment", "cxr-kong")
     assert default_render.has("PrometheusRule", "cxr")
@@ -150,6 +155,7 @@ def test_config_map_is_a_valid_service_config(any_render: Rendered, tmp_path) ->
         "classification": 50051,
         "segmentation": 50052,
         "rag": 50053,
+        "dicom": 50055,
     }
     assert settings.security.api_keys == []
     assert str(settings.security.api_key_file).startswith("/etc/cxr/secrets/")
