@@ -44,5 +44,5 @@ EXPOSE 50055 9090 11112 8043
 # gRPC health (service ""), the same check the kubelet's grpc probe makes; no key needed.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel(os.environ.get('CXR_HEALTH_ADDR', '127.0.0.1:50055')); r = g.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=4); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
-ENTRYPOINT ["python", "-m", "cxr_serving", "dicom"]
+ENTRYPOINT ["python", "-m", "cxr_dicom"]
 CMD ["--config", "/etc/cxr/config.json"]

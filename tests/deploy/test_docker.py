@@ -31,6 +31,13 @@ def _stages(ins: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     return stages
 
 
+def _depends_on_client(svc: str) -> bool:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "services" / svc / "pyproject.toml").read_text())["project"]
+    return any(d.split()[0].startswith("cxr-client") for d in project["dependencies"])
+
+
 @pytest.mark.parametrize("svc", SERVICES)
 def test_dockerfile_is_multistage_cuda_nonroot_and_installs_only_its_service(svc: str) -> None:
     ins = instructions(DOCKER / f"{svc}.Dockerfile")
@@ -42,7 +49,10 @@ def test_dockerfile_is_multistage_cuda_nonroot_and_installs_only_its_service(svc
     assert final[0][1].startswith("${CUDA_RUNTIME_IMAGE}")
     copies = [a for k, a in ins if k == "COPY" and not a.startswith("--from")]
     sources = {a.split()[0] for a in copies}
-    assert sources == {"requirements/constraints.txt", "libs/protos", "libs/serving", f"services/{svc}"}
+    # the libraries it installs are exactly those its pyproject depends on (the DICOM node calls the others
+    # through cxr_client)
+    libs = ["libs/protos", "libs/serving"] + (["libs/client"] if _depends_on_client(svc) else [])
+    assert sources == {"requirements/constraints.txt", *libs, f"services/{svc}"}
     for src in sources:
         assert (ROOT / src).exists(), src
     text = (DOCKER / f"{svc}.Dockerfile").read_text()
@@ -50,7 +60,8 @@ def test_dockerfile_is_multistage_cuda_nonroot_and_installs_only_its_service(svc
         assert f"services/{other}" not in text and f"cxr_{other}" not in text, other
     pip = [a for k, a in ins if k == "RUN" and "pip install" in a]
     assert len(pip) == 1
-    assert f"pip install -c requirements/constraints.txt ./libs/protos ./libs/serving ./services/{svc}" in pip[0]
+    packages = " ".join(f"./{p}" for p in (*libs, f"services/{svc}"))
+    assert f"pip install -c requirements/constraints.txt {packages}" in pip[0]
     # the final stage takes only the built interpreter and venv from the build stage
     assert {a for k, a in final if k == "COPY"} == {
         "--from=build /opt/python /opt/python",
@@ -177,7 +188,13 @@ def test_compose_gpus_and_isolation(compose: dict) -> None:
         devices = services[name].get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         return sum(d["count"] for d in devices if "gpu" in d["capabilities"])
 
-    assert {n: gpus(n) for n in (*SERVICES, "vllm")} == {"classification": 1, "segmentation": 1, "rag": 0, "vllm": 1}
+    assert {n: gpus(n) for n in (*SERVICES, "vllm")} == {
+        "classification": 1,
+        "segmentation": 1,
+        "rag": 0,
+        "dicom": 0,
+        "vllm": 1,
+    }
     assert compose["networks"]["backend"]["internal"] and compose["networks"]["llm"]["internal"]
     reach_llm = {n for n, s in services.items() if "llm" in s.get("networks", [])}
     assert reach_llm == {"rag", "vllm", "chroma", "prometheus"}  # only rag (and the scraper) reach vLLM/Chroma
