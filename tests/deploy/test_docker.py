@@ -164,7 +164,7 @@ def test_compose_runs_the_dicom_node(compose: dict) -> None:
         f"{s}:{CONFIG['services'][s]['port']}" for s in ("classification", "segmentation")
     }
     ins = instructions(DOCKER / "dicom.Dockerfile")
-    assert json.loads(next(a for k, a in ins if k == "ENTRYPOINT")) == ["python", "-m", "cxr_serving", "dicom"]
+    assert json.loads(next(a for k, a in ins if k == "ENTRYPOINT")) == ["python", "-m", "cxr_dicom"]
     assert f"CXR_HEALTH_ADDR=127.0.0.1:{CONFIG['services']['dicom']['port']}" in " ".join(
         a for k, a in ins if k == "ENV"
     )
