@@ -13,17 +13,7 @@ from cxr_client import ClientConfig
 from cxr_client.catalog import CatalogError
 from cxr_client.cli import main
 from cxr_client.mcp.server import main as mcp_main
-
-ENTRY = {
-    "name": "echo",
-    "package": "json",
-    "binding": "json:loads",
-    "grpc_services": ["cxr.echo.v1.EchoService"],
-    "port": 50060,
-    "metrics_port": 9160,
-    "model_admin": False,
-    "idempotent": True,
-}
+from tests.support.catalogs import ECHO_ENTRY as ENTRY
 
 
 def _file(tmp_path: Path, data: object) -> Path:

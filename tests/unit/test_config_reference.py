@@ -3,36 +3,26 @@ variables really set that key, and `--check` (run by `make lint`) fails when the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from pydantic import BaseModel, Field
 
 from cxr_serving import settings as settings_module
 from cxr_serving.settings import Settings, env_overrides
+from tests.support.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gen_config_reference.py"
 DOC = REPO / "docs" / "configuration.md"
 
 
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_config_reference", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_script("gen_config_reference")
 
 
 def _sub_model(annotation: typing.Any) -> tuple[type[BaseModel] | None, bool]:

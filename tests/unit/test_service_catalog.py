@@ -18,21 +18,11 @@ from cxr_serving.catalog import RESERVED_NAMES, load_catalog
 from cxr_serving.cli import main as serving_main
 from cxr_serving.errors import ConfigError
 from cxr_serving.settings import load_settings
+from tests.support.catalogs import ECHO_ENTRY as ENTRY
 from tests.support.paths import REPO
+from tests.support.scripts import load_script
 
-sys.path.insert(0, str(REPO / "scripts"))
-import gen_catalog
-
-ENTRY = {
-    "name": "echo",
-    "package": "json",
-    "binding": "json:loads",
-    "grpc_services": ["cxr.echo.v1.EchoService"],
-    "port": 50060,
-    "metrics_port": 9160,
-    "model_admin": False,
-    "idempotent": True,
-}
+gen_catalog = load_script("gen_catalog")
 
 
 def write(tmp_path: Path, *entries: dict, name: str = "extra.json") -> Path:
