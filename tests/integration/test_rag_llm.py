@@ -134,7 +134,7 @@ async def test_concurrency_cap(stub_url):
 
 
 BUDGET_S = 1.0
-MARGIN_S = 0.5  # scheduling slack on a loaded machine; the trickle would go on for 30 s
+MARGIN_S = 1.5  # scheduling slack on a loaded 2-core CI host (2.05 s seen); the trickle would go on for 30 s
 GUARD_S = 10.0  # fails the test instead of hanging when the budget is not enforced
 
 

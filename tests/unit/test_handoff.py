@@ -72,7 +72,15 @@ async def test_decode_pool_and_batcher_hand_off_without_chaining_a_concurrent_fu
     state under the future's Condition lock); the services' pools settle their future directly."""
     chained: list[object] = []
     chain = asyncio.futures._chain_future  # type: ignore[attr-defined]
-    monkeypatch.setattr(asyncio.futures, "_chain_future", lambda *a: (chained.append(a), chain(*a))[1])
+    loop = asyncio.get_running_loop()
+
+    def probe(source: object, destination: object) -> None:
+        # the patch is process-wide: servers other tests left running on their own loops also chain
+        if isinstance(destination, asyncio.Future) and destination.get_loop() is loop:
+            chained.append((source, destination))
+        chain(source, destination)
+
+    monkeypatch.setattr(asyncio.futures, "_chain_future", probe)
     pool = DecodePool(DecodeLimits(), workers=1)
     batcher = DynamicBatcher("m", lambda items: [i * 2 for i in items], max_batch_size=4, max_batch_delay_ms=1)
     batcher.start()
