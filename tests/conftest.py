@@ -22,3 +22,12 @@ def sample_png() -> bytes:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Shared service stacks stop here, inside the session, so their shutdown logs go somewhere."""
+    import sys
+
+    stacks = sys.modules.get("tests.support.client_stack")
+    if stacks is not None:
+        stacks.stop_stacks()

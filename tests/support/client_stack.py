@@ -188,5 +188,11 @@ def get_stack(kind: str = "real") -> Stack:
 
             stack = Stack({"classification": build_toy, "segmentation": segmentation})
         _STACKS[kind] = stack.start()
-        atexit.register(stack.stop)
+        atexit.register(stack.stop)  # a process that never reaches stop_stacks (a script) still stops them
     return _STACKS[kind]
+
+
+def stop_stacks() -> None:
+    """Stop every stack while pytest still captures logging (at exit the streams are closed)."""
+    while _STACKS:
+        _STACKS.popitem()[1].stop()
