@@ -140,6 +140,10 @@ class Intake:
             raise
         log.info(
             "accepted an instance",
-            extra={"priority": enqueued.priority.name.lower(), "created": enqueued.created, "calling_ae": calling_ae},
+            extra={
+                "priority": enqueued.priority.name.lower(),
+                "new_instance": enqueued.created,
+                "calling_ae": calling_ae,
+            },
         )
         return Received(accepted, enqueued)
