@@ -132,16 +132,16 @@ class _QueueCollector(Collector):
                 rows = reader.states()
             except sqlite3.Error:  # a closing node: its rows are gone with it
                 continue
-            for priority, state, n, enqueued in rows:
-                name = Priority(priority).name.lower()
+            for level, state, n, enqueued in rows:
+                name = Priority(level).name.lower()
                 counts[(name, STATE_LABELS[state])] += n
                 if state != DEAD and enqueued is not None:
                     first[name] = min(first.get(name, enqueued), enqueued)
-        for (priority, state), n in counts.items():
-            depth.add_metric([priority, state], n)
+        for (name, label), n in counts.items():
+            depth.add_metric([name, label], n)
         now = time.time()
-        for priority in PRIORITIES:
-            oldest.add_metric([priority], max(0.0, now - first[priority]) if priority in first else 0.0)
+        for name in PRIORITIES:
+            oldest.add_metric([name], max(0.0, now - first[name]) if name in first else 0.0)
         yield depth
         yield oldest
 
