@@ -61,6 +61,8 @@ def test_alerts_cover_the_operational_signals() -> None:
         "CxrGpuMemoryHigh": "cxr_gpu_memory_used_bytes",
         "CxrQueueSaturated": "cxr_queue_depth",
         "CxrRequestsShed": "cxr_requests_shed_total",
+        "CxrDicomDeadLetters": 'cxr_dicom_queue_depth{state="dead"}',
+        "CxrDicomQueueStuck": "cxr_dicom_time_to_result_seconds_count",
     }
     for name, needle in expected.items():
         assert needle in alerts[name]["expr"], name
@@ -71,10 +73,11 @@ def test_alerts_cover_the_operational_signals() -> None:
 
 @pytest.fixture
 async def exported_metrics(sample_png: bytes) -> set[str]:
-    """Names a real service exposes on its metrics port (families and their sample names). The rag
-    service's own families are registered on the shared registry when it is imported, as in its process."""
+    """Names a real service exposes on its metrics port (families and their sample names). The rag and DICOM
+    services' own families are registered on the shared registry when imported, as in their processes."""
     import grpc
 
+    import cxr_dicom.metrics  # noqa: F401
     import cxr_rag.metrics  # noqa: F401
     from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 
@@ -130,7 +133,7 @@ def test_dashboard_and_alerts_only_use_exported_metrics(dashboard: dict, exporte
     assert used <= exported_metrics, sorted(used - exported_metrics)
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     in_alerts = {m for g in rules["groups"] for r in g["rules"] for m in METRIC_RE.findall(r["expr"])}
-    assert {"cxr_model_loaded", "cxr_queue_depth"} <= in_alerts
+    assert {"cxr_model_loaded", "cxr_queue_depth", "cxr_dicom_queue_depth"} <= in_alerts
     assert in_alerts <= exported_metrics, sorted(in_alerts - exported_metrics)
     # and the dashboard shows every family the runtime exports
     families = {m for m in exported_metrics if not m.endswith(("_bucket", "_sum", "_count", "_total", "_created"))}

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_dicom import audit_events
 from cxr_dicom.acceptance import Accepted, Refusal, RefusalKind, check_part10, refusal_log_fields
 from cxr_dicom.priority import PriorityPolicy
 from cxr_dicom.work_queue import EnqueueResult, WorkQueue
@@ -59,14 +60,40 @@ def _write_durably(path: Path, data: bytes) -> None:
 class Intake:
     """Check -> (anonymize) -> write the file, fsync'd -> enqueue. Thread-safe: the SCP calls it from its threads."""
 
-    def __init__(self, data_path: Path, queue: WorkQueue, policy: PriorityPolicy, *, anonymize: bool) -> None:
+    def __init__(
+        self, data_path: Path, queue: WorkQueue, policy: PriorityPolicy, *, anonymize: bool, ae_title: str = "CXR_DICOM"
+    ) -> None:
         self.data_path = data_path
         self.queue = queue
         self.policy = policy
         self.anonymize = anonymize
+        self.ae_title = ae_title
 
-    def receive(self, data: bytes, *, declared_sop_class: str | None = None, calling_ae: str | None = None) -> Received:
-        """Accept one Part 10 instance or raise `Refusal` (not analysable) / `QueueFullError` (try later)."""
+    def receive(
+        self,
+        data: bytes,
+        *,
+        declared_sop_class: str | None = None,
+        calling_ae: str | None = None,
+        via: str = "dimse",
+        api_key_id: str | None = None,
+        peer: str = "",
+    ) -> Received:
+        """Accept one Part 10 instance or raise `Refusal` (not analysable) / `QueueFullError` (try later).
+
+        ``via`` (dimse, stow), ``api_key_id`` (a key's fingerprint) and ``peer`` go to the audit trail."""
+        received = self._receive(data, declared_sop_class, calling_ae)
+        audit_events.received(
+            received.accepted.study_instance_uid,
+            intake=via,
+            node_ae=self.ae_title,
+            calling_ae=calling_ae,
+            api_key_id=api_key_id,
+            peer=peer,
+        )
+        return received
+
+    def _receive(self, data: bytes, declared_sop_class: str | None, calling_ae: str | None) -> Received:
         try:
             accepted = check_part10(data, declared_sop_class)
         except Refusal as refused:
@@ -113,6 +140,10 @@ class Intake:
             raise
         log.info(
             "accepted an instance",
-            extra={"priority": enqueued.priority.name.lower(), "created": enqueued.created, "calling_ae": calling_ae},
+            extra={
+                "priority": enqueued.priority.name.lower(),
+                "new_instance": enqueued.created,
+                "calling_ae": calling_ae,
+            },
         )
         return Received(accepted, enqueued)

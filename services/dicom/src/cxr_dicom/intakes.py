@@ -20,10 +20,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cxr_dicom import metrics
 from cxr_dicom.acceptance import Refusal, RefusalKind
 from cxr_dicom.config import DicomConfig
 from cxr_dicom.intake import Intake
 from cxr_dicom.work_queue import QueueFullError
+from cxr_serving.audit import key_fingerprint
 from cxr_serving.auth import API_KEY_HEADERS, ApiKeyStore
 
 log = logging.getLogger("cxr.dicom.intakes")
@@ -51,16 +53,23 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             intake.receive(
-                event.encoded_dataset(), declared_sop_class=str(event.request.AffectedSOPClassUID), calling_ae=calling
+                event.encoded_dataset(),
+                declared_sop_class=str(event.request.AffectedSOPClassUID),
+                calling_ae=calling,
+                peer=str(event.assoc.requestor.address),
             )
         except Refusal as refusal:
+            metrics.refused("dimse", refusal.dimse_status)
             return refusal.dimse_status
         except QueueFullError:
             log.warning("queue full: C-STORE refused with 0xA700", extra={"calling_ae": calling})
+            metrics.refused("dimse", OUT_OF_RESOURCES)
             return OUT_OF_RESOURCES
         except OSError as exc:
             log.error("could not keep an instance: %s", type(exc).__name__, extra={"calling_ae": calling})
+            metrics.refused("dimse", OUT_OF_RESOURCES)
             return OUT_OF_RESOURCES
+        metrics.accepted("dimse")
         return 0x0000
 
     return ae.start_server((host, cfg.dimse_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -96,6 +105,14 @@ def parse_multipart_related(body: bytes, content_type: str) -> Iterator[tuple[st
             if name.strip().lower() == "content-type":
                 part_type = value.split(";", 1)[0].strip().lower()
         yield part_type, data.removesuffix(b"\r\n")
+
+
+def _api_key(request: Request) -> str:
+    key = next((request.headers[h] for h in API_KEY_HEADERS if h in request.headers), "")
+    auth = request.headers.get("authorization", "")
+    if not key and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key
 
 
 def _referenced(sop_class: str, sop_instance: str) -> Dataset:
@@ -151,10 +168,7 @@ class StowServer:
     def _authorized(self, request: Request) -> bool:
         if self.keys is None:
             return True
-        key = next((request.headers[h] for h in API_KEY_HEADERS if h in request.headers), "")
-        auth = request.headers.get("authorization", "")
-        if not key and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
+        key = _api_key(request)
         return bool(key) and self.keys.is_valid(key)
 
     async def store(self, request: Request) -> Response:
@@ -173,22 +187,29 @@ class StowServer:
             return JSONResponse({"error": str(exc)}, status_code=415)
         stored: list[Dataset] = []
         failed: list[Dataset] = []
+        key_id = key_fingerprint(_api_key(request)) or None
+        peer = request.client.host if request.client is not None else ""
         for part_type, data in parts:
             if part_type != "application/dicom":
-                failed.append(Refusal(RefusalKind.CANNOT_UNDERSTAND, f"part of type {part_type}").failed_sop_item())
+                refusal = Refusal(RefusalKind.CANNOT_UNDERSTAND, f"part of type {part_type}")
+                metrics.refused("stow", refusal.stow_failure_reason)
+                failed.append(refusal.failed_sop_item())
                 continue
             try:
-                received = await asyncio.to_thread(self.intake.receive, data)
+                received = await asyncio.to_thread(self.intake.receive, data, via="stow", api_key_id=key_id, peer=peer)
             except Refusal as refusal:
+                metrics.refused("stow", refusal.stow_failure_reason)
                 failed.append(refusal.failed_sop_item())
                 continue
             except QueueFullError:
                 log.warning("queue full: STOW-RS answered 503")
+                metrics.refused("stow", "http_503")
                 return Response(
                     status_code=503,
                     headers={"Retry-After": str(self.cfg.busy_retry_after_s)},
                     content=b"the work queue is full; retry later",
                 )
+            metrics.accepted("stow")
             accepted = received.accepted
             stored.append(_referenced(accepted.sop_class_uid, accepted.sop_instance_uid))
         answer = Dataset()

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from cxr_client.client import AsyncCxrClient
+from cxr_dicom import metrics
 from cxr_dicom.config import DicomConfig, dicom_config
 from cxr_dicom.intake import Intake
 from cxr_dicom.intakes import StowServer, start_scp
@@ -32,7 +33,9 @@ class DicomNode:
         self.queue = WorkQueue(
             cfg.data_path, max_pending=cfg.max_queue_size, max_attempts=cfg.max_attempts, lease_s=cfg.lease_s
         )
-        self.intake = Intake(cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom)
+        self.intake = Intake(
+            cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom, ae_title=cfg.ae_title
+        )
         keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
         self.stow = StowServer(cfg, self.intake, keys, self.host)
         self.client: AsyncCxrClient | None = None
@@ -46,6 +49,7 @@ class DicomNode:
         return self.stow.port
 
     async def start(self) -> None:
+        metrics.QUEUES.attach(self.queue)
         self.client = AsyncCxrClient(client_config(self.cfg))
         self.worker = Worker(self.cfg, self.queue, self.client)
         self.worker.start()
@@ -63,6 +67,7 @@ class DicomNode:
             await self.worker.stop()
         if self.client is not None:
             await self.client.close()
+        metrics.QUEUES.detach(self.queue)
         self.queue.close()
 
 

@@ -5,6 +5,7 @@ dead-letters after ``max_attempts``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -12,13 +13,14 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydicom import Dataset, dcmread
 
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
+from cxr_dicom import audit_events, metrics
 from cxr_dicom.codes import measurement_concept
 from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
@@ -155,18 +157,36 @@ class Senders:
         finally:
             assoc.release()
 
-    def fhir(self, bundle: dict[str, Any]) -> None:
+    def fhir(self, bundle: dict[str, Any], study_uid: str = "") -> None:
         if self.dest.fhir_folder is not None:
-            write_bundle(bundle, self.dest.fhir_folder)
+            with self._tracked(study_uid, "fhir_folder", self.dest.fhir_folder.absolute().as_uri(), ["fhir_bundle"]):
+                write_bundle(bundle, self.dest.fhir_folder)
         if self.dest.fhir_url is not None:
-            post_bundle(bundle, self.dest.fhir_url, timeout_s=self.dest.timeout_s)
+            with self._tracked(study_uid, "fhir", self.dest.fhir_url, ["fhir_bundle"]):
+                post_bundle(bundle, self.dest.fhir_url, timeout_s=self.dest.timeout_s)
+
+    @contextlib.contextmanager
+    def _tracked(self, study_uid: str, destination: str, target: str, objects: Sequence[str]) -> Iterator[None]:
+        """Count the objects sent or failed (metrics) and write the export AuditEvent of one destination."""
+        with (
+            metrics.delivery(destination, objects),
+            audit_events.exporting(
+                study_uid, destination=destination, target=target, node_ae=self.calling_ae, objects=objects
+            ),
+        ):
+            yield
 
     def send(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+        study_uid = str(datasets[0].StudyInstanceUID) if datasets else ""
+        kinds = [metrics.object_kind(ds) for ds in datasets]
         if self.dest.stow_url is not None:
-            self.stow(datasets)
+            with self._tracked(study_uid, "stow", self.dest.stow_url, kinds):
+                self.stow(datasets)
         if self.dest.cstore is not None:
-            self.cstore(datasets)
-        self.fhir(bundle)
+            peer = self.dest.cstore
+            with self._tracked(study_uid, "cstore", f"{peer.ae_title}@{peer.host}:{peer.port}", kinds):
+                self.cstore(datasets)
+        self.fhir(bundle, study_uid)
 
 
 class Worker:
@@ -222,6 +242,7 @@ class Worker:
                 log.warning("an instance failed", extra={"attempt": item.attempts, "state": state, "reason": reason})
             else:
                 if await asyncio.to_thread(self.queue.complete, item):
+                    await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
                     path = instance_path(self.cfg.data_path, item.sop_uid)
                     path.unlink(missing_ok=True)
                     log.info("results sent", extra={"attempts": item.attempts, "priority": item.priority.name.lower()})
