@@ -98,3 +98,18 @@ async def test_the_worker_forgets_finished_instances_after_done_retention_s(tmp_
         finally:
             await worker.stop()
     assert queue.get(sop) is None  # a re-send now would be analysed again
+
+
+def test_intake_log_lines_carry_their_fields_in_the_json_log(tmp_path, caplog):
+    """The JSON formatter writes only `extra={"fields": ...}`: other extra keys never reach the log."""
+    from cxr_serving.logging_setup import JsonFormatter
+
+    intake, _ = make_intake(tmp_path)
+    with caplog.at_level("INFO", logger="cxr.dicom.intake"):
+        intake.receive(dicom_files()[0].read_bytes(), calling_ae="ER_DX")
+        with pytest.raises(Refusal):
+            intake.receive(b"not dicom", calling_ae="ER_DX")
+    lines = {r.getMessage(): json.loads(JsonFormatter("dicom").format(r)) for r in caplog.records}
+    accepted, refused = lines["accepted an instance"], lines["refused an instance"]
+    assert accepted["calling_ae"] == "ER_DX" and accepted["priority"] == "stat" and accepted["new_instance"] is True
+    assert refused["calling_ae"] == "ER_DX" and "dicom" in refused

@@ -97,7 +97,10 @@ class Intake:
         try:
             accepted = check_part10(data, declared_sop_class)
         except Refusal as refused:
-            log.warning("refused an instance", extra={"dicom": refusal_log_fields(refused), "calling_ae": calling_ae})
+            log.warning(
+                "refused an instance",
+                extra={"fields": {"dicom": refusal_log_fields(refused), "calling_ae": calling_ae}},
+            )
             raise
         try:
             path = instance_path(self.data_path, accepted.sop_instance_uid)
@@ -107,7 +110,10 @@ class Intake:
                 "the SOP Instance UID is not a valid UID",
                 sop_class_uid=accepted.sop_class_uid,
             )
-            log.warning("refused an instance", extra={"dicom": refusal_log_fields(bad_uid), "calling_ae": calling_ae})
+            log.warning(
+                "refused an instance",
+                extra={"fields": {"dicom": refusal_log_fields(bad_uid), "calling_ae": calling_ae}},
+            )
             raise bad_uid from None
         known = self.queue.get(accepted.sop_instance_uid)
         if known is not None:  # a re-send: nothing to write, the queue answers with its state
@@ -141,9 +147,11 @@ class Intake:
         log.info(
             "accepted an instance",
             extra={
-                "priority": enqueued.priority.name.lower(),
-                "new_instance": enqueued.created,
-                "calling_ae": calling_ae,
+                "fields": {
+                    "priority": enqueued.priority.name.lower(),
+                    "new_instance": enqueued.created,
+                    "calling_ae": calling_ae,
+                }
             },
         )
         return Received(accepted, enqueued)

@@ -62,11 +62,11 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
             metrics.refused("dimse", refusal.dimse_status)
             return refusal.dimse_status
         except QueueFullError:
-            log.warning("queue full: C-STORE refused with 0xA700", extra={"calling_ae": calling})
+            log.warning("queue full: C-STORE refused with 0xA700", extra={"fields": {"calling_ae": calling}})
             metrics.refused("dimse", OUT_OF_RESOURCES)
             return OUT_OF_RESOURCES
         except OSError as exc:
-            log.error("could not keep an instance: %s", type(exc).__name__, extra={"calling_ae": calling})
+            log.error("could not keep an instance: %s", type(exc).__name__, extra={"fields": {"calling_ae": calling}})
             metrics.refused("dimse", OUT_OF_RESOURCES)
             return OUT_OF_RESOURCES
         metrics.accepted("dimse")

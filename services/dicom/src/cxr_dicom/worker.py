@@ -210,7 +210,7 @@ class Worker:
         while not self._stopping.is_set():
             removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
             if removed:
-                log.info("forgot finished instances", extra={"removed": removed})
+                log.info("forgot finished instances", extra={"fields": {"removed": removed}})
             try:
                 await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
             except TimeoutError:
@@ -239,13 +239,18 @@ class Worker:
             except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
                 reason = f"{type(exc).__name__}: {exc}"[:2000]
                 state = await asyncio.to_thread(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-                log.warning("an instance failed", extra={"attempt": item.attempts, "state": state, "reason": reason})
+                log.warning(
+                    "an instance failed", extra={"fields": {"attempt": item.attempts, "state": state, "reason": reason}}
+                )
             else:
                 if await asyncio.to_thread(self.queue.complete, item):
                     await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
                     path = instance_path(self.cfg.data_path, item.sop_uid)
                     path.unlink(missing_ok=True)
-                    log.info("results sent", extra={"attempts": item.attempts, "priority": item.priority.name.lower()})
+                    log.info(
+                        "results sent",
+                        extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
+                    )
 
     async def process(self, item: Item) -> None:
         payload = json.loads(item.payload)
