@@ -239,18 +239,22 @@ class Worker:
         await asyncio.to_thread(self.senders.send, datasets, bundle)
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-        """The SR (UIDs fixed by the source and the algorithms), the SEG with Contributing Equipment, the bundle."""
-        source = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        devices = [device_uid(r.algorithm) for r in results]
-        sr = build_sr(
-            source,
-            results,
-            series_instance_uid=result_uid(str(source.StudyInstanceUID), "sr-series", *devices),
-            sop_instance_uid=result_uid(str(source.SOPInstanceUID), "sr", *devices),
-        )
-        out: list[Dataset] = [sr]
-        if seg:
-            seg_ds = dcmread(io.BytesIO(seg))
-            out.append(add_contributing_equipment(seg_ds, results[-1:]))
-        bundle = build_bundle(source, results)
-        return out, bundle
+        return build_results(data, results, seg)
+
+
+def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
+    """The SR (UIDs fixed by the source and the algorithms), the SEG with Contributing Equipment, the bundle."""
+    source = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    devices = [device_uid(r.algorithm) for r in results]
+    sr = build_sr(
+        source,
+        results,
+        series_instance_uid=result_uid(str(source.StudyInstanceUID), "sr-series", *devices),
+        sop_instance_uid=result_uid(str(source.SOPInstanceUID), "sr", *devices),
+    )
+    out: list[Dataset] = [sr]
+    if seg:
+        seg_ds = dcmread(io.BytesIO(seg))
+        out.append(add_contributing_equipment(seg_ds, results[-1:]))
+    bundle = build_bundle(source, results)
+    return out, bundle
