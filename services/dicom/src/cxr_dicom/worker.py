@@ -242,19 +242,42 @@ class Worker:
         return build_results(data, results, seg)
 
 
+def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
+    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint)
+    and version, so new weights or a new version give new objects and a retry the same ones."""
+    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}" for r in results]
+
+
+def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """Give ``ds`` these Series and SOP Instance UIDs, the file meta's Media Storage SOP Instance UID included."""
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    return ds
+
+
 def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-    """The SR (UIDs fixed by the source and the algorithms), the SEG with Contributing Equipment, the bundle."""
+    """The SR, the SEG with Contributing Equipment, the bundle; the SR's and the SEG's UIDs are fixed by the
+    source and the algorithms (the SEG's replace the segmentation service's random ones), so a retried
+    analysis sends the same objects again and a PACS keeps one of each."""
     source = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    devices = [device_uid(r.algorithm) for r in results]
+    study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
+    identity = algorithm_identity(results)
     sr = build_sr(
         source,
         results,
-        series_instance_uid=result_uid(str(source.StudyInstanceUID), "sr-series", *devices),
-        sop_instance_uid=result_uid(str(source.SOPInstanceUID), "sr", *devices),
+        series_instance_uid=result_uid(study, "sr-series", *identity),
+        sop_instance_uid=result_uid(sop, "sr", *identity),
     )
     out: list[Dataset] = [sr]
     if seg:
-        seg_ds = dcmread(io.BytesIO(seg))
+        segmenter = algorithm_identity(results[-1:])
+        seg_ds = set_instance_uids(
+            dcmread(io.BytesIO(seg)),
+            result_uid(study, "seg-series", *segmenter),
+            result_uid(sop, "seg", *segmenter),
+        )
         out.append(add_contributing_equipment(seg_ds, results[-1:]))
     bundle = build_bundle(source, results)
     return out, bundle
