@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import UID
 
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
@@ -253,7 +254,7 @@ def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: s
     ds.SeriesInstanceUID = series_instance_uid
     ds.SOPInstanceUID = sop_instance_uid
     if hasattr(ds, "file_meta"):
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     return ds
 
 
