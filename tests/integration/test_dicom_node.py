@@ -329,9 +329,22 @@ def test_stow_needs_the_api_key_and_dimse_the_accepted_calling_ae(stack, tmp_pat
 
 
 def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
-    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2."""
+    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2.
+
+    The 3 s backoff keeps the first item pending while the second is sent (two attempts that fail at once with
+    a 0.2 s backoff could dead-letter it first and make room)."""
     loop = LoopThread()
-    settings = node_settings(tmp_path, None, 9, 9, max_queue_size=1, max_attempts=2, workers=1)
+    settings = node_settings(
+        tmp_path,
+        None,
+        9,
+        9,
+        max_queue_size=1,
+        max_attempts=2,
+        workers=1,
+        retry_backoff_initial_s=3.0,
+        retry_backoff_max_s=3.0,
+    )
     try:
         server = loop.run(_start(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
