@@ -329,9 +329,22 @@ def test_stow_needs_the_api_key_and_dimse_the_accepted_calling_ae(stack, tmp_pat
 
 
 def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
-    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2."""
+    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2.
+
+    The 3 s backoff keeps the first item pending while the second is sent (two attempts that fail at once with
+    a 0.2 s backoff could dead-letter it first and make room)."""
     loop = LoopThread()
-    settings = node_settings(tmp_path, None, 9, 9, max_queue_size=1, max_attempts=2, workers=1)
+    settings = node_settings(
+        tmp_path,
+        None,
+        9,
+        9,
+        max_queue_size=1,
+        max_attempts=2,
+        workers=1,
+        retry_backoff_initial_s=3.0,
+        retry_backoff_max_s=3.0,
+    )
     try:
         server = loop.run(_start(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
@@ -473,6 +486,174 @@ def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack,
         assert all(a.done == 1 for a in answers)
         for study in studies:
             assert stack.orthanc_sr_count(study) == 1, study
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+
+
+def _orthanc_modalities(stack: Stack, study: str) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for ds in orthanc_instances(stack.orthanc, study):
+        out.setdefault(str(ds.Modality), []).append(ds)
+    return out
+
+
+def test_a_retry_after_the_seg_was_stored_leaves_one_seg_and_one_sr_in_the_pacs(stack, tmp_path):
+    """The SR and the SEG reach Orthanc (STOW-RS and C-STORE), then the FHIR delivery fails (its folder is a file)
+    so the attempt fails and the image is analysed again; once the folder can be written, Orthanc holds exactly
+    one SEG and one SR for the image, each referencing it, and the folder one bundle."""
+    settings = node_settings(
+        tmp_path, stack.orthanc, *stack.analysis_ports, workers=1, max_attempts=10, retry_backoff_max_s=1.0
+    )
+    blocker = tmp_path / "fhir"
+    blocker.write_text("not a folder")  # write_bundle cannot create the folder: the delivery fails
+    loop = LoopThread()
+    try:
+        server = loop.run(_start(settings, dicom_binding(settings)))
+        node = server.binding.extra["node"]
+        try:
+            _, ds = copy_with_new_uids(dicom_files()[0], tmp_path / "src")
+            study = ds.StudyInstanceUID
+            assert c_store(node.dimse_port, ds) == 0x0000
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = pb_grpc.DicomServiceStub(ch)
+
+                def instance() -> pb.InstanceStatus:
+                    answer = stub.GetStudyStatus(
+                        pb.GetStudyStatusRequest(study_instance_uid=study), metadata=auth(), timeout=10
+                    )
+                    return answer.instances[0]
+
+                deadline = time.monotonic() + WAIT_S
+                while not (instance().last_error and "SEG" in _orthanc_modalities(stack, study)):
+                    assert time.monotonic() < deadline, "no failed attempt after the SEG was stored"
+                    time.sleep(0.2)
+                blocker.unlink()
+                while (state := instance()).state != pb.INSTANCE_STATE_DONE:
+                    assert state.state != pb.INSTANCE_STATE_DEAD, state.last_error
+                    assert time.monotonic() < deadline, "the retry did not finish"
+                    time.sleep(0.2)
+            assert state.attempts >= 2, state  # analysed (and sent) at least twice
+        finally:
+            loop.run(server.stop(grace=1), timeout=60)
+    finally:
+        loop.close()
+    stored = _orthanc_modalities(stack, study)
+    assert {m: len(v) for m, v in stored.items()} == {"SEG": 1, "SR": 1}
+    [seg], [sr] = stored["SEG"], stored["SR"]
+    assert seg.file_meta.MediaStorageSOPInstanceUID == seg.SOPInstanceUID
+    refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
+    assert refs == [ds.SOPInstanceUID] and seg.StudyInstanceUID == study
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == study
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert len(list((tmp_path / "fhir").glob("*.json"))) == 1
+
+
+LONG_LEASE_S = 600.0
+RESTART_BOUND_S = 120.0
+
+
+def test_a_node_killed_mid_analysis_with_a_600s_lease_finishes_every_study_soon_after_restart(stack, tmp_path):
+    """A node process (2 workers, lease 600 s) is killed with SIGKILL while it analyses; a second node on the same
+    queue is refused while the first lives. Restarted, it finishes every study within 120 s of the restart (the
+    killed claims are taken back at start, not after 600 s); each study has one SR and one SEG in Orthanc and
+    only the killed claims were analysed twice."""
+    import os
+    import signal
+
+    from cxr_dicom.config import dicom_config
+    from cxr_dicom.intake import Intake
+    from cxr_dicom.service import DicomNode
+    from cxr_dicom.work_queue import CLAIMED, QueueLockedError, WorkQueue
+    from tests.support.processes import clean_env
+    from tests.support.servers import free_port
+
+    grpc_port = free_port()
+    settings = node_settings(
+        tmp_path, stack.orthanc, *stack.analysis_ports, workers=2, dimse_port=free_port(), lease_s=LONG_LEASE_S
+    )
+    data = settings.model_dump(mode="json")
+    data["services"]["dicom"] = {"host": "127.0.0.1", "port": grpc_port, "metrics_port": 0}
+    config = tmp_path / "node.json"
+    config.write_text(json.dumps(data))
+    cfg = dicom_config(settings)
+    sources = [copy_with_new_uids(dicom_files()[i % len(dicom_files())], tmp_path / f"s{i}")[0] for i in range(8)]
+    with WorkQueue(cfg.data_path, max_pending=cfg.max_queue_size) as queue:
+        intake = Intake(cfg.data_path, queue, cfg.priority_policy(), anonymize=False)
+        studies = [intake.receive(p.read_bytes(), calling_ae="MODALITY").accepted.study_instance_uid for p in sources]
+    log = tmp_path / "node.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cxr_serving", "dicom", "--config", str(config)],
+                cwd=REPO,
+                env=clean_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_serving(grpc_port, process, log)
+        return process
+
+    def statuses(stub: Any) -> list[pb.GetStudyStatusResponse]:
+        return [
+            stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10)
+            for s in studies
+        ]
+
+    process = start()
+    try:
+        second = DicomNode(settings, cfg)  # a second node on the same queue file while the first one lives
+        try:
+            with pytest.raises(QueueLockedError, match=f"pid {process.pid} "):
+                asyncio.run(second.start())
+        finally:
+            second.queue.close()
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+            deadline = time.monotonic() + WAIT_S
+            while True:  # some studies done and an analysis in progress: kill it there
+                answers = statuses(stub)
+                if sum(a.done for a in answers) >= 2 and any(a.in_progress for a in answers):
+                    process.send_signal(signal.SIGKILL)
+                    break
+                assert time.monotonic() < deadline, "the node made no progress"
+                time.sleep(0.05)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(30)
+    with WorkQueue(cfg.data_path) as queue:
+        killed = {i.sop_uid for s in studies for i in queue.study_items(s) if i.state == CLAIMED}
+        leases = [r[0] for r in queue._db.execute("SELECT lease_until FROM items WHERE state = ?", (CLAIMED,))]
+    assert killed, "no claim was left by the kill (the analysis finished in between): nothing tested"
+    assert all(until - time.time() > LONG_LEASE_S - 120 for until in leases)  # the leases were far from expiry
+    restarted = time.monotonic()
+    process = start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.DicomServiceStub(ch)
+            while True:
+                answers = statuses(stub)
+                if all(a.finished for a in answers):
+                    break
+                took = time.monotonic() - restarted
+                assert took < RESTART_BOUND_S, f"not finished {took:.0f}s after the restart (lease {LONG_LEASE_S}s)"
+                time.sleep(0.25)
+        took = time.monotonic() - restarted
+        assert all(a.done == 1 for a in answers), answers
+        for answer in answers:
+            [item] = answer.instances
+            assert item.attempts == (2 if item.sop_instance_uid in killed else 1), (item, killed)
+            stored = _orthanc_modalities(stack, answer.study_instance_uid)
+            assert {m: len(v) for m, v in stored.items()} == {"SEG": 1, "SR": 1}, answer.study_instance_uid
+        print(f"restart to every study finished: {took:.1f}s (lease {LONG_LEASE_S:.0f}s, bound {RESTART_BOUND_S:.0f}s)")
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -13,6 +13,8 @@ from cxr_dicom.work_queue import (
     QUEUED,
     Priority,
     QueueFullError,
+    QueueLock,
+    QueueLockedError,
     WorkQueue,
 )
 
@@ -191,6 +193,75 @@ def test_reopened_queue_keeps_every_item(tmp_path, clock):
         q.enqueue(sop(2), STUDY, "s", Priority.STAT, "p2")
     with WorkQueue(tmp_path, clock=clock) as q:
         assert [q.claim("w").payload, q.claim("w").payload] == ["p2", "p1"]
+
+
+def test_reclaim_takes_back_a_dead_owners_lease_at_once_never_this_owners(tmp_path, clock):
+    """A lease of 600 s held by an earlier process is taken back without waiting; the attempt stays counted."""
+    earlier = WorkQueue(tmp_path, max_attempts=3, lease_s=600.0, clock=clock)
+    earlier.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    earlier.enqueue(sop(2), STUDY, "s", Priority.ROUTINE)
+    abandoned = earlier.claim("killed-worker")
+    assert abandoned is not None and abandoned.attempts == 1
+    with WorkQueue(tmp_path, max_attempts=3, lease_s=600.0, clock=clock) as q:
+        assert q.owner != earlier.owner
+        mine = q.claim("w")  # this owner's live lease
+        assert mine is not None and mine.sop_uid == sop(2)
+        assert q.reclaim_abandoned() == (1, 0)
+        assert q.reclaim_abandoned() == (0, 0)  # this owner's lease is never taken
+        assert q.get(sop(2)).state == CLAIMED
+        again = q.claim("w")  # no clock advance: the 600 s lease did not have to expire
+        assert again is not None and again.sop_uid == sop(1) and again.attempts == 2
+        assert "node process stopped during attempt 1" in (again.last_error or "")
+        assert not earlier.complete(abandoned)  # the dead owner's claim is no longer the current one
+        assert q.complete(again) and q.complete(mine)
+    earlier.close()
+
+
+def test_an_image_that_kills_every_process_is_dead_lettered_by_the_start_after_max_attempts(tmp_path, clock):
+    """Each "process" reclaims, claims the poison image and dies; the start after the 3rd such claim dead-letters it
+    without analysing it a 4th time."""
+    with WorkQueue(tmp_path, max_attempts=3, lease_s=600.0, clock=clock) as q:
+        q.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    for attempt in (1, 2, 3):
+        q = WorkQueue(tmp_path, max_attempts=3, lease_s=600.0, clock=clock)
+        assert q.reclaim_abandoned() == ((0, 0) if attempt == 1 else (1, 0))
+        item = q.claim("w")
+        assert item is not None and item.attempts == attempt
+        q.close()  # dies holding the lease
+    with WorkQueue(tmp_path, max_attempts=3, lease_s=600.0, clock=clock) as q:
+        assert q.reclaim_abandoned() == (0, 1)
+        assert q.claim("w") is None
+        [(uid, reason)] = q.dead_letters()
+        assert uid == sop(1) and "node process stopped during attempt 3" in reason
+
+
+def test_a_queue_file_from_before_lease_owners_is_upgraded_and_its_leases_reclaimed(tmp_path, clock):
+    import sqlite3
+
+    with WorkQueue(tmp_path, clock=clock) as q:
+        q.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+        assert q.claim("w") is not None
+    db = sqlite3.connect(tmp_path / "work_queue.sqlite3")
+    db.execute("ALTER TABLE items DROP COLUMN lease_process")  # the schema an older node wrote
+    db.commit()
+    db.close()
+    with WorkQueue(tmp_path, clock=clock, lease_s=600.0) as q:
+        assert q.reclaim_abandoned() == (1, 0)
+        item = q.claim("w")
+        assert item is not None and item.attempts == 2
+
+
+def test_queue_lock_is_exclusive_and_names_its_holder(tmp_path):
+    import os
+
+    with QueueLock(tmp_path) as held:
+        assert held.held and held.path == tmp_path / "work_queue.lock"
+        with pytest.raises(QueueLockedError, match=f"pid {os.getpid()} "):
+            QueueLock(tmp_path).acquire()
+    second = QueueLock(tmp_path)
+    second.acquire()  # released: free again
+    second.release()
+    assert not second.held
 
 
 def test_two_connections_never_claim_the_same_item(tmp_path):

@@ -93,8 +93,15 @@ class DicomConfig(_Strict):
         Path("dicom"), description="received files and the SQLite queue (relative: under the top-level data_path)"
     )
     max_queue_size: int = Field(10_000, ge=1, description="unfinished instances; more get 0xA700 / 503 Retry-After")
-    max_attempts: int = Field(5, ge=1, description="failed attempts before an instance goes to the dead letter")
-    lease_s: float = Field(600, gt=0, description="time a worker holds an instance before another may take it")
+    max_attempts: int = Field(
+        5, ge=1, description="failed attempts (one a killed node left included) before an instance is dead-lettered"
+    )
+    lease_s: float = Field(
+        600,
+        gt=0,
+        description="time a worker holds an instance before another may take it; a restarted node takes back"
+        " the claims of the process before it at once",
+    )
     workers: int = Field(2, ge=1, le=64, description="instances analysed and sent at once")
     done_retention_s: float = Field(
         7 * 24 * 3600,

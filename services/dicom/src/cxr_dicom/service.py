@@ -4,6 +4,7 @@ the workers with the gRPC API, and stops them in the reverse order."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from cxr_client.client import AsyncCxrClient
@@ -12,13 +13,15 @@ from cxr_dicom.config import DicomConfig, dicom_config
 from cxr_dicom.intake import Intake
 from cxr_dicom.intakes import StowServer, start_scp
 from cxr_dicom.servicer import DicomServicer
-from cxr_dicom.work_queue import WorkQueue
+from cxr_dicom.work_queue import QueueLock, WorkQueue
 from cxr_dicom.worker import Worker, client_config
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_serving.auth import ApiKeyStore
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
+
+log = logging.getLogger("cxr.dicom.node")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DicomService"].full_name
 
@@ -30,6 +33,7 @@ class DicomNode:
         self.cfg = cfg
         self.host = settings.endpoint("dicom").host
         sec = settings.security
+        self.lock = QueueLock(cfg.data_path)
         self.queue = WorkQueue(
             cfg.data_path, max_pending=cfg.max_queue_size, max_attempts=cfg.max_attempts, lease_s=cfg.lease_s
         )
@@ -49,6 +53,15 @@ class DicomNode:
         return self.stow.port
 
     async def start(self) -> None:
+        """Lock the queue (QueueLockedError: another node runs on it), take back the leases a previous process
+        left, then start the workers and the intakes."""
+        self.lock.acquire()
+        requeued, dead = await asyncio.to_thread(self.queue.reclaim_abandoned)
+        if requeued or dead:
+            log.warning(
+                "took back the instances a previous node process left claimed",
+                extra={"fields": {"requeued": requeued, "dead_lettered": dead}},
+            )
         metrics.QUEUES.attach(self.queue)
         self.client = AsyncCxrClient(client_config(self.cfg))
         self.worker = Worker(self.cfg, self.queue, self.client)
@@ -69,6 +82,7 @@ class DicomNode:
             await self.client.close()
         metrics.QUEUES.detach(self.queue)
         self.queue.close()
+        self.lock.release()
 
 
 def build_binding(settings: Settings, cfg: DicomConfig | None = None) -> ServiceBinding:

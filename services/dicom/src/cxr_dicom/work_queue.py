@@ -21,15 +21,26 @@ Properties (each tested in tests/unit/test_dicom_work_queue.py and tests/integra
 - Attempts: every claim counts as an attempt (a poison image that kills its worker still reaches the
   dead letter); `fail` after the ``max_attempts``-th attempt, or an expired lease with no attempts left,
   moves the item to ``dead`` with its reason.
+- Restart: each `WorkQueue` has its own ``owner`` token, stored with every lease it hands out. The node runs
+  one process per queue file (`QueueLock` refuses a second); holding the lock, it calls
+  `WorkQueue.reclaim_abandoned` at start, which takes back at once every lease of an earlier owner (a killed
+  process) instead of waiting ``lease_s``. A lease of this owner is never taken. The killed attempt stays
+  counted, so a poison image that kills the process every time is dead-lettered by the start that follows
+  its ``max_attempts``-th claim.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
+import fcntl
+import json
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +53,7 @@ DEAD = "dead"
 STATES: tuple[str, ...] = (QUEUED, CLAIMED, DONE, DEAD)
 
 DB_FILE = "work_queue.sqlite3"
+LOCK_FILE = "work_queue.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -55,6 +67,7 @@ CREATE TABLE IF NOT EXISTS items (
     attempts INTEGER NOT NULL DEFAULT 0,
     claim_token INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
+    lease_process TEXT,
     lease_until REAL,
     last_error TEXT,
     enqueued_at REAL NOT NULL,
@@ -64,6 +77,8 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_ready ON items (state, priority, id);
 CREATE INDEX IF NOT EXISTS items_study ON items (study_uid);
 """
+# Columns added after the first schema, for queue files written by an older node.
+_ADDED_COLUMNS = {"lease_process": "TEXT"}
 
 
 class Priority(enum.IntEnum):
@@ -80,6 +95,69 @@ class QueueFullError(RuntimeError):
         super().__init__(f"work queue full: {pending} unfinished items (max_pending={max_pending})")
         self.pending = pending
         self.max_pending = max_pending
+
+
+class QueueLockedError(RuntimeError):
+    """Another live process holds the queue's lock: two nodes on one queue file would take each other's leases."""
+
+
+class QueueLock:
+    """An exclusive ``flock`` on ``data_path``/work_queue.lock, held while the node runs.
+
+    The kernel drops it when its holder dies (kill -9 included), so a restarted node gets it at once, while a
+    second live node on the same file is refused with the holder's pid and host. ``flock`` is reliable on a
+    local filesystem or a ReadWriteOnce volume; NFS may not honour it."""
+
+    def __init__(self, data_path: str | os.PathLike[str]) -> None:
+        Path(data_path).mkdir(parents=True, exist_ok=True)
+        self.path = Path(data_path) / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock or raise QueueLockedError naming its holder."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise QueueLockedError(
+                f"the work queue in {self.path.parent} is in use by another node process ({self._holder()}):"
+                " one node per queue file, stop that one first"
+            ) from None
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+            return f"pid {int(info['pid'])} on {info.get('host', '?')}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "pid unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> QueueLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -107,7 +185,9 @@ class EnqueueResult:
 
 
 class WorkQueue:
-    """The queue in ``data_path``/work_queue.sqlite3; safe to share between threads and processes."""
+    """The queue in ``data_path``/work_queue.sqlite3; safe to share between threads and processes.
+
+    ``owner`` identifies this instance (host, pid and a random part) in the leases it hands out."""
 
     def __init__(
         self,
@@ -125,6 +205,7 @@ class WorkQueue:
         self.max_pending = max_pending
         self.max_attempts = max_attempts
         self.lease_s = lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         # Wall-clock time: leases are compared across processes, which share no monotonic clock.
         self._clock = clock
         self._lock = threading.Lock()
@@ -133,6 +214,11 @@ class WorkQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        with self._write() as db:
+            have = {r["name"] for r in db.execute("PRAGMA table_info(items)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -200,8 +286,8 @@ class WorkQueue:
                 token = row["claim_token"] + 1
                 db.execute(
                     "UPDATE items SET state = ?, attempts = attempts + 1, claim_token = ?, lease_owner = ?,"
-                    " lease_until = ? WHERE id = ?",
-                    (CLAIMED, token, worker, now + self.lease_s, row["id"]),
+                    " lease_process = ?, lease_until = ? WHERE id = ?",
+                    (CLAIMED, token, worker, self.owner, now + self.lease_s, row["id"]),
                 )
                 return Item(
                     sop_uid=row["sop_uid"],
@@ -214,6 +300,35 @@ class WorkQueue:
                     claim_token=token,
                     last_error=row["last_error"],
                 )
+
+    def reclaim_abandoned(self) -> tuple[int, int]:
+        """Take back at once every lease not handed out by this instance; (requeued, dead-lettered) counts.
+
+        Only safe while this process holds the `QueueLock`: any other lease then belongs to a process that is
+        gone. The abandoned claim keeps its attempt, so an item with no attempts left goes to the dead letter."""
+        now = self._clock()
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id, attempts FROM items WHERE state = ? AND (lease_process IS NULL OR lease_process != ?)",
+                (CLAIMED, self.owner),
+            ).fetchall()
+            dead = 0
+            for row in rows:
+                reason = f"the node process stopped during attempt {row['attempts']} (killed or crashed)"
+                if row["attempts"] >= self.max_attempts:
+                    dead += 1
+                    db.execute(
+                        "UPDATE items SET state = ?, last_error = ?, finished_at = ?, lease_owner = NULL,"
+                        " lease_process = NULL, lease_until = NULL WHERE id = ?",
+                        (DEAD, reason, now, row["id"]),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE items SET state = ?, last_error = ?, not_before = NULL, lease_owner = NULL,"
+                        " lease_process = NULL, lease_until = NULL WHERE id = ?",
+                        (QUEUED, reason, row["id"]),
+                    )
+        return len(rows) - dead, dead
 
     def complete(self, item: Item) -> bool:
         """Mark ``item`` done; False (and nothing changes) when this claim is no longer the current one."""

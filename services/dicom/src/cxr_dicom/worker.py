@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import UID
 
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
@@ -265,18 +266,45 @@ class Worker:
         await asyncio.to_thread(self.senders.send, datasets, bundle)
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-        """The SR (UIDs fixed by the source and the algorithms), the SEG with Contributing Equipment, the bundle."""
-        source = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        devices = [device_uid(r.algorithm) for r in results]
-        sr = build_sr(
-            source,
-            results,
-            series_instance_uid=result_uid(str(source.StudyInstanceUID), "sr-series", *devices),
-            sop_instance_uid=result_uid(str(source.SOPInstanceUID), "sr", *devices),
+        return build_results(data, results, seg)
+
+
+def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
+    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint)
+    and version, so new weights or a new version give new objects and a retry the same ones."""
+    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}" for r in results]
+
+
+def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """Give ``ds`` these Series and SOP Instance UIDs, the file meta's Media Storage SOP Instance UID included."""
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    return ds
+
+
+def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
+    """The SR, the SEG with Contributing Equipment, the bundle; the SR's and the SEG's UIDs are fixed by the
+    source and the algorithms (the SEG's replace the segmentation service's random ones), so a retried
+    analysis sends the same objects again and a PACS keeps one of each."""
+    source = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
+    identity = algorithm_identity(results)
+    sr = build_sr(
+        source,
+        results,
+        series_instance_uid=result_uid(study, "sr-series", *identity),
+        sop_instance_uid=result_uid(sop, "sr", *identity),
+    )
+    out: list[Dataset] = [sr]
+    if seg:
+        segmenter = algorithm_identity(results[-1:])
+        seg_ds = set_instance_uids(
+            dcmread(io.BytesIO(seg)),
+            result_uid(study, "seg-series", *segmenter),
+            result_uid(sop, "seg", *segmenter),
         )
-        out: list[Dataset] = [sr]
-        if seg:
-            seg_ds = dcmread(io.BytesIO(seg))
-            out.append(add_contributing_equipment(seg_ds, results[-1:]))
-        bundle = build_bundle(source, results)
-        return out, bundle
+        out.append(add_contributing_equipment(seg_ds, results[-1:]))
+    bundle = build_bundle(source, results)
+    return out, bundle
