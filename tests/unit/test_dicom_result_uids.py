@@ -23,9 +23,11 @@ SEGMENTER = Algorithm("segmentation", "77ab01", "77ab01", untrained=True)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-def results(classifier: Algorithm = CLASSIFIER, segmenter: Algorithm = SEGMENTER) -> list[AlgorithmResult]:
+def results(
+    classifier: Algorithm = CLASSIFIER, segmenter: Algorithm = SEGMENTER, threshold: float = 0.5
+) -> list[AlgorithmResult]:
     return [
-        AlgorithmResult(classifier, findings=(Finding("Effusion", 0.7, 0.5, True),)),
+        AlgorithmResult(classifier, findings=(Finding("Effusion", 0.7, threshold, 0.7 >= threshold),)),
         AlgorithmResult(segmenter, measurements=(Measurement("cardiothoracic_ratio", 0.48, "1"),)),
     ]
 
@@ -97,3 +99,10 @@ def test_another_source_image_gives_other_uids(source_bytes):
     first, other = uids(source_bytes, results()), uids(buf.getvalue(), results())
     assert other["SEG"][1] != first["SEG"][1] and other["SR"][1] != first["SR"][1]
     assert other["SEG"][0] == first["SEG"][0]  # same study, same algorithms: the same results series
+
+
+def test_new_thresholds_give_a_new_sr_and_the_same_seg(source_bytes):
+    """Another operating point changes the SR's decisions: a PACS must not keep the first SR as the same object."""
+    first, other = uids(source_bytes, results()), uids(source_bytes, results(threshold=0.8))
+    assert other["SR"][1] != first["SR"][1] and other["SEG"] == first["SEG"]
+    assert uids(source_bytes, results(threshold=0.8)) == other

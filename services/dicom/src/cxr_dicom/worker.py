@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -270,9 +271,17 @@ class Worker:
 
 
 def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
-    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint)
-    and version, so new weights or a new version give new objects and a retry the same ones."""
-    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}" for r in results]
+    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint),
+    version and operating thresholds, so new weights, a new version or new thresholds (other decisions in the
+    SR) give new objects, and a retry the same ones."""
+    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}{_thresholds(r)}" for r in results]
+
+
+def _thresholds(result: AlgorithmResult) -> str:
+    if not result.findings:
+        return ""
+    pairs = sorted(f"{f.label}={f.threshold!r}" for f in result.findings)
+    return "#" + hashlib.sha256(";".join(pairs).encode()).hexdigest()[:16]
 
 
 def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
