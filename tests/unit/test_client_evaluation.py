@@ -3,7 +3,6 @@ and the threshold choice, on fixed data (no service)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -71,8 +70,7 @@ def test_ece_by_hand() -> None:
 def test_nih_format_and_columns(tmp_path) -> None:
     nih = tmp_path / "nih.csv"
     nih.write_text(
-        "Image Index,Finding Labels,Patient ID\n"
-        "a.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Pneumonia,3\n"
+        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Pneumonia,3\n"
     )
     t = read_labels(nih, FINDINGS)
     assert (t.images, t.findings, t.source_format) == (["a.png", "b.png", "c.png"], FINDINGS, "nih")

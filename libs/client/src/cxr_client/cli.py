@@ -25,9 +25,6 @@ from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig, ServiceName, TlsOptions
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError
-from cxr_client.evaluation import evaluate, read_threshold_file
-from cxr_client.evaluation_report import HEADER as EVAL_HEADER
-from cxr_client.evaluation_report import finding_rows, write_evaluation
 from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
@@ -318,7 +315,12 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         )
         return rc
     if args.models_command == "load":
-        thresholds, version = read_threshold_file(args.thresholds) if args.thresholds else ({}, "")
+        thresholds: dict[str, float] = {}
+        version = ""
+        if args.thresholds:
+            from cxr_client.evaluation import read_threshold_file
+
+            thresholds, version = read_threshold_file(args.thresholds)
         info = await client.load_model(
             args.service,
             args.model,
@@ -334,6 +336,9 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    from cxr_client.evaluation import evaluate  # numpy and matplotlib: the `evaluate` extra
+    from cxr_client.evaluation_report import write_evaluation
+
     report = await evaluate(
         client,
         args.labels,
@@ -353,11 +358,13 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 
 def evaluation_table(report: dict[str, Any]) -> str:
+    from cxr_client.evaluation_report import HEADER, finding_rows
+
     m = report["model"]
     head = (
         f"{m['name']} {m['version']}{' (UNTRAINED)' if m['untrained'] else ''} on {report['dataset']['images']} images"
     )
-    return head + "\n" + table(finding_rows(report), EVAL_HEADER)
+    return head + "\n" + table(finding_rows(report), HEADER)
 
 
 def read_documents(path: Path) -> list[rag_pb.Document]:
