@@ -44,11 +44,11 @@ def test_auroc_refuses_one_class() -> None:
 def test_bootstrap_ci_contains_estimate_and_is_seeded() -> None:
     y, score = _fixed()
     point = auroc(y, score)
-    lo, hi = bootstrap_auroc_ci(y, score, n=300, seed=7)
+    lo, hi = bootstrap_auroc_ci(y, score, n=300, random_seed=7)
     assert lo < point < hi
     assert 0.0 < hi - lo < 0.3
-    assert bootstrap_auroc_ci(y, score, n=300, seed=7) == (lo, hi)
-    assert bootstrap_auroc_ci(y, score, n=300, seed=8) != (lo, hi)
+    assert bootstrap_auroc_ci(y, score, n=300, random_seed=7) == (lo, hi)
+    assert bootstrap_auroc_ci(y, score, n=300, random_seed=8) != (lo, hi)
 
 
 def test_sensitivity_specificity_and_not_estimable() -> None:

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="multiclass_classifier", help="classification model to evaluate")
     e.add_argument("--concurrency", type=int, default=4, help="classify calls in flight")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
-    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
     e.add_argument("--bins", type=int, default=10, help="equal-width probability bins of ECE and the plots")
     e.add_argument(
         "--choose-thresholds",
@@ -346,7 +346,7 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         model=args.model,
         concurrency=args.concurrency,
         bootstrap=args.bootstrap,
-        seed=args.seed,
+        random_seed=args.seed,
         bins=args.bins,
         choose=args.choose_thresholds,
     )

@@ -1,12 +1,12 @@
-"""`cxr evaluate`: a classification model measured through the service on a labelled folder.
+"""`cxr evaluate`: how a classification model, served, does on a labelled folder.
 
 The images go through the public ClassifyImage RPC (bounded concurrency, `batch_process_images`), so
-what is measured is what the service serves: its preprocessing, its weights and its thresholds (each
-Finding carries the threshold it was compared with). Per finding: AUROC with a seeded, stratified
-bootstrap 95 % CI, sensitivity and specificity at the served threshold, and calibration (ECE over
-equal-width bins). A metric that needs both classes is `None` with the reason when the data lack one.
-`choose_thresholds` picks operating points from the same data (`sensitivity=0.9` or `youden`) and
-`threshold_file` writes them for `cxr models load --thresholds`.
+the numbers describe what the service serves: its preprocessing, its weights and its thresholds (each
+Finding carries the threshold it was compared with). Per finding: AUROC with a stratified bootstrap
+confidence interval from a seeded random generator, sensitivity and specificity at the served
+threshold, and calibration (ECE over equal-width bins). A metric that needs a class the data lack
+is `None` with the reason. `choose_thresholds` picks operating points from the same data
+(`sensitivity=0.9` or `youden`) and `threshold_file` writes them for `cxr models load --thresholds`.
 Metric definitions and file formats: docs/evaluate.md.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -120,7 +121,7 @@ def auroc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def bootstrap_auroc_ci(
-    y: np.ndarray, score: np.ndarray, *, n: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: float = 0.95
+    y: np.ndarray, score: np.ndarray, *, n: int = DEFAULT_BOOTSTRAP, random_seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """Percentile CI of AUROC over `n` stratified resamples (positives and negatives resampled
     separately, so every resample has both classes), from a seeded generator: reproducible."""
@@ -128,7 +129,7 @@ def bootstrap_auroc_ci(
         raise ValueError("bootstrap n must be >= 1")
     y = np.asarray(y).astype(bool)
     pos, neg = np.asarray(score)[y], np.asarray(score)[~y]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_seed)
     labels = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
     stats = np.empty(n)
     for b in range(n):
@@ -279,7 +280,7 @@ def _image_paths(images: Path, table: LabelTable) -> list[Path]:
 
 
 def finding_metrics(
-    label: str, y: np.ndarray, run: ModelRun, j: int, *, bootstrap: int, seed: int, bins: int
+    label: str, y: np.ndarray, run: ModelRun, j: int, *, bootstrap: int, random_seed: int, bins: int
 ) -> dict[str, Any]:
     """One finding's metrics; metrics that need a class the data lack are None with `not_estimable`."""
     prob = run.probabilities[:, j]
@@ -297,7 +298,7 @@ def finding_metrics(
         out["auroc"] = out["auroc_ci95"] = None
     else:
         out["auroc"] = auroc(y, prob)
-        out["auroc_ci95"] = list(bootstrap_auroc_ci(y, prob, n=bootstrap, seed=seed))
+        out["auroc_ci95"] = list(bootstrap_auroc_ci(y, prob, n=bootstrap, random_seed=random_seed))
     sens, spec = sensitivity_specificity(y, run.positive[:, j])
     out["sensitivity"], out["specificity"] = sens, spec
     if out["threshold"] is None and not run.positive[:, j].any():
@@ -321,7 +322,7 @@ async def evaluate(
     model: str = "multiclass_classifier",
     concurrency: int = 4,
     bootstrap: int = DEFAULT_BOOTSTRAP,
-    seed: int = 0,
+    random_seed: int = 0,
     bins: int = ECE_BINS,
     choose: str | None = None,
     progress: bool | None = None,
@@ -341,7 +342,9 @@ async def evaluate(
     findings = []
     for k, label in enumerate(table.findings):
         j = run.labels.index(label)
-        findings.append(finding_metrics(label, table.truth[:, k], run, j, bootstrap=bootstrap, seed=seed, bins=bins))
+        findings.append(
+            finding_metrics(label, table.truth[:, k], run, j, bootstrap=bootstrap, random_seed=random_seed, bins=bins)
+        )
     report: dict[str, Any] = {
         "kind": "cxr.evaluation.v1",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -353,7 +356,12 @@ async def evaluate(
             "images": len(paths),
             "sha256": digest,
         },
-        "settings": {"bootstrap": bootstrap, "seed": seed, "ece_bins": bins, "ci": "stratified bootstrap, percentile"},
+        "settings": {
+            "bootstrap": bootstrap,
+            "random_seed": random_seed,
+            "ece_bins": bins,
+            "ci": "stratified bootstrap, percentile",
+        },
         "findings": findings,
         "not_evaluated": [label for label in run.labels if label not in table.findings],
         "notes": [UNTRAINED_NOTE] if run.info["untrained"] else [],
@@ -406,8 +414,6 @@ def threshold_file(report: dict[str, Any]) -> dict[str, Any]:
 
 def read_threshold_file(path: Path) -> tuple[dict[str, float], str]:
     """(thresholds by label, model version) of a file `threshold_file` wrote; ValueError if it is not one."""
-    import json
-
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or data.get("kind") != THRESHOLDS_SCHEMA:
         raise ValueError(f"{path}: not a thresholds file (kind {THRESHOLDS_SCHEMA!r})")

@@ -90,7 +90,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         f"Model: {m['name']} version {m['version']} ({m['architecture']}), "
         f"untrained: {'YES' if m['untrained'] else 'no'}",
         f"Dataset: {d['images']} images, sha256 {d['sha256']} (labels {d['labels']}, format {d['label_format']})",
-        f"AUROC 95% CI: {s['ci']}, {s['bootstrap']} resamples, seed {s['seed']}; "
+        f"AUROC 95% CI: {s['ci']}, {s['bootstrap']} resamples, random generator seed {s['random_seed']}; "
         f"ECE over {s['ece_bins']} equal-width probability bins; sensitivity/specificity at the threshold the "
         "service applied.",
         f"Macro AUROC (estimable findings): {_num(report['macro_auroc'])}",
