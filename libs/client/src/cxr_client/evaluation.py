@@ -163,7 +163,10 @@ def reliability(y: np.ndarray, prob: np.ndarray, bins: int = ECE_BINS) -> Reliab
     equal-width bins, [k/bins, (k+1)/bins) and the last one closed at 1."""
     y, prob = np.asarray(y, dtype=np.float64), np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0)
     index = np.minimum((prob * bins).astype(int), bins - 1)
-    counts, means, rates, ece = [], [], [], 0.0
+    counts: list[int] = []
+    means: list[float | None] = []
+    rates: list[float | None] = []
+    ece = 0.0
     for k in range(bins):
         inside = index == k
         c = int(inside.sum())
