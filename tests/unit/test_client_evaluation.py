@@ -79,6 +79,11 @@ def test_nih_format_and_columns(tmp_path) -> None:
     cols.write_text("image,age,Atelectasis,Effusion\na.png,55,1,0\nb.png,61,0,1\n")
     t = read_labels(cols, FINDINGS)
     assert (t.findings, t.source_format, t.truth.tolist()) == (["Atelectasis", "Effusion"], "columns", [[1, 0], [0, 1]])
+    t = read_labels(nih, ["abnormal", "Effusion"])  # the binary model's label: any finding
+    assert t.truth.tolist() == [[1, 1], [0, 0], [1, 0]]
+    cols.write_text("image,Effusion,no_finding\na.png,1,0\nb.png,0,1\n")
+    t = read_labels(cols, ["abnormal"])
+    assert (t.findings, t.truth.tolist()) == (["abnormal"], [[1], [0]])
     bad = tmp_path / "bad.csv"
     bad.write_text("image,Effusion\na.png,yes\n")
     with pytest.raises(ValueError, match="row 2"):

@@ -31,6 +31,8 @@ from cxr_client.client import AsyncCxrClient
 NIH_IMAGE = "Image Index"
 NIH_FINDINGS = "Finding Labels"
 NO_FINDING = "No Finding"
+NO_FINDING_COLUMN = "no_finding"
+ABNORMAL = "abnormal"  # the binary classifier's label: any finding at all
 IMAGE_COLUMNS = (NIH_IMAGE, "image", "Image", "filename", "file")
 ECE_BINS = 10
 DEFAULT_BOOTSTRAP = 1000
@@ -57,9 +59,10 @@ class LabelTable:
 
 def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
     """The labels of `findings` from a CSV in the NIH `Finding Labels` format (`Image Index`, `Finding
-    Labels` with `|` between findings, `No Finding`) or with one 0/1 column per finding; a finding the
-    file does not name is left out (a column file) or all-negative only in the NIH format, which lists
-    positives. Raises ValueError naming the row for a bad value."""
+    Labels` with `|` between findings, `No Finding`) or with one 0/1 column per finding. A finding a
+    column file does not name is left out; the NIH format lists positives, so there it is negative.
+    `abnormal` (the binary model) is any finding: not `No Finding`, or 1 - `no_finding` in a column
+    file without an `abnormal` column. Raises ValueError naming the row for a bad value."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
         header = list(rows[0].keys()) if rows else []
@@ -79,18 +82,20 @@ def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
             if NO_FINDING in listed and len(listed) > 1:
                 raise ValueError(f"{path}: row {i + 2} says '{NO_FINDING}' and also lists findings")
             for j, name in enumerate(names):
-                truth[i, j] = name in listed
+                truth[i, j] = bool(listed - {NO_FINDING}) if name == ABNORMAL else name in listed
         return LabelTable(images, names, truth, "nih")
-    names = [name for name in findings if name in header]
+    derived = ABNORMAL not in header and NO_FINDING_COLUMN in header  # abnormal = not no_finding
+    names = [name for name in findings if name in header or (name == ABNORMAL and derived)]
     if not names:
         raise ValueError(f"{path}: none of the model's labels {list(findings)} is a column, and no '{NIH_FINDINGS}'")
     truth = np.zeros((len(rows), len(names)), dtype=np.int8)
     for i, r in enumerate(rows):
         for j, name in enumerate(names):
-            value = r[name].strip()
+            column = NO_FINDING_COLUMN if name == ABNORMAL and derived else name
+            value = r[column].strip()
             if value not in ("0", "1"):
-                raise ValueError(f"{path}: row {i + 2} column {name!r} is {value!r}, not 0 or 1")
-            truth[i, j] = value == "1"
+                raise ValueError(f"{path}: row {i + 2} column {column!r} is {value!r}, not 0 or 1")
+            truth[i, j] = (value == "1") != (column != name)
     return LabelTable(images, names, truth, "columns")
 
 
