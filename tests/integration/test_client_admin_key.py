@@ -180,6 +180,7 @@ CLI_INFERENCE = [
     ["ask", "pleural effusion?", "--stream"],
     ["analyze", "{img}", "--no-literature"],
     ["models", "list"],
+    ["evaluate", "labels.csv", "images", "--out", "unused"],
     ["health"],
 ]
 CLI_ADMIN = [

@@ -58,9 +58,15 @@ def test_every_model_service_declares_the_same_admin_messages() -> None:
     stay the same on the wire in each service's proto."""
     from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
 
-    def wire(module, name: str) -> list[tuple[str, int, int, str]]:
+    def type_of(f) -> object:
+        m = f.message_type
+        if m is not None and m.GetOptions().map_entry:  # a map's entry type is named per package; its wire is key/value
+            return tuple((e.name, e.number, e.type) for e in m.fields)
+        return m.full_name if m else ""
+
+    def wire(module, name: str) -> list[tuple[str, int, int, object]]:
         fields = module.DESCRIPTOR.message_types_by_name[name].fields
-        return [(f.name, f.number, f.type, f.message_type.full_name if f.message_type else "") for f in fields]
+        return [(f.name, f.number, f.type, type_of(f)) for f in fields]
 
     for verb in ("ListModels", "LoadModel", "UnloadModel"):
         for kind in ("Request", "Response"):

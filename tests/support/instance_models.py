@@ -53,3 +53,29 @@ class PidModel(ServedModel):
     @property
     def version(self) -> str:
         return self._version
+
+
+class ThresholdModel(PidModel):
+    """A PidModel with decision thresholds: predict answers (pid, the thresholds its load set)."""
+
+    name = "thr"
+    accepts_thresholds = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.thresholds: dict[str, float] = {}
+
+    def load(self, checkpoint_path: Path | None = None) -> None:
+        super().load(checkpoint_path)
+        self.thresholds = {}
+
+    def load_with(self, checkpoint_path: Path | None, thresholds: Any) -> None:
+        super().load(checkpoint_path)
+        if thresholds.model_version != self.version:
+            raise CheckpointError("thresholds are for another version", reason="THRESHOLDS_VERSION_MISMATCH")
+        self.thresholds = dict(thresholds.values)
+
+    def predict(self, batch: list[Any]) -> Sequence[Any]:
+        if any(isinstance(item, str) and item == CRASH for item in batch):
+            os._exit(3)
+        return [(os.getpid(), dict(self.thresholds)) for _ in batch]

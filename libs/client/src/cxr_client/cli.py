@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--no-literature", action="store_true")
     z.add_argument("--heatmaps", action="store_true", help="Grad-CAM heatmaps of the positive findings")
 
+    e = sub.add_parser("evaluate", help="measure a classifier through the service on a labelled folder")
+    e.add_argument("labels", type=Path, help="CSV: NIH `Image Index`,`Finding Labels` or one 0/1 column per finding")
+    e.add_argument("images", type=Path, help="folder holding the images the CSV names")
+    e.add_argument("--out", type=Path, required=True, help="folder for report.json/.md/.html and the plots")
+    e.add_argument("--model", default="multiclass_classifier", help="classification model to evaluate")
+    e.add_argument("--concurrency", type=int, default=4, help="classify calls in flight")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
+    e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
+    e.add_argument("--bins", type=int, default=10, help="equal-width probability bins of ECE and the plots")
+    e.add_argument(
+        "--choose-thresholds",
+        metavar="RULE",
+        help="'sensitivity=0.9' or 'youden': choose per-finding thresholds on this data and write them "
+        "to thresholds-<model>-<version>.json for `cxr models load --thresholds`",
+    )
+
     m = sub.add_parser("models", help="list, load or unload models")
     msub = m.add_subparsers(dest="models_command", required=True)
     ml = msub.add_parser("list")
@@ -116,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     mload.add_argument("service", help=any_model_service)
     mload.add_argument("model")
     mload.add_argument("--checkpoint", default="")
+    mload.add_argument(
+        "--thresholds", type=Path, help="thresholds file from `cxr evaluate --choose-thresholds` to apply"
+    )
     mun = msub.add_parser("unload")
     mun.add_argument("service", help=any_model_service)
     mun.add_argument("model")
@@ -296,12 +315,56 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         )
         return rc
     if args.models_command == "load":
-        info = await client.load_model(args.service, args.model, checkpoint_path=args.checkpoint)
+        thresholds: dict[str, float] = {}
+        version = ""
+        if args.thresholds:
+            from cxr_client.evaluation import read_threshold_file
+
+            thresholds, version = read_threshold_file(args.thresholds)
+        info = await client.load_model(
+            args.service,
+            args.model,
+            checkpoint_path=args.checkpoint,
+            thresholds=thresholds,
+            thresholds_model_version=version,
+        )
     else:
         info = await client.unload_model(args.service, args.model)
     state = STATE_NAMES.get(info.state, info.state)
     _emit(args, to_dict(info), f"{args.service}/{info.name}: {state} {info.version}".rstrip())
     return 0
+
+
+async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    from cxr_client.evaluation import evaluate  # numpy and matplotlib: the `evaluate` extra
+    from cxr_client.evaluation_report import write_evaluation
+
+    report = await evaluate(
+        client,
+        args.labels,
+        args.images,
+        model=args.model,
+        concurrency=args.concurrency,
+        bootstrap=args.bootstrap,
+        random_seed=args.seed,
+        bins=args.bins,
+        choose=args.choose_thresholds,
+    )
+    paths = write_evaluation(report, args.out)
+    print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
+    text = "\n".join([*report["notes"], evaluation_table(report)])
+    _emit(args, report, text)
+    return 0
+
+
+def evaluation_table(report: dict[str, Any]) -> str:
+    from cxr_client.evaluation_report import HEADER, finding_rows
+
+    m = report["model"]
+    head = (
+        f"{m['name']} {m['version']}{' (UNTRAINED)' if m['untrained'] else ''} on {report['dataset']['images']} images"
+    )
+    return head + "\n" + table(finding_rows(report), HEADER)
 
 
 def read_documents(path: Path) -> list[rag_pb.Document]:
@@ -342,6 +405,7 @@ COMMANDS = {
     "ask": cmd_ask,
     "analyze": cmd_analyze,
     "models": cmd_models,
+    "evaluate": cmd_evaluate,
     "ingest": cmd_ingest,
     "health": cmd_health,
 }

@@ -336,10 +336,24 @@ class AsyncCxrClient:
         return list((await self._call(stub.ListModels, admin_pb.ListModelsRequest(), timeout)).models)
 
     async def load_model(
-        self, service: ServiceName, model_name: str, *, checkpoint_path: str = "", timeout: float | None = None
+        self,
+        service: ServiceName,
+        model_name: str,
+        *,
+        checkpoint_path: str = "",
+        thresholds: Mapping[str, float] | None = None,
+        thresholds_model_version: str = "",
+        timeout: float | None = None,
     ) -> common_pb2.ModelInfo:
+        """Load (or reload) a model; `thresholds` (by label, for the model version
+        `thresholds_model_version`) replace the configured ones for this load."""
         stub = self._model_stub(service)
-        req = admin_pb.LoadModelRequest(model_name=model_name, checkpoint_path=checkpoint_path)
+        req = admin_pb.LoadModelRequest(
+            model_name=model_name,
+            checkpoint_path=checkpoint_path,
+            thresholds=dict(thresholds or {}),
+            thresholds_model_version=thresholds_model_version,
+        )
         info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout, admin_method="LoadModel")).model
         return info
 

@@ -135,7 +135,11 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             if build_error is not None:
                 raise build_error
             if op == "load":
-                model.load(arg)
+                path, thresholds = arg
+                if thresholds is None:
+                    model.load(path)
+                else:
+                    model.load_with(path, thresholds)
                 reply: Any = LoadedModel.of(model)
             elif op == "predict":
                 reply = list(model.predict(arg))
@@ -209,6 +213,7 @@ class ProcessInstances:
         self._lock = threading.Lock()
         self._closed = False
         self._checkpoint: Path | None = None
+        self._thresholds: Any = None  # the ThresholdOverride of the last start, applied again on a restart
         self._restarting = 0
 
     @property
@@ -269,15 +274,16 @@ class ProcessInstances:
             raise value
         return value
 
-    def start(self, checkpoint_path: Path | None = None) -> LoadedModel:
-        """Start every instance and load the model in each (in parallel); all or nothing."""
-        self._checkpoint = checkpoint_path
+    def start(self, checkpoint_path: Path | None = None, thresholds: Any = None) -> LoadedModel:
+        """Start every instance and load the model in each (in parallel); all or nothing. `thresholds`:
+        a ThresholdOverride (lifecycle.py) for the model's `load_with`."""
+        self._checkpoint, self._thresholds = checkpoint_path, thresholds
         started: list[_Instance] = []
         try:  # a spawn that fails (fork, fds) stops the processes spawned before it
             for i in range(self.count):
                 started.append(self._spawn(i))
             for inst in started:
-                send(inst.conn, ("load", checkpoint_path))
+                send(inst.conn, ("load", (checkpoint_path, thresholds)))
             infos = [self._wait_loaded(inst) for inst in started]
         except BaseException:
             for inst in started:
@@ -340,7 +346,7 @@ class ProcessInstances:
         inst: _Instance | None = None
         try:
             inst = self._spawn(index)
-            send(inst.conn, ("load", self._checkpoint))
+            send(inst.conn, ("load", (self._checkpoint, self._thresholds)))
             self._wait_loaded(inst)
         except BaseException as exc:
             log.error("model %s instance %d failed to restart: %s", self.name, index, exc)

@@ -19,14 +19,14 @@ import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cxr_serving.batcher import Arrival, DynamicBatcher
-from cxr_serving.errors import ConfigError, CxrError, ModelNotFoundError, ModelNotReadyError
+from cxr_serving.errors import ConfigError, CxrError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
 from cxr_serving.settings import ServerConfig
@@ -64,6 +64,15 @@ class ModelStatus:
     load_seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class ThresholdOverride:
+    """Decision thresholds by label that a LoadModel sets for one load (e.g. chosen by `cxr evaluate`),
+    with the model version they were chosen for: a checkpoint of another version is refused."""
+
+    values: Mapping[str, float]
+    model_version: str
+
+
 def checkpoint_version(path: Path, length: int = 12) -> str:
     """Short SHA-256 of the checkpoint file: the model version in every response."""
     h = hashlib.sha256()
@@ -82,9 +91,18 @@ class ServedModel(ABC):
     task: str = ""  # e.g. "binary_classification" (model_tasks.py); ListModels reports it
     labels: Sequence[str] = ()
 
+    accepts_thresholds: bool = False  # True for models whose outputs are compared with decision thresholds
+
     @abstractmethod
     def load(self, checkpoint_path: Path | None = None) -> None:
         """Build the network, load weights (or refuse), move to device, warm up."""
+
+    def load_with(self, checkpoint_path: Path | None, thresholds: ThresholdOverride) -> None:
+        """`load` with thresholds that replace the configured ones until the next load; only models with
+        `accepts_thresholds` implement it, so a threshold is never accepted and then ignored."""
+        raise InvalidInputError(
+            f"model '{self.name}' has no decision thresholds to set", reason="THRESHOLDS_NOT_SUPPORTED"
+        )
 
     def preprocess(self, decoded: DecodedImage) -> Any:
         """One request's decoded image -> one input of `predict` (KServe's `preprocess`, LitServe's
@@ -239,13 +257,18 @@ class ModelRepository:
                 task.add_done_callback(_log_orphan_failure)
             raise
 
-    async def load(self, name: str, checkpoint_path: Path | None = None) -> ModelStatus:
-        """Load (or reload) a model. While a version serves, a new one that fails to load is
-        refused and the served one keeps answering; one that loads replaces it (module docstring)."""
+    async def load(
+        self, name: str, checkpoint_path: Path | None = None, thresholds: ThresholdOverride | None = None
+    ) -> ModelStatus:
+        """Load (or reload) a model, with `thresholds` replacing the configured ones for this load. While
+        a version serves, a new one that fails to load is refused and the served one keeps answering;
+        one that loads replaces it (module docstring)."""
         model = self.model(name)
-        return await self._admin(self._load(name, model, checkpoint_path))
+        return await self._admin(self._load(name, model, checkpoint_path, thresholds))
 
-    async def _load(self, name: str, model: ServedModel, checkpoint_path: Path | None) -> ModelStatus:
+    async def _load(
+        self, name: str, model: ServedModel, checkpoint_path: Path | None, thresholds: ThresholdOverride | None
+    ) -> ModelStatus:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             st = self._status[name]
@@ -257,7 +280,7 @@ class ModelRepository:
                 self._notify()
             started = time.perf_counter()
             try:
-                instance, loaded, run_batch = await self._load_instances(model, checkpoint_path, fresh=swap)
+                instance, loaded, run_batch = await self._load_instances(model, checkpoint_path, thresholds, fresh=swap)
             except BaseException as exc:
                 error = exc.message if isinstance(exc, CxrError) else f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, Exception):  # cancelled (shutdown): nothing half-loaded serves
@@ -367,14 +390,14 @@ class ModelRepository:
         return await batcher.submit(item, arrival)
 
     async def _load_instances(
-        self, model: ServedModel, checkpoint_path: Path | None, *, fresh: bool
+        self, model: ServedModel, checkpoint_path: Path | None, thresholds: ThresholdOverride | None, *, fresh: bool
     ) -> tuple[ServedModel | ProcessInstances, LoadedModel, Callable[[list[Any]], Sequence[Any]]]:
         """Load the model here (thread instances) or in `model_instances` new worker processes;
         `fresh`: into a new instance from the factory, leaving the one that serves untouched."""
         if self._batching.instance_mode == "process":
             processes = ProcessInstances(model.name, self._factories[model.name], self._batching.model_instances)
             try:
-                loaded = await _in_thread(processes.start, checkpoint_path)
+                loaded = await _in_thread(processes.start, checkpoint_path, thresholds)
             except BaseException:  # a failed start killed its processes; a cancelled one may have them all
                 await asyncio.to_thread(processes.close)
                 raise
@@ -383,7 +406,10 @@ class ModelRepository:
         if fresh:
             instance = await _in_thread(self._factories[model.name])
         try:
-            await _in_thread(instance.load, checkpoint_path)
+            if thresholds is None:
+                await _in_thread(instance.load, checkpoint_path)
+            else:
+                await _in_thread(instance.load_with, checkpoint_path, thresholds)
         except BaseException:  # free what the load built: weights nobody serves
             await asyncio.to_thread(instance.unload)
             raise

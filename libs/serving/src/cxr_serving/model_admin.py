@@ -13,13 +13,15 @@ repository does the validate-then-swap (lifecycle.py).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.checkpoint_files import client_checkpoint, out_of_memory
-from cxr_serving.errors import CheckpointError, CxrError, OverloadedError
-from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.errors import CheckpointError, CxrError, InvalidInputError, OverloadedError
+from cxr_serving.lifecycle import ModelRepository, ThresholdOverride
 from cxr_serving.proto_convert import model_info
 
 
@@ -39,14 +41,54 @@ class ModelAdmin:
     def list_models(self) -> list[common_pb2.ModelInfo]:
         return [model_info(s) for s in self.repo.statuses()]
 
-    async def load_model(self, name: str, checkpoint_path: str) -> common_pb2.ModelInfo:
-        """Load or reload; a refused checkpoint leaves a serving version serving, and the error names
+    def _thresholds(self, name: str, values: Mapping[str, float], model_version: str) -> ThresholdOverride | None:
+        """The request's thresholds, checked before anything loads: INVALID_ARGUMENT for a model without
+        thresholds, an unknown label, a value outside (0, 1] or a missing model version."""
+        if not values:
+            if model_version:
+                raise InvalidInputError("thresholds_model_version is set but no thresholds", reason="THRESHOLDS_EMPTY")
+            return None
+        model = self.repo.model(name)
+        if not model.accepts_thresholds:
+            raise InvalidInputError(
+                f"model '{name}' has no decision thresholds to set", reason="THRESHOLDS_NOT_SUPPORTED"
+            )
+        unknown = sorted(set(values) - set(model.labels))
+        if unknown:
+            raise InvalidInputError(
+                f"thresholds name labels {unknown} that model '{name}' does not output; its labels are "
+                f"{list(model.labels)}",
+                reason="THRESHOLDS_UNKNOWN_LABEL",
+            )
+        bad = sorted(label for label, t in values.items() if not (math.isfinite(t) and 0.0 < t <= 1.0))
+        if bad:
+            raise InvalidInputError(
+                f"thresholds of {bad} are outside (0, 1]: a threshold of 0 makes a label positive on every image",
+                reason="THRESHOLDS_OUT_OF_RANGE",
+            )
+        if not model_version:
+            raise InvalidInputError(
+                "thresholds_model_version is required with thresholds: the model version they were chosen for",
+                reason="THRESHOLDS_VERSION_MISSING",
+            )
+        return ThresholdOverride(dict(values), model_version)
+
+    async def load_model(
+        self,
+        name: str,
+        checkpoint_path: str,
+        thresholds: Mapping[str, float] | None = None,
+        thresholds_model_version: str = "",
+    ) -> common_pb2.ModelInfo:
+        """Load or reload, with `thresholds` (chosen for `thresholds_model_version`) replacing the
+        configured ones; a refused checkpoint leaves a serving version serving, and the error names
         the file and the reason."""
         name = self._name(name)
+        override = self._thresholds(name, thresholds or {}, thresholds_model_version)
         path = client_checkpoint(self.models_path, checkpoint_path)
         shown = str(path) if path is not None else "the configured checkpoint"
         try:
-            status = await self.repo.load(name, path)
+            status = await self.repo.load(name, path, override)
         except CheckpointError as exc:
             if path is not None and str(path) not in exc.message:
                 raise CheckpointError(f"{shown}: {exc.message}", reason=exc.reason, metadata=exc.metadata) from exc
@@ -76,7 +118,12 @@ class ModelAdminRpcs:
         return self.admin_messages.ListModelsResponse(models=self.admin.list_models())
 
     async def LoadModel(self, request: Any, context: Any) -> Any:
-        model = await self.admin.load_model(request.model_name, request.checkpoint_path)
+        model = await self.admin.load_model(
+            request.model_name,
+            request.checkpoint_path,
+            dict(request.thresholds),
+            request.thresholds_model_version,
+        )
         return self.admin_messages.LoadModelResponse(model=model)
 
     async def UnloadModel(self, request: Any, context: Any) -> Any:

@@ -30,7 +30,7 @@ from cxr_classification.preprocessing import PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
-from cxr_serving.lifecycle import UNTRAINED, ServedModel
+from cxr_serving.lifecycle import UNTRAINED, ServedModel, ThresholdOverride
 from cxr_serving.optimize.amp import precision_of
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def check_operating_points(op_threshs: torch.Tensor, cfg: ClassifierConfig, path
 
 
 class ChestXrayClassifier(ServedModel):
+    accepts_thresholds = True
+
     def __init__(
         self,
         name: str,
@@ -185,31 +187,54 @@ class ChestXrayClassifier(ServedModel):
         network = ClassifierNetwork(net, activation=cfg.activation, output_index=index, op_threshs=op_threshs)
         return network.eval(), version
 
-    def decision(self, has_operating_point: Sequence[bool] | None) -> Decision:
+    def decision(
+        self, has_operating_point: Sequence[bool] | None, override: ThresholdOverride | None = None
+    ) -> Decision:
         """Calibration and threshold per label for a checkpoint with these operating points (None: none at all).
 
-        Without operating points every label is compared with its configured threshold. A label
-        without an operating point in a checkpoint that calibrates the others is a raw sigmoid on
-        another scale: it gets no threshold (never positive) unless `thresholds` names it.
+        Without operating points every label is compared with its configured threshold, or the
+        `override`'s (LoadModel) for the labels it names. A label without an operating point in a
+        checkpoint that calibrates the others is a raw sigmoid on another scale: it gets no threshold
+        (never positive) unless `thresholds` or the override names it.
         """
+        base, named_labels = self.thresholds, self._threshold_named
+        if override is not None:
+            base = np.array(
+                [override.values.get(label, t) for label, t in zip(self.labels, base, strict=True)], dtype=np.float32
+            )
+            named_labels = [n or label in override.values for label, n in zip(self.labels, named_labels, strict=True)]
         if has_operating_point is None:
-            return Decision((Calibration.RAW,) * len(self.labels), self.thresholds)
+            return Decision((Calibration.RAW,) * len(self.labels), base)
         calibration = tuple(
             Calibration.OPERATING_POINT if has else Calibration.NO_OPERATING_POINT for has in has_operating_point
         )
         thresholds = np.array(
             [
                 t if c is Calibration.OPERATING_POINT or named else np.nan
-                for t, c, named in zip(self.thresholds, calibration, self._threshold_named, strict=True)
+                for t, c, named in zip(base, calibration, named_labels, strict=True)
             ],
             dtype=np.float32,
         )
         return Decision(calibration, thresholds)
 
     def load(self, checkpoint_path: Path | None = None) -> None:
+        self._load(checkpoint_path, None)
+
+    def load_with(self, checkpoint_path: Path | None, thresholds: ThresholdOverride) -> None:
+        """Load with LoadModel's thresholds, refusing a checkpoint of another version than they were chosen for."""
+        self._load(checkpoint_path, thresholds)
+
+    def _load(self, checkpoint_path: Path | None, override: ThresholdOverride | None) -> None:
         path = checkpoint_path or self._configured_checkpoint
         network, version = self.build(path)
-        decision = self.decision(network.has_operating_point())
+        if override is not None and override.model_version != version:
+            raise CheckpointError(
+                f"model '{self.name}': the thresholds were chosen for version {override.model_version!r}, "
+                f"but the checkpoint loaded is version {version!r}; choose thresholds for this version "
+                "(cxr evaluate --choose-thresholds)",
+                reason="THRESHOLDS_VERSION_MISMATCH",
+            )
+        decision = self.decision(network.has_operating_point(), override)
         missing = [
             label
             for label, c in zip(self.labels, decision.calibration, strict=True)

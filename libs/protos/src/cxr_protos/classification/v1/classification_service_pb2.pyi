@@ -143,12 +143,23 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model_name", "checkpoint_path")
+    __slots__ = ("model_name", "checkpoint_path", "thresholds", "thresholds_model_version")
+    class ThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     checkpoint_path: str
-    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ...) -> None: ...
+    thresholds: _containers.ScalarMap[str, float]
+    thresholds_model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_model_version: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)

@@ -1,0 +1,134 @@
+"""The metric code of `cxr evaluate` against scikit-learn and hand-computed values, the two label formats,
+and the threshold choice, on fixed data (no service)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxr_client.evaluation import (
+    auroc,
+    bootstrap_auroc_ci,
+    choose_threshold,
+    parse_rule,
+    read_labels,
+    reliability,
+    sensitivity_specificity,
+)
+
+FINDINGS = ["Atelectasis", "Effusion", "Hernia"]
+
+
+def _fixed(n: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    score = np.round(rng.random(n) * 0.6 + 0.3 * y, 2)  # rounded: many ties, informative but noisy
+    return y.astype(int), score.astype(np.float32)
+
+
+def test_auroc_equals_sklearn_with_ties() -> None:
+    y, score = _fixed()
+    assert len(np.unique(score)) < len(score)  # ties present
+    assert auroc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert auroc(y, -score) == pytest.approx(roc_auc_score(y, -score), abs=1e-12)
+    assert auroc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert auroc([0, 1], [0.5, 0.5]) == 0.5
+
+
+def test_auroc_refuses_one_class() -> None:
+    with pytest.raises(ValueError):
+        auroc([0, 0, 0], [0.1, 0.2, 0.3])
+
+
+def test_bootstrap_ci_contains_estimate_and_is_seeded() -> None:
+    y, score = _fixed()
+    point = auroc(y, score)
+    lo, hi = bootstrap_auroc_ci(y, score, n=300, random_seed=7)
+    assert lo < point < hi
+    assert 0.0 < hi - lo < 0.3
+    assert bootstrap_auroc_ci(y, score, n=300, random_seed=7) == (lo, hi)
+    assert bootstrap_auroc_ci(y, score, n=300, random_seed=8) != (lo, hi)
+
+
+def test_sensitivity_specificity_and_not_estimable() -> None:
+    y = np.array([1, 1, 1, 0, 0])
+    called = np.array([1, 0, 1, 1, 0])
+    assert sensitivity_specificity(y, called) == (pytest.approx(2 / 3), pytest.approx(1 / 2))
+    assert sensitivity_specificity(np.zeros(3), np.zeros(3)) == (None, 1.0)
+    assert sensitivity_specificity(np.ones(3), np.ones(3)) == (1.0, None)
+
+
+def test_ece_by_hand() -> None:
+    # bins of width 0.5: [0, 0.5) holds 0.1, 0.2 (rate 0.5, mean 0.15); [0.5, 1] holds 0.9, 1.0 (rate 1, mean 0.95)
+    rel = reliability(np.array([0, 1, 1, 1]), np.array([0.1, 0.2, 0.9, 1.0]), bins=2)
+    assert rel.counts == [2, 2]
+    assert rel.ece == pytest.approx(0.5 * abs(0.5 - 0.15) + 0.5 * abs(1.0 - 0.95))
+    assert reliability(np.array([0, 1]), np.array([0.0, 1.0]), bins=10).ece == 0.0
+
+
+def test_nih_format_and_columns(tmp_path) -> None:
+    nih = tmp_path / "nih.csv"
+    nih.write_text(
+        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Pneumonia,3\n"
+    )
+    t = read_labels(nih, FINDINGS)
+    assert (t.images, t.findings, t.source_format) == (["a.png", "b.png", "c.png"], FINDINGS, "nih")
+    assert t.truth.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    cols = tmp_path / "cols.csv"
+    cols.write_text("image,age,Atelectasis,Effusion\na.png,55,1,0\nb.png,61,0,1\n")
+    t = read_labels(cols, FINDINGS)
+    assert (t.findings, t.source_format, t.truth.tolist()) == (["Atelectasis", "Effusion"], "columns", [[1, 0], [0, 1]])
+    t = read_labels(nih, ["abnormal", "Effusion"])  # the binary model's label: any finding
+    assert t.truth.tolist() == [[1, 1], [0, 0], [1, 0]]
+    cols.write_text("image,Effusion,no_finding\na.png,1,0\nb.png,0,1\n")
+    t = read_labels(cols, ["abnormal"])
+    assert (t.findings, t.truth.tolist()) == (["abnormal"], [[1], [0]])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,Effusion\na.png,yes\n")
+    with pytest.raises(ValueError, match="row 2"):
+        read_labels(bad, FINDINGS)
+    contradictory = tmp_path / "contradictory.csv"
+    contradictory.write_text("Image Index,Finding Labels\na.png,No Finding|Effusion\n")
+    with pytest.raises(ValueError, match="No Finding"):
+        read_labels(contradictory, FINDINGS)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 1.0])
+def test_sensitivity_threshold_reaches_target_and_is_the_highest(target: float) -> None:
+    y, score = _fixed()
+    t = choose_threshold(y, score, "sensitivity", target)
+    sens, _ = sensitivity_specificity(y, score >= np.float32(t))
+    assert sens is not None and sens >= target
+    cut = score[score >= np.float32(t)].min()  # the score the threshold sits below
+    lower = score[score < cut]
+    assert len(lower) == 0 or lower.max() < t < cut  # halfway in the gap: same calls, margin both sides
+    above = score[score > cut]
+    if len(above):  # the next score up no longer reaches the target: the cut is the highest that does
+        sens_up, _ = sensitivity_specificity(y, score >= above.min())
+        assert sens_up is not None and sens_up < target
+
+
+def test_youden_threshold_maximises_j() -> None:
+    y, score = _fixed()
+    t = choose_threshold(y, score, "youden", None)
+    best = max(
+        (lambda s, p: s + p - 1)(*sensitivity_specificity(y, score >= c))  # type: ignore[operator]
+        for c in np.unique(score)
+    )
+    sens, spec = sensitivity_specificity(y, score >= np.float32(t))
+    assert sens + spec - 1 == pytest.approx(best)  # type: ignore[operator]
+
+
+def test_threshold_never_zero() -> None:
+    t = choose_threshold(np.array([1, 0]), np.array([0.0, 0.0], dtype=np.float32), "sensitivity", 1.0)
+    assert 0.0 < t < 1e-30
+
+
+def test_parse_rule() -> None:
+    assert parse_rule("sensitivity=0.9") == ("sensitivity", 0.9)
+    assert parse_rule("youden") == ("youden", None)
+    for bad in ("sensitivity=0", "specificity=0.9", "sensitivity=1.5"):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
+    assert parse_rule("sensitivity=1") == ("sensitivity", 1.0)
