@@ -41,5 +41,5 @@ def local_defaults(settings: Settings) -> dict[str, str]:
     return out
 
 
-LOCKED_PREFIX = "locked-"
-DICOM_STOW_PORT = 8043  # models.dicom.stow_port's default (cxr_dicom.config, which the gateway does not import)  # marks the generated admin key: no admin key is configured
+LOCKED_PREFIX = "locked-"  # marks the generated admin key: no admin key is configured
+DICOM_STOW_PORT = 8043  # models.dicom.stow_port's default (cxr_dicom.config, which the gateway does not import)
