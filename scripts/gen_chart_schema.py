@@ -167,6 +167,40 @@ def svc_block() -> dict[str, Any]:
 
 
 defs["serviceBlock"] = svc_block()
+_dicom = svc_block()
+_dicom["properties"] |= {
+    "persistence": obj(
+        {
+            "existingClaim": S,
+            "size": SIZE,
+            "storageClass": S,
+            "accessModes": {
+                "type": "array",
+                "items": {"enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                "minItems": 1,
+            },
+        },
+        ["existingClaim", "size", "accessModes"],
+    ),
+    "dimse": obj(
+        {
+            "service": obj(
+                {
+                    "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                    "nodePort": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "loadBalancerSourceRanges": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                    "externalTrafficPolicy": {"enum": ["", "Cluster", "Local"]},
+                    "annotations": STRMAP,
+                },
+                ["type"],
+            ),
+            "allowedFrom": {"type": "array", "items": FREE},
+        },
+        ["service"],
+    ),
+}
+_dicom["required"] = [*_dicom["required"], "persistence", "dimse"]
+defs["dicomBlock"] = _dicom  # the DICOM node: a service block plus its queue volume and DIMSE Service
 
 vllm = obj(
     {
@@ -386,7 +420,7 @@ SCHEMA: dict[str, Any] = {
                 "containerSecurityContext": ref("containerSecurityContext"),
             }
         ),
-        **{name: ref("serviceBlock") for name in SERVICE_NAMES},
+        **{name: ref("dicomBlock" if name == "dicom" else "serviceBlock") for name in SERVICE_NAMES},
         "vllm": vllm,
         "chroma": chroma,
         "kong": kong,

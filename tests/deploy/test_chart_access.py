@@ -171,7 +171,10 @@ def test_metrics_ports_are_open_to_the_monitoring_namespace_only(default_render:
         np = default_render.get("NetworkPolicy", f"cxr-{svc}")
         assert np["spec"]["policyTypes"] == ["Ingress"]
         by_port = _rules_by_port(np)
-        assert set(by_port) == {ep["port"], ep["metrics_port"]}, svc
+        # the DICOM node also takes STOW-RS from Kong and DIMSE from modalities (tests/deploy/test_dicom_chart.py)
+        node = config["models"]["dicom"] if svc == "dicom" else {}
+        extra = {node.get("stow_port", 8043), node.get("dimse_port", 11112)} if node else set()
+        assert set(by_port) == {ep["port"], ep["metrics_port"]} | extra, svc
         assert by_port[ep["metrics_port"]] == [MONITORING], svc
         assert by_port[ep["port"]] == [kong_pods], svc
     # Kong's status port (its /metrics) too; its proxy ports stay public

@@ -139,9 +139,12 @@ def test_service_probes_are_native_grpc_with_a_long_startup(any_render: Rendered
             assert c[probe]["grpc"] == {"port": port, "service": ""}, (svc, probe)
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, svc
+        node = config["models"]["dicom"] if svc == "dicom" else {}  # the DICOM node's intakes too
+        intakes = {"dimse": node.get("dimse_port", 11112), "stow": node.get("stow_port", 8043)} if node else {}
         assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
             "grpc": port,
             "metrics": config["services"][svc]["metrics_port"],
+            **intakes,
         }
         assert c["command"] == ["python", "-m", f"cxr_{svc}", "--config", "/etc/cxr/config.json"]
         assert _env(c)["CXR_CONFIG_PATH"] == "/etc/cxr/config.json"
@@ -363,6 +366,7 @@ def test_kong_ships_gateway_kong_yml_unchanged_and_renders_every_placeholder(def
     for svc in SERVICES:
         assert env[f"DECK_{svc.upper()}_HOST"] == f"cxr-{svc}.cxr.svc"
         assert env[f"DECK_{svc.upper()}_PORT"] == str(config["services"][svc]["port"])
+    assert env["DECK_DICOM_STOW_PORT"] == str(config["models"]["dicom"].get("stow_port", 8043))  # STOW-RS
     # every .proto the grpc-gateway plugin loads is mounted where kong.yml says, with its imports
     mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "protos")["mountPath"]
     items = next(v for v in spec["volumes"] if v["name"] == "protos")["configMap"]["items"]

@@ -27,7 +27,7 @@ import pytest
 
 from cxr_client import ClientConfig
 from cxr_client.config import SERVICES
-from cxr_serving.server import ServiceBinding
+from cxr_serving.server import CxrServer, ServiceBinding
 from cxr_serving.settings import Settings
 from tests.support.paths import PUBMEDQA
 from tests.support.servers import TEST_KEY, free_port, make_settings, running_server
@@ -91,12 +91,14 @@ def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
             "vector_db_path": str(workdir / "chroma"),
             "documents_path": str(_corpus(workdir)) if with_rag else None,
         },
-        # the DICOM node serves its gRPC API; nothing is sent to it here, so its destination may be closed
+        # the DICOM node serves its gRPC API; its destination is a closed port, so an instance sent to it fails its
+        # one attempt and is dead-lettered at once (what `cxr dicom` tests read and retry)
         models__dicom={
             "dimse_port": 0,
             "stow_port": 0,
             "data_path": str(workdir / "dicom"),
-            "destinations": {"stow_url": "http://127.0.0.1:9/dicom-web"},
+            "destinations": {"stow_url": "http://127.0.0.1:9/dicom-web", "timeout_s": 5},
+            "max_attempts": 1,
         },
         server_config__max_batch_delay_ms=2,
     )
@@ -118,6 +120,7 @@ class Stack:
         self.builders = builders
         self.tmp = tempfile.TemporaryDirectory(prefix="cxr-client-stack-")
         self.ports: dict[str, int] = {}
+        self.servers: dict[str, CxrServer] = {}
         self.closed_port = free_port()
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
@@ -137,6 +140,7 @@ class Stack:
                 for name, build in builders.items():
                     server = await stack.enter_async_context(running_server(s, build(s)))
                     self.ports[name] = server.port
+                    self.servers[name] = server
                 self._ready.set()
                 await self._stop.wait()
         except BaseException as exc:

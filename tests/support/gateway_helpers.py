@@ -23,6 +23,7 @@ def load_kong(ports: dict[str, int], key: str = TEST_KEY, protocol: str = "grpc"
     for name in ("classification", "segmentation", "rag", "dicom"):
         env[f"DECK_{name.upper()}_HOST"] = "127.0.0.1"
         env[f"DECK_{name.upper()}_PORT"] = str(ports.get(name, UNUSED_PORT))
+    env["DECK_DICOM_STOW_PORT"] = str(ports.get("dicom-stow", UNUSED_PORT))  # the node's STOW-RS (HTTP) port
     return kong_model.load(KONG_YML, env, local_defaults(make_settings()))
 
 

@@ -43,6 +43,7 @@ ENV = {
     "DECK_RAG_PORT": "50053",
     "DECK_DICOM_HOST": "dicom.cxr.svc",
     "DECK_DICOM_PORT": "50055",
+    "DECK_DICOM_STOW_PORT": "8043",
     "DECK_CXR_API_KEY": "k-123",
     "DECK_CXR_ADMIN_API_KEY": "adm-456",
     "DECK_OTEL_TRACES_ENDPOINT": "http://otel-collector:4318/v1/traces",
@@ -81,7 +82,9 @@ def test_kong_yml_validates_with_every_required_plugin(raw):
     assert (rl.minute, rl.limit_by, rl.policy) == (100, "consumer", "local")
     assert kong.global_plugin("request-size-limiting").config.limit_bytes == 50 * 1024 * 1024
     assert set(kong.global_plugin("key-auth").config.key_names) == {"apikey", "x-api-key"}
-    for svc in kong.services:
+    grpc_services = [s for s in kong.services if s.name != "dicom-stow"]  # dicom-stow: the plain-HTTP STOW-RS
+    assert [s.name for s in grpc_services] == ["classification", "segmentation", "rag", "dicom"]
+    for svc in grpc_services:
         assert svc.protocol == "grpc" and svc.retries >= 1
         up = kong.upstream(svc.host)
         assert up is not None and up.targets[0].target == f"{svc.name}.cxr.svc:{svc.port}"
@@ -91,7 +94,8 @@ def test_kong_yml_validates_with_every_required_plugin(raw):
 
 def test_tls_to_backends_is_one_variable(raw):
     kong = kong_model.parse(KONG_YML.read_text(), {**ENV, "DECK_BACKEND_PROTOCOL": "grpcs"})
-    assert {s.protocol for s in kong.services} == {"grpcs"}
+    assert {s.protocol for s in kong.services if s.name != "dicom-stow"} == {"grpcs"}
+    assert kong.service("dicom-stow").protocol == "http"  # the node's STOW-RS listener serves plain HTTP
     assert {u.healthchecks.active.type for u in kong.upstreams} == {"grpcs"}
 
 
@@ -138,10 +142,28 @@ def test_bad_kong_yml_fails_naming_the_field(raw, mutate, message):
 
 # ------------------------------------------------------------------ contract: kong.yml == annotations
 def _rest_routes(kong):
+    """The routes transcoded to gRPC (the grpc-gateway plugin), not the plain-HTTP ones (STOW-RS)."""
     for svc in kong.services:
         for r in svc.routes:
-            if "http" in r.protocols:
+            if "http" in r.protocols and svc.protocol in ("grpc", "grpcs"):
                 yield svc, r
+
+
+def test_stow_rs_route_is_plain_http_behind_key_auth_acl_rate_and_size_limits(raw):
+    kong = validate(raw)
+    policies = Policies(kong)
+    hit = policies.match_http("POST", "/dicom-web/studies")
+    assert hit is not None and (hit.service.name, hit.route.name) == ("dicom-stow", "dicom-stow-rs")
+    svc = hit.service
+    assert (svc.protocol, svc.host, svc.port) == ("http", ENV["DECK_DICOM_HOST"], int(ENV["DECK_DICOM_STOW_PORT"]))
+    assert kong.upstream(svc.host) is None and hit.route.request_buffering is False
+    assert policies.grpc_gateway_proto(hit) is None
+    assert policies.key_auth(hit) is policies.key_auth(policies.match_grpc("/cxr.rag.v1.RagService/X"))
+    assert policies.rate_limiter(hit).config.minute == 100
+    assert policies.size_limit(hit).limit == 512 * 1024 * 1024  # the node's stow_max_request_mb default
+    assert policies.acl(hit).config.allow == [INFERENCE_GROUP]
+    for method, path in (("GET", "/dicom-web/studies"), ("POST", "/dicom-web/studies/1.2.3"), ("POST", "/dicom-web")):
+        assert policies.match_http(method, path) is None, (method, path)
 
 
 def test_every_http_annotation_has_a_rest_route_in_kong_yml(raw, catalog):

@@ -3,6 +3,8 @@
 REST request pipeline, in Kong's plugin order:
   correlation-id → route match (404 "no Route matched") → key-auth (401) →
   request-size-limiting (413) → acl (403) → rate-limiting (429) → grpc-gateway transcoding → backend
+A route of a plain-HTTP service (no grpc-gateway plugin) goes through the same plugins and is then proxied
+as HTTP with its body streamed (`http_proxy`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import grpc
 from aiohttp import web
 
 from cxr_gateway.grpc_proxy import ProxyHandler
+from cxr_gateway.http_proxy import HTTP_PROTOCOLS, BodyTooLarge, HttpBackend, build_http_backends, upstream_headers
+from cxr_gateway.http_proxy import proxy as http_proxy
 from cxr_gateway.kong_model import KongConfig
 from cxr_gateway.limits import FORWARDED_FOR, Denial, forwarded_for, identity_metadata
 from cxr_gateway.metrics import GatewayMetrics
@@ -57,6 +61,7 @@ class Gateway:
         prom = kong.global_plugin("prometheus")
         self.metrics = GatewayMetrics(per_consumer=bool(prom and prom.config.per_consumer))
         self.backends: dict[str, Backend] = {}
+        self.http_backends: dict[str, HttpBackend] = {}
         self.openapi = build_openapi(catalog)
         self._runners: list[web.AppRunner] = []
         self._grpc_server: grpc.aio.Server | None = None
@@ -66,6 +71,7 @@ class Gateway:
     async def start(
         self, host: str = "127.0.0.1", rest_port: int = 8000, grpc_port: int = 8001, status_port: int | None = 8100
     ) -> Ports:
+        self.http_backends = build_http_backends(self.kong)
         self.backends = build_backends(self.kong)
         for b in self.backends.values():
             b.start()
@@ -114,6 +120,8 @@ class Gateway:
             await r.cleanup()
         for b in self.backends.values():
             await b.close()
+        for h in self.http_backends.values():
+            await h.close()
 
     # ------------------------------------------------------------------ status endpoints
     async def _openapi(self, request: web.Request) -> web.Response:
@@ -169,7 +177,9 @@ class Gateway:
             denial = size.check_declared(request.content_length)
             if denial is not None:
                 return deny(denial)
-        body = await _read_body(request, size.limit if size else None)
+        proto = self.policies.grpc_gateway_proto(hit)
+        plain = proto is None and hit.service.protocol in HTTP_PROTOCOLS  # streamed to the upstream, not read here
+        body = b"" if plain else await _read_body(request, size.limit if size else None)
         if body is None:
             assert size is not None
             return deny(size.too_large())
@@ -188,7 +198,25 @@ class Gateway:
             if decision.denial is not None:
                 return deny(decision.denial)
 
-        proto = self.policies.grpc_gateway_proto(hit)
+        if plain:
+            up_headers = upstream_headers(
+                request,
+                drop=frozenset(n.lower() for n in auth.config.key_names)
+                if auth and auth.config.hide_credentials
+                else frozenset(),
+                consumer=consumer,
+                groups=groups,
+                correlation=(corr.header, cid) if corr is not None else None,
+            )
+            try:
+                answer = await http_proxy(
+                    request, self.http_backends[svc], up_headers, size.limit if size else None, out_headers, started
+                )
+            except BodyTooLarge:
+                assert size is not None
+                return deny(size.too_large())
+            self.metrics.request(svc, route, answer.status, "upstream", consumer.name if consumer else "", started)
+            return answer
         if proto is None:
             self.metrics.request(svc, route, 502, "kong", "", started)
             return _json(

@@ -29,6 +29,8 @@ def local_defaults(settings: Settings) -> dict[str, str]:
         host = "127.0.0.1" if ep.host in ("0.0.0.0", "::", "") else ep.host
         out[f"DECK_{name.upper()}_HOST"] = host
         out[f"DECK_{name.upper()}_PORT"] = str(ep.port)
+    # the DICOM node's STOW-RS port: models.dicom.stow_port, else its default
+    out["DECK_DICOM_STOW_PORT"] = str((settings.models.get("dicom") or {}).get("stow_port", DICOM_STOW_PORT))
     keys = _keys(list(settings.security.api_keys), settings.security.api_key_file)
     if keys:
         out["DECK_CXR_API_KEY"] = keys[0]
@@ -40,3 +42,4 @@ def local_defaults(settings: Settings) -> dict[str, str]:
 
 
 LOCKED_PREFIX = "locked-"  # marks the generated admin key: no admin key is configured
+DICOM_STOW_PORT = 8043  # models.dicom.stow_port's default (cxr_dicom.config, which the gateway does not import)

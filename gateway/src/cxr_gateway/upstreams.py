@@ -190,9 +190,9 @@ def _channel(address: str, tls: bool) -> grpc.aio.Channel:
 def build_backends(config: KongConfig) -> dict[str, Backend]:
     out: dict[str, Backend] = {}
     for svc in config.services:
-        if not svc.enabled:
+        if not svc.enabled or svc.protocol in ("http", "https"):  # plain-HTTP services: cxr_gateway.http_proxy
             continue
-        tls = svc.protocol in ("grpcs", "https")
+        tls = svc.protocol == "grpcs"
         up = config.upstream(svc.host)
         if up is not None:
             addresses = [t.target for t in up.targets if t.weight > 0]

@@ -1,7 +1,7 @@
 """`cxr`: the command line of the platform, on top of `cxr_client`, so a shell script or an operator
 needs no Python to classify, segment, ask, analyze and manage models.
 
-Admin commands (`models load`, `models unload`, `ingest`) send only the admin key and every other
+Admin commands (`models load`, `models unload`, `ingest`, `dicom retry`) send only the admin key and every other
 command only the inference key, so an inference key never reaches an admin RPC. Commands, options and
 exit status: libs/client/README.md.
 """
@@ -24,7 +24,7 @@ from cxr_client.analyze import analyze_study, finding_threshold
 from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig, ServiceName, TlsOptions
-from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError
+from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, NotFoundError
 from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
@@ -32,9 +32,10 @@ MODEL_SERVICES = tuple(name for name, entry in catalog.load().items() if entry.m
 STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
 
 
-def to_dict(msg: Message, *, drop_bytes: bool = True) -> dict[str, Any]:
-    """A protobuf message as JSON-ready dict (proto field names); bulky bytes fields summarised."""
-    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=False)
+def to_dict(msg: Message, *, drop_bytes: bool = True, always_fields: bool = False) -> dict[str, Any]:
+    """A protobuf message as JSON-ready dict (proto field names); bulky bytes fields summarised;
+    `always_fields` keeps zero counts and false flags, so a script reads every key."""
+    d = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=always_fields)
     if drop_bytes:
         _drop_bytes(d)
     return d
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="gRPC endpoint of every service, e.g. a gateway (env CXR_ENDPOINT)")
     p.add_argument("--api-key", help="API key of inference commands (env CXR_API_KEY)")
     p.add_argument(
-        "--admin-api-key", help="admin key, sent only by models load/unload and ingest (env CXR_ADMIN_API_KEY)"
+        "--admin-api-key",
+        help="admin key, sent only by models load/unload, ingest and dicom retry (env CXR_ADMIN_API_KEY)",
     )
     p.add_argument("--timeout", type=float, help="deadline per call in seconds (default 30)")
     p.add_argument("--tls", action="store_true", help="use TLS (also: a grpcs:// endpoint)")
@@ -141,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("ingest", help="add documents to the literature store (admin key)")
     g.add_argument("documents", type=Path, help="JSON lines, one cxr.rag.v1.Document each: id, text, title, source")
+
+    d = sub.add_parser("dicom", help="the DICOM node: a study's state, the dead letter, retries")
+    dsub = d.add_subparsers(dest="dicom_command", required=True)
+    dstatus = dsub.add_parser("status", help="where each accepted instance of a study is (exit 1: unknown or dead)")
+    dstatus.add_argument("study_uid", help="Study Instance UID")
+    ddead = dsub.add_parser("dead-letters", help="instances the node gave up on, with the last error")
+    ddead.add_argument("--study", default="", help="only this Study Instance UID")
+    dretry = dsub.add_parser("retry", help="queue a dead-lettered instance again (admin key)")
+    dretry.add_argument("sop_uid", help="SOP Instance UID")
 
     sub.add_parser("health", help="health of every service")
     return p
@@ -391,6 +402,59 @@ async def cmd_ingest(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     return 0
 
 
+INSTANCE_STATES = {0: "unspecified", 1: "queued", 2: "in progress", 3: "done", 4: "dead"}
+PRIORITIES = {0: "unspecified", 1: "stat", 2: "routine"}
+
+
+def _instance_rows(instances: Sequence[Any]) -> list[list[Any]]:
+    return [
+        [
+            i.sop_instance_uid,
+            INSTANCE_STATES.get(i.state, i.state),
+            PRIORITIES.get(i.priority, i.priority),
+            i.attempts,
+            i.last_error or "-",
+        ]
+        for i in instances
+    ]
+
+
+_INSTANCE_HEADER = ["sop_instance_uid", "state", "priority", "attempts", "last_error"]
+
+
+async def cmd_dicom(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    if args.dicom_command == "status":
+        try:
+            st = await client.study_status(args.study_uid)
+        except NotFoundError as err:
+            raise NotFoundError(
+                f"study {args.study_uid} is unknown to the DICOM node: no instance of it was accepted "
+                f"(or it finished longer than done_retention_s ago) [{err.message}]",
+                reason=err.reason,
+                correlation_id=err.correlation_id,
+            ) from None
+        state = "finished" if st.finished else "in progress"
+        counts = f"queued {st.queued}, in progress {st.in_progress}, done {st.done}, dead {st.dead}"
+        text = f"study {st.study_instance_uid}: {state} ({counts})\n" + table(
+            _instance_rows(st.instances), _INSTANCE_HEADER
+        )
+        _emit(args, to_dict(st, always_fields=True), text)
+        return 1 if st.dead else 0
+    if args.dicom_command == "dead-letters":
+        dead = await client.list_dead_letters(args.study)
+        data = [to_dict(i, always_fields=True) for i in dead]
+        _emit(args, data, table(_instance_rows(dead), _INSTANCE_HEADER) if dead else "no dead-lettered instance")
+        return 0
+    requeued = await client.retry_dead_letter(args.sop_uid)
+    text = (
+        f"{args.sop_uid}: queued again"
+        if requeued
+        else f"{args.sop_uid}: not dead-lettered (unknown, queued, in progress or done): nothing to retry"
+    )
+    _emit(args, {"sop_instance_uid": args.sop_uid, "requeued": requeued}, text)
+    return 0 if requeued else 1
+
+
 async def cmd_health(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     status = await client.health_all()
     rows = [[svc, client.config.endpoint_for(svc), status[svc]] for svc in status]
@@ -407,6 +471,7 @@ COMMANDS = {
     "models": cmd_models,
     "evaluate": cmd_evaluate,
     "ingest": cmd_ingest,
+    "dicom": cmd_dicom,
     "health": cmd_health,
 }
 

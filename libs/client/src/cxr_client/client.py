@@ -2,7 +2,8 @@
 
 Both take a `ClientConfig` (default: `ClientConfig.from_env()`), open one channel per distinct
 endpoint (so a gateway endpoint carries every service on one connection), send the API key as
-`x-api-key` (the admin key instead, and only, on LoadModel, UnloadModel and IngestDocuments), put a
+`x-api-key` (the admin key instead, and only, on LoadModel, UnloadModel, IngestDocuments and
+RetryDeadLetter), put a
 deadline on every call, apply the published retry policy
 (`cxr_client.retry_policy`) and raise `cxr_client.errors.CxrClientError` subclasses instead of
 `grpc.RpcError`. Responses are the generated protobuf messages (`cxr_protos`), fully typed.
@@ -163,6 +164,9 @@ class AsyncCxrClient:
 
     def _rag(self) -> rag_grpc.RagServiceStub:
         return rag_grpc.RagServiceStub(self.channel("rag"))
+
+    def _dicom(self) -> dicom_grpc.DicomServiceStub:
+        return dicom_grpc.DicomServiceStub(self.channel("dicom"))
 
     def _model_stub(self, service: ServiceName) -> ModelAdminStub:
         entry = self.config.services.get(service)
@@ -367,6 +371,27 @@ class AsyncCxrClient:
         ).model
         return info
 
+    # -- dicom ----------------------------------------------------------------------------------
+    async def study_status(
+        self, study_instance_uid: str, *, timeout: float | None = None
+    ) -> dicom_pb.GetStudyStatusResponse:
+        """Where each accepted instance of a study is in the DICOM node's queue; NotFoundError for an unknown study."""
+        req = dicom_pb.GetStudyStatusRequest(study_instance_uid=study_instance_uid)
+        return await self._call(self._dicom().GetStudyStatus, req, timeout)
+
+    async def list_dead_letters(
+        self, study_instance_uid: str = "", *, timeout: float | None = None
+    ) -> list[dicom_pb.InstanceStatus]:
+        """Instances the DICOM node gave up on (max_attempts failures), with the last error; all studies by default."""
+        req = dicom_pb.ListDeadLettersRequest(study_instance_uid=study_instance_uid)
+        return list((await self._call(self._dicom().ListDeadLetters, req, timeout)).instances)
+
+    async def retry_dead_letter(self, sop_instance_uid: str, *, timeout: float | None = None) -> bool:
+        """Queue a dead-lettered instance again (admin key); False when it is not dead-lettered."""
+        req = dicom_pb.RetryDeadLetterRequest(sop_instance_uid=sop_instance_uid)
+        resp = await self._call(self._dicom().RetryDeadLetter, req, timeout, admin_method="RetryDeadLetter")
+        return bool(resp.requeued)
+
     # -- health ---------------------------------------------------------------------------------
     async def health(self, service: ServiceName, *, timeout: float | None = 5.0) -> str:
         """grpc.health.v1 status of one service: SERVING, NOT_SERVING, ... or UNREACHABLE.
@@ -389,8 +414,7 @@ class AsyncCxrClient:
                 await self.search_literature("chest radiograph", top_k=1, timeout=timeout)
                 return "SERVING"
             if service == "dicom":
-                stub = dicom_grpc.DicomServiceStub(self.channel("dicom"))
-                await self._call(stub.ListDeadLetters, dicom_pb.ListDeadLettersRequest(), timeout)
+                await self.list_dead_letters(timeout=timeout)
                 return "SERVING"
             entry = self.config.services.get(service)
             if entry is None or not entry.model_admin:
@@ -479,6 +503,15 @@ class CxrClient:
 
     def unload_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
         return self._run(self._async.unload_model(service, model_name, **kwargs))
+
+    def study_status(self, study_instance_uid: str, **kwargs: Any) -> dicom_pb.GetStudyStatusResponse:
+        return self._run(self._async.study_status(study_instance_uid, **kwargs))
+
+    def list_dead_letters(self, study_instance_uid: str = "", **kwargs: Any) -> list[dicom_pb.InstanceStatus]:
+        return self._run(self._async.list_dead_letters(study_instance_uid, **kwargs))
+
+    def retry_dead_letter(self, sop_instance_uid: str, **kwargs: Any) -> bool:
+        return self._run(self._async.retry_dead_letter(sop_instance_uid, **kwargs))
 
     def health(self, service: ServiceName, **kwargs: Any) -> str:
         return self._run(self._async.health(service, **kwargs))

@@ -8,7 +8,7 @@ An endpoint may carry a scheme: `grpcs://host:443` turns TLS on, `grpc://host:po
 `host:port` is plaintext unless `tls` is set.
 
 Two keys: `api_key` (`CXR_API_KEY`) for inference calls and `admin_api_key` (`CXR_ADMIN_API_KEY`)
-for the admin calls (LoadModel, UnloadModel, IngestDocuments). Each call sends exactly one of them.
+for the admin calls (LoadModel, UnloadModel, IngestDocuments, RetryDeadLetter). Each call sends exactly one of them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class ClientConfig(BaseModel):
     admin_api_key: str | None = Field(
         default=None,
         description="sent as x-api-key instead of api_key, and only, on admin calls (LoadModel, UnloadModel, "
-        "IngestDocuments)",
+        "IngestDocuments, RetryDeadLetter)",
     )
     tls: TlsOptions = Field(default_factory=lambda: TlsOptions())
     timeout_s: float = Field(30.0, gt=0, description="default deadline of one call")

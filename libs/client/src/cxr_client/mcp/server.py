@@ -20,12 +20,13 @@ from mcp.server.mcpserver.exceptions import ToolError
 from cxr_client.analyze import analyze_study as run_analysis
 from cxr_client.analyze import finding_calibration, finding_threshold
 from cxr_client.catalog import CatalogError
-from cxr_client.cli import to_dict
+from cxr_client.cli import INSTANCE_STATES, to_dict
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
 from cxr_client.errors import CxrClientError
 from cxr_client.images import decode_base64_image
 from cxr_client.report import to_markdown
+from cxr_protos.dicom.v1 import dicom_service_pb2 as dicom_pb
 
 INSTRUCTIONS = (
     "Chest X-ray analysis tools (classification, anatomy segmentation with the cardiothoracic ratio, "
@@ -36,6 +37,7 @@ BINARY_MODEL = "binary_classifier"
 FINDINGS_MODEL = "multiclass_classifier"
 ADMIN_TOOLS_ENV = "CXR_MCP_ADMIN_TOOLS"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_STATE_NUMBERS = {name: number for name, number in dicom_pb.InstanceState.items()}
 
 
 def admin_tools_from_env(environ: Mapping[str, str] | None = None) -> bool:
@@ -95,7 +97,7 @@ def _predictions(resp: Any, *, positives_only: bool = False) -> dict[str, Any]:
 def build_server(
     config: ClientConfig | None = None, *, name: str = "cxr", admin_tools: bool | None = None
 ) -> MCPServer:
-    """The MCP server with its seven inference tools, plus `unload_model` when `admin_tools` (default:
+    """The MCP server with its eight inference tools, plus `unload_model` when `admin_tools` (default:
     CXR_MCP_ADMIN_TOOLS) opts in; `config` defaults to ClientConfig.from_env()."""
     cfg = config or ClientConfig.from_env()
     if admin_tools is None:
@@ -217,6 +219,20 @@ def build_server(
                 out[svc] = [to_dict(m) for m in await client().list_models(svc)]
             except CxrClientError as err:
                 out[svc] = {"error": err.to_dict()}
+        return out
+
+    @server.tool()
+    async def dicom_study_status(study_instance_uid: str) -> dict[str, Any]:
+        """Where a study sent to the DICOM node (C-STORE or STOW-RS) stands: instances queued, in progress, done
+        (results sent) or dead (given up, with the last error); `finished` once none is queued or in progress."""
+        try:
+            resp = await client().study_status(study_instance_uid)
+        except CxrClientError as err:
+            raise _tool_error(err) from None
+        out = to_dict(resp, always_fields=True)
+        for item in out.get("instances", []):
+            item["state"] = INSTANCE_STATES.get(_STATE_NUMBERS.get(item["state"], 0), item["state"])
+            item["priority"] = item["priority"].removeprefix("PRIORITY_").lower()
         return out
 
     if not admin_tools:
