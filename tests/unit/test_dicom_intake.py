@@ -98,3 +98,13 @@ async def test_the_worker_forgets_finished_instances_after_done_retention_s(tmp_
         finally:
             await worker.stop()
     assert queue.get(sop) is None  # a re-send now would be analysed again
+
+
+def test_an_accepted_instance_is_logged_at_info(tmp_path, caplog):
+    """At INFO (config/local.json's level) the acceptance log line is written, not raised as an error."""
+    intake, _ = make_intake(tmp_path)
+    with caplog.at_level("INFO", logger="cxr.dicom.intake"):
+        received = intake.receive(dicom_files()[0].read_bytes(), calling_ae="ER_DX")
+    assert received.enqueued.created
+    [record] = [r for r in caplog.records if r.getMessage() == "accepted an instance"]
+    assert (record.priority, record.new, record.calling_ae) == ("stat", True, "ER_DX")

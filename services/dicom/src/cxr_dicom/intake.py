@@ -113,6 +113,6 @@ class Intake:
             raise
         log.info(
             "accepted an instance",
-            extra={"priority": enqueued.priority.name.lower(), "created": enqueued.created, "calling_ae": calling_ae},
+            extra={"priority": enqueued.priority.name.lower(), "new": enqueued.created, "calling_ae": calling_ae},
         )
         return Received(accepted, enqueued)
