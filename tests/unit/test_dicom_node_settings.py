@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ from cxr_dicom.config import dicom_config
 from cxr_dicom.intake import Intake
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding
 from cxr_dicom.work_queue import Priority, WorkQueue
-from cxr_dicom.worker import Worker, build_results
+from cxr_dicom.worker import Worker, build_results, client_config
 from tests.support.paths import dicom_files
 from tests.support.servers import make_settings
 
@@ -137,3 +138,23 @@ def test_default_priority_stat_makes_an_unmatched_instance_stat_and_claimed_firs
         assert unmatched.enqueued.priority == Priority.STAT
         first = queue.claim("w")
         assert first is not None and first.sop_uid == unmatched.accepted.sop_instance_uid
+
+
+def test_rotating_key_follows_the_file_and_keeps_the_last_key_while_it_is_gone(tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("\nold-key\n")
+    cfg = node_cfg(
+        tmp_path, analysis={"api_key_file": str(key_file)}, destinations={"stow_url": "http://127.0.0.1:9/dicom-web"}
+    )
+    client = AsyncCxrClient(client_config(cfg))
+    worker = Worker(cfg, WorkQueue(tmp_path / "q"), client)
+    assert client.config.api_key == "old-key"
+    worker.key.refresh(client)
+    assert client.config.api_key == "old-key"
+    key_file.write_text("new-key\n")
+    os.utime(key_file, ns=(1, 1))  # a different mtime, whatever the clock's resolution
+    worker.key.refresh(client)
+    assert client.metadata() == (("x-api-key", "new-key"),)
+    key_file.unlink()  # a secret volume between two generations
+    worker.key.refresh(client)
+    assert client.config.api_key == "new-key"
