@@ -15,6 +15,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -51,7 +52,7 @@ def client_config(cfg: DicomConfig) -> ClientConfig:
     base = ClientConfig.from_env()
     key = a.api_key
     if key is None and a.api_key_file is not None:
-        key = next((ln.strip() for ln in a.api_key_file.read_text().splitlines() if ln.strip()), None)
+        key = read_key_file(a.api_key_file)
     return base.model_copy(
         update={
             "endpoints": {**base.endpoints, **endpoints},
@@ -59,6 +60,39 @@ def client_config(cfg: DicomConfig) -> ClientConfig:
             "timeout_s": a.timeout_s,
         }
     )
+
+
+def read_key_file(path: Path) -> str | None:
+    """The first non-empty line of a mounted key file (the key the node sends)."""
+    return next((ln.strip() for ln in path.read_text().splitlines() if ln.strip()), None)
+
+
+class RotatingKey:
+    """``analysis.api_key_file`` re-read when its mtime changes, so a rotated key is sent without a restart."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mtime: int | None = None if path is None else _mtime_ns(path)
+
+    def refresh(self, client: AsyncCxrClient) -> None:
+        """Put the file's current key in ``client``'s config if the file changed since the last look."""
+        if self.path is None:
+            return
+        mtime = _mtime_ns(self.path)
+        if mtime is None or mtime == self._mtime:
+            return  # unchanged, or gone (a secret being replaced): keep the last key
+        key = read_key_file(self.path)
+        self._mtime = mtime
+        if key and key != client.config.api_key:
+            client.config = client.config.model_copy(update={"api_key": key})
+            log.info("analysis api key re-read from its file", extra={"fields": {"file": str(self.path)}})
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _algorithm(model: common_pb2.ModelInfo, untrained: bool) -> Algorithm:
@@ -165,7 +199,9 @@ class Senders:
                 write_bundle(bundle, self.dest.fhir_folder)
         if self.dest.fhir_url is not None:
             with self._tracked(study_uid, "fhir", self.dest.fhir_url, ["fhir_bundle"]):
-                post_bundle(bundle, self.dest.fhir_url, timeout_s=self.dest.timeout_s)
+                post_bundle(
+                    bundle, self.dest.fhir_url, headers=dict(self.dest.fhir_headers), timeout_s=self.dest.timeout_s
+                )
 
     @contextlib.contextmanager
     def _tracked(self, study_uid: str, destination: str, target: str, objects: Sequence[str]) -> Iterator[None]:
@@ -199,6 +235,8 @@ class Worker:
         self.queue = queue
         self.client = client
         self.senders = Senders(cfg.destinations, cfg.ae_title)
+        a = cfg.analysis
+        self.key = RotatingKey(a.api_key_file if a.api_key is None else None)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -255,6 +293,7 @@ class Worker:
                     )
 
     async def process(self, item: Item) -> None:
+        await asyncio.to_thread(self.key.refresh, self.client)
         payload = json.loads(item.payload)
         data = (self.cfg.data_path / payload["file"]).read_bytes()
         image = common_pb2.Image(data=data, content_type="application/dicom")
