@@ -1,0 +1,175 @@
+"""The node's STOW-RS route (cxr_dicom.intakes.StowServer) on a real Intake, SQLite queue and files: PS3.18 answers
+for partial storage, a full queue and a broken disk, the size limit while reading, and malformed bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import generate_uid
+from starlette.testclient import TestClient
+
+from cxr_dicom.config import DicomConfig
+from cxr_dicom.intake import Intake, instance_path
+from cxr_dicom.intakes import StowServer
+from cxr_dicom.priority import PriorityPolicy
+from cxr_dicom.work_queue import WorkQueue
+from tests.support.paths import dicom_files
+
+FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE = "00081198", "00081199"
+OUT_OF_RESOURCES = 0xA700
+CT = 'multipart/related; type="application/dicom"; boundary=b'
+
+
+def server(tmp_path: Path, **dicom: Any) -> tuple[StowServer, WorkQueue]:
+    cfg = DicomConfig.model_validate(
+        {"data_path": str(tmp_path), "destinations": {"stow_url": "http://127.0.0.1:9/"}, **dicom}
+    )
+    queue = WorkQueue(tmp_path, max_pending=cfg.max_queue_size)
+    return StowServer(cfg, Intake(tmp_path, queue, PriorityPolicy(), anonymize=False), None, "127.0.0.1"), queue
+
+
+def new_instance(path: Path) -> tuple[pydicom.Dataset, bytes]:
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return ds, buf.getvalue()
+
+
+def multipart(*parts: bytes) -> bytes:
+    body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+    return body + b"--b--\r\n"
+
+
+def answer_of(r: Any) -> pydicom.Dataset:
+    assert r.headers["content-type"].startswith("application/dicom+json"), r.headers
+    return pydicom.Dataset.from_json(r.json())
+
+
+def test_a_full_queue_after_a_stored_part_answers_202_with_the_rest_failed_0xa700(tmp_path):
+    srv, queue = server(tmp_path, max_queue_size=1)
+    (ds1, data1), (ds2, data2) = new_instance(dicom_files()[0]), new_instance(dicom_files()[1])
+    r = TestClient(srv.app).post("/dicom-web/studies", content=multipart(data1, data2), headers={"Content-Type": CT})
+    assert r.status_code == 202, r.text
+    answer = answer_of(r)
+    assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [ds1.SOPInstanceUID]
+    assert [(int(i.FailureReason), str(i.ReferencedSOPInstanceUID)) for i in answer.FailedSOPSequence] == [
+        (OUT_OF_RESOURCES, ds2.SOPInstanceUID)
+    ]
+    assert queue.get(ds1.SOPInstanceUID) is not None and queue.get(ds2.SOPInstanceUID) is None
+
+
+def test_nothing_stored_because_the_queue_is_full_answers_503_with_the_configured_retry_after(tmp_path):
+    srv, queue = server(tmp_path, max_queue_size=1, busy_retry_after_s=17)
+    client = TestClient(srv.app)
+    (_, data1), (ds2, data2) = new_instance(dicom_files()[0]), new_instance(dicom_files()[1])
+    assert client.post("/dicom-web/studies", content=multipart(data1), headers={"Content-Type": CT}).status_code == 200
+    r = client.post("/dicom-web/studies", content=multipart(data2), headers={"Content-Type": CT})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "17"
+    assert queue.get(ds2.SOPInstanceUID) is None and not instance_path(tmp_path, ds2.SOPInstanceUID).exists()
+    answer = answer_of(r)
+    assert "ReferencedSOPSequence" not in answer
+    assert [(int(i.FailureReason), str(i.ReferencedSOPInstanceUID)) for i in answer.FailedSOPSequence] == [
+        (OUT_OF_RESOURCES, ds2.SOPInstanceUID)
+    ]
+
+
+def test_a_disk_that_cannot_keep_the_instance_is_0xa700_not_a_500(tmp_path):
+    srv, queue = server(tmp_path, busy_retry_after_s=9)
+    ds, data = new_instance(dicom_files()[0])
+    instance_path(tmp_path, ds.SOPInstanceUID).parent.write_bytes(b"")  # instances/ is a file: mkdir fails
+    r = TestClient(srv.app, raise_server_exceptions=False).post(
+        "/dicom-web/studies", content=multipart(data), headers={"Content-Type": CT}
+    )
+    assert r.status_code == 503 and r.headers["Retry-After"] == "9", r.text
+    assert [int(i.FailureReason) for i in answer_of(r).FailedSOPSequence] == [OUT_OF_RESOURCES]
+    assert queue.get(ds.SOPInstanceUID) is None
+
+
+def test_malformed_bodies_are_400_and_other_media_types_415(tmp_path):
+    srv, _ = server(tmp_path)
+    client = TestClient(srv.app)
+    _, data = new_instance(dicom_files()[0])
+    for body in (b"", b"--b--\r\n", b"garbage", multipart(data)[:-9]):
+        r = client.post("/dicom-web/studies", content=body, headers={"Content-Type": CT})
+        assert r.status_code == 400 and r.json()["error"], body[:20]
+    r = client.post("/dicom-web/studies", content=multipart(data), headers={"Content-Type": "multipart/related"})
+    assert r.status_code == 400 and "boundary" in r.json()["error"]
+    r = client.post("/dicom-web/studies", content=b"{}", headers={"Content-Type": "application/json"})
+    assert r.status_code == 415 and "multipart/related" in r.json()["error"]
+
+
+def test_a_short_boundary_inside_a_dicom_part_is_stored_whole(tmp_path):
+    srv, _ = server(tmp_path)
+    ds, data = new_instance(dicom_files()[0])
+    ds.PatientComments = "--b\n--b--"  # a part may hold the boundary anywhere but after a CRLF
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    assert b"--b" in data
+    r = TestClient(srv.app).post("/dicom-web/studies", content=multipart(data), headers={"Content-Type": CT})
+    assert r.status_code == 200, r.text
+    assert instance_path(tmp_path, ds.SOPInstanceUID).read_bytes() == data
+
+
+def test_every_shared_dicom_in_one_request_is_stored_byte_identical_and_the_spool_is_emptied(tmp_path):
+    srv, _ = server(tmp_path)
+    instances = [new_instance(p) for p in dicom_files()]
+    assert len(instances) >= 6
+    r = TestClient(srv.app).post(
+        "/dicom-web/studies", content=multipart(*(d for _, d in instances)), headers={"Content-Type": CT}
+    )
+    assert r.status_code == 200, r.text
+    assert len(answer_of(r).ReferencedSOPSequence) == len(instances)
+    for ds, data in instances:
+        assert instance_path(tmp_path, ds.SOPInstanceUID).read_bytes() == data
+    assert [p for p in (tmp_path / "stow-spool").rglob("*")] == []
+
+
+async def asgi_post(app: Any, headers: list[tuple[bytes, bytes]], chunks: int, size: int) -> tuple[int, int]:
+    """(status, body bytes the app pulled) for a POST whose body is ``chunks`` messages of ``size`` bytes."""
+    pulled = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        if pulled >= chunks * size:
+            return {"type": "http.disconnect"}
+        pulled += size
+        return {"type": "http.request", "body": b"\0" * size, "more_body": pulled < chunks * size}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/dicom-web/studies",
+        "raw_path": b"/dicom-web/studies",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], pulled
+
+
+def test_the_size_limit_stops_reading_a_declared_or_chunked_body_early(tmp_path):
+    srv, _ = server(tmp_path, stow_max_request_mb=1)
+    mib = 1024 * 1024
+    ct = (b"content-type", CT.encode())
+    status, pulled = asyncio.run(asgi_post(srv.app, [ct, (b"content-length", str(64 * mib).encode())], 64, mib))
+    assert (status, pulled) == (413, 0)  # a declared length over the limit: not one byte read
+    status, pulled = asyncio.run(asgi_post(srv.app, [ct, (b"transfer-encoding", b"chunked")], 1024, 64 * 1024))
+    assert status == 413 and mib < pulled <= mib + 64 * 1024  # chunked: stopped at the first chunk past 1 MiB
+    assert [p for p in (tmp_path / "stow-spool").rglob("*")] == []
