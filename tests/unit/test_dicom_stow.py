@@ -4,7 +4,9 @@ for partial storage, a full queue and a broken disk, the size limit while readin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,38 @@ def test_the_size_limit_stops_reading_a_declared_or_chunked_body_early(tmp_path)
     status, pulled = asyncio.run(asgi_post(srv.app, [ct, (b"transfer-encoding", b"chunked")], 1024, 64 * 1024))
     assert status == 413 and mib < pulled <= mib + 64 * 1024  # chunked: stopped at the first chunk past 1 MiB
     assert [p for p in (tmp_path / "stow-spool").rglob("*")] == []
+
+
+def test_a_sender_of_a_chunked_body_over_the_limit_sees_413_long_before_it_finished(tmp_path):
+    """Through uvicorn on a real socket: the answer comes while the sender still has most of the body to send."""
+    srv, _ = server(tmp_path, stow_port=0, stow_max_request_mb=1)
+    total, chunk = 64 * 1024 * 1024, 64 * 1024
+
+    async def run() -> tuple[bytes, int]:
+        await srv.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+            head = f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {CT}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            writer.write(head.encode())
+            sent = 0
+            answer = b""
+            try:
+                deadline = time.monotonic() + 60
+                while sent < total and not answer and time.monotonic() < deadline:
+                    writer.write(f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n")
+                    await asyncio.wait_for(writer.drain(), 10)
+                    sent += chunk
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        answer = await asyncio.wait_for(reader.read(4096), 0.001)
+            except (ConnectionError, asyncio.TimeoutError):
+                pass  # the node closed the connection after answering
+            if not answer:
+                answer = await asyncio.wait_for(reader.read(4096), 10)
+            writer.close()
+            return answer, sent
+        finally:
+            await srv.stop()
+
+    answer, sent = asyncio.run(asyncio.wait_for(run(), 120))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert sent <= total // 4, sent  # kernel socket buffers aside, the node read about 1 MiB
