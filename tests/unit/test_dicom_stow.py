@@ -186,7 +186,8 @@ def test_a_sender_of_a_chunked_body_over_the_limit_sees_413_long_before_it_finis
         await srv.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-            head = f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {CT}\r\nTransfer-Encoding: chunked\r\n\r\n"
+            head = f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: {CT}\r\n"
+            head += "Transfer-Encoding: chunked\r\n\r\n"
             writer.write(head.encode())
             sent = 0
             answer = b""
@@ -196,9 +197,9 @@ def test_a_sender_of_a_chunked_body_over_the_limit_sees_413_long_before_it_finis
                     writer.write(f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n")
                     await asyncio.wait_for(writer.drain(), 10)
                     sent += chunk
-                    with contextlib.suppress(asyncio.TimeoutError):
+                    with contextlib.suppress(TimeoutError):
                         answer = await asyncio.wait_for(reader.read(4096), 0.001)
-            except (ConnectionError, asyncio.TimeoutError):
+            except (ConnectionError, TimeoutError):
                 pass  # the node closed the connection after answering
             if not answer:
                 answer = await asyncio.wait_for(reader.read(4096), 10)
