@@ -211,3 +211,14 @@ def test_a_sender_of_a_chunked_body_over_the_limit_sees_413_long_before_it_finis
     answer, sent = asyncio.run(asyncio.wait_for(run(), 120))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
     assert sent <= total // 4, sent  # kernel socket buffers aside, the node read about 1 MiB
+
+
+def test_a_data_path_that_cannot_spool_the_request_answers_503_not_a_500(tmp_path):
+    srv, _ = server(tmp_path, busy_retry_after_s=11)
+    (tmp_path / "stow-spool").write_bytes(b"")  # the spool folder is a file: nothing can be written there
+    _, data = new_instance(dicom_files()[0])
+    r = TestClient(srv.app, raise_server_exceptions=False).post(
+        "/dicom-web/studies", content=multipart(data), headers={"Content-Type": CT}
+    )
+    assert r.status_code == 503 and r.headers["Retry-After"] == "11", r.text
+    assert r.headers["content-type"].startswith("application/dicom+json")

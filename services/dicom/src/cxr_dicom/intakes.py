@@ -209,23 +209,25 @@ class StowServer:
             return JSONResponse({"error": str(exc)}, status_code=415)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        spool_root = self.intake.data_path / STOW_SPOOL_DIR
-        spool_root.mkdir(parents=True, exist_ok=True)
-        spool = Path(tempfile.mkdtemp(dir=spool_root, prefix="request-"))
+        spool: Path | None = None
         try:
             try:
+                spool_root = self.intake.data_path / STOW_SPOOL_DIR
+                spool_root.mkdir(parents=True, exist_ok=True)
+                spool = Path(tempfile.mkdtemp(dir=spool_root, prefix="request-"))
                 parts = await self._spool(request, parser, spool)
             except _TooLarge:
                 return self._too_large()
             except ValueError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-            except OSError as exc:
+            except OSError as exc:  # nothing was stored: the sender retries the whole request
                 log.error("could not spool a STOW-RS request: %s", type(exc).__name__)
                 metrics.refused("stow", "http_503")
                 return self._busy(Dataset())
             return await self._store_parts(request, parts)
         finally:
-            await asyncio.to_thread(shutil.rmtree, spool, True)
+            if spool is not None:
+                await asyncio.to_thread(shutil.rmtree, spool, True)
 
     def _busy(self, answer: Dataset) -> Response:
         return JSONResponse(
