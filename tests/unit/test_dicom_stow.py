@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,15 @@ def test_a_data_path_that_cannot_spool_the_request_answers_503_not_a_500(tmp_pat
     )
     assert r.status_code == 503 and r.headers["Retry-After"] == "11", r.text
     assert r.headers["content-type"].startswith("application/dicom+json")
+
+
+def test_a_queue_database_error_is_0xa700_not_a_500(tmp_path):
+    srv, queue = server(tmp_path, busy_retry_after_s=13)
+    with sqlite3.connect(queue.path) as db:
+        db.execute("DROP TABLE items")  # a real sqlite3.OperationalError on the next queue access
+    _, data = new_instance(dicom_files()[0])
+    r = TestClient(srv.app, raise_server_exceptions=False).post(
+        "/dicom-web/studies", content=multipart(data), headers={"Content-Type": CT}
+    )
+    assert r.status_code == 503 and r.headers["Retry-After"] == "13", r.text
+    assert [int(i.FailureReason) for i in answer_of(r).FailedSOPSequence] == [OUT_OF_RESOURCES]
