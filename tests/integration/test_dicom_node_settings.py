@@ -22,7 +22,6 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_segmentation.service import build_binding as segmentation_binding
-from tests.deploy.test_secret_rotation import _kubelet_write
 from tests.integration.test_dicom_node import (
     CLASSIFIERS,
     NODE_AE,
@@ -32,9 +31,10 @@ from tests.integration.test_dicom_node import (
     c_store,
     copy_with_new_uids,
 )
+from tests.support.http_recorder import Recorder, multipart_datasets
 from tests.support.paths import dicom_files
+from tests.support.secret_volumes import kubelet_write
 from tests.support.servers import auth, make_settings
-from tests.unit.test_dicom_node_settings import Recorder, multipart_datasets
 
 OLD_KEY = "dicom-old-key-0123456789"
 NEW_KEY = "dicom-new-key-9876543210"
@@ -45,7 +45,7 @@ WAIT_S = 180.0
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoopThread, int, int, Path]]:
     """Classification (binary and multiclass) and segmentation, both accepting the keys of one mounted file."""
     volume = tmp_path_factory.mktemp("service-keys")
-    _kubelet_write(volume, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
+    kubelet_write(volume, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
     keys = {"security__api_keys": [], "security__api_key_file": str(volume / "api-keys")}
     loop = LoopThread()
     servers: list[Any] = []
@@ -94,7 +94,7 @@ def test_node_sends_the_rotated_key_the_configured_classifier_and_its_destinatio
     loop, cls_port, seg_port, service_keys = services
     node_keys = tmp_path / "node-keys"
     node_keys.mkdir()
-    _kubelet_write(node_keys, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
+    kubelet_write(node_keys, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
     recorder = Recorder()
     settings = make_settings(
         data_path=str(tmp_path / "data"),
@@ -155,13 +155,13 @@ def test_node_sends_the_rotated_key_the_configured_classifier_and_its_destinatio
                 assert study_id == f"urn:oid:{first.StudyInstanceUID}"
 
                 # the services' accepted key is rotated: the old key is refused from now on
-                _kubelet_write(service_keys, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
+                kubelet_write(service_keys, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
                 deadline = time.monotonic() + 15
                 while _accepted(cls_port, OLD_KEY) or not _accepted(cls_port, NEW_KEY):
                     assert time.monotonic() < deadline, "the services did not rotate their key within 15 s"
                     time.sleep(0.25)
                 # ...and so is the node's: the next study is analysed with the new key at its first attempt
-                _kubelet_write(node_keys, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
+                kubelet_write(node_keys, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
                 _, second = copy_with_new_uids(dicom_files()[0], tmp_path / "second")
                 assert c_store(node.dimse_port, second) == 0x0000
                 done = _wait_done(stub, second.StudyInstanceUID)

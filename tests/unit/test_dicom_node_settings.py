@@ -7,9 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,68 +21,21 @@ from cxr_dicom.intake import Intake
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding
 from cxr_dicom.work_queue import Priority, WorkQueue
 from cxr_dicom.worker import Worker, build_results, client_config
+from tests.support.http_recorder import Recorder, multipart_datasets, recording_server
 from tests.support.paths import dicom_files
 from tests.support.servers import make_settings
 
 RESULTS = [AlgorithmResult(Algorithm("binary_classifier", "1", "ab" * 32), findings=(Finding("Mass", 0.7, 0.5, True),))]
 
 
-class Recorder:
-    """A real HTTP server that records every POST (path, headers, body) and answers 200 with a FHIR
-    transaction-response to /fhir and an empty body to STOW-RS."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                recorder.requests.append((self.path, dict(self.headers), body))
-                payload = b""
-                if self.path.startswith("/fhir"):
-                    payload = json.dumps({"resourceType": "Bundle", "type": "transaction-response"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def node_cfg(tmp_path: Path, **dicom: Any) -> Any:
+    return dicom_config(make_settings(data_path=str(tmp_path), models={"dicom": dicom}))
 
 
 @pytest.fixture
 def recorder() -> Iterator[Recorder]:
-    r = Recorder()
-    try:
+    with recording_server() as r:
         yield r
-    finally:
-        r.close()
-
-
-def multipart_datasets(content_type: str, body: bytes) -> list[pydicom.Dataset]:
-    """The DICOM parts of a multipart/related STOW-RS body."""
-    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
-    out = []
-    for part in body.split(b"--" + boundary)[1:]:
-        if part.startswith(b"--"):
-            break
-        data = part.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n")
-        out.append(pydicom.dcmread(io.BytesIO(data)))
-    return out
-
-
-def node_cfg(tmp_path: Path, **dicom: Any) -> Any:
-    return dicom_config(make_settings(data_path=str(tmp_path), models={"dicom": dicom}))
 
 
 def test_stow_and_fhir_headers_reach_their_destination_and_only_theirs(tmp_path, recorder):
