@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ from cxr_dicom.work_queue import Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from cxr_serving.dicom import DERIVED_TYPE2_KEYWORDS
 
 log = logging.getLogger("cxr.dicom.worker")
 
@@ -257,7 +259,8 @@ class Worker:
     async def process(self, item: Item) -> None:
         payload = json.loads(item.payload)
         data = (self.cfg.data_path / payload["file"]).read_bytes()
-        image = common_pb2.Image(data=data, content_type="application/dicom")
+        analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+        image = common_pb2.Image(data=analysed, content_type="application/dicom")
         cls_reply, seg_reply = await asyncio.gather(
             self.client.classify(image, model_names=self.cfg.analysis.classification_models),
             self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
@@ -268,6 +271,64 @@ class Worker:
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
+
+
+def analysis_copy(data: bytes) -> bytes:
+    """The instance as the analysis services get it with ``security.anonymize_dicom``: patient, institution and
+    staff identifiers and private tags removed (UIDs kept), while the node keeps and answers with the original."""
+    from cxr_serving.dicom import anonymize_dataset
+
+    ds = dcmread(io.BytesIO(data))
+    anonymize_dataset(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# The Patient, Patient Study and General Study module attributes a SEG takes from the node's original header, so
+# a SEG built from an anonymized copy is filed under the source's patient and study (Type 2 ones stay, empty).
+SOURCE_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientComments",
+    "EthnicGroup",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "ProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+)
+_TYPE2 = frozenset(DERIVED_TYPE2_KEYWORDS)
+
+
+def copy_patient_and_study(target: Dataset, source: Dataset) -> Dataset:
+    """Overwrite ``target``'s patient and study attributes with the source's (removing those the source lacks)."""
+    for keyword in SOURCE_PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            setattr(target, keyword, copy.deepcopy(source[keyword].value))
+        elif keyword in _TYPE2:
+            setattr(target, keyword, "")
+        elif keyword in target:
+            delattr(target, keyword)
+    return target
 
 
 def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
@@ -294,9 +355,11 @@ def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: s
 
 
 def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-    """The SR, the SEG with Contributing Equipment, the bundle; the SR's and the SEG's UIDs are fixed by the
-    source and the algorithms (the SEG's replace the segmentation service's random ones), so a retried
-    analysis sends the same objects again and a PACS keeps one of each."""
+    """The SR, the SEG with Contributing Equipment, the bundle, all from ``data``, the original instance (the
+    SEG's patient and study attributes are overwritten from it, as the service may have seen an anonymized
+    copy); the SR's and the SEG's UIDs are fixed by the source and the algorithms (the SEG's replace the
+    segmentation service's random ones), so a retried analysis sends the same objects again and a PACS keeps
+    one of each."""
     source = dcmread(io.BytesIO(data), stop_before_pixels=True)
     study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
     identity = algorithm_identity(results)
@@ -310,7 +373,7 @@ def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tu
     if seg:
         segmenter = algorithm_identity(results[-1:])
         seg_ds = set_instance_uids(
-            dcmread(io.BytesIO(seg)),
+            copy_patient_and_study(dcmread(io.BytesIO(seg)), source),
             result_uid(study, "seg-series", *segmenter),
             result_uid(sop, "seg", *segmenter),
         )
