@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -29,7 +28,7 @@ from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment, build_sr, device_uid
+from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
 from cxr_dicom.work_queue import Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
@@ -329,20 +328,6 @@ def copy_patient_and_study(target: Dataset, source: Dataset) -> Dataset:
         elif keyword in target:
             delattr(target, keyword)
     return target
-
-
-def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
-    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint),
-    version and operating thresholds, so new weights, a new version or new thresholds (other decisions in the
-    SR) give new objects, and a retry the same ones."""
-    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}{_thresholds(r)}" for r in results]
-
-
-def _thresholds(result: AlgorithmResult) -> str:
-    if not result.findings:
-        return ""
-    pairs = sorted(f"{f.label}={f.threshold!r}" for f in result.findings)
-    return "#" + hashlib.sha256(";".join(pairs).encode()).hexdigest()[:16]
 
 
 def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
