@@ -12,9 +12,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
@@ -29,7 +33,7 @@ from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
-from cxr_dicom.work_queue import Item, WorkQueue
+from cxr_dicom.work_queue import DONE, Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
@@ -39,6 +43,10 @@ log = logging.getLogger("cxr.dicom.worker")
 
 IDLE_POLL_S = 0.2
 PURGE_EVERY_S = 600.0
+RESULTS_DIR = "results"
+BUNDLE_FILE = "bundle.json"
+TMP_PREFIX = ".tmp-"
+TMP_STALE_S = 3600.0  # a temporary folder older than this belongs to no running save
 
 
 def client_config(cfg: DicomConfig) -> ClientConfig:
@@ -214,6 +222,9 @@ class Worker:
             removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
             if removed:
                 log.info("forgot finished instances", extra={"fields": {"removed": removed}})
+            swept = await asyncio.to_thread(sweep_results, self.cfg.data_path, self.queue)
+            if swept:
+                log.info("removed results of finished instances", extra={"fields": {"removed": swept}})
             try:
                 await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
             except TimeoutError:
@@ -250,6 +261,7 @@ class Worker:
                     await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
                     path = instance_path(self.cfg.data_path, item.sop_uid)
                     path.unlink(missing_ok=True)
+                    await asyncio.to_thread(discard_results, self.cfg.data_path, item.sop_uid)
                     log.info(
                         "results sent",
                         extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
@@ -257,19 +269,105 @@ class Worker:
 
     async def process(self, item: Item) -> None:
         payload = json.loads(item.payload)
-        data = (self.cfg.data_path / payload["file"]).read_bytes()
-        analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
-        image = common_pb2.Image(data=analysed, content_type="application/dicom")
-        cls_reply, seg_reply = await asyncio.gather(
-            self.client.classify(image, model_names=self.cfg.analysis.classification_models),
-            self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
-        )
-        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
-        datasets, bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+        saved = await asyncio.to_thread(load_results, self.cfg.data_path, item.sop_uid)
+        if saved is None:  # the first build; a retry resends these exact bytes under the same UIDs
+            data = (self.cfg.data_path / payload["file"]).read_bytes()
+            analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+            image = common_pb2.Image(data=analysed, content_type="application/dicom")
+            cls_reply, seg_reply = await asyncio.gather(
+                self.client.classify(image, model_names=self.cfg.analysis.classification_models),
+                self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+            )
+            results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+            built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+            saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
+        datasets, bundle = saved
         await asyncio.to_thread(self.senders.send, datasets, bundle)
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
+
+
+def results_path(data_path: Path, sop_uid: str) -> Path:
+    """Where the built results of ``sop_uid`` wait until delivered (the UID checked as for its instance file)."""
+    return data_path / RESULTS_DIR / instance_path(data_path, sop_uid).stem
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_results(
+    data_path: Path, sop_uid: str, datasets: Sequence[Dataset], bundle: dict[str, Any]
+) -> tuple[list[Dataset], dict[str, Any]]:
+    """Keep the built objects durably (files fsync'd in a temporary folder renamed into place, so a folder is
+    whole or absent) and return them as read back, so the first attempt and every retry send the same bytes."""
+    target = results_path(data_path, sop_uid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX))
+    try:
+        files = [(f"{i:02d}.dcm", _encode(ds)) for i, ds in enumerate(datasets)]
+        files.append((BUNDLE_FILE, json.dumps(bundle, sort_keys=True).encode()))
+        for name, body in files:
+            with open(tmp / name, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists():  # a folder from an attempt that crashed before completing: it wins
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    saved = load_results(data_path, sop_uid)
+    assert saved is not None
+    return saved
+
+
+def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str, Any]] | None:
+    """The results a previous attempt built for ``sop_uid``, or None when none was kept."""
+    folder = results_path(data_path, sop_uid)
+    if not folder.is_dir():
+        return None
+    datasets = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    return datasets, json.loads((folder / BUNDLE_FILE).read_bytes())
+
+
+def discard_results(data_path: Path, sop_uid: str) -> None:
+    """Remove the kept results of a delivered instance."""
+    shutil.rmtree(results_path(data_path, sop_uid), ignore_errors=True)
+
+
+def sweep_results(data_path: Path, queue: WorkQueue) -> int:
+    """Remove kept results nobody will send again: half-written folders and those of instances the queue has as
+    done or no longer knows (a crash between complete and the removal). A dead letter's stay for a retry."""
+    root = data_path / RESULTS_DIR
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        if folder.name.startswith(TMP_PREFIX):
+            stale = time.time() - folder.stat().st_mtime > TMP_STALE_S
+        else:
+            item = queue.get(folder.name)
+            stale = item is None or item.state == DONE
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def analysis_copy(data: bytes) -> bytes:
