@@ -342,8 +342,9 @@ def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str
     folder = results_path(data_path, sop_uid)
     if not folder.is_dir():
         return None
-    datasets = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
-    return datasets, json.loads((folder / BUNDLE_FILE).read_bytes())
+    datasets: list[Dataset] = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    bundle: dict[str, Any] = json.loads((folder / BUNDLE_FILE).read_bytes())
+    return datasets, bundle
 
 
 def discard_results(data_path: Path, sop_uid: str) -> None:
