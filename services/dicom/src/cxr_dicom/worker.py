@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import copy
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,16 +32,21 @@ from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment, build_sr, device_uid
-from cxr_dicom.work_queue import Item, WorkQueue
+from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
+from cxr_dicom.work_queue import DONE, Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from cxr_serving.dicom import DERIVED_TYPE2_KEYWORDS
 
 log = logging.getLogger("cxr.dicom.worker")
 
 IDLE_POLL_S = 0.2
 PURGE_EVERY_S = 600.0
+RESULTS_DIR = "results"
+BUNDLE_FILE = "bundle.json"
+TMP_PREFIX = ".tmp-"
+TMP_STALE_S = 3600.0  # a temporary folder older than this belongs to no running save
 
 
 def client_config(cfg: DicomConfig) -> ClientConfig:
@@ -251,6 +259,9 @@ class Worker:
             removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
             if removed:
                 log.info("forgot finished instances", extra={"fields": {"removed": removed}})
+            swept = await asyncio.to_thread(sweep_results, self.cfg.data_path, self.queue)
+            if swept:
+                log.info("removed results of finished instances", extra={"fields": {"removed": swept}})
             try:
                 await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
             except TimeoutError:
@@ -287,6 +298,7 @@ class Worker:
                     await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
                     path = instance_path(self.cfg.data_path, item.sop_uid)
                     path.unlink(missing_ok=True)
+                    await asyncio.to_thread(discard_results, self.cfg.data_path, item.sop_uid)
                     log.info(
                         "results sent",
                         extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
@@ -295,32 +307,164 @@ class Worker:
     async def process(self, item: Item) -> None:
         await asyncio.to_thread(self.key.refresh, self.client)
         payload = json.loads(item.payload)
-        data = (self.cfg.data_path / payload["file"]).read_bytes()
-        image = common_pb2.Image(data=data, content_type="application/dicom")
-        cls_reply, seg_reply = await asyncio.gather(
-            self.client.classify(image, model_names=self.cfg.analysis.classification_models),
-            self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
-        )
-        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
-        datasets, bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+        saved = await asyncio.to_thread(load_results, self.cfg.data_path, item.sop_uid)
+        if saved is None:  # the first build; a retry resends these exact bytes under the same UIDs
+            data = (self.cfg.data_path / payload["file"]).read_bytes()
+            analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+            image = common_pb2.Image(data=analysed, content_type="application/dicom")
+            cls_reply, seg_reply = await asyncio.gather(
+                self.client.classify(image, model_names=self.cfg.analysis.classification_models),
+                self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+            )
+            results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+            built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+            saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
+        datasets, bundle = saved
         await asyncio.to_thread(self.senders.send, datasets, bundle)
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
 
 
-def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
-    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint),
-    version and operating thresholds, so new weights, a new version or new thresholds (other decisions in the
-    SR) give new objects, and a retry the same ones."""
-    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}{_thresholds(r)}" for r in results]
+def results_path(data_path: Path, sop_uid: str) -> Path:
+    """Where the built results of ``sop_uid`` wait until delivered (the UID checked as for its instance file)."""
+    return data_path / RESULTS_DIR / instance_path(data_path, sop_uid).stem
 
 
-def _thresholds(result: AlgorithmResult) -> str:
-    if not result.findings:
-        return ""
-    pairs = sorted(f"{f.label}={f.threshold!r}" for f in result.findings)
-    return "#" + hashlib.sha256(";".join(pairs).encode()).hexdigest()[:16]
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_results(
+    data_path: Path, sop_uid: str, datasets: Sequence[Dataset], bundle: dict[str, Any]
+) -> tuple[list[Dataset], dict[str, Any]]:
+    """Keep the built objects durably (files fsync'd in a temporary folder renamed into place, so a folder is
+    whole or absent) and return them as read back, so the first attempt and every retry send the same bytes."""
+    target = results_path(data_path, sop_uid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX))
+    try:
+        files = [(f"{i:02d}.dcm", _encode(ds)) for i, ds in enumerate(datasets)]
+        files.append((BUNDLE_FILE, json.dumps(bundle, sort_keys=True).encode()))
+        for name, body in files:
+            with open(tmp / name, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists():  # a folder from an attempt that crashed before completing: it wins
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    saved = load_results(data_path, sop_uid)
+    assert saved is not None
+    return saved
+
+
+def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str, Any]] | None:
+    """The results a previous attempt built for ``sop_uid``, or None when none was kept."""
+    folder = results_path(data_path, sop_uid)
+    if not folder.is_dir():
+        return None
+    datasets: list[Dataset] = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    bundle: dict[str, Any] = json.loads((folder / BUNDLE_FILE).read_bytes())
+    return datasets, bundle
+
+
+def discard_results(data_path: Path, sop_uid: str) -> None:
+    """Remove the kept results of a delivered instance."""
+    shutil.rmtree(results_path(data_path, sop_uid), ignore_errors=True)
+
+
+def sweep_results(data_path: Path, queue: WorkQueue) -> int:
+    """Remove kept results nobody will send again: half-written folders and those of instances the queue has as
+    done or no longer knows (a crash between complete and the removal). A dead letter's stay for a retry."""
+    root = data_path / RESULTS_DIR
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        if folder.name.startswith(TMP_PREFIX):
+            stale = time.time() - folder.stat().st_mtime > TMP_STALE_S
+        else:
+            item = queue.get(folder.name)
+            stale = item is None or item.state == DONE
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def analysis_copy(data: bytes) -> bytes:
+    """The instance as the analysis services get it with ``security.anonymize_dicom``: patient, institution and
+    staff identifiers and private tags removed (UIDs kept), while the node keeps and answers with the original."""
+    from cxr_serving.dicom import anonymize_dataset
+
+    ds = dcmread(io.BytesIO(data))
+    anonymize_dataset(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# The Patient, Patient Study and General Study module attributes a SEG takes from the node's original header, so
+# a SEG built from an anonymized copy is filed under the source's patient and study (Type 2 ones stay, empty).
+SOURCE_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientComments",
+    "EthnicGroup",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "ProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+)
+_TYPE2 = frozenset(DERIVED_TYPE2_KEYWORDS)
+
+
+def copy_patient_and_study(target: Dataset, source: Dataset) -> Dataset:
+    """Overwrite ``target``'s patient and study attributes with the source's (removing those the source lacks)."""
+    for keyword in SOURCE_PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            setattr(target, keyword, copy.deepcopy(source[keyword].value))
+        elif keyword in _TYPE2:
+            setattr(target, keyword, "")
+        elif keyword in target:
+            delattr(target, keyword)
+    return target
 
 
 def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
@@ -333,9 +477,11 @@ def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: s
 
 
 def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-    """The SR, the SEG with Contributing Equipment, the bundle; the SR's and the SEG's UIDs are fixed by the
-    source and the algorithms (the SEG's replace the segmentation service's random ones), so a retried
-    analysis sends the same objects again and a PACS keeps one of each."""
+    """The SR, the SEG with Contributing Equipment, the bundle, all from ``data``, the original instance (the
+    SEG's patient and study attributes are overwritten from it, as the service may have seen an anonymized
+    copy); the SR's and the SEG's UIDs are fixed by the source and the algorithms (the SEG's replace the
+    segmentation service's random ones), so a retried analysis sends the same objects again and a PACS keeps
+    one of each."""
     source = dcmread(io.BytesIO(data), stop_before_pixels=True)
     study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
     identity = algorithm_identity(results)
@@ -349,7 +495,7 @@ def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tu
     if seg:
         segmenter = algorithm_identity(results[-1:])
         seg_ds = set_instance_uids(
-            dcmread(io.BytesIO(seg)),
+            copy_patient_and_study(dcmread(io.BytesIO(seg)), source),
             result_uid(study, "seg-series", *segmenter),
             result_uid(sop, "seg", *segmenter),
         )
