@@ -1,7 +1,7 @@
 """The DICOM node end to end: real classification and segmentation services (small untrained CPU models), the node
 (C-STORE SCP, STOW-RS, workers, gRPC API) and a real Orthanc receiving the SR and SEG by STOW-RS and C-STORE.
 
-One Orthanc and one set of services per module; every wait is bounded."""
+One Orthanc and one set of services for the whole session (tests/integration/conftest.py); every wait is bounded."""
 
 from __future__ import annotations
 
@@ -10,205 +10,39 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import highdicom as hd
-import httpx
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 
-from cxr_classification.service import build_binding as classification_binding
 from cxr_dicom.fhir import validate_bundle
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE
 from cxr_dicom.service import build_binding as dicom_binding
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
-from cxr_segmentation.service import build_binding as segmentation_binding
-from cxr_serving.server import create_server
-from tests.support.orthanc import Orthanc, require, run_orthanc
+from tests.support.dicom_node import (
+    NODE_AE,
+    WAIT_S,
+    LoopThread,
+    Stack,
+    c_store,
+    copy_with_new_uids,
+    encode,
+    fhir_bundles,
+    node_settings,
+    orthanc_instances,
+    start_server,
+    stow,
+)
 from tests.support.paths import REPO, dicom_files
-from tests.support.servers import TEST_KEY, auth, make_settings
+from tests.support.servers import auth
 
-NODE_AE = "CXRNODE"
 STORESCU_PROPOSE = {"1.2.840.10008.1.2.5": "--propose-rle", "1.2.840.10008.1.2.4.50": "--propose-jpeg8"}
-WAIT_S = 240.0
-CLASSIFIERS = {
-    "binary_classifier": {"model_type": "swin_transformer", "allow_untrained": True, "input_size": 64},
-    "multiclass_classifier": {"model_type": "densenet121", "allow_untrained": True, "input_size": 64},
-}
-SEGMENTATION = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
-
-
-class LoopThread:
-    """An event loop in a thread, so servers live for the whole module while the tests stay synchronous."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Any, timeout: float = 180) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-async def _start(settings: Any, binding: Any) -> Any:
-    server = create_server(settings, binding, host="127.0.0.1", port=0, metrics_port=0)
-    await server.start()
-    await server.wait_until_ready(150)
-    return server
-
-
-def node_settings(data: Path, orthanc: Orthanc | None, cls_port: int, seg_port: int, **dicom: Any) -> Any:
-    destinations: dict[str, Any] = {"fhir_folder": str(data / "fhir"), "timeout_s": 30}
-    if orthanc is not None:
-        destinations["stow_url"] = orthanc.dicomweb_url
-        destinations["cstore"] = {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.ae_title}
-    else:
-        destinations["stow_url"] = "http://127.0.0.1:9/dicom-web"  # discard port: nothing listens
-    cfg = {
-        "ae_title": NODE_AE,
-        "dimse_port": 0,
-        "stow_port": 0,
-        "data_path": str(data / "node"),
-        "accepted_calling_ae_titles": ["MODALITY", "STORESCU", "ER_DX"],
-        "priority_rules": [{"calling_ae_titles": ["ER_DX"], "priority": "stat"}],
-        "workers": 2,
-        "retry_backoff_initial_s": 0.2,
-        "retry_backoff_max_s": 1.0,
-        "analysis": {
-            "classification_endpoint": f"127.0.0.1:{cls_port}",
-            "segmentation_endpoint": f"127.0.0.1:{seg_port}",
-            "api_key": TEST_KEY,
-            "timeout_s": 60,
-        },
-        "destinations": destinations,
-        **dicom,
-    }
-    return make_settings(models={"dicom": cfg})
-
-
-class Stack:
-    def __init__(self, loop: LoopThread, orthanc: Orthanc, node_server: Any, data: Path) -> None:
-        self.loop = loop
-        self.orthanc = orthanc
-        self.server = node_server
-        self.node = node_server.binding.extra["node"]
-        self.analysis_ports = (0, 0)
-        self.data = data
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{node_server.port}")
-        self.stub = pb_grpc.DicomServiceStub(self.channel)
-
-    def status(self, study: str) -> pb.GetStudyStatusResponse:
-        return self.stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=study), metadata=auth(), timeout=10)
-
-    def orthanc_sr_count(self, study: str) -> int:
-        return sum(1 for ds in orthanc_instances(self.orthanc, study) if ds.Modality == "SR")
-
-    def wait_finished(self, studies: list[str], timeout: float = WAIT_S) -> dict[str, pb.GetStudyStatusResponse]:
-        deadline = time.monotonic() + timeout
-        while True:
-            answers = {s: self.status(s) for s in studies}
-            if all(a.finished for a in answers.values()):
-                return answers
-            if time.monotonic() > deadline:
-                pending = {s: (a.queued, a.in_progress) for s, a in answers.items() if not a.finished}
-                raise AssertionError(f"studies not finished in {timeout}s: {pending}")
-            time.sleep(0.25)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    require("storescu")
-    root = tmp_path_factory.mktemp("dicom-node")
-    loop = LoopThread()
-    servers: list[Any] = []
-    try:
-        with run_orthanc(root / "orthanc") as orthanc:
-            cls_s = make_settings(
-                models=CLASSIFIERS, server_config__max_batch_delay_ms=2, performance__warmup_batches=0
-            )
-            seg_s = make_settings(models__segmentation=SEGMENTATION, server_config__max_batch_delay_ms=2)
-            servers.append(loop.run(_start(cls_s, classification_binding(cls_s))))
-            servers.append(loop.run(_start(seg_s, segmentation_binding(seg_s))))
-            node_s = node_settings(root, orthanc, servers[0].port, servers[1].port)
-            servers.append(loop.run(_start(node_s, dicom_binding(node_s))))
-            stack = Stack(loop, orthanc, servers[-1], root)
-            stack.analysis_ports = (servers[0].port, servers[1].port)
-            try:
-                yield stack
-            finally:
-                stack.channel.close()
-                for server in reversed(servers):  # the node stops while Orthanc still runs
-                    loop.run(server.stop(grace=1), timeout=60)
-                servers.clear()
-    finally:
-        for server in reversed(servers):
-            loop.run(server.stop(grace=1), timeout=60)
-        loop.close()
-
-
-def copy_with_new_uids(path: Path, out_dir: Path) -> tuple[Path, pydicom.Dataset]:
-    """The shared file as a new study (new Study/Series/SOP UIDs), so each intake route analyses its own copy."""
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / path.name
-    ds.save_as(target, enforce_file_format=True)
-    return target, ds
-
-
-def c_store(port: int, ds: pydicom.Dataset, calling: str = "MODALITY") -> int:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(ds).Status)
-    finally:
-        assoc.release()
-
-
-def stow(port: int, parts: list[tuple[str, bytes]], key: str | None = TEST_KEY) -> httpx.Response:
-    boundary = "cxr-test-boundary-8c1f"
-    body = b"".join(
-        b"--" + boundary.encode() + b"\r\nContent-Type: " + ct.encode() + b"\r\n\r\n" + data + b"\r\n"
-        for ct, data in parts
-    )
-    body += b"--" + boundary.encode() + b"--\r\n"
-    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
-    if key is not None:
-        headers["x-api-key"] = key
-    return httpx.post(f"http://127.0.0.1:{port}/dicom-web/studies", content=body, headers=headers, timeout=120)
-
-
-def orthanc_instances(orthanc: Orthanc, study: str) -> list[pydicom.Dataset]:
-    found = httpx.post(
-        orthanc.url + "/tools/find",
-        json={"Level": "Instance", "Query": {"StudyInstanceUID": study}},
-        timeout=30,
-    ).json()
-    out = []
-    for orthanc_id in found:
-        data = httpx.get(f"{orthanc.url}/instances/{orthanc_id}/file", timeout=30).content
-        out.append(pydicom.dcmread(io.BytesIO(data)))
-    return out
-
-
-def fhir_bundles(stack: Stack) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((stack.data / "fhir").glob("*.json"))]
 
 
 def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and_fhir(stack, tmp_path):
@@ -261,7 +95,7 @@ def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and
         stored = orthanc_instances(stack.orthanc, study)
         by_modality = {str(ds.Modality): ds for ds in stored}
         assert sorted(by_modality) == ["SEG", "SR"] and len(stored) == 2, [ds.Modality for ds in stored]
-        sr = hd.sr.srread(io.BytesIO(_encode(by_modality["SR"])))
+        sr = hd.sr.srread(io.BytesIO(encode(by_modality["SR"])))
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
         assert evidence.StudyInstanceUID == study
         series = evidence.ReferencedSeriesSequence[0]
@@ -270,7 +104,7 @@ def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and
         assert NOT_FOR_DIAGNOSTIC_USE in sr.SeriesDescription
         models = {str(e.get("ManufacturerModelName", "")) for e in sr.ContributingEquipmentSequence}
         assert {"binary_classifier", "multiclass_classifier", "segmentation"} <= models, models
-        seg = hd.seg.segread(io.BytesIO(_encode(by_modality["SEG"])))
+        seg = hd.seg.segread(io.BytesIO(encode(by_modality["SEG"])))
         refs = [i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence]
         assert refs == [source.SOPInstanceUID]
         assert NOT_FOR_DIAGNOSTIC_USE in seg.SeriesDescription
@@ -278,12 +112,6 @@ def test_every_shared_radiograph_by_pynetdicom_storescu_and_stow_gets_sr_seg_and
         bundle = bundles[f"urn:oid:{study}"]
         validate_bundle(bundle)
         assert NOT_FOR_DIAGNOSTIC_USE in bundle["entry"][-1]["resource"]["conclusion"]
-
-
-def _encode(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def test_a_duplicate_send_is_analysed_once(stack, tmp_path):
@@ -316,8 +144,8 @@ def test_non_images_and_corrupt_files_are_refused_with_their_status(stack, tmp_p
 
 def test_stow_needs_the_api_key_and_dimse_the_accepted_calling_ae(stack, tmp_path):
     _, ds = copy_with_new_uids(dicom_files()[0], tmp_path)
-    assert stow(stack.node.stow_port, [("application/dicom", _encode(ds))], key=None).status_code == 401
-    assert stow(stack.node.stow_port, [("application/dicom", _encode(ds))], key="wrong").status_code == 401
+    assert stow(stack.node.stow_port, [("application/dicom", encode(ds))], key=None).status_code == 401
+    assert stow(stack.node.stow_port, [("application/dicom", encode(ds))], key="wrong").status_code == 401
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     ae.acse_timeout = ae.network_timeout = 30
@@ -346,14 +174,14 @@ def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
         retry_backoff_max_s=3.0,
     )
     try:
-        server = loop.run(_start(settings, dicom_binding(settings)))
+        server = loop.run(start_server(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
         try:
             _, ds1 = copy_with_new_uids(dicom_files()[0], tmp_path / "a")
             _, ds2 = copy_with_new_uids(dicom_files()[1], tmp_path / "b")
             assert c_store(node.dimse_port, ds1) == 0x0000
             assert c_store(node.dimse_port, ds2) == 0xA700  # out of resources: the sender keeps it
-            answer = stow(node.stow_port, [("application/dicom", _encode(ds2))])
+            answer = stow(node.stow_port, [("application/dicom", encode(ds2))])
             assert answer.status_code == 503 and int(answer.headers["Retry-After"]) > 0
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
                 stub = pb_grpc.DicomServiceStub(ch)
@@ -529,7 +357,7 @@ def test_a_retry_after_the_seg_was_stored_leaves_one_seg_and_one_sr_in_the_pacs(
     blocker.write_text("not a folder")  # write_bundle cannot create the folder: the delivery fails
     loop = LoopThread()
     try:
-        server = loop.run(_start(settings, dicom_binding(settings)))
+        server = loop.run(start_server(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
         try:
             _, ds = copy_with_new_uids(dicom_files()[0], tmp_path / "src")

@@ -13,22 +13,19 @@ import pydicom
 from cxr_dicom.service import build_binding as dicom_binding
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
-from tests.integration.test_dicom_node import (
+from tests.support.dicom_node import (
     WAIT_S,
     LoopThread,
     Stack,
-    _start,
     c_store,
     copy_with_new_uids,
     node_settings,
     orthanc_instances,
-    stack,
+    start_server,
     stow,
 )
 from tests.support.grpc_recorder import RecordingProxy
 from tests.support.paths import dicom_files
-
-__all__ = ["stack"]
 
 IDENTIFIERS = {
     "PatientName": "Doe^Janet",
@@ -65,7 +62,7 @@ def test_services_get_an_anonymized_copy_and_the_pacs_gets_results_under_the_sou
         settings = settings.model_copy(
             update={"security": settings.security.model_copy(update={"anonymize_dicom": True})}
         )
-        server = loop.run(_start(settings, dicom_binding(settings)))
+        server = loop.run(start_server(settings, dicom_binding(settings)))
         mine = Stack(loop, stack.orthanc, server, tmp_path)  # this node's status stub
         node = mine.node
         try:

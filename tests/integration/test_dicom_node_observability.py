@@ -24,22 +24,19 @@ from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_serving.audit import key_fingerprint
 from cxr_serving.logging_setup import JsonFormatter
-from tests.integration.test_dicom_node import (
+from tests.support.dicom_node import (
     NODE_AE,
     LoopThread,
     Stack,
-    _encode,
-    _start,
     c_store,
     copy_with_new_uids,
+    encode,
     node_settings,
-    stack,
+    start_server,
     stow,
 )
 from tests.support.paths import dicom_files
 from tests.support.servers import TEST_KEY, auth
-
-__all__ = ["stack"]  # the module-scoped stack fixture of test_dicom_node, one per module
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -178,7 +175,7 @@ def test_a_failing_destination_counts_failed_audits_the_failure_and_dead_letters
     settings = node_settings(tmp_path, None, *stack.analysis_ports, max_attempts=2, workers=1)
     loop = LoopThread()
     try:
-        server = loop.run(_start(settings, dicom_binding(settings)))
+        server = loop.run(start_server(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
         try:
             before = scrape(server.metrics.port)
@@ -238,7 +235,7 @@ def test_no_patient_data_in_any_ordinary_log_during_intake_analysis_and_delivery
             if route == "dimse":
                 assert c_store(stack.node.dimse_port, ds) == 0x0000
             else:
-                blobs.append(_encode(ds))
+                blobs.append(encode(ds))
     assert stow(stack.node.stow_port, [("application/dicom", b) for b in blobs]).status_code == 200
     answers = stack.wait_finished(studies)
     assert all(a.done == 1 for a in answers.values())

@@ -16,21 +16,18 @@ import pydicom
 from cxr_dicom.service import build_binding as dicom_binding
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
-from tests.integration.test_dicom_node import (
+from tests.support.dicom_node import (
     WAIT_S,
     LoopThread,
     Stack,
-    _start,
     c_store,
     copy_with_new_uids,
     node_settings,
-    stack,
+    start_server,
 )
 from tests.support.paths import dicom_files
 from tests.support.servers import auth
 from tests.support.stow_recorder import StowRecorder
-
-__all__ = ["stack"]
 
 
 def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it(stack: Stack, tmp_path: Path):
@@ -43,7 +40,7 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
             tmp_path, None, *stack.analysis_ports, workers=1, max_attempts=10, destinations=destinations
         )
         try:
-            server = loop.run(_start(settings, dicom_binding(settings)))
+            server = loop.run(start_server(settings, dicom_binding(settings)))
             node = server.binding.extra["node"]
             results_root = node.cfg.data_path / "results"
             try:

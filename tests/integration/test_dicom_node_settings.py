@@ -22,14 +22,14 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as cls_
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 from cxr_segmentation.service import build_binding as segmentation_binding
-from tests.integration.test_dicom_node import (
+from tests.support.dicom_node import (
     CLASSIFIERS,
     NODE_AE,
     SEGMENTATION,
     LoopThread,
-    _start,
     c_store,
     copy_with_new_uids,
+    start_server,
 )
 from tests.support.http_recorder import Recorder, multipart_datasets
 from tests.support.paths import dicom_files
@@ -54,8 +54,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoopThr
             models=CLASSIFIERS, server_config__max_batch_delay_ms=2, performance__warmup_batches=0, **keys
         )
         seg_s = make_settings(models__segmentation=SEGMENTATION, server_config__max_batch_delay_ms=2, **keys)
-        servers.append(loop.run(_start(cls_s, classification_binding(cls_s))))
-        servers.append(loop.run(_start(seg_s, segmentation_binding(seg_s))))
+        servers.append(loop.run(start_server(cls_s, classification_binding(cls_s))))
+        servers.append(loop.run(start_server(seg_s, segmentation_binding(seg_s))))
         yield loop, servers[0].port, servers[1].port, volume
     finally:
         for server in reversed(servers):
@@ -125,7 +125,7 @@ def test_node_sends_the_rotated_key_the_configured_classifier_and_its_destinatio
         },
     )
     try:
-        server = loop.run(_start(settings, dicom_binding(settings)))
+        server = loop.run(start_server(settings, dicom_binding(settings)))
         node = server.binding.extra["node"]
         try:
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
