@@ -199,7 +199,7 @@ def build_sr(
     with warnings.catch_warnings():
         # highdicom warns about person names and quotes them: keep patient data out of the logs.
         warnings.simplefilter("ignore", UserWarning)
-        sr = hd.sr.ComprehensiveSR(
+        sr = _comprehensive_sr(
             evidence=[_source_header(source)],
             content=report[0],
             series_instance_uid=series_instance_uid or hd.UID(),
@@ -213,6 +213,31 @@ def build_sr(
     sr.SeriesDescription = (
         f"{SERIES_DESCRIPTION} - {NOT_FOR_DIAGNOSTIC_USE}" if any_untrained(results) else SERIES_DESCRIPTION
     )[:64]
+    return sr
+
+
+_CONTENT_SEQUENCE = 0x0040A730
+
+
+def _comprehensive_sr(*, content: hd.sr.ContainerContentItem, **kwargs: Any) -> hd.sr.ComprehensiveSR:
+    """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without its re-parse of a deep copy of the whole tree.
+
+    highdicom's constructor deep-copies the content tree, parses the copy back into content items and walks it
+    twice (image references against the evidence, no SCOORD3D), most of the node's CPU per study; the tree the
+    SR carries is ``content``'s own. Here the constructor gets the root with only its top-level leaf items
+    (language, observer context, procedure, comment), and the root's full Content Sequence element goes in
+    after, as the constructor would have copied it. What the skipped walks check holds by construction: every
+    measurement group references only ``source``, the evidence, and nothing here builds SCOORD3D items.
+    """
+    full = content[_CONTENT_SEQUENCE]
+    top = Dataset()
+    for element in content:
+        if element.tag != _CONTENT_SEQUENCE:
+            top.add(element)
+    top.ContentSequence = [item for item in full.value if "ContentSequence" not in item]
+    sr = hd.sr.ComprehensiveSR(content=top, **kwargs)
+    sr[_CONTENT_SEQUENCE] = full
+    sr._content = hd.sr.ContentSequence([content], is_root=True)
     return sr
 
 
