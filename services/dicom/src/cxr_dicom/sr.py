@@ -226,14 +226,13 @@ _CONTENT_SEQUENCE = 0x0040A730
 
 
 def _comprehensive_sr(*, content: hd.sr.ContainerContentItem, **kwargs: Any) -> hd.sr.ComprehensiveSR:
-    """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without its re-parse of a deep copy of the whole tree.
+    """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without re-parsing a deep copy of the whole tree.
 
-    highdicom's constructor deep-copies the content tree, parses the copy back into content items and walks it
-    twice (image references against the evidence, no SCOORD3D), most of the node's CPU per study; the tree the
-    SR carries is ``content``'s own. Here the constructor gets the root with only its top-level leaf items
-    (language, observer context, procedure, comment), and the root's full Content Sequence element goes in
-    after, as the constructor would have copied it. What the skipped walks check holds by construction: every
-    measurement group references only ``source``, the evidence, and nothing here builds SCOORD3D items.
+    highdicom's constructor deep-copies the tree, parses the copy back into content items and walks it twice
+    (image references against the evidence, no SCOORD3D), yet the SR carries ``content``'s own tree: here it
+    gets the root with only its top-level leaf items, and the root's full Content Sequence element goes in
+    after, as the constructor would have copied it. The skipped walks' checks hold by construction: every
+    group references only the source, which is the evidence, and nothing here builds SCOORD3D items.
     """
     full = content[_CONTENT_SEQUENCE]
     top = Dataset()
