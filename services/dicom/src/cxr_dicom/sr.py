@@ -142,7 +142,10 @@ def _source_header(source: Dataset) -> Dataset:
 
 
 def _finding_group(
-    result: AlgorithmResult, finding_index: int, source_ref: hd.sr.SourceImageForMeasurementGroup
+    result: AlgorithmResult,
+    finding_index: int,
+    source_ref: hd.sr.SourceImageForMeasurementGroup,
+    algorithm_id: hd.sr.AlgorithmIdentification | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     finding = result.findings[finding_index]
     concept = _coded(finding_concept(finding.label))
@@ -152,7 +155,7 @@ def _finding_group(
             identifier=f"{result.algorithm.name}/{finding.label}"[:64], uid=hd.UID()
         ),
         finding_type=concept,
-        algorithm_id=_algorithm_identification(result.algorithm),
+        algorithm_id=algorithm_id or _algorithm_identification(result.algorithm),
         source_images=[source_ref],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(name=concept, value=_coded(PRESENT if finding.positive else ABSENT))
@@ -165,7 +168,9 @@ def _finding_group(
 
 
 def _measurement_group(
-    result: AlgorithmResult, source_ref: hd.sr.SourceImageForMeasurementGroup
+    result: AlgorithmResult,
+    source_ref: hd.sr.SourceImageForMeasurementGroup,
+    algorithm_id: hd.sr.AlgorithmIdentification | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     measurements = []
     for m in result.measurements:
@@ -188,7 +193,7 @@ def _measurement_group(
         )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"{result.algorithm.name}/measurements"[:64]),
-        algorithm_id=_algorithm_identification(result.algorithm),
+        algorithm_id=algorithm_id or _algorithm_identification(result.algorithm),
         source_images=[source_ref],
         measurements=measurements,
     )
@@ -209,9 +214,10 @@ def build_sr(
     )
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     for result in results:
-        groups.extend(_finding_group(result, i, source_ref) for i in range(len(result.findings)))
+        algorithm_id = _algorithm_identification(result.algorithm)  # one per algorithm, in each of its groups
+        groups.extend(_finding_group(result, i, source_ref, algorithm_id) for i in range(len(result.findings)))
         if result.measurements:
-            groups.append(_measurement_group(result, source_ref))
+            groups.append(_measurement_group(result, source_ref, algorithm_id))
     first = results[0].algorithm
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -237,7 +243,7 @@ def build_sr(
     with warnings.catch_warnings():
         # highdicom warns about person names and quotes them: keep patient data out of the logs.
         warnings.simplefilter("ignore", UserWarning)
-        sr = hd.sr.ComprehensiveSR(
+        sr = _comprehensive_sr(
             evidence=[_source_header(source)],
             content=report[0],
             series_instance_uid=series_instance_uid or hd.UID(),
@@ -252,6 +258,45 @@ def build_sr(
         f"{SERIES_DESCRIPTION} - {NOT_FOR_DIAGNOSTIC_USE}" if any_untrained(results) else SERIES_DESCRIPTION
     )[:64]
     return sr
+
+
+_CONTENT_SEQUENCE = 0x0040A730
+
+
+def _comprehensive_sr(*, content: hd.sr.ContainerContentItem, **kwargs: Any) -> hd.sr.ComprehensiveSR:
+    """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without re-parsing a deep copy of the whole tree.
+
+    highdicom's constructor deep-copies the tree, parses the copy back into content items and walks it twice
+    (image references against the evidence, no SCOORD3D), yet the SR carries ``content``'s own tree: here it
+    gets the root with only its top-level leaf items, and the root's full Content Sequence element goes in
+    after, as the constructor would have copied it. The skipped walks' checks hold by construction: every
+    group references only the source, which is the evidence, and nothing here builds SCOORD3D items.
+    """
+    full = content[_CONTENT_SEQUENCE]
+    top = Dataset()
+    for element in content:
+        if element.tag != _CONTENT_SEQUENCE:
+            top.add(element)
+    top.ContentSequence = [item for item in full.value if "ContentSequence" not in item]
+    sr = hd.sr.ComprehensiveSR(content=top, **kwargs)
+    sr[_CONTENT_SEQUENCE] = full
+    sr._content = hd.sr.ContentSequence([content], is_root=True)
+    _mark_encoded_as_written(sr)
+    return sr
+
+
+def _mark_encoded_as_written(sr: Dataset) -> None:
+    """Give every item below the SR's root the encoding the SR is written in, so pydicom's writer corrects
+    ambiguous VRs once, from the root (its correction recurses into every sequence), instead of again for
+    each nested item at each level (quadratic in the depth of the content tree)."""
+    little_endian = sr.file_meta.TransferSyntaxUID.is_little_endian
+    implicit = sr.file_meta.TransferSyntaxUID.is_implicit_VR
+    stack = [item for element in sr if element.VR == "SQ" for item in element.value]
+    while stack:
+        item = stack.pop()
+        # the writer compares this with the item's character set; another encoding just corrects as before
+        item.set_original_encoding(implicit, little_endian, item._character_set)
+        stack.extend(child for element in item if element.VR == "SQ" for child in element.value)
 
 
 def sr_bytes(sr: Dataset) -> bytes:
