@@ -263,7 +263,7 @@ def build_sr(
 _CONTENT_SEQUENCE = 0x0040A730
 
 
-def _comprehensive_sr(*, content: hd.sr.ContainerContentItem, **kwargs: Any) -> hd.sr.ComprehensiveSR:
+def _comprehensive_sr(*, content: Dataset, **kwargs: Any) -> hd.sr.ComprehensiveSR:
     """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without re-parsing a deep copy of the whole tree.
 
     highdicom's constructor deep-copies the tree, parses the copy back into content items and walks it twice
