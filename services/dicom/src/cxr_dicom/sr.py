@@ -33,7 +33,7 @@ import io
 import uuid
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 from pydicom import Dataset, dcmread
@@ -245,7 +245,7 @@ def build_sr(
         warnings.simplefilter("ignore", UserWarning)
         sr = _comprehensive_sr(
             evidence=[_source_header(source)],
-            content=report[0],
+            content=cast(hd.sr.ContainerContentItem, report[0]),
             series_instance_uid=series_instance_uid or hd.UID(),
             series_number=SERIES_NUMBER,
             sop_instance_uid=sop_instance_uid or hd.UID(),
@@ -263,7 +263,7 @@ def build_sr(
 _CONTENT_SEQUENCE = 0x0040A730
 
 
-def _comprehensive_sr(*, content: Dataset, **kwargs: Any) -> hd.sr.ComprehensiveSR:
+def _comprehensive_sr(*, content: hd.sr.ContainerContentItem, **kwargs: Any) -> hd.sr.ComprehensiveSR:
     """``hd.sr.ComprehensiveSR(content=content, **kwargs)`` without re-parsing a deep copy of the whole tree.
 
     highdicom's constructor deep-copies the tree, parses the copy back into content items and walks it twice
