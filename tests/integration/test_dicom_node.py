@@ -609,11 +609,9 @@ def test_a_node_killed_mid_analysis_with_a_600s_lease_finishes_every_study_soon_
     process = start()
     try:
         second = DicomNode(settings, cfg)  # a second node on the same queue file while the first one lives
-        try:
-            with pytest.raises(QueueLockedError, match=f"pid {process.pid} "):
-                asyncio.run(second.start())
-        finally:
-            second.queue.close()
+        with pytest.raises(QueueLockedError, match=f"pid {process.pid} "):
+            asyncio.run(second.start())
+        assert second.queue is None  # refused before it opened the queue file
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
             stub = pb_grpc.DicomServiceStub(ch)
             deadline = time.monotonic() + WAIT_S

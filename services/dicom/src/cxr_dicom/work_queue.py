@@ -430,6 +430,12 @@ class WorkQueue:
             rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [(r["sop_uid"], r["last_error"] or "") for r in rows]
 
+    def unfinished_sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of the queued, claimed and dead items: those whose received file is still needed."""
+        with self._lock:
+            rows = self._db.execute("SELECT sop_uid FROM items WHERE state != ?", (DONE,)).fetchall()
+        return {r["sop_uid"] for r in rows}
+
     def depth(self) -> dict[str, int]:
         """Items waiting per priority (queued, or claimed with an expired lease): the queue-depth gauge."""
         with self._lock:

@@ -224,35 +224,69 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def alive(self) -> bool:
+        """False once any worker task has ended while the node is not stopping: the node then is not ready."""
+        return bool(self._tasks) and (self._stopping.is_set() or not any(t.done() for t in self._tasks))
+
+    async def _idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
+        except TimeoutError:
+            pass
+
     async def _loop(self, index: int) -> None:
+        """Every step is guarded: a queue call that raises (a locked or full disk) costs one idle poll, never the
+        worker (the log names the error's type only: a message could carry an identifier)."""
         while not self._stopping.is_set():
-            item = await asyncio.to_thread(self.queue.claim, f"{self.name}/{index}")
-            if item is None:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
-                except TimeoutError:
-                    pass
-                continue
             try:
-                await self.process(item)
+                worked = await self._step(f"{self.name}/{index}")
             except asyncio.CancelledError:
-                await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
                 raise
-            except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
-                reason = f"{type(exc).__name__}: {exc}"[:2000]
-                state = await asyncio.to_thread(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-                log.warning(
-                    "an instance failed", extra={"fields": {"attempt": item.attempts, "state": state, "reason": reason}}
-                )
-            else:
-                if await asyncio.to_thread(self.queue.complete, item):
-                    await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
-                    path = instance_path(self.cfg.data_path, item.sop_uid)
-                    path.unlink(missing_ok=True)
-                    log.info(
-                        "results sent",
-                        extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
-                    )
+            except Exception as exc:
+                log.error("a worker step failed", extra={"fields": {"error": type(exc).__name__}})
+                worked = False
+            if not worked:
+                await self._idle()
+
+    async def _settle(self, call: Any, *args: Any) -> Any:
+        """A queue bookkeeping call retried until it succeeds or the node stops, so a claim whose outcome is known
+        is not left to its lease; the last error is raised when stopping."""
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except Exception as exc:
+                if self._stopping.is_set():
+                    raise
+                log.error("queue bookkeeping failed, retrying", extra={"fields": {"error": type(exc).__name__}})
+                await self._idle()
+
+    async def _step(self, worker: str) -> bool:
+        """Claim and handle one item; False when none was ready."""
+        item = await asyncio.to_thread(self.queue.claim, worker)
+        if item is None:
+            return False
+        try:
+            await self.process(item)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
+            raise
+        except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
+            reason = f"{type(exc).__name__}: {exc}"[:2000]
+            state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+            log.warning(
+                "an instance failed", extra={"fields": {"attempt": item.attempts, "state": state, "reason": reason}}
+            )
+            return True
+        if await self._settle(self.queue.complete, item):
+            await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
+            path = instance_path(self.cfg.data_path, item.sop_uid)
+            path.unlink(missing_ok=True)
+            log.info(
+                "results sent",
+                extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
+            )
+        return True
 
     async def process(self, item: Item) -> None:
         payload = json.loads(item.payload)
