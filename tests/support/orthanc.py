@@ -131,13 +131,15 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def run_orthanc(root: Path) -> Iterator[Orthanc]:
-    """Start Orthanc under ``root`` (config, storage, log), wait until it serves REST and DICOMweb, stop it."""
+def run_orthanc(root: Path, ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc under ``root`` (config, storage, log), wait until it serves REST and DICOMweb, stop it.
+
+    ``ports`` (HTTP, DICOM): chosen in advance, for a test whose client points at Orthanc before it starts."""
     require()
     root.mkdir(parents=True, exist_ok=True)
     last_log = ""
     for attempt in range(START_ATTEMPTS):
-        http_port, dicom_port = free_port(), free_port()
+        http_port, dicom_port = ports or (free_port(), free_port())
         config = root / f"orthanc-{attempt}.json"
         config.write_text(json.dumps(_config(root, http_port, dicom_port), indent=1))
         log_path = root / f"orthanc-{attempt}.log"

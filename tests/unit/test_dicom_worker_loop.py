@@ -159,3 +159,28 @@ async def test_start_deletes_the_instance_files_no_unfinished_item_refers_to(tmp
         assert node.queue.get("1.9.2").state == DEAD
     finally:
         await node.stop()
+
+
+def test_outages_are_transient_and_the_image_s_own_errors_are_not():
+    import httpx
+    import requests
+
+    from cxr_client.errors import DeadlineExceededError, InvalidImageError, OverloadedError, UnavailableError
+    from cxr_dicom.fhir import FhirPostError
+    from cxr_dicom.worker import CStoreBusy, _send_failure_is_transient, is_transient
+
+    assert all(is_transient(e("x")) for e in (UnavailableError, DeadlineExceededError, OverloadedError))
+    assert not is_transient(InvalidImageError("x")) and not is_transient(ValueError("x"))
+    assert not is_transient(FileNotFoundError("the instance file"))  # outside a send: not an outage
+
+    def http(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(response=response)
+
+    assert all(_send_failure_is_transient(http(s)) for s in (500, 503, 429))
+    assert not any(_send_failure_is_transient(http(s)) for s in (400, 409))
+    assert _send_failure_is_transient(FhirPostError(502, "")) and not _send_failure_is_transient(FhirPostError(422, ""))
+    assert _send_failure_is_transient(ConnectionRefusedError()) and _send_failure_is_transient(httpx.ConnectError("x"))
+    assert _send_failure_is_transient(CStoreBusy("no association"))
+    assert not _send_failure_is_transient(RuntimeError("C-STORE status 0xC000"))

@@ -17,15 +17,18 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grpc
+import httpx
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
+from cxr_client.errors import CxrClientError
 from cxr_dicom import audit_events, metrics
 from cxr_dicom.codes import measurement_concept
 from cxr_dicom.config import DestinationsConfig, DicomConfig
-from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
+from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import add_contributing_equipment, build_sr, device_uid
@@ -38,6 +41,44 @@ log = logging.getLogger("cxr.dicom.worker")
 
 IDLE_POLL_S = 0.2
 PURGE_EVERY_S = 600.0
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+class DestinationUnavailable(Exception):
+    """A send failed because its destination is down or busy (not because of what was sent): retried without
+    spending an attempt."""
+
+
+def _send_failure_is_transient(exc: BaseException) -> bool:
+    """Connection errors and timeouts, HTTP 5xx/429 (STOW-RS, FHIR), C-STORE "out of resources"; not 4xx."""
+    import requests
+
+    status: int | None = None
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+    elif isinstance(exc, FhirPostError):
+        status = exc.status
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(exc, (OSError, httpx.TransportError, CStoreBusy))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the image: the analysis services unavailable, overloaded or too slow
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), or a destination down (`DestinationUnavailable`)."""
+    if isinstance(exc, DestinationUnavailable):
+        return True
+    if isinstance(exc, CxrClientError):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code() in TRANSIENT_CODES
+    return False
+
+
+class CStoreBusy(ConnectionError):
+    """The PACS did not answer a C-STORE or refused it for lack of resources (0xA7xx): try later."""
 
 
 def client_config(cfg: DicomConfig) -> ClientConfig:
@@ -114,6 +155,11 @@ def segmentation_result(reply: seg_pb.SegmentImageResponse) -> AlgorithmResult:
     return AlgorithmResult(_algorithm(reply.model, reply.untrained), measurements=values)
 
 
+def instance_key(sop_uid: str) -> str:
+    """A log key for an instance that is not PHI: the first 12 hex digits of its SOP Instance UID's sha256."""
+    return hashlib.sha256(sop_uid.encode()).hexdigest()[:12]
+
+
 def result_uid(*parts: str) -> str:
     """A UID fixed by its parts: a retry sends the same SR, which a PACS then stores once."""
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:cxr:dicom:' + '/'.join(parts)).int}"
@@ -153,7 +199,11 @@ class Senders:
         try:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
-                code = int(status.Status) if "Status" in status else -1
+                if "Status" not in status:
+                    raise CStoreBusy(f"C-STORE of a {ds.Modality} result: no answer from {peer.ae_title}")
+                code = int(status.Status)
+                if 0xA700 <= code <= 0xA7FF:
+                    raise CStoreBusy(f"C-STORE of a {ds.Modality} result: out of resources, 0x{code:04X}")
                 if code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     raise RuntimeError(f"C-STORE of a {ds.Modality} result: status 0x{code & 0xFFFF:04X}")
         finally:
@@ -271,12 +321,18 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
             raise
-        except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
+        except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
-            state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-            log.warning(
-                "an instance failed", extra={"fields": {"attempt": item.attempts, "state": state, "reason": reason}}
-            )
+            transient = is_transient(exc)
+            if transient:  # a service or destination down: retried with backoff, no attempt spent
+                delay = self.cfg.backoff_s(item.transient_retries + 1)
+                state = await self._settle(
+                    self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
+                )
+            else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
+                state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+            fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
+            log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
             return True
         if await self._settle(self.queue.complete, item):
             await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
@@ -298,7 +354,16 @@ class Worker:
         )
         results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
         datasets, bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
-        await asyncio.to_thread(self.senders.send, datasets, bundle)
+        await self.deliver(datasets, bundle)
+
+    async def deliver(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+        """Send to every destination; a destination down or busy raises `DestinationUnavailable`."""
+        try:
+            await asyncio.to_thread(self.senders.send, datasets, bundle)
+        except Exception as exc:
+            if _send_failure_is_transient(exc):
+                raise DestinationUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
