@@ -184,3 +184,13 @@ def test_outages_are_transient_and_the_image_s_own_errors_are_not():
     assert _send_failure_is_transient(ConnectionRefusedError()) and _send_failure_is_transient(httpx.ConnectError("x"))
     assert _send_failure_is_transient(CStoreBusy("no association"))
     assert not _send_failure_is_transient(RuntimeError("C-STORE status 0xC000"))
+
+
+@pytest.mark.parametrize(
+    "argv", [["dicom", "retry"], ["dicom", "retry", "1.2.3", "--all"], ["dicom", "retry", "--study", "1.2"]]
+)
+def test_cli_dicom_retry_needs_one_uid_or_all(argv, capsys):
+    from cxr_client.cli import main
+
+    assert main(["--endpoint", "127.0.0.1:9", *argv]) == 2  # refused before any call
+    assert "give a SOP Instance UID, or --all [--study UID]" in capsys.readouterr().err
