@@ -8,6 +8,7 @@ bookkeeping, not about what an attempt does."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sqlite3
 import time
@@ -82,7 +83,7 @@ async def _until(check: Any, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_a_claim_complete_or_fail_that_raises_once_costs_no_worker_and_strands_no_item(tmp_path):
+async def test_a_claim_complete_or_fail_that_raises_once_costs_no_worker_and_strands_no_item(tmp_path, caplog):
     queue = FlakyQueue(tmp_path, max_attempts=3, raise_once={"claim", "complete", "fail"})
     queue.enqueue("1.2.3.1", "1.2.3", "1.2.3.9", Priority.ROUTINE, '{"file": "instances/1.2.3.1.dcm"}')
     queue.enqueue("1.2.3.2", "1.2.3", "1.2.3.9", Priority.ROUTINE, '{"file": "instances/1.2.3.2.dcm"}')
@@ -100,6 +101,13 @@ async def test_a_claim_complete_or_fail_that_raises_once_costs_no_worker_and_str
     # the failed attempt is recorded (queued for a retry after the 60 s backoff), not left claimed to its lease
     assert (failed.state, failed.attempts) == (QUEUED, 1) and "ValueError" in (failed.last_error or "")
     queue.close()
+    # the failure's log line names the instance by a hash of its UID, never by the UID (PHI-adjacent)
+    [record] = [r for r in caplog.records if r.getMessage() == "an instance failed"]
+    assert record.fields["instance"] == hashlib.sha256(b"1.2.3.2").hexdigest()[:12]
+    assert "1.2.3.2" not in json.dumps(record.fields) and record.fields["transient"] is False
+    # the raising queue calls were logged by their type only
+    errors = [r.fields for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and all(f == {"error": "OperationalError"} for f in errors)
 
 
 def _node_settings(tmp_path: Path, **extra: Any) -> Any:
