@@ -87,6 +87,10 @@ dicom-tools: ## Install Orthanc, its DICOMweb plugin and DCMTK with apt when mis
 	  fi; \
 	fi
 
+.PHONY: orthanc
+orthanc: $(VENV)/.installed dicom-tools ## A local Orthanc PACS for the DICOM node: web UI and DICOMweb on 8042, DICOM 4242, data in var/orthanc
+	$(PY) scripts/orthanc.py
+
 .PHONY: test
 test: lint dicom-tools ## Install on first use, then lint + the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,34 +6,18 @@ without a restart."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import grpc
 
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+from tests.support.secret_volumes import kubelet_write
 from tests.support.servers import make_settings, running_server
 from tests.support.toy_service import build_toy
 
 OLD_KEY = "old-key-0123456789abcdef"
 NEW_KEY = "new-key-fedcba9876543210"
-
-
-def _kubelet_write(volume: Path, generation: str, keys: str) -> None:
-    """What the kubelet's AtomicWriter does for a Secret volume with the item `api-keys`."""
-    data_dir = volume / f"..{generation}"
-    data_dir.mkdir()
-    (data_dir / "api-keys").write_text(keys)
-    tmp_link = volume / "..data_tmp"
-    tmp_link.symlink_to(data_dir.name)
-    os.replace(tmp_link, volume / "..data")  # atomic swap
-    if not (volume / "api-keys").is_symlink():
-        (volume / "api-keys").symlink_to("..data/api-keys")
-    for old in volume.glob("..20*"):
-        if old != data_dir:
-            (old / "api-keys").unlink()
-            old.rmdir()
 
 
 async def _code(stub: pb_grpc.ClassificationServiceStub, key: str) -> grpc.StatusCode:
@@ -47,14 +31,14 @@ async def _code(stub: pb_grpc.ClassificationServiceStub, key: str) -> grpc.Statu
 async def test_rotated_secret_is_picked_up_without_restart(tmp_path: Path) -> None:
     volume = tmp_path / "secrets"
     volume.mkdir()
-    _kubelet_write(volume, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
+    kubelet_write(volume, "2026_01_01_00_00_00.000000001", f"{OLD_KEY}\n")
     settings = make_settings(security__api_keys=[], security__api_key_file=str(volume / "api-keys"))
     async with running_server(settings, build_toy(settings)) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = pb_grpc.ClassificationServiceStub(ch)
             assert await _code(stub, OLD_KEY) == grpc.StatusCode.OK
             assert await _code(stub, NEW_KEY) == grpc.StatusCode.UNAUTHENTICATED
-            _kubelet_write(volume, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
+            kubelet_write(volume, "2026_01_02_00_00_00.000000002", f"{NEW_KEY}\n")
             deadline = asyncio.get_running_loop().time() + 10
             while await _code(stub, NEW_KEY) != grpc.StatusCode.OK:
                 assert asyncio.get_running_loop().time() < deadline, "new key not accepted within 10 s"

@@ -397,16 +397,28 @@ def _wait_serving(port: int, process: subprocess.Popen[bytes], log: Path, timeou
     raise AssertionError(f"the node did not serve in {timeout}s: {log.read_text()[-3000:]}")
 
 
+def c_store_many(port: int, datasets: list[pydicom.Dataset], calling: str = "MODALITY") -> list[int]:
+    """C-STORE each dataset over one association (a modality sending a batch)."""
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
 def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack, tmp_path):
-    """A node process (one worker) finds 20 routine studies and then one STAT study in its queue, accepted by the
-    same intake code the SCP runs; the STAT one is done before any routine one. Killed with SIGKILL mid-queue,
+    """A running node process (one worker) receives 20 routine studies by C-STORE; once the first is being analysed,
+    a STAT study arrives by C-STORE from the calling AE title the priority rule makes STAT. It is done before every
+    routine study that was still queued when it arrived (at least 15 of the 20). Killed with SIGKILL mid-queue,
     the restarted process finishes every study, each SR stored once."""
     import os
     import signal
 
-    from cxr_dicom.config import dicom_config
-    from cxr_dicom.intake import Intake
-    from cxr_dicom.work_queue import WorkQueue
     from tests.support.processes import clean_env
     from tests.support.servers import free_port
 
@@ -418,13 +430,9 @@ def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack,
     data["services"]["dicom"] = {"host": "127.0.0.1", "port": grpc_port, "metrics_port": 0}
     config = tmp_path / "node.json"
     config.write_text(json.dumps(data))
-    cfg = dicom_config(settings)
-    sources = [copy_with_new_uids(dicom_files()[0], tmp_path / f"r{i}")[0] for i in range(20)]
-    stat_path, stat_ds = copy_with_new_uids(dicom_files()[0], tmp_path / "stat")
-    with WorkQueue(cfg.data_path, max_pending=cfg.max_queue_size) as queue:
-        intake = Intake(cfg.data_path, queue, cfg.priority_policy(), anonymize=False)
-        routine = [intake.receive(p.read_bytes(), calling_ae="MODALITY").accepted.study_instance_uid for p in sources]
-        assert intake.receive(stat_path.read_bytes(), calling_ae="ER_DX").enqueued.priority.name == "STAT"
+    routine_ds = [copy_with_new_uids(dicom_files()[0], tmp_path / f"r{i}")[1] for i in range(20)]
+    _, stat_ds = copy_with_new_uids(dicom_files()[0], tmp_path / "stat")
+    routine = [ds.StudyInstanceUID for ds in routine_ds]
     studies = [*routine, stat_ds.StudyInstanceUID]
     env = clean_env()
     log = tmp_path / "node.log"
@@ -446,21 +454,29 @@ def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack,
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
             stub = pb_grpc.DicomServiceStub(ch)
 
-            def done() -> dict[str, bool]:
+            def statuses(which: list[str]) -> dict[str, pb.GetStudyStatusResponse]:
                 return {
-                    s: stub.GetStudyStatus(
-                        pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10
-                    ).done
-                    == 1
-                    for s in studies
+                    s: stub.GetStudyStatus(pb.GetStudyStatusRequest(study_instance_uid=s), metadata=auth(), timeout=10)
+                    for s in which
                 }
 
+            def done() -> dict[str, bool]:
+                return {s: a.done == 1 for s, a in statuses(studies).items()}
+
+            assert c_store_many(dimse_port, routine_ds) == [0x0000] * 20
             deadline = time.monotonic() + WAIT_S
+            while not any(a.in_progress for a in statuses(routine).values()):  # the first one, normally
+                assert time.monotonic() < deadline, "no routine study was ever in progress"
+                time.sleep(0.05)
+            assert c_store(dimse_port, stat_ds, calling="ER_DX") == 0x0000
+            waiting = [s for s, a in statuses(routine).items() if a.queued == 1]
+            print(f"routine studies still queued when the STAT one arrived: {len(waiting)} of 20")
+            assert len(waiting) >= 15, f"only {len(waiting)} routine studies were still queued when STAT arrived"
             while not done()[stat_ds.StudyInstanceUID]:
                 assert time.monotonic() < deadline, "the STAT study did not finish"
                 time.sleep(0.1)
             first = done()
-            assert not any(first[s] for s in routine)  # one worker: STAT was claimed first
+            assert not any(first[s] for s in waiting), [s for s in waiting if first[s]]  # STAT was claimed next
             while sum(done().values()) < 4:
                 assert time.monotonic() < deadline, "the node stopped making progress"
                 time.sleep(0.1)

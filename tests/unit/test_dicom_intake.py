@@ -40,17 +40,29 @@ def test_accepted_instance_is_on_disk_and_queued_with_its_priority(tmp_path):
     assert queue.study_status(received.accepted.study_instance_uid)[QUEUED] == 1
 
 
-def test_anonymize_dicom_strips_patient_data_but_keeps_the_uids(tmp_path):
-    intake, _ = make_intake(tmp_path, anonymize=True)
+def test_anonymize_dicom_keeps_the_original_and_the_analysis_copy_strips_patient_data_but_keeps_the_uids(tmp_path):
+    """The node's durable store holds the original (its results go back under the real patient); only the copy
+    the worker sends to the analysis services is anonymized."""
+    from cxr_dicom.worker import analysis_copy
+
+    intake, queue = make_intake(tmp_path, anonymize=True)
     data = dicom_files()[0].read_bytes()
     original = pydicom.dcmread(io.BytesIO(data))
     received = intake.receive(data)
-    stored = pydicom.dcmread(instance_path(tmp_path, received.accepted.sop_instance_uid))
-    assert str(stored.PatientName) == "ANONYMIZED" and stored.PatientID == "ANONYMIZED"
+    path = instance_path(tmp_path, received.accepted.sop_instance_uid)
+    assert path.read_bytes() == data
+    item = queue.get(received.accepted.sop_instance_uid)
+    assert item is not None and json.loads(item.payload)["anonymize_for_analysis"] is True
+    copy = pydicom.dcmread(io.BytesIO(analysis_copy(path.read_bytes())))
+    assert str(copy.PatientName) == "ANONYMIZED" and copy.PatientID == "ANONYMIZED"
     assert str(original.PatientName) != "ANONYMIZED"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        assert stored.get(keyword) == original.get(keyword)
-    assert stored.pixel_array.shape == original.pixel_array.shape
+        assert copy.get(keyword) == original.get(keyword)
+    assert copy.pixel_array.shape == original.pixel_array.shape
+    plain, plain_queue = make_intake(tmp_path / "plain")
+    other = plain.receive(dicom_files()[1].read_bytes())
+    other_item = plain_queue.get(other.accepted.sop_instance_uid)
+    assert other_item is not None and json.loads(other_item.payload)["anonymize_for_analysis"] is False
 
 
 def test_refused_and_backpressured_instances_leave_nothing_behind(tmp_path):

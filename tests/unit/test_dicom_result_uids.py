@@ -106,3 +106,58 @@ def test_new_thresholds_give_a_new_sr_and_the_same_seg(source_bytes):
     first, other = uids(source_bytes, results()), uids(source_bytes, results(threshold=0.8))
     assert other["SR"][1] != first["SR"][1] and other["SEG"] == first["SEG"]
     assert uids(source_bytes, results(threshold=0.8)) == other
+
+
+def fhir_keys(data: bytes, algorithm_results: list[AlgorithmResult]) -> dict[str, tuple[str, str, str]]:
+    """Observation/DiagnosticReport code text (or type) -> (identifier, fullUrl, ifNoneExist) of the bundle."""
+    _, bundle = build_results(data, algorithm_results, b"")
+    out = {}
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] in ("Observation", "DiagnosticReport"):
+            name = resource["code"]["text"] if resource["resourceType"] == "Observation" else "report"
+            out[name] = (resource["identifier"][0]["value"], entry["fullUrl"], entry["request"]["ifNoneExist"])
+    return out
+
+
+def test_new_thresholds_give_new_fhir_identifiers_and_a_retry_the_same(source_bytes):
+    """The FHIR keys follow the SR's identity: after new thresholds a conditional create (ifNoneExist) must not
+    match the resources of the old decisions; a retry must match its own."""
+    first = fhir_keys(source_bytes, results())
+    assert sorted(first) == ["Effusion", "cardiothoracic_ratio", "report"]
+    assert fhir_keys(source_bytes, results()) == first  # a retry
+    other = fhir_keys(source_bytes, results(threshold=0.8))
+    for name in ("Effusion", "report"):  # the classifier's decisions and the report that lists them
+        assert all(a != b for a, b in zip(other[name], first[name], strict=True)), name
+    assert other["cardiothoracic_ratio"] == first["cardiothoracic_ratio"]  # the segmenter has no thresholds
+    new_version = Algorithm(SEGMENTER.name, "77ab02", SEGMENTER.checkpoint_hash, untrained=True)
+    assert (
+        fhir_keys(source_bytes, results(segmenter=new_version))["cardiothoracic_ratio"][0]
+        != (first["cardiothoracic_ratio"][0])
+    )
+    for identifier, _, if_none_exist in first.values():
+        assert "#" not in if_none_exist and "+" not in if_none_exist and " " not in if_none_exist
+        assert if_none_exist.endswith("|" + identifier)
+
+
+def test_a_seg_built_from_the_anonymized_copy_goes_back_under_the_source_patient_and_study(source_bytes):
+    """With security.anonymize_dicom the segmentation service builds its SEG from an anonymized copy; the SEG
+    the node sends carries the original's patient and study attributes, and so does the SR."""
+    from cxr_dicom.worker import analysis_copy
+
+    original = pydicom.dcmread(io.BytesIO(source_bytes))
+    original.PatientName, original.PatientID = "Doe^Janet", "PID-4711"
+    original.AccessionNumber, original.PatientBirthDate, original.StudyID = "ACC-1", "19610203", "S-9"
+    buf = io.BytesIO()
+    original.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    copy = analysis_copy(data)
+    anonymous = pydicom.dcmread(io.BytesIO(copy))
+    assert anonymous.PatientID == "ANONYMIZED" and b"PID-4711" not in copy and b"ACC-1" not in copy
+    datasets, _ = build_results(data, results(), seg_bytes(copy))
+    by_modality = {str(ds.Modality): ds for ds in datasets}
+    assert sorted(by_modality) == ["SEG", "SR"]
+    for ds in by_modality.values():
+        for keyword in ("PatientName", "PatientID", "AccessionNumber", "PatientBirthDate", "StudyID", "StudyDate"):
+            assert ds.get(keyword) == original.get(keyword), (ds.Modality, keyword)
+        assert ds.StudyInstanceUID == original.StudyInstanceUID

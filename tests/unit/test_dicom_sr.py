@@ -9,7 +9,15 @@ import pytest
 from pydicom.uid import UID, ComprehensiveSRStorage
 
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment_to_bytes, build_sr, device_uid, read_sr, sr_bytes
+from cxr_dicom.sr import (
+    NODE_VERSION,
+    add_contributing_equipment_to_bytes,
+    build_sr,
+    device_uid,
+    read_sr,
+    software_versions,
+    sr_bytes,
+)
 from tests.support.paths import DICOM_DIR
 
 SOURCE = DICOM_DIR / "nih-dx-mono2-8bit.dcm"
@@ -121,8 +129,9 @@ def test_every_group_identifies_its_algorithm(written):
         assert texts[("DCM", "111001")] == algorithm.name  # Algorithm Name
         assert texts[("DCM", "111003")] == algorithm.version  # Algorithm Version
     params = [c.TextValue for c in walk(ds.ContentSequence) if concept(c) == ("DCM", "111002")]
-    assert f"checkpoint_sha256={CLASSIFIER.checkpoint_hash}" in params and "untrained=true" in params
-    assert f"checkpoint_sha256={SEGMENTER.checkpoint_hash}" in params and "untrained=false" in params
+    assert f"weights_id={CLASSIFIER.checkpoint_hash}" in params and "untrained=true" in params
+    assert f"weights_id={SEGMENTER.checkpoint_hash}" in params and "untrained=false" in params
+    assert not any(p.startswith("checkpoint_sha256=") for p in params)  # the service's id, not a sha256 we checked
 
 
 def test_contributing_equipment_sequence_per_algorithm(written):
@@ -131,7 +140,11 @@ def test_contributing_equipment_sequence_per_algorithm(written):
     assert [i.ManufacturerModelName for i in ours] == [CLASSIFIER.name, SEGMENTER.name]
     for item, algorithm in zip(ours, (CLASSIFIER, SEGMENTER), strict=True):
         assert item.Manufacturer == "cxr"
-        assert list(item.SoftwareVersions) == [algorithm.version, algorithm.checkpoint_hash]
+        assert list(item.SoftwareVersions) == [
+            algorithm.version,
+            algorithm.checkpoint_hash,
+            f"cxr-dicom {NODE_VERSION}",
+        ]
         assert item.DeviceUID == device_uid(algorithm) and UID(item.DeviceUID).is_valid
         [purpose] = item.PurposeOfReferenceCodeSequence
         assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
@@ -153,8 +166,10 @@ def test_device_uid_is_fixed_by_the_checkpoint_hash():
 def test_untrained_model_says_not_for_diagnostic_use_where_a_viewer_shows_it(written):
     ds = pydicom.dcmread(written)
     assert NOT_FOR_DIAGNOSTIC_USE in ds.SeriesDescription
-    first = ds.ContentSequence[0]
-    assert first.ValueType == "TEXT" and concept(first) == ("DCM", "121106")  # Comment, first in the report
+    language, first = ds.ContentSequence[0], ds.ContentSequence[1]
+    assert concept(language) == ("DCM", "121049")  # TID 1500 row 1: Language of Content Item and Descendants
+    assert first.ValueType == "TEXT" and concept(first) == ("DCM", "121106")  # Comment, right after the language
+    assert [concept(i) for i in ds.ContentSequence].count(("DCM", "121106")) == 1
     assert first.TextValue.startswith(NOT_FOR_DIAGNOSTIC_USE) and CLASSIFIER.name in first.TextValue
     assert SEGMENTER.name not in first.TextValue
     equipment = {i.ManufacturerModelName: i.ContributionDescription for i in ds.ContributingEquipmentSequence}
@@ -202,3 +217,13 @@ def test_contributing_equipment_added_to_the_segmentation_services_seg(source):
     assert seg.get_segment_numbers() == [1, 2]
     [ref] = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
     assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_software_versions_name_the_model_once_and_the_node(source):
+    """The worker fills the weights id from the service's ModelInfo.version: one value, not repeated."""
+    same = Algorithm("binary_classifier", "abc123", "abc123")
+    assert software_versions(same) == ["abc123", f"cxr-dicom {NODE_VERSION}"]
+    assert NODE_VERSION != "unknown"  # the installed package's version
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(sr_bytes(build_sr(source, [AlgorithmResult(same, FINDINGS)]))))
+    [item] = [i for i in ds.ContributingEquipmentSequence if "DeviceUID" in i]
+    assert list(item.SoftwareVersions) == ["abc123", f"cxr-dicom {NODE_VERSION}"]

@@ -279,7 +279,10 @@ class SecurityConfig(_Strict):
     anonymize_dicom: bool = Field(
         False,
         description="strip patient/institution identifiers and private tags from DICOM input right after "
-        "reading (PatientName/PatientID become ANONYMIZED), so nothing downstream (DICOM-SEG, logs) carries them",
+        "reading (PatientName/PatientID become ANONYMIZED), so nothing downstream (DICOM-SEG, logs) carries them. "
+        "The DICOM node keeps the ORIGINAL instance in its data_path and sends only an anonymized copy to the "
+        "classification and segmentation services; it builds the SR from the original header and overwrites the "
+        "SEG's patient and study attributes from it, so results go back under the source's patient and study",
     )
 
     @field_validator("allowed_image_formats", mode="before")

@@ -67,6 +67,11 @@ class DestinationsConfig(_Strict):
     )
     cstore: CStorePeer | None = Field(None, description="PACS receiving SR and SEG by C-STORE")
     fhir_url: str | None = Field(None, description="FHIR R4 base URL receiving the transaction bundle")
+    fhir_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra HTTP headers of the FHIR POST (e.g. Authorization; a secret: set it by"
+        " CXR_MODELS__DICOM__DESTINATIONS__FHIR_HEADERS from a Secret, not in the config file)",
+    )
     fhir_folder: Path | None = Field(
         None, description="folder receiving the bundle as <report uuid>.json (relative: under data_path)"
     )

@@ -24,8 +24,9 @@ Status is ``preliminary`` everywhere: a model's output is not a signed report un
 it. When a model is untrained, every resource from it carries "NOT FOR DIAGNOSTIC USE" in a note (the
 DiagnosticReport in its conclusion). No patient data is taken from the DICOM: the EHR links the report to its
 patient through the study, or the caller passes the patient Reference it has. Identifiers and fullUrls are
-name-based UUIDs of the image and the algorithm, and each entry is a conditional create (``ifNoneExist``),
-so sending the same results twice creates nothing new.
+name-based UUIDs of the image and the algorithm identity the SR's UIDs follow (device UID, version,
+operating thresholds), and each entry is a conditional create (``ifNoneExist``), so sending the same results
+twice creates nothing new while new weights, a new version or new thresholds create new resources.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from cxr_dicom.codes import (
     unit_concept,
 )
 from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult, untrained_notice
-from cxr_dicom.sr import device_uid
+from cxr_dicom.sr import algorithm_identity, device_uid
 
 FHIR_VERSION = "4.0.1"  # what the bundle claims to be; validated with fhir.resources.R4B (see above)
 IDENTIFIER_SYSTEM = "urn:cxr:result"
@@ -160,7 +161,8 @@ def build_bundle(
     entries: list[dict[str, Any]] = []
     observation_refs: list[dict[str, str]] = []
     positives: list[str] = []
-    for result in results:
+    identities = [_uuid("algorithm", identity) for identity in algorithm_identity(results)]
+    for result, identity in zip(results, identities, strict=True):
         algorithm = result.algorithm
         device_id, device = _device(algorithm)
         entries.append(_entry(device, device_id, f"device/{device_uid(algorithm)}"))
@@ -175,7 +177,7 @@ def build_bundle(
             **({"note": notes} if notes else {}),
         }
         for finding in result.findings:
-            key = f"{sop_uid}/{device_uid(algorithm)}/finding/{finding.label}"
+            key = f"{sop_uid}/{identity}/finding/{finding.label}"
             obs_id = _uuid("observation", key)
             observation = {
                 **common,
@@ -193,7 +195,7 @@ def build_bundle(
                 positives.append(finding.label)
         for measurement in result.measurements:
             meaning = measurement_concept(measurement.name)
-            key = f"{sop_uid}/{device_uid(algorithm)}/measurement/{measurement.name}"
+            key = f"{sop_uid}/{identity}/measurement/{measurement.name}"
             obs_id = _uuid("observation", key)
             observation = {
                 **common,
@@ -213,7 +215,7 @@ def build_bundle(
     notice = untrained_notice(results)
     if notice:
         conclusion = f"{notice}. {conclusion}"
-    report_key = f"{sop_uid}/report/" + "+".join(device_uid(r.algorithm) for r in results)
+    report_key = f"{sop_uid}/report/{_uuid('report-algorithms', *identities)}"
     report_id = _uuid("report", report_key)
     report = {
         "resourceType": "DiagnosticReport",

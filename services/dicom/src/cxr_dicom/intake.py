@@ -3,7 +3,6 @@ hears "success", so an instance whose success status went out survives a kill -9
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -58,7 +57,8 @@ def _write_durably(path: Path, data: bytes) -> None:
 
 
 class Intake:
-    """Check -> (anonymize) -> write the file, fsync'd -> enqueue. Thread-safe: the SCP calls it from its threads."""
+    """Check -> write the original file, fsync'd -> enqueue (with ``anonymize``: the analysis gets an anonymized
+    copy). Thread-safe: the SCP calls it from its threads."""
 
     def __init__(
         self, data_path: Path, queue: WorkQueue, policy: PriorityPolicy, *, anonymize: bool, ae_title: str = "CXR_DICOM"
@@ -123,15 +123,16 @@ class Intake:
             return Received(accepted, again)
         ds = accepted.dataset
         priority = self.policy.decide(ds, calling_ae)
-        if self.anonymize:
-            from cxr_serving.dicom import anonymize_dataset
-
-            anonymize_dataset(ds)  # UIDs stay: the results reference the same study, series and instance
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
+        # The original is kept: the results go back under the source's patient and study; with ``anonymize``
+        # the worker sends only an anonymized copy to the analysis services.
         _write_durably(path, data)
-        payload = json.dumps({"file": str(path.relative_to(self.data_path)), "calling_ae": calling_ae or ""})
+        payload = json.dumps(
+            {
+                "file": str(path.relative_to(self.data_path)),
+                "calling_ae": calling_ae or "",
+                "anonymize_for_analysis": self.anonymize,
+            }
+        )
         try:
             enqueued = self.queue.enqueue(
                 accepted.sop_instance_uid,

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
-import re
+import shutil
 import socket
+import sqlite3
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import uvicorn
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from starlette.applications import Starlette
@@ -24,6 +28,7 @@ from cxr_dicom import metrics
 from cxr_dicom.acceptance import Refusal, RefusalKind
 from cxr_dicom.config import DicomConfig
 from cxr_dicom.intake import Intake
+from cxr_dicom.multipart import Event, MultipartRelatedParser, PartData, PartStart, UnsupportedMediaType
 from cxr_dicom.work_queue import QueueFullError
 from cxr_serving.audit import key_fingerprint
 from cxr_serving.auth import API_KEY_HEADERS, ApiKeyStore
@@ -76,35 +81,20 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
 
 
 # -- STOW-RS ------------------------------------------------------------------------------------------------
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
-_TYPE = re.compile(r'type="?([^";]+)"?', re.IGNORECASE)
+STOW_SPOOL_DIR = "stow-spool"
 
 
 def parse_multipart_related(body: bytes, content_type: str) -> Iterator[tuple[str, bytes]]:
-    """(part content type, part bytes) of a multipart/related body; ValueError when it is not one."""
-    media = content_type.split(";", 1)[0].strip().lower()
-    match = _BOUNDARY.search(content_type)
-    if media != "multipart/related" or match is None:
-        raise ValueError("the body must be multipart/related with a boundary")
-    root_type = _TYPE.search(content_type)
-    default_type = root_type.group(1).strip().lower() if root_type else "application/dicom"
-    delimiter = b"--" + match.group(1).encode()
-    chunks = body.split(delimiter)
-    if len(chunks) < 3:
-        raise ValueError("the multipart body has no part")
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            return
-        chunk = chunk.removeprefix(b"\r\n")
-        head, sep, data = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            head, data = b"", chunk.removeprefix(b"\r\n")
-        part_type = default_type
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-type":
-                part_type = value.split(";", 1)[0].strip().lower()
-        yield part_type, data.removesuffix(b"\r\n")
+    """(part content type, part bytes) of a whole multipart/related body; ValueError when it is not one."""
+    parser = MultipartRelatedParser(content_type)
+    part_type, data = "", bytearray()
+    for event in [*parser.feed(body), *parser.close()]:
+        if isinstance(event, PartStart):
+            part_type, data = event.content_type, bytearray()
+        elif isinstance(event, PartData):
+            data += event.data
+        else:
+            yield part_type, bytes(data)
 
 
 def _api_key(request: Request) -> str:
@@ -113,6 +103,19 @@ def _api_key(request: Request) -> str:
     if not key and auth.lower().startswith("bearer "):
         key = auth[7:].strip()
     return key
+
+
+def _out_of_resources(data: bytes) -> Dataset:
+    """A FailedSOPSequence item with FailureReason 0xA700 and whatever UIDs the instance's header gives."""
+    item = Dataset()
+    try:
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        item.ReferencedSOPClassUID = str(ds.get("SOPClassUID", ""))
+        item.ReferencedSOPInstanceUID = str(ds.get("SOPInstanceUID", ""))
+    except Exception:  # an unreadable header: the item still says why the part was not stored
+        item.ReferencedSOPClassUID = item.ReferencedSOPInstanceUID = ""
+    item.FailureReason = OUT_OF_RESOURCES
+    return item
 
 
 def _referenced(sop_class: str, sop_instance: str) -> Dataset:
@@ -147,6 +150,7 @@ class StowServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        shutil.rmtree(self.intake.data_path / STOW_SPOOL_DIR, ignore_errors=True)  # a stopped node's requests
         sock = socket.create_server((self.host, self.cfg.stow_port))
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
@@ -171,44 +175,97 @@ class StowServer:
         key = _api_key(request)
         return bool(key) and self.keys.is_valid(key)
 
+    def _too_large(self) -> Response:
+        return JSONResponse({"error": f"request larger than {self.cfg.stow_max_request_mb} MB"}, status_code=413)
+
+    async def _spool(self, request: Request, parser: MultipartRelatedParser, spool: Path) -> list[tuple[str, Path]]:
+        """Each part of the body written to its own file under ``spool`` as it is read, chunk by chunk; raises
+        `_TooLarge` as soon as more than stow_max_request_mb arrived, ValueError for a malformed body."""
+        limit = int(self.cfg.stow_max_request_mb * 1024 * 1024)
+        spooler = _Spooler(spool)
+        received = 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise _TooLarge
+                if chunk:
+                    await asyncio.to_thread(spooler.write, parser.feed(chunk))
+            await asyncio.to_thread(spooler.write, parser.close())
+        finally:
+            spooler.close()
+        return spooler.parts
+
     async def store(self, request: Request) -> Response:
         if not self._authorized(request):
             return JSONResponse({"error": "a valid API key is required (x-api-key)"}, status_code=401)
         length = request.headers.get("content-length")
         limit = int(self.cfg.stow_max_request_mb * 1024 * 1024)
         if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"error": f"request larger than {self.cfg.stow_max_request_mb} MB"}, status_code=413)
-        body = await request.body()
-        if len(body) > limit:
-            return JSONResponse({"error": f"request larger than {self.cfg.stow_max_request_mb} MB"}, status_code=413)
+            return self._too_large()
         try:
-            parts = list(parse_multipart_related(body, request.headers.get("content-type", "")))
-        except ValueError as exc:
+            parser = MultipartRelatedParser(request.headers.get("content-type", ""))
+        except UnsupportedMediaType as exc:
             return JSONResponse({"error": str(exc)}, status_code=415)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        spool: Path | None = None
+        try:
+            try:
+                spool_root = self.intake.data_path / STOW_SPOOL_DIR
+                spool_root.mkdir(parents=True, exist_ok=True)
+                spool = Path(tempfile.mkdtemp(dir=spool_root, prefix="request-"))
+                parts = await self._spool(request, parser, spool)
+            except _TooLarge:
+                return self._too_large()
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            except OSError as exc:  # nothing was stored: the sender retries the whole request
+                log.error("could not spool a STOW-RS request: %s", type(exc).__name__)
+                metrics.refused("stow", "http_503")
+                return self._busy(Dataset())
+            return await self._store_parts(request, parts)
+        finally:
+            if spool is not None:
+                await asyncio.to_thread(shutil.rmtree, spool, True)
+
+    def _busy(self, answer: Dataset) -> Response:
+        return JSONResponse(
+            answer.to_json_dict(),
+            status_code=503,
+            media_type=DICOM_JSON,
+            headers={"Retry-After": str(self.cfg.busy_retry_after_s)},
+        )
+
+    async def _store_parts(self, request: Request, parts: list[tuple[str, Path]]) -> Response:
+        """Each spooled part through `Intake.receive`; the PS3.18 Store Instances response for the outcome."""
         stored: list[Dataset] = []
         failed: list[Dataset] = []
+        out_of_resources = False
         key_id = key_fingerprint(_api_key(request)) or None
         peer = request.client.host if request.client is not None else ""
-        for part_type, data in parts:
+        for part_type, path in parts:
             if part_type != "application/dicom":
                 refusal = Refusal(RefusalKind.CANNOT_UNDERSTAND, f"part of type {part_type}")
                 metrics.refused("stow", refusal.stow_failure_reason)
                 failed.append(refusal.failed_sop_item())
                 continue
+            data = await asyncio.to_thread(path.read_bytes)
             try:
                 received = await asyncio.to_thread(self.intake.receive, data, via="stow", api_key_id=key_id, peer=peer)
             except Refusal as refusal:
                 metrics.refused("stow", refusal.stow_failure_reason)
                 failed.append(refusal.failed_sop_item())
                 continue
-            except QueueFullError:
-                log.warning("queue full: STOW-RS answered 503")
-                metrics.refused("stow", "http_503")
-                return Response(
-                    status_code=503,
-                    headers={"Retry-After": str(self.cfg.busy_retry_after_s)},
-                    content=b"the work queue is full; retry later",
-                )
+            except (QueueFullError, OSError, sqlite3.Error) as exc:
+                if isinstance(exc, QueueFullError):
+                    log.warning("queue full: a STOW-RS instance refused with 0xA700")
+                else:
+                    log.error("could not keep an instance: %s", type(exc).__name__)
+                metrics.refused("stow", OUT_OF_RESOURCES)
+                failed.append(_out_of_resources(data))
+                out_of_resources = True
+                continue
             metrics.accepted("stow")
             accepted = received.accepted
             stored.append(_referenced(accepted.sop_class_uid, accepted.sop_instance_uid))
@@ -217,5 +274,39 @@ class StowServer:
             answer.ReferencedSOPSequence = stored
         if failed:
             answer.FailedSOPSequence = failed
+        if out_of_resources and not stored:
+            log.warning("nothing of a STOW-RS request stored: answered 503")
+            metrics.refused("stow", "http_503")
+            return self._busy(answer)
         status = 200 if not failed else (202 if stored else 409)
         return JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+
+
+class _Spooler:
+    """Writes parser events to one file per part, so a part's bytes are on disk, not in memory, until used."""
+
+    def __init__(self, spool: Path) -> None:
+        self.spool = spool
+        self.parts: list[tuple[str, Path]] = []
+        self._current: IO[bytes] | None = None
+
+    def write(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, PartStart):
+                fd, name = tempfile.mkstemp(dir=self.spool, prefix="part-")
+                self._current = open(fd, "wb")
+                self.parts.append((event.content_type, Path(name)))
+            elif isinstance(event, PartData):
+                assert self._current is not None
+                self._current.write(event.data)
+            else:
+                self.close()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+
+class _TooLarge(Exception):
+    """The STOW-RS body passed stow_max_request_mb while it was being read."""

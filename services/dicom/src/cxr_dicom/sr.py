@@ -10,23 +10,25 @@ sequence) and, in every measurement group, by SOP Class/Instance UID. Per algori
   operating threshold (DCM 122411), both unit ``1``;
 - the measurements (CTR, anatomy areas and widths) form one TID 1501 group, each with its UCUM unit and
   the anatomy as finding site;
-- every group carries the TID 4019 Algorithm Identification (name, version, the checkpoint hash and the
-  untrained flag as parameters).
+- every group carries the TID 4019 Algorithm Identification (name, version, and as parameters the weights id
+  the service reports, ``weights_id=``, and the untrained flag).
 
 Codes are in `cxr_dicom.codes`. When any model is untrained the SR says "NOT FOR DIAGNOSTIC USE" where a
-viewer shows it: the series description, a TEXT "Comment" item at the top of the report content, and the
-contribution description of that model's equipment item.
+viewer shows it: the series description, a TEXT "Comment" item right after the report's Language of Content
+Item (TID 1500 row order), and the contribution description of that model's equipment item.
 
 Contributing Equipment (0018,A001), as IHE AI Results asks for each algorithm: manufacturer, model name,
-software versions (version and checkpoint hash), a Device UID (0018,1002) derived from the model name and
-checkpoint hash (the same weights always give the same UID; other weights another one), and the purpose of
-reference. IHE's "Processing Algorithm" is not a code of DICOM CID 7005 (Contributing Equipment Purpose of
-Reference), which highdicom enforces; the CID 7005 code for it is (109102, DCM, "Processing Equipment")
-(109104 is "De-identifying Equipment").
+software versions (the model's version, its weights id when different, and the node's ``cxr-dicom`` version),
+a Device UID (0018,1002) derived from the model name and weights id (the same weights always give the same
+UID; other weights another one), and the purpose of reference. IHE's "Processing Algorithm" is not a code of
+DICOM CID 7005 (Contributing Equipment Purpose of Reference), which highdicom enforces; the CID 7005 code for
+it is (109102, DCM, "Processing Equipment") (109104 is "De-identifying Equipment").
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import io
 import uuid
 import warnings
@@ -53,8 +55,18 @@ from cxr_dicom.results import NOT_FOR_DIAGNOSTIC_USE, Algorithm, AlgorithmResult
 from cxr_serving.dicom import fill_type2
 
 SERIES_NUMBER = 9902
+LANGUAGE_OF_CONTENT = ("DCM", "121049")  # Language of Content Item and Descendants
+try:
+    NODE_VERSION = importlib.metadata.version("cxr-dicom")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree without the package installed
+    NODE_VERSION = "unknown"
 SERIES_DESCRIPTION = "cxr AI results"
 MANUFACTURER = "cxr"
+
+
+def _is_concept(item: Dataset, code: tuple[str, str]) -> bool:
+    names = item.get("ConceptNameCodeSequence") or []
+    return bool(names) and (str(names[0].CodingSchemeDesignator), str(names[0].CodeValue)) == code
 
 
 def _coded(concept: Concept) -> hd.sr.CodedConcept:
@@ -72,8 +84,32 @@ def _algorithm_identification(algorithm: Algorithm) -> hd.sr.AlgorithmIdentifica
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name[:64],
         version=algorithm.version[:64] or "unknown",
-        parameters=[f"checkpoint_sha256={algorithm.checkpoint_hash}", f"untrained={str(algorithm.untrained).lower()}"],
+        parameters=[f"weights_id={algorithm.checkpoint_hash}", f"untrained={str(algorithm.untrained).lower()}"],
     )
+
+
+def software_versions(algorithm: Algorithm) -> list[str]:
+    """The model's version, its weights id when that says something else, and the node's own version (it built
+    the object)."""
+    versions = [algorithm.version[:64] or "unknown"]
+    if algorithm.checkpoint_hash and algorithm.checkpoint_hash != algorithm.version:
+        versions.append(algorithm.checkpoint_hash[:64])
+    versions.append(f"cxr-dicom {NODE_VERSION}"[:64])
+    return versions
+
+
+def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
+    """What fixes a result object's identity besides its source (DICOM UIDs, FHIR identifiers): each algorithm's
+    device UID (name and weights), version and operating thresholds, so new weights, a new version or new
+    thresholds (other decisions) give new objects, and a retry the same ones."""
+    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}{_thresholds(r)}" for r in results]
+
+
+def _thresholds(result: AlgorithmResult) -> str:
+    if not result.findings:
+        return ""
+    pairs = sorted(f"{f.label}={f.threshold!r}" for f in result.findings)
+    return "#" + hashlib.sha256(";".join(pairs).encode()).hexdigest()[:16]
 
 
 def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
@@ -82,7 +118,7 @@ def contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
         manufacturer=algorithm.manufacturer[:64],
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=algorithm.name[:64],
-        software_versions=[algorithm.version[:64] or "unknown", algorithm.checkpoint_hash[:64] or "unknown"],
+        software_versions=software_versions(algorithm),
         contribution_description=(
             f"AI analysis by {algorithm.name}"[:64]
             if not algorithm.untrained
@@ -190,8 +226,10 @@ def build_sr(
     )
     notice = untrained_notice(results)
     if notice:
-        report[0].ContentSequence.insert(
-            0,
+        content = report[0].ContentSequence
+        language = [i for i, item in enumerate(content) if _is_concept(item, LANGUAGE_OF_CONTENT)]
+        content.insert(  # TID 1500 row order: Language of Content Item (row 1) comes first
+            language[0] + 1 if language else 0,
             hd.sr.TextContentItem(
                 name=_coded(COMMENT), value=notice[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             ),

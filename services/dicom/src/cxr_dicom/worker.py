@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import socket
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,16 +36,21 @@ from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment, build_sr, device_uid
-from cxr_dicom.work_queue import Item, WorkQueue
+from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
+from cxr_dicom.work_queue import DONE, Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
+from cxr_serving.dicom import DERIVED_TYPE2_KEYWORDS
 
 log = logging.getLogger("cxr.dicom.worker")
 
 IDLE_POLL_S = 0.2
 PURGE_EVERY_S = 600.0
+RESULTS_DIR = "results"
+BUNDLE_FILE = "bundle.json"
+TMP_PREFIX = ".tmp-"
+TMP_STALE_S = 3600.0  # a temporary folder older than this belongs to no running save
 TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
@@ -92,7 +102,7 @@ def client_config(cfg: DicomConfig) -> ClientConfig:
     base = ClientConfig.from_env()
     key = a.api_key
     if key is None and a.api_key_file is not None:
-        key = next((ln.strip() for ln in a.api_key_file.read_text().splitlines() if ln.strip()), None)
+        key = read_key_file(a.api_key_file)
     return base.model_copy(
         update={
             "endpoints": {**base.endpoints, **endpoints},
@@ -100,6 +110,39 @@ def client_config(cfg: DicomConfig) -> ClientConfig:
             "timeout_s": a.timeout_s,
         }
     )
+
+
+def read_key_file(path: Path) -> str | None:
+    """The first non-empty line of a mounted key file (the key the node sends)."""
+    return next((ln.strip() for ln in path.read_text().splitlines() if ln.strip()), None)
+
+
+class RotatingKey:
+    """``analysis.api_key_file`` re-read when its mtime changes, so a rotated key is sent without a restart."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mtime: int | None = None if path is None else _mtime_ns(path)
+
+    def refresh(self, client: AsyncCxrClient) -> None:
+        """Put the file's current key in ``client``'s config if the file changed since the last look."""
+        if self.path is None:
+            return
+        mtime = _mtime_ns(self.path)
+        if mtime is None or mtime == self._mtime:
+            return  # unchanged, or gone (a secret being replaced): keep the last key
+        key = read_key_file(self.path)
+        self._mtime = mtime
+        if key and key != client.config.api_key:
+            client.config = client.config.model_copy(update={"api_key": key})
+            log.info("analysis api key re-read from its file", extra={"fields": {"file": str(self.path)}})
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _algorithm(model: common_pb2.ModelInfo, untrained: bool) -> Algorithm:
@@ -215,7 +258,9 @@ class Senders:
                 write_bundle(bundle, self.dest.fhir_folder)
         if self.dest.fhir_url is not None:
             with self._tracked(study_uid, "fhir", self.dest.fhir_url, ["fhir_bundle"]):
-                post_bundle(bundle, self.dest.fhir_url, timeout_s=self.dest.timeout_s)
+                post_bundle(
+                    bundle, self.dest.fhir_url, headers=dict(self.dest.fhir_headers), timeout_s=self.dest.timeout_s
+                )
 
     @contextlib.contextmanager
     def _tracked(self, study_uid: str, destination: str, target: str, objects: Sequence[str]) -> Iterator[None]:
@@ -249,6 +294,8 @@ class Worker:
         self.queue = queue
         self.client = client
         self.senders = Senders(cfg.destinations, cfg.ae_title)
+        a = cfg.analysis
+        self.key = RotatingKey(a.api_key_file if a.api_key is None else None)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -263,6 +310,9 @@ class Worker:
             removed = await asyncio.to_thread(self.queue.purge_finished, self.cfg.done_retention_s)
             if removed:
                 log.info("forgot finished instances", extra={"fields": {"removed": removed}})
+            swept = await asyncio.to_thread(sweep_results, self.cfg.data_path, self.queue)
+            if swept:
+                log.info("removed results of finished instances", extra={"fields": {"removed": swept}})
             try:
                 await asyncio.wait_for(self._stopping.wait(), PURGE_EVERY_S)
             except TimeoutError:
@@ -338,6 +388,7 @@ class Worker:
             await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
             path = instance_path(self.cfg.data_path, item.sop_uid)
             path.unlink(missing_ok=True)
+            await asyncio.to_thread(discard_results, self.cfg.data_path, item.sop_uid)
             log.info(
                 "results sent",
                 extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
@@ -345,15 +396,21 @@ class Worker:
         return True
 
     async def process(self, item: Item) -> None:
+        await asyncio.to_thread(self.key.refresh, self.client)
         payload = json.loads(item.payload)
-        data = (self.cfg.data_path / payload["file"]).read_bytes()
-        image = common_pb2.Image(data=data, content_type="application/dicom")
-        cls_reply, seg_reply = await asyncio.gather(
-            self.client.classify(image, model_names=self.cfg.analysis.classification_models),
-            self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
-        )
-        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
-        datasets, bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+        saved = await asyncio.to_thread(load_results, self.cfg.data_path, item.sop_uid)
+        if saved is None:  # the first build; a retry resends these exact bytes under the same UIDs
+            data = (self.cfg.data_path / payload["file"]).read_bytes()
+            analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+            image = common_pb2.Image(data=analysed, content_type="application/dicom")
+            cls_reply, seg_reply = await asyncio.gather(
+                self.client.classify(image, model_names=self.cfg.analysis.classification_models),
+                self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+            )
+            results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+            built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+            saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
+        datasets, bundle = saved
         await self.deliver(datasets, bundle)
 
     async def deliver(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
@@ -369,18 +426,145 @@ class Worker:
         return build_results(data, results, seg)
 
 
-def algorithm_identity(results: Sequence[AlgorithmResult]) -> list[str]:
-    """What fixes a result object's UIDs besides its source: each algorithm's device UID (name and checkpoint),
-    version and operating thresholds, so new weights, a new version or new thresholds (other decisions in the
-    SR) give new objects, and a retry the same ones."""
-    return [f"{device_uid(r.algorithm)}@{r.algorithm.version}{_thresholds(r)}" for r in results]
+def results_path(data_path: Path, sop_uid: str) -> Path:
+    """Where the built results of ``sop_uid`` wait until delivered (the UID checked as for its instance file)."""
+    return data_path / RESULTS_DIR / instance_path(data_path, sop_uid).stem
 
 
-def _thresholds(result: AlgorithmResult) -> str:
-    if not result.findings:
-        return ""
-    pairs = sorted(f"{f.label}={f.threshold!r}" for f in result.findings)
-    return "#" + hashlib.sha256(";".join(pairs).encode()).hexdigest()[:16]
+def _encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_results(
+    data_path: Path, sop_uid: str, datasets: Sequence[Dataset], bundle: dict[str, Any]
+) -> tuple[list[Dataset], dict[str, Any]]:
+    """Keep the built objects durably (files fsync'd in a temporary folder renamed into place, so a folder is
+    whole or absent) and return them as read back, so the first attempt and every retry send the same bytes."""
+    target = results_path(data_path, sop_uid)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX))
+    try:
+        files = [(f"{i:02d}.dcm", _encode(ds)) for i, ds in enumerate(datasets)]
+        files.append((BUNDLE_FILE, json.dumps(bundle, sort_keys=True).encode()))
+        for name, body in files:
+            with open(tmp / name, "wb") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if target.exists():  # a folder from an attempt that crashed before completing: it wins
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    saved = load_results(data_path, sop_uid)
+    assert saved is not None
+    return saved
+
+
+def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str, Any]] | None:
+    """The results a previous attempt built for ``sop_uid``, or None when none was kept."""
+    folder = results_path(data_path, sop_uid)
+    if not folder.is_dir():
+        return None
+    datasets: list[Dataset] = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    bundle: dict[str, Any] = json.loads((folder / BUNDLE_FILE).read_bytes())
+    return datasets, bundle
+
+
+def discard_results(data_path: Path, sop_uid: str) -> None:
+    """Remove the kept results of a delivered instance."""
+    shutil.rmtree(results_path(data_path, sop_uid), ignore_errors=True)
+
+
+def sweep_results(data_path: Path, queue: WorkQueue) -> int:
+    """Remove kept results nobody will send again: half-written folders and those of instances the queue has as
+    done or no longer knows (a crash between complete and the removal). A dead letter's stay for a retry."""
+    root = data_path / RESULTS_DIR
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder in root.iterdir():
+        if folder.name.startswith(TMP_PREFIX):
+            stale = time.time() - folder.stat().st_mtime > TMP_STALE_S
+        else:
+            item = queue.get(folder.name)
+            stale = item is None or item.state == DONE
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def analysis_copy(data: bytes) -> bytes:
+    """The instance as the analysis services get it with ``security.anonymize_dicom``: patient, institution and
+    staff identifiers and private tags removed (UIDs kept), while the node keeps and answers with the original."""
+    from cxr_serving.dicom import anonymize_dataset
+
+    ds = dcmread(io.BytesIO(data))
+    anonymize_dataset(ds)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+# The Patient, Patient Study and General Study module attributes a SEG takes from the node's original header, so
+# a SEG built from an anonymized copy is filed under the source's patient and study (Type 2 ones stay, empty).
+SOURCE_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientComments",
+    "EthnicGroup",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "ProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+)
+_TYPE2 = frozenset(DERIVED_TYPE2_KEYWORDS)
+
+
+def copy_patient_and_study(target: Dataset, source: Dataset) -> Dataset:
+    """Overwrite ``target``'s patient and study attributes with the source's (removing those the source lacks)."""
+    for keyword in SOURCE_PATIENT_STUDY_KEYWORDS:
+        if keyword in source:
+            setattr(target, keyword, copy.deepcopy(source[keyword].value))
+        elif keyword in _TYPE2:
+            setattr(target, keyword, "")
+        elif keyword in target:
+            delattr(target, keyword)
+    return target
 
 
 def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
@@ -393,9 +577,11 @@ def set_instance_uids(ds: Dataset, series_instance_uid: str, sop_instance_uid: s
 
 
 def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
-    """The SR, the SEG with Contributing Equipment, the bundle; the SR's and the SEG's UIDs are fixed by the
-    source and the algorithms (the SEG's replace the segmentation service's random ones), so a retried
-    analysis sends the same objects again and a PACS keeps one of each."""
+    """The SR, the SEG with Contributing Equipment, the bundle, all from ``data``, the original instance (the
+    SEG's patient and study attributes are overwritten from it, as the service may have seen an anonymized
+    copy); the SR's and the SEG's UIDs are fixed by the source and the algorithms (the SEG's replace the
+    segmentation service's random ones), so a retried analysis sends the same objects again and a PACS keeps
+    one of each."""
     source = dcmread(io.BytesIO(data), stop_before_pixels=True)
     study, sop = str(source.StudyInstanceUID), str(source.SOPInstanceUID)
     identity = algorithm_identity(results)
@@ -409,7 +595,7 @@ def build_results(data: bytes, results: list[AlgorithmResult], seg: bytes) -> tu
     if seg:
         segmenter = algorithm_identity(results[-1:])
         seg_ds = set_instance_uids(
-            dcmread(io.BytesIO(seg)),
+            copy_patient_and_study(dcmread(io.BytesIO(seg)), source),
             result_uid(study, "seg-series", *segmenter),
             result_uid(sop, "seg", *segmenter),
         )

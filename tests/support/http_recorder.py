@@ -1,0 +1,61 @@
+"""A real HTTP server on 127.0.0.1 that records what the DICOM node POSTs (STOW-RS, FHIR)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pydicom
+
+from cxr_dicom.intakes import parse_multipart_related
+
+
+class Recorder:
+    """A real HTTP server that records every POST (path, headers, body) and answers 200 with a FHIR
+    transaction-response to /fhir and an empty body to STOW-RS."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                recorder.requests.append((self.path, dict(self.headers), body))
+                payload = b""
+                if self.path.startswith("/fhir"):
+                    payload = json.dumps({"resourceType": "Bundle", "type": "transaction-response"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextlib.contextmanager
+def recording_server() -> Iterator[Recorder]:
+    r = Recorder()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def multipart_datasets(content_type: str, body: bytes) -> list[pydicom.Dataset]:
+    """The DICOM parts of a multipart/related STOW-RS body, read by the node's own RFC 2046 parser."""
+    return [pydicom.dcmread(io.BytesIO(data)) for _, data in parse_multipart_related(body, content_type)]
