@@ -191,6 +191,9 @@ def test_outages_are_transient_and_the_image_s_own_errors_are_not():
     assert _send_failure_is_transient(FhirPostError(502, "")) and not _send_failure_is_transient(FhirPostError(422, ""))
     assert _send_failure_is_transient(ConnectionRefusedError()) and _send_failure_is_transient(httpx.ConnectError("x"))
     assert _send_failure_is_transient(CStoreBusy("no association"))
+    assert _send_failure_is_transient(OSError(28, "No space left on device"))
+    assert not _send_failure_is_transient(NotADirectoryError("the FHIR folder is a file"))
+    assert not _send_failure_is_transient(FileExistsError("the FHIR folder is a file"))
     assert not _send_failure_is_transient(RuntimeError("C-STORE status 0xC000"))
 
 

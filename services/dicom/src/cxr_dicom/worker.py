@@ -56,13 +56,18 @@ TRANSIENT_CODES = frozenset(
 )
 
 
+# A folder destination that is a file, missing or not writable: a configuration fault, not an outage.
+LOCAL_FAULTS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 class DestinationUnavailable(Exception):
     """A send failed because its destination is down or busy (not because of what was sent): retried without
     spending an attempt."""
 
 
 def _send_failure_is_transient(exc: BaseException) -> bool:
-    """Connection errors and timeouts, HTTP 5xx/429 (STOW-RS, FHIR), C-STORE "out of resources"; not 4xx."""
+    """Connection errors and timeouts, other I/O errors (a full disk), HTTP 5xx/429 (STOW-RS, FHIR), C-STORE
+    "out of resources"; not 4xx nor a misconfigured FHIR folder."""
     import requests
 
     status: int | None = None
@@ -72,6 +77,8 @@ def _send_failure_is_transient(exc: BaseException) -> bool:
         status = exc.status
     if status is not None:
         return status >= 500 or status == 429
+    if isinstance(exc, LOCAL_FAULTS):
+        return False
     return isinstance(exc, (OSError, httpx.TransportError, CStoreBusy))
 
 
