@@ -145,3 +145,18 @@ async def test_mcp_dicom_study_status(stack, dead_study):
         assert (inst["sop_instance_uid"], inst["state"], inst["priority"]) == (sop, "dead", "routine")
         res = await mcp.call_tool("dicom_study_status", {"study_instance_uid": generate_uid()})
         assert res.is_error and "NOT_FOUND" in res.content[0].text
+
+
+def test_cli_dicom_retry_all_requeues_every_dead_letter_of_the_study(env, capsys, dead_study):
+    study, sop = dead_study
+    with CxrClient(get_stack("real").config()) as client:
+        wait_dead(client, study, attempts=1)
+    rc, _, err = run_cli(capsys, "dicom", "retry", "--study", study)
+    assert rc == 2 and "--all" in err  # --study alone would not say which instances
+    rc, out, _ = run_cli(capsys, "--json", "dicom", "retry", "--all", "--study", study)
+    assert rc == 0 and json.loads(out) == {"requeued": [sop], "skipped": 0}
+    with CxrClient(get_stack("real").config()) as client:
+        assert client.study_status(study).dead == 0  # queued again (or in progress) right after
+        wait_dead(client, study, attempts=1)
+    rc, out, _ = run_cli(capsys, "dicom", "retry", "--all", "--study", generate_uid())
+    assert rc == 0 and out.strip() == "0 dead-lettered instance(s) queued again"

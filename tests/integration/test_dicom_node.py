@@ -157,7 +157,8 @@ def test_stow_needs_the_api_key_and_dimse_the_accepted_calling_ae(stack, tmp_pat
 
 
 def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
-    """No model services and no PACS: every attempt fails, so accepted items stay pending and die after 2.
+    """No model services and no PACS: every attempt fails as UNAVAILABLE (transient, no attempt spent), so
+    accepted items stay pending and die once their failures have lasted max_transient_retry_s (2 s).
 
     The 3 s backoff keeps the first item pending while the second is sent (two attempts that fail at once with
     a 0.2 s backoff could dead-letter it first and make room)."""
@@ -169,6 +170,7 @@ def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
         9,
         max_queue_size=1,
         max_attempts=2,
+        max_transient_retry_s=2.0,
         workers=1,
         retry_backoff_initial_s=3.0,
         retry_backoff_max_s=3.0,
@@ -192,7 +194,8 @@ def test_full_queue_pushes_back_and_failures_reach_the_dead_letter(tmp_path):
                         break
                     time.sleep(0.2)
                 assert [i.sop_instance_uid for i in dead.instances] == [ds1.SOPInstanceUID]
-                assert dead.instances[0].attempts == 2 and dead.instances[0].last_error
+                assert dead.instances[0].attempts == 1  # transient: the second failure gave up, spending none
+                assert "transient failures for" in dead.instances[0].last_error
                 # the queue has room again: the second instance is accepted now
                 assert c_store(node.dimse_port, ds2) == 0x0000
                 retried = stub.RetryDeadLetter(
@@ -249,7 +252,7 @@ def test_stat_behind_twenty_routine_goes_first_and_a_kill_9_loses_nothing(stack,
 
     grpc_port, dimse_port = free_port(), free_port()
     settings = node_settings(
-        tmp_path, stack.orthanc, *stack.analysis_ports, workers=1, dimse_port=dimse_port, lease_s=8
+        tmp_path, stack.orthanc, *stack.analysis_ports, workers=1, dimse_port=dimse_port, lease_s=150
     )
     data = settings.model_dump(mode="json")
     data["services"]["dicom"] = {"host": "127.0.0.1", "port": grpc_port, "metrics_port": 0}
@@ -453,11 +456,9 @@ def test_a_node_killed_mid_analysis_with_a_600s_lease_finishes_every_study_soon_
     process = start()
     try:
         second = DicomNode(settings, cfg)  # a second node on the same queue file while the first one lives
-        try:
-            with pytest.raises(QueueLockedError, match=f"pid {process.pid} "):
-                asyncio.run(second.start())
-        finally:
-            second.queue.close()
+        with pytest.raises(QueueLockedError, match=f"pid {process.pid} "):
+            asyncio.run(second.start())
+        assert second.queue is None  # refused before it opened the queue file
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
             stub = pb_grpc.DicomServiceStub(ch)
             deadline = time.monotonic() + WAIT_S

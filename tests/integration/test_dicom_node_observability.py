@@ -171,8 +171,11 @@ def test_a_failing_destination_counts_failed_audits_the_failure_and_dead_letters
     stack: Stack, tmp_path: Path, records: Records
 ):
     """A second node on the same analysis services whose STOW-RS destination does not listen: each of its two
-    attempts analyses the image and fails to deliver the SR and the SEG."""
-    settings = node_settings(tmp_path, None, *stack.analysis_ports, max_attempts=2, workers=1)
+    tries analyses the image and fails to deliver the SR and the SEG. A closed port is an outage (transient: no
+    attempt spent), given up after max_transient_retry_s (1 s, shorter than one try's send)."""
+    settings = node_settings(
+        tmp_path, None, *stack.analysis_ports, max_attempts=2, max_transient_retry_s=1.0, workers=1
+    )
     loop = LoopThread()
     try:
         server = loop.run(start_server(settings, dicom_binding(settings)))
@@ -191,7 +194,8 @@ def test_a_failing_destination_counts_failed_audits_the_failure_and_dead_letters
                     if status.dead or time.monotonic() > deadline:
                         break
                     time.sleep(0.2)
-            assert status.dead == 1 and status.instances[0].attempts == 2, status
+            assert status.dead == 1 and status.instances[0].attempts == 1, status
+            assert "transient failures for" in status.instances[0].last_error
             after = scrape(server.metrics.port)
         finally:
             loop.run(server.stop(grace=1), timeout=60)

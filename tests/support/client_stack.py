@@ -91,14 +91,18 @@ def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
             "vector_db_path": str(workdir / "chroma"),
             "documents_path": str(_corpus(workdir)) if with_rag else None,
         },
-        # the DICOM node serves its gRPC API; its destination is a closed port, so an instance sent to it fails its
-        # one attempt and is dead-lettered at once (what `cxr dicom` tests read and retry)
+        # the DICOM node serves its gRPC API; its destination is a closed port, a transient failure given up after
+        # 0.1 s: an instance sent to it fails twice (0.2 s apart, no attempt spent) and is dead-lettered with one
+        # attempt (what `cxr dicom` tests read and retry)
         models__dicom={
             "dimse_port": 0,
             "stow_port": 0,
             "data_path": str(workdir / "dicom"),
             "destinations": {"stow_url": "http://127.0.0.1:9/dicom-web", "timeout_s": 5},
             "max_attempts": 1,
+            "max_transient_retry_s": 0.1,
+            "retry_backoff_initial_s": 0.2,
+            "retry_backoff_max_s": 0.2,
         },
         server_config__max_batch_delay_ms=2,
     )

@@ -35,9 +35,10 @@ def require(*binaries: str) -> None:
 
 
 @contextmanager
-def run_orthanc(root: Path) -> Iterator[Orthanc]:
+def run_orthanc(root: Path, ports: tuple[int, int] | None = None) -> Iterator[Orthanc]:
     """Start Orthanc under ``root`` (config, storage, log) on free ports, wait until it serves REST and DICOMweb,
-    stop it."""
+    stop it. ``ports`` (HTTP, DICOM): chosen in advance, for a test whose client points at Orthanc before it starts."""
     require()
-    with _script.run_orthanc(root) as orthanc:
+    http_port, dicom_port = ports or (None, None)
+    with _script.run_orthanc(root, http_port, dicom_port) as orthanc:
         yield orthanc

@@ -53,6 +53,13 @@ def test_relative_paths_are_under_data_path_and_backoff_doubles_up_to_its_cap(tm
         ({"destinations": STOW, "priority_rules": [{"calling_ae_titles": ["ER"], "when": "x"}]}, "unknown keys"),
         ({"destinations": STOW, "retry_backoff_initial_s": 60, "retry_backoff_max_s": 5}, "retry_backoff"),
         ({"destinations": STOW, "typo_key": 1}, "typo_key"),
+        # analysis 120 s + one STOW-RS send of 60 s: a 180 s lease would expire mid-attempt
+        ({"destinations": STOW, "lease_s": 180}, r"lease_s \(180\) must exceed the longest attempt, 180s"),
+        (
+            {"destinations": {**STOW, "fhir_url": "http://fhir/", "timeout_s": 30}, "lease_s": 150},
+            r"lease_s \(150\) must exceed the longest attempt, 180s",
+        ),
+        ({"destinations": STOW, "max_transient_retry_s": 0}, "max_transient_retry_s"),
     ],
 )
 def test_bad_sections_are_refused_at_start(section, message):
@@ -67,3 +74,9 @@ def test_retry_dead_letter_is_an_admin_rpc_that_cannot_be_opened():
     assert "/cxr.dicom.v1.DicomService/GetStudyStatus" not in platform_admin_methods()
     with pytest.raises(ConfigError, match="admin RPCs"):
         load_settings(None, environ={"CXR_SECURITY__UNAUTHENTICATED_METHODS": f'["{method}"]'})
+
+
+def test_a_lease_longer_than_the_longest_attempt_is_accepted():
+    settings = make_settings(models={"dicom": {"destinations": STOW, "lease_s": 181}})
+    cfg = dicom_config(settings)
+    assert cfg.longest_attempt_s() == 180 and cfg.max_transient_retry_s == 86400

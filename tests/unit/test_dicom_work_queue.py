@@ -349,3 +349,38 @@ def test_purge_forgets_old_finished_items_but_keeps_dead_letters(queue, clock):
     assert queue.purge_finished(older_than_s=50.0) == 1
     assert queue.get(sop(0)) is None and queue.get(sop(1)).state == DEAD and queue.get(sop(2)).state == QUEUED
     assert queue.enqueue(sop(0), STUDY, "s", Priority.ROUTINE).created  # past retention: analysed again
+
+
+def test_transient_failures_spend_no_attempt_until_give_up_after_s_then_dead_letter(queue, clock):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    for n in range(1, 10):  # more failures than max_attempts (3)
+        item = queue.claim("w")
+        assert item is not None and item.attempts == 1 and item.transient_retries == n - 1
+        assert queue.requeue_transient(item, "UnavailableError: down", 5.0, give_up_after_s=100.0) == QUEUED
+        assert queue.claim("w") is None  # backed off
+        clock.now += 5.0
+    item = queue.claim("w")
+    # a failure of the image itself ends the transient run and spends the attempt
+    assert queue.fail(item, "InvalidImageError", 0.0) == QUEUED
+    assert queue.get(sop(1)).transient_retries == 0 and queue.get(sop(1)).attempts == 1
+    first = queue.claim("w")
+    assert queue.requeue_transient(first, "down", 1.0, give_up_after_s=100.0) == QUEUED
+    clock.now += 100.0
+    last = queue.claim("w")
+    assert queue.requeue_transient(last, "still down", 1.0, give_up_after_s=100.0) == DEAD
+    dead = queue.get(sop(1))
+    assert (
+        dead.state == DEAD
+        and "transient failures for 100s" in (dead.last_error or "")
+        and "still down" in (dead.last_error or "")
+    )
+
+
+def test_retry_dead_marks_the_old_reason_as_the_previous_one(queue):
+    queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE)
+    for _ in range(3):
+        queue.fail(queue.claim("w"), "InvalidImageError: bad pixels")
+    assert queue.get(sop(1)).state == DEAD
+    assert queue.retry_dead(sop(1))
+    again = queue.get(sop(1))
+    assert (again.state, again.attempts, again.last_error) == (QUEUED, 0, "previous: InvalidImageError: bad pixels")

@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     dstatus.add_argument("study_uid", help="Study Instance UID")
     ddead = dsub.add_parser("dead-letters", help="instances the node gave up on, with the last error")
     ddead.add_argument("--study", default="", help="only this Study Instance UID")
-    dretry = dsub.add_parser("retry", help="queue a dead-lettered instance again (admin key)")
-    dretry.add_argument("sop_uid", help="SOP Instance UID")
+    dretry = dsub.add_parser("retry", help="queue a dead-lettered instance, or all of them, again (admin key)")
+    dretry.add_argument("sop_uid", nargs="?", help="SOP Instance UID (or --all)")
+    dretry.add_argument("--all", action="store_true", help="every dead-lettered instance (e.g. after an outage)")
+    dretry.add_argument("--study", default="", help="with --all: only this Study Instance UID's instances")
 
     sub.add_parser("health", help="health of every service")
     return p
@@ -445,6 +447,10 @@ async def cmd_dicom(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         data = [to_dict(i, always_fields=True) for i in dead]
         _emit(args, data, table(_instance_rows(dead), _INSTANCE_HEADER) if dead else "no dead-lettered instance")
         return 0
+    if args.all == bool(args.sop_uid) or (args.study and not args.all):
+        raise ValueError("dicom retry: give a SOP Instance UID, or --all [--study UID]")
+    if args.all:
+        return await _retry_all(client, args)
     requeued = await client.retry_dead_letter(args.sop_uid)
     text = (
         f"{args.sop_uid}: queued again"
@@ -453,6 +459,18 @@ async def cmd_dicom(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     )
     _emit(args, {"sop_instance_uid": args.sop_uid, "requeued": requeued}, text)
     return 0 if requeued else 1
+
+
+async def _retry_all(client: AsyncCxrClient, args: argparse.Namespace) -> int:
+    """RetryDeadLetter for each instance ListDeadLetters names; one that left the dead letter meanwhile is skipped."""
+    dead = await client.list_dead_letters(args.study)
+    requeued = [i.sop_instance_uid for i in dead if await client.retry_dead_letter(i.sop_instance_uid)]
+    skipped = len(dead) - len(requeued)
+    text = f"{len(requeued)} dead-lettered instance(s) queued again" + (
+        f", {skipped} no longer dead-lettered" if skipped else ""
+    )
+    _emit(args, {"requeued": requeued, "skipped": skipped}, text)
+    return 0
 
 
 async def cmd_health(client: AsyncCxrClient, args: argparse.Namespace) -> int:

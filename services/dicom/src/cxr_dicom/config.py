@@ -99,13 +99,24 @@ class DicomConfig(_Strict):
     )
     max_queue_size: int = Field(10_000, ge=1, description="unfinished instances; more get 0xA700 / 503 Retry-After")
     max_attempts: int = Field(
-        5, ge=1, description="failed attempts (one a killed node left included) before an instance is dead-lettered"
+        5,
+        ge=1,
+        description="failed attempts (one a killed node left included) before an instance is dead-lettered; a"
+        " transient failure (a service or destination down) spends none",
+    )
+    max_transient_retry_s: float = Field(
+        86400,
+        gt=0,
+        description="how long an instance is retried, with backoff and no attempt spent, while its failures are"
+        " transient: analysis UNAVAILABLE/DEADLINE_EXCEEDED/RESOURCE_EXHAUSTED, a send's connection error or"
+        " timeout, HTTP 5xx/429 from STOW-RS or FHIR, no C-STORE association or answer; then dead-lettered",
     )
     lease_s: float = Field(
         600,
         gt=0,
         description="time a worker holds an instance before another may take it; a restarted node takes back"
-        " the claims of the process before it at once",
+        " the claims of the process before it at once; must exceed analysis.timeout_s plus destinations.timeout_s"
+        " per configured send (STOW-RS, C-STORE, FHIR URL)",
     )
     workers: int = Field(2, ge=1, le=64, description="instances analysed and sent at once")
     done_retention_s: float = Field(
@@ -113,8 +124,10 @@ class DicomConfig(_Strict):
         ge=0,
         description="finished instances are forgotten after this; a re-send within it is not analysed again",
     )
-    retry_backoff_initial_s: float = Field(5, ge=0, description="delay before the first retry (doubles each time)")
-    retry_backoff_max_s: float = Field(600, ge=0, description="longest delay between retries")
+    retry_backoff_initial_s: float = Field(
+        5, ge=0, description="delay before the first retry (doubles each time, transient retries included)"
+    )
+    retry_backoff_max_s: float = Field(600, ge=0, description="longest delay between retries, transient ones included")
     busy_retry_after_s: int = Field(30, ge=1, description="Retry-After of a STOW-RS 503 while the queue is full")
     priority_rules: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -143,7 +156,20 @@ class DicomConfig(_Strict):
         self.priority_policy()  # an unknown key, keyword or priority is refused at start
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ValueError("retry_backoff_initial_s must not exceed retry_backoff_max_s")
+        longest = self.longest_attempt_s()
+        if self.lease_s <= longest:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must exceed the longest attempt, {longest:g}s: analysis.timeout_s"
+                f" ({self.analysis.timeout_s:g}) plus destinations.timeout_s ({self.destinations.timeout_s:g}) per"
+                " configured send; otherwise another worker takes the instance while it is still being sent"
+            )
         return self
+
+    def longest_attempt_s(self) -> float:
+        """The analysis (classification and segmentation run at once) plus each configured send's time limit."""
+        d = self.destinations
+        sends = sum(x is not None for x in (d.stow_url, d.cstore, d.fhir_url))
+        return float(self.analysis.timeout_s + d.timeout_s * sends)
 
     def priority_policy(self) -> PriorityPolicy:
         return PriorityPolicy.from_config(self.priority_rules, self.default_priority)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 from cxr_client.client import AsyncCxrClient
 from cxr_dicom import metrics
 from cxr_dicom.config import DicomConfig, dicom_config
-from cxr_dicom.intake import Intake
+from cxr_dicom.intake import INSTANCES_DIR, Intake
 from cxr_dicom.intakes import StowServer, start_scp
 from cxr_dicom.servicer import DicomServicer
 from cxr_dicom.work_queue import QueueLock, WorkQueue
@@ -32,36 +33,49 @@ class DicomNode:
     def __init__(self, settings: Settings, cfg: DicomConfig) -> None:
         self.cfg = cfg
         self.host = settings.endpoint("dicom").host
-        sec = settings.security
+        self.security = settings.security
         self.lock = QueueLock(cfg.data_path)
-        self.queue = WorkQueue(
-            cfg.data_path, max_pending=cfg.max_queue_size, max_attempts=cfg.max_attempts, lease_s=cfg.lease_s
-        )
-        self.intake = Intake(
-            cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom, ae_title=cfg.ae_title
-        )
-        keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
-        self.stow = StowServer(cfg, self.intake, keys, self.host)
+        # Opened in start(), under the lock: a second node is refused before it touches (or migrates) the file.
+        self.queue: WorkQueue | None = None
+        self.intake: Intake | None = None
+        self.stow: StowServer | None = None
         self.client: AsyncCxrClient | None = None
         self.worker: Worker | None = None
         self.scp: Any = None
         self.dimse_port = 0
-        self.ready = False
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        """Started, and every worker task still running (one that ended would leave the queue unserved)."""
+        return self.started and self.worker is not None and self.worker.alive
 
     @property
     def stow_port(self) -> int:
-        return self.stow.port
+        return 0 if self.stow is None else self.stow.port
 
     async def start(self) -> None:
-        """Lock the queue (QueueLockedError: another node runs on it), take back the leases a previous process
-        left, then start the workers and the intakes."""
+        """Lock the queue (QueueLockedError: another node runs on it), open it, take back the leases a previous
+        process left, delete the instance files no queue row refers to, then start the workers and the intakes."""
         self.lock.acquire()
+        cfg, sec = self.cfg, self.security
+        self.queue = await asyncio.to_thread(
+            WorkQueue, cfg.data_path, max_pending=cfg.max_queue_size, max_attempts=cfg.max_attempts, lease_s=cfg.lease_s
+        )
         requeued, dead = await asyncio.to_thread(self.queue.reclaim_abandoned)
         if requeued or dead:
             log.warning(
                 "took back the instances a previous node process left claimed",
                 extra={"fields": {"requeued": requeued, "dead_lettered": dead}},
             )
+        orphans = await asyncio.to_thread(sweep_orphans, cfg.data_path, self.queue)
+        if orphans:
+            log.warning("deleted received files no queue item refers to", extra={"fields": {"files": orphans}})
+        self.intake = Intake(
+            cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom, ae_title=cfg.ae_title
+        )
+        keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
+        self.stow = StowServer(cfg, self.intake, keys, self.host)
         metrics.QUEUES.attach(self.queue)
         self.client = AsyncCxrClient(client_config(self.cfg))
         self.worker = Worker(self.cfg, self.queue, self.client)
@@ -69,26 +83,43 @@ class DicomNode:
         await self.stow.start()
         self.scp = await asyncio.to_thread(start_scp, self.cfg, self.intake, self.host)
         self.dimse_port = int(self.scp.server_address[1])
-        self.ready = True
+        self.started = True
 
     async def stop(self) -> None:
-        self.ready = False
+        self.started = False
         if self.scp is not None:
             await asyncio.to_thread(self.scp.shutdown)
-        await self.stow.stop()
+        if self.stow is not None:
+            await self.stow.stop()
         if self.worker is not None:
             await self.worker.stop()
         if self.client is not None:
             await self.client.close()
-        metrics.QUEUES.detach(self.queue)
-        self.queue.close()
+        if self.queue is not None:
+            metrics.QUEUES.detach(self.queue)
+            self.queue.close()
         self.lock.release()
+
+
+def sweep_orphans(data_path: Path, queue: WorkQueue) -> int:
+    """Delete the received files (PHI) of no queued, claimed or dead item: what a crash between the fsync and
+    the enqueue, or between the completion and the unlink, left; the count. Run under the queue's lock."""
+    folder = data_path / INSTANCES_DIR
+    if not folder.is_dir():
+        return 0
+    keep = queue.unfinished_sop_uids()
+    removed = 0
+    for path in folder.glob("*.dcm"):
+        if path.name.startswith(".tmp-") or path.stem not in keep:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def build_binding(settings: Settings, cfg: DicomConfig | None = None) -> ServiceBinding:
     cfg = cfg or dicom_config(settings)
     node = DicomNode(settings, cfg)
-    servicer = DicomServicer(node.queue)
+    servicer = DicomServicer(lambda: node.queue)
     return ServiceBinding(
         name="dicom",
         full_service_names=[SERVICE],

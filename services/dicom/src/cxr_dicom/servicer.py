@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -32,8 +33,16 @@ def _status(item: Item) -> pb.InstanceStatus:
 
 
 class DicomServicer(pb_grpc.DicomServiceServicer):  # type: ignore[misc]  # generated *_pb2_grpc has no stub: its base is Any
-    def __init__(self, queue: WorkQueue) -> None:
-        self.queue = queue
+    def __init__(self, queue: Callable[[], WorkQueue | None]) -> None:
+        self._queue = queue
+
+    @property
+    def queue(self) -> WorkQueue:
+        """The node's queue, opened once the node holds its lock (a call before then fails)."""
+        queue = self._queue()
+        if queue is None:
+            raise RuntimeError("the DICOM node has not opened its work queue yet")
+        return queue
 
     async def GetStudyStatus(self, request: pb.GetStudyStatusRequest, context: Any) -> pb.GetStudyStatusResponse:
         uid = request.study_instance_uid.strip()

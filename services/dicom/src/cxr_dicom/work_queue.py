@@ -18,6 +18,9 @@ Properties (each tested in tests/unit/test_dicom_work_queue.py and tests/integra
   lease expired and was taken over is refused (`complete` returns False), so an item completes once.
 - Backoff: `fail` with ``retry_after_s`` keeps a re-queued item unclaimable until then, so retries of a
   failing destination back off instead of spinning.
+- Transient failures: `requeue_transient` (a service or destination that is down, not the image) gives the
+  attempt back and re-queues with backoff; only after ``give_up_after_s`` of such failures in a row does the
+  item go to ``dead``, so an outage does not dead-letter the backlog.
 - Attempts: every claim counts as an attempt (a poison image that kills its worker still reaches the
   dead letter); `fail` after the ``max_attempts``-th attempt, or an expired lease with no attempts left,
   moves the item to ``dead`` with its reason.
@@ -72,13 +75,19 @@ CREATE TABLE IF NOT EXISTS items (
     last_error TEXT,
     enqueued_at REAL NOT NULL,
     finished_at REAL,
-    not_before REAL
+    not_before REAL,
+    transient_since REAL,
+    transient_retries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS items_ready ON items (state, priority, id);
 CREATE INDEX IF NOT EXISTS items_study ON items (study_uid);
 """
 # Columns added after the first schema, for queue files written by an older node.
-_ADDED_COLUMNS = {"lease_process": "TEXT"}
+_ADDED_COLUMNS = {
+    "lease_process": "TEXT",
+    "transient_since": "REAL",
+    "transient_retries": "INTEGER NOT NULL DEFAULT 0",
+}
 
 
 class Priority(enum.IntEnum):
@@ -173,6 +182,7 @@ class Item:
     attempts: int
     claim_token: int
     last_error: str | None
+    transient_retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,6 +309,7 @@ class WorkQueue:
                     attempts=row["attempts"] + 1,
                     claim_token=token,
                     last_error=row["last_error"],
+                    transient_retries=row["transient_retries"],
                 )
 
     def reclaim_abandoned(self) -> tuple[int, int]:
@@ -334,8 +345,8 @@ class WorkQueue:
         """Mark ``item`` done; False (and nothing changes) when this claim is no longer the current one."""
         with self._write() as db:
             cur = db.execute(
-                "UPDATE items SET state = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL"
-                " WHERE sop_uid = ? AND state = ? AND claim_token = ?",
+                "UPDATE items SET state = ?, finished_at = ?, lease_owner = NULL, lease_until = NULL,"
+                " transient_since = NULL WHERE sop_uid = ? AND state = ? AND claim_token = ?",
                 (DONE, self._clock(), item.sop_uid, CLAIMED, item.claim_token),
             )
             return cur.rowcount == 1
@@ -356,7 +367,7 @@ class WorkQueue:
             now = self._clock()
             db.execute(
                 "UPDATE items SET state = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
-                " finished_at = ?, not_before = ? WHERE sop_uid = ?",
+                " finished_at = ?, not_before = ?, transient_since = NULL, transient_retries = 0 WHERE sop_uid = ?",
                 (
                     state,
                     reason[:2000],
@@ -366,6 +377,39 @@ class WorkQueue:
                 ),
             )
             return state
+
+    def requeue_transient(self, item: Item, reason: str, retry_after_s: float, give_up_after_s: float) -> str | None:
+        """A failed attempt that is not the image's fault (a service or destination down): back to ``queued``
+        after ``retry_after_s`` with the attempt given back, or ``dead`` once such failures have lasted
+        ``give_up_after_s`` without a break. Returns the new state, or None when this claim is no longer current."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT transient_since FROM items WHERE sop_uid = ? AND state = ? AND claim_token = ?",
+                (item.sop_uid, CLAIMED, item.claim_token),
+            ).fetchone()
+            if row is None:
+                return None
+            now = self._clock()
+            since = now if row["transient_since"] is None else float(row["transient_since"])
+            if now - since >= give_up_after_s:
+                db.execute(
+                    "UPDATE items SET state = ?, last_error = ?, lease_owner = NULL, lease_until = NULL,"
+                    " finished_at = ?, not_before = NULL WHERE sop_uid = ?",
+                    (
+                        DEAD,
+                        f"transient failures for {now - since:.0f}s (max_transient_retry_s): {reason}"[:2000],
+                        now,
+                        item.sop_uid,
+                    ),
+                )
+                return DEAD
+            db.execute(
+                "UPDATE items SET state = ?, attempts = attempts - 1, last_error = ?, lease_owner = NULL,"
+                " lease_until = NULL, not_before = ?, transient_since = ?, transient_retries = transient_retries + 1"
+                " WHERE sop_uid = ?",
+                (QUEUED, reason[:2000], now + retry_after_s if retry_after_s > 0 else None, since, item.sop_uid),
+            )
+            return QUEUED
 
     def release(self, item: Item) -> bool:
         """Give a claimed item back unprocessed (graceful shutdown) without spending an attempt."""
@@ -378,10 +422,13 @@ class WorkQueue:
             return cur.rowcount == 1
 
     def retry_dead(self, sop_uid: str) -> bool:
-        """An operator's second chance for a dead-lettered item: queued again with its attempts reset."""
+        """An operator's second chance for a dead-lettered item: queued again with its attempts reset; the old
+        reason is kept, marked as the previous one, until the next attempt replaces it."""
         with self._write() as db:
             cur = db.execute(
-                "UPDATE items SET state = ?, attempts = 0, finished_at = NULL, not_before = NULL"
+                "UPDATE items SET state = ?, attempts = 0, finished_at = NULL, not_before = NULL,"
+                " transient_since = NULL, transient_retries = 0,"
+                " last_error = CASE WHEN last_error IS NULL THEN NULL ELSE 'previous: ' || last_error END"
                 " WHERE sop_uid = ? AND state = ?",
                 (QUEUED, sop_uid, DEAD),
             )
@@ -430,6 +477,12 @@ class WorkQueue:
             rows = self._db.execute(query + " ORDER BY id", args).fetchall()
         return [(r["sop_uid"], r["last_error"] or "") for r in rows]
 
+    def unfinished_sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of the queued, claimed and dead items: those whose received file is still needed."""
+        with self._lock:
+            rows = self._db.execute("SELECT sop_uid FROM items WHERE state != ?", (DONE,)).fetchall()
+        return {r["sop_uid"] for r in rows}
+
     def depth(self) -> dict[str, int]:
         """Items waiting per priority (queued, or claimed with an expired lease): the queue-depth gauge."""
         with self._lock:
@@ -463,4 +516,5 @@ def _item(row: sqlite3.Row) -> Item:
         attempts=row["attempts"],
         claim_token=row["claim_token"],
         last_error=row["last_error"],
+        transient_retries=row["transient_retries"],
     )

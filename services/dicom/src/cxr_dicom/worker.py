@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -21,15 +22,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig
+from cxr_client.errors import CxrClientError
 from cxr_dicom import audit_events, metrics
 from cxr_dicom.codes import measurement_concept
 from cxr_dicom.config import DestinationsConfig, DicomConfig
-from cxr_dicom.fhir import build_bundle, post_bundle, write_bundle
+from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
@@ -47,6 +51,51 @@ RESULTS_DIR = "results"
 BUNDLE_FILE = "bundle.json"
 TMP_PREFIX = ".tmp-"
 TMP_STALE_S = 3600.0  # a temporary folder older than this belongs to no running save
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+# A folder destination that is a file, missing or not writable: a configuration fault, not an outage.
+LOCAL_FAULTS = (FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class DestinationUnavailable(Exception):
+    """A send failed because its destination is down or busy (not because of what was sent): retried without
+    spending an attempt."""
+
+
+def _send_failure_is_transient(exc: BaseException) -> bool:
+    """Connection errors and timeouts, other I/O errors (a full disk), HTTP 5xx/429 (STOW-RS, FHIR), C-STORE
+    "out of resources"; not 4xx nor a misconfigured FHIR folder."""
+    import requests
+
+    status: int | None = None
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else None
+    elif isinstance(exc, FhirPostError):
+        status = exc.status
+    if status is not None:
+        return status >= 500 or status == 429
+    if isinstance(exc, LOCAL_FAULTS):
+        return False
+    return isinstance(exc, (OSError, httpx.TransportError, CStoreBusy))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure that says nothing about the image: the analysis services unavailable, overloaded or too slow
+    (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), or a destination down (`DestinationUnavailable`)."""
+    if isinstance(exc, DestinationUnavailable):
+        return True
+    if isinstance(exc, CxrClientError):
+        return exc.code in TRANSIENT_CODES
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code() in TRANSIENT_CODES
+    return False
+
+
+class CStoreBusy(ConnectionError):
+    """The PACS did not answer a C-STORE or refused it for lack of resources (0xA7xx): try later."""
 
 
 def client_config(cfg: DicomConfig) -> ClientConfig:
@@ -156,6 +205,11 @@ def segmentation_result(reply: seg_pb.SegmentImageResponse) -> AlgorithmResult:
     return AlgorithmResult(_algorithm(reply.model, reply.untrained), measurements=values)
 
 
+def instance_key(sop_uid: str) -> str:
+    """A log key for an instance that is not PHI: the first 12 hex digits of its SOP Instance UID's sha256."""
+    return hashlib.sha256(sop_uid.encode()).hexdigest()[:12]
+
+
 def result_uid(*parts: str) -> str:
     """A UID fixed by its parts: a retry sends the same SR, which a PACS then stores once."""
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:cxr:dicom:' + '/'.join(parts)).int}"
@@ -195,7 +249,11 @@ class Senders:
         try:
             for ds in datasets:
                 status = assoc.send_c_store(ds)
-                code = int(status.Status) if "Status" in status else -1
+                if "Status" not in status:
+                    raise CStoreBusy(f"C-STORE of a {ds.Modality} result: no answer from {peer.ae_title}")
+                code = int(status.Status)
+                if 0xA700 <= code <= 0xA7FF:
+                    raise CStoreBusy(f"C-STORE of a {ds.Modality} result: out of resources, 0x{code:04X}")
                 if code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     raise RuntimeError(f"C-STORE of a {ds.Modality} result: status 0x{code & 0xFFFF:04X}")
         finally:
@@ -273,36 +331,76 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def alive(self) -> bool:
+        """False once any worker task has ended while the node is not stopping: the node then is not ready."""
+        return bool(self._tasks) and (self._stopping.is_set() or not any(t.done() for t in self._tasks))
+
+    async def _idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
+        except TimeoutError:
+            pass
+
     async def _loop(self, index: int) -> None:
+        """Every step is guarded: a queue call that raises (a locked or full disk) costs one idle poll, never the
+        worker (the log names the error's type only: a message could carry an identifier)."""
         while not self._stopping.is_set():
-            item = await asyncio.to_thread(self.queue.claim, f"{self.name}/{index}")
-            if item is None:
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
-                except TimeoutError:
-                    pass
-                continue
             try:
-                await self.process(item)
+                worked = await self._step(f"{self.name}/{index}")
             except asyncio.CancelledError:
-                await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
                 raise
-            except Exception as exc:  # a failed attempt: retried with backoff, dead-lettered after max_attempts
-                reason = f"{type(exc).__name__}: {exc}"[:2000]
-                state = await asyncio.to_thread(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-                log.warning(
-                    "an instance failed", extra={"fields": {"attempt": item.attempts, "state": state, "reason": reason}}
+            except Exception as exc:
+                log.error("a worker step failed", extra={"fields": {"error": type(exc).__name__}})
+                worked = False
+            if not worked:
+                await self._idle()
+
+    async def _settle(self, call: Any, *args: Any) -> Any:
+        """A queue bookkeeping call retried until it succeeds or the node stops, so a claim whose outcome is known
+        is not left to its lease; the last error is raised when stopping."""
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except Exception as exc:
+                if self._stopping.is_set():
+                    raise
+                log.error("queue bookkeeping failed, retrying", extra={"fields": {"error": type(exc).__name__}})
+                await self._idle()
+
+    async def _step(self, worker: str) -> bool:
+        """Claim and handle one item; False when none was ready."""
+        item = await asyncio.to_thread(self.queue.claim, worker)
+        if item is None:
+            return False
+        try:
+            await self.process(item)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:2000]
+            transient = is_transient(exc)
+            if transient:  # a service or destination down: retried with backoff, no attempt spent
+                delay = self.cfg.backoff_s(item.transient_retries + 1)
+                state = await self._settle(
+                    self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
                 )
-            else:
-                if await asyncio.to_thread(self.queue.complete, item):
-                    await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
-                    path = instance_path(self.cfg.data_path, item.sop_uid)
-                    path.unlink(missing_ok=True)
-                    await asyncio.to_thread(discard_results, self.cfg.data_path, item.sop_uid)
-                    log.info(
-                        "results sent",
-                        extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
-                    )
+            else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
+                state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+            fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
+            log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
+            return True
+        if await self._settle(self.queue.complete, item):
+            await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
+            path = instance_path(self.cfg.data_path, item.sop_uid)
+            path.unlink(missing_ok=True)
+            await asyncio.to_thread(discard_results, self.cfg.data_path, item.sop_uid)
+            log.info(
+                "results sent",
+                extra={"fields": {"attempts": item.attempts, "priority": item.priority.name.lower()}},
+            )
+        return True
 
     async def process(self, item: Item) -> None:
         await asyncio.to_thread(self.key.refresh, self.client)
@@ -320,7 +418,16 @@ class Worker:
             built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
             saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
         datasets, bundle = saved
-        await asyncio.to_thread(self.senders.send, datasets, bundle)
+        await self.deliver(datasets, bundle)
+
+    async def deliver(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+        """Send to every destination; a destination down or busy raises `DestinationUnavailable`."""
+        try:
+            await asyncio.to_thread(self.senders.send, datasets, bundle)
+        except Exception as exc:
+            if _send_failure_is_transient(exc):
+                raise DestinationUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
