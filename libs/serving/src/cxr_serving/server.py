@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+READINESS_POLL_S = 2.0  # how soon a binding's own readiness change reaches gRPC health
 
 
 class _HealthServicer(HealthServicer):  # type: ignore[misc]
@@ -94,6 +95,7 @@ class CxrServer:
         self.health = _HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._readiness_watch: asyncio.Task[None] | None = None
         self._stopping = False
         self._serving: bool | None = None  # last status published on the health service
         self._stopped = asyncio.Event()
@@ -220,6 +222,14 @@ class CxrServer:
             log.error(
                 "%s is NOT_SERVING: a required model or dependency is not ready (see errors above)", self.binding.name
             )
+        if self.binding.readiness is not None and not self._stopping:
+            self._readiness_watch = asyncio.get_running_loop().create_task(self._watch_readiness())
+
+    async def _watch_readiness(self) -> None:
+        """A binding's own readiness (e.g. the DICOM node's workers) changes without telling the server: poll it."""
+        while not self._stopping:
+            await asyncio.sleep(READINESS_POLL_S)
+            await self._set_health(self._is_ready())
 
     async def wait_until_ready(self, timeout: float = 60.0) -> None:
         if self._loader is not None:
@@ -240,6 +250,8 @@ class CxrServer:
         log.info("draining in-flight calls for up to %.1fs", grace)
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
+        if self._readiness_watch is not None:
+            self._readiness_watch.cancel()
         self.health.closing.set()  # end Watch streams: they would hold the drain for the whole grace
         if self._server is not None:
             await self._server.stop(grace)
