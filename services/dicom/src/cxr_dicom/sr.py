@@ -10,8 +10,9 @@ sequence) and, in every measurement group, by SOP Class/Instance UID. Per algori
   operating threshold (DCM 122411), both unit ``1``;
 - the measurements (CTR, anatomy areas and widths) form one TID 1501 group, each with its UCUM unit and
   the anatomy as finding site;
-- every group carries the TID 4019 Algorithm Identification (name, version, the checkpoint hash and the
-  untrained flag as parameters).
+- every group carries the TID 4019 Algorithm Identification (name, version, the checkpoint hash, the
+  untrained flag and, when the service serves one, the model card's REST path as parameters, e.g.
+  ``model_card=/v1/classification/models/<name>/card``).
 
 Codes are in `cxr_dicom.codes`. When any model is untrained the SR says "NOT FOR DIAGNOSTIC USE" where a
 viewer shows it: the series description, a TEXT "Comment" item at the top of the report content, and the
@@ -72,7 +73,11 @@ def _algorithm_identification(algorithm: Algorithm) -> hd.sr.AlgorithmIdentifica
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name[:64],
         version=algorithm.version[:64] or "unknown",
-        parameters=[f"checkpoint_sha256={algorithm.checkpoint_hash}", f"untrained={str(algorithm.untrained).lower()}"],
+        parameters=[
+            f"checkpoint_sha256={algorithm.checkpoint_hash}",
+            f"untrained={str(algorithm.untrained).lower()}",
+            *([f"model_card={algorithm.model_card}"] if algorithm.model_card else []),
+        ],
     )
 
 
