@@ -234,8 +234,10 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
     assert admin == {
         "/cxr.classification.v1.ClassificationService/LoadModel",
         "/cxr.classification.v1.ClassificationService/UnloadModel",
+        "/cxr.classification.v1.ClassificationService/RecordModelEvaluation",
         "/cxr.segmentation.v1.SegmentationService/LoadModel",
         "/cxr.segmentation.v1.SegmentationService/UnloadModel",
+        "/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation",
         "/cxr.rag.v1.RagService/IngestDocuments",
         "/cxr.dicom.v1.DicomService/RetryDeadLetter",
     }
