@@ -44,6 +44,7 @@ DECLARED = {
     "labels": ["Atelectasis", "Cardiomegaly"],  # contradicts it: flagged, never served
 }
 IMAGES = 40
+READY_S = 600  # bounds for a contended CI machine: a DenseNet-121 load has taken over 60 s there
 
 
 def _checkpoint(path: Path, seed: int) -> str:
@@ -82,9 +83,10 @@ def _client_env(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
     monkeypatch.setenv("CXR_CLASSIFICATION_ENDPOINT", f"127.0.0.1:{port}")
     monkeypatch.setenv("CXR_API_KEY", TEST_KEY)
     monkeypatch.setenv("CXR_ADMIN_API_KEY", TEST_KEY)
-    monkeypatch.setenv("CXR_TIMEOUT_S", "300")
+    monkeypatch.setenv("CXR_TIMEOUT_S", str(READY_S))
 
 
+@pytest.mark.timeout(1200)
 async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch, capsys) -> None:
     models_dir = tmp_path / "models"
     models_dir.mkdir()
@@ -93,13 +95,14 @@ async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch,
     card_file = models_dir / "nih.pt.card.json"
     card_file.write_text(json.dumps(DECLARED))
     s = _settings(models_dir)
-    async with running_server(s, build_binding(s)) as server:
+    async with running_server(s, build_binding(s), wait_ready=False) as server:
+        await server.wait_until_ready(READY_S)
         config = ClientConfig.model_validate(
             {
                 "endpoints": {"classification": f"127.0.0.1:{server.port}"},
                 "api_key": TEST_KEY,
                 "admin_api_key": TEST_KEY,
-                "timeout_s": 300,
+                "timeout_s": READY_S,
             }
         )
         async with AsyncCxrClient(config) as c:
@@ -222,6 +225,7 @@ def _concept(item) -> tuple[str, str]:
     return code.CodingSchemeDesignator, code.get("CodeValue") or code.get("LongCodeValue")
 
 
+@pytest.mark.timeout(900)
 async def test_untrained_segmentation_card_lives_in_memory(tmp_path) -> None:
     from cxr_segmentation.service import build_binding as segmentation
 
@@ -229,13 +233,14 @@ async def test_untrained_segmentation_card_lives_in_memory(tmp_path) -> None:
         models={"segmentation": {"allow_untrained": True, "input_size": 64, "encoder": "resnet18"}},
         performance__warmup_batches=0,
     )
-    async with running_server(s, segmentation(s)) as server:
+    async with running_server(s, segmentation(s), wait_ready=False) as server:
+        await server.wait_until_ready(READY_S)
         config = ClientConfig.model_validate(
             {
                 "endpoints": {"segmentation": f"127.0.0.1:{server.port}"},
                 "api_key": TEST_KEY,
                 "admin_api_key": TEST_KEY,
-                "timeout_s": 300,
+                "timeout_s": READY_S,
             }
         )
         async with AsyncCxrClient(config) as c:
