@@ -124,7 +124,7 @@ async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch,
             assert dict(card.preprocessing) == {
                 "input_size": "64x64",
                 "channels": "3",
-                "resize": "squash",
+                "resize": "center_crop",  # models.*.resize default of a DenseNet-121
                 "normalization": "imagenet",
                 "mean": "0.485, 0.456, 0.406",
                 "std": "0.229, 0.224, 0.225",
