@@ -234,8 +234,10 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
     assert admin == {
         "/cxr.classification.v1.ClassificationService/LoadModel",
         "/cxr.classification.v1.ClassificationService/UnloadModel",
+        "/cxr.classification.v1.ClassificationService/RecordModelEvaluation",
         "/cxr.segmentation.v1.SegmentationService/LoadModel",
         "/cxr.segmentation.v1.SegmentationService/UnloadModel",
+        "/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation",
         "/cxr.rag.v1.RagService/IngestDocuments",
         "/cxr.dicom.v1.DicomService/RetryDeadLetter",
     }
@@ -250,7 +252,7 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
             assert hit is not None
             assert _allowed_groups(policies, hit) == want, f"{method} via route {hit.route.name}"
             checked += 1
-    assert checked == 33  # 17 RPCs over gRPC + 16 REST bindings
+    assert checked == 41  # 21 RPCs over gRPC + 20 REST bindings
     # every route whose path reaches an admin RPC, by Kong's own matching of that route alone
     for svc in kong.services:
         for r in svc.routes:
@@ -280,6 +282,7 @@ def test_an_open_admin_route_is_found_and_refused_by_check(raw, catalog, tmp_pat
             r["plugins"] = [p for p in r["plugins"] if p["name"] != "acl"]
     assert unprotected_admin_routes(validate(data), catalog) == [
         "/cxr.classification.v1.ClassificationService/LoadModel via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/RecordModelEvaluation via route classification-grpc",
         "/cxr.classification.v1.ClassificationService/UnloadModel via route classification-grpc",
         "/cxr.rag.v1.RagService/IngestDocuments via route rag-rest-ingest-documents",
     ]

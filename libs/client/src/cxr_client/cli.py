@@ -124,8 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'sensitivity=0.9' or 'youden': choose per-finding thresholds on this data and write them "
         "to thresholds-<model>-<version>.json for `cxr models load --thresholds`",
     )
+    e.add_argument(
+        "--record-card",
+        action="store_true",
+        help="record the results on the model card of the version evaluated (admin key; refused if another "
+        "version serves by then)",
+    )
 
-    m = sub.add_parser("models", help="list, load or unload models")
+    m = sub.add_parser("models", help="list, load or unload models, or show a model card")
     msub = m.add_subparsers(dest="models_command", required=True)
     ml = msub.add_parser("list")
     any_model_service = f"a service with model admin: {', '.join(MODEL_SERVICES)} or one of CXR_SERVICE_CATALOG"
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     mun = msub.add_parser("unload")
     mun.add_argument("service", help=any_model_service)
     mun.add_argument("model")
+    mcard = msub.add_parser("card", help="the model card of the version that serves")
+    mcard.add_argument("service", help=any_model_service)
+    mcard.add_argument("model")
 
     g = sub.add_parser("ingest", help="add documents to the literature store (admin key)")
     g.add_argument("documents", type=Path, help="JSON lines, one cxr.rag.v1.Document each: id, text, title, source")
@@ -341,6 +350,10 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
             thresholds=thresholds,
             thresholds_model_version=version,
         )
+    elif args.models_command == "card":
+        card = await client.get_model_card(args.service, args.model)
+        _emit(args, to_dict(card, always_fields=True), card_text(card))
+        return 0
     else:
         info = await client.unload_model(args.service, args.model)
     state = STATE_NAMES.get(info.state, info.state)
@@ -362,12 +375,41 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         random_seed=args.seed,
         bins=args.bins,
         choose=args.choose_thresholds,
+        record_card=args.record_card,
     )
     paths = write_evaluation(report, args.out)
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
     text = "\n".join([*report["notes"], evaluation_table(report)])
     _emit(args, report, text)
     return 0
+
+
+def card_text(card: Any) -> str:
+    """A model card for a terminal: what the model is, what it is for, how it measured."""
+    lines = [
+        f"{card.name} {card.version}{' (UNTRAINED)' if card.untrained else ''}: {card.architecture} ({card.task})",
+        card.regulatory_status,
+        f"labels: {', '.join(card.labels)}",
+        "preprocessing: " + "; ".join(f"{k}={v}" for k, v in sorted(card.preprocessing.items())),
+        f"intended use: {card.intended_use}",
+        f"training data: {card.training_data or 'not declared'}",
+        *(f"CONFLICT {c}" for c in card.conflicts),
+    ]
+    if card.HasField("evaluation"):
+        ev = card.evaluation
+        lines.append(
+            f"evaluation {ev.evaluated_at}: {ev.dataset_images} images, dataset sha256 {ev.dataset_sha256}, "
+            f"macro AUROC {ev.macro_auroc:.3f}"
+        )
+        rows = [
+            [f.finding, f"{f.auroc:.3f}", f"{f.auroc_ci_low:.3f}-{f.auroc_ci_high:.3f}", f"{f.threshold:.3f}"]
+            for f in ev.findings
+        ]
+        lines.append(table(rows, ["finding", "AUROC", "95% CI", "threshold"]))
+    else:
+        lines.append(card.evaluation_note)
+    lines.append(f"card: {card.source} (sha256 {card.digest})")
+    return "\n".join(lines)
 
 
 def evaluation_table(report: dict[str, Any]) -> str:

@@ -81,9 +81,9 @@ def _options(config: ClientConfig) -> list[tuple[str, Any]]:
 
 
 class ModelAdminStub:
-    """ListModels/LoadModel/UnloadModel of any catalog service with `model_admin`, at
-    `/<grpc_service>/<Method>`: every cxr service declares these three with the same messages on the
-    wire (cxr_serving.model_admin serves them all), so classification's messages stand for all."""
+    """The model-admin RPCs (ListModels/LoadModel/UnloadModel/GetModelCard/RecordModelEvaluation) of any
+    catalog service with `model_admin`, at `/<grpc_service>/<Method>`: every cxr service declares them with the
+    same messages on the wire (cxr_serving.model_admin serves them all), so classification's messages stand for all."""
 
     def __init__(self, channel: grpc.aio.Channel, grpc_service: str) -> None:
         def method(name: str, request: Any, response: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
@@ -96,6 +96,10 @@ class ModelAdminStub:
         self.ListModels = method("ListModels", admin_pb.ListModelsRequest, admin_pb.ListModelsResponse)
         self.LoadModel = method("LoadModel", admin_pb.LoadModelRequest, admin_pb.LoadModelResponse)
         self.UnloadModel = method("UnloadModel", admin_pb.UnloadModelRequest, admin_pb.UnloadModelResponse)
+        self.GetModelCard = method("GetModelCard", admin_pb.GetModelCardRequest, admin_pb.GetModelCardResponse)
+        self.RecordModelEvaluation = method(
+            "RecordModelEvaluation", admin_pb.RecordModelEvaluationRequest, admin_pb.RecordModelEvaluationResponse
+        )
 
 
 def _unhealthy(err: CxrClientError) -> str:
@@ -371,6 +375,32 @@ class AsyncCxrClient:
         ).model
         return info
 
+    async def get_model_card(
+        self, service: ServiceName, model_name: str, *, timeout: float | None = None
+    ) -> common_pb2.ModelCard:
+        """The card of the version of `model_name` that serves (its declaration, preprocessing, last evaluation)."""
+        stub = self._model_stub(service)
+        req = admin_pb.GetModelCardRequest(model_name=model_name)
+        card: common_pb2.ModelCard = (await self._call(stub.GetModelCard, req, timeout)).card
+        return card
+
+    async def record_model_evaluation(
+        self,
+        service: ServiceName,
+        model_name: str,
+        evaluation: common_pb2.ModelEvaluation,
+        *,
+        timeout: float | None = None,
+    ) -> common_pb2.ModelCard:
+        """Record evaluation results on the card of `evaluation.model_version`, which must be the version
+        serving (FAILED_PRECONDITION otherwise); the card as it is now."""
+        stub = self._model_stub(service)
+        req = admin_pb.RecordModelEvaluationRequest(model_name=model_name, evaluation=evaluation)
+        card: common_pb2.ModelCard = (
+            await self._call(stub.RecordModelEvaluation, req, timeout, admin_method="RecordModelEvaluation")
+        ).card
+        return card
+
     # -- dicom ----------------------------------------------------------------------------------
     async def study_status(
         self, study_instance_uid: str, *, timeout: float | None = None
@@ -503,6 +533,14 @@ class CxrClient:
 
     def unload_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
         return self._run(self._async.unload_model(service, model_name, **kwargs))
+
+    def get_model_card(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelCard:
+        return self._run(self._async.get_model_card(service, model_name, **kwargs))
+
+    def record_model_evaluation(
+        self, service: ServiceName, model_name: str, evaluation: common_pb2.ModelEvaluation, **kwargs: Any
+    ) -> common_pb2.ModelCard:
+        return self._run(self._async.record_model_evaluation(service, model_name, evaluation, **kwargs))
 
     def study_status(self, study_instance_uid: str, **kwargs: Any) -> dicom_pb.GetStudyStatusResponse:
         return self._run(self._async.study_status(study_instance_uid, **kwargs))

@@ -334,9 +334,12 @@ async def evaluate(
     bins: int = ECE_BINS,
     choose: str | None = None,
     progress: bool | None = None,
+    record_card: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` through the service on the labelled folder; the report as a JSON-ready dict
-    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file)."""
+    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file). `record_card`: also record
+    the results on the model card of the version evaluated (an admin call the server refuses when another
+    version serves by then)."""
     if bins < 1:
         raise ValueError("bins must be >= 1")
     rule = parse_rule(choose) if choose else None
@@ -379,7 +382,43 @@ async def evaluate(
     if rule is not None:
         report["chosen_thresholds"] = chosen(table, run, rule)
         report["notes"].append(NOT_HELD_OUT)
+    if record_card:
+        card = await client.record_model_evaluation("classification", model, card_evaluation(report))
+        report["model_card"] = {"recorded": True, "source": card.source, "digest": card.digest}
     return report
+
+
+def card_evaluation(report: dict[str, Any]) -> Any:
+    """The report's summary as the ModelEvaluation a model card keeps: per-finding AUROC with its CI and the
+    sensitivity/specificity at the threshold used, the dataset's hash and size, the date (NaN: not estimable)."""
+    from cxr_protos.common.v1 import common_pb2
+
+    def num(value: float | None) -> float:
+        return math.nan if value is None else float(value)
+
+    findings = [
+        common_pb2.FindingPerformance(
+            finding=f["finding"],
+            auroc=num(f["auroc"]),
+            auroc_ci_low=num(f["auroc_ci95"][0] if f["auroc_ci95"] else None),
+            auroc_ci_high=num(f["auroc_ci95"][1] if f["auroc_ci95"] else None),
+            threshold=num(f["threshold"]),
+            sensitivity=num(f["sensitivity"]),
+            specificity=num(f["specificity"]),
+            positives=f["positives"],
+            negatives=f["negatives"],
+        )
+        for f in report["findings"]
+    ]
+    return common_pb2.ModelEvaluation(
+        model_version=report["model"]["version"],
+        dataset_sha256=report["dataset"]["sha256"],
+        dataset_images=report["dataset"]["images"],
+        evaluated_at=report["generated_at"],
+        findings=findings,
+        macro_auroc=num(report["macro_auroc"]),
+        notes=report["notes"],
+    )
 
 
 def chosen(table: LabelTable, run: ModelRun, rule: tuple[str, float | None]) -> dict[str, Any]:

@@ -44,11 +44,23 @@ class LoadedModel:
     architecture: str
     labels: tuple[str, ...]
     precision: str = "float32"
+    checkpoint: str = ""
+    preprocessing: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
         labels = tuple(model.labels)
-        return cls(model.version, model.untrained, model.device, model.architecture, labels, model.precision)
+        path = model.checkpoint
+        return cls(
+            model.version,
+            model.untrained,
+            model.device,
+            model.architecture,
+            labels,
+            model.precision,
+            str(path) if path is not None else "",
+            tuple(model.preprocessing.items()),
+        )
 
 
 # --- wire ------------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ class ModelStatus:
     device: str = ""
     precision: str = ""
     task: str = ""  # the config entry's task (model_tasks.py)
+    checkpoint: str = ""  # the file the serving version loaded ("" untrained): its model card lies next to it
+    preprocessing: dict[str, str] = field(default_factory=dict)  # as the loaded model applies it (model card)
     error: str = ""
     load_seconds: float = 0.0
 
@@ -136,6 +138,16 @@ class ServedModel(ABC):
     @property
     def device(self) -> str:
         return "cpu"
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint file the loaded version came from (None: untrained), where its model card lives."""
+        return None
+
+    @property
+    def preprocessing(self) -> dict[str, str]:
+        """How this model turns a decoded image into its input (the model card's preprocessing)."""
+        return {}
 
     @property
     def precision(self) -> str:
@@ -305,6 +317,7 @@ class ModelRepository:
             st.state, st.error, st.version, st.untrained = ModelState.READY, "", loaded.version, loaded.untrained
             st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
             st.precision = loaded.precision
+            st.checkpoint, st.preprocessing = loaded.checkpoint, dict(loaded.preprocessing)
             batching = self._model_batching.get(name, self._batching)
             self._batchers[name] = DynamicBatcher(
                 name,

@@ -1,4 +1,5 @@
-"""ListModels / LoadModel / UnloadModel for every service: one implementation, one checkpoint-path rule.
+"""The model-admin RPCs of every service (ListModels, LoadModel, UnloadModel, GetModelCard,
+RecordModelEvaluation): one implementation, one checkpoint-path rule; model cards: model_card.py.
 
 A client names a checkpoint by a path on the server, so the path is the attack surface: it is
 resolved with symlinks followed (relative paths start at `models_path`) and must lie under
@@ -13,6 +14,7 @@ repository does the validate-then-swap (lifecycle.py).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,18 +22,36 @@ from typing import Any
 
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.checkpoint_files import client_checkpoint, out_of_memory
-from cxr_serving.errors import CheckpointError, CxrError, InvalidInputError, OverloadedError
-from cxr_serving.lifecycle import ModelRepository, ThresholdOverride
+from cxr_serving.errors import CheckpointError, CxrError, InvalidInputError, ModelNotReadyError, OverloadedError
+from cxr_serving.lifecycle import ModelRepository, ModelState, ModelStatus, ThresholdOverride
+from cxr_serving.model_card import IN_MEMORY, build_card, card_file, evaluation_dict, read_card_file, write_card_file
 from cxr_serving.proto_convert import model_info
 
 
 class ModelAdmin:
     """The model-admin RPCs of one service, on its repository."""
 
-    def __init__(self, repo: ModelRepository, models_path: Path | None, *, default_model: str | None = None) -> None:
+    def __init__(
+        self,
+        repo: ModelRepository,
+        models_path: Path | None,
+        *,
+        default_model: str | None = None,
+        rest_prefix: str = "",
+    ) -> None:
         self.repo = repo
         self.models_path = models_path
         self.default_model = default_model
+        self.rest_prefix = rest_prefix  # e.g. "/v1/classification": ModelInfo.model_card links to its card there
+        self._untrained_cards: dict[str, dict[str, Any]] = {}  # name -> the in-memory card of an untrained model
+        self._card_lock = asyncio.Lock()  # one evaluation record at a time (read-modify-write of a card file)
+
+    def info(self, status: ModelStatus) -> common_pb2.ModelInfo:
+        """ModelInfo with the link to the model's card (every response that names a model carries it)."""
+        info = model_info(status)
+        if self.rest_prefix:
+            info.model_card = f"{self.rest_prefix}/models/{status.name}/card"
+        return info
 
     def _name(self, raw: str) -> str:
         name = raw or self.default_model or ""
@@ -39,7 +59,7 @@ class ModelAdmin:
         return name
 
     def list_models(self) -> list[common_pb2.ModelInfo]:
-        return [model_info(s) for s in self.repo.statuses()]
+        return [self.info(s) for s in self.repo.statuses()]
 
     def _thresholds(self, name: str, values: Mapping[str, float], model_version: str) -> ThresholdOverride | None:
         """The request's thresholds, checked before anything loads: INVALID_ARGUMENT for a model without
@@ -101,14 +121,64 @@ class ModelAdmin:
                 "the served version, if any, keeps serving",
                 reason="MODEL_LOAD_OUT_OF_MEMORY",
             ) from exc
-        return model_info(status)
+        return self.info(status)
 
     async def unload_model(self, name: str) -> common_pb2.ModelInfo:
-        return model_info(await self.repo.unload(self._name(name)))
+        return self.info(await self.repo.unload(self._name(name)))
+
+    def _serving(self, name: str) -> ModelStatus:
+        status = self.repo.status(self._name(name))
+        if status.state is not ModelState.READY:
+            raise ModelNotReadyError(
+                f"model '{status.name}' is {status.state.value}: a card describes the version that serves",
+                metadata={"model": status.name},
+            )
+        return status
+
+    def _stored(self, status: ModelStatus) -> tuple[dict[str, Any], str]:
+        """The card's stored part (declaration and recorded evaluation) and where it is kept."""
+        if not status.checkpoint:
+            return self._untrained_cards.get(status.name, {}), IN_MEMORY
+        path = card_file(status.checkpoint)
+        return read_card_file(path), str(path)
+
+    async def get_model_card(self, name: str) -> common_pb2.ModelCard:
+        status = self._serving(name)
+        stored, source = await asyncio.to_thread(self._stored, status)
+        return build_card(status, stored, source)
+
+    async def record_evaluation(self, name: str, evaluation: common_pb2.ModelEvaluation) -> common_pb2.ModelCard:
+        """Attach `evaluation` to the card of the serving version; FAILED_PRECONDITION when it measured another."""
+        status = self._serving(name)
+        record = evaluation_dict(evaluation)
+        if evaluation.model_version != status.version:
+            raise CheckpointError(
+                f"model '{status.name}': the evaluation is of version {evaluation.model_version!r}, but version "
+                f"{status.version!r} serves; its results are not recorded on this version's card",
+                reason="EVALUATION_VERSION_MISMATCH",
+            )
+        async with self._card_lock:
+            if not status.checkpoint:
+                self._untrained_cards[status.name] = {"evaluation": record}
+            else:
+                path = card_file(status.checkpoint)
+
+                def write() -> None:
+                    stored = read_card_file(path)
+                    stored["evaluation"] = record
+                    write_card_file(path, stored)
+
+                try:
+                    await asyncio.to_thread(write)
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"cannot write model card {path}: {exc}", reason="MODEL_CARD_NOT_WRITABLE"
+                    ) from exc
+        return await self.get_model_card(status.name)
 
 
 class ModelAdminRpcs:
-    """The three admin RPCs as servicer methods, mixed in before a service's generated base class, so
+    """The model-admin RPCs as servicer methods, mixed in before a service's generated base class, so
     no service writes them again; the servicer sets `admin` and `admin_messages` (its `_pb2` module)."""
 
     admin: ModelAdmin
@@ -128,3 +198,10 @@ class ModelAdminRpcs:
 
     async def UnloadModel(self, request: Any, context: Any) -> Any:
         return self.admin_messages.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
+
+    async def GetModelCard(self, request: Any, context: Any) -> Any:
+        return self.admin_messages.GetModelCardResponse(card=await self.admin.get_model_card(request.model_name))
+
+    async def RecordModelEvaluation(self, request: Any, context: Any) -> Any:
+        card = await self.admin.record_evaluation(request.model_name, request.evaluation)
+        return self.admin_messages.RecordModelEvaluationResponse(card=card)

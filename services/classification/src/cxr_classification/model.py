@@ -26,7 +26,7 @@ from cxr_classification.checkpoints import load_checkpoint
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
-from cxr_classification.preprocessing import PreprocessSpec, preprocess
+from cxr_classification.preprocessing import IMAGENET_MEAN, IMAGENET_STD, XRV_RANGE, PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
@@ -140,6 +140,7 @@ class ChestXrayClassifier(ServedModel):
         self._warmup_batches = warmup_batches
         self._max_batch_size = max_batch_size
         self._version = ""
+        self._checkpoint: Path | None = None
         self._network: ClassifierNetwork | None = None  # eager module (Grad-CAM)
         self._runner: torch.nn.Module | None = None  # what predict calls (compiled on GPU when configured)
         self._decision = self.decision(None)
@@ -152,6 +153,32 @@ class ChestXrayClassifier(ServedModel):
     @property
     def device(self) -> str:
         return self._device.device
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self._checkpoint
+
+    @property
+    def preprocessing(self) -> dict[str, str]:
+        """The PreprocessSpec `preprocess` applies, with the normalisation's constants."""
+        spec = self.spec
+        out = {
+            "input_size": f"{spec.input_size}x{spec.input_size}",
+            "channels": str(spec.in_chans),
+            "resize": spec.resize,
+            "normalization": spec.normalization,
+            "input": "grayscale in [0, 1] (DICOM LUTs applied, MONOCHROME1 inverted)",
+        }
+        if spec.normalization == "imagenet":
+            mean: tuple[float, ...] = IMAGENET_MEAN
+            std: tuple[float, ...] = IMAGENET_STD
+            if spec.in_chans != 3:  # normalize_imagenet: grayscale uses their averages
+                mean, std = (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+            out["mean"] = ", ".join(f"{v:.4g}" for v in mean)
+            out["std"] = ", ".join(f"{v:.4g}" for v in std)
+        else:
+            out["range"] = f"[-{XRV_RANGE:g}, {XRV_RANGE:g}]"
+        return out
 
     @property
     def precision(self) -> str:
@@ -255,6 +282,7 @@ class ChestXrayClassifier(ServedModel):
         self._warm_up(runner)
         with self._lock:
             self._network, self._runner, self._version, self._decision = network, runner, version, decision
+            self._checkpoint = path if version != UNTRAINED else None
 
     def warmup_batch_sizes(self) -> list[int]:
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
@@ -304,7 +332,7 @@ class ChestXrayClassifier(ServedModel):
     def unload(self) -> None:
         with self._lock:
             self._network = self._runner = None
-            self._version = ""
+            self._version, self._checkpoint = "", None
         gc.collect()
         if self._device.is_cuda:
             torch.cuda.empty_cache()

@@ -24,7 +24,7 @@ from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata, model_info
+from cxr_serving.proto_convert import image_metadata
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_IMAGES_PER_REQUEST = 128
@@ -61,7 +61,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
     ) -> None:
         self.repo = repo
         self.classifiers = Classifiers(repo, models, pool)
-        self.admin = ModelAdmin(repo, models_path)
+        self.admin = ModelAdmin(repo, models_path, rest_prefix="/v1/classification")
         self.max_in_flight = max_in_flight_per_request
 
     def _prediction(self, result: ModelResult) -> pb.ModelPrediction:
@@ -76,7 +76,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             )
             for f in result.findings
         ]
-        status = model_info(self.repo.status(result.name))
+        status = self.admin.info(self.repo.status(result.name))
         return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
 
     async def classify(

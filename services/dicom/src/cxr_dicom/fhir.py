@@ -13,7 +13,8 @@ Contents (codes in `cxr_dicom.codes`, which says which are SNOMED CT / DICOM and
   hospital's imaging feed owns that resource and its patient. Every Observation is ``derivedFrom`` it and
   the DiagnosticReport's ``imagingStudy`` names it.
 - Device per algorithm: identifier = the same Device UID as the DICOM Contributing Equipment item, model
-  name, version and checkpoint hash; every Observation names its ``device``.
+  name, version and checkpoint hash, and the model card's REST path as a ``property`` (type text
+  ``model-card``: R4 Device has no element for a model card); every Observation names its ``device``.
 - Observation per finding: code = the finding, value = Present/Absent, components = probability (DCM
   122157) and threshold (DCM 122411) as UCUM ``1`` quantities. Per measurement: code = the quantity,
   bodySite = the anatomy, value = a UCUM quantity.
@@ -57,6 +58,7 @@ from cxr_dicom.sr import algorithm_identity, device_uid
 
 FHIR_VERSION = "4.0.1"  # what the bundle claims to be; validated with fhir.resources.R4B (see above)
 IDENTIFIER_SYSTEM = "urn:cxr:result"
+MODEL_CARD_PROPERTY = "model-card"  # Device.property type text; its value is the card's REST path
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
@@ -134,6 +136,8 @@ def _device(algorithm: Algorithm) -> tuple[str, dict[str, Any]]:
     }
     if algorithm.untrained:
         resource["note"] = [{"text": f"{NOT_FOR_DIAGNOSTIC_USE}: untrained model"}]
+    if algorithm.model_card:  # R4 Device.property: a typed, text-only value (no code system names a model card)
+        resource["property"] = [{"type": {"text": MODEL_CARD_PROPERTY}, "valueCode": [{"text": algorithm.model_card}]}]
     return _uuid("device", uid), resource
 
 

@@ -17,6 +17,7 @@ class Algorithm:
     checkpoint_hash: str
     untrained: bool = False
     manufacturer: str = "cxr"
+    model_card: str = ""  # where the model card of this version is served (the gateway's REST path); "" if none
 
 
 @dataclass(frozen=True)

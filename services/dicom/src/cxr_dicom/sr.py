@@ -11,7 +11,8 @@ sequence) and, in every measurement group, by SOP Class/Instance UID. Per algori
 - the measurements (CTR, anatomy areas and widths) form one TID 1501 group, each with its UCUM unit and
   the anatomy as finding site;
 - every group carries the TID 4019 Algorithm Identification (name, version, and as parameters the weights id
-  the service reports, ``weights_id=``, and the untrained flag).
+  the service reports, ``weights_id=``, the untrained flag and, when the service serves one, the model card's
+  REST path, e.g. ``model_card=/v1/classification/models/<name>/card``).
 
 Codes are in `cxr_dicom.codes`. When any model is untrained the SR says "NOT FOR DIAGNOSTIC USE" where a
 viewer shows it: the series description, a TEXT "Comment" item right after the report's Language of Content
@@ -84,7 +85,11 @@ def _algorithm_identification(algorithm: Algorithm) -> hd.sr.AlgorithmIdentifica
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name[:64],
         version=algorithm.version[:64] or "unknown",
-        parameters=[f"weights_id={algorithm.checkpoint_hash}", f"untrained={str(algorithm.untrained).lower()}"],
+        parameters=[
+            f"weights_id={algorithm.checkpoint_hash}",
+            f"untrained={str(algorithm.untrained).lower()}",
+            *([f"model_card={algorithm.model_card}"] if algorithm.model_card else []),
+        ],
     )
 
 

@@ -158,6 +158,7 @@ def _algorithm(model: common_pb2.ModelInfo, untrained: bool) -> Algorithm:
         version=model.version or "unknown",
         checkpoint_hash=model.version or "untrained",
         untrained=untrained or model.untrained,
+        model_card=model.model_card,
     )
 
 

@@ -26,7 +26,7 @@ from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
 from cxr_segmentation.postprocess import PostprocessOptions, SegmentationResult, postprocess
-from cxr_segmentation.preprocessing import Preprocess
+from cxr_segmentation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
@@ -70,6 +70,7 @@ class SegmentationModel(ServedModel):
         self._max_batch_size = max_batch_size
         self._net: nn.Module | None = None
         self._version = ""
+        self._checkpoint: Path | None = None
         self._lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class SegmentationModel(ServedModel):
         self._warmup(net)
         with self._lock:
             self._net, self._version = net, version
+            self._checkpoint = None if version == UNTRAINED else (checkpoint_path or self._default_checkpoint)
         if version == UNTRAINED:
             log.warning(
                 "segmentation model %s serves RANDOM weights (allow_untrained): masks are meaningless", self.name
@@ -111,9 +113,36 @@ class SegmentationModel(ServedModel):
 
     def unload(self) -> None:
         with self._lock:
-            self._net, self._version = None, ""
+            self._net, self._version, self._checkpoint = None, "", None
         if self._device.is_cuda:
             torch.cuda.empty_cache()
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self._checkpoint
+
+    @property
+    def preprocessing(self) -> dict[str, str]:
+        """The Preprocess chain `preprocess` applies, with the normalisation's constants."""
+        t = self.transform
+        out = {
+            "input_size": f"{t.input_size}x{t.input_size}",
+            "channels": str(t.in_channels),
+            "resize": "squash",
+            "normalization": str(t.normalization),
+            "input": "grayscale in [0, 1] (DICOM LUTs applied, MONOCHROME1 inverted)",
+        }
+        if t.normalization == "imagenet":
+            c = t.in_channels
+            mean = IMAGENET_MEAN[:c] if c == 3 else (float(np.mean(IMAGENET_MEAN)),)
+            std = IMAGENET_STD[:c] if c == 3 else (float(np.mean(IMAGENET_STD)),)
+            out["mean"] = ", ".join(f"{v:.4g}" for v in mean)
+            out["std"] = ", ".join(f"{v:.4g}" for v in std)
+        elif t.normalization == "xrv":
+            out["range"] = "[-1024, 1024]"
+        else:
+            out["range"] = "[0, 1]"
+        return out
 
     # --- inference -------------------------------------------------------------------------
     def preprocess(

@@ -22,7 +22,7 @@ from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata, model_info
+from cxr_serving.proto_convert import image_metadata
 from cxr_serving.settings import Settings
 
 _ENCODINGS: dict[int, Encoding] = {
@@ -41,7 +41,7 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         self.repo = repo
         self.pool = pool
         self.default_model = default_model
-        self.admin = ModelAdmin(repo, settings.models_path, default_model=default_model)
+        self.admin = ModelAdmin(repo, settings.models_path, default_model=default_model, rest_prefix="/v1/segmentation")
 
     def _model(self, name: str) -> SegmentationModel:
         model = self.repo.model(name or self.default_model)
@@ -92,7 +92,7 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         result: SegmentationResult = await self.pool.run(
             model.postprocess, output, dataclasses.replace(opts, image=image)
         )
-        return to_response(result, status_info=model_info(status), image=image_metadata(image))
+        return to_response(result, status_info=self.admin.info(status), image=image_metadata(image))
 
 
 def _decode_and_preprocess(

@@ -178,3 +178,29 @@ class UnloadModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class GetModelCardRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class GetModelCardResponse(_message.Message):
+    __slots__ = ("card",)
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    card: _common_pb2.ModelCard
+    def __init__(self, card: _Optional[_Union[_common_pb2.ModelCard, _Mapping]] = ...) -> None: ...
+
+class RecordModelEvaluationRequest(_message.Message):
+    __slots__ = ("model_name", "evaluation")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    evaluation: _common_pb2.ModelEvaluation
+    def __init__(self, model_name: _Optional[str] = ..., evaluation: _Optional[_Union[_common_pb2.ModelEvaluation, _Mapping]] = ...) -> None: ...
+
+class RecordModelEvaluationResponse(_message.Message):
+    __slots__ = ("card",)
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    card: _common_pb2.ModelCard
+    def __init__(self, card: _Optional[_Union[_common_pb2.ModelCard, _Mapping]] = ...) -> None: ...

@@ -24,19 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63xr/common/v1/common.proto\x12\rcxr.common.v1\"+\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"\xb6\x01\n\rImageMetadata\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x13\n\x0b\x62its_stored\x18\x04 \x01(\x05\x12\x1c\n\x14pixel_spacing_row_mm\x18\x05 \x01(\x01\x12\x1f\n\x17pixel_spacing_column_mm\x18\x06 \x01(\x01\x12\"\n\x1aphotometric_interpretation\x18\x07 \x01(\t\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.cxr.common.v1.ModelState\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x0c\n\x04task\x18\n \x01(\t*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63xr/common/v1/common.proto\x12\rcxr.common.v1\"+\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"\xb6\x01\n\rImageMetadata\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\x12\x13\n\x0b\x62its_stored\x18\x04 \x01(\x05\x12\x1c\n\x14pixel_spacing_row_mm\x18\x05 \x01(\x01\x12\x1f\n\x17pixel_spacing_column_mm\x18\x06 \x01(\x01\x12\"\n\x1aphotometric_interpretation\x18\x07 \x01(\t\"\xe1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tuntrained\x18\x03 \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.cxr.common.v1.ModelState\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x11\n\tprecision\x18\t \x01(\t\x12\x0c\n\x04task\x18\n \x01(\t\x12\x12\n\nmodel_card\x18\x0b \x01(\t\"\xc4\x01\n\x12\x46indingPerformance\x12\x0f\n\x07\x66inding\x18\x01 \x01(\t\x12\r\n\x05\x61uroc\x18\x02 \x01(\x01\x12\x14\n\x0c\x61uroc_ci_low\x18\x03 \x01(\x01\x12\x15\n\rauroc_ci_high\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x13\n\x0bsensitivity\x18\x06 \x01(\x01\x12\x13\n\x0bspecificity\x18\x07 \x01(\x01\x12\x11\n\tpositives\x18\x08 \x01(\x05\x12\x11\n\tnegatives\x18\t \x01(\x05\"\xc7\x01\n\x0fModelEvaluation\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x61taset_sha256\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x61taset_images\x18\x03 \x01(\x05\x12\x14\n\x0c\x65valuated_at\x18\x04 \x01(\t\x12\x33\n\x08\x66indings\x18\x05 \x03(\x0b\x32!.cxr.common.v1.FindingPerformance\x12\x13\n\x0bmacro_auroc\x18\x06 \x01(\x01\x12\r\n\x05notes\x18\x07 \x03(\t\"\xb3\x03\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x11\n\tuntrained\x18\x06 \x01(\x08\x12\x42\n\rpreprocessing\x18\x07 \x03(\x0b\x32+.cxr.common.v1.ModelCard.PreprocessingEntry\x12\x14\n\x0cintended_use\x18\x08 \x01(\t\x12\x15\n\rtraining_data\x18\t \x01(\t\x12\x19\n\x11regulatory_status\x18\n \x01(\t\x12\x32\n\nevaluation\x18\x0b \x01(\x0b\x32\x1e.cxr.common.v1.ModelEvaluation\x12\x17\n\x0f\x65valuation_note\x18\x0c \x01(\t\x12\x0e\n\x06source\x18\r \x01(\t\x12\x11\n\tconflicts\x18\x0e \x03(\t\x12\x0e\n\x06\x64igest\x18\x0f \x01(\t\x1a\x34\n\x12PreprocessingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x15\n\x11MODEL_STATE_READY\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cxr.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=484
-  _globals['_MODELSTATE']._serialized_end=623
+  _globals['_MODELCARD_PREPROCESSINGENTRY']._loaded_options = None
+  _globals['_MODELCARD_PREPROCESSINGENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSTATE']._serialized_start=1343
+  _globals['_MODELSTATE']._serialized_end=1482
   _globals['_IMAGE']._serialized_start=45
   _globals['_IMAGE']._serialized_end=88
   _globals['_IMAGEMETADATA']._serialized_start=91
   _globals['_IMAGEMETADATA']._serialized_end=273
   _globals['_MODELINFO']._serialized_start=276
-  _globals['_MODELINFO']._serialized_end=481
+  _globals['_MODELINFO']._serialized_end=501
+  _globals['_FINDINGPERFORMANCE']._serialized_start=504
+  _globals['_FINDINGPERFORMANCE']._serialized_end=700
+  _globals['_MODELEVALUATION']._serialized_start=703
+  _globals['_MODELEVALUATION']._serialized_end=902
+  _globals['_MODELCARD']._serialized_start=905
+  _globals['_MODELCARD']._serialized_end=1340
+  _globals['_MODELCARD_PREPROCESSINGENTRY']._serialized_start=1288
+  _globals['_MODELCARD_PREPROCESSINGENTRY']._serialized_end=1340
 # @@protoc_insertion_point(module_scope)

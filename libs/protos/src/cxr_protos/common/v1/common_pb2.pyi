@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -47,7 +47,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -68,4 +69,86 @@ class ModelInfo(_message.Message):
     device: str
     precision: str
     task: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ...) -> None: ...
+    model_card: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ...) -> None: ...
+
+class FindingPerformance(_message.Message):
+    __slots__ = ("finding", "auroc", "auroc_ci_low", "auroc_ci_high", "threshold", "sensitivity", "specificity", "positives", "negatives")
+    FINDING_FIELD_NUMBER: _ClassVar[int]
+    AUROC_FIELD_NUMBER: _ClassVar[int]
+    AUROC_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    AUROC_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_FIELD_NUMBER: _ClassVar[int]
+    SPECIFICITY_FIELD_NUMBER: _ClassVar[int]
+    POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVES_FIELD_NUMBER: _ClassVar[int]
+    finding: str
+    auroc: float
+    auroc_ci_low: float
+    auroc_ci_high: float
+    threshold: float
+    sensitivity: float
+    specificity: float
+    positives: int
+    negatives: int
+    def __init__(self, finding: _Optional[str] = ..., auroc: _Optional[float] = ..., auroc_ci_low: _Optional[float] = ..., auroc_ci_high: _Optional[float] = ..., threshold: _Optional[float] = ..., sensitivity: _Optional[float] = ..., specificity: _Optional[float] = ..., positives: _Optional[int] = ..., negatives: _Optional[int] = ...) -> None: ...
+
+class ModelEvaluation(_message.Message):
+    __slots__ = ("model_version", "dataset_sha256", "dataset_images", "evaluated_at", "findings", "macro_auroc", "notes")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATASET_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    MACRO_AUROC_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    dataset_sha256: str
+    dataset_images: int
+    evaluated_at: str
+    findings: _containers.RepeatedCompositeFieldContainer[FindingPerformance]
+    macro_auroc: float
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_version: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., dataset_images: _Optional[int] = ..., evaluated_at: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[FindingPerformance, _Mapping]]] = ..., macro_auroc: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelCard(_message.Message):
+    __slots__ = ("name", "version", "architecture", "labels", "task", "untrained", "preprocessing", "intended_use", "training_data", "regulatory_status", "evaluation", "evaluation_note", "source", "conflicts", "digest")
+    class PreprocessingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    UNTRAINED_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    INTENDED_USE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
+    REGULATORY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_NOTE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    architecture: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    task: str
+    untrained: bool
+    preprocessing: _containers.ScalarMap[str, str]
+    intended_use: str
+    training_data: str
+    regulatory_status: str
+    evaluation: ModelEvaluation
+    evaluation_note: str
+    source: str
+    conflicts: _containers.RepeatedScalarFieldContainer[str]
+    digest: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., architecture: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., untrained: _Optional[bool] = ..., preprocessing: _Optional[_Mapping[str, str]] = ..., intended_use: _Optional[str] = ..., training_data: _Optional[str] = ..., regulatory_status: _Optional[str] = ..., evaluation: _Optional[_Union[ModelEvaluation, _Mapping]] = ..., evaluation_note: _Optional[str] = ..., source: _Optional[str] = ..., conflicts: _Optional[_Iterable[str]] = ..., digest: _Optional[str] = ...) -> None: ...

@@ -55,6 +55,16 @@ class SegmentationServiceStub:
                 request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.GetModelCard = channel.unary_unary(
+                '/cxr.segmentation.v1.SegmentationService/GetModelCard',
+                request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardRequest.SerializeToString,
+                response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardResponse.FromString,
+                _registered_method=True)
+        self.RecordModelEvaluation = channel.unary_unary(
+                '/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation',
+                request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.SerializeToString,
+                response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -89,6 +99,22 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelCard(self, request, context):
+        """The model card of the version that serves: derived fields from the loaded model, declared ones
+        from the card file next to its checkpoint, and the last evaluation recorded for this version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordModelEvaluation(self, request, context):
+        """Record `cxr evaluate` results into the card of the version evaluated; a version that is not
+        the one serving is refused (FAILED_PRECONDITION), so results never attach to other weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +137,16 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelRequest.FromString,
                     response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'GetModelCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelCard,
+                    request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardRequest.FromString,
+                    response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardResponse.SerializeToString,
+            ),
+            'RecordModelEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordModelEvaluation,
+                    request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.FromString,
+                    response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +258,60 @@ class SegmentationService:
             '/cxr.segmentation.v1.SegmentationService/UnloadModel',
             cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelRequest.SerializeToString,
             cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.segmentation.v1.SegmentationService/GetModelCard',
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardRequest.SerializeToString,
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetModelCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordModelEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation',
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.SerializeToString,
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,

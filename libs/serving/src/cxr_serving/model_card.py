@@ -1,0 +1,118 @@
+"""The model card of a served version: derived from the loaded model, declared next to its checkpoint.
+
+A card is stored as `<checkpoint>.card.json` beside the checkpoint file. Whoever loads the model declares
+`intended_use` and `training_data` there; `cxr evaluate --record-card` adds `evaluation` (RecordModelEvaluation).
+The name, version, architecture, labels, task and preprocessing are always the loaded model's own: a
+declaration may state them (to pin what it was written for), and one that contradicts the loaded model is
+flagged in `conflicts` and never served in their place, as is any key this module does not know. An
+untrained model has no checkpoint: its card is derived and kept in memory, and so is its evaluation.
+No gRPC here: the servicer maps the ModelCard message and nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+
+from google.protobuf import json_format
+
+from cxr_protos.common.v1 import common_pb2
+from cxr_serving.errors import CheckpointError, InvalidInputError
+from cxr_serving.lifecycle import ModelStatus
+
+CARD_SUFFIX: Final = ".card.json"
+DECLARED: Final = ("intended_use", "training_data")
+CHECKED: Final = ("name", "version", "architecture", "labels", "task")  # derived: a declaration may only agree
+EVALUATION: Final = "evaluation"
+IN_MEMORY: Final = "in memory (untrained: no checkpoint)"
+NOT_CLEARED: Final = "NOT FOR DIAGNOSTIC USE: not cleared as a medical device; research use only"
+UNTRAINED_STATUS: Final = "NOT FOR DIAGNOSTIC USE: untrained (random weights); outputs are meaningless"
+DEFAULT_INTENDED_USE: Final = "not declared (write intended_use in the card file next to the checkpoint)"
+
+
+def card_file(checkpoint: str) -> Path:
+    return Path(checkpoint + CARD_SUFFIX)
+
+
+def read_card_file(path: Path) -> dict[str, Any]:
+    """The card file's JSON object ({} when there is none); FAILED_PRECONDITION for one that is no JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"model card {path} is unreadable: {exc}", reason="MODEL_CARD_INVALID") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"model card {path} is not a JSON object", reason="MODEL_CARD_INVALID")
+    return data
+
+
+def write_card_file(path: Path, data: dict[str, Any]) -> None:
+    """Replace the card file atomically, so a reader never sees half a card."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluation_dict(evaluation: common_pb2.ModelEvaluation) -> dict[str, Any]:
+    """A ModelEvaluation checked for recording, as the card file stores it; INVALID_ARGUMENT when incomplete."""
+    if not evaluation.model_version:
+        raise InvalidInputError("evaluation.model_version is required", reason="EVALUATION_INCOMPLETE")
+    if not evaluation.dataset_sha256 or evaluation.dataset_images <= 0:
+        raise InvalidInputError(
+            "evaluation.dataset_sha256 and a positive dataset_images are required", reason="EVALUATION_INCOMPLETE"
+        )
+    return json_format.MessageToDict(evaluation, preserving_proto_field_name=True)
+
+
+def build_card(status: ModelStatus, declared: dict[str, Any], source: str) -> common_pb2.ModelCard:
+    """The card of the version `status` describes, from the declaration (and recorded evaluation) in `declared`."""
+    derived: dict[str, Any] = {
+        "name": status.name,
+        "version": status.version,
+        "architecture": status.architecture,
+        "labels": list(status.labels),
+        "task": status.task,
+    }
+    conflicts = [
+        f"{key}: declared {declared[key]!r}, but the loaded model's is {derived[key]!r}"
+        for key in CHECKED
+        if key in declared and declared[key] != derived[key]
+    ]
+    conflicts += [f"{key}: unknown field, ignored" for key in sorted(set(declared) - {*DECLARED, *CHECKED, EVALUATION})]
+    card = common_pb2.ModelCard(
+        **derived,
+        untrained=status.untrained,
+        preprocessing=status.preprocessing,
+        intended_use=str(declared.get("intended_use") or DEFAULT_INTENDED_USE),
+        training_data=str(declared.get("training_data") or ("none: random weights" if status.untrained else "")),
+        regulatory_status=UNTRAINED_STATUS if status.untrained else NOT_CLEARED,
+        source=source,
+        conflicts=conflicts,
+    )
+    recorded = declared.get(EVALUATION)
+    if isinstance(recorded, dict):
+        evaluation = json_format.ParseDict(recorded, common_pb2.ModelEvaluation(), ignore_unknown_fields=True)
+        if evaluation.model_version == status.version:
+            card.evaluation.CopyFrom(evaluation)
+        else:
+            card.evaluation_note = (
+                f"the recorded evaluation is of version {evaluation.model_version!r}, not the serving version "
+                f"{status.version!r}: not attached; run `cxr evaluate --record-card` on this version"
+            )
+    elif recorded is not None:
+        card.conflicts.append("evaluation: not a JSON object, ignored")
+    if not card.HasField("evaluation") and not card.evaluation_note:
+        card.evaluation_note = "no evaluation recorded for this version (`cxr evaluate --record-card`)"
+    card.digest = hashlib.sha256(card.SerializeToString(deterministic=True)).hexdigest()
+    return card
