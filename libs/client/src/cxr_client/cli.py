@@ -385,7 +385,7 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 
 def card_text(card: Any) -> str:
-    """A model card for a terminal: what the model is, what it is for, how it measured."""
+    """A model card for a terminal: what the model is, what it is for, how it did when evaluated."""
     lines = [
         f"{card.name} {card.version}{' (UNTRAINED)' if card.untrained else ''}: {card.architecture} ({card.task})",
         card.regulatory_status,

@@ -148,7 +148,7 @@ class ModelAdmin:
         return build_card(status, stored, source)
 
     async def record_evaluation(self, name: str, evaluation: common_pb2.ModelEvaluation) -> common_pb2.ModelCard:
-        """Attach `evaluation` to the card of the serving version; FAILED_PRECONDITION when it measured another."""
+        """Attach `evaluation` to the card of the serving version; FAILED_PRECONDITION when it evaluated another."""
         status = self._serving(name)
         record = evaluation_dict(evaluation)
         if evaluation.model_version != status.version:
