@@ -87,12 +87,14 @@ def test_the_admin_rpcs_are_declared_once_in_the_protos() -> None:
         "/cxr.classification.v1.ClassificationService/UnloadModel",
         "/cxr.segmentation.v1.SegmentationService/LoadModel",
         "/cxr.segmentation.v1.SegmentationService/UnloadModel",
+        "/cxr.classification.v1.ClassificationService/RecordModelEvaluation",
+        "/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation",
         "/cxr.rag.v1.RagService/IngestDocuments",
     }
     # a later RPC that manages models or documents must be declared admin too
     for service in SERVICES:
         for m in service.methods:
-            if m.name.startswith(("Load", "Unload", "Ingest", "Delete")):
+            if m.name.startswith(("Load", "Unload", "Ingest", "Delete", "Record", "Retry")):
                 assert f"/{service.full_name}/{m.name}" in admin_methods(SERVICES), m.full_name
 
 
