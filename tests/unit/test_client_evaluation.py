@@ -3,10 +3,17 @@ and the threshold choice, on fixed data (no service)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cxr_client.cli import build_parser, cmd_evaluate
+from cxr_client.errors import PermissionDeniedError
 from cxr_client.evaluation import (
     auroc,
     bootstrap_auroc_ci,
@@ -132,3 +139,80 @@ def test_parse_rule() -> None:
         with pytest.raises(ValueError):
             parse_rule(bad)
     assert parse_rule("sensitivity=1") == ("sensitivity", 1.0)
+
+
+# -- the run, through a stand-in classification client (the real service runs in
+# tests/integration/test_evaluate.py; these cases need answers it cannot be made to give on cue) --------
+
+
+class _StandIn:
+    """Answers ClassifyImage from a table keyed by the image bytes: (probability, threshold) per label."""
+
+    def __init__(self, answers: dict[bytes, dict[str, tuple[float, float]]], *, refuse_record: bool = False) -> None:
+        self.answers = answers
+        self.refuse_record = refuse_record
+        self.calls = 0
+        self.recorded = 0
+
+    async def list_models(self, service: str) -> list[SimpleNamespace]:
+        labels = list(next(iter(self.answers.values())))
+        return [SimpleNamespace(name="m", labels=labels)]
+
+    async def classify(self, data: bytes, model_names: list[str]) -> SimpleNamespace:
+        self.calls += 1
+        findings = [
+            SimpleNamespace(label=label, probability=p, threshold=t, positive=p >= t)
+            for label, (p, t) in self.answers[data].items()
+        ]
+        model = SimpleNamespace(name="m", version="v1", untrained=False, architecture="toy")
+        return SimpleNamespace(predictions=[SimpleNamespace(model=model, findings=findings)])
+
+    async def record_model_evaluation(self, service: str, model: str, evaluation: object) -> SimpleNamespace:
+        if self.refuse_record:
+            raise PermissionDeniedError("admin key required", reason="ADMIN_REQUIRED")
+        self.recorded += 1
+        return SimpleNamespace(source="card", digest="d")
+
+
+def _folder(tmp_path: Path, rows: list[tuple[str, str]], n_labels: int = 1) -> tuple[Path, Path]:
+    """A label CSV (NIH format) and an images folder whose i-th PNG holds the bytes b'img<i>'."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (name, _) in enumerate(rows):
+        (images / name).write_bytes(f"img{i}".encode())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image Index,Finding Labels\n" + "".join(f"{n},{f}\n" for n, f in rows))
+    return labels, images
+
+
+ROWS = [("a.png", "A"), ("b.png", "No Finding"), ("c.png", "A"), ("d.png", "No Finding")]
+PROBS = [0.9, 0.2, 0.6, 0.4]
+
+
+def _answers(thresholds: list[float] | None = None) -> dict[bytes, dict[str, tuple[float, float]]]:
+    ts = thresholds or [0.5] * len(PROBS)
+    return {f"img{i}".encode(): {"A": (p, t)} for i, (p, t) in enumerate(zip(PROBS, ts, strict=True))}
+
+
+def _evaluate_cli(client: _StandIn, labels: Path, images: Path, out: Path, *extra: str) -> int:
+    args = build_parser().parse_args(
+        ["evaluate", str(labels), str(images), "--out", str(out), "--model", "m", "--bootstrap", "20", *extra]
+    )
+    return asyncio.run(cmd_evaluate(client, args))  # type: ignore[arg-type]
+
+
+def test_refused_record_card_keeps_the_written_evaluation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers(), refuse_record=True)
+    out = tmp_path / "out"
+    rc = _evaluate_cli(client, labels, images, out, "--record-card")
+    assert rc == 3  # EVALUATION_NOT_RECORDED
+    assert "warning" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["findings"][0]["auroc"] == 1.0
+    assert report["model_card"]["recorded"] is False and "admin key required" in report["model_card"]["error"]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    accepted = _StandIn(_answers())
+    assert _evaluate_cli(accepted, labels, images, tmp_path / "ok", "--record-card") == 0
+    assert accepted.recorded == 1
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["model_card"]["recorded"] is True

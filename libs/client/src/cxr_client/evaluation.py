@@ -334,12 +334,10 @@ async def evaluate(
     bins: int = ECE_BINS,
     choose: str | None = None,
     progress: bool | None = None,
-    record_card: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` through the service on the labelled folder; the report as a JSON-ready dict
-    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file). `record_card`: also record
-    the results on the model card of the version evaluated (an admin call the server refuses when another
-    version serves by then)."""
+    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file; `record_on_card` records it
+    on the model card, after the files are written so a refused recording loses nothing)."""
     if bins < 1:
         raise ValueError("bins must be >= 1")
     rule = parse_rule(choose) if choose else None
@@ -382,10 +380,14 @@ async def evaluate(
     if rule is not None:
         report["chosen_thresholds"] = chosen(table, run, rule)
         report["notes"].append(NOT_HELD_OUT)
-    if record_card:
-        card = await client.record_model_evaluation("classification", model, card_evaluation(report))
-        report["model_card"] = {"recorded": True, "source": card.source, "digest": card.digest}
     return report
+
+
+async def record_on_card(client: AsyncCxrClient, report: dict[str, Any]) -> dict[str, Any]:
+    """Record the report on the card of the version it evaluated (an admin call the server refuses when
+    another version serves by then); what `report["model_card"]` keeps of the card."""
+    card = await client.record_model_evaluation("classification", report["model"]["name"], card_evaluation(report))
+    return {"recorded": True, "source": card.source, "digest": card.digest}
 
 
 def card_evaluation(report: dict[str, Any]) -> Any:

@@ -162,13 +162,18 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
+def write_evaluation_json(report: dict[str, Any], path: Path) -> None:
+    """report.json alone: rewritten once the model-card recording has an outcome."""
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def write_evaluation(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json, report.md, report.html, one reliability PNG per finding and, when thresholds were
     chosen, thresholds-<model>-<version>.json; returns the paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     pngs = {f["finding"]: reliability_png(f) for f in report["findings"]}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_evaluation_json(report, paths["json"])
     paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
     paths["html"].write_text(to_html(report, pngs), encoding="utf-8")
     for label, png in pngs.items():
