@@ -216,3 +216,17 @@ def test_refused_record_card_keeps_the_written_evaluation(tmp_path: Path, capsys
     assert _evaluate_cli(accepted, labels, images, tmp_path / "ok", "--record-card") == 0
     assert accepted.recorded == 1
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["model_card"]["recorded"] is True
+
+
+def test_threshold_between_adjacent_float32_scores_adds_no_positive_call() -> None:
+    rounded_down = 0
+    for base in (0.5, 0.3, 0.7, 0.123, 0.9, 0.0625, 0.999):
+        cut = np.float32(base)
+        lower = np.nextafter(cut, np.float32(0))
+        halfway = np.float32((float(cut) + float(lower)) / 2.0)
+        rounded_down += bool(halfway == lower)
+        y, prob = np.array([1, 0]), np.array([cut, lower], dtype=np.float32)
+        for rule, target in (("sensitivity", 1.0), ("youden", None)):
+            t = choose_threshold(y, prob, rule, target)
+            assert list(prob >= np.float32(t)) == [True, False], (base, rule, t)
+    assert rounded_down > 0  # the case the guard is for occurs among these values

@@ -229,7 +229,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str, target: float |
                 best, cut = float(j), float(cand)
     below = prob[prob < np.float32(cut)]
     t = np.float32((cut + float(below.max())) / 2.0) if len(below) else np.float32(cut / 2.0)
-    if not t < np.float32(cut):  # adjacent float32 values: no room between them
+    if len(below) and t <= below.max():  # adjacent float32 values: the halfway rounds onto the lower score
         t = np.float32(cut)
     return max(float(t), float(np.finfo(np.float32).tiny))
 
