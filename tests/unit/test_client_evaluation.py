@@ -230,3 +230,12 @@ def test_threshold_between_adjacent_float32_scores_adds_no_positive_call() -> No
             t = choose_threshold(y, prob, rule, target)
             assert list(prob >= np.float32(t)) == [True, False], (base, rule, t)
     assert rounded_down > 0  # the case the guard is for occurs among these values
+
+
+def test_threshold_changed_mid_run_is_refused(tmp_path: Path) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers([0.5, 0.5, 0.7, 0.7]))  # same version, the threshold reloaded halfway
+    with pytest.raises(ValueError, match=r"changed the threshold of 'A'.*0\.5.*0\.69"):
+        _evaluate_cli(client, labels, images, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert _evaluate_cli(_StandIn(_answers()), labels, images, tmp_path / "same") == 0

@@ -259,7 +259,7 @@ async def run_model(
     client: AsyncCxrClient, model: str, paths: Sequence[Path], *, concurrency: int, progress: bool
 ) -> ModelRun:
     """Classify every image with `model` through the service; raises the first image's error, and
-    ValueError when the model's version changed during the run (a reload mid-evaluation)."""
+    ValueError when the model's version or a label's threshold changed during the run (a reload mid-evaluation)."""
     summary = await batch_process_images(
         client, paths, operation="classify", concurrency=concurrency, progress=progress, model_names=[model]
     )
@@ -274,6 +274,10 @@ async def run_model(
     prob = np.array([[f.probability for f in p.findings] for p in preds], dtype=np.float32)
     thr = np.array([[f.threshold for f in p.findings] for p in preds], dtype=np.float32)
     pos = np.array([[f.positive for f in p.findings] for p in preds], dtype=bool)
+    for j, label in enumerate(labels):  # a threshold reload without a version change: the calls would mix
+        served = sorted({"none" if math.isnan(t) else repr(float(t)) for t in thr[:, j]})
+        if len(served) > 1:
+            raise ValueError(f"model {model!r} changed the threshold of {label!r} during the evaluation: {served}")
     m = preds[0].model
     info = {"name": m.name, "version": m.version, "untrained": bool(m.untrained), "architecture": m.architecture}
     return ModelRun(info, prob, thr, pos, labels)
