@@ -77,11 +77,11 @@ def test_ece_by_hand() -> None:
 def test_nih_format_and_columns(tmp_path) -> None:
     nih = tmp_path / "nih.csv"
     nih.write_text(
-        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Pneumonia,3\n"
+        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Hernia,3\n"
     )
     t = read_labels(nih, FINDINGS)
     assert (t.images, t.findings, t.source_format) == (["a.png", "b.png", "c.png"], FINDINGS, "nih")
-    assert t.truth.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    assert t.truth.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
     cols = tmp_path / "cols.csv"
     cols.write_text("image,age,Atelectasis,Effusion\na.png,55,1,0\nb.png,61,0,1\n")
     t = read_labels(cols, FINDINGS)
@@ -239,3 +239,15 @@ def test_threshold_changed_mid_run_is_refused(tmp_path: Path) -> None:
         _evaluate_cli(client, labels, images, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert _evaluate_cli(_StandIn(_answers()), labels, images, tmp_path / "same") == 0
+
+
+def test_nih_names_that_are_not_model_labels_are_refused(tmp_path: Path) -> None:
+    nih = tmp_path / "nih.csv"
+    nih.write_text("Image Index,Finding Labels\na.png,Effusion\nb.png,No Finding\nc.png,Pneumonia|Effusion\n")
+    with pytest.raises(ValueError, match=r"row 4 lists \['Pneumonia'\]"):
+        read_labels(nih, FINDINGS)
+    assert read_labels(nih, ["abnormal"]).truth.tolist() == [[1], [0], [1]]  # the binary label counts any finding
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text("Image Index,Finding Labels\na.png,No Finding\nb.png,No Finding\n")
+    with pytest.raises(ValueError, match="no row lists any of the model's labels"):
+        read_labels(nothing, FINDINGS)

@@ -60,7 +60,8 @@ class LabelTable:
 def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
     """The labels of `findings` from a CSV in the NIH `Finding Labels` format (`Image Index`, `Finding
     Labels` with `|` between findings, `No Finding`) or with one 0/1 column per finding. A finding a
-    column file does not name is left out; the NIH format lists positives, so there it is negative.
+    column file does not name is left out; the NIH format lists positives, so there it is negative, and a
+    name there that is no label of the model (other than `No Finding`) is an error, as is a file naming none.
     `abnormal` (the binary model) is any finding: not `No Finding`, or 1 - `no_finding` in a column
     file without an `abnormal` column. Raises ValueError naming the row for a bad value."""
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -81,8 +82,15 @@ def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
             listed = {s.strip() for s in r[NIH_FINDINGS].split("|") if s.strip()}
             if NO_FINDING in listed and len(listed) > 1:
                 raise ValueError(f"{path}: row {i + 2} says '{NO_FINDING}' and also lists findings")
+            unknown = listed - {NO_FINDING} - set(names)
+            if unknown and ABNORMAL not in names:  # `abnormal` counts any finding; otherwise a name is a label
+                raise ValueError(
+                    f"{path}: row {i + 2} lists {sorted(unknown)}, not labels of the model {list(names)}"
+                )
             for j, name in enumerate(names):
                 truth[i, j] = bool(listed - {NO_FINDING}) if name == ABNORMAL else name in listed
+        if not truth.any():
+            raise ValueError(f"{path}: no row lists any of the model's labels {list(names)}")
         return LabelTable(images, names, truth, "nih")
     derived = ABNORMAL not in header and NO_FINDING_COLUMN in header  # abnormal = not no_finding
     names = [name for name in findings if name in header or (name == ABNORMAL and derived)]
