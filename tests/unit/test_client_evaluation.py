@@ -251,3 +251,12 @@ def test_nih_names_that_are_not_model_labels_are_refused(tmp_path: Path) -> None
     nothing.write_text("Image Index,Finding Labels\na.png,No Finding\nb.png,No Finding\n")
     with pytest.raises(ValueError, match="no row lists any of the model's labels"):
         read_labels(nothing, FINDINGS)
+
+
+@pytest.mark.parametrize("flag", [["--bootstrap", "0"], ["--seed", "-1"], ["--concurrency", "0"], ["--bins", "0"]])
+def test_bad_settings_are_refused_before_any_image_is_classified(tmp_path: Path, flag: list[str]) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers())
+    with pytest.raises(ValueError, match=flag[0].lstrip("-")):
+        _evaluate_cli(client, labels, images, tmp_path / "out", *flag)
+    assert client.calls == 0

@@ -350,8 +350,14 @@ async def evaluate(
     """Evaluate `model` through the service on the labelled folder; the report as a JSON-ready dict
     (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file; `record_on_card` records it
     on the model card, after the files are written so a refused recording loses nothing)."""
-    if bins < 1:
+    if bins < 1:  # every setting checked before the first RPC, not after every image is classified
         raise ValueError("bins must be >= 1")
+    if bootstrap < 1:
+        raise ValueError("bootstrap must be >= 1")
+    if random_seed < 0:
+        raise ValueError("seed must be >= 0 (a seed of numpy's random generator)")
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
     rule = parse_rule(choose) if choose else None
     info = await _model_info(client, model)
     table = read_labels(labels_csv, list(info.labels))
