@@ -260,3 +260,23 @@ def test_bad_settings_are_refused_before_any_image_is_classified(tmp_path: Path,
     with pytest.raises(ValueError, match=flag[0].lstrip("-")):
         _evaluate_cli(client, labels, images, tmp_path / "out", *flag)
     assert client.calls == 0
+
+
+def test_sensitivity_target_missed_by_positives_at_zero_is_recorded(tmp_path: Path) -> None:
+    rows = [("a.png", "A"), ("b.png", "A"), ("c.png", "No Finding"), ("d.png", "No Finding")]
+    answers = {f"img{i}".encode(): {"A": (p, 0.5)} for i, p in enumerate([0.8, 0.0, 0.3, 0.1])}
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out, "--choose-thresholds", "sensitivity=1.0") == 0
+    chosen_a = json.loads((out / "report.json").read_text())["chosen_thresholds"]["thresholds"]["A"]
+    assert chosen_a["sensitivity"] == 0.5 and chosen_a["target_reached"] is False
+    thresholds = json.loads((out / "thresholds-m-v1.json").read_text())
+    assert thresholds["target_reached"] == {"A": False}
+    assert len(thresholds["notes"]) == 1 and "1 positive(s) score exactly 0" in thresholds["notes"][0]
+    for page in ("report.md", "report.html"):
+        assert "misses the target 1.0" in (out / page).read_text()
+    answers[b"img1"] = {"A": (0.2, 0.5)}  # the same positive above 0: the target is reached, no note
+    ok = tmp_path / "ok"
+    assert _evaluate_cli(_StandIn(answers), labels, images, ok, "--choose-thresholds", "sensitivity=1.0") == 0
+    assert json.loads((ok / "thresholds-m-v1.json").read_text())["target_reached"] == {"A": True}
+    assert json.loads((ok / "thresholds-m-v1.json").read_text())["notes"] == []

@@ -449,6 +449,7 @@ def chosen(table: LabelTable, run: ModelRun, rule: tuple[str, float | None]) -> 
         "measured_on": "the data that chose them (not held out)",
         "thresholds": {},
         "skipped": {},
+        "notes": {},
     }
     for k, label in enumerate(table.findings):
         y = table.truth[:, k]
@@ -459,6 +460,15 @@ def chosen(table: LabelTable, run: ModelRun, rule: tuple[str, float | None]) -> 
         t = choose_threshold(y, prob, name, target)
         sens, spec = sensitivity_specificity(y, prob >= np.float32(t))
         out["thresholds"][label] = {"threshold": t, "sensitivity": sens, "specificity": spec}
+        if target is not None:
+            reached = sens is not None and sens >= target - 1e-9
+            out["thresholds"][label]["target_reached"] = reached
+            if not reached:  # only positives scoring 0 do this: the threshold must be above 0
+                at_zero = int((prob[y.astype(bool)] <= 0).sum())
+                out["notes"][label] = (
+                    f"{label}: sensitivity {sens:.3f} misses the target {target}: {at_zero} positive(s) score "
+                    "exactly 0 and a threshold must be above 0"
+                )
     return out
 
 
@@ -476,6 +486,12 @@ def threshold_file(report: dict[str, Any]) -> dict[str, Any]:
         "measured_on": chosen_["measured_on"],
         "generated_at": report["generated_at"],
         "thresholds": {label: v["threshold"] for label, v in chosen_["thresholds"].items()},
+        **(
+            {"target_reached": {label: v["target_reached"] for label, v in chosen_["thresholds"].items()}}
+            if chosen_["rule"].startswith("sensitivity")
+            else {}
+        ),
+        "notes": list(chosen_.get("notes", {}).values()),
     }
 
 

@@ -118,6 +118,7 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
         lines += ["", f"## Chosen thresholds ({c['rule']})", "", f"> {c['measured_on']}", ""]
         lines += ["| finding | threshold | sensitivity | specificity |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(r) + " |" for r in _chosen_rows(report)]
+        lines += [f"\n> **{note}**" for note in c.get("notes", {}).values()]
         if c["skipped"]:
             lines += ["", f"No threshold chosen (need both classes): {', '.join(c['skipped'])}"]
     if plots:
@@ -153,6 +154,7 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
             f"<h2>Chosen thresholds ({html.escape(c['rule'])})</h2>",
             f'<p class="note">{html.escape(c["measured_on"])}</p>',
             _table_html(["finding", "threshold", "sensitivity", "specificity"], _chosen_rows(report)),
+            *(f'<p class="note"><strong>{html.escape(n)}</strong></p>' for n in c.get("notes", {}).values()),
         ]
     parts.append("<h2>Reliability</h2><div>")
     for label, png in pngs.items():
