@@ -280,3 +280,15 @@ def test_sensitivity_target_missed_by_positives_at_zero_is_recorded(tmp_path: Pa
     assert _evaluate_cli(_StandIn(answers), labels, images, ok, "--choose-thresholds", "sensitivity=1.0") == 0
     assert json.loads((ok / "thresholds-m-v1.json").read_text())["target_reached"] == {"A": True}
     assert json.loads((ok / "thresholds-m-v1.json").read_text())["notes"] == []
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "ABSOLUTE"])
+def test_image_names_outside_the_images_folder_are_refused(tmp_path: Path, name: str) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    (tmp_path / "secret.png").write_bytes(b"img0")  # a readable file next to the folder, answered like a.png
+    name = str(tmp_path / "secret.png") if name == "ABSOLUTE" else name
+    labels.write_text(labels.read_text().replace("a.png", name))
+    client = _StandIn(_answers())
+    with pytest.raises(ValueError, match="outside"):
+        _evaluate_cli(client, labels, images, tmp_path / "out")
+    assert client.calls == 0

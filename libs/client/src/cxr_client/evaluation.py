@@ -292,6 +292,11 @@ async def run_model(
 
 
 def _image_paths(images: Path, table: LabelTable) -> list[Path]:
+    """The labelled images' paths; a name that resolves outside `images` (absolute, `..`, a link out) is refused."""
+    root = images.resolve()
+    outside = [name for name in table.images if not (images / name).resolve().is_relative_to(root)]
+    if outside:
+        raise ValueError(f"{len(outside)} labelled image names point outside {images}, e.g. {outside[:3]}")
     paths = [images / name for name in table.images]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
