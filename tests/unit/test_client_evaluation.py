@@ -292,3 +292,15 @@ def test_image_names_outside_the_images_folder_are_refused(tmp_path: Path, name:
     with pytest.raises(ValueError, match="outside"):
         _evaluate_cli(client, labels, images, tmp_path / "out")
     assert client.calls == 0
+
+
+def test_plot_files_of_labels_that_sanitise_alike_do_not_collide(tmp_path: Path) -> None:
+    answers = {f"img{i}".encode(): {"A/B": (p, 0.5), "A B": (1 - p, 0.5)} for i, p in enumerate(PROBS)}
+    rows = [("a.png", "A/B"), ("b.png", "A B"), ("c.png", "A/B"), ("d.png", "A B")]
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out) == 0
+    plots = sorted(p.name for p in out.glob("reliability_*.png"))
+    assert len(plots) == 2
+    markdown = (out / "report.md").read_text()
+    assert all(f"({name})" in markdown for name in plots)

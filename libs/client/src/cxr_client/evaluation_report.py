@@ -23,6 +23,15 @@ def plot_file(label: str) -> str:
     return f"reliability_{_safe(label)}.png"
 
 
+def plot_files(labels: list[str]) -> dict[str, str]:
+    """The PNG name of each label's plot: `plot_file`, or, when two labels would share a name (`_safe` maps
+    several characters to `_`; file systems may ignore case), every name prefixed with the label's index."""
+    plain = {label: plot_file(label) for label in labels}
+    if len({name.lower() for name in plain.values()}) == len(labels):
+        return plain
+    return {label: f"reliability_{i:02d}_{_safe(label)}.png" for i, label in enumerate(labels)}
+
+
 def reliability_png(finding: dict[str, Any]) -> bytes:
     """The reliability diagram of one finding (observed rate vs mean probability per bin) as PNG."""
     import matplotlib
@@ -123,7 +132,8 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
             lines += ["", f"No threshold chosen (need both classes): {', '.join(c['skipped'])}"]
     if plots:
         lines += ["", "## Reliability", ""]
-        lines += [f"![{f['finding']}]({plot_file(f['finding'])})" for f in report["findings"]]
+        names = plot_files([f["finding"] for f in report["findings"]])
+        lines += [f"![{f['finding']}]({names[f['finding']]})" for f in report["findings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -178,8 +188,9 @@ def write_evaluation(report: dict[str, Any], out: Path) -> dict[str, Path]:
     write_evaluation_json(report, paths["json"])
     paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
     paths["html"].write_text(to_html(report, pngs), encoding="utf-8")
+    names = plot_files(list(pngs))
     for label, png in pngs.items():
-        (out / plot_file(label)).write_bytes(png)
+        (out / names[label]).write_bytes(png)
     if "chosen_thresholds" in report:
         m = report["model"]
         path = out / f"thresholds-{_safe(m['name'])}-{_safe(m['version'])}.json"
