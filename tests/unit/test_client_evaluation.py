@@ -304,3 +304,18 @@ def test_plot_files_of_labels_that_sanitise_alike_do_not_collide(tmp_path: Path)
     assert len(plots) == 2
     markdown = (out / "report.md").read_text()
     assert all(f"({name})" in markdown for name in plots)
+
+
+def test_never_positive_label_is_not_shown_as_a_measurement(tmp_path: Path) -> None:
+    nan = float("nan")  # the service applies no threshold to B: never positive
+    answers = {f"img{i}".encode(): {"A": (p, 0.5), "B": (p, nan)} for i, p in enumerate(PROBS)}
+    rows = [("a.png", "A|B"), ("b.png", "No Finding"), ("c.png", "A"), ("d.png", "B")]
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out) == 0
+    b = next(f for f in json.loads((out / "report.json").read_text())["findings"] if f["finding"] == "B")
+    assert b["sensitivity"] == 0.0 and "threshold_note" in b
+    for page in ("report.md", "report.html"):
+        text = (out / page).read_text()
+        assert "B: the service applies no threshold to this label (never positive)" in text
+        assert text.count("no threshold (never positive)") == 2  # B's sensitivity and specificity cells

@@ -73,7 +73,11 @@ def _threshold(f: dict[str, Any]) -> str:
     return "none" if f["threshold"] is None else f"{f['threshold']:.4g}"
 
 
+NO_THRESHOLD = "no threshold (never positive)"
+
+
 def finding_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per finding; a label the service never thresholds shows that, not a 0/1 'measurement'."""
     return [
         [
             f["finding"],
@@ -82,12 +86,16 @@ def finding_rows(report: dict[str, Any]) -> list[list[str]]:
             _num(f["auroc"]),
             _ci(f),
             _threshold(f),
-            _num(f["sensitivity"]),
-            _num(f["specificity"]),
+            NO_THRESHOLD if "threshold_note" in f else _num(f["sensitivity"]),
+            NO_THRESHOLD if "threshold_note" in f else _num(f["specificity"]),
             _num(f["ece"]),
         ]
         for f in report["findings"]
     ]
+
+
+def _threshold_notes(report: dict[str, Any]) -> list[str]:
+    return [f"{f['finding']}: {f['threshold_note']}" for f in report["findings"] if "threshold_note" in f]
 
 
 HEADER = ["finding", "pos", "neg", "AUROC", "95% CI", "threshold", "sensitivity", "specificity", "ECE"]
@@ -120,6 +128,8 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
     lines += [f"- {line}" for line in _summary_lines(report)] + [""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in finding_rows(report)]
+    for note in _threshold_notes(report):
+        lines += ["", f"> {note}"]
     if report["not_evaluated"]:
         lines += ["", f"Not in the labels (not evaluated): {', '.join(report['not_evaluated'])}"]
     if "chosen_thresholds" in report:
@@ -157,6 +167,7 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         notes,
         f"<ul>{summary}</ul>",
         _table_html(HEADER, finding_rows(report)),
+        *(f'<p class="note">{html.escape(n)}</p>' for n in _threshold_notes(report)),
     ]
     if "chosen_thresholds" in report:
         c = report["chosen_thresholds"]
