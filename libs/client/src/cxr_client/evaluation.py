@@ -84,9 +84,7 @@ def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
                 raise ValueError(f"{path}: row {i + 2} says '{NO_FINDING}' and also lists findings")
             unknown = listed - {NO_FINDING} - set(names)
             if unknown and ABNORMAL not in names:  # `abnormal` counts any finding; otherwise a name is a label
-                raise ValueError(
-                    f"{path}: row {i + 2} lists {sorted(unknown)}, not labels of the model {list(names)}"
-                )
+                raise ValueError(f"{path}: row {i + 2} lists {sorted(unknown)}, not labels of the model {list(names)}")
             for j, name in enumerate(names):
                 truth[i, j] = bool(listed - {NO_FINDING}) if name == ABNORMAL else name in listed
         if not truth.any():
