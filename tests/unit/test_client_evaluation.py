@@ -3,10 +3,17 @@ and the threshold choice, on fixed data (no service)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cxr_client.cli import build_parser, cmd_evaluate
+from cxr_client.errors import PermissionDeniedError
 from cxr_client.evaluation import (
     auroc,
     bootstrap_auroc_ci,
@@ -70,11 +77,11 @@ def test_ece_by_hand() -> None:
 def test_nih_format_and_columns(tmp_path) -> None:
     nih = tmp_path / "nih.csv"
     nih.write_text(
-        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Pneumonia,3\n"
+        "Image Index,Finding Labels,Patient ID\na.png,Effusion|Atelectasis,1\nb.png,No Finding,2\nc.png,Hernia,3\n"
     )
     t = read_labels(nih, FINDINGS)
     assert (t.images, t.findings, t.source_format) == (["a.png", "b.png", "c.png"], FINDINGS, "nih")
-    assert t.truth.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 0]]
+    assert t.truth.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
     cols = tmp_path / "cols.csv"
     cols.write_text("image,age,Atelectasis,Effusion\na.png,55,1,0\nb.png,61,0,1\n")
     t = read_labels(cols, FINDINGS)
@@ -132,3 +139,183 @@ def test_parse_rule() -> None:
         with pytest.raises(ValueError):
             parse_rule(bad)
     assert parse_rule("sensitivity=1") == ("sensitivity", 1.0)
+
+
+# -- the run, through a stand-in classification client (the real service runs in
+# tests/integration/test_evaluate.py; these cases need answers it cannot be made to give on cue) --------
+
+
+class _StandIn:
+    """Answers ClassifyImage from a table keyed by the image bytes: (probability, threshold) per label."""
+
+    def __init__(self, answers: dict[bytes, dict[str, tuple[float, float]]], *, refuse_record: bool = False) -> None:
+        self.answers = answers
+        self.refuse_record = refuse_record
+        self.calls = 0
+        self.recorded = 0
+
+    async def list_models(self, service: str) -> list[SimpleNamespace]:
+        labels = list(next(iter(self.answers.values())))
+        return [SimpleNamespace(name="m", labels=labels)]
+
+    async def classify(self, data: bytes, model_names: list[str]) -> SimpleNamespace:
+        self.calls += 1
+        findings = [
+            SimpleNamespace(label=label, probability=p, threshold=t, positive=p >= t)
+            for label, (p, t) in self.answers[data].items()
+        ]
+        model = SimpleNamespace(name="m", version="v1", untrained=False, architecture="toy")
+        return SimpleNamespace(predictions=[SimpleNamespace(model=model, findings=findings)])
+
+    async def record_model_evaluation(self, service: str, model: str, evaluation: object) -> SimpleNamespace:
+        if self.refuse_record:
+            raise PermissionDeniedError("admin key required", reason="ADMIN_REQUIRED")
+        self.recorded += 1
+        return SimpleNamespace(source="card", digest="d")
+
+
+def _folder(tmp_path: Path, rows: list[tuple[str, str]], n_labels: int = 1) -> tuple[Path, Path]:
+    """A label CSV (NIH format) and an images folder whose i-th PNG holds the bytes b'img<i>'."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (name, _) in enumerate(rows):
+        (images / name).write_bytes(f"img{i}".encode())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image Index,Finding Labels\n" + "".join(f"{n},{f}\n" for n, f in rows))
+    return labels, images
+
+
+ROWS = [("a.png", "A"), ("b.png", "No Finding"), ("c.png", "A"), ("d.png", "No Finding")]
+PROBS = [0.9, 0.2, 0.6, 0.4]
+
+
+def _answers(thresholds: list[float] | None = None) -> dict[bytes, dict[str, tuple[float, float]]]:
+    ts = thresholds or [0.5] * len(PROBS)
+    return {f"img{i}".encode(): {"A": (p, t)} for i, (p, t) in enumerate(zip(PROBS, ts, strict=True))}
+
+
+def _evaluate_cli(client: _StandIn, labels: Path, images: Path, out: Path, *extra: str) -> int:
+    args = build_parser().parse_args(
+        ["evaluate", str(labels), str(images), "--out", str(out), "--model", "m", "--bootstrap", "20", *extra]
+    )
+    return asyncio.run(cmd_evaluate(client, args))  # type: ignore[arg-type]
+
+
+def test_refused_record_card_keeps_the_written_evaluation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers(), refuse_record=True)
+    out = tmp_path / "out"
+    rc = _evaluate_cli(client, labels, images, out, "--record-card")
+    assert rc == 3  # EVALUATION_NOT_RECORDED
+    assert "warning" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["findings"][0]["auroc"] == 1.0
+    assert report["model_card"]["recorded"] is False and "admin key required" in report["model_card"]["error"]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    accepted = _StandIn(_answers())
+    assert _evaluate_cli(accepted, labels, images, tmp_path / "ok", "--record-card") == 0
+    assert accepted.recorded == 1
+    assert json.loads((tmp_path / "ok" / "report.json").read_text())["model_card"]["recorded"] is True
+
+
+def test_threshold_between_adjacent_float32_scores_adds_no_positive_call() -> None:
+    rounded_down = 0
+    for base in (0.5, 0.3, 0.7, 0.123, 0.9, 0.0625, 0.999):
+        cut = np.float32(base)
+        lower = np.nextafter(cut, np.float32(0))
+        halfway = np.float32((float(cut) + float(lower)) / 2.0)
+        rounded_down += bool(halfway == lower)
+        y, prob = np.array([1, 0]), np.array([cut, lower], dtype=np.float32)
+        for rule, target in (("sensitivity", 1.0), ("youden", None)):
+            t = choose_threshold(y, prob, rule, target)
+            assert list(prob >= np.float32(t)) == [True, False], (base, rule, t)
+    assert rounded_down > 0  # the case the guard is for occurs among these values
+
+
+def test_threshold_changed_mid_run_is_refused(tmp_path: Path) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers([0.5, 0.5, 0.7, 0.7]))  # same version, the threshold reloaded halfway
+    with pytest.raises(ValueError, match=r"changed the threshold of 'A'.*0\.5.*0\.69"):
+        _evaluate_cli(client, labels, images, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert _evaluate_cli(_StandIn(_answers()), labels, images, tmp_path / "same") == 0
+
+
+def test_nih_names_that_are_not_model_labels_are_refused(tmp_path: Path) -> None:
+    nih = tmp_path / "nih.csv"
+    nih.write_text("Image Index,Finding Labels\na.png,Effusion\nb.png,No Finding\nc.png,Pneumonia|Effusion\n")
+    with pytest.raises(ValueError, match=r"row 4 lists \['Pneumonia'\]"):
+        read_labels(nih, FINDINGS)
+    assert read_labels(nih, ["abnormal"]).truth.tolist() == [[1], [0], [1]]  # the binary label counts any finding
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text("Image Index,Finding Labels\na.png,No Finding\nb.png,No Finding\n")
+    with pytest.raises(ValueError, match="no row lists any of the model's labels"):
+        read_labels(nothing, FINDINGS)
+
+
+@pytest.mark.parametrize("flag", [["--bootstrap", "0"], ["--seed", "-1"], ["--concurrency", "0"], ["--bins", "0"]])
+def test_bad_settings_are_refused_before_any_image_is_classified(tmp_path: Path, flag: list[str]) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    client = _StandIn(_answers())
+    with pytest.raises(ValueError, match=flag[0].lstrip("-")):
+        _evaluate_cli(client, labels, images, tmp_path / "out", *flag)
+    assert client.calls == 0
+
+
+def test_sensitivity_target_missed_by_positives_at_zero_is_recorded(tmp_path: Path) -> None:
+    rows = [("a.png", "A"), ("b.png", "A"), ("c.png", "No Finding"), ("d.png", "No Finding")]
+    answers = {f"img{i}".encode(): {"A": (p, 0.5)} for i, p in enumerate([0.8, 0.0, 0.3, 0.1])}
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out, "--choose-thresholds", "sensitivity=1.0") == 0
+    chosen_a = json.loads((out / "report.json").read_text())["chosen_thresholds"]["thresholds"]["A"]
+    assert chosen_a["sensitivity"] == 0.5 and chosen_a["target_reached"] is False
+    thresholds = json.loads((out / "thresholds-m-v1.json").read_text())
+    assert thresholds["target_reached"] == {"A": False}
+    assert len(thresholds["notes"]) == 1 and "1 positive(s) score exactly 0" in thresholds["notes"][0]
+    for page in ("report.md", "report.html"):
+        assert "misses the target 1.0" in (out / page).read_text()
+    answers[b"img1"] = {"A": (0.2, 0.5)}  # the same positive above 0: the target is reached, no note
+    ok = tmp_path / "ok"
+    assert _evaluate_cli(_StandIn(answers), labels, images, ok, "--choose-thresholds", "sensitivity=1.0") == 0
+    assert json.loads((ok / "thresholds-m-v1.json").read_text())["target_reached"] == {"A": True}
+    assert json.loads((ok / "thresholds-m-v1.json").read_text())["notes"] == []
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "ABSOLUTE"])
+def test_image_names_outside_the_images_folder_are_refused(tmp_path: Path, name: str) -> None:
+    labels, images = _folder(tmp_path, ROWS)
+    (tmp_path / "secret.png").write_bytes(b"img0")  # a readable file next to the folder, answered like a.png
+    name = str(tmp_path / "secret.png") if name == "ABSOLUTE" else name
+    labels.write_text(labels.read_text().replace("a.png", name))
+    client = _StandIn(_answers())
+    with pytest.raises(ValueError, match="outside"):
+        _evaluate_cli(client, labels, images, tmp_path / "out")
+    assert client.calls == 0
+
+
+def test_plot_files_of_labels_that_sanitise_alike_do_not_collide(tmp_path: Path) -> None:
+    answers = {f"img{i}".encode(): {"A/B": (p, 0.5), "A B": (1 - p, 0.5)} for i, p in enumerate(PROBS)}
+    rows = [("a.png", "A/B"), ("b.png", "A B"), ("c.png", "A/B"), ("d.png", "A B")]
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out) == 0
+    plots = sorted(p.name for p in out.glob("reliability_*.png"))
+    assert len(plots) == 2
+    markdown = (out / "report.md").read_text()
+    assert all(f"({name})" in markdown for name in plots)
+
+
+def test_never_positive_label_is_not_shown_as_a_measurement(tmp_path: Path) -> None:
+    nan = float("nan")  # the service applies no threshold to B: never positive
+    answers = {f"img{i}".encode(): {"A": (p, 0.5), "B": (p, nan)} for i, p in enumerate(PROBS)}
+    rows = [("a.png", "A|B"), ("b.png", "No Finding"), ("c.png", "A"), ("d.png", "B")]
+    labels, images = _folder(tmp_path, rows)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(answers), labels, images, out) == 0
+    b = next(f for f in json.loads((out / "report.json").read_text())["findings"] if f["finding"] == "B")
+    assert b["sensitivity"] == 0.0 and "threshold_note" in b
+    for page in ("report.md", "report.html"):
+        text = (out / page).read_text()
+        assert "B: the service applies no threshold to this label (never positive)" in text
+        assert text.count("no threshold (never positive)") == 2  # B's sensitivity and specificity cells

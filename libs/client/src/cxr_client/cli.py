@@ -29,6 +29,7 @@ from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
 MODEL_SERVICES = tuple(name for name, entry in catalog.load().items() if entry.model_admin)  # the built-in ones
+EVALUATION_NOT_RECORDED = 3  # `evaluate --record-card`: the reports are written, the card recording failed
 STATE_NAMES = {0: "unspecified", 1: "unloaded", 2: "loading", 3: "ready", 4: "failed"}
 
 
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--record-card",
         action="store_true",
         help="record the results on the model card of the version evaluated (admin key; refused if another "
-        "version serves by then)",
+        "version serves by then), after the reports are written: a refusal is a warning and exit code 3",
     )
 
     m = sub.add_parser("models", help="list, load or unload models, or show a model card")
@@ -362,8 +363,8 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
-    from cxr_client.evaluation import evaluate  # numpy and matplotlib: the `evaluate` extra
-    from cxr_client.evaluation_report import write_evaluation
+    from cxr_client.evaluation import evaluate, record_on_card  # numpy and matplotlib: the `evaluate` extra
+    from cxr_client.evaluation_report import write_evaluation, write_evaluation_json
 
     report = await evaluate(
         client,
@@ -375,13 +376,21 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         random_seed=args.seed,
         bins=args.bins,
         choose=args.choose_thresholds,
-        record_card=args.record_card,
     )
     paths = write_evaluation(report, args.out)
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
+    rc = 0
+    if args.record_card:  # after the files: a refused recording keeps the evaluation
+        try:
+            report["model_card"] = await record_on_card(client, report)
+        except CxrClientError as err:
+            report["model_card"] = {"recorded": False, "error": str(err)}
+            print(f"cxr: warning: the evaluation is written but --record-card failed: {err}", file=sys.stderr)
+            rc = EVALUATION_NOT_RECORDED
+        write_evaluation_json(report, paths["json"])
     text = "\n".join([*report["notes"], evaluation_table(report)])
     _emit(args, report, text)
-    return 0
+    return rc
 
 
 def card_text(card: Any) -> str:

@@ -60,7 +60,8 @@ class LabelTable:
 def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
     """The labels of `findings` from a CSV in the NIH `Finding Labels` format (`Image Index`, `Finding
     Labels` with `|` between findings, `No Finding`) or with one 0/1 column per finding. A finding a
-    column file does not name is left out; the NIH format lists positives, so there it is negative.
+    column file does not name is left out; the NIH format lists positives, so there it is negative, and a
+    name there that is no label of the model (other than `No Finding`) is an error, as is a file naming none.
     `abnormal` (the binary model) is any finding: not `No Finding`, or 1 - `no_finding` in a column
     file without an `abnormal` column. Raises ValueError naming the row for a bad value."""
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -81,8 +82,13 @@ def read_labels(path: Path, findings: Sequence[str]) -> LabelTable:
             listed = {s.strip() for s in r[NIH_FINDINGS].split("|") if s.strip()}
             if NO_FINDING in listed and len(listed) > 1:
                 raise ValueError(f"{path}: row {i + 2} says '{NO_FINDING}' and also lists findings")
+            unknown = listed - {NO_FINDING} - set(names)
+            if unknown and ABNORMAL not in names:  # `abnormal` counts any finding; otherwise a name is a label
+                raise ValueError(f"{path}: row {i + 2} lists {sorted(unknown)}, not labels of the model {list(names)}")
             for j, name in enumerate(names):
                 truth[i, j] = bool(listed - {NO_FINDING}) if name == ABNORMAL else name in listed
+        if not truth.any():
+            raise ValueError(f"{path}: no row lists any of the model's labels {list(names)}")
         return LabelTable(images, names, truth, "nih")
     derived = ABNORMAL not in header and NO_FINDING_COLUMN in header  # abnormal = not no_finding
     names = [name for name in findings if name in header or (name == ABNORMAL and derived)]
@@ -229,7 +235,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str, target: float |
                 best, cut = float(j), float(cand)
     below = prob[prob < np.float32(cut)]
     t = np.float32((cut + float(below.max())) / 2.0) if len(below) else np.float32(cut / 2.0)
-    if not t < np.float32(cut):  # adjacent float32 values: no room between them
+    if len(below) and t <= below.max():  # adjacent float32 values: the halfway rounds onto the lower score
         t = np.float32(cut)
     return max(float(t), float(np.finfo(np.float32).tiny))
 
@@ -259,7 +265,7 @@ async def run_model(
     client: AsyncCxrClient, model: str, paths: Sequence[Path], *, concurrency: int, progress: bool
 ) -> ModelRun:
     """Classify every image with `model` through the service; raises the first image's error, and
-    ValueError when the model's version changed during the run (a reload mid-evaluation)."""
+    ValueError when the model's version or a label's threshold changed during the run (a reload mid-evaluation)."""
     summary = await batch_process_images(
         client, paths, operation="classify", concurrency=concurrency, progress=progress, model_names=[model]
     )
@@ -274,12 +280,21 @@ async def run_model(
     prob = np.array([[f.probability for f in p.findings] for p in preds], dtype=np.float32)
     thr = np.array([[f.threshold for f in p.findings] for p in preds], dtype=np.float32)
     pos = np.array([[f.positive for f in p.findings] for p in preds], dtype=bool)
+    for j, label in enumerate(labels):  # a threshold reload without a version change: the calls would mix
+        served = sorted({"none" if math.isnan(t) else repr(float(t)) for t in thr[:, j]})
+        if len(served) > 1:
+            raise ValueError(f"model {model!r} changed the threshold of {label!r} during the evaluation: {served}")
     m = preds[0].model
     info = {"name": m.name, "version": m.version, "untrained": bool(m.untrained), "architecture": m.architecture}
     return ModelRun(info, prob, thr, pos, labels)
 
 
 def _image_paths(images: Path, table: LabelTable) -> list[Path]:
+    """The labelled images' paths; a name that resolves outside `images` (absolute, `..`, a link out) is refused."""
+    root = images.resolve()
+    outside = [name for name in table.images if not (images / name).resolve().is_relative_to(root)]
+    if outside:
+        raise ValueError(f"{len(outside)} labelled image names point outside {images}, e.g. {outside[:3]}")
     paths = [images / name for name in table.images]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
@@ -334,14 +349,18 @@ async def evaluate(
     bins: int = ECE_BINS,
     choose: str | None = None,
     progress: bool | None = None,
-    record_card: bool = False,
 ) -> dict[str, Any]:
     """Evaluate `model` through the service on the labelled folder; the report as a JSON-ready dict
-    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file). `record_card`: also record
-    the results on the model card of the version evaluated (an admin call the server refuses when another
-    version serves by then)."""
-    if bins < 1:
+    (`write_evaluation` writes it as JSON, Markdown, HTML and a thresholds file; `record_on_card` records it
+    on the model card, after the files are written so a refused recording loses nothing)."""
+    if bins < 1:  # every setting checked before the first RPC, not after every image is classified
         raise ValueError("bins must be >= 1")
+    if bootstrap < 1:
+        raise ValueError("bootstrap must be >= 1")
+    if random_seed < 0:
+        raise ValueError("seed must be >= 0 (a seed of numpy's random generator)")
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
     rule = parse_rule(choose) if choose else None
     info = await _model_info(client, model)
     table = read_labels(labels_csv, list(info.labels))
@@ -382,10 +401,14 @@ async def evaluate(
     if rule is not None:
         report["chosen_thresholds"] = chosen(table, run, rule)
         report["notes"].append(NOT_HELD_OUT)
-    if record_card:
-        card = await client.record_model_evaluation("classification", model, card_evaluation(report))
-        report["model_card"] = {"recorded": True, "source": card.source, "digest": card.digest}
     return report
+
+
+async def record_on_card(client: AsyncCxrClient, report: dict[str, Any]) -> dict[str, Any]:
+    """Record the report on the card of the version it evaluated (an admin call the server refuses when
+    another version serves by then); what `report["model_card"]` keeps of the card."""
+    card = await client.record_model_evaluation("classification", report["model"]["name"], card_evaluation(report))
+    return {"recorded": True, "source": card.source, "digest": card.digest}
 
 
 def card_evaluation(report: dict[str, Any]) -> Any:
@@ -429,6 +452,7 @@ def chosen(table: LabelTable, run: ModelRun, rule: tuple[str, float | None]) -> 
         "measured_on": "the data that chose them (not held out)",
         "thresholds": {},
         "skipped": {},
+        "notes": {},
     }
     for k, label in enumerate(table.findings):
         y = table.truth[:, k]
@@ -439,6 +463,15 @@ def chosen(table: LabelTable, run: ModelRun, rule: tuple[str, float | None]) -> 
         t = choose_threshold(y, prob, name, target)
         sens, spec = sensitivity_specificity(y, prob >= np.float32(t))
         out["thresholds"][label] = {"threshold": t, "sensitivity": sens, "specificity": spec}
+        if target is not None:
+            reached = sens is not None and sens >= target - 1e-9
+            out["thresholds"][label]["target_reached"] = reached
+            if not reached:  # only positives scoring 0 do this: the threshold must be above 0
+                at_zero = int((prob[y.astype(bool)] <= 0).sum())
+                out["notes"][label] = (
+                    f"{label}: sensitivity {sens:.3f} misses the target {target}: {at_zero} positive(s) score "
+                    "exactly 0 and a threshold must be above 0"
+                )
     return out
 
 
@@ -456,6 +489,12 @@ def threshold_file(report: dict[str, Any]) -> dict[str, Any]:
         "measured_on": chosen_["measured_on"],
         "generated_at": report["generated_at"],
         "thresholds": {label: v["threshold"] for label, v in chosen_["thresholds"].items()},
+        **(
+            {"target_reached": {label: v["target_reached"] for label, v in chosen_["thresholds"].items()}}
+            if chosen_["rule"].startswith("sensitivity")
+            else {}
+        ),
+        "notes": list(chosen_.get("notes", {}).values()),
     }
 
 

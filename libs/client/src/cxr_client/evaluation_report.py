@@ -23,6 +23,15 @@ def plot_file(label: str) -> str:
     return f"reliability_{_safe(label)}.png"
 
 
+def plot_files(labels: list[str]) -> dict[str, str]:
+    """The PNG name of each label's plot: `plot_file`, or, when two labels would share a name (`_safe` maps
+    several characters to `_`; file systems may ignore case), every name prefixed with the label's index."""
+    plain = {label: plot_file(label) for label in labels}
+    if len({name.lower() for name in plain.values()}) == len(labels):
+        return plain
+    return {label: f"reliability_{i:02d}_{_safe(label)}.png" for i, label in enumerate(labels)}
+
+
 def reliability_png(finding: dict[str, Any]) -> bytes:
     """The reliability diagram of one finding (observed rate vs mean probability per bin) as PNG."""
     import matplotlib
@@ -64,7 +73,11 @@ def _threshold(f: dict[str, Any]) -> str:
     return "none" if f["threshold"] is None else f"{f['threshold']:.4g}"
 
 
+NO_THRESHOLD = "no threshold (never positive)"
+
+
 def finding_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per finding; a label the service never thresholds shows that, not a 0/1 'measurement'."""
     return [
         [
             f["finding"],
@@ -73,12 +86,16 @@ def finding_rows(report: dict[str, Any]) -> list[list[str]]:
             _num(f["auroc"]),
             _ci(f),
             _threshold(f),
-            _num(f["sensitivity"]),
-            _num(f["specificity"]),
+            NO_THRESHOLD if "threshold_note" in f else _num(f["sensitivity"]),
+            NO_THRESHOLD if "threshold_note" in f else _num(f["specificity"]),
             _num(f["ece"]),
         ]
         for f in report["findings"]
     ]
+
+
+def _threshold_notes(report: dict[str, Any]) -> list[str]:
+    return [f"{f['finding']}: {f['threshold_note']}" for f in report["findings"] if "threshold_note" in f]
 
 
 HEADER = ["finding", "pos", "neg", "AUROC", "95% CI", "threshold", "sensitivity", "specificity", "ECE"]
@@ -111,6 +128,8 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
     lines += [f"- {line}" for line in _summary_lines(report)] + [""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in finding_rows(report)]
+    for note in _threshold_notes(report):
+        lines += ["", f"> {note}"]
     if report["not_evaluated"]:
         lines += ["", f"Not in the labels (not evaluated): {', '.join(report['not_evaluated'])}"]
     if "chosen_thresholds" in report:
@@ -118,11 +137,13 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
         lines += ["", f"## Chosen thresholds ({c['rule']})", "", f"> {c['measured_on']}", ""]
         lines += ["| finding | threshold | sensitivity | specificity |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(r) + " |" for r in _chosen_rows(report)]
+        lines += [f"\n> **{note}**" for note in c.get("notes", {}).values()]
         if c["skipped"]:
             lines += ["", f"No threshold chosen (need both classes): {', '.join(c['skipped'])}"]
     if plots:
         lines += ["", "## Reliability", ""]
-        lines += [f"![{f['finding']}]({plot_file(f['finding'])})" for f in report["findings"]]
+        names = plot_files([f["finding"] for f in report["findings"]])
+        lines += [f"![{f['finding']}]({names[f['finding']]})" for f in report["findings"]]
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +167,7 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         notes,
         f"<ul>{summary}</ul>",
         _table_html(HEADER, finding_rows(report)),
+        *(f'<p class="note">{html.escape(n)}</p>' for n in _threshold_notes(report)),
     ]
     if "chosen_thresholds" in report:
         c = report["chosen_thresholds"]
@@ -153,6 +175,7 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
             f"<h2>Chosen thresholds ({html.escape(c['rule'])})</h2>",
             f'<p class="note">{html.escape(c["measured_on"])}</p>',
             _table_html(["finding", "threshold", "sensitivity", "specificity"], _chosen_rows(report)),
+            *(f'<p class="note"><strong>{html.escape(n)}</strong></p>' for n in c.get("notes", {}).values()),
         ]
     parts.append("<h2>Reliability</h2><div>")
     for label, png in pngs.items():
@@ -162,17 +185,23 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     return "".join(parts)
 
 
+def write_evaluation_json(report: dict[str, Any], path: Path) -> None:
+    """report.json alone: rewritten once the model-card recording has an outcome."""
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def write_evaluation(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json, report.md, report.html, one reliability PNG per finding and, when thresholds were
     chosen, thresholds-<model>-<version>.json; returns the paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
     pngs = {f["finding"]: reliability_png(f) for f in report["findings"]}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_evaluation_json(report, paths["json"])
     paths["markdown"].write_text(to_markdown(report), encoding="utf-8")
     paths["html"].write_text(to_html(report, pngs), encoding="utf-8")
+    names = plot_files(list(pngs))
     for label, png in pngs.items():
-        (out / plot_file(label)).write_bytes(png)
+        (out / names[label]).write_bytes(png)
     if "chosen_thresholds" in report:
         m = report["model"]
         path = out / f"thresholds-{_safe(m['name'])}-{_safe(m['version'])}.json"
