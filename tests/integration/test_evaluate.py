@@ -39,7 +39,9 @@ MACRO_AUROC_BOUND = 0.1
 def stack():
     from cxr_classification.service import build_binding
 
-    s = Stack({"classification": build_binding}).start()
+    # one image per forward: a batch's other images change the last digits of a probability, and the
+    # thresholds chosen from one run must give the same calls in the next
+    s = Stack({"classification": build_binding}, server_config__max_batch_size=1).start()
     yield s
     s.stop()
 

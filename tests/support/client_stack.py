@@ -22,6 +22,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ def stack_question(words: int = 16) -> str:
     raise AssertionError("no chest-related passage in the corpus")
 
 
-def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
+def stack_settings(workdir: Path, *, with_rag: bool = True, **overrides: Any) -> Settings:
     thresholds = {label: 1.0 for label in NIH} | {POSITIVE: 2**-20}
     return make_settings(
         security__admin_api_keys=[ADMIN_KEY],
@@ -105,6 +106,7 @@ def stack_settings(workdir: Path, *, with_rag: bool = True) -> Settings:
             "retry_backoff_max_s": 0.2,
         },
         server_config__max_batch_delay_ms=2,
+        **overrides,
     )
 
 
@@ -120,8 +122,11 @@ def real_builders() -> dict[str, Callable[[Settings], ServiceBinding]]:
 class Stack:
     """`builders` (service name -> build_binding) started with one Settings; default: the real three."""
 
-    def __init__(self, builders: dict[str, Callable[[Settings], ServiceBinding]] | None = None) -> None:
+    def __init__(
+        self, builders: dict[str, Callable[[Settings], ServiceBinding]] | None = None, **overrides: Any
+    ) -> None:
         self.builders = builders
+        self.overrides = overrides
         self.tmp = tempfile.TemporaryDirectory(prefix="cxr-client-stack-")
         self.ports: dict[str, int] = {}
         self.servers: dict[str, CxrServer] = {}
@@ -139,7 +144,7 @@ class Stack:
         self._stop = asyncio.Event()
         try:
             builders = self.builders or real_builders()
-            s = stack_settings(Path(self.tmp.name), with_rag="rag" in builders)
+            s = stack_settings(Path(self.tmp.name), with_rag="rag" in builders, **self.overrides)
             async with contextlib.AsyncExitStack() as stack:
                 for name, build in builders.items():
                     server = await stack.enter_async_context(running_server(s, build(s)))
