@@ -32,6 +32,7 @@ from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, ThresholdOverride
 from cxr_serving.optimize.amp import precision_of
+from cxr_serving.random_init import fixed_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,7 @@ class ChestXrayClassifier(ServedModel):
     def build(self, checkpoint_path: Path | None) -> tuple[ClassifierNetwork, str]:
         """The network with its weights, and its version; raises CheckpointError."""
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[]):  # untrained: the same random weights in every instance process
-            torch.manual_seed(cfg.seed)
+        with fixed_random_weights(cfg.seed):  # untrained: the same random weights in every instance and on every reload
             net = build_network(cfg)
         op_threshs = None
         if checkpoint_path is not None:

@@ -32,6 +32,7 @@ from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
 from cxr_serving.optimize.amp import precision_of
+from cxr_serving.random_init import fixed_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,7 @@ class SegmentationModel(ServedModel):
                     "(or allow_untrained=true for development: random weights, every response says untrained)",
                     reason="CHECKPOINT_NOT_CONFIGURED",
                 )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed)
+            with fixed_random_weights(self.cfg.seed):
                 net = build_network(self.cfg)
             return net, UNTRAINED
         net = build_network(self.cfg)
