@@ -25,17 +25,17 @@ from tests.support.dicom_node import (
     node_settings,
     start_server,
 )
+from tests.support.http_recorder import recording_server
 from tests.support.paths import dicom_files
 from tests.support.servers import auth
-from tests.support.stow_recorder import StowRecorder
 
 
 def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it(stack: Stack, tmp_path: Path):
     blocker = tmp_path / "fhir"
     blocker.write_text("not a folder")  # write_bundle cannot create the folder: the attempt fails after STOW
     loop = LoopThread()
-    with StowRecorder() as recorder:
-        destinations = {"stow_url": recorder.url, "fhir_folder": str(blocker), "timeout_s": 30}
+    with recording_server() as recorder:
+        destinations = {"stow_url": recorder.url + "/dicom-web", "fhir_folder": str(blocker), "timeout_s": 30}
         settings = node_settings(
             tmp_path, None, *stack.analysis_ports, workers=1, max_attempts=10, destinations=destinations
         )
@@ -58,7 +58,7 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
                         return answer.instances[0]
 
                     deadline = time.monotonic() + WAIT_S
-                    while not (instance().last_error and recorder.bodies):
+                    while not (instance().last_error and recorder.stow_bodies()):
                         assert time.monotonic() < deadline, "no failed attempt after the STOW"
                         time.sleep(0.2)
                     kept = sorted(p.name for p in (results_root / ds.SOPInstanceUID).iterdir())
@@ -73,11 +73,11 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
                 loop.run(server.stop(grace=1), timeout=60)
         finally:
             loop.close()
-    assert len(recorder.bodies) == state.attempts  # one STOW per attempt
-    first = recorder.parts(0)
+    assert len(recorder.stow_bodies()) == state.attempts  # one STOW per attempt
+    first = recorder.stow_parts(0)
     assert [pydicom.dcmread(io.BytesIO(p)).Modality for p in first] == ["SR", "SEG"]
-    for later in range(1, len(recorder.bodies)):
-        assert recorder.parts(later) == first  # the same objects, byte for byte
+    for later in range(1, len(recorder.stow_bodies())):
+        assert recorder.stow_parts(later) == first  # the same objects, byte for byte
     assert not (results_root / ds.SOPInstanceUID).exists()
     assert [p.name for p in results_root.iterdir()] == []
     [bundle] = [json.loads(p.read_text()) for p in (tmp_path / "fhir").glob("*.json")]

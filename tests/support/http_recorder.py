@@ -42,6 +42,15 @@ class Recorder:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
+    def stow_bodies(self) -> list[tuple[str, bytes]]:
+        """(Content-Type, body) of every STOW-RS POST, in arrival order."""
+        return [(h.get("Content-Type", ""), body) for path, h, body in self.requests if path.endswith("/studies")]
+
+    def stow_parts(self, index: int) -> list[bytes]:
+        """The multipart/related parts of the ``index``-th STOW-RS request, read by the node's own parser."""
+        content_type, body = self.stow_bodies()[index]
+        return [data for _, data in parse_multipart_related(body, content_type)]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
