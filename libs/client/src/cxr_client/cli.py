@@ -367,7 +367,7 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         if args.thresholds:
             from cxr_client.evaluation import read_threshold_file
 
-            thresholds, version = read_threshold_file(args.thresholds)
+            thresholds, version = read_threshold_file(args.thresholds, args.model)
         info = await client.load_model(
             args.service,
             args.model,

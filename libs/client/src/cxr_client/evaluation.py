@@ -514,10 +514,17 @@ def threshold_file(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_threshold_file(path: Path) -> tuple[dict[str, float], str]:
-    """(thresholds by label, model version) of a file `threshold_file` wrote; ValueError if it is not one."""
+def read_threshold_file(path: Path, model: str) -> tuple[dict[str, float], str]:
+    """(thresholds by label, model version) of a file `threshold_file` wrote for `model`; ValueError if it is
+    not one, or was written for another model (two models may share label names and a version such as
+    `untrained`, so the service's version check alone would not catch it)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or data.get("kind") != THRESHOLDS_SCHEMA:
         raise ValueError(f"{path}: not a thresholds file (kind {THRESHOLDS_SCHEMA!r})")
+    if data.get("model") != model:
+        raise ValueError(
+            f"{path}: these thresholds were chosen for model {data.get('model')!r}, not {model!r}; "
+            f"load them into {data.get('model')!r}"
+        )
     values = {str(k): float(v) for k, v in data["thresholds"].items()}
     return values, str(data["model_version"])
