@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to evaluate; default: multiclass_classifier (classification), the only one served (segmentation)",
     )
     e.add_argument("--concurrency", type=int, default=4, help="classify/segment calls in flight")
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each 95%% CI")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each confidence interval")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
     e.add_argument(
         "--bins", type=int, help="classification: equal-width probability bins of ECE and the plots (default 10)"
