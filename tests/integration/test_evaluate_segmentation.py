@@ -141,6 +141,12 @@ def test_references_equal_to_the_service_answers_score_dice_1_and_hd95_0(stack, 
     assert len(parser.images) == 1 and parser.images[0].startswith("data:image/png;base64,")
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --threshold goes with every request: a higher cut than the configured 0.5 shrinks the served masks
+    stricter = _evaluate(stack, masks, tmp_path / "stricter", "--threshold", "0.6")
+    assert stricter["settings"]["threshold"] == 0.6
+    pairs = [(r["predicted_pixels"], r["reference_pixels"]) for r in stricter["per_image"]]
+    assert all(p <= ref for p, ref in pairs) and any(p < ref for p, ref in pairs)
+
 
 def test_references_shifted_by_k_pixels_score_hd95_k(stack, served, tmp_path) -> None:
     shifted: dict[str, dict[str, np.ndarray]] = {}
