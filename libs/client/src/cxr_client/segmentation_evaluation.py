@@ -149,7 +149,7 @@ def read_references(masks: Path, images: Path, classes: Sequence[str]) -> Refere
 
 def dataset_hash(refs: References) -> str:
     """SHA-256 over, per image in stem order, its name, a NUL and the SHA-256 of its bytes, then per
-    class file in class order `<stem>/<class>.png`, a NUL and the SHA-256 of its bytes."""
+    class file sorted by class name `<stem>/<class>.png`, a NUL and the SHA-256 of its bytes."""
     h = hashlib.sha256()
     for image, per_class in zip(refs.images, refs.files, strict=True):
         h.update(image.name.encode() + b"\0" + hashlib.sha256(image.read_bytes()).digest())
