@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 from skimage.metrics import hausdorff_distance
 
-from cxr_client.segmentation_metrics import bootstrap_mean_ci, dice, hausdorff, hd95, surface
+from cxr_client.segmentation_metrics import bootstrap_mean_ci, boundary_distances, dice, hausdorff, hd95, surface
 
 
 def square(top: int, left: int, side: int = 40, shape: tuple[int, int] = (100, 100)) -> np.ndarray:
@@ -89,6 +89,20 @@ def test_random_blobs_match_brute_force_and_scikit_image(seed: int) -> None:
     assert hausdorff(a, b, 100) == pytest.approx(hausdorff_distance(surface(a), surface(b)), abs=1e-9)
     assert hd95(a, b) <= hausdorff(a, b, 100)
     assert dice(a, b) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.mark.parametrize("kind", ["blobs", "noise"])
+def test_the_tree_and_the_distance_transform_give_the_same_distances(kind: str) -> None:
+    rng = np.random.default_rng(11)
+    if kind == "blobs":  # smooth masks: "auto" takes the k-d tree
+        a, b = _blobs(1), _blobs(2)
+    else:  # fragmented masks: "auto" takes the distance transform
+        a, b = rng.random((64, 80)) < 0.4, rng.random((64, 80)) < 0.4
+    sa, sb = surface(a), surface(b)
+    tree, edt = boundary_distances(sa, sb, "tree"), boundary_distances(sa, sb, "edt")
+    for t, e in zip(tree, edt, strict=True):
+        assert np.array_equal(t, e)
+    assert hd95(a, b) == pytest.approx(_brute_force(a, b, 95), abs=1e-9)
 
 
 def test_bootstrap_mean_ci() -> None:
