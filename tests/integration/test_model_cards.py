@@ -132,7 +132,7 @@ async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch,
             }
             assert card.intended_use == DECLARED["intended_use"] and card.training_data == DECLARED["training_data"]
             assert card.regulatory_status == NOT_CLEARED and not card.untrained
-            assert card.source == str(card_file)
+            assert card.source == "nih.pt.card.json"  # relative to models_path: never the server's folder
             assert len(card.conflicts) == 1 and card.conflicts[0].startswith("labels: declared")
             assert not card.HasField("evaluation") and "no evaluation recorded" in card.evaluation_note
             assert len(card.digest) == 64

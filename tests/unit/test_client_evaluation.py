@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from cxr_client.cli import build_parser, cmd_evaluate
 from cxr_client.errors import PermissionDeniedError
 from cxr_client.evaluation import (
+    _youden_cut,
     auroc,
     bootstrap_auroc_ci,
     choose_threshold,
@@ -319,3 +320,73 @@ def test_never_positive_label_is_not_shown_as_a_measurement(tmp_path: Path) -> N
         text = (out / page).read_text()
         assert "B: the service applies no threshold to this label (never positive)" in text
         assert text.count("no threshold (never positive)") == 2  # B's sensitivity and specificity cells
+
+
+def _youden_per_score(y: np.ndarray, prob: np.ndarray) -> float:
+    """The selection as first written: one pass over the data per distinct score, O(n²)."""
+    y = y.astype(bool)
+    best, cut = -2.0, 1.0
+    for cand in np.unique(prob)[::-1]:
+        called = prob >= cand
+        j = called[y].mean() + (~called[~y]).mean() - 1.0
+        if j > best + 1e-12:
+            best, cut = float(j), float(cand)
+    return cut
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_youden_sorted_scan_equals_the_per_score_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 400))
+    y = rng.random(n) < rng.uniform(0.05, 0.6)
+    y[:2] = [True, False]  # both classes
+    prob = rng.random(n).astype(np.float32) * 0.7 + 0.3 * y
+    if seed % 2:  # many ties, and runs of tied positives and negatives
+        prob = np.round(prob, 1).astype(np.float32)
+    assert _youden_cut(y, prob) == _youden_per_score(y.astype(int), prob)
+
+
+def test_every_report_states_it_is_not_cleared_for_clinical_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cxr_client.evaluation import REPORT_STATUS
+
+    labels, images = _folder(tmp_path, ROWS)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(_answers()), labels, images, out) == 0
+    assert capsys.readouterr().out.splitlines()[0] == REPORT_STATUS
+    assert REPORT_STATUS.startswith("NOT CLEARED FOR CLINICAL USE: not validated")
+    assert json.loads((out / "report.json").read_text())["status"] == REPORT_STATUS
+    assert (out / "report.md").read_text().splitlines()[2] == f"**{REPORT_STATUS}**"  # under the title
+    assert f'<p class="status"><strong>{REPORT_STATUS}</strong></p>' in (out / "report.html").read_text()
+
+
+class _Loader:
+    """Records LoadModel calls instead of making them."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, dict]] = []
+
+    async def load_model(self, service: str, model: str, **kwargs: object) -> object:
+        from cxr_protos.common.v1 import common_pb2
+
+        self.loads.append((model, dict(kwargs)))
+        return common_pb2.ModelInfo(name=model, state=common_pb2.MODEL_STATE_READY, version="v1")
+
+
+def test_a_thresholds_file_loads_only_into_the_model_it_was_chosen_for(tmp_path: Path) -> None:
+    from cxr_client.cli import cmd_models
+
+    labels, images = _folder(tmp_path, ROWS)
+    out = tmp_path / "out"
+    assert _evaluate_cli(_StandIn(_answers()), labels, images, out, "--choose-thresholds", "youden") == 0
+    file = out / "thresholds-m-v1.json"
+    loader = _Loader()
+    other = build_parser().parse_args(["models", "load", "classification", "other", "--thresholds", str(file)])
+    with pytest.raises(ValueError, match="chosen for model 'm', not 'other'"):
+        asyncio.run(cmd_models(loader, other))  # type: ignore[arg-type]
+    assert loader.loads == []
+    same = build_parser().parse_args(["models", "load", "classification", "m", "--thresholds", str(file)])
+    assert asyncio.run(cmd_models(loader, same)) == 0  # type: ignore[arg-type]
+    [(model, kwargs)] = loader.loads
+    assert model == "m" and kwargs["thresholds_model_version"] == "v1" and set(kwargs["thresholds"]) == {"A"}

@@ -110,15 +110,39 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--no-literature", action="store_true")
     z.add_argument("--heatmaps", action="store_true", help="Grad-CAM heatmaps of the positive findings")
 
-    e = sub.add_parser("evaluate", help="measure a classifier through the service on a labelled folder")
-    e.add_argument("labels", type=Path, help="CSV: NIH `Image Index`,`Finding Labels` or one 0/1 column per finding")
-    e.add_argument("images", type=Path, help="folder holding the images the CSV names")
+    e = sub.add_parser(
+        "evaluate", help="measure a classifier (labelled CSV) or a segmenter (reference masks) through the service"
+    )
+    e.add_argument(
+        "labels",
+        type=Path,
+        metavar="LABELS_OR_MASKS",
+        help="classification: CSV, NIH `Image Index`,`Finding Labels` or one 0/1 column per finding; "
+        "segmentation: folder of reference masks <image-stem>/<class>.png (0 outside, nonzero inside)",
+    )
+    e.add_argument("images", type=Path, help="folder holding the images the CSV or the mask folders name")
     e.add_argument("--out", type=Path, required=True, help="folder for report.json/.md/.html and the plots")
-    e.add_argument("--model", default="multiclass_classifier", help="classification model to evaluate")
-    e.add_argument("--concurrency", type=int, default=4, help="classify calls in flight")
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
+    e.add_argument(
+        "--task",
+        choices=("auto", "classification", "segmentation"),
+        default="auto",
+        help="auto: segmentation when LABELS_OR_MASKS is a folder, classification when it is a file",
+    )
+    e.add_argument(
+        "--model",
+        help="model to evaluate; default: multiclass_classifier (classification), the only one served (segmentation)",
+    )
+    e.add_argument("--concurrency", type=int, default=4, help="classify/segment calls in flight")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each confidence interval")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
-    e.add_argument("--bins", type=int, default=10, help="equal-width probability bins of ECE and the plots")
+    e.add_argument(
+        "--bins", type=int, help="classification: equal-width probability bins of ECE and the plots (default 10)"
+    )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        help="segmentation: mask probability threshold in (0, 1) sent with each request (default: the model's own)",
+    )
     e.add_argument(
         "--choose-thresholds",
         metavar="RULE",
@@ -343,7 +367,7 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         if args.thresholds:
             from cxr_client.evaluation import read_threshold_file
 
-            thresholds, version = read_threshold_file(args.thresholds)
+            thresholds, version = read_threshold_file(args.thresholds, args.model)
         info = await client.load_model(
             args.service,
             args.model,
@@ -362,19 +386,57 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluation_task(args: argparse.Namespace) -> str:
+    """The task `cxr evaluate` runs (from --task, or the kind of LABELS_OR_MASKS), with the options that belong
+    to the other task refused before any image is sent."""
+    task = str(args.task)
+    if task == "auto":
+        task = "segmentation" if args.labels.is_dir() else "classification"
+    if task == "segmentation":
+        other = [flag for flag, v in (("--bins", args.bins), ("--choose-thresholds", args.choose_thresholds),
+                                      ("--record-card", args.record_card)) if v]  # fmt: skip
+        if other:
+            raise ValueError(f"{', '.join(other)}: classification only, not with a segmentation evaluation")
+        if not args.labels.is_dir():
+            raise ValueError(f"{args.labels}: a segmentation evaluation needs a folder of reference masks")
+    else:
+        if args.threshold is not None:
+            raise ValueError("--threshold: segmentation only (a classifier's thresholds come from LoadModel)")
+        if args.labels.is_dir():
+            raise ValueError(f"{args.labels}: a classification evaluation needs a label CSV, not a folder")
+    return task
+
+
 async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     from cxr_client.evaluation import evaluate, record_on_card  # numpy and matplotlib: the `evaluate` extra
     from cxr_client.evaluation_report import write_evaluation, write_evaluation_json
 
+    if evaluation_task(args) == "segmentation":
+        from cxr_client.segmentation_evaluation import evaluate_segmentation  # scipy: the `evaluate` extra too
+
+        report = await evaluate_segmentation(
+            client,
+            args.labels,
+            args.images,
+            model=args.model,
+            threshold=args.threshold or 0.0,
+            concurrency=args.concurrency,
+            bootstrap=args.bootstrap,
+            random_seed=args.seed,
+        )
+        paths = write_evaluation(report, args.out)
+        print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
+        _emit(args, report, "\n".join([report["status"], *report["notes"], segmentation_table(report)]))
+        return 0
     report = await evaluate(
         client,
         args.labels,
         args.images,
-        model=args.model,
+        model=args.model or "multiclass_classifier",
         concurrency=args.concurrency,
         bootstrap=args.bootstrap,
         random_seed=args.seed,
-        bins=args.bins,
+        bins=10 if args.bins is None else args.bins,
         choose=args.choose_thresholds,
     )
     paths = write_evaluation(report, args.out)
@@ -388,7 +450,7 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
             print(f"cxr: warning: the evaluation is written but --record-card failed: {err}", file=sys.stderr)
             rc = EVALUATION_NOT_RECORDED
         write_evaluation_json(report, paths["json"])
-    text = "\n".join([*report["notes"], evaluation_table(report)])
+    text = "\n".join([report["status"], *report["notes"], evaluation_table(report)])
     _emit(args, report, text)
     return rc
 
@@ -429,6 +491,16 @@ def evaluation_table(report: dict[str, Any]) -> str:
         f"{m['name']} {m['version']}{' (UNTRAINED)' if m['untrained'] else ''} on {report['dataset']['images']} images"
     )
     return head + "\n" + table(finding_rows(report), HEADER)
+
+
+def segmentation_table(report: dict[str, Any]) -> str:
+    from cxr_client.segmentation_report import HEADER, class_rows
+
+    m = report["model"]
+    head = (
+        f"{m['name']} {m['version']}{' (UNTRAINED)' if m['untrained'] else ''} on {report['dataset']['images']} images"
+    )
+    return head + "\n" + table(class_rows(report), HEADER)
 
 
 def read_documents(path: Path) -> list[rag_pb.Document]:

@@ -41,6 +41,10 @@ NOT_HELD_OUT = (
     "The chosen thresholds were picked on this same data and their sensitivity/specificity here were "
     "measured on it too, not on held-out data: expect lower numbers on new images."
 )
+REPORT_STATUS = (
+    "NOT CLEARED FOR CLINICAL USE: not validated; the model is not a cleared medical device, and this report is a "
+    "measurement on the data given, not a clinical validation"
+)
 UNTRAINED_NOTE = (
     "This model is UNTRAINED (random weights): these numbers describe an untrained model and say nothing "
     "about any trained checkpoint; AUROC near 0.5 is what chance gives."
@@ -210,6 +214,21 @@ def parse_rule(rule: str) -> tuple[str, float | None]:
     raise ValueError(f"--choose-thresholds: {rule!r} is neither 'sensitivity=<0..1>' nor 'youden'")
 
 
+def _youden_cut(y: np.ndarray, prob: np.ndarray) -> float:
+    """The score maximising sensitivity + specificity - 1 (the highest on ties within 1e-12), by one
+    scan of the distinct scores from the top: O(n log n) for the sort, not a pass over the data per score."""
+    values, inverse = np.unique(prob, return_inverse=True)
+    pos_at = np.bincount(inverse[y], minlength=len(values))[::-1]  # per distinct score, highest first
+    neg_at = np.bincount(inverse[~y], minlength=len(values))[::-1]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    youden = np.cumsum(pos_at) / n_pos + (n_neg - np.cumsum(neg_at)) / n_neg - 1.0
+    best, cut = -2.0, 1.0
+    for value, j in zip(values[::-1].tolist(), youden.tolist(), strict=True):
+        if j > best + 1e-12:
+            best, cut = j, value
+    return float(cut)
+
+
 def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str, target: float | None) -> float:
     """The threshold (probability >= threshold is positive) for `rule`, from both classes of the data.
 
@@ -227,12 +246,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray, rule: str, target: float |
         k = max(1, math.ceil(target * len(pos) - 1e-9))
         cut = float(pos[k - 1])
     else:
-        best, cut = -2.0, 1.0
-        for cand in np.unique(prob)[::-1]:
-            called = prob >= cand
-            j = called[y].mean() + (~called[~y]).mean() - 1.0
-            if j > best + 1e-12:
-                best, cut = float(j), float(cand)
+        cut = _youden_cut(y, prob)
     below = prob[prob < np.float32(cut)]
     t = np.float32((cut + float(below.max())) / 2.0) if len(below) else np.float32(cut / 2.0)
     if len(below) and t <= below.max():  # adjacent float32 values: the halfway rounds onto the lower score
@@ -377,6 +391,8 @@ async def evaluate(
         )
     report: dict[str, Any] = {
         "kind": "cxr.evaluation.v1",
+        "task": "classification",
+        "status": REPORT_STATUS,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": run.info,
         "dataset": {
@@ -498,10 +514,17 @@ def threshold_file(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_threshold_file(path: Path) -> tuple[dict[str, float], str]:
-    """(thresholds by label, model version) of a file `threshold_file` wrote; ValueError if it is not one."""
+def read_threshold_file(path: Path, model: str) -> tuple[dict[str, float], str]:
+    """(thresholds by label, model version) of a file `threshold_file` wrote for `model`; ValueError if it is
+    not one, or was written for another model (two models may share label names and a version such as
+    `untrained`, so the service's version check alone would not catch it)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or data.get("kind") != THRESHOLDS_SCHEMA:
         raise ValueError(f"{path}: not a thresholds file (kind {THRESHOLDS_SCHEMA!r})")
+    if data.get("model") != model:
+        raise ValueError(
+            f"{path}: these thresholds were chosen for model {data.get('model')!r}, not {model!r}; "
+            f"load them into {data.get('model')!r}"
+        )
     values = {str(k): float(v) for k, v in data["thresholds"].items()}
     return values, str(data["model_version"])

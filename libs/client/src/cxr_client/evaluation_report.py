@@ -123,7 +123,7 @@ def _chosen_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
-    lines = [f"# Evaluation of {report['model']['name']}", ""]
+    lines = [f"# Evaluation of {report['model']['name']}", "", f"**{report['status']}**", ""]
     lines += [f"> **{n}**" for n in report["notes"]] + ([""] if report["notes"] else [])
     lines += [f"- {line}" for line in _summary_lines(report)] + [""]
     lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -147,10 +147,21 @@ def to_markdown(report: dict[str, Any], *, plots: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table_html(header: list[str], rows: list[list[str]]) -> str:
+def table_html(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def status_html(report: dict[str, Any]) -> str:
+    return f'<p class="status"><strong>{html.escape(report["status"])}</strong></p>'
+
+
+STYLE = (
+    "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px}.note{background:#fee;padding:.5em}"
+    ".status{background:#fdd;border:2px solid #c00;padding:.5em}img{margin:4px}</style>"
+)
 
 
 def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
@@ -160,13 +171,13 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>Evaluation of {html.escape(report['model']['name'])}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}.note{background:#fee;padding:.5em}"
-        "img{margin:4px}</style></head><body>",
+        STYLE,
+        "</head><body>",
         f"<h1>Evaluation of {html.escape(report['model']['name'])}</h1>",
+        status_html(report),
         notes,
         f"<ul>{summary}</ul>",
-        _table_html(HEADER, finding_rows(report)),
+        table_html(HEADER, finding_rows(report)),
         *(f'<p class="note">{html.escape(n)}</p>' for n in _threshold_notes(report)),
     ]
     if "chosen_thresholds" in report:
@@ -174,7 +185,7 @@ def to_html(report: dict[str, Any], pngs: dict[str, bytes]) -> str:
         parts += [
             f"<h2>Chosen thresholds ({html.escape(c['rule'])})</h2>",
             f'<p class="note">{html.escape(c["measured_on"])}</p>',
-            _table_html(["finding", "threshold", "sensitivity", "specificity"], _chosen_rows(report)),
+            table_html(["finding", "threshold", "sensitivity", "specificity"], _chosen_rows(report)),
             *(f'<p class="note"><strong>{html.escape(n)}</strong></p>' for n in c.get("notes", {}).values()),
         ]
     parts.append("<h2>Reliability</h2><div>")
@@ -192,7 +203,12 @@ def write_evaluation_json(report: dict[str, Any], path: Path) -> None:
 
 def write_evaluation(report: dict[str, Any], out: Path) -> dict[str, Path]:
     """report.json, report.md, report.html, one reliability PNG per finding and, when thresholds were
-    chosen, thresholds-<model>-<version>.json; returns the paths by kind."""
+    chosen, thresholds-<model>-<version>.json; returns the paths by kind. A segmentation report
+    (`report["task"]`) is written by segmentation_report.py."""
+    if report.get("task") == "segmentation":
+        from cxr_client.segmentation_report import write_segmentation_evaluation
+
+        return write_segmentation_evaluation(report, out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = {f["finding"]: reliability_png(f) for f in report["findings"]}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "html": out / "report.html"}

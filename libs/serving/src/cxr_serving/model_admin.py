@@ -24,7 +24,15 @@ from cxr_protos.common.v1 import common_pb2
 from cxr_serving.checkpoint_files import client_checkpoint, out_of_memory
 from cxr_serving.errors import CheckpointError, CxrError, InvalidInputError, ModelNotReadyError, OverloadedError
 from cxr_serving.lifecycle import ModelRepository, ModelState, ModelStatus, ThresholdOverride
-from cxr_serving.model_card import IN_MEMORY, build_card, card_file, evaluation_dict, read_card_file, write_card_file
+from cxr_serving.model_card import (
+    IN_MEMORY,
+    build_card,
+    card_file,
+    card_reference,
+    evaluation_dict,
+    read_card_file,
+    write_card_file,
+)
 from cxr_serving.proto_convert import model_info
 
 
@@ -140,7 +148,7 @@ class ModelAdmin:
         if not status.checkpoint:
             return self._untrained_cards.get(status.name, {}), IN_MEMORY
         path = card_file(status.checkpoint)
-        return read_card_file(path), str(path)
+        return read_card_file(path), card_reference(path, self.models_path)
 
     async def get_model_card(self, name: str) -> common_pb2.ModelCard:
         status = self._serving(name)
@@ -171,8 +179,9 @@ class ModelAdmin:
                 try:
                     await asyncio.to_thread(write)
                 except OSError as exc:
+                    shown, why = card_reference(path, self.models_path), exc.strerror or type(exc).__name__
                     raise CheckpointError(
-                        f"cannot write model card {path}: {exc}", reason="MODEL_CARD_NOT_WRITABLE"
+                        f"cannot write model card {shown}: {why}", reason="MODEL_CARD_NOT_WRITABLE"
                     ) from exc
         return await self.get_model_card(status.name)
 

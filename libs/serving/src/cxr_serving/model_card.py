@@ -38,16 +38,30 @@ def card_file(checkpoint: str) -> Path:
     return Path(checkpoint + CARD_SUFFIX)
 
 
+def card_reference(path: Path, models_path: Path | None) -> str:
+    """The card file as callers see it: relative to `models_path`, or its file name when it lies elsewhere
+    (a configured checkpoint); never the server's absolute path."""
+    if models_path is not None:
+        root = models_path.resolve()
+        if path.resolve().is_relative_to(root):
+            return path.resolve().relative_to(root).as_posix()
+    return path.name
+
+
 def read_card_file(path: Path) -> dict[str, Any]:
-    """The card file's JSON object ({} when there is none); FAILED_PRECONDITION for one that is no JSON object."""
+    """The card file's JSON object ({} when there is none); FAILED_PRECONDITION for one that is unreadable
+    or no JSON object, naming the file but not the folder it is in."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"model card {path} is unreadable: {exc}", reason="MODEL_CARD_INVALID") from exc
+    except OSError as exc:  # str(exc) would carry the full path
+        reason = exc.strerror or type(exc).__name__
+        raise CheckpointError(f"model card {path.name} is unreadable: {reason}", reason="MODEL_CARD_INVALID") from exc
+    except ValueError as exc:  # invalid JSON or UTF-8: the message holds positions, no path
+        raise CheckpointError(f"model card {path.name} is unreadable: {exc}", reason="MODEL_CARD_INVALID") from exc
     if not isinstance(data, dict):
-        raise CheckpointError(f"model card {path} is not a JSON object", reason="MODEL_CARD_INVALID")
+        raise CheckpointError(f"model card {path.name} is not a JSON object", reason="MODEL_CARD_INVALID")
     return data
 
 
