@@ -6,6 +6,7 @@
 Chunks: PubMedQA passages (../shared/data/pubmedqa/corpus.jsonl), repeated under new ids up to N
 (same vocabulary statistics; tokenizing is the cost that scales). For each N:
 - bm25s_rebuild_s: what every IngestDocuments cost before: a bm25s index over all N chunks;
+- live_build_s: the live index built over all N chunks (once, at start);
 - live_add_s / live_remove_s: the live index taking one write batch (256 chunks) / deleting it;
 - live_merge_s: the background merge of 8 such segments into the rest (off the query path);
 - query p50/p99 (ms) of 200 searches (4 PubMedQA questions in turn), bm25s vs the live index with
@@ -92,6 +93,7 @@ def measure(n: int, questions: list[str]) -> dict:
     return {
         "chunks": n,
         "bm25s_rebuild_s": round(rebuild, 3),
+        "live_build_s": round(index.build_seconds, 3),
         "live_add_s": round(add, 4),
         "live_remove_s": round(remove, 4),
         "live_merge_all_s": round(merge, 3),
