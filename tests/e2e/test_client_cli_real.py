@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cxr_client import AsyncCxrClient, CxrClient, InvalidImageError
-from cxr_client.analyze import analyze_study, literature_query
+from cxr_client.analyze import StudyReport, _add_literature, analyze_study, literature_query
 from cxr_client.cli import main
 from cxr_client.errors import from_status
 from tests.support.client_stack import POSITIVE, get_stack, use_stack_env
@@ -42,12 +42,23 @@ async def test_analyze_study_full_report(stack):
     assert all(m.version == "untrained" and m.untrained for m in report.models)
     assert report.untrained and "UNTRAINED" in report.warnings[0]
     assert report.errors == {}
-    assert 1 <= len(report.literature) <= 2
-    assert all(ref.finding == POSITIVE and ref.excerpt for ref in report.literature)
-    assert [ref.number for ref in report.literature] == list(range(1, len(report.literature) + 1))
+    # the stack's 20 passages hold nothing on pleural effusion: no reference above the default floor, said so
+    assert report.literature == []
+    assert report.literature_notes[POSITIVE].startswith("no reference above the relevance floor 0.45 (best similarity")
     assert report.image["format"] == "dcm"
     assert report.measurements is not None and report.overlay_png
-    assert literature_query("Pleural_Thickening") == "Pleural Thickening chest radiograph"
+    assert literature_query("Pleural_Thickening").startswith("pleural thickening: ")
+
+    report = StudyReport(study="s", generated_at="t", positive_findings=[POSITIVE, "Pneumothorax"])
+    async with AsyncCxrClient(stack.config()) as client:
+        await _add_literature(client, report, 2, 5, None, floor=0.1)
+    refs = report.literature
+    assert refs and report.literature_notes == {} and report.errors == {}
+    assert [ref.number for ref in refs] == list(range(1, len(refs) + 1))
+    assert len({ref.source for ref in refs}) == len(refs)  # one reference per PMID, chunks merged
+    assert all(ref.source.startswith("PMID:") and ref.score >= 0.1 and ref.excerpt for ref in refs)
+    per_finding = {f: [r for r in refs if f in (r.finding, *r.also_for)] for f in (POSITIVE, "Pneumothorax")}
+    assert all(1 <= len(v) <= 2 for v in per_finding.values()), per_finding
 
 
 def test_cli_health_all_serving(env, capsys):
@@ -65,9 +76,11 @@ def test_cli_ask_answer_and_search(env, capsys):
 
 
 def test_cli_analyze_json_and_models(env, capsys):
-    rc, out, _ = run_cli(capsys, "analyze", str(cxr14_images(1)[0]), "--format", "json", "--top-k", "1")
+    argv = ["analyze", str(cxr14_images(1)[0]), "--format", "json", "--top-k", "1", "--reference-floor", "0.2"]
+    rc, out, _ = run_cli(capsys, *argv)
     data = json.loads(out)
-    assert rc == 0 and data["positive_findings"] == [POSITIVE] and data["literature"]
+    assert rc == 0 and data["positive_findings"] == [POSITIVE]
+    assert len(data["literature"]) == 1 and data["literature_notes"] == {}  # the default 0.45 would refuse
     assert data["disclaimer"].startswith("Not for diagnosis")
     rc, out, _ = run_cli(capsys, "models", "list", "--service", "classification")
     assert rc == 0 and "binary_classifier" in out and "multiclass_classifier" in out and "densenet121" in out

@@ -93,7 +93,7 @@ async def test_tools_over_streamable_http(stack):
 
         rep = structured(await client.call_tool("analyze_study", {"image_path": str(img)}))
         assert rep["report"]["positive_findings"] == [POSITIVE]
-        assert rep["report"]["literature"] and rep["report"]["untrained"]
+        assert (rep["report"]["literature"] or rep["report"]["literature_notes"]) and rep["report"]["untrained"]
         assert "Not for diagnosis" in rep["markdown"]
 
         models = structured(await client.call_tool("list_models", {}))

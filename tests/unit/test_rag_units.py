@@ -89,6 +89,26 @@ def test_split_reasoning_without_think():
     assert split_reasoning("no tags at all", True) == ("", "no tags at all")
 
 
+@pytest.mark.parametrize(
+    ("think_open", "text", "reasoning", "answer"),
+    [
+        # the model opened <think> itself and ran out of tokens inside it: reasoning only, no answer
+        (False, "<think>I would cite [1] and [2", "I would cite [1] and [2", ""),
+        (True, "<think>I would cite [1] and [2", "I would cite [1] and [2", ""),
+        # the template opened it and the model wrote no tag at all: it did not think, all is the answer
+        (True, "Passage [1] says so; see [7].", "", "Passage [1] says so; see [7]."),
+    ],
+)
+def test_unclosed_think_streamed_or_not_gives_the_same_answer(think_open, text, reasoning, answer):
+    assert split_reasoning(text, think_open) == (reasoning, answer)
+    for size in (1, 4, 100):
+        sp = ThinkSplitter(think_open)
+        parts = [d for i in range(0, len(text), size) for d in sp.feed(text[i : i + size])] + sp.finish()
+        assert "".join(d.text for d in parts if d.kind == "answer").strip() == answer, size
+        if not sp.fell_back:
+            assert "".join(d.text for d in parts if d.kind == "reasoning") == reasoning, size
+
+
 def test_citations_map_and_drop_out_of_range():
     ps = [Passage(f"p{i}", "t", {"title": f"T{i}", "source": f"S{i}"}) for i in range(1, 4)]
     cites = parse_citations("A [2]. B [1, 3]. C [2]. D [9].", ps)

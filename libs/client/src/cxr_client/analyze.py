@@ -24,6 +24,13 @@ from pydantic import BaseModel, Field
 from cxr_client.client import AsyncCxrClient
 from cxr_client.errors import CxrClientError, InvalidArgumentError
 from cxr_client.images import ImageInput, to_image
+from cxr_client.references import (
+    CANDIDATES_PER_REFERENCE,
+    DEFAULT_REFERENCE_FLOOR,
+    MAX_CANDIDATES,
+    finding_query,
+    select_references,
+)
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
@@ -110,9 +117,11 @@ class LiteratureReference(BaseModel):
     finding: str
     title: str
     source: str
-    passage_id: str
-    score: float
+    passage_id: str  # the document's best-matching chunk
+    score: float  # its cosine similarity to the finding's query
     excerpt: str
+    chunks: int = 1  # chunks of this document among the passages retrieved for the finding
+    also_for: list[str] = Field(default_factory=list)  # later findings this document is a reference for too
 
 
 class StudyReport(BaseModel):
@@ -124,6 +133,8 @@ class StudyReport(BaseModel):
     measurements: Measurements | None = None
     anatomy: list[AnatomyStructure] = Field(default_factory=list)
     literature: list[LiteratureReference] = Field(default_factory=list)
+    # finding -> why it has no reference (nothing scored above the relevance floor)
+    literature_notes: dict[str, str] = Field(default_factory=dict)
     models: list[ModelVersion] = Field(default_factory=list)
     untrained: bool = False
     warnings: list[str] = Field(default_factory=list)
@@ -146,7 +157,7 @@ def _model_version(service: str, info: common_pb2.ModelInfo) -> ModelVersion:
 
 
 def literature_query(label: str) -> str:
-    return f"{label.replace('_', ' ')} chest radiograph"
+    return finding_query(label)
 
 
 def _is_reportable(f: ReportFinding) -> bool:
@@ -164,6 +175,7 @@ async def analyze_study(
     literature: bool = True,
     heatmaps: bool = False,
     timeout: float | None = None,
+    reference_floor: float = DEFAULT_REFERENCE_FLOOR,
 ) -> StudyReport:
     """Classify and segment one image, search the literature for its positive findings, report.
 
@@ -225,7 +237,7 @@ async def analyze_study(
 
     jobs = []
     if literature and report.positive_findings:
-        jobs.append(_add_literature(client, report, top_k, max_findings_searched, timeout))
+        jobs.append(_add_literature(client, report, top_k, max_findings_searched, timeout, reference_floor))
     if heatmaps and report.positive_findings:
         jobs.append(_add_heatmaps(client, img, report, max_findings_searched, timeout))
     await asyncio.gather(*jobs)
@@ -239,37 +251,52 @@ async def analyze_study(
 
 
 async def _add_literature(
-    client: AsyncCxrClient, report: StudyReport, top_k: int, max_findings: int, timeout: float | None
+    client: AsyncCxrClient,
+    report: StudyReport,
+    top_k: int,
+    max_findings: int,
+    timeout: float | None,
+    floor: float = DEFAULT_REFERENCE_FLOOR,
 ) -> None:
+    """Up to `top_k` documents per finding, none below `floor`; a document found for several findings is
+    one reference (numbered once, `also_for` naming the later findings)."""
     labels = report.positive_findings[:max_findings]
+    wanted = min(MAX_CANDIDATES, max(top_k, 1) * CANDIDATES_PER_REFERENCE)
     results = await asyncio.gather(
-        *(client.search_literature(literature_query(label), top_k=top_k, timeout=timeout) for label in labels),
+        *(
+            client.search_literature(literature_query(label), top_k=wanted, mode="dense", timeout=timeout)
+            for label in labels
+        ),
         return_exceptions=True,
     )
-    number = 0
-    seen: set[str] = set()
+    cited: dict[str, LiteratureReference] = {}  # document -> its one reference in the report
     for label, res in zip(labels, results, strict=True):
         if isinstance(res, CxrClientError):
             report.errors["rag"] = str(res)
             continue
         if isinstance(res, BaseException):
             raise res
-        for p in res.passages:
-            if p.id in seen:
+        chosen, best = select_references(res.passages, top_k, floor)
+        if not chosen:
+            seen = "nothing retrieved" if best is None else f"best similarity {best:.2f}"
+            report.literature_notes[label] = f"no reference above the relevance floor {floor:.2f} ({seen})"
+        for hit in chosen:
+            if hit.key in cited:
+                cited[hit.key].also_for.append(label)
                 continue
-            seen.add(p.id)
-            number += 1
-            report.literature.append(
-                LiteratureReference(
-                    number=number,
-                    finding=label,
-                    title=p.title,
-                    source=p.source,
-                    passage_id=p.id,
-                    score=round(p.score, 4),
-                    excerpt=_excerpt(p.text),
-                )
+            p = hit.passage
+            ref = LiteratureReference(
+                number=len(report.literature) + 1,
+                finding=label,
+                title=p.title,
+                source=p.source,
+                passage_id=p.id,
+                score=round(hit.score, 4),
+                excerpt=_excerpt(p.text),
+                chunks=hit.chunks,
             )
+            cited[hit.key] = ref
+            report.literature.append(ref)
     if len(report.positive_findings) > max_findings:
         report.warnings.append(
             f"literature searched for the {max_findings} most probable positive findings only "

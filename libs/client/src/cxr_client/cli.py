@@ -25,6 +25,7 @@ from cxr_client.batch import batch_process_images
 from cxr_client.client import AsyncCxrClient
 from cxr_client.config import ClientConfig, ServiceName, TlsOptions
 from cxr_client.errors import AdminKeyNotConfiguredError, CxrClientError, NotFoundError
+from cxr_client.references import DEFAULT_REFERENCE_FLOOR
 from cxr_client.report import to_html, to_json, to_markdown, write_report
 from cxr_protos.rag.v1 import rag_service_pb2 as rag_pb
 
@@ -106,8 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("image", type=Path)
     z.add_argument("--out", type=Path, help="folder for report.json, report.md, report.html, overlay.png")
     z.add_argument("--format", choices=("markdown", "html", "json"), default="markdown", help="what to print")
-    z.add_argument("--top-k", type=int, default=3, help="passages per positive finding")
+    z.add_argument("--top-k", type=int, default=3, help="references (documents) per positive finding")
     z.add_argument("--no-literature", action="store_true")
+    z.add_argument(
+        "--reference-floor",
+        type=float,
+        default=DEFAULT_REFERENCE_FLOOR,
+        help="cosine similarity a passage needs to be cited for a finding (default %(default)s); below it the "
+        "report says there is no reference above the floor",
+    )
     z.add_argument("--heatmaps", action="store_true", help="Grad-CAM heatmaps of the positive findings")
 
     e = sub.add_parser(
@@ -316,7 +324,12 @@ async def cmd_ask(client: AsyncCxrClient, args: argparse.Namespace) -> int:
 
 async def cmd_analyze(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     report = await analyze_study(
-        client, args.image, top_k=args.top_k, literature=not args.no_literature, heatmaps=args.heatmaps
+        client,
+        args.image,
+        top_k=args.top_k,
+        literature=not args.no_literature,
+        heatmaps=args.heatmaps,
+        reference_floor=args.reference_floor,
     )
     if args.out:
         paths = write_report(report, args.out)

@@ -99,10 +99,13 @@ def to_markdown(report: StudyReport, *, overlay_path: str | None = None, heatmap
         for ref in report.literature:
             title = ref.title or ref.source or ref.passage_id
             src = f" ({ref.source})" if ref.source and ref.title else ""
-            lines.append(f"[{ref.number}] **{_md_cell(title)}**{src} — for *{ref.finding}*: {ref.excerpt}")
+            findings = ", ".join(f"*{f}*" for f in [ref.finding, *ref.also_for])
+            lines.append(f"[{ref.number}] **{_md_cell(title)}**{src} — for {findings}: {ref.excerpt}")
             lines.append("")
-    else:
+    elif not report.literature_notes:
         lines += ["No literature retrieved (no positive findings, or the literature service was unavailable).", ""]
+    for finding, note in report.literature_notes.items():
+        lines += [f"*{finding}*: {note}.", ""]
     lines += ["## Models", "", "| service | model | version | architecture | untrained |", "|---|---|---|---|:---:|"]
     lines += [
         f"| {m.service} | {m.name} | `{m.version}` | {m.architecture} | {'**yes**' if m.untrained else 'no'} |"
@@ -180,11 +183,12 @@ def to_html(report: StudyReport) -> str:
             parts.append(
                 f"<li value='{ref.number}'><b>{e(ref.title or ref.source or ref.passage_id)}</b> "
                 f"{e(ref.source if ref.title else '')} "
-                f"— for <i>{e(ref.finding)}</i>: {e(ref.excerpt)}</li>"
+                f"— for {', '.join(f'<i>{e(f)}</i>' for f in [ref.finding, *ref.also_for])}: {e(ref.excerpt)}</li>"
             )
         parts.append("</ol>")
-    else:
+    elif not report.literature_notes:
         parts.append("<p>No literature retrieved.</p>")
+    parts += [f"<p><i>{e(finding)}</i>: {e(note)}.</p>" for finding, note in report.literature_notes.items()]
     parts.append("<h2>Models</h2><table><tr><th>service</th><th>model</th><th>version</th><th>untrained</th></tr>")
     parts += [
         f"<tr><td>{e(v.service)}</td><td>{e(v.name)}</td><td><code>{e(v.version)}</code></td>"

@@ -20,7 +20,7 @@ from cxr_serving.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-_MODELS: dict[tuple[str, str], Embedder] = {}
+_MODELS: dict[tuple[str, str, str], Embedder] = {}
 
 
 def default_model_path() -> Path:
@@ -72,7 +72,7 @@ class Embedder:
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._encode_lock:  # one forward at a time: torch already uses every core
+        with self._encode_lock:  # one forward at a time per instance: torch already uses every core
             vecs = self._model.encode(
                 texts,
                 batch_size=batch_size,
@@ -83,9 +83,10 @@ class Embedder:
         return np.asarray(vecs, dtype=np.float32)
 
 
-def get_embedder(model_path: Path, device: str = "cpu") -> Embedder:
-    """The process-wide instance for (path, device): loaded on first use only."""
-    key = (str(model_path), device)
+def get_embedder(model_path: Path, device: str = "cpu", role: str = "query") -> Embedder:
+    """The process-wide instance for (path, device, role): loaded on first use only. Roles get
+    separate instances (own weights, tokenizer and lock), so queries never queue behind ingestion."""
+    key = (str(model_path), device, role)
     with _LOCK:
         emb = _MODELS.get(key)
         if emb is None:

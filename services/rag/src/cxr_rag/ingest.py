@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from cxr_rag.chunking import Chunk, Document, chunk_document, content_hash
 from cxr_rag.embeddings import Embedder
-from cxr_rag.store import VectorStore
+from cxr_rag.lexical import LexicalIndex
+from cxr_rag.store import StoredChunk, VectorStore
 from cxr_serving.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ class Ingestor:
         overlap_tokens: int,
         batch_size: int = 32,
         write_batch: int = 256,
+        index: LexicalIndex | None = None,
     ) -> None:
         self.store = store
         self.embedder = embedder
@@ -176,6 +178,7 @@ class Ingestor:
         self.overlap_tokens = overlap_tokens
         self.batch_size = batch_size
         self.write_batch = write_batch
+        self.index = index  # the live BM25 index, given each change right after the store has it
 
     def chunk(self, documents: Iterable[Document]) -> tuple[int, set[str], list[Chunk]]:
         """How many documents, their ids, and every distinct chunk (documents sharing an id add up)."""
@@ -190,6 +193,10 @@ class Ingestor:
                     chunks.append(c)
         return n_docs, keys, chunks
 
+    def _index_add(self, chunks: list[Chunk]) -> None:
+        if self.index is not None and chunks:
+            self.index.add(StoredChunk(c.id, c.text, c.metadata) for c in chunks)
+
     def ingest(self, documents: Iterable[Document], *, progress: bool = True) -> IngestStats:
         started = time.perf_counter()
         n_docs, keys, chunks = self.chunk(documents)
@@ -203,6 +210,7 @@ class Ingestor:
                 # the same text under a re-ingested id: keep the embedding, refresh its place and title
                 changed = [c for c in part if c.id in present and present[c.id] != c.metadata]
                 self.store.update_metadata(changed)
+                self._index_add(changed)
                 stats.chunks_updated += len(changed)
                 stats.chunks_skipped += len(part) - len(new)
                 bar.update(len(part) - len(new))
@@ -210,12 +218,15 @@ class Ingestor:
                     sub = new[b : b + self.batch_size * 4]
                     vecs = self.embedder.encode([c.text for c in sub], batch_size=self.batch_size)
                     self.store.upsert(sub, vecs)
+                    self._index_add(sub)
                     stats.chunks_added += len(sub)
                     bar.update(len(sub))
         finally:
             bar.close()
         stale = sorted(self.store.document_chunk_ids(sorted(keys)) - {c.id for c in chunks})
         self.store.delete(stale)
+        if self.index is not None:
+            self.index.remove(stale)
         stats.chunks_removed = len(stale)
         stats.seconds = time.perf_counter() - started
         log.info(

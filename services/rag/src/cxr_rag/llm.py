@@ -64,15 +64,34 @@ class ThinkSplitter:
     text is reasoning until `</think>` (a leading `<think>` the model repeats anyway is dropped).
     Otherwise reasoning starts only with a leading `<think>`.
     Tags split across chunks are handled by holding back a possible partial tag.
+
+    An output that never closes a think block: after a `<think>` the model wrote itself, the rest
+    is reasoning and the answer is empty (it ran out of tokens while thinking). With the template's
+    own open block and no tag at all, the model did not think: `finish()` gives the whole text
+    once more as the answer (`fell_back`), so a stream ends with the answer a plain call returns.
     """
 
     def __init__(self, think_open: bool = False) -> None:
         self._in_think = think_open
+        self._template_open = think_open
+        self._saw_tag = False
+        self._answered = False
+        self._reasoning: list[str] = []
+        self.fell_back = False
         self._started = False  # past the point where a leading <think> may appear (dropped in both modes)
         self._buf = ""
         self._strip_leading = False  # drop whitespace right after </think>
 
     def feed(self, text: str) -> list[Delta]:
+        out = self._feed(text)
+        for d in out:
+            if d.kind == "answer":
+                self._answered = True
+            elif self._template_open and not self._saw_tag:
+                self._reasoning.append(d.text)
+        return out
+
+    def _feed(self, text: str) -> list[Delta]:
         self._buf += text
         out: list[Delta] = []
         while self._buf:
@@ -83,6 +102,7 @@ class ThinkSplitter:
                 self._started = True
                 if stripped.startswith(THINK_OPEN):
                     self._in_think = True
+                    self._saw_tag = True
                     self._buf = stripped[len(THINK_OPEN) :]
                 continue
             if self._in_think:
@@ -92,6 +112,7 @@ class ThinkSplitter:
                         out.append(Delta("reasoning", self._buf[:idx]))
                     self._buf = self._buf[idx + len(THINK_CLOSE) :]
                     self._in_think = False
+                    self._saw_tag = True
                     self._strip_leading = True
                     continue
                 keep = _partial_suffix(self._buf, THINK_CLOSE)
@@ -111,9 +132,12 @@ class ThinkSplitter:
 
     def finish(self) -> list[Delta]:
         rest, self._buf = self._buf, ""
-        if not rest:
-            return []
-        return [Delta("reasoning" if self._in_think else "answer", rest)]
+        out = [Delta("reasoning" if self._in_think else "answer", rest)] if rest else []
+        if self._template_open and not self._saw_tag and not self._answered:
+            text = ("".join(self._reasoning) + rest).strip()
+            self.fell_back = True
+            return [Delta("answer", text)] if text else []
+        return out
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -127,12 +151,13 @@ def _partial_suffix(text: str, tag: str) -> int:
 def split_reasoning(text: str, think_open: bool = False) -> tuple[str, str]:
     """(reasoning, answer) of a complete output."""
     sp = ThinkSplitter(think_open)
-    parts = sp.feed(text) + sp.finish()
+    parts = sp.feed(text)
+    last = sp.finish()
+    if sp.fell_back:  # the template opened a think block the model never used: all of it is the answer
+        return "", "".join(d.text for d in last)
+    parts += last
     reasoning = "".join(d.text for d in parts if d.kind == "reasoning").strip()
     answer = "".join(d.text for d in parts if d.kind == "answer").strip()
-    if think_open and not answer and THINK_CLOSE not in text:
-        # the model never closed the think block: nothing was reasoning after all
-        return "", text.strip()
     return reasoning, answer
 
 

@@ -82,8 +82,13 @@ class Retriever:
     def index_ready(self) -> bool:
         return self._index is not None
 
+    @property
+    def index(self) -> LexicalIndex | None:
+        return self._index
+
     def rebuild_index(self) -> LexicalIndex:
-        """Re-read every chunk from the store and swap in a fresh BM25 index."""
+        """Read every chunk from the store into a fresh BM25 index (at start); later changes are applied
+        to it as they happen (`LexicalIndex.add` / `remove`), never by reading the store again."""
         with self._rebuild_lock:
             index = LexicalIndex(self.store.all_chunks())
             self._index = index

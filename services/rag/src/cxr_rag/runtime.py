@@ -4,8 +4,9 @@
 embedding model, opens the store (checking the collection's embedding model), ingests
 `documents_path` until one start-up ingestion of it has completed (so an interrupted first
 start resumes on the next), and builds the BM25 index. Ingestion is
-serialised by one lock; after chunks are added, removed or given new metadata the BM25 index is
-rebuilt and swapped in.
+serialised by one lock; each batch of chunks it writes, re-labels or removes is applied to the
+live BM25 index right after the store has it (no rebuild). Queries and ingestion embed with two
+instances of the model, so a query never waits for an ingestion batch's forward pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class RagRuntime:
         self.cfg = cfg
         self.model_path = resolve_model_path(cfg.embedding_model_path)
         self.tokenizer: Any = None
-        self.embedder: Embedder | None = None
+        self.embedder: Embedder | None = None  # queries (retrieval, extractive answers)
+        self.ingest_embedder: Embedder | None = None  # ingestion: its own instance and lock
         self.store: VectorStore | None = None
         self.retriever: Retriever | None = None
         self.pipeline: AnswerPipeline | None = None
@@ -50,6 +52,7 @@ class RagRuntime:
     def open(self, *, progress: bool = True, build_index: bool = True) -> None:
         self.tokenizer = load_tokenizer(self.model_path)
         self.embedder = get_embedder(self.model_path, self.cfg.embedding_device)
+        self.ingest_embedder = get_embedder(self.model_path, self.cfg.embedding_device, role="ingest")
         self.store = VectorStore.open(self.cfg, self.cfg.embedding_name, self.embedder.dimension)
         self.retriever = Retriever(self.store, self.embedder, self.cfg.candidates, self.cfg.rrf_k)
         if self.cfg.ingest_on_start and self.cfg.documents_path is not None:
@@ -87,24 +90,23 @@ class RagRuntime:
             )
         return self.pipeline
 
-    def ingestor(self) -> Ingestor:
-        assert self.store is not None and self.embedder is not None
+    def ingestor(self, *, live_index: bool = True) -> Ingestor:
+        assert self.store is not None and self.ingest_embedder is not None
         return Ingestor(
             self.store,
-            self.embedder,
+            self.ingest_embedder,
             self.tokenizer,
             self.cfg.chunk_tokens,
             self.cfg.chunk_overlap_tokens,
             self.cfg.embedding_batch_size,
+            index=self.retriever.index if live_index and self.retriever is not None else None,
         )
 
     def ingest(self, documents: Iterable[Document], *, progress: bool = True, rebuild: bool = True) -> IngestStats:
+        """`rebuild=False`: the BM25 index is not kept up to date (it is built from the store afterwards)."""
         with self._ingest_lock:
-            stats = self.ingestor().ingest(documents, progress=progress)
+            stats = self.ingestor(live_index=rebuild).ingest(documents, progress=progress)
             self.last_ingest = stats
-            changed = stats.chunks_added or stats.chunks_removed or stats.chunks_updated
-            if rebuild and changed and self.retriever is not None:
-                self.retriever.rebuild_index()
             if self.store is not None:
                 metrics.CHUNKS.set(self.store.count())
             return stats
