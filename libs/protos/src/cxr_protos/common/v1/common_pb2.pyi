@@ -10,8 +10,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRIORITY_UNSPECIFIED: _ClassVar[Priority]
-    PRIORITY_ROUTINE: _ClassVar[Priority]
     PRIORITY_STAT: _ClassVar[Priority]
+    PRIORITY_ROUTINE: _ClassVar[Priority]
 
 class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -21,8 +21,8 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
 PRIORITY_UNSPECIFIED: Priority
-PRIORITY_ROUTINE: Priority
 PRIORITY_STAT: Priority
+PRIORITY_ROUTINE: Priority
 MODEL_STATE_UNSPECIFIED: ModelState
 MODEL_STATE_UNLOADED: ModelState
 MODEL_STATE_LOADING: ModelState
