@@ -54,3 +54,26 @@ async def test_cli_segment_and_client_priority_reach_the_real_segmentation_batch
             with pytest.raises(ValueError, match="priority must be one of"):
                 await client.segment(image.read_bytes(), priority="urgent")  # type: ignore[arg-type]
         assert _delta(_queued("segmentation"), before) == {"stat": 1, "routine": 1}
+
+
+async def test_mcp_classify_tool_passes_priority(monkeypatch):
+    from mcp import Client
+
+    from cxr_client.config import ClientConfig
+    from cxr_client.mcp.server import build_server
+
+    monkeypatch.setenv("CXR_MCP_BINARY_MODEL", "toy")
+    settings = make_settings()
+    image = str(cxr14_images(1)[0])
+    async with running_server(settings, build_toy(settings)) as server:
+        cfg = ClientConfig(endpoint=f"127.0.0.1:{server.port}", api_key=TEST_KEY)
+        before = _queued("toy")
+        async with Client(build_server(cfg)) as mcp:
+            res = await mcp.call_tool("classify_binary", {"image_path": image, "priority": "stat"})
+            assert not res.is_error, res
+            assert _delta(_queued("toy"), before) == {"stat": 1, "routine": 0}
+            res = await mcp.call_tool("classify_binary", {"image_path": image})
+            assert not res.is_error, res
+            res = await mcp.call_tool("classify_binary", {"image_path": image, "priority": "urgent"})
+            assert res.is_error  # the tool's schema admits only stat and routine
+        assert _delta(_queued("toy"), before) == {"stat": 1, "routine": 1}
