@@ -97,6 +97,7 @@ def classification() -> Target:
             Call("ClassifyImage", pb.ClassifyImageRequest(image=img, model_names=[""])),
             Call("ClassifyImage", pb.ClassifyImageRequest(image=img, heatmap_labels=[GIANT])),
             Call("ClassifyImage", pb.ClassifyImageRequest(image=img, model_names=["binary_classifier"] * 1000)),
+            Call("ClassifyImage", pb.ClassifyImageRequest(image=img, priority=99)),  # type: ignore[arg-type]
             Call("ClassifyImages", pb.ClassifyImagesRequest()),
             Call("ClassifyImages", pb.ClassifyImagesRequest(images=[common_pb2.Image()] * 3)),
             Call("ClassifyImages", pb.ClassifyImagesRequest(images=[img], model_names=[GIANT])),
@@ -144,6 +145,7 @@ def segmentation() -> Target:
             Call("SegmentImage", pb.SegmentImageRequest(image=img, classes=[""])),
             Call("SegmentImage", pb.SegmentImageRequest(image=img, model_name=GIANT)),
             Call("SegmentImage", pb.SegmentImageRequest(image=img, mask_encoding=99)),  # type: ignore[arg-type]
+            Call("SegmentImage", pb.SegmentImageRequest(image=img, priority=99)),  # type: ignore[arg-type]
             Call("SegmentImage", pb.SegmentImageRequest(image=img, include_dicom_seg=True)),  # PNG: no DICOM source
             Call("LoadModel", pb.LoadModelRequest(model_name=GIANT)),
             Call("LoadModel", pb.LoadModelRequest(model_name="")),

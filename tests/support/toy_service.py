@@ -19,7 +19,7 @@ from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import UNTRAINED, ModelRepository, ServedModel
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata, model_info
+from cxr_serving.proto_convert import image_metadata, model_info, urgency
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -78,9 +78,16 @@ class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
             raise RuntimeError("secret internal detail")
         if request.model_names and request.model_names[0] == "bad":
             raise InvalidInputError("model_names: 'bad' is not allowed")
-        with self.repo.expect(["toy"]) as arrivals:
+        how_urgent = urgency(request.priority, context)
+        with self.repo.expect(["toy"], how_urgent.priority) as arrivals:
             img, p = await infer(
-                self.repo, self.pool, "toy", request.image.data, request.image.content_type, arrivals.get("toy")
+                self.repo,
+                self.pool,
+                "toy",
+                request.image.data,
+                request.image.content_type,
+                arrivals.get("toy"),
+                urgency=how_urgent,
             )
         st = self.repo.status("toy")
         pred = pb.ModelPrediction(

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from cxr_serving.batcher import DynamicBatcher
-from cxr_serving.errors import ModelNotReadyError, OverloadedError
+from cxr_serving.batcher import BatchObserver, DynamicBatcher
+from cxr_serving.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
+from cxr_serving.urgency import Priority, Urgency
 from tests.support.concurrency import PeakGauge
 
 
@@ -316,4 +317,155 @@ async def test_admission_counts_requests_still_decoding_and_sheds_before_the_dec
     decoding[0].done()  # one failed to decode: room for one more
     late = b.expect()
     assert await asyncio.gather(running, queued, b.submit(2, decoding[1]), b.submit(3, late)) == [0, 10, 20, 30]
+    await b.close()
+
+
+# -- priority and deadlines (issue 26 item 5) ------------------------------------------------------
+
+
+class Held(Recorder):
+    """Every forward waits for `release()`; a test fills the queue behind the first one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        self.started.set()
+        assert self.gate.wait(10), "never released"
+        return [i * 10 for i in items]
+
+    async def hold_first(self, b: DynamicBatcher) -> asyncio.Future:
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.to_thread(self.started.wait, 2)
+        return first
+
+
+class Counts(BatchObserver):
+    def __init__(self) -> None:
+        self.expired = 0
+        self.submitted: list[Priority] = []
+
+    def on_expired(self, model: str) -> None:
+        self.expired += 1
+
+    def on_submit(self, model: str, priority: Priority) -> None:
+        self.submitted.append(priority)
+
+
+STAT = Urgency(Priority.STAT)
+
+
+async def test_stat_items_fill_the_next_batch_before_routine_ones_and_keep_their_order():
+    rec = Held()
+    b = DynamicBatcher("m", rec, max_batch_size=3, max_batch_delay_ms=0)
+    first = await rec.hold_first(b)
+    routine = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3, 4)]
+    await asyncio.sleep(0)
+    stat = [asyncio.ensure_future(b.submit(i, urgency=STAT)) for i in (101, 102)]
+    await asyncio.sleep(0)
+    rec.gate.set()
+    assert await asyncio.gather(first, *routine, *stat) == [0, 10, 20, 30, 40, 1010, 1020]
+    assert rec.batches == [[0], [101, 102, 1], [2, 3, 4]]
+    await b.close()
+
+
+async def test_routine_requests_filling_the_queue_never_shed_a_stat_request():
+    """A routine request counts every waiting request against max_queue_size, a STAT one only STAT ones:
+    so the queue holds at most 2 x max_queue_size, and STAT is shed only by STAT."""
+    rec = Held()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=0, max_queue_size=2, announced_arrivals=True)
+    first = await rec.hold_first(b)
+    routine = [asyncio.ensure_future(b.submit(i, b.expect())) for i in (1, 2)]
+    await asyncio.sleep(0)
+    with pytest.raises(OverloadedError):
+        b.expect()  # routine: the queue is full
+    with pytest.raises(OverloadedError):
+        await b.submit(3)  # also without an announcement
+    announced = b.expect(Priority.STAT)  # STAT: admitted though routine requests fill the queue
+    stat = [asyncio.ensure_future(b.submit(101, announced, STAT)), asyncio.ensure_future(b.submit(102, urgency=STAT))]
+    await asyncio.sleep(0)
+    assert b.queue_depth == 4
+    with pytest.raises(OverloadedError):
+        b.expect(Priority.STAT)  # two STAT requests wait: STAT is full too
+    with pytest.raises(OverloadedError):
+        await b.submit(103, urgency=STAT)
+    assert b._upcoming == b._upcoming_stat == 0
+    rec.gate.set()
+    assert await asyncio.gather(first, *routine, *stat) == [0, 10, 20, 1010, 1020]
+    assert rec.batches == [[0], [101, 102, 1, 2]]
+    await b.close()
+
+
+async def test_an_item_whose_deadline_passed_in_the_queue_is_answered_and_never_run():
+    rec, seen = Held(), Counts()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=0, observer=seen)
+    first = await rec.hold_first(b)
+    soon = Urgency.of(Priority.ROUTINE, 0.05)
+    doomed = [asyncio.ensure_future(b.submit(i, urgency=soon)) for i in (1, 2)]
+    doomed.append(asyncio.ensure_future(b.submit(3, urgency=Urgency.of(Priority.STAT, 0.05))))
+    later = asyncio.ensure_future(b.submit(4, urgency=Urgency.of(Priority.ROUTINE, 30)))
+    forever = asyncio.ensure_future(b.submit(5))
+    await asyncio.sleep(0.1)  # their deadlines pass while the forward is held
+    rec.gate.set()
+    results = await asyncio.gather(*doomed, return_exceptions=True)
+    assert all(isinstance(r, DeadlineExceededError) for r in results), results
+    assert results[0].reason == "DEADLINE_EXCEEDED_IN_QUEUE"
+    assert await asyncio.gather(first, later, forever) == [0, 40, 50]
+    assert rec.batches == [[0], [4, 5]]  # the expired items never reached the forward
+    assert seen.expired == 3
+    await b.close()
+
+
+async def test_expired_items_take_no_place_in_a_batch():
+    rec = Held()
+    b = DynamicBatcher("m", rec, max_batch_size=2, max_batch_delay_ms=0)
+    first = await rec.hold_first(b)
+    doomed = [asyncio.ensure_future(b.submit(i, urgency=Urgency.of(Priority.STAT, 0.05))) for i in (1, 2)]
+    live = [asyncio.ensure_future(b.submit(i)) for i in (3, 4)]
+    await asyncio.sleep(0.1)
+    rec.gate.set()
+    assert await asyncio.gather(first, *live) == [0, 30, 40]
+    assert rec.batches == [[0], [3, 4]]  # one full batch, not [1, 2] dropped and [3, 4] split
+    assert all(isinstance(r, DeadlineExceededError) for r in await asyncio.gather(*doomed, return_exceptions=True))
+    await b.close()
+
+
+async def test_a_caller_cancelled_by_its_deadline_counts_as_expired_and_a_plain_cancel_does_not():
+    """gRPC cancels a handler when its deadline passes, before the batch forms: that request still
+    expired in the queue; one cancelled with time left (the client went away) did not."""
+    rec, seen = Held(), Counts()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=0, observer=seen)
+    first = await rec.hold_first(b)
+    by_deadline = asyncio.ensure_future(b.submit(1, urgency=Urgency.of(Priority.ROUTINE, 0.05)))
+    by_client = asyncio.ensure_future(b.submit(2, urgency=Urgency.of(Priority.ROUTINE, 30)))
+    await asyncio.sleep(0.1)
+    by_deadline.cancel()
+    by_client.cancel()
+    survivor = asyncio.ensure_future(b.submit(3))
+    await asyncio.sleep(0)
+    rec.gate.set()
+    assert await asyncio.gather(first, survivor) == [0, 30]
+    assert rec.batches == [[0], [3]]
+    assert seen.expired == 1
+    await b.close()
+
+
+async def test_an_item_that_expires_while_its_batch_forms_is_dropped_before_the_forward():
+    rec = Recorder()
+    b = DynamicBatcher("m", rec, max_batch_size=8, max_batch_delay_ms=150)  # the batch waits 150 ms for more
+    doomed = asyncio.ensure_future(b.submit(1, urgency=Urgency.of(Priority.ROUTINE, 0.05)))
+    assert await b.submit(2) == 20
+    with pytest.raises(DeadlineExceededError):
+        await doomed
+    assert rec.batches == [[2]]
+    await b.close()
+
+
+async def test_submissions_are_reported_by_priority():
+    seen = Counts()
+    b = DynamicBatcher("m", Recorder(), max_batch_size=8, max_batch_delay_ms=0, observer=seen)
+    await asyncio.gather(b.submit(1), b.submit(2, urgency=STAT), b.submit(3, urgency=Urgency(Priority.ROUTINE)))
+    assert sorted(seen.submitted) == [Priority.ROUTINE, Priority.ROUTINE, Priority.STAT]
     await b.close()

@@ -68,6 +68,9 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+PRIORITY_HELP = "stat: served before routine requests in the model's queue (default routine)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr", description="Chest X-ray platform client (not for diagnosis).")
     p.add_argument("--endpoint", help="gRPC endpoint of every service, e.g. a gateway (env CXR_ENDPOINT)")
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", help="comma-separated model names (default: every ready model)")
     c.add_argument("--concurrency", type=int, default=4)
     c.add_argument("--all-findings", action="store_true", help="show negative findings too")
+    c.add_argument("--priority", choices=("routine", "stat"), default="routine", help=PRIORITY_HELP)
 
     s = sub.add_parser("segment", help="segment one image, write masks")
     s.add_argument("image", type=Path)
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", help="comma-separated classes (default: all)")
     s.add_argument("--threshold", type=float, default=0.0)
     s.add_argument("--overlay", action="store_true", help="also write the colour overlay PNG")
+    s.add_argument("--priority", choices=("routine", "stat"), default="routine", help=PRIORITY_HELP)
 
     a = sub.add_parser("ask", help="ask the literature a question")
     a.add_argument("question")
@@ -235,6 +240,7 @@ async def cmd_classify(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         progress=sys.stderr.isatty(),
         model_names=_csv(args.models),
+        priority=args.priority,
     )
     rows, data = [], []
     for r in summary.results:
@@ -268,6 +274,7 @@ async def cmd_segment(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         threshold=args.threshold,
         mask_encoding="png" if args.out else "none",
         include_overlay=bool(args.out and args.overlay),
+        priority=args.priority,
     )
     written: list[str] = []
     if args.out:

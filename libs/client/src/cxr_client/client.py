@@ -37,6 +37,7 @@ from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as seg_grpc
 T = TypeVar("T")
 
 MaskEncoding = Literal["png", "rle", "none"]
+Priority = Literal["routine", "stat"]
 RetrievalMode = Literal["hybrid", "dense", "lexical"]
 
 _MASK_ENCODINGS = {
@@ -44,6 +45,7 @@ _MASK_ENCODINGS = {
     "rle": seg_pb.MASK_ENCODING_RLE,
     "none": seg_pb.MASK_ENCODING_NONE,
 }
+_PRIORITIES: dict[str, common_pb2.Priority] = {"routine": common_pb2.PRIORITY_ROUTINE, "stat": common_pb2.PRIORITY_STAT}
 _RETRIEVAL_MODES = {
     "hybrid": rag_pb.RETRIEVAL_MODE_HYBRID,
     "dense": rag_pb.RETRIEVAL_MODE_DENSE,
@@ -100,6 +102,13 @@ class ModelAdminStub:
         self.RecordModelEvaluation = method(
             "RecordModelEvaluation", admin_pb.RecordModelEvaluationRequest, admin_pb.RecordModelEvaluationResponse
         )
+
+
+def _priority(name: str) -> common_pb2.Priority:
+    try:
+        return _PRIORITIES[name]
+    except KeyError:
+        raise ValueError(f"priority must be one of {sorted(_PRIORITIES)}, not {name!r}") from None
 
 
 def _unhealthy(err: CxrClientError) -> str:
@@ -197,19 +206,31 @@ class AsyncCxrClient:
         *,
         model_names: Sequence[str] = (),
         heatmap_labels: Sequence[str] = (),
+        priority: Priority = "routine",
         timeout: float | None = None,
     ) -> cls_pb.ClassifyImageResponse:
-        """Classify one image with every ready model, or with `model_names`."""
+        """Classify one image with every ready model, or with `model_names`. A "stat" request is served
+        before routine ones; the call's deadline (`timeout`) also bounds its wait in the server's queue."""
         req = cls_pb.ClassifyImageRequest(
-            image=to_image(image), model_names=list(model_names), heatmap_labels=list(heatmap_labels)
+            image=to_image(image),
+            model_names=list(model_names),
+            heatmap_labels=list(heatmap_labels),
+            priority=_priority(priority),
         )
         return await self._call(self._classification().ClassifyImage, req, timeout)
 
     async def classify_images(
-        self, images: Iterable[ImageInput], *, model_names: Sequence[str] = (), timeout: float | None = None
+        self,
+        images: Iterable[ImageInput],
+        *,
+        model_names: Sequence[str] = (),
+        priority: Priority = "routine",
+        timeout: float | None = None,
     ) -> cls_pb.ClassifyImagesResponse:
         """Several images in one call; each result has either predictions or an `error` status."""
-        req = cls_pb.ClassifyImagesRequest(images=[to_image(i) for i in images], model_names=list(model_names))
+        req = cls_pb.ClassifyImagesRequest(
+            images=[to_image(i) for i in images], model_names=list(model_names), priority=_priority(priority)
+        )
         return await self._call(self._classification().ClassifyImages, req, timeout)
 
     async def stream_classify_images(
@@ -218,11 +239,15 @@ class AsyncCxrClient:
         *,
         model_names: Sequence[str] = (),
         heatmap_labels: Sequence[str] = (),
+        priority: Priority = "routine",
         timeout: float | None = None,
     ) -> AsyncIterator[cls_pb.StreamClassifyImagesResponse]:
         """Like classify_images, but each image's result arrives as soon as it is ready (use `.result.index`)."""
         req = cls_pb.StreamClassifyImagesRequest(
-            images=[to_image(i) for i in images], model_names=list(model_names), heatmap_labels=list(heatmap_labels)
+            images=[to_image(i) for i in images],
+            model_names=list(model_names),
+            heatmap_labels=list(heatmap_labels),
+            priority=_priority(priority),
         )
         call = self._classification().StreamClassifyImages(
             req, metadata=self.metadata(), timeout=timeout if timeout is not None else self.config.timeout_s
@@ -244,9 +269,10 @@ class AsyncCxrClient:
         mask_encoding: MaskEncoding = "png",
         include_overlay: bool = False,
         include_dicom_seg: bool = False,
+        priority: Priority = "routine",
         timeout: float | None = None,
     ) -> seg_pb.SegmentImageResponse:
-        """Anatomy masks and measurements (cardiothoracic ratio) of one image."""
+        """Anatomy masks and measurements (cardiothoracic ratio) of one image; `priority` as in `classify`."""
         req = seg_pb.SegmentImageRequest(
             image=to_image(image),
             model_name=model_name,
@@ -255,6 +281,7 @@ class AsyncCxrClient:
             mask_encoding=_MASK_ENCODINGS[mask_encoding],
             include_overlay=include_overlay,
             include_dicom_seg=include_dicom_seg,
+            priority=_priority(priority),
         )
         return await self._call(self._segmentation().SegmentImage, req, timeout)
 

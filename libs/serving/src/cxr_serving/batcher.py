@@ -2,7 +2,8 @@
 
 One forward over a batch costs far less per image than one forward per request, so callers
 `await batcher.submit(item)` and a collector runs `run_batch(items)` on whatever arrived within
-`max_batch_delay_ms`. How it collects, sheds, cancels and closes: docs/serving-runtime.md.
+`max_batch_delay_ms`. How it collects, orders by priority, sheds, drops expired requests, cancels and
+closes: docs/serving-runtime.md.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from cxr_serving.errors import ModelNotReadyError, OverloadedError
+from cxr_serving.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
 from cxr_serving.handoff import PoolClosedError, run_on
+from cxr_serving.urgency import ROUTINE, Priority, Urgency
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -30,6 +33,31 @@ class _Pending(Generic[In, Out]):
     item: In
     future: asyncio.Future[Out]
     enqueued: float
+    urgency: Urgency = ROUTINE
+
+
+class _Lanes(Generic[In, Out]):
+    """The waiting requests, one first-in-first-out lane per priority; STAT is always taken first."""
+
+    ORDER = (Priority.STAT, Priority.ROUTINE)
+
+    def __init__(self) -> None:
+        self._lanes: dict[Priority, deque[_Pending[In, Out]]] = {p: deque() for p in self.ORDER}
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def count(self, priority: Priority) -> int:
+        return len(self._lanes[priority])
+
+    def append(self, pending: _Pending[In, Out]) -> None:
+        self._lanes[pending.urgency.priority].append(pending)
+
+    def pop(self) -> _Pending[In, Out] | None:
+        for priority in self.ORDER:
+            if self._lanes[priority]:
+                return self._lanes[priority].popleft()
+        return None
 
 
 class BatchObserver:
@@ -41,20 +69,25 @@ class BatchObserver:
 
     def on_shed(self, model: str) -> None: ...
 
+    def on_submit(self, model: str, priority: Priority) -> None: ...
+
+    def on_expired(self, model: str) -> None: ...
+
 
 class Arrival:
     """A request announced to a batcher and not yet submitted; `done()` (idempotent) withdraws it."""
 
-    __slots__ = ("_batcher", "_open")
+    __slots__ = ("_batcher", "_open", "priority")
 
-    def __init__(self, batcher: DynamicBatcher[Any, Any]) -> None:
+    def __init__(self, batcher: DynamicBatcher[Any, Any], priority: Priority) -> None:
         self._batcher = batcher
         self._open = True
+        self.priority = priority
 
     def done(self) -> None:
         if self._open:
             self._open = False
-            self._batcher._arrived()
+            self._batcher._arrived(self.priority)
 
     def __enter__(self) -> Arrival:
         return self
@@ -66,7 +99,9 @@ class Arrival:
 class DynamicBatcher(Generic[In, Out]):
     """Callers share forwards but never each other's failures: an exception from `run_batch` reaches
     every caller of that batch, an Exception in place of one item's result fails only that caller, a
-    cancelled caller is dropped, and a full queue raises `OverloadedError` instead of growing."""
+    cancelled caller is dropped, and a full queue raises `OverloadedError` instead of growing.
+    STAT requests are taken before routine ones, and a request whose deadline passed in the queue is
+    answered with `DeadlineExceededError` instead of being run."""
 
     def __init__(
         self,
@@ -93,28 +128,29 @@ class DynamicBatcher(Generic[In, Out]):
         self.max_concurrent_batches = max_concurrent_batches
         self.announced_arrivals = announced_arrivals
         self._upcoming = 0  # announced, not yet submitted
+        self._upcoming_stat = 0  # of which STAT
         self._changed: asyncio.Event | None = None  # set on every submit and withdrawn announcement
         self._observer = observer or BatchObserver()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent_batches, thread_name_prefix=f"batch-{name}"
         )
-        self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
+        self._queue: _Lanes[In, Out] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers
         self._closed = False
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._queue) if self._queue is not None else 0
 
     def start(self) -> None:
         if self._worker is None:
-            self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+            self._queue = _Lanes()
             self._changed = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    def expect(self) -> Arrival:
+    def expect(self, priority: Priority = Priority.ROUTINE) -> Arrival:
         """Announce a request that will `submit` soon (call it when the request arrives).
 
         Admission control: announced requests count against `max_queue_size` with the queued
@@ -122,10 +158,19 @@ class DynamicBatcher(Generic[In, Out]):
         instead of after spending the decode on it."""
         if self._closed:
             raise ModelNotReadyError(f"model '{self.name}' is shutting down")
-        if self.queue_depth + self._upcoming >= self.max_queue_size:
+        stat = priority is Priority.STAT
+        if self._waiting(priority) + (self._upcoming_stat if stat else self._upcoming) >= self.max_queue_size:
             self._shed()
         self._upcoming += 1
-        return Arrival(self)
+        self._upcoming_stat += stat
+        return Arrival(self, priority)
+
+    def _waiting(self, priority: Priority) -> int:
+        """The queued requests a new one of `priority` counts against: a routine request counts every
+        queued request, a STAT one only the STAT ones, so routine work never fills the queue for STAT."""
+        if self._queue is None:
+            return 0
+        return self._queue.count(Priority.STAT) if priority is Priority.STAT else len(self._queue)
 
     def _shed(self) -> None:
         self._observer.on_shed(self.name)
@@ -134,46 +179,72 @@ class DynamicBatcher(Generic[In, Out]):
             metadata={"model": self.name, "max_queue_size": str(self.max_queue_size)},
         )
 
-    def _arrived(self) -> None:
+    def _arrived(self, priority: Priority) -> None:
         self._upcoming -= 1
+        self._upcoming_stat -= priority is Priority.STAT
         if self._changed is not None:
             self._changed.set()
 
-    async def submit(self, item: In, arrival: Arrival | None = None) -> Out:
+    async def submit(self, item: In, arrival: Arrival | None = None, urgency: Urgency = ROUTINE) -> Out:
+        """Queue `item` for a batch and wait for its result; `urgency` gives its priority and deadline."""
         try:
             if self._closed:
                 raise ModelNotReadyError(f"model '{self.name}' is shutting down")
             self.start()
             assert self._queue is not None and self._changed is not None
             loop = asyncio.get_running_loop()
-            pending: _Pending[In, Out] = _Pending(item, loop.create_future(), time.perf_counter())
-            try:
-                self._queue.put_nowait(pending)
-            except asyncio.QueueFull:
+            pending: _Pending[In, Out] = _Pending(item, loop.create_future(), time.perf_counter(), urgency)
+            if self._waiting(urgency.priority) >= self.max_queue_size:
                 self._shed()
+            self._queue.append(pending)
             self._changed.set()
         finally:
             if arrival is not None:
                 arrival.done()
-        self._observer.on_queue_depth(self.name, self._queue.qsize())
+        self._observer.on_submit(self.name, urgency.priority)
+        self._observer.on_queue_depth(self.name, len(self._queue))
         return await pending.future  # cancellation of the caller cancels only its own future
 
     def _nothing_on_its_way(self) -> bool:
         return self.announced_arrivals and self._upcoming <= 0
 
+    def _take(self) -> _Pending[In, Out] | None:
+        """The most urgent waiting request still worth running; expired ones are answered on the way."""
+        assert self._queue is not None
+        while (p := self._queue.pop()) is not None:
+            if self._expire(p, time.perf_counter()) or p.future.done():
+                continue
+            return p
+        return None
+
+    def _expire(self, p: _Pending[In, Out], now: float) -> bool:
+        """Answer (and count) a request whose deadline has passed; a caller that the deadline already
+        cancelled (gRPC does so) is counted too, as it expired in the queue all the same."""
+        if not p.urgency.expired(now):
+            return False
+        self._observer.on_expired(self.name)
+        if not p.future.done():
+            p.future.set_exception(
+                DeadlineExceededError(
+                    f"the deadline passed while the request waited for model '{self.name}'; it was not run",
+                    metadata={"model": self.name},
+                )
+            )
+        return True
+
     async def _collect(self) -> list[_Pending[In, Out]]:
         assert self._queue is not None and self._changed is not None
-        first = await self._queue.get()
+        while (first := self._take()) is None:
+            self._changed.clear()
+            await self._changed.wait()
         batch = [first]
         try:
             deadline = first.enqueued + self.max_batch_delay
             while len(batch) < self.max_batch_size:
                 self._changed.clear()
-                try:
-                    batch.append(self._queue.get_nowait())
+                if (p := self._take()) is not None:
+                    batch.append(p)
                     continue
-                except asyncio.QueueEmpty:
-                    pass
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._nothing_on_its_way():
                     break
@@ -197,8 +268,9 @@ class DynamicBatcher(Generic[In, Out]):
             except BaseException:
                 slots.release()
                 raise
-            live = [p for p in batch if not p.future.done()]  # drop callers that gave up
-            self._observer.on_queue_depth(self.name, self._queue.qsize())
+            now = time.perf_counter()  # drop callers that expired while the batch formed, or gave up
+            live = [p for p in batch if not self._expire(p, now) and not p.future.done()]
+            self._observer.on_queue_depth(self.name, len(self._queue))
             if not live:
                 slots.release()
                 continue
@@ -259,8 +331,8 @@ class DynamicBatcher(Generic[In, Out]):
                 await self._worker
             self._worker = None
         if self._queue is not None:
-            while not self._queue.empty():
-                self._fail([self._queue.get_nowait()], "was unloaded")
+            while (p := self._queue.pop()) is not None:
+                self._fail([p], "was unloaded")
         drained = True
         if self._running:
             _, late = await asyncio.wait(list(self._running), timeout=grace_s)

@@ -16,6 +16,7 @@ from cxr_serving.instances import ModelFactory
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ServedModel
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
+from cxr_serving.urgency import ROUTINE, Urgency
 
 S = TypeVar("S")
 
@@ -71,13 +72,15 @@ async def infer(
     content_type: str,
     arrival: Arrival | None = None,
     options: Any = None,
+    urgency: Urgency = ROUTINE,
 ) -> tuple[DecodedImage, Any]:
     """One image through one model: decode and the model's `preprocess` as one job on the decode pool,
     its batched `predict`, then its `postprocess(output, options)` on the pool; returns the decoded image
-    and the postprocessed result. `arrival` is the model's entry of `repo.expect`."""
+    and the postprocessed result. `arrival` is the model's entry of `repo.expect`; `urgency` the request's
+    priority and deadline."""
     model = repo.model(name)
     decoded, item = await pool.run(_decode_and_preprocess, data, content_type, pool.limits, model)
-    output = await repo.predict(name, item, arrival)
+    output = await repo.predict(name, item, arrival, urgency)
     return decoded, await pool.run(model.postprocess, output, options)
 
 

@@ -75,6 +75,13 @@ class DependencyTimeoutError(CxrError):
     reason = "DEPENDENCY_TIMEOUT"
 
 
+class DeadlineExceededError(CxrError):
+    """The call's deadline passed while the request waited for its batch: it was never run."""
+
+    kind = ErrorKind.DEADLINE
+    reason = "DEADLINE_EXCEEDED_IN_QUEUE"
+
+
 class UnauthenticatedError(CxrError):
     kind = ErrorKind.UNAUTHENTICATED
     reason = "API_KEY_INVALID"

@@ -30,6 +30,7 @@ from cxr_serving.errors import ConfigError, CxrError, InvalidInputError, ModelNo
 from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
 from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
 from cxr_serving.settings import ServerConfig
+from cxr_serving.urgency import ROUTINE, Priority, Urgency
 
 if TYPE_CHECKING:
     from cxr_serving.images import DecodedImage
@@ -376,7 +377,7 @@ class ModelRepository:
             return st
 
     @contextlib.contextmanager
-    def expect(self, names: Sequence[str]) -> Iterator[dict[str, Arrival]]:
+    def expect(self, names: Sequence[str], priority: Priority = Priority.ROUTINE) -> Iterator[dict[str, Arrival]]:
         """Announce a request for these models as it arrives, before decoding; pass each model's
         Arrival to `predict`. A batch then waits only for requests that exist, and an overloaded
         model refuses the request here, before the decode (batcher.py)."""
@@ -385,22 +386,22 @@ class ModelRepository:
             for n in names:  # a model that sheds here withdraws the announcements made before it
                 batcher = self._batchers.get(n)
                 if batcher is not None:
-                    arrivals[n] = batcher.expect()
+                    arrivals[n] = batcher.expect(priority)
             yield arrivals
         finally:
             for a in arrivals.values():
                 a.done()
 
-    async def predict(self, name: str, item: Any, arrival: Arrival | None = None) -> Any:
+    async def predict(self, name: str, item: Any, arrival: Arrival | None = None, urgency: Urgency = ROUTINE) -> Any:
         """Queue one preprocessed input for the model's next batch (`arrival`: from `expect`, which
-        withdraws it if this raises before submitting)."""
+        withdraws it if this raises before submitting; `urgency`: its priority and deadline)."""
         self.model(name)
         batcher = self._batchers.get(name)
         if batcher is None:
             st = self._status[name]
             detail = f": {st.error}" if st.error else ""
             raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
-        return await batcher.submit(item, arrival)
+        return await batcher.submit(item, arrival, urgency)
 
     async def _load_instances(
         self, model: ServedModel, checkpoint_path: Path | None, thresholds: ThresholdOverride | None, *, fresh: bool

@@ -3,7 +3,8 @@ built on the guide keep working.
 
 The guide's names: cxr_inference_total{model}, cxr_inference_duration_seconds{model},
 cxr_model_loaded{model}, cxr_gpu_memory_used_bytes. Added: request latency and count by
-method and status code, batch size histogram, queue depth, shed requests, instance restarts.
+method and status code, batch size histogram, queue depth, shed requests, requests queued by priority,
+requests whose deadline passed in the queue, instance restarts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cxr_serving.batcher import BatchObserver
+from cxr_serving.urgency import Priority
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -28,6 +30,16 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("cxr_queue_depth", "Requests waiting for a batch", ["model"])
 SHED_TOTAL = Counter("cxr_requests_shed_total", "Requests refused with RESOURCE_EXHAUSTED", ["model"])
+QUEUED_BY_PRIORITY = Counter(
+    "cxr_requests_queued_total",
+    "Requests queued for a model's batches, by priority (stat, routine)",
+    ["model", "priority"],
+)
+EXPIRED_IN_QUEUE = Counter(
+    "cxr_requests_expired_in_queue_total",
+    "Requests whose deadline passed while they waited for a batch: answered DEADLINE_EXCEEDED, never run",
+    ["model"],
+)
 BATCH_ERRORS = Counter("cxr_batch_errors_total", "Forward passes that raised", ["model"])
 MODEL_INSTANCE_RESTARTS = Counter(
     "cxr_model_instance_restarts_total", "Model instance processes that died and were restarted", ["model"]
@@ -69,6 +81,12 @@ class MetricsObserver(BatchObserver):
 
     def on_shed(self, model: str) -> None:
         SHED_TOTAL.labels(model).inc()
+
+    def on_submit(self, model: str, priority: Priority) -> None:
+        QUEUED_BY_PRIORITY.labels(model, priority.value).inc()
+
+    def on_expired(self, model: str) -> None:
+        EXPIRED_IN_QUEUE.labels(model).inc()
 
 
 class MetricsServer:

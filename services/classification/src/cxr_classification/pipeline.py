@@ -20,6 +20,7 @@ from cxr_serving.batcher import Arrival
 from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.images import DecodedImage, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.urgency import ROUTINE, Urgency
 
 MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
 
@@ -101,26 +102,36 @@ class Classifiers:
         return decoded, tensors, t1 - t0, time.perf_counter() - t1
 
     async def _predict(
-        self, name: str, item: ClassifierInput, arrival: Arrival | None = None
+        self, name: str, item: ClassifierInput, arrival: Arrival | None = None, urgency: Urgency = ROUTINE
     ) -> tuple[ClassifierOutput, float]:
         started = time.perf_counter()
-        out: ClassifierOutput = await self.repo.predict(name, item, arrival)
+        out: ClassifierOutput = await self.repo.predict(name, item, arrival, urgency)
         return out, time.perf_counter() - started
 
     async def classify(
-        self, data: bytes, content_type: str, names: list[str], heatmaps: dict[str, tuple[str, ...]]
+        self,
+        data: bytes,
+        content_type: str,
+        names: list[str],
+        heatmaps: dict[str, tuple[str, ...]],
+        urgency: Urgency = ROUTINE,
     ) -> Classification:
+        """`urgency`: the request's priority and deadline, which every model's batcher honours."""
         t0 = time.perf_counter()
-        with self.repo.expect(names) as arrivals:  # each model's batcher waits for this one while it decodes
+        with self.repo.expect(
+            names, urgency.priority
+        ) as arrivals:  # each model's batcher waits for this one while it decodes
             decoded, tensors, decode_s, preprocess_s = await self.pool.run(
                 self._decode_and_preprocess, data, content_type, names
             )
             t1 = time.perf_counter()
             items = [(n, ClassifierInput(tensors[self.models[n].spec], heatmaps.get(n, ()))) for n in names]
             if len(items) == 1:
-                outs = [await self._predict(*items[0], arrivals.get(items[0][0]))]
+                outs = [await self._predict(*items[0], arrivals.get(items[0][0]), urgency)]
             else:
-                outs = list(await asyncio.gather(*(self._predict(n, item, arrivals.get(n)) for n, item in items)))
+                outs = list(
+                    await asyncio.gather(*(self._predict(n, item, arrivals.get(n), urgency) for n, item in items))
+                )
         t2 = time.perf_counter()
         results = [
             ModelResult(n, self.models[n].postprocess(out), secs) for n, (out, secs) in zip(names, outs, strict=True)

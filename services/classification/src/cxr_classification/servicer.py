@@ -24,7 +24,8 @@ from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata
+from cxr_serving.proto_convert import image_metadata, urgency
+from cxr_serving.urgency import ROUTINE, Urgency
 
 Context = grpc.aio.ServicerContext[Any, Any]
 MAX_IMAGES_PER_REQUEST = 128
@@ -80,9 +81,13 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
 
     async def classify(
-        self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
+        self,
+        image: common_pb2.Image,
+        names: list[str],
+        heatmaps: dict[str, tuple[str, ...]],
+        how_urgent: Urgency = ROUTINE,
     ) -> ImageResult:
-        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps)
+        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps, how_urgent)
         predictions = [self._prediction(r) for r in c.results]
         timing = pb.Timing(
             decode_ms=_ms(c.decode_s),
@@ -94,7 +99,11 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return ImageResult(predictions, image_metadata(c.image), timing, untrained)
 
     async def _classify_many(
-        self, images: Sequence[common_pb2.Image], model_names: Sequence[str], heatmap_labels: Sequence[str]
+        self,
+        images: Sequence[common_pb2.Image],
+        model_names: Sequence[str],
+        heatmap_labels: Sequence[str],
+        how_urgent: Urgency,
     ) -> AsyncIterator[pb.ImageClassification]:
         """Classify every image (bounded concurrency) and yield results as they finish."""
         if not images:
@@ -111,7 +120,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
             async with gate:
                 try:
-                    r = await self.classify(image, names, heatmaps)
+                    r = await self.classify(image, names, heatmaps, how_urgent)
                 except Exception as exc:  # each image fails on its own
                     return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
             return pb.ImageClassification(index=index, predictions=r.predictions, image=r.metadata, timing=r.timing)
@@ -128,13 +137,17 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
         names = self.classifiers.select(request.model_names)
         heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels)
-        r = await self.classify(request.image, names, heatmaps)
+        r = await self.classify(request.image, names, heatmaps, urgency(request.priority, context))
         return pb.ClassifyImageResponse(
             predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
         )
 
     async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
-        results = [r async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels)]
+        how_urgent = urgency(request.priority, context)
+        results = [
+            r
+            async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels, how_urgent)
+        ]
         results.sort(key=lambda r: r.index)
         untrained = any(p.model.untrained for r in results for p in r.predictions)
         return pb.ClassifyImagesResponse(results=results, untrained=untrained)
@@ -142,6 +155,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
     async def StreamClassifyImages(
         self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
-        async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
+        how_urgent = urgency(request.priority, context)
+        async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels, how_urgent):
             untrained = any(p.model.untrained for p in r.predictions)
             yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)

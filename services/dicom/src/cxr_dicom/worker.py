@@ -28,6 +28,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 
 from cxr_client.client import AsyncCxrClient
+from cxr_client.client import Priority as AnalysisPriority
 from cxr_client.config import ClientConfig
 from cxr_client.errors import CxrClientError
 from cxr_dicom import audit_events, metrics
@@ -37,7 +38,7 @@ from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundl
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
-from cxr_dicom.work_queue import DONE, Item, WorkQueue
+from cxr_dicom.work_queue import DONE, Item, Priority, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
 from cxr_protos.segmentation.v1 import segmentation_service_pb2 as seg_pb
@@ -51,6 +52,9 @@ RESULTS_DIR = "results"
 BUNDLE_FILE = "bundle.json"
 TMP_PREFIX = ".tmp-"
 TMP_STALE_S = 3600.0  # a temporary folder older than this belongs to no running save
+# The study's priority (the node's priority rules) rides on its analysis calls, so the services' batchers
+# serve a STAT study's images before routine ones too.
+ANALYSIS_PRIORITY: dict[Priority, AnalysisPriority] = {Priority.STAT: "stat", Priority.ROUTINE: "routine"}
 TRANSIENT_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 )
@@ -411,9 +415,10 @@ class Worker:
             data = (self.cfg.data_path / payload["file"]).read_bytes()
             analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
             image = common_pb2.Image(data=analysed, content_type="application/dicom")
+            priority = ANALYSIS_PRIORITY[item.priority]
             cls_reply, seg_reply = await asyncio.gather(
-                self.client.classify(image, model_names=self.cfg.analysis.classification_models),
-                self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+                self.client.classify(image, model_names=self.cfg.analysis.classification_models, priority=priority),
+                self.client.segment(image, mask_encoding="none", include_dicom_seg=True, priority=priority),
             )
             results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
             built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)

@@ -22,7 +22,7 @@ from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata
+from cxr_serving.proto_convert import image_metadata, urgency
 from cxr_serving.settings import Settings
 
 _ENCODINGS: dict[int, Encoding] = {
@@ -77,7 +77,9 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         model = self._model(request.model_name)
         # the loaded version from the repository: with instance processes `model` itself is never loaded
         opts = self._options(request, model, self.repo.status(model.name).version)
-        with self.repo.expect([model.name]) as arrivals:  # the batcher waits for this one while it decodes
+        how_urgent = urgency(request.priority, context)
+        # the batcher waits for this one while it decodes
+        with self.repo.expect([model.name], how_urgent.priority) as arrivals:
             # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
             image, item = await self.pool.run(
                 _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model, opts
@@ -87,7 +89,7 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
                     f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
                     reason="DICOM_SEG_NEEDS_DICOM",
                 )
-            output = await self.repo.predict(model.name, item, arrivals.get(model.name))
+            output = await self.repo.predict(model.name, item, arrivals.get(model.name), how_urgent)
         status = self.repo.status(model.name)
         result: SegmentationResult = await self.pool.run(
             model.postprocess, output, dataclasses.replace(opts, image=image)

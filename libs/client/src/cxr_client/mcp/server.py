@@ -21,7 +21,7 @@ from cxr_client.analyze import analyze_study as run_analysis
 from cxr_client.analyze import finding_calibration, finding_threshold
 from cxr_client.catalog import CatalogError
 from cxr_client.cli import INSTANCE_STATES, to_dict
-from cxr_client.client import AsyncCxrClient
+from cxr_client.client import AsyncCxrClient, Priority
 from cxr_client.config import ClientConfig
 from cxr_client.errors import CxrClientError
 from cxr_client.images import decode_base64_image
@@ -115,21 +115,32 @@ def build_server(
     server = MCPServer(name, instructions=INSTRUCTIONS, version="0.1.0")
 
     @server.tool()
-    async def classify_binary(image_path: str | None = None, image_base64: str | None = None) -> dict[str, Any]:
-        """Normal vs abnormal probability of a chest X-ray (PNG, JPEG or DICOM)."""
+    async def classify_binary(
+        image_path: str | None = None, image_base64: str | None = None, priority: Priority = "routine"
+    ) -> dict[str, Any]:
+        """Normal vs abnormal probability of a chest X-ray (PNG, JPEG or DICOM). priority "stat": served
+        before routine requests (an urgent study)."""
         try:
-            resp = await client().classify(_image_bytes(image_path, image_base64), model_names=[binary_model])
+            resp = await client().classify(
+                _image_bytes(image_path, image_base64), model_names=[binary_model], priority=priority
+            )
         except CxrClientError as err:
             raise _tool_error(err) from None
         return _predictions(resp)
 
     @server.tool()
     async def classify_findings(
-        image_path: str | None = None, image_base64: str | None = None, positives_only: bool = False
+        image_path: str | None = None,
+        image_base64: str | None = None,
+        positives_only: bool = False,
+        priority: Priority = "routine",
     ) -> dict[str, Any]:
-        """Probabilities of the 14 NIH ChestX-ray14 findings (Atelectasis ... Hernia), with thresholds."""
+        """Probabilities of the 14 NIH ChestX-ray14 findings (Atelectasis ... Hernia), with thresholds.
+        priority "stat": served before routine requests."""
         try:
-            resp = await client().classify(_image_bytes(image_path, image_base64), model_names=[findings_model])
+            resp = await client().classify(
+                _image_bytes(image_path, image_base64), model_names=[findings_model], priority=priority
+            )
         except CxrClientError as err:
             raise _tool_error(err) from None
         return _predictions(resp, positives_only=positives_only)
@@ -140,15 +151,18 @@ def build_server(
         image_base64: str | None = None,
         classes: list[str] | None = None,
         include_overlay: bool = False,
+        priority: Priority = "routine",
     ) -> dict[str, Any]:
         """Anatomy masks (lungs, heart, clavicles): areas, bounding boxes and the cardiothoracic ratio.
-        With include_overlay, `overlay_png_base64` holds a colour overlay image."""
+        With include_overlay, `overlay_png_base64` holds a colour overlay image. priority "stat": served
+        before routine requests."""
         try:
             resp = await client().segment(
                 _image_bytes(image_path, image_base64),
                 classes=classes or (),
                 mask_encoding="none",
                 include_overlay=include_overlay,
+                priority=priority,
             )
         except CxrClientError as err:
             raise _tool_error(err) from None

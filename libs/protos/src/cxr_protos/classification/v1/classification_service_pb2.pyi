@@ -23,14 +23,16 @@ CALIBRATION_OPERATING_POINT: Calibration
 CALIBRATION_NO_OPERATING_POINT: Calibration
 
 class ClassifyImageRequest(_message.Message):
-    __slots__ = ("image", "model_names", "heatmap_labels")
+    __slots__ = ("image", "model_names", "heatmap_labels", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("label", "probability", "threshold", "positive", "heatmap_png", "calibration")
@@ -83,14 +85,16 @@ class ClassifyImageResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ClassifyImagesRequest(_message.Message):
-    __slots__ = ("images", "model_names", "heatmap_labels")
+    __slots__ = ("images", "model_names", "heatmap_labels", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class ImageClassification(_message.Message):
     __slots__ = ("index", "predictions", "image", "error", "timing")
@@ -115,14 +119,16 @@ class ClassifyImagesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ImageClassification, _Mapping]]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class StreamClassifyImagesRequest(_message.Message):
-    __slots__ = ("images", "model_names", "heatmap_labels")
+    __slots__ = ("images", "model_names", "heatmap_labels", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class StreamClassifyImagesResponse(_message.Message):
     __slots__ = ("result", "untrained")

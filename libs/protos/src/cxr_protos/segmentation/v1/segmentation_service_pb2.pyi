@@ -35,7 +35,7 @@ SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED: SpacingSource
 SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED: SpacingSource
 
 class SegmentImageRequest(_message.Message):
-    __slots__ = ("image", "model_name", "mask_encoding", "classes", "threshold", "include_overlay", "include_dicom_seg")
+    __slots__ = ("image", "model_name", "mask_encoding", "classes", "threshold", "include_overlay", "include_dicom_seg", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MASK_ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class SegmentImageRequest(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     model_name: str
     mask_encoding: MaskEncoding
@@ -50,7 +51,8 @@ class SegmentImageRequest(_message.Message):
     threshold: float
     include_overlay: bool
     include_dicom_seg: bool
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_name: _Optional[str] = ..., mask_encoding: _Optional[_Union[MaskEncoding, str]] = ..., classes: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., include_overlay: _Optional[bool] = ..., include_dicom_seg: _Optional[bool] = ...) -> None: ...
+    priority: _common_pb2.Priority
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_name: _Optional[str] = ..., mask_encoding: _Optional[_Union[MaskEncoding, str]] = ..., classes: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., include_overlay: _Optional[bool] = ..., include_dicom_seg: _Optional[bool] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class RunLengthMask(_message.Message):
     __slots__ = ("size", "counts")
