@@ -76,13 +76,17 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             )
             for f in result.findings
         ]
-        status = self.admin.info(self.repo.status(result.name))
+        status = self.admin.info(result.status)
         return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
 
     async def classify(
-        self, image: common_pb2.Image, names: list[str], heatmaps: dict[str, tuple[str, ...]]
+        self,
+        image: common_pb2.Image,
+        names: list[str],
+        heatmaps: dict[str, tuple[str, ...]],
+        versions: dict[str, str] | None = None,
     ) -> ImageResult:
-        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps)
+        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps, versions)
         predictions = [self._prediction(r) for r in c.results]
         timing = pb.Timing(
             decode_ms=_ms(c.decode_s),
@@ -94,7 +98,11 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return ImageResult(predictions, image_metadata(c.image), timing, untrained)
 
     async def _classify_many(
-        self, images: Sequence[common_pb2.Image], model_names: Sequence[str], heatmap_labels: Sequence[str]
+        self,
+        images: Sequence[common_pb2.Image],
+        model_names: Sequence[str],
+        heatmap_labels: Sequence[str],
+        model_version: str,
     ) -> AsyncIterator[pb.ImageClassification]:
         """Classify every image (bounded concurrency) and yield results as they finish."""
         if not images:
@@ -104,14 +112,14 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}: split the request",
                 reason="TOO_MANY_IMAGES",
             )
-        names = self.classifiers.select(model_names)
+        names, versions = self.classifiers.select(model_names, model_version)
         heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
             async with gate:
                 try:
-                    r = await self.classify(image, names, heatmaps)
+                    r = await self.classify(image, names, heatmaps, versions)
                 except Exception as exc:  # each image fails on its own
                     return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
             return pb.ImageClassification(index=index, predictions=r.predictions, image=r.metadata, timing=r.timing)
@@ -126,15 +134,20 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
-        names = self.classifiers.select(request.model_names)
+        names, versions = self.classifiers.select(request.model_names, request.model_version)
         heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels)
-        r = await self.classify(request.image, names, heatmaps)
+        r = await self.classify(request.image, names, heatmaps, versions)
         return pb.ClassifyImageResponse(
             predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
         )
 
     async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
-        results = [r async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels)]
+        results = [
+            r
+            async for r in self._classify_many(
+                request.images, request.model_names, request.heatmap_labels, request.model_version
+            )
+        ]
         results.sort(key=lambda r: r.index)
         untrained = any(p.model.untrained for r in results for p in r.predictions)
         return pb.ClassifyImagesResponse(results=results, untrained=untrained)
@@ -142,6 +155,8 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
     async def StreamClassifyImages(
         self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
-        async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels):
+        async for r in self._classify_many(
+            request.images, request.model_names, request.heatmap_labels, request.model_version
+        ):
             untrained = any(p.model.untrained for p in r.predictions)
             yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)
