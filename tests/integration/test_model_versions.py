@@ -301,3 +301,103 @@ async def test_unloading_a_version_gives_its_memory_back(checkpoints) -> None:
         assert network() is None  # nothing holds version b's tensors any more
         r = await stub.ClassifyImage(classify(0), metadata=auth())
         assert r.predictions[0].model.version == a
+
+
+def test_cli_validate_card_canary_promote_flow(checkpoints, tmp_path, monkeypatch, capsys) -> None:
+    """README's flow through `cxr` (the CLI's main, the admin key for admin commands): load a candidate beside
+    the serving version, evaluate it on labelled NIH images and record the result on its own card, give it a
+    canary share, promote it, roll back, and unload it."""
+    import csv
+    import json
+
+    from cxr_client.cli import main
+    from tests.support.client_stack import Stack, use_stack_env
+    from tests.support.paths import CXR14
+
+    models, a, b = checkpoints
+    with (CXR14 / "labels.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))[:40]
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    stack = Stack({"classification": build_binding}, models_path=str(models)).start()
+    try:
+        use_stack_env(stack, monkeypatch)
+
+        def cli(*argv: str) -> str:
+            capsys.readouterr()
+            assert main(list(argv)) == 0, argv
+            return capsys.readouterr().out
+
+        cli("models", "load", "classification", MULTI, "--checkpoint", str(models / "a.pth"))
+        out = cli("models", "load", "classification", MULTI, "--checkpoint", str(models / "b.pth"), "--side-by-side")
+        assert b in out and "(standby)" in out
+        cli("evaluate", str(labels), str(CXR14 / "images"), "--model", f"{MULTI}@{b}", "--out", str(tmp_path / "eval"),
+            "--bootstrap", "50", "--record-card")  # fmt: skip
+        report = json.loads((tmp_path / "eval" / "report.json").read_text())
+        assert report["model"]["version"] == b and report["dataset"]["images"] == 40
+        card = json.loads(cli("--json", "models", "card", "classification", f"{MULTI}@{b}"))
+        assert card["version"] == b and card["evaluation"]["model_version"] == b
+        routed = json.loads(
+            cli("--json", "models", "route", "classification", MULTI, "--candidate", b, "--canary", "20")
+        )
+        assert {(m["version"], m["role"]) for m in routed} == {(a, "serving"), (b, "canary")}
+        listed = json.loads(cli("--json", "models", "list", "--service", "classification"))
+        assert {m["version"]: m["traffic_percent"] for m in listed if m["name"] == MULTI} == {a: 80, b: 20}
+        assert f"{b} (serving)" in cli("models", "promote", "classification", MULTI)
+        assert f"{a} (serving)" in cli("models", "rollback", "classification", MULTI)
+        assert "UNLOADED" in cli("models", "unload", "classification", f"{MULTI}@{b}").upper()
+    finally:
+        stack.stop()
+
+
+async def test_segmentation_requests_pin_a_version(tmp_path) -> None:
+    """The real segmentation service (U-Net/resnet18 at 64 px): a checkpoint whose head makes every pixel
+    positive loads beside the untrained version; a pin picks either, and the response and its DICOM SEG
+    algorithm version name the version that answered."""
+    from cxr_protos.segmentation.v1 import segmentation_service_pb2 as spb
+    from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as spb_grpc
+    from cxr_segmentation.service import build_binding as build_segmentation
+    from cxr_segmentation.service import build_model
+
+    seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
+    s = make_settings(models__segmentation=seg, models_path=str(tmp_path.resolve()), performance__warmup_batches=0)
+    net, _ = build_model(s).build(None)
+    torch.nn.init.constant_(net.segmentation_head[0].bias, 5.0)
+    torch.save(net.state_dict(), tmp_path / "seg.pt")
+    version = checkpoint_version(tmp_path / "seg.pt")
+    image = common_pb2.Image(data=IMAGES[0], content_type="image/png")
+    async with (
+        running_server(s, build_segmentation(s)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        stub = spb_grpc.SegmentationServiceStub(ch)
+        loaded = await stub.LoadModel(
+            spb.LoadModelRequest(model_name="segmentation", checkpoint_path="seg.pt", side_by_side=True),
+            metadata=auth(),
+            timeout=120,
+        )
+        assert (loaded.model.version, loaded.model.role) == (version, "standby")
+        area = {}
+        for pin in ("untrained", version):
+            r = await stub.SegmentImage(spb.SegmentImageRequest(image=image, model_version=pin), metadata=auth())
+            assert r.model.version == pin
+            area[pin] = sum(m.area_pixels for m in r.masks)
+            named = await stub.SegmentImage(
+                spb.SegmentImageRequest(image=image, model_name=f"segmentation@{pin}"), metadata=auth()
+            )
+            assert named.model.version == pin
+        assert area[version] > area["untrained"]  # the checkpoint's every-pixel-positive head answered
+        default = await stub.SegmentImage(spb.SegmentImageRequest(image=image), metadata=auth())
+        assert default.model.version == "untrained"  # the serving version
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SegmentImage(spb.SegmentImageRequest(image=image, model_version="feedbeef0000"), metadata=auth())
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no version 'feedbeef0000'" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # masks cannot be compared as probabilities per finding
+            await stub.SetModelRouting(
+                spb.SetModelRoutingRequest(model_name="segmentation", candidate_version=version, shadow_percent=10),
+                metadata=auth(),
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot shadow" in err.value.details()

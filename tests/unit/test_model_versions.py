@@ -47,8 +47,9 @@ class Versioned(ServedModel):
         return self._version
 
 
-def _repo() -> ModelRepository:
-    repo = ModelRepository(BatchingConfig(max_batch_size=1, max_batch_delay_ms=0), shadow_max_in_flight=2)
+def _repo(max_batch_size: int = 1) -> ModelRepository:
+    batching = BatchingConfig(max_batch_size=max_batch_size, max_batch_delay_ms=0)
+    repo = ModelRepository(batching, shadow_max_in_flight=2)
     repo.add(Versioned(), factory=Versioned)
     return repo
 
@@ -118,7 +119,7 @@ async def test_canary_pins_promote_rollback_and_unload_rules() -> None:
 
 async def test_shadow_runs_after_the_response_and_is_dropped_when_the_candidate_is_busy() -> None:
     GATE.clear()
-    repo = _repo()
+    repo = _repo(max_batch_size=8)  # a queue of 8 would take more: the in-flight bound is what drops
     before = {
         m: m.labels("v", "slow.pt")._value.get()  # type: ignore[attr-defined]
         for m in (SHADOW_REQUESTS, SHADOW_DROPPED)

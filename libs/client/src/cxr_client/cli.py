@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("labels", type=Path, help="CSV: NIH `Image Index`,`Finding Labels` or one 0/1 column per finding")
     e.add_argument("images", type=Path, help="folder holding the images the CSV names")
     e.add_argument("--out", type=Path, required=True, help="folder for report.json/.md/.html and the plots")
-    e.add_argument("--model", default="multiclass_classifier", help="classification model to evaluate")
+    e.add_argument(
+        "--model",
+        default="multiclass_classifier",
+        help="classification model to evaluate (its serving version), or name@version for another loaded version",
+    )
     e.add_argument("--concurrency", type=int, default=4, help="classify calls in flight")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the AUROC CI")
     e.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's random generator")
