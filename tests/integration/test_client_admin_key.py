@@ -30,7 +30,7 @@ from tests.support.servers import free_port
 
 INFERENCE_KEY = "inference-key-0123456789"
 ADMIN_KEY = "admin-key-9876543210abcdef"
-ADMIN_METHODS = {"LoadModel", "UnloadModel", "IngestDocuments"}
+ADMIN_METHODS = {"LoadModel", "UnloadModel", "IngestDocuments", "PromoteModel", "RollbackModel", "SetModelRouting"}
 
 
 @dataclass
@@ -123,6 +123,11 @@ async def test_client_sends_the_admin_key_only_on_admin_calls():
                 client.load_model("classification", "binary_classifier", checkpoint_path="x.pth"),
                 client.unload_model("segmentation", "segmentation"),
                 client.ingest_documents([{"id": "d1", "text": "t"}]),
+                client.promote_model("classification", "binary_classifier", "v2"),
+                client.rollback_model("segmentation", "segmentation"),
+                client.set_model_routing(
+                    "classification", "binary_classifier", candidate_version="v2", canary_percent=5
+                ),
             ]
             for coro in admin:
                 with pytest.raises(CxrClientError):
@@ -186,6 +191,12 @@ CLI_INFERENCE = [
 CLI_ADMIN = [
     (["models", "load", "classification", "binary_classifier", "--checkpoint", "x.pth"], "LoadModel"),
     (["models", "unload", "segmentation", "segmentation"], "UnloadModel"),
+    (
+        ["models", "route", "classification", "binary_classifier", "--candidate", "v2", "--canary", "5"],
+        "SetModelRouting",
+    ),
+    (["models", "promote", "classification", "binary_classifier"], "PromoteModel"),
+    (["models", "rollback", "segmentation", "segmentation"], "RollbackModel"),
     (["ingest", "{docs}"], "IngestDocuments"),
 ]
 

@@ -68,7 +68,8 @@ def test_every_model_service_declares_the_same_admin_messages() -> None:
         fields = module.DESCRIPTOR.message_types_by_name[name].fields
         return [(f.name, f.number, f.type, type_of(f)) for f in fields]
 
-    for verb in ("ListModels", "LoadModel", "UnloadModel", "GetModelCard", "RecordModelEvaluation"):
+    verbs = ["ListModels", "LoadModel", "UnloadModel", "GetModelCard", "RecordModelEvaluation"]
+    for verb in [*verbs, "PromoteModel", "RollbackModel", "SetModelRouting"]:
         for kind in ("Request", "Response"):
             assert wire(seg_pb, verb + kind) == wire(pb, verb + kind), verb + kind
 

@@ -99,9 +99,9 @@ async def test_a_second_segmenter_declared_only_in_config_is_served_by_name():
         assert all(m.task == "segmentation" and m.state == common_pb2.MODEL_STATE_READY for m in listed.values())
         assert listed[LUNGS].architecture == "smp:FPN/resnet18"
         # each model batches with its own limit: the second one's max_batch_size is 2, the default's the server's
-        batchers = binding.repository._batchers
-        assert batchers[LUNGS].max_batch_size == 2
-        assert batchers["segmentation"].max_batch_size == s.server_config.max_batch_size != 2
+        repo = binding.repository
+        assert repo.batcher(LUNGS).max_batch_size == 2
+        assert repo.batcher("segmentation").max_batch_size == s.server_config.max_batch_size != 2
 
         lungs = await stub.SegmentImage(seg_pb.SegmentImageRequest(image=nih_png(), model_name=LUNGS), metadata=auth())
         assert lungs.model.name == LUNGS and lungs.model.untrained

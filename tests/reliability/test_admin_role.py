@@ -90,11 +90,17 @@ def test_the_admin_rpcs_are_declared_once_in_the_protos() -> None:
         "/cxr.classification.v1.ClassificationService/RecordModelEvaluation",
         "/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation",
         "/cxr.rag.v1.RagService/IngestDocuments",
+    } | {
+        f"/cxr.{name}.v1.{name.title()}Service/{m}"
+        for name in ("classification", "segmentation")
+        for m in ("PromoteModel", "RollbackModel", "SetModelRouting")
     }
     # a later RPC that manages models or documents must be declared admin too
     for service in SERVICES:
         for m in service.methods:
-            if m.name.startswith(("Load", "Unload", "Ingest", "Delete", "Record", "Retry")):
+            if m.name.startswith(
+                ("Load", "Unload", "Ingest", "Delete", "Record", "Retry", "Promote", "Rollback", "Set")
+            ):
                 assert f"/{service.full_name}/{m.name}" in admin_methods(SERVICES), m.full_name
 
 
@@ -153,6 +159,45 @@ async def test_model_admin_needs_an_admin_key(name: str) -> None:
     refused = next(ln for ln in lines if ln["method"].endswith("/LoadModel"))
     assert refused["key_id"] == key_fingerprint(INFERENCE_KEY)
     assert INFERENCE_KEY not in json.dumps(lines) and ADMIN_KEY not in json.dumps(lines)
+
+
+@pytest.mark.parametrize("name", ["classification", "segmentation"])
+async def test_version_admin_needs_an_admin_key(name: str) -> None:
+    """PromoteModel, RollbackModel and SetModelRouting (versions side by side) refuse an inference key and
+    change nothing; with the admin key they reach the service (which then judges the request)."""
+    target = TARGETS[name]
+    s = with_keys(target.settings())
+    model = "multiclass_classifier" if name == "classification" else "segmentation"
+    pb = cpb if name == "classification" else spb
+    calls = [
+        ("PromoteModel", pb.PromoteModelRequest(model_name=model, version="untrained")),
+        ("RollbackModel", pb.RollbackModelRequest(model_name=model)),
+        (
+            "SetModelRouting",
+            pb.SetModelRoutingRequest(model_name=model, version_policy=common_pb2.VERSION_POLICY_PINNED),
+        ),
+    ]
+    with audit_lines() as lines:
+        async with (
+            running_server(s, target.build(s)) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+        ):
+            stub = target.stub(ch)
+            for method, request in calls:
+                await _refused(getattr(stub, method), request)
+            listed = await stub.ListModels(pb.ListModelsRequest(), metadata=md(INFERENCE_KEY), timeout=30)
+            info = next(m for m in listed.models if m.name == model)
+            assert (info.role, info.version_policy) == ("serving", "latest")  # the refused routing did nothing
+            promoted = await stub.PromoteModel(calls[0][1], metadata=md(ADMIN_KEY), timeout=30)
+            assert promoted.model.version == "untrained"  # already serving: a no-op
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.RollbackModel(calls[1][1], metadata=md(ADMIN_KEY), timeout=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # nothing to roll back to
+            routed = await stub.SetModelRouting(calls[2][1], metadata=md(ADMIN_KEY), timeout=30)
+            assert [m.version_policy for m in routed.models] == ["pinned"]
+    for method, _ in calls:
+        assert _roles(lines, method)[0] == ("inference", "PERMISSION_DENIED"), method
+        assert _roles(lines, method)[1][0] == "admin", method
 
 
 async def test_ingest_documents_needs_an_admin_key() -> None:

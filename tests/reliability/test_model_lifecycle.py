@@ -116,7 +116,7 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
 
         async def held_then(what: str, admin) -> list[str]:
             with repo.expect([MULTI]):  # one request on its way: the collector waits for it
-                batcher = repo._batchers[MULTI]
+                batcher = repo.batcher(MULTI)
                 burst = [asyncio.ensure_future(timed_classify()) for _ in range(6)]
                 seen, deadline = 1, time.monotonic() + 20
                 while time.monotonic() < deadline and not (seen > 1 and batcher._upcoming == 1):
@@ -127,7 +127,7 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
                 closing: list[float] = []
 
                 async def watch() -> None:  # the held batcher leaves the repository as its close starts
-                    while repo._batchers.get(MULTI) is batcher:
+                    while repo.batcher(MULTI) is batcher:
                         await asyncio.sleep(0.002)
                     closing.append(time.monotonic())
 

@@ -225,6 +225,9 @@ def _allowed_groups(policies: Policies, hit) -> set[str]:
     return set(acl.config.allow)
 
 
+VERSIONED = [("classification", "Classification"), ("segmentation", "Segmentation")]
+
+
 def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
     """Every route (REST and gRPC) that reaches an admin RPC allows the admin group only; every other
     cxr RPC allows both groups. The admin set comes from the descriptor set by RPC name."""
@@ -240,6 +243,10 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
         "/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation",
         "/cxr.rag.v1.RagService/IngestDocuments",
         "/cxr.dicom.v1.DicomService/RetryDeadLetter",
+    } | {
+        f"/cxr.{s}.v1.{S}Service/{m}"
+        for s, S in VERSIONED
+        for m in ("PromoteModel", "RollbackModel", "SetModelRouting")
     }
     checked = 0
     for method, rpc in catalog.rpcs.items():
@@ -252,7 +259,7 @@ def test_admin_rpcs_are_acl_restricted_to_the_admin_group(raw, catalog):
             assert hit is not None
             assert _allowed_groups(policies, hit) == want, f"{method} via route {hit.route.name}"
             checked += 1
-    assert checked == 41  # 21 RPCs over gRPC + 20 REST bindings
+    assert checked == 53  # 27 RPCs over gRPC + 26 REST bindings
     # every route whose path reaches an admin RPC, by Kong's own matching of that route alone
     for svc in kong.services:
         for r in svc.routes:
@@ -282,7 +289,10 @@ def test_an_open_admin_route_is_found_and_refused_by_check(raw, catalog, tmp_pat
             r["plugins"] = [p for p in r["plugins"] if p["name"] != "acl"]
     assert unprotected_admin_routes(validate(data), catalog) == [
         "/cxr.classification.v1.ClassificationService/LoadModel via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/PromoteModel via route classification-grpc",
         "/cxr.classification.v1.ClassificationService/RecordModelEvaluation via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/RollbackModel via route classification-grpc",
+        "/cxr.classification.v1.ClassificationService/SetModelRouting via route classification-grpc",
         "/cxr.classification.v1.ClassificationService/UnloadModel via route classification-grpc",
         "/cxr.rag.v1.RagService/IngestDocuments via route rag-rest-ingest-documents",
     ]

@@ -29,9 +29,9 @@ async def test_a_model_that_sheds_withdraws_the_announcements_made_before_it():
             with pytest.raises(OverloadedError, match="'b'"):
                 with repo.expect(["a", "b"]):
                     pass
-            assert repo._batchers["a"]._upcoming == 0  # a's announcement was withdrawn
-            assert repo._batchers["b"]._upcoming == 1
-        assert repo._batchers["b"]._upcoming == 0
+            assert repo.batcher("a")._upcoming == 0  # a's announcement was withdrawn
+            assert repo.batcher("b")._upcoming == 1
+        assert repo.batcher("b")._upcoming == 0
         with repo.expect(["a", "b"]) as arrivals:  # room again for both
             assert sorted(arrivals) == ["a", "b"]
     finally:

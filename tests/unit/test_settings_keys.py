@@ -192,7 +192,8 @@ def test_no_admin_rpc_can_be_an_unauthenticated_method() -> None:
 
     health = ["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
     admin = sorted(platform_admin_methods())
-    assert len(admin) == 8 and "/cxr.rag.v1.RagService/IngestDocuments" in admin
+    assert len(admin) == 14 and "/cxr.rag.v1.RagService/IngestDocuments" in admin
+    assert "/cxr.segmentation.v1.SegmentationService/SetModelRouting" in admin
     assert "/cxr.classification.v1.ClassificationService/RecordModelEvaluation" in admin
     assert "/cxr.dicom.v1.DicomService/RetryDeadLetter" in admin
     for method in admin:

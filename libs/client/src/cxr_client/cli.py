@@ -1,9 +1,9 @@
 """`cxr`: the command line of the platform, on top of `cxr_client`, so a shell script or an operator
 needs no Python to classify, segment, ask, analyze and manage models.
 
-Admin commands (`models load`, `models unload`, `ingest`, `dicom retry`) send only the admin key and every other
-command only the inference key, so an inference key never reaches an admin RPC. Commands, options and
-exit status: libs/client/README.md.
+Admin commands (`models load|unload|route|promote|rollback`, `ingest`, `dicom retry`) send only the admin
+key and every other command only the inference key, so an inference key never reaches an admin RPC.
+Commands, options and exit status: libs/client/README.md.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="API key of inference commands (env CXR_API_KEY)")
     p.add_argument(
         "--admin-api-key",
-        help="admin key, sent only by models load/unload, ingest and dicom retry (env CXR_ADMIN_API_KEY)",
+        help="admin key, sent only by models load/unload/route/promote/rollback, ingest and dicom retry "
+        "(env CXR_ADMIN_API_KEY)",
     )
     p.add_argument("--timeout", type=float, help="deadline per call in seconds (default 30)")
     p.add_argument("--tls", action="store_true", help="use TLS (also: a grpcs:// endpoint)")
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--model",
-        help="model to evaluate; default: multiclass_classifier (classification), the only one served (segmentation)",
+        help="model to evaluate (its serving version), or name@version for another loaded version; default: "
+        "multiclass_classifier (classification), the only one served (segmentation)",
     )
     e.add_argument("--concurrency", type=int, default=4, help="classify/segment calls in flight")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each confidence interval")
@@ -181,9 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
     mload.add_argument(
         "--thresholds", type=Path, help="thresholds file from `cxr evaluate --choose-thresholds` to apply"
     )
-    mun = msub.add_parser("unload")
+    mload.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="load the new version beside the serving one, which keeps serving (then `cxr models route`)",
+    )
+    mun = msub.add_parser("unload", help="a model with every version, or one version that does not serve")
     mun.add_argument("service", help=any_model_service)
-    mun.add_argument("model")
+    mun.add_argument("model", help="name, or name@version")
+    mroute = msub.add_parser("route", help="canary and shadow shares of a candidate version, and the version policy")
+    mroute.add_argument("service", help=any_model_service)
+    mroute.add_argument("model")
+    mroute.add_argument("--candidate", default="", help="a loaded version other than the serving one (empty: none)")
+    mroute.add_argument("--canary", type=float, default=0.0, help="percent of unpinned requests the candidate answers")
+    mroute.add_argument(
+        "--shadow", type=float, default=0.0, help="percent of requests also run on the candidate, for metrics only"
+    )
+    mroute.add_argument("--policy", choices=["latest", "pinned"], default="", help="what a plain load does")
+    mpromote = msub.add_parser("promote", help="make a loaded version (default: the candidate) serve")
+    mpromote.add_argument("service", help=any_model_service)
+    mpromote.add_argument("model")
+    mpromote.add_argument("version", nargs="?", default="")
+    mrollback = msub.add_parser("rollback", help="the previous serving version serves again, at once")
+    mrollback.add_argument("service", help=any_model_service)
+    mrollback.add_argument("model")
     mcard = msub.add_parser("card", help="the model card of the version that serves")
     mcard.add_argument("service", help=any_model_service)
     mcard.add_argument("model")
@@ -367,6 +390,8 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
                 m.name,
                 STATE_NAMES.get(m.state, m.state),
                 m.version,
+                m.role,
+                f"{m.traffic_percent:g}" + (f" (+{m.shadow_percent:g} shadow)" if m.shadow_percent else ""),
                 m.architecture,
                 m.device,
                 m.precision,
@@ -375,13 +400,26 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
             for svc, m in infos
         ]
         data = [{"service": svc, **to_dict(m)} for svc, m in infos]
-        _emit(
-            args,
-            data,
-            table(rows, ["service", "model", "state", "version", "architecture", "device", "precision", "untrained"]),
-        )
+        columns = ["service", "model", "state", "version", "role", "traffic %", "architecture", "device"]
+        _emit(args, data, table(rows, [*columns, "precision", "untrained"]))
         return rc
-    if args.models_command == "load":
+    if args.models_command == "route":
+        routed = await client.set_model_routing(
+            args.service,
+            args.model,
+            candidate_version=args.candidate,
+            canary_percent=args.canary,
+            shadow_percent=args.shadow,
+            version_policy=args.policy,
+        )
+        lines = [f"{args.service}/{m.name}@{m.version}: {m.role} {m.traffic_percent:g}%" for m in routed]
+        _emit(args, [to_dict(m) for m in routed], "\n".join(lines))
+        return 0
+    if args.models_command == "promote":
+        info = await client.promote_model(args.service, args.model, args.version)
+    elif args.models_command == "rollback":
+        info = await client.rollback_model(args.service, args.model)
+    elif args.models_command == "load":
         thresholds: dict[str, float] = {}
         version = ""
         if args.thresholds:
@@ -394,6 +432,7 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
             checkpoint_path=args.checkpoint,
             thresholds=thresholds,
             thresholds_model_version=version,
+            side_by_side=args.side_by_side,
         )
     elif args.models_command == "card":
         card = await client.get_model_card(args.service, args.model)
@@ -402,7 +441,8 @@ async def cmd_models(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     else:
         info = await client.unload_model(args.service, args.model)
     state = STATE_NAMES.get(info.state, info.state)
-    _emit(args, to_dict(info), f"{args.service}/{info.name}: {state} {info.version}".rstrip())
+    role = f" ({info.role})" if info.role else ""
+    _emit(args, to_dict(info), f"{args.service}/{info.name}: {state} {info.version}{role}".rstrip())
     return 0
 
 

@@ -102,6 +102,11 @@ class ModelAdminStub:
         self.RecordModelEvaluation = method(
             "RecordModelEvaluation", admin_pb.RecordModelEvaluationRequest, admin_pb.RecordModelEvaluationResponse
         )
+        self.PromoteModel = method("PromoteModel", admin_pb.PromoteModelRequest, admin_pb.PromoteModelResponse)
+        self.RollbackModel = method("RollbackModel", admin_pb.RollbackModelRequest, admin_pb.RollbackModelResponse)
+        self.SetModelRouting = method(
+            "SetModelRouting", admin_pb.SetModelRoutingRequest, admin_pb.SetModelRoutingResponse
+        )
 
 
 def _priority(name: str) -> common_pb2.Priority:
@@ -378,16 +383,19 @@ class AsyncCxrClient:
         checkpoint_path: str = "",
         thresholds: Mapping[str, float] | None = None,
         thresholds_model_version: str = "",
+        side_by_side: bool = False,
         timeout: float | None = None,
     ) -> common_pb2.ModelInfo:
         """Load (or reload) a model; `thresholds` (by label, for the model version
-        `thresholds_model_version`) replace the configured ones for this load."""
+        `thresholds_model_version`) replace the configured ones for this load; `side_by_side` loads the new
+        version beside the serving one, which keeps serving."""
         stub = self._model_stub(service)
         req = admin_pb.LoadModelRequest(
             model_name=model_name,
             checkpoint_path=checkpoint_path,
             thresholds=dict(thresholds or {}),
             thresholds_model_version=thresholds_model_version,
+            side_by_side=side_by_side,
         )
         info: common_pb2.ModelInfo = (await self._call(stub.LoadModel, req, timeout, admin_method="LoadModel")).model
         return info
@@ -401,6 +409,53 @@ class AsyncCxrClient:
             await self._call(stub.UnloadModel, req, timeout, admin_method="UnloadModel")
         ).model
         return info
+
+    async def promote_model(
+        self, service: ServiceName, model_name: str, version: str = "", *, timeout: float | None = None
+    ) -> common_pb2.ModelInfo:
+        """Make a loaded version (default: the candidate) serve; the one it replaces stays loaded for a rollback."""
+        req = admin_pb.PromoteModelRequest(model_name=model_name, version=version)
+        stub = self._model_stub(service)
+        info: common_pb2.ModelInfo = (
+            await self._call(stub.PromoteModel, req, timeout, admin_method="PromoteModel")
+        ).model
+        return info
+
+    async def rollback_model(
+        self, service: ServiceName, model_name: str, *, timeout: float | None = None
+    ) -> common_pb2.ModelInfo:
+        """The previous serving version serves again (a pointer swap: nothing loads)."""
+        req = admin_pb.RollbackModelRequest(model_name=model_name)
+        stub = self._model_stub(service)
+        info: common_pb2.ModelInfo = (
+            await self._call(stub.RollbackModel, req, timeout, admin_method="RollbackModel")
+        ).model
+        return info
+
+    async def set_model_routing(
+        self,
+        service: ServiceName,
+        model_name: str,
+        *,
+        candidate_version: str = "",
+        canary_percent: float = 0.0,
+        shadow_percent: float = 0.0,
+        version_policy: str = "",
+        timeout: float | None = None,
+    ) -> list[common_pb2.ModelInfo]:
+        """Name the candidate version with its canary and shadow shares (percent); `version_policy`
+        "latest" or "pinned" ("" leaves it). Every loaded version of the model, with its role."""
+        policy = {"": 0, "latest": common_pb2.VERSION_POLICY_LATEST, "pinned": common_pb2.VERSION_POLICY_PINNED}
+        req = admin_pb.SetModelRoutingRequest(
+            model_name=model_name,
+            candidate_version=candidate_version,
+            canary_percent=canary_percent,
+            shadow_percent=shadow_percent,
+            version_policy=policy[version_policy],  # type: ignore[arg-type]
+        )
+        stub = self._model_stub(service)
+        resp = await self._call(stub.SetModelRouting, req, timeout, admin_method="SetModelRouting")
+        return list(resp.models)
 
     async def get_model_card(
         self, service: ServiceName, model_name: str, *, timeout: float | None = None
@@ -560,6 +615,15 @@ class CxrClient:
 
     def unload_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
         return self._run(self._async.unload_model(service, model_name, **kwargs))
+
+    def promote_model(self, service: ServiceName, model_name: str, version: str = "", **kwargs: Any) -> Any:
+        return self._run(self._async.promote_model(service, model_name, version, **kwargs))
+
+    def rollback_model(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelInfo:
+        return self._run(self._async.rollback_model(service, model_name, **kwargs))
+
+    def set_model_routing(self, service: ServiceName, model_name: str, **kwargs: Any) -> list[common_pb2.ModelInfo]:
+        return self._run(self._async.set_model_routing(service, model_name, **kwargs))
 
     def get_model_card(self, service: ServiceName, model_name: str, **kwargs: Any) -> common_pb2.ModelCard:
         return self._run(self._async.get_model_card(service, model_name, **kwargs))

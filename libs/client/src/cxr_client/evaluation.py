@@ -269,8 +269,10 @@ class ModelRun:
 
 
 async def _model_info(client: AsyncCxrClient, model: str) -> Any:
+    """The ListModels entry of `model` (its serving version), or of `name@version` (a loaded version)."""
+    name, _, version = model.partition("@")
     for m in await client.list_models("classification"):
-        if m.name == model:
+        if m.name == name and (not version or m.version == version):
             return m
     raise ValueError(f"model {model!r} is not served by the classification service")
 
@@ -286,7 +288,8 @@ async def run_model(
     if summary.failed:
         first = summary.failed[0]
         raise ValueError(f"{len(summary.failed)} images failed to classify; first: {first.path}: {first.error}")
-    preds = [next(p for p in r.response.predictions if p.model.name == model) for r in summary.results]
+    name = model.partition("@")[0]  # `name@version` evaluates a loaded version that need not serve
+    preds = [next(p for p in r.response.predictions if p.model.name == name) for r in summary.results]
     versions = {p.model.version for p in preds}
     if len(versions) != 1:
         raise ValueError(f"model {model!r} changed version during the evaluation: {sorted(versions)}")
@@ -423,7 +426,11 @@ async def evaluate(
 async def record_on_card(client: AsyncCxrClient, report: dict[str, Any]) -> dict[str, Any]:
     """Record the report on the card of the version it evaluated (an admin call the server refuses when
     another version serves by then); what `report["model_card"]` keeps of the card."""
-    card = await client.record_model_evaluation("classification", report["model"]["name"], card_evaluation(report))
+    name, version = report["model"]["name"], report["model"]["version"]
+    loaded = [m for m in await client.list_models("classification") if m.name == name and m.version == version]
+    if loaded and loaded[0].role not in ("", "serving"):  # a candidate loaded beside the serving version
+        name = f"{name}@{version}"
+    card = await client.record_model_evaluation("classification", name, card_evaluation(report))
     return {"recorded": True, "source": card.source, "digest": card.digest}
 
 

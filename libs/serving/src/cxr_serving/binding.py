@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cxr_serving.batcher import Arrival
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.instances import ModelFactory
-from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ServedModel
+from cxr_serving.lifecycle import BatchingConfig, Dispatch, ModelRepository, ServedModel
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 from cxr_serving.urgency import ROUTINE, Urgency
@@ -70,17 +69,17 @@ async def infer(
     name: str,
     data: bytes,
     content_type: str,
-    arrival: Arrival | None = None,
+    dispatch: Dispatch | None = None,
     options: Any = None,
     urgency: Urgency = ROUTINE,
 ) -> tuple[DecodedImage, Any]:
     """One image through one model: decode and the model's `preprocess` as one job on the decode pool,
     its batched `predict`, then its `postprocess(output, options)` on the pool; returns the decoded image
-    and the postprocessed result. `arrival` is the model's entry of `repo.expect`; `urgency` the request's
+    and the postprocessed result. `dispatch` is the model's entry of `repo.expect`; `urgency` the request's
     priority and deadline."""
     model = repo.model(name)
     decoded, item = await pool.run(_decode_and_preprocess, data, content_type, pool.limits, model)
-    output = await repo.predict(name, item, arrival, urgency)
+    output = await repo.predict(name, item, dispatch, urgency)
     return decoded, await pool.run(model.postprocess, output, options)
 
 

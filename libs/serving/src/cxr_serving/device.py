@@ -162,3 +162,20 @@ class InferenceDevice:
 
         with torch.inference_mode():
             yield
+
+
+def module_bytes(*modules: Any) -> dict[str, int]:
+    """Bytes of the parameters and buffers of `modules` by device type ("cpu", "cuda"), each tensor counted
+    once (a compiled runner shares its eager module's): what a loaded version holds, independent of the
+    allocator's caching."""
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+    for module in modules:
+        if module is None:
+            continue
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            out[t.device.type] = out.get(t.device.type, 0) + t.numel() * t.element_size()
+    return out

@@ -94,6 +94,13 @@ class CheckpointError(CxrError):
     reason = "CHECKPOINT_INVALID"
 
 
+class VersionStateError(CxrError):
+    """An admin action that the model's loaded versions do not allow (e.g. unloading the serving one)."""
+
+    kind = ErrorKind.FAILED_PRECONDITION
+    reason = "MODEL_VERSION_STATE"
+
+
 class CheckpointPathError(CxrError):
     """A client-supplied checkpoint path that lies outside `models_path` (or no `models_path` is set)."""
 

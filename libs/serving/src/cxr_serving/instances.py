@@ -46,6 +46,7 @@ class LoadedModel:
     precision: str = "float32"
     checkpoint: str = ""
     preprocessing: tuple[tuple[str, str], ...] = ()
+    memory: tuple[tuple[str, int], ...] = ()  # parameter and buffer bytes by device type
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
@@ -60,6 +61,7 @@ class LoadedModel:
             model.precision,
             str(path) if path is not None else "",
             tuple(model.preprocessing.items()),
+            tuple(sorted(model.memory_bytes().items())),
         )
 
 

@@ -26,11 +26,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cxr_serving.batcher import Arrival, DynamicBatcher
-from cxr_serving.errors import ConfigError, CxrError, InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from cxr_serving.errors import (
+    ConfigError,
+    CxrError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    VersionStateError,
+)
 from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
-from cxr_serving.metrics import MODEL_LOADED, MetricsObserver
+from cxr_serving.metrics import (
+    MODEL_LOADED,
+    MODEL_MEMORY,
+    SHADOW_DELTA,
+    SHADOW_DROPPED,
+    SHADOW_FLIPS,
+    SHADOW_REQUESTS,
+    VERSION_DURATION,
+    VERSION_REQUESTS,
+    MetricsObserver,
+)
 from cxr_serving.settings import ServerConfig
 from cxr_serving.urgency import ROUTINE, Priority, Urgency
+from cxr_serving.versions import VersionPolicy, VersionRoute, check_percent
 
 if TYPE_CHECKING:
     from cxr_serving.images import DecodedImage
@@ -65,6 +83,13 @@ class ModelStatus:
     preprocessing: dict[str, str] = field(default_factory=dict)  # as the loaded model applies it (model card)
     error: str = ""
     load_seconds: float = 0.0
+    # versions side by side (versions.py): what this version does, its share of unpinned requests
+    role: str = ""
+    traffic_percent: float = 0.0
+    shadow_percent: float = 0.0
+    version_policy: str = ""
+    memory: dict[str, int] = field(default_factory=dict)  # parameter and buffer bytes by device type
+    gpu_allocated_delta: int = 0  # torch.cuda.memory_allocated after - before its load (thread instances on CUDA)
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,25 @@ class ServedModel(ABC):
     def unload(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release memory. Default: nothing to do."""
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of the loaded weights by device type ("cpu", "cuda"), which ListModels reports per version.
+        Default: none known."""
+        return {}
+
+    def shadow_input(self, item: Any) -> Any:
+        """The input a shadow run of a preprocessed `item` gets (e.g. without costly extras such as heatmaps)."""
+        return item
+
+    def disagreement(self, serving: Any, candidate: Any) -> Mapping[str, tuple[float, bool]] | None:
+        """Per label, |serving - candidate| probability and whether the decision flips, for two outputs of
+        `predict` on one input; None (the default) when the model's outputs cannot be compared, and such a
+        model cannot have a shadow candidate."""
+        return None
+
+    @classmethod
+    def compares_outputs(cls) -> bool:
+        return cls.disagreement is not ServedModel.disagreement
+
     @property
     @abstractmethod
     def version(self) -> str:
@@ -180,21 +224,61 @@ class BatchingConfig:
         )
 
 
-class ModelRepository:
-    """Owns a service's models, their batchers and their states."""
+@dataclass
+class Dispatch:
+    """Where one request for one model goes, chosen when it arrives: the version (pinned by the request,
+    the canary share or the serving version), how it was chosen, its announcement to that version's
+    batcher, and the candidate to shadow it on ("" none). `version` is the one that answered once
+    `predict` returns."""
 
-    def __init__(self, batching: BatchingConfig, on_ready_change: Callable[[bool], None] | None = None) -> None:
+    version: str
+    route: str
+    arrival: Arrival | None = None
+    shadow: str = ""
+    status: ModelStatus | None = None  # the answering version's status, set by `predict`
+
+    @property
+    def pinned(self) -> bool:
+        return self.route == "pinned"
+
+    def done(self) -> None:
+        if self.arrival is not None:
+            self.arrival.done()
+
+
+@dataclass
+class _Version:
+    """One loaded version of a model: its status, its batcher, and what runs its forwards."""
+
+    status: ModelStatus
+    batcher: DynamicBatcher[Any, Any]
+    instance: ServedModel | None = None  # thread instances
+    processes: ProcessInstances | None = None  # model_instance_mode: process
+    shadow_in_flight: int = 0
+
+
+class ModelRepository:
+    """Owns a service's models, their loaded versions, their batchers and their states."""
+
+    def __init__(
+        self,
+        batching: BatchingConfig,
+        on_ready_change: Callable[[bool], None] | None = None,
+        *,
+        shadow_max_in_flight: int = 4,
+    ) -> None:
         self._batching = batching
         self._model_batching: dict[str, BatchingConfig] = {}  # per-model batch size/delay overrides
         self._models: dict[str, ServedModel] = {}
         self._required: set[str] = set()
-        self._status: dict[str, ModelStatus] = {}
-        self._batchers: dict[str, DynamicBatcher[Any, Any]] = {}
+        self._status: dict[str, ModelStatus] = {}  # the model's state; its serving version's status once ready
+        self._versions: dict[str, dict[str, _Version]] = {}  # name -> version -> what serves it
+        self._routes: dict[str, VersionRoute] = {}
         self._factories: dict[str, ModelFactory] = {}
-        self._processes: dict[str, ProcessInstances] = {}  # model_instance_mode: process
-        self._serving: dict[str, ServedModel] = {}  # thread mode: the loaded instance behind each batcher
         self._locks: dict[str, asyncio.Lock] = {}
         self._admin_tasks: set[asyncio.Task[ModelStatus]] = set()  # loads/unloads, shielded from their callers
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_max_in_flight = shadow_max_in_flight  # per candidate; more shadow work is dropped
         self.on_ready_change = on_ready_change
         self._observer = MetricsObserver()
 
@@ -211,7 +295,8 @@ class ModelRepository:
 
         `factory` (picklable, no arguments) builds the same model, unloaded, in another process:
         with `model_instance_mode: process` each instance process calls it, and `model` itself
-        stays unloaded here (its config, labels and preprocessing still serve the servicer)."""
+        stays unloaded here (its config, labels and preprocessing still serve the servicer). It also
+        builds the fresh instance a reload or a second version loads into."""
         if self._batching.instance_mode == "process" and factory is None:
             raise ConfigError(
                 f"model '{model.name}' cannot run in instance processes: its service passes no factory; "
@@ -222,12 +307,17 @@ class ModelRepository:
             self._model_batching[model.name] = batching
         if factory is not None:
             self._factories[model.name] = factory
-        self._status[model.name] = ModelStatus(
-            model.name, architecture=model.architecture, task=model.task, labels=list(model.labels)
-        )
+        self._status[model.name] = self._blank_status(model)
+        self._routes[model.name] = VersionRoute()
         if required:
             self._required.add(model.name)
         MODEL_LOADED.labels(model.name).set(0)
+
+    @staticmethod
+    def _blank_status(model: ServedModel, state: ModelState = ModelState.UNLOADED) -> ModelStatus:
+        return ModelStatus(
+            model.name, state=state, architecture=model.architecture, task=model.task, labels=list(model.labels)
+        )
 
     @property
     def names(self) -> list[str]:
@@ -246,6 +336,22 @@ class ModelRepository:
     def statuses(self) -> list[ModelStatus]:
         return [self._status[n] for n in self._models]
 
+    def version_status(self, name: str, version: str) -> ModelStatus:
+        """The status of one loaded version; NOT_FOUND names the loaded ones."""
+        return self._version(name, version).status
+
+    def version_statuses(self) -> list[ModelStatus]:
+        """Every loaded version of every model (the serving one first), and each model with none loaded."""
+        out: list[ModelStatus] = []
+        for name in self._models:
+            versions = self._versions.get(name, {})
+            if not versions:
+                out.append(self._status[name])
+                continue
+            serving = self._routes[name].serving
+            out += sorted((v.status for v in versions.values()), key=lambda s: s.version != serving)
+        return out
+
     @property
     def ready(self) -> bool:
         return all(self._status[n].state is ModelState.READY for n in self._required)
@@ -256,6 +362,38 @@ class ModelRepository:
     def _notify(self) -> None:
         if self.on_ready_change is not None:
             self.on_ready_change(self.ready)
+
+    def _version(self, name: str, version: str) -> _Version:
+        self.model(name)
+        try:
+            return self._versions.get(name, {})[version]
+        except KeyError:
+            loaded = sorted(self._versions.get(name, {}))
+            raise ModelNotFoundError(
+                f"model '{name}' has no version '{version}' loaded; loaded versions: {loaded}",
+                reason="MODEL_VERSION_NOT_FOUND",
+                metadata={"model": name, "version": version},
+            ) from None
+
+    def batcher(self, name: str, version: str = "") -> DynamicBatcher[Any, Any] | None:
+        """The batcher of a loaded version (default: the serving one); None when nothing serves."""
+        slot = self._version(name, version) if version else self._serving_version(name)
+        return slot.batcher if slot is not None else None
+
+    def _serving_version(self, name: str) -> _Version | None:
+        return self._versions.get(name, {}).get(self._routes[name].serving)
+
+    def _refresh(self, name: str) -> None:
+        """Roles and shares of every loaded version, and the model's status, after any routing change."""
+        route = self._routes[name]
+        for version, slot in self._versions.get(name, {}).items():
+            st = slot.status
+            st.role, st.traffic_percent = route.role(version).value, route.share(version)
+            st.shadow_percent = route.shadow_percent if version == route.candidate else 0.0
+            st.version_policy = route.policy.value
+        serving = self._serving_version(name)
+        if serving is not None:
+            self._status[name] = serving.status
 
     async def _admin(self, body: Coroutine[Any, Any, ModelStatus]) -> ModelStatus:
         """Run a load/unload as its own task, shielded: a caller that goes away (an RPC deadline
@@ -271,27 +409,50 @@ class ModelRepository:
             raise
 
     async def load(
-        self, name: str, checkpoint_path: Path | None = None, thresholds: ThresholdOverride | None = None
+        self,
+        name: str,
+        checkpoint_path: Path | None = None,
+        thresholds: ThresholdOverride | None = None,
+        *,
+        side_by_side: bool = False,
     ) -> ModelStatus:
         """Load (or reload) a model, with `thresholds` replacing the configured ones for this load. While
         a version serves, a new one that fails to load is refused and the served one keeps answering;
-        one that loads replaces it (module docstring)."""
+        one that loads replaces it (module docstring), unless `side_by_side` (or the model's PINNED
+        policy) loads it beside the serving version, which keeps serving."""
         model = self.model(name)
-        return await self._admin(self._load(name, model, checkpoint_path, thresholds))
+        return await self._admin(self._load(name, model, checkpoint_path, thresholds, side_by_side))
 
     async def _load(
-        self, name: str, model: ServedModel, checkpoint_path: Path | None, thresholds: ThresholdOverride | None
+        self,
+        name: str,
+        model: ServedModel,
+        checkpoint_path: Path | None,
+        thresholds: ThresholdOverride | None,
+        side_by_side: bool,
     ) -> ModelStatus:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            st = self._status[name]
-            swap = name in self._batchers and (self._batching.instance_mode == "process" or name in self._factories)
+            route = self._routes[name]
+            versions = self._versions.setdefault(name, {})
+            fresh_instances = self._batching.instance_mode == "process" or name in self._factories
+            serves = self._serving_version(name) is not None
+            beside = serves and (side_by_side or route.policy is VersionPolicy.PINNED)
+            if beside and not fresh_instances:
+                raise VersionStateError(
+                    f"model '{name}' cannot load a second version: its service builds no second instance",
+                    reason="MODEL_VERSIONS_UNSUPPORTED",
+                )
+            swap = serves and fresh_instances
             if not swap:  # nothing serves (or no factory to build a second instance): load in place
-                await self._stop_serving(name)
-                st.state, st.error = ModelState.LOADING, ""
+                await self._stop_all(name)
+                route, versions = self._routes[name], self._versions.setdefault(name, {})
+                self._status[name] = self._blank_status(model, ModelState.LOADING)
                 MODEL_LOADED.labels(name).set(0)
                 self._notify()
+            st = self._status[name]
             started = time.perf_counter()
+            gpu_before = _gpu_allocated()
             try:
                 instance, loaded, run_batch = await self._load_instances(model, checkpoint_path, thresholds, fresh=swap)
             except BaseException as exc:
@@ -307,47 +468,74 @@ class ModelRepository:
                 log.error("model %s failed to load: %s", name, st.error)
                 self._notify()
                 raise
-            old_batcher = self._batchers.get(name)
-            old_instance = self._serving.pop(name, None)
-            old_processes = self._processes.pop(name, None)
-            if isinstance(instance, ProcessInstances):
-                self._processes[name] = instance
-            else:
-                self._serving[name] = instance
-            st.load_seconds = time.perf_counter() - started
-            st.state, st.error, st.version, st.untrained = ModelState.READY, "", loaded.version, loaded.untrained
-            st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
-            st.precision = loaded.precision
-            st.checkpoint, st.preprocessing = loaded.checkpoint, dict(loaded.preprocessing)
-            batching = self._model_batching.get(name, self._batching)
-            self._batchers[name] = DynamicBatcher(
+            if beside and loaded.version in versions:
+                await _free(instance)
+                raise VersionStateError(
+                    f"model '{name}' version {loaded.version} is already loaded "
+                    f"({versions[loaded.version].status.role}); unload {name}@{loaded.version} first",
+                    reason="MODEL_VERSION_ALREADY_LOADED",
+                )
+            new = ModelStatus(
                 name,
-                run_batch,
-                max_batch_size=batching.max_batch_size,
-                max_batch_delay_ms=batching.max_batch_delay_ms,
-                max_queue_size=self._batching.max_queue_size,
-                observer=self._observer,
-                max_concurrent_batches=self._batching.model_instances,
-                announced_arrivals=True,
+                state=ModelState.READY,
+                version=loaded.version,
+                untrained=loaded.untrained,
+                architecture=loaded.architecture,
+                labels=list(loaded.labels),
+                device=loaded.device,
+                precision=loaded.precision,
+                task=model.task,
+                checkpoint=loaded.checkpoint,
+                preprocessing=dict(loaded.preprocessing),
+                load_seconds=time.perf_counter() - started,
+                memory=dict(loaded.memory),
+                gpu_allocated_delta=max(0, _gpu_allocated() - gpu_before),
             )
+            batching = self._model_batching.get(name, self._batching)
+            slot = _Version(
+                new,
+                DynamicBatcher(
+                    name,
+                    run_batch,
+                    max_batch_size=batching.max_batch_size,
+                    max_batch_delay_ms=batching.max_batch_delay_ms,
+                    max_queue_size=self._batching.max_queue_size,
+                    observer=self._observer,
+                    max_concurrent_batches=self._batching.model_instances,
+                    announced_arrivals=True,
+                ),
+            )
+            if isinstance(instance, ProcessInstances):
+                slot.processes = instance
+            else:
+                slot.instance = instance
+            retired: list[_Version] = []
+            if not beside:  # the new version serves; the one it replaces (and an older copy of it) retire
+                for old in {route.serving, loaded.version}:
+                    if old in versions:
+                        retired.append(versions.pop(old))
+                        route.forget(old)
+                        _forget_memory(name, old)
+                route.serving = loaded.version
+            versions[loaded.version] = slot
+            for device, size in new.memory.items():
+                MODEL_MEMORY.labels(name, loaded.version, device).set(size)
+            self._refresh(name)
             MODEL_LOADED.labels(name).set(1)
             log.info(
-                "model %s ready: version=%s device=%s precision=%s in %.1fs%s",
+                "model %s %s: version=%s device=%s precision=%s in %.1fs%s",
                 name,
-                st.version,
-                st.device,
-                st.precision,
-                st.load_seconds,
-                " (UNTRAINED: random weights)" if st.untrained else "",
+                "loaded beside the serving version" if beside else "ready",
+                new.version,
+                new.device,
+                new.precision,
+                new.load_seconds,
+                " (UNTRAINED: random weights)" if new.untrained else "",
             )
             self._notify()
-            try:
-                if old_batcher is not None:  # the swap: new requests already go to the new version
-                    await self._retire(name, old_batcher, old_instance if old_instance is not instance else None)
-            finally:  # even when the drain is cancelled (shutdown), the old processes stop
-                if old_processes is not None:
-                    await asyncio.to_thread(old_processes.close)
-            return st
+            # the swap: new requests already go to the new version; the old ones drain
+            await asyncio.gather(*(self._stop_version(name, old, exclude=instance) for old in retired))
+            return new
 
     async def load_all(self) -> None:
         """Load every required model; failures are logged and leave the service NOT_SERVING."""
@@ -358,50 +546,224 @@ class ModelRepository:
             if isinstance(r, BaseException) and not isinstance(r, Exception):
                 raise r
 
-    async def unload(self, name: str) -> ModelStatus:
+    async def unload(self, name: str, version: str = "") -> ModelStatus:
         """Stop serving: new requests are refused at once, running forwards finish (up to the drain
-        grace), and only then are the weights freed."""
+        grace), and only then are the weights freed. With `version`, only that version, which must not
+        be the serving one."""
         model = self.model(name)
+        if version:
+            return await self._admin(self._unload_version(name, version))
         return await self._admin(self._unload(name, model))
 
     async def _unload(self, name: str, model: ServedModel) -> ModelStatus:
         async with self._locks.setdefault(name, asyncio.Lock()):
-            st = self._status[name]
-            st.state, st.error = ModelState.UNLOADED, ""
+            st = self._status[name] = self._blank_status(model)
             MODEL_LOADED.labels(name).set(0)
             self._notify()
-            serving = self._serving.get(name)
-            await self._stop_serving(name)
-            if serving is not model:  # the registered instance too (a no-op when it never loaded)
+            instances = [v.instance for v in self._versions.get(name, {}).values()]
+            await self._stop_all(name)
+            if model not in instances:  # the registered instance too (a no-op when it never loaded)
                 await asyncio.to_thread(model.unload)
             return st
 
+    async def _unload_version(self, name: str, version: str) -> ModelStatus:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            slot = self._version(name, version)
+            route = self._routes[name]
+            if version == route.serving:
+                raise VersionStateError(
+                    f"model '{name}' version {version} serves: promote or roll back to another version first, "
+                    f"or unload '{name}' with every version",
+                    reason="MODEL_VERSION_SERVING",
+                )
+            del self._versions[name][version]
+            route.forget(version)
+            _forget_memory(name, version)
+            self._refresh(name)
+            log.info("model %s: version %s unloaded", name, version)
+            await self._stop_version(name, slot)
+            slot.status.state, slot.status.role, slot.status.traffic_percent = ModelState.UNLOADED, "", 0.0
+            return slot.status
+
+    # -- routing (pointer changes, no load) -------------------------------------------------------
+    def promote(self, name: str, version: str = "") -> ModelStatus:
+        """`version` (default: the candidate) becomes the serving version; the one it replaces stays
+        loaded as the rollback target."""
+        route = self._routes[self.model(name).name]
+        target = version or route.candidate
+        if not target:
+            raise VersionStateError(
+                f"model '{name}' has no candidate version to promote: name one", reason="NO_CANDIDATE_VERSION"
+            )
+        self._version(name, target)
+        route.promote(target)
+        self._refresh(name)
+        log.info("model %s: version %s promoted (previous: %s)", name, target, route.previous or "none")
+        return self._status[name]
+
+    def rollback(self, name: str) -> ModelStatus:
+        """The previous serving version serves again: a pointer swap, nothing loads."""
+        route = self._routes[self.model(name).name]
+        if not route.previous or route.previous not in self._versions.get(name, {}):
+            raise VersionStateError(
+                f"model '{name}' has no previous version loaded to roll back to", reason="NO_PREVIOUS_VERSION"
+            )
+        route.serving, route.previous = route.previous, route.serving
+        self._refresh(name)
+        log.info("model %s: rolled back to version %s (from %s)", name, route.serving, route.previous)
+        return self._status[name]
+
+    def set_routing(
+        self,
+        name: str,
+        *,
+        candidate: str,
+        canary_percent: float,
+        shadow_percent: float,
+        policy: VersionPolicy | None = None,
+    ) -> list[ModelStatus]:
+        """Name the candidate version and its canary and shadow shares ("" and 0: none); `policy`: what
+        a later plain load does. Returns every loaded version of the model."""
+        model = self.model(name)
+        canary_percent = check_percent("canary_percent", canary_percent)
+        shadow_percent = check_percent("shadow_percent", shadow_percent)
+        route = self._routes[name]
+        if candidate:
+            self._version(name, candidate)
+            if candidate == route.serving:
+                raise VersionStateError(
+                    f"model '{name}' version {candidate} already serves: a candidate is another loaded version",
+                    reason="CANDIDATE_IS_SERVING",
+                )
+        elif canary_percent or shadow_percent:
+            raise InvalidInputError("a canary or shadow share needs a candidate_version", reason="NO_CANDIDATE_VERSION")
+        if shadow_percent and not model.compares_outputs():
+            raise InvalidInputError(
+                f"model '{name}' cannot compare two versions' outputs, so it cannot shadow a candidate",
+                reason="SHADOW_NOT_SUPPORTED",
+            )
+        route.set_candidate(candidate, canary_percent, shadow_percent)
+        if policy is not None:
+            route.policy = policy
+        self._refresh(name)
+        log.info(
+            "model %s: candidate=%s canary=%.2f%% shadow=%.2f%% policy=%s",
+            name,
+            candidate or "none",
+            canary_percent,
+            shadow_percent,
+            route.policy.value,
+        )
+        return [self._versions[name][v].status for v in self._versions.get(name, {})] or [self._status[name]]
+
+    # -- requests ------------------------------------------------------------------------------
+    def _dispatch(self, name: str, pinned: str, priority: Priority = Priority.ROUTINE) -> Dispatch | None:
+        """Choose the version for one request and announce it to that version's batcher; None when
+        nothing serves the model (`predict` then says why)."""
+        if pinned:
+            return Dispatch(pinned, "pinned", self._version(name, pinned).batcher.expect(priority))
+        serving = self._serving_version(name)
+        if serving is None:
+            return None
+        version, how, shadow = self._routes[name].pick()
+        slot = self._versions[name].get(version, serving)
+        return Dispatch(slot.status.version, how, slot.batcher.expect(priority), shadow)
+
     @contextlib.contextmanager
-    def expect(self, names: Sequence[str], priority: Priority = Priority.ROUTINE) -> Iterator[dict[str, Arrival]]:
-        """Announce a request for these models as it arrives, before decoding; pass each model's
-        Arrival to `predict`. A batch then waits only for requests that exist, and an overloaded
+    def expect(
+        self,
+        names: Sequence[str],
+        versions: Mapping[str, str] | None = None,
+        priority: Priority = Priority.ROUTINE,
+    ) -> Iterator[dict[str, Dispatch]]:
+        """Announce a request for these models as it arrives, before decoding, and choose the version of
+        each (`versions`: the ones the request pins; NOT_FOUND for one not loaded; `priority`: which lane
+        of the batcher it waits in); pass each model's Dispatch to `predict`. A batch then waits only for
+        requests that exist, and an overloaded
         model refuses the request here, before the decode (batcher.py)."""
-        arrivals: dict[str, Arrival] = {}
+        dispatches: dict[str, Dispatch] = {}
         try:
             for n in names:  # a model that sheds here withdraws the announcements made before it
-                batcher = self._batchers.get(n)
-                if batcher is not None:
-                    arrivals[n] = batcher.expect(priority)
-            yield arrivals
+                self.model(n)
+                d = self._dispatch(n, (versions or {}).get(n, ""), priority)
+                if d is not None:
+                    dispatches[n] = d
+            yield dispatches
         finally:
-            for a in arrivals.values():
-                a.done()
+            for d in dispatches.values():
+                d.done()
 
-    async def predict(self, name: str, item: Any, arrival: Arrival | None = None, urgency: Urgency = ROUTINE) -> Any:
-        """Queue one preprocessed input for the model's next batch (`arrival`: from `expect`, which
-        withdraws it if this raises before submitting; `urgency`: its priority and deadline)."""
+    async def predict(self, name: str, item: Any, dispatch: Dispatch | None = None, urgency: Urgency = ROUTINE) -> Any:
+        """Queue one preprocessed input for the next batch of the version `dispatch` chose (from
+        `expect`, which withdraws it if this raises before submitting; None: choose now). An unpinned
+        request whose version was replaced meanwhile goes to the serving one; `dispatch.version` and
+        `dispatch.status` then say which version answered. `urgency`: its priority and deadline."""
         self.model(name)
-        batcher = self._batchers.get(name)
-        if batcher is None:
-            st = self._status[name]
-            detail = f": {st.error}" if st.error else ""
-            raise ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
-        return await batcher.submit(item, arrival, urgency)
+        if dispatch is None:
+            dispatch = self._dispatch(name, "", urgency.priority)
+            if dispatch is None:
+                raise self._not_ready(name)
+        slot = self._versions.get(name, {}).get(dispatch.version)
+        if slot is None:
+            if dispatch.pinned:
+                dispatch.done()
+                raise ModelNotReadyError(
+                    f"model '{name}' version {dispatch.version} was unloaded", metadata={"model": name}
+                )
+            slot = self._serving_version(name)
+            if slot is None:
+                dispatch.done()
+                raise self._not_ready(name)
+            dispatch.version, dispatch.shadow = slot.status.version, ""
+        dispatch.status = slot.status
+        started = time.perf_counter()
+        out = await slot.batcher.submit(item, dispatch.arrival, urgency)
+        VERSION_REQUESTS.labels(name, dispatch.version, dispatch.route).inc()
+        VERSION_DURATION.labels(name, dispatch.version).observe(time.perf_counter() - started)
+        if dispatch.shadow:
+            self._shadow(name, dispatch.shadow, item, out)
+        return out
+
+    def _not_ready(self, name: str) -> ModelNotReadyError:
+        st = self._status[name]
+        detail = f": {st.error}" if st.error else ""
+        return ModelNotReadyError(f"model '{name}' is {st.state.value}{detail}", metadata={"model": name})
+
+    def _shadow(self, name: str, version: str, item: Any, served: Any) -> None:
+        """Run `item` on the candidate in the background and record how its output differs from the
+        served one; dropped (and counted) when the candidate already has its share of shadow work or a
+        full batch waiting."""
+        slot = self._versions.get(name, {}).get(version)
+        if slot is None:
+            return
+        busy = slot.batcher.queue_depth >= slot.batcher.max_batch_size
+        if busy or slot.shadow_in_flight >= self.shadow_max_in_flight:
+            SHADOW_DROPPED.labels(name, version).inc()
+            return
+        model = self._models[name]
+        slot.shadow_in_flight += 1
+
+        async def run() -> None:
+            try:
+                out = await slot.batcher.submit(model.shadow_input(item))
+                diff = model.disagreement(served, out) or {}
+            except Exception as exc:  # the candidate's failure never reaches a caller
+                SHADOW_DROPPED.labels(name, version).inc()
+                log.warning("model %s: shadow run on version %s failed: %s", name, version, exc)
+                return
+            finally:
+                slot.shadow_in_flight -= 1
+            SHADOW_REQUESTS.labels(name, version).inc()
+            for label, (delta, flipped) in diff.items():
+                SHADOW_DELTA.labels(name, version, label).observe(delta)
+                if flipped:
+                    SHADOW_FLIPS.labels(name, version, label).inc()
+                else:  # the series exists from the first comparison, so a flip rate of 0 is visible
+                    SHADOW_FLIPS.labels(name, version, label).inc(0)
+
+        task = asyncio.ensure_future(run())
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
 
     async def _load_instances(
         self, model: ServedModel, checkpoint_path: Path | None, thresholds: ThresholdOverride | None, *, fresh: bool
@@ -437,28 +799,55 @@ class ModelRepository:
         if instance is not None:
             await asyncio.to_thread(instance.unload)
 
-    async def _stop_serving(self, name: str) -> None:
-        """Drain and close the model's batcher and free its instance, then stop its processes."""
-        batcher = self._batchers.pop(name, None)
-        instance = self._serving.pop(name, None)
-        processes = self._processes.pop(name, None)
+    async def _stop_version(self, name: str, slot: _Version, exclude: object = None) -> None:
+        """Drain and close one version's batcher and free its instance (unless it is `exclude`, which
+        serves on), then stop its processes."""
         try:
-            if batcher is not None:
-                await self._retire(name, batcher, instance)
-            elif instance is not None:
-                await asyncio.to_thread(instance.unload)
+            await self._retire(name, slot.batcher, slot.instance if slot.instance is not exclude else None)
         finally:  # even when the drain is cancelled, the processes stop
-            if processes is not None:
-                await asyncio.to_thread(processes.close)
+            if slot.processes is not None:
+                await asyncio.to_thread(slot.processes.close)
+
+    async def _stop_all(self, name: str) -> None:
+        """Stop every version of the model; the routing keeps only its policy."""
+        versions = self._versions.pop(name, {})
+        route = self._routes[name]
+        self._routes[name] = VersionRoute(policy=route.policy)
+        for version in versions:
+            _forget_memory(name, version)
+        await asyncio.gather(*(self._stop_version(name, v) for v in versions.values()))
 
     async def close(self) -> None:
         """Stop every model at once (one drain grace for all, not one each); a load or unload still
         running is cancelled first and releases what it built."""
-        for task in list(self._admin_tasks):
+        for task in list(self._admin_tasks) + list(self._shadow_tasks):
             task.cancel()
-        await asyncio.gather(*self._admin_tasks, return_exceptions=True)
-        names = set(self._batchers) | set(self._processes)
-        await asyncio.gather(*(self._stop_serving(n) for n in names))
+        await asyncio.gather(*self._admin_tasks, *self._shadow_tasks, return_exceptions=True)
+        await asyncio.gather(*(self._stop_all(n) for n in list(self._versions)))
+
+
+async def _free(instance: ServedModel | ProcessInstances) -> None:
+    """Release an instance (or its processes) that never served."""
+    if isinstance(instance, ProcessInstances):
+        await asyncio.to_thread(instance.close)
+    else:
+        await asyncio.to_thread(instance.unload)
+
+
+def _forget_memory(name: str, version: str) -> None:
+    for device in ("cpu", "cuda"):
+        with contextlib.suppress(KeyError):
+            MODEL_MEMORY.remove(name, version, device)
+
+
+def _gpu_allocated() -> int:
+    """torch.cuda.memory_allocated over every device (0 without CUDA; torch is never imported for it)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    return int(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:

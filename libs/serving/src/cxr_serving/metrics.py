@@ -51,6 +51,41 @@ REQUEST_DURATION = Histogram(
     ["method", "code"],
     buckets=_LATENCY_BUCKETS,
 )
+# versions side by side (versions.py): which version answered, and how a shadowed candidate disagrees
+VERSION_REQUESTS = Counter(
+    "cxr_model_version_requests_total",
+    "Requests answered by each loaded version, by how the version was chosen (pinned, canary, serving)",
+    ["model", "version", "route"],
+)
+VERSION_DURATION = Histogram(
+    "cxr_model_version_request_duration_seconds",
+    "Batch wait plus forward of one request, by the version that answered it",
+    ["model", "version"],
+    buckets=_LATENCY_BUCKETS,
+)
+SHADOW_REQUESTS = Counter(
+    "cxr_shadow_requests_total", "Requests run on a shadow candidate and compared", ["model", "version"]
+)
+SHADOW_DROPPED = Counter(
+    "cxr_shadow_dropped_total", "Shadow runs dropped because the candidate was busy or failed", ["model", "version"]
+)
+SHADOW_DELTA = Histogram(
+    "cxr_shadow_probability_delta",
+    "|serving - candidate| probability of one finding on one shadowed request",
+    ["model", "version", "finding"],
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+)
+SHADOW_FLIPS = Counter(
+    "cxr_shadow_flips_total",
+    "Shadowed requests whose decision on a finding differs between serving and candidate "
+    "(flip rate: this over cxr_shadow_requests_total)",
+    ["model", "version", "finding"],
+)
+MODEL_MEMORY = Gauge(
+    "cxr_model_memory_bytes",
+    "Parameter and buffer bytes of each loaded version, by device type",
+    ["model", "version", "device"],
+)
 
 
 def _gpu_memory_bytes() -> float:

@@ -34,6 +34,12 @@ from cxr_serving.model_card import (
     write_card_file,
 )
 from cxr_serving.proto_convert import model_info
+from cxr_serving.versions import VersionPolicy, VersionRole, split_name
+
+_POLICIES: dict[int, VersionPolicy] = {
+    common_pb2.VERSION_POLICY_LATEST: VersionPolicy.LATEST,
+    common_pb2.VERSION_POLICY_PINNED: VersionPolicy.PINNED,
+}
 
 
 class ModelAdmin:
@@ -55,10 +61,13 @@ class ModelAdmin:
         self._card_lock = asyncio.Lock()  # one evaluation record at a time (read-modify-write of a card file)
 
     def info(self, status: ModelStatus) -> common_pb2.ModelInfo:
-        """ModelInfo with the link to the model's card (every response that names a model carries it)."""
+        """ModelInfo with the link to the card of its version (every response that names a model carries it):
+        the model's own link for the serving version, `name@version` for another loaded one."""
         info = model_info(status)
         if self.rest_prefix:
-            info.model_card = f"{self.rest_prefix}/models/{status.name}/card"
+            serving = status.role in ("", VersionRole.SERVING)
+            key = status.name if serving else f"{status.name}@{status.version}"
+            info.model_card = f"{self.rest_prefix}/models/{key}/card"
         return info
 
     def _name(self, raw: str) -> str:
@@ -66,8 +75,15 @@ class ModelAdmin:
         self.repo.model(name)  # NOT_FOUND names the known models
         return name
 
+    def _name_version(self, raw: str) -> tuple[str, str]:
+        """`name` or `name@version` (the version checked by the caller)."""
+        name, version = split_name(raw)
+        return self._name(name), version
+
     def list_models(self) -> list[common_pb2.ModelInfo]:
-        return [self.info(s) for s in self.repo.statuses()]
+        """Every loaded version of every model, with its role, share and memory; a model with no version
+        loaded once, with its state."""
+        return [self.info(s) for s in self.repo.version_statuses()]
 
     def _thresholds(self, name: str, values: Mapping[str, float], model_version: str) -> ThresholdOverride | None:
         """The request's thresholds, checked before anything loads: INVALID_ARGUMENT for a model without
@@ -107,16 +123,18 @@ class ModelAdmin:
         checkpoint_path: str,
         thresholds: Mapping[str, float] | None = None,
         thresholds_model_version: str = "",
+        *,
+        side_by_side: bool = False,
     ) -> common_pb2.ModelInfo:
         """Load or reload, with `thresholds` (chosen for `thresholds_model_version`) replacing the
-        configured ones; a refused checkpoint leaves a serving version serving, and the error names
-        the file and the reason."""
+        configured ones (`side_by_side`: beside the serving version, which keeps serving); a refused
+        checkpoint leaves a serving version serving, and the error names the file and the reason."""
         name = self._name(name)
         override = self._thresholds(name, thresholds or {}, thresholds_model_version)
         path = client_checkpoint(self.models_path, checkpoint_path)
         shown = str(path) if path is not None else "the configured checkpoint"
         try:
-            status = await self.repo.load(name, path, override)
+            status = await self.repo.load(name, path, override, side_by_side=side_by_side)
         except CheckpointError as exc:
             if path is not None and str(path) not in exc.message:
                 raise CheckpointError(f"{shown}: {exc.message}", reason=exc.reason, metadata=exc.metadata) from exc
@@ -131,11 +149,36 @@ class ModelAdmin:
             ) from exc
         return self.info(status)
 
-    async def unload_model(self, name: str) -> common_pb2.ModelInfo:
-        return self.info(await self.repo.unload(self._name(name)))
+    async def unload_model(self, raw: str) -> common_pb2.ModelInfo:
+        """Unload a model (every version), or one version that does not serve (`name@version`)."""
+        name, version = self._name_version(raw)
+        return self.info(await self.repo.unload(name, version))
 
-    def _serving(self, name: str) -> ModelStatus:
-        status = self.repo.status(self._name(name))
+    def promote(self, raw: str, version: str = "") -> common_pb2.ModelInfo:
+        name, pinned = self._name_version(raw)
+        return self.info(self.repo.promote(name, version or pinned))
+
+    def rollback(self, raw: str) -> common_pb2.ModelInfo:
+        return self.info(self.repo.rollback(self._name(raw)))
+
+    def set_routing(
+        self, raw: str, candidate: str, canary_percent: float, shadow_percent: float, policy: int
+    ) -> list[common_pb2.ModelInfo]:
+        statuses = self.repo.set_routing(
+            self._name(raw),
+            candidate=candidate,
+            canary_percent=canary_percent,
+            shadow_percent=shadow_percent,
+            policy=_POLICIES.get(policy),
+        )
+        return [self.info(s) for s in statuses]
+
+    def _serving(self, raw: str) -> ModelStatus:
+        """The status of the version a card describes: the serving one, or `name@version`."""
+        name, version = self._name_version(raw)
+        if version:
+            return self.repo.version_status(name, version)
+        status = self.repo.status(name)
         if status.state is not ModelState.READY:
             raise ModelNotReadyError(
                 f"model '{status.name}' is {status.state.value}: a card describes the version that serves",
@@ -183,7 +226,7 @@ class ModelAdmin:
                     raise CheckpointError(
                         f"cannot write model card {shown}: {why}", reason="MODEL_CARD_NOT_WRITABLE"
                     ) from exc
-        return await self.get_model_card(status.name)
+        return await self.get_model_card(name)
 
 
 class ModelAdminRpcs:
@@ -202,11 +245,28 @@ class ModelAdminRpcs:
             request.checkpoint_path,
             dict(request.thresholds),
             request.thresholds_model_version,
+            side_by_side=request.side_by_side,
         )
         return self.admin_messages.LoadModelResponse(model=model)
 
     async def UnloadModel(self, request: Any, context: Any) -> Any:
         return self.admin_messages.UnloadModelResponse(model=await self.admin.unload_model(request.model_name))
+
+    async def PromoteModel(self, request: Any, context: Any) -> Any:
+        return self.admin_messages.PromoteModelResponse(model=self.admin.promote(request.model_name, request.version))
+
+    async def RollbackModel(self, request: Any, context: Any) -> Any:
+        return self.admin_messages.RollbackModelResponse(model=self.admin.rollback(request.model_name))
+
+    async def SetModelRouting(self, request: Any, context: Any) -> Any:
+        models = self.admin.set_routing(
+            request.model_name,
+            request.candidate_version,
+            request.canary_percent,
+            request.shadow_percent,
+            request.version_policy,
+        )
+        return self.admin_messages.SetModelRoutingResponse(models=models)
 
     async def GetModelCard(self, request: Any, context: Any) -> Any:
         return self.admin_messages.GetModelCardResponse(card=await self.admin.get_model_card(request.model_name))

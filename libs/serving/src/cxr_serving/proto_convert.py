@@ -57,6 +57,13 @@ def model_info(status: ModelStatus) -> common_pb2.ModelInfo:
         device=status.device,
         precision=status.precision,
         task=status.task,
+        role=status.role,
+        traffic_percent=status.traffic_percent,
+        shadow_percent=status.shadow_percent,
+        version_policy=status.version_policy,
+        memory_cpu_bytes=status.memory.get("cpu", 0),
+        memory_gpu_bytes=status.memory.get("cuda", 0),
+        gpu_allocated_delta_bytes=status.gpu_allocated_delta,
     )
 
 

@@ -27,7 +27,7 @@ from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
 from cxr_classification.networks import ClassifierNetwork, build_network
 from cxr_classification.preprocessing import IMAGENET_MEAN, IMAGENET_STD, XRV_RANGE, PreprocessSpec, preprocess
-from cxr_serving.device import InferenceDevice
+from cxr_serving.device import InferenceDevice, module_bytes
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, ThresholdOverride
@@ -328,6 +328,23 @@ class ChestXrayClassifier(ServedModel):
                     label: heatmap_png(m) for label, m in zip(item.heatmap_labels, maps, strict=True)
                 }
         return outputs
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Parameter and buffer bytes of the loaded network (and of its runner, where that holds its own)."""
+        with self._lock:
+            return module_bytes(self._network, self._runner)
+
+    def shadow_input(self, item: ClassifierInput) -> ClassifierInput:
+        """A shadow run compares probabilities only: no Grad-CAM backward passes."""
+        return ClassifierInput(item.image)
+
+    def disagreement(
+        self, serving: ClassifierOutput, candidate: ClassifierOutput
+    ) -> dict[str, tuple[float, bool]] | None:
+        """Per label, |Δp| and whether the decision differs (each output read with its own version's thresholds)."""
+        deltas = np.abs(serving.probabilities.astype(np.float64) - candidate.probabilities.astype(np.float64))
+        flips = serving.positive != candidate.positive
+        return {label: (float(d), bool(f)) for label, d, f in zip(self.labels, deltas, flips, strict=True)}
 
     def unload(self) -> None:
         with self._lock:

@@ -16,11 +16,11 @@ import torch
 
 from cxr_classification.model import ChestXrayClassifier, ClassifierInput, ClassifierOutput, FindingResult
 from cxr_classification.preprocessing import PreprocessSpec
-from cxr_serving.batcher import Arrival
 from cxr_serving.errors import InvalidInputError, ModelNotReadyError
 from cxr_serving.images import DecodedImage, DecodePool, decode_image
-from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.lifecycle import Dispatch, ModelRepository, ModelStatus
 from cxr_serving.urgency import ROUTINE, Urgency
+from cxr_serving.versions import split_name
 
 MAX_HEATMAPS_PER_REQUEST = 16  # Grad-CAM costs a backward pass each, on the model's thread
 
@@ -32,6 +32,7 @@ class ModelResult:
     name: str
     findings: list[FindingResult]
     seconds: float
+    status: ModelStatus  # the version that answered
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,40 @@ class Classifiers:
         self.models = models
         self.pool = pool
 
-    def select(self, requested: Sequence[str]) -> list[str]:
-        """The models named (NOT_FOUND for an unknown one), or every ready model."""
-        if requested:
-            names = list(dict.fromkeys(requested))
-            for name in names:
-                self.repo.model(name)
-            return names
-        ready = [n for n in self.repo.names if self.repo.is_ready(n)]
-        if not ready:
-            raise ModelNotReadyError("no classification model is loaded; see ListModels")
-        return ready
+    def select(self, requested: Sequence[str], model_version: str = "") -> tuple[list[str], dict[str, str]]:
+        """The models named (NOT_FOUND for an unknown one), or every ready model, and the versions the
+        request pins: `name@version` entries, or `model_version` for a request that selects one model."""
+        pins: dict[str, str] = {}
+        names: list[str] = []
+        for raw in requested:
+            name, version = split_name(raw)
+            self.repo.model(name)
+            if version:
+                if pins.get(name, version) != version:
+                    raise InvalidInputError(
+                        f"model_names pins two versions of '{name}'", reason="MODEL_VERSION_CONFLICT"
+                    )
+                pins[name] = version
+            if name not in names:
+                names.append(name)
+        if not names:
+            names = [n for n in self.repo.names if self.repo.is_ready(n)]
+            if not names:
+                raise ModelNotReadyError("no classification model is loaded; see ListModels")
+        if model_version:
+            if len(names) != 1:
+                raise InvalidInputError(
+                    f"model_version pins one model's version, but the request selects {names}: name one model "
+                    "in model_names, or pin each as name@version",
+                    reason="MODEL_VERSION_NEEDS_ONE_MODEL",
+                )
+            if pins.get(names[0], model_version) != model_version:
+                raise InvalidInputError(
+                    f"model_version {model_version!r} contradicts {names[0]}@{pins[names[0]]}",
+                    reason="MODEL_VERSION_CONFLICT",
+                )
+            pins[names[0]] = model_version
+        return names, pins
 
     def heatmaps_by_model(self, names: list[str], labels: Sequence[str], images: int = 1) -> dict[str, tuple[str, ...]]:
         wanted = list(dict.fromkeys(labels))
@@ -102,11 +126,13 @@ class Classifiers:
         return decoded, tensors, t1 - t0, time.perf_counter() - t1
 
     async def _predict(
-        self, name: str, item: ClassifierInput, arrival: Arrival | None = None, urgency: Urgency = ROUTINE
-    ) -> tuple[ClassifierOutput, float]:
+        self, name: str, item: ClassifierInput, dispatch: Dispatch | None = None, urgency: Urgency = ROUTINE
+    ) -> tuple[ClassifierOutput, float, ModelStatus]:
         started = time.perf_counter()
-        out: ClassifierOutput = await self.repo.predict(name, item, arrival, urgency)
-        return out, time.perf_counter() - started
+        dispatch = dispatch or Dispatch("", "serving")
+        out: ClassifierOutput = await self.repo.predict(name, item, dispatch, urgency)
+        assert dispatch.status is not None
+        return out, time.perf_counter() - started, dispatch.status
 
     async def classify(
         self,
@@ -114,13 +140,14 @@ class Classifiers:
         content_type: str,
         names: list[str],
         heatmaps: dict[str, tuple[str, ...]],
+        versions: dict[str, str] | None = None,
         urgency: Urgency = ROUTINE,
     ) -> Classification:
-        """`urgency`: the request's priority and deadline, which every model's batcher honours."""
+        """`versions`: the versions the request pins; `urgency`: its priority and deadline, which every
+        model's batcher honours."""
         t0 = time.perf_counter()
-        with self.repo.expect(
-            names, urgency.priority
-        ) as arrivals:  # each model's batcher waits for this one while it decodes
+        # each model's batcher waits for this one while it decodes; the version of each is chosen here
+        with self.repo.expect(names, versions, urgency.priority) as arrivals:
             decoded, tensors, decode_s, preprocess_s = await self.pool.run(
                 self._decode_and_preprocess, data, content_type, names
             )
@@ -134,6 +161,7 @@ class Classifiers:
                 )
         t2 = time.perf_counter()
         results = [
-            ModelResult(n, self.models[n].postprocess(out), secs) for n, (out, secs) in zip(names, outs, strict=True)
+            ModelResult(n, self.models[n].postprocess(out), secs, status)
+            for n, (out, secs, status) in zip(names, outs, strict=True)
         ]
         return Classification(decoded, results, decode_s, preprocess_s, t2 - t1, t2 - t0)

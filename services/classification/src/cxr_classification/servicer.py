@@ -77,7 +77,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             )
             for f in result.findings
         ]
-        status = self.admin.info(self.repo.status(result.name))
+        status = self.admin.info(result.status)
         return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
 
     async def classify(
@@ -85,9 +85,10 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         image: common_pb2.Image,
         names: list[str],
         heatmaps: dict[str, tuple[str, ...]],
+        versions: dict[str, str] | None = None,
         how_urgent: Urgency = ROUTINE,
     ) -> ImageResult:
-        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps, how_urgent)
+        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps, versions, how_urgent)
         predictions = [self._prediction(r) for r in c.results]
         timing = pb.Timing(
             decode_ms=_ms(c.decode_s),
@@ -103,6 +104,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         images: Sequence[common_pb2.Image],
         model_names: Sequence[str],
         heatmap_labels: Sequence[str],
+        model_version: str,
         how_urgent: Urgency,
     ) -> AsyncIterator[pb.ImageClassification]:
         """Classify every image (bounded concurrency) and yield results as they finish."""
@@ -113,14 +115,14 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}: split the request",
                 reason="TOO_MANY_IMAGES",
             )
-        names = self.classifiers.select(model_names)
+        names, versions = self.classifiers.select(model_names, model_version)
         heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
             async with gate:
                 try:
-                    r = await self.classify(image, names, heatmaps, how_urgent)
+                    r = await self.classify(image, names, heatmaps, versions, how_urgent)
                 except Exception as exc:  # each image fails on its own
                     return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
             return pb.ImageClassification(index=index, predictions=r.predictions, image=r.metadata, timing=r.timing)
@@ -135,9 +137,9 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
 
     # -- RPCs ------------------------------------------------------------------------------------
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
-        names = self.classifiers.select(request.model_names)
+        names, versions = self.classifiers.select(request.model_names, request.model_version)
         heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels)
-        r = await self.classify(request.image, names, heatmaps, urgency(request.priority, context))
+        r = await self.classify(request.image, names, heatmaps, versions, urgency(request.priority, context))
         return pb.ClassifyImageResponse(
             predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
         )
@@ -146,7 +148,9 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         how_urgent = urgency(request.priority, context)
         results = [
             r
-            async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels, how_urgent)
+            async for r in self._classify_many(
+                request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
+            )
         ]
         results.sort(key=lambda r: r.index)
         untrained = any(p.model.untrained for r in results for p in r.predictions)
@@ -156,6 +160,8 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
         how_urgent = urgency(request.priority, context)
-        async for r in self._classify_many(request.images, request.model_names, request.heatmap_labels, how_urgent):
+        async for r in self._classify_many(
+            request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
+        ):
             untrained = any(p.model.untrained for p in r.predictions)
             yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)

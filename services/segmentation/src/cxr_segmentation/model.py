@@ -27,7 +27,7 @@ from cxr_segmentation.masks import logits_to_masks
 from cxr_segmentation.networks import build_network, output_logits
 from cxr_segmentation.postprocess import PostprocessOptions, SegmentationResult, postprocess
 from cxr_segmentation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from cxr_serving.device import InferenceDevice
+from cxr_serving.device import InferenceDevice, module_bytes
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
 from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
@@ -110,6 +110,10 @@ class SegmentationModel(ServedModel):
         self._device.warm_up(
             lambda x: output_logits(net, x), (self.cfg.in_channels, s, s), self._max_batch_size, self._warmup_batches
         )
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Parameter and buffer bytes of the loaded network."""
+        return module_bytes(self._net)
 
     def unload(self) -> None:
         with self._lock:

@@ -20,10 +20,11 @@ from cxr_segmentation.model import SegmentationModel
 from cxr_segmentation.postprocess import Encoding, PostprocessOptions, SegmentationResult
 from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
-from cxr_serving.lifecycle import ModelRepository
+from cxr_serving.lifecycle import Dispatch, ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
 from cxr_serving.proto_convert import image_metadata, urgency
 from cxr_serving.settings import Settings
+from cxr_serving.versions import split_name
 
 _ENCODINGS: dict[int, Encoding] = {
     pb.MASK_ENCODING_UNSPECIFIED: "png",
@@ -74,12 +75,20 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
     async def SegmentImage(
         self, request: pb.SegmentImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SegmentImageResponse:
-        model = self._model(request.model_name)
-        # the loaded version from the repository: with instance processes `model` itself is never loaded
-        opts = self._options(request, model, self.repo.status(model.name).version)
+        name, pinned = split_name(request.model_name)
+        model = self._model(name)
+        if request.model_version and pinned and request.model_version != pinned:
+            raise InvalidInputError(
+                f"model_version {request.model_version!r} contradicts {request.model_name}",
+                reason="MODEL_VERSION_CONFLICT",
+            )
+        pins = {model.name: request.model_version or pinned}
         how_urgent = urgency(request.priority, context)
-        # the batcher waits for this one while it decodes
-        with self.repo.expect([model.name], how_urgent.priority) as arrivals:
+        # the batcher of the version chosen here waits for this one while it decodes
+        with self.repo.expect([model.name], pins, how_urgent.priority) as arrivals:
+            dispatch = arrivals.get(model.name) or Dispatch("", "serving")
+            # the loaded version from the repository: with instance processes `model` itself is never loaded
+            opts = self._options(request, model, dispatch.version)
             # Decode and preprocess as one job on the worker pool: one thread hand-off instead of two.
             image, item = await self.pool.run(
                 _decode_and_preprocess, request.image.data, request.image.content_type, self.pool.limits, model, opts
@@ -89,10 +98,11 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
                     f"include_dicom_seg needs a DICOM input; this image is {image.format.upper()}",
                     reason="DICOM_SEG_NEEDS_DICOM",
                 )
-            output = await self.repo.predict(model.name, item, arrivals.get(model.name), how_urgent)
-        status = self.repo.status(model.name)
+            output = await self.repo.predict(model.name, item, dispatch, how_urgent)
+        status = dispatch.status
+        assert status is not None
         result: SegmentationResult = await self.pool.run(
-            model.postprocess, output, dataclasses.replace(opts, image=image)
+            model.postprocess, output, dataclasses.replace(opts, image=image, algorithm_version=status.version)
         )
         return to_response(result, status_info=self.admin.info(status), image=image_metadata(image))
 

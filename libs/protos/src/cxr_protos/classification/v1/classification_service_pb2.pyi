@@ -23,16 +23,18 @@ CALIBRATION_OPERATING_POINT: Calibration
 CALIBRATION_NO_OPERATING_POINT: Calibration
 
 class ClassifyImageRequest(_message.Message):
-    __slots__ = ("image", "model_names", "heatmap_labels", "priority")
+    __slots__ = ("image", "model_names", "heatmap_labels", "model_version", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
     priority: _common_pb2.Priority
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class Finding(_message.Message):
     __slots__ = ("label", "probability", "threshold", "positive", "heatmap_png", "calibration")
@@ -85,16 +87,18 @@ class ClassifyImageResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[ModelPrediction, _Mapping]]] = ..., image: _Optional[_Union[_common_pb2.ImageMetadata, _Mapping]] = ..., untrained: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class ClassifyImagesRequest(_message.Message):
-    __slots__ = ("images", "model_names", "heatmap_labels", "priority")
+    __slots__ = ("images", "model_names", "heatmap_labels", "model_version", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
     priority: _common_pb2.Priority
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class ImageClassification(_message.Message):
     __slots__ = ("index", "predictions", "image", "error", "timing")
@@ -119,16 +123,18 @@ class ClassifyImagesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ImageClassification, _Mapping]]] = ..., untrained: _Optional[bool] = ...) -> None: ...
 
 class StreamClassifyImagesRequest(_message.Message):
-    __slots__ = ("images", "model_names", "heatmap_labels", "priority")
+    __slots__ = ("images", "model_names", "heatmap_labels", "model_version", "priority")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_LABELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     model_names: _containers.RepeatedScalarFieldContainer[str]
     heatmap_labels: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
     priority: _common_pb2.Priority
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., model_names: _Optional[_Iterable[str]] = ..., heatmap_labels: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class StreamClassifyImagesResponse(_message.Message):
     __slots__ = ("result", "untrained")
@@ -149,7 +155,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model_name", "checkpoint_path", "thresholds", "thresholds_model_version")
+    __slots__ = ("model_name", "checkpoint_path", "thresholds", "thresholds_model_version", "side_by_side")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,11 +167,13 @@ class LoadModelRequest(_message.Message):
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIDE_BY_SIDE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     checkpoint_path: str
     thresholds: _containers.ScalarMap[str, float]
     thresholds_model_version: str
-    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_model_version: _Optional[str] = ...) -> None: ...
+    side_by_side: bool
+    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_model_version: _Optional[str] = ..., side_by_side: _Optional[bool] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -210,3 +218,49 @@ class RecordModelEvaluationResponse(_message.Message):
     CARD_FIELD_NUMBER: _ClassVar[int]
     card: _common_pb2.ModelCard
     def __init__(self, card: _Optional[_Union[_common_pb2.ModelCard, _Mapping]] = ...) -> None: ...
+
+class PromoteModelRequest(_message.Message):
+    __slots__ = ("model_name", "version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class PromoteModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class RollbackModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class SetModelRoutingRequest(_message.Message):
+    __slots__ = ("model_name", "candidate_version", "canary_percent", "shadow_percent", "version_policy")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    candidate_version: str
+    canary_percent: float
+    shadow_percent: float
+    version_policy: _common_pb2.VersionPolicy
+    def __init__(self, model_name: _Optional[str] = ..., candidate_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_percent: _Optional[float] = ..., version_policy: _Optional[_Union[_common_pb2.VersionPolicy, str]] = ...) -> None: ...
+
+class SetModelRoutingResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -75,6 +75,21 @@ class ClassificationServiceStub:
                 request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationRequest.SerializeToString,
                 response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationResponse.FromString,
                 _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/cxr.classification.v1.ClassificationService/PromoteModel',
+                request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelResponse.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/cxr.classification.v1.ClassificationService/RollbackModel',
+                request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
+        self.SetModelRouting = channel.unary_unary(
+                '/cxr.classification.v1.ClassificationService/SetModelRouting',
+                request_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingRequest.SerializeToString,
+                response_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingResponse.FromString,
+                _registered_method=True)
 
 
 class ClassificationServiceServicer:
@@ -140,6 +155,29 @@ class ClassificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteModel(self, request, context):
+        """Make a loaded version (default: the candidate) the one that serves unpinned requests; the version
+        it replaces stays loaded as the rollback target. A pointer change: nothing loads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """The previous serving version serves again, at once (a pointer swap, nothing loads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelRouting(self, request, context):
+        """Name the candidate version, its canary share of unpinned requests and its shadow sample, and the
+        model's version policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +220,21 @@ def add_ClassificationServiceServicer_to_server(servicer, server):
                     servicer.RecordModelEvaluation,
                     request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationRequest.FromString,
                     response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelRequest.FromString,
+                    response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelRequest.FromString,
+                    response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'SetModelRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelRouting,
+                    request_deserializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingRequest.FromString,
+                    response_serializer=cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +454,87 @@ class ClassificationService:
             '/cxr.classification.v1.ClassificationService/RecordModelEvaluation',
             cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationRequest.SerializeToString,
             cxr_dot_classification_dot_v1_dot_classification__service__pb2.RecordModelEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.classification.v1.ClassificationService/PromoteModel',
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelRequest.SerializeToString,
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.classification.v1.ClassificationService/RollbackModel',
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelRequest.SerializeToString,
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.classification.v1.ClassificationService/SetModelRouting',
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingRequest.SerializeToString,
+            cxr_dot_classification_dot_v1_dot_classification__service__pb2.SetModelRoutingResponse.FromString,
             options,
             channel_credentials,
             insecure,

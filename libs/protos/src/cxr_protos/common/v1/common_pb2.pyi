@@ -20,6 +20,12 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_LOADING: _ClassVar[ModelState]
     MODEL_STATE_READY: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
+
+class VersionPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERSION_POLICY_UNSPECIFIED: _ClassVar[VersionPolicy]
+    VERSION_POLICY_LATEST: _ClassVar[VersionPolicy]
+    VERSION_POLICY_PINNED: _ClassVar[VersionPolicy]
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_STAT: Priority
 PRIORITY_ROUTINE: Priority
@@ -28,6 +34,9 @@ MODEL_STATE_UNLOADED: ModelState
 MODEL_STATE_LOADING: ModelState
 MODEL_STATE_READY: ModelState
 MODEL_STATE_FAILED: ModelState
+VERSION_POLICY_UNSPECIFIED: VersionPolicy
+VERSION_POLICY_LATEST: VersionPolicy
+VERSION_POLICY_PINNED: VersionPolicy
 
 class Image(_message.Message):
     __slots__ = ("data", "content_type")
@@ -56,7 +65,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card", "role", "traffic_percent", "shadow_percent", "version_policy", "memory_cpu_bytes", "memory_gpu_bytes", "gpu_allocated_delta_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +77,13 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_ALLOCATED_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -79,7 +95,14 @@ class ModelInfo(_message.Message):
     precision: str
     task: str
     model_card: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ...) -> None: ...
+    role: str
+    traffic_percent: float
+    shadow_percent: float
+    version_policy: str
+    memory_cpu_bytes: int
+    memory_gpu_bytes: int
+    gpu_allocated_delta_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ..., role: _Optional[str] = ..., traffic_percent: _Optional[float] = ..., shadow_percent: _Optional[float] = ..., version_policy: _Optional[str] = ..., memory_cpu_bytes: _Optional[int] = ..., memory_gpu_bytes: _Optional[int] = ..., gpu_allocated_delta_bytes: _Optional[int] = ...) -> None: ...
 
 class FindingPerformance(_message.Message):
     __slots__ = ("finding", "auroc", "auroc_ci_low", "auroc_ci_high", "threshold", "sensitivity", "specificity", "positives", "negatives")

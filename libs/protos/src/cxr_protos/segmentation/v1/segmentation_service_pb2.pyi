@@ -35,7 +35,7 @@ SPACING_SOURCE_IMAGER_PIXEL_SPACING_CORRECTED: SpacingSource
 SPACING_SOURCE_IMAGER_PIXEL_SPACING_UNCORRECTED: SpacingSource
 
 class SegmentImageRequest(_message.Message):
-    __slots__ = ("image", "model_name", "mask_encoding", "classes", "threshold", "include_overlay", "include_dicom_seg", "priority")
+    __slots__ = ("image", "model_name", "mask_encoding", "classes", "threshold", "include_overlay", "include_dicom_seg", "model_version", "priority")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MASK_ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class SegmentImageRequest(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DICOM_SEG_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     image: _common_pb2.Image
     model_name: str
@@ -51,8 +52,9 @@ class SegmentImageRequest(_message.Message):
     threshold: float
     include_overlay: bool
     include_dicom_seg: bool
+    model_version: str
     priority: _common_pb2.Priority
-    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_name: _Optional[str] = ..., mask_encoding: _Optional[_Union[MaskEncoding, str]] = ..., classes: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., include_overlay: _Optional[bool] = ..., include_dicom_seg: _Optional[bool] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+    def __init__(self, image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ..., model_name: _Optional[str] = ..., mask_encoding: _Optional[_Union[MaskEncoding, str]] = ..., classes: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., include_overlay: _Optional[bool] = ..., include_dicom_seg: _Optional[bool] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
 
 class RunLengthMask(_message.Message):
     __slots__ = ("size", "counts")
@@ -145,7 +147,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model_name", "checkpoint_path", "thresholds", "thresholds_model_version")
+    __slots__ = ("model_name", "checkpoint_path", "thresholds", "thresholds_model_version", "side_by_side")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,11 +159,13 @@ class LoadModelRequest(_message.Message):
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIDE_BY_SIDE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     checkpoint_path: str
     thresholds: _containers.ScalarMap[str, float]
     thresholds_model_version: str
-    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_model_version: _Optional[str] = ...) -> None: ...
+    side_by_side: bool
+    def __init__(self, model_name: _Optional[str] = ..., checkpoint_path: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., thresholds_model_version: _Optional[str] = ..., side_by_side: _Optional[bool] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -206,3 +210,49 @@ class RecordModelEvaluationResponse(_message.Message):
     CARD_FIELD_NUMBER: _ClassVar[int]
     card: _common_pb2.ModelCard
     def __init__(self, card: _Optional[_Union[_common_pb2.ModelCard, _Mapping]] = ...) -> None: ...
+
+class PromoteModelRequest(_message.Message):
+    __slots__ = ("model_name", "version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class PromoteModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("model_name",)
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    def __init__(self, model_name: _Optional[str] = ...) -> None: ...
+
+class RollbackModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+
+class SetModelRoutingRequest(_message.Message):
+    __slots__ = ("model_name", "candidate_version", "canary_percent", "shadow_percent", "version_policy")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    candidate_version: str
+    canary_percent: float
+    shadow_percent: float
+    version_policy: _common_pb2.VersionPolicy
+    def __init__(self, model_name: _Optional[str] = ..., candidate_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_percent: _Optional[float] = ..., version_policy: _Optional[_Union[_common_pb2.VersionPolicy, str]] = ...) -> None: ...
+
+class SetModelRoutingResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...

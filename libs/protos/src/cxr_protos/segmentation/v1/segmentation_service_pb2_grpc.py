@@ -65,6 +65,21 @@ class SegmentationServiceStub:
                 request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.SerializeToString,
                 response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.FromString,
                 _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/cxr.segmentation.v1.SegmentationService/PromoteModel',
+                request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelResponse.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/cxr.segmentation.v1.SegmentationService/RollbackModel',
+                request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
+        self.SetModelRouting = channel.unary_unary(
+                '/cxr.segmentation.v1.SegmentationService/SetModelRouting',
+                request_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingRequest.SerializeToString,
+                response_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -115,6 +130,29 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteModel(self, request, context):
+        """Make a loaded version (default: the candidate) the one that serves unpinned requests; the version
+        it replaces stays loaded as the rollback target. A pointer change: nothing loads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """The previous serving version serves again, at once (a pointer swap, nothing loads).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelRouting(self, request, context):
+        """Name the candidate version, its canary share of unpinned requests and its shadow sample, and the
+        model's version policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +185,21 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.RecordModelEvaluation,
                     request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.FromString,
                     response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelRequest.FromString,
+                    response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelRequest.FromString,
+                    response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelResponse.SerializeToString,
+            ),
+            'SetModelRouting': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelRouting,
+                    request_deserializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingRequest.FromString,
+                    response_serializer=cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +365,87 @@ class SegmentationService:
             '/cxr.segmentation.v1.SegmentationService/RecordModelEvaluation',
             cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationRequest.SerializeToString,
             cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RecordModelEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.segmentation.v1.SegmentationService/PromoteModel',
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelRequest.SerializeToString,
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.PromoteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.segmentation.v1.SegmentationService/RollbackModel',
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelRequest.SerializeToString,
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelRouting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cxr.segmentation.v1.SegmentationService/SetModelRouting',
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingRequest.SerializeToString,
+            cxr_dot_segmentation_dot_v1_dot_segmentation__service__pb2.SetModelRoutingResponse.FromString,
             options,
             channel_credentials,
             insecure,
