@@ -79,7 +79,7 @@ class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
         if request.model_names and request.model_names[0] == "bad":
             raise InvalidInputError("model_names: 'bad' is not allowed")
         how_urgent = urgency(request.priority, context)
-        with self.repo.expect(["toy"], how_urgent.priority) as arrivals:
+        with self.repo.expect(["toy"], priority=how_urgent.priority) as arrivals:
             img, p = await infer(
                 self.repo,
                 self.pool,

@@ -674,6 +674,7 @@ class ModelRepository:
         self,
         names: Sequence[str],
         versions: Mapping[str, str] | None = None,
+        *,
         priority: Priority = Priority.ROUTINE,
     ) -> Iterator[dict[str, Dispatch]]:
         """Announce a request for these models as it arrives, before decoding, and choose the version of

@@ -147,7 +147,7 @@ class Classifiers:
         model's batcher honours."""
         t0 = time.perf_counter()
         # each model's batcher waits for this one while it decodes; the version of each is chosen here
-        with self.repo.expect(names, versions, urgency.priority) as arrivals:
+        with self.repo.expect(names, versions, priority=urgency.priority) as arrivals:
             decoded, tensors, decode_s, preprocess_s = await self.pool.run(
                 self._decode_and_preprocess, data, content_type, names
             )

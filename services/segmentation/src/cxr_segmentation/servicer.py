@@ -85,7 +85,7 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         pins = {model.name: request.model_version or pinned}
         how_urgent = urgency(request.priority, context)
         # the batcher of the version chosen here waits for this one while it decodes
-        with self.repo.expect([model.name], pins, how_urgent.priority) as arrivals:
+        with self.repo.expect([model.name], pins, priority=how_urgent.priority) as arrivals:
             dispatch = arrivals.get(model.name) or Dispatch("", "serving")
             # the loaded version from the repository: with instance processes `model` itself is never loaded
             opts = self._options(request, model, dispatch.version)
