@@ -82,3 +82,54 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
     assert [p.name for p in results_root.iterdir()] == []
     [bundle] = [json.loads(p.read_text()) for p in (tmp_path / "fhir").glob("*.json")]
     assert bundle["resourceType"] == "Bundle"
+
+
+def test_the_next_instance_is_analysed_while_the_last_ones_results_are_being_sent(stack: Stack, tmp_path: Path):
+    """One worker (``workers`` 1) and a STOW-RS endpoint that holds every request unanswered: both instances'
+    SR and SEG reach it while the first request is still held, i.e. the second instance was analysed and its
+    results built while the first one's were being sent. Released, both finish."""
+    loop = LoopThread()
+    with recording_server() as recorder:
+        recorder.hold.clear()
+        destinations = {"stow_url": recorder.url + "/dicom-web", "fhir_folder": str(tmp_path / "fhir"), "timeout_s": 60}
+        settings = node_settings(tmp_path, None, *stack.analysis_ports, workers=1, destinations=destinations)
+        try:
+            server = loop.run(start_server(settings, dicom_binding(settings)))
+            node = server.binding.extra["node"]
+            try:
+                sent = [copy_with_new_uids(dicom_files()[i], tmp_path / f"src{i}")[1] for i in range(2)]
+                for ds in sent:
+                    assert c_store(node.dimse_port, ds) == 0x0000
+                deadline = time.monotonic() + WAIT_S
+                while len(recorder.stow_bodies()) < 2:
+                    assert time.monotonic() < deadline, (
+                        f"{len(recorder.stow_bodies())} STOW-RS request(s) while the first was held: the second"
+                        " instance waited for the first one's delivery"
+                    )
+                    time.sleep(0.2)
+                recorder.hold.set()
+                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                    stub = pb_grpc.DicomServiceStub(ch)
+                    for ds in sent:
+                        while True:
+                            answer = stub.GetStudyStatus(
+                                pb.GetStudyStatusRequest(study_instance_uid=ds.StudyInstanceUID),
+                                metadata=auth(),
+                                timeout=10,
+                            )
+                            if answer.finished:
+                                break
+                            assert time.monotonic() < deadline, "not finished after the release"
+                            time.sleep(0.2)
+                        assert (answer.done, answer.dead) == (1, 0), answer
+            finally:
+                recorder.hold.set()
+                loop.run(server.stop(grace=1), timeout=60)
+        finally:
+            loop.close()
+    studies = {
+        pydicom.dcmread(io.BytesIO(part)).StudyInstanceUID
+        for i in range(len(recorder.stow_bodies()))
+        for part in recorder.stow_parts(i)
+    }
+    assert studies == {ds.StudyInstanceUID for ds in sent}

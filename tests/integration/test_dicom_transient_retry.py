@@ -24,7 +24,7 @@ from cxr_dicom.config import DicomConfig
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding
 from cxr_dicom.work_queue import DEAD, DONE, QUEUED, Item, Priority, WorkQueue
-from cxr_dicom.worker import Worker
+from cxr_dicom.worker import Prepared, Worker
 from tests.support.orthanc import free_port, require, run_orthanc
 from tests.support.paths import dicom_files
 
@@ -42,12 +42,11 @@ class CannedAnalysisWorker(Worker):
 
     poison: frozenset[str] = frozenset()
 
-    async def process(self, item: Item) -> None:
+    async def analyse(self, item: Item) -> Prepared:
         if item.sop_uid in self.poison:
             raise InvalidImageError("the services refuse this image", reason="IMAGE_DECODE_FAILED")
         data = (self.cfg.data_path / json.loads(item.payload)["file"]).read_bytes()
-        datasets, bundle = await asyncio.to_thread(self.build, data, CANNED, b"")
-        await self.deliver(datasets, bundle)
+        return Prepared(data=data, results=CANNED)
 
 
 def _enqueue(queue: WorkQueue, data_path: Path, source: Path) -> str:

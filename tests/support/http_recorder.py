@@ -13,19 +13,26 @@ import pydicom
 
 from cxr_dicom.intakes import parse_multipart_related
 
+HOLD_S = 120.0
+
 
 class Recorder:
     """A real HTTP server that records every POST (path, headers, body) and answers 200 with a FHIR
-    transaction-response to /fhir and an empty body to STOW-RS."""
+    transaction-response to /fhir and an empty body to STOW-RS; while ``hold`` is clear a STOW-RS request is
+    recorded at once and answered only once it is set (at most HOLD_S later)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.hold = threading.Event()
+        self.hold.set()
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 recorder.requests.append((self.path, dict(self.headers), body))
+                if self.path.endswith("/studies"):
+                    recorder.hold.wait(HOLD_S)
                 payload = b""
                 if self.path.startswith("/fhir"):
                     payload = json.dumps({"resourceType": "Bundle", "type": "transaction-response"}).encode()

@@ -23,7 +23,7 @@ from cxr_dicom.config import DicomConfig, dicom_config
 from cxr_dicom.intake import instance_path
 from cxr_dicom.service import DicomNode
 from cxr_dicom.work_queue import DB_FILE, DEAD, DONE, QUEUED, Item, Priority, QueueLock, QueueLockedError, WorkQueue
-from cxr_dicom.worker import Worker
+from cxr_dicom.worker import Prepared, Worker
 from tests.support.servers import make_settings
 
 STOW = {"stow_url": "http://127.0.0.1:9/dicom-web"}
@@ -64,10 +64,14 @@ class RecordingWorker(Worker):
         self.poison = poison
         self.processed: list[str] = []
 
-    async def process(self, item: Item) -> None:
+    async def analyse(self, item: Item) -> Prepared:
         self.processed.append(item.sop_uid)
         if item.sop_uid in self.poison:
             raise ValueError("an image the services refuse")
+        return Prepared()
+
+    async def finish(self, item: Item, prepared: Prepared) -> None:
+        pass
 
 
 def _cfg(tmp_path: Path, **extra: Any) -> DicomConfig:

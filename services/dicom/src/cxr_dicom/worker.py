@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +295,20 @@ class Senders:
         self.fhir(bundle, study_uid)
 
 
+@dataclass
+class Prepared:
+    """What an item's analysis leaves for its results stage: the results a previous attempt kept (``saved``), or
+    the original instance and the services' answers to build them from."""
+
+    data: bytes = b""
+    results: list[AlgorithmResult] = field(default_factory=list)
+    seg: bytes = b""
+    saved: tuple[list[Dataset], dict[str, Any]] | None = None
+
+
 class Worker:
-    """``cfg.workers`` claim loops on the event loop; decoding, building and sending run in threads."""
+    """Claim loops on the event loop, ``cfg.workers`` of them analysing at once and as many building and sending
+    the results of the items analysed before; decoding, building and sending run in threads."""
 
     def __init__(self, cfg: DicomConfig, queue: WorkQueue, client: AsyncCxrClient) -> None:
         self.cfg = cfg
@@ -307,9 +320,11 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._analysing = asyncio.Semaphore(cfg.workers)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(self.cfg.workers)]
+        loops = 2 * self.cfg.workers  # as many again build and send while ``workers`` analyse
+        self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(loops)]
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="dicom-purge"))
 
     async def _purge_loop(self) -> None:
@@ -370,27 +385,22 @@ class Worker:
                 await self._idle()
 
     async def _step(self, worker: str) -> bool:
-        """Claim and handle one item; False when none was ready."""
-        item = await asyncio.to_thread(self.queue.claim, worker)
-        if item is None:
-            return False
+        """Claim and handle one item; False when none was ready. The item is claimed only once an analysis slot is
+        free (a STAT item that arrives meanwhile is the next one claimed), and the slot is freed as soon as the
+        services have answered, so the next item's analysis runs while this one's results are built and sent."""
+        async with self._analysing:
+            item = await asyncio.to_thread(self.queue.claim, worker)
+            if item is None:
+                return False
+            try:
+                prepared = await self._unless_cancelled(item, self.analyse(item))
+            except Exception as exc:
+                await self._failed(item, exc)
+                return True
         try:
-            await self.process(item)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
-            raise
+            await self._unless_cancelled(item, self.finish(item, prepared))
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
-            transient = is_transient(exc)
-            if transient:  # a service or destination down: retried with backoff, no attempt spent
-                delay = self.cfg.backoff_s(item.transient_retries + 1)
-                state = await self._settle(
-                    self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
-                )
-            else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
-                state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-            fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
-            log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
+            await self._failed(item, exc)
             return True
         if await self._settle(self.queue.complete, item):
             await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
@@ -403,20 +413,49 @@ class Worker:
             )
         return True
 
-    async def process(self, item: Item) -> None:
+    async def _unless_cancelled(self, item: Item, work: Any) -> Any:
+        """``await work``; on shutdown (cancelled) the item goes back to the queue unspent."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.queue.release, item)
+            raise
+
+    async def _failed(self, item: Item, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        transient = is_transient(exc)
+        if transient:  # a service or destination down: retried with backoff, no attempt spent
+            delay = self.cfg.backoff_s(item.transient_retries + 1)
+            state = await self._settle(
+                self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
+            )
+        else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
+            state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+        fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
+        log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
+
+    async def analyse(self, item: Item) -> Prepared:
+        """The services' answers for ``item`` (none when a previous attempt kept its built results)."""
         await asyncio.to_thread(self.key.refresh, self.client)
         payload = json.loads(item.payload)
         saved = await asyncio.to_thread(load_results, self.cfg.data_path, item.sop_uid)
-        if saved is None:  # the first build; a retry resends these exact bytes under the same UIDs
-            data = (self.cfg.data_path / payload["file"]).read_bytes()
-            analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
-            image = common_pb2.Image(data=analysed, content_type="application/dicom")
-            cls_reply, seg_reply = await asyncio.gather(
-                self.client.classify(image, model_names=self.cfg.analysis.classification_models),
-                self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
-            )
-            results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
-            built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
+        if saved is not None:  # a retry resends these exact bytes under the same UIDs
+            return Prepared(saved=saved)
+        data = await asyncio.to_thread((self.cfg.data_path / payload["file"]).read_bytes)
+        analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+        image = common_pb2.Image(data=analysed, content_type="application/dicom")
+        cls_reply, seg_reply = await asyncio.gather(
+            self.client.classify(image, model_names=self.cfg.analysis.classification_models),
+            self.client.segment(image, mask_encoding="none", include_dicom_seg=True),
+        )
+        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+        return Prepared(data=data, results=results, seg=seg_reply.dicom_seg)
+
+    async def finish(self, item: Item, prepared: Prepared) -> None:
+        """Build the results (the first attempt: kept durably before anything is sent) and deliver them."""
+        saved = prepared.saved
+        if saved is None:
+            built, built_bundle = await asyncio.to_thread(self.build, prepared.data, prepared.results, prepared.seg)
             saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
         datasets, bundle = saved
         await self.deliver(datasets, bundle)
