@@ -3,8 +3,7 @@ attempt until a real Orthanc comes up on the configured ports, which then gets t
 services refuse still dead-letters after ``max_attempts``.
 
 The queue, the SR/bundle building, the C-STORE sender and Orthanc are real; the analysis is a canned result
-(the classification and segmentation services are not what this is about). The destination is C-STORE only:
-dicomweb_client retries a refused connection itself for ~15 s per send, which would make the outage long."""
+(the classification and segmentation services are not what this is about). The destination is C-STORE only."""
 
 from __future__ import annotations
 

@@ -175,20 +175,17 @@ async def test_start_deletes_the_instance_files_no_unfinished_item_refers_to(tmp
 
 def test_outages_are_transient_and_the_image_s_own_errors_are_not():
     import httpx
-    import requests
 
     from cxr_client.errors import DeadlineExceededError, InvalidImageError, OverloadedError, UnavailableError
     from cxr_dicom.fhir import FhirPostError
-    from cxr_dicom.worker import CStoreBusy, _send_failure_is_transient, is_transient
+    from cxr_dicom.worker import CStoreBusy, StowRefused, _send_failure_is_transient, is_transient
 
     assert all(is_transient(e("x")) for e in (UnavailableError, DeadlineExceededError, OverloadedError))
     assert not is_transient(InvalidImageError("x")) and not is_transient(ValueError("x"))
     assert not is_transient(FileNotFoundError("the instance file"))  # outside a send: not an outage
 
-    def http(status: int) -> requests.HTTPError:
-        response = requests.Response()
-        response.status_code = status
-        return requests.HTTPError(response=response)
+    def http(status: int) -> StowRefused:
+        return StowRefused(status, f"STOW-RS answered HTTP {status}")
 
     assert all(_send_failure_is_transient(http(s)) for s in (500, 503, 429))
     assert not any(_send_failure_is_transient(http(s)) for s in (400, 409))

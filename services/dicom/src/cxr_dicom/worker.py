@@ -69,12 +69,8 @@ class DestinationUnavailable(Exception):
 def _send_failure_is_transient(exc: BaseException) -> bool:
     """Connection errors and timeouts, other I/O errors (a full disk), HTTP 5xx/429 (STOW-RS, FHIR), C-STORE
     "out of resources"; not 4xx nor a misconfigured FHIR folder."""
-    import requests
-
     status: int | None = None
-    if isinstance(exc, requests.HTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-    elif isinstance(exc, FhirPostError):
+    if isinstance(exc, (FhirPostError, StowRefused)):
         status = exc.status
     if status is not None:
         return status >= 500 or status == 429
@@ -93,6 +89,27 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         return exc.code() in TRANSIENT_CODES
     return False
+
+
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 Annex C, "Duplicate SOP Instance": C-STORE status, STOW-RS FailureReason
+
+
+class StowRefused(Exception):
+    """A STOW-RS request the archive refused or failed, with its HTTP status (5xx and 429 are retried)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _failed_sop_items(response: httpx.Response) -> list[Dataset] | None:
+    """The FailedSOPSequence items of a Store Instances response (DICOM JSON), [] when it has none, None when the
+    body is not such a response."""
+    try:
+        answer = Dataset.from_json(response.json()) if response.content else Dataset()
+    except Exception:
+        return None
+    return list(answer.get("FailedSOPSequence") or [])
 
 
 class CStoreBusy(ConnectionError):
@@ -224,25 +241,46 @@ class Senders:
         self.dest = dest
         self.calling_ae = calling_ae
 
-    def stow(self, datasets: Sequence[Dataset]) -> None:
-        from dicomweb_client.api import DICOMwebClient
-
+    def stow(self, objects: Sequence[ResultObject]) -> None:
+        """STOW-RS of the kept bytes (PS3.18 Store Instances); an instance the archive already has (FailureReason
+        0x0111, Duplicate SOP Instance) counts as stored: the same UIDs carry the same result."""
         assert self.dest.stow_url is not None
-        client = DICOMwebClient(
-            url=self.dest.stow_url, headers=dict(self.dest.stow_headers), timeout=self.dest.timeout_s
+        boundary = f"cxr-{uuid.uuid4().hex}"
+        body = b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + o.data + b"\r\n"
+            for o in objects
         )
-        answer = client.store_instances(list(datasets))
-        failed = answer.get("FailedSOPSequence") if answer is not None else None
-        if failed:
-            raise RuntimeError(f"STOW-RS refused {len(failed)} result instance(s)")
+        body += b"--" + boundary.encode() + b"--\r\n"
+        headers = {
+            **self.dest.stow_headers,
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        url = self.dest.stow_url.rstrip("/") + "/studies"
+        response = httpx.post(url, content=body, headers=headers, timeout=self.dest.timeout_s)
+        failed = _failed_sop_items(response)
+        if failed is None:  # no Store Instances response in the body
+            if response.is_success:
+                return
+            raise StowRefused(response.status_code, f"STOW-RS answered HTTP {response.status_code}")
+        refused = [f for f in failed if f.get("FailureReason") != DUPLICATE_SOP_INSTANCE]
+        if len(refused) < len(failed):
+            log.info("the archive already had result instance(s)", extra={"fields": {"duplicates": len(failed)}})
+        if not refused and (response.is_success or (response.status_code == 409 and failed)):
+            return
+        reasons = sorted({f"0x{int(f.get('FailureReason', 0)):04X}" for f in refused})
+        raise StowRefused(
+            response.status_code, f"STOW-RS answered HTTP {response.status_code}, {len(refused)} refused {reasons}"
+        )
 
-    def cstore(self, datasets: Sequence[Dataset]) -> None:
+    def cstore(self, objects: Sequence[ResultObject]) -> None:
         from pynetdicom import AE
 
         peer = self.dest.cstore
         assert peer is not None
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout_s
+        datasets = [o.dataset for o in objects]
         for ds in datasets:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -256,7 +294,9 @@ class Senders:
                 code = int(status.Status)
                 if 0xA700 <= code <= 0xA7FF:
                     raise CStoreBusy(f"C-STORE of a {ds.Modality} result: out of resources, 0x{code:04X}")
-                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                if code == DUPLICATE_SOP_INSTANCE:  # the archive has this result already: delivered
+                    log.info("the archive already had a result instance", extra={"fields": {"status": "0x0111"}})
+                elif code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     raise RuntimeError(f"C-STORE of a {ds.Modality} result: status 0x{code & 0xFFFF:04X}")
         finally:
             assoc.release()
@@ -282,16 +322,16 @@ class Senders:
         ):
             yield
 
-    def send(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
-        study_uid = str(datasets[0].StudyInstanceUID) if datasets else ""
-        kinds = [metrics.object_kind(ds) for ds in datasets]
+    def send(self, objects: Sequence[ResultObject], bundle: dict[str, Any]) -> None:
+        study_uid = str(objects[0].dataset.StudyInstanceUID) if objects else ""
+        kinds = [metrics.object_kind(o.dataset) for o in objects]
         if self.dest.stow_url is not None:
             with self._tracked(study_uid, "stow", self.dest.stow_url, kinds):
-                self.stow(datasets)
+                self.stow(objects)
         if self.dest.cstore is not None:
             peer = self.dest.cstore
             with self._tracked(study_uid, "cstore", f"{peer.ae_title}@{peer.host}:{peer.port}", kinds):
-                self.cstore(datasets)
+                self.cstore(objects)
         self.fhir(bundle, study_uid)
 
 
@@ -303,7 +343,7 @@ class Prepared:
     data: bytes = b""
     results: list[AlgorithmResult] = field(default_factory=list)
     seg: bytes = b""
-    saved: tuple[list[Dataset], dict[str, Any]] | None = None
+    saved: tuple[list[ResultObject], dict[str, Any]] | None = None
 
 
 class Worker:
@@ -457,13 +497,13 @@ class Worker:
         if saved is None:
             built, built_bundle = await asyncio.to_thread(self.build, prepared.data, prepared.results, prepared.seg)
             saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
-        datasets, bundle = saved
-        await self.deliver(datasets, bundle)
+        objects, bundle = saved
+        await self.deliver(objects, bundle)
 
-    async def deliver(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+    async def deliver(self, objects: Sequence[ResultObject], bundle: dict[str, Any]) -> None:
         """Send to every destination; a destination down or busy raises `DestinationUnavailable`."""
         try:
-            await asyncio.to_thread(self.senders.send, datasets, bundle)
+            await asyncio.to_thread(self.senders.send, objects, bundle)
         except Exception as exc:
             if _send_failure_is_transient(exc):
                 raise DestinationUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -471,6 +511,19 @@ class Worker:
 
     def build(self, data: bytes, results: list[AlgorithmResult], seg: bytes) -> tuple[list[Dataset], dict[str, Any]]:
         return build_results(data, results, seg)
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """A built DICOM result as kept: its encoded bytes (sent as they are) and its data set read back from them."""
+
+    data: bytes
+    dataset: Dataset
+
+    @classmethod
+    def of(cls, ds: Dataset) -> ResultObject:
+        data = _encode(ds)
+        return cls(data, dcmread(io.BytesIO(data)))
 
 
 def results_path(data_path: Path, sop_uid: str) -> Path:
@@ -494,7 +547,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_results(
     data_path: Path, sop_uid: str, datasets: Sequence[Dataset], bundle: dict[str, Any]
-) -> tuple[list[Dataset], dict[str, Any]]:
+) -> tuple[list[ResultObject], dict[str, Any]]:
     """Keep the built objects durably (files fsync'd in a temporary folder renamed into place, so a folder is
     whole or absent) and return them as read back, so the first attempt and every retry send the same bytes."""
     target = results_path(data_path, sop_uid)
@@ -522,14 +575,17 @@ def save_results(
     return saved
 
 
-def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str, Any]] | None:
+def load_results(data_path: Path, sop_uid: str) -> tuple[list[ResultObject], dict[str, Any]] | None:
     """The results a previous attempt built for ``sop_uid``, or None when none was kept."""
     folder = results_path(data_path, sop_uid)
     if not folder.is_dir():
         return None
-    datasets: list[Dataset] = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    objects = []
+    for path in sorted(folder.glob("*.dcm")):
+        data = path.read_bytes()
+        objects.append(ResultObject(data, dcmread(io.BytesIO(data))))
     bundle: dict[str, Any] = json.loads((folder / BUNDLE_FILE).read_bytes())
-    return datasets, bundle
+    return objects, bundle
 
 
 def discard_results(data_path: Path, sop_uid: str) -> None:
