@@ -44,7 +44,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
     """A C-STORE SCP on ``host``:``cfg.dimse_port`` (a ThreadedAssociationServer); the caller shuts it down.
 
     Every storage SOP class is negotiated, so an instance the node does not analyse gets a C-STORE status
-    that says why (0x0122...) instead of a rejected presentation context."""
+    that says why (0xA900 and an Error Comment, acceptance.py) instead of a rejected presentation context."""
     ae = AE(ae_title=cfg.ae_title)
     ae.require_called_aet = True
     if cfg.accepted_calling_ae_titles:
@@ -54,7 +54,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
 
-    def on_store(event: Any) -> int:
+    def on_store(event: Any) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             intake.receive(
@@ -65,7 +65,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
             )
         except Refusal as refusal:
             metrics.refused("dimse", refusal.dimse_status)
-            return refusal.dimse_status
+            return refusal.dimse_response()
         except QueueFullError:
             log.warning("queue full: C-STORE refused with 0xA700", extra={"fields": {"calling_ae": calling}})
             metrics.refused("dimse", OUT_OF_RESOURCES)
