@@ -206,3 +206,42 @@ def test_cli_dicom_retry_needs_one_uid_or_all(argv, capsys):
 
     assert main(["--endpoint", "127.0.0.1:9", *argv]) == 2  # refused before any call
     assert "give a SOP Instance UID, or --all [--study UID]" in capsys.readouterr().err
+
+
+async def test_stopping_the_node_aborts_a_live_association_before_the_queue_closes(tmp_path):
+    """A sender keeps its association open after one stored instance; the node stops: the association is
+    aborted (A-ABORT, not a 0xC2xx handler failure from a closed queue), the stored instance stays queued with
+    its file, and no other file is left."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+
+    from tests.support.paths import dicom_files
+
+    settings = _node_settings(tmp_path, workers=1)
+    node = DicomNode(settings, dicom_config(settings))
+    await node.start()
+    ds = pydicom.dcmread(dicom_files()[0])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = await asyncio.to_thread(ae.associate, "127.0.0.1", node.dimse_port, ae_title=node.cfg.ae_title)
+    try:
+        assert assoc.is_established
+        assert int((await asyncio.to_thread(assoc.send_c_store, ds)).Status) == 0x0000
+        await node.stop()
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        late = None
+        if assoc.is_established:  # not aborted: what a sender then gets from a node whose queue is closed
+            ds.SOPInstanceUID = generate_uid()
+            late = (await asyncio.to_thread(assoc.send_c_store, ds)).get("Status")
+        assert assoc.is_aborted, f"the association outlived the node; a C-STORE on it got status {late!r}"
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    with WorkQueue(node.cfg.data_path) as queue:
+        assert sorted(queue.unfinished_sop_uids()) == [str(pydicom.dcmread(dicom_files()[0]).SOPInstanceUID)]
+    files = sorted(p.name for p in (node.cfg.data_path / "instances").iterdir())
+    assert files == [f"{pydicom.dcmread(dicom_files()[0]).SOPInstanceUID}.dcm"]
