@@ -188,7 +188,8 @@ def check_transfer_syntax(syntax: str, ids: dict[str, str]) -> None:
         )
 
 
-def _header_only(data: bytes) -> Dataset:
+def read_header(data: bytes) -> Dataset:
+    """The header of a Part 10 file (no pixel data), or an empty data set when it does not parse."""
     try:
         return dcmread(io.BytesIO(data), stop_before_pixels=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError):
@@ -214,7 +215,7 @@ def check_part10(data: bytes, declared_sop_class: str | None = None, *, decode: 
         # pydicom reads a file cut short leniently and drops the unfinished element (or, cut inside
         # encapsulated pixel data, every element): the bytes name Pixel Data, the data set has none, so the
         # file was truncated. Its header, read alone, still names the instance for the sender.
-        header = _header_only(data)
+        header = read_header(data)
         raise Refusal(
             RefusalKind.CANNOT_UNDERSTAND,
             "the file ends inside its pixel data (truncated)",

@@ -76,7 +76,7 @@ class DicomNode:
             cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom, ae_title=cfg.ae_title
         )
         keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
-        self.stow = StowServer(cfg, self.intake, keys, self.host)
+        self.stow = StowServer(cfg, self.intake, keys, self.host, trusted_proxies=sec.trusted_proxies)
         metrics.QUEUES.attach(self.queue)
         self.client = AsyncCxrClient(client_config(self.cfg))
         self.worker = Worker(self.cfg, self.queue, self.client)
