@@ -380,7 +380,7 @@ async def measure(args: argparse.Namespace, bench: Bench, procs: dict[str, int])
     rounds = []
     for r in range(args.rounds):
         order = ["direct", "node"] if r % 2 == 0 else ["node", "direct"]
-        cell: dict[str, Any] = {"order": order}
+        cell: dict[str, Any] = {"order": order, "load_average_1m": round(os.getloadavg()[0], 2)}
         for path in order:
             with stage(f"saturation round {r + 1}: {path}, {args.studies} studies"):
                 before = cpu_of(procs)
