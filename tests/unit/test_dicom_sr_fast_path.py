@@ -226,3 +226,21 @@ def test_the_fast_srs_highdicom_content_is_the_tree_it_carries():
     assert isinstance(root, hd.sr.ContainerContentItem)
     assert len(root.ContentSequence) == len(sr.ContentSequence) > 0
     assert all(a is b for a, b in zip(root.ContentSequence, sr.ContentSequence, strict=True))
+
+
+def test_the_srs_fast_encoding_is_pydicoms_byte_for_byte_and_text_it_does_not_cover_goes_through_pydicom():
+    """`encode_sr` (its groups encoded outside pydicom's writer) gives the bytes of `sr_bytes` for every study, and
+    leaves the SR as it was; a non-ASCII algorithm name (not covered) still gives pydicom's bytes."""
+    from cxr_dicom.sr import _encoded_items, encode_sr
+
+    for name, (path, results) in STUDIES.items():
+        sr = build_sr(pydicom.dcmread(path), results, series_instance_uid="2.25.1", sop_instance_uid="2.25.2")
+        groups = sr.ContentSequence[-1].ContentSequence
+        assert _encoded_items(groups) is not None, name  # the fast path is taken
+        assert encode_sr(sr) == sr_bytes(sr), name
+        assert sr.ContentSequence[-1].ContentSequence is groups  # the SR is unchanged
+    path, results = STUDIES["A"]
+    accented = (AlgorithmResult(Algorithm("réseau", "1", "1"), results[0].findings), *results[1:])
+    sr = build_sr(pydicom.dcmread(path), accented)
+    assert _encoded_items(sr.ContentSequence[-1].ContentSequence) is None
+    assert encode_sr(sr) == sr_bytes(sr)

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import struct
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -39,8 +40,11 @@ from typing import Any, cast
 
 import highdicom as hd
 from pydicom import DataElement, Dataset, config, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DS
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DS, DSfloat
 
 from cxr_dicom.codes import (
     ABSENT,
@@ -68,8 +72,8 @@ SERIES_DESCRIPTION = "cxr AI results"
 MANUFACTURER = "cxr"
 
 
-def _is_concept(item: Dataset, code: tuple[str, str]) -> bool:
-    names = item.get("ConceptNameCodeSequence") or []
+def _is_concept(item: Dataset | None, code: tuple[str, str]) -> bool:
+    names = (item.get("ConceptNameCodeSequence") if item is not None else None) or []
     return bool(names) and (str(names[0].CodingSchemeDesignator), str(names[0].CodeValue)) == code
 
 
@@ -402,6 +406,76 @@ def sr_bytes(sr: Dataset) -> bytes:
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def encode_sr(sr: Dataset) -> bytes:
+    """``sr_bytes(sr)``, with the TID 1501 groups (most of the SR's elements) encoded by `_encoded_items` and handed
+    to pydicom's writer as the raw value of their sequence; an SR whose groups hold anything that encoder does not
+    write as pydicom does (another transfer syntax, text that is not ASCII) goes through pydicom whole."""
+    content = sr.get("ContentSequence") or []
+    imaging = content[-1] if content else None
+    if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or not _is_concept(imaging, IMAGING_MEASUREMENTS):
+        return sr_bytes(sr)
+    element = imaging[_CONTENT_SEQUENCE]
+    groups = _encoded_items(element.value)
+    if groups is None:
+        return sr_bytes(sr)
+    imaging[_CONTENT_SEQUENCE] = RawDataElement(BaseTag(_CONTENT_SEQUENCE), "SQ", len(groups), groups, 0, False, True)
+    (implicit, little_endian), charset = sr.original_encoding, sr.original_character_set
+    # as written: pydicom's ambiguous-VR pass would parse the raw groups back (below the root every item is
+    # marked so already, `_mark_encoded_as_written`); an ambiguous VR it would have corrected makes the write fail
+    sr.set_original_encoding(False, True, sr._character_set)
+    try:
+        return sr_bytes(sr)
+    except ValueError:
+        sr.set_original_encoding(implicit, little_endian, charset)
+        imaging[_CONTENT_SEQUENCE] = element
+        return sr_bytes(sr)
+    finally:
+        sr.set_original_encoding(implicit, little_endian, charset)
+        imaging[_CONTENT_SEQUENCE] = element
+
+
+_TEXT_VRS = frozenset({"CS", "SH", "LO", "UI", "DS", "UC", "UR", "UT"})
+_LONG_VRS = frozenset({"UC", "UR", "UT", "SQ"})  # explicit VR with a 4-byte length
+
+
+def _encoded_items(items: Sequence[Dataset]) -> bytes | None:
+    """Sequence items in explicit VR little endian as pydicom writes them (defined lengths, even-padded values);
+    None when an item holds a VR or value this does not cover."""
+    out = bytearray()
+    for item in items:
+        body = _encoded_dataset(item)
+        if body is None:
+            return None
+        out += b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
+    return bytes(out)
+
+
+def _encoded_dataset(ds: Dataset) -> bytes | None:
+    out = bytearray()
+    for tag in sorted(ds.keys()):
+        elem = ds[tag]
+        vr, value = elem.VR, elem.value
+        if vr == "SQ":
+            payload = _encoded_items(value)
+            if payload is None:
+                return None
+        elif vr == "FD" and isinstance(value, float):
+            payload = struct.pack("<d", value)
+        elif vr in _TEXT_VRS and isinstance(value, (str, DSfloat)):
+            text = str(value)
+            if "\\" in text or not text.isascii():
+                return None
+            payload = text.encode("ascii")
+            if len(payload) % 2:
+                payload += b"\0" if vr == "UI" else b" "
+        else:
+            return None
+        out += struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+        out += (b"\0\0" + struct.pack("<I", len(payload))) if vr in _LONG_VRS else struct.pack("<H", len(payload))
+        out += payload
+    return bytes(out)
 
 
 def add_contributing_equipment(ds: Dataset, results: Sequence[AlgorithmResult]) -> Dataset:

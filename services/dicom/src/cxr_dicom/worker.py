@@ -37,7 +37,7 @@ from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
+from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr, encode_sr
 from cxr_dicom.work_queue import DONE, Item, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
@@ -532,6 +532,8 @@ def results_path(data_path: Path, sop_uid: str) -> Path:
 
 
 def _encode(ds: Dataset) -> bytes:
+    if ds.get("Modality") == "SR":
+        return encode_sr(ds)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
