@@ -222,7 +222,7 @@ def _num_item(name: Concept, value: float, unit: Concept, sites: Sequence[Datase
     _put(measured, 0x004008EA, "SQ", [_code(unit)])  # Measurement Units Code Sequence
     _put(measured, 0x0040A161, "FD", value)  # Floating Point Value
     _put(measured, 0x0040A30A, "DS", DS(value, auto_format=True))  # Numeric Value
-    _put(item, 0x0040A300, "SQ", [measured])  # Measured Value Sequence
+    _put(item, 0x0040A300, "SQ", [measured])  # MeasuredValueSequence
     if sites:
         _put(item, _CONTENT_SEQUENCE, "SQ", list(sites))
     return item
