@@ -414,7 +414,8 @@ def encode_sr(sr: Dataset) -> bytes:
     write as pydicom does (another transfer syntax, text that is not ASCII) goes through pydicom whole."""
     content = sr.get("ContentSequence") or []
     imaging = content[-1] if content else None
-    if sr.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian or not _is_concept(imaging, IMAGING_MEASUREMENTS):
+    syntax = sr.file_meta.TransferSyntaxUID
+    if imaging is None or syntax != ExplicitVRLittleEndian or not _is_concept(imaging, IMAGING_MEASUREMENTS):
         return sr_bytes(sr)
     element = imaging[_CONTENT_SEQUENCE]
     groups = _encoded_items(element.value)
