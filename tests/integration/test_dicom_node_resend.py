@@ -85,9 +85,10 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
 
 
 def test_the_next_instance_is_analysed_while_the_last_ones_results_are_being_sent(stack: Stack, tmp_path: Path):
-    """One worker (``workers`` 1) and a STOW-RS endpoint that holds every request unanswered: both instances'
-    SR and SEG reach it while the first request is still held, i.e. the second instance was analysed and its
-    results built while the first one's were being sent. Released, both finish."""
+    """One worker (``workers`` 1) and a STOW-RS endpoint that holds every request unanswered: while the first
+    instance's request is held, the second instance is claimed (its analysis slot is free once the first one's
+    services answered); without the pipeline it stays queued until the first is delivered. Released, both finish,
+    and each one's SR and SEG reach the endpoint."""
     loop = LoopThread()
     with recording_server() as recorder:
         recorder.hold.clear()
@@ -100,25 +101,26 @@ def test_the_next_instance_is_analysed_while_the_last_ones_results_are_being_sen
                 sent = [copy_with_new_uids(dicom_files()[i], tmp_path / f"src{i}")[1] for i in range(2)]
                 for ds in sent:
                     assert c_store(node.dimse_port, ds) == 0x0000
-                deadline = time.monotonic() + WAIT_S
-                while len(recorder.stow_bodies()) < 2:
-                    assert time.monotonic() < deadline, (
-                        f"{len(recorder.stow_bodies())} STOW-RS request(s) while the first was held: the second"
-                        " instance waited for the first one's delivery"
-                    )
-                    time.sleep(0.2)
-                recorder.hold.set()
                 with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
                     stub = pb_grpc.DicomServiceStub(ch)
+
+                    def status(ds: pydicom.Dataset) -> pb.GetStudyStatusResponse:
+                        return stub.GetStudyStatus(
+                            pb.GetStudyStatusRequest(study_instance_uid=ds.StudyInstanceUID),
+                            metadata=auth(),
+                            timeout=10,
+                        )
+
+                    deadline = time.monotonic() + WAIT_S
+                    while not (recorder.stow_bodies() and status(sent[1]).in_progress == 1):
+                        assert time.monotonic() < deadline, (
+                            f"second instance {status(sent[1])} while the first one's STOW-RS request was held"
+                        )
+                        time.sleep(0.2)
+                    assert len(recorder.stow_bodies()) == 1  # the first one's request, still held
+                    recorder.hold.set()
                     for ds in sent:
-                        while True:
-                            answer = stub.GetStudyStatus(
-                                pb.GetStudyStatusRequest(study_instance_uid=ds.StudyInstanceUID),
-                                metadata=auth(),
-                                timeout=10,
-                            )
-                            if answer.finished:
-                                break
+                        while not (answer := status(ds)).finished:
                             assert time.monotonic() < deadline, "not finished after the release"
                             time.sleep(0.2)
                         assert (answer.done, answer.dead) == (1, 0), answer
@@ -127,9 +129,8 @@ def test_the_next_instance_is_analysed_while_the_last_ones_results_are_being_sen
                 loop.run(server.stop(grace=1), timeout=60)
         finally:
             loop.close()
-    studies = {
-        pydicom.dcmread(io.BytesIO(part)).StudyInstanceUID
+    studies = [
+        {pydicom.dcmread(io.BytesIO(part)).StudyInstanceUID for part in recorder.stow_parts(i)}
         for i in range(len(recorder.stow_bodies()))
-        for part in recorder.stow_parts(i)
-    }
-    assert studies == {ds.StudyInstanceUID for ds in sent}
+    ]
+    assert studies == [{ds.StudyInstanceUID} for ds in sent]  # one request each, the first one's first

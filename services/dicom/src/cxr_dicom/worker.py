@@ -348,7 +348,8 @@ class Prepared:
 
 class Worker:
     """Claim loops on the event loop, ``cfg.workers`` of them analysing at once and as many building and sending
-    the results of the items analysed before; decoding, building and sending run in threads."""
+    the results of the items analysed before, in the order their analyses ended; decoding, building and sending
+    run in threads."""
 
     def __init__(self, cfg: DicomConfig, queue: WorkQueue, client: AsyncCxrClient) -> None:
         self.cfg = cfg
@@ -361,6 +362,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._analysing = asyncio.Semaphore(cfg.workers)
+        self._finishing = asyncio.Semaphore(cfg.workers)
 
     def start(self) -> None:
         loops = 2 * self.cfg.workers  # as many again build and send while ``workers`` analyse
@@ -438,7 +440,8 @@ class Worker:
                 await self._failed(item, exc)
                 return True
         try:
-            await self._unless_cancelled(item, self.finish(item, prepared))
+            async with self._finishing:  # first analysed, first finished: a STAT item claimed first ends first
+                await self._unless_cancelled(item, self.finish(item, prepared))
         except Exception as exc:
             await self._failed(item, exc)
             return True
