@@ -242,20 +242,27 @@ class SrWatch:
         return False
 
 
-async def completed(node_port: int, studies: list[str]) -> int:
-    """Studies the node reports finished with every instance done and none dead."""
+async def completed(node_port: int, studies: list[str], settle_s: float = 60.0) -> int:
+    """Studies the node reports finished with every instance done and none dead. A study's SR reaches Orthanc
+    before the node has written its FHIR bundle and completed it, so an unfinished study is asked again, for at
+    most ``settle_s``."""
     import grpc
 
     from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
     from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
 
     n = 0
+    deadline = time.perf_counter() + settle_s
     async with grpc.aio.insecure_channel(f"127.0.0.1:{node_port}") as ch:
         stub = pb_grpc.DicomServiceStub(ch)
         for s in studies:
-            r = await stub.GetStudyStatus(
-                pb.GetStudyStatusRequest(study_instance_uid=s), metadata=(("x-api-key", API_KEY),), timeout=30
-            )
+            while True:
+                r = await stub.GetStudyStatus(
+                    pb.GetStudyStatusRequest(study_instance_uid=s), metadata=(("x-api-key", API_KEY),), timeout=30
+                )
+                if r.finished or time.perf_counter() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             n += int(r.finished and r.done >= 1 and r.dead == 0)
     return n
 
@@ -380,7 +387,7 @@ async def measure(args: argparse.Namespace, bench: Bench, procs: dict[str, int])
     rounds = []
     for r in range(args.rounds):
         order = ["direct", "node"] if r % 2 == 0 else ["node", "direct"]
-        cell: dict[str, Any] = {"order": order}
+        cell: dict[str, Any] = {"order": order, "load_average_1m": round(os.getloadavg()[0], 2)}
         for path in order:
             with stage(f"saturation round {r + 1}: {path}, {args.studies} studies"):
                 before = cpu_of(procs)

@@ -73,8 +73,8 @@ def test_c_store_statuses_from_the_intake_check(scp):
 
     assert send(port, dx) == 0x0000
     assert send(port, sc) == 0x0000
-    assert send(port, ct) == 0x0122
-    assert send(port, other_modality) == 0x0122
+    assert send(port, ct) == 0xA900
+    assert send(port, other_modality) == 0xA900
     assert send(port, no_pixels) == 0xA900
     assert send(port, corrupt) == 0xC000
     assert accepted == [dx.SOPInstanceUID, sc.SOPInstanceUID]

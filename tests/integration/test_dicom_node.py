@@ -129,9 +129,20 @@ def test_a_duplicate_send_is_analysed_once(stack, tmp_path):
 
 def test_non_images_and_corrupt_files_are_refused_with_their_status(stack, tmp_path):
     from pydicom.data import get_testdata_file
+    from pynetdicom import AE
 
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    assert c_store(stack.node.dimse_port, ct) == 0x0122
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ct.SOPClassUID, ct.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", stack.node.dimse_port, ae_title=NODE_AE)
+    assert assoc.is_established  # every storage class is negotiated: the answer comes per instance
+    try:
+        answer = assoc.send_c_store(ct)
+    finally:
+        assoc.release()
+    # PS3.4 B.2.3: the Storage Service Class's "Data Set does not match SOP Class", with the reason
+    assert int(answer.Status) == 0xA900
+    assert answer.ErrorComment.startswith("CT Image Storage is not a projection radiograph")
     good = dicom_files()[0].read_bytes()
     truncated = good[: len(good) // 2]
     answer = stow(stack.node.stow_port, [("application/dicom", truncated), ("application/dicom", b"not dicom")])

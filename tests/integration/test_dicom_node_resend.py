@@ -82,3 +82,55 @@ def test_a_retry_resends_the_first_build_byte_for_byte_and_completion_removes_it
     assert [p.name for p in results_root.iterdir()] == []
     [bundle] = [json.loads(p.read_text()) for p in (tmp_path / "fhir").glob("*.json")]
     assert bundle["resourceType"] == "Bundle"
+
+
+def test_the_next_instance_is_analysed_while_the_last_ones_results_are_being_sent(stack: Stack, tmp_path: Path):
+    """One worker (``workers`` 1) and a STOW-RS endpoint that holds every request unanswered: while the first
+    instance's request is held, the second instance is claimed (its analysis slot is free once the first one's
+    services answered); without the pipeline it stays queued until the first is delivered. Released, both finish,
+    and each one's SR and SEG reach the endpoint."""
+    loop = LoopThread()
+    with recording_server() as recorder:
+        recorder.hold.clear()
+        destinations = {"stow_url": recorder.url + "/dicom-web", "fhir_folder": str(tmp_path / "fhir"), "timeout_s": 60}
+        settings = node_settings(tmp_path, None, *stack.analysis_ports, workers=1, destinations=destinations)
+        try:
+            server = loop.run(start_server(settings, dicom_binding(settings)))
+            node = server.binding.extra["node"]
+            try:
+                sent = [copy_with_new_uids(dicom_files()[i], tmp_path / f"src{i}")[1] for i in range(2)]
+                for ds in sent:
+                    assert c_store(node.dimse_port, ds) == 0x0000
+                with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                    stub = pb_grpc.DicomServiceStub(ch)
+
+                    def status(ds: pydicom.Dataset) -> pb.GetStudyStatusResponse:
+                        return stub.GetStudyStatus(
+                            pb.GetStudyStatusRequest(study_instance_uid=ds.StudyInstanceUID),
+                            metadata=auth(),
+                            timeout=10,
+                        )
+
+                    deadline = time.monotonic() + WAIT_S
+                    while not (recorder.stow_bodies() and status(sent[1]).in_progress == 1):
+                        assert time.monotonic() < deadline, (
+                            f"second instance {status(sent[1])} while the first one's STOW-RS request was held"
+                        )
+                        time.sleep(0.2)
+                    assert len(recorder.stow_bodies()) == 1  # the first one's request, still held
+                    recorder.hold.set()
+                    for ds in sent:
+                        while not (answer := status(ds)).finished:
+                            assert time.monotonic() < deadline, "not finished after the release"
+                            time.sleep(0.2)
+                        assert (answer.done, answer.dead) == (1, 0), answer
+            finally:
+                recorder.hold.set()
+                loop.run(server.stop(grace=1), timeout=60)
+        finally:
+            loop.close()
+    studies = [
+        {pydicom.dcmread(io.BytesIO(part)).StudyInstanceUID for part in recorder.stow_parts(i)}
+        for i in range(len(recorder.stow_bodies()))
+    ]
+    assert studies == [{ds.StudyInstanceUID} for ds in sent]  # one request each, the first one's first

@@ -137,3 +137,25 @@ def test_orthanc_fixture_runs_two_on_ephemeral_ports_and_stops_them(tmp_path):
         assert "dicom-web" in a.get("/plugins/dicom-web")["ID"]
         assert (tmp_path / "a" / "storage").is_dir()
     assert a.process.returncode is not None and b.process.returncode is not None
+
+
+def test_orthanc_answers_a_re_sent_result_with_success_by_stow_rs_and_c_store_and_keeps_one(orthanc, tmp_path):
+    """The node's own senders send the same SR twice by STOW-RS and twice by C-STORE: Orthanc answers each with
+    success (200 without failures, C-STORE 0x0000), so a resend counts as delivered, and stores it once."""
+    from cxr_dicom.config import DestinationsConfig
+    from cxr_dicom.worker import ResultObject, Senders
+
+    sr = build_sr(pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-8bit.dcm"), RESULTS)
+    kept = [ResultObject.of(sr)]
+    destinations = DestinationsConfig.model_validate(
+        {
+            "stow_url": orthanc.dicomweb_url,
+            "cstore": {"host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.ae_title},
+            "fhir_folder": str(tmp_path / "fhir"),
+        }
+    )
+    senders = Senders(destinations, "CXRNODE")
+    for _ in range(2):
+        senders.stow(kept)
+        senders.cstore(kept)
+    assert orthanc.instance_uids() == {sr.SOPInstanceUID}

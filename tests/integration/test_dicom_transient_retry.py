@@ -3,8 +3,7 @@ attempt until a real Orthanc comes up on the configured ports, which then gets t
 services refuse still dead-letters after ``max_attempts``.
 
 The queue, the SR/bundle building, the C-STORE sender and Orthanc are real; the analysis is a canned result
-(the classification and segmentation services are not what this is about). The destination is C-STORE only:
-dicomweb_client retries a refused connection itself for ~15 s per send, which would make the outage long."""
+(the classification and segmentation services are not what this is about). The destination is C-STORE only."""
 
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from cxr_dicom.config import DicomConfig
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding
 from cxr_dicom.work_queue import DEAD, DONE, QUEUED, Item, Priority, WorkQueue
-from cxr_dicom.worker import Worker
+from cxr_dicom.worker import Prepared, Worker
 from tests.support.orthanc import free_port, require, run_orthanc
 from tests.support.paths import dicom_files
 
@@ -42,12 +41,11 @@ class CannedAnalysisWorker(Worker):
 
     poison: frozenset[str] = frozenset()
 
-    async def process(self, item: Item) -> None:
+    async def analyse(self, item: Item) -> Prepared:
         if item.sop_uid in self.poison:
             raise InvalidImageError("the services refuse this image", reason="IMAGE_DECODE_FAILED")
         data = (self.cfg.data_path / json.loads(item.payload)["file"]).read_bytes()
-        datasets, bundle = await asyncio.to_thread(self.build, data, CANNED, b"")
-        await self.deliver(datasets, bundle)
+        return Prepared(data=data, results=CANNED)
 
 
 def _enqueue(queue: WorkQueue, data_path: Path, source: Path) -> str:

@@ -13,24 +13,34 @@ import pydicom
 
 from cxr_dicom.intakes import parse_multipart_related
 
+HOLD_S = 120.0
+
 
 class Recorder:
     """A real HTTP server that records every POST (path, headers, body) and answers 200 with a FHIR
-    transaction-response to /fhir and an empty body to STOW-RS."""
+    transaction-response to /fhir and ``stow_answer`` (by default 200, empty) to STOW-RS; while ``hold`` is
+    clear a STOW-RS request is recorded at once and answered only once it is set (at most HOLD_S later)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.stow_answer: tuple[int, bytes] = (200, b"")  # (HTTP status, DICOM JSON body) of every STOW-RS
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 recorder.requests.append((self.path, dict(self.headers), body))
-                payload = b""
+                if self.path.endswith("/studies"):
+                    recorder.hold.wait(HOLD_S)
+                status, payload, content_type = 200, b"", "application/fhir+json"
                 if self.path.startswith("/fhir"):
                     payload = json.dumps({"resourceType": "Bundle", "type": "transaction-response"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
+                elif self.path.endswith("/studies"):
+                    (status, payload), content_type = recorder.stow_answer, "application/dicom+json"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

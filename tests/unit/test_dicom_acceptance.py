@@ -82,7 +82,7 @@ def test_structured_report_is_refused_as_sop_class_not_supported():
     sr = _basic_text_sr()
     refusal = refusal_of(to_bytes(sr))
     assert refusal.kind is RefusalKind.SOP_CLASS_NOT_SUPPORTED
-    assert (refusal.dimse_status, refusal.stow_failure_reason) == (0x0122, 0x0122)
+    assert (refusal.dimse_status, refusal.stow_failure_reason) == (0xA900, 0x0122)
     assert refusal.sop_instance_uid == sr.SOPInstanceUID and refusal.sop_class_uid == BasicTextSRStorage
     item = refusal.failed_sop_item()
     assert item.FailureReason == 0x0122
@@ -91,7 +91,7 @@ def test_structured_report_is_refused_as_sop_class_not_supported():
 
 def test_real_ct_image_is_refused_as_sop_class_not_supported():
     refusal = refusal_of(open(get_testdata_file("CT_small.dcm"), "rb").read())
-    assert refusal.kind is RefusalKind.SOP_CLASS_NOT_SUPPORTED and refusal.dimse_status == 0x0122
+    assert refusal.kind is RefusalKind.SOP_CLASS_NOT_SUPPORTED and refusal.dimse_status == 0xA900
     assert "CT Image Storage" in refusal.message
 
 

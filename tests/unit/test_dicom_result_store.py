@@ -46,11 +46,12 @@ def test_a_saved_build_reads_back_byte_for_byte_and_a_second_save_keeps_the_firs
     sent, sent_bundle = save_results(tmp_path, sop, built, bundle)
     assert sent_bundle == bundle
     again, again_bundle = load_results(tmp_path, sop) or ([], {})
-    assert [_encoded(ds) for ds in again] == [_encoded(ds) for ds in sent] and again_bundle == bundle
+    assert [o.data for o in again] == [o.data for o in sent] == [_encoded(o.dataset) for o in sent]
+    assert again_bundle == bundle
     rebuilt, rebuilt_bundle = build_results(data, RESULTS, b"")
-    assert _encoded(rebuilt[0]) != _encoded(sent[0])  # a rebuild differs (new content date, tracking UIDs)
+    assert _encoded(rebuilt[0]) != sent[0].data  # a rebuild differs (new content date, tracking UIDs)
     kept, _ = save_results(tmp_path, sop, rebuilt, rebuilt_bundle)  # a folder already there wins
-    assert [_encoded(ds) for ds in kept] == [_encoded(ds) for ds in sent]
+    assert [o.data for o in kept] == [o.data for o in sent]
     assert [p.name for p in (tmp_path / RESULTS_DIR).iterdir()] == [sop]  # no temporary folder left
     discard_results(tmp_path, sop)
     assert not results_path(tmp_path, sop).exists()

@@ -9,6 +9,15 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 
 from cxr_dicom import sr as sr_module
+from cxr_dicom.codes import (
+    ABSENT,
+    PRESENT,
+    PROBABILITY,
+    THRESHOLD,
+    finding_concept,
+    measurement_concept,
+    unit_concept,
+)
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import build_sr, sr_bytes
 from tests.support.paths import DICOM_DIR
@@ -38,9 +47,41 @@ B_RESULTS = (
         (Measurement("left_lung_area", 20480.0, "mm2"), Measurement("thorax_width", 280.5, "mm")),
     ),
 )
+NIH_LABELS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
+VALUES = (0.0, 1.0, 0.5, 1e-7, 0.123456789012345, 0.999999999, 3.14159e-3, 0.33333333333333337)
+MEASUREMENTS = (
+    ("cardiothoracic_ratio", "1"), ("heart_width", "mm"), ("thorax_width", "px"), ("heart_area", "mm2"),
+    ("left_lung_area", "mm2"), ("right_lung_area", "px2"), ("left_clavicle_area", "mm2"), ("mediastinum_area", "px2"),
+)  # fmt: skip
+
+
+def served_results(seed: int) -> tuple[AlgorithmResult, ...]:
+    """Results shaped as the services' (a binary and a 14-finding classifier, a U-Net's measurements)."""
+    value = lambda k: VALUES[(seed + k) % len(VALUES)] * (1 if k % 3 else 12345.678901234)  # noqa: E731
+    return (
+        AlgorithmResult(
+            Algorithm("binary_classifier", f"v{seed}", f"{seed:x}" * 16, untrained=seed % 2 == 0, model_card="/v1/c"),
+            (Finding("abnormal", value(1) % 1, 0.5, seed % 3 == 0),),
+        ),
+        AlgorithmResult(
+            Algorithm("multiclass_classifier", "1.0", "c0ffee" * 10, untrained=seed % 2 == 1),
+            tuple(Finding(label, value(i) % 1, value(i + 1) % 1, i % 2 == 0) for i, label in enumerate(NIH_LABELS)),
+        ),
+        AlgorithmResult(
+            Algorithm("segmentation", "2", "2", untrained=True),
+            (),
+            tuple(Measurement(name, value(i), unit) for i, (name, unit) in enumerate(MEASUREMENTS)),
+        ),
+    )
+
+
 STUDIES = {
     "A": (DICOM_DIR / "nih-dx-mono2-8bit.dcm", A_RESULTS),
     "B": (DICOM_DIR / "siim-cxr-mono2-jpeg-baseline.dcm", B_RESULTS),
+    **{path.stem: (path, served_results(i)) for i, path in enumerate(sorted(DICOM_DIR.glob("*.dcm")))},
 }
 
 
@@ -82,11 +123,73 @@ def normalized(data: bytes) -> dict:
     return {"meta": meta, "dataset": ds.to_json_dict()}
 
 
+def highdicom_groups(source, results):
+    """The TID 1501 groups as highdicom's MeasurementsAndQualitativeEvaluations builds them."""
+    ref = hd.sr.SourceImageForMeasurementGroup(
+        referenced_sop_class_uid=str(source.SOPClassUID), referenced_sop_instance_uid=str(source.SOPInstanceUID)
+    )
+
+    def coded(concept):
+        return hd.sr.CodedConcept(value=concept.code, scheme_designator=concept.scheme, meaning=concept.meaning)
+
+    groups = []
+    for result in results:
+        name, version, parameters = sr_module._algorithm_fields(result.algorithm)
+        algorithm_id = hd.sr.AlgorithmIdentification(name=name, version=version, parameters=parameters)
+        no_units = coded(unit_concept("1"))
+        for finding in result.findings:
+            concept = coded(finding_concept(finding.label))
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        identifier=f"{result.algorithm.name}/{finding.label}"[:64], uid=hd.UID()
+                    ),
+                    finding_type=concept,
+                    algorithm_id=algorithm_id,
+                    source_images=[ref],
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(name=concept, value=coded(PRESENT if finding.positive else ABSENT))
+                    ],
+                    measurements=[
+                        hd.sr.Measurement(name=coded(PROBABILITY), value=float(finding.probability), unit=no_units),
+                        hd.sr.Measurement(name=coded(THRESHOLD), value=float(finding.threshold), unit=no_units),
+                    ],
+                )
+            )
+        if result.measurements:
+            measurements = []
+            for m in result.measurements:
+                meaning = measurement_concept(m.name)
+                sites = None
+                if meaning.site is not None:
+                    laterality = coded(meaning.laterality) if meaning.laterality is not None else None
+                    sites = [hd.sr.FindingSite(anatomic_location=coded(meaning.site), laterality=laterality)]
+                measurements.append(
+                    hd.sr.Measurement(
+                        name=coded(meaning.quantity),
+                        value=float(m.value),
+                        unit=coded(unit_concept(m.unit)),
+                        finding_sites=sites,
+                    )
+                )
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"{result.algorithm.name}/measurements"),
+                    algorithm_id=algorithm_id,
+                    source_images=[ref],
+                    measurements=measurements,
+                )
+            )
+    return [group[0] for group in groups]
+
+
 @pytest.fixture
 def reference(monkeypatch) -> dict[str, dict]:
-    """Each study's SR through highdicom's ComprehensiveSR constructor on the whole content tree."""
+    """Each study's SR through highdicom alone: its ComprehensiveSR constructor on the whole content tree, and
+    its MeasurementsAndQualitativeEvaluations for the groups."""
     with monkeypatch.context() as patch:
         patch.setattr(sr_module, "_comprehensive_sr", straightforward)
+        patch.setattr(sr_module, "measurement_groups", highdicom_groups)
         return {name: normalized(build(name)) for name in STUDIES}
 
 
@@ -104,6 +207,18 @@ def test_the_fast_sr_equals_highdicoms_own_for_two_sources_and_models_in_any_ord
     assert b"swin-nih" in b and b"swin-nih" not in a_again
 
 
+def test_the_fast_sr_equals_highdicoms_own_for_every_shared_dicom_with_served_results(reference):
+    """Every shared radiograph as the source, results shaped as the services' (14 findings, long local codes,
+    measurements with sites, lateralities and pixel units), values down to 1e-7 and with 15 digits."""
+    served = [name for name in STUDIES if name not in ("A", "B")]
+    assert len(served) >= 6
+    for name in served:
+        built = normalized(build(name))
+        assert built == reference[name], name
+        groups = built["dataset"]["0040A730"]["Value"][-1]["0040A730"]["Value"]
+        assert len(groups) == 1 + len(NIH_LABELS) + 1
+
+
 def test_the_fast_srs_highdicom_content_is_the_tree_it_carries():
     path, results = STUDIES["B"]
     sr = build_sr(pydicom.dcmread(path), results)
@@ -111,3 +226,21 @@ def test_the_fast_srs_highdicom_content_is_the_tree_it_carries():
     assert isinstance(root, hd.sr.ContainerContentItem)
     assert len(root.ContentSequence) == len(sr.ContentSequence) > 0
     assert all(a is b for a, b in zip(root.ContentSequence, sr.ContentSequence, strict=True))
+
+
+def test_the_srs_fast_encoding_is_pydicoms_byte_for_byte_and_text_it_does_not_cover_goes_through_pydicom():
+    """`encode_sr` (its groups encoded outside pydicom's writer) gives the bytes of `sr_bytes` for every study, and
+    leaves the SR as it was; a non-ASCII algorithm name (not covered) still gives pydicom's bytes."""
+    from cxr_dicom.sr import _encoded_items, encode_sr
+
+    for name, (path, results) in STUDIES.items():
+        sr = build_sr(pydicom.dcmread(path), results, series_instance_uid="2.25.1", sop_instance_uid="2.25.2")
+        groups = sr.ContentSequence[-1].ContentSequence
+        assert _encoded_items(groups) is not None, name  # the fast path is taken
+        assert encode_sr(sr) == sr_bytes(sr), name
+        assert sr.ContentSequence[-1].ContentSequence is groups  # the SR is unchanged
+    path, results = STUDIES["A"]
+    accented = (AlgorithmResult(Algorithm("réseau", "1", "1"), results[0].findings), *results[1:])
+    sr = build_sr(pydicom.dcmread(path), accented)
+    assert _encoded_items(sr.ContentSequence[-1].ContentSequence) is None
+    assert encode_sr(sr) == sr_bytes(sr)

@@ -235,3 +235,57 @@ def test_a_queue_database_error_is_0xa700_not_a_500(tmp_path):
     )
     assert r.status_code == 503 and r.headers["Retry-After"] == "13", r.text
     assert [int(i.FailureReason) for i in answer_of(r).FailedSOPSequence] == [OUT_OF_RESOURCES]
+
+
+def _audit_events(caplog: Any) -> list[dict[str, Any]]:
+    return [r.fields["auditEvent"] for r in caplog.records if r.name == "cxr.audit"]
+
+
+def _sender_address(event: dict[str, Any]) -> str:
+    [source] = [a for a in event["agent"] if a["requestor"]]
+    return str(source["network"]["address"])
+
+
+def test_the_stow_audit_names_the_client_behind_a_trusted_gateway_and_otherwise_the_peer(tmp_path, caplog):
+    """``security.trusted_proxies`` 10.0.0.0/8: a request from the gateway at 10.0.0.2 is audited as the client
+    X-Forwarded-For names (from the right, past the trusted 10.0.0.9); the same header from an untrusted peer is
+    a claim, and its peer is audited."""
+    from cxr_dicom.audit_events import validate
+
+    caplog.set_level("INFO", logger="cxr.audit")
+    srv, _ = server(tmp_path)
+    srv.trusted_proxies = ["10.0.0.0/8"]
+    headers = {"Content-Type": CT, "X-Forwarded-For": "203.0.113.7, 10.0.0.9"}
+    for peer in ("10.0.0.2", "192.0.2.5"):
+        client = TestClient(srv.app, client=(peer, 5000))
+        _, data = new_instance(dicom_files()[0])
+        assert client.post("/dicom-web/studies", content=multipart(data), headers=headers).status_code == 200
+    events = _audit_events(caplog)
+    assert [_sender_address(e) for e in events] == ["203.0.113.7", "192.0.2.5"]
+    assert all(e["outcome"] == "0" and validate(e) for e in events)
+
+
+def test_refused_instances_are_audited_with_their_status_and_study(tmp_path, caplog):
+    """A CT image and a part that is not DICOM, refused by STOW-RS (409), each get an import AuditEvent with
+    outcome 4 (minor failure), the FailureReason and the refusal kind; the CT's names its study."""
+    from pydicom.data import get_testdata_file
+
+    from cxr_dicom.audit_events import validate
+
+    caplog.set_level("INFO", logger="cxr.audit")
+    srv, _ = server(tmp_path)
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    body = multipart(ct)[: -len(b"--b--\r\n")] + b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b--\r\n"
+    r = TestClient(srv.app, client=("192.0.2.5", 5000)).post(
+        "/dicom-web/studies", content=body, headers={"Content-Type": CT}
+    )
+    assert r.status_code == 409, r.text
+    events = _audit_events(caplog)
+    assert [(e["outcome"], e["outcomeDesc"]) for e in events] == [
+        ("4", "0x0122 SOP_CLASS_NOT_SUPPORTED"),
+        ("4", "0xC000 CANNOT_UNDERSTAND"),
+    ]
+    ct_study = pydicom.dcmread(io.BytesIO(ct), stop_before_pixels=True).StudyInstanceUID
+    assert events[0]["entity"][0]["what"]["identifier"]["value"] == f"urn:oid:{ct_study}"
+    assert "what" not in events[1]["entity"][0]
+    assert all(_sender_address(e) == "192.0.2.5" and validate(e) for e in events)

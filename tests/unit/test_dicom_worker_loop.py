@@ -23,7 +23,7 @@ from cxr_dicom.config import DicomConfig, dicom_config
 from cxr_dicom.intake import instance_path
 from cxr_dicom.service import DicomNode
 from cxr_dicom.work_queue import DB_FILE, DEAD, DONE, QUEUED, Item, Priority, QueueLock, QueueLockedError, WorkQueue
-from cxr_dicom.worker import Worker
+from cxr_dicom.worker import Prepared, Worker
 from tests.support.servers import make_settings
 
 STOW = {"stow_url": "http://127.0.0.1:9/dicom-web"}
@@ -64,10 +64,14 @@ class RecordingWorker(Worker):
         self.poison = poison
         self.processed: list[str] = []
 
-    async def process(self, item: Item) -> None:
+    async def analyse(self, item: Item) -> Prepared:
         self.processed.append(item.sop_uid)
         if item.sop_uid in self.poison:
             raise ValueError("an image the services refuse")
+        return Prepared()
+
+    async def finish(self, item: Item, prepared: Prepared) -> None:
+        pass
 
 
 def _cfg(tmp_path: Path, **extra: Any) -> DicomConfig:
@@ -91,7 +95,9 @@ async def test_a_claim_complete_or_fail_that_raises_once_costs_no_worker_and_str
         worker = RecordingWorker(_cfg(tmp_path), queue, client, poison={"1.2.3.2"})
         worker.start()
         try:
-            await _until(lambda: queue.get("1.2.3.1").state == DONE and queue.get("1.2.3.2").last_error)
+            failure_logged = lambda: any(r.getMessage() == "an instance failed" for r in caplog.records)  # noqa: E731
+            # the failure is logged after the queue records it: wait for both before stopping the worker
+            await _until(lambda: queue.get("1.2.3.1").state == DONE and failure_logged())
             assert sorted(queue.raised) == ["claim", "complete", "fail"]
             assert worker.alive and not any(t.done() for t in worker._tasks)
         finally:
@@ -171,20 +177,17 @@ async def test_start_deletes_the_instance_files_no_unfinished_item_refers_to(tmp
 
 def test_outages_are_transient_and_the_image_s_own_errors_are_not():
     import httpx
-    import requests
 
     from cxr_client.errors import DeadlineExceededError, InvalidImageError, OverloadedError, UnavailableError
     from cxr_dicom.fhir import FhirPostError
-    from cxr_dicom.worker import CStoreBusy, _send_failure_is_transient, is_transient
+    from cxr_dicom.worker import CStoreBusy, StowRefused, _send_failure_is_transient, is_transient
 
     assert all(is_transient(e("x")) for e in (UnavailableError, DeadlineExceededError, OverloadedError))
     assert not is_transient(InvalidImageError("x")) and not is_transient(ValueError("x"))
     assert not is_transient(FileNotFoundError("the instance file"))  # outside a send: not an outage
 
-    def http(status: int) -> requests.HTTPError:
-        response = requests.Response()
-        response.status_code = status
-        return requests.HTTPError(response=response)
+    def http(status: int) -> StowRefused:
+        return StowRefused(status, f"STOW-RS answered HTTP {status}")
 
     assert all(_send_failure_is_transient(http(s)) for s in (500, 503, 429))
     assert not any(_send_failure_is_transient(http(s)) for s in (400, 409))
@@ -205,3 +208,42 @@ def test_cli_dicom_retry_needs_one_uid_or_all(argv, capsys):
 
     assert main(["--endpoint", "127.0.0.1:9", *argv]) == 2  # refused before any call
     assert "give a SOP Instance UID, or --all [--study UID]" in capsys.readouterr().err
+
+
+async def test_stopping_the_node_aborts_a_live_association_before_the_queue_closes(tmp_path):
+    """A sender keeps its association open after one stored instance; the node stops: the association is
+    aborted (A-ABORT, not a 0xC2xx handler failure from a closed queue), the stored instance stays queued with
+    its file, and no other file is left."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+
+    from tests.support.paths import dicom_files
+
+    settings = _node_settings(tmp_path, workers=1)
+    node = DicomNode(settings, dicom_config(settings))
+    await node.start()
+    ds = pydicom.dcmread(dicom_files()[0])
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = await asyncio.to_thread(ae.associate, "127.0.0.1", node.dimse_port, ae_title=node.cfg.ae_title)
+    try:
+        assert assoc.is_established
+        assert int((await asyncio.to_thread(assoc.send_c_store, ds)).Status) == 0x0000
+        await node.stop()
+        deadline = time.monotonic() + 10
+        while not assoc.is_aborted and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        late = None
+        if assoc.is_established:  # not aborted: what a sender then gets from a node whose queue is closed
+            ds.SOPInstanceUID = generate_uid()
+            late = (await asyncio.to_thread(assoc.send_c_store, ds)).get("Status")
+        assert assoc.is_aborted, f"the association outlived the node; a C-STORE on it got status {late!r}"
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+    with WorkQueue(node.cfg.data_path) as queue:
+        assert sorted(queue.unfinished_sop_uids()) == [str(pydicom.dcmread(dicom_files()[0]).SOPInstanceUID)]
+    files = sorted(p.name for p in (node.cfg.data_path / "instances").iterdir())
+    assert files == [f"{pydicom.dcmread(dicom_files()[0]).SOPInstanceUID}.dcm"]

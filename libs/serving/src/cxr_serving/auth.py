@@ -190,6 +190,30 @@ def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, networks: Iterabl
     return any(ip.version == n.version and ip in n for n in networks)
 
 
+def forwarded_client(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, forwarded_for: Iterable[str], proxies: Iterable[Network]
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client behind the connection's peer ``ip``: the peer itself unless it is one of ``proxies`` (the
+    gateways); then, from the right of X-Forwarded-For, the first address that is not a proxy."""
+    proxies = list(proxies)
+    if ip is None or not _within(ip, proxies):
+        return ip
+    hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None or not _within(ip, proxies):
+            return ip
+    return ip
+
+
+def client_ip(host: str, forwarded_for: Iterable[str], trusted_proxies: Iterable[str]) -> str:
+    """`forwarded_client` for an HTTP peer's host and CIDR strings: the client's address as text, or ``host``
+    when it is no IP address."""
+    proxies = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+    ip = forwarded_client(_ip(host), forwarded_for, proxies)
+    return str(ip) if ip is not None else host
+
+
 class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses calls from addresses outside `allowed` (CIDR blocks) with PERMISSION_DENIED `IP_NOT_ALLOWED`.
     The address is the connection's peer; only when that peer is one of `trusted_proxies` (the gateways)
@@ -211,15 +235,7 @@ class PeerAllowListInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self, peer: str, forwarded_for: Iterable[str] = ()
     ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         """The caller's address, or None when it cannot be told (then the call is refused)."""
-        ip = peer_address(peer)
-        if ip is None or not _within(ip, self._proxies):
-            return ip
-        hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
-        for hop in reversed(hops):
-            ip = _ip(hop)
-            if ip is None or not _within(ip, self._proxies):
-                return ip
-        return ip
+        return forwarded_client(peer_address(peer), forwarded_for, self._proxies)
 
     def allows(self, peer: str, forwarded_for: Iterable[str] = ()) -> bool:
         ip = self.client_address(peer, forwarded_for)

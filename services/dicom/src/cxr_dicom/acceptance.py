@@ -7,12 +7,17 @@ An instance refused here was never accepted, so it is never lost: the sender kee
 
 Each refusal is a `Refusal` with a `RefusalKind`; the kind gives the C-STORE response status (PS3.4
 Annex B.2.3 for the Storage Service Class, PS3.7 Annex C for the general statuses) and the STOW-RS
-FailureReason (0008,1197) of the FailedSOPSequence item (PS3.18, Store Instances response):
+FailureReason (0008,1197) of the FailedSOPSequence item (PS3.18, Store Instances response). The C-STORE
+response also carries the reason as its Error Comment (0000,0902).
 
 - CANNOT_UNDERSTAND (not DICOM Part 10, cut short, pixel data that does not decode):
   C-STORE 0xC000 "Cannot understand"; STOW-RS 0xC000.
 - SOP_CLASS_NOT_SUPPORTED (not a CR/DX image: SR, CT, SEG...; or a Secondary Capture of another modality):
-  C-STORE 0x0122 "Refused: SOP Class not supported"; STOW-RS 0x0122 "Referenced SOP Class not supported".
+  C-STORE 0xA900 "Error: Data Set does not match SOP Class", the Storage Service Class's failure (PS3.4
+  B.2.3) for an instance the SCP will not store as sent: the node accepts a presentation context for every
+  storage SOP class, so that a sender learns why per instance, and the general 0x0122 "SOP Class not
+  supported" (PS3.7 C.5) would contradict the context it accepted; STOW-RS 0x0122 "Referenced SOP Class not
+  supported" (PS3.18 has no negotiation to contradict).
 - DOES_NOT_MATCH_SOP_CLASS (a radiograph class without pixel data, rows/columns or UIDs; a SOP class other
   than the declared one): C-STORE 0xA900 "Data Set does not match SOP Class"; STOW-RS 0xA900.
 - TRANSFER_SYNTAX_NOT_SUPPORTED (pixel data in a transfer syntax no installed decoder reads): C-STORE 0xC000
@@ -54,7 +59,7 @@ class RefusalKind(enum.Enum):
     """Why an instance is refused, with (C-STORE status, STOW-RS FailureReason)."""
 
     CANNOT_UNDERSTAND = (0xC000, 0xC000)
-    SOP_CLASS_NOT_SUPPORTED = (0x0122, 0x0122)
+    SOP_CLASS_NOT_SUPPORTED = (0xA900, 0x0122)
     DOES_NOT_MATCH_SOP_CLASS = (0xA900, 0xA900)
     TRANSFER_SYNTAX_NOT_SUPPORTED = (0xC000, 0xC122)
 
@@ -84,6 +89,13 @@ class Refusal(Exception):
     @property
     def stow_failure_reason(self) -> int:
         return self.kind.stow_failure_reason
+
+    def dimse_response(self) -> Dataset:
+        """The C-STORE response's status and Error Comment (the reason, cut to the 64 characters of an LO)."""
+        status = Dataset()
+        status.Status = self.dimse_status
+        status.ErrorComment = self.message[:64]
+        return status
 
     def failed_sop_item(self) -> Dataset:
         """The item of a STOW-RS response's FailedSOPSequence (0008,1198) for this instance."""
@@ -176,7 +188,8 @@ def check_transfer_syntax(syntax: str, ids: dict[str, str]) -> None:
         )
 
 
-def _header_only(data: bytes) -> Dataset:
+def read_header(data: bytes) -> Dataset:
+    """The header of a Part 10 file (no pixel data), or an empty data set when it does not parse."""
     try:
         return dcmread(io.BytesIO(data), stop_before_pixels=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError):
@@ -202,7 +215,7 @@ def check_part10(data: bytes, declared_sop_class: str | None = None, *, decode: 
         # pydicom reads a file cut short leniently and drops the unfinished element (or, cut inside
         # encapsulated pixel data, every element): the bytes name Pixel Data, the data set has none, so the
         # file was truncated. Its header, read alone, still names the instance for the sender.
-        header = _header_only(data)
+        header = read_header(data)
         raise Refusal(
             RefusalKind.CANNOT_UNDERSTAND,
             "the file ends inside its pixel data (truncated)",

@@ -1,6 +1,6 @@
 """The node's audit trail: a FHIR AuditEvent (R4; validated with ``fhir.resources.R4B``, identical for AuditEvent)
 shaped by IHE Basic Audit Log Patterns (BALP), one JSON line each on the ``cxr.audit`` logger, whenever a study's
-instance is received and whenever its results are sent to a destination (success or failure).
+instance is received or refused and whenever its results are sent to a destination (success or failure).
 
 Codes (services/dicom/README.md, "Audit trail", says the same):
 
@@ -13,12 +13,17 @@ Codes (services/dicom/README.md, "Audit trail", says the same):
 - ``subtype``: the intake or destination (``urn:cxr:dicom:transfer``#dimse|stow|cstore|fhir|fhir_folder).
 - BALP's agents: one Source Role ID (DCM 110153) and one Destination Role ID (DCM 110152). The sender is the
   calling AE title (C-STORE) or the API key's fingerprint (STOW-RS; never the key); the receiver is the node's
-  AE title or the destination (AE title, or URL without credentials or query). ``source``: the node, type 4
-  "Application Server".
+  AE title or the destination (AE title, or URL without credentials or query). The sender's network address is
+  the connection's peer; for STOW-RS behind a gateway (the peer is one of ``security.trusted_proxies``) it is
+  the client X-Forwarded-For names (from the right, the first address that is no trusted proxy), as the
+  gRPC allow-list reads it. ``source``: the node, type 4 "Application Server".
 - ``entity``: the study, ``what.identifier`` = its Study Instance UID (``urn:oid:``, identifier type DCM 110180
-  "Study Instance UID"), type 2 "System Object", role 3 "Report"; ``detail`` says which objects (sr, seg,
-  fhir_bundle) or how many instances. No patient data: the audit repository links the study to its patient.
-- ``outcome``: 0 success, 8 serious failure (with ``outcomeDesc``, the error class only).
+  "Study Instance UID"; absent when a refused instance's header names none), type 2 "System Object", role 3
+  "Report"; ``detail`` says which objects (sr, seg, fhir_bundle) or how many instances. No patient data: the
+  audit repository links the study to its patient.
+- ``outcome``: 0 success; 4 minor failure for an instance the node refused (``outcomeDesc``: the status and the
+  refusal kind, e.g. ``0xA900 SOP_CLASS_NOT_SUPPORTED``); 8 serious failure of a send (``outcomeDesc``, the
+  error class only).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ EXPORT = {"system": DCM, "code": "110106", "display": "Export"}
 SOURCE_ROLE = {"system": DCM, "code": "110153", "display": "Source Role ID"}
 DESTINATION_ROLE = {"system": DCM, "code": "110152", "display": "Destination Role ID"}
 STUDY_UID_TYPE = {"system": DCM, "code": "110180", "display": "Study Instance UID"}
-SUCCESS, SERIOUS_FAILURE = "0", "8"
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = "0", "4", "8"
 
 
 def _agent(role: dict[str, str], who: dict[str, Any], *, requestor: bool, address: str = "") -> dict[str, Any]:
@@ -92,18 +97,21 @@ def public_url(url: str) -> str:
 
 
 def _study(study_uid: str, details: dict[str, str]) -> dict[str, Any]:
-    return {
-        "what": {
+    """The study entity; without ``what`` when the study is not known (an instance refused unread)."""
+    entity: dict[str, Any] = {
+        "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+        "role": {"system": OBJECT_ROLE, "code": "3", "display": "Report"},
+        "detail": [{"type": k, "valueString": v} for k, v in details.items()],
+    }
+    if study_uid:
+        entity["what"] = {
             "identifier": {
                 "type": {"coding": [STUDY_UID_TYPE]},
                 "system": DICOM_UID_SYSTEM,
                 "value": f"urn:oid:{study_uid}",
             }
-        },
-        "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-        "role": {"system": OBJECT_ROLE, "code": "3", "display": "Report"},
-        "detail": [{"type": k, "valueString": v} for k, v in details.items()],
-    }
+        }
+    return entity
 
 
 def _event(
@@ -114,6 +122,7 @@ def _event(
     node_ae: str,
     study: dict[str, Any],
     error: str | None,
+    failure: str = SERIOUS_FAILURE,
 ) -> dict[str, Any]:
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
@@ -122,7 +131,7 @@ def _event(
         "subtype": [{"system": TRANSFER_SYSTEM, "code": subtype}],
         "action": action,
         "recorded": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "outcome": SUCCESS if error is None else SERIOUS_FAILURE,
+        "outcome": SUCCESS if error is None else failure,
         "agent": agents,
         "source": {
             "site": node_ae,
@@ -156,14 +165,16 @@ def import_event(
     api_key_id: str | None = None,
     peer: str = "",
     sop_instances: int = 1,
+    refused: str | None = None,
 ) -> dict[str, Any]:
-    """A study's instances received by an intake (``dimse`` or ``stow``), sent by an AE title or an API key."""
+    """A study's instances received by an intake (``dimse`` or ``stow``), sent by an AE title or an API key from
+    the address ``peer``; with ``refused`` (the status and kind) the node refused them: outcome 4, minor failure."""
     agents = [
         _agent(SOURCE_ROLE, _who(calling_ae, api_key_id), requestor=True, address=peer),
         _agent(DESTINATION_ROLE, _ae(node_ae), requestor=False),
     ]
     study = _study(study_uid, {"instances": str(sop_instances)})
-    return _event(INSTANCES_TRANSFERRED, "C", intake, agents, node_ae, study, None)
+    return _event(INSTANCES_TRANSFERRED, "C", intake, agents, node_ae, study, refused, MINOR_FAILURE)
 
 
 def export_event(
@@ -199,7 +210,7 @@ def emit(event: dict[str, Any]) -> None:
 
 
 def received(study_uid: str, **kwargs: Any) -> None:
-    """Emit the import event; auditing never fails the transfer it records."""
+    """Emit the import event (``refused=...``: of a refusal); auditing never fails the transfer it records."""
     try:
         emit(import_event(study_uid, **kwargs))
     except Exception:

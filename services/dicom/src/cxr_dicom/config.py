@@ -118,7 +118,12 @@ class DicomConfig(_Strict):
         " the claims of the process before it at once; must exceed analysis.timeout_s plus destinations.timeout_s"
         " per configured send (STOW-RS, C-STORE, FHIR URL)",
     )
-    workers: int = Field(2, ge=1, le=64, description="instances analysed and sent at once")
+    workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="instances analysed at once; as many more may be having their results built and sent meanwhile",
+    )
     done_retention_s: float = Field(
         7 * 24 * 3600,
         ge=0,

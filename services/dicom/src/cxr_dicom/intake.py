@@ -10,9 +10,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cxr_dicom import audit_events
-from cxr_dicom.acceptance import Accepted, Refusal, RefusalKind, check_part10, refusal_log_fields
+from cxr_dicom.acceptance import Accepted, Refusal, RefusalKind, check_part10, read_header, refusal_log_fields
 from cxr_dicom.priority import PriorityPolicy
 from cxr_dicom.work_queue import EnqueueResult, WorkQueue
 
@@ -82,16 +83,21 @@ class Intake:
         """Accept one Part 10 instance or raise `Refusal` (not analysable) / `QueueFullError` (try later).
 
         ``via`` (dimse, stow), ``api_key_id`` (a key's fingerprint) and ``peer`` go to the audit trail."""
-        received = self._receive(data, declared_sop_class, calling_ae)
-        audit_events.received(
-            received.accepted.study_instance_uid,
-            intake=via,
-            node_ae=self.ae_title,
-            calling_ae=calling_ae,
-            api_key_id=api_key_id,
-            peer=peer,
-        )
+        audit = {"intake": via, "node_ae": self.ae_title, "calling_ae": calling_ae, "api_key_id": api_key_id}
+        try:
+            received = self._receive(data, declared_sop_class, calling_ae)
+        except Refusal as refusal:
+            self.audit_refusal(refusal, data, peer=peer, **audit)
+            raise
+        audit_events.received(received.accepted.study_instance_uid, peer=peer, **audit)
         return received
+
+    def audit_refusal(self, refusal: Refusal, data: bytes = b"", **audit: Any) -> None:
+        """The import AuditEvent of a refused instance: outcome 4, the status the sender got and why; the study
+        is the one its header names, if it can be read."""
+        status = refusal.dimse_status if audit.get("intake") == "dimse" else refusal.stow_failure_reason
+        study = str(read_header(data).get("StudyInstanceUID", "") or "").strip() if data else ""
+        audit_events.received(study, refused=f"0x{status:04X} {refusal.kind.name}", **audit)
 
     def _receive(self, data: bytes, declared_sop_class: str | None, calling_ae: str | None) -> Received:
         try:

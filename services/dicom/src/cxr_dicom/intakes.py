@@ -11,7 +11,7 @@ import shutil
 import socket
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,7 +31,7 @@ from cxr_dicom.intake import Intake
 from cxr_dicom.multipart import Event, MultipartRelatedParser, PartData, PartStart, UnsupportedMediaType
 from cxr_dicom.work_queue import QueueFullError
 from cxr_serving.audit import key_fingerprint
-from cxr_serving.auth import API_KEY_HEADERS, ApiKeyStore
+from cxr_serving.auth import API_KEY_HEADERS, FORWARDED_FOR_HEADER, ApiKeyStore, client_ip
 
 log = logging.getLogger("cxr.dicom.intakes")
 
@@ -44,7 +44,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
     """A C-STORE SCP on ``host``:``cfg.dimse_port`` (a ThreadedAssociationServer); the caller shuts it down.
 
     Every storage SOP class is negotiated, so an instance the node does not analyse gets a C-STORE status
-    that says why (0x0122...) instead of a rejected presentation context."""
+    that says why (0xA900 and an Error Comment, acceptance.py) instead of a rejected presentation context."""
     ae = AE(ae_title=cfg.ae_title)
     ae.require_called_aet = True
     if cfg.accepted_calling_ae_titles:
@@ -54,7 +54,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
 
-    def on_store(event: Any) -> int:
+    def on_store(event: Any) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
             intake.receive(
@@ -65,7 +65,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
             )
         except Refusal as refusal:
             metrics.refused("dimse", refusal.dimse_status)
-            return refusal.dimse_status
+            return refusal.dimse_response()
         except QueueFullError:
             log.warning("queue full: C-STORE refused with 0xA700", extra={"fields": {"calling_ae": calling}})
             metrics.refused("dimse", OUT_OF_RESOURCES)
@@ -136,11 +136,19 @@ class _EmbeddedServer(uvicorn.Server):
 class StowServer:
     """`POST /dicom-web/studies` on ``host``:``cfg.stow_port``, behind the API key."""
 
-    def __init__(self, cfg: DicomConfig, intake: Intake, keys: ApiKeyStore | None, host: str) -> None:
+    def __init__(
+        self,
+        cfg: DicomConfig,
+        intake: Intake,
+        keys: ApiKeyStore | None,
+        host: str,
+        trusted_proxies: Sequence[str] = (),
+    ) -> None:
         self.cfg = cfg
         self.intake = intake
         self.keys = keys
         self.host = host
+        self.trusted_proxies = list(trusted_proxies)
         self.port = 0
         routes = [
             Route("/dicom-web/studies", self.store, methods=["POST"]),
@@ -229,6 +237,14 @@ class StowServer:
             if spool is not None:
                 await asyncio.to_thread(shutil.rmtree, spool, True)
 
+    def _client(self, request: Request) -> str:
+        """The sender's address for the audit trail: the peer, or behind a trusted gateway the client its
+        X-Forwarded-For names (`cxr_serving.auth.client_ip`, as the gRPC allow-list reads it)."""
+        host = request.client.host if request.client is not None else ""
+        if not self.trusted_proxies:
+            return host
+        return client_ip(host, request.headers.getlist(FORWARDED_FOR_HEADER), self.trusted_proxies)
+
     def _busy(self, answer: Dataset) -> Response:
         return JSONResponse(
             answer.to_json_dict(),
@@ -243,10 +259,13 @@ class StowServer:
         failed: list[Dataset] = []
         out_of_resources = False
         key_id = key_fingerprint(_api_key(request)) or None
-        peer = request.client.host if request.client is not None else ""
+        peer = self._client(request)
         for part_type, path in parts:
             if part_type != "application/dicom":
                 refusal = Refusal(RefusalKind.CANNOT_UNDERSTAND, f"part of type {part_type}")
+                self.intake.audit_refusal(
+                    refusal, intake="stow", node_ae=self.intake.ae_title, api_key_id=key_id, peer=peer
+                )
                 metrics.refused("stow", refusal.stow_failure_reason)
                 failed.append(refusal.failed_sop_item())
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ class DicomNode:
             cfg.data_path, self.queue, cfg.priority_policy(), anonymize=sec.anonymize_dicom, ae_title=cfg.ae_title
         )
         keys = ApiKeyStore(sec.api_keys, sec.api_key_file) if sec.enable_authentication else None
-        self.stow = StowServer(cfg, self.intake, keys, self.host)
+        self.stow = StowServer(cfg, self.intake, keys, self.host, trusted_proxies=sec.trusted_proxies)
         metrics.QUEUES.attach(self.queue)
         self.client = AsyncCxrClient(client_config(self.cfg))
         self.worker = Worker(self.cfg, self.queue, self.client)
@@ -88,7 +89,7 @@ class DicomNode:
     async def stop(self) -> None:
         self.started = False
         if self.scp is not None:
-            await asyncio.to_thread(self.scp.shutdown)
+            await asyncio.to_thread(stop_scp, self.scp)
         if self.stow is not None:
             await self.stow.stop()
         if self.worker is not None:
@@ -99,6 +100,26 @@ class DicomNode:
             metrics.QUEUES.detach(self.queue)
             self.queue.close()
         self.lock.release()
+
+
+SCP_DRAIN_S = 30.0
+
+
+def stop_scp(scp: Any, drain_s: float = SCP_DRAIN_S) -> None:
+    """Stop accepting associations, abort the live ones and wait (up to ``drain_s``) for their threads, so the
+    queue is closed only after: a sender mid-association gets an A-ABORT, never a handler failure (0xC2xx) from a
+    closed queue, and a C-STORE being handled ends with its instance queued or not written."""
+    associations = list(scp.active_associations)
+    scp.shutdown()  # pynetdicom leaves the running associations alone
+    associations += [a for a in scp.active_associations if a not in associations]
+    for assoc in associations:
+        assoc.abort()
+    deadline = time.monotonic() + drain_s
+    for assoc in associations:
+        assoc.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(assoc.is_alive() for assoc in associations)
+    if alive:
+        log.error("associations still running after the SCP stopped", extra={"fields": {"associations": alive}})
 
 
 def sweep_orphans(data_path: Path, queue: WorkQueue) -> int:

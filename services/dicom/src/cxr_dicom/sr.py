@@ -28,17 +28,23 @@ it is (109102, DCM, "Processing Equipment") (109104 is "De-identifying Equipment
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import io
+import struct
 import uuid
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
 
 import highdicom as hd
-from pydicom import Dataset, dcmread
+from pydicom import DataElement, Dataset, config, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.sr.codedict import codes
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DS, DSfloat
 
 from cxr_dicom.codes import (
     ABSENT,
@@ -57,6 +63,7 @@ from cxr_serving.dicom import fill_type2
 
 SERIES_NUMBER = 9902
 LANGUAGE_OF_CONTENT = ("DCM", "121049")  # Language of Content Item and Descendants
+IMAGING_MEASUREMENTS = ("DCM", "126010")
 try:
     NODE_VERSION = importlib.metadata.version("cxr-dicom")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree without the package installed
@@ -65,8 +72,8 @@ SERIES_DESCRIPTION = "cxr AI results"
 MANUFACTURER = "cxr"
 
 
-def _is_concept(item: Dataset, code: tuple[str, str]) -> bool:
-    names = item.get("ConceptNameCodeSequence") or []
+def _is_concept(item: Dataset | None, code: tuple[str, str]) -> bool:
+    names = (item.get("ConceptNameCodeSequence") if item is not None else None) or []
     return bool(names) and (str(names[0].CodingSchemeDesignator), str(names[0].CodeValue)) == code
 
 
@@ -81,16 +88,14 @@ def device_uid(algorithm: Algorithm) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, name).int}"
 
 
-def _algorithm_identification(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(
-        name=algorithm.name[:64],
-        version=algorithm.version[:64] or "unknown",
-        parameters=[
-            f"weights_id={algorithm.checkpoint_hash}",
-            f"untrained={str(algorithm.untrained).lower()}",
-            *([f"model_card={algorithm.model_card}"] if algorithm.model_card else []),
-        ],
-    )
+def _algorithm_fields(algorithm: Algorithm) -> tuple[str, str, list[str]]:
+    """TID 4019 Algorithm Identification: name, version and parameters."""
+    parameters = [
+        f"weights_id={algorithm.checkpoint_hash}",
+        f"untrained={str(algorithm.untrained).lower()}",
+        *([f"model_card={algorithm.model_card}"] if algorithm.model_card else []),
+    ]
+    return algorithm.name[:64], algorithm.version[:64] or "unknown", parameters
 
 
 def software_versions(algorithm: Algorithm) -> list[str]:
@@ -146,62 +151,160 @@ def _source_header(source: Dataset) -> Dataset:
     return header
 
 
-def _finding_group(
-    result: AlgorithmResult,
-    finding_index: int,
-    source_ref: hd.sr.SourceImageForMeasurementGroup,
-    algorithm_id: hd.sr.AlgorithmIdentification | None = None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    finding = result.findings[finding_index]
-    concept = _coded(finding_concept(finding.label))
-    no_units = _coded(unit_concept("1"))
+# The TID 1501 measurement groups, the bulk of the SR, are built as plain pydicom items: the same items highdicom's
+# MeasurementsAndQualitativeEvaluations builds (tests/unit/test_dicom_sr_fast_path.py compares them), without its
+# per-item checks and concept hashing.
+_CONCEPT_NAME = 0x0040A043
+_CONCEPT_CODE = 0x0040A168
+_RELATIONSHIP = 0x0040A010
+_VALUE_TYPE = 0x0040A040
+CONTAINS, HAS_OBS_CONTEXT, HAS_CONCEPT_MOD = "CONTAINS", "HAS OBS CONTEXT", "HAS CONCEPT MOD"
+MEASUREMENT_GROUP = Concept("DCM", "125007", "Measurement Group")
+TRACKING_IDENTIFIER = Concept("DCM", "112039", "Tracking Identifier")
+TRACKING_UID = Concept("DCM", "112040", "Tracking Unique Identifier")
+FINDING = Concept("DCM", "121071", "Finding")
+ALGORITHM_NAME = Concept("DCM", "111001", "Algorithm Name")
+ALGORITHM_VERSION = Concept("DCM", "111003", "Algorithm Version")
+ALGORITHM_PARAMETERS = Concept("DCM", "111002", "Algorithm Parameters")
+SOURCE_OF_MEASUREMENT = Concept("DCM", "121112", "Source of Measurement")
+FINDING_SITE = Concept("SCT", "363698007", "Finding Site")
+LATERALITY = Concept("SCT", "272741003", "Laterality")
+
+
+def _put(ds: Dataset, tag: int, vr: str, value: Any) -> None:
+    """``ds.add_new`` without pydicom's value checks: the values are the node's own codes, text and numbers."""
+    ds.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+
+
+@functools.cache
+def _code(concept: Concept) -> Dataset:
+    """A Code Sequence item as ``hd.sr.CodedConcept`` makes it (a code over 16 characters is a long or URN code),
+    made once per concept and shared, as highdicom shares an algorithm's identification items between groups."""
+    item = Dataset()
+    value = concept.code
+    if len(value) > 16:
+        if value.startswith("urn") or "://" in value:
+            _put(item, 0x00080120, "UR", value)  # URN Code Value
+        else:
+            _put(item, 0x00080119, "UC", value)  # Long Code Value
+    else:
+        _put(item, 0x00080100, "SH", value)  # Code Value
+    if len(concept.meaning) > 64:
+        raise ValueError("Code meaning can have maximally 64 characters.")
+    _put(item, 0x00080102, "SH", concept.scheme)  # Coding Scheme Designator
+    _put(item, 0x00080104, "LO", concept.meaning)  # Code Meaning
+    return item
+
+
+def _content_item(value_type: str, name: Concept, relationship: str) -> Dataset:
+    item = Dataset()
+    _put(item, _RELATIONSHIP, "CS", relationship)
+    _put(item, _VALUE_TYPE, "CS", value_type)
+    _put(item, _CONCEPT_NAME, "SQ", [_code(name)])
+    return item
+
+
+def _text_item(name: Concept, value: str, relationship: str) -> Dataset:
+    item = _content_item("TEXT", name, relationship)
+    _put(item, 0x0040A160, "UT", value)  # Text Value
+    return item
+
+
+def _code_item(name: Concept, value: Concept, relationship: str) -> Dataset:
+    item = _content_item("CODE", name, relationship)
+    _put(item, _CONCEPT_CODE, "SQ", [_code(value)])
+    return item
+
+
+def _num_item(name: Concept, value: float, unit: Concept, sites: Sequence[Dataset] = ()) -> Dataset:
+    item = _content_item("NUM", name, CONTAINS)
+    measured = Dataset()
+    _put(measured, 0x004008EA, "SQ", [_code(unit)])  # Measurement Units Code Sequence
+    _put(measured, 0x0040A161, "FD", value)  # Floating Point Value
+    _put(measured, 0x0040A30A, "DS", DS(value, auto_format=True))  # Numeric Value
+    _put(item, 0x0040A300, "SQ", [measured])  # MeasuredValueSequence
+    if sites:
+        _put(item, _CONTENT_SEQUENCE, "SQ", list(sites))
+    return item
+
+
+def _algorithm_items(algorithm: Algorithm) -> list[Dataset]:
+    """TID 4019 Algorithm Identification, the items ``_algorithm_identification`` gives highdicom."""
+    name, version, parameters = _algorithm_fields(algorithm)
+    items = [
+        _text_item(ALGORITHM_NAME, name, HAS_CONCEPT_MOD),
+        _text_item(ALGORITHM_VERSION, version, HAS_CONCEPT_MOD),
+    ]
+    items.extend(_text_item(ALGORITHM_PARAMETERS, p, HAS_CONCEPT_MOD) for p in parameters)
+    return items
+
+
+def _group(identifier: str, body: Sequence[Dataset], source: Dataset) -> Dataset:
+    """A TID 1501 Measurement Group container: tracking identifier and a new tracking UID, ``body``, the source."""
+    group = _content_item("CONTAINER", MEASUREMENT_GROUP, CONTAINS)
+    _put(group, 0x0040A050, "CS", "CONTINUOUS")  # Continuity Of Content
+    template = Dataset()
+    _put(template, 0x00080105, "CS", "DCMR")  # Mapping Resource
+    _put(template, 0x0040DB00, "CS", "1501")  # Template Identifier
+    _put(group, 0x0040A504, "SQ", [template])  # Content Template Sequence
+    tracking_uid = _content_item("UIDREF", TRACKING_UID, HAS_OBS_CONTEXT)
+    _put(tracking_uid, 0x0040A124, "UI", f"2.25.{uuid.uuid4().int}")
+    image = _content_item("IMAGE", SOURCE_OF_MEASUREMENT, CONTAINS)
+    reference = Dataset()
+    _put(reference, 0x00081150, "UI", str(source.SOPClassUID))  # Referenced SOP Class UID
+    _put(reference, 0x00081155, "UI", str(source.SOPInstanceUID))  # Referenced SOP Instance UID
+    _put(image, 0x00081199, "SQ", [reference])  # Referenced SOP Sequence
+    items = [_text_item(TRACKING_IDENTIFIER, identifier[:64], HAS_OBS_CONTEXT), tracking_uid, *body, image]
+    _put(group, _CONTENT_SEQUENCE, "SQ", items)
+    return group
+
+
+def measurement_groups(source: Dataset, results: Sequence[AlgorithmResult]) -> list[Dataset]:
+    """One TID 1501 group per finding of each result, and one with a result's measurements, all referencing
+    ``source``; an algorithm's identification items are shared by its groups."""
+    groups: list[Dataset] = []
+    for result in results:
+        algorithm = _algorithm_items(result.algorithm)
+        groups.extend(_finding_group(result, i, source, algorithm) for i in range(len(result.findings)))
+        if result.measurements:
+            groups.append(_measurement_group(result, source, algorithm))
+    return groups
+
+
+@functools.cache
+def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """highdicom's Measurement Report wants one group; its Imaging Measurements are then replaced."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            identifier=f"{result.algorithm.name}/{finding.label}"[:64], uid=hd.UID()
-        ),
-        finding_type=concept,
-        algorithm_id=algorithm_id or _algorithm_identification(result.algorithm),
-        source_images=[source_ref],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=_coded(PRESENT if finding.positive else ABSENT))
-        ],
-        measurements=[
-            hd.sr.Measurement(name=_coded(PROBABILITY), value=float(finding.probability), unit=no_units),
-            hd.sr.Measurement(name=_coded(THRESHOLD), value=float(finding.threshold), unit=no_units),
-        ],
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier="placeholder", uid="2.25.0")
     )
 
 
-def _measurement_group(
-    result: AlgorithmResult,
-    source_ref: hd.sr.SourceImageForMeasurementGroup,
-    algorithm_id: hd.sr.AlgorithmIdentification | None = None,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    measurements = []
+def _finding_group(result: AlgorithmResult, finding_index: int, source: Dataset, algorithm: list[Dataset]) -> Dataset:
+    finding = result.findings[finding_index]
+    concept = finding_concept(finding.label)
+    no_units = unit_concept("1")
+    body = [
+        _code_item(FINDING, concept, CONTAINS),
+        *algorithm,
+        _num_item(PROBABILITY, float(finding.probability), no_units),
+        _num_item(THRESHOLD, float(finding.threshold), no_units),
+        _code_item(concept, PRESENT if finding.positive else ABSENT, CONTAINS),
+    ]
+    return _group(f"{result.algorithm.name}/{finding.label}", body, source)
+
+
+def _measurement_group(result: AlgorithmResult, source: Dataset, algorithm: list[Dataset]) -> Dataset:
+    body = list(algorithm)
     for m in result.measurements:
         meaning = measurement_concept(m.name)
         sites = []
         if meaning.site is not None:
-            sites.append(
-                hd.sr.FindingSite(
-                    anatomic_location=_coded(meaning.site),
-                    laterality=_coded(meaning.laterality) if meaning.laterality is not None else None,
-                )
-            )
-        measurements.append(
-            hd.sr.Measurement(
-                name=_coded(meaning.quantity),
-                value=float(m.value),
-                unit=_coded(unit_concept(m.unit)),
-                finding_sites=sites or None,
-            )
-        )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"{result.algorithm.name}/measurements"[:64]),
-        algorithm_id=algorithm_id or _algorithm_identification(result.algorithm),
-        source_images=[source_ref],
-        measurements=measurements,
-    )
+            site = _code_item(FINDING_SITE, meaning.site, HAS_CONCEPT_MOD)
+            if meaning.laterality is not None:
+                site.add_new(_CONTENT_SEQUENCE, "SQ", [_code_item(LATERALITY, meaning.laterality, HAS_CONCEPT_MOD)])
+            sites.append(site)
+        body.append(_num_item(meaning.quantity, float(m.value), unit_concept(m.unit), sites))
+    return _group(f"{result.algorithm.name}/measurements", body, source)
 
 
 def build_sr(
@@ -214,15 +317,6 @@ def build_sr(
     """The TID 1500 Comprehensive SR of ``results`` about the image ``source`` (a pydicom Dataset)."""
     if not results:
         raise ValueError("an SR needs at least one algorithm result")
-    source_ref = hd.sr.SourceImageForMeasurementGroup(
-        referenced_sop_class_uid=str(source.SOPClassUID), referenced_sop_instance_uid=str(source.SOPInstanceUID)
-    )
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
-    for result in results:
-        algorithm_id = _algorithm_identification(result.algorithm)  # one per algorithm, in each of its groups
-        groups.extend(_finding_group(result, i, source_ref, algorithm_id) for i in range(len(result.findings)))
-        if result.measurements:
-            groups.append(_measurement_group(result, source_ref, algorithm_id))
     first = results[0].algorithm
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -233,8 +327,12 @@ def build_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_coded(PLAIN_RADIOGRAPHY),
-        imaging_measurements=groups,
+        imaging_measurements=[_placeholder_group()],
     )
+    imaging = report[0].ContentSequence[-1]  # TID 1500 row 6, Imaging Measurements: the groups go in here
+    if not _is_concept(imaging, IMAGING_MEASUREMENTS):
+        raise AssertionError("highdicom's Measurement Report does not end with its Imaging Measurements")
+    imaging[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", measurement_groups(source, results))
     notice = untrained_notice(results)
     if notice:
         content = report[0].ContentSequence
@@ -308,6 +406,77 @@ def sr_bytes(sr: Dataset) -> bytes:
     buf = io.BytesIO()
     sr.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def encode_sr(sr: Dataset) -> bytes:
+    """``sr_bytes(sr)``, with the TID 1501 groups (most of the SR's elements) encoded by `_encoded_items` and handed
+    to pydicom's writer as the raw value of their sequence; an SR whose groups hold anything that encoder does not
+    write as pydicom does (another transfer syntax, text that is not ASCII) goes through pydicom whole."""
+    content = sr.get("ContentSequence") or []
+    imaging = content[-1] if content else None
+    syntax = sr.file_meta.TransferSyntaxUID
+    if imaging is None or syntax != ExplicitVRLittleEndian or not _is_concept(imaging, IMAGING_MEASUREMENTS):
+        return sr_bytes(sr)
+    element = imaging[_CONTENT_SEQUENCE]
+    groups = _encoded_items(element.value)
+    if groups is None:
+        return sr_bytes(sr)
+    imaging[_CONTENT_SEQUENCE] = RawDataElement(BaseTag(_CONTENT_SEQUENCE), "SQ", len(groups), groups, 0, False, True)
+    (implicit, little_endian), charset = sr.original_encoding, sr.original_character_set
+    # as written: pydicom's ambiguous-VR pass would parse the raw groups back (below the root every item is
+    # marked so already, `_mark_encoded_as_written`); an ambiguous VR it would have corrected makes the write fail
+    sr.set_original_encoding(False, True, sr._character_set)
+    try:
+        return sr_bytes(sr)
+    except ValueError:
+        sr.set_original_encoding(implicit, little_endian, charset)
+        imaging[_CONTENT_SEQUENCE] = element
+        return sr_bytes(sr)
+    finally:
+        sr.set_original_encoding(implicit, little_endian, charset)
+        imaging[_CONTENT_SEQUENCE] = element
+
+
+_TEXT_VRS = frozenset({"CS", "SH", "LO", "UI", "DS", "UC", "UR", "UT"})
+_LONG_VRS = frozenset({"UC", "UR", "UT", "SQ"})  # explicit VR with a 4-byte length
+
+
+def _encoded_items(items: Sequence[Dataset]) -> bytes | None:
+    """Sequence items in explicit VR little endian as pydicom writes them (defined lengths, even-padded values);
+    None when an item holds a VR or value this does not cover."""
+    out = bytearray()
+    for item in items:
+        body = _encoded_dataset(item)
+        if body is None:
+            return None
+        out += b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
+    return bytes(out)
+
+
+def _encoded_dataset(ds: Dataset) -> bytes | None:
+    out = bytearray()
+    for tag in sorted(ds.keys()):
+        elem = ds[tag]
+        vr, value = elem.VR, elem.value
+        if vr == "SQ":
+            payload = _encoded_items(value)
+            if payload is None:
+                return None
+        elif vr == "FD" and isinstance(value, float):
+            payload = struct.pack("<d", value)
+        elif vr in _TEXT_VRS and isinstance(value, (str, DSfloat)):
+            text = str(value)
+            if "\\" in text or not text.isascii():
+                return None
+            payload = text.encode("ascii")
+            if len(payload) % 2:
+                payload += b"\0" if vr == "UI" else b" "
+        else:
+            return None
+        out += struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+        out += (b"\0\0" + struct.pack("<I", len(payload))) if vr in _LONG_VRS else struct.pack("<H", len(payload))
+        out += payload
+    return bytes(out)
 
 
 def add_contributing_equipment(ds: Dataset, results: Sequence[AlgorithmResult]) -> Dataset:

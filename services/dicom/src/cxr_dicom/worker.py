@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from cxr_dicom.config import DestinationsConfig, DicomConfig
 from cxr_dicom.fhir import FhirPostError, build_bundle, post_bundle, write_bundle
 from cxr_dicom.intake import instance_path
 from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
-from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr
+from cxr_dicom.sr import add_contributing_equipment, algorithm_identity, build_sr, encode_sr
 from cxr_dicom.work_queue import DONE, Item, Priority, WorkQueue
 from cxr_protos.classification.v1 import classification_service_pb2 as cls_pb
 from cxr_protos.common.v1 import common_pb2
@@ -72,12 +73,8 @@ class DestinationUnavailable(Exception):
 def _send_failure_is_transient(exc: BaseException) -> bool:
     """Connection errors and timeouts, other I/O errors (a full disk), HTTP 5xx/429 (STOW-RS, FHIR), C-STORE
     "out of resources"; not 4xx nor a misconfigured FHIR folder."""
-    import requests
-
     status: int | None = None
-    if isinstance(exc, requests.HTTPError):
-        status = exc.response.status_code if exc.response is not None else None
-    elif isinstance(exc, FhirPostError):
+    if isinstance(exc, (FhirPostError, StowRefused)):
         status = exc.status
     if status is not None:
         return status >= 500 or status == 429
@@ -96,6 +93,27 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         return exc.code() in TRANSIENT_CODES
     return False
+
+
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 Annex C, "Duplicate SOP Instance": C-STORE status, STOW-RS FailureReason
+
+
+class StowRefused(Exception):
+    """A STOW-RS request the archive refused or failed, with its HTTP status (5xx and 429 are retried)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _failed_sop_items(response: httpx.Response) -> list[Dataset] | None:
+    """The FailedSOPSequence items of a Store Instances response (DICOM JSON), [] when it has none, None when the
+    body is not such a response."""
+    try:
+        answer = Dataset.from_json(response.json()) if response.content else Dataset()
+    except Exception:
+        return None
+    return list(answer.get("FailedSOPSequence") or [])
 
 
 class CStoreBusy(ConnectionError):
@@ -227,25 +245,46 @@ class Senders:
         self.dest = dest
         self.calling_ae = calling_ae
 
-    def stow(self, datasets: Sequence[Dataset]) -> None:
-        from dicomweb_client.api import DICOMwebClient
-
+    def stow(self, objects: Sequence[ResultObject]) -> None:
+        """STOW-RS of the kept bytes (PS3.18 Store Instances); an instance the archive already has (FailureReason
+        0x0111, Duplicate SOP Instance) counts as stored: the same UIDs carry the same result."""
         assert self.dest.stow_url is not None
-        client = DICOMwebClient(
-            url=self.dest.stow_url, headers=dict(self.dest.stow_headers), timeout=self.dest.timeout_s
+        boundary = f"cxr-{uuid.uuid4().hex}"
+        body = b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + o.data + b"\r\n"
+            for o in objects
         )
-        answer = client.store_instances(list(datasets))
-        failed = answer.get("FailedSOPSequence") if answer is not None else None
-        if failed:
-            raise RuntimeError(f"STOW-RS refused {len(failed)} result instance(s)")
+        body += b"--" + boundary.encode() + b"--\r\n"
+        headers = {
+            **self.dest.stow_headers,
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        url = self.dest.stow_url.rstrip("/") + "/studies"
+        response = httpx.post(url, content=body, headers=headers, timeout=self.dest.timeout_s)
+        failed = _failed_sop_items(response)
+        if failed is None:  # no Store Instances response in the body
+            if response.is_success:
+                return
+            raise StowRefused(response.status_code, f"STOW-RS answered HTTP {response.status_code}")
+        refused = [f for f in failed if f.get("FailureReason") != DUPLICATE_SOP_INSTANCE]
+        if len(refused) < len(failed):
+            log.info("the archive already had result instance(s)", extra={"fields": {"duplicates": len(failed)}})
+        if not refused and (response.is_success or (response.status_code == 409 and failed)):
+            return
+        reasons = sorted({f"0x{int(f.get('FailureReason', 0)):04X}" for f in refused})
+        raise StowRefused(
+            response.status_code, f"STOW-RS answered HTTP {response.status_code}, {len(refused)} refused {reasons}"
+        )
 
-    def cstore(self, datasets: Sequence[Dataset]) -> None:
+    def cstore(self, objects: Sequence[ResultObject]) -> None:
         from pynetdicom import AE
 
         peer = self.dest.cstore
         assert peer is not None
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.dest.timeout_s
+        datasets = [o.dataset for o in objects]
         for ds in datasets:
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -259,7 +298,9 @@ class Senders:
                 code = int(status.Status)
                 if 0xA700 <= code <= 0xA7FF:
                     raise CStoreBusy(f"C-STORE of a {ds.Modality} result: out of resources, 0x{code:04X}")
-                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+                if code == DUPLICATE_SOP_INSTANCE:  # the archive has this result already: delivered
+                    log.info("the archive already had a result instance", extra={"fields": {"status": "0x0111"}})
+                elif code not in (0x0000, 0xB000, 0xB007, 0xB006):
                     raise RuntimeError(f"C-STORE of a {ds.Modality} result: status 0x{code & 0xFFFF:04X}")
         finally:
             assoc.release()
@@ -285,21 +326,34 @@ class Senders:
         ):
             yield
 
-    def send(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
-        study_uid = str(datasets[0].StudyInstanceUID) if datasets else ""
-        kinds = [metrics.object_kind(ds) for ds in datasets]
+    def send(self, objects: Sequence[ResultObject], bundle: dict[str, Any]) -> None:
+        study_uid = str(objects[0].dataset.StudyInstanceUID) if objects else ""
+        kinds = [metrics.object_kind(o.dataset) for o in objects]
         if self.dest.stow_url is not None:
             with self._tracked(study_uid, "stow", self.dest.stow_url, kinds):
-                self.stow(datasets)
+                self.stow(objects)
         if self.dest.cstore is not None:
             peer = self.dest.cstore
             with self._tracked(study_uid, "cstore", f"{peer.ae_title}@{peer.host}:{peer.port}", kinds):
-                self.cstore(datasets)
+                self.cstore(objects)
         self.fhir(bundle, study_uid)
 
 
+@dataclass
+class Prepared:
+    """What an item's analysis leaves for its results stage: the results a previous attempt kept (``saved``), or
+    the original instance and the services' answers to build them from."""
+
+    data: bytes = b""
+    results: list[AlgorithmResult] = field(default_factory=list)
+    seg: bytes = b""
+    saved: tuple[list[ResultObject], dict[str, Any]] | None = None
+
+
 class Worker:
-    """``cfg.workers`` claim loops on the event loop; decoding, building and sending run in threads."""
+    """Claim loops on the event loop, ``cfg.workers`` of them analysing at once and as many building and sending
+    the results of the items analysed before, in the order their analyses ended; decoding, building and sending
+    run in threads."""
 
     def __init__(self, cfg: DicomConfig, queue: WorkQueue, client: AsyncCxrClient) -> None:
         self.cfg = cfg
@@ -311,9 +365,12 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._analysing = asyncio.Semaphore(cfg.workers)
+        self._finishing = asyncio.Semaphore(cfg.workers)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(self.cfg.workers)]
+        loops = 2 * self.cfg.workers  # as many again build and send while ``workers`` analyse
+        self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(loops)]
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="dicom-purge"))
 
     async def _purge_loop(self) -> None:
@@ -374,27 +431,23 @@ class Worker:
                 await self._idle()
 
     async def _step(self, worker: str) -> bool:
-        """Claim and handle one item; False when none was ready."""
-        item = await asyncio.to_thread(self.queue.claim, worker)
-        if item is None:
-            return False
+        """Claim and handle one item; False when none was ready. The item is claimed only once an analysis slot is
+        free (a STAT item that arrives meanwhile is the next one claimed), and the slot is freed as soon as the
+        services have answered, so the next item's analysis runs while this one's results are built and sent."""
+        async with self._analysing:
+            item = await asyncio.to_thread(self.queue.claim, worker)
+            if item is None:
+                return False
+            try:
+                prepared = await self._unless_cancelled(item, self.analyse(item))
+            except Exception as exc:
+                await self._failed(item, exc)
+                return True
         try:
-            await self.process(item)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(self.queue.release, item)  # shutdown: back to the queue unspent
-            raise
+            async with self._finishing:  # first analysed, first finished: a STAT item claimed first ends first
+                await self._unless_cancelled(item, self.finish(item, prepared))
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
-            transient = is_transient(exc)
-            if transient:  # a service or destination down: retried with backoff, no attempt spent
-                delay = self.cfg.backoff_s(item.transient_retries + 1)
-                state = await self._settle(
-                    self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
-                )
-            else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
-                state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
-            fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
-            log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
+            await self._failed(item, exc)
             return True
         if await self._settle(self.queue.complete, item):
             await asyncio.to_thread(metrics.result_delivered, self.queue, item.sop_uid, item.priority)
@@ -407,29 +460,58 @@ class Worker:
             )
         return True
 
-    async def process(self, item: Item) -> None:
+    async def _unless_cancelled(self, item: Item, work: Any) -> Any:
+        """``await work``; on shutdown (cancelled) the item goes back to the queue unspent."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.queue.release, item)
+            raise
+
+    async def _failed(self, item: Item, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        transient = is_transient(exc)
+        if transient:  # a service or destination down: retried with backoff, no attempt spent
+            delay = self.cfg.backoff_s(item.transient_retries + 1)
+            state = await self._settle(
+                self.queue.requeue_transient, item, reason, delay, self.cfg.max_transient_retry_s
+            )
+        else:  # the image's own failure: retried with backoff, dead-lettered after max_attempts
+            state = await self._settle(self.queue.fail, item, reason, self.cfg.backoff_s(item.attempts))
+        fields = {"attempt": item.attempts, "state": state, "transient": transient, "reason": reason}
+        log.warning("an instance failed", extra={"fields": {**fields, "instance": instance_key(item.sop_uid)}})
+
+    async def analyse(self, item: Item) -> Prepared:
+        """The services' answers for ``item`` (none when a previous attempt kept its built results)."""
         await asyncio.to_thread(self.key.refresh, self.client)
         payload = json.loads(item.payload)
         saved = await asyncio.to_thread(load_results, self.cfg.data_path, item.sop_uid)
-        if saved is None:  # the first build; a retry resends these exact bytes under the same UIDs
-            data = (self.cfg.data_path / payload["file"]).read_bytes()
-            analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
-            image = common_pb2.Image(data=analysed, content_type="application/dicom")
-            priority = ANALYSIS_PRIORITY[item.priority]
-            cls_reply, seg_reply = await asyncio.gather(
-                self.client.classify(image, model_names=self.cfg.analysis.classification_models, priority=priority),
-                self.client.segment(image, mask_encoding="none", include_dicom_seg=True, priority=priority),
-            )
-            results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
-            built, built_bundle = await asyncio.to_thread(self.build, data, results, seg_reply.dicom_seg)
-            saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
-        datasets, bundle = saved
-        await self.deliver(datasets, bundle)
+        if saved is not None:  # a retry resends these exact bytes under the same UIDs
+            return Prepared(saved=saved)
+        data = await asyncio.to_thread((self.cfg.data_path / payload["file"]).read_bytes)
+        analysed = await asyncio.to_thread(analysis_copy, data) if payload.get("anonymize_for_analysis") else data
+        image = common_pb2.Image(data=analysed, content_type="application/dicom")
+        priority = ANALYSIS_PRIORITY[item.priority]
+        cls_reply, seg_reply = await asyncio.gather(
+            self.client.classify(image, model_names=self.cfg.analysis.classification_models, priority=priority),
+            self.client.segment(image, mask_encoding="none", include_dicom_seg=True, priority=priority),
+        )
+        results = [*classification_results(cls_reply), segmentation_result(seg_reply)]
+        return Prepared(data=data, results=results, seg=seg_reply.dicom_seg)
 
-    async def deliver(self, datasets: Sequence[Dataset], bundle: dict[str, Any]) -> None:
+    async def finish(self, item: Item, prepared: Prepared) -> None:
+        """Build the results (the first attempt: kept durably before anything is sent) and deliver them."""
+        saved = prepared.saved
+        if saved is None:
+            built, built_bundle = await asyncio.to_thread(self.build, prepared.data, prepared.results, prepared.seg)
+            saved = await asyncio.to_thread(save_results, self.cfg.data_path, item.sop_uid, built, built_bundle)
+        objects, bundle = saved
+        await self.deliver(objects, bundle)
+
+    async def deliver(self, objects: Sequence[ResultObject], bundle: dict[str, Any]) -> None:
         """Send to every destination; a destination down or busy raises `DestinationUnavailable`."""
         try:
-            await asyncio.to_thread(self.senders.send, datasets, bundle)
+            await asyncio.to_thread(self.senders.send, objects, bundle)
         except Exception as exc:
             if _send_failure_is_transient(exc):
                 raise DestinationUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -439,12 +521,27 @@ class Worker:
         return build_results(data, results, seg)
 
 
+@dataclass(frozen=True)
+class ResultObject:
+    """A built DICOM result as kept: its encoded bytes (sent as they are) and its data set read back from them."""
+
+    data: bytes
+    dataset: Dataset
+
+    @classmethod
+    def of(cls, ds: Dataset) -> ResultObject:
+        data = _encode(ds)
+        return cls(data, dcmread(io.BytesIO(data)))
+
+
 def results_path(data_path: Path, sop_uid: str) -> Path:
     """Where the built results of ``sop_uid`` wait until delivered (the UID checked as for its instance file)."""
     return data_path / RESULTS_DIR / instance_path(data_path, sop_uid).stem
 
 
 def _encode(ds: Dataset) -> bytes:
+    if ds.get("Modality") == "SR":
+        return encode_sr(ds)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
@@ -460,7 +557,7 @@ def _fsync_dir(path: Path) -> None:
 
 def save_results(
     data_path: Path, sop_uid: str, datasets: Sequence[Dataset], bundle: dict[str, Any]
-) -> tuple[list[Dataset], dict[str, Any]]:
+) -> tuple[list[ResultObject], dict[str, Any]]:
     """Keep the built objects durably (files fsync'd in a temporary folder renamed into place, so a folder is
     whole or absent) and return them as read back, so the first attempt and every retry send the same bytes."""
     target = results_path(data_path, sop_uid)
@@ -488,14 +585,17 @@ def save_results(
     return saved
 
 
-def load_results(data_path: Path, sop_uid: str) -> tuple[list[Dataset], dict[str, Any]] | None:
+def load_results(data_path: Path, sop_uid: str) -> tuple[list[ResultObject], dict[str, Any]] | None:
     """The results a previous attempt built for ``sop_uid``, or None when none was kept."""
     folder = results_path(data_path, sop_uid)
     if not folder.is_dir():
         return None
-    datasets: list[Dataset] = [dcmread(io.BytesIO(p.read_bytes())) for p in sorted(folder.glob("*.dcm"))]
+    objects = []
+    for path in sorted(folder.glob("*.dcm")):
+        data = path.read_bytes()
+        objects.append(ResultObject(data, dcmread(io.BytesIO(data))))
     bundle: dict[str, Any] = json.loads((folder / BUNDLE_FILE).read_bytes())
-    return datasets, bundle
+    return objects, bundle
 
 
 def discard_results(data_path: Path, sop_uid: str) -> None:
