@@ -30,7 +30,7 @@ import simplejpeg
 from PIL import Image as PILImage
 
 from cxr_serving.errors import ImageRejectedError
-from cxr_serving.handoff import run_on
+from cxr_serving.handoff import WarmThreadPool, run_on
 
 if TYPE_CHECKING:
     from cxr_serving.settings import Settings
@@ -335,10 +335,8 @@ class DecodePool:
     """Decodes and preprocesses off the event loop on `server_config.num_workers` threads."""
 
     def __init__(self, limits: DecodeLimits, workers: int = 4) -> None:
-        import concurrent.futures
-
         self.limits = limits
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._pool = WarmThreadPool(workers, thread_name_prefix="decode")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodePool:
