@@ -47,6 +47,49 @@ def nih_pngs(n: int) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
+# The input formats `bench.stack` measures the serving path with, and their gRPC content types.
+INPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "dcm": "application/dicom", "dcm_jpeg": "application/dicom"}
+DICOM_TEMPLATES = {  # shared DICOMs whose headers carry a transcoded NIH image (uncompressed, JPEG baseline)
+    "dcm": SHARED / "data" / "dicom" / "nih-dx-mono2-8bit.dcm",
+    "dcm_jpeg": SHARED / "data" / "dicom" / "siim-cxr-mono2-jpeg-baseline.dcm",
+}
+
+
+def nih_inputs(fmt: str, n: int) -> list[bytes]:
+    """The first `n` NIH PNGs as `fmt` (INPUT_FORMATS): PNG as they are; JPEG at quality 90; DICOM with the
+    8-bit pixels uncompressed, or the JPEG encapsulated (JPEG baseline), in a shared DICOM's header."""
+    pngs = nih_pngs(n)
+    if fmt == "png":
+        return pngs
+    from PIL import Image
+
+    def jpeg(png: bytes) -> bytes:
+        out = io.BytesIO()
+        with Image.open(io.BytesIO(png)) as im:
+            im.convert("L").save(out, format="JPEG", quality=90)
+        return out.getvalue()
+
+    if fmt == "jpeg":
+        return [jpeg(p) for p in pngs]
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    out = []
+    for png in pngs:
+        ds = pydicom.dcmread(DICOM_TEMPLATES[fmt])
+        with Image.open(io.BytesIO(png)) as im:
+            pixels = np.asarray(im.convert("L"))
+        ds.Rows, ds.Columns = pixels.shape
+        if fmt == "dcm":
+            ds.PixelData = pixels.tobytes()
+        else:
+            ds.PixelData = encapsulate([jpeg(png)])
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
 def resized_png(data: bytes, side: int) -> bytes:
     """The same radiograph re-encoded as a side x side PNG (cost growth with input size)."""
     from PIL import Image

@@ -107,7 +107,7 @@ class Task:
     def load(self, settings: Any) -> Any:
         raise NotImplementedError
 
-    def request(self, png: bytes) -> Any:
+    def request(self, png: bytes, content_type: str = "image/png") -> Any:
         raise NotImplementedError
 
     def rest_body(self, png: bytes) -> dict[str, Any]:
@@ -148,11 +148,11 @@ class ClassificationTask(Task):
         model.load()
         return model
 
-    def request(self, png: bytes) -> Any:
+    def request(self, png: bytes, content_type: str = "image/png") -> Any:
         from cxr_protos.classification.v1 import classification_service_pb2 as pb
         from cxr_protos.common.v1 import common_pb2
 
-        return pb.ClassifyImageRequest(image=common_pb2.Image(data=png, content_type="image/png"))
+        return pb.ClassifyImageRequest(image=common_pb2.Image(data=png, content_type=content_type))
 
     def prepare(self, model: Any, png: bytes) -> tuple[Any, Any]:
         from cxr_classification.model import ClassifierInput
@@ -201,11 +201,11 @@ class SegmentationTask(Task):
 
         return int(pb.MaskEncoding.Value(f"MASK_ENCODING_{self.mask_encoding.upper()}"))
 
-    def request(self, png: bytes) -> Any:
+    def request(self, png: bytes, content_type: str = "image/png") -> Any:
         from cxr_protos.common.v1 import common_pb2
         from cxr_protos.segmentation.v1 import segmentation_service_pb2 as pb
 
-        image = common_pb2.Image(data=png, content_type="image/png")
+        image = common_pb2.Image(data=png, content_type=content_type)
         return pb.SegmentImageRequest(image=image, mask_encoding=self._encoding())  # type: ignore[arg-type]
 
     def rest_body(self, png: bytes) -> dict[str, Any]:
@@ -253,12 +253,14 @@ def load_settings_file(path: str) -> Any:
 GrpcCall = Callable[[int], Awaitable[object]]
 
 
-def grpc_call(channel: Any, task: Task, pngs: Sequence[bytes], timeout: float = 120) -> GrpcCall:
+def grpc_call(
+    channel: Any, task: Task, pngs: Sequence[bytes], timeout: float = 120, content_type: str = "image/png"
+) -> GrpcCall:
     """Unary call of the task's RPC on `channel` with image i % len(pngs); the bytes are serialised once."""
     method = channel.unary_unary(
         task.grpc_method, request_serializer=lambda b: b, response_deserializer=task.response_cls().FromString
     )
-    bodies = [task.request(p).SerializeToString() for p in pngs]
+    bodies = [task.request(p, content_type).SerializeToString() for p in pngs]
     metadata = (("x-api-key", API_KEY),)
 
     async def call(i: int) -> object:

@@ -11,6 +11,8 @@ Same model, weights, settings JSON and real NIH PNGs for every peer; the same as
 at concurrency 1/8/32: img/s, p50/p99, peak RSS of the server's process tree, time to READY;
 ratios service/ceiling, service/LitServe, service/naive and the p50 the service and the gateway
 add at concurrency 1. Segmentation: (a), (b), (d), (e) (and (c) with --seg-gateway).
+Then, per task, the serving-path CPU per image by input format (PNG, JPEG, DICOM, DICOM JPEG baseline;
+segmentation also by mask encoding) with a cheap model: bench/_serving_path.py.
 Every measurement is bounded by a request count AND seconds. All peers run at once and are measured
 in turn (rotating rounds per concurrency, the ceiling in the same rounds): load from other processes
 on a shared host then hits every peer alike.
@@ -37,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import _serving_path as serving_path
 from bench._common import (
     API_KEY,
     REPO,
@@ -123,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without performance.cuda_graphs: GPU)",
     )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
+    ap.add_argument(
+        "--serving-path-requests", type=int,
+        help="requests per input format (and mask encoding) in the serving-path CPU cells (320; quick 48); 0: none",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -132,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.requests = args.requests or (48 if q else 2000 if args.device.startswith("cuda") else 400)
     args.seconds = args.seconds or (4.0 if q else 15.0)
     args.rounds = args.rounds or (2 if q else 3)
+    if args.serving_path_requests is None:
+        args.serving_path_requests = 48 if q else 320
     if args.model_instances is None:
         args.model_instances = default_model_instances(args.device, args.torch_threads)
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -588,6 +597,9 @@ def ratios(
         if s is None:
             continue
         row: dict[str, Any] = {"service_over_ceiling": _ratio(s["img_per_s"], by_level.get(c, ceil["img_per_s"]))}
+        ceiling_cpu = next((r.get("cpu_ms_per_img") for r in ceiling_in_turn or [] if r["concurrency"] == c), None)
+        if s.get("server_cpu_ms_per_img") is not None and ceiling_cpu is not None:  # with the run's own model
+            row["serving_path_cpu_ms_per_img"] = round(s["server_cpu_ms_per_img"] - ceiling_cpu, 2)
         for peer in (
             "litserve",
             "litserve_folded",
@@ -657,6 +669,9 @@ async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp:
     r = ratios(ceil, peers, args.levels, extra.get("gateway_interleaved_c1"), in_turn,
                extra.get("service_interleaved_c1"))  # fmt: skip
     print("ratios:", json.dumps(r), flush=True)
+    if args.serving_path_requests > 0:
+        with stage(f"{task.name}: serving-path CPU per image by input format (cheap model, in turn with its ceiling)"):
+            extra["serving_path"] = await serving_path.measure(task.name, args, options(args), tmp)
     return {"settings": json.loads(config.read_text()), "ceiling": ceil, "peers": peers, "ratios": r, **extra}
 
 

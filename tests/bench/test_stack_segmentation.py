@@ -16,7 +16,8 @@ def test_quick_segmentation_stack_writes_ratios(tmp_path):
     out = tmp_path / "stack.json"
     cmd = [sys.executable, "-m", "bench.stack", "--quick", "--tasks", "segmentation", "--peers", "service,naive",
            "--mask-encoding", "rle", "--seg-input-size", "32", "--max-batch-size", "4", "--requests", "4",
-           "--seconds", "1", "--rounds", "1", "--concurrency", "1,4", "--images", "2", "--out", str(out)]  # fmt: skip
+           "--seconds", "1", "--rounds", "1", "--concurrency", "1,4", "--images", "2", "--serving-path-requests", "0",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cxr_serving.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
-from cxr_serving.handoff import PoolClosedError, run_on
+from cxr_serving.handoff import PoolClosedError, WarmThreadPool, run_on
 from cxr_serving.urgency import ROUTINE, Priority, Urgency
 
 In = TypeVar("In")
@@ -132,9 +132,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._changed: asyncio.Event | None = None  # set on every submit and withdrawn announcement
         self._observer = observer or BatchObserver()
         self._own_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_concurrent_batches, thread_name_prefix=f"batch-{name}"
-        )
+        self._executor = executor or WarmThreadPool(max_concurrent_batches, thread_name_prefix=f"batch-{name}")
         self._queue: _Lanes[In, Out] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers

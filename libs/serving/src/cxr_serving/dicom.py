@@ -2,7 +2,9 @@
 
 The pixels go through the modality LUT (rescale slope/intercept), then the VOI LUT or window,
 then MONOCHROME1 inversion, so 1 is white as a radiologist sees it. Only pydicom's documented
-bad-data exceptions become IMAGE_CORRUPT (see `images.bad_data`).
+bad-data exceptions become IMAGE_CORRUPT (see `images.bad_data`). An 8-bit grayscale frame that no LUT
+or window changes stays uint8, and a JPEG baseline frame of one component decodes with libjpeg-turbo
+(`images.decode_gray_jpeg`) rather than pydicom's plugin chain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cxr_serving.images import (
     DecodeLimits,
     bad_data,
     check_dimensions,
+    decode_gray_jpeg,
 )
 
 # Attributes that identify the patient, the people involved or the institution (removed when
@@ -285,6 +288,44 @@ def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
         )
 
 
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (Process 1): 8-bit lossy
+
+
+def _pixel_array(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray:
+    """`ds.pixel_array`, except a single-frame, single-component JPEG baseline frame, decoded straight."""
+    if (
+        str(ds.file_meta.TransferSyntaxUID) != JPEG_BASELINE
+        or samples != 1
+        or _header_int(ds, "NumberOfFrames", 1) != 1
+        or _header_int(ds, "BitsAllocated", 8) != 8
+        or "PixelData" not in ds
+    ):
+        return np.asarray(ds.pixel_array)
+    from pydicom.encaps import generate_frames
+
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    arr = decode_gray_jpeg(frame)
+    if arr.shape != (rows, cols):
+        raise ImageRejectedError(
+            f"DICOM JPEG frame is {arr.shape[1]}x{arr.shape[0]}, Rows/Columns say {cols}x{rows}", reason="IMAGE_CORRUPT"
+        )
+    return arr
+
+
+def _plain_8bit(ds: Any, arr: np.ndarray) -> bool:
+    """8-bit unsigned samples that no modality LUT, VOI LUT or window changes: value / 255 as they are."""
+    return (
+        arr.dtype == np.uint8
+        and arr.ndim == 2
+        and _header_int(ds, "BitsStored", 8) == 8
+        and _header_int(ds, "PixelRepresentation", 0) == 0
+        and not any(
+            k in ds
+            for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter")
+        )
+    )
+
+
 def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
@@ -311,7 +352,7 @@ def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     # pydicom's encapsulated-frame reader calls next() on its frame generator, so encapsulated pixel
     # data with fewer frames (fragments) than declared surfaces as StopIteration, from this call only.
     with bad_data("dcm", (*data_errors, StopIteration)):
-        arr = ds.pixel_array
+        arr = _pixel_array(ds, rows, cols, samples)
     if arr.ndim == (4 if samples > 1 else 3):  # several frames (declared, or extra bytes pydicom read as frames)
         arr = arr[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -321,6 +362,11 @@ def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         return DecodedImage(np.clip(pixels, 0, 1), "dcm", bits_stored, spacing, photometric, ds, source, factor)
     if arr.ndim != 2:
         raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
+    with bad_data("dcm", data_errors):
+        plain = _plain_8bit(ds, arr)
+    if plain:
+        gray = np.subtract(np.uint8(255), arr) if photometric == "MONOCHROME1" else np.array(arr, order="C")
+        return DecodedImage(gray, "dcm", bits_stored, spacing, photometric, ds, source, factor)
     with bad_data("dcm", data_errors):
         values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     if values is arr or np.shares_memory(values, arr):

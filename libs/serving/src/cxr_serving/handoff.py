@@ -7,14 +7,18 @@ copy its state and check it again. Every request crosses to a thread pool two or
 service process runs out of first, so every wake-up saved is loop time given back to requests.
 
 `run_on` has the job itself settle the asyncio future, with a single `call_soon_threadsafe`. The
-pool still owns its threads (a ThreadPoolExecutor: joined at interpreter exit). A job
-whose caller gave up before it started is skipped, as `run_in_executor` does.
+pool still owns its threads. A job whose caller gave up before it started is skipped, as
+`run_in_executor` does. `WarmThreadPool` is the runtime's pool (decode, forwards): a job goes to the
+thread that went idle last, so requests at concurrency 1 stay on one thread after a burst.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -57,3 +61,91 @@ async def run_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args:
     except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
         raise PoolClosedError(str(exc)) from exc
     return await future
+
+
+class _Job:
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(self, future: concurrent.futures.Future[Any], fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+class WarmThreadPool(concurrent.futures.Executor):
+    """Up to `max_workers` threads; a job goes to the thread that went idle last.
+
+    A ThreadPoolExecutor's idle threads take turns on its queue, so once a burst has started all of them,
+    requests at concurrency 1 hop from thread to thread. Here a lone job always lands on the thread that
+    ran the one before (its stack, caches and allocator state still warm), and threads start only as
+    concurrency needs them. Threads are daemons: `shutdown` ends them; the process's owner calls it."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "pool") -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self._max = max_workers
+        self._prefix = thread_name_prefix
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[_Job | None]] = []  # a stack: the last idle thread's inbox on top
+        self._backlog: collections.deque[_Job] = collections.deque()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        job = _Job(future, fn, args, kwargs)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._idle:
+                self._idle.pop().put(job)
+            elif len(self._threads) < self._max:
+                inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+                inbox.put(job)
+                t = threading.Thread(
+                    target=self._work, args=(inbox,), name=f"{self._prefix}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
+            else:
+                self._backlog.append(job)
+        return future
+
+    def _work(self, inbox: queue.SimpleQueue[_Job | None]) -> None:
+        while True:
+            job = inbox.get()
+            while job is not None:
+                job.run()
+                del job
+                with self._lock:
+                    if self._backlog:
+                        job = self._backlog.popleft()
+                        continue
+                    if self._shutdown:
+                        return
+                    self._idle.append(inbox)
+                    job = None
+            if self._shutdown:
+                return
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while self._backlog:
+                    self._backlog.popleft().future.cancel()
+            for inbox in self._idle:
+                inbox.put(None)
+            self._idle.clear()
+        if wait:
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join()

@@ -8,9 +8,12 @@ are decoded) -> decode -> grayscale. Every image service applies this one policy
 Only the exceptions each library documents for bad data become IMAGE_CORRUPT; anything else is a
 bug and propagates, so the caller sees INTERNAL (with a correlation id) and the fuzzer sees a crash.
 
-The result is a float32 grayscale array in [0, 1] where 1 is white as a radiologist sees
-it: DICOM (read in `cxr_serving.dicom`) goes through the modality LUT, the VOI LUT or window, then
-MONOCHROME1 inversion. Model preprocessing starts from this array.
+The result is a grayscale image where 1 is white as a radiologist sees it: DICOM (read in
+`cxr_serving.dicom`) goes through the modality LUT, the VOI LUT or window, then MONOCHROME1 inversion.
+An 8-bit grayscale source that no LUT changes stays uint8 (`DecodedImage.array`, value / 255), so
+preprocessing reads a quarter of the bytes and scales after resizing; `DecodedImage.pixels` is always
+the float32 image in [0, 1]. 8-bit grayscale PNGs decode with OpenCV and grayscale JPEGs with
+simplejpeg (libjpeg-turbo, strict): Pillow's pixels, for less CPU; other modes go through Pillow.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import simplejpeg
 from PIL import Image as PILImage
 
 from cxr_serving.errors import ImageRejectedError
-from cxr_serving.handoff import run_on
+from cxr_serving.handoff import WarmThreadPool, run_on
 
 if TYPE_CHECKING:
     from cxr_serving.settings import Settings
@@ -92,11 +96,14 @@ SPACING_IMAGER_CORRECTED = "imager_pixel_spacing_corrected"  # ImagerPixelSpacin
 SPACING_IMAGER_UNCORRECTED = "imager_pixel_spacing_uncorrected"  # ImagerPixelSpacing: at the detector
 
 
+UNIT_8BIT = np.float32(1.0 / 255.0)  # uint8 sample -> [0, 1]
+
+
 @dataclass
 class DecodedImage:
-    """Grayscale pixels in [0, 1] (float32, H x W) and what we learned on the way."""
+    """Grayscale samples (H x W: uint8 for value / 255, or float32 in [0, 1]) and what we learned on the way."""
 
-    pixels: np.ndarray
+    array: np.ndarray
     format: str
     bits_stored: int
     pixel_spacing_mm: tuple[float, float] | None = None  # (row, column), in the patient when the source allows
@@ -104,14 +111,27 @@ class DecodedImage:
     dataset: Any = field(default=None, repr=False)  # pydicom Dataset for DICOM input (for DICOM-SEG export)
     pixel_spacing_source: str = SPACING_NONE  # which attribute pixel_spacing_mm comes from (SPACING_*)
     magnification_factor: float = 0.0  # the EstimatedRadiographicMagnificationFactor applied, else 0
+    _unit: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The image as float32 in [0, 1] (made once, on first use, from a uint8 `array`)."""
+        if self._unit is None:
+            self._unit = self.array if self.array.dtype == np.float32 else unit_float(self.array)
+        return self._unit
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[0])
+        return int(self.array.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[1])
+        return int(self.array.shape[1])
+
+
+def unit_float(gray8: np.ndarray) -> np.ndarray:
+    """uint8 grayscale -> float32 in [0, 1], as every 8-bit path computes it."""
+    return gray8.astype(np.float32) * UNIT_8BIT
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -231,7 +251,7 @@ def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | Non
         decoded = decode_dicom(data, limits) if fmt == "dcm" else _decode_raster(data, fmt, limits)
     except (MemoryError, PILImage.DecompressionBombError):  # a hostile header the pixel cap did not catch
         raise ImageRejectedError("image is too large to decode", reason="IMAGE_TOO_MANY_PIXELS") from None
-    shape = decoded.pixels.shape
+    shape = decoded.array.shape
     if len(shape) != 2 or min(shape) < limits.min_side:  # header and pixel data disagree
         raise ImageRejectedError(
             f"{fmt.upper()} pixel data has shape {shape}, not a single grayscale frame of at least "
@@ -239,7 +259,7 @@ def decode_image(data: bytes, content_type: str = "", limits: DecodeLimits | Non
             reason="IMAGE_CORRUPT",
         )
     check_dimensions(shape[1], shape[0], 1, limits)
-    if not np.isfinite(decoded.pixels).all():  # e.g. DICOM WindowWidth or RescaleSlope of NaN
+    if decoded.array.dtype != np.uint8 and not np.isfinite(decoded.array).all():  # e.g. a WindowWidth of NaN
         raise ImageRejectedError(
             f"{fmt.upper()} decodes to non-finite pixel values: check RescaleSlope/RescaleIntercept and "
             "WindowCenter/WindowWidth",
@@ -257,6 +277,8 @@ def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
             raise ImageRejectedError(
                 f"bytes look like {fmt.upper()} but decode as {img.format}", reason="IMAGE_CORRUPT"
             )
+        if img.mode == "L":
+            return DecodedImage(_decode_gray8(data, fmt, (img.height, img.width)), fmt, 8)
         img.load()
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -275,18 +297,46 @@ def _decode_raster(data: bytes, fmt: str, limits: DecodeLimits) -> DecodedImage:
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         converted = img.convert("RGBA").convert("RGB")
     gray = converted.convert("L") if converted.mode != "L" else converted
-    pixels = np.asarray(gray, dtype=np.float32) * (1.0 / 255.0)
-    return DecodedImage(pixels, fmt, 8)
+    return DecodedImage(np.array(gray), fmt, 8)  # a writable copy: torch.from_numpy warns on Pillow's view
+
+
+def decode_gray_jpeg(data: bytes) -> np.ndarray:
+    """A single-component JPEG -> H x W uint8, libjpeg-turbo's islow IDCT as Pillow's; a warning (a
+    truncated or damaged stream) raises ValueError, where Pillow raises OSError."""
+    return np.asarray(
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", fastdct=False, fastupsample=False, strict=True)[..., 0]
+    )
+
+
+def _decode_gray8(data: bytes, fmt: str, shape: tuple[int, int]) -> np.ndarray:
+    """An 8-bit grayscale PNG or JPEG (Pillow mode L, header already checked) -> H x W uint8."""
+    if fmt == "jpeg":
+        gray = decode_gray_jpeg(data)
+    else:
+        import cv2
+
+        try:
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error as exc:
+            raise _corrupt(fmt, exc) from None
+        if decoded is None:  # libpng refused the data (CRC, truncation, bad filter)
+            raise ImageRejectedError(f"{fmt.upper()} pixel data could not be decoded", reason="IMAGE_CORRUPT")
+        gray = decoded
+    if gray.dtype != np.uint8 or gray.shape != shape:
+        raise ImageRejectedError(
+            f"{fmt.upper()} decodes to {gray.shape} {gray.dtype}, not the 8-bit {shape[1]}x{shape[0]} its header "
+            "declares",
+            reason="IMAGE_CORRUPT",
+        )
+    return gray if gray.flags.writeable and gray.flags.c_contiguous else np.array(gray, order="C")
 
 
 class DecodePool:
     """Decodes and preprocesses off the event loop on `server_config.num_workers` threads."""
 
     def __init__(self, limits: DecodeLimits, workers: int = 4) -> None:
-        import concurrent.futures
-
         self.limits = limits
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._pool = WarmThreadPool(workers, thread_name_prefix="decode")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodePool:

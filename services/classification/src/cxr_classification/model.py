@@ -293,7 +293,7 @@ class ChestXrayClassifier(ServedModel):
 
     def preprocess(self, decoded: DecodedImage) -> torch.Tensor:
         """The decoded grayscale image as this network's C x S x S input (crop/resize/normalise by config)."""
-        return preprocess(decoded.pixels, self.spec)
+        return preprocess(decoded.array, self.spec)
 
     def postprocess(self, output: ClassifierOutput, options: object = None) -> list[FindingResult]:
         """One image's output as findings in label order; a label without a threshold is never positive."""

@@ -1,10 +1,11 @@
 """From a decoded radiograph to a model input tensor, in named steps:
 
-    decoded grayscale [0, 1] -> crop_center_square (or not)
-    -> resize_bilinear -> normalize_imagenet | normalize_xrv -> C x S x S float32 tensor
+    decoded grayscale (uint8, or float32 in [0, 1]) -> crop_center_square (or not)
+    -> resize_bilinear -> to [0, 1] -> normalize_imagenet | normalize_xrv -> C x S x S float32 tensor
 
-The decoder (cxr_serving.images) already did bytes -> grayscale in [0, 1] with DICOM
-LUTs and MONOCHROME1 inversion, and applied the input policy (minimum side, aspect ratio).
+The decoder (cxr_serving.images) already did bytes -> grayscale with DICOM LUTs and MONOCHROME1
+inversion, and applied the input policy (minimum side, aspect ratio). An 8-bit image stays uint8 up
+to the resize, which is linear, so it is scaled by 1/255 on the S x S result instead of every pixel.
 Conventions per checkpoint family:
 - ImageNet (CheXNet, timm): 3 identical channels, each normalised with ImageNet mean/std;
 - torchxrayvision: 1 channel scaled to [-1024, 1024] (`xrv.utils.normalize(img, 255)`),
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from cxr_classification.config import ClassifierConfig
+from cxr_serving.images import UNIT_8BIT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,12 +79,19 @@ def normalize_xrv(image: torch.Tensor, in_chans: int) -> torch.Tensor:
     return out.expand(in_chans, -1, -1).contiguous() if in_chans != 1 else out
 
 
+def unit_tensor(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """H x W grayscale (uint8 for value / 255, or float in [0, 1]) -> 1 x size x size float32 in [0, 1]."""
+    image = torch.from_numpy(np.ascontiguousarray(pixels))[None]
+    if image.dtype != torch.uint8:
+        return resize_bilinear(image.float(), size)
+    return resize_bilinear(image.float(), size).mul_(float(UNIT_8BIT))  # .float() copied: in place is safe
+
+
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    """Decoded grayscale pixels in [0, 1] (H x W) -> the model's C x S x S float32 input."""
+    """Decoded grayscale pixels (H x W, uint8 or float in [0, 1]) -> the model's C x S x S float32 input."""
     if spec.resize == "center_crop":
         pixels = crop_center_square(pixels)
-    image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]
-    image = resize_bilinear(image, spec.input_size)
+    image = unit_tensor(pixels, spec.input_size)
     if spec.normalization == "xrv":
         return normalize_xrv(image, spec.in_chans)
     return normalize_imagenet(image, spec.in_chans)

@@ -154,7 +154,7 @@ class SegmentationModel(ServedModel):
     ) -> torch.Tensor | SegmentationInput:
         """A decoded image (or its grayscale pixels) -> the network input; with the request's `options`
         and `masks_on_device`, an item that asks `predict` for masks at the original size."""
-        pixels = decoded.pixels if isinstance(decoded, DecodedImage) else decoded
+        pixels = decoded.array if isinstance(decoded, DecodedImage) else decoded
         tensor = self.transform(pixels)
         if options is not None and isinstance(decoded, DecodedImage) and self.masks_on_device:
             return SegmentationInput(tensor, (decoded.height, decoded.width), options.threshold)

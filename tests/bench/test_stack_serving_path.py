@@ -1,0 +1,30 @@
+"""bench/stack.py's serving-path CPU cells (bench/_serving_path.py) on a real service process: every input
+format (and, for segmentation, mask encoding) answered, and the serving path reported as the server's CPU per
+image less the ceiling's, against the issue-23 target."""
+
+import asyncio
+
+import pytest
+
+from bench import _serving_path as serving_path
+from bench import stack
+from bench._common import INPUT_FORMATS
+
+
+@pytest.mark.slow  # starts one service process and loads the cheap model in this one: ~20-40 s on 2 cores
+@pytest.mark.parametrize("task_name", ["classification", "segmentation"])
+def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path, task_name):
+    args = stack.parse_args(["--quick", "--input-size", "64", "--max-batch-size", "2", "--model-instances", "1",
+                             "--rounds", "1", "--seconds", "20", "--images", "2",
+                             "--serving-path-requests", "4"])  # fmt: skip
+    result = asyncio.run(serving_path.measure(task_name, args, stack.options(args), tmp_path))
+    encodings = serving_path.ENCODINGS if task_name == "segmentation" else (None,)
+    expected = {serving_path.cell_name(fmt, enc) for fmt in INPUT_FORMATS for enc in encodings}
+    assert set(result["cells"]) == expected
+    ceiling = result["ceiling_cpu_ms_per_img"]
+    assert ceiling is not None and ceiling > 0
+    for name, cell in result["cells"].items():
+        assert cell["images"] >= 4 and cell["codes"] == {"OK": cell["images"]}, (name, cell)
+        assert cell["serving_path_cpu_ms_per_img"] == pytest.approx(cell["server_cpu_ms_per_img"] - ceiling, abs=2e-3)
+        assert cell["met"] == (cell["serving_path_cpu_ms_per_img"] <= serving_path.TARGET_MS[task_name])
+    assert result["load_average_1m"]["max"] >= result["load_average_1m"]["min"] >= 0
