@@ -46,6 +46,8 @@ class LoadedModel:
     precision: str = "float32"
     checkpoint: str = ""
     preprocessing: tuple[tuple[str, str], ...] = ()
+    backend: str = "torch"
+    runtime_note: str = ""
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
@@ -60,6 +62,8 @@ class LoadedModel:
             model.precision,
             str(path) if path is not None else "",
             tuple(model.preprocessing.items()),
+            model.backend,
+            model.runtime_note,
         )
 
 

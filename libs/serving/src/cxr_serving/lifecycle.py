@@ -59,6 +59,8 @@ class ModelStatus:
     labels: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    backend: str = ""  # what runs the forward: torch, openvino, onnxruntime or tensorrt (models.<name>.runtime)
+    runtime_note: str = ""  # the runtime's load-time check, or why float32 torch serves instead of it
     task: str = ""  # the config entry's task (model_tasks.py)
     checkpoint: str = ""  # the file the serving version loaded ("" untrained): its model card lies next to it
     preprocessing: dict[str, str] = field(default_factory=dict)  # as the loaded model applies it (model card)
@@ -153,6 +155,16 @@ class ServedModel(ABC):
     def precision(self) -> str:
         """Arithmetic the forward runs in: 'float32', or 'bfloat16'/'float16' under AMP."""
         return "float32"
+
+    @property
+    def backend(self) -> str:
+        """What runs the forward: 'torch', or the runtime of `models.<name>.runtime` that passed its check."""
+        return "torch"
+
+    @property
+    def runtime_note(self) -> str:
+        """The configured runtime's load-time check, or why float32 torch serves instead; '' for plain torch."""
+        return ""
 
 
 @dataclass
@@ -316,7 +328,7 @@ class ModelRepository:
             st.load_seconds = time.perf_counter() - started
             st.state, st.error, st.version, st.untrained = ModelState.READY, "", loaded.version, loaded.untrained
             st.device, st.architecture, st.labels = loaded.device, loaded.architecture, list(loaded.labels)
-            st.precision = loaded.precision
+            st.precision, st.backend, st.runtime_note = loaded.precision, loaded.backend, loaded.runtime_note
             st.checkpoint, st.preprocessing = loaded.checkpoint, dict(loaded.preprocessing)
             batching = self._model_batching.get(name, self._batching)
             self._batchers[name] = DynamicBatcher(
@@ -331,10 +343,11 @@ class ModelRepository:
             )
             MODEL_LOADED.labels(name).set(1)
             log.info(
-                "model %s ready: version=%s device=%s precision=%s in %.1fs%s",
+                "model %s ready: version=%s device=%s backend=%s precision=%s in %.1fs%s",
                 name,
                 st.version,
                 st.device,
+                st.backend,
                 st.precision,
                 st.load_seconds,
                 " (UNTRAINED: random weights)" if st.untrained else "",

@@ -47,7 +47,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card", "backend", "runtime_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_CARD_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -70,7 +72,9 @@ class ModelInfo(_message.Message):
     precision: str
     task: str
     model_card: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ...) -> None: ...
+    backend: str
+    runtime_note: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ..., backend: _Optional[str] = ..., runtime_note: _Optional[str] = ...) -> None: ...
 
 class FindingPerformance(_message.Message):
     __slots__ = ("finding", "auroc", "auroc_ci_low", "auroc_ci_high", "threshold", "sensitivity", "specificity", "positives", "negatives")
