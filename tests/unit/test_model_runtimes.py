@@ -4,6 +4,7 @@ plus TensorRT's fallback on a host without it."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -248,19 +249,16 @@ def test_bfloat16_where_openvino_has_it_serves_bfloat16(tmp_path):
 
 
 def test_tensorrt_without_a_gpu_or_the_library_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
     no_gpu = prepare_runtime(_runtime(tmp_path, "tensorrt", "float16"), _request(_small_net()), device="cpu")
-    assert (no_gpu.backend, no_gpu.precision) == ("torch", "float32")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the no-GPU branch is not this host's")
+    assert (no_gpu.backend, no_gpu.precision, no_gpu.forward) == ("torch", "float32", None)
     assert "tensorrt/float16 unavailable: tensorrt needs a CUDA device" in no_gpu.note
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU probe: the import guard
-    try:
-        import torch_tensorrt  # noqa: F401
-    except ImportError:
-        out = prepare_runtime(_runtime(tmp_path, "tensorrt", "float16"), _request(_small_net()), device="cuda")
-        assert out.backend == "torch" and "torch-tensorrt is not installed" in out.note
-    else:
-        pytest.skip("torch-tensorrt is installed")
+    if importlib.util.find_spec("torch_tensorrt") is not None:
+        pytest.skip("torch-tensorrt is installed: its import guard is not this host's path")
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)  # past the GPU probe: the import guard
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "float16"), _request(_small_net()), device="cuda")
+    assert out.backend == "torch" and "torch-tensorrt is not installed" in out.note
+    assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "small"}) == 1
 
 
 def test_a_broken_calibration_dir_falls_back_instead_of_failing_the_load(tmp_path):

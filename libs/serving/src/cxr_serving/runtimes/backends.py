@@ -37,6 +37,12 @@ def cpu_has_int8_dot_product() -> bool:
     return False
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def openvino_cpu_capabilities() -> list[str]:
     """OpenVINO's CPU plugin OPTIMIZATION_CAPABILITIES, e.g. ['BF16', 'FP32', 'INT8', ...]."""
     import openvino as ov
@@ -231,9 +237,7 @@ class TensorRtBackend(Backend):
     max_batch_size = 32
 
     def available(self) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
+        if not cuda_available():
             raise BackendUnavailable("tensorrt needs a CUDA device and none is available")
         try:
             import torch_tensorrt  # noqa: F401
