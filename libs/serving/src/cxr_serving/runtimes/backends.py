@@ -140,6 +140,8 @@ class OpenVinoBackend(Backend):
             kwargs: dict[str, Any] = {"subset_size": len(items)}
             if transformer:
                 kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+            else:  # a CNN's matrix products are its head: kept in float, its error would land on the outputs
+                kwargs["ignored_scope"] = nncf.IgnoredScope(types=["MatMul"], validate=False)
             model = nncf.quantize(model, nncf.Dataset(items), **kwargs)
         ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
         onnx_path.unlink()
@@ -203,6 +205,12 @@ class OnnxRuntimeBackend(Backend):
 
         prepared = folder / "model.prepared.onnx"
         quant_pre_process(str(plain), str(prepared))
+        head: list[str] = []
+        if not transformer:  # a CNN's matrix products are its head: kept in float (as for OpenVINO)
+            import onnx
+
+            graph = onnx.load(str(prepared), load_external_data=False).graph
+            head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
         quantize_static(
             str(prepared),
             str(folder / "model.int8.onnx"),
@@ -211,6 +219,7 @@ class OnnxRuntimeBackend(Backend):
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            nodes_to_exclude=head,
         )
         prepared.unlink()
         plain.unlink()
