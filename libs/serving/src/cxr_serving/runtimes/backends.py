@@ -54,6 +54,7 @@ class Backend(ABC):
     """One backend at one precision."""
 
     name: str
+    recipe = "1"  # how this backend exports and quantizes: a new recipe makes new cache entries
 
     def __init__(self, precision: str) -> None:
         self.precision = precision
@@ -103,6 +104,7 @@ class OpenVinoBackend(Backend):
     """OpenVINO on CPU: float32, bfloat16 (INFERENCE_PRECISION_HINT) or int8 (NNCF post-training quantization)."""
 
     name = "openvino"
+    recipe = "2: onnx opset 17, int8 keeps a CNN's MatMul in float"
 
     def available(self) -> None:
         try:
@@ -171,6 +173,7 @@ class OnnxRuntimeBackend(Backend):
     """ONNX Runtime's CPU execution provider: float32, or int8 by static QDQ quantization."""
 
     name = "onnxruntime"
+    recipe = "2: onnx opset 17, int8 QDQ U8S8 per channel, keeps a CNN's Gemm/MatMul in float"
 
     def available(self) -> None:
         try:

@@ -69,13 +69,14 @@ def weights_digest(module: Any) -> str:
 
 def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[str]) -> str:
     """Everything the artefact depends on: weights, graph config, backend, precision, input shape, library
-    versions and, for int8, the calibration images."""
+    versions, the backend's export recipe and, for int8, the calibration images."""
     parts = {
         "identity": request.identity,
         "backend": runtime.backend,
         "precision": runtime.precision,
         "input_shape": list(request.input_shape),
         "versions": backend.versions(),
+        "recipe": backend.recipe,
         "calibration": calibration if runtime.precision == "int8" else [],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
