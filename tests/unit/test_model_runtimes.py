@@ -208,6 +208,13 @@ def test_a_backend_exports_once_checks_and_serves_like_torch(tmp_path, backend, 
     assert third.exported and third.cache_path != first.cache_path
 
 
+def test_a_new_export_recipe_never_reuses_an_old_artefact(tmp_path, monkeypatch):
+    first = prepare_runtime(_runtime(tmp_path, "onnxruntime", "float32"), _request(_small_net()))
+    monkeypatch.setattr(backends.OnnxRuntimeBackend, "recipe", "another export")
+    second = prepare_runtime(_runtime(tmp_path, "onnxruntime", "float32"), _request(_small_net()))
+    assert first.exported and second.exported and second.cache_path != first.cache_path
+
+
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 def test_int8_quantizes_on_calibration_images_and_a_too_tight_bound_falls_back(tmp_path, backend, caplog):
     net = _small_net()
