@@ -111,6 +111,7 @@ def _export_into_cache(
     try:
         example = torch.zeros(1, *request.input_shape)
         backend.export(request.module, example, calibration, tmp, transformer=request.transformer)
+        RUNTIME_EXPORTS.labels(request.model, runtime.backend, runtime.precision).inc()  # the work, even if unused
         (tmp / META).write_text(
             json.dumps(
                 {
@@ -133,7 +134,6 @@ def _export_into_cache(
             return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    RUNTIME_EXPORTS.labels(request.model, runtime.backend, runtime.precision).inc()
     return True
 
 
