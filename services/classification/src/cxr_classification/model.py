@@ -310,15 +310,14 @@ class ChestXrayClassifier(ServedModel):
         runtime = self._runtime
         if runtime is None or runtime.config.is_torch:
             return RuntimeOutcome()
-        cfg, checks = self.cfg, runtime.config
+        cfg = self.cfg
+        max_delta, min_agreement = cfg.runtime.max_probability_delta, cfg.runtime.min_agreement
 
         def judge(reference: np.ndarray, got: np.ndarray) -> CheckResult:
             with torch.inference_mode():
                 ref = network.probabilities(torch.from_numpy(reference)).numpy()
                 out = network.probabilities(torch.from_numpy(got)).numpy()
-            return classification_check(
-                ref, out, decision.thresholds, checks.max_probability_delta, checks.min_agreement
-            )
+            return classification_check(ref, out, decision.thresholds, max_delta, min_agreement)
 
         identity = {
             "version": version,

@@ -119,7 +119,8 @@ class SegmentationModel(ServedModel):
         runtime = self._runtime
         if runtime is None or runtime.config.is_torch:
             return RuntimeOutcome()
-        cfg, min_dice = self.cfg, runtime.config.min_dice
+        cfg = self.cfg
+        min_dice = cfg.runtime.min_dice
 
         def judge(reference: np.ndarray, got: np.ndarray) -> CheckResult:
             return segmentation_check(reference, got, list(self.labels), min_dice)

@@ -68,13 +68,6 @@ class RuntimeConfig(BaseModel):
     )
     calibration_images: int = Field(64, ge=1, le=10_000, description="images int8 calibrates on")
     check_images: int = Field(100, ge=1, le=10_000, description="held-back images the load-time check runs on")
-    max_probability_delta: float = Field(
-        0.02, gt=0, le=1, description="classification: largest |Δp| allowed against float32 torch"
-    )
-    min_agreement: float = Field(
-        0.99, gt=0, le=1, description="classification: least share of check images with every finding called alike"
-    )
-    min_dice: float = Field(0.98, gt=0, le=1, description="segmentation: least mean Dice per class against float32")
 
     @model_validator(mode="after")
     def _supported(self) -> RuntimeConfig:
@@ -86,6 +79,21 @@ class RuntimeConfig(BaseModel):
     @property
     def is_torch(self) -> bool:
         return self.backend == "torch"
+
+
+class ClassificationRuntimeConfig(RuntimeConfig):
+    """A classifier's runtime, with the bounds its load-time check compares probabilities and calls by."""
+
+    max_probability_delta: float = Field(0.02, gt=0, le=1, description="largest |Δp| allowed against float32 torch")
+    min_agreement: float = Field(
+        0.99, gt=0, le=1, description="least share of check images on which each finding is called alike"
+    )
+
+
+class SegmentationRuntimeConfig(RuntimeConfig):
+    """A segmenter's runtime, with the bound its load-time check compares masks by."""
+
+    min_dice: float = Field(0.98, gt=0, le=1, description="least mean Dice of each class's masks against float32")
 
 
 @dataclass(frozen=True)
