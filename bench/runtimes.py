@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated substrings of the variants to run")
     ap.add_argument("--no-litserve", dest="litserve", action="store_false", help="leave out the LitServe anchor")
+    ap.add_argument("--out", type=Path, help="default bench/results/runtimes.json")
     ap.add_argument("--cache-dir", default="var/cache/bench-runtimes", help="export cache (reused across runs)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "results": results,
         },
+        args.out,
     )
     return 0
 
