@@ -120,6 +120,10 @@ bench: $(VENV)/.installed ## Every benchmark (bench/run_all.py, then bench-head_
 bench-head_to_head: $(VENV)/.installed ## Service vs LitServe at c=8/32, 6 rounds of 45 s (~25 min; BENCH_ARGS=--quick ~5 min)
 	$(HEAD_TO_HEAD)
 
+.PHONY: bench-runtimes
+bench-runtimes: $(VENV)/.installed ## Model runtimes at c=32: torch float32 vs OpenVINO/ONNX Runtime int8 and bfloat16 (DenseNet, U-Net, Swin) and LitServe, one run (~25 min)
+	$(PY) -m bench.runtimes $(BENCH_ARGS)
+
 .PHONY: bench-gpu
 bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_paths, each time-boxed (bench/gpu/gpu_session.sh)
 	OUT=bench/gpu/results PY=$(PY) WHEELS=none bash bench/gpu/gpu_session.sh

@@ -14,9 +14,11 @@ GPU default), amp_cl_bench (+ cudnn_benchmark: cuDNN times its algorithms for ea
 (+ performance.compile_models, compile_mode default), amp_cl_compile_ro (compile_mode reduce-overhead:
 CUDA graphs), tf32_compile (float32 with TF32, compiled); tf32_graphs and amp_cl_graphs
 (performance.cuda_graphs: our own CUDA graph per batch size, the GPU default; every other variant runs
-eagerly). Models load without warm-up (`warmup_batches: 0`): `load_s` is the
-load itself, and the first batch of each shape, untimed, pays the autotuning. CPU variants: eager (no fold, no trace),
-default (fold + channels_last + TorchScript trace), amp (bfloat16, on CPUs with native bf16).
+eagerly); trt_fp32 and trt_fp16 (`models.<name>.runtime` tensorrt: torch-tensorrt engines, kept only if they
+pass the load-time accuracy check; each row's backend/runtime_note says what served). Models load without
+warm-up (`warmup_batches: 0`): `load_s` is the load itself, and the first batch of each shape, untimed, pays
+the autotuning. CPU variants: eager (no fold, no trace), default (fold + channels_last + TorchScript trace),
+amp (bfloat16, on CPUs with native bf16).
 
     .venv/bin/python -m bench.gpu.gpu_paths                  # CUDA if present, else CPU
     .venv/bin/python -m bench.gpu.gpu_paths --quick          # small inputs, a few batches (smoke run)
@@ -34,10 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import GPU_RESULTS, machine, nih_pngs, stage, write_result
+from bench._common import GPU_RESULTS, REPO, machine, nih_pngs, stage, write_result
 from bench._peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
 
 _EAGER = {"compile_models": False, "cuda_graphs": False}
+RUNTIME = "runtime"  # a variant key that goes into the model's section, not `performance`
 GPU_VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"use_amp": False, "tf32": False, "channels_last": False, **_EAGER},
     "tf32": {"use_amp": False, "tf32": True, "channels_last": False, **_EAGER},
@@ -67,6 +70,20 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
         "compile_mode": "reduce-overhead",
     },
     "tf32_compile": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": True},
+    # models.<name>.runtime (cxr_serving/runtimes): torch-tensorrt engines, checked against float32 torch at
+    # load; without torch-tensorrt the row says float32 torch served and why (runtime_note)
+    "trt_fp32": {
+        "tf32": True,
+        "channels_last": False,
+        **_EAGER,
+        RUNTIME: {"backend": "tensorrt", "precision": "float32"},
+    },
+    "trt_fp16": {
+        "tf32": True,
+        "channels_last": False,
+        **_EAGER,
+        RUNTIME: {"backend": "tensorrt", "precision": "float16"},
+    },
 }
 CPU_VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {"use_amp": False, "fold_batchnorm": False, "trace_models": False, "channels_last": False},
@@ -123,7 +140,16 @@ def settings_for(model: str, variant: dict[str, Any], args: argparse.Namespace) 
     task_name, key, section = MODELS[model]
     size = args.seg_input_size if task_name == "segmentation" else args.input_size
     opts = StackOptions(device=args.device, max_batch_size=args.batch_size, cpu_threads=None)
-    raw = {"models": {key: {**section, "allow_untrained": True, "input_size": size}}, **server_section(opts)}
+    variant = dict(variant)
+    runtime = variant.pop(RUNTIME, None)
+    model_section = {**section, "allow_untrained": True, "input_size": size}
+    if runtime is not None:
+        model_section["runtime"] = {
+            **runtime,
+            "check_images": 32,
+            "cache_dir": str(REPO / "var/cache/model-runtimes-gpu"),
+        }
+    raw = {"models": {key: model_section}, **server_section(opts)}
     # no warm-up at load: on a GPU it runs every batch size (cuDNN autotunes each), minutes for 5 variants;
     # the timed loops below run one untimed batch of each shape first
     raw["performance"].update({"warmup_batches": 0, **variant})
@@ -210,6 +236,7 @@ def measure(model_name: str, variant_name: str, variant: dict[str, Any], pngs: l
     sync()
     first_s = time.perf_counter() - t0
     row: dict[str, Any] = {"load_s": round(load_s, 2), "first_batch_s": round(first_s, 2), "precision": model.precision}
+    row.update(backend=model.backend, runtime_note=model.runtime_note)
     ips, batches = throughput(model, batch, args.seconds, sync)
     row.update(img_per_s=round(ips, 2), batches=batches, batch1_p50_ms=p50_ms(model, batch[0], args.seconds, sync))
     if gpu:

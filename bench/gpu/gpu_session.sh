@@ -71,6 +71,10 @@ step gpu_paths 60 $PY -m bench.gpu.gpu_paths "${PATHS[@]}" --out "$OUTDIR/gpu_pa
 step stack_segmentation 130 $PY -m bench.stack "${STACK[@]}" "${SEG_PEERS[@]}" --tasks segmentation \
   --out "$OUTDIR/stack-segmentation.json"
 if [ "$DEVICE" = cuda ]; then
+  # models.<name>.runtime tensorrt (issue 24) beside the CUDA-graphs float paths, densenet121 only (engine builds
+  # take minutes); needs torch-tensorrt on the machine, else each trt row says float32 torch served and why
+  step gpu_tensorrt 240 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
+    --variants tf32_graphs,amp_cl_graphs,trt_fp32,trt_fp16 --out "$OUTDIR/gpu_paths-tensorrt.json"
   # last: how long compilation takes is the unknown; each variant's row is written when it finishes
   # session 18: mode default took 123 s to compile densenet121 (then 2 580 img/s at batch 32)
   step gpu_compile 240 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \

@@ -21,6 +21,7 @@ CLS = REPO / "services/classification/src/cxr_classification"
 SEG = REPO / "services/segmentation/src/cxr_segmentation"
 RAG = REPO / "services/rag/src/cxr_rag"
 DICOM = REPO / "services/dicom/src/cxr_dicom"
+RUNTIMES = SERVING / "runtimes"  # reads the runtime section (`models.<name>.runtime`) a model hands it
 # The code that runs the services: the client (libs/client) reads its own config, never these settings.
 SERVER_SCOPE = (REPO / "libs/serving/src", REPO / "services", REPO / "gateway/src")
 
@@ -33,13 +34,13 @@ def all_schemas() -> list[Schema]:
     from cxr_segmentation.config import SegmentationConfig
 
     cls = [
-        Schema(m, "models.<classifier>.", (CLS,))
+        Schema(m, "models.<classifier>.", (CLS, RUNTIMES))
         for m in (ClassifierConfig, BinaryClassifierConfig, MultiLabelClassifierConfig)
     ]
     return [
         Schema(Settings, "", SERVER_SCOPE),
         *cls,
-        Schema(SegmentationConfig, "models.segmentation.", (SEG,)),
+        Schema(SegmentationConfig, "models.segmentation.", (SEG, RUNTIMES)),
         Schema(RagConfig, "models.rag.", (RAG,)),
         Schema(DicomConfig, "models.dicom.", (DICOM,)),
     ]

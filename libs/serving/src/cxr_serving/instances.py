@@ -47,6 +47,8 @@ class LoadedModel:
     checkpoint: str = ""
     preprocessing: tuple[tuple[str, str], ...] = ()
     memory: tuple[tuple[str, int], ...] = ()  # parameter and buffer bytes by device type
+    backend: str = "torch"
+    runtime_note: str = ""
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
@@ -62,6 +64,8 @@ class LoadedModel:
             str(path) if path is not None else "",
             tuple(model.preprocessing.items()),
             tuple(sorted(model.memory_bytes().items())),
+            model.backend,
+            model.runtime_note,
         )
 
 

@@ -78,6 +78,8 @@ class ModelStatus:
     labels: list[str] = field(default_factory=list)
     device: str = ""
     precision: str = ""
+    backend: str = ""  # what runs the forward: torch, openvino, onnxruntime or tensorrt (models.<name>.runtime)
+    runtime_note: str = ""  # the runtime's load-time check, or why float32 torch serves instead of it
     task: str = ""  # the config entry's task (model_tasks.py)
     checkpoint: str = ""  # the file the serving version loaded ("" untrained): its model card lies next to it
     preprocessing: dict[str, str] = field(default_factory=dict)  # as the loaded model applies it (model card)
@@ -198,6 +200,16 @@ class ServedModel(ABC):
     def precision(self) -> str:
         """Arithmetic the forward runs in: 'float32', or 'bfloat16'/'float16' under AMP."""
         return "float32"
+
+    @property
+    def backend(self) -> str:
+        """What runs the forward: 'torch', or the runtime of `models.<name>.runtime` that passed its check."""
+        return "torch"
+
+    @property
+    def runtime_note(self) -> str:
+        """The configured runtime's load-time check, or why float32 torch serves instead; '' for plain torch."""
+        return ""
 
 
 @dataclass
@@ -484,6 +496,8 @@ class ModelRepository:
                 labels=list(loaded.labels),
                 device=loaded.device,
                 precision=loaded.precision,
+                backend=loaded.backend,
+                runtime_note=loaded.runtime_note,
                 task=model.task,
                 checkpoint=loaded.checkpoint,
                 preprocessing=dict(loaded.preprocessing),
@@ -523,11 +537,12 @@ class ModelRepository:
             self._refresh(name)
             MODEL_LOADED.labels(name).set(1)
             log.info(
-                "model %s %s: version=%s device=%s precision=%s in %.1fs%s",
+                "model %s %s: version=%s device=%s backend=%s precision=%s in %.1fs%s",
                 name,
                 "loaded beside the serving version" if beside else "ready",
                 new.version,
                 new.device,
+                new.backend,
                 new.precision,
                 new.load_seconds,
                 " (UNTRAINED: random weights)" if new.untrained else "",

@@ -44,6 +44,20 @@ BATCH_ERRORS = Counter("cxr_batch_errors_total", "Forward passes that raised", [
 MODEL_INSTANCE_RESTARTS = Counter(
     "cxr_model_instance_restarts_total", "Model instance processes that died and were restarted", ["model"]
 )
+RUNTIME_EXPORTS = Counter(
+    "cxr_model_runtime_exports_total",
+    "Networks exported (and quantized) into the model-runtime cache; a load that reuses the cache adds none",
+    ["model", "backend", "precision"],
+)
+RUNTIME_CHECK = Gauge(
+    "cxr_model_runtime_check",
+    "The load-time accuracy check of an optimised runtime against float32 torch (metric: max_abs_delta_p, "
+    "min_call_agreement, min_class_dice, mean_dice)",
+    ["model", "backend", "precision", "metric"],
+)
+RUNTIME_FALLBACK = Gauge(
+    "cxr_model_runtime_fallback", "1 when the configured runtime could not serve and float32 torch does", ["model"]
+)
 REQUESTS_TOTAL = Counter("cxr_grpc_requests_total", "gRPC requests by method and status", ["method", "code"])
 REQUEST_DURATION = Histogram(
     "cxr_grpc_request_duration_seconds",

@@ -56,6 +56,8 @@ def model_info(status: ModelStatus) -> common_pb2.ModelInfo:
         error=status.error,
         device=status.device,
         precision=status.precision,
+        backend=status.backend,
+        runtime_note=status.runtime_note,
         task=status.task,
         role=status.role,
         traffic_percent=status.traffic_percent,

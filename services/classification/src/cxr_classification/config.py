@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from cxr_serving.errors import ConfigError
 from cxr_serving.model_tasks import BINARY_CLASSIFICATION, CLASSIFICATION_TASKS, MULTILABEL_CLASSIFICATION, model_tasks
+from cxr_serving.runtimes.config import ClassificationRuntimeConfig
 from cxr_serving.settings import Settings
 
 BINARY_MODEL = "binary_classifier"
@@ -104,6 +105,12 @@ class ClassifierConfig(BaseModel):
         None, ge=1, le=1024, description="this model's batch limit (default: server_config.max_batch_size)"
     )
     max_batch_delay_ms: float | None = Field(None, ge=0, le=10_000, description="default: server_config's")
+    runtime: ClassificationRuntimeConfig = Field(
+        default_factory=ClassificationRuntimeConfig,  # type: ignore[arg-type]
+        description="what runs the forward: backend torch|openvino|onnxruntime|tensorrt and precision "
+        "float32|bfloat16|float16|int8, exported once per checkpoint into a cache and checked against float32 "
+        "torch at load (docs/model-runtimes.md)",
+    )
     thresholds: float | dict[str, float] = Field(
         0.5,
         description="one threshold, or one per label; a label without an operating point in a checkpoint that "

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 from cxr_classification.checkpoints import load_checkpoint
 from cxr_classification.config import ClassifierConfig
 from cxr_classification.gradcam import grad_cam, heatmap_png
-from cxr_classification.networks import ClassifierNetwork, build_network
+from cxr_classification.networks import ClassifierNetwork, LogitsOf, build_network
 from cxr_classification.preprocessing import IMAGENET_MEAN, IMAGENET_STD, XRV_RANGE, PreprocessSpec, preprocess
 from cxr_serving.device import InferenceDevice, module_bytes
 from cxr_serving.errors import CheckpointError, ModelNotReadyError
@@ -33,6 +34,9 @@ from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel, ThresholdOverride
 from cxr_serving.optimize.amp import precision_of
 from cxr_serving.random_init import fixed_random_weights
+from cxr_serving.runtimes.check import CheckResult, classification_check
+from cxr_serving.runtimes.config import ResolvedRuntime
+from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeRequest, prepare_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,7 @@ class ChestXrayClassifier(ServedModel):
         checkpoint_path: Path | None = None,
         warmup_batches: int = 1,
         max_batch_size: int = 1,
+        runtime: ResolvedRuntime | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
@@ -143,8 +148,10 @@ class ChestXrayClassifier(ServedModel):
         self._version = ""
         self._checkpoint: Path | None = None
         self._network: ClassifierNetwork | None = None  # eager module (Grad-CAM)
-        self._runner: torch.nn.Module | None = None  # what predict calls (compiled on GPU when configured)
+        self._runner: Any = None  # what predict calls (compiled on GPU when configured)
         self._decision = self.decision(None)
+        self._runtime = runtime
+        self._outcome = RuntimeOutcome()  # what serves the forward (runtimes/prepare.py)
         self._lock = threading.Lock()
 
     @property
@@ -183,7 +190,15 @@ class ChestXrayClassifier(ServedModel):
 
     @property
     def precision(self) -> str:
-        return precision_of(self._runner)
+        return self._outcome.precision if self._outcome.forward is not None else precision_of(self._runner)
+
+    @property
+    def backend(self) -> str:
+        return self._outcome.backend
+
+    @property
+    def runtime_note(self) -> str:
+        return self._outcome.note
 
     @property
     def loaded(self) -> bool:
@@ -275,14 +290,50 @@ class ChestXrayClassifier(ServedModel):
                 missing,
                 self.name,
             )
+        outcome = self._prepare_runtime(network, version, decision)
         network = network.to(self._device.device)
         c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
         example = torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(0))
-        runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
+        runner: Any
+        if outcome.forward is not None:
+            runner = _RuntimeRunner(network, outcome.forward)
+        else:
+            runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
         self._warm_up(runner)
         with self._lock:
             self._network, self._runner, self._version, self._decision = network, runner, version, decision
             self._checkpoint = path if version != UNTRAINED else None
+            self._outcome = outcome
+
+    def _prepare_runtime(self, network: ClassifierNetwork, version: str, decision: Decision) -> RuntimeOutcome:
+        """The configured runtime for this network (CPU float32 here), checked on probabilities and calls."""
+        runtime = self._runtime
+        if runtime is None or runtime.config.is_torch:
+            return RuntimeOutcome()
+        cfg = self.cfg
+        max_delta, min_agreement = cfg.runtime.max_probability_delta, cfg.runtime.min_agreement
+
+        def judge(reference: np.ndarray, got: np.ndarray) -> CheckResult:
+            with torch.inference_mode():
+                ref = network.probabilities(torch.from_numpy(reference)).numpy()
+                out = network.probabilities(torch.from_numpy(got)).numpy()
+            return classification_check(ref, out, decision.thresholds, max_delta, min_agreement)
+
+        identity = {
+            "version": version,
+            "weights": weights_digest(network.net),
+            "graph": cfg.model_dump(mode="json", include={"model_type", "timm_name", "in_chans", "input_size"}),
+        }
+        request = RuntimeRequest(
+            self.name,
+            LogitsOf(network),
+            (int(cfg.in_chans or 3), cfg.input_size, cfg.input_size),
+            identity,
+            self.preprocess,
+            judge,
+            transformer=cfg.model_type != "densenet121",
+        )
+        return prepare_runtime(runtime, request, device=self._device.device)
 
     def warmup_batch_sizes(self) -> list[int]:
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
@@ -349,7 +400,19 @@ class ChestXrayClassifier(ServedModel):
     def unload(self) -> None:
         with self._lock:
             self._network = self._runner = None
+            self._outcome = RuntimeOutcome()
             self._version, self._checkpoint = "", None
         gc.collect()
         if self._device.is_cuda:
             torch.cuda.empty_cache()
+
+
+class _RuntimeRunner:
+    """What `predict` calls when a model runtime serves: its forward (raw head outputs), then the
+    activation, operating points and label selection in torch."""
+
+    def __init__(self, network: ClassifierNetwork, forward: Any) -> None:
+        self.network, self.forward = network, forward
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.probabilities(self.forward(x).to(x.device))

@@ -117,3 +117,16 @@ class ClassifierNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probabilities(self.head(self.features(x)))
+
+
+class LogitsOf(nn.Module):
+    """The part of a ClassifierNetwork a model runtime exports: image -> raw head outputs. The activation,
+    operating points and label selection stay in torch (`ClassifierNetwork.probabilities`)."""
+
+    def __init__(self, network: ClassifierNetwork) -> None:
+        super().__init__()
+        self.network = network
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.head(self.network.features(x))

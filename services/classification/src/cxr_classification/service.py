@@ -12,6 +12,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_serving.binding import ModelEntry, bind_models
 from cxr_serving.device import InferenceDevice
 from cxr_serving.lifecycle import BatchingConfig
+from cxr_serving.runtimes.config import resolve_runtime
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -27,6 +28,7 @@ def build_models(settings: Settings, device: InferenceDevice) -> dict[str, Chest
             checkpoint_path=settings.resolve_model_path(cfg.checkpoint_path),
             warmup_batches=settings.performance.warmup_batches,
             max_batch_size=cfg.max_batch_size or settings.server_config.max_batch_size,  # warm-up sizes
+            runtime=resolve_runtime(cfg.runtime, settings.data_path),
         )
         for name, cfg in classifier_configs(settings).items()
     }

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cxr_serving.runtimes.config import SegmentationRuntimeConfig
+
 DEFAULT_CLASSES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
 
 # torchxrayvision's ChestX-Det PSPNet (`xrv.baseline_models.chestx_det.PSPNet.targets`), in its output order.
@@ -71,6 +73,12 @@ class SegmentationConfig(BaseModel):
         "CPU, where the decode pool parallelises it across requests)",
     )
     seed: int = Field(0, description="seed of the random weights of an untrained model")
+    runtime: SegmentationRuntimeConfig = Field(
+        default_factory=SegmentationRuntimeConfig,  # type: ignore[arg-type]
+        description="what runs the forward: backend torch|openvino|onnxruntime|tensorrt and precision "
+        "float32|bfloat16|float16|int8, exported once per checkpoint into a cache and checked against float32 "
+        "torch at load (docs/model-runtimes.md)",
+    )
 
     @field_validator("input_size")
     @classmethod

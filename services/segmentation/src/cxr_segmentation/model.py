@@ -24,7 +24,7 @@ from torch import nn
 from cxr_segmentation.checkpoints import load_checkpoint
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.masks import logits_to_masks
-from cxr_segmentation.networks import build_network, output_logits
+from cxr_segmentation.networks import LogitsOf, build_network, output_logits
 from cxr_segmentation.postprocess import PostprocessOptions, SegmentationResult, postprocess
 from cxr_segmentation.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from cxr_serving.device import InferenceDevice, module_bytes
@@ -33,6 +33,9 @@ from cxr_serving.images import DecodedImage
 from cxr_serving.lifecycle import UNTRAINED, ServedModel
 from cxr_serving.optimize.amp import precision_of
 from cxr_serving.random_init import fixed_random_weights
+from cxr_serving.runtimes.check import CheckResult, segmentation_check
+from cxr_serving.runtimes.config import ResolvedRuntime
+from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeRequest, prepare_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class SegmentationModel(ServedModel):
         default_checkpoint: Path | None = None,
         warmup_batches: int = 1,
         max_batch_size: int = 1,
+        runtime: ResolvedRuntime | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -72,6 +76,8 @@ class SegmentationModel(ServedModel):
         self._net: nn.Module | None = None
         self._version = ""
         self._checkpoint: Path | None = None
+        self._runtime = runtime
+        self._outcome = RuntimeOutcome()  # what serves the forward (runtimes/prepare.py)
         self._lock = threading.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -94,8 +100,11 @@ class SegmentationModel(ServedModel):
     def load(self, checkpoint_path: Path | None = None) -> None:
         net, version = self.build(checkpoint_path)
         s = self.cfg.input_size
+        outcome = self._prepare_runtime(net.eval(), version)
         example = torch.rand(1, self.cfg.in_channels, s, s, generator=torch.Generator().manual_seed(0))
-        net = self._device.prepare(net, example=example)
+        if outcome.forward is None:
+            net = self._device.prepare(net, example=example)
+        self._outcome = outcome
         self._warmup(net)
         with self._lock:
             self._net, self._version = net, version
@@ -105,19 +114,50 @@ class SegmentationModel(ServedModel):
                 "segmentation model %s serves RANDOM weights (allow_untrained): masks are meaningless", self.name
             )
 
+    def _prepare_runtime(self, net: nn.Module, version: str) -> RuntimeOutcome:
+        """The configured runtime for this network (CPU float32 here), checked on the Dice of its masks."""
+        runtime = self._runtime
+        if runtime is None or runtime.config.is_torch:
+            return RuntimeOutcome()
+        cfg = self.cfg
+        min_dice = cfg.runtime.min_dice
+
+        def judge(reference: np.ndarray, got: np.ndarray) -> CheckResult:
+            return segmentation_check(reference, got, list(self.labels), min_dice)
+
+        identity = {
+            "version": version,
+            "weights": weights_digest(net),
+            "graph": cfg.model_dump(
+                mode="json", include={"architecture", "encoder", "checkpoint_format", "classes", "in_channels"}
+            ),
+        }
+        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        request = RuntimeRequest(self.name, LogitsOf(net), shape, identity, self.transform_decoded, judge)
+        return prepare_runtime(runtime, request, device=self._device.device)
+
+    def transform_decoded(self, decoded: DecodedImage) -> torch.Tensor:
+        """A decoded image as the network's input tensor (the calibration images go through this)."""
+        return self.transform(decoded.pixels)
+
     def _warmup(self, net: nn.Module) -> None:
         s = self.cfg.input_size
         self._device.warm_up(
-            lambda x: output_logits(net, x), (self.cfg.in_channels, s, s), self._max_batch_size, self._warmup_batches
+            lambda x: self._logits(net, x), (self.cfg.in_channels, s, s), self._max_batch_size, self._warmup_batches
         )
 
     def memory_bytes(self) -> dict[str, int]:
         """Parameter and buffer bytes of the loaded network."""
         return module_bytes(self._net)
 
+    def _logits(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        forward = self._outcome.forward
+        return output_logits(net, batch) if forward is None else forward(batch).to(batch.device)
+
     def unload(self) -> None:
         with self._lock:
             self._net, self._version, self._checkpoint = None, "", None
+            self._outcome = RuntimeOutcome()
         if self._device.is_cuda:
             torch.cuda.empty_cache()
 
@@ -169,7 +209,7 @@ class SegmentationModel(ServedModel):
 
     def _forward(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with self._device.inference():
-            return output_logits(net, self._device.batch_to_device(batch))
+            return self._logits(net, self._device.batch_to_device(batch))
 
     @property
     def masks_on_device(self) -> bool:
@@ -206,4 +246,12 @@ class SegmentationModel(ServedModel):
 
     @property
     def precision(self) -> str:
-        return precision_of(self._net)
+        return self._outcome.precision if self._outcome.forward is not None else precision_of(self._net)
+
+    @property
+    def backend(self) -> str:
+        return self._outcome.backend
+
+    @property
+    def runtime_note(self) -> str:
+        return self._outcome.note

@@ -60,3 +60,15 @@ def output_logits(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     if isinstance(out, tuple | list):
         out = out[-1]
     return out
+
+
+class LogitsOf(nn.Module):
+    """`output_logits` of a network as one module with one tensor out: what a model runtime exports."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.eval()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return output_logits(self.net, batch)

@@ -14,6 +14,7 @@ from cxr_serving.device import InferenceDevice
 from cxr_serving.errors import ConfigError
 from cxr_serving.lifecycle import BatchingConfig
 from cxr_serving.model_tasks import SEGMENTATION_TASKS, model_tasks
+from cxr_serving.runtimes.config import resolve_runtime
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
 
@@ -58,6 +59,7 @@ def build_model(settings: Settings, cfg: SegmentationConfig | None = None) -> Se
         default_checkpoint=settings.resolve_model_path(cfg.checkpoint_path),
         warmup_batches=settings.performance.warmup_batches,
         max_batch_size=cfg.max_batch_size or settings.server_config.max_batch_size,  # warm-up / graph sizes
+        runtime=resolve_runtime(cfg.runtime, settings.data_path),
     )
 
 

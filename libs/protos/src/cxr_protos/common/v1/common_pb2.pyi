@@ -65,7 +65,7 @@ class ImageMetadata(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[str] = ..., bits_stored: _Optional[int] = ..., pixel_spacing_row_mm: _Optional[float] = ..., pixel_spacing_column_mm: _Optional[float] = ..., photometric_interpretation: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card", "role", "traffic_percent", "shadow_percent", "version_policy", "memory_cpu_bytes", "memory_gpu_bytes", "gpu_allocated_delta_bytes")
+    __slots__ = ("name", "version", "untrained", "architecture", "state", "labels", "error", "device", "precision", "task", "model_card", "role", "traffic_percent", "shadow_percent", "version_policy", "memory_cpu_bytes", "memory_gpu_bytes", "gpu_allocated_delta_bytes", "backend", "runtime_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UNTRAINED_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,8 @@ class ModelInfo(_message.Message):
     MEMORY_CPU_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_GPU_BYTES_FIELD_NUMBER: _ClassVar[int]
     GPU_ALLOCATED_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     untrained: bool
@@ -102,7 +104,9 @@ class ModelInfo(_message.Message):
     memory_cpu_bytes: int
     memory_gpu_bytes: int
     gpu_allocated_delta_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ..., role: _Optional[str] = ..., traffic_percent: _Optional[float] = ..., shadow_percent: _Optional[float] = ..., version_policy: _Optional[str] = ..., memory_cpu_bytes: _Optional[int] = ..., memory_gpu_bytes: _Optional[int] = ..., gpu_allocated_delta_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    runtime_note: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., untrained: _Optional[bool] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., labels: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., task: _Optional[str] = ..., model_card: _Optional[str] = ..., role: _Optional[str] = ..., traffic_percent: _Optional[float] = ..., shadow_percent: _Optional[float] = ..., version_policy: _Optional[str] = ..., memory_cpu_bytes: _Optional[int] = ..., memory_gpu_bytes: _Optional[int] = ..., gpu_allocated_delta_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., runtime_note: _Optional[str] = ...) -> None: ...
 
 class FindingPerformance(_message.Message):
     __slots__ = ("finding", "auroc", "auroc_ci_low", "auroc_ci_high", "threshold", "sensitivity", "specificity", "positives", "negatives")

@@ -1,0 +1,299 @@
+"""Export, quantize and run a torch network in OpenVINO, ONNX Runtime or TensorRT. Each backend writes its
+artefact into a cache directory once and runs from it on every later load; every import is lazy, so a
+backend whose library is missing fails its load (and the model falls back) instead of the service."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[Any], Any]  # torch.Tensor batch -> torch.Tensor output (on the input's device)
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (library missing, no GPU, no native precision): the model serves torch."""
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """True when this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): without them int8
+    still runs, emulated and slower."""
+    import torch
+
+    probes = ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")
+    for name in probes:
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def openvino_cpu_capabilities() -> list[str]:
+    """OpenVINO's CPU plugin OPTIMIZATION_CAPABILITIES, e.g. ['BF16', 'FP32', 'INT8', ...]."""
+    import openvino as ov
+
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+class Backend(ABC):
+    """One backend at one precision."""
+
+    name: str
+    recipe = "1"  # how this backend exports and quantizes: a new recipe makes new cache entries
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+
+    @abstractmethod
+    def available(self) -> None:
+        """Raise BackendUnavailable with the reason when it cannot run here."""
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Library versions an artefact depends on (part of the cache key)."""
+
+    @abstractmethod
+    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+        """Write the artefact for `module` (float32, eval, CPU) into `folder`."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> Forward:
+        """The forward of the artefact in `folder`."""
+
+
+def export_onnx(module: Any, example: Any, path: Path) -> None:
+    """`module` as ONNX with a dynamic batch dimension (input `x`, output `y`): what both CPU backends start
+    from (OpenVINO converts ONNX much faster than it traces torch)."""
+    import torch
+
+    module.eval()  # a wrapper module is built in training mode, and the exporter would keep that
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on CPU: float32, bfloat16 (INFERENCE_PRECISION_HINT) or int8 (NNCF post-training quantization)."""
+
+    name = "openvino"
+    recipe = "2: onnx opset 17, int8 keeps a CNN's MatMul in float"
+
+    def available(self) -> None:
+        try:
+            caps = openvino_cpu_capabilities()
+        except ImportError as exc:
+            raise BackendUnavailable(f"openvino is not installed ({exc})") from None
+        if self.precision == "bfloat16" and "BF16" not in caps:
+            raise BackendUnavailable(
+                f"this CPU has no native bfloat16 (OpenVINO CPU capabilities {caps}): bfloat16 would be emulated"
+            )
+        if self.precision == "int8" and not cpu_has_int8_dot_product():
+            log.warning("this CPU has no VNNI/AMX int8 instructions: int8 runs, but emulated and slower")
+
+    def versions(self) -> dict[str, str]:
+        import openvino as ov
+        import torch
+
+        out = {"openvino": ov.get_version(), "torch": torch.__version__}
+        if self.precision == "int8":
+            import nncf
+
+            out["nncf"] = nncf.__version__
+        return out
+
+    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+        import openvino as ov
+
+        onnx_path = folder / "model.onnx"
+        export_onnx(module, example, onnx_path)
+        model = ov.convert_model(str(onnx_path))
+        if self.precision == "int8":
+            import nncf
+
+            items = [x.unsqueeze(0).numpy() for x in calibration]
+            kwargs: dict[str, Any] = {"subset_size": len(items)}
+            if transformer:
+                kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+            else:  # a CNN's matrix products are its head: kept in float, its error would land on the outputs
+                kwargs["ignored_scope"] = nncf.IgnoredScope(types=["MatMul"], validate=False)
+            model = nncf.quantize(model, nncf.Dataset(items), **kwargs)
+        ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+        onnx_path.unlink()
+
+    def load(self, folder: Path) -> Forward:
+        import openvino as ov
+        import torch
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": _threads()}
+        if self.precision in ("float32", "bfloat16"):  # int8: the plugin's default for the layers left in float
+            config["INFERENCE_PRECISION_HINT"] = "bf16" if self.precision == "bfloat16" else "f32"
+        compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        local = threading.local()  # an infer request serves one call at a time: one per batching thread
+
+        def forward(x: Any) -> Any:
+            request = getattr(local, "request", None)
+            if request is None:
+                request = local.request = compiled.create_infer_request()
+            out = request.infer({0: x.detach().cpu().numpy()})[0]
+            return torch.from_numpy(out.copy())
+
+        return forward
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime's CPU execution provider: float32, or int8 by static QDQ quantization."""
+
+    name = "onnxruntime"
+    recipe = "2: onnx opset 17, int8 QDQ U8S8 per channel, keeps a CNN's Gemm/MatMul in float"
+
+    def available(self) -> None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable(f"onnxruntime is not installed ({exc})") from None
+        if self.precision == "int8" and not cpu_has_int8_dot_product():
+            log.warning("this CPU has no VNNI/AMX int8 instructions: int8 runs, but emulated and slower")
+
+    def versions(self) -> dict[str, str]:
+        import onnx
+        import onnxruntime
+        import torch
+
+        return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__}
+
+    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+        plain = folder / "model.onnx"
+        export_onnx(module, example, plain)
+        if self.precision != "int8":
+            return
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Reader(CalibrationDataReader):  # type: ignore[misc]
+            def __init__(self) -> None:
+                self.items = iter([{"x": x.unsqueeze(0).numpy()} for x in calibration])
+
+            def get_next(self) -> dict[str, Any] | None:
+                return next(self.items, None)
+
+        prepared = folder / "model.prepared.onnx"
+        quant_pre_process(str(plain), str(prepared))
+        head: list[str] = []
+        if not transformer:  # a CNN's matrix products are its head: kept in float (as for OpenVINO)
+            import onnx
+
+            graph = onnx.load(str(prepared), load_external_data=False).graph
+            head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+        quantize_static(
+            str(prepared),
+            str(folder / "model.int8.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=head,
+        )
+        prepared.unlink()
+        plain.unlink()
+
+    def load(self, folder: Path) -> Forward:
+        import onnxruntime as ort
+        import torch
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _threads()
+        name = "model.int8.onnx" if self.precision == "int8" else "model.onnx"
+        session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
+
+        def forward(x: Any) -> Any:
+            return torch.from_numpy(session.run(None, {"x": x.detach().cpu().numpy()})[0])
+
+        return forward
+
+
+class TensorRtBackend(Backend):
+    """torch-tensorrt (dynamo IR) on a CUDA device: float32 or float16."""
+
+    name = "tensorrt"
+    max_batch_size = 32
+
+    def available(self) -> None:
+        if not cuda_available():
+            raise BackendUnavailable("tensorrt needs a CUDA device and none is available")
+        try:
+            import torch_tensorrt  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch-tensorrt is not installed ({exc})") from None
+
+    def versions(self) -> dict[str, str]:
+        import torch
+        import torch_tensorrt
+
+        return {
+            "torch_tensorrt": torch_tensorrt.__version__,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(),
+        }
+
+    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+        import torch
+        import torch_tensorrt
+
+        shape = tuple(example.shape[1:])
+        spec = torch_tensorrt.Input(
+            min_shape=(1, *shape), opt_shape=(8, *shape), max_shape=(self.max_batch_size, *shape), dtype=torch.float32
+        )
+        dtype = torch.float16 if self.precision == "float16" else torch.float32
+        gpu_copy = copy.deepcopy(module).cuda().eval()  # `module` stays the CPU float32 reference
+        trt = torch_tensorrt.compile(gpu_copy, ir="dynamo", inputs=[spec], enabled_precisions={dtype})
+        torch_tensorrt.save(trt, str(folder / "model.ep"), inputs=[example.cuda()])
+
+    def load(self, folder: Path) -> Forward:
+        import torch
+        import torch_tensorrt
+
+        module = torch_tensorrt.load(str(folder / "model.ep")).module()
+
+        def forward(x: Any) -> Any:
+            with torch.inference_mode():
+                return module(x.cuda()).float()
+
+        return forward
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "openvino": OpenVinoBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+    "tensorrt": TensorRtBackend,
+}

@@ -1,0 +1,224 @@
+"""Choose what serves a model's forward at load: the configured runtime, exported once into the cache and
+kept only if the accuracy check passes, else float32 torch with the reason in the log and ListModels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_EXPORTS, RUNTIME_FALLBACK
+from cxr_serving.runtimes.backends import BACKENDS, Backend, BackendUnavailable, Forward
+from cxr_serving.runtimes.calibration import load_inputs, split_images
+from cxr_serving.runtimes.check import CheckResult
+from cxr_serving.runtimes.config import ResolvedRuntime
+
+log = logging.getLogger(__name__)
+
+CHECK_BATCH = 8  # check images per forward: bounded memory at any input size
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class RuntimeRequest:
+    """What a model hands over: its float32 network (eval, CPU, returning one tensor), how images become its
+    inputs, what identifies its weights, and how to judge an optimised output against float32's."""
+
+    model: str
+    module: Any
+    input_shape: tuple[int, ...]  # one item, e.g. (3, 224, 224)
+    identity: dict[str, Any]  # the checkpoint version, the weights' digest, the config that shapes the graph
+    preprocess: Callable[[Any], Any]  # DecodedImage -> one input tensor
+    judge: Callable[[Any, Any], CheckResult]  # (float32 outputs, optimised outputs) as numpy -> result
+    transformer: bool = False
+
+
+@dataclass
+class RuntimeOutcome:
+    """What serves: the runtime's forward (None: torch float32), its backend and precision, the check, the note."""
+
+    backend: str = "torch"
+    precision: str = "float32"
+    forward: Forward | None = None
+    note: str = ""  # ListModels' runtime_note: the check's numbers, or why float32 torch serves instead
+    check: CheckResult | None = None
+    exported: bool = False  # this load exported (False: reused the cache)
+    cache_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of every parameter and buffer, in order: the exact weights an artefact was made from."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[str]) -> str:
+    """Everything the artefact depends on: weights, graph config, backend, precision, input shape, library
+    versions, the backend's export recipe and, for int8, the calibration images."""
+    parts = {
+        "identity": request.identity,
+        "backend": runtime.backend,
+        "precision": runtime.precision,
+        "input_shape": list(request.input_shape),
+        "versions": backend.versions(),
+        "recipe": backend.recipe,
+        "calibration": calibration if runtime.precision == "int8" else [],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _batches(items: list[Any]) -> list[Any]:
+    import torch
+
+    return [torch.stack(items[i : i + CHECK_BATCH]) for i in range(0, len(items), CHECK_BATCH)]
+
+
+def _run(forward: Callable[[Any], Any], items: list[Any]) -> Any:
+    import numpy as np
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items)])
+
+
+def _export_into_cache(
+    runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[Any], folder: Path
+) -> bool:
+    """Export into `folder` unless a complete artefact is there already; True when this call exported."""
+    if (folder / META).is_file():
+        return False
+    import torch
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        example = torch.zeros(1, *request.input_shape)
+        backend.export(request.module, example, calibration, tmp, transformer=request.transformer)
+        RUNTIME_EXPORTS.labels(request.model, runtime.backend, runtime.precision).inc()  # the work, even if unused
+        (tmp / META).write_text(
+            json.dumps(
+                {
+                    "model": request.model,
+                    "backend": runtime.backend,
+                    "precision": runtime.precision,
+                    "identity": request.identity,
+                    "input_shape": list(request.input_shape),
+                    "versions": backend.versions(),
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same export first: use its artefact
+            if not (folder / META).is_file():
+                raise
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu") -> RuntimeOutcome:
+    """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
+    Never raises for a runtime problem: a model always loads in float32 torch at worst."""
+    if runtime is None or runtime.config.is_torch:
+        RUNTIME_FALLBACK.labels(request.model).set(0)
+        return RuntimeOutcome()
+    try:
+        outcome = _optimised(runtime, request, device)
+    except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
+        reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, BackendUnavailable):
+            log.exception("model %s: runtime %s/%s failed", request.model, runtime.backend, runtime.precision)
+        return _fallback(runtime, request, f"{runtime.backend}/{runtime.precision} unavailable: {reason}")
+    assert outcome.check is not None
+    for metric, value in outcome.check.numbers.items():
+        RUNTIME_CHECK.labels(request.model, runtime.backend, runtime.precision, metric).set(value)
+    if not outcome.check.passed:
+        return _fallback(
+            runtime,
+            request,
+            f"{runtime.backend}/{runtime.precision} failed the accuracy check against float32 torch: "
+            f"{outcome.check.why} ({outcome.check.summary()})",
+            outcome.check,
+        )
+    RUNTIME_FALLBACK.labels(request.model).set(0)
+    log.info(
+        "model %s: serving %s/%s (%s cache %s), accuracy check against float32 torch passed: %s; timings %s",
+        request.model,
+        runtime.backend,
+        runtime.precision,
+        "exported into" if outcome.exported else "reused",
+        outcome.cache_path,
+        outcome.check.summary(),
+        {k: round(v, 2) for k, v in outcome.timings.items()},
+    )
+    return outcome
+
+
+def _fallback(
+    runtime: ResolvedRuntime, request: RuntimeRequest, why: str, check: CheckResult | None = None
+) -> RuntimeOutcome:
+    log.warning(
+        "model %s: serving float32 torch instead of %s/%s: %s", request.model, runtime.backend, runtime.precision, why
+    )
+    RUNTIME_FALLBACK.labels(request.model).set(1)
+    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check)
+
+
+def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -> RuntimeOutcome:
+    backend = BACKENDS[runtime.backend](runtime.precision)
+    if runtime.backend != "tensorrt" and device != "cpu":
+        raise BackendUnavailable(f"{runtime.backend} runs on the CPU and this model is on {device}")
+    backend.available()
+    cfg = runtime.config
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    split = split_images(runtime.calibration_dir, cfg.calibration_images, cfg.check_images)
+    check_inputs = load_inputs(split.check, request.preprocess)
+    key = cache_key(runtime, request, backend, [p.name for p in split.calibration])
+    folder = runtime.cache_dir / request.model / key
+    calibration: list[Any] = []
+    if runtime.precision == "int8" and not (folder / META).is_file():
+        calibration = load_inputs(split.calibration, request.preprocess)
+    timings["images_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    exported = _export_into_cache(runtime, request, backend, calibration, folder)
+    timings["export_s" if exported else "cache_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    forward = backend.load(folder)
+    timings["compile_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    reference = _run(request.module, check_inputs)
+    got = _run(forward, check_inputs)
+    result = request.judge(reference, got)
+    timings["check_s"] = time.perf_counter() - started
+    return RuntimeOutcome(
+        runtime.backend,
+        runtime.precision,
+        forward,
+        f"accuracy check passed: {result.summary()}",
+        result,
+        exported,
+        folder,
+        timings,
+    )
