@@ -167,11 +167,14 @@ class InferenceDevice:
 def module_bytes(*modules: Any) -> dict[str, int]:
     """Bytes of the parameters and buffers of `modules` by device type ("cpu", "cuda"), each tensor counted
     once (a compiled runner shares its eager module's): what a loaded version holds, independent of the
-    allocator's caching."""
+    allocator's caching. A runner that is not a torch module (an OpenVINO or ONNX Runtime model) holds its
+    memory outside torch and is not counted."""
+    import torch
+
     seen: set[int] = set()
     out: dict[str, int] = {}
     for module in modules:
-        if module is None:
+        if not isinstance(module, torch.nn.Module):
             continue
         for t in [*module.parameters(), *module.buffers()]:
             if t.data_ptr() in seen:
