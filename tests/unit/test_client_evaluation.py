@@ -157,7 +157,7 @@ class _StandIn:
 
     async def list_models(self, service: str) -> list[SimpleNamespace]:
         labels = list(next(iter(self.answers.values())))
-        return [SimpleNamespace(name="m", labels=labels)]
+        return [SimpleNamespace(name="m", labels=labels, version="v1", role="serving")]
 
     async def classify(self, data: bytes, model_names: list[str]) -> SimpleNamespace:
         self.calls += 1
