@@ -424,6 +424,28 @@ SCHEMA: dict[str, Any] = {
         "vllm": vllm,
         "chroma": chroma,
         "kong": kong,
+        "evaluate": obj(
+            {
+                "enabled": B,
+                "image": ref("image"),
+                "service": {"enum": ["classification", "segmentation"]},
+                "model": {"type": "string", "pattern": r"^([A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?)?$"},
+                "labels": S,
+                "images": S,
+                "recordCard": B,
+                "extraArgs": {"type": "array", "items": S},
+                "timeoutSeconds": {"type": "number", "exclusiveMinimum": 0},
+                "dataset": obj({"existingClaim": S, "hostPath": S, "mountPath": {"type": "string", "pattern": "^/"}}),
+                "results": obj({"existingClaim": S}),
+                "backoffLimit": I0,
+                "activeDeadlineSeconds": I1,
+                "ttlSecondsAfterFinished": I0,
+                "resources": ref("resources"),
+                "nodeSelector": STRMAP,
+                "tolerations": ref("tolerations"),
+            },
+            desc="a Job running `cxr evaluate` against the chart's classification or segmentation Service",
+        ),
         "networkPolicy": obj(
             {
                 "monitoringNamespaceSelector": obj(

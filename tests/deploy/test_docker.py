@@ -243,3 +243,24 @@ def test_compose_mounts_existing_repo_files_and_renders_every_kong_placeholder(c
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     for svc in SERVICES:
         assert f"{svc}:{CONFIG['services'][svc]['metrics_port']}" in targets
+
+
+def test_client_image_has_the_cli_with_the_evaluate_extra_and_nothing_of_the_services() -> None:
+    """deploy/docker/client.Dockerfile, the image of the chart's evaluation Job (evaluate.image)."""
+    ins = instructions(DOCKER / "client.Dockerfile")
+    copies = {a.split()[0] for k, a in ins if k == "COPY" and not a.startswith("--from")}
+    assert copies == {"requirements/constraints.txt", "libs/protos", "libs/client"}
+    allowed = {ln.strip()[1:] for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
+    assert copies <= allowed
+    (pip,) = [a for k, a in ins if k == "RUN" and "pip install" in a]
+    assert 'pip install -c requirements/constraints.txt ./libs/protos "./libs/client[evaluate]"' in pip
+    final = _stages(ins)[-1]
+    assert {a for k, a in final if k == "COPY"} == {
+        "--from=build /opt/python /opt/python",
+        "--from=build /opt/venv /opt/venv",
+    }
+    user = [a for k, a in final if k == "USER"]
+    assert user and int(user[-1].split(":")[0]) >= 1000
+    assert json.loads(next(a for k, a in final if k == "ENTRYPOINT")) == ["cxr"]
+    values = yaml.safe_load((ROOT / "deploy" / "helm" / "cxr" / "values.yaml").read_text())
+    assert values["evaluate"]["image"]["repository"] == "cxr/client"

@@ -15,6 +15,7 @@ import io
 import json
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,3 +182,77 @@ def test_references_shifted_by_k_pixels_score_hd95_k(stack, served, tmp_path) ->
     assert heart["spurious"] == 1 and heart["hd95_images"] == heart["images"] - 1 == 5
     lo, hi = heart["dice_ci95"]
     assert lo <= heart["dice_mean"] <= hi < 1.0
+
+
+def test_a_candidate_version_is_evaluated_and_its_card_gets_dice_and_hd95(tmp_path, capsys) -> None:
+    """A checkpoint whose head makes most pixels positive loads beside the untrained serving version; the
+    references are its own masks of three images. `--model segmentation@<v>` pins every request to it
+    (Dice 1 everywhere, where the serving version's masks differ), `--record-card` puts Dice and HD95 on
+    its card with the dataset's hash and size, and the serving version's card keeps no evaluation. With
+    no --model, the serving one of the two loaded versions is evaluated."""
+    import torch
+
+    from cxr_segmentation.service import build_binding, build_model
+    from cxr_serving.lifecycle import checkpoint_version
+    from tests.support.servers import make_settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18"}
+    net, _ = build_model(make_settings(models__segmentation=seg, performance__warmup_batches=0)).build(None)
+    torch.nn.init.constant_(net.segmentation_head[0].bias, 5.0)
+    torch.save(net.state_dict(), models / "seg.pt")
+    version = checkpoint_version(models / "seg.pt")
+    stack = Stack({"segmentation": build_binding}, server_config__max_batch_size=1, models_path=str(models)).start()
+    try:
+
+        async def setup() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+            async with AsyncCxrClient(stack.config()) as c:
+                loaded = await c.load_model("segmentation", "segmentation", checkpoint_path="seg.pt", side_by_side=True)
+                assert (loaded.version, loaded.role) == (version, "standby")
+                out, area = {}, {"untrained": 0, version: 0}
+                for p in cxr14_images(3):
+                    r = await c.segment(p, model_name=f"segmentation@{version}")
+                    assert r.model.version == version
+                    out[p.stem] = {m.label: np.asarray(Image.open(io.BytesIO(m.png))) > 127 for m in r.masks}
+                    area[version] += sum(m.area_pixels for m in r.masks)
+                    area["untrained"] += sum(m.area_pixels for m in (await c.segment(p)).masks)
+                return out, area
+
+        candidate, area = asyncio.run(setup())
+        assert area[version] > area["untrained"]  # the versions' masks differ: a wrong pin cannot score Dice 1
+        masks = _write(tmp_path / "masks", candidate)
+        report = _evaluate(stack, masks, tmp_path / "eval", "--model", f"segmentation@{version}", "--record-card")
+        assert report["model"]["version"] == version and report["model_card"]["recorded"] is True
+        assert [c["dice_mean"] for c in report["classes"]] == [1.0] * len(CLASSES)
+
+        async def cards() -> tuple[Any, Any]:
+            async with AsyncCxrClient(stack.config()) as c:
+                pinned = await c.get_model_card("segmentation", f"segmentation@{version}")
+                return pinned, await c.get_model_card("segmentation", "segmentation")
+
+        card, serving = asyncio.run(cards())
+        ev = card.evaluation
+        assert card.version == version and ev.model_version == version
+        assert ev.dataset_sha256 == report["dataset"]["sha256"] and ev.dataset_images == 3
+        assert [c.class_name for c in ev.classes] == CLASSES and ev.macro_dice == 1.0
+        for got, want in zip(ev.classes, report["classes"], strict=True):
+            assert (got.images, got.dice_mean, got.hd95_images) == (3, 1.0, want["hd95_images"])
+            if want["hd95_images"]:
+                assert (got.hd95_mean, got.hd95_ci_low, got.hd95_ci_high) == (0.0, 0.0, 0.0)
+        assert serving.version == "untrained" and not serving.HasField("evaluation")
+        assert "no evaluation recorded" in serving.evaluation_note
+
+        with pytest.MonkeyPatch.context() as mp:
+            use_stack_env(stack, mp)
+            capsys.readouterr()
+            assert main(["models", "card", "segmentation", f"segmentation@{version}"]) == 0
+        text = capsys.readouterr().out
+        assert "3 images" in text and report["dataset"]["sha256"] in text and "macro Dice 1.000" in text
+        assert all(c in text for c in CLASSES) and "HD95" in text
+
+        default = _evaluate(stack, masks, tmp_path / "default")  # two versions loaded, no --model
+        assert default["model"]["version"] == "untrained"
+        assert [c["dice_mean"] for c in default["classes"]] != [1.0] * len(CLASSES)
+    finally:
+        stack.stop()

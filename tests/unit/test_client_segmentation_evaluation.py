@@ -162,10 +162,10 @@ def test_the_task_follows_the_input_and_other_task_options_are_refused(tmp_path:
     for extra, message in (
         (["--bins", "5"], "--bins"),
         (["--choose-thresholds", "youden"], "--choose-thresholds"),
-        (["--record-card"], "--record-card"),
     ):
         with pytest.raises(ValueError, match=f"{message}: classification only"):
             evaluation_task(_args(str(masks), str(images), *extra))
+    assert evaluation_task(_args(str(masks), str(images), "--record-card")) == "segmentation"  # cards keep Dice
     with pytest.raises(ValueError, match="--threshold: segmentation only"):
         evaluation_task(_args(str(labels), str(images), "--threshold", "0.4"))
     with pytest.raises(ValueError, match="needs a folder of reference masks"):

@@ -114,3 +114,48 @@ def test_the_card_reference_never_shows_the_servers_folder(tmp_path: Path) -> No
     elsewhere = card_file(str(tmp_path / "configured" / "nih.pt"))  # a configured checkpoint outside models_path
     assert card_reference(elsewhere, models) == "nih.pt.card.json"
     assert card_reference(inside, None) == "nih.pt.card.json"
+
+
+def _class(**fields) -> common_pb2.ClassSegmentationPerformance:
+    base = {"class_name": "heart", "images": 3, "dice_mean": 0.5, "dice_ci_low": 0.4, "dice_ci_high": 0.6}
+    return common_pb2.ClassSegmentationPerformance(**(base | fields))
+
+
+def _seg_evaluation(*classes: common_pb2.ClassSegmentationPerformance, **fields) -> common_pb2.ModelEvaluation:
+    base = {"model_version": "abc123", "dataset_sha256": "ab" * 32, "dataset_images": 3}
+    return common_pb2.ModelEvaluation(**(base | fields), classes=list(classes))
+
+
+def test_a_segmentation_evaluation_is_kept_and_attached_with_its_dice_and_hd95() -> None:
+    heart = _class(hd95_images=2, hd95_mean=4.5, hd95_ci_low=3.0, hd95_ci_high=6.0)
+    stored = evaluation_dict(_seg_evaluation(heart, macro_dice=0.5), ["heart", "left_lung"])
+    assert stored["classes"] == [
+        {"class_name": "heart", "images": 3, "dice_mean": 0.5, "dice_ci_low": 0.4, "dice_ci_high": 0.6,
+         "hd95_images": 2, "hd95_mean": 4.5, "hd95_ci_low": 3.0, "hd95_ci_high": 6.0}
+    ]  # fmt: skip
+    card = build_card(_status(), {"evaluation": stored}, "f")
+    assert card.evaluation.classes[0] == heart and card.evaluation.macro_dice == 0.5
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [
+        (_seg_evaluation(_class(class_name="")), "each class needs a name"),
+        (_seg_evaluation(_class(), _class()), "each class needs a name"),
+        (_seg_evaluation(_class(class_name="spleen")), "'spleen' is not a class of the model"),
+        (_seg_evaluation(_class(images=4)), "4 images (0 with HD95) of a dataset of 3"),
+        (_seg_evaluation(_class(images=0)), "0 images"),
+        (_seg_evaluation(_class(hd95_images=4)), "(4 with HD95)"),
+        (_seg_evaluation(_class(dice_ci_high=1.5)), "a Dice outside [0, 1]"),
+        (
+            _seg_evaluation(_class(), findings=[common_pb2.FindingPerformance(finding="heart")]),
+            "findings (classification) or classes (segmentation), not both",
+        ),
+    ],
+)
+def test_a_segmentation_evaluation_unfit_for_a_card_is_refused(
+    evaluation: common_pb2.ModelEvaluation, message: str
+) -> None:
+    with pytest.raises(InvalidInputError) as e:
+        evaluation_dict(evaluation, ["heart", "left_lung"])
+    assert e.value.reason == "EVALUATION_INCOMPLETE" and message in e.value.message

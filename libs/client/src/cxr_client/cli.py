@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--record-card",
         action="store_true",
-        help="record the results on the model card of the version evaluated (admin key; refused if another "
-        "version serves by then), after the reports are written: a refusal is a warning and exit code 3",
+        help="record the results on the model card of the version evaluated, a serving one or one loaded beside "
+        "it (admin key; refused if that version is unloaded, or no longer serves when it served), after the "
+        "reports are written: a refusal is a warning and exit code 3",
     )
 
     m = sub.add_parser("models", help="list, load or unload models, or show a model card")
@@ -207,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     mrollback = msub.add_parser("rollback", help="the previous serving version serves again, at once")
     mrollback.add_argument("service", help=any_model_service)
     mrollback.add_argument("model")
-    mcard = msub.add_parser("card", help="the model card of the version that serves")
+    mcard = msub.add_parser("card", help="the model card of the version that serves, or of name@version")
     mcard.add_argument("service", help=any_model_service)
-    mcard.add_argument("model")
+    mcard.add_argument("model", help="name (the serving version), or name@version (any loaded version)")
 
     g = sub.add_parser("ingest", help="add documents to the literature store (admin key)")
     g.add_argument("documents", type=Path, help="JSON lines, one cxr.rag.v1.Document each: id, text, title, source")
@@ -453,8 +454,7 @@ def evaluation_task(args: argparse.Namespace) -> str:
     if task == "auto":
         task = "segmentation" if args.labels.is_dir() else "classification"
     if task == "segmentation":
-        other = [flag for flag, v in (("--bins", args.bins), ("--choose-thresholds", args.choose_thresholds),
-                                      ("--record-card", args.record_card)) if v]  # fmt: skip
+        other = [flag for flag, v in (("--bins", args.bins), ("--choose-thresholds", args.choose_thresholds)) if v]
         if other:
             raise ValueError(f"{', '.join(other)}: classification only, not with a segmentation evaluation")
         if not args.labels.is_dir():
@@ -467,12 +467,39 @@ def evaluation_task(args: argparse.Namespace) -> str:
     return task
 
 
+async def _record_card(
+    client: AsyncCxrClient,
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    json_path: Path,
+    record: Callable[[AsyncCxrClient, dict[str, Any]], Awaitable[dict[str, Any]]],
+) -> int:
+    """With --record-card, record the written report on its version's card; a refusal keeps the evaluation
+    (already written) and is a warning and EVALUATION_NOT_RECORDED."""
+    from cxr_client.evaluation_report import write_evaluation_json
+
+    if not args.record_card:
+        return 0
+    rc = 0
+    try:
+        report["model_card"] = await record(client, report)
+    except CxrClientError as err:
+        report["model_card"] = {"recorded": False, "error": str(err)}
+        print(f"cxr: warning: the evaluation is written but --record-card failed: {err}", file=sys.stderr)
+        rc = EVALUATION_NOT_RECORDED
+    write_evaluation_json(report, json_path)
+    return rc
+
+
 async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     from cxr_client.evaluation import evaluate, record_on_card  # numpy and matplotlib: the `evaluate` extra
-    from cxr_client.evaluation_report import write_evaluation, write_evaluation_json
+    from cxr_client.evaluation_report import write_evaluation
 
     if evaluation_task(args) == "segmentation":
-        from cxr_client.segmentation_evaluation import evaluate_segmentation  # scipy: the `evaluate` extra too
+        from cxr_client.segmentation_evaluation import (  # scipy: the `evaluate` extra too
+            evaluate_segmentation,
+            record_segmentation_on_card,
+        )
 
         report = await evaluate_segmentation(
             client,
@@ -486,8 +513,9 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
         )
         paths = write_evaluation(report, args.out)
         print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
+        rc = await _record_card(client, args, report, paths["json"], record_segmentation_on_card)
         _emit(args, report, "\n".join([report["status"], *report["notes"], segmentation_table(report)]))
-        return 0
+        return rc
     report = await evaluate(
         client,
         args.labels,
@@ -501,15 +529,7 @@ async def cmd_evaluate(client: AsyncCxrClient, args: argparse.Namespace) -> int:
     )
     paths = write_evaluation(report, args.out)
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
-    rc = 0
-    if args.record_card:  # after the files: a refused recording keeps the evaluation
-        try:
-            report["model_card"] = await record_on_card(client, report)
-        except CxrClientError as err:
-            report["model_card"] = {"recorded": False, "error": str(err)}
-            print(f"cxr: warning: the evaluation is written but --record-card failed: {err}", file=sys.stderr)
-            rc = EVALUATION_NOT_RECORDED
-        write_evaluation_json(report, paths["json"])
+    rc = await _record_card(client, args, report, paths["json"], record_on_card)
     text = "\n".join([report["status"], *report["notes"], evaluation_table(report)])
     _emit(args, report, text)
     return rc
@@ -526,7 +546,27 @@ def card_text(card: Any) -> str:
         f"training data: {card.training_data or 'not declared'}",
         *(f"CONFLICT {c}" for c in card.conflicts),
     ]
-    if card.HasField("evaluation"):
+    if card.HasField("evaluation") and card.evaluation.classes:
+        ev = card.evaluation
+        lines.append(
+            f"evaluation {ev.evaluated_at}: {ev.dataset_images} images, dataset sha256 {ev.dataset_sha256}, "
+            f"macro Dice {ev.macro_dice:.3f}"
+        )
+        rows = [
+            [
+                c.class_name,
+                str(c.images),
+                f"{c.dice_mean:.3f}",
+                f"{c.dice_ci_low:.3f}-{c.dice_ci_high:.3f}",
+                str(c.hd95_images),
+                f"{c.hd95_mean:.1f}",
+                f"{c.hd95_ci_low:.1f}-{c.hd95_ci_high:.1f}",
+            ]
+            for c in ev.classes
+        ]
+        lines.append(table(rows, ["class", "images", "Dice", "95% CI", "HD95 images", "HD95 px", "95% CI"]))
+        lines += [f"note: {n}" for n in ev.notes]
+    elif card.HasField("evaluation"):
         ev = card.evaluation
         lines.append(
             f"evaluation {ev.evaluated_at}: {ev.dataset_images} images, dataset sha256 {ev.dataset_sha256}, "

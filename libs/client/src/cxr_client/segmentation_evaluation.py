@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,16 +160,31 @@ def dataset_hash(refs: References) -> str:
     return h.hexdigest()
 
 
-async def _model_info(client: AsyncCxrClient, model: str | None) -> Any:
+async def _model_info(client: AsyncCxrClient, model: str | None) -> tuple[Any, str]:
+    """The ModelInfo of the version to evaluate and the model name every request sends: `name@version`
+    pins that version (a candidate loaded beside the serving one), a plain name or no name (the only model)
+    is the version that serves."""
     models = list(await client.list_models("segmentation"))
-    if model is None:
-        if len(models) == 1:
-            return models[0]
-        raise ValueError(f"the segmentation service serves {[m.name for m in models]}: name one with --model")
-    for m in models:
-        if m.name == model:
-            return m
-    raise ValueError(f"model {model!r} is not served by the segmentation service; it serves {[m.name for m in models]}")
+    name, _, version = (model or "").partition("@")
+    names = sorted({m.name for m in models})
+    if not name:
+        if len(names) != 1:
+            raise ValueError(f"the segmentation service serves {names}: name one with --model")
+        name = names[0]
+    versions = [m for m in models if m.name == name]
+    if not versions:
+        raise ValueError(f"model {name!r} is not served by the segmentation service; it serves {names}")
+    if version:
+        pinned = [m for m in versions if m.version == version]
+        if not pinned:
+            loaded = [m.version for m in versions]
+            raise ValueError(f"model {name!r} has no version {version!r} loaded; loaded: {loaded}")
+        return pinned[0], f"{name}@{version}"
+    serving = [m for m in versions if m.role in ("", "serving")]
+    if len(serving) != 1:
+        raise ValueError(f"model {name!r}: no single serving version among {[m.version for m in versions]}")
+    info = serving[0]  # pinned too, so no canary share of the requests goes to another version
+    return info, f"{name}@{info.version}" if info.version else name
 
 
 def _predicted(response: Any) -> dict[str, np.ndarray]:
@@ -250,7 +266,7 @@ async def evaluate_segmentation(
         raise ValueError("concurrency must be >= 1")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be within (0, 1), or 0 for the model's configured one, not {threshold}")
-    info = await _model_info(client, model)
+    info, pinned = await _model_info(client, model)
     refs = read_references(masks, images, list(info.labels))
     digest = dataset_hash(refs)
     show = sys.stderr.isatty() if progress is None else progress
@@ -260,7 +276,7 @@ async def evaluate_segmentation(
         operation="segment",
         concurrency=concurrency,
         progress=show,
-        model_name=info.name,
+        model_name=pinned,
         classes=refs.classes,
         mask_encoding="png",
         threshold=threshold,
@@ -269,8 +285,8 @@ async def evaluate_segmentation(
         first = summary.failed[0]
         raise ValueError(f"{len(summary.failed)} images failed to segment; first: {first.path}: {first.error}")
     versions = {r.response.model.version for r in summary.results}
-    if len(versions) != 1:
-        raise ValueError(f"model {info.name!r} changed version during the evaluation: {sorted(versions)}")
+    if len(versions) != 1 or (info.version and versions != {info.version}):
+        raise ValueError(f"model {info.name!r}: version {info.version!r} asked, {sorted(versions)} answered")
     per_image: list[dict[str, Any]] = []
     bar = tqdm(total=len(refs.stems), desc="score", unit="img", disable=not show, leave=False)
     try:
@@ -312,3 +328,55 @@ async def evaluate_segmentation(
         "per_image": per_image,
         "notes": [UNTRAINED_NOTE] if untrained else [],
     }
+
+
+async def record_segmentation_on_card(client: AsyncCxrClient, report: dict[str, Any]) -> dict[str, Any]:
+    """Record the report on the card of the version it evaluated, as `cxr evaluate` does for a classifier: a
+    version loaded beside the serving one by `name@version` (the serving version's card stays as it is), the
+    serving version by its name (refused by the server when another version serves by then); what
+    `report["model_card"]` keeps of the card."""
+    name, version = report["model"]["name"], report["model"]["version"]
+    loaded = [m for m in await client.list_models("segmentation") if m.name == name and m.version == version]
+    if loaded and loaded[0].role not in ("", "serving"):
+        name = f"{name}@{version}"
+    card = await client.record_model_evaluation("segmentation", name, card_evaluation(report))
+    return {"recorded": True, "source": card.source, "digest": card.digest}
+
+
+def card_evaluation(report: dict[str, Any]) -> Any:
+    """The report's summary as the ModelEvaluation a model card keeps: per class the mean Dice and HD95 with
+    their bootstrap CIs and the images counted, the dataset's hash and size, the date (NaN: not estimable)."""
+    from cxr_protos.common.v1 import common_pb2
+
+    def num(value: float | None) -> float:
+        return math.nan if value is None else float(value)
+
+    def ci(pair: list[float] | None) -> tuple[float, float]:
+        return (num(pair[0]), num(pair[1])) if pair else (math.nan, math.nan)
+
+    classes = []
+    for c in report["classes"]:
+        (dice_low, dice_high), (hd_low, hd_high) = ci(c["dice_ci95"]), ci(c["hd95_ci95"])
+        classes.append(
+            common_pb2.ClassSegmentationPerformance(
+                class_name=c["class"],
+                images=c["images"],
+                dice_mean=num(c["dice_mean"]),
+                dice_ci_low=dice_low,
+                dice_ci_high=dice_high,
+                hd95_images=c["hd95_images"],
+                hd95_mean=num(c["hd95_mean"]),
+                hd95_ci_low=hd_low,
+                hd95_ci_high=hd_high,
+            )
+        )
+    return common_pb2.ModelEvaluation(
+        model_version=report["model"]["version"],
+        dataset_sha256=report["dataset"]["sha256"],
+        dataset_images=report["dataset"]["images"],
+        evaluated_at=report["generated_at"],
+        classes=classes,
+        macro_dice=num(report["macro_dice"]),
+        macro_auroc=math.nan,
+        notes=report["notes"],
+    )

@@ -201,7 +201,7 @@ class ModelAdmin:
     async def record_evaluation(self, name: str, evaluation: common_pb2.ModelEvaluation) -> common_pb2.ModelCard:
         """Attach `evaluation` to the card of the serving version; FAILED_PRECONDITION when it evaluated another."""
         status = self._serving(name)
-        record = evaluation_dict(evaluation)
+        record = evaluation_dict(evaluation, status.labels)
         if evaluation.model_version != status.version:
             raise CheckpointError(
                 f"model '{status.name}': the evaluation is of version {evaluation.model_version!r}, but version "

@@ -1,7 +1,8 @@
 """The model card of a served version: derived from the loaded model, declared next to its checkpoint.
 
 A card is stored as `<checkpoint>.card.json` beside the checkpoint file. Whoever loads the model declares
-`intended_use` and `training_data` there; `cxr evaluate --record-card` adds `evaluation` (RecordModelEvaluation).
+`intended_use` and `training_data` there; `cxr evaluate --record-card` adds `evaluation` (RecordModelEvaluation):
+AUROC per finding of a classifier, or Dice and HD95 per class of a segmentation model.
 The name, version, architecture, labels, task and preprocessing are always the loaded model's own: a
 declaration may state them (to pin what it was written for), and one that contradicts the loaded model is
 flagged in `conflicts` and never served in their place, as is any key this module does not know. An
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -78,7 +81,7 @@ def write_card_file(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def evaluation_dict(evaluation: common_pb2.ModelEvaluation) -> dict[str, Any]:
+def evaluation_dict(evaluation: common_pb2.ModelEvaluation, labels: Sequence[str] = ()) -> dict[str, Any]:
     """A ModelEvaluation checked for recording, as the card file stores it; INVALID_ARGUMENT when incomplete."""
     if not evaluation.model_version:
         raise InvalidInputError("evaluation.model_version is required", reason="EVALUATION_INCOMPLETE")
@@ -86,7 +89,37 @@ def evaluation_dict(evaluation: common_pb2.ModelEvaluation) -> dict[str, Any]:
         raise InvalidInputError(
             "evaluation.dataset_sha256 and a positive dataset_images are required", reason="EVALUATION_INCOMPLETE"
         )
+    if evaluation.findings and evaluation.classes:
+        raise InvalidInputError(
+            "an evaluation has findings (classification) or classes (segmentation), not both",
+            reason="EVALUATION_INCOMPLETE",
+        )
+    problems = _class_problems(evaluation, labels)
+    if problems:
+        raise InvalidInputError(f"evaluation.classes: {'; '.join(problems)}", reason="EVALUATION_INCOMPLETE")
     return json_format.MessageToDict(evaluation, preserving_proto_field_name=True)
+
+
+def _class_problems(evaluation: common_pb2.ModelEvaluation, labels: Sequence[str]) -> list[str]:
+    """What makes a segmentation evaluation's per-class results unfit for a card: a class without a name,
+    named twice or not among the model's `labels` (when given), counted over no image or over more images
+    than the dataset, or a Dice off [0, 1]."""
+    problems, seen = [], set()
+    for c in evaluation.classes:
+        if not c.class_name or c.class_name in seen:
+            problems.append(f"class {c.class_name!r}: each class needs a name of its own")
+        seen.add(c.class_name)
+        if labels and c.class_name not in labels:
+            problems.append(f"class {c.class_name!r} is not a class of the model; its classes are {list(labels)}")
+        if not 0 < c.images <= evaluation.dataset_images or not 0 <= c.hd95_images <= c.images:
+            problems.append(
+                f"class {c.class_name!r}: {c.images} images ({c.hd95_images} with HD95) of a dataset of "
+                f"{evaluation.dataset_images}"
+            )
+        dices = (c.dice_mean, c.dice_ci_low, c.dice_ci_high)
+        if any(not 0.0 <= d <= 1.0 for d in dices if not math.isnan(d)):
+            problems.append(f"class {c.class_name!r}: a Dice outside [0, 1]: {dices}")
+    return problems
 
 
 def build_card(status: ModelStatus, declared: dict[str, Any], source: str) -> common_pb2.ModelCard:

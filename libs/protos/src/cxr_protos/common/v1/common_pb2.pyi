@@ -131,7 +131,7 @@ class FindingPerformance(_message.Message):
     def __init__(self, finding: _Optional[str] = ..., auroc: _Optional[float] = ..., auroc_ci_low: _Optional[float] = ..., auroc_ci_high: _Optional[float] = ..., threshold: _Optional[float] = ..., sensitivity: _Optional[float] = ..., specificity: _Optional[float] = ..., positives: _Optional[int] = ..., negatives: _Optional[int] = ...) -> None: ...
 
 class ModelEvaluation(_message.Message):
-    __slots__ = ("model_version", "dataset_sha256", "dataset_images", "evaluated_at", "findings", "macro_auroc", "notes")
+    __slots__ = ("model_version", "dataset_sha256", "dataset_images", "evaluated_at", "findings", "macro_auroc", "notes", "classes", "macro_dice")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATASET_IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class ModelEvaluation(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     MACRO_AUROC_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MACRO_DICE_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     dataset_sha256: str
     dataset_images: int
@@ -146,7 +148,31 @@ class ModelEvaluation(_message.Message):
     findings: _containers.RepeatedCompositeFieldContainer[FindingPerformance]
     macro_auroc: float
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_version: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., dataset_images: _Optional[int] = ..., evaluated_at: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[FindingPerformance, _Mapping]]] = ..., macro_auroc: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    classes: _containers.RepeatedCompositeFieldContainer[ClassSegmentationPerformance]
+    macro_dice: float
+    def __init__(self, model_version: _Optional[str] = ..., dataset_sha256: _Optional[str] = ..., dataset_images: _Optional[int] = ..., evaluated_at: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[FindingPerformance, _Mapping]]] = ..., macro_auroc: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., classes: _Optional[_Iterable[_Union[ClassSegmentationPerformance, _Mapping]]] = ..., macro_dice: _Optional[float] = ...) -> None: ...
+
+class ClassSegmentationPerformance(_message.Message):
+    __slots__ = ("class_name", "images", "dice_mean", "dice_ci_low", "dice_ci_high", "hd95_images", "hd95_mean", "hd95_ci_low", "hd95_ci_high")
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DICE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    DICE_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    DICE_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    HD95_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    HD95_MEAN_FIELD_NUMBER: _ClassVar[int]
+    HD95_CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    HD95_CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    class_name: str
+    images: int
+    dice_mean: float
+    dice_ci_low: float
+    dice_ci_high: float
+    hd95_images: int
+    hd95_mean: float
+    hd95_ci_low: float
+    hd95_ci_high: float
+    def __init__(self, class_name: _Optional[str] = ..., images: _Optional[int] = ..., dice_mean: _Optional[float] = ..., dice_ci_low: _Optional[float] = ..., dice_ci_high: _Optional[float] = ..., hd95_images: _Optional[int] = ..., hd95_mean: _Optional[float] = ..., hd95_ci_low: _Optional[float] = ..., hd95_ci_high: _Optional[float] = ...) -> None: ...
 
 class ModelCard(_message.Message):
     __slots__ = ("name", "version", "architecture", "labels", "task", "untrained", "preprocessing", "intended_use", "training_data", "regulatory_status", "evaluation", "evaluation_note", "source", "conflicts", "digest")
