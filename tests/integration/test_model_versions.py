@@ -240,7 +240,6 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
         await two_versions(stub, models)
         failures: list[str] = []
         seen: list[str] = []
-        stop = asyncio.Event()
 
         async def worker(w: int) -> None:
             for i in range(per_worker):
@@ -249,8 +248,6 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
                     seen.append(r.predictions[0].model.version)
                 except grpc.aio.AioRpcError as exc:
                     failures.append(f"{exc.code().name}: {exc.details()}")
-                if stop.is_set():
-                    return
 
         async def served() -> str:
             r = await stub.ClassifyImage(classify(0), metadata=auth(), timeout=60)
@@ -268,6 +265,42 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
         roles = {m.version: m.role for m in await listed(stub)}
         assert roles == {a: "serving", b: "previous"}  # nothing was unloaded or loaded again
         await asyncio.gather(*load)
+    assert failures == []
+    assert len(seen) == workers * per_worker and set(seen) == {a, b}
+
+
+async def test_a_rollout_that_unloads_the_old_version_under_load_fails_no_request(checkpoints) -> None:
+    """Promote b, then at once UnloadModel name@a while 8 workers keep requests queued on a: a answers
+    them before it closes."""
+    models, a, b = checkpoints
+    s = settings(models)
+    workers, per_worker = 8, 12
+    async with (
+        running_server(s, build_binding(s)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        await two_versions(stub, models)
+        failures: list[str] = []
+        seen: list[str] = []
+
+        async def worker(w: int) -> None:
+            for i in range(per_worker):
+                try:
+                    r = await stub.ClassifyImage(classify(w + i), metadata=auth(), timeout=60)
+                    seen.append(r.predictions[0].model.version)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        load = [asyncio.ensure_future(worker(w)) for w in range(workers)]
+        while len(seen) < workers:  # a serves under load
+            assert not any(t.done() for t in load) or failures, failures
+            await asyncio.sleep(0.02)
+        await stub.PromoteModel(pb.PromoteModelRequest(model_name=MULTI, version=b), metadata=auth())
+        gone = await stub.UnloadModel(pb.UnloadModelRequest(model_name=f"{MULTI}@{a}"), metadata=auth())
+        assert gone.model.version == a and gone.model.state == common_pb2.MODEL_STATE_UNLOADED
+        await asyncio.gather(*load)
+        assert [m.version for m in await listed(stub)] == [b]
     assert failures == []
     assert len(seen) == workers * per_worker and set(seen) == {a, b}
 

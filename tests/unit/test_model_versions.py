@@ -144,3 +144,46 @@ async def test_shadow_runs_after_the_response_and_is_dropped_when_the_candidate_
     finally:
         GATE.set()
         await repo.close()
+
+
+async def _until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["promote then unload the old version", "a plain load replaces it"])
+async def test_a_version_taken_out_of_service_answers_every_request_already_queued_on_it(how: str) -> None:
+    """Its forward held, 4 unpinned and 2 pinned requests queued behind it: the unload (or the
+    replacing load) runs them all before the version closes; none fails."""
+    GATE.clear()
+    repo = _repo()
+    try:
+        await repo.load("v", Path("slow.pt"))
+        slow = repo.batcher("v", "slow.pt")
+        assert slow is not None
+        unpinned = [asyncio.ensure_future(_ask(repo, 1.0)) for _ in range(5)]
+        pinned = [asyncio.ensure_future(_ask(repo, 1.0, "slow.pt")) for _ in range(2)]
+        await _until(lambda: slow.queue_depth == 6, "1 forward held, 6 requests queued")
+        if how.startswith("promote"):
+            await repo.load("v", Path("b.pt"), side_by_side=True)
+            repo.promote("v", "b.pt")
+            admin = asyncio.ensure_future(repo.unload("v", "slow.pt"))
+        else:
+            admin = asyncio.ensure_future(repo.load("v", Path("b.pt")))
+        await _until(lambda: _serving(repo) == "b.pt", "b serves")
+        assert await _ask(repo, 1.0) == (2.0, "b.pt")  # new traffic goes to b while slow.pt drains
+        assert not admin.done() and slow.queue_depth == 6  # nothing of slow.pt's queue was failed
+        GATE.set()
+        results = await asyncio.gather(*unpinned, *pinned, return_exceptions=True)
+        assert results == [(3.0, "slow.pt")] * 7
+        await admin
+        assert [s.version for s in repo.version_statuses()] == ["b.pt"]
+    finally:
+        GATE.set()
+        await repo.close()
+
+
+def _serving(repo: ModelRepository) -> str:
+    return next((s.version for s in repo.version_statuses() if s.role == "serving"), "")
