@@ -16,9 +16,11 @@ import pytest
 from cxr_serving.errors import ModelNotFoundError, VersionStateError
 from cxr_serving.lifecycle import BatchingConfig, ModelRepository, ServedModel
 from cxr_serving.metrics import SHADOW_DROPPED, SHADOW_FLIPS, SHADOW_REQUESTS
+from cxr_serving.urgency import Priority, Urgency
 from cxr_serving.versions import VersionPolicy, WeightedCounter
 
 GATE = threading.Event()  # the "slow" version's forwards wait for it
+RAN: list[float] = []  # the items the "slow" version ran, in order
 
 
 class Versioned(ServedModel):
@@ -36,6 +38,7 @@ class Versioned(ServedModel):
     def predict(self, batch: list[Any]) -> Sequence[Any]:
         if self._version == "slow.pt":
             assert GATE.wait(30)
+            RAN.extend(batch)
         factor = {"a.pt": 1.0, "b.pt": 2.0, "slow.pt": 3.0}.get(self._version, 0.0)
         return [item * factor for item in batch]
 
@@ -54,9 +57,11 @@ def _repo(max_batch_size: int = 1) -> ModelRepository:
     return repo
 
 
-async def _ask(repo: ModelRepository, item: float, pin: str = "") -> tuple[float, str]:
-    with repo.expect(["v"], {"v": pin}) as dispatches:
-        out = await repo.predict("v", item, dispatches["v"])
+async def _ask(
+    repo: ModelRepository, item: float, pin: str = "", priority: Priority = Priority.ROUTINE
+) -> tuple[float, str]:
+    with repo.expect(["v"], {"v": pin}, priority=priority) as dispatches:
+        out = await repo.predict("v", item, dispatches["v"], Urgency(priority))
         return out, dispatches["v"].version
 
 
@@ -187,3 +192,31 @@ async def test_a_version_taken_out_of_service_answers_every_request_already_queu
 
 def _serving(repo: ModelRepository) -> str:
     return next((s.version for s in repo.version_statuses() if s.role == "serving"), "")
+
+
+@pytest.mark.parametrize("route", ["canary", "pinned"])
+async def test_a_stat_request_runs_next_on_the_canary_and_on_a_pinned_version(route: str) -> None:
+    """The candidate's forward held with 4 routine requests queued behind it: a STAT request sent last
+    (by the canary at 100 %, or pinning the version) is the next one its forward runs."""
+    GATE.clear()
+    RAN.clear()
+    repo = _repo()
+    try:
+        await repo.load("v", Path("a.pt"))
+        await repo.load("v", Path("slow.pt"), side_by_side=True)
+        pin = "slow.pt" if route == "pinned" else ""
+        if route == "canary":
+            repo.set_routing("v", candidate="slow.pt", canary_percent=100.0, shadow_percent=0.0)
+        slow = repo.batcher("v", "slow.pt")
+        assert slow is not None
+        routine = [asyncio.ensure_future(_ask(repo, float(i), pin)) for i in range(1, 6)]
+        await _until(lambda: slow.queue_depth == 4, "1 routine forward held, 4 routine requests queued")
+        stat = asyncio.ensure_future(_ask(repo, 100.0, pin, Priority.STAT))
+        await _until(lambda: slow.queue_depth == 5, "the STAT request queued last")
+        GATE.set()
+        results = await asyncio.gather(*routine, stat)
+        assert RAN == [1.0, 100.0, 2.0, 3.0, 4.0, 5.0]
+        assert {version for _, version in results} == {"slow.pt"}
+    finally:
+        GATE.set()
+        await repo.close()

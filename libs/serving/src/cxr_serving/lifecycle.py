@@ -8,7 +8,7 @@ Reloading a model that serves is validate-then-swap (Triton's model control does
 new version loads into a fresh instance (built by the model's factory) or fresh instance
 processes while the old one keeps answering; only a load that succeeded replaces it, and the old
 one is drained (the requests already sent to it are answered and its running forwards finish, up
-to `drain_grace_s`) before it is unloaded. A refused checkpoint leaves the served version as it
+to `shutdown_grace_s`) before it is unloaded. A refused checkpoint leaves the served version as it
 was. Unloading one version drains the same way; unloading the whole model refuses what is queued.
 """
 
