@@ -220,3 +220,34 @@ async def test_a_stat_request_runs_next_on_the_canary_and_on_a_pinned_version(ro
     finally:
         GATE.set()
         await repo.close()
+
+
+def _series_of(version: str) -> list[str]:
+    from prometheus_client import REGISTRY
+
+    return sorted(
+        {
+            s.name
+            for family in REGISTRY.collect()
+            if family.name.startswith(("cxr_model_version_", "cxr_shadow_"))
+            for s in family.samples
+            if s.labels.get("model") == "v" and s.labels.get("version") == version
+        }
+    )
+
+
+async def test_unloading_a_version_drops_its_request_and_shadow_series() -> None:
+    repo = _repo()
+    try:
+        await repo.load("v", Path("a.pt"))
+        await repo.load("v", Path("b.pt"), side_by_side=True)
+        repo.set_routing("v", candidate="b.pt", canary_percent=0.0, shadow_percent=100.0)
+        assert await _ask(repo, 1.0, "b.pt") == (2.0, "b.pt")
+        assert await _ask(repo, 1.0) == (1.0, "a.pt")  # shadowed on b
+        await _until(lambda: "cxr_shadow_requests_total" in _series_of("b.pt"), "b's shadow run compared")
+        assert {"cxr_model_version_requests_total", "cxr_shadow_flips_total"} <= set(_series_of("b.pt"))
+        await repo.unload("v", "b.pt")
+        assert _series_of("b.pt") == []
+        assert "cxr_model_version_requests_total" in _series_of("a.pt")  # the serving version's stay
+    finally:
+        await repo.close()

@@ -719,7 +719,7 @@ class ModelRepository:
             if slot is None:
                 dispatch.done()
                 raise self._not_ready(name)
-            dispatch.version, dispatch.shadow = slot.status.version, ""
+            dispatch.version, dispatch.shadow, dispatch.route = slot.status.version, "", "serving"
         dispatch.status = slot.status
         started = time.perf_counter()
         out = await slot.batcher.submit(item, dispatch.arrival, urgency)
@@ -819,6 +819,8 @@ class ModelRepository:
         finally:  # even when the drain is cancelled, the processes stop
             if self._retiring.get(key) is slot:
                 del self._retiring[key]
+            if slot.status.version not in self._versions.get(name, {}):  # not reloaded as the same version
+                _forget_version_series(name, slot.status.version)
             if slot.processes is not None:
                 await asyncio.to_thread(slot.processes.close)
 
@@ -852,6 +854,12 @@ def _forget_memory(name: str, version: str) -> None:
     for device in ("cpu", "cuda"):
         with contextlib.suppress(KeyError):
             MODEL_MEMORY.remove(name, version, device)
+
+
+def _forget_version_series(name: str, version: str) -> None:
+    """Drop a version's request and shadow series once it answered its last request, as its memory series."""
+    for metric in (VERSION_REQUESTS, VERSION_DURATION, SHADOW_REQUESTS, SHADOW_DROPPED, SHADOW_DELTA, SHADOW_FLIPS):
+        metric.remove_by_labels({"model": name, "version": version})
 
 
 def _gpu_allocated() -> int:

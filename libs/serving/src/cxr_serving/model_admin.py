@@ -34,7 +34,7 @@ from cxr_serving.model_card import (
     write_card_file,
 )
 from cxr_serving.proto_convert import model_info
-from cxr_serving.versions import VersionPolicy, VersionRole, split_name
+from cxr_serving.versions import VersionPolicy, split_name
 
 _POLICIES: dict[int, VersionPolicy] = {
     common_pb2.VERSION_POLICY_LATEST: VersionPolicy.LATEST,
