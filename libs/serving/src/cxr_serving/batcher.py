@@ -138,6 +138,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._worker: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers
         self._closed = False
+        self._draining = False  # closing with drain: batches form without waiting for more arrivals
 
     @property
     def queue_depth(self) -> int:
@@ -245,7 +246,7 @@ class DynamicBatcher(Generic[In, Out]):
                     batch.append(p)
                     continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._nothing_on_its_way():
+                if remaining <= 0 or self._nothing_on_its_way() or self._draining:
                     break
                 try:  # woken by a submit or a withdrawn announcement, whichever comes first
                     await asyncio.wait_for(self._changed.wait(), remaining)
@@ -345,6 +346,9 @@ class DynamicBatcher(Generic[In, Out]):
         ModelNotReadyError, and its thread still holds the model."""
         if drain and not self._closed:
             started = time.perf_counter()
+            self._draining = True  # no new traffic comes: what waits runs at once, not after the batch delay
+            if self._changed is not None:
+                self._changed.set()
             try:
                 while not self._idle() and (grace_s is None or time.perf_counter() - started < grace_s):
                     await asyncio.sleep(_DRAIN_POLL_S)
