@@ -109,7 +109,8 @@ async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch,
             loaded = await c.load_model("classification", MULTI, checkpoint_path="nih.pt")
             assert loaded.version == version and not loaded.untrained
             [info] = [m for m in await c.list_models("classification") if m.name == MULTI]
-            assert info.model_card == CARD_PATH  # ListModels links to the card
+            # ListModels links to this version's card; the plain CARD_PATH is the serving version's alias
+            assert info.model_card == f"/v1/classification/models/{MULTI}@{version}/card"
 
             card = await c.get_model_card("classification", MULTI)
             # derived fields are the loaded model's (ModelInfo's), declared ones come from the file
@@ -198,14 +199,15 @@ async def test_card_round_trip_record_and_version_pinning(tmp_path, monkeypatch,
             # the DICOM node's SR and FHIR Device carry the card's path from the service's real reply
             reply = await c.classify(sorted((CXR14 / "images").glob("*.png"))[0], model_names=[MULTI])
             results = classification_results(reply)
-            assert [r.algorithm.model_card for r in results] == [CARD_PATH]
+            link = f"/v1/classification/models/{MULTI}@{new_version}/card"  # the version that answered
+            assert [r.algorithm.model_card for r in results] == [link]
             source = pydicom.dcmread(DICOM_DIR / "nih-dx-mono2-8bit.dcm")
             sr = read_sr(bytes(_sr_bytes(source, results)))
             params = [i.TextValue for i in _walk(sr.ContentSequence) if _concept(i) == ("DCM", "111002")]
-            assert f"model_card={CARD_PATH}" in params
+            assert f"model_card={link}" in params
             bundle = build_bundle(source, results)
             [device] = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Device"]
-            assert device["property"] == [{"type": {"text": MODEL_CARD_PROPERTY}, "valueCode": [{"text": CARD_PATH}]}]
+            assert device["property"] == [{"type": {"text": MODEL_CARD_PROPERTY}, "valueCode": [{"text": link}]}]
 
 
 def _sr_bytes(source, results) -> bytes:
@@ -245,7 +247,7 @@ async def test_untrained_segmentation_card_lives_in_memory(tmp_path) -> None:
         )
         async with AsyncCxrClient(config) as c:
             [info] = await c.list_models("segmentation")
-            assert info.model_card == "/v1/segmentation/models/segmentation/card"
+            assert info.model_card == "/v1/segmentation/models/segmentation@untrained/card"
             card = await c.get_model_card("segmentation", "segmentation")
             assert card.untrained and card.version == "untrained" and card.source == IN_MEMORY
             assert card.regulatory_status == UNTRAINED_STATUS and card.training_data == "none: random weights"

@@ -143,7 +143,7 @@ async def test_canary_share_pins_and_listing(checkpoints) -> None:
             (b, "canary", CANARY),
         }
         infos = {m.version: m for m in await listed(stub)}
-        assert infos[a].model_card == f"/v1/classification/models/{MULTI}/card"
+        assert infos[a].model_card == f"/v1/classification/models/{MULTI}@{a}/card"
         assert infos[b].model_card == f"/v1/classification/models/{MULTI}@{b}/card"
         assert infos[a].memory_cpu_bytes == infos[b].memory_cpu_bytes > 20_000_000  # DenseNet-121: ~7M floats
         card = await stub.GetModelCard(pb.GetModelCardRequest(model_name=f"{MULTI}@{b}"), metadata=auth())
@@ -238,9 +238,10 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
     ):
         stub = pb_grpc.ClassificationServiceStub(ch)
         await two_versions(stub, models)
+        answered = (await stub.ClassifyImage(classify(0), metadata=auth())).predictions[0].model
+        assert answered.version == a and answered.model_card == f"/v1/classification/models/{MULTI}@{a}/card"
         failures: list[str] = []
         seen: list[str] = []
-        stop = asyncio.Event()
 
         async def worker(w: int) -> None:
             for i in range(per_worker):
@@ -249,8 +250,6 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
                     seen.append(r.predictions[0].model.version)
                 except grpc.aio.AioRpcError as exc:
                     failures.append(f"{exc.code().name}: {exc.details()}")
-                if stop.is_set():
-                    return
 
         async def served() -> str:
             r = await stub.ClassifyImage(classify(0), metadata=auth(), timeout=60)
@@ -261,6 +260,10 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
         promoted = await stub.PromoteModel(pb.PromoteModelRequest(model_name=MULTI, version=b), metadata=auth())
         assert promoted.model.version == b and promoted.model.role == "serving"
         assert await served() == b
+        # a report's card link, copied from a's answer, still names a's card after b was promoted
+        linked = answered.model_card.removeprefix("/v1/classification/models/").removesuffix("/card")
+        card = await stub.GetModelCard(pb.GetModelCardRequest(model_name=linked), metadata=auth())
+        assert card.card.version == a
         await asyncio.sleep(0.5)
         rolled = await stub.RollbackModel(pb.RollbackModelRequest(model_name=MULTI), metadata=auth())
         assert rolled.model.version == a
@@ -268,6 +271,42 @@ async def test_promote_and_rollback_under_load_fail_no_request(checkpoints) -> N
         roles = {m.version: m.role for m in await listed(stub)}
         assert roles == {a: "serving", b: "previous"}  # nothing was unloaded or loaded again
         await asyncio.gather(*load)
+    assert failures == []
+    assert len(seen) == workers * per_worker and set(seen) == {a, b}
+
+
+async def test_a_rollout_that_unloads_the_old_version_under_load_fails_no_request(checkpoints) -> None:
+    """Promote b, then at once UnloadModel name@a while 8 workers keep requests queued on a: a answers
+    them before it closes."""
+    models, a, b = checkpoints
+    s = settings(models)
+    workers, per_worker = 8, 12
+    async with (
+        running_server(s, build_binding(s)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        stub = pb_grpc.ClassificationServiceStub(ch)
+        await two_versions(stub, models)
+        failures: list[str] = []
+        seen: list[str] = []
+
+        async def worker(w: int) -> None:
+            for i in range(per_worker):
+                try:
+                    r = await stub.ClassifyImage(classify(w + i), metadata=auth(), timeout=60)
+                    seen.append(r.predictions[0].model.version)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        load = [asyncio.ensure_future(worker(w)) for w in range(workers)]
+        while len(seen) < workers:  # a serves under load
+            assert not any(t.done() for t in load) or failures, failures
+            await asyncio.sleep(0.02)
+        await stub.PromoteModel(pb.PromoteModelRequest(model_name=MULTI, version=b), metadata=auth())
+        gone = await stub.UnloadModel(pb.UnloadModelRequest(model_name=f"{MULTI}@{a}"), metadata=auth())
+        assert gone.model.version == a and gone.model.state == common_pb2.MODEL_STATE_UNLOADED
+        await asyncio.gather(*load)
+        assert [m.version for m in await listed(stub)] == [b]
     assert failures == []
     assert len(seen) == workers * per_worker and set(seen) == {a, b}
 
@@ -346,6 +385,12 @@ def test_cli_validate_card_canary_promote_flow(checkpoints, tmp_path, monkeypatc
         assert {(m["version"], m["role"]) for m in routed} == {(a, "serving"), (b, "canary")}
         listed = json.loads(cli("--json", "models", "list", "--service", "classification"))
         assert {m["version"]: m["traffic_percent"] for m in listed if m["name"] == MULTI} == {a: 80, b: 20}
+        # with the canary active, a plain `--model` evaluates the serving version: every request pins it (the
+        # run refuses responses of two versions), so none of the 40 went to the canary
+        cli("evaluate", str(labels), str(CXR14 / "images"), "--model", MULTI, "--out", str(tmp_path / "serving"),
+            "--bootstrap", "20")  # fmt: skip
+        report = json.loads((tmp_path / "serving" / "report.json").read_text())
+        assert report["model"]["version"] == a and report["dataset"]["images"] == 40
         assert f"{b} (serving)" in cli("models", "promote", "classification", MULTI)
         assert f"{a} (serving)" in cli("models", "rollback", "classification", MULTI)
         assert "UNLOADED" in cli("models", "unload", "classification", f"{MULTI}@{b}").upper()

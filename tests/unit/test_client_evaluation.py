@@ -154,6 +154,7 @@ class _StandIn:
         self.refuse_record = refuse_record
         self.calls = 0
         self.recorded = 0
+        self.asked: set[str] = set()  # the model names the requests named
 
     async def list_models(self, service: str) -> list[SimpleNamespace]:
         labels = list(next(iter(self.answers.values())))
@@ -161,6 +162,7 @@ class _StandIn:
 
     async def classify(self, data: bytes, model_names: list[str]) -> SimpleNamespace:
         self.calls += 1
+        self.asked.update(model_names)
         findings = [
             SimpleNamespace(label=label, probability=p, threshold=t, positive=p >= t)
             for label, (p, t) in self.answers[data].items()
@@ -216,6 +218,7 @@ def test_refused_record_card_keeps_the_written_evaluation(tmp_path: Path, capsys
     accepted = _StandIn(_answers())
     assert _evaluate_cli(accepted, labels, images, tmp_path / "ok", "--record-card") == 0
     assert accepted.recorded == 1
+    assert accepted.asked == {"m@v1"}  # `--model m` pins the version ListModels says serves
     assert json.loads((tmp_path / "ok" / "report.json").read_text())["model_card"]["recorded"] is True
 
 

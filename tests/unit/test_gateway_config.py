@@ -19,7 +19,7 @@ from cxr_gateway.kong_model import KongConfigError
 from cxr_gateway.limits import Acl, CorrelationId, KeyAuth, RateLimiter, SizeLimit
 from cxr_gateway.openapi import build_openapi
 from cxr_gateway.policies import Policies, RouteHit
-from cxr_gateway.roles import ADMIN_GROUP, INFERENCE_GROUP, admin_methods, unprotected_admin_routes
+from cxr_gateway.roles import ADMIN_GROUP, ADMIN_RPC_NAMES, INFERENCE_GROUP, admin_methods, unprotected_admin_routes
 from cxr_gateway.routes import PathTemplate, ProtoCatalog, match_rest
 from cxr_gateway.transcoding import (
     HTTP_STATUS_BY_CODE,
@@ -628,3 +628,10 @@ def test_event_loop_flag():
 
     assert _args([]).event_loop == "auto"
     assert _args(["--event-loop", "asyncio"]).event_loop == "asyncio"
+
+
+def test_the_fallback_admin_rpc_names_are_the_rpcs_the_protos_mark_admin():
+    """The gateway's list for a descriptor set without the access option cannot drift from the protos."""
+    from cxr_serving.roles import platform_admin_methods
+
+    assert {m.rsplit("/", 1)[1] for m in platform_admin_methods()} == ADMIN_RPC_NAMES

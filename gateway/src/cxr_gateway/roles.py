@@ -18,8 +18,21 @@ from cxr_gateway.routes import ProtoCatalog
 if TYPE_CHECKING:
     from cxr_gateway.kong_model import KongConfig
 
-# RPCs that change what the platform serves (weights, the literature index): admin keys only
-ADMIN_RPC_NAMES = frozenset({"LoadModel", "UnloadModel", "IngestDocuments"})
+# RPCs that change what the platform serves (weights, routing, cards, the literature index, the DICOM node's
+# dead letters): admin keys only. The fallback for a descriptor set without the access option; a unit test
+# keeps it equal to the RPCs the protos mark ACCESS_ADMIN.
+ADMIN_RPC_NAMES = frozenset(
+    {
+        "LoadModel",
+        "UnloadModel",
+        "RecordModelEvaluation",
+        "PromoteModel",
+        "RollbackModel",
+        "SetModelRouting",
+        "IngestDocuments",
+        "RetryDeadLetter",
+    }
+)
 ADMIN_GROUP = "admin"
 INFERENCE_GROUP = "inference"
 ACCESS_OPTION = "cxr.common.v1.access"

@@ -271,9 +271,13 @@ class ModelRun:
 async def _model_info(client: AsyncCxrClient, model: str) -> Any:
     """The ListModels entry of `model` (its serving version), or of `name@version` (a loaded version)."""
     name, _, version = model.partition("@")
-    for m in await client.list_models("classification"):
-        if m.name == name and (not version or m.version == version):
-            return m
+    found = [m for m in await client.list_models("classification") if m.name == name]
+    if version:
+        found = [m for m in found if m.version == version]
+    else:  # several versions loaded: the one that serves, not the first listed
+        found.sort(key=lambda m: m.role not in ("", "serving"))
+    if found:
+        return found[0]
     raise ValueError(f"model {model!r} is not served by the classification service")
 
 
@@ -383,8 +387,10 @@ async def evaluate(
     table = read_labels(labels_csv, list(info.labels))
     paths = _image_paths(images, table)
     digest = dataset_hash(labels_csv, paths)
+    # every request pins the version chosen now: a canary or a promote during the run does not mix versions
+    pinned = model if "@" in model else f"{info.name}@{info.version}"
     run = await run_model(
-        client, model, paths, concurrency=concurrency, progress=sys.stderr.isatty() if progress is None else progress
+        client, pinned, paths, concurrency=concurrency, progress=sys.stderr.isatty() if progress is None else progress
     )
     findings = []
     for k, label in enumerate(table.findings):

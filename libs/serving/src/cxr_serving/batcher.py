@@ -26,6 +26,7 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 log = logging.getLogger(__name__)
+_DRAIN_POLL_S = 0.005  # how often a draining close looks whether its queue has run out
 
 
 @dataclass
@@ -137,6 +138,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._worker: asyncio.Task[None] | None = None
         self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers
         self._closed = False
+        self._draining = False  # closing with drain: batches form without waiting for more arrivals
 
     @property
     def queue_depth(self) -> int:
@@ -244,7 +246,7 @@ class DynamicBatcher(Generic[In, Out]):
                     batch.append(p)
                     continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._nothing_on_its_way():
+                if remaining <= 0 or self._nothing_on_its_way() or self._draining:
                     break
                 try:  # woken by a submit or a withdrawn announcement, whichever comes first
                     await asyncio.wait_for(self._changed.wait(), remaining)
@@ -286,6 +288,17 @@ class DynamicBatcher(Generic[In, Out]):
             if not p.future.done():
                 p.future.set_exception(ModelNotReadyError(f"model '{self.name}' {what}", metadata={"model": self.name}))
 
+    def _stop_taking(self) -> asyncio.Task[None] | None:
+        """Close, stop the worker (it answers the batch it was forming) and answer every queued caller."""
+        self._closed = True
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()  # _collect answers the callers it holds
+        if self._queue is not None:
+            while (p := self._queue.pop()) is not None:
+                self._fail([p], "was unloaded")
+        return worker
+
     async def _run(self, live: list[_Pending[In, Out]]) -> None:
         if self._closed:  # closed before this batch reached a thread: its pool may be shut down
             self._fail(live, "was unloaded")
@@ -316,21 +329,40 @@ class DynamicBatcher(Generic[In, Out]):
             else:
                 p.future.set_result(result)
 
-    async def close(self, grace_s: float | None = None) -> bool:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _idle(self) -> bool:
+        return not self._running and self._upcoming <= 0 and self.queue_depth == 0
+
+    async def close(self, grace_s: float | None = None, *, drain: bool = False) -> bool:
         """Stop taking work and answer every caller; wait (up to `grace_s`, None: no limit) for the
-        batches already running, so that the weights their threads use can be freed after.
+        batches already running, so that the weights their threads use can be freed after. With
+        `drain`, the requests already queued or announced are run first, within the same grace: a
+        version that no longer receives new traffic answers the callers it has.
 
         Returns False when a forward was still running as the grace ran out: its callers then got
         ModelNotReadyError, and its thread still holds the model."""
-        self._closed = True
-        if self._worker is not None:
-            self._worker.cancel()  # _collect answers the callers it holds
+        if drain and not self._closed:
+            started = time.perf_counter()
+            self._draining = True  # no new traffic comes: what waits runs at once, not after the batch delay
+            if self._changed is not None:
+                self._changed.set()
+            try:
+                while not self._idle() and (grace_s is None or time.perf_counter() - started < grace_s):
+                    await asyncio.sleep(_DRAIN_POLL_S)
+            except BaseException:  # cancelled (shutdown): nobody is left waiting unanswered
+                self._stop_taking()
+                raise
+            if not self._idle():
+                log.warning("model %s: requests still queued after the %.1fs drain grace", self.name, grace_s)
+            if grace_s is not None:
+                grace_s = max(0.0, grace_s - (time.perf_counter() - started))
+        worker = self._stop_taking()
+        if worker is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        if self._queue is not None:
-            while (p := self._queue.pop()) is not None:
-                self._fail([p], "was unloaded")
+                await worker
         drained = True
         if self._running:
             _, late = await asyncio.wait(list(self._running), timeout=grace_s)

@@ -7,8 +7,9 @@ server when every enabled model is ready. No gRPC here.
 Reloading a model that serves is validate-then-swap (Triton's model control does the same): the
 new version loads into a fresh instance (built by the model's factory) or fresh instance
 processes while the old one keeps answering; only a load that succeeded replaces it, and the old
-one is drained (its running forwards finish, up to `shutdown_grace_s`) before it is unloaded. A
-refused checkpoint leaves the served version as it was. Unload drains the same way.
+one is drained (the requests already sent to it are answered and its running forwards finish, up
+to `shutdown_grace_s`) before it is unloaded. A refused checkpoint leaves the served version as it
+was. Unloading one version drains the same way; unloading the whole model refuses what is queued.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class BatchingConfig:
     max_queue_size: int = 256
     model_instances: int = 1  # batches of one model running at once
     instance_mode: str = "thread"  # or "process": each instance a worker process (instances.py)
-    drain_grace_s: float = 30.0  # unload/reload waits this long for forwards already running
+    drain_grace_s: float = 30.0  # a retired version answers its queue and finishes its forwards within this
 
     @classmethod
     def from_settings(
@@ -285,6 +286,7 @@ class ModelRepository:
         self._required: set[str] = set()
         self._status: dict[str, ModelStatus] = {}  # the model's state; its serving version's status once ready
         self._versions: dict[str, dict[str, _Version]] = {}  # name -> version -> what serves it
+        self._retiring: dict[tuple[str, str], _Version] = {}  # versions draining their queued requests
         self._routes: dict[str, VersionRoute] = {}
         self._factories: dict[str, ModelFactory] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -548,8 +550,8 @@ class ModelRepository:
                 " (UNTRAINED: random weights)" if new.untrained else "",
             )
             self._notify()
-            # the swap: new requests already go to the new version; the old ones drain
-            await asyncio.gather(*(self._stop_version(name, old, exclude=instance) for old in retired))
+            # the swap: new requests already go to the new version; the old ones answer what they have
+            await asyncio.gather(*(self._stop_version(name, old, exclude=instance, drain=True) for old in retired))
             return new
 
     async def load_all(self) -> None:
@@ -596,7 +598,7 @@ class ModelRepository:
             _forget_memory(name, version)
             self._refresh(name)
             log.info("model %s: version %s unloaded", name, version)
-            await self._stop_version(name, slot)
+            await self._stop_version(name, slot, drain=True)
             slot.status.state, slot.status.role, slot.status.traffic_percent = ModelState.UNLOADED, "", 0.0
             return slot.status
 
@@ -719,7 +721,9 @@ class ModelRepository:
             dispatch = self._dispatch(name, "", urgency.priority)
             if dispatch is None:
                 raise self._not_ready(name)
-        slot = self._versions.get(name, {}).get(dispatch.version)
+        slot = self._versions.get(name, {}).get(dispatch.version) or self._retiring.get((name, dispatch.version))
+        if slot is not None and slot.batcher.closed:
+            slot = None
         if slot is None:
             if dispatch.pinned:
                 dispatch.done()
@@ -730,7 +734,7 @@ class ModelRepository:
             if slot is None:
                 dispatch.done()
                 raise self._not_ready(name)
-            dispatch.version, dispatch.shadow = slot.status.version, ""
+            dispatch.version, dispatch.shadow, dispatch.route = slot.status.version, "", "serving"
         dispatch.status = slot.status
         started = time.perf_counter()
         out = await slot.batcher.submit(item, dispatch.arrival, urgency)
@@ -807,20 +811,31 @@ class ModelRepository:
             raise
         return instance, LoadedModel.of(instance), instance.predict
 
-    async def _retire(self, name: str, batcher: DynamicBatcher[Any, Any], instance: ServedModel | None) -> None:
-        """Drain a batcher (waiting callers answered, running forwards finished), then free its weights."""
+    async def _retire(
+        self, name: str, batcher: DynamicBatcher[Any, Any], instance: ServedModel | None, drain: bool
+    ) -> None:
+        """Close a batcher (with `drain`, its queued callers are run first), wait for its running
+        forwards, then free its weights."""
         grace = self._batching.drain_grace_s
-        if not await batcher.close(grace):
+        if not await batcher.close(grace, drain=drain):
             log.warning("model %s: a forward still runs after the %.0fs drain grace; freeing anyway", name, grace)
         if instance is not None:
             await asyncio.to_thread(instance.unload)
 
-    async def _stop_version(self, name: str, slot: _Version, exclude: object = None) -> None:
-        """Drain and close one version's batcher and free its instance (unless it is `exclude`, which
-        serves on), then stop its processes."""
+    async def _stop_version(self, name: str, slot: _Version, exclude: object = None, drain: bool = False) -> None:
+        """Close one version's batcher and free its instance (unless it is `exclude`, which serves on),
+        then stop its processes. `drain`: the version receives no new traffic, and the requests
+        already sent to it (queued, or announced and still decoding) are answered by it first."""
+        key = (name, slot.status.version)
+        if drain:
+            self._retiring[key] = slot
         try:
-            await self._retire(name, slot.batcher, slot.instance if slot.instance is not exclude else None)
+            await self._retire(name, slot.batcher, slot.instance if slot.instance is not exclude else None, drain)
         finally:  # even when the drain is cancelled, the processes stop
+            if self._retiring.get(key) is slot:
+                del self._retiring[key]
+            if slot.status.version not in self._versions.get(name, {}):  # not reloaded as the same version
+                _forget_version_series(name, slot.status.version)
             if slot.processes is not None:
                 await asyncio.to_thread(slot.processes.close)
 
@@ -854,6 +869,12 @@ def _forget_memory(name: str, version: str) -> None:
     for device in ("cpu", "cuda"):
         with contextlib.suppress(KeyError):
             MODEL_MEMORY.remove(name, version, device)
+
+
+def _forget_version_series(name: str, version: str) -> None:
+    """Drop a version's request and shadow series once it answered its last request, as its memory series."""
+    for metric in (VERSION_REQUESTS, VERSION_DURATION, SHADOW_REQUESTS, SHADOW_DROPPED, SHADOW_DELTA, SHADOW_FLIPS):
+        metric.remove_by_labels({"model": name, "version": version})
 
 
 def _gpu_allocated() -> int:

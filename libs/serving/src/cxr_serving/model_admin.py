@@ -34,7 +34,7 @@ from cxr_serving.model_card import (
     write_card_file,
 )
 from cxr_serving.proto_convert import model_info
-from cxr_serving.versions import VersionPolicy, VersionRole, split_name
+from cxr_serving.versions import VersionPolicy, split_name
 
 _POLICIES: dict[int, VersionPolicy] = {
     common_pb2.VERSION_POLICY_LATEST: VersionPolicy.LATEST,
@@ -62,11 +62,11 @@ class ModelAdmin:
 
     def info(self, status: ModelStatus) -> common_pb2.ModelInfo:
         """ModelInfo with the link to the card of its version (every response that names a model carries it):
-        the model's own link for the serving version, `name@version` for another loaded one."""
+        always `name@version`, so that a link copied into a report keeps naming the version that answered
+        after another one is promoted (the plain `name` route stays the serving version's)."""
         info = model_info(status)
         if self.rest_prefix:
-            serving = status.role in ("", VersionRole.SERVING)
-            key = status.name if serving else f"{status.name}@{status.version}"
+            key = f"{status.name}@{status.version}" if status.version else status.name
             info.model_card = f"{self.rest_prefix}/models/{key}/card"
         return info
 

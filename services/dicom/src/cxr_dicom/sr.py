@@ -12,7 +12,7 @@ sequence) and, in every measurement group, by SOP Class/Instance UID. Per algori
   the anatomy as finding site;
 - every group carries the TID 4019 Algorithm Identification (name, version, and as parameters the weights id
   the service reports, ``weights_id=``, the untrained flag and, when the service serves one, the model card's
-  REST path, e.g. ``model_card=/v1/classification/models/<name>/card``).
+  REST path, e.g. ``model_card=/v1/classification/models/<name>@<version>/card``).
 
 Codes are in `cxr_dicom.codes`. When any model is untrained the SR says "NOT FOR DIAGNOSTIC USE" where a
 viewer shows it: the series description, a TEXT "Comment" item right after the report's Language of Content

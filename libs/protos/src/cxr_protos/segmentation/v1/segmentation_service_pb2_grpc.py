@@ -147,7 +147,9 @@ class SegmentationServiceServicer:
 
     def SetModelRouting(self, request, context):
         """Name the candidate version, its canary share of unpinned requests and its shadow sample, and the
-        model's version policy.
+        model's version policy. The request replaces the whole routing: a request that sets only the policy
+        (empty candidate, both shares 0) also ends an active canary and shadow; resend the candidate and its
+        shares to keep them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
