@@ -2,8 +2,8 @@
 
 Walks the requirements of our packages and LitServe as installed in this virtualenv, skips what the
 target already has (`--present`: a file of package names, one per line or space-separated; torch,
-torchvision and NVIDIA's packages are always skipped, they must match the machine's CUDA), and
-downloads the rest for the target's Python into .whl/. `--force` downloads some anyway (packages
+torchvision and NVIDIA's packages, with their own requirements, are always skipped: they must match the
+machine's CUDA), and downloads the rest for the target's Python into .whl/. `--force` downloads some anyway (packages
 whose version must match ours: grpcio and protobuf for the generated code, timm for the models).
 Then copies a few NIH PNGs into .gpudata/ for the benchmarks.
 
@@ -31,11 +31,33 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def needed(present: set[str], force: set[str]) -> list[str]:
-    """name==version of every installed requirement of ROOTS the target lacks (or that is forced)."""
+def _requirements(name: str) -> list[str]:
+    """The installed distribution's unconditional requirements (none when it is not installed)."""
     from packaging.requirements import Requirement
 
-    present = present | ALWAYS_PRESENT
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        return []
+    reqs = (Requirement(raw) for raw in dist.requires or [])
+    return [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def _with_requirements(names: set[str]) -> set[str]:
+    """`names` and everything they require: a machine with CUDA torch has torch's own requirements too."""
+    out: set[str] = set()
+    todo = [norm(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(norm(r) for r in _requirements(name))
+    return out
+
+
+def needed(present: set[str], force: set[str]) -> list[str]:
+    """name==version of every installed requirement of ROOTS the target lacks (or that is forced)."""
+    present = present | _with_requirements(ALWAYS_PRESENT)
     seen: dict[str, str | None] = {}
     todo = list(ROOTS)
     while todo:
@@ -50,10 +72,7 @@ def needed(present: set[str], force: set[str]) -> list[str]:
         seen[name] = dist.version
         if name in present and name not in force:
             continue
-        for raw in dist.requires or []:
-            req = Requirement(raw)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
+        todo.extend(_requirements(name))
     return sorted(
         f"{n}=={v}"
         for n, v in seen.items()

@@ -58,6 +58,7 @@ RESERVED_NAMES = frozenset(
         "kong",
         "networkPolicy",
         "prometheusRule",
+        "evaluate",
     }
 )
 _DOTTED_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
