@@ -866,9 +866,8 @@ async def _free(instance: ServedModel | ProcessInstances) -> None:
 
 
 def _forget_memory(name: str, version: str) -> None:
-    for device in ("cpu", "cuda"):
-        with contextlib.suppress(KeyError):
-            MODEL_MEMORY.remove(name, version, device)
+    """Drop a version's memory series, whatever devices it reported."""
+    MODEL_MEMORY.remove_by_labels({"model": name, "version": version})
 
 
 def _forget_version_series(name: str, version: str) -> None:
