@@ -296,9 +296,11 @@ def post_bundle(
     *,
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
+    client: httpx.Client | None = None,
 ) -> dict[str, Any]:
-    """POST the transaction bundle to the FHIR server's base URL; the transaction-response, or FhirPostError."""
-    response = httpx.post(
+    """POST the transaction bundle to the FHIR server's base URL; the transaction-response, or FhirPostError.
+    ``client``: a long-lived client to send it with (its pool and TLS context reused), else a one-off request."""
+    response = (client.post if client is not None else httpx.post)(
         base_url.rstrip("/") + "/",
         content=bundle_json(bundle),
         headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **(headers or {})},
