@@ -3,9 +3,12 @@ different sources and models, and nothing of one study's SR turns up in the next
 
 from __future__ import annotations
 
+import itertools
+
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 
 from cxr_dicom import sr as sr_module
@@ -22,6 +25,7 @@ from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
 from cxr_dicom.sr import build_sr, sr_bytes
 from tests.support.paths import DICOM_DIR
 
+CONTENT_SEQUENCE = 0x0040A730
 TRACKING_UID = "112040"  # DCM "Tracking Unique Identifier": a new random UID per group and build
 CLOCK = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
 
@@ -189,7 +193,9 @@ def reference(monkeypatch) -> dict[str, dict]:
     its MeasurementsAndQualitativeEvaluations for the groups."""
     with monkeypatch.context() as patch:
         patch.setattr(sr_module, "_comprehensive_sr", straightforward)
-        patch.setattr(sr_module, "measurement_groups", highdicom_groups)
+        patch.setattr(
+            sr_module, "group_sequence", lambda s, r: DataElement(CONTENT_SEQUENCE, "SQ", highdicom_groups(s, r))
+        )
         return {name: normalized(build(name)) for name in STUDIES}
 
 
@@ -244,3 +250,28 @@ def test_the_srs_fast_encoding_is_pydicoms_byte_for_byte_and_text_it_does_not_co
     sr = build_sr(pydicom.dcmread(path), accented)
     assert _encoded_items(sr.ContentSequence[-1].ContentSequence) is None
     assert encode_sr(sr) == sr_bytes(sr)
+
+
+def test_the_srs_groups_go_in_encoded_as_pydicom_writes_the_same_groups_built_as_its_items(monkeypatch):
+    """`build_sr` puts the groups in already encoded (a raw element, never parsed on the way out); with the same
+    tracking UIDs, the SR's bytes equal pydicom's writing of the groups built as pydicom items, for every study."""
+    from cxr_dicom.sr import encode_sr, group_sequence, measurement_groups
+
+    counter = [itertools.count()]
+    monkeypatch.setattr(sr_module, "_tracking_uid", lambda: f"2.25.{next(counter[0])}")
+    for name, (path, results) in STUDIES.items():
+        source = pydicom.dcmread(path)
+        counter[0] = itertools.count()
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                sr_module, "group_sequence", lambda s, r: DataElement(CONTENT_SEQUENCE, "SQ", measurement_groups(s, r))
+            )
+            sr = build_sr(source, results, series_instance_uid="2.25.1", sop_instance_uid="2.25.2")
+        slow = sr_bytes(sr)
+        counter[0] = itertools.count()
+        imaging = sr.ContentSequence[-1]
+        imaging[CONTENT_SEQUENCE] = group_sequence(source, results)
+        assert isinstance(imaging.get_item(CONTENT_SEQUENCE), RawDataElement), name
+        assert encode_sr(sr) == slow, name
+        built = build_sr(source, results)
+        assert isinstance(built.ContentSequence[-1].get_item(CONTENT_SEQUENCE), RawDataElement), name
