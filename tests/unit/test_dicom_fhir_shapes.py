@@ -12,8 +12,8 @@ import pytest
 from cxr_dicom import fhir
 from cxr_dicom.fhir import build_bundle, validate_bundle
 from cxr_dicom.results import AlgorithmResult, Finding, Measurement
+from tests.support.dicom_results import A_RESULTS, B_RESULTS, served_results
 from tests.support.paths import DICOM_DIR
-from tests.unit.test_dicom_sr_fast_path import A_RESULTS, B_RESULTS, served_results
 
 SEEDS = range(4)
 SUBJECTS = (None, {"reference": "Patient/123"})

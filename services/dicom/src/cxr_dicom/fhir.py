@@ -250,7 +250,7 @@ def build_bundle(
 # The shapes (`_shape`) of the bundles fhir.resources validated in this process. A bundle is fully validated unless
 # one of its shape was and it differs from that one only in values whose FHIR rules `_plain_values` checks: finite
 # decimals and DICOM UIDs (digits and dots) in strings; its codes, texts, units, devices and structure are the
-# validated bundle's (bench/README.md, DICOM node, has what the full validation of every bundle cost).
+# validated bundle's.
 MAX_VALIDATED_SHAPES = 1024
 _VALIDATED_SHAPES: set[tuple[Any, ...]] = set()
 _DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
