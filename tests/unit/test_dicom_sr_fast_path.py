@@ -3,9 +3,12 @@ different sources and models, and nothing of one study's SR turns up in the next
 
 from __future__ import annotations
 
+import itertools
+
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 
 from cxr_dicom import sr as sr_module
@@ -18,65 +21,14 @@ from cxr_dicom.codes import (
     measurement_concept,
     unit_concept,
 )
-from cxr_dicom.results import Algorithm, AlgorithmResult, Finding, Measurement
+from cxr_dicom.results import Algorithm, AlgorithmResult
 from cxr_dicom.sr import build_sr, sr_bytes
+from tests.support.dicom_results import A_RESULTS, B_RESULTS, NIH_LABELS, served_results
 from tests.support.paths import DICOM_DIR
 
+CONTENT_SEQUENCE = 0x0040A730
 TRACKING_UID = "112040"  # DCM "Tracking Unique Identifier": a new random UID per group and build
 CLOCK = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
-
-A_RESULTS = (
-    AlgorithmResult(
-        Algorithm("densenet121-res224-nih", "1.2.0", "9f2c" * 16, untrained=True),
-        (Finding("Effusion", 0.81, 0.5, True), Finding("Pleural_Thickening", 0.12, 0.35, False)),
-    ),
-    AlgorithmResult(
-        Algorithm("cxr-unet-anatomy", "0.3.1", "a1b2" * 16),
-        (),
-        (Measurement("cardiothoracic_ratio", 0.47, "1"), Measurement("heart_area", 10234.5, "mm2")),
-    ),
-)
-B_RESULTS = (
-    AlgorithmResult(
-        Algorithm("swin-nih", "7.0", "0c0d" * 16),
-        (Finding("Mass", 0.2, 0.6, False), Finding("Nodule", 0.9, 0.3, True), Finding("Edema", 0.4, 0.4, True)),
-    ),
-    AlgorithmResult(
-        Algorithm("unet-lungs", "2.1", "e5f6" * 16, untrained=True),
-        (),
-        (Measurement("left_lung_area", 20480.0, "mm2"), Measurement("thorax_width", 280.5, "mm")),
-    ),
-)
-NIH_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)  # fmt: skip
-VALUES = (0.0, 1.0, 0.5, 1e-7, 0.123456789012345, 0.999999999, 3.14159e-3, 0.33333333333333337)
-MEASUREMENTS = (
-    ("cardiothoracic_ratio", "1"), ("heart_width", "mm"), ("thorax_width", "px"), ("heart_area", "mm2"),
-    ("left_lung_area", "mm2"), ("right_lung_area", "px2"), ("left_clavicle_area", "mm2"), ("mediastinum_area", "px2"),
-)  # fmt: skip
-
-
-def served_results(seed: int) -> tuple[AlgorithmResult, ...]:
-    """Results shaped as the services' (a binary and a 14-finding classifier, a U-Net's measurements)."""
-    value = lambda k: VALUES[(seed + k) % len(VALUES)] * (1 if k % 3 else 12345.678901234)  # noqa: E731
-    return (
-        AlgorithmResult(
-            Algorithm("binary_classifier", f"v{seed}", f"{seed:x}" * 16, untrained=seed % 2 == 0, model_card="/v1/c"),
-            (Finding("abnormal", value(1) % 1, 0.5, seed % 3 == 0),),
-        ),
-        AlgorithmResult(
-            Algorithm("multiclass_classifier", "1.0", "c0ffee" * 10, untrained=seed % 2 == 1),
-            tuple(Finding(label, value(i) % 1, value(i + 1) % 1, i % 2 == 0) for i, label in enumerate(NIH_LABELS)),
-        ),
-        AlgorithmResult(
-            Algorithm("segmentation", "2", "2", untrained=True),
-            (),
-            tuple(Measurement(name, value(i), unit) for i, (name, unit) in enumerate(MEASUREMENTS)),
-        ),
-    )
-
 
 STUDIES = {
     "A": (DICOM_DIR / "nih-dx-mono2-8bit.dcm", A_RESULTS),
@@ -189,7 +141,9 @@ def reference(monkeypatch) -> dict[str, dict]:
     its MeasurementsAndQualitativeEvaluations for the groups."""
     with monkeypatch.context() as patch:
         patch.setattr(sr_module, "_comprehensive_sr", straightforward)
-        patch.setattr(sr_module, "measurement_groups", highdicom_groups)
+        patch.setattr(
+            sr_module, "group_sequence", lambda s, r: DataElement(CONTENT_SEQUENCE, "SQ", highdicom_groups(s, r))
+        )
         return {name: normalized(build(name)) for name in STUDIES}
 
 
@@ -244,3 +198,28 @@ def test_the_srs_fast_encoding_is_pydicoms_byte_for_byte_and_text_it_does_not_co
     sr = build_sr(pydicom.dcmread(path), accented)
     assert _encoded_items(sr.ContentSequence[-1].ContentSequence) is None
     assert encode_sr(sr) == sr_bytes(sr)
+
+
+def test_the_srs_groups_go_in_encoded_as_pydicom_writes_the_same_groups_built_as_its_items(monkeypatch):
+    """`build_sr` puts the groups in already encoded (a raw element, never parsed on the way out); with the same
+    tracking UIDs, the SR's bytes equal pydicom's writing of the groups built as pydicom items, for every study."""
+    from cxr_dicom.sr import encode_sr, group_sequence, measurement_groups
+
+    counter = [itertools.count()]
+    monkeypatch.setattr(sr_module, "_tracking_uid", lambda: f"2.25.{next(counter[0])}")
+    for name, (path, results) in STUDIES.items():
+        source = pydicom.dcmread(path)
+        counter[0] = itertools.count()
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                sr_module, "group_sequence", lambda s, r: DataElement(CONTENT_SEQUENCE, "SQ", measurement_groups(s, r))
+            )
+            sr = build_sr(source, results, series_instance_uid="2.25.1", sop_instance_uid="2.25.2")
+        slow = sr_bytes(sr)
+        counter[0] = itertools.count()
+        imaging = sr.ContentSequence[-1]
+        imaging[CONTENT_SEQUENCE] = group_sequence(source, results)
+        assert isinstance(imaging.get_item(CONTENT_SEQUENCE), RawDataElement), name
+        assert encode_sr(sr) == slow, name
+        built = build_sr(source, results)
+        assert isinstance(built.ContentSequence[-1].get_item(CONTENT_SEQUENCE), RawDataElement), name

@@ -20,6 +20,8 @@ Contents (codes in `cxr_dicom.codes`, which says which are SNOMED CT / DICOM and
   bodySite = the anatomy, value = a UCUM quantity.
 - DiagnosticReport (category RAD, code LOINC 43468-8 "X-Ray Report" as published in DICOM PS3.16) with the
   observations as ``result`` and a conclusion listing the positive findings.
+- Validation: the first bundle of each shape (algorithms, labels, measurement names and units, subject) in full;
+  a later one of that shape is validated in full too unless its other values are finite numbers and DICOM UIDs.
 
 Status is ``preliminary`` everywhere: a model's output is not a signed report until a radiologist verifies
 it. When a model is untrained, every resource from it carries "NOT FOR DIAGNOSTIC USE" in a note (the
@@ -33,7 +35,9 @@ twice creates nothing new while new weights, a new version or new thresholds cre
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
@@ -234,8 +238,46 @@ def build_bundle(
     }
     entries.append(_entry(report, report_id, report_key))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    validate_bundle(bundle)
+    shape = _shape(results, subject, bool(positives))
+    plain = _plain_values(source, results)
+    if not (plain and shape in _VALIDATED_SHAPES):
+        validate_bundle(bundle)
+        if plain and len(_VALIDATED_SHAPES) < MAX_VALIDATED_SHAPES:
+            _VALIDATED_SHAPES.add(shape)
     return bundle
+
+
+# The shapes (`_shape`) of the bundles fhir.resources validated in this process. A bundle is fully validated unless
+# one of its shape was and it differs from that one only in values whose FHIR rules `_plain_values` checks: finite
+# decimals and DICOM UIDs (digits and dots) in strings; its codes, texts, units, devices and structure are the
+# validated bundle's.
+MAX_VALIDATED_SHAPES = 1024
+_VALIDATED_SHAPES: set[tuple[Any, ...]] = set()
+_DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def _shape(results: Sequence[AlgorithmResult], subject: Mapping[str, Any] | None, positive: bool) -> tuple[Any, ...]:
+    """All a bundle's content depends on besides the source's UIDs, the numbers and which findings are positive:
+    the algorithms, their finding labels, measurement names and units, the subject, and whether any is positive
+    (the conclusion's form; its list is made of labels the bundle also has as texts)."""
+    return (
+        json.dumps(subject, sort_keys=True) if subject is not None else None,
+        positive,
+        tuple(
+            (r.algorithm, tuple(f.label for f in r.findings), tuple((m.name, m.unit) for m in r.measurements))
+            for r in results
+        ),
+    )
+
+
+def _plain_values(source: Dataset, results: Sequence[AlgorithmResult]) -> bool:
+    """Every number finite (a FHIR decimal) and the source's Study, Series and SOP Instance UIDs DICOM UIDs."""
+    uids = (source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID)
+    if not all(isinstance(u, str) and len(u) <= 64 and _DICOM_UID.fullmatch(u) for u in uids):
+        return False
+    numbers = [x for r in results for f in r.findings for x in (f.probability, f.threshold)]
+    numbers += [m.value for r in results for m in r.measurements]
+    return all(math.isfinite(x) for x in numbers)
 
 
 def validate_bundle(bundle: Mapping[str, Any]) -> None:
@@ -296,9 +338,11 @@ def post_bundle(
     *,
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
+    client: httpx.Client | None = None,
 ) -> dict[str, Any]:
-    """POST the transaction bundle to the FHIR server's base URL; the transaction-response, or FhirPostError."""
-    response = httpx.post(
+    """POST the transaction bundle to the FHIR server's base URL; the transaction-response, or FhirPostError.
+    ``client``: a long-lived client to send it with (its pool and TLS context reused), else a one-off request."""
+    response = (client.post if client is not None else httpx.post)(
         base_url.rstrip("/") + "/",
         content=bundle_json(bundle),
         headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **(headers or {})},

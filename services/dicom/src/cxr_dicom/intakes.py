@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import logging
 import shutil
@@ -18,6 +19,7 @@ from typing import IO, Any
 import uvicorn
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -49,10 +51,8 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
     ae.require_called_aet = True
     if cfg.accepted_calling_ae_titles:
         ae.require_calling_aet = list(cfg.accepted_calling_ae_titles)
-    for context in StoragePresentationContexts:
-        if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification)
+    contexts = supported_contexts()
+    ae.supported_contexts = contexts
 
     def on_store(event: Any) -> int | Dataset:
         calling = str(event.assoc.requestor.ae_title).strip()
@@ -77,7 +77,36 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
         metrics.accepted("dimse")
         return 0x0000
 
-    return ae.start_server((host, cfg.dimse_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return ae.start_server(
+        (host, cfg.dimse_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)], contexts=contexts
+    )
+
+
+class _KeptContext(PresentationContext):
+    """A presentation context the SCP supports. pynetdicom deep-copies the SCP's contexts for every association
+    (every storage class in every transfer syntax: thousands of UIDs, each re-validated when copied); the values
+    are immutable UIDs, so the copy shares them and copies only the list."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _KeptContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """Every storage SOP class in every transfer syntax, and Verification (as `AE.add_supported_context` makes
+    them), as `_KeptContext`s."""
+    ae = AE()
+    for context in StoragePresentationContexts:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    kept: list[PresentationContext] = []
+    for context in ae.supported_contexts:
+        clone = _KeptContext()
+        clone.__dict__.update(copy.deepcopy(context.__dict__))
+        kept.append(clone)
+    return kept
 
 
 # -- STOW-RS ------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ the workers with the gRPC API, and stops them in the reverse order."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -84,6 +86,7 @@ class DicomNode:
         await self.stow.start()
         self.scp = await asyncio.to_thread(start_scp, self.cfg, self.intake, self.host)
         self.dimse_port = int(self.scp.server_address[1])
+        freeze_startup_heap()
         self.started = True
 
     async def stop(self) -> None:
@@ -100,6 +103,15 @@ class DicomNode:
             metrics.QUEUES.detach(self.queue)
             self.queue.close()
         self.lock.release()
+
+
+def freeze_startup_heap() -> None:
+    """Take what start-up made (modules, the FHIR models validation loads on demand, the SCP's contexts) out of the
+    garbage collector's view: pynetdicom's server runs a full ``gc.collect()`` every 60 turns of its loop, and a full
+    collection walks every tracked object in the process."""
+    for module in ("auditevent", "bundle", "device", "diagnosticreport", "observation"):
+        importlib.import_module(f"fhir.resources.R4B.{module}")
+    gc.freeze()
 
 
 SCP_DRAIN_S = 30.0

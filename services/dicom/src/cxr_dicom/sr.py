@@ -35,12 +35,12 @@ import io
 import struct
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import highdicom as hd
 from pydicom import DataElement, Dataset, config, dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.sr.codedict import codes
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
@@ -151,9 +151,11 @@ def _source_header(source: Dataset) -> Dataset:
     return header
 
 
-# The TID 1501 measurement groups, the bulk of the SR, are built as plain pydicom items: the same items highdicom's
+# The TID 1501 measurement groups, the bulk of the SR, are built as light items (``Item``: tag -> (VR, value)) and
+# encoded straight to bytes, or turned into plain pydicom items where bytes will not do: the same items highdicom's
 # MeasurementsAndQualitativeEvaluations builds (tests/unit/test_dicom_sr_fast_path.py compares them), without its
-# per-item checks and concept hashing.
+# per-item checks and concept hashing, nor pydicom's per-element bookkeeping.
+Item = dict[int, tuple[str, Any]]
 _CONCEPT_NAME = 0x0040A043
 _CONCEPT_CODE = 0x0040A168
 _RELATIONSHIP = 0x0040A010
@@ -171,16 +173,25 @@ FINDING_SITE = Concept("SCT", "363698007", "Finding Site")
 LATERALITY = Concept("SCT", "272741003", "Laterality")
 
 
-def _put(ds: Dataset, tag: int, vr: str, value: Any) -> None:
-    """``ds.add_new`` without pydicom's value checks: the values are the node's own codes, text and numbers."""
-    ds.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+def _put(item: Item, tag: int, vr: str, value: Any) -> None:
+    item[tag] = (vr, value)
+
+
+def _to_dataset(item: Item) -> Dataset:
+    """The pydicom item of a light item, without pydicom's value checks (the node's own codes, text and numbers)."""
+    ds = Dataset()
+    for tag, (vr, value) in item.items():
+        if vr == "SQ":
+            value = [_to_dataset(child) for child in value]
+        ds.add(DataElement(tag, vr, value, validation_mode=config.IGNORE))
+    return ds
 
 
 @functools.cache
-def _code(concept: Concept) -> Dataset:
+def _code(concept: Concept) -> Item:
     """A Code Sequence item as ``hd.sr.CodedConcept`` makes it (a code over 16 characters is a long or URN code),
     made once per concept and shared, as highdicom shares an algorithm's identification items between groups."""
-    item = Dataset()
+    item: Item = {}
     value = concept.code
     if len(value) > 16:
         if value.startswith("urn") or "://" in value:
@@ -196,29 +207,29 @@ def _code(concept: Concept) -> Dataset:
     return item
 
 
-def _content_item(value_type: str, name: Concept, relationship: str) -> Dataset:
-    item = Dataset()
+def _content_item(value_type: str, name: Concept, relationship: str) -> Item:
+    item: Item = {}
     _put(item, _RELATIONSHIP, "CS", relationship)
     _put(item, _VALUE_TYPE, "CS", value_type)
     _put(item, _CONCEPT_NAME, "SQ", [_code(name)])
     return item
 
 
-def _text_item(name: Concept, value: str, relationship: str) -> Dataset:
+def _text_item(name: Concept, value: str, relationship: str) -> Item:
     item = _content_item("TEXT", name, relationship)
     _put(item, 0x0040A160, "UT", value)  # Text Value
     return item
 
 
-def _code_item(name: Concept, value: Concept, relationship: str) -> Dataset:
+def _code_item(name: Concept, value: Concept, relationship: str) -> Item:
     item = _content_item("CODE", name, relationship)
     _put(item, _CONCEPT_CODE, "SQ", [_code(value)])
     return item
 
 
-def _num_item(name: Concept, value: float, unit: Concept, sites: Sequence[Dataset] = ()) -> Dataset:
+def _num_item(name: Concept, value: float, unit: Concept, sites: Sequence[Item] = ()) -> Item:
     item = _content_item("NUM", name, CONTAINS)
-    measured = Dataset()
+    measured: Item = {}
     _put(measured, 0x004008EA, "SQ", [_code(unit)])  # Measurement Units Code Sequence
     _put(measured, 0x0040A161, "FD", value)  # Floating Point Value
     _put(measured, 0x0040A30A, "DS", DS(value, auto_format=True))  # Numeric Value
@@ -228,7 +239,7 @@ def _num_item(name: Concept, value: float, unit: Concept, sites: Sequence[Datase
     return item
 
 
-def _algorithm_items(algorithm: Algorithm) -> list[Dataset]:
+def _algorithm_items(algorithm: Algorithm) -> list[Item]:
     """TID 4019 Algorithm Identification, the items ``_algorithm_identification`` gives highdicom."""
     name, version, parameters = _algorithm_fields(algorithm)
     items = [
@@ -239,18 +250,22 @@ def _algorithm_items(algorithm: Algorithm) -> list[Dataset]:
     return items
 
 
-def _group(identifier: str, body: Sequence[Dataset], source: Dataset) -> Dataset:
+def _tracking_uid() -> str:
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _group(identifier: str, body: Sequence[Item], source: Dataset) -> Item:
     """A TID 1501 Measurement Group container: tracking identifier and a new tracking UID, ``body``, the source."""
     group = _content_item("CONTAINER", MEASUREMENT_GROUP, CONTAINS)
     _put(group, 0x0040A050, "CS", "CONTINUOUS")  # Continuity Of Content
-    template = Dataset()
+    template: Item = {}
     _put(template, 0x00080105, "CS", "DCMR")  # Mapping Resource
     _put(template, 0x0040DB00, "CS", "1501")  # Template Identifier
     _put(group, 0x0040A504, "SQ", [template])  # Content Template Sequence
     tracking_uid = _content_item("UIDREF", TRACKING_UID, HAS_OBS_CONTEXT)
-    _put(tracking_uid, 0x0040A124, "UI", f"2.25.{uuid.uuid4().int}")
+    _put(tracking_uid, 0x0040A124, "UI", _tracking_uid())
     image = _content_item("IMAGE", SOURCE_OF_MEASUREMENT, CONTAINS)
-    reference = Dataset()
+    reference: Item = {}
     _put(reference, 0x00081150, "UI", str(source.SOPClassUID))  # Referenced SOP Class UID
     _put(reference, 0x00081155, "UI", str(source.SOPInstanceUID))  # Referenced SOP Instance UID
     _put(image, 0x00081199, "SQ", [reference])  # Referenced SOP Sequence
@@ -260,9 +275,25 @@ def _group(identifier: str, body: Sequence[Dataset], source: Dataset) -> Dataset
 
 
 def measurement_groups(source: Dataset, results: Sequence[AlgorithmResult]) -> list[Dataset]:
+    """The TID 1501 groups as pydicom items (`light_groups`)."""
+    return [_to_dataset(group) for group in light_groups(source, results)]
+
+
+def group_sequence(source: Dataset, results: Sequence[AlgorithmResult]) -> DataElement | RawDataElement:
+    """The Imaging Measurements' Content Sequence: the groups already encoded (explicit VR little endian) as a raw
+    element, which pydicom writes as it is and parses only if read; pydicom items if they hold text
+    `_encoded_items` does not cover."""
+    groups = light_groups(source, results)
+    raw = _encoded_items(groups)
+    if raw is None:
+        return DataElement(_CONTENT_SEQUENCE, "SQ", [_to_dataset(group) for group in groups])
+    return RawDataElement(BaseTag(_CONTENT_SEQUENCE), "SQ", len(raw), raw, 0, False, True)
+
+
+def light_groups(source: Dataset, results: Sequence[AlgorithmResult]) -> list[Item]:
     """One TID 1501 group per finding of each result, and one with a result's measurements, all referencing
     ``source``; an algorithm's identification items are shared by its groups."""
-    groups: list[Dataset] = []
+    groups: list[Item] = []
     for result in results:
         algorithm = _algorithm_items(result.algorithm)
         groups.extend(_finding_group(result, i, source, algorithm) for i in range(len(result.findings)))
@@ -279,7 +310,7 @@ def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
     )
 
 
-def _finding_group(result: AlgorithmResult, finding_index: int, source: Dataset, algorithm: list[Dataset]) -> Dataset:
+def _finding_group(result: AlgorithmResult, finding_index: int, source: Dataset, algorithm: list[Item]) -> Item:
     finding = result.findings[finding_index]
     concept = finding_concept(finding.label)
     no_units = unit_concept("1")
@@ -293,7 +324,7 @@ def _finding_group(result: AlgorithmResult, finding_index: int, source: Dataset,
     return _group(f"{result.algorithm.name}/{finding.label}", body, source)
 
 
-def _measurement_group(result: AlgorithmResult, source: Dataset, algorithm: list[Dataset]) -> Dataset:
+def _measurement_group(result: AlgorithmResult, source: Dataset, algorithm: list[Item]) -> Item:
     body = list(algorithm)
     for m in result.measurements:
         meaning = measurement_concept(m.name)
@@ -301,7 +332,7 @@ def _measurement_group(result: AlgorithmResult, source: Dataset, algorithm: list
         if meaning.site is not None:
             site = _code_item(FINDING_SITE, meaning.site, HAS_CONCEPT_MOD)
             if meaning.laterality is not None:
-                site.add_new(_CONTENT_SEQUENCE, "SQ", [_code_item(LATERALITY, meaning.laterality, HAS_CONCEPT_MOD)])
+                _put(site, _CONTENT_SEQUENCE, "SQ", [_code_item(LATERALITY, meaning.laterality, HAS_CONCEPT_MOD)])
             sites.append(site)
         body.append(_num_item(meaning.quantity, float(m.value), unit_concept(m.unit), sites))
     return _group(f"{result.algorithm.name}/measurements", body, source)
@@ -332,7 +363,10 @@ def build_sr(
     imaging = report[0].ContentSequence[-1]  # TID 1500 row 6, Imaging Measurements: the groups go in here
     if not _is_concept(imaging, IMAGING_MEASUREMENTS):
         raise AssertionError("highdicom's Measurement Report does not end with its Imaging Measurements")
-    imaging[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", measurement_groups(source, results))
+    groups = group_sequence(source, results)
+    raw = isinstance(groups, RawDataElement)
+    # encoded groups go in once the SR is built (its constructor and `_mark_encoded_as_written` would parse them)
+    imaging[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", []) if raw else groups
     notice = untrained_notice(results)
     if notice:
         content = report[0].ContentSequence
@@ -360,7 +394,17 @@ def build_sr(
     sr.SeriesDescription = (
         f"{SERIES_DESCRIPTION} - {NOT_FOR_DIAGNOSTIC_USE}" if any_untrained(results) else SERIES_DESCRIPTION
     )[:64]
+    if raw:
+        built = sr.ContentSequence[-1]
+        if sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
+            built[_CONTENT_SEQUENCE] = groups
+        else:  # raw groups are explicit VR little endian: parsed for any other encoding
+            built[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", _parsed(cast(RawDataElement, groups)))
     return sr
+
+
+def _parsed(raw: RawDataElement) -> list[Dataset]:
+    return list(convert_raw_data_element(raw).value)
 
 
 _CONTENT_SEQUENCE = 0x0040A730
@@ -417,11 +461,15 @@ def encode_sr(sr: Dataset) -> bytes:
     syntax = sr.file_meta.TransferSyntaxUID
     if imaging is None or syntax != ExplicitVRLittleEndian or not _is_concept(imaging, IMAGING_MEASUREMENTS):
         return sr_bytes(sr)
-    element = imaging[_CONTENT_SEQUENCE]
-    groups = _encoded_items(element.value)
-    if groups is None:
-        return sr_bytes(sr)
-    imaging[_CONTENT_SEQUENCE] = RawDataElement(BaseTag(_CONTENT_SEQUENCE), "SQ", len(groups), groups, 0, False, True)
+    element = imaging.get_item(_CONTENT_SEQUENCE)  # as it is: a raw element stays unparsed
+    if isinstance(element, RawDataElement):
+        groups = element
+    else:
+        encoded = _encoded_items(element.value)
+        if encoded is None:
+            return sr_bytes(sr)
+        groups = RawDataElement(BaseTag(_CONTENT_SEQUENCE), "SQ", len(encoded), encoded, 0, False, True)
+    imaging[_CONTENT_SEQUENCE] = groups
     (implicit, little_endian), charset = sr.original_encoding, sr.original_character_set
     # as written: pydicom's ambiguous-VR pass would parse the raw groups back (below the root every item is
     # marked so already, `_mark_encoded_as_written`); an ambiguous VR it would have corrected makes the write fail
@@ -430,7 +478,7 @@ def encode_sr(sr: Dataset) -> bytes:
         return sr_bytes(sr)
     except ValueError:
         sr.set_original_encoding(implicit, little_endian, charset)
-        imaging[_CONTENT_SEQUENCE] = element
+        imaging[_CONTENT_SEQUENCE] = DataElement(_CONTENT_SEQUENCE, "SQ", _parsed(groups))
         return sr_bytes(sr)
     finally:
         sr.set_original_encoding(implicit, little_endian, charset)
@@ -441,25 +489,39 @@ _TEXT_VRS = frozenset({"CS", "SH", "LO", "UI", "DS", "UC", "UR", "UT"})
 _LONG_VRS = frozenset({"UC", "UR", "UT", "SQ"})  # explicit VR with a 4-byte length
 
 
-def _encoded_items(items: Sequence[Dataset]) -> bytes | None:
-    """Sequence items in explicit VR little endian as pydicom writes them (defined lengths, even-padded values);
-    None when an item holds a VR or value this does not cover."""
+def _encoded_items(items: Sequence[Dataset] | Sequence[Item], memo: dict[int, bytes] | None = None) -> bytes | None:
+    """Sequence items (pydicom or light ones) in explicit VR little endian as pydicom writes them (defined lengths,
+    even-padded values); None when an item holds a VR or value this does not cover. A light item shared between
+    groups (a code, an algorithm's identification) is encoded once."""
+    memo = {} if memo is None else memo
     out = bytearray()
     for item in items:
-        body = _encoded_dataset(item)
+        body = memo.get(id(item)) if isinstance(item, dict) else None
         if body is None:
-            return None
+            body = _encoded_dataset(item, memo)
+            if body is None:
+                return None
+            if isinstance(item, dict):
+                memo[id(item)] = body
         out += b"\xfe\xff\x00\xe0" + struct.pack("<I", len(body)) + body
     return bytes(out)
 
 
-def _encoded_dataset(ds: Dataset) -> bytes | None:
+def _elements(ds: Dataset | Item) -> Iterator[tuple[int, str, Any]]:
+    if isinstance(ds, dict):
+        for tag in sorted(ds):
+            yield (tag, *ds[tag])
+    else:
+        for tag in sorted(ds.keys()):
+            elem = ds[tag]
+            yield tag, elem.VR, elem.value
+
+
+def _encoded_dataset(ds: Dataset | Item, memo: dict[int, bytes]) -> bytes | None:
     out = bytearray()
-    for tag in sorted(ds.keys()):
-        elem = ds[tag]
-        vr, value = elem.VR, elem.value
+    for tag, vr, value in _elements(ds):
         if vr == "SQ":
-            payload = _encoded_items(value)
+            payload = _encoded_items(value, memo)
             if payload is None:
                 return None
         elif vr == "FD" and isinstance(value, float):

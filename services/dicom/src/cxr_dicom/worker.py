@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -239,11 +240,28 @@ def result_uid(*parts: str) -> str:
 
 
 class Senders:
-    """The configured result destinations."""
+    """The configured result destinations; STOW-RS and FHIR go through one HTTP client, kept for the node's life,
+    because a new client builds a TLS context (loads the CA bundle) on every request."""
 
     def __init__(self, dest: DestinationsConfig, calling_ae: str) -> None:
         self.dest = dest
         self.calling_ae = calling_ae
+        self._http: httpx.Client | None = None
+        self._http_lock = threading.Lock()
+
+    @property
+    def http(self) -> httpx.Client:
+        """The shared client (thread-safe; made on first use): its pool keeps connections to the destinations."""
+        with self._http_lock:
+            if self._http is None:
+                self._http = httpx.Client(timeout=self.dest.timeout_s)
+            return self._http
+
+    def close(self) -> None:
+        with self._http_lock:
+            if self._http is not None:
+                self._http.close()
+                self._http = None
 
     def stow(self, objects: Sequence[ResultObject]) -> None:
         """STOW-RS of the kept bytes (PS3.18 Store Instances); an instance the archive already has (FailureReason
@@ -261,7 +279,7 @@ class Senders:
             "Accept": "application/dicom+json",
         }
         url = self.dest.stow_url.rstrip("/") + "/studies"
-        response = httpx.post(url, content=body, headers=headers, timeout=self.dest.timeout_s)
+        response = self.http.post(url, content=body, headers=headers)
         failed = _failed_sop_items(response)
         if failed is None:  # no Store Instances response in the body
             if response.is_success:
@@ -312,7 +330,11 @@ class Senders:
         if self.dest.fhir_url is not None:
             with self._tracked(study_uid, "fhir", self.dest.fhir_url, ["fhir_bundle"]):
                 post_bundle(
-                    bundle, self.dest.fhir_url, headers=dict(self.dest.fhir_headers), timeout_s=self.dest.timeout_s
+                    bundle,
+                    self.dest.fhir_url,
+                    headers=dict(self.dest.fhir_headers),
+                    timeout_s=self.dest.timeout_s,
+                    client=self.http,
                 )
 
     @contextlib.contextmanager
@@ -392,6 +414,7 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.senders.close()
 
     @property
     def alive(self) -> bool:
