@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from cxr_segmentation.config import SegmentationConfig
 from cxr_segmentation.mask_deflate import deflate_masks
-from cxr_segmentation.masks import decode_png, encode_pngs, encode_rle, logit_threshold, logits_to_masks
+from cxr_segmentation.masks import (
+    bounding_box,
+    decode_png,
+    encode_pngs,
+    encode_rle,
+    logit_threshold,
+    logits_to_masks,
+)
+from cxr_segmentation.measurements import cardiothoracic_ratio
 from cxr_segmentation.model import SegmentationModel
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
@@ -127,3 +135,15 @@ def test_rle_is_numpys_column_major_rle(nih_logits):
         change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
         counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()
         assert encode_rle(mask) == (list(mask.shape), [0, *counts] if flat[0] else counts)
+
+
+def test_ctr_from_the_masks_boxes_equals_ctr_from_the_lungs_union(nih_logits):
+    labels = SegmentationConfig().classes
+    for logits, own in nih_logits:
+        for threshold in (0.5, 0.2):
+            masks = dict(zip(labels, logits_to_masks(logits, own, threshold), strict=True))
+            union = bounding_box(np.logical_or(masks["left_lung"], masks["right_lung"]))
+            ctr = cardiothoracic_ratio(masks, (0.1, 0.2), {k: bounding_box(m) for k, m in masks.items()})
+            assert ctr == cardiothoracic_ratio(masks, (0.1, 0.2))
+            if union is not None and ctr.thorax_width_px:
+                assert ctr.thorax_width_px == union.width
