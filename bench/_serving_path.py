@@ -170,6 +170,8 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
         if baseline:
             base = cpu_ms(BASELINE + name)
             rows_base = {
+                "baseline_images": images[BASELINE + name],
+                "baseline_codes": codes.get(BASELINE + name, {}),
                 "baseline_server_cpu_ms_per_img": round(base, 3) if base is not None else None,
                 "baseline_serving_path_cpu_ms_per_img": (
                     round(base - ceiling_ms, 3) if base is not None and ceiling_ms is not None else None

@@ -698,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "load_average_1m_after": machine()["load_average_1m"],
         "api_key_header": bool(API_KEY),
-        "options": {k: v for k, v in vars(args).items() if k not in {"out"}},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in {"out"}},
         "targets": TARGETS,
         "tasks": results,
         "seconds": round(time.perf_counter() - started, 1),

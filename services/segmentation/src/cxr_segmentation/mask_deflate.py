@@ -1,7 +1,7 @@
 """The zlib stream of a binary mask's PNG rows (filter byte 0, then 0/255 per pixel), written as runs.
 
 A segmentation mask is a few runs per row, and most rows repeat the row above. zlib's level 1 still
-hashes every byte (~0.5 ms per 512 x 512 mask); here a row equal to the one above is one copy of
+hashes every byte, so its cost grows with the pixels; here a row equal to the one above is one copy of
 distance `width + 1`, and any other row is its filter byte plus, per run, one literal and copies of
 distance 1, coded with deflate's fixed Huffman table (RFC 1951, 3.2.6) and packed into bits with numpy.
 The stream is a valid zlib stream that inflates to exactly the same bytes; a mask with too many runs
