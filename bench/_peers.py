@@ -290,10 +290,10 @@ def write_settings(task: Task, o: StackOptions, directory: Path) -> Path:
     return path
 
 
-def service_process(task: Task, config: Path, port: int) -> ServerProcess:
-    """The real service: `python -m cxr_<task> --config ... --port ...`."""
+def service_process(task: Task, config: Path, port: int, env: dict[str, str] | None = None) -> ServerProcess:
+    """The real service: `python -m cxr_<task> --config ... --port ...` (`env` on top of ours)."""
     cmd = [sys.executable, "-m", task.module, "--config", str(config), "--port", str(port), "--metrics-port", "0"]
-    return ServerProcess(cmd, name=f"{task.name} service").start()
+    return ServerProcess(cmd, env=env, name=f"{task.name} service").start()
 
 
 def peer_process(kind: str, task: Task, config: Path, port: int, mask_encoding: str = "png") -> ServerProcess:

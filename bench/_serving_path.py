@@ -40,6 +40,7 @@ CHEAP_SEGMENTATION_INPUT = 64
 TARGET_MS = {"classification": 2.5, "segmentation": 6.0}  # issue 23, target 1 (this 2-core CPU host)
 BATCH_WINDOW_MS = 100.0  # long enough that batches fill: the ceiling runs full batches too
 ENCODINGS = ("rle", "png")
+BASELINE = "baseline:"  # cell-name prefix of the --serving-path-baseline service
 
 
 def cheap_settings(task: Task, opts: StackOptions, folder: Path) -> Path:
@@ -74,8 +75,17 @@ def cell_name(fmt: str, encoding: str | None) -> str:
     return f"{fmt}/{encoding}" if encoding else fmt
 
 
+def baseline_env(tree: Path) -> dict[str, str]:
+    """PYTHONPATH that makes a service import the platform from `tree` (another checkout) instead of ours."""
+    roots = sorted(str(p) for p in (*tree.glob("libs/*/src"), *tree.glob("services/*/src")))
+    if not roots:
+        raise SystemExit(f"--serving-path-baseline {tree}: no libs/*/src or services/*/src there")
+    return {"PYTHONPATH": os.pathsep.join([*roots, str(tree)])}
+
+
 async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, tmp: Path) -> dict[str, Any]:
-    """Every cell of `task_name` and the ceiling, in rotating rounds; CPU ms per image and their differences."""
+    """Every cell of `task_name` and the ceiling, in rotating rounds; CPU ms per image and their differences.
+    With `args.serving_path_baseline`, the baseline tree's service answers every cell too, in the same rounds."""
     import grpc
 
     from bench.stack import GRPC_OPTIONS, parallel_forwards
@@ -89,23 +99,32 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
     model.predict(batch)
     concurrency = 2 * opts.max_batch_size * max(1, opts.model_instances)
     per_cell = max(concurrency, args.serving_path_requests // args.rounds)
-    names = [cell_name(*c) for c in cells_of(task)] + ["ceiling"]
+    baseline: Path | None = getattr(args, "serving_path_baseline", None)
+    sides = ["", BASELINE] if baseline else [""]
+    cell_names = [cell_name(*c) for c in cells_of(task)]
+    names = [side + c for c in cell_names for side in sides] + ["ceiling"]
     cpu = {n: 0.0 for n in names}
     images = dict.fromkeys(names, 0)
     by_round: dict[str, list[float]] = {n: [] for n in names}
     codes: dict[str, dict[str, int]] = {}
-    port = free_port()
-    svc = service_process(task, config, port)
+    ports = {side: free_port() for side in sides}
+    services = {"": service_process(task, config, ports[""])}
+    if baseline:
+        services[BASELINE] = service_process(task, config, ports[BASELINE], env=baseline_env(baseline))
     loads = [os.getloadavg()[0]]
     try:
-        await svc.wait_ready(lambda: grpc_serving(port))
-        assert svc.proc is not None
-        pids = [svc.proc.pid]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
+        for side, svc in services.items():
+            await svc.wait_ready(lambda port=ports[side]: grpc_serving(port))  # type: ignore[misc]
+        pids = {side: [svc.proc.pid] for side, svc in services.items() if svc.proc is not None}
+        channels = {side: grpc.aio.insecure_channel(f"127.0.0.1:{ports[side]}", options=GRPC_OPTIONS) for side in sides}
+        try:
             calls = {}
-            for fmt, enc in cells_of(task):
-                cell_task = task_named(task_name, enc or "png")
-                calls[cell_name(fmt, enc)] = grpc_call(ch, cell_task, inputs[fmt], content_type=INPUT_FORMATS[fmt])
+            for side in sides:
+                for fmt, enc in cells_of(task):
+                    cell_task = task_named(task_name, enc or "png")
+                    calls[side + cell_name(fmt, enc)] = grpc_call(
+                        channels[side], cell_task, inputs[fmt], content_type=INPUT_FORMATS[fmt]
+                    )
             for call in calls.values():  # warm-up: every format's code path once, full batches once
                 await drive_closed(call, concurrency, Recorder(), max_requests=concurrency, max_seconds=args.seconds)
             for r in range(args.rounds):
@@ -116,11 +135,12 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
                                                         args.seconds / args.rounds, lambda: None)  # fmt: skip
                         spent = own_cpu_s() - before
                     else:
+                        side = BASELINE if name.startswith(BASELINE) else ""
                         rec = Recorder()
-                        before = tree_cpu_s(pids)
+                        before = tree_cpu_s(pids[side])
                         await drive_closed(calls[name], concurrency, rec, max_requests=per_cell,
                                            max_seconds=args.seconds / args.rounds)  # fmt: skip
-                        spent = tree_cpu_s(pids) - before
+                        spent = tree_cpu_s(pids[side]) - before
                         done = len(rec.ok)
                         for code, k in rec.codes().items():
                             codes.setdefault(name, {}).setdefault(code, 0)
@@ -129,16 +149,37 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
                     images[name] += done
                     by_round[name].append(round(1000 * spent / done, 3) if done else float("nan"))
                 loads.append(os.getloadavg()[0])
+        finally:
+            for ch in channels.values():
+                await ch.close(grace=None)
     finally:
-        svc.stop()
+        for svc in services.values():
+            svc.stop()
         model.unload()
     ceiling_ms = 1000 * cpu["ceiling"] / images["ceiling"] if images["ceiling"] else None
+
+    def cpu_ms(name: str) -> float | None:
+        return 1000 * cpu[name] / images[name] if images[name] else None
+
     rows: dict[str, Any] = {}
     for fmt, enc in cells_of(task):
         name = cell_name(fmt, enc)
-        server_ms = 1000 * cpu[name] / images[name] if images[name] else None
+        server_ms = cpu_ms(name)
         serving = round(server_ms - ceiling_ms, 3) if server_ms is not None and ceiling_ms is not None else None
         paired = [round(s - c, 3) for s, c in zip(by_round[name], by_round["ceiling"], strict=True)]
+        if baseline:
+            base = cpu_ms(BASELINE + name)
+            rows_base = {
+                "baseline_images": images[BASELINE + name],
+                "baseline_codes": codes.get(BASELINE + name, {}),
+                "baseline_server_cpu_ms_per_img": round(base, 3) if base is not None else None,
+                "baseline_serving_path_cpu_ms_per_img": (
+                    round(base - ceiling_ms, 3) if base is not None and ceiling_ms is not None else None
+                ),
+                "baseline_serving_path_cpu_ms_per_img_by_round": [
+                    round(b - c, 3) for b, c in zip(by_round[BASELINE + name], by_round["ceiling"], strict=True)
+                ],
+            }
         rows[name] = {
             "format": fmt,
             "mask_encoding": enc,
@@ -149,9 +190,12 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
             "serving_path_cpu_ms_per_img_by_round": paired,
             "target_ms": TARGET_MS[task_name],
             "met": serving is not None and serving <= TARGET_MS[task_name],
+            **(rows_base if baseline else {}),
         }
         print(f"   serving path {task_name:<14} {name:<13} server {rows[name]['server_cpu_ms_per_img']} ms/img"
-              f" - ceiling {round(ceiling_ms or 0, 3)} = {serving} ms/img (rounds {paired})", flush=True)  # fmt: skip
+              f" - ceiling {round(ceiling_ms or 0, 3)} = {serving} ms/img (rounds {paired})"
+              + (f"; baseline {rows[name]['baseline_serving_path_cpu_ms_per_img']}" if baseline else ""),
+              flush=True)  # fmt: skip
     model_desc = (
         f"timm {CHEAP_CLASSIFIER['timm_name']} @{opts.input_size}"
         if task_name == "classification"
@@ -164,6 +208,7 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
         "max_batch_delay_ms": BATCH_WINDOW_MS,
         "ceiling_cpu_ms_per_img": round(ceiling_ms, 3) if ceiling_ms is not None else None,
         "ceiling_cpu_ms_per_img_by_round": by_round["ceiling"],
+        "baseline": str(baseline) if baseline else None,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
         "cells": rows,
     }

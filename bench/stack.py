@@ -130,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--serving-path-requests", type=int,
         help="requests per input format (and mask encoding) in the serving-path CPU cells (320; quick 48); 0: none",
     )  # fmt: skip
+    ap.add_argument(
+        "--serving-path-baseline", type=Path,
+        help="a source tree of the platform (e.g. `git worktree add DIR <commit>`): its service runs beside ours in "
+        "the serving-path cells, in the same rotating rounds, for a before/after side by side",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -693,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "load_average_1m_after": machine()["load_average_1m"],
         "api_key_header": bool(API_KEY),
-        "options": {k: v for k, v in vars(args).items() if k not in {"out"}},
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in {"out"}},
         "targets": TARGETS,
         "tasks": results,
         "seconds": round(time.perf_counter() - started, 1),

@@ -28,3 +28,21 @@ def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path
         assert cell["serving_path_cpu_ms_per_img"] == pytest.approx(cell["server_cpu_ms_per_img"] - ceiling, abs=2e-3)
         assert cell["met"] == (cell["serving_path_cpu_ms_per_img"] <= serving_path.TARGET_MS[task_name])
     assert result["load_average_1m"]["max"] >= result["load_average_1m"]["min"] >= 0
+
+
+@pytest.mark.slow  # two service processes: ~30-60 s on 2 cores
+def test_serving_path_baseline_service_answers_every_cell_in_the_same_rounds(tmp_path, repo_root):
+    args = stack.parse_args(["--quick", "--input-size", "64", "--max-batch-size", "2", "--model-instances", "1",
+                             "--rounds", "2", "--seconds", "20", "--images", "2", "--serving-path-requests", "8",
+                             "--serving-path-baseline", str(repo_root)])  # fmt: skip
+    result = asyncio.run(serving_path.measure("classification", args, stack.options(args), tmp_path))
+    assert result["baseline"] == str(repo_root)
+    ceiling = result["ceiling_cpu_ms_per_img"]
+    for name, cell in result["cells"].items():
+        assert cell["codes"] == {"OK": cell["images"]}, name
+        assert cell["baseline_images"] >= 4 and cell["baseline_codes"] == {"OK": cell["baseline_images"]}, name
+        base = cell["baseline_serving_path_cpu_ms_per_img"]
+        assert base == pytest.approx(cell["baseline_server_cpu_ms_per_img"] - ceiling, abs=2e-3)
+        assert len(cell["baseline_serving_path_cpu_ms_per_img_by_round"]) == 2
+    with pytest.raises(SystemExit, match="no libs"):
+        serving_path.baseline_env(tmp_path)

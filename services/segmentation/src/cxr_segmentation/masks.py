@@ -3,13 +3,16 @@
 `logits_to_masks` upsamples the logits (bilinear) to the original image size and only then
 thresholds them: thresholding first and resizing a binary mask gives blocky, shifted edges.
 `sigmoid(z) >= t` is evaluated as `z >= log(t / (1 - t))`, so no probabilities are materialised.
+On the CPU the upsampling is OpenCV's `INTER_LINEAR` (the same half-pixel bilinear as torch's
+`align_corners=False`, in float32), which is vectorised where torch's CPU kernel for one plane is not.
 
 Encodings: an 8-bit PNG (0/255) per class, and COCO-style uncompressed RLE (column-major
 counts, starting with the count of zeros), which `decode_rle` inverts.
 
 `encode_png` writes the PNG itself (signature, IHDR, one IDAT, IEND): every row with filter type 0
 and zlib level 1, because Pillow's per-row filter search buys a two-valued mask nothing but time
-(docs/performance-history.md has the reading).
+(docs/performance-history.md has the reading). `encode_pngs` writes the same rows for several masks,
+their zlib streams coded from the masks' runs (`mask_deflate`), falling back to zlib per mask.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
+
+from cxr_segmentation.mask_deflate import deflate_masks
 
 
 def logit_threshold(threshold: float) -> float:
@@ -33,6 +39,8 @@ def logit_threshold(threshold: float) -> float:
 
 def logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> np.ndarray:
     """C x h x w logits (on any device) -> C x H x W bool masks at `size` = (H, W), on the CPU."""
+    if logits.device.type == "cpu":
+        return _masks_opencv(logits.float().numpy(), size, logit_threshold(threshold))
     cut = logit_threshold(threshold)
     out = np.empty((logits.shape[0], *size), dtype=bool)
     for c in range(logits.shape[0]):  # one class at a time: peak memory of one float plane at full size
@@ -43,6 +51,18 @@ def logits_to_masks(logits: torch.Tensor, size: tuple[int, int], threshold: floa
     return out
 
 
+def _masks_opencv(logits: np.ndarray, size: tuple[int, int], cut: float) -> np.ndarray:
+    """`logits_to_masks` on CPU float32 logits: one plane at a time, as the torch path."""
+    height, width = size
+    out = np.empty((logits.shape[0], height, width), dtype=bool)
+    for c in range(logits.shape[0]):
+        plane = np.ascontiguousarray(logits[c])
+        if plane.shape != (height, width):
+            plane = cv2.resize(plane, (width, height), interpolation=cv2.INTER_LINEAR)
+        np.greater_equal(plane, cut, out=out[c])
+    return out
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -50,22 +70,37 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def _png_rows(mask: np.ndarray) -> np.ndarray:
+    """The PNG's raw rows: a leading filter-type byte (0: none) per row, then 255 inside the mask."""
+    h, w = mask.shape
+    rows = np.zeros((h, w + 1), dtype=np.uint8)
+    np.multiply(mask, np.uint8(255), out=rows[:, 1:], casting="unsafe")
+    return rows
+
+
+def _png(h: int, w: int, idat: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, deflate, no interlace
+    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")))
+
+
 def encode_png(mask: np.ndarray) -> bytes:
     """One 8-bit grayscale PNG, 255 inside the mask (H x W bool)."""
     if mask.ndim != 2 or 0 in mask.shape:
         raise ValueError(f"expected a non-empty H x W mask, got shape {mask.shape}")
     h, w = mask.shape
-    rows = np.zeros((h, w + 1), dtype=np.uint8)  # a leading filter-type byte (0: none) per row
-    np.multiply(mask, np.uint8(255), out=rows[:, 1:], casting="unsafe")
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, deflate, no interlace
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
+    return _png(h, w, zlib.compress(_png_rows(mask).data, 1))
+
+
+def encode_pngs(masks: np.ndarray) -> list[bytes]:
+    """`encode_png` of each C x H x W bool mask: the same pixels, the zlib streams coded from the runs."""
+    if masks.ndim != 3 or 0 in masks.shape[1:]:
+        raise ValueError(f"expected C non-empty H x W masks, got shape {masks.shape}")
+    h, w = masks.shape[1:]
+    streams = deflate_masks(masks)
+    return [
+        _png(h, w, idat if idat is not None else zlib.compress(_png_rows(m).data, 1))
+        for m, idat in zip(masks, streams, strict=True)
+    ]
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -75,9 +110,10 @@ def decode_png(data: bytes) -> np.ndarray:
 def encode_rle(mask: np.ndarray) -> tuple[list[int], list[int]]:
     """COCO uncompressed RLE: ([height, width], counts) in column-major order, starting with zeros."""
     h, w = mask.shape
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
+    if mask.size == 0:
         return [h, w], []
+    # column-major order: OpenCV's transpose copies a 2-D uint8 plane for less than numpy's order="F" (tests/perf)
+    flat = cv2.transpose(np.ascontiguousarray(mask, dtype=bool).view(np.uint8)).reshape(-1)
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate(([0], change, [flat.size]))
     counts = np.diff(bounds).tolist()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr_segmentation.masks import bounding_box
+from cxr_segmentation.masks import BoundingBox, bounding_box
 
 HEART = "heart"
 LUNGS = ("left_lung", "right_lung")
@@ -40,22 +40,27 @@ class CardiothoracicRatio:
 
 
 def cardiothoracic_ratio(
-    masks: Mapping[str, np.ndarray], pixel_spacing_mm: tuple[float, float] | None = None
+    masks: Mapping[str, np.ndarray],
+    pixel_spacing_mm: tuple[float, float] | None = None,
+    boxes: Mapping[str, BoundingBox | None] | None = None,
 ) -> CardiothoracicRatio:
-    """`masks` maps class names to H x W bool masks; spacing is (row, column) in mm."""
+    """`masks` maps class names to H x W bool masks; spacing is (row, column) in mm; `boxes`, the masks'
+    bounding boxes where the caller has them already."""
     absent = [name for name in (HEART, *LUNGS) if name not in masks]
     if absent:
         return CardiothoracicRatio(
             unavailable_reason=f"the model has no {', '.join(absent)} class: the ratio needs heart, left_lung and "
             "right_lung masks"
         )
-    empty = [name for name in (HEART, *LUNGS) if bounding_box(masks[name]) is None]
+    box = {name: boxes[name] if boxes and name in boxes else bounding_box(masks[name]) for name in (HEART, *LUNGS)}
+    empty = [name for name in (HEART, *LUNGS) if box[name] is None]
     if empty:
         return CardiothoracicRatio(unavailable_reason=f"no {' / '.join(empty)} found in the image (empty mask)")
-    heart = bounding_box(masks[HEART])
-    lungs = bounding_box(np.logical_or(masks[LUNGS[0]], masks[LUNGS[1]]))
-    assert heart is not None and lungs is not None
-    heart_w, thorax_w = float(heart.width), float(lungs.width)
+    heart, left, right = box[HEART], box[LUNGS[0]], box[LUNGS[1]]
+    assert heart is not None and left is not None and right is not None
+    # the two lungs' horizontal extent together: the box of their union, without making the union
+    heart_w = float(heart.width)
+    thorax_w = float(max(left.x_max, right.x_max) - min(left.x_min, right.x_min) + 1)
     col_mm = pixel_spacing_mm[1] if pixel_spacing_mm else 0.0
     widths = CardiothoracicRatio(
         heart_width_px=heart_w,

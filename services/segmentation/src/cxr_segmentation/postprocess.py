@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from cxr_segmentation.dicom_seg import build_dicom_seg
-from cxr_segmentation.masks import BoundingBox, area_mm2, bounding_box, encode_png, encode_rle, logits_to_masks
-from cxr_segmentation.measurements import CardiothoracicRatio, cardiothoracic_ratio
+from cxr_segmentation.masks import BoundingBox, area_mm2, bounding_box, encode_pngs, encode_rle, logits_to_masks
+from cxr_segmentation.measurements import HEART, LUNGS, CardiothoracicRatio, cardiothoracic_ratio
 from cxr_segmentation.overlay import render_overlay
 from cxr_serving.images import SPACING_NONE, DecodedImage
 
@@ -64,18 +64,21 @@ def postprocess(
     else:
         masks = logits_to_masks(output, (image.height, image.width), opts.threshold)
     by_label = dict(zip(labels, masks, strict=True))
-    ctr = cardiothoracic_ratio(by_label, image.pixel_spacing_mm)
+    boxed = {*opts.classes, HEART, *LUNGS} & by_label.keys()  # each mask's box made once, for its class and the CTR
+    boxes = {label: bounding_box(by_label[label]) for label in boxed}
+    ctr = cardiothoracic_ratio(by_label, image.pixel_spacing_mm, boxes)
+    selected = np.stack([by_label[c] for c in opts.classes]) if opts.classes else masks[:0]
+    pngs = encode_pngs(selected) if opts.encoding == "png" and len(selected) else []
     out: list[ClassMask] = []
-    for label in opts.classes:
-        m = by_label[label]
+    for i, label in enumerate(opts.classes):
+        m = selected[i]
         area = int(np.count_nonzero(m))
-        cm = ClassMask(label, image.width, image.height, area, area_mm2(area, image.pixel_spacing_mm), bounding_box(m))
+        cm = ClassMask(label, image.width, image.height, area, area_mm2(area, image.pixel_spacing_mm), boxes[label])
         if opts.encoding == "png":
-            cm.png = encode_png(m)
+            cm.png = pngs[i]
         elif opts.encoding == "rle":
             cm.rle_size, cm.rle_counts = encode_rle(m)
         out.append(cm)
-    selected = np.stack([by_label[c] for c in opts.classes]) if opts.classes else masks[:0]
     overlay = render_overlay(image.pixels, selected, max_side=opts.overlay_max_side) if opts.overlay else b""
     seg = (
         build_dicom_seg(
