@@ -457,6 +457,34 @@ def ann_recall(rt: Any, queries: list[str], k: int = 50) -> dict[str, Any]:
     }
 
 
+def ann_phase(store: Path, ef: int) -> dict[str, Any]:
+    """In a fresh process: the store opened with this ef_search (applied before the index loads), ANN recall@50."""
+    from cxr_rag.runtime import RagRuntime
+
+    rt = RagRuntime(rag_cfg(store, hnsw={"ef_search": ef}))
+    rt.open(progress=False, build_index=False)
+    queries = [q["question"] for q in eval_questions()[0]][:200]
+    return {"chunks": rt.store.count() if rt.store else 0, **ann_recall(rt, queries), **machine("end")}
+
+
+def ef_sweep(store: Path, values: list[int], out: Path | None) -> int:
+    rows = []
+    for ef in values:
+        cmd = [sys.executable, "-m", "bench.rag_scale", "--ann-phase", str(store), "--ef", str(ef)]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        line = next((ln for ln in run.stdout.splitlines() if ln.startswith("ANN_PHASE ")), None)
+        if run.returncode != 0 or line is None:
+            sys.stderr.write(run.stdout[-4000:] + run.stderr[-4000:])
+            raise SystemExit(f"ann phase for ef_search {ef} failed ({run.returncode})")
+        rows.append(json.loads(line.removeprefix("ANN_PHASE ")))
+        print(json.dumps(rows[-1]), flush=True)
+    report = {"benchmark": "rag_scale ef_search sweep", "store": str(store), "rows": rows}
+    out = out or RESULTS / "rag_scale-ef_search.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passages", type=int, default=DEFAULT_N)
@@ -470,11 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer latency samples")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--serve-phase", type=Path, help=argparse.SUPPRESS)  # internal: the fresh process of step 4
+    ap.add_argument("--ef-sweep", type=Path, help="only: ANN recall@50 of this store at --ef values, one process each")
+    ap.add_argument("--ef", default="64,128,512", help="ef_search values of --ef-sweep")
+    ap.add_argument("--ann-phase", type=Path, help=argparse.SUPPRESS)  # internal: one --ef-sweep value
     args = ap.parse_args(argv)
     if args.serve_phase:
         report = serve_phase(args.serve_phase, args.quick)
         print("SERVE_PHASE " + json.dumps(report), flush=True)
         return 0
+    if args.ann_phase:
+        print("ANN_PHASE " + json.dumps(ann_phase(args.ann_phase, int(args.ef))), flush=True)
+        return 0
+    if args.ef_sweep:
+        return ef_sweep(args.ef_sweep, [int(x) for x in args.ef.split(",")], args.out)
 
     started = time.perf_counter()
     report: dict[str, Any] = {
