@@ -128,6 +128,10 @@ bench-runtimes: $(VENV)/.installed ## Model runtimes at c=32: torch float32 vs O
 bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_paths, each time-boxed (bench/gpu/gpu_session.sh)
 	OUT=bench/gpu/results PY=$(PY) WHEELS=none bash bench/gpu/gpu_session.sh
 
+.PHONY: bench-rag_scale
+bench-rag_scale: $(VENV)/.installed ## RAG at 200k passages: corpus, ingest, hybrid p50/p99 embedded and vs `chroma run`, recall@5/MRR, RSS (BENCH_ARGS="--passages 1000000": the long run)
+	$(PY) -m bench.rag_scale $(BENCH_ARGS)
+
 bench-%: $(VENV)/.installed ## One benchmark, e.g. make bench-stack = python -m bench.stack (bench/gpu/ too; BENCH_ARGS=--quick)
 	$(PY) -m $(if $(wildcard bench/$*.py),bench.$*,bench.gpu.$*) $(BENCH_ARGS)
 

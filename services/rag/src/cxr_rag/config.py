@@ -66,6 +66,15 @@ class LlmConfig(_Strict):
         return self
 
 
+class HnswConfig(_Strict):
+    """Chroma's HNSW index of the collection: graph degree and build effort are fixed when the collection is
+    created; the search beam is applied on every open."""
+
+    m: int = Field(16, ge=4, le=128, description="graph degree (Chroma max_neighbors); fixed at creation")
+    ef_construction: int = Field(200, ge=8, le=2048, description="build beam; fixed at creation")
+    ef_search: int = Field(128, ge=8, le=4096, description="query beam (at least the candidates asked for)")
+
+
 class RagConfig(_Strict):
     """`models.rag`: the document store, chunking, hybrid retrieval and the LLM client of the RAG service."""
 
@@ -76,6 +85,7 @@ class RagConfig(_Strict):
     vector_db_port: int = Field(8000, ge=1, le=65535, description="Chroma server port (VECTOR_DB_PORT)")
     vector_db_ssl: bool = Field(False, description="https to the Chroma server")
     vector_db_auth_token: str | None = Field(None, description="Chroma server token (Authorization: Bearer)")
+    hnsw: HnswConfig = Field(default_factory=HnswConfig, description="the vector index")  # type: ignore[arg-type]
     documents_path: Path | None = Field(None, description="ingested at start until one ingestion of it has completed")
     ingest_on_start: bool = Field(
         True, description="ingest documents_path at start (false: only IngestDocuments / cxr-rag ingest)"

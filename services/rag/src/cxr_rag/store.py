@@ -144,6 +144,28 @@ def where_clause(filters: dict[str, str] | None) -> dict[str, Any] | None:
     return items[0] if len(items) == 1 else {"$and": items}
 
 
+def hnsw_settings(collection: Any) -> dict[str, Any]:
+    """The HNSW configuration Chroma holds for the collection (space, max_neighbors, ef_construction, ef_search)."""
+    return dict((collection.configuration or {}).get("hnsw") or {})
+
+
+def _apply_search_beam(collection: Any, ef_search: int, wanted: dict[str, Any]) -> None:
+    """Set ef_search on a collection made earlier with another; say so when its fixed build settings differ."""
+    have = hnsw_settings(collection)
+    if have.get("ef_search") != ef_search:
+        collection.modify(configuration={"hnsw": {"ef_search": ef_search}})
+    fixed = {k: (have.get(k), wanted[k]) for k in ("space", "max_neighbors", "ef_construction")}
+    differ = {k: v for k, v in fixed.items() if v[0] != v[1]}
+    if differ:
+        log.warning(
+            "collection '%s' was created with HNSW %s (configured: %s); these are fixed at creation, "
+            "re-ingest into a new collection to change them",
+            collection.name,
+            {k: v[0] for k, v in differ.items()},
+            {k: v[1] for k, v in differ.items()},
+        )
+
+
 class VectorStore:
     def __init__(self, client: Any, collection: Any, mode: str, location: str, embedding_model: str, dim: int) -> None:
         self._client = client
@@ -156,13 +178,16 @@ class VectorStore:
     @classmethod
     def open(cls, cfg: RagConfig, embedding_model: str, dimension: int) -> VectorStore:
         client, mode, location = _client(cfg)
-        wanted = {
-            "embedding_model": embedding_model,
-            "embedding_dim": dimension,
-            "hnsw:space": "cosine",
-            "cxr_schema": SCHEMA_VERSION,
+        wanted = {"embedding_model": embedding_model, "embedding_dim": dimension, "cxr_schema": SCHEMA_VERSION}
+        hnsw = {
+            "space": "cosine",
+            "max_neighbors": cfg.hnsw.m,
+            "ef_construction": cfg.hnsw.ef_construction,
+            "ef_search": cfg.hnsw.ef_search,
         }
-        col = client.get_or_create_collection(cfg.collection, embedding_function=None, metadata=wanted)
+        col = client.get_or_create_collection(
+            cfg.collection, embedding_function=None, metadata=wanted, configuration={"hnsw": hnsw}
+        )
         have = dict(col.metadata or {})
         if have.get("embedding_model") != embedding_model or int(have.get("embedding_dim", -1)) != dimension:
             raise StoreMismatchError(
@@ -172,6 +197,7 @@ class VectorStore:
                 "models.rag.collection or re-ingest into a fresh store",
                 metadata={"collection": cfg.collection},
             )
+        _apply_search_beam(col, cfg.hnsw.ef_search, hnsw)
         log.info("vector store: %s collection '%s' at %s (%d chunks)", mode, cfg.collection, location, col.count())
         if mode == "http":
             col = _GuardedCollection(col, location)
@@ -280,7 +306,11 @@ class VectorStore:
             "embedding_model": self.embedding_model,
             "embedding_dim": self.dimension,
             "chunks": self.count(),
+            "hnsw": self.hnsw(),
         }
+
+    def hnsw(self) -> dict[str, Any]:
+        return hnsw_settings(self._col)
 
     # -- backup / restore -------------------------------------------------------------
 
