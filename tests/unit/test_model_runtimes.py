@@ -97,6 +97,14 @@ def test_supported_pairs_load(backend, precision):
     assert (cfg.runtime.backend, cfg.runtime.precision) == (backend, precision)
 
 
+def test_int8_float_layers_are_int8_only_and_regular_expressions():
+    assert RuntimeConfig(backend="openvino", precision="int8", int8_float_layers=["/net/decoder/"]).int8_float_layers
+    with pytest.raises(ValueError, match="applies to precision int8 only, not bfloat16"):
+        RuntimeConfig(backend="openvino", precision="bfloat16", int8_float_layers=["/net/"])
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        RuntimeConfig(backend="openvino", precision="int8", int8_float_layers=["(unclosed"])
+
+
 def test_directories_resolve_against_data_path_and_the_shared_data(tmp_path):
     resolved = resolve_runtime(RuntimeConfig(), tmp_path)
     assert resolved.cache_dir == tmp_path / "var/cache/model-runtimes"
@@ -233,11 +241,33 @@ def test_int8_quantizes_on_calibration_images_and_a_too_tight_bound_falls_back(t
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "small"}) == 1
 
 
-def test_int8_without_vnni_still_runs_and_says_so(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_float_layers_stay_in_float(tmp_path, backend):
+    """Every node matched (the pattern '/' starts every exported name): nothing is quantized, so the int8
+    artefact answers like float32 (1e-3: float kernels of another library); without the key the same network
+    is quantized and answers at least 5x further off."""
+    net = _small_net()
+    everything = _runtime(tmp_path, backend, "int8", int8_float_layers=["/"])
+    out = prepare_runtime(everything, _request(net))
+    quantized = prepare_runtime(_runtime(tmp_path, backend, "int8"), _request(net, max_delta=0.05))
+    assert (out.backend, out.precision) == (quantized.backend, quantized.precision) == (backend, "int8")
+    assert quantized.cache_path != out.cache_path  # the key is part of the cache key
+    x = torch.rand(4, 1, 32, 32)
+    with torch.inference_mode():
+        reference = net(x).numpy()
+        kept = np.abs(out.forward(x).numpy() - reference).max()
+        rounded = np.abs(quantized.forward(x).numpy() - reference).max()
+    assert kept < 1e-3 and kept * 5 < rounded, (kept, rounded)
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_without_vnni_still_runs_and_says_so(tmp_path, monkeypatch, caplog, backend):
+    """Issue 24 item 5: a CPU without VNNI/AMX (the probe forced to say so) still quantizes and serves int8,
+    with a warning in the log; never a crash."""
     monkeypatch.setattr(backends, "cpu_has_int8_dot_product", lambda: False)
     with caplog.at_level(logging.WARNING):
-        out = prepare_runtime(_runtime(tmp_path, "onnxruntime", "int8"), _request(_small_net(), max_delta=0.05))
-    assert (out.backend, out.precision) == ("onnxruntime", "int8")
+        out = prepare_runtime(_runtime(tmp_path, backend, "int8"), _request(_small_net(), max_delta=0.05))
+    assert (out.backend, out.precision) == (backend, "int8") and out.forward is not None
     assert any("no VNNI/AMX int8 instructions" in r.getMessage() for r in caplog.records)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -68,8 +69,12 @@ class Backend(ABC):
         """Library versions an artefact depends on (part of the cache key)."""
 
     @abstractmethod
-    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
-        """Write the artefact for `module` (float32, eval, CPU) into `folder`."""
+    def export(
+        self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool,
+        float_layers: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        """Write the artefact for `module` (float32, eval, CPU) into `folder`; int8 leaves the layers whose
+        exported node names match a `float_layers` regex in float."""
 
     @abstractmethod
     def load(self, folder: Path) -> Forward:
@@ -129,7 +134,10 @@ class OpenVinoBackend(Backend):
             out["nncf"] = nncf.__version__
         return out
 
-    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+    def export(
+        self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool,
+        float_layers: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         import openvino as ov
 
         onnx_path = folder / "model.onnx"
@@ -140,10 +148,12 @@ class OpenVinoBackend(Backend):
 
             items = [x.unsqueeze(0).numpy() for x in calibration]
             kwargs: dict[str, Any] = {"subset_size": len(items)}
+            # a CNN's matrix products are its head: kept in float, its error would land on the outputs
+            types = [] if transformer else ["MatMul"]
             if transformer:
                 kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-            else:  # a CNN's matrix products are its head: kept in float, its error would land on the outputs
-                kwargs["ignored_scope"] = nncf.IgnoredScope(types=["MatMul"], validate=False)
+            if types or float_layers:
+                kwargs["ignored_scope"] = nncf.IgnoredScope(types=types, patterns=list(float_layers), validate=False)
             model = nncf.quantize(model, nncf.Dataset(items), **kwargs)
         ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
         onnx_path.unlink()
@@ -191,7 +201,10 @@ class OnnxRuntimeBackend(Backend):
 
         return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__}
 
-    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+    def export(
+        self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool,
+        float_layers: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         plain = folder / "model.onnx"
         export_onnx(module, example, plain)
         if self.precision != "int8":
@@ -214,6 +227,11 @@ class OnnxRuntimeBackend(Backend):
 
             graph = onnx.load(str(prepared), load_external_data=False).graph
             head = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+        if float_layers:
+            import onnx
+
+            graph = onnx.load(str(prepared), load_external_data=False).graph
+            head += [n.name for n in graph.node if any(re.match(f, n.name) for f in float_layers)]
         quantize_static(
             str(prepared),
             str(folder / "model.int8.onnx"),
@@ -266,7 +284,10 @@ class TensorRtBackend(Backend):
             "gpu": torch.cuda.get_device_name(),
         }
 
-    def export(self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool) -> None:
+    def export(
+        self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool,
+        float_layers: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         import torch
         import torch_tensorrt
 

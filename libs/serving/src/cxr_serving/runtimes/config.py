@@ -4,6 +4,7 @@ so an unsupported pair stops the service with a message instead of being accepte
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,12 +69,24 @@ class RuntimeConfig(BaseModel):
     )
     calibration_images: int = Field(64, ge=1, le=10_000, description="images int8 calibrates on")
     check_images: int = Field(100, ge=1, le=10_000, description="held-back images the load-time check runs on")
+    int8_float_layers: list[str] = Field(
+        default_factory=list,
+        description="int8 only: regular expressions matched at the start of exported node names (e.g. "
+        "'/net/decoder/') that stay in float, for layers whose int8 error the accuracy check refuses",
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> RuntimeConfig:
         why_not = SUPPORTED[self.backend][self.precision]
         if why_not:
             raise ValueError(f"backend {self.backend} with precision {self.precision} is not supported: {why_not}")
+        if self.int8_float_layers and self.precision != "int8":
+            raise ValueError(f"int8_float_layers applies to precision int8 only, not {self.precision}")
+        for pattern in self.int8_float_layers:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"int8_float_layers: {pattern!r} is not a regular expression ({exc})") from None
         return self
 
     @property

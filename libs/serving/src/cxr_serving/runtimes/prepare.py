@@ -69,7 +69,7 @@ def weights_digest(module: Any) -> str:
 
 def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[str]) -> str:
     """Everything the artefact depends on: weights, graph config, backend, precision, input shape, library
-    versions, the backend's export recipe and, for int8, the calibration images."""
+    versions, the backend's export recipe and, for int8, the calibration images and the layers left in float."""
     parts = {
         "identity": request.identity,
         "backend": runtime.backend,
@@ -79,6 +79,8 @@ def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backen
         "recipe": backend.recipe,
         "calibration": calibration if runtime.precision == "int8" else [],
     }
+    if runtime.config.int8_float_layers:  # only when set: the keys of artefacts made before the setting stay
+        parts["int8_float_layers"] = runtime.config.int8_float_layers
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -110,7 +112,10 @@ def _export_into_cache(
     tmp.mkdir()
     try:
         example = torch.zeros(1, *request.input_shape)
-        backend.export(request.module, example, calibration, tmp, transformer=request.transformer)
+        backend.export(
+            request.module, example, calibration, tmp, transformer=request.transformer,
+            float_layers=tuple(runtime.config.int8_float_layers),
+        )  # fmt: skip
         RUNTIME_EXPORTS.labels(request.model, runtime.backend, runtime.precision).inc()  # the work, even if unused
         (tmp / META).write_text(
             json.dumps(
