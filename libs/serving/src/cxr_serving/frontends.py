@@ -242,7 +242,7 @@ class AdminForwarder(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return await call(request, metadata=md, timeout=context.time_remaining())  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as exc:
                 pairs: Any = exc.trailing_metadata() or ()  # aio.Metadata: (key, value) pairs
-                trailers: list[tuple[str, str | bytes]] = [(k, v) for k, v in pairs]
+                trailers: tuple[tuple[str, str | bytes], ...] = tuple((k, v) for k, v in pairs)
                 await context.abort(exc.code(), exc.details() or "", trailing_metadata=trailers)
                 raise  # unreachable: abort raises
 
