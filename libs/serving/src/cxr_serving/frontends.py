@@ -55,7 +55,7 @@ def frontend_count(settings: Settings) -> int:
             gpu = bool(torch.cuda.is_available())
         except ImportError:
             gpu = False
-    return max(1, (os.cpu_count() or 2) // 2) if gpu else 1
+    return max(1, len(os.sched_getaffinity(0)) // 2) if gpu else 1  # the cores this process may run on
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket | None, int]:
