@@ -55,12 +55,12 @@ def listeners(port: int) -> int:
     return count
 
 
-async def measure(
-    args: argparse.Namespace, opts: StackOptions, tmp: Path, counts: tuple[int, ...] = (1, 2)
-) -> dict[str, Any]:
-    """req/s, client CPU and server CPU per request at each frontend count, in rotating rounds."""
+async def measure(args: argparse.Namespace, tmp: Path, counts: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+    """req/s, client CPU and server CPU per request at each frontend count, in rotating rounds (`args`: images,
+    seconds, rounds and the --frontend-* options)."""
     import grpc
 
+    opts = StackOptions(model_instances=1)  # one forward at a time: the executor is not what is measured
     task = task_named("classification")
     pngs = nih_pngs(args.images)
     servers, calls, channels = {}, {}, []
@@ -150,7 +150,7 @@ async def measure(
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--frontend-concurrency", type=int, default=32, help="closed-loop callers of the scaling cells")
-    ap.add_argument("--frontend-requests", type=int, help="max requests per scaling cell (600; quick 120)")
+    ap.add_argument("--frontend-requests", type=int, help="max requests per scaling cell (600; quick 120); 0: none")
     ap.add_argument("--frontend-input-size", type=int, default=64, help="the cheap classifier's input size")
 
 
@@ -166,10 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.seconds = args.seconds or (5.0 if args.quick else 15.0)
     args.frontend_requests = args.frontend_requests or (120 if args.quick else 600)
-    opts = StackOptions(model_instances=1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(measure(args, opts, Path(tmp)))
+        result = asyncio.run(measure(args, Path(tmp)))
     data = {
         "quick": args.quick,
         "machine": machine(),
