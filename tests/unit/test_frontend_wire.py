@@ -98,3 +98,27 @@ def test_metrics_merge_each_frontend_under_its_label_one_family_per_name() -> No
     assert 'cxr_demo_requests_total{method="Admin"} 1.0' in out
     assert 'cxr_demo_requests_total{frontend="0",method="Classify"} 5.0' in out
     assert 'cxr_demo_requests_total{frontend="1",method="Classify"} 5.0' in out
+
+
+def test_port_zero_is_held_for_every_frontend_to_listen_on() -> None:
+    import socket
+
+    from cxr_serving.frontends import reserve_port
+
+    holder, port = reserve_port("127.0.0.1", 0)
+    assert holder is not None and port > 0
+    listeners = []
+    try:
+        for _ in range(2):  # two frontends bind the held port with SO_REUSEPORT, as grpc.so_reuseport does
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            listeners.append(s)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        holder.close()
+        for s in listeners:
+            s.close()
+    assert reserve_port("127.0.0.1", 5000) == (None, 5000)
