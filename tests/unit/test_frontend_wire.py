@@ -11,7 +11,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from cxr_serving.errors import OverloadedError
+from cxr_serving.errors import ConfigError, OverloadedError
 from cxr_serving.frontend_metrics import FrontendMetrics
 from cxr_serving.frontend_wire import MIN_SLOT, Arena, ArenaPickler, ArenaViews, SlotAllocator, decode, encode
 from cxr_serving.frontends import frontend_count
@@ -83,6 +83,10 @@ def test_frontend_count_defaults_to_one_on_cpu_and_half_the_cores_on_gpu() -> No
     assert frontend_count(make_settings(server_config__device="cuda")) == max(1, len(os.sched_getaffinity(0)) // 2)
     assert frontend_count(make_settings(server_config__device="cuda", server_config__frontend_processes=3)) == 3
     assert frontend_count(make_settings(server_config__frontend_processes=2)) == 2
+    # rag and the DICOM node (no model repository) serve from one process, even on a GPU node's config
+    assert frontend_count(make_settings(server_config__device="cuda"), serves_models=False) == 1
+    with pytest.raises(ConfigError, match="frontend_processes"):
+        frontend_count(make_settings(server_config__frontend_processes=2), serves_models=False)
 
 
 def test_metrics_merge_each_frontend_under_its_label_one_family_per_name() -> None:

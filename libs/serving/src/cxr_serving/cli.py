@@ -35,13 +35,13 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     try:
         binding = build(settings)
         server = create_server(settings, binding, host=args.host, port=args.port, metrics_port=args.metrics_port)
+        frontends = frontend_count(settings, serves_models=binding.repository is not None)
     except ConfigError as exc:
         logging.getLogger(service).error("%s", exc)
         print(f"cxr-{service}: {exc}", file=sys.stderr)
         return 2
     run, loop_name = runner(settings.server_config.event_loop)  # validated by Settings: no ConfigError here
     logging.getLogger(service).info("event loop: %s", loop_name)
-    frontends = frontend_count(settings)
     if frontends > 1:
         run(
             serve_with_frontends(

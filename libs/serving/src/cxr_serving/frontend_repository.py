@@ -72,7 +72,8 @@ class RemoteRepository(ModelRepository):
 
     # -- the link ---------------------------------------------------------------------------------------
     async def load_all(self) -> None:
-        """Connect to the executor and wait for its first report of the models' states."""
+        """Connect to the executor and wait until it reports every required model ready (or goes away):
+        the models load there, and health follows its reports from then on."""
         self._first_state = asyncio.Event()
         reader, self._writer = await asyncio.open_unix_connection(self._hub_path)
         self._send(("hello", self._index, self._token))
@@ -115,7 +116,7 @@ class RemoteRepository(ModelRepository):
             before = self.ready
             self._remote_ready = ready
             self._status.update(statuses)
-            if self._first_state is not None:
+            if self._first_state is not None and ready:
                 self._first_state.set()
             if self.ready != before:
                 self._notify()

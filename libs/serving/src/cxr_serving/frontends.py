@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from cxr_serving.errors import ConfigError
 from cxr_serving.frontend_hub import FrontendHub
 from cxr_serving.frontend_metrics import merged_registry
 from cxr_serving.frontend_wire import Arena
@@ -42,9 +43,18 @@ SUPERVISE_POLL_S = 0.2
 RESTART_BACKOFF_S = 1.0  # a frontend that dies within this of its start waits this long before the next
 
 
-def frontend_count(settings: Settings) -> int:
-    """`server_config.frontend_processes`, or its default: 1 on CPU, half the cores on a GPU node."""
+def frontend_count(settings: Settings, *, serves_models: bool = True) -> int:
+    """`server_config.frontend_processes`, or its default: 1 on CPU, half the cores on a GPU node. A service
+    without a model repository (rag, the DICOM node) has nothing to execute for frontends: always 1, and an
+    explicit N > 1 is refused (ConfigError) rather than ignored."""
     sc = settings.server_config
+    if not serves_models:
+        if (sc.frontend_processes or 1) > 1:
+            raise ConfigError(
+                f"server_config.frontend_processes: {sc.frontend_processes} needs a service with models "
+                "(classification, segmentation); this one serves from one process: set it to 1 or leave it unset"
+            )
+        return 1
     if sc.frontend_processes is not None:
         return sc.frontend_processes
     gpu = sc.device.startswith("cuda")

@@ -119,7 +119,7 @@ class ServerConfig(_Strict):
         le=64,
         description="processes that take gRPC calls and decode/preprocess on the same port (SO_REUSEPORT), all "
         "feeding this node's one model executor through shared memory, so batches form across them; None: 1 on "
-        "CPU, cores/2 on GPU (docs/serving-runtime.md, Frontend processes)",
+        "CPU, cores/2 on GPU. Model services only: rag and the DICOM node always run one (docs/serving-runtime.md)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="level of the service's logs (case-insensitive)"
