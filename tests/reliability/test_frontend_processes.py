@@ -25,6 +25,7 @@ from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from tests.support.frontends import child_pids, open_channel_on, scrape, total, wait_children
 from tests.support.paths import cxr14_images
+from tests.support.pki import make_pki
 from tests.support.servers import auth, free_port, make_settings, running_server
 from tests.support.service_process import ServiceProcess, service_process
 
@@ -242,3 +243,36 @@ def test_cancelled_caller_is_dropped_without_touching_others(tmp_path: Path) -> 
     assert len(answered) == 6
     assert queued[1].cancelled() and queued[4].cancelled()
     assert total(text, "cxr_inference_total", model="toy") == 7
+
+
+def test_tls_frontends_answer_and_forward_model_admin(tmp_path: Path) -> None:
+    """With TLS on, every frontend serves TLS and model admin still reaches the executor (whose private
+    unix-socket server runs without TLS); plaintext is refused."""
+    pki = make_pki(tmp_path / "pki")
+    env = toy_env(
+        free_port(),
+        0.0,
+        CXR_SECURITY__TLS__ENABLED="true",
+        CXR_SECURITY__TLS__CERT_FILE=str(pki.server_crt),
+        CXR_SECURITY__TLS__KEY_FILE=str(pki.server_key),
+    )
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.read("ca"))
+    with service_process(tmp_path, env=env, wait_serving=False) as sp:
+        wait_children(sp.proc.pid, 2)
+        deadline = time.monotonic() + 60
+        while True:
+            with grpc.secure_channel(f"localhost:{sp.port}", creds) as ch:
+                stub = pb_grpc.ClassificationServiceStub(ch)
+                try:
+                    answer = stub.ClassifyImage(request(0), metadata=auth(), timeout=5)
+                    listed = stub.ListModels(pb.ListModelsRequest(), metadata=auth(), timeout=5)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        with grpc.insecure_channel(sp.target) as plain, pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ClassificationServiceStub(plain).ClassifyImage(request(0), metadata=auth(), timeout=5)
+    assert answer.predictions[0].findings[0].probability > 0
+    assert [m.name for m in listed.models] == ["toy"]
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE

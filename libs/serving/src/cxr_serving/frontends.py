@@ -178,10 +178,14 @@ async def serve_with_frontends(
     workdir = tempfile.mkdtemp(prefix="cxr-frontends-")
     paths = {"hub": os.path.join(workdir, "hub.sock"), "admin": os.path.join(workdir, "admin.sock")}
     hub = FrontendHub(binding.repository)
-    # the executor's own server: model admin and health, reached only by its frontends (auth re-checked)
+    # the executor's own server: model admin and health on a unix socket in a 0700 directory, reached only by
+    # its frontends (which enforce TLS and the allow-list); the API key is checked again here
+    sec = settings.security
     private = settings.model_copy(
         update={
-            "security": settings.security.model_copy(update={"allowed_ips": [], "trusted_proxies": []}),
+            "security": sec.model_copy(
+                update={"allowed_ips": [], "trusted_proxies": [], "tls": sec.tls.model_copy(update={"enabled": False})}
+            ),
             "server_config": settings.server_config.model_copy(update={"shutdown_delay_s": 0.0}),
         }
     )
