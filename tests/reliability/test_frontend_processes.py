@@ -276,3 +276,16 @@ def test_tls_frontends_answer_and_forward_model_admin(tmp_path: Path) -> None:
     assert answer.predictions[0].findings[0].probability > 0
     assert [m.name for m in listed.models] == ["toy"]
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_frontends_exit_when_the_executor_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the parent (the executor): no frontend is left listening without it, within 10 s."""
+    with service_process(tmp_path, env=toy_env(free_port(), 0.0)) as sp:
+        frontends = wait_children(sp.proc.pid, 2)
+        sp.proc.kill()
+        sp.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in frontends) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in frontends if Path(f"/proc/{pid}").exists()]
+    assert left == []

@@ -75,7 +75,11 @@ class RemoteRepository(ModelRepository):
         """Connect to the executor and wait until it reports every required model ready (or goes away):
         the models load there, and health follows its reports from then on."""
         self._first_state = asyncio.Event()
-        reader, self._writer = await asyncio.open_unix_connection(self._hub_path)
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(self._hub_path)
+        except OSError:
+            self._lost()  # no executor to serve for: the frontend stops
+            raise
         self._send(("hello", self._index, self._token))
         self._reader_task = asyncio.ensure_future(self._read(reader))
         self._metrics_task = asyncio.ensure_future(self._push_metrics())

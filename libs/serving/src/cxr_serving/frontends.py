@@ -295,11 +295,24 @@ async def _frontend_main(settings: Settings, build: Build, host: str, port: int,
     await forwarder.close()
 
 
+def _term_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG), even if it never reached its
+    link: a frontend is never left listening without an executor."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+
+
 def main(control_fd: int, arena_fd: int) -> None:
     from cxr_serving.logging_setup import setup_logging
     from cxr_serving.optimize.event_loop import runner
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us with SIGTERM
+    parent = os.getppid()
+    _term_with_parent()
+    if os.getppid() != parent:  # the parent died before we asked to be told
+        return
     with multiprocessing.connection.Connection(control_fd) as conn:
         sys_path, settings, build, host, port, index, token, paths = recv(conn)
     sys.path[:] = sys_path
