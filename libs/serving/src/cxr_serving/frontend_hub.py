@@ -24,6 +24,7 @@ from cxr_serving.urgency import Priority, Urgency
 
 log = logging.getLogger(__name__)
 STATE_POLL_S = 0.1  # how soon a model's state change reaches the frontends
+FREE_DELAY_S = 0.02  # freed slots ride on the next result; this is how long they wait for one
 
 
 class _Link:
@@ -35,6 +36,7 @@ class _Link:
         self.index = -1
         self.views: ArenaViews | None = None
         self.expects: dict[int, tuple[Any | None, dict[str, Any] | BaseException]] = {}
+        self.unsent: dict[int, int] = {}  # announced models of a request whose predict has not finished
         self.tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
         self.freed: list[int] = []
         self.loop = asyncio.get_running_loop()
@@ -51,12 +53,17 @@ class _Link:
 
     def _queue_free(self, offset: int) -> None:
         if not self.freed:
-            self.loop.call_soon(self._flush_free)
+            self.loop.call_later(FREE_DELAY_S, self._flush_free)
         self.freed.append(offset)
 
     def _flush_free(self) -> None:
+        if self.freed:
+            freed, self.freed = self.freed, []
+            self.send(("free", freed))
+
+    def _take_freed(self) -> list[int]:
         freed, self.freed = self.freed, []
-        self.send(("free", freed))
+        return freed
 
     async def serve(self) -> None:
         try:
@@ -87,15 +94,13 @@ class _Link:
         elif op == "expect":
             _, rid, names, versions, priority = message
             manager: Any = self.hub.repo.expect(names, versions, priority=Priority(priority))
+            self.unsent[rid] = len(names)
             try:
                 self.expects[rid] = (manager, manager.__enter__())
             except Exception as exc:  # NOT_FOUND, shed: the request's predict gets it
                 self.expects[rid] = (None, exc)
-        elif op == "done":
-            entered = self.expects.pop(message[1], None)
-            if entered is not None and entered[0] is not None:
-                manager = entered[0]
-                manager.__exit__(None, None, None)
+        elif op == "done":  # the frontend left before predicting every announced model
+            self._withdraw(message[1])
         elif op == "cancel":
             task = self.tasks.get((message[1], message[2]))
             if task is not None:
@@ -122,10 +127,22 @@ class _Link:
             reply = ("result", rid, name, False, _portable(exc), None)
         finally:
             self.tasks.pop(key, None)
+            left = self.unsent.get(rid)
+            if left is not None:  # every announced model answered: withdraw (a no-op after submit) here
+                self.unsent[rid] = left - 1
+                if left <= 1:
+                    self._withdraw(rid)
+        reply = (*reply, self._take_freed())
         try:
             self.send(reply)
         except (pickle.PicklingError, TypeError) as exc:
-            self.send(("result", rid, name, False, _portable(exc), None))
+            self.send(("result", rid, name, False, _portable(exc), None, []))
+
+    def _withdraw(self, rid: int) -> None:
+        self.unsent.pop(rid, None)
+        entered = self.expects.pop(rid, None)
+        if entered is not None and entered[0] is not None:
+            entered[0].__exit__(None, None, None)
 
     def close(self) -> None:
         if self.closed:

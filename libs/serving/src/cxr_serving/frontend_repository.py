@@ -47,6 +47,7 @@ class RemoteRepository(ModelRepository):
         self._slots = SlotAllocator(arena.size)
         self._ids = itertools.count(1)
         self._waiting: dict[tuple[int, str], asyncio.Future[Any]] = {}
+        self._sent: dict[int, set[str]] = {}  # per announced request: the models its predict was sent for
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._metrics_task: asyncio.Task[None] | None = None
@@ -106,7 +107,9 @@ class RemoteRepository(ModelRepository):
     def _handle(self, message: tuple[Any, ...]) -> None:
         op = message[0]
         if op == "result":
-            _, rid, name, ok, value, status = message
+            _, rid, name, ok, value, status, freed = message
+            for offset in freed:
+                self._slots.give_back(offset)
             key = (rid, name)
             future = self._waiting.pop(key, None)
             if future is not None:
@@ -166,11 +169,13 @@ class RemoteRepository(ModelRepository):
             self.model(n)
         rid = next(self._ids)
         self._send(("expect", rid, list(names), dict(versions or {}), priority.value))
+        self._sent[rid] = set()
         try:
             yield {n: RemoteDispatch((versions or {}).get(n, ""), "remote", request=rid) for n in names}
         finally:
-            with contextlib.suppress(ModelNotReadyError):
-                self._send(("done", rid))
+            if self._sent.pop(rid) != set(names):  # the executor withdraws on its own once every one is sent
+                with contextlib.suppress(ModelNotReadyError):
+                    self._send(("done", rid))
 
     async def predict(self, name: str, item: Any, dispatch: Dispatch | None = None, urgency: Urgency = ROUTINE) -> Any:
         self.model(name)
@@ -186,6 +191,8 @@ class RemoteRepository(ModelRepository):
                 self._slots.give_back(offset)
             raise
         self._waiting[key] = future
+        if rid in self._sent:
+            self._sent[rid].add(name)
         try:
             ok, value, status = await future
         except asyncio.CancelledError:
