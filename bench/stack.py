@@ -13,6 +13,8 @@ ratios service/ceiling, service/LitServe, service/naive and the p50 the service 
 add at concurrency 1. Segmentation: (a), (b), (d), (e) (and (c) with --seg-gateway).
 Then, per task, the serving-path CPU per image by input format (PNG, JPEG, DICOM, DICOM JPEG baseline;
 segmentation also by mask encoding) with a cheap model: bench/_serving_path.py.
+Last, the frontend scale-out: req/s of classification with a cheap model at frontend_processes 1 and 2,
+in turn, with the client's CPU: bench/frontends.py.
 Every measurement is bounded by a request count AND seconds. All peers run at once and are measured
 in turn (rotating rounds per concurrency, the ceiling in the same rounds): load from other processes
 on a shared host then hits every peer alike.
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import _serving_path as serving_path
+from bench import frontends
 from bench._common import (
     API_KEY,
     REPO,
@@ -135,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a source tree of the platform (e.g. `git worktree add DIR <commit>`): its service runs beside ours in "
         "the serving-path cells, in the same rotating rounds, for a before/after side by side",
     )  # fmt: skip
+    frontends.add_arguments(ap)
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
     args = ap.parse_args(argv)
     q = args.quick
@@ -146,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if q else 3)
     if args.serving_path_requests is None:
         args.serving_path_requests = 48 if q else 320
+    if args.frontend_requests is None:
+        args.frontend_requests = 120 if q else 600
     if args.model_instances is None:
         args.model_instances = default_model_instances(args.device, args.torch_threads)
     args.levels = [int(c) for c in args.concurrency.split(",")]
@@ -693,6 +699,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks:
             results[name] = asyncio.run(run_task(task_named(name, args.mask_encoding), pngs, args, Path(tmp)))
+        if args.frontend_requests > 0:
+            with stage("frontend scale-out: classification with a cheap model at frontend_processes 1 and 2, in turn"):
+                results["frontend_scaling"] = asyncio.run(frontends.measure(args, Path(tmp)))
     data = {
         "quick": args.quick,
         "machine": info,

@@ -80,7 +80,7 @@ def service_env(port: int, service: str = "classification", extra: Mapping[str, 
         f"{prefix}PORT": str(port),
         f"{prefix}HOST": "127.0.0.1",
         f"{prefix}METRICS_PORT": "0",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("CXR_CONFIG_PATH", None)

@@ -111,14 +111,19 @@ def build_toy(settings: Settings, model: BrightnessModel | None = None) -> Servi
     )
 
 
-def main() -> None:
-    """Run the toy service as a process (for SIGTERM tests): env TOY_DELAY_S sets the forward time."""
+def build_toy_from_env(settings: Settings) -> ServiceBinding:
+    """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it)."""
     import os
 
-    from cxr_serving.cli import run_service
+    return build_toy(settings, BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0"))))
 
-    delay = float(os.environ.get("TOY_DELAY_S", "0"))
-    raise SystemExit(run_service("classification", lambda s: build_toy(s, BrightnessModel(delay_s=delay))))
+
+def main() -> None:
+    """Run the toy service as a process (for SIGTERM tests): env TOY_DELAY_S sets the forward time."""
+    from cxr_serving.cli import run_service
+    from tests.support.toy_service import build_toy_from_env as build  # by module name, not __main__: picklable
+
+    raise SystemExit(run_service("classification", build))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ decode pool, the servicer built on both, and the pool closed at stop (what every
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +20,19 @@ from cxr_serving.settings import Settings
 from cxr_serving.urgency import ROUTINE, Urgency
 
 S = TypeVar("S")
+RepositoryMaker = Callable[[BatchingConfig], ModelRepository]
+_REPOSITORY_MAKER: ContextVar[RepositoryMaker | None] = ContextVar("cxr_repository_maker", default=None)
+
+
+@contextlib.contextmanager
+def repository_maker(make: RepositoryMaker) -> Iterator[None]:
+    """Bindings built inside get their repository from `make` (a frontend process: frontend_repository.py),
+    so a service's own `build_binding` serves in a frontend unchanged."""
+    token = _REPOSITORY_MAKER.set(make)
+    try:
+        yield
+    finally:
+        _REPOSITORY_MAKER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,8 @@ def bind_models(
 ) -> ServiceBinding:
     """The `ServiceBinding` of a service whose servicer needs only its repository and decode pool;
     `register` is the generated `add_<Service>Servicer_to_server`. `extra` carries the servicer too."""
-    repo = ModelRepository(BatchingConfig.from_settings(settings.server_config))
+    make = _REPOSITORY_MAKER.get() or ModelRepository
+    repo = make(BatchingConfig.from_settings(settings.server_config))
     for entry in models:
         repo.add(entry.model, required=entry.required, factory=entry.factory, batching=entry.batching)
     pool = DecodePool.from_settings(settings)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from cxr_serving.errors import ConfigError
+from cxr_serving.frontends import frontend_count, serve_with_frontends
 from cxr_serving.logging_setup import setup_logging
 from cxr_serving.optimize.event_loop import runner
 from cxr_serving.otel import setup_tracing
@@ -33,14 +35,27 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     try:
         binding = build(settings)
         server = create_server(settings, binding, host=args.host, port=args.port, metrics_port=args.metrics_port)
+        frontends = frontend_count(settings, serves_models=binding.repository is not None)
     except ConfigError as exc:
         logging.getLogger(service).error("%s", exc)
         print(f"cxr-{service}: {exc}", file=sys.stderr)
         return 2
     run, loop_name = runner(settings.server_config.event_loop)  # validated by Settings: no ConfigError here
     logging.getLogger(service).info("event loop: %s", loop_name)
-    run(serve(server))
+    if frontends > 1:
+        run(
+            serve_with_frontends(
+                settings, binding, build, frontends, host=server.host, port=server._requested_port,
+                metrics_port=server._metrics_port,
+            )
+        )  # fmt: skip
+    else:
+        run(serve(server))
     return 0
+
+
+def _catalog_build(name: str, settings: Settings) -> ServiceBinding:
+    return settings.catalog()[name].load_binding()(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,8 +65,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m cxr_serving <service> [--config FILE] [--host H] [--port P] [--metrics-port M]")
         return 2
     name, rest = args[0], args[1:]
-
-    def build(settings: Settings) -> ServiceBinding:
-        return settings.catalog()[name].load_binding()(settings)
-
-    return run_service(name, build, rest)
+    return run_service(name, functools.partial(_catalog_build, name), rest)

@@ -44,6 +44,10 @@ BATCH_ERRORS = Counter("cxr_batch_errors_total", "Forward passes that raised", [
 MODEL_INSTANCE_RESTARTS = Counter(
     "cxr_model_instance_restarts_total", "Model instance processes that died and were restarted", ["model"]
 )
+FRONTEND_RESTARTS = Counter(
+    "cxr_frontend_restarts_total", "Frontend processes that died and were restarted (frontend_processes > 1)"
+)
+FRONTEND_PROCESSES = Gauge("cxr_frontend_processes", "Frontend processes running (frontend_processes > 1)")
 RUNTIME_EXPORTS = Counter(
     "cxr_model_runtime_exports_total",
     "Networks exported (and quantized) into the model-runtime cache; a load that reuses the cache adds none",

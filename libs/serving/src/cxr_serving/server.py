@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from cxr_serving.auth import (
     AdminClosedInterceptor,
@@ -83,7 +84,13 @@ class CxrServer:
         host: str | None = None,
         port: int | None = None,
         metrics_port: int | None = None,
+        address: str | None = None,
+        reuse_port: bool = False,
+        inner_interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        metrics_registry: CollectorRegistry = REGISTRY,
     ) -> None:
+        """`address` (e.g. `unix:/path`) replaces host:port for gRPC; `reuse_port` lets several processes
+        listen on one port; `inner_interceptors` run after auth and observability, next to the servicers."""
         self.settings = settings
         self.binding = binding
         ep = settings.endpoint(binding.name)
@@ -91,6 +98,10 @@ class CxrServer:
         self._requested_port = ep.port if port is None else port
         self._metrics_port = ep.metrics_port if metrics_port is None else metrics_port
         self.port = 0
+        self._address = address
+        self._reuse_port = reuse_port
+        self._inner_interceptors = list(inner_interceptors)
+        self._metrics_registry = metrics_registry
         self.metrics: MetricsServer | None = None
         self.health = _HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -128,6 +139,7 @@ class CxrServer:
         else:
             interceptors.append(AdminClosedInterceptor())
         interceptors.append(ObservabilityInterceptor(self.binding.name, key_roles=roles))
+        interceptors.extend(self._inner_interceptors)
         max_bytes = int(sc.max_message_mb * 1024 * 1024)
         options = [
             ("grpc.max_receive_message_length", max_bytes),
@@ -136,7 +148,7 @@ class CxrServer:
             ("grpc.keepalive_timeout_ms", int(sc.keepalive_timeout_s * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(self._reuse_port)),
         ]
         server = grpc.aio.server(
             interceptors=interceptors, options=options, maximum_concurrent_rpcs=sc.max_concurrent_rpcs
@@ -191,14 +203,14 @@ class CxrServer:
     async def start(self) -> None:
         self._server = self._build()
         creds = self._credentials()
-        address = f"{self.host}:{self._requested_port}"
+        address = self._address or f"{self.host}:{self._requested_port}"
         self.port = self._server.add_secure_port(address, creds) if creds else self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self._set_health(False)
         await self._server.start()
         if self.settings.monitoring.enable_metrics:
-            self.metrics = MetricsServer(self.host, self._metrics_port)
+            self.metrics = MetricsServer(self.host, self._metrics_port, self._metrics_registry)
         log.info(
             "%s listening on %s:%d (metrics on :%s)",
             self.binding.name,

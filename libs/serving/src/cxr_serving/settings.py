@@ -113,6 +113,14 @@ class ServerConfig(_Strict):
         "'process': each instance is a worker process with its own copy (Triton's Python backend, "
         "LitServe's workers): on CPU the forwards then do not share the server's GIL",
     )
+    frontend_processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="processes that take gRPC calls and decode/preprocess on the same port (SO_REUSEPORT), all "
+        "feeding this node's one model executor through shared memory, so batches form across them; None: 1 on "
+        "CPU, cores/2 on GPU. Model services only: rag and the DICOM node always run one (docs/serving-runtime.md)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="level of the service's logs (case-insensitive)"
     )
