@@ -51,8 +51,9 @@ class RagRuntime:
 
     def open(self, *, progress: bool = True, build_index: bool = True) -> None:
         self.tokenizer = load_tokenizer(self.model_path)
-        self.embedder = get_embedder(self.model_path, self.cfg.embedding_device)
-        self.ingest_embedder = get_embedder(self.model_path, self.cfg.embedding_device, role="ingest")
+        device, runtime = self.cfg.embedding_device, self.cfg.embedding_runtime
+        self.embedder = get_embedder(self.model_path, device, runtime=runtime)
+        self.ingest_embedder = get_embedder(self.model_path, device, role="ingest", runtime=runtime)
         self.store = VectorStore.open(self.cfg, self.cfg.embedding_name, self.embedder.dimension)
         self.retriever = Retriever(self.store, self.embedder, self.cfg.candidates, self.cfg.rrf_k)
         if self.cfg.ingest_on_start and self.cfg.documents_path is not None:
@@ -102,10 +103,18 @@ class RagRuntime:
             index=self.retriever.index if live_index and self.retriever is not None else None,
         )
 
-    def ingest(self, documents: Iterable[Document], *, progress: bool = True, rebuild: bool = True) -> IngestStats:
+    def ingest(
+        self,
+        documents: Iterable[Document],
+        *,
+        progress: bool = True,
+        rebuild: bool = True,
+        total_documents: int | None = None,
+    ) -> IngestStats:
         """`rebuild=False`: the BM25 index is not kept up to date (it is built from the store afterwards)."""
         with self._ingest_lock:
-            stats = self.ingestor(live_index=rebuild).ingest(documents, progress=progress)
+            ingestor = self.ingestor(live_index=rebuild)
+            stats = ingestor.ingest(documents, progress=progress, total_documents=total_documents)
             self.last_ingest = stats
             if self.store is not None:
                 metrics.CHUNKS.set(self.store.count())
