@@ -58,6 +58,11 @@ def test_fast_embedder_agrees_with_torch_and_reuses_its_export():
     ref = get_embedder(default_model_path()).encode(texts)
     assert got.shape == ref.shape and float((got * ref).sum(axis=1).min()) >= 0.99
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+    query = get_embedder(default_model_path(), "cpu", "query", rt)
+    ingest = get_embedder(default_model_path(), "cpu", "ingest", rt)  # the same export, loaded once
+    assert ingest is not query and ingest._encode_lock is not query._encode_lock and ingest._fast is not query._fast
+    assert (ingest.backend, ingest.cache_path) == (query.backend, query.cache_path)
+    assert float((ingest.encode(texts[:8]) * ref[:8]).sum(axis=1).min()) >= 0.99
     again = Embedder(default_model_path(), "cpu", rt)
     assert not again.exported and again.cache_path == fast.cache_path  # the cache, keyed by the weights' digest
     assert fast.cache_path is not None and fast.cache_path.parent.parent == CACHE
@@ -139,9 +144,10 @@ def test_reingest_replaces_stale_chunks_window_by_window(tmp_path):
     for key in changed:
         stored = store.document_chunk_ids([key])
         assert len(stored) == 1 and not stored & old[key]
-    assert store.document_chunk_ids([docs[2].key]) >= old[docs[2].key] and len(
-        store.document_chunk_ids([docs[2].key])
-    ) == len(old[docs[2].key]) + 1
+    assert (
+        store.document_chunk_ids([docs[2].key]) >= old[docs[2].key]
+        and len(store.document_chunk_ids([docs[2].key])) == len(old[docs[2].key]) + 1
+    )
     assert store.count() == first.chunks_added - second.chunks_removed + second.chunks_added
 
 

@@ -7,9 +7,11 @@ OpenVINO / ONNX Runtime export serves when it agrees with torch (embedding_runti
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cxr_rag.config import DEFAULT_RUNTIME_CACHE, EmbeddingRuntimeConfig
-from cxr_rag.embedding_runtime import FastOutcome, prepare_fast_encoder, tokenize_batch
+from cxr_rag.embedding_runtime import CHECK_BATCH, FastOutcome, prepare_fast_encoder, tokenize_batch
 from cxr_serving.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, str, str], Embedder] = {}
 TORCH = EmbeddingRuntimeConfig(backend="torch", precision="float32")
+MAX_BATCH_TOKENS = 4096  # rows x tokens of one forward of the fast path (16 chunks of 256 tokens)
 
 
 def default_model_path() -> Path:
@@ -96,15 +99,29 @@ class Embedder:
                 runtime.cache_dir or DEFAULT_RUNTIME_CACHE,
                 self._model[0].auto_model,
                 self._tokenizer,
-                self._torch_encode,
+                lambda texts: self._torch_encode(texts, CHECK_BATCH),
                 int(torch.get_num_threads()),
             )
+        self._take(outcome)
+        if self._fast is not None:
+            self._model = None  # the export serves: the torch weights are not kept
+
+    def _take(self, outcome: FastOutcome) -> None:
         self.backend, self.precision, self.runtime_note = outcome.backend, outcome.precision, outcome.note
         self.check = outcome.check
         self.exported, self.cache_path = outcome.exported, outcome.cache_path
+        self._outcome = outcome
         self._fast = outcome.encode
-        if self._fast is not None:
-            self._model = None  # the export serves: the torch weights are not kept
+
+    def sibling(self) -> Embedder | None:
+        """Another instance over this one's checked export (its own lock and infer request, no second load,
+        check or copy of the weights); None when torch serves."""
+        if self._outcome.new_encode is None:
+            return None
+        other = copy.copy(self)
+        other._encode_lock = threading.Lock()
+        other._take(replace(self._outcome, encode=self._outcome.new_encode(), exported=False))
+        return other
 
     def _torch_encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         vecs = self._model.encode(
@@ -117,16 +134,20 @@ class Embedder:
         return np.asarray(vecs, dtype=np.float32)
 
     def _fast_encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """Tokenized once, sorted by length so each batch is cut to its own longest text (little padding)."""
+        """Tokenized once and sorted by length; each batch is cut to its own longest text and holds at most
+        `MAX_BATCH_TOKENS` (rows x width), so padding and the runtime's activation memory stay small."""
         assert self._fast is not None
         ids, mask = tokenize_batch(self._tokenizer, texts)
         lengths = mask.sum(axis=1)
         order = np.argsort(-lengths, kind="stable")
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for s in range(0, len(texts), batch_size):
-            idx = order[s : s + batch_size]
-            width = int(lengths[idx].max())
+        s = 0
+        while s < len(order):
+            width = int(lengths[order[s]])  # the longest of this batch: its first, in descending order
+            rows = max(1, min(batch_size, MAX_BATCH_TOKENS // max(width, 1)))
+            idx = order[s : s + rows]
             out[idx] = self._fast(np.ascontiguousarray(ids[idx, :width]), np.ascontiguousarray(mask[idx, :width]))
+            s += rows
         return out
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -145,13 +166,19 @@ def get_embedder(
     model_path: Path, device: str = "cpu", role: str = "query", runtime: EmbeddingRuntimeConfig | None = None
 ) -> Embedder:
     """The process-wide instance for (path, device, role, runtime): loaded on first use only. Roles get
-    separate instances (own weights, tokenizer and lock), so queries never queue behind ingestion."""
+    separate instances (own lock; torch: own weights; an export: own infer request over one loaded copy),
+    so queries never queue behind ingestion."""
     runtime = runtime or TORCH
     key = (str(model_path), device, role, runtime.model_dump_json())
     with _LOCK:
         emb = _MODELS.get(key)
         if emb is None:
-            log.info("loading embedding model %s on %s (%s/%s)", model_path, device, runtime.backend, runtime.precision)
-            emb = Embedder(model_path, device, runtime)
+            same = [e for k, e in _MODELS.items() if k[:2] == key[:2] and k[3] == key[3]]
+            emb = same[0].sibling() if same else None
+            if emb is None:
+                log.info(
+                    "loading embedding model %s on %s (%s/%s)", model_path, device, runtime.backend, runtime.precision
+                )
+                emb = Embedder(model_path, device, runtime)
             _MODELS[key] = emb
         return emb

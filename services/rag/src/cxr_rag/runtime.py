@@ -6,7 +6,8 @@ embedding model, opens the store (checking the collection's embedding model), in
 start resumes on the next), and builds the BM25 index. Ingestion is
 serialised by one lock; each batch of chunks it writes, re-labels or removes is applied to the
 live BM25 index right after the store has it (no rebuild). Queries and ingestion embed with two
-instances of the model, so a query never waits for an ingestion batch's forward pass.
+instances of the model (an export is loaded once, each with its own infer request), so a query never
+waits for an ingestion batch's forward pass.
 """
 
 from __future__ import annotations
