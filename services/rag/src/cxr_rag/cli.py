@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_rag.config import rag_config
+from cxr_rag.config import RagConfig, rag_config
 from cxr_rag.ingest import JSONL_SUFFIXES, read_documents
 from cxr_rag.runtime import RagRuntime
 from cxr_serving.errors import ConfigError, CxrError
@@ -65,11 +65,16 @@ def ingest_into(
 
 
 def ingest_corpus(
-    paths: Path | Sequence[Path], *, config: str | None = None, limit: int | None = None, progress: bool = True
+    paths: Path | Sequence[Path],
+    *,
+    config: str | None = None,
+    cfg: RagConfig | None = None,
+    limit: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """What `cxr-rag ingest` does, as a function (the scale bench calls it): the configured store and embedder,
-    a progress bar, resumable; returns the totals of `ingest_into`."""
-    rt = _runtime(config)
+    """What `cxr-rag ingest` does, as a function (the scale bench calls it): the store and embedder of `cfg`
+    (else of the JSON `config`), a progress bar, resumable; returns the totals of `ingest_into`."""
+    rt = RagRuntime(cfg.model_copy(update={"ingest_on_start": False})) if cfg is not None else _runtime(config)
     rt.open(progress=progress, build_index=False)
     return ingest_into(rt, [Path(paths)] if isinstance(paths, str | Path) else list(paths), limit, progress)
 
