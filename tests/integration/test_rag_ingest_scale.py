@@ -170,12 +170,12 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
     done = {"chunks": 0}
     tail: list[str] = []
 
-    def watch() -> None:  # the progress bar on stderr: "ingest: 123chunk [..]"
+    def watch() -> None:  # the progress bar on stderr: "ingest:  25%|..| 100/400 [.., new_chunks=128 ..]"
         assert proc.stderr is not None
         buf = ""
         while (ch := proc.stderr.read(1)) != "":
             buf = (buf + ch)[-400:]
-            for m in re.finditer(r"ingest: (\d+)chunk", buf):
+            for m in re.finditer(r"new_chunks=(\d+)", buf):
                 done["chunks"] = int(m.group(1))
         tail.append(buf)
 
@@ -204,4 +204,4 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
     assert stats["chunks_skipped"] == stored  # what the killed run wrote is not embedded again
     assert stats["chunks_added"] == distinct - stored
     assert stats["chunks_total"] == distinct  # and nothing is stored twice
-    assert "chunk" in err  # the progress bar
+    assert f"{limit}/{limit}" in err and "new_chunks=" in err  # the progress bar

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_rag.config import RagConfig, rag_config
-from cxr_rag.ingest import JSONL_SUFFIXES, read_documents
+from cxr_rag.ingest import count_documents, read_documents
 from cxr_rag.runtime import RagRuntime
 from cxr_serving.errors import ConfigError, CxrError
 from cxr_serving.settings import load_settings
@@ -33,15 +33,6 @@ def _runtime(config: str | None) -> RagRuntime:
     settings = load_settings(config)
     cfg = rag_config(settings).model_copy(update={"ingest_on_start": False})
     return RagRuntime(cfg)
-
-
-def count_documents(path: Path, limit: int | None) -> int | None:
-    """Records of a JSONL file (for the progress bar); None for other inputs."""
-    if not (path.is_file() and path.suffix.lower() in JSONL_SUFFIXES):
-        return None
-    with path.open("rb") as f:
-        n = sum(1 for line in f if line.strip())
-    return n if limit is None else min(n, limit)
 
 
 def ingest_into(

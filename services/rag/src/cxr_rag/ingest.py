@@ -161,6 +161,16 @@ def read_documents(path: Path, limit: int | None = None) -> Iterator[Document]:
         raise InvalidInputError(f"{path}: unsupported file type (use {', '.join(sorted(SUPPORTED))})")
 
 
+def count_documents(path: Path, limit: int | None = None) -> int | None:
+    """Records of a JSONL file (the progress bar's total); None for other inputs."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix.lower() in JSONL_SUFFIXES):
+        return None
+    with path.open("rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return n if limit is None else min(n, limit)
+
+
 class Ingestor:
     def __init__(
         self,
@@ -226,7 +236,9 @@ class Ingestor:
         fresh = self.store.count() == 0  # nothing stored: nothing can be stale, the per-window lookup is skipped
         produced: set[str] = set()  # chunk ids of this run, so a document id spread over windows adds up
         stats = IngestStats()
-        bar = tqdm(desc="ingest", unit="chunk", disable=not progress, mininterval=1.0, smoothing=0.1)
+        # documents done of the total when it is known (JSONL), else chunks; the postfix counts chunks either way
+        unit = "doc" if total_documents else "chunk"
+        bar = tqdm(total=total_documents, desc="ingest", unit=unit, disable=not progress, mininterval=1.0)
         try:
             for n_docs, keys, chunks in self.windows(documents):
                 stats.documents += n_docs
@@ -238,19 +250,23 @@ class Ingestor:
                 self._index_add(changed)
                 stats.chunks_updated += len(changed)
                 stats.chunks_skipped += len(chunks) - len(new)
-                bar.update(len(chunks) - len(new))
+                if not total_documents:
+                    bar.update(len(chunks) - len(new))
                 for b in range(0, len(new), self.batch_size * 4):
                     sub = new[b : b + self.batch_size * 4]
                     vecs = self.embedder.encode([c.text for c in sub], batch_size=self.batch_size)
                     self.store.upsert(sub, vecs)
                     self._index_add(sub)
                     stats.chunks_added += len(sub)
-                    bar.update(len(sub))
+                    if not total_documents:
+                        bar.update(len(sub))
+                    bar.set_postfix_str(f"new_chunks={stats.chunks_added}", refresh=False)
                 if not fresh:
                     produced.update(c.id for c in chunks)
                     stats.chunks_removed += self._remove_stale(keys, produced)
-                total = f"/{total_documents}" if total_documents else ""
-                bar.set_postfix_str(f"docs={stats.documents}{total} new={stats.chunks_added}", refresh=False)
+                if total_documents:
+                    bar.update(n_docs)
+                bar.set_postfix_str(f"new_chunks={stats.chunks_added} skipped={stats.chunks_skipped}", refresh=False)
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from cxr_rag import metrics
 from cxr_rag.chunking import Document, content_hash
 from cxr_rag.config import RagConfig
 from cxr_rag.embeddings import Embedder, get_embedder, load_tokenizer, resolve_model_path
-from cxr_rag.ingest import Ingestor, IngestStats, read_documents
+from cxr_rag.ingest import Ingestor, IngestStats, count_documents, read_documents
 from cxr_rag.llm import LlmClient
 from cxr_rag.pipeline import AnswerPipeline
 from cxr_rag.retrieval import Retriever
@@ -78,7 +78,7 @@ class RagRuntime:
             log.info("%s was ingested by an earlier start (%d chunks): skipping", docs, self.store.count())
             return
         log.info("ingesting %s into '%s' (%d chunks present)", docs, self.cfg.collection, self.store.count())
-        self.ingest(read_documents(docs), progress=progress, rebuild=False)
+        self.ingest(read_documents(docs), progress=progress, rebuild=False, total_documents=count_documents(docs))
         self.store.set_marker(STARTUP_MARKER, marker)
 
     @property
