@@ -161,7 +161,7 @@ def _cli(config: Path, corpus: Path, limit: int) -> subprocess.Popen[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
-    limit = 400  # about 420 chunks
+    limit = 400  # the whole subset: about 300 passages, 320 chunks
     runtime = fast_runtime().model_dump(mode="json")
     cfg = {"models": {"rag": {"vector_db_path": str(tmp_path / "db"), "embedding_runtime": runtime}}}
     config = tmp_path / "cfg.json"
@@ -204,4 +204,4 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
     assert stats["chunks_skipped"] == stored  # what the killed run wrote is not embedded again
     assert stats["chunks_added"] == distinct - stored
     assert stats["chunks_total"] == distinct  # and nothing is stored twice
-    assert f"{limit}/{limit}" in err and "new_chunks=" in err  # the progress bar
+    assert f"{len(docs)}/{len(docs)}" in err and "new_chunks=" in err  # the progress bar, in documents
