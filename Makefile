@@ -106,6 +106,12 @@ all: test ## Everything CI runs
 run: $(VENV)/.installed ## Start every service (and the local gateway) on CPU with config/local.json
 	$(PY) scripts/run_local.py --config $(CONFIG)
 
+DOCS ?=
+.PHONY: rag-ingest
+rag-ingest: $(VENV)/.installed ## Ingest DOCS="files or dirs" into CONFIG's rag store: progress bar, resumable (cxr-rag ingest)
+	@test -n "$(DOCS)" || { echo 'usage: make rag-ingest DOCS="../shared/data/pubmedqa/corpus.jsonl papers/"' >&2; exit 2; }
+	$(PY) -m cxr_rag.cli --config $(CONFIG) ingest $(DOCS)
+
 BENCH_ARGS ?=
 # head to head: stack.py with only the peers of the "ahead of LitServe at every concurrency >= 8" target, long cells
 HEAD_TO_HEAD = $(PY) -m bench.stack --peers service,litserve,litserve_folded --concurrency 8,32 \

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cxr_rag.chunking import Chunk
 from cxr_rag.embeddings import default_model_path, get_embedder, load_tokenizer
 from cxr_rag.ingest import Ingestor, read_documents
 from cxr_rag.retrieval import Mode, Retriever
@@ -66,6 +68,18 @@ def test_http_store_ingest_search_backup(chroma_server, tmp_path):
     store.backup(tmp_path / "snap")
     local = VectorStore.open(rag_cfg(tmp_path / "local"), MODEL, emb.dimension)
     assert local.restore(tmp_path / "snap")["count_after"] == store.count()
+
+
+@pytest.mark.slow
+def test_http_upsert_respects_the_servers_max_batch_size(chroma_server, tmp_path):
+    cfg = rag_cfg(tmp_path / "unused", vector_db_host="127.0.0.1", vector_db_port=chroma_server, collection="batches")
+    store = VectorStore.open(cfg, MODEL, 384)
+    limit = store.max_batch_size
+    assert limit == store._client.get_max_batch_size() > 0  # what the server announces
+    n = limit + 3
+    vecs = np.random.default_rng(2).normal(size=(n, 384)).astype(np.float32)
+    store.upsert([Chunk(f"b{i}", f"text {i}", {"doc_id": f"d{i}"}) for i in range(n)], vecs)
+    assert store.count() == n
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):

@@ -15,6 +15,7 @@ from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
 from cxr_rag.config import rag_config
 from cxr_rag.pipeline import EXTRACTIVE_PREFIX
 from cxr_rag.service import build_binding
+from cxr_serving.runtimes.backends import openvino_cpu_capabilities
 from tests.support.rag import assert_citations_grounded, openai_stub, shared_store, subset_corpus
 from tests.support.servers import auth, make_settings, running_server
 
@@ -86,6 +87,12 @@ async def test_answer_and_stream_extractive(question):
         r = await stub.AnswerQuestion(pb.AnswerQuestionRequest(question=question["question"]), metadata=auth())
         assert metric("cxr_inference_total", model="retrieval:hybrid") == retrievals + 1
         assert r.extractive and r.llm.name == "extractive" and r.finish_reason == "stop"
+        # the query embeddings come from the configured fast path when this CPU has native bfloat16
+        if "BF16" in openvino_cpu_capabilities():
+            assert (r.llm.backend, r.llm.precision) == ("openvino", "bfloat16"), r.llm.runtime_note
+            assert r.llm.runtime_note.startswith("agreement check passed: min_cosine=")
+        else:
+            assert r.llm.backend == "torch" and "openvino/bfloat16 unavailable" in r.llm.runtime_note
         assert r.answer.startswith(EXTRACTIVE_PREFIX)
         assert r.citations and r.passages
         by_id = {p.id: p for p in r.passages}

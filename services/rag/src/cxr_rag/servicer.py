@@ -69,7 +69,7 @@ class RagServicer(pb_grpc.RagServiceServicer):  # type: ignore[misc]  # generate
                 version=EXTRACTIVE_MODEL,
                 architecture="extractive: retrieved sentences ranked by similarity, no language model",
                 state=common_pb2.MODEL_STATE_READY,
-                device=self.cfg.embedding_device,
+                **self.embedder_info(),  # type: ignore[arg-type]  # every key is a string field of ModelInfo
             )
         return common_pb2.ModelInfo(
             name=model or self.runtime.llm.model,
@@ -78,6 +78,14 @@ class RagServicer(pb_grpc.RagServiceServicer):  # type: ignore[misc]  # generate
             state=common_pb2.MODEL_STATE_READY,
             device=self.runtime.llm.base_url,
         )
+
+    def embedder_info(self) -> dict[str, str]:
+        """What computes the embeddings the extractive answer ranks sentences by (the fast path, or torch and why)."""
+        emb = self.runtime.embedder
+        if emb is None:
+            return {"device": self.cfg.embedding_device}
+        note = emb.runtime_note
+        return {"device": emb.device, "backend": emb.backend, "precision": emb.precision, "runtime_note": note}
 
     def _request(self, r: pb.AnswerQuestionRequest | pb.StreamAnswerRequest) -> AnswerRequest:
         return AnswerRequest(

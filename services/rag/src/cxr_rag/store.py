@@ -174,6 +174,8 @@ class VectorStore:
         self.location = location
         self.embedding_model = embedding_model
         self.dimension = dim
+        # records per write that Chroma accepts (SQLite's variable limit embedded, the server's own over HTTP)
+        self.max_batch_size = int(client.get_max_batch_size())
 
     @classmethod
     def open(cls, cfg: RagConfig, embedding_model: str, dimension: int) -> VectorStore:
@@ -229,8 +231,9 @@ class VectorStore:
 
     def update_metadata(self, chunks: Sequence[Chunk]) -> None:
         """New metadata for stored chunks (same id, so the same text and embedding)."""
-        if chunks:
-            self._col.update(ids=[c.id for c in chunks], metadatas=[c.metadata for c in chunks])
+        for s in range(0, len(chunks), self.max_batch_size):
+            part = chunks[s : s + self.max_batch_size]
+            self._col.update(ids=[c.id for c in part], metadatas=[c.metadata for c in part])
 
     def document_chunk_ids(self, doc_ids: Sequence[str], batch: int = 256) -> set[str]:
         """Ids of every stored chunk of these documents (metadata `doc_id`)."""
@@ -250,14 +253,16 @@ class VectorStore:
         return set(self._col.get(include=[])["ids"])
 
     def upsert(self, chunks: Sequence[Chunk], embeddings: np.ndarray) -> None:
-        if not chunks:
-            return
-        self._col.upsert(
-            ids=[c.id for c in chunks],
-            embeddings=np.asarray(embeddings, dtype=np.float32),
-            documents=[c.text for c in chunks],
-            metadatas=[c.metadata for c in chunks],
-        )
+        """Written in slices of at most `max_batch_size` records: Chroma refuses a larger write."""
+        vecs = np.asarray(embeddings, dtype=np.float32)
+        for s in range(0, len(chunks), self.max_batch_size):
+            part = chunks[s : s + self.max_batch_size]
+            self._col.upsert(
+                ids=[c.id for c in part],
+                embeddings=vecs[s : s + len(part)],
+                documents=[c.text for c in part],
+                metadatas=[c.metadata for c in part],
+            )
 
     def query(self, embedding: np.ndarray, n: int, filters: dict[str, str] | None = None) -> list[DenseHit]:
         n = min(n, self.count())
@@ -307,6 +312,7 @@ class VectorStore:
             "embedding_dim": self.dimension,
             "chunks": self.count(),
             "hnsw": self.hnsw(),
+            "max_batch_size": self.max_batch_size,
         }
 
     def hnsw(self) -> dict[str, Any]:

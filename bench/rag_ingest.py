@@ -1,0 +1,281 @@
+"""Ingestion throughput: torch against the embedder's OpenVINO / ONNX Runtime exports, side by side in one
+run, and the RSS of the real rag service process over the ingested store.
+
+    make bench-rag_ingest                       # 1,000 PubMedQA passages, five embedder runtimes
+    BENCH_ARGS=--quick make bench-rag_ingest    # 300 passages, torch vs openvino/bfloat16
+
+For every runtime: its load (export reused from the cache, agreement check), embedding alone
+(`--rounds` interleaved rounds over the same chunks, so a change of host load hits every runtime
+alike; chunks/s and the ratio to torch of the same round), then `Ingestor.ingest` into a fresh
+embedded Chroma (chunking, the existence check, embedding, upserts: end-to-end chunks/s), and
+the cosine of its vectors against torch's on every chunk. Then the service's memory: `python -m
+cxr_rag` started on the fast runtime's store, VmRSS / VmHWM of its process after READY and after
+hybrid searches (`service_memory`, which the scale bench calls on its large store).
+The host has 2 cores shared with other sessions: the load average is recorded around each
+measurement, and only ratios within one round are comparable. Writes bench/results/rag_ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._common import API_KEY, PUBMEDQA, REPO, RESULTS, ServerProcess, free_port
+
+VARIANTS = [
+    ("torch", "float32"),
+    ("onnxruntime", "float32"),
+    ("openvino", "float32"),
+    ("openvino", "bfloat16"),
+    ("openvino", "int8"),
+]
+QUICK_VARIANTS = [("torch", "float32"), ("openvino", "bfloat16")]
+QUESTIONS = [
+    "Does pleural effusion on the admission chest radiograph predict mortality?",
+    "Is cardiomegaly on chest x-ray a reliable sign of heart failure?",
+    "How accurate is portable chest radiography for pneumothorax?",
+    "Do pulmonary nodules found incidentally need follow-up imaging?",
+]
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def proc_memory(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of one process, in MiB, from /proc/<pid>/status."""
+    out: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[f"{key.lower()}_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+def service_memory(store: Path, collection: str = "medical_literature", searches: int = 40) -> dict[str, Any]:
+    """The rag service (`python -m cxr_rag`, extractive, no ingest at start) on the embedded store `store`:
+    VmRSS/VmHWM of its process once READY (the BM25 index built over every chunk) and after `searches`
+    hybrid searches; what item 8 of issue 25 reads at 1M chunks."""
+    return asyncio.run(_service_memory(store, collection, searches))
+
+
+async def _service_memory(store: Path, collection: str, searches: int) -> dict[str, Any]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cxr_protos.rag.v1 import rag_service_pb2 as pb
+    from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
+
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="bench-rag-rss-"))
+    cfg = {
+        "models": {
+            "rag": {
+                "vector_db_path": str(store),
+                "collection": collection,
+                "documents_path": None,
+                "llm": {"mode": "extractive"},
+            }
+        },
+        "services": {"rag": {"host": "127.0.0.1", "port": port, "metrics_port": 0}},
+        "monitoring": {"log_json": False},
+    }
+    (work / "cfg.json").write_text(json.dumps(cfg))
+    svc = ServerProcess(
+        [sys.executable, "-m", "cxr_rag", "--config", str(work / "cfg.json")],
+        env={"CXR_API_KEY": API_KEY},
+        name="rag",
+    ).start()
+    meta = (("x-api-key", API_KEY),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            async def serving() -> bool:
+                st = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return bool(st.status == health_pb2.HealthCheckResponse.SERVING)
+
+            ready_s = await svc.wait_ready(serving, timeout=3600)
+            assert svc.proc is not None
+            at_ready = proc_memory(svc.proc.pid)
+            stub = pb_grpc.RagServiceStub(ch)
+            latencies = []
+            deadline = time.monotonic() + 300
+            for i in range(searches):
+                if time.monotonic() > deadline:
+                    break
+                t = time.perf_counter()
+                req = pb.SearchLiteratureRequest(
+                    query=QUESTIONS[i % len(QUESTIONS)], top_k=5, mode=pb.RETRIEVAL_MODE_HYBRID
+                )
+                await stub.SearchLiterature(req, metadata=meta, timeout=60)
+                latencies.append(time.perf_counter() - t)
+            after = proc_memory(svc.proc.pid)
+        return {
+            "pid_measured": "the service process itself (python -m cxr_rag), /proc/<pid>/status",
+            "ready_s": ready_s,
+            "at_ready": at_ready,
+            "after_searches": after,
+            "searches": len(latencies),
+            "search_p50_ms": round(float(np.median(latencies)) * 1000, 1) if latencies else None,
+        }
+    finally:
+        svc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def chunks_of(docs: int) -> tuple[list[Any], list[Any]]:
+    from cxr_rag.embeddings import default_model_path, load_tokenizer
+    from cxr_rag.ingest import Ingestor, read_documents
+
+    documents = list(read_documents(PUBMEDQA / "corpus.jsonl", docs))
+    ing = Ingestor(None, None, load_tokenizer(default_model_path()), 200, 40)  # type: ignore[arg-type]
+    return documents, ing.chunk(documents)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="300 passages, torch vs openvino/bfloat16, 2 rounds")
+    ap.add_argument("--docs", type=int, help="PubMedQA passages ingested (default 1,000; quick 300)")
+    ap.add_argument("--rounds", type=int, help="interleaved embedding-only rounds (default 3; quick 2)")
+    ap.add_argument("--batch-size", type=int, default=32, help="chunks per forward pass")
+    ap.add_argument("--no-service", action="store_true", help="skip the service RSS measurement")
+    ap.add_argument("--out", type=Path, default=RESULTS / "rag_ingest.json")
+    args = ap.parse_args(argv)
+
+    from cxr_rag.config import EmbeddingRuntimeConfig, RagConfig
+    from cxr_rag.embeddings import Embedder, default_model_path, load_tokenizer
+    from cxr_rag.ingest import Ingestor
+    from cxr_rag.store import VectorStore
+
+    variants = QUICK_VARIANTS if args.quick else VARIANTS
+    n_docs = args.docs or (300 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 3)
+    documents, chunks = chunks_of(n_docs)
+    texts = [c.text for c in chunks]
+    tok = load_tokenizer(default_model_path())
+    tokens = [len(tok.encode(t).ids) for t in texts]
+    cache = REPO / "var" / "cache" / "model-runtimes"
+    work = Path(tempfile.mkdtemp(prefix="bench-rag-ingest-"))
+    report: dict[str, Any] = {
+        "benchmark": "rag_ingest",
+        "quick": args.quick,
+        "corpus": f"first {n_docs} passages of ../shared/data/pubmedqa/corpus.jsonl",
+        "chunks": len(chunks),
+        "chunk_tokens_mean": round(float(np.mean(tokens)), 1),
+        "chunk_tokens_max": int(max(tokens)),
+        "batch_size": args.batch_size,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": __import__("torch").get_num_threads(),
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "note": "2 cores shared with other sessions' tests and benchmarks: absolute rates move with their "
+            "load; compare the runtimes within one round",
+        },
+        "load_average_start": load(),
+        "variants": {},
+    }
+    embedders: dict[str, Embedder] = {}
+    try:
+        for backend, precision in variants:
+            name = f"{backend}/{precision}"
+            t = time.perf_counter()
+            runtime = EmbeddingRuntimeConfig(backend=backend, precision=precision, cache_dir=cache)  # type: ignore[arg-type]
+            emb = Embedder(default_model_path(), "cpu", runtime)
+            report["variants"][name] = {
+                "serving": f"{emb.backend}/{emb.precision}",
+                "load_s": round(time.perf_counter() - t, 1),
+                "exported_now": emb.exported,
+                "check": emb.runtime_note,
+            }
+            print(f"{name}: loaded ({emb.backend}/{emb.precision}) {emb.runtime_note}", flush=True)
+            if name != "torch/float32" and emb.backend == "torch":
+                continue  # it failed its check (or cannot run here): torch serves, measured once already
+            embedders[name] = emb
+            emb.encode(texts[:64], args.batch_size)  # warm-up
+
+        # embedding alone, interleaved rounds over the same chunks
+        sample = texts[: min(len(texts), 512)]
+        per_round: list[dict[str, Any]] = []
+        for r in range(rounds):
+            row: dict[str, Any] = {"load_average_before": load()}
+            for name, emb in embedders.items():
+                t = time.perf_counter()
+                emb.encode(sample, args.batch_size)
+                row[name] = round(len(sample) / (time.perf_counter() - t), 1)
+            row["ratio_to_torch"] = {n: round(row[n] / row["torch/float32"], 2) for n in embedders}
+            per_round.append(row)
+            print(f"round {r + 1}: {row}", flush=True)
+        report["embed_only_chunks_per_s"] = {"chunks_per_round": len(sample), "rounds": per_round}
+
+        # end to end into a fresh embedded Chroma, and agreement on every chunk
+        reference = embedders["torch/float32"].encode(texts, args.batch_size)
+        fast_store = None
+        for name, emb in embedders.items():
+            store_dir = work / name.replace("/", "-")
+            cfg = RagConfig.model_validate({"vector_db_path": str(store_dir)})
+            store = VectorStore.open(cfg, cfg.embedding_name, 384)
+            ing = Ingestor(store, emb, tok, 200, 40, batch_size=args.batch_size)
+            before = load()
+            t = time.perf_counter()
+            stats = ing.ingest(documents, progress=False)
+            seconds = time.perf_counter() - t
+            got = emb.encode(texts, args.batch_size)
+            cos = (got * reference).sum(axis=1)
+            report["variants"][name].update(
+                {
+                    "ingest_chunks_per_s": round(stats.chunks_added / seconds, 1),
+                    "ingest_s": round(seconds, 1),
+                    "chunks_added": stats.chunks_added,
+                    "load_average_before_after": [before, load()],
+                    "cosine_to_torch_on_chunks": {
+                        "min": round(float(cos.min()), 5),
+                        "mean": round(float(cos.mean()), 5),
+                    },
+                }
+            )
+            print(f"{name}: ingest {report['variants'][name]['ingest_chunks_per_s']} chunks/s", flush=True)
+            if name == "openvino/bfloat16":
+                fast_store = store_dir
+        torch_rate = report["variants"]["torch/float32"]["ingest_chunks_per_s"]
+        report["ingest_ratio_to_torch"] = {
+            n: round(v["ingest_chunks_per_s"] / torch_rate, 2)
+            for n, v in report["variants"].items()
+            if "ingest_chunks_per_s" in v
+        }
+        embedders.clear()
+        if not args.no_service and fast_store is not None:
+            print("service memory ...", flush=True)
+            report["service_memory"] = {"chunks": len(chunks), **service_memory(fast_store)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["load_average_end"] = load()
+    report["target"] = "issue 25: >= 400 chunks/s end to end on this 2-core CPU"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("ingest_ratio_to_torch", "load_average_end")}, indent=2))
+    print(f"written to {args.out}")
+    return 0
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

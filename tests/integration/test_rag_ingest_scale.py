@@ -1,0 +1,207 @@
+"""Ingestion at scale on real components: the OpenVINO / ONNX Runtime embedder checked against torch at load
+(and torch serving when an export is damaged), Chroma's max batch size, stale chunks of re-ingested
+documents across write windows, and `cxr-rag ingest` killed and run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_rag.chunking import Chunk, Document
+from cxr_rag.config import EmbeddingRuntimeConfig
+from cxr_rag.embedding_runtime import MODEL_LABEL
+from cxr_rag.embeddings import Embedder, default_model_path, get_embedder, load_tokenizer
+from cxr_rag.ingest import Ingestor, read_documents
+from cxr_rag.store import VectorStore
+from cxr_serving.metrics import RUNTIME_FALLBACK
+from cxr_serving.runtimes.backends import openvino_cpu_capabilities
+from tests.support.paths import REPO
+from tests.support.rag import rag_cfg, subset_corpus
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+CACHE = REPO / "var" / "cache" / "test-rag-embedder"  # shared by the tests and runs: an export is made once
+
+
+def fast_runtime() -> EmbeddingRuntimeConfig:
+    """The default fast path (OpenVINO bfloat16) where this CPU has native BF16, else OpenVINO float32."""
+    precision = "bfloat16" if "BF16" in openvino_cpu_capabilities() else "float32"
+    return EmbeddingRuntimeConfig(backend="openvino", precision=precision, cache_dir=CACHE)
+
+
+def chunk_texts(n: int) -> list[str]:
+    docs = read_documents(subset_corpus(), limit=n)
+    return [d.text for d in docs]
+
+
+def fallback_gauge() -> float:
+    return float(RUNTIME_FALLBACK.labels(MODEL_LABEL)._value.get())
+
+
+def test_fast_embedder_agrees_with_torch_and_reuses_its_export():
+    rt = fast_runtime()
+    fast = Embedder(default_model_path(), "cpu", rt)
+    assert (fast.backend, fast.precision) == ("openvino", rt.precision), fast.runtime_note
+    assert fast.check is not None and fast.check.numbers["min_cosine"] >= 0.99
+    assert fallback_gauge() == 0
+    texts = chunk_texts(60)  # real passages, not the held check texts
+    got = fast.encode(texts, batch_size=16)
+    ref = get_embedder(default_model_path()).encode(texts)
+    assert got.shape == ref.shape and float((got * ref).sum(axis=1).min()) >= 0.99
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+    query = get_embedder(default_model_path(), "cpu", "query", rt)
+    ingest = get_embedder(default_model_path(), "cpu", "ingest", rt)  # the same export, loaded once
+    assert ingest is not query and ingest._encode_lock is not query._encode_lock and ingest._fast is not query._fast
+    assert (ingest.backend, ingest.cache_path) == (query.backend, query.cache_path)
+    assert float((ingest.encode(texts[:8]) * ref[:8]).sum(axis=1).min()) >= 0.99
+    again = Embedder(default_model_path(), "cpu", rt)
+    assert not again.exported and again.cache_path == fast.cache_path  # the cache, keyed by the weights' digest
+    assert fast.cache_path is not None and fast.cache_path.parent.parent == CACHE
+
+
+def test_damaged_export_fails_the_check_and_torch_serves(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    rt = EmbeddingRuntimeConfig(backend="onnxruntime", precision="float32", cache_dir=tmp_path / "cache")
+    good = Embedder(default_model_path(), "cpu", rt)
+    assert good.backend == "onnxruntime" and good.exported, good.runtime_note
+    assert good.cache_path is not None
+    path = good.cache_path / "model.onnx"
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:  # a corrupted artefact: every weight matrix perturbed
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2 and w.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array(w + rng.normal(0, 0.05, w.shape).astype(np.float32), init.name))
+    onnx.save(model, str(path))
+    damaged = Embedder(default_model_path(), "cpu", rt)
+    assert damaged.backend == "torch" and not damaged.exported
+    assert "failed the agreement check against torch" in damaged.runtime_note
+    assert damaged.check is not None and damaged.check.numbers["min_cosine"] < 0.99
+    assert fallback_gauge() == 1
+    texts = chunk_texts(8)
+    ref = get_embedder(default_model_path()).encode(texts)
+    assert float((damaged.encode(texts) * ref).sum(axis=1).min()) > 0.9999  # torch itself serves
+
+
+def test_upsert_respects_chromas_max_batch_size(tmp_path):
+    store = VectorStore.open(rag_cfg(tmp_path / "db"), MODEL, 384)
+    limit = store.max_batch_size
+    assert limit == store._client.get_max_batch_size() and limit > 0
+    n = limit + 7
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(n, 384)).astype(np.float32)
+    chunks = [Chunk(f"c{i}", f"text {i}", {"doc_id": f"d{i}"}) for i in range(n)]
+    with pytest.raises(Exception, match="greater than max batch size"):  # what one write of them all does
+        store._col.upsert(ids=[c.id for c in chunks], embeddings=vecs, documents=[c.text for c in chunks])
+    store.upsert(chunks, vecs)
+    assert store.count() == n
+
+
+class SpyStore(VectorStore):
+    """The real store, counting stale-chunk lookups."""
+
+    lookups = 0
+
+    def document_chunk_ids(self, doc_ids, batch=256):
+        SpyStore.lookups += 1
+        return super().document_chunk_ids(doc_ids, batch)
+
+
+def test_reingest_replaces_stale_chunks_window_by_window(tmp_path):
+    base = VectorStore.open(rag_cfg(tmp_path / "db"), MODEL, 384)
+    store = SpyStore(base._client, base._col, base.mode, base.location, MODEL, 384)
+    emb = get_embedder(default_model_path())
+    ing = Ingestor(store, emb, load_tokenizer(default_model_path()), 200, 40, batch_size=8, write_batch=4)
+    docs = list(read_documents(subset_corpus(), limit=16))
+    SpyStore.lookups = 0
+    first = ing.ingest(docs, progress=False)
+    assert SpyStore.lookups == 0  # an empty store has nothing stale
+    old = {d.key: store.document_chunk_ids([d.key]) for d in docs}
+    changed = {docs[1].key, docs[13].key}  # in the first and the last write window
+    # and a document id given twice, in different windows: its two texts add up, neither replaces the other
+    extra = Document(key=docs[2].key, text="Kerley B lines suggest interstitial edema.", title="", source="x")
+    again = [
+        Document(d.key, f"Replaced text {i}: pleural plaques after asbestos exposure.", d.title, d.source, d.metadata)
+        if d.key in changed
+        else d
+        for i, d in enumerate(docs)
+    ] + [extra]
+    second = ing.ingest(again, progress=False)
+    assert SpyStore.lookups >= 4  # one per window
+    assert second.chunks_removed == sum(len(old[k]) for k in changed)
+    assert second.chunks_added == len(changed) + 1
+    for key in changed:
+        stored = store.document_chunk_ids([key])
+        assert len(stored) == 1 and not stored & old[key]
+    assert (
+        store.document_chunk_ids([docs[2].key]) >= old[docs[2].key]
+        and len(store.document_chunk_ids([docs[2].key])) == len(old[docs[2].key]) + 1
+    )
+    assert store.count() == first.chunks_added - second.chunks_removed + second.chunks_added
+
+
+def _cli(config: Path, corpus: Path, limit: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("CXR_CONFIG_PATH", None)
+    cmd = [sys.executable, "-m", "cxr_rag.cli", "--config", str(config), "ingest", str(corpus), "--limit", str(limit)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
+    limit = 400  # the whole subset: about 300 passages, 320 chunks
+    runtime = fast_runtime().model_dump(mode="json")
+    cfg = {"models": {"rag": {"vector_db_path": str(tmp_path / "db"), "embedding_runtime": runtime}}}
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(cfg))
+    proc = _cli(config, subset_corpus(), limit)
+    done = {"chunks": 0}
+    tail: list[str] = []
+
+    def watch() -> None:  # the progress bar on stderr: "ingest:  25%|..| 100/400 [.., new_chunks=128 ..]"
+        assert proc.stderr is not None
+        buf = ""
+        while (ch := proc.stderr.read(1)) != "":
+            buf = (buf + ch)[-400:]
+            for m in re.finditer(r"new_chunks=(\d+)", buf):
+                done["chunks"] = int(m.group(1))
+        tail.append(buf)
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 400
+    while done["chunks"] < 100 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"ingest ended before it could be killed: {tail}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    reader.join(10)
+    interrupted = VectorStore.open(rag_cfg(tmp_path / "db"), MODEL, 384)
+    stored = interrupted.count()
+    del interrupted
+    assert 100 <= stored < 400
+
+    rerun = _cli(config, subset_corpus(), limit)
+    out, err = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, err[-3000:]
+    stats = json.loads(out)
+    assert stats["embedder"]["backend"] == "openvino", stats["embedder"]
+    docs = list(read_documents(subset_corpus(), limit=limit))
+    ing = Ingestor(None, None, load_tokenizer(default_model_path()), 200, 40)  # type: ignore[arg-type]
+    distinct = len(ing.chunk(docs)[2])
+    assert stats["chunks_skipped"] == stored  # what the killed run wrote is not embedded again
+    assert stats["chunks_added"] == distinct - stored
+    assert stats["chunks_total"] == distinct  # and nothing is stored twice
+    assert f"{len(docs)}/{len(docs)}" in err and "new_chunks=" in err  # the progress bar, in documents
