@@ -176,11 +176,13 @@ def rag_cfg(store: Path, **extra: Any) -> Any:
 
 # -- ingestion: the one swappable step -----------------------------------------------------------------
 def ingest_corpus(rt: Any, corpus: Path, progress: bool) -> dict[str, Any]:
-    """Today's ingestion path (RagRuntime.ingest: torch MiniLM, resumable by chunk id) over the corpus file."""
+    """The service's ingestion path (RagRuntime.ingest, resumable by chunk id) over the corpus file, with the
+    embedder its config chooses (models.rag.embedding_runtime), which the result names."""
     from cxr_rag.ingest import read_documents
 
     stats = rt.ingest(read_documents(corpus), progress=progress, rebuild=False)
-    return {**stats.as_dict(), "path": "cxr_rag.runtime.RagRuntime.ingest (sentence-transformers torch)"}
+    embedder = rt.ingest_embedder.status() if rt.ingest_embedder is not None else {}
+    return {**stats.as_dict(), "path": "cxr_rag.runtime.RagRuntime.ingest", "embedder": embedder}
 
 
 def ingest_sentence_mean(rt: Any, corpus: Path, progress: bool, write_batch: int = 2048) -> dict[str, Any]:
