@@ -138,6 +138,10 @@ bench-gpu: $(VENV)/.installed ## On a CUDA machine: GPU tests, stack and gpu_pat
 bench-rag_scale: $(VENV)/.installed ## RAG at 200k passages: corpus, ingest, hybrid p50/p99 embedded and vs `chroma run`, recall@5/MRR, RSS (BENCH_ARGS="--passages 1000000": the long run)
 	$(PY) -m bench.rag_scale $(BENCH_ARGS)
 
+.PHONY: bench-gpu-run
+bench-gpu-run: $(VENV)/.installed ## On a CUDA machine: issue 23's GPU targets (frontends, c=64, U-Net @512) and TensorRT in one call of <= 8 min (bench/gpu/run.sh)
+	OUT=bench/gpu/results PY=$(PY) WHEELS=none bash bench/gpu/run.sh
+
 bench-%: $(VENV)/.installed ## One benchmark, e.g. make bench-stack = python -m bench.stack (bench/gpu/ too; BENCH_ARGS=--quick)
 	$(PY) -m $(if $(wildcard bench/$*.py),bench.$*,bench.gpu.$*) $(BENCH_ARGS)
 

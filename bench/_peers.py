@@ -57,6 +57,7 @@ class StackOptions:
     trace_models: bool | None = None  # performance.trace_models; None: the platform's default
     cudnn_benchmark: bool = False  # performance.cudnn_benchmark (GPU; the platform's default)
     cuda_graphs: bool | None = None  # performance.cuda_graphs (GPU); None: the platform's default
+    frontend_processes: int | None = None  # server_config.frontend_processes; None: the platform's default
 
 
 def default_model_instances(device: str, torch_threads: int | None) -> int:
@@ -77,6 +78,7 @@ def server_section(o: StackOptions) -> dict[str, Any]:
             "num_workers": o.num_workers,
             "model_instances": o.model_instances,
             "model_instance_mode": o.instance_mode,
+            **({} if o.frontend_processes is None else {"frontend_processes": o.frontend_processes}),
             "log_level": "WARNING",
             "shutdown_grace_s": 2,
         },

@@ -26,6 +26,7 @@ STYLE = {
     "litserve_folded": ("tab:red", "d"),
     "service_other_mode": ("tab:green", "v"),
     "service_eager": ("tab:olive", "^"),
+    "service_one_frontend": ("tab:cyan", "D"),
 }
 
 

@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--peers", default="service,gateway_rest,gateway_grpc,naive,litserve,litserve_folded",
         help="also: service_other_mode (our service with the other --instance-mode), service_eager (our service "
-        "without performance.cuda_graphs: GPU)",
+        "without performance.cuda_graphs: GPU), service_one_frontend (our service with frontend_processes 1)",
     )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument(
@@ -137,6 +137,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--serving-path-baseline", type=Path,
         help="a source tree of the platform (e.g. `git worktree add DIR <commit>`): its service runs beside ours in "
         "the serving-path cells, in the same rotating rounds, for a before/after side by side",
+    )  # fmt: skip
+    ap.add_argument(
+        "--frontend-processes", type=int,
+        help="the service's server_config.frontend_processes (default: the platform's, 1 on CPU, cores/2 on a GPU)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--channels", type=int, default=1,
+        help="gRPC connections per gRPC peer, calls spread over them: the kernel hands each connection to one "
+        "frontend process, so a run with N frontends needs several",
     )  # fmt: skip
     frontends.add_arguments(ap)
     ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
@@ -190,6 +199,7 @@ def options(args: argparse.Namespace) -> StackOptions:
         instance_mode=args.instance_mode,
         use_amp=True if args.amp else None,
         cudnn_benchmark=args.cudnn_benchmark == "on",
+        frontend_processes=args.frontend_processes,
     )
 
 
@@ -482,13 +492,40 @@ async def run_peers(
         async def channel(port: int) -> Any:
             return await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS))
 
+        async def spread_call(port: int) -> Any:
+            """The task's call over --channels connections of their own (no shared subchannel), in turn."""
+            if args.channels <= 1:
+                return grpc_call(await channel(port), task, pngs)
+            own = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            calls = [
+                grpc_call(
+                    await stack.enter_async_context(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own)),
+                    task,
+                    pngs,
+                )
+                for _ in range(args.channels)
+            ]
+
+            async def call(i: int) -> object:
+                return await calls[i % len(calls)](i // len(calls))
+
+            return call
+
         def started(proc: ServerProcess) -> ServerProcess:
             stack.callback(proc.stop)
             return proc
 
         ports = {
             name: free_port()
-            for name in ("service", "service_other_mode", "service_eager", "naive", "litserve", "litserve_folded")
+            for name in (
+                "service",
+                "service_other_mode",
+                "service_eager",
+                "service_one_frontend",
+                "naive",
+                "litserve",
+                "litserve_folded",
+            )
         }
         svc = started(service_process(task, config, ports["service"])) if "service" in want or gateway else None
         # the same service with one setting changed: the other model_instance_mode; every kernel
@@ -496,6 +533,7 @@ async def run_peers(
         service_variants = {
             "service_other_mode": {"instance_mode": "process" if args.instance_mode == "thread" else "thread"},
             "service_eager": {"cuda_graphs": False},
+            "service_one_frontend": {"frontend_processes": 1},
         }
         variant_services = {
             name: started(service_process(task, variant(task, args, tmp, **changes), ports[name]))
@@ -527,11 +565,11 @@ async def run_peers(
         startup: dict[str, float] = {}
         if svc is not None:
             startup["service"] = await svc.wait_ready(lambda: grpc_serving(ports["service"]))
-            targets["service"] = Target(svc, grpc_call(await channel(ports["service"]), task, pngs))
+            targets["service"] = Target(svc, await spread_call(ports["service"]))
         for name, proc in variant_services.items():
             port = ports[name]
             startup[name] = await proc.wait_ready(lambda port=port: grpc_serving(port))
-            targets[name] = Target(proc, grpc_call(await channel(port), task, pngs))
+            targets[name] = Target(proc, await spread_call(port))
         if gateway and svc is not None:
             gw, gp = gateway_process({task.name: ports["service"]}, tmp)
             started(gw)
@@ -546,7 +584,7 @@ async def run_peers(
                 targets["gateway_grpc"] = Target(gw, grpc_call(await channel(gp.grpc), task, pngs), behind=svc)
         if naive is not None:
             startup["naive"] = await naive.wait_ready(lambda: grpc_serving(ports["naive"]))
-            targets["naive"] = Target(naive, grpc_call(await channel(ports["naive"]), task, pngs))
+            targets["naive"] = Target(naive, await spread_call(ports["naive"]))
         for name, lit in lits.items():
             base = f"http://127.0.0.1:{ports[name]}"
             startup[name] = await lit.wait_ready(lambda base=base: http_ok(f"{base}/health"))
@@ -617,6 +655,7 @@ def ratios(
             "naive",
             "service_other_mode",
             "service_eager",
+            "service_one_frontend",
             "gateway_rest",
             "gateway_grpc",
         ):
@@ -700,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.tasks:
             results[name] = asyncio.run(run_task(task_named(name, args.mask_encoding), pngs, args, Path(tmp)))
         if args.frontend_requests > 0:
-            with stage("frontend scale-out: classification with a cheap model at frontend_processes 1 and 2, in turn"):
+            with stage("frontend scale-out: classification with a cheap model at each of --frontend-counts, in turn"):
                 results["frontend_scaling"] = asyncio.run(frontends.measure(args, Path(tmp)))
     data = {
         "quick": args.quick,

@@ -5,6 +5,7 @@
 # with CUDA torch): wheels in .whl/ are installed to /tmp/site and the repo's sources go on PYTHONPATH.
 #   bash bench/gpu/gpu_session.sh                 # on the GPU machine, from the repo root
 #   DEVICE=cpu QUICK=1 bash bench/gpu/gpu_session.sh   # the same plumbing on CPU, small (a dry run)
+#   DRY=1 bash bench/gpu/gpu_session.sh           # print each step's command and limit, run nothing
 set -u
 OUTDIR=${OUT:-bench/gpu/results}
 DEVICE=${DEVICE:-cuda}
@@ -30,6 +31,7 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD with a time limit; prints the end
   left=$(( DEADLINE - $(date +%s) - 10 ))
   if [ "$left" -lt 15 ]; then echo "== $name skipped: the session's time is spent"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
+  if [ -n "${DRY:-}" ]; then printf 'DRY %s %s:' "$name" "$limit"; printf ' %q' "$@"; echo; return; fi
   part=$(mktemp)
   echo "== $name (limit ${limit}s)"
   start=$(date +%s)
@@ -41,7 +43,7 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD with a time limit; prints the end
   rm -f "$part"
 }
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ -z "${DRY:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
   $PY -c 'import torch, timm, grpc, google.protobuf as pb; print("torch", torch.__version__, "timm", timm.__version__, "grpc", grpc.__version__, "protobuf", pb.__version__)'
   # the stack runs the platform's default, cuDNN's heuristics: autotuning every batch size the GPU
@@ -61,6 +63,31 @@ else
   CLS_PEERS=() SEG_PEERS=()
   PATHS=(--device cpu --quick --seconds 1.5 --variants eager,default)
   TESTS=()
+fi
+if [ "${PLAN:-all}" = issue23 ]; then
+  # bench/gpu/run.sh: issue 23's GPU targets (and issue 24's TensorRT row) in one call of at most 8 minutes:
+  # the service (frontend_processes: the platform's default, cores/2 on a GPU) beside the same service with
+  # one frontend and LitServe, DenseNet-121 @224 at c=1/64 spread over 32 connections; U-Net @512; the
+  # frontend scale-out of a cheap model at N = 1, 2, 4, 8
+  if [ "$DEVICE" = cuda ]; then
+    I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
+         --concurrency 1,64 --channels 32 --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off
+         --serving-path-requests 0)
+    SCALE=(--frontend-counts 1,2,4,8 --frontend-concurrency 128 --frontend-requests 6000)
+  else
+    I23=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4 --channels 4 --serving-path-requests 0)
+    SCALE=(--frontend-counts 1,2 --frontend-requests 48)
+  fi
+  step i23_classification 220 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
+    --peers service,service_one_frontend,litserve --out "$OUTDIR/stack-classification-frontends.json"
+  step i23_segmentation 130 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
+    --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
+  if [ "$DEVICE" = cuda ]; then
+    step gpu_tensorrt 100 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
+      --variants amp_cl_graphs,trt_fp16 --out "$OUTDIR/gpu_paths-tensorrt.json"
+  fi
+  ls -la "$OUTDIR"
+  exit 0
 fi
 if [ "$DEVICE" = cuda ]; then
   step gpu_tests 75 $PY -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}"

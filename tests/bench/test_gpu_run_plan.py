@@ -1,0 +1,50 @@
+"""bench/gpu/run.sh is run only on a lent GPU, where a wrong option would cost the whole call: its planned
+steps are checked here against the benchmarks' own argument parsers, and their limits against the 8 minutes."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import stack
+from bench.gpu import gpu_paths
+
+ROOT = Path(__file__).resolve().parents[2]
+PARSERS = {"bench.stack": stack.parse_args, "bench.gpu.gpu_paths": gpu_paths.parse_args}
+
+
+def planned_steps(device: str, tmp_path: Path) -> list[tuple[str, int, list[str]]]:
+    env = {**os.environ, "DRY": "1", "DEVICE": device, "OUT": str(tmp_path), "WHEELS": "none", "PY": "python"}
+    out = subprocess.run(
+        ["bash", "bench/gpu/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    steps = []
+    for line in out.splitlines():
+        if line.startswith("DRY "):
+            head, _, command = line.partition(":")
+            _, name, limit = head.split()
+            steps.append((name, int(limit), shlex.split(command)))
+    return steps
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, tmp_path: Path) -> None:
+    steps = planned_steps(device, tmp_path)
+    names = [name for name, _, _ in steps]
+    assert names[:2] == ["i23_classification", "i23_segmentation"]
+    assert ("gpu_tensorrt" in names) == (device == "cuda")
+    assert sum(limit for _, limit, _ in steps) <= 8 * 60 - 20
+    for name, _, argv in steps:
+        assert argv[:2] == ["python", "-m"], name
+        args = PARSERS[argv[2]](argv[3:])  # an unknown option or a bad value exits here
+        assert str(args.out).startswith(str(tmp_path)), name
+    classification = stack.parse_args(steps[0][2][3:])
+    assert "service_one_frontend" in classification.peers
+    if device == "cuda":
+        assert classification.frontend_counts == (1, 2, 4, 8)
+        assert classification.levels == [1, 64]
+        assert classification.channels >= 8
