@@ -219,7 +219,7 @@ class WorkQueue:
         # Wall-clock time: leases are compared across processes, which share no monotonic clock.
         self._clock = clock
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], object]] = []
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -235,7 +235,7 @@ class WorkQueue:
         with self._lock:
             self._db.close()
 
-    def on_queued(self, listener: Callable[[], None]) -> Callable[[], None]:
+    def on_queued(self, listener: Callable[[], object]) -> Callable[[], None]:
         """Call ``listener`` (from the enqueuing thread) each time an item becomes ready to claim, so idle claim
         loops wake at once instead of at their next poll; returns the call that removes it."""
         self._listeners.append(listener)
