@@ -1,15 +1,24 @@
 """The C-STORE SCP's presentation contexts: the ones pynetdicom's own `add_supported_context` makes, copied per
-association without re-creating their UIDs, and negotiated by a real association on 127.0.0.1."""
+association without re-creating their UIDs, and negotiated by a real association on 127.0.0.1; and the node's
+SCP's maximum PDU, as a real association negotiates it."""
 
 from __future__ import annotations
 
 import copy
 
+import pydicom
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEGBaseline8Bit
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from cxr_dicom.intakes import supported_contexts
+from cxr_dicom.config import DicomConfig
+from cxr_dicom.intake import Intake
+from cxr_dicom.intakes import SCP_MAX_PDU_BYTES, start_scp, supported_contexts
+from cxr_dicom.priority import PriorityPolicy
+from cxr_dicom.work_queue import WorkQueue
+from tests.support.paths import DICOM_DIR
+
+STOW = {"stow_url": "http://127.0.0.1:9/dicom-web"}
 
 ATTRIBUTES = ("abstract_syntax", "transfer_syntax", "context_id", "result", "scu_role", "scp_role", "as_scu", "as_scp")
 
@@ -57,3 +66,34 @@ def test_an_association_negotiates_the_scps_contexts():
                 assoc.release()
     finally:
         server.shutdown()
+
+
+def test_the_node_scp_takes_a_radiograph_in_pdus_of_its_larger_maximum(tmp_path):
+    """The node's SCP announces `SCP_MAX_PDU_BYTES`, so a sender splits a radiograph into a few PDUs, not into
+    hundreds of pynetdicom's default 16 KB; the instance arrives whole and is queued."""
+    source = max(DICOM_DIR.glob("*.dcm"), key=lambda p: p.stat().st_size)
+    ds = pydicom.dcmread(source)
+    cfg = DicomConfig.model_validate(
+        {"data_path": str(tmp_path), "ae_title": "CXRNODE", "dimse_port": 0, "destinations": STOW}
+    )
+    with WorkQueue(tmp_path) as queue:
+        server = start_scp(cfg, Intake(tmp_path, queue, PriorityPolicy(), anonymize=False), "127.0.0.1")
+        try:
+            scu = AE(ae_title="MODALITY")
+            scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 30
+            pdus: list[int] = []
+            handlers = [(evt.EVT_PDU_SENT, lambda event: pdus.append(len(event.data)))]
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="CXRNODE", evt_handlers=handlers)
+            assert assoc.is_established
+            try:
+                assert assoc.acceptor.maximum_length == SCP_MAX_PDU_BYTES
+                pdus.clear()
+                assert int(assoc.send_c_store(source).Status) == 0x0000
+            finally:
+                assoc.release()
+        finally:
+            server.shutdown()
+        assert queue.get(ds.SOPInstanceUID) is not None
+    size = source.stat().st_size
+    assert size > 16_384 * 4 and len(pdus) <= 2 + size // SCP_MAX_PDU_BYTES + 1  # at most a few, with the release

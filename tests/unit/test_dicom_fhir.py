@@ -171,6 +171,8 @@ def test_write_bundle_is_atomic_and_readable(bundle, tmp_path):
     path = write_bundle(bundle, tmp_path / "fhir")
     assert path.parent == tmp_path / "fhir" and path.suffix == ".json"
     assert json.loads(path.read_text()) == bundle
+    # compact JSON (no indentation: Python's C encoder), keys sorted
+    assert path.read_bytes() == json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode()
     assert write_bundle(bundle, tmp_path / "fhir") == path  # same report, same file, replaced whole
     assert os.listdir(tmp_path / "fhir") == [path.name]  # no temporary file left behind
     Bundle.model_validate_json(path.read_bytes())

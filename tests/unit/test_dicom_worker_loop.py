@@ -247,3 +247,27 @@ async def test_stopping_the_node_aborts_a_live_association_before_the_queue_clos
         assert sorted(queue.unfinished_sop_uids()) == [str(pydicom.dcmread(dicom_files()[0]).SOPInstanceUID)]
     files = sorted(p.name for p in (node.cfg.data_path / "instances").iterdir())
     assert files == [f"{pydicom.dcmread(dicom_files()[0]).SOPInstanceUID}.dcm"]
+
+
+async def test_an_item_queued_while_the_claim_loops_idle_wakes_them_before_their_next_poll(tmp_path, monkeypatch):
+    """The queue tells the worker when an item is queued, so an idle node claims it at once, not at its next poll
+    (made 30 s here, so only the wake-up can claim in time)."""
+    monkeypatch.setattr("cxr_dicom.worker.IDLE_POLL_S", 30.0)
+    queue = WorkQueue(tmp_path)
+    async with AsyncCxrClient(ClientConfig()) as client:
+        worker = RecordingWorker(_cfg(tmp_path, workers=2), queue, client, poison=set())
+        worker.start()
+        try:
+            await asyncio.sleep(0.3)  # every claim loop found nothing and is idle
+            for n in range(3):  # from another thread, as the C-STORE SCP enqueues
+                sop = f"1.2.3.{n}"
+                await asyncio.to_thread(queue.enqueue, sop, "1.2.3", "1.2.3.9", Priority.ROUTINE, "")
+                await _until(lambda sop=sop: queue.get(sop).state == DONE, timeout=5.0)
+            queue.enqueue("1.2.3.9", "1.2.3", "1.2.3.9", Priority.ROUTINE, "")  # and from the event loop's thread
+            await _until(lambda: queue.get("1.2.3.9").state == DONE, timeout=5.0)
+            assert worker.processed == ["1.2.3.0", "1.2.3.1", "1.2.3.2", "1.2.3.9"]
+        finally:
+            stopping = time.monotonic()
+            await worker.stop()
+            assert time.monotonic() - stopping < 5.0  # the idle loops do not hold the stop for their poll
+    queue.close()

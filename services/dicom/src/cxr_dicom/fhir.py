@@ -299,7 +299,8 @@ def validate_bundle(bundle: Mapping[str, Any]) -> None:
 
 
 def bundle_json(bundle: Mapping[str, Any]) -> bytes:
-    return json.dumps(bundle, indent=1, sort_keys=True).encode()
+    """Compact JSON: with ``indent`` Python encodes in pure Python instead of its C encoder."""
+    return json.dumps(bundle, sort_keys=True, separators=(",", ":")).encode()
 
 
 def report_identifier(bundle: Mapping[str, Any]) -> str:

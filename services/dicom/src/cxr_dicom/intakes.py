@@ -39,6 +39,9 @@ log = logging.getLogger("cxr.dicom.intakes")
 
 OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources": the sender retries later
 DICOM_JSON = "application/dicom+json"
+# The largest P-DATA PDU the SCP takes: a radiograph arrives in a few PDUs instead of hundreds of 16 KB ones
+# (pynetdicom's default), each of which costs the receive loop a turn in Python.
+SCP_MAX_PDU_BYTES = 4 * 1024 * 1024
 
 
 # -- DIMSE C-STORE SCP --------------------------------------------------------------------------------------
@@ -49,6 +52,7 @@ def start_scp(cfg: DicomConfig, intake: Intake, host: str) -> Any:
     that says why (0xA900 and an Error Comment, acceptance.py) instead of a rejected presentation context."""
     ae = AE(ae_title=cfg.ae_title)
     ae.require_called_aet = True
+    ae.maximum_pdu_size = SCP_MAX_PDU_BYTES
     if cfg.accepted_calling_ae_titles:
         ae.require_calling_aet = list(cfg.accepted_calling_ae_titles)
     contexts = supported_contexts()

@@ -219,6 +219,7 @@ class WorkQueue:
         # Wall-clock time: leases are compared across processes, which share no monotonic clock.
         self._clock = clock
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], object]] = []
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -233,6 +234,16 @@ class WorkQueue:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def on_queued(self, listener: Callable[[], object]) -> Callable[[], None]:
+        """Call ``listener`` (from the enqueuing thread) each time an item becomes ready to claim, so idle claim
+        loops wake at once instead of at their next poll; returns the call that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _queued(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     def __enter__(self) -> WorkQueue:
         return self
@@ -270,6 +281,7 @@ class WorkQueue:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (sop_uid, study_uid, series_uid, int(priority), QUEUED, payload, self._clock()),
             )
+        self._queued()
         return EnqueueResult(created=True, state=QUEUED, priority=Priority(priority))
 
     def claim(self, worker: str) -> Item | None:
@@ -432,7 +444,9 @@ class WorkQueue:
                 " WHERE sop_uid = ? AND state = ?",
                 (QUEUED, sop_uid, DEAD),
             )
-            return cur.rowcount == 1
+        if cur.rowcount == 1:
+            self._queued()
+        return cur.rowcount == 1
 
     def purge_finished(self, older_than_s: float) -> int:
         """Forget ``done`` items finished more than ``older_than_s`` ago (dead letters stay for an operator).

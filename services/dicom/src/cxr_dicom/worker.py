@@ -389,8 +389,17 @@ class Worker:
         self._stopping = asyncio.Event()
         self._analysing = asyncio.Semaphore(cfg.workers)
         self._finishing = asyncio.Semaphore(cfg.workers)
+        self._arrived = asyncio.Event()
+        self._unlisten: Any = None
+
+    def _wake(self) -> None:
+        """Wake every idle claim loop (on the event loop): work was queued, or the worker is stopping."""
+        arrived, self._arrived = self._arrived, asyncio.Event()
+        arrived.set()
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._unlisten = self.queue.on_queued(lambda: loop.call_soon_threadsafe(self._wake))
         loops = 2 * self.cfg.workers  # as many again build and send while ``workers`` analyse
         self._tasks = [asyncio.create_task(self._loop(i), name=f"dicom-worker-{i}") for i in range(loops)]
         self._tasks.append(asyncio.create_task(self._purge_loop(), name="dicom-purge"))
@@ -411,6 +420,10 @@ class Worker:
 
     async def stop(self) -> None:
         self._stopping.set()
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        self._wake()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -421,9 +434,10 @@ class Worker:
         """False once any worker task has ended while the node is not stopping: the node then is not ready."""
         return bool(self._tasks) and (self._stopping.is_set() or not any(t.done() for t in self._tasks))
 
-    async def _idle(self) -> None:
+    async def _idle(self, arrived: asyncio.Event | None = None) -> None:
+        """Wait one poll, or less: until ``arrived`` (work queued since it was taken) or the worker stops."""
         try:
-            await asyncio.wait_for(self._stopping.wait(), IDLE_POLL_S)
+            await asyncio.wait_for((arrived or self._stopping).wait(), IDLE_POLL_S)
         except TimeoutError:
             pass
 
@@ -431,6 +445,7 @@ class Worker:
         """Every step is guarded: a queue call that raises (a locked or full disk) costs one idle poll, never the
         worker (the log names the error's type only: a message could carry an identifier)."""
         while not self._stopping.is_set():
+            arrived = self._arrived  # taken before the claim: an item queued while it finds none still wakes it
             try:
                 worked = await self._step(f"{self.name}/{index}")
             except asyncio.CancelledError:
@@ -439,7 +454,7 @@ class Worker:
                 log.error("a worker step failed", extra={"fields": {"error": type(exc).__name__}})
                 worked = False
             if not worked:
-                await self._idle()
+                await self._idle(arrived)
 
     async def _settle(self, call: Any, *args: Any) -> Any:
         """A queue bookkeeping call retried until it succeeds or the node stops, so a claim whose outcome is known
