@@ -14,9 +14,13 @@ in Orthanc, seen on Orthanc's change feed (a new SR series), polled every --poll
                and the same N images direct through cxr_client at concurrency = the node's workers.
                Time per study = wall / N each; the overhead = node / direct (target <= 1.15).
 Every study must finish in the node (GetStudyStatus: done, not dead); `completed` counts them.
+--placement split pins (sched_setaffinity, every thread of every process of each tree) the model services on
+--model-cpus and the node, Orthanc and this process (the direct client too) on --node-cpus, as the chart puts
+the node on a CPU pool apart from the models' pools; `shared` (the default) pins nothing.
 
     .venv/bin/python -m bench.dicom_node            # classifiers @224, U-Net resnet34 @256, ~6 min on 2 cores
     .venv/bin/python -m bench.dicom_node --quick    # 64 px models, a few studies (the smoke test's size)
+    .venv/bin/python -m bench.dicom_node --placement split   # models on one half of the CPUs, the rest on the other
 """
 
 from __future__ import annotations
@@ -51,12 +55,14 @@ from bench._common import (
     write_result,
 )
 from bench._peers import StackOptions, default_model_instances, server_section
+from bench._placement import MODES, Placement, PlacementError, parse_cpus, pin_process, pin_tree, plan, read_back
 from tests.support.scripts import load_script
 
 DICOM_DIR = SHARED / "data" / "dicom"
 NODE_AE = "CXR"
 CALLING_AE = "BENCH_SCU"
 OVERHEAD_TARGET = 1.15
+MODEL_SERVICES = ("classification", "segmentation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,8 +80,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, help="saturation rounds (2; quick 1)")
     ap.add_argument("--result-timeout", type=float, default=600.0, help="longest wait for a batch's last SR")
     ap.add_argument("--poll-ms", type=float, default=50.0, help="Orthanc change feed polling interval")
+    ap.add_argument(
+        "--placement",
+        choices=MODES,
+        default="shared",
+        help="shared: no pinning; split: the models "
+        "on --model-cpus, the node, Orthanc and this process on --node-cpus (needs 2 CPUs or more)",
+    )
+    ap.add_argument("--model-cpus", type=parse_cpus, help="split: the models' CPUs (default: the first half)")
+    ap.add_argument("--node-cpus", type=parse_cpus, help="split: the rest's CPUs (default: the CPUs left)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    try:
+        args.cpu_placement = plan(args.placement, model_cpus=args.model_cpus, node_cpus=args.node_cpus)
+    except PlacementError as e:
+        ap.error(str(e))
     q = args.quick
     args.input_size = args.input_size or (64 if q else 224)
     args.seg_input_size = args.seg_input_size or (64 if q else 256)
@@ -88,13 +107,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- the stack -----------------------------------------------------------------------------------
+def model_instances(placement: Placement) -> int:
+    """One forward per core the models have: every core (shared), or the models' set (split)."""
+    return len(placement.model_cpus) if placement.mode == "split" else default_model_instances("cpu", 1)
+
+
 def settings_json(args: argparse.Namespace, tmp: Path, ports: dict[str, int], stow_url: str) -> dict[str, Any]:
     """One settings file for the three services: both classifiers, the U-Net, the node."""
     opts = StackOptions(
         input_size=args.input_size,
         seg_input_size=args.seg_input_size,
         encoder=args.encoder,
-        model_instances=default_model_instances("cpu", 1),
+        model_instances=model_instances(args.cpu_placement),
     )
     base = server_section(opts)
     base["server_config"]["log_level"] = "INFO"
@@ -128,7 +152,7 @@ def settings_json(args: argparse.Namespace, tmp: Path, ports: dict[str, int], st
     return {**base, "models": models, "services": services}
 
 
-def service(name: str, config: Path, port: int) -> ServerProcess:
+def service(name: str, config: Path, port: int, placement: Placement) -> ServerProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -141,7 +165,31 @@ def service(name: str, config: Path, port: int) -> ServerProcess:
         "--metrics-port",
         "0",
     ]
-    return ServerProcess(cmd, name=name).start()
+    server = ServerProcess(cmd, name=name).start()
+    if placement.mode == "split" and server.proc is not None:
+        pin_tree(server.proc.pid, cpus_of(name, placement))
+    return server
+
+
+def cpus_of(name: str, placement: Placement) -> frozenset[int]:
+    return placement.model_cpus if name in MODEL_SERVICES else placement.node_cpus
+
+
+def apply_placement(placement: Placement, procs: dict[str, int]) -> None:
+    """Pin each tree (and this process, whose threads the direct client and the C-STORE sender run on) again
+    once everything is started: threads and children made since inherit, this catches any made before."""
+    if placement.mode != "split":
+        return
+    pin_process(os.getpid(), placement.node_cpus)
+    for name, pid in procs.items():
+        pin_tree(pid, cpus_of(name, placement))
+
+
+def placement_read_back(placement: Placement, procs: dict[str, int]) -> dict[str, Any]:
+    """sched_getaffinity of every process of every tree and of this process's threads, against its set."""
+    out = {name: read_back(pid, cpus_of(name, placement)) for name, pid in procs.items()}
+    out["bench"] = read_back(os.getpid(), placement.node_cpus, tree=False)
+    return out
 
 
 # -- studies -------------------------------------------------------------------------------------
@@ -435,17 +483,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 with stage("start: classification, segmentation, the node"):
                     for name in ("classification", "segmentation", "dicom"):
-                        servers.append(service(name, config, ports[name]))
+                        servers.append(service(name, config, ports[name], args.cpu_placement))
                     for s in servers:
                         startup[s.name] = await s.wait_ready(lambda s=s: grpc_serving(ports[s.name]), timeout=600)
                 procs = {s.name: s.proc.pid for s in servers if s.proc is not None}
                 procs["orthanc"] = orthanc.process.pid
+                apply_placement(args.cpu_placement, procs)
+                placement = {**args.cpu_placement.as_json(), "applied": placement_read_back(args.cpu_placement, procs)}
                 endpoints = {n: f"127.0.0.1:{ports[n]}" for n in ("classification", "segmentation")}
                 cfg = ClientConfig(endpoints=endpoints, api_key=API_KEY, timeout_s=300)
                 load_before = round(os.getloadavg()[0], 2)
                 async with AsyncCxrClient(cfg) as client, SrWatch(orthanc.url, args.poll_ms / 1000) as watch:
                     bench = Bench(args, studies, client, watch, ports)
                     result = await measure(args, bench, procs)
+                placement["at_end"] = placement_read_back(args.cpu_placement, procs)
+                placement["held"] = all(r["held"] for k in ("applied", "at_end") for r in placement[k].values())
+                result["placement"] = placement
                 result["startup_s"] = startup
                 result["load_average_1m"] = {"start": load_before, "end": round(os.getloadavg()[0], 2)}
                 return result
@@ -461,12 +514,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_sigterm()
+    if args.cpu_placement.mode == "split":
+        pin_process(os.getpid(), args.cpu_placement.node_cpus)  # Orthanc and the services start from this set
     result = asyncio.run(run(args))
     config = {
         k: getattr(args, k)
         for k in ("quick", "input_size", "seg_input_size", "encoder", "workers", "direct_studies", "rate",
-                  "open_studies", "open_seconds", "studies", "rounds", "poll_ms")
+                  "open_studies", "open_seconds", "studies", "rounds", "poll_ms", "placement")
     }  # fmt: skip
+    config["model_instances"] = model_instances(args.cpu_placement)
     config["images"] = [p.name for p in sorted(DICOM_DIR.glob("*.dcm"))]
     out = args.out or (None if not args.quick else RESULTS / "dicom_node-quick.json")
     write_result("dicom_node", {"machine": machine(), "config": config, **result}, out)
@@ -474,10 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"time to result at {args.rate}/s: p50 {result['open_loop']['ttr_p50_ms']} ms, p99 "
         f"{result['open_loop']['ttr_p99_ms']} ms; saturation per study: node {s['node_s_per_study']} s, direct "
-        f"{s['direct_s_per_study']} s, overhead {s['overhead']} (target <= {OVERHEAD_TARGET})",
+        f"{s['direct_s_per_study']} s, overhead {s['overhead']} (target <= {OVERHEAD_TARGET}); placement "
+        f"{args.placement}, held: {result['placement']['held']}",
         flush=True,
     )
-    return 0 if result["all_completed"] else 1
+    return 0 if result["all_completed"] and result["placement"]["held"] else 1
 
 
 if __name__ == "__main__":
