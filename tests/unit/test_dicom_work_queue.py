@@ -384,3 +384,21 @@ def test_retry_dead_marks_the_old_reason_as_the_previous_one(queue):
     assert queue.retry_dead(sop(1))
     again = queue.get(sop(1))
     assert (again.state, again.attempts, again.last_error) == (QUEUED, 0, "previous: InvalidImageError: bad pixels")
+
+
+def test_a_failing_listener_neither_fails_the_enqueue_nor_stops_the_next_listener(queue, caplog):
+    heard: list[str] = []
+
+    def closed_loop() -> None:
+        raise RuntimeError("Event loop is closed")
+
+    queue.on_queued(closed_loop)
+    queue.on_queued(lambda: heard.append("woken"))
+    with caplog.at_level("WARNING", logger="cxr_dicom.work_queue"):
+        added = queue.enqueue(sop(1), STUDY, "s", Priority.ROUTINE, "a")
+    assert added.created and added.state == QUEUED  # durably queued, and the sender is told so
+    assert heard == ["woken"]
+    warned = [r for r in caplog.records if r.getMessage() == "a queue listener failed"]
+    assert [r.fields for r in warned] == [{"error": "RuntimeError"}]  # type: ignore[attr-defined]
+    item = queue.claim("w")
+    assert item is not None and item.payload == "a"

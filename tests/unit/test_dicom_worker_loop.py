@@ -8,10 +8,12 @@ bookkeeping, not about what an attempt does."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import sqlite3
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,25 @@ async def test_the_node_is_unready_once_a_worker_task_has_ended(tmp_path):
         assert not node.ready
     finally:
         await node.stop()
+
+
+async def test_start_collects_then_freezes_the_heap_and_stop_unfreezes_it(tmp_path):
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    garbage = Cycle()
+    gone = weakref.ref(garbage)
+    del garbage  # start-up garbage in a cycle: a collection frees it, a freeze would keep it for good
+    settings = _node_settings(tmp_path)
+    node = DicomNode(settings, dicom_config(settings))
+    await node.start()
+    try:
+        assert gone() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        await node.stop()
+    assert gc.get_freeze_count() == 0  # the process goes on (here: pytest) with its heap collected again
 
 
 async def test_a_second_node_is_refused_before_it_opens_or_migrates_the_queue_file(tmp_path):

@@ -91,6 +91,7 @@ class DicomNode:
 
     async def stop(self) -> None:
         self.started = False
+        gc.unfreeze()  # a process that goes on (a test, an embedding host) gets its heap collected again
         if self.scp is not None:
             await asyncio.to_thread(stop_scp, self.scp)
         if self.stow is not None:
@@ -111,6 +112,7 @@ def freeze_startup_heap() -> None:
     collection walks every tracked object in the process."""
     for module in ("auditevent", "bundle", "device", "diagnosticreport", "observation"):
         importlib.import_module(f"fhir.resources.R4B.{module}")
+    gc.collect()  # start-up's own garbage is freed first, not kept for good
     gc.freeze()
 
 

@@ -38,6 +38,7 @@ import enum
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -48,6 +49,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 QUEUED = "queued"
 CLAIMED = "claimed"
@@ -242,8 +245,13 @@ class WorkQueue:
         return lambda: self._listeners.remove(listener)
 
     def _queued(self) -> None:
+        """After the commit: a listener that fails (a closed event loop) must not turn a durable enqueue into an
+        error for the sender; the claim loops' poll still finds the item."""
         for listener in list(self._listeners):
-            listener()
+            try:
+                listener()
+            except Exception as exc:
+                log.warning("a queue listener failed", extra={"fields": {"error": type(exc).__name__}})
 
     def __enter__(self) -> WorkQueue:
         return self
