@@ -298,6 +298,24 @@ def test_tensorrt_without_a_gpu_or_the_library_falls_back(tmp_path, monkeypatch)
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "small"}) == 1
 
 
+def test_float_precisions_need_only_the_check_images(tmp_path):
+    """Only int8 calibrates: a folder holding exactly check_images images (as bench/gpu ships) serves float32,
+    while int8 from it falls back naming the count (8 images, 16 needed)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for png in sorted(IMAGES.glob("*.png"))[:8]:
+        (folder / png.name).write_bytes(png.read_bytes())
+
+    def runtime(precision):
+        cfg = RuntimeConfig(backend="onnxruntime", precision=precision, calibration_images=8, check_images=8)
+        return resolve_runtime(cfg.model_copy(update={"cache_dir": tmp_path / "c", "calibration_dir": folder}), None)
+
+    served = prepare_runtime(runtime("float32"), _request(_small_net()))
+    assert (served.backend, served.precision) == ("onnxruntime", "float32") and served.check.passed
+    refused = prepare_runtime(runtime("int8"), _request(_small_net()))
+    assert refused.backend == "torch" and "has 8 images; check_images + calibration_images need 16" in refused.note
+
+
 def test_a_broken_calibration_dir_falls_back_instead_of_failing_the_load(tmp_path):
     cfg = RuntimeConfig(backend="openvino", precision="float32", calibration_dir=tmp_path / "none")
     out = prepare_runtime(resolve_runtime(cfg, None), _request(_small_net()))

@@ -198,12 +198,13 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
     cfg = runtime.config
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    split = split_images(runtime.calibration_dir, cfg.calibration_images, cfg.check_images)
+    calibrating = runtime.precision == "int8"  # only int8 calibrates: the others need the check images alone
+    split = split_images(runtime.calibration_dir, cfg.calibration_images if calibrating else 0, cfg.check_images)
     check_inputs = load_inputs(split.check, request.preprocess)
     key = cache_key(runtime, request, backend, [p.name for p in split.calibration])
     folder = runtime.cache_dir / request.model / key
     calibration: list[Any] = []
-    if runtime.precision == "int8" and not (folder / META).is_file():
+    if calibrating and not (folder / META).is_file():
         calibration = load_inputs(split.calibration, request.preprocess)
     timings["images_s"] = time.perf_counter() - started
     started = time.perf_counter()
