@@ -260,6 +260,17 @@ def test_int8_float_layers_stay_in_float(tmp_path, backend):
     assert kept < 1e-3 and kept * 5 < rounded, (kept, rounded)
 
 
+@pytest.mark.parametrize(("precision", "hint"), [("int8", "float32"), ("float32", "float32")])
+def test_openvino_runs_the_layers_left_in_float_in_float32(tmp_path, precision, hint):
+    """OpenVINO defaults to bfloat16 on a BF16 CPU: int8's float layers (int8_float_layers, the head) must
+    run float32, so the hint is set for int8 too."""
+    out = prepare_runtime(_runtime(tmp_path, "openvino", precision), _request(_small_net(), max_delta=0.05))
+    assert out.precision == precision
+    backend = backends.OpenVinoBackend(precision)
+    backend.load(out.cache_path)
+    assert str(backend.compiled.get_property("INFERENCE_PRECISION_HINT")) == f"<Type: '{hint}'>"
+
+
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 def test_int8_without_vnni_still_runs_and_says_so(tmp_path, monkeypatch, caplog, backend):
     """Issue 24 item 5: a CPU without VNNI/AMX (the probe forced to say so) still quantizes and serves int8,

@@ -110,6 +110,7 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
     recipe = "2: onnx opset 17, int8 keeps a CNN's MatMul in float"
+    compiled: Any = None  # the last load's CompiledModel
 
     def available(self) -> None:
         try:
@@ -164,9 +165,10 @@ class OpenVinoBackend(Backend):
 
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": _threads()}
-        if self.precision in ("float32", "bfloat16"):  # int8: the plugin's default for the layers left in float
-            config["INFERENCE_PRECISION_HINT"] = "bf16" if self.precision == "bfloat16" else "f32"
+        # int8's layers left in float run float32: the plugin's default would be bfloat16 on a BF16 CPU
+        config["INFERENCE_PRECISION_HINT"] = "bf16" if self.precision == "bfloat16" else "f32"
         compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        self.compiled = compiled  # what was compiled, with its properties (the tests read them)
         local = threading.local()  # an infer request serves one call at a time: one per batching thread
 
         def forward(x: Any) -> Any:
