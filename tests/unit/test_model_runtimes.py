@@ -21,7 +21,12 @@ from cxr_serving.images import DecodedImage
 from cxr_serving.runtimes import backends
 from cxr_serving.runtimes.calibration import split_images
 from cxr_serving.runtimes.check import classification_check, segmentation_check
-from cxr_serving.runtimes.config import RuntimeConfig, default_calibration_dir, resolve_runtime
+from cxr_serving.runtimes.config import (
+    ClassificationRuntimeConfig,
+    RuntimeConfig,
+    default_calibration_dir,
+    resolve_runtime,
+)
 from cxr_serving.runtimes.prepare import RuntimeRequest, prepare_runtime, weights_digest
 from tests.support.paths import CXR14
 from tests.support.servers import make_settings
@@ -214,6 +219,27 @@ def test_a_backend_exports_once_checks_and_serves_like_torch(tmp_path, backend, 
         other[0].weight.add_(0.1)  # other weights: another cache entry
     third = prepare_runtime(_runtime(tmp_path, backend, precision), _request(other))
     assert third.exported and third.cache_path != first.cache_path
+
+
+@pytest.mark.parametrize(("bounds", "looser"), [({}, False), ({"max_probability_delta": 0.05}, True)])
+def test_the_note_and_log_carry_the_bounds_and_warn_when_looser_than_the_issue(tmp_path, caplog, bounds, looser):
+    """The issue's bounds (max |Δp| 0.02, agreement 0.99) are named in the note; a loosened one (0.05 > 0.02)
+    is named as such there and in a WARNING, so "passed" never hides a looser check."""
+    cfg = ClassificationRuntimeConfig(
+        backend="onnxruntime", precision="float32", calibration_images=8, check_images=8, **bounds
+    )
+    runtime = resolve_runtime(cfg.model_copy(update={"cache_dir": tmp_path / "c", "calibration_dir": IMAGES}), None)
+    with caplog.at_level(logging.INFO):
+        out = prepare_runtime(runtime, _request(_small_net()))
+    delta = bounds.get("max_probability_delta", 0.02)
+    assert out.check.passed and f"(bounds max_probability_delta={delta:g}, min_agreement=0.99" in out.note
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("bounds max_probability_delta" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    if looser:
+        assert "LOOSER than the issue's: max_probability_delta=0.05 (issue: 0.02)" in out.note
+        assert any("looser than the issue's bounds: max_probability_delta=0.05 (issue: 0.02)" in m for m in warned)
+    else:
+        assert "LOOSER" not in out.note and not warned
 
 
 def test_a_new_export_recipe_never_reuses_an_old_artefact(tmp_path, monkeypatch):

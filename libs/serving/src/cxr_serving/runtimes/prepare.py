@@ -17,7 +17,7 @@ from typing import Any
 from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_EXPORTS, RUNTIME_FALLBACK
 from cxr_serving.runtimes.backends import BACKENDS, Backend, BackendUnavailable, Forward
 from cxr_serving.runtimes.calibration import load_inputs, split_images
-from cxr_serving.runtimes.check import CheckResult
+from cxr_serving.runtimes.check import CheckResult, check_bounds, looser_than_issue
 from cxr_serving.runtimes.config import ResolvedRuntime
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,18 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
         runtime.precision,
         "exported into" if outcome.exported else "reused",
         outcome.cache_path,
-        outcome.check.summary(),
+        outcome.note.removeprefix("accuracy check passed: "),
         {k: round(v, 2) for k, v in outcome.timings.items()},
     )
+    loose = looser_than_issue(check_bounds(runtime.config))
+    if loose:
+        log.warning(
+            "model %s: %s/%s passed a check looser than the issue's bounds: %s",
+            request.model,
+            runtime.backend,
+            runtime.precision,
+            ", ".join(loose),
+        )
     return outcome
 
 
@@ -188,6 +197,15 @@ def _fallback(
     )
     RUNTIME_FALLBACK.labels(request.model).set(1)
     return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check)
+
+
+def _bounds_text(runtime: ResolvedRuntime) -> str:
+    bounds = check_bounds(runtime.config)
+    loose = looser_than_issue(bounds)
+    text = ", ".join(f"{k}={v:g}" for k, v in bounds.items())
+    if not bounds:
+        return ""
+    return f" (bounds {text}; LOOSER than the issue's: {', '.join(loose)})" if loose else f" (bounds {text})"
 
 
 def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -> RuntimeOutcome:
@@ -222,7 +240,7 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
         runtime.backend,
         runtime.precision,
         forward,
-        f"accuracy check passed: {result.summary()}",
+        f"accuracy check passed: {result.summary()}{_bounds_text(runtime)}",
         result,
         exported,
         folder,
