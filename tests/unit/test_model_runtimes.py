@@ -5,6 +5,7 @@ plus TensorRT's fallback on a host without it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -362,3 +363,25 @@ def test_a_broken_calibration_dir_falls_back_instead_of_failing_the_load(tmp_pat
 def test_torch_runtime_is_a_no_op():
     out = prepare_runtime(resolve_runtime(RuntimeConfig(), None), _request(_small_net()))
     assert (out.backend, out.precision, out.forward, out.note) == ("torch", "float32", None, "")
+
+
+def test_the_cache_key_follows_the_models_preprocessing():
+    """An int8 export calibrated under one normalisation or resize must not be reused under another: the
+    runtime identity (hashed into the cache key) carries each model's preprocessing."""
+    from cxr_classification.model import ChestXrayClassifier
+    from cxr_segmentation.config import SegmentationConfig
+    from cxr_segmentation.model import SegmentationModel
+    from cxr_serving.device import InferenceDevice
+    from cxr_serving.settings import PerformanceConfig
+
+    cpu = InferenceDevice.resolve("cpu", PerformanceConfig())
+    seg = SegmentationConfig(encoder="resnet18", input_size=64)
+    unit = seg.model_copy(update={"normalization": "unit"})
+    a, b = (SegmentationModel(c, cpu).runtime_identity("v", "w") for c in (seg, unit))
+    assert a != b and (a["preprocessing"]["normalization"], b["preprocessing"]["normalization"]) == ("imagenet", "unit")
+    base = {"task": "multilabel_classification", "architecture": "densenet121"}
+    identities = []
+    for extra in ({}, {"resize": "squash"}, {"normalization": "xrv", "in_chans": 3}):
+        (cfg,) = classifier_configs(make_settings(models={"m": {**base, **extra}})).values()
+        identities.append(ChestXrayClassifier("m", cfg, cpu).runtime_identity("v", "w"))
+    assert len({json.dumps(i, sort_keys=True) for i in identities}) == 3

@@ -305,6 +305,12 @@ class ChestXrayClassifier(ServedModel):
             self._checkpoint = path if version != UNTRAINED else None
             self._outcome = outcome
 
+    def runtime_identity(self, version: str, weights: str) -> dict[str, Any]:
+        """What an exported network depends on besides the backend: checkpoint, weights, the config that shapes
+        the graph, and the preprocessing int8 calibrated under (a new one must not reuse its scales)."""
+        graph = self.cfg.model_dump(mode="json", include={"model_type", "timm_name", "in_chans", "input_size"})
+        return {"version": version, "weights": weights, "graph": graph, "preprocessing": self.preprocessing}
+
     def _prepare_runtime(self, network: ClassifierNetwork, version: str, decision: Decision) -> RuntimeOutcome:
         """The configured runtime for this network (CPU float32 here), checked on probabilities and calls."""
         runtime = self._runtime
@@ -319,16 +325,11 @@ class ChestXrayClassifier(ServedModel):
                 out = network.probabilities(torch.from_numpy(got)).numpy()
             return classification_check(ref, out, decision.thresholds, max_delta, min_agreement)
 
-        identity = {
-            "version": version,
-            "weights": weights_digest(network.net),
-            "graph": cfg.model_dump(mode="json", include={"model_type", "timm_name", "in_chans", "input_size"}),
-        }
         request = RuntimeRequest(
             self.name,
             LogitsOf(network),
             (int(cfg.in_chans or 3), cfg.input_size, cfg.input_size),
-            identity,
+            self.runtime_identity(version, weights_digest(network.net)),
             self.preprocess,
             judge,
             transformer=cfg.model_type != "densenet121",
