@@ -287,6 +287,17 @@ def test_int8_float_layers_stay_in_float(tmp_path, backend):
     assert kept < 1e-3 and kept * 5 < rounded, (kept, rounded)
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_float_layers_that_match_no_node_fall_back_with_the_reason(tmp_path, backend):
+    """A pattern that matches no exported node ('/decoder/' in a network without one) would leave those
+    layers quantized silently: the runtime falls back naming the pattern, and nothing is cached."""
+    layers = ["/", "/decoder/"]  # the first matches every node, the second none
+    out = prepare_runtime(_runtime(tmp_path, backend, "int8", int8_float_layers=layers), _request(_small_net()))
+    assert (out.backend, out.forward) == ("torch", None)
+    assert f"{backend}/int8 unavailable: int8_float_layers ['/decoder/'] match no node" in out.note
+    assert not any((tmp_path / "cache" / "small").glob("*/meta.json"))
+
+
 @pytest.mark.parametrize(("precision", "hint"), [("int8", "float32"), ("float32", "float32")])
 def test_openvino_runs_the_layers_left_in_float_in_float32(tmp_path, precision, hint):
     """OpenVINO defaults to bfloat16 on a BF16 CPU: int8's float layers (int8_float_layers, the head) must
