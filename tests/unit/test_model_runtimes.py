@@ -243,6 +243,22 @@ def test_the_note_and_log_carry_the_bounds_and_warn_when_looser_than_the_issue(t
         assert "LOOSER" not in out.note and not warned
 
 
+@pytest.mark.parametrize(("backend", "artefact"), [("onnxruntime", "model.onnx"), ("openvino", "model.xml")])
+def test_a_cached_export_that_no_longer_loads_is_moved_aside_and_exported_again(tmp_path, caplog, backend, artefact):
+    """A truncated artefact (a full disk, a killed copy) must not disable the runtime for good: the entry is
+    renamed aside (kept for a look), the network exported once more, and the runtime serves."""
+    first = prepare_runtime(_runtime(tmp_path, backend, "float32"), _request(_small_net()))
+    model = first.cache_path / artefact
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        again = prepare_runtime(_runtime(tmp_path, backend, "float32"), _request(_small_net()))
+    assert (again.backend, again.exported, again.cache_path) == (backend, True, first.cache_path)
+    assert again.check.passed
+    (aside,) = first.cache_path.parent.glob(f"{first.cache_path.name}.unloadable-*")
+    assert (aside / artefact).stat().st_size < model.stat().st_size
+    assert any("does not load" in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records)
+
+
 def test_a_new_export_recipe_never_reuses_an_old_artefact(tmp_path, monkeypatch):
     first = prepare_runtime(_runtime(tmp_path, "onnxruntime", "float32"), _request(_small_net()))
     monkeypatch.setattr(backends.OnnxRuntimeBackend, "recipe", "another export")

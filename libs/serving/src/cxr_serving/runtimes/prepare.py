@@ -229,7 +229,23 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
     exported = _export_into_cache(runtime, request, backend, calibration, folder)
     timings["export_s" if exported else "cache_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    forward = backend.load(folder)
+    try:
+        forward = backend.load(folder)
+    except Exception as exc:
+        if exported:  # a fresh export that does not load: exporting again would not help
+            raise
+        aside = folder.with_name(f"{folder.name}.unloadable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        log.warning(
+            "model %s: cached export %s does not load (%s: %s): moved aside to %s, exporting once more",
+            request.model, folder, type(exc).__name__, exc, aside.name,
+        )  # fmt: skip
+        folder.rename(aside)
+        if calibrating and not calibration:
+            calibration = load_inputs(split.calibration, request.preprocess)
+        exported = _export_into_cache(runtime, request, backend, calibration, folder)
+        timings["export_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        forward = backend.load(folder)
     timings["compile_s"] = time.perf_counter() - started
     started = time.perf_counter()
     reference = _run(request.module, check_inputs)
