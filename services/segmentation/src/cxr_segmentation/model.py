@@ -35,7 +35,7 @@ from cxr_serving.optimize.amp import precision_of
 from cxr_serving.random_init import fixed_random_weights
 from cxr_serving.runtimes.check import CheckResult, segmentation_check
 from cxr_serving.runtimes.config import ResolvedRuntime
-from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeRequest, prepare_runtime, weights_digest
+from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeReport, RuntimeRequest, prepare_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -257,3 +257,7 @@ class SegmentationModel(ServedModel):
     @property
     def runtime_note(self) -> str:
         return self._outcome.note
+
+    @property
+    def runtime_report(self) -> RuntimeReport | None:
+        return self._outcome.report

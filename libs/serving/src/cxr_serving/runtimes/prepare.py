@@ -40,6 +40,23 @@ class RuntimeRequest:
     transformer: bool = False
 
 
+@dataclass(frozen=True)
+class RuntimeReport:
+    """The runtime metrics of one load as plain values: an instance process hands them back with the load,
+    and the parent, whose /metrics is the one scraped, publishes them."""
+
+    model: str
+    backend: str  # configured, also when float32 torch serves instead
+    precision: str
+    check: tuple[tuple[str, float], ...] = ()
+    fallback: int = 0
+
+    def publish(self) -> None:
+        for metric, value in self.check:
+            RUNTIME_CHECK.labels(self.model, self.backend, self.precision, metric).set(value)
+        RUNTIME_FALLBACK.labels(self.model).set(self.fallback)
+
+
 @dataclass
 class RuntimeOutcome:
     """What serves: the runtime's forward (None: torch float32), its backend and precision, the check, the note."""
@@ -52,6 +69,7 @@ class RuntimeOutcome:
     exported: bool = False  # this load exported (False: reused the cache)
     cache_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    report: RuntimeReport | None = None  # the metrics this load published (an instance process hands them on)
 
 
 def weights_digest(module: Any) -> str:
@@ -146,8 +164,9 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
     """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
     Never raises for a runtime problem: a model always loads in float32 torch at worst."""
     if runtime is None or runtime.config.is_torch:
-        RUNTIME_FALLBACK.labels(request.model).set(0)
-        return RuntimeOutcome()
+        report = RuntimeReport(request.model, "torch", "float32")
+        report.publish()
+        return RuntimeOutcome(report=report)
     try:
         outcome = _optimised(runtime, request, device)
     except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
@@ -156,8 +175,6 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
             log.exception("model %s: runtime %s/%s failed", request.model, runtime.backend, runtime.precision)
         return _fallback(runtime, request, f"{runtime.backend}/{runtime.precision} unavailable: {reason}")
     assert outcome.check is not None
-    for metric, value in outcome.check.numbers.items():
-        RUNTIME_CHECK.labels(request.model, runtime.backend, runtime.precision, metric).set(value)
     if not outcome.check.passed:
         return _fallback(
             runtime,
@@ -166,7 +183,7 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
             f"{outcome.check.why} ({outcome.check.summary()})",
             outcome.check,
         )
-    RUNTIME_FALLBACK.labels(request.model).set(0)
+    outcome.report = _report(runtime, request, outcome.check, 0)
     log.info(
         "model %s: serving %s/%s (%s cache %s), accuracy check against float32 torch passed: %s; timings %s",
         request.model,
@@ -195,8 +212,17 @@ def _fallback(
     log.warning(
         "model %s: serving float32 torch instead of %s/%s: %s", request.model, runtime.backend, runtime.precision, why
     )
-    RUNTIME_FALLBACK.labels(request.model).set(1)
-    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check)
+    report = _report(runtime, request, check, 1)
+    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check, report=report)
+
+
+def _report(
+    runtime: ResolvedRuntime, request: RuntimeRequest, check: CheckResult | None, fallback: int
+) -> RuntimeReport:
+    numbers = tuple(check.numbers.items()) if check is not None else ()
+    report = RuntimeReport(request.model, runtime.backend, runtime.precision, numbers, fallback)
+    report.publish()
+    return report
 
 
 def _bounds_text(runtime: ResolvedRuntime) -> str:
