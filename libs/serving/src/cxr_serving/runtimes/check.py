@@ -20,7 +20,7 @@ class CheckResult:
         return ", ".join(f"{k}={v:.4g}" for k, v in self.numbers.items())
 
 
-# The bounds issue 24 set (docs/model-runtimes.md): a config may loosen them, and the load log then warns.
+# The bounds of docs/model-runtimes.md: a config may loosen them, and the load log then warns.
 ISSUE_BOUNDS: dict[str, tuple[float, str]] = {
     "max_probability_delta": (0.02, "max"),
     "min_agreement": (0.99, "min"),
