@@ -24,6 +24,7 @@ from bench._common import IMAGES, REPO
 
 ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve"]
 ALWAYS_PRESENT = {"torch", "torchvision", "triton", "numpy", "pillow"}
+GPU_IMAGES = 16  # NIH PNGs shipped to the GPU machine: gpu_paths holds all of them back for the runtime check
 PLATFORMS = ["manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--present", type=Path, help="file naming the packages the target already has")
     ap.add_argument("--force", default="grpcio,protobuf,timm", help="download these even if present")
     ap.add_argument("--python-version", default="3.12")
-    ap.add_argument("--images", type=int, default=16, help="NIH PNGs to copy into .gpudata/")
+    ap.add_argument("--images", type=int, default=GPU_IMAGES, help="NIH PNGs to copy into .gpudata/")
     ap.add_argument("--dry-run", action="store_true", help="print the list, download nothing")
     args = ap.parse_args(argv)
     present = {norm(n) for n in args.present.read_text().split()} if args.present else set()

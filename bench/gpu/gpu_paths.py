@@ -38,6 +38,7 @@ import numpy as np
 
 from bench._common import GPU_RESULTS, REPO, machine, nih_pngs, stage, write_result
 from bench._peers import ClassificationTask, SegmentationTask, StackOptions, device_sync, server_section
+from bench.gpu._gpu_wheels import GPU_IMAGES
 
 _EAGER = {"compile_models": False, "cuda_graphs": False}
 RUNTIME = "runtime"  # a variant key that goes into the model's section, not `performance`
@@ -146,7 +147,7 @@ def settings_for(model: str, variant: dict[str, Any], args: argparse.Namespace) 
     if runtime is not None:
         model_section["runtime"] = {
             **runtime,
-            "check_images": 32,
+            "check_images": GPU_IMAGES,  # all .gpudata ships: float precisions calibrate on none
             "cache_dir": str(REPO / "var/cache/model-runtimes-gpu"),
         }
     raw = {"models": {key: model_section}, **server_section(opts)}

@@ -138,6 +138,29 @@ async def test_segmentation_through_openvino_passes_the_dice_check_and_says_so()
             image = common_pb2.Image(data=cxr14_images(1)[0].read_bytes(), content_type="image/png")
             resp = await stub.SegmentImage(spb.SegmentImageRequest(image=image), metadata=auth())
     assert (listed.backend, listed.precision) == ("openvino", "float32")
-    assert listed.runtime_note == "accuracy check passed: min_class_dice=1, mean_dice=1"
+    assert listed.runtime_note == "accuracy check passed: min_class_dice=1, mean_dice=1 (bounds min_dice=0.98)"
     assert (resp.model.backend, resp.model.precision) == ("openvino", "float32")
     assert len(resp.masks) == len(listed.labels) > 0
+
+
+async def test_instance_processes_hand_their_runtime_metrics_to_the_server_process():
+    """model_instance_mode: process loads (and checks) the runtime in the instance, whose registry nobody
+    scrapes: the load hands the check's numbers back and the server process sets the gauges."""
+    from cxr_segmentation.service import build_binding as build_segmentation
+    from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_FALLBACK
+
+    RUNTIME_CHECK.clear()
+    RUNTIME_FALLBACK.clear()
+    runtime = {"backend": "openvino", "precision": "float32", "calibration_dir": str(CXR14 / "images"),
+               "calibration_images": 4, "check_images": 4}  # fmt: skip
+    seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18", "runtime": runtime}
+    settings = make_settings(
+        models__segmentation=seg,
+        performance__warmup_batches=0,
+        server_config__model_instances=1,
+        server_config__model_instance_mode="process",
+    )
+    async with running_server(settings, build_segmentation(settings)):
+        labels = {"model": "segmentation", "backend": "openvino", "precision": "float32", "metric": "min_class_dice"}
+        assert REGISTRY.get_sample_value("cxr_model_runtime_check", labels) == 1.0
+        assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "segmentation"}) == 0

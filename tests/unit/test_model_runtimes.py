@@ -5,6 +5,7 @@ plus TensorRT's fallback on a host without it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -21,7 +22,12 @@ from cxr_serving.images import DecodedImage
 from cxr_serving.runtimes import backends
 from cxr_serving.runtimes.calibration import split_images
 from cxr_serving.runtimes.check import classification_check, segmentation_check
-from cxr_serving.runtimes.config import RuntimeConfig, default_calibration_dir, resolve_runtime
+from cxr_serving.runtimes.config import (
+    ClassificationRuntimeConfig,
+    RuntimeConfig,
+    default_calibration_dir,
+    resolve_runtime,
+)
 from cxr_serving.runtimes.prepare import RuntimeRequest, prepare_runtime, weights_digest
 from tests.support.paths import CXR14
 from tests.support.servers import make_settings
@@ -216,6 +222,43 @@ def test_a_backend_exports_once_checks_and_serves_like_torch(tmp_path, backend, 
     assert third.exported and third.cache_path != first.cache_path
 
 
+@pytest.mark.parametrize(("bounds", "looser"), [({}, False), ({"max_probability_delta": 0.05}, True)])
+def test_the_note_and_log_carry_the_bounds_and_warn_when_looser_than_the_issue(tmp_path, caplog, bounds, looser):
+    """The issue's bounds (max |Δp| 0.02, agreement 0.99) are named in the note; a loosened one (0.05 > 0.02)
+    is named as such there and in a WARNING, so "passed" never hides a looser check."""
+    cfg = ClassificationRuntimeConfig(
+        backend="onnxruntime", precision="float32", calibration_images=8, check_images=8, **bounds
+    )
+    runtime = resolve_runtime(cfg.model_copy(update={"cache_dir": tmp_path / "c", "calibration_dir": IMAGES}), None)
+    with caplog.at_level(logging.INFO):
+        out = prepare_runtime(runtime, _request(_small_net()))
+    delta = bounds.get("max_probability_delta", 0.02)
+    assert out.check.passed and f"(bounds max_probability_delta={delta:g}, min_agreement=0.99" in out.note
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("bounds max_probability_delta" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    if looser:
+        assert "LOOSER than the issue's: max_probability_delta=0.05 (issue: 0.02)" in out.note
+        assert any("looser than the issue's bounds: max_probability_delta=0.05 (issue: 0.02)" in m for m in warned)
+    else:
+        assert "LOOSER" not in out.note and not warned
+
+
+@pytest.mark.parametrize(("backend", "artefact"), [("onnxruntime", "model.onnx"), ("openvino", "model.xml")])
+def test_a_cached_export_that_no_longer_loads_is_moved_aside_and_exported_again(tmp_path, caplog, backend, artefact):
+    """A truncated artefact (a full disk, a killed copy) must not disable the runtime for good: the entry is
+    renamed aside (kept for a look), the network exported once more, and the runtime serves."""
+    first = prepare_runtime(_runtime(tmp_path, backend, "float32"), _request(_small_net()))
+    model = first.cache_path / artefact
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING):
+        again = prepare_runtime(_runtime(tmp_path, backend, "float32"), _request(_small_net()))
+    assert (again.backend, again.exported, again.cache_path) == (backend, True, first.cache_path)
+    assert again.check.passed
+    (aside,) = first.cache_path.parent.glob(f"{first.cache_path.name}.unloadable-*")
+    assert (aside / artefact).stat().st_size < model.stat().st_size
+    assert any("does not load" in r.getMessage() and "moved aside" in r.getMessage() for r in caplog.records)
+
+
 def test_a_new_export_recipe_never_reuses_an_old_artefact(tmp_path, monkeypatch):
     first = prepare_runtime(_runtime(tmp_path, "onnxruntime", "float32"), _request(_small_net()))
     monkeypatch.setattr(backends.OnnxRuntimeBackend, "recipe", "another export")
@@ -261,6 +304,28 @@ def test_int8_float_layers_stay_in_float(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_float_layers_that_match_no_node_fall_back_with_the_reason(tmp_path, backend):
+    """A pattern that matches no exported node ('/decoder/' in a network without one) would leave those
+    layers quantized silently: the runtime falls back naming the pattern, and nothing is cached."""
+    layers = ["/", "/decoder/"]  # the first matches every node, the second none
+    out = prepare_runtime(_runtime(tmp_path, backend, "int8", int8_float_layers=layers), _request(_small_net()))
+    assert (out.backend, out.forward) == ("torch", None)
+    assert f"{backend}/int8 unavailable: int8_float_layers ['/decoder/'] match no node" in out.note
+    assert not any((tmp_path / "cache" / "small").glob("*/meta.json"))
+
+
+@pytest.mark.parametrize(("precision", "hint"), [("int8", "float32"), ("float32", "float32")])
+def test_openvino_runs_the_layers_left_in_float_in_float32(tmp_path, precision, hint):
+    """OpenVINO defaults to bfloat16 on a BF16 CPU: int8's float layers (int8_float_layers, the head) must
+    run float32, so the hint is set for int8 too."""
+    out = prepare_runtime(_runtime(tmp_path, "openvino", precision), _request(_small_net(), max_delta=0.05))
+    assert out.precision == precision
+    backend = backends.OpenVinoBackend(precision)
+    backend.load(out.cache_path)
+    assert str(backend.compiled.get_property("INFERENCE_PRECISION_HINT")) == f"<Type: '{hint}'>"
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 def test_int8_without_vnni_still_runs_and_says_so(tmp_path, monkeypatch, caplog, backend):
     """Issue 24 item 5: a CPU without VNNI/AMX (the probe forced to say so) still quantizes and serves int8,
     with a warning in the log; never a crash."""
@@ -298,6 +363,24 @@ def test_tensorrt_without_a_gpu_or_the_library_falls_back(tmp_path, monkeypatch)
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "small"}) == 1
 
 
+def test_float_precisions_need_only_the_check_images(tmp_path):
+    """Only int8 calibrates: a folder holding exactly check_images images (as bench/gpu ships) serves float32,
+    while int8 from it falls back naming the count (8 images, 16 needed)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for png in sorted(IMAGES.glob("*.png"))[:8]:
+        (folder / png.name).write_bytes(png.read_bytes())
+
+    def runtime(precision):
+        cfg = RuntimeConfig(backend="onnxruntime", precision=precision, calibration_images=8, check_images=8)
+        return resolve_runtime(cfg.model_copy(update={"cache_dir": tmp_path / "c", "calibration_dir": folder}), None)
+
+    served = prepare_runtime(runtime("float32"), _request(_small_net()))
+    assert (served.backend, served.precision) == ("onnxruntime", "float32") and served.check.passed
+    refused = prepare_runtime(runtime("int8"), _request(_small_net()))
+    assert refused.backend == "torch" and "has 8 images; check_images + calibration_images need 16" in refused.note
+
+
 def test_a_broken_calibration_dir_falls_back_instead_of_failing_the_load(tmp_path):
     cfg = RuntimeConfig(backend="openvino", precision="float32", calibration_dir=tmp_path / "none")
     out = prepare_runtime(resolve_runtime(cfg, None), _request(_small_net()))
@@ -307,3 +390,25 @@ def test_a_broken_calibration_dir_falls_back_instead_of_failing_the_load(tmp_pat
 def test_torch_runtime_is_a_no_op():
     out = prepare_runtime(resolve_runtime(RuntimeConfig(), None), _request(_small_net()))
     assert (out.backend, out.precision, out.forward, out.note) == ("torch", "float32", None, "")
+
+
+def test_the_cache_key_follows_the_models_preprocessing():
+    """An int8 export calibrated under one normalisation or resize must not be reused under another: the
+    runtime identity (hashed into the cache key) carries each model's preprocessing."""
+    from cxr_classification.model import ChestXrayClassifier
+    from cxr_segmentation.config import SegmentationConfig
+    from cxr_segmentation.model import SegmentationModel
+    from cxr_serving.device import InferenceDevice
+    from cxr_serving.settings import PerformanceConfig
+
+    cpu = InferenceDevice.resolve("cpu", PerformanceConfig())
+    seg = SegmentationConfig(encoder="resnet18", input_size=64)
+    unit = seg.model_copy(update={"normalization": "unit"})
+    a, b = (SegmentationModel(c, cpu).runtime_identity("v", "w") for c in (seg, unit))
+    assert a != b and (a["preprocessing"]["normalization"], b["preprocessing"]["normalization"]) == ("imagenet", "unit")
+    base = {"task": "multilabel_classification", "architecture": "densenet121"}
+    identities = []
+    for extra in ({}, {"resize": "squash"}, {"normalization": "xrv", "in_chans": 3}):
+        (cfg,) = classifier_configs(make_settings(models={"m": {**base, **extra}})).values()
+        identities.append(ChestXrayClassifier("m", cfg, cpu).runtime_identity("v", "w"))
+    assert len({json.dumps(i, sort_keys=True) for i in identities}) == 3

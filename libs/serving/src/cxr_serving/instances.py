@@ -49,6 +49,7 @@ class LoadedModel:
     memory: tuple[tuple[str, int], ...] = ()  # parameter and buffer bytes by device type
     backend: str = "torch"
     runtime_note: str = ""
+    runtime_report: Any = None  # runtimes.prepare.RuntimeReport: the parent publishes the instance's metrics
 
     @classmethod
     def of(cls, model: Any) -> LoadedModel:
@@ -66,6 +67,7 @@ class LoadedModel:
             tuple(sorted(model.memory_bytes().items())),
             model.backend,
             model.runtime_note,
+            getattr(model, "runtime_report", None),
         )
 
 
@@ -312,6 +314,8 @@ class ProcessInstances:
                 self._instances[inst.index] = inst
                 self._idle.put(inst)
         log.info("model %s: %d instance processes ready (pids %s)", self.name, self.count, self.pids)
+        if infos[0].runtime_report is not None:  # set in the instances' registries: publish them here
+            infos[0].runtime_report.publish()
         return infos[0]
 
     def _wait_loaded(self, inst: _Instance) -> LoadedModel:

@@ -36,7 +36,7 @@ from cxr_serving.optimize.amp import precision_of
 from cxr_serving.random_init import fixed_random_weights
 from cxr_serving.runtimes.check import CheckResult, classification_check
 from cxr_serving.runtimes.config import ResolvedRuntime
-from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeRequest, prepare_runtime, weights_digest
+from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeReport, RuntimeRequest, prepare_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,10 @@ class ChestXrayClassifier(ServedModel):
         return self._outcome.note
 
     @property
+    def runtime_report(self) -> RuntimeReport | None:
+        return self._outcome.report
+
+    @property
     def loaded(self) -> bool:
         return self._runner is not None
 
@@ -305,6 +309,12 @@ class ChestXrayClassifier(ServedModel):
             self._checkpoint = path if version != UNTRAINED else None
             self._outcome = outcome
 
+    def runtime_identity(self, version: str, weights: str) -> dict[str, Any]:
+        """What an exported network depends on besides the backend: checkpoint, weights, the config that shapes
+        the graph, and the preprocessing int8 calibrated under (a new one must not reuse its scales)."""
+        graph = self.cfg.model_dump(mode="json", include={"model_type", "timm_name", "in_chans", "input_size"})
+        return {"version": version, "weights": weights, "graph": graph, "preprocessing": self.preprocessing}
+
     def _prepare_runtime(self, network: ClassifierNetwork, version: str, decision: Decision) -> RuntimeOutcome:
         """The configured runtime for this network (CPU float32 here), checked on probabilities and calls."""
         runtime = self._runtime
@@ -319,16 +329,11 @@ class ChestXrayClassifier(ServedModel):
                 out = network.probabilities(torch.from_numpy(got)).numpy()
             return classification_check(ref, out, decision.thresholds, max_delta, min_agreement)
 
-        identity = {
-            "version": version,
-            "weights": weights_digest(network.net),
-            "graph": cfg.model_dump(mode="json", include={"model_type", "timm_name", "in_chans", "input_size"}),
-        }
         request = RuntimeRequest(
             self.name,
             LogitsOf(network),
             (int(cfg.in_chans or 3), cfg.input_size, cfg.input_size),
-            identity,
+            self.runtime_identity(version, weights_digest(network.net)),
             self.preprocess,
             judge,
             transformer=cfg.model_type != "densenet121",

@@ -35,7 +35,7 @@ from cxr_serving.optimize.amp import precision_of
 from cxr_serving.random_init import fixed_random_weights
 from cxr_serving.runtimes.check import CheckResult, segmentation_check
 from cxr_serving.runtimes.config import ResolvedRuntime
-from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeRequest, prepare_runtime, weights_digest
+from cxr_serving.runtimes.prepare import RuntimeOutcome, RuntimeReport, RuntimeRequest, prepare_runtime, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,14 @@ class SegmentationModel(ServedModel):
                 "segmentation model %s serves RANDOM weights (allow_untrained): masks are meaningless", self.name
             )
 
+    def runtime_identity(self, version: str, weights: str) -> dict[str, Any]:
+        """What an exported network depends on besides the backend: checkpoint, weights, the config that shapes
+        the graph, and the preprocessing int8 calibrated under (a new one must not reuse its scales)."""
+        graph = self.cfg.model_dump(
+            mode="json", include={"architecture", "encoder", "checkpoint_format", "classes", "in_channels"}
+        )
+        return {"version": version, "weights": weights, "graph": graph, "preprocessing": self.preprocessing}
+
     def _prepare_runtime(self, net: nn.Module, version: str) -> RuntimeOutcome:
         """The configured runtime for this network (CPU float32 here), checked on the Dice of its masks."""
         runtime = self._runtime
@@ -125,13 +133,7 @@ class SegmentationModel(ServedModel):
         def judge(reference: np.ndarray, got: np.ndarray) -> CheckResult:
             return segmentation_check(reference, got, list(self.labels), min_dice)
 
-        identity = {
-            "version": version,
-            "weights": weights_digest(net),
-            "graph": cfg.model_dump(
-                mode="json", include={"architecture", "encoder", "checkpoint_format", "classes", "in_channels"}
-            ),
-        }
+        identity = self.runtime_identity(version, weights_digest(net))
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         request = RuntimeRequest(self.name, LogitsOf(net), shape, identity, self.transform_decoded, judge)
         return prepare_runtime(runtime, request, device=self._device.device)
@@ -255,3 +257,7 @@ class SegmentationModel(ServedModel):
     @property
     def runtime_note(self) -> str:
         return self._outcome.note
+
+    @property
+    def runtime_report(self) -> RuntimeReport | None:
+        return self._outcome.report

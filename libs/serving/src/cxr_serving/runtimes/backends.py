@@ -22,6 +22,20 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run here (library missing, no GPU, no native precision): the model serves torch."""
 
 
+def require_float_layer_matches(patterns: tuple[str, ...], names: list[str]) -> None:
+    """Each int8_float_layers pattern must match (re.match, as NNCF does) some node name of the exported
+    network: one that matches none would leave its layers quantized without a word."""
+    counts = {p: sum(1 for n in names if re.match(p, n)) for p in patterns}
+    unmatched = [p for p, n in counts.items() if n == 0]
+    if unmatched:
+        raise BackendUnavailable(
+            f"int8_float_layers {unmatched} match no node of the exported network ({len(names)} nodes, e.g. "
+            f"{names[len(names) // 2] if names else 'none'!r}): fix the patterns"
+        )
+    if counts:
+        log.info("int8_float_layers keep in float: %s", ", ".join(f"{p!r}: {n} nodes" for p, n in counts.items()))
+
+
 def cpu_has_int8_dot_product() -> bool:
     """True when this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): without them int8
     still runs, emulated and slower."""
@@ -110,6 +124,7 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
     recipe = "2: onnx opset 17, int8 keeps a CNN's MatMul in float"
+    compiled: Any = None  # the last load's CompiledModel
 
     def available(self) -> None:
         try:
@@ -152,6 +167,7 @@ class OpenVinoBackend(Backend):
             types = [] if transformer else ["MatMul"]
             if transformer:
                 kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+            require_float_layer_matches(float_layers, [op.get_friendly_name() for op in model.get_ops()])
             if types or float_layers:
                 kwargs["ignored_scope"] = nncf.IgnoredScope(types=types, patterns=list(float_layers), validate=False)
             model = nncf.quantize(model, nncf.Dataset(items), **kwargs)
@@ -164,9 +180,10 @@ class OpenVinoBackend(Backend):
 
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": _threads()}
-        if self.precision in ("float32", "bfloat16"):  # int8: the plugin's default for the layers left in float
-            config["INFERENCE_PRECISION_HINT"] = "bf16" if self.precision == "bfloat16" else "f32"
+        # int8's layers left in float run float32: the plugin's default would be bfloat16 on a BF16 CPU
+        config["INFERENCE_PRECISION_HINT"] = "bf16" if self.precision == "bfloat16" else "f32"
         compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        self.compiled = compiled  # what was compiled, with its properties (the tests read them)
         local = threading.local()  # an infer request serves one call at a time: one per batching thread
 
         def forward(x: Any) -> Any:
@@ -231,6 +248,7 @@ class OnnxRuntimeBackend(Backend):
             import onnx
 
             graph = onnx.load(str(prepared), load_external_data=False).graph
+            require_float_layer_matches(float_layers, [n.name for n in graph.node])
             head += [n.name for n in graph.node if any(re.match(f, n.name) for f in float_layers)]
         quantize_static(
             str(prepared),

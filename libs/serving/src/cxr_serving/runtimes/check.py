@@ -20,6 +20,29 @@ class CheckResult:
         return ", ".join(f"{k}={v:.4g}" for k, v in self.numbers.items())
 
 
+# The bounds of docs/model-runtimes.md: a config may loosen them, and the load log then warns.
+ISSUE_BOUNDS: dict[str, tuple[float, str]] = {
+    "max_probability_delta": (0.02, "max"),
+    "min_agreement": (0.99, "min"),
+    "min_dice": (0.98, "min"),
+}
+
+
+def check_bounds(config: object) -> dict[str, float]:
+    """The check bounds a runtime config carries (a classifier's or a segmenter's), by setting name."""
+    return {k: float(getattr(config, k)) for k in ISSUE_BOUNDS if hasattr(config, k)}
+
+
+def looser_than_issue(bounds: dict[str, float]) -> list[str]:
+    """Each bound looser than the issue's, as 'name=value (issue: value)'."""
+    out = []
+    for name, value in bounds.items():
+        issue, kind = ISSUE_BOUNDS[name]
+        if (value > issue) if kind == "max" else (value < issue):
+            out.append(f"{name}={value:g} (issue: {issue:g})")
+    return out
+
+
 def classification_check(
     reference: np.ndarray, got: np.ndarray, thresholds: np.ndarray, max_delta: float, min_agreement: float
 ) -> CheckResult:

@@ -59,8 +59,8 @@ class RuntimeConfig(BaseModel):
     )
     cache_dir: Path | None = Field(
         None,
-        description="where exported networks are kept, keyed by weights, backend, precision, input shape and "
-        "library versions (default var/cache/model-runtimes under data_path); a restart reuses them",
+        description="where exported networks are kept, keyed by weights, preprocessing, backend, precision, input "
+        "shape and library versions (default var/cache/model-runtimes under data_path); a restart reuses them",
     )
     calibration_dir: Path | None = Field(
         None,

@@ -17,7 +17,7 @@ from typing import Any
 from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_EXPORTS, RUNTIME_FALLBACK
 from cxr_serving.runtimes.backends import BACKENDS, Backend, BackendUnavailable, Forward
 from cxr_serving.runtimes.calibration import load_inputs, split_images
-from cxr_serving.runtimes.check import CheckResult
+from cxr_serving.runtimes.check import CheckResult, check_bounds, looser_than_issue
 from cxr_serving.runtimes.config import ResolvedRuntime
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,23 @@ class RuntimeRequest:
     transformer: bool = False
 
 
+@dataclass(frozen=True)
+class RuntimeReport:
+    """The runtime metrics of one load as plain values: an instance process hands them back with the load,
+    and the parent, whose /metrics is the one scraped, publishes them."""
+
+    model: str
+    backend: str  # configured, also when float32 torch serves instead
+    precision: str
+    check: tuple[tuple[str, float], ...] = ()
+    fallback: int = 0
+
+    def publish(self) -> None:
+        for metric, value in self.check:
+            RUNTIME_CHECK.labels(self.model, self.backend, self.precision, metric).set(value)
+        RUNTIME_FALLBACK.labels(self.model).set(self.fallback)
+
+
 @dataclass
 class RuntimeOutcome:
     """What serves: the runtime's forward (None: torch float32), its backend and precision, the check, the note."""
@@ -52,6 +69,7 @@ class RuntimeOutcome:
     exported: bool = False  # this load exported (False: reused the cache)
     cache_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    report: RuntimeReport | None = None  # the metrics this load published (an instance process hands them on)
 
 
 def weights_digest(module: Any) -> str:
@@ -146,8 +164,9 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
     """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
     Never raises for a runtime problem: a model always loads in float32 torch at worst."""
     if runtime is None or runtime.config.is_torch:
-        RUNTIME_FALLBACK.labels(request.model).set(0)
-        return RuntimeOutcome()
+        report = RuntimeReport(request.model, "torch", "float32")
+        report.publish()
+        return RuntimeOutcome(report=report)
     try:
         outcome = _optimised(runtime, request, device)
     except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
@@ -156,8 +175,6 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
             log.exception("model %s: runtime %s/%s failed", request.model, runtime.backend, runtime.precision)
         return _fallback(runtime, request, f"{runtime.backend}/{runtime.precision} unavailable: {reason}")
     assert outcome.check is not None
-    for metric, value in outcome.check.numbers.items():
-        RUNTIME_CHECK.labels(request.model, runtime.backend, runtime.precision, metric).set(value)
     if not outcome.check.passed:
         return _fallback(
             runtime,
@@ -166,7 +183,7 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
             f"{outcome.check.why} ({outcome.check.summary()})",
             outcome.check,
         )
-    RUNTIME_FALLBACK.labels(request.model).set(0)
+    outcome.report = _report(runtime, request, outcome.check, 0)
     log.info(
         "model %s: serving %s/%s (%s cache %s), accuracy check against float32 torch passed: %s; timings %s",
         request.model,
@@ -174,9 +191,18 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
         runtime.precision,
         "exported into" if outcome.exported else "reused",
         outcome.cache_path,
-        outcome.check.summary(),
+        outcome.note.removeprefix("accuracy check passed: "),
         {k: round(v, 2) for k, v in outcome.timings.items()},
     )
+    loose = looser_than_issue(check_bounds(runtime.config))
+    if loose:
+        log.warning(
+            "model %s: %s/%s passed a check looser than the issue's bounds: %s",
+            request.model,
+            runtime.backend,
+            runtime.precision,
+            ", ".join(loose),
+        )
     return outcome
 
 
@@ -186,8 +212,26 @@ def _fallback(
     log.warning(
         "model %s: serving float32 torch instead of %s/%s: %s", request.model, runtime.backend, runtime.precision, why
     )
-    RUNTIME_FALLBACK.labels(request.model).set(1)
-    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check)
+    report = _report(runtime, request, check, 1)
+    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check, report=report)
+
+
+def _report(
+    runtime: ResolvedRuntime, request: RuntimeRequest, check: CheckResult | None, fallback: int
+) -> RuntimeReport:
+    numbers = tuple(check.numbers.items()) if check is not None else ()
+    report = RuntimeReport(request.model, runtime.backend, runtime.precision, numbers, fallback)
+    report.publish()
+    return report
+
+
+def _bounds_text(runtime: ResolvedRuntime) -> str:
+    bounds = check_bounds(runtime.config)
+    loose = looser_than_issue(bounds)
+    text = ", ".join(f"{k}={v:g}" for k, v in bounds.items())
+    if not bounds:
+        return ""
+    return f" (bounds {text}; LOOSER than the issue's: {', '.join(loose)})" if loose else f" (bounds {text})"
 
 
 def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -> RuntimeOutcome:
@@ -198,19 +242,36 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
     cfg = runtime.config
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    split = split_images(runtime.calibration_dir, cfg.calibration_images, cfg.check_images)
+    calibrating = runtime.precision == "int8"  # only int8 calibrates: the others need the check images alone
+    split = split_images(runtime.calibration_dir, cfg.calibration_images if calibrating else 0, cfg.check_images)
     check_inputs = load_inputs(split.check, request.preprocess)
     key = cache_key(runtime, request, backend, [p.name for p in split.calibration])
     folder = runtime.cache_dir / request.model / key
     calibration: list[Any] = []
-    if runtime.precision == "int8" and not (folder / META).is_file():
+    if calibrating and not (folder / META).is_file():
         calibration = load_inputs(split.calibration, request.preprocess)
     timings["images_s"] = time.perf_counter() - started
     started = time.perf_counter()
     exported = _export_into_cache(runtime, request, backend, calibration, folder)
     timings["export_s" if exported else "cache_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    forward = backend.load(folder)
+    try:
+        forward = backend.load(folder)
+    except Exception as exc:
+        if exported:  # a fresh export that does not load: exporting again would not help
+            raise
+        aside = folder.with_name(f"{folder.name}.unloadable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        log.warning(
+            "model %s: cached export %s does not load (%s: %s): moved aside to %s, exporting once more",
+            request.model, folder, type(exc).__name__, exc, aside.name,
+        )  # fmt: skip
+        folder.rename(aside)
+        if calibrating and not calibration:
+            calibration = load_inputs(split.calibration, request.preprocess)
+        exported = _export_into_cache(runtime, request, backend, calibration, folder)
+        timings["export_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        forward = backend.load(folder)
     timings["compile_s"] = time.perf_counter() - started
     started = time.perf_counter()
     reference = _run(request.module, check_inputs)
@@ -221,7 +282,7 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
         runtime.backend,
         runtime.precision,
         forward,
-        f"accuracy check passed: {result.summary()}",
+        f"accuracy check passed: {result.summary()}{_bounds_text(runtime)}",
         result,
         exported,
         folder,
