@@ -738,9 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.tasks:
             results[name] = asyncio.run(run_task(task_named(name, args.mask_encoding), pngs, args, Path(tmp)))
-        if args.frontend_requests > 0:
+        scaling = None
+        if args.frontend_requests > 0 and "classification" in args.tasks:  # the scale-out stage serves a classifier
             with stage("frontend scale-out: classification with a cheap model at each of --frontend-counts, in turn"):
-                results["frontend_scaling"] = asyncio.run(frontends.measure(args, Path(tmp)))
+                scaling = asyncio.run(frontends.measure(args, Path(tmp)))
     data = {
         "quick": args.quick,
         "machine": info,
@@ -749,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in {"out"}},
         "targets": TARGETS,
         "tasks": results,
+        **({} if scaling is None else {"frontend_scaling": scaling}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_result("stack-quick" if args.quick else "stack", data, args.out)
