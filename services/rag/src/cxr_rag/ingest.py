@@ -1,8 +1,9 @@
 """Ingestion: JSONL / text / Markdown / PDF -> token chunks -> embeddings -> upserts.
 
 Idempotent and resumable: chunk ids are content hashes, ids already in the store are
-skipped *before* embedding, and every batch is written as soon as it is embedded, so an
-interrupted run loses at most one batch and the next run continues where it stopped.
+skipped *before* embedding, and every batch is written as soon as it is embedded (by a writer
+thread, in order, while the next batch embeds), so an interrupted run loses at most the few
+batches in flight and the next run continues where it stopped.
 Documents are read, chunked and written in windows of `write_batch` chunks, so memory does
 not grow with the corpus. A document id ingested again replaces its old text: once a window's
 new chunks are written, the stored chunks of its document ids that this run has not produced
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tqdm import tqdm
 
 from cxr_rag.chunking import Chunk, Document, chunk_document, content_hash
@@ -367,7 +367,7 @@ class _Writer:
             ing.store.update_metadata(step.changed)
             ing._index_add(step.changed)
             stats.chunks_updated += len(step.changed)
-        if step.chunks:
+        if step.chunks and step.vectors is not None:
             ing.store.upsert(step.chunks, step.vectors)
             ing._index_add(step.chunks)
             stats.chunks_added += len(step.chunks)
