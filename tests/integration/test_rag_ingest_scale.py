@@ -205,3 +205,81 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
     assert stats["chunks_added"] == distinct - stored
     assert stats["chunks_total"] == distinct  # and nothing is stored twice
     assert f"{len(docs)}/{len(docs)}" in err and "new_chunks=" in err  # the progress bar, in documents
+
+
+class TimedStore(VectorStore):
+    """The real store, recording when each upsert ran."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.upserts: list[tuple[float, float]] = []
+
+    def upsert(self, chunks, embeddings):
+        t = time.perf_counter()
+        super().upsert(chunks, embeddings)
+        self.upserts.append((t, time.perf_counter()))
+
+
+class TimedEmbedder:
+    """The real embedder, recording when each encode ran and every text it embedded."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+        self.calls: list[tuple[float, float]] = []
+        self.texts: list[str] = []
+
+    def encode(self, texts, batch_size=32):
+        t = time.perf_counter()
+        out = self.embedder.encode(texts, batch_size)
+        self.calls.append((t, time.perf_counter()))
+        self.texts += texts
+        return out
+
+
+def _timed_ingestor(tmp_path: Path, write_queue: int) -> tuple[Ingestor, TimedStore, TimedEmbedder]:
+    base = VectorStore.open(rag_cfg(tmp_path / f"db{write_queue}"), MODEL, 384)
+    store = TimedStore(base._client, base._col, base.mode, base.location, MODEL, 384)
+    emb = TimedEmbedder(get_embedder(default_model_path()))
+    tok = load_tokenizer(default_model_path())
+    return Ingestor(store, emb, tok, 200, 40, batch_size=2, write_batch=1, write_queue=write_queue), store, emb  # type: ignore[arg-type]
+
+
+def _overlapping(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> int:
+    return sum(1 for s, e in a for s2, e2 in b if s < e2 and s2 < e)
+
+
+def test_ingest_embeds_the_next_chunks_while_the_last_are_written(tmp_path):
+    docs = list(read_documents(subset_corpus(), limit=12))
+    piped, store, emb = _timed_ingestor(tmp_path, write_queue=2)
+    stats = piped.ingest(docs, progress=False)
+    assert stats.chunks_added == store.count() == len(emb.texts) and len(store.upserts) >= 10
+    assert _overlapping(store.upserts, emb.calls) >= 1  # some write ran while the next chunks embedded
+    inline, store0, emb0 = _timed_ingestor(tmp_path, write_queue=0)
+    assert inline.ingest(docs, progress=False).chunks_added == stats.chunks_added
+    assert _overlapping(store0.upserts, emb0.calls) == 0  # write_queue 0: in turn
+    assert set(store0.all_ids()) == set(store.all_ids())
+
+
+def test_a_chunk_queued_for_writing_is_neither_embedded_nor_counted_twice(tmp_path):
+    docs = list(read_documents(subset_corpus(), limit=10))
+    twice = [d for doc in docs for d in (doc, doc)]  # every document again in the very next window
+    ing, store, emb = _timed_ingestor(tmp_path, write_queue=4)
+    stats = ing.ingest(twice, progress=False)
+    distinct = len(ing.chunk(docs)[2])
+    assert len(emb.texts) == stats.chunks_added == distinct == store.count()
+    assert stats.chunks_skipped == distinct and stats.chunks_updated == 0
+
+
+def test_a_failed_write_stops_the_ingestion_with_its_error(tmp_path):
+    class BrokenStore(TimedStore):
+        def upsert(self, chunks, embeddings):
+            if self.upserts:
+                raise RuntimeError("disk full")
+            super().upsert(chunks, embeddings)
+
+    ing, store, emb = _timed_ingestor(tmp_path, write_queue=2)
+    ing.store = BrokenStore(store._client, store._col, store.mode, store.location, MODEL, 384)
+    docs = list(read_documents(subset_corpus(), limit=40))
+    with pytest.raises(RuntimeError, match="disk full"):
+        ing.ingest(docs, progress=False)
+    assert len(emb.texts) < len(ing.chunk(docs)[2])  # it stopped embedding, not only writing

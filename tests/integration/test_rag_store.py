@@ -4,6 +4,7 @@ embedding-model mismatch, backup/restore, filters, the CLI."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,12 @@ from cxr_rag import cli
 from cxr_rag.chunking import Document, chunk_document
 from cxr_rag.embeddings import default_model_path, get_embedder, load_tokenizer
 from cxr_rag.ingest import Ingestor, read_documents
-from cxr_rag.retrieval import Mode, Retriever
+from cxr_rag.lexical import LexicalIndex
+from cxr_rag.retrieval import Mode, Retriever, rrf_fuse
 from cxr_rag.runtime import RagRuntime
 from cxr_rag.store import StoreMismatchError, VectorStore
 from cxr_serving.errors import InvalidInputError
+from tests.support.paths import PUBMEDQA
 from tests.support.rag import rag_cfg, shared_store, subset_corpus
 
 
@@ -318,3 +321,82 @@ def test_reingesting_identical_text_with_a_new_title_refreshes_the_lexical_index
         assert [p.id for p in rt.retriever.search(PHRASE, 5, mode, {"title": "B"}).passages] == [stored.id], mode
     for mode in Mode:
         assert rt.retriever.search(PHRASE, 5, mode, {"title": "A"}).passages == [], mode
+
+
+class RecordingIndex(LexicalIndex):
+    """The real BM25 index, recording the thread each search runs on."""
+
+    def __init__(self, chunks):
+        super().__init__(chunks)
+        self.threads: list[int] = []
+
+    def search(self, query, n, filters=None):
+        self.threads.append(threading.get_ident())
+        return super().search(query, n, filters)
+
+
+class RecordingCollection:
+    """The real Chroma collection, recording each call's name and `include`."""
+
+    def __init__(self, col):
+        self.col = col
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def __getattr__(self, name):
+        attr = getattr(self.col, name)
+
+        def call(*args, **kwargs):
+            self.calls.append((name, tuple(kwargs.get("include") or ())))
+            return attr(*args, **kwargs)
+
+        return call
+
+
+QUESTIONS = [json.loads(line)["question"] for line in (PUBMEDQA / "questions.jsonl").read_text().splitlines()[:12]]
+
+
+def _as_tuples(passages):
+    return [(p.id, p.text, p.metadata, p.score, p.dense_rank, p.lexical_rank, p.similarity) for p in passages]
+
+
+def _retriever(store, index, concurrent_sides):
+    r = Retriever(store, get_embedder(default_model_path()), 50, 60, concurrent_sides=concurrent_sides)
+    r._index = index
+    return r
+
+
+def test_hybrid_runs_bm25_beside_the_dense_side_with_the_sequential_results(store):
+    index = RecordingIndex(store.all_chunks())
+    both, seq = _retriever(store, index, True), _retriever(store, index, False)
+    for i, q in enumerate(QUESTIONS):
+        filters = {"year": "1994"} if i % 4 == 3 else None
+        got = both.search(q, 10, Mode.HYBRID, filters)
+        want = seq.search(q, 10, Mode.HYBRID, filters)
+        assert got.passages and _as_tuples(got.passages) == _as_tuples(want.passages)
+        fused = rrf_fuse([seq.dense(q, 50, filters), seq.lexical(q, 50, filters)], 10, 60)
+        assert _as_tuples(got.passages) == _as_tuples(fused) and got.best_similarity == want.best_similarity
+        assert set(got.timings_ms) == {"dense_ms", "lexical_ms"}
+    me = threading.get_ident()
+    assert index.threads[0::3] and me not in index.threads[0::3]  # concurrent: on the pool
+    assert set(index.threads[1::3]) == set(index.threads[2::3]) == {me}  # sequential: in the caller
+
+
+def test_dense_hits_take_text_and_metadata_from_the_index_not_the_store(store):
+    base = VectorStore.open(rag_cfg(shared_store()), "sentence-transformers/all-MiniLM-L6-v2", 384)
+    spy = RecordingCollection(base._col)
+    base._col = spy
+    emb = get_embedder(default_model_path())
+    q = QUESTIONS[0]
+    want = [(h.id, h.text, h.metadata, h.similarity) for h in base.query(emb.encode([q])[0], 50)]
+    chunks = base.all_chunks()
+    full = _retriever(base, LexicalIndex(chunks), True)
+    spy.calls.clear()
+    for q2 in QUESTIONS:
+        full.search(q2, 5)
+    assert all(name == "query" and include == ("distances",) for name, include in spy.calls), spy.calls
+    assert [(p.id, p.text, p.metadata, p.similarity) for p in full.dense(q, 50, None)] == want
+    # a hit the index does not hold (yet) is read from the store
+    partial = _retriever(base, LexicalIndex([c for c in chunks if c.id != want[0][0]]), True)
+    spy.calls.clear()
+    assert [(p.id, p.text, p.metadata, p.similarity) for p in partial.dense(q, 50, None)] == want
+    assert [name for name, _ in spy.calls] == ["query", "get"]

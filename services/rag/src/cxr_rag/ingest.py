@@ -1,8 +1,9 @@
 """Ingestion: JSONL / text / Markdown / PDF -> token chunks -> embeddings -> upserts.
 
 Idempotent and resumable: chunk ids are content hashes, ids already in the store are
-skipped *before* embedding, and every batch is written as soon as it is embedded, so an
-interrupted run loses at most one batch and the next run continues where it stopped.
+skipped *before* embedding, and every batch is written as soon as it is embedded (by a writer
+thread, in order, while the next batch embeds), so an interrupted run loses at most the few
+batches in flight and the next run continues where it stopped.
 Documents are read, chunked and written in windows of `write_batch` chunks, so memory does
 not grow with the corpus. A document id ingested again replaces its old text: once a window's
 new chunks are written, the stored chunks of its document ids that this run has not produced
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from cxr_rag.chunking import Chunk, Document, chunk_document, content_hash
@@ -182,6 +186,7 @@ class Ingestor:
         batch_size: int = 32,
         write_batch: int = 256,
         index: LexicalIndex | None = None,
+        write_queue: int = 2,
     ) -> None:
         self.store = store
         self.embedder = embedder
@@ -191,6 +196,7 @@ class Ingestor:
         self.batch_size = batch_size
         self.write_batch = write_batch
         self.index = index  # the live BM25 index, given each change right after the store has it
+        self.write_queue = write_queue  # steps embedded ahead of the writer thread; 0: write inline, in turn
 
     def chunk(self, documents: Iterable[Document]) -> tuple[int, set[str], list[Chunk]]:
         """How many documents, their ids, and every distinct chunk (documents sharing an id add up)."""
@@ -229,46 +235,40 @@ class Ingestor:
             self.index.remove(stale)
         return len(stale)
 
+    def _produce(self, documents: Iterable[Document], stats: IngestStats, writer: _Writer) -> None:
+        """Chunk, look up and embed window after window; every store and index change goes to `writer` in order."""
+        fresh = self.store.count() == 0  # nothing stored: nothing can be stale, the per-window lookup is skipped
+        for n_docs, keys, chunks in self.windows(documents):
+            stats.documents += n_docs
+            # a chunk still queued for writing is not in the store yet: it counts as present, never embedded twice
+            queued = writer.queued_metadata([c.id for c in chunks])
+            present = {**self.store.existing_metadata([c.id for c in chunks if c.id not in queued]), **queued}
+            new = [c for c in chunks if c.id not in present]
+            # the same text under a re-ingested id: keep the embedding, refresh its place and title
+            changed = [c for c in chunks if c.id in present and present[c.id] != c.metadata]
+            stats.chunks_skipped += len(chunks) - len(new)
+            writer.put(_Write(changed=changed, skipped=len(chunks) - len(new)))
+            for b in range(0, len(new), self.batch_size * 4):
+                sub = new[b : b + self.batch_size * 4]
+                writer.put(_Write(chunks=sub, vectors=self.embedder.encode([c.text for c in sub], self.batch_size)))
+            writer.put(_Write(window_keys=None if fresh else keys, window_ids=[c.id for c in chunks], documents=n_docs))
+
     def ingest(
         self, documents: Iterable[Document], *, progress: bool = True, total_documents: int | None = None
     ) -> IngestStats:
         started = time.perf_counter()
-        fresh = self.store.count() == 0  # nothing stored: nothing can be stale, the per-window lookup is skipped
-        produced: set[str] = set()  # chunk ids of this run, so a document id spread over windows adds up
         stats = IngestStats()
         # documents done of the total when it is known (JSONL), else chunks; the postfix counts chunks either way
         unit = "doc" if total_documents else "chunk"
         bar = tqdm(total=total_documents, desc="ingest", unit=unit, disable=not progress, mininterval=1.0)
+        writer = _Writer(self, stats, bar, counting_chunks=not total_documents, depth=self.write_queue)
         try:
-            for n_docs, keys, chunks in self.windows(documents):
-                stats.documents += n_docs
-                present = self.store.existing_metadata([c.id for c in chunks])
-                new = [c for c in chunks if c.id not in present]
-                # the same text under a re-ingested id: keep the embedding, refresh its place and title
-                changed = [c for c in chunks if c.id in present and present[c.id] != c.metadata]
-                self.store.update_metadata(changed)
-                self._index_add(changed)
-                stats.chunks_updated += len(changed)
-                stats.chunks_skipped += len(chunks) - len(new)
-                if not total_documents:
-                    bar.update(len(chunks) - len(new))
-                for b in range(0, len(new), self.batch_size * 4):
-                    sub = new[b : b + self.batch_size * 4]
-                    vecs = self.embedder.encode([c.text for c in sub], batch_size=self.batch_size)
-                    self.store.upsert(sub, vecs)
-                    self._index_add(sub)
-                    stats.chunks_added += len(sub)
-                    if not total_documents:
-                        bar.update(len(sub))
-                    bar.set_postfix_str(f"new_chunks={stats.chunks_added}", refresh=False)
-                if not fresh:
-                    produced.update(c.id for c in chunks)
-                    stats.chunks_removed += self._remove_stale(keys, produced)
-                if total_documents:
-                    bar.update(n_docs)
-                bar.set_postfix_str(f"new_chunks={stats.chunks_added} skipped={stats.chunks_skipped}", refresh=False)
+            self._produce(documents, stats, writer)
         finally:
-            bar.close()
+            try:
+                writer.finish()
+            finally:
+                bar.close()
         stats.seconds = time.perf_counter() - started
         log.info(
             "ingested %d documents: %d chunks added, %d already present, %d stale removed (%.1fs)",
@@ -279,3 +279,104 @@ class Ingestor:
             stats.seconds,
         )
         return stats
+
+
+@dataclass
+class _Write:
+    """One step for the writer, applied in order: new metadata of stored chunks, new chunks with their
+    vectors, or (`window_ids` set) the end of a window, whose documents' stale chunks are then removed."""
+
+    changed: list[Chunk] = field(default_factory=list)
+    skipped: int = 0
+    chunks: list[Chunk] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    window_ids: list[str] | None = None
+    window_keys: set[str] | None = None  # None: nothing can be stale (the store was empty at the start)
+    documents: int = 0
+
+
+class _Writer:
+    """Applies an ingestion's store and BM25 changes in a thread of its own, in order, while the next chunks
+    embed; at most `depth` steps wait (memory stays bounded; 0: each step is applied inline, in turn).
+
+    A step is applied only after every earlier one, so an interrupted run has written a prefix and the
+    next run resumes after it. Chunks queued but not yet written are reported by `queued_metadata`, so
+    a later window neither embeds nor counts them again."""
+
+    def __init__(self, ingestor: Ingestor, stats: IngestStats, bar: Any, counting_chunks: bool, depth: int) -> None:
+        self._ing = ingestor
+        self._stats = stats
+        self._bar = bar
+        self._counting_chunks = counting_chunks
+        self._produced: set[str] = set()  # chunk ids of this run, so a document id spread over windows adds up
+        self._lock = threading.Lock()
+        self._queued: dict[str, tuple[dict[str, str], int]] = {}  # id -> (metadata, steps still queued)
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=max(depth, 1))
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._run, name="rag-ingest-writer", daemon=True)
+            self._thread.start()
+
+    def queued_metadata(self, ids: list[str]) -> dict[str, dict[str, str]]:
+        with self._lock:
+            return {i: self._queued[i][0] for i in ids if i in self._queued}
+
+    def put(self, step: _Write) -> None:
+        if self._thread is None:
+            self._apply(step)
+            return
+        with self._lock:
+            for c in (*step.changed, *step.chunks):
+                self._queued[c.id] = (c.metadata, self._queued.get(c.id, ({}, 0))[1] + 1)
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(step, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait until every queued step is written; raise the writer's error if it failed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (step := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, drain without writing, so put() never blocks
+                try:
+                    self._apply(step)
+                except BaseException as exc:
+                    self._error = exc
+            with self._lock:
+                for c in (*step.changed, *step.chunks):
+                    meta, n = self._queued[c.id]
+                    if n > 1:
+                        self._queued[c.id] = (meta, n - 1)
+                    else:
+                        del self._queued[c.id]
+
+    def _apply(self, step: _Write) -> None:
+        ing, stats, bar = self._ing, self._stats, self._bar
+        if step.changed:
+            ing.store.update_metadata(step.changed)
+            ing._index_add(step.changed)
+            stats.chunks_updated += len(step.changed)
+        if step.chunks and step.vectors is not None:
+            ing.store.upsert(step.chunks, step.vectors)
+            ing._index_add(step.chunks)
+            stats.chunks_added += len(step.chunks)
+        if self._counting_chunks:
+            bar.update(step.skipped + len(step.chunks))
+        if step.window_ids is not None:
+            if step.window_keys is not None:
+                self._produced.update(step.window_ids)
+                stats.chunks_removed += ing._remove_stale(step.window_keys, self._produced)
+            if not self._counting_chunks:
+                bar.update(step.documents)
+            bar.set_postfix_str(f"new_chunks={stats.chunks_added} skipped={stats.chunks_skipped}", refresh=False)

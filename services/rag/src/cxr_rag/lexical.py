@@ -240,6 +240,18 @@ class LexicalIndex:
             log.exception("BM25 segment merge failed")
             return False
 
+    def chunks(self, ids: Iterable[str]) -> dict[str, StoredChunk]:
+        """The indexed (live) chunks among `ids`, from one snapshot: the dense side's hits without a store read."""
+        snap = self._snap
+        out: dict[str, StoredChunk] = {}
+        for i in ids:
+            for seg, alive in zip(snap.segments, snap.alive, strict=True):
+                r = seg.row_of.get(i)
+                if r is not None and alive[r]:
+                    out[i] = seg.chunks[r]
+                    break
+        return out
+
     # -- search --------------------------------------------------------------------------
 
     def search(self, query: str, n: int, filters: dict[str, str] | None = None) -> list[LexicalHit]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -70,13 +72,23 @@ def rrf_fuse(lists: list[list[Passage]], k: int, rrf_k: int) -> list[Passage]:
 
 
 class Retriever:
-    def __init__(self, store: VectorStore, embedder: Embedder, candidates: int = 50, rrf_k: int = 60) -> None:
+    def __init__(
+        self,
+        store: VectorStore,
+        embedder: Embedder,
+        candidates: int = 50,
+        rrf_k: int = 60,
+        *,
+        concurrent_sides: bool = True,
+    ) -> None:
         self.store = store
         self.embedder = embedder
         self.candidates = candidates
         self.rrf_k = rrf_k
         self._index: LexicalIndex | None = None
         self._rebuild_lock = threading.Lock()
+        # a hybrid query's BM25 side runs here while its caller embeds the query and asks Chroma
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="bm25") if concurrent_sides else None
 
     @property
     def index_ready(self) -> bool:
@@ -95,11 +107,33 @@ class Retriever:
             return index
 
     def dense(self, query: str, n: int, filters: dict[str, str] | None) -> list[Passage]:
-        hits = self.store.query(self.embedder.encode([query])[0], n, filters)
-        return [
-            Passage(h.id, h.text, h.metadata, score=h.similarity, dense_rank=r, similarity=h.similarity)
-            for r, h in enumerate(hits, 1)
-        ]
+        """Nearest chunks by id from Chroma; their text and metadata from the BM25 index's snapshot (the same
+        chunks, kept in memory), from the store only for a hit the index does not hold (yet)."""
+        hits = self.store.nearest(self.embedder.encode([query])[0], n, filters)
+        ids = [i for i, _ in hits]
+        known = self._index.chunks(ids) if self._index is not None else {}
+        if len(known) < len(ids):
+            known.update(self.store.chunks([i for i in ids if i not in known]))
+        out: list[Passage] = []
+        for i, sim in hits:
+            c = known.get(i)
+            if c is not None:  # else deleted since the search found it
+                out.append(Passage(i, c.text, c.metadata, score=sim, dense_rank=len(out) + 1, similarity=sim))
+        return out
+
+    @staticmethod
+    def _timed(
+        side: Callable[[str, int, dict[str, str] | None], list[Passage]],
+        query: str,
+        n: int,
+        filters: dict[str, str] | None,
+        timings: dict[str, float],
+        key: str,
+    ) -> list[Passage]:
+        t = time.perf_counter()
+        out = side(query, n, filters)
+        timings[key] = (time.perf_counter() - t) * 1000
+        return out
 
     def lexical(self, query: str, n: int, filters: dict[str, str] | None) -> list[Passage]:
         if self._index is None:
@@ -127,14 +161,17 @@ class Retriever:
         timings: dict[str, float] = {}
         dense: list[Passage] = []
         lexical: list[Passage] = []
-        if mode in (Mode.DENSE, Mode.HYBRID) or need_similarity:
-            t = time.perf_counter()
-            dense = self.dense(query, n, filters)
-            timings["dense_ms"] = (time.perf_counter() - t) * 1000
+        run_dense = mode in (Mode.DENSE, Mode.HYBRID) or need_similarity
+        side: Future[list[Passage]] | None = None
         if mode in (Mode.LEXICAL, Mode.HYBRID):
-            t = time.perf_counter()
-            lexical = self.lexical(query, n, filters)
-            timings["lexical_ms"] = (time.perf_counter() - t) * 1000
+            if run_dense and self._pool is not None:  # BM25 runs while the query embeds (which releases the GIL)
+                side = self._pool.submit(self._timed, self.lexical, query, n, filters, timings, "lexical_ms")
+            else:
+                lexical = self._timed(self.lexical, query, n, filters, timings, "lexical_ms")
+        if run_dense:
+            dense = self._timed(self.dense, query, n, filters, timings, "dense_ms")
+        if side is not None:
+            lexical = side.result()
         if mode == Mode.DENSE:
             passages = dense[:k]
         elif mode == Mode.LEXICAL:

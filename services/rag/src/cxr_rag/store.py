@@ -264,8 +264,28 @@ class VectorStore:
                 metadatas=[c.metadata for c in part],
             )
 
+    def nearest(self, embedding: np.ndarray, n: int, filters: dict[str, str] | None = None) -> list[tuple[str, float]]:
+        """(id, cosine similarity) of the `n` nearest chunks, without their text or metadata: reading those from
+        SQLite is most of a query's cost, and the retriever holds them in memory (the BM25 index)."""
+        res = self._col.query(
+            query_embeddings=[np.asarray(embedding, dtype=np.float32)],
+            n_results=n,
+            where=where_clause(filters),
+            include=["distances"],
+        )
+        return [(i, 1.0 - float(dist)) for i, dist in zip(res["ids"][0], res["distances"][0], strict=True)]
+
+    def chunks(self, ids: Sequence[str]) -> dict[str, StoredChunk]:
+        """The stored text and metadata of those of `ids` that are in the store."""
+        if not ids:
+            return {}
+        res = self._col.get(ids=list(ids), include=["documents", "metadatas"])
+        return {
+            i: StoredChunk(i, d or "", _str_meta(m))
+            for i, d, m in zip(res["ids"], res["documents"], res["metadatas"], strict=True)
+        }
+
     def query(self, embedding: np.ndarray, n: int, filters: dict[str, str] | None = None) -> list[DenseHit]:
-        n = min(n, self.count())
         if n <= 0:
             return []
         res = self._col.query(
