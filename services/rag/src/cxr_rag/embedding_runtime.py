@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +21,12 @@ from cxr_rag.config import EmbeddingRuntimeConfig
 from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_EXPORTS, RUNTIME_FALLBACK
 from cxr_serving.runtimes.backends import BACKENDS, BackendUnavailable
 from cxr_serving.runtimes.check import CheckResult
-from cxr_serving.runtimes.prepare import weights_digest
+from cxr_serving.runtimes.prepare import META, export_once, weights_digest
 
 log = logging.getLogger(__name__)
 
 MODEL_LABEL = "rag-embedder"  # the `model` label of the cxr_model_runtime_* metrics
 RECIPE = "1: onnx opset 17, mean pooling and L2 norm in the graph; int8: NNCF transformer on CALIBRATION_TEXTS"
-META = "meta.json"
 INPUTS = ("input_ids", "attention_mask")
 CHECK_BATCH = 8
 
@@ -223,25 +220,13 @@ def cache_folder(cfg: EmbeddingRuntimeConfig, cache_dir: Path, digest: str, max_
 
 def _export_into_cache(cfg: EmbeddingRuntimeConfig, transformer: Any, tokenizer: Any, folder: Path) -> bool:
     """Export into `folder` unless a complete artefact is there; True when this call exported."""
-    if (folder / META).is_file():
-        return False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         _export(cfg.backend, cfg.precision, transformer, tokenizer, tmp)
         RUNTIME_EXPORTS.labels(MODEL_LABEL, cfg.backend, cfg.precision).inc()
         (tmp / META).write_text(json.dumps({"backend": cfg.backend, "precision": cfg.precision, "recipe": RECIPE}))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same export first: use its artefact
-            if not (folder / META).is_file():
-                raise
-            return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
+
+    return export_once(folder, write)
 
 
 def agreement_check(reference: np.ndarray, got: np.ndarray, min_cosine: float) -> CheckResult:

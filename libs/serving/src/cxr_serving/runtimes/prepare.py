@@ -116,19 +116,37 @@ def _run(forward: Callable[[Any], Any], items: list[Any]) -> Any:
         return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items)])
 
 
-def _export_into_cache(
-    runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[Any], folder: Path
-) -> bool:
-    """Export into `folder` unless a complete artefact is there already; True when this call exported."""
+def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
+    """`write` an artefact into a private folder renamed to `folder` when complete, unless a complete one (its
+    META file) is there already; True when this call exported. Concurrent loads of one key each export, and the
+    first rename wins: nobody reads a half-written artefact."""
     if (folder / META).is_file():
         return False
-    import torch
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        write(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same export first: use its artefact
+            if not (folder / META).is_file():
+                raise
+            return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def _export_into_cache(
+    runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[Any], folder: Path
+) -> bool:
+    """Export into `folder` unless a complete artefact is there already; True when this call exported."""
+
+    def write(tmp: Path) -> None:
+        import torch
+
         example = torch.zeros(1, *request.input_shape)
         backend.export(
             request.module, example, calibration, tmp, transformer=request.transformer,
@@ -149,15 +167,8 @@ def _export_into_cache(
                 default=str,
             )
         )
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same export first: use its artefact
-            if not (folder / META).is_file():
-                raise
-            return False
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
+
+    return export_once(folder, write)
 
 
 def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu") -> RuntimeOutcome:
