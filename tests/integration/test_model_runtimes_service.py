@@ -143,6 +143,29 @@ async def test_segmentation_through_openvino_passes_the_dice_check_and_says_so()
     assert len(resp.masks) == len(listed.labels) > 0
 
 
+async def test_segmentation_through_onnxruntime_serves_through_grpc_and_says_so():
+    """ONNX Runtime float32 serves the real segmentation service end to end (not only its fallback): the Dice check
+    passes against float32 torch, and ListModels and the response's model say onnxruntime/float32."""
+    from cxr_protos.segmentation.v1 import segmentation_service_pb2 as spb
+    from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as sgrpc
+    from cxr_segmentation.service import build_binding as build_segmentation
+
+    runtime = {"backend": "onnxruntime", "precision": "float32", "calibration_dir": str(CXR14 / "images"),
+               "check_images": 4}  # fmt: skip
+    seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18", "runtime": runtime}
+    settings = make_settings(models__segmentation=seg, performance__warmup_batches=0)
+    async with running_server(settings, build_segmentation(settings)) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            stub = sgrpc.SegmentationServiceStub(ch)
+            (listed,) = (await stub.ListModels(spb.ListModelsRequest(), metadata=auth())).models
+            image = common_pb2.Image(data=cxr14_images(1)[0].read_bytes(), content_type="image/png")
+            resp = await stub.SegmentImage(spb.SegmentImageRequest(image=image), metadata=auth())
+    assert (listed.backend, listed.precision) == ("onnxruntime", "float32"), listed.runtime_note
+    assert listed.runtime_note.startswith("accuracy check passed: min_class_dice=")
+    assert (resp.model.backend, resp.model.precision) == ("onnxruntime", "float32")
+    assert len(resp.masks) == len(listed.labels) > 0
+
+
 async def test_instance_processes_hand_their_runtime_metrics_to_the_server_process():
     """model_instance_mode: process loads (and checks) the runtime in the instance, whose registry nobody
     scrapes: the load hands the check's numbers back and the server process sets the gauges."""
