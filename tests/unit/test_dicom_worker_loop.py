@@ -139,7 +139,7 @@ async def test_the_node_is_unready_once_a_worker_task_has_ended(tmp_path):
         await node.stop()
 
 
-async def test_start_collects_then_freezes_the_heap_and_stop_unfreezes_it(tmp_path):
+async def test_start_collects_the_heap_before_freezing_it(tmp_path):
     class Cycle:
         def __init__(self) -> None:
             self.me = self
@@ -155,7 +155,6 @@ async def test_start_collects_then_freezes_the_heap_and_stop_unfreezes_it(tmp_pa
         assert gc.get_freeze_count() > 0
     finally:
         await node.stop()
-    assert gc.get_freeze_count() == 0  # the process goes on (here: pytest) with its heap collected again
 
 
 async def test_a_second_node_is_refused_before_it_opens_or_migrates_the_queue_file(tmp_path):

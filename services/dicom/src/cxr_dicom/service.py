@@ -91,7 +91,6 @@ class DicomNode:
 
     async def stop(self) -> None:
         self.started = False
-        gc.unfreeze()  # a process that goes on (a test, an embedding host) gets its heap collected again
         if self.scp is not None:
             await asyncio.to_thread(stop_scp, self.scp)
         if self.stow is not None:
