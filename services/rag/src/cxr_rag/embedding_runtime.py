@@ -170,8 +170,9 @@ def _export(backend: str, precision: str, transformer: Any, tokenizer: Any, fold
 
 
 def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[[], Encode]:
-    """The artefact loaded once; each call of the result is an encode of its own (OpenVINO: its own infer
-    request), so two embedder roles share the weights but never wait for each other's call."""
+    """The artefact read once; each call of the result is an encode of its own (OpenVINO: its own compiled
+    model, as one compiled under the latency hint runs one request at a time and would queue a query behind an
+    ingest batch), so two embedder roles never wait for each other's call."""
     if backend == "openvino":
         import openvino as ov
 
@@ -179,9 +180,10 @@ def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
         if precision != "int8":
             config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bfloat16" else "f32"
-        compiled = core.compile_model(core.read_model(str(folder / "model.xml")), "CPU", config)
+        model = core.read_model(str(folder / "model.xml"))
 
         def ov_encoder() -> Encode:
+            compiled = core.compile_model(model, "CPU", config)
             request = compiled.create_infer_request()  # the Embedder's encode lock serialises its use
 
             def ov_encode(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
