@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
+import pytest
 from prometheus_client import REGISTRY
 
 from cxr_classification.config import MultiLabelClassifierConfig
@@ -120,14 +121,22 @@ async def test_openvino_int8_serves_through_grpc(tmp_path):
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": MULTI}) == 0
 
 
-async def test_segmentation_through_openvino_passes_the_dice_check_and_says_so():
-    """The real segmentation service (untrained U-Net/resnet18 @64) with OpenVINO float32: the Dice check passes
-    (1.0: the same masks), and ListModels and the response's model say openvino/float32."""
+@pytest.mark.parametrize(
+    ("backend", "note"),
+    [
+        ("openvino", "accuracy check passed: min_class_dice=1, mean_dice=1 (bounds min_dice=0.98)"),
+        ("onnxruntime", "accuracy check passed: min_class_dice="),
+    ],
+)
+async def test_segmentation_through_a_float32_runtime_passes_the_dice_check_and_says_so(backend: str, note: str):
+    """The real segmentation service (untrained U-Net/resnet18 @64) with OpenVINO or ONNX Runtime float32, served
+    through gRPC (not only their fallback): the Dice check passes (OpenVINO: 1.0, the same masks), and ListModels
+    and the response's model name the runtime."""
     from cxr_protos.segmentation.v1 import segmentation_service_pb2 as spb
     from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as sgrpc
     from cxr_segmentation.service import build_binding as build_segmentation
 
-    runtime = {"backend": "openvino", "precision": "float32", "calibration_dir": str(CXR14 / "images"),
+    runtime = {"backend": backend, "precision": "float32", "calibration_dir": str(CXR14 / "images"),
                "calibration_images": 4, "check_images": 4}  # fmt: skip
     seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18", "runtime": runtime}
     settings = make_settings(models__segmentation=seg, performance__warmup_batches=0)
@@ -137,32 +146,12 @@ async def test_segmentation_through_openvino_passes_the_dice_check_and_says_so()
             (listed,) = (await stub.ListModels(spb.ListModelsRequest(), metadata=auth())).models
             image = common_pb2.Image(data=cxr14_images(1)[0].read_bytes(), content_type="image/png")
             resp = await stub.SegmentImage(spb.SegmentImageRequest(image=image), metadata=auth())
-    assert (listed.backend, listed.precision) == ("openvino", "float32")
-    assert listed.runtime_note == "accuracy check passed: min_class_dice=1, mean_dice=1 (bounds min_dice=0.98)"
-    assert (resp.model.backend, resp.model.precision) == ("openvino", "float32")
-    assert len(resp.masks) == len(listed.labels) > 0
-
-
-async def test_segmentation_through_onnxruntime_serves_through_grpc_and_says_so():
-    """ONNX Runtime float32 serves the real segmentation service end to end (not only its fallback): the Dice check
-    passes against float32 torch, and ListModels and the response's model say onnxruntime/float32."""
-    from cxr_protos.segmentation.v1 import segmentation_service_pb2 as spb
-    from cxr_protos.segmentation.v1 import segmentation_service_pb2_grpc as sgrpc
-    from cxr_segmentation.service import build_binding as build_segmentation
-
-    runtime = {"backend": "onnxruntime", "precision": "float32", "calibration_dir": str(CXR14 / "images"),
-               "check_images": 4}  # fmt: skip
-    seg = {"enabled": True, "allow_untrained": True, "input_size": 64, "encoder": "resnet18", "runtime": runtime}
-    settings = make_settings(models__segmentation=seg, performance__warmup_batches=0)
-    async with running_server(settings, build_segmentation(settings)) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-            stub = sgrpc.SegmentationServiceStub(ch)
-            (listed,) = (await stub.ListModels(spb.ListModelsRequest(), metadata=auth())).models
-            image = common_pb2.Image(data=cxr14_images(1)[0].read_bytes(), content_type="image/png")
-            resp = await stub.SegmentImage(spb.SegmentImageRequest(image=image), metadata=auth())
-    assert (listed.backend, listed.precision) == ("onnxruntime", "float32"), listed.runtime_note
-    assert listed.runtime_note.startswith("accuracy check passed: min_class_dice=")
-    assert (resp.model.backend, resp.model.precision) == ("onnxruntime", "float32")
+    assert (listed.backend, listed.precision) == (backend, "float32"), listed.runtime_note
+    if backend == "openvino":
+        assert listed.runtime_note == note
+    else:
+        assert listed.runtime_note.startswith(note)
+    assert (resp.model.backend, resp.model.precision) == (backend, "float32")
     assert len(resp.masks) == len(listed.labels) > 0
 
 
