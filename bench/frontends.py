@@ -4,10 +4,11 @@ serving path dominates) at `server_config.frontend_processes` N=1 and N=2, side 
 Both services run at once; they are measured in turn (rotating rounds), the idle one stopped (SIGSTOP of
 its process group) so it takes no CPU from the one measured. The client opens several channels, each its
 own TCP connection, so the kernel spreads them over the frontends (SO_REUSEPORT); a single connection
-would reach one frontend only. The kernel hashes connections, so one frontend may hold 6 of 8: by default
-each call goes to the channel with the fewest calls in flight (as Envoy's LEAST_REQUEST or a gRPC
-client's least-request policy would), which sends more calls to the frontend that answers faster;
-`--frontend-pick uniform` sends call i to channel i mod channels. Requests are serialised once, before
+would reach one frontend only. By default there is one connection per caller (32 clients, as it were).
+The kernel hashes connections, so one frontend may hold more than its share (6 of 8): each call goes to
+the channel with the fewest calls in flight (as Envoy's LEAST_REQUEST or a gRPC client's least-request
+policy would), which sends more calls to the frontend that answers faster; `--frontend-pick uniform`
+sends call i to channel i mod channels. Requests are serialised once, before
 the run, and sent as bytes with generic unary calls (the cheapest honest asyncio client).
 
 From /proc, per cell and per answered request: the client's CPU `c` (this process), the executor's `e`
@@ -49,7 +50,7 @@ from bench._serving_path import cheap_settings, own_cpu_s
 
 TARGET_RATIO = 1.4  # N=2 over N=1 on this 2-core host (issue 23)
 TARGET_PER_FRONTEND_GPU = 0.85  # on a 16-core GPU host: N frontends >= 0.85 N times one, up to N=8 (issue 23)
-MIN_CHANNELS = 8  # connections per service (at least 4 per frontend): the kernel hashes each to one frontend
+MIN_CHANNELS = 8  # connections per service at the least (4 per frontend): the kernel hashes each to one frontend
 PICKS = ("least", "uniform")
 
 
@@ -136,7 +137,9 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     counts: tuple[int, ...] = args.frontend_counts
     device = getattr(args, "device", "cpu")
-    channels_per_service = max(MIN_CHANNELS, 4 * max(counts))
+    channels_per_service = getattr(args, "frontend_channels", None) or max(
+        MIN_CHANNELS, 4 * max(counts), args.frontend_concurrency
+    )
     # one forward at a time: the executor is not what is measured
     opts = StackOptions(model_instances=1, device=device)
     task = task_named("classification")
@@ -260,6 +263,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--frontend-concurrency", type=int, default=32, help="closed-loop callers of the scaling cells")
     ap.add_argument("--frontend-requests", type=int, help="max requests per scaling cell (600; quick 120); 0: none")
     ap.add_argument("--frontend-input-size", type=int, default=64, help="the cheap classifier's input size")
+    ap.add_argument(
+        "--frontend-channels", type=int,
+        help="client connections per service (default: one per caller, at least 8 and 4 per frontend)",
+    )  # fmt: skip
     ap.add_argument(
         "--frontend-pick", choices=PICKS, default="least",
         help="channel of each call: fewest calls in flight (default) or call i on channel i mod channels",
