@@ -4,8 +4,17 @@ serving path dominates) at `server_config.frontend_processes` N=1 and N=2, side 
 Both services run at once; they are measured in turn (rotating rounds), the idle one stopped (SIGSTOP of
 its process group) so it takes no CPU from the one measured. The client opens several channels, each its
 own TCP connection, so the kernel spreads them over the frontends (SO_REUSEPORT); a single connection
-would reach one frontend only. From /proc: the client's CPU (this process) and the server tree's CPU per
-answered request. The load generator shares the host's cores with the servers: its CPU is reported.
+would reach one frontend only. By default there is one connection per caller (32 clients, as it were).
+The kernel hashes connections, so one frontend may hold more than its share (6 of 8): each call goes to
+the channel with the fewest calls in flight (as Envoy's LEAST_REQUEST or a gRPC client's least-request
+policy would), which sends more calls to the frontend that answers faster; `--frontend-pick uniform`
+sends call i to channel i mod channels. Requests are serialised once, before
+the run, and sent as bytes with generic unary calls (the cheapest honest asyncio client).
+
+From /proc, per cell and per answered request: the client's CPU `c` (this process), the executor's `e`
+(the service's parent process; at N=1 the whole server is one process and counts as `f`) and the
+frontends' `f` (its children), and how many of the client's connections each frontend holds. The load
+generator shares the host's cores with the servers: its CPU is in the sum.
 
     .venv/bin/python -m bench.frontends            # also a stage of `bench.stack`
     .venv/bin/python -m bench.frontends --quick
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -24,13 +34,70 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import Recorder, drive_closed, free_port, grpc_serving, machine, nih_pngs, tree_cpu_s, write_result
+from bench._common import (
+    Recorder,
+    drive_closed,
+    free_port,
+    grpc_serving,
+    machine,
+    nih_pngs,
+    process_tree,
+    tree_cpu_s,
+    write_result,
+)
 from bench._peers import StackOptions, grpc_call, service_process, task_named
 from bench._serving_path import cheap_settings, own_cpu_s
 
 TARGET_RATIO = 1.4  # N=2 over N=1 on this 2-core host (issue 23)
 TARGET_PER_FRONTEND_GPU = 0.85  # on a 16-core GPU host: N frontends >= 0.85 N times one, up to N=8 (issue 23)
-MIN_CHANNELS = 8  # connections per service (at least 4 per frontend): the kernel hashes each to one frontend
+MIN_CHANNELS = 8  # connections per service at the least (4 per frontend): the kernel hashes each to one frontend
+PICKS = ("least", "uniform")
+
+
+class ChannelPicker:
+    """Which channel a call goes to: `least` the one with the fewest calls in flight (ties: the next in
+    turn), `uniform` call i to channel i mod channels."""
+
+    def __init__(self, channels: int, how: str = "least") -> None:
+        if how not in PICKS:
+            raise ValueError(f"channel pick {how!r}: one of {PICKS}")
+        self.in_flight = [0] * channels
+        self.how = how
+
+    def pick(self, i: int) -> int:
+        n = len(self.in_flight)
+        if self.how == "uniform":
+            return i % n
+        return min(range(n), key=lambda k: (self.in_flight[k], (k - i) % n))
+
+
+def own_stat_cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` alone (every thread; not its children)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
+    """How many established TCP connections to `port` each of `pids` holds (from /proc: socket inodes)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    out = {}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        count = 0
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    count += os.readlink(fd) in inodes
+        out[pid] = count
+    return out
 
 
 def scaling_settings(opts: StackOptions, folder: Path, frontends: int, input_size: int) -> Path:
@@ -70,16 +137,19 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     counts: tuple[int, ...] = args.frontend_counts
     device = getattr(args, "device", "cpu")
-    channels_per_service = max(MIN_CHANNELS, 4 * max(counts))
+    channels_per_service = getattr(args, "frontend_channels", None) or max(
+        MIN_CHANNELS, 4 * max(counts), args.frontend_concurrency
+    )
     # one forward at a time: the executor is not what is measured
     opts = StackOptions(model_instances=1, device=device)
     task = task_named("classification")
     pngs = nih_pngs(args.images)
     servers, calls, channels = {}, {}, []
     loads = [os.getloadavg()[0]]
-    rows: dict[int, dict[str, list[float]]] = {
-        n: {"req_per_s": [], "client_cores": [], "server_cpu_ms": []} for n in counts
-    }
+    pick_how = getattr(args, "frontend_pick", "least")
+    keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "e_ms", "f_ms", "cores_used")
+    keys += ("connections_per_frontend",)
+    rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
     codes: dict[int, dict[str, int]] = {n: {} for n in counts}
     try:
         for n in counts:
@@ -98,9 +168,15 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             ]
             channels.extend(chans)
             per_channel = [grpc_call(ch, task, pngs) for ch in chans]
+            picker = ChannelPicker(len(chans), pick_how)
 
-            async def call(i: int, per_channel: list[Any] = per_channel) -> object:
-                return await per_channel[i % len(per_channel)](i // len(per_channel))
+            async def call(i: int, per_channel: list[Any] = per_channel, picker: ChannelPicker = picker) -> object:
+                k = picker.pick(i)
+                picker.in_flight[k] += 1
+                try:
+                    return await per_channel[k](i)
+                finally:
+                    picker.in_flight[k] -= 1
 
             calls[n] = call
             await drive_closed(call, args.frontend_concurrency, Recorder(), max_requests=4 * args.frontend_concurrency,
@@ -110,24 +186,37 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             for n in order:
                 for other, (svc, _) in servers.items():
                     (svc.resume if other == n else svc.pause)()
-                svc, _ = servers[n]
+                svc, port = servers[n]
                 assert svc.proc is not None
+                parent = svc.proc.pid
                 rec = Recorder()
-                server_before, client_before = tree_cpu_s([svc.proc.pid]), own_cpu_s()
+                server_before, exec_before = tree_cpu_s([parent]), own_stat_cpu_s(parent)
+                client_before = own_cpu_s()
                 wall = await drive_closed(calls[n], args.frontend_concurrency, rec,
                                           max_requests=args.frontend_requests, max_seconds=args.seconds)  # fmt: skip
+                client_s = own_cpu_s() - client_before
+                server_s, exec_s = tree_cpu_s([parent]) - server_before, own_stat_cpu_s(parent) - exec_before
                 done = len(rec.ok)
+                per_req = 1000 / max(done, 1)
+                if n == 1:  # one process: the frontend and the executor are the same
+                    exec_s = 0.0
+                kids = [p for p in process_tree(parent) if p != parent] if n > 1 else [parent]
                 rows[n]["req_per_s"].append(round(done / wall, 2))
-                rows[n]["client_cores"].append(round((own_cpu_s() - client_before) / wall, 3))
-                rows[n]["server_cpu_ms"].append(
-                    round(1000 * (tree_cpu_s([svc.proc.pid]) - server_before) / max(done, 1), 3)
-                )
+                rows[n]["client_cores"].append(round(client_s / wall, 3))
+                rows[n]["server_cpu_ms"].append(round(server_s * per_req, 3))
+                rows[n]["c_ms"].append(round(client_s * per_req, 3))
+                rows[n]["e_ms"].append(round(exec_s * per_req, 3))
+                rows[n]["f_ms"].append(round((server_s - exec_s) * per_req, 3))
+                rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # of the host's 2
+                rows[n]["connections_per_frontend"].append(sorted(connections_by_process(port, kids).values()))
                 for code, k in rec.codes().items():
                     codes[n][code] = codes[n].get(code, 0) + k
                 loads.append(os.getloadavg()[0])
+                row = rows[n]
                 print(
-                    f"   frontends N={n} round {r}: {rows[n]['req_per_s'][-1]} req/s, client "
-                    f"{rows[n]['client_cores'][-1]} cores, server {rows[n]['server_cpu_ms'][-1]} ms CPU/req",
+                    f"   frontends N={n} round {r}: {row['req_per_s'][-1]} req/s, cores {row['cores_used'][-1]};"
+                    f" ms CPU/req c {row['c_ms'][-1]} e {row['e_ms'][-1]} f {row['f_ms'][-1]};"
+                    f" connections {row['connections_per_frontend'][-1]}; load {loads[-1]:.2f}",
                     flush=True,
                 )
     finally:
@@ -140,6 +229,8 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "model": f"timm mobilenetv3_small_050 @{args.frontend_input_size}",
         "concurrency": args.frontend_concurrency,
         "channels": channels_per_service,
+        "channel_pick": pick_how,
+        "client": "grpc.aio, generic unary calls of pre-serialised request bytes, responses parsed",
         "device": device,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
         "by_frontends": {},
@@ -154,6 +245,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "over_n1": round(mean / base, 3) if base else None,
             "over_n1_by_round": paired,
             "over_n1_per_frontend": round(mean / base / n, 3) if base else None,
+            "c_e_f_ms_mean": [round(statistics.mean(rows[n][k]), 3) for k in ("c_ms", "e_ms", "f_ms")],
         }
     if device.startswith("cuda"):
         out["target_per_frontend"] = TARGET_PER_FRONTEND_GPU
@@ -172,6 +264,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--frontend-requests", type=int, help="max requests per scaling cell (600; quick 120); 0: none")
     ap.add_argument("--frontend-input-size", type=int, default=64, help="the cheap classifier's input size")
     ap.add_argument(
+        "--frontend-channels", type=int,
+        help="client connections per service (default: one per caller, at least 8 and 4 per frontend)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--frontend-pick", choices=PICKS, default="least",
+        help="channel of each call: fewest calls in flight (default) or call i on channel i mod channels",
+    )  # fmt: skip
+    ap.add_argument(
         "--frontend-counts", type=frontend_counts, default=(1, 2),
         help="frontend_processes values measured in turn, starting at 1 (default 1,2; a 16-core GPU host: 1,2,4,8)",
     )  # fmt: skip
@@ -180,14 +280,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, help="rounds per frontend count, taken in turn (3; quick 2)")
+    ap.add_argument("--rounds", type=int, help="rounds per frontend count, taken in turn (6; quick 2)")
     ap.add_argument("--seconds", type=float, help="max seconds per cell (15; quick 5)")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the executor runs the cheap model")
     ap.add_argument("--out", type=Path)
     add_arguments(ap)
     args = ap.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 6)  # a shared host: single rounds vary widely
     args.seconds = args.seconds or (5.0 if args.quick else 15.0)
     args.frontend_requests = args.frontend_requests or (120 if args.quick else 600)
     started = time.perf_counter()

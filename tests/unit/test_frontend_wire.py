@@ -4,7 +4,11 @@ rely on."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import random
+import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +17,21 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from cxr_serving.errors import ConfigError, OverloadedError
 from cxr_serving.frontend_metrics import FrontendMetrics
-from cxr_serving.frontend_wire import MIN_SLOT, Arena, ArenaPickler, ArenaViews, SlotAllocator, decode, encode
+from cxr_serving.frontend_wire import (
+    MIN_SLOT,
+    Arena,
+    ArenaPickler,
+    ArenaViews,
+    FrameParser,
+    FrameProtocol,
+    SlotAllocator,
+    StatusMemo,
+    StatusTable,
+    decode,
+    encode,
+)
 from cxr_serving.frontends import frontend_count
+from cxr_serving.lifecycle import ModelState, ModelStatus
 from tests.support.servers import make_settings
 
 
@@ -74,6 +91,99 @@ def test_slots_are_reused_by_size_and_a_full_arena_sheds() -> None:
     slots.give_back(b)
     assert slots.take(2 * MIN_SLOT) == b
     assert slots.in_use == 2
+
+
+def test_frames_cut_anywhere_by_the_socket_come_out_whole_and_in_order() -> None:
+    """The link parses what each read returns: a frame may arrive in pieces, several in one piece."""
+    messages = [("expect", i, ["m"], {}, 1) for i in range(5)]
+    messages += [("result", 7, "m", True, np.arange(2000, dtype=np.float32), 0, None, [65536])]  # out-of-band
+    messages += [("free", [])]
+    stream = b"".join(b"".join(bytes(f) for f in encode(m)) for m in messages)
+    rng = random.Random(23)
+    for _ in range(20):
+        got: list[Any] = []
+        parser = FrameParser(lambda payload, buffers, got=got: got.append(decode(payload, buffers)))
+        at = 0
+        while at < len(stream):
+            step = rng.choice([1, 3, 17, 500, 9000])
+            parser.feed(stream[at : at + step])
+            at += step
+        assert [g[:4] for g in got[:5]] == [m[:4] for m in messages[:5]]
+        assert np.array_equal(got[5][4], messages[5][4]) and got[5][7] == [65536]
+        assert got[6] == ("free", [])
+        assert len(got) == len(messages)
+
+
+def test_messages_sent_in_one_loop_turn_leave_in_one_write() -> None:
+    """A frontend's expects and predicts, or the executor's results of a batch, queued in one turn of the
+    event loop go out as one write on the link (one system call, one wake-up of the other side)."""
+
+    async def scenario() -> tuple[int, list[Any]]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        received: list[Any] = []
+        arrived = asyncio.Event()
+
+        def on_message(payload: bytes, buffers: list[bytearray]) -> None:
+            received.append(decode(payload, buffers))
+            if len(received) == 20:
+                arrived.set()
+
+        sender = FrameProtocol(lambda p, b: None, lambda: None)
+        receiver = FrameProtocol(on_message, lambda: None)
+        await loop.connect_accepted_socket(lambda: sender, ours)
+        await loop.connect_accepted_socket(lambda: receiver, theirs)
+        assert sender.writer is not None
+        for i in range(20):
+            sender.writer.send(encode(("result", i, "m", True, np.full(8, i, np.float32), 0, None, [])))
+        await asyncio.wait_for(arrived.wait(), 5)
+        writes = sender.writer.writes
+        sender.writer.close()
+        assert receiver.writer is not None
+        receiver.writer.close()
+        await asyncio.sleep(0)
+        return writes, received
+
+    writes, received = asyncio.run(scenario())
+    assert writes == 1  # at most 1 allowed: without the coalescing it is 20
+    assert [m[1] for m in received] == list(range(20))
+    assert all(np.array_equal(m[4], np.full(8, i, np.float32)) for i, m in enumerate(received))
+
+
+def test_a_result_carries_its_status_only_when_the_frontend_has_not_seen_it_as_it_is() -> None:
+    """ModelStatus is mutated in place (routing, state): a result carries it the first time and after each
+    change, otherwise only its number; the frontend's table always resolves to the executor's status."""
+    status = ModelStatus("m", ModelState.READY, "v1", labels=["a", "b"])
+    other = ModelStatus("m", ModelState.READY, "v2")
+    memo, table = StatusMemo(size=2), StatusTable(size=2)
+
+    def over_the_link(s: ModelStatus | None) -> tuple[Any, Any]:
+        number, full = memo.reference(s)
+        message = decode(*_frames(encode(("result", 1, "m", True, None, number, full, []))))
+        return full, table.resolve(message[5], message[6])
+
+    sent, seen = over_the_link(status)
+    assert sent is status and seen == status
+    sent, seen = over_the_link(status)
+    assert sent is None and seen == status  # the number only
+    status.role, status.traffic_percent = "canary", 10.0
+    sent, seen = over_the_link(status)
+    assert sent is status and seen.role == "canary" and seen.traffic_percent == 10.0
+    status.labels.append("c")  # a change inside a field counts too
+    sent, seen = over_the_link(status)
+    assert sent is status and seen.labels == ["a", "b", "c"]
+    assert over_the_link(other)[1] == other
+    third = ModelStatus("m", ModelState.READY, "v3")
+    assert over_the_link(third)[1] == third  # reuses the number `status` had: `status` goes out again
+    sent, seen = over_the_link(status)
+    assert sent is status and seen == status
+    assert over_the_link(None) == (None, None)
+    memo.forget(status)  # a result that named it failed to pickle: the next one carries it
+    assert over_the_link(status)[0] is status
+
+
+def _frames(frames: list[Any]) -> tuple[bytes, list[bytearray]]:
+    return bytes(frames[1]), [bytearray(f) for f in frames[2:]]
 
 
 def test_frontend_count_defaults_to_one_on_cpu_and_half_the_cores_on_gpu() -> None:

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import pickle
+import threading
 import time
 from typing import Any
 
-from cxr_serving.frontend_wire import Arena, ArenaViews, decode, encode, read_frames
+from cxr_serving.frontend_wire import Arena, ArenaViews, FrameProtocol, StatusMemo, decode, encode
 from cxr_serving.instances import _portable
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.urgency import Priority, Urgency
@@ -28,62 +29,66 @@ FREE_DELAY_S = 0.02  # freed slots ride on the next result; this is how long the
 
 
 class _Link:
-    """One connected frontend."""
+    """One connected frontend: its messages are handled as they are parsed, in the loop's thread."""
 
-    def __init__(self, hub: FrontendHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, hub: FrontendHub) -> None:
         self.hub = hub
-        self.reader, self.writer = reader, writer
+        self.protocol = FrameProtocol(self.on_message, self.close)
         self.index = -1
         self.views: ArenaViews | None = None
+        self.unpickler: type[pickle.Unpickler] | None = None
         self.expects: dict[int, tuple[Any | None, dict[str, Any] | BaseException]] = {}
         self.unsent: dict[int, int] = {}  # announced models of a request whose predict has not finished
         self.tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
-        self.freed: list[int] = []
+        self.statuses = StatusMemo()
+        self.freed: list[int] = []  # guarded by _free_lock: slots are freed from any thread
+        self._free_lock = threading.Lock()
+        self._free_armed = False
         self.loop = asyncio.get_running_loop()
         self.closed = False
 
     def send(self, message: Any) -> None:
-        if not self.closed:
-            self.writer.writelines(encode(message))
+        writer = self.protocol.writer
+        if not self.closed and writer is not None:
+            writer.send(encode(message))
 
     def slot_free(self, offset: int) -> None:
-        """Called from any thread when the last view of a slot is gone."""
+        """Called from any thread when the last view of a slot is gone: the first free of a quiet spell
+        arms one timer (one wake-up of the loop, not one per slot); results take the rest along."""
+        with self._free_lock:
+            self.freed.append(offset)
+            if self._free_armed:
+                return
+            self._free_armed = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the frontend is gone with it
-            self.loop.call_soon_threadsafe(self._queue_free, offset)
-
-    def _queue_free(self, offset: int) -> None:
-        if not self.freed:
-            self.loop.call_later(FREE_DELAY_S, self._flush_free)
-        self.freed.append(offset)
+            self.loop.call_soon_threadsafe(self.loop.call_later, FREE_DELAY_S, self._flush_free)
 
     def _flush_free(self) -> None:
-        if self.freed:
-            freed, self.freed = self.freed, []
+        with self._free_lock:
+            freed, self.freed, self._free_armed = self.freed, [], False
+        if freed:
             self.send(("free", freed))
 
     def _take_freed(self) -> list[int]:
-        freed, self.freed = self.freed, []
+        with self._free_lock:
+            freed, self.freed = self.freed, []
         return freed
 
-    async def serve(self) -> None:
-        try:
-            payload, buffers = await read_frames(self.reader)
+    def on_message(self, payload: bytes, buffers: list[bytearray]) -> None:
+        if self.views is None:  # the first message: hello, naming the frontend's arena
             _, self.index, token = decode(payload, buffers)
             arena = self.hub.arenas.get(token)
             if arena is None:
                 log.error("a frontend connected with an unknown arena token; closing its link")
+                if self.protocol.writer is not None:
+                    self.protocol.writer.close()
                 return
             self.views = ArenaViews(arena, self.slot_free)
-            unpickler = self.views.unpickler()
+            self.unpickler = self.views.unpickler()
             self.hub.links.add(self)
             self.send(self.hub.state())
-            while True:
-                payload, buffers = await read_frames(self.reader)
-                self.handle(decode(payload, buffers, unpickler))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self.close()
+            return
+        self.handle(decode(payload, buffers, self.unpickler))
 
     def handle(self, message: tuple[Any, ...]) -> None:
         op = message[0]
@@ -132,11 +137,13 @@ class _Link:
                 self.unsent[rid] = left - 1
                 if left <= 1:
                     self._withdraw(rid)
-        reply = (*reply, self._take_freed())
+        number, full = self.statuses.reference(reply[5])
+        freed = self._take_freed()
         try:
-            self.send(reply)
+            self.send((*reply[:5], number, full, freed))
         except (pickle.PicklingError, TypeError) as exc:
-            self.send(("result", rid, name, False, _portable(exc), None, []))
+            self.statuses.forget(reply[5])  # it did not go out
+            self.send(("result", rid, name, False, _portable(exc), -1, None, freed))
 
     def _withdraw(self, rid: int) -> None:
         self.unsent.pop(rid, None)
@@ -156,7 +163,8 @@ class _Link:
             if manager is not None:
                 manager.__exit__(None, None, None)
         self.expects.clear()
-        self.writer.close()
+        if self.protocol.writer is not None:
+            self.protocol.writer.close()
 
 
 class FrontendHub:
@@ -175,11 +183,9 @@ class FrontendHub:
         return ("state", self.repo.ready, {s.name: s for s in self.repo.statuses()})
 
     async def start(self, path: str) -> None:
-        self._server = await asyncio.start_unix_server(self._accept, path=path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Link(self).protocol, path=path)
         self._watch = asyncio.ensure_future(self._push_states())
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _Link(self, reader, writer).serve()
 
     async def _push_states(self) -> None:
         while True:

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from cxr_serving.errors import ModelNotReadyError
-from cxr_serving.frontend_wire import Arena, ArenaPickler, SlotAllocator, decode, encode, read_frames
+from cxr_serving.frontend_wire import (
+    Arena,
+    ArenaPickler,
+    FrameProtocol,
+    SlotAllocator,
+    StatusTable,
+    decode,
+    encode,
+)
 from cxr_serving.instances import ModelFactory
 from cxr_serving.lifecycle import BatchingConfig, Dispatch, ModelRepository, ModelStatus, ServedModel
 from cxr_serving.metrics import MODEL_LOADED
@@ -48,11 +56,12 @@ class RemoteRepository(ModelRepository):
         self._ids = itertools.count(1)
         self._waiting: dict[tuple[int, str], asyncio.Future[Any]] = {}
         self._sent: dict[int, set[str]] = {}  # per announced request: the models its predict was sent for
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._protocol: FrameProtocol | None = None
+        self._statuses = StatusTable()
         self._metrics_task: asyncio.Task[None] | None = None
         self._remote_ready = False
         self._closing = False
+        self._lost_once = False
         self._first_state: asyncio.Event | None = None
         self.on_link_lost: Any = None  # called once when the executor goes away
 
@@ -76,38 +85,34 @@ class RemoteRepository(ModelRepository):
         """Connect to the executor and wait until it reports every required model ready (or goes away):
         the models load there, and health follows its reports from then on."""
         self._first_state = asyncio.Event()
+        protocol = FrameProtocol(self._on_message, self._lost)
         try:
-            reader, self._writer = await asyncio.open_unix_connection(self._hub_path)
+            await asyncio.get_running_loop().create_unix_connection(lambda: protocol, self._hub_path)
         except OSError:
             self._lost()  # no executor to serve for: the frontend stops
             raise
+        self._protocol = protocol
         self._send(("hello", self._index, self._token))
-        self._reader_task = asyncio.ensure_future(self._read(reader))
         self._metrics_task = asyncio.ensure_future(self._push_metrics())
         await self._first_state.wait()
 
     def _send(self, message: Any, taken: list[int] | None = None) -> None:
-        if self._writer is None or self._writer.is_closing():
+        writer = None if self._protocol is None else self._protocol.writer
+        if writer is None or writer.is_closing():
             raise ModelNotReadyError("this frontend lost its link to the model executor")
         if taken is None:
-            self._writer.writelines(encode(message))
+            writer.send(encode(message))
         else:
-            self._writer.writelines(encode(message, ArenaPickler, arena=self._arena, slots=self._slots, taken=taken))
+            writer.send(encode(message, ArenaPickler, arena=self._arena, slots=self._slots, taken=taken))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                payload, buffers = await read_frames(reader)
-                self._handle(decode(payload, buffers))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._lost()
+    def _on_message(self, payload: bytes, buffers: list[bytearray]) -> None:
+        self._handle(decode(payload, buffers))
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         op = message[0]
         if op == "result":
-            _, rid, name, ok, value, status, freed = message
+            _, rid, name, ok, value, number, full, freed = message
+            status = self._statuses.resolve(number, full)
             for offset in freed:
                 self._slots.give_back(offset)
             key = (rid, name)
@@ -129,10 +134,13 @@ class RemoteRepository(ModelRepository):
                 self._notify()
 
     def _lost(self) -> None:
+        if self._lost_once:
+            return
+        self._lost_once = True
         was_ready = self.ready
         self._remote_ready = False
-        if self._writer is not None:
-            self._writer.close()
+        if self._protocol is not None and self._protocol.writer is not None:
+            self._protocol.writer.close()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(ModelNotReadyError("the model executor went away"))
@@ -209,11 +217,10 @@ class RemoteRepository(ModelRepository):
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._metrics_task, self._reader_task):
-            if task is not None:
-                task.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+        if self._protocol is not None and self._protocol.writer is not None:
+            self._protocol.writer.close()
 
     # -- model admin runs in the executor only --------------------------------------------------------
     def version_statuses(self) -> list[ModelStatus]:

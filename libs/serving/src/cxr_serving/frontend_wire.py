@@ -10,7 +10,9 @@ finished), so a slot is never rewritten under a forward. Layout and lifetimes: d
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
+import logging
 import mmap
 import os
 import pickle
@@ -29,6 +31,8 @@ from cxr_serving.instances import _Pickler as _ArrayPickler
 ARENA_BYTES = 1 << 30  # virtual size of one frontend's arena; only the pages in use take memory
 MIN_SLOT = 1 << 16  # smallest slot: slots are powers of two from here, so freed ones are reused by size
 SMALL_ARRAY = 4096  # arrays under this many bytes travel in the message itself
+_COUNT = struct.Struct("<I")
+log = logging.getLogger(__name__)
 
 
 def _slot_size(nbytes: int) -> int:
@@ -107,15 +111,95 @@ def encode(obj: Any, pickler: type[pickle.Pickler] = _ArrayPickler, **kw: Any) -
     return [header, *parts]
 
 
-async def read_frames(reader: asyncio.StreamReader) -> tuple[bytes, list[bytearray]]:
-    (count,) = struct.unpack("<I", await reader.readexactly(4))
-    sizes = struct.unpack(f"<{count}Q", await reader.readexactly(8 * count))
-    payload = await reader.readexactly(sizes[0])
-    buffers = [bytearray(await reader.readexactly(n)) if n else bytearray() for n in sizes[1:]]
-    return payload, buffers
+class FrameParser:
+    """Cuts a byte stream into messages: every complete frame in what arrived is handed to `on_message`
+    (payload, out-of-band buffers) at once, with no await per frame."""
+
+    def __init__(self, on_message: Callable[[bytes, list[bytearray]], None]) -> None:
+        self._on_message = on_message
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (count,) = _COUNT.unpack_from(buf, pos)
+            head = 4 + 8 * count
+            if end - pos < head:
+                break
+            sizes = struct.unpack_from(f"<{count}Q", buf, pos + 4)
+            if end - pos < head + sum(sizes):
+                break
+            at = pos + head
+            payload = bytes(buf[at : at + sizes[0]])
+            at += sizes[0]
+            buffers = []
+            for n in sizes[1:]:
+                buffers.append(buf[at : at + n])  # a copy: the array built on it outlives this buffer
+                at += n
+            pos = at
+            self._on_message(payload, buffers)
+        if pos:
+            del buf[:pos]
 
 
-def decode(payload: bytes, buffers: list[bytearray], unpickler: type[pickle.Unpickler] = pickle.Unpickler) -> Any:
+class FrameWriter:
+    """Sends messages on a transport, every message queued in one turn of the event loop in one write:
+    a request's `expect` and `predict`, or a batch's results, cost one system call (and one wake-up
+    of the other side) instead of one each."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport: Any = transport
+        self._loop = asyncio.get_running_loop()
+        self._parts: list[Any] = []
+        self.writes = 0  # system-call-sized writes so far (the test of the coalescing reads it)
+
+    def send(self, frames: list[Any]) -> None:
+        if not self._parts:
+            self._loop.call_soon(self.flush)
+        self._parts.extend(frames)
+
+    def flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if parts and not self._transport.is_closing():
+            self.writes += 1
+            self._transport.writelines(parts)  # uvloop: one writev, no copy of large outputs (masks)
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+
+class FrameProtocol(asyncio.Protocol):
+    """One end of a link: frames in go to `on_message`, a lost connection to `on_lost` (once)."""
+
+    def __init__(self, on_message: Callable[[bytes, list[bytearray]], None], on_lost: Callable[[], None]) -> None:
+        self.parser = FrameParser(on_message)
+        self._on_lost = on_lost
+        self.writer: FrameWriter | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.writer = FrameWriter(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except Exception:  # a message this end cannot handle: the link is broken, close it
+            log.exception("frontend link: closing after a message failed")
+            if self.writer is not None:
+                self.writer.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_lost()
+
+
+def decode(payload: bytes, buffers: list[bytearray], unpickler: type[pickle.Unpickler] | None = None) -> Any:
+    if unpickler is None:
+        return pickle.loads(payload, buffers=buffers)  # noqa: S301 - our own processes, over a private socket
     return unpickler(io.BytesIO(payload), buffers=buffers).load()
 
 
@@ -179,3 +263,66 @@ class ArenaViews:
                 return views.view(pid)
 
         return _Unpickler
+
+
+# --- the answering version's status, sent once per change ------------------------------------------------
+
+STATUS_TABLE = 64  # statuses a link remembers (one per loaded version): more than a node serves at once
+
+
+class StatusMemo:
+    """The executor's side: a result names its version's status by a small number, and carries the status
+    itself only the first time and after it changed (ModelStatus is mutated in place on routing and state
+    changes), so most results pickle no status. Numbers are reused round-robin; a reused number always
+    comes with its new status, and the link keeps messages in order, so both tables agree."""
+
+    def __init__(self, size: int = STATUS_TABLE) -> None:
+        self._size = size
+        self._by_id: dict[int, tuple[Any, int, dict[str, Any]]] = {}  # id(status): status, number, its fields
+        self._numbers: list[int | None] = [None] * size  # number: id of the status it names
+        self._cursor = 0
+
+    def reference(self, status: Any) -> tuple[int, Any]:
+        """(number, the status or None when the other side has it as it is now); (-1, None) for no status."""
+        if status is None:
+            return -1, None
+        entry = self._by_id.get(id(status))
+        if entry is not None:
+            if _same(vars(status), entry[2]):
+                return entry[1], None
+            number = entry[1]
+        else:
+            number, self._cursor = self._cursor, (self._cursor + 1) % self._size
+            old = self._numbers[number]
+            if old is not None:
+                self._by_id.pop(old, None)
+            self._numbers[number] = id(status)
+        self._by_id[id(status)] = (status, number, copy.deepcopy(vars(status)))  # holds it: its id stays its own
+        return number, status
+
+    def forget(self, status: Any) -> None:
+        """`status` did not reach the other side: the next result that names it carries it again."""
+        entry = self._by_id.pop(id(status), None)
+        if entry is not None:
+            self._numbers[entry[1]] = None
+
+
+def _same(now: dict[str, Any], before: dict[str, Any]) -> bool:
+    try:
+        return bool(now == before)
+    except ValueError:  # a field whose == is not a truth value (an array): count it as changed
+        return False
+
+
+class StatusTable:
+    """The frontend's side of a `StatusMemo`."""
+
+    def __init__(self, size: int = STATUS_TABLE) -> None:
+        self._statuses: list[Any] = [None] * size
+
+    def resolve(self, number: int, status: Any) -> Any:
+        if number < 0:
+            return None
+        if status is not None:
+            self._statuses[number] = status
+        return self._statuses[number]

@@ -1,0 +1,62 @@
+"""bench/frontends.py: how the client spreads calls over its channels, the per-frontend connection count
+from /proc, and a real N=1 vs N=2 run reporting the client's, the executor's and the frontends' CPU."""
+
+import argparse
+import asyncio
+import os
+import socket
+
+import pytest
+
+from bench import frontends
+
+
+def test_least_request_pick_goes_to_the_channel_with_fewest_calls_in_flight() -> None:
+    picker = frontends.ChannelPicker(4)
+    picker.in_flight[:] = [3, 1, 2, 1]
+    assert picker.pick(0) == 1  # tie between 1 and 3: the first in turn from call 0
+    assert picker.pick(2) == 3  # ...from call 2
+    picker.in_flight[:] = [0, 5, 5, 5]
+    assert [picker.pick(i) for i in range(4)] == [0, 0, 0, 0]  # a slow frontend's channels get nothing new
+    uniform = frontends.ChannelPicker(4, "uniform")
+    uniform.in_flight[:] = [9, 0, 0, 0]
+    assert [uniform.pick(i) for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    with pytest.raises(ValueError):
+        frontends.ChannelPicker(2, "random")
+
+
+def test_connections_are_counted_on_the_process_that_accepted_them() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as a, socket.create_connection(("127.0.0.1", port)) as b:
+            accepted = [server.accept()[0], server.accept()[0]]
+            counts = frontends.connections_by_process(port, [os.getpid()])
+            for s in accepted:
+                s.close()
+            del a, b
+    assert counts == {os.getpid(): 2}  # the two accepted ends, not the two client ends
+
+
+@pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores
+def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path) -> None:
+    args = argparse.Namespace(
+        images=2, seconds=10.0, rounds=1, device="cpu", frontend_counts=(1, 2), frontend_concurrency=8,
+        frontend_requests=40, frontend_input_size=64, frontend_pick="least",
+    )  # fmt: skip
+    result = asyncio.run(frontends.measure(args, tmp_path))
+    one, two = result["by_frontends"]["1"], result["by_frontends"]["2"]
+    assert one["codes"] == two["codes"] == {"OK": 40}
+    for row in (one, two):
+        for c, e, f, server in zip(row["c_ms"], row["e_ms"], row["f_ms"], row["server_cpu_ms"], strict=True):
+            assert c > 0 and f > 0
+            assert e + f == pytest.approx(server, abs=2e-3)
+    assert one["e_ms"] == [0.0]  # one process: no executor of its own
+    assert two["e_ms"][0] > 0  # the model runs in the executor
+    assert one["connections_per_frontend"] == [[result["channels"]]]
+    assert (
+        sum(two["connections_per_frontend"][0]) == result["channels"] and len(two["connections_per_frontend"][0]) == 2
+    )
+    assert result["channel_pick"] == "least"
+    assert result["load_average_1m"]["max"] >= result["load_average_1m"]["min"] >= 0
