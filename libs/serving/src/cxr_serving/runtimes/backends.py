@@ -424,7 +424,10 @@ class TensorRtBackend(Backend):
         import torch_tensorrt
 
         profile = self.profile(tuple(example.shape[1:]))
-        spec = torch_tensorrt.Input(**profile.shapes, dtype=torch.float32, name="x")
+        if profile.max_batch == 1:  # one shape: a static input (an export cannot make a 1..1 dimension dynamic)
+            spec = torch_tensorrt.Input(shape=profile.shapes["max_shape"], dtype=torch.float32)
+        else:
+            spec = torch_tensorrt.Input(**profile.shapes, dtype=torch.float32)
         # torch-tensorrt's dynamo path builds strongly typed engines: enabled_precisions has no effect there,
         # lower precision comes from its autocast (float16) or from Q/DQ nodes (int8)
         options: dict[str, Any] = {"min_block_size": 1}
