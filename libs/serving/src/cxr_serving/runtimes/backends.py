@@ -4,7 +4,6 @@ backend whose library is missing fails its load (and the model falls back) inste
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -434,15 +433,11 @@ class TensorRtBackend(Backend):
         if self.precision in ("float16", "int8"):
             options.update(enable_autocast=True, autocast_low_precision_type=torch.float16)
         gpu_copy = copy.deepcopy(module).cuda().eval()  # `module` stays the CPU float32 reference
-        mode: Any = contextlib.nullcontext()
-        if self.precision == "int8":
-            from modelopt.torch.quantization.utils import export_torch_mode
-
+        if self.precision == "int8":  # torch-tensorrt traces a ModelOpt network's quantizers as Q/DQ ops
             modelopt_int8(
                 gpu_copy, calibration, transformer=transformer, float_layers=float_layers, max_batch=profile.max_batch
             )
-            mode = export_torch_mode()  # the quantizers trace as torch.ops.tensorrt.quantize_op
-        with torch.no_grad(), mode:
+        with torch.no_grad():
             trt = torch_tensorrt.compile(gpu_copy, ir="dynamo", arg_inputs=[spec], **options)
         torch_tensorrt.save(trt, str(folder / "model.ep"), arg_inputs=[spec])
 
