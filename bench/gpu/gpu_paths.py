@@ -14,8 +14,9 @@ GPU default), amp_cl_bench (+ cudnn_benchmark: cuDNN times its algorithms for ea
 (+ performance.compile_models, compile_mode default), amp_cl_compile_ro (compile_mode reduce-overhead:
 CUDA graphs), tf32_compile (float32 with TF32, compiled); tf32_graphs and amp_cl_graphs
 (performance.cuda_graphs: our own CUDA graph per batch size, the GPU default; every other variant runs
-eagerly); trt_fp32 and trt_fp16 (`models.<name>.runtime` tensorrt: torch-tensorrt engines, kept only if they
-pass the load-time accuracy check; each row's backend/runtime_note says what served). Models load without
+eagerly); trt_fp32, trt_fp16 and trt_int8 (`models.<name>.runtime` tensorrt: torch-tensorrt engines for
+batches up to the serving batch, int8 quantized by ModelOpt, kept only if they pass the load-time accuracy
+check; each row's backend/runtime_note says what served). Models load without
 warm-up (`warmup_batches: 0`): `load_s` is the load itself, and the first batch of each shape, untimed, pays
 the autotuning. CPU variants: eager (no fold, no trace), default (fold + channels_last + TorchScript trace),
 amp (bfloat16, on CPUs with native bf16).
@@ -85,6 +86,18 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
         **_EAGER,
         RUNTIME: {"backend": "tensorrt", "precision": "float16"},
     },
+    # int8 (ModelOpt, the rest float16) calibrates on half the shipped images and is checked on the other half
+    "trt_int8": {
+        "tf32": True,
+        "channels_last": False,
+        **_EAGER,
+        RUNTIME: {
+            "backend": "tensorrt",
+            "precision": "int8",
+            "check_images": GPU_IMAGES // 2,
+            "calibration_images": GPU_IMAGES // 2,
+        },
+    },
 }
 CPU_VARIANTS: dict[str, dict[str, Any]] = {
     "eager": {"use_amp": False, "fold_batchnorm": False, "trace_models": False, "channels_last": False},
@@ -146,8 +159,8 @@ def settings_for(model: str, variant: dict[str, Any], args: argparse.Namespace) 
     model_section = {**section, "allow_untrained": True, "input_size": size}
     if runtime is not None:
         model_section["runtime"] = {
-            **runtime,
             "check_images": GPU_IMAGES,  # all .gpudata ships: float precisions calibrate on none
+            **runtime,
             "cache_dir": str(REPO / "var/cache/model-runtimes-gpu"),
         }
     raw = {"models": {key: model_section}, **server_section(opts)}

@@ -42,9 +42,26 @@ def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, 
         assert argv[:2] == ["python", "-m"], name
         args = PARSERS[argv[2]](argv[3:])  # an unknown option or a bad value exits here
         assert str(args.out).startswith(str(tmp_path)), name
+    if device == "cuda":  # issue 24: TensorRT float16 and int8 beside the CUDA-graphs float path
+        (trt,) = [gpu_paths.parse_args(argv[3:]) for name, _, argv in steps if name == "gpu_tensorrt"]
+        assert list(trt.variant_table) == ["amp_cl_graphs", "trt_fp16", "trt_int8"]
     classification = stack.parse_args(steps[0][2][3:])
     assert "service_one_frontend" in classification.peers
     if device == "cuda":
         assert classification.frontend_counts == (1, 2, 4, 8)
         assert classification.levels == [1, 64]
         assert classification.channels >= 8
+
+
+def test_the_int8_variant_calibrates_and_checks_on_the_images_the_gpu_machine_gets(tmp_path: Path) -> None:
+    """trt_int8 is a valid tensorrt/int8 runtime whose check and calibration images together fit in what
+    _gpu_wheels ships (an int8 that asked for more would fall back for want of images, not measure)."""
+    from bench.gpu._gpu_wheels import GPU_IMAGES
+
+    args = gpu_paths.parse_args(["--device", "cuda", "--variants", "trt_fp16,trt_int8", "--out", str(tmp_path)])
+    int8 = gpu_paths.settings_for("densenet121", args.variant_table["trt_int8"], args).models
+    runtime = int8["multiclass_classifier"]["runtime"]
+    assert (runtime["backend"], runtime["precision"]) == ("tensorrt", "int8")
+    assert runtime["check_images"] + runtime["calibration_images"] <= GPU_IMAGES
+    fp16 = gpu_paths.settings_for("densenet121", args.variant_table["trt_fp16"], args).models
+    assert fp16["multiclass_classifier"]["runtime"]["check_images"] == GPU_IMAGES

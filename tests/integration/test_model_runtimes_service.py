@@ -17,15 +17,17 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
+from cxr_serving.runtimes import backends
 from cxr_serving.settings import PerformanceConfig
 from tests.support.paths import CXR14, cxr14_images
+from tests.support.runtime_backends import FixedBatchOnnx
 from tests.support.servers import auth, make_settings, running_server
 
 MULTI = "multiclass_classifier"
 IMAGES = 3
 
 
-def _settings(tmp_path, **runtime):
+def _settings(tmp_path, *, warmup_batches: int = 0, **runtime):
     runtime = {
         "calibration_dir": str(CXR14 / "images"),
         "cache_dir": str(tmp_path / "cache"),
@@ -40,7 +42,12 @@ def _settings(tmp_path, **runtime):
         "input_size": 64,
         "runtime": runtime,
     }
-    return make_settings(models={MULTI: model}, server_config__max_batch_delay_ms=5, performance__warmup_batches=0)
+    return make_settings(
+        models={MULTI: model},
+        server_config__max_batch_delay_ms=5,
+        server_config__max_batch_size=8,
+        performance__warmup_batches=warmup_batches,
+    )
 
 
 def _torch_probabilities() -> np.ndarray:
@@ -106,6 +113,32 @@ async def test_onnxruntime_int8_that_fails_the_check_falls_back_to_torch_float32
     np.testing.assert_allclose(probs, _torch_probabilities(), atol=1e-5, rtol=0)
     labels = {"model": MULTI, "backend": "onnxruntime", "precision": "int8", "metric": "max_abs_delta_p"}
     assert REGISTRY.get_sample_value("cxr_model_runtime_check", labels) > 0.001
+    assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": MULTI}) == 1
+
+
+async def test_tensorrt_int8_without_a_gpu_serves_float32_torch_and_says_why(tmp_path):
+    """The real service on this GPU-less host, configured for TensorRT int8: it starts, float32 torch serves,
+    and ListModels, every prediction and the fallback gauge say why."""
+    listed, infos, probs = await _serve(_settings(tmp_path, backend="tensorrt", precision="int8", warmup_batches=1))
+    note = "float32 torch serves: tensorrt/int8 unavailable: tensorrt needs a CUDA device and none is available"
+    assert (listed.backend, listed.precision, listed.state, listed.runtime_note) == (
+        "torch", "float32", common_pb2.MODEL_STATE_READY, note
+    )  # fmt: skip
+    assert {(i.backend, i.precision, i.runtime_note) for i in infos} == {("torch", "float32", note)}
+    np.testing.assert_allclose(probs, _torch_probabilities(), atol=1e-5, rtol=0)
+    assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": MULTI}) == 1
+
+
+async def test_a_runtime_that_fails_its_warm_up_falls_back_instead_of_failing_the_load(tmp_path, monkeypatch):
+    """A runtime whose forward passes the check but refuses the warm-up's batch (an export for batches of 8
+    only): the model loads in float32 torch, and ListModels and the gauge say it failed at warm-up."""
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", FixedBatchOnnx)
+    listed, infos, probs = await _serve(_settings(tmp_path, backend="onnxruntime", warmup_batches=1))
+    assert (listed.backend, listed.precision, listed.state) == ("torch", "float32", common_pb2.MODEL_STATE_READY)
+    assert listed.runtime_note.startswith("float32 torch serves: onnxruntime/float32 failed at warm-up: ")
+    assert "Got: 1 Expected: 8" in listed.runtime_note
+    assert {(i.backend, i.precision) for i in infos} == {("torch", "float32")}
+    np.testing.assert_allclose(probs, _torch_probabilities(), atol=1e-5, rtol=0)
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": MULTI}) == 1
 
 

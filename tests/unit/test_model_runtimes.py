@@ -53,7 +53,6 @@ def test_default_runtime_is_torch_float32():
         ("openvino", "float16", "use bfloat16"),
         ("torch", "int8", "no int8 path"),
         ("torch", "bfloat16", "performance.use_amp"),
-        ("tensorrt", "int8", "ModelOpt"),
         ("tensorrt", "bfloat16", "float16"),
     ],
 )
@@ -89,6 +88,7 @@ def test_unsupported_pairs_are_refused_at_config_load(backend, precision, why):
         ("openvino", "int8"),
         ("onnxruntime", "int8"),
         ("tensorrt", "float16"),
+        ("tensorrt", "int8"),
     ],
 )
 def test_supported_pairs_load(backend, precision):

@@ -299,11 +299,11 @@ class ChestXrayClassifier(ServedModel):
         c, s = int(self.cfg.in_chans or 3), self.cfg.input_size
         example = torch.rand(1, c, s, s, generator=torch.Generator().manual_seed(0))
         runner: Any
-        if outcome.forward is not None:
+        if outcome.forward is not None:  # warmed up inside prepare_runtime, where a failure falls back
             runner = _RuntimeRunner(network, outcome.forward)
         else:
             runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
-        self._warm_up(runner)
+            self._warm_up(runner)
         with self._lock:
             self._network, self._runner, self._version, self._decision = network, runner, version, decision
             self._checkpoint = path if version != UNTRAINED else None
@@ -337,13 +337,15 @@ class ChestXrayClassifier(ServedModel):
             self.preprocess,
             judge,
             transformer=cfg.model_type != "densenet121",
+            max_batch_size=self._max_batch_size,
+            warm_up=self._warm_up,
         )
         return prepare_runtime(runtime, request, device=self._device.device)
 
     def warmup_batch_sizes(self) -> list[int]:
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)
 
-    def _warm_up(self, runner: torch.nn.Module) -> None:
+    def _warm_up(self, runner: Any) -> None:
         shape = (int(self.cfg.in_chans or 3), self.cfg.input_size, self.cfg.input_size)
         self._device.warm_up(runner, shape, self._max_batch_size, self._warmup_batches)
 

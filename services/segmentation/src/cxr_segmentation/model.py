@@ -105,7 +105,8 @@ class SegmentationModel(ServedModel):
         if outcome.forward is None:
             net = self._device.prepare(net, example=example)
         self._outcome = outcome
-        self._warmup(net)
+        if outcome.forward is None:  # a runtime's forward was warmed up inside prepare_runtime (its fallback)
+            self._warmup(net)
         with self._lock:
             self._net, self._version = net, version
             self._checkpoint = None if version == UNTRAINED else (checkpoint_path or self._default_checkpoint)
@@ -135,7 +136,11 @@ class SegmentationModel(ServedModel):
 
         identity = self.runtime_identity(version, weights_digest(net))
         shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        request = RuntimeRequest(self.name, LogitsOf(net), shape, identity, self.transform_decoded, judge)
+        request = RuntimeRequest(
+            self.name, LogitsOf(net), shape, identity, self.transform_decoded, judge,
+            max_batch_size=self._max_batch_size,
+            warm_up=lambda forward: self._device.warm_up(forward, shape, self._max_batch_size, self._warmup_batches),
+        )  # fmt: skip
         return prepare_runtime(runtime, request, device=self._device.device)
 
     def transform_decoded(self, decoded: DecodedImage) -> torch.Tensor:

@@ -10,6 +10,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,9 @@ class Backend(ABC):
     name: str
     recipe = "1"  # how this backend exports and quantizes: a new recipe makes new cache entries
 
-    def __init__(self, precision: str) -> None:
+    def __init__(self, precision: str, max_batch_size: int = 8) -> None:
         self.precision = precision
+        self.max_batch_size = max_batch_size  # the most items the model's batcher puts in one forward
 
     @abstractmethod
     def available(self) -> None:
@@ -81,6 +83,10 @@ class Backend(ABC):
     @abstractmethod
     def versions(self) -> dict[str, str]:
         """Library versions an artefact depends on (part of the cache key)."""
+
+    def profile(self, item_shape: tuple[int, ...]) -> EngineProfile | None:
+        """The batch sizes an artefact is built for (part of the cache key); None: any."""
+        return None
 
     @abstractmethod
     def export(
@@ -278,29 +284,136 @@ class OnnxRuntimeBackend(Backend):
         return forward
 
 
+@dataclass(frozen=True)
+class EngineProfile:
+    """A TensorRT optimization profile over the batch dimension: the engine takes 1..max_batch items and its
+    kernels are tuned for opt_batch."""
+
+    item_shape: tuple[int, ...]
+    max_batch: int
+    opt_batch: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """torch_tensorrt.Input's min_shape, opt_shape and max_shape."""
+        return {
+            "min_shape": (1, *self.item_shape),
+            "opt_shape": (self.opt_batch, *self.item_shape),
+            "max_shape": (self.max_batch, *self.item_shape),
+        }
+
+    def key(self) -> dict[str, list[int]]:
+        return {name: list(shape) for name, shape in self.shapes.items()}
+
+
+def engine_profile(item_shape: tuple[int, ...], max_batch_size: int) -> EngineProfile:
+    """The profile of a model whose batcher forms at most `max_batch_size` items: from a lone request up to the
+    batcher's limit, tuned for a full batch (under load, when speed matters, the batcher fills every batch)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, not {max_batch_size}")
+    return EngineProfile(tuple(item_shape), max_batch_size, max_batch_size)
+
+
+def batch_slices(size: int, max_batch: int) -> list[slice]:
+    """`size` items in slices of at most `max_batch`: an engine never sees a batch beyond its profile."""
+    return [slice(i, min(i + max_batch, size)) for i in range(0, size, max_batch)]
+
+
+INT8_MIN_CAPABILITY = (7, 5)  # int8 tensor cores from Turing on; TensorRT builds no fast int8 below
+
+
+def cuda_capability() -> tuple[int, int]:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
+def float_module_names(module: Any, *, transformer: bool, float_layers: tuple[str, ...]) -> list[str]:
+    """The modules TensorRT int8 leaves in float: a CNN's Linear layers (its head, as for the CPU backends) and
+    those whose path, written as ONNX names it ('/net/decoder/blocks.0/'), matches an int8_float_layers regex."""
+    from torch import nn
+
+    names = [name for name, _ in module.named_modules() if name]
+    paths = {name: "/" + name.replace(".", "/") + "/" for name in names}
+    require_float_layer_matches(float_layers, list(paths.values()))
+    keep = [] if transformer else [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+    keep += [name for name in names if name not in keep and any(re.match(f, paths[name]) for f in float_layers)]
+    return keep
+
+
+def modelopt_int8(
+    module: Any, calibration: list[Any], *, transformer: bool, float_layers: tuple[str, ...], max_batch: int
+) -> None:
+    """Quantize `module` in place with ModelOpt's int8 recipe (per-channel weights, per-tensor activations, max
+    calibration on `calibration`), inserting the Q/DQ nodes torch-tensorrt turns into int8 kernels."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    if not calibration:
+        raise BackendUnavailable("int8 needs calibration images and none were loaded")
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    keep = float_module_names(module, transformer=transformer, float_layers=float_layers)
+    config["quant_cfg"] = [*config["quant_cfg"], *({"quantizer_name": f"{n}.*", "enable": False} for n in keep)]
+    device = next(module.parameters()).device
+    items = torch.stack(calibration)
+
+    def calibrate(model: Any) -> None:
+        with torch.no_grad():
+            for part in batch_slices(len(items), max_batch):
+                model(items[part].to(device))
+
+    mtq.quantize(module, config, forward_loop=calibrate)
+
+
 class TensorRtBackend(Backend):
-    """torch-tensorrt (dynamo IR) on a CUDA device: float32 or float16."""
+    """torch-tensorrt (dynamo IR) on a CUDA device: float32, float16 (the engine's autocast) or int8 (ModelOpt
+    post-training quantization, the layers it leaves unquantized in float16), for batches up to the model's
+    max_batch_size."""
 
     name = "tensorrt"
-    max_batch_size = 32
+    recipe = "2: dynamo, profile 1..max_batch_size (opt: max), float16 by enable_autocast, int8 by ModelOpt"
 
     def available(self) -> None:
         if not cuda_available():
             raise BackendUnavailable("tensorrt needs a CUDA device and none is available")
+        if self.precision == "int8":
+            capability = cuda_capability()
+            if capability < INT8_MIN_CAPABILITY:
+                raise BackendUnavailable(
+                    f"this GPU (compute capability {capability[0]}.{capability[1]}) has no fast int8: TensorRT "
+                    f"int8 needs {INT8_MIN_CAPABILITY[0]}.{INT8_MIN_CAPABILITY[1]} (Turing) or newer"
+                )
         try:
             import torch_tensorrt  # noqa: F401
         except ImportError as exc:
             raise BackendUnavailable(f"torch-tensorrt is not installed ({exc})") from None
+        if self.precision != "int8":
+            return
+        try:
+            import modelopt.torch.quantization  # noqa: F401
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"nvidia-modelopt is not installed ({exc}): TensorRT int8 quantizes with it (requirements/gpu.txt)"
+            ) from None
 
     def versions(self) -> dict[str, str]:
         import torch
         import torch_tensorrt
 
-        return {
+        out = {
             "torch_tensorrt": torch_tensorrt.__version__,
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(),
         }
+        if self.precision == "int8":
+            import modelopt
+
+            out["modelopt"] = modelopt.__version__
+        return out
+
+    def profile(self, item_shape: tuple[int, ...]) -> EngineProfile:
+        return engine_profile(item_shape, self.max_batch_size)
 
     def export(
         self, module: Any, example: Any, calibration: list[Any], folder: Path, *, transformer: bool,
@@ -309,24 +422,39 @@ class TensorRtBackend(Backend):
         import torch
         import torch_tensorrt
 
-        shape = tuple(example.shape[1:])
-        spec = torch_tensorrt.Input(
-            min_shape=(1, *shape), opt_shape=(8, *shape), max_shape=(self.max_batch_size, *shape), dtype=torch.float32
-        )
-        dtype = torch.float16 if self.precision == "float16" else torch.float32
+        profile = self.profile(tuple(example.shape[1:]))
+        if profile.max_batch == 1:  # one shape: a static input (an export cannot make a 1..1 dimension dynamic)
+            spec = torch_tensorrt.Input(shape=profile.shapes["max_shape"], dtype=torch.float32)
+        else:
+            spec = torch_tensorrt.Input(**profile.shapes, dtype=torch.float32)
+        # torch-tensorrt's dynamo path builds strongly typed engines: enabled_precisions has no effect there,
+        # lower precision comes from its autocast (float16) or from Q/DQ nodes (int8)
+        options: dict[str, Any] = {"min_block_size": 1}
+        if self.precision in ("float16", "int8"):
+            options.update(enable_autocast=True, autocast_low_precision_type=torch.float16)
         gpu_copy = copy.deepcopy(module).cuda().eval()  # `module` stays the CPU float32 reference
-        trt = torch_tensorrt.compile(gpu_copy, ir="dynamo", inputs=[spec], enabled_precisions={dtype})
-        torch_tensorrt.save(trt, str(folder / "model.ep"), inputs=[example.cuda()])
+        if self.precision == "int8":  # torch-tensorrt traces a ModelOpt network's quantizers as Q/DQ ops
+            modelopt_int8(
+                gpu_copy, calibration, transformer=transformer, float_layers=float_layers, max_batch=profile.max_batch
+            )
+        with torch.no_grad():
+            trt = torch_tensorrt.compile(gpu_copy, ir="dynamo", arg_inputs=[spec], **options)
+        torch_tensorrt.save(trt, str(folder / "model.ep"), arg_inputs=[spec])
 
     def load(self, folder: Path) -> Forward:
         import torch
         import torch_tensorrt
 
         module = torch_tensorrt.load(str(folder / "model.ep")).module()
+        max_batch = self.max_batch_size
 
         def forward(x: Any) -> Any:
+            if x.shape[0] == 0:
+                raise ValueError("an empty batch: TensorRT's profile starts at 1 item")
             with torch.inference_mode():
-                return module(x.cuda()).float()
+                x = x.cuda().contiguous()  # the engine's input binding is NCHW
+                parts = [module(x[part]).float() for part in batch_slices(x.shape[0], max_batch)]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         return forward
 

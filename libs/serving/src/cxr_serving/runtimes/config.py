@@ -38,7 +38,7 @@ SUPPORTED: dict[str, dict[str, str]] = {
         "float32": "",
         "bfloat16": "TensorRT serves float16 here: set precision float16",
         "float16": "",
-        "int8": "torch-tensorrt int8 needs a ModelOpt-quantized network, which this service does not build",
+        "int8": "",
     },
 }
 
@@ -54,8 +54,8 @@ class RuntimeConfig(BaseModel):
     backend: Backend = Field("torch", description="torch (default), openvino, onnxruntime or tensorrt (GPU)")
     precision: Precision = Field(
         "float32",
-        description="float32; bfloat16 (openvino); float16 (tensorrt); int8 (openvino, onnxruntime: post-training "
-        "static quantization on calibration_dir)",
+        description="float32; bfloat16 (openvino); float16 (tensorrt); int8 (openvino, onnxruntime, tensorrt: "
+        "post-training static quantization on calibration_dir)",
     )
     cache_dir: Path | None = Field(
         None,
@@ -72,7 +72,8 @@ class RuntimeConfig(BaseModel):
     int8_float_layers: list[str] = Field(
         default_factory=list,
         description="int8 only: regular expressions matched at the start of exported node names (e.g. "
-        "'/net/decoder/') that stay in float, for layers whose int8 error the accuracy check refuses",
+        "'/net/decoder/'; tensorrt: module paths written the same way) that stay in float, for layers whose int8 "
+        "error the accuracy check refuses",
     )
 
     @model_validator(mode="after")

@@ -38,6 +38,8 @@ class RuntimeRequest:
     preprocess: Callable[[Any], Any]  # DecodedImage -> one input tensor
     judge: Callable[[Any, Any], CheckResult]  # (float32 outputs, optimised outputs) as numpy -> result
     transformer: bool = False
+    max_batch_size: int = CHECK_BATCH  # the most items the model's batcher puts in one forward
+    warm_up: Callable[[Forward], None] | None = None  # the model's warm-up, run on the runtime's forward
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def weights_digest(module: Any) -> str:
 
 def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backend, calibration: list[str]) -> str:
     """Everything the artefact depends on: weights, graph config, backend, precision, input shape, library
-    versions, the backend's export recipe and, for int8, the calibration images and the layers left in float."""
+    versions, the backend's export recipe, the batch sizes it is built for (TensorRT's profile) and, for int8,
+    the calibration images and the layers left in float."""
     parts = {
         "identity": request.identity,
         "backend": runtime.backend,
@@ -97,23 +100,27 @@ def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backen
         "recipe": backend.recipe,
         "calibration": calibration if runtime.precision == "int8" else [],
     }
+    profile = backend.profile(request.input_shape)
+    if profile is not None:  # only for a backend built for a batch range: the CPU backends' keys stay
+        parts["profile"] = profile.key()
     if runtime.config.int8_float_layers:  # only when set: the keys of artefacts made before the setting stay
         parts["int8_float_layers"] = runtime.config.int8_float_layers
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _batches(items: list[Any]) -> list[Any]:
+def _batches(items: list[Any], max_batch: int) -> list[Any]:
     import torch
 
-    return [torch.stack(items[i : i + CHECK_BATCH]) for i in range(0, len(items), CHECK_BATCH)]
+    size = max(1, min(CHECK_BATCH, max_batch))  # never past what the model's batcher (and an engine) takes
+    return [torch.stack(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _run(forward: Callable[[Any], Any], items: list[Any]) -> Any:
+def _run(forward: Callable[[Any], Any], items: list[Any], max_batch: int) -> Any:
     import numpy as np
     import torch
 
     with torch.inference_mode():
-        return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items)])
+        return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items, max_batch)])
 
 
 def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
@@ -144,6 +151,8 @@ def _export_into_cache(
 ) -> bool:
     """Export into `folder` unless a complete artefact is there already; True when this call exported."""
 
+    profile = backend.profile(request.input_shape)
+
     def write(tmp: Path) -> None:
         import torch
 
@@ -161,6 +170,7 @@ def _export_into_cache(
                     "precision": runtime.precision,
                     "identity": request.identity,
                     "input_shape": list(request.input_shape),
+                    "profile": profile.key() if profile is not None else None,
                     "versions": backend.versions(),
                 },
                 indent=2,
@@ -178,13 +188,15 @@ def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *,
         report = RuntimeReport(request.model, "torch", "float32")
         report.publish()
         return RuntimeOutcome(report=report)
+    stage = _Stage()
     try:
-        outcome = _optimised(runtime, request, device)
+        outcome = _optimised(runtime, request, device, stage)
     except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
-        reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, BackendUnavailable):
-            log.exception("model %s: runtime %s/%s failed", request.model, runtime.backend, runtime.precision)
-        return _fallback(runtime, request, f"{runtime.backend}/{runtime.precision} unavailable: {reason}")
+        name = f"{runtime.backend}/{runtime.precision}"
+        if isinstance(exc, BackendUnavailable):
+            return _fallback(runtime, request, f"{name} unavailable: {exc.args[0]}")
+        log.exception("model %s: runtime %s failed at %s", request.model, name, stage.name)
+        return _fallback(runtime, request, f"{name} failed at {stage.name}: {type(exc).__name__}: {exc}")
     assert outcome.check is not None
     if not outcome.check.passed:
         return _fallback(
@@ -245,11 +257,18 @@ def _bounds_text(runtime: ResolvedRuntime) -> str:
     return f" (bounds {text}; LOOSER than the issue's: {', '.join(loose)})" if loose else f" (bounds {text})"
 
 
-def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -> RuntimeOutcome:
-    backend = BACKENDS[runtime.backend](runtime.precision)
+class _Stage:
+    """The step a runtime's load is at: a failure's fallback reason names it."""
+
+    name = "setup"
+
+
+def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, stage: _Stage) -> RuntimeOutcome:
+    backend = BACKENDS[runtime.backend](runtime.precision, max_batch_size=request.max_batch_size)
     if runtime.backend != "tensorrt" and device != "cpu":
         raise BackendUnavailable(f"{runtime.backend} runs on the CPU and this model is on {device}")
     backend.available()
+    stage.name = "calibration images"
     cfg = runtime.config
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -263,9 +282,11 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
         calibration = load_inputs(split.calibration, request.preprocess)
     timings["images_s"] = time.perf_counter() - started
     started = time.perf_counter()
+    stage.name = "export"
     exported = _export_into_cache(runtime, request, backend, calibration, folder)
     timings["export_s" if exported else "cache_s"] = time.perf_counter() - started
     started = time.perf_counter()
+    stage.name = "load"
     try:
         forward = backend.load(folder)
     except Exception as exc:
@@ -279,14 +300,22 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str) -
         folder.rename(aside)
         if calibrating and not calibration:
             calibration = load_inputs(split.calibration, request.preprocess)
+        stage.name = "export"
         exported = _export_into_cache(runtime, request, backend, calibration, folder)
         timings["export_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        stage.name = "load"
         forward = backend.load(folder)
     timings["compile_s"] = time.perf_counter() - started
+    if request.warm_up is not None:  # inside the fallback: a runtime that fails its first batches never serves
+        stage.name = "warm-up"
+        started = time.perf_counter()
+        request.warm_up(forward)
+        timings["warmup_s"] = time.perf_counter() - started
+    stage.name = "check"
     started = time.perf_counter()
-    reference = _run(request.module, check_inputs)
-    got = _run(forward, check_inputs)
+    reference = _run(request.module, check_inputs, request.max_batch_size)
+    got = _run(forward, check_inputs, request.max_batch_size)
     result = request.judge(reference, got)
     timings["check_s"] = time.perf_counter() - started
     return RuntimeOutcome(

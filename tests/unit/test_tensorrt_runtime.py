@@ -1,0 +1,230 @@
+"""TensorRT's runtime on a host without a GPU: its optimization profile and cache key follow the model's max
+batch, no batch past the profile reaches the forward, int8's layer selection and its refusals, and a runtime
+that fails at export, load or warm-up falls back to float32 torch with the step named (the same load path runs
+the engine on a GPU: bench/gpu)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from torch import nn
+
+from cxr_serving.device import InferenceDevice
+from cxr_serving.runtimes import backends
+from cxr_serving.runtimes.backends import (
+    BackendUnavailable,
+    OnnxRuntimeBackend,
+    TensorRtBackend,
+    batch_slices,
+    engine_profile,
+    float_module_names,
+)
+from cxr_serving.runtimes.check import classification_check
+from cxr_serving.runtimes.config import RuntimeConfig, resolve_runtime
+from cxr_serving.runtimes.prepare import RuntimeRequest, cache_key, prepare_runtime, weights_digest
+from cxr_serving.settings import PerformanceConfig
+from tests.support.paths import CXR14
+from tests.support.runtime_backends import FixedBatchOnnx
+
+IMAGES = CXR14 / "images"
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)
+    ).eval()
+
+
+def _preprocess(decoded):
+    x = torch.from_numpy(decoded.pixels)[None, None]
+    return nn.functional.interpolate(x, size=(32, 32), mode="area")[0]
+
+
+def _judge(ref, got):
+    probs = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    return classification_check(probs(ref), probs(got), np.full(3, 0.5, np.float32), 0.02, 0.9)
+
+
+def _request(max_batch_size: int = 8, warm_up=None) -> RuntimeRequest:
+    net = _net()
+    return RuntimeRequest(
+        "trt-test", net, (1, 32, 32), {"weights": weights_digest(net)}, _preprocess, _judge,
+        max_batch_size=max_batch_size, warm_up=warm_up,
+    )  # fmt: skip
+
+
+def _runtime(tmp_path, backend="onnxruntime", precision="float32"):
+    cfg = RuntimeConfig(backend=backend, precision=precision, calibration_images=8, check_images=8)
+    return resolve_runtime(cfg.model_copy(update={"cache_dir": tmp_path / "cache", "calibration_dir": IMAGES}), None)
+
+
+def _cpu_warm_up(max_batch_size: int):
+    """The models' own warm-up (InferenceDevice.warm_up on CPU: batch 1, once)."""
+    device = InferenceDevice.resolve("cpu", PerformanceConfig())
+    return lambda forward: device.warm_up(forward, (1, 32, 32), max_batch_size, 1)
+
+
+# --- the profile, the slices, the cache key ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch", [1, 8, 48])
+def test_the_engine_profile_spans_one_to_the_models_max_batch_tuned_for_a_full_batch(max_batch):
+    shapes = engine_profile((3, 224, 224), max_batch).shapes
+    assert shapes == {
+        "min_shape": (1, 3, 224, 224),
+        "opt_shape": (max_batch, 3, 224, 224),
+        "max_shape": (max_batch, 3, 224, 224),
+    }
+    assert TensorRtBackend("float16", max_batch_size=max_batch).profile((3, 224, 224)).shapes == shapes
+
+
+def test_an_engine_profile_without_a_batch_is_refused():
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, not 0"):
+        engine_profile((3, 8, 8), 0)
+
+
+@pytest.mark.parametrize(("size", "max_batch", "sizes"), [(70, 32, [32, 32, 6]), (8, 8, [8]), (3, 8, [3]), (0, 4, [])])
+def test_batch_slices_cover_every_item_in_order_and_never_pass_the_max(size, max_batch, sizes):
+    parts = batch_slices(size, max_batch)
+    assert [p.stop - p.start for p in parts] == sizes
+    assert [i for p in parts for i in range(p.start, p.stop)] == list(range(size))
+
+
+class _VersionedTensorRt(TensorRtBackend):
+    """TensorRT's key without torch-tensorrt installed: fixed library versions, the real profile and recipe."""
+
+    def versions(self) -> dict[str, str]:
+        return {"torch_tensorrt": "2.14.0", "torch": "2.14.1", "gpu": "NVIDIA H200"}
+
+
+def test_the_tensorrt_cache_key_changes_with_the_max_batch_and_the_cpu_backends_do_not(tmp_path):
+    runtime, request = _runtime(tmp_path, "tensorrt", "float16"), _request()
+    keys = {b: cache_key(runtime, request, _VersionedTensorRt("float16", max_batch_size=b), []) for b in (8, 32, 64)}
+    assert len(set(keys.values())) == 3
+    assert cache_key(runtime, request, _VersionedTensorRt("float16", max_batch_size=32), []) == keys[32]
+    cpu = _runtime(tmp_path, "onnxruntime", "float32")  # any batch: the same artefact, no needless re-export
+    assert cache_key(cpu, request, OnnxRuntimeBackend("float32", 8), []) == cache_key(
+        cpu, request, OnnxRuntimeBackend("float32", 64), []
+    )
+
+
+class _Recorded(OnnxRuntimeBackend):
+    """ONNX Runtime that records the batch sizes its forward is given."""
+
+    seen: ClassVar[list[int]] = []
+
+    def load(self, folder):
+        forward = super().load(folder)
+
+        def recorded(x):
+            _Recorded.seen.append(int(x.shape[0]))
+            return forward(x)
+
+        return recorded
+
+
+def test_neither_the_check_nor_the_warm_up_passes_a_batch_beyond_the_models_max(tmp_path, monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", _Recorded)
+    monkeypatch.setattr(_Recorded, "seen", [])
+    out = prepare_runtime(_runtime(tmp_path), _request(max_batch_size=3, warm_up=_cpu_warm_up(3)))
+    assert out.backend == "onnxruntime" and out.check.passed
+    assert _Recorded.seen[0] == 1 and max(_Recorded.seen) == 3 and sum(_Recorded.seen[1:]) == 8  # warm-up, check
+
+
+# --- int8: config, layer selection, refusals -------------------------------------------------------------
+
+
+def test_tensorrt_int8_is_accepted_at_config_load_and_bfloat16_still_refused():
+    assert RuntimeConfig(backend="tensorrt", precision="int8").precision == "int8"
+    with pytest.raises(ValueError, match="TensorRT serves float16 here: set precision float16"):
+        RuntimeConfig(backend="tensorrt", precision="bfloat16")
+
+
+def test_int8_keeps_a_cnns_head_and_the_named_layers_in_float():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()), nn.Flatten(), nn.Linear(4, 2))
+    assert float_module_names(net, transformer=False, float_layers=()) == ["3"]
+    assert float_module_names(net, transformer=True, float_layers=()) == []
+    assert float_module_names(net, transformer=False, float_layers=("/1/",)) == ["3", "1", "1.0", "1.1"]
+    with pytest.raises(BackendUnavailable, match=r"int8_float_layers \['/decoder/'\] match no node"):
+        float_module_names(net, transformer=False, float_layers=("/decoder/",))
+
+
+def test_tensorrt_int8_on_a_gpu_without_fast_int8_falls_back_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)  # past the GPU probe: the capability check
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cuda")
+    assert (out.backend, out.precision, out.forward) == ("torch", "float32", None)
+    assert "tensorrt/int8 unavailable: this GPU (compute capability 6.1) has no fast int8" in out.note
+    if importlib.util.find_spec("torch_tensorrt") is not None:
+        pytest.skip("torch-tensorrt is installed: its import guard is not this host's path")
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (9, 0))  # an H200: int8 passes, the import does not
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cuda")
+    assert out.backend == "torch" and "tensorrt/int8 unavailable: torch-tensorrt is not installed" in out.note
+
+
+def test_tensorrt_int8_without_a_gpu_falls_back_and_says_why(tmp_path):
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cpu")
+    assert (out.backend, out.forward) == ("torch", None)
+    why = "tensorrt/int8 unavailable: tensorrt needs a CUDA device and none is available"
+    assert out.note == f"float32 torch serves: {why}"
+    assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "trt-test"}) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt (requirements/gpu.txt)")
+def test_modelopt_int8_quantizes_the_convolutions_and_leaves_the_head_in_float():
+    """Runs where nvidia-modelopt is importable (a GPU machine; on CPU with it on PYTHONPATH): the Q/DQ model
+    torch-tensorrt builds from, calibrated here on CPU."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from cxr_serving.runtimes.backends import modelopt_int8
+
+    net = _net()
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+    modelopt_int8(net, list(torch.rand(8, 1, 32, 32)), transformer=False, float_layers=(), max_batch=3)
+    quantizers = {n: q.is_enabled for n, q in net.named_modules() if isinstance(q, TensorQuantizer)}
+    assert quantizers["0.weight_quantizer"] and quantizers["0.input_quantizer"]
+    assert not quantizers["4.weight_quantizer"] and not quantizers["4.input_quantizer"]
+    with torch.no_grad():
+        after = net(x)
+    assert not torch.equal(before, after) and torch.allclose(before, after, atol=0.05)
+
+
+# --- each failure point falls back, naming it ------------------------------------------------------------
+
+
+class _TruncatedExport(OnnxRuntimeBackend):
+    """An export that writes a damaged file (as a cut-off engine): loading it fails."""
+
+    def export(self, module, example, calibration, folder, *, transformer, float_layers=()):
+        (folder / "model.onnx").write_bytes(b"\x08\x07not a whole model")
+
+
+class _ExportFails(OnnxRuntimeBackend):
+    """An export that stops with an error (as an engine build that runs out of memory)."""
+
+    def export(self, module, example, calibration, folder, *, transformer, float_layers=()):
+        raise RuntimeError("engine build ran out of GPU memory")
+
+
+@pytest.mark.parametrize(
+    ("backend", "stage", "why"),
+    [
+        (_ExportFails, "export", "RuntimeError: engine build ran out of GPU memory"),
+        (_TruncatedExport, "load", "InvalidProtobuf"),
+        (FixedBatchOnnx, "warm-up", "Got: 1 Expected: 8"),
+    ],
+)
+def test_a_failure_at_export_load_or_warm_up_falls_back_naming_the_step(tmp_path, monkeypatch, backend, stage, why):
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", backend)
+    out = prepare_runtime(_runtime(tmp_path), _request(warm_up=_cpu_warm_up(8)))
+    assert (out.backend, out.precision, out.forward) == ("torch", "float32", None)
+    assert out.note.startswith(f"float32 torch serves: onnxruntime/float32 failed at {stage}: ") and why in out.note
+    assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "trt-test"}) == 1
