@@ -94,12 +94,12 @@ def antialias_weights(in_size: int, out_size: int) -> torch.Tensor:
 
 def resize_bilinear(image: torch.Tensor, size: int) -> torch.Tensor:
     """1 x H x W float32 -> 1 x size x size, antialiased bilinear (torchvision's tensor `resize`; torch's
-    `interpolate(antialias=True)` within float32 rounding, at half its CPU)."""
+    `interpolate(antialias=True)` within float32 rounding, for less CPU: bench/README.md)."""
     height, width = image.shape[-2:]
     if (height, width) == (size, size):
         return image
-    columns = torch.sparse.mm(antialias_weights(height, size), image[0])  # size x W
-    out = torch.sparse.mm(antialias_weights(width, size), columns.T.contiguous())  # size x size, transposed
+    columns: torch.Tensor = torch.sparse.mm(antialias_weights(height, size), image[0])  # size x W
+    out: torch.Tensor = torch.sparse.mm(antialias_weights(width, size), columns.T.contiguous())  # transposed
     return out.T.contiguous()[None]
 
 
