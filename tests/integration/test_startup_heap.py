@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from tests.integration.test_serving_runtime import _wait_serving
 from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, free_port
 
@@ -51,10 +50,10 @@ def test_service_freezes_its_startup_heap_and_keeps_later_objects_collectable(tm
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(report)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        _wait_serving(port)
-        deadline = time.time() + 30
-        while not report.exists() and time.time() < deadline:
+        deadline = time.time() + 60
+        while not report.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
+        assert report.exists(), proc.stdout.read() if proc.poll() is not None else "no report in 60 s"
         seen = json.loads(report.read_text())
         assert seen["frozen"] > 20_000, seen  # grpc, numpy, pydantic, the platform: ~60k objects for the toy
         assert seen["later_in_view"], seen

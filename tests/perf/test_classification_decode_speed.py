@@ -18,7 +18,7 @@ from bench._common import nih_inputs
 from cxr_classification.preprocessing import PreprocessSpec, normalize_imagenet, preprocess, resize_bilinear
 from cxr_serving.dicom import _pixel_array
 from cxr_serving.images import UNIT_8BIT, decode_image
-from tests.perf.test_mask_encoding_speed import best_cpu_of_turns
+from tests.support.cpu_time import best_cpu_of_turns
 
 pytestmark = pytest.mark.slow
 SPEC = PreprocessSpec(224, "squash", "imagenet", 3)

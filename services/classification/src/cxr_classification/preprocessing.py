@@ -94,7 +94,7 @@ def antialias_weights(in_size: int, out_size: int) -> torch.Tensor:
 
 def resize_bilinear(image: torch.Tensor, size: int) -> torch.Tensor:
     """1 x H x W float32 -> 1 x size x size, antialiased bilinear (torchvision's tensor `resize`; torch's
-    `interpolate(antialias=True)` within float32 rounding, for less CPU: bench/README.md)."""
+    `interpolate(antialias=True)` within float32 rounding, for less CPU)."""
     height, width = image.shape[-2:]
     if (height, width) == (size, size):
         return image
