@@ -6,9 +6,7 @@ the runs against zlib level 1). bench/README.md has the serving-path numbers."""
 
 from __future__ import annotations
 
-import time
 import zlib
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,23 +20,11 @@ from cxr_segmentation.networks import output_logits
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
 from cxr_serving.settings import PerformanceConfig
+from tests.support.cpu_time import best_cpu_of_turns
 from tests.support.paths import cxr14_images
 
 pytestmark = pytest.mark.slow
 CLINICAL = (2048, 2048)
-
-
-def best_cpu_of_turns(fns: dict[str, Callable[[], object]], turns: int = 7, repeat: int = 5) -> dict[str, float]:
-    """Each function's least CPU time (every thread of this process: torch may use several) over `turns`, the
-    functions taking turns (a slow moment hits both)."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(turns):
-        for name, fn in fns.items():
-            t = time.process_time()
-            for _ in range(repeat):
-                fn()
-            best[name] = min(best[name], (time.process_time() - t) / repeat)
-    return best
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def densenet():
     model.unload()
 
 
-@pytest.mark.parametrize(("fmt", "atol"), [("png", 1e-5), ("dcm_jpeg", 1e-3)])
+@pytest.mark.parametrize(("fmt", "atol"), [("png", 1e-5), ("jpeg", 1e-5), ("dcm", 1e-5), ("dcm_jpeg", 1e-3)])
 def test_classifier_outputs_equal_the_pillow_path(inputs, densenet, fmt, atol):
     from cxr_classification.model import ClassifierInput
 
@@ -116,3 +116,45 @@ def test_truncated_jpeg_and_png_are_refused_as_corrupt(inputs):
         with pytest.raises(ImageRejectedError) as err:
             decode_image(data[: len(data) * 2 // 3])
         assert err.value.reason == "IMAGE_CORRUPT", fmt
+
+
+def _with_pixel_data(data: bytes, pixel_data: bytes, rows: int, cols: int) -> bytes:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.Rows, ds.Columns, ds.PixelData = rows, cols, pixel_data
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_uncompressed_8bit_dicom_pixels_are_pydicoms_at_every_length(inputs):
+    """The uncompressed 8-bit frame read straight from its bytes equals pydicom's `pixel_array`, for an odd
+    pixel count (a pad byte), extra bytes (pydicom trims them) and the shared DICOMs; too few bytes stay corrupt."""
+    import io
+
+    import pydicom
+
+    from cxr_serving.dicom import _native_gray8
+
+    odd = np.arange(513 * 511, dtype=np.uint32).astype(np.uint8).tobytes()  # 262143 bytes: saved with a pad byte
+    plain = inputs["dcm"][0]
+    shared = [p.read_bytes() for p in dicom_files() if "8bit" in p.name]
+    cases = [*inputs["dcm"], *shared, _with_pixel_data(plain, odd, 513, 511),
+             _with_pixel_data(plain, pydicom.dcmread(io.BytesIO(plain)).PixelData + bytes(512), 512, 512)]  # fmt: skip
+    native = 0
+    for data in cases:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        view = _native_gray8(ds, ds.Rows, ds.Columns, 1)
+        native += view is not None
+        reference = pillow_pixels(data)
+        np.testing.assert_allclose(decode_image(data).pixels, reference, rtol=0, atol=1e-7)  # x / 255 as x * (1 / 255)
+        if view is not None:
+            np.testing.assert_array_equal(view, ds.pixel_array)
+    assert native == len(cases) - 1  # all but the one with extra bytes, which pydicom reads
+    short = _with_pixel_data(plain, bytes(512 * 512 - 512), 512, 512)
+    with pytest.raises(ImageRejectedError) as err:
+        decode_image(short)
+    assert err.value.reason == "IMAGE_CORRUPT"

@@ -3,8 +3,9 @@
 The pixels go through the modality LUT (rescale slope/intercept), then the VOI LUT or window,
 then MONOCHROME1 inversion, so 1 is white as a radiologist sees it. Only pydicom's documented
 bad-data exceptions become IMAGE_CORRUPT (see `images.bad_data`). An 8-bit grayscale frame that no LUT
-or window changes stays uint8, and a JPEG baseline frame of one component decodes with libjpeg-turbo
-(`images.decode_gray_jpeg`) rather than pydicom's plugin chain.
+or window changes stays uint8; such a frame stored uncompressed is read straight from its bytes, and a
+JPEG baseline frame of one component decodes with libjpeg-turbo (`images.decode_gray_jpeg`), rather
+than through pydicom's plugin chain.
 """
 
 from __future__ import annotations
@@ -289,10 +290,34 @@ def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
 
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (Process 1): 8-bit lossy
+NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit VR
+
+
+def _native_gray8(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray | None:
+    """A single-frame, single-component, unsigned 8-bit frame stored uncompressed: a view of its bytes (what
+    pydicom's `pixel_array` copies out, without its decoder pipeline), else None."""
+    if (
+        str(ds.file_meta.TransferSyntaxUID) not in NATIVE_LITTLE_ENDIAN
+        or samples != 1
+        or _header_int(ds, "NumberOfFrames", 1) != 1
+        or _header_int(ds, "BitsAllocated", 8) != 8
+        or _header_int(ds, "BitsStored", 8) != 8
+        or _header_int(ds, "PixelRepresentation", 0) != 0
+        or "PixelData" not in ds
+    ):
+        return None
+    data = ds.PixelData
+    if len(data) not in (rows * cols, rows * cols + 1):  # + 1: the pad byte of an odd length
+        return None  # pydicom's own checks give the error (or its handling of extra bytes)
+    return np.frombuffer(data, dtype=np.uint8, count=rows * cols).reshape(rows, cols)
 
 
 def _pixel_array(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray:
-    """`ds.pixel_array`, except a single-frame, single-component JPEG baseline frame, decoded straight."""
+    """`ds.pixel_array`, except a single-frame, single-component 8-bit frame: uncompressed, a view of its
+    bytes; JPEG baseline, decoded straight."""
+    native = _native_gray8(ds, rows, cols, samples)
+    if native is not None:
+        return native
     if (
         str(ds.file_meta.TransferSyntaxUID) != JPEG_BASELINE
         or samples != 1

@@ -6,6 +6,8 @@
 The decoder (cxr_serving.images) already did bytes -> grayscale with DICOM LUTs and MONOCHROME1
 inversion, and applied the input policy (minimum side, aspect ratio). An 8-bit image stays uint8 up
 to the resize, which is linear, so it is scaled by 1/255 on the S x S result instead of every pixel.
+The resize is torch's antialiased bilinear (`interpolate(..., antialias=True)`), computed as two sparse
+matrix products with that kernel's weights, made once per (input side, output side).
 Conventions per checkpoint family:
 - ImageNet (CheXNet, timm): 3 identical channels, each normalised with ImageNet mean/std;
 - torchxrayvision: 1 channel scaled to [-1024, 1024] (`xrv.utils.normalize(img, 255)`),
@@ -14,6 +16,8 @@ Conventions per checkpoint family:
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +29,8 @@ from cxr_serving.images import UNIT_8BIT
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 XRV_RANGE = 1024.0
+_IMAGENET_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_IMAGENET_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -54,22 +60,53 @@ def crop_center_square(pixels: np.ndarray) -> np.ndarray:
     return pixels[top : top + side, left : left + side]
 
 
+@functools.lru_cache(maxsize=32)
+def antialias_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """out_size x in_size sparse (CSR) float32 matrix of torch's antialiased bilinear along one axis
+    (`align_corners=False`): the triangle filter widened by the scale when shrinking, each row normalised,
+    computed in the float32 / double steps of torch's CPU kernel (UpSampleKernel.cpp) so the weights are its own."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    support = scale if scale >= 1.0 else f32(1.0)
+    invscale = np.float64(f32(1.0 / np.float64(scale))) if scale >= 1.0 else np.float64(1.0)
+    center = (np.float64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
+    lo = np.maximum(((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    hi = np.minimum(((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size)
+    taps = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]  # out_size x K, past `hi` masked below
+    inside = taps < hi[:, None]
+    x = (((taps.astype(f32) - center[:, None]).astype(np.float64) + 0.5) * invscale).astype(f32)
+    w = np.where(inside, np.maximum(1.0 - np.abs(x).astype(np.float64), 0.0).astype(f32), f32(0.0))
+    total = np.zeros(out_size, dtype=f32)
+    for k in range(w.shape[1]):  # in tap order, in float32, as the kernel sums them
+        total += w[:, k]
+    w = np.where(total[:, None] != 0, w / np.where(total == 0, f32(1.0), total)[:, None], w).astype(f32)
+    crow = np.concatenate(([0], np.cumsum(inside.sum(axis=1))))  # each row's taps are ascending and distinct
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR x dense is all that is used
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(crow),
+            torch.from_numpy(taps[inside]),
+            torch.from_numpy(w[inside]),
+            (out_size, in_size),
+            check_invariants=False,
+        )
+
+
 def resize_bilinear(image: torch.Tensor, size: int) -> torch.Tensor:
-    """1 x H x W -> 1 x size x size, antialiased bilinear (torchvision's tensor `resize`)."""
-    if image.shape[-2:] == (size, size):
+    """1 x H x W float32 -> 1 x size x size, antialiased bilinear (torchvision's tensor `resize`; torch's
+    `interpolate(antialias=True)` within float32 rounding, for less CPU)."""
+    height, width = image.shape[-2:]
+    if (height, width) == (size, size):
         return image
-    out = torch.nn.functional.interpolate(
-        image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    return out[0]
+    columns: torch.Tensor = torch.sparse.mm(antialias_weights(height, size), image[0])  # size x W
+    out: torch.Tensor = torch.sparse.mm(antialias_weights(width, size), columns.T.contiguous())  # transposed
+    return out.T.contiguous()[None]
 
 
 def normalize_imagenet(image: torch.Tensor, in_chans: int) -> torch.Tensor:
     """1 x S x S in [0, 1] -> in_chans x S x S with ImageNet mean/std (grayscale: their averages)."""
     if in_chans == 3:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=image.dtype).view(3, 1, 1)
-        return (image.expand(3, -1, -1) - mean) / std
+        return (image.expand(3, -1, -1) - _IMAGENET_MEAN) / _IMAGENET_STD
     return (image - sum(IMAGENET_MEAN) / 3) / (sum(IMAGENET_STD) / 3)
 
 
