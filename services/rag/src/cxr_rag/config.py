@@ -131,7 +131,7 @@ class RagConfig(_Strict):
         1024,
         ge=1,
         le=65536,
-        description="chunks read, embedded in one call (sorted by length: batches pad 3% at 1024, 25% at 128) and "
+        description="chunks read, embedded in one call (sorted by length as one, so its batches pad little) and "
         "written at a time while ingesting; an interrupted ingestion redoes at most about three windows",
     )
     embedding_device: str = Field(
