@@ -3,6 +3,7 @@ run, and the RSS of the real rag service process over the ingested store.
 
     make bench-rag_ingest                       # 1,000 PubMedQA passages, five embedder runtimes
     BENCH_ARGS=--quick make bench-rag_ingest    # 300 passages, torch vs openvino/bfloat16
+    BENCH_ARGS="--scale-compare 20000" make bench-rag_ingest   # before/after on the scale corpus
 
 For every runtime: its load (export reused from the cache, agreement check), embedding alone
 (`--rounds` interleaved rounds over the same chunks, so a change of host load hits every runtime
@@ -11,6 +12,12 @@ embedded Chroma (chunking, the existence check, embedding, upserts: end-to-end c
 the cosine of its vectors against torch's on every chunk. Then the service's memory: `python -m
 cxr_rag` started on the fast runtime's store, VmRSS / VmHWM of its process after READY and after
 hybrid searches (`service_memory`, which the scale bench calls on its large store).
+`--scale-compare N`: only openvino/bfloat16, end to end (chunking, existence check, embedding, Chroma
+upserts, the live BM25 index) over the first N passages of bench.rag_corpus's scale corpus into fresh
+embedded stores, as before (latency-compiled export, windows of 128 chunks, each sorted by length on its
+own) and as now (the ingest role's throughput-compiled export, windows of `Ingestor`'s default size):
+wall chunks/s, and chunks per CPU-second of this process (user + system time, so less sensitive to the
+other sessions' load), with the load average around each.
 The host has 2 cores shared with other sessions: the load average is recorded around each
 measurement, and only ratios within one round are comparable. Writes bench/results/rag_ingest.json.
 """
@@ -156,8 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only openvino/bfloat16 end to end, writes in turn (write_queue 0) vs overlapped with embedding",
     )
-    ap.add_argument("--out", type=Path, default=RESULTS / "rag_ingest.json")
+    ap.add_argument(
+        "--scale-compare",
+        type=int,
+        metavar="N",
+        help="only before vs now, end to end over the first N passages of the scale corpus (bench.rag_corpus)",
+    )
+    ap.add_argument("--out", type=Path, help="default bench/results/rag_ingest.json (rag_ingest-scale-<N>.json)")
     args = ap.parse_args(argv)
+    if args.scale_compare:
+        out = args.out or RESULTS / f"rag_ingest-scale-{args.scale_compare}.json"
+        return _write(scale_compare(args.scale_compare, args.batch_size), out)
+    args.out = args.out or RESULTS / "rag_ingest.json"
 
     from cxr_rag.config import EmbeddingRuntimeConfig, RagConfig
     from cxr_rag.embeddings import Embedder, default_model_path, load_tokenizer
@@ -279,7 +296,7 @@ def _write(report: dict[str, Any], out: Path) -> int:
     report["target"] = "issue 25: >= 400 chunks/s end to end on this 2-core CPU"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    keys = ("ingest_ratio_to_torch", "write_overlap", "load_average_end")
+    keys = ("ingest_ratio_to_torch", "write_overlap", "ratio_now_to_before", "load_average_end")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
     print(f"written to {out}")
     return 0
@@ -313,6 +330,83 @@ def write_overlap(
         print(f"overlap round {r + 1}: {row}", flush=True)
     ratios = [x["ratio"] for x in out]
     return {"embedder": name, "chunks": stats.chunks_added, "rounds": out, "ratio_median": float(np.median(ratios))}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def scale_compare(passages: int, batch_size: int) -> dict[str, Any]:
+    """Before and now, end to end into fresh embedded stores with the live BM25 index, on the scale corpus."""
+    from bench import rag_corpus
+    from cxr_rag.config import EmbeddingRuntimeConfig, RagConfig
+    from cxr_rag.embeddings import Embedder, default_model_path, load_tokenizer
+    from cxr_rag.ingest import WRITE_BATCH, Ingestor, read_documents
+    from cxr_rag.lexical import LexicalIndex
+    from cxr_rag.store import VectorStore
+
+    corpus = rag_corpus.OUT_DIR / f"corpus-{passages}-seed{rag_corpus.DEFAULT_SEED}.jsonl"
+    if not corpus.is_file():
+        rag_corpus.main(["-n", str(passages)])
+    documents = list(read_documents(corpus))
+    tok = load_tokenizer(default_model_path())
+    cache = REPO / "var" / "cache" / "model-runtimes"
+    runtime = EmbeddingRuntimeConfig(backend="openvino", precision="bfloat16", cache_dir=cache)
+    latency = Embedder(default_model_path(), "cpu", runtime)
+    throughput = latency.sibling(throughput=True)
+    assert throughput is not None, latency.runtime_note
+    ways = {  # name: (embedder, write_batch)
+        "before": (latency, 128),
+        "now": (throughput, WRITE_BATCH),
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-rag-scale-compare-"))
+    report: dict[str, Any] = {
+        "benchmark": "rag_ingest --scale-compare",
+        "corpus": str(corpus.relative_to(REPO)),
+        "passages": len(documents),
+        "batch_size": batch_size,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": _cpu_model(),
+            "note": "2 cores shared with other sessions' tests and benchmarks (see the load averages): wall "
+            "chunks/s moves with their load; chunks per CPU-second of this process moves much less",
+        },
+        "load_average_start": load(),
+        "ways": {},
+    }
+    try:
+        for name, (emb, write_batch) in ways.items():
+            emb.encode([d.text for d in documents[:64]], batch_size)  # warm-up
+            cfg = RagConfig.model_validate({"vector_db_path": str(work / name)})
+            store = VectorStore.open(cfg, cfg.embedding_name, emb.dimension)
+            ing = Ingestor(
+                store, emb, tok, 200, 40, batch_size=batch_size, write_batch=write_batch, index=LexicalIndex()
+            )
+            before, c0, t = load(), _cpu_seconds(), time.perf_counter()
+            stats = ing.ingest(documents, progress=False)
+            wall, cpu = time.perf_counter() - t, _cpu_seconds() - c0
+            report["ways"][name] = {
+                "embedder": emb.status(),
+                "write_batch": write_batch,
+                "chunks_added": stats.chunks_added,
+                "wall_s": round(wall, 1),
+                "cpu_s": round(cpu, 1),
+                "chunks_per_s": round(stats.chunks_added / wall, 1),
+                "chunks_per_cpu_s": round(stats.chunks_added / cpu, 1),
+                "chunks_per_s_if_two_free_cores": round(2 * stats.chunks_added / cpu, 1),
+                "load_average_before_after": [before, load()],
+            }
+            print(f"{name}: {report['ways'][name]}", flush=True)
+            shutil.rmtree(work / name, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    b, n = report["ways"]["before"], report["ways"]["now"]
+    report["ratio_now_to_before"] = {
+        "chunks_per_s": round(n["chunks_per_s"] / b["chunks_per_s"], 2),
+        "chunks_per_cpu_s": round(n["chunks_per_cpu_s"] / b["chunks_per_cpu_s"], 2),
+    }
+    return report
 
 
 def _cpu_model() -> str:

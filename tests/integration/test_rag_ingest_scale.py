@@ -68,6 +68,37 @@ def test_fast_embedder_agrees_with_torch_and_reuses_its_export():
     assert fast.cache_path is not None and fast.cache_path.parent.parent == CACHE
 
 
+def test_ingest_role_runs_batches_side_by_side_and_each_chunk_gets_its_own_vector():
+    rt = fast_runtime()
+    query = get_embedder(default_model_path(), "cpu", "query", rt)
+    ingest = get_embedder(default_model_path(), "cpu", "ingest", rt)
+    assert (query.hint, ingest.hint) == ("latency", "throughput")  # queries stay on the latency-compiled export
+    assert ingest.status()["hint"] == "throughput" and ingest.cache_path == query.cache_path
+    # lengths from a question to a 256-token paragraph, in an order unlike the length order the batches use
+    texts = chunk_texts(40)
+    texts = [t[: 40 + 97 * i % len(t)] for i, t in enumerate(texts)] + ["Pneumothorax?"]
+    got = ingest.encode(texts, batch_size=4)  # about 11 batches in one call, several in flight at once
+    one_by_one = np.concatenate([query.encode([t]) for t in texts])
+    cos = got @ one_by_one.T
+    assert float(np.diag(cos).min()) >= 0.999  # each row is its own text's vector
+    assert (cos.argmax(axis=1) == np.arange(len(texts))).all()
+
+
+def test_a_window_is_embedded_in_one_call_and_each_chunk_stored_with_its_own_vector(tmp_path):
+    store = VectorStore.open(rag_cfg(tmp_path / "db"), MODEL, 384)
+    emb = TimedEmbedder(get_embedder(default_model_path(), "cpu", "ingest", fast_runtime()))
+    ing = Ingestor(store, emb, load_tokenizer(default_model_path()), 200, 40, batch_size=4, write_batch=48)  # type: ignore[arg-type]
+    docs = list(read_documents(subset_corpus(), limit=60))
+    stats = ing.ingest(docs, progress=False)
+    sizes = [len(t) for t in emb.per_call]
+    # one call per window (not per 4 x batch_size chunks), so the embedder sorts the whole window by length
+    assert max(sizes) > 4 * 4 and max(sizes) <= 48 and sum(sizes) == stats.chunks_added == store.count()
+    stored = store._col.get(include=["embeddings", "documents"])
+    query = get_embedder(default_model_path(), "cpu", "query", fast_runtime())
+    own = np.concatenate([query.encode([d]) for d in stored["documents"]])
+    assert float((np.asarray(stored["embeddings"]) * own).sum(axis=1).min()) >= 0.999
+
+
 def test_damaged_export_fails_the_check_and_torch_serves(tmp_path):
     import onnx
     from onnx import numpy_helper
@@ -163,7 +194,8 @@ def _cli(config: Path, corpus: Path, limit: int) -> subprocess.Popen[str]:
 def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
     limit = 400  # the whole subset: about 300 passages, 320 chunks
     runtime = fast_runtime().model_dump(mode="json")
-    cfg = {"models": {"rag": {"vector_db_path": str(tmp_path / "db"), "embedding_runtime": runtime}}}
+    rag = {"vector_db_path": str(tmp_path / "db"), "embedding_runtime": runtime, "ingest_window": 128}  # 3 windows
+    cfg = {"models": {"rag": rag}}
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(cfg))
     proc = _cli(config, subset_corpus(), limit)
@@ -227,12 +259,15 @@ class TimedEmbedder:
         self.embedder = embedder
         self.calls: list[tuple[float, float]] = []
         self.texts: list[str] = []
+        self.per_call: list[list[str]] = []
+        self.dimension = embedder.dimension
 
     def encode(self, texts, batch_size=32):
         t = time.perf_counter()
         out = self.embedder.encode(texts, batch_size)
         self.calls.append((t, time.perf_counter()))
         self.texts += texts
+        self.per_call.append(list(texts))
         return out
 
 

@@ -127,6 +127,13 @@ class RagConfig(_Strict):
     )
     embedding_model_name: str | None = Field(None, description="recorded in the collection; default from the path")
     embedding_batch_size: int = Field(32, ge=1, le=4096, description="chunks embedded per batch while ingesting")
+    ingest_window: int = Field(
+        1024,
+        ge=1,
+        le=65536,
+        description="chunks read, embedded in one call (sorted by length as one, so its batches pad little) and "
+        "written at a time while ingesting; an interrupted ingestion redoes at most about three windows",
+    )
     embedding_device: str = Field(
         "auto", description="device of the embedding model: auto (cuda when present, else cpu), cpu, cuda, ..."
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ RECIPE = "1: onnx opset 17, mean pooling and L2 norm in the graph; int8: NNCF tr
 INPUTS = ("input_ids", "attention_mask")
 CHECK_BATCH = 8
 
-Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ids, mask (int64, B x T) -> B x D unit vectors
+Batch = tuple[np.ndarray, np.ndarray]  # ids, mask (int64, B x T)
+Encode = Callable[[Sequence[Batch]], list[np.ndarray]]  # batches -> one B x D array of unit vectors per batch
 
 _FINDINGS = (
     "pleural effusion",
@@ -85,7 +86,8 @@ class FastOutcome:
     backend: str = "torch"
     precision: str = "float32"
     encode: Encode | None = None
-    new_encode: Callable[[], Encode] | None = None  # another encode over the same loaded artefact (own request)
+    # another encode over the same loaded artefact (own requests); True: compiled for throughput (ingestion)
+    new_encode: Callable[[bool], Encode] | None = None
     note: str = ""
     check: CheckResult | None = None
     exported: bool = False
@@ -169,28 +171,51 @@ def _export(backend: str, precision: str, transformer: Any, tokenizer: Any, fold
         onnx_path.unlink()
 
 
-def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[[], Encode]:
+def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[[bool], Encode]:
     """The artefact read once; each call of the result is an encode of its own (OpenVINO: its own compiled
     model, as one compiled under the latency hint runs one request at a time and would queue a query behind an
-    ingest batch), so two embedder roles never wait for each other's call."""
+    ingest batch), so two embedder roles never wait for each other's call. `throughput=True` (ingestion only)
+    compiles under the throughput hint: its streams run several batches of one call at once, while a query's
+    encode stays on the latency hint, one batch on every thread."""
     if backend == "openvino":
         import openvino as ov
 
         core = ov.Core()
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        if precision != "int8":
-            config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bfloat16" else "f32"
         model = core.read_model(str(folder / "model.xml"))
 
-        def ov_encoder() -> Encode:
+        def ov_encoder(throughput: bool = False) -> Encode:
+            config: dict[str, Any] = {
+                "PERFORMANCE_HINT": "THROUGHPUT" if throughput else "LATENCY",
+                "INFERENCE_NUM_THREADS": threads,
+            }
+            if precision != "int8":
+                config["INFERENCE_PRECISION_HINT"] = "bf16" if precision == "bfloat16" else "f32"
             compiled = core.compile_model(model, "CPU", config)
-            request = compiled.create_infer_request()  # the Embedder's encode lock serialises its use
+            if not throughput:
+                request = compiled.create_infer_request()  # the Embedder's encode lock serialises its use
 
-            def ov_encode(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-                out = request.infer({"input_ids": ids, "attention_mask": mask})[0]
-                return np.array(out, dtype=np.float32, copy=True)
+                def ov_encode(batches: Sequence[Batch]) -> list[np.ndarray]:
+                    return [
+                        np.array(request.infer({"input_ids": i, "attention_mask": m})[0], dtype=np.float32, copy=True)
+                        for i, m in batches
+                    ]
 
-            return ov_encode
+                return ov_encode
+            jobs = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+            def ov_encode_many(batches: Sequence[Batch]) -> list[np.ndarray]:
+                out: list[np.ndarray] = [np.empty(0, np.float32)] * len(batches)
+
+                def done(request: Any, k: int) -> None:
+                    out[k] = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+                jobs.set_callback(done)
+                for k, (i, m) in enumerate(batches):
+                    jobs.start_async({"input_ids": i, "attention_mask": m}, k)
+                jobs.wait_all()
+                return out
+
+            return ov_encode_many
 
         return ov_encoder
     import onnxruntime as ort
@@ -200,11 +225,16 @@ def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[
     name = "model.int8.onnx" if precision == "int8" else "model.onnx"
     session = ort.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
 
-    def ort_encode(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        return np.asarray(out, dtype=np.float32)
+    def ort_encode(batches: Sequence[Batch]) -> list[np.ndarray]:
+        return [
+            np.asarray(session.run(None, {"input_ids": i, "attention_mask": m})[0], dtype=np.float32)
+            for i, m in batches
+        ]
 
-    return lambda: ort_encode  # an InferenceSession runs concurrent calls
+    def ort_encoder(throughput: bool = False) -> Encode:
+        return ort_encode  # an InferenceSession runs concurrent calls, each on every thread
+
+    return ort_encoder
 
 
 def cache_folder(cfg: EmbeddingRuntimeConfig, cache_dir: Path, digest: str, max_seq_length: int) -> Path:
@@ -264,11 +294,9 @@ def prepare_fast_encoder(
         folder = cache_folder(cfg, cache_dir, weights_digest(transformer), int(tokenizer.truncation["max_length"]))
         exported = _export_into_cache(cfg, transformer, tokenizer, folder)
         new_encode = _load(cfg.backend, cfg.precision, folder, threads)
-        encode = new_encode()
-        got = []
-        for s in range(0, len(CHECK_TEXTS), CHECK_BATCH):  # small batches: the runtime keeps its peak buffers
-            ids, mask = tokenize_batch(tokenizer, CHECK_TEXTS[s : s + CHECK_BATCH])
-            got.append(encode(ids, mask))
+        encode = new_encode(False)
+        starts = range(0, len(CHECK_TEXTS), CHECK_BATCH)  # small batches: the runtime keeps its peak buffers
+        got = encode([tokenize_batch(tokenizer, CHECK_TEXTS[s : s + CHECK_BATCH]) for s in starts])
         result = agreement_check(reference(CHECK_TEXTS), np.concatenate(got), cfg.min_cosine)
     except Exception as exc:  # any failure of the optional fast path: torch serves
         reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"

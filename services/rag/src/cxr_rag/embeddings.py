@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str, str, str], Embedder] = {}
 TORCH = EmbeddingRuntimeConfig(backend="torch", precision="float32")
+INGEST_ROLE = "ingest"
 MAX_BATCH_TOKENS = 4096  # rows x tokens of one forward of the fast path (16 chunks of 256 tokens)
 
 
@@ -70,7 +71,14 @@ class Embedder:
     """L2-normalised float32 embeddings; `dimension` and `name` describe the vector space. `backend`,
     `precision` and `runtime_note` say what computes them (the fast path, or torch and why)."""
 
-    def __init__(self, model_path: Path, device: str = "cpu", runtime: EmbeddingRuntimeConfig | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        device: str = "cpu",
+        runtime: EmbeddingRuntimeConfig | None = None,
+        *,
+        throughput: bool = False,
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
@@ -102,25 +110,31 @@ class Embedder:
                 lambda texts: self._torch_encode(texts, CHECK_BATCH),
                 int(torch.get_num_threads()),
             )
-        self._take(outcome)
+        self._take(outcome, throughput)
         if self._fast is not None:
             self._model = None  # the export serves: the torch weights are not kept
 
-    def _take(self, outcome: FastOutcome) -> None:
+    def _take(self, outcome: FastOutcome, throughput: bool = False) -> None:
+        """`throughput`: an encode of the export compiled for throughput replaces `outcome.encode`."""
+        throughput = throughput and outcome.new_encode is not None
+        if throughput and outcome.new_encode is not None:
+            outcome = replace(outcome, encode=outcome.new_encode(True))
         self.backend, self.precision, self.runtime_note = outcome.backend, outcome.precision, outcome.note
         self.check = outcome.check
         self.exported, self.cache_path = outcome.exported, outcome.cache_path
+        self.hint = "throughput" if throughput else "latency"
         self._outcome = outcome
         self._fast = outcome.encode
 
-    def sibling(self) -> Embedder | None:
-        """Another instance over this one's checked export (its own lock and infer request, no second load,
-        check or copy of the weights); None when torch serves."""
+    def sibling(self, *, throughput: bool = False) -> Embedder | None:
+        """Another instance over this one's checked export (its own lock and infer requests, no second load,
+        check or copy of the weights), compiled for throughput if asked; None when torch serves."""
         if self._outcome.new_encode is None:
             return None
         other = copy.copy(self)
         other._encode_lock = threading.Lock()
-        other._take(replace(self._outcome, encode=self._outcome.new_encode(), exported=False))
+        mine = None if throughput else self._outcome.new_encode(False)
+        other._take(replace(self._outcome, encode=mine, exported=False), throughput)
         return other
 
     def _torch_encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -135,19 +149,28 @@ class Embedder:
 
     def _fast_encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """Tokenized once and sorted by length; each batch is cut to its own longest text and holds at most
-        `MAX_BATCH_TOKENS` (rows x width), so padding and the runtime's activation memory stay small."""
+        `MAX_BATCH_TOKENS` (rows x width), so padding and the runtime's activation memory stay small. The
+        batches go to the runtime in one call (a throughput-compiled export runs several at once) and each
+        result is written back to the rows of its own texts."""
         assert self._fast is not None
         ids, mask = tokenize_batch(self._tokenizer, texts)
         lengths = mask.sum(axis=1)
         order = np.argsort(-lengths, kind="stable")
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        rows_of: list[np.ndarray] = []
         s = 0
         while s < len(order):
             width = int(lengths[order[s]])  # the longest of this batch: its first, in descending order
             rows = max(1, min(batch_size, MAX_BATCH_TOKENS // max(width, 1)))
-            idx = order[s : s + rows]
-            out[idx] = self._fast(np.ascontiguousarray(ids[idx, :width]), np.ascontiguousarray(mask[idx, :width]))
+            rows_of.append(order[s : s + rows])
             s += rows
+        width_of = [int(lengths[idx[0]]) for idx in rows_of]
+        batches = [
+            (np.ascontiguousarray(ids[idx, :w]), np.ascontiguousarray(mask[idx, :w]))
+            for idx, w in zip(rows_of, width_of, strict=True)
+        ]
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for idx, vecs in zip(rows_of, self._fast(batches), strict=True):
+            out[idx] = vecs
         return out
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -159,26 +182,34 @@ class Embedder:
             return self._torch_encode(texts, batch_size)
 
     def status(self) -> dict[str, str]:
-        return {"backend": self.backend, "precision": self.precision, "device": self.device, "note": self.runtime_note}
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": self.device,
+            "hint": self.hint,
+            "note": self.runtime_note,
+        }
 
 
 def get_embedder(
     model_path: Path, device: str = "cpu", role: str = "query", runtime: EmbeddingRuntimeConfig | None = None
 ) -> Embedder:
     """The process-wide instance for (path, device, role, runtime): loaded on first use only. Roles get
-    separate instances (own lock; torch: own weights; an export: own infer request over one loaded copy),
-    so queries never queue behind ingestion."""
+    separate instances (own lock; torch: own weights; an export: own infer requests over one loaded copy),
+    so queries never queue behind ingestion. The `ingest` role's export is compiled for throughput (batches
+    of one call run side by side); every other role's for latency."""
     runtime = runtime or TORCH
     key = (str(model_path), device, role, runtime.model_dump_json())
     with _LOCK:
         emb = _MODELS.get(key)
         if emb is None:
+            throughput = role == INGEST_ROLE
             same = [e for k, e in _MODELS.items() if k[:2] == key[:2] and k[3] == key[3]]
-            emb = same[0].sibling() if same else None
+            emb = same[0].sibling(throughput=throughput) if same else None
             if emb is None:
                 log.info(
                     "loading embedding model %s on %s (%s/%s)", model_path, device, runtime.backend, runtime.precision
                 )
-                emb = Embedder(model_path, device, runtime)
+                emb = Embedder(model_path, device, runtime, throughput=throughput)
             _MODELS[key] = emb
         return emb

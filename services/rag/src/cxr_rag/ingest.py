@@ -5,16 +5,19 @@ skipped *before* embedding, and every batch is written as soon as it is embedded
 thread, in order, while the next batch embeds), so an interrupted run loses at most the few
 batches in flight and the next run continues where it stopped.
 Documents are read, chunked and written in windows of `write_batch` chunks, so memory does
-not grow with the corpus. A document id ingested again replaces its old text: once a window's
-new chunks are written, the stored chunks of its document ids that this run has not produced
-are deleted (an interrupted run deletes them on the next). Into a store that was empty at the
-start no stale chunk can exist, and that lookup is skipped.
+not grow with the corpus; a window's new chunks are embedded in one call, so the embedder sorts them all
+by length (a batch pads little) and a throughput-compiled export runs several of its batches at once.
+A document id ingested again replaces its old text: once a window's new chunks are written, the
+stored chunks of its document ids that this run has not produced are deleted (an interrupted run
+deletes them on the next). Into a store that was empty at the start no stale chunk can exist, and
+that lookup is skipped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -40,6 +43,7 @@ MARKDOWN_SUFFIXES = {".md", ".markdown"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PDF_SUFFIXES = {".pdf"}
 SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | JSONL_SUFFIXES | PDF_SUFFIXES
+WRITE_BATCH = 1024  # chunks per window, sorted by length as one: the larger, the less its batches pad
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
@@ -184,7 +188,7 @@ class Ingestor:
         chunk_tokens: int,
         overlap_tokens: int,
         batch_size: int = 32,
-        write_batch: int = 256,
+        write_batch: int = WRITE_BATCH,
         index: LexicalIndex | None = None,
         write_queue: int = 2,
     ) -> None:
@@ -248,8 +252,9 @@ class Ingestor:
             changed = [c for c in chunks if c.id in present and present[c.id] != c.metadata]
             stats.chunks_skipped += len(chunks) - len(new)
             writer.put(_Write(changed=changed, skipped=len(chunks) - len(new)))
-            for b in range(0, len(new), self.batch_size * 4):
-                sub = new[b : b + self.batch_size * 4]
+            step = max(1, math.ceil(len(new) / max(1, math.ceil(len(new) / self.write_batch))))  # equal parts
+            for b in range(0, len(new), step):
+                sub = new[b : b + step]
                 writer.put(_Write(chunks=sub, vectors=self.embedder.encode([c.text for c in sub], self.batch_size)))
             writer.put(_Write(window_keys=None if fresh else keys, window_ids=[c.id for c in chunks], documents=n_docs))
 

@@ -101,6 +101,7 @@ class RagRuntime:
             self.cfg.chunk_tokens,
             self.cfg.chunk_overlap_tokens,
             self.cfg.embedding_batch_size,
+            self.cfg.ingest_window,
             index=self.retriever.index if live_index and self.retriever is not None else None,
         )
 
