@@ -228,3 +228,34 @@ def test_a_failure_at_export_load_or_warm_up_falls_back_naming_the_step(tmp_path
     assert (out.backend, out.precision, out.forward) == ("torch", "float32", None)
     assert out.note.startswith(f"float32 torch serves: onnxruntime/float32 failed at {stage}: ") and why in out.note
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": "trt-test"}) == 1
+
+
+def test_an_escaped_onnx_pattern_selects_the_same_layers_on_tensorrt_as_in_the_onnx_export(tmp_path):
+    """A real U-Net (smp, as the segmentation service builds it) exported by the CPU backends' exporter: every
+    ONNX node scope is a path onnx_scope_paths writes, and '/net/decoder/blocks\\.0/' selects on TensorRT the
+    modules under which the ONNX nodes it matches lie."""
+    import re
+
+    import onnx
+    import segmentation_models_pytorch as smp
+
+    from cxr_segmentation.networks import LogitsOf
+    from cxr_serving.runtimes.backends import export_onnx, onnx_scope_paths
+
+    torch.manual_seed(0)
+    net = LogitsOf(smp.create_model("unet", encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=3))
+    export_onnx(net, torch.zeros(1, 1, 64, 64), tmp_path / "m.onnx")
+    nodes = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    paths = onnx_scope_paths(net)
+    written = set(paths.values())
+    scopes = {n.rsplit("/", 1)[0] + "/" for n in nodes if n.startswith("/")}
+    assert len(scopes) > 50
+    # a module called twice gets '_1' on its second scope ('relu_1'): the same module path
+    assert [s for s in scopes if s not in written and re.sub(r"_\d+/$", "/", s) not in written] == []
+    pattern = r"/net/decoder/blocks\.0/"
+    matched_nodes = [n for n in nodes if re.match(pattern, n)]
+    selected = float_module_names(net, transformer=False, float_layers=(pattern,))
+    assert len(matched_nodes) >= 3 and "net.decoder.blocks.0" in selected
+    assert all(n.startswith("net.decoder.blocks.0") for n in selected)
+    assert all(any(n.startswith(paths[m]) for m in selected) for n in matched_nodes)
+    assert paths["net.decoder.blocks.0.conv1.0"] == "/net/decoder/blocks.0/conv1/conv1.0/"

@@ -329,13 +329,44 @@ def cuda_capability() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def float_module_names(module: Any, *, transformer: bool, float_layers: tuple[str, ...]) -> list[str]:
-    """The modules TensorRT int8 leaves in float: a CNN's Linear layers (its head, as for the CPU backends) and
-    those whose path, written as ONNX names it ('/net/decoder/blocks.0/'), matches an int8_float_layers regex."""
+def onnx_scope_paths(module: Any) -> dict[str, str]:
+    """Each submodule's scope as torch.onnx.export writes it into node names, so one int8_float_layers regex
+    selects the same layers on every backend: each called level keeps its name from its last non-numeric part
+    on ('net.decoder.blocks.0.0' -> '/net/decoder/blocks.0/blocks.0.0/'); a ModuleList or ModuleDict is never
+    called, so it adds no level."""
     from torch import nn
 
-    names = [name for name, _ in module.named_modules() if name]
-    paths = {name: "/" + name.replace(".", "/") + "/" for name in names}
+    def unqualified(name: str) -> str:  # as torch.onnx.utils._unqualified_variable_name
+        atoms = name.split(".")
+        for i in range(len(atoms) - 1, -1, -1):
+            if not atoms[i].isnumeric():
+                return ".".join(atoms[i:])
+        return name
+
+    modules = dict(module.named_modules())
+    paths: dict[str, str] = {}
+    for name in modules:
+        if not name:
+            continue
+        atoms = name.split(".")
+        prefixes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
+        levels = [
+            unqualified(p)
+            for p in prefixes
+            if p in modules and not isinstance(modules[p], (nn.ModuleList, nn.ModuleDict))
+        ]
+        paths[name] = "/" + "/".join(levels) + "/"
+    return paths
+
+
+def float_module_names(module: Any, *, transformer: bool, float_layers: tuple[str, ...]) -> list[str]:
+    """The modules TensorRT int8 leaves in float: a CNN's Linear layers (its head, as for the CPU backends) and
+    those whose ONNX scope ('/net/decoder/blocks.0/blocks.0.0/': `onnx_scope_paths`) matches an int8_float_layers
+    regex."""
+    from torch import nn
+
+    paths = onnx_scope_paths(module)
+    names = list(paths)
     require_float_layer_matches(float_layers, list(paths.values()))
     keep = [] if transformer else [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
     keep += [name for name in names if name not in keep and any(re.match(f, paths[name]) for f in float_layers)]
