@@ -157,19 +157,20 @@ def test_int8_keeps_a_cnns_head_and_the_named_layers_in_float():
 
 def test_tensorrt_int8_on_a_gpu_without_fast_int8_falls_back_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "cuda_available", lambda: True)  # past the GPU probe: the capability check
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
+    monkeypatch.setattr(backends, "cuda_capability", lambda device="cuda": (6, 1))
     out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cuda")
     assert (out.backend, out.precision, out.forward) == ("torch", "float32", None)
     assert "tensorrt/int8 unavailable: this GPU (compute capability 6.1) has no fast int8" in out.note
     if importlib.util.find_spec("torch_tensorrt") is not None:
         pytest.skip("torch-tensorrt is installed: its import guard is not this host's path")
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (9, 0))  # an H200: int8 passes, the import does not
+    # an H200: int8 passes, the import does not
+    monkeypatch.setattr(backends, "cuda_capability", lambda device="cuda": (9, 0))
     out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cuda")
     assert out.backend == "torch" and "tensorrt/int8 unavailable: torch-tensorrt is not installed" in out.note
 
 
 def test_tensorrt_int8_without_a_gpu_falls_back_and_says_why(tmp_path):
-    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cpu")
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", "int8"), _request(), device="cuda")
     assert (out.backend, out.forward) == ("torch", None)
     why = "tensorrt/int8 unavailable: tensorrt needs a CUDA device and none is available"
     assert out.note == f"float32 torch serves: {why}"
@@ -259,3 +260,64 @@ def test_an_escaped_onnx_pattern_selects_the_same_layers_on_tensorrt_as_in_the_o
     assert all(n.startswith("net.decoder.blocks.0") for n in selected)
     assert all(any(n.startswith(paths[m]) for m in selected) for n in matched_nodes)
     assert paths["net.decoder.blocks.0.conv1.0"] == "/net/decoder/blocks.0/conv1/conv1.0/"
+
+
+# --- the model's device, TF32, the cache key's inputs --------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_tensorrt_for_a_model_on_the_cpu_falls_back_saying_its_device_is_not_cuda(tmp_path, monkeypatch, precision):
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)  # a GPU is there, but the model is on the CPU
+    monkeypatch.setattr(backends, "cuda_capability", lambda device="cuda": (9, 0))
+    out = prepare_runtime(_runtime(tmp_path, "tensorrt", precision), _request(), device="cpu")
+    assert (out.backend, out.forward) == ("torch", None)
+    assert out.note == (
+        f"float32 torch serves: tensorrt/{precision} unavailable: tensorrt runs on a CUDA device and this model's "
+        "device is cpu"
+    )
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tensorrt_float32_follows_the_tf32_setting_and_builds_on_the_models_device(tf32):
+    from cxr_serving.runtimes.backends import tensorrt_compile_options
+
+    options = tensorrt_compile_options("float32", tf32=tf32, device="cuda:1")
+    assert options["disable_tf32"] is (not tf32) and options["device"] == torch.device("cuda:1")
+    assert "enable_autocast" not in options
+    half = tensorrt_compile_options("float16", tf32=tf32, device="cuda")
+    assert half["enable_autocast"] is True and half["autocast_low_precision_type"] is torch.float16
+
+
+def test_the_models_device_hands_performance_tf32_on_to_the_runtime():
+    assert InferenceDevice.resolve("cpu", PerformanceConfig(tf32=False)).tf32 is False
+    assert InferenceDevice.resolve("cpu", PerformanceConfig()).tf32 is True
+
+
+def test_the_tensorrt_cache_key_follows_tf32_and_the_cpu_backends_keys_do_not(tmp_path):
+    runtime, request = _runtime(tmp_path, "tensorrt", "float32"), _request()
+    on = cache_key(runtime, request, _VersionedTensorRt("float32", device="cuda", tf32=True), [])
+    off = cache_key(runtime, request, _VersionedTensorRt("float32", device="cuda", tf32=False), [])
+    assert on != off
+    cpu = _runtime(tmp_path, "onnxruntime", "float32")
+    assert cache_key(cpu, request, OnnxRuntimeBackend("float32", tf32=True), []) == cache_key(
+        cpu, request, OnnxRuntimeBackend("float32", tf32=False), []
+    )
+
+
+def test_the_tensorrt_cache_key_follows_the_tensorrt_librarys_version(tmp_path, monkeypatch):
+    """With stand-in `torch_tensorrt` and `tensorrt` modules (neither is installed here): their versions, and
+    the named device's GPU, go into the key."""
+    import sys
+    import types
+
+    names: list[object] = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names.append(device) or "NVIDIA H200")
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.SimpleNamespace(__version__="2.14.0"))
+    runtime, request = _runtime(tmp_path, "tensorrt", "float16"), _request()
+    keys = []
+    for version in ("11.1.0", "11.2.0"):
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+        backend = TensorRtBackend("float16", device="cuda:1")
+        assert backend.versions()["tensorrt"] == version
+        keys.append(cache_key(runtime, request, backend, []))
+    assert keys[0] != keys[1] and names[-1] == torch.device("cuda:1")

@@ -105,6 +105,9 @@ def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backen
         parts["profile"] = profile.key()
     if runtime.config.int8_float_layers:  # only when set: the keys of artefacts made before the setting stay
         parts["int8_float_layers"] = runtime.config.int8_float_layers
+    settings = backend.build_settings()
+    if settings:  # only a backend with such settings (TensorRT's TF32): the CPU backends' keys stay
+        parts["settings"] = settings
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -181,16 +184,19 @@ def _export_into_cache(
     return export_once(folder, write)
 
 
-def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu") -> RuntimeOutcome:
+def prepare_runtime(
+    runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu", tf32: bool = True
+) -> RuntimeOutcome:
     """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
-    Never raises for a runtime problem: a model always loads in float32 torch at worst."""
+    Never raises for a runtime problem: a model always loads in float32 torch at worst. `device` is the model's
+    (a GPU backend builds and runs there), `tf32` its performance.tf32."""
     if runtime is None or runtime.config.is_torch:
         report = RuntimeReport(request.model, "torch", "float32")
         report.publish()
         return RuntimeOutcome(report=report)
     stage = _Stage()
     try:
-        outcome = _optimised(runtime, request, device, stage)
+        outcome = _optimised(runtime, request, device, tf32, stage)
     except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
         name = f"{runtime.backend}/{runtime.precision}"
         if isinstance(exc, BackendUnavailable):
@@ -263,8 +269,12 @@ class _Stage:
     name = "setup"
 
 
-def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, stage: _Stage) -> RuntimeOutcome:
-    backend = BACKENDS[runtime.backend](runtime.precision, max_batch_size=request.max_batch_size)
+def _optimised(
+    runtime: ResolvedRuntime, request: RuntimeRequest, device: str, tf32: bool, stage: _Stage
+) -> RuntimeOutcome:
+    backend = BACKENDS[runtime.backend](
+        runtime.precision, max_batch_size=request.max_batch_size, device=device, tf32=tf32
+    )
     if runtime.backend != "tensorrt" and device != "cpu":
         raise BackendUnavailable(f"{runtime.backend} runs on the CPU and this model is on {device}")
     backend.available()
