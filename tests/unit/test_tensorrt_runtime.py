@@ -321,3 +321,55 @@ def test_the_tensorrt_cache_key_follows_the_tensorrt_librarys_version(tmp_path, 
         assert backend.versions()["tensorrt"] == version
         keys.append(cache_key(runtime, request, backend, []))
     assert keys[0] != keys[1] and names[-1] == torch.device("cuda:1")
+
+
+def test_a_failure_computing_the_cache_key_is_named_as_such(tmp_path, monkeypatch):
+    class _NoVersions(OnnxRuntimeBackend):
+        def versions(self):
+            raise RuntimeError("no version to read")
+
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", _NoVersions)
+    out = prepare_runtime(_runtime(tmp_path), _request())
+    assert out.note == "float32 torch serves: onnxruntime/float32 failed at cache key: RuntimeError: no version to read"
+
+
+# --- the cache never grows with failures -----------------------------------------------------------------------
+
+
+def test_an_export_that_cannot_load_leaves_nothing_behind_over_three_starts(tmp_path, monkeypatch):
+    monkeypatch.setitem(backends.BACKENDS, "onnxruntime", _TruncatedExport)
+    for _ in range(3):
+        out = prepare_runtime(_runtime(tmp_path), _request())
+        assert "failed at load" in out.note
+        assert sorted(p.name for p in (tmp_path / "cache" / "trt-test").iterdir()) == []
+
+
+def test_a_cached_artefact_that_stops_loading_is_moved_aside_and_only_the_newest_aside_kept(tmp_path):
+    first = prepare_runtime(_runtime(tmp_path), _request())
+    folder = first.cache_path
+    assert first.backend == "onnxruntime" and folder is not None
+    for stamp in ("20000101T000000-1", "20000102T000000-2"):  # two older starts' moved-aside artefacts
+        folder.with_name(f"{folder.name}.unloadable-{stamp}").mkdir()
+    (folder / "model.onnx").write_bytes(b"\x08\x07damaged on disk")
+    out = prepare_runtime(_runtime(tmp_path), _request())
+    assert out.backend == "onnxruntime" and out.exported
+    asides = [p for p in folder.parent.iterdir() if ".unloadable-" in p.name]
+    assert len(asides) == 1 and (asides[0] / "model.onnx").read_bytes() == b"\x08\x07damaged on disk"
+
+
+def test_an_export_killed_midway_leaves_a_folder_the_next_export_removes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cxr_serving.runtimes.prepare import export_once
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"abc.tmp-{gone.pid}"
+    live = tmp_path / f"def.tmp-{os.getppid()}"  # the test runner's parent: alive, maybe exporting
+    for d in (dead, live):
+        d.mkdir()
+        (d / "part").write_text("half")
+    assert export_once(tmp_path / "key", lambda tmp: (tmp / "meta.json").write_text("{}"))
+    assert not dead.exists() and live.is_dir() and (tmp_path / "key" / "meta.json").is_file()

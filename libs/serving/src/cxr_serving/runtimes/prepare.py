@@ -126,6 +126,28 @@ def _run(forward: Callable[[Any], Any], items: list[Any], max_batch: int) -> Any
         return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items, max_batch)])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_dead_exports(parent: Path) -> list[Path]:
+    """Remove the private folders (`<key>.tmp-<pid>`) of exports whose process is gone (killed mid-export):
+    nothing else ever would. Those of live processes, exporting now, stay."""
+    removed = []
+    for tmp in parent.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
     """`write` an artefact into a private folder renamed to `folder` when complete, unless a complete one (its
     META file) is there already; True when this call exported. Concurrent loads of one key each export, and the
@@ -133,6 +155,7 @@ def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
     if (folder / META).is_file():
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_exports(folder.parent)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -269,6 +292,23 @@ class _Stage:
     name = "setup"
 
 
+def _keep_newest_aside(folder: Path, keep: int = 1) -> None:
+    """Delete all but the newest `keep` moved-aside artefacts of `folder` (their names sort by time)."""
+    asides = sorted(folder.parent.glob(f"{folder.name}.unloadable-*"))
+    for old in asides[: max(0, len(asides) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_fresh(backend: Backend, folder: Path) -> Forward:
+    """Load an artefact this call just exported; one that does not load is deleted, so the cache never keeps
+    it (a later start exports afresh instead of moving it aside each time)."""
+    try:
+        return backend.load(folder)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def _optimised(
     runtime: ResolvedRuntime, request: RuntimeRequest, device: str, tf32: bool, stage: _Stage
 ) -> RuntimeOutcome:
@@ -285,7 +325,9 @@ def _optimised(
     calibrating = runtime.precision == "int8"  # only int8 calibrates: the others need the check images alone
     split = split_images(runtime.calibration_dir, cfg.calibration_images if calibrating else 0, cfg.check_images)
     check_inputs = load_inputs(split.check, request.preprocess)
+    stage.name = "cache key"
     key = cache_key(runtime, request, backend, [p.name for p in split.calibration])
+    stage.name = "calibration images"
     folder = runtime.cache_dir / request.model / key
     calibration: list[Any] = []
     if calibrating and not (folder / META).is_file():
@@ -298,9 +340,9 @@ def _optimised(
     started = time.perf_counter()
     stage.name = "load"
     try:
-        forward = backend.load(folder)
+        forward = _load_fresh(backend, folder) if exported else backend.load(folder)
     except Exception as exc:
-        if exported:  # a fresh export that does not load: exporting again would not help
+        if exported:  # a fresh export that does not load (deleted): exporting again now would not help
             raise
         aside = folder.with_name(f"{folder.name}.unloadable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         log.warning(
@@ -308,6 +350,7 @@ def _optimised(
             request.model, folder, type(exc).__name__, exc, aside.name,
         )  # fmt: skip
         folder.rename(aside)
+        _keep_newest_aside(folder)
         if calibrating and not calibration:
             calibration = load_inputs(split.calibration, request.preprocess)
         stage.name = "export"
@@ -315,7 +358,7 @@ def _optimised(
         timings["export_s"] = time.perf_counter() - started
         started = time.perf_counter()
         stage.name = "load"
-        forward = backend.load(folder)
+        forward = _load_fresh(backend, folder) if exported else backend.load(folder)
     timings["compile_s"] = time.perf_counter() - started
     if request.warm_up is not None:  # inside the fallback: a runtime that fails its first batches never serves
         stage.name = "warm-up"
