@@ -373,3 +373,39 @@ def test_an_export_killed_midway_leaves_a_folder_the_next_export_removes(tmp_pat
         (d / "part").write_text("half")
     assert export_once(tmp_path / "key", lambda tmp: (tmp / "meta.json").write_text("{}"))
     assert not dead.exists() and live.is_dir() and (tmp_path / "key" / "meta.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt (requirements/gpu.txt)")
+def test_a_modelopt_int8_network_exports_quantize_ops_before_the_convolution_and_none_before_the_head(monkeypatch):
+    """What torch-tensorrt converts to Q/DQ pairs, checked on CPU: ModelOpt's export mode with its CPU fake
+    quantization routed through `torch.ops.tensorrt.quantize_op` (its CUDA path) exports, with a dynamic batch
+    1..4, a quantize_op before the convolution's input and weight and the pooling, and none before the Linear."""
+    import modelopt.torch.quantization.tensor_quant as tensor_quant
+    from modelopt.torch.quantization.utils import export_torch_mode
+
+    from cxr_serving.runtimes.backends import modelopt_int8
+
+    net = _net()
+    modelopt_int8(net, list(torch.rand(8, 1, 32, 32)), transformer=False, float_layers=(), max_batch=4)
+
+    def as_on_cuda(inputs, amax, num_bits=8, unsigned=False, narrow_range=True):
+        return torch.ops.tensorrt.quantize_op(inputs, amax, num_bits, 0, unsigned, narrow_range)
+
+    monkeypatch.setattr(tensor_quant, "_tensor_quant", as_on_cuda)
+    batch = torch.export.Dim("batch", min=1, max=4)
+    with export_torch_mode(), torch.no_grad():
+        program = torch.export.export(net, (torch.rand(2, 1, 32, 32),), dynamic_shapes=({0: batch},))
+    calls = {str(n.target): n for n in program.graph.nodes if n.op == "call_function"}
+
+    def quantized(arg) -> bool:
+        return getattr(arg, "target", None) == torch.ops.tensorrt.quantize_op.default
+
+    conv, pool, head = (
+        calls["aten.conv2d.default"],
+        calls["aten.adaptive_avg_pool2d.default"],
+        calls["aten.linear.default"],
+    )
+    assert quantized(conv.args[0]) and quantized(conv.args[1]) and quantized(pool.args[0])
+    assert not any(quantized(a) for a in head.args)
+    assert sum(quantized(n) for n in program.graph.nodes) == 3
+    assert [(int(r.lower), int(r.upper)) for r in program.range_constraints.values()] == [(1, 4)]
