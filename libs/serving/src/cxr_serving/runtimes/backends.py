@@ -434,10 +434,10 @@ class TensorRtBackend(Backend):
     recipe = "2: dynamo, profile 1..max_batch_size (opt: max), float16 by enable_autocast, int8 by ModelOpt"
 
     def available(self) -> None:
-        if not self.device.startswith("cuda"):
-            raise BackendUnavailable(f"tensorrt runs on a CUDA device and this model's device is {self.device}")
         if not cuda_available():
             raise BackendUnavailable("tensorrt needs a CUDA device and none is available")
+        if not self.device.startswith("cuda"):
+            raise BackendUnavailable(f"tensorrt runs on a CUDA device and this model's device is {self.device}")
         if self.precision == "int8":
             capability = cuda_capability(self.device)
             if capability < INT8_MIN_CAPABILITY:
