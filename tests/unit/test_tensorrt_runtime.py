@@ -359,6 +359,7 @@ def test_a_cached_artefact_that_stops_loading_is_moved_aside_and_only_the_newest
 
 def test_an_export_killed_midway_leaves_a_folder_the_next_export_removes(tmp_path):
     import os
+    import socket
     import subprocess
     import sys
 
@@ -366,13 +367,15 @@ def test_an_export_killed_midway_leaves_a_folder_the_next_export_removes(tmp_pat
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = tmp_path / f"abc.tmp-{gone.pid}"
-    live = tmp_path / f"def.tmp-{os.getppid()}"  # the test runner's parent: alive, maybe exporting
-    for d in (dead, live):
+    host = socket.gethostname()
+    dead = tmp_path / f"abc.tmp-{host}-{gone.pid}"
+    live = tmp_path / f"def.tmp-{host}-{os.getppid()}"  # the test runner's parent: alive, maybe exporting
+    elsewhere = tmp_path / f"abc.tmp-another-pod-{gone.pid}"  # another host's pid: not ours to judge
+    for d in (dead, live, elsewhere):
         d.mkdir()
         (d / "part").write_text("half")
     assert export_once(tmp_path / "key", lambda tmp: (tmp / "meta.json").write_text("{}"))
-    assert not dead.exists() and live.is_dir() and (tmp_path / "key" / "meta.json").is_file()
+    assert not dead.exists() and live.is_dir() and elsewhere.is_dir() and (tmp_path / "key" / "meta.json").is_file()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt (requirements/gpu.txt)")

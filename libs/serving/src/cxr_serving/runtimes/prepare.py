@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,12 +137,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _export_tag() -> str:
+    """`<host>-<pid>`: a pid is only meaningful on its host (a cache shared by pods has many pid spaces)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def remove_dead_exports(parent: Path) -> list[Path]:
-    """Remove the private folders (`<key>.tmp-<pid>`) of exports whose process is gone (killed mid-export):
-    nothing else ever would. Those of live processes, exporting now, stay."""
+    """Remove the private folders (`<key>.tmp-<host>-<pid>`) of this host's exports whose process is gone
+    (killed mid-export): nothing else ever would. Those of live processes, and other hosts', stay."""
     removed = []
-    for tmp in parent.glob("*.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1]
+    for tmp in parent.glob(f"*.tmp-{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
         if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -156,7 +162,7 @@ def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_exports(folder.parent)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp = folder.with_name(f"{folder.name}.tmp-{_export_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
