@@ -83,7 +83,9 @@ if [ "${PLAN:-all}" = issue23 ]; then
   step i23_segmentation 130 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
   if [ "$DEVICE" = cuda ]; then
-    # TensorRT float16 and int8 beside the CUDA-graphs float path; 110 s keeps the call within 460 s
+    # TensorRT float16 and int8 beside the CUDA-graphs float path; 110 s keeps the call within 460 s. Measured
+    # only where requirements/gpu.txt is installed (the lent machine cannot: no network, 64 MiB per call, torch
+    # 2.11): otherwise each trt row says float32 torch served and why
     step gpu_tensorrt 110 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
       --variants amp_cl_graphs,trt_fp16,trt_int8 --out "$OUTDIR/gpu_paths-tensorrt.json"
   fi
@@ -100,7 +102,8 @@ step stack_segmentation 130 $PY -m bench.stack "${STACK[@]}" "${SEG_PEERS[@]}" -
   --out "$OUTDIR/stack-segmentation.json"
 if [ "$DEVICE" = cuda ]; then
   # models.<name>.runtime tensorrt (issue 24) beside the CUDA-graphs float paths, densenet121 only (engine builds
-  # take minutes); needs requirements/gpu.txt on the machine, else each trt row says float32 torch served and why
+  # take minutes); measured only where requirements/gpu.txt is installed (not the lent machine: no network,
+  # 64 MiB per call, torch 2.11), else each trt row says float32 torch served and why
   step gpu_tensorrt 240 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
     --variants tf32_graphs,amp_cl_graphs,trt_fp32,trt_fp16,trt_int8 --out "$OUTDIR/gpu_paths-tensorrt.json"
   # last: how long compilation takes is the unknown; each variant's row is written when it finishes

@@ -1,5 +1,6 @@
-"""TensorRT on a CUDA device (skipped without one, or without requirements/gpu.txt): float16 and int8 engines are
-built for the model's max batch, warmed up and checked at load, and a larger batch runs in slices."""
+"""TensorRT on a CUDA device (skipped without one, or without requirements/gpu.txt unless CXR_REQUIRE_TENSORRT=1
+makes that a failure): float16 and int8 engines are built for the model's max batch, warmed up and checked at
+load, and a larger batch runs in slices."""
 
 from __future__ import annotations
 
@@ -16,14 +17,19 @@ from cxr_serving.runtimes.check import classification_check
 from cxr_serving.runtimes.config import RuntimeConfig, resolve_runtime
 from cxr_serving.runtimes.prepare import META, RuntimeRequest, prepare_runtime, weights_digest
 from cxr_serving.settings import PerformanceConfig
-from tests.support.cuda import NEEDS_CUDA
+from tests.support.cuda import NEEDS_CUDA, missing_library
 from tests.support.paths import CXR14
 
 pytestmark = NEEDS_CUDA
-NEEDS_TORCH_TENSORRT = pytest.mark.skipif(
-    importlib.util.find_spec("torch_tensorrt") is None, reason="torch-tensorrt is not installed (requirements/gpu.txt)"
-)
 MAX_BATCH = 4
+
+
+def require(module: str) -> None:
+    decision = missing_library(
+        module, cuda=torch.cuda.is_available(), installed=importlib.util.find_spec(module) is not None
+    )
+    if decision is not None:
+        (pytest.fail if decision[0] == "fail" else pytest.skip)(decision[1])
 
 
 def _net() -> nn.Module:
@@ -49,11 +55,11 @@ def _judge(ref, got):
     return classification_check(probs(ref), probs(got), np.full(3, 0.5, np.float32), 0.05, 0.9)
 
 
-@NEEDS_TORCH_TENSORRT
 @pytest.mark.parametrize("precision", ["float16", "int8"])
 def test_an_engine_for_the_models_max_batch_serves_after_warm_up_and_check(tmp_path, precision):
-    if precision == "int8" and importlib.util.find_spec("modelopt") is None:
-        pytest.skip("nvidia-modelopt is not installed (requirements/gpu.txt)")
+    require("torch_tensorrt")
+    if precision == "int8":
+        require("modelopt")
     net = _net()
     device = InferenceDevice.resolve("cuda", PerformanceConfig())
     request = RuntimeRequest(

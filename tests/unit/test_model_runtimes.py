@@ -352,7 +352,7 @@ def test_bfloat16_where_openvino_has_it_serves_bfloat16(tmp_path):
 
 def test_tensorrt_without_a_gpu_or_the_library_falls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
-    no_gpu = prepare_runtime(_runtime(tmp_path, "tensorrt", "float16"), _request(_small_net()), device="cpu")
+    no_gpu = prepare_runtime(_runtime(tmp_path, "tensorrt", "float16"), _request(_small_net()), device="cuda")
     assert (no_gpu.backend, no_gpu.precision, no_gpu.forward) == ("torch", "float32", None)
     assert "tensorrt/float16 unavailable: tensorrt needs a CUDA device" in no_gpu.note
     if importlib.util.find_spec("torch_tensorrt") is not None:

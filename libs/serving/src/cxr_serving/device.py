@@ -34,6 +34,7 @@ class InferenceDevice:
     trace: bool = False  # TorchScript trace + freeze at load (optimize/torchscript.py): CPU, float32
     compile_mode: str = "default"  # torch.compile's mode, when compile is on
     cuda_graphs: bool = False  # replay CUDA graphs (optimize/cuda_graphs.py): GPU, without compile
+    tf32: bool = True  # performance.tf32: float32 may compute in TensorFloat-32 on a GPU (TensorRT follows it)
 
     @property
     def is_cuda(self) -> bool:
@@ -76,6 +77,7 @@ class InferenceDevice:
             perf.trace_models and not cuda and not use_amp,
             perf.compile_mode,
             perf.cuda_graphs and cuda and not perf.compile_models,
+            perf.tf32,
         )
 
     def prepare(self, model: Any, example: Any = None) -> Any:

@@ -340,7 +340,7 @@ class ChestXrayClassifier(ServedModel):
             max_batch_size=self._max_batch_size,
             warm_up=self._warm_up,
         )
-        return prepare_runtime(runtime, request, device=self._device.device)
+        return prepare_runtime(runtime, request, device=self._device.device, tf32=self._device.tf32)
 
     def warmup_batch_sizes(self) -> list[int]:
         return self._device.warmup_batch_sizes(self._max_batch_size, self._warmup_batches)

@@ -141,7 +141,7 @@ class SegmentationModel(ServedModel):
             max_batch_size=self._max_batch_size,
             warm_up=lambda forward: self._device.warm_up(forward, shape, self._max_batch_size, self._warmup_batches),
         )  # fmt: skip
-        return prepare_runtime(runtime, request, device=self._device.device)
+        return prepare_runtime(runtime, request, device=self._device.device, tf32=self._device.tf32)
 
     def transform_decoded(self, decoded: DecodedImage) -> torch.Tensor:
         """A decoded image as the network's input tensor (the calibration images go through this)."""

@@ -72,9 +72,15 @@ class Backend(ABC):
     name: str
     recipe = "1"  # how this backend exports and quantizes: a new recipe makes new cache entries
 
-    def __init__(self, precision: str, max_batch_size: int = 8) -> None:
+    def __init__(self, precision: str, max_batch_size: int = 8, *, device: str = "cpu", tf32: bool = True) -> None:
         self.precision = precision
         self.max_batch_size = max_batch_size  # the most items the model's batcher puts in one forward
+        self.device = device  # the model's device: a GPU backend builds and runs on it
+        self.tf32 = tf32  # performance.tf32: whether float32 may compute in TensorFloat-32 on a GPU
+
+    def build_settings(self) -> dict[str, Any]:
+        """Settings beyond precision that shape the artefact (part of the cache key when not empty)."""
+        return {}
 
     @abstractmethod
     def available(self) -> None:
@@ -322,20 +328,63 @@ def batch_slices(size: int, max_batch: int) -> list[slice]:
 INT8_MIN_CAPABILITY = (7, 5)  # int8 tensor cores from Turing on; TensorRT builds no fast int8 below
 
 
-def cuda_capability() -> tuple[int, int]:
+def cuda_capability(device: str = "cuda") -> tuple[int, int]:
     import torch
 
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
     return int(major), int(minor)
+
+
+def tensorrt_compile_options(precision: str, *, tf32: bool, device: str) -> dict[str, Any]:
+    """torch_tensorrt.compile's options for one precision on one device. Its dynamo path builds strongly typed
+    engines: enabled_precisions has no effect there, lower precision comes from its autocast (float16) or from
+    Q/DQ nodes (int8); float32 layers use TF32 unless performance.tf32 is off, as torch's do."""
+    import torch
+
+    options: dict[str, Any] = {"min_block_size": 1, "device": torch.device(device), "disable_tf32": not tf32}
+    if precision in ("float16", "int8"):
+        options.update(enable_autocast=True, autocast_low_precision_type=torch.float16)
+    return options
+
+
+def onnx_scope_paths(module: Any) -> dict[str, str]:
+    """Each submodule's scope as torch.onnx.export writes it into node names, so one int8_float_layers regex
+    selects the same layers on every backend: each called level keeps its name from its last non-numeric part
+    on ('net.decoder.blocks.0.0' -> '/net/decoder/blocks.0/blocks.0.0/'); a ModuleList or ModuleDict is never
+    called, so it adds no level."""
+    from torch import nn
+
+    def unqualified(name: str) -> str:  # as torch.onnx.utils._unqualified_variable_name
+        atoms = name.split(".")
+        for i in range(len(atoms) - 1, -1, -1):
+            if not atoms[i].isnumeric():
+                return ".".join(atoms[i:])
+        return name
+
+    modules = dict(module.named_modules())
+    paths: dict[str, str] = {}
+    for name in modules:
+        if not name:
+            continue
+        atoms = name.split(".")
+        prefixes = [".".join(atoms[: i + 1]) for i in range(len(atoms))]
+        levels = [
+            unqualified(p)
+            for p in prefixes
+            if p in modules and not isinstance(modules[p], (nn.ModuleList, nn.ModuleDict))
+        ]
+        paths[name] = "/" + "/".join(levels) + "/"
+    return paths
 
 
 def float_module_names(module: Any, *, transformer: bool, float_layers: tuple[str, ...]) -> list[str]:
     """The modules TensorRT int8 leaves in float: a CNN's Linear layers (its head, as for the CPU backends) and
-    those whose path, written as ONNX names it ('/net/decoder/blocks.0/'), matches an int8_float_layers regex."""
+    those whose ONNX scope ('/net/decoder/blocks.0/blocks.0.0/': `onnx_scope_paths`) matches an int8_float_layers
+    regex."""
     from torch import nn
 
-    names = [name for name, _ in module.named_modules() if name]
-    paths = {name: "/" + name.replace(".", "/") + "/" for name in names}
+    paths = onnx_scope_paths(module)
+    names = list(paths)
     require_float_layer_matches(float_layers, list(paths.values()))
     keep = [] if transformer else [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
     keep += [name for name in names if name not in keep and any(re.match(f, paths[name]) for f in float_layers)]
@@ -366,6 +415,16 @@ def modelopt_int8(
     mtq.quantize(module, config, forward_loop=calibrate)
 
 
+def tensorrt_library_version() -> dict[str, str]:
+    """The TensorRT library's version when it imports (torch-tensorrt pins one, but a reinstall can swap it
+    under the same torch-tensorrt): an engine is only valid for the TensorRT that built it."""
+    try:
+        import tensorrt
+    except ImportError:
+        return {}
+    return {"tensorrt": str(tensorrt.__version__)}
+
+
 class TensorRtBackend(Backend):
     """torch-tensorrt (dynamo IR) on a CUDA device: float32, float16 (the engine's autocast) or int8 (ModelOpt
     post-training quantization, the layers it leaves unquantized in float16), for batches up to the model's
@@ -377,8 +436,10 @@ class TensorRtBackend(Backend):
     def available(self) -> None:
         if not cuda_available():
             raise BackendUnavailable("tensorrt needs a CUDA device and none is available")
+        if not self.device.startswith("cuda"):
+            raise BackendUnavailable(f"tensorrt runs on a CUDA device and this model's device is {self.device}")
         if self.precision == "int8":
-            capability = cuda_capability()
+            capability = cuda_capability(self.device)
             if capability < INT8_MIN_CAPABILITY:
                 raise BackendUnavailable(
                     f"this GPU (compute capability {capability[0]}.{capability[1]}) has no fast int8: TensorRT "
@@ -404,13 +465,17 @@ class TensorRtBackend(Backend):
         out = {
             "torch_tensorrt": torch_tensorrt.__version__,
             "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(),
+            "gpu": torch.cuda.get_device_name(torch.device(self.device)),
         }
+        out.update(tensorrt_library_version())
         if self.precision == "int8":
             import modelopt
 
             out["modelopt"] = modelopt.__version__
         return out
+
+    def build_settings(self) -> dict[str, Any]:
+        return {"tf32": self.tf32}
 
     def profile(self, item_shape: tuple[int, ...]) -> EngineProfile:
         return engine_profile(item_shape, self.max_batch_size)
@@ -427,12 +492,8 @@ class TensorRtBackend(Backend):
             spec = torch_tensorrt.Input(shape=profile.shapes["max_shape"], dtype=torch.float32)
         else:
             spec = torch_tensorrt.Input(**profile.shapes, dtype=torch.float32)
-        # torch-tensorrt's dynamo path builds strongly typed engines: enabled_precisions has no effect there,
-        # lower precision comes from its autocast (float16) or from Q/DQ nodes (int8)
-        options: dict[str, Any] = {"min_block_size": 1}
-        if self.precision in ("float16", "int8"):
-            options.update(enable_autocast=True, autocast_low_precision_type=torch.float16)
-        gpu_copy = copy.deepcopy(module).cuda().eval()  # `module` stays the CPU float32 reference
+        options = tensorrt_compile_options(self.precision, tf32=self.tf32, device=self.device)
+        gpu_copy = copy.deepcopy(module).to(self.device).eval()  # `module` stays the CPU float32 reference
         if self.precision == "int8":  # torch-tensorrt traces a ModelOpt network's quantizers as Q/DQ ops
             modelopt_int8(
                 gpu_copy, calibration, transformer=transformer, float_layers=float_layers, max_batch=profile.max_batch
@@ -446,13 +507,13 @@ class TensorRtBackend(Backend):
         import torch_tensorrt
 
         module = torch_tensorrt.load(str(folder / "model.ep")).module()
-        max_batch = self.max_batch_size
+        max_batch, device = self.max_batch_size, torch.device(self.device)
 
         def forward(x: Any) -> Any:
             if x.shape[0] == 0:
                 raise ValueError("an empty batch: TensorRT's profile starts at 1 item")
             with torch.inference_mode():
-                x = x.cuda().contiguous()  # the engine's input binding is NCHW
+                x = x.to(device).contiguous()  # the engine's input binding is NCHW
                 parts = [module(x[part]).float() for part in batch_slices(x.shape[0], max_batch)]
                 return parts[0] if len(parts) == 1 else torch.cat(parts)
 

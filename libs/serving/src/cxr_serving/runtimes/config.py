@@ -71,9 +71,10 @@ class RuntimeConfig(BaseModel):
     check_images: int = Field(100, ge=1, le=10_000, description="held-back images the load-time check runs on")
     int8_float_layers: list[str] = Field(
         default_factory=list,
-        description="int8 only: regular expressions matched at the start of exported node names (e.g. "
-        "'/net/decoder/'; tensorrt: module paths written the same way) that stay in float, for layers whose int8 "
-        "error the accuracy check refuses",
+        description="int8 only: regular expressions matched at the start of the ONNX export's node names (e.g. "
+        "'/net/decoder/', '/net/decoder/blocks\\.0/'; tensorrt matches the same names, its modules' ONNX scopes) "
+        "that stay in float: float32 on openvino/onnxruntime, float16 on tensorrt; for layers whose int8 error the "
+        "accuracy check refuses",
     )
 
     @model_validator(mode="after")

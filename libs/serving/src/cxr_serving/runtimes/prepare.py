@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ def cache_key(runtime: ResolvedRuntime, request: RuntimeRequest, backend: Backen
         parts["profile"] = profile.key()
     if runtime.config.int8_float_layers:  # only when set: the keys of artefacts made before the setting stay
         parts["int8_float_layers"] = runtime.config.int8_float_layers
+    settings = backend.build_settings()
+    if settings:  # only a backend with such settings (TensorRT's TF32): the CPU backends' keys stay
+        parts["settings"] = settings
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -123,6 +127,33 @@ def _run(forward: Callable[[Any], Any], items: list[Any], max_batch: int) -> Any
         return np.concatenate([forward(b).float().cpu().numpy() for b in _batches(items, max_batch)])
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _export_tag() -> str:
+    """`<host>-<pid>`: a pid is only meaningful on its host (a cache shared by pods has many pid spaces)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_exports(parent: Path) -> list[Path]:
+    """Remove the private folders (`<key>.tmp-<host>-<pid>`) of this host's exports whose process is gone
+    (killed mid-export): nothing else ever would. Those of live processes, and other hosts', stay."""
+    removed = []
+    for tmp in parent.glob(f"*.tmp-{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
     """`write` an artefact into a private folder renamed to `folder` when complete, unless a complete one (its
     META file) is there already; True when this call exported. Concurrent loads of one key each export, and the
@@ -130,7 +161,8 @@ def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
     if (folder / META).is_file():
         return False
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    remove_dead_exports(folder.parent)
+    tmp = folder.with_name(f"{folder.name}.tmp-{_export_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -181,16 +213,19 @@ def _export_into_cache(
     return export_once(folder, write)
 
 
-def prepare_runtime(runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu") -> RuntimeOutcome:
+def prepare_runtime(
+    runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu", tf32: bool = True
+) -> RuntimeOutcome:
     """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
-    Never raises for a runtime problem: a model always loads in float32 torch at worst."""
+    Never raises for a runtime problem: a model always loads in float32 torch at worst. `device` is the model's
+    (a GPU backend builds and runs there), `tf32` its performance.tf32."""
     if runtime is None or runtime.config.is_torch:
         report = RuntimeReport(request.model, "torch", "float32")
         report.publish()
         return RuntimeOutcome(report=report)
     stage = _Stage()
     try:
-        outcome = _optimised(runtime, request, device, stage)
+        outcome = _optimised(runtime, request, device, tf32, stage)
     except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
         name = f"{runtime.backend}/{runtime.precision}"
         if isinstance(exc, BackendUnavailable):
@@ -263,8 +298,29 @@ class _Stage:
     name = "setup"
 
 
-def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, stage: _Stage) -> RuntimeOutcome:
-    backend = BACKENDS[runtime.backend](runtime.precision, max_batch_size=request.max_batch_size)
+def _keep_newest_aside(folder: Path, keep: int = 1) -> None:
+    """Delete all but the newest `keep` moved-aside artefacts of `folder` (their names sort by time)."""
+    asides = sorted(folder.parent.glob(f"{folder.name}.unloadable-*"))
+    for old in asides[: max(0, len(asides) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_fresh(backend: Backend, folder: Path) -> Forward:
+    """Load an artefact this call just exported; one that does not load is deleted, so the cache never keeps
+    it (a later start exports afresh instead of moving it aside each time)."""
+    try:
+        return backend.load(folder)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _optimised(
+    runtime: ResolvedRuntime, request: RuntimeRequest, device: str, tf32: bool, stage: _Stage
+) -> RuntimeOutcome:
+    backend = BACKENDS[runtime.backend](
+        runtime.precision, max_batch_size=request.max_batch_size, device=device, tf32=tf32
+    )
     if runtime.backend != "tensorrt" and device != "cpu":
         raise BackendUnavailable(f"{runtime.backend} runs on the CPU and this model is on {device}")
     backend.available()
@@ -275,7 +331,9 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, s
     calibrating = runtime.precision == "int8"  # only int8 calibrates: the others need the check images alone
     split = split_images(runtime.calibration_dir, cfg.calibration_images if calibrating else 0, cfg.check_images)
     check_inputs = load_inputs(split.check, request.preprocess)
+    stage.name = "cache key"
     key = cache_key(runtime, request, backend, [p.name for p in split.calibration])
+    stage.name = "calibration images"
     folder = runtime.cache_dir / request.model / key
     calibration: list[Any] = []
     if calibrating and not (folder / META).is_file():
@@ -288,9 +346,9 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, s
     started = time.perf_counter()
     stage.name = "load"
     try:
-        forward = backend.load(folder)
+        forward = _load_fresh(backend, folder) if exported else backend.load(folder)
     except Exception as exc:
-        if exported:  # a fresh export that does not load: exporting again would not help
+        if exported:  # a fresh export that does not load (deleted): exporting again now would not help
             raise
         aside = folder.with_name(f"{folder.name}.unloadable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         log.warning(
@@ -298,6 +356,7 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, s
             request.model, folder, type(exc).__name__, exc, aside.name,
         )  # fmt: skip
         folder.rename(aside)
+        _keep_newest_aside(folder)
         if calibrating and not calibration:
             calibration = load_inputs(split.calibration, request.preprocess)
         stage.name = "export"
@@ -305,7 +364,7 @@ def _optimised(runtime: ResolvedRuntime, request: RuntimeRequest, device: str, s
         timings["export_s"] = time.perf_counter() - started
         started = time.perf_counter()
         stage.name = "load"
-        forward = backend.load(folder)
+        forward = _load_fresh(backend, folder) if exported else backend.load(folder)
     timings["compile_s"] = time.perf_counter() - started
     if request.warm_up is not None:  # inside the fallback: a runtime that fails its first batches never serves
         stage.name = "warm-up"
