@@ -25,8 +25,8 @@ from __future__ import annotations
 import array
 import hashlib
 import itertools
-import json
 import logging
+import marshal
 import os
 import tempfile
 import threading
@@ -80,7 +80,10 @@ class LexicalHit:
 
 
 class Records:
-    """One segment's chunks (id, text, metadata) in an unlinked temporary file, read back by row with pread."""
+    """One segment's chunks (id, text, metadata) in an unlinked temporary file, read back by row with pread.
+
+    Records are `marshal`ed: the file lives only as long as this process, and decoding a hit is ~3x faster
+    than JSON."""
 
     def __init__(self, directory: Path | None) -> None:
         self._file: IO[bytes] = tempfile.TemporaryFile(dir=directory, prefix="cxr-bm25-")
@@ -89,7 +92,7 @@ class Records:
         self.offsets = np.zeros(1, dtype=np.int64)
 
     def append(self, chunks: Iterable[StoredChunk]) -> None:
-        parts = [json.dumps([c.id, c.metadata, c.text], ensure_ascii=False).encode() for c in chunks]
+        parts = [marshal.dumps((c.id, c.metadata, c.text)) for c in chunks]
         self.append_raw(parts)
 
     def append_raw(self, parts: Sequence[bytes]) -> None:
@@ -113,7 +116,7 @@ class Records:
         return os.pread(self._file.fileno(), hi - lo, lo)
 
     def get(self, row: int) -> StoredChunk:
-        cid, meta, text = json.loads(self.raw(row))
+        cid, meta, text = marshal.loads(self.raw(row))  # noqa: S302 - bytes this process wrote to its unlinked file
         return StoredChunk(cid, text, meta)
 
     def copy_rows(self, rows: np.ndarray, dest: Records, block: int = 4096) -> None:
