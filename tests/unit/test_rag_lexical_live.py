@@ -250,3 +250,21 @@ def test_each_segment_keeps_one_records_file_and_a_merged_segment_lets_go_of_its
     assert index.merges >= 1 and list(tmp_path.iterdir()) == []
     assert _open_files_under(tmp_path) == index.segments <= 2
     assert index.chunks([chunks[150].id]) == {chunks[150].id: chunks[150]}
+
+
+def test_a_word_repeated_more_than_255_times_keeps_its_exact_count_through_merges():
+    """Term counts are uint8 unless a segment needs more: a chunk saying one word 300 times and one saying
+    it twice, in separate segments then merged, score as bm25s scores them."""
+    chunks = corpus(60)
+    loud = StoredChunk("loud", "quokka " * 300, {})
+    quiet = StoredChunk("quiet", "quokka quokka tracheostomy", {})
+    index = LexicalIndex(chunks[:30], max_segments=2)
+    index.add([quiet])
+    index.add([loud])
+    index.add(chunks[30:])
+    index.wait_merges()
+    assert index.merges >= 1
+    want = fresh_scores([*chunks, quiet, loud], "quokka")
+    got = {h.chunk.id: h.score for h in index.search("quokka", 5)}
+    assert got == pytest.approx(want, rel=1e-5) and set(got) == {"loud", "quiet"}
+    assert got["loud"] > got["quiet"]

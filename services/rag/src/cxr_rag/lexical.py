@@ -10,7 +10,8 @@ carried over. Scores are BM25 as bm25s computes it by default ("lucene": idf = l
 0.5) / (df + 0.5)), tf / (tf + k1 (1 - b + b dl / avgdl))), with N, df and avgdl over the live
 chunks, so a live index scores exactly as one built from scratch over the same chunks.
 
-Memory: a segment holds numpy arrays only (postings as int32 rows and uint16 term counts per term,
+Memory: a segment holds numpy arrays only (postings as int32 rows and uint8 term counts per term,
+uint16 in a segment where a word occurs more than 255 times in one chunk,
 document lengths, 64-bit hashes of the chunk ids); each chunk's id, text and metadata go to the
 segment's unlinked temporary file (`records_dir`, default the temporary directory) and are read
 back for the hits a search returns, so no Python object per chunk stays in memory.
@@ -62,6 +63,14 @@ def s_stem(word: str) -> str:
 def tokenize(texts: list[str]) -> list[list[str]]:
     out = bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
     return [[s_stem(w) for w in doc] for doc in out]  # type: ignore[union-attr]
+
+
+def counts_array(tf: np.ndarray) -> np.ndarray:
+    """Term counts in the smallest unsigned type that holds them: uint8 almost always (5 bytes a posting
+    with its int32 row instead of 6), uint16 (clipped at 65,535) where a word is repeated more."""
+    if len(tf) and int(tf.max()) > np.iinfo(np.uint8).max:
+        return np.minimum(tf, TF_MAX).astype(np.uint16)
+    return tf.astype(np.uint8)
 
 
 def id_keys(ids: Sequence[str]) -> np.ndarray:
@@ -231,7 +240,7 @@ def concat_postings(parts: Sequence[Part], width: int, block: int = 1 << 21) -> 
     out_ptr = np.zeros(width + 1, dtype=np.int64)
     np.cumsum(counts, out=out_ptr[1:])
     rows = np.empty(int(out_ptr[-1]), dtype=np.int32)
-    tf = np.empty(len(rows), dtype=np.uint16)
+    tf = np.empty(len(rows), dtype=np.result_type(*(p[2].dtype for p in parts)) if parts else np.uint8)
     fill = out_ptr[:-1].copy()
     for part in parts:
         for t0, t1 in _term_blocks(part[0], block):
@@ -301,7 +310,7 @@ class LexicalIndex:
         keys, tf = np.unique(local[flat] * n + np.repeat(np.arange(n), lengths), return_counts=True)
         indptr = np.zeros(width + 1, dtype=np.int64)
         np.cumsum(np.bincount(keys // n, minlength=width), out=indptr[1:])
-        return indptr, (keys % n).astype(np.int32), np.minimum(tf, TF_MAX).astype(np.uint16), lengths
+        return indptr, (keys % n).astype(np.int32), counts_array(tf), lengths
 
     def _build(self, chunks: Iterator[StoredChunk]) -> tuple[Segment, np.ndarray] | None:
         """One segment from `chunks`, tokenized a batch at a time into compact arrays, and its alive rows
