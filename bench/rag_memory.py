@@ -130,6 +130,54 @@ def measure_phase(store: Path, queries_n: int) -> dict[str, Any]:
     }
 
 
+def query_ab_phase(store: Path, old_lexical: Path, queries_n: int) -> dict[str, Any]:
+    """In one process over the store: the service's retriever with this code's BM25 index and with the ref's
+    (`old_lexical`, loaded from its file), swapped query by query in alternating order, so both see the same
+    embedder, Chroma and host load; also whether the passages (id, text, metadata) are identical."""
+    import importlib.util
+
+    from cxr_rag.lexical import LexicalIndex
+    from cxr_rag.retrieval import Mode
+    from cxr_rag.runtime import RagRuntime
+
+    spec = importlib.util.spec_from_file_location("old_lexical", old_lexical)
+    assert spec is not None and spec.loader is not None
+    old_mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_lexical"] = old_mod  # its dataclasses look their module up
+    spec.loader.exec_module(old_mod)
+    rt = RagRuntime(rag_scale.rag_cfg(store))
+    rt.open(progress=False, build_index=False)
+    assert rt.store is not None and rt.retriever is not None
+    r = rt.retriever
+    indexes = {"new": LexicalIndex(rt.store.iter_chunks()), "ref": old_mod.LexicalIndex(rt.store.all_chunks())}
+    gc.collect()
+    gc.freeze()  # neither index's objects are walked by the collector while the other is timed
+    queries = [q["question"] for q in rag_scale.eval_questions()[0]][:queries_n]
+    r._index = indexes["new"]
+    r.search("warm up the embedding model", 5, Mode.HYBRID)
+    ms: dict[str, list[float]] = {}
+    got: dict[str, list[Any]] = {}
+    for i, q in enumerate(queries):
+        for name in ("ref", "new") if i % 2 else ("new", "ref"):
+            r._index = indexes[name]
+            for mode in (Mode.LEXICAL, Mode.HYBRID):
+                t = time.perf_counter()
+                out = r.search(q, 5, mode)
+                ms.setdefault(f"{name}_{mode.value}", []).append((time.perf_counter() - t) * 1000)
+                for part, v in out.timings_ms.items():
+                    ms.setdefault(f"{name}_{mode.value}_{part}", []).append(v)
+                got.setdefault(f"{name}_{mode.value}", []).append([(p.id, p.text, p.metadata) for p in out.passages])
+    same = {
+        m: sum(a == b for a, b in zip(got[f"ref_{m}"], got[f"new_{m}"], strict=True)) for m in ("lexical", "hybrid")
+    }
+    return {
+        "chunks": rt.store.count(),
+        "queries": len(queries),
+        "latency_ms": {k: rag_scale._pcts(v) for k, v in sorted(ms.items())},
+        "identical_passages": same,
+    }
+
+
 def baseline_phase() -> dict[str, Any]:
     """In a fresh process: the same opening over an empty store, i.e. what holds memory whatever the chunk count
     (Python, the libraries, both embedder instances, an empty Chroma)."""
@@ -257,9 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure-phase", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--lexical-phase", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-phase", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--query-ab-phase", nargs=2, type=Path, help=argparse.SUPPRESS)  # store, the ref's lexical.py
     args = ap.parse_args(argv)
     if args.measure_phase:
         print("PHASE " + json.dumps(measure_phase(args.measure_phase, args.queries)), flush=True)
+        return 0
+    if args.query_ab_phase:
+        store_path, old_file = args.query_ab_phase
+        print("PHASE " + json.dumps(query_ab_phase(store_path, old_file, args.queries)), flush=True)
         return 0
     if args.baseline_phase:
         print("PHASE " + json.dumps(baseline_phase()), flush=True)
@@ -290,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     report["new"] = run_phase(phase, None)
     if args.compare_ref:
         with tempfile.TemporaryDirectory() as tmp:
-            report[f"ref_{args.compare_ref}"] = run_phase(phase, export_ref(args.compare_ref, Path(tmp)))
+            src = export_ref(args.compare_ref, Path(tmp))
+            report[f"ref_{args.compare_ref}"] = run_phase(phase, src)
+            ab = ["--query-ab-phase", str(store), str(src / "cxr_rag" / "lexical.py"), "--queries", str(args.queries)]
+            report[f"query_latency_new_vs_ref_{args.compare_ref}_one_process"] = run_phase(ab, None)
     report["host"].update(rag_scale.machine("end"))
     out = args.out or RESULTS / f"rag_memory-{args.passages}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
