@@ -69,7 +69,8 @@ def counts_array(tf: np.ndarray) -> np.ndarray:
     """Term counts in the smallest unsigned type that holds them: uint8 almost always (5 bytes a posting
     with its int32 row instead of 6), uint16 (clipped at 65,535) where a word is repeated more."""
     if len(tf) and int(tf.max()) > np.iinfo(np.uint8).max:
-        return np.minimum(tf, TF_MAX).astype(np.uint16)
+        clipped: np.ndarray = np.minimum(tf, TF_MAX).astype(np.uint16)
+        return clipped
     return tf.astype(np.uint8)
 
 
