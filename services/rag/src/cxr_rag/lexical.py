@@ -92,8 +92,8 @@ class LexicalHit:
 class Records:
     """One segment's chunks (id, text, metadata) in an unlinked temporary file, read back by row with pread.
 
-    Records are `marshal`ed: the file lives only as long as this process, and decoding a hit is ~3x faster
-    than JSON."""
+    Records are `marshal`ed: the file lives only as long as this process, and a hit decodes faster than from
+    JSON."""
 
     def __init__(self, directory: Path | None) -> None:
         self._file: IO[bytes] = tempfile.TemporaryFile(dir=directory, prefix="cxr-bm25-")
