@@ -99,10 +99,11 @@ class Retriever:
         return self._index
 
     def rebuild_index(self) -> LexicalIndex:
-        """Read every chunk from the store into a fresh BM25 index (at start); later changes are applied
-        to it as they happen (`LexicalIndex.add` / `remove`), never by reading the store again."""
+        """Read every chunk from the store into a fresh BM25 index (at start), a page at a time, so the
+        store's chunks are never all in memory as Python objects; later changes are applied to it as they
+        happen (`LexicalIndex.add` / `remove`), never by reading the store again."""
         with self._rebuild_lock:
-            index = LexicalIndex(self.store.all_chunks())
+            index = LexicalIndex(self.store.iter_chunks())
             self._index = index
             return index
 

@@ -317,11 +317,13 @@ class VectorStore:
             )
             offset += len(ids)
 
+    def iter_chunks(self, page: int = 5000) -> Iterator[StoredChunk]:
+        """Every stored chunk, read a page at a time (the BM25 index is built from this stream)."""
+        for ids, docs, metas, _ in self.iter_all(page):
+            yield from (StoredChunk(i, d or "", m) for i, d, m in zip(ids, docs, metas, strict=True))
+
     def all_chunks(self) -> list[StoredChunk]:
-        out: list[StoredChunk] = []
-        for ids, docs, metas, _ in self.iter_all():
-            out.extend(StoredChunk(i, d or "", m) for i, d, m in zip(ids, docs, metas, strict=True))
-        return out
+        return list(self.iter_chunks())
 
     def stats(self) -> dict[str, Any]:
         return {
