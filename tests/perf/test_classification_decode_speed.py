@@ -7,6 +7,7 @@ torch's `interpolate`), and reading an uncompressed 8-bit DICOM's pixels (a view
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pydicom
@@ -34,8 +35,16 @@ def interpolate_preprocess(gray: np.ndarray) -> torch.Tensor:
     return normalize_imagenet(interpolate(torch.from_numpy(gray)[None].float()).mul_(float(UNIT_8BIT)), 3)
 
 
-def test_resize_and_dicom_pixels_cost_less_cpu():
-    torch.set_num_threads(1)  # the service's performance.cpu_threads in the serving-path bench
+@pytest.fixture
+def one_torch_thread():
+    """The service's performance.cpu_threads in the serving-path bench; restored so later tests keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resize_and_dicom_pixels_cost_less_cpu(one_torch_thread):
     grays = [decode_image(d).array for d in nih_inputs("png", 4)]
     images = [torch.from_numpy(g)[None].float() for g in grays]
     dicoms = nih_inputs("dcm", 4)
@@ -57,11 +66,12 @@ def test_resize_and_dicom_pixels_cost_less_cpu():
             "interpolate": lambda: [interpolate(x) for x in images],
             "dicom_view": lambda: [view(d) for d in dicoms],
             "dicom_pixel_array": lambda: [pydicom_pixels(d) for d in dicoms],
-        }
+        },
+        clock=time.thread_time,  # one torch thread: all of it runs on this thread, not on other tests' leftovers
     )
     print({k: round(1000 * v / 4, 3) for k, v in t.items()})  # ms per image
     ratios = {
-        "resize": (t["interpolate"] / t["sparse_resize"], 1.3),  # 1.6-2x on 2 shared cores
+        "resize": (t["interpolate"] / t["sparse_resize"], 1.25),  # 1.5-1.6x alone; 0.85 without the change
         "dicom": (t["dicom_pixel_array"] / t["dicom_view"], 1.3),  # 1.5-1.7x: dcmread stays
     }
     slow = {k: round(r, 2) for k, (r, least) in ratios.items() if r < least}

@@ -84,12 +84,14 @@ def densenet():
     from cxr_serving.device import InferenceDevice
     from cxr_serving.settings import PerformanceConfig
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cpu = InferenceDevice.resolve("cpu", PerformanceConfig())
     model = ChestXrayClassifier("multi", MultiLabelClassifierConfig(allow_untrained=True, input_size=224), cpu)
     model.load()
     yield model
     model.unload()
+    torch.set_num_threads(threads)  # later tests keep the process's thread count
 
 
 @pytest.mark.parametrize(("fmt", "atol"), [("png", 1e-5), ("jpeg", 1e-5), ("dcm", 1e-5), ("dcm_jpeg", 1e-3)])
