@@ -45,16 +45,15 @@ def op_norm(probs: torch.Tensor, op_threshs: torch.Tensor) -> torch.Tensor:
     """torchxrayvision's operating-point normalisation: each threshold maps to 0.5.
 
     An output without an operating point (NaN) keeps its raw probability: a constant 0.5 would
-    read as positive at every threshold up to 0.5, whatever the image.
+    read as positive at every threshold up to 0.5, whatever the image. Element-wise `where`, never
+    a boolean-mask index: a traced graph would bake in how many outputs were under their point.
     """
     th = op_threshs.expand_as(probs)
     valid = ~torch.isnan(th)
-    below = (probs < th) & valid
-    above = ~(probs < th) & valid
-    out = probs.clone()
-    out[below] = probs[below] / (th[below] * 2)
-    out[above] = 1.0 - (1.0 - probs[above]) / ((1.0 - th[above]) * 2)
-    return out
+    th = torch.where(valid, th, torch.full_like(th, 0.5))
+    below = probs / (th * 2)
+    above = 1.0 - (1.0 - probs) / ((1.0 - th) * 2)
+    return torch.where(valid, torch.where(probs < th, below, above), probs)
 
 
 class ClassifierNetwork(nn.Module):
