@@ -118,13 +118,25 @@ async def test_unload_and_reload_under_load_answer_every_caller_within_1s():
         async def held_then(what: str, admin) -> list[str]:
             with repo.expect([MULTI]) as decoding:  # one request on its way: the collector waits for it
                 batcher = repo.batcher(MULTI)
+                submitted: list[float] = []
+                submit = batcher.submit
+
+                async def counted(*args, **kwargs):  # queued in this call's first step (no await before)
+                    submitted.append(time.monotonic())
+                    return await submit(*args, **kwargs)
+
+                batcher.submit = counted
                 burst = [asyncio.ensure_future(timed_classify()) for _ in range(6)]
-                seen, deadline = 1, time.monotonic() + 20
-                while time.monotonic() < deadline and not (seen > 1 and batcher._upcoming == 1):
-                    seen = max(seen, batcher._upcoming)  # the 6 arrive (announced), then submit
+                # all 6 decoded and queued, only the test's announcement left (the reload's streams queue too)
+                least = 6 if what == "unload" else 7
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not (len(submitted) >= least and batcher._upcoming == 1):
                     await asyncio.sleep(0.002)
                 await asyncio.sleep(0.1)
-                assert batcher.queue_depth == 0  # the collector holds them
+                held = f"{len(submitted)} queued, {batcher._upcoming} announced, {batcher.queue_depth} in the queue"
+                assert len(submitted) >= least and batcher.queue_depth == 0, held  # the collector holds them
+                waited = time.monotonic() - submitted[0]
+                assert not any(t.done() for t in burst), f"the held batch ran before the admin call ({waited:.2f} s)"
                 closing: list[float] = []
 
                 async def watch() -> None:  # the held batcher leaves the repository as its close starts
