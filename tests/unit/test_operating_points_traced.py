@@ -52,3 +52,29 @@ def test_a_traced_network_with_operating_points_answers_like_eager_on_any_patter
     with torch.no_grad():
         assert torch.allclose(graph(mixed), net(mixed), atol=1e-6)
         assert torch.allclose(graph(mixed[:1]), net(mixed[:1]), atol=1e-6)
+
+
+class _MaskIndexedOpNorm(nn.Module):
+    """The old mask-indexed normalisation: its trace bakes in how many outputs were under their point."""
+
+    def __init__(self, th: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("th", th)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.sigmoid(logits)
+        th = self.th.expand_as(probs)
+        below = probs < th
+        out = probs.clone()
+        out[below] = probs[below] / (th[below] * 2)
+        return out
+
+
+def test_traced_keeps_the_eager_module_when_the_graph_depends_on_the_example_values():
+    """The load-time check also runs seeded random inputs, so a graph that passed on the example and its
+    pair (both one output below its point) but breaks on other values is never served."""
+    net = _MaskIndexedOpNorm(torch.tensor([0.3, 0.3, 0.3, 0.3])).eval()
+    one_below = torch.tensor([[_logit(0.25), _logit(0.8), _logit(0.7), _logit(0.6)]])
+    graph, why = traced(net, one_below)
+    assert graph is net and not is_traced(graph)
+    assert why.startswith(("trace failed", "traced output deviates")), why

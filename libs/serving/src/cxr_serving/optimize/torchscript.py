@@ -6,9 +6,11 @@ pays per 2-3 images. A traced, frozen graph runs the same aten ops from C++ with
 constants, without that cost; torch.compile is not used on CPU because its long compile bought
 almost nothing there.
 
-The traced graph is kept only if it answers like the eager network: on the load example and on a
-batch of two (so a batch size baked into the trace shows), within `tolerance` of the eager output's
-scale. Anything that fails to trace or to match keeps the eager network, and the load logs why.
+The traced graph is kept only if it answers like the eager network: on the load example, on a
+batch of two (so a batch size baked into the trace shows) and on a batch of three seeded standard
+normal inputs (so a shape that depends on the example's values shows), within `tolerance`
+of the eager output's scale. Anything that fails to trace or to match keeps the eager network, and
+the load logs why.
 `torch.jit` is deprecated upstream in favour of torch.export; the warnings it raises while
 tracing are silenced here, and the eager path stays the fallback.
 """
@@ -31,13 +33,18 @@ def traced(module: Any, example: Any, tolerance: float = DEFAULT_TOLERANCE) -> t
     import torch
 
     pair = torch.cat([example, example.flip(0) if example.shape[0] > 1 else example * 0.5])
+    checks = [example, pair]
+    if example.is_floating_point():
+        seeded = torch.Generator(device=example.device).manual_seed(0)
+        shape = (3, *example.shape[1:])
+        checks.append(torch.randn(shape, generator=seeded, dtype=example.dtype, device=example.device))
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarning, and torch.jit's deprecation notice
             graph = torch.jit.freeze(
                 torch.jit.trace(module.eval(), example, check_trace=False, strict=False)  # type: ignore[no-untyped-call]
             )
-            deviation = max(output_deviation(module(x), graph(x)) for x in (example, pair))
+            deviation = max(output_deviation(module(x), graph(x)) for x in checks)
     except Exception as exc:  # a network torch.jit cannot trace: serve it eagerly
         return module, f"trace failed ({type(exc).__name__}: {str(exc)[:200]})"
     if not deviation <= tolerance:
