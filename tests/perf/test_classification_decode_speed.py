@@ -2,8 +2,9 @@
 CPU-time ratios taken in turn on NIH radiographs (never an absolute time): resizing a
 512 x 512 radiograph to the 224 x 224 input (two sparse products with the antialiased bilinear weights against
 torch's `interpolate`), and reading an uncompressed 8-bit DICOM's pixels (a view of its bytes against pydicom's
-`pixel_array`). The timing runs in a fresh interpreter, as a service process would: late in a full suite the
-sparse resize measured 0.95x in the test process (state left by earlier tests) and 1.5x in a fresh one.
+`pixel_array`). The timing runs in a fresh interpreter: late in a full suite the sparse resize measured 0.95x in
+the test process, for a reason not found (earlier tests' state; glibc's malloc settings were ruled out), and
+1.32-1.63x in fresh interpreters at load ~5.
 bench/README.md has the serving-path numbers."""
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def test_resize_and_dicom_pixels_cost_less_cpu():
         assert np.array_equal(_view(d), _pydicom_pixels(d))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     code = f"import json; from {__name__} import measure; print(json.dumps(measure()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     t = json.loads(run.stdout.strip().splitlines()[-1])
     print({k: round(1000 * v / 4, 3) for k, v in t.items()})  # ms per image
     ratios = {
-        "resize": (t["interpolate"] / t["sparse_resize"], 1.25),  # 1.5-1.6x in a fresh process; 0.85 without
+        "resize": (t["interpolate"] / t["sparse_resize"], 1.15),  # 1.32-1.63x fresh; 0.85 without the change
         "dicom": (t["dicom_pixel_array"] / t["dicom_view"], 1.3),  # 1.5-1.7x: dcmread stays
     }
     slow = {k: round(r, 2) for k, (r, least) in ratios.items() if r < least}
