@@ -251,10 +251,11 @@ def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[
 def model_files_digest(model_path: Path) -> str:
     """SHA-256 of every file of the model directory (names and contents; hidden ones aside): what the weights,
     config and tokenizer an export and its torch reference were made from, readable without loading torch."""
+    files = [Path(d, n) for d, _, names in os.walk(model_path, followlinks=True) for n in names]
     h = hashlib.sha256()
-    for file in sorted(model_path.rglob("*")):
+    for file in sorted(files):  # symlinks followed: a hub cache's snapshot is links to its blobs
         rel = file.relative_to(model_path)
-        if not file.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
             continue
         with file.open("rb") as f:
             h.update(str(rel).encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
@@ -283,8 +284,9 @@ def cache_folder(
     cache_dir: Path,
     model_digest: str,
     max_seq_length: int,
-    check_texts: Sequence[str] = CHECK_TEXTS,
+    check_texts: Sequence[str] | None = None,
 ) -> Path:
+    """The cache entry of the export and of torch's vectors of `check_texts` (default CHECK_TEXTS)."""
     parts = {
         "model_files": model_digest,
         "backend": cfg.backend,
@@ -292,7 +294,7 @@ def cache_folder(
         "max_seq_length": max_seq_length,
         "versions": runtime_versions(cfg),
         "recipe": RECIPE,
-        "check_texts": texts_digest(check_texts),
+        "check_texts": texts_digest(CHECK_TEXTS if check_texts is None else check_texts),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / MODEL_LABEL / key
