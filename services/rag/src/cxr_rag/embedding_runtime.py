@@ -4,7 +4,7 @@ with torch (cosine >= min_cosine on held texts), else torch serves and the reaso
 The export is cached like the model runtimes' (cxr_serving.runtimes): keyed by the model files' digest, the
 backend, precision, export recipe, check texts and library versions, written into a temporary folder and renamed.
 Torch's vectors of the check texts are kept in the same entry, so a later start checks the export against them
-without importing torch (docs/rag.md, "Embedder start without torch").
+without importing torch (services/rag/README.md).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def declared_max_seq_length(model_path: Path) -> int | None:
 
 def fast_tokenizer(model_path: Path, max_seq_length: int) -> Any:
     """tokenizer.json, truncating at max_seq_length and padding with [PAD]: the export's input ids (the same as
-    sentence-transformers' tokenizer gives, tests/unit/test_rag_embedder_start.py)."""
+    sentence-transformers' tokenizer gives, tests/integration/test_rag_embedder_start.py)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
