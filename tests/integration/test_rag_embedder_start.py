@@ -1,5 +1,6 @@
 """The embedder's start from a warm cache on real components: the OpenVINO export checked against the torch
-vectors stored with it, without importing torch, transformers or sentence-transformers; a damaged or forged
+vectors stored with it, without importing torch, transformers or sentence-transformers (RagRuntime.open in a
+fresh interpreter, and the service process answering over gRPC); a damaged or forged
 reference is a miss that torch recomputes; another model or check text set is another cache entry; and the
 tokenizer.json path gives sentence-transformers' input ids on real PubMedQA passages."""
 
@@ -11,13 +12,19 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cxr_protos.rag.v1 import rag_service_pb2 as pb
+from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
 from cxr_rag import embedding_runtime, embeddings
 from cxr_rag.config import EmbeddingRuntimeConfig
 from cxr_rag.embedding_runtime import CHECK_TEXTS, tokenize_batch
@@ -25,6 +32,8 @@ from cxr_rag.embeddings import Embedder, default_model_path
 from cxr_serving.runtimes.backends import openvino_cpu_capabilities
 from cxr_serving.runtimes.prepare import META
 from tests.support.paths import PUBMEDQA, REPO
+from tests.support.rag import subset_corpus
+from tests.support.servers import TEST_KEY, auth, free_port
 
 # Names this change adds are read from the modules at call time, so the file imports without it too.
 HEAVY = ("torch", "transformers", "sentence_transformers")
@@ -123,6 +132,55 @@ def test_a_warm_start_of_the_rag_runtime_imports_no_torch_and_serves_the_same_ve
         second = np.load(again["vectors"] / f"{role}.npy")
         assert first.shape == second.shape == (24, 384)
         assert float((first * second).sum(axis=1).min()) >= 0.9999
+
+
+@pytest.mark.timeout(300)
+def test_the_rag_service_started_from_a_warm_cache_answers_without_torch_in_the_process(warm, tmp_path):
+    """The service process itself (`python -m cxr_rag`): SERVING, an extractive answer, and no libtorch mapped."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(subset_corpus().read_text().splitlines()[:12]) + "\n")
+    port = free_port()
+    rag = {"vector_db_path": str(tmp_path / "db"), "documents_path": str(corpus), "llm": {"mode": "extractive"}}
+    rag["embedding_runtime"] = {"backend": "openvino", "precision": precision(), "cache_dir": str(warm[0])}
+    cfg = {
+        "models": {"rag": rag},
+        "services": {"rag": {"host": "127.0.0.1", "port": port, "metrics_port": 0}},
+        "monitoring": {"log_json": False},
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "CXR_API_KEY": TEST_KEY, "HF_HUB_OFFLINE": "1"}
+    env.pop("CXR_CONFIG_PATH", None)
+    cmd = [sys.executable, "-m", "cxr_rag", "--config", str(tmp_path / "cfg.json")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            deadline = time.time() + 240
+            while time.time() < deadline:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                try:
+                    st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    if st == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail("rag service did not become SERVING")
+            question = "Does the helicopter environment impair intubation by flight nurses?"
+            r = pb_grpc.RagServiceStub(ch).AnswerQuestion(
+                pb.AnswerQuestionRequest(question=question), metadata=auth(), timeout=60
+            )
+            assert r.extractive and r.citations[0].source == "PMID:10135926"
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" not in maps, "the warm service process loaded torch"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert "agreement with the torch reference stored with it on 36 held texts" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _forged(raw: bytes) -> bytes:
