@@ -2,6 +2,7 @@
 
     python -m bench.rag_memory --passages 200000                   # build the store once, then measure
     python -m bench.rag_memory --passages 200000 --compare-ref main  # the same store measured with main's code too
+    python -m bench.rag_memory --embedders-only --compare-ref main   # RagRuntime.open over an empty store, warm cache
 
 The store is built with STAND-IN vectors (`ingest_random_vectors`: the service's chunking, chunk ids,
 texts and metadata, written through the service's `VectorStore.upsert` into real Chroma, but each
@@ -15,6 +16,8 @@ embedder instances, the embedded Chroma store, the BM25 index built from the sto
 questions. VmRSS/VmHWM from /proc are read after each stage, so the growth of each stage is that
 component's share. `--compare-ref REF` runs the same phase with `services/rag/src` of a git ref (e.g.
 the code before the memory work), same store, in turn, so the two are side by side in one JSON.
+`--embedders-only` measures what does not grow with the store (the empty-store opening: the two embedder
+roles, the libraries, an empty Chroma) from a warm export cache, this code and the ref's alternating.
 """
 
 from __future__ import annotations
@@ -185,7 +188,10 @@ def baseline_phase() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         rt = RagRuntime(rag_scale.rag_cfg(Path(tmp) / "chroma"))
-        return rag_scale.open_in_stages(rt)
+        opened = rag_scale.open_in_stages(rt)
+        assert rt.embedder is not None and rt.ingest_embedder is not None
+        heavy = [m for m in ("torch", "transformers", "sentence_transformers") if m in sys.modules]
+        return {**opened, "imported": heavy, "embedders": [rt.embedder.status(), rt.ingest_embedder.status()]}
 
 
 def corpus_chunks(corpus: Path, limit: int) -> Iterator[Any]:
@@ -291,6 +297,48 @@ def lexical_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def embedders_only(args: argparse.Namespace) -> int:
+    """The empty-store opening (both embedder roles from a warm export cache, libraries, empty Chroma), this code
+    and (`--compare-ref`) the ref's, in fresh processes alternating; one unmeasured start of each first, so a
+    cold cache is exported (and, with this code, torch's check vectors stored) before anything is measured."""
+    report: dict[str, Any] = {
+        "benchmark": "rag_memory --embedders-only",
+        "what": "VmRSS/VmHWM of RagRuntime.open over an empty store, export cache warm (var/cache/model-runtimes)",
+        "host": {
+            "cpu_count": os.cpu_count(),
+            "shared": "2 cores shared with other sessions",
+            **rag_scale.machine("start"),
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        codes: dict[str, Path | None] = {"new": None}
+        if args.compare_ref:
+            codes[f"ref_{args.compare_ref}"] = export_ref(args.compare_ref, Path(tmp))
+        report["warm_up"] = {name: run_phase(["--baseline-phase"], src)["open_s"] for name, src in codes.items()}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
+        for _ in range(args.rounds):
+            for name, src in codes.items():
+                runs[name].append(run_phase(["--baseline-phase"], src))
+    report.update(runs)
+    stage = "embedders_and_store_open"
+    report["summary_mib"] = {
+        name: {
+            "VmRSS_median": float(np.median([r["memory_mb"][stage]["VmRSS"] for r in rs])),
+            "VmHWM_median": float(np.median([r["memory_mb"][stage]["VmHWM"] for r in rs])),
+            "open_s_median": float(np.median([r["open_s"] for r in rs])),
+            "imported": rs[0]["imported"],
+            "embedder": rs[0]["embedders"][0]["backend"] + "/" + rs[0]["embedders"][0]["precision"],
+        }
+        for name, rs in runs.items()
+    }
+    report["host"].update(rag_scale.machine("end"))
+    out = args.out or RESULTS / "rag_memory-embedders.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary_mib"], indent=2))
+    print(f"written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passages", type=int, default=200_000)
@@ -302,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=300, help="PubMedQA questions per latency cell")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--lexical-only", action="store_true", help="only the BM25 index over the corpus, no store")
+    ap.add_argument("--embedders-only", action="store_true", help="only the empty-store opening, warm export cache")
+    ap.add_argument("--rounds", type=int, default=3, help="--embedders-only: measured starts of each code")
     ap.add_argument("--measure-phase", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--lexical-phase", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-phase", action="store_true", help=argparse.SUPPRESS)
@@ -322,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.lexical_only:
         return lexical_only(args)
+    if args.embedders_only:
+        return embedders_only(args)
     store = args.store or WORK / f"chroma-{args.passages}-seed{args.seed}"
     report: dict[str, Any] = {
         "benchmark": "rag_memory",

@@ -64,7 +64,7 @@ def test_fast_embedder_agrees_with_torch_and_reuses_its_export():
     assert (ingest.backend, ingest.cache_path) == (query.backend, query.cache_path)
     assert float((ingest.encode(texts[:8]) * ref[:8]).sum(axis=1).min()) >= 0.99
     again = Embedder(default_model_path(), "cpu", rt)
-    assert not again.exported and again.cache_path == fast.cache_path  # the cache, keyed by the weights' digest
+    assert not again.exported and again.cache_path == fast.cache_path  # the cache, keyed by the model files' digest
     assert fast.cache_path is not None and fast.cache_path.parent.parent == CACHE
 
 

@@ -336,6 +336,27 @@ def test_int8_without_vnni_still_runs_and_says_so(tmp_path, monkeypatch, caplog,
     assert any("no VNNI/AMX int8 instructions" in r.getMessage() for r in caplog.records)
 
 
+def test_the_int8_probe_reads_cpuinfo_without_importing_torch_and_agrees_with_torchs_probe():
+    """A warm rag embedder start at int8 asks this probe: it must not import torch for a log line."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cxr_serving.runtimes import backends as b; "
+        "print(b.cpu_has_int8_dot_product(), 'torch' in sys.modules)"
+    )
+    got, imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert imported == "False"
+    flags = set(" ".join(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+    torch_probes = ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")
+    torchs = any(getattr(torch.cpu, n)() for n in torch_probes if hasattr(torch.cpu, n))
+    if "avx_vnni" in flags and not torchs:
+        pytest.skip("AVX-VNNI without AVX512-VNNI/AMX: torch's probes do not look for it")
+    assert got == str(torchs)
+
+
 def test_bfloat16_on_a_cpu_without_it_falls_back_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "openvino_cpu_capabilities", lambda: ["FP32", "INT8"])
     out = prepare_runtime(_runtime(tmp_path, "openvino", "bfloat16"), _request(_small_net()))

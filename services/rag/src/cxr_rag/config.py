@@ -90,8 +90,8 @@ class EmbeddingRuntimeConfig(_Strict):
     )
     cache_dir: Path | None = Field(
         None,
-        description="exports kept by weights digest, backend, precision and library versions "
-        "(default var/cache/model-runtimes under data_path)",
+        description="exports and torch's vectors of the check texts, kept by the model files' digest, backend, "
+        "precision, check texts and library versions (default var/cache/model-runtimes under data_path)",
     )
     min_cosine: float = Field(
         0.99, gt=0, le=1, description="least cosine against torch on every held check text for the export to serve"

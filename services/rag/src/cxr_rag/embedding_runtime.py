@@ -1,15 +1,20 @@
 """The embedder's fast CPU path: MiniLM exported once to OpenVINO or ONNX Runtime, kept only if it agrees
 with torch (cosine >= min_cosine on held texts), else torch serves and the reason is logged and shown.
 
-The export is cached like the model runtimes' (cxr_serving.runtimes): keyed by the weights' digest, the
-backend, precision, export recipe and library versions, written into a temporary folder and renamed.
+The export is cached like the model runtimes' (cxr_serving.runtimes): keyed by the model files' digest, the
+backend, precision, export recipe, check texts and library versions, written into a temporary folder and renamed.
+Torch's vectors of the check texts are kept in the same entry, so a later start checks the export against them
+without importing torch (services/rag/README.md).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.metadata
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,7 @@ from cxr_rag.config import EmbeddingRuntimeConfig
 from cxr_serving.metrics import RUNTIME_CHECK, RUNTIME_EXPORTS, RUNTIME_FALLBACK
 from cxr_serving.runtimes.backends import BACKENDS, BackendUnavailable
 from cxr_serving.runtimes.check import CheckResult
-from cxr_serving.runtimes.prepare import META, export_once, weights_digest
+from cxr_serving.runtimes.prepare import META, export_once, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ MODEL_LABEL = "rag-embedder"  # the `model` label of the cxr_model_runtime_* met
 RECIPE = "1: onnx opset 17, mean pooling and L2 norm in the graph; int8: NNCF transformer on CALIBRATION_TEXTS"
 INPUTS = ("input_ids", "attention_mask")
 CHECK_BATCH = 8
+REFERENCE = "torch_reference.json"  # torch's vectors of CHECK_TEXTS, beside the export in its cache entry
 
 Batch = tuple[np.ndarray, np.ndarray]  # ids, mask (int64, B x T)
 Encode = Callable[[Sequence[Batch]], list[np.ndarray]]  # batches -> one B x D array of unit vectors per batch
@@ -79,6 +85,10 @@ def _held_texts() -> tuple[list[str], list[str]]:
 CHECK_TEXTS, CALIBRATION_TEXTS = _held_texts()
 
 
+def texts_digest(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
 @dataclass
 class FastOutcome:
     """What serves the embedder: `encode` (None: torch), its backend and precision, and the visible note."""
@@ -92,6 +102,7 @@ class FastOutcome:
     check: CheckResult | None = None
     exported: bool = False
     cache_path: Path | None = None
+    dimension: int = 0  # set when torch was not loaded: the stored reference's width
 
 
 class _Pooled:
@@ -237,17 +248,97 @@ def _load(backend: str, precision: str, folder: Path, threads: int) -> Callable[
     return ort_encoder
 
 
-def cache_folder(cfg: EmbeddingRuntimeConfig, cache_dir: Path, digest: str, max_seq_length: int) -> Path:
+def model_files_digest(model_path: Path) -> str:
+    """SHA-256 of every file of the model directory (names and contents; hidden ones aside): what the weights,
+    config and tokenizer an export and its torch reference were made from, readable without loading torch."""
+    files = [Path(d, n) for d, _, names in os.walk(model_path, followlinks=True) for n in names]
+    h = hashlib.sha256()
+    for file in sorted(files):  # symlinks followed: a hub cache's snapshot is links to its blobs
+        rel = file.relative_to(model_path)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        with file.open("rb") as f:
+            h.update(str(rel).encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def runtime_versions(cfg: EmbeddingRuntimeConfig) -> dict[str, str]:
+    """The libraries the export and its torch reference depend on, read from package metadata (no torch import)."""
+    dists = ["torch", "transformers", "sentence-transformers"]
+    if cfg.backend == "openvino":
+        dists += ["openvino", "nncf"] if cfg.precision == "int8" else ["openvino"]
+    elif cfg.backend == "onnxruntime":
+        dists += ["onnxruntime", "onnx"]
+    return {d: _version(d) for d in dists}
+
+
+def cache_folder(
+    cfg: EmbeddingRuntimeConfig,
+    cache_dir: Path,
+    model_digest: str,
+    max_seq_length: int,
+    check_texts: Sequence[str] | None = None,
+) -> Path:
+    """The cache entry of the export and of torch's vectors of `check_texts` (default CHECK_TEXTS)."""
     parts = {
-        "weights": digest,
+        "model_files": model_digest,
         "backend": cfg.backend,
         "precision": cfg.precision,
         "max_seq_length": max_seq_length,
-        "versions": BACKENDS[cfg.backend](cfg.precision).versions(),
+        "versions": runtime_versions(cfg),
         "recipe": RECIPE,
+        "check_texts": texts_digest(CHECK_TEXTS if check_texts is None else check_texts),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / MODEL_LABEL / key
+
+
+def store_reference(folder: Path, vectors: np.ndarray) -> None:
+    """Torch's check vectors into the cache entry, replaced atomically, with their own digest."""
+    data = np.ascontiguousarray(vectors, dtype="<f4")
+    record = {
+        "format": 1,
+        "check_texts": texts_digest(CHECK_TEXTS),
+        "shape": list(data.shape),
+        "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        "vectors": base64.b64encode(data.tobytes()).decode(),
+    }
+    replace_file(folder / REFERENCE, json.dumps(record).encode())
+
+
+def load_reference(folder: Path) -> np.ndarray | None:
+    """The stored torch vectors of CHECK_TEXTS; None when absent, or damaged in any way (a miss, never a pass)."""
+    path = folder / REFERENCE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+        raw = base64.b64decode(record["vectors"], validate=True)
+        if record["format"] != 1 or record["check_texts"] != texts_digest(CHECK_TEXTS):
+            raise ValueError("made for other check texts")
+        if hashlib.sha256(raw).hexdigest() != record["sha256"]:
+            raise ValueError("digest mismatch")
+        rows, dim = (int(n) for n in record["shape"])
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(rows, dim).astype(np.float32)
+        if rows != len(CHECK_TEXTS) or not np.isfinite(vectors).all():
+            raise ValueError(f"{rows} rows for {len(CHECK_TEXTS)} texts, or non-finite")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("embedder: torch reference %s is damaged (%s): recomputed with torch", path, exc)
+        return None
+    return vectors
+
+
+def cpu_threads() -> int:
+    """The threads the runtime computes on: OMP_NUM_THREADS when set, else the cores this process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
 
 
 def _export_into_cache(cfg: EmbeddingRuntimeConfig, transformer: Any, tokenizer: Any, folder: Path) -> bool:
@@ -275,44 +366,34 @@ def agreement_check(reference: np.ndarray, got: np.ndarray, min_cosine: float) -
     return CheckResult(True, numbers)
 
 
-def prepare_fast_encoder(
+def _check(
+    cfg: EmbeddingRuntimeConfig, folder: Path, tokenizer: Any, reference: np.ndarray, threads: int
+) -> tuple[Callable[[bool], Encode], Encode, CheckResult]:
+    """The export in `folder` loaded, its vectors of CHECK_TEXTS against torch's `reference`."""
+    new_encode = _load(cfg.backend, cfg.precision, folder, threads)
+    encode = new_encode(False)
+    starts = range(0, len(CHECK_TEXTS), CHECK_BATCH)  # small batches: the runtime keeps its peak buffers
+    got = encode([tokenize_batch(tokenizer, CHECK_TEXTS[s : s + CHECK_BATCH]) for s in starts])
+    return new_encode, encode, agreement_check(reference, np.concatenate(got), cfg.min_cosine)
+
+
+def _serving(
     cfg: EmbeddingRuntimeConfig,
-    cache_dir: Path,
-    transformer: Any,
-    tokenizer: Any,
-    reference: Callable[[list[str]], np.ndarray],
-    threads: int,
+    folder: Path,
+    new_encode: Callable[[bool], Encode],
+    encode: Encode,
+    result: CheckResult,
+    exported: bool,
+    against: str,
 ) -> FastOutcome:
-    """The configured backend when it runs here and agrees with torch; else FastOutcome() (torch) with the reason.
-    Never raises for a problem of the fast path: the embedder always works in torch at worst."""
-    if cfg.backend == "torch":
-        RUNTIME_FALLBACK.labels(MODEL_LABEL).set(0)
-        return FastOutcome()
-    label = f"{cfg.backend}/{cfg.precision}"
-    try:
-        BACKENDS[cfg.backend](cfg.precision).available()
-        folder = cache_folder(cfg, cache_dir, weights_digest(transformer), int(tokenizer.truncation["max_length"]))
-        exported = _export_into_cache(cfg, transformer, tokenizer, folder)
-        new_encode = _load(cfg.backend, cfg.precision, folder, threads)
-        encode = new_encode(False)
-        starts = range(0, len(CHECK_TEXTS), CHECK_BATCH)  # small batches: the runtime keeps its peak buffers
-        got = encode([tokenize_batch(tokenizer, CHECK_TEXTS[s : s + CHECK_BATCH]) for s in starts])
-        result = agreement_check(reference(CHECK_TEXTS), np.concatenate(got), cfg.min_cosine)
-    except Exception as exc:  # any failure of the optional fast path: torch serves
-        reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, BackendUnavailable):
-            log.exception("embedder: %s failed", label)
-        return _fallback(f"{label} unavailable: {reason}")
-    for metric, value in result.numbers.items():
-        RUNTIME_CHECK.labels(MODEL_LABEL, cfg.backend, cfg.precision, metric).set(value)
-    if not result.passed:
-        return _fallback(f"{label} failed the agreement check against torch: {result.why} ({result.summary()})", result)
     RUNTIME_FALLBACK.labels(MODEL_LABEL).set(0)
     log.info(
-        "embedder: serving %s (%s cache %s), agreement with torch on %d held texts: %s",
-        label,
+        "embedder: serving %s/%s (%s cache %s), agreement with %s on %d held texts: %s",
+        cfg.backend,
+        cfg.precision,
         "exported into" if exported else "reused",
         folder,
+        against,
         len(CHECK_TEXTS),
         result.summary(),
     )
@@ -326,6 +407,75 @@ def prepare_fast_encoder(
         exported,
         folder,
     )
+
+
+def _publish(cfg: EmbeddingRuntimeConfig, result: CheckResult) -> None:
+    for metric, value in result.numbers.items():
+        RUNTIME_CHECK.labels(MODEL_LABEL, cfg.backend, cfg.precision, metric).set(value)
+
+
+def open_checked_export(
+    cfg: EmbeddingRuntimeConfig, cache_dir: Path, model_path: Path, tokenizer: Any, threads: int
+) -> FastOutcome | None:
+    """The cached export checked against the torch reference stored with it, without importing torch; None when
+    the entry is incomplete (no export or no intact reference) or the check fails: then the caller loads torch and
+    `prepare_fast_encoder` decides (and rewrites the reference)."""
+    label = f"{cfg.backend}/{cfg.precision}"
+    try:
+        BACKENDS[cfg.backend](cfg.precision).available()
+        max_len = int(tokenizer.truncation["max_length"])
+        folder = cache_folder(cfg, cache_dir, model_files_digest(model_path), max_len)
+        reference = load_reference(folder) if (folder / META).is_file() else None
+        if reference is None:
+            return None
+        new_encode, encode, result = _check(cfg, folder, tokenizer, reference, threads)
+    except Exception as exc:  # anything of the optional fast path: the torch path decides, and says why
+        log.warning("embedder: %s not opened from its cache without torch (%s: %s)", label, type(exc).__name__, exc)
+        return None
+    if not result.passed:
+        log.warning("embedder: %s failed the check against its stored torch reference: %s", label, result.why)
+        return None
+    _publish(cfg, result)
+    served = _serving(cfg, folder, new_encode, encode, result, False, "the torch reference stored with it")
+    served.dimension = int(reference.shape[1])
+    return served
+
+
+def prepare_fast_encoder(
+    cfg: EmbeddingRuntimeConfig,
+    cache_dir: Path,
+    model_path: Path,
+    transformer: Any,
+    tokenizer: Any,
+    reference: Callable[[list[str]], np.ndarray],
+    threads: int,
+) -> FastOutcome:
+    """The configured backend when it runs here and agrees with torch; else FastOutcome() (torch) with the reason.
+    Torch's check vectors are stored with the export unless an intact copy is there. Never raises for a problem
+    of the fast path: the embedder always works in torch at worst."""
+    if cfg.backend == "torch":
+        RUNTIME_FALLBACK.labels(MODEL_LABEL).set(0)
+        return FastOutcome()
+    label = f"{cfg.backend}/{cfg.precision}"
+    try:
+        BACKENDS[cfg.backend](cfg.precision).available()
+        max_len = int(tokenizer.truncation["max_length"])
+        folder = cache_folder(cfg, cache_dir, model_files_digest(model_path), max_len)
+        exported = _export_into_cache(cfg, transformer, tokenizer, folder)
+        vectors = reference(CHECK_TEXTS)
+        stored = load_reference(folder)
+        if stored is None or stored.shape != vectors.shape or not np.allclose(stored, vectors, atol=1e-5):
+            store_reference(folder, vectors)
+        new_encode, encode, result = _check(cfg, folder, tokenizer, vectors, threads)
+    except Exception as exc:  # any failure of the optional fast path: torch serves
+        reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, BackendUnavailable):
+            log.exception("embedder: %s failed", label)
+        return _fallback(f"{label} unavailable: {reason}")
+    _publish(cfg, result)
+    if not result.passed:
+        return _fallback(f"{label} failed the agreement check against torch: {result.why} ({result.summary()})", result)
+    return _serving(cfg, folder, new_encode, encode, result, exported, "torch")
 
 
 def _fallback(why: str, check: CheckResult | None = None) -> FastOutcome:

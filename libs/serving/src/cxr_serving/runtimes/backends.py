@@ -39,7 +39,18 @@ def require_float_layer_matches(patterns: tuple[str, ...], names: list[str]) -> 
 
 def cpu_has_int8_dot_product() -> bool:
     """True when this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX): without them int8
-    still runs, emulated and slower."""
+    still runs, emulated and slower. Read from /proc/cpuinfo where there is one, so asking imports no torch."""
+    try:
+        flags = {
+            f
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+            for f in line.split()
+        }
+    except OSError:
+        flags = set()
+    if flags:
+        return bool(flags & {"avx512_vnni", "avx_vnni", "amx_tile", "amx_int8"})
     import torch
 
     probes = ("_is_vnni_supported", "_is_avx512_vnni_supported", "_is_amx_tile_supported")

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,6 +177,17 @@ def export_once(folder: Path, write: Callable[[Path], None]) -> bool:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a private file renamed over it: a reader sees the old or the new file whole
+    (a file added to a cache entry after its export, e.g. the embedder's torch reference)."""
+    tmp = path.with_name(f"{path.name}.tmp-{_export_tag()}-{threading.get_ident()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _export_into_cache(
