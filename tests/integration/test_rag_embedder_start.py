@@ -43,13 +43,15 @@ START = """
 import json, sys
 from pathlib import Path
 import numpy as np
+from cxr_rag.embeddings import _cuda_driver_loads
 from cxr_rag.runtime import RagRuntime
 from tests.support.rag import rag_cfg
 
 cache, db, out = (Path(a) for a in sys.argv[1:4])
 texts = json.loads(Path(sys.argv[4]).read_text())
 runtime = {"backend": "openvino", "precision": sys.argv[5], "cache_dir": str(cache)}
-rt = RagRuntime(rag_cfg(db, embedding_runtime=runtime, embedding_device="auto"))
+device = "cpu" if _cuda_driver_loads() else "auto"  # auto resolves without torch only where no driver loads
+rt = RagRuntime(rag_cfg(db, embedding_runtime=runtime, embedding_device=device))
 rt.open(progress=False)
 query, ingest = rt.embedder, rt.ingest_embedder
 np.save(out / "query.npy", query.encode(texts))
@@ -141,6 +143,7 @@ def test_the_rag_service_started_from_a_warm_cache_answers_without_torch_in_the_
     corpus.write_text("\n".join(subset_corpus().read_text().splitlines()[:12]) + "\n")
     port = free_port()
     rag = {"vector_db_path": str(tmp_path / "db"), "documents_path": str(corpus), "llm": {"mode": "extractive"}}
+    rag["embedding_device"] = "cpu"  # on a host with a CUDA driver, auto asks torch (and torch serves on the GPU)
     rag["embedding_runtime"] = {"backend": "openvino", "precision": precision(), "cache_dir": str(warm[0])}
     cfg = {
         "models": {"rag": rag},
@@ -231,6 +234,27 @@ def test_a_damaged_reference_is_a_miss_that_torch_recomputes(warm, tmp_path, cap
     rewritten = embedding_runtime.load_reference(folder)
     assert rewritten is not None and np.allclose(rewritten, good, atol=1e-5)
     assert opened(cfg, cache, model) is not None  # the next start is warm again
+
+
+def test_a_reference_that_cannot_be_written_leaves_the_checked_export_serving(warm, tmp_path, caplog, monkeypatch):
+    """A cache the service cannot write (stood in for by a store that raises: the tests run as root, which no
+    file mode stops) still serves a cached export that passes its live check against torch."""
+    cache = tmp_path / "cache"
+    shutil.copytree(warm[0], cache)
+    folder = entry(cache)
+    (folder / embedding_runtime.REFERENCE).unlink()
+
+    def refuse(folder: Path, vectors: np.ndarray) -> None:
+        raise PermissionError(13, "Permission denied", str(folder / embedding_runtime.REFERENCE))
+
+    monkeypatch.setattr(embedding_runtime, "store_reference", refuse)
+    model, cfg = default_model_path(), runtime_cfg(cache)
+    with caplog.at_level(logging.INFO, logger="cxr_rag.embedding_runtime"):
+        emb = Embedder(model, "cpu", cfg)
+    assert emb.backend == "openvino" and emb.check is not None and emb.check.numbers["min_cosine"] >= 0.99
+    assert "torch serves" not in emb.runtime_note, emb.runtime_note
+    assert any("torch reference not stored" in r.getMessage() for r in caplog.records)
+    assert not (folder / embedding_runtime.REFERENCE).exists()
 
 
 def test_another_model_file_or_check_text_set_is_another_cache_entry(warm, tmp_path, monkeypatch):

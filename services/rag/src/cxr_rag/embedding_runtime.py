@@ -35,6 +35,7 @@ RECIPE = "1: onnx opset 17, mean pooling and L2 norm in the graph; int8: NNCF tr
 INPUTS = ("input_ids", "attention_mask")
 CHECK_BATCH = 8
 REFERENCE = "torch_reference.json"  # torch's vectors of CHECK_TEXTS, beside the export in its cache entry
+REFERENCE_RECIPE = "1: sentence-transformers encode, batches of CHECK_BATCH, L2-normalised float32"
 
 Batch = tuple[np.ndarray, np.ndarray]  # ids, mask (int64, B x T)
 Encode = Callable[[Sequence[Batch]], list[np.ndarray]]  # batches -> one B x D array of unit vectors per batch
@@ -271,7 +272,7 @@ def _version(dist: str) -> str:
 
 def runtime_versions(cfg: EmbeddingRuntimeConfig) -> dict[str, str]:
     """The libraries the export and its torch reference depend on, read from package metadata (no torch import)."""
-    dists = ["torch", "transformers", "sentence-transformers"]
+    dists = ["torch", "transformers", "sentence-transformers", "tokenizers"]
     if cfg.backend == "openvino":
         dists += ["openvino", "nncf"] if cfg.precision == "int8" else ["openvino"]
     elif cfg.backend == "onnxruntime":
@@ -294,6 +295,7 @@ def cache_folder(
         "max_seq_length": max_seq_length,
         "versions": runtime_versions(cfg),
         "recipe": RECIPE,
+        "reference_recipe": REFERENCE_RECIPE,
         "check_texts": texts_digest(CHECK_TEXTS if check_texts is None else check_texts),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -301,7 +303,9 @@ def cache_folder(
 
 
 def store_reference(folder: Path, vectors: np.ndarray) -> None:
-    """Torch's check vectors into the cache entry, replaced atomically, with their own digest."""
+    """Torch's check vectors into the cache entry, replaced atomically, with a checksum of their bytes (it finds
+    damage, not forgery: whoever can write the entry can write the export too, so the cache must be writable by
+    the service's user only)."""
     data = np.ascontiguousarray(vectors, dtype="<f4")
     record = {
         "format": 1,
@@ -324,7 +328,7 @@ def load_reference(folder: Path) -> np.ndarray | None:
         if record["format"] != 1 or record["check_texts"] != texts_digest(CHECK_TEXTS):
             raise ValueError("made for other check texts")
         if hashlib.sha256(raw).hexdigest() != record["sha256"]:
-            raise ValueError("digest mismatch")
+            raise ValueError("checksum mismatch")
         rows, dim = (int(n) for n in record["shape"])
         vectors = np.frombuffer(raw, dtype="<f4").reshape(rows, dim).astype(np.float32)
         if rows != len(CHECK_TEXTS) or not np.isfinite(vectors).all():
@@ -336,9 +340,14 @@ def load_reference(folder: Path) -> np.ndarray | None:
 
 
 def cpu_threads() -> int:
-    """The threads the runtime computes on: OMP_NUM_THREADS when set, else the cores this process may use."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    """The threads the runtime computes on: OMP_NUM_THREADS (else MKL_NUM_THREADS) when set, else the CPUs this
+    process may use (os.cpu_count() where the platform has no affinity call)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env = os.environ.get(var, "")
+        if env.isdigit() and int(env) > 0:
+            return int(env)
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 def _export_into_cache(cfg: EmbeddingRuntimeConfig, transformer: Any, tokenizer: Any, folder: Path) -> bool:
@@ -465,7 +474,10 @@ def prepare_fast_encoder(
         vectors = reference(CHECK_TEXTS)
         stored = load_reference(folder)
         if stored is None or stored.shape != vectors.shape or not np.allclose(stored, vectors, atol=1e-5):
-            store_reference(folder, vectors)
+            try:
+                store_reference(folder, vectors)
+            except OSError as exc:  # a read-only cache: the live check below still decides; later starts load torch
+                log.warning("embedder: torch reference not stored in %s (%s): the next start loads torch", folder, exc)
         new_encode, encode, result = _check(cfg, folder, tokenizer, vectors, threads)
     except Exception as exc:  # any failure of the optional fast path: torch serves
         reason = exc.args[0] if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
