@@ -7,7 +7,7 @@ constants, without that cost; torch.compile is not used on CPU because its long 
 almost nothing there.
 
 The traced graph is kept only if it answers like the eager network: on the load example, on a
-batch of two (so a batch size baked into the trace shows) and on a batch of three seeded standard
+batch of two (so a batch size baked into the trace shows) and on a batch of three fixed standard
 normal inputs (so a shape that depends on the example's values shows), within `tolerance`
 of the eager output's scale. Anything that fails to trace or to match keeps the eager network, and
 the load logs why.
