@@ -15,13 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cxr_protos.rag.v1 import rag_service_pb2 as pb
 from cxr_protos.rag.v1 import rag_service_pb2_grpc as pb_grpc
@@ -33,7 +31,8 @@ from cxr_serving.runtimes.backends import openvino_cpu_capabilities
 from cxr_serving.runtimes.prepare import META
 from tests.support.paths import PUBMEDQA, REPO
 from tests.support.rag import subset_corpus
-from tests.support.servers import TEST_KEY, auth, free_port
+from tests.support.servers import auth
+from tests.support.service_process import service_process
 
 # Names this change adds are read from the modules at call time, so the file imports without it too.
 HEAVY = ("torch", "transformers", "sentence_transformers")
@@ -141,49 +140,26 @@ def test_the_rag_service_started_from_a_warm_cache_answers_without_torch_in_the_
     """The service process itself (`python -m cxr_rag`): SERVING, an extractive answer, and no libtorch mapped."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(subset_corpus().read_text().splitlines()[:12]) + "\n")
-    port = free_port()
     rag = {"vector_db_path": str(tmp_path / "db"), "documents_path": str(corpus), "llm": {"mode": "extractive"}}
     rag["embedding_device"] = "cpu"  # on a host with a CUDA driver, auto asks torch (and torch serves on the GPU)
     rag["embedding_runtime"] = {"backend": "openvino", "precision": precision(), "cache_dir": str(warm[0])}
-    cfg = {
-        "models": {"rag": rag},
-        "services": {"rag": {"host": "127.0.0.1", "port": port, "metrics_port": 0}},
-        "monitoring": {"log_json": False},
-    }
+    cfg = {"models": {"rag": rag}, "monitoring": {"log_json": False}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "CXR_API_KEY": TEST_KEY, "HF_HUB_OFFLINE": "1"}
-    env.pop("CXR_CONFIG_PATH", None)
-    cmd = [sys.executable, "-m", "cxr_rag", "--config", str(tmp_path / "cfg.json")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            deadline = time.time() + 240
-            while time.time() < deadline:
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                try:
-                    st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    if st == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-            else:
-                pytest.fail("rag service did not become SERVING")
+    args = ("--config", str(tmp_path / "cfg.json"))
+    env = {"HF_HUB_OFFLINE": "1"}
+    with service_process(tmp_path, "cxr_rag", "rag", env, args, wait_serving=False) as sp:
+        sp.wait_health(timeout=240)
+        with grpc.insecure_channel(sp.target) as ch:
             question = "Does the helicopter environment impair intubation by flight nurses?"
             r = pb_grpc.RagServiceStub(ch).AnswerQuestion(
                 pb.AnswerQuestionRequest(question=question), metadata=auth(), timeout=60
             )
             assert r.extractive and r.citations[0].source == "PMID:10135926"
-        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        maps = Path(f"/proc/{sp.proc.pid}/maps").read_text()
         assert "libtorch" not in maps, "the warm service process loaded torch"
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0
-        assert "agreement with the torch reference stored with it on 36 held texts" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sp.signal(signal.SIGTERM)
+        assert sp.wait_exit(timeout=60) == 0
+        assert "agreement with the torch reference stored with it on 36 held texts" in sp.logs()
 
 
 def _forged(raw: bytes) -> bytes:
