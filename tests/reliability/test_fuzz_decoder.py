@@ -73,6 +73,11 @@ EXPECTED = {
         "IMAGE_CORRUPT",
         "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
     ),
+    # fuzzer in a CI run: SpecificCharacterSet with VR PN; pydicom's reader sliced the PersonName (TypeError)
+    "dicom-specificcharacterset-vr-pn-typeerror.dcm": (
+        "IMAGE_CORRUPT",
+        "SpecificCharacterSet (0008,0005) must be code strings",
+    ),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import traceback
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -351,13 +352,29 @@ def _plain_8bit(ds: Any, arr: np.ndarray) -> bool:
     )
 
 
-def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
+def _read_dataset(data: bytes) -> Any:
+    """pydicom's dcmread, except that a SpecificCharacterSet (0008,0005) stored with another VR (e.g. PN), which
+    pydicom's reader then slices as text and fails on with TypeError, is refused as corrupt; any other TypeError
+    is a defect and propagates."""
     import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data))
+    except TypeError as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and frames[-1].filename.replace("\\", "/").endswith("pydicom/charset.py"):
+            raise ImageRejectedError(
+                "DICOM SpecificCharacterSet (0008,0005) must be code strings (VR CS)", reason="IMAGE_CORRUPT"
+            ) from None
+        raise
+
+
+def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
 
     data_errors = _dicom_data_errors()
     with bad_data("dcm", data_errors):  # reading, header values, pixel decoding and LUTs: pydicom's work
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = _read_dataset(data)
         if limits.anonymize_dicom:
             anonymize_dataset(ds)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
