@@ -76,7 +76,7 @@ EXPECTED = {
     # fuzzer in a CI run: SpecificCharacterSet with VR PN; pydicom's reader sliced the PersonName (TypeError)
     "dicom-specificcharacterset-vr-pn-typeerror.dcm": (
         "IMAGE_CORRUPT",
-        "SpecificCharacterSet (0008,0005) must be code strings",
+        "SpecificCharacterSet (0008,0005) could not be used",
     ),
 }
 

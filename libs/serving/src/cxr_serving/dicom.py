@@ -10,12 +10,12 @@ than through pydicom's plugin chain.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import struct
-import traceback
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -352,29 +352,50 @@ def _plain_8bit(ds: Any, arr: np.ndarray) -> bool:
     )
 
 
-def _read_dataset(data: bytes) -> Any:
-    """pydicom's dcmread, except that a SpecificCharacterSet (0008,0005) stored with another VR (e.g. PN), which
-    pydicom's reader then slices as text and fails on with TypeError, is refused as corrupt; any other TypeError
-    is a defect and propagates."""
-    import pydicom
+def _from_charset_module(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, passed through pydicom's charset module."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__") == "pydicom.charset":
+                return True
+            tb = tb.tb_next
+        current = current.__cause__ or current.__context__
+    return False
 
+
+@contextlib.contextmanager
+def _charset_refused() -> Iterator[None]:
+    """A SpecificCharacterSet (0008,0005) stored with another VR (PN, DS, OB...), at the top level or in a
+    sequence item, makes pydicom's charset handling fail with TypeError or AttributeError wherever the value
+    is first read (dcmread, anonymisation): refused as corrupt. The same errors from anywhere else are defects
+    and propagate."""
     try:
-        return pydicom.dcmread(io.BytesIO(data))
-    except TypeError as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        if frames and frames[-1].filename.replace("\\", "/").endswith("pydicom/charset.py"):
-            raise ImageRejectedError(
-                "DICOM SpecificCharacterSet (0008,0005) must be code strings (VR CS)", reason="IMAGE_CORRUPT"
-            ) from None
-        raise
+        yield
+    except (TypeError, AttributeError, LookupError) as exc:
+        if not _from_charset_module(exc):
+            raise
+        raise ImageRejectedError(
+            f"DICOM SpecificCharacterSet (0008,0005) could not be used ({type(exc).__name__}: {str(exc)[:160]})",
+            reason="IMAGE_CORRUPT",
+        ) from exc
 
 
 def decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    with _charset_refused():
+        return _decode_dicom(data, limits)
+
+
+def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
+    import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut  # type: ignore[attr-defined]
 
     data_errors = _dicom_data_errors()
     with bad_data("dcm", data_errors):  # reading, header values, pixel decoding and LUTs: pydicom's work
-        ds = _read_dataset(data)
+        ds = pydicom.dcmread(io.BytesIO(data))
         if limits.anonymize_dicom:
             anonymize_dataset(ds)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
