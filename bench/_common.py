@@ -315,6 +315,12 @@ def tree_gpu_mib(pid: int, table: dict[int, float]) -> float | None:
     return round(sum(table.get(p, 0.0) for p in process_tree(pid)), 1)
 
 
+def own_cpu_s() -> float:
+    """CPU seconds of this process alone (every thread, not its children: the load generator or the ceiling), at
+    the clock's resolution rather than os.times()' 10 ms ticks, which round a short run's share to zero."""
+    return time.process_time()
+
+
 def tree_cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system, every thread, and the children already reaped) of these processes
     and all their descendants: what a cell cost each side, read before and after it."""

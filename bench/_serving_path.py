@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from bench._common import (
     grpc_serving,
     nih_inputs,
     nih_pngs,
+    own_cpu_s,
     tree_cpu_s,
 )
 from bench._peers import StackOptions, Task, grpc_call, load_settings_file, service_process, task_named, write_settings
@@ -58,12 +58,6 @@ def cheap_settings(task: Task, opts: StackOptions, folder: Path) -> Path:
     settings["server_config"]["max_batch_delay_ms"] = BATCH_WINDOW_MS
     path.write_text(json.dumps(settings))
     return path
-
-
-def own_cpu_s() -> float:
-    """This process's CPU seconds, every thread, at the clock's resolution (os.times() counts 10 ms ticks, which
-    rounds the client's share of a short run to zero)."""
-    return time.process_time()
 
 
 def cells_of(task: Task) -> list[tuple[str, str | None]]:

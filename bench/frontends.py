@@ -41,12 +41,13 @@ from bench._common import (
     grpc_serving,
     machine,
     nih_pngs,
+    own_cpu_s,
     process_tree,
     tree_cpu_s,
     write_result,
 )
 from bench._peers import StackOptions, grpc_call, service_process, task_named
-from bench._serving_path import cheap_settings, own_cpu_s
+from bench._serving_path import cheap_settings
 
 TARGET_RATIO = 1.4  # N=2 over N=1 on this 2-core host (issue 23)
 TARGET_PER_FRONTEND_GPU = 0.85  # on a 16-core GPU host: N frontends >= 0.85 N times one, up to N=8 (issue 23)

@@ -58,6 +58,7 @@ from bench._common import (
     machine,
     nih_pngs,
     only_running,
+    own_cpu_s,
     paired_p50,
     stage,
     stop_on_sigterm,
@@ -332,12 +333,6 @@ class CeilingCell:
             w.kill()
             w.wait()
         self.model.unload()
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process alone (the load generator during a peer's cell; not its servers), at the
-    clock's resolution rather than os.times()' 10 ms ticks."""
-    return time.process_time()
 
 
 def per_image_ms(cpu_s: float, images: int) -> float | None:
