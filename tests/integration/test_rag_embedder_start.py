@@ -110,7 +110,8 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def opened(cfg: EmbeddingRuntimeConfig, cache: Path, model: Path) -> embedding_runtime.FastOutcome | None:
     """The torch-free start path alone: the checked export, or None (a miss or a failed check)."""
-    return embedding_runtime.open_checked_export(cfg, cache, model, embeddings.fast_tokenizer(model, 256), 2)
+    digest = embedding_runtime.model_files_digest(model)
+    return embedding_runtime.open_checked_export(cfg, cache, digest, embeddings.fast_tokenizer(model, 256), 2)
 
 
 def entry(cache: Path) -> Path:

@@ -394,6 +394,7 @@ def _serving(
     result: CheckResult,
     exported: bool,
     against: str,
+    dimension: int = 0,
 ) -> FastOutcome:
     RUNTIME_FALLBACK.labels(MODEL_LABEL).set(0)
     log.info(
@@ -415,6 +416,7 @@ def _serving(
         result,
         exported,
         folder,
+        dimension,
     )
 
 
@@ -424,16 +426,17 @@ def _publish(cfg: EmbeddingRuntimeConfig, result: CheckResult) -> None:
 
 
 def open_checked_export(
-    cfg: EmbeddingRuntimeConfig, cache_dir: Path, model_path: Path, tokenizer: Any, threads: int
+    cfg: EmbeddingRuntimeConfig, cache_dir: Path, model_digest: str, tokenizer: Any, threads: int
 ) -> FastOutcome | None:
     """The cached export checked against the torch reference stored with it, without importing torch; None when
     the entry is incomplete (no export or no intact reference) or the check fails: then the caller loads torch and
-    `prepare_fast_encoder` decides (and rewrites the reference)."""
+    `prepare_fast_encoder` decides (and rewrites the reference). `model_digest`: `model_files_digest` of the
+    model directory."""
     label = f"{cfg.backend}/{cfg.precision}"
     try:
         BACKENDS[cfg.backend](cfg.precision).available()
         max_len = int(tokenizer.truncation["max_length"])
-        folder = cache_folder(cfg, cache_dir, model_files_digest(model_path), max_len)
+        folder = cache_folder(cfg, cache_dir, model_digest, max_len)
         reference = load_reference(folder) if (folder / META).is_file() else None
         if reference is None:
             return None
@@ -445,15 +448,14 @@ def open_checked_export(
         log.warning("embedder: %s failed the check against its stored torch reference: %s", label, result.why)
         return None
     _publish(cfg, result)
-    served = _serving(cfg, folder, new_encode, encode, result, False, "the torch reference stored with it")
-    served.dimension = int(reference.shape[1])
-    return served
+    against = "the torch reference stored with it"
+    return _serving(cfg, folder, new_encode, encode, result, False, against, int(reference.shape[1]))
 
 
 def prepare_fast_encoder(
     cfg: EmbeddingRuntimeConfig,
     cache_dir: Path,
-    model_path: Path,
+    model_digest: str,
     transformer: Any,
     tokenizer: Any,
     reference: Callable[[list[str]], np.ndarray],
@@ -469,7 +471,7 @@ def prepare_fast_encoder(
     try:
         BACKENDS[cfg.backend](cfg.precision).available()
         max_len = int(tokenizer.truncation["max_length"])
-        folder = cache_folder(cfg, cache_dir, model_files_digest(model_path), max_len)
+        folder = cache_folder(cfg, cache_dir, model_digest, max_len)
         exported = _export_into_cache(cfg, transformer, tokenizer, folder)
         vectors = reference(CHECK_TEXTS)
         stored = load_reference(folder)

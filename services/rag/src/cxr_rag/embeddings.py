@@ -26,6 +26,7 @@ from cxr_rag.embedding_runtime import (
     CHECK_BATCH,
     FastOutcome,
     cpu_threads,
+    model_files_digest,
     open_checked_export,
     prepare_fast_encoder,
     tokenize_batch,
@@ -134,19 +135,23 @@ class Embedder:
         runtime = runtime or TORCH
         cache_dir = runtime.cache_dir or DEFAULT_RUNTIME_CACHE
         declared = declared_max_seq_length(model_path)
+        fast_here = runtime.backend != "torch" and self.device == "cpu"
+        digest = model_files_digest(model_path) if fast_here else ""  # hashed once: both paths key the cache by it
         outcome = None
-        if runtime.backend != "torch" and self.device == "cpu" and declared is not None:
+        if fast_here and declared is not None:
             self._tokenizer = fast_tokenizer(model_path, declared)
-            outcome = open_checked_export(runtime, cache_dir, model_path, self._tokenizer, cpu_threads())
+            outcome = open_checked_export(runtime, cache_dir, digest, self._tokenizer, cpu_threads())
         if outcome is not None and declared is not None:
             self.max_seq_length, self.dimension = declared, outcome.dimension
         else:
-            outcome = self._load_torch(model_path, runtime, cache_dir)
+            outcome = self._load_torch(model_path, runtime, cache_dir, digest)
         self._take(outcome, throughput)
         if self._fast is not None:
             self._model = None  # the export serves: the torch weights are not kept
 
-    def _load_torch(self, model_path: Path, runtime: EmbeddingRuntimeConfig, cache_dir: Path) -> FastOutcome:
+    def _load_torch(
+        self, model_path: Path, runtime: EmbeddingRuntimeConfig, cache_dir: Path, model_digest: str
+    ) -> FastOutcome:
         """The float32 model in torch: it serves, or computes the reference the fast path is checked against."""
         from sentence_transformers import SentenceTransformer
 
@@ -163,7 +168,7 @@ class Embedder:
         return prepare_fast_encoder(
             runtime,
             cache_dir,
-            model_path,
+            model_digest,
             self._model[0].auto_model,
             self._tokenizer,
             lambda texts: self._torch_encode(texts, CHECK_BATCH),
