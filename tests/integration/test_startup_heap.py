@@ -13,8 +13,10 @@ import time
 
 import pytest
 
+from tests.support.frontends import child_pids
 from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, free_port
+from tests.support.service_process import service_process
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +64,23 @@ def test_service_freezes_its_startup_heap_and_keeps_later_objects_collectable(tm
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_frontend_processes_freeze_their_startup_heap_too(tmp_path):
+    """With two frontends, the executor and each frontend process report a frozen start-up heap, and objects made
+    after start-up stay in the collector's view in all three."""
+    reports = tmp_path / "gc"
+    reports.mkdir()
+    env = {"CXR_SERVER_CONFIG__FRONTEND_PROCESSES": "2", "TOY_GC_REPORT_DIR": str(reports)}
+    with service_process(tmp_path, env=env) as sp:
+        sp.wait_health()
+        deadline = time.time() + 60
+        while len(list(reports.glob("gc-*.json"))) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        seen = {int(p.stem.removeprefix("gc-")): json.loads(p.read_text()) for p in reports.glob("gc-*.json")}
+        children = set(child_pids(sp.proc.pid))
+    frontends = set(seen) - {sp.proc.pid}
+    assert sp.proc.pid in seen and len(frontends) == 2 and frontends <= children, (seen, children)
+    for pid, report in seen.items():
+        assert report["frozen"] > 20_000, (pid, report)
+        assert report["later_in_view"], (pid, report)

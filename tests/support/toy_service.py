@@ -112,10 +112,27 @@ def build_toy(settings: Settings, model: BrightnessModel | None = None) -> Servi
 
 
 def build_toy_from_env(settings: Settings) -> ServiceBinding:
-    """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it)."""
+    """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it).
+    With env TOY_GC_REPORT_DIR, each process's on_start writes `gc-<pid>.json` there: the collector's frozen
+    count and whether an object made at that moment is in its view."""
+    import dataclasses
+    import gc
+    import json
     import os
+    from pathlib import Path
 
-    return build_toy(settings, BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0"))))
+    binding = build_toy(settings, BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0"))))
+    report_dir = os.environ.get("TOY_GC_REPORT_DIR")
+    if not report_dir:
+        return binding
+
+    async def on_start() -> None:
+        made_now = ["made after start-up", []]  # a list: always tracked by the collector
+        seen = any(o is made_now for o in gc.get_objects())
+        report = {"frozen": gc.get_freeze_count(), "later_in_view": seen}
+        Path(report_dir, f"gc-{os.getpid()}.json").write_text(json.dumps(report))
+
+    return dataclasses.replace(binding, on_start=on_start)
 
 
 def main() -> None:

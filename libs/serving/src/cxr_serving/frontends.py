@@ -269,6 +269,7 @@ class AdminForwarder(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 async def _frontend_main(settings: Settings, build: Build, host: str, port: int, index: int, token: str,
                          paths: dict[str, str], arena: Arena) -> None:  # fmt: skip
     from cxr_serving.binding import repository_maker
+    from cxr_serving.cli import freeze_startup_heap
     from cxr_serving.frontend_repository import RemoteRepository
 
     def make(batching: Any) -> RemoteRepository:
@@ -290,6 +291,7 @@ async def _frontend_main(settings: Settings, build: Build, host: str, port: int,
 
     repo.on_link_lost = lost
     loop.add_signal_handler(signal.SIGTERM, lambda: server.background(server.stop()))
+    freeze_startup_heap()  # as the executor does (cli.run_service): collections walk what serving makes
     await server.start()
     await server.wait_for_termination()
     await forwarder.close()
@@ -305,8 +307,11 @@ def _term_with_parent() -> None:
 
 
 def main(control_fd: int, arena_fd: int) -> None:
+    from cxr_serving.cli import mark_service_process
     from cxr_serving.logging_setup import setup_logging
     from cxr_serving.optimize.event_loop import runner
+
+    mark_service_process()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us with SIGTERM
     parent = os.getppid()

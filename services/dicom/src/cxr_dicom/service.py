@@ -4,7 +4,6 @@ the workers with the gRPC API, and stops them in the reverse order."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import logging
 import time
@@ -21,6 +20,7 @@ from cxr_dicom.work_queue import QueueLock, WorkQueue
 from cxr_dicom.worker import Worker, client_config
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
+from cxr_serving import cli
 from cxr_serving.auth import ApiKeyStore
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -105,14 +105,13 @@ class DicomNode:
         self.lock.release()
 
 
-def freeze_startup_heap() -> None:
+def freeze_startup_heap() -> bool:
     """Take what start-up made (modules, the FHIR models validation loads on demand, the SCP's contexts) out of the
     garbage collector's view: pynetdicom's server runs a full ``gc.collect()`` every 60 turns of its loop, and a full
-    collection walks every tracked object in the process."""
+    collection walks every tracked object in the process. In a service process only (`cxr_serving.cli`)."""
     for module in ("auditevent", "bundle", "device", "diagnosticreport", "observation"):
         importlib.import_module(f"fhir.resources.R4B.{module}")
-    gc.collect()  # start-up's own garbage is freed first, not kept for good
-    gc.freeze()
+    return cli.freeze_startup_heap()
 
 
 SCP_DRAIN_S = 30.0
