@@ -4,9 +4,11 @@ are audited too; health probes are not; no request content."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -76,6 +78,35 @@ async def test_one_audit_line_per_request(name):
     assert refused["code"] == "UNAUTHENTICATED" and refused["key_id"] == key_fingerprint("sk-not-a-valid-key")
     text = json.dumps(logged)
     assert TEST_KEY not in text and "sk-not-a-valid-key" not in text
+
+
+async def test_a_call_its_client_cancels_mid_forward_is_audited_cancelled_with_its_peer():
+    """The client-cancel path on its own (the deadline test above may end in the batcher's queue on a loaded
+    host): the cancel comes only once the forward is running, so the handler is cut off, not refused."""
+    from tests.support.toy_service import BrightnessModel, build_toy
+
+    target = TARGETS["toy"]
+    settings = target.settings()
+    with audit_lines() as logged:
+        async with running_server(settings, build_toy(settings, BrightnessModel(delay_s=1.5))) as server:
+            batcher = server.binding.repository.batcher("toy")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                fn = getattr(target.stub(ch), target.valid(IMG, "image/png").method)
+                call = fn(target.valid(IMG, "image/png").request, metadata=auth(), timeout=60)
+                deadline = time.monotonic() + 30
+                while not (batcher is not None and batcher._running) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
+                assert batcher is not None and batcher._running, "the forward never started"
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                deadline = time.monotonic() + 10
+                while not any(ln.get("audit") for ln in logged) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+    lines = [ln for ln in logged if ln.get("audit")]
+    assert len(lines) == 1, lines
+    assert lines[0]["code"] == "CANCELLED", lines[0]
+    assert lines[0]["peer"].startswith("ipv4:127.0.0.1:"), lines[0]
 
 
 async def test_a_call_cut_off_by_its_deadline_is_audited_with_its_peer():
