@@ -8,6 +8,7 @@ import asyncio
 import gc
 import random
 import socket
+import threading
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from cxr_serving.frontend_wire import (
     ArenaViews,
     FrameParser,
     FrameProtocol,
+    FrameWriter,
     SlotAllocator,
     StatusMemo,
     StatusTable,
@@ -236,3 +238,81 @@ def test_port_zero_is_held_for_every_frontend_to_listen_on() -> None:
         for s in listeners:
             s.close()
     assert reserve_port("127.0.0.1", 5000) == (None, 5000)
+
+
+class _RecordingTransport:
+    """What FrameWriter hands the transport, call by call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def writelines(self, parts: Any) -> None:
+        self.calls.append(list(parts))
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_large_output_reaches_the_transport_as_its_own_memory_not_a_copy() -> None:
+    """A batch's masks go to the transport's writelines (uvloop's writev) as views on the arrays themselves:
+    nothing joins the frames into one bytes object first."""
+
+    async def scenario() -> tuple[list[list[Any]], list[np.ndarray]]:
+        transport = _RecordingTransport()
+        writer = FrameWriter(transport)  # type: ignore[arg-type]
+        masks = [np.random.default_rng(i).integers(0, 255, (512, 512), dtype=np.uint8) for i in range(3)]
+        for i, mask in enumerate(masks):
+            writer.send(encode(("result", i, "seg", True, mask, 0, None, [])))
+        await asyncio.sleep(0)  # the flush runs at the end of this turn
+        return transport.calls, masks
+
+    calls, masks = asyncio.run(scenario())
+    assert len(calls) == 1, len(calls)
+    parts = calls[0]
+    for mask in masks:
+        sharing = [p for p in parts if np.shares_memory(np.frombuffer(p, np.uint8), mask)]
+        assert len(sharing) == 1 and memoryview(sharing[0]).nbytes == mask.nbytes
+
+
+def test_slots_freed_in_a_quiet_spell_wake_the_executor_loop_once_and_leave_in_one_message() -> None:
+    """The last view of a slot may die on any thread (a batch thread, the collector); the first free of a quiet
+    spell arms one timer through the loop (one cross-thread wake-up), the rest ride along with it, and a
+    result sent meanwhile takes them instead of a separate message."""
+    from cxr_serving import frontend_hub
+
+    class CountingLoop:
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.loop, self.wakeups = loop, 0
+
+        def call_soon_threadsafe(self, *args: Any) -> Any:
+            self.wakeups += 1
+            return self.loop.call_soon_threadsafe(*args)
+
+        def call_later(self, *args: Any) -> Any:
+            return self.loop.call_later(*args)
+
+    async def scenario() -> tuple[int, list[Any], list[int]]:
+        link = frontend_hub._Link(hub=None)  # type: ignore[arg-type]
+        counting = CountingLoop(asyncio.get_running_loop())
+        link.loop = counting  # type: ignore[assignment]
+        sent: list[Any] = []
+        link.send = sent.append  # type: ignore[method-assign]
+        threads = [threading.Thread(target=link.slot_free, args=(64 * i,)) for i in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        await asyncio.sleep(frontend_hub.FREE_DELAY_S * 5)
+        first_spell = counting.wakeups
+        link.slot_free(1 << 20)  # a second spell: one more wake-up, but a result takes its slot first
+        taken = link._take_freed()
+        await asyncio.sleep(frontend_hub.FREE_DELAY_S * 5)
+        return first_spell, sent, taken
+
+    wakeups, sent, taken = asyncio.run(scenario())
+    assert wakeups == 1  # at most 1 allowed: one per slot (50) without the arming
+    assert len(sent) == 1 and sent[0][0] == "free" and sorted(sent[0][1]) == [64 * i for i in range(50)]
+    assert taken == [1 << 20]  # the result carried it: the timer then sent no empty "free" message
