@@ -476,14 +476,27 @@ def ann_recall(rt: Any, queries: list[str], k: int = 50) -> dict[str, Any]:
     }
 
 
+def dense_quality(rt: Any, questions: list[dict], qrels: dict[str, set[str]]) -> dict[str, float]:
+    """recall@k and MRR of the dense method alone (the quality suite's dense lists), at the store's ef_search."""
+    vectors = rt.embedder.encode([q["question"] for q in questions], batch_size=64)
+    dense = {
+        q["qid"]: passages_of([(h.id, h.metadata) for h in rt.store.query(v, rt.cfg.candidates)])
+        for q, v in zip(questions, vectors, strict=True)
+    }
+    return quality(dense, qrels)
+
+
 def ann_phase(store: Path, ef: int) -> dict[str, Any]:
-    """In a fresh process: the store opened with this ef_search (applied before the index loads), ANN recall@50."""
+    """In a fresh process: the store opened with this ef_search (applied before the index loads), ANN recall@50
+    and what it buys end to end: the dense method's recall@k and MRR on the 800 questions."""
     from cxr_rag.runtime import RagRuntime
 
     rt = RagRuntime(rag_cfg(store, hnsw={"ef_search": ef}))
     rt.open(progress=False, build_index=False)
-    queries = [q["question"] for q in eval_questions()[0]][:200]
-    return {"chunks": rt.store.count() if rt.store else 0, **ann_recall(rt, queries), **machine("end")}
+    questions, qrels = eval_questions()
+    ann = ann_recall(rt, [q["question"] for q in questions][:200])
+    dense = dense_quality(rt, questions, qrels)
+    return {"chunks": rt.store.count() if rt.store else 0, **ann, "dense_quality_800": dense, **machine("end")}
 
 
 def ef_sweep(store: Path, values: list[int], out: Path | None) -> int:
