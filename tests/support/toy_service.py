@@ -130,7 +130,9 @@ def build_toy_from_env(settings: Settings) -> ServiceBinding:
         made_now = ["made after start-up", []]  # a list: always tracked by the collector
         seen = any(o is made_now for o in gc.get_objects())
         report = {"frozen": gc.get_freeze_count(), "later_in_view": seen}
-        Path(report_dir, f"gc-{os.getpid()}.json").write_text(json.dumps(report))
+        tmp = Path(report_dir, f".gc-{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report))
+        tmp.replace(Path(report_dir, f"gc-{os.getpid()}.json"))  # a reader never sees half a report
 
     return dataclasses.replace(binding, on_start=on_start)
 

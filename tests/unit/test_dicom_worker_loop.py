@@ -27,7 +27,7 @@ from cxr_dicom.intake import instance_path
 from cxr_dicom.service import DicomNode
 from cxr_dicom.work_queue import DB_FILE, DEAD, DONE, QUEUED, Item, Priority, QueueLock, QueueLockedError, WorkQueue
 from cxr_dicom.worker import Prepared, Worker
-from cxr_serving import cli
+from cxr_serving import heap
 from tests.support.servers import make_settings
 
 STOW = {"stow_url": "http://127.0.0.1:9/dicom-web"}
@@ -146,7 +146,7 @@ async def test_start_in_a_service_process_collects_the_heap_before_freezing_it(t
         def __init__(self) -> None:
             self.me = self
 
-    monkeypatch.setattr(cli, "_service_process", True)  # as run_service marks it
+    monkeypatch.setattr(heap, "_service_process", True)  # as run_service marks it
     garbage = Cycle()
     gone = weakref.ref(garbage)
     del garbage  # start-up garbage in a cycle: a collection frees it, a freeze would keep it for good
@@ -169,8 +169,9 @@ async def test_start_in_a_service_process_collects_the_heap_before_freezing_it(t
         await node.stop()
 
 
-async def test_a_node_hosted_in_another_process_leaves_that_process_heap_alone(tmp_path):
+async def test_a_node_hosted_in_a_test_or_benchmark_process_leaves_that_process_heap_alone(tmp_path, monkeypatch):
     """A test or benchmark that runs the node in its own process keeps its objects collectable."""
+    monkeypatch.setattr(heap, "_service_process", False)
     settings = _node_settings(tmp_path)
     node = DicomNode(settings, dicom_config(settings))
     before = gc.get_freeze_count()

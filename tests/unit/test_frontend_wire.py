@@ -257,8 +257,9 @@ class _RecordingTransport:
 
 
 def test_a_large_output_reaches_the_transport_as_its_own_memory_not_a_copy() -> None:
-    """A batch's masks go to the transport's writelines (uvloop's writev) as views on the arrays themselves:
-    nothing joins the frames into one bytes object first."""
+    """A batch's masks go to the transport's writelines as views on the arrays themselves: nothing here joins
+    the frames into one bytes object first. (uvloop's transport writes such a list with one writev and no
+    copy; plain asyncio's joins it, which is why the platform runs uvloop.) A recording transport stands in."""
 
     async def scenario() -> tuple[list[list[Any]], list[np.ndarray]]:
         transport = _RecordingTransport()
@@ -308,8 +309,9 @@ def test_slots_freed_in_a_quiet_spell_wake_the_executor_loop_once_and_leave_in_o
         await asyncio.sleep(frontend_hub.FREE_DELAY_S * 5)
         first_spell = counting.wakeups
         link.slot_free(1 << 20)  # a second spell: one more wake-up, but a result takes its slot first
-        taken = link._take_freed()
+        taken = link._take_freed()  # what `predict` does as it sends a result
         await asyncio.sleep(frontend_hub.FREE_DELAY_S * 5)
+        assert counting.wakeups == first_spell + 1
         return first_spell, sent, taken
 
     wakeups, sent, taken = asyncio.run(scenario())

@@ -19,6 +19,8 @@ from cxr_serving.runtimes.prepare import RuntimeOutcome
 from cxr_serving.settings import PerformanceConfig
 from tests.support.paths import CXR14
 
+pytestmark = pytest.mark.slow  # two DenseNet-121 and two U-Net loads
+
 
 def _recording(calls: list[dict[str, Any]]) -> Any:
     def prepare(runtime: Any, request: Any, **kwargs: Any) -> RuntimeOutcome:

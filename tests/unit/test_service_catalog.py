@@ -14,6 +14,7 @@ import yaml
 
 from cxr_client.config import ClientConfig
 from cxr_client.retry_policy import SERVICE_NAMES
+from cxr_serving import heap
 from cxr_serving.catalog import RESERVED_NAMES, load_catalog
 from cxr_serving.cli import main as serving_main
 from cxr_serving.errors import ConfigError
@@ -142,9 +143,13 @@ def test_extra_files_and_settings(tmp_path: Path) -> None:
 def test_unknown_service_fails_at_start(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     for key in [k for k in os.environ if k.startswith("CXR_")]:
         monkeypatch.delenv(key)
+    monkeypatch.setattr(heap, "_service_process", False)
     assert serving_main(["nosuch", "--port", "0", "--metrics-port", "0"]) == 2
     assert "unknown service 'nosuch'" in capsys.readouterr().err
     assert serving_main([]) == 2
+    # a start refused (here in the test's own process) does not mark the process as a service's: its heap stays
+    # collectable, and a DICOM node a later test hosts here does not freeze it
+    assert not heap._service_process and not heap.freeze_startup_heap()
 
 
 def test_generated_files_are_current_and_stale_ones_are_caught(tmp_path: Path) -> None:

@@ -4,40 +4,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from cxr_serving.errors import ConfigError
 from cxr_serving.frontends import frontend_count, serve_with_frontends
+from cxr_serving.heap import freeze_startup_heap, serve_this_process
 from cxr_serving.logging_setup import setup_logging
 from cxr_serving.optimize.event_loop import runner
 from cxr_serving.otel import setup_tracing
 from cxr_serving.server import ServiceBinding, create_server, serve
 from cxr_serving.settings import Settings, load_settings
-
-_service_process = False  # set by run_service and a frontend's main: the only processes whose heap is frozen
-
-
-def mark_service_process() -> None:
-    """This process exists to run one service: `freeze_startup_heap` may freeze its heap."""
-    global _service_process
-    _service_process = True
-
-
-def freeze_startup_heap() -> bool:
-    """Take what start-up made (the imported libraries, settings, the server) out of the cyclic garbage
-    collector's view, so that a full collection while serving walks the objects made since, not the whole
-    process. Models load after it and stay in view: an unloaded model's reference cycles are still freed.
-
-    Only in a service process: a test or benchmark that hosts a service in its own process keeps its heap
-    collectable. Returns whether it froze."""
-    if not _service_process:
-        return False
-    gc.collect()  # start-up's own garbage is freed first, not kept for good
-    gc.freeze()
-    return True
 
 
 def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv: Sequence[str] | None = None) -> int:
@@ -47,7 +25,6 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     ap.add_argument("--port", type=int, help="gRPC port, 0 for any free port (default: services.<name>.port)")
     ap.add_argument("--metrics-port", type=int, help="Prometheus port (default: services.<name>.metrics_port)")
     args = ap.parse_args(argv)
-    mark_service_process()
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -65,6 +42,7 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
         print(f"cxr-{service}: {exc}", file=sys.stderr)
         return 2
     run, loop_name = runner(settings.server_config.event_loop)  # validated by Settings: no ConfigError here
+    serve_this_process()  # only now: a start refused above (in a test's own process too) marks nothing
     freeze_startup_heap()
     logging.getLogger(service).info("event loop: %s", loop_name)
     if frontends > 1:

@@ -32,6 +32,7 @@ from cxr_serving.errors import ConfigError
 from cxr_serving.frontend_hub import FrontendHub
 from cxr_serving.frontend_metrics import merged_registry
 from cxr_serving.frontend_wire import Arena
+from cxr_serving.heap import freeze_startup_heap, serve_this_process
 from cxr_serving.instances import recv, send
 from cxr_serving.metrics import FRONTEND_PROCESSES, FRONTEND_RESTARTS
 from cxr_serving.server import CxrServer, ServiceBinding
@@ -269,7 +270,6 @@ class AdminForwarder(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 async def _frontend_main(settings: Settings, build: Build, host: str, port: int, index: int, token: str,
                          paths: dict[str, str], arena: Arena) -> None:  # fmt: skip
     from cxr_serving.binding import repository_maker
-    from cxr_serving.cli import freeze_startup_heap
     from cxr_serving.frontend_repository import RemoteRepository
 
     def make(batching: Any) -> RemoteRepository:
@@ -307,11 +307,10 @@ def _term_with_parent() -> None:
 
 
 def main(control_fd: int, arena_fd: int) -> None:
-    from cxr_serving.cli import mark_service_process
     from cxr_serving.logging_setup import setup_logging
     from cxr_serving.optimize.event_loop import runner
 
-    mark_service_process()
+    serve_this_process()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us with SIGTERM
     parent = os.getppid()

@@ -20,7 +20,7 @@ from cxr_dicom.work_queue import QueueLock, WorkQueue
 from cxr_dicom.worker import Worker, client_config
 from cxr_protos.dicom.v1 import dicom_service_pb2 as pb
 from cxr_protos.dicom.v1 import dicom_service_pb2_grpc as pb_grpc
-from cxr_serving import cli
+from cxr_serving import heap
 from cxr_serving.auth import ApiKeyStore
 from cxr_serving.server import ServiceBinding
 from cxr_serving.settings import Settings
@@ -108,10 +108,10 @@ class DicomNode:
 def freeze_startup_heap() -> bool:
     """Take what start-up made (modules, the FHIR models validation loads on demand, the SCP's contexts) out of the
     garbage collector's view: pynetdicom's server runs a full ``gc.collect()`` every 60 turns of its loop, and a full
-    collection walks every tracked object in the process. In a service process only (`cxr_serving.cli`)."""
+    collection walks every tracked object in the process. In a service process only (`cxr_serving.heap`)."""
     for module in ("auditevent", "bundle", "device", "diagnosticreport", "observation"):
         importlib.import_module(f"fhir.resources.R4B.{module}")
-    return cli.freeze_startup_heap()
+    return heap.freeze_startup_heap()
 
 
 SCP_DRAIN_S = 30.0
