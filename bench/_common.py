@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from bench._revision import source_revision
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared"))
 IMAGES = SHARED / "data" / "cxr14-sample" / "images"
@@ -488,7 +490,8 @@ def machine() -> dict[str, Any]:
 def write_result(name: str, data: dict[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **data}
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    data = {"benchmark": name, "when": when, "source": source_revision(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}", flush=True)
     return path

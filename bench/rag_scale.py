@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 from bench import rag_corpus
+from bench._revision import source_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = rag_corpus.DATA
@@ -556,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
             **machine("start"),
         },
+        "source": source_revision(),
         "budgets_ms": BUDGET_MS,
     }
     t = time.perf_counter()

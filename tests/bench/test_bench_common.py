@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -258,3 +259,36 @@ def test_gpu_memory_per_process_tree_from_nvidia_smi(tmp_path, monkeypatch) -> N
     assert tree_gpu_mib(os.getpid(), {}) is None  # nothing read: no GPU column, not zero
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert gpu_mib_by_pid() == {}  # no nvidia-smi on this machine
+
+
+def test_every_result_names_the_commit_it_ran_from_and_whether_the_tree_was_changed(tmp_path):
+    """A result file can be traced to its code: HEAD's sha and a dirty flag (tracked files changed), both from a
+    real git repository; None outside one."""
+    import subprocess
+
+    from bench._common import write_result
+    from bench._revision import source_revision
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                              env={**os.environ, **env})  # fmt: skip
+
+    git("init", "-q")
+    (repo / "f.txt").write_text("one")
+    git("add", "f.txt")
+    git("commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD").stdout.strip()
+    assert source_revision(repo) == {"commit": sha, "dirty": False}
+    (repo / "f.txt").write_text("two")
+    assert source_revision(repo) == {"commit": sha, "dirty": True}
+    (repo / "untracked.txt").write_text("x")  # untracked files (results being written) do not count
+    git("checkout", "-q", "f.txt")
+    assert source_revision(repo) == {"commit": sha, "dirty": False}
+    (tmp_path / "not-a-repo").mkdir()
+    assert source_revision(tmp_path / "not-a-repo") == {"commit": None, "dirty": None}
+    written = json.loads(write_result("probe", {"x": 1}, tmp_path / "probe.json").read_text())
+    assert len(written["source"]["commit"]) == 40 and isinstance(written["source"]["dirty"], bool)
