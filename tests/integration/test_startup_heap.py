@@ -84,3 +84,27 @@ def test_frontend_processes_freeze_their_startup_heap_too(tmp_path):
     for pid, report in seen.items():
         assert report["frozen"] > 20_000, (pid, report)
         assert report["later_in_view"], (pid, report)
+
+
+def test_model_instance_processes_freeze_their_startup_heap_before_the_weights_load(tmp_path):
+    """With `model_instance_mode: process`, each instance process freezes what it imported and built before it
+    loads the model's weights (reported from the model's load, in the instance), as the server process does."""
+    reports = tmp_path / "gc"
+    reports.mkdir()
+    env = {
+        "CXR_SERVER_CONFIG__MODEL_INSTANCE_MODE": "process",
+        "CXR_SERVER_CONFIG__MODEL_INSTANCES": "2",
+        "TOY_GC_REPORT_DIR": str(reports),
+    }
+    with service_process(tmp_path, env=env) as sp:
+        sp.wait_health()
+        deadline = time.time() + 60
+        while len(list(reports.glob("gc-*.json"))) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        seen = {int(p.stem.removeprefix("gc-")): json.loads(p.read_text()) for p in reports.glob("gc-*.json")}
+        children = set(child_pids(sp.proc.pid))
+    instances = set(seen) - {sp.proc.pid}
+    assert sp.proc.pid in seen and len(instances) == 2 and instances <= children, (seen, children)
+    for pid in instances:
+        assert seen[pid]["frozen"] > 20_000, (pid, seen[pid])  # numpy, grpc, the platform: ~50k for the toy
+        assert seen[pid]["later_in_view"], (pid, seen[pid])

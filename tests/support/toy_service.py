@@ -46,6 +46,7 @@ class BrightnessModel(ServedModel):
         self._loaded = False
 
     def load(self, checkpoint_path: Path | None = None) -> None:
+        report_gc_state()  # with env TOY_GC_REPORT_DIR: what the collector sees in the process that loads
         time.sleep(self.load_delay_s)
         if self.fail_load:
             raise RuntimeError("checkpoint corrupt")
@@ -96,6 +97,23 @@ class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
         return pb.ClassifyImageResponse(predictions=[pred], image=image_metadata(img), untrained=st.untrained)
 
 
+def report_gc_state() -> None:
+    """With env TOY_GC_REPORT_DIR, write `gc-<pid>.json` there: the collector's frozen count and whether an object
+    made now is in its view (a process's first report is kept: a reload does not overwrite it)."""
+    import gc
+    import json
+    import os
+
+    report_dir = os.environ.get("TOY_GC_REPORT_DIR")
+    if not report_dir or Path(report_dir, f"gc-{os.getpid()}.json").exists():
+        return
+    made_now = ["made after start-up", []]  # a list: always tracked by the collector
+    seen = any(o is made_now for o in gc.get_objects())
+    tmp = Path(report_dir, f".gc-{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"frozen": gc.get_freeze_count(), "later_in_view": seen}))
+    tmp.replace(Path(report_dir, f"gc-{os.getpid()}.json"))  # a reader never sees half a report
+
+
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
     model = model or BrightnessModel()
     factory = functools.partial(
@@ -113,26 +131,17 @@ def build_toy(settings: Settings, model: BrightnessModel | None = None) -> Servi
 
 def build_toy_from_env(settings: Settings) -> ServiceBinding:
     """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it).
-    With env TOY_GC_REPORT_DIR, each process's on_start writes `gc-<pid>.json` there: the collector's frozen
-    count and whether an object made at that moment is in its view."""
+    With env TOY_GC_REPORT_DIR, every process reports its collector's view once started (`report_gc_state`; a
+    process that loads the model reports at the load)."""
     import dataclasses
-    import gc
-    import json
     import os
-    from pathlib import Path
 
     binding = build_toy(settings, BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0"))))
-    report_dir = os.environ.get("TOY_GC_REPORT_DIR")
-    if not report_dir:
+    if not os.environ.get("TOY_GC_REPORT_DIR"):
         return binding
 
     async def on_start() -> None:
-        made_now = ["made after start-up", []]  # a list: always tracked by the collector
-        seen = any(o is made_now for o in gc.get_objects())
-        report = {"frozen": gc.get_freeze_count(), "later_in_view": seen}
-        tmp = Path(report_dir, f".gc-{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report))
-        tmp.replace(Path(report_dir, f"gc-{os.getpid()}.json"))  # a reader never sees half a report
+        report_gc_state()
 
     return dataclasses.replace(binding, on_start=on_start)
 

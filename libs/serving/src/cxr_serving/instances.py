@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_serving.errors import CxrError, ModelNotReadyError
+from cxr_serving.heap import freeze_startup_heap, serve_this_process
 from cxr_serving.logging_setup import setup_logging
 from cxr_serving.metrics import MODEL_INSTANCE_RESTARTS
 
@@ -144,6 +145,8 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
         model = factory()
     except BaseException as exc:  # reported on the first request, so the parent sees why
         build_error = exc
+    serve_this_process()
+    freeze_startup_heap()  # before the weights load, as the server does: a collection mid-batch walks less
     while True:
         try:
             op, arg = recv(conn)
