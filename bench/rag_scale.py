@@ -447,20 +447,38 @@ def quality_suite(rt: Any, questions: list[dict], qrels: dict[str, set[str]]) ->
     }
 
 
-def ann_recall(rt: Any, queries: list[str], k: int = 50) -> dict[str, Any]:
+def stored_vectors(rt: Any) -> tuple[list[str], list[str], np.ndarray]:
+    """Every stored chunk's id, source passage id and vector, read a page at a time."""
+    ids: list[str] = []
+    passages: list[str] = []
+    vecs = []
+    for page in rt.store.iter_all(page=5000, embeddings=True):
+        ids += page.ids
+        passages += [m.get("doc_id", i) for i, m in zip(page.ids, page.metadatas, strict=True)]
+        vecs.append(np.asarray(page.embeddings, dtype=np.float32))
+    return ids, passages, np.concatenate(vecs)
+
+
+def exact_top(matrix: np.ndarray, qv: np.ndarray, k: int, block: int = 100) -> list[list[int]]:
+    """Row indices of the k largest inner products per query, best first (brute force, `block` queries at a time)."""
+    out: list[list[int]] = []
+    for start in range(0, len(qv), block):
+        scores = qv[start : start + block] @ matrix.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+        out += np.take_along_axis(top, order, axis=1).tolist()
+    return out
+
+
+def ann_recall(rt: Any, queries: list[str], k: int = 50, vectors: Any = None) -> dict[str, Any]:
     """Share of the exact top-k (brute-force cosine over every stored vector) that the HNSW search returns at the
     configured ef_search (Chroma 1.5 applies a new ef_search only to an index loaded afterwards: sweep values
     in fresh processes, see bench/README.md)."""
     store = rt.store
-    ids: list[str] = []
-    vecs = []
-    for page in store.iter_all(page=5000, embeddings=True):
-        ids += page.ids
-        vecs.append(np.asarray(page.embeddings, dtype=np.float32))
-    matrix = np.concatenate(vecs)
+    ids, _passages, matrix = vectors if vectors is not None else stored_vectors(rt)
     qv = rt.embedder.encode(queries, batch_size=64)
-    exact = [{ids[i] for i in row} for row in np.argsort(-(qv @ matrix.T), axis=1)[:, :k]]
-    del matrix, vecs
+    exact = [{ids[i] for i in row} for row in exact_top(matrix, qv, k)]
+    del matrix
     found, ms = [], []
     for want, v in zip(exact, qv, strict=True):
         t = time.perf_counter()
@@ -475,6 +493,15 @@ def ann_recall(rt: Any, queries: list[str], k: int = 50) -> dict[str, Any]:
         "min": round(float(np.min(found)), 4),
         "query_ms": _pcts(ms),
     }
+
+
+def exact_dense_quality(rt: Any, vectors: Any, questions: list[dict], qrels: dict[str, set[str]]) -> dict[str, float]:
+    """recall@k and MRR of the dense method with exact search in place of HNSW: what any ef_search could reach."""
+    _ids, passages, matrix = vectors
+    qv = rt.embedder.encode([q["question"] for q in questions], batch_size=64)
+    rows = exact_top(matrix, qv, rt.cfg.candidates)
+    ranked = {q["qid"]: list(dict.fromkeys(passages[i] for i in row)) for q, row in zip(questions, rows, strict=True)}
+    return quality(ranked, qrels)
 
 
 def dense_quality(rt: Any, questions: list[dict], qrels: dict[str, set[str]]) -> dict[str, float]:
@@ -495,9 +522,17 @@ def ann_phase(store: Path, ef: int) -> dict[str, Any]:
     rt = RagRuntime(rag_cfg(store, hnsw={"ef_search": ef}))
     rt.open(progress=False, build_index=False)
     questions, qrels = eval_questions()
-    ann = ann_recall(rt, [q["question"] for q in questions][:200])
+    vectors = stored_vectors(rt)
+    ann = ann_recall(rt, [q["question"] for q in questions][:200], vectors=vectors)
     dense = dense_quality(rt, questions, qrels)
-    return {"chunks": rt.store.count() if rt.store else 0, **ann, "dense_quality_800": dense, **machine("end")}
+    exact = exact_dense_quality(rt, vectors, questions, qrels)
+    return {
+        "chunks": rt.store.count() if rt.store else 0,
+        **ann,
+        "dense_quality_800": dense,
+        "dense_exact_search_quality_800": exact,
+        **machine("end"),
+    }
 
 
 def ef_sweep(store: Path, values: list[int], out: Path | None) -> int:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.rag_corpus import DISTRACTOR_SOURCE, eval_gold_ids, load_sources, normalise, sentences, write_corpus
-from bench.rag_scale import passages_of, quality, split_questions, weighted_rrf
+from bench.rag_scale import exact_dense_quality, exact_top, passages_of, quality, split_questions, weighted_rrf
 from cxr_rag.retrieval import Passage, rrf_fuse
 
 N = 3700  # the 2,696 gold passages and about a thousand distractors
@@ -100,3 +101,31 @@ def test_tune_and_test_halves_are_disjoint_and_cover_all() -> None:
     qids = [str(i) for i in range(100, 140)]
     tune, test = split_questions(qids)
     assert not set(tune) & set(test) and sorted(tune + test) == sorted(qids) and len(tune) == len(test) == 20
+
+
+def test_exact_top_is_the_brute_force_order_across_query_blocks() -> None:
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    want = np.argsort(-(queries @ matrix.T), axis=1)[:, :10].tolist()
+    assert exact_top(matrix, queries, 10, block=3) == want
+
+
+def test_exact_dense_quality_ranks_passages_of_the_nearest_chunks() -> None:
+    class Embedder:
+        def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+            return np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)[: len(texts)]
+
+    class Cfg:
+        candidates = 3
+
+    class Runtime:
+        embedder = Embedder()
+        cfg = Cfg()
+
+    # chunks of passages a, a, b, c: question 1 points at c then a; question 2 at b
+    matrix = np.array([[0.6, 0.0], [0.5, 0.1], [0.0, 0.9], [0.9, 0.0]], dtype=np.float32)
+    vectors = (["a#0", "a#1", "b#0", "c#0"], ["a", "a", "b", "c"], matrix)
+    questions = [{"qid": "1", "question": "x"}, {"qid": "2", "question": "y"}]
+    got = exact_dense_quality(Runtime(), vectors, questions, {"1": {"a"}, "2": {"b"}})
+    assert got["recall@1"] == 0.5 and got["mrr"] == 0.75  # q1: a at rank 2 (after c); q2: b at rank 1
