@@ -69,18 +69,9 @@ def test_service_freezes_its_startup_heap_and_keeps_later_objects_collectable(tm
 def test_frontend_processes_freeze_their_startup_heap_too(tmp_path):
     """With two frontends, the executor and each frontend process report a frozen start-up heap, and objects made
     after start-up stay in the collector's view in all three."""
-    reports = tmp_path / "gc"
-    reports.mkdir()
-    env = {"CXR_SERVER_CONFIG__FRONTEND_PROCESSES": "2", "TOY_GC_REPORT_DIR": str(reports)}
-    with service_process(tmp_path, env=env) as sp:
-        sp.wait_health()
-        deadline = time.time() + 60
-        while len(list(reports.glob("gc-*.json"))) < 3 and time.time() < deadline:
-            time.sleep(0.1)
-        seen = {int(p.stem.removeprefix("gc-")): json.loads(p.read_text()) for p in reports.glob("gc-*.json")}
-        children = set(child_pids(sp.proc.pid))
-    frontends = set(seen) - {sp.proc.pid}
-    assert sp.proc.pid in seen and len(frontends) == 2 and frontends <= children, (seen, children)
+    env = {"CXR_SERVER_CONFIG__FRONTEND_PROCESSES": "2"}
+    seen, root = _gc_reports_of_three_processes(tmp_path, env)
+    assert len(set(seen) - {root}) == 2, seen
     for pid, report in seen.items():
         assert report["frozen"] > 20_000, (pid, report)
         assert report["later_in_view"], (pid, report)
@@ -89,22 +80,25 @@ def test_frontend_processes_freeze_their_startup_heap_too(tmp_path):
 def test_model_instance_processes_freeze_their_startup_heap_before_the_weights_load(tmp_path):
     """With `model_instance_mode: process`, each instance process freezes what it imported and built before it
     loads the model's weights (reported from the model's load, in the instance), as the server process does."""
+    env = {"CXR_SERVER_CONFIG__MODEL_INSTANCE_MODE": "process", "CXR_SERVER_CONFIG__MODEL_INSTANCES": "2"}
+    seen, root = _gc_reports_of_three_processes(tmp_path, env)
+    instances = set(seen) - {root}
+    assert len(instances) == 2, seen
+    for pid in instances:
+        assert seen[pid]["frozen"] > 20_000, (pid, seen[pid])  # numpy, grpc, the platform: ~50k for the toy
+        assert seen[pid]["later_in_view"], (pid, seen[pid])
+
+
+def _gc_reports_of_three_processes(tmp_path, env):
+    """Start the toy service with `env`; the collector reports of its process and two children, by pid, and its pid."""
     reports = tmp_path / "gc"
     reports.mkdir()
-    env = {
-        "CXR_SERVER_CONFIG__MODEL_INSTANCE_MODE": "process",
-        "CXR_SERVER_CONFIG__MODEL_INSTANCES": "2",
-        "TOY_GC_REPORT_DIR": str(reports),
-    }
-    with service_process(tmp_path, env=env) as sp:
+    with service_process(tmp_path, env={**env, "TOY_GC_REPORT_DIR": str(reports)}) as sp:
         sp.wait_health()
         deadline = time.time() + 60
         while len(list(reports.glob("gc-*.json"))) < 3 and time.time() < deadline:
             time.sleep(0.1)
         seen = {int(p.stem.removeprefix("gc-")): json.loads(p.read_text()) for p in reports.glob("gc-*.json")}
         children = set(child_pids(sp.proc.pid))
-    instances = set(seen) - {sp.proc.pid}
-    assert sp.proc.pid in seen and len(instances) == 2 and instances <= children, (seen, children)
-    for pid in instances:
-        assert seen[pid]["frozen"] > 20_000, (pid, seen[pid])  # numpy, grpc, the platform: ~50k for the toy
-        assert seen[pid]["later_in_view"], (pid, seen[pid])
+    assert sp.proc.pid in seen and set(seen) - {sp.proc.pid} <= children, (seen, children)
+    return seen, sp.proc.pid
