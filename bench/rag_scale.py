@@ -399,13 +399,17 @@ def serve_phase(store: Path, quick: bool) -> dict[str, Any]:
 
     questions, qrels = eval_questions()
     queries = [q["question"] for q in questions]
+    start = machine("start")
     cfg = rag_cfg(store)
     rt = RagRuntime(cfg)
     opened = open_in_stages(rt)
     assert rt.store is not None and rt.retriever is not None
     lat = latency_suite(rt.retriever, queries, ("hybrid", "dense", "lexical"), quick)
     qual = quality_suite(rt, questions, qrels)
+    after_queries = proc_memory_mb()  # what the service holds after serving, before the benchmark's ANN check
     return {
+        "source": source_revision(),
+        **start,
         "chunks": rt.store.count(),
         "hnsw": rt.store.hnsw(),
         "open_and_bm25_build_s": opened["open_s"],
@@ -414,6 +418,7 @@ def serve_phase(store: Path, quick: bool) -> dict[str, Any]:
         "ann_recall": ann_recall(rt, queries[:200]),
         "memory_mb_after_open": opened["memory_mb"]["bm25_index_built"],
         "memory_mb_by_stage": opened["memory_mb"],
+        "memory_mb_after_queries": after_queries,
         "memory_mb_at_end": proc_memory_mb(),  # includes the exact-search matrix of ann_recall
     }
 
@@ -460,13 +465,15 @@ def stored_vectors(rt: Any) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def exact_top(matrix: np.ndarray, qv: np.ndarray, k: int, block: int = 100) -> list[list[int]]:
-    """Row indices of the k largest inner products per query, best first (brute force, `block` queries at a time)."""
+    """Row indices of the k largest inner products per query, best first and equal scores by row index (brute
+    force, `block` queries at a time); all rows when there are at most k."""
+    k = min(k, len(matrix))
     out: list[list[int]] = []
     for start in range(0, len(qv), block):
         scores = qv[start : start + block] @ matrix.T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-        out += np.take_along_axis(top, order, axis=1).tolist()
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        for row_scores, row_top in zip(scores, top, strict=True):
+            out.append(row_top[np.lexsort((row_top, -row_scores[row_top]))].tolist())
     return out
 
 
@@ -519,6 +526,7 @@ def ann_phase(store: Path, ef: int) -> dict[str, Any]:
     and what it buys end to end: the dense method's recall@k and MRR on the 800 questions."""
     from cxr_rag.runtime import RagRuntime
 
+    start = machine("start")
     rt = RagRuntime(rag_cfg(store, hnsw={"ef_search": ef}))
     rt.open(progress=False, build_index=False)
     questions, qrels = eval_questions()
@@ -527,10 +535,12 @@ def ann_phase(store: Path, ef: int) -> dict[str, Any]:
     dense = dense_quality(rt, questions, qrels)
     exact = exact_dense_quality(rt, vectors, questions, qrels)
     return {
+        "source": source_revision(),
         "chunks": rt.store.count() if rt.store else 0,
         **ann,
         "dense_quality_800": dense,
         "dense_exact_search_quality_800": exact,
+        **start,
         **machine("end"),
     }
 
@@ -546,7 +556,7 @@ def ef_sweep(store: Path, values: list[int], out: Path | None) -> int:
             raise SystemExit(f"ann phase for ef_search {ef} failed ({run.returncode})")
         rows.append(json.loads(line.removeprefix("ANN_PHASE ")))
         print(json.dumps(rows[-1]), flush=True)
-    report = {"benchmark": "rag_scale ef_search sweep", "store": str(store), "rows": rows}
+    report = {"benchmark": "rag_scale ef_search sweep", "store": str(store), "source": source_revision(), "rows": rows}
     out = out or RESULTS / "rag_scale-ef_search.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {out}")
@@ -630,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "service_process_memory_mb": {
             "after_open": report["embedded"]["memory_mb_after_open"],
             "by_stage": report["embedded"]["memory_mb_by_stage"],
+            "after_queries": report["embedded"]["memory_mb_after_queries"],
             "at_end_incl_ann_check": report["embedded"]["memory_mb_at_end"],
         },
         "chroma_server_memory_mb": report["chroma_server"]["chroma_server_memory_mb"],

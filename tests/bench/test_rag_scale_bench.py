@@ -111,10 +111,17 @@ def test_exact_top_is_the_brute_force_order_across_query_blocks() -> None:
     assert exact_top(matrix, queries, 10, block=3) == want
 
 
+def test_exact_top_takes_every_row_of_a_small_store_and_orders_ties_by_row() -> None:
+    matrix = np.array([[0.5, 0.0], [1.0, 0.0], [0.5, 0.0]], dtype=np.float32)
+    queries = np.array([[1.0, 0.0]], dtype=np.float32)
+    assert exact_top(matrix, queries, 3) == [[1, 0, 2]]
+    assert exact_top(matrix, queries, 50) == [[1, 0, 2]]
+
+
 def test_exact_dense_quality_ranks_passages_of_the_nearest_chunks() -> None:
     class Embedder:
         def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-            return np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)[: len(texts)]
+            return np.array([[1.0, 0.0]], dtype=np.float32)[: len(texts)]
 
     class Cfg:
         candidates = 3
@@ -123,9 +130,8 @@ def test_exact_dense_quality_ranks_passages_of_the_nearest_chunks() -> None:
         embedder = Embedder()
         cfg = Cfg()
 
-    # chunks of passages a, a, b, c: question 1 points at c then a; question 2 at b
-    matrix = np.array([[0.6, 0.0], [0.5, 0.1], [0.0, 0.9], [0.9, 0.0]], dtype=np.float32)
-    vectors = (["a#0", "a#1", "b#0", "c#0"], ["a", "a", "b", "c"], matrix)
-    questions = [{"qid": "1", "question": "x"}, {"qid": "2", "question": "y"}]
-    got = exact_dense_quality(Runtime(), vectors, questions, {"1": {"a"}, "2": {"b"}})
-    assert got["recall@1"] == 0.5 and got["mrr"] == 0.75  # q1: a at rank 2 (after c); q2: b at rank 1
+    # two chunks of passage a, then c: c is the second passage (MRR 0.5) only if a's chunks count once
+    matrix = np.array([[0.9, 0.0], [0.8, 0.0], [0.7, 0.0]], dtype=np.float32)
+    vectors = (["a#0", "a#1", "c#0"], ["a", "a", "c"], matrix)
+    got = exact_dense_quality(Runtime(), vectors, [{"qid": "1", "question": "x"}], {"1": {"c"}})
+    assert got["recall@1"] == 0.0 and got["mrr"] == 0.5

@@ -73,7 +73,15 @@ class HnswConfig(_Strict):
 
     m: int = Field(16, ge=4, le=128, description="graph degree (Chroma max_neighbors); fixed at creation")
     ef_construction: int = Field(200, ge=8, le=2048, description="build beam; fixed at creation")
-    ef_search: int = Field(1024, ge=8, le=4096, description="query beam (at least the candidates asked for)")
+    ef_search: int = Field(
+        1024,
+        ge=8,
+        le=4096,
+        description=(
+            "query beam: larger finds more of the exact nearest neighbours, slower; set on every open, but "
+            "Chroma uses a changed value only for an index it loads afterwards: restart a `chroma run` server"
+        ),
+    )
 
 
 class EmbeddingRuntimeConfig(_Strict):
