@@ -86,7 +86,7 @@ async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
     assert overload.codes["OK"] / 4.0 >= 0.5 * capacity, numbers  # still serving near capacity
     assert peak_rss - rss_idle < 150 * 2**20, numbers  # memory bounded (queue, not backlog)
     assert recovery.failed() == 0, recovery.errors  # full recovery
-    assert recovery.total >= 0.75 * int(capacity / 4 * 4.0), numbers  # and the recovery load was offered
+    assert recovery.skipped <= 0.25 * (recovery.total + recovery.skipped), numbers  # the recovery load was offered
     assert recovery.percentile_ms("OK", 0.5) < 500, numbers
 
 
