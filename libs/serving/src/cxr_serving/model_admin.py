@@ -33,7 +33,7 @@ from cxr_serving.model_card import (
     read_card_file,
     write_card_file,
 )
-from cxr_serving.proto_convert import model_info
+from cxr_serving.proto_convert import fill_model_info
 from cxr_serving.versions import VersionPolicy, split_name
 
 _POLICIES: dict[int, VersionPolicy] = {
@@ -64,7 +64,11 @@ class ModelAdmin:
         """ModelInfo with the link to the card of its version (every response that names a model carries it):
         always `name@version`, so that a link copied into a report keeps naming the version that answered
         after another one is promoted (the plain `name` route stays the serving version's)."""
-        info = model_info(status)
+        return self.fill_info(common_pb2.ModelInfo(), status)
+
+    def fill_info(self, info: common_pb2.ModelInfo, status: ModelStatus) -> common_pb2.ModelInfo:
+        """`info` as above, written into a field of a response."""
+        fill_model_info(info, status)
         if self.rest_prefix:
             key = f"{status.name}@{status.version}" if status.version else status.name
             info.model_card = f"{self.rest_prefix}/models/{key}/card"

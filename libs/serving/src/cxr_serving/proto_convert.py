@@ -46,37 +46,46 @@ def urgency(priority_field: int, context: _Deadlined) -> Urgency:
 
 
 def model_info(status: ModelStatus) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(
-        name=status.name,
-        version=status.version,
-        untrained=status.untrained,
-        architecture=status.architecture,
-        state=_STATE[status.state],
-        labels=status.labels,
-        error=status.error,
-        device=status.device,
-        precision=status.precision,
-        backend=status.backend,
-        runtime_note=status.runtime_note,
-        task=status.task,
-        role=status.role,
-        traffic_percent=status.traffic_percent,
-        shadow_percent=status.shadow_percent,
-        version_policy=status.version_policy,
-        memory_cpu_bytes=status.memory.get("cpu", 0),
-        memory_gpu_bytes=status.memory.get("cuda", 0),
-        gpu_allocated_delta_bytes=status.gpu_allocated_delta,
-    )
+    return fill_model_info(common_pb2.ModelInfo(), status)
+
+
+def fill_model_info(info: common_pb2.ModelInfo, status: ModelStatus) -> common_pb2.ModelInfo:
+    """`status` written into `info`, a field of a response: one message arena per response, not one per part
+    (each arena freed counts toward protobuf's periodic `malloc_trim`, docs/serving-runtime.md)."""
+    info.name = status.name
+    info.version = status.version
+    info.untrained = status.untrained
+    info.architecture = status.architecture
+    info.state = _STATE[status.state]
+    info.labels.extend(status.labels)
+    info.error = status.error
+    info.device = status.device
+    info.precision = status.precision
+    info.backend = status.backend
+    info.runtime_note = status.runtime_note
+    info.task = status.task
+    info.role = status.role
+    info.traffic_percent = status.traffic_percent
+    info.shadow_percent = status.shadow_percent
+    info.version_policy = status.version_policy
+    info.memory_cpu_bytes = status.memory.get("cpu", 0)
+    info.memory_gpu_bytes = status.memory.get("cuda", 0)
+    info.gpu_allocated_delta_bytes = status.gpu_allocated_delta
+    return info
 
 
 def image_metadata(img: DecodedImage) -> common_pb2.ImageMetadata:
+    return fill_image_metadata(common_pb2.ImageMetadata(), img)
+
+
+def fill_image_metadata(meta: common_pb2.ImageMetadata, img: DecodedImage) -> common_pb2.ImageMetadata:
+    """`img`'s metadata written into `meta`, a field of a response (see `fill_model_info`)."""
     row, col = img.pixel_spacing_mm or (0.0, 0.0)
-    return common_pb2.ImageMetadata(
-        width=img.width,
-        height=img.height,
-        format=img.format,
-        bits_stored=img.bits_stored,
-        pixel_spacing_row_mm=row,
-        pixel_spacing_column_mm=col,
-        photometric_interpretation=img.photometric_interpretation,
-    )
+    meta.width = img.width
+    meta.height = img.height
+    meta.format = img.format
+    meta.bits_stored = img.bits_stored
+    meta.pixel_spacing_row_mm = row
+    meta.pixel_spacing_column_mm = col
+    meta.photometric_interpretation = img.photometric_interpretation
+    return meta

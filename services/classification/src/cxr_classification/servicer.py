@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from cxr_classification.model import Calibration, ChestXrayClassifier
-from cxr_classification.pipeline import Classifiers, ModelResult
+from cxr_classification.pipeline import Classification, Classifiers
 from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
@@ -24,7 +23,7 @@ from cxr_serving.grpc_errors import rpc_status_from_error
 from cxr_serving.images import DecodePool
 from cxr_serving.lifecycle import ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata, urgency
+from cxr_serving.proto_convert import fill_image_metadata, urgency
 from cxr_serving.urgency import ROUTINE, Urgency
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -40,12 +39,15 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-@dataclass
-class ImageResult:
-    predictions: list[pb.ModelPrediction]
-    metadata: common_pb2.ImageMetadata
-    timing: pb.Timing
-    untrained: bool
+class _HasPredictions(Protocol):
+    """ClassifyImageResponse and ImageClassification: the fields one image's result fills."""
+
+    @property
+    def predictions(self) -> Any: ...
+    @property
+    def image(self) -> common_pb2.ImageMetadata: ...
+    @property
+    def timing(self) -> pb.Timing: ...
 
 
 class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):  # type: ignore[misc]
@@ -65,20 +67,31 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         self.admin = ModelAdmin(repo, models_path, rest_prefix="/v1/classification")
         self.max_in_flight = max_in_flight_per_request
 
-    def _prediction(self, result: ModelResult) -> pb.ModelPrediction:
-        findings = [
-            pb.Finding(
-                label=f.label,
-                probability=f.probability,
-                threshold=f.threshold,
-                positive=f.positive,
-                heatmap_png=f.heatmap_png,
-                calibration=CALIBRATION[f.calibration],
-            )
-            for f in result.findings
-        ]
-        status = self.admin.info(result.status)
-        return pb.ModelPrediction(model=status, findings=findings, inference_ms=_ms(result.seconds))
+    def _fill(self, target: _HasPredictions, c: Classification) -> bool:
+        """One image's result written into `target` (every part in the response's own message arena);
+        whether a model that answered is untrained."""
+        untrained = False
+        for result in c.results:
+            prediction = target.predictions.add(inference_ms=_ms(result.seconds))
+            self.admin.fill_info(prediction.model, result.status)
+            untrained = untrained or result.status.untrained
+            add = prediction.findings.add
+            for f in result.findings:
+                add(
+                    label=f.label,
+                    probability=f.probability,
+                    threshold=f.threshold,
+                    positive=f.positive,
+                    heatmap_png=f.heatmap_png,
+                    calibration=CALIBRATION[f.calibration],
+                )
+        fill_image_metadata(target.image, c.image)
+        timing = target.timing
+        timing.decode_ms = _ms(c.decode_s)
+        timing.preprocess_ms = _ms(c.preprocess_s)
+        timing.inference_ms = _ms(c.inference_s)
+        timing.total_ms = _ms(c.total_s)
+        return untrained
 
     async def classify(
         self,
@@ -87,17 +100,8 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         heatmaps: dict[str, tuple[str, ...]],
         versions: dict[str, str] | None = None,
         how_urgent: Urgency = ROUTINE,
-    ) -> ImageResult:
-        c = await self.classifiers.classify(image.data, image.content_type, names, heatmaps, versions, how_urgent)
-        predictions = [self._prediction(r) for r in c.results]
-        timing = pb.Timing(
-            decode_ms=_ms(c.decode_s),
-            preprocess_ms=_ms(c.preprocess_s),
-            inference_ms=_ms(c.inference_s),
-            total_ms=_ms(c.total_s),
-        )
-        untrained = any(p.model.untrained for p in predictions)
-        return ImageResult(predictions, image_metadata(c.image), timing, untrained)
+    ) -> Classification:
+        return await self.classifiers.classify(image.data, image.content_type, names, heatmaps, versions, how_urgent)
 
     async def _classify_many(
         self,
@@ -122,10 +126,12 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
             async with gate:
                 try:
-                    r = await self.classify(image, names, heatmaps, versions, how_urgent)
+                    c = await self.classify(image, names, heatmaps, versions, how_urgent)
                 except Exception as exc:  # each image fails on its own
                     return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
-            return pb.ImageClassification(index=index, predictions=r.predictions, image=r.metadata, timing=r.timing)
+            out = pb.ImageClassification(index=index)
+            self._fill(out, c)
+            return out
 
         tasks = [asyncio.ensure_future(one(i, img)) for i, img in enumerate(images)]
         try:
@@ -139,10 +145,10 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
         names, versions = self.classifiers.select(request.model_names, request.model_version)
         heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels)
-        r = await self.classify(request.image, names, heatmaps, versions, urgency(request.priority, context))
-        return pb.ClassifyImageResponse(
-            predictions=r.predictions, image=r.metadata, untrained=r.untrained, timing=r.timing
-        )
+        c = await self.classify(request.image, names, heatmaps, versions, urgency(request.priority, context))
+        response = pb.ClassifyImageResponse()
+        response.untrained = self._fill(response, c)
+        return response
 
     async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
         how_urgent = urgency(request.priority, context)

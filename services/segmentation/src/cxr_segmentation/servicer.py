@@ -22,7 +22,7 @@ from cxr_serving.errors import InvalidInputError
 from cxr_serving.images import DecodedImage, DecodeLimits, DecodePool, decode_image
 from cxr_serving.lifecycle import Dispatch, ModelRepository
 from cxr_serving.model_admin import ModelAdmin, ModelAdminRpcs
-from cxr_serving.proto_convert import image_metadata, urgency
+from cxr_serving.proto_convert import fill_image_metadata, urgency
 from cxr_serving.settings import Settings
 from cxr_serving.versions import split_name
 
@@ -104,7 +104,10 @@ class SegmentationServicer(ModelAdminRpcs, pb_grpc.SegmentationServiceServicer):
         result: SegmentationResult = await self.pool.run(
             model.postprocess, output, dataclasses.replace(opts, image=image, algorithm_version=status.version)
         )
-        return to_response(result, status_info=self.admin.info(status), image=image_metadata(image))
+        response = pb.SegmentImageResponse()
+        self.admin.fill_info(response.model, status)
+        fill_image_metadata(response.image, image)
+        return fill_response(response, result)
 
 
 def _decode_and_preprocess(
@@ -117,9 +120,16 @@ def _decode_and_preprocess(
 def to_response(
     result: SegmentationResult, *, status_info: common_pb2.ModelInfo, image: common_pb2.ImageMetadata
 ) -> pb.SegmentImageResponse:
-    masks = []
+    response = pb.SegmentImageResponse(model=status_info, image=image)
+    fill_response(response, result)
+    return response
+
+
+def fill_response(response: pb.SegmentImageResponse, result: SegmentationResult) -> pb.SegmentImageResponse:
+    """`result` written into `response`, whose model and image are already set: every part in the response's
+    own message arena (each arena freed counts toward protobuf's periodic `malloc_trim`)."""
     for m in result.masks:
-        msg = pb.AnatomyMask(
+        msg = response.masks.add(
             label=m.label,
             width=m.width,
             height=m.height,
@@ -131,28 +141,20 @@ def to_response(
             msg.rle.size.extend(m.rle_size)
             msg.rle.counts.extend(m.rle_counts)
         if m.bounding_box is not None:
-            b = m.bounding_box
-            msg.bounding_box.CopyFrom(pb.BoundingBox(x_min=b.x_min, y_min=b.y_min, x_max=b.x_max, y_max=b.y_max))
-        masks.append(msg)
-    c = result.ctr
-    measurements = pb.Measurements(
-        cardiothoracic_ratio=c.ratio,
-        cardiothoracic_ratio_unavailable_reason=c.unavailable_reason,
-        heart_width_px=c.heart_width_px,
-        thorax_width_px=c.thorax_width_px,
-        heart_width_mm=c.heart_width_mm,
-        thorax_width_mm=c.thorax_width_mm,
-        cardiothoracic_ratio_implausible=c.implausible,
-    )
-    return pb.SegmentImageResponse(
-        model=status_info,
-        masks=masks,
-        measurements=measurements,
-        overlay_png=result.overlay_png,
-        dicom_seg=result.dicom_seg,
-        image=image,
-        untrained=status_info.untrained,
-        # cxr_serving.images.SPACING_* values are the enum's names without the prefix
-        spacing_source=f"SPACING_SOURCE_{result.spacing_source.upper()}",
-        magnification_factor=result.magnification_factor,
-    )
+            b, box = m.bounding_box, msg.bounding_box
+            box.x_min, box.y_min, box.x_max, box.y_max = b.x_min, b.y_min, b.x_max, b.y_max
+    c, measurements = result.ctr, response.measurements
+    measurements.cardiothoracic_ratio = c.ratio
+    measurements.cardiothoracic_ratio_unavailable_reason = c.unavailable_reason
+    measurements.heart_width_px = c.heart_width_px
+    measurements.thorax_width_px = c.thorax_width_px
+    measurements.heart_width_mm = c.heart_width_mm
+    measurements.thorax_width_mm = c.thorax_width_mm
+    measurements.cardiothoracic_ratio_implausible = c.implausible
+    response.overlay_png = result.overlay_png
+    response.dicom_seg = result.dicom_seg
+    response.untrained = response.model.untrained
+    # cxr_serving.images.SPACING_* values are the enum's names without the prefix
+    response.spacing_source = f"SPACING_SOURCE_{result.spacing_source.upper()}"  # type: ignore[assignment]
+    response.magnification_factor = result.magnification_factor
+    return response
