@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from google.rpc import status_pb2
 
 from cxr_classification.model import Calibration, ChestXrayClassifier
 from cxr_classification.pipeline import Classification, Classifiers
@@ -93,6 +94,13 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         timing.total_ms = _ms(c.total_s)
         return untrained
 
+    def _fill_outcome(self, target: pb.ImageClassification, outcome: Classification | status_pb2.Status) -> bool:
+        """One image of a batch: its result, or its error, written into `target`; whether it was untrained."""
+        if isinstance(outcome, status_pb2.Status):
+            target.error.CopyFrom(outcome)
+            return False
+        return self._fill(target, outcome)
+
     async def classify(
         self,
         image: common_pb2.Image,
@@ -110,8 +118,9 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         heatmap_labels: Sequence[str],
         model_version: str,
         how_urgent: Urgency,
-    ) -> AsyncIterator[pb.ImageClassification]:
-        """Classify every image (bounded concurrency) and yield results as they finish."""
+    ) -> AsyncIterator[tuple[int, Classification | status_pb2.Status]]:
+        """Classify every image (bounded concurrency) and yield (index, result or its error) as each finishes;
+        the caller writes them into its own response."""
         if not images:
             raise InvalidInputError("images is empty: send at least one image", reason="NO_IMAGES")
         if len(images) > MAX_IMAGES_PER_REQUEST:
@@ -123,15 +132,12 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
-        async def one(index: int, image: common_pb2.Image) -> pb.ImageClassification:
+        async def one(index: int, image: common_pb2.Image) -> tuple[int, Classification | status_pb2.Status]:
             async with gate:
                 try:
-                    c = await self.classify(image, names, heatmaps, versions, how_urgent)
+                    return index, await self.classify(image, names, heatmaps, versions, how_urgent)
                 except Exception as exc:  # each image fails on its own
-                    return pb.ImageClassification(index=index, error=rpc_status_from_error(exc))
-            out = pb.ImageClassification(index=index)
-            self._fill(out, c)
-            return out
+                    return index, rpc_status_from_error(exc)
 
         tasks = [asyncio.ensure_future(one(i, img)) for i, img in enumerate(images)]
         try:
@@ -152,22 +158,27 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
 
     async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
         how_urgent = urgency(request.priority, context)
-        results = [
-            r
-            async for r in self._classify_many(
+        outcomes = [
+            o
+            async for o in self._classify_many(
                 request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
             )
         ]
-        results.sort(key=lambda r: r.index)
-        untrained = any(p.model.untrained for r in results for p in r.predictions)
-        return pb.ClassifyImagesResponse(results=results, untrained=untrained)
+        outcomes.sort(key=lambda o: o[0])
+        response = pb.ClassifyImagesResponse()
+        for index, outcome in outcomes:
+            if self._fill_outcome(response.results.add(index=index), outcome):
+                response.untrained = True
+        return response
 
     async def StreamClassifyImages(
         self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
         how_urgent = urgency(request.priority, context)
-        async for r in self._classify_many(
+        async for index, outcome in self._classify_many(
             request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
         ):
-            untrained = any(p.model.untrained for p in r.predictions)
-            yield pb.StreamClassifyImagesResponse(result=r, untrained=untrained)
+            response = pb.StreamClassifyImagesResponse()
+            response.result.index = index
+            response.untrained = self._fill_outcome(response.result, outcome)
+            yield response
