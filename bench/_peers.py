@@ -4,7 +4,8 @@ A `Task` (classification or segmentation) knows, for one settings JSON (the file
 service reads), how to build and load the service's own model, how to turn PNG bytes into a
 model input (`prepare`: the service's decode + preprocessing) and a model output into the
 service's response (`finish`). The naive server and the LitServe API are thin shells around
-those three steps, so every peer does the same work on the same weights.
+those three steps, so every peer does the same work on the same weights. (The naive and LitServe peers build
+their responses as a user would, one message per part; the service writes them in place, docs/serving-runtime.md.)
 
     python -m bench._peers naive --task classification --config cfg.json --port 50100
     python -m bench._peers litserve --task segmentation --config cfg.json --port 8123

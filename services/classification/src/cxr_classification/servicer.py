@@ -7,12 +7,11 @@ become google.rpc.Status).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
-from google.rpc import status_pb2
 
 from cxr_classification.model import Calibration, ChestXrayClassifier
 from cxr_classification.pipeline import Classification, Classifiers
@@ -40,17 +39,6 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-class _HasPredictions(Protocol):
-    """ClassifyImageResponse and ImageClassification: the fields one image's result fills."""
-
-    @property
-    def predictions(self) -> Any: ...
-    @property
-    def image(self) -> common_pb2.ImageMetadata: ...
-    @property
-    def timing(self) -> pb.Timing: ...
-
-
 class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):  # type: ignore[misc]
     admin_messages = pb
 
@@ -68,7 +56,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         self.admin = ModelAdmin(repo, models_path, rest_prefix="/v1/classification")
         self.max_in_flight = max_in_flight_per_request
 
-    def _fill(self, target: _HasPredictions, c: Classification) -> bool:
+    def _fill(self, target: pb.ClassifyImageResponse | pb.ImageClassification, c: Classification) -> bool:
         """One image's result written into `target` (every part in the response's own message arena);
         whether a model that answered is untrained."""
         untrained = False
@@ -94,13 +82,6 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         timing.total_ms = _ms(c.total_s)
         return untrained
 
-    def _fill_outcome(self, target: pb.ImageClassification, outcome: Classification | status_pb2.Status) -> bool:
-        """One image of a batch: its result, or its error, written into `target`; whether it was untrained."""
-        if isinstance(outcome, status_pb2.Status):
-            target.error.CopyFrom(outcome)
-            return False
-        return self._fill(target, outcome)
-
     async def classify(
         self,
         image: common_pb2.Image,
@@ -118,9 +99,11 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         heatmap_labels: Sequence[str],
         model_version: str,
         how_urgent: Urgency,
-    ) -> AsyncIterator[tuple[int, Classification | status_pb2.Status]]:
-        """Classify every image (bounded concurrency) and yield (index, result or its error) as each finishes;
-        the caller writes them into its own response."""
+        slot: Callable[[int], pb.ImageClassification],
+    ) -> AsyncIterator[tuple[int, bool]]:
+        """Classify every image (bounded concurrency), each written into `slot(index)` (a part of the caller's
+        response) as soon as it finishes, so that no decoded image outlives its own classification; yields
+        (index, untrained) as each finishes."""
         if not images:
             raise InvalidInputError("images is empty: send at least one image", reason="NO_IMAGES")
         if len(images) > MAX_IMAGES_PER_REQUEST:
@@ -132,12 +115,17 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
-        async def one(index: int, image: common_pb2.Image) -> tuple[int, Classification | status_pb2.Status]:
-            async with gate:
-                try:
-                    return index, await self.classify(image, names, heatmaps, versions, how_urgent)
-                except Exception as exc:  # each image fails on its own
-                    return index, rpc_status_from_error(exc)
+        async def one(index: int, image: common_pb2.Image) -> tuple[int, bool]:
+            target = slot(index)
+            try:
+                async with gate:
+                    c = await self.classify(image, names, heatmaps, versions, how_urgent)
+                return index, self._fill(target, c)
+            except Exception as exc:  # each image fails on its own, a half-written result included
+                target.Clear()
+                target.index = index
+                target.error.CopyFrom(rpc_status_from_error(exc))
+                return index, False
 
         tasks = [asyncio.ensure_future(one(i, img)) for i, img in enumerate(images)]
         try:
@@ -157,28 +145,43 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         return response
 
     async def ClassifyImages(self, request: pb.ClassifyImagesRequest, context: Context) -> pb.ClassifyImagesResponse:
-        how_urgent = urgency(request.priority, context)
-        outcomes = [
-            o
-            async for o in self._classify_many(
-                request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
-            )
-        ]
-        outcomes.sort(key=lambda o: o[0])
         response = pb.ClassifyImagesResponse()
-        for index, outcome in outcomes:
-            if self._fill_outcome(response.results.add(index=index), outcome):
-                response.untrained = True
+        results = response.results
+
+        def slot(index: int) -> pb.ImageClassification:
+            while len(results) <= index:  # in index order, whichever image starts first
+                results.add(index=len(results))
+            return results[index]
+
+        async for _index, untrained in self._classify_many(
+            request.images,
+            request.model_names,
+            request.heatmap_labels,
+            request.model_version,
+            urgency(request.priority, context),
+            slot,
+        ):
+            response.untrained = response.untrained or untrained
         return response
 
     async def StreamClassifyImages(
         self, request: pb.StreamClassifyImagesRequest, context: Context
     ) -> AsyncIterator[pb.StreamClassifyImagesResponse]:
-        how_urgent = urgency(request.priority, context)
-        async for index, outcome in self._classify_many(
-            request.images, request.model_names, request.heatmap_labels, request.model_version, how_urgent
-        ):
-            response = pb.StreamClassifyImagesResponse()
+        pending: dict[int, pb.StreamClassifyImagesResponse] = {}
+
+        def slot(index: int) -> pb.ImageClassification:
+            response = pending[index] = pb.StreamClassifyImagesResponse()
             response.result.index = index
-            response.untrained = self._fill_outcome(response.result, outcome)
+            return response.result
+
+        async for index, untrained in self._classify_many(
+            request.images,
+            request.model_names,
+            request.heatmap_labels,
+            request.model_version,
+            urgency(request.priority, context),
+            slot,
+        ):
+            response = pending.pop(index)
+            response.untrained = untrained
             yield response

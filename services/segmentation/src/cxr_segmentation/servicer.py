@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -155,6 +155,7 @@ def fill_response(response: pb.SegmentImageResponse, result: SegmentationResult)
     response.dicom_seg = result.dicom_seg
     response.untrained = response.model.untrained
     # cxr_serving.images.SPACING_* values are the enum's names without the prefix
-    response.spacing_source = f"SPACING_SOURCE_{result.spacing_source.upper()}"  # type: ignore[assignment]
+    spacing = pb.SpacingSource.Value(f"SPACING_SOURCE_{result.spacing_source.upper()}")
+    response.spacing_source = cast("pb.SpacingSource", spacing)
     response.magnification_factor = result.magnification_factor
     return response
