@@ -34,7 +34,8 @@ pytestmark = [
 CALLS = 1500
 CONCURRENCY = 8
 MAX_FAULTS_PER_CALL = 25  # measured at 4508dc8: 6.6-8.5 in one arena; 31-35 with one message per part (3b8b3a5)
-ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES")  # and MALLOC_*: another allocator or glibc tuning would hide it
+ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES")  # another allocator or glibc's tuning would hide the trims
+INHERITED_SETTINGS = ("MALLOC_", "CXR_PERFORMANCE__", "CXR_SERVER_CONFIG__", "CXR_MODELS__", "CXR_CONFIG_PATH")
 
 
 def minor_faults(pid: int) -> int:
@@ -54,8 +55,8 @@ def test_a_loaded_service_takes_at_most_25_minor_page_faults_per_call(
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     data = [p.read_bytes() for p in cxr14_images(8)]
-    for name in [n for n in os.environ if n in ALLOCATOR_ENV or n.startswith("MALLOC_")]:
-        monkeypatch.delenv(name)  # the service process inherits this environment
+    for name in [n for n in os.environ if n in ALLOCATOR_ENV or n.startswith(INHERITED_SETTINGS)]:
+        monkeypatch.delenv(name)  # the service process inherits this environment, and variables beat the file
     env = {"CXR_CONFIG_PATH": str(path), "HF_HUB_OFFLINE": "1"}
     with service_process(tmp_path, "cxr_classification", env=env) as sp, grpc.insecure_channel(sp.target) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)

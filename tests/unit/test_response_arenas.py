@@ -34,6 +34,7 @@ from cxr_segmentation.servicer import fill_response
 from cxr_serving.images import SPACING_PIXEL, DecodedImage
 from cxr_serving.lifecycle import ModelState, ModelStatus
 from cxr_serving.model_admin import ModelAdmin
+from cxr_serving.proto_convert import fill_image_metadata
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion")
 STATUS = ModelStatus(
@@ -64,8 +65,7 @@ def no_standalone_parts(monkeypatch: pytest.MonkeyPatch) -> None:
         (seg_pb, ("AnatomyMask", "BoundingBox", "Measurements", "RunLengthMask")),
     ):
         for name in names:
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, refuse)
+            monkeypatch.setattr(module, name, refuse)
 
 
 class Selection:
@@ -118,8 +118,11 @@ def test_a_segmentation_response_is_written_in_place(no_standalone_parts: None) 
     mask = ClassMask("heart", 80, 64, 12, 3.0, BoundingBox(1, 2, 3, 4), b"png", [64, 80], [0, 12])
     result = SegmentationResult([mask], CardiothoracicRatio(), spacing_source=SPACING_PIXEL)
     response = seg_pb.SegmentImageResponse()
-    response.model.name = "m"
+    ModelAdmin(None, None, rest_prefix="/v1/segmentation").fill_info(response.model, STATUS)  # type: ignore[arg-type]
+    fill_image_metadata(response.image, image())
     fill_response(response, result)
+    assert response.model.model_card == "/v1/segmentation/models/multiclass_classifier@v3/card"
+    assert response.untrained and response.image.width == 80
     got = response.masks[0]
     assert (got.label, got.width, got.height, got.png, got.area_pixels, got.area_mm2) == (
         "heart",
@@ -143,37 +146,62 @@ async def stream(s: ClassificationServicer, n: int) -> list[pb.StreamClassifyIma
     return [r async for r in s.StreamClassifyImages(request, Deadline())]  # type: ignore[arg-type]
 
 
-async def test_batch_and_stream_write_each_image_in_place(no_standalone_parts: None) -> None:
+def reverse_order() -> Any:
+    """A classifier whose images finish last first: each waits for the one after it."""
+    done = [asyncio.Event() for _ in range(3)]
+
     async def classify(img: common_pb2.Image, *_args: object) -> Classification:
-        await asyncio.sleep(0.001 * (3 - img.data[0]))  # the last image finishes first
+        index = img.data[0]
+        if index < 2:
+            await asyncio.wait_for(done[index + 1].wait(), 5)
+        done[index].set()
         return classification()
 
-    s = servicer(classify)
-    batch = await s.ClassifyImages(batch_request(3), Deadline())  # type: ignore[arg-type]
+    return classify
+
+
+async def test_batch_and_stream_write_each_image_in_place(no_standalone_parts: None) -> None:
+    batch = await servicer(reverse_order()).ClassifyImages(batch_request(3), Deadline())  # type: ignore[arg-type]
     assert batch.untrained and [r.index for r in batch.results] == [0, 1, 2]
     for r in batch.results:
         check_prediction(r.predictions[0])
-    streamed = await stream(s, 3)
+    streamed = await stream(servicer(reverse_order()), 3)
     assert [r.result.index for r in streamed] == [2, 1, 0] and all(r.untrained for r in streamed)
-    check_prediction(streamed[0].result.predictions[0])
+    for r in streamed:
+        check_prediction(r.result.predictions[0])
 
 
-async def test_a_failure_writing_one_result_is_that_images_error() -> None:
+@pytest.mark.parametrize("where", ["findings", "image metadata"])
+async def test_a_failure_writing_one_result_is_that_images_error(where: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Image 1's result fails half-way through being written (an unknown calibration, or after its predictions, an
+    image whose metadata cannot be set): image 1 is INTERNAL with nothing of it left, logged; 0 and 2 are whole."""
+
     async def classify(img: common_pb2.Image, *_args: object) -> Classification:
-        return classification(calibration="not a calibration" if img.data[0] == 1 else Calibration.RAW)
+        if img.data[0] != 1:
+            return classification()
+        if where == "findings":
+            return classification(calibration="not a calibration")
+        c = classification()
+        c.image.photometric_interpretation = 12  # type: ignore[assignment]  # not a str: fails in the metadata
+        return c
 
     s = servicer(classify)
-    batch = await s.ClassifyImages(batch_request(3), Deadline())  # type: ignore[arg-type]
+    with caplog.at_level("ERROR"):
+        batch = await s.ClassifyImages(batch_request(3), Deadline())  # type: ignore[arg-type]
     bad = batch.results[1]
     assert bad.index == 1 and bad.error.code == grpc.StatusCode.INTERNAL.value[0]
     assert not bad.predictions and not bad.HasField("image") and not bad.HasField("timing")  # nothing half-written
     assert [len(r.predictions) for r in batch.results] == [1, 0, 1]
+    assert any(r.levelname == "ERROR" for r in caplog.records), caplog.text
     streamed = {r.result.index: r.result for r in await stream(s, 3)}
     assert streamed[1].error.code == grpc.StatusCode.INTERNAL.value[0] and not streamed[1].predictions
+    assert not streamed[1].HasField("image")
     assert len(streamed[0].predictions) == len(streamed[2].predictions) == 1
 
 
-async def test_a_batch_holds_no_decoded_image_past_its_own_classification() -> None:
+@pytest.mark.parametrize("rpc", ["ClassifyImages", "StreamClassifyImages"])
+async def test_no_decoded_image_outlives_its_own_classification(rpc: str) -> None:
+    """While image 1 of a batch or stream is still being classified, image 0's decoded pixels are already freed."""
     release = asyncio.Event()
     decoded: dict[int, weakref.ref[DecodedImage]] = {}
 
@@ -185,16 +213,20 @@ async def test_a_batch_holds_no_decoded_image_past_its_own_classification() -> N
             await release.wait()
         return c
 
-    call = asyncio.ensure_future(servicer(classify).ClassifyImages(batch_request(2), Deadline()))  # type: ignore[arg-type]
+    s = servicer(classify)
+    if rpc == "ClassifyImages":
+        call = asyncio.ensure_future(s.ClassifyImages(batch_request(2), Deadline()))  # type: ignore[arg-type]
+    else:
+        call = asyncio.ensure_future(stream(s, 2))
     for _ in range(100):  # bounded: until image 0 is written and image 1 waits
         await asyncio.sleep(0.001)
         if len(decoded) == 2:
             break
-    await asyncio.sleep(0.01)
     gc.collect()
     assert decoded[0]() is None, "image 0's decoded pixels are still held while image 1 is classified"
     assert decoded[1]() is not None
     release.set()
-    response = await asyncio.wait_for(call, 5)
-    assert [len(r.predictions) for r in response.results] == [1, 1]
-    assert not math.isnan(response.results[0].predictions[0].findings[0].threshold)
+    done = await asyncio.wait_for(call, 5)
+    results = done.results if rpc == "ClassifyImages" else [r.result for r in done]
+    assert sorted(len(r.predictions) for r in results) == [1, 1]
+    assert not math.isnan(results[0].predictions[0].findings[0].threshold)

@@ -7,7 +7,8 @@ become google.rpc.Status).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
         model_version: str,
         how_urgent: Urgency,
         slot: Callable[[int], pb.ImageClassification],
-    ) -> AsyncIterator[tuple[int, bool]]:
+    ) -> AsyncGenerator[tuple[int, bool], None]:
         """Classify every image (bounded concurrency), each written into `slot(index)` (a part of the caller's
         response) as soon as it finishes, so that no decoded image outlives its own classification; yields
         (index, untrained) as each finishes."""
@@ -153,15 +154,17 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 results.add(index=len(results))
             return results[index]
 
-        async for _index, untrained in self._classify_many(
+        outcomes = self._classify_many(
             request.images,
             request.model_names,
             request.heatmap_labels,
             request.model_version,
             urgency(request.priority, context),
             slot,
-        ):
-            response.untrained = response.untrained or untrained
+        )
+        async with contextlib.aclosing(outcomes):  # the images' tasks end with the call, not with the collector
+            async for _index, untrained in outcomes:
+                response.untrained = response.untrained or untrained
         return response
 
     async def StreamClassifyImages(
@@ -174,14 +177,16 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             response.result.index = index
             return response.result
 
-        async for index, untrained in self._classify_many(
+        outcomes = self._classify_many(
             request.images,
             request.model_names,
             request.heatmap_labels,
             request.model_version,
             urgency(request.priority, context),
             slot,
-        ):
-            response = pending.pop(index)
-            response.untrained = untrained
-            yield response
+        )
+        async with contextlib.aclosing(outcomes):
+            async for index, untrained in outcomes:
+                response = pending.pop(index)
+                response.untrained = untrained
+                yield response

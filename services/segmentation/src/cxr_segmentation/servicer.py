@@ -156,6 +156,6 @@ def fill_response(response: pb.SegmentImageResponse, result: SegmentationResult)
     response.untrained = response.model.untrained
     # cxr_serving.images.SPACING_* values are the enum's names without the prefix
     spacing = pb.SpacingSource.Value(f"SPACING_SOURCE_{result.spacing_source.upper()}")
-    response.spacing_source = cast("pb.SpacingSource", spacing)
+    response.spacing_source = cast("pb.SpacingSource", spacing)  # the stubs type Value() as int
     response.magnification_factor = result.magnification_factor
     return response
