@@ -136,6 +136,21 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             for t in tasks:
                 t.cancel()
 
+    def _classify_request(
+        self,
+        request: pb.ClassifyImagesRequest | pb.StreamClassifyImagesRequest,
+        context: Context,
+        slot: Callable[[int], pb.ImageClassification],
+    ) -> AsyncGenerator[tuple[int, bool], None]:
+        return self._classify_many(
+            request.images,
+            request.model_names,
+            request.heatmap_labels,
+            request.model_version,
+            urgency(request.priority, context),
+            slot,
+        )
+
     # -- RPCs ------------------------------------------------------------------------------------
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
         names, versions = self.classifiers.select(request.model_names, request.model_version)
@@ -154,14 +169,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 results.add(index=len(results))
             return results[index]
 
-        outcomes = self._classify_many(
-            request.images,
-            request.model_names,
-            request.heatmap_labels,
-            request.model_version,
-            urgency(request.priority, context),
-            slot,
-        )
+        outcomes = self._classify_request(request, context, slot)
         async with contextlib.aclosing(outcomes):  # the images' tasks end with the call, not with the collector
             async for _index, untrained in outcomes:
                 response.untrained = response.untrained or untrained
@@ -177,14 +185,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             response.result.index = index
             return response.result
 
-        outcomes = self._classify_many(
-            request.images,
-            request.model_names,
-            request.heatmap_labels,
-            request.model_version,
-            urgency(request.priority, context),
-            slot,
-        )
+        outcomes = self._classify_request(request, context, slot)
         async with contextlib.aclosing(outcomes):
             async for index, untrained in outcomes:
                 response = pending.pop(index)
