@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +95,14 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
 
     async def _classify_many(
         self,
-        images: Sequence[common_pb2.Image],
-        model_names: Sequence[str],
-        heatmap_labels: Sequence[str],
-        model_version: str,
-        how_urgent: Urgency,
+        request: pb.ClassifyImagesRequest | pb.StreamClassifyImagesRequest,
+        context: Context,
         slot: Callable[[int], pb.ImageClassification],
     ) -> AsyncGenerator[tuple[int, bool], None]:
         """Classify every image (bounded concurrency), each written into `slot(index)` (a part of the caller's
         response) as soon as it finishes, so that no decoded image outlives its own classification; yields
         (index, untrained) as each finishes."""
+        images, how_urgent = request.images, urgency(request.priority, context)
         if not images:
             raise InvalidInputError("images is empty: send at least one image", reason="NO_IMAGES")
         if len(images) > MAX_IMAGES_PER_REQUEST:
@@ -112,8 +110,8 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 f"{len(images)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}: split the request",
                 reason="TOO_MANY_IMAGES",
             )
-        names, versions = self.classifiers.select(model_names, model_version)
-        heatmaps = self.classifiers.heatmaps_by_model(names, heatmap_labels, len(images))
+        names, versions = self.classifiers.select(request.model_names, request.model_version)
+        heatmaps = self.classifiers.heatmaps_by_model(names, request.heatmap_labels, len(images))
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(index: int, image: common_pb2.Image) -> tuple[int, bool]:
@@ -136,21 +134,6 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             for t in tasks:
                 t.cancel()
 
-    def _classify_request(
-        self,
-        request: pb.ClassifyImagesRequest | pb.StreamClassifyImagesRequest,
-        context: Context,
-        slot: Callable[[int], pb.ImageClassification],
-    ) -> AsyncGenerator[tuple[int, bool], None]:
-        return self._classify_many(
-            request.images,
-            request.model_names,
-            request.heatmap_labels,
-            request.model_version,
-            urgency(request.priority, context),
-            slot,
-        )
-
     # -- RPCs ------------------------------------------------------------------------------------
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyImageResponse:
         names, versions = self.classifiers.select(request.model_names, request.model_version)
@@ -169,7 +152,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
                 results.add(index=len(results))
             return results[index]
 
-        outcomes = self._classify_request(request, context, slot)
+        outcomes = self._classify_many(request, context, slot)
         async with contextlib.aclosing(outcomes):  # the images' tasks end with the call, not with the collector
             async for _index, untrained in outcomes:
                 response.untrained = response.untrained or untrained
@@ -185,7 +168,7 @@ class ClassificationServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServic
             response.result.index = index
             return response.result
 
-        outcomes = self._classify_request(request, context, slot)
+        outcomes = self._classify_many(request, context, slot)
         async with contextlib.aclosing(outcomes):
             async for index, untrained in outcomes:
                 response = pending.pop(index)
