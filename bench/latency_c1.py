@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,8 @@ def p50(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
-def summarise(client: list[float], local: list[float], inside: list[float]) -> dict[str, Any]:
+def summarise(r: Rounds, inside: list[float]) -> dict[str, Any]:
+    client, local = r.client, r.local
     row: dict[str, Any] = {
         "rounds": len(client),
         "service_p50_ms": p50(client),
@@ -107,28 +109,45 @@ def summarise(client: list[float], local: list[float], inside: list[float]) -> d
         row["outside_handler_p50_ms"] = round(row["service_p50_ms"] - row["server_p50_ms"], 3)
     if row["server_p50_ms"] is not None and row["in_process_p50_ms"] is not None:
         row["inside_over_in_process_p50_ms"] = round(row["server_p50_ms"] - row["in_process_p50_ms"], 3)
+    if r.service_prepare:  # the same decode + preprocessing code: the service's threads run it after idling
+        row["decode_preprocess_p50_ms"] = {"service": p50(r.service_prepare), "in_process": p50(r.local_prepare)}
     return row
 
 
+@dataclass
+class Rounds:
+    """Per path, ms per call: the client's whole call, and the image's decode + preprocessing (for the service,
+    as its response's `timing` reports it; absent for a response without one)."""
+
+    client: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    service_prepare: list[float] = field(default_factory=list)
+    local_prepare: list[float] = field(default_factory=list)
+
+
 async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], rounds: int,
-                         seconds: float) -> tuple[list[float], list[float]]:  # fmt: skip
+                         seconds: float) -> Rounds:  # fmt: skip
     """`rounds` times: one call to the service and the same image in process (client ms each), the
     service first in even rounds and second in odd ones (a fixed order carries a position effect of
     0.6-0.9 ms: bench/README.md, "What the service adds at concurrency 1")."""
-    client, local = [], []
+    out = Rounds()
     stop_at = time.perf_counter() + seconds
 
     async def remote(i: int) -> None:
         t0 = time.perf_counter()
-        await call(i)
-        client.append((time.perf_counter() - t0) * 1000)
+        response = await call(i)
+        out.client.append((time.perf_counter() - t0) * 1000)
+        if "timing" in type(response).DESCRIPTOR.fields_by_name and response.HasField("timing"):
+            out.service_prepare.append(response.timing.decode_ms + response.timing.preprocess_ms)
 
     def in_process(i: int) -> None:
         t0 = time.perf_counter()
         ctx, item = task.prepare(model, pngs[i % len(pngs)])
-        (out,) = model.predict([item])
-        task.finish(model, ctx, out)
-        local.append((time.perf_counter() - t0) * 1000)
+        t1 = time.perf_counter()
+        (result,) = model.predict([item])
+        task.finish(model, ctx, result)
+        out.local.append((time.perf_counter() - t0) * 1000)
+        out.local_prepare.append((t1 - t0) * 1000)
 
     for i in range(rounds):
         if time.perf_counter() > stop_at:
@@ -139,7 +158,7 @@ async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], r
         else:
             await remote(i)
             in_process(i)
-    return client, local
+    return out
 
 
 async def load_both(call: Any, task: Task, model: Any, pngs: list[bytes], instances: int, seconds: float) -> None:
@@ -166,7 +185,7 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
     port = free_port()
     svc = service_process(task, config, port)
     warmup = 5
-    phases: dict[str, tuple[list[float], list[float]]] = {}
+    phases: dict[str, Rounds] = {}
     calls_before_load = 0
     try:
         await svc.wait_ready(lambda: grpc_serving(port))
@@ -178,7 +197,7 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
                 model.predict([item])
             phases["fresh"] = await rounds_in_turn(call, task, model, pngs, args.rounds, args.seconds / 2)
             if args.load_seconds > 0:
-                calls_before_load = warmup + len(phases["fresh"][0])
+                calls_before_load = warmup + len(phases["fresh"].client)
                 await load_both(call, task, model, pngs, opts.model_instances, args.load_seconds)
                 phases["after_load"] = await rounds_in_turn(call, task, model, pngs, args.rounds, args.seconds / 2)
     finally:
@@ -187,10 +206,10 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
         model.unload()
     method = task.grpc_method.rsplit("/", 1)[-1]
     logged = server_ms(log, method)
-    row = summarise(*phases["fresh"], logged[warmup : warmup + len(phases["fresh"][0])])
+    row = summarise(phases["fresh"], logged[warmup : warmup + len(phases["fresh"].client)])
     if "after_load" in phases:
-        n = len(phases["after_load"][0])
-        row["after_load"] = summarise(*phases["after_load"], logged[len(logged) - n :] if n else [])
+        n = len(phases["after_load"].client)
+        row["after_load"] = summarise(phases["after_load"], logged[len(logged) - n :] if n else [])
         row["after_load"]["load_seconds"] = args.load_seconds
         row["after_load"]["calls_logged_before_load"] = calls_before_load
     print(f"   {json.dumps(row)}", flush=True)

@@ -292,3 +292,15 @@ def test_every_result_names_the_commit_it_ran_from_and_whether_the_tree_was_chan
     assert source_revision(tmp_path / "not-a-repo") == {"commit": None, "dirty": None}
     written = json.loads(write_result("probe", {"x": 1}, tmp_path / "probe.json").read_text())
     assert len(written["source"]["commit"]) == 40 and isinstance(written["source"]["dirty"], bool)
+
+
+def test_latency_c1_reports_both_sides_decode_and_preprocessing_when_the_response_times_it():
+    from bench.latency_c1 import Rounds, summarise
+
+    timed = Rounds(client=[10.0, 12.0, 11.0], local=[8.0, 9.0, 8.5], service_prepare=[4.0, 5.0, 4.5],
+                   local_prepare=[2.0, 3.0, 2.5])  # fmt: skip
+    row = summarise(timed, [9.0, 10.0, 9.5])
+    assert row["decode_preprocess_p50_ms"] == {"service": 4.5, "in_process": 2.5}
+    assert row["added_p50_ms"] == 2.5 and row["inside_over_in_process_p50_ms"] == 1.0
+    untimed = Rounds(client=[10.0], local=[8.0], local_prepare=[2.0])  # a response without `timing`
+    assert "decode_preprocess_p50_ms" not in summarise(untimed, [9.0])
