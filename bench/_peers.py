@@ -159,11 +159,10 @@ class ClassificationTask(Task):
 
     def prepare(self, model: Any, png: bytes) -> tuple[Any, Any]:
         from cxr_classification.model import ClassifierInput
-        from cxr_classification.preprocessing import PreprocessSpec, preprocess
         from cxr_serving.images import decode_image
 
-        pixels = decode_image(png, "image/png").pixels
-        return None, ClassifierInput(preprocess(pixels, PreprocessSpec.from_config(model.cfg)))
+        # the servicer's own step: the model preprocesses the decoded uint8 array (no float copy of the image first)
+        return None, ClassifierInput(model.preprocess(decode_image(png, "image/png")))
 
     def finish(self, model: Any, ctx: Any, output: Any) -> Any:
         from cxr_protos.classification.v1 import classification_service_pb2 as pb
@@ -218,7 +217,7 @@ class SegmentationTask(Task):
         from cxr_serving.images import decode_image
 
         image = decode_image(png, "image/png")
-        tensor = model.preprocess(image.pixels)
+        tensor = model.preprocess(image)  # the uint8 array, as the servicer
         if getattr(model, "masks_on_device", False):  # as the servicer: masks made in the batch (GPU)
             from cxr_segmentation.model import SegmentationInput
 

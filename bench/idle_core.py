@@ -1,11 +1,12 @@
 """How much slower the same work runs right after its thread sat idle, on this host (`make bench-idle_core`).
 
 At concurrency 1 a service's threads wait out each forward (~65 ms for DenseNet-121 here) and then decode the next
-image after that idle spell, while the in-process path of `bench.latency_c1` decodes right after its own forward. This
-measures the difference side by side in one thread: each workload back to back ("none"), after a sleep as long as a
-forward ("sleep": the core may idle, the thread is descheduled) and after the same time spinning in Python ("spin":
-the core stays busy and the workload's data mostly stays in its caches), in rotating turns. It reports wall and CPU ms
-per call (p50) and each gap's ratio to back to back; no pass/fail.
+image after that idle spell; the in-process path of `bench.latency_c1` decodes after its own forward in odd rounds
+and after waiting for the service's call in even ones. This measures the difference side by side in one thread: each
+workload back to back ("none"), after a sleep as long as a forward ("sleep": the thread is descheduled, the core may
+idle) and after the same time spinning in Python ("spin": the core stays busy), in rotating turns. It reports wall
+and CPU ms per call (p50) and each gap's ratio to back to back; no pass/fail. "Back to back" follows the previous
+cell's call: in one turn in three that is another workload's.
 
     .venv/bin/python -m bench.idle_core            # 60 calls per cell, 65 ms gaps (~1 min)
     .venv/bin/python -m bench.idle_core --quick    # 6 calls per cell, 10 ms gaps
@@ -43,19 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def workloads() -> dict[str, Callable[[int], object]]:
     """The classification decode + preprocessing of NIH PNGs, elementwise numpy over 2 MB without allocating,
     and a pure-interpreter loop."""
-    import torch
-
     from cxr_classification.preprocessing import PreprocessSpec, preprocess
     from cxr_serving.images import decode_image
 
-    torch.set_num_threads(1)  # the service's performance.cpu_threads in the serving-path cells
     spec = PreprocessSpec(224, "squash", "imagenet", 3)
     pngs = nih_pngs(8)
     a = np.random.default_rng(0).random((512, 512), dtype=np.float32)
     out = np.empty_like(a)
 
     def png(i: int) -> object:
-        return preprocess(decode_image(pngs[i % len(pngs)], "image/png").pixels, spec)
+        return preprocess(decode_image(pngs[i % len(pngs)], "image/png").array, spec)  # uint8, as the service
 
     def numpy_2mb(_i: int) -> object:
         for _ in range(5):
@@ -107,14 +105,19 @@ def measure(fns: dict[str, Callable[[int], object]], calls: int, gap_s: float) -
             }
         base = row["none"]
         for g in GAPS[1:]:
-            row[f"{g}_over_none_wall"] = round(row[g]["wall_p50_ms"] / base["wall_p50_ms"], 3)
-            row[f"{g}_over_none_cpu"] = round(row[g]["cpu_p50_ms"] / base["cpu_p50_ms"], 3)
+            for kind in ("wall", "cpu"):
+                denominator = base[f"{kind}_p50_ms"]
+                ratio = row[g][f"{kind}_p50_ms"] / denominator if denominator > 0 else None
+                row[f"{g}_over_none_{kind}"] = round(ratio, 3) if ratio is not None else None
         rows[w] = row
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = parse_args(argv)
+    torch.set_num_threads(1)  # the service's performance.cpu_threads in the serving-path cells
     fns = workloads()
     with stage(f"idle core: {len(fns)} workloads x {GAPS}, {args.calls} calls per cell, gaps of {args.gap_ms:g} ms"):
         rows = measure(fns, args.calls, args.gap_ms / 1000)

@@ -7,7 +7,10 @@ For each task, one request at a time, in turn call by call:
 and, from the service's own access log (DEBUG), the time each call spent inside the server
 (interceptor to interceptor). So:
   service - in_process   what serving adds end to end (the <= 5 ms target);
-  service - server       gRPC transport, (de)serialisation, the client: outside the handler.
+  service - server       gRPC transport, (de)serialisation, the client: outside the handler;
+  decode_preprocess      the image's decode + preprocessing on each side (the service's from its response's
+                         `timing`, classification only): the same code, run by the service's threads after they
+                         idled, in process after its own forward or after waiting for the service.
 A 200 ms forward varies by more than the few ms being measured, hence many rounds and p50s.
 Then both sides are loaded as bench/stack.py loads them before its own c=1 calls (this process runs
 batched forwards, the service serves concurrency 8) and the rounds run again ("after_load"): the two

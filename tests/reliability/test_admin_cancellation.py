@@ -143,9 +143,17 @@ async def test_close_drains_all_models_within_one_grace():
     grace = 1.0
     repo = ModelRepository(BatchingConfig(max_batch_delay_ms=1, drain_grace_s=grace))
     models = []
+    started: list[float] = []
     for name in ("a", "b", "c"):
         m = BrightnessModel(delay_s=4.0)
         m.name = name
+        forward = m.predict
+
+        def timed(batch, forward=forward):
+            started.append(time.monotonic())
+            return forward(batch)
+
+        m.predict = timed
         repo.add(m)
         models.append(m)
     await repo.load_all()
@@ -156,6 +164,8 @@ async def test_close_drains_all_models_within_one_grace():
         await asyncio.sleep(0.01)
     assert all(m.batches for m in models)  # every forward runs (4 s each)
     t0 = time.monotonic()
+    # the three run at once, and each has >= 3 s left when close starts: waiting for any of them would show
+    assert len(started) == 3 and max(started) - min(started) < grace and t0 - min(started) < grace, (started, t0)
     await repo.close()
     took = time.monotonic() - t0
     await asyncio.gather(*calls, return_exceptions=True)

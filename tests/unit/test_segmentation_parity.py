@@ -16,7 +16,8 @@ from tests.support.paths import cxr14_images
 
 CPU = InferenceDevice.resolve("cpu", PerformanceConfig())
 # the PSPNet served eagerly: its trace's self-check (12 forwards at 512 x 512) and the batchnorm fold took 33 of the
-# test's 37 s; what is compared here is the network and its weight layout, and the load checks a trace against eager
+# test's 37 s; what is compared here is the network and its weight layout against xrv's. Not compared: the traced and
+# folded PSPNet against xrv (each load checks its trace and its fold against the eager network instead)
 EAGER_CPU = InferenceDevice.resolve("cpu", PerformanceConfig(trace_models=False, fold_batchnorm=False))
 
 
