@@ -17,6 +17,7 @@ from cxr_serving.lifecycle import ServedModel
 
 CRASH = "crash"  # an item that kills the instance process mid-batch
 BAD = "bad"  # an item that fails alone (a per-item exception)
+WHEN = "when"  # an item answered with (pid, (start, end)) of the batch's sleep, on the host-wide monotonic clock
 
 
 class PidModel(ServedModel):
@@ -39,9 +40,14 @@ class PidModel(ServedModel):
         self._version = checkpoint_path.name if checkpoint_path else "untrained"
 
     def predict(self, batch: list[Any]) -> Sequence[Any]:
+        started = time.monotonic()
         time.sleep(self.delay_s)
+        ended = time.monotonic()
         out: list[Any] = []
         for item in batch:
+            if isinstance(item, str) and item == WHEN:
+                out.append((os.getpid(), (started, ended)))
+                continue
             if isinstance(item, str) and item == CRASH:
                 os._exit(3)
             if isinstance(item, str) and item == BAD:
