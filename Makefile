@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 BUF := node_modules/.bin/buf
 PKGS := $(dir $(wildcard libs/*/pyproject.toml services/*/pyproject.toml gateway/pyproject.toml libs/client/pyproject.toml))
 EDITABLE := $(foreach p,$(sort $(PKGS)),-e $(p))
-INSTALL_INPUTS := requirements/constraints.txt requirements/dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml gateway/pyproject.toml)
+INSTALL_INPUTS := requirements/constraints.txt requirements/dev.txt $(wildcard libs/*/pyproject.toml services/*/pyproject.toml gateway/pyproject.toml) libs/serving/setup.py $(wildcard libs/*/src/*/*.c)
 CONFIG ?= config/local.json
 PYTEST_ARGS ?=
 

@@ -12,6 +12,9 @@ FROM ${UV_IMAGE} AS uv
 
 FROM ${CUDA_RUNTIME_IMAGE} AS build
 COPY --from=uv /uv /usr/local/bin/uv
+# a C compiler for cxr_serving's one extension (PNG row filters); the runtime stage gets only the venv
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,7 +25,7 @@ COPY libs/protos libs/protos
 COPY libs/serving libs/serving
 COPY services/rag services/rag
 RUN /opt/venv/bin/pip install -c requirements/constraints.txt ./libs/protos ./libs/serving ./services/rag \
- && /opt/venv/bin/python -c "import cxr_rag, grpc_health.v1.health_pb2"
+ && /opt/venv/bin/python -c "import cxr_rag, cxr_serving._png_unfilter, grpc_health.v1.health_pb2"
 
 FROM ${CUDA_RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cxr-rag" \

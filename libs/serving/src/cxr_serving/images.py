@@ -12,8 +12,9 @@ The result is a grayscale image where 1 is white as a radiologist sees it: DICOM
 `cxr_serving.dicom`) goes through the modality LUT, the VOI LUT or window, then MONOCHROME1 inversion.
 An 8-bit grayscale source that no LUT changes stays uint8 (`DecodedImage.array`, value / 255), so
 preprocessing reads a quarter of the bytes and scales after resizing; `DecodedImage.pixels` is always
-the float32 image in [0, 1]. 8-bit grayscale PNGs decode with OpenCV and grayscale JPEGs with
-simplejpeg (libjpeg-turbo, strict): Pillow's pixels, for less CPU; other modes go through Pillow.
+the float32 image in [0, 1]. 8-bit grayscale PNGs decode with `png_gray8` (ISA-L inflate, row filters
+in C) where it takes the file, else with OpenCV; grayscale JPEGs with simplejpeg (libjpeg-turbo,
+strict): Pillow's pixels, for less CPU; other modes go through Pillow.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image as PILImage
 
+from cxr_serving import png_gray8
 from cxr_serving.errors import ImageRejectedError
 from cxr_serving.handoff import WarmThreadPool, run_on
 
@@ -312,6 +314,8 @@ def _decode_gray8(data: bytes, fmt: str, shape: tuple[int, int]) -> np.ndarray:
     """An 8-bit grayscale PNG or JPEG (Pillow mode L, header already checked) -> H x W uint8."""
     if fmt == "jpeg":
         gray = decode_gray_jpeg(data)
+    elif (fast := png_gray8.decode(data)) is not None:
+        gray = fast
     else:
         import cv2
 

@@ -1,0 +1,67 @@
+"""A PNG writer for tests that chooses each row's filter and each chunk, which Pillow and OpenCV do not let a
+caller do: 8-bit grayscale images filtered as the PNG specification defines, chunks with correct CRCs unless
+told otherwise."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def chunk(kind: bytes, body: bytes, *, crc: int | None = None) -> bytes:
+    value = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", value)
+
+
+def ihdr(width: int, height: int, depth: int = 8, color: int = 0, interlace: int = 0) -> bytes:
+    return chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, interlace))
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def filtered_rows(image: np.ndarray, filters: Sequence[int]) -> bytes:
+    """The uncompressed IDAT stream: each row's filter byte, then the row filtered with it (5+ written as given)."""
+    height, width = image.shape
+    prev = np.zeros(width, dtype=np.int32)
+    out = bytearray()
+    for y in range(height):
+        row = image[y].astype(np.int32)
+        a = np.concatenate([[0], row[:-1]])
+        c = np.concatenate([[0], prev[:-1]])
+        predictors = {0: 0, 1: a, 2: prev, 3: (a + prev) // 2, 4: _paeth(a, prev, c)}
+        f = filters[y]
+        out.append(f)
+        out += ((row - predictors.get(f, 0)) % 256).astype(np.uint8).tobytes()
+        prev = row
+    return bytes(out)
+
+
+def gray8_png(
+    image: np.ndarray,
+    filters: Sequence[int] | None = None,
+    *,
+    idat_parts: int = 1,
+    before_idat: Sequence[bytes] = (),
+    between_idat: Sequence[bytes] = (),
+    after_idat: Sequence[bytes] = (),
+    stream: bytes | None = None,
+    end: bool = True,
+) -> bytes:
+    """An 8-bit grayscale PNG of `image` (H x W uint8), rows filtered with `filters` (Paeth by default), the
+    zlib stream (or `stream`) cut into `idat_parts` IDAT chunks with `between_idat` after the first."""
+    height, width = image.shape
+    data = zlib.compress(filtered_rows(image, filters or [4] * height), 6) if stream is None else stream
+    step = max(1, -(-len(data) // idat_parts))
+    parts = [chunk(b"IDAT", data[i : i + step]) for i in range(0, len(data), step)] or [chunk(b"IDAT", b"")]
+    idat = parts[0] + b"".join(between_idat) + b"".join(parts[1:])
+    tail = chunk(b"IEND", b"") if end else b""
+    return SIGNATURE + ihdr(width, height) + b"".join(before_idat) + idat + b"".join(after_idat) + tail

@@ -1,0 +1,222 @@
+"""The 8-bit grayscale PNG decoder (`cxr_serving.png_gray8`: ISA-L inflate, row filters undone in C) gives
+OpenCV's samples, byte for byte, on every shared NIH PNG and on every filter type at sizes around the C code's
+four-row wavefront; any file outside its scope or not well formed is left to the general decoder, whose answer
+(pixels or refusal) is the one `decode_image` gave without this path."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_serving import png_gray8
+from cxr_serving.errors import ImageRejectedError
+from cxr_serving.images import decode_image
+from tests.support.paths import CXR14, cxr14_images
+from tests.support.png_writer import chunk, filtered_rows, gray8_png, ihdr
+
+
+def opencv(data: bytes) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def outcome(data: bytes) -> tuple[str, object]:
+    try:
+        return "ok", decode_image(data).array
+    except ImageRejectedError as exc:
+        return "rejected", exc.reason
+
+
+def outcome_without_fast_path(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[str, object]:
+    with monkeypatch.context() as m:
+        m.setattr(png_gray8, "unfilter_into", None)
+        return outcome(data)
+
+
+def same_outcome(a: tuple[str, object], b: tuple[str, object]) -> bool:
+    if a[0] != b[0]:
+        return False
+    return np.array_equal(a[1], b[1]) if a[0] == "ok" else a[1] == b[1]
+
+
+def test_every_shared_nih_png_takes_this_path_and_equals_opencv():
+    paths = [*cxr14_images(), *sorted((CXR14 / "originals").glob("*.png"))]
+    taken = 0
+    for path in paths:
+        data = path.read_bytes()
+        fast, reference = png_gray8.decode(data), opencv(data)
+        if reference.ndim == 2:  # the 8-bit grayscale ones; two originals are RGBA
+            assert fast is not None, path.name
+            assert fast.dtype == np.uint8 and fast.flags.c_contiguous and fast.flags.writeable
+            assert np.array_equal(fast, reference), path.name
+            assert np.array_equal(decode_image(data).array, reference)
+            taken += 1
+        else:
+            assert fast is None, path.name
+    assert taken >= 300
+
+
+FILTER_PATTERNS = {
+    "paeth": lambda h: [4] * h,
+    "cycle": lambda h: [y % 5 for y in range(h)],
+    "paeth_runs": lambda h: [4 if y % 7 < 5 else y % 4 for y in range(h)],
+}
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 64, 513])
+@pytest.mark.parametrize("height", [1, 2, 3, 4, 5, 6, 9, 17])
+@pytest.mark.parametrize("pattern", sorted(FILTER_PATTERNS))
+def test_each_filter_at_sizes_around_the_wavefront_equals_opencv(width, height, pattern):
+    rng = np.random.default_rng(width * 1000 + height)
+    image = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    image[: height // 2] = np.cumsum(image[: height // 2], axis=1, dtype=np.uint8)  # smooth rows too
+    data = gray8_png(image, FILTER_PATTERNS[pattern](height))
+    fast = png_gray8.decode(data)
+    assert fast is not None
+    assert np.array_equal(fast, image)
+    assert np.array_equal(fast, opencv(data))
+
+
+def test_random_filter_bytes_and_samples_agree_with_opencv_or_are_left_to_it():
+    """Arbitrary filtered streams (filter bytes 0-5): where any row's filter is above 4 the path declines and
+    `decode_image` refuses as before; otherwise it reconstructs exactly what OpenCV does."""
+    rng = np.random.default_rng(23)
+    declined = 0
+    for _ in range(300):
+        h, w = int(rng.integers(1, 12)), int(rng.integers(1, 40))
+        raw = bytearray(rng.integers(0, 256, h * (w + 1), dtype=np.uint8).tobytes())
+        raw[:: w + 1] = rng.choice([0, 1, 2, 3, 4, 4, 4, 5], h).astype(np.uint8).tobytes()
+        data = gray8_png(np.zeros((h, w), np.uint8), stream=zlib.compress(bytes(raw)))
+        fast, reference = png_gray8.decode(data), opencv(data)
+        if max(raw[:: w + 1]) > 4:
+            assert fast is None
+            declined += 1
+        else:
+            assert fast is not None and np.array_equal(fast, reference)
+    assert 0 < declined < 300
+
+
+NIH = np.asarray(cv2.imread(str(cxr14_images(1)[0]), cv2.IMREAD_UNCHANGED))[:96, :80].copy()
+_STREAM = zlib.compress(filtered_rows(NIH, [4] * NIH.shape[0]))
+_TEXT = chunk(b"tEXt", b"Comment\x00chest")
+
+
+def _with_idat_crc_broken() -> bytes:
+    data = bytearray(gray8_png(NIH))
+    at = data.index(b"IDAT") + 4 + (len(data) - data.index(b"IDAT")) // 3
+    data[at] ^= 0x40
+    return bytes(data)
+
+
+OUT_OF_SCOPE = {
+    "trns": gray8_png(NIH, before_idat=[chunk(b"tRNS", b"\x00\x00")]),
+    "gama": gray8_png(NIH, before_idat=[chunk(b"gAMA", (45455).to_bytes(4, "big"))]),
+    "unknown_ancillary": gray8_png(NIH, before_idat=[chunk(b"cxRq", b"x")]),
+    "idat_crc": _with_idat_crc_broken(),
+    "text_crc": gray8_png(NIH, after_idat=[chunk(b"tEXt", b"a\x00b", crc=1)]),
+    "no_iend": gray8_png(NIH, end=False),
+    "cut_short": gray8_png(NIH)[:-200],
+    "idat_split_by_text": gray8_png(NIH, idat_parts=3, between_idat=[_TEXT]),
+    "bytes_after_stream": gray8_png(NIH, stream=_STREAM + b"\x00\x01"),
+    "too_little_data": gray8_png(NIH, stream=zlib.compress(filtered_rows(NIH, [4] * 96)[:-81])),
+    "too_much_data": gray8_png(NIH, stream=zlib.compress(filtered_rows(NIH, [4] * 96) + b"\x00" * 81)),
+    "not_zlib": gray8_png(NIH, stream=b"\x00" * 64),
+    "damaged_stream": gray8_png(NIH, stream=_STREAM[:40] + bytes(b ^ 0x5A for b in _STREAM[40:80]) + _STREAM[80:]),
+    "filter_5": gray8_png(NIH, [4] * 50 + [5] + [4] * 45),
+    "sixteen_bit": b"\x89PNG\r\n\x1a\n" + ihdr(80, 96, depth=16) + chunk(b"IDAT", zlib.compress(b"\x00" * 96 * 161)),
+    "interlaced": b"\x89PNG\r\n\x1a\n"
+    + ihdr(80, 96, interlace=1)
+    + chunk(b"IDAT", zlib.compress(b"\x00" * 96 * 81 * 2))
+    + chunk(b"IEND", b""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_SCOPE))
+def test_files_outside_its_scope_are_left_to_the_general_decoder(case, monkeypatch):
+    data = OUT_OF_SCOPE[case]
+    assert png_gray8.decode(data) is None
+    assert same_outcome(outcome(data), outcome_without_fast_path(data, monkeypatch))
+
+
+def test_metadata_chunks_and_split_idat_stay_on_this_path():
+    data = gray8_png(
+        NIH,
+        idat_parts=4,
+        before_idat=[chunk(b"pHYs", b"\x00\x00\x0b\x13\x00\x00\x0b\x13\x01"), _TEXT],
+        after_idat=[chunk(b"tIME", b"\x07\xea\x0c\x03\x14\x00\x00")],
+    )
+    fast = png_gray8.decode(data)
+    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv(data))
+
+
+def test_damaged_files_are_still_refused(monkeypatch):
+    for case in ("idat_crc", "damaged_stream", "filter_5", "too_little_data", "not_zlib"):
+        kind, reason = outcome(OUT_OF_SCOPE[case])
+        assert (kind, reason) == ("rejected", "IMAGE_CORRUPT"), case
+
+
+def test_without_the_c_module_pngs_decode_with_opencv(monkeypatch):
+    monkeypatch.setattr(png_gray8, "unfilter_into", None)
+    data = cxr14_images(1)[0].read_bytes()
+    assert png_gray8.decode(data) is None
+    assert np.array_equal(decode_image(data).array, opencv(data))
+
+
+def test_unfilter_into_checks_its_buffers():
+    from cxr_serving._png_unfilter import unfilter_into
+
+    raw = bytes(3 * 5)
+    with pytest.raises(ValueError):
+        unfilter_into(raw, bytearray(12), 3, 5)  # out must be 15
+    with pytest.raises(ValueError):
+        unfilter_into(raw[:-1], bytearray(15), 3, 4)  # raw must be 3 * 5
+    with pytest.raises(ValueError):
+        unfilter_into(b"", bytearray(0), 0, 4)
+    with pytest.raises(ValueError):
+        unfilter_into(raw, bytearray(12), -3, 4)
+    with pytest.raises(TypeError):
+        unfilter_into(raw, bytes(12), 3, 4)  # read-only
+    with pytest.raises(ValueError, match="row 2 has filter type 7"):
+        unfilter_into(b"\x00" * 5 + b"\x04" * 5 + b"\x07" + b"\x00" * 4, bytearray(12), 3, 4)
+    out = bytearray(12)
+    unfilter_into(b"\x01\x01\x01\x01\x01" * 3, out, 3, 4)  # Sub: running sums along each row
+    assert bytes(out) == bytes([1, 2, 3, 4]) * 3
+
+
+def test_unfiltering_lets_other_threads_run():
+    """The C loop runs without the GIL, so decode threads (and the event loop) run beside it."""
+    from cxr_serving._png_unfilter import unfilter_into
+
+    h, w = 8192, 4096
+    raw = bytes(bytearray(b"\x04" + b"\x07" * w) * h)
+    out = np.empty((h, w), np.uint8)
+    alone = 1.0
+    for _ in range(2):
+        started = time.perf_counter()
+        unfilter_into(raw, out, h, w)
+        alone = min(alone, time.perf_counter() - started)
+    done = threading.Event()
+    gaps: list[float] = []
+
+    def work() -> None:
+        for _ in range(3):
+            unfilter_into(raw, out, h, w)
+        done.set()
+
+    thread = threading.Thread(target=work)
+    last = time.perf_counter()
+    thread.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+        time.sleep(0.001)
+    thread.join()
+    # Holding the GIL, each of the three calls would stop this loop for its whole length (`alone`, ~50 ms
+    # here); a host that deschedules this thread once is allowed one long gap.
+    long_gaps = [g for g in gaps if g >= 0.5 * alone]
+    assert len(gaps) > 20 and len(long_gaps) <= 1, (len(gaps), long_gaps, alone)
