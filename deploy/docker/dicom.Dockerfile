@@ -26,7 +26,7 @@ COPY libs/serving libs/serving
 COPY libs/client libs/client
 COPY services/dicom services/dicom
 RUN /opt/venv/bin/pip install -c requirements/constraints.txt ./libs/protos ./libs/serving ./libs/client ./services/dicom \
- && /opt/venv/bin/python -c "import cxr_dicom.service, cxr_serving._png_unfilter, grpc_health.v1.health_pb2"
+ && /opt/venv/bin/python -c "import cxr_dicom.service, cxr_serving._pixels, grpc_health.v1.health_pb2"
 
 FROM ${CUDA_RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cxr-dicom" \

@@ -25,7 +25,7 @@ COPY libs/protos libs/protos
 COPY libs/serving libs/serving
 COPY services/segmentation services/segmentation
 RUN /opt/venv/bin/pip install -c requirements/constraints.txt ./libs/protos ./libs/serving ./services/segmentation \
- && /opt/venv/bin/python -c "import cxr_segmentation, cxr_serving._png_unfilter, grpc_health.v1.health_pb2"
+ && /opt/venv/bin/python -c "import cxr_segmentation, cxr_serving._pixels, grpc_health.v1.health_pb2"
 
 FROM ${CUDA_RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cxr-segmentation" \

@@ -1,14 +1,14 @@
-"""The one compiled part of cxr-serving (metadata is in pyproject.toml): PNG row filters undone in C for
-`cxr_serving.png_gray8`. Optional: without a C compiler the package installs, and 8-bit grayscale PNGs
-decode with OpenCV as before."""
+"""The one compiled part of cxr-serving (metadata is in pyproject.toml): `cxr_serving._pixels`, the PNG row
+filters of `cxr_serving.png_gray8` and the classifier's one-pass preprocessing of uint8 images, in C. Optional:
+without a C compiler the package installs, PNGs decode with OpenCV and preprocessing takes the tensor path."""
 
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
-            "cxr_serving._png_unfilter",
-            sources=["src/cxr_serving/_png_unfilter.c"],
+            "cxr_serving._pixels",
+            sources=["src/cxr_serving/_pixels.c"],
             optional=True,
         )
     ]

@@ -63,7 +63,7 @@ def test_dockerfile_is_multistage_cuda_nonroot_and_installs_only_its_service(svc
     # cxr_serving's C extension is built (a compiler in the build stage) and the build fails without it
     build = stages[-2] if len(stages) >= 2 else []
     assert any(k == "RUN" and "apt-get install" in a and " gcc" in a for k, a in build)
-    assert "import" in pip[0] and "cxr_serving._png_unfilter" in pip[0]
+    assert "import" in pip[0] and "cxr_serving._pixels" in pip[0]
     packages = " ".join(f"./{p}" for p in (*libs, f"services/{svc}"))
     assert f"pip install -c requirements/constraints.txt {packages}" in pip[0]
     # the final stage takes only the built interpreter and venv from the build stage

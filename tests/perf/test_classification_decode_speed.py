@@ -1,13 +1,13 @@
 """The classification serving path's per-image work (issue 23, target 1) is cheaper than the code it replaced, by
-CPU-time ratios taken in turn on NIH radiographs (never an absolute time): resizing a
-512 x 512 radiograph to the 224 x 224 input (two sparse products with the antialiased bilinear weights against
-torch's `interpolate`), and reading an uncompressed 8-bit DICOM's pixels (a view of its bytes against pydicom's
-`pixel_array`), and decoding an 8-bit grayscale PNG (`png_gray8`: ISA-L inflate, row filters in C) against
-OpenCV's libpng. The timing runs in a fresh interpreter: late in a full suite the sparse resize measured 0.95x in
-the test process, for a reason not found (earlier tests' state; glibc's malloc settings were ruled out), and
-1.32-1.63x in fresh interpreters at load ~5 on this host, but 1.15x on a CI host (the sparse products cost it 1.5x
-what they cost here, `interpolate` 1.2x); the floor is set to tell the change from no change (1.0).
-bench/README.md has the serving-path numbers."""
+CPU-time ratios taken in turn on NIH radiographs (never an absolute time): resizing a 512 x 512 radiograph to the
+224 x 224 input (two sparse products with the antialiased bilinear weights against torch's `interpolate`);
+reading an uncompressed 8-bit DICOM's pixels (a view of its bytes against pydicom's `pixel_array`); decoding an
+8-bit grayscale PNG (`png_gray8`: ISA-L inflate, row filters in C) against OpenCV's libpng; and the whole
+preprocessing of a uint8 image in one C pass against the tensor path. The timing runs in a fresh interpreter:
+late in a full suite the sparse resize measured 0.95x in the test process, for a reason not found (earlier tests'
+state; glibc's malloc settings were ruled out), and 1.32-1.63x in fresh interpreters at load ~5 on this host, but
+1.15x on a CI host (the sparse products cost it 1.5x what they cost here, `interpolate` 1.2x); the floor is set to
+tell the change from no change (1.0). bench/README.md has the serving-path numbers."""
 
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import nih_inputs
-from cxr_classification.preprocessing import PreprocessSpec, normalize_imagenet, preprocess, resize_bilinear
+from cxr_classification.preprocessing import (
+    PreprocessSpec,
+    fused_preprocess,
+    normalize_imagenet,
+    preprocess,
+    resize_bilinear,
+    unit_tensor,
+)
 from cxr_serving import png_gray8
 from cxr_serving.dicom import _pixel_array
 from cxr_serving.images import UNIT_8BIT, decode_image
@@ -54,6 +61,11 @@ def _pydicom_pixels(data: bytes) -> np.ndarray:
     return pydicom.dcmread(io.BytesIO(data)).pixel_array
 
 
+def tensor_preprocess(gray: np.ndarray) -> torch.Tensor:
+    """The tensor path `fused_preprocess` replaced: sparse-product resize, 1/255, ImageNet normalisation."""
+    return normalize_imagenet(unit_tensor(gray, SPEC.input_size), SPEC.in_chans)
+
+
 def _view(data: bytes) -> np.ndarray:
     ds = pydicom.dcmread(io.BytesIO(data))
     return _pixel_array(ds, ds.Rows, ds.Columns, 1)
@@ -63,12 +75,15 @@ def measure() -> dict[str, float]:
     """Seconds of this thread's CPU per call of each, best of the turns (one torch thread, as the service's
     performance.cpu_threads in the serving-path bench)."""
     torch.set_num_threads(1)
-    images = [torch.from_numpy(decode_image(d).array)[None].float() for d in nih_inputs("png", 4)]
+    grays = [decode_image(d).array for d in nih_inputs("png", 4)]
+    images = [torch.from_numpy(g)[None].float() for g in grays]
     dicoms = nih_inputs("dcm", 4)
     pngs = nih_inputs("png", 4)
     return best_cpu_of_turns(
         {
             "png_gray8": lambda: [png_gray8.decode(d) for d in pngs],
+            "preprocess_one_pass": lambda: [fused_preprocess(g, SPEC) for g in grays],
+            "preprocess_tensors": lambda: [tensor_preprocess(g) for g in grays],
             "png_opencv": lambda: [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED) for d in pngs],
             "sparse_resize": lambda: [resize_bilinear(x, 224) for x in images],
             "interpolate": lambda: [interpolate(x) for x in images],
@@ -85,6 +100,8 @@ def test_resize_and_dicom_pixels_cost_less_cpu():
         assert float((preprocess(g, SPEC) - interpolate_preprocess(g)).abs().max()) <= 1e-5
     for d in nih_inputs("dcm", 4):
         assert np.array_equal(_view(d), _pydicom_pixels(d))
+    for g in grays:
+        assert float((fused_preprocess(g, SPEC) - tensor_preprocess(g)).abs().max()) <= 1e-5
     for d in nih_inputs("png", 4):
         assert np.array_equal(png_gray8.decode(d), cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_UNCHANGED))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
@@ -97,6 +114,7 @@ def test_resize_and_dicom_pixels_cost_less_cpu():
         "resize": (t["interpolate"] / t["sparse_resize"], 1.05),  # 1.32-1.63x here, 1.15x on a CI host; 1.0 unchanged
         "dicom": (t["dicom_pixel_array"] / t["dicom_view"], 1.3),  # 1.5-1.7x: dcmread stays
         "png": (t["png_opencv"] / t["png_gray8"], 1.8),  # 3.2-3.3x here
+        "preprocess": (t["preprocess_tensors"] / t["preprocess_one_pass"], 1.3),  # ~2.1x here
     }
     slow = {k: round(r, 2) for k, (r, least) in ratios.items() if r < least}
     assert not slow, f"speed-up below its floor: {slow}"

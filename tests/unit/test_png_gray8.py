@@ -167,7 +167,7 @@ def test_without_the_c_module_pngs_decode_with_opencv(monkeypatch):
 
 
 def test_unfilter_into_checks_its_buffers():
-    from cxr_serving._png_unfilter import unfilter_into
+    from cxr_serving._pixels import png_unfilter_into as unfilter_into
 
     raw = bytes(3 * 5)
     with pytest.raises(ValueError):
@@ -189,7 +189,7 @@ def test_unfilter_into_checks_its_buffers():
 
 def test_unfiltering_lets_other_threads_run():
     """The C loop runs without the GIL, so decode threads (and the event loop) run beside it."""
-    from cxr_serving._png_unfilter import unfilter_into
+    from cxr_serving._pixels import png_unfilter_into as unfilter_into
 
     h, w = 8192, 4096
     raw = bytes(bytearray(b"\x04" + b"\x07" * w) * h)

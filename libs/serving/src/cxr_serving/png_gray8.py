@@ -2,7 +2,7 @@
 
 Why: libpng spends most of such a decode undoing the Paeth filter one byte at a time, and zlib's
 inflate is ~3x slower than ISA-L's. This path inflates with ISA-L (`isal`) and undoes the row
-filters in C (`_png_unfilter`); the samples are the PNG specification's, the same bytes OpenCV
+filters in C (`_pixels`); the samples are the PNG specification's, the same bytes OpenCV
 returns. It takes only files it fully understands: every chunk's CRC checks, the IHDR is 8-bit
 grayscale without interlacing, the IDAT chunks are consecutive and inflate to exactly the image,
 IEND is present, and every other chunk is metadata that no decoder applies to the samples. For
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 try:  # both optional: without them, 8-bit grayscale PNGs take the general decoder
-    from cxr_serving._png_unfilter import unfilter_into
+    from cxr_serving._pixels import png_unfilter_into as unfilter_into
 except ImportError:  # pragma: no cover - a build without a C compiler
     unfilter_into = None
 

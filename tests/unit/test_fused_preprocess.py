@@ -1,0 +1,137 @@
+"""The classifier's one-pass preprocessing of uint8 images (`fused_preprocess`: resize, 1/255 and normalisation
+in C, cxr_serving._pixels) equals the tensor path (sparse products, then torch's normalisation) within
+float32 rounding, 1e-5 of each normalisation's range, on NIH radiographs and odd shapes for every spec; float
+images and a build without the module take the tensor path; the C function checks its buffers and runs
+without the GIL."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_classification import preprocessing as prep
+from cxr_classification.preprocessing import PreprocessSpec, antialias_table, preprocess
+from cxr_serving._pixels import resize_normalize_into
+from cxr_serving.images import decode_image
+from tests.support.paths import cxr14_images
+
+SPECS = [
+    PreprocessSpec(224, "squash", "imagenet", 3),
+    PreprocessSpec(224, "squash", "imagenet", 1),
+    PreprocessSpec(224, "center_crop", "xrv", 1),
+    PreprocessSpec(320, "squash", "xrv", 3),
+    PreprocessSpec(512, "center_crop", "imagenet", 3),
+]
+
+
+def tensor_path(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+    if spec.resize == "center_crop":
+        pixels = prep.crop_center_square(pixels)
+    image = prep.unit_tensor(pixels, spec.input_size)
+    if spec.normalization == "xrv":
+        return prep.normalize_xrv(image, spec.in_chans)
+    return prep.normalize_imagenet(image, spec.in_chans)
+
+
+def atol(spec: PreprocessSpec) -> float:
+    return 1e-5 * (2 * prep.XRV_RANGE if spec.normalization == "xrv" else 1.0 / min(prep.IMAGENET_STD))
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    nih = [decode_image(p.read_bytes()).array for p in cxr14_images(12)]
+    rng = np.random.default_rng(23)
+    odd = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(600, 300), (97, 1000), (224, 224), (64, 64)]]
+    return nih + odd + [np.full((300, 200), 255, np.uint8), np.zeros((256, 256), np.uint8)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_one_pass_equals_the_tensor_path(images, spec):
+    for pixels in images:
+        fused = prep.fused_preprocess(prep.crop_center_square(pixels) if spec.resize == "center_crop" else pixels, spec)
+        assert fused is not None
+        reference = tensor_path(pixels, spec)
+        assert fused.shape == reference.shape == (spec.in_chans, spec.input_size, spec.input_size)
+        assert fused.dtype == torch.float32 and fused.is_contiguous()
+        assert float((fused - reference).abs().max()) <= atol(spec)
+        assert torch.equal(preprocess(pixels, spec), fused)
+
+
+def test_float_images_and_a_build_without_the_module_take_the_tensor_path(images, monkeypatch):
+    spec = SPECS[0]
+    as_float = images[0].astype(np.float32) / 255
+    assert prep.fused_preprocess(as_float, spec) is None
+    assert torch.equal(preprocess(as_float, spec), tensor_path(as_float, spec))
+    monkeypatch.setattr(prep, "resize_normalize_into", None)
+    assert prep.fused_preprocess(images[0], spec) is None
+    assert torch.equal(preprocess(images[0], spec), tensor_path(images[0], spec))
+
+
+def _call(src: np.ndarray, out: np.ndarray, rows=None, cols=None, sub=(0.5,), div=(0.25,)) -> None:
+    h, w = src.shape
+    rows = rows or antialias_table(h, 8)
+    cols = cols or antialias_table(w, 8)
+    resize_normalize_into(src, out, h, w, *rows, *cols, 1 / 255, sub, div)
+
+
+def test_the_c_function_checks_its_buffers():
+    src = np.zeros((32, 40), np.uint8)
+    out = np.zeros((1, 8, 8), np.float32)
+    _call(src, out)
+    with pytest.raises(ValueError, match="src"):
+        resize_normalize_into(src, out, 32, 41, *antialias_table(32, 8), *antialias_table(40, 8), 1.0, (0,), (1,))
+    with pytest.raises(ValueError, match="out"):
+        _call(src, np.zeros((2, 8, 8), np.float32))
+    lo, n, w = antialias_table(32, 8)
+    beyond = lo.copy()
+    beyond[-1] += 1  # the last output's taps would read one row past the image
+    with pytest.raises(ValueError, match="row weights: output 7 reads outside"):
+        _call(src, out, rows=(beyond, n, w))
+    with pytest.raises(ValueError, match="weights"):
+        _call(src, out, rows=(lo, n, w[:-1]))
+    with pytest.raises(ValueError, match="channels"):
+        _call(src, out, sub=(), div=())
+    with pytest.raises(ValueError, match="channels"):
+        _call(src, out, sub=(0.5, 0.5), div=(1.0,))
+    with pytest.raises(TypeError):
+        _call(src, out.tobytes())  # read-only out
+
+
+def test_resizing_lets_other_threads_run():
+    """The C loops run without the GIL, so decode threads (and the event loop) run beside them."""
+    src = np.full((8192, 8192), 7, np.uint8)
+    out = np.empty((3, 224, 224), np.float32)
+    rows = cols = antialias_table(8192, 224)
+
+    def call() -> None:
+        resize_normalize_into(src, out, 8192, 8192, *rows, *cols, 1 / 255, (0.1, 0.2, 0.3), (1.0, 2.0, 3.0))
+
+    alone = 1.0
+    for _ in range(2):
+        started = time.perf_counter()
+        call()
+        alone = min(alone, time.perf_counter() - started)
+    done = threading.Event()
+
+    def work() -> None:
+        for _ in range(3):
+            call()
+        done.set()
+
+    gaps: list[float] = []
+    thread = threading.Thread(target=work)
+    last = time.perf_counter()
+    thread.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+        time.sleep(0.001)
+    thread.join()
+    assert np.allclose(out[1], (7 / 255 - 0.2) / 2.0, atol=1e-6)
+    long_gaps = [g for g in gaps if g >= 0.5 * alone]
+    assert alone > 0.02 and len(gaps) > 20 and len(long_gaps) <= 1, (len(gaps), long_gaps, alone)
