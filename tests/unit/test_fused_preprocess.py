@@ -1,7 +1,8 @@
-"""The classifier's one-pass preprocessing of uint8 images (`fused_preprocess`: resize, 1/255 and normalisation
-in C, cxr_serving._pixels) equals the tensor path (sparse products, then torch's normalisation) within
-float32 rounding, 1e-5 of each normalisation's range, on NIH radiographs and odd shapes for every spec; float
-images and a build without the module take the tensor path; the C function checks its buffers and runs
+"""The one-pass preprocessing of uint8 images (`cxr_serving.resize.resize_normalize`: resize, 1/255 and
+normalisation in C) equals each service's tensor path within float32 rounding, 1e-5 of each normalisation's
+range, on NIH radiographs and odd shapes: the classifier's (sparse products, then torch's normalisation) for
+every spec, segmentation's (torch's `interpolate`, then its normalisation) for every normalisation; float
+images and a build without the module take the tensor paths; the C function checks its buffers and runs
 without the GIL."""
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import pytest
 import torch
 
 from cxr_classification import preprocessing as prep
-from cxr_classification.preprocessing import PreprocessSpec, antialias_table, preprocess
+from cxr_classification.preprocessing import PreprocessSpec, preprocess
+from cxr_segmentation.preprocessing import Preprocess
+from cxr_serving import resize
 from cxr_serving._pixels import resize_normalize_into
 from cxr_serving.images import decode_image
+from cxr_serving.resize import antialias_table
 from tests.support.paths import cxr14_images
 
 SPECS = [
@@ -66,9 +70,35 @@ def test_float_images_and_a_build_without_the_module_take_the_tensor_path(images
     as_float = images[0].astype(np.float32) / 255
     assert prep.fused_preprocess(as_float, spec) is None
     assert torch.equal(preprocess(as_float, spec), tensor_path(as_float, spec))
-    monkeypatch.setattr(prep, "resize_normalize_into", None)
+    monkeypatch.setattr(resize, "_resize_normalize_into", None)
     assert prep.fused_preprocess(images[0], spec) is None
     assert torch.equal(preprocess(images[0], spec), tensor_path(images[0], spec))
+    seg = Preprocess(256, 3, "imagenet")
+    assert torch.equal(seg(images[0]), segmentation_tensor_path(seg, images[0], monkeypatch))
+
+
+def segmentation_tensor_path(seg: Preprocess, pixels: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    import cxr_segmentation.preprocessing as seg_prep
+
+    with monkeypatch.context() as m:
+        m.setattr(seg_prep, "resize_normalize", lambda *args: None)
+        return seg(pixels)
+
+
+@pytest.mark.parametrize(
+    "seg",
+    [Preprocess(256, 3, "imagenet"), Preprocess(512, 1, "imagenet"), Preprocess(64, 3, "unit"),
+     Preprocess(320, 1, "xrv"), Preprocess(128, 2, "imagenet")],
+    ids=str,
+)  # fmt: skip
+def test_segmentation_one_pass_equals_its_tensor_path(images, seg, monkeypatch):
+    bound = 1e-5 * (2048 if seg.normalization == "xrv" else 1.0 / min(prep.IMAGENET_STD))
+    for pixels in images:
+        fused = seg(pixels)
+        reference = segmentation_tensor_path(seg, pixels, monkeypatch)
+        assert fused.shape == reference.shape == (seg.in_channels, seg.input_size, seg.input_size)
+        assert fused.dtype == torch.float32 and fused.is_contiguous()
+        assert float((fused - reference).abs().max()) <= bound, seg
 
 
 def _call(src: np.ndarray, out: np.ndarray, rows=None, cols=None, sub=(0.5,), div=(0.25,)) -> None:

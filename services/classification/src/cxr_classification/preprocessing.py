@@ -7,8 +7,8 @@ The decoder (cxr_serving.images) already did bytes -> grayscale with DICOM LUTs 
 inversion, and applied the input policy (minimum side, aspect ratio). An 8-bit image stays uint8 up
 to the resize, which is linear, so it is scaled by 1/255 on the S x S result instead of every pixel.
 The resize is torch's antialiased bilinear (`interpolate(..., antialias=True)`) with that kernel's weights,
-made once per (input side, output side): for a uint8 image, resize, scaling and normalisation run in one C
-pass (`fused_preprocess`, cxr_serving._pixels); otherwise as two sparse matrix products and tensor steps.
+made once per (input side, output side; `cxr_serving.resize`): for a uint8 image, resize, scaling and
+normalisation run in one C pass (`fused_preprocess`); otherwise as two sparse matrix products and tensor steps.
 Conventions per checkpoint family:
 - ImageNet (CheXNet, timm): 3 identical channels, each normalised with ImageNet mean/std;
 - torchxrayvision: 1 channel scaled to [-1024, 1024] (`xrv.utils.normalize(img, 255)`),
@@ -26,11 +26,7 @@ import torch
 
 from cxr_classification.config import ClassifierConfig
 from cxr_serving.images import UNIT_8BIT
-
-try:  # optional: built with cxr_serving where a C compiler is; the tensor path below otherwise
-    from cxr_serving._pixels import resize_normalize_into
-except ImportError:  # pragma: no cover
-    resize_normalize_into = None
+from cxr_serving.resize import antialias_table, resize_normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,37 +60,6 @@ def crop_center_square(pixels: np.ndarray) -> np.ndarray:
     side = min(h, w)
     top, left = h // 2 - side // 2, w // 2 - side // 2
     return pixels[top : top + side, left : left + side]
-
-
-@functools.lru_cache(maxsize=32)
-def antialias_table(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's antialiased bilinear weights along one axis (`align_corners=False`) as, for each output index,
-    its first input index (int32), its tap count (int32) and K weights (float32, zero past the count): the
-    triangle filter widened by the scale when shrinking, each row normalised, computed in the float32 /
-    double steps of torch's CPU kernel (UpSampleKernel.cpp) so the weights are its own."""
-    f32 = np.float32
-    scale = f32(in_size) / f32(out_size)
-    support = scale if scale >= 1.0 else f32(1.0)
-    invscale = np.float64(f32(1.0 / np.float64(scale))) if scale >= 1.0 else np.float64(1.0)
-    center = (np.float64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
-    lo = np.maximum(((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
-    hi = np.minimum(((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size)
-    taps = lo[:, None] + np.arange(int((hi - lo).max()))[None, :]  # out_size x K, past `hi` masked below
-    inside = taps < hi[:, None]
-    x = (((taps.astype(f32) - center[:, None]).astype(np.float64) + 0.5) * invscale).astype(f32)
-    w = np.where(inside, np.maximum(1.0 - np.abs(x).astype(np.float64), 0.0).astype(f32), f32(0.0))
-    total = np.zeros(out_size, dtype=f32)
-    for k in range(w.shape[1]):  # in tap order, in float32, as the kernel sums them
-        total += w[:, k]
-    w = np.where(total[:, None] != 0, w / np.where(total == 0, f32(1.0), total)[:, None], w).astype(f32)
-    table = (
-        lo.astype(np.int32),
-        inside.sum(axis=1).astype(np.int32),  # each row's taps are a prefix: ascending and distinct
-        np.ascontiguousarray(np.where(inside, w, f32(0.0)), dtype=f32),
-    )
-    for a in table:
-        a.flags.writeable = False  # cached and shared
-    return table
 
 
 @functools.lru_cache(maxsize=32)
@@ -157,18 +122,11 @@ def channel_affine(spec: PreprocessSpec) -> tuple[tuple[float, ...], tuple[float
 
 
 def fused_preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor | None:
-    """`preprocess` of a uint8 image in one C pass (resize, 1/255, normalisation; cxr_serving._pixels), or
-    None where that module is not built or the image is not uint8."""
-    if resize_normalize_into is None or pixels.dtype != np.uint8 or pixels.ndim != 2:
-        return None
-    height, width = pixels.shape
-    rows, cols = antialias_table(height, spec.input_size), antialias_table(width, spec.input_size)
+    """`preprocess` of a uint8 image in one C pass (`cxr_serving.resize.resize_normalize`), or None where that
+    module is not built or the image is not uint8."""
     sub, div = channel_affine(spec)
-    out = torch.empty((len(sub), spec.input_size, spec.input_size), dtype=torch.float32)
-    resize_normalize_into(
-        np.ascontiguousarray(pixels), out.numpy(), height, width, *rows, *cols, float(UNIT_8BIT), sub, div
-    )
-    return out
+    out = resize_normalize(pixels, spec.input_size, sub, div)
+    return None if out is None else torch.from_numpy(out)
 
 
 def preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
