@@ -116,7 +116,7 @@ static PyObject *unfilter_into(PyObject *self, PyObject *args) {
     int bad_filter = 0;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*w*nn:png_unfilter_into", &raw, &out, &h, &w)) return NULL;
-    if (h <= 0 || w <= 0 || h > PY_SSIZE_T_MAX / (w + 1) || raw.len != h * (w + 1) || out.len != h * w ||
+    if (h <= 0 || w <= 0 || w == PY_SSIZE_T_MAX || h > PY_SSIZE_T_MAX / (w + 1) || raw.len != h * (w + 1) || out.len != h * w ||
         !PyBuffer_IsContiguous(&out, 'C') || !PyBuffer_IsContiguous(&raw, 'C')) {
         PyBuffer_Release(&raw);
         PyBuffer_Release(&out);
@@ -239,6 +239,10 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
         goto done;
     }
     if (axis_check(&v, height, "row") < 0 || axis_check(&h, width, "column") < 0) goto done;
+    if (v.out > PY_SSIZE_T_MAX / 4 / h.out / channels || v.out > PY_SSIZE_T_MAX / 4 / width) {
+        PyErr_SetString(PyExc_ValueError, "output too large");
+        goto done;
+    }
     if (out.len != channels * v.out * h.out * 4 || !PyBuffer_IsContiguous(&out, 'C')) {
         PyErr_SetString(PyExc_ValueError, "out must hold channels*rows_out*cols_out float32 values");
         goto done;
