@@ -12,7 +12,8 @@ FROM ${UV_IMAGE} AS uv
 
 FROM ${CUDA_RUNTIME_IMAGE} AS build
 COPY --from=uv /uv /usr/local/bin/uv
-# a C compiler for cxr_serving's one extension (PNG row filters); the runtime stage gets only the venv
+# a C compiler for cxr_serving's one extension (PNG row filters, one-pass preprocessing);
+# the runtime stage gets only the venv
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \

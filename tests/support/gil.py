@@ -18,11 +18,16 @@ def assert_runs_without_the_gil(call: Callable[[], None], calls: int = 3) -> flo
         call()
         alone = min(alone, time.perf_counter() - started)
     done = threading.Event()
+    failed: list[BaseException] = []
 
     def work() -> None:
-        for _ in range(calls):
-            call()
-        done.set()
+        try:
+            for _ in range(calls):
+                call()
+        except BaseException as exc:  # reported below, in the test's thread
+            failed.append(exc)
+        finally:
+            done.set()
 
     gaps: list[float] = []
     thread = threading.Thread(target=work)
@@ -34,6 +39,8 @@ def assert_runs_without_the_gil(call: Callable[[], None], calls: int = 3) -> flo
         last = now
         time.sleep(0.001)
     thread.join()
+    if failed:
+        raise failed[0]
     long_gaps = [g for g in gaps if g >= 0.5 * alone]
     assert alone > 0.02, f"the call took {alone:.4f} s: too short for the gaps to tell"
     assert len(gaps) > 20 and len(long_gaps) <= 1, (len(gaps), long_gaps, alone)

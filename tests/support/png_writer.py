@@ -65,3 +65,41 @@ def gray8_png(
     idat = parts[0] + b"".join(between_idat) + b"".join(parts[1:])
     tail = chunk(b"IEND", b"") if end else b""
     return SIGNATURE + ihdr(width, height) + b"".join(before_idat) + idat + b"".join(after_idat) + tail
+
+
+def zlib_header(cmf: int, flg: int) -> bytes:
+    """CMF and FLG with FCHECK set so that the pair is a multiple of 31, as RFC 1950 requires."""
+    flg &= 0xE0
+    return bytes([cmf, flg | (31 - ((cmf << 8) | flg) % 31) % 31])
+
+
+def incomplete_code_stream(raw: bytes) -> bytes:
+    """A zlib stream of `raw` in one dynamic deflate block whose literal/length code is incomplete: every
+    symbol used (its distinct bytes and end-of-block) gets an 8-bit code, the rest none. The Adler-32 is right;
+    zlib refuses the stream ("invalid literal/lengths set"), a lenient inflater decodes it."""
+    bits: list[int] = []
+
+    def put(value: int, n: int) -> None:  # LSB first, as deflate packs header fields
+        bits.extend((value >> i) & 1 for i in range(n))
+
+    def code(value: int, n: int) -> None:  # Huffman codes go MSB first
+        bits.extend((value >> i) & 1 for i in range(n - 1, -1, -1))
+
+    used = sorted({*raw, 256})
+    put(1, 1)  # final block
+    put(2, 2)  # dynamic Huffman codes
+    put(0, 5)  # HLIT: 257 literal/length codes
+    put(0, 5)  # HDIST: 1 distance code
+    put(1, 4)  # HCLEN: 5 code-length codes (16, 17, 18, 0, 8)
+    for length in (0, 0, 0, 1, 1):  # code-length alphabet: symbol 0 -> "0", symbol 8 -> "1"
+        put(length, 3)
+    for symbol in range(257):
+        code(1 if symbol in used else 0, 1)
+    code(0, 1)  # the one distance code: unused
+    index = {s: i for i, s in enumerate(used)}
+    for b in raw:
+        code(index[b], 8)
+    code(index[256], 8)
+    bits.extend([0] * (-len(bits) % 8))
+    body = bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+    return zlib_header(0x78, 0x01) + body + zlib.adler32(raw).to_bytes(4, "big")

@@ -1,7 +1,8 @@
-"""The uint8 fast paths (OpenCV for 8-bit PNG, simplejpeg for grayscale JPEG and JPEG-baseline DICOM, resize
-before the 1/255 scaling) give the Pillow path's model inputs and outputs, on 20 shared NIH radiographs in
-four formats. Tolerances (docs/reliability.md): float32 rounding (1e-5) everywhere, except JPEG-baseline
-DICOM, where libjpeg-turbo and pydicom's libjpeg plugin differ by at most one grey level per pixel."""
+"""The uint8 fast paths (`png_gray8`, else OpenCV, for 8-bit PNG; simplejpeg for grayscale JPEG and
+JPEG-baseline DICOM; resize before the 1/255 scaling, in one C pass where built) give the Pillow path's model
+inputs and outputs, on 20 shared NIH radiographs in four formats. Tolerances (docs/reliability.md): float32
+rounding (1e-5) everywhere, except JPEG-baseline DICOM, where libjpeg-turbo and pydicom's libjpeg plugin differ
+by at most one grey level per pixel."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The 8-bit grayscale PNG decoder (`cxr_serving.png_gray8`: ISA-L inflate, row filters undone in C) gives
+"""The 8-bit grayscale PNG decoder (`cxr_serving.png_gray8`: libdeflate inflate, row filters undone in C) gives
 OpenCV's samples, byte for byte, on every shared NIH PNG and on every filter type at sizes around the C code's
-four-row wavefront; any file outside its scope or not well formed is left to the general decoder, whose answer
-(pixels or refusal) is the one `decode_image` gave without this path."""
+four-row wavefront; any file outside its scope or not well formed (malformed deflate streams that zlib refuses
+among them) is left to the general decoder, whose answer (pixels or refusal) is the one `decode_image` gave
+without this path; bytes after the zlib stream are ignored, as libpng does."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cxr_serving.errors import ImageRejectedError
 from cxr_serving.images import decode_image
 from tests.support.gil import assert_runs_without_the_gil
 from tests.support.paths import CXR14, cxr14_images
-from tests.support.png_writer import chunk, filtered_rows, gray8_png, ihdr
+from tests.support.png_writer import chunk, filtered_rows, gray8_png, ihdr, incomplete_code_stream, zlib_header
 
 
 def opencv(data: bytes) -> np.ndarray | None:
@@ -120,7 +121,17 @@ OUT_OF_SCOPE = {
     "no_iend": gray8_png(NIH, end=False),
     "cut_short": gray8_png(NIH)[:-200],
     "idat_split_by_text": gray8_png(NIH, idat_parts=3, between_idat=[_TEXT]),
-    "bytes_after_stream": gray8_png(NIH, stream=_STREAM + b"\x00\x01"),
+    "incomplete_huffman_code": gray8_png(NIH, [0] * 96, stream=incomplete_code_stream(filtered_rows(NIH, [0] * 96))),
+    "window_field_8": gray8_png(NIH, stream=zlib_header(0x88, _STREAM[1]) + _STREAM[2:]),
+    "window_field_15": gray8_png(NIH, stream=zlib_header(0xF8, _STREAM[1]) + _STREAM[2:]),
+    "window_field_0": gray8_png(NIH, stream=zlib_header(0x08, _STREAM[1]) + _STREAM[2:]),
+    "method_7": gray8_png(NIH, stream=zlib_header(0x77, _STREAM[1]) + _STREAM[2:]),
+    "bad_header_check": gray8_png(NIH, stream=bytes([_STREAM[0], _STREAM[1] ^ 1]) + _STREAM[2:]),
+    "preset_dictionary": gray8_png(
+        NIH, stream=zlib_header(0x78, _STREAM[1] | 0x20) + b"\x00\x00\x00\x01" + _STREAM[2:]
+    ),
+    "many_metadata_chunks": gray8_png(NIH, after_idat=[_TEXT] * 65),
+    "many_tiny_idat": gray8_png(NIH, idat_parts=len(_STREAM)),
     "too_little_data": gray8_png(NIH, stream=zlib.compress(filtered_rows(NIH, [4] * 96)[:-81])),
     "too_much_data": gray8_png(NIH, stream=zlib.compress(filtered_rows(NIH, [4] * 96) + b"\x00" * 81)),
     "not_zlib": gray8_png(NIH, stream=b"\x00" * 64),
@@ -152,8 +163,24 @@ def test_metadata_chunks_and_split_idat_stay_on_this_path():
     assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv(data))
 
 
+def test_bytes_after_the_zlib_stream_are_ignored_as_libpng_does():
+    data = gray8_png(NIH, stream=_STREAM + b"\x00\x01" * 500)
+    fast = png_gray8.decode(data)
+    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv(data))
+
+
 def test_damaged_files_are_still_refused(monkeypatch):
-    for case in ("idat_crc", "damaged_stream", "filter_5", "too_little_data", "not_zlib"):
+    for case in (
+        "idat_crc",
+        "damaged_stream",
+        "filter_5",
+        "too_little_data",
+        "not_zlib",
+        "incomplete_huffman_code",
+        "window_field_8",
+        "bad_header_check",
+        "preset_dictionary",
+    ):
         kind, reason = outcome(OUT_OF_SCOPE[case])
         assert (kind, reason) == ("rejected", "IMAGE_CORRUPT"), case
 

@@ -145,7 +145,8 @@ typedef struct {
 
 static int axis_check(axis_t *a, Py_ssize_t in_size, const char *name) {
     const int32_t *lo = (const int32_t *)a->lo.buf, *n = (const int32_t *)a->n.buf;
-    Py_ssize_t i;
+    const float *w = (const float *)a->w.buf;
+    Py_ssize_t i, k;
     if (a->out <= 0 || a->k <= 0 || a->lo.len != a->out * 4 || a->n.len != a->out * 4 || a->w.len != a->out * a->k * 4) {
         PyErr_Format(PyExc_ValueError, "%s weights: lo and n need out int32 values, w out*k float32", name);
         return -1;
@@ -154,6 +155,12 @@ static int axis_check(axis_t *a, Py_ssize_t in_size, const char *name) {
         if (lo[i] < 0 || n[i] < 0 || n[i] > a->k || (Py_ssize_t)lo[i] + n[i] > in_size) {
             PyErr_Format(PyExc_ValueError, "%s weights: output %zd reads outside the input", name, i);
             return -1;
+        }
+        for (k = n[i]; k < a->k; k++) { /* the column pass reads all K taps where they lie inside the row */
+            if (w[i * a->k + k] != 0.0f) {
+                PyErr_Format(PyExc_ValueError, "%s weights: output %zd has a weight past its tap count", name, i);
+                return -1;
+            }
         }
     }
     return 0;
@@ -223,11 +230,15 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
         goto done;
     }
     for (c = 0; c < channels; c++) {
-        PyObject *a = PySequence_GetItem(sub_obj, c), *b = PySequence_GetItem(div_obj, c);
-        sub[c] = a ? (float)PyFloat_AsDouble(a) : 0.0f;
-        div[c] = b ? (float)PyFloat_AsDouble(b) : 0.0f;
-        Py_XDECREF(a);
-        Py_XDECREF(b);
+        PyObject *item = PySequence_GetItem(sub_obj, c);
+        if (item == NULL) goto done;
+        sub[c] = (float)PyFloat_AsDouble(item);
+        Py_DECREF(item);
+        if (PyErr_Occurred()) goto done;
+        item = PySequence_GetItem(div_obj, c);
+        if (item == NULL) goto done;
+        div[c] = (float)PyFloat_AsDouble(item);
+        Py_DECREF(item);
         if (PyErr_Occurred()) goto done;
     }
     v.out = v.n.len / 4;
@@ -281,4 +292,5 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
+/* Single-phase initialisation: the module keeps no state, so nothing is shared between interpreters. */
 PyMODINIT_FUNC PyInit__pixels(void) { return PyModule_Create(&module); }

@@ -1,38 +1,37 @@
 """A fast decoder for the common chest X-ray PNG: 8-bit grayscale, not interlaced, nothing that changes samples.
 
 Why: libpng spends most of such a decode undoing the Paeth filter one byte at a time, and zlib's
-inflate is ~3x slower than ISA-L's. This path inflates with ISA-L (`isal`) and undoes the row
-filters in C (`_pixels`); the samples are the PNG specification's, the same bytes OpenCV
-returns. It takes only files it fully understands: every chunk's CRC checks, the IHDR is 8-bit
-grayscale without interlacing, the IDAT chunks are consecutive and inflate to exactly the image,
-IEND is present, and every other chunk is metadata that no decoder applies to the samples. For
-anything else `decode` returns None and the caller's general decoder (OpenCV, then Pillow) decides,
-so its errors and its handling of unusual files are unchanged.
+inflate is ~2.5x slower than libdeflate's. This path inflates with libdeflate (`deflate`), which
+refuses the malformed streams zlib refuses (incomplete Huffman codes among them: ISA-L accepts
+those, so it is not used here), and undoes the row filters in C (`_pixels`); the samples are the
+PNG specification's, the same bytes OpenCV returns. It takes only files it fully understands: every
+chunk's CRC checks, the IHDR is 8-bit grayscale without interlacing, the IDAT chunks are
+consecutive, their zlib header declares deflate with a 32 KiB window and no dictionary, and they
+inflate to exactly the image; IEND is present, and every other chunk is metadata that no decoder
+applies to the samples. Bytes after the zlib stream are ignored, as libpng does (with a warning).
+For anything else `decode` returns None and the caller's general decoder (OpenCV, then Pillow)
+decides, so its errors and its handling of unusual files are unchanged.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any
-
 import numpy as np
 
-try:  # both optional: without them, 8-bit grayscale PNGs take the general decoder
+import deflate
+
+try:  # optional: without it, 8-bit grayscale PNGs take the general decoder
     from cxr_serving._pixels import png_unfilter_into as unfilter_into
 except ImportError:  # pragma: no cover - a build without a C compiler
     unfilter_into = None
-
-_inflate_module: Any
-try:
-    from isal import isal_zlib as _inflate_module
-except ImportError:  # pragma: no cover - a platform without isal wheels
-    _inflate_module = zlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ancillary chunks that carry only metadata: no decoder changes samples because of them.
 METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME", b"pHYs"})
 _CHUNK_HEAD = struct.Struct(">I4s")
+MAX_OTHER_CHUNKS = 64  # more than this many non-IDAT chunks: the general decoder's (this loop holds the GIL)
+MIN_MEAN_IDAT_BYTES = 4096  # IDAT chunks smaller than this on average: likewise
 _IHDR = struct.Struct(">IIBBBBB")
 
 
@@ -51,6 +50,7 @@ def decode(data: bytes) -> np.ndarray | None:
     shape: tuple[int, int] | None = None
     idat: list[memoryview] = []
     idat_done = False
+    others = 0
     while True:
         if pos + 12 > end:
             return None  # no IEND
@@ -59,7 +59,7 @@ def decode(data: bytes) -> np.ndarray | None:
         if length > 0x7FFFFFFF or body_end + 4 > end:
             return None
         crc = int.from_bytes(view[body_end : body_end + 4], "big")
-        if _inflate_module.crc32(view[pos + 4 : body_end]) != crc:
+        if zlib.crc32(view[pos + 4 : body_end]) != crc:
             return None
         body = view[pos + 8 : body_end]
         pos = body_end + 4
@@ -71,12 +71,13 @@ def decode(data: bytes) -> np.ndarray | None:
                 return None
             shape = (height, width)
         elif kind == b"IDAT":
-            if idat_done:
-                return None  # IDAT chunks must be consecutive
+            if idat_done or len(idat) > 16 + end // MIN_MEAN_IDAT_BYTES:
+                return None  # IDAT chunks must be consecutive; thousands of tiny ones: not this path's
             idat.append(body)
         elif kind == b"IEND":
             break
-        elif kind in METADATA_CHUNKS:
+        elif kind in METADATA_CHUNKS and others < MAX_OTHER_CHUNKS:
+            others += 1
             idat_done = bool(idat)
         else:
             return None  # PLTE, tRNS, gAMA, sBIT, an unknown chunk, a second IHDR: the general decoder's call
@@ -84,13 +85,15 @@ def decode(data: bytes) -> np.ndarray | None:
         return None
     height, width = shape
     expected = height * (width + 1)
-    inflater = _inflate_module.decompressobj()
+    stream = b"".join(idat)
+    if len(stream) < 2 or stream[0] != 0x78 or (stream[0] << 8 | stream[1]) % 31 or stream[1] & 0x20:
+        return None  # not deflate with a 32 KiB window, a bad check, or a preset dictionary
     try:
-        raw = inflater.decompress(b"".join(idat), expected + 1)
-    except (zlib.error, _inflate_module.error):
-        return None  # not a zlib stream, or a damaged one
-    if len(raw) != expected or not inflater.eof or inflater.unused_data or inflater.unconsumed_tail:
-        return None  # too little or too much image data, or bytes after the stream
+        raw = deflate.zlib_decompress(stream, expected)  # more than `expected` bytes raises
+    except deflate.DeflateError:
+        return None  # a damaged or malformed stream, or too much image data
+    if len(raw) != expected:
+        return None  # too little image data
     out = np.empty(shape, dtype=np.uint8)
     try:
         unfilter_into(raw, out, height, width)
