@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import struct
 import zlib
-import numpy as np
 
 import deflate
+import numpy as np
 
 try:  # optional: without it, 8-bit grayscale PNGs take the general decoder
     from cxr_serving._pixels import png_unfilter_into as unfilter_into
