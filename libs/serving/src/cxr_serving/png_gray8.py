@@ -1,7 +1,7 @@
 """A fast decoder for the common chest X-ray PNG: 8-bit grayscale, not interlaced, nothing that changes samples.
 
 Why: libpng spends most of such a decode undoing the Paeth filter one byte at a time, and zlib's
-inflate is ~2.5x slower than libdeflate's. This path inflates with libdeflate (`deflate`), which
+inflate is slower than libdeflate's. This path inflates with libdeflate (`deflate`), which
 refuses the malformed streams zlib refuses (incomplete Huffman codes among them: ISA-L accepts
 those, so it is not used here), and undoes the row filters in C (`_pixels`); the samples are the
 PNG specification's, the same bytes OpenCV returns. It takes only files it fully understands: every

@@ -11,7 +11,7 @@ counts, starting with the count of zeros), which `decode_rle` inverts.
 
 `encode_png` writes the PNG itself (signature, IHDR, one IDAT, IEND): every row with filter type 0,
 because Pillow's per-row filter search buys a two-valued mask nothing but time, deflated by ISA-L at
-level 1 (`isal`: 4-12x less CPU than zlib's level 1 on masks, and smaller; docs/performance-history.md
+level 1 (`isal`: less CPU than zlib's level 1 on masks, and smaller output; docs/performance-history.md
 has the readings). `encode_pngs` does the same for several masks.
 """
 
