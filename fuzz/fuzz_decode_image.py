@@ -35,8 +35,11 @@ with atheris.instrument_imports(include=["cxr_serving", "pydicom", "PIL"]):
     import pydicom.pixels.decoders.pylibjpeg
     import pydicom.pixels.decoders.rle  # noqa: F401
 
+    from cxr_serving import png_gray8
     from cxr_serving.errors import ImageRejectedError
     from cxr_serving.images import DecodeLimits, decode_image
+
+import cv2
 
 FINDINGS_DIR = os.environ.get("CXR_FUZZ_FINDINGS_DIR")
 _seen: set[tuple[str, str, int]] = set()
@@ -48,6 +51,11 @@ CONTENT_TYPES = ("", "image/png", "image/jpeg", "application/dicom", "text/plain
 
 
 def check(data: bytes) -> None:
+    # The 8-bit grayscale PNG fast path: whatever it decodes, OpenCV decodes to the same bytes.
+    if len(data) <= 4_000_000 and (fast := png_gray8.decode(data)) is not None:
+        reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if reference is None or reference.shape != fast.shape or not np.array_equal(reference, fast):
+            raise AssertionError("png_gray8 decoded a file OpenCV refuses or decodes otherwise")
     # Most inputs go without a content type (so mutations reach the decoders); every 16th
     # length picks one, mismatched or not, to exercise the content-type checks too.
     ctype = CONTENT_TYPES[(len(data) // 16) % len(CONTENT_TYPES)] if len(data) % 16 == 0 else ""

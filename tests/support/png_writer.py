@@ -86,6 +86,7 @@ def incomplete_code_stream(raw: bytes) -> bytes:
         bits.extend((value >> i) & 1 for i in range(n - 1, -1, -1))
 
     used = sorted({*raw, 256})
+    assert 2 <= len(used) < 256, "the code must stay incomplete: fewer than 256 symbols of 8 bits"
     put(1, 1)  # final block
     put(2, 2)  # dynamic Huffman codes
     put(0, 5)  # HLIT: 257 literal/length codes
@@ -103,3 +104,23 @@ def incomplete_code_stream(raw: bytes) -> bytes:
     bits.extend([0] * (-len(bits) % 8))
     body = bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
     return zlib_header(0x78, 0x01) + body + zlib.adler32(raw).to_bytes(4, "big")
+
+
+def symbol_286_stream(zeros: int) -> bytes:
+    """A zlib stream of `zeros` zero bytes (1 + a multiple of 258) in one fixed-code deflate block: a literal 0,
+    then matches coded with the literal/length symbol 286, which deflate leaves undefined (zlib refuses it:
+    "invalid literal/length code"; libdeflate reads it as length 258), each at distance 1. Adler-32 right."""
+    assert zeros >= 1 and (zeros - 1) % 258 == 0
+    bits: list[int] = [1, 1, 0]  # final block; BTYPE 01 (fixed codes), LSB first
+
+    def code(value: int, n: int) -> None:
+        bits.extend((value >> i) & 1 for i in range(n - 1, -1, -1))
+
+    code(0b00110000, 8)  # literal 0
+    for _ in range((zeros - 1) // 258):
+        code(0b11000000 + (286 - 280), 8)  # symbol 286
+        code(0, 5)  # distance code 0: distance 1
+    code(0, 7)  # end of block (256)
+    bits.extend([0] * (-len(bits) % 8))
+    body = bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+    return zlib_header(0x78, 0x01) + body + zlib.adler32(bytes(zeros)).to_bytes(4, "big")

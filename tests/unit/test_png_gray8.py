@@ -1,4 +1,4 @@
-"""The 8-bit grayscale PNG decoder (`cxr_serving.png_gray8`: libdeflate inflate, row filters undone in C) gives
+"""The 8-bit grayscale PNG decoder (`cxr_serving.png_gray8`: zlib-ng inflate, row filters undone in C) gives
 OpenCV's samples, byte for byte, on every shared NIH PNG and on every filter type at sizes around the C code's
 four-row wavefront; any file outside its scope or not well formed (malformed deflate streams that zlib refuses
 among them) is left to the general decoder, whose answer (pixels or refusal) is the one `decode_image` gave
@@ -17,7 +17,15 @@ from cxr_serving.errors import ImageRejectedError
 from cxr_serving.images import decode_image
 from tests.support.gil import assert_runs_without_the_gil
 from tests.support.paths import CXR14, cxr14_images
-from tests.support.png_writer import chunk, filtered_rows, gray8_png, ihdr, incomplete_code_stream, zlib_header
+from tests.support.png_writer import (
+    chunk,
+    filtered_rows,
+    gray8_png,
+    ihdr,
+    incomplete_code_stream,
+    symbol_286_stream,
+    zlib_header,
+)
 
 
 def opencv(data: bytes) -> np.ndarray | None:
@@ -122,6 +130,7 @@ OUT_OF_SCOPE = {
     "cut_short": gray8_png(NIH)[:-200],
     "idat_split_by_text": gray8_png(NIH, idat_parts=3, between_idat=[_TEXT]),
     "incomplete_huffman_code": gray8_png(NIH, [0] * 96, stream=incomplete_code_stream(filtered_rows(NIH, [0] * 96))),
+    "undefined_length_symbol": gray8_png(np.zeros((259, 258), np.uint8), stream=symbol_286_stream(259 * 259)),
     "window_field_8": gray8_png(NIH, stream=zlib_header(0x88, _STREAM[1]) + _STREAM[2:]),
     "window_field_15": gray8_png(NIH, stream=zlib_header(0xF8, _STREAM[1]) + _STREAM[2:]),
     "window_field_0": gray8_png(NIH, stream=zlib_header(0x08, _STREAM[1]) + _STREAM[2:]),
@@ -177,6 +186,7 @@ def test_damaged_files_are_still_refused(monkeypatch):
         "too_little_data",
         "not_zlib",
         "incomplete_huffman_code",
+        "undefined_length_symbol",
         "window_field_8",
         "bad_header_check",
         "preset_dictionary",

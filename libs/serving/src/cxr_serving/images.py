@@ -12,7 +12,7 @@ The result is a grayscale image where 1 is white as a radiologist sees it: DICOM
 `cxr_serving.dicom`) goes through the modality LUT, the VOI LUT or window, then MONOCHROME1 inversion.
 An 8-bit grayscale source that no LUT changes stays uint8 (`DecodedImage.array`, value / 255), so
 preprocessing reads a quarter of the bytes and scales after resizing; `DecodedImage.pixels` is always
-the float32 image in [0, 1]. 8-bit grayscale PNGs decode with `png_gray8` (libdeflate inflate, row filters
+the float32 image in [0, 1]. 8-bit grayscale PNGs decode with `png_gray8` (zlib-ng inflate, row filters
 in C) where it takes the file, else with OpenCV; grayscale JPEGs with simplejpeg (libjpeg-turbo,
 strict): Pillow's pixels, for less CPU; other modes go through Pillow.
 """

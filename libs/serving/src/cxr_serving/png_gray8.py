@@ -1,9 +1,9 @@
 """A fast decoder for the common chest X-ray PNG: 8-bit grayscale, not interlaced, nothing that changes samples.
 
 Why: libpng spends most of such a decode undoing the Paeth filter one byte at a time, and zlib's
-inflate is slower than libdeflate's. This path inflates with libdeflate (`deflate`), which
-refuses the malformed streams zlib refuses (incomplete Huffman codes among them: ISA-L accepts
-those, so it is not used here), and undoes the row filters in C (`_pixels`); the samples are the
+inflate is slower than zlib-ng's. This path inflates with zlib-ng (`zlib_ng`), whose inflate keeps
+zlib's checks (ISA-L and libdeflate decode some streams zlib refuses, incomplete or unused-bit Huffman
+codes and symbols 286-287 or 30-31 among them, so they are not used here), and undoes the row filters in C (`_pixels`); the samples are the
 PNG specification's, the same bytes OpenCV returns. It takes only files it fully understands: every
 chunk's CRC checks, the IHDR is 8-bit grayscale without interlacing, the IDAT chunks are
 consecutive, their zlib header declares deflate with a 32 KiB window and no dictionary, and they
@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 import zlib
 
-import deflate
 import numpy as np
+from zlib_ng import zlib_ng
 
 try:  # optional: without it, 8-bit grayscale PNGs take the general decoder
     from cxr_serving._pixels import png_unfilter_into as unfilter_into
@@ -30,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ancillary chunks that carry only metadata: no decoder changes samples because of them.
 METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME", b"pHYs"})
 _CHUNK_HEAD = struct.Struct(">I4s")
-MAX_OTHER_CHUNKS = 64  # more than this many non-IDAT chunks: the general decoder's (this loop holds the GIL)
+MAX_OTHER_CHUNKS = 64  # more than this many metadata chunks: the general decoder's (this loop holds the GIL)
 MIN_MEAN_IDAT_BYTES = 4096  # IDAT chunks smaller than this on average: likewise
 _IHDR = struct.Struct(">IIBBBBB")
 
@@ -88,12 +88,13 @@ def decode(data: bytes) -> np.ndarray | None:
     stream = b"".join(idat)
     if len(stream) < 2 or stream[0] != 0x78 or (stream[0] << 8 | stream[1]) % 31 or stream[1] & 0x20:
         return None  # not deflate with a 32 KiB window, a bad check, or a preset dictionary
+    inflater = zlib_ng.decompressobj()
     try:
-        raw = deflate.zlib_decompress(stream, expected)  # more than `expected` bytes raises
-    except deflate.DeflateError:
-        return None  # a damaged or malformed stream, or too much image data
-    if len(raw) != expected:
-        return None  # too little image data
+        raw = inflater.decompress(stream, expected + 1)
+    except zlib_ng.error:
+        return None  # a damaged or malformed stream
+    if len(raw) != expected or not inflater.eof:
+        return None  # too little or too much image data
     out = np.empty(shape, dtype=np.uint8)
     try:
         unfilter_into(raw, out, height, width)
