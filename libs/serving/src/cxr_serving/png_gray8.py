@@ -2,15 +2,16 @@
 
 Why: libpng spends most of such a decode undoing the Paeth filter one byte at a time, and zlib's
 inflate is slower than zlib-ng's. This path inflates with zlib-ng (`zlib_ng`), whose inflate keeps
-zlib's checks (ISA-L and libdeflate decode some streams zlib refuses, incomplete or unused-bit Huffman
-codes and symbols 286-287 or 30-31 among them, so they are not used here), and undoes the row filters in C (`_pixels`); the samples are the
-PNG specification's, the same bytes OpenCV returns. It takes only files it fully understands: every
-chunk's CRC checks, the IHDR is 8-bit grayscale without interlacing, the IDAT chunks are
-consecutive, their zlib header declares deflate with a 32 KiB window and no dictionary, and they
-inflate to exactly the image; IEND is present, and every other chunk is metadata that no decoder
-applies to the samples. Bytes after the zlib stream are ignored, as libpng does (with a warning).
-For anything else `decode` returns None and the caller's general decoder (OpenCV, then Pillow)
-decides, so its errors and its handling of unusual files are unchanged.
+zlib's checks (ISA-L and libdeflate decode some streams zlib refuses, incomplete or unused-bit
+Huffman codes and symbols 286-287 or 30-31 among them, so they are not used here), and undoes the
+row filters in C (`_pixels`); the samples are the PNG specification's, the same bytes OpenCV
+returns. It takes only files it fully understands: every chunk's CRC checks, the IHDR is 8-bit
+grayscale without interlacing, the IDAT chunks are consecutive, their zlib header declares deflate
+with a 32 KiB window and no dictionary, and they inflate to exactly the image; IEND is present, and
+every other chunk is metadata that no decoder applies to the samples. Bytes after the zlib stream
+are ignored, as libpng does (with a warning). For anything else `decode` returns None and the
+caller's general decoder (OpenCV, then Pillow) decides, so its errors and its handling of unusual
+files are unchanged.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def decode(data: bytes) -> np.ndarray | None:
     inflater = zlib_ng.decompressobj()
     try:
         raw = inflater.decompress(stream, expected + 1)
-    except zlib_ng.error:
+    except zlib_ng.error:  # type: ignore[misc]  # zlib_ng ships no annotations for its error class
         return None  # a damaged or malformed stream
     if len(raw) != expected or not inflater.eof:
         return None  # too little or too much image data
