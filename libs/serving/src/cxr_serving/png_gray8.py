@@ -36,11 +36,6 @@ MIN_MEAN_IDAT_BYTES = 4096  # IDAT chunks smaller than this on average: likewise
 _IHDR = struct.Struct(">IIBBBBB")
 
 
-def available() -> bool:
-    """Whether the C row-filter module was built (the package installs without a compiler too)."""
-    return unfilter_into is not None
-
-
 def decode(data: bytes) -> np.ndarray | None:
     """H x W uint8 samples of an 8-bit grayscale PNG, or None when the file is outside this path's scope
     or not well formed (the general decoder then decides what it is)."""

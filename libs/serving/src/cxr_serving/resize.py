@@ -52,11 +52,6 @@ def antialias_table(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
     return table
 
 
-def available() -> bool:
-    """Whether the C module was built."""
-    return _resize_normalize_into is not None
-
-
 def resize_normalize(pixels: np.ndarray, size: int, sub: Sequence[float], div: Sequence[float]) -> np.ndarray | None:
     """H x W uint8 -> len(sub) x size x size float32: resized, scaled by 1/255, then `(x - sub[c]) / div[c]` per
     channel, in float32 as the tensor path computes it; None for a non-uint8 image or without the C module."""
