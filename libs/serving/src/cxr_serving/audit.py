@@ -38,31 +38,58 @@ def models_in(message: Any) -> list[str]:
     """`name@version` of every ModelInfo in a response (two levels deep), sorted, unique.
     Never raises: auditing must not fail a request."""
     try:
-        return sorted(_models(message, 0))
+        descriptor = getattr(message, "DESCRIPTOR", None)
+        if descriptor is None:
+            return []
+        found: set[str] = set()
+        _collect(message, _plan(descriptor, 0), found)
+        return sorted(found)
     except Exception:  # pragma: no cover - defensive
         logging.getLogger(__name__).debug("could not read models from %s", type(message).__name__, exc_info=True)
         return []
 
 
-def _models(message: Any, depth: int) -> set[str]:
-    found: set[str] = set()
-    list_fields = getattr(message, "ListFields", None)
-    if list_fields is None:
-        return found
-    for field, value in list_fields():
-        kind = field.message_type
-        if kind is None or kind.GetOptions().map_entry:
+# Per message type and depth: the fields that are, or lead to, a ModelInfo, as (name, repeated, plan below or
+# None for a ModelInfo field). Worked out once per type, so a response is read along those paths only rather
+# than by reflection over every field it has set.
+_Plan = tuple[tuple[str, bool, "_Plan | None"], ...]
+_PLANS: dict[tuple[str, int], _Plan] = {}
+MAX_ITEMS_READ = 64  # of a repeated field on the way to a ModelInfo
+
+
+def _plan(descriptor: Any, depth: int) -> _Plan:
+    key = (descriptor.full_name, depth)
+    plan = _PLANS.get(key)
+    if plan is None:
+        steps: list[tuple[str, bool, _Plan | None]] = []
+        for field in descriptor.fields:
+            kind = field.message_type
+            if kind is None or kind.GetOptions().map_entry:
+                continue
+            repeated = getattr(field, "is_repeated", None)  # protobuf >= 6; `label` before
+            if repeated is None:
+                repeated = field.label == field.LABEL_REPEATED
+            if kind.full_name == MODEL_INFO:
+                steps.append((field.name, bool(repeated), None))
+            elif depth < 2 and (below := _plan(kind, depth + 1)):
+                steps.append((field.name, bool(repeated), below))
+        plan = _PLANS[key] = tuple(steps)
+    return plan
+
+
+def _collect(message: Any, plan: _Plan, found: set[str]) -> None:
+    for name, repeated, below in plan:
+        if repeated:
+            values = getattr(message, name)
+        elif message.HasField(name):
+            values = (getattr(message, name),)
+        else:
             continue
-        repeated = getattr(field, "is_repeated", None)  # protobuf >= 6; `label` before
-        if repeated is None:
-            repeated = field.label == field.LABEL_REPEATED
-        values = value if repeated else [value]
-        if kind.full_name == MODEL_INFO:
+        if below is None:
             found.update(f"{v.name}@{v.version or 'unversioned'}" for v in values)
-        elif depth < 2:
-            for v in list(values)[:64]:
-                found |= _models(v, depth + 1)
-    return found
+        else:
+            for v in values[:MAX_ITEMS_READ]:
+                _collect(v, below, found)
 
 
 def audit(method: str, code: str, who: Mapping[str, str], models: Sequence[str], peer: str, ms: float) -> None:

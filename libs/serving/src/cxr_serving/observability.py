@@ -4,7 +4,6 @@ around every handler (one wrapper for all four RPC shapes); refused calls are lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -14,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
+from opentelemetry.trace import Status, StatusCode
 
 from cxr_serving.audit import audit, caller, models_in
 from cxr_serving.errors import CxrError
@@ -42,6 +43,13 @@ def request_metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
         if isinstance(value, str):
             out[key.lower()] = value
     return out
+
+
+def record_on_span(span: Any, exc: Exception) -> None:
+    """What `trace.use_span` does with an exception leaving it: an event and an ERROR status, on a recording span."""
+    if isinstance(span, trace.Span) and span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(status_code=StatusCode.ERROR, description=f"{type(exc).__name__}: {exc}"))
 
 
 def rebuild_handler(handler: Handler, wrap_unary: Callable[..., Any], wrap_stream: Callable[..., Any]) -> Handler:
@@ -85,6 +93,41 @@ class _Call:
     models: set[str] = field(default_factory=set)
 
 
+class _Observed:
+    """`async with`: one call's span, error map, metrics and access log, whatever the RPC shape. A class rather
+    than an async generator around `trace.use_span`: it runs on the event loop for every call."""
+
+    __slots__ = ("_begin", "_fail", "_finish", "call", "context", "peer", "span", "started", "token")
+
+    def __init__(self, context: Any, begin: Callable[..., Any], fail: Callable[..., Any], finish: Callable[..., Any]):
+        self.context, self._begin, self._fail, self._finish = context, begin, fail, finish
+
+    async def __aenter__(self) -> _Call:
+        cid, self.span, self.peer = self._begin(self.context)
+        self.call = _Call(cid)
+        self.started = time.perf_counter()
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.call
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> bool:
+        otel_context.detach(self.token)
+        code = "OK"
+        try:
+            if isinstance(exc, Exception):  # recorded as trace.use_span does: Exceptions, not CancelledError
+                record_on_span(self.span, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                code = "CANCELLED"
+            elif isinstance(exc, grpc.aio.AbortError):
+                code = "ABORTED_BY_HANDLER"
+            elif isinstance(exc, Exception):
+                code = "ERROR"
+                await self._fail(self.context, exc, self.call.correlation_id)  # aborts the call: raises
+                return True
+            return False
+        finally:
+            self._finish(self.context, self.span, self.started, code, self.peer, sorted(self.call.models))
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Correlation id, tracing span, the error map, access log and request metrics."""
 
@@ -124,8 +167,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
 
         who = caller(md, self._roles.role_of(md) if self._roles is not None else Role.NONE)
 
-        def finish(span: Any, started: float, code: str, peer: str, models: list[str] | None = None) -> None:
+        def finish(context: Ctx, span: Any, started: float, outcome: str, peer: str, models: list[str]) -> None:
+            """`outcome`: OK, ERROR, CANCELLED or ABORTED_BY_HANDLER, when the context holds no status code."""
             elapsed = time.perf_counter() - started
+            code = code_of(context, outcome)
             audit(method, code, who, models or (), peer, elapsed * 1000)
             REQUESTS_TOTAL.labels(method, code).inc()
             REQUEST_DURATION.labels(method, code).observe(elapsed)
@@ -152,27 +197,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
                 return default
             return c.name if isinstance(c, grpc.StatusCode) else str(c)
 
-        @contextlib.asynccontextmanager
-        async def observed(context: Ctx) -> AsyncIterator[_Call]:
-            """One call's span, error map, metrics and access log, whatever the RPC shape."""
-            cid, span, peer = begin(context)
-            call = _Call(cid)
-            started = time.perf_counter()
-            code = "OK"
-            try:
-                with trace.use_span(span, end_on_exit=False):
-                    yield call
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = "ABORTED_BY_HANDLER"
-                raise
-            except Exception as exc:
-                code = "ERROR"
-                await fail(context, exc, cid)
-            finally:
-                finish(span, started, code_of(context, code), peer, sorted(call.models))
+        def observed(context: Ctx) -> _Observed:
+            return _Observed(context, begin, fail, finish)
 
         def wrap_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async def wrapped(request: Any, context: Ctx) -> Any:

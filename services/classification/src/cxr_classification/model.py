@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -80,9 +80,9 @@ class ClassifierOutput:
             return self.probabilities >= self.decision.thresholds
 
 
-@dataclass(frozen=True)
-class FindingResult:
-    """One label of one image: probability, the threshold it was compared with (NaN: none), the decision."""
+class FindingResult(NamedTuple):
+    """One label of one image: probability, the threshold it was compared with (NaN: none), the decision.
+    A named tuple: one is made per label of every image, on the event loop."""
 
     label: str
     probability: float
@@ -355,15 +355,15 @@ class ChestXrayClassifier(ServedModel):
 
     def postprocess(self, output: ClassifierOutput, options: object = None) -> list[FindingResult]:
         """One image's output as findings in label order; a label without a threshold is never positive."""
-        decision = output.decision
+        decision, heatmaps = output.decision, output.heatmaps
         return [
-            FindingResult(label, float(p), float(t), bool(positive), c, output.heatmaps.get(label, b""))
+            FindingResult(label, p, t, positive, c, heatmaps.get(label, b"") if heatmaps else b"")
             for label, p, t, c, positive in zip(
                 self.labels,
-                output.probabilities,
-                decision.thresholds,
+                output.probabilities.tolist(),  # Python floats and bools, converted in one call each
+                decision.thresholds.tolist(),
                 decision.calibration,
-                output.positive,
+                output.positive.tolist(),
                 strict=True,
             )
         ]
