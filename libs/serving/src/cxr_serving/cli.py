@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from cxr_serving.cpu_scheduling import apply_cpu_scheduling
 from cxr_serving.errors import ConfigError
 from cxr_serving.frontends import frontend_count, serve_with_frontends
 from cxr_serving.heap import freeze_startup_heap, serve_this_process
@@ -45,6 +46,7 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     serve_this_process()  # only now: a start refused above (in a test's own process too) marks nothing
     freeze_startup_heap()
     logging.getLogger(service).info("event loop: %s", loop_name)
+    logging.getLogger(service).info("cpu scheduling: %s", apply_cpu_scheduling(settings.server_config.cpu_scheduling))
     if frontends > 1:
         run(
             serve_with_frontends(

@@ -1,0 +1,45 @@
+"""The Linux scheduling policy of a service process's threads (`server_config.cpu_scheduling`).
+
+Why: one request crosses the event loop, a decode thread and a model thread, and those threads wake one another
+many times per request. Under the default policy each wake-up may preempt whichever thread is running, so the
+threads of one process keep evicting one another's caches mid-work. SCHED_BATCH keeps each thread's fair share
+of the CPU but drops wake-up preemption: a woken thread starts when a core is idle, or when the running thread
+blocks or has used its slice (docs/serving-runtime.md, "CPU scheduling").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+CHOICES = {"batch": "SCHED_BATCH", "normal": "SCHED_OTHER"}
+
+
+def _thread_ids() -> Iterable[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: this thread only (later threads inherit it)
+        return [0]
+
+
+def apply_cpu_scheduling(choice: str) -> str:
+    """Put every thread of this process under `choice` ('batch' or 'normal'); threads started later inherit it
+    from the thread that starts them, child processes from their parent. Returns what is now in effect, for the
+    start-up log. Where the platform has no such policy or refuses it, the threads keep their policy and the
+    returned text says so."""
+    name = CHOICES[choice]
+    policy = getattr(os, name, None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return f"{choice} is not available on this platform: threads keep the default policy"
+    done, refused = 0, ""
+    for tid in _thread_ids():
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            done += 1
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        except OSError as exc:
+            refused = refused or f"{exc.strerror or exc}"
+    if refused:
+        return f"{choice} ({name}) on {done} threads; refused on others ({refused}): those keep their policy"
+    return f"{choice} ({name}) on {done} threads"

@@ -1,0 +1,117 @@
+"""A service process puts every thread it has, and every thread it starts later (the decode pool, gRPC's and the
+model's threads), under the Linux scheduling policy `server_config.cpu_scheduling` names, and says so at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.paths import REPO
+from tests.support.processes import clean_env, first_model_name
+from tests.support.servers import TEST_KEY, free_port
+
+POLICY = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
+
+
+def thread_policies(pid: int) -> dict[int, int]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = os.sched_getscheduler(int(tid))
+        except ProcessLookupError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("choice", ["batch", "normal"])
+def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, choice, sample_png):
+    port = free_port()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "server_config": {"cpu_scheduling": choice, "log_level": "INFO", "num_workers": 3},
+                "security": {"api_keys": [TEST_KEY]},
+                "monitoring": {"log_json": True, "enable_metrics": False},
+                "services": {"classification": {"host": "127.0.0.1", "port": port, "metrics_port": 0}},
+            }
+        )
+    )
+    # started under the other policy: the setting, not the parent's policy, decides
+    other = "normal" if choice == "batch" else "batch"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.toy_service", "--config", str(cfg)],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: os.sched_setscheduler(0, POLICY[other], os.sched_param(0)),
+    )
+    try:
+        seen, said = [], None
+        deadline = time.monotonic() + 60
+        while said is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            m = re.search(r"cpu scheduling: ([^\"]+)", line)
+            said = m.group(1) if m else None
+        assert said is not None and said.startswith(f"{choice} ("), "".join(seen)
+        before = thread_policies(proc.pid)
+        assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
+        classify_once(port, sample_png)  # starts a decode thread and the model's batch thread
+        after = thread_policies(proc.pid)
+        assert len(after) > len(before), (before, after)
+        assert set(after.values()) == {POLICY[choice]}, after
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def classify_once(port: int, png: bytes) -> None:
+    import grpc
+
+    from cxr_protos.classification.v1 import classification_service_pb2 as pb
+    from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+    from cxr_protos.common.v1 import common_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        pb_grpc.ClassificationServiceStub(ch).ClassifyImage(
+            pb.ClassifyImageRequest(image=common_pb2.Image(data=png)), metadata=(("x-api-key", TEST_KEY),), timeout=60
+        )
+
+
+def test_a_bad_choice_is_a_config_error(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"server_config": {"cpu_scheduling": "fifo"}}))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.toy_service", "--config", str(cfg)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "cpu_scheduling" in proc.stderr
+
+
+def test_the_policy_says_what_it_did_in_this_process_and_its_new_threads():
+    code = (
+        "import os, threading\n"
+        "from cxr_serving.cpu_scheduling import apply_cpu_scheduling\n"
+        "t = threading.Thread(target=threading.Event().wait, daemon=True); t.start()\n"
+        "print(apply_cpu_scheduling('batch'))\n"
+        "later = []\n"
+        "u = threading.Thread(target=lambda: later.append(os.sched_getscheduler(0))); u.start(); u.join()\n"
+        "print(sorted({os.sched_getscheduler(int(x)) for x in os.listdir('/proc/self/task')}), later)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    said, policies = out.stdout.splitlines()
+    assert said == "batch (SCHED_BATCH) on 2 threads", out.stdout
+    assert policies == f"[{os.SCHED_BATCH}] [{os.SCHED_BATCH}]", out.stdout
