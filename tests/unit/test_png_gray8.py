@@ -108,6 +108,23 @@ def test_random_filter_bytes_and_samples_agree_with_opencv_or_are_left_to_it():
     assert 0 < declined < 300
 
 
+@pytest.mark.parametrize("height", [16, 17, 31, 32, 33, 48, 70])
+def test_sixteen_row_lanes_equal_opencv_for_every_filter_mix(height):
+    """The SSE2 path (16 rows at once, for blocks where a quarter or more of the rows filter by their left
+    neighbour) on streams of arbitrary bytes, half of them drawn from the extremes where 8-bit Paeth could
+    overflow, at widths around its 16-column tiles; each block mixes filter types at random."""
+    rng = np.random.default_rng(height)
+    for width in (32, 33, 40, 47, 48, 49, 64, 100, 257):
+        for trial in range(6):
+            values = [0, 1, 2, 127, 128, 129, 253, 254, 255] if trial % 2 else list(range(256))
+            raw = bytearray(rng.choice(values, height * (width + 1)).astype(np.uint8).tobytes())
+            weights = [[0.2] * 5, [0.05, 0.05, 0.05, 0.05, 0.8], [0.3, 0.3, 0.3, 0.05, 0.05]][trial % 3]
+            raw[:: width + 1] = rng.choice(5, height, p=weights).astype(np.uint8).tobytes()
+            data = gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))
+            fast = png_gray8.decode(data)
+            assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
+
+
 NIH = np.asarray(cv2.imread(str(cxr14_images(1)[0]), cv2.IMREAD_UNCHANGED))[:96, :80].copy()
 _STREAM = zlib.compress(filtered_rows(NIH, [4] * NIH.shape[0]))
 _TEXT = chunk(b"tEXt", b"Comment\x00chest")
@@ -227,7 +244,7 @@ def test_unfiltering_lets_other_threads_run():
     """The C loop runs without the GIL, so decode threads (and the event loop) run beside it."""
     from cxr_serving._pixels import png_unfilter_into as unfilter_into
 
-    h, w = 8192, 4096
+    h, w = 16384, 4096
     raw = bytes(bytearray(b"\x04" + b"\x07" * w) * h)
     out = np.empty((h, w), np.uint8)
     assert_runs_without_the_gil(lambda: unfilter_into(raw, out, h, w))
