@@ -17,7 +17,6 @@ files are unchanged.
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 from zlib_ng import zlib_ng
@@ -55,7 +54,7 @@ def decode(data: bytes) -> np.ndarray | None:
         if length > 0x7FFFFFFF or body_end + 4 > end:
             return None
         crc = int.from_bytes(view[body_end : body_end + 4], "big")
-        if zlib.crc32(view[pos + 4 : body_end]) != crc:
+        if zlib_ng.crc32(view[pos + 4 : body_end]) != crc:
             return None
         body = view[pos + 8 : body_end]
         pos = body_end + 4
@@ -84,7 +83,9 @@ def decode(data: bytes) -> np.ndarray | None:
     stream = b"".join(idat)
     if len(stream) < 2 or stream[0] != 0x78 or (stream[0] << 8 | stream[1]) % 31 or stream[1] & 0x20:
         return None  # not deflate with a 32 KiB window, a bad check, or a preset dictionary
-    inflater = zlib_ng.decompressobj()
+    # zlib_ng's counterpart of CPython's zlib._ZlibDecompressor (pinned with it): bounded by max_length like a
+    # decompressobj, without its growing output buffer
+    inflater = zlib_ng._ZlibDecompressor()  # type: ignore[no-untyped-call]  # zlib_ng ships no annotations for it
     try:
         raw = inflater.decompress(stream, expected + 1)
     except zlib_ng.error:  # type: ignore[misc]  # zlib_ng ships no annotations for its error class
