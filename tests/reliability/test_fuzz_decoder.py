@@ -73,6 +73,8 @@ EXPECTED = {
         "IMAGE_CORRUPT",
         "declares 65535x65535 pixels but Rows/Columns say 1024x1024",
     ),
+    # fuzzer, session 31: SamplesPerPixel with VR PN; int() of the PersonName (TypeError)
+    "dicom-samplesperpixel-vr-pn-typeerror.dcm": ("IMAGE_CORRUPT", "SamplesPerPixel '\\x01' is not one integer"),
     # fuzzer in a CI run: SpecificCharacterSet with VR PN; pydicom's reader sliced the PersonName (TypeError)
     "dicom-specificcharacterset-vr-pn-typeerror.dcm": (
         "IMAGE_CORRUPT",
