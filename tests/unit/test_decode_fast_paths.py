@@ -140,7 +140,7 @@ def test_uncompressed_8bit_dicom_pixels_are_pydicoms_at_every_length(inputs):
 
     import pydicom
 
-    from cxr_serving.dicom import _native_gray8
+    from cxr_serving.dicom import _Header, _native_gray8
 
     odd = np.arange(513 * 511, dtype=np.uint32).astype(np.uint8).tobytes()  # 262143 bytes: saved with a pad byte
     plain = inputs["dcm"][0]
@@ -150,7 +150,7 @@ def test_uncompressed_8bit_dicom_pixels_are_pydicoms_at_every_length(inputs):
     native = 0
     for data in cases:
         ds = pydicom.dcmread(io.BytesIO(data))
-        view = _native_gray8(ds, ds.Rows, ds.Columns, 1)
+        view = _native_gray8(_Header(ds), ds.Rows, ds.Columns, 1)
         native += view is not None
         reference = pillow_pixels(data)
         np.testing.assert_allclose(decode_image(data).pixels, reference, rtol=0, atol=1e-7)  # x / 255 as x * (1 / 255)

@@ -123,6 +123,44 @@ def _dicom_data_errors() -> tuple[type[Exception], ...]:
     )
 
 
+class _Header:
+    """A dataset's top-level elements as the checks below read them, each looked up and converted once: they ask
+    for the same few elements many times, and each pydicom keyword read looks the tag up and converts anew.
+    Anything else is read from the dataset itself (`ds`)."""
+
+    __slots__ = ("_present", "_syntax", "_values", "ds")
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self._values: dict[str, Any] = {}
+        self._present: dict[str, bool] = {}
+        self._syntax: str | None = None
+
+    def get(self, keyword: str) -> Any:
+        """`ds.get(keyword)`, converted on first use (a value that fails to convert raises on every read)."""
+        if keyword not in self._values:
+            self._values[keyword] = self.ds.get(keyword)
+        return self._values[keyword]
+
+    def __contains__(self, keyword: str) -> bool:
+        if keyword not in self._present:
+            self._present[keyword] = keyword in self.ds
+        return self._present[keyword]
+
+    @property
+    def syntax(self) -> str:
+        """The transfer syntax UID (after `_check_required_elements` found one)."""
+        if self._syntax is None:
+            self._syntax = str(self.ds.file_meta.TransferSyntaxUID)
+        return self._syntax
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.ds[key]
+
+
 def _positive(ds: Any, keyword: str, count: int) -> tuple[float, ...] | None:
     """`count` finite positive numbers from a DICOM DS attribute, or None (absent, `0\\0`, malformed)."""
     try:
@@ -199,7 +237,12 @@ def _header_int(ds: Any, keyword: str, default: int) -> int:
         return default
     if _is_multi(value):
         raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):  # stored with another VR (a PersonName, a text): no integer
+        raise ImageRejectedError(
+            f"DICOM {keyword} {str(value)[:40]!r} is not one integer", reason="IMAGE_CORRUPT"
+        ) from None
 
 
 def _header_str(ds: Any, keyword: str, default: str) -> str:
@@ -277,12 +320,12 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_codestream_size(ds: Any, rows: int, cols: int) -> None:
+def _check_codestream_size(ds: _Header, rows: int, cols: int) -> None:
     """A compressed frame is decoded at the size its own header declares, not Rows x Columns: a mutated
     JPEG header of 65535x65535 made libjpeg decode 4 gigapixels for a 1024x1024 DICOM."""
-    if "PixelData" not in ds or not str(ds.file_meta.TransferSyntaxUID).startswith(_JPEG_FAMILY_SYNTAXES):
+    if "PixelData" not in ds or not ds.syntax.startswith(_JPEG_FAMILY_SYNTAXES):
         return  # RLE and deflate frames carry no size of their own (and may hold any bytes)
-    size = _codestream_size(ds.PixelData[:65536])
+    size = _codestream_size(ds.get("PixelData")[:65536])
     if size is not None and size != (cols, rows):
         raise ImageRejectedError(
             f"DICOM compressed frame declares {size[0]}x{size[1]} pixels but Rows/Columns say {cols}x{rows}",
@@ -294,11 +337,11 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (Process 1): 8-bit los
 NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit VR
 
 
-def _native_gray8(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray | None:
+def _native_gray8(ds: _Header, rows: int, cols: int, samples: int) -> np.ndarray | None:
     """A single-frame, single-component, unsigned 8-bit frame stored uncompressed: a view of its bytes (what
     pydicom's `pixel_array` copies out, without its decoder pipeline), else None."""
     if (
-        str(ds.file_meta.TransferSyntaxUID) not in NATIVE_LITTLE_ENDIAN
+        ds.syntax not in NATIVE_LITTLE_ENDIAN
         or samples != 1
         or _header_int(ds, "NumberOfFrames", 1) != 1
         or _header_int(ds, "BitsAllocated", 8) != 8
@@ -307,20 +350,20 @@ def _native_gray8(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray | N
         or "PixelData" not in ds
     ):
         return None
-    data = ds.PixelData
+    data = ds.get("PixelData")
     if len(data) not in (rows * cols, rows * cols + 1):  # + 1: the pad byte of an odd length
         return None  # pydicom's own checks give the error (or its handling of extra bytes)
     return np.frombuffer(data, dtype=np.uint8, count=rows * cols).reshape(rows, cols)
 
 
-def _pixel_array(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray:
+def _pixel_array(ds: _Header, rows: int, cols: int, samples: int) -> np.ndarray:
     """`ds.pixel_array`, except a single-frame, single-component 8-bit frame: uncompressed, a view of its
     bytes; JPEG baseline, decoded straight."""
     native = _native_gray8(ds, rows, cols, samples)
     if native is not None:
         return native
     if (
-        str(ds.file_meta.TransferSyntaxUID) != JPEG_BASELINE
+        ds.syntax != JPEG_BASELINE
         or samples != 1
         or _header_int(ds, "NumberOfFrames", 1) != 1
         or _header_int(ds, "BitsAllocated", 8) != 8
@@ -329,7 +372,7 @@ def _pixel_array(ds: Any, rows: int, cols: int, samples: int) -> np.ndarray:
         return np.asarray(ds.pixel_array)
     from pydicom.encaps import generate_frames
 
-    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    frame = next(generate_frames(ds.get("PixelData"), number_of_frames=1))
     arr = decode_gray_jpeg(frame)
     if arr.shape != (rows, cols):
         raise ImageRejectedError(
@@ -398,24 +441,25 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
         ds = pydicom.dcmread(io.BytesIO(data))
         if limits.anonymize_dicom:
             anonymize_dataset(ds)
-        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        hdr = _Header(ds)
+        if "PixelData" not in hdr and "FloatPixelData" not in hdr and "DoubleFloatPixelData" not in hdr:
             raise ImageRejectedError(
                 "DICOM has no pixel data (is it a structured report or a presentation state?)",
                 reason="DICOM_NO_PIXELS",
             )
-        rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
-        frames = _header_int(ds, "NumberOfFrames", 1)
+        rows, cols = _header_int(hdr, "Rows", 0), _header_int(hdr, "Columns", 0)
+        frames = _header_int(hdr, "NumberOfFrames", 1)
         check_dimensions(cols, rows, frames, limits)
-        _check_required_elements(ds)
-        _check_codestream_size(ds, rows, cols)
-        photometric = _header_str(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
-        bits_stored = _header_int(ds, "BitsStored", 0) or _header_int(ds, "BitsAllocated", 8) or 8
-        samples = _header_int(ds, "SamplesPerPixel", 1)
-        spacing, source, factor = _dicom_spacing(ds)
+        _check_required_elements(hdr)
+        _check_codestream_size(hdr, rows, cols)
+        photometric = _header_str(hdr, "PhotometricInterpretation", "MONOCHROME2").upper()
+        bits_stored = _header_int(hdr, "BitsStored", 0) or _header_int(hdr, "BitsAllocated", 8) or 8
+        samples = _header_int(hdr, "SamplesPerPixel", 1)
+        spacing, source, factor = _dicom_spacing(hdr)
     # pydicom's encapsulated-frame reader calls next() on its frame generator, so encapsulated pixel
     # data with fewer frames (fragments) than declared surfaces as StopIteration, from this call only.
     with bad_data("dcm", (*data_errors, StopIteration)):
-        arr = _pixel_array(ds, rows, cols, samples)
+        arr = _pixel_array(hdr, rows, cols, samples)
     if arr.ndim == (4 if samples > 1 else 3):  # several frames (declared, or extra bytes pydicom read as frames)
         arr = arr[0]
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -426,7 +470,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     if arr.ndim != 2:
         raise ImageRejectedError(f"DICOM pixel array has unexpected shape {arr.shape}", reason="DICOM_UNSUPPORTED")
     with bad_data("dcm", data_errors):
-        plain = _plain_8bit(ds, arr)
+        plain = _plain_8bit(hdr, arr)
     if plain:
         gray = np.subtract(np.uint8(255), arr) if photometric == "MONOCHROME1" else np.array(arr, order="C")
         return DecodedImage(gray, "dcm", bits_stored, spacing, photometric, ds, source, factor)
@@ -437,7 +481,7 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
     if not np.isfinite(values.min()) or not np.isfinite(values.max()):
         raise ImageRejectedError("DICOM RescaleSlope/RescaleIntercept give non-finite values", reason="IMAGE_CORRUPT")
     with bad_data("dcm", data_errors):  # the VOI attributes, as pydicom converts them
-        voi_lut = "VOILUTSequence" in ds
+        voi_lut = "VOILUTSequence" in hdr
         if voi_lut:
             lut_out = apply_voi_lut(arr if "ModalityLUTSequence" in ds else values, ds, index=0, prefer_lut=True)
             descriptor = ds.VOILUTSequence[0].get("LUTDescriptor")
@@ -445,13 +489,13 @@ def _decode_dicom(data: bytes, limits: DecodeLimits) -> DecodedImage:
                 raise ImageRejectedError("DICOM VOI LUT Descriptor must have 3 values", reason="IMAGE_CORRUPT")
             lut_bits = int(descriptor[2]) or bits_stored
         window = None
-        if not voi_lut and "WindowCenter" in ds and "WindowWidth" in ds:
+        if not voi_lut and "WindowCenter" in hdr and "WindowWidth" in hdr:
             window = (
                 _first(ds.WindowCenter),
                 _first(ds.WindowWidth),
-                _header_str(ds, "VOILUTFunction", "LINEAR").upper(),
+                _header_str(hdr, "VOILUTFunction", "LINEAR").upper(),
             )
-        unsigned_raw = _header_int(ds, "PixelRepresentation", 0) == 0 and "RescaleSlope" not in ds
+        unsigned_raw = _header_int(hdr, "PixelRepresentation", 0) == 0 and "RescaleSlope" not in hdr
     if voi_lut:
         pixels = np.asarray(lut_out, dtype=np.float32) / float(2**lut_bits - 1)
     elif window is not None:
