@@ -3,18 +3,22 @@ model's threads), under the Linux scheduling policy `server_config.cpu_schedulin
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.support.paths import REPO
-from tests.support.processes import clean_env, first_model_name
+from tests.support.processes import (
+    first_log_match,
+    first_model_name,
+    python_module,
+    reaped,
+    refused_server_config,
+    stopped_by_sigterm,
+    toy_service_config,
+)
 from tests.support.servers import TEST_KEY, free_port
 
 POLICY = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
@@ -33,51 +37,24 @@ def thread_policies(pid: int) -> dict[int, int]:
 @pytest.mark.parametrize("choice", ["batch", "normal"])
 def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, choice, sample_png):
     port = free_port()
-    cfg = tmp_path / "config.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "server_config": {"cpu_scheduling": choice, "log_level": "INFO", "num_workers": 3},
-                "security": {"api_keys": [TEST_KEY]},
-                "monitoring": {"log_json": True, "enable_metrics": False},
-                "services": {"classification": {"host": "127.0.0.1", "port": port, "metrics_port": 0}},
-            }
-        )
-    )
-    # started under the other policy: the setting, not the parent's policy, decides
-    other = "normal" if choice == "batch" else "batch"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.toy_service", "--config", str(cfg)],
-        cwd=REPO,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    cfg = toy_service_config(tmp_path / "config.json", port, {"cpu_scheduling": choice, "num_workers": 3}, TEST_KEY)
+    other = "normal" if choice == "batch" else "batch"  # started under the other policy: the setting decides
+    proc = python_module(
+        "tests.support.toy_service",
+        "--config",
+        str(cfg),
         preexec_fn=lambda: os.sched_setscheduler(0, POLICY[other], os.sched_param(0)),
     )
-    try:
-        seen, said = [], None
-        deadline = time.monotonic() + 60
-        while said is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            m = re.search(r"cpu scheduling: ([^\"]+)", line)
-            said = m.group(1) if m else None
-        assert said is not None and said.startswith(f"{choice} ("), "".join(seen)
+    with reaped(proc):
+        m, seen = first_log_match(proc, r"cpu scheduling: ([^\"]+)")
+        assert m is not None and m.group(1).startswith(f"{choice} ("), seen
         before = thread_policies(proc.pid)
         assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
         classify_once(port, sample_png)  # starts a decode thread and the model's batch thread
         after = thread_policies(proc.pid)
         assert len(after) > len(before), (before, after)
         assert set(after.values()) == {POLICY[choice]}, after
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert stopped_by_sigterm(proc) == 0
 
 
 def classify_once(port: int, png: bytes) -> None:
@@ -94,10 +71,7 @@ def classify_once(port: int, png: bytes) -> None:
 
 
 def test_a_bad_choice_is_a_config_error(tmp_path):
-    cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"server_config": {"cpu_scheduling": "fifo"}}))
-    proc = subprocess.run([sys.executable, "-m", "tests.support.toy_service", "--config", str(cfg)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = refused_server_config(tmp_path / "config.json", {"cpu_scheduling": "fifo"})
     assert proc.returncode == 2 and "cpu_scheduling" in proc.stderr
 
 
