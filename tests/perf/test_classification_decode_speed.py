@@ -36,7 +36,7 @@ from cxr_classification.preprocessing import (
     unit_tensor,
 )
 from cxr_serving import png_gray8
-from cxr_serving.dicom import _pixel_array
+from cxr_serving.dicom import _Header, _pixel_array
 from cxr_serving.images import UNIT_8BIT, decode_image
 from tests.support.cpu_time import best_cpu_of_turns
 
@@ -68,7 +68,7 @@ def tensor_preprocess(gray: np.ndarray) -> torch.Tensor:
 
 def _view(data: bytes) -> np.ndarray:
     ds = pydicom.dcmread(io.BytesIO(data))
-    return _pixel_array(ds, ds.Rows, ds.Columns, 1)
+    return _pixel_array(_Header(ds), ds.Rows, ds.Columns, 1)
 
 
 def measure() -> dict[str, float]:
