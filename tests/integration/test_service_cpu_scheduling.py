@@ -21,7 +21,8 @@ from tests.support.processes import (
 )
 from tests.support.servers import TEST_KEY, free_port
 
-POLICY = {"batch": os.SCHED_BATCH, "normal": os.SCHED_OTHER}
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+POLICY = {"batch": getattr(os, "SCHED_BATCH", -1), "normal": getattr(os, "SCHED_OTHER", -1)}
 
 
 def thread_policies(pid: int) -> dict[int, int]:
@@ -34,11 +35,13 @@ def thread_policies(pid: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("choice", ["batch", "normal"])
+@pytest.mark.parametrize("choice", ["batch", "normal", "inherit"])
 def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, choice, sample_png):
+    """batch and normal replace the policy the process was started with; inherit keeps it."""
     port = free_port()
     cfg = toy_service_config(tmp_path / "config.json", port, {"cpu_scheduling": choice, "num_workers": 3}, TEST_KEY)
-    other = "normal" if choice == "batch" else "batch"  # started under the other policy: the setting decides
+    other = "normal" if choice == "batch" else "batch"  # started under another policy: the setting decides
+    expected = POLICY[other] if choice == "inherit" else POLICY[choice]
     proc = python_module(
         "tests.support.toy_service",
         "--config",
@@ -47,13 +50,13 @@ def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, 
     )
     with reaped(proc):
         m, seen = first_log_match(proc, r"cpu scheduling: ([^\"]+)")
-        assert m is not None and m.group(1).startswith(f"{choice} ("), seen
+        assert m is not None and m.group(1).startswith(f"{choice}:" if choice == "inherit" else f"{choice} ("), seen
         before = thread_policies(proc.pid)
         assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
         classify_once(port, sample_png)  # starts a decode thread and the model's batch thread
         after = thread_policies(proc.pid)
         assert len(after) > len(before), (before, after)
-        assert set(after.values()) == {POLICY[choice]}, after
+        assert set(after.values()) == {expected}, after
         assert stopped_by_sigterm(proc) == 0
 
 

@@ -178,6 +178,21 @@ def test_files_outside_its_scope_are_left_to_the_general_decoder(case, monkeypat
     assert same_outcome(outcome(data), outcome_without_fast_path(data, monkeypatch))
 
 
+def test_zlib_ngs_decompressobj_gives_the_same_outcomes(monkeypatch):
+    """Where zlib-ng lacks `_ZlibDecompressor` (a private name), `decompressobj` inflates: the same result for
+    every out-of-scope or damaged file and for NIH images."""
+    from zlib_ng import zlib_ng
+
+    cases = [*OUT_OF_SCOPE.values(), *(p.read_bytes() for p in cxr14_images(8))]
+    fast = [png_gray8.decode(data) for data in cases]
+    monkeypatch.setattr(png_gray8, "_inflater", zlib_ng.decompressobj)
+    assert png_gray8._inflater is not getattr(zlib_ng, "_ZlibDecompressor", None)
+    for data, expected in zip(cases, fast, strict=True):
+        got = png_gray8.decode(data)
+        assert (got is None) == (expected is None) and (got is None or np.array_equal(got, expected))
+    assert sum(f is not None for f in fast) == 8
+
+
 def test_metadata_chunks_and_split_idat_stay_on_this_path():
     data = gray8_png(
         NIH,

@@ -115,7 +115,7 @@ static void unfilter_16_rows(const uint8_t *raw, uint8_t *out, Py_ssize_t y0, Py
     const Py_ssize_t stride = w + 1;
     uint8_t filters[LANES], edge[LANES][LANES];
     __m128i v[LANES], prev = _mm_setzero_si128(), prev2 = _mm_setzero_si128();
-    const __m128i one = _mm_set1_epi8(1), lane_index = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m128i one = _mm_set1_epi8(1);
     __m128i f, is_sub, is_up, is_avg, is_paeth;
     Py_ssize_t t0, t, i, k, col;
     for (i = 0; i < LANES; i++) filters[i] = raw[(y0 + i) * stride];
@@ -147,9 +147,10 @@ static void unfilter_16_rows(const uint8_t *raw, uint8_t *out, Py_ssize_t y0, Py
             avg = _mm_sub_epi8(_mm_avg_epu8(a, b), _mm_and_si128(_mm_xor_si128(a, b), one));
             pred = _mm_or_si128(_mm_or_si128(_mm_and_si128(is_sub, a), _mm_and_si128(is_up, b)),
                                 _mm_or_si128(_mm_and_si128(is_avg, avg), _mm_and_si128(is_paeth, paeth_u8(a, b, c))));
+            /* a lane i > t is left of column 0: its source bytes are 0, and so by induction are its a, b and c
+             * (lane i-1 is left of column 0 a step earlier), so it computes 0: the zero left and above-left
+             * neighbours of column 0 */
             o = _mm_add_epi8(v[k], pred);
-            if (t < LANES - 1) /* lanes i > t have not reached column 0: they stay 0 (left and above-left of it) */
-                o = _mm_andnot_si128(_mm_cmpgt_epi8(lane_index, _mm_set1_epi8((char)t)), o);
             v[k] = o;
             prev2 = prev;
             prev = o;

@@ -53,12 +53,12 @@ def models_in(message: Any) -> list[str]:
 # None for a ModelInfo field). Worked out once per type, so a response is read along those paths only rather
 # than by reflection over every field it has set.
 _Plan = tuple[tuple[str, bool, "_Plan | None"], ...]
-_PLANS: dict[tuple[str, int], _Plan] = {}
+_PLANS: dict[tuple[Any, int], _Plan] = {}  # by descriptor object: two types of one name stay apart
 MAX_ITEMS_READ = 64  # of a repeated field on the way to a ModelInfo
 
 
 def _plan(descriptor: Any, depth: int) -> _Plan:
-    key = (descriptor.full_name, depth)
+    key = (descriptor, depth)
     plan = _PLANS.get(key)
     if plan is None:
         steps: list[tuple[str, bool, _Plan | None]] = []

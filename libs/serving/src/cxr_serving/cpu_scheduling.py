@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-CHOICES = {"batch": "SCHED_BATCH", "normal": "SCHED_OTHER"}
+CHOICES = {"batch": "SCHED_BATCH", "normal": "SCHED_OTHER"}  # and "inherit": leave the threads' policy as started
+MAX_PASSES = 5  # over the thread list, while threads started meanwhile (by threads not yet switched) keep appearing
 
 
 def _thread_ids() -> Iterable[int]:
@@ -23,23 +24,32 @@ def _thread_ids() -> Iterable[int]:
 
 
 def apply_cpu_scheduling(choice: str) -> str:
-    """Put every thread of this process under `choice` ('batch' or 'normal'); threads started later inherit it
+    """Put every thread of this process under `choice` ('batch' or 'normal'; 'inherit' leaves the policy the
+    process was started with, e.g. by systemd's CPUSchedulingPolicy or `chrt`); threads started later inherit it
     from the thread that starts them, child processes from their parent. Returns what is now in effect, for the
     start-up log. Where the platform has no such policy or refuses it, the threads keep their policy and the
     returned text says so."""
+    if choice == "inherit":
+        return "inherit: threads keep the policy the process was started with"
     name = CHOICES[choice]
     policy = getattr(os, name, None)
     if policy is None or not hasattr(os, "sched_setscheduler"):
-        return f"{choice} is not available on this platform: threads keep the default policy"
+        return f"{choice} is not available on this platform: threads keep their policy"
+    seen: set[int] = set()
     done, refused = 0, ""
-    for tid in _thread_ids():
-        try:
-            os.sched_setscheduler(tid, policy, os.sched_param(0))
-            done += 1
-        except ProcessLookupError:  # the thread ended meanwhile
-            continue
-        except OSError as exc:
-            refused = refused or f"{exc.strerror or exc}"
+    for _ in range(MAX_PASSES):
+        new = [tid for tid in _thread_ids() if tid not in seen]
+        if not new:
+            break
+        for tid in new:
+            seen.add(tid)
+            try:
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                done += 1
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+            except OSError as exc:
+                refused = refused or f"{exc.strerror or exc}"
     if refused:
         return f"{choice} ({name}) on {done} threads; refused on others ({refused}): those keep their policy"
     return f"{choice} ({name}) on {done} threads"

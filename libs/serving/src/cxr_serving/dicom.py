@@ -155,6 +155,8 @@ class _Header:
         return self._syntax
 
     def __getattr__(self, name: str) -> Any:
+        if name == "ds" or name.startswith("__"):  # not set up (a copy, a pickle): no lookup through itself
+            raise AttributeError(name)
         return getattr(self.ds, name)
 
     def __getitem__(self, key: Any) -> Any:
@@ -239,7 +241,7 @@ def _header_int(ds: Any, keyword: str, default: int) -> int:
         raise ImageRejectedError(f"DICOM {keyword} has {len(value)} values; one is expected", reason="IMAGE_CORRUPT")
     try:
         return int(value)
-    except (TypeError, ValueError):  # stored with another VR (a PersonName, a text): no integer
+    except (TypeError, ValueError, OverflowError):  # another VR (a PersonName, a text; a DS of inf): no integer
         raise ImageRejectedError(
             f"DICOM {keyword} {str(value)[:40]!r} is not one integer", reason="IMAGE_CORRUPT"
         ) from None

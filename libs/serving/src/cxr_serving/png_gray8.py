@@ -26,6 +26,10 @@ try:  # optional: without it, 8-bit grayscale PNGs take the general decoder
 except ImportError:  # pragma: no cover - a build without a C compiler
     unfilter_into = None
 
+# zlib_ng's counterpart of CPython's zlib._ZlibDecompressor: bounded by max_length like a decompressobj, without
+# its growing output buffer. Its name is private, so a zlib-ng without it takes decompressobj (the same results).
+_inflater = getattr(zlib_ng, "_ZlibDecompressor", None) or zlib_ng.decompressobj
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ancillary chunks that carry only metadata: no decoder changes samples because of them.
 METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME", b"pHYs"})
@@ -83,9 +87,7 @@ def decode(data: bytes) -> np.ndarray | None:
     stream = b"".join(idat)
     if len(stream) < 2 or stream[0] != 0x78 or (stream[0] << 8 | stream[1]) % 31 or stream[1] & 0x20:
         return None  # not deflate with a 32 KiB window, a bad check, or a preset dictionary
-    # zlib_ng's counterpart of CPython's zlib._ZlibDecompressor (pinned with it): bounded by max_length like a
-    # decompressobj, without its growing output buffer
-    inflater = zlib_ng._ZlibDecompressor()  # type: ignore[no-untyped-call]  # zlib_ng ships no annotations for it
+    inflater = _inflater()
     try:
         raw = inflater.decompress(stream, expected + 1)
     except zlib_ng.error:  # type: ignore[misc]  # zlib_ng ships no annotations for its error class

@@ -129,11 +129,13 @@ class ServerConfig(_Strict):
         description="the server's asyncio loop: 'auto' runs uvloop when installed (cheaper wake-ups from the "
         "decode and model threads), else asyncio's own",
     )
-    cpu_scheduling: Literal["batch", "normal"] = Field(
+    cpu_scheduling: Literal["batch", "normal", "inherit"] = Field(
         "batch",
-        description="Linux scheduling policy of the service's threads: 'batch' (SCHED_BATCH) keeps each thread's "
-        "fair share of the CPU without wake-up preemption, so a request's threads (event loop, decode, model) do "
-        "not keep interrupting one another; 'normal' is the default policy (SCHED_OTHER)",
+        description="Linux scheduling policy the service puts all its threads under at start, replacing the one it "
+        "was started with: 'batch' (SCHED_BATCH) keeps each thread's fair share of the CPU without wake-up "
+        "preemption, so a request's threads (event loop, decode, model) do not keep interrupting one another; "
+        "'normal' is the default policy (SCHED_OTHER); 'inherit' leaves the policy the process was started with "
+        "(systemd's CPUSchedulingPolicy, chrt)",
     )
     max_message_mb: float = Field(
         64, gt=0, le=2047, description="largest gRPC message received or sent, so a whole image fits in one request"
