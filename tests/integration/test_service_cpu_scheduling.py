@@ -50,7 +50,10 @@ def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, 
     )
     with reaped(proc):
         m, seen = first_log_match(proc, r"cpu scheduling: ([^\"]+)")
-        assert m is not None and m.group(1).startswith(f"{choice}:" if choice == "inherit" else f"{choice} ("), seen
+        said = "inherit: threads keep the policy the process was started with (SCHED_BATCH)"
+        assert m is not None and (
+            m.group(1) == said if choice == "inherit" else m.group(1).startswith(f"{choice} (")
+        ), seen
         before = thread_policies(proc.pid)
         assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
         classify_once(port, sample_png)  # starts a decode thread and the model's batch thread

@@ -100,3 +100,28 @@ def test_only_the_first_items_of_a_long_list_are_read():
     for i in range(MAX_ITEMS_READ + 5):
         response.results.add(index=i).predictions.add().model.name = f"m{i:03d}"
     assert models_in(response) == [f"m{i:03d}@unversioned" for i in range(MAX_ITEMS_READ)]
+
+
+def test_two_message_types_of_one_name_keep_their_own_paths():
+    """Plans are per descriptor: a type named like another (another descriptor pool) does not take its paths."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    def response_type(with_model: bool) -> Any:
+        pool = descriptor_pool.DescriptorPool()
+        fd = descriptor_pb2.FileDescriptorProto(name="same.proto", package="cxr.common.v1")
+        info = fd.message_type.add(name="ModelInfo")
+        info.field.add(name="name", number=1, type=9, label=1)
+        info.field.add(name="version", number=2, type=9, label=1)
+        resp = fd.message_type.add(name="SameNameResponse")
+        if with_model:
+            resp.field.add(name="model", number=1, type=11, label=1, type_name=".cxr.common.v1.ModelInfo")
+        else:
+            resp.field.add(name="other", number=1, type=9, label=1)
+        pool.Add(fd)
+        return message_factory.GetMessageClass(pool.FindMessageTypeByName("cxr.common.v1.SameNameResponse"))
+
+    without, with_model = response_type(False), response_type(True)
+    assert models_in(without(other="x")) == []  # its (empty) plan is made first
+    message = with_model()
+    message.model.name, message.model.version = "m", "1"
+    assert models_in(message) == ["m@1"]

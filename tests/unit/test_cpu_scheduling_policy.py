@@ -57,7 +57,18 @@ def test_threads_started_during_the_pass_are_switched_too(monkeypatch):
 
 def test_inherit_and_a_platform_without_the_policy_change_nothing(monkeypatch, calls):
     monkeypatch.setattr(os, "sched_setscheduler", lambda *a: calls.append(a))
-    assert apply_cpu_scheduling("inherit").startswith("inherit: threads keep")
+    monkeypatch.setattr(os, "sched_getscheduler", lambda _pid: os.SCHED_BATCH)
+    assert apply_cpu_scheduling("inherit") == (
+        "inherit: threads keep the policy the process was started with (SCHED_BATCH)"
+    )
     monkeypatch.delattr(os, "SCHED_BATCH")
     assert apply_cpu_scheduling("batch") == "batch is not available on this platform: threads keep their policy"
     assert calls == []
+
+
+def test_threads_that_keep_appearing_are_reported(monkeypatch):
+    counter = iter(range(10**6))
+    monkeypatch.setattr(cpu_scheduling, "_thread_ids", lambda: [next(counter)])
+    monkeypatch.setattr(os, "sched_setscheduler", lambda *_a: None)
+    said = apply_cpu_scheduling("batch")
+    assert said.startswith(f"batch (SCHED_BATCH) on {cpu_scheduling.MAX_PASSES} threads; threads were still starting")

@@ -147,8 +147,9 @@ static void unfilter_16_rows(const uint8_t *raw, uint8_t *out, Py_ssize_t y0, Py
             avg = _mm_sub_epi8(_mm_avg_epu8(a, b), _mm_and_si128(_mm_xor_si128(a, b), one));
             pred = _mm_or_si128(_mm_or_si128(_mm_and_si128(is_sub, a), _mm_and_si128(is_up, b)),
                                 _mm_or_si128(_mm_and_si128(is_avg, avg), _mm_and_si128(is_paeth, paeth_u8(a, b, c))));
-            /* a lane i > t is left of column 0: its source bytes are 0, and so by induction are its a, b and c
-             * (lane i-1 is left of column 0 a step earlier), so it computes 0: the zero left and above-left
+            /* a lane i > t is left of column 0 (only in the first tile, t0 = 0, which is never `inside`: the edge
+             * buffer gives it source bytes of 0), and by induction so are its a, b and c (lane i-1 was left of
+             * column 0 a step earlier; `up` goes to lane 0 only), so it computes 0: the zero left and above-left
              * neighbours of column 0 */
             o = _mm_add_epi8(v[k], pred);
             v[k] = o;

@@ -30,16 +30,17 @@ def apply_cpu_scheduling(choice: str) -> str:
     start-up log. Where the platform has no such policy or refuses it, the threads keep their policy and the
     returned text says so."""
     if choice == "inherit":
-        return "inherit: threads keep the policy the process was started with"
+        return f"inherit: threads keep the policy the process was started with ({_policy_name()})"
     name = CHOICES[choice]
     policy = getattr(os, name, None)
     if policy is None or not hasattr(os, "sched_setscheduler"):
         return f"{choice} is not available on this platform: threads keep their policy"
     seen: set[int] = set()
-    done, refused = 0, ""
+    done, refused, settled = 0, "", False
     for _ in range(MAX_PASSES):
         new = [tid for tid in _thread_ids() if tid not in seen]
         if not new:
+            settled = True
             break
         for tid in new:
             seen.add(tid)
@@ -50,6 +51,23 @@ def apply_cpu_scheduling(choice: str) -> str:
                 continue
             except OSError as exc:
                 refused = refused or f"{exc.strerror or exc}"
+    said = f"{choice} ({name}) on {done} threads"
     if refused:
-        return f"{choice} ({name}) on {done} threads; refused on others ({refused}): those keep their policy"
-    return f"{choice} ({name}) on {done} threads"
+        said += f"; refused on others ({refused}): those keep their policy"
+    if not settled:
+        said += f"; threads were still starting after {MAX_PASSES} passes: any started since may keep their policy"
+    return said
+
+
+def _policy_name() -> str:
+    """The calling thread's policy, by its os module name (SCHED_OTHER, SCHED_BATCH, ...)."""
+    try:
+        policy = os.sched_getscheduler(0)
+    except (AttributeError, OSError):
+        return "unknown"
+    names = [
+        n
+        for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+        if getattr(os, n, None) == policy
+    ]
+    return names[0] if names else str(policy)

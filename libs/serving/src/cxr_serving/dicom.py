@@ -155,7 +155,7 @@ class _Header:
         return self._syntax
 
     def __getattr__(self, name: str) -> Any:
-        if name == "ds" or name.startswith("__"):  # not set up (a copy, a pickle): no lookup through itself
+        if name in _Header.__slots__ or name.startswith("__"):  # not set up (a copy, a pickle): no recursion
             raise AttributeError(name)
         return getattr(self.ds, name)
 
