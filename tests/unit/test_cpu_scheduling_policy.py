@@ -21,13 +21,19 @@ def calls(monkeypatch):
     return made
 
 
-def test_a_refusal_is_reported_and_the_others_still_switch(monkeypatch, calls):
+def fail_on(monkeypatch, calls, failing: int, error: OSError) -> None:
+    """The system call stood in for: it raises `error` for thread `failing` and records the others."""
+
     def setscheduler(tid, policy, _param):
-        if tid == 12:
-            raise PermissionError(1, "Operation not permitted")
+        if tid == failing:
+            raise error
         calls.append((tid, policy))
 
     monkeypatch.setattr(os, "sched_setscheduler", setscheduler)
+
+
+def test_a_refusal_is_reported_and_the_others_still_switch(monkeypatch, calls):
+    fail_on(monkeypatch, calls, 12, PermissionError(1, "Operation not permitted"))
     said = apply_cpu_scheduling("batch")
     assert calls == [(11, os.SCHED_BATCH), (13, os.SCHED_BATCH)]
     assert (
@@ -36,12 +42,7 @@ def test_a_refusal_is_reported_and_the_others_still_switch(monkeypatch, calls):
 
 
 def test_a_thread_that_ended_meanwhile_is_skipped(monkeypatch, calls):
-    def setscheduler(tid, policy, _param):
-        if tid == 11:
-            raise ProcessLookupError(3, "No such process")
-        calls.append((tid, policy))
-
-    monkeypatch.setattr(os, "sched_setscheduler", setscheduler)
+    fail_on(monkeypatch, calls, 11, ProcessLookupError(3, "No such process"))
     assert apply_cpu_scheduling("normal") == "normal (SCHED_OTHER) on 2 threads"
     assert calls == [(12, os.SCHED_OTHER), (13, os.SCHED_OTHER)]
 

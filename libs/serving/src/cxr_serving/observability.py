@@ -115,19 +115,15 @@ class _Observed:
         try:
             if isinstance(exc, asyncio.CancelledError):
                 code = "CANCELLED"
-            elif isinstance(exc, grpc.aio.AbortError):
-                code = "ABORTED_BY_HANDLER"
-            elif isinstance(exc, Exception):
-                code = "ERROR"
-            if isinstance(exc, Exception):  # recorded as trace.use_span does: Exceptions, not CancelledError
+            elif isinstance(exc, Exception):  # recorded as trace.use_span does: Exceptions, not CancelledError
+                code = "ABORTED_BY_HANDLER" if isinstance(exc, grpc.aio.AbortError) else "ERROR"
                 try:
                     record_on_span(self.span, exc)
                 except Exception:  # an exception that cannot be shown must not change how the call ends
                     log.debug("could not record %s on the span", type(exc).__name__, exc_info=True)
-            if code == "ERROR":
-                assert isinstance(exc, Exception)
-                await self._fail(self.context, exc, self.call.correlation_id)  # aborts the call: raises
-                return True
+                if code == "ERROR":
+                    await self._fail(self.context, exc, self.call.correlation_id)  # aborts the call: raises
+                    return True
             return False
         finally:
             self._finish(self.context, self.span, self.started, code, self.peer, sorted(self.call.models))
