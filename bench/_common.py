@@ -282,6 +282,23 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+_POLICY_NAMES = {
+    0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE", 6: "SCHED_DEADLINE"
+}  # fmt: skip
+
+
+def thread_policies(pid: int) -> dict[str, int]:
+    """How many threads of `pid`'s process tree run under each CPU scheduling policy, read from the kernel: what
+    `server_config.cpu_scheduling` put in effect (or an override such as CXR_SERVER_CONFIG__CPU_SCHEDULING)."""
+    counts: Counter[str] = Counter()
+    for p in process_tree(pid):
+        for task in Path(f"/proc/{p}/task").glob("[0-9]*"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                policy = os.sched_getscheduler(int(task.name))
+                counts[_POLICY_NAMES.get(policy, str(policy))] += 1
+    return dict(sorted(counts.items()))
+
+
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants."""
     total_kb = 0
@@ -372,6 +389,10 @@ class ServerProcess:
 
     def rss_mb(self) -> float:
         return tree_rss_mb(self.proc.pid) if self.proc is not None else 0.0
+
+    def thread_policies(self) -> dict[str, int]:
+        """Threads per CPU scheduling policy (`thread_policies`); {} before start or after exit."""
+        return thread_policies(self.proc.pid) if self.proc is not None and self.proc.poll() is None else {}
 
     @contextlib.asynccontextmanager
     async def sampling_rss(self, every_s: float = 0.25) -> Any:

@@ -108,6 +108,7 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
     if baseline:
         services[BASELINE] = service_process(task, config, ports[BASELINE], env=baseline_env(baseline))
     loads = [os.getloadavg()[0]]
+    policies: dict[str, dict[str, int]] = {}
     try:
         for side, svc in services.items():
             await svc.wait_ready(lambda port=ports[side]: grpc_serving(port))  # type: ignore[misc]
@@ -145,6 +146,7 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
                     images[name] += done
                     by_round[name].append(round(1000 * spent / done, 3) if done else float("nan"))
                 loads.append(os.getloadavg()[0])
+            policies = {side or "service": svc.thread_policies() for side, svc in services.items()}
         finally:
             for ch in channels.values():
                 await ch.close(grace=None)
@@ -206,5 +208,6 @@ async def measure(task_name: str, args: argparse.Namespace, opts: StackOptions, 
         "ceiling_cpu_ms_per_img_by_round": by_round["ceiling"],
         "baseline": str(baseline) if baseline else None,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
+        "server_thread_policies": policies,  # each service's threads per CPU scheduling policy, after the rounds
         "cells": rows,
     }

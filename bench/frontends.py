@@ -152,6 +152,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     keys += ("connections_per_frontend",)
     rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
     codes: dict[int, dict[str, int]] = {n: {} for n in counts}
+    policies: dict[str, dict[str, int]] = {}
     try:
         for n in counts:
             port = free_port()
@@ -220,12 +221,14 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     f" connections {row['connections_per_frontend'][-1]}; load {loads[-1]:.2f}",
                     flush=True,
                 )
+        policies = {str(n): svc.thread_policies() for n, (svc, _) in servers.items()}
     finally:
         for ch in channels:
             await ch.close()
         for svc, _ in servers.values():
             svc.stop()
     base = statistics.mean(rows[counts[0]]["req_per_s"])
+    used_n1 = statistics.mean(rows[counts[0]]["cores_used"])
     out: dict[str, Any] = {
         "model": f"timm mobilenetv3_small_050 @{args.frontend_input_size}",
         "concurrency": args.frontend_concurrency,
@@ -234,6 +237,9 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "client": "grpc.aio, generic unary calls of pre-serialised request bytes, responses parsed",
         "device": device,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
+        "server_thread_policies": policies,  # each service's threads per CPU scheduling policy, after the rounds
+        # the most any N could reach over N=1 at N=1's CPU per request: the host's cores over the cores N=1 used
+        "cores_bound_over_n1": round((os.cpu_count() or 1) / used_n1, 3) if used_n1 else None,
         "by_frontends": {},
     }
     for n in counts:

@@ -190,6 +190,7 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
     warmup = 5
     phases: dict[str, Rounds] = {}
     calls_before_load = 0
+    policies: dict[str, int] = {}
     try:
         await svc.wait_ready(lambda: grpc_serving(port))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as ch:
@@ -203,6 +204,7 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
                 calls_before_load = warmup + len(phases["fresh"].client)
                 await load_both(call, task, model, pngs, opts.model_instances, args.load_seconds)
                 phases["after_load"] = await rounds_in_turn(call, task, model, pngs, args.rounds, args.seconds / 2)
+        policies = svc.thread_policies()
     finally:
         log = svc.log_tail(1 << 30)
         svc.stop()
@@ -215,6 +217,7 @@ async def measure(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, 
         row["after_load"] = summarise(phases["after_load"], logged[len(logged) - n :] if n else [])
         row["after_load"]["load_seconds"] = args.load_seconds
         row["after_load"]["calls_logged_before_load"] = calls_before_load
+    row["server_thread_policies"] = policies  # the service's threads per CPU scheduling policy, after the rounds
     print(f"   {json.dumps(row)}", flush=True)
     return row
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -21,6 +22,7 @@ from bench._common import (
     outcome,
     paired_p50,
     process_tree,
+    thread_policies,
     tree_cpu_s,
     tree_gpu_mib,
     tree_rss_mb,
@@ -110,6 +112,29 @@ def test_paired_p50_cancels_what_varies_between_rounds() -> None:
 
 def test_tree_rss_counts_this_process() -> None:
     assert tree_rss_mb(os.getpid()) > 10
+
+
+def test_thread_policies_read_each_threads_policy_across_the_process_tree() -> None:
+    """A child under SCHED_BATCH whose own child stays SCHED_OTHER, each with a second thread: what the kernel
+    reports per thread, which is what the benchmarks record of a service's cpu_scheduling."""
+    code = (
+        "import os, subprocess, sys, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"  # this thread only, after the first started
+        "child = subprocess.Popen([sys.executable, '-c', 'import threading, time; "
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); print(1, flush=True); time.sleep(60)'],"
+        " stdout=subprocess.PIPE, preexec_fn=lambda: os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0)))\n"
+        "child.stdout.readline(); print(child.pid, flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip()
+        assert thread_policies(proc.pid) == {"SCHED_BATCH": 1, "SCHED_OTHER": 3}
+    finally:
+        for pid in process_tree(proc.pid)[1:]:
+            os.kill(pid, 9)
+        proc.kill()
+        proc.wait()
 
 
 def test_tree_cpu_counts_a_busy_grandchild() -> None:

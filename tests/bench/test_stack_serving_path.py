@@ -28,6 +28,9 @@ def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path
         assert cell["serving_path_cpu_ms_per_img"] == pytest.approx(cell["server_cpu_ms_per_img"] - ceiling, abs=2e-3)
         assert cell["met"] == (cell["serving_path_cpu_ms_per_img"] <= serving_path.TARGET_MS[task_name])
     assert result["load_average_1m"]["max"] >= result["load_average_1m"]["min"] >= 0
+    # server_config.cpu_scheduling's default, read back from the kernel for every thread of the service
+    (policies,) = result["server_thread_policies"].values()
+    assert set(policies) == {"SCHED_BATCH"} and policies["SCHED_BATCH"] >= 4, policies
 
 
 @pytest.mark.slow  # two service processes: ~30-60 s on 2 cores

@@ -19,7 +19,7 @@ CASES = {
     "exception": (lambda: ValueError("bad"), "ERROR", ["ValueError"], "AbortError"),
     "abort": (lambda: grpc.aio.AbortError("aborted"), "ABORTED_BY_HANDLER", [], "AbortError"),
     "cancelled": (asyncio.CancelledError, "CANCELLED", [], "CancelledError"),
-    "generator_exit": (GeneratorExit, "OK", [], "GeneratorExit"),
+    "generator_exit": (GeneratorExit, "CANCELLED", [], "GeneratorExit"),  # a streaming handler closed mid-stream
 }
 
 
@@ -63,3 +63,47 @@ def run_call(raise_: object, monkeypatch: pytest.MonkeyPatch, record_raises: boo
 def test_each_ending_gets_its_code_and_the_error_map_runs_for_errors(case, record_raises, monkeypatch):
     raise_, code, failed, outcome = CASES[case]
     assert run_call(raise_, monkeypatch, record_raises) == (outcome, [code], failed)
+
+
+def test_a_stream_closed_before_its_end_is_counted_cancelled_by_the_interceptor():
+    """The interceptor's own streaming wrapper (not the context manager alone): a server stream that the
+    server closes after one message, as grpc.aio does when it stops consuming a handler's generator, is
+    counted CANCELLED, not OK."""
+    from types import SimpleNamespace
+
+    from cxr_serving.metrics import REQUESTS_TOTAL
+
+    method = "/cxr.test.v1.Stream/Closed"
+
+    async def three(_request: object, _context: object):
+        for i in range(3):
+            yield i
+
+    class Context:
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:1"
+
+        def code(self) -> None:
+            return None
+
+        async def send_initial_metadata(self, _md: object) -> None:
+            return None
+
+    async def continuation(_details: object) -> grpc.RpcMethodHandler:
+        return grpc.unary_stream_rpc_method_handler(three)
+
+    def counted(code: str) -> float:
+        return REQUESTS_TOTAL.labels(method, code)._value.get()
+
+    async def run() -> list[int]:
+        details = SimpleNamespace(method=method, invocation_metadata=())
+        handler = await observability.ObservabilityInterceptor("test").intercept_service(continuation, details)
+        stream = handler.unary_stream(None, Context())
+        first = [await stream.__anext__()]
+        await stream.aclose()
+        return first
+
+    before = {code: counted(code) for code in ("OK", "CANCELLED")}
+    assert asyncio.run(run()) == [0]
+    assert counted("CANCELLED") == before["CANCELLED"] + 1
+    assert counted("OK") == before["OK"]

@@ -113,7 +113,7 @@ class _Observed:
         otel_context.detach(self.token)
         code = "OK"
         try:
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # a stream closed before its end, too
                 code = "CANCELLED"
             elif isinstance(exc, Exception):  # recorded as trace.use_span does: Exceptions, not CancelledError
                 code = "ABORTED_BY_HANDLER" if isinstance(exc, grpc.aio.AbortError) else "ERROR"
