@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "quick": args.quick,
         "machine": machine(),
-        "note": "2-core host shared with other sessions; the client runs on the same cores as the servers",
+        "note": f"{os.cpu_count()} cores; the client runs on the same cores as the servers (see the load averages)",
         "scaling": result,
         "seconds": round(time.perf_counter() - started, 1),
     }
