@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -124,3 +124,16 @@ def symbol_286_stream(zeros: int) -> bytes:
     bits.extend([0] * (-len(bits) % 8))
     body = bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
     return zlib_header(0x78, 0x01) + body + zlib.adler32(bytes(zeros)).to_bytes(4, "big")
+
+
+def random_filter_mixes(height: int, widths: Sequence[int]) -> Iterator[tuple[int, int, bytes]]:
+    """(width, trial, PNG) for each width, six trials: streams of arbitrary bytes, half drawn from the extremes
+    where 8-bit Paeth could overflow, each row's filter type drawn at random with one of three mixes."""
+    rng = np.random.default_rng(height)
+    for width in widths:
+        for trial in range(6):
+            values = [0, 1, 2, 127, 128, 129, 253, 254, 255] if trial % 2 else list(range(256))
+            raw = bytearray(rng.choice(values, height * (width + 1)).astype(np.uint8).tobytes())
+            weights = [[0.2] * 5, [0.05, 0.05, 0.05, 0.05, 0.8], [0.3, 0.3, 0.3, 0.05, 0.05]][trial % 3]
+            raw[:: width + 1] = rng.choice(5, height, p=weights).astype(np.uint8).tobytes()
+            yield width, trial, gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))

@@ -9,7 +9,6 @@ import importlib.util
 import shutil
 import subprocess
 import sysconfig
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from cxr_serving import png_gray8
 from tests.support.paths import cxr14_images
-from tests.support.png_writer import gray8_png
+from tests.support.png_writer import random_filter_mixes
 from tests.unit.test_png_gray8 import opencv
 
 SOURCE = Path(png_gray8.__file__).with_name("_pixels.c")
@@ -57,16 +56,9 @@ def test_the_scalar_build_leaves_out_every_sse2_path():
 @pytest.mark.parametrize("height", [1, 3, 4, 16, 17, 33, 70])
 def test_scalar_build_equals_opencv_for_every_filter_mix(height, scalar_unfilter, monkeypatch):
     monkeypatch.setattr(png_gray8, "unfilter_into", scalar_unfilter)
-    rng = np.random.default_rng(height)
-    for width in (1, 3, 4, 5, 32, 33, 49, 100):
-        for trial in range(6):
-            values = [0, 1, 2, 127, 128, 129, 253, 254, 255] if trial % 2 else list(range(256))
-            raw = bytearray(rng.choice(values, height * (width + 1)).astype(np.uint8).tobytes())
-            weights = [[0.2] * 5, [0.05, 0.05, 0.05, 0.05, 0.8], [0.3, 0.3, 0.3, 0.05, 0.05]][trial % 3]
-            raw[:: width + 1] = rng.choice(5, height, p=weights).astype(np.uint8).tobytes()
-            data = gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))
-            fast = png_gray8.decode(data)
-            assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
+    for width, trial, data in random_filter_mixes(height, (1, 3, 4, 5, 32, 33, 49, 100)):
+        fast = png_gray8.decode(data)
+        assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
 
 
 def test_scalar_build_equals_opencv_on_shared_nih_pngs(scalar_unfilter, monkeypatch):

@@ -23,6 +23,7 @@ from tests.support.png_writer import (
     gray8_png,
     ihdr,
     incomplete_code_stream,
+    random_filter_mixes,
     symbol_286_stream,
     zlib_header,
 )
@@ -113,16 +114,9 @@ def test_sixteen_row_lanes_equal_opencv_for_every_filter_mix(height):
     """The SSE2 path (16 rows at once, for blocks where a quarter or more of the rows filter by their left
     neighbour) on streams of arbitrary bytes, half of them drawn from the extremes where 8-bit Paeth could
     overflow, at widths around its 16-column tiles; each block mixes filter types at random."""
-    rng = np.random.default_rng(height)
-    for width in (32, 33, 40, 47, 48, 49, 64, 100, 257):
-        for trial in range(6):
-            values = [0, 1, 2, 127, 128, 129, 253, 254, 255] if trial % 2 else list(range(256))
-            raw = bytearray(rng.choice(values, height * (width + 1)).astype(np.uint8).tobytes())
-            weights = [[0.2] * 5, [0.05, 0.05, 0.05, 0.05, 0.8], [0.3, 0.3, 0.3, 0.05, 0.05]][trial % 3]
-            raw[:: width + 1] = rng.choice(5, height, p=weights).astype(np.uint8).tobytes()
-            data = gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))
-            fast = png_gray8.decode(data)
-            assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
+    for width, trial, data in random_filter_mixes(height, (32, 33, 40, 47, 48, 49, 64, 100, 257)):
+        fast = png_gray8.decode(data)
+        assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
 
 
 NIH = np.asarray(cv2.imread(str(cxr14_images(1)[0]), cv2.IMREAD_UNCHANGED))[:96, :80].copy()
