@@ -292,9 +292,13 @@ def thread_policies(pid: int) -> dict[str, int]:
     `server_config.cpu_scheduling` put in effect (or an override such as CXR_SERVER_CONFIG__CPU_SCHEDULING)."""
     counts: Counter[str] = Counter()
     for p in process_tree(pid):
-        for task in Path(f"/proc/{p}/task").glob("[0-9]*"):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:  # a process that ended meanwhile
+            continue
+        for tid in tids:
             with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                policy = os.sched_getscheduler(int(task.name))
+                policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
                 counts[_POLICY_NAMES.get(policy, str(policy))] += 1
     return dict(sorted(counts.items()))
 

@@ -209,7 +209,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 rows[n]["c_ms"].append(round(client_s * per_req, 3))
                 rows[n]["e_ms"].append(round(exec_s * per_req, 3))
                 rows[n]["f_ms"].append(round((server_s - exec_s) * per_req, 3))
-                rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # of the host's 2
+                rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # client and server together
                 rows[n]["connections_per_frontend"].append(sorted(connections_by_process(port, kids).values()))
                 for code, k in rec.codes().items():
                     codes[n][code] = codes[n].get(code, 0) + k
@@ -238,8 +238,9 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "device": device,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
         "server_thread_policies": policies,  # each service's threads per CPU scheduling policy, after the rounds
-        # the most any N could reach over N=1 at N=1's CPU per request: the host's cores over the cores N=1 used
-        "cores_bound_over_n1": round((os.cpu_count() or 1) / used_n1, 3) if used_n1 else None,
+        # the most any N could reach over N=1 at N=1's CPU per request (client's included): the cores this
+        # process may run on over the cores N=1 and the client used
+        "cores_bound_over_n1": round(len(os.sched_getaffinity(0)) / used_n1, 3) if used_n1 else None,
         "by_frontends": {},
     }
     for n in counts:
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "quick": args.quick,
         "machine": machine(),
-        "note": f"{os.cpu_count()} cores; the client runs on the same cores as the servers (see the load averages)",
+        "note": f"{len(os.sched_getaffinity(0))} cores, the client on the servers' cores (see the load averages)",
         "scaling": result,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -119,6 +119,7 @@ def test_thread_policies_read_each_threads_policy_across_the_process_tree() -> N
     reports per thread, which is what the benchmarks record of a service's cpu_scheduling."""
     code = (
         "import os, subprocess, sys, threading, time\n"
+        "os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))\n"  # whatever policy pytest runs under
         "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
         "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"  # this thread only, after the first started
         "child = subprocess.Popen([sys.executable, '-c', 'import threading, time; "

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
+import platform
 import shutil
 import subprocess
 import sysconfig
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +19,14 @@ import pytest
 
 from cxr_serving import png_gray8
 from tests.support.paths import cxr14_images
-from tests.support.png_writer import random_filter_mixes
+from tests.support.png_writer import gray8_png, random_filter_mixes
 from tests.unit.test_png_gray8 import opencv
 
 SOURCE = Path(png_gray8.__file__).with_name("_pixels.c")
 
 
 def compiler() -> list[str]:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
     if shutil.which(cc[0]) is None:
         # the serving package builds this extension at install: a host that built it has a compiler
         pytest.fail(f"no C compiler ({cc[0]}) to build _pixels.c without SSE2")
@@ -34,8 +37,13 @@ def compiler() -> list[str]:
 def scalar_unfilter(tmp_path_factory):
     out = tmp_path_factory.mktemp("scalar") / f"_pixels{sysconfig.get_config_var('EXT_SUFFIX')}"
     include = sysconfig.get_paths()["include"]
-    subprocess.run([*compiler(), "-shared", "-fPIC", "-O2", "-U__SSE2__", f"-I{include}", str(SOURCE), "-o", str(out)],
-                   check=True, capture_output=True)  # fmt: skip
+    flags = [
+        *(sysconfig.get_config_var("CFLAGS") or "-O3").split(),
+        *(sysconfig.get_config_var("CCSHARED") or "-fPIC").split(),
+    ]
+    built = subprocess.run([*compiler(), *flags, "-shared", "-U__SSE2__", f"-I{include}", str(SOURCE), "-o", str(out)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert built.returncode == 0, built.stderr  # the compiler's own words when it fails
     loader = importlib.machinery.ExtensionFileLoader("_pixels", str(out))
     spec = importlib.util.spec_from_file_location("_pixels", out, loader=loader)
     assert spec is not None and spec.loader is not None
@@ -44,6 +52,7 @@ def scalar_unfilter(tmp_path_factory):
     return module.png_unfilter_into
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="SSE2 is an x86-64 instruction set")
 def test_the_scalar_build_leaves_out_every_sse2_path():
     def preprocessed(*flags: str) -> str:
         return subprocess.run([*compiler(), "-E", *flags, f"-I{sysconfig.get_paths()['include']}", str(SOURCE)],
@@ -75,3 +84,17 @@ def test_scalar_build_equals_opencv_on_shared_nih_pngs(scalar_unfilter, monkeypa
         fast = png_gray8.decode(data)
         assert fast is not None and np.array_equal(fast, opencv(data)), path.name
     assert len(calls) == len(paths)  # every image went through the scalar build
+
+
+@pytest.mark.parametrize("bad_row", [0, 5, 19])
+def test_scalar_build_declines_a_filter_type_png_does_not_define(bad_row, scalar_unfilter, monkeypatch):
+    """A row whose filter byte is over 4 leaves the image to the general decoder, as in the SSE2 build."""
+    monkeypatch.setattr(png_gray8, "unfilter_into", scalar_unfilter)
+    height, width = 20, 40
+    raw = bytearray(np.random.default_rng(bad_row).integers(0, 256, height * (width + 1), dtype=np.uint8).tobytes())
+    raw[:: width + 1] = bytes([4] * height)
+    raw[bad_row * (width + 1)] = 5
+    assert png_gray8.decode(gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))) is None
+    raw[bad_row * (width + 1)] = 4
+    decoded = png_gray8.decode(gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw))))
+    assert decoded is not None and decoded.shape == (height, width)

@@ -97,7 +97,7 @@ class _Observed:
     """`async with`: one call's span, error map, metrics and access log, whatever the RPC shape. A class rather
     than an async generator around `trace.use_span`: it runs on the event loop for every call."""
 
-    __slots__ = ("_begin", "_fail", "_finish", "call", "context", "peer", "span", "started", "token")
+    __slots__ = ("_begin", "_fail", "_finish", "call", "context", "peer", "span", "started", "task", "token")
 
     def __init__(self, context: Any, begin: Callable[..., Any], fail: Callable[..., Any], finish: Callable[..., Any]):
         self.context, self._begin, self._fail, self._finish = context, begin, fail, finish
@@ -107,10 +107,14 @@ class _Observed:
         self.call = _Call(cid)
         self.started = time.perf_counter()
         self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        self.task = asyncio.current_task()
         return self.call
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any) -> bool:
-        otel_context.detach(self.token)
+        # A stream grpc.aio stopped consuming is closed later by the loop's async-generator finalizer, in a task
+        # of its own: the token belongs to the call's task's context, which ends with it, so only that task detaches.
+        if asyncio.current_task() is self.task:
+            otel_context.detach(self.token)
         code = "OK"
         try:
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # a stream closed before its end, too
