@@ -8,6 +8,7 @@ import struct
 import zlib
 from collections.abc import Iterator, Sequence
 
+import cv2
 import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -137,3 +138,8 @@ def random_filter_mixes(height: int, widths: Sequence[int]) -> Iterator[tuple[in
             weights = [[0.2] * 5, [0.05, 0.05, 0.05, 0.05, 0.8], [0.3, 0.3, 0.3, 0.05, 0.05]][trial % 3]
             raw[:: width + 1] = rng.choice(5, height, p=weights).astype(np.uint8).tobytes()
             yield width, trial, gray8_png(np.zeros((height, width), np.uint8), stream=zlib.compress(bytes(raw)))
+
+
+def opencv_decode(data: bytes) -> np.ndarray | None:
+    """The reference the fast PNG paths are checked against: OpenCV's samples, unchanged."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

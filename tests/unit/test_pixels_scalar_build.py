@@ -19,8 +19,7 @@ import pytest
 
 from cxr_serving import png_gray8
 from tests.support.paths import cxr14_images
-from tests.support.png_writer import gray8_png, random_filter_mixes
-from tests.unit.test_png_gray8 import opencv
+from tests.support.png_writer import gray8_png, opencv_decode, random_filter_mixes
 
 SOURCE = Path(png_gray8.__file__).with_name("_pixels.c")
 
@@ -67,7 +66,7 @@ def test_scalar_build_equals_opencv_for_every_filter_mix(height, scalar_unfilter
     monkeypatch.setattr(png_gray8, "unfilter_into", scalar_unfilter)
     for width, trial, data in random_filter_mixes(height, (1, 3, 4, 5, 32, 33, 49, 100)):
         fast = png_gray8.decode(data)
-        assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
+        assert fast is not None and np.array_equal(fast, opencv_decode(data)), (width, trial)
 
 
 def test_scalar_build_equals_opencv_on_shared_nih_pngs(scalar_unfilter, monkeypatch):
@@ -82,7 +81,7 @@ def test_scalar_build_equals_opencv_on_shared_nih_pngs(scalar_unfilter, monkeypa
     for path in paths:
         data = path.read_bytes()
         fast = png_gray8.decode(data)
-        assert fast is not None and np.array_equal(fast, opencv(data)), path.name
+        assert fast is not None and np.array_equal(fast, opencv_decode(data)), path.name
     assert len(calls) == len(paths)  # every image went through the scalar build
 
 

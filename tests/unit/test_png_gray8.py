@@ -23,14 +23,11 @@ from tests.support.png_writer import (
     gray8_png,
     ihdr,
     incomplete_code_stream,
+    opencv_decode,
     random_filter_mixes,
     symbol_286_stream,
     zlib_header,
 )
-
-
-def opencv(data: bytes) -> np.ndarray | None:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 def outcome(data: bytes) -> tuple[str, object]:
@@ -57,7 +54,7 @@ def test_every_shared_nih_png_takes_this_path_and_equals_opencv():
     taken = 0
     for path in paths:
         data = path.read_bytes()
-        fast, reference = png_gray8.decode(data), opencv(data)
+        fast, reference = png_gray8.decode(data), opencv_decode(data)
         if reference.ndim == 2:  # the 8-bit grayscale ones; two originals are RGBA
             assert fast is not None, path.name
             assert fast.dtype == np.uint8 and fast.flags.c_contiguous and fast.flags.writeable
@@ -87,7 +84,7 @@ def test_each_filter_at_sizes_around_the_wavefront_equals_opencv(width, height, 
     fast = png_gray8.decode(data)
     assert fast is not None
     assert np.array_equal(fast, image)
-    assert np.array_equal(fast, opencv(data))
+    assert np.array_equal(fast, opencv_decode(data))
 
 
 def test_random_filter_bytes_and_samples_agree_with_opencv_or_are_left_to_it():
@@ -100,7 +97,7 @@ def test_random_filter_bytes_and_samples_agree_with_opencv_or_are_left_to_it():
         raw = bytearray(rng.integers(0, 256, h * (w + 1), dtype=np.uint8).tobytes())
         raw[:: w + 1] = rng.choice([0, 1, 2, 3, 4, 4, 4, 5], h).astype(np.uint8).tobytes()
         data = gray8_png(np.zeros((h, w), np.uint8), stream=zlib.compress(bytes(raw)))
-        fast, reference = png_gray8.decode(data), opencv(data)
+        fast, reference = png_gray8.decode(data), opencv_decode(data)
         if max(raw[:: w + 1]) > 4:
             assert fast is None
             declined += 1
@@ -116,7 +113,7 @@ def test_sixteen_row_lanes_equal_opencv_for_every_filter_mix(height):
     overflow, at widths around its 16-column tiles; each block mixes filter types at random."""
     for width, trial, data in random_filter_mixes(height, (32, 33, 40, 47, 48, 49, 64, 100, 257)):
         fast = png_gray8.decode(data)
-        assert fast is not None and np.array_equal(fast, opencv(data)), (width, trial)
+        assert fast is not None and np.array_equal(fast, opencv_decode(data)), (width, trial)
 
 
 NIH = np.asarray(cv2.imread(str(cxr14_images(1)[0]), cv2.IMREAD_UNCHANGED))[:96, :80].copy()
@@ -195,13 +192,13 @@ def test_metadata_chunks_and_split_idat_stay_on_this_path():
         after_idat=[chunk(b"tIME", b"\x07\xea\x0c\x03\x14\x00\x00")],
     )
     fast = png_gray8.decode(data)
-    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv(data))
+    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv_decode(data))
 
 
 def test_bytes_after_the_zlib_stream_are_ignored_as_libpng_does():
     data = gray8_png(NIH, stream=_STREAM + b"\x00\x01" * 500)
     fast = png_gray8.decode(data)
-    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv(data))
+    assert fast is not None and np.array_equal(fast, NIH) and np.array_equal(fast, opencv_decode(data))
 
 
 def test_damaged_files_are_still_refused(monkeypatch):
@@ -225,7 +222,7 @@ def test_without_the_c_module_pngs_decode_with_opencv(monkeypatch):
     monkeypatch.setattr(png_gray8, "unfilter_into", None)
     data = cxr14_images(1)[0].read_bytes()
     assert png_gray8.decode(data) is None
-    assert np.array_equal(decode_image(data).array, opencv(data))
+    assert np.array_equal(decode_image(data).array, opencv_decode(data))
 
 
 def test_unfilter_into_checks_its_buffers():
