@@ -114,18 +114,24 @@ def summarise(r: Rounds, inside: list[float]) -> dict[str, Any]:
         row["inside_over_in_process_p50_ms"] = round(row["server_p50_ms"] - row["in_process_p50_ms"], 3)
     if r.service_prepare:  # the same decode + preprocessing code: the service's threads run it after idling
         row["decode_preprocess_p50_ms"] = {"service": p50(r.service_prepare), "in_process": p50(r.local_prepare)}
+        # the service's from its event loop (hand-off to the batcher, the batch thread's forward, the result's
+        # way back); in process the forward alone: the difference is what handing the forward over costs
+        row["inference_p50_ms"] = {"service": p50(r.service_inference), "in_process": p50(r.local_inference)}
     return row
 
 
 @dataclass
 class Rounds:
     """Per path, ms per call: the client's whole call, and the image's decode + preprocessing (for the service,
-    as its response's `timing` reports it; absent for a response without one)."""
+    as its response's `timing` reports it; absent for a response without one) and its inference (the service's
+    `timing.inference_ms`; in process the forward alone)."""
 
     client: list[float] = field(default_factory=list)
     local: list[float] = field(default_factory=list)
     service_prepare: list[float] = field(default_factory=list)
     local_prepare: list[float] = field(default_factory=list)
+    service_inference: list[float] = field(default_factory=list)
+    local_inference: list[float] = field(default_factory=list)
 
 
 async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], rounds: int,
@@ -142,15 +148,18 @@ async def rounds_in_turn(call: Any, task: Task, model: Any, pngs: list[bytes], r
         out.client.append((time.perf_counter() - t0) * 1000)
         if "timing" in type(response).DESCRIPTOR.fields_by_name and response.HasField("timing"):
             out.service_prepare.append(response.timing.decode_ms + response.timing.preprocess_ms)
+            out.service_inference.append(response.timing.inference_ms)
 
     def in_process(i: int) -> None:
         t0 = time.perf_counter()
         ctx, item = task.prepare(model, pngs[i % len(pngs)])
         t1 = time.perf_counter()
         (result,) = model.predict([item])
+        t2 = time.perf_counter()
         task.finish(model, ctx, result)
         out.local.append((time.perf_counter() - t0) * 1000)
         out.local_prepare.append((t1 - t0) * 1000)
+        out.local_inference.append((t2 - t1) * 1000)
 
     for i in range(rounds):
         if time.perf_counter() > stop_at:
