@@ -24,5 +24,6 @@ def test_both_phases_are_measured_and_the_scheduling_policy_is_recorded(tmp_path
         # per call, inference <= the time that holds it, so the same holds for the medians
         assert 0 < inference["service"] <= phase["server_p50_ms"], phase
         assert 0 < inference["in_process"] <= phase["in_process_p50_ms"], phase
+        assert isinstance(phase["added_besides_inference_paired_p50_ms"], float), phase  # every call paired
     policies = row["server_thread_policies"]
     assert set(policies) == {"SCHED_BATCH"} and policies["SCHED_BATCH"] >= 4, policies
