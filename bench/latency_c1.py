@@ -9,7 +9,8 @@ and, from the service's own access log (DEBUG), the time each call spent inside 
   service - in_process   what serving adds end to end (the <= 5 ms target);
   service - server       gRPC transport, (de)serialisation, the client: outside the handler;
   inference              each side's inference (the service's `timing.inference_ms`, from its event loop: the
-                         hand-off to the model thread and back included; in process the forward alone), and
+                         hand-off to the model thread, the batch wait and the way back included; in process
+                         the forward alone), and
                          added_besides_inference: each call less its own inference, paired (classification);
   decode_preprocess      the image's decode + preprocessing on each side (the service's from its response's
                          `timing`, classification only): the same code, run by the service's threads after they
@@ -117,12 +118,13 @@ def summarise(r: Rounds, inside: list[float]) -> dict[str, Any]:
         row["inside_over_in_process_p50_ms"] = round(row["server_p50_ms"] - row["in_process_p50_ms"], 3)
     if r.service_prepare:  # the same decode + preprocessing code: the service's threads run it after idling
         row["decode_preprocess_p50_ms"] = {"service": p50(r.service_prepare), "in_process": p50(r.local_prepare)}
-        # the service's from its event loop (hand-off to the batcher, the batch thread's forward, the result's
-        # way back); in process the forward alone: the difference is what handing the forward over costs
+    if r.service_inference:
+        # the service's from its event loop (the hand-off to the model's thread, the batch wait, the forward, the
+        # way back); in process the forward alone: their difference mixes the hand-off with each side's forward speed
         row["inference_p50_ms"] = {"service": p50(r.service_inference), "in_process": p50(r.local_inference)}
         if len(r.service_inference) == len(r.client) and len(r.local_inference) == len(r.local):
             # a diagnostic, not the target: each call less its own inference, paired; what serving adds besides
-            # the forward (the forward's hand-off, inside the service's inference, is left out with it)
+            # the inference (the hand-off and batch wait, inside the service's inference, are left out with it)
             row["added_besides_inference_paired_p50_ms"] = paired_p50(
                 [t - f for t, f in zip(r.local, r.local_inference, strict=True)],
                 [t - f for t, f in zip(r.client, r.service_inference, strict=True)],

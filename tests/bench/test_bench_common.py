@@ -330,3 +330,18 @@ def test_latency_c1_reports_both_sides_decode_and_preprocessing_when_the_respons
     assert row["added_p50_ms"] == 2.5 and row["inside_over_in_process_p50_ms"] == 1.0
     untimed = Rounds(client=[10.0], local=[8.0], local_prepare=[2.0])  # a response without `timing`
     assert "decode_preprocess_p50_ms" not in summarise(untimed, [9.0])
+    assert "inference_p50_ms" not in row and "inference_p50_ms" not in summarise(untimed, [9.0])
+
+
+def test_latency_c1_reports_each_sides_inference_and_what_serving_adds_besides_it():
+    from bench.latency_c1 import Rounds, summarise
+
+    rounds = Rounds(client=[60.0, 61.0, 62.0], local=[55.0, 55.0, 56.0], service_inference=[52.0, 53.0, 54.0],
+                    local_inference=[50.0, 50.0, 51.0])  # fmt: skip
+    row = summarise(rounds, [58.0, 59.0, 60.0])
+    assert row["inference_p50_ms"] == {"service": 53.0, "in_process": 50.0}
+    # per round (client - its inference) - (local - its forward): 8-5, 8-5, 8-5: service minus in process
+    assert row["added_besides_inference_paired_p50_ms"] == 3.0
+    rounds.service_inference.pop()  # a response without `timing` would pair the wrong rounds: not reported
+    row = summarise(rounds, [58.0, 59.0, 60.0])
+    assert "added_besides_inference_paired_p50_ms" not in row and row["inference_p50_ms"]["service"] == 52.5
