@@ -57,10 +57,17 @@ async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
             sampler.cancel()
             await asyncio.sleep(0.5)  # the queue drains
             # a quarter of capacity, sends never bunched after a stall of this process: a host hiccup under
-            # ~1 s is absorbed by the queue of 8, so only a service that did not recover fails here
-            recovery = await open_loop(
-                lambda: astub.ClassifyImage(REQUEST, metadata=auth(), timeout=20), capacity / 4, 4.0, catch_up=False
-            )
+            # ~1 s is absorbed by the queue of 8, so only a service that did not recover fails here. A window in
+            # which this process stalled for over a quarter of its sends did not offer the load: it is checked
+            # all the same, and another window follows (at most three)
+            windows = []
+            for _ in range(3):
+                recovery = await open_loop(
+                    lambda: astub.ClassifyImage(REQUEST, metadata=auth(), timeout=20), capacity / 4, 4.0, catch_up=False
+                )
+                windows.append(recovery)
+                if recovery.skipped <= 0.25 * (recovery.total + recovery.skipped):
+                    break
         rss_after = svc.rss_bytes()
 
     shed = overload.codes["RESOURCE_EXHAUSTED"]
@@ -75,7 +82,7 @@ async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
         "served_latency_ms_under_overload": {"p50": overload.percentile_ms("OK", 0.5),
                                              "p99": overload.percentile_ms("OK", 0.99)},
         "recovery_outcomes": dict(recovery.codes),
-        "recovery_sends_skipped_by_a_stalled_generator": recovery.skipped,
+        "recovery_sends_skipped_by_a_stalled_generator": [w.skipped for w in windows],
         "recovery_latency_ms": {"p50": recovery.percentile_ms("OK", 0.5), "p99": recovery.percentile_ms("OK", 0.99)},
         "rss_mb": {"idle": rss_idle >> 20, "peak_under_overload": peak_rss >> 20, "after": rss_after >> 20},
     }  # fmt: skip
@@ -85,7 +92,7 @@ async def test_sheds_at_3x_saturation_and_recovers(tmp_path):
     assert overload.percentile_ms("RESOURCE_EXHAUSTED", 0.5) < 50, numbers  # refusals are immediate
     assert overload.codes["OK"] / 4.0 >= 0.5 * capacity, numbers  # still serving near capacity
     assert peak_rss - rss_idle < 150 * 2**20, numbers  # memory bounded (queue, not backlog)
-    assert recovery.failed() == 0, recovery.errors  # full recovery
+    assert all(w.failed() == 0 for w in windows), [w.errors for w in windows]  # full recovery, in every window
     assert recovery.skipped <= 0.25 * (recovery.total + recovery.skipped), numbers  # the recovery load was offered
     assert recovery.percentile_ms("OK", 0.5) < 500, numbers
 
