@@ -24,6 +24,13 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$src
 
 LOG=$OUTDIR/session.log  # every step's whole output, one file (the device tool brings back 8 files at most)
 : > "$LOG"
+# a bare machine's Python has no build of the C preprocessing (cxr_serving._pixels): build it in place, or say
+# that the pure-Python fallback serves, since the serving path's CPU depends on it
+if [ -z "${DRY:-}" ] && ! $PY -c 'import cxr_serving._pixels' 2>/dev/null; then
+  (cd libs/serving && timeout 120 $PY setup.py -q build_ext --inplace) >> "$LOG" 2>&1
+  if $PY -c 'import cxr_serving._pixels' 2>/dev/null; then echo "built cxr_serving._pixels for $($PY -V)"
+  else echo "cxr_serving._pixels could not be built (session.log): the fallback decode and preprocessing serve"; fi
+fi
 DEADLINE=$(( $(date +%s) + ${SESSION_S:-3600} ))  # SESSION_S: the whole call's budget; steps stop 10 s short
 step() {  # step NAME LIMIT_S CMD...: runs CMD with a time limit; prints the end of its output
   local name=$1 limit=$2 start rc part left
@@ -78,10 +85,15 @@ if [ "${PLAN:-all}" = issue23 ]; then
     I23=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4 --channels 4 --serving-path-requests 0)
     SCALE=(--frontend-counts 1,2 --frontend-requests 48)
   fi
-  step i23_classification 220 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
+  step i23_classification 230 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
     --peers service,service_one_frontend,litserve --out "$OUTDIR/stack-classification-frontends.json"
-  step i23_segmentation 130 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
+  step i23_segmentation 120 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
+  if [ "$DEVICE" = cuda ] && [ "${GPU_TESTS:-0}" = 1 ]; then
+    # GPU_TESTS=1 (with a SESSION_S that leaves the time): the CUDA tests too, tests/gpu and two frontends on
+    # CUDA bit-equal to one process, before the TensorRT rows, which get what is left
+    step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/reliability/test_frontend_processes.py
+  fi
   if [ "$DEVICE" = cuda ]; then
     # TensorRT float16 and int8 beside the CUDA-graphs float path; 110 s keeps the call within 460 s. Measured
     # only where requirements/gpu.txt is installed (the lent machine cannot: no network, 64 MiB per call, torch

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PARSERS = {"bench.stack": stack.parse_args, "bench.gpu.gpu_paths": gpu_paths.parse_args}
 
 
-def planned_steps(device: str, tmp_path: Path) -> list[tuple[str, int, list[str]]]:
-    env = {**os.environ, "DRY": "1", "DEVICE": device, "OUT": str(tmp_path), "WHEELS": "none", "PY": "python"}
+def planned_steps(device: str, tmp_path: Path, **extra: str) -> list[tuple[str, int, list[str]]]:
+    env = {**os.environ, "DRY": "1", "DEVICE": device, "OUT": str(tmp_path), "WHEELS": "none", "PY": "python", **extra}
     out = subprocess.run(
         ["bash", "bench/gpu/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
     ).stdout
@@ -51,6 +51,17 @@ def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, 
         assert classification.frontend_counts == (1, 2, 4, 8)
         assert classification.levels == [1, 64]
         assert classification.channels >= 8
+
+
+def test_gpu_tests_opt_in_runs_the_cuda_tests_after_the_measurement(tmp_path: Path) -> None:
+    """GPU_TESTS=1 adds one pytest step (tests/gpu and the CUDA case of the two-frontend test) after the two
+    measurements and before the TensorRT rows; without it the plan above is unchanged."""
+    steps = planned_steps("cuda", tmp_path, GPU_TESTS="1", SESSION_S="540")
+    assert [name for name, _, _ in steps] == ["i23_classification", "i23_segmentation", "gpu_tests", "gpu_tensorrt"]
+    (argv,) = [argv for name, _, argv in steps if name == "gpu_tests"]
+    assert argv[:3] == ["python", "-m", "pytest"] and "gpu" in argv
+    assert {"tests/gpu", "tests/reliability/test_frontend_processes.py"} <= set(argv)
+    assert "gpu_tests" not in [name for name, _, _ in planned_steps("cuda", tmp_path)]
 
 
 def test_the_int8_variant_calibrates_and_checks_on_the_images_the_gpu_machine_gets(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
+from tests.support.cuda import NEEDS_CUDA
 from tests.support.frontends import child_pids, open_channel_on, scrape, total, wait_children
 from tests.support.paths import cxr14_images
 from tests.support.pki import make_pki
@@ -81,14 +82,16 @@ def wait_metric(port: int, name: str, want: float, timeout: float = 10.0, **labe
         time.sleep(0.2)
 
 
-def test_two_frontends_answer_bit_equal_to_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_two_frontends_answer_bit_equal_to_one_process(tmp_path: Path, device: str) -> None:
     """A real classifier (timm MobileNetV3-Small 0.5 at 64 px: quick to build; reproducible untrained weights):
-    every probability that two frontends answer equals the single-process server's bit for bit; admin RPCs and
-    their errors pass through the frontend to the executor; /metrics counts each frontend's requests."""
+    every probability that two frontends answer equals the single-process server's bit for bit, on the CPU and
+    (`pytest -m gpu`, bench/gpu/run.sh) on CUDA; admin RPCs and their errors pass through the frontend to the
+    executor; /metrics counts each frontend's requests."""
     cheap = {"architecture": "timm", "timm_name": "mobilenetv3_small_050", "allow_untrained": True, "input_size": 64}
     models = {"multiclass_classifier": cheap}
     performance = {"warmup_batches": 0, "trace_models": False, "fold_batchnorm": False}  # a quicker load
-    config = {"models": models, "performance": performance, "server_config": {"max_batch_size": 8}}
+    config = {"models": models, "performance": performance, "server_config": {"max_batch_size": 8, "device": device}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     metrics_port = free_port()
@@ -115,6 +118,7 @@ def test_two_frontends_answer_bit_equal_to_one_process(tmp_path: Path) -> None:
             ch.close()
 
     assert [m.name for m in listed.models] == ["multiclass_classifier"]
+    assert listed.models[0].device.startswith(device), listed.models[0].device  # "cuda:0" on CUDA
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     info = error_info(rpc_status.from_call(refused.value))
     assert info is not None and info.reason == "MODEL_NOT_FOUND"
@@ -127,6 +131,7 @@ def test_two_frontends_answer_bit_equal_to_one_process(tmp_path: Path) -> None:
             models=models,
             performance=performance,
             server_config__max_batch_size=8,
+            server_config__device=device,
         )
         async with running_server(settings, build_binding(settings)) as server:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
