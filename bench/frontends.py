@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._client_pool import ClientPool
 from bench._common import (
     Recorder,
     drive_closed,
@@ -148,6 +149,8 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     servers, calls, channels = {}, {}, []
     loads = [os.getloadavg()[0]]
     pick_how = getattr(args, "frontend_pick", "least")
+    client_processes = getattr(args, "frontend_client_processes", 1)
+    pool: ClientPool | None = None
     keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "e_ms", "f_ms", "cores_used")
     keys += ("connections_per_frontend",)
     rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
@@ -164,6 +167,8 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             deadline = time.monotonic() + 120
             while listeners(port) < n and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
+            if client_processes > 1:
+                continue  # the pool's workers hold the connections
             chans = [
                 grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(channels_per_service)
@@ -183,6 +188,14 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             calls[n] = call
             await drive_closed(call, args.frontend_concurrency, Recorder(), max_requests=4 * args.frontend_concurrency,
                                max_seconds=args.seconds)  # fmt: skip
+        if client_processes > 1:
+            targets = {n: port for n, (_, port) in servers.items()}
+            pool = await asyncio.to_thread(
+                ClientPool, client_processes, targets, channels_per_service, images=args.images, pick=pick_how
+            )
+            for n in counts:  # the same warm-up as one client's
+                await pool.run(n, args.frontend_concurrency, max_requests=4 * args.frontend_concurrency,
+                               max_seconds=args.seconds)  # fmt: skip
         for r in range(args.rounds):
             order = list(counts[r % len(counts) :] + counts[: r % len(counts)])
             for n in order:
@@ -191,14 +204,21 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 svc, port = servers[n]
                 assert svc.proc is not None
                 parent = svc.proc.pid
-                rec = Recorder()
                 server_before, exec_before = tree_cpu_s([parent]), own_stat_cpu_s(parent)
                 client_before = own_cpu_s()
-                wall = await drive_closed(calls[n], args.frontend_concurrency, rec,
-                                          max_requests=args.frontend_requests, max_seconds=args.seconds)  # fmt: skip
-                client_s = own_cpu_s() - client_before
+                if pool is None:
+                    rec = Recorder()
+                    wall = await drive_closed(
+                        calls[n], args.frontend_concurrency, rec, max_requests=args.frontend_requests,
+                        max_seconds=args.seconds,
+                    )  # fmt: skip
+                    done, cell_codes, workers_s = len(rec.ok), rec.codes(), 0.0
+                else:
+                    cell = await pool.run(n, args.frontend_concurrency, max_requests=args.frontend_requests,
+                                          max_seconds=args.seconds)  # fmt: skip
+                    wall, done, cell_codes, workers_s = cell.wall_s, cell.ok, cell.codes, cell.client_cpu_s
+                client_s = own_cpu_s() - client_before + workers_s
                 server_s, exec_s = tree_cpu_s([parent]) - server_before, own_stat_cpu_s(parent) - exec_before
-                done = len(rec.ok)
                 per_req = 1000 / max(done, 1)
                 if n == 1:  # one process: the frontend and the executor are the same
                     exec_s = 0.0
@@ -211,7 +231,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 rows[n]["f_ms"].append(round((server_s - exec_s) * per_req, 3))
                 rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # client and server together
                 rows[n]["connections_per_frontend"].append(sorted(connections_by_process(port, kids).values()))
-                for code, k in rec.codes().items():
+                for code, k in cell_codes.items():
                     codes[n][code] = codes[n].get(code, 0) + k
                 loads.append(os.getloadavg()[0])
                 row = rows[n]
@@ -223,6 +243,8 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
         policies = {str(n): svc.thread_policies() for n, (svc, _) in servers.items()}
     finally:
+        if pool is not None:
+            pool.close()
         for ch in channels:
             await ch.close()
         for svc, _ in servers.values():
@@ -235,6 +257,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "channels": channels_per_service,
         "channel_pick": pick_how,
         "client": "grpc.aio, generic unary calls of pre-serialised request bytes, responses parsed",
+        "client_processes": client_processes,
         "device": device,
         "load_average_1m": {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)},
         "server_thread_policies": policies,  # each service's threads per CPU scheduling policy, after the rounds
@@ -278,6 +301,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--frontend-pick", choices=PICKS, default="least",
         help="channel of each call: fewest calls in flight (default) or call i on channel i mod channels",
+    )  # fmt: skip
+    ap.add_argument(
+        "--frontend-client-processes", type=int, default=1,
+        help="load-generator processes of the scaling cells, callers and connections split over them (default 1; "
+        "a 16-core GPU host: 4, as one asyncio client tops out below what eight frontends answer)",
     )  # fmt: skip
     ap.add_argument(
         "--frontend-counts", type=frontend_counts, default=(1, 2),

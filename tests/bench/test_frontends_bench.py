@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from bench import frontends
+from bench._client_pool import ClientPool, _split
 
 
 def test_least_request_pick_goes_to_the_channel_with_fewest_calls_in_flight() -> None:
@@ -39,13 +40,25 @@ def test_connections_are_counted_on_the_process_that_accepted_them() -> None:
     assert counts == {os.getpid(): 2}  # the two accepted ends, not the two client ends
 
 
-@pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores
-def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path) -> None:
+def test_client_pool_splits_callers_requests_and_connections_evenly() -> None:
+    assert _split(8, 3) == [3, 3, 2]
+    assert _split(40, 4) == [10, 10, 10, 10]
+    assert _split(1, 3) == [1, 1, 1]  # every worker gets at least one caller
+    with pytest.raises(ValueError):
+        ClientPool(0, {}, 1)
+
+
+@pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores, each
+@pytest.mark.parametrize("client_processes", [1, 2])
+def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, client_processes: int) -> None:
+    """With --frontend-client-processes 2 the same cells run from two load-generator processes: every request
+    answered, the workers' CPU counted as the client's, their connections together the service's channels."""
     args = argparse.Namespace(
         images=2, seconds=10.0, rounds=1, device="cpu", frontend_counts=(1, 2), frontend_concurrency=8,
-        frontend_requests=40, frontend_input_size=64, frontend_pick="least",
+        frontend_requests=40, frontend_input_size=64, frontend_pick="least", frontend_client_processes=client_processes,
     )  # fmt: skip
     result = asyncio.run(frontends.measure(args, tmp_path))
+    assert result["client_processes"] == client_processes
     one, two = result["by_frontends"]["1"], result["by_frontends"]["2"]
     assert one["codes"] == two["codes"] == {"OK": 40}
     for row in (one, two):

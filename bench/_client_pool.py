@@ -1,0 +1,185 @@
+"""A closed-loop gRPC load generator spread over several processes, for cells that one client cannot drive.
+
+Why: an asyncio client runs every call's Python on one event-loop thread, so it tops out at the rate that thread
+can issue; on a 16-core GPU host eight frontends may answer faster than that, and a single client would then
+measure itself. Each worker process holds its own connections to every target, builds its calls once, and runs
+its share of a cell (concurrency and request budget split evenly) when the parent asks; the parent times the cell
+from the command to the last answer and reads each worker's CPU from /proc, so the client's cost stays reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 120.0
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares that differ by at most one, none below 1."""
+    base, extra = divmod(max(total, parts), parts)
+    return [base + (k < extra) for k in range(parts)]
+
+
+def stat_cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid` (every thread, not its children) from /proc."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+@dataclass
+class CellResult:
+    ok: int
+    codes: dict[str, int]
+    wall_s: float
+    client_cpu_s: float  # the workers' CPU over the cell
+    per_worker_ok: list[int] = field(default_factory=list)
+
+
+class ClientPool:
+    """`processes` workers, each with `channels_per_target` connections to every port in `targets` (key -> port),
+    calling the task's RPC with the first `images` NIH PNGs; `pick` chooses each call's channel (bench.frontends)."""
+
+    def __init__(
+        self,
+        processes: int,
+        targets: dict[int, int],
+        channels_per_target: int,
+        *,
+        task: str = "classification",
+        images: int = 16,
+        pick: str = "least",
+    ) -> None:
+        if processes < 1:
+            raise ValueError("client processes: at least 1")
+        ctx = mp.get_context("spawn")  # a fork would copy this process's gRPC state, which gRPC forbids
+        self.conns: list[multiprocessing.connection.Connection] = []
+        self.procs: list[Any] = []
+        shares = _split(channels_per_target, processes)
+        for k in range(processes):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker, args=(theirs, targets, shares[k], task, images, pick), daemon=True, name=f"client-{k}"
+            )
+            proc.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.procs.append(proc)
+        for conn in self.conns:
+            if not conn.poll(READY_TIMEOUT_S):
+                self.close()
+                raise RuntimeError(f"a client process was not ready within {READY_TIMEOUT_S:.0f} s")
+            ready = conn.recv()
+            if ready != "ready":
+                self.close()
+                raise RuntimeError(f"a client process failed to start: {ready}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    async def run(self, key: int, concurrency: int, *, max_requests: int, max_seconds: float) -> CellResult:
+        """One closed-loop cell against `targets[key]`: concurrency and requests split over the workers."""
+        n = len(self.conns)
+        callers, budget = _split(concurrency, n), _split(max_requests, n)
+        cpu_before = sum(stat_cpu_s(pid) for pid in self.pids)
+        started = time.perf_counter()
+        for conn, c, r in zip(self.conns, callers, budget, strict=True):
+            conn.send(("run", key, c, r, max_seconds))
+        replies = await asyncio.gather(*(asyncio.to_thread(conn.recv) for conn in self.conns))
+        wall = time.perf_counter() - started
+        cpu = sum(stat_cpu_s(pid) for pid in self.pids) - cpu_before
+        codes: dict[str, int] = {}
+        for reply in replies:
+            if isinstance(reply, str):
+                raise RuntimeError(f"a client process failed: {reply}")
+            for code, k in reply[1].items():
+                codes[code] = codes.get(code, 0) + k
+        oks = [reply[0] for reply in replies]
+        return CellResult(ok=sum(oks), codes=codes, wall_s=wall, client_cpu_s=cpu, per_worker_ok=oks)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("stop",))
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+
+
+def _worker(
+    conn: multiprocessing.connection.Connection,
+    targets: dict[int, int],
+    channels: int,
+    task: str,
+    images: int,
+    pick: str,
+) -> None:
+    try:
+        asyncio.run(_serve(conn, targets, channels, task, images, pick))
+    except Exception as exc:  # the parent reads this instead of waiting forever
+        with contextlib.suppress(OSError):
+            conn.send(f"{type(exc).__name__}: {exc}")
+
+
+async def _serve(
+    conn: multiprocessing.connection.Connection,
+    targets: dict[int, int],
+    channels: int,
+    task_name: str,
+    images: int,
+    pick: str,
+) -> None:
+    import grpc
+
+    from bench._common import Recorder, drive_closed, nih_pngs
+    from bench._peers import grpc_call, task_named
+    from bench.frontends import ChannelPicker
+
+    task = task_named(task_name)
+    pngs = nih_pngs(images)
+    calls, opened = {}, []
+    for key, port in targets.items():
+        chans = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(channels)
+        ]
+        opened.extend(chans)
+        per_channel = [grpc_call(ch, task, pngs) for ch in chans]
+        picker = ChannelPicker(len(chans), pick)
+
+        async def call(i: int, per_channel: list[Any] = per_channel, picker: ChannelPicker = picker) -> object:
+            k = picker.pick(i)
+            picker.in_flight[k] += 1
+            try:
+                return await per_channel[k](i)
+            finally:
+                picker.in_flight[k] -= 1
+
+        calls[key] = call
+    conn.send("ready")
+    try:
+        while True:
+            message = await asyncio.to_thread(conn.recv)
+            if message[0] == "stop":
+                return
+            _, key, concurrency, max_requests, max_seconds = message
+            rec = Recorder()
+            wall = await drive_closed(calls[key], concurrency, rec, max_requests=max_requests, max_seconds=max_seconds)
+            conn.send((len(rec.ok), rec.codes(), wall))
+    finally:
+        for ch in opened:
+            await ch.close()
