@@ -1,10 +1,10 @@
 """A closed-loop gRPC load generator spread over several processes, for cells that one client cannot drive.
 
 Why: an asyncio client runs every call's Python on one event-loop thread, so it tops out at the rate that thread
-can issue; on a 16-core GPU host eight frontends may answer faster than that, and a single client would then
-measure itself. Each worker process holds its own connections to every target, builds its calls once, and runs
-its share of a cell (concurrency and request budget split evenly) when the parent asks; the parent times the cell
-from the command to the last answer and reads each worker's CPU from /proc, so the client's cost stays reported.
+can issue; where the servers answer faster than that, a single client would measure itself. Each worker process
+holds its own connections to every target, builds its calls once, and runs its share of a cell (concurrency and
+request budget split evenly) when the parent asks; the parent times the cell from the command to the last answer
+and reads each worker's CPU from /proc, so the client's cost stays reported.
 """
 
 from __future__ import annotations

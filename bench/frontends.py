@@ -304,8 +304,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     ap.add_argument(
         "--frontend-client-processes", type=int, default=1,
-        help="load-generator processes of the scaling cells, callers and connections split over them (default 1; "
-        "a 16-core GPU host: 4, as one asyncio client tops out below what eight frontends answer)",
+        help="load-generator processes of the scaling cells, callers and connections split over them (default 1): "
+        "for a host where one asyncio client could be what bounds the rate",
     )  # fmt: skip
     ap.add_argument(
         "--frontend-counts", type=frontend_counts, default=(1, 2),

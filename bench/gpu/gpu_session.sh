@@ -72,8 +72,9 @@ else
   TESTS=()
 fi
 if [ "${PLAN:-all}" = frontends-probe ] && [ "$DEVICE" = cuda ]; then
-  # issue 23's bound on a GPU host, step by step: the scale-out with four client processes, then DenseNet-121 at
-  # c=64 with the default frontends (cores/2) and with 12, each beside one frontend and its ceiling
+  # issue 23's bound on a GPU host, step by step: the scale-out with four client processes (is one client the
+  # bound?), then DenseNet-121 at c=64 with the default frontends (cores/2) and with 12, each beside one frontend
+  # and its ceiling (are the frontends?)
   step probe_scaling 100 $PY -m bench.frontends --device cuda --frontend-counts 1,2,4,8 --frontend-concurrency 128 \
     --frontend-requests 6000 --frontend-client-processes 4 --rounds 2 --seconds 6 --out "$OUTDIR/frontends-probe.json"
   C64=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64 --channels 32
@@ -93,8 +94,8 @@ if [ "${PLAN:-all}" = issue23 ]; then
     I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
          --concurrency 1,64 --channels 32 --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off
          --serving-path-requests 0)
-    # four load-generator processes: one asyncio client tops out below what eight frontends answer
-    SCALE=(--frontend-counts 1,2,4,8 --frontend-concurrency 128 --frontend-requests 6000 --frontend-client-processes 4)
+    # one load-generator process: four (--frontend-client-processes 4, PLAN=frontends-probe) reached no more at N=8
+    SCALE=(--frontend-counts 1,2,4,8 --frontend-concurrency 128 --frontend-requests 6000)
   else
     I23=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4 --channels 4 --serving-path-requests 0)
     SCALE=(--frontend-counts 1,2 --frontend-requests 48)
