@@ -48,6 +48,24 @@ def test_client_pool_splits_callers_requests_and_connections_evenly() -> None:
         ClientPool(0, {}, 1)
 
 
+def test_client_pool_counts_failed_calls_from_every_worker_and_reports_their_cpu() -> None:
+    """Two real worker processes calling a port where nothing listens: every call fails fast, each is counted by
+    its outcome (no worker crashes, none hangs), the budget is split between the workers, and their CPU counts."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = ClientPool(2, {7: port}, 4, images=2)
+    try:
+        cell = asyncio.run(pool.run(7, 4, max_requests=4000, max_seconds=20.0))
+    finally:
+        pool.close()
+    assert cell.ok == 0 and sum(cell.codes.values()) == 4000, cell.codes
+    assert set(cell.codes) == {"UNAVAILABLE"}, cell.codes
+    assert sorted(cell.per_worker_ok) == [0, 0] and cell.wall_s < 20.0
+    assert cell.client_cpu_s >= 0.05  # the workers' own CPU, read from /proc (4,000 calls: well over a tick)
+    assert all(not p.is_alive() for p in pool.procs)
+
+
 @pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores, each
 @pytest.mark.parametrize("client_processes", [1, 2])
 def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, client_processes: int) -> None:
