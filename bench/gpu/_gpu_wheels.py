@@ -22,9 +22,7 @@ from pathlib import Path
 
 from bench._common import IMAGES, REPO
 
-# cryptography: GPU_TESTS=1 runs tests/reliability/test_frontend_processes.py, whose support makes TLS keys
-ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve",
-         "cryptography"]  # fmt: skip
+ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve"]
 ALWAYS_PRESENT = {"torch", "torchvision", "triton", "numpy", "pillow"}
 GPU_IMAGES = 16  # NIH PNGs shipped to the GPU machine: gpu_paths holds all of them back for the runtime check
 PLATFORMS = ["manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]

@@ -105,9 +105,9 @@ if [ "${PLAN:-all}" = issue23 ]; then
   step i23_segmentation 120 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
   if [ "$DEVICE" = cuda ] && [ "${GPU_TESTS:-0}" = 1 ]; then
-    # GPU_TESTS=1 (with a SESSION_S that leaves the time): the CUDA tests too, tests/gpu and two frontends on
-    # CUDA bit-equal to one process, before the TensorRT rows, which get what is left
-    step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu tests/reliability/test_frontend_processes.py
+    # GPU_TESTS=1 (with a SESSION_S that leaves the time): the CUDA tests too (tests/gpu, two frontends on CUDA
+    # bit-equal to one process among them), before the TensorRT rows, which get what is left
+    step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu
   fi
   if [ "$DEVICE" = cuda ]; then
     # TensorRT float16 and int8 beside the CUDA-graphs float path; 110 s keeps the call within 460 s. Measured
