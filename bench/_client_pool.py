@@ -3,8 +3,9 @@
 Why: an asyncio client runs every call's Python on one event-loop thread, so it tops out at the rate that thread
 can issue; where the servers answer faster than that, a single client would measure itself. Each worker process
 holds its own connections to every target, builds its calls once, and runs its share of a cell (concurrency and
-request budget split evenly) when the parent asks; the parent times the cell from the command to the last answer
-and reads each worker's CPU from /proc, so the client's cost stays reported.
+request budget split evenly) when the parent asks. A cell's rate is the sum of the workers' own rates (each one's
+answers over its own time), so a worker that finishes early does not count as idle time; the parent reads each
+worker's CPU from /proc, so the client's cost stays reported.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 READY_TIMEOUT_S = 120.0
+ANSWER_GRACE_S = 180.0  # past a cell's max_seconds: a call's own timeout (120 s) and the worker's bookkeeping
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -40,9 +42,11 @@ def stat_cpu_s(pid: int) -> float:
 class CellResult:
     ok: int
     codes: dict[str, int]
-    wall_s: float
+    wall_s: float  # ok over the sum of the workers' own rates: the time one client at that rate would take
+    elapsed_s: float  # from the command to the last worker's answer
     client_cpu_s: float  # the workers' CPU over the cell
     per_worker_ok: list[int] = field(default_factory=list)
+    per_worker_s: list[float] = field(default_factory=list)
 
 
 class ClientPool:
@@ -74,14 +78,27 @@ class ClientPool:
             theirs.close()
             self.conns.append(ours)
             self.procs.append(proc)
-        for conn in self.conns:
-            if not conn.poll(READY_TIMEOUT_S):
-                self.close()
-                raise RuntimeError(f"a client process was not ready within {READY_TIMEOUT_S:.0f} s")
-            ready = conn.recv()
-            if ready != "ready":
-                self.close()
-                raise RuntimeError(f"a client process failed to start: {ready}")
+        try:
+            for k in range(processes):
+                ready = self._answer(k, READY_TIMEOUT_S)
+                if ready != "ready":
+                    raise RuntimeError(f"client process {k} failed to start: {ready}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, k: int, timeout: float) -> Any:
+        """Worker k's next message; a clear error when it died or said nothing for `timeout` seconds."""
+        conn, proc = self.conns[k], self.procs[k]
+        try:
+            if conn.poll(timeout):
+                return conn.recv()
+        except (EOFError, OSError):
+            pass
+        else:
+            raise RuntimeError(f"client process {k} did not answer within {timeout:.0f} s")
+        proc.join(timeout=5)
+        raise RuntimeError(f"client process {k} exited (code {proc.exitcode}) before answering")
 
     @property
     def pids(self) -> list[int]:
@@ -93,19 +110,34 @@ class ClientPool:
         callers, budget = _split(concurrency, n), _split(max_requests, n)
         cpu_before = sum(stat_cpu_s(pid) for pid in self.pids)
         started = time.perf_counter()
-        for conn, c, r in zip(self.conns, callers, budget, strict=True):
-            conn.send(("run", key, c, r, max_seconds))
-        replies = await asyncio.gather(*(asyncio.to_thread(conn.recv) for conn in self.conns))
-        wall = time.perf_counter() - started
+        for k, (conn, c, r) in enumerate(zip(self.conns, callers, budget, strict=True)):
+            try:
+                conn.send(("run", key, c, r, max_seconds))
+            except OSError:  # its end of the pipe is gone: the process died (the caller closes the pool)
+                self.procs[k].join(timeout=5)
+                raise RuntimeError(f"client process {k} exited (code {self.procs[k].exitcode})") from None
+        wait = max_seconds + ANSWER_GRACE_S
+        replies = await asyncio.gather(*(asyncio.to_thread(self._answer, k, wait) for k in range(n)))
+        elapsed = time.perf_counter() - started
         cpu = sum(stat_cpu_s(pid) for pid in self.pids) - cpu_before
         codes: dict[str, int] = {}
-        for reply in replies:
+        for k, reply in enumerate(replies):
             if isinstance(reply, str):
-                raise RuntimeError(f"a client process failed: {reply}")
-            for code, k in reply[1].items():
-                codes[code] = codes.get(code, 0) + k
+                raise RuntimeError(f"client process {k} failed: {reply}")
+            for code, count in reply[1].items():
+                codes[code] = codes.get(code, 0) + count
         oks = [reply[0] for reply in replies]
-        return CellResult(ok=sum(oks), codes=codes, wall_s=wall, client_cpu_s=cpu, per_worker_ok=oks)
+        walls = [reply[2] for reply in replies]
+        rate = sum(ok / wall for ok, wall in zip(oks, walls, strict=True) if wall > 0)
+        return CellResult(
+            ok=sum(oks),
+            codes=codes,
+            wall_s=sum(oks) / rate if rate > 0 else elapsed,
+            elapsed_s=elapsed,
+            client_cpu_s=cpu,
+            per_worker_ok=oks,
+            per_worker_s=[round(w, 3) for w in walls],
+        )
 
     def close(self) -> None:
         for conn in self.conns:
@@ -130,7 +162,7 @@ def _worker(
 ) -> None:
     try:
         asyncio.run(_serve(conn, targets, channels, task, images, pick))
-    except Exception as exc:  # the parent reads this instead of waiting forever
+    except (Exception, SystemExit) as exc:  # the parent reads this instead of waiting forever
         with contextlib.suppress(OSError):
             conn.send(f"{type(exc).__name__}: {exc}")
 

@@ -9,9 +9,12 @@ The kernel hashes connections, so one frontend may hold more than its share (6 o
 the channel with the fewest calls in flight (as Envoy's LEAST_REQUEST or a gRPC client's least-request
 policy would), which sends more calls to the frontend that answers faster; `--frontend-pick uniform`
 sends call i to channel i mod channels. Requests are serialised once, before
-the run, and sent as bytes with generic unary calls (the cheapest honest asyncio client).
+the run, and sent as bytes with generic unary calls (the cheapest honest asyncio client). With
+`--frontend-client-processes K` the callers and connections are split over K load-generator processes
+(bench/_client_pool.py) and a cell's rate is the sum of theirs.
 
-From /proc, per cell and per answered request: the client's CPU `c` (this process), the executor's `e`
+From /proc, per cell and per answered request: the client's CPU `c` (this process and any load-generator
+processes), the executor's `e`
 (the service's parent process; at N=1 the whole server is one process and counts as `f`) and the
 frontends' `f` (its children), and how many of the client's connections each frontend holds. The load
 generator shares the host's cores with the servers: its CPU is in the sum.
@@ -150,8 +153,13 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     loads = [os.getloadavg()[0]]
     pick_how = getattr(args, "frontend_pick", "least")
     client_processes = getattr(args, "frontend_client_processes", 1)
+    if not 1 <= client_processes <= min(args.frontend_concurrency, channels_per_service):
+        raise ValueError(
+            f"--frontend-client-processes {client_processes}: between 1 and the callers "
+            f"({args.frontend_concurrency}) and connections ({channels_per_service}) it splits"
+        )
     pool: ClientPool | None = None
-    keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "e_ms", "f_ms", "cores_used")
+    keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "c_workers_ms", "e_ms", "f_ms", "cores_used")
     keys += ("connections_per_frontend",)
     rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
     codes: dict[int, dict[str, int]] = {n: {} for n in counts}
@@ -227,6 +235,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 rows[n]["client_cores"].append(round(client_s / wall, 3))
                 rows[n]["server_cpu_ms"].append(round(server_s * per_req, 3))
                 rows[n]["c_ms"].append(round(client_s * per_req, 3))
+                rows[n]["c_workers_ms"].append(round(workers_s * per_req, 3))  # of c: the load-generator processes
                 rows[n]["e_ms"].append(round(exec_s * per_req, 3))
                 rows[n]["f_ms"].append(round((server_s - exec_s) * per_req, 3))
                 rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # client and server together
@@ -290,6 +299,13 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--frontend-concurrency", type=int, default=32, help="closed-loop callers of the scaling cells")
     ap.add_argument("--frontend-requests", type=int, help="max requests per scaling cell (600; quick 120); 0: none")
@@ -303,7 +319,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="channel of each call: fewest calls in flight (default) or call i on channel i mod channels",
     )  # fmt: skip
     ap.add_argument(
-        "--frontend-client-processes", type=int, default=1,
+        "--frontend-client-processes", type=_positive, default=1,
         help="load-generator processes of the scaling cells, callers and connections split over them (default 1): "
         "for a host where one asyncio client could be what bounds the rate",
     )  # fmt: skip
@@ -313,7 +329,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, help="rounds per frontend count, taken in turn (6; quick 2)")
@@ -326,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 6)  # a shared host: single rounds vary widely
     args.seconds = args.seconds or (5.0 if args.quick else 15.0)
     args.frontend_requests = args.frontend_requests or (120 if args.quick else 600)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(measure(args, Path(tmp)))

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import REPO, cxr14_images
+# a check shared by the CPU and CUDA tests of frontend processes: its asserts report their values as a test's do
+pytest.register_assert_rewrite("tests.support.frontend_classify")
+
+from tests.support.paths import REPO, cxr14_images  # noqa: E402 - after the rewrite is registered
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

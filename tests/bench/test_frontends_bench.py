@@ -66,6 +66,37 @@ def test_client_pool_counts_failed_calls_from_every_worker_and_reports_their_cpu
     assert all(not p.is_alive() for p in pool.procs)
 
 
+def test_client_pool_reports_a_worker_that_cannot_start_or_dies() -> None:
+    """A worker whose set-up fails says why and the pool is not left behind; a worker killed between cells makes
+    the next cell raise with its exit code instead of waiting for an answer that cannot come."""
+    with pytest.raises(RuntimeError, match=r"client process 0 failed to start: .*no NIH PNGs"):
+        ClientPool(1, {1: 1}, 1, images=0)  # no image to send: the worker's set-up stops
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = ClientPool(2, {7: port}, 2, images=1)
+    try:
+        pool.procs[1].kill()
+        pool.procs[1].join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"client process 1 exited \(code -9\)"):
+            asyncio.run(pool.run(7, 2, max_requests=4, max_seconds=5.0))
+    finally:
+        pool.close()
+    assert all(not p.is_alive() for p in pool.procs)
+
+
+def test_client_processes_must_fit_the_callers_and_connections(tmp_path) -> None:
+    args = argparse.Namespace(
+        images=1, seconds=1.0, rounds=1, device="cpu", frontend_counts=(1,), frontend_concurrency=2,
+        frontend_requests=4, frontend_input_size=64, frontend_pick="least", frontend_client_processes=3,
+        frontend_channels=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="between 1 and the callers"):
+        asyncio.run(frontends.measure(args, tmp_path))
+    with pytest.raises(SystemExit):
+        frontends.main(["--frontend-client-processes", "0"])
+
+
 @pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores, each
 @pytest.mark.parametrize("client_processes", [1, 2])
 def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, client_processes: int) -> None:
@@ -77,6 +108,9 @@ def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, 
     )  # fmt: skip
     result = asyncio.run(frontends.measure(args, tmp_path))
     assert result["client_processes"] == client_processes
+    for row in result["by_frontends"].values():  # the workers' CPU is part of the client's, and only with workers
+        for c, workers in zip(row["c_ms"], row["c_workers_ms"], strict=True):
+            assert (workers > 0) == (client_processes > 1) and c >= workers
     one, two = result["by_frontends"]["1"], result["by_frontends"]["2"]
     assert one["codes"] == two["codes"] == {"OK": 40}
     for row in (one, two):

@@ -4,23 +4,30 @@ steps are checked here against the benchmarks' own argument parsers, and their l
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench import stack
+from bench import frontends, stack
 from bench.gpu import gpu_paths
 
 ROOT = Path(__file__).resolve().parents[2]
-PARSERS = {"bench.stack": stack.parse_args, "bench.gpu.gpu_paths": gpu_paths.parse_args}
+PARSERS = {
+    "bench.stack": stack.parse_args,
+    "bench.gpu.gpu_paths": gpu_paths.parse_args,
+    "bench.frontends": frontends.parse_args,
+}
 
 
-def planned_steps(device: str, tmp_path: Path, **extra: str) -> list[tuple[str, int, list[str]]]:
+def planned_steps(
+    device: str, tmp_path: Path, script: str = "bench/gpu/run.sh", **extra: str
+) -> list[tuple[str, int, list[str]]]:
     env = {**os.environ, "DRY": "1", "DEVICE": device, "OUT": str(tmp_path), "WHEELS": "none", "PY": "python", **extra}
     out = subprocess.run(
-        ["bash", "bench/gpu/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+        ["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
     ).stdout
     steps = []
     for line in out.splitlines():
@@ -62,6 +69,24 @@ def test_gpu_tests_opt_in_runs_the_cuda_tests_after_the_measurement(tmp_path: Pa
     assert argv[:3] == ["python", "-m", "pytest"] and "gpu" in argv
     assert "tests/gpu" in argv
     assert "gpu_tests" not in [name for name, _, _ in planned_steps("cuda", tmp_path)]
+
+
+def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> None:
+    """PLAN=frontends-probe (make bench-gpu-probe): every step parses, the limits fit the target's SESSION_S,
+    and the c=64 steps differ only in the frontend count; on CPU the plan refuses rather than run another."""
+    session_s = int(re.search(r"PLAN=frontends-probe SESSION_S=(\d+)", (ROOT / "Makefile").read_text())[1])
+    session = "bench/gpu/gpu_session.sh"
+    steps = planned_steps("cuda", tmp_path, session, PLAN="frontends-probe", SESSION_S=str(session_s))
+    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_c64_default", "probe_c64_f12"]
+    assert sum(limit for _, limit, _ in steps) <= session_s - 10
+    parsed = {name: PARSERS[argv[2]](argv[3:]) for name, _, argv in steps}
+    assert parsed["probe_scaling"].frontend_client_processes == 4
+    assert parsed["probe_c64_default"].frontend_processes is None  # the platform's default
+    assert parsed["probe_c64_f12"].frontend_processes == 12
+    assert parsed["probe_c64_default"].levels == parsed["probe_c64_f12"].levels == [64]
+    env = {**os.environ, "DRY": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "WHEELS": "none", "PLAN": "frontends-probe"}
+    refused = subprocess.run(["bash", session], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 2 and "DRY" not in refused.stdout
 
 
 def test_the_int8_variant_calibrates_and_checks_on_the_images_the_gpu_machine_gets(tmp_path: Path) -> None:
