@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._client_pool import ClientPool
+from bench._client_pool import ClientPool, stat_cpu_s
 from bench._common import (
     Recorder,
     drive_closed,
@@ -74,14 +74,6 @@ class ChannelPicker:
         if self.how == "uniform":
             return i % n
         return min(range(n), key=lambda k: (self.in_flight[k], (k - i) % n))
-
-
-def own_stat_cpu_s(pid: int) -> float:
-    """CPU seconds of process `pid` alone (every thread; not its children)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
@@ -212,7 +204,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 svc, port = servers[n]
                 assert svc.proc is not None
                 parent = svc.proc.pid
-                server_before, exec_before = tree_cpu_s([parent]), own_stat_cpu_s(parent)
+                server_before, exec_before = tree_cpu_s([parent]), stat_cpu_s(parent)
                 client_before = own_cpu_s()
                 if pool is None:
                     rec = Recorder()
@@ -226,7 +218,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                           max_seconds=args.seconds)  # fmt: skip
                     wall, done, cell_codes, workers_s = cell.wall_s, cell.ok, cell.codes, cell.client_cpu_s
                 client_s = own_cpu_s() - client_before + workers_s
-                server_s, exec_s = tree_cpu_s([parent]) - server_before, own_stat_cpu_s(parent) - exec_before
+                server_s, exec_s = tree_cpu_s([parent]) - server_before, stat_cpu_s(parent) - exec_before
                 per_req = 1000 / max(done, 1)
                 if n == 1:  # one process: the frontend and the executor are the same
                     exec_s = 0.0
