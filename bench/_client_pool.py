@@ -178,8 +178,8 @@ async def _serve(
     import grpc
 
     from bench._common import Recorder, drive_closed, nih_pngs
-    from bench._peers import grpc_call, task_named
-    from bench.frontends import ChannelPicker
+    from bench._peers import task_named
+    from bench.frontends import picked_call
 
     task = task_named(task_name)
     pngs = nih_pngs(images)
@@ -190,18 +190,7 @@ async def _serve(
             for _ in range(channels)
         ]
         opened.extend(chans)
-        per_channel = [grpc_call(ch, task, pngs) for ch in chans]
-        picker = ChannelPicker(len(chans), pick)
-
-        async def call(i: int, per_channel: list[Any] = per_channel, picker: ChannelPicker = picker) -> object:
-            k = picker.pick(i)
-            picker.in_flight[k] += 1
-            try:
-                return await per_channel[k](i)
-            finally:
-                picker.in_flight[k] -= 1
-
-        calls[key] = call
+        calls[key] = picked_call(chans, task, pngs, pick)
     conn.send("ready")
     try:
         while True:

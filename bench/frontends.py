@@ -76,6 +76,22 @@ class ChannelPicker:
         return min(range(n), key=lambda k: (self.in_flight[k], (k - i) % n))
 
 
+def picked_call(chans: list[Any], task: Any, pngs: list[bytes], how: str) -> Any:
+    """The task's call over these channels, each call on the channel `ChannelPicker(how)` picks."""
+    per_channel = [grpc_call(ch, task, pngs) for ch in chans]
+    picker = ChannelPicker(len(chans), how)
+
+    async def call(i: int) -> object:
+        k = picker.pick(i)
+        picker.in_flight[k] += 1
+        try:
+            return await per_channel[k](i)
+        finally:
+            picker.in_flight[k] -= 1
+
+    return call
+
+
 def connections_by_process(port: int, pids: list[int]) -> dict[int, int]:
     """How many established TCP connections to `port` each of `pids` holds (from /proc: socket inodes)."""
     inodes = set()
@@ -174,18 +190,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 for _ in range(channels_per_service)
             ]
             channels.extend(chans)
-            per_channel = [grpc_call(ch, task, pngs) for ch in chans]
-            picker = ChannelPicker(len(chans), pick_how)
-
-            async def call(i: int, per_channel: list[Any] = per_channel, picker: ChannelPicker = picker) -> object:
-                k = picker.pick(i)
-                picker.in_flight[k] += 1
-                try:
-                    return await per_channel[k](i)
-                finally:
-                    picker.in_flight[k] -= 1
-
-            calls[n] = call
+            calls[n] = call = picked_call(chans, task, pngs, pick_how)
             await drive_closed(call, args.frontend_concurrency, Recorder(), max_requests=4 * args.frontend_concurrency,
                                max_seconds=args.seconds)  # fmt: skip
         if client_processes > 1:
