@@ -3,9 +3,10 @@
 Why: an asyncio client runs every call's Python on one event-loop thread, so it tops out at the rate that thread
 can issue; where the servers answer faster than that, a single client would measure itself. Each worker process
 holds its own connections to every target, builds its calls once, and runs its share of a cell (concurrency and
-request budget split evenly) when the parent asks. A cell's rate is the sum of the workers' own rates (each one's
-answers over its own time), so a worker that finishes early does not count as idle time; the parent reads each
-worker's CPU from /proc, so the client's cost stays reported.
+request budget split evenly) when the parent asks. A cell's rate is its answers over the time from the command to
+the last worker's reply, as one client's would be (a worker that finishes first leaves the others the server, so
+this is a lower bound when they finish unevenly: each worker's own count and time are kept to show it); the
+parent reads each worker's CPU from /proc, so the client's cost stays reported.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ def stat_cpu_s(pid: int) -> float:
 class CellResult:
     ok: int
     codes: dict[str, int]
-    wall_s: float  # ok over the sum of the workers' own rates: the time one client at that rate would take
-    elapsed_s: float  # from the command to the last worker's answer
+    wall_s: float  # from the command to the last worker's answer
     client_cpu_s: float  # the workers' CPU over the cell
     per_worker_ok: list[int] = field(default_factory=list)
     per_worker_s: list[float] = field(default_factory=list)
@@ -69,16 +69,17 @@ class ClientPool:
         self.conns: list[multiprocessing.connection.Connection] = []
         self.procs: list[Any] = []
         shares = _split(channels_per_target, processes)
-        for k in range(processes):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker, args=(theirs, targets, shares[k], task, images, pick), daemon=True, name=f"client-{k}"
-            )
-            proc.start()
-            theirs.close()
-            self.conns.append(ours)
-            self.procs.append(proc)
         try:
+            for k in range(processes):
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_worker, args=(theirs, targets, shares[k], task, images, pick), daemon=True,
+                    name=f"client-{k}",
+                )  # fmt: skip
+                self.conns.append(ours)
+                proc.start()
+                self.procs.append(proc)
+                theirs.close()
             for k in range(processes):
                 ready = self._answer(k, READY_TIMEOUT_S)
                 if ready != "ready":
@@ -98,6 +99,8 @@ class ClientPool:
         else:
             raise RuntimeError(f"client process {k} did not answer within {timeout:.0f} s")
         proc.join(timeout=5)
+        if proc.exitcode is None:
+            raise RuntimeError(f"client process {k} closed its pipe before answering (still running)")
         raise RuntimeError(f"client process {k} exited (code {proc.exitcode}) before answering")
 
     @property
@@ -127,16 +130,13 @@ class ClientPool:
             for code, count in reply[1].items():
                 codes[code] = codes.get(code, 0) + count
         oks = [reply[0] for reply in replies]
-        walls = [reply[2] for reply in replies]
-        rate = sum(ok / wall for ok, wall in zip(oks, walls, strict=True) if wall > 0)
         return CellResult(
             ok=sum(oks),
             codes=codes,
-            wall_s=sum(oks) / rate if rate > 0 else elapsed,
-            elapsed_s=elapsed,
+            wall_s=elapsed,
             client_cpu_s=cpu,
             per_worker_ok=oks,
-            per_worker_s=[round(w, 3) for w in walls],
+            per_worker_s=[round(reply[2], 3) for reply in replies],
         )
 
     def close(self) -> None:

@@ -150,9 +150,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     counts: tuple[int, ...] = args.frontend_counts
     device = getattr(args, "device", "cpu")
-    channels_per_service = getattr(args, "frontend_channels", None) or max(
-        MIN_CHANNELS, 4 * max(counts), args.frontend_concurrency
-    )
+    channels_per_service = scaling_channels(args)
     # one forward at a time: the executor is not what is measured
     opts = StackOptions(model_instances=1, device=device)
     task = task_named("classification")
@@ -161,14 +159,12 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     loads = [os.getloadavg()[0]]
     pick_how = getattr(args, "frontend_pick", "least")
     client_processes = getattr(args, "frontend_client_processes", 1)
-    if not 1 <= client_processes <= min(args.frontend_concurrency, channels_per_service):
-        raise ValueError(
-            f"--frontend-client-processes {client_processes}: between 1 and the callers "
-            f"({args.frontend_concurrency}) and connections ({channels_per_service}) it splits"
-        )
+    problem = client_processes_problem(args)
+    if problem:
+        raise ValueError(problem)
     pool: ClientPool | None = None
     keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "c_workers_ms", "e_ms", "f_ms", "cores_used")
-    keys += ("connections_per_frontend",)
+    keys += ("connections_per_frontend", "client_workers")
     rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
     codes: dict[int, dict[str, int]] = {n: {} for n in counts}
     policies: dict[str, dict[str, int]] = {}
@@ -217,11 +213,12 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         calls[n], args.frontend_concurrency, rec, max_requests=args.frontend_requests,
                         max_seconds=args.seconds,
                     )  # fmt: skip
-                    done, cell_codes, workers_s = len(rec.ok), rec.codes(), 0.0
+                    done, cell_codes, workers_s, worker_cells = len(rec.ok), rec.codes(), 0.0, []
                 else:
                     cell = await pool.run(n, args.frontend_concurrency, max_requests=args.frontend_requests,
                                           max_seconds=args.seconds)  # fmt: skip
                     wall, done, cell_codes, workers_s = cell.wall_s, cell.ok, cell.codes, cell.client_cpu_s
+                    worker_cells = [list(w) for w in zip(cell.per_worker_ok, cell.per_worker_s, strict=True)]
                 client_s = own_cpu_s() - client_before + workers_s
                 server_s, exec_s = tree_cpu_s([parent]) - server_before, stat_cpu_s(parent) - exec_before
                 per_req = 1000 / max(done, 1)
@@ -237,6 +234,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 rows[n]["f_ms"].append(round((server_s - exec_s) * per_req, 3))
                 rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # client and server together
                 rows[n]["connections_per_frontend"].append(sorted(connections_by_process(port, kids).values()))
+                rows[n]["client_workers"].append(worker_cells)  # [answers, seconds] of each load-generator process
                 for code, k in cell_codes.items():
                     codes[n][code] = codes[n].get(code, 0) + k
                 loads.append(os.getloadavg()[0])
@@ -296,6 +294,23 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def scaling_channels(args: argparse.Namespace) -> int:
+    """Client connections per service: --frontend-channels, or one per caller, at least 8 and 4 per frontend."""
+    counts = args.frontend_counts
+    return getattr(args, "frontend_channels", None) or max(MIN_CHANNELS, 4 * max(counts), args.frontend_concurrency)
+
+
+def client_processes_problem(args: argparse.Namespace) -> str:
+    """Why --frontend-client-processes cannot split these callers and connections ('' when it can)."""
+    k, channels = getattr(args, "frontend_client_processes", 1), scaling_channels(args)
+    if 1 <= k <= min(args.frontend_concurrency, channels):
+        return ""
+    return (
+        f"--frontend-client-processes {k}: between 1 and the callers ({args.frontend_concurrency}) "
+        f"and connections ({channels}) it splits"
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -339,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if args.quick else 6)  # a shared host: single rounds vary widely
     args.seconds = args.seconds or (5.0 if args.quick else 15.0)
     args.frontend_requests = args.frontend_requests or (120 if args.quick else 600)
+    if problem := client_processes_problem(args):
+        ap.error(problem)
     return args
 
 

@@ -162,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.serving_path_requests = 48 if q else 320
     if args.frontend_requests is None:
         args.frontend_requests = 120 if q else 600
+    if args.frontend_requests > 0 and (problem := frontends.client_processes_problem(args)):
+        ap.error(problem)
     if args.model_instances is None:
         args.model_instances = default_model_instances(args.device, args.torch_threads)
     args.levels = [int(c) for c in args.concurrency.split(",")]

@@ -10,6 +10,9 @@ set -u
 OUTDIR=${OUT:-bench/gpu/results}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
+if [ "${PLAN:-all}" = frontends-probe ] && [ "$DEVICE" != cuda ]; then
+  echo "PLAN=frontends-probe measures a GPU host (DEVICE=cuda); on CPU use python -m bench.frontends"; exit 2
+fi
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 WHEELS=${WHEELS:-.whl}  # WHEELS=none: use the Python environment as it is
@@ -72,9 +75,6 @@ else
   PATHS=(--device cpu --quick --seconds 1.5 --variants eager,default)
   TESTS=()
 fi
-if [ "${PLAN:-all}" = frontends-probe ] && [ "$DEVICE" != cuda ]; then
-  echo "PLAN=frontends-probe measures a GPU host (DEVICE=cuda); on CPU use python -m bench.frontends"; exit 2
-fi
 if [ "${PLAN:-all}" = frontends-probe ]; then
   # issue 23's bound on a GPU host, step by step: the scale-out with four client processes (is one client the
   # bound?), then DenseNet-121 at c=64 with the default frontends (cores/2) and with 12, each beside one frontend
@@ -98,7 +98,8 @@ if [ "${PLAN:-all}" = issue23 ]; then
     I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
          --concurrency 1,64 --channels 32 --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off
          --serving-path-requests 0)
-    # one load-generator process: four (--frontend-client-processes 4, PLAN=frontends-probe) reached no more at N=8
+    # one load-generator process; PLAN=frontends-probe tries four (session 34: no sign that one was the bound, across
+    # two calls that differed in more than that)
     SCALE=(--frontend-counts 1,2,4,8 --frontend-concurrency 128 --frontend-requests 6000)
   else
     I23=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4 --channels 4 --serving-path-requests 0)

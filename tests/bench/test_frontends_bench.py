@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from bench import frontends
+from bench import frontends, stack
 from bench._client_pool import ClientPool, _split
 
 
@@ -61,7 +61,8 @@ def test_client_pool_counts_failed_calls_from_every_worker_and_reports_their_cpu
         pool.close()
     assert cell.ok == 0 and sum(cell.codes.values()) == 4000, cell.codes
     assert set(cell.codes) == {"UNAVAILABLE"}, cell.codes
-    assert sorted(cell.per_worker_ok) == [0, 0] and cell.wall_s < 20.0
+    assert sorted(cell.per_worker_ok) == [0, 0] and len(cell.per_worker_s) == 2 and cell.wall_s < 20.0
+    assert cell.wall_s >= max(cell.per_worker_s)  # the cell runs until the last worker answers
     assert cell.client_cpu_s >= 0.05  # the workers' own CPU, read from /proc (4,000 calls: well over a tick)
     assert all(not p.is_alive() for p in pool.procs)
 
@@ -93,8 +94,13 @@ def test_client_processes_must_fit_the_callers_and_connections(tmp_path) -> None
     )  # fmt: skip
     with pytest.raises(ValueError, match="between 1 and the callers"):
         asyncio.run(frontends.measure(args, tmp_path))
-    with pytest.raises(SystemExit):
-        frontends.main(["--frontend-client-processes", "0"])
+    for argv in (["--frontend-client-processes", "0"], ["--frontend-client-processes", "40"]):  # 32 callers
+        with pytest.raises(SystemExit) as refused:
+            frontends.parse_args(argv)
+        assert refused.value.code == 2
+    with pytest.raises(SystemExit) as refused:  # bench.stack's scale-out stage: refused before any peer runs
+        stack.parse_args(["--frontend-concurrency", "4", "--frontend-client-processes", "5"])
+    assert refused.value.code == 2
 
 
 @pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores, each
@@ -111,6 +117,9 @@ def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, 
     for row in result["by_frontends"].values():  # the workers' CPU is part of the client's, and only with workers
         for c, workers in zip(row["c_ms"], row["c_workers_ms"], strict=True):
             assert (workers > 0) == (client_processes > 1) and c >= workers
+        for cell in row["client_workers"]:  # each load-generator process's [answers, seconds]
+            assert len(cell) == (client_processes if client_processes > 1 else 0)
+            assert sum(ok for ok, _ in cell) == (40 if client_processes > 1 else 0)
     one, two = result["by_frontends"]["1"], result["by_frontends"]["2"]
     assert one["codes"] == two["codes"] == {"OK": 40}
     for row in (one, two):
