@@ -43,6 +43,7 @@ from typing import Any
 
 from bench import _serving_path as serving_path
 from bench import frontends
+from bench._client_pool import stat_cpu_s
 from bench._common import (
     API_KEY,
     REPO,
@@ -363,7 +364,9 @@ async def measure_in_turn(
         walls = dict.fromkeys(names, 0.0)
         rss = dict.fromkeys(targets, 0.0)
         by_round: dict[str, list[float]] = {name: [] for name in names}  # img/s of each cell, round by round
-        cpu = {name: {"server": 0.0, "client": 0.0} for name in names}  # CPU seconds spent in each one's cells
+        # CPU seconds spent in each one's cells; "top": the server's own processes without their children (with
+        # frontend processes, the model executor alone)
+        cpu = {name: {"server": 0.0, "top": 0.0, "client": 0.0} for name in names}
         ceiling_images = 0
         for t in targets.values():  # warm-up: one call per caller
             await asyncio.gather(*(t.call(k) for k in range(c)))
@@ -384,10 +387,12 @@ async def measure_in_turn(
                 with only_running(servers, targets[name].processes):
                     async with targets[name].server.sampling_rss() as peak:
                         server_before, client_before = tree_cpu_s(pids), own_cpu_s()
+                        top_before = sum(stat_cpu_s(pid) for pid in pids)
                         wall = await drive_closed(targets[name].call, c, recs[name],
                                                   max_requests=max(c, args.requests // rounds),
                                                   max_seconds=args.seconds / rounds)  # fmt: skip
                         cpu[name]["server"] += tree_cpu_s(pids) - server_before
+                        cpu[name]["top"] += sum(stat_cpu_s(pid) for pid in pids) - top_before
                         cpu[name]["client"] += own_cpu_s() - client_before
                 walls[name] += wall
                 by_round[name].append(round((len(recs[name].ok) - done_before) / wall, 3))
@@ -404,6 +409,7 @@ async def measure_in_turn(
             row = summarize(recs[name], walls[name], concurrency=c, rss_peak_mb=rss[name], rounds=rounds,
                             img_per_s_by_round=by_round[name],
                             server_cpu_ms_per_img=per_image_ms(cpu[name]["server"], done),
+                            server_top_cpu_ms_per_img=per_image_ms(cpu[name]["top"], done),
                             client_cpu_ms_per_img=per_image_ms(cpu[name]["client"], done),
                             gpu_mib=sum_gpu_mib(targets[name], gpu_table))  # fmt: skip
             peers[name]["levels"].append(row)
@@ -411,6 +417,7 @@ async def measure_in_turn(
             print(
                 f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
                 f"  rss {row['rss_peak_mb']:7.0f} MB  cpu/img server {row['server_cpu_ms_per_img']} ms"
+                f" (top {row['server_top_cpu_ms_per_img']})"
                 f" client {row['client_cpu_ms_per_img']} ms  {row['codes']}",
                 flush=True,
             )

@@ -73,24 +73,24 @@ def test_gpu_tests_opt_in_runs_the_cuda_tests_after_the_measurement(tmp_path: Pa
 
 def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> None:
     """PLAN=frontends-probe (make bench-gpu-probe): every step parses, the limits fit the target's SESSION_S,
-    and the c=64 steps differ only in the frontend count; on CPU the plan refuses rather than run another."""
+    and the two DenseNet steps (c=64 and 128) differ only in the frontend count; on CPU the plan refuses."""
     session_s = int(re.search(r"PLAN=frontends-probe SESSION_S=(\d+)", (ROOT / "Makefile").read_text())[1])
     session = "bench/gpu/gpu_session.sh"
     steps = planned_steps("cuda", tmp_path, session, PLAN="frontends-probe", SESSION_S=str(session_s))
-    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_c64_default", "probe_c64_f12"]
+    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_default", "probe_f12"]
     assert sum(limit for _, limit, _ in steps) <= session_s - 10
     parsed = {name: PARSERS[argv[2]](argv[3:]) for name, _, argv in steps}
     for name, args in parsed.items():
         assert args.device == "cuda" and str(args.out).startswith(str(tmp_path)), name
     assert parsed["probe_scaling"].frontend_client_processes == 4
-    assert parsed["probe_c64_default"].frontend_processes is None  # the platform's default
-    assert parsed["probe_c64_f12"].frontend_processes == 12
-    assert parsed["probe_c64_default"].levels == [64]
+    assert parsed["probe_default"].frontend_processes is None  # the platform's default
+    assert parsed["probe_f12"].frontend_processes == 12
+    assert parsed["probe_default"].levels == [64, 128]
     default, twelve = (
         {k: v for k, v in vars(parsed[name]).items() if k not in {"frontend_processes", "out"}}
-        for name in ("probe_c64_default", "probe_c64_f12")
+        for name in ("probe_default", "probe_f12")
     )
-    assert default == twelve  # the two c=64 runs differ in the frontend count alone
+    assert default == twelve  # the two runs differ in the frontend count alone
     env = {**os.environ, "DRY": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "WHEELS": "none", "PLAN": "frontends-probe"}
     refused = subprocess.run(["bash", session], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 2 and "DRY" not in refused.stdout

@@ -1,5 +1,6 @@
-"""python -m bench.stack on segmentation end to end (real server processes): the service, the naive server
-and the ceiling measured in turn, in a non-default mask encoding, with the ratios written to its JSON.
+"""python -m bench.stack on segmentation end to end (real server processes): the service (two frontend processes),
+the same service with one, the naive server and the ceiling measured in turn, in a non-default mask encoding,
+with the ratios and each server's CPU (the whole and its top process alone) written to its JSON.
 It replaced bench/segmentation.py, whose smoke test this was."""
 
 import json
@@ -11,11 +12,12 @@ import pytest
 from tests.support.paths import REPO
 
 
-@pytest.mark.slow  # starts two server processes: ~30-60 s on 2 shared CPU cores
+@pytest.mark.slow  # starts three servers (one with two frontends): ~40-80 s on 2 shared CPU cores
 def test_quick_segmentation_stack_writes_ratios(tmp_path):
     out = tmp_path / "stack.json"
-    cmd = [sys.executable, "-m", "bench.stack", "--quick", "--tasks", "segmentation", "--peers", "service,naive",
-           "--mask-encoding", "rle", "--seg-input-size", "32", "--max-batch-size", "4", "--requests", "4",
+    cmd = [sys.executable, "-m", "bench.stack", "--quick", "--tasks", "segmentation",
+           "--peers", "service,service_one_frontend,naive", "--frontend-processes", "2",
+           "--mask-encoding", "rle", "--seg-input-size", "32", "--max-batch-size", "4", "--requests", "12",
            "--seconds", "1", "--rounds", "1", "--concurrency", "1,4", "--images", "2", "--serving-path-requests", "0",
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
@@ -26,11 +28,15 @@ def test_quick_segmentation_stack_writes_ratios(tmp_path):
     assert seg["settings"]["server_config"]["max_batch_size"] == 4
     ceiling = seg["ceiling"]
     assert ceiling["img_per_s"] > 0 and ceiling["finish_p50_ms"] > 0 and ceiling["batch_size"] == 4
-    assert set(seg["peers"]) == {"service", "naive"}
+    assert set(seg["peers"]) == {"service", "service_one_frontend", "naive"}
+    assert seg["settings"]["server_config"]["frontend_processes"] == 2
     for name, peer in seg["peers"].items():
         assert [lv["concurrency"] for lv in peer["levels"]] == [1, 4], name
         for lv in peer["levels"]:
             assert lv["requests"] > 0 and lv["codes"] == {"OK": lv["requests"]}, (name, lv)
             assert lv["img_per_s"] > 0 and lv["p50_ms"] > 0, (name, lv)
+            assert 0 < lv["server_top_cpu_ms_per_img"] <= lv["server_cpu_ms_per_img"], (name, lv)
+    for lv in seg["peers"]["service"]["levels"]:  # the executor alone: the frontends decode and encode the masks
+        assert lv["server_top_cpu_ms_per_img"] < lv["server_cpu_ms_per_img"], lv
     for level in ("c1", "c4"):
         assert seg["ratios"][level]["service_over_naive"] > 0 and seg["ratios"][level]["service_over_ceiling"] > 0
