@@ -77,9 +77,11 @@ class ClientPool:
                     name=f"client-{k}",
                 )  # fmt: skip
                 self.conns.append(ours)
-                proc.start()
+                try:
+                    proc.start()
+                finally:
+                    theirs.close()  # the worker has its own copy once started
                 self.procs.append(proc)
-                theirs.close()
             for k in range(processes):
                 ready = self._answer(k, READY_TIMEOUT_S)
                 if ready != "ready":
@@ -136,7 +138,7 @@ class ClientPool:
             wall_s=elapsed,
             client_cpu_s=cpu,
             per_worker_ok=oks,
-            per_worker_s=[round(reply[2], 3) for reply in replies],
+            per_worker_s=[reply[2] for reply in replies],
         )
 
     def close(self) -> None:

@@ -163,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.serving_path_requests = 48 if q else 320
     if args.frontend_requests is None:
         args.frontend_requests = 120 if q else 600
-    if args.frontend_requests > 0 and (problem := frontends.client_processes_problem(args)):
+    scales_out = args.frontend_requests > 0 and "classification" in args.tasks.split(",")
+    if scales_out and (problem := frontends.client_processes_problem(args)):
         ap.error(problem)
     if args.model_instances is None:
         args.model_instances = default_model_instances(args.device, args.torch_threads)
@@ -391,8 +392,9 @@ async def measure_in_turn(
                         wall = await drive_closed(targets[name].call, c, recs[name],
                                                   max_requests=max(c, args.requests // rounds),
                                                   max_seconds=args.seconds / rounds)  # fmt: skip
+                        top_after = sum(stat_cpu_s(pid) for pid in pids)  # inside the tree's window: top <= server
                         cpu[name]["server"] += tree_cpu_s(pids) - server_before
-                        cpu[name]["top"] += sum(stat_cpu_s(pid) for pid in pids) - top_before
+                        cpu[name]["top"] += top_after - top_before
                         cpu[name]["client"] += own_cpu_s() - client_before
                 walls[name] += wall
                 by_round[name].append(round((len(recs[name].ok) - done_before) / wall, 3))

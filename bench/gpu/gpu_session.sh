@@ -10,7 +10,7 @@ set -u
 OUTDIR=${OUT:-bench/gpu/results}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-if [ "${PLAN:-all}" = frontends-probe ] && [ "$DEVICE" != cuda ]; then
+if [ "${PLAN:-all}" = frontends-probe ] && [ "${DEVICE#cuda}" = "$DEVICE" ]; then
   echo "PLAN=frontends-probe measures a GPU host (DEVICE=cuda); on CPU use python -m bench.frontends"; exit 2
 fi
 mkdir -p "$OUTDIR"

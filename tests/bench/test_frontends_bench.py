@@ -101,6 +101,9 @@ def test_client_processes_must_fit_the_callers_and_connections(tmp_path) -> None
     with pytest.raises(SystemExit) as refused:  # bench.stack's scale-out stage: refused before any peer runs
         stack.parse_args(["--frontend-concurrency", "4", "--frontend-client-processes", "5"])
     assert refused.value.code == 2
+    bad = ["--frontend-concurrency", "4", "--frontend-client-processes", "5"]
+    for no_stage in (["--frontend-requests", "0"], ["--tasks", "segmentation"]):  # no scale-out stage: nothing to split
+        assert stack.parse_args(bad + no_stage).frontend_client_processes == 5
 
 
 @pytest.mark.slow  # two service processes (N=1 and N=2) with the cheap model: ~40-60 s on 2 cores, each
@@ -117,9 +120,11 @@ def test_scaling_reports_client_executor_and_frontend_cpu_per_request(tmp_path, 
     for row in result["by_frontends"].values():  # the workers' CPU is part of the client's, and only with workers
         for c, workers in zip(row["c_ms"], row["c_workers_ms"], strict=True):
             assert (workers > 0) == (client_processes > 1) and c >= workers
-        for cell in row["client_workers"]:  # each load-generator process's [answers, seconds]
+        for cell, rate in zip(row["client_workers"], row["req_per_s"], strict=True):  # [answers, seconds] each
             assert len(cell) == (client_processes if client_processes > 1 else 0)
             assert sum(ok for ok, _ in cell) == (40 if client_processes > 1 else 0)
+            if cell:  # the cell's rate: its answers over the time to the last worker's reply, never more
+                assert rate <= sum(ok for ok, _ in cell) / max(s for _, s in cell) * 1.01
     one, two = result["by_frontends"]["1"], result["by_frontends"]["2"]
     assert one["codes"] == two["codes"] == {"OK": 40}
     for row in (one, two):
