@@ -15,11 +15,11 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from bench._common import stat_cpu_s
 
 READY_TIMEOUT_S = 120.0
 ANSWER_GRACE_S = 180.0  # past a cell's max_seconds: a call's own timeout (120 s) and the worker's bookkeeping
@@ -29,14 +29,6 @@ def _split(total: int, parts: int) -> list[int]:
     """`total` in `parts` shares that differ by at most one, none below 1."""
     base, extra = divmod(max(total, parts), parts)
     return [base + (k < extra) for k in range(parts)]
-
-
-def stat_cpu_s(pid: int) -> float:
-    """CPU seconds of process `pid` (every thread, not its children) from /proc."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 @dataclass

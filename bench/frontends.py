@@ -11,7 +11,7 @@ policy would), which sends more calls to the frontend that answers faster; `--fr
 sends call i to channel i mod channels. Requests are serialised once, before
 the run, and sent as bytes with generic unary calls (the cheapest honest asyncio client). With
 `--frontend-client-processes K` the callers and connections are split over K load-generator processes
-(bench/_client_pool.py) and a cell's rate is the sum of theirs.
+(bench/_client_pool.py); a cell's rate is then its answers over the time to the last one's reply.
 
 From /proc, per cell and per answered request: the client's CPU `c` (this process and any load-generator
 processes), the executor's `e`
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._client_pool import ClientPool, stat_cpu_s
+from bench._client_pool import ClientPool
 from bench._common import (
     Recorder,
     drive_closed,
@@ -47,6 +47,7 @@ from bench._common import (
     nih_pngs,
     own_cpu_s,
     process_tree,
+    stat_cpu_s,
     tree_cpu_s,
     write_result,
 )

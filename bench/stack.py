@@ -43,7 +43,6 @@ from typing import Any
 
 from bench import _serving_path as serving_path
 from bench import frontends
-from bench._client_pool import stat_cpu_s
 from bench._common import (
     API_KEY,
     REPO,
@@ -62,6 +61,7 @@ from bench._common import (
     own_cpu_s,
     paired_p50,
     stage,
+    stat_cpu_s,
     stop_on_sigterm,
     summarize,
     tree_cpu_s,

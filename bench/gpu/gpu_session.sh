@@ -82,11 +82,11 @@ if [ "${PLAN:-all}" = frontends-probe ]; then
   # top process (the executor) and the rest
   step probe_scaling 100 $PY -m bench.frontends --device cuda --frontend-counts 1,2,4,8 --frontend-concurrency 128 \
     --frontend-requests 6000 --frontend-client-processes 4 --rounds 2 --seconds 6 --out "$OUTDIR/frontends-probe.json"
-  C64=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64,128 --channels 32
+  DENSENET=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64,128 --channels 32
        --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
        --tasks classification --peers service,service_one_frontend)
-  step probe_default 130 $PY -m bench.stack "${C64[@]}" --out "$OUTDIR/stack-probe-default.json"
-  step probe_f12 130 $PY -m bench.stack "${C64[@]}" --frontend-processes 12 --out "$OUTDIR/stack-probe-f12.json"
+  step probe_default 130 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-default.json"
+  step probe_f12 130 $PY -m bench.stack "${DENSENET[@]}" --frontend-processes 12 --out "$OUTDIR/stack-probe-f12.json"
   ls -la "$OUTDIR"
   exit 0
 fi
