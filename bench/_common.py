@@ -352,6 +352,53 @@ def stat_cpu_s(pid: int) -> float:
     return 0.0
 
 
+def thread_cpu_s(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds of every thread of these processes (not their children), by (pid, tid), with the
+    thread's kernel name (`main` for a process's first thread): what shows one thread's limit (an event
+    loop, a model thread, the GIL), which a process's total hides."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = (task / "stat").read_text()
+                    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                    fields = stat.rsplit(")", 1)[1].split()
+                    tid = int(task.name)
+                    out[(pid, tid)] = ("main" if tid == pid else name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def add_thread_cpu(
+    spent: dict[tuple[int, int], tuple[str, float]],
+    before: dict[tuple[int, int], tuple[str, float]],
+    after: dict[tuple[int, int], tuple[str, float]],
+) -> None:
+    """Add each thread's CPU between two `thread_cpu_s` readings into `spent` (a cell's rounds add up)."""
+    for key, (name, cpu) in after.items():
+        delta = cpu - before.get(key, (name, 0.0))[1]
+        if delta > 0:
+            spent[key] = (name, spent.get(key, (name, 0.0))[1] + delta)
+
+
+def busiest_threads(
+    spent: dict[tuple[int, int], tuple[str, float]], answered: int, wall_s: float, top: int = 4
+) -> list[dict[str, Any]]:
+    """The `top` threads of `spent` (`add_thread_cpu`) by CPU: name, CPU ms per answer and the share of one
+    core each used over `wall_s` (near 1.0: that thread is a bound)."""
+    used = sorted(((s, name, key[1]) for key, (name, s) in spent.items()), reverse=True)
+    return [
+        {
+            "thread": name,
+            "tid": tid,
+            "ms_per_answer": round(1000 * s / max(answered, 1), 3),
+            "core_share": round(s / wall_s, 3) if wall_s > 0 else None,
+        }
+        for s, name, tid in used[:top]
+    ]
+
+
 def tree_cpu_s(pids: list[int]) -> float:
     """CPU seconds (user + system, every thread, and the children already reaped) of these processes
     and all their descendants: what a cell cost each side, read before and after it."""

@@ -40,6 +40,8 @@ from typing import Any
 from bench._client_pool import ClientPool
 from bench._common import (
     Recorder,
+    add_thread_cpu,
+    busiest_threads,
     drive_closed,
     free_port,
     grpc_serving,
@@ -48,6 +50,7 @@ from bench._common import (
     own_cpu_s,
     process_tree,
     stat_cpu_s,
+    thread_cpu_s,
     tree_cpu_s,
     write_result,
 )
@@ -165,7 +168,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         raise ValueError(problem)
     pool: ClientPool | None = None
     keys = ("req_per_s", "client_cores", "server_cpu_ms", "c_ms", "c_workers_ms", "e_ms", "f_ms", "cores_used")
-    keys += ("connections_per_frontend", "client_workers")
+    keys += ("connections_per_frontend", "client_workers", "executor_threads")
     rows: dict[int, dict[str, list[Any]]] = {n: {k: [] for k in keys} for n in counts}
     codes: dict[int, dict[str, int]] = {n: {} for n in counts}
     policies: dict[str, dict[str, int]] = {}
@@ -207,6 +210,7 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 assert svc.proc is not None
                 parent = svc.proc.pid
                 server_before, exec_before = tree_cpu_s([parent]), stat_cpu_s(parent)
+                threads_before = thread_cpu_s([parent])
                 client_before = own_cpu_s()
                 if pool is None:
                     rec = Recorder()
@@ -222,6 +226,8 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     worker_cells = [list(w) for w in zip(cell.per_worker_ok, cell.per_worker_s, strict=True)]
                 client_s = own_cpu_s() - client_before + workers_s
                 server_s, exec_s = tree_cpu_s([parent]) - server_before, stat_cpu_s(parent) - exec_before
+                spent: dict[tuple[int, int], tuple[str, float]] = {}
+                add_thread_cpu(spent, threads_before, thread_cpu_s([parent]))
                 per_req = 1000 / max(done, 1)
                 if n == 1:  # one process: the frontend and the executor are the same
                     exec_s = 0.0
@@ -236,14 +242,16 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 rows[n]["cores_used"].append(round((server_s + client_s) / wall, 3))  # client and server together
                 rows[n]["connections_per_frontend"].append(sorted(connections_by_process(port, kids).values()))
                 rows[n]["client_workers"].append(worker_cells)  # [answers, seconds] of each load-generator process
+                rows[n]["executor_threads"].append(busiest_threads(spent, done, wall, top=3))  # N=1: the one process
                 for code, k in cell_codes.items():
                     codes[n][code] = codes[n].get(code, 0) + k
                 loads.append(os.getloadavg()[0])
-                row = rows[n]
+                row, spent_top = rows[n], rows[n]["executor_threads"][-1]
                 print(
                     f"   frontends N={n} round {r}: {row['req_per_s'][-1]} req/s, cores {row['cores_used'][-1]};"
                     f" ms CPU/req c {row['c_ms'][-1]} e {row['e_ms'][-1]} f {row['f_ms'][-1]};"
-                    f" connections {row['connections_per_frontend'][-1]}; load {loads[-1]:.2f}",
+                    f" connections {row['connections_per_frontend'][-1]}; load {loads[-1]:.2f};"
+                    f" executor's busiest threads {[(t['thread'], t['core_share']) for t in spent_top]}",
                     flush=True,
                 )
         policies = {str(n): svc.thread_policies() for n, (svc, _) in servers.items()}

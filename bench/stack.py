@@ -49,6 +49,8 @@ from bench._common import (
     Call,
     Recorder,
     ServerProcess,
+    add_thread_cpu,
+    busiest_threads,
     drive_closed,
     free_port,
     gpu_mib_by_pid,
@@ -64,6 +66,7 @@ from bench._common import (
     stat_cpu_s,
     stop_on_sigterm,
     summarize,
+    thread_cpu_s,
     tree_cpu_s,
     tree_gpu_mib,
     write_result,
@@ -368,6 +371,7 @@ async def measure_in_turn(
         # CPU seconds spent in each one's cells; "top": the server's own processes without their children (with
         # frontend processes, the model executor alone)
         cpu = {name: {"server": 0.0, "top": 0.0, "client": 0.0} for name in names}
+        threads: dict[str, dict[tuple[int, int], tuple[str, float]]] = {name: {} for name in names}
         ceiling_images = 0
         for t in targets.values():  # warm-up: one call per caller
             await asyncio.gather(*(t.call(k) for k in range(c)))
@@ -389,10 +393,12 @@ async def measure_in_turn(
                     async with targets[name].server.sampling_rss() as peak:
                         server_before, client_before = tree_cpu_s(pids), own_cpu_s()
                         top_before = sum(stat_cpu_s(pid) for pid in pids)
+                        threads_before = thread_cpu_s(pids)
                         wall = await drive_closed(targets[name].call, c, recs[name],
                                                   max_requests=max(c, args.requests // rounds),
                                                   max_seconds=args.seconds / rounds)  # fmt: skip
                         top_after = sum(stat_cpu_s(pid) for pid in pids)  # inside the tree's window: top <= server
+                        add_thread_cpu(threads[name], threads_before, thread_cpu_s(pids))
                         cpu[name]["server"] += tree_cpu_s(pids) - server_before
                         cpu[name]["top"] += top_after - top_before
                         cpu[name]["client"] += own_cpu_s() - client_before
@@ -412,6 +418,7 @@ async def measure_in_turn(
                             img_per_s_by_round=by_round[name],
                             server_cpu_ms_per_img=per_image_ms(cpu[name]["server"], done),
                             server_top_cpu_ms_per_img=per_image_ms(cpu[name]["top"], done),
+                            server_top_threads=busiest_threads(threads[name], done, walls[name]),
                             client_cpu_ms_per_img=per_image_ms(cpu[name]["client"], done),
                             gpu_mib=sum_gpu_mib(targets[name], gpu_table))  # fmt: skip
             peers[name]["levels"].append(row)
@@ -419,11 +426,16 @@ async def measure_in_turn(
             print(
                 f"   {name:<13} c={c:<3} {row['img_per_s']:8.2f} img/s  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms"
                 f"  rss {row['rss_peak_mb']:7.0f} MB  cpu/img server {row['server_cpu_ms_per_img']} ms"
-                f" (top {row['server_top_cpu_ms_per_img']})"
+                f" (top {row['server_top_cpu_ms_per_img']}{busiest_note(row['server_top_threads'])})"
                 f" client {row['client_cpu_ms_per_img']} ms  {row['codes']}",
                 flush=True,
             )
     return peers, ceilings
+
+
+def busiest_note(threads: list[dict[str, Any]]) -> str:
+    """The busiest thread for the console line: its name and share of a core."""
+    return f"; busiest thread {threads[0]['thread']} {threads[0]['core_share']} core" if threads else ""
 
 
 def sum_gpu_mib(target: Target, table: dict[int, float]) -> float | None:

@@ -1,6 +1,6 @@
 """Wheels for a bare GPU machine that has CUDA torch but not our other dependencies (bench/gpu/gpu_session.sh).
 
-Walks the requirements of our packages and LitServe as installed in this virtualenv, skips what the
+Walks the requirements of our packages, LitServe and py-spy (the probe) as installed in this virtualenv, skips what the
 target already has (`--present`: a file of package names, one per line or space-separated; torch,
 torchvision and NVIDIA's packages, with their own requirements, are always skipped: they must match the
 machine's CUDA), and downloads the rest for the target's Python into .whl/. `--force` downloads some anyway (packages
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench._common import IMAGES, REPO
 
-ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve"]
+ROOTS = ["cxr-serving", "cxr-classification", "cxr-segmentation", "cxr-gateway", "cxr-protos", "litserve", "py-spy"]
 ALWAYS_PRESENT = {"torch", "torchvision", "triton", "numpy", "pillow"}
 GPU_IMAGES = 16  # NIH PNGs shipped to the GPU machine: gpu_paths holds all of them back for the runtime check
 PLATFORMS = ["manylinux2014_x86_64"] + [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)]

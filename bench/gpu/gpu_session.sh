@@ -76,17 +76,22 @@ else
   TESTS=()
 fi
 if [ "${PLAN:-all}" = frontends-probe ]; then
-  # issue 23's bound on a GPU host, step by step: the scale-out with four client processes (is one client the
-  # bound?), then DenseNet-121 at c=64 and c=128 with the default frontends (cores/2) and with 12, each beside one
-  # frontend and its ceiling (are the frontends? the closed loop's round trip?), each server's CPU split into its
-  # top process (the executor) and the rest
-  step probe_scaling 100 $PY -m bench.frontends --device cuda --frontend-counts 1,2,4,8 --frontend-concurrency 128 \
-    --frontend-requests 6000 --frontend-client-processes 4 --rounds 2 --seconds 6 --out "$OUTDIR/frontends-probe.json"
-  DENSENET=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64,128 --channels 32
-       --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
-       --tasks classification --peers service,service_one_frontend)
-  step probe_default 130 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-default.json"
-  step probe_f12 130 $PY -m bench.stack "${DENSENET[@]}" --frontend-processes 12 --out "$OUTDIR/stack-probe-f12.json"
+  # issue 23's bound on a GPU host: which thread of the model executor runs out first. The cheap model's scale-out
+  # at N = 1 and 8 with each cell's busiest executor threads; then DenseNet-121 at c=64 (default frontends, cores/2)
+  # in cells long enough for py-spy to sample the executor's threads (bench/gpu/pyspy_executor.py, in the
+  # background: it starts once the executor is loaded)
+  step probe_scaling 70 $PY -m bench.frontends --device cuda --frontend-counts 1,8 --frontend-concurrency 128 \
+    --frontend-requests 20000 --rounds 2 --seconds 5 --out "$OUTDIR/frontends-probe.json"
+  DENSENET=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64 --channels 32
+       --requests 60000 --seconds 20 --rounds 2 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
+       --tasks classification --peers service)
+  if [ -z "${DRY:-}" ]; then
+    PYSPY=${PYSPY:-$(ls /tmp/site/bin/py-spy 2>/dev/null)} $PY -m bench.gpu.pyspy_executor --out "$OUTDIR" \
+      --seconds 10 --native-seconds 6 --rate 100 --wait 150 > "$OUTDIR/pyspy.log" 2>&1 &
+  fi
+  step probe_densenet 130 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-densenet.json"
+  wait
+  [ -f "$OUTDIR/pyspy.log" ] && tail -n 30 "$OUTDIR/pyspy.log"
   ls -la "$OUTDIR"
   exit 0
 fi

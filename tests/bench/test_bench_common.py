@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -345,3 +347,52 @@ def test_latency_c1_reports_each_sides_inference_and_what_serving_adds_besides_i
     rounds.service_inference.pop()  # a response without `timing` would pair the wrong rounds: not reported
     row = summarise(rounds, [58.0, 59.0, 60.0])
     assert "added_besides_inference_paired_p50_ms" not in row and row["inference_p50_ms"]["service"] == 52.5
+
+
+def test_busiest_threads_names_the_thread_that_used_the_cpu() -> None:
+    """A thread that spins for 0.3 s tops `busiest_threads`, under its kernel name, with about that CPU."""
+    from bench._common import add_thread_cpu, busiest_threads, thread_cpu_s
+    from cxr_serving.os_thread_name import name_os_thread
+
+    spun, leave = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        name_os_thread("bench-spin")
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        leave.wait(10)  # alive until read: a finished thread leaves /proc
+
+    before = thread_cpu_s([os.getpid()])
+    started = time.perf_counter()
+    t = threading.Thread(target=spin)
+    t.start()
+    assert spun.wait(10)
+    wall = time.perf_counter() - started
+    after = thread_cpu_s([os.getpid()])
+    leave.set()
+    t.join()
+    spent: dict[tuple[int, int], tuple[str, float]] = {}
+    add_thread_cpu(spent, before, after)
+    top = busiest_threads(spent, answered=10, wall_s=wall)
+    assert top[0]["thread"] == "bench-spin", top
+    assert 25 <= top[0]["ms_per_answer"] <= 45, top  # 0.3 s over 10 answers, at the 10 ms tick
+    assert top[0]["core_share"] == round(top[0]["ms_per_answer"] * 10 / 1000 / wall, 3)
+    assert all(t["thread"] != "main" or t["tid"] == threading.main_thread().native_id for t in top)
+
+
+def test_pyspy_summary_sums_self_and_total_per_thread(tmp_path: Path) -> None:
+    """py-spy's raw stacks become per-thread samples, self counts (the leaf) and totals (each frame once)."""
+    from bench.gpu.pyspy_executor import summarise
+
+    raw = tmp_path / "x.raw"
+    lines = ["thread (1): MainThread;run (a.py:1);f (a.py:2);f (a.py:2) 3", "thread (1): MainThread;run (a.py:1) 1",
+             "thread (2): pool;g (b.py:1) 5", "not a sample line"]  # fmt: skip
+    raw.write_text("\n".join(lines) + "\n")
+    out = summarise(raw)
+    assert list(out) == ["thread (2): pool", "thread (1): MainThread"]
+    main = out["thread (1): MainThread"]
+    assert main["samples"] == 4
+    assert main["self"] == [["f (a.py:2)", 3, 0.75], ["run (a.py:1)", 1, 0.25]]
+    assert dict((f, n) for f, n, _ in main["total"]) == {"run (a.py:1)": 4, "f (a.py:2)": 3}

@@ -72,25 +72,25 @@ def test_gpu_tests_opt_in_runs_the_cuda_tests_after_the_measurement(tmp_path: Pa
 
 
 def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> None:
-    """PLAN=frontends-probe (make bench-gpu-probe): every step parses, the limits fit the target's SESSION_S,
-    and the two DenseNet steps (c=64 and 128) differ only in the frontend count; on CPU the plan refuses."""
+    """PLAN=frontends-probe (make bench-gpu-probe): every step parses, the limits fit the target's SESSION_S, the
+    DenseNet step's service cells last long enough for py-spy's recording, and on CPU the plan refuses."""
     session_s = int(re.search(r"PLAN=frontends-probe SESSION_S=(\d+)", (ROOT / "Makefile").read_text())[1])
     session = "bench/gpu/gpu_session.sh"
     steps = planned_steps("cuda", tmp_path, session, PLAN="frontends-probe", SESSION_S=str(session_s))
-    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_default", "probe_f12"]
+    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_densenet"]
     assert sum(limit for _, limit, _ in steps) <= session_s - 10
     parsed = {name: PARSERS[argv[2]](argv[3:]) for name, _, argv in steps}
     for name, args in parsed.items():
         assert args.device == "cuda" and str(args.out).startswith(str(tmp_path)), name
-    assert parsed["probe_scaling"].frontend_client_processes == 4
-    assert parsed["probe_default"].frontend_processes is None  # the platform's default
-    assert parsed["probe_f12"].frontend_processes == 12
-    assert parsed["probe_default"].levels == [64, 128]
-    default, twelve = (
-        {k: v for k, v in vars(parsed[name]).items() if k not in {"frontend_processes", "out"}}
-        for name in ("probe_default", "probe_f12")
-    )
-    assert default == twelve  # the two runs differ in the frontend count alone
+    assert parsed["probe_scaling"].frontend_counts == (1, 8)
+    densenet = parsed["probe_densenet"]
+    assert densenet.frontend_processes is None  # the platform's default
+    assert densenet.levels == [64]
+    spy = re.search(r"pyspy_executor .*?--seconds (\d+) --native-seconds (\d+)", (ROOT / session).read_text(), re.S)
+    recording_s = float(spy[1]) + float(spy[2])
+    # the service is measured for seconds/rounds per round, capped at requests/rounds answers (at 3,000 img/s)
+    per_round_s = min(densenet.seconds / densenet.rounds, densenet.requests / densenet.rounds / 3000)
+    assert per_round_s * densenet.rounds >= recording_s
     env = {**os.environ, "DRY": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "WHEELS": "none", "PLAN": "frontends-probe"}
     refused = subprocess.run(["bash", session], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 2 and "DRY" not in refused.stdout

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from cxr_serving.batcher import DynamicBatcher
-from cxr_serving.handoff import run_on
+from cxr_serving.handoff import WarmThreadPool, run_on
 from cxr_serving.images import DecodeLimits, DecodePool
+from cxr_serving.os_thread_name import kernel_name
 
 
 @pytest.fixture
@@ -93,3 +96,19 @@ async def test_decode_pool_and_batcher_hand_off_without_chaining_a_concurrent_fu
     finally:
         await batcher.close()
         pool.close()
+
+
+def test_pool_threads_carry_their_names_in_the_kernel() -> None:
+    """`top -H` and /proc show a pool thread by its name (the end kept where the kernel's 15 bytes cut it), so
+    an operator and the benchmarks tell the decode and model threads from the event loop."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("kernel thread names are read from /proc")
+    assert kernel_name("decode_0") == b"decode_0"
+    assert kernel_name("batch-multiclass_classifier_0") == b"ss_classifier_0"
+    pool = WarmThreadPool(2, thread_name_prefix="batch-multiclass_classifier")
+    try:
+        comm = pool.submit(lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+        assert comm.result(timeout=10) == "ss_classifier_0"
+    finally:
+        pool.shutdown()
+    assert Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() != "ss_classifier_0"

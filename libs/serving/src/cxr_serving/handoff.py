@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from cxr_serving.os_thread_name import name_os_thread
+
 T = TypeVar("T")
 
 
@@ -120,6 +122,7 @@ class WarmThreadPool(concurrent.futures.Executor):
         return future
 
     def _work(self, inbox: queue.SimpleQueue[_Job | None]) -> None:
+        name_os_thread(threading.current_thread().name)
         while True:
             job = inbox.get()
             while job is not None:
