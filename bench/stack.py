@@ -131,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--peers", default="service,gateway_rest,gateway_grpc,naive,litserve,litserve_folded",
         help="also: service_other_mode (our service with the other --instance-mode), service_eager (our service "
-        "without performance.cuda_graphs: GPU), service_one_frontend (our service with frontend_processes 1)",
+        "without performance.cuda_graphs: GPU), service_one_frontend (our service with frontend_processes 1), "
+        "service_two_instances (our service with server_config.model_instances 2: two batches at once)",
     )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument(
@@ -540,6 +541,7 @@ async def run_peers(
                 "service_other_mode",
                 "service_eager",
                 "service_one_frontend",
+                "service_two_instances",
                 "naive",
                 "litserve",
                 "litserve_folded",
@@ -552,6 +554,7 @@ async def run_peers(
             "service_other_mode": {"instance_mode": "process" if args.instance_mode == "thread" else "thread"},
             "service_eager": {"cuda_graphs": False},
             "service_one_frontend": {"frontend_processes": 1},
+            "service_two_instances": {"model_instances": 2},
         }
         variant_services = {
             name: started(service_process(task, variant(task, args, tmp, **changes), ports[name]))
@@ -674,6 +677,7 @@ def ratios(
             "service_other_mode",
             "service_eager",
             "service_one_frontend",
+            "service_two_instances",
             "gateway_rest",
             "gateway_grpc",
         ):

@@ -98,8 +98,8 @@ fi
 if [ "${PLAN:-all}" = issue23 ]; then
   # bench/gpu/run.sh: issue 23's GPU targets (and issue 24's TensorRT row) in one call of at most 8 minutes:
   # the service (frontend_processes: the platform's default, cores/2 on a GPU) beside the same service with
-  # one frontend and LitServe, DenseNet-121 @224 at c=1/64 spread over 32 connections; U-Net @512; the
-  # frontend scale-out of a cheap model at N = 1, 2, 4, 8
+  # one frontend and with two model instances (two batches at once), DenseNet-121 @224 at c=1/64 spread over 32
+  # connections; U-Net @512; the frontend scale-out of a cheap model at N = 1, 2, 4, 8
   if [ "$DEVICE" = cuda ]; then
     I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
          --concurrency 1,64 --channels 32 --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off
@@ -112,7 +112,7 @@ if [ "${PLAN:-all}" = issue23 ]; then
     SCALE=(--frontend-counts 1,2 --frontend-requests 48)
   fi
   step i23_classification 200 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
-    --peers service,service_one_frontend,litserve --out "$OUTDIR/stack-classification-frontends.json"
+    --peers service,service_two_instances,service_one_frontend --out "$OUTDIR/stack-classification-frontends.json"
   step i23_segmentation 150 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
   if [ "$DEVICE" = cuda ] && [ "${GPU_TESTS:-0}" = 1 ]; then

@@ -27,3 +27,23 @@ def test_compile_modes_on_gpu_answer_like_eager(mode: str) -> None:
         for size in (1, 2, 5, 2):  # CUDA graphs replay per size; results are read before the next call
             x = torch.rand(size, 3, 32, 32).cuda()
             assert torch.allclose(model(dev.batch_to_device(x)).float().cpu(), eager(x).cpu(), atol=1e-4)
+
+
+def test_stack_to_device_equals_a_plain_stack_and_never_overwrites_a_copy_in_flight() -> None:
+    """Batches staged through this thread's page-locked buffer arrive bit-equal to torch.stack(...).cuda(), also
+    when the next batch is staged before the last one's copy was waited for, and when a batch outgrows the
+    buffer; a second thread has its own buffer."""
+    import threading
+
+    dev = InferenceDevice.resolve("cuda", PerformanceConfig(use_amp=False))
+    rounds = [[torch.rand(1, 224, 224) for _ in range(n)] for n in (8, 8, 32, 3, 64)]
+    batches = [dev.stack_to_device(items) for items in rounds]  # no synchronisation in between
+    for items, batch in zip(rounds, batches, strict=True):
+        assert batch.is_cuda
+        assert torch.equal(batch.cpu(), torch.stack(items))
+    other: list[torch.Tensor] = []
+    items = [torch.rand(1, 224, 224) for _ in range(4)]
+    t = threading.Thread(target=lambda: other.append(dev.stack_to_device(items)))
+    t.start()
+    t.join()
+    assert torch.equal(other[0].cpu(), torch.stack(items))

@@ -469,3 +469,57 @@ async def test_submissions_are_reported_by_priority():
     await asyncio.gather(b.submit(1), b.submit(2, urgency=STAT), b.submit(3, urgency=Urgency(Priority.ROUTINE)))
     assert sorted(seen.submitted) == [Priority.ROUTINE, Priority.ROUTINE, Priority.STAT]
     await b.close()
+
+
+async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are_answered():
+    """With one batch at a time, the model is handed the next batch as soon as it returns the last one, not after
+    the event loop has run every answered caller's continuation (on a GPU node those are the replies, and the
+    GPU would idle through them): batch 2 starts while batch 1's first caller still holds the loop."""
+    starts: list[float] = []
+
+    def run(items):
+        starts.append(time.perf_counter())
+        time.sleep(0.02)
+        return [i * 10 for i in items]
+
+    b = DynamicBatcher("m", run, max_batch_size=2, max_batch_delay_ms=0, max_concurrent_batches=1)
+    answered: list[float] = []
+
+    async def caller(i: int) -> int:
+        out = await b.submit(i)
+        time.sleep(0.05)  # the caller's reply work, in the loop's thread
+        answered.append(time.perf_counter())
+        return out
+
+    first = [asyncio.ensure_future(caller(i)) for i in range(2)]
+    await asyncio.sleep(0.005)  # batch 1 (callers 0 and 1) is on the model; 2 and 3 wait for the next
+    second = [asyncio.ensure_future(caller(i)) for i in range(2, 4)]
+    assert await asyncio.gather(*first, *second) == [0, 10, 20, 30]
+    assert len(starts) == 2
+    assert starts[1] < answered[0], (starts, answered)  # before the first answered caller of batch 1 was done
+    await b.close()
+
+
+async def test_a_batch_cancelled_before_its_first_step_never_runs_its_job():
+    """close() whose grace has run out cancels a batch task; a job submitted for it that has not started is
+    skipped, and its callers are answered."""
+    gate = threading.Event()
+    ran: list[list[int]] = []
+
+    def run(items):
+        ran.append(list(items))
+        gate.wait(5)
+        return [i * 10 for i in items]
+
+    b = DynamicBatcher("m", run, max_batch_size=1, max_batch_delay_ms=0, max_concurrent_batches=2)
+    callers = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
+    for _ in range(200):
+        if ran:
+            break
+        await asyncio.sleep(0.005)
+    drained = await b.close(grace_s=0.05)
+    gate.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert drained is False
+    assert all(isinstance(o, ModelNotReadyError) for o in outcomes), outcomes
+    assert ran == [[0]] or sorted(ran) == [[0], [1]]  # one pool thread per batch: the second may have started

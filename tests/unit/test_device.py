@@ -84,3 +84,17 @@ def test_compiled_network_serves_every_batch_size_from_one_graph() -> None:
             x = torch.rand(size, 3, 16, 16)
             assert torch.allclose(model(dev.batch_to_device(x)), net(x), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_stack_to_device_on_cpu_is_a_plain_stack() -> None:
+    """On CPU stack_to_device is torch.stack (no staging): the same values, a new tensor."""
+    import torch
+
+    from cxr_serving.device import InferenceDevice
+    from cxr_serving.settings import PerformanceConfig
+
+    dev = InferenceDevice.resolve("cpu", PerformanceConfig(use_amp=False))
+    items = [torch.rand(1, 8, 8) for _ in range(3)]
+    batch = dev.stack_to_device(items)
+    assert torch.equal(batch, torch.stack(items)) and batch.shape == (3, 1, 8, 8)
+    assert batch.data_ptr() not in {t.data_ptr() for t in items}

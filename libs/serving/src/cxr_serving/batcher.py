@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from cxr_serving.errors import DeadlineExceededError, ModelNotReadyError, OverloadedError
-from cxr_serving.handoff import PoolClosedError, WarmThreadPool, run_on
+from cxr_serving.handoff import PoolClosedError, WarmThreadPool, start_on
 from cxr_serving.urgency import ROUTINE, Priority, Urgency
 
 In = TypeVar("In")
@@ -59,6 +59,20 @@ class _Lanes(Generic[In, Out]):
             if self._lanes[priority]:
                 return self._lanes[priority].popleft()
         return None
+
+
+class _Once:
+    """Calls `fn` the first time it is called, and never again: a batch gives its slot back once."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 class BatchObserver:
@@ -274,14 +288,29 @@ class DynamicBatcher(Generic[In, Out]):
             if not live:
                 slots.release()
                 continue
-            task = loop.create_task(self._run(live), name=f"batch-{self.name}")
+            release = _Once(slots.release)
+            # submitted here, not in the task's first step: the task would start after every callback already
+            # queued (the last batch's callers' replies), and the model would wait for them
+            started, job = time.perf_counter(), self._start(live)
+            task = loop.create_task(self._run(live, job, release, started), name=f"batch-{self.name}")
             self._running[task] = live
 
-            def done(t: asyncio.Task[None]) -> None:
+            def done(t: asyncio.Task[None], release: _Once = release, job: Any = job) -> None:
                 self._running.pop(t, None)
-                slots.release()
+                if isinstance(job, asyncio.Future):  # a task cancelled before its first step never awaited it
+                    job.cancel()
+                release()
 
             task.add_done_callback(done)
+
+    def _start(self, live: list[_Pending[In, Out]]) -> asyncio.Future[Sequence[Out | BaseException]] | str:
+        """The batch submitted to the model's thread, or why it could not be (its callers are answered so)."""
+        if self._closed:  # closed before this batch reached a thread: its pool may be shut down
+            return "was unloaded"
+        try:
+            return start_on(self._executor, self._run_batch, [p.item for p in live])
+        except PoolClosedError:  # a shared pool shut down under us: the model is going away, not broken
+            return "is shutting down"
 
     def _fail(self, pending: list[_Pending[In, Out]], what: str) -> None:
         for p in pending:
@@ -299,22 +328,26 @@ class DynamicBatcher(Generic[In, Out]):
                 self._fail([p], "was unloaded")
         return worker
 
-    async def _run(self, live: list[_Pending[In, Out]]) -> None:
-        if self._closed:  # closed before this batch reached a thread: its pool may be shut down
-            self._fail(live, "was unloaded")
+    async def _run(
+        self,
+        live: list[_Pending[In, Out]],
+        job: asyncio.Future[Sequence[Out | BaseException]] | str,
+        release: Callable[[], None],
+        started: float,
+    ) -> None:
+        if isinstance(job, str):
+            self._fail(live, job)
             return
-        started = time.perf_counter()
         try:
-            results = await run_on(self._executor, self._run_batch, [p.item for p in live])
+            results = await job
+            release()  # the next batch starts now, before this one's callers are answered
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
         except asyncio.CancelledError:  # close() stopped waiting for this batch (its grace ran out)
             self._fail(live, "stopped")
             raise
-        except PoolClosedError:  # a shared pool shut down under us: the model is going away, not broken
-            self._fail(live, "is shutting down")
-            return
         except BaseException as exc:  # fan the failure out to every caller of the batch
+            release()
             self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
             for p in live:
                 if not p.future.done():

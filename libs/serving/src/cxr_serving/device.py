@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +141,30 @@ class InferenceDevice:
         if self.is_cuda:
             torch.cuda.empty_cache()
 
+    def stack_to_device(self, items: Sequence[Any]) -> Any:
+        """The items (tensors of one shape) as one batch on the device. On a GPU they are stacked straight into
+        a page-locked buffer of this thread's and copied from it without waiting: one host copy instead of two
+        (the stack, then the driver's staging of pageable memory), and the thread goes on to launch the forward
+        while the copy runs. The buffer is reused only after its copy is done (a CUDA event)."""
+        import torch
+
+        if not self.is_cuda or not items:
+            return self.batch_to_device(torch.stack(list(items)))
+        first = items[0]
+        shape = (len(items), *first.shape)
+        staging = _staging.get(first.dtype, math.prod(shape))
+        if staging is None:  # page-locked memory refused: the plain path
+            return self.batch_to_device(torch.stack(list(items)))
+        buffer, copied = staging
+        copied.synchronize()  # the last copy from this buffer is done (normally long since)
+        host = buffer[: math.prod(shape)].view(shape)
+        torch.stack(list(items), out=host)
+        batch = host.to(self.device, non_blocking=True)
+        copied.record()
+        if self.channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
     def batch_to_device(self, batch: Any) -> Any:
         import torch
 
@@ -164,6 +190,39 @@ class InferenceDevice:
 
         with torch.inference_mode():
             yield
+
+
+class _Staging(threading.local):
+    """Each thread's page-locked input buffers by dtype, each with the event of its last copy to the GPU."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[Any, tuple[Any, Any]] = {}
+        self.refused = False  # page-locked memory was refused once: this thread stays on the plain path
+
+    def get(self, dtype: Any, numel: int) -> tuple[Any, Any] | None:
+        import torch
+
+        if self.refused:
+            return None
+        held = self.buffers.get(dtype)
+        if held is not None and held[0].numel() >= numel:
+            return held
+        if held is not None:
+            held[1].synchronize()  # the old buffer's copy must finish before it is freed
+        try:
+            buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:
+            log.warning("page-locked input staging unavailable (%s); batches are copied from pageable memory", exc)
+            self.buffers.pop(dtype, None)
+            self.refused = True
+            return None
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        self.buffers[dtype] = (buffer, event)
+        return self.buffers[dtype]
+
+
+_staging = _Staging()
 
 
 def module_bytes(*modules: Any) -> dict[str, int]:

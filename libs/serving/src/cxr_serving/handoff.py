@@ -42,6 +42,13 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 async def run_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` on `pool`; its result (or exception) once it is done."""
+    return await start_on(pool, fn, *args)
+
+
+def start_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Submit `fn(*args)` to `pool` now, from the loop's thread, and return the future it settles: the job
+    is on its way before the caller's next await (`run_on` is this, awaited). Cancelling the future skips a
+    job that has not started."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -62,7 +69,7 @@ async def run_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args:
         pool.submit(job)
     except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
         raise PoolClosedError(str(exc)) from exc
-    return await future
+    return future
 
 
 class _Job:

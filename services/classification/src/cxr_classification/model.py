@@ -373,7 +373,7 @@ class ChestXrayClassifier(ServedModel):
             network, runner, decision = self._network, self._runner, self._decision
         if network is None or runner is None:
             raise ModelNotReadyError(f"model '{self.name}' is not loaded")
-        x = self._device.batch_to_device(torch.stack([item.image for item in batch]))
+        x = self._device.stack_to_device([item.image for item in batch])
         with self._device.inference():
             probs = runner(x).float().cpu().numpy()
         outputs = [ClassifierOutput(probs[i], decision) for i in range(len(batch))]

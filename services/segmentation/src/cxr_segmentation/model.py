@@ -214,9 +214,9 @@ class SegmentationModel(ServedModel):
             raise TypeError("postprocess needs the request's PostprocessOptions with its decoded image")
         return postprocess(options.image, output, self.labels, options)
 
-    def _forward(self, net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, net: nn.Module, items: list[torch.Tensor]) -> torch.Tensor:
         with self._device.inference():
-            return self._logits(net, self._device.batch_to_device(batch))
+            return self._logits(net, self._device.stack_to_device(items))
 
     @property
     def masks_on_device(self) -> bool:
@@ -229,7 +229,7 @@ class SegmentationModel(ServedModel):
         if net is None:
             raise ModelNotReadyError(f"model '{self.name}' is not loaded")
         tensors = [b.tensor if isinstance(b, SegmentationInput) else b for b in batch]
-        logits = self._forward(net, torch.stack(tensors))
+        logits = self._forward(net, tensors)
         out: list[Any] = []
         with torch.inference_mode():
             for item, z in zip(batch, logits.unbind(0), strict=True):
