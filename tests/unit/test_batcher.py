@@ -500,9 +500,9 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
     await b.close()
 
 
-async def test_a_batch_cancelled_before_its_first_step_never_runs_its_job():
-    """close() whose grace has run out cancels a batch task; a job submitted for it that has not started is
-    skipped, and its callers are answered."""
+async def test_close_with_its_grace_spent_answers_the_callers_of_every_submitted_batch():
+    """close() whose grace runs out while a forward blocks answers every caller (batches are submitted to the pool
+    before their task's first step), and reports that it did not drain."""
     gate = threading.Event()
     ran: list[list[int]] = []
 
