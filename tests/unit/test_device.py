@@ -98,3 +98,41 @@ def test_stack_to_device_on_cpu_is_a_plain_stack() -> None:
     batch = dev.stack_to_device(items)
     assert torch.equal(batch, torch.stack(items)) and batch.shape == (3, 1, 8, 8)
     assert batch.data_ptr() not in {t.data_ptr() for t in items}
+
+
+def test_stack_on_host_matches_torch_stack_and_starts_no_intra_op_threads(tmp_path) -> None:
+    """A batch assembled on the host equals torch.stack's, into a new tensor or into `out`, and is copied by the
+    calling thread alone: in a fresh process with two torch threads it starts no worker threads, where torch.stack
+    does (the control, so this can fail): torch's workers spin after each copy, taking cores from decoding."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from cxr_serving.device import stack_on_host
+
+    items = [torch.from_numpy(np.random.default_rng(i).random((1, 64, 64), dtype=np.float32)) for i in range(5)]
+    assert torch.equal(stack_on_host(items), torch.stack(items))
+    out = torch.empty(5, 1, 64, 64)
+    assert stack_on_host(items, out=out) is out and torch.equal(out, torch.stack(items))
+    halves = [t.to(torch.bfloat16) for t in items]  # numpy has no bfloat16: torch.stack's path
+    assert torch.equal(stack_on_host(halves), torch.stack(halves))
+    with pytest.raises(ValueError, match="cannot stack"):
+        stack_on_host(items, out=torch.empty(4, 1, 64, 64))
+    probe = (
+        "import os, sys, numpy as np, torch\n"
+        "from cxr_serving.device import stack_on_host\n"
+        "torch.set_num_threads(2)\n"
+        "items = [torch.from_numpy(np.ones((1, 224, 224), np.float32)) for _ in range(32)]\n"
+        "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = threads()\n"
+        "for _ in range(5): stack_on_host(items)\n"
+        "ours = threads()\n"
+        "for _ in range(5): torch.stack(items)\n"
+        "print(before, ours, threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    before, ours, after_torch = (int(x) for x in done.stdout.split())
+    assert ours == before, done.stdout
+    assert after_torch > before, done.stdout  # the control: torch.stack did start workers here

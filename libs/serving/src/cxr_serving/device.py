@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from cxr_serving.optimize.allocator import keep_freed_memory
 from cxr_serving.optimize.amp import DEFAULT_TOLERANCE, cpu_has_native_bf16, with_autocast
 from cxr_serving.optimize.cuda_graphs import with_cuda_graphs
@@ -142,26 +144,26 @@ class InferenceDevice:
             torch.cuda.empty_cache()
 
     def stack_to_device(self, items: Sequence[Any]) -> Any:
-        """The items (tensors of one shape) as one batch on the device. On a GPU they are stacked straight into
-        a page-locked buffer of this thread's and copied from it without waiting: one host copy instead of two
-        (the stack, then the driver's staging of pageable memory), and the thread goes on to launch the forward
-        while the copy runs. The buffer is reused only after its copy is done (a CUDA event)."""
-        import torch
-
+        """The items (tensors of one shape) as one batch on the device, assembled by `stack_on_host`. On a GPU
+        they are stacked straight into a page-locked buffer of this thread's and copied from it without waiting:
+        one host copy instead of two (the stack, then the driver's staging of pageable memory), and the thread
+        goes on to launch the forward while the copy runs. The buffer is reused only after its copy is done (a
+        CUDA event)."""
         if not self.is_cuda or not items:
-            return self.batch_to_device(torch.stack(list(items)))
+            return self.batch_to_device(stack_on_host(items))
         first = items[0]
         shape = (len(items), *first.shape)
         staging = _staging.get(first.dtype, math.prod(shape))
         if staging is None:  # page-locked memory refused: the plain path
-            return self.batch_to_device(torch.stack(list(items)))
+            return self.batch_to_device(stack_on_host(items))
         buffer, copied = staging
         copied.synchronize()  # the last copy from this buffer is done (normally long since)
-        host = buffer[: math.prod(shape)].view(shape)
-        torch.stack(list(items), out=host)
+        host = stack_on_host(items, out=buffer[: math.prod(shape)].view(shape))
         batch = host.to(self.device, non_blocking=True)
         copied.record()
         if self.channels_last and batch.dim() == 4:
+            import torch
+
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
@@ -190,6 +192,28 @@ class InferenceDevice:
 
         with torch.inference_mode():
             yield
+
+
+def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
+    """CPU tensors of one shape stacked into one (into `out` when given), copied by this thread alone (numpy).
+    torch.stack spreads even a small copy over torch's intra-op threads, which then spin for a while after it: on
+    a GPU node the model thread's every batch kept several cores busy that way, cores the frontends' decoding
+    needs. A dtype numpy lacks (bfloat16), or a tensor off the CPU, takes torch.stack."""
+    import torch
+
+    if not items:
+        return torch.stack(list(items), out=out)
+    if any(t.device.type != "cpu" or t.dtype == torch.bfloat16 for t in items):
+        return torch.stack(list(items), out=out)
+    arrays = [t.detach().numpy() for t in items]
+    if out is None:
+        return torch.from_numpy(np.stack(arrays))
+    if tuple(out.shape) != (len(arrays), *arrays[0].shape):
+        raise ValueError(f"cannot stack {len(arrays)} x {tuple(arrays[0].shape)} into {tuple(out.shape)}")
+    target = out.numpy()
+    for i, array in enumerate(arrays):
+        np.copyto(target[i], array, casting="no")
+    return out
 
 
 class _Staging(threading.local):
