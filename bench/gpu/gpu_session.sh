@@ -85,11 +85,15 @@ if [ "${PLAN:-all}" = frontends-probe ]; then
   DENSENET=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64 --channels 32
        --requests 60000 --seconds 20 --rounds 2 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
        --tasks classification --peers service)
+  # py-spy within the DenseNet step's limit; it starts once the executor's loop thread uses a fifth of a core, and
+  # its native record pauses the executor at each sample (the cell's rate is then not the service's)
   if [ -z "${DRY:-}" ]; then
-    PYSPY=${PYSPY:-$(ls /tmp/site/bin/py-spy 2>/dev/null)} $PY -m bench.gpu.pyspy_executor --out "$OUTDIR" \
-      --seconds 10 --native-seconds 6 --rate 100 --wait 150 > "$OUTDIR/pyspy.log" 2>&1 &
+    PYSPY=${PYSPY:-$(ls /tmp/site/bin/py-spy 2>/dev/null)} timeout 160 $PY -m bench.gpu.pyspy_executor \
+      --out "$OUTDIR" --seconds 10 --native-seconds 4 --rate 100 --busy 0.2 --wait 100 > "$OUTDIR/pyspy.log" 2>&1 &
   fi
-  step probe_densenet 130 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-densenet.json"
+  # ~20 s start-up, ~30 s in-process ceiling, 2 rounds of 10 s cells for the service and the ceiling, then the c=1
+  # interleaved calls (up to 2 x --seconds): 170 s
+  step probe_densenet 170 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-densenet.json"
   wait
   [ -f "$OUTDIR/pyspy.log" ] && tail -n 30 "$OUTDIR/pyspy.log"
   ls -la "$OUTDIR"

@@ -43,13 +43,22 @@ def _parent(pid: int) -> int:
         return 0
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return True
+
+
 def find_executor() -> int | None:
-    """The process with the most frontend processes as children (None when there is none yet)."""
+    """The running process with the most frontend processes as children (None when there is none yet): a peer
+    the benchmark has paused (SIGSTOP) is passed over."""
     children: collections.Counter[int] = collections.Counter()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and FRONTEND_MODULE in _cmdline(int(entry.name)):
             children[_parent(int(entry.name))] += 1
-    return children.most_common(1)[0][0] if children else None
+    running = [(n, pid) for pid, n in children.items() if not _stopped(pid)]
+    return max(running)[1] if running else None
 
 
 def _main_thread_cpu_s(pid: int) -> float:
@@ -137,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(args.rate),
                "--threads", "--format", "raw", "--output", str(raw), *blocking, *extra]  # fmt: skip
         print("recording:", " ".join(cmd), flush=True)
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=seconds + 60)
+        try:
+            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: py-spy did not finish within {seconds + 60} s", flush=True)
+            continue
         print(done.stdout[-2000:], done.stderr[-2000:], flush=True)
         if not raw.exists():
             continue

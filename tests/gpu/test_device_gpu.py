@@ -37,13 +37,26 @@ def test_stack_to_device_equals_a_plain_stack_and_never_overwrites_a_copy_in_fli
 
     dev = InferenceDevice.resolve("cuda", PerformanceConfig(use_amp=False))
     rounds = [[torch.rand(1, 224, 224) for _ in range(n)] for n in (8, 8, 32, 3, 64)]
-    batches = [dev.stack_to_device(items) for items in rounds]  # no synchronisation in between
+    batches = []
+    for items in rounds:  # no synchronisation in between; the stream is held busy before each copy, so without
+        torch.cuda._sleep(50_000_000)  # the event's wait the next batch would overwrite a copy not yet made
+        batches.append(dev.stack_to_device(items))
     for items, batch in zip(rounds, batches, strict=True):
         assert batch.is_cuda
         assert torch.equal(batch.cpu(), torch.stack(items))
     other: list[torch.Tensor] = []
     items = [torch.rand(1, 224, 224) for _ in range(4)]
-    t = threading.Thread(target=lambda: other.append(dev.stack_to_device(items)))
+    from cxr_serving.device import _staging
+
+    mine = {key: held[0].data_ptr() for key, held in _staging.buffers.items()}
+    theirs: list[dict[object, int]] = []
+
+    def in_thread() -> None:
+        other.append(dev.stack_to_device(items))
+        theirs.append({key: held[0].data_ptr() for key, held in _staging.buffers.items()})
+
+    t = threading.Thread(target=in_thread)
     t.start()
     t.join()
     assert torch.equal(other[0].cpu(), torch.stack(items))
+    assert mine and theirs[0] and not set(mine.values()) & set(theirs[0].values())  # its own buffer

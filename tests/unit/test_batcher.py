@@ -501,8 +501,8 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
 
 
 async def test_close_with_its_grace_spent_answers_the_callers_of_every_submitted_batch():
-    """close() whose grace runs out while a forward blocks answers every caller (batches are submitted to the pool
-    before their task's first step), and reports that it did not drain."""
+    """close() whose grace runs out while two forwards block answers every caller of both batches and reports that
+    it did not drain (the submission now happens in the collector, outside the batch's task)."""
     gate = threading.Event()
     ran: list[list[int]] = []
 
@@ -523,3 +523,25 @@ async def test_close_with_its_grace_spent_answers_the_callers_of_every_submitted
     assert drained is False
     assert all(isinstance(o, ModelNotReadyError) for o in outcomes), outcomes
     assert ran == [[0]] or sorted(ran) == [[0], [1]]  # one pool thread per batch: the second may have started
+
+
+async def test_a_pool_that_refuses_a_batch_fails_its_callers_and_the_next_batch_runs():
+    """The collector submits each batch itself: a pool that raises on submit (no thread, no memory) answers that
+    batch's callers with the error, and the collector, its slot and the next batch carry on."""
+
+    class Refusing(concurrent.futures.ThreadPoolExecutor):
+        refusals = 1
+
+        def submit(self, fn, /, *args, **kwargs):
+            if self.refusals:
+                self.refusals -= 1
+                raise MemoryError("no memory for the job")
+            return super().submit(fn, *args, **kwargs)
+
+    pool = Refusing(max_workers=1)
+    b = DynamicBatcher("m", Recorder(), max_batch_size=1, max_batch_delay_ms=0, executor=pool)
+    with pytest.raises(MemoryError, match="no memory"):
+        await asyncio.wait_for(b.submit(1), 5)
+    assert await asyncio.wait_for(b.submit(2), 5) == 20
+    assert await b.close(grace_s=5) is True
+    pool.shutdown()

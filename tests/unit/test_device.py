@@ -120,6 +120,13 @@ def test_stack_on_host_matches_torch_stack_and_starts_no_intra_op_threads(tmp_pa
     assert torch.equal(stack_on_host(halves), torch.stack(halves))
     with pytest.raises(ValueError, match="cannot stack"):
         stack_on_host(items, out=torch.empty(4, 1, 64, 64))
+    odd = [*items[:2], torch.zeros(64, 64)]  # numpy would broadcast it into `out`; torch.stack refuses
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        stack_on_host(odd, out=torch.empty(3, 1, 64, 64))
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        stack_on_host(odd)
+    mixed = [items[0], items[1].double()]  # torch.stack promotes; numpy's copy would not be asked to
+    assert torch.equal(stack_on_host(mixed), torch.stack(mixed)) and stack_on_host(mixed).dtype == torch.float64
     probe = (
         "import os, sys, numpy as np, torch\n"
         "from cxr_serving.device import stack_on_host\n"

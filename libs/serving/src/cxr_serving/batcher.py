@@ -303,14 +303,17 @@ class DynamicBatcher(Generic[In, Out]):
 
             task.add_done_callback(done)
 
-    def _start(self, live: list[_Pending[In, Out]]) -> asyncio.Future[Sequence[Out | BaseException]] | str:
-        """The batch submitted to the model's thread, or why it could not be (its callers are answered so)."""
+    def _start(self, live: list[_Pending[In, Out]]) -> asyncio.Future[Sequence[Out | BaseException]] | BaseException:
+        """The batch submitted to the model's thread, or the error its callers get instead (the collector
+        goes on either way)."""
         if self._closed:  # closed before this batch reached a thread: its pool may be shut down
-            return "was unloaded"
+            return ModelNotReadyError(f"model '{self.name}' was unloaded", metadata={"model": self.name})
         try:
             return start_on(self._executor, self._run_batch, [p.item for p in live])
         except PoolClosedError:  # a shared pool shut down under us: the model is going away, not broken
-            return "is shutting down"
+            return ModelNotReadyError(f"model '{self.name}' is shutting down", metadata={"model": self.name})
+        except Exception as exc:  # the pool could not take it (no thread, no memory): these callers fail, not hang
+            return exc
 
     def _fail(self, pending: list[_Pending[In, Out]], what: str) -> None:
         for p in pending:
@@ -331,16 +334,18 @@ class DynamicBatcher(Generic[In, Out]):
     async def _run(
         self,
         live: list[_Pending[In, Out]],
-        job: asyncio.Future[Sequence[Out | BaseException]] | str,
+        job: asyncio.Future[Sequence[Out | BaseException]] | BaseException,
         release: Callable[[], None],
         started: float,
     ) -> None:
-        if isinstance(job, str):
-            self._fail(live, job)
+        if isinstance(job, BaseException):
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(job)
             return
         try:
             results = await job
-            release()  # the next batch starts now, before this one's callers are answered
+            release()  # the next batch can start now, before this one's callers are answered
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} inputs")
         except asyncio.CancelledError:  # close() stopped waiting for this batch (its grace ran out)

@@ -148,22 +148,23 @@ class InferenceDevice:
         they are stacked straight into a page-locked buffer of this thread's and copied from it without waiting:
         one host copy instead of two (the stack, then the driver's staging of pageable memory), and the thread
         goes on to launch the forward while the copy runs. The buffer is reused only after its copy is done (a
-        CUDA event)."""
-        if not self.is_cuda or not items:
-            return self.batch_to_device(stack_on_host(items))
-        first = items[0]
-        shape = (len(items), *first.shape)
-        staging = _staging.get(first.dtype, math.prod(shape))
-        if staging is None:  # page-locked memory refused: the plain path
-            return self.batch_to_device(stack_on_host(items))
-        buffer, copied = staging
-        copied.synchronize()  # the last copy from this buffer is done (normally long since)
-        host = stack_on_host(items, out=buffer[: math.prod(shape)].view(shape))
-        batch = host.to(self.device, non_blocking=True)
-        copied.record()
-        if self.channels_last and batch.dim() == 4:
-            import torch
+        CUDA event on the target device's stream)."""
+        import torch
 
+        if not self.is_cuda or not items or not _numpy_stackable(items):
+            return self.batch_to_device(stack_on_host(items))
+        device = torch.device(self.device)
+        shape = (len(items), *items[0].shape)
+        with torch.cuda.device(device):  # the event and the copy on the model's GPU, not the current one
+            staging = _staging.get(device, items[0].dtype, math.prod(shape))
+            if staging is None:  # page-locked memory refused: the plain path
+                return self.batch_to_device(stack_on_host(items))
+            buffer, copied = staging
+            copied.synchronize()  # the last copy from this buffer is done (normally long since)
+            host = stack_on_host(items, out=buffer[: math.prod(shape)].view(shape))
+            batch = host.to(device, non_blocking=True)
+            copied.record(torch.cuda.current_stream(device))
+        if self.channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
@@ -194,16 +195,29 @@ class InferenceDevice:
             yield
 
 
-def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
-    """CPU tensors of one shape stacked into one (into `out` when given), copied by this thread alone (numpy).
-    torch.stack spreads even a small copy over torch's intra-op threads, which then spin for a while after it: on
-    a GPU node the model thread's every batch kept several cores busy that way, cores the frontends' decoding
-    needs. A dtype numpy lacks (bfloat16), or a tensor off the CPU, takes torch.stack."""
+def _numpy_stackable(items: Sequence[Any]) -> bool:
+    """Strided CPU tensors of one shape and one dtype that numpy has (not bfloat16), none conjugated."""
     import torch
 
-    if not items:
-        return torch.stack(list(items), out=out)
-    if any(t.device.type != "cpu" or t.dtype == torch.bfloat16 for t in items):
+    first = items[0]
+    return all(
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.dtype == first.dtype
+        and t.shape == first.shape
+        and not t.is_conj()
+        for t in items
+    ) and first.dtype not in (torch.bfloat16, torch.complex32)
+
+
+def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
+    """Tensors stacked into one (into `out` when given), copied by the calling thread alone (numpy), because
+    torch.stack spreads even a small copy over torch's intra-op threads, which then spin for a while after it
+    and take cores from decoding. Anything numpy cannot copy as torch would (other devices, bfloat16, mixed
+    shapes or dtypes) takes torch.stack, with its checks and errors."""
+    import torch
+
+    if not items or not _numpy_stackable(items) or (out is not None and out.dtype != items[0].dtype):
         return torch.stack(list(items), out=out)
     arrays = [t.detach().numpy() for t in items]
     if out is None:
@@ -217,18 +231,21 @@ def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
 
 
 class _Staging(threading.local):
-    """Each thread's page-locked input buffers by dtype, each with the event of its last copy to the GPU."""
+    """Each thread's page-locked input buffers by device and dtype, each with the event of its last copy."""
 
     def __init__(self) -> None:
-        self.buffers: dict[Any, tuple[Any, Any]] = {}
-        self.refused = False  # page-locked memory was refused once: this thread stays on the plain path
+        self.buffers: dict[tuple[Any, Any], tuple[Any, Any]] = {}
+        self.refused = False  # page-locked memory was refused: this thread stays on the plain path
 
-    def get(self, dtype: Any, numel: int) -> tuple[Any, Any] | None:
+    def get(self, device: Any, dtype: Any, numel: int) -> tuple[Any, Any] | None:
+        """This thread's buffer of at least `numel` for `device` and `dtype` (call inside
+        `torch.cuda.device(device)`); None when page-locked memory is refused."""
         import torch
 
         if self.refused:
             return None
-        held = self.buffers.get(dtype)
+        key = (device, dtype)
+        held = self.buffers.get(key)
         if held is not None and held[0].numel() >= numel:
             return held
         if held is not None:
@@ -237,13 +254,13 @@ class _Staging(threading.local):
             buffer = torch.empty(numel, dtype=dtype, pin_memory=True)
         except RuntimeError as exc:
             log.warning("page-locked input staging unavailable (%s); batches are copied from pageable memory", exc)
-            self.buffers.pop(dtype, None)
+            self.buffers.pop(key, None)
             self.refused = True
             return None
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record()
-        self.buffers[dtype] = (buffer, event)
-        return self.buffers[dtype]
+        event.record(torch.cuda.current_stream(device))
+        self.buffers[key] = (buffer, event)
+        return self.buffers[key]
 
 
 _staging = _Staging()

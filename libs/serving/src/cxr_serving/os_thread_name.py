@@ -5,7 +5,6 @@ Python 3.11 names threads for itself only."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from functools import cache
 from typing import Any
@@ -18,8 +17,8 @@ KERNEL_NAME_BYTES = 15  # the kernel keeps 16 bytes with the terminating zero
 def _libc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    try:  # the symbols already loaded into this process (libc's prctl among them): no library search
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
