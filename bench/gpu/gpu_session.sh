@@ -83,7 +83,7 @@ if [ "${PLAN:-all}" = frontends-probe ]; then
   step probe_scaling 70 $PY -m bench.frontends --device cuda --frontend-counts 1,8 --frontend-concurrency 128 \
     --frontend-requests 20000 --rounds 2 --seconds 5 --out "$OUTDIR/frontends-probe.json"
   DENSENET=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --concurrency 64 --channels 32
-       --requests 60000 --seconds 20 --rounds 2 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
+       --requests 60000 --seconds 20 --rounds 1 --cudnn-benchmark off --serving-path-requests 0 --frontend-requests 0
        --tasks classification --peers service)
   # py-spy within the DenseNet step's limit; it starts once the executor's loop thread uses a fifth of a core, and
   # its native record pauses the executor at each sample (the cell's rate is then not the service's)
@@ -91,8 +91,8 @@ if [ "${PLAN:-all}" = frontends-probe ]; then
     PYSPY=${PYSPY:-$(ls /tmp/site/bin/py-spy 2>/dev/null)} timeout 160 $PY -m bench.gpu.pyspy_executor \
       --out "$OUTDIR" --seconds 10 --native-seconds 4 --rate 100 --busy 0.2 --wait 100 > "$OUTDIR/pyspy.log" 2>&1 &
   fi
-  # ~20 s start-up, ~30 s in-process ceiling, 2 rounds of 10 s cells for the service and the ceiling, then the c=1
-  # interleaved calls (up to 2 x --seconds): 170 s
+  # ~30 s start-up, ~30 s in-process ceiling, one 20 s cell each for the service and the ceiling (one cell holds
+  # py-spy's two records), then the c=1 interleaved calls (up to 2 x --seconds): 170 s
   step probe_densenet 170 $PY -m bench.stack "${DENSENET[@]}" --out "$OUTDIR/stack-probe-densenet.json"
   wait
   [ -f "$OUTDIR/pyspy.log" ] && tail -n 30 "$OUTDIR/pyspy.log"
@@ -108,8 +108,8 @@ if [ "${PLAN:-all}" = issue23 ]; then
     I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
          --concurrency 1,64 --channels 32 --requests 6000 --seconds 6 --rounds 2 --cudnn-benchmark off
          --serving-path-requests 0)
-    # one load-generator process; PLAN=frontends-probe tries four (session 34: no sign that one was the bound, across
-    # two calls that differed in more than that)
+    # one load-generator process (session 34 tried four: no sign that one was the bound, across two calls that
+    # differed in more than that; `--frontend-client-processes K` splits the load)
     SCALE=(--frontend-counts 1,2,4,8 --frontend-concurrency 128 --frontend-requests 6000)
   else
     I23=(--quick --requests 24 --seconds 2 --rounds 1 --concurrency 1,4 --channels 4 --serving-path-requests 0)

@@ -78,7 +78,7 @@ def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> 
     session = "bench/gpu/gpu_session.sh"
     steps = planned_steps("cuda", tmp_path, session, PLAN="frontends-probe", SESSION_S=str(session_s))
     assert [name for name, _, _ in steps] == ["probe_scaling", "probe_densenet"]
-    assert sum(limit for _, limit, _ in steps) <= session_s - 10
+    assert sum(limit for _, limit, _ in steps) <= session_s - 10 - 60  # 60 s for the prelude (build, imports)
     parsed = {name: PARSERS[argv[2]](argv[3:]) for name, _, argv in steps}
     for name, args in parsed.items():
         assert args.device == "cuda" and str(args.out).startswith(str(tmp_path)), name
@@ -94,7 +94,7 @@ def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> 
     assert int(spy[1]) <= densenet_limit  # the background recorder ends within the step it samples
     # the service is measured for seconds/rounds per round, capped at requests/rounds answers (at 3,000 img/s)
     per_round_s = min(densenet.seconds / densenet.rounds, densenet.requests / densenet.rounds / 3000)
-    assert per_round_s * densenet.rounds >= recording_s
+    assert per_round_s >= recording_s + 2  # both records fit in one service cell, after the trigger's second
     env = {**os.environ, "DRY": "1", "DEVICE": "cpu", "OUT": str(tmp_path), "WHEELS": "none", "PLAN": "frontends-probe"}
     refused = subprocess.run(["bash", session], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode == 2 and "DRY" not in refused.stdout

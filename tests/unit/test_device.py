@@ -118,8 +118,15 @@ def test_stack_on_host_matches_torch_stack_and_starts_no_intra_op_threads(tmp_pa
     assert stack_on_host(items, out=out) is out and torch.equal(out, torch.stack(items))
     halves = [t.to(torch.bfloat16) for t in items]  # numpy has no bfloat16: torch.stack's path
     assert torch.equal(stack_on_host(halves), torch.stack(halves))
-    with pytest.raises(ValueError, match="cannot stack"):
-        stack_on_host(items, out=torch.empty(4, 1, 64, 64))
+    resized = torch.empty(4, 1, 64, 64)  # torch.stack's own handling of an `out` of another shape
+    with pytest.warns(UserWarning, match="resized"):
+        assert torch.equal(stack_on_host(items, out=resized), torch.stack(items))
+    grads = [t.clone().requires_grad_() for t in items[:2]]
+    assert stack_on_host(grads).requires_grad  # as torch.stack: the grad is kept, not detached
+    negs = [torch.complex(t, t).conj().imag for t in items[:2]]  # the negative bit set
+    assert torch.equal(stack_on_host(negs), torch.stack(negs))
+    scalars = [torch.tensor(1.0), torch.tensor(2.0)]  # 0-dim
+    assert torch.equal(stack_on_host(scalars, out=torch.empty(2)), torch.tensor([1.0, 2.0]))
     odd = [*items[:2], torch.zeros(64, 64)]  # numpy would broadcast it into `out`; torch.stack refuses
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         stack_on_host(odd, out=torch.empty(3, 1, 64, 64))

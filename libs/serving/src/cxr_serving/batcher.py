@@ -153,6 +153,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._running: dict[asyncio.Task[None], list[_Pending[In, Out]]] = {}  # batch task -> its callers
         self._closed = False
         self._draining = False  # closing with drain: batches form without waiting for more arrivals
+        self._forming: list[_Pending[In, Out]] = []  # the batch the collector holds, not yet submitted
 
     @property
     def queue_depth(self) -> int:
@@ -246,12 +247,19 @@ class DynamicBatcher(Generic[In, Out]):
             )
         return True
 
+    def _stop_if_closed(self) -> None:
+        """After every wake-up: a cancel that reached a wait already done is lost (3.11's wait_for), so the
+        collector also stops on seeing the batcher closed."""
+        if self._closed:
+            raise asyncio.CancelledError
+
     async def _collect(self) -> list[_Pending[In, Out]]:
         assert self._queue is not None and self._changed is not None
         while (first := self._take()) is None:
             self._changed.clear()
             await self._changed.wait()
-        batch = [first]
+            self._stop_if_closed()
+        batch = self._forming = [first]  # counted as work in flight until it is submitted (a drain waits for it)
         try:
             deadline = first.enqueued + self.max_batch_delay
             while len(batch) < self.max_batch_size:
@@ -266,8 +274,10 @@ class DynamicBatcher(Generic[In, Out]):
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:
                     break
+                self._stop_if_closed()
         except BaseException:  # close() cancelled us: these callers are off the queue, so answer them here
             self._fail(batch, "was unloaded")
+            self._forming = []
             raise
         return batch
 
@@ -284,6 +294,7 @@ class DynamicBatcher(Generic[In, Out]):
                 raise
             now = time.perf_counter()  # drop callers that expired while the batch formed, or gave up
             live = [p for p in batch if not self._expire(p, now) and not p.future.done()]
+            self._forming = []  # from here to its task, no await: the batch is in _running before anyone looks
             self._observer.on_queue_depth(self.name, len(self._queue))
             if not live:
                 slots.release()
@@ -295,10 +306,12 @@ class DynamicBatcher(Generic[In, Out]):
             task = loop.create_task(self._run(live, job, release, started), name=f"batch-{self.name}")
             self._running[task] = live
 
-            def done(t: asyncio.Task[None], release: _Once = release, job: Any = job) -> None:
+            def done(t: asyncio.Task[None], release: _Once = release, job: Any = job, live: Any = live) -> None:
                 self._running.pop(t, None)
-                if isinstance(job, asyncio.Future):  # a task cancelled before its first step never awaited it
-                    job.cancel()
+                if t.cancelled():  # cancelled before its first step: it never awaited its job nor answered
+                    if isinstance(job, asyncio.Future):
+                        job.cancel()
+                    self._fail(live, "stopped")
                 release()
 
             task.add_done_callback(done)
@@ -326,6 +339,8 @@ class DynamicBatcher(Generic[In, Out]):
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.cancel()  # _collect answers the callers it holds
+            if self._changed is not None:
+                self._changed.set()  # and wakes to see it is closed, should the cancel be lost
         if self._queue is not None:
             while (p := self._queue.pop()) is not None:
                 self._fail([p], "was unloaded")
@@ -372,7 +387,7 @@ class DynamicBatcher(Generic[In, Out]):
         return self._closed
 
     def _idle(self) -> bool:
-        return not self._running and self._upcoming <= 0 and self.queue_depth == 0
+        return not self._running and self._upcoming <= 0 and self.queue_depth == 0 and not self._forming
 
     async def close(self, grace_s: float | None = None, *, drain: bool = False) -> bool:
         """Stop taking work and answer every caller; wait (up to `grace_s`, None: no limit) for the

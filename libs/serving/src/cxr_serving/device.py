@@ -195,35 +195,49 @@ class InferenceDevice:
             yield
 
 
-def _numpy_stackable(items: Sequence[Any]) -> bool:
-    """Strided CPU tensors of one shape and one dtype that numpy has (not bfloat16), none conjugated."""
+_NUMPY_DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int16", "int32", "int64", "bool")
+
+
+def _numpy_stackable(items: Sequence[Any], out: Any = None) -> bool:
+    """True when numpy copies these exactly as torch.stack would: strided CPU tensors of one shape (at least one
+    dimension) and one plain dtype, no grad, conjugate or negative bit; `out`, when given, a contiguous CPU
+    tensor of the stacked shape and dtype."""
     import torch
 
     first = items[0]
-    return all(
+    if str(first.dtype).removeprefix("torch.") not in _NUMPY_DTYPES or first.dim() == 0:
+        return False
+    plain = all(
         t.device.type == "cpu"
         and t.layout == torch.strided
         and t.dtype == first.dtype
         and t.shape == first.shape
-        and not t.is_conj()
+        and not (t.requires_grad or t.is_conj() or t.is_neg())
         for t in items
-    ) and first.dtype not in (torch.bfloat16, torch.complex32)
+    )
+    if not plain or out is None:
+        return plain
+    return bool(
+        out.device.type == "cpu"
+        and out.dtype == first.dtype
+        and tuple(out.shape) == (len(items), *first.shape)
+        and out.is_contiguous()
+        and not out.requires_grad
+    )
 
 
 def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
     """Tensors stacked into one (into `out` when given), copied by the calling thread alone (numpy), because
     torch.stack spreads even a small copy over torch's intra-op threads, which then spin for a while after it
-    and take cores from decoding. Anything numpy cannot copy as torch would (other devices, bfloat16, mixed
-    shapes or dtypes) takes torch.stack, with its checks and errors."""
+    and take cores from decoding. Anything numpy would not copy exactly as torch does takes torch.stack, with
+    its checks and errors. `out` must not overlap the items (torch.stack checks that; this path does not)."""
     import torch
 
-    if not items or not _numpy_stackable(items) or (out is not None and out.dtype != items[0].dtype):
+    if not items or not _numpy_stackable(items, out):
         return torch.stack(list(items), out=out)
-    arrays = [t.detach().numpy() for t in items]
+    arrays = [t.numpy() for t in items]
     if out is None:
         return torch.from_numpy(np.stack(arrays))
-    if tuple(out.shape) != (len(arrays), *arrays[0].shape):
-        raise ValueError(f"cannot stack {len(arrays)} x {tuple(arrays[0].shape)} into {tuple(out.shape)}")
     target = out.numpy()
     for i, array in enumerate(arrays):
         np.copyto(target[i], array, casting="no")
@@ -257,8 +271,7 @@ class _Staging(threading.local):
             self.buffers.pop(key, None)
             self.refused = True
             return None
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(torch.cuda.current_stream(device))
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # not yet recorded: its wait returns at once
         self.buffers[key] = (buffer, event)
         return self.buffers[key]
 

@@ -67,8 +67,10 @@ def start_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any
 
     try:
         pool.submit(job)
-    except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
-        raise PoolClosedError(str(exc)) from exc
+    except RuntimeError as exc:
+        if "after shutdown" in str(exc):  # "cannot schedule new futures after shutdown"
+            raise PoolClosedError(str(exc)) from exc
+        raise  # the pool is open but could not take the job ("can't start new thread")
     return future
 
 
@@ -122,8 +124,8 @@ class WarmThreadPool(concurrent.futures.Executor):
                 t = threading.Thread(
                     target=self._work, args=(inbox,), name=f"{self._prefix}_{len(self._threads)}", daemon=True
                 )
+                t.start()  # before it counts: a thread that cannot start must not take a place in the pool
                 self._threads.append(t)
-                t.start()
             else:
                 self._backlog.append(job)
         return future
