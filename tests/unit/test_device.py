@@ -125,6 +125,8 @@ def test_stack_on_host_matches_torch_stack_and_starts_no_intra_op_threads(tmp_pa
     assert stack_on_host(grads).requires_grad  # as torch.stack: the grad is kept, not detached
     negs = [torch.complex(t, t).conj().imag for t in items[:2]]  # the negative bit set
     assert torch.equal(stack_on_host(negs), torch.stack(negs))
+    chw = [torch.from_numpy(np.ones((8, 8, 3), np.float32)).permute(2, 0, 1) for _ in range(2)]  # HWC data, CHW view
+    assert stack_on_host(chw).is_contiguous() and torch.equal(stack_on_host(chw), torch.stack(chw))
     scalars = [torch.tensor(1.0), torch.tensor(2.0)]  # 0-dim
     assert torch.equal(stack_on_host(scalars, out=torch.empty(2)), torch.tensor([1.0, 2.0]))
     odd = [*items[:2], torch.zeros(64, 64)]  # numpy would broadcast it into `out`; torch.stack refuses

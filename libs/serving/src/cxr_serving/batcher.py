@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections import deque
@@ -308,8 +307,8 @@ class DynamicBatcher(Generic[In, Out]):
 
             def done(t: asyncio.Task[None], release: _Once = release, job: Any = job, live: Any = live) -> None:
                 self._running.pop(t, None)
-                if t.cancelled():  # cancelled before its first step: it never awaited its job nor answered
-                    if isinstance(job, asyncio.Future):
+                if t.cancelled() or t.exception() is not None:  # cancelled before its first step, or broken:
+                    if isinstance(job, asyncio.Future):  # its callers may be unanswered and its job unawaited
                         job.cancel()
                     self._fail(live, "stopped")
                 release()
@@ -413,9 +412,10 @@ class DynamicBatcher(Generic[In, Out]):
             if grace_s is not None:
                 grace_s = max(0.0, grace_s - (time.perf_counter() - started))
         worker = self._stop_taking()
-        if worker is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+        if worker is not None and not worker.done():
+            await asyncio.wait([worker])  # not `await worker`: a cancel of close() itself must reach close()
+        if worker is not None and not worker.cancelled() and worker.exception() is not None:
+            raise worker.exception()  # type: ignore[misc]  # the collector broke: say so
         drained = True
         if self._running:
             _, late = await asyncio.wait(list(self._running), timeout=grace_s)

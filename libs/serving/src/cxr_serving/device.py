@@ -199,8 +199,8 @@ _NUMPY_DTYPES = ("float32", "float64", "float16", "uint8", "int8", "int16", "int
 
 
 def _numpy_stackable(items: Sequence[Any], out: Any = None) -> bool:
-    """True when numpy copies these exactly as torch.stack would: strided CPU tensors of one shape (at least one
-    dimension) and one plain dtype, no grad, conjugate or negative bit; `out`, when given, a contiguous CPU
+    """True when numpy copies these exactly as torch.stack would: contiguous CPU tensors of one shape (at least
+    one dimension) and one plain dtype, no grad, conjugate or negative bit; `out`, when given, a contiguous CPU
     tensor of the stacked shape and dtype."""
     import torch
 
@@ -212,6 +212,7 @@ def _numpy_stackable(items: Sequence[Any], out: Any = None) -> bool:
         and t.layout == torch.strided
         and t.dtype == first.dtype
         and t.shape == first.shape
+        and t.is_contiguous()  # np.stack keeps the items' stride order; torch.stack's result is contiguous
         and not (t.requires_grad or t.is_conj() or t.is_neg())
         for t in items
     )

@@ -68,7 +68,7 @@ def start_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any
     try:
         pool.submit(job)
     except RuntimeError as exc:
-        if "after shutdown" in str(exc):  # "cannot schedule new futures after shutdown"
+        if "new futures after" in str(exc):  # "... after shutdown", "... after interpreter shutdown"
             raise PoolClosedError(str(exc)) from exc
         raise  # the pool is open but could not take the job ("can't start new thread")
     return future
