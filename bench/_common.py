@@ -344,19 +344,29 @@ def own_cpu_s() -> float:
     return time.process_time()
 
 
-def stat_cpu_s(pid: int) -> float:
-    """CPU seconds of process `pid` (every thread, not its children) from /proc."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+def stat_fields(path: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name (the state first), or None once it is gone."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _cpu_s(fields: list[str]) -> float:
+    """utime + stime of `stat_fields`, in seconds."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stat_cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of process `pid` (every thread, not its children), or of its thread `tid`, from /proc."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"))
+    return _cpu_s(fields) if fields else 0.0
 
 
 def thread_cpu_s(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
     """CPU seconds of every thread of these processes (not their children), by (pid, tid), with the
     thread's kernel name (`main` for a process's first thread): what shows one thread's limit (an event
     loop, a model thread, the GIL), which a process's total hides."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -364,9 +374,8 @@ def thread_cpu_s(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     stat = (task / "stat").read_text()
                     name = stat[stat.index("(") + 1 : stat.rindex(")")]
-                    fields = stat.rsplit(")", 1)[1].split()
                     tid = int(task.name)
-                    out[(pid, tid)] = ("main" if tid == pid else name, (int(fields[11]) + int(fields[12])) / tick)
+                    out[(pid, tid)] = ("main" if tid == pid else name, _cpu_s(stat.rsplit(")", 1)[1].split()))
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench._common import stat_cpu_s, stat_fields
 
 FRONTEND_MODULE = "cxr_serving.frontends"
 
@@ -37,17 +38,13 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return int(fields[1]) if fields else 0
 
 
 def _stopped(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
-    except (OSError, IndexError):
-        return True
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is None or fields[0] == "T"
 
 
 def find_executor() -> int | None:
@@ -61,13 +58,6 @@ def find_executor() -> int | None:
     return max(running)[1] if running else None
 
 
-def _main_thread_cpu_s(pid: int) -> float:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
-
 def wait_busy(busy: float, timeout_s: float) -> int | None:
     """The executor's pid once its main thread (the event loop, which serves the frontends' requests; models
     load on other threads) used at least `busy` of a core over one second (None at the timeout)."""
@@ -75,9 +65,9 @@ def wait_busy(busy: float, timeout_s: float) -> int | None:
     while time.monotonic() < deadline:
         pid = find_executor()
         if pid is not None:
-            before = _main_thread_cpu_s(pid)
+            before = stat_cpu_s(pid, tid=pid)
             time.sleep(1.0)
-            if _main_thread_cpu_s(pid) - before >= busy:
+            if stat_cpu_s(pid, tid=pid) - before >= busy:
                 return pid
         else:
             time.sleep(0.5)

@@ -332,6 +332,13 @@ class DynamicBatcher(Generic[In, Out]):
             if not p.future.done():
                 p.future.set_exception(ModelNotReadyError(f"model '{self.name}' {what}", metadata={"model": self.name}))
 
+    @staticmethod
+    def _fail_with(pending: list[_Pending[In, Out]], exc: BaseException) -> None:
+        """Every caller still waiting gets `exc` (a batch's failure reaches all of its callers)."""
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(exc)
+
     def _stop_taking(self) -> asyncio.Task[None] | None:
         """Close, stop the worker (it answers the batch it was forming) and answer every queued caller."""
         self._closed = True
@@ -353,9 +360,7 @@ class DynamicBatcher(Generic[In, Out]):
         started: float,
     ) -> None:
         if isinstance(job, BaseException):
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(job)
+            self._fail_with(live, job)
             return
         try:
             results = await job
@@ -368,9 +373,7 @@ class DynamicBatcher(Generic[In, Out]):
         except BaseException as exc:  # fan the failure out to every caller of the batch
             release()
             self._observer.on_batch(self.name, len(live), time.perf_counter() - started, False)
-            for p in live:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            self._fail_with(live, exc)
             return
         self._observer.on_batch(self.name, len(live), time.perf_counter() - started, True)
         for p, result in zip(live, results, strict=True):

@@ -161,7 +161,7 @@ class InferenceDevice:
                 return self.batch_to_device(stack_on_host(items))
             buffer, copied = staging
             copied.synchronize()  # the last copy from this buffer is done (normally long since)
-            host = stack_on_host(items, out=buffer[: math.prod(shape)].view(shape))
+            host = _copy_rows(items, buffer[: math.prod(shape)].view(shape))  # items checked above; the view fits
             batch = host.to(device, non_blocking=True)
             copied.record(torch.cuda.current_stream(device))
         if self.channels_last and batch.dim() == 4:
@@ -236,12 +236,16 @@ def stack_on_host(items: Sequence[Any], out: Any = None) -> Any:
 
     if not items or not _numpy_stackable(items, out):
         return torch.stack(list(items), out=out)
-    arrays = [t.numpy() for t in items]
     if out is None:
-        return torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.stack([t.numpy() for t in items]))
+    return _copy_rows(items, out)
+
+
+def _copy_rows(items: Sequence[Any], out: Any) -> Any:
+    """Each item into its row of `out`, by numpy (`_numpy_stackable(items, out)` holds)."""
     target = out.numpy()
-    for i, array in enumerate(arrays):
-        np.copyto(target[i], array, casting="no")
+    for i, t in enumerate(items):
+        np.copyto(target[i], t.numpy(), casting="no")
     return out
 
 
