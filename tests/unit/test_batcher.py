@@ -1,5 +1,7 @@
 import asyncio
 import concurrent.futures
+import subprocess
+import sys
 import threading
 import time
 
@@ -545,6 +547,40 @@ async def test_a_pool_that_refuses_a_batch_fails_its_callers_and_the_next_batch_
     assert await asyncio.wait_for(b.submit(2), 5) == 20
     assert await b.close(grace_s=5) is True
     pool.shutdown()
+
+
+_INTERRUPTED_POOL = """
+import asyncio, concurrent.futures
+from cxr_serving.batcher import DynamicBatcher
+from cxr_serving.errors import ModelNotReadyError
+
+class Interrupted(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, fn, /, *args, **kwargs):
+        raise KeyboardInterrupt
+
+loop = asyncio.new_event_loop()
+b = DynamicBatcher("m", lambda items: items, max_batch_size=1, max_batch_delay_ms=0, executor=Interrupted(1))
+caller = loop.create_task(b.submit(1))
+try:
+    loop.run_until_complete(asyncio.sleep(5))
+    print("no interrupt")
+except KeyboardInterrupt:
+    try:
+        loop.run_until_complete(asyncio.wait_for(caller, 5))
+        print("answered")
+    except ModelNotReadyError as exc:
+        print("refused:", exc)
+    except TimeoutError:
+        print("stranded")
+"""
+
+
+def test_an_interrupt_raised_by_the_pool_answers_the_batch_before_it_propagates():
+    """KeyboardInterrupt from the pool's submit leaves the collector (asyncio re-raises it out of the loop), but
+    the batch's caller is answered first, so a loop run again does not wait on it forever. In a child process:
+    an interrupt raised inside pytest's own loop upsets its interpreter state."""
+    out = subprocess.run([sys.executable, "-c", _INTERRUPTED_POOL], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "refused: model 'm' stopped", out.stderr[-2000:]
 
 
 async def test_a_drain_runs_the_batch_the_collector_is_still_forming():

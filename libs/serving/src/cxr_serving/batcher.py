@@ -301,7 +301,12 @@ class DynamicBatcher(Generic[In, Out]):
             release = _Once(slots.release)
             # submitted here, not in the task's first step: the task would start after every callback already
             # queued (the last batch's callers' replies), and the model would wait for them
-            started, job = time.perf_counter(), self._start(live)
+            try:
+                started, job = time.perf_counter(), self._start(live)
+            except BaseException:  # KeyboardInterrupt or SystemExit from the pool: answer before it propagates
+                self._fail(live, "stopped")
+                release()
+                raise
             task = loop.create_task(self._run(live, job, release, started), name=f"batch-{self.name}")
             self._running[task] = live
 
