@@ -17,6 +17,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.device import InferenceDevice
 from cxr_serving.images import decode_image
+from cxr_serving.optimize.amp import cpu_has_native_bf16
 from cxr_serving.runtimes import backends
 from cxr_serving.settings import PerformanceConfig
 from tests.support.paths import CXR14, cxr14_images
@@ -27,7 +28,7 @@ MULTI = "multiclass_classifier"
 IMAGES = 3
 
 
-def _settings(tmp_path, *, warmup_batches: int = 0, **runtime):
+def _settings(tmp_path, *, warmup_batches: int = 0, use_amp: bool = False, **runtime):
     runtime = {
         "calibration_dir": str(CXR14 / "images"),
         "cache_dir": str(tmp_path / "cache"),
@@ -47,6 +48,7 @@ def _settings(tmp_path, *, warmup_batches: int = 0, **runtime):
         server_config__max_batch_delay_ms=5,
         server_config__max_batch_size=8,
         performance__warmup_batches=warmup_batches,
+        performance__use_amp=use_amp,
     )
 
 
@@ -127,6 +129,17 @@ async def test_tensorrt_int8_without_a_gpu_serves_float32_torch_and_says_why(tmp
     assert {(i.backend, i.precision, i.runtime_note) for i in infos} == {("torch", "float32", note)}
     np.testing.assert_allclose(probs, _torch_probabilities(), atol=1e-5, rtol=0)
     assert REGISTRY.get_sample_value("cxr_model_runtime_fallback", {"model": MULTI}) == 1
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="use_amp applies on CPUs with native bfloat16 only")
+async def test_a_fallback_under_use_amp_names_the_autocast_precision_it_serves_in(tmp_path):
+    """TensorRT unavailable on this host and performance.use_amp on: torch serves in bfloat16 autocast, and
+    the note says so instead of claiming float32."""
+    settings = _settings(tmp_path, backend="tensorrt", precision="int8", use_amp=True)
+    listed, infos, _ = await _serve(settings)
+    note = "bfloat16 torch serves: tensorrt/int8 unavailable: tensorrt needs a CUDA device and none is available"
+    assert (listed.backend, listed.precision, listed.runtime_note) == ("torch", "bfloat16", note)
+    assert {(i.backend, i.precision, i.runtime_note) for i in infos} == {("torch", "bfloat16", note)}
 
 
 async def test_a_runtime_that_fails_its_warm_up_falls_back_instead_of_failing_the_load(tmp_path, monkeypatch):

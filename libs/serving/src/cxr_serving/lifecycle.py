@@ -80,7 +80,7 @@ class ModelStatus:
     device: str = ""
     precision: str = ""
     backend: str = ""  # what runs the forward: torch, openvino, onnxruntime or tensorrt (models.<name>.runtime)
-    runtime_note: str = ""  # the runtime's load-time check, or why float32 torch serves instead of it
+    runtime_note: str = ""  # the runtime's load-time check, or why torch serves instead of it
     task: str = ""  # the config entry's task (model_tasks.py)
     checkpoint: str = ""  # the file the serving version loaded ("" untrained): its model card lies next to it
     preprocessing: dict[str, str] = field(default_factory=dict)  # as the loaded model applies it (model card)
@@ -209,7 +209,7 @@ class ServedModel(ABC):
 
     @property
     def runtime_note(self) -> str:
-        """The configured runtime's load-time check, or why float32 torch serves instead; '' for plain torch."""
+        """The configured runtime's load-time check, or why torch serves instead; '' for plain torch."""
         return ""
 
 

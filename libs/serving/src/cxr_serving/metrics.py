@@ -60,7 +60,7 @@ RUNTIME_CHECK = Gauge(
     ["model", "backend", "precision", "metric"],
 )
 RUNTIME_FALLBACK = Gauge(
-    "cxr_model_runtime_fallback", "1 when the configured runtime could not serve and float32 torch does", ["model"]
+    "cxr_model_runtime_fallback", "1 when the configured runtime could not serve and torch does", ["model"]
 )
 REQUESTS_TOTAL = Counter("cxr_grpc_requests_total", "gRPC requests by method and status", ["method", "code"])
 REQUEST_DURATION = Histogram(

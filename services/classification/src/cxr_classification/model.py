@@ -304,6 +304,7 @@ class ChestXrayClassifier(ServedModel):
         else:
             runner = self._device.prepare(network, example=example)  # `network` stays unfolded (Grad-CAM)
             self._warm_up(runner)
+            outcome = outcome.torch_serves(precision_of(runner))
         with self._lock:
             self._network, self._runner, self._version, self._decision = network, runner, version, decision
             self._checkpoint = path if version != UNTRAINED else None

@@ -104,6 +104,7 @@ class SegmentationModel(ServedModel):
         example = torch.rand(1, self.cfg.in_channels, s, s, generator=torch.Generator().manual_seed(0))
         if outcome.forward is None:
             net = self._device.prepare(net, example=example)
+            outcome = outcome.torch_serves(precision_of(net))
         self._outcome = outcome
         if outcome.forward is None:  # a runtime's forward was warmed up inside prepare_runtime (its fallback)
             self._warmup(net)

@@ -1,5 +1,6 @@
 """Choose what serves a model's forward at load: the configured runtime, exported once into the cache and
-kept only if the accuracy check passes, else float32 torch with the reason in the log and ListModels."""
+kept only if the accuracy check passes, else torch (float32, or its autocast under performance.use_amp) with the
+reason in the log and ListModels."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class RuntimeReport:
     and the parent, whose /metrics is the one scraped, publishes them."""
 
     model: str
-    backend: str  # configured, also when float32 torch serves instead
+    backend: str  # configured, also when torch serves instead
     precision: str
     check: tuple[tuple[str, float], ...] = ()
     fallback: int = 0
@@ -63,17 +64,29 @@ class RuntimeReport:
 
 @dataclass
 class RuntimeOutcome:
-    """What serves: the runtime's forward (None: torch float32), its backend and precision, the check, the note."""
+    """What serves: the runtime's forward (None: torch), its backend and precision, the check, the note."""
 
     backend: str = "torch"
     precision: str = "float32"
     forward: Forward | None = None
-    note: str = ""  # ListModels' runtime_note: the check's numbers, or why float32 torch serves instead
+    note: str = ""  # ListModels' runtime_note: the check's numbers, or why torch serves instead
     check: CheckResult | None = None
     exported: bool = False  # this load exported (False: reused the cache)
     cache_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     report: RuntimeReport | None = None  # the metrics this load published (an instance process hands them on)
+    fallback_why: str = ""  # why the configured runtime does not serve ("" when it does or none is configured)
+
+    def torch_serves(self, precision: str) -> RuntimeOutcome:
+        """This fallback's note naming the precision torch serves in, known once the model has prepared its
+        torch network (`performance.use_amp` may autocast it); unchanged when the configured runtime serves."""
+        if not self.fallback_why:
+            return self
+        return replace(self, note=_fallback_note(precision, self.fallback_why))
+
+
+def _fallback_note(precision: str, why: str) -> str:
+    return f"{precision} torch serves: {why}"
 
 
 def weights_digest(module: Any) -> str:
@@ -228,8 +241,9 @@ def _export_into_cache(
 def prepare_runtime(
     runtime: ResolvedRuntime | None, request: RuntimeRequest, *, device: str = "cpu", tf32: bool = True
 ) -> RuntimeOutcome:
-    """The configured runtime when it can run here and passes the check; else float32 torch, with the reason.
-    Never raises for a runtime problem: a model always loads in float32 torch at worst. `device` is the model's
+    """The configured runtime when it can run here and passes the check; else torch, with the reason (the note
+    says float32 until the model calls `torch_serves` with what it prepared). Never raises for a runtime
+    problem: a model always loads in torch at worst. `device` is the model's
     (a GPU backend builds and runs there), `tf32` its performance.tf32."""
     if runtime is None or runtime.config.is_torch:
         report = RuntimeReport(request.model, "torch", "float32")
@@ -238,7 +252,7 @@ def prepare_runtime(
     stage = _Stage()
     try:
         outcome = _optimised(runtime, request, device, tf32, stage)
-    except Exception as exc:  # any failure of an optional speed path: the model serves float32 torch
+    except Exception as exc:  # any failure of an optional speed path: the model serves torch
         name = f"{runtime.backend}/{runtime.precision}"
         if isinstance(exc, BackendUnavailable):
             return _fallback(runtime, request, f"{name} unavailable: {exc.args[0]}")
@@ -279,11 +293,9 @@ def prepare_runtime(
 def _fallback(
     runtime: ResolvedRuntime, request: RuntimeRequest, why: str, check: CheckResult | None = None
 ) -> RuntimeOutcome:
-    log.warning(
-        "model %s: serving float32 torch instead of %s/%s: %s", request.model, runtime.backend, runtime.precision, why
-    )
+    log.warning("model %s: serving torch instead of %s/%s: %s", request.model, runtime.backend, runtime.precision, why)
     report = _report(runtime, request, check, 1)
-    return RuntimeOutcome(note=f"float32 torch serves: {why}", check=check, report=report)
+    return RuntimeOutcome(note=_fallback_note("float32", why), fallback_why=why, check=check, report=report)
 
 
 def _report(
