@@ -62,15 +62,23 @@ def wait_busy(busy: float, timeout_s: float) -> int | None:
     """The executor's pid once its main thread (the event loop, which serves the frontends' requests; models
     load on other threads) used at least `busy` of a core over one second (None at the timeout)."""
     deadline = time.monotonic() + timeout_s
+    said = 0.0  # when the last progress line went out: a run that records nothing says what it saw
     while time.monotonic() < deadline:
         pid = find_executor()
+        seen = "no process with frontend children yet"
         if pid is not None:
             before = stat_cpu_s(pid, tid=pid)
             time.sleep(1.0)
-            if stat_cpu_s(pid, tid=pid) - before >= busy:
+            used = stat_cpu_s(pid, tid=pid) - before
+            if used >= busy:
+                print(f"executor {pid}: main thread at {used:.2f} of a core; recording", file=sys.stderr, flush=True)
                 return pid
+            seen = f"executor {pid}: main thread at {used:.2f} of a core (< {busy})"
         else:
             time.sleep(0.5)
+        if time.monotonic() - said >= 10.0:
+            print(f"waiting: {seen}", file=sys.stderr, flush=True)
+            said = time.monotonic()
     return None
 
 

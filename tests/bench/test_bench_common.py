@@ -396,3 +396,37 @@ def test_pyspy_summary_sums_self_and_total_per_thread(tmp_path: Path) -> None:
     assert main["samples"] == 4
     assert main["self"] == [["f (a.py:2)", 3, 0.75], ["run (a.py:1)", 1, 0.25]]
     assert dict((f, n) for f, n, _ in main["total"]) == {"run (a.py:1)": 4, "f (a.py:2)": 3}
+
+
+_FAKE_EXECUTOR = """
+import subprocess, sys, time
+orphaned = "import os, time; p = os.getppid(); [time.sleep(0.2) for _ in iter(lambda: os.getppid() == p, False)]"
+kids = [subprocess.Popen([sys.executable, "-c", orphaned, "cxr_serving.frontends"]) for _ in range(2)]
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+time.sleep(float(sys.argv[2]))  # idle first: a process still loading its model
+while time.monotonic() < end:  # then its main thread busy, as an executor's event loop under load
+    pass
+for k in kids:
+    k.kill()
+"""
+
+
+def test_the_pyspy_probe_finds_the_process_with_frontend_children_once_its_main_thread_is_busy(capfd) -> None:
+    """find_executor picks the parent of the processes running cxr_serving.frontends; wait_busy returns it only
+    once its main thread spins, and says what it saw while it waited."""
+    from bench.gpu.pyspy_executor import find_executor, wait_busy
+
+    proc = subprocess.Popen([sys.executable, "-c", _FAKE_EXECUTOR, "30", "2.5"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert find_executor() == proc.pid
+        started = time.monotonic()
+        assert wait_busy(0.3, timeout_s=20) == proc.pid
+        assert time.monotonic() - started >= 1.5  # not during the idle start
+        err = capfd.readouterr().err
+        assert f"waiting: executor {proc.pid}: main thread at 0.0" in err and "recording" in err
+        assert wait_busy(0.3, timeout_s=0) is None  # no time to look: nothing found
+    finally:
+        proc.kill()
+        proc.wait()
