@@ -61,6 +61,7 @@ def test_alerts_cover_the_operational_signals() -> None:
         "CxrGpuMemoryHigh": "cxr_gpu_memory_used_bytes",
         "CxrQueueSaturated": "cxr_queue_depth",
         "CxrRequestsShed": "cxr_requests_shed_total",
+        "CxrPixelKernelsMissing": "cxr_pixel_kernels_built",
         "CxrDicomDeadLetters": 'cxr_dicom_queue_depth{state="dead"}',
         "CxrDicomQueueStuck": "cxr_dicom_time_to_result_seconds_count",
     }

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from cxr_serving import pixel_kernels
 from cxr_serving.cpu_scheduling import apply_cpu_scheduling
 from cxr_serving.errors import ConfigError
 from cxr_serving.frontends import frontend_count, serve_with_frontends
@@ -47,6 +48,8 @@ def run_service(service: str, build: Callable[[Settings], ServiceBinding], argv:
     freeze_startup_heap()
     logging.getLogger(service).info("event loop: %s", loop_name)
     logging.getLogger(service).info("cpu scheduling: %s", apply_cpu_scheduling(settings.server_config.cpu_scheduling))
+    if binding.repository is not None:  # the model services decode images; rag takes text
+        pixel_kernels.report(logging.getLogger(service))
     if frontends > 1:
         run(
             serve_with_frontends(

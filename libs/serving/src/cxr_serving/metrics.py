@@ -117,6 +117,20 @@ def _gpu_memory_bytes() -> float:
 
 GPU_MEMORY.set_function(_gpu_memory_bytes)
 
+PIXEL_KERNELS = Gauge(
+    "cxr_pixel_kernels_built",
+    "1 when the C image kernels (cxr_serving._pixels) serve; 0: decoding and preprocessing take the slower fallbacks",
+)
+
+
+def _pixel_kernels_built() -> float:
+    from cxr_serving import pixel_kernels  # at scrape time: importing the decoders is not this module's job
+
+    return 0.0 if pixel_kernels.missing() else 1.0
+
+
+PIXEL_KERNELS.set_function(_pixel_kernels_built)
+
 
 class MetricsObserver(BatchObserver):
     """Feeds batcher events into the metrics above."""

@@ -1,0 +1,36 @@
+"""Whether the C image kernels (`cxr_serving._pixels`) serve this process: without them every image still
+decodes and preprocesses, through OpenCV and torch, at several times the CPU per image, so a service says so
+at start and in a gauge instead of silently running slower (docs/serving-runtime.md, "C image kernels")."""
+
+from __future__ import annotations
+
+import logging
+
+from cxr_serving import png_gray8, resize
+
+REBUILD = "pip install -e libs/serving (or make install) on a host with a C compiler"
+
+
+def missing() -> list[str]:
+    """The kernels the decoders would use but cannot, by what they do ([] when all are built)."""
+    out = []
+    if png_gray8.unfilter_into is None:
+        out.append("PNG row filters")
+    if resize._resize_normalize_into is None:
+        out.append("one-pass resize + normalise")
+    return out
+
+
+def report(log: logging.Logger) -> bool:
+    """Log which path images take (WARNING when a kernel is missing); True when every kernel is built."""
+    absent = missing()
+    if absent:
+        log.warning(
+            "C image kernels not built (cxr_serving._pixels): %s fall back to OpenCV / torch, at several times "
+            "the CPU per image; rebuild: %s",
+            ", ".join(absent),
+            REBUILD,
+        )
+        return False
+    log.info("C image kernels: built (PNG row filters, one-pass resize + normalise)")
+    return True
