@@ -14,9 +14,9 @@ REBUILD = "pip install -e libs/serving (or make install) on a host with a C comp
 def missing() -> list[str]:
     """The kernels the decoders would use but cannot, by what they do ([] when all are built)."""
     out = []
-    if png_gray8.unfilter_into is None:
+    if not png_gray8.kernel_built():
         out.append("PNG row filters")
-    if resize._resize_normalize_into is None:
+    if not resize.kernel_built():
         out.append("one-pass resize + normalise")
     return out
 

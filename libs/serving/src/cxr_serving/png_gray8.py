@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 # its growing output buffer. Its name is private, so a zlib-ng without it takes decompressobj (the same results).
 _inflater = getattr(zlib_ng, "_ZlibDecompressor", None) or zlib_ng.decompressobj
 
+def kernel_built() -> bool:
+    """Whether the C row filters serve (else every PNG takes the general decoder)."""
+    return unfilter_into is not None
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Ancillary chunks that carry only metadata: no decoder changes samples because of them.
 METADATA_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME", b"pHYs"})

@@ -21,6 +21,11 @@ except ImportError:  # pragma: no cover
     _resize_normalize_into = None
 
 
+def kernel_built() -> bool:
+    """Whether the one-pass C resize + normalise serves (else the callers' tensor paths do)."""
+    return _resize_normalize_into is not None
+
+
 @functools.lru_cache(maxsize=32)
 def antialias_table(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """torch's antialiased bilinear weights along one axis (`align_corners=False`) as, for each output index,
