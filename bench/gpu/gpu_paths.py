@@ -73,7 +73,7 @@ GPU_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "tf32_compile": {"use_amp": False, "tf32": True, "channels_last": False, "compile_models": True},
     # models.<name>.runtime (cxr_serving/runtimes): torch-tensorrt engines, checked against float32 torch at
-    # load; without torch-tensorrt the row says float32 torch served and why (runtime_note)
+    # load; without torch-tensorrt the row says which torch served and why (runtime_note)
     "trt_fp32": {
         "tf32": True,
         "channels_last": False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -399,9 +400,10 @@ def test_pyspy_summary_sums_self_and_total_per_thread(tmp_path: Path) -> None:
 
 
 _FAKE_EXECUTOR = """
-import subprocess, sys, time
-orphaned = "import os, time; p = os.getppid(); [time.sleep(0.2) for _ in iter(lambda: os.getppid() == p, False)]"
-kids = [subprocess.Popen([sys.executable, "-c", orphaned, "cxr_serving.frontends"]) for _ in range(2)]
+import os, subprocess, sys, time
+token, me = sys.argv[3], str(os.getpid())
+orphaned = "import os, sys, time\\nwhile os.getppid() == int(sys.argv[1]):\\n    time.sleep(0.2)"
+kids = [subprocess.Popen([sys.executable, "-c", orphaned, me, token]) for _ in range(2)]
 print("ready", flush=True)
 end = time.monotonic() + float(sys.argv[1])
 time.sleep(float(sys.argv[2]))  # idle first: a process still loading its model
@@ -412,21 +414,26 @@ for k in kids:
 """
 
 
-def test_the_pyspy_probe_finds_the_process_with_frontend_children_once_its_main_thread_is_busy(capfd) -> None:
-    """find_executor picks the parent of the processes running cxr_serving.frontends; wait_busy returns it only
-    once its main thread spins, and says what it saw while it waited."""
-    from bench.gpu.pyspy_executor import find_executor, wait_busy
+def test_the_pyspy_probe_finds_the_process_with_frontend_children_once_its_main_thread_is_busy(
+    capfd, monkeypatch
+) -> None:
+    """find_executor picks the parent of the processes running the frontend module; wait_busy returns it only
+    once its main thread spins, and says what it saw while it waited. The module's name is a token of this
+    test's own, so a real service on the host cannot be picked instead."""
+    from bench.gpu import pyspy_executor
 
-    proc = subprocess.Popen([sys.executable, "-c", _FAKE_EXECUTOR, "30", "2.5"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        assert find_executor() == proc.pid
-        started = time.monotonic()
-        assert wait_busy(0.3, timeout_s=20) == proc.pid
-        assert time.monotonic() - started >= 1.5  # not during the idle start
-        err = capfd.readouterr().err
-        assert f"waiting: executor {proc.pid}: main thread at 0.0" in err and "recording" in err
-        assert wait_busy(0.3, timeout_s=0) is None  # no time to look: nothing found
-    finally:
-        proc.kill()
-        proc.wait()
+    token = f"cxr-test-frontend-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setattr(pyspy_executor, "FRONTEND_MODULE", token)
+    cmd = [sys.executable, "-c", _FAKE_EXECUTOR, "30", "2.5", token]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            assert pyspy_executor.find_executor() == proc.pid
+            started = time.monotonic()
+            assert pyspy_executor.wait_busy(0.3, timeout_s=20) == proc.pid
+            assert time.monotonic() - started >= 1.5  # not during the idle start
+            err = capfd.readouterr().err
+            assert f"waiting: executor {proc.pid}: main thread at 0.0" in err and "recording" in err
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the fake and its children: one session
+            proc.wait()

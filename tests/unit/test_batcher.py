@@ -558,29 +558,41 @@ class Interrupted(concurrent.futures.ThreadPoolExecutor):
     def submit(self, fn, /, *args, **kwargs):
         raise KeyboardInterrupt
 
+async def answer(caller):
+    try:
+        await asyncio.wait_for(caller, 5)
+        return "answered"
+    except ModelNotReadyError as exc:
+        return f"refused: {exc}"
+    except TimeoutError:
+        return "stranded"
+
 loop = asyncio.new_event_loop()
 b = DynamicBatcher("m", lambda items: items, max_batch_size=1, max_batch_delay_ms=0, executor=Interrupted(1))
-caller = loop.create_task(b.submit(1))
+first, queued = loop.create_task(b.submit(1)), loop.create_task(b.submit(2))
 try:
     loop.run_until_complete(asyncio.sleep(5))
     print("no interrupt")
 except KeyboardInterrupt:
-    try:
-        loop.run_until_complete(asyncio.wait_for(caller, 5))
-        print("answered")
-    except ModelNotReadyError as exc:
-        print("refused:", exc)
-    except TimeoutError:
-        print("stranded")
+    print("first", loop.run_until_complete(answer(first)))
+    print("queued", loop.run_until_complete(answer(queued)))
+    print("later", loop.run_until_complete(answer(loop.create_task(b.submit(3)))))
+    print("close", loop.run_until_complete(asyncio.wait_for(b.close(grace_s=5), 10)))
 """
 
 
-def test_an_interrupt_raised_by_the_pool_answers_the_batch_before_it_propagates():
+def test_an_interrupt_raised_by_the_pool_answers_every_caller_and_stops_the_batcher():
     """KeyboardInterrupt from the pool's submit leaves the collector (asyncio re-raises it out of the loop), but
-    the batch's caller is answered first, so a loop run again does not wait on it forever. In a child process:
-    an interrupt raised inside pytest's own loop upsets its interpreter state."""
+    first the batch's caller and the queued one are answered, later submits are refused and close() still
+    returns: a loop run again waits on nothing forever. In a child process: an interrupt raised inside
+    pytest's own loop upsets its interpreter state."""
     out = subprocess.run([sys.executable, "-c", _INTERRUPTED_POOL], capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "refused: model 'm' stopped", out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "first refused: model 'm' stopped",
+        "queued refused: model 'm' stopped",
+        "later refused: model 'm' is shutting down",
+        "close True",
+    ], out.stdout + out.stderr[-2000:]
 
 
 async def test_a_drain_runs_the_batch_the_collector_is_still_forming():

@@ -303,9 +303,8 @@ class DynamicBatcher(Generic[In, Out]):
             # queued (the last batch's callers' replies), and the model would wait for them
             try:
                 started, job = time.perf_counter(), self._start(live)
-            except BaseException:  # KeyboardInterrupt or SystemExit from the pool: answer before it propagates
-                self._fail(live, "stopped")
-                release()
+            except BaseException:  # KeyboardInterrupt or SystemExit from the pool: this collector ends here
+                self._collector_ended(live)
                 raise
             task = loop.create_task(self._run(live, job, release, started), name=f"batch-{self.name}")
             self._running[task] = live
@@ -343,6 +342,15 @@ class DynamicBatcher(Generic[In, Out]):
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(exc)
+
+    def _collector_ended(self, live: list[_Pending[In, Out]]) -> None:
+        """The collector is leaving on an interrupt: answer this batch and every queued caller, refuse later
+        submits, and leave close() to wait for the batches already running as usual."""
+        self._closed, self._worker = True, None
+        self._fail(live, "stopped")
+        if self._queue is not None:
+            while (p := self._queue.pop()) is not None:
+                self._fail([p], "stopped")
 
     def _stop_taking(self) -> asyncio.Task[None] | None:
         """Close, stop the worker (it answers the batch it was forming) and answer every queued caller."""

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 # its growing output buffer. Its name is private, so a zlib-ng without it takes decompressobj (the same results).
 _inflater = getattr(zlib_ng, "_ZlibDecompressor", None) or zlib_ng.decompressobj
 
+
 def kernel_built() -> bool:
     """Whether the C row filters serve (else every PNG takes the general decoder)."""
     return unfilter_into is not None

@@ -82,7 +82,7 @@ class RuntimeOutcome:
         torch network (`performance.use_amp` may autocast it); unchanged when the configured runtime serves."""
         if not self.fallback_why:
             return self
-        return replace(self, note=_fallback_note(precision, self.fallback_why))
+        return replace(self, precision=precision, note=_fallback_note(precision, self.fallback_why))
 
 
 def _fallback_note(precision: str, why: str) -> str:
