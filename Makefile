@@ -143,8 +143,8 @@ bench-gpu-run: $(VENV)/.installed ## On a CUDA machine: issue 23's GPU targets (
 	OUT=bench/gpu/results PY=$(PY) WHEELS=none bash bench/gpu/run.sh
 
 .PHONY: bench-gpu-probe
-bench-gpu-probe: $(VENV)/.installed ## On a CUDA machine: which executor thread bounds the classification service (cheap model at 1 and 8 frontends; DenseNet c=64 with py-spy on the executor), <= 5.5 min
-	OUT=bench/gpu/results PY=$(PY) WHEELS=none PLAN=frontends-probe SESSION_S=320 bash bench/gpu/gpu_session.sh
+bench-gpu-probe: $(VENV)/.installed ## On a CUDA machine: which executor thread bounds the classification service (cheap model at 1 and 8 frontends; DenseNet c=64 with py-spy on the executor; the host's fingerprint first), <= 6 min
+	OUT=bench/gpu/results PY=$(PY) WHEELS=none PLAN=frontends-probe SESSION_S=335 bash bench/gpu/gpu_session.sh
 
 bench-%: $(VENV)/.installed ## One benchmark, e.g. make bench-stack = python -m bench.stack (bench/gpu/ too; BENCH_ARGS=--quick)
 	$(PY) -m $(if $(wildcard bench/$*.py),bench.$*,bench.gpu.$*) $(BENCH_ARGS)

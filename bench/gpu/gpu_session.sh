@@ -75,6 +75,9 @@ else
   PATHS=(--device cpu --quick --seconds 1.5 --variants eager,default)
   TESTS=()
 fi
+# what one core of this host does per image (decode, resize, memory, the interpreter) and whether the C kernels
+# serve: the serving path's CPU per image differed 2-3x between this host and the CI host (bench/host_fingerprint.py)
+step host_fingerprint 15 $PY -m bench.host_fingerprint --turns 20 --out "$OUTDIR/host_fingerprint.json"
 if [ "${PLAN:-all}" = frontends-probe ]; then
   # issue 23's bound on a GPU host: which thread of the model executor runs out first. The cheap model's scale-out
   # at N = 1 and 8 with each cell's busiest executor threads; then DenseNet-121 at c=64 (default frontends, cores/2)
@@ -117,7 +120,7 @@ if [ "${PLAN:-all}" = issue23 ]; then
   fi
   step i23_classification 200 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
     --peers service,service_two_instances,service_one_frontend --out "$OUTDIR/stack-classification-frontends.json"
-  step i23_segmentation 150 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
+  step i23_segmentation 135 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
   if [ "$DEVICE" = cuda ] && [ "${GPU_TESTS:-0}" = 1 ]; then
     # GPU_TESTS=1 (with a SESSION_S that leaves the time): the CUDA tests too (tests/gpu, two frontends on CUDA
@@ -128,7 +131,7 @@ if [ "${PLAN:-all}" = issue23 ]; then
     # TensorRT float16 and int8 beside the CUDA-graphs float path; 110 s keeps the steps within 460 s (GPU_TESTS=1
     # adds 90). Measured
     # only where requirements/gpu.txt is installed (the lent machine cannot: no network, 64 MiB per call, torch
-    # 2.11): otherwise each trt row says float32 torch served and why
+    # 2.11): otherwise each trt row says which torch served and why
     step gpu_tensorrt 110 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
       --variants amp_cl_graphs,trt_fp16,trt_int8 --out "$OUTDIR/gpu_paths-tensorrt.json"
   fi
@@ -146,7 +149,7 @@ step stack_segmentation 130 $PY -m bench.stack "${STACK[@]}" "${SEG_PEERS[@]}" -
 if [ "$DEVICE" = cuda ]; then
   # models.<name>.runtime tensorrt (issue 24) beside the CUDA-graphs float paths, densenet121 only (engine builds
   # take minutes); measured only where requirements/gpu.txt is installed (not the lent machine: no network,
-  # 64 MiB per call, torch 2.11), else each trt row says float32 torch served and why
+  # 64 MiB per call, torch 2.11), else each trt row says which torch served and why
   step gpu_tensorrt 240 $PY -m bench.gpu.gpu_paths --device cuda --seconds 1.0 --models densenet121 \
     --variants tf32_graphs,amp_cl_graphs,trt_fp32,trt_fp16,trt_int8 --out "$OUTDIR/gpu_paths-tensorrt.json"
   # last: how long compilation takes is the unknown; each variant's row is written when it finishes

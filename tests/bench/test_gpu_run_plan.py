@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import frontends, stack
+from bench import frontends, host_fingerprint, stack
 from bench.gpu import gpu_paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +19,7 @@ PARSERS = {
     "bench.stack": stack.parse_args,
     "bench.gpu.gpu_paths": gpu_paths.parse_args,
     "bench.frontends": frontends.parse_args,
+    "bench.host_fingerprint": host_fingerprint.parse_args,
 }
 
 
@@ -42,7 +43,7 @@ def planned_steps(
 def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, tmp_path: Path) -> None:
     steps = planned_steps(device, tmp_path)
     names = [name for name, _, _ in steps]
-    assert names[:2] == ["i23_classification", "i23_segmentation"]
+    assert names[:3] == ["host_fingerprint", "i23_classification", "i23_segmentation"]
     assert ("gpu_tensorrt" in names) == (device == "cuda")
     assert sum(limit for _, limit, _ in steps) <= 8 * 60 - 20
     for name, _, argv in steps:
@@ -52,7 +53,7 @@ def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, 
     if device == "cuda":  # issue 24: TensorRT float16 and int8 beside the CUDA-graphs float path
         (trt,) = [gpu_paths.parse_args(argv[3:]) for name, _, argv in steps if name == "gpu_tensorrt"]
         assert list(trt.variant_table) == ["amp_cl_graphs", "trt_fp16", "trt_int8"]
-    classification = stack.parse_args(steps[0][2][3:])
+    classification = stack.parse_args(steps[1][2][3:])
     assert "service_one_frontend" in classification.peers and "service_two_instances" in classification.peers
     if device == "cuda":
         assert classification.frontend_counts == (1, 2, 4, 8)
@@ -64,7 +65,9 @@ def test_gpu_tests_opt_in_runs_the_cuda_tests_after_the_measurement(tmp_path: Pa
     """GPU_TESTS=1 adds one pytest step (tests/gpu, two frontends on CUDA among them) after the two measurements
     and before the TensorRT rows; without it the plan above is unchanged."""
     steps = planned_steps("cuda", tmp_path, GPU_TESTS="1", SESSION_S="540")
-    assert [name for name, _, _ in steps] == ["i23_classification", "i23_segmentation", "gpu_tests", "gpu_tensorrt"]
+    assert [name for name, _, _ in steps] == [
+        "host_fingerprint", "i23_classification", "i23_segmentation", "gpu_tests", "gpu_tensorrt"
+    ]  # fmt: skip
     (argv,) = [argv for name, _, argv in steps if name == "gpu_tests"]
     assert argv[:3] == ["python", "-m", "pytest"] and "gpu" in argv
     assert "tests/gpu" in argv
@@ -77,11 +80,11 @@ def test_the_frontends_probe_parses_and_fits_its_make_target(tmp_path: Path) -> 
     session_s = int(re.search(r"PLAN=frontends-probe SESSION_S=(\d+)", (ROOT / "Makefile").read_text())[1])
     session = "bench/gpu/gpu_session.sh"
     steps = planned_steps("cuda", tmp_path, session, PLAN="frontends-probe", SESSION_S=str(session_s))
-    assert [name for name, _, _ in steps] == ["probe_scaling", "probe_densenet"]
+    assert [name for name, _, _ in steps] == ["host_fingerprint", "probe_scaling", "probe_densenet"]
     assert sum(limit for _, limit, _ in steps) <= session_s - 10 - 60  # 60 s for the prelude (build, imports)
     parsed = {name: PARSERS[argv[2]](argv[3:]) for name, _, argv in steps}
     for name, args in parsed.items():
-        assert args.device == "cuda" and str(args.out).startswith(str(tmp_path)), name
+        assert getattr(args, "device", "cuda") == "cuda" and str(args.out).startswith(str(tmp_path)), name
     assert parsed["probe_scaling"].frontend_counts == (1, 8)
     densenet = parsed["probe_densenet"]
     assert densenet.frontend_processes is None  # the platform's default
