@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -560,6 +560,17 @@ async def http_ok(url: str) -> bool:
 
 
 # -- results -----------------------------------------------------------------------------------
+def environ_of(pid: int, names: Sequence[str]) -> dict[str, str | None]:
+    """The values of `names` in a running process's environment, as /proc/<pid>/environ holds it (None: unset,
+    or the process is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return dict.fromkeys(names)
+    pairs = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+    return {name: pairs.get(name) for name in names}
+
+
 def machine() -> dict[str, Any]:
     import platform
 

@@ -52,6 +52,7 @@ from bench._common import (
     add_thread_cpu,
     busiest_threads,
     drive_closed,
+    environ_of,
     free_port,
     gpu_mib_by_pid,
     grpc_serving,
@@ -87,6 +88,8 @@ from bench._peers import (
 )
 
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+SHORT_SPIN = "10000"  # GOMP_SPINCOUNT of the service_short_spin peer (libgomp's default: 300,000 turns)
+THREAD_VARS = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peers", default="service,gateway_rest,gateway_grpc,naive,litserve,litserve_folded",
         help="also: service_other_mode (our service with the other --instance-mode), service_eager (our service "
         "without performance.cuda_graphs: GPU), service_one_frontend (our service with frontend_processes 1), "
-        "service_two_instances (our service with server_config.model_instances 2: two batches at once)",
+        "service_two_instances (our service with server_config.model_instances 2: two batches at once), "
+        "service_short_spin (our service with GOMP_SPINCOUNT=10000: torch's OpenMP workers stop spinning ~0.1-1 ms "
+        "after a parallel region instead of several ms)",
     )  # fmt: skip
     ap.add_argument("--seg-gateway", action="store_true", help="also measure segmentation through the gateway")
     ap.add_argument(
@@ -542,6 +547,7 @@ async def run_peers(
                 "service_eager",
                 "service_one_frontend",
                 "service_two_instances",
+                "service_short_spin",
                 "naive",
                 "litserve",
                 "litserve_folded",
@@ -561,6 +567,10 @@ async def run_peers(
             for name, changes in service_variants.items()
             if name in want
         }
+        if "service_short_spin" in want:  # the same settings; torch's OpenMP workers idle-spin 10k turns, not 300k
+            variant_services["service_short_spin"] = started(
+                service_process(task, config, ports["service_short_spin"], env={"GOMP_SPINCOUNT": SHORT_SPIN})
+            )
         # The peers a user would write serve the network as it loads: no BatchNorm folding (optimize/fold.py),
         # on CPU no autocast (optimize/amp.py), glibc's malloc as it comes (optimize/allocator.py), the eager
         # network (optimize/torchscript.py) and on a GPU no CUDA graphs (optimize/cuda_graphs.py).
@@ -623,6 +633,9 @@ async def run_peers(
         for name, s in startup.items():
             if name in peers:
                 peers[name]["startup_s"] = s
+        for name, target in targets.items():  # the thread variables each server runs with, as its /proc shows them
+            if name in peers and target.server.proc is not None:
+                peers[name]["server_env"] = environ_of(target.server.proc.pid, THREAD_VARS)
         extra["ceiling_in_turn"] = ceilings
         if gateway and svc is not None:  # the other peers paused, as for every other cell (LitServe's idle
             # workers poll: left running they added ~1-2 ms to these c=1 calls on 2 cores)
@@ -678,6 +691,7 @@ def ratios(
             "service_eager",
             "service_one_frontend",
             "service_two_instances",
+            "service_short_spin",
             "gateway_rest",
             "gateway_grpc",
         ):

@@ -105,7 +105,8 @@ fi
 if [ "${PLAN:-all}" = issue23 ]; then
   # bench/gpu/run.sh: issue 23's GPU targets (and issue 24's TensorRT row) in one call of at most 8 minutes:
   # the service (frontend_processes: the platform's default, cores/2 on a GPU) beside the same service with
-  # one frontend and with two model instances (two batches at once), DenseNet-121 @224 at c=1/64 spread over 32
+  # one frontend and with torch's OpenMP workers spinning 10k turns when idle instead of 300k (service_short_spin:
+  # session 35 saw three such workers of the model thread at ~1 core each), DenseNet-121 @224 at c=1/64 spread over 32
   # connections; U-Net @512; the frontend scale-out of a cheap model at N = 1, 2, 4, 8
   if [ "$DEVICE" = cuda ]; then
     I23=(--device cuda --max-batch-size 64 --num-workers 4 --torch-threads 4 --seg-input-size 512
@@ -119,7 +120,7 @@ if [ "${PLAN:-all}" = issue23 ]; then
     SCALE=(--frontend-counts 1,2 --frontend-requests 48)
   fi
   step i23_classification 200 $PY -m bench.stack "${I23[@]}" "${SCALE[@]}" --tasks classification \
-    --peers service,service_two_instances,service_one_frontend --out "$OUTDIR/stack-classification-frontends.json"
+    --peers service,service_short_spin,service_one_frontend --out "$OUTDIR/stack-classification-frontends.json"
   step i23_segmentation 135 $PY -m bench.stack "${I23[@]}" --frontend-requests 0 --tasks segmentation \
     --peers service,service_one_frontend --out "$OUTDIR/stack-segmentation-frontends.json"
   if [ "$DEVICE" = cuda ] && [ "${GPU_TESTS:-0}" = 1 ]; then

@@ -437,3 +437,17 @@ def test_the_pyspy_probe_finds_the_process_with_frontend_children_once_its_main_
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the fake and its children: one session
             proc.wait()
+
+
+def test_environ_of_reads_a_running_process_and_says_none_for_what_it_lacks() -> None:
+    from bench._common import environ_of
+
+    env = {**os.environ, "CXR_TEST_ENV_MARK": "a=b"}
+    env.pop("GOMP_SPINCOUNT", None)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env) as proc:
+        try:
+            seen = environ_of(proc.pid, ["CXR_TEST_ENV_MARK", "GOMP_SPINCOUNT"])
+            assert seen == {"CXR_TEST_ENV_MARK": "a=b", "GOMP_SPINCOUNT": None}
+        finally:
+            proc.kill()
+    assert environ_of(proc.pid, ["CXR_TEST_ENV_MARK"]) == {"CXR_TEST_ENV_MARK": None}  # reaped: gone

@@ -54,7 +54,7 @@ def test_every_planned_step_parses_and_the_call_fits_eight_minutes(device: str, 
         (trt,) = [gpu_paths.parse_args(argv[3:]) for name, _, argv in steps if name == "gpu_tensorrt"]
         assert list(trt.variant_table) == ["amp_cl_graphs", "trt_fp16", "trt_int8"]
     classification = stack.parse_args(steps[1][2][3:])
-    assert "service_one_frontend" in classification.peers and "service_two_instances" in classification.peers
+    assert "service_one_frontend" in classification.peers and "service_short_spin" in classification.peers
     if device == "cuda":
         assert classification.frontend_counts == (1, 2, 4, 8)
         assert classification.levels == [1, 64]
