@@ -112,3 +112,35 @@ def test_pool_threads_carry_their_names_in_the_kernel() -> None:
     finally:
         pool.shutdown()
     assert Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() != "ss_classifier_0"
+
+
+async def test_start_on_new_thread_runs_once_on_a_thread_that_ends_and_keeps_the_callers_context():
+    """A thread of its own (named, in the kernel too), the caller's contextvars inside it, the result or the
+    exception back on the loop, and the thread gone afterwards."""
+    import contextvars
+
+    from cxr_serving.handoff import start_on_new_thread
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    var.set("caller's")
+    seen: dict[str, object] = {}
+
+    def job(x: int) -> int:
+        seen["tid"] = threading.get_native_id()
+        seen["var"] = var.get()
+        seen["comm"] = Path(f"/proc/self/task/{seen['tid']}/comm").read_text().strip()
+        return x * 2
+
+    assert await start_on_new_thread(job, 21, name="model-load") == 42
+    assert seen["tid"] != threading.get_native_id() and seen["var"] == "caller's" and seen["comm"] == "model-load"
+    for _ in range(100):  # the thread ends right after it settles the future
+        if not Path(f"/proc/self/task/{seen['tid']}").exists():
+            break
+        await asyncio.sleep(0.01)
+    assert not Path(f"/proc/self/task/{seen['tid']}").exists()
+
+    def fails() -> None:
+        raise ValueError("no checkpoint")
+
+    with pytest.raises(ValueError, match="no checkpoint"):
+        await start_on_new_thread(fails, name="model-load")

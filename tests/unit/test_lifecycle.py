@@ -163,3 +163,61 @@ async def test_a_reload_swaps_in_the_new_version_and_drains_the_old_one():
     finally:
         model.release.set()
         await repo.close()
+
+
+_LOAD_THREAD_PROBE = """
+import asyncio, os, threading, time
+import torch
+from cxr_serving.lifecycle import BatchingConfig, ModelRepository
+from tests.support.toy_service import BrightnessModel
+
+torch.set_num_threads(2)
+
+
+class TorchLoad(BrightnessModel):
+    def load(self, checkpoint_path=None):
+        self.load_tid = threading.get_native_id()
+        (torch.ones(4_000_000) * 2).sum()  # a parallel region: this thread now has an OpenMP team
+        super().load(checkpoint_path)
+
+
+def comms():
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = open(f"/proc/self/task/{tid}/comm").read().strip()
+        except OSError:
+            pass
+    return out
+
+
+async def main():
+    repo = ModelRepository(BatchingConfig(max_batch_size=1, max_batch_delay_ms=0))
+    model = TorchLoad()
+    repo.add(model)
+    await repo.load_all()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (model.load_tid in comms() or "model-load" in comms().values()):
+        await asyncio.sleep(0.05)
+    seen = comms()
+    print("load thread alive:", model.load_tid in seen, "| threads named model-load:",
+          sum(v == "model-load" for v in seen.values()))
+    await repo.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_load_runs_on_a_thread_that_ends_with_its_torch_workers():
+    """A model's load runs torch's parallel operators on its own thread, which ends afterwards together with the
+    OpenMP workers it started: no thread keeps a team besides those that serve forwards (more teams than cores
+    slow every forward). In a child process: the thread count and torch's thread setting are the process's."""
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO
+
+    out = subprocess.run([sys.executable, "-c", _LOAD_THREAD_PROBE], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.stdout.strip() == "load thread alive: False | threads named model-load: 0", out.stdout + out.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -71,6 +72,32 @@ def start_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any
         if "new futures after" in str(exc):  # "... after shutdown", "... after interpreter shutdown"
             raise PoolClosedError(str(exc)) from exc
         raise  # the pool is open but could not take the job ("can't start new thread")
+    return future
+
+
+def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.Future[T]:
+    """`fn(*args)` on a thread started for it alone, which ends with it; the future it settles. For work that
+    runs torch's parallel operators once (a model's load and warm-up): a thread that ran them keeps an OpenMP
+    team for life, and a process with more teams than cores makes every team's workers sleep between
+    operators, which slows each forward of the threads that serve (docs/serving-runtime.md, "One OpenMP
+    team per forward thread")."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # as asyncio.to_thread: the caller's log and trace context go along
+
+    def job() -> None:
+        name_os_thread(name)
+        outcome: tuple[bool, Any]
+        try:
+            outcome = (True, context.run(fn, *args))
+        except BaseException as exc:  # handed to the caller
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=job, name=name, daemon=True).start()
     return future
 
 

@@ -35,6 +35,7 @@ from cxr_serving.errors import (
     ModelNotReadyError,
     VersionStateError,
 )
+from cxr_serving.handoff import start_on_new_thread
 from cxr_serving.instances import LoadedModel, ModelFactory, ProcessInstances
 from cxr_serving.metrics import (
     MODEL_LOADED,
@@ -887,9 +888,10 @@ def _gpu_allocated() -> int:
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any) -> _T:
-    """`asyncio.to_thread`, but a cancellation first waits for the thread (which cannot be stopped), so
-    the caller's cleanup sees everything it built."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    """`fn(*args)` on a thread of its own that ends with it (a load's torch threads end too: `handoff.
+    start_on_new_thread`); a cancellation first waits for the thread (which cannot be stopped), so the
+    caller's cleanup sees everything it built."""
+    fut = start_on_new_thread(fn, *args, name="model-load")
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
