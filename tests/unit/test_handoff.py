@@ -133,7 +133,7 @@ async def test_start_on_new_thread_runs_once_on_a_thread_that_ends_and_keeps_the
 
     assert await start_on_new_thread(job, 21, name="model-load") == 42
     assert seen["tid"] != threading.get_native_id() and seen["var"] == "caller's" and seen["comm"] == "model-load"
-    for _ in range(100):  # the thread ends right after it settles the future
+    for _ in range(500):  # the thread ends right after it settles the future
         if not Path(f"/proc/self/task/{seen['tid']}").exists():
             break
         await asyncio.sleep(0.01)

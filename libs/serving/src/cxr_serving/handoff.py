@@ -86,10 +86,13 @@ def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.
     context = contextvars.copy_context()  # as asyncio.to_thread: the caller's log and trace context go along
 
     def job() -> None:
-        name_os_thread(name)
         outcome: tuple[bool, Any]
         try:
+            name_os_thread(name)
             outcome = (True, context.run(fn, *args))
+        except StopIteration as exc:  # a future cannot hold it (set_exception refuses StopIteration)
+            outcome = (False, RuntimeError(f"{name}: {fn!r} raised StopIteration"))
+            outcome[1].__cause__ = exc
         except BaseException as exc:  # handed to the caller
             outcome = (False, exc)
         try:
@@ -97,7 +100,7 @@ def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 
-    threading.Thread(target=job, name=name, daemon=True).start()
+    threading.Thread(target=job, name=name).start()  # not a daemon: interpreter exit waits for a load to finish
     return future
 
 

@@ -117,19 +117,26 @@ def _gpu_memory_bytes() -> float:
 
 GPU_MEMORY.set_function(_gpu_memory_bytes)
 
-PIXEL_KERNELS = Gauge(
-    "cxr_pixel_kernels_built",
-    "1 when the C image kernels (cxr_serving._pixels) serve; 0: decoding and preprocessing take the slower fallbacks",
-)
+_pixel_kernels_gauge: Gauge | None = None
+
+
+def publish_pixel_kernels() -> None:
+    """Register `cxr_pixel_kernels_built` (once per process), in the services that decode images only."""
+    global _pixel_kernels_gauge
+    if _pixel_kernels_gauge is not None:
+        return
+    _pixel_kernels_gauge = Gauge(
+        "cxr_pixel_kernels_built",
+        "1 when the C image kernels (cxr_serving._pixels) serve; 0: PNG decoding and preprocessing take the "
+        "OpenCV / torch fallbacks",
+    )
+    _pixel_kernels_gauge.set_function(_pixel_kernels_built)
 
 
 def _pixel_kernels_built() -> float:
     from cxr_serving import pixel_kernels  # at scrape time: importing the decoders is not this module's job
 
     return 0.0 if pixel_kernels.missing() else 1.0
-
-
-PIXEL_KERNELS.set_function(_pixel_kernels_built)
 
 
 class MetricsObserver(BatchObserver):

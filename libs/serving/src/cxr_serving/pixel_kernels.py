@@ -1,6 +1,6 @@
-"""Whether the C image kernels (`cxr_serving._pixels`) serve this process: without them every image still
-decodes and preprocesses, through OpenCV and torch, at several times the CPU per image, so a service says so
-at start and in a gauge instead of silently running slower (docs/serving-runtime.md, "C image kernels")."""
+"""Whether the C image kernels (`cxr_serving._pixels`) serve this process: without them 8-bit PNGs still decode
+and images still preprocess, through OpenCV and torch, at more CPU per image, so a service says so at start
+and in a gauge instead of silently running slower (docs/serving-runtime.md, "C image kernels")."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 from cxr_serving import png_gray8, resize
 
-REBUILD = "pip install -e libs/serving (or make install) on a host with a C compiler"
+REBUILD = "install libs/serving where a C compiler is present (make install; in an image, a build stage with gcc)"
 
 
 def missing() -> list[str]:
@@ -26,8 +26,8 @@ def report(log: logging.Logger) -> bool:
     absent = missing()
     if absent:
         log.warning(
-            "C image kernels not built (cxr_serving._pixels): %s fall back to OpenCV / torch, at several times "
-            "the CPU per image; rebuild: %s",
+            "C image kernels not built (cxr_serving._pixels): %s fall back to OpenCV / torch, at more CPU per "
+            "image (JPEG and DICOM decoding are unaffected); rebuild: %s",
             ", ".join(absent),
             REBUILD,
         )

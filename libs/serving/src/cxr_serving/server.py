@@ -29,7 +29,7 @@ from cxr_serving.auth import (
     PeerAllowListInterceptor,
 )
 from cxr_serving.lifecycle import ModelRepository
-from cxr_serving.metrics import MetricsServer
+from cxr_serving.metrics import MetricsServer, publish_pixel_kernels
 from cxr_serving.observability import ObservabilityInterceptor
 from cxr_serving.settings import Settings
 
@@ -210,6 +210,8 @@ class CxrServer:
         await self._set_health(False)
         await self._server.start()
         if self.settings.monitoring.enable_metrics:
+            if self.binding.repository is not None:  # the model services decode images; rag takes text
+                publish_pixel_kernels()
             self.metrics = MetricsServer(self.host, self._metrics_port, self._metrics_registry)
         log.info(
             "%s listening on %s:%d (metrics on :%s)",
