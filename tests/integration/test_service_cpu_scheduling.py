@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.paths import REPO
 from tests.support.processes import (
+    classify_once,
     first_log_match,
     first_model_name,
     python_module,
@@ -56,24 +57,11 @@ def test_every_thread_of_the_service_runs_under_the_configured_policy(tmp_path, 
         ), seen
         before = thread_policies(proc.pid)
         assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
-        classify_once(port, sample_png)  # starts a decode thread and the model's batch thread
+        classify_once(port, sample_png, TEST_KEY)  # starts a decode thread and the model's batch thread
         after = thread_policies(proc.pid)
         assert len(after) > len(before), (before, after)
         assert set(after.values()) == {expected}, after
         assert stopped_by_sigterm(proc) == 0
-
-
-def classify_once(port: int, png: bytes) -> None:
-    import grpc
-
-    from cxr_protos.classification.v1 import classification_service_pb2 as pb
-    from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
-    from cxr_protos.common.v1 import common_pb2
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        pb_grpc.ClassificationServiceStub(ch).ClassifyImage(
-            pb.ClassifyImageRequest(image=common_pb2.Image(data=png)), metadata=(("x-api-key", TEST_KEY),), timeout=60
-        )
 
 
 def test_a_bad_choice_is_a_config_error(tmp_path):

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from cxr_serving import pixel_kernels
-from tests.integration.test_service_cpu_scheduling import classify_once
 from tests.support.processes import (
+    classify_once,
     clean_env,
     first_log_match,
     first_model_name,
@@ -51,5 +51,41 @@ def test_the_service_logs_which_image_path_serves(tmp_path, built, sample_png):
                 "not built (cxr_serving._pixels): PNG row filters, one-pass resize + normalise fall back" in line["msg"]
             )
         assert first_model_name(port, (("x-api-key", TEST_KEY),)) == "toy"
-        classify_once(port, sample_png)  # the fallbacks answer
+        classify_once(port, sample_png, TEST_KEY)  # the fallbacks answer
         assert stopped_by_sigterm(proc) == 0
+
+
+_GAUGE_PROBE = """
+import asyncio, sys
+from prometheus_client import REGISTRY
+from cxr_serving.server import ServiceBinding
+from tests.support.servers import make_settings, running_server
+from tests.support.toy_service import build_toy
+
+async def main(kind):
+    settings = make_settings()
+    if kind == "model service":
+        binding = build_toy(settings)
+    else:  # a service that decodes no images, as rag's binding: no model repository
+        binding = ServiceBinding(name="classification", full_service_names=[], register=lambda server: None)
+    async with running_server(settings, binding):
+        print(REGISTRY.get_sample_value("cxr_pixel_kernels_built"))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize(("kind", "exported"), [("model service", True), ("no models", False)])
+def test_only_a_model_service_exports_the_kernels_gauge(kind, exported):
+    """In a fresh process (the gauge lives on the process's registry): a server whose binding holds models
+    registers cxr_pixel_kernels_built at start; one without (rag's kind) does not."""
+    import subprocess
+    import sys
+
+    from tests.support.paths import REPO
+
+    out = subprocess.run([sys.executable, "-c", _GAUGE_PROBE, kind], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    value = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]
+    expected = ("0.0" if pixel_kernels.missing() else "1.0") if exported else "None"
+    assert value == expected, out.stdout + out.stderr[-2000:]

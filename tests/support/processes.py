@@ -105,3 +105,17 @@ def stopped_by_sigterm(proc: subprocess.Popen[str], seconds: float = 30) -> int:
     """SIGTERM `proc` and wait for it: its exit code (0 for a clean drain and stop)."""
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=seconds)
+
+
+def classify_once(port: int, png: bytes, key: str) -> None:
+    """One ClassifyImage call to a service process on 127.0.0.1:`port` with API key `key` (raises unless OK)."""
+    import grpc
+
+    from cxr_protos.classification.v1 import classification_service_pb2 as pb
+    from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
+    from cxr_protos.common.v1 import common_pb2
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        pb_grpc.ClassificationServiceStub(ch).ClassifyImage(
+            pb.ClassifyImageRequest(image=common_pb2.Image(data=png)), metadata=(("x-api-key", key),), timeout=60
+        )

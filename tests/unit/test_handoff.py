@@ -144,3 +144,26 @@ async def test_start_on_new_thread_runs_once_on_a_thread_that_ends_and_keeps_the
 
     with pytest.raises(ValueError, match="no checkpoint"):
         await start_on_new_thread(fails, name="model-load")
+
+
+@pytest.mark.parametrize("how", ["pool", "new thread"])
+async def test_a_job_that_raises_stopiteration_reaches_its_caller_as_runtimeerror(how):
+    """A future cannot hold StopIteration (set_exception raises TypeError on the loop): without the wrap the
+    caller would wait forever."""
+    from cxr_serving.handoff import start_on_new_thread
+
+    def job() -> int:
+        return next(iter(()))
+
+    if how == "pool":
+        pool = WarmThreadPool(1, "t")
+        try:
+            awaited = run_on(pool, job)
+            with pytest.raises(RuntimeError, match="StopIteration") as info:
+                await asyncio.wait_for(awaited, 5)
+        finally:
+            pool.shutdown()
+    else:
+        with pytest.raises(RuntimeError, match="StopIteration") as info:
+            await asyncio.wait_for(start_on_new_thread(job, name="model-load"), 5)
+    assert isinstance(info.value.__cause__, StopIteration)

@@ -172,6 +172,9 @@ from cxr_serving.lifecycle import BatchingConfig, ModelRepository
 from tests.support.toy_service import BrightnessModel
 
 torch.set_num_threads(2)
+if "libgomp" not in open("/proc/self/maps").read():  # another OpenMP may keep its workers in a shared pool
+    print("skip: torch did not load libgomp")
+    raise SystemExit(0)
 
 
 class TorchLoad(BrightnessModel):
@@ -209,9 +212,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(
-    "OpenMP" not in __import__("torch").__config__.parallel_info(), reason="the probe counts libgomp's workers"
-)
 def test_a_load_runs_on_a_thread_that_ends_with_its_torch_workers():
     """A model's load runs torch's parallel operators on its own thread, which ends afterwards together with the
     OpenMP workers it started: no thread keeps a team besides those that serve forwards (more teams than cores
@@ -223,4 +223,6 @@ def test_a_load_runs_on_a_thread_that_ends_with_its_torch_workers():
 
     out = subprocess.run([sys.executable, "-c", _LOAD_THREAD_PROBE], cwd=REPO, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
+    if out.stdout.startswith("skip: "):
+        pytest.skip(out.stdout.strip().removeprefix("skip: "))
     assert out.stdout.strip() == "load thread alive: False | threads named model-load: 0", out.stdout + out.stderr

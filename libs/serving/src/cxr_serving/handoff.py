@@ -37,6 +37,10 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         return
     if ok:
         future.set_result(value)
+    elif isinstance(value, StopIteration):  # a future refuses it (TypeError), which would leave the caller waiting
+        error = RuntimeError(f"the job raised StopIteration: {value!r}")
+        error.__cause__ = value
+        future.set_exception(error)
     else:
         future.set_exception(value)
 
@@ -90,10 +94,7 @@ def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.
         try:
             name_os_thread(name)
             outcome = (True, context.run(fn, *args))
-        except StopIteration as exc:  # a future cannot hold it (set_exception refuses StopIteration)
-            outcome = (False, RuntimeError(f"{name}: {fn!r} raised StopIteration"))
-            outcome[1].__cause__ = exc
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # handed to the caller (`_settle` wraps a StopIteration)
             outcome = (False, exc)
         try:
             loop.call_soon_threadsafe(_settle, future, *outcome)
