@@ -5,8 +5,9 @@ can issue; where the servers answer faster than that, a single client would meas
 holds its own connections to every target, builds its calls once, and runs its share of a cell (concurrency and
 request budget split evenly) when the parent asks. A cell's rate is its answers over the time from the command to
 the last worker's reply, as one client's would be (a worker that finishes first leaves the others the server, so
-this is a lower bound when they finish unevenly: each worker's own count and time are kept to show it); the
-parent reads each worker's CPU from /proc, so the client's cost stays reported.
+this is a lower bound when they finish unevenly: each worker's own count and time are kept to show it); each
+worker reports its own process CPU over the cell (`time.process_time`, nanoseconds: a short cell of a few ms of
+CPU reads as 0 in /proc's 10 ms ticks), so the client's cost stays reported.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import multiprocessing.connection
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-from bench._common import stat_cpu_s
 
 READY_TIMEOUT_S = 120.0
 ANSWER_GRACE_S = 180.0  # past a cell's max_seconds: a call's own timeout (120 s) and the worker's bookkeeping
@@ -36,7 +35,7 @@ class CellResult:
     ok: int
     codes: dict[str, int]
     wall_s: float  # from the command to the last worker's answer
-    client_cpu_s: float  # the workers' CPU over the cell
+    client_cpu_s: float  # the workers' CPU over the cell, as each measured its own
     per_worker_ok: list[int] = field(default_factory=list)
     per_worker_s: list[float] = field(default_factory=list)
 
@@ -105,7 +104,6 @@ class ClientPool:
         """One closed-loop cell against `targets[key]`: concurrency and requests split over the workers."""
         n = len(self.conns)
         callers, budget = _split(concurrency, n), _split(max_requests, n)
-        cpu_before = sum(stat_cpu_s(pid) for pid in self.pids)
         started = time.perf_counter()
         for k, (conn, c, r) in enumerate(zip(self.conns, callers, budget, strict=True)):
             try:
@@ -116,7 +114,6 @@ class ClientPool:
         wait = max_seconds + ANSWER_GRACE_S
         replies = await asyncio.gather(*(asyncio.to_thread(self._answer, k, wait) for k in range(n)))
         elapsed = time.perf_counter() - started
-        cpu = sum(stat_cpu_s(pid) for pid in self.pids) - cpu_before
         codes: dict[str, int] = {}
         for k, reply in enumerate(replies):
             if isinstance(reply, str):
@@ -128,7 +125,7 @@ class ClientPool:
             ok=sum(oks),
             codes=codes,
             wall_s=elapsed,
-            client_cpu_s=cpu,
+            client_cpu_s=sum(reply[3] for reply in replies),
             per_worker_ok=oks,
             per_worker_s=[reply[2] for reply in replies],
         )
@@ -193,8 +190,9 @@ async def _serve(
                 return
             _, key, concurrency, max_requests, max_seconds = message
             rec = Recorder()
+            cpu_before = time.process_time()  # every thread of this worker (its loop, gRPC's threads)
             wall = await drive_closed(calls[key], concurrency, rec, max_requests=max_requests, max_seconds=max_seconds)
-            conn.send((len(rec.ok), rec.codes(), wall))
+            conn.send((len(rec.ok), rec.codes(), wall, time.process_time() - cpu_before))
     finally:
         for ch in opened:
             await ch.close()
