@@ -446,7 +446,11 @@ def test_environ_of_reads_a_running_process_and_says_none_for_what_it_lacks() ->
     env.pop("GOMP_SPINCOUNT", None)
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env) as proc:
         try:
-            seen = environ_of(proc.pid, ["CXR_TEST_ENV_MARK", "GOMP_SPINCOUNT"])
+            deadline = time.monotonic() + 10  # a child just started may not show its environ yet (read as None)
+            while (seen := environ_of(proc.pid, ["CXR_TEST_ENV_MARK", "GOMP_SPINCOUNT"]))["CXR_TEST_ENV_MARK"] is None:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert seen == {"CXR_TEST_ENV_MARK": "a=b", "GOMP_SPINCOUNT": None}
         finally:
             proc.kill()
