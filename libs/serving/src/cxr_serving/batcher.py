@@ -348,9 +348,13 @@ class DynamicBatcher(Generic[In, Out]):
         submits, and leave close() to wait for the batches already running as usual."""
         self._closed, self._worker = True, None
         self._fail(live, "stopped")
+        self._fail_queued("stopped")
+
+    def _fail_queued(self, what: str) -> None:
+        """Every queued caller gets ModelNotReadyError(`what`), taken off the queue."""
         if self._queue is not None:
             while (p := self._queue.pop()) is not None:
-                self._fail([p], "stopped")
+                self._fail([p], what)
 
     def _stop_taking(self) -> asyncio.Task[None] | None:
         """Close, stop the worker (it answers the batch it was forming) and answer every queued caller."""
@@ -360,9 +364,7 @@ class DynamicBatcher(Generic[In, Out]):
             worker.cancel()  # _collect answers the callers it holds
             if self._changed is not None:
                 self._changed.set()  # and wakes to see it is closed, should the cancel be lost
-        if self._queue is not None:
-            while (p := self._queue.pop()) is not None:
-                self._fail([p], "was unloaded")
+        self._fail_queued("was unloaded")
         return worker
 
     async def _run(

@@ -45,6 +45,21 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _run_and_settle(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Callable[..., Any], *args: Any
+) -> None:
+    """On the job's thread: `fn(*args)`, then its result or exception handed to `future` on the loop."""
+    outcome: tuple[bool, Any]
+    try:
+        outcome = (True, fn(*args))
+    except BaseException as exc:  # handed to the caller, as run_in_executor does (`_settle` wraps StopIteration)
+        outcome = (False, exc)
+    try:
+        loop.call_soon_threadsafe(_settle, future, *outcome)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
 async def run_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` on `pool`; its result (or exception) once it is done."""
     return await start_on(pool, fn, *args)
@@ -60,15 +75,7 @@ def start_on(pool: concurrent.futures.Executor, fn: Callable[..., T], *args: Any
     def job() -> None:
         if future.cancelled():  # read from this thread: at worst the job runs and its result is dropped
             return
-        outcome: tuple[bool, Any]
-        try:
-            outcome = (True, fn(*args))
-        except BaseException as exc:  # handed to the caller, as run_in_executor does
-            outcome = (False, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, future, *outcome)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+        _run_and_settle(loop, future, fn, *args)
 
     try:
         pool.submit(job)
@@ -89,17 +96,12 @@ def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.
     future: asyncio.Future[T] = loop.create_future()
     context = contextvars.copy_context()  # as asyncio.to_thread: the caller's log and trace context go along
 
+    def named() -> T:
+        name_os_thread(name)  # inside the settled call: whatever it raises still reaches the caller
+        return context.run(fn, *args)
+
     def job() -> None:
-        outcome: tuple[bool, Any]
-        try:
-            name_os_thread(name)
-            outcome = (True, context.run(fn, *args))
-        except BaseException as exc:  # handed to the caller (`_settle` wraps a StopIteration)
-            outcome = (False, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, future, *outcome)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+        _run_and_settle(loop, future, named)
 
     threading.Thread(target=job, name=name).start()  # not a daemon: interpreter exit waits for a load to finish
     return future
