@@ -50,16 +50,24 @@ def nih_pngs(n: int) -> list[bytes]:
 
 
 # The input formats `bench.stack` measures the serving path with, and their gRPC content types.
-INPUT_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "dcm": "application/dicom", "dcm_jpeg": "application/dicom"}
-DICOM_TEMPLATES = {  # shared DICOMs whose headers carry a transcoded NIH image (uncompressed, JPEG baseline)
+INPUT_FORMATS = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "dcm": "application/dicom",
+    "dcm_jpeg": "application/dicom",
+    "dcm12": "application/dicom",
+}
+DICOM_TEMPLATES = {  # shared DICOMs whose headers carry a transcoded NIH image (uncompressed, JPEG baseline, 12-bit)
     "dcm": SHARED / "data" / "dicom" / "nih-dx-mono2-8bit.dcm",
     "dcm_jpeg": SHARED / "data" / "dicom" / "siim-cxr-mono2-jpeg-baseline.dcm",
+    "dcm12": SHARED / "data" / "dicom" / "nih-dx-mono2-12bit-window.dcm",  # 16 allocated, 12 stored, a full window
 }
 
 
 def nih_inputs(fmt: str, n: int) -> list[bytes]:
     """The first `n` NIH PNGs as `fmt` (INPUT_FORMATS): PNG as they are; JPEG at quality 90; DICOM with the
-    8-bit pixels uncompressed, or the JPEG encapsulated (JPEG baseline), in a shared DICOM's header."""
+    8-bit pixels uncompressed, or the JPEG encapsulated (JPEG baseline), or the pixels spread to 12 bits
+    (v * 16 + v // 16, uncompressed; its window makes the decoder's image float32), in a shared DICOM's header."""
     pngs = nih_pngs(n)
     if fmt == "png":
         return pngs
@@ -84,6 +92,9 @@ def nih_inputs(fmt: str, n: int) -> list[bytes]:
         ds.Rows, ds.Columns = pixels.shape
         if fmt == "dcm":
             ds.PixelData = pixels.tobytes()
+        elif fmt == "dcm12":
+            wide = pixels.astype(np.uint16)
+            ds.PixelData = (wide * 16 + wide // 16).astype("<u2").tobytes()
         else:
             ds.PixelData = encapsulate([jpeg(png)])
         buf = io.BytesIO()

@@ -11,8 +11,8 @@ Same model, weights, settings JSON and real NIH PNGs for every peer; the same as
 at concurrency 1/8/32: img/s, p50/p99, peak RSS of the server's process tree, time to READY;
 ratios service/ceiling, service/LitServe, service/naive and the p50 the service and the gateway
 add at concurrency 1. Segmentation: (a), (b), (d), (e) (and (c) with --seg-gateway).
-Then, per task, the serving-path CPU per image by input format (PNG, JPEG, DICOM, DICOM JPEG baseline;
-segmentation also by mask encoding) with a cheap model: bench/_serving_path.py.
+Then, per task, the serving-path CPU per image by input format (PNG, JPEG, DICOM, DICOM JPEG baseline,
+12-bit DICOM; segmentation also by mask encoding) with a cheap model: bench/_serving_path.py.
 Last, the frontend scale-out: req/s of classification with a cheap model at frontend_processes 1 and 2,
 in turn, with the client's CPU: bench/frontends.py.
 Every measurement is bounded by a request count AND seconds. All peers run at once and are measured
@@ -150,6 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the serving-path cells, in the same rotating rounds, for a before/after side by side",
     )  # fmt: skip
     ap.add_argument(
+        "--serving-path-only",
+        action="store_true",
+        help="run only the serving-path cells of each task (no ceiling or peers, no scale-out stage); the result "
+        "goes to bench/results/stack-serving-path.json unless --out says otherwise",
+    )
+    ap.add_argument(
         "--frontend-processes", type=int,
         help="the service's server_config.frontend_processes (default: the platform's, 1 on CPU, cores/2 on a GPU)",
     )  # fmt: skip
@@ -170,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if q else 3)
     if args.serving_path_requests is None:
         args.serving_path_requests = 48 if q else 320
+    if args.serving_path_only and args.serving_path_requests <= 0:
+        ap.error("--serving-path-only needs --serving-path-requests above 0")
+    if args.serving_path_only:
+        args.frontend_requests = 0
     if args.frontend_requests is None:
         args.frontend_requests = 120 if q else 600
     scales_out = args.frontend_requests > 0 and "classification" in args.tasks.split(",")
@@ -740,6 +750,9 @@ def print_table(task: str, ceil: dict[str, Any], peers: dict[str, Any], levels: 
 
 
 async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    if args.serving_path_only:
+        with stage(f"{task.name}: serving-path CPU per image by input format (cheap model, in turn with its ceiling)"):
+            return {"serving_path": await serving_path.measure(task.name, args, options(args), tmp)}
     config = write_settings(task, options(args), tmp)
     with stage(f"{task.name}: (a) ceiling and the in-process cost of one image"):
         ceil = ceiling(task, config, pngs, args)
@@ -789,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         **({} if scaling is None else {"frontend_scaling": scaling}),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_result("stack-quick" if args.quick else "stack", data, args.out)
+    name = "stack-serving-path" if args.serving_path_only else "stack"
+    write_result(f"{name}-quick" if args.quick else name, data, args.out)
     return 0
 
 

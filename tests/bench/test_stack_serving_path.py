@@ -1,8 +1,9 @@
 """bench/stack.py's serving-path CPU cells (bench/_serving_path.py) on a real service process: every input
 format (and, for segmentation, mask encoding) answered, and the serving path reported as the server's CPU per
-image less the ceiling's, against the issue-23 target."""
+image less the ceiling's, against the issue-23 target; `--serving-path-only` runs that stage alone."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -14,10 +15,14 @@ from bench._common import INPUT_FORMATS
 @pytest.mark.slow  # starts one service process and loads the cheap model in this one: ~20-40 s on 2 cores
 @pytest.mark.parametrize("task_name", ["classification", "segmentation"])
 def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path, task_name):
-    args = stack.parse_args(["--quick", "--input-size", "64", "--max-batch-size", "2", "--model-instances", "1",
-                             "--rounds", "1", "--seconds", "20", "--images", "2",
-                             "--serving-path-requests", "4"])  # fmt: skip
-    result = asyncio.run(serving_path.measure(task_name, args, stack.options(args), tmp_path))
+    out = tmp_path / "serving-path.json"
+    assert stack.main(["--quick", "--input-size", "64", "--max-batch-size", "2", "--model-instances", "1",
+                       "--rounds", "1", "--seconds", "20", "--images", "2", "--serving-path-requests", "4",
+                       "--serving-path-only", "--tasks", task_name, "--out", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "stack-serving-path-quick" and "frontend_scaling" not in data
+    assert list(data["tasks"]) == [task_name] and list(data["tasks"][task_name]) == ["serving_path"]  # nothing else ran
+    result = data["tasks"][task_name]["serving_path"]
     encodings = serving_path.ENCODINGS if task_name == "segmentation" else (None,)
     expected = {serving_path.cell_name(fmt, enc) for fmt in INPUT_FORMATS for enc in encodings}
     assert set(result["cells"]) == expected
@@ -49,3 +54,10 @@ def test_serving_path_baseline_service_answers_every_cell_in_the_same_rounds(tmp
         assert len(cell["baseline_serving_path_cpu_ms_per_img_by_round"]) == 2
     with pytest.raises(SystemExit, match="no libs"):
         serving_path.baseline_env(tmp_path)
+
+
+def test_serving_path_only_runs_no_scale_out_and_needs_requests():
+    args = stack.parse_args(["--serving-path-only"])
+    assert args.serving_path_only and args.frontend_requests == 0 and args.serving_path_requests == 320
+    with pytest.raises(SystemExit):
+        stack.parse_args(["--serving-path-only", "--serving-path-requests", "0"])

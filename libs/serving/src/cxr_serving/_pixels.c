@@ -7,10 +7,11 @@
  * consecutive Paeth rows run as a wavefront (row k one pixel behind row k-1), so the CPU overlaps four chains.
  * The result is the PNG specification's reconstruction, byte for byte (tests compare with OpenCV).
  *
- * resize_normalize_into: a uint8 image -> a separable resize with given weights (the caller passes
- * torch's antialiased bilinear ones) -> value / 255 -> (x - sub[c]) / div[c] for each output channel, in
- * one pass over float32 buffers instead of ~10 tensor operations and their temporaries; the same float32
- * operations in the same order as the tensor path, so equal within float32 rounding of the sums.
+ * resize_normalize_into: a uint8 or float32 image -> a separable resize with given weights (the caller passes
+ * torch's antialiased bilinear ones) -> value * unit (1 / 255 for uint8) -> (x - sub[c]) / div[c] for each output
+ * channel, in one pass over float32 buffers instead of ~10 tensor operations and their temporaries (and, on a
+ * decode thread, instead of the OpenMP team those operations would start there); the same float32 operations in
+ * the same order as the tensor path, so equal within float32 rounding of the sums.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -283,8 +284,9 @@ static int axis_check(axis_t *a, Py_ssize_t in_size, const char *name) {
     return 0;
 }
 
-static void resize_normalize(const uint8_t *src, Py_ssize_t in_w, const axis_t *v, const axis_t *h, float *tmp,
-                             float *out, float unit, const float *sub, const float *div, Py_ssize_t channels) {
+static void resize_normalize(const void *src, int src_float, Py_ssize_t in_w, const axis_t *v, const axis_t *h,
+                             float *tmp, float *out, float unit, const float *sub, const float *div,
+                             Py_ssize_t channels) {
     const int32_t *vlo = (const int32_t *)v->lo.buf, *vn = (const int32_t *)v->n.buf;
     const int32_t *hlo = (const int32_t *)h->lo.buf, *hn = (const int32_t *)h->n.buf;
     const float *vw = (const float *)v->w.buf, *hw = (const float *)h->w.buf;
@@ -296,9 +298,15 @@ static void resize_normalize(const uint8_t *src, Py_ssize_t in_w, const axis_t *
         const float *wi = vw + i * v->k;
         for (x = 0; x < in_w; x++) row[x] = 0.0f;
         for (k = 0; k < vn[i]; k++) {
-            const uint8_t *s = src + (Py_ssize_t)(vlo[i] + k) * in_w;
+            const Py_ssize_t first = (Py_ssize_t)(vlo[i] + k) * in_w;
             const float wk = wi[k];
-            for (x = 0; x < in_w; x++) row[x] += wk * (float)s[x];
+            if (src_float) {
+                const float *s = (const float *)src + first;
+                for (x = 0; x < in_w; x++) row[x] += wk * s[x];
+            } else {
+                const uint8_t *s = (const uint8_t *)src + first;
+                for (x = 0; x < in_w; x++) row[x] += wk * (float)s[x];
+            }
         }
     }
     for (i = 0; i < oh; i++) { /* then columns: out = tmp @ Wh^T, scaled, then normalised per channel */
@@ -325,22 +333,46 @@ static void resize_normalize(const uint8_t *src, Py_ssize_t in_w, const axis_t *
 
 PyDoc_STRVAR(resize_normalize_doc,
              "resize_normalize_into(src, out, height, width, v_lo, v_n, v_w, h_lo, h_n, h_w, unit, sub, div)\n\n"
-             "`src` is height*width uint8 (C order); v_* and h_* the weights of the rows and the columns (int32 first\n"
+             "`src` is height*width uint8 or float32 (C order; its buffer format tells which); v_* and h_* the weights of the rows and the columns (int32 first\n"
              "input index and tap count per output index, float32 weights, K per output); `out` a writable buffer\n"
              "of len(sub) * rows_out * cols_out float32: ((resized * unit) - sub[c]) / div[c] for each channel c.");
 
 static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     Py_buffer src, out;
     axis_t v, h;
-    Py_ssize_t height, width, channels, c;
+    Py_ssize_t height, width, channels, c, sample;
     float unit, sub[4], div[4], *tmp;
-    PyObject *sub_obj, *div_obj, *result = NULL;
+    int src_float;
+    const char *format;
+    PyObject *src_obj, *sub_obj, *div_obj, *result = NULL;
     (void)self;
     memset(&v, 0, sizeof v);
     memset(&h, 0, sizeof h);
-    if (!PyArg_ParseTuple(args, "y*w*nny*y*y*y*y*y*fOO:resize_normalize_into", &src, &out, &height, &width, &v.lo,
+    if (!PyArg_ParseTuple(args, "Ow*nny*y*y*y*y*y*fOO:resize_normalize_into", &src_obj, &out, &height, &width, &v.lo,
                           &v.n, &v.w, &h.lo, &h.n, &h.w, &unit, &sub_obj, &div_obj))
         return NULL;
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&out);
+        PyBuffer_Release(&v.lo);
+        PyBuffer_Release(&v.n);
+        PyBuffer_Release(&v.w);
+        PyBuffer_Release(&h.lo);
+        PyBuffer_Release(&h.n);
+        PyBuffer_Release(&h.w);
+        return NULL;
+    }
+    format = src.format == NULL ? "B" : src.format;
+    if (format[0] == '=' || format[0] == '@') format++; /* native order, the only one accepted for float32 */
+    if (strcmp(format, "B") == 0 && src.itemsize == 1) {
+        src_float = 0;
+        sample = 1;
+    } else if (strcmp(format, "f") == 0 && src.itemsize == 4) {
+        src_float = 1;
+        sample = 4;
+    } else {
+        PyErr_Format(PyExc_ValueError, "src must hold uint8 or native float32 samples, not format '%s'", format);
+        goto done;
+    }
     channels = PySequence_Size(sub_obj);
     if (channels < 1 || channels > 4 || PySequence_Size(div_obj) != channels) {
         PyErr_SetString(PyExc_ValueError, "sub and div: 1 to 4 channels, the same count");
@@ -362,8 +394,8 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     h.out = h.n.len / 4;
     v.k = v.out > 0 ? v.w.len / 4 / v.out : 0;
     h.k = h.out > 0 ? h.w.len / 4 / h.out : 0;
-    if (height <= 0 || width <= 0 || height > PY_SSIZE_T_MAX / width || src.len != height * width) {
-        PyErr_SetString(PyExc_ValueError, "src must hold height*width uint8 values");
+    if (height <= 0 || width <= 0 || height > PY_SSIZE_T_MAX / sample / width || src.len != height * width * sample) {
+        PyErr_SetString(PyExc_ValueError, "src must hold height*width samples (uint8 or float32)");
         goto done;
     }
     if (axis_check(&v, height, "row") < 0 || axis_check(&h, width, "column") < 0) goto done;
@@ -381,7 +413,7 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    resize_normalize((const uint8_t *)src.buf, width, &v, &h, tmp, (float *)out.buf, unit, sub, div, channels);
+    resize_normalize(src.buf, src_float, width, &v, &h, tmp, (float *)out.buf, unit, sub, div, channels);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(tmp);
     Py_INCREF(Py_None);

@@ -1,9 +1,11 @@
 """torch's antialiased bilinear resize (`interpolate(..., antialias=True)`, `align_corners=False`) as a table of
-weights, and a uint8 image resized, scaled by 1/255 and normalised per channel in one C pass with it.
+weights, and a uint8 or float32 image resized, scaled to [0, 1] and normalised per channel in one C pass with it.
 
 Both image services resize with this kernel; the table is its own weights (tests compare them with torch's),
 and the one pass (`cxr_serving._pixels`, without the GIL) replaces ~10 tensor operations and their
-temporaries on the serving path. Kept free of torch: callers wrap the result with `torch.from_numpy`.
+temporaries on the serving path. Kept free of torch, so a decode thread starts no OpenMP team of its own
+(one beside each forward thread's makes the forwards wait to wake theirs): callers wrap the result with
+`torch.from_numpy`.
 """
 
 from __future__ import annotations
@@ -58,14 +60,19 @@ def antialias_table(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def resize_normalize(pixels: np.ndarray, size: int, sub: Sequence[float], div: Sequence[float]) -> np.ndarray | None:
-    """H x W uint8 -> len(sub) x size x size float32: resized, scaled by 1/255, then `(x - sub[c]) / div[c]` per
-    channel, in float32 as the tensor path computes it; None for a non-uint8 image or without the C module."""
-    if _resize_normalize_into is None or pixels.dtype != np.uint8 or pixels.ndim != 2:
+    """H x W uint8 (value / 255) or float32 (already in [0, 1]) -> len(sub) x size x size float32: resized, scaled,
+    then `(x - sub[c]) / div[c]` per channel, in float32 as the tensor path computes it; None for another sample
+    type or without the C module."""
+    if _resize_normalize_into is None or pixels.ndim != 2:
+        return None
+    if pixels.dtype == np.uint8:
+        unit = float(UNIT_8BIT)
+    elif pixels.dtype == np.float32:
+        unit = 1.0
+    else:
         return None
     height, width = pixels.shape
     rows, cols = antialias_table(height, size), antialias_table(width, size)
     out = np.empty((len(sub), size, size), dtype=np.float32)
-    _resize_normalize_into(
-        np.ascontiguousarray(pixels), out, height, width, *rows, *cols, float(UNIT_8BIT), tuple(sub), tuple(div)
-    )
+    _resize_normalize_into(np.ascontiguousarray(pixels), out, height, width, *rows, *cols, unit, tuple(sub), tuple(div))
     return out

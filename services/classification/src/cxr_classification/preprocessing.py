@@ -7,8 +7,9 @@ The decoder (cxr_serving.images) already did bytes -> grayscale with DICOM LUTs 
 inversion, and applied the input policy (minimum side, aspect ratio). An 8-bit image stays uint8 up
 to the resize, which is linear, so it is scaled by 1/255 on the S x S result instead of every pixel.
 The resize is torch's antialiased bilinear (`interpolate(..., antialias=True)`) with that kernel's weights,
-made once per (input side, output side; `cxr_serving.resize`): for a uint8 image, resize, scaling and
-normalisation run in one C pass (`fused_preprocess`); otherwise as two sparse matrix products and tensor steps.
+made once per (input side, output side; `cxr_serving.resize`): resize, scaling and normalisation run in one C
+pass (`fused_preprocess`), for uint8 and float32 images alike; without the C module, as two sparse matrix products
+and tensor steps.
 Conventions per checkpoint family:
 - ImageNet (CheXNet, timm): 3 identical channels, each normalised with ImageNet mean/std;
 - torchxrayvision: 1 channel scaled to [-1024, 1024] (`xrv.utils.normalize(img, 255)`),
@@ -122,8 +123,8 @@ def channel_affine(spec: PreprocessSpec) -> tuple[tuple[float, ...], tuple[float
 
 
 def fused_preprocess(pixels: np.ndarray, spec: PreprocessSpec) -> torch.Tensor | None:
-    """`preprocess` of a uint8 image in one C pass (`cxr_serving.resize.resize_normalize`), or None where that
-    module is not built or the image is not uint8."""
+    """`preprocess` of a uint8 or float32 image in one C pass (`cxr_serving.resize.resize_normalize`), or None
+    where that module is not built or the samples are of another type."""
     sub, div = channel_affine(spec)
     out = resize_normalize(pixels, spec.input_size, sub, div)
     return None if out is None else torch.from_numpy(out)

@@ -1,9 +1,9 @@
 """Decoded grayscale pixels ([0, 1], H x W) -> the network's input tensor (C x S x S).
 
-Named steps composed explicitly (as torchxrayvision/MONAI transforms), and for a uint8 image the same steps
-in one C pass (`cxr_serving.resize.resize_normalize`) where that module is built: an 8-bit image (uint8) is resized
-before it is scaled to [0, 1] (both linear, a quarter of the work on the small result); resize to the square
-network input (bilinear with antialias, as `xrv.utils.fix_resolution`), replicate channels,
+Named steps composed explicitly (as torchxrayvision/MONAI transforms), and the same steps in one C pass
+(`cxr_serving.resize.resize_normalize`) for uint8 and float32 images where that module is built: an 8-bit image
+(uint8) is resized before it is scaled to [0, 1] (both linear, a quarter of the work on the small result); resize
+to the square network input (bilinear with antialias, as `xrv.utils.fix_resolution`), replicate channels,
 normalise. The original size is kept by the caller: masks are brought back to it after the
 forward pass (see `masks.logits_to_masks`).
 """
@@ -74,7 +74,7 @@ class Preprocess:
         if pixels.ndim != 2:
             raise ValueError(f"expected a grayscale H x W image, got shape {pixels.shape}")
         if (fused := resize_normalize(pixels, self.input_size, *self.channel_affine())) is not None:
-            return torch.from_numpy(fused)  # uint8: resize, 1/255 and normalisation in one C pass
+            return torch.from_numpy(fused)  # resize, scaling to [0, 1] and normalisation in one C pass
         x = torch.from_numpy(np.ascontiguousarray(pixels))[None]
         if x.dtype == torch.uint8:  # 8-bit: resize (linear) first, then scale the small result by 1/255
             x = resize_square(x.float(), self.input_size).mul_(float(UNIT_8BIT))
