@@ -5,8 +5,8 @@ classification a timm MobileNetV3-Small 0.5 at the run's input size, for segment
 64 px (masks still come back at the original 512 x 512). The same network runs in this process as the
 ceiling: batched forwards on prepared tensors, the batch size the service uses, no decode, no RPC.
 
-Each cell sends one input format (PNG, JPEG, DICOM uncompressed, DICOM JPEG baseline, all made from the
-same NIH radiographs: `bench._common.nih_inputs`) and, for segmentation, one mask encoding (RLE, PNG),
+Each cell sends one input format (PNG, JPEG, DICOM uncompressed, DICOM JPEG baseline, 12-bit DICOM, all made
+from the same NIH radiographs: `bench._common.nih_inputs`) and, for segmentation, one mask encoding (RLE, PNG),
 at a concurrency that keeps the batches full (a long batch window). Cells and the ceiling take turns in
 rotating rounds, so load from other processes hits them alike. From /proc: the server's CPU per answered
 image in each cell, and this process's CPU per image in the ceiling's cells; their difference is the

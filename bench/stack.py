@@ -152,8 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--serving-path-only",
         action="store_true",
-        help="run only the serving-path cells of each task (no ceiling or peers, no scale-out stage); the result "
-        "goes to bench/results/stack-serving-path.json unless --out says otherwise",
+        help="run only the serving-path cells of each task (with their own cheap-model ceiling; no main ceiling, "
+        "peers or scale-out stage); the result goes to bench/results/stack-serving-path-only.json unless --out "
+        "says otherwise",
     )
     ap.add_argument(
         "--frontend-processes", type=int,
@@ -165,7 +166,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "frontend process, so a run with N frontends needs several",
     )  # fmt: skip
     frontends.add_arguments(ap)
-    ap.add_argument("--out", type=Path, help="default bench/results/stack.json (stack-quick.json with --quick)")
+    ap.add_argument(
+        "--out", type=Path,
+        help="default bench/results/stack.json (stack-quick.json with --quick; stack-serving-path-only[-quick].json "
+        "with --serving-path-only)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     q = args.quick
     args.input_size = args.input_size or (128 if q else 224)
@@ -802,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         **({} if scaling is None else {"frontend_scaling": scaling}),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    name = "stack-serving-path" if args.serving_path_only else "stack"
+    name = "stack-serving-path-only" if args.serving_path_only else "stack"
     write_result(f"{name}-quick" if args.quick else name, data, args.out)
     return 0
 

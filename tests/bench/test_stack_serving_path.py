@@ -14,13 +14,16 @@ from bench._common import INPUT_FORMATS
 
 @pytest.mark.slow  # starts one service process and loads the cheap model in this one: ~20-40 s on 2 cores
 @pytest.mark.parametrize("task_name", ["classification", "segmentation"])
-def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path, task_name):
+def test_serving_path_cells_cover_every_format_and_subtract_the_ceiling(tmp_path, task_name, monkeypatch):
+    # main() would set this process's torch threads and OMP_NUM_THREADS and a SIGTERM handler for the session
+    monkeypatch.setattr(stack, "set_torch_threads", lambda n: None)
+    monkeypatch.setattr(stack, "stop_on_sigterm", lambda: None)
     out = tmp_path / "serving-path.json"
     assert stack.main(["--quick", "--input-size", "64", "--max-batch-size", "2", "--model-instances", "1",
                        "--rounds", "1", "--seconds", "20", "--images", "2", "--serving-path-requests", "4",
                        "--serving-path-only", "--tasks", task_name, "--out", str(out)]) == 0  # fmt: skip
     data = json.loads(out.read_text())
-    assert data["benchmark"] == "stack-serving-path-quick" and "frontend_scaling" not in data
+    assert data["benchmark"] == "stack-serving-path-only-quick" and "frontend_scaling" not in data
     assert list(data["tasks"]) == [task_name] and list(data["tasks"][task_name]) == ["serving_path"]  # nothing else ran
     result = data["tasks"][task_name]["serving_path"]
     encodings = serving_path.ENCODINGS if task_name == "segmentation" else (None,)

@@ -164,6 +164,11 @@ def test_the_c_function_checks_its_buffers():
         resize_normalize_into(
             src.astype(np.float32), out, 32, 41, *antialias_table(32, 8), *antialias_table(41, 8), 1.0, (0,), (1,)
         )
+    misaligned = np.frombuffer(bytearray(32 * 40 * 4 + 1), np.uint8)[1:].view(np.float32).reshape(32, 40)
+    with pytest.raises(ValueError, match="aligned"):
+        _call(misaligned, out)
+    with pytest.raises(ValueError, match="contiguous"):
+        _call(np.zeros((32, 80), np.float32)[:, ::2], out)
     with pytest.raises(ValueError, match="src"):  # uint8 bytes of a float32 image's length
         resize_normalize_into(src.astype(np.float32).view(np.uint8), out, 32, 40, *antialias_table(32, 8),
                               *antialias_table(40, 8), 1.0, (0,), (1,))  # fmt: skip

@@ -369,6 +369,10 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     } else if (strcmp(format, "f") == 0 && src.itemsize == 4) {
         src_float = 1;
         sample = 4;
+        if (((uintptr_t)src.buf & 3) != 0) { /* read through a float pointer */
+            PyErr_SetString(PyExc_ValueError, "src float32 samples must be aligned to 4 bytes");
+            goto done;
+        }
     } else {
         PyErr_Format(PyExc_ValueError, "src must hold uint8 or native float32 samples, not format '%s'", format);
         goto done;

@@ -74,5 +74,8 @@ def resize_normalize(pixels: np.ndarray, size: int, sub: Sequence[float], div: S
     height, width = pixels.shape
     rows, cols = antialias_table(height, size), antialias_table(width, size)
     out = np.empty((len(sub), size, size), dtype=np.float32)
-    _resize_normalize_into(np.ascontiguousarray(pixels), out, height, width, *rows, *cols, unit, tuple(sub), tuple(div))
+    # C order and aligned: the C loop reads float32 samples through a float pointer
+    _resize_normalize_into(
+        np.require(pixels, requirements=("C", "A")), out, height, width, *rows, *cols, unit, tuple(sub), tuple(div)
+    )
     return out
