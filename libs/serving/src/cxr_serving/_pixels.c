@@ -342,7 +342,7 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     axis_t v, h;
     Py_ssize_t height, width, channels, c, sample;
     float unit, sub[4], div[4], *tmp;
-    int src_float;
+    int src_float, have_src = 0;
     const char *format;
     PyObject *src_obj, *sub_obj, *div_obj, *result = NULL;
     (void)self;
@@ -351,16 +351,8 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ow*nny*y*y*y*y*y*fOO:resize_normalize_into", &src_obj, &out, &height, &width, &v.lo,
                           &v.n, &v.w, &h.lo, &h.n, &h.w, &unit, &sub_obj, &div_obj))
         return NULL;
-    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        PyBuffer_Release(&out);
-        PyBuffer_Release(&v.lo);
-        PyBuffer_Release(&v.n);
-        PyBuffer_Release(&v.w);
-        PyBuffer_Release(&h.lo);
-        PyBuffer_Release(&h.n);
-        PyBuffer_Release(&h.w);
-        return NULL;
-    }
+    if (PyObject_GetBuffer(src_obj, &src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
+    have_src = 1;
     format = src.format == NULL ? "B" : src.format;
     if (format[0] == '=' || format[0] == '@') format++; /* native order, the only one accepted for float32 */
     if (strcmp(format, "B") == 0 && src.itemsize == 1) {
@@ -423,7 +415,7 @@ static PyObject *resize_normalize_into(PyObject *self, PyObject *args) {
     Py_INCREF(Py_None);
     result = Py_None;
 done:
-    PyBuffer_Release(&src);
+    if (have_src) PyBuffer_Release(&src);
     PyBuffer_Release(&out);
     PyBuffer_Release(&v.lo);
     PyBuffer_Release(&v.n);
