@@ -181,9 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (2 if q else 3)
     if args.serving_path_requests is None:
         args.serving_path_requests = 48 if q else 320
-    if args.serving_path_only and args.serving_path_requests <= 0:
-        ap.error("--serving-path-only needs --serving-path-requests above 0")
     if args.serving_path_only:
+        if args.serving_path_requests <= 0:
+            ap.error("--serving-path-only needs --serving-path-requests above 0")
         args.frontend_requests = 0
     if args.frontend_requests is None:
         args.frontend_requests = 120 if q else 600
@@ -754,10 +754,14 @@ def print_table(task: str, ceil: dict[str, Any], peers: dict[str, Any], levels: 
         print(f"{name:<20}" + "".join(f"{cell:>28}" for cell in cells))
 
 
+async def serving_path_stage(task: Task, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    with stage(f"{task.name}: serving-path CPU per image by input format (cheap model, in turn with its ceiling)"):
+        return await serving_path.measure(task.name, args, options(args), tmp)
+
+
 async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     if args.serving_path_only:
-        with stage(f"{task.name}: serving-path CPU per image by input format (cheap model, in turn with its ceiling)"):
-            return {"serving_path": await serving_path.measure(task.name, args, options(args), tmp)}
+        return {"serving_path": await serving_path_stage(task, args, tmp)}
     config = write_settings(task, options(args), tmp)
     with stage(f"{task.name}: (a) ceiling and the in-process cost of one image"):
         ceil = ceiling(task, config, pngs, args)
@@ -774,8 +778,7 @@ async def run_task(task: Task, pngs: list[bytes], args: argparse.Namespace, tmp:
                extra.get("service_interleaved_c1"))  # fmt: skip
     print("ratios:", json.dumps(r), flush=True)
     if args.serving_path_requests > 0:
-        with stage(f"{task.name}: serving-path CPU per image by input format (cheap model, in turn with its ceiling)"):
-            extra["serving_path"] = await serving_path.measure(task.name, args, options(args), tmp)
+        extra["serving_path"] = await serving_path_stage(task, args, tmp)
     return {"settings": json.loads(config.read_text()), "ceiling": ceil, "peers": peers, "ratios": r, **extra}
 
 

@@ -100,10 +100,8 @@ def start_on_new_thread(fn: Callable[..., T], *args: Any, name: str) -> asyncio.
         name_os_thread(name)  # inside the settled call: whatever it raises still reaches the caller
         return context.run(fn, *args)
 
-    def job() -> None:
-        _run_and_settle(loop, future, named)
-
-    threading.Thread(target=job, name=name).start()  # not a daemon: interpreter exit waits for a load to finish
+    # not a daemon: interpreter exit waits for a load to finish
+    threading.Thread(target=_run_and_settle, args=(loop, future, named), name=name).start()
     return future
 
 
