@@ -240,14 +240,19 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
 
 
 class TimedStore(VectorStore):
-    """The real store, recording when each upsert ran."""
+    """The real store, recording when each upsert ran. With `hold_for` set, the first upsert waits (up to
+    10 s) until that embedder has begun another encode, so a pipelined writer overlaps an embed whatever
+    the host's scheduling, and a serialised one times out and does not."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, hold_for: TimedEmbedder | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.upserts: list[tuple[float, float]] = []
+        self.hold_for = hold_for
 
     def upsert(self, chunks, embeddings):
         t = time.perf_counter()
+        if self.hold_for is not None and not self.upserts:
+            self.hold_for.wait_for_call(after=self.hold_for.begun, timeout=10.0)
         super().upsert(chunks, embeddings)
         self.upserts.append((t, time.perf_counter()))
 
@@ -261,9 +266,19 @@ class TimedEmbedder:
         self.texts: list[str] = []
         self.per_call: list[list[str]] = []
         self.dimension = embedder.dimension
+        self.begun = 0
+        self._cond = threading.Condition()
+
+    def wait_for_call(self, after: int, timeout: float) -> bool:
+        """Wait until more than `after` encodes have begun."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.begun > after, timeout)
 
     def encode(self, texts, batch_size=32):
         t = time.perf_counter()
+        with self._cond:
+            self.begun += 1
+            self._cond.notify_all()
         out = self.embedder.encode(texts, batch_size)
         self.calls.append((t, time.perf_counter()))
         self.texts += texts
@@ -271,10 +286,10 @@ class TimedEmbedder:
         return out
 
 
-def _timed_ingestor(tmp_path: Path, write_queue: int) -> tuple[Ingestor, TimedStore, TimedEmbedder]:
+def _timed_ingestor(tmp_path: Path, write_queue: int, hold: bool = False) -> tuple[Ingestor, TimedStore, TimedEmbedder]:
     base = VectorStore.open(rag_cfg(tmp_path / f"db{write_queue}"), MODEL, 384)
-    store = TimedStore(base._client, base._col, base.mode, base.location, MODEL, 384)
     emb = TimedEmbedder(get_embedder(default_model_path()))
+    store = TimedStore(base._client, base._col, base.mode, base.location, MODEL, 384, hold_for=emb if hold else None)
     tok = load_tokenizer(default_model_path())
     return Ingestor(store, emb, tok, 200, 40, batch_size=2, write_batch=1, write_queue=write_queue), store, emb  # type: ignore[arg-type]
 
@@ -285,11 +300,11 @@ def _overlapping(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> 
 
 def test_ingest_embeds_the_next_chunks_while_the_last_are_written(tmp_path):
     docs = list(read_documents(subset_corpus(), limit=12))
-    piped, store, emb = _timed_ingestor(tmp_path, write_queue=2)
+    piped, store, emb = _timed_ingestor(tmp_path, write_queue=2, hold=True)
     stats = piped.ingest(docs, progress=False)
     assert stats.chunks_added == store.count() == len(emb.texts) and len(store.upserts) >= 10
     assert _overlapping(store.upserts, emb.calls) >= 1  # some write ran while the next chunks embedded
-    inline, store0, emb0 = _timed_ingestor(tmp_path, write_queue=0)
+    inline, store0, emb0 = _timed_ingestor(tmp_path, write_queue=0)  # no hold: inline, it would only time out
     assert inline.ingest(docs, progress=False).chunks_added == stats.chunks_added
     assert _overlapping(store0.upserts, emb0.calls) == 0  # write_queue 0: in turn
     assert set(store0.all_ids()) == set(store.all_ids())

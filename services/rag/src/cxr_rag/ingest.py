@@ -241,7 +241,7 @@ class Ingestor:
 
     def _produce(self, documents: Iterable[Document], stats: IngestStats, writer: _Writer) -> None:
         """Chunk, look up and embed window after window; every store and index change goes to `writer` in order."""
-        fresh = self.store.count() == 0  # nothing stored: nothing can be stale, the per-window lookup is skipped
+        fresh = self.store.count() == 0  # nothing stored: nothing can be stale, no stale-chunk lookup per window
         for n_docs, keys, chunks in self.windows(documents):
             stats.documents += n_docs
             # a chunk still queued for writing is not in the store yet: it counts as present, never embedded twice
