@@ -253,9 +253,9 @@ async def test_grpcurl_lists_services_through_reflection():
 class OverlapModel(BrightnessModel):
     """Counts forwards running at the same time."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, meet: int = 1) -> None:
         super().__init__(delay_s=delay_s)
-        self.gauge = PeakGauge()
+        self.gauge = PeakGauge(meet)
 
     def predict(self, batch):
         with self.gauge.running():
@@ -274,7 +274,7 @@ async def test_model_instances_setting_runs_that_many_batches_at_once(sample_png
             "CXR_SERVER_CONFIG__MAX_BATCH_SIZE": "1",
         },
     )
-    model = OverlapModel(delay_s=0.15)
+    model = OverlapModel(delay_s=0.15, meet=instances)
     async with running_server(s, build_toy(s, model)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)
         req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png, content_type="image/png"))

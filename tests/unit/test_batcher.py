@@ -61,9 +61,12 @@ async def test_lone_request_waits_at_most_max_delay():
 async def test_zero_delay_runs_immediately():
     rec = Recorder()
     b = DynamicBatcher("m", rec, max_batch_size=64, max_batch_delay_ms=0)
-    t0 = time.perf_counter()
-    await b.submit(1)
-    assert time.perf_counter() - t0 < 0.02
+    waits = []
+    for i in range(5):  # the quickest of 5: a lone pause of a loaded host does not count, a delay would in each
+        t0 = time.perf_counter()
+        await b.submit(i)
+        waits.append(time.perf_counter() - t0)
+    assert min(waits) < 0.02, waits
     await b.close()
 
 
@@ -134,9 +137,9 @@ async def test_close_fails_waiting_callers():
 class Overlap(Recorder):
     """Records how many batches ran at the same time."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, meet: int = 1) -> None:
         super().__init__(delay)
-        self.gauge = PeakGauge()
+        self.gauge = PeakGauge(meet)
 
     @property
     def peak(self) -> int:
@@ -149,7 +152,7 @@ class Overlap(Recorder):
 
 @pytest.mark.parametrize("instances", [1, 2, 3])
 async def test_at_most_max_concurrent_batches_run_at_once(instances):
-    rec = Overlap(delay=0.1)
+    rec = Overlap(delay=0.1, meet=instances)
     b = DynamicBatcher("m", rec, max_batch_size=2, max_batch_delay_ms=0, max_concurrent_batches=instances)
     results = await asyncio.gather(*(b.submit(i) for i in range(12)))
     assert results == [i * 10 for i in range(12)]
@@ -163,8 +166,10 @@ async def test_while_every_instance_is_busy_the_queue_fills_the_next_batch():
     first = [asyncio.ensure_future(b.submit(0))]
     await asyncio.to_thread(rec.started.wait, 2)  # 0 runs alone on one instance
     first.append(asyncio.ensure_future(b.submit(1)))
-    while rec.peak < 2:  # 1 runs alone on the other
+    deadline = time.monotonic() + 10
+    while rec.peak < 2 and time.monotonic() < deadline:  # 1 runs alone on the other
         await asyncio.sleep(0.005)
+    assert rec.peak == 2
     rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
     assert await asyncio.gather(*first, *rest) == [i * 10 for i in range(6)]
     assert sorted(map(sorted, rec.batches)) == [[0], [1], [2, 3, 4, 5]]
@@ -489,7 +494,11 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
 
     async def caller(i: int) -> int:
         out = await b.submit(i)
-        time.sleep(0.05)  # the caller's reply work, in the loop's thread
+        # the caller's reply work, in the loop's thread: batch 1's callers hold the loop until batch 2 has
+        # started (10 s at most), which it can only do if it was handed over without the loop
+        deadline = time.monotonic() + 10
+        while i < 2 and len(starts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
         answered.append(time.perf_counter())
         return out
 
