@@ -21,7 +21,7 @@ from cxr_serving.grpc_errors import error_info
 from tests.support.concurrency import PeakGauge
 from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
-from tests.support.toy_service import SERVICE, BrightnessModel, build_toy
+from tests.support.toy_service import SERVICE, BrightnessModel, ToyGate, build_toy
 
 
 def channel(server):
@@ -183,11 +183,13 @@ def _wait_serving(port: int, timeout: float = 60) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(sample_png):
+def test_sigterm_drains_in_flight_requests(sample_png, tmp_path):
     port = free_port()
+    gate = ToyGate(tmp_path)
     env = {
         **os.environ,
         "TOY_DELAY_S": "1.0",
+        "TOY_GATE_DIR": str(gate.dir),
         "CXR_API_KEY": TEST_KEY,
         "CXR_SERVICES__CLASSIFICATION__PORT": str(port),
         "CXR_SERVICES__CLASSIFICATION__HOST": "127.0.0.1",
@@ -209,8 +211,11 @@ def test_sigterm_drains_in_flight_requests(sample_png):
             stub = pb_grpc.ClassificationServiceStub(ch)
             req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png))
             futures = [stub.ClassifyImage.future(req, metadata=auth(), timeout=30) for _ in range(3)]
-            time.sleep(0.5)  # all three in flight (the model takes 1 s each, serially)
+            assert gate.wait_entered() == 1  # the first is on the model, held; the other two were sent with it
+            time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the drain has begun while the forward is held
+            gate.release()
             results = [f.result() for f in futures]  # none fails
             assert all(r.predictions for r in results)
             with pytest.raises(grpc.RpcError):  # after the drain nothing new is accepted

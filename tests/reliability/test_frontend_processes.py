@@ -29,6 +29,7 @@ from tests.support.frontends import child_pids, open_channel_on, scrape, total, 
 from tests.support.pki import make_pki
 from tests.support.servers import auth, free_port
 from tests.support.service_process import service_process
+from tests.support.toy_service import ToyGate
 
 
 def test_two_frontends_answer_bit_equal_to_one_process(tmp_path: Path) -> None:
@@ -40,15 +41,20 @@ def test_batches_form_across_frontends(tmp_path: Path) -> None:
     """While one forward runs, 16 requests arrive through both frontends; the next forward takes all 16 at
     once, which no single frontend's requests could fill."""
     metrics_port = free_port()
-    with service_process(tmp_path, env=toy_env(metrics_port, 0.6, CXR_SERVER_CONFIG__MAX_BATCH_DELAY_MS="0")) as sp:
+    gate = ToyGate(tmp_path)
+    env = toy_env(metrics_port, 0, CXR_SERVER_CONFIG__MAX_BATCH_DELAY_MS="0", TOY_GATE_DIR=str(gate.dir))
+    with service_process(tmp_path, env=env) as sp:
         chans, owners, frontends = channels(sp, 16)
         blocker = classify(chans[0], 0)
-        time.sleep(0.2)  # the blocker's forward runs; everything below queues behind it
+        assert gate.wait_entered() == 1  # the blocker's forward runs, held; everything below queues behind it
         wave = [classify(ch, i) for i, ch in enumerate(chans[:16])]
+        queued = wait_metric(metrics_port, "cxr_queue_depth", 16, timeout=30, model="toy")
+        gate.release()
         results = [f.result() for f in [blocker, *wave]]
         text = wait_metric(metrics_port, "cxr_grpc_requests_total", 17, method=CLASSIFY, code="OK")
         for ch in chans:
             ch.close()
+    assert total(queued, "cxr_queue_depth", model="toy") == 16
     assert all(r.predictions[0].findings[0].probability > 0 for r in results)
     wave_owners = owners[:16]
     assert min(wave_owners.count(pid) for pid in frontends) >= 1, wave_owners
@@ -98,12 +104,17 @@ def test_sigterm_drains_every_frontend(tmp_path: Path) -> None:
     """SIGTERM to the node while requests wait on the model through both frontends: every one is answered,
     then the frontends and the executor exit cleanly."""
     metrics_port = free_port()
-    env = toy_env(metrics_port, 0.5, CXR_SERVER_CONFIG__SHUTDOWN_GRACE_S="20")
+    gate = ToyGate(tmp_path)
+    env = toy_env(metrics_port, 0.5, CXR_SERVER_CONFIG__SHUTDOWN_GRACE_S="20", TOY_GATE_DIR=str(gate.dir))
     with service_process(tmp_path, env=env) as sp:
         chans, _, _ = channels(sp, 12)
         futures = [classify(ch, i) for i, ch in enumerate(chans)]
-        time.sleep(0.2)
+        running = gate.wait_entered()
+        depth = wait_metric(metrics_port, "cxr_queue_depth", 12 - running, timeout=30, model="toy")
+        assert total(depth, "cxr_queue_depth", model="toy") == 12 - running  # every request is in the executor
         sp.signal(signal.SIGTERM)
+        time.sleep(0.5)  # the drain has begun while the forward is held
+        gate.release()
         codes = []
         for f in futures:
             try:
@@ -122,14 +133,22 @@ def test_cancelled_caller_is_dropped_without_touching_others(tmp_path: Path) -> 
     """Two callers cancel while queued behind a running forward: the executor drops exactly them from the
     batch (cxr_inference_total counts 1 + 6 images run), and the other six are answered."""
     metrics_port = free_port()
-    with service_process(tmp_path, env=toy_env(metrics_port, 0.8, CXR_SERVER_CONFIG__MAX_BATCH_DELAY_MS="0")) as sp:
+    gate = ToyGate(tmp_path)
+    env = toy_env(metrics_port, 0, CXR_SERVER_CONFIG__MAX_BATCH_DELAY_MS="0", TOY_GATE_DIR=str(gate.dir))
+    with service_process(tmp_path, env=env) as sp:
         chans, _, _ = channels(sp, 8)
         blocker = classify(chans[0], 0)
-        time.sleep(0.2)
+        assert gate.wait_entered() == 1
         queued = [classify(ch, i) for i, ch in enumerate(chans[:8])]
-        time.sleep(0.2)
+        depth = wait_metric(metrics_port, "cxr_queue_depth", 8, timeout=30, model="toy")
+        assert total(depth, "cxr_queue_depth", model="toy") == 8
         queued[1].cancel()
         queued[4].cancel()
+        # a frontend's metrics reach the executor on the connection its cancels took, after them: once both
+        # CANCELLED are counted there, the executor has had both cancels
+        cancelled = wait_metric(metrics_port, "cxr_grpc_requests_total", 2, timeout=30, code="CANCELLED")
+        assert total(cancelled, "cxr_grpc_requests_total", code="CANCELLED") == 2
+        gate.release()
         answered = [f.result() for i, f in enumerate(queued) if i not in (1, 4)]
         blocker.result()
         text = wait_metric(metrics_port, "cxr_inference_total", 7, model="toy")

@@ -37,8 +37,10 @@ class BrightnessModel(ServedModel):
         load_delay_s: float = 0.0,
         fail_load: bool = False,
         checkpoint_error: BaseException | None = None,
+        gate_dir: Path | None = None,
     ) -> None:
         self.delay_s = delay_s
+        self.gate_dir = gate_dir  # see ToyGate
         self.load_delay_s = load_delay_s
         self.fail_load = fail_load
         self.checkpoint_error = checkpoint_error  # raised by a load of an explicit checkpoint (LoadModel)
@@ -56,12 +58,40 @@ class BrightnessModel(ServedModel):
 
     def predict(self, batch: list[Any]) -> Sequence[Any]:
         self.batches.append(len(batch))
+        if self.gate_dir is not None and len(self.batches) == 1:
+            (self.gate_dir / "entered").write_text(str(len(batch)))
+            deadline = time.monotonic() + 30
+            while not (self.gate_dir / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         time.sleep(self.delay_s)
         return [float(np.mean(x)) for x in batch]
 
     @property
     def version(self) -> str:
         return UNTRAINED
+
+
+class ToyGate:
+    """Holds the toy model's first forward (env TOY_GATE_DIR=`dir`, or `gate_dir`): the forward writes its batch
+    size to `entered`, then waits for `release` (30 s at most), so a test queues requests behind a forward that is
+    known to run instead of sleeping and hoping."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "toy-gate"
+        self.dir.mkdir()
+
+    def wait_entered(self, timeout: float = 30.0) -> int:
+        """The first forward's batch size, once it runs."""
+        deadline = time.monotonic() + timeout
+        entered = self.dir / "entered"
+        while not (entered.exists() and entered.read_text()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the toy model's first forward did not start")
+            time.sleep(0.01)
+        return int(entered.read_text())
+
+    def release(self) -> None:
+        (self.dir / "release").touch()
 
 
 class ToyServicer(ModelAdminRpcs, pb_grpc.ClassificationServiceServicer):
@@ -130,13 +160,16 @@ def build_toy(settings: Settings, model: BrightnessModel | None = None) -> Servi
 
 
 def build_toy_from_env(settings: Settings) -> ServiceBinding:
-    """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it).
-    With env TOY_GC_REPORT_DIR, every process reports its collector's view once started (`report_gc_state`; a
-    process that loads the model reports at the load)."""
+    """The toy binding with env TOY_DELAY_S as its forward time (module level: frontend processes rebuild it),
+    and env TOY_GATE_DIR as its first forward's gate (`ToyGate`). With env TOY_GC_REPORT_DIR, every process
+    reports its collector's view once started (`report_gc_state`; a process that loads the model reports at
+    the load)."""
     import dataclasses
     import os
 
-    binding = build_toy(settings, BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0"))))
+    gate = os.environ.get("TOY_GATE_DIR")
+    model = BrightnessModel(delay_s=float(os.environ.get("TOY_DELAY_S", "0")), gate_dir=Path(gate) if gate else None)
+    binding = build_toy(settings, model)
     if not os.environ.get("TOY_GC_REPORT_DIR"):
         return binding
 
