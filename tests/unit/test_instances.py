@@ -93,18 +93,18 @@ def test_the_wire_carries_arrays_tensors_and_errors_unchanged():
 
 
 def test_every_instance_is_its_own_process_and_batches_run_side_by_side(instances):
-    p = instances(2, delay_s=1.0)
+    p = instances(2, delay_s=2.0)
     info = p.start(None)
     assert info == LoadedModel("untrained", True, "cpu", "pid-reporter", ("doubled",))
     assert len(set(p.pids)) == 2 and os.getpid() not in p.pids
     batch = [np.arange(4, dtype=np.float32), 5, WHEN]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         results = list(pool.map(p.predict, [batch, batch]))
-    # each process reports when its 1 s forward ran (one clock for the host): they overlap, whatever the host's
-    # overhead around them (a slow CI host took 1.47 s end to end for two 0.5 s batches)
+    # each process reports when its 2 s forward ran (one clock for the host): they overlap, whatever the host's
+    # overhead around them (a slow CI host took 1.47 s end to end for two 0.5 s batches): in turn they would not
     (s1, e1), (s2, e2) = (r[2][1] for r in results)
     overlap = min(e1, e2) - max(s1, s2)
-    assert overlap >= 0.25, f"the two 1 s batches overlapped by {overlap:.2f} s: they did not run at once"
+    assert overlap >= 0.25, f"the two 2 s batches overlapped by {overlap:.2f} s: they did not run at once"
     assert {r[0][0] for r in results} == set(p.pids)  # one batch on each instance
     for r in results:
         np.testing.assert_array_equal(r[0][1], np.arange(4) * 2)
