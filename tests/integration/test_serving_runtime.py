@@ -19,6 +19,7 @@ from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_g
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
 from tests.support.concurrency import PeakGauge
+from tests.support.frontends import total, wait_metric
 from tests.support.paths import REPO
 from tests.support.servers import TEST_KEY, auth, free_port, make_settings, running_server
 from tests.support.toy_service import SERVICE, BrightnessModel, ToyGate, build_toy
@@ -184,7 +185,7 @@ def _wait_serving(port: int, timeout: float = 60) -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(sample_png, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     gate = ToyGate(tmp_path)
     env = {
         **os.environ,
@@ -193,7 +194,7 @@ def test_sigterm_drains_in_flight_requests(sample_png, tmp_path):
         "CXR_API_KEY": TEST_KEY,
         "CXR_SERVICES__CLASSIFICATION__PORT": str(port),
         "CXR_SERVICES__CLASSIFICATION__HOST": "127.0.0.1",
-        "CXR_SERVICES__CLASSIFICATION__METRICS_PORT": "0",
+        "CXR_SERVICES__CLASSIFICATION__METRICS_PORT": str(metrics_port),
         "CXR_SERVER_CONFIG__MAX_BATCH_SIZE": "1",
         "PYTHONPATH": str(REPO),
     }
@@ -211,10 +212,11 @@ def test_sigterm_drains_in_flight_requests(sample_png, tmp_path):
             stub = pb_grpc.ClassificationServiceStub(ch)
             req = pb.ClassifyImageRequest(image=common_pb2.Image(data=sample_png))
             futures = [stub.ClassifyImage.future(req, metadata=auth(), timeout=30) for _ in range(3)]
-            assert gate.wait_entered() == 1  # the first is on the model, held; the other two were sent with it
-            time.sleep(0.5)
+            assert gate.wait_entered() == 1  # the first is on the model, held
+            depth = wait_metric(metrics_port, "cxr_queue_depth", 2, timeout=30, model="toy")
+            assert total(depth, "cxr_queue_depth", model="toy") == 2  # the other two wait behind it
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)  # the drain has begun while the forward is held
+            time.sleep(0.5)  # the drain's 0.5 s to begin while the forward is held
             gate.release()
             results = [f.result() for f in futures]  # none fails
             assert all(r.predictions for r in results)

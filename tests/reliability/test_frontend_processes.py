@@ -23,9 +23,8 @@ from tests.support.frontend_classify import (
     classify,
     request,
     toy_env,
-    wait_metric,
 )
-from tests.support.frontends import child_pids, open_channel_on, scrape, total, wait_children
+from tests.support.frontends import child_pids, open_channel_on, scrape, total, wait_children, wait_metric
 from tests.support.pki import make_pki
 from tests.support.servers import auth, free_port
 from tests.support.service_process import service_process
@@ -113,7 +112,7 @@ def test_sigterm_drains_every_frontend(tmp_path: Path) -> None:
         depth = wait_metric(metrics_port, "cxr_queue_depth", 12 - running, timeout=30, model="toy")
         assert total(depth, "cxr_queue_depth", model="toy") == 12 - running  # every request is in the executor
         sp.signal(signal.SIGTERM)
-        time.sleep(0.5)  # the drain has begun while the forward is held
+        time.sleep(0.5)  # the drain's 0.5 s to begin while the forward is held
         gate.release()
         codes = []
         for f in futures:
@@ -146,8 +145,8 @@ def test_cancelled_caller_is_dropped_without_touching_others(tmp_path: Path) -> 
         queued[4].cancel()
         # a frontend's metrics reach the executor on the connection its cancels took, after them: once both
         # CANCELLED are counted there, the executor has had both cancels
-        cancelled = wait_metric(metrics_port, "cxr_grpc_requests_total", 2, timeout=30, code="CANCELLED")
-        assert total(cancelled, "cxr_grpc_requests_total", code="CANCELLED") == 2
+        cancelled = wait_metric(metrics_port, "cxr_grpc_requests_total", 2, 30, method=CLASSIFY, code="CANCELLED")
+        assert total(cancelled, "cxr_grpc_requests_total", method=CLASSIFY, code="CANCELLED") == 2
         gate.release()
         answered = [f.result() for i, f in enumerate(queued) if i not in (1, 4)]
         blocker.result()

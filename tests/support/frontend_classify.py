@@ -19,7 +19,7 @@ from cxr_protos.classification.v1 import classification_service_pb2 as pb
 from cxr_protos.classification.v1 import classification_service_pb2_grpc as pb_grpc
 from cxr_protos.common.v1 import common_pb2
 from cxr_serving.grpc_errors import error_info
-from tests.support.frontends import open_channel_on, scrape, total, wait_children
+from tests.support.frontends import open_channel_on, total, wait_children, wait_metric
 from tests.support.paths import cxr14_images
 from tests.support.servers import auth, free_port, make_settings, running_server
 from tests.support.service_process import ServiceProcess, service_process
@@ -64,16 +64,6 @@ def channels(sp: ServiceProcess, n: int, timeout: float = 60.0) -> tuple[list[gr
 
 def classify(ch: grpc.Channel, i: int, timeout: float = 30.0) -> Future[pb.ClassifyImageResponse]:
     return pb_grpc.ClassificationServiceStub(ch).ClassifyImage.future(request(i), metadata=auth(), timeout=timeout)
-
-
-def wait_metric(port: int, name: str, want: float, timeout: float = 10.0, **labels: str) -> str:
-    """Frontends push their metrics every second: wait until `name` sums to `want`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = scrape(port)
-        if total(text, name, **labels) == want or time.monotonic() > deadline:
-            return text
-        time.sleep(0.2)
 
 
 def check_two_frontends_bit_equal_to_one_process(tmp_path: Path, device: str) -> None:

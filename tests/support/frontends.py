@@ -91,3 +91,13 @@ def samples(text: str, name: str, **labels: str) -> list[tuple[dict[str, str], f
 
 def total(text: str, name: str, **labels: str) -> float:
     return sum(v for _, v in samples(text, name, **labels))
+
+
+def wait_metric(port: int, name: str, want: float, timeout: float = 10.0, **labels: str) -> str:
+    """/metrics once `name` sums to `want` (frontends push theirs every second), or at `timeout` as it is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(port)
+        if total(text, name, **labels) == want or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)

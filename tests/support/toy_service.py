@@ -59,7 +59,9 @@ class BrightnessModel(ServedModel):
     def predict(self, batch: list[Any]) -> Sequence[Any]:
         self.batches.append(len(batch))
         if self.gate_dir is not None and len(self.batches) == 1:
-            (self.gate_dir / "entered").write_text(str(len(batch)))
+            tmp = self.gate_dir / ".entered.tmp"
+            tmp.write_text(str(len(batch)))
+            tmp.replace(self.gate_dir / "entered")  # a reader never sees it half written
             deadline = time.monotonic() + 30
             while not (self.gate_dir / "release").exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -84,7 +86,7 @@ class ToyGate:
         """The first forward's batch size, once it runs."""
         deadline = time.monotonic() + timeout
         entered = self.dir / "entered"
-        while not (entered.exists() and entered.read_text()):
+        while not entered.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError("the toy model's first forward did not start")
             time.sleep(0.01)
@@ -147,7 +149,7 @@ def report_gc_state() -> None:
 def build_toy(settings: Settings, model: BrightnessModel | None = None) -> ServiceBinding:
     model = model or BrightnessModel()
     factory = functools.partial(
-        BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load, model.checkpoint_error
+        BrightnessModel, model.delay_s, model.load_delay_s, model.fail_load, model.checkpoint_error, model.gate_dir
     )
     return bind_models(
         settings,

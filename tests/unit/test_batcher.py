@@ -14,15 +14,20 @@ from tests.support.concurrency import PeakGauge
 
 
 class Recorder:
-    def __init__(self, delay: float = 0.0, fail_on: object = None):
+    """`hold`: every forward waits for it (10 s at most) after it has started, before its delay."""
+
+    def __init__(self, delay: float = 0.0, fail_on: object = None, hold: threading.Event | None = None):
         self.batches: list[list[int]] = []
         self.delay = delay
         self.fail_on = fail_on
+        self.hold = hold
         self.started = threading.Event()
 
     def __call__(self, items):
         self.started.set()
         self.batches.append(list(items))
+        if self.hold is not None:
+            self.hold.wait(10)
         time.sleep(self.delay)
         if self.fail_on is not None and self.fail_on in items:
             raise ValueError("boom")
@@ -137,8 +142,8 @@ async def test_close_fails_waiting_callers():
 class Overlap(Recorder):
     """Records how many batches ran at the same time."""
 
-    def __init__(self, delay: float, meet: int = 1) -> None:
-        super().__init__(delay)
+    def __init__(self, delay: float, meet: int = 1, hold: threading.Event | None = None) -> None:
+        super().__init__(delay, hold=hold)
         self.gauge = PeakGauge(meet)
 
     @property
@@ -160,34 +165,44 @@ async def test_at_most_max_concurrent_batches_run_at_once(instances):
     await b.close()
 
 
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 async def test_while_every_instance_is_busy_the_queue_fills_the_next_batch():
-    rec = Overlap(delay=0.2)
+    hold = threading.Event()
+    rec = Overlap(delay=0, hold=hold)  # both forwards are held until the rest has queued
     b = DynamicBatcher("m", rec, max_batch_size=4, max_batch_delay_ms=0, max_concurrent_batches=2)
     first = [asyncio.ensure_future(b.submit(0))]
     await asyncio.to_thread(rec.started.wait, 2)  # 0 runs alone on one instance
     first.append(asyncio.ensure_future(b.submit(1)))
-    deadline = time.monotonic() + 10
-    while rec.peak < 2 and time.monotonic() < deadline:  # 1 runs alone on the other
-        await asyncio.sleep(0.005)
+    await _until(lambda: rec.peak == 2)  # 1 runs alone on the other
     assert rec.peak == 2
     rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
+    await _until(lambda: b.queue_depth == 4)
+    assert b.queue_depth == 4
+    hold.set()
     assert await asyncio.gather(*first, *rest) == [i * 10 for i in range(6)]
     assert sorted(map(sorted, rec.batches)) == [[0], [1], [2, 3, 4, 5]]
     await b.close()
 
 
 async def test_close_gives_up_on_running_batches_after_the_grace():
-    rec = Overlap(delay=0.5)
+    hold = threading.Event()
+    rec = Overlap(delay=0, hold=hold)  # both forwards run until the end of the test (10 s at most)
     b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_concurrent_batches=2)
     calls = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
-    while rec.peak < 2:
-        await asyncio.sleep(0.01)
+    await _until(lambda: rec.peak == 2)
+    assert rec.peak == 2
     t0 = time.perf_counter()
     assert await b.close(grace_s=0.05) is False  # both forwards still run
-    assert time.perf_counter() - t0 < 0.4
+    assert time.perf_counter() - t0 < 5  # the grace, not the held forwards
     for c in calls:
         with pytest.raises(ModelNotReadyError, match="stopped"):
             await c
+    hold.set()
 
 
 @pytest.mark.parametrize("announced", [False, True])
@@ -483,10 +498,12 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
     the event loop has run every answered caller's continuation (on a GPU node those are the replies, and the
     GPU would idle through them): batch 2 starts while batch 1's first caller still holds the loop."""
     starts: list[float] = []
+    second_queued = threading.Event()
 
     def run(items):
         starts.append(time.perf_counter())
-        time.sleep(0.02)
+        if len(starts) == 1:
+            second_queued.wait(10)  # batch 1 returns only once 2 and 3 wait for the next
         return [i * 10 for i in items]
 
     b = DynamicBatcher("m", run, max_batch_size=2, max_batch_delay_ms=0, max_concurrent_batches=1)
@@ -495,7 +512,7 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
     async def caller(i: int) -> int:
         out = await b.submit(i)
         # the caller's reply work, in the loop's thread: batch 1's callers hold the loop until batch 2 has
-        # started (10 s at most), which it can only do if it was handed over without the loop
+        # started (10 s at most), so batch 2 must be handed over before the loop runs their continuations
         deadline = time.monotonic() + 10
         while i < 2 and len(starts) < 2 and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -503,8 +520,11 @@ async def test_the_next_batch_reaches_the_model_before_the_last_ones_callers_are
         return out
 
     first = [asyncio.ensure_future(caller(i)) for i in range(2)]
-    await asyncio.sleep(0.005)  # batch 1 (callers 0 and 1) is on the model; 2 and 3 wait for the next
+    await _until(lambda: len(starts) == 1)  # batch 1 (callers 0 and 1) is on the model; 2 and 3 wait for the next
     second = [asyncio.ensure_future(caller(i)) for i in range(2, 4)]
+    await _until(lambda: b.queue_depth == 2)
+    assert b.queue_depth == 2
+    second_queued.set()
     assert await asyncio.gather(*first, *second) == [0, 10, 20, 30]
     assert len(starts) == 2
     assert starts[1] < answered[0], (starts, answered)  # before the first answered caller of batch 1 was done
