@@ -240,19 +240,22 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
 
 
 class TimedStore(VectorStore):
-    """The real store, recording when each upsert ran. With `hold_for` set, the first upsert waits (up to
-    10 s) until that embedder has begun another encode, so a pipelined writer overlaps an embed whatever
-    the host's scheduling, and a serialised one times out and does not."""
+    """The real store, recording when each upsert ran. With `hold_for` set, an upsert waits (5 s at most)
+    until that embedder has begun another encode, until one such wait succeeds or three have timed out: a
+    pipelined writer then overlaps an embed (a producer blocked on the full queue when the first wait began
+    is free by the next), and a serialised one times out three times and does not."""
 
     def __init__(self, *args, hold_for: TimedEmbedder | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.upserts: list[tuple[float, float]] = []
         self.hold_for = hold_for
+        self._holds_left = 3
 
     def upsert(self, chunks, embeddings):
         t = time.perf_counter()
-        if self.hold_for is not None and not self.upserts:
-            self.hold_for.wait_for_call(after=self.hold_for.begun, timeout=10.0)
+        if self.hold_for is not None and self._holds_left > 0:
+            met = self.hold_for.wait_for_call(after=self.hold_for.begun, timeout=5.0)
+            self._holds_left = 0 if met else self._holds_left - 1
         super().upsert(chunks, embeddings)
         self.upserts.append((t, time.perf_counter()))
 
