@@ -293,7 +293,7 @@ async def test_model_instances_setting_runs_that_many_batches_at_once(sample_png
 async def test_a_lone_request_does_not_wait_out_the_batch_delay(sample_png):
     """The servicer announces each request before decoding, so the batcher never waits
     max_batch_delay_ms for requests that do not exist; concurrent ones still share a batch."""
-    s = make_settings(server_config__max_batch_delay_ms=1500, server_config__max_batch_size=8)
+    s = make_settings(server_config__max_batch_delay_ms=5000, server_config__max_batch_size=8)
     model = BrightnessModel()
     async with running_server(s, build_toy(s, model)) as server, channel(server) as ch:
         stub = pb_grpc.ClassificationServiceStub(ch)
@@ -301,7 +301,7 @@ async def test_a_lone_request_does_not_wait_out_the_batch_delay(sample_png):
         await stub.ClassifyImage(req, metadata=auth(), timeout=30)  # warm
         t0 = time.perf_counter()
         await stub.ClassifyImage(req, metadata=auth(), timeout=30)
-        assert time.perf_counter() - t0 < 0.75  # not the 1.5 s delay
+        assert time.perf_counter() - t0 < 2.5  # not the 5 s delay
         model.batches.clear()
         await asyncio.gather(*(stub.ClassifyImage(req, metadata=auth(), timeout=30) for _ in range(4)))
         assert sum(model.batches) == 4 and max(model.batches) > 1, model.batches
