@@ -242,8 +242,9 @@ def test_cli_ingest_killed_then_rerun_embeds_only_the_rest(tmp_path):
 class TimedStore(VectorStore):
     """The real store, recording when each upsert ran. With `hold_for` set, an upsert waits (5 s at most)
     until that embedder has begun another encode, until one such wait succeeds or three have timed out: a
-    pipelined writer then overlaps an embed (a producer blocked on the full queue when the first wait began
-    is free by the next), and a serialised one times out three times and does not."""
+    pipelined writer then overlaps an embed (a producer blocked on the full queue during one wait can encode
+    during the next; an encode already running when a wait begins overlaps that upsert too), and a serialised
+    writer times out three times and overlaps none."""
 
     def __init__(self, *args, hold_for: TimedEmbedder | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -4,6 +4,8 @@ any real model exists: probability = mean brightness of the decoded image."""
 from __future__ import annotations
 
 import functools
+import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +61,7 @@ class BrightnessModel(ServedModel):
     def predict(self, batch: list[Any]) -> Sequence[Any]:
         self.batches.append(len(batch))
         if self.gate_dir is not None and len(self.batches) == 1:
-            tmp = self.gate_dir / ".entered.tmp"
+            tmp = self.gate_dir / f".entered.{os.getpid()}.{threading.get_ident()}.tmp"
             tmp.write_text(str(len(batch)))
             tmp.replace(self.gate_dir / "entered")  # a reader never sees it half written
             deadline = time.monotonic() + 30

@@ -194,15 +194,17 @@ async def test_close_gives_up_on_running_batches_after_the_grace():
     rec = Overlap(delay=0, hold=hold)  # both forwards run until the end of the test (10 s at most)
     b = DynamicBatcher("m", rec, max_batch_size=1, max_batch_delay_ms=0, max_concurrent_batches=2)
     calls = [asyncio.ensure_future(b.submit(i)) for i in range(2)]
-    await _until(lambda: rec.peak == 2)
-    assert rec.peak == 2
-    t0 = time.perf_counter()
-    assert await b.close(grace_s=0.05) is False  # both forwards still run
-    assert time.perf_counter() - t0 < 5  # the grace, not the held forwards
-    for c in calls:
-        with pytest.raises(ModelNotReadyError, match="stopped"):
-            await c
-    hold.set()
+    try:
+        await _until(lambda: rec.peak == 2)
+        assert rec.peak == 2
+        t0 = time.perf_counter()
+        assert await b.close(grace_s=0.05) is False  # both forwards still run
+        assert time.perf_counter() - t0 < 5  # the grace, not the held forwards
+        for c in calls:
+            with pytest.raises(ModelNotReadyError, match="stopped"):
+                await c
+    finally:
+        hold.set()
 
 
 @pytest.mark.parametrize("announced", [False, True])
