@@ -78,7 +78,8 @@ class BrightnessModel(ServedModel):
 class ToyGate:
     """Holds the toy model's first forward (env TOY_GATE_DIR=`dir`, or `gate_dir`): the forward writes its batch
     size to `entered`, then waits for `release` (30 s at most), so a test queues requests behind a forward that is
-    known to run instead of sleeping and hoping."""
+    known to run instead of sleeping and hoping. Files, not events: the model runs in a service process; in the
+    test's own process `tests.support.gated_forward.GatedForward` does the same with events."""
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "toy-gate"
